@@ -1,0 +1,70 @@
+//! What a tracked tensor remembers about how it was made.
+
+use super::checkpoint::Segment;
+use crate::backend::cpu::attention::AttnGeom;
+use crate::backend::cpu::conv::ConvGeom;
+use crate::backend::cpu::elementwise::{BinaryOp, UnaryOp};
+use crate::tensor::Tensor;
+use std::sync::Arc;
+
+pub enum Op {
+    Unary(Tensor, UnaryOp),
+    /// Operands already broadcast to the output shape.
+    Binary(Tensor, Tensor, BinaryOp),
+    /// `x * mul + add`: only `mul` matters for the gradient.
+    Affine(Tensor, f64),
+    ClampMin(Tensor, f64),
+    /// Operands already broadcast to equal batch dims.
+    Matmul(Tensor, Tensor),
+    /// Sum over dims, kept as size 1.
+    Sum(Tensor, Vec<usize>),
+    Max { x: Tensor, dim: usize, argmax: Tensor },
+    /// Softmax over the last dim; the backward reads the op's own output.
+    Softmax(Tensor),
+    Norm { x: Tensor, w: Option<Tensor>, b: Option<Tensor>, groups: Option<usize>, eps: f64 },
+    Conv2d { x: Tensor, w: Tensor, geom: ConvGeom },
+    Upsample(Tensor, usize),
+    AvgPool { x: Tensor, kernel: Option<(usize, usize)> },
+    Sdpa { q: Tensor, k: Tensor, v: Tensor, geom: AttnGeom },
+    Reshape(Tensor),
+    Permute(Tensor, Vec<usize>),
+    Broadcast(Tensor),
+    Narrow { x: Tensor, dim: usize, start: usize },
+    Cat(Vec<Tensor>, usize),
+    ToDtype(Tensor),
+    Copy(Tensor),
+    /// A gradient-checkpointed segment: its inside is recomputed in backward.
+    Checkpoint(Arc<Segment>),
+}
+
+impl Op {
+    pub fn inputs(&self) -> Vec<&Tensor> {
+        match self {
+            Op::Unary(x, _)
+            | Op::Affine(x, _)
+            | Op::ClampMin(x, _)
+            | Op::Sum(x, _)
+            | Op::Max { x, .. }
+            | Op::Softmax(x)
+            | Op::Upsample(x, _)
+            | Op::AvgPool { x, .. }
+            | Op::Reshape(x)
+            | Op::Permute(x, _)
+            | Op::Broadcast(x)
+            | Op::Narrow { x, .. }
+            | Op::ToDtype(x)
+            | Op::Copy(x) => vec![x],
+            Op::Binary(a, b, _) | Op::Matmul(a, b) => vec![a, b],
+            Op::Norm { x, w, b, .. } => [Some(x), w.as_ref(), b.as_ref()].into_iter().flatten().collect(),
+            Op::Conv2d { x, w, .. } => vec![x, w],
+            Op::Sdpa { q, k, v, .. } => vec![q, k, v],
+            Op::Cat(xs, _) => xs.iter().collect(),
+            Op::Checkpoint(seg) => seg.inputs().iter().collect(),
+        }
+    }
+
+    /// A checkpoint may hold trainable parameters that are not among its inputs.
+    pub fn always_tracks(&self) -> bool {
+        matches!(self, Op::Checkpoint(_))
+    }
+}

@@ -1,0 +1,176 @@
+//! Layer norm (over the last dim) and group norm (NCHW), forward and backward. Statistics
+//! accumulate in f64; the backward recomputes them from the saved input.
+
+use super::{CpuStorage, FloatData};
+use crate::tensor::{Float, Layout};
+use crate::{Error, Result};
+use rayon::prelude::*;
+
+/// An optional affine parameter (weight or bias) converted to the compute type.
+fn param<T: Float>(p: Option<(&CpuStorage, &Layout)>) -> Option<Vec<T>> {
+    p.map(|(s, l)| s.to_f64_vec(l).into_iter().map(T::of).collect())
+}
+
+/// Mean and 1/sqrt(var + eps) of a slice (biased variance, as PyTorch normalises).
+fn stats<T: Float>(x: &[T], eps: f64) -> (f64, f64) {
+    let n = x.len() as f64;
+    let mean = x.iter().map(|v| v.as_f64()).sum::<f64>() / n;
+    let var = x.iter().map(|v| (v.as_f64() - mean).powi(2)).sum::<f64>() / n;
+    (mean, 1.0 / (var + eps).sqrt())
+}
+
+/// Normalise `groups` consecutive chunks of each of `rows` rows; chunk element `j` uses the
+/// affine channel `j / per_channel`.
+struct Plan {
+    rows: usize,
+    chunk: usize,
+    per_channel: usize,
+    eps: f64,
+}
+
+fn norm_fwd<T: Float>(x: &[T], w: Option<&[T]>, b: Option<&[T]>, p: &Plan) -> Vec<T> {
+    let mut y = vec![T::zero(); x.len()];
+    y.par_chunks_mut(p.chunk).zip(x.par_chunks(p.chunk)).enumerate().for_each(|(ci, (yo, xi))| {
+        let (mean, rstd) = stats(xi, p.eps);
+        let chunks_per_row = x.len() / p.rows / p.chunk;
+        let ch0 = (ci % chunks_per_row) * p.chunk / p.per_channel;
+        for (j, (o, &v)) in yo.iter_mut().zip(xi).enumerate() {
+            let c = ch0 + j / p.per_channel;
+            let mut r = T::of((v.as_f64() - mean) * rstd);
+            if let Some(w) = w {
+                r *= w[c];
+            }
+            if let Some(b) = b {
+                r += b[c];
+            }
+            *o = r;
+        }
+    });
+    y
+}
+
+/// Returns (dx, dweight, dbias); the parameter gradients are summed over rows.
+fn norm_bwd<T: Float>(x: &[T], dy: &[T], w: Option<&[T]>, p: &Plan, channels: usize) -> (Vec<T>, Vec<f64>, Vec<f64>) {
+    let chunks_per_row = x.len() / p.rows / p.chunk;
+    let mut dx = vec![T::zero(); x.len()];
+    let per_chunk: Vec<(Vec<f64>, Vec<f64>)> = dx
+        .par_chunks_mut(p.chunk)
+        .zip(x.par_chunks(p.chunk).zip(dy.par_chunks(p.chunk)))
+        .enumerate()
+        .map(|(ci, (dxo, (xi, gi)))| {
+            let (mean, rstd) = stats(xi, p.eps);
+            let ch0 = (ci % chunks_per_row) * p.chunk / p.per_channel;
+            let n = xi.len() as f64;
+            let (mut sum_g, mut sum_gx) = (0f64, 0f64);
+            let mut dw = vec![0f64; p.chunk / p.per_channel];
+            let mut db = vec![0f64; p.chunk / p.per_channel];
+            for (j, (&v, &d)) in xi.iter().zip(gi).enumerate() {
+                let c = j / p.per_channel;
+                let xhat = (v.as_f64() - mean) * rstd;
+                let g = d.as_f64() * w.map_or(1.0, |w| w[ch0 + c].as_f64());
+                sum_g += g;
+                sum_gx += g * xhat;
+                dw[c] += d.as_f64() * xhat;
+                db[c] += d.as_f64();
+            }
+            for (j, (o, (&v, &d))) in dxo.iter_mut().zip(xi.iter().zip(gi)).enumerate() {
+                let xhat = (v.as_f64() - mean) * rstd;
+                let g = d.as_f64() * w.map_or(1.0, |w| w[ch0 + j / p.per_channel].as_f64());
+                *o = T::of(rstd * (g - sum_g / n - xhat * sum_gx / n));
+            }
+            (dw, db)
+        })
+        .collect();
+    let (mut dw, mut db) = (vec![0f64; channels], vec![0f64; channels]);
+    for (ci, (cw, cb)) in per_chunk.iter().enumerate() {
+        let ch0 = (ci % chunks_per_row) * p.chunk / p.per_channel;
+        for (c, (a, b)) in cw.iter().zip(cb).enumerate() {
+            dw[ch0 + c] += a;
+            db[ch0 + c] += b;
+        }
+    }
+    (dx, dw, db)
+}
+
+fn plan(l: &Layout, groups: Option<usize>, eps: f64, op: &'static str) -> Result<(Plan, usize)> {
+    let dims = l.dims();
+    match groups {
+        None => {
+            let n = *dims.last().ok_or(Error::Rank { op, expected: 1, got: l.shape().clone() })?;
+            let rows = l.shape().elem_count() / n.max(1);
+            Ok((Plan { rows, chunk: n, per_channel: 1, eps }, n))
+        }
+        Some(g) => {
+            if dims.len() < 2 || g == 0 || dims[1] % g != 0 {
+                return Err(Error::BadShape { op, msg: format!("{g} groups need (N, C, ...) with C divisible by it"), shape: l.shape().clone() });
+            }
+            let (n, c) = (dims[0], dims[1]);
+            let spatial: usize = dims[2..].iter().product();
+            Ok((Plan { rows: n, chunk: c / g * spatial, per_channel: spatial, eps }, c))
+        }
+    }
+}
+
+fn check_param(p: Option<(&CpuStorage, &Layout)>, channels: usize, op: &'static str) -> Result<()> {
+    match p {
+        Some((_, l)) if l.shape().elem_count() != channels => {
+            Err(Error::BadShape { op, msg: format!("affine parameter must have {channels} elements"), shape: l.shape().clone() })
+        }
+        _ => Ok(()),
+    }
+}
+
+/// Layer norm over the last dim (`groups = None`) or group norm over (C/G, spatial...) chunks.
+pub fn norm(
+    x: &CpuStorage,
+    lx: &Layout,
+    w: Option<(&CpuStorage, &Layout)>,
+    b: Option<(&CpuStorage, &Layout)>,
+    groups: Option<usize>,
+    eps: f64,
+) -> Result<CpuStorage> {
+    let op = if groups.is_some() { "group_norm" } else { "layer_norm" };
+    let (p, channels) = plan(lx, groups, eps, op)?;
+    check_param(w, channels, op)?;
+    check_param(b, channels, op)?;
+    let want = x.dtype();
+    Ok(match x.floats(lx, op)? {
+        FloatData::F32(v) => {
+            let (w, b) = (param::<f32>(w), param::<f32>(b));
+            CpuStorage::from_f32(norm_fwd(&v, w.as_deref(), b.as_deref(), &p), want)
+        }
+        FloatData::F64(v) => {
+            let (w, b) = (param::<f64>(w), param::<f64>(b));
+            CpuStorage::F64(norm_fwd(&v, w.as_deref(), b.as_deref(), &p))
+        }
+    })
+}
+
+/// (dx, dweight, dbias) of [`norm`]; the parameter gradients come back in x's dtype, shape (C,).
+pub fn norm_backward(
+    x: &CpuStorage,
+    lx: &Layout,
+    dy: &CpuStorage,
+    ldy: &Layout,
+    w: Option<(&CpuStorage, &Layout)>,
+    groups: Option<usize>,
+    eps: f64,
+) -> Result<(CpuStorage, CpuStorage, CpuStorage)> {
+    let op = if groups.is_some() { "group_norm_bwd" } else { "layer_norm_bwd" };
+    let (p, channels) = plan(lx, groups, eps, op)?;
+    let want = x.dtype();
+    let back = |v: Vec<f64>| CpuStorage::F64(v).to_dtype(&Layout::contiguous(channels), want);
+    Ok(match (x.floats(lx, op)?, dy.floats(ldy, op)?) {
+        (FloatData::F32(xv), FloatData::F32(g)) => {
+            let w = param::<f32>(w);
+            let (dx, dw, db) = norm_bwd(&xv, &g, w.as_deref(), &p, channels);
+            (CpuStorage::from_f32(dx, want), back(dw), back(db))
+        }
+        (FloatData::F64(xv), FloatData::F64(g)) => {
+            let w = param::<f64>(w);
+            let (dx, dw, db) = norm_bwd(&xv, &g, w.as_deref(), &p, channels);
+            (CpuStorage::F64(dx), back(dw), back(db))
+        }
+        _ => return Err(Error::DTypeMismatch { op, lhs: x.dtype(), rhs: dy.dtype() }),
+    })
+}

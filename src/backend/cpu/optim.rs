@@ -1,0 +1,37 @@
+//! AdamW with PyTorch's semantics (decoupled weight decay applied before the Adam step, bias
+//! corrections on both moments), over f32 master values.
+
+/// Hyper-parameters of one AdamW step.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct AdamW {
+    pub lr: f64,
+    pub beta1: f64,
+    pub beta2: f64,
+    pub eps: f64,
+    pub weight_decay: f64,
+}
+
+impl Default for AdamW {
+    fn default() -> Self {
+        AdamW { lr: 1e-4, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 1e-2 }
+    }
+}
+
+/// One step at 1-based step number `t`, in place. Computed in f64 per element and stored back,
+/// so the oracle carries no f32 rounding beyond the storage itself.
+pub fn adamw_step(h: &AdamW, t: u64, p: &mut [f32], g: &[f32], m: &mut [f32], v: &mut [f32]) {
+    let bc1 = 1.0 - h.beta1.powi(t as i32);
+    let bc2 = 1.0 - h.beta2.powi(t as i32);
+    for i in 0..p.len() {
+        let gi = g[i] as f64;
+        let mut pi = p[i] as f64;
+        pi *= 1.0 - h.lr * h.weight_decay;
+        let mi = h.beta1 * m[i] as f64 + (1.0 - h.beta1) * gi;
+        let vi = h.beta2 * v[i] as f64 + (1.0 - h.beta2) * gi * gi;
+        let denom = (vi / bc2).sqrt() + h.eps;
+        pi -= h.lr / bc1 * mi / denom;
+        p[i] = pi as f32;
+        m[i] = mi as f32;
+        v[i] = vi as f32;
+    }
+}

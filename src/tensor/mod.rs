@@ -1,0 +1,322 @@
+//! The one tensor type: shared storage, a strided layout, a dtype, a device, and (only when it
+//! leads to a trainable parameter) the op that produced it.
+
+mod dtype;
+mod io;
+mod ops;
+mod rng;
+mod shape;
+mod view;
+
+pub use dtype::{DType, Element, Float};
+pub use io::{load_safetensors, save_safetensors, SafeTensorsFile};
+pub use ops::ConvParams;
+pub use rng::Rng;
+pub use shape::{Layout, Shape, StridedOffsets};
+
+use crate::autograd::Op;
+use crate::backend::cpu::CpuStorage;
+use crate::backend::Storage;
+use crate::{Error, Result};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, RwLock, RwLockReadGuard};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub enum Device {
+    #[default]
+    Cpu,
+    /// A CUDA device by ordinal; available once the CUDA backend is built in.
+    Cuda(usize),
+}
+
+impl std::fmt::Display for Device {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Device::Cpu => write!(f, "cpu"),
+            Device::Cuda(i) => write!(f, "cuda:{i}"),
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct TensorId(u64);
+
+impl TensorId {
+    fn fresh() -> Self {
+        static NEXT: AtomicU64 = AtomicU64::new(1);
+        TensorId(NEXT.fetch_add(1, Ordering::Relaxed))
+    }
+}
+
+pub(crate) struct TensorInner {
+    id: TensorId,
+    storage: Arc<RwLock<Storage>>,
+    layout: Layout,
+    dtype: DType,
+    device: Device,
+    op: Option<Op>,
+    is_variable: bool,
+}
+
+/// A cheap-to-clone handle; views share storage.
+#[derive(Clone)]
+pub struct Tensor(Arc<TensorInner>);
+
+impl std::fmt::Debug for Tensor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Tensor[{:?}, {}, {}{}]", self.dims(), self.dtype(), self.device(), if self.tracks() { ", tracked" } else { "" })
+    }
+}
+
+impl Tensor {
+    /// Wrap fresh storage. `op` is recorded only when grad mode is on and an input is tracked.
+    pub(crate) fn from_storage(storage: Storage, shape: impl Into<Shape>, op: Option<Op>) -> Tensor {
+        let dtype = storage.dtype();
+        let device = storage.device();
+        let op = op.filter(records);
+        Tensor(Arc::new(TensorInner {
+            id: TensorId::fresh(),
+            storage: Arc::new(RwLock::new(storage)),
+            layout: Layout::contiguous(shape),
+            dtype,
+            device,
+            op,
+            is_variable: false,
+        }))
+    }
+
+    /// A view of this tensor's storage with another layout.
+    pub(crate) fn view(&self, layout: Layout, op: Option<Op>) -> Tensor {
+        let op = op.filter(records);
+        Tensor(Arc::new(TensorInner {
+            id: TensorId::fresh(),
+            storage: self.0.storage.clone(),
+            layout,
+            dtype: self.0.dtype,
+            device: self.0.device,
+            op,
+            is_variable: false,
+        }))
+    }
+
+    pub fn id(&self) -> TensorId {
+        self.0.id
+    }
+    pub fn layout(&self) -> &Layout {
+        &self.0.layout
+    }
+    pub fn shape(&self) -> &Shape {
+        self.0.layout.shape()
+    }
+    pub fn dims(&self) -> &[usize] {
+        self.0.layout.dims()
+    }
+    pub fn rank(&self) -> usize {
+        self.dims().len()
+    }
+    pub fn elem_count(&self) -> usize {
+        self.shape().elem_count()
+    }
+    pub fn dtype(&self) -> DType {
+        self.0.dtype
+    }
+    pub fn device(&self) -> Device {
+        self.0.device
+    }
+    pub fn op(&self) -> Option<&Op> {
+        self.0.op.as_ref()
+    }
+    pub fn is_variable(&self) -> bool {
+        self.0.is_variable
+    }
+    /// Whether gradients flow to this tensor: it is a trainable variable or was computed from one.
+    pub fn tracks(&self) -> bool {
+        self.0.is_variable || self.0.op.is_some()
+    }
+
+    pub(crate) fn storage(&self) -> RwLockReadGuard<'_, Storage> {
+        self.0.storage.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn dim(&self, d: usize) -> Result<usize> {
+        self.shape().dim(d)
+    }
+
+    pub fn dims2(&self) -> Result<(usize, usize)> {
+        match self.dims() {
+            &[a, b] => Ok((a, b)),
+            _ => Err(Error::Rank { op: "dims2", expected: 2, got: self.shape().clone() }),
+        }
+    }
+    pub fn dims3(&self) -> Result<(usize, usize, usize)> {
+        match self.dims() {
+            &[a, b, c] => Ok((a, b, c)),
+            _ => Err(Error::Rank { op: "dims3", expected: 3, got: self.shape().clone() }),
+        }
+    }
+    pub fn dims4(&self) -> Result<(usize, usize, usize, usize)> {
+        match self.dims() {
+            &[a, b, c, d] => Ok((a, b, c, d)),
+            _ => Err(Error::Rank { op: "dims4", expected: 4, got: self.shape().clone() }),
+        }
+    }
+
+    // ---- constructors ----
+
+    pub fn from_vec<T: Element>(data: Vec<T>, shape: impl Into<Shape>, device: Device) -> Result<Tensor> {
+        let shape = shape.into();
+        if data.len() != shape.elem_count() {
+            return Err(Error::ElementCount { op: "from_vec", got: data.len(), shape });
+        }
+        let cpu = cpu_storage_of(data);
+        Ok(Tensor::from_storage(Storage::Cpu(cpu), shape, None).to_device(device)?)
+    }
+
+    pub fn from_slice<T: Element>(data: &[T], shape: impl Into<Shape>, device: Device) -> Result<Tensor> {
+        Tensor::from_vec(data.to_vec(), shape, device)
+    }
+
+    pub fn full(value: f64, shape: impl Into<Shape>, dtype: DType, device: Device) -> Result<Tensor> {
+        let shape = shape.into();
+        let n = shape.elem_count();
+        let cpu = CpuStorage::F64(vec![value; n]).to_dtype(&Layout::contiguous(n), dtype);
+        Tensor::from_storage(Storage::Cpu(cpu), shape, None).to_device(device)
+    }
+
+    pub fn zeros(shape: impl Into<Shape>, dtype: DType, device: Device) -> Result<Tensor> {
+        Tensor::full(0.0, shape, dtype, device)
+    }
+
+    pub fn ones(shape: impl Into<Shape>, dtype: DType, device: Device) -> Result<Tensor> {
+        Tensor::full(1.0, shape, dtype, device)
+    }
+
+    pub fn zeros_like(&self) -> Result<Tensor> {
+        Tensor::zeros(self.shape().clone(), self.dtype(), self.device())
+    }
+
+    pub fn ones_like(&self) -> Result<Tensor> {
+        Tensor::ones(self.shape().clone(), self.dtype(), self.device())
+    }
+
+    pub fn scalar(value: f64, dtype: DType, device: Device) -> Result<Tensor> {
+        Tensor::full(value, (), dtype, device)
+    }
+
+    /// `0, 1, ..., n-1` as the given dtype.
+    pub fn arange(n: usize, dtype: DType, device: Device) -> Result<Tensor> {
+        let v: Vec<f64> = (0..n).map(|i| i as f64).collect();
+        Tensor::from_vec(v, n, Device::Cpu)?.to_dtype(dtype)?.to_device(device)
+    }
+
+    /// A trainable leaf: gradients are computed for it and for everything computed from it.
+    pub fn var(&self) -> Result<Tensor> {
+        if !self.dtype().is_float() {
+            return Err(Error::DType { op: "var", dtype: self.dtype() });
+        }
+        let storage = self.storage().copy_strided(self.layout())?;
+        Ok(Tensor(Arc::new(TensorInner {
+            id: TensorId::fresh(),
+            storage: Arc::new(RwLock::new(storage)),
+            layout: Layout::contiguous(self.shape().clone()),
+            dtype: self.dtype(),
+            device: self.device(),
+            op: None,
+            is_variable: true,
+        })))
+    }
+
+    /// A trainable leaf sharing this tensor's storage (checkpoint recomputation).
+    pub(crate) fn as_leaf(&self) -> Tensor {
+        self.share(None, true)
+    }
+
+    /// The same values carrying `op` as their history (checkpoint outputs).
+    pub(crate) fn with_op(&self, op: Op) -> Tensor {
+        self.share(Some(op).filter(records), false)
+    }
+
+    fn share(&self, op: Option<Op>, is_variable: bool) -> Tensor {
+        Tensor(Arc::new(TensorInner {
+            id: TensorId::fresh(),
+            storage: self.0.storage.clone(),
+            layout: self.layout().clone(),
+            dtype: self.dtype(),
+            device: self.device(),
+            op,
+            is_variable,
+        }))
+    }
+
+    /// The same values with no autograd history (shares storage).
+    pub fn detach(&self) -> Tensor {
+        if !self.tracks() {
+            return self.clone();
+        }
+        self.share(None, false)
+    }
+
+    /// Overwrite a variable's values in place (optimizer steps). Shape and dtype must match.
+    pub fn set(&self, value: &Tensor) -> Result<()> {
+        if value.shape() != self.shape() {
+            return Err(Error::ShapeMismatch { op: "set", lhs: self.shape().clone(), rhs: value.shape().clone() });
+        }
+        if !self.layout().is_contiguous() || self.layout().offset() != 0 {
+            return Err(Error::msg("set: target must be a contiguous tensor that owns its storage"));
+        }
+        let new = value.to_dtype(self.dtype())?.to_device(self.device())?;
+        let data = new.storage().copy_strided(new.layout())?;
+        *self.0.storage.write().unwrap_or_else(|e| e.into_inner()) = data;
+        Ok(())
+    }
+
+    // ---- reading values out ----
+
+    /// All elements as f64, row-major (copies to the host).
+    pub fn to_vec_f64(&self) -> Result<Vec<f64>> {
+        let t = self.to_device(Device::Cpu)?;
+        let s = t.storage();
+        match &*s {
+            Storage::Cpu(c) => Ok(c.to_f64_vec(t.layout())),
+        }
+    }
+
+    pub fn to_vec_f32(&self) -> Result<Vec<f32>> {
+        Ok(self.to_vec_f64()?.into_iter().map(|v| v as f32).collect())
+    }
+
+    pub fn to_vec_i64(&self) -> Result<Vec<i64>> {
+        Ok(self.to_vec_f64()?.into_iter().map(|v| v as i64).collect())
+    }
+
+    pub fn to_scalar(&self) -> Result<f64> {
+        if self.elem_count() != 1 {
+            return Err(Error::BadShape { op: "to_scalar", msg: "expected one element".into(), shape: self.shape().clone() });
+        }
+        Ok(self.to_vec_f64()?[0])
+    }
+
+    pub fn to_device(&self, device: Device) -> Result<Tensor> {
+        if device == self.device() {
+            return Ok(self.clone());
+        }
+        Err(Error::DeviceUnavailable(device.to_string(), "this build has no CUDA backend yet".into()))
+    }
+}
+
+/// Whether an op is worth recording: grad mode is on and some input leads to a trainable.
+fn records(op: &Op) -> bool {
+    crate::autograd::grad_enabled() && (op.always_tracks() || op.inputs().iter().any(|t| t.tracks()))
+}
+
+fn cpu_storage_of<T: Element>(data: Vec<T>) -> CpuStorage {
+    // Route through the dtype tag so every Element maps to its own storage variant without copies.
+    let any: Box<dyn std::any::Any> = Box::new(data);
+    match T::DTYPE {
+        DType::F16 => CpuStorage::F16(*any.downcast().expect("f16")),
+        DType::BF16 => CpuStorage::BF16(*any.downcast().expect("bf16")),
+        DType::F32 => CpuStorage::F32(*any.downcast().expect("f32")),
+        DType::F64 => CpuStorage::F64(*any.downcast().expect("f64")),
+        DType::I64 => CpuStorage::I64(*any.downcast().expect("i64")),
+    }
+}
