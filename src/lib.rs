@@ -9,6 +9,8 @@ mod error;
 pub mod nn;
 pub mod tensor;
 pub mod tolerance;
+pub mod train;
+pub mod verify;
 
 pub use error::{Error, Result};
 pub use tensor::{DType, Device, Shape, Tensor};

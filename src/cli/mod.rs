@@ -1,0 +1,40 @@
+//! One file per subcommand.
+
+mod verify;
+
+use clap::{Parser, Subcommand, ValueEnum};
+use std::process::ExitCode;
+
+#[derive(Parser, Debug)]
+#[command(name = "kstyle", version, about = "SDXL + CLIP runtime that trains and runs K-StyleLoRA adapters")]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Run every reference case of a fixtures directory and report each checked tensor.
+    Verify(verify::Args),
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]
+pub enum DeviceArg {
+    Cpu,
+    Cuda,
+}
+
+impl DeviceArg {
+    pub fn device(self) -> kstyle::Device {
+        match self {
+            DeviceArg::Cpu => kstyle::Device::Cpu,
+            DeviceArg::Cuda => kstyle::Device::Cuda(0),
+        }
+    }
+}
+
+pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    match cli.command {
+        Command::Verify(a) => verify::run(a),
+    }
+}

@@ -1,0 +1,31 @@
+//! `kstyle verify DIR [--device cpu|cuda] [--case NAME]...`
+
+use super::DeviceArg;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    /// A fixtures directory: models plus reference/ (see tests/fixtures/README.md).
+    pub dir: PathBuf,
+    #[arg(long, value_enum, default_value = "cpu")]
+    pub device: DeviceArg,
+    /// Run only these cases (repeatable).
+    #[arg(long = "case")]
+    pub cases: Vec<String>,
+}
+
+pub fn run(a: Args) -> anyhow::Result<ExitCode> {
+    let only = (!a.cases.is_empty()).then_some(a.cases.as_slice());
+    let report = kstyle::verify::run(&a.dir, a.device.device(), only)?;
+    println!("{:<20} {:<64} {:>11} {:>11}  result", "case", "tensor", "error", "tolerance");
+    for r in &report.rows {
+        let verdict = if r.passed { "PASS" } else { "FAIL" };
+        println!("{:<20} {:<64} {:>11.3e} {:>11.3e}  {verdict}", r.case, r.tensor, r.error, r.tolerance);
+    }
+    for (case, why) in &report.failed_cases {
+        println!("{case:<20} {:<64} {:>11} {:>11}  FAIL ({why})", "(case could not run)", "-", "-");
+    }
+    println!("{} passed, {} failed", report.passed(), report.failed());
+    Ok(if report.ok() { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+}

@@ -1,0 +1,248 @@
+//! LoRA adapters on a frozen linear: plain (`dh = (alpha/r) (h A^T) B^T`) and K-StyleLoRA's gated
+//! form, whose low-rank update is modulated per sample by CLIP cultural-relevance scores
+//! (KSTYLE.md "Gated LoRA layer"; the executable definition is `kstyle_ref.py`).
+
+use super::Linear;
+use crate::tensor::Rng;
+use crate::{DType, Device, Error, Result, Tensor};
+
+/// Weight of the attention-weighted mean against the channel max when pooling h.
+pub const POOL_LAMBDA: f64 = 0.7;
+/// Added to the sum of spatial weights before dividing.
+pub const POOL_EPS: f64 = 1e-6;
+/// `normalize` clamps the norm to at least this.
+pub const NORMALIZE_EPS: f64 = 1e-12;
+
+/// Sizes and scalars of one adapter.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct LoraConfig {
+    pub rank: usize,
+    pub alpha: f64,
+    /// The paper's sigma: extra scale of the gated update only.
+    pub guidance: f64,
+    /// Hidden width G of the spatial-attention MLP.
+    pub gate_hidden: usize,
+    /// Hidden width M of the modulation MLPs.
+    pub mod_hidden: usize,
+}
+
+impl Default for LoraConfig {
+    fn default() -> Self {
+        LoraConfig { rank: 4, alpha: 4.0, guidance: 1.5, gate_hidden: 64, mod_hidden: 32 }
+    }
+}
+
+/// Linear(in, hidden) -> SiLU -> Linear(hidden, out): the `*_mlp` of the paper.
+#[derive(Clone, Debug)]
+pub struct Mlp {
+    pub fc0: Linear,
+    pub fc2: Linear,
+}
+
+impl Mlp {
+    pub fn init(d_in: usize, hidden: usize, d_out: usize, rng: &mut Rng, dtype: DType, device: Device) -> Result<Mlp> {
+        Ok(Mlp { fc0: Linear::init(d_in, hidden, rng, dtype, device)?, fc2: Linear::init(hidden, d_out, rng, dtype, device)? })
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        self.fc2.forward(&self.fc0.forward(x)?.silu()?)
+    }
+
+    /// (name, tensor) in PyTorch order: `0.weight`, `0.bias`, `2.weight`, `2.bias`.
+    pub fn named(&self) -> Vec<(String, Tensor)> {
+        let mut v = Vec::new();
+        for (idx, l) in [(0, &self.fc0), (2, &self.fc2)] {
+            for (n, t) in l.tensors() {
+                v.push((format!("{idx}.{n}"), t.clone()));
+            }
+        }
+        v
+    }
+}
+
+/// The gating network of one wrapped linear.
+#[derive(Clone, Debug)]
+pub struct Gates {
+    pub attn_mlp: Mlp,
+    pub proj: Linear,
+    pub down_mlp: Mlp,
+    pub up_mlp: Mlp,
+    pub gate_mlp: Mlp,
+}
+
+/// Per-sample modulation: (w_down (B, r), w_up (B, r), a (B, 1)).
+pub struct GateValues {
+    pub down: Tensor,
+    pub up: Tensor,
+    pub alpha: Tensor,
+}
+
+impl Gates {
+    /// Relevance-driven gates for h (B, S, D_in) against unit concept embeddings T (K, E).
+    pub fn forward(&self, h: &Tensor, concepts: &Tensor) -> Result<GateValues> {
+        let w = self.attn_mlp.forward(h)?.sigmoid()?; // (B, S, 1)
+        let weighted = h.mul(&w)?.sum(&[1])?; // (B, D_in)
+        let h_att = weighted.div(&w.sum(&[1])?.add_scalar(POOL_EPS)?)?; // (B, D_in)
+        let h_max = h.max(1)?; // (B, D_in)
+        let h_c = h_att.scale(POOL_LAMBDA)?.add(&h_max.scale(1.0 - POOL_LAMBDA)?)?;
+        let v = self.proj.forward(&h_c)?.normalize_l2(1, NORMALIZE_EPS)?; // (B, E)
+        let s = v.matmul(&concepts.t()?)?; // (B, K)
+        Ok(GateValues {
+            down: self.down_mlp.forward(&s)?.sigmoid()?,
+            up: self.up_mlp.forward(&s)?.sigmoid()?,
+            alpha: self.gate_mlp.forward(&s)?.sigmoid()?,
+        })
+    }
+
+    pub fn named(&self) -> Vec<(String, Tensor)> {
+        let mut v = Vec::new();
+        for (n, m) in [("attn_mlp", &self.attn_mlp)] {
+            v.extend(m.named().into_iter().map(|(k, t)| (format!("{n}.{k}"), t)));
+        }
+        for (k, t) in self.proj.tensors() {
+            v.push((format!("proj.{k}"), t.clone()));
+        }
+        for (n, m) in [("down_mlp", &self.down_mlp), ("up_mlp", &self.up_mlp), ("gate_mlp", &self.gate_mlp)] {
+            v.extend(m.named().into_iter().map(|(k, t)| (format!("{n}.{k}"), t)));
+        }
+        v
+    }
+}
+
+/// A LoRA adapter for one frozen linear.
+#[derive(Clone, Debug)]
+pub struct LoraAdapter {
+    /// lora_down (r, D_in)
+    pub a: Tensor,
+    /// lora_up (D_out, r)
+    pub b: Tensor,
+    pub config: LoraConfig,
+    pub gates: Option<Gates>,
+    /// Unit concept embeddings T (K, E); shared by every gated adapter of a model.
+    pub concepts: Option<Tensor>,
+}
+
+impl LoraAdapter {
+    /// Fresh trainable adapter: A kaiming-uniform (a = sqrt 5), B = 0, gates PyTorch-default.
+    /// The draw order follows `GatedLoRALinear.__init__`: A, then attn_mlp, proj, down, up, gate.
+    pub fn init(
+        d_in: usize,
+        d_out: usize,
+        config: LoraConfig,
+        concepts: Option<&Tensor>,
+        rng: &mut Rng,
+        dtype: DType,
+        device: Device,
+    ) -> Result<LoraAdapter> {
+        let r = config.rank;
+        let bound = 1.0 / (d_in as f64).sqrt();
+        let a = Tensor::rand_uniform((r, d_in), -bound, bound, rng, dtype, device)?.var()?;
+        let b = Tensor::zeros((d_out, r), dtype, device)?.var()?;
+        let gates = match concepts {
+            Some(t) => {
+                let (k, e) = t.dims2()?;
+                Some(Gates {
+                    attn_mlp: Mlp::init(d_in, config.gate_hidden, 1, rng, dtype, device)?,
+                    proj: Linear::init(d_in, e, rng, dtype, device)?,
+                    down_mlp: Mlp::init(k, config.mod_hidden, r, rng, dtype, device)?,
+                    up_mlp: Mlp::init(k, config.mod_hidden, r, rng, dtype, device)?,
+                    gate_mlp: Mlp::init(k, config.mod_hidden, 1, rng, dtype, device)?,
+                })
+            }
+            None => None,
+        };
+        Ok(LoraAdapter { a, b, config, gates, concepts: concepts.cloned() })
+    }
+
+    pub fn is_gated(&self) -> bool {
+        self.gates.is_some()
+    }
+
+    /// The update dh for input h (B, S, D_in) or (S, D_in).
+    pub fn delta(&self, h: &Tensor) -> Result<Tensor> {
+        let r = self.config.rank as f64;
+        let z = h.matmul(&self.a.t()?)?; // (B, S, r)
+        let (Some(gates), Some(concepts)) = (&self.gates, &self.concepts) else {
+            return z.matmul(&self.b.t()?)?.scale(self.config.alpha / r);
+        };
+        if h.rank() == 2 {
+            return self.delta(&h.unsqueeze(0)?)?.squeeze(0);
+        }
+        let g = gates.forward(h, concepts)?;
+        let mod_r = g.down.mul(&g.up)?.unsqueeze(1)?; // (B, 1, r)
+        let dh = z.mul(&mod_r)?.matmul(&self.b.t()?)?; // (B, S, D_out)
+        let a = g.alpha.scale(self.config.alpha / r * self.config.guidance)?.unsqueeze(1)?; // (B, 1, 1)
+        dh.mul(&a)
+    }
+
+    /// The gate values alone (diagnostics, baking gates into plain LoRA weights).
+    pub fn gate_values(&self, h: &Tensor) -> Result<Option<GateValues>> {
+        match (&self.gates, &self.concepts) {
+            (Some(g), Some(t)) => g.forward(h, t).map(Some),
+            _ => Ok(None),
+        }
+    }
+
+    /// Trainable tensors under the reference's names (`lora_A`, `lora_B`, `attn_mlp.0.weight`, ...).
+    pub fn named(&self) -> Vec<(String, Tensor)> {
+        let mut v = vec![("lora_A".to_string(), self.a.clone()), ("lora_B".to_string(), self.b.clone())];
+        if let Some(g) = &self.gates {
+            v.extend(g.named());
+        }
+        v
+    }
+
+    /// Replace every trainable tensor by a fresh variable holding `value(name)` (fixtures,
+    /// checkpoints). Shapes must match.
+    pub fn assign(&mut self, mut value: impl FnMut(&str, &[usize]) -> Result<Tensor>) -> Result<()> {
+        fn set(slot: &mut Tensor, name: &str, value: &mut dyn FnMut(&str, &[usize]) -> Result<Tensor>) -> Result<()> {
+            let v = value(name, slot.dims())?;
+            if v.dims() != slot.dims() {
+                return Err(Error::ShapeMismatch { op: "lora assign", lhs: slot.shape().clone(), rhs: v.shape().clone() });
+            }
+            *slot = v.to_dtype(slot.dtype())?.to_device(slot.device())?.var()?;
+            Ok(())
+        }
+        set(&mut self.a, "lora_A", &mut value)?;
+        set(&mut self.b, "lora_B", &mut value)?;
+        if let Some(g) = &mut self.gates {
+            for (prefix, m) in
+                [("attn_mlp", &mut g.attn_mlp), ("down_mlp", &mut g.down_mlp), ("up_mlp", &mut g.up_mlp), ("gate_mlp", &mut g.gate_mlp)]
+            {
+                for (idx, l) in [(0, &mut m.fc0), (2, &mut m.fc2)] {
+                    set(&mut l.weight, &format!("{prefix}.{idx}.weight"), &mut value)?;
+                    if let Some(b) = &mut l.bias {
+                        set(b, &format!("{prefix}.{idx}.bias"), &mut value)?;
+                    }
+                }
+            }
+            set(&mut g.proj.weight, "proj.weight", &mut value)?;
+            if let Some(b) = &mut g.proj.bias {
+                set(b, "proj.bias", &mut value)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A frozen linear with optional live adapters (kohya LoRA files merge into `base` at load time
+/// instead; adapters here are the trainable or gated ones).
+#[derive(Clone, Debug)]
+pub struct AdaptedLinear {
+    pub base: Linear,
+    pub adapter: Option<LoraAdapter>,
+}
+
+impl AdaptedLinear {
+    pub fn new(base: Linear) -> AdaptedLinear {
+        AdaptedLinear { base, adapter: None }
+    }
+
+    pub fn forward(&self, h: &Tensor) -> Result<Tensor> {
+        let y = self.base.forward(h)?;
+        match &self.adapter {
+            Some(a) => y.add(&a.delta(h)?),
+            None => Ok(y),
+        }
+    }
+}

@@ -1,0 +1,128 @@
+//! `kstyle verify DIR`: run every reference case present in a fixtures directory against that
+//! directory's own models and report one row per checked tensor. The format is the contract of
+//! the fixtures README; nothing here assumes the sizes of the shipped tiny models.
+
+mod layer_cases;
+
+use crate::tensor::SafeTensorsFile;
+use crate::tolerance::{compare, Tolerance};
+use crate::{Device, Error, Result, Tensor};
+use std::path::{Path, PathBuf};
+
+/// One checked tensor.
+#[derive(Clone, Debug)]
+pub struct Row {
+    pub case: String,
+    pub tensor: String,
+    /// `||out - ref|| / ||ref||`
+    pub error: f64,
+    /// The allowed relative error (including any absolute floor, divided by `||ref||`).
+    pub tolerance: f64,
+    pub passed: bool,
+}
+
+/// Everything one run found.
+#[derive(Default, Debug)]
+pub struct Report {
+    pub rows: Vec<Row>,
+    /// Cases present in the directory that could not run, with the reason.
+    pub failed_cases: Vec<(String, String)>,
+}
+
+impl Report {
+    pub fn passed(&self) -> usize {
+        self.rows.iter().filter(|r| r.passed).count()
+    }
+    pub fn failed(&self) -> usize {
+        self.rows.len() - self.passed() + self.failed_cases.len()
+    }
+    pub fn ok(&self) -> bool {
+        self.failed() == 0 && !self.rows.is_empty()
+    }
+}
+
+/// Where one case's inputs live and how it runs.
+pub struct Ctx {
+    pub dir: PathBuf,
+    pub device: Device,
+    /// Forward and gradient tolerances for this device (f32 on CPU, bf16 presets on CUDA).
+    pub forward: Tolerance,
+    pub grad: Tolerance,
+}
+
+impl Ctx {
+    pub fn new(dir: impl Into<PathBuf>, device: Device) -> Ctx {
+        let (forward, grad) = match device {
+            Device::Cpu => (Tolerance::F32_FORWARD, Tolerance::F32_GRAD),
+            Device::Cuda(_) => (Tolerance::BF16_FORWARD, Tolerance::BF16_GRAD),
+        };
+        Ctx { dir: dir.into(), device, forward, grad }
+    }
+
+    pub fn reference(&self, file: &str) -> PathBuf {
+        self.dir.join("reference").join(file)
+    }
+}
+
+/// Collects rows for one case.
+pub struct Checker {
+    case: String,
+    pub rows: Vec<Row>,
+}
+
+impl Checker {
+    pub fn new(case: &str) -> Checker {
+        Checker { case: case.to_string(), rows: Vec::new() }
+    }
+
+    pub fn check(&mut self, name: &str, out: &Tensor, reference: &Tensor, tol: Tolerance) -> Result<()> {
+        let c = compare(out, reference, tol)?;
+        let denom = if c.ref_norm > 0.0 { c.ref_norm } else { 1.0 };
+        self.rows.push(Row { case: self.case.clone(), tensor: name.into(), error: c.relative(), tolerance: c.limit / denom, passed: c.passed() });
+        Ok(())
+    }
+
+    /// Exact equality (token ids, bit-for-bit weights).
+    pub fn check_exact(&mut self, name: &str, equal: bool, mismatches: f64) {
+        self.rows.push(Row { case: self.case.clone(), tensor: name.into(), error: mismatches, tolerance: 0.0, passed: equal });
+    }
+}
+
+/// The gradient tolerance floor of the fixtures README: `1e-9 * max_k ||ref_k||` over the
+/// tensors of one kind (all `grad.*`, all `after_adamw.*`) in a file.
+pub fn max_norm(f: &SafeTensorsFile, prefix: &str) -> Result<f64> {
+    let mut m: f64 = 0.0;
+    for n in f.names().filter(|n| n.starts_with(prefix)) {
+        m = m.max(crate::tolerance::l2(&f.tensor(n)?.to_vec_f64()?));
+    }
+    Ok(m)
+}
+
+type CaseFn = fn(&Ctx) -> Result<Vec<Row>>;
+
+/// Every case: its name, the reference file whose presence enables it, and its runner.
+pub fn cases() -> Vec<(&'static str, &'static str, CaseFn)> {
+    vec![
+        ("gated_lora_layer", "gated_lora_layer.safetensors", layer_cases::gated_lora_layer),
+        ("cultural_loss", "cultural_loss.safetensors", layer_cases::cultural_loss),
+    ]
+}
+
+/// Run the cases present in `dir` (all of them, or those named in `only`).
+pub fn run(dir: &Path, device: Device, only: Option<&[String]>) -> Result<Report> {
+    if !dir.join("reference").is_dir() {
+        return Err(Error::file(dir, "not a fixtures directory (no reference/ folder)"));
+    }
+    let ctx = Ctx::new(dir, device);
+    let mut report = Report::default();
+    for (name, file, f) in cases() {
+        if only.is_some_and(|o| !o.iter().any(|n| n == name)) || !ctx.reference(file).exists() {
+            continue;
+        }
+        match f(&ctx) {
+            Ok(rows) => report.rows.extend(rows),
+            Err(e) => report.failed_cases.push((name.to_string(), e.to_string())),
+        }
+    }
+    Ok(report)
+}
