@@ -6,11 +6,17 @@
 pub mod autograd;
 pub mod backend;
 mod error;
+pub mod formats;
+pub mod image;
+pub mod models;
 pub mod nn;
 pub mod tensor;
 pub mod tolerance;
 pub mod train;
 pub mod verify;
+
+#[cfg(test)]
+pub(crate) mod test_fixtures;
 
 pub use error::{Error, Result};
 pub use tensor::{DType, Device, Shape, Tensor};

@@ -11,19 +11,37 @@ pub struct Tolerance {
 
 impl Tolerance {
     /// Every f32 forward output against the float64 reference.
-    pub const F32_FORWARD: Tolerance = Tolerance { rel: 1e-4, abs: 0.0 };
+    pub const F32_FORWARD: Tolerance = Tolerance {
+        rel: 1e-4,
+        abs: 0.0,
+    };
     /// The whole pipeline image.
-    pub const F32_PIPELINE: Tolerance = Tolerance { rel: 1e-3, abs: 0.0 };
+    pub const F32_PIPELINE: Tolerance = Tolerance {
+        rel: 1e-3,
+        abs: 0.0,
+    };
     /// Gradients and AdamW results; `abs` is set per file from the largest reference norm.
-    pub const F32_GRAD: Tolerance = Tolerance { rel: 1e-3, abs: 0.0 };
+    pub const F32_GRAD: Tolerance = Tolerance {
+        rel: 1e-3,
+        abs: 0.0,
+    };
     /// bf16 on a GPU: forward outputs.
-    pub const BF16_FORWARD: Tolerance = Tolerance { rel: 2e-2, abs: 0.0 };
+    pub const BF16_FORWARD: Tolerance = Tolerance {
+        rel: 2e-2,
+        abs: 0.0,
+    };
     /// bf16 on a GPU: gradients.
-    pub const BF16_GRAD: Tolerance = Tolerance { rel: 5e-2, abs: 0.0 };
+    pub const BF16_GRAD: Tolerance = Tolerance {
+        rel: 5e-2,
+        abs: 0.0,
+    };
 
     /// The gradient tolerance with the README's absolute floor `1e-9 * max_k ||ref_k||`.
     pub fn grad_with_floor(self, max_ref_norm: f64) -> Tolerance {
-        Tolerance { rel: self.rel, abs: 1e-9 * max_ref_norm }
+        Tolerance {
+            rel: self.rel,
+            abs: 1e-9 * max_ref_norm,
+        }
     }
 }
 
@@ -59,10 +77,18 @@ pub fn l2(v: &[f64]) -> f64 {
 /// Compare two tensors of equal shape under a tolerance.
 pub fn compare(out: &Tensor, reference: &Tensor, tol: Tolerance) -> Result<Comparison> {
     if out.shape() != reference.shape() {
-        return Err(crate::Error::ShapeMismatch { op: "compare", lhs: out.shape().clone(), rhs: reference.shape().clone() });
+        return Err(crate::Error::ShapeMismatch {
+            op: "compare",
+            lhs: out.shape().clone(),
+            rhs: reference.shape().clone(),
+        });
     }
     let (a, b) = (out.to_vec_f64()?, reference.to_vec_f64()?);
     let diff: Vec<f64> = a.iter().zip(&b).map(|(x, y)| x - y).collect();
     let (err, ref_norm) = (l2(&diff), l2(&b));
-    Ok(Comparison { err, ref_norm, limit: tol.rel * ref_norm + tol.abs })
+    Ok(Comparison {
+        err,
+        ref_norm,
+        limit: tol.rel * ref_norm + tol.abs,
+    })
 }

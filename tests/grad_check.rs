@@ -27,11 +27,30 @@ fn check(name: &str, inputs: &[Tensor], f: impl Fn(&[Tensor]) -> Result<Tensor>)
     let vars: Vec<Tensor> = inputs.iter().map(|t| t.var().unwrap()).collect();
     let y = f(&vars).unwrap();
     let r = randn(y.dims(), 99);
-    let loss = |xs: &[Tensor]| -> f64 { no_grad(|| f(xs).unwrap().mul(&r).unwrap().sum_all().unwrap().to_scalar().unwrap()) };
+    let loss = |xs: &[Tensor]| -> f64 {
+        no_grad(|| {
+            f(xs)
+                .unwrap()
+                .mul(&r)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .to_scalar()
+                .unwrap()
+        })
+    };
     let grads = y.mul(&r).unwrap().sum_all().unwrap().backward().unwrap();
     for (k, x) in vars.iter().enumerate() {
-        let g = grads.get(x).unwrap_or_else(|| panic!("{name}: no gradient for input {k}")).to_vec_f64().unwrap();
-        assert_eq!(g.len(), x.elem_count(), "{name}: gradient {k} has the wrong size");
+        let g = grads
+            .get(x)
+            .unwrap_or_else(|| panic!("{name}: no gradient for input {k}"))
+            .to_vec_f64()
+            .unwrap();
+        assert_eq!(
+            g.len(),
+            x.elem_count(),
+            "{name}: gradient {k} has the wrong size"
+        );
         for i in 0..x.elem_count() {
             let mut plus: Vec<Tensor> = inputs.to_vec();
             let mut minus: Vec<Tensor> = inputs.to_vec();
@@ -71,7 +90,12 @@ fn unary_activations() {
 fn abs_and_relu_away_from_the_kink() {
     let x = randn(&[3, 4], 2);
     // Shift every element at least 0.1 away from 0 so the finite difference never straddles it.
-    let v: Vec<f64> = x.to_vec_f64().unwrap().into_iter().map(|a| if a >= 0.0 { a + 0.1 } else { a - 0.1 }).collect();
+    let v: Vec<f64> = x
+        .to_vec_f64()
+        .unwrap()
+        .into_iter()
+        .map(|a| if a >= 0.0 { a + 0.1 } else { a - 0.1 })
+        .collect();
     let x = Tensor::from_vec(v, (3, 4), Device::Cpu).unwrap();
     check("abs", &[x.clone()], |v| v[0].abs());
     check("relu", &[x.clone()], |v| v[0].relu());
@@ -90,10 +114,24 @@ fn binary_with_broadcasting() {
 
 #[test]
 fn matmul_batched_and_broadcast() {
-    check("matmul 2d", &[randn(&[3, 5], 6), randn(&[5, 2], 7)], |v| v[0].matmul(&v[1]));
-    check("matmul batched", &[randn(&[2, 3, 5], 8), randn(&[2, 5, 4], 9)], |v| v[0].matmul(&v[1]));
-    check("matmul weight broadcast", &[randn(&[2, 3, 5], 10), randn(&[4, 5], 11)], |v| v[0].matmul(&v[1].t()?));
-    check("linear", &[randn(&[2, 3, 5], 12), randn(&[4, 5], 13), randn(&[4], 14)], |v| v[0].linear(&v[1], Some(&v[2])));
+    check("matmul 2d", &[randn(&[3, 5], 6), randn(&[5, 2], 7)], |v| {
+        v[0].matmul(&v[1])
+    });
+    check(
+        "matmul batched",
+        &[randn(&[2, 3, 5], 8), randn(&[2, 5, 4], 9)],
+        |v| v[0].matmul(&v[1]),
+    );
+    check(
+        "matmul weight broadcast",
+        &[randn(&[2, 3, 5], 10), randn(&[4, 5], 11)],
+        |v| v[0].matmul(&v[1].t()?),
+    );
+    check(
+        "linear",
+        &[randn(&[2, 3, 5], 12), randn(&[4, 5], 13), randn(&[4], 14)],
+        |v| v[0].linear(&v[1], Some(&v[2])),
+    );
 }
 
 #[test]
@@ -107,19 +145,29 @@ fn reductions() {
     check("max last", &[x.clone()], |v| v[0].max_keepdim(2));
     check("softmax last", &[x.clone()], |v| v[0].softmax(2));
     check("softmax inner", &[x.clone()], |v| v[0].softmax(1));
-    check("normalize_l2", &[x.clone()], |v| v[0].normalize_l2(2, 1e-12));
+    check("normalize_l2", &[x.clone()], |v| {
+        v[0].normalize_l2(2, 1e-12)
+    });
 }
 
 #[test]
 fn norms() {
     let x = randn(&[2, 3, 5], 16);
     let (w, b) = (randn(&[5], 17), randn(&[5], 18));
-    check("layer_norm", &[x.clone(), w.clone(), b.clone()], |v| v[0].layer_norm(Some(&v[1]), Some(&v[2]), 1e-5));
-    check("layer_norm plain", &[x.clone()], |v| v[0].layer_norm(None, None, 1e-5));
+    check("layer_norm", &[x.clone(), w.clone(), b.clone()], |v| {
+        v[0].layer_norm(Some(&v[1]), Some(&v[2]), 1e-5)
+    });
+    check("layer_norm plain", &[x.clone()], |v| {
+        v[0].layer_norm(None, None, 1e-5)
+    });
     let x = randn(&[2, 6, 3, 2], 19);
     let (w, b) = (randn(&[6], 20), randn(&[6], 21));
-    check("group_norm", &[x.clone(), w, b], |v| v[0].group_norm(3, Some(&v[1]), Some(&v[2]), 1e-6));
-    check("group_norm silu", &[x], |v| v[0].group_norm(2, None, None, 1e-6)?.silu());
+    check("group_norm", &[x.clone(), w, b], |v| {
+        v[0].group_norm(3, Some(&v[1]), Some(&v[2]), 1e-6)
+    });
+    check("group_norm silu", &[x], |v| {
+        v[0].group_norm(2, None, None, 1e-6)?.silu()
+    });
 }
 
 #[test]
@@ -128,11 +176,33 @@ fn convolutions() {
     let w3 = randn(&[4, 3, 3, 3], 23);
     let b = randn(&[4], 24);
     check("conv 3x3 pad 1", &[x.clone(), w3.clone(), b.clone()], |v| {
-        v[0].conv2d(&v[1], Some(&v[2]), ConvParams { stride: 1, padding: 1 })
+        v[0].conv2d(
+            &v[1],
+            Some(&v[2]),
+            ConvParams {
+                stride: 1,
+                padding: 1,
+            },
+        )
     });
-    check("conv 3x3 stride 2", &[x.clone(), w3.clone()], |v| v[0].conv2d(&v[1], None, ConvParams { stride: 2, padding: 1 }));
-    check("conv 1x1", &[x.clone(), randn(&[4, 3, 1, 1], 25)], |v| v[0].conv2d(&v[1], None, ConvParams::default()));
-    check("conv 2x3 kernel", &[x.clone(), randn(&[2, 3, 2, 3], 26)], |v| v[0].conv2d(&v[1], None, ConvParams::default()));
+    check("conv 3x3 stride 2", &[x.clone(), w3.clone()], |v| {
+        v[0].conv2d(
+            &v[1],
+            None,
+            ConvParams {
+                stride: 2,
+                padding: 1,
+            },
+        )
+    });
+    check("conv 1x1", &[x.clone(), randn(&[4, 3, 1, 1], 25)], |v| {
+        v[0].conv2d(&v[1], None, ConvParams::default())
+    });
+    check(
+        "conv 2x3 kernel",
+        &[x.clone(), randn(&[2, 3, 2, 3], 26)],
+        |v| v[0].conv2d(&v[1], None, ConvParams::default()),
+    );
 }
 
 #[test]
@@ -140,27 +210,45 @@ fn spatial() {
     let x = randn(&[1, 2, 5, 4], 27);
     check("upsample", &[x.clone()], |v| v[0].upsample_nearest2d(2));
     check("avg_pool", &[x.clone()], |v| v[0].avg_pool2d(2, 2));
-    check("adaptive_avg_pool", &[x.clone()], |v| v[0].adaptive_avg_pool2d((3, 3)));
+    check("adaptive_avg_pool", &[x.clone()], |v| {
+        v[0].adaptive_avg_pool2d((3, 3))
+    });
 }
 
 #[test]
 fn attention() {
-    let (q, k, v) = (randn(&[2, 2, 5, 4], 28), randn(&[2, 2, 7, 4], 29), randn(&[2, 2, 7, 3], 30));
-    check("sdpa cross", &[q.clone(), k.clone(), v.clone()], |t| Tensor::sdpa(&t[0], &t[1], &t[2], 0.5, false));
+    let (q, k, v) = (
+        randn(&[2, 2, 5, 4], 28),
+        randn(&[2, 2, 7, 4], 29),
+        randn(&[2, 2, 7, 3], 30),
+    );
+    check("sdpa cross", &[q.clone(), k.clone(), v.clone()], |t| {
+        Tensor::sdpa(&t[0], &t[1], &t[2], 0.5, false)
+    });
     let (k, v) = (randn(&[2, 2, 5, 4], 31), randn(&[2, 2, 5, 4], 32));
-    check("sdpa causal", &[q, k, v], |t| Tensor::sdpa(&t[0], &t[1], &t[2], 0.5, true));
+    check("sdpa causal", &[q, k, v], |t| {
+        Tensor::sdpa(&t[0], &t[1], &t[2], 0.5, true)
+    });
 }
 
 #[test]
 fn views_and_concatenation() {
     let x = randn(&[2, 3, 4], 33);
     check("reshape", &[x.clone()], |v| v[0].reshape((6, 4)));
-    check("permute", &[x.clone()], |v| v[0].permute(&[2, 0, 1])?.contiguous());
-    check("transpose reshape", &[x.clone()], |v| v[0].transpose(1, 2)?.reshape((2, 12)));
+    check("permute", &[x.clone()], |v| {
+        v[0].permute(&[2, 0, 1])?.contiguous()
+    });
+    check("transpose reshape", &[x.clone()], |v| {
+        v[0].transpose(1, 2)?.reshape((2, 12))
+    });
     check("narrow", &[x.clone()], |v| v[0].narrow(2, 1, 2));
     check("chunk", &[x.clone()], |v| Ok(v[0].chunk(2, 2)?[1].clone()));
-    check("broadcast", &[randn(&[3, 1], 34)], |v| v[0].broadcast_as(&kstyle::Shape::from((2, 3, 4))));
-    check("cat", &[x.clone(), randn(&[2, 1, 4], 35)], |v| Tensor::cat(&[v[0].clone(), v[1].clone()], 1));
+    check("broadcast", &[randn(&[3, 1], 34)], |v| {
+        v[0].broadcast_as(&kstyle::Shape::from((2, 3, 4)))
+    });
+    check("cat", &[x.clone(), randn(&[2, 1, 4], 35)], |v| {
+        Tensor::cat(&[v[0].clone(), v[1].clone()], 1)
+    });
     check("squeeze unsqueeze", &[x], |v| v[0].unsqueeze(1)?.squeeze(1));
 }
 

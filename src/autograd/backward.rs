@@ -27,8 +27,14 @@ impl Out {
 fn unbroadcast(g: &Tensor, src: &Shape) -> Result<Tensor> {
     let (gd, sd) = (g.dims(), src.dims());
     let lead = gd.len() - sd.len();
-    let dims: Vec<usize> = (0..gd.len()).filter(|&i| i < lead || (sd[i - lead] == 1 && gd[i] != 1)).collect();
-    let summed = if dims.is_empty() { g.clone() } else { g.sum_keepdim(&dims)? };
+    let dims: Vec<usize> = (0..gd.len())
+        .filter(|&i| i < lead || (sd[i - lead] == 1 && gd[i] != 1))
+        .collect();
+    let summed = if dims.is_empty() {
+        g.clone()
+    } else {
+        g.sum_keepdim(&dims)?
+    };
     summed.reshape(src.clone())
 }
 
@@ -36,7 +42,10 @@ pub(super) fn input_grads(node: &Tensor, op: &Op, g: &Tensor) -> Result<Vec<(Ten
     let mut out = Out(Vec::new());
     match op {
         Op::Unary(x, u) => out.push(x, || {
-            Ok(wrap(ops::unary_bwd((&x.storage(), x.layout()), (&g.storage(), g.layout()), *u)?, x.shape()))
+            Ok(wrap(
+                ops::unary_bwd((&x.storage(), x.layout()), (&g.storage(), g.layout()), *u)?,
+                x.shape(),
+            ))
         })?,
         Op::Binary(a, b, kind) => match kind {
             BinaryOp::Add => {
@@ -58,7 +67,10 @@ pub(super) fn input_grads(node: &Tensor, op: &Op, g: &Tensor) -> Result<Vec<(Ten
         },
         Op::Affine(x, mul) => out.push(x, || g.scale(*mul))?,
         Op::ClampMin(x, lo) => out.push(x, || {
-            Ok(wrap(ops::clamp_min_bwd((&x.storage(), x.layout()), (&g.storage(), g.layout()), *lo)?, x.shape()))
+            Ok(wrap(
+                ops::clamp_min_bwd((&x.storage(), x.layout()), (&g.storage(), g.layout()), *lo)?,
+                x.shape(),
+            ))
         })?,
         Op::Matmul(a, b) => {
             out.push(a, || g.matmul(&b.t()?))?;
@@ -66,13 +78,30 @@ pub(super) fn input_grads(node: &Tensor, op: &Op, g: &Tensor) -> Result<Vec<(Ten
         }
         Op::Sum(x, _) => out.push(x, || g.broadcast_as(x.shape()))?,
         Op::Max { x, dim, argmax } => out.push(x, || {
-            let s = ops::max_bwd((&g.storage(), g.layout()), (&argmax.storage(), argmax.layout()), x.shape(), *dim)?;
+            let s = ops::max_bwd(
+                (&g.storage(), g.layout()),
+                (&argmax.storage(), argmax.layout()),
+                x.shape(),
+                *dim,
+            )?;
             Ok(wrap(s, x.shape()))
         })?,
         Op::Softmax(x) => out.push(x, || {
-            Ok(wrap(ops::softmax_last_bwd((&node.storage(), node.layout()), (&g.storage(), g.layout()))?, x.shape()))
+            Ok(wrap(
+                ops::softmax_last_bwd(
+                    (&node.storage(), node.layout()),
+                    (&g.storage(), g.layout()),
+                )?,
+                x.shape(),
+            ))
         })?,
-        Op::Norm { x, w, b, groups, eps } => {
+        Op::Norm {
+            x,
+            w,
+            b,
+            groups,
+            eps,
+        } => {
             let wants = |t: &Option<Tensor>| t.as_ref().is_some_and(|t| t.tracks());
             if x.tracks() || wants(w) || wants(b) {
                 let ws = w.as_ref().map(|t| t.storage());
@@ -85,27 +114,51 @@ pub(super) fn input_grads(node: &Tensor, op: &Op, g: &Tensor) -> Result<Vec<(Ten
                 )?;
                 out.push(x, || Ok(wrap(dx, x.shape())))?;
                 if let Some(w) = w {
-                    out.push(w, || wrap(dw, &Shape::from(w.elem_count())).reshape(w.shape().clone()))?;
+                    out.push(w, || {
+                        wrap(dw, &Shape::from(w.elem_count())).reshape(w.shape().clone())
+                    })?;
                 }
                 if let Some(b) = b {
-                    out.push(b, || wrap(db, &Shape::from(b.elem_count())).reshape(b.shape().clone()))?;
+                    out.push(b, || {
+                        wrap(db, &Shape::from(b.elem_count())).reshape(b.shape().clone())
+                    })?;
                 }
             }
         }
         Op::Conv2d { x, w, geom } => {
             out.push(x, || {
-                Ok(wrap(ops::conv2d_bwd_input((&g.storage(), g.layout()), (&w.storage(), w.layout()), geom)?, x.shape()))
+                Ok(wrap(
+                    ops::conv2d_bwd_input(
+                        (&g.storage(), g.layout()),
+                        (&w.storage(), w.layout()),
+                        geom,
+                    )?,
+                    x.shape(),
+                ))
             })?;
             out.push(w, || {
-                Ok(wrap(ops::conv2d_bwd_weight((&x.storage(), x.layout()), (&g.storage(), g.layout()), geom)?, w.shape()))
+                Ok(wrap(
+                    ops::conv2d_bwd_weight(
+                        (&x.storage(), x.layout()),
+                        (&g.storage(), g.layout()),
+                        geom,
+                    )?,
+                    w.shape(),
+                ))
             })?;
         }
-        Op::Upsample(x, f) => {
-            out.push(x, || Ok(wrap(ops::upsample_nearest_bwd((&g.storage(), g.layout()), *f)?, x.shape())))?
-        }
+        Op::Upsample(x, f) => out.push(x, || {
+            Ok(wrap(
+                ops::upsample_nearest_bwd((&g.storage(), g.layout()), *f)?,
+                x.shape(),
+            ))
+        })?,
         Op::AvgPool { x, kernel } => out.push(x, || {
             let (_, _, h, w) = x.dims4()?;
-            Ok(wrap(ops::avg_pool_bwd((&g.storage(), g.layout()), (h, w), *kernel)?, x.shape()))
+            Ok(wrap(
+                ops::avg_pool_bwd((&g.storage(), g.layout()), (h, w), *kernel)?,
+                x.shape(),
+            ))
         })?,
         Op::Sdpa { q, k, v, geom } => {
             if q.tracks() || k.tracks() || v.tracks() {

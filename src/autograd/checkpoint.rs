@@ -23,8 +23,17 @@ impl Segment {
     /// variable the segment captured.
     pub(super) fn backward(&self, g: &Tensor) -> Result<Vec<(TensorId, Tensor)>> {
         // Fresh leaves stand in for tracked inputs so their gradients can be read back.
-        let leaves: Vec<Tensor> =
-            self.inputs.iter().map(|x| if x.tracks() { x.detach().as_leaf() } else { x.clone() }).collect();
+        let leaves: Vec<Tensor> = self
+            .inputs
+            .iter()
+            .map(|x| {
+                if x.tracks() {
+                    x.detach().as_leaf()
+                } else {
+                    x.clone()
+                }
+            })
+            .collect();
         let out = with_grad_mode(true, || (self.f)(&leaves))?;
         let mut grads = out.backward_with(g)?;
         let mut result = Vec::new();
@@ -47,12 +56,18 @@ impl Segment {
 
 /// Run `f(inputs)` as a checkpointed segment. Outside grad mode this is a plain call.
 /// `f` must be deterministic: it runs again in backward.
-pub fn checkpoint(inputs: &[Tensor], f: impl Fn(&[Tensor]) -> Result<Tensor> + Send + Sync + 'static) -> Result<Tensor> {
+pub fn checkpoint(
+    inputs: &[Tensor],
+    f: impl Fn(&[Tensor]) -> Result<Tensor> + Send + Sync + 'static,
+) -> Result<Tensor> {
     if !super::grad_enabled() {
         return f(inputs);
     }
     let detached: Vec<Tensor> = inputs.iter().map(|t| t.detach()).collect();
     let value = with_grad_mode(false, || f(&detached))?;
-    let seg = Arc::new(Segment { inputs: inputs.to_vec(), f: Box::new(f) });
+    let seg = Arc::new(Segment {
+        inputs: inputs.to_vec(),
+        f: Box::new(f),
+    });
     Ok(value.with_op(Op::Checkpoint(seg)))
 }

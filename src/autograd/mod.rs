@@ -104,7 +104,10 @@ impl Tensor {
     /// Gradients of this scalar with respect to every trainable variable it depends on.
     pub fn backward(&self) -> Result<GradStore> {
         if self.elem_count() != 1 {
-            return Err(Error::Backward(format!("backward() needs a scalar, got shape {:?}", self.dims())));
+            return Err(Error::Backward(format!(
+                "backward() needs a scalar, got shape {:?}",
+                self.dims()
+            )));
         }
         self.backward_with(&self.ones_like()?)
     }
@@ -112,7 +115,11 @@ impl Tensor {
     /// Backward pass seeded with an upstream gradient of this tensor's shape.
     pub fn backward_with(&self, grad: &Tensor) -> Result<GradStore> {
         if grad.shape() != self.shape() {
-            return Err(Error::Backward(format!("seed gradient {:?} for tensor {:?}", grad.dims(), self.dims())));
+            return Err(Error::Backward(format!(
+                "seed gradient {:?} for tensor {:?}",
+                grad.dims(),
+                self.dims()
+            )));
         }
         let mut grads = GradStore::default();
         if !self.tracks() {
@@ -121,7 +128,9 @@ impl Tensor {
         grads.accumulate(self.id(), grad.detach())?;
         no_grad(|| {
             for node in reverse_topological(self) {
-                let Some(g) = grads.0.remove(&node.id()) else { continue };
+                let Some(g) = grads.0.remove(&node.id()) else {
+                    continue;
+                };
                 match node.op() {
                     None => {
                         // A variable: its gradient is a result, kept.

@@ -18,18 +18,44 @@ pub enum Op {
     Matmul(Tensor, Tensor),
     /// Sum over dims, kept as size 1.
     Sum(Tensor, Vec<usize>),
-    Max { x: Tensor, dim: usize, argmax: Tensor },
+    Max {
+        x: Tensor,
+        dim: usize,
+        argmax: Tensor,
+    },
     /// Softmax over the last dim; the backward reads the op's own output.
     Softmax(Tensor),
-    Norm { x: Tensor, w: Option<Tensor>, b: Option<Tensor>, groups: Option<usize>, eps: f64 },
-    Conv2d { x: Tensor, w: Tensor, geom: ConvGeom },
+    Norm {
+        x: Tensor,
+        w: Option<Tensor>,
+        b: Option<Tensor>,
+        groups: Option<usize>,
+        eps: f64,
+    },
+    Conv2d {
+        x: Tensor,
+        w: Tensor,
+        geom: ConvGeom,
+    },
     Upsample(Tensor, usize),
-    AvgPool { x: Tensor, kernel: Option<(usize, usize)> },
-    Sdpa { q: Tensor, k: Tensor, v: Tensor, geom: AttnGeom },
+    AvgPool {
+        x: Tensor,
+        kernel: Option<(usize, usize)>,
+    },
+    Sdpa {
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        geom: AttnGeom,
+    },
     Reshape(Tensor),
     Permute(Tensor, Vec<usize>),
     Broadcast(Tensor),
-    Narrow { x: Tensor, dim: usize, start: usize },
+    Narrow {
+        x: Tensor,
+        dim: usize,
+        start: usize,
+    },
     Cat(Vec<Tensor>, usize),
     ToDtype(Tensor),
     Copy(Tensor),
@@ -55,7 +81,10 @@ impl Op {
             | Op::ToDtype(x)
             | Op::Copy(x) => vec![x],
             Op::Binary(a, b, _) | Op::Matmul(a, b) => vec![a, b],
-            Op::Norm { x, w, b, .. } => [Some(x), w.as_ref(), b.as_ref()].into_iter().flatten().collect(),
+            Op::Norm { x, w, b, .. } => [Some(x), w.as_ref(), b.as_ref()]
+                .into_iter()
+                .flatten()
+                .collect(),
             Op::Conv2d { x, w, .. } => vec![x, w],
             Op::Sdpa { q, k, v, .. } => vec![q, k, v],
             Op::Cat(xs, _) => xs.iter().collect(),

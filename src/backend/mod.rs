@@ -115,7 +115,12 @@ pub mod ops {
         let ((g, lg), (a, la)) = (cpu(dy), cpu(argmax));
         let idx = match a.copy_strided(la) {
             CpuStorage::I64(v) => v,
-            other => return Err(crate::Error::DType { op: "max_bwd", dtype: other.dtype() }),
+            other => {
+                return Err(crate::Error::DType {
+                    op: "max_bwd",
+                    dtype: other.dtype(),
+                })
+            }
         };
         Ok(Storage::Cpu(rd::max_bwd(g, lg, &idx, shape, dim)?))
     }
@@ -130,12 +135,31 @@ pub mod ops {
         Ok(Storage::Cpu(rd::softmax_last_bwd(s, l, g, lg)?))
     }
 
-    pub fn norm(x: Arg, w: Option<Arg>, b: Option<Arg>, groups: Option<usize>, eps: f64) -> Result<Storage> {
+    pub fn norm(
+        x: Arg,
+        w: Option<Arg>,
+        b: Option<Arg>,
+        groups: Option<usize>,
+        eps: f64,
+    ) -> Result<Storage> {
         let (s, l) = cpu(x);
-        Ok(Storage::Cpu(nm::norm(s, l, w.map(cpu), b.map(cpu), groups, eps)?))
+        Ok(Storage::Cpu(nm::norm(
+            s,
+            l,
+            w.map(cpu),
+            b.map(cpu),
+            groups,
+            eps,
+        )?))
     }
 
-    pub fn norm_bwd(x: Arg, dy: Arg, w: Option<Arg>, groups: Option<usize>, eps: f64) -> Result<(Storage, Storage, Storage)> {
+    pub fn norm_bwd(
+        x: Arg,
+        dy: Arg,
+        w: Option<Arg>,
+        groups: Option<usize>,
+        eps: f64,
+    ) -> Result<(Storage, Storage, Storage)> {
         let ((s, l), (g, lg)) = (cpu(x), cpu(dy));
         let (dx, dw, db) = nm::norm_backward(s, l, g, lg, w.map(cpu), groups, eps)?;
         Ok((Storage::Cpu(dx), Storage::Cpu(dw), Storage::Cpu(db)))
@@ -166,12 +190,20 @@ pub mod ops {
         Ok(Storage::Cpu(conv::upsample_nearest_bwd(s, l, f)?))
     }
 
-    pub fn avg_pool(x: Arg, out_hw: (usize, usize), kernel: Option<(usize, usize)>) -> Result<Storage> {
+    pub fn avg_pool(
+        x: Arg,
+        out_hw: (usize, usize),
+        kernel: Option<(usize, usize)>,
+    ) -> Result<Storage> {
         let (s, l) = cpu(x);
         Ok(Storage::Cpu(conv::avg_pool(s, l, out_hw, kernel)?))
     }
 
-    pub fn avg_pool_bwd(dy: Arg, in_hw: (usize, usize), kernel: Option<(usize, usize)>) -> Result<Storage> {
+    pub fn avg_pool_bwd(
+        dy: Arg,
+        in_hw: (usize, usize),
+        kernel: Option<(usize, usize)>,
+    ) -> Result<Storage> {
         let (s, l) = cpu(dy);
         Ok(Storage::Cpu(conv::avg_pool_bwd(s, l, in_hw, kernel)?))
     }
@@ -185,7 +217,13 @@ pub mod ops {
         Ok(Storage::Cpu(attention::sdpa(cpu(q), cpu(k), cpu(v), g)?))
     }
 
-    pub fn sdpa_bwd(q: Arg, k: Arg, v: Arg, dout: Arg, g: &AttnGeom) -> Result<(Storage, Storage, Storage)> {
+    pub fn sdpa_bwd(
+        q: Arg,
+        k: Arg,
+        v: Arg,
+        dout: Arg,
+        g: &AttnGeom,
+    ) -> Result<(Storage, Storage, Storage)> {
         let (a, b, c) = attention::sdpa_bwd(cpu(q), cpu(k), cpu(v), cpu(dout), g)?;
         Ok((Storage::Cpu(a), Storage::Cpu(b), Storage::Cpu(c)))
     }

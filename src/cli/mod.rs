@@ -6,7 +6,11 @@ use clap::{Parser, Subcommand, ValueEnum};
 use std::process::ExitCode;
 
 #[derive(Parser, Debug)]
-#[command(name = "kstyle", version, about = "SDXL + CLIP runtime that trains and runs K-StyleLoRA adapters")]
+#[command(
+    name = "kstyle",
+    version,
+    about = "SDXL + CLIP runtime that trains and runs K-StyleLoRA adapters"
+)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,

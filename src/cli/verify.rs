@@ -18,14 +18,27 @@ pub struct Args {
 pub fn run(a: Args) -> anyhow::Result<ExitCode> {
     let only = (!a.cases.is_empty()).then_some(a.cases.as_slice());
     let report = kstyle::verify::run(&a.dir, a.device.device(), only)?;
-    println!("{:<20} {:<64} {:>11} {:>11}  result", "case", "tensor", "error", "tolerance");
+    println!(
+        "{:<20} {:<64} {:>11} {:>11}  result",
+        "case", "tensor", "error", "tolerance"
+    );
     for r in &report.rows {
         let verdict = if r.passed { "PASS" } else { "FAIL" };
-        println!("{:<20} {:<64} {:>11.3e} {:>11.3e}  {verdict}", r.case, r.tensor, r.error, r.tolerance);
+        println!(
+            "{:<20} {:<64} {:>11.3e} {:>11.3e}  {verdict}",
+            r.case, r.tensor, r.error, r.tolerance
+        );
     }
     for (case, why) in &report.failed_cases {
-        println!("{case:<20} {:<64} {:>11} {:>11}  FAIL ({why})", "(case could not run)", "-", "-");
+        println!(
+            "{case:<20} {:<64} {:>11} {:>11}  FAIL ({why})",
+            "(case could not run)", "-", "-"
+        );
     }
     println!("{} passed, {} failed", report.passed(), report.failed());
-    Ok(if report.ok() { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+    Ok(if report.ok() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
 }

@@ -28,7 +28,13 @@ pub struct LoraConfig {
 
 impl Default for LoraConfig {
     fn default() -> Self {
-        LoraConfig { rank: 4, alpha: 4.0, guidance: 1.5, gate_hidden: 64, mod_hidden: 32 }
+        LoraConfig {
+            rank: 4,
+            alpha: 4.0,
+            guidance: 1.5,
+            gate_hidden: 64,
+            mod_hidden: 32,
+        }
     }
 }
 
@@ -40,8 +46,18 @@ pub struct Mlp {
 }
 
 impl Mlp {
-    pub fn init(d_in: usize, hidden: usize, d_out: usize, rng: &mut Rng, dtype: DType, device: Device) -> Result<Mlp> {
-        Ok(Mlp { fc0: Linear::init(d_in, hidden, rng, dtype, device)?, fc2: Linear::init(hidden, d_out, rng, dtype, device)? })
+    pub fn init(
+        d_in: usize,
+        hidden: usize,
+        d_out: usize,
+        rng: &mut Rng,
+        dtype: DType,
+        device: Device,
+    ) -> Result<Mlp> {
+        Ok(Mlp {
+            fc0: Linear::init(d_in, hidden, rng, dtype, device)?,
+            fc2: Linear::init(hidden, d_out, rng, dtype, device)?,
+        })
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
@@ -84,7 +100,9 @@ impl Gates {
         let weighted = h.mul(&w)?.sum(&[1])?; // (B, D_in)
         let h_att = weighted.div(&w.sum(&[1])?.add_scalar(POOL_EPS)?)?; // (B, D_in)
         let h_max = h.max(1)?; // (B, D_in)
-        let h_c = h_att.scale(POOL_LAMBDA)?.add(&h_max.scale(1.0 - POOL_LAMBDA)?)?;
+        let h_c = h_att
+            .scale(POOL_LAMBDA)?
+            .add(&h_max.scale(1.0 - POOL_LAMBDA)?)?;
         let v = self.proj.forward(&h_c)?.normalize_l2(1, NORMALIZE_EPS)?; // (B, E)
         let s = v.matmul(&concepts.t()?)?; // (B, K)
         Ok(GateValues {
@@ -102,7 +120,11 @@ impl Gates {
         for (k, t) in self.proj.tensors() {
             v.push((format!("proj.{k}"), t.clone()));
         }
-        for (n, m) in [("down_mlp", &self.down_mlp), ("up_mlp", &self.up_mlp), ("gate_mlp", &self.gate_mlp)] {
+        for (n, m) in [
+            ("down_mlp", &self.down_mlp),
+            ("up_mlp", &self.up_mlp),
+            ("gate_mlp", &self.gate_mlp),
+        ] {
             v.extend(m.named().into_iter().map(|(k, t)| (format!("{n}.{k}"), t)));
         }
         v
@@ -151,7 +173,13 @@ impl LoraAdapter {
             }
             None => None,
         };
-        Ok(LoraAdapter { a, b, config, gates, concepts: concepts.cloned() })
+        Ok(LoraAdapter {
+            a,
+            b,
+            config,
+            gates,
+            concepts: concepts.cloned(),
+        })
     }
 
     pub fn is_gated(&self) -> bool {
@@ -171,7 +199,10 @@ impl LoraAdapter {
         let g = gates.forward(h, concepts)?;
         let mod_r = g.down.mul(&g.up)?.unsqueeze(1)?; // (B, 1, r)
         let dh = z.mul(&mod_r)?.matmul(&self.b.t()?)?; // (B, S, D_out)
-        let a = g.alpha.scale(self.config.alpha / r * self.config.guidance)?.unsqueeze(1)?; // (B, 1, 1)
+        let a = g
+            .alpha
+            .scale(self.config.alpha / r * self.config.guidance)?
+            .unsqueeze(1)?; // (B, 1, 1)
         dh.mul(&a)
     }
 
@@ -185,7 +216,10 @@ impl LoraAdapter {
 
     /// Trainable tensors under the reference's names (`lora_A`, `lora_B`, `attn_mlp.0.weight`, ...).
     pub fn named(&self) -> Vec<(String, Tensor)> {
-        let mut v = vec![("lora_A".to_string(), self.a.clone()), ("lora_B".to_string(), self.b.clone())];
+        let mut v = vec![
+            ("lora_A".to_string(), self.a.clone()),
+            ("lora_B".to_string(), self.b.clone()),
+        ];
         if let Some(g) = &self.gates {
             v.extend(g.named());
         }
@@ -194,11 +228,22 @@ impl LoraAdapter {
 
     /// Replace every trainable tensor by a fresh variable holding `value(name)` (fixtures,
     /// checkpoints). Shapes must match.
-    pub fn assign(&mut self, mut value: impl FnMut(&str, &[usize]) -> Result<Tensor>) -> Result<()> {
-        fn set(slot: &mut Tensor, name: &str, value: &mut dyn FnMut(&str, &[usize]) -> Result<Tensor>) -> Result<()> {
+    pub fn assign(
+        &mut self,
+        mut value: impl FnMut(&str, &[usize]) -> Result<Tensor>,
+    ) -> Result<()> {
+        fn set(
+            slot: &mut Tensor,
+            name: &str,
+            value: &mut dyn FnMut(&str, &[usize]) -> Result<Tensor>,
+        ) -> Result<()> {
             let v = value(name, slot.dims())?;
             if v.dims() != slot.dims() {
-                return Err(Error::ShapeMismatch { op: "lora assign", lhs: slot.shape().clone(), rhs: v.shape().clone() });
+                return Err(Error::ShapeMismatch {
+                    op: "lora assign",
+                    lhs: slot.shape().clone(),
+                    rhs: v.shape().clone(),
+                });
             }
             *slot = v.to_dtype(slot.dtype())?.to_device(slot.device())?.var()?;
             Ok(())
@@ -206,9 +251,12 @@ impl LoraAdapter {
         set(&mut self.a, "lora_A", &mut value)?;
         set(&mut self.b, "lora_B", &mut value)?;
         if let Some(g) = &mut self.gates {
-            for (prefix, m) in
-                [("attn_mlp", &mut g.attn_mlp), ("down_mlp", &mut g.down_mlp), ("up_mlp", &mut g.up_mlp), ("gate_mlp", &mut g.gate_mlp)]
-            {
+            for (prefix, m) in [
+                ("attn_mlp", &mut g.attn_mlp),
+                ("down_mlp", &mut g.down_mlp),
+                ("up_mlp", &mut g.up_mlp),
+                ("gate_mlp", &mut g.gate_mlp),
+            ] {
                 for (idx, l) in [(0, &mut m.fc0), (2, &mut m.fc2)] {
                     set(&mut l.weight, &format!("{prefix}.{idx}.weight"), &mut value)?;
                     if let Some(b) = &mut l.bias {
@@ -235,7 +283,10 @@ pub struct AdaptedLinear {
 
 impl AdaptedLinear {
     pub fn new(base: Linear) -> AdaptedLinear {
-        AdaptedLinear { base, adapter: None }
+        AdaptedLinear {
+            base,
+            adapter: None,
+        }
     }
 
     pub fn forward(&self, h: &Tensor) -> Result<Tensor> {

@@ -18,17 +18,31 @@ pub struct Linear {
 impl Linear {
     pub fn load(vb: &Weights, d_in: usize, d_out: usize, bias: bool) -> Result<Linear> {
         let weight = vb.get(&[d_out, d_in], "weight")?;
-        let bias = if bias { Some(vb.get(&[d_out], "bias")?) } else { None };
+        let bias = if bias {
+            Some(vb.get(&[d_out], "bias")?)
+        } else {
+            None
+        };
         Ok(Linear { weight, bias })
     }
 
     /// PyTorch's default `nn.Linear` init (kaiming-uniform with a = sqrt 5, i.e. U(±1/sqrt(in))
     /// for weight and bias), as trainable variables.
-    pub fn init(d_in: usize, d_out: usize, rng: &mut Rng, dtype: DType, device: Device) -> Result<Linear> {
+    pub fn init(
+        d_in: usize,
+        d_out: usize,
+        rng: &mut Rng,
+        dtype: DType,
+        device: Device,
+    ) -> Result<Linear> {
         let bound = 1.0 / (d_in as f64).sqrt();
-        let weight = Tensor::rand_uniform((d_out, d_in), -bound, bound, rng, dtype, device)?.var()?;
+        let weight =
+            Tensor::rand_uniform((d_out, d_in), -bound, bound, rng, dtype, device)?.var()?;
         let bias = Tensor::rand_uniform(d_out, -bound, bound, rng, dtype, device)?.var()?;
-        Ok(Linear { weight, bias: Some(bias) })
+        Ok(Linear {
+            weight,
+            bias: Some(bias),
+        })
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
@@ -60,10 +74,20 @@ pub struct Conv2d {
 }
 
 impl Conv2d {
-    pub fn load(vb: &Weights, c_in: usize, c_out: usize, kernel: usize, params: ConvParams) -> Result<Conv2d> {
+    pub fn load(
+        vb: &Weights,
+        c_in: usize,
+        c_out: usize,
+        kernel: usize,
+        params: ConvParams,
+    ) -> Result<Conv2d> {
         let weight = vb.get(&[c_out, c_in, kernel, kernel], "weight")?;
         let bias = vb.get_opt(&[c_out], "bias")?;
-        Ok(Conv2d { weight, bias, params })
+        Ok(Conv2d {
+            weight,
+            bias,
+            params,
+        })
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
@@ -80,7 +104,11 @@ pub struct LayerNorm {
 
 impl LayerNorm {
     pub fn load(vb: &Weights, dim: usize, eps: f64) -> Result<LayerNorm> {
-        Ok(LayerNorm { weight: vb.get(&[dim], "weight")?, bias: vb.get(&[dim], "bias")?, eps })
+        Ok(LayerNorm {
+            weight: vb.get(&[dim], "weight")?,
+            bias: vb.get(&[dim], "bias")?,
+            eps,
+        })
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
@@ -98,7 +126,12 @@ pub struct GroupNorm {
 
 impl GroupNorm {
     pub fn load(vb: &Weights, groups: usize, channels: usize, eps: f64) -> Result<GroupNorm> {
-        Ok(GroupNorm { groups, weight: vb.get(&[channels], "weight")?, bias: vb.get(&[channels], "bias")?, eps })
+        Ok(GroupNorm {
+            groups,
+            weight: vb.get(&[channels], "weight")?,
+            bias: vb.get(&[channels], "bias")?,
+            eps,
+        })
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {

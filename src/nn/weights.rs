@@ -11,7 +11,10 @@ use std::sync::{Arc, Mutex};
 
 enum Source {
     File(SafeTensorsFile),
-    Map { origin: PathBuf, tensors: BTreeMap<String, Tensor> },
+    Map {
+        origin: PathBuf,
+        tensors: BTreeMap<String, Tensor>,
+    },
 }
 
 impl Source {
@@ -31,7 +34,10 @@ impl Source {
         match self {
             Source::File(f) => f.tensor(key),
             Source::Map { origin, tensors } => {
-                tensors.get(key).cloned().ok_or_else(|| Error::MissingKey { path: origin.clone(), key: key.into() })
+                tensors.get(key).cloned().ok_or_else(|| Error::MissingKey {
+                    path: origin.clone(),
+                    key: key.into(),
+                })
             }
         }
     }
@@ -60,18 +66,41 @@ pub struct Weights {
 impl Weights {
     /// Weights from safetensors files (shards of one model).
     pub fn from_files(paths: &[impl AsRef<Path>], dtype: DType, device: Device) -> Result<Weights> {
-        let sources = paths.iter().map(|p| SafeTensorsFile::open(p).map(Source::File)).collect::<Result<Vec<_>>>()?;
+        let sources = paths
+            .iter()
+            .map(|p| SafeTensorsFile::open(p).map(Source::File))
+            .collect::<Result<Vec<_>>>()?;
         Ok(Weights::new(sources, dtype, device))
     }
 
     /// Weights from tensors already in memory (converted single-file checkpoints, tests).
     /// `origin` names where they came from in error messages.
-    pub fn from_map(tensors: BTreeMap<String, Tensor>, origin: impl Into<PathBuf>, dtype: DType, device: Device) -> Weights {
-        Weights::new(vec![Source::Map { origin: origin.into(), tensors }], dtype, device)
+    pub fn from_map(
+        tensors: BTreeMap<String, Tensor>,
+        origin: impl Into<PathBuf>,
+        dtype: DType,
+        device: Device,
+    ) -> Weights {
+        Weights::new(
+            vec![Source::Map {
+                origin: origin.into(),
+                tensors,
+            }],
+            dtype,
+            device,
+        )
     }
 
     fn new(sources: Vec<Source>, dtype: DType, device: Device) -> Weights {
-        Weights { shared: Arc::new(Shared { sources, used: Mutex::new(BTreeSet::new()) }), prefix: String::new(), dtype, device }
+        Weights {
+            shared: Arc::new(Shared {
+                sources,
+                used: Mutex::new(BTreeSet::new()),
+            }),
+            prefix: String::new(),
+            dtype,
+            device,
+        }
     }
 
     pub fn dtype(&self) -> DType {
@@ -86,13 +115,23 @@ impl Weights {
 
     /// The same sources, loading as another dtype.
     pub fn with_dtype(&self, dtype: DType) -> Weights {
-        Weights { dtype, ..self.clone() }
+        Weights {
+            dtype,
+            ..self.clone()
+        }
     }
 
     /// Descend one level: `pp("attn1")`, `pp(0)`.
     pub fn pp(&self, name: impl std::fmt::Display) -> Weights {
-        let prefix = if self.prefix.is_empty() { name.to_string() } else { format!("{}.{name}", self.prefix) };
-        Weights { prefix, ..self.clone() }
+        let prefix = if self.prefix.is_empty() {
+            name.to_string()
+        } else {
+            format!("{}.{name}", self.prefix)
+        };
+        Weights {
+            prefix,
+            ..self.clone()
+        }
     }
 
     fn key(&self, name: &str) -> String {
@@ -112,14 +151,28 @@ impl Weights {
     pub fn get(&self, shape: &[usize], name: &str) -> Result<Tensor> {
         let key = self.key(name);
         let Some(src) = self.shared.sources.iter().find(|s| s.contains(&key)) else {
-            let origin = self.shared.sources.first().map(|s| s.origin().to_path_buf()).unwrap_or_default();
+            let origin = self
+                .shared
+                .sources
+                .first()
+                .map(|s| s.origin().to_path_buf())
+                .unwrap_or_default();
             return Err(Error::MissingKey { path: origin, key });
         };
         let t = src.get(&key)?;
         if t.dims() != shape {
-            return Err(Error::WrongShape { path: src.origin().to_path_buf(), key, got: t.dims().to_vec(), expected: shape.to_vec() });
+            return Err(Error::WrongShape {
+                path: src.origin().to_path_buf(),
+                key,
+                got: t.dims().to_vec(),
+                expected: shape.to_vec(),
+            });
         }
-        self.shared.used.lock().unwrap_or_else(|e| e.into_inner()).insert(key);
+        self.shared
+            .used
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(key);
         t.to_dtype(self.dtype)?.to_device(self.device)
     }
 
@@ -135,8 +188,13 @@ impl Weights {
     /// Keys of all sources that no `get` has touched, minus those matching `ignore`.
     pub fn unused(&self, ignore: impl Fn(&str) -> bool) -> Vec<String> {
         let used = self.shared.used.lock().unwrap_or_else(|e| e.into_inner());
-        let mut out: Vec<String> =
-            self.shared.sources.iter().flat_map(|s| s.keys()).filter(|k| !used.contains(k) && !ignore(k)).collect();
+        let mut out: Vec<String> = self
+            .shared
+            .sources
+            .iter()
+            .flat_map(|s| s.keys())
+            .filter(|k| !used.contains(k) && !ignore(k))
+            .collect();
         out.sort();
         out.dedup();
         out
@@ -148,9 +206,21 @@ impl Weights {
         if unused.is_empty() {
             return Ok(());
         }
-        let origin = self.shared.sources.first().map(|s| s.origin().to_path_buf()).unwrap_or_default();
+        let origin = self
+            .shared
+            .sources
+            .first()
+            .map(|s| s.origin().to_path_buf())
+            .unwrap_or_default();
         let shown: Vec<&str> = unused.iter().take(12).map(|s| s.as_str()).collect();
-        let more = if unused.len() > 12 { format!(" (and {} more)", unused.len() - 12) } else { String::new() };
-        Err(Error::UnexpectedKeys { path: origin, keys: format!("{}{more}", shown.join(", ")) })
+        let more = if unused.len() > 12 {
+            format!(" (and {} more)", unused.len() - 12)
+        } else {
+            String::new()
+        };
+        Err(Error::UnexpectedKeys {
+            path: origin,
+            keys: format!("{}{more}", shown.join(", ")),
+        })
     }
 }

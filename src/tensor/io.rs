@@ -20,7 +20,10 @@ pub struct SafeTensorsFile {
 }
 
 fn st_err(path: &Path, e: impl std::fmt::Display) -> Error {
-    Error::SafeTensors { path: path.to_path_buf(), msg: e.to_string() }
+    Error::SafeTensors {
+        path: path.to_path_buf(),
+        msg: e.to_string(),
+    }
 }
 
 impl SafeTensorsFile {
@@ -31,15 +34,29 @@ impl SafeTensorsFile {
         // this tool supports (we write our own files atomically through a rename).
         let mmap = unsafe { Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
         let st = safetensors::SafeTensors::deserialize(&mmap).map_err(|e| st_err(path, e))?;
-        let (header_len, meta) = safetensors::SafeTensors::read_metadata(&mmap).map_err(|e| st_err(path, e))?;
+        let (header_len, meta) =
+            safetensors::SafeTensors::read_metadata(&mmap).map_err(|e| st_err(path, e))?;
         let base = mmap.as_ptr() as usize;
         let mut entries = BTreeMap::new();
         for (name, view) in st.tensors() {
             let start = view.data().as_ptr() as usize - base - 8 - header_len;
-            entries.insert(name, (view.dtype(), view.shape().to_vec(), start..start + view.data().len()));
+            entries.insert(
+                name,
+                (
+                    view.dtype(),
+                    view.shape().to_vec(),
+                    start..start + view.data().len(),
+                ),
+            );
         }
         let metadata = meta.metadata().clone().unwrap_or_default();
-        Ok(SafeTensorsFile { path: path.to_path_buf(), mmap, metadata, entries, data_start: 8 + header_len })
+        Ok(SafeTensorsFile {
+            path: path.to_path_buf(),
+            mmap,
+            metadata,
+            entries,
+            data_start: 8 + header_len,
+        })
     }
 
     pub fn path(&self) -> &Path {
@@ -70,7 +87,10 @@ impl SafeTensorsFile {
     }
 
     fn missing(&self, name: &str) -> Error {
-        Error::MissingKey { path: self.path.clone(), key: name.to_string() }
+        Error::MissingKey {
+            path: self.path.clone(),
+            key: name.to_string(),
+        }
     }
 
     /// A tensor on the CPU in its stored dtype (i32/u8/bool widen to i64).
@@ -91,17 +111,35 @@ impl SafeTensorsFile {
             D::I32 => CpuStorage::I64(read::<i32>(bytes).into_iter().map(i64::from).collect()),
             D::U8 | D::BOOL => CpuStorage::I64(bytes.iter().map(|&b| b as i64).collect()),
             other => {
-                return Err(Error::SafeTensors { path: self.path.clone(), msg: format!("tensor `{name}` has unsupported dtype {other:?}") })
+                return Err(Error::SafeTensors {
+                    path: self.path.clone(),
+                    msg: format!("tensor `{name}` has unsupported dtype {other:?}"),
+                })
             }
         };
-        Ok(Tensor::from_storage(Storage::Cpu(storage), shape.clone(), None))
+        Ok(Tensor::from_storage(
+            Storage::Cpu(storage),
+            shape.clone(),
+            None,
+        ))
     }
 
     /// A tensor converted to `dtype` on `device`, checked against an expected shape.
-    pub fn load(&self, name: &str, shape: &[usize], dtype: DType, device: Device) -> Result<Tensor> {
+    pub fn load(
+        &self,
+        name: &str,
+        shape: &[usize],
+        dtype: DType,
+        device: Device,
+    ) -> Result<Tensor> {
         let t = self.tensor(name)?;
         if t.dims() != shape {
-            return Err(Error::WrongShape { path: self.path.clone(), key: name.to_string(), got: t.dims().to_vec(), expected: shape.to_vec() });
+            return Err(Error::WrongShape {
+                path: self.path.clone(),
+                key: name.to_string(),
+                got: t.dims().to_vec(),
+                expected: shape.to_vec(),
+            });
         }
         t.to_dtype(dtype)?.to_device(device)
     }
@@ -110,7 +148,9 @@ impl SafeTensorsFile {
 /// Every tensor of a file, on the CPU in its stored dtype.
 pub fn load_safetensors(path: impl AsRef<Path>) -> Result<BTreeMap<String, Tensor>> {
     let f = SafeTensorsFile::open(path)?;
-    f.names().map(|n| Ok((n.to_string(), f.tensor(n)?))).collect()
+    f.names()
+        .map(|n| Ok((n.to_string(), f.tensor(n)?)))
+        .collect()
 }
 
 struct Raw {
@@ -146,7 +186,11 @@ fn st_dtype(d: DType) -> safetensors::Dtype {
 
 /// Write tensors (any device, stored in their own dtype) atomically: a temporary file in the same
 /// folder, fsync, then rename over the target, so a crash never leaves a half-written file.
-pub fn save_safetensors(path: impl AsRef<Path>, tensors: &[(String, Tensor)], metadata: Option<HashMap<String, String>>) -> Result<()> {
+pub fn save_safetensors(
+    path: impl AsRef<Path>,
+    tensors: &[(String, Tensor)],
+    metadata: Option<HashMap<String, String>>,
+) -> Result<()> {
     let path = path.as_ref();
     let mut raws = Vec::with_capacity(tensors.len());
     for (name, t) in tensors {
@@ -155,20 +199,39 @@ pub fn save_safetensors(path: impl AsRef<Path>, tensors: &[(String, Tensor)], me
         let data = match &*s {
             Storage::Cpu(c) => c.to_bytes(t.layout()),
         };
-        raws.push((name.clone(), Raw { dtype: st_dtype(t.dtype()), shape: t.dims().to_vec(), data }));
+        raws.push((
+            name.clone(),
+            Raw {
+                dtype: st_dtype(t.dtype()),
+                shape: t.dims().to_vec(),
+                data,
+            },
+        ));
     }
-    let bytes = safetensors::serialize(raws.iter().map(|(n, r)| (n.clone(), r)), metadata).map_err(|e| st_err(path, e))?;
+    let bytes = safetensors::serialize(raws.iter().map(|(n, r)| (n.clone(), r)), metadata)
+        .map_err(|e| st_err(path, e))?;
     write_atomic(path, &bytes)
 }
 
 /// Write bytes to `path` through a temporary sibling and a rename.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     use std::io::Write;
-    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
-    let name = path.file_name().ok_or_else(|| Error::file(path, "not a file path"))?;
-    let tmp = dir.join(format!(".{}.tmp-{}", name.to_string_lossy(), std::process::id()));
+    let dir = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let name = path
+        .file_name()
+        .ok_or_else(|| Error::file(path, "not a file path"))?;
+    let tmp = dir.join(format!(
+        ".{}.tmp-{}",
+        name.to_string_lossy(),
+        std::process::id()
+    ));
     let mut f = std::fs::File::create(&tmp).map_err(|e| Error::io(&tmp, e))?;
-    f.write_all(bytes).and_then(|_| f.sync_all()).map_err(|e| Error::io(&tmp, e))?;
+    f.write_all(bytes)
+        .and_then(|_| f.sync_all())
+        .map_err(|e| Error::io(&tmp, e))?;
     drop(f);
     std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
 }

@@ -64,13 +64,24 @@ pub struct Tensor(Arc<TensorInner>);
 
 impl std::fmt::Debug for Tensor {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "Tensor[{:?}, {}, {}{}]", self.dims(), self.dtype(), self.device(), if self.tracks() { ", tracked" } else { "" })
+        write!(
+            f,
+            "Tensor[{:?}, {}, {}{}]",
+            self.dims(),
+            self.dtype(),
+            self.device(),
+            if self.tracks() { ", tracked" } else { "" }
+        )
     }
 }
 
 impl Tensor {
     /// Wrap fresh storage. `op` is recorded only when grad mode is on and an input is tracked.
-    pub(crate) fn from_storage(storage: Storage, shape: impl Into<Shape>, op: Option<Op>) -> Tensor {
+    pub(crate) fn from_storage(
+        storage: Storage,
+        shape: impl Into<Shape>,
+        op: Option<Op>,
+    ) -> Tensor {
         let dtype = storage.dtype();
         let device = storage.device();
         let op = op.filter(records);
@@ -145,38 +156,67 @@ impl Tensor {
     pub fn dims2(&self) -> Result<(usize, usize)> {
         match self.dims() {
             &[a, b] => Ok((a, b)),
-            _ => Err(Error::Rank { op: "dims2", expected: 2, got: self.shape().clone() }),
+            _ => Err(Error::Rank {
+                op: "dims2",
+                expected: 2,
+                got: self.shape().clone(),
+            }),
         }
     }
     pub fn dims3(&self) -> Result<(usize, usize, usize)> {
         match self.dims() {
             &[a, b, c] => Ok((a, b, c)),
-            _ => Err(Error::Rank { op: "dims3", expected: 3, got: self.shape().clone() }),
+            _ => Err(Error::Rank {
+                op: "dims3",
+                expected: 3,
+                got: self.shape().clone(),
+            }),
         }
     }
     pub fn dims4(&self) -> Result<(usize, usize, usize, usize)> {
         match self.dims() {
             &[a, b, c, d] => Ok((a, b, c, d)),
-            _ => Err(Error::Rank { op: "dims4", expected: 4, got: self.shape().clone() }),
+            _ => Err(Error::Rank {
+                op: "dims4",
+                expected: 4,
+                got: self.shape().clone(),
+            }),
         }
     }
 
     // ---- constructors ----
 
-    pub fn from_vec<T: Element>(data: Vec<T>, shape: impl Into<Shape>, device: Device) -> Result<Tensor> {
+    pub fn from_vec<T: Element>(
+        data: Vec<T>,
+        shape: impl Into<Shape>,
+        device: Device,
+    ) -> Result<Tensor> {
         let shape = shape.into();
         if data.len() != shape.elem_count() {
-            return Err(Error::ElementCount { op: "from_vec", got: data.len(), shape });
+            return Err(Error::ElementCount {
+                op: "from_vec",
+                got: data.len(),
+                shape,
+            });
         }
         let cpu = cpu_storage_of(data);
         Ok(Tensor::from_storage(Storage::Cpu(cpu), shape, None).to_device(device)?)
     }
 
-    pub fn from_slice<T: Element>(data: &[T], shape: impl Into<Shape>, device: Device) -> Result<Tensor> {
+    pub fn from_slice<T: Element>(
+        data: &[T],
+        shape: impl Into<Shape>,
+        device: Device,
+    ) -> Result<Tensor> {
         Tensor::from_vec(data.to_vec(), shape, device)
     }
 
-    pub fn full(value: f64, shape: impl Into<Shape>, dtype: DType, device: Device) -> Result<Tensor> {
+    pub fn full(
+        value: f64,
+        shape: impl Into<Shape>,
+        dtype: DType,
+        device: Device,
+    ) -> Result<Tensor> {
         let shape = shape.into();
         let n = shape.elem_count();
         let cpu = CpuStorage::F64(vec![value; n]).to_dtype(&Layout::contiguous(n), dtype);
@@ -206,13 +246,18 @@ impl Tensor {
     /// `0, 1, ..., n-1` as the given dtype.
     pub fn arange(n: usize, dtype: DType, device: Device) -> Result<Tensor> {
         let v: Vec<f64> = (0..n).map(|i| i as f64).collect();
-        Tensor::from_vec(v, n, Device::Cpu)?.to_dtype(dtype)?.to_device(device)
+        Tensor::from_vec(v, n, Device::Cpu)?
+            .to_dtype(dtype)?
+            .to_device(device)
     }
 
     /// A trainable leaf: gradients are computed for it and for everything computed from it.
     pub fn var(&self) -> Result<Tensor> {
         if !self.dtype().is_float() {
-            return Err(Error::DType { op: "var", dtype: self.dtype() });
+            return Err(Error::DType {
+                op: "var",
+                dtype: self.dtype(),
+            });
         }
         let storage = self.storage().copy_strided(self.layout())?;
         Ok(Tensor(Arc::new(TensorInner {
@@ -259,10 +304,16 @@ impl Tensor {
     /// Overwrite a variable's values in place (optimizer steps). Shape and dtype must match.
     pub fn set(&self, value: &Tensor) -> Result<()> {
         if value.shape() != self.shape() {
-            return Err(Error::ShapeMismatch { op: "set", lhs: self.shape().clone(), rhs: value.shape().clone() });
+            return Err(Error::ShapeMismatch {
+                op: "set",
+                lhs: self.shape().clone(),
+                rhs: value.shape().clone(),
+            });
         }
         if !self.layout().is_contiguous() || self.layout().offset() != 0 {
-            return Err(Error::msg("set: target must be a contiguous tensor that owns its storage"));
+            return Err(Error::msg(
+                "set: target must be a contiguous tensor that owns its storage",
+            ));
         }
         let new = value.to_dtype(self.dtype())?.to_device(self.device())?;
         let data = new.storage().copy_strided(new.layout())?;
@@ -291,7 +342,11 @@ impl Tensor {
 
     pub fn to_scalar(&self) -> Result<f64> {
         if self.elem_count() != 1 {
-            return Err(Error::BadShape { op: "to_scalar", msg: "expected one element".into(), shape: self.shape().clone() });
+            return Err(Error::BadShape {
+                op: "to_scalar",
+                msg: "expected one element".into(),
+                shape: self.shape().clone(),
+            });
         }
         Ok(self.to_vec_f64()?[0])
     }
@@ -300,13 +355,17 @@ impl Tensor {
         if device == self.device() {
             return Ok(self.clone());
         }
-        Err(Error::DeviceUnavailable(device.to_string(), "this build has no CUDA backend yet".into()))
+        Err(Error::DeviceUnavailable(
+            device.to_string(),
+            "this build has no CUDA backend yet".into(),
+        ))
     }
 }
 
 /// Whether an op is worth recording: grad mode is on and some input leads to a trainable.
 fn records(op: &Op) -> bool {
-    crate::autograd::grad_enabled() && (op.always_tracks() || op.inputs().iter().any(|t| t.tracks()))
+    crate::autograd::grad_enabled()
+        && (op.always_tracks() || op.inputs().iter().any(|t| t.tracks()))
 }
 
 fn cpu_storage_of<T: Element>(data: Vec<T>) -> CpuStorage {

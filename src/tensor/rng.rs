@@ -20,7 +20,14 @@ fn splitmix(x: &mut u64) -> u64 {
 impl Rng {
     pub fn new(seed: u64) -> Rng {
         let mut x = seed;
-        Rng { s: [splitmix(&mut x), splitmix(&mut x), splitmix(&mut x), splitmix(&mut x)] }
+        Rng {
+            s: [
+                splitmix(&mut x),
+                splitmix(&mut x),
+                splitmix(&mut x),
+                splitmix(&mut x),
+            ],
+        }
     }
 
     pub fn state(&self) -> [u64; 4] {
@@ -70,15 +77,33 @@ impl Rng {
 }
 
 impl Tensor {
-    pub fn randn(shape: impl Into<Shape>, rng: &mut Rng, dtype: DType, device: Device) -> Result<Tensor> {
+    pub fn randn(
+        shape: impl Into<Shape>,
+        rng: &mut Rng,
+        dtype: DType,
+        device: Device,
+    ) -> Result<Tensor> {
         let shape = shape.into();
         let v: Vec<f64> = (0..shape.elem_count()).map(|_| rng.normal()).collect();
-        Tensor::from_vec(v, shape, Device::Cpu)?.to_dtype(dtype)?.to_device(device)
+        Tensor::from_vec(v, shape, Device::Cpu)?
+            .to_dtype(dtype)?
+            .to_device(device)
     }
 
-    pub fn rand_uniform(shape: impl Into<Shape>, lo: f64, hi: f64, rng: &mut Rng, dtype: DType, device: Device) -> Result<Tensor> {
+    pub fn rand_uniform(
+        shape: impl Into<Shape>,
+        lo: f64,
+        hi: f64,
+        rng: &mut Rng,
+        dtype: DType,
+        device: Device,
+    ) -> Result<Tensor> {
         let shape = shape.into();
-        let v: Vec<f64> = (0..shape.elem_count()).map(|_| lo + (hi - lo) * rng.uniform()).collect();
-        Tensor::from_vec(v, shape, Device::Cpu)?.to_dtype(dtype)?.to_device(device)
+        let v: Vec<f64> = (0..shape.elem_count())
+            .map(|_| lo + (hi - lo) * rng.uniform())
+            .collect();
+        Tensor::from_vec(v, shape, Device::Cpu)?
+            .to_dtype(dtype)?
+            .to_device(device)
     }
 }

@@ -36,10 +36,11 @@ impl Shape {
     }
 
     pub fn dim(&self, d: usize) -> Result<usize> {
-        self.0
-            .get(d)
-            .copied()
-            .ok_or_else(|| Error::DimOutOfRange { op: "dim", dim: d, shape: self.clone() })
+        self.0.get(d).copied().ok_or_else(|| Error::DimOutOfRange {
+            op: "dim",
+            dim: d,
+            shape: self.clone(),
+        })
     }
 
     /// Product of the dims before `d` and after `d` (exclusive): the (outer, inner) split around a dim.
@@ -55,13 +56,27 @@ impl Shape {
         let rank = a.len().max(b.len());
         let mut out = vec![0; rank];
         for i in 0..rank {
-            let da = if i < rank - a.len() { 1 } else { a[i - (rank - a.len())] };
-            let db = if i < rank - b.len() { 1 } else { b[i - (rank - b.len())] };
+            let da = if i < rank - a.len() {
+                1
+            } else {
+                a[i - (rank - a.len())]
+            };
+            let db = if i < rank - b.len() {
+                1
+            } else {
+                b[i - (rank - b.len())]
+            };
             out[i] = match (da, db) {
                 (x, y) if x == y => x,
                 (1, y) => y,
                 (x, 1) => x,
-                _ => return Err(Error::Broadcast { op, lhs: self.clone(), rhs: rhs.clone() }),
+                _ => {
+                    return Err(Error::Broadcast {
+                        op,
+                        lhs: self.clone(),
+                        rhs: rhs.clone(),
+                    })
+                }
             };
         }
         Ok(Shape(out))
@@ -126,11 +141,19 @@ impl Layout {
     pub fn contiguous(shape: impl Into<Shape>) -> Self {
         let shape = shape.into();
         let strides = shape.contiguous_strides();
-        Layout { shape, strides, offset: 0 }
+        Layout {
+            shape,
+            strides,
+            offset: 0,
+        }
     }
 
     pub fn new(shape: Shape, strides: Vec<usize>, offset: usize) -> Self {
-        Layout { shape, strides, offset }
+        Layout {
+            shape,
+            strides,
+            offset,
+        }
     }
 
     pub fn shape(&self) -> &Shape {
@@ -162,7 +185,8 @@ impl Layout {
 
     /// Offset range `[start, end)` if the elements are contiguous in storage.
     pub fn contiguous_range(&self) -> Option<(usize, usize)> {
-        self.is_contiguous().then(|| (self.offset, self.offset + self.shape.elem_count()))
+        self.is_contiguous()
+            .then(|| (self.offset, self.offset + self.shape.elem_count()))
     }
 
     pub fn narrow(&self, dim: usize, start: usize, len: usize) -> Result<Layout> {
@@ -176,24 +200,44 @@ impl Layout {
         }
         let mut dims = self.dims().to_vec();
         dims[dim] = len;
-        Ok(Layout { shape: Shape(dims), strides: self.strides.clone(), offset: self.offset + start * self.strides[dim] })
+        Ok(Layout {
+            shape: Shape(dims),
+            strides: self.strides.clone(),
+            offset: self.offset + start * self.strides[dim],
+        })
     }
 
     pub fn permute(&self, perm: &[usize]) -> Result<Layout> {
         let rank = self.shape.rank();
         let mut seen = vec![false; rank];
-        if perm.len() != rank || perm.iter().any(|&p| p >= rank || std::mem::replace(&mut seen[p], true)) {
-            return Err(Error::BadShape { op: "permute", msg: format!("invalid permutation {perm:?}"), shape: self.shape.clone() });
+        if perm.len() != rank
+            || perm
+                .iter()
+                .any(|&p| p >= rank || std::mem::replace(&mut seen[p], true))
+        {
+            return Err(Error::BadShape {
+                op: "permute",
+                msg: format!("invalid permutation {perm:?}"),
+                shape: self.shape.clone(),
+            });
         }
         let dims = perm.iter().map(|&p| self.dims()[p]).collect::<Vec<_>>();
         let strides = perm.iter().map(|&p| self.strides[p]).collect();
-        Ok(Layout { shape: Shape(dims), strides, offset: self.offset })
+        Ok(Layout {
+            shape: Shape(dims),
+            strides,
+            offset: self.offset,
+        })
     }
 
     pub fn broadcast_as(&self, target: &Shape) -> Result<Layout> {
         let (src, dst) = (self.dims(), target.dims());
         if dst.len() < src.len() {
-            return Err(Error::Broadcast { op: "broadcast_as", lhs: self.shape.clone(), rhs: target.clone() });
+            return Err(Error::Broadcast {
+                op: "broadcast_as",
+                lhs: self.shape.clone(),
+                rhs: target.clone(),
+            });
         }
         let lead = dst.len() - src.len();
         let mut strides = vec![0; dst.len()];
@@ -207,16 +251,29 @@ impl Layout {
             } else if s == 1 {
                 0
             } else {
-                return Err(Error::Broadcast { op: "broadcast_as", lhs: self.shape.clone(), rhs: target.clone() });
+                return Err(Error::Broadcast {
+                    op: "broadcast_as",
+                    lhs: self.shape.clone(),
+                    rhs: target.clone(),
+                });
             };
         }
-        Ok(Layout { shape: target.clone(), strides, offset: self.offset })
+        Ok(Layout {
+            shape: target.clone(),
+            strides,
+            offset: self.offset,
+        })
     }
 
     /// Storage offsets of every element, in row-major order of the logical shape.
     pub fn offsets(&self) -> StridedOffsets<'_> {
         let n = self.shape.elem_count();
-        StridedOffsets { layout: self, index: vec![0; self.shape.rank()], next: self.offset, remaining: n }
+        StridedOffsets {
+            layout: self,
+            index: vec![0; self.shape.rank()],
+            next: self.offset,
+            remaining: n,
+        }
     }
 }
 
@@ -270,7 +327,9 @@ mod tests {
 
     #[test]
     fn broadcast_uses_zero_strides() {
-        let l = Layout::contiguous((3, 1)).broadcast_as(&Shape::from((2, 3, 4))).unwrap();
+        let l = Layout::contiguous((3, 1))
+            .broadcast_as(&Shape::from((2, 3, 4)))
+            .unwrap();
         assert_eq!(l.strides(), &[0, 1, 0]);
         assert_eq!(l.offsets().take(5).collect::<Vec<_>>(), vec![0, 0, 0, 0, 1]);
     }
@@ -278,14 +337,20 @@ mod tests {
     #[test]
     fn narrow_moves_offset() {
         let l = Layout::contiguous((4, 5)).narrow(1, 2, 2).unwrap();
-        assert_eq!(l.offsets().collect::<Vec<_>>(), vec![2, 3, 7, 8, 12, 13, 17, 18]);
+        assert_eq!(
+            l.offsets().collect::<Vec<_>>(),
+            vec![2, 3, 7, 8, 12, 13, 17, 18]
+        );
         assert!(Layout::contiguous((4, 5)).narrow(1, 4, 2).is_err());
     }
 
     #[test]
     fn broadcast_shapes() {
         let a = Shape::from((2, 1, 4));
-        assert_eq!(a.broadcast_with(&Shape::from((3, 1)), "t").unwrap(), Shape::from((2, 3, 4)));
+        assert_eq!(
+            a.broadcast_with(&Shape::from((3, 1)), "t").unwrap(),
+            Shape::from((2, 3, 4))
+        );
         assert!(a.broadcast_with(&Shape::from((3, 5)), "t").is_err());
     }
 }

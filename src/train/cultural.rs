@@ -19,22 +19,41 @@ pub struct CulturalLoss {
 }
 
 impl CulturalLoss {
-    pub fn init(channels: usize, pool: usize, concepts: &Tensor, rng: &mut Rng, dtype: DType, device: Device) -> Result<CulturalLoss> {
+    pub fn init(
+        channels: usize,
+        pool: usize,
+        concepts: &Tensor,
+        rng: &mut Rng,
+        dtype: DType,
+        device: Device,
+    ) -> Result<CulturalLoss> {
         let (_, e) = concepts.dims2()?;
         let proj = Linear::init(channels * pool * pool, e, rng, dtype, device)?;
-        Ok(CulturalLoss { proj, pool, concepts: concepts.clone(), tau: 1.0 })
+        Ok(CulturalLoss {
+            proj,
+            pool,
+            concepts: concepts.clone(),
+            tau: 1.0,
+        })
     }
 
     /// `-mean_b sum_k s_bk softmax(s_b / tau)_k` for predicted clean latents (B, C, H, W).
     pub fn forward(&self, x0_hat: &Tensor) -> Result<Tensor> {
         let zd = x0_hat.adaptive_avg_pool2d((self.pool, self.pool))?; // (B, C, P, P)
-        let f = self.proj.forward(&zd.flatten(1, 3)?)?.normalize_l2(1, NORMALIZE_EPS)?; // (B, E)
+        let f = self
+            .proj
+            .forward(&zd.flatten(1, 3)?)?
+            .normalize_l2(1, NORMALIZE_EPS)?; // (B, E)
         let s = f.matmul(&self.concepts.t()?)?; // (B, K)
         let w = s.scale(1.0 / self.tau)?.softmax(1)?; // (B, K)
         s.mul(&w)?.sum(&[1])?.mean_all()?.neg()
     }
 
     pub fn named(&self) -> Vec<(String, Tensor)> {
-        self.proj.tensors().into_iter().map(|(n, t)| (format!("proj.{n}"), t.clone())).collect()
+        self.proj
+            .tensors()
+            .into_iter()
+            .map(|(n, t)| (format!("proj.{n}"), t.clone()))
+            .collect()
     }
 }

@@ -11,7 +11,12 @@ fn meta_f64(f: &SafeTensorsFile, key: &str) -> Result<f64> {
     f.metadata()
         .get(key)
         .and_then(|v| v.parse::<f64>().ok())
-        .ok_or_else(|| Error::file(f.path(), format!("metadata `{key}` missing or not a number")))
+        .ok_or_else(|| {
+            Error::file(
+                f.path(),
+                format!("metadata `{key}` missing or not a number"),
+            )
+        })
 }
 
 fn load(f: &SafeTensorsFile, name: &str, ctx: &Ctx) -> Result<Tensor> {
@@ -22,12 +27,19 @@ fn linear(f: &SafeTensorsFile, prefix: &str, ctx: &Ctx) -> Result<Linear> {
     let bias = format!("{prefix}.bias");
     Ok(Linear {
         weight: load(f, &format!("{prefix}.weight"), ctx)?.var()?,
-        bias: if f.contains(&bias) { Some(load(f, &bias, ctx)?.var()?) } else { None },
+        bias: if f.contains(&bias) {
+            Some(load(f, &bias, ctx)?.var()?)
+        } else {
+            None
+        },
     })
 }
 
 fn mlp(f: &SafeTensorsFile, prefix: &str, ctx: &Ctx) -> Result<Mlp> {
-    Ok(Mlp { fc0: linear(f, &format!("{prefix}.0"), ctx)?, fc2: linear(f, &format!("{prefix}.2"), ctx)? })
+    Ok(Mlp {
+        fc0: linear(f, &format!("{prefix}.0"), ctx)?,
+        fc2: linear(f, &format!("{prefix}.2"), ctx)?,
+    })
 }
 
 pub fn gated_lora_layer(ctx: &Ctx) -> Result<Vec<Row>> {
@@ -65,26 +77,60 @@ pub fn gated_lora_layer(ctx: &Ctx) -> Result<Vec<Row>> {
             gates,
         };
         // The frozen base: plain tensors, never variables.
-        let base = Linear { weight: load(&f, &p("base.weight"), ctx)?, bias: Some(load(&f, &p("base.bias"), ctx)?) };
+        let base = Linear {
+            weight: load(&f, &p("base.weight"), ctx)?,
+            bias: Some(load(&f, &p("base.bias"), ctx)?),
+        };
         let h = load(&f, &format!("{tag}.h"), ctx)?.var()?;
         let up = load(&f, &format!("{tag}.upstream"), ctx)?;
         let y = base.forward(&h)?.add(&adapter.delta(&h)?)?;
-        chk.check(&format!("{tag}.y"), &y, &f.tensor(&format!("{tag}.y"))?, ctx.forward)?;
+        chk.check(
+            &format!("{tag}.y"),
+            &y,
+            &f.tensor(&format!("{tag}.y"))?,
+            ctx.forward,
+        )?;
         if let Some(g) = adapter.gate_values(&h)? {
-            chk.check("gated.gate.down", &g.down, &f.tensor("gated.gate.down")?, ctx.forward)?;
-            chk.check("gated.gate.up", &g.up, &f.tensor("gated.gate.up")?, ctx.forward)?;
-            chk.check("gated.gate.alpha", &g.alpha, &f.tensor("gated.gate.alpha")?, ctx.forward)?;
+            chk.check(
+                "gated.gate.down",
+                &g.down,
+                &f.tensor("gated.gate.down")?,
+                ctx.forward,
+            )?;
+            chk.check(
+                "gated.gate.up",
+                &g.up,
+                &f.tensor("gated.gate.up")?,
+                ctx.forward,
+            )?;
+            chk.check(
+                "gated.gate.alpha",
+                &g.alpha,
+                &f.tensor("gated.gate.alpha")?,
+                ctx.forward,
+            )?;
         }
         let grads = y.mul(&up)?.sum_all()?.backward()?;
-        let gh = grads.get(&h).ok_or_else(|| Error::Backward("no gradient for h".into()))?;
-        chk.check(&format!("{tag}.grad.h"), gh, &f.tensor(&format!("{tag}.grad.h"))?, grad_tol)?;
+        let gh = grads
+            .get(&h)
+            .ok_or_else(|| Error::Backward("no gradient for h".into()))?;
+        chk.check(
+            &format!("{tag}.grad.h"),
+            gh,
+            &f.tensor(&format!("{tag}.grad.h"))?,
+            grad_tol,
+        )?;
         for (name, t) in adapter.named() {
             let key = format!("{tag}.grad.{name}");
-            let g = grads.get(&t).ok_or_else(|| Error::Backward(format!("no gradient for {name}")))?;
+            let g = grads
+                .get(&t)
+                .ok_or_else(|| Error::Backward(format!("no gradient for {name}")))?;
             chk.check(&key, g, &f.tensor(&key)?, grad_tol)?;
         }
         if grads.get(&base.weight).is_some() {
-            return Err(Error::Backward("a frozen base weight received a gradient".into()));
+            return Err(Error::Backward(
+                "a frozen base weight received a gradient".into(),
+            ));
         }
     }
     Ok(chk.rows)
@@ -99,17 +145,33 @@ pub fn cultural_loss(ctx: &Ctx) -> Result<Vec<Row>> {
     let proj = linear(&f, "proj", ctx)?;
     let pool = meta_f64(&f, "pool")? as usize;
     if proj.in_features() != c * pool * pool {
-        return Err(Error::file(f.path(), format!("proj.weight {:?} does not take C*P*P = {}", proj.weight.dims(), c * pool * pool)));
+        return Err(Error::file(
+            f.path(),
+            format!(
+                "proj.weight {:?} does not take C*P*P = {}",
+                proj.weight.dims(),
+                c * pool * pool
+            ),
+        ));
     }
-    let loss_fn = CulturalLoss { proj, pool, concepts: load(&f, "concepts", ctx)?, tau: meta_f64(&f, "tau")? };
+    let loss_fn = CulturalLoss {
+        proj,
+        pool,
+        concepts: load(&f, "concepts", ctx)?,
+        tau: meta_f64(&f, "tau")?,
+    };
     let loss = loss_fn.forward(&z)?;
     chk.check("loss", &loss, &f.tensor("loss")?, ctx.forward)?;
     let grads = loss.backward()?;
-    let gz = grads.get(&z).ok_or_else(|| Error::Backward("no gradient for z".into()))?;
+    let gz = grads
+        .get(&z)
+        .ok_or_else(|| Error::Backward("no gradient for z".into()))?;
     chk.check("grad.z", gz, &f.tensor("grad.z")?, grad_tol)?;
     for (name, t) in loss_fn.named() {
         let key = format!("grad.{name}");
-        let g = grads.get(&t).ok_or_else(|| Error::Backward(format!("no gradient for {name}")))?;
+        let g = grads
+            .get(&t)
+            .ok_or_else(|| Error::Backward(format!("no gradient for {name}")))?;
         chk.check(&key, g, &f.tensor(&key)?, grad_tol)?;
     }
     Ok(chk.rows)

@@ -56,7 +56,12 @@ impl Ctx {
             Device::Cpu => (Tolerance::F32_FORWARD, Tolerance::F32_GRAD),
             Device::Cuda(_) => (Tolerance::BF16_FORWARD, Tolerance::BF16_GRAD),
         };
-        Ctx { dir: dir.into(), device, forward, grad }
+        Ctx {
+            dir: dir.into(),
+            device,
+            forward,
+            grad,
+        }
     }
 
     pub fn reference(&self, file: &str) -> PathBuf {
@@ -72,19 +77,40 @@ pub struct Checker {
 
 impl Checker {
     pub fn new(case: &str) -> Checker {
-        Checker { case: case.to_string(), rows: Vec::new() }
+        Checker {
+            case: case.to_string(),
+            rows: Vec::new(),
+        }
     }
 
-    pub fn check(&mut self, name: &str, out: &Tensor, reference: &Tensor, tol: Tolerance) -> Result<()> {
+    pub fn check(
+        &mut self,
+        name: &str,
+        out: &Tensor,
+        reference: &Tensor,
+        tol: Tolerance,
+    ) -> Result<()> {
         let c = compare(out, reference, tol)?;
         let denom = if c.ref_norm > 0.0 { c.ref_norm } else { 1.0 };
-        self.rows.push(Row { case: self.case.clone(), tensor: name.into(), error: c.relative(), tolerance: c.limit / denom, passed: c.passed() });
+        self.rows.push(Row {
+            case: self.case.clone(),
+            tensor: name.into(),
+            error: c.relative(),
+            tolerance: c.limit / denom,
+            passed: c.passed(),
+        });
         Ok(())
     }
 
     /// Exact equality (token ids, bit-for-bit weights).
     pub fn check_exact(&mut self, name: &str, equal: bool, mismatches: f64) {
-        self.rows.push(Row { case: self.case.clone(), tensor: name.into(), error: mismatches, tolerance: 0.0, passed: equal });
+        self.rows.push(Row {
+            case: self.case.clone(),
+            tensor: name.into(),
+            error: mismatches,
+            tolerance: 0.0,
+            passed: equal,
+        });
     }
 }
 
@@ -103,15 +129,26 @@ type CaseFn = fn(&Ctx) -> Result<Vec<Row>>;
 /// Every case: its name, the reference file whose presence enables it, and its runner.
 pub fn cases() -> Vec<(&'static str, &'static str, CaseFn)> {
     vec![
-        ("gated_lora_layer", "gated_lora_layer.safetensors", layer_cases::gated_lora_layer),
-        ("cultural_loss", "cultural_loss.safetensors", layer_cases::cultural_loss),
+        (
+            "gated_lora_layer",
+            "gated_lora_layer.safetensors",
+            layer_cases::gated_lora_layer,
+        ),
+        (
+            "cultural_loss",
+            "cultural_loss.safetensors",
+            layer_cases::cultural_loss,
+        ),
     ]
 }
 
 /// Run the cases present in `dir` (all of them, or those named in `only`).
 pub fn run(dir: &Path, device: Device, only: Option<&[String]>) -> Result<Report> {
     if !dir.join("reference").is_dir() {
-        return Err(Error::file(dir, "not a fixtures directory (no reference/ folder)"));
+        return Err(Error::file(
+            dir,
+            "not a fixtures directory (no reference/ folder)",
+        ));
     }
     let ctx = Ctx::new(dir, device);
     let mut report = Report::default();

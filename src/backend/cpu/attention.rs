@@ -23,7 +23,16 @@ pub struct AttnGeom {
 /// Row-softmaxed scores P (sq x skv) for one head.
 fn probs<T: Float>(q: &[T], k: &[T], g: &AttnGeom) -> Vec<T> {
     let mut s = vec![T::zero(); g.sq * g.skv];
-    gemm_strided((g.sq, g.skv, g.d), q, (g.d, 1), k, (1, g.d), &mut s, g.skv, false);
+    gemm_strided(
+        (g.sq, g.skv, g.d),
+        q,
+        (g.d, 1),
+        k,
+        (1, g.d),
+        &mut s,
+        g.skv,
+        false,
+    );
     let scale = T::of(g.scale);
     for (i, row) in s.chunks_mut(g.skv).enumerate() {
         let visible = if g.causal { (i + 1).min(g.skv) } else { g.skv };
@@ -46,11 +55,26 @@ fn probs<T: Float>(q: &[T], k: &[T], g: &AttnGeom) -> Vec<T> {
 
 fn fwd<T: Float>(q: &[T], k: &[T], v: &[T], g: &AttnGeom) -> Vec<T> {
     let mut out = vec![T::zero(); g.bh * g.sq * g.dv];
-    out.par_chunks_mut(g.sq * g.dv).enumerate().for_each(|(h, o)| {
-        let (qh, kh, vh) = (&q[h * g.sq * g.d..][..g.sq * g.d], &k[h * g.skv * g.d..][..g.skv * g.d], &v[h * g.skv * g.dv..][..g.skv * g.dv]);
-        let p = probs(qh, kh, g);
-        gemm_strided((g.sq, g.dv, g.skv), &p, (g.skv, 1), vh, (g.dv, 1), o, g.dv, false);
-    });
+    out.par_chunks_mut(g.sq * g.dv)
+        .enumerate()
+        .for_each(|(h, o)| {
+            let (qh, kh, vh) = (
+                &q[h * g.sq * g.d..][..g.sq * g.d],
+                &k[h * g.skv * g.d..][..g.skv * g.d],
+                &v[h * g.skv * g.dv..][..g.skv * g.dv],
+            );
+            let p = probs(qh, kh, g);
+            gemm_strided(
+                (g.sq, g.dv, g.skv),
+                &p,
+                (g.skv, 1),
+                vh,
+                (g.dv, 1),
+                o,
+                g.dv,
+                false,
+            );
+        });
     out
 }
 
@@ -65,22 +89,62 @@ fn bwd<T: Float>(q: &[T], k: &[T], v: &[T], dout: &[T], g: &AttnGeom) -> (Vec<T>
             let p = probs(qh, kh, g);
             // dV = P^T dO
             let mut dv = vec![T::zero(); g.skv * g.dv];
-            gemm_strided((g.skv, g.dv, g.sq), &p, (1, g.skv), doh, (g.dv, 1), &mut dv, g.dv, false);
+            gemm_strided(
+                (g.skv, g.dv, g.sq),
+                &p,
+                (1, g.skv),
+                doh,
+                (g.dv, 1),
+                &mut dv,
+                g.dv,
+                false,
+            );
             // dP = dO V^T, then dS = P * (dP - rowsum(P * dP)) * scale
             let mut ds = vec![T::zero(); g.sq * g.skv];
-            gemm_strided((g.sq, g.skv, g.dv), doh, (g.dv, 1), vh, (1, g.dv), &mut ds, g.skv, false);
+            gemm_strided(
+                (g.sq, g.skv, g.dv),
+                doh,
+                (g.dv, 1),
+                vh,
+                (1, g.dv),
+                &mut ds,
+                g.skv,
+                false,
+            );
             let scale = T::of(g.scale);
             for (prow, drow) in p.chunks(g.skv).zip(ds.chunks_mut(g.skv)) {
-                let dot: f64 = prow.iter().zip(drow.iter()).map(|(&a, &b)| (a * b).as_f64()).sum();
+                let dot: f64 = prow
+                    .iter()
+                    .zip(drow.iter())
+                    .map(|(&a, &b)| (a * b).as_f64())
+                    .sum();
                 let dot = T::of(dot);
                 for (d, &pp) in drow.iter_mut().zip(prow) {
                     *d = pp * (*d - dot) * scale;
                 }
             }
             let mut dq = vec![T::zero(); g.sq * g.d];
-            gemm_strided((g.sq, g.d, g.skv), &ds, (g.skv, 1), kh, (g.d, 1), &mut dq, g.d, false);
+            gemm_strided(
+                (g.sq, g.d, g.skv),
+                &ds,
+                (g.skv, 1),
+                kh,
+                (g.d, 1),
+                &mut dq,
+                g.d,
+                false,
+            );
             let mut dk = vec![T::zero(); g.skv * g.d];
-            gemm_strided((g.skv, g.d, g.sq), &ds, (1, g.skv), qh, (g.d, 1), &mut dk, g.d, false);
+            gemm_strided(
+                (g.skv, g.d, g.sq),
+                &ds,
+                (1, g.skv),
+                qh,
+                (g.d, 1),
+                &mut dk,
+                g.d,
+                false,
+            );
             (dq, dk, dv)
         })
         .collect();
@@ -99,15 +163,37 @@ type Operand<'a> = (&'a CpuStorage, &'a Layout);
 
 pub fn sdpa(q: Operand, k: Operand, v: Operand, g: &AttnGeom) -> Result<CpuStorage> {
     let want = q.0.dtype();
-    Ok(match (q.0.floats(q.1, "sdpa")?, k.0.floats(k.1, "sdpa")?, v.0.floats(v.1, "sdpa")?) {
-        (FloatData::F32(q), FloatData::F32(k), FloatData::F32(v)) => CpuStorage::from_f32(fwd(&q, &k, &v, g), want),
-        (FloatData::F64(q), FloatData::F64(k), FloatData::F64(v)) => CpuStorage::F64(fwd(&q, &k, &v, g)),
-        _ => return Err(Error::DTypeMismatch { op: "sdpa", lhs: want, rhs: k.0.dtype() }),
-    })
+    Ok(
+        match (
+            q.0.floats(q.1, "sdpa")?,
+            k.0.floats(k.1, "sdpa")?,
+            v.0.floats(v.1, "sdpa")?,
+        ) {
+            (FloatData::F32(q), FloatData::F32(k), FloatData::F32(v)) => {
+                CpuStorage::from_f32(fwd(&q, &k, &v, g), want)
+            }
+            (FloatData::F64(q), FloatData::F64(k), FloatData::F64(v)) => {
+                CpuStorage::F64(fwd(&q, &k, &v, g))
+            }
+            _ => {
+                return Err(Error::DTypeMismatch {
+                    op: "sdpa",
+                    lhs: want,
+                    rhs: k.0.dtype(),
+                })
+            }
+        },
+    )
 }
 
 /// (dq, dk, dv) given the upstream gradient of the output.
-pub fn sdpa_bwd(q: Operand, k: Operand, v: Operand, dout: Operand, g: &AttnGeom) -> Result<(CpuStorage, CpuStorage, CpuStorage)> {
+pub fn sdpa_bwd(
+    q: Operand,
+    k: Operand,
+    v: Operand,
+    dout: Operand,
+    g: &AttnGeom,
+) -> Result<(CpuStorage, CpuStorage, CpuStorage)> {
     let want = q.0.dtype();
     fn fl<'a>(o: Operand<'a>) -> Result<FloatData<'a>> {
         o.0.floats(o.1, "sdpa_bwd")
@@ -115,12 +201,22 @@ pub fn sdpa_bwd(q: Operand, k: Operand, v: Operand, dout: Operand, g: &AttnGeom)
     Ok(match (fl(q)?, fl(k)?, fl(v)?, fl(dout)?) {
         (FloatData::F32(q), FloatData::F32(k), FloatData::F32(v), FloatData::F32(d)) => {
             let (a, b, c) = bwd(&q, &k, &v, &d, g);
-            (CpuStorage::from_f32(a, want), CpuStorage::from_f32(b, want), CpuStorage::from_f32(c, want))
+            (
+                CpuStorage::from_f32(a, want),
+                CpuStorage::from_f32(b, want),
+                CpuStorage::from_f32(c, want),
+            )
         }
         (FloatData::F64(q), FloatData::F64(k), FloatData::F64(v), FloatData::F64(d)) => {
             let (a, b, c) = bwd(&q, &k, &v, &d, g);
             (CpuStorage::F64(a), CpuStorage::F64(b), CpuStorage::F64(c))
         }
-        _ => return Err(Error::DTypeMismatch { op: "sdpa_bwd", lhs: want, rhs: dout.0.dtype() }),
+        _ => {
+            return Err(Error::DTypeMismatch {
+                op: "sdpa_bwd",
+                lhs: want,
+                rhs: dout.0.dtype(),
+            })
+        }
     })
 }

@@ -75,7 +75,9 @@ impl UnaryOp {
             UnaryOp::Sigmoid => sigmoid(x),
             UnaryOp::Silu => x * sigmoid(x),
             UnaryOp::Tanh => x.tanh(),
-            UnaryOp::Gelu => half * x * (T::one() + erf(x * T::of(std::f64::consts::FRAC_1_SQRT_2))),
+            UnaryOp::Gelu => {
+                half * x * (T::one() + erf(x * T::of(std::f64::consts::FRAC_1_SQRT_2)))
+            }
             UnaryOp::GeluTanh => {
                 let inner = T::of(SQRT_2_OVER_PI) * (x + T::of(GELU_TANH_C) * x * x * x);
                 half * x * (T::one() + inner.tanh())
@@ -146,19 +148,37 @@ fn map<T: Float>(x: &[T], f: impl Fn(T) -> T + Sync) -> Vec<T> {
 
 fn zip_map<T: Float>(x: &[T], y: &[T], f: impl Fn(T, T) -> T + Sync) -> Vec<T> {
     if x.len() >= PAR_MIN {
-        x.par_iter().zip(y.par_iter()).map(|(&a, &b)| f(a, b)).collect()
+        x.par_iter()
+            .zip(y.par_iter())
+            .map(|(&a, &b)| f(a, b))
+            .collect()
     } else {
         x.iter().zip(y.iter()).map(|(&a, &b)| f(a, b)).collect()
     }
 }
 
 pub fn unary(s: &CpuStorage, l: &Layout, op: UnaryOp) -> Result<CpuStorage> {
-    Ok(crate::cpu_float_unary!(s, l, op.name(), |x| map(&x, |v| op.f(v))))
+    Ok(crate::cpu_float_unary!(s, l, op.name(), |x| map(&x, |v| {
+        op.f(v)
+    })))
 }
 
 /// dx = dy * f'(x).
-pub fn unary_bwd(x: &CpuStorage, lx: &Layout, dy: &CpuStorage, ldy: &Layout, op: UnaryOp) -> Result<CpuStorage> {
-    Ok(crate::cpu_float_binary!(x, lx, dy, ldy, op.name(), |x, g| zip_map(&x, &g, |a, d| d * op.df(a))))
+pub fn unary_bwd(
+    x: &CpuStorage,
+    lx: &Layout,
+    dy: &CpuStorage,
+    ldy: &Layout,
+    op: UnaryOp,
+) -> Result<CpuStorage> {
+    Ok(crate::cpu_float_binary!(
+        x,
+        lx,
+        dy,
+        ldy,
+        op.name(),
+        |x, g| zip_map(&x, &g, |a, d| d * op.df(a))
+    ))
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -190,8 +210,16 @@ impl BinaryOp {
 }
 
 /// `a op b` for two layouts of the same logical shape.
-pub fn binary(a: &CpuStorage, la: &Layout, b: &CpuStorage, lb: &Layout, op: BinaryOp) -> Result<CpuStorage> {
-    Ok(crate::cpu_float_binary!(a, la, b, lb, op.name(), |x, y| zip_map(&x, &y, |p, q| op.f(p, q))))
+pub fn binary(
+    a: &CpuStorage,
+    la: &Layout,
+    b: &CpuStorage,
+    lb: &Layout,
+    op: BinaryOp,
+) -> Result<CpuStorage> {
+    Ok(crate::cpu_float_binary!(a, la, b, lb, op.name(), |x, y| {
+        zip_map(&x, &y, |p, q| op.f(p, q))
+    }))
 }
 
 /// `x * mul + add`.
@@ -199,7 +227,9 @@ pub fn affine(s: &CpuStorage, l: &Layout, mul: f64, add: f64) -> Result<CpuStora
     fn run<T: Float>(x: &[T], mul: f64, add: f64) -> Vec<T> {
         map(x, |v| v * T::of(mul) + T::of(add))
     }
-    Ok(crate::cpu_float_unary!(s, l, "affine", |x| run(&x, mul, add)))
+    Ok(crate::cpu_float_unary!(s, l, "affine", |x| run(
+        &x, mul, add
+    )))
 }
 
 /// `max(x, lo)`; its gradient passes where x > lo.
@@ -210,28 +240,59 @@ pub fn clamp_min(s: &CpuStorage, l: &Layout, lo: f64) -> Result<CpuStorage> {
     Ok(crate::cpu_float_unary!(s, l, "clamp_min", |x| run(&x, lo)))
 }
 
-pub fn clamp_min_bwd(x: &CpuStorage, lx: &Layout, dy: &CpuStorage, ldy: &Layout, lo: f64) -> Result<CpuStorage> {
+pub fn clamp_min_bwd(
+    x: &CpuStorage,
+    lx: &Layout,
+    dy: &CpuStorage,
+    ldy: &Layout,
+    lo: f64,
+) -> Result<CpuStorage> {
     fn run<T: Float>(x: &[T], g: &[T], lo: f64) -> Vec<T> {
         zip_map(x, g, |a, d| if a > T::of(lo) { d } else { T::zero() })
     }
-    Ok(crate::cpu_float_binary!(x, lx, dy, ldy, "clamp_min_bwd", |x, g| run(&x, &g, lo)))
+    Ok(crate::cpu_float_binary!(
+        x,
+        lx,
+        dy,
+        ldy,
+        "clamp_min_bwd",
+        |x, g| run(&x, &g, lo)
+    ))
 }
 
 /// `table[ids]` along dim 0: embedding lookup. `table` is (N, D), ids any shape; out (ids..., D).
-pub fn index_select(table: &CpuStorage, lt: &Layout, ids: &CpuStorage, li: &Layout) -> Result<CpuStorage> {
+pub fn index_select(
+    table: &CpuStorage,
+    lt: &Layout,
+    ids: &CpuStorage,
+    li: &Layout,
+) -> Result<CpuStorage> {
     let CpuStorage::I64(idv) = ids else {
-        return Err(Error::DType { op: "index_select", dtype: ids.dtype() });
+        return Err(Error::DType {
+            op: "index_select",
+            dtype: ids.dtype(),
+        });
     };
     let idx = gather(idv, li);
     let (n, d) = match lt.dims() {
         [n, d] => (*n, *d),
-        _ => return Err(Error::Rank { op: "index_select", expected: 2, got: lt.shape().clone() }),
+        _ => {
+            return Err(Error::Rank {
+                op: "index_select",
+                expected: 2,
+                got: lt.shape().clone(),
+            })
+        }
     };
     if let Some(bad) = idx.iter().find(|&&i| i < 0 || i as usize >= n) {
-        return Err(Error::msg(format!("index_select: index {bad} out of range for table of {n} rows")));
+        return Err(Error::msg(format!(
+            "index_select: index {bad} out of range for table of {n} rows"
+        )));
     }
     fn pick<T: Copy>(t: &[T], idx: &[i64], d: usize) -> Vec<T> {
-        idx.iter().flat_map(|&i| t[i as usize * d..(i as usize + 1) * d].iter().copied()).collect()
+        idx.iter()
+            .flat_map(|&i| t[i as usize * d..(i as usize + 1) * d].iter().copied())
+            .collect()
     }
     let st = table.copy_strided(lt);
     Ok(match &st {
@@ -261,7 +322,11 @@ pub fn cat(inputs: &[(&CpuStorage, &Layout)], dim: usize, dtype: DType) -> Resul
             let mut parts = Vec::with_capacity(inputs.len());
             for (s, l) in inputs {
                 let CpuStorage::$variant(v) = s else {
-                    return Err(Error::DTypeMismatch { op: "cat", lhs: dtype, rhs: s.dtype() });
+                    return Err(Error::DTypeMismatch {
+                        op: "cat",
+                        lhs: dtype,
+                        rhs: s.dtype(),
+                    });
                 };
                 let chunk = l.dims()[dim..].iter().product::<usize>();
                 parts.push((gather(v, l), chunk));
@@ -301,7 +366,11 @@ mod tests {
             for &x in &[0.3f64, 1.7, 2.9] {
                 let h = 1e-6;
                 let fd = (op.f(x + h) - op.f(x - h)) / (2.0 * h);
-                assert!((fd - op.df(x)).abs() < 1e-7, "{op:?} at {x}: fd {fd} analytic {}", op.df(x));
+                assert!(
+                    (fd - op.df(x)).abs() < 1e-7,
+                    "{op:?} at {x}: fd {fd} analytic {}",
+                    op.df(x)
+                );
             }
         }
     }

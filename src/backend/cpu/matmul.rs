@@ -16,7 +16,11 @@ struct Operand<'a, T> {
 
 fn operand<'a, T>(data: &'a [T], l: &Layout) -> Operand<'a, T> {
     let r = l.dims().len();
-    let batch = Layout::new(Shape::from(&l.dims()[..r - 2]), l.strides()[..r - 2].to_vec(), l.offset());
+    let batch = Layout::new(
+        Shape::from(&l.dims()[..r - 2]),
+        l.strides()[..r - 2].to_vec(),
+        l.offset(),
+    );
     Operand {
         data,
         batch_offsets: batch.offsets().collect(),
@@ -66,10 +70,18 @@ fn run<T: Float>(a: &[T], la: &Layout, b: &[T], lb: &Layout) -> Vec<T> {
     };
     // Many small matrices (attention heads): one per task. Few big ones: let gemm split each.
     if batches >= rayon::current_num_threads() && m * n * k < (1 << 21) {
-        out.par_chunks_mut(m * n).enumerate().for_each(|(i, dst)| one(dst, i, gemm::Parallelism::None));
+        out.par_chunks_mut(m * n)
+            .enumerate()
+            .for_each(|(i, dst)| one(dst, i, gemm::Parallelism::None));
     } else {
-        let par = if m * n * k >= (1 << 15) { gemm::Parallelism::Rayon(0) } else { gemm::Parallelism::None };
-        out.chunks_mut(m * n).enumerate().for_each(|(i, dst)| one(dst, i, par));
+        let par = if m * n * k >= (1 << 15) {
+            gemm::Parallelism::Rayon(0)
+        } else {
+            gemm::Parallelism::None
+        };
+        out.chunks_mut(m * n)
+            .enumerate()
+            .for_each(|(i, dst)| one(dst, i, par));
     }
     out
 }
@@ -78,22 +90,44 @@ fn run<T: Float>(a: &[T], la: &Layout, b: &[T], lb: &Layout) -> Vec<T> {
 /// arrive as zero strides). Output is contiguous (..., M, N).
 pub fn matmul(a: &CpuStorage, la: &Layout, b: &CpuStorage, lb: &Layout) -> Result<CpuStorage> {
     let (ra, rb) = (la.dims().len(), lb.dims().len());
-    if ra < 2 || ra != rb || la.dims()[..ra - 2] != lb.dims()[..rb - 2] || la.dims()[ra - 1] != lb.dims()[rb - 2] {
-        return Err(Error::ShapeMismatch { op: "matmul", lhs: la.shape().clone(), rhs: lb.shape().clone() });
+    if ra < 2
+        || ra != rb
+        || la.dims()[..ra - 2] != lb.dims()[..rb - 2]
+        || la.dims()[ra - 1] != lb.dims()[rb - 2]
+    {
+        return Err(Error::ShapeMismatch {
+            op: "matmul",
+            lhs: la.shape().clone(),
+            rhs: lb.shape().clone(),
+        });
     }
     Ok(match (a, b) {
         (CpuStorage::F32(x), CpuStorage::F32(y)) => CpuStorage::F32(run(x, la, y, lb)),
         (CpuStorage::F64(x), CpuStorage::F64(y)) => CpuStorage::F64(run(x, la, y, lb)),
         (x, y) if x.dtype() == y.dtype() && matches!(x.dtype(), DType::F16 | DType::BF16) => {
             let (wx, wy) = (x.to_dtype(la, DType::F32), y.to_dtype(lb, DType::F32));
-            let (CpuStorage::F32(wx), CpuStorage::F32(wy)) = (wx, wy) else { unreachable!() };
-            let (cla, clb) = (Layout::contiguous(la.shape().clone()), Layout::contiguous(lb.shape().clone()));
+            let (CpuStorage::F32(wx), CpuStorage::F32(wy)) = (wx, wy) else {
+                unreachable!()
+            };
+            let (cla, clb) = (
+                Layout::contiguous(la.shape().clone()),
+                Layout::contiguous(lb.shape().clone()),
+            );
             CpuStorage::from_f32(run(&wx, &cla, &wy, &clb), x.dtype())
         }
         (x, y) if x.dtype() != y.dtype() => {
-            return Err(Error::DTypeMismatch { op: "matmul", lhs: x.dtype(), rhs: y.dtype() })
+            return Err(Error::DTypeMismatch {
+                op: "matmul",
+                lhs: x.dtype(),
+                rhs: y.dtype(),
+            })
         }
-        (x, _) => return Err(Error::DType { op: "matmul", dtype: x.dtype() }),
+        (x, _) => {
+            return Err(Error::DType {
+                op: "matmul",
+                dtype: x.dtype(),
+            })
+        }
     })
 }
 
@@ -108,14 +142,21 @@ mod tests {
         let bt: Vec<f64> = (0..40).map(|i| (i as f64 * 0.11).cos()).collect();
         let la = Layout::contiguous((2, 3, 4));
         let lb = Layout::contiguous((2, 5, 4)).permute(&[0, 2, 1]).unwrap();
-        let CpuStorage::F64(out) = matmul(&CpuStorage::F64(a.clone()), &la, &CpuStorage::F64(bt.clone()), &lb).unwrap()
-        else {
+        let CpuStorage::F64(out) = matmul(
+            &CpuStorage::F64(a.clone()),
+            &la,
+            &CpuStorage::F64(bt.clone()),
+            &lb,
+        )
+        .unwrap() else {
             panic!()
         };
         for bi in 0..2 {
             for i in 0..3 {
                 for j in 0..5 {
-                    let want: f64 = (0..4).map(|p| a[bi * 12 + i * 4 + p] * bt[bi * 20 + j * 4 + p]).sum();
+                    let want: f64 = (0..4)
+                        .map(|p| a[bi * 12 + i * 4 + p] * bt[bi * 20 + j * 4 + p])
+                        .sum();
                     assert!((out[bi * 15 + i * 5 + j] - want).abs() < 1e-12);
                 }
             }
@@ -139,17 +180,26 @@ pub fn gemm_strided<T: Float>(
     if m == 0 || n == 0 {
         return;
     }
-    assert!(out.len() >= (m - 1) * out_rs + n, "gemm_strided: output slice too short");
+    assert!(
+        out.len() >= (m - 1) * out_rs + n,
+        "gemm_strided: output slice too short"
+    );
     if k == 0 {
         if !accumulate {
             for r in 0..m {
-                out[r * out_rs..r * out_rs + n].iter_mut().for_each(|v| *v = T::zero());
+                out[r * out_rs..r * out_rs + n]
+                    .iter_mut()
+                    .for_each(|v| *v = T::zero());
             }
         }
         return;
     }
     assert!(a.len() > (m - 1) * a_rs + (k - 1) * a_cs && b.len() > (k - 1) * b_rs + (n - 1) * b_cs);
-    let par = if m * n * k >= (1 << 15) { gemm::Parallelism::Rayon(0) } else { gemm::Parallelism::None };
+    let par = if m * n * k >= (1 << 15) {
+        gemm::Parallelism::Rayon(0)
+    } else {
+        gemm::Parallelism::None
+    };
     // SAFETY: the asserts above bound every address the strides can reach.
     unsafe {
         gemm::gemm(

@@ -75,7 +75,12 @@ impl CpuStorage {
             CpuStorage::F64(v) => FloatData::F64(gather(v, layout)),
             CpuStorage::F16(v) => FloatData::F32(Cow::Owned(widen(v, layout))),
             CpuStorage::BF16(v) => FloatData::F32(Cow::Owned(widen(v, layout))),
-            CpuStorage::I64(_) => return Err(Error::DType { op, dtype: DType::I64 }),
+            CpuStorage::I64(_) => {
+                return Err(Error::DType {
+                    op,
+                    dtype: DType::I64,
+                })
+            }
         })
     }
 
@@ -164,8 +169,12 @@ macro_rules! cpu_float_unary {
     ($s:expr, $l:expr, $op:expr, |$x:ident| $body:expr) => {{
         let want = $s.dtype();
         match $s.floats($l, $op)? {
-            $crate::backend::cpu::FloatData::F32($x) => $crate::backend::cpu::CpuStorage::from_f32($body, want),
-            $crate::backend::cpu::FloatData::F64($x) => $crate::backend::cpu::CpuStorage::F64($body),
+            $crate::backend::cpu::FloatData::F32($x) => {
+                $crate::backend::cpu::CpuStorage::from_f32($body, want)
+            }
+            $crate::backend::cpu::FloatData::F64($x) => {
+                $crate::backend::cpu::CpuStorage::F64($body)
+            }
         }
     }};
 }
@@ -176,15 +185,21 @@ macro_rules! cpu_float_binary {
     ($a:expr, $la:expr, $b:expr, $lb:expr, $op:expr, |$x:ident, $y:ident| $body:expr) => {{
         let want = $a.dtype();
         if want != $b.dtype() {
-            return Err($crate::Error::DTypeMismatch { op: $op, lhs: want, rhs: $b.dtype() });
+            return Err($crate::Error::DTypeMismatch {
+                op: $op,
+                lhs: want,
+                rhs: $b.dtype(),
+            });
         }
         match ($a.floats($la, $op)?, $b.floats($lb, $op)?) {
-            ($crate::backend::cpu::FloatData::F32($x), $crate::backend::cpu::FloatData::F32($y)) => {
-                $crate::backend::cpu::CpuStorage::from_f32($body, want)
-            }
-            ($crate::backend::cpu::FloatData::F64($x), $crate::backend::cpu::FloatData::F64($y)) => {
-                $crate::backend::cpu::CpuStorage::F64($body)
-            }
+            (
+                $crate::backend::cpu::FloatData::F32($x),
+                $crate::backend::cpu::FloatData::F32($y),
+            ) => $crate::backend::cpu::CpuStorage::from_f32($body, want),
+            (
+                $crate::backend::cpu::FloatData::F64($x),
+                $crate::backend::cpu::FloatData::F64($y),
+            ) => $crate::backend::cpu::CpuStorage::F64($body),
             _ => unreachable!("same dtype widens the same way"),
         }
     }};

@@ -30,27 +30,36 @@ struct Plan {
 
 fn norm_fwd<T: Float>(x: &[T], w: Option<&[T]>, b: Option<&[T]>, p: &Plan) -> Vec<T> {
     let mut y = vec![T::zero(); x.len()];
-    y.par_chunks_mut(p.chunk).zip(x.par_chunks(p.chunk)).enumerate().for_each(|(ci, (yo, xi))| {
-        let (mean, rstd) = stats(xi, p.eps);
-        let chunks_per_row = x.len() / p.rows / p.chunk;
-        let ch0 = (ci % chunks_per_row) * p.chunk / p.per_channel;
-        for (j, (o, &v)) in yo.iter_mut().zip(xi).enumerate() {
-            let c = ch0 + j / p.per_channel;
-            let mut r = T::of((v.as_f64() - mean) * rstd);
-            if let Some(w) = w {
-                r *= w[c];
+    y.par_chunks_mut(p.chunk)
+        .zip(x.par_chunks(p.chunk))
+        .enumerate()
+        .for_each(|(ci, (yo, xi))| {
+            let (mean, rstd) = stats(xi, p.eps);
+            let chunks_per_row = x.len() / p.rows / p.chunk;
+            let ch0 = (ci % chunks_per_row) * p.chunk / p.per_channel;
+            for (j, (o, &v)) in yo.iter_mut().zip(xi).enumerate() {
+                let c = ch0 + j / p.per_channel;
+                let mut r = T::of((v.as_f64() - mean) * rstd);
+                if let Some(w) = w {
+                    r *= w[c];
+                }
+                if let Some(b) = b {
+                    r += b[c];
+                }
+                *o = r;
             }
-            if let Some(b) = b {
-                r += b[c];
-            }
-            *o = r;
-        }
-    });
+        });
     y
 }
 
 /// Returns (dx, dweight, dbias); the parameter gradients are summed over rows.
-fn norm_bwd<T: Float>(x: &[T], dy: &[T], w: Option<&[T]>, p: &Plan, channels: usize) -> (Vec<T>, Vec<f64>, Vec<f64>) {
+fn norm_bwd<T: Float>(
+    x: &[T],
+    dy: &[T],
+    w: Option<&[T]>,
+    p: &Plan,
+    channels: usize,
+) -> (Vec<T>, Vec<f64>, Vec<f64>) {
     let chunks_per_row = x.len() / p.rows / p.chunk;
     let mut dx = vec![T::zero(); x.len()];
     let per_chunk: Vec<(Vec<f64>, Vec<f64>)> = dx
@@ -96,26 +105,52 @@ fn plan(l: &Layout, groups: Option<usize>, eps: f64, op: &'static str) -> Result
     let dims = l.dims();
     match groups {
         None => {
-            let n = *dims.last().ok_or(Error::Rank { op, expected: 1, got: l.shape().clone() })?;
+            let n = *dims.last().ok_or(Error::Rank {
+                op,
+                expected: 1,
+                got: l.shape().clone(),
+            })?;
             let rows = l.shape().elem_count() / n.max(1);
-            Ok((Plan { rows, chunk: n, per_channel: 1, eps }, n))
+            Ok((
+                Plan {
+                    rows,
+                    chunk: n,
+                    per_channel: 1,
+                    eps,
+                },
+                n,
+            ))
         }
         Some(g) => {
             if dims.len() < 2 || g == 0 || dims[1] % g != 0 {
-                return Err(Error::BadShape { op, msg: format!("{g} groups need (N, C, ...) with C divisible by it"), shape: l.shape().clone() });
+                return Err(Error::BadShape {
+                    op,
+                    msg: format!("{g} groups need (N, C, ...) with C divisible by it"),
+                    shape: l.shape().clone(),
+                });
             }
             let (n, c) = (dims[0], dims[1]);
             let spatial: usize = dims[2..].iter().product();
-            Ok((Plan { rows: n, chunk: c / g * spatial, per_channel: spatial, eps }, c))
+            Ok((
+                Plan {
+                    rows: n,
+                    chunk: c / g * spatial,
+                    per_channel: spatial,
+                    eps,
+                },
+                c,
+            ))
         }
     }
 }
 
 fn check_param(p: Option<(&CpuStorage, &Layout)>, channels: usize, op: &'static str) -> Result<()> {
     match p {
-        Some((_, l)) if l.shape().elem_count() != channels => {
-            Err(Error::BadShape { op, msg: format!("affine parameter must have {channels} elements"), shape: l.shape().clone() })
-        }
+        Some((_, l)) if l.shape().elem_count() != channels => Err(Error::BadShape {
+            op,
+            msg: format!("affine parameter must have {channels} elements"),
+            shape: l.shape().clone(),
+        }),
         _ => Ok(()),
     }
 }
@@ -129,7 +164,11 @@ pub fn norm(
     groups: Option<usize>,
     eps: f64,
 ) -> Result<CpuStorage> {
-    let op = if groups.is_some() { "group_norm" } else { "layer_norm" };
+    let op = if groups.is_some() {
+        "group_norm"
+    } else {
+        "layer_norm"
+    };
     let (p, channels) = plan(lx, groups, eps, op)?;
     check_param(w, channels, op)?;
     check_param(b, channels, op)?;
@@ -156,7 +195,11 @@ pub fn norm_backward(
     groups: Option<usize>,
     eps: f64,
 ) -> Result<(CpuStorage, CpuStorage, CpuStorage)> {
-    let op = if groups.is_some() { "group_norm_bwd" } else { "layer_norm_bwd" };
+    let op = if groups.is_some() {
+        "group_norm_bwd"
+    } else {
+        "layer_norm_bwd"
+    };
     let (p, channels) = plan(lx, groups, eps, op)?;
     let want = x.dtype();
     let back = |v: Vec<f64>| CpuStorage::F64(v).to_dtype(&Layout::contiguous(channels), want);
@@ -171,6 +214,12 @@ pub fn norm_backward(
             let (dx, dw, db) = norm_bwd(&xv, &g, w.as_deref(), &p, channels);
             (CpuStorage::F64(dx), back(dw), back(db))
         }
-        _ => return Err(Error::DTypeMismatch { op, lhs: x.dtype(), rhs: dy.dtype() }),
+        _ => {
+            return Err(Error::DTypeMismatch {
+                op,
+                lhs: x.dtype(),
+                rhs: dy.dtype(),
+            })
+        }
     })
 }

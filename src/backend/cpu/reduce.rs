@@ -10,10 +10,18 @@ use rayon::prelude::*;
 pub fn sum_keepdim(s: &CpuStorage, l: &Layout, dims: &[usize]) -> Result<CpuStorage> {
     let rank = l.dims().len();
     if let Some(&d) = dims.iter().find(|&&d| d >= rank) {
-        return Err(Error::DimOutOfRange { op: "sum", dim: d, shape: l.shape().clone() });
+        return Err(Error::DimOutOfRange {
+            op: "sum",
+            dim: d,
+            shape: l.shape().clone(),
+        });
     }
-    let out_dims: Vec<usize> =
-        l.dims().iter().enumerate().map(|(i, &d)| if dims.contains(&i) { 1 } else { d }).collect();
+    let out_dims: Vec<usize> = l
+        .dims()
+        .iter()
+        .enumerate()
+        .map(|(i, &d)| if dims.contains(&i) { 1 } else { d })
+        .collect();
     let out_shape = Shape::from(out_dims);
     // Each input element lands at the output offset given by the output's strides with 0 on the
     // reduced dims: walk that "scatter layout" in step with the input.
@@ -30,7 +38,9 @@ pub fn sum_keepdim(s: &CpuStorage, l: &Layout, dims: &[usize]) -> Result<CpuStor
         acc.into_iter().map(T::of).collect()
     }
     let n_out = out_shape.elem_count();
-    Ok(crate::cpu_float_unary!(s, l, "sum", |x| run(&x, &scatter, n_out)))
+    Ok(crate::cpu_float_unary!(s, l, "sum", |x| run(
+        &x, &scatter, n_out
+    )))
 }
 
 /// Max over `dim` (kept as size 1) and the index of the first maximum.
@@ -38,7 +48,11 @@ pub fn max_keepdim(s: &CpuStorage, l: &Layout, dim: usize) -> Result<(CpuStorage
     let shape = l.shape();
     let n = shape.dim(dim)?;
     if n == 0 {
-        return Err(Error::BadShape { op: "max", msg: format!("empty dim {dim}"), shape: shape.clone() });
+        return Err(Error::BadShape {
+            op: "max",
+            msg: format!("empty dim {dim}"),
+            shape: shape.clone(),
+        });
     }
     let (outer, inner) = shape.outer_inner(dim);
     fn run<T: Float>(x: &[T], outer: usize, n: usize, inner: usize) -> (Vec<T>, Vec<i64>) {
@@ -77,7 +91,13 @@ pub fn max_keepdim(s: &CpuStorage, l: &Layout, dim: usize) -> Result<(CpuStorage
 
 /// Gradient of max over `dim`: `dy` (outer, 1, inner) scattered to the arg-max positions of a
 /// tensor of `shape`.
-pub fn max_bwd(dy: &CpuStorage, ldy: &Layout, argmax: &[i64], shape: &Shape, dim: usize) -> Result<CpuStorage> {
+pub fn max_bwd(
+    dy: &CpuStorage,
+    ldy: &Layout,
+    argmax: &[i64],
+    shape: &Shape,
+    dim: usize,
+) -> Result<CpuStorage> {
     let n = shape.dim(dim)?;
     let (outer, inner) = shape.outer_inner(dim);
     fn run<T: Float>(g: &[T], argmax: &[i64], outer: usize, n: usize, inner: usize) -> Vec<T> {
@@ -90,48 +110,70 @@ pub fn max_bwd(dy: &CpuStorage, ldy: &Layout, argmax: &[i64], shape: &Shape, dim
         }
         dx
     }
-    Ok(crate::cpu_float_unary!(dy, ldy, "max_bwd", |g| run(&g, argmax, outer, n, inner)))
+    Ok(crate::cpu_float_unary!(dy, ldy, "max_bwd", |g| run(
+        &g, argmax, outer, n, inner
+    )))
 }
 
 /// Softmax over the last dim, max-subtracted.
 pub fn softmax_last(s: &CpuStorage, l: &Layout) -> Result<CpuStorage> {
-    let n = *l.dims().last().ok_or(Error::Rank { op: "softmax", expected: 1, got: l.shape().clone() })?;
+    let n = *l.dims().last().ok_or(Error::Rank {
+        op: "softmax",
+        expected: 1,
+        got: l.shape().clone(),
+    })?;
     fn run<T: Float>(x: &[T], n: usize) -> Vec<T> {
         let mut out = vec![T::zero(); x.len()];
         if n == 0 {
             return out;
         }
-        out.par_chunks_mut(n).zip(x.par_chunks(n)).for_each(|(o, r)| {
-            let m = r.iter().fold(T::neg_infinity(), |a, &b| a.max(b));
-            let mut sum = 0f64;
-            for (oi, &ri) in o.iter_mut().zip(r) {
-                *oi = (ri - m).exp();
-                sum += oi.as_f64();
-            }
-            let inv = T::of(1.0 / sum);
-            o.iter_mut().for_each(|v| *v *= inv);
-        });
+        out.par_chunks_mut(n)
+            .zip(x.par_chunks(n))
+            .for_each(|(o, r)| {
+                let m = r.iter().fold(T::neg_infinity(), |a, &b| a.max(b));
+                let mut sum = 0f64;
+                for (oi, &ri) in o.iter_mut().zip(r) {
+                    *oi = (ri - m).exp();
+                    sum += oi.as_f64();
+                }
+                let inv = T::of(1.0 / sum);
+                o.iter_mut().for_each(|v| *v *= inv);
+            });
         out
     }
     Ok(crate::cpu_float_unary!(s, l, "softmax", |x| run(&x, n)))
 }
 
 /// dx = y * (dy - sum(y * dy)) over the last dim.
-pub fn softmax_last_bwd(y: &CpuStorage, ly: &Layout, dy: &CpuStorage, ldy: &Layout) -> Result<CpuStorage> {
+pub fn softmax_last_bwd(
+    y: &CpuStorage,
+    ly: &Layout,
+    dy: &CpuStorage,
+    ldy: &Layout,
+) -> Result<CpuStorage> {
     let n = *ly.dims().last().unwrap_or(&1);
     fn run<T: Float>(y: &[T], g: &[T], n: usize) -> Vec<T> {
         let mut out = vec![T::zero(); y.len()];
         if n == 0 {
             return out;
         }
-        out.par_chunks_mut(n).zip(y.par_chunks(n).zip(g.par_chunks(n))).for_each(|(o, (yr, gr))| {
-            let dot: f64 = yr.iter().zip(gr).map(|(&a, &b)| (a * b).as_f64()).sum();
-            let dot = T::of(dot);
-            for ((oi, &a), &b) in o.iter_mut().zip(yr).zip(gr) {
-                *oi = a * (b - dot);
-            }
-        });
+        out.par_chunks_mut(n)
+            .zip(y.par_chunks(n).zip(g.par_chunks(n)))
+            .for_each(|(o, (yr, gr))| {
+                let dot: f64 = yr.iter().zip(gr).map(|(&a, &b)| (a * b).as_f64()).sum();
+                let dot = T::of(dot);
+                for ((oi, &a), &b) in o.iter_mut().zip(yr).zip(gr) {
+                    *oi = a * (b - dot);
+                }
+            });
         out
     }
-    Ok(crate::cpu_float_binary!(y, ly, dy, ldy, "softmax_bwd", |y, g| run(&y, &g, n)))
+    Ok(crate::cpu_float_binary!(
+        y,
+        ly,
+        dy,
+        ldy,
+        "softmax_bwd",
+        |y, g| run(&y, &g, n)
+    ))
 }

@@ -1,0 +1,16 @@
+# Throwaway: print what HF CLIPTokenizerFast returns for the long prompts used in the Rust tests.
+import json, sys
+from transformers import CLIPTokenizerFast
+root = "/work/shared/fixtures/tiny"
+prompts = [
+    " ".join(f"word{i} hanbok!" for i in range(40)),
+    "a photograph of an astronaut riding a horse " * 12 + "!!! the end",
+    "Joseon dynasty palace, dancheong, gayageum " * 10,
+]
+out = {}
+for sub in ("sdxl/tokenizer", "sdxl/tokenizer_2", "clip"):
+    t = CLIPTokenizerFast.from_pretrained(f"{root}/{sub}")
+    out[sub] = t(prompts, truncation=True, padding="max_length", max_length=77).input_ids
+    full = t(prompts).input_ids
+    print(sub, [len(f) for f in full], t.pad_token_id, file=sys.stderr)
+json.dump(dict(prompts=prompts, ids=out), open(sys.argv[1], "w"))

@@ -1,0 +1,19 @@
+//! Checkpoint formats and every key rename (STYLE.md: renaming happens once, at the loading
+//! boundary). All of it works on [`RawTensor`] maps so that no tensor library is involved and
+//! converted weights stay bit-identical to the source.
+//!
+//! - [`raw`]: the raw tensor type, memory-mapped safetensors files, shards, writing.
+//! - [`diffusers`]: pipeline folders (`model_index.json`, component configs, variants).
+//! - [`single_file`]: original-layout SDXL checkpoints -> the four diffusers maps.
+//! - [`unet_layout`]: UNet block positions in both layouts, computed from the config.
+//! - [`kohya`]: kohya LoRA files, both directions.
+
+pub mod diffusers;
+pub mod error;
+pub mod kohya;
+pub mod raw;
+pub mod single_file;
+pub mod unet_layout;
+
+pub use error::{Error, Result};
+pub use raw::{MappedFile, RawTensor, TensorMap, WeightFiles};

@@ -1,0 +1,3 @@
+//! Model families, laid out like their checkpoint key trees.
+
+pub mod clip;
