@@ -107,6 +107,10 @@ pub enum Error {
     #[error("tokenizer {what}: {msg}")]
     Tokenizer { what: String, msg: String },
 
+    /// NVRTC: library loading, API failures, compile errors with the full log.
+    #[error(transparent)]
+    Nvrtc(#[from] crate::backend::cuda::nvrtc::NvrtcError),
+
     #[error("config: {0}")]
     Config(String),
 

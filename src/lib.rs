@@ -10,6 +10,7 @@ pub mod formats;
 pub mod image;
 pub mod models;
 pub mod nn;
+pub mod sample;
 pub mod tensor;
 pub mod tolerance;
 pub mod train;

@@ -26,11 +26,29 @@ struct Block {
 
 impl Block {
     fn new(d: usize, concepts: &Tensor, rng: &mut Rng) -> Block {
-        let lin = |rng: &mut Rng| Linear { weight: randn(&[d, d], rng), bias: Some(randn(&[d], rng)) };
-        let cfg = LoraConfig { rank: 2, alpha: 2.0, guidance: 1.5, gate_hidden: 8, mod_hidden: 4 };
+        let lin = |rng: &mut Rng| Linear {
+            weight: randn(&[d, d], rng),
+            bias: Some(randn(&[d], rng)),
+        };
+        let cfg = LoraConfig {
+            rank: 2,
+            alpha: 2.0,
+            guidance: 1.5,
+            gate_hidden: 8,
+            mod_hidden: 4,
+        };
         let adapted = |gated: bool, rng: &mut Rng| {
             let mut a = AdaptedLinear::new(lin(rng));
-            let mut ad = LoraAdapter::init(d, d, cfg, gated.then_some(concepts), rng, DType::F32, Device::Cpu).unwrap();
+            let mut ad = LoraAdapter::init(
+                d,
+                d,
+                cfg,
+                gated.then_some(concepts),
+                rng,
+                DType::F32,
+                Device::Cpu,
+            )
+            .unwrap();
             // B starts at zero; random values everywhere give every parameter a real gradient.
             ad.assign(|_, shape| randn(shape, rng).scale(0.3)).unwrap();
             a.adapter = Some(ad);
@@ -40,28 +58,60 @@ impl Block {
         let k = adapted(false, rng);
         let v = lin(rng);
         let out = adapted(true, rng);
-        Block { norm_w: randn(&[d], rng), norm_b: randn(&[d], rng), q, k, v, out, conv: randn(&[2, 2, 3, 3], rng) }
+        Block {
+            norm_w: randn(&[d], rng),
+            norm_b: randn(&[d], rng),
+            q,
+            k,
+            v,
+            out,
+            conv: randn(&[2, 2, 3, 3], rng),
+        }
     }
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let (b, s, d) = x.dims3()?;
         let h = x.layer_norm(Some(&self.norm_w), Some(&self.norm_b), 1e-5)?;
         let split = |t: Tensor| t.reshape((b, s, 2, d / 2))?.transpose(1, 2);
-        let (q, k, v) = (split(self.q.forward(&h)?)?, split(self.k.forward(&h)?)?, split(self.v.forward(&h)?)?);
-        let a = Tensor::sdpa(&q, &k, &v, 0.5, false)?.transpose(1, 2)?.reshape((b, s, d))?;
+        let (q, k, v) = (
+            split(self.q.forward(&h)?)?,
+            split(self.k.forward(&h)?)?,
+            split(self.v.forward(&h)?)?,
+        );
+        let a = Tensor::sdpa(&q, &k, &v, 0.5, false)?
+            .transpose(1, 2)?
+            .reshape((b, s, d))?;
         let y = x.add(&self.out.forward(&a)?)?;
         // A frozen conv on top, viewing (B, S, D) as (B, 2, S, D/2) images.
         let img = y.reshape((b, s, 2, d / 2))?.transpose(1, 2)?.contiguous()?;
-        let c = img.conv2d(&self.conv, None, ConvParams { stride: 1, padding: 1 })?.group_norm(1, None, None, 1e-5)?.silu()?;
+        let c = img
+            .conv2d(
+                &self.conv,
+                None,
+                ConvParams {
+                    stride: 1,
+                    padding: 1,
+                },
+            )?
+            .group_norm(1, None, None, 1e-5)?
+            .silu()?;
         c.transpose(1, 2)?.reshape((b, s, d))?.add(&y)
     }
 
     fn trainable(&self) -> Vec<(String, Tensor)> {
-        [&self.q, &self.k, &self.out].iter().flat_map(|a| a.adapter.as_ref().unwrap().named()).collect()
+        [&self.q, &self.k, &self.out]
+            .iter()
+            .flat_map(|a| a.adapter.as_ref().unwrap().named())
+            .collect()
     }
 
     fn frozen(&self) -> Vec<Tensor> {
-        let mut v = vec![self.norm_w.clone(), self.norm_b.clone(), self.conv.clone(), self.v.weight.clone()];
+        let mut v = vec![
+            self.norm_w.clone(),
+            self.norm_b.clone(),
+            self.conv.clone(),
+            self.v.weight.clone(),
+        ];
         for a in [&self.q, &self.k, &self.out] {
             v.push(a.base.weight.clone());
             v.extend(a.base.bias.clone());
@@ -87,11 +137,18 @@ fn frozen_weights_get_no_gradient_and_no_history() {
     let loss = h.sqr().unwrap().mean_all().unwrap();
     assert!(loss.tracks(), "the loss must depend on the adapters");
     let grads = loss.backward().unwrap();
-    let trainable: Vec<Tensor> = blocks.iter().flat_map(|b| b.trainable()).map(|(_, t)| t).collect();
+    let trainable: Vec<Tensor> = blocks
+        .iter()
+        .flat_map(|b| b.trainable())
+        .map(|(_, t)| t)
+        .collect();
     for b in &blocks {
         for w in b.frozen() {
             assert!(!w.tracks(), "a frozen weight carries autograd state");
-            assert!(grads.get(&w).is_none(), "a frozen weight got a gradient buffer");
+            assert!(
+                grads.get(&w).is_none(),
+                "a frozen weight got a gradient buffer"
+            );
         }
     }
     for t in &trainable {
@@ -106,7 +163,13 @@ fn frozen_weights_get_no_gradient_and_no_history() {
 fn ops_on_frozen_inputs_record_nothing() {
     let mut rng = Rng::new(3);
     let (w, x) = (randn(&[4, 4], &mut rng), randn(&[2, 4], &mut rng));
-    let y = x.linear(&w, None).unwrap().silu().unwrap().softmax(1).unwrap();
+    let y = x
+        .linear(&w, None)
+        .unwrap()
+        .silu()
+        .unwrap()
+        .softmax(1)
+        .unwrap();
     assert!(y.op().is_none() && !y.tracks());
     let y = no_grad(|| x.linear(&w.var().unwrap(), None).unwrap());
     assert!(!y.tracks(), "no_grad must not record");
@@ -136,7 +199,11 @@ fn grads_bits(checkpointed: bool) -> Vec<(String, Vec<u32>)> {
 }
 
 fn bits(t: &Tensor) -> Vec<u32> {
-    t.to_vec_f32().unwrap().iter().map(|v| v.to_bits()).collect()
+    t.to_vec_f32()
+        .unwrap()
+        .iter()
+        .map(|v| v.to_bits())
+        .collect()
 }
 
 #[test]
@@ -151,9 +218,20 @@ fn checkpointed_gradients_are_bit_identical() {
 
 #[test]
 fn cast_passes_gradient_through() {
-    let x = Tensor::from_vec(vec![0.25f64, -1.5, 3.0], 3, Device::Cpu).unwrap().var().unwrap();
+    let x = Tensor::from_vec(vec![0.25f64, -1.5, 3.0], 3, Device::Cpu)
+        .unwrap()
+        .var()
+        .unwrap();
     let up = Tensor::from_vec(vec![1.0f32, 2.0, -0.5], 3, Device::Cpu).unwrap();
-    let g = x.to_dtype(DType::F32).unwrap().mul(&up).unwrap().sum_all().unwrap().backward().unwrap();
+    let g = x
+        .to_dtype(DType::F32)
+        .unwrap()
+        .mul(&up)
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .backward()
+        .unwrap();
     let gx = g.get(&x).unwrap();
     assert_eq!(gx.dtype(), DType::F64);
     assert_eq!(gx.to_vec_f64().unwrap(), vec![1.0, 2.0, -0.5]);
@@ -165,8 +243,16 @@ fn gated_layer_and_cultural_loss_match_the_reference() {
     let only = vec!["gated_lora_layer".to_string(), "cultural_loss".to_string()];
     let report = kstyle::verify::run(&dir, Device::Cpu, Some(&only)).unwrap();
     assert!(report.failed_cases.is_empty(), "{:?}", report.failed_cases);
-    assert!(report.rows.len() >= 30, "expected every tensor of both cases, got {}", report.rows.len());
+    assert!(
+        report.rows.len() >= 30,
+        "expected every tensor of both cases, got {}",
+        report.rows.len()
+    );
     for r in &report.rows {
-        assert!(r.passed, "{} {}: error {:e} > {:e}", r.case, r.tensor, r.error, r.tolerance);
+        assert!(
+            r.passed,
+            "{} {}: error {:e} > {:e}",
+            r.case, r.tensor, r.error, r.tolerance
+        );
     }
 }

@@ -3,6 +3,7 @@
 //! is the whole backend contract: one dispatch function per primitive.
 
 pub mod cpu;
+pub mod cuda;
 
 use crate::tensor::{DType, Device, Layout, Shape};
 use crate::Result;

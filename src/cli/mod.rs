@@ -1,5 +1,6 @@
 //! One file per subcommand.
 
+mod kernels;
 mod verify;
 
 use clap::{Parser, Subcommand, ValueEnum};
@@ -20,6 +21,8 @@ pub struct Cli {
 pub enum Command {
     /// Run every reference case of a fixtures directory and report each checked tensor.
     Verify(verify::Args),
+    /// List the CUDA kernel families, or compile-check them with NVRTC (no GPU needed).
+    Kernels(kernels::Args),
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]
@@ -40,5 +43,6 @@ impl DeviceArg {
 pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Verify(a) => verify::run(a),
+        Command::Kernels(a) => kernels::run(a),
     }
 }

@@ -114,9 +114,12 @@ impl Gates {
 
     pub fn named(&self) -> Vec<(String, Tensor)> {
         let mut v = Vec::new();
-        for (n, m) in [("attn_mlp", &self.attn_mlp)] {
-            v.extend(m.named().into_iter().map(|(k, t)| (format!("{n}.{k}"), t)));
-        }
+        v.extend(
+            self.attn_mlp
+                .named()
+                .into_iter()
+                .map(|(k, t)| (format!("attn_mlp.{k}"), t)),
+        );
         for (k, t) in self.proj.tensors() {
             v.push((format!("proj.{k}"), t.clone()));
         }

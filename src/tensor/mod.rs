@@ -200,7 +200,7 @@ impl Tensor {
             });
         }
         let cpu = cpu_storage_of(data);
-        Ok(Tensor::from_storage(Storage::Cpu(cpu), shape, None).to_device(device)?)
+        Tensor::from_storage(Storage::Cpu(cpu), shape, None).to_device(device)
     }
 
     pub fn from_slice<T: Element>(

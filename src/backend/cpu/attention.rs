@@ -38,7 +38,7 @@ fn probs<T: Float>(q: &[T], k: &[T], g: &AttnGeom) -> Vec<T> {
         let visible = if g.causal { (i + 1).min(g.skv) } else { g.skv };
         let mut m = T::neg_infinity();
         for v in row[..visible].iter_mut() {
-            *v = *v * scale;
+            *v *= scale;
             m = m.max(*v);
         }
         let mut sum = 0f64;

@@ -131,39 +131,6 @@ pub fn matmul(a: &CpuStorage, la: &Layout, b: &CpuStorage, lb: &Layout) -> Resul
     })
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn strided_operands_match_naive() {
-        // a: (2, 3, 4) contiguous; b: (2, 4, 5) given as the transpose of a (2, 5, 4) buffer.
-        let a: Vec<f64> = (0..24).map(|i| (i as f64 * 0.37).sin()).collect();
-        let bt: Vec<f64> = (0..40).map(|i| (i as f64 * 0.11).cos()).collect();
-        let la = Layout::contiguous((2, 3, 4));
-        let lb = Layout::contiguous((2, 5, 4)).permute(&[0, 2, 1]).unwrap();
-        let CpuStorage::F64(out) = matmul(
-            &CpuStorage::F64(a.clone()),
-            &la,
-            &CpuStorage::F64(bt.clone()),
-            &lb,
-        )
-        .unwrap() else {
-            panic!()
-        };
-        for bi in 0..2 {
-            for i in 0..3 {
-                for j in 0..5 {
-                    let want: f64 = (0..4)
-                        .map(|p| a[bi * 12 + i * 4 + p] * bt[bi * 20 + j * 4 + p])
-                        .sum();
-                    assert!((out[bi * 15 + i * 5 + j] - want).abs() < 1e-12);
-                }
-            }
-        }
-    }
-}
-
 /// `out (m x n) (+)= a (m x k) @ b (k x n)` on raw strided slices (row stride, col stride per
 /// operand; `out` has row stride `out_rs` and unit column stride). The building block of conv.
 #[allow(clippy::too_many_arguments)]
@@ -223,5 +190,38 @@ pub fn gemm_strided<T: Float>(
             false,
             par,
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn strided_operands_match_naive() {
+        // a: (2, 3, 4) contiguous; b: (2, 4, 5) given as the transpose of a (2, 5, 4) buffer.
+        let a: Vec<f64> = (0..24).map(|i| (i as f64 * 0.37).sin()).collect();
+        let bt: Vec<f64> = (0..40).map(|i| (i as f64 * 0.11).cos()).collect();
+        let la = Layout::contiguous((2, 3, 4));
+        let lb = Layout::contiguous((2, 5, 4)).permute(&[0, 2, 1]).unwrap();
+        let CpuStorage::F64(out) = matmul(
+            &CpuStorage::F64(a.clone()),
+            &la,
+            &CpuStorage::F64(bt.clone()),
+            &lb,
+        )
+        .unwrap() else {
+            panic!()
+        };
+        for bi in 0..2 {
+            for i in 0..3 {
+                for j in 0..5 {
+                    let want: f64 = (0..4)
+                        .map(|p| a[bi * 12 + i * 4 + p] * bt[bi * 20 + j * 4 + p])
+                        .sum();
+                    assert!((out[bi * 15 + i * 5 + j] - want).abs() < 1e-12);
+                }
+            }
+        }
     }
 }

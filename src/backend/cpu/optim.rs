@@ -28,16 +28,15 @@ impl Default for AdamW {
 pub fn adamw_step(h: &AdamW, t: u64, p: &mut [f32], g: &[f32], m: &mut [f32], v: &mut [f32]) {
     let bc1 = 1.0 - h.beta1.powi(t as i32);
     let bc2 = 1.0 - h.beta2.powi(t as i32);
-    for i in 0..p.len() {
-        let gi = g[i] as f64;
-        let mut pi = p[i] as f64;
-        pi *= 1.0 - h.lr * h.weight_decay;
-        let mi = h.beta1 * m[i] as f64 + (1.0 - h.beta1) * gi;
-        let vi = h.beta2 * v[i] as f64 + (1.0 - h.beta2) * gi * gi;
+    for (((p, &g), m), v) in p.iter_mut().zip(g).zip(m.iter_mut()).zip(v.iter_mut()) {
+        let g = g as f64;
+        let mut pi = *p as f64 * (1.0 - h.lr * h.weight_decay);
+        let mi = h.beta1 * *m as f64 + (1.0 - h.beta1) * g;
+        let vi = h.beta2 * *v as f64 + (1.0 - h.beta2) * g * g;
         let denom = (vi / bc2).sqrt() + h.eps;
         pi -= h.lr / bc1 * mi / denom;
-        p[i] = pi as f32;
-        m[i] = mi as f32;
-        v[i] = vi as f32;
+        *p = pi as f32;
+        *m = mi as f32;
+        *v = vi as f32;
     }
 }

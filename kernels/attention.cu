@@ -1,0 +1,509 @@
+// Attention family: flash attention forward (online softmax, saves the per-row log-sum-exp) and
+// backward (recomputes P from the LSE; D = rowsum(dO * O) preprocessing; dK/dV and dQ in two
+// kernels so that no atomics are needed and results are bit-reproducible).
+//
+// Layout: q, o, d_q, d_o (BH, Sq, HD); k, v, d_k, d_v (BH, Skv, HD); lse, D (BH, Sq) f32; all
+// contiguous, BH = B * NH. Causal masking is top-left aligned (key j visible to query i iff j <= i),
+// PyTorch's is_causal convention. Skv is arbitrary (77 for cross-attention): ragged tiles are
+// zero-filled and masked to -inf.
+//
+// Two implementations:
+//  - attention_flash_*_{f32,bf16}_hd*: portable scalar-FMA kernels (f32 tiles in shared memory).
+//    The forward for f32 and the whole backward use them.
+//  - attention_flash_fwd_bf16_hd*: tensor-core forward (mma.sync m16n8k16 bf16, sm_80+).
+#include "common.cuh"
+
+// ================================ portable kernels ================================================
+// 4 warps. Score tiles are computed with lane = key (32 keys per tile) and 1/4 of the tile's query
+// rows per warp, so row max / row sum are warp shuffles. The P.V style products then switch to
+// thread = (row or key, d = warp + 4c), which reads the shared P tile along a padded row
+// (conflict-free) and the V/K/Q tile as a warp-wide broadcast.
+#define FA_WARPS 4
+#define FA_THREADS (FA_WARPS * 32)
+#define FA_BKV 32
+
+template <typename T>
+__device__ __forceinline__ void load_tile(float* dst, int ld_dst, const T* src, i64 row0, int nrows_valid, int rows,
+                                          int HD) {
+    for (int idx = threadIdx.x; idx < rows * HD; idx += FA_THREADS) {
+        const int r = idx / HD, d = idx % HD;
+        dst[r * ld_dst + d] = r < nrows_valid ? ld(src, (row0 + r) * HD + d) : 0.0f;
+    }
+}
+
+// Grid (ceil(Sq / 32), BH), block 128.
+template <typename T, int HD>
+__device__ __forceinline__ void flash_fwd_simple(const T* __restrict__ q, const T* __restrict__ k,
+                                                 const T* __restrict__ v, T* __restrict__ o, float* __restrict__ lse,
+                                                 int Sq, int Skv, float scale, int causal) {
+    constexpr int BQ = 32, RPW = BQ / FA_WARPS, DC = (HD + FA_WARPS - 1) / FA_WARPS;
+    __shared__ float Qs[BQ][HD];
+    __shared__ float Ks[FA_BKV][HD + 1];
+    __shared__ float Vs[FA_BKV][HD];
+    __shared__ float Ps[BQ][FA_BKV + 1];
+    __shared__ float alpha_s[BQ];
+    static_assert(sizeof(float) * (BQ * HD + FA_BKV * (2 * HD + 1) + BQ * (FA_BKV + 2)) <= 48 * 1024, "smem");
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const i64 bh = blockIdx.y;
+    const int q0 = blockIdx.x * BQ;
+    load_tile(&Qs[0][0], HD, q + bh * Sq * HD, q0, min(BQ, Sq - q0), BQ, HD);
+    float m[RPW], l[RPW], acc[DC];
+#pragma unroll
+    for (int r = 0; r < RPW; ++r) {
+        m[r] = KS_NEG_INF;
+        l[r] = 0.0f;
+    }
+#pragma unroll
+    for (int c = 0; c < DC; ++c) acc[c] = 0.0f;
+    const int kv_end = causal ? min(Skv, q0 + BQ) : Skv;
+    for (int kv0 = 0; kv0 < kv_end; kv0 += FA_BKV) {
+        const int nkv = min(FA_BKV, Skv - kv0);
+        load_tile(&Ks[0][0], HD + 1, k + bh * Skv * HD, kv0, nkv, FA_BKV, HD);
+        load_tile(&Vs[0][0], HD, v + bh * Skv * HD, kv0, nkv, FA_BKV, HD);
+        __syncthreads();
+#pragma unroll
+        for (int r = 0; r < RPW; ++r) {
+            const int i = warp * RPW + r;
+            float s = 0.0f;
+#pragma unroll 8
+            for (int d = 0; d < HD; ++d) s = fmaf(Qs[i][d], Ks[lane][d], s);
+            s *= scale;
+            const int j = kv0 + lane;
+            if (j >= Skv || (causal && j > q0 + i)) s = KS_NEG_INF;
+            const float mt = warp_max(s);
+            const float mn = fmaxf(m[r], mt);
+            // Nothing visible yet: keep the state at (−inf, 0) and contribute p = 0.
+            const float mu = mn == KS_NEG_INF ? 0.0f : mn;
+            const float p = __expf(s - mu);
+            const float alpha = __expf(m[r] - mu);
+            l[r] = l[r] * alpha + warp_sum(p);
+            m[r] = mn;
+            Ps[i][lane] = p;
+            if (lane == 0) alpha_s[i] = alpha;
+        }
+        __syncthreads();
+        // Thread (row i = lane, d = warp + 4c).
+        const float al = alpha_s[lane];
+#pragma unroll
+        for (int c = 0; c < DC; ++c) {
+            const int d = warp + FA_WARPS * c;
+            if (d < HD) {
+                float s = acc[c] * al;
+#pragma unroll 8
+                for (int j = 0; j < FA_BKV; ++j) s = fmaf(Ps[lane][j], Vs[j][d], s);
+                acc[c] = s;
+            }
+        }
+        __syncthreads();
+    }
+    // Row sums and LSE are known to the owning warp; publish l through shared memory.
+#pragma unroll
+    for (int r = 0; r < RPW; ++r) {
+        const int i = warp * RPW + r;
+        if (lane == 0) {
+            alpha_s[i] = l[r];
+            if (q0 + i < Sq && lse) lse[bh * Sq + q0 + i] = l[r] > 0.0f ? m[r] + logf(l[r]) : KS_NEG_INF;
+        }
+    }
+    __syncthreads();
+    // Stage O through Qs (no longer needed) so the global write is coalesced along d.
+    const float li = alpha_s[lane];
+    const float inv = li > 0.0f ? 1.0f / li : 0.0f;
+#pragma unroll
+    for (int c = 0; c < DC; ++c) {
+        const int d = warp + FA_WARPS * c;
+        if (d < HD) Qs[lane][d] = acc[c] * inv;
+    }
+    __syncthreads();
+    for (int idx = threadIdx.x; idx < BQ * HD; idx += FA_THREADS) {
+        const int r = idx / HD, d = idx % HD;
+        if (q0 + r < Sq) st(o, (bh * Sq + q0 + r) * HD + d, Qs[r][d]);
+    }
+}
+
+// D[row] = sum_d dO[row, d] * O[row, d]. One warp per row; grid ceil(BH * Sq / 4), block 128.
+template <typename T>
+__device__ __forceinline__ void flash_prep_bwd(const T* __restrict__ o, const T* __restrict__ d_o,
+                                               float* __restrict__ Dvec, i64 rows, int HD) {
+    const i64 row = (i64)blockIdx.x * FA_WARPS + (threadIdx.x >> 5);
+    if (row >= rows) return;
+    float s = 0.0f;
+    for (int d = threadIdx.x & 31; d < HD; d += 32) s += ld(o, row * HD + d) * ld(d_o, row * HD + d);
+    s = warp_sum(s);
+    if ((threadIdx.x & 31) == 0) Dvec[row] = s;
+}
+
+// P and dS for a (rows x 32 keys) tile: warp w takes rows w*RPW.., lane = key. Shared by both
+// backward kernels. Q/dO rows are read by broadcast, K/V rows (lane-indexed) from padded tiles.
+template <int HD, int RPW>
+__device__ __forceinline__ void score_tile_bwd(const float* Qs, const float* dOs, const float* Ks, const float* Vs,
+                                               const float* lse_s, const float* D_s, float* Ps, float* dSs,
+                                               int ldp, int q0, int kv0, int Sq, int Skv, float scale, int causal) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+#pragma unroll
+    for (int r = 0; r < RPW; ++r) {
+        const int i = warp * RPW + r;
+        float s = 0.0f, dp = 0.0f;
+#pragma unroll 8
+        for (int d = 0; d < HD; ++d) {
+            s = fmaf(Qs[i * HD + d], Ks[lane * (HD + 1) + d], s);
+            dp = fmaf(dOs[i * HD + d], Vs[lane * (HD + 1) + d], dp);
+        }
+        const int qi = q0 + i, j = kv0 + lane;
+        const bool visible = qi < Sq && j < Skv && !(causal && j > qi);
+        const float p = visible ? __expf(s * scale - lse_s[i]) : 0.0f;
+        if (Ps) Ps[i * ldp + lane] = p;
+        dSs[i * ldp + lane] = p * (dp - D_s[i]);
+    }
+}
+
+// dK, dV for 32 keys per block, looping over query tiles of 16 rows (16 keeps the four f32 tiles
+// plus P and dS under the 48 KB static limit at HD = 80). Grid (ceil(Skv / 32), BH), block 128.
+template <typename T, int HD>
+__device__ __forceinline__ void flash_dkdv_bwd(const T* __restrict__ q, const T* __restrict__ k,
+                                               const T* __restrict__ v, const T* __restrict__ d_o,
+                                               const float* __restrict__ lse, const float* __restrict__ Dvec,
+                                               T* __restrict__ d_k, T* __restrict__ d_v, int Sq, int Skv,
+                                               float scale, int causal) {
+    constexpr int BQ = 16, RPW = BQ / FA_WARPS, DC = (HD + FA_WARPS - 1) / FA_WARPS;
+    __shared__ float Ks[FA_BKV][HD + 1], Vs[FA_BKV][HD + 1];
+    __shared__ float Qs[BQ][HD], dOs[BQ][HD];
+    __shared__ float Ps[BQ][FA_BKV + 1], dSs[BQ][FA_BKV + 1];
+    __shared__ float lse_s[BQ], D_s[BQ];
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const i64 bh = blockIdx.y;
+    const int kv0 = blockIdx.x * FA_BKV, nkv = min(FA_BKV, Skv - kv0);
+    load_tile(&Ks[0][0], HD + 1, k + bh * Skv * HD, kv0, nkv, FA_BKV, HD);
+    load_tile(&Vs[0][0], HD + 1, v + bh * Skv * HD, kv0, nkv, FA_BKV, HD);
+    float dk[DC], dv[DC];
+#pragma unroll
+    for (int c = 0; c < DC; ++c) dk[c] = dv[c] = 0.0f;
+    // Causal: queries before kv0 see none of these keys.
+    for (int q0 = causal ? (kv0 / BQ) * BQ : 0; q0 < Sq; q0 += BQ) {
+        const int nq = min(BQ, Sq - q0);
+        load_tile(&Qs[0][0], HD, q + bh * Sq * HD, q0, nq, BQ, HD);
+        load_tile(&dOs[0][0], HD, d_o + bh * Sq * HD, q0, nq, BQ, HD);
+        if (threadIdx.x < BQ) {
+            const bool ok = threadIdx.x < nq;
+            lse_s[threadIdx.x] = ok ? lse[bh * Sq + q0 + threadIdx.x] : 0.0f;
+            D_s[threadIdx.x] = ok ? Dvec[bh * Sq + q0 + threadIdx.x] : 0.0f;
+        }
+        __syncthreads();
+        score_tile_bwd<HD, RPW>(&Qs[0][0], &dOs[0][0], &Ks[0][0], &Vs[0][0], lse_s, D_s, &Ps[0][0], &dSs[0][0],
+                                FA_BKV + 1, q0, kv0, Sq, Skv, scale, causal);
+        __syncthreads();
+        // Thread (key j = lane, d = warp + 4c).
+#pragma unroll
+        for (int c = 0; c < DC; ++c) {
+            const int d = warp + FA_WARPS * c;
+            if (d < HD) {
+                float a = dv[c], b = dk[c];
+#pragma unroll
+                for (int i = 0; i < BQ; ++i) {
+                    a = fmaf(Ps[i][lane], dOs[i][d], a);
+                    b = fmaf(dSs[i][lane], Qs[i][d], b);
+                }
+                dv[c] = a;
+                dk[c] = b;
+            }
+        }
+        __syncthreads();
+    }
+    // Stage through the K/V tiles for coalesced writes.
+#pragma unroll
+    for (int c = 0; c < DC; ++c) {
+        const int d = warp + FA_WARPS * c;
+        if (d < HD) {
+            Ks[lane][d] = dk[c] * scale;
+            Vs[lane][d] = dv[c];
+        }
+    }
+    __syncthreads();
+    for (int idx = threadIdx.x; idx < nkv * HD; idx += FA_THREADS) {
+        const int r = idx / HD, d = idx % HD;
+        const i64 g = (bh * Skv + kv0 + r) * HD + d;
+        st(d_k, g, Ks[r][d]);
+        st(d_v, g, Vs[r][d]);
+    }
+}
+
+// dQ for 32 query rows per block, looping over key tiles. Grid (ceil(Sq / 32), BH), block 128.
+template <typename T, int HD>
+__device__ __forceinline__ void flash_dq_bwd(const T* __restrict__ q, const T* __restrict__ k,
+                                             const T* __restrict__ v, const T* __restrict__ d_o,
+                                             const float* __restrict__ lse, const float* __restrict__ Dvec,
+                                             T* __restrict__ d_q, int Sq, int Skv, float scale, int causal) {
+    constexpr int BQ = 32, RPW = BQ / FA_WARPS, DC = (HD + FA_WARPS - 1) / FA_WARPS;
+    __shared__ float Qs[BQ][HD], dOs[BQ][HD];
+    __shared__ float Ks[FA_BKV][HD + 1], Vs[FA_BKV][HD + 1];
+    __shared__ float dSs[BQ][FA_BKV + 1];
+    __shared__ float lse_s[BQ], D_s[BQ];
+    static_assert(sizeof(float) * (2 * BQ * HD + 2 * FA_BKV * (HD + 1) + BQ * (FA_BKV + 3)) <= 48 * 1024, "smem");
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const i64 bh = blockIdx.y;
+    const int q0 = blockIdx.x * BQ, nq = min(BQ, Sq - q0);
+    load_tile(&Qs[0][0], HD, q + bh * Sq * HD, q0, nq, BQ, HD);
+    load_tile(&dOs[0][0], HD, d_o + bh * Sq * HD, q0, nq, BQ, HD);
+    if (threadIdx.x < BQ) {
+        const bool ok = threadIdx.x < nq;
+        lse_s[threadIdx.x] = ok ? lse[bh * Sq + q0 + threadIdx.x] : 0.0f;
+        D_s[threadIdx.x] = ok ? Dvec[bh * Sq + q0 + threadIdx.x] : 0.0f;
+    }
+    float dq[DC];
+#pragma unroll
+    for (int c = 0; c < DC; ++c) dq[c] = 0.0f;
+    const int kv_end = causal ? min(Skv, q0 + BQ) : Skv;
+    for (int kv0 = 0; kv0 < kv_end; kv0 += FA_BKV) {
+        const int nkv = min(FA_BKV, Skv - kv0);
+        load_tile(&Ks[0][0], HD + 1, k + bh * Skv * HD, kv0, nkv, FA_BKV, HD);
+        load_tile(&Vs[0][0], HD + 1, v + bh * Skv * HD, kv0, nkv, FA_BKV, HD);
+        __syncthreads();
+        score_tile_bwd<HD, RPW>(&Qs[0][0], &dOs[0][0], &Ks[0][0], &Vs[0][0], lse_s, D_s, nullptr, &dSs[0][0],
+                                FA_BKV + 1, q0, kv0, Sq, Skv, scale, causal);
+        __syncthreads();
+        // Thread (row i = lane, d = warp + 4c).
+#pragma unroll
+        for (int c = 0; c < DC; ++c) {
+            const int d = warp + FA_WARPS * c;
+            if (d < HD) {
+                float a = dq[c];
+#pragma unroll 8
+                for (int j = 0; j < FA_BKV; ++j) a = fmaf(dSs[lane][j], Ks[j][d], a);
+                dq[c] = a;
+            }
+        }
+        __syncthreads();
+    }
+#pragma unroll
+    for (int c = 0; c < DC; ++c) {
+        const int d = warp + FA_WARPS * c;
+        if (d < HD) Qs[lane][d] = dq[c] * scale;
+    }
+    __syncthreads();
+    for (int idx = threadIdx.x; idx < nq * HD; idx += FA_THREADS) {
+        const int r = idx / HD, d = idx % HD;
+        st(d_q, (bh * Sq + q0 + r) * HD + d, Qs[r][d]);
+    }
+}
+
+#define KS_FA_SIMPLE(T, tn, HD)                                                                                \
+    extern "C" __global__ void __launch_bounds__(FA_THREADS) attention_flash_dkdv_bwd_##tn##_hd##HD(           \
+        const T* q, const T* k, const T* v, const T* d_o, const float* lse, const float* D, T* d_k, T* d_v,   \
+        int Sq, int Skv, float scale, int causal) {                                                           \
+        flash_dkdv_bwd<T, HD>(q, k, v, d_o, lse, D, d_k, d_v, Sq, Skv, scale, causal);                        \
+    }                                                                                                         \
+    extern "C" __global__ void __launch_bounds__(FA_THREADS) attention_flash_dq_bwd_##tn##_hd##HD(             \
+        const T* q, const T* k, const T* v, const T* d_o, const float* lse, const float* D, T* d_q, int Sq,   \
+        int Skv, float scale, int causal) {                                                                   \
+        flash_dq_bwd<T, HD>(q, k, v, d_o, lse, D, d_q, Sq, Skv, scale, causal);                               \
+    }
+
+#define KS_FA_FWD_SIMPLE(T, tn, HD)                                                                            \
+    extern "C" __global__ void __launch_bounds__(FA_THREADS) attention_flash_fwd_##tn##_hd##HD(                \
+        const T* q, const T* k, const T* v, T* o, float* lse, int Sq, int Skv, float scale, int causal) {      \
+        flash_fwd_simple<T, HD>(q, k, v, o, lse, Sq, Skv, scale, causal);                                     \
+    }
+
+#define KS_FA_HDS(X, T, tn) X(T, tn, 16) X(T, tn, 32) X(T, tn, 40) X(T, tn, 64) X(T, tn, 80)
+
+KS_FA_HDS(KS_FA_FWD_SIMPLE, float, f32)
+KS_FA_HDS(KS_FA_SIMPLE, float, f32)
+KS_FA_HDS(KS_FA_SIMPLE, bf16, bf16)
+
+extern "C" __global__ void __launch_bounds__(FA_THREADS)
+    attention_flash_prep_bwd_f32(const float* o, const float* d_o, float* D, i64 rows, int HD) {
+    flash_prep_bwd<float>(o, d_o, D, rows, HD);
+}
+extern "C" __global__ void __launch_bounds__(FA_THREADS)
+    attention_flash_prep_bwd_bf16(const bf16* o, const bf16* d_o, float* D, i64 rows, int HD) {
+    flash_prep_bwd<bf16>(o, d_o, D, rows, HD);
+}
+
+
+// ================================ tensor-core forward (bf16, sm_80+) ==============================
+// FlashAttention-2 forward on mma.sync.m16n8k16 (bf16 in, f32 accumulate). Block = 4 warps,
+// 64 query rows (16 per warp, one m16 tile), key tiles of 64. Each warp keeps its Q fragments,
+// S tile (16 x 64) and O accumulator (16 x HD) in registers; the S accumulator layout is reused
+// directly as the A operand of P.V (the C fragment of two n8 tiles is the A fragment of one k16).
+// Shared rows are padded by 8 bf16 (16 bytes): with the row stride an odd multiple of 16 bytes
+// the 8 rows touched by one fragment load fall in distinct bank groups, and ldmatrix addresses
+// stay 16-byte aligned. HD is zero-padded to a multiple of 16 for the QK^T k-loop (HD = 40 -> 48).
+// Requirements: HD % 8 == 0 and q/k/v/o base pointers 16-byte aligned (uint4 tile loads).
+#define FM_BQ 64
+#define FM_BKV 64
+
+__device__ __forceinline__ unsigned smem_u32(const void* p) {
+    unsigned long long a;
+    asm("cvta.to.shared.u64 %0, %1;" : "=l"(a) : "l"(p));
+    return (unsigned)a;
+}
+
+__device__ __forceinline__ void mma_bf16_16816(float (&c)[4], const unsigned (&a)[4], unsigned b0, unsigned b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+// Loads rows [row0, row0 + rows) of a (S, HD) bf16 matrix into a (rows, STR) shared tile, zero
+// filling rows past nvalid and columns [HD, HDP).
+template <int HD, int HDP, int STR>
+__device__ __forceinline__ void load_tile_bf16(unsigned short* dst, const bf16* src, i64 row0, int nvalid, int rows) {
+    constexpr int CH = HDP / 8; // 16-byte chunks per padded row
+    for (int idx = threadIdx.x; idx < rows * CH; idx += FA_THREADS) {
+        const int r = idx / CH, c = idx % CH;
+        uint4 val = make_uint4(0u, 0u, 0u, 0u);
+        if (r < nvalid && c * 8 < HD) val = *reinterpret_cast<const uint4*>(src + (row0 + r) * HD + c * 8);
+        *reinterpret_cast<uint4*>(dst + r * STR + c * 8) = val;
+    }
+}
+
+template <int HD>
+__device__ __forceinline__ void flash_fwd_mma(const bf16* __restrict__ q, const bf16* __restrict__ k,
+                                              const bf16* __restrict__ v, bf16* __restrict__ o,
+                                              float* __restrict__ lse, int Sq, int Skv, float scale, int causal) {
+    static_assert(HD % 8 == 0, "HD must be a multiple of 8");
+    constexpr int HDP = (HD + 15) / 16 * 16, STR = HDP + 8, KS = HDP / 16, DN = HD / 8, NT = FM_BKV / 8;
+    __shared__ __align__(16) unsigned short Qs[FM_BQ * STR];
+    __shared__ __align__(16) unsigned short Ks[FM_BKV * STR];
+    __shared__ __align__(16) unsigned short Vs[FM_BKV * STR];
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
+    const i64 bh = blockIdx.y;
+    const int q0 = blockIdx.x * FM_BQ, r0 = warp * 16;
+    // exp2 with log2(e) folded into the scale: one FMUL less per score.
+    const float sl2 = scale * 1.4426950408889634f;
+
+    load_tile_bf16<HD, HDP, STR>(Qs, q + bh * Sq * HD, q0, min(FM_BQ, Sq - q0), FM_BQ);
+    __syncthreads();
+    unsigned qa[KS][4];
+#pragma unroll
+    for (int ks = 0; ks < KS; ++ks) {
+        const unsigned short* base = Qs + (r0 + g) * STR + ks * 16 + 2 * t;
+        qa[ks][0] = *reinterpret_cast<const unsigned*>(base);
+        qa[ks][1] = *reinterpret_cast<const unsigned*>(base + 8 * STR);
+        qa[ks][2] = *reinterpret_cast<const unsigned*>(base + 8);
+        qa[ks][3] = *reinterpret_cast<const unsigned*>(base + 8 * STR + 8);
+    }
+    float acc[DN][4];
+#pragma unroll
+    for (int dn = 0; dn < DN; ++dn) acc[dn][0] = acc[dn][1] = acc[dn][2] = acc[dn][3] = 0.0f;
+    float m0 = KS_NEG_INF, m1 = KS_NEG_INF, l0 = 0.0f, l1 = 0.0f; // rows g and g + 8 (log2 domain)
+    const int qi0 = q0 + r0 + g, qi1 = qi0 + 8;
+
+    const int kv_end = causal ? min(Skv, q0 + FM_BQ) : Skv;
+    for (int kv0 = 0; kv0 < kv_end; kv0 += FM_BKV) {
+        __syncthreads(); // previous tile fully consumed
+        const int nkv = min(FM_BKV, Skv - kv0);
+        load_tile_bf16<HD, HDP, STR>(Ks, k + bh * Skv * HD, kv0, nkv, FM_BKV);
+        load_tile_bf16<HD, HDP, STR>(Vs, v + bh * Skv * HD, kv0, nkv, FM_BKV);
+        __syncthreads();
+
+        float s[NT][4];
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt) {
+            s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.0f;
+#pragma unroll
+            for (int ks = 0; ks < KS; ++ks) {
+                const unsigned short* kb = Ks + (nt * 8 + g) * STR + ks * 16 + 2 * t;
+                mma_bf16_16816(s[nt], qa[ks], *reinterpret_cast<const unsigned*>(kb),
+                               *reinterpret_cast<const unsigned*>(kb + 8));
+            }
+        }
+        // Scale, mask, row max over this thread's columns, then across the quad that shares a row.
+        float mt0 = KS_NEG_INF, mt1 = KS_NEG_INF;
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt) {
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                const int j = kv0 + nt * 8 + 2 * t + (e & 1);
+                const int qi = e < 2 ? qi0 : qi1;
+                float x = s[nt][e] * sl2;
+                if (j >= Skv || (causal && j > qi)) x = KS_NEG_INF;
+                s[nt][e] = x;
+                if (e < 2) mt0 = fmaxf(mt0, x);
+                else mt1 = fmaxf(mt1, x);
+            }
+        }
+        mt0 = fmaxf(mt0, __shfl_xor_sync(0xffffffffu, mt0, 1));
+        mt0 = fmaxf(mt0, __shfl_xor_sync(0xffffffffu, mt0, 2));
+        mt1 = fmaxf(mt1, __shfl_xor_sync(0xffffffffu, mt1, 1));
+        mt1 = fmaxf(mt1, __shfl_xor_sync(0xffffffffu, mt1, 2));
+        const float mn0 = fmaxf(m0, mt0), mn1 = fmaxf(m1, mt1);
+        const float mu0 = mn0 == KS_NEG_INF ? 0.0f : mn0, mu1 = mn1 == KS_NEG_INF ? 0.0f : mn1;
+        const float al0 = exp2f(m0 - mu0), al1 = exp2f(m1 - mu1);
+        m0 = mn0;
+        m1 = mn1;
+        // l is kept per thread (a partial over its columns) and reduced across the quad once at
+        // the end: alpha is uniform across the quad, so partial sums rescale consistently.
+        l0 *= al0;
+        l1 *= al1;
+#pragma unroll
+        for (int dn = 0; dn < DN; ++dn) {
+            acc[dn][0] *= al0;
+            acc[dn][1] *= al0;
+            acc[dn][2] *= al1;
+            acc[dn][3] *= al1;
+        }
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt) {
+            s[nt][0] = exp2f(s[nt][0] - mu0);
+            s[nt][1] = exp2f(s[nt][1] - mu0);
+            s[nt][2] = exp2f(s[nt][2] - mu1);
+            s[nt][3] = exp2f(s[nt][3] - mu1);
+            l0 += s[nt][0] + s[nt][1];
+            l1 += s[nt][2] + s[nt][3];
+        }
+        // O += P V: P (16 x 64) from registers as four k16 A fragments; V fragments by ldmatrix.trans
+        // (V is stored key-major, the B operand wants (k = key) x (n = d) column-major).
+#pragma unroll
+        for (int kk = 0; kk < FM_BKV / 16; ++kk) {
+            unsigned pa[4];
+            pa[0] = pack_bf16x2(s[2 * kk][0], s[2 * kk][1]);
+            pa[1] = pack_bf16x2(s[2 * kk][2], s[2 * kk][3]);
+            pa[2] = pack_bf16x2(s[2 * kk + 1][0], s[2 * kk + 1][1]);
+            pa[3] = pack_bf16x2(s[2 * kk + 1][2], s[2 * kk + 1][3]);
+            // Lanes 0-7 address keys kk*16 + 0..7 (matrix 0), lanes 8-15 keys kk*16 + 8..15.
+            const unsigned short* vrow = Vs + (kk * 16 + (lane & 15)) * STR;
+#pragma unroll
+            for (int dn = 0; dn < DN; ++dn) {
+                unsigned b0, b1;
+                asm volatile("ldmatrix.sync.aligned.m8n8.x2.trans.shared.b16 {%0, %1}, [%2];"
+                             : "=r"(b0), "=r"(b1)
+                             : "r"(smem_u32(vrow + dn * 8)));
+                mma_bf16_16816(acc[dn], pa, b0, b1);
+            }
+        }
+    }
+    l0 += __shfl_xor_sync(0xffffffffu, l0, 1);
+    l0 += __shfl_xor_sync(0xffffffffu, l0, 2);
+    l1 += __shfl_xor_sync(0xffffffffu, l1, 1);
+    l1 += __shfl_xor_sync(0xffffffffu, l1, 2);
+    const float inv0 = l0 > 0.0f ? 1.0f / l0 : 0.0f, inv1 = l1 > 0.0f ? 1.0f / l1 : 0.0f;
+#pragma unroll
+    for (int dn = 0; dn < DN; ++dn) {
+        const int d = dn * 8 + 2 * t;
+        if (qi0 < Sq)
+            *reinterpret_cast<unsigned*>(o + (bh * Sq + qi0) * HD + d) = pack_bf16x2(acc[dn][0] * inv0, acc[dn][1] * inv0);
+        if (qi1 < Sq)
+            *reinterpret_cast<unsigned*>(o + (bh * Sq + qi1) * HD + d) = pack_bf16x2(acc[dn][2] * inv1, acc[dn][3] * inv1);
+    }
+    // LSE in natural log: (m + log2 l) * ln 2.
+    if (t == 0 && lse) {
+        if (qi0 < Sq) lse[bh * Sq + qi0] = l0 > 0.0f ? (m0 + __log2f(l0)) * 0.6931471805599453f : KS_NEG_INF;
+        if (qi1 < Sq) lse[bh * Sq + qi1] = l1 > 0.0f ? (m1 + __log2f(l1)) * 0.6931471805599453f : KS_NEG_INF;
+    }
+}
+
+#define KS_FA_MMA(HD)                                                                                         \
+    extern "C" __global__ void __launch_bounds__(FA_THREADS) attention_flash_fwd_bf16_hd##HD(                 \
+        const bf16* q, const bf16* k, const bf16* v, bf16* o, float* lse, int Sq, int Skv, float scale,       \
+        int causal) {                                                                                        \
+        flash_fwd_mma<HD>(q, k, v, o, lse, Sq, Skv, scale, causal);                                          \
+    }
+
+KS_FA_MMA(16)
+KS_FA_MMA(32)
+KS_FA_MMA(40)
+KS_FA_MMA(64)
+KS_FA_MMA(80)

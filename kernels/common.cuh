@@ -1,0 +1,139 @@
+// Shared helpers for every kstyle kernel family. Compiled by NVRTC 13.0 with no CUDA headers:
+// NVRTC has neither cuda_fp16.h nor cuda_bf16.h built in, so 16-bit floats are carried as raw
+// bit patterns in one-member structs and converted with single PTX instructions. The structs
+// (not bare `unsigned short`) keep bf16 and f16 distinct types, so templates can overload on them.
+#pragma once
+
+struct bf16 { unsigned short bits; };
+struct f16 { unsigned short bits; };
+
+typedef long long i64;
+typedef unsigned long long u64;
+
+// INFINITY is not defined under NVRTC.
+#define KS_INF __int_as_float(0x7f800000)
+#define KS_NEG_INF __int_as_float(0xff800000)
+
+// ---- scalar conversion -------------------------------------------------------------------------
+// bf16 -> f32 is exact: bf16 is the top half of an f32.
+__device__ __forceinline__ float to_f32(float x) { return x; }
+__device__ __forceinline__ float to_f32(bf16 x) { return __uint_as_float(((unsigned)x.bits) << 16); }
+__device__ __forceinline__ float to_f32(f16 x) {
+    float f;
+    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(x.bits));
+    return f;
+}
+
+template <typename T> __device__ __forceinline__ T from_f32(float x);
+template <> __device__ __forceinline__ float from_f32<float>(float x) { return x; }
+// Round-to-nearest-even in hardware (sm_80+); NaN stays NaN, overflow goes to inf.
+template <> __device__ __forceinline__ bf16 from_f32<bf16>(float x) {
+    bf16 r;
+    asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(r.bits) : "f"(x));
+    return r;
+}
+template <> __device__ __forceinline__ f16 from_f32<f16>(float x) {
+    f16 r;
+    asm("cvt.rn.f16.f32 %0, %1;" : "=h"(r.bits) : "f"(x));
+    return r;
+}
+
+template <typename T> __device__ __forceinline__ float ld(const T* p, i64 i) { return to_f32(p[i]); }
+template <typename T> __device__ __forceinline__ void st(T* p, i64 i, float v) { p[i] = from_f32<T>(v); }
+
+// Two f32 -> one packed bf16x2 register (low half = lo), the operand format of mma.sync.
+__device__ __forceinline__ unsigned pack_bf16x2(float lo, float hi) {
+    unsigned r;
+    asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
+    return r;
+}
+
+// ---- math --------------------------------------------------------------------------------------
+// expf/logf/erff/tanhf are NVRTC builtins; __expf is the fast SFU path (ex2.approx), accurate to
+// a few ulp, which is what softmax and attention want. Accurate versions are kept where an op is
+// the user-visible result (elementwise exp/log).
+__device__ __forceinline__ float sigmoidf(float x) { return 1.0f / (1.0f + __expf(-x)); }
+
+// ---- warp / block reductions -------------------------------------------------------------------
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}
+__device__ __forceinline__ float warp_max(float v) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+    return v;
+}
+
+// Block-wide sum for blockDim.x a multiple of 32 (<= 1024). `scratch` holds >= 32 floats.
+// Every thread gets the result. Ends with a barrier so scratch can be reused at once.
+__device__ __forceinline__ float block_sum(float v, float* scratch) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
+    v = warp_sum(v);
+    if (lane == 0) scratch[warp] = v;
+    __syncthreads();
+    v = lane < nwarps ? scratch[lane] : 0.0f;
+    v = warp_sum(v);
+    __syncthreads();
+    return v;
+}
+__device__ __forceinline__ float block_max(float v, float* scratch) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
+    v = warp_max(v);
+    if (lane == 0) scratch[warp] = v;
+    __syncthreads();
+    v = lane < nwarps ? scratch[lane] : KS_NEG_INF;
+    v = warp_max(v);
+    __syncthreads();
+    return v;
+}
+
+// ---- strided layouts ---------------------------------------------------------------------------
+// Up to 6 dims, PyTorch order (outermost first). Passed by value as kernel parameters; the Rust
+// side mirrors them as #[repr(C)] structs. A broadcast dim has stride 0. `contig` is a bitmask the
+// host fills: bit k set means operand k is plain contiguous in the output's element order, which
+// turns the index walk into `offset = i` (a uniform branch, so no divergence).
+#define KS_MAX_DIMS 6
+struct Dims6 {
+    int ndim;
+    int contig;
+    i64 shape[KS_MAX_DIMS];
+};
+struct Strides6 {
+    i64 s[KS_MAX_DIMS];
+};
+
+// Offset of the element with linear (row-major over `d.shape`) index i. 32-bit division when
+// the whole tensor fits (the usual case): 64-bit division is a ~70-instruction software routine.
+__device__ __forceinline__ i64 strided_offset(i64 i, const Dims6& d, const Strides6& st, bool small) {
+    i64 off = 0;
+    if (small) {
+        unsigned r = (unsigned)i;
+#pragma unroll
+        for (int k = KS_MAX_DIMS - 1; k >= 0; --k) {
+            if (k < d.ndim) {
+                unsigned n = (unsigned)d.shape[k];
+                unsigned q = r / n;
+                off += (i64)(r - q * n) * st.s[k];
+                r = q;
+            }
+        }
+    } else {
+        u64 r = (u64)i;
+#pragma unroll
+        for (int k = KS_MAX_DIMS - 1; k >= 0; --k) {
+            if (k < d.ndim) {
+                u64 n = (u64)d.shape[k];
+                u64 q = r / n;
+                off += (i64)(r - q * n) * st.s[k];
+                r = q;
+            }
+        }
+    }
+    return off;
+}
+
+// Grid-stride loop over [0, n): kernels launch min(ceil(n / block), 65535 * k) blocks and loop.
+#define KS_GRID_STRIDE(i, n) \
+    for (i64 i = (i64)blockIdx.x * blockDim.x + threadIdx.x; i < (n); i += (i64)gridDim.x * blockDim.x)

@@ -1,0 +1,49 @@
+// Optimizer family: AdamW with PyTorch semantics over one flat f32 master buffer (every trainable
+// tensor packed back to back), f32 moments, and an optional bf16 copy of the updated weights for
+// the forward pass, written in the same sweep so the weights are read once per step.
+//
+//   p <- p - lr * wd * p                      (decoupled weight decay, applied first)
+//   m <- b1 m + (1 - b1) g ;  v <- b2 v + (1 - b2) g^2
+//   p <- p - lr * (m / bc1) / (sqrt(v / bc2) + eps),   bc1 = 1 - b1^t, bc2 = 1 - b2^t
+//
+// The host computes bc1/bc2 in f64 from the step count t (t starts at 1). g is multiplied by
+// grad_scale first (1 / accumulation steps, or a clipping factor), saving a separate pass.
+#include "common.cuh"
+
+struct AdamWParams {
+    float lr, beta1, beta2, eps, weight_decay;
+    float bias_correction1, bias_correction2;
+    float grad_scale;
+};
+
+extern "C" __global__ void optim_adamw_step_f32(float* __restrict__ p, const float* __restrict__ g,
+                                                float* __restrict__ m, float* __restrict__ v,
+                                                bf16* __restrict__ p_bf16, i64 n, AdamWParams h) {
+    // PyTorch computes sqrt(v) / sqrt(bc2) + eps; multiplying by the hoisted 1 / sqrt(bc2) saves a
+    // division per element and differs from it by at most an ulp of the denominator.
+    const float step = h.lr / h.bias_correction1;
+    const float inv_sqrt_bc2 = 1.0f / sqrtf(h.bias_correction2);
+    const float decay = 1.0f - h.lr * h.weight_decay;
+    KS_GRID_STRIDE(i, n) {
+        const float gi = g[i] * h.grad_scale;
+        const float mi = fmaf(h.beta1, m[i], (1.0f - h.beta1) * gi);
+        const float vi = fmaf(h.beta2, v[i], (1.0f - h.beta2) * gi * gi);
+        const float denom = sqrtf(vi) * inv_sqrt_bc2 + h.eps;
+        const float pi = p[i] * decay - step * mi / denom;
+        m[i] = mi;
+        v[i] = vi;
+        p[i] = pi;
+        if (p_bf16) p_bf16[i] = from_f32<bf16>(pi);
+    }
+}
+
+// Sum of squares of a flat f32 buffer, for the global gradient norm (clipping, logging). Each
+// block writes one partial; the host (or reduce_sum_fwd_f32 over the partials) finishes it.
+// Block 256, grid = min(ceil(n / 256), 1024): partial count stays small enough for one more pass.
+extern "C" __global__ void optim_sqnorm_fwd_f32(const float* __restrict__ x, float* __restrict__ partial, i64 n) {
+    __shared__ float scratch[32];
+    float s = 0.0f;
+    KS_GRID_STRIDE(i, n) { s = fmaf(x[i], x[i], s); }
+    s = block_sum(s, scratch);
+    if (threadIdx.x == 0) partial[blockIdx.x] = s;
+}

@@ -1,0 +1,62 @@
+//! DDIM with eta = 0 (deterministic), as diffusers' `DDIMScheduler` with the same schedule.
+
+use super::{Sampler, SchedulerConfig};
+use crate::{Result, Tensor};
+
+pub struct Ddim {
+    timesteps: Vec<f64>,
+    /// alpha_cumprod at each timestep and at the step after it.
+    alphas: Vec<(f64, f64)>,
+}
+
+impl Ddim {
+    pub fn new(config: &SchedulerConfig, steps: usize) -> Result<Ddim> {
+        let ac = config.alphas_cumprod_f32();
+        let ts = config.timesteps(steps)?;
+        let ratio = config.num_train_timesteps / steps;
+        let last = if config.set_alpha_to_one {
+            1.0
+        } else {
+            ac[0] as f64
+        };
+        let alphas = ts
+            .iter()
+            .map(|&t| {
+                let prev = t as i64 - ratio as i64;
+                let a_prev = if prev >= 0 {
+                    ac[prev as usize] as f64
+                } else {
+                    last
+                };
+                (ac[t.min(ac.len() - 1)] as f64, a_prev)
+            })
+            .collect();
+        Ok(Ddim {
+            timesteps: ts.iter().map(|&t| t as f64).collect(),
+            alphas,
+        })
+    }
+}
+
+impl Sampler for Ddim {
+    fn timesteps(&self) -> &[f64] {
+        &self.timesteps
+    }
+
+    fn init_noise_sigma(&self) -> f64 {
+        1.0
+    }
+
+    fn input_scale(&self, _i: usize) -> f64 {
+        1.0
+    }
+
+    fn step(&self, i: usize, x: &Tensor, eps: &Tensor) -> Result<Tensor> {
+        let (a, a_prev) = self.alphas[i];
+        let x0 = x
+            .sub(&eps.scale((1.0 - a).sqrt())?)?
+            .scale(1.0 / a.sqrt())?;
+        x0.scale(a_prev.sqrt())?
+            .add(&eps.scale((1.0 - a_prev).sqrt())?)
+    }
+}

@@ -1,0 +1,101 @@
+//! Euler discrete sampling as diffusers' `EulerDiscreteScheduler` does it (s_churn 0, linear
+//! sigma interpolation, a final sigma of zero): x <- x + eps * (sigma_{i+1} - sigma_i).
+
+use super::{schedule::Spacing, Sampler, SchedulerConfig};
+use crate::{Result, Tensor};
+
+pub struct EulerDiscrete {
+    timesteps: Vec<f64>,
+    /// steps + 1 values, the last one 0.
+    sigmas: Vec<f64>,
+    init_sigma: f64,
+}
+
+impl EulerDiscrete {
+    pub fn new(config: &SchedulerConfig, steps: usize) -> Result<EulerDiscrete> {
+        let ac = config.alphas_cumprod_f32();
+        // sigma table in float32 as diffusers computes it, then read at integer timesteps (the
+        // linear interpolation is exact there) and stored as float32.
+        let table: Vec<f32> = ac.iter().map(|&a| ((1.0 - a) / a).sqrt()).collect();
+        let ts = config.timesteps(steps)?;
+        let mut sigmas: Vec<f64> = ts
+            .iter()
+            .map(|&t| table[t.min(table.len() - 1)] as f64)
+            .collect();
+        sigmas.push(0.0);
+        let max = sigmas.iter().cloned().fold(0.0, f64::max);
+        let init_sigma = match config.spacing {
+            Spacing::Linspace | Spacing::Trailing => max,
+            Spacing::Leading => {
+                let m = max as f32;
+                (m * m + 1.0).sqrt() as f64
+            }
+        };
+        Ok(EulerDiscrete {
+            timesteps: ts.iter().map(|&t| t as f64).collect(),
+            sigmas,
+            init_sigma,
+        })
+    }
+
+    pub fn sigmas(&self) -> &[f64] {
+        &self.sigmas
+    }
+}
+
+impl Sampler for EulerDiscrete {
+    fn timesteps(&self) -> &[f64] {
+        &self.timesteps
+    }
+
+    fn init_noise_sigma(&self) -> f64 {
+        self.init_sigma
+    }
+
+    fn input_scale(&self, i: usize) -> f64 {
+        // diffusers divides by (sigma^2 + 1)^0.5 computed on a float32 sigma.
+        let s = self.sigmas[i] as f32;
+        1.0 / (s * s + 1.0).sqrt() as f64
+    }
+
+    fn step(&self, i: usize, x: &Tensor, eps: &Tensor) -> Result<Tensor> {
+        // x0 = x - sigma eps; d = (x - x0) / sigma = eps; the two forms differ only in rounding,
+        // and diffusers computes through x0, so do the same.
+        let sigma = self.sigmas[i];
+        let x0 = x.sub(&eps.scale(sigma)?)?;
+        let d = x.sub(&x0)?.scale(1.0 / sigma)?;
+        x.add(&d.scale(self.sigmas[i + 1] - sigma)?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::tensor::SafeTensorsFile;
+
+    #[test]
+    fn timesteps_and_sigmas_match_the_pipeline_reference() {
+        let dir = crate::test_fixtures::tiny();
+        let f = SafeTensorsFile::open(dir.join("reference/pipeline.safetensors")).unwrap();
+        let steps: usize = f.metadata()["steps"].parse().unwrap();
+        let cfg =
+            SchedulerConfig::from_file(&dir.join("sdxl/scheduler/scheduler_config.json")).unwrap();
+        let e = EulerDiscrete::new(&cfg, steps).unwrap();
+        assert_eq!(
+            e.timesteps(),
+            f.tensor("timesteps")
+                .unwrap()
+                .to_vec_f64()
+                .unwrap()
+                .as_slice()
+        );
+        let want = f.tensor("sigmas").unwrap().to_vec_f64().unwrap();
+        assert_eq!(want.len(), e.sigmas().len());
+        for (a, b) in e.sigmas().iter().zip(&want) {
+            assert!(
+                (a - b).abs() <= 1e-6 * b.abs(),
+                "sigma {a} vs reference {b}"
+            );
+        }
+    }
+}

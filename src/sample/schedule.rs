@@ -1,0 +1,232 @@
+//! The scaled-linear beta schedule and the scheduler config of a diffusers folder.
+//!
+//! Two precisions on purpose: samplers reproduce diffusers, which builds its tables in float32;
+//! training follows `kstyle_ref.alphas_cumprod`, which is float64.
+
+use crate::{Error, Result};
+use std::path::Path;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Spacing {
+    Leading,
+    Trailing,
+    Linspace,
+}
+
+/// The fields of `scheduler/scheduler_config.json` the samplers use.
+#[derive(Clone, Debug, PartialEq)]
+pub struct SchedulerConfig {
+    pub num_train_timesteps: usize,
+    pub beta_start: f64,
+    pub beta_end: f64,
+    pub spacing: Spacing,
+    pub steps_offset: usize,
+    /// DDIM: whether the step past t = 0 uses alpha_cumprod = 1.
+    pub set_alpha_to_one: bool,
+}
+
+impl Default for SchedulerConfig {
+    /// SDXL base's shipped scheduler (SDXL.md 4.2).
+    fn default() -> Self {
+        SchedulerConfig {
+            num_train_timesteps: 1000,
+            beta_start: 0.00085,
+            beta_end: 0.012,
+            spacing: Spacing::Leading,
+            steps_offset: 1,
+            set_alpha_to_one: false,
+        }
+    }
+}
+
+impl SchedulerConfig {
+    pub fn from_file(path: &Path) -> Result<SchedulerConfig> {
+        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| Error::Json {
+            path: path.into(),
+            msg: e.to_string(),
+        })?;
+        let d = SchedulerConfig::default();
+        let bad = |msg: String| Error::file(path, msg);
+        if let Some(s) = v.get("beta_schedule").and_then(|s| s.as_str()) {
+            if s != "scaled_linear" {
+                return Err(bad(format!(
+                    "beta_schedule `{s}` is not supported (only scaled_linear)"
+                )));
+            }
+        }
+        if let Some(p) = v.get("prediction_type").and_then(|s| s.as_str()) {
+            if p != "epsilon" {
+                return Err(bad(format!(
+                    "prediction_type `{p}` is not supported (only epsilon)"
+                )));
+            }
+        }
+        for flag in [
+            "use_karras_sigmas",
+            "use_exponential_sigmas",
+            "use_beta_sigmas",
+            "rescale_betas_zero_snr",
+        ] {
+            if v.get(flag).and_then(|b| b.as_bool()) == Some(true) {
+                return Err(bad(format!("`{flag}: true` is not supported")));
+            }
+        }
+        let spacing = match v
+            .get("timestep_spacing")
+            .and_then(|s| s.as_str())
+            .unwrap_or("leading")
+        {
+            "leading" => Spacing::Leading,
+            "trailing" => Spacing::Trailing,
+            "linspace" => Spacing::Linspace,
+            other => return Err(bad(format!("timestep_spacing `{other}` is not supported"))),
+        };
+        let num = |k: &str, dv: f64| v.get(k).and_then(|x| x.as_f64()).unwrap_or(dv);
+        Ok(SchedulerConfig {
+            num_train_timesteps: num("num_train_timesteps", d.num_train_timesteps as f64) as usize,
+            beta_start: num("beta_start", d.beta_start),
+            beta_end: num("beta_end", d.beta_end),
+            spacing,
+            steps_offset: num("steps_offset", 0.0) as usize,
+            set_alpha_to_one: v
+                .get("set_alpha_to_one")
+                .and_then(|b| b.as_bool())
+                .unwrap_or(false),
+        })
+    }
+
+    /// alphas_cumprod exactly as diffusers builds it: a float32 linspace of sqrt(beta), squared,
+    /// and PyTorch's CPU cumprod, which carries the running product in double and stores float32.
+    pub fn alphas_cumprod_f32(&self) -> Vec<f32> {
+        let n = self.num_train_timesteps;
+        let (a, b) = (self.beta_start.sqrt() as f32, self.beta_end.sqrt() as f32);
+        let mut acc = 1f64;
+        (0..n)
+            .map(|i| {
+                let t = linspace_f32(a, b, n, i);
+                acc *= (1.0 - t * t) as f64;
+                acc as f32
+            })
+            .collect()
+    }
+
+    /// Timesteps for `steps` inference steps, largest first, as integers.
+    pub fn timesteps(&self, steps: usize) -> Result<Vec<usize>> {
+        let n = self.num_train_timesteps;
+        if steps == 0 || steps > n {
+            return Err(Error::Config(format!(
+                "steps must be in 1..={n}, got {steps}"
+            )));
+        }
+        Ok(match self.spacing {
+            Spacing::Leading => {
+                let ratio = n / steps;
+                (0..steps)
+                    .rev()
+                    .map(|i| i * ratio + self.steps_offset)
+                    .collect()
+            }
+            Spacing::Trailing => {
+                // np.round(np.arange(n, 0, -n/steps)) - 1
+                let ratio = n as f64 / steps as f64;
+                (0..steps)
+                    .map(|i| {
+                        ((n as f64 - i as f64 * ratio).round_ties_even() as usize).saturating_sub(1)
+                    })
+                    .collect()
+            }
+            Spacing::Linspace => {
+                // np.linspace(0, n - 1, steps)[::-1].round()
+                (0..steps)
+                    .rev()
+                    .map(|i| {
+                        if steps == 1 {
+                            0
+                        } else {
+                            ((n - 1) as f64 * i as f64 / (steps - 1) as f64).round_ties_even()
+                                as usize
+                        }
+                    })
+                    .collect()
+            }
+        })
+    }
+}
+
+/// torch.linspace in float32: start + i*step for the first half, end - (n-1-i)*step after, which
+/// is how PyTorch keeps both ends exact.
+fn linspace_f32(start: f32, end: f32, n: usize, i: usize) -> f32 {
+    if n == 1 {
+        return start;
+    }
+    let step = (end - start) / (n - 1) as f32;
+    if i < n / 2 {
+        start + step * i as f32
+    } else {
+        end - step * (n - 1 - i) as f32
+    }
+}
+
+/// The training schedule in float64 (`kstyle_ref.alphas_cumprod`).
+#[derive(Clone, Debug)]
+pub struct TrainSchedule {
+    pub alphas_cumprod: Vec<f64>,
+}
+
+impl TrainSchedule {
+    pub fn scaled_linear(n: usize, beta_start: f64, beta_end: f64) -> TrainSchedule {
+        let (a, b) = (beta_start.sqrt(), beta_end.sqrt());
+        let mut acc = 1.0;
+        let alphas_cumprod = (0..n)
+            .map(|i| {
+                let t = if n == 1 {
+                    a
+                } else {
+                    a + (b - a) * i as f64 / (n - 1) as f64
+                };
+                acc *= 1.0 - t * t;
+                acc
+            })
+            .collect();
+        TrainSchedule { alphas_cumprod }
+    }
+
+    /// SDXL's: 1000 steps from 0.00085 to 0.012.
+    pub fn sdxl() -> TrainSchedule {
+        TrainSchedule::scaled_linear(1000, 0.00085, 0.012)
+    }
+
+    pub fn len(&self) -> usize {
+        self.alphas_cumprod.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.alphas_cumprod.is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn leading_timesteps_match_diffusers() {
+        let c = SchedulerConfig::default();
+        let t50 = c.timesteps(50).unwrap();
+        assert_eq!((t50[0], t50[1], t50[48], t50[49]), (981, 961, 21, 1));
+        let t30 = c.timesteps(30).unwrap();
+        assert_eq!((t30[0], t30[1], t30[29]), (958, 925, 1));
+        assert!(c.timesteps(0).is_err());
+    }
+
+    #[test]
+    fn table_ends() {
+        let s = TrainSchedule::sdxl();
+        assert!((s.alphas_cumprod[0] - 0.99915).abs() < 1e-12);
+        let sigma_max = ((1.0 - s.alphas_cumprod[999]) / s.alphas_cumprod[999]).sqrt();
+        assert!((sigma_max - 14.61464).abs() < 1e-4);
+        let f = SchedulerConfig::default().alphas_cumprod_f32();
+        assert!((f[999] as f64 - s.alphas_cumprod[999]).abs() / s.alphas_cumprod[999] < 1e-5);
+    }
+}
