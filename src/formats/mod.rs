@@ -8,6 +8,7 @@
 //! - [`unet_layout`]: UNet block positions in both layouts, computed from the config.
 //! - [`kohya`]: kohya LoRA files, both directions.
 
+pub mod adapter;
 pub mod diffusers;
 pub mod error;
 pub mod kohya;

@@ -1,0 +1,320 @@
+//! The K-StyleLoRA adapter file (KSTYLE.md "Adapter file"): one safetensors file whose LoRA
+//! tensors use the kohya layout other tools load (`lora_unet_<sgm path>.lora_down.weight`,
+//! `.lora_up.weight`, `.alpha`), with the gating MLPs, the cultural projection and the concept
+//! embeddings under their own `kstyle.` prefix, and every setting in the metadata.
+
+use crate::formats::kohya::ModuleIndex;
+use crate::nn::lora::{Gates, LoraAdapter, LoraConfig, Mlp};
+use crate::nn::Linear;
+use crate::tensor::{save_safetensors, SafeTensorsFile};
+use crate::train::cultural::CulturalLoss;
+use crate::{DType, Device, Error, Result, Tensor};
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+
+/// The four methods of the paper's comparison.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Method {
+    /// Standard LoRA.
+    Lora,
+    /// LoRA + cultural loss.
+    LoraCsl,
+    /// CLIP gating only.
+    Gating,
+    /// K-StyleLoRA: gating + cultural loss.
+    Kstyle,
+}
+
+impl Method {
+    pub fn name(self) -> &'static str {
+        match self {
+            Method::Lora => "lora",
+            Method::LoraCsl => "lora-csl",
+            Method::Gating => "gating",
+            Method::Kstyle => "kstyle",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Method> {
+        [
+            Method::Lora,
+            Method::LoraCsl,
+            Method::Gating,
+            Method::Kstyle,
+        ]
+        .into_iter()
+        .find(|m| m.name() == s)
+    }
+
+    pub fn gated(self) -> bool {
+        matches!(self, Method::Gating | Method::Kstyle)
+    }
+
+    pub fn cultural(self) -> bool {
+        matches!(self, Method::LoraCsl | Method::Kstyle)
+    }
+}
+
+/// Everything an adapter file holds.
+#[derive(Clone, Debug)]
+pub struct Adapter {
+    pub method: Method,
+    pub config: LoraConfig,
+    pub concepts: Vec<String>,
+    /// Unit CLIP text embeddings of the concepts (K, E); present for gated or cultural methods.
+    pub concept_embeds: Option<Tensor>,
+    /// (diffusers module path of the wrapped linear, its adapter), in a fixed order.
+    pub modules: Vec<(String, LoraAdapter)>,
+    pub cultural: Option<CulturalLoss>,
+    /// Training settings recorded for provenance (`kstyle.train.*` in the metadata).
+    pub settings: BTreeMap<String, String>,
+}
+
+const GATE_PREFIX: &str = "kstyle.gate";
+const CULTURAL_PREFIX: &str = "kstyle.cultural";
+const CONCEPTS_KEY: &str = "kstyle.concepts";
+
+impl Adapter {
+    /// Every trainable tensor with a stable name (`<module>.lora_A`, ..., `cultural.proj.weight`),
+    /// the naming of the training fixtures and of optimizer checkpoints.
+    pub fn trainables(&self) -> Vec<(String, Tensor)> {
+        let mut v = Vec::new();
+        for (path, a) in &self.modules {
+            v.extend(
+                a.named()
+                    .into_iter()
+                    .map(|(n, t)| (format!("{path}.{n}"), t)),
+            );
+        }
+        if let Some(c) = &self.cultural {
+            v.extend(
+                c.named()
+                    .into_iter()
+                    .map(|(n, t)| (format!("cultural.{n}"), t)),
+            );
+        }
+        v
+    }
+
+    /// The file's tensors under their on-disk names.
+    pub fn file_tensors(&self, index: &ModuleIndex) -> Result<Vec<(String, Tensor)>> {
+        let mut out = Vec::new();
+        for (path, a) in &self.modules {
+            let k = index.kohya_name(path)?;
+            out.push((format!("{k}.lora_down.weight"), a.a.clone()));
+            out.push((format!("{k}.lora_up.weight"), a.b.clone()));
+            out.push((
+                format!("{k}.alpha"),
+                Tensor::scalar(a.config.alpha, DType::F32, a.a.device())?,
+            ));
+            if let Some(g) = &a.gates {
+                for (n, t) in g.named() {
+                    out.push((format!("{GATE_PREFIX}.{k}.{n}"), t));
+                }
+            }
+        }
+        if let Some(c) = &self.cultural {
+            for (n, t) in c.named() {
+                out.push((format!("{CULTURAL_PREFIX}.{n}"), t));
+            }
+        }
+        if let Some(t) = &self.concept_embeds {
+            out.push((CONCEPTS_KEY.to_string(), t.clone()));
+        }
+        Ok(out)
+    }
+
+    pub fn metadata(&self) -> HashMap<String, String> {
+        let c = &self.config;
+        let mut m = HashMap::from([
+            ("kstyle.format".to_string(), "1".to_string()),
+            ("kstyle.method".to_string(), self.method.name().to_string()),
+            ("kstyle.rank".to_string(), c.rank.to_string()),
+            ("kstyle.alpha".to_string(), c.alpha.to_string()),
+            ("kstyle.guidance".to_string(), c.guidance.to_string()),
+            ("kstyle.gate_hidden".to_string(), c.gate_hidden.to_string()),
+            ("kstyle.mod_hidden".to_string(), c.mod_hidden.to_string()),
+            (
+                "kstyle.concepts".to_string(),
+                serde_json::to_string(&self.concepts).unwrap_or_default(),
+            ),
+            // What kohya-aware tools read to label the file.
+            ("ss_network_module".to_string(), "networks.lora".to_string()),
+            ("ss_network_dim".to_string(), c.rank.to_string()),
+            ("ss_network_alpha".to_string(), c.alpha.to_string()),
+            (
+                "ss_base_model_version".to_string(),
+                "sdxl_base_v1-0".to_string(),
+            ),
+        ]);
+        if let Some(cl) = &self.cultural {
+            m.insert("kstyle.cultural_pool".into(), cl.pool.to_string());
+            m.insert("kstyle.cultural_tau".into(), cl.tau.to_string());
+        }
+        for (k, v) in &self.settings {
+            m.insert(format!("kstyle.train.{k}"), v.clone());
+        }
+        m
+    }
+
+    /// Write atomically (temporary file + rename).
+    pub fn save(&self, path: &Path, index: &ModuleIndex) -> Result<()> {
+        save_safetensors(path, &self.file_tensors(index)?, Some(self.metadata()))
+    }
+
+    /// Whether a safetensors file is a kstyle adapter (as opposed to a plain kohya LoRA).
+    pub fn is_adapter_file(path: &Path) -> Result<bool> {
+        Ok(SafeTensorsFile::open(path)?
+            .metadata()
+            .contains_key("kstyle.method"))
+    }
+
+    /// Read an adapter written by [`Adapter::save`]; tensors become trainable variables (so a
+    /// checkpoint can continue training) in f32 on `device`.
+    pub fn load(path: &Path, index: &ModuleIndex, device: Device) -> Result<Adapter> {
+        let f = SafeTensorsFile::open(path)?;
+        let meta = f.metadata();
+        let get = |k: &str| {
+            meta.get(k).ok_or_else(|| {
+                Error::file(
+                    path,
+                    format!("metadata `{k}` missing: not a kstyle adapter"),
+                )
+            })
+        };
+        let num = |k: &str| -> Result<f64> {
+            get(k)?
+                .parse::<f64>()
+                .map_err(|_| Error::file(path, format!("metadata `{k}` is not a number")))
+        };
+        let method = Method::parse(get("kstyle.method")?)
+            .ok_or_else(|| Error::file(path, "unknown kstyle.method"))?;
+        let config = LoraConfig {
+            rank: num("kstyle.rank")? as usize,
+            alpha: num("kstyle.alpha")?,
+            guidance: num("kstyle.guidance")?,
+            gate_hidden: num("kstyle.gate_hidden")? as usize,
+            mod_hidden: num("kstyle.mod_hidden")? as usize,
+        };
+        let concepts: Vec<String> =
+            serde_json::from_str(get("kstyle.concepts")?).map_err(|e| Error::Json {
+                path: path.into(),
+                msg: format!("kstyle.concepts: {e}"),
+            })?;
+        let load =
+            |k: &str| -> Result<Tensor> { f.tensor(k)?.to_dtype(DType::F32)?.to_device(device) };
+        let var = |k: &str| -> Result<Tensor> { load(k)?.var() };
+        let concept_embeds = if f.contains(CONCEPTS_KEY) {
+            Some(load(CONCEPTS_KEY)?)
+        } else {
+            None
+        };
+        if method.gated() && concept_embeds.is_none() {
+            return Err(Error::MissingKey {
+                path: path.into(),
+                key: CONCEPTS_KEY.into(),
+            });
+        }
+        let mut modules = Vec::new();
+        let mut names: Vec<&str> = f
+            .names()
+            .filter_map(|n| n.strip_suffix(".lora_down.weight"))
+            .collect();
+        names.sort();
+        for k in names {
+            let spelled = k.strip_prefix("lora_unet_").ok_or_else(|| {
+                Error::file(
+                    path,
+                    format!("`{k}`: only UNet LoRA modules are supported in adapters"),
+                )
+            })?;
+            let module = index
+                .resolve(spelled)
+                .ok_or_else(|| Error::file(path, format!("`{k}` names no module of this UNet")))?;
+            let a = var(&format!("{k}.lora_down.weight"))?;
+            let b = var(&format!("{k}.lora_up.weight"))?;
+            let alpha = if f.contains(&format!("{k}.alpha")) {
+                load(&format!("{k}.alpha"))?.to_scalar()?
+            } else {
+                config.rank as f64
+            };
+            let gates = if method.gated() {
+                let g = |n: &str| format!("{GATE_PREFIX}.{k}.{n}");
+                let lin = |n: &str| -> Result<Linear> {
+                    Ok(Linear {
+                        weight: var(&g(&format!("{n}.weight")))?,
+                        bias: Some(var(&g(&format!("{n}.bias")))?),
+                    })
+                };
+                let mlp = |n: &str| -> Result<Mlp> {
+                    Ok(Mlp {
+                        fc0: lin(&format!("{n}.0"))?,
+                        fc2: lin(&format!("{n}.2"))?,
+                    })
+                };
+                Some(Gates {
+                    attn_mlp: mlp("attn_mlp")?,
+                    proj: lin("proj")?,
+                    down_mlp: mlp("down_mlp")?,
+                    up_mlp: mlp("up_mlp")?,
+                    gate_mlp: mlp("gate_mlp")?,
+                })
+            } else {
+                None
+            };
+            let cfg = LoraConfig {
+                rank: a.dims()[0],
+                alpha,
+                ..config
+            };
+            let concepts = gates.as_ref().and(concept_embeds.clone());
+            modules.push((
+                module.to_string(),
+                LoraAdapter {
+                    a,
+                    b,
+                    config: cfg,
+                    gates,
+                    concepts,
+                },
+            ));
+        }
+        if modules.is_empty() {
+            return Err(Error::file(path, "adapter holds no LoRA modules"));
+        }
+        let cultural = if method.cultural() {
+            let proj = Linear {
+                weight: var(&format!("{CULTURAL_PREFIX}.proj.weight"))?,
+                bias: Some(var(&format!("{CULTURAL_PREFIX}.proj.bias"))?),
+            };
+            let embeds = concept_embeds.clone().ok_or_else(|| Error::MissingKey {
+                path: path.into(),
+                key: CONCEPTS_KEY.into(),
+            })?;
+            Some(CulturalLoss {
+                proj,
+                pool: num("kstyle.cultural_pool")? as usize,
+                concepts: embeds,
+                tau: num("kstyle.cultural_tau")?,
+            })
+        } else {
+            None
+        };
+        let settings = meta
+            .iter()
+            .filter_map(|(k, v)| {
+                k.strip_prefix("kstyle.train.")
+                    .map(|k| (k.to_string(), v.clone()))
+            })
+            .collect();
+        Ok(Adapter {
+            method,
+            config,
+            concepts,
+            concept_embeds,
+            modules,
+            cultural,
+            settings,
+        })
+    }
+}
