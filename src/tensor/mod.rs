@@ -9,7 +9,7 @@ mod shape;
 mod view;
 
 pub use dtype::{DType, Element, Float};
-pub use io::{load_safetensors, save_safetensors, SafeTensorsFile};
+pub use io::{load_safetensors, save_safetensors, write_atomic, SafeTensorsFile};
 pub use ops::ConvParams;
 pub use rng::Rng;
 pub use shape::{Layout, Shape, StridedOffsets};
