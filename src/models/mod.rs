@@ -1,3 +1,5 @@
 //! Model families, laid out like their checkpoint key trees.
 
 pub mod clip;
+pub mod lpips;
+pub mod vae;

@@ -3,6 +3,7 @@
 //! the fixtures README; nothing here assumes the sizes of the shipped tiny models.
 
 mod layer_cases;
+mod vae_cases;
 
 use crate::tensor::SafeTensorsFile;
 use crate::tolerance::{compare, Tolerance};
@@ -139,6 +140,8 @@ pub fn cases() -> Vec<(&'static str, &'static str, CaseFn)> {
             "cultural_loss.safetensors",
             layer_cases::cultural_loss,
         ),
+        ("vae", "vae.safetensors", vae_cases::vae),
+        ("lpips", "lpips.safetensors", vae_cases::lpips),
     ]
 }
 

@@ -1,0 +1,191 @@
+//! The architecture of a diffusers `AutoencoderKL`, read from its `config.json` (SDXL.md 3.1).
+//! Only the fields that change the module tree or the numbers are kept; the rest (sample_size,
+//! force_upcast, latents_mean/std) are pipeline hints that the model itself never reads.
+
+use crate::{Error, Result};
+use std::path::Path;
+
+/// GroupNorm epsilon of every VAE norm (SDXL.md 3.2, pitfall C.3: not the UNet's 1e-5).
+pub const VAE_NORM_EPS: f64 = 1e-6;
+
+/// The logvar clamp of diffusers' `DiagonalGaussianDistribution`.
+pub const LOGVAR_RANGE: (f64, f64) = (-30.0, 20.0);
+
+#[derive(Clone, Debug, PartialEq, serde::Deserialize)]
+pub struct VaeConfig {
+    #[serde(default = "three")]
+    pub in_channels: usize,
+    #[serde(default = "three")]
+    pub out_channels: usize,
+    #[serde(default = "four")]
+    pub latent_channels: usize,
+    pub block_out_channels: Vec<usize>,
+    #[serde(default = "one")]
+    pub layers_per_block: usize,
+    #[serde(default = "thirty_two")]
+    pub norm_num_groups: usize,
+    #[serde(default = "unit")]
+    pub scaling_factor: f64,
+    /// Added after dividing by `scaling_factor` on decode (SD3/Flux); `null` for SDXL.
+    #[serde(default)]
+    pub shift_factor: Option<f64>,
+    #[serde(default = "yes")]
+    pub mid_block_add_attention: bool,
+    #[serde(default = "yes")]
+    pub use_quant_conv: bool,
+    #[serde(default = "yes")]
+    pub use_post_quant_conv: bool,
+    #[serde(default = "silu")]
+    pub act_fn: String,
+    #[serde(default)]
+    pub down_block_types: Vec<String>,
+    #[serde(default)]
+    pub up_block_types: Vec<String>,
+}
+
+fn one() -> usize {
+    1
+}
+fn three() -> usize {
+    3
+}
+fn four() -> usize {
+    4
+}
+fn thirty_two() -> usize {
+    32
+}
+fn unit() -> f64 {
+    1.0
+}
+fn yes() -> bool {
+    true
+}
+fn silu() -> String {
+    "silu".into()
+}
+
+impl VaeConfig {
+    /// The SDXL base VAE (HUB `vae/config.json` of stabilityai/stable-diffusion-xl-base-1.0).
+    pub fn sdxl() -> VaeConfig {
+        VaeConfig {
+            in_channels: 3,
+            out_channels: 3,
+            latent_channels: 4,
+            block_out_channels: vec![128, 256, 512, 512],
+            layers_per_block: 2,
+            norm_num_groups: 32,
+            scaling_factor: 0.13025,
+            shift_factor: None,
+            mid_block_add_attention: true,
+            use_quant_conv: true,
+            use_post_quant_conv: true,
+            act_fn: "silu".into(),
+            down_block_types: vec!["DownEncoderBlock2D".into(); 4],
+            up_block_types: vec!["UpDecoderBlock2D".into(); 4],
+        }
+    }
+
+    /// Parse and validate a config.json value (as returned by `Weights::from_component`).
+    pub fn from_json(value: &serde_json::Value) -> Result<VaeConfig> {
+        let cfg: VaeConfig = serde_json::from_value(value.clone())
+            .map_err(|e| Error::Config(format!("vae config.json: {e}")))?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    pub fn from_file(path: impl AsRef<Path>) -> Result<VaeConfig> {
+        let path = path.as_ref();
+        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        let value: serde_json::Value = serde_json::from_str(&text).map_err(|e| Error::Json {
+            path: path.to_path_buf(),
+            msg: e.to_string(),
+        })?;
+        VaeConfig::from_json(&value).map_err(|e| Error::file(path, e.to_string()))
+    }
+
+    /// Rejects configs this implementation would silently compute wrong.
+    pub fn validate(&self) -> Result<()> {
+        let bad = |m: String| Err(Error::Config(format!("vae: {m}")));
+        let levels = self.block_out_channels.len();
+        if levels == 0 {
+            return bad("block_out_channels is empty".into());
+        }
+        if self.act_fn != "silu" {
+            return bad(format!(
+                "act_fn `{}` is not supported (only silu)",
+                self.act_fn
+            ));
+        }
+        let kinds_ok = |v: &[String], kind: &str| {
+            (v.is_empty() || v.len() == levels) && v.iter().all(|t| t == kind)
+        };
+        if !kinds_ok(&self.down_block_types, "DownEncoderBlock2D")
+            || !kinds_ok(&self.up_block_types, "UpDecoderBlock2D")
+        {
+            return bad(format!(
+                "block types {:?} / {:?}: expected {levels} DownEncoderBlock2D / UpDecoderBlock2D",
+                self.down_block_types, self.up_block_types
+            ));
+        }
+        let g = self.norm_num_groups;
+        if g == 0
+            || self
+                .block_out_channels
+                .iter()
+                .any(|&c| c == 0 || c % g != 0)
+        {
+            return bad(format!(
+                "norm_num_groups {g} does not divide every block_out_channels {:?}",
+                self.block_out_channels
+            ));
+        }
+        if [
+            self.in_channels,
+            self.out_channels,
+            self.latent_channels,
+            self.layers_per_block,
+        ]
+        .contains(&0)
+        {
+            return bad("zero channels or layers".into());
+        }
+        if !(self.scaling_factor.is_finite() && self.scaling_factor != 0.0) {
+            return bad(format!("scaling_factor {}", self.scaling_factor));
+        }
+        Ok(())
+    }
+
+    /// Spatial factor between image and latents: one halving per downsampler.
+    pub fn downscale_factor(&self) -> usize {
+        1 << (self.block_out_channels.len() - 1)
+    }
+
+    /// Width of the deepest level, where the mid blocks run.
+    pub fn mid_channels(&self) -> usize {
+        *self.block_out_channels.last().unwrap_or(&0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_the_tiny_and_full_size_configs() {
+        let tiny = crate::test_fixtures::tiny();
+        let c = VaeConfig::from_file(tiny.join("sdxl/vae/config.json")).unwrap();
+        assert_eq!(c.block_out_channels, vec![16, 16, 32, 32]);
+        assert_eq!((c.norm_num_groups, c.shift_factor), (8, None));
+        assert_eq!(c.downscale_factor(), 8);
+        let full = VaeConfig::from_file(tiny.join("sdxl_base_configs/vae/config.json")).unwrap();
+        assert_eq!(full, VaeConfig::sdxl());
+    }
+
+    #[test]
+    fn rejects_groups_that_do_not_divide() {
+        let mut c = VaeConfig::sdxl();
+        c.norm_num_groups = 24;
+        assert!(c.validate().is_err());
+    }
+}

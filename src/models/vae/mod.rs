@@ -1,0 +1,227 @@
+//! diffusers `AutoencoderKL` (SDXL.md 3): the encoder to a diagonal Gaussian over latents and the
+//! decoder back to pixels, for any config of the family (levels, widths, groups, layers).
+//!
+//! Keys follow the diffusers tree (`encoder.down_blocks.0.resnets.1.conv2.weight`, ...); the
+//! single-file (LDM) and pre-0.17 spellings are mapped by `formats` before loading. Run it in f32
+//! (the default of [`AutoencoderKL::from_diffusers`]): the SDXL VAE overflows in fp16 (SDXL.md 3.3).
+
+pub mod blocks;
+pub mod config;
+
+pub use blocks::{DownEncoderBlock, MidBlock, ResnetBlock, SpatialSelfAttention, UpDecoderBlock};
+pub use config::VaeConfig;
+
+use crate::formats::diffusers::DiffusersFolder;
+use crate::nn::{Conv2d, GroupNorm, Weights};
+use crate::tensor::ConvParams;
+use crate::{DType, Device, Error, Result, Tensor};
+use config::{LOGVAR_RANGE, VAE_NORM_EPS};
+
+const SAME_3X3: ConvParams = ConvParams {
+    stride: 1,
+    padding: 1,
+};
+
+/// Image (B, in_channels, H, W) -> moments (B, 2 * latent_channels, h, w),
+/// each spatial size halved (rounding down) per downsampler.
+#[derive(Clone, Debug)]
+pub struct Encoder {
+    pub conv_in: Conv2d,
+    pub down_blocks: Vec<DownEncoderBlock>,
+    pub mid_block: MidBlock,
+    pub conv_norm_out: GroupNorm,
+    pub conv_out: Conv2d,
+}
+
+impl Encoder {
+    pub fn load(vb: &Weights, cfg: &VaeConfig) -> Result<Encoder> {
+        let (ch, g) = (&cfg.block_out_channels, cfg.norm_num_groups);
+        let last = ch.len() - 1;
+        let down_blocks = (0..ch.len())
+            .map(|i| {
+                let c_in = ch[i.saturating_sub(1)];
+                let vb = vb.pp("down_blocks").pp(i);
+                DownEncoderBlock::load(&vb, c_in, ch[i], cfg.layers_per_block, g, i != last)
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let mid = cfg.mid_channels();
+        Ok(Encoder {
+            conv_in: Conv2d::load(&vb.pp("conv_in"), cfg.in_channels, ch[0], 3, SAME_3X3)?,
+            down_blocks,
+            mid_block: MidBlock::load(&vb.pp("mid_block"), mid, g, cfg.mid_block_add_attention)?,
+            conv_norm_out: GroupNorm::load(&vb.pp("conv_norm_out"), g, mid, VAE_NORM_EPS)?,
+            // double_z: mean and logvar side by side.
+            conv_out: Conv2d::load(
+                &vb.pp("conv_out"),
+                mid,
+                2 * cfg.latent_channels,
+                3,
+                SAME_3X3,
+            )?,
+        })
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let mut h = self.conv_in.forward(x)?; // (B, C0, H, W)
+        for block in &self.down_blocks {
+            h = block.forward(&h)?; // (B, Ci, Hi, Wi): halved by every downsampler
+        }
+        let h = self.mid_block.forward(&h)?; // (B, Cmid, h, w)
+        let h = self.conv_norm_out.forward(&h)?.silu()?;
+        self.conv_out.forward(&h) // (B, 2L, h, w)
+    }
+}
+
+/// Latents (B, latent_channels, h, w) -> image (B, out_channels, h * 2^(levels-1), ...).
+#[derive(Clone, Debug)]
+pub struct Decoder {
+    pub conv_in: Conv2d,
+    pub mid_block: MidBlock,
+    pub up_blocks: Vec<UpDecoderBlock>,
+    pub conv_norm_out: GroupNorm,
+    pub conv_out: Conv2d,
+}
+
+impl Decoder {
+    pub fn load(vb: &Weights, cfg: &VaeConfig) -> Result<Decoder> {
+        let g = cfg.norm_num_groups;
+        // Up blocks walk the widths deepest first: up_blocks.0 is the encoder's last level.
+        let rev: Vec<usize> = cfg.block_out_channels.iter().rev().copied().collect();
+        let last = rev.len() - 1;
+        let up_blocks = (0..rev.len())
+            .map(|i| {
+                let c_in = rev[i.saturating_sub(1)];
+                let vb = vb.pp("up_blocks").pp(i);
+                UpDecoderBlock::load(&vb, c_in, rev[i], cfg.layers_per_block + 1, g, i != last)
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let (mid, c0) = (rev[0], rev[last]);
+        Ok(Decoder {
+            conv_in: Conv2d::load(&vb.pp("conv_in"), cfg.latent_channels, mid, 3, SAME_3X3)?,
+            mid_block: MidBlock::load(&vb.pp("mid_block"), mid, g, cfg.mid_block_add_attention)?,
+            up_blocks,
+            conv_norm_out: GroupNorm::load(&vb.pp("conv_norm_out"), g, c0, VAE_NORM_EPS)?,
+            conv_out: Conv2d::load(&vb.pp("conv_out"), c0, cfg.out_channels, 3, SAME_3X3)?,
+        })
+    }
+
+    pub fn forward(&self, z: &Tensor) -> Result<Tensor> {
+        let h = self.conv_in.forward(z)?; // (B, Cmid, h, w)
+        let mut h = self.mid_block.forward(&h)?; // (B, Cmid, h, w)
+        for block in &self.up_blocks {
+            h = block.forward(&h)?; // (B, Ci, hi, wi): doubled by every upsampler
+        }
+        let h = self.conv_norm_out.forward(&h)?.silu()?;
+        self.conv_out.forward(&h) // (B, out_channels, H, W)
+    }
+}
+
+/// The whole autoencoder with its optional 1x1 `quant_conv` / `post_quant_conv`.
+#[derive(Clone, Debug)]
+pub struct AutoencoderKL {
+    pub config: VaeConfig,
+    pub encoder: Encoder,
+    pub decoder: Decoder,
+    pub quant_conv: Option<Conv2d>,
+    pub post_quant_conv: Option<Conv2d>,
+}
+
+impl AutoencoderKL {
+    /// Loads from a diffusers-keyed weight tree; fails on missing or mis-shaped tensors.
+    pub fn load(vb: &Weights, config: VaeConfig) -> Result<AutoencoderKL> {
+        config.validate()?;
+        let (l, one) = (config.latent_channels, ConvParams::default());
+        let quant_conv = config
+            .use_quant_conv
+            .then(|| Conv2d::load(&vb.pp("quant_conv"), 2 * l, 2 * l, 1, one))
+            .transpose()?;
+        let post_quant_conv = config
+            .use_post_quant_conv
+            .then(|| Conv2d::load(&vb.pp("post_quant_conv"), l, l, 1, one))
+            .transpose()?;
+        Ok(AutoencoderKL {
+            encoder: Encoder::load(&vb.pp("encoder"), &config)?,
+            decoder: Decoder::load(&vb.pp("decoder"), &config)?,
+            quant_conv,
+            post_quant_conv,
+            config,
+        })
+    }
+
+    /// The `vae` component of a diffusers pipeline folder. Every tensor in the files must be
+    /// used: leftovers mean the config and the checkpoint disagree.
+    pub fn from_diffusers(
+        folder: &DiffusersFolder,
+        dtype: DType,
+        device: Device,
+    ) -> Result<AutoencoderKL> {
+        let (vb, config) = Weights::from_component(folder, "vae", dtype, device)?;
+        let vae = AutoencoderKL::load(&vb, VaeConfig::from_json(&config)?)?;
+        vb.ensure_all_used(|_| false)?;
+        Ok(vae)
+    }
+
+    fn expect_channels(&self, x: &Tensor, op: &'static str, c: usize) -> Result<()> {
+        let (_, got, _, _) = x.dims4()?;
+        if got != c {
+            return Err(Error::bad_shape(
+                op,
+                format!("expected {c} channels"),
+                x.dims(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Image in [-1, 1] (B, in_channels, H, W) -> (mean, logvar), each (B, L, h, w); logvar is
+    /// clamped to [-30, 20] as diffusers' `DiagonalGaussianDistribution` does.
+    pub fn encode(&self, image: &Tensor) -> Result<(Tensor, Tensor)> {
+        self.expect_channels(image, "vae.encode", self.config.in_channels)?;
+        let mut moments = self.encoder.forward(image)?; // (B, 2L, h, w)
+        if let Some(q) = &self.quant_conv {
+            moments = q.forward(&moments)?;
+        }
+        let l = self.config.latent_channels;
+        let mean = moments.narrow(1, 0, l)?.contiguous()?; // (B, L, h, w)
+        let (lo, hi) = LOGVAR_RANGE;
+        // clamp to [lo, hi] from the one clamp primitive: max(x, lo), then -max(-x, -hi).
+        let logvar = moments
+            .narrow(1, l, l)?
+            .clamp_min(lo)?
+            .neg()?
+            .clamp_min(-hi)?
+            .neg()?; // (B, L, h, w)
+        Ok((mean, logvar))
+    }
+
+    /// Unscaled latents (B, L, h, w) -> image (B, out_channels, H, W), roughly in [-1, 1].
+    pub fn decode(&self, z: &Tensor) -> Result<Tensor> {
+        self.expect_channels(z, "vae.decode", self.config.latent_channels)?;
+        let z = match &self.post_quant_conv {
+            Some(p) => p.forward(z)?, // (B, L, h, w)
+            None => z.clone(),
+        };
+        self.decoder.forward(&z)
+    }
+
+    /// Latents as the UNet sees them -> latents as the decoder expects:
+    /// `latents / scaling_factor + shift_factor`.
+    pub fn unscale_latents(&self, latents: &Tensor) -> Result<Tensor> {
+        let c = &self.config;
+        latents.affine(1.0 / c.scaling_factor, c.shift_factor.unwrap_or(0.0))
+    }
+
+    /// The inverse of [`Self::unscale_latents`]: `(z - shift_factor) * scaling_factor`.
+    pub fn scale_latents(&self, z: &Tensor) -> Result<Tensor> {
+        let c = &self.config;
+        z.affine(
+            c.scaling_factor,
+            -c.shift_factor.unwrap_or(0.0) * c.scaling_factor,
+        )
+    }
+
+    /// Decode the UNet's (scaled) latents, as the diffusers pipelines do.
+    pub fn decode_scaled(&self, latents: &Tensor) -> Result<Tensor> {
+        self.decode(&self.unscale_latents(latents)?)
+    }
+}
