@@ -63,14 +63,32 @@ pub fn parse(text: &str, trigger: &str, origin: &Path) -> Result<Vec<EvalPrompt>
         }
         let parts: Vec<&str> = line.splitn(3, '\t').collect();
         let [category, kind, prompt] = parts[..] else {
-            return Err(Error::file(origin, format!("line {}: expected `category<TAB>explicit|generic<TAB>prompt`", i + 1)));
+            return Err(Error::file(
+                origin,
+                format!(
+                    "line {}: expected `category<TAB>explicit|generic<TAB>prompt`",
+                    i + 1
+                ),
+            ));
         };
         let kind = match kind.trim() {
             "explicit" => PromptKind::Explicit,
             "generic" => PromptKind::Generic,
-            other => return Err(Error::file(origin, format!("line {}: kind `{other}` is neither explicit nor generic", i + 1))),
+            other => {
+                return Err(Error::file(
+                    origin,
+                    format!(
+                        "line {}: kind `{other}` is neither explicit nor generic",
+                        i + 1
+                    ),
+                ))
+            }
         };
-        out.push(EvalPrompt { category: category.trim().to_string(), kind, text: prompt.trim().replace("{trigger}", trigger) });
+        out.push(EvalPrompt {
+            category: category.trim().to_string(),
+            kind,
+            text: prompt.trim().replace("{trigger}", trigger),
+        });
     }
     if out.is_empty() {
         return Err(Error::file(origin, "no prompts"));
@@ -79,7 +97,8 @@ pub fn parse(text: &str, trigger: &str, origin: &Path) -> Result<Vec<EvalPrompt>
 }
 
 pub fn default_prompts(trigger: &str) -> Vec<EvalPrompt> {
-    parse(DEFAULT_SET, trigger, Path::new("<built-in prompts>")).expect("the built-in prompt set parses")
+    parse(DEFAULT_SET, trigger, Path::new("<built-in prompts>"))
+        .expect("the built-in prompt set parses")
 }
 
 pub fn load_prompts(path: &Path, trigger: &str) -> Result<Vec<EvalPrompt>> {
@@ -96,16 +115,27 @@ mod tests {
         let p = default_prompts("Korean traditional");
         for c in ["architecture", "fashion", "art", "portrait", "landscape"] {
             for k in [PromptKind::Explicit, PromptKind::Generic] {
-                assert!(p.iter().any(|e| e.category == c && e.kind == k), "{c} {k:?}");
+                assert!(
+                    p.iter().any(|e| e.category == c && e.kind == k),
+                    "{c} {k:?}"
+                );
             }
         }
-        assert!(p.iter().filter(|e| e.kind == PromptKind::Explicit).all(|e| e.text.contains("Korean traditional")));
-        assert!(p.iter().filter(|e| e.kind == PromptKind::Generic).all(|e| !e.text.contains("Korean traditional")));
+        assert!(p
+            .iter()
+            .filter(|e| e.kind == PromptKind::Explicit)
+            .all(|e| e.text.contains("Korean traditional")));
+        assert!(p
+            .iter()
+            .filter(|e| e.kind == PromptKind::Generic)
+            .all(|e| !e.text.contains("Korean traditional")));
     }
 
     #[test]
     fn bad_lines_name_the_line() {
-        let e = parse("art\tsometimes\tx\n", "t", Path::new("p.tsv")).unwrap_err().to_string();
+        let e = parse("art\tsometimes\tx\n", "t", Path::new("p.tsv"))
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("p.tsv") && e.contains("line 1"), "{e}");
     }
 }

@@ -17,11 +17,19 @@ impl Stat {
     pub fn of(v: &[f64]) -> Stat {
         let n = v.len();
         if n == 0 {
-            return Stat { mean: f64::NAN, std: f64::NAN, n };
+            return Stat {
+                mean: f64::NAN,
+                std: f64::NAN,
+                n,
+            };
         }
         let mean = v.iter().sum::<f64>() / n as f64;
         let var = v.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / n as f64;
-        Stat { mean, std: var.sqrt(), n }
+        Stat {
+            mean,
+            std: var.sqrt(),
+            n,
+        }
     }
 
     fn cell(&self) -> String {
@@ -59,7 +67,9 @@ pub struct ImageScore {
 
 /// The markdown table (Table 1 and 2 of the paper in one: CSS splits, CLIP score, LPIPS).
 pub fn markdown_table(results: &[MethodResult]) -> String {
-    let mut s = String::from("| Method | CSS (All) | CSS (Exp) | CSS (Gen) | CLIP score | LPIPS diversity |\n");
+    let mut s = String::from(
+        "| Method | CSS (All) | CSS (Exp) | CSS (Gen) | CLIP score | LPIPS diversity |\n",
+    );
     s.push_str("|---|---|---|---|---|---|\n");
     for r in results {
         s.push_str(&format!(
@@ -76,7 +86,10 @@ pub fn markdown_table(results: &[MethodResult]) -> String {
 }
 
 pub fn write_json(path: &Path, results: &[MethodResult]) -> Result<()> {
-    let text = serde_json::to_string_pretty(results).map_err(|e| Error::Json { path: path.into(), msg: e.to_string() })?;
+    let text = serde_json::to_string_pretty(results).map_err(|e| Error::Json {
+        path: path.into(),
+        msg: e.to_string(),
+    })?;
     crate::tensor::write_atomic(path, text.as_bytes())
 }
 
@@ -98,6 +111,9 @@ mod tests {
             per_image: vec![],
         };
         let t = markdown_table(&[r]);
-        assert!(t.contains("| vanilla | 2.000 ± 1.000 |") && t.contains("| – |"), "{t}");
+        assert!(
+            t.contains("| vanilla | 2.000 ± 1.000 |") && t.contains("| – |"),
+            "{t}"
+        );
     }
 }
