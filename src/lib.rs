@@ -6,6 +6,7 @@
 pub mod autograd;
 pub mod backend;
 mod error;
+pub mod eval;
 pub mod formats;
 pub mod image;
 pub mod models;

@@ -1,0 +1,3 @@
+//! Evaluation: the metrics of `kstyle eval` (CSS, CLIP score), computed from CLIP embeddings.
+
+pub mod metrics;
