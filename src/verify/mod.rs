@@ -2,6 +2,7 @@
 //! directory's own models and report one row per checked tensor. The format is the contract of
 //! the fixtures README; nothing here assumes the sizes of the shipped tiny models.
 
+mod clip_cases;
 mod layer_cases;
 mod vae_cases;
 
@@ -142,6 +143,13 @@ pub fn cases() -> Vec<(&'static str, &'static str, CaseFn)> {
         ),
         ("vae", "vae.safetensors", vae_cases::vae),
         ("lpips", "lpips.safetensors", vae_cases::lpips),
+        ("tokenizer", "tokenizer_cases.json", clip_cases::tokenizer),
+        (
+            "text_encoders",
+            "text_encoders.safetensors",
+            clip_cases::text_encoders,
+        ),
+        ("clip", "clip.safetensors", clip_cases::clip),
     ]
 }
 
