@@ -294,13 +294,13 @@ pub fn index_select(
             .flat_map(|&i| t[i as usize * d..(i as usize + 1) * d].iter().copied())
             .collect()
     }
-    let st = table.copy_strided(lt);
-    Ok(match &st {
-        CpuStorage::F16(t) => CpuStorage::F16(pick(t, &idx, d)),
-        CpuStorage::BF16(t) => CpuStorage::BF16(pick(t, &idx, d)),
-        CpuStorage::F32(t) => CpuStorage::F32(pick(t, &idx, d)),
-        CpuStorage::F64(t) => CpuStorage::F64(pick(t, &idx, d)),
-        CpuStorage::I64(t) => CpuStorage::I64(pick(t, &idx, d)),
+    // `gather` borrows a contiguous table: no copy of a (49408, 1280) embedding per call.
+    Ok(match table {
+        CpuStorage::F16(t) => CpuStorage::F16(pick(&gather(t, lt), &idx, d)),
+        CpuStorage::BF16(t) => CpuStorage::BF16(pick(&gather(t, lt), &idx, d)),
+        CpuStorage::F32(t) => CpuStorage::F32(pick(&gather(t, lt), &idx, d)),
+        CpuStorage::F64(t) => CpuStorage::F64(pick(&gather(t, lt), &idx, d)),
+        CpuStorage::I64(t) => CpuStorage::I64(pick(&gather(t, lt), &idx, d)),
     })
 }
 
