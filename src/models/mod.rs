@@ -1,3 +1,4 @@
 //! Model families, laid out like their checkpoint key trees.
 
 pub mod clip;
+pub mod unet;

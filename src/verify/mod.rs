@@ -3,6 +3,7 @@
 //! the fixtures README; nothing here assumes the sizes of the shipped tiny models.
 
 mod layer_cases;
+mod unet_cases;
 
 use crate::tensor::SafeTensorsFile;
 use crate::tolerance::{compare, Tolerance};
@@ -139,6 +140,14 @@ pub fn cases() -> Vec<(&'static str, &'static str, CaseFn)> {
             "cultural_loss.safetensors",
             layer_cases::cultural_loss,
         ),
+        ("unet", "unet.safetensors", unet_cases::unet),
+        (
+            "unet_kohya_lora",
+            "unet_kohya_lora.safetensors",
+            unet_cases::unet_kohya_lora,
+        ),
+        // The single file sits beside reference/, not in it.
+        ("single_file", "../sdxl_single_file.safetensors", unet_cases::single_file),
     ]
 }
 
