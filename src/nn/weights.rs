@@ -226,7 +226,11 @@ impl Weights {
 }
 
 /// A stored tensor (any file dtype) as a CPU tensor in its stored dtype; i32/u8/bool widen to i64.
-pub fn tensor_from_raw(raw: &crate::formats::RawTensor<'_>, origin: &Path, key: &str) -> Result<Tensor> {
+pub fn tensor_from_raw(
+    raw: &crate::formats::RawTensor<'_>,
+    origin: &Path,
+    key: &str,
+) -> Result<Tensor> {
     use crate::backend::{cpu::CpuStorage, Storage};
     use safetensors::Dtype as D;
     let b = raw.data.as_ref();
@@ -236,18 +240,40 @@ pub fn tensor_from_raw(raw: &crate::formats::RawTensor<'_>, origin: &Path, key: 
         D::F32 => CpuStorage::F32(bytemuck::pod_collect_to_vec(b)),
         D::F64 => CpuStorage::F64(bytemuck::pod_collect_to_vec(b)),
         D::I64 => CpuStorage::I64(bytemuck::pod_collect_to_vec(b)),
-        D::I32 => CpuStorage::I64(bytemuck::pod_collect_to_vec::<u8, i32>(b).into_iter().map(i64::from).collect()),
+        D::I32 => CpuStorage::I64(
+            bytemuck::pod_collect_to_vec::<u8, i32>(b)
+                .into_iter()
+                .map(i64::from)
+                .collect(),
+        ),
         D::U8 | D::BOOL => CpuStorage::I64(b.iter().map(|&v| v as i64).collect()),
-        other => return Err(Error::SafeTensors { path: origin.to_path_buf(), msg: format!("tensor `{key}` has unsupported dtype {other:?}") }),
+        other => {
+            return Err(Error::SafeTensors {
+                path: origin.to_path_buf(),
+                msg: format!("tensor `{key}` has unsupported dtype {other:?}"),
+            })
+        }
     };
-    Ok(Tensor::from_storage(Storage::Cpu(storage), raw.shape.clone(), None))
+    Ok(Tensor::from_storage(
+        Storage::Cpu(storage),
+        raw.shape.clone(),
+        None,
+    ))
 }
 
 impl Weights {
     /// Weights from a raw map (a diffusers component or a converted single-file checkpoint).
-    pub fn from_raw(map: &crate::formats::TensorMap<'_>, origin: impl Into<PathBuf>, dtype: DType, device: Device) -> Result<Weights> {
+    pub fn from_raw(
+        map: &crate::formats::TensorMap<'_>,
+        origin: impl Into<PathBuf>,
+        dtype: DType,
+        device: Device,
+    ) -> Result<Weights> {
         let origin = origin.into();
-        let tensors = map.iter().map(|(k, r)| Ok((k.clone(), tensor_from_raw(r, &origin, k)?))).collect::<Result<_>>()?;
+        let tensors = map
+            .iter()
+            .map(|(k, r)| Ok((k.clone(), tensor_from_raw(r, &origin, k)?)))
+            .collect::<Result<_>>()?;
         Ok(Weights::from_map(tensors, origin, dtype, device))
     }
 

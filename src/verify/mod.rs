@@ -147,7 +147,11 @@ pub fn cases() -> Vec<(&'static str, &'static str, CaseFn)> {
             unet_cases::unet_kohya_lora,
         ),
         // The single file sits beside reference/, not in it.
-        ("single_file", "../sdxl_single_file.safetensors", unet_cases::single_file),
+        (
+            "single_file",
+            "../sdxl_single_file.safetensors",
+            unet_cases::single_file,
+        ),
     ]
 }
 

@@ -18,7 +18,13 @@ pub const SINGLE_FILE: &str = "sdxl_single_file.safetensors";
 
 fn forward_case(ctx: &Ctx, case: &str, file: &str, loras: &[KohyaLoraFile]) -> Result<Vec<Row>> {
     let f = SafeTensorsFile::open(ctx.reference(file))?;
-    let model = UNet2DConditionModel::from_diffusers(ctx.dir.join(PIPELINE), loras, DType::F32, ctx.device)?.model;
+    let model = UNet2DConditionModel::from_diffusers(
+        ctx.dir.join(PIPELINE),
+        loras,
+        DType::F32,
+        ctx.device,
+    )?
+    .model;
     let input = |name: &str| f.tensor(name)?.to_dtype(DType::F32)?.to_device(ctx.device);
     let out = no_grad(|| {
         model.forward(

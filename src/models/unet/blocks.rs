@@ -29,7 +29,12 @@ fn resnet_dims(cfg: &UNetConfig, (c_in, c_out): (usize, usize), scale: f64) -> R
     }
 }
 
-fn transformer_dims(cfg: &UNetConfig, a: &AttnPlan, channels: usize, layer: usize) -> TransformerDims {
+fn transformer_dims(
+    cfg: &UNetConfig,
+    a: &AttnPlan,
+    channels: usize,
+    layer: usize,
+) -> TransformerDims {
     TransformerDims {
         channels,
         heads: a.heads,
@@ -157,7 +162,12 @@ impl MidBlock {
         ResnetBlock2D::shapes(out, "mid_block.resnets.1", d);
     }
 
-    pub fn forward(&self, x: &Tensor, inp: &BlockInputs, ckpt: &mut BlockCounter) -> Result<Tensor> {
+    pub fn forward(
+        &self,
+        x: &Tensor,
+        inp: &BlockInputs,
+        ckpt: &mut BlockCounter,
+    ) -> Result<Tensor> {
         let h = self.resnets[0].forward(x, inp.temb)?; // (B, C, H, W)
         let h = self.attention.forward(&h, inp.context, ckpt)?; // (B, C, H, W)
         self.resnets[1].forward(&h, inp.temb) // (B, C, H, W)

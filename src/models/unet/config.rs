@@ -128,7 +128,10 @@ fn depths(v: &Value, key: &str, layers: &[usize]) -> Result<Option<Vec<Vec<usize
     if let Some(n) = x.as_u64() {
         return Ok(Some(layers.iter().map(|&l| vec![n as usize; l]).collect()));
     }
-    let items = x.as_array().filter(|a| a.len() == layers.len()).ok_or_else(err)?;
+    let items = x
+        .as_array()
+        .filter(|a| a.len() == layers.len())
+        .ok_or_else(err)?;
     items
         .iter()
         .zip(layers)
@@ -181,7 +184,9 @@ fn reject_unsupported(v: &Value) -> Result<()> {
         ("attention_type", "default"),
     ] {
         if let Some(x) = get(v, k).filter(|x| x.as_str() != Some(want)) {
-            return Err(bad(format!("`{k}` = {x} is not supported (only \"{want}\")")));
+            return Err(bad(format!(
+                "`{k}` = {x} is not supported (only \"{want}\")"
+            )));
         }
     }
     Ok(())
@@ -205,7 +210,9 @@ impl UNetConfig {
             .and_then(Value::as_array)
             .and_then(|a| a.iter().map(|e| e.as_u64().map(|n| n as usize)).collect())
             .filter(|c: &Vec<usize>| !c.is_empty() && c.iter().all(|&n| n > 0))
-            .ok_or_else(|| bad("`block_out_channels` must be a non-empty list of positive integers"))?;
+            .ok_or_else(|| {
+                bad("`block_out_channels` must be a non-empty list of positive integers")
+            })?;
         let levels = block_out_channels.len();
         let types = |key: &str, plain: &str, attn: &str| -> Result<Vec<bool>> {
             let list = get(v, key)
@@ -243,11 +250,9 @@ impl UNetConfig {
         let up_depth = match depths(v, "reverse_transformer_layers_per_block", &up_layers)? {
             Some(d) => d,
             // diffusers refuses per-layer depths without an explicit reverse list.
-            None if nested => {
-                return Err(bad(
-                    "per-layer transformer_layers_per_block needs reverse_transformer_layers_per_block",
-                ))
-            }
+            None if nested => return Err(bad(
+                "per-layer transformer_layers_per_block needs reverse_transformer_layers_per_block",
+            )),
             None => down_depth
                 .iter()
                 .rev()
@@ -281,7 +286,11 @@ impl UNetConfig {
                 time_embed_dim: uint(v, "addition_time_embed_dim", None)?,
                 input_dim: uint(v, "projection_class_embeddings_input_dim", None)?,
             }),
-            Some(other) => return Err(bad(format!("addition_embed_type `{other}` is not supported"))),
+            Some(other) => {
+                return Err(bad(format!(
+                    "addition_embed_type `{other}` is not supported"
+                )))
+            }
         };
         let odd_kernel = |key: &str| -> Result<usize> {
             let k = uint(v, key, Some(3))?;
@@ -358,7 +367,9 @@ impl UNetConfig {
             )));
         }
         if self.time_embed_dim == 0 || self.block_out_channels[0] % 2 != 0 {
-            return Err(bad("the timestep sinusoid needs an even block_out_channels[0]"));
+            return Err(bad(
+                "the timestep sinusoid needs an even block_out_channels[0]",
+            ));
         }
         if self.layers_per_block.contains(&0) {
             return Err(bad("layers_per_block must be positive"));
@@ -393,9 +404,9 @@ impl UNetConfig {
         };
         let mut down = Vec::new();
         let mut out_ch = boc[0];
-        for i in 0..n {
+        for (i, &level_ch) in boc.iter().enumerate() {
             let in_ch = out_ch;
-            out_ch = boc[i];
+            out_ch = level_ch;
             let layers = self.layers_per_block[i];
             down.push(DownPlan {
                 resnets: (0..layers)

@@ -126,8 +126,13 @@ impl ConditioningEmbedding {
         added: Option<(&Tensor, &Tensor)>,
         dtype: DType,
     ) -> Result<Tensor> {
-        let t = timestep_embedding(timestep, self.time_proj_dim, self.flip_sin_to_cos, self.freq_shift)?
-            .to_dtype(dtype)?; // (B, C0)
+        let t = timestep_embedding(
+            timestep,
+            self.time_proj_dim,
+            self.flip_sin_to_cos,
+            self.freq_shift,
+        )?
+        .to_dtype(dtype)?; // (B, C0)
         let emb = self.time_embedding.forward(&t)?; // (B, D)
         let Some((tt, add)) = &self.add_embedding else {
             return Ok(emb);
@@ -151,9 +156,14 @@ impl ConditioningEmbedding {
         }
         // Each id gets its own sinusoid, laid out id by id (SDXL.md 1.4).
         let ids = time_ids.reshape(b * n_ids)?; // (B*6,)
-        let time_embeds = timestep_embedding(&ids, tt.time_embed_dim, self.flip_sin_to_cos, self.freq_shift)?
-            .reshape((b, n_ids * tt.time_embed_dim))?
-            .to_dtype(dtype)?; // (B, 6*Dt)
+        let time_embeds = timestep_embedding(
+            &ids,
+            tt.time_embed_dim,
+            self.flip_sin_to_cos,
+            self.freq_shift,
+        )?
+        .reshape((b, n_ids * tt.time_embed_dim))?
+        .to_dtype(dtype)?; // (B, 6*Dt)
         let add_in = Tensor::cat(&[text_embeds.to_dtype(dtype)?, time_embeds], 1)?; // (B, Dp + 6*Dt)
         emb.add(&add.forward(&add_in)?) // (B, D)
     }

@@ -62,7 +62,11 @@ pub fn merge_kohya(
         not_unet,
         ..MergeReport::default()
     };
-    for entry in parsed.entries.iter().filter(|e| e.component == Component::Unet) {
+    for entry in parsed
+        .entries
+        .iter()
+        .filter(|e| e.component == Component::Unet)
+    {
         let key = format!("{}.weight", entry.module);
         let w = tensors.get(&key).ok_or_else(|| Error::MissingKey {
             path: lora.path.clone(),

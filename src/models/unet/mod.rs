@@ -51,7 +51,10 @@ impl ParamShapes {
         self.push(format!("{p}.bias"), vec![c]);
     }
     pub fn count(&self) -> usize {
-        self.0.iter().map(|(_, s)| s.iter().product::<usize>()).sum()
+        self.0
+            .iter()
+            .map(|(_, s)| s.iter().product::<usize>())
+            .sum()
     }
 }
 
@@ -82,6 +85,22 @@ pub fn param_count(cfg: &UNetConfig) -> usize {
     param_shapes(cfg).count()
 }
 
+/// A conv whose bias is required: every UNet conv has one, and `Conv2d::load` treats a missing
+/// bias as "no bias", which would hide a truncated checkpoint.
+pub(crate) fn conv_with_bias(
+    vb: &Weights,
+    c_in: usize,
+    c_out: usize,
+    kernel: usize,
+    params: ConvParams,
+) -> Result<Conv2d> {
+    Ok(Conv2d {
+        weight: vb.get(&[c_out, c_in, kernel, kernel], "weight")?,
+        bias: Some(vb.get(&[c_out], "bias")?),
+        params,
+    })
+}
+
 fn same_padding(k: usize) -> ConvParams {
     ConvParams {
         stride: 1,
@@ -109,7 +128,7 @@ impl UNet2DConditionModel {
     pub fn load(vb: &Weights, cfg: &UNetConfig) -> Result<UNet2DConditionModel> {
         let plan = cfg.plan();
         let c0 = cfg.block_out_channels[0];
-        let conv_in = Conv2d::load(
+        let conv_in = conv_with_bias(
             &vb.pp("conv_in"),
             cfg.in_channels,
             c0,
@@ -140,8 +159,13 @@ impl UNet2DConditionModel {
             down_blocks,
             mid_block,
             up_blocks,
-            conv_norm_out: GroupNorm::load(&vb.pp("conv_norm_out"), cfg.norm_num_groups, c0, cfg.norm_eps)?,
-            conv_out: Conv2d::load(
+            conv_norm_out: GroupNorm::load(
+                &vb.pp("conv_norm_out"),
+                cfg.norm_num_groups,
+                c0,
+                cfg.norm_eps,
+            )?,
+            conv_out: conv_with_bias(
                 &vb.pp("conv_out"),
                 c0,
                 cfg.out_channels,
@@ -162,7 +186,12 @@ impl UNet2DConditionModel {
         text_embeds: &Tensor,
         time_ids: &Tensor,
     ) -> Result<Tensor> {
-        self.forward_with(sample, timestep, encoder_hidden_states, Some((text_embeds, time_ids)))
+        self.forward_with(
+            sample,
+            timestep,
+            encoder_hidden_states,
+            Some((text_embeds, time_ids)),
+        )
     }
 
     /// As [`Self::forward`], with the added conditioning optional (configs without text_time).
@@ -178,7 +207,10 @@ impl UNet2DConditionModel {
         if c != self.config.in_channels {
             return Err(Error::bad_shape(
                 "unet",
-                format!("sample has {c} channels, the model takes {}", self.config.in_channels),
+                format!(
+                    "sample has {c} channels, the model takes {}",
+                    self.config.in_channels
+                ),
                 sample.dims(),
             ));
         }
@@ -264,7 +296,8 @@ impl UNet2DConditionModel {
             blocks::projections_mut(&mut b.attentions, &format!("down_blocks.{i}"), &mut out);
         }
         if let Some(m) = &mut self.mid_block {
-            m.attention.projections_mut("mid_block.attentions.0", &mut out);
+            m.attention
+                .projections_mut("mid_block.attentions.0", &mut out);
         }
         for (i, b) in self.up_blocks.iter_mut().enumerate() {
             blocks::projections_mut(&mut b.attentions, &format!("up_blocks.{i}"), &mut out);
@@ -301,7 +334,11 @@ impl UNet2DConditionModel {
         let mut out = Vec::new();
         for (path, lin) in self.attention_projections() {
             if let Some(a) = &lin.adapter {
-                out.extend(a.named().into_iter().map(|(n, t)| (format!("{path}.{n}"), t)));
+                out.extend(
+                    a.named()
+                        .into_iter()
+                        .map(|(n, t)| (format!("{path}.{n}"), t)),
+                );
             }
         }
         out

@@ -1,7 +1,7 @@
 //! `ResnetBlock2D` with additive time conditioning, and the stride-2 / nearest-x2 resamplers
 //! (SDXL.md 1.5, 1.7).
 
-use super::ParamShapes;
+use super::{conv_with_bias, ParamShapes};
 use crate::nn::{Conv2d, GroupNorm, Linear, Weights};
 use crate::tensor::ConvParams;
 use crate::{Error, Result, Tensor};
@@ -37,7 +37,7 @@ pub struct ResnetBlock2D {
 impl ResnetBlock2D {
     pub fn load(vb: &Weights, d: ResnetDims) -> Result<ResnetBlock2D> {
         let conv_shortcut = if d.c_in != d.c_out {
-            Some(Conv2d::load(
+            Some(conv_with_bias(
                 &vb.pp("conv_shortcut"),
                 d.c_in,
                 d.c_out,
@@ -49,10 +49,10 @@ impl ResnetBlock2D {
         };
         Ok(ResnetBlock2D {
             norm1: GroupNorm::load(&vb.pp("norm1"), d.groups, d.c_in, d.eps)?,
-            conv1: Conv2d::load(&vb.pp("conv1"), d.c_in, d.c_out, 3, SAME_3X3)?,
+            conv1: conv_with_bias(&vb.pp("conv1"), d.c_in, d.c_out, 3, SAME_3X3)?,
             time_emb_proj: Linear::load(&vb.pp("time_emb_proj"), d.temb, d.c_out, true)?,
             norm2: GroupNorm::load(&vb.pp("norm2"), d.groups, d.c_out, d.eps)?,
-            conv2: Conv2d::load(&vb.pp("conv2"), d.c_out, d.c_out, 3, SAME_3X3)?,
+            conv2: conv_with_bias(&vb.pp("conv2"), d.c_out, d.c_out, 3, SAME_3X3)?,
             conv_shortcut,
             output_scale_factor: d.output_scale_factor,
         })
@@ -100,7 +100,7 @@ impl Downsample2D {
     pub fn load(vb: &Weights, channels: usize, padding: usize) -> Result<Downsample2D> {
         let params = ConvParams { stride: 2, padding };
         Ok(Downsample2D {
-            conv: Conv2d::load(&vb.pp("conv"), channels, channels, 3, params)?,
+            conv: conv_with_bias(&vb.pp("conv"), channels, channels, 3, params)?,
         })
     }
 
@@ -123,7 +123,7 @@ pub struct Upsample2D {
 impl Upsample2D {
     pub fn load(vb: &Weights, channels: usize) -> Result<Upsample2D> {
         Ok(Upsample2D {
-            conv: Conv2d::load(&vb.pp("conv"), channels, channels, 3, SAME_3X3)?,
+            conv: conv_with_bias(&vb.pp("conv"), channels, channels, 3, SAME_3X3)?,
         })
     }
 

@@ -2,7 +2,7 @@
 //! cross-attention on the text context, GEGLU feed-forward (SDXL.md 1.6). The four attention
 //! projections are [`AdaptedLinear`]s so LoRA / gated adapters can be attached by module path.
 
-use super::ParamShapes;
+use super::{conv_with_bias, ParamShapes};
 use crate::autograd::{checkpoint, grad_enabled};
 use crate::nn::lora::AdaptedLinear;
 use crate::nn::{Conv2d, GroupNorm, LayerNorm, Linear, Weights};
@@ -62,10 +62,21 @@ pub struct Attention {
 }
 
 impl Attention {
-    fn load(vb: &Weights, dim: usize, kv_dim: usize, heads: usize, head_dim: usize) -> Result<Attention> {
+    fn load(
+        vb: &Weights,
+        dim: usize,
+        kv_dim: usize,
+        heads: usize,
+        head_dim: usize,
+    ) -> Result<Attention> {
         let inner = heads * head_dim;
         let lin = |name: &str, d_in: usize, d_out: usize, bias: bool| -> Result<AdaptedLinear> {
-            Ok(AdaptedLinear::new(Linear::load(&vb.pp(name), d_in, d_out, bias)?))
+            Ok(AdaptedLinear::new(Linear::load(
+                &vb.pp(name),
+                d_in,
+                d_out,
+                bias,
+            )?))
         };
         Ok(Attention {
             to_q: lin("to_q", dim, inner, false)?,
@@ -236,7 +247,7 @@ impl Transformer2DModel {
             Ok(if d.linear_projection {
                 Projection::Linear(Linear::load(&vb, d_in, d_out, true)?)
             } else {
-                Projection::Conv(Conv2d::load(&vb, d_in, d_out, 1, ConvParams::default())?)
+                Projection::Conv(conv_with_bias(&vb, d_in, d_out, 1, ConvParams::default())?)
             })
         };
         let blocks = (0..d.depth)
@@ -287,7 +298,9 @@ impl Transformer2DModel {
             let selected = ckpt.take();
             hs = if selected && grad_enabled() && (blk.has_adapters() || hs.tracks()) {
                 let blk = blk.clone();
-                checkpoint(&[hs, context.clone()], move |xs| blk.forward(&xs[0], &xs[1]))?
+                checkpoint(&[hs, context.clone()], move |xs| {
+                    blk.forward(&xs[0], &xs[1])
+                })?
             } else {
                 blk.forward(&hs, context)?
             }; // (B, H*W, inner)
@@ -312,7 +325,11 @@ impl Transformer2DModel {
         }
     }
 
-    pub fn projections_mut<'a>(&'a mut self, p: &str, out: &mut Vec<(String, &'a mut AdaptedLinear)>) {
+    pub fn projections_mut<'a>(
+        &'a mut self,
+        p: &str,
+        out: &mut Vec<(String, &'a mut AdaptedLinear)>,
+    ) {
         for (i, blk) in self.transformer_blocks.iter_mut().enumerate() {
             let bp = format!("{p}.transformer_blocks.{i}");
             blk.attn1.projections_mut(&format!("{bp}.attn1"), out);
