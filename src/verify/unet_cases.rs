@@ -14,7 +14,7 @@ use crate::{DType, Error, Result};
 /// The diffusers pipeline folder of a fixtures directory.
 const PIPELINE: &str = "sdxl";
 const KOHYA_LORA: &str = "kohya_lora.safetensors";
-pub const SINGLE_FILE: &str = "sdxl_single_file.safetensors";
+const SINGLE_FILE: &str = "sdxl_single_file.safetensors";
 
 fn forward_case(ctx: &Ctx, case: &str, file: &str, loras: &[KohyaLoraFile]) -> Result<Vec<Row>> {
     let f = SafeTensorsFile::open(ctx.reference(file))?;
