@@ -519,3 +519,107 @@ mod kohya {
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }
+
+/// The UNet's backward with plain LoRA on every attention projection, against the reference
+/// training step (the trainer owns the full case; this pins the UNet's part: forward, loss and
+/// every adapter gradient through convs, norms, attention, resampling and skips).
+#[test]
+fn plain_lora_gradients_through_the_unet_match_the_reference_step() {
+    use kstyle::tolerance::{compare, l2, Tolerance};
+    let f = SafeTensorsFile::open(tiny("reference/train_step_lora.safetensors")).unwrap();
+    let meta = |k: &str| f.metadata()[k].parse::<f64>().unwrap();
+    let load = |k: &str| f.tensor(k).unwrap().to_dtype(DType::F32).unwrap();
+    let mut unet = tiny_unet();
+    let mut rng = Rng::new(0);
+    unet.attach_adapters(|path, base| {
+        let a = load(&format!("param.{path}.lora_A"));
+        let config = LoraConfig {
+            rank: a.dims()[0],
+            alpha: meta("alpha"),
+            ..LoraConfig::default()
+        };
+        let mut ad = LoraAdapter::init(
+            base.in_features(),
+            base.out_features(),
+            config,
+            None,
+            &mut rng,
+            DType::F32,
+            Device::Cpu,
+        )?;
+        ad.a = a.var()?;
+        ad.b = load(&format!("param.{path}.lora_B")).var()?;
+        Ok(Some(ad))
+    })
+    .unwrap();
+    // z_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps with SDXL's scaled-linear schedule
+    let t = load("timestep");
+    let abar: Vec<f64> = {
+        let (s, e) = (0.00085f64.sqrt(), 0.012f64.sqrt());
+        let mut acc = 1.0;
+        (0..1000)
+            .map(|i| {
+                let b = (s + (e - s) * i as f64 / 999.0).powi(2);
+                acc *= 1.0 - b;
+                acc
+            })
+            .collect()
+    };
+    let (x0, eps) = (load("x0"), load("noise"));
+    let (b, c, h, w) = x0.dims4().unwrap();
+    let per_sample = |g: &dyn Fn(f64) -> f64| {
+        let v: Vec<f32> = t
+            .to_vec_f64()
+            .unwrap()
+            .iter()
+            .flat_map(|&ti| vec![g(abar[ti as usize]) as f32; c * h * w])
+            .collect();
+        Tensor::from_vec(v, (b, c, h, w), Device::Cpu).unwrap()
+    };
+    let zt = x0
+        .mul(&per_sample(&|a| a.sqrt()))
+        .unwrap()
+        .add(&eps.mul(&per_sample(&|a| (1.0 - a).sqrt())).unwrap())
+        .unwrap();
+    let eps_hat = unet
+        .forward(
+            &zt,
+            &t,
+            &load("encoder_hidden_states"),
+            &load("text_embeds"),
+            &load("time_ids"),
+        )
+        .unwrap();
+    let loss = eps_hat
+        .sub(&eps)
+        .unwrap()
+        .sqr()
+        .unwrap()
+        .mean_all()
+        .unwrap();
+    let c = compare(
+        &loss,
+        &f.tensor("loss.diffusion").unwrap(),
+        Tolerance::F32_FORWARD,
+    )
+    .unwrap();
+    assert!(c.passed(), "loss: {:e}", c.relative());
+    let grads = loss.backward().unwrap();
+    let floor = f
+        .names()
+        .filter(|n| n.starts_with("grad."))
+        .map(|n| l2(&f.tensor(n).unwrap().to_vec_f64().unwrap()))
+        .fold(0.0, f64::max);
+    let params = unet.adapter_parameters();
+    assert_eq!(params.len(), meta("n_params") as usize);
+    for (name, p) in params {
+        let want = f.tensor(&format!("grad.{name}")).unwrap();
+        let c = compare(
+            grads.get(&p).unwrap(),
+            &want,
+            Tolerance::F32_GRAD.grad_with_floor(floor),
+        )
+        .unwrap();
+        assert!(c.passed(), "grad.{name}: {:e}", c.relative());
+    }
+}
