@@ -2,4 +2,5 @@
 
 pub mod clip;
 pub mod lpips;
+pub mod unet;
 pub mod vae;

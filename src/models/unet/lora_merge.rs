@@ -1,0 +1,93 @@
+//! kohya LoRA files merged into the frozen UNet weights at load time:
+//! `W' = W + m * (alpha / r) * up @ down` per targeted Linear or conv (SDXL.md 6.1).
+//!
+//! Names are resolved by `formats::kohya` against the UNet's own diffusers keys (so sgm- and
+//! diffusers-spelled files both work); the sum is formed in f64 from the stored weight and the
+//! stored factors and rounded once to the load dtype, which is how the float64 reference merges
+//! on its fp16-rounded weights.
+
+use crate::formats::kohya::{Component, KohyaModel, ModuleIndex};
+use crate::formats::unet_layout::UnetLayout;
+use crate::formats::{self, MappedFile};
+use crate::{Device, Error, Result, Tensor};
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+/// One LoRA file and its strength.
+#[derive(Clone, Debug, PartialEq)]
+pub struct KohyaLoraFile {
+    pub path: PathBuf,
+    pub multiplier: f64,
+}
+
+impl KohyaLoraFile {
+    pub fn new(path: impl Into<PathBuf>, multiplier: f64) -> KohyaLoraFile {
+        KohyaLoraFile {
+            path: path.into(),
+            multiplier,
+        }
+    }
+}
+
+/// What one merge did.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct MergeReport {
+    /// diffusers module paths whose weight changed.
+    pub merged: Vec<String>,
+    /// Keys for the text encoders (`lora_te*`), left for the text-encoder loaders.
+    pub not_unet: Vec<String>,
+}
+
+/// Merges `lora` into `tensors` (diffusers UNet keys). Merged weights become f64 tensors, to be
+/// rounded once when the loader converts them to the model dtype. UNet keys that name no module
+/// of this UNet, or use a LoRA variant not implemented here, are an error listing them.
+pub fn merge_kohya(
+    tensors: &mut BTreeMap<String, Tensor>,
+    layout: &UnetLayout,
+    lora: &KohyaLoraFile,
+) -> Result<MergeReport> {
+    let context = lora.path.display().to_string();
+    let index = ModuleIndex::unet(tensors.iter().map(|(k, t)| (k.as_str(), t.dims())), layout);
+    let model = KohyaModel::new(vec![index]);
+    let file = MappedFile::open(&lora.path)?;
+    let parsed = model.parse(file.tensors()?, &context)?;
+    let (bad, not_unet): (Vec<String>, Vec<String>) = parsed
+        .unknown
+        .into_iter()
+        .partition(|k| k.starts_with(Component::Unet.kohya_prefix()));
+    if !bad.is_empty() {
+        return Err(formats::Error::UnexpectedKeys { context, keys: bad }.into());
+    }
+    let mut report = MergeReport {
+        not_unet,
+        ..MergeReport::default()
+    };
+    for entry in parsed
+        .entries
+        .iter()
+        .filter(|e| e.component == Component::Unet)
+    {
+        let key = format!("{}.weight", entry.module);
+        let w = tensors.get(&key).ok_or_else(|| Error::MissingKey {
+            path: lora.path.clone(),
+            key: key.clone(),
+        })?;
+        let delta = entry.delta_f64(lora.multiplier)?;
+        let mut merged = w.to_vec_f64()?;
+        if merged.len() != delta.len() {
+            return Err(Error::WrongShape {
+                path: lora.path.clone(),
+                key,
+                got: entry.target_shape(),
+                expected: w.dims().to_vec(),
+            });
+        }
+        for (m, d) in merged.iter_mut().zip(&delta) {
+            *m += d;
+        }
+        let t = Tensor::from_vec(merged, w.dims().to_vec(), Device::Cpu)?;
+        tensors.insert(key, t);
+        report.merged.push(entry.module.clone());
+    }
+    Ok(report)
+}
