@@ -1,5 +1,6 @@
 //! One file per subcommand.
 
+mod generate;
 mod kernels;
 mod verify;
 
@@ -19,6 +20,8 @@ pub struct Cli {
 
 #[derive(Subcommand, Debug)]
 pub enum Command {
+    /// Text to image with an SDXL checkpoint and optional LoRA / kstyle adapter files.
+    Generate(generate::Args),
     /// Run every reference case of a fixtures directory and report each checked tensor.
     Verify(verify::Args),
     /// List the CUDA kernel families, or compile-check them with NVRTC (no GPU needed).
@@ -42,6 +45,7 @@ impl DeviceArg {
 
 pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
+        Command::Generate(a) => generate::run(a),
         Command::Verify(a) => verify::run(a),
         Command::Kernels(a) => kernels::run(a),
     }

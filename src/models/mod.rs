@@ -2,5 +2,6 @@
 
 pub mod clip;
 pub mod lpips;
+pub mod presets;
 pub mod unet;
 pub mod vae;

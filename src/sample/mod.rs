@@ -2,6 +2,7 @@
 
 pub mod ddim;
 pub mod euler;
+pub mod pipeline;
 pub mod schedule;
 
 pub use ddim::Ddim;

@@ -4,6 +4,7 @@
 
 mod clip_cases;
 mod layer_cases;
+mod pipeline_case;
 mod unet_cases;
 mod vae_cases;
 
@@ -133,16 +134,37 @@ type CaseFn = fn(&Ctx) -> Result<Vec<Row>>;
 pub fn cases() -> Vec<(&'static str, &'static str, CaseFn)> {
     vec![
         // The single file sits beside reference/, not in it.
-        ("single_file", "../sdxl_single_file.safetensors", unet_cases::single_file),
+        (
+            "single_file",
+            "../sdxl_single_file.safetensors",
+            unet_cases::single_file,
+        ),
         ("tokenizer", "tokenizer_cases.json", clip_cases::tokenizer),
-        ("text_encoders", "text_encoders.safetensors", clip_cases::text_encoders),
+        (
+            "text_encoders",
+            "text_encoders.safetensors",
+            clip_cases::text_encoders,
+        ),
         ("unet", "unet.safetensors", unet_cases::unet),
-        ("unet_kohya_lora", "unet_kohya_lora.safetensors", unet_cases::unet_kohya_lora),
+        (
+            "unet_kohya_lora",
+            "unet_kohya_lora.safetensors",
+            unet_cases::unet_kohya_lora,
+        ),
         ("vae", "vae.safetensors", vae_cases::vae),
+        ("pipeline", "pipeline.safetensors", pipeline_case::pipeline),
         ("clip", "clip.safetensors", clip_cases::clip),
         ("lpips", "lpips.safetensors", vae_cases::lpips),
-        ("gated_lora_layer", "gated_lora_layer.safetensors", layer_cases::gated_lora_layer),
-        ("cultural_loss", "cultural_loss.safetensors", layer_cases::cultural_loss),
+        (
+            "gated_lora_layer",
+            "gated_lora_layer.safetensors",
+            layer_cases::gated_lora_layer,
+        ),
+        (
+            "cultural_loss",
+            "cultural_loss.safetensors",
+            layer_cases::cultural_loss,
+        ),
     ]
 }
 

@@ -1,0 +1,166 @@
+//! `kstyle generate`: text to image with an SDXL checkpoint, any number of LoRA files (kohya files
+//! merge at load, kstyle adapters run live with their gates), several seeds per call.
+
+use super::DeviceArg;
+use anyhow::Context;
+use indicatif::{ProgressBar, ProgressStyle};
+use kstyle::image::io::save_chw_png;
+use kstyle::sample::pipeline::{LoadOptions, Request, SamplerKind, SdxlPipeline};
+use kstyle::tensor::SafeTensorsFile;
+use kstyle::{DType, Tensor};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    /// A diffusers SDXL folder or an original-layout single .safetensors file.
+    #[arg(long)]
+    pub model: PathBuf,
+    /// Architecture folder for a single-file model (default: built-in SDXL base).
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    #[arg(long)]
+    pub prompt: String,
+    /// Negative prompt; without one, SDXL's zero negative embeddings are used.
+    #[arg(long)]
+    pub negative: Option<String>,
+    #[arg(long, default_value_t = 30)]
+    pub steps: usize,
+    /// Classifier-free guidance scale (off at 1 or below).
+    #[arg(long, default_value_t = 5.0)]
+    pub cfg: f64,
+    #[arg(long, default_value_t = 1024)]
+    pub width: usize,
+    #[arg(long, default_value_t = 1024)]
+    pub height: usize,
+    /// Seeds (repeatable or comma separated); one image each.
+    #[arg(long, value_delimiter = ',', default_value = "0")]
+    pub seed: Vec<u64>,
+    /// LoRA or kstyle adapter file with an optional multiplier, FILE[:SCALE] (repeatable).
+    #[arg(long = "lora")]
+    pub loras: Vec<String>,
+    /// Initial latents (unscaled N(0,1), shape (1, 4, H/8, W/8)) from a safetensors file, taken
+    /// from its `init_latents` tensor or its only tensor; overrides the seed.
+    #[arg(long)]
+    pub latents: Option<PathBuf>,
+    #[arg(long, value_enum, default_value = "euler")]
+    pub sampler: SamplerArg,
+    #[arg(long, value_enum, default_value = "cpu")]
+    pub device: DeviceArg,
+    /// Output PNG; with several seeds, `-<seed>` is added before the extension.
+    #[arg(long)]
+    pub out: PathBuf,
+}
+
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+pub enum SamplerArg {
+    Euler,
+    Ddim,
+}
+
+/// `FILE[:SCALE]`; a colon followed by something that is not a number stays part of the path.
+pub fn parse_lora(s: &str) -> anyhow::Result<(PathBuf, f64)> {
+    if let Some((path, scale)) = s.rsplit_once(':') {
+        if let Ok(v) = scale.parse::<f64>() {
+            return Ok((PathBuf::from(path), v));
+        }
+    }
+    Ok((PathBuf::from(s), 1.0))
+}
+
+fn load_latents(path: &Path) -> anyhow::Result<Tensor> {
+    let f = SafeTensorsFile::open(path)?;
+    let names: Vec<&str> = f.names().collect();
+    let name = if f.contains("init_latents") {
+        "init_latents"
+    } else if names.len() == 1 {
+        names[0]
+    } else {
+        anyhow::bail!(
+            "{}: no `init_latents` tensor and more than one tensor in the file",
+            path.display()
+        );
+    };
+    Ok(f.tensor(name)?.to_dtype(DType::F32)?)
+}
+
+fn output_path(out: &Path, seed: u64, many: bool) -> PathBuf {
+    if !many {
+        return out.to_path_buf();
+    }
+    let stem = out
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "image".into());
+    out.with_file_name(format!("{stem}-{seed}.png"))
+}
+
+pub fn run(a: Args) -> anyhow::Result<ExitCode> {
+    let loras = a
+        .loras
+        .iter()
+        .map(|s| parse_lora(s))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let device = a.device.device();
+    let opts = LoadOptions {
+        model: a.model.clone(),
+        config: a.config.clone(),
+        dtype: DType::F32,
+        device,
+        loras,
+    };
+    eprintln!(
+        "kstyle generate: model {} | {}x{} | {} steps {:?} | cfg {} | device {device} | {} LoRA file(s)",
+        a.model.display(),
+        a.width,
+        a.height,
+        a.steps,
+        a.sampler,
+        a.cfg,
+        opts.loras.len()
+    );
+    let pipe =
+        SdxlPipeline::load(&opts).with_context(|| format!("loading {}", a.model.display()))?;
+    let req = Request {
+        prompt: a.prompt.clone(),
+        negative: a.negative.clone(),
+        steps: a.steps,
+        guidance: a.cfg,
+        width: a.width,
+        height: a.height,
+        sampler: match a.sampler {
+            SamplerArg::Euler => SamplerKind::Euler,
+            SamplerArg::Ddim => SamplerKind::Ddim,
+        },
+    };
+    let given = a.latents.as_deref().map(load_latents).transpose()?;
+    let seeds = if given.is_some() {
+        vec![a.seed[0]]
+    } else {
+        a.seed.clone()
+    };
+    for &seed in &seeds {
+        let init = match &given {
+            Some(t) => t.to_device(device)?,
+            None => pipe.initial_latents(a.width, a.height, seed)?,
+        };
+        let bar = ProgressBar::new(a.steps as u64);
+        bar.set_style(
+            ProgressStyle::with_template(
+                "{prefix} [{bar:30}] {pos}/{len} steps, {elapsed} (eta {eta})",
+            )?
+            .progress_chars("=> "),
+        );
+        bar.set_prefix(format!("seed {seed}"));
+        let image = pipe.generate(&req, &init, |i, _| bar.set_position(i as u64))?;
+        bar.finish_and_clear();
+        let (_, c, h, w) = image.dims4()?;
+        let path = output_path(&a.out, seed, seeds.len() > 1);
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        }
+        save_chw_png(&path, &image.narrow(0, 0, 1)?.to_vec_f32()?, c, h, w)?;
+        println!("{}", path.display());
+    }
+    Ok(ExitCode::SUCCESS)
+}

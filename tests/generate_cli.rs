@@ -1,0 +1,186 @@
+//! `kstyle generate` and `kstyle verify` through the real binary on the tiny model.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+fn tiny() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny")
+}
+
+fn kstyle(args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_kstyle"))
+        .args(args)
+        .output()
+        .expect("run kstyle")
+}
+
+fn tmp(tag: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("kstyle-cli-{tag}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+#[test]
+fn generate_reproduces_the_reference_png_within_one_level() {
+    let dir = tmp("gen");
+    let out = dir.join("out.png");
+    let model = tiny().join("sdxl");
+    let latents = tiny().join("reference/pipeline.safetensors");
+    let o = kstyle(&[
+        "generate",
+        "--model",
+        model.to_str().unwrap(),
+        "--prompt",
+        "a woman wearing a traditional dress",
+        "--steps",
+        "4",
+        "--cfg",
+        "5",
+        "--width",
+        "128",
+        "--height",
+        "128",
+        "--latents",
+        latents.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let ours = image::open(&out).unwrap().to_rgb8();
+    let reference = image::open(tiny().join("reference/pipeline.png"))
+        .unwrap()
+        .to_rgb8();
+    assert_eq!(ours.dimensions(), reference.dimensions());
+    let worst = ours
+        .as_raw()
+        .iter()
+        .zip(reference.as_raw())
+        .map(|(a, b)| (*a as i32 - *b as i32).abs())
+        .max()
+        .unwrap();
+    assert!(worst <= 1, "largest 8-bit difference {worst}");
+}
+
+#[test]
+fn several_seeds_write_one_file_each() {
+    let dir = tmp("seeds");
+    let out = dir.join("img.png");
+    let model = tiny().join("sdxl");
+    let o = kstyle(&[
+        "generate",
+        "--model",
+        model.to_str().unwrap(),
+        "--prompt",
+        "a house",
+        "--steps",
+        "2",
+        "--width",
+        "64",
+        "--height",
+        "64",
+        "--seed",
+        "3,4",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let (a, b) = (
+        image::open(dir.join("img-3.png")).unwrap(),
+        image::open(dir.join("img-4.png")).unwrap(),
+    );
+    assert_eq!(a.width(), 64);
+    assert_ne!(
+        a.to_rgb8().as_raw(),
+        b.to_rgb8().as_raw(),
+        "different seeds gave the same image"
+    );
+}
+
+#[test]
+fn bad_inputs_fail_cleanly_naming_the_culprit() {
+    let dir = tmp("bad");
+    let out = dir.join("x.png");
+    let o = kstyle(&[
+        "generate",
+        "--model",
+        "/no/such/model",
+        "--prompt",
+        "x",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("/no/such/model"));
+    // A truncated single-file checkpoint.
+    let bytes = std::fs::read(tiny().join("sdxl_single_file.safetensors")).unwrap();
+    let cut = dir.join("cut.safetensors");
+    std::fs::write(&cut, &bytes[..bytes.len() / 3]).unwrap();
+    let o = kstyle(&[
+        "generate",
+        "--model",
+        cut.to_str().unwrap(),
+        "--prompt",
+        "x",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("cut.safetensors") && !err.contains("panicked"),
+        "{err}"
+    );
+    // Latents of the wrong shape.
+    let model = tiny().join("sdxl");
+    let lat = tiny().join("reference/pipeline.safetensors");
+    let o = kstyle(&[
+        "generate",
+        "--model",
+        model.to_str().unwrap(),
+        "--prompt",
+        "x",
+        "--width",
+        "64",
+        "--height",
+        "64",
+        "--steps",
+        "1",
+        "--latents",
+        lat.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(!o.status.success() && !String::from_utf8_lossy(&o.stderr).contains("panicked"));
+}
+
+#[test]
+fn verify_passes_every_case_on_the_tiny_fixtures() {
+    let o = kstyle(&["verify", tiny().to_str().unwrap()]);
+    let text = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        o.status.success(),
+        "{text}\n{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let last = text.lines().last().unwrap();
+    assert!(last.ends_with(" 0 failed"), "{last}");
+    for case in [
+        "single_file",
+        "tokenizer",
+        "text_encoders",
+        "unet",
+        "unet_kohya_lora",
+        "vae",
+        "pipeline",
+        "clip",
+        "lpips",
+        "gated_lora_layer",
+        "cultural_loss",
+    ] {
+        assert!(
+            text.lines().any(|l| l.starts_with(case)),
+            "case {case} did not run"
+        );
+    }
+}
