@@ -4,3 +4,4 @@ pub mod cultural;
 pub mod data;
 pub mod optim;
 pub mod plot;
+pub mod step;

@@ -5,6 +5,7 @@
 mod clip_cases;
 mod layer_cases;
 mod pipeline_case;
+mod train_cases;
 mod unet_cases;
 mod vae_cases;
 
@@ -164,6 +165,16 @@ pub fn cases() -> Vec<(&'static str, &'static str, CaseFn)> {
             "cultural_loss",
             "cultural_loss.safetensors",
             layer_cases::cultural_loss,
+        ),
+        (
+            "train_step_kstyle",
+            "train_step_kstyle.safetensors",
+            train_cases::train_step_kstyle,
+        ),
+        (
+            "train_step_lora",
+            "train_step_lora.safetensors",
+            train_cases::train_step_lora,
         ),
     ]
 }
