@@ -87,11 +87,8 @@ pub enum Error {
     #[error("{path}: unexpected tensors: {keys}")]
     UnexpectedKeys { path: PathBuf, keys: String },
 
-    #[error("{path}: {source}")]
-    Io {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    #[error("{path}: {err}")]
+    Io { path: PathBuf, err: std::io::Error },
 
     #[error("{path}: invalid safetensors: {msg}")]
     SafeTensors { path: PathBuf, msg: String },
@@ -140,10 +137,10 @@ impl Error {
         }
     }
 
-    pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+    pub fn io(path: impl Into<PathBuf>, err: std::io::Error) -> Self {
         Error::Io {
             path: path.into(),
-            source,
+            err,
         }
     }
 }

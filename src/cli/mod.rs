@@ -2,6 +2,7 @@
 
 mod generate;
 mod kernels;
+mod train;
 mod verify;
 
 use clap::{Parser, Subcommand, ValueEnum};
@@ -22,6 +23,8 @@ pub struct Cli {
 pub enum Command {
     /// Text to image with an SDXL checkpoint and optional LoRA / kstyle adapter files.
     Generate(generate::Args),
+    /// Train a K-StyleLoRA adapter (or a baseline) on a folder of captioned images.
+    Train(train::Args),
     /// Run every reference case of a fixtures directory and report each checked tensor.
     Verify(verify::Args),
     /// List the CUDA kernel families, or compile-check them with NVRTC (no GPU needed).
@@ -46,6 +49,7 @@ impl DeviceArg {
 pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Generate(a) => generate::run(a),
+        Command::Train(a) => train::run(a),
         Command::Verify(a) => verify::run(a),
         Command::Kernels(a) => kernels::run(a),
     }

@@ -2,6 +2,7 @@
 
 pub mod ddim;
 pub mod euler;
+pub mod model_files;
 pub mod pipeline;
 pub mod schedule;
 

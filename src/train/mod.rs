@@ -1,7 +1,10 @@
 //! Training: the cultural semantic loss, the optimizer, the loop and its checkpoints.
 
+pub mod checkpoint;
+pub mod concepts;
 pub mod cultural;
 pub mod data;
 pub mod optim;
 pub mod plot;
 pub mod step;
+pub mod trainer;

@@ -45,6 +45,31 @@ impl Optimizer {
         })
     }
 
+    /// Put the slots in the order of `params` (a resumed run lists its trainables in model order).
+    pub fn align_to(&mut self, params: &[(String, Tensor)]) -> Result<()> {
+        let mut by_name: std::collections::HashMap<String, Slot> =
+            self.slots.drain(..).map(|s| (s.name.clone(), s)).collect();
+        for (name, t) in params {
+            let slot = by_name
+                .remove(name)
+                .ok_or_else(|| Error::msg(format!("optimizer state has no slot for `{name}`")))?;
+            if slot.master.len() != t.elem_count() {
+                return Err(Error::msg(format!(
+                    "optimizer slot `{name}` has {} values, the parameter {}",
+                    slot.master.len(),
+                    t.elem_count()
+                )));
+            }
+            self.slots.push(slot);
+        }
+        if let Some(extra) = by_name.keys().next() {
+            return Err(Error::msg(format!(
+                "optimizer state has a slot `{extra}` for no parameter of this run"
+            )));
+        }
+        Ok(())
+    }
+
     /// Apply one step with learning rate `lr` to the summed gradients `grads` (one vector per
     /// slot, already averaged), writing the new values into `params` in place.
     pub fn step(&mut self, params: &[(String, Tensor)], grads: &[Vec<f32>], lr: f64) -> Result<()> {

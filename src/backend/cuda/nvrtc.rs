@@ -36,11 +36,8 @@ pub enum NvrtcError {
     },
     #[error("nvrtc: invalid argument for {name}: {what}")]
     InvalidArgument { name: String, what: String },
-    #[error("nvrtc cache {path}: {source}")]
-    Cache {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    #[error("nvrtc cache {path}: {err}")]
+    Cache { path: PathBuf, err: std::io::Error },
 }
 
 pub type Result<T> = std::result::Result<T, NvrtcError>;
@@ -179,9 +176,9 @@ impl Compiler {
     pub fn new(cache_dir: Option<PathBuf>) -> Result<Self> {
         let version = load_library(None)?;
         if let Some(dir) = &cache_dir {
-            std::fs::create_dir_all(dir).map_err(|source| NvrtcError::Cache {
+            std::fs::create_dir_all(dir).map_err(|err| NvrtcError::Cache {
                 path: dir.clone(),
-                source,
+                err,
             })?;
         }
         Ok(Self {
@@ -243,10 +240,10 @@ impl Compiler {
         let cubin = match std::fs::read(&cubin_path) {
             Ok(b) => b,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-            Err(source) => {
+            Err(err) => {
                 return Err(NvrtcError::Cache {
                     path: cubin_path,
-                    source,
+                    err,
                 })
             }
         };
@@ -271,7 +268,7 @@ impl Compiler {
             let tmp = dir.join(format!("{key}.{ext}.tmp{}", std::process::id()));
             std::fs::write(&tmp, bytes)
                 .and_then(|_| std::fs::rename(&tmp, &path))
-                .map_err(|source| NvrtcError::Cache { path, source })
+                .map_err(|err| NvrtcError::Cache { path, err })
         };
         put("log", c.log.as_bytes())?;
         put("cubin", &c.cubin)

@@ -1,0 +1,229 @@
+//! `kstyle train`: K-StyleLoRA (or one of the baselines) on a folder of captioned images.
+
+use super::DeviceArg;
+use indicatif::{ProgressBar, ProgressStyle};
+use kstyle::backend::cpu::optim::AdamW;
+use kstyle::formats::adapter::Method;
+use kstyle::models::unet::CheckpointPolicy;
+use kstyle::nn::lora::LoraConfig;
+use kstyle::train::concepts::{default_concepts, load_concepts};
+use kstyle::train::data::CaptionSource;
+use kstyle::train::optim::LrSchedule;
+use kstyle::train::trainer::{TrainConfig, Trainer};
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    /// A diffusers SDXL folder or an original-layout single .safetensors file.
+    #[arg(long)]
+    pub model: PathBuf,
+    /// Architecture folder for a single-file model (default: built-in SDXL base).
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// Folder of png/jpg/webp images with same-name .txt captions.
+    #[arg(long)]
+    pub data: PathBuf,
+    /// The adapter file to write (.safetensors); the log, plot and samples go beside it.
+    #[arg(long)]
+    pub out: PathBuf,
+    #[arg(long, value_enum, default_value = "kstyle")]
+    pub method: MethodArg,
+    /// CLIP ViT-B/32 folder (HF layout): concept embeddings for gated / cultural methods.
+    #[arg(long)]
+    pub clip: Option<PathBuf>,
+    /// Concepts file, one phrase a line (default: the built-in Korean traditional set).
+    #[arg(long)]
+    pub concepts: Option<PathBuf>,
+    #[arg(long, default_value_t = 4)]
+    pub rank: usize,
+    /// LoRA alpha (default: the rank).
+    #[arg(long)]
+    pub alpha: Option<f64>,
+    /// The paper's sigma: extra scale of the gated update.
+    #[arg(long, default_value_t = 1.5)]
+    pub guidance: f64,
+    /// Weight of the cultural loss.
+    #[arg(long = "lambda", default_value_t = 0.1)]
+    pub lambda: f64,
+    #[arg(long, default_value_t = 1e-4)]
+    pub lr: f64,
+    #[arg(long, value_enum, default_value = "constant")]
+    pub lr_schedule: LrArg,
+    /// Warm-up steps of the cosine schedule.
+    #[arg(long, default_value_t = 0)]
+    pub warmup: u64,
+    #[arg(long, default_value_t = 1e-2)]
+    pub weight_decay: f64,
+    #[arg(long, default_value_t = 4)]
+    pub grad_accum: usize,
+    #[arg(long, default_value_t = 10, conflicts_with = "max_steps")]
+    pub epochs: u64,
+    /// Optimizer steps to run (overrides --epochs).
+    #[arg(long)]
+    pub max_steps: Option<u64>,
+    #[arg(long, default_value_t = 1024)]
+    pub resolution: usize,
+    /// Aspect-ratio buckets instead of square centre crops.
+    #[arg(long)]
+    pub buckets: bool,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Write a resumable checkpoint every N optimizer steps.
+    #[arg(long)]
+    pub save_every: Option<u64>,
+    /// Continue from a checkpoint written by --save-every.
+    #[arg(long)]
+    pub resume: Option<PathBuf>,
+    #[arg(long, requires = "sample_prompt")]
+    pub sample_every: Option<u64>,
+    #[arg(long)]
+    pub sample_prompt: Option<String>,
+    #[arg(long, default_value_t = 20)]
+    pub sample_steps: usize,
+    /// Caption for images without a .txt file; `{trigger}` is replaced by --trigger.
+    #[arg(long)]
+    pub caption_template: Option<String>,
+    /// The trigger phrase (the paper's "[v]").
+    #[arg(long, default_value = "Korean traditional")]
+    pub trigger: String,
+    /// Wrapped linears (suffixes of attention module paths).
+    #[arg(long, value_delimiter = ',', default_value = "to_q,to_k,to_v,to_out.0")]
+    pub targets: Vec<String>,
+    /// Hidden width G of the spatial-attention MLP.
+    #[arg(long, default_value_t = 64)]
+    pub gate_hidden: usize,
+    /// Hidden width M of the modulation MLPs.
+    #[arg(long, default_value_t = 32)]
+    pub mod_hidden: usize,
+    /// Side of the pooled latent in the cultural loss (default: latent side / 8).
+    #[arg(long)]
+    pub cultural_pool: Option<usize>,
+    /// Gradient checkpointing: none, blocks (every transformer block) or a number N (every Nth).
+    #[arg(long, default_value = "none")]
+    pub checkpointing: String,
+    /// Cache folder for latents and text embeddings (default: .kstyle-cache beside --out).
+    #[arg(long)]
+    pub cache: Option<PathBuf>,
+    #[arg(long, value_enum, default_value = "cpu")]
+    pub device: DeviceArg,
+}
+
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+pub enum MethodArg {
+    Kstyle,
+    Lora,
+    LoraCsl,
+    Gating,
+}
+
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+pub enum LrArg {
+    Constant,
+    Cosine,
+}
+
+fn checkpoint_policy(s: &str) -> anyhow::Result<CheckpointPolicy> {
+    Ok(match s {
+        "none" => CheckpointPolicy::None,
+        "blocks" => CheckpointPolicy::EveryBlock,
+        n => CheckpointPolicy::EveryNth(n.parse().map_err(|_| {
+            anyhow::anyhow!("--checkpointing takes none, blocks or a number, got `{n}`")
+        })?),
+    })
+}
+
+pub fn config_from(a: &Args) -> anyhow::Result<TrainConfig> {
+    let method = match a.method {
+        MethodArg::Kstyle => Method::Kstyle,
+        MethodArg::Lora => Method::Lora,
+        MethodArg::LoraCsl => Method::LoraCsl,
+        MethodArg::Gating => Method::Gating,
+    };
+    let concepts = match &a.concepts {
+        Some(p) => load_concepts(p)?,
+        None => default_concepts(),
+    };
+    let schedule = match a.lr_schedule {
+        LrArg::Constant => LrSchedule::Constant,
+        LrArg::Cosine => LrSchedule::WarmupCosine {
+            warmup: a.warmup,
+            total: 0,
+        },
+    };
+    Ok(TrainConfig {
+        model: a.model.clone(),
+        config_dir: a.config.clone(),
+        data: a.data.clone(),
+        out: a.out.clone(),
+        method,
+        clip: a.clip.clone(),
+        concepts,
+        lora: LoraConfig {
+            rank: a.rank,
+            alpha: a.alpha.unwrap_or(a.rank as f64),
+            guidance: a.guidance,
+            gate_hidden: a.gate_hidden,
+            mod_hidden: a.mod_hidden,
+        },
+        targets: a.targets.clone(),
+        lambda: a.lambda,
+        cultural_pool: a.cultural_pool,
+        adamw: AdamW {
+            lr: a.lr,
+            weight_decay: a.weight_decay,
+            ..AdamW::default()
+        },
+        schedule,
+        grad_accum: a.grad_accum,
+        epochs: a.epochs,
+        max_steps: a.max_steps,
+        resolution: a.resolution,
+        buckets: a.buckets,
+        seed: a.seed,
+        save_every: a.save_every,
+        resume: a.resume.clone(),
+        sample_every: a.sample_every,
+        sample_prompt: a.sample_prompt.clone(),
+        sample_steps: a.sample_steps,
+        captions: CaptionSource {
+            template: a.caption_template.clone(),
+            trigger: a.trigger.clone(),
+        },
+        checkpointing: checkpoint_policy(&a.checkpointing)?,
+        cache_dir: a.cache.clone(),
+        device: a.device.device(),
+    })
+}
+
+pub fn run(a: Args) -> anyhow::Result<ExitCode> {
+    if a.rank == 0 {
+        anyhow::bail!("--rank must be at least 1");
+    }
+    let cfg = config_from(&a)?;
+    eprintln!("kstyle train: {cfg:#?}");
+    let mut log = |m: &str| eprintln!("{m}");
+    let mut trainer = Trainer::new(cfg, &mut log)?;
+    // The cosine schedule needs the run length, known only once the dataset is scanned.
+    if let LrSchedule::WarmupCosine { warmup, .. } = trainer.cfg.schedule {
+        trainer.cfg.schedule = LrSchedule::WarmupCosine {
+            warmup,
+            total: trainer.total_steps(),
+        };
+    }
+    let bar = ProgressBar::new(trainer.total_steps());
+    bar.set_position(trainer.state.step);
+    bar.set_style(
+        ProgressStyle::with_template("[{bar:30}] {pos}/{len} steps {elapsed} (eta {eta}) {msg}")?
+            .progress_chars("=> "),
+    );
+    trainer.run(|s| {
+        bar.set_position(s.step);
+        bar.set_message(format!("loss {:.4} lr {:.2e}", s.loss, s.lr));
+    })?;
+    bar.finish();
+    let o = &trainer.outputs;
+    println!("adapter: {}", o.adapter.display());
+    println!("log: {}\nplot: {}", o.log_csv.display(), o.plot.display());
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,119 @@
+//! Training checkpoints: an adapter file (loadable by `kstyle generate` as is) plus the optimizer
+//! moments and masters, the step, the RNG state and the data order, written atomically, so that
+//! `--resume` continues bit for bit.
+
+use super::optim::{Optimizer, Slot};
+use crate::backend::cpu::optim::AdamW;
+use crate::formats::adapter::Adapter;
+use crate::formats::kohya::ModuleIndex;
+use crate::tensor::{save_safetensors, Rng, SafeTensorsFile};
+use crate::{Device, Error, Result, Tensor};
+use std::path::Path;
+
+/// Where the loop stands between two optimizer steps.
+#[derive(Clone, Debug, PartialEq)]
+pub struct TrainState {
+    /// Optimizer steps done.
+    pub step: u64,
+    pub epoch: u64,
+    /// Next position in `order`.
+    pub pos: usize,
+    /// This epoch's permutation of the dataset.
+    pub order: Vec<usize>,
+    pub rng: Rng,
+}
+
+const OPTIM: &str = "kstyle.optim";
+
+pub fn save_checkpoint(
+    path: &Path,
+    adapter: &Adapter,
+    index: &ModuleIndex,
+    opt: &Optimizer,
+    state: &TrainState,
+) -> Result<()> {
+    let mut tensors = adapter.file_tensors(index)?;
+    for s in &opt.slots {
+        for (kind, v) in [("master", &s.master), ("m", &s.m), ("v", &s.v)] {
+            tensors.push((
+                format!("{OPTIM}.{kind}.{}", s.name),
+                Tensor::from_slice(v, v.len(), Device::Cpu)?,
+            ));
+        }
+    }
+    let mut meta = adapter.metadata();
+    let rng: Vec<String> = state.rng.state().iter().map(|w| w.to_string()).collect();
+    meta.insert("kstyle.ckpt.step".into(), state.step.to_string());
+    meta.insert("kstyle.ckpt.epoch".into(), state.epoch.to_string());
+    meta.insert("kstyle.ckpt.pos".into(), state.pos.to_string());
+    meta.insert(
+        "kstyle.ckpt.order".into(),
+        serde_json::to_string(&state.order).unwrap_or_default(),
+    );
+    meta.insert("kstyle.ckpt.rng".into(), rng.join(","));
+    meta.insert("kstyle.ckpt.optim_step".into(), opt.step.to_string());
+    save_safetensors(path, &tensors, Some(meta))
+}
+
+/// The adapter, optimizer and loop state of a checkpoint. `hyper` supplies the AdamW settings of
+/// the resumed run (they are run-time knobs, not state).
+pub fn load_checkpoint(
+    path: &Path,
+    index: &ModuleIndex,
+    device: Device,
+    hyper: AdamW,
+) -> Result<(Adapter, Optimizer, TrainState)> {
+    let adapter = Adapter::load(path, index, device)?;
+    let f = SafeTensorsFile::open(path)?;
+    let meta = f.metadata();
+    let get = |k: &str| {
+        meta.get(k).ok_or_else(|| {
+            Error::file(
+                path,
+                format!("metadata `{k}` missing: an adapter, not a training checkpoint"),
+            )
+        })
+    };
+    let int = |k: &str| -> Result<u64> {
+        get(k)?
+            .parse()
+            .map_err(|_| Error::file(path, format!("metadata `{k}` is not an integer")))
+    };
+    let words: Vec<u64> = get("kstyle.ckpt.rng")?
+        .split(',')
+        .filter_map(|w| w.parse().ok())
+        .collect();
+    let rng: [u64; 4] = words
+        .try_into()
+        .map_err(|_| Error::file(path, "metadata `kstyle.ckpt.rng` is not four integers"))?;
+    let order: Vec<usize> =
+        serde_json::from_str(get("kstyle.ckpt.order")?).map_err(|e| Error::Json {
+            path: path.into(),
+            msg: format!("kstyle.ckpt.order: {e}"),
+        })?;
+    let state = TrainState {
+        step: int("kstyle.ckpt.step")?,
+        epoch: int("kstyle.ckpt.epoch")?,
+        pos: int("kstyle.ckpt.pos")? as usize,
+        order,
+        rng: Rng::from_state(rng),
+    };
+    let mut slots = Vec::new();
+    for (name, _) in adapter.trainables() {
+        let read = |kind: &str| -> Result<Vec<f32>> {
+            f.tensor(&format!("{OPTIM}.{kind}.{name}"))?.to_vec_f32()
+        };
+        slots.push(Slot {
+            master: read("master")?,
+            m: read("m")?,
+            v: read("v")?,
+            name,
+        });
+    }
+    let opt = Optimizer {
+        hyper,
+        step: int("kstyle.ckpt.optim_step")?,
+        slots,
+    };
+    Ok((adapter, opt, state))
+}

@@ -1,0 +1,693 @@
+//! The training loop: caches latents and text embeddings, attaches adapters for the chosen
+//! method, and runs uniform-timestep epsilon training with gradient accumulation, AdamW, periodic
+//! checkpoints and samples, a CSV log and a loss plot. Resuming from a checkpoint continues the
+//! same stream of random draws, so a resumed run equals an uninterrupted one bit for bit.
+
+use super::checkpoint::{load_checkpoint, save_checkpoint, TrainState};
+use super::cultural::CulturalLoss;
+use super::data::{
+    buckets, load_training_image, nearest_bucket, CaptionSource, Dataset, TensorCache,
+};
+use super::optim::{GradAccumulator, LrSchedule, Optimizer};
+use super::step::{training_loss, Conditioning};
+use crate::backend::cpu::optim::AdamW;
+use crate::formats::adapter::{Adapter, Method};
+use crate::models::clip::text::token_ids;
+use crate::models::unet::{CheckpointPolicy, UNet2DConditionModel};
+use crate::nn::lora::{LoraAdapter, LoraConfig};
+use crate::sample::model_files::ModelFiles;
+use crate::sample::pipeline::{denoise, unet_module_index, PromptEmbeds, Request, SamplerKind};
+use crate::sample::TrainSchedule;
+use crate::tensor::Rng;
+use crate::{DType, Device, Error, Result, Tensor};
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+/// Every setting of a run (filled by `kstyle train`, printed at its start, recorded in the
+/// adapter's metadata).
+#[derive(Clone, Debug)]
+pub struct TrainConfig {
+    pub model: PathBuf,
+    pub config_dir: Option<PathBuf>,
+    pub data: PathBuf,
+    pub out: PathBuf,
+    pub method: Method,
+    /// CLIP ViT-B/32 folder (HF layout) for the concept embeddings.
+    pub clip: Option<PathBuf>,
+    pub concepts: Vec<String>,
+    pub lora: LoraConfig,
+    /// Suffixes of the wrapped linears (`to_q`, `to_k`, `to_v`, `to_out.0`).
+    pub targets: Vec<String>,
+    pub lambda: f64,
+    /// Side of the pooled latent in the cultural loss; latent side / 8 when None (16 at 1024²).
+    pub cultural_pool: Option<usize>,
+    pub adamw: AdamW,
+    pub schedule: LrSchedule,
+    pub grad_accum: usize,
+    pub epochs: u64,
+    pub max_steps: Option<u64>,
+    pub resolution: usize,
+    pub buckets: bool,
+    pub seed: u64,
+    pub save_every: Option<u64>,
+    pub resume: Option<PathBuf>,
+    pub sample_every: Option<u64>,
+    pub sample_prompt: Option<String>,
+    pub sample_steps: usize,
+    pub captions: CaptionSource,
+    pub checkpointing: CheckpointPolicy,
+    pub cache_dir: Option<PathBuf>,
+    pub device: Device,
+}
+
+/// One cached training example.
+struct Example {
+    /// VAE posterior mean and log-variance (1, 4, h, w).
+    mean: Tensor,
+    logvar: Tensor,
+    context: Tensor,
+    pooled: Tensor,
+    time_ids: Tensor,
+}
+
+/// What happened in one optimizer step.
+#[derive(Clone, Debug)]
+pub struct StepLog {
+    pub step: u64,
+    pub epoch: u64,
+    pub loss: f64,
+    pub diffusion: f64,
+    pub cultural: Option<f64>,
+    pub lr: f64,
+}
+
+/// Paths of everything a run writes next to `out`.
+pub struct Outputs {
+    pub adapter: PathBuf,
+    pub log_csv: PathBuf,
+    pub plot: PathBuf,
+    pub samples: PathBuf,
+}
+
+impl Outputs {
+    pub fn for_adapter(out: &Path) -> Outputs {
+        let stem = out
+            .file_stem()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "adapter".into());
+        let dir = out.parent().map(Path::to_path_buf).unwrap_or_default();
+        Outputs {
+            adapter: out.to_path_buf(),
+            log_csv: dir.join(format!("{stem}.loss.csv")),
+            plot: dir.join(format!("{stem}.loss.png")),
+            samples: dir.join(format!("{stem}.samples")),
+        }
+    }
+
+    pub fn checkpoint(&self, step: u64) -> PathBuf {
+        let stem = self
+            .adapter
+            .file_stem()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        self.adapter
+            .with_file_name(format!("{stem}.step{step:06}.ckpt.safetensors"))
+    }
+}
+
+fn concept_embeds(cfg: &TrainConfig) -> Result<Option<Tensor>> {
+    if !cfg.method.gated() && !cfg.method.cultural() {
+        return Ok(None);
+    }
+    let clip = cfg.clip.as_ref().ok_or_else(|| {
+        Error::Config(format!(
+            "method `{}` needs concept embeddings: pass --clip DIR (a CLIP ViT-B/32 folder)",
+            cfg.method.name()
+        ))
+    })?;
+    Ok(Some(super::concepts::embed_concepts(
+        clip,
+        &cfg.concepts,
+        cfg.device,
+    )?))
+}
+
+/// Latent distributions and text embeddings for every sample (and the sample prompt), computed
+/// through the cache; the VAE and text encoders load only if something is missing, and are
+/// dropped before training starts.
+fn prepare_examples(
+    cfg: &TrainConfig,
+    files: &ModelFiles,
+    data: &Dataset,
+    log: &mut dyn FnMut(&str),
+) -> Result<(Vec<Example>, Option<PromptEmbeds>)> {
+    let cache = TensorCache::new(cfg.cache_dir.clone().unwrap_or_else(|| {
+        cfg.out
+            .parent()
+            .unwrap_or(Path::new("."))
+            .join(".kstyle-cache")
+    }))?;
+    let model_id = files.identity();
+    let bucket_list = if cfg.buckets {
+        buckets(cfg.resolution)
+    } else {
+        vec![(cfg.resolution, cfg.resolution)]
+    };
+    let mut vae = None;
+    let mut text = None;
+    let mut examples = Vec::with_capacity(data.len());
+    let mut encode_text = |caption: &str| -> Result<BTreeMap<String, Tensor>> {
+        cache.get_or_insert(&TensorCache::key(&["text", caption, &model_id]), || {
+            if text.is_none() {
+                let (te1, te2) = files.text_encoders(DType::F32, cfg.device)?;
+                text = Some((te1, te2, files.tokenizers()?));
+            }
+            let (te1, te2, (tok1, tok2)) = text.as_ref().expect("just loaded");
+            crate::autograd::no_grad(|| {
+                let prompts = [caption.to_string()];
+                let o1 = te1.forward(&token_ids(&tok1.encode_batch(&prompts)?, cfg.device)?)?;
+                let o2 = te2.forward(&token_ids(&tok2.encode_batch(&prompts)?, cfg.device)?)?;
+                let context =
+                    Tensor::cat(&[o1.penultimate().clone(), o2.penultimate().clone()], 2)?; // (1, 77, Dc)
+                let pooled = o2
+                    .text_embeds
+                    .ok_or_else(|| Error::Config("text_encoder_2 has no projection".into()))?; // (1, P)
+                Ok(vec![
+                    ("context".to_string(), context),
+                    ("pooled".to_string(), pooled),
+                ])
+            })
+        })
+    };
+    for s in &data.samples {
+        let dims =
+            image::image_dimensions(&s.path).map_err(|e| Error::file(&s.path, e.to_string()))?;
+        let size = nearest_bucket(dims.0 as usize, dims.1 as usize, &bucket_list);
+        let key = TensorCache::key(&[
+            "latent",
+            &s.hash,
+            &format!("{}x{}", size.0, size.1),
+            &model_id,
+        ]);
+        let (img, crop) = load_training_image(&s.path, size, cfg.device)?;
+        let lat = cache.get_or_insert(&key, || {
+            if vae.is_none() {
+                vae = Some(files.vae(cfg.device)?);
+            }
+            let (mean, logvar) =
+                crate::autograd::no_grad(|| vae.as_ref().expect("just loaded").encode(&img))?;
+            Ok(vec![
+                ("mean".to_string(), mean),
+                ("logvar".to_string(), logvar),
+            ])
+        })?;
+        let txt = encode_text(&s.caption)?;
+        let tid: Vec<f64> = crop.time_ids().iter().map(|&v| v as f64).collect();
+        let get = |m: &BTreeMap<String, Tensor>, k: &str| -> Result<Tensor> {
+            m.get(k)
+                .cloned()
+                .ok_or_else(|| {
+                    Error::msg(format!("cache entry for {} lacks `{k}`", s.path.display()))
+                })?
+                .to_device(cfg.device)
+        };
+        examples.push(Example {
+            mean: get(&lat, "mean")?,
+            logvar: get(&lat, "logvar")?,
+            context: get(&txt, "context")?,
+            pooled: get(&txt, "pooled")?,
+            time_ids: Tensor::from_vec(tid, (1, 6), Device::Cpu)?
+                .to_dtype(DType::F32)?
+                .to_device(cfg.device)?,
+        });
+    }
+    let sample = match (&cfg.sample_every, &cfg.sample_prompt) {
+        (Some(_), Some(p)) => {
+            let t = encode_text(p)?;
+            Some(PromptEmbeds {
+                context: t["context"].clone(),
+                pooled: t["pooled"].clone(),
+            })
+        }
+        _ => None,
+    };
+    drop(encode_text);
+    log(&format!(
+        "caches ready in {} (text encoders {}, VAE {})",
+        cache.dir.display(),
+        if text.is_some() { "ran" } else { "not needed" },
+        if vae.is_some() { "ran" } else { "not needed" }
+    ));
+    Ok((examples, sample))
+}
+
+/// A run's live objects.
+pub struct Trainer {
+    pub cfg: TrainConfig,
+    pub unet: UNet2DConditionModel,
+    pub cultural: Option<CulturalLoss>,
+    pub concept_embeds: Option<Tensor>,
+    pub optimizer: Optimizer,
+    pub state: TrainState,
+    pub outputs: Outputs,
+    examples: Vec<Example>,
+    sample_embeds: Option<PromptEmbeds>,
+    files: ModelFiles,
+    scaling_factor: f64,
+    total_steps: u64,
+}
+
+impl Trainer {
+    pub fn new(cfg: TrainConfig, log: &mut dyn FnMut(&str)) -> Result<Trainer> {
+        if cfg.grad_accum == 0 {
+            return Err(Error::Config("--grad-accum must be at least 1".into()));
+        }
+        if cfg.resolution % 8 != 0 || cfg.resolution == 0 {
+            return Err(Error::Config(format!(
+                "--resolution must be a positive multiple of 8, got {}",
+                cfg.resolution
+            )));
+        }
+        if let Some(dir) = cfg.out.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+        }
+        let files = ModelFiles::resolve(&cfg.model, cfg.config_dir.as_deref())?;
+        let data = Dataset::scan(&cfg.data, &cfg.captions)?;
+        log(&format!(
+            "dataset: {} images from {}",
+            data.len(),
+            cfg.data.display()
+        ));
+        let (examples, sample_embeds) = prepare_examples(&cfg, &files, &data, log)?;
+        let scaling_factor = crate::models::vae::config::VaeConfig::from_file(
+            files.config_dir.join("vae/config.json"),
+        )?
+        .scaling_factor;
+        let mut unet = files.unet(&[], DType::F32, cfg.device)?;
+        unet.checkpoint = cfg.checkpointing;
+        let index = unet_module_index(&unet);
+        let steps_per_epoch = (data.len() as u64).div_ceil(cfg.grad_accum as u64);
+        let total_steps = cfg.max_steps.unwrap_or(cfg.epochs * steps_per_epoch);
+        let (adapter_modules, cultural, concept_embeds, optimizer, state) = match &cfg.resume {
+            Some(path) => {
+                let (adapter, opt, state) = load_checkpoint(path, &index, cfg.device, cfg.adamw)?;
+                if adapter.method != cfg.method || adapter.config.rank != cfg.lora.rank {
+                    return Err(Error::file(
+                        path,
+                        format!(
+                            "checkpoint is method `{}` rank {}, this run asks for `{}` rank {}",
+                            adapter.method.name(),
+                            adapter.config.rank,
+                            cfg.method.name(),
+                            cfg.lora.rank
+                        ),
+                    ));
+                }
+                log(&format!(
+                    "resuming from {} at step {}",
+                    path.display(),
+                    state.step
+                ));
+                (
+                    adapter.modules,
+                    adapter.cultural,
+                    adapter.concept_embeds,
+                    Some(opt),
+                    state,
+                )
+            }
+            None => {
+                let concept_embeds = concept_embeds(&cfg)?;
+                let mut rng = Rng::new(cfg.seed);
+                let mut modules = Vec::new();
+                for (path, lin) in unet.attention_projections() {
+                    if cfg.targets.iter().any(|t| path.ends_with(&format!(".{t}"))) {
+                        let gates = if cfg.method.gated() {
+                            concept_embeds.as_ref()
+                        } else {
+                            None
+                        };
+                        let a = LoraAdapter::init(
+                            lin.base.in_features(),
+                            lin.base.out_features(),
+                            cfg.lora,
+                            gates,
+                            &mut rng,
+                            DType::F32,
+                            cfg.device,
+                        )?;
+                        modules.push((path, a));
+                    }
+                }
+                let cultural = match (&concept_embeds, cfg.method.cultural()) {
+                    (Some(t), true) => {
+                        let c = examples.first().map_or(4, |e| e.mean.dims()[1]);
+                        let side = examples.first().map_or(cfg.resolution / 8, |e| {
+                            e.mean.dims()[2].min(e.mean.dims()[3])
+                        });
+                        let pool = cfg.cultural_pool.unwrap_or((side / 8).max(1));
+                        Some(CulturalLoss::init(
+                            c,
+                            pool,
+                            t,
+                            &mut rng,
+                            DType::F32,
+                            cfg.device,
+                        )?)
+                    }
+                    _ => None,
+                };
+                let mut order: Vec<usize> = (0..data.len()).collect();
+                rng.shuffle(&mut order);
+                (
+                    modules,
+                    cultural,
+                    concept_embeds,
+                    None,
+                    TrainState {
+                        step: 0,
+                        epoch: 0,
+                        pos: 0,
+                        order,
+                        rng,
+                    },
+                )
+            }
+        };
+        if adapter_modules.is_empty() {
+            return Err(Error::Config(format!(
+                "no attention projection matches the targets {:?}",
+                cfg.targets
+            )));
+        }
+        let mut by_path: BTreeMap<String, LoraAdapter> = adapter_modules.into_iter().collect();
+        unet.attach_adapters(|p, _| Ok(by_path.remove(p)))?;
+        if let Some(p) = by_path.keys().next() {
+            return Err(Error::Config(format!(
+                "adapter module `{p}` matches no projection of this UNet"
+            )));
+        }
+        let mut params = unet.adapter_parameters();
+        if let Some(c) = &cultural {
+            params.extend(
+                c.named()
+                    .into_iter()
+                    .map(|(n, t)| (format!("cultural.{n}"), t)),
+            );
+        }
+        let optimizer = match optimizer {
+            Some(mut o) => {
+                o.align_to(&params)?;
+                o
+            }
+            None => Optimizer::new(cfg.adamw, &params)?,
+        };
+        log(&format!(
+            "method {} | {} adapted linears | {} trainable tensors ({} values) | {} optimizer steps",
+            cfg.method.name(),
+            unet.attention_projections().iter().filter(|(_, l)| l.adapter.is_some()).count(),
+            params.len(),
+            params.iter().map(|(_, t)| t.elem_count()).sum::<usize>(),
+            total_steps
+        ));
+        let outputs = Outputs::for_adapter(&cfg.out);
+        Ok(Trainer {
+            cfg,
+            unet,
+            cultural,
+            concept_embeds,
+            optimizer,
+            state,
+            outputs,
+            examples,
+            sample_embeds,
+            files,
+            scaling_factor,
+            total_steps,
+        })
+    }
+
+    pub fn total_steps(&self) -> u64 {
+        self.total_steps
+    }
+
+    pub fn params(&self) -> Vec<(String, Tensor)> {
+        let mut p = self.unet.adapter_parameters();
+        if let Some(c) = &self.cultural {
+            p.extend(
+                c.named()
+                    .into_iter()
+                    .map(|(n, t)| (format!("cultural.{n}"), t)),
+            );
+        }
+        p
+    }
+
+    /// The adapter as it stands (what `--out` receives).
+    pub fn adapter(&self) -> Adapter {
+        let modules = self
+            .unet
+            .attention_projections()
+            .into_iter()
+            .filter_map(|(p, l)| l.adapter.clone().map(|a| (p, a)))
+            .collect();
+        let c = &self.cfg;
+        let settings = BTreeMap::from([
+            ("lr".to_string(), c.adamw.lr.to_string()),
+            ("grad_accum".to_string(), c.grad_accum.to_string()),
+            ("resolution".to_string(), c.resolution.to_string()),
+            ("lambda".to_string(), c.lambda.to_string()),
+            ("seed".to_string(), c.seed.to_string()),
+            ("steps".to_string(), self.state.step.to_string()),
+            ("targets".to_string(), c.targets.join(",")),
+            ("trigger".to_string(), c.captions.trigger.clone()),
+            ("weight_decay".to_string(), c.adamw.weight_decay.to_string()),
+        ]);
+        Adapter {
+            method: c.method,
+            config: c.lora,
+            concepts: if self.concept_embeds.is_some() {
+                c.concepts.clone()
+            } else {
+                vec![]
+            },
+            concept_embeds: self.concept_embeds.clone(),
+            modules,
+            cultural: self.cultural.clone(),
+            settings,
+        }
+    }
+
+    /// The next training example (reshuffling at epoch ends).
+    fn next_example(&mut self) -> usize {
+        if self.state.pos >= self.state.order.len() {
+            self.state.epoch += 1;
+            self.state.pos = 0;
+            let mut order: Vec<usize> = (0..self.examples.len()).collect();
+            self.state.rng.shuffle(&mut order);
+            self.state.order = order;
+        }
+        let i = self.state.order[self.state.pos];
+        self.state.pos += 1;
+        i
+    }
+
+    /// One optimizer step: `grad_accum` micro-batches, then AdamW.
+    pub fn step(&mut self) -> Result<StepLog> {
+        let params = self.params();
+        let mut acc = GradAccumulator::new(&params);
+        let schedule = TrainSchedule::sdxl();
+        let (mut loss, mut diffusion, mut cultural) = (0.0, 0.0, 0.0);
+        for _ in 0..self.cfg.grad_accum {
+            let i = self.next_example();
+            let ex = &self.examples[i];
+            let rng = &mut self.state.rng;
+            // Draw order is part of the resume contract: latent sample, timestep, noise.
+            let draw = Tensor::randn(ex.mean.dims().to_vec(), rng, DType::F32, self.cfg.device)?;
+            let x0 = ex
+                .mean
+                .add(&ex.logvar.scale(0.5)?.exp()?.mul(&draw)?)?
+                .scale(self.scaling_factor)?; // (1, 4, h, w)
+            let t = rng.below(schedule.len() as u64) as usize;
+            let noise = Tensor::randn(x0.dims().to_vec(), rng, DType::F32, self.cfg.device)?;
+            let cond = Conditioning {
+                context: &ex.context,
+                pooled: &ex.pooled,
+                time_ids: &ex.time_ids,
+            };
+            let losses = training_loss(
+                &self.unet,
+                self.cultural.as_ref().map(|c| (c, self.cfg.lambda)),
+                &schedule,
+                &x0,
+                &noise,
+                &[t],
+                &cond,
+            )?;
+            let grads = losses.total.backward()?;
+            acc.add(&params, &grads)?;
+            loss += losses.total.to_scalar()?;
+            diffusion += losses.diffusion.to_scalar()?;
+            if let Some(c) = &losses.cultural {
+                cultural += c.to_scalar()?;
+            }
+        }
+        let n = self.cfg.grad_accum as f64;
+        let lr = self.cfg.adamw.lr * self.cfg.schedule.factor(self.state.step + 1);
+        let mean = acc.take_mean();
+        self.optimizer.step(&params, &mean, lr)?;
+        self.state.step += 1;
+        if let Some(bad) = [loss, diffusion].iter().find(|v| !v.is_finite()) {
+            return Err(Error::msg(format!(
+                "loss became {bad} at step {}: lower --lr or check the data",
+                self.state.step
+            )));
+        }
+        Ok(StepLog {
+            step: self.state.step,
+            epoch: self.state.epoch,
+            loss: loss / n,
+            diffusion: diffusion / n,
+            cultural: self.cultural.as_ref().map(|_| cultural / n),
+            lr,
+        })
+    }
+
+    pub fn save_checkpoint(&self) -> Result<PathBuf> {
+        let path = self.outputs.checkpoint(self.state.step);
+        save_checkpoint(
+            &path,
+            &self.adapter(),
+            &unet_module_index(&self.unet),
+            &self.optimizer,
+            &self.state,
+        )?;
+        Ok(path)
+    }
+
+    pub fn save_adapter(&self) -> Result<()> {
+        self.adapter()
+            .save(&self.outputs.adapter, &unet_module_index(&self.unet))
+    }
+
+    /// A sample image with the live adapters (fixed seed, so samples are comparable over steps).
+    pub fn sample(&self) -> Result<Option<PathBuf>> {
+        let (Some(embeds), Some(prompt)) = (&self.sample_embeds, &self.cfg.sample_prompt) else {
+            return Ok(None);
+        };
+        let vae = self.files.vae(self.cfg.device)?;
+        let res = self.cfg.resolution;
+        let req = Request {
+            prompt: prompt.clone(),
+            negative: None,
+            steps: self.cfg.sample_steps,
+            guidance: 5.0,
+            width: res,
+            height: res,
+            sampler: SamplerKind::Euler,
+        };
+        let negative = PromptEmbeds {
+            context: embeds.context.zeros_like()?,
+            pooled: embeds.pooled.zeros_like()?,
+        };
+        let init = Tensor::randn(
+            (1, self.unet.config.in_channels, res / 8, res / 8),
+            &mut Rng::new(self.cfg.seed),
+            DType::F32,
+            self.cfg.device,
+        )?;
+        let image = crate::autograd::no_grad(|| -> Result<Tensor> {
+            let lat = denoise(
+                &self.unet,
+                &self.files.scheduler()?,
+                &req,
+                embeds,
+                Some(&negative),
+                &init,
+                |_, _| {},
+            )?;
+            vae.decode_scaled(&lat)?
+                .affine(0.5, 0.5)?
+                .clamp_min(0.0)?
+                .neg()?
+                .clamp_min(-1.0)?
+                .neg()
+        })?;
+        std::fs::create_dir_all(&self.outputs.samples)
+            .map_err(|e| Error::io(&self.outputs.samples, e))?;
+        let path = self
+            .outputs
+            .samples
+            .join(format!("step{:06}.png", self.state.step));
+        let (_, c, h, w) = image.dims4()?;
+        crate::image::io::save_chw_png(&path, &image.to_vec_f32()?, c, h, w)?;
+        Ok(Some(path))
+    }
+
+    /// Run to the end, calling `on_step` after every optimizer step; writes the CSV log (appending
+    /// when resuming), checkpoints, samples, the adapter and the loss plot.
+    pub fn run(&mut self, mut on_step: impl FnMut(&StepLog)) -> Result<()> {
+        let csv_exists = self.outputs.log_csv.exists();
+        let mut csv = std::fs::OpenOptions::new()
+            .create(true)
+            .append(self.cfg.resume.is_some())
+            .write(true)
+            .truncate(self.cfg.resume.is_none())
+            .open(&self.outputs.log_csv)
+            .map_err(|e| Error::io(&self.outputs.log_csv, e))?;
+        if self.cfg.resume.is_none() || !csv_exists {
+            writeln!(csv, "step,epoch,loss,diffusion,cultural,lr")
+                .map_err(|e| Error::io(&self.outputs.log_csv, e))?;
+        }
+        while self.state.step < self.total_steps {
+            let log = self.step()?;
+            let cult = log.cultural.map_or(String::new(), |c| format!("{c}"));
+            writeln!(
+                csv,
+                "{},{},{},{},{},{}",
+                log.step, log.epoch, log.loss, log.diffusion, cult, log.lr
+            )
+            .map_err(|e| Error::io(&self.outputs.log_csv, e))?;
+            csv.flush()
+                .map_err(|e| Error::io(&self.outputs.log_csv, e))?;
+            if self
+                .cfg
+                .save_every
+                .is_some_and(|n| n > 0 && log.step % n == 0)
+            {
+                self.save_checkpoint()?;
+            }
+            if self
+                .cfg
+                .sample_every
+                .is_some_and(|n| n > 0 && log.step % n == 0)
+            {
+                self.sample()?;
+            }
+            on_step(&log);
+        }
+        self.save_adapter()?;
+        let points = read_loss_log(&self.outputs.log_csv)?;
+        super::plot::plot_loss(
+            &self.outputs.plot,
+            &format!("{} loss", self.cfg.method.name()),
+            &points,
+        )
+    }
+}
+
+/// (step, loss) pairs of a CSV log.
+pub fn read_loss_log(path: &Path) -> Result<Vec<(u64, f64)>> {
+    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    Ok(text
+        .lines()
+        .skip(1)
+        .filter_map(|l| {
+            let mut it = l.split(',');
+            let step = it.next()?.parse().ok()?;
+            let _epoch = it.next();
+            Some((step, it.next()?.parse().ok()?))
+        })
+        .collect())
+}
