@@ -276,6 +276,7 @@ impl Adapter {
                     config: cfg,
                     gates,
                     concepts,
+                    recorder: None,
                 },
             ));
         }

@@ -10,6 +10,7 @@
 
 pub mod adapter;
 pub mod diffusers;
+pub mod export;
 pub mod error;
 pub mod kohya;
 pub mod raw;

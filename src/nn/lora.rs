@@ -134,6 +134,20 @@ impl Gates {
     }
 }
 
+/// Running sums of a gated adapter's effective per-rank scale `a * w_down * w_up` over every
+/// sample it has seen: what `kstyle export --bake-gates` folds into plain LoRA weights.
+#[derive(Clone, Debug, Default)]
+pub struct GateRecord {
+    pub sum: Vec<f64>,
+    pub samples: usize,
+}
+
+impl GateRecord {
+    pub fn mean(&self) -> Vec<f64> {
+        self.sum.iter().map(|s| s / self.samples.max(1) as f64).collect()
+    }
+}
+
 /// A LoRA adapter for one frozen linear.
 #[derive(Clone, Debug)]
 pub struct LoraAdapter {
@@ -145,6 +159,8 @@ pub struct LoraAdapter {
     pub gates: Option<Gates>,
     /// Unit concept embeddings T (K, E); shared by every gated adapter of a model.
     pub concepts: Option<Tensor>,
+    /// When set, every forward adds its gate values here (calibration for gate baking).
+    pub recorder: Option<std::sync::Arc<std::sync::Mutex<GateRecord>>>,
 }
 
 impl LoraAdapter {
@@ -182,6 +198,7 @@ impl LoraAdapter {
             config,
             gates,
             concepts: concepts.cloned(),
+            recorder: None,
         })
     }
 
@@ -200,6 +217,17 @@ impl LoraAdapter {
             return self.delta(&h.unsqueeze(0)?)?.squeeze(0);
         }
         let g = gates.forward(h, concepts)?;
+        if let Some(rec) = &self.recorder {
+            let eff = g.down.mul(&g.up)?.mul(&g.alpha)?; // (B, r)
+            let (b, r) = eff.dims2()?;
+            let v = eff.to_vec_f64()?;
+            let mut rec = rec.lock().unwrap_or_else(|e| e.into_inner());
+            rec.sum.resize(r, 0.0);
+            for row in v.chunks(r) {
+                rec.sum.iter_mut().zip(row).for_each(|(s, x)| *s += x);
+            }
+            rec.samples += b;
+        }
         let mod_r = g.down.mul(&g.up)?.unsqueeze(1)?; // (B, 1, r)
         let dh = z.mul(&mod_r)?.matmul(&self.b.t()?)?; // (B, S, D_out)
         let a = g

@@ -1,5 +1,6 @@
 //! Noise schedules and samplers (SDXL.md section 4).
 
+pub mod bake;
 pub mod ddim;
 pub mod euler;
 pub mod model_files;

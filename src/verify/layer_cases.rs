@@ -75,6 +75,7 @@ pub fn gated_lora_layer(ctx: &Ctx) -> Result<Vec<Row>> {
             config,
             concepts: gates.as_ref().map(|_| concepts.clone()),
             gates,
+            recorder: None,
         };
         // The frozen base: plain tensors, never variables.
         let base = Linear {

@@ -1,0 +1,79 @@
+//! Exporting an adapter for other tools: kohya (`lora_unet_*.lora_down/up.weight` + `.alpha`,
+//! what ComfyUI and A1111 load) or diffusers/PEFT (`unet.<module>.lora_A/B.weight`, the scale
+//! folded into B since that layout carries no alpha). Gated adapters export with their gates
+//! baked in: B's columns scaled by the mean effective gate over a calibration set.
+
+use super::adapter::Adapter;
+use super::kohya::ModuleIndex;
+use crate::tensor::save_safetensors;
+use crate::{DType, Device, Error, Result, Tensor};
+use std::collections::HashMap;
+use std::path::Path;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ExportFormat {
+    Kohya,
+    Diffusers,
+}
+
+/// B with column j multiplied by `scale[j]`.
+fn scale_columns(b: &Tensor, scale: &[f64]) -> Result<Tensor> {
+    let (_, r) = b.dims2()?;
+    if scale.len() != r {
+        return Err(Error::msg(format!("baked gate has {} values for rank {r}", scale.len())));
+    }
+    let s = Tensor::from_vec(scale.to_vec(), (1, r), Device::Cpu)?.to_dtype(b.dtype())?.to_device(b.device())?;
+    b.mul(&s)
+}
+
+/// Write `adapter` in `format`. `baked` maps module paths to the mean `a * w_down * w_up` per rank
+/// (required for gated adapters); `dtype` is the stored precision (kohya files are usually f16).
+pub fn export_adapter(
+    adapter: &Adapter,
+    index: &ModuleIndex,
+    format: ExportFormat,
+    baked: Option<&HashMap<String, Vec<f64>>>,
+    dtype: DType,
+    path: &Path,
+) -> Result<()> {
+    if adapter.method.gated() && baked.is_none() {
+        return Err(Error::Config(format!(
+            "a `{}` adapter has live gates other tools cannot run: export it with --bake-gates PROMPTS_FILE",
+            adapter.method.name()
+        )));
+    }
+    let mut out = Vec::new();
+    for (module, a) in &adapter.modules {
+        let up = match (baked, a.is_gated()) {
+            (Some(bk), true) => {
+                let mean = bk.get(module).ok_or_else(|| Error::msg(format!("no calibration gates recorded for {module}")))?;
+                let s: Vec<f64> = mean.iter().map(|m| m * a.config.guidance).collect();
+                scale_columns(&a.b, &s)?
+            }
+            _ => a.b.clone(),
+        };
+        let r = a.config.rank as f64;
+        match format {
+            ExportFormat::Kohya => {
+                let k = index.kohya_name(module)?;
+                out.push((format!("{k}.lora_down.weight"), a.a.to_dtype(dtype)?));
+                out.push((format!("{k}.lora_up.weight"), up.to_dtype(dtype)?));
+                out.push((format!("{k}.alpha"), Tensor::scalar(a.config.alpha, dtype, Device::Cpu)?));
+            }
+            ExportFormat::Diffusers => {
+                out.push((format!("unet.{module}.lora_A.weight"), a.a.to_dtype(dtype)?));
+                out.push((format!("unet.{module}.lora_B.weight"), up.scale(a.config.alpha / r)?.to_dtype(dtype)?));
+            }
+        }
+    }
+    let c = &adapter.config;
+    let meta = HashMap::from([
+        ("ss_network_module".to_string(), "networks.lora".to_string()),
+        ("ss_network_dim".to_string(), c.rank.to_string()),
+        ("ss_network_alpha".to_string(), c.alpha.to_string()),
+        ("ss_base_model_version".to_string(), "sdxl_base_v1-0".to_string()),
+        ("kstyle.exported_from".to_string(), adapter.method.name().to_string()),
+        ("kstyle.baked_gates".to_string(), (baked.is_some() && adapter.method.gated()).to_string()),
+    ]);
+    save_safetensors(path, &out, Some(meta))
+}
