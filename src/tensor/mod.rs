@@ -329,6 +329,7 @@ impl Tensor {
         let s = t.storage();
         match &*s {
             Storage::Cpu(c) => Ok(c.to_f64_vec(t.layout())),
+            Storage::Cuda(_) => unreachable!("to_device(Cpu) returns CPU storage"),
         }
     }
 
@@ -351,14 +352,15 @@ impl Tensor {
         Ok(self.to_vec_f64()?[0])
     }
 
+    /// The same values on `device` (contiguous there). On a machine without an NVIDIA driver a
+    /// CUDA device is a clean `Error::DeviceUnavailable`, never a panic. The copy carries no
+    /// autograd history: moving a trainable leaf makes a fresh leaf with `var()` on the device.
     pub fn to_device(&self, device: Device) -> Result<Tensor> {
         if device == self.device() {
             return Ok(self.clone());
         }
-        Err(Error::DeviceUnavailable(
-            device.to_string(),
-            "this build has no CUDA backend yet".into(),
-        ))
+        let storage = self.storage().to_device(self.layout(), device)?;
+        Ok(Tensor::from_storage(storage, self.shape().clone(), None))
     }
 }
 
