@@ -2,6 +2,7 @@
 //! directory's own models and report one row per checked tensor. The format is the contract of
 //! the fixtures README; nothing here assumes the sizes of the shipped tiny models.
 
+pub mod cuda_parity;
 mod layer_cases;
 
 use crate::tensor::SafeTensorsFile;
