@@ -145,7 +145,8 @@ impl Tensor {
         self.0.is_variable || self.0.op.is_some()
     }
 
-    pub(crate) fn storage(&self) -> RwLockReadGuard<'_, Storage> {
+    /// Read access to the backing storage, for backend-level ops (`backend::ops`) and benchmarks.
+    pub fn storage(&self) -> RwLockReadGuard<'_, Storage> {
         self.0.storage.read().unwrap_or_else(|e| e.into_inner())
     }
 

@@ -12,8 +12,8 @@ fn dims(h: Operand, logits: Operand) -> Result<(usize, usize, usize)> {
     same_device(h.0, logits.0, "spatial_pool")?;
     check_dtype(h.0.dtype(), logits.0.dtype(), "spatial_pool")?;
     match h.1.dims() {
-        &[b, s, d] if logits.1.shape().elem_count() == b * s => Ok((b, s, d)),
-        &[_, _, _] => Err(Error::ShapeMismatch {
+        [b, s, d] if logits.1.shape().elem_count() == b * s => Ok((*b, *s, *d)),
+        [_, _, _] => Err(Error::ShapeMismatch {
             op: "spatial_pool",
             lhs: h.1.shape().clone(),
             rhs: logits.1.shape().clone(),
