@@ -1,390 +1,9 @@
-//! Every CUDA op against the CPU oracle on random and odd shapes: the body of
-//! `tests/cuda_parity.rs` and of `kstyle gpu-parity` (the GPU machine has no Rust toolchain, so
-//! the release binary carries the same checks).
-//!
-//! Rules: f32 within `Tolerance::F32_FORWARD` (forward) / `F32_GRAD` (gradients); bf16 and f16
-//! within `BF16_FORWARD` / `BF16_GRAD` against the oracle run on the same rounded inputs; bf16
-//! flash attention at most twice the error of the plain bf16 composition (flash-attention's rule),
-//! both measured against the f32 oracle on those inputs.
+//! Parity cases for the heavier families: norms, conv and pooling, attention, the fused LoRA
+//! update, spatial pooling and AdamW.
 
-use crate::backend::cpu::attention::AttnGeom;
-use crate::backend::cpu::conv::ConvGeom;
-use crate::backend::cpu::elementwise::{BinaryOp, UnaryOp};
-use crate::backend::cpu::lora::LoraGeom;
-use crate::backend::cpu::optim::AdamW;
-use crate::backend::cuda::attention::{sdpa_bwd_with, sdpa_with, AttnKernel};
-use crate::backend::ops::{self, GateArgs};
-use crate::backend::Storage;
-use crate::tensor::{Rng, Shape};
-use crate::tolerance::{compare, Tolerance};
-use crate::{DType, Device, Result, Tensor};
+use super::*;
 
-/// One compared tensor.
-#[derive(Clone, Debug)]
-pub struct ParityRow {
-    pub case: String,
-    pub dtype: DType,
-    /// `||gpu - cpu|| / ||cpu||`
-    pub error: f64,
-    /// The allowed relative error.
-    pub limit: f64,
-    pub passed: bool,
-}
-
-/// Whether CUDA device `ordinal` can run here; the reason when not.
-pub fn available(ordinal: usize) -> std::result::Result<(), String> {
-    crate::backend::cuda::device(ordinal)
-        .map(|_| ())
-        .map_err(|e| e.to_string())
-}
-
-struct Run {
-    dev: Device,
-    rng: Rng,
-    rows: Vec<ParityRow>,
-    filter: Option<String>,
-}
-
-type Arg<'a> = (&'a Storage, &'a crate::tensor::Layout);
-
-/// A storage result as an untracked tensor.
-fn st(s: Storage, shape: impl Into<Shape>) -> Tensor {
-    Tensor::from_storage(s, shape, None)
-}
-
-fn tol(dtype: DType, grad: bool) -> Tolerance {
-    match (dtype, grad) {
-        (DType::F32, false) => Tolerance::F32_FORWARD,
-        (DType::F32, true) => Tolerance::F32_GRAD,
-        (_, false) => Tolerance::BF16_FORWARD,
-        (_, true) => Tolerance::BF16_GRAD,
-    }
-}
-
-impl Run {
-    fn wants(&self, case: &str) -> bool {
-        self.filter.as_deref().is_none_or(|f| case.contains(f))
-    }
-
-    /// Random values in [lo, hi) of `dtype` on the CPU and the same values on the GPU.
-    fn pair(
-        &mut self,
-        shape: &[usize],
-        dtype: DType,
-        lo: f64,
-        hi: f64,
-    ) -> Result<(Tensor, Tensor)> {
-        let c = Tensor::rand_uniform(shape.to_vec(), lo, hi, &mut self.rng, dtype, Device::Cpu)?;
-        let g = c.to_device(self.dev)?;
-        Ok((c, g))
-    }
-
-    fn randn(&mut self, shape: &[usize], dtype: DType) -> Result<(Tensor, Tensor)> {
-        let c = Tensor::randn(shape.to_vec(), &mut self.rng, dtype, Device::Cpu)?;
-        let g = c.to_device(self.dev)?;
-        Ok((c, g))
-    }
-
-    fn check(
-        &mut self,
-        case: String,
-        dtype: DType,
-        gpu: &Tensor,
-        cpu: &Tensor,
-        grad: bool,
-    ) -> Result<()> {
-        self.check_with(case, dtype, gpu, cpu, tol(dtype, grad))
-    }
-
-    fn check_with(
-        &mut self,
-        case: String,
-        dtype: DType,
-        gpu: &Tensor,
-        cpu: &Tensor,
-        t: Tolerance,
-    ) -> Result<()> {
-        let c = compare(gpu, cpu, t)?;
-        let denom = if c.ref_norm > 0.0 { c.ref_norm } else { 1.0 };
-        self.rows.push(ParityRow {
-            case,
-            dtype,
-            error: c.relative(),
-            limit: c.limit / denom,
-            passed: c.passed(),
-        });
-        Ok(())
-    }
-
-    /// A case whose op could not run at all is a failed row, not an aborted run.
-    fn guard(&mut self, case: &str, dtype: DType, r: Result<()>) {
-        if let Err(e) = r {
-            eprintln!("gpu-parity: {case} [{dtype}] errored: {e}");
-            self.rows.push(ParityRow {
-                case: format!("{case} (error: {e})"),
-                dtype,
-                error: f64::NAN,
-                limit: 0.0,
-                passed: false,
-            });
-        }
-    }
-}
-
-fn sa(
-    t: &Tensor,
-) -> (
-    std::sync::RwLockReadGuard<'_, Storage>,
-    crate::tensor::Layout,
-) {
-    (t.storage(), t.layout().clone())
-}
-
-fn cu(s: &Storage) -> Result<&crate::backend::cuda::CudaStorage> {
-    match s {
-        Storage::Cuda(c) => Ok(c),
-        Storage::Cpu(_) => Err(crate::Error::msg("expected CUDA storage")),
-    }
-}
-
-fn a<'a>(t: &'a Tensor, s: &'a std::sync::RwLockReadGuard<'a, Storage>) -> Arg<'a> {
-    (s, t.layout())
-}
-
-/// Runs the op closure on both devices' tensors and compares.
-macro_rules! same {
-    ($run:expr, $case:expr, $dt:expr, $grad:expr, $shape:expr, [$($c:ident / $g:ident),*], |$($x:ident),*| $body:expr) => {{
-        let cpu = {
-            $(let $x = $c.storage(); let $x = a(&$c, &$x);)*
-            st($body?, $shape)
-        };
-        let gpu = {
-            $(let $x = $g.storage(); let $x = a(&$g, &$x);)*
-            st($body?, $shape)
-        };
-        $run.check($case, $dt, &gpu, &cpu, $grad)
-    }};
-}
-
-const UNARY: [UnaryOp; 14] = [
-    UnaryOp::Neg,
-    UnaryOp::Exp,
-    UnaryOp::Log,
-    UnaryOp::Sqrt,
-    UnaryOp::Recip,
-    UnaryOp::Sqr,
-    UnaryOp::Abs,
-    UnaryOp::Sigmoid,
-    UnaryOp::Silu,
-    UnaryOp::Tanh,
-    UnaryOp::Gelu,
-    UnaryOp::GeluTanh,
-    UnaryOp::QuickGelu,
-    UnaryOp::Relu,
-];
-
-fn elementwise(r: &mut Run, dt: DType) -> Result<()> {
-    for op in UNARY {
-        let positive = matches!(op, UnaryOp::Log | UnaryOp::Sqrt | UnaryOp::Recip);
-        let (lo, hi) = if positive { (0.5, 3.0) } else { (-3.0, 3.0) };
-        // A transposed (strided) input exercises the index walk.
-        let (xc, xg) = r.pair(&[37, 65], dt, lo, hi)?;
-        let (xc, xg) = (xc.t()?, xg.t()?);
-        same!(
-            r,
-            format!("unary {}", op.name()),
-            dt,
-            false,
-            (65, 37),
-            [xc / xg],
-            |x| ops::unary(x, op)
-        )?;
-        let (gc, gg) = r.randn(&[65, 37], dt)?;
-        same!(
-            r,
-            format!("unary_bwd {}", op.name()),
-            dt,
-            true,
-            (65, 37),
-            [xc / xg, gc / gg],
-            |x, g| ops::unary_bwd(x, g, op)
-        )?;
-    }
-    for op in [BinaryOp::Add, BinaryOp::Sub, BinaryOp::Mul, BinaryOp::Div] {
-        let (ac, ag) = r.randn(&[3, 1, 65], dt)?;
-        let (bc, bg) = r.pair(&[1, 77, 65], dt, 0.5, 2.0)?;
-        let shape = Shape::from((3, 77, 65));
-        let (ac, ag) = (ac.broadcast_as(&shape)?, ag.broadcast_as(&shape)?);
-        let (bc, bg) = (bc.broadcast_as(&shape)?, bg.broadcast_as(&shape)?);
-        same!(
-            r,
-            format!("binary {} broadcast", op.name()),
-            dt,
-            false,
-            shape.clone(),
-            [ac / ag, bc / bg],
-            |x, y| { ops::binary(x, y, op) }
-        )?;
-    }
-    let (xc, xg) = r.randn(&[5, 7, 9], dt)?;
-    let (xc, xg) = (xc.permute(&[2, 0, 1])?, xg.permute(&[2, 0, 1])?);
-    same!(r, "affine".into(), dt, false, (9, 5, 7), [xc / xg], |x| {
-        ops::affine(x, 1.7, -0.3)
-    })?;
-    same!(
-        r,
-        "clamp_min".into(),
-        dt,
-        false,
-        (9, 5, 7),
-        [xc / xg],
-        |x| ops::clamp_min(x, 0.25)
-    )?;
-    same!(
-        r,
-        "copy_strided".into(),
-        dt,
-        false,
-        (9, 5, 7),
-        [xc / xg],
-        |x| x.0.copy_strided(x.1)
-    )?;
-    let (gc, gg) = r.randn(&[9, 5, 7], dt)?;
-    same!(
-        r,
-        "clamp_min_bwd".into(),
-        dt,
-        true,
-        (9, 5, 7),
-        [xc / xg, gc / gg],
-        |x, g| ops::clamp_min_bwd(x, g, 0.25)
-    )?;
-    for to in [DType::F32, DType::BF16, DType::F16] {
-        same!(
-            r,
-            format!("to_dtype -> {to}"),
-            dt,
-            false,
-            (9, 5, 7),
-            [xc / xg],
-            |x| x.0.to_dtype(x.1, to)
-        )?;
-    }
-    let (tc, tg) = r.randn(&[50, 33], dt)?;
-    let ids: Vec<i64> = (0..23).map(|i| (i * 7 % 50) as i64).collect();
-    let idc = Tensor::from_vec(ids, 23usize, Device::Cpu)?;
-    let idg = idc.to_device(r.dev)?;
-    same!(
-        r,
-        "index_select".into(),
-        dt,
-        false,
-        (23, 33),
-        [tc / tg, idc / idg],
-        |t, i| ops::index_select(t, i)
-    )?;
-    let (p1c, p1g) = r.randn(&[2, 3, 5], dt)?;
-    let (p2c, p2g) = r.randn(&[2, 4, 5], dt)?;
-    let cat_c = Tensor::cat(&[p1c, p2c.clone()], 1)?;
-    let cat_g = Tensor::cat(&[p1g, p2g.clone()], 1)?;
-    r.check("cat dim 1".into(), dt, &cat_g, &cat_c, false)?;
-    let _ = (p2c, p2g);
-    Ok(())
-}
-
-fn matmul(r: &mut Run, dt: DType) -> Result<()> {
-    let cases: [(&str, [usize; 4], usize, bool); 4] = [
-        ("matmul batched", [2, 3, 77, 65], 33, false),
-        ("matmul B transposed", [1, 1, 100, 320], 130, true),
-        ("matmul large", [1, 1, 512, 768], 320, false),
-        ("matmul odd", [1, 3, 1, 7], 1, true),
-    ];
-    for (name, [b0, b1, m, k], n, bt) in cases {
-        let (ac, ag) = r.randn(&[b0, b1, m, k], dt)?;
-        let (bc, bg) = if bt {
-            let (c, g) = r.randn(&[b0, b1, n, k], dt)?;
-            (c.transpose(2, 3)?, g.transpose(2, 3)?)
-        } else {
-            r.randn(&[b0, b1, k, n], dt)?
-        };
-        let (yc, yg) = (ac.matmul(&bc)?, ag.matmul(&bg)?);
-        r.check(name.into(), dt, &yg, &yc, false)?;
-    }
-    // Broadcast batch: a (2, 1, 9, 17) against b (1, 4, 17, 5).
-    let (ac, ag) = r.randn(&[2, 1, 9, 17], dt)?;
-    let (bc, bg) = r.randn(&[1, 4, 17, 5], dt)?;
-    r.check(
-        "matmul broadcast batch".into(),
-        dt,
-        &ag.matmul(&bg)?,
-        &ac.matmul(&bc)?,
-        false,
-    )
-}
-
-fn reduce(r: &mut Run, dt: DType) -> Result<()> {
-    let (xc, xg) = r.randn(&[6, 77, 33], dt)?;
-    same!(
-        r,
-        "sum dim 1".into(),
-        dt,
-        false,
-        (6, 1, 33),
-        [xc / xg],
-        |x| ops::sum_keepdim(x, &[1])
-    )?;
-    same!(
-        r,
-        "sum dims 0,2".into(),
-        dt,
-        false,
-        (1, 77, 1),
-        [xc / xg],
-        |x| ops::sum_keepdim(x, &[0, 2])
-    )?;
-    let (mc, ic) = xc.max_argmax_keepdim(1)?;
-    let (mg, ig) = xg.max_argmax_keepdim(1)?;
-    r.check("max dim 1".into(), dt, &mg, &mc, false)?;
-    r.check("argmax dim 1".into(), DType::I64, &ig, &ic, false)?;
-    let (gc, gg) = r.randn(&[6, 1, 33], dt)?;
-    let shape = Shape::from((6, 77, 33));
-    same!(
-        r,
-        "max_bwd dim 1".into(),
-        dt,
-        true,
-        shape.clone(),
-        [gc / gg, ic / ig],
-        |g, i| ops::max_bwd(g, i, &shape, 1)
-    )?;
-    for n in [77, 1000, 4096] {
-        let (xc, xg) = r.pair(&[37, n], dt, -4.0, 4.0)?;
-        same!(
-            r,
-            format!("softmax n={n}"),
-            dt,
-            false,
-            (37, n),
-            [xc / xg],
-            |x| ops::softmax_last(x)
-        )?;
-        let yc = st(ops::softmax_last((&xc.storage(), xc.layout()))?, (37, n));
-        let yg = yc.to_device(r.dev)?;
-        let (gc, gg) = r.randn(&[37, n], dt)?;
-        same!(
-            r,
-            format!("softmax_bwd n={n}"),
-            dt,
-            true,
-            (37, n),
-            [yc / yg, gc / gg],
-            |y, g| { ops::softmax_last_bwd(y, g) }
-        )?;
-    }
-    Ok(())
-}
-
-fn norm(r: &mut Run, dt: DType) -> Result<()> {
+pub(super) fn norm(r: &mut Run, dt: DType) -> Result<()> {
     // Layer norm over 320 and 77 (odd) channels; a mean far from zero checks the variance path.
     for (rows, n) in [(150, 320), (33, 77)] {
         let (xc, xg) = r.pair(&[rows, n], dt, 2.0, 5.0)?;
@@ -497,7 +116,7 @@ fn norm(r: &mut Run, dt: DType) -> Result<()> {
     Ok(())
 }
 
-fn conv(r: &mut Run, dt: DType) -> Result<()> {
+pub(super) fn conv(r: &mut Run, dt: DType) -> Result<()> {
     // (N, C, H, W, K, R, stride, padding): 3x3 same, strided downsample, pointwise, odd sizes.
     let geoms = [
         (2, 8, 13, 11, 16, 3, 1, 1),
@@ -608,7 +227,7 @@ fn conv(r: &mut Run, dt: DType) -> Result<()> {
     )
 }
 
-fn attention(r: &mut Run, dt: DType) -> Result<()> {
+pub(super) fn attention(r: &mut Run, dt: DType) -> Result<()> {
     // (B*NH, Sq, Skv, D, Dv, causal): self, cross (Skv = 77), causal text, HD 40, the VAE's 512.
     let cases = [
         (4, 96, 96, 64, 64, false),
@@ -728,7 +347,7 @@ fn attention(r: &mut Run, dt: DType) -> Result<()> {
     Ok(())
 }
 
-fn lora(r: &mut Run, dt: DType) -> Result<()> {
+pub(super) fn lora(r: &mut Run, dt: DType) -> Result<()> {
     for (gated, b, s, din, dout, rank) in [
         (true, 2, 77, 320, 640, 4),
         (true, 3, 45, 130, 70, 64),
@@ -822,7 +441,7 @@ fn lora(r: &mut Run, dt: DType) -> Result<()> {
     Ok(())
 }
 
-fn pool(r: &mut Run, dt: DType) -> Result<()> {
+pub(super) fn pool(r: &mut Run, dt: DType) -> Result<()> {
     for (b, s, d) in [(2, 77, 320), (3, 50, 33)] {
         let (hc, hg) = r.randn(&[b, s, d], dt)?;
         let (lc, lg) = r.randn(&[b, s], dt)?;
@@ -862,7 +481,7 @@ fn pool(r: &mut Run, dt: DType) -> Result<()> {
     Ok(())
 }
 
-fn adamw(r: &mut Run) -> Result<()> {
+pub(super) fn adamw(r: &mut Run) -> Result<()> {
     let n = 10_007;
     let h = AdamW::default();
     let mut bufs = Vec::new();
@@ -896,44 +515,4 @@ fn adamw(r: &mut Run) -> Result<()> {
         r.check(name.into(), DType::F32, &st(g, n), &st(c, n), true)?;
     }
     Ok(())
-}
-
-type Family = fn(&mut Run, DType) -> Result<()>;
-
-/// Runs every case (or those whose name contains `filter`) on CUDA device `ordinal`.
-pub fn run(ordinal: usize, filter: Option<&str>, seed: u64) -> Result<Vec<ParityRow>> {
-    let mut r = Run {
-        dev: Device::Cuda(ordinal),
-        rng: Rng::new(seed),
-        rows: Vec::new(),
-        filter: filter.map(str::to_owned),
-    };
-    let families: [(&str, Family, &[DType]); 8] = [
-        (
-            "elementwise",
-            elementwise,
-            &[DType::F32, DType::BF16, DType::F16],
-        ),
-        ("matmul", matmul, &[DType::F32, DType::BF16, DType::F16]),
-        ("reduce", reduce, &[DType::F32, DType::BF16]),
-        ("norm", norm, &[DType::F32, DType::BF16]),
-        ("conv", conv, &[DType::F32, DType::BF16]),
-        ("attention", attention, &[DType::F32, DType::BF16]),
-        ("lora", lora, &[DType::F32, DType::BF16]),
-        ("pool", pool, &[DType::F32, DType::BF16]),
-    ];
-    for (name, f, dtypes) in families {
-        if !r.wants(name) {
-            continue;
-        }
-        for &dt in dtypes {
-            let res = f(&mut r, dt);
-            r.guard(name, dt, res);
-        }
-    }
-    if r.wants("optim") {
-        let res = adamw(&mut r);
-        r.guard("optim", DType::F32, res);
-    }
-    Ok(r.rows)
 }
