@@ -14,7 +14,9 @@ cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/kstyle-gpu-out}
 mkdir -p "$OUT"
 BIN=./gpu-carry/kstyle
-export LD_LIBRARY_PATH=/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}
+# cuBLAS and NVRTC 13 from the toolkit; torch's wheel copies as a fallback (untested path).
+TORCH_CU13=$(python3 -c 'import nvidia, os; print(os.path.join(list(nvidia.__path__)[0], "cu13", "lib"))' 2>/dev/null || true)
+export LD_LIBRARY_PATH=/usr/local/cuda/lib64:${TORCH_CU13:+$TORCH_CU13:}${LD_LIBRARY_PATH:-}
 # The carried cache holds sm_90a cubins; a miss (another arch, another NVRTC) compiles and adds.
 export KSTYLE_CACHE_DIR=$PWD/gpu-carry/cache
 export PYTHONUNBUFFERED=1

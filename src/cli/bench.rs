@@ -123,8 +123,10 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
 
     // ---- ceilings ----
     let n_copy = if a.quick { 1 << 26 } else { 1 << 29 }; // bf16 elements: 128 MiB / 1 GiB
-    let src = Tensor::zeros(n_copy, DType::BF16, gpu)?;
-    let t_copy = b.time(|| src.storage().copy_strided(src.layout()).map(|_| ()))?;
+                                                          // Filled on the device: a host-side constructor would build the 1 GiB buffer in f64 first.
+    let src = cuda::elementwise::fill(&dev, DType::BF16, n_copy, 1.5)?;
+    let flat = kstyle::tensor::Layout::contiguous(n_copy);
+    let t_copy = b.time(|| cuda::elementwise::copy_strided(&src, &flat).map(|_| ()))?;
     b.bw = 2.0 * 2.0 * n_copy as f64 / t_copy;
     let g = if a.quick { 2048 } else { 8192 };
     let x = Tensor::randn((g, g), &mut rng, DType::BF16, gpu)?;
