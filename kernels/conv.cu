@@ -1,6 +1,6 @@
 // Conv family (NCHW): im2col / col2im so that conv2d is one cuBLAS GEMM per image (forward and
-// input gradient; the weight gradient is a GEMM against the same columns), nearest 2x upsampling,
-// average pooling and adaptive average pooling, each forward and backward.
+// input gradient; the weight gradient is a GEMM against the same columns), nearest upsampling,
+// average pooling and adaptive average pooling, each forward and backward, and max pooling forward.
 //
 // Backward kernels gather (one thread per input element sums the outputs that read it) instead of
 // scattering with atomics: deterministic, and no f32 scratch buffer for 16-bit outputs.
@@ -60,31 +60,35 @@ __device__ __forceinline__ void col2im(const T* __restrict__ dcol, T* __restrict
     }
 }
 
-// ---- nearest 2x upsample ---------------------------------------------------------------------
+// ---- nearest upsample by an integer factor f ---------------------------------------------------
 template <typename T>
-__device__ __forceinline__ void upsample2x_fwd(const T* __restrict__ x, T* __restrict__ y, int NC, int H, int W) {
-    const int OW = 2 * W;
-    const i64 total = (i64)NC * 4 * H * W;
+__device__ __forceinline__ void upsample_fwd(const T* __restrict__ x, T* __restrict__ y, int NC, int H, int W, int f) {
+    const int OW = f * W, OH = f * H;
+    const i64 total = (i64)NC * OH * OW;
     KS_GRID_STRIDE(i, total) {
         const int ow = (int)(i % OW);
         const i64 r = i / OW;
-        const int oh = (int)(r % (2 * H));
-        const i64 nc = r / (2 * H);
-        y[i] = x[(nc * H + (oh >> 1)) * W + (ow >> 1)];
+        const int oh = (int)(r % OH);
+        const i64 nc = r / OH;
+        y[i] = x[(nc * H + oh / f) * W + ow / f];
     }
 }
 
+// Each input pixel gathers its f x f block (no atomics).
 template <typename T>
-__device__ __forceinline__ void upsample2x_bwd(const T* __restrict__ dy, T* __restrict__ dx, int NC, int H, int W) {
-    const int OW = 2 * W;
+__device__ __forceinline__ void upsample_bwd(const T* __restrict__ dy, T* __restrict__ dx, int NC, int H, int W, int f) {
+    const int OW = f * W;
     const i64 total = (i64)NC * H * W;
     KS_GRID_STRIDE(i, total) {
         const int w = (int)(i % W);
         const i64 r = i / W;
         const int h = (int)(r % H);
         const i64 nc = r / H;
-        const i64 o = (nc * 2 * H + 2 * h) * OW + 2 * w;
-        st(dx, i, ld(dy, o) + ld(dy, o + 1) + ld(dy, o + OW) + ld(dy, o + OW + 1));
+        const i64 o = (nc * f * H + (i64)f * h) * OW + (i64)f * w;
+        float s = 0.0f;
+        for (int a = 0; a < f; ++a)
+            for (int b = 0; b < f; ++b) s += ld(dy, o + (i64)a * OW + b);
+        st(dx, i, s);
     }
 }
 
@@ -183,17 +187,35 @@ __device__ __forceinline__ void adaptive_avgpool_bwd(const T* __restrict__ dy, T
     }
 }
 
+// Max pooling, no padding (LPIPS' AlexNet; forward only, nothing trains through it).
+template <typename T>
+__device__ __forceinline__ void maxpool_fwd(const T* __restrict__ x, T* __restrict__ y, const ConvGeom g) {
+    const i64 total = (i64)g.N * g.C * g.OH * g.OW;
+    KS_GRID_STRIDE(i, total) {
+        const int ow = (int)(i % g.OW);
+        const i64 r = i / g.OW;
+        const int oh = (int)(r % g.OH);
+        const i64 nc = r / g.OH;
+        float m = KS_NEG_INF;
+        for (int ki = 0; ki < g.KH; ++ki)
+            for (int kj = 0; kj < g.KW; ++kj)
+                m = fmaxf(m, ld(x, (nc * g.H + oh * g.SH + ki) * g.W + ow * g.SW + kj));
+        st(y, i, m);
+    }
+}
+
 #define KS_CONV(T, tn)                                                                                     \
     extern "C" __global__ void conv_im2col_fwd_##tn(const T* x, T* col, ConvGeom g) { im2col<T>(x, col, g); } \
     extern "C" __global__ void conv_im2col_bwd_##tn(const T* d_col, T* d_x, ConvGeom g) {                  \
         col2im<T>(d_col, d_x, g);                                                                         \
     }                                                                                                     \
-    extern "C" __global__ void conv_upsample2x_fwd_##tn(const T* x, T* y, int NC, int H, int W) {         \
-        upsample2x_fwd<T>(x, y, NC, H, W);                                                                \
+    extern "C" __global__ void conv_upsample_fwd_##tn(const T* x, T* y, int NC, int H, int W, int f) {    \
+        upsample_fwd<T>(x, y, NC, H, W, f);                                                               \
     }                                                                                                     \
-    extern "C" __global__ void conv_upsample2x_bwd_##tn(const T* d_y, T* d_x, int NC, int H, int W) {     \
-        upsample2x_bwd<T>(d_y, d_x, NC, H, W);                                                            \
+    extern "C" __global__ void conv_upsample_bwd_##tn(const T* d_y, T* d_x, int NC, int H, int W, int f) { \
+        upsample_bwd<T>(d_y, d_x, NC, H, W, f);                                                           \
     }                                                                                                     \
+    extern "C" __global__ void conv_maxpool_fwd_##tn(const T* x, T* y, ConvGeom g) { maxpool_fwd<T>(x, y, g); } \
     extern "C" __global__ void conv_avgpool_fwd_##tn(const T* x, T* y, ConvGeom g) { avgpool_fwd<T>(x, y, g); } \
     extern "C" __global__ void conv_avgpool_bwd_##tn(const T* d_y, T* d_x, ConvGeom g) {                   \
         avgpool_bwd<T>(d_y, d_x, g);                                                                      \

@@ -1,5 +1,5 @@
 // Elementwise family: strided unary ops and their backward, broadcasting binary ops and their
-// backward, affine, clamp_min, casts, strided copy and fill. Every output is contiguous; every
+// backward, affine, clamp_min, casts, strided copy, concatenation, row gather and fill. Every output is contiguous; every
 // forward input may be strided (a broadcast dim has stride 0). Math in f32 whatever the storage.
 #include "common.cuh"
 
@@ -214,19 +214,10 @@ KS_BINARY_ALL(minimum, OpMinimum)
             st(y, i, fmaxf(ld(x, xi), lo));                                                              \
         }                                                                                                \
     }                                                                                                    \
-    /* PyTorch's clamp passes the gradient where x >= lo. */                                             \
+    /* The gradient passes where x > lo, as the CPU oracle (backend/cpu/elementwise.rs) defines it. */ \
     extern "C" __global__ void elementwise_clamp_min_bwd_##tn(i64 n, const T* x, const T* d_y, T* d_x,    \
                                                               float lo) {                                 \
-        KS_GRID_STRIDE(i, n) { st(d_x, i, ld(x, i) >= lo ? ld(d_y, i) : 0.0f); }                         \
-    }                                                                                                    \
-    /* Raw element moves: bit-exact, NaN payloads included. */                                           \
-    extern "C" __global__ void elementwise_copy_fwd_##tn(i64 n, Dims6 dims, Strides6 x_strides,           \
-                                                         const T* x, T* y) {                              \
-        const bool small = n <= 0xffffffffll;                                                            \
-        KS_GRID_STRIDE(i, n) {                                                                           \
-            i64 xi = (dims.contig & 1) ? i : strided_offset(i, dims, x_strides, small);                  \
-            y[i] = x[xi];                                                                                \
-        }                                                                                                \
+        KS_GRID_STRIDE(i, n) { st(d_x, i, ld(x, i) > lo ? ld(d_y, i) : 0.0f); }                          \
     }                                                                                                    \
     extern "C" __global__ void elementwise_fill_fwd_##tn(i64 n, T* y, float value) {                     \
         const T v = from_f32<T>(value);                                                                  \
@@ -236,6 +227,48 @@ KS_BINARY_ALL(minimum, OpMinimum)
 KS_MISC(float, f32)
 KS_MISC(bf16, bf16)
 KS_MISC(f16, f16)
+
+// ---- raw element moves: copy, concatenation slice, row gather (every storage dtype, i64 too) --
+// Bit-exact, NaN payloads included: no conversion happens.
+#define KS_MOVE(T, tn)                                                                                    \
+    extern "C" __global__ void elementwise_copy_fwd_##tn(i64 n, Dims6 dims, Strides6 x_strides,           \
+                                                         const T* x, T* y) {                              \
+        const bool small = n <= 0xffffffffll;                                                            \
+        KS_GRID_STRIDE(i, n) {                                                                           \
+            i64 xi = (dims.contig & 1) ? i : strided_offset(i, dims, x_strides, small);                  \
+            y[i] = x[xi];                                                                                \
+        }                                                                                                \
+    }                                                                                                    \
+    /* One part of a concatenation: x (outer, chunk) contiguous lands in y (outer, total) at column   \
+       `offset`. One launch per part keeps the kernel free of a pointer table. */                       \
+    extern "C" __global__ void elementwise_cat_fwd_##tn(i64 n, const T* x, T* y, i64 chunk, i64 total,    \
+                                                        i64 offset) {                                     \
+        KS_GRID_STRIDE(i, n) {                                                                           \
+            const i64 o = i / chunk;                                                                     \
+            y[o * total + offset + (i - o * chunk)] = x[i];                                              \
+        }                                                                                                \
+    }                                                                                                    \
+    /* y (ids, d) = table[ids] for a contiguous (rows, d) table; the host validates the ids. */          \
+    extern "C" __global__ void elementwise_index_select_fwd_##tn(i64 n, const T* table, const i64* ids,  \
+                                                                 T* y, i64 d) {                           \
+        KS_GRID_STRIDE(i, n) {                                                                           \
+            const i64 r = i / d;                                                                         \
+            y[i] = table[ids[r] * d + (i - r * d)];                                                      \
+        }                                                                                                \
+    }
+
+KS_MOVE(float, f32)
+KS_MOVE(bf16, bf16)
+KS_MOVE(f16, f16)
+KS_MOVE(i64, i64)
+
+// Arg-max indices: the reduce kernels write i32, tensors carry i64.
+extern "C" __global__ void elementwise_cast_fwd_i32_i64(i64 n, const int* x, i64* y) {
+    KS_GRID_STRIDE(i, n) { y[i] = (i64)x[i]; }
+}
+extern "C" __global__ void elementwise_cast_fwd_i64_i32(i64 n, const i64* x, int* y) {
+    KS_GRID_STRIDE(i, n) { y[i] = (int)x[i]; }
+}
 
 // Casts read a strided source and write a contiguous destination, so a cast also makes contiguous.
 // Rounding is round-to-nearest-even; f16 overflow gives inf, as in PyTorch.

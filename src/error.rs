@@ -108,6 +108,10 @@ pub enum Error {
     #[error(transparent)]
     Nvrtc(#[from] crate::backend::cuda::nvrtc::NvrtcError),
 
+    /// A CUDA driver, cuBLAS or launch failure, naming the op (or kernel) that hit it.
+    #[error("cuda {op}: {msg}")]
+    Cuda { op: String, msg: String },
+
     #[error("config: {0}")]
     Config(String),
 
@@ -134,6 +138,13 @@ impl Error {
             op,
             msg: msg.into(),
             shape: Shape::from(shape),
+        }
+    }
+
+    pub fn cuda(op: impl Into<String>, err: impl std::fmt::Display) -> Self {
+        Error::Cuda {
+            op: op.into(),
+            msg: err.to_string(),
         }
     }
 

@@ -1,51 +1,150 @@
-//! Backends behind the one tensor type. `cpu` is the readable reference oracle; the CUDA backend
-//! (cuBLAS + NVRTC kernels) lands beside it with the same family stems as `kernels/`. This file
-//! is the whole backend contract: one dispatch function per primitive.
+//! Backends behind the one tensor type. `cpu` is the readable reference oracle; `cuda` (cuBLAS +
+//! NVRTC kernels) sits beside it with the same family stems as `kernels/`. This file is the whole
+//! backend contract: one dispatch function per primitive, each sending CPU storage to the oracle and
+//! CUDA storage to the device; mixing the two is an error naming the op.
 
 pub mod cpu;
 pub mod cuda;
 
 use crate::tensor::{DType, Device, Layout, Shape};
-use crate::Result;
+use crate::{Error, Result};
 use cpu::attention::AttnGeom;
 use cpu::conv::ConvGeom;
 use cpu::elementwise::{BinaryOp, UnaryOp};
 use cpu::CpuStorage;
+use cuda::CudaStorage;
 
 pub enum Storage {
     Cpu(CpuStorage),
+    Cuda(CudaStorage),
 }
 
 type Arg<'a> = (&'a Storage, &'a Layout);
 
-fn cpu<'a>(a: Arg<'a>) -> (&'a CpuStorage, &'a Layout) {
+/// The storage of one operand when every operand of the op lives in the same place.
+enum On<'a> {
+    Cpu(&'a CpuStorage, &'a Layout),
+    Cuda(&'a CudaStorage, &'a Layout),
+}
+
+fn on<'a>(a: Arg<'a>) -> On<'a> {
     match a.0 {
-        Storage::Cpu(s) => (s, a.1),
+        Storage::Cpu(s) => On::Cpu(s, a.1),
+        Storage::Cuda(s) => On::Cuda(s, a.1),
     }
+}
+
+fn mismatch(op: &'static str, a: &Storage, b: &Storage) -> Error {
+    Error::DeviceMismatch {
+        op,
+        lhs: a.device().to_string(),
+        rhs: b.device().to_string(),
+    }
+}
+
+fn cpu_of<'a>(
+    a: Arg<'a>,
+    op: &'static str,
+    first: &Storage,
+) -> Result<(&'a CpuStorage, &'a Layout)> {
+    match a.0 {
+        Storage::Cpu(s) => Ok((s, a.1)),
+        other => Err(mismatch(op, first, other)),
+    }
+}
+
+fn cuda_of<'a>(
+    a: Arg<'a>,
+    op: &'static str,
+    first: &Storage,
+) -> Result<(&'a CudaStorage, &'a Layout)> {
+    match a.0 {
+        Storage::Cuda(s) => Ok((s, a.1)),
+        other => Err(mismatch(op, first, other)),
+    }
+}
+
+/// A CUDA buffer's addressed elements copied to the host.
+pub fn to_host(s: &CudaStorage, l: &Layout) -> Result<CpuStorage> {
+    let c = cuda::elementwise::contiguous(s, l)?;
+    let n = l.shape().elem_count();
+    let dev = s.dev();
+    fn get<T: Copy + Default>(dev: &cuda::CudaDevice, ptr: u64, n: usize) -> Result<Vec<T>> {
+        let mut v = vec![T::default(); n];
+        dev.download(ptr, &mut v)?;
+        Ok(v)
+    }
+    Ok(match s.dtype() {
+        DType::F32 => CpuStorage::F32(get(dev, c.ptr(), n)?),
+        DType::BF16 => CpuStorage::BF16(get(dev, c.ptr(), n)?),
+        DType::F16 => CpuStorage::F16(get(dev, c.ptr(), n)?),
+        DType::I64 => CpuStorage::I64(get(dev, c.ptr(), n)?),
+        DType::F64 => CpuStorage::F64(get(dev, c.ptr(), n)?),
+    })
+}
+
+/// A whole CPU vector uploaded to `dev`. f64 has no kernels on CUDA, so it is refused here.
+pub fn from_host(dev: &std::sync::Arc<cuda::CudaDevice>, c: &CpuStorage) -> Result<CudaStorage> {
+    let n = c.len();
+    let buf = match c {
+        CpuStorage::F32(v) => dev.upload(DType::F32, v)?,
+        CpuStorage::BF16(v) => dev.upload(DType::BF16, v)?,
+        CpuStorage::F16(v) => dev.upload(DType::F16, v)?,
+        CpuStorage::I64(v) => dev.upload(DType::I64, v)?,
+        CpuStorage::F64(_) => {
+            return Err(Error::DType {
+                op: "to_device (CUDA stores f32, bf16, f16 and i64)",
+                dtype: DType::F64,
+            })
+        }
+    };
+    Ok(CudaStorage::new(buf, c.dtype(), n))
 }
 
 impl Storage {
     pub fn dtype(&self) -> DType {
         match self {
             Storage::Cpu(s) => s.dtype(),
+            Storage::Cuda(s) => s.dtype(),
         }
     }
 
     pub fn device(&self) -> Device {
         match self {
             Storage::Cpu(_) => Device::Cpu,
+            Storage::Cuda(s) => Device::Cuda(s.ordinal()),
         }
     }
 
     pub fn copy_strided(&self, l: &Layout) -> Result<Storage> {
         match self {
             Storage::Cpu(s) => Ok(Storage::Cpu(s.copy_strided(l))),
+            Storage::Cuda(s) => Ok(Storage::Cuda(cuda::elementwise::copy_strided(s, l)?)),
         }
     }
 
     pub fn to_dtype(&self, l: &Layout, dtype: DType) -> Result<Storage> {
         match self {
             Storage::Cpu(s) => Ok(Storage::Cpu(s.to_dtype(l, dtype))),
+            Storage::Cuda(s) => Ok(Storage::Cuda(cuda::elementwise::to_dtype(s, l, dtype)?)),
+        }
+    }
+
+    /// The addressed elements, contiguous, on `device`.
+    pub fn to_device(&self, l: &Layout, device: Device) -> Result<Storage> {
+        match (self, device) {
+            (Storage::Cpu(s), Device::Cpu) => Ok(Storage::Cpu(s.copy_strided(l))),
+            (Storage::Cuda(s), Device::Cpu) => Ok(Storage::Cpu(to_host(s, l)?)),
+            (Storage::Cpu(s), Device::Cuda(i)) => {
+                let dev = cuda::device(i)?;
+                Ok(Storage::Cuda(from_host(&dev, &s.copy_strided(l))?))
+            }
+            (Storage::Cuda(s), Device::Cuda(i)) if s.ordinal() == i => self.copy_strided(l),
+            // Between two GPUs through the host: nothing here runs on more than one.
+            (Storage::Cuda(s), Device::Cuda(i)) => {
+                let dev = cuda::device(i)?;
+                Ok(Storage::Cuda(from_host(&dev, &to_host(s, l)?)?))
+            }
         }
     }
 }
@@ -53,87 +152,160 @@ impl Storage {
 /// The primitives every backend implements, as free functions over (storage, layout) pairs.
 pub mod ops {
     use super::*;
+    use cpu::lora::{Gates, LoraGeom, LoraGrads};
+    use cpu::optim::AdamW;
     use cpu::{attention, conv, elementwise as ew, matmul as mm, norm as nm, reduce as rd};
+    use cuda::{attention as cattn, conv as cconv, elementwise as cew, gemm as cmm, norm as cnm};
+    use cuda::{lora as clora, optim as coptim, pool as cpool, reduce as crd};
+
+    /// One input: CPU oracle or CUDA kernel.
+    macro_rules! one {
+        ($x:expr, |$s:ident, $l:ident| cpu $c:expr, cuda $g:expr) => {
+            match on($x) {
+                On::Cpu($s, $l) => Ok(Storage::Cpu($c?)),
+                On::Cuda($s, $l) => Ok(Storage::Cuda($g?)),
+            }
+        };
+    }
+
+    /// Two inputs that must live on the same device.
+    macro_rules! two {
+        ($op:expr, $a:expr, $b:expr, |$s:ident, $l:ident, $t:ident, $m:ident| cpu $c:expr, cuda $g:expr) => {
+            match (on($a), on($b)) {
+                (On::Cpu($s, $l), On::Cpu($t, $m)) => Ok(Storage::Cpu($c?)),
+                (On::Cuda($s, $l), On::Cuda($t, $m)) => Ok(Storage::Cuda($g?)),
+                _ => Err(mismatch($op, $a.0, $b.0)),
+            }
+        };
+    }
 
     pub fn unary(x: Arg, op: UnaryOp) -> Result<Storage> {
-        let (s, l) = cpu(x);
-        Ok(Storage::Cpu(ew::unary(s, l, op)?))
+        one!(x, |s, l| cpu ew::unary(s, l, op), cuda cew::unary(s, l, op))
     }
 
     pub fn unary_bwd(x: Arg, dy: Arg, op: UnaryOp) -> Result<Storage> {
-        let ((s, l), (g, lg)) = (cpu(x), cpu(dy));
-        Ok(Storage::Cpu(ew::unary_bwd(s, l, g, lg, op)?))
+        two!(op.name(), x, dy, |s, l, g, lg|
+            cpu ew::unary_bwd(s, l, g, lg, op), cuda cew::unary_bwd(s, l, g, lg, op))
     }
 
     pub fn binary(a: Arg, b: Arg, op: BinaryOp) -> Result<Storage> {
-        let ((sa, la), (sb, lb)) = (cpu(a), cpu(b));
-        Ok(Storage::Cpu(ew::binary(sa, la, sb, lb, op)?))
+        two!(op.name(), a, b, |sa, la, sb, lb|
+            cpu ew::binary(sa, la, sb, lb, op), cuda cew::binary(sa, la, sb, lb, op))
     }
 
     pub fn affine(x: Arg, mul: f64, add: f64) -> Result<Storage> {
-        let (s, l) = cpu(x);
-        Ok(Storage::Cpu(ew::affine(s, l, mul, add)?))
+        one!(x, |s, l| cpu ew::affine(s, l, mul, add), cuda cew::affine(s, l, mul, add))
     }
 
     pub fn clamp_min(x: Arg, lo: f64) -> Result<Storage> {
-        let (s, l) = cpu(x);
-        Ok(Storage::Cpu(ew::clamp_min(s, l, lo)?))
+        one!(x, |s, l| cpu ew::clamp_min(s, l, lo), cuda cew::clamp_min(s, l, lo))
     }
 
     pub fn clamp_min_bwd(x: Arg, dy: Arg, lo: f64) -> Result<Storage> {
-        let ((s, l), (g, lg)) = (cpu(x), cpu(dy));
-        Ok(Storage::Cpu(ew::clamp_min_bwd(s, l, g, lg, lo)?))
+        two!("clamp_min_bwd", x, dy, |s, l, g, lg|
+            cpu ew::clamp_min_bwd(s, l, g, lg, lo), cuda cew::clamp_min_bwd(s, l, g, lg, lo))
     }
 
+    /// Ids may live on either device (they are tiny); the table decides where the lookup runs.
     pub fn index_select(table: Arg, ids: Arg) -> Result<Storage> {
-        let ((t, lt), (i, li)) = (cpu(table), cpu(ids));
-        Ok(Storage::Cpu(ew::index_select(t, lt, i, li)?))
+        match on(table) {
+            On::Cpu(t, lt) => {
+                let flat = Layout::contiguous(ids.1.shape().clone());
+                let host = match ids.0 {
+                    Storage::Cpu(i) => return Ok(Storage::Cpu(ew::index_select(t, lt, i, ids.1)?)),
+                    Storage::Cuda(i) => to_host(i, ids.1)?,
+                };
+                Ok(Storage::Cpu(ew::index_select(t, lt, &host, &flat)?))
+            }
+            On::Cuda(t, lt) => {
+                let (host, dev_ids) = match ids.0 {
+                    Storage::Cpu(i) => (i.copy_strided(ids.1), None),
+                    Storage::Cuda(i) => (to_host(i, ids.1)?, Some((i, ids.1))),
+                };
+                let CpuStorage::I64(v) = host else {
+                    return Err(Error::DType {
+                        op: "index_select",
+                        dtype: host.dtype(),
+                    });
+                };
+                Ok(Storage::Cuda(cew::index_select(t, lt, &v, dev_ids)?))
+            }
+        }
     }
 
     pub fn cat(inputs: &[Arg], dim: usize, dtype: DType) -> Result<Storage> {
-        let parts: Vec<_> = inputs.iter().map(|&a| cpu(a)).collect();
-        Ok(Storage::Cpu(ew::cat(&parts, dim, dtype)?))
+        let first = inputs
+            .first()
+            .ok_or_else(|| Error::msg("cat: no inputs"))?
+            .0;
+        match first {
+            Storage::Cpu(_) => {
+                let parts = inputs
+                    .iter()
+                    .map(|&a| cpu_of(a, "cat", first))
+                    .collect::<Result<Vec<_>>>()?;
+                Ok(Storage::Cpu(ew::cat(&parts, dim, dtype)?))
+            }
+            Storage::Cuda(_) => {
+                let parts = inputs
+                    .iter()
+                    .map(|&a| cuda_of(a, "cat", first))
+                    .collect::<Result<Vec<_>>>()?;
+                Ok(Storage::Cuda(cew::cat(&parts, dim, dtype)?))
+            }
+        }
     }
 
     pub fn matmul(a: Arg, b: Arg) -> Result<Storage> {
-        let ((sa, la), (sb, lb)) = (cpu(a), cpu(b));
-        Ok(Storage::Cpu(mm::matmul(sa, la, sb, lb)?))
+        two!("matmul", a, b, |sa, la, sb, lb| cpu mm::matmul(sa, la, sb, lb), cuda cmm::matmul(sa, la, sb, lb))
     }
 
     pub fn sum_keepdim(x: Arg, dims: &[usize]) -> Result<Storage> {
-        let (s, l) = cpu(x);
-        Ok(Storage::Cpu(rd::sum_keepdim(s, l, dims)?))
+        one!(x, |s, l| cpu rd::sum_keepdim(s, l, dims), cuda crd::sum_keepdim(s, l, dims))
     }
 
     /// Max over `dim` and the arg-max as an i64 storage of the same kept shape.
     pub fn max_keepdim(x: Arg, dim: usize) -> Result<(Storage, Storage)> {
-        let (s, l) = cpu(x);
-        let (v, i) = rd::max_keepdim(s, l, dim)?;
-        Ok((Storage::Cpu(v), Storage::Cpu(CpuStorage::I64(i))))
+        match on(x) {
+            On::Cpu(s, l) => {
+                let (v, i) = rd::max_keepdim(s, l, dim)?;
+                Ok((Storage::Cpu(v), Storage::Cpu(CpuStorage::I64(i))))
+            }
+            On::Cuda(s, l) => {
+                let (v, i) = crd::max_keepdim(s, l, dim)?;
+                Ok((Storage::Cuda(v), Storage::Cuda(i)))
+            }
+        }
     }
 
     pub fn max_bwd(dy: Arg, argmax: Arg, shape: &Shape, dim: usize) -> Result<Storage> {
-        let ((g, lg), (a, la)) = (cpu(dy), cpu(argmax));
-        let idx = match a.copy_strided(la) {
-            CpuStorage::I64(v) => v,
-            other => {
-                return Err(crate::Error::DType {
-                    op: "max_bwd",
-                    dtype: other.dtype(),
-                })
+        match (on(dy), on(argmax)) {
+            (On::Cpu(g, lg), On::Cpu(a, la)) => {
+                let idx = match a.copy_strided(la) {
+                    CpuStorage::I64(v) => v,
+                    other => {
+                        return Err(Error::DType {
+                            op: "max_bwd",
+                            dtype: other.dtype(),
+                        })
+                    }
+                };
+                Ok(Storage::Cpu(rd::max_bwd(g, lg, &idx, shape, dim)?))
             }
-        };
-        Ok(Storage::Cpu(rd::max_bwd(g, lg, &idx, shape, dim)?))
+            (On::Cuda(g, lg), On::Cuda(a, la)) => {
+                Ok(Storage::Cuda(crd::max_bwd(g, lg, a, la, shape, dim)?))
+            }
+            _ => Err(mismatch("max_bwd", dy.0, argmax.0)),
+        }
     }
 
     pub fn softmax_last(x: Arg) -> Result<Storage> {
-        let (s, l) = cpu(x);
-        Ok(Storage::Cpu(rd::softmax_last(s, l)?))
+        one!(x, |s, l| cpu rd::softmax_last(s, l), cuda crd::softmax_last(s, l))
     }
 
     pub fn softmax_last_bwd(y: Arg, dy: Arg) -> Result<Storage> {
-        let ((s, l), (g, lg)) = (cpu(y), cpu(dy));
-        Ok(Storage::Cpu(rd::softmax_last_bwd(s, l, g, lg)?))
+        two!("softmax_bwd", y, dy, |s, l, g, lg|
+            cpu rd::softmax_last_bwd(s, l, g, lg), cuda crd::softmax_last_bwd(s, l, g, lg))
     }
 
     pub fn norm(
@@ -143,15 +315,18 @@ pub mod ops {
         groups: Option<usize>,
         eps: f64,
     ) -> Result<Storage> {
-        let (s, l) = cpu(x);
-        Ok(Storage::Cpu(nm::norm(
-            s,
-            l,
-            w.map(cpu),
-            b.map(cpu),
-            groups,
-            eps,
-        )?))
+        match on(x) {
+            On::Cpu(s, l) => {
+                let w = w.map(|a| cpu_of(a, "norm", x.0)).transpose()?;
+                let b = b.map(|a| cpu_of(a, "norm", x.0)).transpose()?;
+                Ok(Storage::Cpu(nm::norm(s, l, w, b, groups, eps)?))
+            }
+            On::Cuda(s, l) => {
+                let w = w.map(|a| cuda_of(a, "norm", x.0)).transpose()?;
+                let b = b.map(|a| cuda_of(a, "norm", x.0)).transpose()?;
+                Ok(Storage::Cuda(cnm::norm(s, l, w, b, groups, eps, false)?))
+            }
+        }
     }
 
     pub fn norm_bwd(
@@ -161,34 +336,103 @@ pub mod ops {
         groups: Option<usize>,
         eps: f64,
     ) -> Result<(Storage, Storage, Storage)> {
-        let ((s, l), (g, lg)) = (cpu(x), cpu(dy));
-        let (dx, dw, db) = nm::norm_backward(s, l, g, lg, w.map(cpu), groups, eps)?;
-        Ok((Storage::Cpu(dx), Storage::Cpu(dw), Storage::Cpu(db)))
+        match (on(x), on(dy)) {
+            (On::Cpu(s, l), On::Cpu(g, lg)) => {
+                let w = w.map(|a| cpu_of(a, "norm_bwd", x.0)).transpose()?;
+                let (dx, dw, db) = nm::norm_backward(s, l, g, lg, w, groups, eps)?;
+                Ok((Storage::Cpu(dx), Storage::Cpu(dw), Storage::Cpu(db)))
+            }
+            (On::Cuda(s, l), On::Cuda(g, lg)) => {
+                let w = w.map(|a| cuda_of(a, "norm_bwd", x.0)).transpose()?;
+                let (dx, dw, db) = cnm::norm_bwd(s, l, g, lg, w, None, groups, eps, false)?;
+                Ok((Storage::Cuda(dx), Storage::Cuda(dw), Storage::Cuda(db)))
+            }
+            _ => Err(mismatch("norm_bwd", x.0, dy.0)),
+        }
+    }
+
+    /// `silu(group_norm(x))` in one pass on CUDA; the CPU composes the two oracle ops.
+    pub fn group_norm_silu(
+        x: Arg,
+        w: Option<Arg>,
+        b: Option<Arg>,
+        groups: usize,
+        eps: f64,
+    ) -> Result<Storage> {
+        match on(x) {
+            On::Cpu(..) => {
+                let y = norm(x, w, b, Some(groups), eps)?;
+                unary(
+                    (&y, &Layout::contiguous(x.1.shape().clone())),
+                    UnaryOp::Silu,
+                )
+            }
+            On::Cuda(s, l) => {
+                let w = w.map(|a| cuda_of(a, "group_norm_silu", x.0)).transpose()?;
+                let b = b.map(|a| cuda_of(a, "group_norm_silu", x.0)).transpose()?;
+                Ok(Storage::Cuda(cnm::norm(
+                    s,
+                    l,
+                    w,
+                    b,
+                    Some(groups),
+                    eps,
+                    true,
+                )?))
+            }
+        }
+    }
+
+    /// (dx, dweight, dbias) of [`group_norm_silu`]; the bias enters the SiLU derivative.
+    pub fn group_norm_silu_bwd(
+        x: Arg,
+        dy: Arg,
+        w: Option<Arg>,
+        b: Option<Arg>,
+        groups: usize,
+        eps: f64,
+    ) -> Result<(Storage, Storage, Storage)> {
+        match (on(x), on(dy)) {
+            (On::Cpu(..), On::Cpu(..)) => {
+                let z = norm(x, w, b, Some(groups), eps)?;
+                let lz = Layout::contiguous(x.1.shape().clone());
+                let dz = unary_bwd((&z, &lz), dy, UnaryOp::Silu)?;
+                norm_bwd(x, (&dz, &lz), w, Some(groups), eps)
+            }
+            (On::Cuda(s, l), On::Cuda(g, lg)) => {
+                let w = w
+                    .map(|a| cuda_of(a, "group_norm_silu_bwd", x.0))
+                    .transpose()?;
+                let b = b
+                    .map(|a| cuda_of(a, "group_norm_silu_bwd", x.0))
+                    .transpose()?;
+                let (dx, dw, db) = cnm::norm_bwd(s, l, g, lg, w, b, Some(groups), eps, true)?;
+                Ok((Storage::Cuda(dx), Storage::Cuda(dw), Storage::Cuda(db)))
+            }
+            _ => Err(mismatch("group_norm_silu_bwd", x.0, dy.0)),
+        }
     }
 
     pub fn conv2d(x: Arg, w: Arg, g: &ConvGeom) -> Result<Storage> {
-        let ((s, l), (ws, wl)) = (cpu(x), cpu(w));
-        Ok(Storage::Cpu(conv::conv2d(s, l, ws, wl, g)?))
+        two!("conv2d", x, w, |s, l, ws, wl| cpu conv::conv2d(s, l, ws, wl, g), cuda cconv::conv2d(s, l, ws, wl, g))
     }
 
     pub fn conv2d_bwd_input(dy: Arg, w: Arg, g: &ConvGeom) -> Result<Storage> {
-        let ((s, l), (ws, wl)) = (cpu(dy), cpu(w));
-        Ok(Storage::Cpu(conv::conv2d_bwd_input(s, l, ws, wl, g)?))
+        two!("conv2d_bwd_input", dy, w, |s, l, ws, wl|
+            cpu conv::conv2d_bwd_input(s, l, ws, wl, g), cuda cconv::conv2d_bwd_input(s, l, ws, wl, g))
     }
 
     pub fn conv2d_bwd_weight(x: Arg, dy: Arg, g: &ConvGeom) -> Result<Storage> {
-        let ((s, l), (gs, gl)) = (cpu(x), cpu(dy));
-        Ok(Storage::Cpu(conv::conv2d_bwd_weight(s, l, gs, gl, g)?))
+        two!("conv2d_bwd_weight", x, dy, |s, l, gs, gl|
+            cpu conv::conv2d_bwd_weight(s, l, gs, gl, g), cuda cconv::conv2d_bwd_weight(s, l, gs, gl, g))
     }
 
     pub fn upsample_nearest(x: Arg, f: usize) -> Result<Storage> {
-        let (s, l) = cpu(x);
-        Ok(Storage::Cpu(conv::upsample_nearest(s, l, f)?))
+        one!(x, |s, l| cpu conv::upsample_nearest(s, l, f), cuda cconv::upsample_nearest(s, l, f))
     }
 
     pub fn upsample_nearest_bwd(dy: Arg, f: usize) -> Result<Storage> {
-        let (s, l) = cpu(dy);
-        Ok(Storage::Cpu(conv::upsample_nearest_bwd(s, l, f)?))
+        one!(dy, |s, l| cpu conv::upsample_nearest_bwd(s, l, f), cuda cconv::upsample_nearest_bwd(s, l, f))
     }
 
     pub fn avg_pool(
@@ -196,8 +440,7 @@ pub mod ops {
         out_hw: (usize, usize),
         kernel: Option<(usize, usize)>,
     ) -> Result<Storage> {
-        let (s, l) = cpu(x);
-        Ok(Storage::Cpu(conv::avg_pool(s, l, out_hw, kernel)?))
+        one!(x, |s, l| cpu conv::avg_pool(s, l, out_hw, kernel), cuda cconv::avg_pool(s, l, out_hw, kernel))
     }
 
     pub fn avg_pool_bwd(
@@ -205,17 +448,39 @@ pub mod ops {
         in_hw: (usize, usize),
         kernel: Option<(usize, usize)>,
     ) -> Result<Storage> {
-        let (s, l) = cpu(dy);
-        Ok(Storage::Cpu(conv::avg_pool_bwd(s, l, in_hw, kernel)?))
+        one!(dy, |s, l| cpu conv::avg_pool_bwd(s, l, in_hw, kernel), cuda cconv::avg_pool_bwd(s, l, in_hw, kernel))
     }
 
     pub fn max_pool(x: Arg, kernel: usize, stride: usize) -> Result<Storage> {
-        let (s, l) = cpu(x);
-        Ok(Storage::Cpu(conv::max_pool(s, l, kernel, stride)?))
+        one!(x, |s, l| cpu conv::max_pool(s, l, kernel, stride), cuda cconv::max_pool(s, l, kernel, stride))
+    }
+
+    fn three<'a>(
+        op: &'static str,
+        q: Arg<'a>,
+        k: Arg<'a>,
+        v: Arg<'a>,
+    ) -> Result<[(&'a CudaStorage, &'a Layout); 3]> {
+        Ok([
+            cuda_of(q, op, q.0)?,
+            cuda_of(k, op, q.0)?,
+            cuda_of(v, op, q.0)?,
+        ])
     }
 
     pub fn sdpa(q: Arg, k: Arg, v: Arg, g: &AttnGeom) -> Result<Storage> {
-        Ok(Storage::Cpu(attention::sdpa(cpu(q), cpu(k), cpu(v), g)?))
+        match on(q) {
+            On::Cpu(..) => Ok(Storage::Cpu(attention::sdpa(
+                cpu_of(q, "sdpa", q.0)?,
+                cpu_of(k, "sdpa", q.0)?,
+                cpu_of(v, "sdpa", q.0)?,
+                g,
+            )?)),
+            On::Cuda(..) => {
+                let [q, k, v] = three("sdpa", q, k, v)?;
+                Ok(Storage::Cuda(cattn::sdpa(q, k, v, g)?))
+            }
+        }
     }
 
     pub fn sdpa_bwd(
@@ -225,7 +490,166 @@ pub mod ops {
         dout: Arg,
         g: &AttnGeom,
     ) -> Result<(Storage, Storage, Storage)> {
-        let (a, b, c) = attention::sdpa_bwd(cpu(q), cpu(k), cpu(v), cpu(dout), g)?;
-        Ok((Storage::Cpu(a), Storage::Cpu(b), Storage::Cpu(c)))
+        match on(q) {
+            On::Cpu(..) => {
+                let c = |a| cpu_of(a, "sdpa_bwd", q.0);
+                let (a, b, d) = attention::sdpa_bwd(c(q)?, c(k)?, c(v)?, c(dout)?, g)?;
+                Ok((Storage::Cpu(a), Storage::Cpu(b), Storage::Cpu(d)))
+            }
+            On::Cuda(..) => {
+                let [q3, k3, v3] = three("sdpa_bwd", q, k, v)?;
+                let d = cuda_of(dout, "sdpa_bwd", q.0)?;
+                let (a, b, c) = cattn::sdpa_bwd(q3, k3, v3, d, g)?;
+                Ok((Storage::Cuda(a), Storage::Cuda(b), Storage::Cuda(c)))
+            }
+        }
+    }
+
+    /// The three optional gates of the fused LoRA update: (w_down (B, r), w_up (B, r), a (B)).
+    #[derive(Clone, Copy, Default)]
+    pub struct GateArgs<'a> {
+        pub w_down: Option<Arg<'a>>,
+        pub w_up: Option<Arg<'a>>,
+        pub a: Option<Arg<'a>>,
+    }
+
+    fn cpu_gates<'a>(g: GateArgs<'a>, first: &Storage) -> Result<Gates<'a>> {
+        let f = |o: Option<Arg<'a>>| o.map(|a| cpu_of(a, "lora", first)).transpose();
+        Ok(Gates {
+            w_down: f(g.w_down)?,
+            w_up: f(g.w_up)?,
+            a: f(g.a)?,
+        })
+    }
+
+    fn cuda_gates<'a>(g: GateArgs<'a>, first: &Storage) -> Result<clora::Gates<'a>> {
+        let f = |o: Option<Arg<'a>>| o.map(|a| cuda_of(a, "lora", first)).transpose();
+        Ok(clora::Gates {
+            w_down: f(g.w_down)?,
+            w_up: f(g.w_up)?,
+            a: f(g.a)?,
+        })
+    }
+
+    /// `base + ((h A^T) * g) B^T` in one pass (kernels/lora.cu); h (B, S, Din), out (B, S, Dout).
+    pub fn lora_fwd(
+        h: Arg,
+        a: Arg,
+        b: Arg,
+        gates: GateArgs,
+        base: Option<Arg>,
+        g: &LoraGeom,
+    ) -> Result<Storage> {
+        match on(h) {
+            On::Cpu(..) => {
+                let c = |x| cpu_of(x, "lora_fwd", h.0);
+                let base = base.map(c).transpose()?;
+                Ok(Storage::Cpu(cpu::lora::lora_fwd(
+                    c(h)?,
+                    c(a)?,
+                    c(b)?,
+                    cpu_gates(gates, h.0)?,
+                    base,
+                    g,
+                )?))
+            }
+            On::Cuda(..) => {
+                let c = |x| cuda_of(x, "lora_fwd", h.0);
+                let base = base.map(c).transpose()?;
+                Ok(Storage::Cuda(clora::lora_fwd(
+                    c(h)?,
+                    c(a)?,
+                    c(b)?,
+                    cuda_gates(gates, h.0)?,
+                    base,
+                    g,
+                )?))
+            }
+        }
+    }
+
+    /// Every gradient of [`lora_fwd`] (d_a, d_b in f32).
+    pub fn lora_bwd(
+        h: Arg,
+        a: Arg,
+        b: Arg,
+        gates: GateArgs,
+        d_out: Arg,
+        g: &LoraGeom,
+    ) -> Result<LoraGrads<Storage>> {
+        fn wrap<S>(r: LoraGrads<S>, f: impl Fn(S) -> Storage) -> LoraGrads<Storage> {
+            LoraGrads {
+                d_h: f(r.d_h),
+                d_a: f(r.d_a),
+                d_b: f(r.d_b),
+                d_w_down: r.d_w_down.map(&f),
+                d_w_up: r.d_w_up.map(&f),
+                d_alpha: r.d_alpha.map(&f),
+            }
+        }
+        match on(h) {
+            On::Cpu(..) => {
+                let c = |x| cpu_of(x, "lora_bwd", h.0);
+                let r =
+                    cpu::lora::lora_bwd(c(h)?, c(a)?, c(b)?, cpu_gates(gates, h.0)?, c(d_out)?, g)?;
+                Ok(wrap(r, Storage::Cpu))
+            }
+            On::Cuda(..) => {
+                let c = |x| cuda_of(x, "lora_bwd", h.0);
+                let r =
+                    clora::lora_bwd(c(h)?, c(a)?, c(b)?, cuda_gates(gates, h.0)?, c(d_out)?, g)?;
+                Ok(wrap(r, Storage::Cuda))
+            }
+        }
+    }
+
+    /// Spatial-attention pooling of h (B, S, D) with logits (B, S): h_c (B, D).
+    pub fn spatial_pool(h: Arg, logits: Arg) -> Result<Storage> {
+        two!("spatial_pool", h, logits, |s, l, t, m|
+            cpu cpu::pool::spatial_fwd((s, l), (t, m)), cuda cpool::spatial_fwd((s, l), (t, m)))
+    }
+
+    /// (d_h, d_logits) of [`spatial_pool`].
+    pub fn spatial_pool_bwd(h: Arg, logits: Arg, d_hc: Arg) -> Result<(Storage, Storage)> {
+        match (on(h), on(logits), on(d_hc)) {
+            (On::Cpu(s, l), On::Cpu(t, m), On::Cpu(u, n)) => {
+                let (a, b) = cpu::pool::spatial_bwd((s, l), (t, m), (u, n))?;
+                Ok((Storage::Cpu(a), Storage::Cpu(b)))
+            }
+            (On::Cuda(s, l), On::Cuda(t, m), On::Cuda(u, n)) => {
+                let (a, b) = cpool::spatial_bwd((s, l), (t, m), (u, n))?;
+                Ok((Storage::Cuda(a), Storage::Cuda(b)))
+            }
+            _ => Err(mismatch("spatial_pool_bwd", h.0, d_hc.0)),
+        }
+    }
+
+    /// One AdamW step at 1-based step `t` over flat f32 buffers, in place.
+    pub fn adamw_step(
+        h: &AdamW,
+        t: u64,
+        p: &mut Storage,
+        g: &Storage,
+        m: &mut Storage,
+        v: &mut Storage,
+    ) -> Result<()> {
+        match (p, g, m, v) {
+            (
+                Storage::Cpu(CpuStorage::F32(p)),
+                Storage::Cpu(CpuStorage::F32(g)),
+                Storage::Cpu(CpuStorage::F32(m)),
+                Storage::Cpu(CpuStorage::F32(v)),
+            ) => {
+                cpu::optim::adamw_step(h, t, p, g, m, v);
+                Ok(())
+            }
+            (Storage::Cuda(p), Storage::Cuda(g), Storage::Cuda(m), Storage::Cuda(v)) => {
+                coptim::adamw_step(h, t, p, g, m, v, None)
+            }
+            (p, ..) => Err(Error::DType {
+                op: "adamw_step (flat f32 buffers on one device)",
+                dtype: p.dtype(),
+            }),
+        }
     }
 }

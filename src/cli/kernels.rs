@@ -19,6 +19,11 @@ pub struct Args {
     /// Also print the per-kernel resource table.
     #[arg(long)]
     pub table: bool,
+    /// Compile every family for `--arch` into the run-time cubin cache (`$KSTYLE_CACHE_DIR`, else
+    /// `.kstyle-cache`), with exactly the options the CUDA backend uses, so a GPU session that
+    /// carries the cache loads modules instead of compiling them.
+    #[arg(long)]
+    pub warm_cache: bool,
 }
 
 /// `$KSTYLE_NVRTC_DIR`, else the project-local install of scripts/install-nvrtc.sh.
@@ -32,6 +37,26 @@ fn nvrtc_dir() -> Option<PathBuf> {
 }
 
 pub fn run(a: Args) -> anyhow::Result<ExitCode> {
+    if a.warm_cache {
+        nvrtc::load_library(nvrtc_dir().as_deref())?;
+        let dir = std::env::var_os(kstyle::backend::cuda::device::CACHE_DIR_ENV)
+            .map(PathBuf::from)
+            .unwrap_or_else(|| PathBuf::from(".kstyle-cache"))
+            .join("nvrtc");
+        let compiler = nvrtc::Compiler::new(Some(dir.clone()))?;
+        for arch in &a.arch {
+            for fam in kernels::FAMILIES {
+                let c = kernels::compile_family(&compiler, fam, &nvrtc::CompileOptions::new(arch))?;
+                println!(
+                    "{:<16} {arch:<7} {}",
+                    fam.file_name(),
+                    if c.from_cache { "cached" } else { "compiled" }
+                );
+            }
+        }
+        println!("cache: {}", dir.display());
+        return Ok(ExitCode::SUCCESS);
+    }
     if !a.check {
         println!(
             "kernel families: {}",

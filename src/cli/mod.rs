@@ -1,6 +1,8 @@
 //! One file per subcommand.
 
+mod bench;
 mod generate;
+mod gpu_parity;
 mod kernels;
 mod train;
 mod verify;
@@ -29,6 +31,10 @@ pub enum Command {
     Verify(verify::Args),
     /// List the CUDA kernel families, or compile-check them with NVRTC (no GPU needed).
     Kernels(kernels::Args),
+    /// Every CUDA op against the CPU oracle (needs a GPU; exit 2 = skipped, no device).
+    GpuParity(gpu_parity::Args),
+    /// CUDA timings with the roofline next to every number (needs a GPU).
+    Bench(bench::Args),
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]
@@ -52,5 +58,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Train(a) => train::run(a),
         Command::Verify(a) => verify::run(a),
         Command::Kernels(a) => kernels::run(a),
+        Command::GpuParity(a) => gpu_parity::run(a),
+        Command::Bench(a) => bench::run(a),
     }
 }

@@ -198,6 +198,7 @@ pub fn save_safetensors(
         let s = t.storage();
         let data = match &*s {
             Storage::Cpu(c) => c.to_bytes(t.layout()),
+            Storage::Cuda(_) => unreachable!("to_device(Cpu) returns CPU storage"),
         };
         raws.push((
             name.clone(),

@@ -145,7 +145,8 @@ impl Tensor {
         self.0.is_variable || self.0.op.is_some()
     }
 
-    pub(crate) fn storage(&self) -> RwLockReadGuard<'_, Storage> {
+    /// Read access to the backing storage, for backend-level ops (`backend::ops`) and benchmarks.
+    pub fn storage(&self) -> RwLockReadGuard<'_, Storage> {
         self.0.storage.read().unwrap_or_else(|e| e.into_inner())
     }
 
@@ -329,6 +330,7 @@ impl Tensor {
         let s = t.storage();
         match &*s {
             Storage::Cpu(c) => Ok(c.to_f64_vec(t.layout())),
+            Storage::Cuda(_) => unreachable!("to_device(Cpu) returns CPU storage"),
         }
     }
 
@@ -351,14 +353,15 @@ impl Tensor {
         Ok(self.to_vec_f64()?[0])
     }
 
+    /// The same values on `device` (contiguous there). On a machine without an NVIDIA driver a
+    /// CUDA device is a clean `Error::DeviceUnavailable`, never a panic. The copy carries no
+    /// autograd history: moving a trainable leaf makes a fresh leaf with `var()` on the device.
     pub fn to_device(&self, device: Device) -> Result<Tensor> {
         if device == self.device() {
             return Ok(self.clone());
         }
-        Err(Error::DeviceUnavailable(
-            device.to_string(),
-            "this build has no CUDA backend yet".into(),
-        ))
+        let storage = self.storage().to_device(self.layout(), device)?;
+        Ok(Tensor::from_storage(storage, self.shape().clone(), None))
     }
 }
 

@@ -3,6 +3,7 @@
 //! the fixtures README; nothing here assumes the sizes of the shipped tiny models.
 
 mod clip_cases;
+pub mod cuda_parity;
 mod layer_cases;
 mod pipeline_case;
 mod train_cases;

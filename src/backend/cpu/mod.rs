@@ -5,9 +5,11 @@
 pub mod attention;
 pub mod conv;
 pub mod elementwise;
+pub mod lora;
 pub mod matmul;
 pub mod norm;
 pub mod optim;
+pub mod pool;
 pub mod reduce;
 
 use crate::tensor::{DType, Element, Layout};

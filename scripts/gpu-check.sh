@@ -1,0 +1,53 @@
+#!/usr/bin/env bash
+# The one prepared command for a GPU session (run scripts/gpu-prepare.sh first, here):
+#   run(command="bash scripts/gpu-check.sh", carry=["gpu-carry"], timeout_s=540)
+# Steps, each under its own timeout, full logs in $OUT (8 files come back), a short table last:
+#   env     driver, GPU, CUDA libraries
+#   parity  kstyle gpu-parity: every CUDA op vs the CPU oracle (KSTYLE_CUDA_SYNC=1: a fault names
+#           its kernel)
+#   verify  kstyle verify --device cuda tests/fixtures/tiny
+#   bench   kstyle bench: GEMM, flash attention vs composition, fused LoRA, group norm, rooflines
+#   torch   scripts/bench_torch.py: PyTorch SDPA / GEMM / group norm on the same shapes
+# Expected wall time on an H100: ~3-5 minutes (most of it the first cuBLAS/driver warm-ups).
+set -u
+cd "$(dirname "$0")/.."
+OUT=${OUT:-/tmp/kstyle-gpu-out}
+mkdir -p "$OUT"
+BIN=./gpu-carry/kstyle
+# cuBLAS and NVRTC 13 from the toolkit; torch's wheel copies as a fallback (untested path).
+TORCH_CU13=$(python3 -c 'import nvidia, os; print(os.path.join(list(nvidia.__path__)[0], "cu13", "lib"))' 2>/dev/null || true)
+export LD_LIBRARY_PATH=/usr/local/cuda/lib64:${TORCH_CU13:+$TORCH_CU13:}${LD_LIBRARY_PATH:-}
+# The carried cache holds sm_90a cubins; a miss (another arch, another NVRTC) compiles and adds.
+export KSTYLE_CACHE_DIR=$PWD/gpu-carry/cache
+export PYTHONUNBUFFERED=1
+SUMMARY="$OUT/summary.txt"
+: > "$SUMMARY"
+
+step() {
+    local name=$1 limit=$2
+    shift 2
+    local t0=$SECONDS
+    echo "==> $name: $*"
+    timeout "$limit" "$@" > "$OUT/$name.log" 2>&1
+    local rc=$?
+    local dt=$((SECONDS - t0))
+    local last
+    last=$(grep -v '^\s*$' "$OUT/$name.log" | tail -1 | cut -c1-110)
+    [ "$rc" = 124 ] && last="TIMEOUT after ${limit}s; $last"
+    printf '%-8s rc=%-3s %4ss  %s\n' "$name" "$rc" "$dt" "$last" | tee -a "$SUMMARY"
+    tail -5 "$OUT/$name.log"
+}
+
+step env 30 bash -c 'nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm --format=csv; ls /usr/local/cuda/lib64 | grep -E "libnvrtc.so|libcublas.so|libcublasLt.so" ; ls gpu-carry/cache/nvrtc | wc -l; '"$BIN"' --version'
+step parity 240 env KSTYLE_CUDA_SYNC=1 "$BIN" gpu-parity
+step verify 120 "$BIN" verify --device cuda tests/fixtures/tiny
+step bench 240 "$BIN" bench --json "$OUT/bench.jsonl"
+step torch 120 python3 scripts/bench_torch.py --json "$OUT/torch.jsonl"
+
+echo
+echo "---- failing parity rows ----"
+grep -E 'FAIL|error' "$OUT/parity.log" | head -30
+echo "---- bench ----"
+grep -E 'ms ' "$OUT/bench.log" "$OUT/torch.log" | sed 's/^[^:]*://' | cut -c1-150
+echo "---- summary ----"
+cat "$SUMMARY"

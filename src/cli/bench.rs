@@ -1,0 +1,367 @@
+//! `kstyle bench [--quick] [--json FILE]`: CUDA timings with the roofline next to every number.
+//!
+//! Each case warms up (NVRTC compiles, cuBLAS picks kernels, the allocator fills), then times
+//! `iters` runs between two stream synchronisations, five times, and reports the median. The
+//! ceilings are measured in the same run: a device-to-device copy (GB/s, bytes read + written)
+//! and a bf16 8192^3 cuBLAS GEMM (TFLOP/s). "floor" is the larger of bytes / copy ceiling and
+//! flops / GEMM ceiling; "of roof" is floor / measured time. Baselines (the plain composition)
+//! run on the same shapes in the same process; PyTorch's run in scripts/bench_torch.py.
+
+use std::io::Write;
+use std::process::ExitCode;
+use std::time::Instant;
+
+use kstyle::backend::cpu::attention::AttnGeom;
+use kstyle::backend::cpu::lora::LoraGeom;
+use kstyle::backend::cuda::attention::{sdpa_bwd_with, sdpa_with, AttnKernel};
+use kstyle::backend::cuda::{self, CudaStorage};
+use kstyle::backend::ops::{self, GateArgs};
+use kstyle::tensor::Rng;
+use kstyle::{DType, Device, Tensor};
+
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    /// Smaller shapes and fewer repetitions (a smoke run).
+    #[arg(long)]
+    pub quick: bool,
+    /// Also write one JSON object per result to this file.
+    #[arg(long)]
+    pub json: Option<std::path::PathBuf>,
+}
+
+struct Bench {
+    dev: std::sync::Arc<cuda::CudaDevice>,
+    iters: usize,
+    /// Measured ceilings: bytes/s and flop/s.
+    bw: f64,
+    flops: f64,
+    rows: Vec<String>,
+    json: Vec<String>,
+}
+
+impl Bench {
+    /// Median seconds per call of `f`.
+    fn time(&self, mut f: impl FnMut() -> kstyle::Result<()>) -> anyhow::Result<f64> {
+        for _ in 0..3 {
+            f()?;
+        }
+        self.dev.synchronize()?;
+        let mut samples = Vec::new();
+        for _ in 0..5 {
+            let t = Instant::now();
+            for _ in 0..self.iters {
+                f()?;
+            }
+            self.dev.synchronize()?;
+            samples.push(t.elapsed().as_secs_f64() / self.iters as f64);
+        }
+        samples.sort_by(f64::total_cmp);
+        Ok(samples[2])
+    }
+
+    /// Records one result: `bytes` moved at least once and `flops` performed.
+    fn report(&mut self, name: &str, secs: f64, bytes: f64, flops: f64) {
+        let floor = (bytes / self.bw).max(flops / self.flops);
+        let row = format!(
+            "{name:<46} {:>9.3} ms  {:>8.1} GB/s  {:>7.1} TFLOP/s  floor {:>8.3} ms  {:>5.1}% of roof",
+            secs * 1e3,
+            bytes / secs / 1e9,
+            flops / secs / 1e12,
+            floor * 1e3,
+            100.0 * floor / secs
+        );
+        println!("{row}");
+        self.rows.push(row);
+        self.json.push(format!(
+            "{{\"name\":\"{name}\",\"ms\":{:.6},\"gbps\":{:.3},\"tflops\":{:.3},\"floor_ms\":{:.6}}}",
+            secs * 1e3,
+            bytes / secs / 1e9,
+            flops / secs / 1e12,
+            floor * 1e3
+        ));
+    }
+}
+
+fn cuda_of(
+    t: &Tensor,
+) -> anyhow::Result<(
+    std::sync::RwLockReadGuard<'_, kstyle::backend::Storage>,
+    kstyle::tensor::Layout,
+)> {
+    Ok((t.storage(), t.layout().clone()))
+}
+
+fn cs(s: &kstyle::backend::Storage) -> &CudaStorage {
+    match s {
+        kstyle::backend::Storage::Cuda(c) => c,
+        kstyle::backend::Storage::Cpu(_) => unreachable!("bench tensors live on the GPU"),
+    }
+}
+
+pub fn run(a: Args) -> anyhow::Result<ExitCode> {
+    if let Err(why) = cuda::probe() {
+        eprintln!("SKIPPED bench: {why}");
+        return Ok(ExitCode::from(2));
+    }
+    let dev = cuda::device(0)?;
+    let gpu = Device::Cuda(0);
+    let mut rng = Rng::new(7);
+    let mut b = Bench {
+        dev: dev.clone(),
+        iters: if a.quick { 3 } else { 20 },
+        bw: 1.0,
+        flops: 1.0,
+        rows: Vec::new(),
+        json: Vec::new(),
+    };
+    println!(
+        "device: {} ({}, {} SMs)",
+        dev.name(),
+        dev.arch(),
+        dev.sm_count()
+    );
+
+    // ---- ceilings ----
+    let n_copy = if a.quick { 1 << 26 } else { 1 << 29 }; // bf16 elements: 128 MiB / 1 GiB
+                                                          // Filled on the device: a host-side constructor would build the 1 GiB buffer in f64 first.
+    let src = cuda::elementwise::fill(&dev, DType::BF16, n_copy, 1.5)?;
+    let flat = kstyle::tensor::Layout::contiguous(n_copy);
+    let t_copy = b.time(|| cuda::elementwise::copy_strided(&src, &flat).map(|_| ()))?;
+    b.bw = 2.0 * 2.0 * n_copy as f64 / t_copy;
+    let g = if a.quick { 2048 } else { 8192 };
+    let x = Tensor::randn((g, g), &mut rng, DType::BF16, gpu)?;
+    let t_gemm = b.time(|| x.matmul(&x).map(|_| ()))?;
+    b.flops = 2.0 * (g as f64).powi(3) / t_gemm;
+    println!(
+        "ceilings: copy {:.0} GB/s (bf16 {} MiB, read + write), gemm {:.0} TFLOP/s (bf16 {g}^3)",
+        b.bw / 1e9,
+        (2 * n_copy) >> 20,
+        b.flops / 1e12
+    );
+
+    // ---- GEMM ----
+    let shapes: &[(usize, usize, usize, DType)] = if a.quick {
+        &[
+            (1024, 1024, 1024, DType::BF16),
+            (1024, 1024, 1024, DType::F32),
+        ]
+    } else {
+        &[
+            (4096, 4096, 4096, DType::BF16),
+            (8192, 640, 640, DType::BF16),
+            (8192, 5120, 1280, DType::BF16),
+            (2048, 2048, 2048, DType::F32),
+        ]
+    };
+    for &(m, k, n, dt) in shapes {
+        let x = Tensor::randn((m, k), &mut rng, dt, gpu)?;
+        let w = Tensor::randn((n, k), &mut rng, dt, gpu)?;
+        let wt = w.t()?;
+        let s = b.time(|| x.matmul(&wt).map(|_| ()))?;
+        let es = dt.size_in_bytes() as f64;
+        b.report(
+            &format!("gemm {m}x{k}x{n} {dt} (x W^T)"),
+            s,
+            es * (m * k + k * n + m * n) as f64,
+            2.0 * (m * k * n) as f64,
+        );
+    }
+
+    // ---- attention: flash vs the composition, bf16 ----
+    let seqs: &[(usize, usize, usize)] = if a.quick {
+        &[(8, 1024, 1024)]
+    } else {
+        &[(20, 4096, 4096), (20, 4096, 77), (40, 1024, 1024)]
+    };
+    for &(bh, sq, skv) in seqs {
+        let d = 64;
+        let geom = AttnGeom {
+            bh,
+            sq,
+            skv,
+            d,
+            dv: d,
+            scale: 0.125,
+            causal: false,
+        };
+        let q = Tensor::randn((bh, sq, d), &mut rng, DType::BF16, gpu)?;
+        let k = Tensor::randn((bh, skv, d), &mut rng, DType::BF16, gpu)?;
+        let v = Tensor::randn((bh, skv, d), &mut rng, DType::BF16, gpu)?;
+        let o = Tensor::randn((bh, sq, d), &mut rng, DType::BF16, gpu)?;
+        let (qs, ks, vs, os) = (cuda_of(&q)?, cuda_of(&k)?, cuda_of(&v)?, cuda_of(&o)?);
+        let (qa, ka, va, oa) = (
+            (cs(&qs.0), &qs.1),
+            (cs(&ks.0), &ks.1),
+            (cs(&vs.0), &vs.1),
+            (cs(&os.0), &os.1),
+        );
+        let fl = 4.0 * (bh * sq * skv * d) as f64;
+        let io = 2.0 * (2 * bh * sq * d + 2 * bh * skv * d) as f64;
+        for (tag, which) in [
+            ("flash", AttnKernel::Auto),
+            ("composed", AttnKernel::Composed),
+        ] {
+            let s = b.time(|| sdpa_with(qa, ka, va, &geom, which).map(|_| ()))?;
+            b.report(
+                &format!("sdpa fwd {tag} bh{bh} {sq}x{skv} d{d} bf16"),
+                s,
+                io,
+                fl,
+            );
+            let s = b.time(|| sdpa_bwd_with(qa, ka, va, oa, &geom, which).map(|_| ()))?;
+            // The backward includes the recomputed forward (the contract passes inputs only).
+            b.report(
+                &format!("sdpa fwd+bwd {tag} bh{bh} {sq}x{skv} d{d} bf16"),
+                s,
+                2.0 * io,
+                3.5 * fl,
+            );
+        }
+    }
+
+    // ---- fused gated LoRA update vs the unfused composition ----
+    let (bsz, seq, din, dout, r) = if a.quick {
+        (2, 1024, 640, 640, 4)
+    } else {
+        (2, 4096, 640, 640, 4)
+    };
+    let geom = LoraGeom {
+        batch: bsz,
+        seq,
+        d_in: din,
+        d_out: dout,
+        rank: r,
+        scale: 0.25,
+    };
+    let h = Tensor::randn((bsz, seq, din), &mut rng, DType::BF16, gpu)?;
+    let am = Tensor::randn((r, din), &mut rng, DType::BF16, gpu)?;
+    let bm = Tensor::randn((dout, r), &mut rng, DType::BF16, gpu)?;
+    let wd = Tensor::rand_uniform((bsz, r), 0.0, 1.0, &mut rng, DType::BF16, gpu)?;
+    let wu = Tensor::rand_uniform((bsz, r), 0.0, 1.0, &mut rng, DType::BF16, gpu)?;
+    let al = Tensor::rand_uniform((bsz, 1, 1), 0.0, 1.0, &mut rng, DType::BF16, gpu)?;
+    let base = Tensor::randn((bsz, seq, dout), &mut rng, DType::BF16, gpu)?;
+    let rows = (bsz * seq) as f64;
+    let lb = 2.0 * rows * (din + 2 * dout) as f64;
+    let lf = 2.0 * rows * (r * (din + dout)) as f64;
+    {
+        let (hs, as_, bs, ws, us, als, bases) = (
+            h.storage(),
+            am.storage(),
+            bm.storage(),
+            wd.storage(),
+            wu.storage(),
+            al.storage(),
+            base.storage(),
+        );
+        let gates = GateArgs {
+            w_down: Some((&ws, wd.layout())),
+            w_up: Some((&us, wu.layout())),
+            a: Some((&als, al.layout())),
+        };
+        let s = b.time(|| {
+            ops::lora_fwd(
+                (&hs, h.layout()),
+                (&as_, am.layout()),
+                (&bs, bm.layout()),
+                gates,
+                Some((&bases, base.layout())),
+                &geom,
+            )
+            .map(|_| ())
+        })?;
+        b.report(
+            &format!("lora fused fwd {bsz}x{seq} {din}->{dout} r{r} bf16"),
+            s,
+            lb,
+            lf,
+        );
+    }
+    let (at, bt, gate) = (am.t()?, bm.t()?, wd.mul(&wu)?.unsqueeze(1)?);
+    let s = b.time(|| {
+        let z = h.matmul(&at)?.mul(&gate)?.mul(&al)?.scale(0.25)?;
+        z.matmul(&bt)?.add(&base).map(|_| ())
+    })?;
+    b.report(
+        &format!("lora unfused fwd {bsz}x{seq} {din}->{dout} r{r} bf16"),
+        s,
+        lb,
+        lf,
+    );
+
+    // ---- group norm (+ SiLU fused vs separate) ----
+    let (n, c, hw) = if a.quick { (2, 320, 64) } else { (2, 320, 128) };
+    let x = Tensor::randn((n, c, hw, hw), &mut rng, DType::BF16, gpu)?;
+    let w = Tensor::ones(c, DType::BF16, gpu)?;
+    let bias = Tensor::zeros(c, DType::BF16, gpu)?;
+    let bytes = 2.0 * (n * c * hw * hw) as f64;
+    let s = b.time(|| x.group_norm(32, Some(&w), Some(&bias), 1e-5).map(|_| ()))?;
+    b.report(
+        &format!("group_norm fwd {n}x{c}x{hw}x{hw} bf16"),
+        s,
+        2.0 * bytes,
+        0.0,
+    );
+    {
+        let (xs, ws, bs) = (x.storage(), w.storage(), bias.storage());
+        let s = b.time(|| {
+            ops::group_norm_silu(
+                (&xs, x.layout()),
+                Some((&ws, w.layout())),
+                Some((&bs, bias.layout())),
+                32,
+                1e-5,
+            )
+            .map(|_| ())
+        })?;
+        b.report(
+            &format!("group_norm+silu fused {n}x{c}x{hw}x{hw} bf16"),
+            s,
+            2.0 * bytes,
+            0.0,
+        );
+        let dy = Tensor::randn((n, c, hw, hw), &mut rng, DType::BF16, gpu)?;
+        let dys = dy.storage();
+        let s = b.time(|| {
+            ops::norm_bwd(
+                (&xs, x.layout()),
+                (&dys, dy.layout()),
+                Some((&ws, w.layout())),
+                Some(32),
+                1e-5,
+            )
+            .map(|_| ())
+        })?;
+        // Includes the statistics recompute: x read 3x, dy 2x, dx written once.
+        b.report(
+            &format!("group_norm bwd {n}x{c}x{hw}x{hw} bf16"),
+            s,
+            3.0 * bytes,
+            0.0,
+        );
+    }
+    let s = b.time(|| {
+        x.group_norm(32, Some(&w), Some(&bias), 1e-5)?
+            .silu()
+            .map(|_| ())
+    })?;
+    b.report(
+        &format!("group_norm then silu {n}x{c}x{hw}x{hw} bf16"),
+        s,
+        2.0 * bytes,
+        0.0,
+    );
+
+    let stats = dev.mem_stats();
+    println!(
+        "peak device memory {:.1} MiB, reserved {:.1} MiB",
+        stats.peak as f64 / 1048576.0,
+        stats.reserved as f64 / 1048576.0
+    );
+    if let Some(path) = &a.json {
+        let mut f = std::fs::File::create(path)?;
+        for j in &b.json {
+            writeln!(f, "{j}")?;
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}

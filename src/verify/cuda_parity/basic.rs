@@ -1,0 +1,221 @@
+//! Parity cases for the primitive families: elementwise, matmul, reductions.
+
+use super::*;
+
+const UNARY: [UnaryOp; 14] = [
+    UnaryOp::Neg,
+    UnaryOp::Exp,
+    UnaryOp::Log,
+    UnaryOp::Sqrt,
+    UnaryOp::Recip,
+    UnaryOp::Sqr,
+    UnaryOp::Abs,
+    UnaryOp::Sigmoid,
+    UnaryOp::Silu,
+    UnaryOp::Tanh,
+    UnaryOp::Gelu,
+    UnaryOp::GeluTanh,
+    UnaryOp::QuickGelu,
+    UnaryOp::Relu,
+];
+
+pub(super) fn elementwise(r: &mut Run, dt: DType) -> Result<()> {
+    for op in UNARY {
+        let positive = matches!(op, UnaryOp::Log | UnaryOp::Sqrt | UnaryOp::Recip);
+        let (lo, hi) = if positive { (0.5, 3.0) } else { (-3.0, 3.0) };
+        // A transposed (strided) input exercises the index walk.
+        let (xc, xg) = r.pair(&[37, 65], dt, lo, hi)?;
+        let (xc, xg) = (xc.t()?, xg.t()?);
+        same!(
+            r,
+            format!("unary {}", op.name()),
+            dt,
+            false,
+            (65, 37),
+            [xc / xg],
+            |x| ops::unary(x, op)
+        )?;
+        let (gc, gg) = r.randn(&[65, 37], dt)?;
+        same!(
+            r,
+            format!("unary_bwd {}", op.name()),
+            dt,
+            true,
+            (65, 37),
+            [xc / xg, gc / gg],
+            |x, g| ops::unary_bwd(x, g, op)
+        )?;
+    }
+    for op in [BinaryOp::Add, BinaryOp::Sub, BinaryOp::Mul, BinaryOp::Div] {
+        let (ac, ag) = r.randn(&[3, 1, 65], dt)?;
+        let (bc, bg) = r.pair(&[1, 77, 65], dt, 0.5, 2.0)?;
+        let shape = Shape::from((3, 77, 65));
+        let (ac, ag) = (ac.broadcast_as(&shape)?, ag.broadcast_as(&shape)?);
+        let (bc, bg) = (bc.broadcast_as(&shape)?, bg.broadcast_as(&shape)?);
+        same!(
+            r,
+            format!("binary {} broadcast", op.name()),
+            dt,
+            false,
+            shape.clone(),
+            [ac / ag, bc / bg],
+            |x, y| { ops::binary(x, y, op) }
+        )?;
+    }
+    let (xc, xg) = r.randn(&[5, 7, 9], dt)?;
+    let (xc, xg) = (xc.permute(&[2, 0, 1])?, xg.permute(&[2, 0, 1])?);
+    same!(r, "affine".into(), dt, false, (9, 5, 7), [xc / xg], |x| {
+        ops::affine(x, 1.7, -0.3)
+    })?;
+    same!(
+        r,
+        "clamp_min".into(),
+        dt,
+        false,
+        (9, 5, 7),
+        [xc / xg],
+        |x| ops::clamp_min(x, 0.25)
+    )?;
+    same!(
+        r,
+        "copy_strided".into(),
+        dt,
+        false,
+        (9, 5, 7),
+        [xc / xg],
+        |x| x.0.copy_strided(x.1)
+    )?;
+    let (gc, gg) = r.randn(&[9, 5, 7], dt)?;
+    same!(
+        r,
+        "clamp_min_bwd".into(),
+        dt,
+        true,
+        (9, 5, 7),
+        [xc / xg, gc / gg],
+        |x, g| ops::clamp_min_bwd(x, g, 0.25)
+    )?;
+    for to in [DType::F32, DType::BF16, DType::F16] {
+        same!(
+            r,
+            format!("to_dtype -> {to}"),
+            dt,
+            false,
+            (9, 5, 7),
+            [xc / xg],
+            |x| x.0.to_dtype(x.1, to)
+        )?;
+    }
+    let (tc, tg) = r.randn(&[50, 33], dt)?;
+    let ids: Vec<i64> = (0..23).map(|i| (i * 7 % 50) as i64).collect();
+    let idc = Tensor::from_vec(ids, 23usize, Device::Cpu)?;
+    let idg = idc.to_device(r.dev)?;
+    same!(
+        r,
+        "index_select".into(),
+        dt,
+        false,
+        (23, 33),
+        [tc / tg, idc / idg],
+        |t, i| ops::index_select(t, i)
+    )?;
+    let (p1c, p1g) = r.randn(&[2, 3, 5], dt)?;
+    let (p2c, p2g) = r.randn(&[2, 4, 5], dt)?;
+    let cat_c = Tensor::cat(&[p1c, p2c.clone()], 1)?;
+    let cat_g = Tensor::cat(&[p1g, p2g.clone()], 1)?;
+    r.check("cat dim 1".into(), dt, &cat_g, &cat_c, false)?;
+    let _ = (p2c, p2g);
+    Ok(())
+}
+
+pub(super) fn matmul(r: &mut Run, dt: DType) -> Result<()> {
+    let cases: [(&str, [usize; 4], usize, bool); 4] = [
+        ("matmul batched", [2, 3, 77, 65], 33, false),
+        ("matmul B transposed", [1, 1, 100, 320], 130, true),
+        ("matmul large", [1, 1, 512, 768], 320, false),
+        ("matmul odd", [1, 3, 1, 7], 1, true),
+    ];
+    for (name, [b0, b1, m, k], n, bt) in cases {
+        let (ac, ag) = r.randn(&[b0, b1, m, k], dt)?;
+        let (bc, bg) = if bt {
+            let (c, g) = r.randn(&[b0, b1, n, k], dt)?;
+            (c.transpose(2, 3)?, g.transpose(2, 3)?)
+        } else {
+            r.randn(&[b0, b1, k, n], dt)?
+        };
+        let (yc, yg) = (ac.matmul(&bc)?, ag.matmul(&bg)?);
+        r.check(name.into(), dt, &yg, &yc, false)?;
+    }
+    // Broadcast batch: a (2, 1, 9, 17) against b (1, 4, 17, 5).
+    let (ac, ag) = r.randn(&[2, 1, 9, 17], dt)?;
+    let (bc, bg) = r.randn(&[1, 4, 17, 5], dt)?;
+    r.check(
+        "matmul broadcast batch".into(),
+        dt,
+        &ag.matmul(&bg)?,
+        &ac.matmul(&bc)?,
+        false,
+    )
+}
+
+pub(super) fn reduce(r: &mut Run, dt: DType) -> Result<()> {
+    let (xc, xg) = r.randn(&[6, 77, 33], dt)?;
+    same!(
+        r,
+        "sum dim 1".into(),
+        dt,
+        false,
+        (6, 1, 33),
+        [xc / xg],
+        |x| ops::sum_keepdim(x, &[1])
+    )?;
+    same!(
+        r,
+        "sum dims 0,2".into(),
+        dt,
+        false,
+        (1, 77, 1),
+        [xc / xg],
+        |x| ops::sum_keepdim(x, &[0, 2])
+    )?;
+    let (mc, ic) = xc.max_argmax_keepdim(1)?;
+    let (mg, ig) = xg.max_argmax_keepdim(1)?;
+    r.check("max dim 1".into(), dt, &mg, &mc, false)?;
+    r.check("argmax dim 1".into(), DType::I64, &ig, &ic, false)?;
+    let (gc, gg) = r.randn(&[6, 1, 33], dt)?;
+    let shape = Shape::from((6, 77, 33));
+    same!(
+        r,
+        "max_bwd dim 1".into(),
+        dt,
+        true,
+        shape.clone(),
+        [gc / gg, ic / ig],
+        |g, i| ops::max_bwd(g, i, &shape, 1)
+    )?;
+    for n in [77, 1000, 4096] {
+        let (xc, xg) = r.pair(&[37, n], dt, -4.0, 4.0)?;
+        same!(
+            r,
+            format!("softmax n={n}"),
+            dt,
+            false,
+            (37, n),
+            [xc / xg],
+            |x| ops::softmax_last(x)
+        )?;
+        let yc = st(ops::softmax_last((&xc.storage(), xc.layout()))?, (37, n));
+        let yg = yc.to_device(r.dev)?;
+        let (gc, gg) = r.randn(&[37, n], dt)?;
+        same!(
+            r,
+            format!("softmax_bwd n={n}"),
+            dt,
+            true,
+            (37, n),
+            [yc / yg, gc / gg],
+            |y, g| { ops::softmax_last_bwd(y, g) }
+        )?;
+    }
+    Ok(())
+}

@@ -1,0 +1,82 @@
+//! Every CUDA op against the CPU oracle (src/verify/cuda_parity.rs holds the cases; the release
+//! binary runs the same ones as `kstyle gpu-parity` on the GPU machine). Without a usable GPU the
+//! parity test reports SKIPPED loudly on stderr: it is not a pass.
+
+use kstyle::verify::cuda_parity;
+use kstyle::{DType, Device, Error, Tensor};
+
+fn skip_reason() -> Option<String> {
+    cuda_parity::available(0).err()
+}
+
+/// Straight to the stderr handle: libtest captures `eprintln!` of passing tests, and a skip must
+/// be seen.
+fn loud(msg: &str) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr(), "{msg}");
+}
+
+#[test]
+fn every_cuda_op_matches_the_cpu_oracle() {
+    if let Some(why) = skip_reason() {
+        loud(&format!(
+            "\n======== SKIPPED cuda_parity: no usable CUDA device: {why} ========\n"
+        ));
+        return;
+    }
+    let rows = cuda_parity::run(0, None, 0x5eed).expect("parity run");
+    let failed: Vec<_> = rows.iter().filter(|r| !r.passed).collect();
+    for r in &rows {
+        eprintln!(
+            "{:<56} {:<5} err {:>10.3e}  limit {:>10.3e}  {}",
+            r.case,
+            r.dtype,
+            r.error,
+            r.limit,
+            if r.passed { "ok" } else { "FAIL" }
+        );
+    }
+    assert!(!rows.is_empty());
+    assert!(
+        failed.is_empty(),
+        "{} of {} parity checks failed",
+        failed.len(),
+        rows.len()
+    );
+}
+
+/// On a machine without a driver, moving a tensor to CUDA is an error naming the device, never a
+/// panic (cudarc panics if libcuda is loaded blindly; the backend probes first).
+#[test]
+fn to_device_cuda_is_clean_without_a_driver() {
+    let t = Tensor::ones((2, 3), DType::F32, Device::Cpu).unwrap();
+    let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        t.to_device(Device::Cuda(0)).map(|g| g.device())
+    }));
+    let r = r.expect("to_device(Cuda(0)) must not panic");
+    match (skip_reason(), r) {
+        (None, Ok(d)) => assert_eq!(d, Device::Cuda(0)),
+        (Some(_), Err(Error::DeviceUnavailable(dev, why))) => {
+            assert_eq!(dev, "cuda:0");
+            assert!(!why.is_empty());
+            eprintln!("to_device(cuda:0) without a GPU: {why}");
+        }
+        (avail, other) => panic!(
+            "unexpected: device available = {}, result = {other:?}",
+            avail.is_none()
+        ),
+    }
+}
+
+#[test]
+fn f64_is_refused_on_cuda_with_a_typed_error() {
+    if skip_reason().is_some() {
+        loud("SKIPPED f64_is_refused_on_cuda: no usable CUDA device");
+        return;
+    }
+    let t = Tensor::ones(4usize, DType::F64, Device::Cpu).unwrap();
+    assert!(matches!(
+        t.to_device(Device::Cuda(0)),
+        Err(Error::DType { .. })
+    ));
+}
