@@ -1,6 +1,7 @@
 //! One file per subcommand.
 
 mod bench;
+mod export;
 mod generate;
 mod gpu_parity;
 mod kernels;
@@ -27,6 +28,8 @@ pub enum Command {
     Generate(generate::Args),
     /// Train a K-StyleLoRA adapter (or a baseline) on a folder of captioned images.
     Train(train::Args),
+    /// Write an adapter in kohya or diffusers layout for other tools (gates baked if gated).
+    Export(export::Args),
     /// Run every reference case of a fixtures directory and report each checked tensor.
     Verify(verify::Args),
     /// List the CUDA kernel families, or compile-check them with NVRTC (no GPU needed).
@@ -56,6 +59,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Generate(a) => generate::run(a),
         Command::Train(a) => train::run(a),
+        Command::Export(a) => export::run(a),
         Command::Verify(a) => verify::run(a),
         Command::Kernels(a) => kernels::run(a),
         Command::GpuParity(a) => gpu_parity::run(a),

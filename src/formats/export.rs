@@ -20,9 +20,14 @@ pub enum ExportFormat {
 fn scale_columns(b: &Tensor, scale: &[f64]) -> Result<Tensor> {
     let (_, r) = b.dims2()?;
     if scale.len() != r {
-        return Err(Error::msg(format!("baked gate has {} values for rank {r}", scale.len())));
+        return Err(Error::msg(format!(
+            "baked gate has {} values for rank {r}",
+            scale.len()
+        )));
     }
-    let s = Tensor::from_vec(scale.to_vec(), (1, r), Device::Cpu)?.to_dtype(b.dtype())?.to_device(b.device())?;
+    let s = Tensor::from_vec(scale.to_vec(), (1, r), Device::Cpu)?
+        .to_dtype(b.dtype())?
+        .to_device(b.device())?;
     b.mul(&s)
 }
 
@@ -46,7 +51,9 @@ pub fn export_adapter(
     for (module, a) in &adapter.modules {
         let up = match (baked, a.is_gated()) {
             (Some(bk), true) => {
-                let mean = bk.get(module).ok_or_else(|| Error::msg(format!("no calibration gates recorded for {module}")))?;
+                let mean = bk.get(module).ok_or_else(|| {
+                    Error::msg(format!("no calibration gates recorded for {module}"))
+                })?;
                 let s: Vec<f64> = mean.iter().map(|m| m * a.config.guidance).collect();
                 scale_columns(&a.b, &s)?
             }
@@ -58,11 +65,17 @@ pub fn export_adapter(
                 let k = index.kohya_name(module)?;
                 out.push((format!("{k}.lora_down.weight"), a.a.to_dtype(dtype)?));
                 out.push((format!("{k}.lora_up.weight"), up.to_dtype(dtype)?));
-                out.push((format!("{k}.alpha"), Tensor::scalar(a.config.alpha, dtype, Device::Cpu)?));
+                out.push((
+                    format!("{k}.alpha"),
+                    Tensor::scalar(a.config.alpha, dtype, Device::Cpu)?,
+                ));
             }
             ExportFormat::Diffusers => {
                 out.push((format!("unet.{module}.lora_A.weight"), a.a.to_dtype(dtype)?));
-                out.push((format!("unet.{module}.lora_B.weight"), up.scale(a.config.alpha / r)?.to_dtype(dtype)?));
+                out.push((
+                    format!("unet.{module}.lora_B.weight"),
+                    up.scale(a.config.alpha / r)?.to_dtype(dtype)?,
+                ));
             }
         }
     }
@@ -71,9 +84,18 @@ pub fn export_adapter(
         ("ss_network_module".to_string(), "networks.lora".to_string()),
         ("ss_network_dim".to_string(), c.rank.to_string()),
         ("ss_network_alpha".to_string(), c.alpha.to_string()),
-        ("ss_base_model_version".to_string(), "sdxl_base_v1-0".to_string()),
-        ("kstyle.exported_from".to_string(), adapter.method.name().to_string()),
-        ("kstyle.baked_gates".to_string(), (baked.is_some() && adapter.method.gated()).to_string()),
+        (
+            "ss_base_model_version".to_string(),
+            "sdxl_base_v1-0".to_string(),
+        ),
+        (
+            "kstyle.exported_from".to_string(),
+            adapter.method.name().to_string(),
+        ),
+        (
+            "kstyle.baked_gates".to_string(),
+            (baked.is_some() && adapter.method.gated()).to_string(),
+        ),
     ]);
     save_safetensors(path, &out, Some(meta))
 }

@@ -10,8 +10,8 @@
 
 pub mod adapter;
 pub mod diffusers;
-pub mod export;
 pub mod error;
+pub mod export;
 pub mod kohya;
 pub mod raw;
 pub mod single_file;

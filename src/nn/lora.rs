@@ -144,7 +144,10 @@ pub struct GateRecord {
 
 impl GateRecord {
     pub fn mean(&self) -> Vec<f64> {
-        self.sum.iter().map(|s| s / self.samples.max(1) as f64).collect()
+        self.sum
+            .iter()
+            .map(|s| s / self.samples.max(1) as f64)
+            .collect()
     }
 }
 

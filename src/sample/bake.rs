@@ -8,7 +8,13 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 /// Mean effective gate per module path over `prompts`, `steps` sampling steps each.
-pub fn calibrate_gates(pipe: &mut SdxlPipeline, prompts: &[String], steps: usize, size: usize, seed: u64) -> Result<HashMap<String, Vec<f64>>> {
+pub fn calibrate_gates(
+    pipe: &mut SdxlPipeline,
+    prompts: &[String],
+    steps: usize,
+    size: usize,
+    seed: u64,
+) -> Result<HashMap<String, Vec<f64>>> {
     let mut records = HashMap::new();
     for (path, lin) in pipe.unet.attention_projections_mut() {
         if let Some(a) = &mut lin.adapter {
@@ -20,7 +26,15 @@ pub fn calibrate_gates(pipe: &mut SdxlPipeline, prompts: &[String], steps: usize
         }
     }
     for (i, p) in prompts.iter().enumerate() {
-        let req = Request { prompt: p.clone(), negative: None, steps, guidance: 5.0, width: size, height: size, sampler: SamplerKind::Euler };
+        let req = Request {
+            prompt: p.clone(),
+            negative: None,
+            steps,
+            guidance: 5.0,
+            width: size,
+            height: size,
+            sampler: SamplerKind::Euler,
+        };
         let init = pipe.initial_latents(size, size, seed + i as u64)?;
         crate::autograd::no_grad(|| pipe.denoise(&req, &init, |_, _| {}))?;
     }
@@ -29,5 +43,8 @@ pub fn calibrate_gates(pipe: &mut SdxlPipeline, prompts: &[String], steps: usize
             a.recorder = None;
         }
     }
-    Ok(records.into_iter().map(|(k, r)| (k, r.lock().unwrap_or_else(|e| e.into_inner()).mean())).collect())
+    Ok(records
+        .into_iter()
+        .map(|(k, r)| (k, r.lock().unwrap_or_else(|e| e.into_inner()).mean()))
+        .collect())
 }

@@ -225,10 +225,15 @@ impl SdxlPipeline {
 
 /// The kohya naming index of a UNet's own modules.
 pub fn unet_module_index(unet: &UNet2DConditionModel) -> ModuleIndex {
-    let shapes = crate::models::unet::param_shapes(&unet.config);
+    unet_index_for(&unet.config)
+}
+
+/// The kohya naming index of a UNet architecture, from its config alone (no weights).
+pub fn unet_index_for(cfg: &crate::models::unet::UNetConfig) -> ModuleIndex {
+    let shapes = crate::models::unet::param_shapes(cfg);
     ModuleIndex::unet(
         shapes.0.iter().map(|(k, s)| (k.as_str(), s.as_slice())),
-        &unet.config.layout(),
+        &cfg.layout(),
     )
 }
 

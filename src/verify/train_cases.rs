@@ -163,16 +163,28 @@ fn train_step(ctx: &Ctx, case: &str) -> Result<Vec<Row>> {
         eps: num("adam_eps")?,
         weight_decay: num("weight_decay")?,
     };
+    let before: Vec<Vec<f64>> = params
+        .iter()
+        .map(|(_, p)| p.to_vec_f64())
+        .collect::<Result<_>>()?;
     let mut opt = Optimizer::new(hyper, &params)?;
     opt.step(&params, &flat, hyper.lr)?;
     let adam_tol = ctx.grad.grad_with_floor(max_norm(&f, "after_adamw.")?);
-    for (name, p) in &params {
-        chk.check(
-            &format!("after_adamw.{name}"),
-            p,
-            &f.tensor(&format!("after_adamw.{name}"))?,
-            adam_tol,
-        )?;
+    let (mut ours, mut theirs) = (Vec::new(), Vec::new());
+    for ((name, p), b) in params.iter().zip(&before) {
+        let reference = f.tensor(&format!("after_adamw.{name}"))?;
+        chk.check(&format!("after_adamw.{name}"), p, &reference, adam_tol)?;
+        ours.extend(p.to_vec_f64()?.iter().zip(b).map(|(a, b)| a - b));
+        theirs.extend(reference.to_vec_f64()?.iter().zip(b).map(|(a, b)| a - b));
     }
+    // The values above are dominated by the parameters themselves (an update is ~lr of them), so
+    // also compare the updates: all of them as one vector, at the gradient tolerance.
+    let n = ours.len();
+    chk.check(
+        "after_adamw (every update, as one vector)",
+        &Tensor::from_vec(ours, n, crate::Device::Cpu)?,
+        &Tensor::from_vec(theirs, n, crate::Device::Cpu)?,
+        ctx.grad,
+    )?;
     Ok(chk.rows)
 }

@@ -1,0 +1,407 @@
+//! `kstyle train` and `kstyle export` through the real binary on the tiny model: the four
+//! methods, exact resume, export round trips and clean failures on bad input.
+
+use kstyle::formats::adapter::Adapter;
+use kstyle::models::unet::{KohyaLoraFile, UNet2DConditionModel};
+use kstyle::sample::pipeline::unet_module_index;
+use kstyle::tensor::{Rng, SafeTensorsFile};
+use kstyle::{DType, Device, Tensor};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+fn tiny() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny")
+}
+
+fn tmp(tag: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("kstyle-train-{tag}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+/// Three small images of different shapes; two with captions, one captioned by the template.
+fn dataset(dir: &Path) -> PathBuf {
+    let data = dir.join("data");
+    std::fs::create_dir_all(&data).unwrap();
+    let mut rng = Rng::new(5);
+    for (name, w, h, caption) in [
+        ("a.png", 96, 64, Some("a {trigger} palace")),
+        ("b.jpg", 64, 64, Some("a woman in a {trigger} dress")),
+        ("c.png", 72, 112, None),
+    ] {
+        let img = image::RgbImage::from_fn(w, h, |x, y| {
+            image::Rgb([(x * 3) as u8, (y * 2) as u8, (rng.below(256)) as u8])
+        });
+        img.save(data.join(name)).unwrap();
+        if let Some(c) = caption {
+            std::fs::write(data.join(name).with_extension("txt"), c).unwrap();
+        }
+    }
+    data
+}
+
+fn kstyle(args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_kstyle"))
+        .args(args)
+        .output()
+        .expect("run kstyle")
+}
+
+fn train(data: &Path, out: &Path, method: &str, extra: &[&str]) -> std::process::Output {
+    let model = tiny().join("sdxl");
+    let clip = tiny().join("clip");
+    let mut args = vec![
+        "train",
+        "--model",
+        model.to_str().unwrap(),
+        "--data",
+        data.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "--method",
+        method,
+        "--clip",
+        clip.to_str().unwrap(),
+        "--resolution",
+        "64",
+        "--grad-accum",
+        "2",
+        "--caption-template",
+        "a {trigger} landscape",
+        "--trigger",
+        "[v]",
+        "--seed",
+        "7",
+    ];
+    args.extend_from_slice(extra);
+    kstyle(&args)
+}
+
+fn tensors(path: &Path) -> Vec<(String, Vec<u8>)> {
+    let f = SafeTensorsFile::open(path).unwrap();
+    f.names()
+        .map(|n| (n.to_string(), f.bytes(n).unwrap().to_vec()))
+        .collect()
+}
+
+#[test]
+fn every_method_trains_and_its_adapter_generates() {
+    let dir = tmp("methods");
+    let data = dataset(&dir);
+    for method in ["kstyle", "lora", "lora-csl", "gating"] {
+        let out = dir.join(method).join("adapter.safetensors");
+        let o = train(
+            &data,
+            &out,
+            method,
+            &[
+                "--max-steps",
+                "2",
+                "--sample-every",
+                "2",
+                "--sample-prompt",
+                "a [v] house",
+                "--sample-steps",
+                "2",
+            ],
+        );
+        assert!(
+            o.status.success(),
+            "{method}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        let stem = dir.join(method);
+        for f in [
+            "adapter.safetensors",
+            "adapter.loss.csv",
+            "adapter.loss.png",
+            "adapter.samples/step000002.png",
+        ] {
+            assert!(stem.join(f).exists(), "{method}: {f} missing");
+        }
+        let csv = std::fs::read_to_string(stem.join("adapter.loss.csv")).unwrap();
+        assert_eq!(
+            csv.lines().count(),
+            3,
+            "{method}: header + one row per step:\n{csv}"
+        );
+        let meta = SafeTensorsFile::open(&out).unwrap().metadata().clone();
+        assert_eq!(meta["kstyle.method"], method);
+        let img = dir.join(format!("{method}.png"));
+        let model = tiny().join("sdxl");
+        let g = kstyle(&[
+            "generate",
+            "--model",
+            model.to_str().unwrap(),
+            "--prompt",
+            "a [v] house",
+            "--steps",
+            "2",
+            "--width",
+            "64",
+            "--height",
+            "64",
+            "--lora",
+            &format!("{}:0.8", out.display()),
+            "--out",
+            img.to_str().unwrap(),
+        ]);
+        assert!(
+            g.status.success(),
+            "{method} adapter in generate: {}",
+            String::from_utf8_lossy(&g.stderr)
+        );
+    }
+}
+
+#[test]
+fn resuming_gives_bit_identical_adapters() {
+    let dir = tmp("resume");
+    let data = dataset(&dir);
+    let cache = dir.join("cache");
+    let c = ["--cache", cache.to_str().unwrap()];
+    let straight = dir.join("a/adapter.safetensors");
+    let o = train(
+        &data,
+        &straight,
+        "kstyle",
+        &[&["--max-steps", "4"][..], &c].concat(),
+    );
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let split = dir.join("b/adapter.safetensors");
+    let o = train(
+        &data,
+        &split,
+        "kstyle",
+        &[&["--max-steps", "2", "--save-every", "2"][..], &c].concat(),
+    );
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let ckpt = dir.join("b/adapter.step000002.ckpt.safetensors");
+    let o = train(
+        &data,
+        &split,
+        "kstyle",
+        &[
+            &["--max-steps", "4", "--resume", ckpt.to_str().unwrap()][..],
+            &c,
+        ]
+        .concat(),
+    );
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let (a, b) = (tensors(&straight), tensors(&split));
+    assert_eq!(a.len(), b.len());
+    for ((na, va), (nb, vb)) in a.iter().zip(&b) {
+        assert_eq!(na, nb);
+        assert!(va == vb, "tensor {na} differs after resume");
+    }
+    let (la, lb) = (
+        std::fs::read_to_string(dir.join("a/adapter.loss.csv")).unwrap(),
+        std::fs::read_to_string(dir.join("b/adapter.loss.csv")).unwrap(),
+    );
+    assert_eq!(la, lb, "the loss logs differ");
+}
+
+/// Max relative L2 difference of two tensors.
+fn rel(a: &Tensor, b: &Tensor) -> f64 {
+    let (x, y) = (a.to_vec_f64().unwrap(), b.to_vec_f64().unwrap());
+    let d: f64 = x
+        .iter()
+        .zip(&y)
+        .map(|(p, q)| (p - q).powi(2))
+        .sum::<f64>()
+        .sqrt();
+    d / y.iter().map(|q| q * q).sum::<f64>().sqrt()
+}
+
+#[test]
+fn plain_lora_exported_as_kohya_reproduces_the_adapter_unet_output() {
+    let dir = tmp("export");
+    let data = dataset(&dir);
+    let adapter = dir.join("lora/adapter.safetensors");
+    // lr 1e-2 so that B moves well away from zero in two steps.
+    let o = train(
+        &data,
+        &adapter,
+        "lora",
+        &["--max-steps", "2", "--lr", "1e-2"],
+    );
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let kohya = dir.join("exported.safetensors");
+    let model = tiny().join("sdxl");
+    let o = kstyle(&[
+        "export",
+        adapter.to_str().unwrap(),
+        "--format",
+        "kohya",
+        "--dtype",
+        "f32",
+        "--model",
+        model.to_str().unwrap(),
+        "--out",
+        kohya.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    // Live adapter vs kohya merge at load, on the fixture's UNet inputs.
+    let mut live = UNet2DConditionModel::from_diffusers(&model, &[], DType::F32, Device::Cpu)
+        .unwrap()
+        .model;
+    let ad = Adapter::load(&adapter, &unet_module_index(&live), Device::Cpu).unwrap();
+    let mut by_path: std::collections::HashMap<_, _> = ad.modules.into_iter().collect();
+    assert!(live.attach_adapters(|p, _| Ok(by_path.remove(p))).unwrap() > 0);
+    let merged = UNet2DConditionModel::from_diffusers(
+        &model,
+        &[KohyaLoraFile::new(&kohya, 1.0)],
+        DType::F32,
+        Device::Cpu,
+    )
+    .unwrap()
+    .model;
+    let plain = UNet2DConditionModel::from_diffusers(&model, &[], DType::F32, Device::Cpu)
+        .unwrap()
+        .model;
+    let f = SafeTensorsFile::open(tiny().join("reference/unet.safetensors")).unwrap();
+    let g = |k: &str| f.tensor(k).unwrap().to_dtype(DType::F32).unwrap();
+    let run = |u: &UNet2DConditionModel| {
+        kstyle::autograd::no_grad(|| {
+            u.forward(
+                &g("sample"),
+                &g("timestep"),
+                &g("encoder_hidden_states"),
+                &g("text_embeds"),
+                &g("time_ids"),
+            )
+            .unwrap()
+        })
+    };
+    let (y_live, y_merged, y_plain) = (run(&live), run(&merged), run(&plain));
+    assert!(
+        rel(&y_live, &y_plain) > 1e-3,
+        "the adapter must change the output for this test to mean anything"
+    );
+    // f32 live update vs an f64 merge rounded once: both are within f32 rounding of the truth.
+    assert!(
+        rel(&y_merged, &y_live) < 1e-5,
+        "kohya merge differs from the live adapter: {}",
+        rel(&y_merged, &y_live)
+    );
+}
+
+#[test]
+fn gated_adapters_export_only_with_baked_gates() {
+    let dir = tmp("bake");
+    let data = dataset(&dir);
+    let adapter = dir.join("k/adapter.safetensors");
+    assert!(train(&data, &adapter, "kstyle", &["--max-steps", "1"])
+        .status
+        .success());
+    let model = tiny().join("sdxl");
+    let out = dir.join("k.safetensors");
+    let o = kstyle(&[
+        "export",
+        adapter.to_str().unwrap(),
+        "--format",
+        "kohya",
+        "--model",
+        model.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(!o.status.success() && String::from_utf8_lossy(&o.stderr).contains("--bake-gates"));
+    let prompts = dir.join("calib.txt");
+    std::fs::write(&prompts, "a [v] house\na portrait\n").unwrap();
+    let o = kstyle(&[
+        "export",
+        adapter.to_str().unwrap(),
+        "--format",
+        "diffusers",
+        "--model",
+        model.to_str().unwrap(),
+        "--bake-gates",
+        prompts.to_str().unwrap(),
+        "--bake-size",
+        "64",
+        "--bake-steps",
+        "2",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let f = SafeTensorsFile::open(&out).unwrap();
+    assert!(f.names().all(|n| n.starts_with("unet.")
+        && (n.ends_with(".lora_A.weight") || n.ends_with(".lora_B.weight"))));
+    assert_eq!(f.metadata()["kstyle.baked_gates"], "true");
+}
+
+#[test]
+fn bad_training_input_fails_cleanly() {
+    let dir = tmp("bad");
+    let data = dataset(&dir);
+    std::fs::write(data.join("notes.md"), "not an image").unwrap();
+    let o = train(
+        &data,
+        &dir.join("x.safetensors"),
+        "lora",
+        &["--max-steps", "1"],
+    );
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success() && err.contains("notes.md") && !err.contains("panicked"),
+        "{err}"
+    );
+    std::fs::remove_file(data.join("notes.md")).unwrap();
+    std::fs::write(data.join("broken.png"), "this is no png").unwrap();
+    let o = train(
+        &data,
+        &dir.join("x.safetensors"),
+        "lora",
+        &["--max-steps", "1"],
+    );
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success() && err.contains("broken.png") && !err.contains("panicked"),
+        "{err}"
+    );
+    std::fs::remove_file(data.join("broken.png")).unwrap();
+    // A gated method without CLIP.
+    let model = tiny().join("sdxl");
+    let o = kstyle(&[
+        "train",
+        "--model",
+        model.to_str().unwrap(),
+        "--data",
+        data.to_str().unwrap(),
+        "--out",
+        dir.join("y.safetensors").to_str().unwrap(),
+        "--resolution",
+        "64",
+        "--max-steps",
+        "1",
+        "--caption-template",
+        "x",
+    ]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && err.contains("--clip"), "{err}");
+    // Resuming with another method.
+    let a = dir.join("z/adapter.safetensors");
+    assert!(train(
+        &data,
+        &a,
+        "lora",
+        &["--max-steps", "1", "--save-every", "1"]
+    )
+    .status
+    .success());
+    let ck = dir.join("z/adapter.step000001.ckpt.safetensors");
+    let o = train(
+        &data,
+        &a,
+        "kstyle",
+        &["--max-steps", "2", "--resume", ck.to_str().unwrap()],
+    );
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success() && err.contains("step000001.ckpt"),
+        "{err}"
+    );
+}
