@@ -177,6 +177,8 @@ fn verify_passes_every_case_on_the_tiny_fixtures() {
         "lpips",
         "gated_lora_layer",
         "cultural_loss",
+        "train_step_kstyle",
+        "train_step_lora",
     ] {
         assert!(
             text.lines().any(|l| l.starts_with(case)),

@@ -27,7 +27,7 @@ pub enum Command {
     /// Text to image with an SDXL checkpoint and optional LoRA / kstyle adapter files.
     Generate(generate::Args),
     /// Train a K-StyleLoRA adapter (or a baseline) on a folder of captioned images.
-    Train(train::Args),
+    Train(Box<train::Args>),
     /// Write an adapter in kohya or diffusers layout for other tools (gates baked if gated).
     Export(export::Args),
     /// Run every reference case of a fixtures directory and report each checked tensor.
@@ -58,7 +58,7 @@ impl DeviceArg {
 pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Generate(a) => generate::run(a),
-        Command::Train(a) => train::run(a),
+        Command::Train(a) => train::run(*a),
         Command::Export(a) => export::run(a),
         Command::Verify(a) => verify::run(a),
         Command::Kernels(a) => kernels::run(a),

@@ -232,7 +232,6 @@ fn prepare_examples(
         }
         _ => None,
     };
-    drop(encode_text);
     log(&format!(
         "caches ready in {} (text encoders {}, VAE {})",
         cache.dir.display(),
