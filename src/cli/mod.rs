@@ -1,6 +1,7 @@
 //! One file per subcommand.
 
 mod bench;
+mod eval;
 mod export;
 mod generate;
 mod gpu_parity;
@@ -30,6 +31,8 @@ pub enum Command {
     Train(Box<train::Args>),
     /// Write an adapter in kohya or diffusers layout for other tools (gates baked if gated).
     Export(export::Args),
+    /// CSS (All/Exp/Gen), CLIP score and LPIPS diversity tables for the vanilla model and adapters.
+    Eval(Box<eval::Args>),
     /// Run every reference case of a fixtures directory and report each checked tensor.
     Verify(verify::Args),
     /// List the CUDA kernel families, or compile-check them with NVRTC (no GPU needed).
@@ -60,6 +63,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Generate(a) => generate::run(a),
         Command::Train(a) => train::run(*a),
         Command::Export(a) => export::run(a),
+        Command::Eval(a) => eval::run(*a),
         Command::Verify(a) => verify::run(a),
         Command::Kernels(a) => kernels::run(a),
         Command::GpuParity(a) => gpu_parity::run(a),

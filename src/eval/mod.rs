@@ -3,3 +3,4 @@
 pub mod metrics;
 pub mod prompts;
 pub mod report;
+pub mod runner;

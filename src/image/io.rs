@@ -27,14 +27,14 @@ pub fn load_rgb(path: impl AsRef<Path>) -> Result<RgbImage> {
     Ok(img.to_rgb8())
 }
 
-/// Writes an RGB8 image as PNG.
+/// Writes an RGB8 image as PNG, atomically (encoded in memory, then a temporary file and a
+/// rename), creating the folder if needed.
 pub fn save_png(path: impl AsRef<Path>, img: &RgbImage) -> Result<()> {
     let path = path.as_ref();
-    img.save_with_format(path, ImageFormat::Png)
-        .map_err(|e| match e {
-            image::ImageError::IoError(io) => Error::io(path, io),
-            other => Error::file(path, format!("cannot write PNG: {other}")),
-        })
+    let mut bytes = std::io::Cursor::new(Vec::new());
+    img.write_to(&mut bytes, ImageFormat::Png)
+        .map_err(|e| Error::file(path, format!("cannot encode PNG: {e}")))?;
+    crate::tensor::write_atomic(path, bytes.get_ref())
 }
 
 /// One float in [0, 1] to 8 bits as the reference does: `(x * 255).round()` after the clamp

@@ -1,0 +1,150 @@
+//! `kstyle eval` end to end on the tiny models: generation for the vanilla model and an adapter,
+//! the table, the JSON and the grid; then `--images` re-scores the same folder identically.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+fn tiny() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny")
+}
+
+fn kstyle(args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_kstyle"))
+        .args(args)
+        .output()
+        .expect("run kstyle")
+}
+
+#[test]
+fn eval_writes_table_json_and_grid_and_rescoring_agrees() {
+    let dir = std::env::temp_dir().join(format!("kstyle-eval-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let data = dir.join("data");
+    std::fs::create_dir_all(&data).unwrap();
+    for (i, name) in ["a.png", "b.png"].iter().enumerate() {
+        image::RgbImage::from_fn(64, 64, |x, y| {
+            image::Rgb([(x * 4) as u8, (y * 4) as u8, (i * 120) as u8])
+        })
+        .save(data.join(name))
+        .unwrap();
+    }
+    let (model, clip) = (tiny().join("sdxl"), tiny().join("clip"));
+    let lpips = tiny().join("reference/lpips_alex.safetensors");
+    let adapter = dir.join("lora/style.safetensors");
+    let o = kstyle(&[
+        "train",
+        "--model",
+        model.to_str().unwrap(),
+        "--data",
+        data.to_str().unwrap(),
+        "--out",
+        adapter.to_str().unwrap(),
+        "--method",
+        "lora",
+        "--resolution",
+        "64",
+        "--max-steps",
+        "2",
+        "--grad-accum",
+        "1",
+        "--lr",
+        "3e-2",
+        "--caption-template",
+        "a {trigger} palace",
+        "--trigger",
+        "[v]",
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let prompts = dir.join("prompts.tsv");
+    std::fs::write(
+        &prompts,
+        "architecture\texplicit\ta {trigger} palace\narchitecture\tgeneric\ta palace\n",
+    )
+    .unwrap();
+    let out = dir.join("eval");
+    let o = kstyle(&[
+        "eval",
+        "--model",
+        model.to_str().unwrap(),
+        "--clip",
+        clip.to_str().unwrap(),
+        "--lpips",
+        lpips.to_str().unwrap(),
+        "--adapter",
+        adapter.to_str().unwrap(),
+        "--prompts",
+        prompts.to_str().unwrap(),
+        "--trigger",
+        "[v]",
+        "--seeds",
+        "2",
+        "--steps",
+        "2",
+        "--size",
+        "64",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let table = std::fs::read_to_string(out.join("table.md")).unwrap();
+    assert!(
+        table.contains("| vanilla |") && table.contains("| style |"),
+        "{table}"
+    );
+    let grid = image::open(out.join("grid.png")).unwrap();
+    assert!(grid.width() > 2 * 64 && grid.height() > 2 * 64);
+    let json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("results.json")).unwrap()).unwrap();
+    let methods = json.as_array().unwrap();
+    assert_eq!(methods.len(), 2);
+    for m in methods {
+        assert_eq!(
+            m["per_image"].as_array().unwrap().len(),
+            4,
+            "2 prompts x 2 seeds"
+        );
+        for k in [
+            "css_all",
+            "css_explicit",
+            "css_generic",
+            "clip_score",
+            "lpips_diversity",
+        ] {
+            let v = m[k]["mean"].as_f64().unwrap();
+            assert!(
+                v.is_finite() && v.abs() <= 1.0 + 1e-9 || k == "lpips_diversity" && v >= 0.0,
+                "{k} = {v}"
+            );
+        }
+    }
+    // The adapter (trained hard) must actually change the images.
+    let a = image::open(out.join("vanilla/p000-s0.png"))
+        .unwrap()
+        .to_rgb8();
+    let b = image::open(out.join("style/p000-s0.png"))
+        .unwrap()
+        .to_rgb8();
+    assert_ne!(
+        a.as_raw(),
+        b.as_raw(),
+        "the adapter did not change the image"
+    );
+    // Re-scoring the folder gives the same numbers.
+    let again = dir.join("again");
+    let o = kstyle(&[
+        "eval",
+        "--images",
+        out.to_str().unwrap(),
+        "--clip",
+        clip.to_str().unwrap(),
+        "--lpips",
+        lpips.to_str().unwrap(),
+        "--out",
+        again.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(
+        std::fs::read_to_string(again.join("table.md")).unwrap(),
+        table
+    );
+}
