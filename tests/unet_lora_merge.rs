@@ -1,5 +1,6 @@
 //! kohya LoRA files merged into the UNet's frozen weights: conv and linear targets, sgm and
-//! diffusers spellings, multipliers, a missing alpha, text-encoder keys left alone, and unknown
+//! diffusers spellings, multipliers, a missing alpha, text-encoder parts merged into their own
+//! encoders, and unknown
 //! UNet modules refused.
 
 use kstyle::formats::diffusers::DiffusersFolder;
@@ -170,4 +171,85 @@ fn conv_and_linear_loras_merge_with_their_multipliers() {
         .expect_err("unknown module");
     assert!(err.to_string().contains("input_blocks_99"), "{err}");
     std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// The `lora_te1_` / `lora_te2_` parts of a kohya file merge into the text encoders: W' = W +
+/// m (alpha / r) up @ down, checked in f64, and each encoder ignores the other's keys.
+#[test]
+fn text_encoder_parts_merge_into_their_encoders() {
+    use kstyle::formats::kohya::Component;
+    use kstyle::models::unet::lora_merge::{merge_kohya_text_encoder, KohyaLoraFile};
+    let folder = DiffusersFolder::open(tiny("sdxl")).unwrap();
+    let load = |name: &str| -> BTreeMap<String, Tensor> {
+        let comp = folder.component(name, None).unwrap();
+        let map = comp.tensors().unwrap();
+        map.iter()
+            .map(|(k, r)| (k.clone(), tensor_from_raw(r, &comp.dir, k).unwrap()))
+            .collect()
+    };
+    let (te1, te2) = (load("text_encoder"), load("text_encoder_2"));
+    let mut rng = Rng::new(9);
+    let r = 2;
+    let mut file = Vec::new();
+    let targets = [
+        (
+            "lora_te1_text_model_encoder_layers_0_self_attn_q_proj",
+            &te1,
+            "text_model.encoder.layers.0.self_attn.q_proj.weight",
+        ),
+        (
+            "lora_te2_text_model_encoder_layers_1_mlp_fc1",
+            &te2,
+            "text_model.encoder.layers.1.mlp.fc1.weight",
+        ),
+    ];
+    let mut expected = Vec::new();
+    for (k, map, key) in targets {
+        let (dout, din) = map[key].dims2().unwrap();
+        let down =
+            Tensor::randn((r, din), &mut rng, kstyle::DType::F32, kstyle::Device::Cpu).unwrap();
+        let up =
+            Tensor::randn((dout, r), &mut rng, kstyle::DType::F32, kstyle::Device::Cpu).unwrap();
+        let alpha = 1.0;
+        let delta = up
+            .to_dtype(kstyle::DType::F64)
+            .unwrap()
+            .matmul(&down.to_dtype(kstyle::DType::F64).unwrap())
+            .unwrap()
+            .scale(0.5 * alpha / r as f64)
+            .unwrap();
+        expected.push((
+            key,
+            map[key]
+                .to_dtype(kstyle::DType::F64)
+                .unwrap()
+                .add(&delta)
+                .unwrap(),
+        ));
+        file.push((format!("{k}.lora_down.weight"), down));
+        file.push((format!("{k}.lora_up.weight"), up));
+        file.push((
+            format!("{k}.alpha"),
+            Tensor::scalar(alpha, kstyle::DType::F32, kstyle::Device::Cpu).unwrap(),
+        ));
+    }
+    let path =
+        std::env::temp_dir().join(format!("kstyle-te-lora-{}.safetensors", std::process::id()));
+    kstyle::tensor::save_safetensors(&path, &file, None).unwrap();
+    let lora = KohyaLoraFile::new(&path, 0.5);
+    for (component, mut map, (key, want)) in [
+        (Component::TextEncoder, te1.clone(), &expected[0]),
+        (Component::TextEncoder2, te2.clone(), &expected[1]),
+    ] {
+        let merged = merge_kohya_text_encoder(&mut map, component, &lora).unwrap();
+        assert_eq!(merged.len(), 1, "{component:?} merged {merged:?}");
+        let got = map[*key].to_vec_f64().unwrap();
+        let want = want.to_vec_f64().unwrap();
+        let err = got
+            .iter()
+            .zip(&want)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0, f64::max);
+        assert!(err < 1e-12, "{key}: max error {err}");
+    }
 }

@@ -3,17 +3,20 @@
 //! on its own, so the trainer can keep only the UNet resident.
 
 use crate::formats::diffusers::{DiffusersFolder, ModelIndex};
+use crate::formats::kohya::Component;
 use crate::formats::single_file::{self, SplitCheckpoint, VaeLayout};
-use crate::formats::MappedFile;
+use crate::formats::{MappedFile, TensorMap};
 use crate::models::clip::config::ClipTextConfig;
 use crate::models::clip::text::ClipTextModel;
 use crate::models::clip::tokenizer::ClipTokenizer;
-use crate::models::unet::lora_merge::KohyaLoraFile;
+use crate::models::unet::lora_merge::{merge_kohya_text_encoder, KohyaLoraFile};
 use crate::models::unet::{UNet2DConditionModel, UNetConfig};
 use crate::models::vae::{config::VaeConfig, AutoencoderKL};
+use crate::nn::weights::tensor_from_raw;
 use crate::nn::Weights;
 use crate::sample::SchedulerConfig;
 use crate::{DType, Device, Error, Result};
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 #[derive(Clone, Debug)]
@@ -118,34 +121,93 @@ impl ModelFiles {
         Ok(vae)
     }
 
-    /// (text_encoder, text_encoder_2).
+    /// (text_encoder, text_encoder_2), with the `lora_te1_` / `lora_te2_` parts of kohya files
+    /// merged into their weights.
     pub fn text_encoders(
         &self,
+        kohya: &[KohyaLoraFile],
         dtype: DType,
         device: Device,
     ) -> Result<(ClipTextModel, ClipTextModel)> {
+        let te1_cfg = ClipTextConfig::from_json(&self.component_config("text_encoder")?)?;
+        let te2_cfg = ClipTextConfig::from_json(&self.component_config("text_encoder_2")?)?;
+        let build = |name: &str,
+                     component: Component,
+                     map: &TensorMap<'_>,
+                     origin: PathBuf,
+                     cfg: &ClipTextConfig,
+                     projection: bool| {
+            let mut tensors = map
+                .iter()
+                .map(|(k, r)| Ok((k.clone(), tensor_from_raw(r, &origin, k)?)))
+                .collect::<Result<BTreeMap<_, _>>>()?;
+            for l in kohya {
+                merge_kohya_text_encoder(&mut tensors, component, l)?;
+            }
+            let vb = Weights::from_map(tensors, origin, dtype, device);
+            let model = if projection {
+                ClipTextModel::load_with_projection(&vb, cfg)?
+            } else {
+                ClipTextModel::load(&vb, cfg)?
+            };
+            vb.ensure_all_used(|_| false)
+                .map_err(|e| Error::Config(format!("{name}: {e}")))?;
+            Ok::<_, Error>(model)
+        };
         if !self.single_file {
             let folder = DiffusersFolder::open(&self.model)?;
-            return Ok((
-                ClipTextModel::from_diffusers(&folder, "text_encoder", dtype, device)?,
-                ClipTextModel::from_diffusers(&folder, "text_encoder_2", dtype, device)?,
-            ));
+            let projection = |name: &str| -> Result<bool> {
+                match folder.index.components.get(name).map(|(_, c)| c.as_str()) {
+                    Some("CLIPTextModelWithProjection") => Ok(true),
+                    Some("CLIPTextModel") => Ok(false),
+                    other => Err(Error::Config(format!(
+                        "component `{name}` is a {other:?}, not a CLIP text model"
+                    ))),
+                }
+            };
+            let c1 = folder.component("text_encoder", None)?;
+            let te1 = build(
+                "text_encoder",
+                Component::TextEncoder,
+                &c1.tensors()?,
+                c1.dir.clone(),
+                &te1_cfg,
+                projection("text_encoder")?,
+            )?;
+            let c2 = folder.component("text_encoder_2", None)?;
+            let te2 = build(
+                "text_encoder_2",
+                Component::TextEncoder2,
+                &c2.tensors()?,
+                c2.dir.clone(),
+                &te2_cfg,
+                projection("text_encoder_2")?,
+            )?;
+            return Ok((te1, te2));
         }
-        let te1_cfg = ClipTextConfig::from_json(&load_json(
-            &self.config_dir.join("text_encoder/config.json"),
-        )?)?;
-        let te2_cfg = ClipTextConfig::from_json(&load_json(
-            &self.config_dir.join("text_encoder_2/config.json"),
-        )?)?;
         let file = MappedFile::open(&self.model)?;
         let split = self.split(&file)?;
-        let vb1 = Weights::from_raw(&split.text_encoder, self.model.clone(), dtype, device)?;
-        let te1 = ClipTextModel::load(&vb1, &te1_cfg)?;
-        vb1.ensure_all_used(|_| false)?;
-        let vb2 = Weights::from_raw(&split.text_encoder_2, self.model.clone(), dtype, device)?;
-        let te2 = ClipTextModel::load_with_projection(&vb2, &te2_cfg)?;
-        vb2.ensure_all_used(|_| false)?;
+        let te1 = build(
+            "text_encoder",
+            Component::TextEncoder,
+            &split.text_encoder,
+            self.model.clone(),
+            &te1_cfg,
+            false,
+        )?;
+        let te2 = build(
+            "text_encoder_2",
+            Component::TextEncoder2,
+            &split.text_encoder_2,
+            self.model.clone(),
+            &te2_cfg,
+            true,
+        )?;
         Ok((te1, te2))
+    }
+
+    fn component_config(&self, name: &str) -> Result<serde_json::Value> {
+        load_json(&self.config_dir.join(name).join("config.json"))
     }
 
     pub fn tokenizers(&self) -> Result<(ClipTokenizer, ClipTokenizer)> {

@@ -84,7 +84,8 @@ impl SdxlPipeline {
             }
         }
         let files = ModelFiles::resolve(&opts.model, opts.config.as_deref())?;
-        let (text_encoder, text_encoder_2) = files.text_encoders(opts.dtype, opts.device)?;
+        let (text_encoder, text_encoder_2) =
+            files.text_encoders(&kohya, opts.dtype, opts.device)?;
         let (tokenizer, tokenizer_2) = files.tokenizers()?;
         let mut pipe = SdxlPipeline {
             tokenizer,

@@ -160,7 +160,7 @@ fn prepare_examples(
     let mut encode_text = |caption: &str| -> Result<BTreeMap<String, Tensor>> {
         cache.get_or_insert(&TensorCache::key(&["text", caption, &model_id]), || {
             if text.is_none() {
-                let (te1, te2) = files.text_encoders(DType::F32, cfg.device)?;
+                let (te1, te2) = files.text_encoders(&[], DType::F32, cfg.device)?;
                 text = Some((te1, te2, files.tokenizers()?));
             }
             let (te1, te2, (tok1, tok2)) = text.as_ref().expect("just loaded");

@@ -62,11 +62,25 @@ pub fn merge_kohya(
         not_unet,
         ..MergeReport::default()
     };
-    for entry in parsed
-        .entries
-        .iter()
-        .filter(|e| e.component == Component::Unet)
-    {
+    report.merged = apply(
+        tensors,
+        parsed
+            .entries
+            .iter()
+            .filter(|e| e.component == Component::Unet),
+        lora,
+    )?;
+    Ok(report)
+}
+
+/// Adds every entry's `m * (alpha / r) * up @ down` to its `<module>.weight` in f64.
+fn apply<'a, 'b: 'a>(
+    tensors: &mut BTreeMap<String, Tensor>,
+    entries: impl Iterator<Item = &'a formats::kohya::LoraEntry<'b>>,
+    lora: &KohyaLoraFile,
+) -> Result<Vec<String>> {
+    let mut merged_modules = Vec::new();
+    for entry in entries {
         let key = format!("{}.weight", entry.module);
         let w = tensors.get(&key).ok_or_else(|| Error::MissingKey {
             path: lora.path.clone(),
@@ -87,7 +101,38 @@ pub fn merge_kohya(
         }
         let t = Tensor::from_vec(merged, w.dims().to_vec(), Device::Cpu)?;
         tensors.insert(key, t);
-        report.merged.push(entry.module.clone());
+        merged_modules.push(entry.module.clone());
     }
-    Ok(report)
+    Ok(merged_modules)
+}
+
+/// Merges the `lora_te1_` (or `lora_te2_`) part of a kohya file into a text encoder's tensors
+/// (canonical `text_model.` keys); the file's other parts are left to their own loaders.
+/// Returns the merged module paths.
+pub fn merge_kohya_text_encoder(
+    tensors: &mut BTreeMap<String, Tensor>,
+    component: Component,
+    lora: &KohyaLoraFile,
+) -> Result<Vec<String>> {
+    let context = lora.path.display().to_string();
+    let index = ModuleIndex::text_encoder(
+        component,
+        tensors.iter().map(|(k, t)| (k.as_str(), t.dims())),
+    );
+    let model = KohyaModel::new(vec![index]);
+    let file = MappedFile::open(&lora.path)?;
+    let parsed = model.parse(file.tensors()?, &context)?;
+    let bad: Vec<String> = parsed
+        .unknown
+        .into_iter()
+        .filter(|k| k.starts_with(component.kohya_prefix()))
+        .collect();
+    if !bad.is_empty() {
+        return Err(formats::Error::UnexpectedKeys { context, keys: bad }.into());
+    }
+    apply(
+        tensors,
+        parsed.entries.iter().filter(|e| e.component == component),
+        lora,
+    )
 }
