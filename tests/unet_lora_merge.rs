@@ -1,7 +1,6 @@
 //! kohya LoRA files merged into the UNet's frozen weights: conv and linear targets, sgm and
 //! diffusers spellings, multipliers, a missing alpha, text-encoder parts merged into their own
-//! encoders, and unknown
-//! UNet modules refused.
+//! encoders, and unknown UNet modules refused.
 
 use kstyle::formats::diffusers::DiffusersFolder;
 use kstyle::models::unet::UNetConfig;

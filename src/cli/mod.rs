@@ -1,6 +1,7 @@
 //! One file per subcommand.
 
 mod bench;
+mod demo;
 mod eval;
 mod export;
 mod generate;
@@ -25,6 +26,8 @@ pub struct Cli {
 
 #[derive(Subcommand, Debug)]
 pub enum Command {
+    /// The whole job on the tiny models in this repository: verify, train, generate, evaluate.
+    Demo(demo::Args),
     /// Text to image with an SDXL checkpoint and optional LoRA / kstyle adapter files.
     Generate(generate::Args),
     /// Train a K-StyleLoRA adapter (or a baseline) on a folder of captioned images.
@@ -60,6 +63,7 @@ impl DeviceArg {
 
 pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
+        Command::Demo(a) => demo::run(a),
         Command::Generate(a) => generate::run(a),
         Command::Train(a) => train::run(*a),
         Command::Export(a) => export::run(a),

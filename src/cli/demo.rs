@@ -1,0 +1,163 @@
+//! `kstyle demo`: the whole job on the tiny models that ship with the repository (or any
+//! fixtures folder of that layout): verify against the PyTorch references, train a K-StyleLoRA
+//! adapter on a small generated dataset, generate with and without it, and score both.
+
+use super::DeviceArg;
+use kstyle::backend::cpu::optim::AdamW;
+use kstyle::eval::prompts::parse;
+use kstyle::eval::report::markdown_table;
+use kstyle::eval::runner::{run_eval, EvalConfig, GenerateSettings};
+use kstyle::formats::adapter::Method;
+use kstyle::models::unet::CheckpointPolicy;
+use kstyle::nn::lora::LoraConfig;
+use kstyle::train::concepts::default_concepts;
+use kstyle::train::data::CaptionSource;
+use kstyle::train::optim::LrSchedule;
+use kstyle::train::trainer::{TrainConfig, Trainer};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    /// A fixtures folder (models + reference/); default: the tiny models in this repository.
+    #[arg(long, default_value = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/tiny"))]
+    pub fixtures: PathBuf,
+    #[arg(long, default_value = "kstyle-demo")]
+    pub out: PathBuf,
+    #[arg(long, default_value_t = 8)]
+    pub steps: u64,
+    #[arg(long, value_enum, default_value = "cpu")]
+    pub device: DeviceArg,
+}
+
+/// A handful of striped and checked images with captions: enough to move an adapter.
+fn make_dataset(dir: &Path) -> anyhow::Result<()> {
+    std::fs::create_dir_all(dir)?;
+    let palettes = [
+        ([180u8, 40, 40], [30, 90, 60]),
+        ([40, 60, 160], [220, 200, 120]),
+        ([200, 120, 30], [60, 30, 90]),
+        ([20, 120, 140], [240, 230, 220]),
+    ];
+    for (i, (a, b)) in palettes.iter().enumerate() {
+        let img = image::RgbImage::from_fn(96, 96, |x, y| {
+            if ((x / (6 + 2 * i as u32)) + (y / 8)) % 2 == 0 {
+                image::Rgb(*a)
+            } else {
+                image::Rgb(*b)
+            }
+        });
+        let path = dir.join(format!("pattern{i}.png"));
+        img.save(&path)?;
+        std::fs::write(
+            path.with_extension("txt"),
+            format!("a {{trigger}} pattern, dancheong colours, variation {i}"),
+        )?;
+    }
+    Ok(())
+}
+
+pub fn run(a: Args) -> anyhow::Result<ExitCode> {
+    let fx = &a.fixtures;
+    let device = a.device.device();
+    println!(
+        "== 1. verify {} against the PyTorch references",
+        fx.display()
+    );
+    let report = kstyle::verify::run(fx, device, None)?;
+    println!("{} passed, {} failed", report.passed(), report.failed());
+    if !report.ok() {
+        anyhow::bail!(
+            "verification failed: run `kstyle verify {}` for the rows",
+            fx.display()
+        );
+    }
+    println!("== 2. train a K-StyleLoRA adapter ({} steps)", a.steps);
+    let data = a.out.join("data");
+    make_dataset(&data)?;
+    let adapter = a.out.join("kstyle.safetensors");
+    let cfg = TrainConfig {
+        model: fx.join("sdxl"),
+        config_dir: None,
+        data,
+        out: adapter.clone(),
+        method: Method::Kstyle,
+        clip: Some(fx.join("clip")),
+        concepts: default_concepts(),
+        lora: LoraConfig::default(),
+        targets: ["to_q", "to_k", "to_v", "to_out.0"]
+            .map(String::from)
+            .to_vec(),
+        lambda: 0.1,
+        cultural_pool: None,
+        adamw: AdamW {
+            lr: 1e-2,
+            ..AdamW::default()
+        },
+        schedule: LrSchedule::Constant,
+        grad_accum: 2,
+        epochs: 1,
+        max_steps: Some(a.steps),
+        resolution: 64,
+        buckets: false,
+        seed: 0,
+        save_every: None,
+        resume: None,
+        sample_every: None,
+        sample_prompt: None,
+        sample_steps: 4,
+        captions: CaptionSource {
+            template: None,
+            trigger: "[v]".into(),
+        },
+        checkpointing: CheckpointPolicy::EveryBlock,
+        cache_dir: None,
+        device,
+    };
+    let mut trainer = Trainer::new(cfg, &mut |m| println!("{m}"))?;
+    trainer.run(|s| {
+        println!(
+            "step {:>3}  loss {:.4}  diffusion {:.4}  cultural {:.4}",
+            s.step,
+            s.loss,
+            s.diffusion,
+            s.cultural.unwrap_or(f64::NAN)
+        )
+    })?;
+    println!(
+        "adapter: {}  (loss plot: {})",
+        adapter.display(),
+        trainer.outputs.plot.display()
+    );
+    println!("== 3. generate with and without it, and score (CSS, CLIP score, LPIPS diversity)");
+    let prompts = parse(
+        "architecture\texplicit\ta {trigger} palace gate\narchitecture\tgeneric\ta palace gate\nart\texplicit\ta {trigger} pattern\nart\tgeneric\ta pattern\n",
+        "[v]",
+        Path::new("<demo prompts>"),
+    )?;
+    let eval = EvalConfig {
+        clip: fx.join("clip"),
+        lpips: fx.join("reference/lpips_alex.safetensors"),
+        concepts: default_concepts(),
+        prompts,
+        seeds: vec![0, 1],
+        out: a.out.join("eval"),
+        device,
+        generate: Some(GenerateSettings {
+            model: fx.join("sdxl"),
+            config: None,
+            adapters: vec![adapter],
+            steps: 8,
+            guidance: 5.0,
+            size: 64,
+        }),
+    };
+    let results = run_eval(&eval, None, &mut |_| {})?;
+    print!("{}", markdown_table(&results));
+    println!(
+        "images, table.md, results.json and grid.png in {}",
+        eval.out.display()
+    );
+    println!("(the tiny models have random weights: the numbers exercise the pipeline, they do not measure style)");
+    Ok(ExitCode::SUCCESS)
+}
