@@ -1,24 +1,13 @@
 //! `kstyle eval` end to end on the tiny models: generation for the vanilla model and an adapter,
 //! the table, the JSON and the grid; then `--images` re-scores the same folder identically.
 
-use std::path::{Path, PathBuf};
-use std::process::Command;
+mod common;
+use common::{kstyle, tiny, tmp};
 
-fn tiny() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny")
-}
-
-fn kstyle(args: &[&str]) -> std::process::Output {
-    Command::new(env!("CARGO_BIN_EXE_kstyle"))
-        .args(args)
-        .output()
-        .expect("run kstyle")
-}
 
 #[test]
 fn eval_writes_table_json_and_grid_and_rescoring_agrees() {
-    let dir = std::env::temp_dir().join(format!("kstyle-eval-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
+    let dir = tmp("eval");
     let data = dir.join("data");
     std::fs::create_dir_all(&data).unwrap();
     for (i, name) in ["a.png", "b.png"].iter().enumerate() {

@@ -1,25 +1,8 @@
 //! `kstyle generate` and `kstyle verify` through the real binary on the tiny model.
 
-use std::path::{Path, PathBuf};
-use std::process::Command;
+mod common;
+use common::{kstyle, tiny, tmp};
 
-fn tiny() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny")
-}
-
-fn kstyle(args: &[&str]) -> std::process::Output {
-    Command::new(env!("CARGO_BIN_EXE_kstyle"))
-        .args(args)
-        .output()
-        .expect("run kstyle")
-}
-
-fn tmp(tag: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("kstyle-cli-{tag}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
-}
 
 #[test]
 fn generate_reproduces_the_reference_png_within_one_level() {

@@ -1,24 +1,15 @@
 //! `kstyle train` and `kstyle export` through the real binary on the tiny model: the four
 //! methods, exact resume, export round trips and clean failures on bad input.
 
+mod common;
+use common::{kstyle, tiny, tmp};
+
 use kstyle::formats::adapter::Adapter;
 use kstyle::models::unet::{KohyaLoraFile, UNet2DConditionModel};
 use kstyle::sample::pipeline::unet_module_index;
 use kstyle::tensor::{Rng, SafeTensorsFile};
 use kstyle::{DType, Device, Tensor};
 use std::path::{Path, PathBuf};
-use std::process::Command;
-
-fn tiny() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny")
-}
-
-fn tmp(tag: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("kstyle-train-{tag}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
-}
 
 /// Three small images of different shapes; two with captions, one captioned by the template.
 fn dataset(dir: &Path) -> PathBuf {
@@ -39,13 +30,6 @@ fn dataset(dir: &Path) -> PathBuf {
         }
     }
     data
-}
-
-fn kstyle(args: &[&str]) -> std::process::Output {
-    Command::new(env!("CARGO_BIN_EXE_kstyle"))
-        .args(args)
-        .output()
-        .expect("run kstyle")
 }
 
 fn train(data: &Path, out: &Path, method: &str, extra: &[&str]) -> std::process::Output {
