@@ -4,7 +4,6 @@
 mod common;
 use common::{kstyle, tiny, tmp};
 
-
 #[test]
 fn eval_writes_table_json_and_grid_and_rescoring_agrees() {
     let dir = tmp("eval");

@@ -3,7 +3,6 @@
 mod common;
 use common::{kstyle, tiny, tmp};
 
-
 #[test]
 fn generate_reproduces_the_reference_png_within_one_level() {
     let dir = tmp("gen");
@@ -112,6 +111,31 @@ fn bad_inputs_fail_cleanly_naming_the_culprit() {
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(
         err.contains("cut.safetensors") && !err.contains("panicked"),
+        "{err}"
+    );
+    // A safetensors file that is not a LoRA, passed as one.
+    let model = tiny().join("sdxl");
+    let not_lora = tiny().join("reference/unet.safetensors");
+    let o = kstyle(&[
+        "generate",
+        "--model",
+        model.to_str().unwrap(),
+        "--prompt",
+        "x",
+        "--width",
+        "64",
+        "--height",
+        "64",
+        "--steps",
+        "1",
+        "--lora",
+        not_lora.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success() && err.contains("not a kohya LoRA file"),
         "{err}"
     );
     // Latents of the wrong shape.

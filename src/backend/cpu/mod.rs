@@ -157,13 +157,6 @@ impl CpuStorage {
     }
 }
 
-impl FloatData<'_> {
-    /// The float dtype a result computed from this data comes back in, given the input dtype.
-    pub fn finish_f32(v: Vec<f32>, want: DType) -> CpuStorage {
-        CpuStorage::from_f32(v, want)
-    }
-}
-
 /// Run a generic kernel `$f::<T>(&[T], ...) -> Vec<T>` on one float input and return storage of
 /// the input's dtype.
 #[macro_export]

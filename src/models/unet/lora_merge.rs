@@ -58,6 +58,19 @@ pub fn merge_kohya(
     if !bad.is_empty() {
         return Err(formats::Error::UnexpectedKeys { context, keys: bad }.into());
     }
+    // Keys of no known LoRA prefix at all: not a kohya LoRA file (a checkpoint passed by mistake).
+    let foreign: Vec<String> = not_unet
+        .iter()
+        .filter(|k| !k.starts_with("lora_te"))
+        .cloned()
+        .collect();
+    if !foreign.is_empty() {
+        return Err(formats::Error::UnexpectedKeys {
+            context: format!("{context} (not a kohya LoRA file)"),
+            keys: foreign,
+        }
+        .into());
+    }
     let mut report = MergeReport {
         not_unet,
         ..MergeReport::default()
