@@ -256,3 +256,69 @@ fn gated_layer_and_cultural_loss_match_the_reference() {
         );
     }
 }
+
+/// The fused layer path (one-pass gated update and pooling) against the composition of
+/// primitives it replaces: values and every gradient, f64, to rounding.
+#[test]
+fn fused_lora_path_matches_the_composition() {
+    let mut rng = Rng::new(21);
+    let f64n = |shape: &[usize], rng: &mut Rng| {
+        Tensor::randn(shape.to_vec(), rng, DType::F64, Device::Cpu).unwrap()
+    };
+    let concepts = f64n(&[4, 6], &mut rng).normalize_l2(1, 1e-12).unwrap();
+    for gated in [true, false] {
+        let cfg = LoraConfig {
+            rank: 3,
+            alpha: 3.0,
+            guidance: 1.5,
+            gate_hidden: 5,
+            mod_hidden: 4,
+        };
+        let mut ad = LoraAdapter::init(
+            7,
+            9,
+            cfg,
+            gated.then_some(&concepts),
+            &mut rng,
+            DType::F64,
+            Device::Cpu,
+        )
+        .unwrap();
+        ad.assign(|_, shape| {
+            f64n(shape, &mut Rng::new(shape.iter().product::<usize>() as u64)).scale(0.4)
+        })
+        .unwrap();
+        let h = f64n(&[2, 5, 7], &mut rng).var().unwrap();
+        let up = f64n(&[2, 5, 9], &mut rng);
+        let run = |fused: bool| {
+            let y = if fused {
+                ad.delta(&h).unwrap()
+            } else {
+                ad.delta_composed(&h).unwrap()
+            };
+            let g = y.mul(&up).unwrap().sum_all().unwrap().backward().unwrap();
+            let mut out = vec![
+                y.to_vec_f64().unwrap(),
+                g.get(&h).unwrap().to_vec_f64().unwrap(),
+            ];
+            for (_, t) in ad.named() {
+                out.push(g.get(&t).unwrap().to_vec_f64().unwrap());
+            }
+            out
+        };
+        let (fused, composed) = (run(true), run(false));
+        for (i, (a, b)) in fused.iter().zip(&composed).enumerate() {
+            let err = a
+                .iter()
+                .zip(b)
+                .map(|(x, y)| (x - y).abs())
+                .fold(0.0, f64::max);
+            let scale = b.iter().map(|y| y.abs()).fold(1e-300, f64::max);
+            // d_A and d_B come out of the fused backward as f32 (they feed the AdamW masters).
+            assert!(
+                err <= 1e-6 * scale,
+                "gated={gated} tensor {i}: max error {err} (scale {scale})"
+            );
+        }
+    }
+}

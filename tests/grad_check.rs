@@ -263,3 +263,38 @@ fn checkpointed_segment() {
         checkpoint(&[v[0].clone()], move |i| i[0].linear(&w, None)?.silu())
     });
 }
+
+#[test]
+fn fused_gated_lora_update_and_spatial_pool() {
+    use kstyle::tensor::LoraGates;
+    let (h, a, b) = (
+        randn(&[2, 5, 4], 40),
+        randn(&[3, 4], 41),
+        randn(&[6, 3], 42),
+    );
+    let (wd, wu, al) = (
+        randn(&[2, 3], 43).sigmoid().unwrap(),
+        randn(&[2, 3], 44).sigmoid().unwrap(),
+        randn(&[2, 1], 45).sigmoid().unwrap(),
+    );
+    let base = randn(&[2, 5, 6], 46);
+    check(
+        "lora_update gated",
+        &[h.clone(), a.clone(), b.clone(), wd, wu, al, base],
+        |v| {
+            let g = LoraGates {
+                w_down: v[3].clone(),
+                w_up: v[4].clone(),
+                a: v[5].clone(),
+            };
+            Tensor::lora_update(&v[0], &v[1], &v[2], Some(&g), Some(&v[6]), 0.75)
+        },
+    );
+    check("lora_update plain", &[h.clone(), a, b], |v| {
+        Tensor::lora_update(&v[0], &v[1], &v[2], None, None, 1.5)
+    });
+    // Distinct values per channel keep the max away from ties under the perturbation.
+    check("spatial_pool", &[h, randn(&[2, 5], 47)], |v| {
+        Tensor::spatial_pool(&v[0], &v[1])
+    });
+}

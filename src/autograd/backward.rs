@@ -3,9 +3,10 @@
 
 use super::Op;
 use crate::backend::cpu::elementwise::BinaryOp;
-use crate::backend::{ops, Storage};
+use crate::backend::ops::{self, GateArgs};
+use crate::backend::Storage;
 use crate::tensor::{Shape, Tensor, TensorId};
-use crate::Result;
+use crate::{Error, Result};
 
 fn wrap(s: Storage, shape: &Shape) -> Tensor {
     Tensor::from_storage(s, shape.clone(), None)
@@ -211,6 +212,76 @@ pub(super) fn input_grads(node: &Tensor, op: &Op, g: &Tensor) -> Result<Vec<(Ten
         Op::ToDtype(x) => out.push(x, || g.to_dtype(x.dtype()))?,
         Op::Copy(x) => out.push(x, || Ok(g.clone()))?,
         Op::Checkpoint(seg) => return seg.backward(g),
+        Op::LoraUpdate {
+            h,
+            a,
+            b,
+            gates,
+            base,
+            geom,
+        } => {
+            let gated = gates
+                .as_ref()
+                .is_some_and(|g| g.w_down.tracks() || g.w_up.tracks() || g.a.tracks());
+            if h.tracks() || a.tracks() || b.tracks() || gated {
+                let (hs, as_, bs, gs) = (h.storage(), a.storage(), b.storage(), g.storage());
+                let gst = gates
+                    .as_ref()
+                    .map(|x| (x.w_down.storage(), x.w_up.storage(), x.a.storage()));
+                let gate_args = match (&gst, gates) {
+                    (Some((d, u, al)), Some(x)) => GateArgs {
+                        w_down: Some((&**d, x.w_down.layout())),
+                        w_up: Some((&**u, x.w_up.layout())),
+                        a: Some((&**al, x.a.layout())),
+                    },
+                    _ => GateArgs {
+                        w_down: None,
+                        w_up: None,
+                        a: None,
+                    },
+                };
+                let r = ops::lora_bwd(
+                    (&hs, h.layout()),
+                    (&as_, a.layout()),
+                    (&bs, b.layout()),
+                    gate_args,
+                    (&gs, g.layout()),
+                    geom,
+                )?;
+                out.push(h, || Ok(wrap(r.d_h, h.shape())))?;
+                out.push(a, || wrap(r.d_a, a.shape()).to_dtype(a.dtype()))?;
+                out.push(b, || wrap(r.d_b, b.shape()).to_dtype(b.dtype()))?;
+                if let Some(x) = gates {
+                    let take = |s: Option<Storage>, t: &Tensor| -> Result<Tensor> {
+                        let s = s.ok_or_else(|| {
+                            Error::Backward("lora_update: a gate gradient is missing".into())
+                        })?;
+                        wrap(s, &Shape::from(t.elem_count()))
+                            .reshape(t.shape().clone())?
+                            .to_dtype(t.dtype())
+                    };
+                    out.push(&x.w_down, || take(r.d_w_down, &x.w_down))?;
+                    out.push(&x.w_up, || take(r.d_w_up, &x.w_up))?;
+                    out.push(&x.a, || take(r.d_alpha, &x.a))?;
+                }
+            }
+            if let Some(base) = base {
+                out.push(base, || Ok(g.clone()))?;
+            }
+        }
+        Op::SpatialPool { h, logits } => {
+            if h.tracks() || logits.tracks() {
+                let (dh, dl) = ops::spatial_pool_bwd(
+                    (&h.storage(), h.layout()),
+                    (&logits.storage(), logits.layout()),
+                    (&g.storage(), g.layout()),
+                )?;
+                out.push(h, || Ok(wrap(dh, h.shape())))?;
+                out.push(logits, || {
+                    wrap(dl, &Shape::from(logits.elem_count())).reshape(logits.shape().clone())
+                })?;
+            }
+        }
     }
     Ok(out.0)
 }

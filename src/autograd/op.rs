@@ -4,7 +4,8 @@ use super::checkpoint::Segment;
 use crate::backend::cpu::attention::AttnGeom;
 use crate::backend::cpu::conv::ConvGeom;
 use crate::backend::cpu::elementwise::{BinaryOp, UnaryOp};
-use crate::tensor::Tensor;
+use crate::backend::cpu::lora::LoraGeom;
+use crate::tensor::{LoraGates, Tensor};
 use std::sync::Arc;
 
 pub enum Op {
@@ -59,6 +60,20 @@ pub enum Op {
     Cat(Vec<Tensor>, usize),
     ToDtype(Tensor),
     Copy(Tensor),
+    /// The fused gated low-rank update (`Tensor::lora_update`).
+    LoraUpdate {
+        h: Tensor,
+        a: Tensor,
+        b: Tensor,
+        gates: Option<LoraGates>,
+        base: Option<Tensor>,
+        geom: LoraGeom,
+    },
+    /// The fused spatial-attention pooling (`Tensor::spatial_pool`).
+    SpatialPool {
+        h: Tensor,
+        logits: Tensor,
+    },
     /// A gradient-checkpointed segment: its inside is recomputed in backward.
     Checkpoint(Arc<Segment>),
 }
@@ -89,6 +104,22 @@ impl Op {
             Op::Sdpa { q, k, v, .. } => vec![q, k, v],
             Op::Cat(xs, _) => xs.iter().collect(),
             Op::Checkpoint(seg) => seg.inputs().iter().collect(),
+            Op::LoraUpdate {
+                h,
+                a,
+                b,
+                gates,
+                base,
+                ..
+            } => {
+                let mut v = vec![h, a, b];
+                if let Some(g) = gates {
+                    v.extend([&g.w_down, &g.w_up, &g.a]);
+                }
+                v.extend(base.as_ref());
+                v
+            }
+            Op::SpatialPool { h, logits } => vec![h, logits],
         }
     }
 

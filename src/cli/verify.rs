@@ -18,24 +18,27 @@ pub struct Args {
 pub fn run(a: Args) -> anyhow::Result<ExitCode> {
     let only = (!a.cases.is_empty()).then_some(a.cases.as_slice());
     let report = kstyle::verify::run(&a.dir, a.device.device(), only)?;
-    println!(
-        "{:<20} {:<64} {:>11} {:>11}  result",
+    let mut text = format!(
+        "{:<20} {:<64} {:>11} {:>11}  result\n",
         "case", "tensor", "error", "tolerance"
     );
     for r in &report.rows {
         let verdict = if r.passed { "PASS" } else { "FAIL" };
-        println!(
-            "{:<20} {:<64} {:>11.3e} {:>11.3e}  {verdict}",
+        text += &format!(
+            "{:<20} {:<64} {:>11.3e} {:>11.3e}  {verdict}\n",
             r.case, r.tensor, r.error, r.tolerance
         );
     }
     for (case, why) in &report.failed_cases {
-        println!(
-            "{case:<20} {:<64} {:>11} {:>11}  FAIL ({why})",
+        text += &format!(
+            "{case:<20} {:<64} {:>11} {:>11}  FAIL ({why})\n",
             "(case could not run)", "-", "-"
         );
     }
-    println!("{} passed, {} failed", report.passed(), report.failed());
+    text += &format!("{} passed, {} failed\n", report.passed(), report.failed());
+    // A closed pipe (`kstyle verify DIR | head`) is the reader's choice, not an error to panic on.
+    use std::io::Write;
+    let _ = std::io::stdout().lock().write_all(text.as_bytes());
     Ok(if report.ok() {
         ExitCode::SUCCESS
     } else {

@@ -3,7 +3,7 @@
 //! (KSTYLE.md "Gated LoRA layer"; the executable definition is `kstyle_ref.py`).
 
 use super::Linear;
-use crate::tensor::Rng;
+use crate::tensor::{LoraGates, Rng};
 use crate::{DType, Device, Error, Result, Tensor};
 
 /// Weight of the attention-weighted mean against the channel max when pooling h.
@@ -96,14 +96,27 @@ pub struct GateValues {
 impl Gates {
     /// Relevance-driven gates for h (B, S, D_in) against unit concept embeddings T (K, E).
     pub fn forward(&self, h: &Tensor, concepts: &Tensor) -> Result<GateValues> {
+        let logits = self.attn_mlp.forward(h)?.squeeze(2)?; // (B, S)
+                                                            // Sigmoid weights, weighted mean (POOL_EPS) and channel max mixed by POOL_LAMBDA: one pass.
+        let h_c = Tensor::spatial_pool(h, &logits)?; // (B, D_in)
+        self.modulate(&h_c, concepts)
+    }
+
+    /// The same gates with the pooling composed from primitives: the slow reference the fused
+    /// pooling is tested against.
+    pub fn forward_composed(&self, h: &Tensor, concepts: &Tensor) -> Result<GateValues> {
         let w = self.attn_mlp.forward(h)?.sigmoid()?; // (B, S, 1)
         let weighted = h.mul(&w)?.sum(&[1])?; // (B, D_in)
         let h_att = weighted.div(&w.sum(&[1])?.add_scalar(POOL_EPS)?)?; // (B, D_in)
         let h_max = h.max(1)?; // (B, D_in)
         let h_c = h_att
             .scale(POOL_LAMBDA)?
-            .add(&h_max.scale(1.0 - POOL_LAMBDA)?)?;
-        let v = self.proj.forward(&h_c)?.normalize_l2(1, NORMALIZE_EPS)?; // (B, E)
+            .add(&h_max.scale(1.0 - POOL_LAMBDA)?)?; // (B, D_in)
+        self.modulate(&h_c, concepts)
+    }
+
+    fn modulate(&self, h_c: &Tensor, concepts: &Tensor) -> Result<GateValues> {
+        let v = self.proj.forward(h_c)?.normalize_l2(1, NORMALIZE_EPS)?; // (B, E)
         let s = v.matmul(&concepts.t()?)?; // (B, K)
         Ok(GateValues {
             down: self.down_mlp.forward(&s)?.sigmoid()?,
@@ -211,14 +224,19 @@ impl LoraAdapter {
 
     /// The update dh for input h (B, S, D_in) or (S, D_in).
     pub fn delta(&self, h: &Tensor) -> Result<Tensor> {
-        let r = self.config.rank as f64;
-        let z = h.matmul(&self.a.t()?)?; // (B, S, r)
-        let (Some(gates), Some(concepts)) = (&self.gates, &self.concepts) else {
-            return z.matmul(&self.b.t()?)?.scale(self.config.alpha / r);
-        };
+        self.apply(h, None)
+    }
+
+    /// `base + dh` in one fused pass (`base` None gives dh alone).
+    pub fn apply(&self, h: &Tensor, base: Option<&Tensor>) -> Result<Tensor> {
         if h.rank() == 2 {
-            return self.delta(&h.unsqueeze(0)?)?.squeeze(0);
+            let base3 = base.map(|b| b.unsqueeze(0)).transpose()?;
+            return self.apply(&h.unsqueeze(0)?, base3.as_ref())?.squeeze(0);
         }
+        let r = self.config.rank as f64;
+        let (Some(gates), Some(concepts)) = (&self.gates, &self.concepts) else {
+            return Tensor::lora_update(h, &self.a, &self.b, None, base, self.config.alpha / r);
+        };
         let g = gates.forward(h, concepts)?;
         if let Some(rec) = &self.recorder {
             let eff = g.down.mul(&g.up)?.mul(&g.alpha)?; // (B, r)
@@ -231,13 +249,37 @@ impl LoraAdapter {
             }
             rec.samples += b;
         }
+        let lg = LoraGates {
+            w_down: g.down,
+            w_up: g.up,
+            a: g.alpha,
+        };
+        Tensor::lora_update(
+            h,
+            &self.a,
+            &self.b,
+            Some(&lg),
+            base,
+            self.config.alpha / r * self.config.guidance,
+        ) // (B, S, D_out)
+    }
+
+    /// The update composed from primitives (matmuls and broadcasts): the slow reference the
+    /// fused path is tested against.
+    pub fn delta_composed(&self, h: &Tensor) -> Result<Tensor> {
+        let r = self.config.rank as f64;
+        let z = h.matmul(&self.a.t()?)?; // (B, S, r)
+        let (Some(gates), Some(concepts)) = (&self.gates, &self.concepts) else {
+            return z.matmul(&self.b.t()?)?.scale(self.config.alpha / r);
+        };
+        let g = gates.forward_composed(h, concepts)?;
         let mod_r = g.down.mul(&g.up)?.unsqueeze(1)?; // (B, 1, r)
         let dh = z.mul(&mod_r)?.matmul(&self.b.t()?)?; // (B, S, D_out)
-        let a = g
-            .alpha
-            .scale(self.config.alpha / r * self.config.guidance)?
-            .unsqueeze(1)?; // (B, 1, 1)
-        dh.mul(&a)
+        dh.mul(
+            &g.alpha
+                .scale(self.config.alpha / r * self.config.guidance)?
+                .unsqueeze(1)?,
+        )
     }
 
     /// The gate values alone (diagnostics, baking gates into plain LoRA weights).
@@ -324,9 +366,9 @@ impl AdaptedLinear {
     }
 
     pub fn forward(&self, h: &Tensor) -> Result<Tensor> {
-        let y = self.base.forward(h)?;
+        let y = self.base.forward(h)?; // (B, S, D_out)
         match &self.adapter {
-            Some(a) => y.add(&a.delta(h)?),
+            Some(a) => a.apply(h, Some(&y)),
             None => Ok(y),
         }
     }

@@ -2,6 +2,7 @@
 //! leads to a trainable parameter) the op that produced it.
 
 mod dtype;
+mod fused;
 mod io;
 mod ops;
 mod rng;
@@ -9,6 +10,7 @@ mod shape;
 mod view;
 
 pub use dtype::{DType, Element, Float};
+pub use fused::LoraGates;
 pub use io::{load_safetensors, save_safetensors, write_atomic, SafeTensorsFile};
 pub use ops::ConvParams;
 pub use rng::Rng;
