@@ -75,6 +75,22 @@ impl SafeTensorsFile {
         &self.metadata
     }
 
+    /// A metadata string, or an error naming the file and the key.
+    pub fn meta_str(&self, key: &str) -> Result<&str> {
+        self.metadata
+            .get(key)
+            .map(String::as_str)
+            .ok_or_else(|| Error::file(&self.path, format!("metadata `{key}` missing")))
+    }
+
+    /// A metadata number, or an error naming the file and the key.
+    pub fn meta_f64(&self, key: &str) -> Result<f64> {
+        self.meta_str(key)?
+            .trim()
+            .parse()
+            .map_err(|_| Error::file(&self.path, format!("metadata `{key}` is not a number")))
+    }
+
     /// Stored dtype and shape of a tensor.
     pub fn info(&self, name: &str) -> Option<(safetensors::Dtype, &[usize])> {
         self.entries.get(name).map(|(d, s, _)| (*d, s.as_slice()))

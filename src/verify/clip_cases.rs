@@ -28,13 +28,6 @@ fn check_ids(chk: &mut Checker, name: &str, ours: &Tensor, reference: &Tensor) -
     Ok(())
 }
 
-fn meta<'a>(f: &'a SafeTensorsFile, key: &str) -> Result<&'a str> {
-    f.metadata()
-        .get(key)
-        .map(String::as_str)
-        .ok_or_else(|| Error::file(f.path(), format!("metadata `{key}` missing")))
-}
-
 /// `reference/tokenizer_cases.json`: `{folder: [{prompt, ids}, ...]}` for tokenizer folders of
 /// `DIR/sdxl/`. One row per prompt per tokenizer.
 pub fn tokenizer(ctx: &Ctx) -> Result<Vec<Row>> {
@@ -115,13 +108,13 @@ pub fn clip(ctx: &Ctx) -> Result<Vec<Row>> {
     let f = SafeTensorsFile::open(ctx.reference("clip.safetensors"))?;
     let dir = ctx.dir.join("clip");
     let mut chk = Checker::new("clip");
-    let concepts: Vec<String> = serde_json::from_str(meta(&f, "concepts")?).map_err(|e| {
+    let concepts: Vec<String> = serde_json::from_str(f.meta_str("concepts")?).map_err(|e| {
         Error::file(
             f.path(),
             format!("metadata `concepts` is not a JSON list: {e}"),
         )
     })?;
-    let images: Vec<&str> = meta(&f, "images")?.split(',').map(str::trim).collect();
+    let images: Vec<&str> = f.meta_str("images")?.split(',').map(str::trim).collect();
     let tok = ClipTokenizer::from_folder(&dir)?;
     let model = ClipModel::from_folder(&dir, DType::F32, ctx.device)?;
     let pre = ClipPreprocess::from_config(dir.join("preprocessor_config.json"))?;
@@ -173,7 +166,7 @@ pub fn clip(ctx: &Ctx) -> Result<Vec<Row>> {
     let pipe = ctx.reference("pipeline.safetensors");
     if pipe.exists() {
         let pf = SafeTensorsFile::open(&pipe)?;
-        let prompt = meta(&pf, "prompt")?;
+        let prompt = pf.meta_str("prompt")?;
         let (n, _) = prompt_ids.dims2()?;
         let ours = token_ids(&tok.encode_batch(&vec![prompt; n])?, ctx.device)?;
         check_ids(&mut chk, "prompt_ids", &ours, &prompt_ids)?;

@@ -7,18 +7,6 @@ use crate::tensor::SafeTensorsFile;
 use crate::train::cultural::CulturalLoss;
 use crate::{DType, Error, Result, Tensor};
 
-fn meta_f64(f: &SafeTensorsFile, key: &str) -> Result<f64> {
-    f.metadata()
-        .get(key)
-        .and_then(|v| v.parse::<f64>().ok())
-        .ok_or_else(|| {
-            Error::file(
-                f.path(),
-                format!("metadata `{key}` missing or not a number"),
-            )
-        })
-}
-
 fn load(f: &SafeTensorsFile, name: &str, ctx: &Ctx) -> Result<Tensor> {
     f.tensor(name)?.to_dtype(DType::F32)?.to_device(ctx.device)
 }
@@ -53,10 +41,10 @@ pub fn gated_lora_layer(ctx: &Ctx) -> Result<Vec<Row>> {
         let a = load(&f, &p("lora_A"), ctx)?;
         let config = LoraConfig {
             rank: a.dims()[0],
-            alpha: meta_f64(&f, "alpha")?,
-            guidance: meta_f64(&f, "guidance")?,
-            gate_hidden: meta_f64(&f, "gate_hidden")? as usize,
-            mod_hidden: meta_f64(&f, "mod_hidden")? as usize,
+            alpha: f.meta_f64("alpha")?,
+            guidance: f.meta_f64("guidance")?,
+            gate_hidden: f.meta_f64("gate_hidden")? as usize,
+            mod_hidden: f.meta_f64("mod_hidden")? as usize,
         };
         let gates = if tag == "gated" {
             Some(Gates {
@@ -144,7 +132,7 @@ pub fn cultural_loss(ctx: &Ctx) -> Result<Vec<Row>> {
     let z = load(&f, "z", ctx)?.var()?;
     let (_, c, _, _) = z.dims4()?;
     let proj = linear(&f, "proj", ctx)?;
-    let pool = meta_f64(&f, "pool")? as usize;
+    let pool = f.meta_f64("pool")? as usize;
     if proj.in_features() != c * pool * pool {
         return Err(Error::file(
             f.path(),
@@ -159,7 +147,7 @@ pub fn cultural_loss(ctx: &Ctx) -> Result<Vec<Row>> {
         proj,
         pool,
         concepts: load(&f, "concepts", ctx)?,
-        tau: meta_f64(&f, "tau")?,
+        tau: f.meta_f64("tau")?,
     };
     let loss = loss_fn.forward(&z)?;
     chk.check("loss", &loss, &f.tensor("loss")?, ctx.forward)?;

@@ -6,21 +6,12 @@ use crate::sample::pipeline::{LoadOptions, Request, SamplerKind, SdxlPipeline};
 use crate::sample::{EulerDiscrete, Sampler};
 use crate::tensor::SafeTensorsFile;
 use crate::tolerance::Tolerance;
-use crate::{DType, Error, Result, Tensor};
+use crate::{DType, Result, Tensor};
 
 pub fn pipeline(ctx: &Ctx) -> Result<Vec<Row>> {
     let f = SafeTensorsFile::open(ctx.reference("pipeline.safetensors"))?;
-    let meta = f.metadata();
-    let text = |k: &str| {
-        meta.get(k)
-            .cloned()
-            .ok_or_else(|| Error::file(f.path(), format!("metadata `{k}` missing")))
-    };
-    let num = |k: &str| -> Result<f64> {
-        text(k)?
-            .parse()
-            .map_err(|_| Error::file(f.path(), format!("metadata `{k}` is not a number")))
-    };
+    let text = |k: &str| f.meta_str(k).map(String::from);
+    let num = |k: &str| f.meta_f64(k);
     let negative = text("negative_prompt")?;
     let req = Request {
         prompt: text("prompt")?,

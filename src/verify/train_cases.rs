@@ -23,17 +23,8 @@ pub fn train_step_lora(ctx: &Ctx) -> Result<Vec<Row>> {
 
 fn train_step(ctx: &Ctx, case: &str) -> Result<Vec<Row>> {
     let f = SafeTensorsFile::open(ctx.reference(&format!("{case}.safetensors")))?;
-    let meta = f.metadata();
-    let text = |k: &str| {
-        meta.get(k)
-            .cloned()
-            .ok_or_else(|| Error::file(f.path(), format!("metadata `{k}` missing")))
-    };
-    let num = |k: &str| -> Result<f64> {
-        text(k)?
-            .parse()
-            .map_err(|_| Error::file(f.path(), format!("metadata `{k}` is not a number")))
-    };
+    let text = |k: &str| f.meta_str(k).map(String::from);
+    let num = |k: &str| f.meta_f64(k);
     let load =
         |k: &str| -> Result<Tensor> { f.tensor(k)?.to_dtype(DType::F32)?.to_device(ctx.device) };
     let gated = text("gated")? == "True";

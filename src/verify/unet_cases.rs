@@ -9,7 +9,7 @@ use crate::formats::single_file::convert_file;
 use crate::formats::{MappedFile, TensorMap};
 use crate::models::unet::{KohyaLoraFile, UNet2DConditionModel};
 use crate::tensor::SafeTensorsFile;
-use crate::{DType, Error, Result};
+use crate::{DType, Result};
 
 /// The diffusers pipeline folder of a fixtures directory.
 const PIPELINE: &str = "sdxl";
@@ -47,11 +47,7 @@ pub fn unet(ctx: &Ctx) -> Result<Vec<Row>> {
 pub fn unet_kohya_lora(ctx: &Ctx) -> Result<Vec<Row>> {
     let file = "unet_kohya_lora.safetensors";
     let f = SafeTensorsFile::open(ctx.reference(file))?;
-    let multiplier = f
-        .metadata()
-        .get("multiplier")
-        .and_then(|m| m.parse::<f64>().ok())
-        .ok_or_else(|| Error::file(f.path(), "metadata `multiplier` missing or not a number"))?;
+    let multiplier = f.meta_f64("multiplier")?;
     let lora = KohyaLoraFile::new(ctx.dir.join(KOHYA_LORA), multiplier);
     forward_case(ctx, "unet_kohya_lora", file, &[lora])
 }
