@@ -248,3 +248,54 @@ fn single_file_checkpoints_generate_the_same_image_as_the_folder() {
         "{err}"
     );
 }
+
+/// bf16 and f16 compute (weights and activations rounded, CPU widening per op) stay close to f32:
+/// a coarse check that every op honours the dtype, not a parity claim.
+#[test]
+fn half_precision_generation_stays_close_to_f32() {
+    let dir = tmp("dtype");
+    let model = tiny().join("sdxl");
+    let latents = tiny().join("reference/pipeline.safetensors");
+    let mut images = Vec::new();
+    for dt in ["f32", "bf16", "f16"] {
+        let out = dir.join(format!("{dt}.png"));
+        let o = kstyle(&[
+            "generate",
+            "--model",
+            model.to_str().unwrap(),
+            "--prompt",
+            "a woman wearing a traditional dress",
+            "--steps",
+            "4",
+            "--width",
+            "128",
+            "--height",
+            "128",
+            "--latents",
+            latents.to_str().unwrap(),
+            "--dtype",
+            dt,
+            "--out",
+            out.to_str().unwrap(),
+        ]);
+        assert!(
+            o.status.success(),
+            "{dt}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        images.push(image::open(&out).unwrap().to_rgb8().into_raw());
+    }
+    for (i, dt) in [(1, "bf16"), (2, "f16")] {
+        let mean = images[0]
+            .iter()
+            .zip(&images[i])
+            .map(|(a, b)| (*a as f64 - *b as f64).abs())
+            .sum::<f64>()
+            / images[0].len() as f64;
+        println!("{dt}: mean 8-bit difference from f32 {mean:.3}");
+        assert!(
+            mean < 4.0,
+            "{dt} drifts from f32 by {mean} levels on average"
+        );
+    }
+}

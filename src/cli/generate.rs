@@ -47,9 +47,19 @@ pub struct Args {
     pub sampler: SamplerArg,
     #[arg(long, value_enum, default_value = "cpu")]
     pub device: DeviceArg,
+    /// Compute dtype of the text encoders and the UNet (the VAE always decodes in f32).
+    #[arg(long, value_enum, default_value = "f32")]
+    pub dtype: DTypeArg,
     /// Output PNG; with several seeds, `-<seed>` is added before the extension.
     #[arg(long)]
     pub out: PathBuf,
+}
+
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+pub enum DTypeArg {
+    F32,
+    Bf16,
+    F16,
 }
 
 #[derive(Clone, Copy, Debug, clap::ValueEnum)]
@@ -102,15 +112,20 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
         .map(|s| parse_lora(s))
         .collect::<anyhow::Result<Vec<_>>>()?;
     let device = a.device.device();
+    let dtype = match a.dtype {
+        DTypeArg::F32 => DType::F32,
+        DTypeArg::Bf16 => DType::BF16,
+        DTypeArg::F16 => DType::F16,
+    };
     let opts = LoadOptions {
         model: a.model.clone(),
         config: a.config.clone(),
-        dtype: DType::F32,
+        dtype,
         device,
         loras,
     };
     eprintln!(
-        "kstyle generate: model {} | {}x{} | {} steps {:?} | cfg {} | device {device} | {} LoRA file(s)",
+        "kstyle generate: model {} | {}x{} | {} steps {:?} | cfg {} | {dtype} on {device} | {} LoRA file(s)",
         a.model.display(),
         a.width,
         a.height,

@@ -290,6 +290,42 @@ impl LoraAdapter {
         }
     }
 
+    /// An inference copy: every tensor converted to `dtype`, without autograd state, B scaled by
+    /// `multiplier` (the `--lora FILE:SCALE` strength).
+    pub fn frozen(&self, dtype: DType, multiplier: f64) -> Result<LoraAdapter> {
+        let conv = |t: &Tensor| -> Result<Tensor> { t.detach().to_dtype(dtype) };
+        let lin = |l: &Linear| -> Result<Linear> {
+            Ok(Linear {
+                weight: conv(&l.weight)?,
+                bias: l.bias.as_ref().map(conv).transpose()?,
+            })
+        };
+        let mlp = |m: &Mlp| -> Result<Mlp> {
+            Ok(Mlp {
+                fc0: lin(&m.fc0)?,
+                fc2: lin(&m.fc2)?,
+            })
+        };
+        let gates = match &self.gates {
+            Some(g) => Some(Gates {
+                attn_mlp: mlp(&g.attn_mlp)?,
+                proj: lin(&g.proj)?,
+                down_mlp: mlp(&g.down_mlp)?,
+                up_mlp: mlp(&g.up_mlp)?,
+                gate_mlp: mlp(&g.gate_mlp)?,
+            }),
+            None => None,
+        };
+        Ok(LoraAdapter {
+            a: conv(&self.a)?,
+            b: conv(&self.b.scale(multiplier)?)?,
+            config: self.config,
+            gates,
+            concepts: self.concepts.as_ref().map(conv).transpose()?,
+            recorder: None,
+        })
+    }
+
     /// Trainable tensors under the reference's names (`lora_A`, `lora_B`, `attn_mlp.0.weight`, ...).
     pub fn named(&self) -> Vec<(String, Tensor)> {
         let mut v = vec![

@@ -118,11 +118,7 @@ impl SdxlPipeline {
             adapter.modules.into_iter().collect();
         let n = self.unet.attach_adapters(|p, _| {
             Ok(match by_path.remove(p) {
-                Some(mut a) => {
-                    a.b = a.b.scale(multiplier)?.detach();
-                    a.a = a.a.detach();
-                    Some(a)
-                }
+                Some(a) => Some(a.frozen(self.dtype, multiplier)?),
                 None => None,
             })
         })?;
