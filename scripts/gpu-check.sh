@@ -1,14 +1,18 @@
 #!/usr/bin/env bash
 # The one prepared command for a GPU session (run scripts/gpu-prepare.sh first, here):
 #   run(command="bash scripts/gpu-check.sh", carry=["gpu-carry"], timeout_s=540)
-# Steps, each under its own timeout, full logs in $OUT (8 files come back), a short table last:
+# Steps, each under its own timeout, full logs in $OUT (the device tool returns at most 8 files:
+# env/parity/verify/bench/torch/candle logs, summary.txt, and bench.jsonl holding every timed row
+# of kstyle, PyTorch and candle), a short table last:
 #   env     driver, GPU, CUDA libraries
 #   parity  kstyle gpu-parity: every CUDA op vs the CPU oracle (KSTYLE_CUDA_SYNC=1: a fault names
 #           its kernel)
 #   verify  kstyle verify --device cuda tests/fixtures/tiny
 #   bench   kstyle bench: GEMM, flash attention vs composition, fused LoRA, group norm, rooflines
 #   torch   scripts/bench_torch.py: PyTorch SDPA / GEMM / group norm on the same shapes
-# Expected wall time on an H100: ~3-5 minutes (most of it the first cuBLAS/driver warm-ups).
+#   candle  gpu-carry/candle-cuda-bench (scripts/build-candle-cuda.sh): candle 0.11 on the same
+#           shapes; skipped when the binary was not built
+# Expected wall time on an H100: ~4-6 minutes (most of it the first cuBLAS/driver warm-ups).
 set -u
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/kstyle-gpu-out}
@@ -22,6 +26,8 @@ export KSTYLE_CACHE_DIR=$PWD/gpu-carry/cache
 export PYTHONUNBUFFERED=1
 SUMMARY="$OUT/summary.txt"
 : > "$SUMMARY"
+# JSON rows are gathered outside $OUT and joined into one file at the end (the 8-file limit).
+JSONS=$(mktemp -d)
 
 step() {
     local name=$1 limit=$2
@@ -41,13 +47,21 @@ step() {
 step env 30 bash -c 'nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm --format=csv; ls /usr/local/cuda/lib64 | grep -E "libnvrtc.so|libcublas.so|libcublasLt.so" ; ls gpu-carry/cache/nvrtc | wc -l; '"$BIN"' --version'
 step parity 240 env KSTYLE_CUDA_SYNC=1 "$BIN" gpu-parity
 step verify 120 "$BIN" verify --device cuda tests/fixtures/tiny
-step bench 240 "$BIN" bench --json "$OUT/bench.jsonl"
-step torch 120 python3 scripts/bench_torch.py --json "$OUT/torch.jsonl"
+step bench 240 "$BIN" bench --json "$JSONS/1-kstyle.jsonl"
+step torch 120 python3 scripts/bench_torch.py --json "$JSONS/2-torch.jsonl"
+if [ -x gpu-carry/candle-cuda-bench ]; then
+    step candle 150 ./gpu-carry/candle-cuda-bench --json "$JSONS/3-candle.jsonl"
+else
+    echo "candle   skipped: no gpu-carry/candle-cuda-bench (bash scripts/build-candle-cuda.sh)" | tee -a "$SUMMARY"
+fi
+cat "$JSONS"/*.jsonl > "$OUT/bench.jsonl" 2>/dev/null
 
 echo
 echo "---- failing parity rows ----"
 grep -E 'FAIL|error' "$OUT/parity.log" | head -30
 echo "---- bench ----"
-grep -E 'ms ' "$OUT/bench.log" "$OUT/torch.log" | sed 's/^[^:]*://' | cut -c1-150
+grep -E 'ms ' "$OUT/bench.log" "$OUT/torch.log" "$OUT/candle.log" 2>/dev/null | sed 's/^[^:]*://' | cut -c1-150
+echo "---- kstyle vs baselines, same shapes (candle/kstyle > 1: kstyle faster) ----"
+python3 scripts/bench_join.py "$OUT/bench.jsonl" 2>&1 | cut -c1-150
 echo "---- summary ----"
 cat "$SUMMARY"

@@ -3,15 +3,28 @@
 #   gpu-carry/kstyle        the release binary (the GPU machine has no Rust toolchain)
 #   gpu-carry/cache/nvrtc/  every kernel family precompiled for sm_90a (H100/H200) with the exact
 #                           options the backend uses, so the run loads cubins instead of compiling
+#   gpu-carry/candle-cuda-bench  only with --candle (or KSTYLE_CANDLE_CUDA=1): candle 0.11 on the
+#                           same shapes, via scripts/build-candle-cuda.sh (~13 min on 2 cores)
 # Then, in the GPU session, one call:  run(command="bash scripts/gpu-check.sh", carry=["gpu-carry"])
 set -euo pipefail
 cd "$(dirname "$0")/.."
+CANDLE=${KSTYLE_CANDLE_CUDA:-0}
+for arg in "$@"; do
+    case $arg in
+        --candle) CANDLE=1 ;;
+        *) echo "usage: scripts/gpu-prepare.sh [--candle]" >&2; exit 2 ;;
+    esac
+done
 cargo build --release
 mkdir -p gpu-carry/cache
 cp target/release/kstyle gpu-carry/kstyle
 # NVRTC here must be the 13.0 the GPU machine has: the cache key includes the NVRTC version.
 if [ -d .nvrtc/nvidia/cu13/lib ]; then export KSTYLE_NVRTC_DIR="$PWD/.nvrtc/nvidia/cu13/lib"; fi
 KSTYLE_CACHE_DIR=gpu-carry/cache ./gpu-carry/kstyle kernels --warm-cache --arch sm_90a
+if [ "$CANDLE" = 1 ]; then
+    bash scripts/build-candle-cuda.sh
+fi
 # Binaries built here must not need a newer glibc than the GPU image's (2.34 known good).
 need=$(objdump -T gpu-carry/kstyle 2>/dev/null | grep -o 'GLIBC_[0-9.]*' | sort -V | tail -1 || true)
-echo "gpu-carry ready: $(du -sh gpu-carry | cut -f1), binary needs ${need:-unknown}"
+echo "gpu-carry ready: $(du -sh gpu-carry | cut -f1) (the device tool carries 64 MiB at most)," \
+    "binary needs ${need:-unknown}"
