@@ -10,7 +10,7 @@
 #   verify  kstyle verify --device cuda tests/fixtures/tiny
 #   bench   kstyle bench: GEMM, flash attention vs composition, fused LoRA, group norm, rooflines
 #   torch   scripts/bench_torch.py: PyTorch SDPA / GEMM / group norm on the same shapes
-#   candle  gpu-carry/candle-cuda-bench (scripts/build-candle-cuda.sh): candle 0.11 on the same
+#   candle  gpu-carry/candle-cuda-bench.xz (scripts/build-candle-cuda.sh): candle 0.11 on the same
 #           shapes; skipped when the binary was not built
 # Expected wall time on an H100: ~4-6 minutes (most of it the first cuBLAS/driver warm-ups).
 set -u
@@ -49,10 +49,14 @@ step parity 240 env KSTYLE_CUDA_SYNC=1 "$BIN" gpu-parity
 step verify 120 "$BIN" verify --device cuda tests/fixtures/tiny
 step bench 240 "$BIN" bench --json "$JSONS/1-kstyle.jsonl"
 step torch 120 python3 scripts/bench_torch.py --json "$JSONS/2-torch.jsonl"
-if [ -x gpu-carry/candle-cuda-bench ]; then
-    step candle 150 ./gpu-carry/candle-cuda-bench --json "$JSONS/3-candle.jsonl"
+# candle's binary travels xz-compressed (48 MiB -> 5 MiB, to fit the 64 MiB the call carries).
+CANDLE_BIN=/tmp/candle-cuda-bench
+if [ -f gpu-carry/candle-cuda-bench.xz ] &&
+    python3 -c 'import lzma, sys; open(sys.argv[2], "wb").write(lzma.open(sys.argv[1]).read())' \
+        gpu-carry/candle-cuda-bench.xz "$CANDLE_BIN" && chmod +x "$CANDLE_BIN"; then
+    step candle 150 "$CANDLE_BIN" --json "$JSONS/3-candle.jsonl"
 else
-    echo "candle   skipped: no gpu-carry/candle-cuda-bench (bash scripts/build-candle-cuda.sh)" | tee -a "$SUMMARY"
+    echo "candle   skipped: no gpu-carry/candle-cuda-bench.xz (bash scripts/build-candle-cuda.sh)" | tee -a "$SUMMARY"
 fi
 cat "$JSONS"/*.jsonl > "$OUT/bench.jsonl" 2>/dev/null
 

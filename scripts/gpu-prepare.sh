@@ -3,7 +3,7 @@
 #   gpu-carry/kstyle        the release binary (the GPU machine has no Rust toolchain)
 #   gpu-carry/cache/nvrtc/  every kernel family precompiled for sm_90a (H100/H200) with the exact
 #                           options the backend uses, so the run loads cubins instead of compiling
-#   gpu-carry/candle-cuda-bench  only with --candle (or KSTYLE_CANDLE_CUDA=1): candle 0.11 on the
+#   gpu-carry/candle-cuda-bench.xz  only with --candle (or KSTYLE_CANDLE_CUDA=1): candle 0.11 on the
 #                           same shapes, via scripts/build-candle-cuda.sh (~13 min on 2 cores)
 # Then, in the GPU session, one call:  run(command="bash scripts/gpu-check.sh", carry=["gpu-carry"])
 set -euo pipefail
