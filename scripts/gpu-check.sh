@@ -17,7 +17,11 @@ set -u
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/kstyle-gpu-out}
 mkdir -p "$OUT"
-BIN=./gpu-carry/kstyle
+# The binary travels xz-compressed (see gpu-prepare.sh); unpack it outside the working tree.
+BIN=/tmp/kstyle-bin
+# python's lzma, since the GPU image may lack the xz tool.
+python3 -c 'import lzma, sys; open(sys.argv[2], "wb").write(lzma.open(sys.argv[1]).read())' gpu-carry/kstyle.xz "$BIN" &&
+    chmod +x "$BIN" || { echo "no gpu-carry/kstyle.xz: run scripts/gpu-prepare.sh here first"; exit 1; }
 # cuBLAS and NVRTC 13 from the toolkit; torch's wheel copies as a fallback (untested path).
 TORCH_CU13=$(python3 -c 'import nvidia, os; print(os.path.join(list(nvidia.__path__)[0], "cu13", "lib"))' 2>/dev/null || true)
 export LD_LIBRARY_PATH=/usr/local/cuda/lib64:${TORCH_CU13:+$TORCH_CU13:}${LD_LIBRARY_PATH:-}

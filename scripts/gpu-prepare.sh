@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Build everything a GPU session needs, on this (CPU) machine, into gpu-carry/ (git-ignored):
-#   gpu-carry/kstyle        the release binary (the GPU machine has no Rust toolchain)
+#   gpu-carry/kstyle.xz     the release binary, xz-compressed (the GPU machine has no Rust
+#                           toolchain; the tracked tree is already ~55 MiB of the 64 MiB a call
+#                           carries, so everything carried travels compressed)
 #   gpu-carry/cache/nvrtc/  every kernel family precompiled for sm_90a (H100/H200) with the exact
 #                           options the backend uses, so the run loads cubins instead of compiling
 #   gpu-carry/candle-cuda-bench.xz  only with --candle (or KSTYLE_CANDLE_CUDA=1): candle 0.11 on the
@@ -16,6 +18,7 @@ for arg in "$@"; do
     esac
 done
 cargo build --release
+rm -rf gpu-carry/kstyle gpu-carry/kstyle.xz
 mkdir -p gpu-carry/cache
 cp target/release/kstyle gpu-carry/kstyle
 # NVRTC here must be the 13.0 the GPU machine has: the cache key includes the NVRTC version.
@@ -26,5 +29,13 @@ if [ "$CANDLE" = 1 ]; then
 fi
 # Binaries built here must not need a newer glibc than the GPU image's (2.34 known good).
 need=$(objdump -T gpu-carry/kstyle 2>/dev/null | grep -o 'GLIBC_[0-9.]*' | sort -V | tail -1 || true)
-echo "gpu-carry ready: $(du -sh gpu-carry | cut -f1) (the device tool carries 64 MiB at most)," \
+xz -T0 -9 gpu-carry/kstyle
+tracked=$(git ls-files -z | du -ch --files0-from=- 2>/dev/null | tail -1 | cut -f1)
+echo "gpu-carry ready: $(du -sh gpu-carry | cut -f1) + tracked tree $tracked (a call carries 64 MiB at most)," \
     "binary needs ${need:-unknown}"
+total_kib=$(( $(git ls-files -z | du -ck --files0-from=- 2>/dev/null | tail -1 | cut -f1) + $(du -sk gpu-carry | cut -f1) ))
+if [ "$total_kib" -gt $((64 * 1024)) ]; then
+    echo "WARNING: tracked tree + gpu-carry = $((total_kib / 1024)) MiB, over the 64 MiB one device call carries." >&2
+    echo "         Move gpu-carry/candle-cuda-bench.xz out and run the candle step in a call of its own." >&2
+fi
+
