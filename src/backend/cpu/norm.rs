@@ -30,23 +30,41 @@ struct Plan {
 
 fn norm_fwd<T: Float>(x: &[T], w: Option<&[T]>, b: Option<&[T]>, p: &Plan) -> Vec<T> {
     let mut y = vec![T::zero(); x.len()];
+    let chunks_per_row = x.len() / p.rows / p.chunk;
+    let channels = chunks_per_row * p.chunk / p.per_channel;
+    // The affine parameters once in f64, absent ones as 1 and 0: no branch in the inner loops.
+    let wf: Vec<f64> = (0..channels)
+        .map(|c| w.map_or(1.0, |w| w[c].as_f64()))
+        .collect();
+    let bf: Vec<f64> = (0..channels)
+        .map(|c| b.map_or(0.0, |b| b[c].as_f64()))
+        .collect();
     y.par_chunks_mut(p.chunk)
         .zip(x.par_chunks(p.chunk))
         .enumerate()
         .for_each(|(ci, (yo, xi))| {
             let (mean, rstd) = stats(xi, p.eps);
-            let chunks_per_row = x.len() / p.rows / p.chunk;
             let ch0 = (ci % chunks_per_row) * p.chunk / p.per_channel;
-            for (j, (o, &v)) in yo.iter_mut().zip(xi).enumerate() {
-                let c = ch0 + j / p.per_channel;
-                let mut r = T::of((v.as_f64() - mean) * rstd);
-                if let Some(w) = w {
-                    r *= w[c];
+            if p.per_channel == 1 {
+                // Layer norm: one affine pair per element.
+                let (wc, bc) = (&wf[ch0..ch0 + p.chunk], &bf[ch0..ch0 + p.chunk]);
+                for (((o, &v), &ww), &bb) in yo.iter_mut().zip(xi).zip(wc).zip(bc) {
+                    *o = T::of((v.as_f64() - mean) * rstd * ww + bb);
                 }
-                if let Some(b) = b {
-                    r += b[c];
+                return;
+            }
+            // Group norm: channel blocks of `per_channel` pixels share one scale and shift, which
+            // keeps integer division out of the inner loop.
+            for (c, (yb, xb)) in yo
+                .chunks_mut(p.per_channel)
+                .zip(xi.chunks(p.per_channel))
+                .enumerate()
+            {
+                let scale = rstd * wf[ch0 + c];
+                let shift = bf[ch0 + c] - mean * scale;
+                for (o, &v) in yb.iter_mut().zip(xb) {
+                    *o = T::of(v.as_f64() * scale + shift);
                 }
-                *o = r;
             }
         });
     y
