@@ -1,6 +1,6 @@
 //! Every CUDA op against the CPU oracle (src/verify/cuda_parity.rs holds the cases; the release
 //! binary runs the same ones as `kstyle gpu-parity` on the GPU machine, where there is no Rust).
-//! Tests that need a GPU are `#[ignore]`d with the reason, so `cargo test` reports them as
+//! Tests that need a GPU are marked ignored with the reason, so `cargo test` reports them as
 //! ignored, never as passed; run with `--ignored` on a machine with a GPU, where a missing
 //! device is then a failure.
 

@@ -1,7 +1,7 @@
 //! `kstyle generate` and `kstyle verify` through the real binary on the tiny model.
 
 mod common;
-use common::{kstyle, tiny, tmp};
+use common::{generate_tiny, kstyle, tiny, tmp};
 use std::path::PathBuf;
 
 #[test]
@@ -115,20 +115,8 @@ fn bad_inputs_fail_cleanly_naming_the_culprit() {
         "{err}"
     );
     // A safetensors file that is not a LoRA, passed as one.
-    let model = tiny().join("sdxl");
     let not_lora = tiny().join("reference/unet.safetensors");
-    let o = kstyle(&[
-        "generate",
-        "--model",
-        model.to_str().unwrap(),
-        "--prompt",
-        "x",
-        "--width",
-        "64",
-        "--height",
-        "64",
-        "--steps",
-        "1",
+    let o = generate_tiny(&[
         "--lora",
         not_lora.to_str().unwrap(),
         "--out",
@@ -139,21 +127,9 @@ fn bad_inputs_fail_cleanly_naming_the_culprit() {
         !o.status.success() && err.contains("not a kohya LoRA file"),
         "{err}"
     );
-    // Latents of the wrong shape.
-    let model = tiny().join("sdxl");
+    // Latents of the wrong shape (16x16 latents for a 64x64 request).
     let lat = tiny().join("reference/pipeline.safetensors");
-    let o = kstyle(&[
-        "generate",
-        "--model",
-        model.to_str().unwrap(),
-        "--prompt",
-        "x",
-        "--width",
-        "64",
-        "--height",
-        "64",
-        "--steps",
-        "1",
+    let o = generate_tiny(&[
         "--latents",
         lat.to_str().unwrap(),
         "--out",

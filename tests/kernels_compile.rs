@@ -1,5 +1,5 @@
 //! Compiles every kernel family to a CUBIN for sm_90a and sm_80 with NVRTC (ptxas included) and
-//! fails on any compile error. The NVRTC tests are `#[ignore]`d (reported as ignored, never as
+//! fails on any compile error. The NVRTC tests are marked ignored (reported as ignored, never as
 //! passed) because libnvrtc is not part of a Rust toolchain: `.ci/run` installs it with
 //! `scripts/install-nvrtc.sh` and runs them; by hand: `cargo test --test kernels_compile -- --ignored`.
 
@@ -14,7 +14,7 @@ fn local_nvrtc_dir() -> Option<PathBuf> {
     dir.join("libnvrtc.so.13").exists().then_some(dir)
 }
 
-/// Loads NVRTC; these tests are `#[ignore]`d by default and run (by .ci/run, after it installs
+/// Loads NVRTC; these tests are marked ignored by default and run (by .ci/run, after it installs
 /// NVRTC) with `--ignored`, where a missing library is a failure, not a skip.
 fn nvrtc(test: &str) {
     let dir = std::env::var_os(nvrtc::NVRTC_DIR_ENV)

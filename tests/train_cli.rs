@@ -2,7 +2,7 @@
 //! methods, exact resume, export round trips and clean failures on bad input.
 
 mod common;
-use common::{kstyle, tiny, tmp};
+use common::{assert_fails_naming, generate_tiny, kstyle, tiny, tmp};
 
 use kstyle::formats::adapter::Adapter;
 use kstyle::models::unet::{KohyaLoraFile, UNet2DConditionModel};
@@ -113,24 +113,8 @@ fn every_method_trains_and_its_adapter_generates() {
         let meta = SafeTensorsFile::open(&out).unwrap().metadata().clone();
         assert_eq!(meta["kstyle.method"], method);
         let img = dir.join(format!("{method}.png"));
-        let model = tiny().join("sdxl");
-        let g = kstyle(&[
-            "generate",
-            "--model",
-            model.to_str().unwrap(),
-            "--prompt",
-            "a [v] house",
-            "--steps",
-            "2",
-            "--width",
-            "64",
-            "--height",
-            "64",
-            "--lora",
-            &format!("{}:0.8", out.display()),
-            "--out",
-            img.to_str().unwrap(),
-        ]);
+        let lora = format!("{}:0.8", out.display());
+        let g = generate_tiny(&["--lora", &lora, "--out", img.to_str().unwrap()]);
         assert!(
             g.status.success(),
             "{method} adapter in generate: {}",
@@ -321,32 +305,21 @@ fn gated_adapters_export_only_with_baked_gates() {
 fn bad_training_input_fails_cleanly() {
     let dir = tmp("bad");
     let data = dataset(&dir);
-    std::fs::write(data.join("notes.md"), "not an image").unwrap();
-    let o = train(
-        &data,
-        &dir.join("x.safetensors"),
-        "lora",
-        &["--max-steps", "1"],
-    );
-    let err = String::from_utf8_lossy(&o.stderr);
-    assert!(
-        !o.status.success() && err.contains("notes.md") && !err.contains("panicked"),
-        "{err}"
-    );
-    std::fs::remove_file(data.join("notes.md")).unwrap();
-    std::fs::write(data.join("broken.png"), "this is no png").unwrap();
-    let o = train(
-        &data,
-        &dir.join("x.safetensors"),
-        "lora",
-        &["--max-steps", "1"],
-    );
-    let err = String::from_utf8_lossy(&o.stderr);
-    assert!(
-        !o.status.success() && err.contains("broken.png") && !err.contains("panicked"),
-        "{err}"
-    );
-    std::fs::remove_file(data.join("broken.png")).unwrap();
+    // A non-image file and a file that claims to be a PNG, one at a time.
+    for (name, bytes) in [
+        ("notes.md", "not an image"),
+        ("broken.png", "this is no png"),
+    ] {
+        std::fs::write(data.join(name), bytes).unwrap();
+        let o = train(
+            &data,
+            &dir.join("x.safetensors"),
+            "lora",
+            &["--max-steps", "1"],
+        );
+        assert_fails_naming(&o, name);
+        std::fs::remove_file(data.join(name)).unwrap();
+    }
     // A gated method without CLIP.
     let model = tiny().join("sdxl");
     let o = kstyle(&[

@@ -18,12 +18,41 @@ pub fn kstyle(args: &[&str]) -> Output {
         .expect("run kstyle")
 }
 
+/// `kstyle generate` on the tiny SDXL folder at 64x64, one step, prompt "x", plus `extra`.
+pub fn generate_tiny(extra: &[&str]) -> Output {
+    let model = tiny().join("sdxl");
+    let mut args = vec![
+        "generate",
+        "--model",
+        model.to_str().unwrap(),
+        "--prompt",
+        "x",
+        "--width",
+        "64",
+        "--height",
+        "64",
+        "--steps",
+        "1",
+    ];
+    args.extend_from_slice(extra);
+    kstyle(&args)
+}
+
 /// A fresh, empty scratch folder for one test.
 pub fn tmp(tag: &str) -> PathBuf {
     let d = std::env::temp_dir().join(format!("kstyle-test-{tag}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&d);
     std::fs::create_dir_all(&d).unwrap();
     d
+}
+
+/// Assert a clean failure: non-zero exit, `needle` in the message, no panic.
+pub fn assert_fails_naming(o: &Output, needle: &str) {
+    let err = stderr(o);
+    assert!(
+        !o.status.success() && err.contains(needle) && !err.contains("panicked"),
+        "expected a clean error naming `{needle}`:\n{err}"
+    );
 }
 
 /// The process's stderr as text (for error assertions).
