@@ -209,7 +209,10 @@ __device__ __forceinline__ void flash_dkdv_bwd(const T* __restrict__ q, const T*
         }
         __syncthreads();
     }
-    // Stage through the K/V tiles for coalesced writes.
+    // Stage through the K/V tiles for coalesced writes. The barrier matters when no query tile
+    // sees these keys (causal, kv0 >= Sq): the loop above never ran, and without it a thread could
+    // still be loading K while another overwrites its row with the (zero) gradient.
+    __syncthreads();
 #pragma unroll
     for (int c = 0; c < DC; ++c) {
         const int d = warp + FA_WARPS * c;
@@ -274,6 +277,7 @@ __device__ __forceinline__ void flash_dq_bwd(const T* __restrict__ q, const T* _
         }
         __syncthreads();
     }
+    __syncthreads(); // as in dkdv: the Q tile may still be loading when no key tile ran
 #pragma unroll
     for (int c = 0; c < DC; ++c) {
         const int d = warp + FA_WARPS * c;
@@ -331,20 +335,6 @@ extern "C" __global__ void __launch_bounds__(FA_THREADS)
 // Requirements: HD % 8 == 0 and q/k/v/o base pointers 16-byte aligned (uint4 tile loads).
 #define FM_BQ 64
 #define FM_BKV 64
-
-__device__ __forceinline__ unsigned smem_u32(const void* p) {
-    unsigned long long a;
-    asm("cvta.to.shared.u64 %0, %1;" : "=l"(a) : "l"(p));
-    return (unsigned)a;
-}
-
-__device__ __forceinline__ void mma_bf16_16816(float (&c)[4], const unsigned (&a)[4], unsigned b0, unsigned b1) {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-        "{%0,%1,%2,%3};"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
 
 // Loads rows [row0, row0 + rows) of a (S, HD) bf16 matrix into a (rows, STR) shared tile, zero
 // filling rows past nvalid and columns [HD, HDP).
@@ -468,9 +458,7 @@ __device__ __forceinline__ void flash_fwd_mma(const bf16* __restrict__ q, const 
 #pragma unroll
             for (int dn = 0; dn < DN; ++dn) {
                 unsigned b0, b1;
-                asm volatile("ldmatrix.sync.aligned.m8n8.x2.trans.shared.b16 {%0, %1}, [%2];"
-                             : "=r"(b0), "=r"(b1)
-                             : "r"(smem_u32(vrow + dn * 8)));
+                ldmatrix_x2_trans(vrow + dn * 8, b0, b1);
                 mma_bf16_16816(acc[dn], pa, b0, b1);
             }
         }

@@ -14,39 +14,65 @@ typedef unsigned long long u64;
 #define KS_INF __int_as_float(0x7f800000)
 #define KS_NEG_INF __int_as_float(0xff800000)
 
-// ---- scalar conversion -------------------------------------------------------------------------
-// bf16 -> f32 is exact: bf16 is the top half of an f32.
-__device__ __forceinline__ float to_f32(float x) { return x; }
-__device__ __forceinline__ float to_f32(bf16 x) { return __uint_as_float(((unsigned)x.bits) << 16); }
-__device__ __forceinline__ float to_f32(f16 x) {
+// ---- PTX primitives ----------------------------------------------------------------------------
+// Every piece of inline assembly lives here, behind one small function each, so the host emulator
+// (kernels/emu.h, defines KS_EMU) can supply the same functions from the PTX ISA's definitions.
+#ifndef KS_EMU
+// Round-to-nearest-even in hardware (sm_80+); NaN stays NaN, overflow goes to inf.
+__device__ __forceinline__ unsigned short cvt_rn_bf16(float x) {
+    unsigned short r;
+    asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(r) : "f"(x));
+    return r;
+}
+__device__ __forceinline__ unsigned short cvt_rn_f16(float x) {
+    unsigned short r;
+    asm("cvt.rn.f16.f32 %0, %1;" : "=h"(r) : "f"(x));
+    return r;
+}
+__device__ __forceinline__ float cvt_f32_f16(unsigned short h) {
     float f;
-    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(x.bits));
+    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));
     return f;
 }
-
-template <typename T> __device__ __forceinline__ T from_f32(float x);
-template <> __device__ __forceinline__ float from_f32<float>(float x) { return x; }
-// Round-to-nearest-even in hardware (sm_80+); NaN stays NaN, overflow goes to inf.
-template <> __device__ __forceinline__ bf16 from_f32<bf16>(float x) {
-    bf16 r;
-    asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(r.bits) : "f"(x));
-    return r;
-}
-template <> __device__ __forceinline__ f16 from_f32<f16>(float x) {
-    f16 r;
-    asm("cvt.rn.f16.f32 %0, %1;" : "=h"(r.bits) : "f"(x));
-    return r;
-}
-
-template <typename T> __device__ __forceinline__ float ld(const T* p, i64 i) { return to_f32(p[i]); }
-template <typename T> __device__ __forceinline__ void st(T* p, i64 i, float v) { p[i] = from_f32<T>(v); }
-
 // Two f32 -> one packed bf16x2 register (low half = lo), the operand format of mma.sync.
-__device__ __forceinline__ unsigned pack_bf16x2(float lo, float hi) {
+__device__ __forceinline__ unsigned cvt_rn_bf16x2(float lo, float hi) {
     unsigned r;
     asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
     return r;
 }
+// D = A B + C on one warp: mma.sync m16n8k16, bf16 operands, f32 accumulators (sm_80+).
+__device__ __forceinline__ void mma_bf16_16816(float (&c)[4], const unsigned (&a)[4], unsigned b0, unsigned b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+// Two transposed 8x8 b16 matrices from shared memory; lanes 0-15 each pass one 16-byte row.
+__device__ __forceinline__ void ldmatrix_x2_trans(const unsigned short* row, unsigned& r0, unsigned& r1) {
+    unsigned long long a;
+    asm("cvta.to.shared.u64 %0, %1;" : "=l"(a) : "l"(row));
+    asm volatile("ldmatrix.sync.aligned.m8n8.x2.trans.shared.b16 {%0, %1}, [%2];"
+                 : "=r"(r0), "=r"(r1)
+                 : "r"((unsigned)a));
+}
+#endif
+
+// ---- scalar conversion -------------------------------------------------------------------------
+// bf16 -> f32 is exact: bf16 is the top half of an f32.
+__device__ __forceinline__ float to_f32(float x) { return x; }
+__device__ __forceinline__ float to_f32(bf16 x) { return __uint_as_float(((unsigned)x.bits) << 16); }
+__device__ __forceinline__ float to_f32(f16 x) { return cvt_f32_f16(x.bits); }
+
+template <typename T> __device__ __forceinline__ T from_f32(float x);
+template <> __device__ __forceinline__ float from_f32<float>(float x) { return x; }
+template <> __device__ __forceinline__ bf16 from_f32<bf16>(float x) { return bf16{cvt_rn_bf16(x)}; }
+template <> __device__ __forceinline__ f16 from_f32<f16>(float x) { return f16{cvt_rn_f16(x)}; }
+
+template <typename T> __device__ __forceinline__ float ld(const T* p, i64 i) { return to_f32(p[i]); }
+template <typename T> __device__ __forceinline__ void st(T* p, i64 i, float v) { p[i] = from_f32<T>(v); }
+
+__device__ __forceinline__ unsigned pack_bf16x2(float lo, float hi) { return cvt_rn_bf16x2(lo, hi); }
 
 // ---- math --------------------------------------------------------------------------------------
 // expf/logf/erff/tanhf are NVRTC builtins; __expf is the fast SFU path (ex2.approx), accurate to

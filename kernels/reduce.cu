@@ -37,16 +37,21 @@ __device__ __forceinline__ MaxSum block_maxsum(MaxSum v, float* sm, float* ss) {
     return v;
 }
 
+// causal_sq > 0: the rows are (.., Sq, n) attention scores and row r (query i = r % Sq) sees only
+// keys j <= i (top-left aligned, as the flash kernels); masked entries come out exactly 0, so the
+// backward needs no mask (dx = y (dy - dot) is 0 wherever y is).
 template <typename T>
-__device__ __forceinline__ void softmax_fwd(const T* __restrict__ x, T* __restrict__ y, int n) {
+__device__ __forceinline__ void softmax_fwd(const T* __restrict__ x, T* __restrict__ y, int n, int causal_sq) {
     __shared__ float sm[32], ss[32];
     const i64 base = (i64)blockIdx.x * n;
+    const int visible = causal_sq > 0 ? min(n, (int)(blockIdx.x % (unsigned)causal_sq) + 1) : n;
     MaxSum acc{KS_NEG_INF, 0.0f};
-    for (int j = threadIdx.x; j < n; j += blockDim.x) acc = merge(acc, MaxSum{ld(x, base + j), 1.0f});
+    for (int j = threadIdx.x; j < visible; j += blockDim.x) acc = merge(acc, MaxSum{ld(x, base + j), 1.0f});
     acc = block_maxsum(acc, sm, ss);
     // A fully masked row (all -inf) gives 0/0 = NaN, as PyTorch does.
     const float inv = 1.0f / acc.s;
-    for (int j = threadIdx.x; j < n; j += blockDim.x) st(y, base + j, __expf(ld(x, base + j) - acc.m) * inv);
+    for (int j = threadIdx.x; j < n; j += blockDim.x)
+        st(y, base + j, j < visible ? __expf(ld(x, base + j) - acc.m) * inv : 0.0f);
 }
 
 // dx = y * (dy - sum(dy * y))
@@ -131,8 +136,8 @@ __device__ __forceinline__ void max_fwd(const T* __restrict__ x, T* __restrict__
 }
 
 #define KS_REDUCE(T, tn)                                                                                 \
-    extern "C" __global__ void reduce_softmax_fwd_##tn(const T* x, T* y, int rows, int n) {              \
-        softmax_fwd<T>(x, y, n);                                                                        \
+    extern "C" __global__ void reduce_softmax_fwd_##tn(const T* x, T* y, int rows, int n, int causal_sq) { \
+        softmax_fwd<T>(x, y, n, causal_sq);                                                             \
     }                                                                                                   \
     extern "C" __global__ void reduce_softmax_bwd_##tn(const T* y, const T* d_y, T* d_x, int rows, int n) { \
         softmax_bwd<T>(y, d_y, d_x, n);                                                                 \

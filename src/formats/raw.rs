@@ -114,11 +114,11 @@ impl<'a> RawTensor<'a> {
         let data: Vec<u8> = match dtype {
             Dtype::F16 => values
                 .iter()
-                .flat_map(|&x| half::f16::from_f64(x).to_le_bytes())
+                .flat_map(|&x| half::f16::from_f32(x as f32).to_le_bytes())
                 .collect(),
             Dtype::BF16 => values
                 .iter()
-                .flat_map(|&x| half::bf16::from_f64(x).to_le_bytes())
+                .flat_map(|&x| half::bf16::from_f32(x as f32).to_le_bytes())
                 .collect(),
             Dtype::F32 => values
                 .iter()

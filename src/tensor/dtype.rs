@@ -114,8 +114,19 @@ macro_rules! element {
     };
 }
 
-element!(f16, DType::F16, |x: f16| x.to_f64(), f16::from_f64);
-element!(bf16, DType::BF16, |x: bf16| x.to_f64(), bf16::from_f64);
+// 16-bit floats round through f32, as PyTorch's `Half(float)` / `BFloat16(float)` constructors
+// do. This is also the only correct path for f32 values: half 2.7's `bf16::from_f64` drops the
+// low 32 bits of the f64 before rounding, so an f32 just above a rounding tie (0x3f808001) came
+// out rounded down (found by the bit-exact cast check of `gpu-parity`).
+element!(
+    f16,
+    DType::F16,
+    |x: f16| x.to_f64(),
+    |v: f64| f16::from_f32(v as f32)
+);
+element!(bf16, DType::BF16, |x: bf16| x.to_f64(), |v: f64| {
+    bf16::from_f32(v as f32)
+});
 element!(f32, DType::F32, |x: f32| x as f64, |v: f64| v as f32);
 element!(f64, DType::F64, |x: f64| x, |v: f64| v);
 element!(i64, DType::I64, |x: i64| x as f64, |v: f64| v as i64);

@@ -11,7 +11,7 @@ use super::reduce::{softmax_bwd_raw, softmax_fwd_raw};
 use super::{float_tn, i32_arg, CudaDevice, CudaStorage};
 use crate::backend::cpu::attention::AttnGeom;
 use crate::tensor::{DType, Layout};
-use crate::{Error, Result};
+use crate::Result;
 
 type Operand<'a> = (&'a CudaStorage, &'a Layout);
 
@@ -57,17 +57,11 @@ fn packed(s: &CudaStorage, l: &Layout) -> Result<Packed> {
     })
 }
 
-fn check(q: Operand, k: Operand, v: Operand, g: &AttnGeom, op: &'static str) -> Result<DType> {
+fn check(q: Operand, k: Operand, v: Operand, op: &'static str) -> Result<DType> {
     let dtype = q.0.dtype();
     for (s, _) in [k, v] {
         super::same_device(q.0, s, op)?;
         super::check_dtype(dtype, s.dtype(), op)?;
-    }
-    if g.causal && !flash_ok(dtype, g) {
-        return Err(Error::msg(format!(
-            "{op}: causal attention on CUDA needs the flash kernels (f32/bf16, D = Dv in {FLASH_HDS:?}); got {dtype} D={} Dv={}",
-            g.d, g.dv
-        )));
     }
     Ok(dtype)
 }
@@ -95,7 +89,7 @@ fn flash_fwd(
         .run((g.sq.div_ceil(bq) as u32, g.bh as u32, 1), (128, 1, 1), 0)
 }
 
-/// P = softmax(scale Q K^T) into a fresh (BH, Sq, Skv) buffer.
+/// P = softmax(scale Q K^T) into a fresh (BH, Sq, Skv) buffer, causally masked when asked.
 fn probs(dev: &Arc<CudaDevice>, dtype: DType, q: u64, k: u64, g: &AttnGeom) -> Result<CudaStorage> {
     // Separate score and probability buffers: the softmax kernel's pointers are __restrict__.
     let s = dev.alloc(dtype, g.bh * g.sq * g.skv)?;
@@ -113,7 +107,8 @@ fn probs(dev: &Arc<CudaDevice>, dtype: DType, q: u64, k: u64, g: &AttnGeom) -> R
         g.scale as f32,
         0.0,
     )?;
-    softmax_fwd_raw(dev, dtype, s.ptr(), p.ptr(), g.bh * g.sq, g.skv)?;
+    let causal = g.causal.then_some(g.sq);
+    softmax_fwd_raw(dev, dtype, (s.ptr(), p.ptr()), g.bh * g.sq, g.skv, causal)?;
     Ok(p)
 }
 
@@ -128,7 +123,7 @@ pub fn sdpa_with(
     g: &AttnGeom,
     which: AttnKernel,
 ) -> Result<CudaStorage> {
-    let dtype = check(q, k, v, g, "sdpa")?;
+    let dtype = check(q, k, v, "sdpa")?;
     float_tn(dtype, "sdpa")?;
     let dev = q.0.dev();
     let out = CudaStorage::alloc(dev, dtype, g.bh * g.sq * g.dv)?;
@@ -139,9 +134,6 @@ pub fn sdpa_with(
     if which == AttnKernel::Auto && flash_ok(dtype, g) {
         flash_fwd(dev, dtype, (qp.ptr, kp.ptr, vp.ptr, out.ptr(), 0), g)?;
         return Ok(out);
-    }
-    if g.causal {
-        return Err(Error::msg("sdpa: the composed path has no causal mask"));
     }
     let p = probs(dev, dtype, qp.ptr, kp.ptr, g)?;
     let pm = Mat::contiguous(p.ptr(), g.sq, g.skv);
@@ -180,7 +172,7 @@ pub fn sdpa_bwd_with(
     g: &AttnGeom,
     which: AttnKernel,
 ) -> Result<(CudaStorage, CudaStorage, CudaStorage)> {
-    let dtype = check(q, k, v, g, "sdpa_bwd")?;
+    let dtype = check(q, k, v, "sdpa_bwd")?;
     super::same_device(q.0, dout.0, "sdpa_bwd")?;
     super::check_dtype(dtype, dout.0.dtype(), "sdpa_bwd")?;
     let t = float_tn(dtype, "sdpa_bwd")?;
@@ -245,9 +237,6 @@ pub fn sdpa_bwd_with(
             .arg(g.causal as i32)
             .run((g.sq.div_ceil(32) as u32, g.bh as u32, 1), (128, 1, 1), 0)?;
         return Ok((dq, dk, dv));
-    }
-    if g.causal {
-        return Err(Error::msg("sdpa_bwd: the composed path has no causal mask"));
     }
     let (sq, skv, d, dvd, bh) = (g.sq, g.skv, g.d, g.dv, g.bh);
     let p = probs(dev, dtype, qp.ptr, kp.ptr, g)?;

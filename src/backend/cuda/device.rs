@@ -13,6 +13,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 
 use cudarc::driver::{result as dr, sys as ds, CudaContext, CudaStream};
 
+use super::emu::{self, Emulator};
 use super::kernels;
 use super::nvrtc::{CompileOptions, Compiler};
 use crate::tensor::DType;
@@ -68,31 +69,47 @@ pub struct MemStats {
     pub reserved: usize,
 }
 
-pub struct CudaDevice {
-    ordinal: usize,
+/// The driver's objects for a real GPU.
+struct Driver {
     ctx: Arc<CudaContext>,
     stream: Arc<CudaStream>,
     blas: cudarc::cublas::CudaBlas,
+    compiler: Compiler,
+    modules: Mutex<HashMap<&'static str, Module>>,
+    funcs: Mutex<HashMap<String, Func>>,
+}
+
+/// What executes the work: a GPU through the driver, or the host emulator (`emu.rs`).
+enum Engine {
+    Driver(Driver),
+    Emulated(Emulator),
+}
+
+pub struct CudaDevice {
+    ordinal: usize,
+    engine: Engine,
     arch: String,
     name: String,
     sm_count: u32,
     sync_each: bool,
-    compiler: Compiler,
-    modules: Mutex<HashMap<&'static str, Module>>,
-    funcs: Mutex<HashMap<String, Func>>,
     pool: Mutex<Pool>,
 }
 
 static DEVICES: OnceLock<Mutex<HashMap<usize, Arc<CudaDevice>>>> = OnceLock::new();
 
-/// The device with this ordinal, created on first use (context, stream, cuBLAS, NVRTC).
+/// The device with this ordinal, created on first use (context, stream, cuBLAS, NVRTC), or the
+/// host emulator when `emu::enabled()`.
 pub fn device(ordinal: usize) -> Result<Arc<CudaDevice>> {
     let map = DEVICES.get_or_init(|| Mutex::new(HashMap::new()));
     let mut map = map.lock().unwrap_or_else(|e| e.into_inner());
     if let Some(d) = map.get(&ordinal) {
         return Ok(d.clone());
     }
-    let d = Arc::new(CudaDevice::new(ordinal)?);
+    let d = Arc::new(if emu::enabled() {
+        CudaDevice::emulated(ordinal)?
+    } else {
+        CudaDevice::new(ordinal)?
+    });
     map.insert(ordinal, d.clone());
     Ok(d)
 }
@@ -101,7 +118,27 @@ fn unavailable(ordinal: usize, why: impl std::fmt::Display) -> Error {
     Error::DeviceUnavailable(format!("cuda:{ordinal}"), why.to_string())
 }
 
+fn cache_dir() -> PathBuf {
+    std::env::var_os(CACHE_DIR_ENV)
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(".kstyle-cache"))
+}
+
 impl CudaDevice {
+    fn emulated(ordinal: usize) -> Result<CudaDevice> {
+        let emu = Emulator::new(&cache_dir())?;
+        Ok(CudaDevice {
+            ordinal,
+            name: format!("host emulator ({})", emu.compiler()),
+            engine: Engine::Emulated(emu),
+            arch: "emulated".into(),
+            // Small, so grid-stride kernels really loop.
+            sm_count: 2,
+            sync_each: false,
+            pool: Mutex::new(Pool::default()),
+        })
+    }
+
     fn new(ordinal: usize) -> Result<CudaDevice> {
         probe().map_err(|e| unavailable(ordinal, e))?;
         let ctx = CudaContext::new(ordinal).map_err(|e| unavailable(ordinal, e))?;
@@ -127,25 +164,42 @@ impl CudaDevice {
             .attribute(ds::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
             .map_err(|e| Error::cuda("device attribute", e))? as u32;
         let name = ctx.name().unwrap_or_else(|_| "unknown".into());
-        let cache = std::env::var_os(CACHE_DIR_ENV)
-            .map(PathBuf::from)
-            .unwrap_or_else(|| PathBuf::from(".kstyle-cache"))
-            .join("nvrtc");
-        let compiler = Compiler::new(Some(cache))?;
+        let compiler = Compiler::new(Some(cache_dir().join("nvrtc")))?;
         Ok(CudaDevice {
             ordinal,
-            ctx,
-            stream,
-            blas,
+            engine: Engine::Driver(Driver {
+                ctx,
+                stream,
+                blas,
+                compiler,
+                modules: Mutex::new(HashMap::new()),
+                funcs: Mutex::new(HashMap::new()),
+            }),
             arch,
             name,
             sm_count,
             sync_each: std::env::var(SYNC_ENV).is_ok_and(|v| v == "1"),
-            compiler,
-            modules: Mutex::new(HashMap::new()),
-            funcs: Mutex::new(HashMap::new()),
             pool: Mutex::new(Pool::default()),
         })
+    }
+
+    /// The emulator, when this device is one.
+    pub(crate) fn emulator(&self) -> Option<&Emulator> {
+        match &self.engine {
+            Engine::Emulated(e) => Some(e),
+            Engine::Driver(_) => None,
+        }
+    }
+
+    pub fn is_emulated(&self) -> bool {
+        self.emulator().is_some()
+    }
+
+    fn driver(&self) -> &Driver {
+        match &self.engine {
+            Engine::Driver(d) => d,
+            Engine::Emulated(_) => unreachable!("driver call on the emulated device"),
+        }
     }
 
     pub fn ordinal(&self) -> usize {
@@ -161,24 +215,30 @@ impl CudaDevice {
         self.sm_count
     }
     pub(crate) fn cu_stream(&self) -> ds::CUstream {
-        self.stream.cu_stream()
+        self.driver().stream.cu_stream()
     }
     pub(crate) fn blas_handle(&self) -> cudarc::cublas::sys::cublasHandle_t {
-        *self.blas.handle()
+        *self.driver().blas.handle()
     }
 
     /// Makes this device's context current on the calling thread (the driver API is per thread;
     /// test harnesses and rayon call in from many threads).
     pub fn bind(&self) -> Result<()> {
-        self.ctx
+        let Engine::Driver(d) = &self.engine else {
+            return Ok(());
+        };
+        d.ctx
             .bind_to_thread()
             .map_err(|e| Error::cuda("bind context", e))
     }
 
     /// Waits for everything queued on the device's stream.
     pub fn synchronize(&self) -> Result<()> {
+        let Engine::Driver(d) = &self.engine else {
+            return Ok(());
+        };
         self.bind()?;
-        self.stream
+        d.stream
             .synchronize()
             .map_err(|e| Error::cuda("synchronize", e))
     }
@@ -213,6 +273,20 @@ impl CudaDevice {
 
     /// Uninitialised device memory for `len` elements of `dtype`.
     pub fn alloc(self: &Arc<Self>, dtype: DType, len: usize) -> Result<Buffer> {
+        if let Some(emu) = self.emulator() {
+            // Exact sizes, no caching: the guard bytes sit right after the last element.
+            let bytes = (len * dtype.size_in_bytes()).max(1);
+            let ptr = emu.alloc(bytes)?;
+            let mut p = self.pool.lock().unwrap_or_else(|e| e.into_inner());
+            p.reserved += bytes;
+            p.in_use += bytes;
+            p.peak = p.peak.max(p.in_use);
+            return Ok(Buffer {
+                ptr,
+                bytes,
+                dev: self.clone(),
+            });
+        }
         let bytes = Self::round(len * dtype.size_in_bytes());
         let cached = {
             let mut p = self.pool.lock().unwrap_or_else(|e| e.into_inner());
@@ -259,6 +333,10 @@ impl CudaDevice {
     /// Device memory for `len` elements, every byte zero.
     pub fn alloc_zeroed(self: &Arc<Self>, dtype: DType, len: usize) -> Result<Buffer> {
         let b = self.alloc(dtype, len)?;
+        if let Some(emu) = self.emulator() {
+            emu.memset(b.ptr, 0, b.bytes)?;
+            return Ok(b);
+        }
         // SAFETY: the buffer holds at least `bytes` bytes; the memset is stream ordered.
         unsafe { dr::memset_d8_async(b.ptr, 0, b.bytes, self.cu_stream()) }
             .map_err(|e| Error::cuda("memset", e))?;
@@ -268,6 +346,11 @@ impl CudaDevice {
     fn release(&self, ptr: ds::CUdeviceptr, bytes: usize) {
         let mut p = self.pool.lock().unwrap_or_else(|e| e.into_inner());
         p.in_use -= bytes;
+        if let Some(emu) = self.emulator() {
+            p.reserved -= bytes;
+            emu.free(ptr);
+            return;
+        }
         p.free.entry(bytes).or_default().push(ptr);
     }
 
@@ -294,6 +377,10 @@ impl CudaDevice {
     /// Uploads a host slice into fresh device memory (synchronises: the slice may be pageable).
     pub fn upload<T: Copy>(self: &Arc<Self>, dtype: DType, data: &[T]) -> Result<Buffer> {
         let b = self.alloc(dtype, data.len())?;
+        if let Some(emu) = self.emulator() {
+            emu.write(b.ptr, data)?;
+            return Ok(b);
+        }
         if !data.is_empty() {
             // SAFETY: the buffer is at least size_of_val(data) bytes; the copy completes before
             // the synchronise returns, so `data` outlives it.
@@ -306,6 +393,9 @@ impl CudaDevice {
 
     /// Downloads `out.len()` elements starting at `ptr`.
     pub fn download<T: Copy>(&self, ptr: ds::CUdeviceptr, out: &mut [T]) -> Result<()> {
+        if let Some(emu) = self.emulator() {
+            return emu.read(ptr, out);
+        }
         self.bind()?;
         if !out.is_empty() {
             // SAFETY: the caller passes a pointer into a live buffer holding out.len() elements.
@@ -318,25 +408,25 @@ impl CudaDevice {
     // ---- kernels ----
 
     /// The kernel `symbol` of family `stem`, compiling and loading the family on first use.
-    fn func(&self, stem: &'static str, symbol: &str) -> Result<Func> {
-        if let Some(f) = self
-            .funcs
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(symbol)
-        {
+    fn func(&self, fam: &'static kernels::Family, symbol: &str) -> Result<Func> {
+        let stem = fam.stem;
+        let Driver {
+            compiler,
+            modules,
+            funcs,
+            ..
+        } = self.driver();
+        if let Some(f) = funcs.lock().unwrap_or_else(|e| e.into_inner()).get(symbol) {
             return Ok(*f);
         }
         self.bind()?;
         let module = {
-            let mut modules = self.modules.lock().unwrap_or_else(|e| e.into_inner());
+            let mut modules = modules.lock().unwrap_or_else(|e| e.into_inner());
             if let Some(m) = modules.get(stem) {
                 m.0
             } else {
-                let fam = kernels::family(stem)
-                    .ok_or_else(|| Error::msg(format!("no kernel family `{stem}`")))?;
                 let compiled =
-                    kernels::compile_family(&self.compiler, fam, &CompileOptions::new(&self.arch))?;
+                    kernels::compile_family(compiler, fam, &CompileOptions::new(&self.arch))?;
                 // SAFETY: a complete cubin for this device's architecture, produced by NVRTC.
                 let m = unsafe { dr::module::load_data(compiled.cubin.as_ptr() as *const c_void) }
                     .map_err(|e| {
@@ -351,7 +441,7 @@ impl CudaDevice {
         let f = unsafe { dr::module::get_function(module, name) }
             .map_err(|e| Error::cuda(format!("kernel {symbol} in {stem}.cu"), e))?;
         let f = Func(f);
-        self.funcs
+        funcs
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .insert(symbol.to_owned(), f);
@@ -360,13 +450,25 @@ impl CudaDevice {
 
     /// Starts a launch of `symbol` from `kernels/<stem>.cu`.
     pub fn launch(&self, stem: &'static str, symbol: String) -> Result<Launch<'_>> {
-        let func = self.func(stem, &symbol)?;
+        let fam = kernels::family(stem)
+            .ok_or_else(|| Error::msg(format!("no kernel family `{stem}`")))?;
+        self.launch_in(fam, symbol)
+    }
+
+    /// Starts a launch of `symbol` from any family, including one that is not in `kernels/`
+    /// (the emulator's own tests bring deliberately broken kernels).
+    pub fn launch_in(&self, fam: &'static kernels::Family, symbol: String) -> Result<Launch<'_>> {
+        let func = match &self.engine {
+            Engine::Driver(_) => Target::Driver(self.func(fam, &symbol)?),
+            Engine::Emulated(e) => Target::Emulated(e.kernel(fam, &symbol)?),
+        };
         Ok(Launch {
             dev: self,
             func,
             symbol,
             values: Vec::new(),
             ptrs: Vec::new(),
+            sizes: Vec::new(),
         })
     }
 
@@ -381,10 +483,17 @@ impl CudaDevice {
 /// `cuLaunchKernel` has copied them.
 pub struct Launch<'a> {
     dev: &'a CudaDevice,
-    func: Func,
+    func: Target,
     symbol: String,
     values: Vec<Box<dyn std::any::Any>>,
     ptrs: Vec<*mut c_void>,
+    /// Byte size of each argument (the emulator checks them against the kernel's parameters).
+    sizes: Vec<u32>,
+}
+
+enum Target {
+    Driver(Func),
+    Emulated(emu::Kernel),
 }
 
 impl Launch<'_> {
@@ -394,6 +503,7 @@ impl Launch<'_> {
     pub fn arg<T: Copy + 'static>(mut self, v: T) -> Self {
         let b = Box::new(v);
         self.ptrs.push(&*b as *const T as *mut c_void);
+        self.sizes.push(std::mem::size_of::<T>() as u32);
         self.values.push(b);
         self
     }
@@ -402,12 +512,29 @@ impl Launch<'_> {
         if grid.0 == 0 || grid.1 == 0 || grid.2 == 0 {
             return Ok(());
         }
+        let func = match self.func {
+            Target::Driver(f) => f,
+            Target::Emulated(k) => {
+                let emu = self
+                    .dev
+                    .emulator()
+                    .expect("emulated kernel on an emulated device");
+                return emu.launch(
+                    &self.symbol,
+                    k,
+                    grid,
+                    block,
+                    smem,
+                    (&self.ptrs, &self.sizes),
+                );
+            }
+        };
         self.dev.bind()?;
         // SAFETY: the function handle is live, and every parameter pointer refers to a boxed
         // value of the exact C type (see `arg`), kept alive in `self.values` during the call.
         unsafe {
             dr::launch_kernel(
-                self.func.0,
+                func.0,
                 grid,
                 block,
                 smem,
@@ -418,6 +545,7 @@ impl Launch<'_> {
         .map_err(|e| Error::cuda(format!("launch {}", self.symbol), e))?;
         if self.dev.sync_each {
             self.dev
+                .driver()
                 .stream
                 .synchronize()
                 .map_err(|e| Error::cuda(format!("after {}", self.symbol), e))?;

@@ -9,6 +9,7 @@
 use cudarc::cublas::{result as br, sys as bs};
 
 use super::elementwise::contiguous;
+use super::emu::GemmCall;
 use super::{check_dtype, same_device, CudaDevice, CudaStorage};
 use crate::tensor::{DType, Layout};
 use crate::{Error, Result};
@@ -122,6 +123,31 @@ pub fn gemm(
     };
     let ab = blas_dtype(ab_dtype, op)?;
     let cd = blas_dtype(c_dtype, op)?;
+    if let Some(emu) = dev.emulator() {
+        // The same column-major call as below, in cuBLAS's terms.
+        return emu.gemm(&GemmCall {
+            trans_a: tb,
+            trans_b: ta,
+            m: n,
+            n: m,
+            k: k.max(1),
+            alpha,
+            a: b.ptr,
+            a_dtype: ab_dtype,
+            lda: ldb,
+            stride_a: b.batch_stride,
+            b: a.ptr,
+            b_dtype: ab_dtype,
+            ldb: lda,
+            stride_b: a.batch_stride,
+            beta,
+            c: c_ptr,
+            c_dtype,
+            ldc,
+            stride_c: c_batch_stride,
+            batch,
+        });
+    }
     dev.bind()?;
     // SAFETY: every pointer addresses live device memory of the sizes the dims and strides
     // describe (checked by the callers' layouts); alpha/beta are host f32 as COMPUTE_32F expects.

@@ -9,6 +9,7 @@ pub mod attention;
 pub mod conv;
 pub mod device;
 pub mod elementwise;
+pub mod emu;
 pub mod gemm;
 pub mod kernels;
 pub mod lora;

@@ -155,7 +155,7 @@ pub fn softmax_last(s: &CudaStorage, l: &Layout) -> Result<CudaStorage> {
         return Ok(out);
     }
     let x = contiguous(s, l)?;
-    softmax_fwd_raw(dev, s.dtype(), x.ptr(), out.ptr(), rows, n)?;
+    softmax_fwd_raw(dev, s.dtype(), (x.ptr(), out.ptr()), rows, n, None)?;
     Ok(out)
 }
 
@@ -163,10 +163,10 @@ pub fn softmax_last(s: &CudaStorage, l: &Layout) -> Result<CudaStorage> {
 pub fn softmax_fwd_raw(
     dev: &Arc<CudaDevice>,
     dtype: DType,
-    x: u64,
-    y: u64,
+    (x, y): (u64, u64),
     rows: usize,
     n: usize,
+    causal_sq: Option<usize>,
 ) -> Result<()> {
     let (launch, grid) = rows_launch(
         dev,
@@ -179,6 +179,7 @@ pub fn softmax_fwd_raw(
         .arg(y)
         .arg(grid as i32)
         .arg(i32_arg(n, "n", "softmax")?)
+        .arg(i32_arg(causal_sq.unwrap_or(0), "Sq", "softmax")?)
         .run((grid, 1, 1), (256, 1, 1), 0)
 }
 

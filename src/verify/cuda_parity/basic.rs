@@ -19,7 +19,102 @@ const UNARY: [UnaryOp; 14] = [
     UnaryOp::Relu,
 ];
 
+/// f32 -> bf16 / f16 rounding, bit for bit, on the values where rounding is easy to get wrong:
+/// ties in both directions, the f16 subnormal range and its underflow edge, the overflow edge
+/// (65504 stays, 65520 goes to inf), signed zeros, infinities. NaN only has to stay NaN.
+fn casts_bit_exact(r: &mut Run) -> Result<()> {
+    let mut vals: Vec<f32> = vec![
+        0.0,
+        -0.0,
+        1.0,
+        -1.0,
+        f32::INFINITY,
+        f32::NEG_INFINITY,
+        f32::NAN,
+        65504.0,
+        65519.0,
+        65520.0,
+        -65520.0,
+        1.0e5,
+        f32::MAX,
+        f32::MIN_POSITIVE,
+        1.0e-45,
+        6.0e-8,
+        2.0f32.powi(-24),
+        2.0f32.powi(-25),
+        2.0f32.powi(-25) * 1.5,
+        2.0f32.powi(-14),
+        2.0f32.powi(-14) * (1.0 - 2.0f32.powi(-11)),
+    ];
+    // Exact ties and their neighbours at the bf16 (8-bit) and f16 (11-bit) mantissa cuts.
+    for m in [1.0f32, 1.5, 3.0, -1.25, 1000.0] {
+        for bits in [8, 11] {
+            let tie = m + m.abs() * 2.0f32.powi(-bits);
+            vals.extend([
+                tie,
+                f32::from_bits(tie.to_bits() + 1),
+                f32::from_bits(tie.to_bits() - 1),
+            ]);
+            let odd_tie = m + 3.0 * m.abs() * 2.0f32.powi(-bits);
+            vals.push(odd_tie);
+        }
+    }
+    for i in 0..200 {
+        // Log-spaced magnitudes through both formats' whole range, both signs.
+        let v = 2.0f32.powf(-30.0 + 0.23 * i as f32);
+        vals.extend([v, -v * 1.37]);
+    }
+    let n = vals.len();
+    let c = Tensor::from_vec(vals, n, Device::Cpu)?;
+    let g = c.to_device(r.dev)?;
+    for to in [DType::BF16, DType::F16] {
+        let case = format!("to_dtype -> {to} bit-exact ({n} edge values)");
+        let bits = |t: &Tensor| -> Result<Vec<(u16, bool)>> {
+            let v = t.to_dtype(to)?.to_vec_f64()?;
+            Ok(v.iter()
+                .map(|&x| match to {
+                    DType::BF16 => (half::bf16::from_f32(x as f32).to_bits(), x.is_nan()),
+                    _ => (half::f16::from_f32(x as f32).to_bits(), x.is_nan()),
+                })
+                .collect())
+        };
+        let (bc, bg) = (bits(&c)?, bits(&g)?);
+        let bad: Vec<usize> = (0..n)
+            .filter(|&i| {
+                let (a, b) = (bc[i], bg[i]);
+                if a.1 || b.1 {
+                    a.1 != b.1
+                } else {
+                    a.0 != b.0
+                }
+            })
+            .collect();
+        let wrong = bad.len();
+        let case = match bad.first() {
+            None => case,
+            Some(&i) => format!(
+                "{case}: first {:e} (f32 {:#010x}) gives {:#06x} here, {:#06x} on the CPU",
+                c.to_vec_f32()?[i],
+                c.to_vec_f32()?[i].to_bits(),
+                bg[i].0,
+                bc[i].0
+            ),
+        };
+        r.rows.push(ParityRow {
+            case,
+            dtype: DType::F32,
+            error: wrong as f64,
+            limit: 0.0,
+            passed: wrong == 0,
+        });
+    }
+    Ok(())
+}
+
 pub(super) fn elementwise(r: &mut Run, dt: DType) -> Result<()> {
+    if dt == DType::F32 {
+        casts_bit_exact(r)?;
+    }
     for op in UNARY {
         let positive = matches!(op, UnaryOp::Log | UnaryOp::Sqrt | UnaryOp::Recip);
         let (lo, hi) = if positive { (0.5, 3.0) } else { (-3.0, 3.0) };
