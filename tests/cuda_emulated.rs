@@ -199,3 +199,13 @@ fn fresh_device_memory_reads_as_nan() {
     let mut w = vec![0f32; 6];
     assert!(dev.download(b.ptr(), &mut w).is_err());
 }
+
+#[test]
+fn f64_is_refused_on_cuda_with_a_typed_error() {
+    device();
+    let t = kstyle::Tensor::ones(4usize, DType::F64, kstyle::Device::Cpu).unwrap();
+    assert!(matches!(
+        t.to_device(kstyle::Device::Cuda(0)),
+        Err(kstyle::Error::DType { .. })
+    ));
+}

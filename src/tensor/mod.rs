@@ -21,7 +21,7 @@ use crate::backend::cpu::CpuStorage;
 use crate::backend::Storage;
 use crate::{Error, Result};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, RwLock, RwLockReadGuard};
+use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
 pub enum Device {
@@ -150,6 +150,12 @@ impl Tensor {
     /// Read access to the backing storage, for backend-level ops (`backend::ops`) and benchmarks.
     pub fn storage(&self) -> RwLockReadGuard<'_, Storage> {
         self.0.storage.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Write access to the backing storage, for in-place backend ops on state that no graph sees
+    /// (optimizer moments and master weights).
+    pub fn storage_mut(&self) -> RwLockWriteGuard<'_, Storage> {
+        self.0.storage.write().unwrap_or_else(|e| e.into_inner())
     }
 
     pub fn dim(&self, d: usize) -> Result<usize> {

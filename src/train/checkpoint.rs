@@ -37,7 +37,7 @@ pub fn save_checkpoint(
         for (kind, v) in [("master", &s.master), ("m", &s.m), ("v", &s.v)] {
             tensors.push((
                 format!("{OPTIM}.{kind}.{}", s.name),
-                Tensor::from_slice(v, v.len(), Device::Cpu)?,
+                v.to_device(Device::Cpu)?,
             ));
         }
     }
@@ -100,8 +100,10 @@ pub fn load_checkpoint(
     };
     let mut slots = Vec::new();
     for (name, _) in adapter.trainables() {
-        let read = |kind: &str| -> Result<Vec<f32>> {
-            f.tensor(&format!("{OPTIM}.{kind}.{name}"))?.to_vec_f32()
+        let read = |kind: &str| -> Result<Tensor> {
+            let t = f.tensor(&format!("{OPTIM}.{kind}.{name}"))?;
+            let n = t.elem_count();
+            t.to_dtype(crate::DType::F32)?.reshape(n)?.to_device(device)
         };
         slots.push(Slot {
             master: read("master")?,

@@ -1,17 +1,40 @@
 //! AdamW over named trainable tensors, with f32 master copies and moments, plus the gradient
-//! accumulator that sums micro-batch gradients before a step.
+//! accumulator that sums micro-batch gradients before a step. All of it lives on the training
+//! device as flat f32 tensors, one per trainable: on CUDA a step is one `optim_adamw_step_f32`
+//! launch per tensor and nothing crosses to the host.
 
 use crate::autograd::GradStore;
-use crate::backend::cpu::optim::{adamw_step, AdamW};
-use crate::{Error, Result, Tensor};
+use crate::backend::cpu::optim::AdamW;
+use crate::backend::ops;
+use crate::{DType, Error, Result, Tensor};
 
-/// One trainable tensor's optimizer slot.
+/// One trainable tensor's optimizer slot: flat (N,) f32 tensors on the parameter's device.
 #[derive(Clone, Debug)]
 pub struct Slot {
     pub name: String,
-    pub master: Vec<f32>,
-    pub m: Vec<f32>,
-    pub v: Vec<f32>,
+    pub master: Tensor,
+    pub m: Tensor,
+    pub v: Tensor,
+}
+
+/// A flat f32 copy of `t` in storage of its own (the optimizer updates it in place).
+fn flat_f32(t: &Tensor) -> Result<Tensor> {
+    let c = t.to_dtype(DType::F32)?;
+    let owned = c.storage().copy_strided(c.layout())?;
+    Ok(Tensor::from_storage(owned, t.elem_count(), None))
+}
+
+impl Slot {
+    /// A fresh slot for `t`: its values as the master copy, zero moments.
+    pub fn new(name: &str, t: &Tensor) -> Result<Slot> {
+        let n = t.elem_count();
+        Ok(Slot {
+            name: name.to_owned(),
+            master: flat_f32(t)?,
+            m: Tensor::zeros(n, DType::F32, t.device())?,
+            v: Tensor::zeros(n, DType::F32, t.device())?,
+        })
+    }
 }
 
 /// AdamW state for a fixed, ordered list of trainables.
@@ -27,16 +50,7 @@ impl Optimizer {
     pub fn new(hyper: AdamW, params: &[(String, Tensor)]) -> Result<Optimizer> {
         let slots = params
             .iter()
-            .map(|(name, t)| {
-                let master = t.to_vec_f32()?;
-                let n = master.len();
-                Ok(Slot {
-                    name: name.clone(),
-                    master,
-                    m: vec![0.0; n],
-                    v: vec![0.0; n],
-                })
-            })
+            .map(|(name, t)| Slot::new(name, t))
             .collect::<Result<Vec<_>>>()?;
         Ok(Optimizer {
             hyper,
@@ -53,10 +67,10 @@ impl Optimizer {
             let slot = by_name
                 .remove(name)
                 .ok_or_else(|| Error::msg(format!("optimizer state has no slot for `{name}`")))?;
-            if slot.master.len() != t.elem_count() {
+            if slot.master.elem_count() != t.elem_count() {
                 return Err(Error::msg(format!(
                     "optimizer slot `{name}` has {} values, the parameter {}",
-                    slot.master.len(),
+                    slot.master.elem_count(),
                     t.elem_count()
                 )));
             }
@@ -70,9 +84,9 @@ impl Optimizer {
         Ok(())
     }
 
-    /// Apply one step with learning rate `lr` to the summed gradients `grads` (one vector per
-    /// slot, already averaged), writing the new values into `params` in place.
-    pub fn step(&mut self, params: &[(String, Tensor)], grads: &[Vec<f32>], lr: f64) -> Result<()> {
+    /// Apply one step with learning rate `lr` to the mean gradients `grads` (one flat f32 tensor
+    /// per slot, on the slot's device), writing the new values into `params` in place.
+    pub fn step(&mut self, params: &[(String, Tensor)], grads: &[Tensor], lr: f64) -> Result<()> {
         if params.len() != self.slots.len() || grads.len() != self.slots.len() {
             return Err(Error::msg(format!(
                 "optimizer: {} slots, {} params, {} gradients",
@@ -84,51 +98,50 @@ impl Optimizer {
         self.step += 1;
         let hyper = AdamW { lr, ..self.hyper };
         for ((slot, (name, t)), g) in self.slots.iter_mut().zip(params).zip(grads) {
-            if slot.name != *name || g.len() != slot.master.len() {
+            if slot.name != *name || g.elem_count() != slot.master.elem_count() {
                 return Err(Error::msg(format!(
                     "optimizer: slot `{}` does not match parameter `{name}`",
                     slot.name
                 )));
             }
-            adamw_step(
+            ops::adamw_step(
                 &hyper,
                 self.step,
-                &mut slot.master,
-                g,
-                &mut slot.m,
-                &mut slot.v,
-            );
-            let value = Tensor::from_slice(&slot.master, t.dims().to_vec(), crate::Device::Cpu)?;
-            t.set(&value)?;
+                &mut slot.master.storage_mut(),
+                &g.storage(),
+                &mut slot.m.storage_mut(),
+                &mut slot.v.storage_mut(),
+            )?;
+            t.set(&slot.master.reshape(t.dims().to_vec())?)?;
         }
         Ok(())
     }
 }
 
-/// Sums gradients over micro-batches; a missing gradient counts as zero.
+/// Sums gradients over micro-batches on the parameters' device; a missing gradient counts as zero.
 #[derive(Clone, Debug)]
 pub struct GradAccumulator {
-    pub sums: Vec<Vec<f32>>,
+    /// Flat f32 sums, one per parameter.
+    pub sums: Vec<Tensor>,
     pub count: usize,
 }
 
 impl GradAccumulator {
-    pub fn new(params: &[(String, Tensor)]) -> GradAccumulator {
-        GradAccumulator {
+    pub fn new(params: &[(String, Tensor)]) -> Result<GradAccumulator> {
+        Ok(GradAccumulator {
             sums: params
                 .iter()
-                .map(|(_, t)| vec![0.0; t.elem_count()])
-                .collect(),
+                .map(|(_, t)| Tensor::zeros(t.elem_count(), DType::F32, t.device()))
+                .collect::<Result<_>>()?,
             count: 0,
-        }
+        })
     }
 
     pub fn add(&mut self, params: &[(String, Tensor)], grads: &GradStore) -> Result<()> {
         for (sum, (_, t)) in self.sums.iter_mut().zip(params) {
             if let Some(g) = grads.get(t) {
-                for (s, v) in sum.iter_mut().zip(g.to_vec_f32()?) {
-                    *s += v;
-                }
+                let g = flat_f32(g)?;
+                *sum = sum.add(&g)?;
             }
         }
         self.count += 1;
@@ -136,18 +149,16 @@ impl GradAccumulator {
     }
 
     /// The mean gradient over the accumulated micro-batches, and a reset accumulator.
-    pub fn take_mean(&mut self) -> Vec<Vec<f32>> {
-        let n = self.count.max(1) as f32;
-        let out = self
-            .sums
-            .iter()
-            .map(|s| s.iter().map(|v| v / n).collect())
-            .collect();
+    pub fn take_mean(&mut self) -> Result<Vec<Tensor>> {
+        let n = self.count.max(1) as f64;
+        let mut out = Vec::with_capacity(self.sums.len());
         for s in &mut self.sums {
-            s.iter_mut().for_each(|v| *v = 0.0);
+            let divisor = Tensor::full(n, 1usize, DType::F32, s.device())?;
+            out.push(s.div(&divisor)?);
+            *s = s.zeros_like()?;
         }
         self.count = 0;
-        out
+        Ok(out)
     }
 }
 

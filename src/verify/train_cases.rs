@@ -141,7 +141,7 @@ fn train_step(ctx: &Ctx, case: &str) -> Result<Vec<Row>> {
             &f.tensor(&format!("grad.{name}"))?,
             grad_tol,
         )?;
-        flat.push(g.to_vec_f32()?);
+        flat.push(g.to_dtype(DType::F32)?.reshape(g.elem_count())?);
     }
     let betas: Vec<f64> = text("betas")?
         .split(',')

@@ -265,12 +265,13 @@ impl Emulator {
             err: err.as_mut_ptr() as *mut c_char,
             errlen: err.len() as u32,
         };
-        let rc = {
-            let _one = self.run.lock().unwrap_or_else(|e| e.into_inner());
-            // SAFETY: `la` and everything it points to outlive the call; the trampoline checks
-            // the argument count and sizes before reading any argument.
-            unsafe { (k.0)(&la) }
-        };
+        // The guards are checked (and repaired) before the next launch may run, so a launch
+        // from another thread never sees this one's damage.
+        let _one = self.run.lock().unwrap_or_else(|e| e.into_inner());
+        // SAFETY: `la` and everything it points to outlive the call; the trampoline checks the
+        // argument count and sizes before reading any argument.
+        let rc = unsafe { (k.0)(&la) };
+        let guards = self.check_guards(symbol);
         if rc != 0 {
             let end = err.iter().position(|&b| b == 0).unwrap_or(err.len());
             return Err(Error::msg(format!(
@@ -278,7 +279,7 @@ impl Emulator {
                 String::from_utf8_lossy(&err[..end])
             )));
         }
-        self.check_guards(symbol)
+        guards
     }
 
     // ---- memory ----
@@ -379,14 +380,20 @@ impl Emulator {
             if front.iter().chain(back).all(|&b| b == GUARD_BYTE) {
                 continue;
             }
-            let bad_front = front.iter().rposition(|&b| b != GUARD_BYTE);
-            let msg = match bad_front {
+            let msg = match front.iter().rposition(|&b| b != GUARD_BYTE) {
                 Some(i) => format!("byte {} before the start", GUARD - i),
                 None => {
                     let i = back.iter().position(|&b| b != GUARD_BYTE).unwrap_or(0);
                     format!("byte {i} after the end")
                 }
             };
+            // Repair the guard so that the next launch reports only its own damage.
+            // SAFETY: both guard ranges are inside the live allocation; the slices above are no
+            // longer used.
+            unsafe {
+                std::ptr::write_bytes(a.base, GUARD_BYTE, GUARD);
+                std::ptr::write_bytes(a.base.add(GUARD + a.bytes), GUARD_BYTE, GUARD);
+            }
             return Err(Error::msg(format!(
                 "emulator: {symbol} wrote outside the {}-byte allocation at {ptr:#x} ({msg})",
                 a.bytes
