@@ -22,20 +22,7 @@ fn device() -> Arc<CudaDevice> {
 fn every_cuda_op_matches_the_cpu_oracle_on_the_emulator() {
     device();
     let rows = cuda_parity::run(0, None, 0x5eed).expect("parity run");
-    let failed: Vec<_> = rows.iter().filter(|r| !r.passed).collect();
-    for r in &failed {
-        eprintln!(
-            "FAIL {} [{}]: err {:.3e} limit {:.3e}",
-            r.case, r.dtype, r.error, r.limit
-        );
-    }
-    assert!(rows.len() > 300, "only {} parity rows", rows.len());
-    assert!(
-        failed.is_empty(),
-        "{} of {} parity checks failed",
-        failed.len(),
-        rows.len()
-    );
+    common::assert_parity(&rows, 300);
 }
 
 /// `kstyle verify --device cuda` on the tiny fixtures, every stage through the CUDA code paths.

@@ -4,6 +4,8 @@
 //! ignored, never as passed; run with `--ignored` on a machine with a GPU, where a missing
 //! device is then a failure.
 
+mod common;
+
 use kstyle::verify::cuda_parity;
 use kstyle::{DType, Device, Error, Tensor};
 
@@ -18,24 +20,7 @@ fn every_cuda_op_matches_the_cpu_oracle() {
         panic!("asked to run the GPU parity test, but there is no usable CUDA device: {why}");
     }
     let rows = cuda_parity::run(0, None, 0x5eed).expect("parity run");
-    let failed: Vec<_> = rows.iter().filter(|r| !r.passed).collect();
-    for r in &rows {
-        eprintln!(
-            "{:<56} {:<5} err {:>10.3e}  limit {:>10.3e}  {}",
-            r.case,
-            r.dtype,
-            r.error,
-            r.limit,
-            if r.passed { "ok" } else { "FAIL" }
-        );
-    }
-    assert!(!rows.is_empty());
-    assert!(
-        failed.is_empty(),
-        "{} of {} parity checks failed",
-        failed.len(),
-        rows.len()
-    );
+    common::assert_parity(&rows, 1);
 }
 
 /// On a machine without a driver, moving a tensor to CUDA is an error naming the device, never a

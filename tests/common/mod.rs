@@ -59,3 +59,25 @@ pub fn assert_fails_naming(o: &Output, needle: &str) {
 pub fn stderr(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
 }
+
+/// Prints every parity row that failed and asserts there are none (and at least `min_rows`).
+pub fn assert_parity(rows: &[kstyle::verify::cuda_parity::ParityRow], min_rows: usize) {
+    let failed: Vec<_> = rows.iter().filter(|r| !r.passed).collect();
+    for r in &failed {
+        eprintln!(
+            "FAIL {} [{}]: err {:.3e} limit {:.3e}",
+            r.case, r.dtype, r.error, r.limit
+        );
+    }
+    assert!(
+        rows.len() >= min_rows,
+        "only {} parity rows (expected at least {min_rows})",
+        rows.len()
+    );
+    assert!(
+        failed.is_empty(),
+        "{} of {} parity checks failed",
+        failed.len(),
+        rows.len()
+    );
+}
