@@ -8,6 +8,7 @@
 #   parity  kstyle gpu-parity: every CUDA op vs the CPU oracle (KSTYLE_CUDA_SYNC=1: a fault names
 #           its kernel)
 #   verify  kstyle verify --device cuda tests/fixtures/tiny
+#   train   kstyle train --device cuda, 4 steps on the tiny model, losses beside the CPU run's
 #   bench   kstyle bench: GEMM, flash attention vs composition, fused LoRA, group norm, rooflines
 #   torch   scripts/bench_torch.py: PyTorch SDPA / GEMM / group norm on the same shapes
 #   candle  gpu-carry/candle-cuda-bench.xz (scripts/build-candle-cuda.sh): candle 0.11 on the same
@@ -51,6 +52,21 @@ step() {
 step env 30 bash -c 'nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm --format=csv; ls /usr/local/cuda/lib64 | grep -E "libnvrtc.so|libcublas.so|libcublasLt.so" ; ls gpu-carry/cache/nvrtc | wc -l; '"$BIN"' --version'
 step parity 240 env KSTYLE_CUDA_SYNC=1 "$BIN" gpu-parity
 step verify 120 "$BIN" verify --device cuda tests/fixtures/tiny
+# Training end to end on CUDA (AdamW state on the device), 4 steps of the tiny model, and the same
+# run on the CPU: the two loss logs side by side. Folded into verify.log (the 8-file limit).
+TRAIN_DIR=$(mktemp -d)
+mkdir -p "$TRAIN_DIR/data"
+cp tests/fixtures/tiny/reference/pipeline.png tests/fixtures/tiny/reference/clip_input.png "$TRAIN_DIR/data/"
+train_tiny() {
+    "$BIN" train --model tests/fixtures/tiny/sdxl --data "$TRAIN_DIR/data" --out "$TRAIN_DIR/$1/a.safetensors" \
+        --method kstyle --clip tests/fixtures/tiny/clip --resolution 64 --caption-template "a [v] x" \
+        --max-steps 4 --grad-accum 2 --seed 7 --device "$1" && paste -d' ' "$TRAIN_DIR/cpu/a.loss.csv" "$TRAIN_DIR/$1/a.loss.csv" 2>/dev/null
+}
+export -f train_tiny
+export BIN TRAIN_DIR
+train_tiny cpu > /dev/null 2>&1
+step train 120 bash -c 'train_tiny cuda'
+cat "$OUT/train.log" >> "$OUT/verify.log" && rm -f "$OUT/train.log"
 step bench 240 "$BIN" bench --json "$JSONS/1-kstyle.jsonl"
 step torch 120 python3 scripts/bench_torch.py --json "$JSONS/2-torch.jsonl"
 # candle's binary travels xz-compressed (48 MiB -> 5 MiB, to fit the 64 MiB the call carries).
