@@ -19,6 +19,8 @@ for arg in "$@"; do
 done
 cargo build --release
 rm -rf gpu-carry/kstyle gpu-carry/kstyle.xz
+# Only the current kernels travel: cubins of earlier sources would eat into the 64 MiB call.
+rm -rf gpu-carry/cache
 mkdir -p gpu-carry/cache
 cp target/release/kstyle gpu-carry/kstyle
 # NVRTC here must be the 13.0 the GPU machine has: the cache key includes the NVRTC version.
