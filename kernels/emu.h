@@ -76,7 +76,8 @@ enum State : int { Ready, AtBlockBarrier, AtWarpBarrier, Done };
 // Switching fibers is most of the emulator's time; glibc's swapcontext makes a sigprocmask system
 // call per switch, so x86-64 gets a plain register switch (the callee-saved registers and the
 // stack pointer, which is all a cooperative switch at a call boundary has to keep).
-#if defined(__x86_64__)
+// -DKS_EMU_UCONTEXT forces the portable path (how it is tested on x86-64).
+#if defined(__x86_64__) && !defined(KS_EMU_UCONTEXT)
 __attribute__((naked, noinline)) inline void switch_stack(void** /*save*/, void* /*load*/) {
     asm volatile(
         "pushq %rbp\n pushq %rbx\n pushq %r12\n pushq %r13\n pushq %r14\n pushq %r15\n"

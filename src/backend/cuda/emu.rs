@@ -30,6 +30,8 @@ use crate::{Error, Result};
 pub const EMULATE_ENV: &str = "KSTYLE_CUDA_EMULATE";
 /// The C++ compiler (default `g++`, then `c++`).
 pub const CXX_ENV: &str = "CXX";
+/// Extra compiler flags, space separated (e.g. `-DKS_EMU_UCONTEXT` for the portable fiber switch).
+pub const CXXFLAGS_ENV: &str = "KSTYLE_EMU_CXXFLAGS";
 
 /// The emulator's runtime header, `-include`d before every family.
 pub const EMU_H: &str = include_str!("../../../kernels/emu.h");
@@ -124,8 +126,14 @@ impl Emulator {
         ))
     }
 
-    pub fn compiler(&self) -> &str {
-        &self.cxx_version
+    /// The compiler's version line, and the extra flags when there are any.
+    pub fn compiler(&self) -> String {
+        let extra = extra_flags();
+        if extra.is_empty() {
+            self.cxx_version.clone()
+        } else {
+            format!("{} {}", self.cxx_version, extra.join(" "))
+        }
     }
 
     // ---- kernels ----
@@ -167,6 +175,7 @@ impl Emulator {
             fam.code,
             &self.cxx_version,
             &Self::FLAGS.join(" "),
+            &extra_flags().join(" "),
         ] {
             h.update(part.as_bytes());
             h.update([0]);
@@ -196,19 +205,11 @@ impl Emulator {
             std::fs::write(&p, text).map_err(|e| io("write", &p, e))?;
         }
         // The kernels' names come from the preprocessed source (macros paste most of them).
-        let pre = self.cxx(
-            &work,
-            &[
-                "-std=c++17",
-                "-E",
-                "-P",
-                "-x",
-                "c++",
-                "-include",
-                "emu.h",
-                &cu,
-            ],
-        )?;
+        let extra = extra_flags();
+        let mut pre_args = vec!["-std=c++17", "-E", "-P", "-x", "c++", "-include", "emu.h"];
+        pre_args.extend(extra.iter().map(String::as_str));
+        pre_args.push(&cu);
+        let pre = self.cxx(&work, &pre_args)?;
         let names = kernel_names(&pre);
         let mut tu = format!("#include \"{cu}\"\n");
         for n in &names {
@@ -217,6 +218,7 @@ impl Emulator {
         let tu_name = format!("{}.emu.cpp", fam.stem);
         std::fs::write(work.join(&tu_name), tu).map_err(|e| io("write", &work, e))?;
         let mut args: Vec<&str> = Self::FLAGS.to_vec();
+        args.extend(extra.iter().map(String::as_str));
         args.extend(["-include", "emu.h", "-o", "out.so", &tu_name]);
         self.cxx(&work, &args)?;
         std::fs::rename(work.join("out.so"), &lib).map_err(|e| io("install", &lib, e))?;
@@ -521,6 +523,12 @@ pub struct GemmCall {
     pub ldc: usize,
     pub stride_c: usize,
     pub batch: usize,
+}
+
+fn extra_flags() -> Vec<String> {
+    std::env::var(CXXFLAGS_ENV)
+        .map(|f| f.split_whitespace().map(str::to_owned).collect())
+        .unwrap_or_default()
 }
 
 /// `extern "C" __attribute__((used)) void NAME(` in preprocessed source: the kernels.
