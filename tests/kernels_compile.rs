@@ -27,7 +27,7 @@ fn nvrtc(test: &str) {
 }
 
 #[test]
-#[ignore = "needs libnvrtc: .ci/run installs it, then runs `kstyle kernels --check` (the same compile)"]
+#[ignore = "needs libnvrtc, which is not part of a Rust toolchain: .ci/run installs it and runs this with --ignored"]
 fn every_kernel_compiles_for_sm90a_and_sm80() {
     nvrtc("every_kernel_compiles_for_sm90a_and_sm80");
     let report = kernels::check_all(DEFAULT_ARCHS).expect("nvrtc loaded but check_all failed");
@@ -67,7 +67,7 @@ fn every_kernel_compiles_for_sm90a_and_sm80() {
 }
 
 #[test]
-#[ignore = "needs libnvrtc: .ci/run installs it and runs this with --ignored"]
+#[ignore = "needs libnvrtc, which is not part of a Rust toolchain: .ci/run installs it and runs this with --ignored"]
 fn compile_errors_carry_the_log_and_the_cache_hits() {
     nvrtc("compile_errors_carry_the_log_and_the_cache_hits");
     let bad = Source {

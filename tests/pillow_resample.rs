@@ -2,8 +2,8 @@
 //! hashes that Pillow 13.0.0 produced for inputs drawn from a 64-bit LCG that both sides can
 //! reproduce (`scripts/dev/pillow_xcheck.py`). A single wrong byte anywhere changes the hash.
 //!
-//! `pillow_sweep` replays a larger random sweep from `xcheck/cases.json` when that file exists
-//! (run the script, then `cargo test --test pillow_resample -- --ignored`).
+//! `pillow_sweep` replays a larger random sweep, `tests/data/pillow_sweep.json`: 526 cases that
+//! Pillow 13.0.0 produced with `python scripts/dev/pillow_xcheck.py tests/data/pillow_sweep.json 500`.
 
 use kstyle::image::resample::{resize_u8, Filter};
 use Filter::{Bicubic, Bilinear, Lanczos};
@@ -80,9 +80,8 @@ fn matches_pillow_on_fixed_cases() {
 }
 
 #[test]
-#[ignore = "needs xcheck/cases.json from scripts/dev/pillow_xcheck.py"]
 fn pillow_sweep() {
-    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/xcheck/cases.json");
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/data/pillow_sweep.json");
     let cases: Vec<serde_json::Value> =
         serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
     let mut bad = Vec::new();
