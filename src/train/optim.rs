@@ -140,7 +140,8 @@ impl GradAccumulator {
     pub fn add(&mut self, params: &[(String, Tensor)], grads: &GradStore) -> Result<()> {
         for (sum, (_, t)) in self.sums.iter_mut().zip(params) {
             if let Some(g) = grads.get(t) {
-                let g = flat_f32(g)?;
+                // A view when the gradient is contiguous f32 (the usual case): no copy before the add.
+                let g = g.to_dtype(DType::F32)?.reshape(t.elem_count())?;
                 *sum = sum.add(&g)?;
             }
         }
@@ -152,9 +153,15 @@ impl GradAccumulator {
     pub fn take_mean(&mut self) -> Result<Vec<Tensor>> {
         let n = self.count.max(1) as f64;
         let mut out = Vec::with_capacity(self.sums.len());
+        // One divisor per device, not one upload per tensor.
+        let mut divisor: Option<Tensor> = None;
         for s in &mut self.sums {
-            let divisor = Tensor::full(n, 1usize, DType::F32, s.device())?;
-            out.push(s.div(&divisor)?);
+            let d = match &divisor {
+                Some(d) if d.device() == s.device() => d.clone(),
+                _ => Tensor::full(n, 1usize, DType::F32, s.device())?,
+            };
+            out.push(s.div(&d)?);
+            divisor = Some(d);
             *s = s.zeros_like()?;
         }
         self.count = 0;
