@@ -109,6 +109,18 @@ impl Storage {
         }
     }
 
+    /// Elements held (the whole buffer, whatever view a layout takes of it).
+    pub fn len(&self) -> usize {
+        match self {
+            Storage::Cpu(c) => c.len(),
+            Storage::Cuda(c) => c.len(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
     pub fn device(&self) -> Device {
         match self {
             Storage::Cpu(_) => Device::Cpu,
@@ -153,7 +165,7 @@ impl Storage {
 pub mod ops {
     use super::*;
     use cpu::lora::{Gates, LoraGeom, LoraGrads};
-    use cpu::optim::AdamW;
+    use cpu::optim::{AdamW, State};
     use cpu::{attention, conv, elementwise as ew, matmul as mm, norm as nm, reduce as rd};
     use cuda::{attention as cattn, conv as cconv, elementwise as cew, gemm as cmm, norm as cnm};
     use cuda::{lora as clora, optim as coptim, pool as cpool, reduce as crd};
@@ -624,31 +636,122 @@ pub mod ops {
         }
     }
 
-    /// One AdamW step at 1-based step `t` over flat f32 buffers, in place.
+    /// One AdamW step at 1-based step `t` over flat f32 buffers, in place, with gradient
+    /// `grad_scale * g` (1 / micro-batches: the accumulator holds sums).
     pub fn adamw_step(
         h: &AdamW,
         t: u64,
-        p: &mut Storage,
+        s: State<'_, Storage>,
         g: &Storage,
-        m: &mut Storage,
-        v: &mut Storage,
+        grad_scale: f32,
     ) -> Result<()> {
-        match (p, g, m, v) {
+        match (s.p, g, s.m, s.v) {
             (
                 Storage::Cpu(CpuStorage::F32(p)),
                 Storage::Cpu(CpuStorage::F32(g)),
                 Storage::Cpu(CpuStorage::F32(m)),
                 Storage::Cpu(CpuStorage::F32(v)),
             ) => {
-                cpu::optim::adamw_step(h, t, p, g, m, v);
+                cpu::optim::adamw_step(h, t, State { p, m, v }, g, grad_scale);
                 Ok(())
             }
-            (Storage::Cuda(p), Storage::Cuda(g), Storage::Cuda(m), Storage::Cuda(v)) => {
-                coptim::adamw_step(h, t, p, g, m, v, None)
+            (Storage::Cuda(p), Storage::Cuda(g), Storage::Cuda(m), Storage::Cuda(v))
+                if [g.ordinal(), m.ordinal(), v.ordinal()]
+                    .iter()
+                    .all(|&o| o == p.ordinal()) =>
+            {
+                coptim::adamw_step(h, t, State { p, m, v }, g, grad_scale, None)
             }
             (p, ..) => Err(Error::DType {
                 op: "adamw_step (flat f32 buffers on one device)",
                 dtype: p.dtype(),
+            }),
+        }
+    }
+
+    /// `flat[offset .. offset + n] += part` for every `(part, offset)`: contiguous f32 parts
+    /// summed into a flat f32 buffer on the same device (one launch on CUDA, however many parts).
+    pub fn gather_add(flat: &mut Storage, parts: &[(Arg, usize)]) -> Result<()> {
+        for &((s, l), off) in parts {
+            if s.dtype() != DType::F32 || !l.is_contiguous() {
+                return Err(Error::msg(format!(
+                    "gather_add: parts must be contiguous f32, got {} {:?}",
+                    s.dtype(),
+                    l.dims()
+                )));
+            }
+            if off + l.shape().elem_count() > flat.len() {
+                return Err(Error::msg(format!(
+                    "gather_add: part [{off}, {}) lies outside the {}-element flat buffer",
+                    off + l.shape().elem_count(),
+                    flat.len()
+                )));
+            }
+        }
+        match flat {
+            Storage::Cpu(CpuStorage::F32(f)) => {
+                for &((s, l), off) in parts {
+                    let Storage::Cpu(CpuStorage::F32(src)) = s else {
+                        return Err(mismatch("gather_add", s, s));
+                    };
+                    let n = l.shape().elem_count();
+                    cpu::optim::gather_add(f, &src[l.offset()..l.offset() + n], off);
+                }
+                Ok(())
+            }
+            Storage::Cuda(f) => {
+                let mut addrs = Vec::with_capacity(parts.len());
+                for &((s, l), off) in parts {
+                    match s {
+                        Storage::Cuda(c) if c.ordinal() == f.ordinal() => {
+                            addrs.push((c.ptr_at(l.offset()), off, l.shape().elem_count()))
+                        }
+                        _ => return Err(Error::msg("gather_add: parts on another device")),
+                    }
+                }
+                coptim::gather_add(f, &addrs)
+            }
+            f => Err(Error::DType {
+                op: "gather_add (flat f32 buffer)",
+                dtype: f.dtype(),
+            }),
+        }
+    }
+
+    /// Every `(target, offset)` storage is overwritten in place with `flat[offset .. offset + n]`
+    /// rounded to its dtype (one launch per dtype on CUDA, however many targets).
+    pub fn scatter(flat: &Storage, targets: &mut [(&mut Storage, usize)]) -> Result<()> {
+        if let Some((t, off)) = targets.iter().find(|(t, off)| off + t.len() > flat.len()) {
+            return Err(Error::msg(format!(
+                "scatter: target [{off}, {}) lies outside the {}-element flat buffer",
+                *off + t.len(),
+                flat.len()
+            )));
+        }
+        match flat {
+            Storage::Cpu(CpuStorage::F32(f)) => {
+                for (t, off) in targets.iter_mut() {
+                    let n = t.len();
+                    let Storage::Cpu(c) = &mut **t else {
+                        return Err(Error::msg("scatter: a target on another device"));
+                    };
+                    *c = CpuStorage::from_f32(f[*off..*off + n].to_vec(), c.dtype());
+                }
+                Ok(())
+            }
+            Storage::Cuda(f) => {
+                let mut cuda = Vec::with_capacity(targets.len());
+                for (t, off) in targets.iter() {
+                    match &**t {
+                        Storage::Cuda(c) if c.ordinal() == f.ordinal() => cuda.push((c, *off)),
+                        _ => return Err(Error::msg("scatter: a target on another device")),
+                    }
+                }
+                coptim::scatter(f, &cuda)
+            }
+            f => Err(Error::DType {
+                op: "scatter (flat f32 buffer)",
+                dtype: f.dtype(),
             }),
         }
     }

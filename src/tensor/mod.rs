@@ -112,6 +112,11 @@ impl Tensor {
         }))
     }
 
+    /// Identifies the storage behind this tensor: equal for tensors that share it (views).
+    pub fn storage_id(&self) -> usize {
+        Arc::as_ptr(&self.0.storage) as *const () as usize
+    }
+
     pub fn id(&self) -> TensorId {
         self.0.id
     }

@@ -2,7 +2,7 @@
 //! moments and masters, the step, the RNG state and the data order, written atomically, so that
 //! `--resume` continues bit for bit.
 
-use super::optim::{Optimizer, Slot};
+use super::optim::Optimizer;
 use crate::backend::cpu::optim::AdamW;
 use crate::formats::adapter::Adapter;
 use crate::formats::kohya::ModuleIndex;
@@ -33,12 +33,17 @@ pub fn save_checkpoint(
     state: &TrainState,
 ) -> Result<()> {
     let mut tensors = adapter.file_tensors(index)?;
-    for s in &opt.slots {
-        for (kind, v) in [("master", &s.master), ("m", &s.m), ("v", &s.v)] {
-            tensors.push((
-                format!("{OPTIM}.{kind}.{}", s.name),
-                v.to_device(Device::Cpu)?,
-            ));
+    // One download per flat buffer, then per-trainable views of the host copies.
+    let host = Optimizer {
+        master: opt.master.to_device(Device::Cpu)?,
+        m: opt.m.to_device(Device::Cpu)?,
+        v: opt.v.to_device(Device::Cpu)?,
+        ..opt.clone()
+    };
+    for s in &host.slots {
+        let state = host.slot_state(s)?;
+        for (kind, v) in ["master", "m", "v"].into_iter().zip(state) {
+            tensors.push((format!("{OPTIM}.{kind}.{}", s.name), v));
         }
     }
     let mut meta = adapter.metadata();
@@ -98,24 +103,15 @@ pub fn load_checkpoint(
         order,
         rng: Rng::from_state(rng),
     };
-    let mut slots = Vec::new();
+    let mut parts = Vec::new();
     for (name, _) in adapter.trainables() {
         let read = |kind: &str| -> Result<Tensor> {
             let t = f.tensor(&format!("{OPTIM}.{kind}.{name}"))?;
             let n = t.elem_count();
-            t.to_dtype(crate::DType::F32)?.reshape(n)?.to_device(device)
+            t.to_dtype(crate::DType::F32)?.reshape(n)
         };
-        slots.push(Slot {
-            master: read("master")?,
-            m: read("m")?,
-            v: read("v")?,
-            name,
-        });
+        parts.push((name.clone(), read("master")?, read("m")?, read("v")?));
     }
-    let opt = Optimizer {
-        hyper,
-        step: int("kstyle.ckpt.optim_step")?,
-        slots,
-    };
+    let opt = Optimizer::from_parts(hyper, int("kstyle.ckpt.optim_step")?, parts, device)?;
     Ok((adapter, opt, state))
 }

@@ -1,40 +1,22 @@
 //! AdamW over named trainable tensors, with f32 master copies and moments, plus the gradient
-//! accumulator that sums micro-batch gradients before a step. All of it lives on the training
-//! device as flat f32 tensors, one per trainable: on CUDA a step is one `optim_adamw_step_f32`
-//! launch per tensor and nothing crosses to the host.
+//! accumulator that sums micro-batch gradients before a step. The state is one flat f32 buffer
+//! per quantity on the training device, every trainable packed back to back in slot order, so a
+//! step is a fixed handful of passes however many tensors the adapter has: one multi-tensor add
+//! per micro-batch, one AdamW sweep, and one multi-tensor copy of the new values into the
+//! trainables (on CUDA, launches; nothing crosses to the host).
 
 use crate::autograd::GradStore;
-use crate::backend::cpu::optim::AdamW;
+use crate::backend::cpu::optim::{AdamW, State};
 use crate::backend::ops;
-use crate::{DType, Error, Result, Tensor};
+use crate::{DType, Device, Error, Result, Tensor};
+use std::collections::HashSet;
 
-/// One trainable tensor's optimizer slot: flat (N,) f32 tensors on the parameter's device.
-#[derive(Clone, Debug)]
+/// Where one trainable's values sit in the flat buffers.
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Slot {
     pub name: String,
-    pub master: Tensor,
-    pub m: Tensor,
-    pub v: Tensor,
-}
-
-/// A flat f32 copy of `t` in storage of its own (the optimizer updates it in place).
-fn flat_f32(t: &Tensor) -> Result<Tensor> {
-    let c = t.to_dtype(DType::F32)?;
-    let owned = c.storage().copy_strided(c.layout())?;
-    Ok(Tensor::from_storage(owned, t.elem_count(), None))
-}
-
-impl Slot {
-    /// A fresh slot for `t`: its values as the master copy, zero moments.
-    pub fn new(name: &str, t: &Tensor) -> Result<Slot> {
-        let n = t.elem_count();
-        Ok(Slot {
-            name: name.to_owned(),
-            master: flat_f32(t)?,
-            m: Tensor::zeros(n, DType::F32, t.device())?,
-            v: Tensor::zeros(n, DType::F32, t.device())?,
-        })
-    }
+    pub offset: usize,
+    pub len: usize,
 }
 
 /// AdamW state for a fixed, ordered list of trainables.
@@ -44,128 +26,280 @@ pub struct Optimizer {
     /// Steps taken so far (the next step is `step + 1`).
     pub step: u64,
     pub slots: Vec<Slot>,
+    /// (N,) f32 master values, slot after slot.
+    pub master: Tensor,
+    /// (N,) f32 first and second moments.
+    pub m: Tensor,
+    pub v: Tensor,
+}
+
+/// The device all `params` live on, after checking that each can be written in place by the
+/// optimizer: a float tensor that is the whole of its own storage (no view, no sharing).
+fn check_trainables(params: &[(String, Tensor)]) -> Result<Device> {
+    let device = params.first().map(|(_, t)| t.device()).unwrap_or_default();
+    let mut storages = HashSet::new();
+    for (name, t) in params {
+        if t.device() != device {
+            return Err(Error::msg(format!(
+                "optimizer: `{name}` is on {}, the first trainable on {device}",
+                t.device()
+            )));
+        }
+        if !t.dtype().is_float() {
+            return Err(Error::DType {
+                op: "optimizer (trainables are float)",
+                dtype: t.dtype(),
+            });
+        }
+        let whole = t.layout().is_contiguous()
+            && t.layout().offset() == 0
+            && t.storage().len() == t.elem_count();
+        if !whole || !storages.insert(t.storage_id()) {
+            return Err(Error::msg(format!(
+                "optimizer: `{name}` {:?} is a view or shares its storage; trainables must own theirs",
+                t.dims()
+            )));
+        }
+    }
+    Ok(device)
+}
+
+/// `parts` back to back as one (N,) f32 tensor on `device` (an empty one for no parts).
+fn concat(parts: &[Tensor], device: Device) -> Result<Tensor> {
+    if parts.is_empty() {
+        return Tensor::zeros(0, DType::F32, device);
+    }
+    let flat: Vec<Tensor> = parts
+        .iter()
+        .map(|t| t.to_dtype(DType::F32)?.reshape(t.elem_count()))
+        .collect::<Result<_>>()?;
+    Tensor::cat(&flat, 0)?.to_device(device)
 }
 
 impl Optimizer {
+    /// Fresh state for `params`: their values as the masters, zero moments.
     pub fn new(hyper: AdamW, params: &[(String, Tensor)]) -> Result<Optimizer> {
-        let slots = params
-            .iter()
-            .map(|(name, t)| Slot::new(name, t))
-            .collect::<Result<Vec<_>>>()?;
+        let device = check_trainables(params)?;
+        let mut slots = Vec::with_capacity(params.len());
+        let mut offset = 0;
+        for (name, t) in params {
+            let len = t.elem_count();
+            slots.push(Slot {
+                name: name.clone(),
+                offset,
+                len,
+            });
+            offset += len;
+        }
+        let values: Vec<Tensor> = params.iter().map(|(_, t)| t.clone()).collect();
         Ok(Optimizer {
             hyper,
             step: 0,
             slots,
+            master: concat(&values, device)?,
+            m: Tensor::zeros(offset, DType::F32, device)?,
+            v: Tensor::zeros(offset, DType::F32, device)?,
         })
+    }
+
+    /// State read back per trainable (a checkpoint): `(name, master, m, v)`, each flat f32 of
+    /// the trainable's length, packed in the order given.
+    pub fn from_parts(
+        hyper: AdamW,
+        step: u64,
+        parts: Vec<(String, Tensor, Tensor, Tensor)>,
+        device: Device,
+    ) -> Result<Optimizer> {
+        let mut slots = Vec::with_capacity(parts.len());
+        let (mut masters, mut ms, mut vs) = (vec![], vec![], vec![]);
+        let mut offset = 0;
+        for (name, master, m, v) in parts {
+            let len = master.elem_count();
+            if m.elem_count() != len || v.elem_count() != len {
+                return Err(Error::msg(format!(
+                    "optimizer slot `{name}`: {len} master values but {} and {} moments",
+                    m.elem_count(),
+                    v.elem_count()
+                )));
+            }
+            slots.push(Slot { name, offset, len });
+            offset += len;
+            masters.push(master);
+            ms.push(m);
+            vs.push(v);
+        }
+        Ok(Optimizer {
+            hyper,
+            step,
+            slots,
+            master: concat(&masters, device)?,
+            m: concat(&ms, device)?,
+            v: concat(&vs, device)?,
+        })
+    }
+
+    /// Values held across all slots.
+    pub fn len(&self) -> usize {
+        self.master.elem_count()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// One slot's `(master, m, v)` as views of the flat buffers.
+    pub fn slot_state(&self, slot: &Slot) -> Result<[Tensor; 3]> {
+        Ok([
+            self.master.narrow(0, slot.offset, slot.len)?,
+            self.m.narrow(0, slot.offset, slot.len)?,
+            self.v.narrow(0, slot.offset, slot.len)?,
+        ])
     }
 
     /// Put the slots in the order of `params` (a resumed run lists its trainables in model order).
     pub fn align_to(&mut self, params: &[(String, Tensor)]) -> Result<()> {
-        let mut by_name: std::collections::HashMap<String, Slot> =
-            self.slots.drain(..).map(|s| (s.name.clone(), s)).collect();
+        let device = check_trainables(params)?;
+        let mut by_name: std::collections::HashMap<&str, &Slot> =
+            self.slots.iter().map(|s| (s.name.as_str(), s)).collect();
+        let mut parts = Vec::with_capacity(params.len());
         for (name, t) in params {
             let slot = by_name
-                .remove(name)
+                .remove(name.as_str())
                 .ok_or_else(|| Error::msg(format!("optimizer state has no slot for `{name}`")))?;
-            if slot.master.elem_count() != t.elem_count() {
+            if slot.len != t.elem_count() {
                 return Err(Error::msg(format!(
                     "optimizer slot `{name}` has {} values, the parameter {}",
-                    slot.master.elem_count(),
+                    slot.len,
                     t.elem_count()
                 )));
             }
-            self.slots.push(slot);
+            let [master, m, v] = self.slot_state(slot)?;
+            parts.push((name.clone(), master, m, v));
         }
         if let Some(extra) = by_name.keys().next() {
             return Err(Error::msg(format!(
                 "optimizer state has a slot `{extra}` for no parameter of this run"
             )));
         }
+        *self = Optimizer::from_parts(self.hyper, self.step, parts, device)?;
         Ok(())
     }
 
-    /// Apply one step with learning rate `lr` to the mean gradients `grads` (one flat f32 tensor
-    /// per slot, on the slot's device), writing the new values into `params` in place.
-    pub fn step(&mut self, params: &[(String, Tensor)], grads: &[Tensor], lr: f64) -> Result<()> {
-        if params.len() != self.slots.len() || grads.len() != self.slots.len() {
+    /// Apply one step with learning rate `lr` to the gradient `grad_scale * grad_sum` (a flat
+    /// (N,) f32 tensor in slot order, as [`GradAccumulator`] holds it), then write the new
+    /// values into `params` in place.
+    pub fn step(
+        &mut self,
+        params: &[(String, Tensor)],
+        grad_sum: &Tensor,
+        grad_scale: f32,
+        lr: f64,
+    ) -> Result<()> {
+        let aligned = params.len() == self.slots.len()
+            && params
+                .iter()
+                .zip(&self.slots)
+                .all(|((name, t), s)| *name == s.name && t.elem_count() == s.len);
+        if !aligned {
             return Err(Error::msg(format!(
-                "optimizer: {} slots, {} params, {} gradients",
-                self.slots.len(),
+                "optimizer: {} params do not match its {} slots (names and sizes, in order)",
                 params.len(),
-                grads.len()
+                self.slots.len()
+            )));
+        }
+        let whole = grad_sum.layout().is_contiguous()
+            && grad_sum.layout().offset() == 0
+            && grad_sum.storage().len() == self.len();
+        if grad_sum.dtype() != DType::F32 || !whole {
+            return Err(Error::msg(format!(
+                "optimizer: the gradient must be one flat f32 buffer of {} values, got {} {:?}",
+                self.len(),
+                grad_sum.dtype(),
+                grad_sum.dims()
             )));
         }
         self.step += 1;
         let hyper = AdamW { lr, ..self.hyper };
-        for ((slot, (name, t)), g) in self.slots.iter_mut().zip(params).zip(grads) {
-            if slot.name != *name || g.elem_count() != slot.master.elem_count() {
-                return Err(Error::msg(format!(
-                    "optimizer: slot `{}` does not match parameter `{name}`",
-                    slot.name
-                )));
-            }
-            ops::adamw_step(
-                &hyper,
-                self.step,
-                &mut slot.master.storage_mut(),
-                &g.storage(),
-                &mut slot.m.storage_mut(),
-                &mut slot.v.storage_mut(),
-            )?;
-            t.set(&slot.master.reshape(t.dims().to_vec())?)?;
+        {
+            let (mut p, mut m, mut v) = (
+                self.master.storage_mut(),
+                self.m.storage_mut(),
+                self.v.storage_mut(),
+            );
+            let state = State {
+                p: &mut *p,
+                m: &mut *m,
+                v: &mut *v,
+            };
+            ops::adamw_step(&hyper, self.step, state, &grad_sum.storage(), grad_scale)?;
         }
-        Ok(())
+        // check_trainables (at construction) guarantees distinct storages: no guard waits on another.
+        let mut guards: Vec<_> = params.iter().map(|(_, t)| t.storage_mut()).collect();
+        let mut targets: Vec<_> = guards
+            .iter_mut()
+            .zip(&self.slots)
+            .map(|(g, s)| (&mut **g, s.offset))
+            .collect();
+        ops::scatter(&self.master.storage(), &mut targets)
     }
 }
 
-/// Sums gradients over micro-batches on the parameters' device; a missing gradient counts as zero.
+/// Sums gradients over micro-batches into one flat f32 buffer laid out like the optimizer's
+/// slots; a missing gradient counts as zero.
 #[derive(Clone, Debug)]
 pub struct GradAccumulator {
-    /// Flat f32 sums, one per parameter.
-    pub sums: Vec<Tensor>,
+    /// (N,) f32 sums.
+    pub sum: Tensor,
+    offsets: Vec<usize>,
     pub count: usize,
 }
 
 impl GradAccumulator {
-    pub fn new(params: &[(String, Tensor)]) -> Result<GradAccumulator> {
+    pub fn new(opt: &Optimizer) -> Result<GradAccumulator> {
         Ok(GradAccumulator {
-            sums: params
-                .iter()
-                .map(|(_, t)| Tensor::zeros(t.elem_count(), DType::F32, t.device()))
-                .collect::<Result<_>>()?,
+            sum: Tensor::zeros(opt.len(), DType::F32, opt.master.device())?,
+            offsets: opt.slots.iter().map(|s| s.offset).collect(),
             count: 0,
         })
     }
 
+    /// Add one micro-batch's gradients (`params` in the optimizer's slot order).
     pub fn add(&mut self, params: &[(String, Tensor)], grads: &GradStore) -> Result<()> {
-        for (sum, (_, t)) in self.sums.iter_mut().zip(params) {
+        if params.len() != self.offsets.len() {
+            return Err(Error::msg(format!(
+                "gradient accumulator: {} params for {} slots",
+                params.len(),
+                self.offsets.len()
+            )));
+        }
+        let mut parts = Vec::with_capacity(params.len());
+        for ((name, t), &offset) in params.iter().zip(&self.offsets) {
             if let Some(g) = grads.get(t) {
-                // A view when the gradient is contiguous f32 (the usual case): no copy before the add.
-                let g = g.to_dtype(DType::F32)?.reshape(t.elem_count())?;
-                *sum = sum.add(&g)?;
+                if g.elem_count() != t.elem_count() {
+                    return Err(Error::msg(format!(
+                        "gradient of `{name}` is {:?}, the parameter {:?}",
+                        g.dims(),
+                        t.dims()
+                    )));
+                }
+                // Contiguous f32 (the usual case) is the gradient itself: no copy before the add.
+                parts.push((g.to_dtype(DType::F32)?.contiguous()?, offset));
             }
         }
+        let guards: Vec<_> = parts.iter().map(|(g, _)| g.storage()).collect();
+        let args: Vec<_> = guards
+            .iter()
+            .zip(&parts)
+            .map(|(s, (g, off))| ((&**s, g.layout()), *off))
+            .collect();
+        ops::gather_add(&mut self.sum.storage_mut(), &args)?;
         self.count += 1;
         Ok(())
     }
 
-    /// The mean gradient over the accumulated micro-batches, and a reset accumulator.
-    pub fn take_mean(&mut self) -> Result<Vec<Tensor>> {
-        let n = self.count.max(1) as f64;
-        let mut out = Vec::with_capacity(self.sums.len());
-        // One divisor per device, not one upload per tensor.
-        let mut divisor: Option<Tensor> = None;
-        for s in &mut self.sums {
-            let d = match &divisor {
-                Some(d) if d.device() == s.device() => d.clone(),
-                _ => Tensor::full(n, 1usize, DType::F32, s.device())?,
-            };
-            out.push(s.div(&d)?);
-            divisor = Some(d);
-            *s = s.zeros_like()?;
-        }
-        self.count = 0;
-        Ok(out)
+    /// The factor that turns the sum into the mean over the micro-batches added.
+    pub fn mean_scale(&self) -> f32 {
+        1.0 / self.count.max(1) as f32
     }
 }
 

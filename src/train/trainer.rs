@@ -495,7 +495,7 @@ impl Trainer {
     /// One optimizer step: `grad_accum` micro-batches, then AdamW.
     pub fn step(&mut self) -> Result<StepLog> {
         let params = self.params();
-        let mut acc = GradAccumulator::new(&params)?;
+        let mut acc = GradAccumulator::new(&self.optimizer)?;
         let schedule = TrainSchedule::sdxl();
         let (mut loss, mut diffusion, mut cultural) = (0.0, 0.0, 0.0);
         for _ in 0..self.cfg.grad_accum {
@@ -534,8 +534,8 @@ impl Trainer {
         }
         let n = self.cfg.grad_accum as f64;
         let lr = self.cfg.adamw.lr * self.cfg.schedule.factor(self.state.step + 1);
-        let mean = acc.take_mean()?;
-        self.optimizer.step(&params, &mean, lr)?;
+        self.optimizer
+            .step(&params, &acc.sum, acc.mean_scale(), lr)?;
         self.state.step += 1;
         if let Some(bad) = [loss, diffusion].iter().find(|v| !v.is_finite()) {
             return Err(Error::msg(format!(

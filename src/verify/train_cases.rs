@@ -159,7 +159,8 @@ fn train_step(ctx: &Ctx, case: &str) -> Result<Vec<Row>> {
         .map(|(_, p)| p.to_vec_f64())
         .collect::<Result<_>>()?;
     let mut opt = Optimizer::new(hyper, &params)?;
-    opt.step(&params, &flat, hyper.lr)?;
+    let grad = Tensor::cat(&flat, 0)?;
+    opt.step(&params, &grad, 1.0, hyper.lr)?;
     let adam_tol = ctx.grad.grad_with_floor(max_norm(&f, "after_adamw.")?);
     let (mut ours, mut theirs) = (Vec::new(), Vec::new());
     for ((name, p), b) in params.iter().zip(&before) {

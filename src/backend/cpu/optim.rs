@@ -23,13 +23,23 @@ impl Default for AdamW {
     }
 }
 
-/// One step at 1-based step number `t`, in place. Computed in f64 per element and stored back,
-/// so the oracle carries no f32 rounding beyond the storage itself.
-pub fn adamw_step(h: &AdamW, t: u64, p: &mut [f32], g: &[f32], m: &mut [f32], v: &mut [f32]) {
+/// The f32 buffers one step updates in place: master values and the two moments (host slices
+/// here, device storages on CUDA).
+pub struct State<'a, B: ?Sized> {
+    pub p: &'a mut B,
+    pub m: &'a mut B,
+    pub v: &'a mut B,
+}
+
+/// One step at 1-based step number `t` with gradient `grad_scale * g`, in place. Computed in f64
+/// per element and stored back, so the oracle carries no f32 rounding beyond the storage itself;
+/// the scaled gradient is rounded to f32 first, as the kernel forms it.
+pub fn adamw_step(h: &AdamW, t: u64, s: State<'_, [f32]>, g: &[f32], grad_scale: f32) {
     let bc1 = 1.0 - h.beta1.powi(t as i32);
     let bc2 = 1.0 - h.beta2.powi(t as i32);
+    let State { p, m, v } = s;
     for (((p, &g), m), v) in p.iter_mut().zip(g).zip(m.iter_mut()).zip(v.iter_mut()) {
-        let g = g as f64;
+        let g = (g * grad_scale) as f64;
         let mut pi = *p as f64 * (1.0 - h.lr * h.weight_decay);
         let mi = h.beta1 * *m as f64 + (1.0 - h.beta1) * g;
         let vi = h.beta2 * *v as f64 + (1.0 - h.beta2) * g * g;
@@ -38,5 +48,12 @@ pub fn adamw_step(h: &AdamW, t: u64, p: &mut [f32], g: &[f32], m: &mut [f32], v:
         *p = pi as f32;
         *m = mi as f32;
         *v = vi as f32;
+    }
+}
+
+/// `flat[offset .. offset + part.len()] += part`.
+pub fn gather_add(flat: &mut [f32], part: &[f32], offset: usize) {
+    for (d, &s) in flat[offset..offset + part.len()].iter_mut().zip(part) {
+        *d += s;
     }
 }

@@ -508,9 +508,12 @@ pub(super) fn adamw(r: &mut Run) -> Result<()> {
         take(&bufs[2].1)?,
         take(&bufs[3].1)?,
     );
+    // 1/3 is not a power of two: the scaled gradient's rounding is part of the contract.
     for t in 1..=3 {
-        ops::adamw_step(&h, t, &mut pc, &gc, &mut mc, &mut vc)?;
-        ops::adamw_step(&h, t, &mut pg, &gg, &mut mg, &mut vg)?;
+        let (p, m, v) = (&mut pc, &mut mc, &mut vc);
+        ops::adamw_step(&h, t, State { p, m, v }, &gc, 1.0 / 3.0)?;
+        let (p, m, v) = (&mut pg, &mut mg, &mut vg);
+        ops::adamw_step(&h, t, State { p, m, v }, &gg, 1.0 / 3.0)?;
     }
     for (name, g, c) in [
         ("adamw p", pg, pc),
@@ -518,6 +521,71 @@ pub(super) fn adamw(r: &mut Run) -> Result<()> {
         ("adamw v", vg, vc),
     ] {
         r.check(name.into(), DType::F32, &st(g, n), &st(c, n), true)?;
+    }
+    Ok(())
+}
+
+/// The optimizer's multi-tensor passes: gradients of odd sizes (one element, exactly one piece,
+/// one past it, several pieces) summed into a flat buffer at gapped offsets, twice, and the flat
+/// buffer copied back out into f32, bf16 and f16 tensors.
+pub(super) fn multi_tensor(r: &mut Run) -> Result<()> {
+    let sizes = [1usize, 4096, 4097, 10_000, 333, 8197];
+    let mut offsets = Vec::new();
+    let mut end = 3;
+    for n in sizes {
+        offsets.push(end);
+        end += n + 5;
+    }
+    let (mut fc, mut fg) = r.randn(&[end], DType::F32)?;
+    for _ in 0..2 {
+        let mut parts = Vec::new();
+        for n in sizes {
+            parts.push(r.randn(&[n], DType::F32)?);
+        }
+        for (flat, gpu) in [(&mut fc, false), (&mut fg, true)] {
+            let ts: Vec<&Tensor> = parts
+                .iter()
+                .map(|p| if gpu { &p.1 } else { &p.0 })
+                .collect();
+            let guards: Vec<_> = ts.iter().map(|t| t.storage()).collect();
+            let args: Vec<_> = guards
+                .iter()
+                .zip(&ts)
+                .zip(&offsets)
+                .map(|((s, t), &off)| ((&**s, t.layout()), off))
+                .collect();
+            ops::gather_add(&mut flat.storage_mut(), &args)?;
+        }
+    }
+    r.check(
+        format!("gather_add {} parts into {end}", sizes.len()),
+        DType::F32,
+        &fg,
+        &fc,
+        false,
+    )?;
+    for dt in [DType::F32, DType::BF16, DType::F16] {
+        let make = |dev| -> Result<Vec<Tensor>> {
+            sizes.iter().map(|&n| Tensor::zeros(n, dt, dev)).collect()
+        };
+        let (tc, tg) = (make(Device::Cpu)?, make(r.dev)?);
+        for (flat, ts) in [(&fc, &tc), (&fg, &tg)] {
+            let mut guards: Vec<_> = ts.iter().map(|t| t.storage_mut()).collect();
+            let mut targets: Vec<_> = guards
+                .iter_mut()
+                .zip(&offsets)
+                .map(|(g, &off)| (&mut **g, off))
+                .collect();
+            ops::scatter(&flat.storage(), &mut targets)?;
+        }
+        let join = |ts: &[Tensor]| Tensor::cat(ts, 0);
+        r.check(
+            format!("scatter {} parts to {dt}", sizes.len()),
+            dt,
+            &join(&tg)?,
+            &join(&tc)?,
+            false,
+        )?;
     }
     Ok(())
 }

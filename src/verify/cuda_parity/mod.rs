@@ -11,7 +11,7 @@ use crate::backend::cpu::attention::AttnGeom;
 use crate::backend::cpu::conv::ConvGeom;
 use crate::backend::cpu::elementwise::{BinaryOp, UnaryOp};
 use crate::backend::cpu::lora::LoraGeom;
-use crate::backend::cpu::optim::AdamW;
+use crate::backend::cpu::optim::{AdamW, State};
 use crate::backend::cuda::attention::{sdpa_bwd_with, sdpa_with, AttnKernel};
 use crate::backend::ops::{self, GateArgs};
 use crate::backend::Storage;
@@ -170,7 +170,7 @@ mod basic;
 mod fused;
 
 use basic::{elementwise, matmul, reduce};
-use fused::{adamw, attention, conv, lora, norm, pool};
+use fused::{adamw, attention, conv, lora, multi_tensor, norm, pool};
 
 type Family = fn(&mut Run, DType) -> Result<()>;
 
@@ -207,6 +207,8 @@ pub fn run(ordinal: usize, filter: Option<&str>, seed: u64) -> Result<Vec<Parity
     }
     if r.wants("optim") {
         let res = adamw(&mut r);
+        r.guard("optim", DType::F32, res);
+        let res = multi_tensor(&mut r);
         r.guard("optim", DType::F32, res);
     }
     Ok(r.rows)
