@@ -48,6 +48,40 @@ fn verify_device_cuda_passes_on_the_emulator() {
     );
 }
 
+/// `kstyle bench --smoke`: every timed case of a GPU session's bench runs to the end, so a bench
+/// bug cannot spend the scarce GPU minutes (the timings here mean nothing).
+#[test]
+fn every_bench_case_runs_on_the_emulator() {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_kstyle"))
+        .args(["bench", "--smoke"])
+        .env(emu::EMULATE_ENV, "1")
+        .output()
+        .expect("run kstyle");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "bench --smoke: {stdout}\n{}",
+        common::stderr(&out)
+    );
+    for case in [
+        "gemm ",
+        "linear+bias epilogue",
+        "linear then add",
+        "adamw step flat",
+        "adamw per-tensor",
+        "sdpa fwd+bwd flash",
+        "sdpa fwd+bwd composed",
+        "lora fused fwd",
+        "group_norm bwd",
+        "peak device memory",
+    ] {
+        assert!(
+            stdout.contains(case),
+            "bench --smoke printed no `{case}` row:\n{stdout}"
+        );
+    }
+}
+
 const BROKEN: &str = r#"
 #include "common.cuh"
 // Reads another thread's shared-memory write with no barrier in between.

@@ -77,6 +77,18 @@ pub(super) fn input_grads(node: &Tensor, op: &Op, g: &Tensor) -> Result<Vec<(Ten
             out.push(a, || g.matmul(&b.t()?))?;
             out.push(b, || a.t()?.matmul(g))?;
         }
+        Op::Linear { x, w, b } => {
+            // g (..., N), x (..., K), w (N, K): the same rules as matmul + broadcast add.
+            out.push(x, || g.matmul(w))?;
+            out.push(w, || {
+                let k = w.dims()[1];
+                let n = w.dims()[0];
+                let xm = x.reshape([x.elem_count() / k.max(1), k])?; // (M, K)
+                let gm = g.reshape([g.elem_count() / n.max(1), n])?; // (M, N)
+                gm.t()?.matmul(&xm)
+            })?;
+            out.push(b, || unbroadcast(g, b.shape()))?;
+        }
         Op::Sum(x, _) => out.push(x, || g.broadcast_as(x.shape()))?,
         Op::Max { x, dim, argmax } => out.push(x, || {
             let s = ops::max_bwd(

@@ -44,6 +44,10 @@ pub fn no_grad<R>(f: impl FnOnce() -> R) -> R {
 pub struct GradStore(HashMap<TensorId, Tensor>);
 
 impl GradStore {
+    /// Sets the gradient of the tensor with this id (replacing any).
+    pub fn insert(&mut self, id: TensorId, g: Tensor) {
+        self.0.insert(id, g);
+    }
     pub fn get(&self, t: &Tensor) -> Option<&Tensor> {
         self.0.get(&t.id())
     }

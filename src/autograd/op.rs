@@ -17,6 +17,12 @@ pub enum Op {
     ClampMin(Tensor, f64),
     /// Operands already broadcast to equal batch dims.
     Matmul(Tensor, Tensor),
+    /// `x W^T + b` computed in one call (`Tensor::linear` with a bias on CUDA).
+    Linear {
+        x: Tensor,
+        w: Tensor,
+        b: Tensor,
+    },
     /// Sum over dims, kept as size 1.
     Sum(Tensor, Vec<usize>),
     Max {
@@ -101,6 +107,7 @@ impl Op {
                 .flatten()
                 .collect(),
             Op::Conv2d { x, w, .. } => vec![x, w],
+            Op::Linear { x, w, b } => vec![x, w, b],
             Op::Sdpa { q, k, v, .. } => vec![q, k, v],
             Op::Cat(xs, _) => xs.iter().collect(),
             Op::Checkpoint(seg) => seg.inputs().iter().collect(),

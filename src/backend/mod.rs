@@ -272,6 +272,19 @@ pub mod ops {
         two!("matmul", a, b, |sa, la, sb, lb| cpu mm::matmul(sa, la, sb, lb), cuda cmm::matmul(sa, la, sb, lb))
     }
 
+    /// `x W^T + b` as one fused call where the device has one (CUDA: cuBLASLt's bias epilogue);
+    /// None where the caller composes matmul and add (always on the CPU: the oracle is the
+    /// composition).
+    pub fn linear_bias(x: Arg, w: Arg, b: Arg) -> Result<Option<Storage>> {
+        match (on(x), on(w), on(b)) {
+            (On::Cpu(..), On::Cpu(..), On::Cpu(..)) => Ok(None),
+            (On::Cuda(xs, xl), On::Cuda(ws, wl), On::Cuda(bs, bl)) => {
+                Ok(cuda::gemm_lt::linear_bias((xs, xl), (ws, wl), (bs, bl))?.map(Storage::Cuda))
+            }
+            _ => Err(mismatch("linear", x.0, w.0)),
+        }
+    }
+
     pub fn sum_keepdim(x: Arg, dims: &[usize]) -> Result<Storage> {
         one!(x, |s, l| cpu rd::sum_keepdim(s, l, dims), cuda crd::sum_keepdim(s, l, dims))
     }

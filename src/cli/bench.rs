@@ -21,9 +21,13 @@ use kstyle::{DType, Device, Tensor};
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
-    /// Smaller shapes and fewer repetitions (a smoke run).
+    /// Smaller shapes and fewer repetitions.
     #[arg(long)]
     pub quick: bool,
+    /// Tiny shapes, one repetition: checks that every case runs end to end (CI runs it on the
+    /// host emulator); the numbers mean nothing.
+    #[arg(long, conflicts_with = "quick")]
+    pub smoke: bool,
     /// Also write one JSON object per result to this file.
     #[arg(long)]
     pub json: Option<std::path::PathBuf>,
@@ -98,8 +102,32 @@ fn cs(s: &kstyle::backend::Storage) -> &CudaStorage {
     }
 }
 
+/// One of three sizes per case: full, `--quick`, `--smoke`.
+#[derive(Clone, Copy)]
+struct Size {
+    quick: bool,
+    smoke: bool,
+}
+
+impl Size {
+    fn pick<T>(self, full: T, quick: T, smoke: T) -> T {
+        if self.smoke {
+            smoke
+        } else if self.quick {
+            quick
+        } else {
+            full
+        }
+    }
+}
+
 pub fn run(a: Args) -> anyhow::Result<ExitCode> {
-    if let Err(why) = cuda::probe() {
+    let size = Size {
+        quick: a.quick,
+        smoke: a.smoke,
+    };
+    if let Err(why) = cuda::probe().or_else(|e| if cuda::emu::enabled() { Ok(()) } else { Err(e) })
+    {
         eprintln!("SKIPPED bench: {why}");
         return Ok(ExitCode::from(2));
     }
@@ -108,7 +136,7 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
     let mut rng = Rng::new(7);
     let mut b = Bench {
         dev: dev.clone(),
-        iters: if a.quick { 3 } else { 20 },
+        iters: size.pick(20, 3, 1),
         bw: 1.0,
         flops: 1.0,
         rows: Vec::new(),
@@ -122,13 +150,13 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
     );
 
     // ---- ceilings ----
-    let n_copy = if a.quick { 1 << 26 } else { 1 << 29 }; // bf16 elements: 128 MiB / 1 GiB
-                                                          // Filled on the device: a host-side constructor would build the 1 GiB buffer in f64 first.
+    let n_copy = size.pick(1 << 29, 1 << 26, 1 << 12); // bf16 elements: 1 GiB / 128 MiB
+                                                       // Filled on the device: a host-side constructor would build the 1 GiB buffer in f64 first.
     let src = cuda::elementwise::fill(&dev, DType::BF16, n_copy, 1.5)?;
     let flat = kstyle::tensor::Layout::contiguous(n_copy);
     let t_copy = b.time(|| cuda::elementwise::copy_strided(&src, &flat).map(|_| ()))?;
     b.bw = 2.0 * 2.0 * n_copy as f64 / t_copy;
-    let g = if a.quick { 2048 } else { 8192 };
+    let g = size.pick(8192, 2048, 32);
     let x = Tensor::randn((g, g), &mut rng, DType::BF16, gpu)?;
     let t_gemm = b.time(|| x.matmul(&x).map(|_| ()))?;
     b.flops = 2.0 * (g as f64).powi(3) / t_gemm;
@@ -140,19 +168,19 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
     );
 
     // ---- GEMM ----
-    let shapes: &[(usize, usize, usize, DType)] = if a.quick {
-        &[
-            (1024, 1024, 1024, DType::BF16),
-            (1024, 1024, 1024, DType::F32),
-        ]
-    } else {
+    let shapes: &[(usize, usize, usize, DType)] = size.pick(
         &[
             (4096, 4096, 4096, DType::BF16),
             (8192, 640, 640, DType::BF16),
             (8192, 5120, 1280, DType::BF16),
             (2048, 2048, 2048, DType::F32),
-        ]
-    };
+        ],
+        &[
+            (1024, 1024, 1024, DType::BF16),
+            (1024, 1024, 1024, DType::F32),
+        ],
+        &[(40, 24, 16, DType::BF16)],
+    );
     for &(m, k, n, dt) in shapes {
         let x = Tensor::randn((m, k), &mut rng, dt, gpu)?;
         let w = Tensor::randn((n, k), &mut rng, dt, gpu)?;
@@ -167,12 +195,100 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
         );
     }
 
+    // ---- linear with bias: cuBLASLt's epilogue vs GEMM then a broadcast add ----
+    let lins: &[(usize, usize, usize)] = size.pick(
+        &[
+            (8192, 640, 640),
+            (8192, 1280, 5120),
+            (8192, 5120, 1280),
+            (154, 2048, 640),
+        ],
+        &[(2048, 640, 640)],
+        &[(40, 24, 16)],
+    );
+    for &(m, k, n) in lins {
+        let dt = DType::BF16;
+        let x = Tensor::randn((m, k), &mut rng, dt, gpu)?;
+        let w = Tensor::randn((n, k), &mut rng, dt, gpu)?;
+        let bias = Tensor::randn(n, &mut rng, dt, gpu)?;
+        let es = dt.size_in_bytes() as f64;
+        let bytes = es * (m * k + k * n + m * n + n) as f64;
+        let flops = 2.0 * (m * k * n) as f64;
+        let s = b.time(|| x.linear(&w, Some(&bias)).map(|_| ()))?;
+        b.report(
+            &format!("linear+bias epilogue {m}x{k}->{n} {dt}"),
+            s,
+            bytes,
+            flops,
+        );
+        let wt = w.t()?;
+        let s = b.time(|| x.matmul(&wt)?.add(&bias).map(|_| ()))?;
+        b.report(
+            &format!("linear then add {m}x{k}->{n} {dt}"),
+            s,
+            bytes,
+            flops,
+        );
+    }
+
+    // ---- optimizer step: flat buffers vs one AdamW launch per tensor ----
+    let (tensors, each) = size.pick((3522, 4096), (500, 4096), (20, 300));
+    let params: Vec<(String, Tensor)> = (0..tensors)
+        .map(|i| {
+            Ok((
+                format!("p{i}"),
+                Tensor::randn(each, &mut rng, DType::F32, gpu)?,
+            ))
+        })
+        .collect::<kstyle::Result<_>>()?;
+    let total = tensors * each;
+    let mut opt = kstyle::train::optim::Optimizer::new(Default::default(), &params)?;
+    let grad = Tensor::randn(total, &mut rng, DType::F32, gpu)?;
+    // p, g, m, v read; p, m, v written; then the master copied into the tensors.
+    let opt_bytes = 4.0 * (7 + 2) as f64 * total as f64;
+    let s = b.time(|| opt.step(&params, &grad, 0.5, 1e-4))?;
+    b.report(
+        &format!("adamw step flat {tensors} tensors {total} f32"),
+        s,
+        opt_bytes,
+        0.0,
+    );
+    let per: Vec<[Tensor; 4]> = (0..tensors)
+        .map(|_| {
+            Ok([
+                Tensor::randn(each, &mut rng, DType::F32, gpu)?,
+                Tensor::randn(each, &mut rng, DType::F32, gpu)?,
+                Tensor::zeros(each, DType::F32, gpu)?,
+                Tensor::zeros(each, DType::F32, gpu)?,
+            ])
+        })
+        .collect::<kstyle::Result<_>>()?;
+    let hyper = kstyle::backend::cpu::optim::AdamW::default();
+    let s = b.time(|| {
+        for [p, g, m, v] in &per {
+            let (mut ps, mut ms, mut vs) = (p.storage_mut(), m.storage_mut(), v.storage_mut());
+            let state = kstyle::backend::cpu::optim::State {
+                p: &mut *ps,
+                m: &mut *ms,
+                v: &mut *vs,
+            };
+            ops::adamw_step(&hyper, 1, state, &g.storage(), 0.5)?;
+        }
+        Ok(())
+    })?;
+    b.report(
+        &format!("adamw per-tensor launches {tensors} tensors {total} f32"),
+        s,
+        4.0 * 7.0 * total as f64,
+        0.0,
+    );
+
     // ---- attention: flash vs the composition, bf16 ----
-    let seqs: &[(usize, usize, usize)] = if a.quick {
-        &[(8, 1024, 1024)]
-    } else {
-        &[(20, 4096, 4096), (20, 4096, 77), (40, 1024, 1024)]
-    };
+    let seqs: &[(usize, usize, usize)] = size.pick(
+        &[(20, 4096, 4096), (20, 4096, 77), (40, 1024, 1024)],
+        &[(8, 1024, 1024)],
+        &[(2, 40, 77)],
+    );
     for &(bh, sq, skv) in seqs {
         let d = 64;
         let geom = AttnGeom {
@@ -220,11 +336,11 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
     }
 
     // ---- fused gated LoRA update vs the unfused composition ----
-    let (bsz, seq, din, dout, r) = if a.quick {
-        (2, 1024, 640, 640, 4)
-    } else {
-        (2, 4096, 640, 640, 4)
-    };
+    let (bsz, seq, din, dout, r) = size.pick(
+        (2, 4096, 640, 640, 4),
+        (2, 1024, 640, 640, 4),
+        (2, 40, 24, 16, 4),
+    );
     let geom = LoraGeom {
         batch: bsz,
         seq,
@@ -289,7 +405,7 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
     );
 
     // ---- group norm (+ SiLU fused vs separate) ----
-    let (n, c, hw) = if a.quick { (2, 320, 64) } else { (2, 320, 128) };
+    let (n, c, hw) = size.pick((2, 320, 128), (2, 320, 64), (1, 64, 8));
     let x = Tensor::randn((n, c, hw, hw), &mut rng, DType::BF16, gpu)?;
     let w = Tensor::ones(c, DType::BF16, gpu)?;
     let bias = Tensor::zeros(c, DType::BF16, gpu)?;

@@ -138,12 +138,37 @@ impl Tensor {
         ))
     }
 
-    /// `x W^T + b` for a weight (out, in) and optional bias (out).
+    /// `x W^T + b` for a weight (out, in) and optional bias (out). With a bias on CUDA this is
+    /// one GEMM whose epilogue adds the bias; elsewhere, and where that path does not apply, the
+    /// composition of matmul and add (the CPU oracle).
     pub fn linear(&self, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
-        let y = self.matmul(&w.t()?)?;
-        match b {
-            Some(b) => y.add(b),
-            None => Ok(y),
+        let Some(b) = b else {
+            return self.matmul(&w.t()?);
+        };
+        self.same_device(w, "linear")?;
+        self.same_device(b, "linear")?;
+        let fused = ops::linear_bias(
+            (&self.storage(), self.layout()),
+            (&w.storage(), w.layout()),
+            (&b.storage(), b.layout()),
+        )?;
+        match fused {
+            Some(out) => {
+                let mut dims = self.dims().to_vec();
+                if let Some(last) = dims.last_mut() {
+                    *last = w.dims()[0];
+                }
+                Ok(Tensor::from_storage(
+                    out,
+                    dims,
+                    Some(Op::Linear {
+                        x: self.clone(),
+                        w: w.clone(),
+                        b: b.clone(),
+                    }),
+                ))
+            }
+            None => self.matmul(&w.t()?)?.add(b),
         }
     }
 

@@ -335,6 +335,99 @@ impl LrSchedule {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::backend::cpu::optim::adamw_step;
+
+    fn vars(sizes: &[usize], seed: u64) -> Vec<(String, Tensor)> {
+        let mut rng = crate::tensor::Rng::new(seed);
+        sizes
+            .iter()
+            .enumerate()
+            .map(|(i, &n)| {
+                let t = Tensor::randn(n, &mut rng, DType::F32, Device::Cpu).unwrap();
+                (format!("p{i}"), t.var().unwrap())
+            })
+            .collect()
+    }
+
+    /// Two micro-batches, one of which has no gradient for `p1`: the flat step must equal the
+    /// oracle applied tensor by tensor to the mean gradients, and land in the tensors themselves.
+    #[test]
+    fn flat_step_matches_the_per_tensor_oracle() {
+        let params = vars(&[5, 3, 4097], 1);
+        let mut opt = Optimizer::new(AdamW::default(), &params).unwrap();
+        let mut acc = GradAccumulator::new(&opt).unwrap();
+        let grads1: Vec<Tensor> = vars(&[5, 3, 4097], 2).into_iter().map(|(_, t)| t).collect();
+        let grads2: Vec<Tensor> = vars(&[5, 3, 4097], 3).into_iter().map(|(_, t)| t).collect();
+        for (skip, gs) in [(None, &grads1), (Some(1), &grads2)] {
+            let mut store = GradStore::default();
+            for (i, ((_, p), g)) in params.iter().zip(gs.iter()).enumerate() {
+                if skip != Some(i) {
+                    store.insert(p.id(), g.clone());
+                }
+            }
+            acc.add(&params, &store).unwrap();
+        }
+        let before: Vec<Vec<f32>> = params
+            .iter()
+            .map(|(_, p)| p.to_vec_f32().unwrap())
+            .collect();
+        for step in 1..=2 {
+            opt.step(&params, &acc.sum, acc.mean_scale(), 1e-2).unwrap();
+            assert_eq!(opt.step, step);
+        }
+        let h = AdamW {
+            lr: 1e-2,
+            ..AdamW::default()
+        };
+        for (i, (_, p)) in params.iter().enumerate() {
+            let g1 = grads1[i].to_vec_f32().unwrap();
+            let g2 = grads2[i].to_vec_f32().unwrap();
+            let sum: Vec<f32> = if i == 1 {
+                g1
+            } else {
+                g1.iter().zip(&g2).map(|(a, b)| a + b).collect()
+            };
+            let mut want = before[i].clone();
+            let (mut m, mut v) = (vec![0.0; want.len()], vec![0.0; want.len()]);
+            for t in 1..=2 {
+                let s = State {
+                    p: &mut want[..],
+                    m: &mut m[..],
+                    v: &mut v[..],
+                };
+                adamw_step(&h, t, s, &sum, 0.5);
+            }
+            assert_eq!(p.to_vec_f32().unwrap(), want, "p{i}");
+        }
+    }
+
+    #[test]
+    fn trainables_must_own_their_storage() {
+        let params = vars(&[6], 4);
+        let view = params[0].1.narrow(0, 1, 3).unwrap();
+        let err = Optimizer::new(AdamW::default(), &[("v".into(), view)]).unwrap_err();
+        assert!(err.to_string().contains("`v`"), "{err}");
+        let twice = vec![params[0].clone(), ("again".into(), params[0].1.clone())];
+        let err = Optimizer::new(AdamW::default(), &twice).unwrap_err();
+        assert!(err.to_string().contains("`again`"), "{err}");
+    }
+
+    #[test]
+    fn resumed_slots_follow_the_run_order() {
+        let params = vars(&[2, 7, 1], 5);
+        let opt = Optimizer::new(AdamW::default(), &params).unwrap();
+        let mut reordered = opt.clone();
+        let swapped = vec![params[2].clone(), params[0].clone(), params[1].clone()];
+        reordered.align_to(&swapped).unwrap();
+        let names: Vec<&str> = reordered.slots.iter().map(|s| s.name.as_str()).collect();
+        assert_eq!(names, ["p2", "p0", "p1"]);
+        for (slot, (_, t)) in reordered.slots.iter().zip(&swapped) {
+            let [master, ..] = reordered.slot_state(slot).unwrap();
+            assert_eq!(master.to_vec_f32().unwrap(), t.to_vec_f32().unwrap());
+        }
+        let err = reordered.align_to(&params[..2]).unwrap_err();
+        assert!(err.to_string().contains("p2"), "{err}");
+    }
 
     #[test]
     fn warmup_cosine_shape() {

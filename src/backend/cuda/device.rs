@@ -74,6 +74,8 @@ struct Driver {
     ctx: Arc<CudaContext>,
     stream: Arc<CudaStream>,
     blas: cudarc::cublas::CudaBlas,
+    /// None when libcublasLt is missing: linears with a bias then compose matmul and add.
+    lt: Option<super::gemm_lt::Lt>,
     compiler: Compiler,
     modules: Mutex<HashMap<&'static str, Module>>,
     funcs: Mutex<HashMap<String, Func>>,
@@ -171,6 +173,7 @@ impl CudaDevice {
                 ctx,
                 stream,
                 blas,
+                lt: super::gemm_lt::Lt::new(),
                 compiler,
                 modules: Mutex::new(HashMap::new()),
                 funcs: Mutex::new(HashMap::new()),
@@ -216,6 +219,9 @@ impl CudaDevice {
     }
     pub(crate) fn cu_stream(&self) -> ds::CUstream {
         self.driver().stream.cu_stream()
+    }
+    pub(crate) fn lt(&self) -> Option<&super::gemm_lt::Lt> {
+        self.driver().lt.as_ref()
     }
     pub(crate) fn blas_handle(&self) -> cudarc::cublas::sys::cublasHandle_t {
         *self.driver().blas.handle()

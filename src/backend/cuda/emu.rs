@@ -430,6 +430,9 @@ impl Emulator {
         self.check_range(g.a, extent(ar, ac, g.lda, g.stride_a) * sa, "gemm A")?;
         self.check_range(g.b, extent(br, bc, g.ldb, g.stride_b) * sb, "gemm B")?;
         self.check_range(g.c, extent(g.m, g.n, g.ldc, g.stride_c) * sc, "gemm C")?;
+        if g.bias != 0 {
+            self.check_range(g.bias, g.m * sc, "gemm bias")?;
+        }
         let load = |ptr: u64, dtype: DType, i: usize| -> f64 {
             // SAFETY: every index is inside the ranges checked above.
             unsafe {
@@ -464,6 +467,9 @@ impl Emulator {
                     let mut v = g.alpha as f64 * s;
                     if g.beta != 0.0 {
                         v += g.beta as f64 * load(g.c, g.c_dtype, ci);
+                    }
+                    if g.bias != 0 {
+                        v += load(g.bias, g.c_dtype, i);
                     }
                     // SAFETY: inside the checked C range.
                     unsafe {
@@ -523,6 +529,8 @@ pub struct GemmCall {
     pub ldc: usize,
     pub stride_c: usize,
     pub batch: usize,
+    /// cuBLASLt's bias epilogue: `m` values of `c_dtype` added along C's rows (0: none).
+    pub bias: u64,
 }
 
 fn extra_flags() -> Vec<String> {

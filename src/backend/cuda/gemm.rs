@@ -146,6 +146,7 @@ pub fn gemm(
             ldc,
             stride_c: c_batch_stride,
             batch,
+            bias: 0,
         });
     }
     dev.bind()?;

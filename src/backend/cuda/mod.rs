@@ -11,6 +11,7 @@ pub mod device;
 pub mod elementwise;
 pub mod emu;
 pub mod gemm;
+pub mod gemm_lt;
 pub mod kernels;
 pub mod lora;
 pub mod norm;

@@ -241,6 +241,7 @@ pub(super) fn matmul(r: &mut Run, dt: DType) -> Result<()> {
         let (yc, yg) = (ac.matmul(&bc)?, ag.matmul(&bg)?);
         r.check(name.into(), dt, &yg, &yc, false)?;
     }
+    linear(r, dt)?;
     // Broadcast batch: a (2, 1, 9, 17) against b (1, 4, 17, 5).
     let (ac, ag) = r.randn(&[2, 1, 9, 17], dt)?;
     let (bc, bg) = r.randn(&[1, 4, 17, 5], dt)?;
@@ -251,6 +252,60 @@ pub(super) fn matmul(r: &mut Run, dt: DType) -> Result<()> {
         &ac.matmul(&bc)?,
         false,
     )
+}
+
+/// `x W^T + b`: on CUDA one cuBLASLt call with the bias in its epilogue when the operands are
+/// plain, the composition otherwise (a bias at an address that is not 16-byte aligned, a strided
+/// x); the CPU always composes. Then the gradients of all three through the tape.
+fn linear(r: &mut Run, dt: DType) -> Result<()> {
+    let cases: [(&str, &[usize], usize); 3] = [
+        ("linear+bias 3-D", &[2, 77, 40], 24),
+        ("linear+bias 2-D", &[130, 96], 160),
+        ("linear+bias one row", &[1, 7], 5),
+    ];
+    for (name, xs, n) in cases {
+        let k = xs[xs.len() - 1];
+        let (xc, xg) = r.randn(xs, dt)?;
+        let (wc, wg) = r.randn(&[n, k], dt)?;
+        let (bc, bg) = r.randn(&[n], dt)?;
+        let (yc, yg) = (xc.linear(&wc, Some(&bc))?, xg.linear(&wg, Some(&bg))?);
+        r.check(name.into(), dt, &yg, &yc, false)?;
+    }
+    // A bias one element into its buffer, and x transposed: both take the composed path.
+    let (xc, xg) = r.randn(&[33, 20], dt)?;
+    let (wc, wg) = r.randn(&[9, 33], dt)?;
+    let (bc, bg) = r.randn(&[10], dt)?;
+    let (bc, bg) = (bc.narrow(0, 1, 9)?, bg.narrow(0, 1, 9)?);
+    let (xc, xg) = (xc.t()?, xg.t()?);
+    r.check(
+        "linear+bias strided x, offset bias".into(),
+        dt,
+        &xg.linear(&wg, Some(&bg))?,
+        &xc.linear(&wc, Some(&bc))?,
+        false,
+    )?;
+    // Gradients: loss = sum(y * u) for a fixed random u, so dy = u.
+    let (xc, xg) = r.randn(&[3, 21, 40], dt)?;
+    let (wc, wg) = r.randn(&[24, 40], dt)?;
+    let (bc, bg) = r.randn(&[24], dt)?;
+    let (uc, ug) = r.randn(&[3, 21, 24], dt)?;
+    let grads = |x: &Tensor, w: &Tensor, b: &Tensor, u: &Tensor| -> Result<Vec<Tensor>> {
+        let (x, w, b) = (x.var()?, w.var()?, b.var()?);
+        let g = x.linear(&w, Some(&b))?.mul(u)?.sum_all()?.backward()?;
+        [&x, &w, &b]
+            .iter()
+            .map(|t| {
+                g.get(t)
+                    .cloned()
+                    .ok_or_else(|| crate::Error::Backward("linear: a gradient is missing".into()))
+            })
+            .collect()
+    };
+    let (gc, gg) = (grads(&xc, &wc, &bc, &uc)?, grads(&xg, &wg, &bg, &ug)?);
+    for ((what, c), g) in ["dx", "dw", "db"].iter().zip(&gc).zip(&gg) {
+        r.check(format!("linear+bias backward {what}"), dt, g, c, true)?;
+    }
+    Ok(())
 }
 
 pub(super) fn reduce(r: &mut Run, dt: DType) -> Result<()> {
