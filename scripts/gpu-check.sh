@@ -8,7 +8,8 @@
 #   parity  kstyle gpu-parity: every CUDA op vs the CPU oracle (KSTYLE_CUDA_SYNC=1: a fault names
 #           its kernel)
 #   verify  kstyle verify --device cuda tests/fixtures/tiny
-#   train   kstyle train --device cuda, 4 steps on the tiny model, losses beside the CPU run's
+#   train   kstyle train --device cuda, 4 steps on the tiny model in f32 and bf16, losses beside
+#           the CPU runs'
 #   bench   kstyle bench: GEMM, flash attention vs composition, fused LoRA, group norm, rooflines
 #   torch   scripts/bench_torch.py: PyTorch SDPA / GEMM / group norm on the same shapes
 #   candle  gpu-carry/candle-cuda-bench.xz (scripts/build-candle-cuda.sh): candle 0.11 on the same
@@ -57,15 +58,17 @@ step verify 120 "$BIN" verify --device cuda tests/fixtures/tiny
 TRAIN_DIR=$(mktemp -d)
 mkdir -p "$TRAIN_DIR/data"
 cp tests/fixtures/tiny/reference/pipeline.png tests/fixtures/tiny/reference/clip_input.png "$TRAIN_DIR/data/"
-train_tiny() {
-    "$BIN" train --model tests/fixtures/tiny/sdxl --data "$TRAIN_DIR/data" --out "$TRAIN_DIR/$1/a.safetensors" \
+train_tiny() { # DEVICE DTYPE: train, then print the CPU run's loss log beside this one's
+    "$BIN" train --model tests/fixtures/tiny/sdxl --data "$TRAIN_DIR/data" --out "$TRAIN_DIR/$1-$2/a.safetensors" \
         --method kstyle --clip tests/fixtures/tiny/clip --resolution 64 --caption-template "a [v] x" \
-        --max-steps 4 --grad-accum 2 --seed 7 --device "$1" && paste -d' ' "$TRAIN_DIR/cpu/a.loss.csv" "$TRAIN_DIR/$1/a.loss.csv" 2>/dev/null
+        --max-steps 4 --grad-accum 2 --seed 7 --device "$1" --dtype "$2" &&
+        { echo "== cpu-$2 | $1-$2"; paste -d' ' "$TRAIN_DIR/cpu-$2/a.loss.csv" "$TRAIN_DIR/$1-$2/a.loss.csv" 2>/dev/null; }
 }
 export -f train_tiny
 export BIN TRAIN_DIR
-train_tiny cpu > /dev/null 2>&1
-step train 120 bash -c 'train_tiny cuda'
+train_tiny cpu f32 > /dev/null 2>&1
+train_tiny cpu bf16 > /dev/null 2>&1
+step train 120 bash -c 'train_tiny cuda f32 && train_tiny cuda bf16'
 cat "$OUT/train.log" >> "$OUT/verify.log" && rm -f "$OUT/train.log"
 step bench 240 "$BIN" bench --json "$JSONS/1-kstyle.jsonl"
 step torch 120 python3 scripts/bench_torch.py --json "$JSONS/2-torch.jsonl"

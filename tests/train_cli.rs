@@ -123,51 +123,106 @@ fn every_method_trains_and_its_adapter_generates() {
     }
 }
 
+/// Stop at step 2, resume to 4: the adapter and the loss log are bit-identical to a straight run
+/// of 4 steps, with the UNet in f32 and in bf16 (mixed precision).
 #[test]
 fn resuming_gives_bit_identical_adapters() {
-    let dir = tmp("resume");
+    for dtype in ["f32", "bf16"] {
+        let dir = tmp(&format!("resume-{dtype}"));
+        let data = dataset(&dir);
+        let cache = dir.join("cache");
+        let c = ["--cache", cache.to_str().unwrap(), "--dtype", dtype];
+        let straight = dir.join("a/adapter.safetensors");
+        let o = train(
+            &data,
+            &straight,
+            "kstyle",
+            &[&["--max-steps", "4"][..], &c].concat(),
+        );
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let split = dir.join("b/adapter.safetensors");
+        let o = train(
+            &data,
+            &split,
+            "kstyle",
+            &[&["--max-steps", "2", "--save-every", "2"][..], &c].concat(),
+        );
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let ckpt = dir.join("b/adapter.step000002.ckpt.safetensors");
+        let o = train(
+            &data,
+            &split,
+            "kstyle",
+            &[
+                &["--max-steps", "4", "--resume", ckpt.to_str().unwrap()][..],
+                &c,
+            ]
+            .concat(),
+        );
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let (a, b) = (tensors(&straight), tensors(&split));
+        assert_eq!(a.len(), b.len());
+        for ((na, va), (nb, vb)) in a.iter().zip(&b) {
+            assert_eq!(na, nb);
+            assert!(va == vb, "{dtype}: tensor {na} differs after resume");
+        }
+        let (la, lb) = (
+            std::fs::read_to_string(dir.join("a/adapter.loss.csv")).unwrap(),
+            std::fs::read_to_string(dir.join("b/adapter.loss.csv")).unwrap(),
+        );
+        assert_eq!(la, lb, "{dtype}: the loss logs differ");
+    }
+}
+
+/// The first step's losses depend only on the forward (the adapter is still its init): with the
+/// UNet in bf16 they must differ from f32's (it really ran in bf16) by no more than the bf16
+/// forward tolerance, and the adapter the run writes stays f32.
+#[test]
+fn bf16_training_keeps_f32_trainables_and_tracks_the_f32_losses() {
+    let dir = tmp("bf16-train");
     let data = dataset(&dir);
     let cache = dir.join("cache");
-    let c = ["--cache", cache.to_str().unwrap()];
-    let straight = dir.join("a/adapter.safetensors");
-    let o = train(
-        &data,
-        &straight,
-        "kstyle",
-        &[&["--max-steps", "4"][..], &c].concat(),
-    );
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let split = dir.join("b/adapter.safetensors");
-    let o = train(
-        &data,
-        &split,
-        "kstyle",
-        &[&["--max-steps", "2", "--save-every", "2"][..], &c].concat(),
-    );
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let ckpt = dir.join("b/adapter.step000002.ckpt.safetensors");
-    let o = train(
-        &data,
-        &split,
-        "kstyle",
-        &[
-            &["--max-steps", "4", "--resume", ckpt.to_str().unwrap()][..],
-            &c,
-        ]
-        .concat(),
-    );
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let (a, b) = (tensors(&straight), tensors(&split));
-    assert_eq!(a.len(), b.len());
-    for ((na, va), (nb, vb)) in a.iter().zip(&b) {
-        assert_eq!(na, nb);
-        assert!(va == vb, "tensor {na} differs after resume");
+    let mut first = Vec::new();
+    for dtype in ["f32", "bf16"] {
+        let out = dir.join(format!("{dtype}/adapter.safetensors"));
+        let o = train(
+            &data,
+            &out,
+            "kstyle",
+            &[
+                "--max-steps",
+                "1",
+                "--dtype",
+                dtype,
+                "--cache",
+                cache.to_str().unwrap(),
+            ],
+        );
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let csv = std::fs::read_to_string(out.with_extension("loss.csv")).unwrap();
+        let row: Vec<f64> = csv
+            .lines()
+            .nth(1)
+            .unwrap()
+            .split(',')
+            .skip(2)
+            .map(|v| v.parse().unwrap())
+            .collect();
+        first.push(row); // loss, diffusion, cultural
+        let f = SafeTensorsFile::open(&out).unwrap();
+        for n in f.names() {
+            assert_eq!(f.tensor(n).unwrap().dtype(), DType::F32, "{dtype}: {n}");
+        }
     }
-    let (la, lb) = (
-        std::fs::read_to_string(dir.join("a/adapter.loss.csv")).unwrap(),
-        std::fs::read_to_string(dir.join("b/adapter.loss.csv")).unwrap(),
-    );
-    assert_eq!(la, lb, "the loss logs differ");
+    let tol = kstyle::tolerance::Tolerance::BF16_FORWARD.rel;
+    for (i, what) in ["loss", "diffusion", "cultural"].iter().enumerate() {
+        let (a, b) = (first[0][i], first[1][i]);
+        let rel = (a - b).abs() / a.abs();
+        assert!(
+            rel > 0.0 && rel <= tol,
+            "{what}: f32 {a}, bf16 {b} (rel {rel:.2e}, limit {tol})"
+        );
+    }
 }
 
 /// Max relative L2 difference of two tensors.

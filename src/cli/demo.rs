@@ -113,6 +113,7 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
         checkpointing: CheckpointPolicy::EveryBlock,
         cache_dir: None,
         device,
+        dtype: kstyle::DType::F32,
     };
     let mut trainer = Trainer::new(cfg, &mut |m| println!("{m}"))?;
     trainer.run(|s| {

@@ -62,6 +62,16 @@ pub enum DTypeArg {
     F16,
 }
 
+impl DTypeArg {
+    pub fn dtype(self) -> DType {
+        match self {
+            DTypeArg::F32 => DType::F32,
+            DTypeArg::Bf16 => DType::BF16,
+            DTypeArg::F16 => DType::F16,
+        }
+    }
+}
+
 #[derive(Clone, Copy, Debug, clap::ValueEnum)]
 pub enum SamplerArg {
     Euler,
@@ -112,11 +122,7 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
         .map(|s| parse_lora(s))
         .collect::<anyhow::Result<Vec<_>>>()?;
     let device = a.device.device();
-    let dtype = match a.dtype {
-        DTypeArg::F32 => DType::F32,
-        DTypeArg::Bf16 => DType::BF16,
-        DTypeArg::F16 => DType::F16,
-    };
+    let dtype = a.dtype.dtype();
     let opts = LoadOptions {
         model: a.model.clone(),
         config: a.config.clone(),

@@ -107,6 +107,10 @@ pub struct Args {
     pub cache: Option<PathBuf>,
     #[arg(long, value_enum, default_value = "cpu")]
     pub device: DeviceArg,
+    /// Compute dtype of the frozen UNet. bf16/f16 halve its memory; the adapter, the optimizer
+    /// and the losses stay f32 (mixed precision, as autocast).
+    #[arg(long, value_enum, default_value = "f32")]
+    pub dtype: super::generate::DTypeArg,
 }
 
 #[derive(Clone, Copy, Debug, clap::ValueEnum)]
@@ -193,6 +197,7 @@ pub fn config_from(a: &Args) -> anyhow::Result<TrainConfig> {
         checkpointing: checkpoint_policy(&a.checkpointing)?,
         cache_dir: a.cache.clone(),
         device: a.device.device(),
+        dtype: a.dtype.dtype(),
     })
 }
 

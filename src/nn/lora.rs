@@ -229,6 +229,9 @@ impl LoraAdapter {
 
     /// `base + dh` in one fused pass (`base` None gives dh alone).
     pub fn apply(&self, h: &Tensor, base: Option<&Tensor>) -> Result<Tensor> {
+        if let Some(cast) = self.cast_for(h.dtype())? {
+            return cast.apply(h, base);
+        }
         if h.rank() == 2 {
             let base3 = base.map(|b| b.unsqueeze(0)).transpose()?;
             return self.apply(&h.unsqueeze(0)?, base3.as_ref())?.squeeze(0);
@@ -293,11 +296,29 @@ impl LoraAdapter {
     /// An inference copy: every tensor converted to `dtype`, without autograd state, B scaled by
     /// `multiplier` (the `--lora FILE:SCALE` strength).
     pub fn frozen(&self, dtype: DType, multiplier: f64) -> Result<LoraAdapter> {
-        let conv = |t: &Tensor| -> Result<Tensor> { t.detach().to_dtype(dtype) };
+        let mut a = self.map_tensors(&|t| t.detach().to_dtype(dtype))?;
+        a.b = self.b.detach().scale(multiplier)?.to_dtype(dtype)?;
+        a.recorder = None;
+        Ok(a)
+    }
+
+    /// The adapter as the forward at compute dtype `dtype` uses it: every tensor cast, with the
+    /// casts on the tape, so gradients reach the parameters in their own (f32) dtype. Mixed
+    /// precision as autocast does it: f32 parameters and optimizer, bf16/f16 arithmetic. None
+    /// when nothing needs a cast.
+    fn cast_for(&self, dtype: DType) -> Result<Option<LoraAdapter>> {
+        if self.a.dtype() == dtype {
+            return Ok(None);
+        }
+        self.map_tensors(&|t| t.to_dtype(dtype)).map(Some)
+    }
+
+    /// A copy with `f` applied to every tensor (parameters and concepts); the recorder is kept.
+    fn map_tensors(&self, f: &dyn Fn(&Tensor) -> Result<Tensor>) -> Result<LoraAdapter> {
         let lin = |l: &Linear| -> Result<Linear> {
             Ok(Linear {
-                weight: conv(&l.weight)?,
-                bias: l.bias.as_ref().map(conv).transpose()?,
+                weight: f(&l.weight)?,
+                bias: l.bias.as_ref().map(f).transpose()?,
             })
         };
         let mlp = |m: &Mlp| -> Result<Mlp> {
@@ -317,12 +338,12 @@ impl LoraAdapter {
             None => None,
         };
         Ok(LoraAdapter {
-            a: conv(&self.a)?,
-            b: conv(&self.b.scale(multiplier)?)?,
+            a: f(&self.a)?,
+            b: f(&self.b)?,
             config: self.config,
             gates,
-            concepts: self.concepts.as_ref().map(conv).transpose()?,
-            recorder: None,
+            concepts: self.concepts.as_ref().map(f).transpose()?,
+            recorder: self.recorder.clone(),
         })
     }
 

@@ -59,6 +59,9 @@ pub struct TrainConfig {
     pub checkpointing: CheckpointPolicy,
     pub cache_dir: Option<PathBuf>,
     pub device: Device,
+    /// Compute dtype of the frozen UNet. Trainables, optimizer state and the losses stay f32:
+    /// with bf16/f16 the adapters are cast on the tape each forward (mixed precision).
+    pub dtype: DType,
 }
 
 /// One cached training example.
@@ -283,7 +286,13 @@ impl Trainer {
             files.config_dir.join("vae/config.json"),
         )?
         .scaling_factor;
-        let mut unet = files.unet(&[], DType::F32, cfg.device)?;
+        if !cfg.dtype.is_float() || cfg.dtype == DType::F64 {
+            return Err(Error::Config(format!(
+                "training computes in f32, bf16 or f16, not {}",
+                cfg.dtype
+            )));
+        }
+        let mut unet = files.unet(&[], cfg.dtype, cfg.device)?;
         unet.checkpoint = cfg.checkpointing;
         let index = unet_module_index(&unet);
         let steps_per_epoch = (data.len() as u64).div_ceil(cfg.grad_accum as u64);
@@ -403,11 +412,13 @@ impl Trainer {
             None => Optimizer::new(cfg.adamw, &params)?,
         };
         log(&format!(
-            "method {} | {} adapted linears | {} trainable tensors ({} values) | {} optimizer steps",
+            "method {} | {} adapted linears | {} trainable tensors ({} values, f32) | UNet in {} on {} | {} optimizer steps",
             cfg.method.name(),
             unet.attention_projections().iter().filter(|(_, l)| l.adapter.is_some()).count(),
             params.len(),
             params.iter().map(|(_, t)| t.elem_count()).sum::<usize>(),
+            cfg.dtype,
+            cfg.device,
             total_steps
         ));
         let outputs = Outputs::for_adapter(&cfg.out);
