@@ -61,7 +61,7 @@ cp tests/fixtures/tiny/reference/pipeline.png tests/fixtures/tiny/reference/clip
 train_tiny() { # DEVICE DTYPE: train, then print the CPU run's loss log beside this one's
     "$BIN" train --model tests/fixtures/tiny/sdxl --data "$TRAIN_DIR/data" --out "$TRAIN_DIR/$1-$2/a.safetensors" \
         --method kstyle --clip tests/fixtures/tiny/clip --resolution 64 --caption-template "a [v] x" \
-        --max-steps 4 --grad-accum 2 --seed 7 --device "$1" --dtype "$2" &&
+        --max-steps 4 --grad-accum 2 --seed 7 --device "$1" --dtype "$2" --memory-budget 100GiB &&
         { echo "== cpu-$2 | $1-$2"; paste -d' ' "$TRAIN_DIR/cpu-$2/a.loss.csv" "$TRAIN_DIR/$1-$2/a.loss.csv" 2>/dev/null; }
 }
 export -f train_tiny

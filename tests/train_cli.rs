@@ -417,3 +417,65 @@ fn bad_training_input_fails_cleanly() {
         "{err}"
     );
 }
+
+/// The `X MiB` values of a planner message, in order.
+fn mib_values(text: &str) -> Vec<f64> {
+    let words: Vec<&str> = text.split_whitespace().collect();
+    words
+        .windows(2)
+        .filter(|w| w[1].trim_end_matches([',', ';']) == "MiB")
+        .filter_map(|w| w[0].parse().ok())
+        .collect()
+}
+
+/// `--memory-budget`: an impossible budget stops with the measured numbers (resident state, then
+/// the step peak under each checkpointing policy); a budget between the peaks makes `auto` choose
+/// the fastest policy that fits; and the probe steps leave the run bit-identical to one that named
+/// that policy itself.
+#[test]
+fn memory_budget_picks_the_fastest_checkpointing_that_fits() {
+    let dir = tmp("memory-budget");
+    let data = dataset(&dir);
+    let cache = dir.join("cache");
+    let c = ["--max-steps", "2", "--cache", cache.to_str().unwrap()];
+    let run = |name: &str, extra: &[&str]| {
+        train(
+            &data,
+            &dir.join(name).join("a.safetensors"),
+            "kstyle",
+            &[&c[..], extra].concat(),
+        )
+    };
+    let o = run("tiny", &["--memory-budget", "1MiB"]);
+    let err = String::from_utf8_lossy(&o.stderr).to_string();
+    assert!(
+        !o.status.success()
+            && err.contains("--memory-budget 1.0 MiB")
+            && err.contains("alone take"),
+        "{err}"
+    );
+    let resident = mib_values(&err)[1];
+    let just_resident = format!("{}MiB", resident + 0.5);
+    let o = run("resident", &["--memory-budget", &just_resident]);
+    let err = String::from_utf8_lossy(&o.stderr).to_string();
+    assert!(
+        !o.status.success() && err.contains("checkpointing blocks peaks at"),
+        "{err}"
+    );
+    let v = mib_values(&err); // budget, resident, none, every 2nd, blocks
+    assert_eq!(v.len(), 5, "{err}");
+    let (none, blocks) = (v[2], v[4]);
+    assert!(blocks < none, "checkpointing must lower the peak: {err}");
+    let between = format!("{}MiB", (blocks + v[3]) / 2.0);
+    let o = run("auto", &["--memory-budget", &between]);
+    let log = String::from_utf8_lossy(&o.stderr).to_string();
+    assert!(o.status.success(), "{log}");
+    assert!(log.contains("using checkpointing blocks"), "{log}");
+    let o = run("named", &["--checkpointing", "blocks"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let (a, b) = (
+        tensors(&dir.join("auto/a.safetensors")),
+        tensors(&dir.join("named/a.safetensors")),
+    );
+    assert!(a == b, "the probe steps changed the trained adapter");
+}

@@ -99,9 +99,14 @@ pub struct Args {
     /// Side of the pooled latent in the cultural loss (default: latent side / 8).
     #[arg(long)]
     pub cultural_pool: Option<usize>,
-    /// Gradient checkpointing: none, blocks (every transformer block) or a number N (every Nth).
-    #[arg(long, default_value = "none")]
+    /// Gradient checkpointing: none, blocks (every transformer block), a number N (every Nth), or
+    /// auto: the fastest that fits --memory-budget (none without a budget).
+    #[arg(long, default_value = "auto")]
     pub checkpointing: String,
+    /// Memory the run may hold on its device (e.g. 24GiB). The trainer measures one step under
+    /// each checkpointing policy and uses the fastest that fits, or stops with the numbers.
+    #[arg(long, value_parser = kstyle::train::memory::parse_bytes)]
+    pub memory_budget: Option<u64>,
     /// Cache folder for latents and text embeddings (default: .kstyle-cache beside --out).
     #[arg(long)]
     pub cache: Option<PathBuf>,
@@ -127,14 +132,15 @@ pub enum LrArg {
     Cosine,
 }
 
-fn checkpoint_policy(s: &str) -> anyhow::Result<CheckpointPolicy> {
-    Ok(match s {
+fn checkpoint_policy(s: &str) -> anyhow::Result<Option<CheckpointPolicy>> {
+    Ok(Some(match s {
+        "auto" => return Ok(None),
         "none" => CheckpointPolicy::None,
         "blocks" => CheckpointPolicy::EveryBlock,
         n => CheckpointPolicy::EveryNth(n.parse().map_err(|_| {
-            anyhow::anyhow!("--checkpointing takes none, blocks or a number, got `{n}`")
+            anyhow::anyhow!("--checkpointing takes auto, none, blocks or a number, got `{n}`")
         })?),
-    })
+    }))
 }
 
 pub fn config_from(a: &Args) -> anyhow::Result<TrainConfig> {
@@ -195,6 +201,7 @@ pub fn config_from(a: &Args) -> anyhow::Result<TrainConfig> {
             trigger: a.trigger.clone(),
         },
         checkpointing: checkpoint_policy(&a.checkpointing)?,
+        memory_budget: a.memory_budget,
         cache_dir: a.cache.clone(),
         device: a.device.device(),
         dtype: a.dtype.dtype(),

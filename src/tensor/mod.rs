@@ -4,6 +4,7 @@
 mod dtype;
 mod fused;
 mod io;
+pub mod memory;
 mod ops;
 mod rng;
 mod shape;
@@ -50,9 +51,36 @@ impl TensorId {
     }
 }
 
+/// A storage shared by a tensor and its views. Host bytes are counted in [`memory`] while it
+/// lives (CUDA's allocator counts its own blocks).
+pub(crate) struct Held {
+    lock: RwLock<Storage>,
+    host_bytes: usize,
+}
+
+impl Held {
+    fn new(storage: Storage) -> Arc<Held> {
+        let host_bytes = match &storage {
+            Storage::Cpu(c) => c.len() * c.dtype().size_in_bytes(),
+            Storage::Cuda(_) => 0,
+        };
+        memory::cpu_alloc(host_bytes);
+        Arc::new(Held {
+            lock: RwLock::new(storage),
+            host_bytes,
+        })
+    }
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        memory::cpu_free(self.host_bytes);
+    }
+}
+
 pub(crate) struct TensorInner {
     id: TensorId,
-    storage: Arc<RwLock<Storage>>,
+    storage: Arc<Held>,
     layout: Layout,
     dtype: DType,
     device: Device,
@@ -89,7 +117,7 @@ impl Tensor {
         let op = op.filter(records);
         Tensor(Arc::new(TensorInner {
             id: TensorId::fresh(),
-            storage: Arc::new(RwLock::new(storage)),
+            storage: Held::new(storage),
             layout: Layout::contiguous(shape),
             dtype,
             device,
@@ -154,13 +182,21 @@ impl Tensor {
 
     /// Read access to the backing storage, for backend-level ops (`backend::ops`) and benchmarks.
     pub fn storage(&self) -> RwLockReadGuard<'_, Storage> {
-        self.0.storage.read().unwrap_or_else(|e| e.into_inner())
+        self.0
+            .storage
+            .lock
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
     }
 
     /// Write access to the backing storage, for in-place backend ops on state that no graph sees
     /// (optimizer moments and master weights).
     pub fn storage_mut(&self) -> RwLockWriteGuard<'_, Storage> {
-        self.0.storage.write().unwrap_or_else(|e| e.into_inner())
+        self.0
+            .storage
+            .lock
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
     }
 
     pub fn dim(&self, d: usize) -> Result<usize> {
@@ -276,7 +312,7 @@ impl Tensor {
         let storage = self.storage().copy_strided(self.layout())?;
         Ok(Tensor(Arc::new(TensorInner {
             id: TensorId::fresh(),
-            storage: Arc::new(RwLock::new(storage)),
+            storage: Held::new(storage),
             layout: Layout::contiguous(self.shape().clone()),
             dtype: self.dtype(),
             device: self.device(),
@@ -331,7 +367,12 @@ impl Tensor {
         }
         let new = value.to_dtype(self.dtype())?.to_device(self.device())?;
         let data = new.storage().copy_strided(new.layout())?;
-        *self.0.storage.write().unwrap_or_else(|e| e.into_inner()) = data;
+        *self
+            .0
+            .storage
+            .lock
+            .write()
+            .unwrap_or_else(|e| e.into_inner()) = data;
         Ok(())
     }
 

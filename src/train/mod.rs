@@ -4,6 +4,7 @@ pub mod checkpoint;
 pub mod concepts;
 pub mod cultural;
 pub mod data;
+pub mod memory;
 pub mod optim;
 pub mod plot;
 pub mod step;

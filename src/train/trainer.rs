@@ -8,6 +8,7 @@ use super::cultural::CulturalLoss;
 use super::data::{
     buckets, load_training_image, nearest_bucket, CaptionSource, Dataset, TensorCache,
 };
+use super::memory::{human, policy_name, AUTO_POLICIES};
 use super::optim::{GradAccumulator, LrSchedule, Optimizer};
 use super::step::{training_loss, Conditioning};
 use crate::backend::cpu::optim::AdamW;
@@ -56,7 +57,11 @@ pub struct TrainConfig {
     pub sample_prompt: Option<String>,
     pub sample_steps: usize,
     pub captions: CaptionSource,
-    pub checkpointing: CheckpointPolicy,
+    /// Gradient checkpointing; None chooses: the fastest policy that fits `memory_budget`, or
+    /// no checkpointing without a budget.
+    pub checkpointing: Option<CheckpointPolicy>,
+    /// Bytes the run may hold on its device (`--memory-budget`); see `train::memory`.
+    pub memory_budget: Option<u64>,
     pub cache_dir: Option<PathBuf>,
     pub device: Device,
     /// Compute dtype of the frozen UNet. Trainables, optimizer state and the losses stay f32:
@@ -65,13 +70,13 @@ pub struct TrainConfig {
 }
 
 /// One cached training example.
-struct Example {
+pub(super) struct Example {
     /// VAE posterior mean and log-variance (1, 4, h, w).
-    mean: Tensor,
-    logvar: Tensor,
-    context: Tensor,
-    pooled: Tensor,
-    time_ids: Tensor,
+    pub(super) mean: Tensor,
+    pub(super) logvar: Tensor,
+    pub(super) context: Tensor,
+    pub(super) pooled: Tensor,
+    pub(super) time_ids: Tensor,
 }
 
 /// What happened in one optimizer step.
@@ -253,10 +258,10 @@ pub struct Trainer {
     pub optimizer: Optimizer,
     pub state: TrainState,
     pub outputs: Outputs,
-    examples: Vec<Example>,
+    pub(super) examples: Vec<Example>,
     sample_embeds: Option<PromptEmbeds>,
     files: ModelFiles,
-    scaling_factor: f64,
+    pub(super) scaling_factor: f64,
     total_steps: u64,
 }
 
@@ -293,7 +298,7 @@ impl Trainer {
             )));
         }
         let mut unet = files.unet(&[], cfg.dtype, cfg.device)?;
-        unet.checkpoint = cfg.checkpointing;
+        unet.checkpoint = cfg.checkpointing.unwrap_or_default();
         let index = unet_module_index(&unet);
         let steps_per_epoch = (data.len() as u64).div_ceil(cfg.grad_accum as u64);
         let total_steps = cfg.max_steps.unwrap_or(cfg.epochs * steps_per_epoch);
@@ -422,7 +427,7 @@ impl Trainer {
             total_steps
         ));
         let outputs = Outputs::for_adapter(&cfg.out);
-        Ok(Trainer {
+        let mut trainer = Trainer {
             cfg,
             unet,
             cultural,
@@ -435,7 +440,31 @@ impl Trainer {
             files,
             scaling_factor,
             total_steps,
-        })
+        };
+        if let Some(budget) = trainer.cfg.memory_budget {
+            let policies = match trainer.cfg.checkpointing {
+                Some(p) => vec![p],
+                None => AUTO_POLICIES.to_vec(),
+            };
+            let plan = trainer.plan_memory(budget, &policies)?;
+            let probes: Vec<String> = plan
+                .probes
+                .iter()
+                .map(|(p, peak)| {
+                    let at = peak.map_or("beyond the device".into(), human);
+                    format!("{at} with checkpointing {}", policy_name(*p))
+                })
+                .collect();
+            log(&format!(
+                "memory budget {} on {}: {} resident; one step peaks at {} | using checkpointing {}",
+                human(plan.budget),
+                trainer.cfg.device,
+                human(plan.resident),
+                probes.join(", "),
+                policy_name(plan.chosen)
+            ));
+        }
+        Ok(trainer)
     }
 
     pub fn total_steps(&self) -> u64 {
