@@ -67,6 +67,15 @@ fn lt_err(what: &str, e: lr::CublasError) -> Error {
     Error::cuda(format!("cuBLASLt {what}"), format!("{e:?}"))
 }
 
+/// `KSTYLE_CUDA_LT=0` turns the epilogue path off (linears compose matmul and add), on a GPU and
+/// on the emulator: a switch for comparing the two without rebuilding.
+pub const LT_ENV: &str = "KSTYLE_CUDA_LT";
+
+fn switched_off() -> bool {
+    static OFF: OnceLock<bool> = OnceLock::new();
+    *OFF.get_or_init(|| std::env::var(LT_ENV).is_ok_and(|v| v == "0"))
+}
+
 impl Lt {
     /// The library's handle, or None when libcublasLt cannot be loaded (linears then compose).
     pub fn new() -> Option<Lt> {
@@ -135,6 +144,9 @@ pub fn linear_bias(
 ) -> Result<Option<CudaStorage>> {
     let dev = same_device(x, w, "linear")?;
     same_device(x, b, "linear")?;
+    if switched_off() {
+        return Ok(None);
+    }
     // Anything but the plain case (one dtype, x (..., K), w (N, K), b (N), all contiguous) is
     // left to the composition, which broadcasts and reports shape errors as matmul and add do.
     let (xd, wd) = (lx.dims(), lw.dims());
