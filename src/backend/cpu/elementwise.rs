@@ -62,6 +62,7 @@ impl UnaryOp {
         }
     }
 
+    #[inline(always)]
     pub fn f<T: Float>(self, x: T) -> T {
         let half = T::of(0.5);
         match self {
@@ -88,6 +89,7 @@ impl UnaryOp {
     }
 
     /// The derivative f'(x).
+    #[inline(always)]
     pub fn df<T: Float>(self, x: T) -> T {
         let one = T::one();
         let half = T::of(0.5);
@@ -157,10 +159,91 @@ fn zip_map<T: Float>(x: &[T], y: &[T], f: impl Fn(T, T) -> T + Sync) -> Vec<T> {
     }
 }
 
+/// Evaluates `$body` with `$k` bound to the op as a constant: the `match` on the op happens once,
+/// not per element, and each loop body is one inlined formula. (A `let` binding is not enough:
+/// the loop closure, called deep inside rayon, would load it and dispatch per element.)
+macro_rules! per_op {
+    ($op:expr, |$k:ident| $body:expr) => {
+        match $op {
+            UnaryOp::Neg => {
+                #[allow(non_upper_case_globals)]
+                const $k: UnaryOp = UnaryOp::Neg;
+                $body
+            }
+            UnaryOp::Exp => {
+                #[allow(non_upper_case_globals)]
+                const $k: UnaryOp = UnaryOp::Exp;
+                $body
+            }
+            UnaryOp::Log => {
+                #[allow(non_upper_case_globals)]
+                const $k: UnaryOp = UnaryOp::Log;
+                $body
+            }
+            UnaryOp::Sqrt => {
+                #[allow(non_upper_case_globals)]
+                const $k: UnaryOp = UnaryOp::Sqrt;
+                $body
+            }
+            UnaryOp::Recip => {
+                #[allow(non_upper_case_globals)]
+                const $k: UnaryOp = UnaryOp::Recip;
+                $body
+            }
+            UnaryOp::Sqr => {
+                #[allow(non_upper_case_globals)]
+                const $k: UnaryOp = UnaryOp::Sqr;
+                $body
+            }
+            UnaryOp::Abs => {
+                #[allow(non_upper_case_globals)]
+                const $k: UnaryOp = UnaryOp::Abs;
+                $body
+            }
+            UnaryOp::Sigmoid => {
+                #[allow(non_upper_case_globals)]
+                const $k: UnaryOp = UnaryOp::Sigmoid;
+                $body
+            }
+            UnaryOp::Silu => {
+                #[allow(non_upper_case_globals)]
+                const $k: UnaryOp = UnaryOp::Silu;
+                $body
+            }
+            UnaryOp::Tanh => {
+                #[allow(non_upper_case_globals)]
+                const $k: UnaryOp = UnaryOp::Tanh;
+                $body
+            }
+            UnaryOp::Gelu => {
+                #[allow(non_upper_case_globals)]
+                const $k: UnaryOp = UnaryOp::Gelu;
+                $body
+            }
+            UnaryOp::GeluTanh => {
+                #[allow(non_upper_case_globals)]
+                const $k: UnaryOp = UnaryOp::GeluTanh;
+                $body
+            }
+            UnaryOp::QuickGelu => {
+                #[allow(non_upper_case_globals)]
+                const $k: UnaryOp = UnaryOp::QuickGelu;
+                $body
+            }
+            UnaryOp::Relu => {
+                #[allow(non_upper_case_globals)]
+                const $k: UnaryOp = UnaryOp::Relu;
+                $body
+            }
+        }
+    };
+}
+
 pub fn unary(s: &CpuStorage, l: &Layout, op: UnaryOp) -> Result<CpuStorage> {
-    Ok(crate::cpu_float_unary!(s, l, op.name(), |x| map(&x, |v| {
-        op.f(v)
-    })))
+    Ok(crate::cpu_float_unary!(s, l, op.name(), |x| per_op!(
+        op,
+        |k| map(&x, |v| k.f(v))
+    )))
 }
 
 /// dx = dy * f'(x).
@@ -177,7 +260,7 @@ pub fn unary_bwd(
         dy,
         ldy,
         op.name(),
-        |x, g| zip_map(&x, &g, |a, d| d * op.df(a))
+        |x, g| per_op!(op, |k| zip_map(&x, &g, |a, d| d * k.df(a)))
     ))
 }
 

@@ -1,7 +1,7 @@
 //! Layer norm (over the last dim) and group norm (NCHW), forward and backward. Statistics
 //! accumulate in f64; the backward recomputes them from the saved input.
 
-use super::{CpuStorage, FloatData};
+use super::{lane_sum, CpuStorage, FloatData};
 use crate::tensor::{Float, Layout};
 use crate::{Error, Result};
 use rayon::prelude::*;
@@ -11,11 +11,11 @@ fn param<T: Float>(p: Option<(&CpuStorage, &Layout)>) -> Option<Vec<T>> {
     p.map(|(s, l)| s.to_f64_vec(l).into_iter().map(T::of).collect())
 }
 
-/// Mean and 1/sqrt(var + eps) of a slice (biased variance, as PyTorch normalises).
+/// Mean and 1/sqrt(var + eps) of a slice (biased variance, as PyTorch normalises), two passes.
 fn stats<T: Float>(x: &[T], eps: f64) -> (f64, f64) {
     let n = x.len() as f64;
-    let mean = x.iter().map(|v| v.as_f64()).sum::<f64>() / n;
-    let var = x.iter().map(|v| (v.as_f64() - mean).powi(2)).sum::<f64>() / n;
+    let mean = lane_sum(x, x, |v, _| v.as_f64()) / n;
+    let var = lane_sum(x, x, |v, _| (v.as_f64() - mean).powi(2)) / n;
     (mean, 1.0 / (var + eps).sqrt())
 }
 
@@ -79,6 +79,10 @@ fn norm_bwd<T: Float>(
     channels: usize,
 ) -> (Vec<T>, Vec<f64>, Vec<f64>) {
     let chunks_per_row = x.len() / p.rows / p.chunk;
+    let wf: Vec<f64> = (0..channels)
+        .map(|c| w.map_or(1.0, |w| w[c].as_f64()))
+        .collect();
+    let pc = p.per_channel;
     let mut dx = vec![T::zero(); x.len()];
     let per_chunk: Vec<(Vec<f64>, Vec<f64>)> = dx
         .par_chunks_mut(p.chunk)
@@ -86,31 +90,59 @@ fn norm_bwd<T: Float>(
         .enumerate()
         .map(|(ci, (dxo, (xi, gi)))| {
             let (mean, rstd) = stats(xi, p.eps);
-            let ch0 = (ci % chunks_per_row) * p.chunk / p.per_channel;
+            let ch0 = (ci % chunks_per_row) * p.chunk / pc;
+            let wc = &wf[ch0..ch0 + p.chunk / pc];
             let n = xi.len() as f64;
-            let (mut sum_g, mut sum_gx) = (0f64, 0f64);
-            let mut dw = vec![0f64; p.chunk / p.per_channel];
-            let mut db = vec![0f64; p.chunk / p.per_channel];
-            for (j, (&v, &d)) in xi.iter().zip(gi).enumerate() {
-                let c = j / p.per_channel;
-                let xhat = (v.as_f64() - mean) * rstd;
-                let g = d.as_f64() * w.map_or(1.0, |w| w[ch0 + c].as_f64());
-                sum_g += g;
-                sum_gx += g * xhat;
-                dw[c] += d.as_f64() * xhat;
-                db[c] += d.as_f64();
-            }
-            for (j, (o, (&v, &d))) in dxo.iter_mut().zip(xi.iter().zip(gi)).enumerate() {
-                let xhat = (v.as_f64() - mean) * rstd;
-                let g = d.as_f64() * w.map_or(1.0, |w| w[ch0 + j / p.per_channel].as_f64());
-                *o = T::of(rstd * (g - sum_g / n - xhat * sum_gx / n));
+            // With g = dy * w and xhat = (x - mean) * rstd:
+            //   dx = rstd * (g - mean(g) - xhat * mean(g * xhat)),  dw += dy * xhat,  db += dy.
+            let (dw, db, sum_g, sum_gx);
+            if pc == 1 {
+                // Layer norm: an affine pair per element.
+                let xhat = |v: T| (v.as_f64() - mean) * rstd;
+                db = gi.iter().map(|d| d.as_f64()).collect::<Vec<f64>>();
+                dw = xi
+                    .iter()
+                    .zip(gi)
+                    .map(|(&v, d)| d.as_f64() * xhat(v))
+                    .collect::<Vec<f64>>();
+                sum_g = lane_sum(&db, wc, |d, w| d * w);
+                sum_gx = lane_sum(&dw, wc, |dxh, w| dxh * w);
+                for (((o, &v), &d), &ww) in dxo.iter_mut().zip(xi).zip(gi).zip(wc) {
+                    let g = d.as_f64() * ww;
+                    *o = T::of(rstd * (g - sum_g / n - xhat(v) * sum_gx / n));
+                }
+            } else {
+                // Group norm: channel blocks of `pc` pixels share w, so the sums are per block.
+                let blocks = xi.chunks(pc).zip(gi.chunks(pc));
+                let (bw, bb): (Vec<f64>, Vec<f64>) = blocks
+                    .map(|(xb, gb)| {
+                        let s_dxh = lane_sum(xb, gb, |v, d| d.as_f64() * (v.as_f64() - mean));
+                        (s_dxh * rstd, lane_sum(gb, gb, |d, _| d.as_f64()))
+                    })
+                    .unzip();
+                sum_g = lane_sum(&bb, wc, |d, w| d * w);
+                sum_gx = lane_sum(&bw, wc, |dxh, w| dxh * w);
+                (dw, db) = (bw, bb);
+                for (((ob, xb), gb), &ww) in dxo
+                    .chunks_mut(pc)
+                    .zip(xi.chunks(pc))
+                    .zip(gi.chunks(pc))
+                    .zip(wc)
+                {
+                    // rstd * (d*w - sum_g/n - (x - mean)*rstd*sum_gx/n) as a*d + b*x + c.
+                    let (a, b) = (rstd * ww, -rstd * rstd * sum_gx / n);
+                    let c = -rstd * sum_g / n - b * mean;
+                    for ((o, &v), &d) in ob.iter_mut().zip(xb).zip(gb) {
+                        *o = T::of(a * d.as_f64() + b * v.as_f64() + c);
+                    }
+                }
             }
             (dw, db)
         })
         .collect();
     let (mut dw, mut db) = (vec![0f64; channels], vec![0f64; channels]);
     for (ci, (cw, cb)) in per_chunk.iter().enumerate() {
-        let ch0 = (ci % chunks_per_row) * p.chunk / p.per_channel;
+        let ch0 = (ci % chunks_per_row) * p.chunk / pc;
         for (c, (a, b)) in cw.iter().zip(cb).enumerate() {
             dw[ch0 + c] += a;
             db[ch0 + c] += b;

@@ -1,7 +1,7 @@
 //! Reductions: sum over any set of dims, max over one dim with its arg-max, and softmax over the
 //! last dim. Sums accumulate in f64 so the oracle's error does not grow with the reduced length.
 
-use super::CpuStorage;
+use super::{lane_sum, CpuStorage};
 use crate::tensor::{Float, Layout, Shape};
 use crate::{Error, Result};
 use rayon::prelude::*;
@@ -130,12 +130,23 @@ pub fn softmax_last(s: &CpuStorage, l: &Layout) -> Result<CpuStorage> {
         out.par_chunks_mut(n)
             .zip(x.par_chunks(n))
             .for_each(|(o, r)| {
-                let m = r.iter().fold(T::neg_infinity(), |a, &b| a.max(b));
-                let mut sum = 0f64;
+                // Eight running maxima, as lane_sum does for sums: no serial max chain.
+                let mut lanes = [T::neg_infinity(); 8];
+                let chunks = r.chunks_exact(8);
+                let tail = chunks
+                    .remainder()
+                    .iter()
+                    .fold(T::neg_infinity(), |a, &b| a.max(b));
+                for c in chunks {
+                    for i in 0..8 {
+                        lanes[i] = lanes[i].max(c[i]);
+                    }
+                }
+                let m = lanes.iter().fold(tail, |a, &b| a.max(b));
                 for (oi, &ri) in o.iter_mut().zip(r) {
                     *oi = (ri - m).exp();
-                    sum += oi.as_f64();
                 }
+                let sum = lane_sum(o, o, |v, _| v.as_f64());
                 let inv = T::of(1.0 / sum);
                 o.iter_mut().for_each(|v| *v *= inv);
             });
@@ -160,7 +171,7 @@ pub fn softmax_last_bwd(
         out.par_chunks_mut(n)
             .zip(y.par_chunks(n).zip(g.par_chunks(n)))
             .for_each(|(o, (yr, gr))| {
-                let dot: f64 = yr.iter().zip(gr).map(|(&a, &b)| (a * b).as_f64()).sum();
+                let dot = lane_sum(yr, gr, |a, b| (a * b).as_f64());
                 let dot = T::of(dot);
                 for ((oi, &a), &b) in o.iter_mut().zip(yr).zip(gr) {
                     *oi = a * (b - dot);
