@@ -46,6 +46,23 @@ def main():
         a = torch.randn(m, k, device=dev, dtype=bf)
         w = torch.randn(n, k, device=dev, dtype=bf)
         report(f"torch gemm {m}x{k}x{n} bf16 (x W^T)", timed(lambda: a @ w.t()), 2 * (m * k + k * n + m * n), 2 * m * k * n)
+    # Linear with bias on kstyle's shapes (F.linear: cuBLASLt with the bias epilogue where it can).
+    for m, k, n in [(8192, 640, 640), (8192, 1280, 5120), (8192, 5120, 1280), (154, 2048, 640)]:
+        a = torch.randn(m, k, device=dev, dtype=bf)
+        w = torch.randn(n, k, device=dev, dtype=bf)
+        bias = torch.randn(n, device=dev, dtype=bf)
+        with torch.no_grad():
+            report(f"torch linear+bias {m}x{k}->{n} bf16", timed(lambda: F.linear(a, w, bias)),
+                   2 * (m * k + k * n + m * n + n), 2 * m * k * n)
+    # AdamW over 3,522 tensors of 4,096 f32 values, foreach (one multi-tensor launch per op) and
+    # fused (torch's one-kernel AdamW), as kstyle's flat-buffer step is timed.
+    ps = [torch.randn(4096, device=dev, requires_grad=True) for _ in range(3522)]
+    for p in ps:
+        p.grad = torch.randn_like(p)
+    n_all = 3522 * 4096
+    for kind in ("foreach", "fused"):
+        opt = torch.optim.AdamW(ps, lr=1e-4, **{kind: True})
+        report(f"torch adamw {kind} 3522 tensors {n_all} f32", timed(opt.step), 4 * 7 * n_all, 0)
     for bh, sq, skv in [(20, 4096, 4096), (20, 4096, 77), (40, 1024, 1024)]:
         d = 64
         q = torch.randn(1, bh, sq, d, device=dev, dtype=bf, requires_grad=True)
