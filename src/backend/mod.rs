@@ -705,7 +705,7 @@ pub mod ops {
             Storage::Cpu(CpuStorage::F32(f)) => {
                 for &((s, l), off) in parts {
                     let Storage::Cpu(CpuStorage::F32(src)) = s else {
-                        return Err(mismatch("gather_add", s, s));
+                        return Err(Error::msg("gather_add: a part on another device"));
                     };
                     let n = l.shape().elem_count();
                     cpu::optim::gather_add(f, &src[l.offset()..l.offset() + n], off);
@@ -719,7 +719,7 @@ pub mod ops {
                         Storage::Cuda(c) if c.ordinal() == f.ordinal() => {
                             addrs.push((c.ptr_at(l.offset()), off, l.shape().elem_count()))
                         }
-                        _ => return Err(Error::msg("gather_add: parts on another device")),
+                        _ => return Err(Error::msg("gather_add: a part on another device")),
                     }
                 }
                 coptim::gather_add(f, &addrs)

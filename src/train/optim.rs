@@ -64,16 +64,19 @@ fn check_trainables(params: &[(String, Tensor)]) -> Result<Device> {
     Ok(device)
 }
 
-/// `parts` back to back as one (N,) f32 tensor on `device` (an empty one for no parts).
+/// `parts` back to back as one (N,) f32 tensor on `device` (an empty one for no parts), with no
+/// autograd history even when the parts are trainables.
 fn concat(parts: &[Tensor], device: Device) -> Result<Tensor> {
     if parts.is_empty() {
         return Tensor::zeros(0, DType::F32, device);
     }
-    let flat: Vec<Tensor> = parts
-        .iter()
-        .map(|t| t.to_dtype(DType::F32)?.reshape(t.elem_count()))
-        .collect::<Result<_>>()?;
-    Tensor::cat(&flat, 0)?.to_device(device)
+    crate::autograd::no_grad(|| {
+        let flat: Vec<Tensor> = parts
+            .iter()
+            .map(|t| t.to_dtype(DType::F32)?.reshape(t.elem_count()))
+            .collect::<Result<_>>()?;
+        Tensor::cat(&flat, 0)?.to_device(device)
+    })
 }
 
 impl Optimizer {
@@ -355,6 +358,7 @@ mod tests {
     fn flat_step_matches_the_per_tensor_oracle() {
         let params = vars(&[5, 3, 4097], 1);
         let mut opt = Optimizer::new(AdamW::default(), &params).unwrap();
+        assert!(!opt.master.tracks(), "the master copy must not hold autograd history");
         let mut acc = GradAccumulator::new(&opt).unwrap();
         let grads1: Vec<Tensor> = vars(&[5, 3, 4097], 2).into_iter().map(|(_, t)| t).collect();
         let grads2: Vec<Tensor> = vars(&[5, 3, 4097], 3).into_iter().map(|(_, t)| t).collect();

@@ -270,6 +270,12 @@ impl Trainer {
         if cfg.grad_accum == 0 {
             return Err(Error::Config("--grad-accum must be at least 1".into()));
         }
+        if !cfg.dtype.is_float() || cfg.dtype == DType::F64 {
+            return Err(Error::Config(format!(
+                "training computes in f32, bf16 or f16, not {}",
+                cfg.dtype
+            )));
+        }
         if cfg.resolution % 8 != 0 || cfg.resolution == 0 {
             return Err(Error::Config(format!(
                 "--resolution must be a positive multiple of 8, got {}",
@@ -291,12 +297,6 @@ impl Trainer {
             files.config_dir.join("vae/config.json"),
         )?
         .scaling_factor;
-        if !cfg.dtype.is_float() || cfg.dtype == DType::F64 {
-            return Err(Error::Config(format!(
-                "training computes in f32, bf16 or f16, not {}",
-                cfg.dtype
-            )));
-        }
         let mut unet = files.unet(&[], cfg.dtype, cfg.device)?;
         unet.checkpoint = cfg.checkpointing.unwrap_or_default();
         let index = unet_module_index(&unet);
