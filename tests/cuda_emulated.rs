@@ -138,15 +138,7 @@ fn training_on_cuda_matches_the_cpu_run() {
         );
         let log = common::stderr(&o);
         assert!(log.contains("using checkpointing none"), "{log}");
-        let csv = std::fs::read_to_string(out.with_extension("loss.csv")).unwrap();
-        let losses: Vec<f64> = csv
-            .lines()
-            .nth(1)
-            .unwrap()
-            .split(',')
-            .skip(2)
-            .map(|v| v.parse().unwrap())
-            .collect();
+        let losses = common::first_losses(&out);
         let f = kstyle::tensor::SafeTensorsFile::open(&out).unwrap();
         let mut values = Vec::new();
         for n in f.names() {

@@ -199,15 +199,7 @@ fn bf16_training_keeps_f32_trainables_and_tracks_the_f32_losses() {
             ],
         );
         assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-        let csv = std::fs::read_to_string(out.with_extension("loss.csv")).unwrap();
-        let row: Vec<f64> = csv
-            .lines()
-            .nth(1)
-            .unwrap()
-            .split(',')
-            .skip(2)
-            .map(|v| v.parse().unwrap())
-            .collect();
+        let row = common::first_losses(&out);
         first.push(row); // loss, diffusion, cultural
         let f = SafeTensorsFile::open(&out).unwrap();
         for n in f.names() {

@@ -8,7 +8,6 @@
 //! are the tensors' storage.
 
 use super::optim::GradAccumulator;
-use super::step::{training_loss, Conditioning};
 use super::trainer::Trainer;
 use crate::models::unet::CheckpointPolicy;
 use crate::sample::TrainSchedule;
@@ -132,22 +131,8 @@ impl Trainer {
             let mut rng = Rng::new(0x5eed);
             let x0 = ex.mean.scale(self.scaling_factor)?; // (1, 4, h, w)
             let noise = Tensor::randn(x0.dims().to_vec(), &mut rng, DType::F32, device)?;
-            let cond = Conditioning {
-                context: &ex.context,
-                pooled: &ex.pooled,
-                time_ids: &ex.time_ids,
-            };
-            let losses = training_loss(
-                &self.unet,
-                self.cultural.as_ref().map(|c| (c, self.cfg.lambda)),
-                &schedule,
-                &x0,
-                &noise,
-                &[schedule.len() / 2],
-                &cond,
-            )?;
-            let grads = losses.total.backward()?;
-            acc.add(&params, &grads)?;
+            let t = schedule.len() / 2;
+            self.micro_batch(ex, (&x0, &noise, t), &schedule, &params, &mut acc)?;
         }
         if let Device::Cuda(i) = device {
             crate::backend::cuda::device(i)?.synchronize()?;

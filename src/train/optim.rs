@@ -358,7 +358,10 @@ mod tests {
     fn flat_step_matches_the_per_tensor_oracle() {
         let params = vars(&[5, 3, 4097], 1);
         let mut opt = Optimizer::new(AdamW::default(), &params).unwrap();
-        assert!(!opt.master.tracks(), "the master copy must not hold autograd history");
+        assert!(
+            !opt.master.tracks(),
+            "the master copy must not hold autograd history"
+        );
         let mut acc = GradAccumulator::new(&opt).unwrap();
         let grads1: Vec<Tensor> = vars(&[5, 3, 4097], 2).into_iter().map(|(_, t)| t).collect();
         let grads2: Vec<Tensor> = vars(&[5, 3, 4097], 3).into_iter().map(|(_, t)| t).collect();

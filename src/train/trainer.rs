@@ -10,7 +10,7 @@ use super::data::{
 };
 use super::memory::{human, policy_name, AUTO_POLICIES};
 use super::optim::{GradAccumulator, LrSchedule, Optimizer};
-use super::step::{training_loss, Conditioning};
+use super::step::{training_loss, Conditioning, Losses};
 use crate::backend::cpu::optim::AdamW;
 use crate::formats::adapter::{Adapter, Method};
 use crate::models::clip::text::token_ids;
@@ -532,6 +532,35 @@ impl Trainer {
         i
     }
 
+    /// Forward and backward of one micro-batch: example `ex` with clean latents `x0`, noise and
+    /// timestep `t`; its gradients are added to `acc`.
+    pub(super) fn micro_batch(
+        &self,
+        ex: &Example,
+        (x0, noise, t): (&Tensor, &Tensor, usize),
+        schedule: &TrainSchedule,
+        params: &[(String, Tensor)],
+        acc: &mut GradAccumulator,
+    ) -> Result<Losses> {
+        let cond = Conditioning {
+            context: &ex.context,
+            pooled: &ex.pooled,
+            time_ids: &ex.time_ids,
+        };
+        let losses = training_loss(
+            &self.unet,
+            self.cultural.as_ref().map(|c| (c, self.cfg.lambda)),
+            schedule,
+            x0,
+            noise,
+            &[t],
+            &cond,
+        )?;
+        let grads = losses.total.backward()?;
+        acc.add(params, &grads)?;
+        Ok(losses)
+    }
+
     /// One optimizer step: `grad_accum` micro-batches, then AdamW.
     pub fn step(&mut self) -> Result<StepLog> {
         let params = self.params();
@@ -550,22 +579,7 @@ impl Trainer {
                 .scale(self.scaling_factor)?; // (1, 4, h, w)
             let t = rng.below(schedule.len() as u64) as usize;
             let noise = Tensor::randn(x0.dims().to_vec(), rng, DType::F32, self.cfg.device)?;
-            let cond = Conditioning {
-                context: &ex.context,
-                pooled: &ex.pooled,
-                time_ids: &ex.time_ids,
-            };
-            let losses = training_loss(
-                &self.unet,
-                self.cultural.as_ref().map(|c| (c, self.cfg.lambda)),
-                &schedule,
-                &x0,
-                &noise,
-                &[t],
-                &cond,
-            )?;
-            let grads = losses.total.backward()?;
-            acc.add(&params, &grads)?;
+            let losses = self.micro_batch(ex, (&x0, &noise, t), &schedule, &params, &mut acc)?;
             loss += losses.total.to_scalar()?;
             diffusion += losses.diffusion.to_scalar()?;
             if let Some(c) = &losses.cultural {

@@ -81,3 +81,13 @@ pub fn assert_parity(rows: &[kstyle::verify::cuda_parity::ParityRow], min_rows: 
         rows.len()
     );
 }
+
+/// Step 1's (loss, diffusion, cultural) from the loss log a training run wrote beside `adapter`.
+pub fn first_losses(adapter: &Path) -> Vec<f64> {
+    let csv = std::fs::read_to_string(adapter.with_extension("loss.csv")).unwrap();
+    let row = csv.lines().nth(1).expect("a logged step");
+    row.split(',')
+        .skip(2)
+        .map(|v| v.parse().unwrap_or(f64::NAN))
+        .collect()
+}
