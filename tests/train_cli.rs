@@ -178,7 +178,7 @@ fn resuming_gives_bit_identical_adapters() {
 /// UNet in bf16 they must differ from f32's (it really ran in bf16) by no more than the bf16
 /// forward tolerance, and the adapter the run writes stays f32.
 #[test]
-fn bf16_training_keeps_f32_trainables_and_tracks_the_f32_losses() {
+fn bf16_training_writes_f32_adapters_and_tracks_the_f32_losses() {
     let dir = tmp("bf16-train");
     let data = dataset(&dir);
     let cache = dir.join("cache");

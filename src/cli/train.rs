@@ -112,8 +112,8 @@ pub struct Args {
     pub cache: Option<PathBuf>,
     #[arg(long, value_enum, default_value = "cpu")]
     pub device: DeviceArg,
-    /// Compute dtype of the frozen UNet. bf16/f16 halve its memory; the adapter, the optimizer
-    /// and the losses stay f32 (mixed precision, as autocast).
+    /// Compute dtype of the frozen UNet. bf16/f16 halve its memory; the optimizer state, the
+    /// losses and the adapter files stay f32 (mixed precision).
     #[arg(long, value_enum, default_value = "f32")]
     pub dtype: super::generate::DTypeArg,
 }

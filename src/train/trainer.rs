@@ -9,7 +9,7 @@ use super::data::{
     buckets, load_training_image, nearest_bucket, CaptionSource, Dataset, TensorCache,
 };
 use super::memory::{human, policy_name, AUTO_POLICIES};
-use super::optim::{GradAccumulator, LrSchedule, Optimizer};
+use super::optim::{GradAccumulator, LrSchedule, Optimizer, Slot};
 use super::step::{training_loss, Conditioning, Losses};
 use crate::backend::cpu::optim::AdamW;
 use crate::formats::adapter::{Adapter, Method};
@@ -21,7 +21,7 @@ use crate::sample::pipeline::{denoise, unet_module_index, PromptEmbeds, Request,
 use crate::sample::TrainSchedule;
 use crate::tensor::Rng;
 use crate::{DType, Device, Error, Result, Tensor};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
@@ -64,8 +64,8 @@ pub struct TrainConfig {
     pub memory_budget: Option<u64>,
     pub cache_dir: Option<PathBuf>,
     pub device: Device,
-    /// Compute dtype of the frozen UNet. Trainables, optimizer state and the losses stay f32:
-    /// with bf16/f16 the adapters are cast on the tape each forward (mixed precision).
+    /// Compute dtype of the frozen UNet. With bf16/f16 the adapters become leaves in that dtype
+    /// while the optimizer state, the losses and the written files stay f32 (mixed precision).
     pub dtype: DType,
 }
 
@@ -416,6 +416,16 @@ impl Trainer {
             }
             None => Optimizer::new(cfg.adamw, &params)?,
         };
+        // Mixed precision: the optimizer holds the f32 values (just taken); the UNet's adapters
+        // become leaves in the compute dtype, so the forward needs no per-step casts. The
+        // cultural module stays f32: it reads the f32 clean-latent estimate.
+        if cfg.dtype != DType::F32 {
+            for (_, lin) in unet.attention_projections_mut() {
+                if let Some(a) = &lin.adapter {
+                    lin.adapter = Some(a.trainable_in(cfg.dtype)?);
+                }
+            }
+        }
         log(&format!(
             "method {} | {} adapted linears | {} trainable tensors ({} values, f32) | UNet in {} on {} | {} optimizer steps",
             cfg.method.name(),
@@ -483,14 +493,35 @@ impl Trainer {
         p
     }
 
-    /// The adapter as it stands (what `--out` receives).
-    pub fn adapter(&self) -> Adapter {
-        let modules = self
+    /// The adapter as it stands (what `--out` receives), always in f32: with a bf16/f16 UNet the
+    /// values come from the optimizer's f32 masters, not from the rounded leaves.
+    pub fn adapter(&self) -> Result<Adapter> {
+        let mut modules: Vec<(String, LoraAdapter)> = self
             .unet
             .attention_projections()
             .into_iter()
             .filter_map(|(p, l)| l.adapter.clone().map(|a| (p, a)))
             .collect();
+        if self.cfg.dtype != DType::F32 {
+            let slots: HashMap<&str, &Slot> = self
+                .optimizer
+                .slots
+                .iter()
+                .map(|s| (s.name.as_str(), s))
+                .collect();
+            for (path, a) in &mut modules {
+                let mut f32 = a.frozen(DType::F32, 1.0)?;
+                f32.assign(|name, dims| {
+                    let key = format!("{path}.{name}");
+                    let slot = slots
+                        .get(key.as_str())
+                        .ok_or_else(|| Error::msg(format!("optimizer has no slot `{key}`")))?;
+                    let [master, ..] = self.optimizer.slot_state(slot)?;
+                    master.reshape(dims.to_vec())
+                })?;
+                *a = f32;
+            }
+        }
         let c = &self.cfg;
         let settings = BTreeMap::from([
             ("lr".to_string(), c.adamw.lr.to_string()),
@@ -503,7 +534,7 @@ impl Trainer {
             ("trigger".to_string(), c.captions.trigger.clone()),
             ("weight_decay".to_string(), c.adamw.weight_decay.to_string()),
         ]);
-        Adapter {
+        Ok(Adapter {
             method: c.method,
             config: c.lora,
             concepts: if self.concept_embeds.is_some() {
@@ -515,7 +546,7 @@ impl Trainer {
             modules,
             cultural: self.cultural.clone(),
             settings,
-        }
+        })
     }
 
     /// The next training example (reshuffling at epoch ends).
@@ -611,7 +642,7 @@ impl Trainer {
         let path = self.outputs.checkpoint(self.state.step);
         save_checkpoint(
             &path,
-            &self.adapter(),
+            &self.adapter()?,
             &unet_module_index(&self.unet),
             &self.optimizer,
             &self.state,
@@ -620,7 +651,7 @@ impl Trainer {
     }
 
     pub fn save_adapter(&self) -> Result<()> {
-        self.adapter()
+        self.adapter()?
             .save(&self.outputs.adapter, &unet_module_index(&self.unet))
     }
 
