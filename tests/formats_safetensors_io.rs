@@ -250,3 +250,43 @@ fn every_truncation_and_header_byte_flip_is_an_error_not_a_panic() {
         }
     }
 }
+
+/// Saving the same tensors and metadata twice gives the same bytes, whatever order the metadata
+/// map iterates in (each `HashMap` has its own random order), and the file reads back intact.
+#[test]
+fn saved_files_are_byte_identical_across_runs() {
+    use kstyle::tensor::{save_safetensors, SafeTensorsFile};
+    use kstyle::{DType, Device, Tensor};
+    use std::collections::HashMap;
+    let dir = scratch("deterministic");
+    let t = Tensor::from_vec((0..24).map(|v| v as f32).collect(), (2, 3, 4), Device::Cpu).unwrap();
+    let tensors = vec![
+        ("b.weight".to_string(), t.clone()),
+        ("a.bias".to_string(), t.to_dtype(DType::BF16).unwrap()),
+    ];
+    let mut files = Vec::new();
+    for run in 0..4 {
+        let mut meta = HashMap::new();
+        for k in 0..32 {
+            let k = if run % 2 == 0 { k } else { 31 - k };
+            meta.insert(format!("key.{k}"), format!("value {k}"));
+        }
+        let path = dir.join(format!("{run}.safetensors"));
+        save_safetensors(&path, &tensors, Some(meta)).unwrap();
+        files.push(std::fs::read(&path).unwrap());
+    }
+    assert!(
+        files.iter().all(|f| *f == files[0]),
+        "the same content gave different bytes"
+    );
+    let f = SafeTensorsFile::open(dir.join("0.safetensors")).unwrap();
+    assert_eq!(f.metadata().len(), 32);
+    assert_eq!(
+        f.metadata().get("key.7").map(String::as_str),
+        Some("value 7")
+    );
+    assert_eq!(
+        f.tensor("b.weight").unwrap().to_vec_f64().unwrap(),
+        t.to_vec_f64().unwrap()
+    );
+}

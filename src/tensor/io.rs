@@ -227,7 +227,34 @@ pub fn save_safetensors(
     }
     let bytes = safetensors::serialize(raws.iter().map(|(n, r)| (n.clone(), r)), metadata)
         .map_err(|e| st_err(path, e))?;
-    write_atomic(path, &bytes)
+    write_atomic(path, &sorted_header(&bytes).map_err(|e| st_err(path, e))?)
+}
+
+/// The same file with its JSON header's keys in sorted order. The safetensors crate writes the
+/// metadata in hash-map order, so two identical runs wrote different bytes; sorted, the same
+/// tensors and metadata always give the same file. The data section is untouched (its offsets
+/// are relative to the end of the header).
+fn sorted_header(file: &[u8]) -> std::result::Result<Vec<u8>, String> {
+    let n = file
+        .get(..8)
+        .map(|b| u64::from_le_bytes(b.try_into().expect("8 bytes")) as usize)
+        .ok_or("no header length")?;
+    let header = file.get(8..8 + n).ok_or("header past the end")?;
+    let mut top: BTreeMap<String, serde_json::Value> =
+        serde_json::from_slice(header).map_err(|e| e.to_string())?;
+    if let Some(meta) = top.get_mut("__metadata__") {
+        let sorted: BTreeMap<String, serde_json::Value> =
+            serde_json::from_value(meta.take()).map_err(|e| e.to_string())?;
+        *meta = serde_json::to_value(sorted).map_err(|e| e.to_string())?;
+    }
+    let mut json = serde_json::to_vec(&top).map_err(|e| e.to_string())?;
+    // Padded with spaces to a multiple of 8, as the format recommends (aligned data).
+    json.resize(json.len().div_ceil(8) * 8, b' ');
+    let mut out = Vec::with_capacity(8 + json.len() + file.len() - 8 - n);
+    out.extend_from_slice(&(json.len() as u64).to_le_bytes());
+    out.extend_from_slice(&json);
+    out.extend_from_slice(&file[8 + n..]);
+    Ok(out)
 }
 
 /// Write bytes to `path` through a temporary sibling and a rename.
