@@ -124,7 +124,7 @@ fn bad_inputs_fail_cleanly_naming_the_culprit() {
     ]);
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(
-        !o.status.success() && err.contains("not a kohya LoRA file"),
+        !o.status.success() && err.contains("not a LoRA file"),
         "{err}"
     );
     // Latents of the wrong shape (16x16 latents for a 64x64 request).

@@ -9,6 +9,7 @@
 
 use super::diffusers::canonical_text_encoder_key;
 use super::error::{Error, Result};
+use super::lora_patch::Factors;
 use super::raw::{RawTensor, TensorMap};
 use super::unet_layout::UnetLayout;
 use std::collections::{BTreeMap, HashMap};
@@ -295,86 +296,38 @@ impl KohyaModel {
         }
     }
 
-    /// Groups the tensors by module, resolves names and checks every shape against the
-    /// target weight. `context` (the file name) prefixes errors.
+    /// The plain low-rank modules of a LoRA file (what kohya export and the adapter tools
+    /// handle), with names resolved and every shape checked against the target weight. Modules
+    /// stored any other way (LoCon cores, LoHa, LoKr, DoRA, full differences) are listed in
+    /// `unknown` with the keys that name nothing; [`KohyaModel::parse_patches`] reads them all.
+    /// `context` (the file name) prefixes errors.
     pub fn parse<'a>(&self, tensors: TensorMap<'a>, context: &str) -> Result<KohyaLora<'a>> {
-        // module name -> (down, up, alpha, every key seen, has an unsupported suffix)
-        type Group<'a> = (
-            Option<RawTensor<'a>>,
-            Option<RawTensor<'a>>,
-            Option<RawTensor<'a>>,
-            Vec<String>,
-            bool,
-        );
-        let mut groups: BTreeMap<String, Group<'a>> = BTreeMap::new();
-        let mut unknown = Vec::new();
-        for (key, t) in tensors {
-            let Some(dot) = key.find('.') else {
-                unknown.push(key);
-                continue;
-            };
-            let (name, suffix) = key.split_at(dot);
-            let g = groups.entry(name.to_string()).or_default();
-            match suffix {
-                DOWN => g.0 = Some(t),
-                UP => g.1 = Some(t),
-                ALPHA => g.2 = Some(t),
-                _ => g.4 = true,
-            }
-            g.3.push(key);
-        }
+        let parsed = self.parse_patches(tensors, context, None)?;
+        let mut unknown: Vec<String> = parsed.unknown.into_iter().map(|(_, k)| k).collect();
         let mut entries = Vec::new();
-        let mut seen: HashMap<(Component, String), String> = HashMap::new();
-        for (name, (down, up, alpha, keys, unsupported)) in groups {
-            let resolved = self.resolve(&name).map(|(c, m)| (c, m.to_string()));
-            let Some((component, module)) = resolved.filter(|_| !unsupported) else {
-                unknown.extend(keys);
-                continue;
-            };
-            let lora_err = |msg: String| Error::Lora {
-                context: context.into(),
-                module: name.clone(),
-                msg,
-            };
-            let (Some(down), Some(up)) = (down, up) else {
-                return Err(lora_err(
-                    "needs both lora_down.weight and lora_up.weight".into(),
-                ));
-            };
-            if let Some(first) = seen.insert((component, module.clone()), name.clone()) {
-                return Err(lora_err(format!(
-                    "targets `{module}`, which `{first}` already targets"
-                )));
-            }
-            let target = self
-                .index(component)
-                .and_then(|i| i.weight_shape(&module))
-                .expect("resolved module has a shape")
-                .to_vec();
-            let (down, up) = fit_shapes(down, up, &target, context, &name)?;
-            let rank = down.shape[0] as f64;
-            let alpha = match alpha {
-                Some(a) if a.numel() == 1 => a.to_f64_vec(context, &format!("{name}{ALPHA}"))?[0],
-                Some(a) => {
-                    return Err(Error::WrongShape {
-                        context: context.into(),
-                        key: format!("{name}{ALPHA}"),
-                        got: a.shape,
-                        expected: "a scalar".into(),
-                    })
+        for p in parsed.patches {
+            match p.factors {
+                Factors::LowRank {
+                    up,
+                    down,
+                    mid: None,
+                } if p.magnitude.is_none() && p.bias_diff.is_none() => {
+                    let rank = down.shape[0] as f64;
+                    entries.push(LoraEntry {
+                        component: p.component,
+                        module: p.module,
+                        down,
+                        up,
+                        alpha: match p.alpha {
+                            Some(a) if a != 0.0 => a,
+                            _ => p.scale * rank,
+                        },
+                    });
                 }
-                None => rank,
-            };
-            // kohya treats alpha 0 as "no alpha" (scale 1), as does diffusers.
-            let alpha = if alpha == 0.0 { rank } else { alpha };
-            entries.push(LoraEntry {
-                component,
-                module,
-                down,
-                up,
-                alpha,
-            });
+                _ => unknown.extend(p.keys),
+            }
         }
+        unknown.sort();
         Ok(KohyaLora { entries, unknown })
     }
 
@@ -402,7 +355,7 @@ impl KohyaModel {
 /// Checks down/up against the target weight and brings them to the target's rank: a LoRA
 /// trained on a 1x1 conv may target a Linear (SD1.x `proj_in`) and vice versa, with the same
 /// bytes. Anything else that disagrees is an error naming both shapes.
-fn fit_shapes<'a>(
+pub(super) fn fit_shapes<'a>(
     down: RawTensor<'a>,
     up: RawTensor<'a>,
     target: &[usize],

@@ -7,12 +7,16 @@
 //! - [`single_file`]: original-layout SDXL checkpoints -> the four diffusers maps.
 //! - [`unet_layout`]: UNet block positions in both layouts, computed from the config.
 //! - [`kohya`]: kohya LoRA files, both directions.
+//! - [`lora_patch`]: every LoRA-family file (PEFT, diffusers, LoCon, LoHa, LoKr, DoRA) read as
+//!   per-weight patches; their merge math lives in `lora_delta`.
 
 pub mod adapter;
 pub mod diffusers;
 pub mod error;
 pub mod export;
 pub mod kohya;
+mod lora_delta;
+pub mod lora_patch;
 pub mod raw;
 pub mod single_file;
 pub mod unet_layout;

@@ -1,12 +1,14 @@
-//! kohya LoRA files merged into the frozen UNet weights at load time:
-//! `W' = W + m * (alpha / r) * up @ down` per targeted Linear or conv (SDXL.md 6.1).
+//! LoRA-family files merged into frozen weights at load time: `W' = W + m * scale * ΔW` per
+//! targeted Linear or conv (SDXL.md 6.1), ΔW as the file stores it (kohya LoRA / LoCon, PEFT and
+//! diffusers LoRA, LyCORIS LoHa and LoKr, full differences, DoRA; `formats::lora_patch`).
 //!
-//! Names are resolved by `formats::kohya` against the UNet's own diffusers keys (so sgm- and
+//! Names are resolved by `formats::kohya` against the model's own diffusers keys (so sgm- and
 //! diffusers-spelled files both work); the sum is formed in f64 from the stored weight and the
 //! stored factors and rounded once to the load dtype, which is how the float64 reference merges
 //! on its fp16-rounded weights.
 
 use crate::formats::kohya::{Component, KohyaModel, ModuleIndex};
+use crate::formats::lora_patch::Patch;
 use crate::formats::unet_layout::UnetLayout;
 use crate::formats::{self, MappedFile};
 use crate::{Device, Error, Result, Tensor};
@@ -40,7 +42,7 @@ pub struct MergeReport {
 
 /// Merges `lora` into `tensors` (diffusers UNet keys). Merged weights become f64 tensors, to be
 /// rounded once when the loader converts them to the model dtype. UNet keys that name no module
-/// of this UNet, or use a LoRA variant not implemented here, are an error listing them.
+/// of this UNet are an error listing them; so is a file with keys of no LoRA spelling at all.
 pub fn merge_kohya(
     tensors: &mut BTreeMap<String, Tensor>,
     layout: &UnetLayout,
@@ -50,78 +52,76 @@ pub fn merge_kohya(
     let index = ModuleIndex::unet(tensors.iter().map(|(k, t)| (k.as_str(), t.dims())), layout);
     let model = KohyaModel::new(vec![index]);
     let file = MappedFile::open(&lora.path)?;
-    let parsed = model.parse(file.tensors()?, &context)?;
-    let (bad, not_unet): (Vec<String>, Vec<String>) = parsed
-        .unknown
-        .into_iter()
-        .partition(|k| k.starts_with(Component::Unet.kohya_prefix()));
+    let parsed = model.parse_patches(file.tensors()?, &context, file.metadata())?;
+    let (mut bad, mut not_unet, mut foreign) = (Vec::new(), Vec::new(), Vec::new());
+    for (claimed, key) in parsed.unknown {
+        match claimed {
+            Some(Component::Unet) => bad.push(key),
+            Some(_) => not_unet.push(key),
+            None => foreign.push(key),
+        }
+    }
     if !bad.is_empty() {
         return Err(formats::Error::UnexpectedKeys { context, keys: bad }.into());
     }
-    // Keys of no known LoRA prefix at all: not a kohya LoRA file (a checkpoint passed by mistake).
-    let foreign: Vec<String> = not_unet
-        .iter()
-        .filter(|k| !k.starts_with("lora_te"))
-        .cloned()
-        .collect();
+    // Keys of no LoRA spelling at all: a checkpoint passed by mistake, or a format not read here.
     if !foreign.is_empty() {
         return Err(formats::Error::UnexpectedKeys {
-            context: format!("{context} (not a kohya LoRA file)"),
+            context: format!("{context} (not a LoRA file, or a LoRA variant this does not read)"),
             keys: foreign,
         }
         .into());
     }
-    let mut report = MergeReport {
+    let (unet, te): (Vec<Patch<'_>>, Vec<Patch<'_>>) = parsed
+        .patches
+        .into_iter()
+        .partition(|p| p.component == Component::Unet);
+    not_unet.extend(te.into_iter().flat_map(|p| p.keys));
+    Ok(MergeReport {
+        merged: apply(tensors, &unet, lora)?,
         not_unet,
-        ..MergeReport::default()
-    };
-    report.merged = apply(
-        tensors,
-        parsed
-            .entries
-            .iter()
-            .filter(|e| e.component == Component::Unet),
-        lora,
-    )?;
-    Ok(report)
+    })
 }
 
-/// Adds every entry's `m * (alpha / r) * up @ down` to its `<module>.weight` in f64.
-fn apply<'a, 'b: 'a>(
+/// Merges every patch into its `<module>.weight` (and `.bias` for `diff_b`) in f64.
+fn apply(
     tensors: &mut BTreeMap<String, Tensor>,
-    entries: impl Iterator<Item = &'a formats::kohya::LoraEntry<'b>>,
+    patches: &[Patch<'_>],
     lora: &KohyaLoraFile,
 ) -> Result<Vec<String>> {
+    let context = lora.path.display().to_string();
     let mut merged_modules = Vec::new();
-    for entry in entries {
-        let key = format!("{}.weight", entry.module);
+    for patch in patches {
+        let key = format!("{}.weight", patch.module);
         let w = tensors.get(&key).ok_or_else(|| Error::MissingKey {
             path: lora.path.clone(),
             key: key.clone(),
         })?;
-        let delta = entry.delta_f64(lora.multiplier)?;
-        let mut merged = w.to_vec_f64()?;
-        if merged.len() != delta.len() {
-            return Err(Error::WrongShape {
-                path: lora.path.clone(),
-                key,
-                got: entry.target_shape(),
-                expected: w.dims().to_vec(),
-            });
+        let dims = w.dims().to_vec();
+        let mut weight = w.to_vec_f64()?;
+        let bias_key = format!("{}.bias", patch.module);
+        let mut bias = match (&patch.bias_diff, tensors.get(&bias_key)) {
+            (Some(_), Some(b)) => Some((b.to_vec_f64()?, b.dims().to_vec())),
+            _ => None,
+        };
+        patch.apply_f64(
+            &mut weight,
+            bias.as_mut().map(|(v, _)| v.as_mut_slice()),
+            lora.multiplier,
+            &context,
+        )?;
+        tensors.insert(key, Tensor::from_vec(weight, dims, Device::Cpu)?);
+        if let Some((v, dims)) = bias {
+            tensors.insert(bias_key, Tensor::from_vec(v, dims, Device::Cpu)?);
         }
-        for (m, d) in merged.iter_mut().zip(&delta) {
-            *m += d;
-        }
-        let t = Tensor::from_vec(merged, w.dims().to_vec(), Device::Cpu)?;
-        tensors.insert(key, t);
-        merged_modules.push(entry.module.clone());
+        merged_modules.push(patch.module.clone());
     }
     Ok(merged_modules)
 }
 
-/// Merges the `lora_te1_` (or `lora_te2_`) part of a kohya file into a text encoder's tensors
-/// (canonical `text_model.` keys); the file's other parts are left to their own loaders.
-/// Returns the merged module paths.
+/// Merges the text-encoder part (`lora_te1_`, `text_encoder.`, ...; or `lora_te2_`,
+/// `text_encoder_2.`) of a LoRA file into that encoder's tensors (canonical `text_model.` keys);
+/// the file's other parts are left to their own loaders. Returns the merged module paths.
 pub fn merge_kohya_text_encoder(
     tensors: &mut BTreeMap<String, Tensor>,
     component: Component,
@@ -134,18 +134,20 @@ pub fn merge_kohya_text_encoder(
     );
     let model = KohyaModel::new(vec![index]);
     let file = MappedFile::open(&lora.path)?;
-    let parsed = model.parse(file.tensors()?, &context)?;
+    let parsed = model.parse_patches(file.tensors()?, &context, file.metadata())?;
     let bad: Vec<String> = parsed
         .unknown
         .into_iter()
-        .filter(|k| k.starts_with(component.kohya_prefix()))
+        .filter(|(c, _)| *c == Some(component))
+        .map(|(_, k)| k)
         .collect();
     if !bad.is_empty() {
         return Err(formats::Error::UnexpectedKeys { context, keys: bad }.into());
     }
-    apply(
-        tensors,
-        parsed.entries.iter().filter(|e| e.component == component),
-        lora,
-    )
+    let mine: Vec<Patch<'_>> = parsed
+        .patches
+        .into_iter()
+        .filter(|p| p.component == component)
+        .collect();
+    apply(tensors, &mine, lora)
 }
