@@ -11,10 +11,15 @@
 #   train   kstyle train --device cuda, 4 steps on the tiny model in f32 and bf16, losses beside
 #           the CPU runs'
 #   bench   kstyle bench: GEMM, flash attention vs composition, fused LoRA, group norm, rooflines
-#   torch   scripts/bench_torch.py: PyTorch SDPA / GEMM / group norm on the same shapes
+#   model   kstyle bench --model: the full SDXL UNet (random weights, bf16) at 1024 px: inference
+#           b2, LoRA / checkpointed LoRA / gated training micro-batches, peak memory (folded
+#           into bench.log)
+#   torch   scripts/bench_torch.py: PyTorch SDPA / GEMM / group norm on the same shapes, then
+#           scripts/bench_torch_unet.py: diffusers' UNet on the model shapes (folded into
+#           torch.log; needs gpu-carry/diffusers.tar.xz)
 #   candle  gpu-carry/candle-cuda-bench.xz (scripts/build-candle-cuda.sh): candle 0.11 on the same
 #           shapes; skipped when the binary was not built
-# Expected wall time on an H100: ~4-6 minutes (most of it the first cuBLAS/driver warm-ups).
+# Expected wall time on an H100: ~5-7 minutes (most of it the first cuBLAS/driver warm-ups).
 set -u
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/kstyle-gpu-out}
@@ -71,7 +76,18 @@ train_tiny cpu bf16 > /dev/null 2>&1
 step train 120 bash -c 'train_tiny cuda f32 && train_tiny cuda bf16'
 cat "$OUT/train.log" >> "$OUT/verify.log" && rm -f "$OUT/train.log"
 step bench 240 "$BIN" bench --json "$JSONS/1-kstyle.jsonl"
+step model 180 "$BIN" bench --model --json "$JSONS/1b-kstyle-model.jsonl"
+cat "$OUT/model.log" >> "$OUT/bench.log" && rm -f "$OUT/model.log"
 step torch 120 python3 scripts/bench_torch.py --json "$JSONS/2-torch.jsonl"
+if [ -f gpu-carry/diffusers.tar.xz ] &&
+    python3 -c 'import sys, tarfile; tarfile.open(sys.argv[1]).extractall(sys.argv[2])' \
+        gpu-carry/diffusers.tar.xz /tmp/kstyle-site; then
+    step torchunet 150 env PYTHONPATH=/tmp/kstyle-site python3 scripts/bench_torch_unet.py \
+        tests/fixtures/tiny/sdxl_base_configs/unet/config.json --json "$JSONS/2b-torch-unet.jsonl"
+    cat "$OUT/torchunet.log" >> "$OUT/torch.log" && rm -f "$OUT/torchunet.log"
+else
+    echo "torchunet skipped: no gpu-carry/diffusers.tar.xz (scripts/gpu-prepare.sh)" | tee -a "$SUMMARY"
+fi
 # candle's binary travels xz-compressed (48 MiB -> 5 MiB, to fit the 64 MiB the call carries).
 CANDLE_BIN=/tmp/candle-cuda-bench
 if [ -f gpu-carry/candle-cuda-bench.xz ] &&
@@ -87,8 +103,8 @@ echo
 echo "---- failing parity rows ----"
 grep -E 'FAIL|error' "$OUT/parity.log" | head -30
 echo "---- bench ----"
-grep -E 'ms ' "$OUT/bench.log" "$OUT/torch.log" "$OUT/candle.log" 2>/dev/null | sed 's/^[^:]*://' | cut -c1-150
-echo "---- kstyle vs baselines, same shapes (candle/kstyle > 1: kstyle faster) ----"
-python3 scripts/bench_join.py "$OUT/bench.jsonl" 2>&1 | cut -c1-150
+grep -E 'ms ' "$OUT/bench.log" "$OUT/torch.log" "$OUT/candle.log" 2>/dev/null | sed 's/^[^:]*://' | cut -c1-170
+echo "---- kstyle vs baselines, same shapes (baseline/kstyle > 1: kstyle faster) ----"
+python3 scripts/bench_join.py "$OUT/bench.jsonl" 2>&1 | cut -c1-170
 echo "---- summary ----"
 cat "$SUMMARY"

@@ -5,6 +5,9 @@
 #                           carries, so everything carried travels compressed)
 #   gpu-carry/cache/nvrtc/  every kernel family precompiled for sm_90a (H100/H200) with the exact
 #                           options the backend uses, so the run loads cubins instead of compiling
+#   gpu-carry/diffusers.tar.xz  diffusers 0.42.1 (the fixtures' version) without its pipelines,
+#                           for scripts/bench_torch_unet.py (the GPU image has torch and peft
+#                           but not diffusers; the whole wheel would not fit the 64 MiB)
 #   gpu-carry/candle-cuda-bench.xz  only with --candle (or KSTYLE_CANDLE_CUDA=1): candle 0.11 on the
 #                           same shapes, via scripts/build-candle-cuda.sh (~13 min on 2 cores)
 # Then, in the GPU session, one call:  run(command="bash scripts/gpu-check.sh", carry=["gpu-carry"])
@@ -26,6 +29,17 @@ cp target/release/kstyle gpu-carry/kstyle
 # NVRTC here must be the 13.0 the GPU machine has: the cache key includes the NVRTC version.
 if [ -d .nvrtc/nvidia/cu13/lib ]; then export KSTYLE_NVRTC_DIR="$PWD/.nvrtc/nvidia/cu13/lib"; fi
 KSTYLE_CACHE_DIR=gpu-carry/cache ./gpu-carry/kstyle kernels --warm-cache --arch sm_90a
+rm -f gpu-carry/diffusers.tar.xz
+whl=$(mktemp -d)
+if python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
+    --implementation cp --platform manylinux_2_28_x86_64 -d "$whl" diffusers==0.42.1; then
+    (cd "$whl" && unzip -q diffusers-*.whl && tar cf - --exclude='diffusers/pipelines' \
+        --exclude='diffusers/modular_pipelines' --exclude='__pycache__' diffusers diffusers-*.dist-info |
+        xz -9e -T0) > gpu-carry/diffusers.tar.xz
+else
+    echo "WARNING: no diffusers wheel (offline?): the GPU run will skip the PyTorch UNet baseline" >&2
+fi
+rm -rf "$whl"
 if [ "$CANDLE" = 1 ]; then
     bash scripts/build-candle-cuda.sh
 fi

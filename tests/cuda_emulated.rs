@@ -48,6 +48,43 @@ fn verify_device_cuda_passes_on_the_emulator() {
     );
 }
 
+/// `kstyle bench --model --smoke`: the whole-UNet cases (random weights, inference, the three
+/// training micro-batches) run to the end on the tiny UNet, with their FLOP counts and peaks.
+#[test]
+fn model_bench_runs_on_the_emulator() {
+    let json = common::tmp("model-bench").join("rows.jsonl");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_kstyle"))
+        .args([
+            "bench",
+            "--model",
+            "--smoke",
+            "--json",
+            json.to_str().unwrap(),
+        ])
+        .env(emu::EMULATE_ENV, "1")
+        .output()
+        .expect("run kstyle");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "bench --model --smoke: {stdout}\n{}",
+        common::stderr(&out)
+    );
+    let rows = std::fs::read_to_string(&json).unwrap();
+    for case in [
+        "unet fwd 32px b2",
+        "unet train lora r4 32px",
+        "unet train lora r4 ckpt 32px",
+        "unet train gated r4 32px",
+    ] {
+        let row = rows
+            .lines()
+            .find(|l| l.contains(&format!("\"{case} ")))
+            .unwrap_or_else(|| panic!("no `{case}` row:\n{rows}"));
+        assert!(row.contains("\"peak_mib\":"), "{row}");
+    }
+}
+
 /// `kstyle bench --smoke`: every timed case of a GPU session's bench runs to the end, so a bench
 /// bug cannot spend the scarce GPU minutes (the timings here mean nothing).
 #[test]

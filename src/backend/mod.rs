@@ -21,6 +21,45 @@ pub enum Storage {
 
 type Arg<'a> = (&'a Storage, &'a Layout);
 
+/// Floating-point operations issued by the compute-bound primitives (GEMMs, convolutions,
+/// attention, the fused low-rank update), counted at dispatch: multiply-adds count two. The
+/// model benchmarks read it around one run to put a whole UNet step against the device's GEMM
+/// ceiling; elementwise work and norms are not counted (they are bandwidth-bound).
+pub mod flops {
+    use std::sync::atomic::{AtomicU64, Ordering};
+
+    static ISSUED: AtomicU64 = AtomicU64::new(0);
+
+    pub(super) fn add(n: usize) {
+        ISSUED.fetch_add(n as u64, Ordering::Relaxed);
+    }
+
+    /// Operations issued since the process started (or the last [`reset`]).
+    pub fn issued() -> u64 {
+        ISSUED.load(Ordering::Relaxed)
+    }
+
+    pub fn reset() {
+        ISSUED.store(0, Ordering::Relaxed);
+    }
+}
+
+/// Operations of a (possibly batched, broadcast) matmul `(.., m, k) @ (.., k, n)`.
+fn matmul_flops(a: &Layout, b: &Layout) -> usize {
+    let (ad, bd) = (a.dims(), b.dims());
+    if ad.len() < 2 || bd.len() < 2 {
+        return 0;
+    }
+    let (m, k, n) = (ad[ad.len() - 2], ad[ad.len() - 1], bd[bd.len() - 1]);
+    let batch = |d: &[usize]| d[..d.len() - 2].iter().product::<usize>();
+    2 * batch(ad).max(batch(bd)) * m * k * n
+}
+
+fn conv_flops(g: &ConvGeom) -> usize {
+    let (oh, ow) = g.out_hw();
+    2 * g.n * g.k * oh * ow * g.c * g.r * g.s
+}
+
 /// The storage of one operand when every operand of the op lives in the same place.
 enum On<'a> {
     Cpu(&'a CpuStorage, &'a Layout),
@@ -269,6 +308,7 @@ pub mod ops {
     }
 
     pub fn matmul(a: Arg, b: Arg) -> Result<Storage> {
+        flops::add(matmul_flops(a.1, b.1));
         two!("matmul", a, b, |sa, la, sb, lb| cpu mm::matmul(sa, la, sb, lb), cuda cmm::matmul(sa, la, sb, lb))
     }
 
@@ -279,7 +319,16 @@ pub mod ops {
         match (on(x), on(w), on(b)) {
             (On::Cpu(..), On::Cpu(..), On::Cpu(..)) => Ok(None),
             (On::Cuda(xs, xl), On::Cuda(ws, wl), On::Cuda(bs, bl)) => {
-                Ok(cuda::gemm_lt::linear_bias((xs, xl), (ws, wl), (bs, bl))?.map(Storage::Cuda))
+                let fused = cuda::gemm_lt::linear_bias((xs, xl), (ws, wl), (bs, bl))?;
+                if fused.is_some() {
+                    // x (.., k) W^T (k, n); the composition counts itself through matmul.
+                    let (rows, k) = (
+                        xl.shape().elem_count() / xl.dims()[xl.dims().len() - 1],
+                        xl.dims()[xl.dims().len() - 1],
+                    );
+                    flops::add(2 * rows * k * wl.dims()[0]);
+                }
+                Ok(fused.map(Storage::Cuda))
             }
             _ => Err(mismatch("linear", x.0, w.0)),
         }
@@ -439,15 +488,18 @@ pub mod ops {
     }
 
     pub fn conv2d(x: Arg, w: Arg, g: &ConvGeom) -> Result<Storage> {
+        flops::add(conv_flops(g));
         two!("conv2d", x, w, |s, l, ws, wl| cpu conv::conv2d(s, l, ws, wl, g), cuda cconv::conv2d(s, l, ws, wl, g))
     }
 
     pub fn conv2d_bwd_input(dy: Arg, w: Arg, g: &ConvGeom) -> Result<Storage> {
+        flops::add(conv_flops(g));
         two!("conv2d_bwd_input", dy, w, |s, l, ws, wl|
             cpu conv::conv2d_bwd_input(s, l, ws, wl, g), cuda cconv::conv2d_bwd_input(s, l, ws, wl, g))
     }
 
     pub fn conv2d_bwd_weight(x: Arg, dy: Arg, g: &ConvGeom) -> Result<Storage> {
+        flops::add(conv_flops(g));
         two!("conv2d_bwd_weight", x, dy, |s, l, gs, gl|
             cpu conv::conv2d_bwd_weight(s, l, gs, gl, g), cuda cconv::conv2d_bwd_weight(s, l, gs, gl, g))
     }
@@ -494,6 +546,7 @@ pub mod ops {
     }
 
     pub fn sdpa(q: Arg, k: Arg, v: Arg, g: &AttnGeom) -> Result<Storage> {
+        flops::add(2 * g.bh * g.sq * g.skv * (g.d + g.dv));
         match on(q) {
             On::Cpu(..) => Ok(Storage::Cpu(attention::sdpa(
                 cpu_of(q, "sdpa", q.0)?,
@@ -515,6 +568,8 @@ pub mod ops {
         dout: Arg,
         g: &AttnGeom,
     ) -> Result<(Storage, Storage, Storage)> {
+        // S recomputed, dV = P^T dO, dP = dO V^T, dQ = dS K, dK = dS^T Q.
+        flops::add(2 * g.bh * g.sq * g.skv * (3 * g.d + 2 * g.dv));
         match on(q) {
             On::Cpu(..) => {
                 let c = |a| cpu_of(a, "sdpa_bwd", q.0);
@@ -565,6 +620,7 @@ pub mod ops {
         base: Option<Arg>,
         g: &LoraGeom,
     ) -> Result<Storage> {
+        flops::add(2 * g.rows() * g.rank * (g.d_in + g.d_out));
         match on(h) {
             On::Cpu(..) => {
                 let c = |x| cpu_of(x, "lora_fwd", h.0);
@@ -602,6 +658,8 @@ pub mod ops {
         d_out: Arg,
         g: &LoraGeom,
     ) -> Result<LoraGrads<Storage>> {
+        // h A^T recomputed, d(mid) = d_out B, d_b, d_a, d_h.
+        flops::add(2 * g.rows() * g.rank * (3 * g.d_in + 2 * g.d_out));
         fn wrap<S>(r: LoraGrads<S>, f: impl Fn(S) -> Storage) -> LoraGrads<Storage> {
             LoraGrads {
                 d_h: f(r.d_h),

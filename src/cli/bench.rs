@@ -31,7 +31,13 @@ pub struct Args {
     /// Also write one JSON object per result to this file.
     #[arg(long)]
     pub json: Option<std::path::PathBuf>,
+    /// Time the whole SDXL UNet (random weights, bf16): inference at 1024 px and LoRA training
+    /// micro-batches, with peak memory, instead of the kernels.
+    #[arg(long)]
+    pub model: bool,
 }
+
+mod model;
 
 struct Bench {
     dev: std::sync::Arc<cuda::CudaDevice>,
@@ -65,8 +71,13 @@ impl Bench {
 
     /// Records one result: `bytes` moved at least once and `flops` performed.
     fn report(&mut self, name: &str, secs: f64, bytes: f64, flops: f64) {
+        self.report_peak(name, secs, bytes, flops, None);
+    }
+
+    /// [`Bench::report`], with the peak bytes in use while the case ran where measured.
+    fn report_peak(&mut self, name: &str, secs: f64, bytes: f64, flops: f64, peak: Option<usize>) {
         let floor = (bytes / self.bw).max(flops / self.flops);
-        let row = format!(
+        let mut row = format!(
             "{name:<46} {:>9.3} ms  {:>8.1} GB/s  {:>7.1} TFLOP/s  floor {:>8.3} ms  {:>5.1}% of roof",
             secs * 1e3,
             bytes / secs / 1e9,
@@ -74,15 +85,21 @@ impl Bench {
             floor * 1e3,
             100.0 * floor / secs
         );
-        println!("{row}");
-        self.rows.push(row);
-        self.json.push(format!(
-            "{{\"name\":\"{name}\",\"ms\":{:.6},\"gbps\":{:.3},\"tflops\":{:.3},\"floor_ms\":{:.6}}}",
+        let mut json = format!(
+            "{{\"name\":\"{name}\",\"ms\":{:.6},\"gbps\":{:.3},\"tflops\":{:.3},\"floor_ms\":{:.6}",
             secs * 1e3,
             bytes / secs / 1e9,
             flops / secs / 1e12,
             floor * 1e3
-        ));
+        );
+        if let Some(p) = peak {
+            row.push_str(&format!("  peak {:.2} GiB", p as f64 / (1u64 << 30) as f64));
+            json.push_str(&format!(",\"peak_mib\":{:.1}", p as f64 / 1048576.0));
+        }
+        json.push('}');
+        println!("{row}");
+        self.rows.push(row);
+        self.json.push(json);
     }
 }
 
@@ -166,6 +183,10 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
         (2 * n_copy) >> 20,
         b.flops / 1e12
     );
+    if a.model {
+        model::run(&mut b, size)?;
+        return finish(&b, a.json.as_deref());
+    }
 
     // ---- GEMM ----
     let shapes: &[(usize, usize, usize, DType)] = size.pick(
@@ -467,13 +488,18 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
         0.0,
     );
 
-    let stats = dev.mem_stats();
+    finish(&b, a.json.as_deref())
+}
+
+/// Prints the device's memory totals and writes the JSON rows.
+fn finish(b: &Bench, json: Option<&std::path::Path>) -> anyhow::Result<ExitCode> {
+    let stats = b.dev.mem_stats();
     println!(
         "peak device memory {:.1} MiB, reserved {:.1} MiB",
         stats.peak as f64 / 1048576.0,
         stats.reserved as f64 / 1048576.0
     );
-    if let Some(path) = &a.json {
+    if let Some(path) = json {
         let mut f = std::fs::File::create(path)?;
         for j in &b.json {
             writeln!(f, "{j}")?;

@@ -1,0 +1,216 @@
+//! `kstyle bench --model`: the whole SDXL UNet, full size with random weights, in bf16: inference
+//! at 1024x1024 (batch 2, the CFG pair) and one training micro-batch at 1024x1024 (batch 1,
+//! forward + backward, rank-4 adapters on every attention projection's to_q/to_k/to_v/to_out.0:
+//! plain LoRA without and with per-block checkpointing, and K-StyleLoRA's gated form), each with
+//! its peak memory (the caching allocator's bytes in use: weights included, CUDA context not).
+//!
+//! FLOPs are counted at dispatch (`backend::flops`) over one run, so "of roof" is the share of
+//! the measured GEMM ceiling the step reaches. `scripts/bench_torch_unet.py` runs diffusers'
+//! UNet2DConditionModel (SDPA, peft LoRA, its own checkpointing) on the same shapes; its rows
+//! join these by name.
+
+use super::{Bench, Size};
+use kstyle::autograd::no_grad;
+use kstyle::backend::flops;
+use kstyle::models::unet::{param_shapes, CheckpointPolicy, UNet2DConditionModel, UNetConfig};
+use kstyle::nn::lora::{LoraAdapter, LoraConfig};
+use kstyle::nn::weights::Weights;
+use kstyle::sample::TrainSchedule;
+use kstyle::tensor::memory::{memory_use, reset_peak};
+use kstyle::tensor::Rng;
+use kstyle::train::step::{training_loss, Conditioning};
+use kstyle::{DType, Device, Tensor};
+use rayon::prelude::*;
+use std::collections::BTreeMap;
+use std::time::Instant;
+
+/// The tiny fixture UNet, for `--smoke` (CI runs every case on the host emulator).
+const TINY_UNET: &str = include_str!("../../../tests/fixtures/tiny/sdxl/unet/config.json");
+
+/// The LoRA targets of diffusers' SDXL LoRA script and of `kstyle train`.
+const TARGETS: [&str; 4] = ["to_q", "to_k", "to_v", "to_out.0"];
+
+/// A uniform value in [-1, 1) from (tensor seed, element index): splitmix64, so every element is
+/// independent and the fill runs in parallel.
+fn uniform(seed: u64, i: u64) -> f32 {
+    let mut z = seed ^ i.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^= z >> 31;
+    ((z >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+}
+
+/// The UNet of `cfg` with random weights in bf16 on `device`: matrices and kernels uniform in
+/// ±1/sqrt(fan_in) (PyTorch's default bound), norm scales 1, biases small. Values are drawn on
+/// the host in parallel, in bf16, and uploaded tensor by tensor.
+fn random_unet(cfg: &UNetConfig, device: Device) -> anyhow::Result<UNet2DConditionModel> {
+    let mut map = BTreeMap::new();
+    for (seed, (name, shape)) in param_shapes(cfg).0.into_iter().enumerate() {
+        let n: usize = shape.iter().product();
+        let (scale, offset) = match shape.len() {
+            1 if name.ends_with(".weight") => (0.0, 1.0),
+            1 => (0.02, 0.0),
+            _ => (
+                1.0 / (shape[1..].iter().product::<usize>() as f32).sqrt(),
+                0.0,
+            ),
+        };
+        let values: Vec<half::bf16> = (0..n as u64)
+            .into_par_iter()
+            .map(|i| half::bf16::from_f32(offset + scale * uniform(seed as u64, i)))
+            .collect();
+        let t = Tensor::from_vec(values, shape, Device::Cpu)?.to_device(device)?;
+        map.insert(name, t);
+    }
+    let vb = Weights::from_map(map, "<random weights>", DType::BF16, device);
+    let unet = UNet2DConditionModel::load(&vb, cfg)?;
+    vb.ensure_all_used(|_| false)?;
+    Ok(unet)
+}
+
+/// Median seconds of `reps` timed calls, after one warm-up call unless `smoke` (where the
+/// counting run has warmed up enough: the numbers mean nothing there).
+fn time_runs(
+    b: &Bench,
+    size: Size,
+    reps: usize,
+    mut f: impl FnMut() -> kstyle::Result<()>,
+) -> anyhow::Result<f64> {
+    if !size.smoke {
+        f()?;
+    }
+    b.dev.synchronize()?;
+    let mut samples = Vec::new();
+    for _ in 0..reps {
+        let t = Instant::now();
+        f()?;
+        b.dev.synchronize()?;
+        samples.push(t.elapsed().as_secs_f64());
+    }
+    samples.sort_by(f64::total_cmp);
+    Ok(samples[samples.len() / 2])
+}
+
+/// FLOPs one call of `f` issues, and the peak bytes in use while it runs.
+fn count(device: Device, f: impl FnOnce() -> kstyle::Result<()>) -> anyhow::Result<(f64, usize)> {
+    reset_peak(device)?;
+    flops::reset();
+    f()?;
+    let issued = flops::issued() as f64;
+    Ok((issued, memory_use(device)?.peak))
+}
+
+pub(super) fn run(b: &mut Bench, size: Size) -> anyhow::Result<()> {
+    let gpu = Device::Cuda(0);
+    let cfg = if size.smoke {
+        UNetConfig::from_json(&serde_json::from_str(TINY_UNET)?)?
+    } else {
+        UNetConfig::sdxl_base()
+    };
+    let px = size.pick(1024, 512, 32);
+    let reps = size.pick(5, 3, 1);
+    let lat = px / 8;
+    let t0 = Instant::now();
+    let mut unet = random_unet(&cfg, gpu)?;
+    let weight_bytes = 2.0
+        * param_shapes(&cfg)
+            .0
+            .iter()
+            .map(|(_, s)| s.iter().product::<usize>())
+            .sum::<usize>() as f64;
+    println!(
+        "UNet {} parameters ({:.2} GB bf16), random weights built in {:.1} s",
+        weight_bytes / 2.0,
+        weight_bytes / 1e9,
+        t0.elapsed().as_secs_f64()
+    );
+    let tt = cfg
+        .text_time
+        .as_ref()
+        .ok_or_else(|| anyhow::anyhow!("the model bench needs an SDXL (text_time) UNet"))?;
+    let pooled_dim = tt.input_dim - 6 * tt.time_embed_dim;
+    let ctx_dim = cfg.cross_attention_dim[0];
+    let mut rng = Rng::new(5);
+    let inputs = |batch: usize, rng: &mut Rng| -> kstyle::Result<[Tensor; 5]> {
+        let p = px as f64;
+        let ids: Vec<f64> = (0..batch).flat_map(|_| [p, p, 0.0, 0.0, p, p]).collect();
+        Ok([
+            Tensor::randn((batch, cfg.in_channels, lat, lat), rng, DType::BF16, gpu)?,
+            Tensor::from_vec(vec![500.0f32; batch], batch, Device::Cpu)?.to_device(gpu)?,
+            Tensor::randn((batch, 77, ctx_dim), rng, DType::BF16, gpu)?,
+            Tensor::randn((batch, pooled_dim), rng, DType::BF16, gpu)?,
+            Tensor::from_vec(ids, (batch, 6), Device::Cpu)?
+                .to_dtype(DType::BF16)?
+                .to_device(gpu)?,
+        ])
+    };
+
+    // ---- inference: the CFG pair in one batch ----
+    let [x, t, ctx, pooled, ids] = inputs(2, &mut rng)?;
+    let fwd = || no_grad(|| unet.forward(&x, &t, &ctx, &pooled, &ids).map(|_| ()));
+    let (fl, peak) = count(gpu, fwd)?;
+    let s = time_runs(b, size, reps, fwd)?;
+    b.report_peak(
+        &format!("unet fwd {px}px b2 bf16"),
+        s,
+        weight_bytes,
+        fl,
+        Some(peak),
+    );
+
+    // ---- training: one micro-batch, forward + backward to the adapters ----
+    let schedule = TrainSchedule::sdxl();
+    let [_, _, ctx, pooled, ids] = inputs(1, &mut rng)?;
+    let x0 = Tensor::randn((1, cfg.in_channels, lat, lat), &mut rng, DType::F32, gpu)?;
+    let noise = Tensor::randn((1, cfg.in_channels, lat, lat), &mut rng, DType::F32, gpu)?;
+    let concepts = Tensor::randn(
+        (kstyle::train::concepts::default_concepts().len(), 512),
+        &mut rng,
+        DType::F32,
+        gpu,
+    )?
+    .normalize_l2(1, 1e-12)?;
+    let lora = LoraConfig::default();
+    for (label, gated, policy) in [
+        ("lora r4", false, CheckpointPolicy::None),
+        ("lora r4 ckpt", false, CheckpointPolicy::EveryBlock),
+        ("gated r4", true, CheckpointPolicy::None),
+    ] {
+        let gates = gated.then_some(&concepts);
+        unet.attach_adapters(|path, base| {
+            if !TARGETS.iter().any(|t| path.ends_with(&format!(".{t}"))) {
+                return Ok(None);
+            }
+            let a = LoraAdapter::init(
+                base.in_features(),
+                base.out_features(),
+                lora,
+                gates,
+                &mut rng,
+                DType::F32,
+                gpu,
+            )?;
+            a.trainable_in(DType::BF16).map(Some)
+        })?;
+        unet.checkpoint = policy;
+        let cond = Conditioning {
+            context: &ctx,
+            pooled: &pooled,
+            time_ids: &ids,
+        };
+        let step = || {
+            let losses = training_loss(&unet, None, &schedule, &x0, &noise, &[500], &cond)?;
+            losses.total.backward().map(|_| ())
+        };
+        let (fl, peak) = count(gpu, step)?;
+        let s = time_runs(b, size, reps, step)?;
+        b.report_peak(
+            &format!("unet train {label} {px}px b1 bf16"),
+            s,
+            weight_bytes,
+            fl,
+            Some(peak),
+        );
+    }
+    Ok(())
+}
