@@ -817,3 +817,135 @@ fn malformed_lycoris_files_fail_naming_module_or_key() {
     assert!(err.to_string().contains("lora_adapter_metadata"), "{err}");
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// Whatever a file holds under the recognised suffixes, parsing and merging return a result and
+/// never panic: random roles, ranks and shapes (0-d, empty, mismatched) against a linear and a
+/// conv target.
+#[test]
+fn random_factor_shapes_never_panic() {
+    let base = component("unet");
+    let model = KohyaModel::new(vec![unet_index(&base)]);
+    let mut rng = Rng::new(21);
+    let suffixes = [
+        ".lora_down.weight",
+        ".lora_up.weight",
+        ".lora_mid.weight",
+        ".alpha",
+        ".dora_scale",
+        ".lora_magnitude_vector",
+        ".hada_w1_a",
+        ".hada_w1_b",
+        ".hada_w2_a",
+        ".hada_w2_b",
+        ".hada_t1",
+        ".hada_t2",
+        ".lokr_w1",
+        ".lokr_w1_a",
+        ".lokr_w1_b",
+        ".lokr_w2",
+        ".lokr_w2_a",
+        ".lokr_w2_b",
+        ".lokr_t2",
+        ".diff",
+        ".diff_b",
+    ];
+    // (module, weight dims) of a Linear with a bias and a 3x3 conv.
+    let targets = [
+        ("down_blocks.1.attentions.0.proj_in", vec![48usize, 48]),
+        ("down_blocks.0.resnets.0.conv1", vec![32, 32, 3, 3]),
+    ];
+    let mut pick = |n: usize| (rng.uniform() * n as f64) as usize % n.max(1);
+    let (mut ok, mut refused) = (0, 0);
+    for _ in 0..2000 {
+        let (module, dims) = &targets[pick(2)];
+        let n = format!("lora_unet_{}", module.replace('.', "_"));
+        let (out, cin) = (dims[0], dims[1]);
+        let k: Vec<usize> = dims[2..].to_vec(); // [] or [3, 3]
+        let sp: usize = k.iter().product();
+        let with = |head: &[usize], tail: &[usize]| [head, tail].concat();
+        let ones: Vec<usize> = k.iter().map(|_| 1).collect();
+        // Valid files of each storage, rank 2, then perturbed below.
+        let templates: Vec<Vec<(&str, Vec<usize>)>> = vec![
+            vec![
+                (".lora_down.weight", with(&[2, cin], &k)),
+                (".lora_up.weight", with(&[out, 2], &ones)),
+                (".alpha", vec![]),
+                (".dora_scale", with(&[1, cin], &ones)),
+            ],
+            vec![
+                (".lora_down.weight", with(&[2, cin], &ones)),
+                (".lora_mid.weight", with(&[2, 2], &k)),
+                (".lora_up.weight", with(&[out, 2], &ones)),
+                (".lora_magnitude_vector", vec![out]),
+            ],
+            vec![
+                (".hada_w1_a", vec![out, 2]),
+                (".hada_w1_b", vec![2, cin * sp]),
+                (".hada_w2_a", vec![out, 2]),
+                (".hada_w2_b", vec![2, cin * sp]),
+                (".alpha", vec![]),
+            ],
+            vec![
+                (".hada_w1_a", vec![2, out]),
+                (".hada_w1_b", vec![2, cin]),
+                (".hada_w2_a", vec![2, out]),
+                (".hada_w2_b", vec![2, cin]),
+                (".hada_t1", with(&[2, 2], &k)),
+                (".hada_t2", with(&[2, 2], &k)),
+            ],
+            vec![
+                (".lokr_w1", vec![2, 2]),
+                (".lokr_w2_a", vec![out / 2, 2]),
+                (".lokr_w2_b", vec![2, cin / 2 * sp]),
+                (".alpha", vec![]),
+            ],
+            vec![
+                (".lokr_w1_a", vec![2, 1]),
+                (".lokr_w1_b", vec![1, 2]),
+                (".lokr_w2", with(&[out / 2, cin / 2], &k)),
+                (".lokr_t2", with(&[2, 2], &k)),
+            ],
+            vec![(".diff", dims.clone()), (".diff_b", vec![out])],
+        ];
+        let mut map = TensorMap::new();
+        let mut entries: Vec<(String, Vec<usize>)> = if pick(4) == 0 {
+            Vec::new()
+        } else {
+            templates[pick(templates.len())]
+                .iter()
+                .filter(|_| pick(6) != 0)
+                .map(|(s, sh)| (s.to_string(), sh.clone()))
+                .collect()
+        };
+        for _ in 0..pick(3) {
+            // A stray tensor of any role with sizes drawn from the target's own dimensions.
+            let sizes = [0, 1, 2, 3, 4, 9, out, cin, out / 2, cin * 9];
+            let mut shape: Vec<usize> = (0..pick(5)).map(|_| sizes[pick(sizes.len())]).collect();
+            while shape.iter().product::<usize>() > 1 << 18 {
+                shape.pop();
+            }
+            entries.push((suffixes[pick(suffixes.len())].to_string(), shape));
+        }
+        for (suffix, shape) in entries {
+            let v: Vec<f64> = (0..shape.iter().product())
+                .map(|i| (i % 7) as f64 * 0.1)
+                .collect();
+            map.insert(format!("{n}{suffix}"), f64_tensor(shape, &v));
+        }
+        let Ok(parsed) = model.parse_patches(map, "fuzz", None) else {
+            refused += 1;
+            continue;
+        };
+        for p in &parsed.patches {
+            let mut w = base[&format!("{}.weight", p.module)].to_vec_f64().unwrap();
+            let mut b = base[&format!("{}.bias", p.module)].to_vec_f64().unwrap();
+            match p.apply_f64(&mut w, Some(&mut b), 0.5, "fuzz") {
+                Ok(()) => ok += 1,
+                Err(_) => refused += 1,
+            }
+        }
+    }
+    eprintln!("ok {ok}, refused {refused}");
+    // Both outcomes occur: the draw reaches valid files and broken ones.
+    assert!(ok > 0 && refused > 0, "ok {ok}, refused {refused}");
+}
