@@ -74,8 +74,16 @@ impl DTypeArg {
 
 #[derive(Clone, Copy, Debug, clap::ValueEnum)]
 pub enum SamplerArg {
+    /// diffusers' EulerDiscreteScheduler (the SDXL default).
     Euler,
+    /// DDIM, eta 0.
     Ddim,
+    /// DPM-Solver++ 2M ("DPM++ 2M"), the model's timestep spacing.
+    #[value(name = "dpmpp-2m")]
+    DpmPP2M,
+    /// DPM-Solver++ 2M on Karras sigmas ("DPM++ 2M Karras").
+    #[value(name = "dpmpp-2m-karras")]
+    DpmPP2MKarras,
 }
 
 /// `FILE[:SCALE]`; a colon followed by something that is not a number stays part of the path.
@@ -152,6 +160,8 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
         sampler: match a.sampler {
             SamplerArg::Euler => SamplerKind::Euler,
             SamplerArg::Ddim => SamplerKind::Ddim,
+            SamplerArg::DpmPP2M => SamplerKind::DpmPP2M,
+            SamplerArg::DpmPP2MKarras => SamplerKind::DpmPP2MKarras,
         },
     };
     let given = a.latents.as_deref().map(load_latents).transpose()?;

@@ -38,7 +38,7 @@ const SCHEDULER: &str = r#"{
   "_class_name": "EulerDiscreteScheduler", "beta_start": 0.00085, "beta_end": 0.012,
   "beta_schedule": "scaled_linear", "num_train_timesteps": 1000, "prediction_type": "epsilon",
   "interpolation_type": "linear", "timestep_spacing": "leading", "steps_offset": 1,
-  "use_karras_sigmas": false, "set_alpha_to_one": false
+  "use_karras_sigmas": false, "set_alpha_to_one": false, "clip_sample": false
 }"#;
 
 // The full-size UNet and VAE configs and the real CLIP BPE tokenizer files are the vendored

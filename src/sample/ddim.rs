@@ -1,4 +1,5 @@
-//! DDIM with eta = 0 (deterministic), as diffusers' `DDIMScheduler` with the same schedule.
+//! DDIM with eta = 0 (deterministic), as diffusers' `DDIMScheduler` with the same schedule,
+//! including its `clip_sample` clamp of the predicted x0.
 
 use super::{Sampler, SchedulerConfig};
 use crate::{Result, Tensor};
@@ -7,6 +8,8 @@ pub struct Ddim {
     timesteps: Vec<f64>,
     /// alpha_cumprod at each timestep and at the step after it.
     alphas: Vec<(f64, f64)>,
+    /// The predicted x0 is clamped to ±this (`clip_sample`).
+    clip: Option<f64>,
 }
 
 impl Ddim {
@@ -34,6 +37,7 @@ impl Ddim {
         Ok(Ddim {
             timesteps: ts.iter().map(|&t| t as f64).collect(),
             alphas,
+            clip: config.clip_sample,
         })
     }
 }
@@ -51,11 +55,16 @@ impl Sampler for Ddim {
         1.0
     }
 
-    fn step(&self, i: usize, x: &Tensor, eps: &Tensor) -> Result<Tensor> {
+    fn step(&mut self, i: usize, x: &Tensor, eps: &Tensor) -> Result<Tensor> {
         let (a, a_prev) = self.alphas[i];
         let x0 = x
             .sub(&eps.scale((1.0 - a).sqrt())?)?
             .scale(1.0 / a.sqrt())?;
+        // diffusers keeps epsilon as predicted when it clamps x0 (use_clipped_model_output off).
+        let x0 = match self.clip {
+            Some(r) => x0.clamp_min(-r)?.scale(-1.0)?.clamp_min(-r)?.scale(-1.0)?,
+            None => x0,
+        };
         x0.scale(a_prev.sqrt())?
             .add(&eps.scale((1.0 - a_prev).sqrt())?)
     }

@@ -58,7 +58,7 @@ impl Sampler for EulerDiscrete {
         1.0 / (s * s + 1.0).sqrt() as f64
     }
 
-    fn step(&self, i: usize, x: &Tensor, eps: &Tensor) -> Result<Tensor> {
+    fn step(&mut self, i: usize, x: &Tensor, eps: &Tensor) -> Result<Tensor> {
         // x0 = x - sigma eps; d = (x - x0) / sigma = eps; the two forms differ only in rounding,
         // and diffusers computes through x0, so do the same.
         let sigma = self.sigmas[i];

@@ -2,12 +2,14 @@
 
 pub mod bake;
 pub mod ddim;
+pub mod dpmpp;
 pub mod euler;
 pub mod model_files;
 pub mod pipeline;
 pub mod schedule;
 
 pub use ddim::Ddim;
+pub use dpmpp::DpmSolverPP2M;
 pub use euler::EulerDiscrete;
 pub use schedule::{SchedulerConfig, Spacing, TrainSchedule};
 
@@ -19,9 +21,10 @@ pub trait Sampler {
     fn init_noise_sigma(&self) -> f64;
     /// Multiplier on the latents before they enter the UNet at step `i`.
     fn input_scale(&self, i: usize) -> f64;
-    /// The latents after step `i` given the (guided) epsilon prediction.
+    /// The latents after step `i` given the (guided) epsilon prediction. Steps run in order;
+    /// multistep samplers keep what they need of earlier steps.
     fn step(
-        &self,
+        &mut self,
         i: usize,
         x: &crate::Tensor,
         eps: &crate::Tensor,

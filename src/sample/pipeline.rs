@@ -3,7 +3,7 @@
 //! guidance as one batch [uncond; cond], Euler or DDIM, and an f32 VAE decode.
 
 use super::model_files::ModelFiles;
-use super::{Ddim, EulerDiscrete, Sampler, SchedulerConfig};
+use super::{Ddim, DpmSolverPP2M, EulerDiscrete, Sampler, SchedulerConfig};
 use crate::formats::adapter::Adapter;
 use crate::formats::kohya::ModuleIndex;
 use crate::models::clip::text::{token_ids, ClipTextModel};
@@ -19,6 +19,10 @@ use std::path::{Path, PathBuf};
 pub enum SamplerKind {
     Euler,
     Ddim,
+    /// DPM-Solver++ 2M on the model's own timestep spacing.
+    DpmPP2M,
+    /// DPM-Solver++ 2M on Karras sigmas.
+    DpmPP2MKarras,
 }
 
 /// How to load a pipeline.
@@ -266,9 +270,11 @@ pub fn denoise(
             init.dims(),
         ));
     }
-    let sampler: Box<dyn Sampler> = match req.sampler {
+    let mut sampler: Box<dyn Sampler> = match req.sampler {
         SamplerKind::Euler => Box::new(EulerDiscrete::new(scheduler, req.steps)?),
         SamplerKind::Ddim => Box::new(Ddim::new(scheduler, req.steps)?),
+        SamplerKind::DpmPP2M => Box::new(DpmSolverPP2M::new(scheduler, req.steps, false)?),
+        SamplerKind::DpmPP2MKarras => Box::new(DpmSolverPP2M::new(scheduler, req.steps, true)?),
     };
     let device = init.device();
     let (h, w) = (req.height as f64, req.width as f64);

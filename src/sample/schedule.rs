@@ -21,8 +21,13 @@ pub struct SchedulerConfig {
     pub beta_end: f64,
     pub spacing: Spacing,
     pub steps_offset: usize,
-    /// DDIM: whether the step past t = 0 uses alpha_cumprod = 1.
+    /// DDIM: whether the step past t = 0 uses alpha_cumprod = 1 (absent from a config: true,
+    /// `DDIMScheduler`'s default; SDXL base ships false).
     pub set_alpha_to_one: bool,
+    /// DDIM: clamp the predicted x0 to [-clip_sample_range, clip_sample_range]. Absent from a
+    /// config it is on, as `DDIMScheduler.from_config` of an Euler config leaves it (SDXL base
+    /// ships `clip_sample: false`).
+    pub clip_sample: Option<f64>,
 }
 
 impl Default for SchedulerConfig {
@@ -35,6 +40,7 @@ impl Default for SchedulerConfig {
             spacing: Spacing::Leading,
             steps_offset: 1,
             set_alpha_to_one: false,
+            clip_sample: None,
         }
     }
 }
@@ -63,6 +69,7 @@ impl SchedulerConfig {
             }
         }
         for flag in [
+            "thresholding",
             "use_karras_sigmas",
             "use_exponential_sigmas",
             "use_beta_sigmas",
@@ -89,10 +96,16 @@ impl SchedulerConfig {
             beta_end: num("beta_end", d.beta_end),
             spacing,
             steps_offset: num("steps_offset", 0.0) as usize,
+            // DDIM's own defaults where the config (say an Euler one) has no such key.
             set_alpha_to_one: v
                 .get("set_alpha_to_one")
                 .and_then(|b| b.as_bool())
-                .unwrap_or(false),
+                .unwrap_or(true),
+            clip_sample: v
+                .get("clip_sample")
+                .and_then(|b| b.as_bool())
+                .unwrap_or(true)
+                .then(|| num("clip_sample_range", 1.0)),
         })
     }
 
