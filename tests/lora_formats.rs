@@ -5,9 +5,10 @@
 //! The fixture's kohya LoRA, whose merged UNet the float64 reference ran, is re-stored in each
 //! form: a re-spelling must merge bit for bit like the original; a re-factoring (LoHa with an
 //! all-ones second factor, LoKr with a 1x1 first factor, the difference itself) must merge to
-//! the same weights up to f64 rounding and pass the reference forward. Structure the fixture
-//! cannot exercise (Kronecker layout, Tucker cores, DoRA norms) is checked against the formats'
-//! definitions on the tiny UNet's real modules.
+//! the same weights up to f64 rounding and pass the reference forward. LyCORIS' own forward on
+//! its own files (tests/fixtures/extra) checks LoHa, LoKr, Tucker cores, DoRA and full
+//! differences; the structure is also checked against the formats' definitions on the tiny
+//! UNet's real modules.
 
 mod common;
 
@@ -948,4 +949,52 @@ fn random_factor_shapes_never_panic() {
     eprintln!("ok {ok}, refused {refused}");
     // Both outcomes occur: the draw reaches valid files and broken ones.
     assert!(ok > 0 && refused > 0, "ok {ok}, refused {refused}");
+}
+
+/// LyCORIS' own merge (`tests/fixtures/extra/gen_lycoris.py`: LoHa, LoKr, their Tucker forms,
+/// LoCon with a Tucker core, DoRA on output rows and on input columns, full differences, on a
+/// Linear with bias, a cross-attention projection, a 3x3 and a 1x1 conv), against the UNet with
+/// the same fp16 file merged here. Each update moves the output by 3-44%, so a wrong layout or
+/// scale would miss the tolerance by orders of magnitude.
+#[test]
+fn lycoris_files_merge_like_lycoris_does() {
+    let dir = tiny().join("../extra");
+    let refs = SafeTensorsFile::open(dir.join("lycoris_reference.safetensors")).unwrap();
+    let f = SafeTensorsFile::open(tiny().join("reference/unet.safetensors")).unwrap();
+    let x = |n: &str| f.tensor(n).unwrap().to_dtype(DType::F32).unwrap();
+    for case in [
+        "loha",
+        "loha_tucker",
+        "lokr",
+        "lokr_tucker",
+        "locon_tucker",
+        "dora_out",
+        "dora_in",
+        "full",
+    ] {
+        let m = refs.meta_f64(&format!("{case}.multiplier")).unwrap();
+        let lora = KohyaLoraFile::new(dir.join(format!("lycoris_{case}.safetensors")), m);
+        let loaded = UNet2DConditionModel::from_diffusers(
+            tiny().join("sdxl"),
+            &[lora],
+            DType::F32,
+            Device::Cpu,
+        )
+        .unwrap();
+        assert_eq!(loaded.merges[0].merged.len(), 4, "{case}");
+        let out = no_grad(|| {
+            loaded.model.forward(
+                &x("sample"),
+                &x("timestep"),
+                &x("encoder_hidden_states"),
+                &x("text_embeds"),
+                &x("time_ids"),
+            )
+        })
+        .unwrap();
+        let want = refs.tensor(&format!("{case}.out")).unwrap();
+        let c = compare(&out, &want, Tolerance::F32_FORWARD).unwrap();
+        eprintln!("{case}: relative error {:.2e}", c.relative());
+        assert!(c.passed(), "{case}: {c:?}");
+    }
 }
