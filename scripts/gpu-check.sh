@@ -33,7 +33,10 @@ python3 -c 'import lzma, sys; open(sys.argv[2], "wb").write(lzma.open(sys.argv[1
 TORCH_CU13=$(python3 -c 'import nvidia, os; print(os.path.join(list(nvidia.__path__)[0], "cu13", "lib"))' 2>/dev/null || true)
 export LD_LIBRARY_PATH=/usr/local/cuda/lib64:${TORCH_CU13:+$TORCH_CU13:}${LD_LIBRARY_PATH:-}
 # The carried cache holds sm_90a cubins; a miss (another arch, another NVRTC) compiles and adds.
-export KSTYLE_CACHE_DIR=$PWD/gpu-carry/cache
+export KSTYLE_CACHE_DIR=/tmp/kstyle-cache/cache
+mkdir -p /tmp/kstyle-cache
+python3 -c 'import sys, tarfile; tarfile.open(sys.argv[1]).extractall(sys.argv[2])' \
+    gpu-carry/cache.tar.xz /tmp/kstyle-cache || echo "no gpu-carry/cache.tar.xz: kernels compile on first use"
 export PYTHONUNBUFFERED=1
 SUMMARY="$OUT/summary.txt"
 : > "$SUMMARY"
@@ -55,7 +58,7 @@ step() {
     tail -5 "$OUT/$name.log"
 }
 
-step env 30 bash -c 'nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm --format=csv; ls /usr/local/cuda/lib64 | grep -E "libnvrtc.so|libcublas.so|libcublasLt.so" ; ls gpu-carry/cache/nvrtc | wc -l; '"$BIN"' --version'
+step env 30 bash -c 'nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm --format=csv; ls /usr/local/cuda/lib64 | grep -E "libnvrtc.so|libcublas.so|libcublasLt.so" ; ls "$KSTYLE_CACHE_DIR"/nvrtc | wc -l; '"$BIN"' --version'
 step parity 240 env KSTYLE_CUDA_SYNC=1 "$BIN" gpu-parity
 step verify 120 "$BIN" verify --device cuda tests/fixtures/tiny
 # Training end to end on CUDA (AdamW state on the device), 4 steps of the tiny model, and the same

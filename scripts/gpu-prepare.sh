@@ -3,7 +3,7 @@
 #   gpu-carry/kstyle.xz     the release binary, xz-compressed (the GPU machine has no Rust
 #                           toolchain; the tracked tree is already ~55 MiB of the 64 MiB a call
 #                           carries, so everything carried travels compressed)
-#   gpu-carry/cache/nvrtc/  every kernel family precompiled for sm_90a (H100/H200) with the exact
+#   gpu-carry/cache.tar.xz  every kernel family precompiled for sm_90a (H100/H200) with the exact
 #                           options the backend uses, so the run loads cubins instead of compiling
 #   gpu-carry/diffusers.tar.xz  diffusers 0.42.1 (the fixtures' version) without its pipelines,
 #                           for scripts/bench_torch_unet.py (the GPU image has torch and peft
@@ -23,12 +23,15 @@ done
 cargo build --release
 rm -rf gpu-carry/kstyle gpu-carry/kstyle.xz
 # Only the current kernels travel: cubins of earlier sources would eat into the 64 MiB call.
-rm -rf gpu-carry/cache
+rm -rf gpu-carry/cache gpu-carry/cache.tar.xz
 mkdir -p gpu-carry/cache
 cp target/release/kstyle gpu-carry/kstyle
 # NVRTC here must be the 13.0 the GPU machine has: the cache key includes the NVRTC version.
 if [ -d .nvrtc/nvidia/cu13/lib ]; then export KSTYLE_NVRTC_DIR="$PWD/.nvrtc/nvidia/cu13/lib"; fi
 KSTYLE_CACHE_DIR=gpu-carry/cache ./gpu-carry/kstyle kernels --warm-cache --arch sm_90a
+# Cubins compress ~13x (4.5 MB -> 0.34 MB): they travel as one archive.
+tar cf - -C gpu-carry cache | xz -9e -T0 > gpu-carry/cache.tar.xz
+rm -rf gpu-carry/cache
 rm -f gpu-carry/diffusers.tar.xz
 whl=$(mktemp -d)
 if python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
