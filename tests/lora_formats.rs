@@ -998,3 +998,59 @@ fn lycoris_files_merge_like_lycoris_does() {
         assert!(c.passed(), "{case}: {c:?}");
     }
 }
+
+/// A LoRA as diffusers' own SDXL scripts save it (`tests/fixtures/extra/gen_peft.py`): PEFT keys
+/// under `unet.` and `text_encoder.`, DoRA magnitudes, lora_alpha 8 over rank 4 with a
+/// rank_pattern and an alpha_pattern, all in `lora_adapter_metadata`; against peft's own forward
+/// at adapter weights 1 and 0.6 (the UNet) and 1 (CLIP-L's penultimate state).
+#[test]
+fn diffusers_peft_dora_file_matches_peft() {
+    let dir = tiny().join("../extra");
+    let refs = SafeTensorsFile::open(dir.join("peft_reference.safetensors")).unwrap();
+    let f = SafeTensorsFile::open(tiny().join("reference/unet.safetensors")).unwrap();
+    let x = |n: &str| f.tensor(n).unwrap().to_dtype(DType::F32).unwrap();
+    let file = dir.join("peft_dora.safetensors");
+    for s in [1.0, 0.6] {
+        let lora = KohyaLoraFile::new(&file, s);
+        let unet = UNet2DConditionModel::from_diffusers(
+            tiny().join("sdxl"),
+            &[lora],
+            DType::F32,
+            Device::Cpu,
+        )
+        .unwrap();
+        let out = no_grad(|| {
+            unet.model.forward(
+                &x("sample"),
+                &x("timestep"),
+                &x("encoder_hidden_states"),
+                &x("text_embeds"),
+                &x("time_ids"),
+            )
+        })
+        .unwrap();
+        let c = compare(
+            &out,
+            &refs.tensor(&format!("unet.s{s:.1}")).unwrap(),
+            Tolerance::F32_FORWARD,
+        )
+        .unwrap();
+        eprintln!("unet at {s}: relative error {:.2e}", c.relative());
+        assert!(c.passed(), "unet at {s}: {c:?}");
+    }
+    let files =
+        kstyle::sample::model_files::ModelFiles::resolve(&tiny().join("sdxl"), None).unwrap();
+    let (te1, _) = files
+        .text_encoders(&[KohyaLoraFile::new(&file, 1.0)], DType::F32, Device::Cpu)
+        .unwrap();
+    let te = SafeTensorsFile::open(tiny().join("reference/text_encoders.safetensors")).unwrap();
+    let o = no_grad(|| te1.forward(&te.tensor("te1.input_ids").unwrap())).unwrap();
+    let c = compare(
+        o.penultimate(),
+        &refs.tensor("te1.s1.0").unwrap(),
+        Tolerance::F32_FORWARD,
+    )
+    .unwrap();
+    eprintln!("te1: relative error {:.2e}", c.relative());
+    assert!(c.passed(), "te1: {c:?}");
+}

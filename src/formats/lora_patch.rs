@@ -240,6 +240,14 @@ impl KohyaModel {
         if index.weight_shape(&module).is_some() {
             return Some((c, module));
         }
+        // Text encoders saved from a model whose modules start below `text_model.` (peft state
+        // dicts of transformers 5's CLIPTextModel: `text_encoder.encoder.layers.0...`).
+        if c != Component::Unet {
+            let full = format!("text_model.{module}");
+            if index.weight_shape(&full).is_some() {
+                return Some((c, full));
+            }
+        }
         // Dotted sgm paths and text-encoder paths spelled without `text_model.`: the underscored
         // spellings the index already knows.
         index
