@@ -43,7 +43,8 @@ pub struct Args {
     /// from its `init_latents` tensor or its only tensor; overrides the seed.
     #[arg(long)]
     pub latents: Option<PathBuf>,
-    #[arg(long, value_enum, default_value = "euler")]
+    /// `auto`: the sampler the model's scheduler config names, as diffusers runs it.
+    #[arg(long, value_enum, default_value = "auto")]
     pub sampler: SamplerArg,
     #[arg(long, value_enum, default_value = "cpu")]
     pub device: DeviceArg,
@@ -74,8 +75,12 @@ impl DTypeArg {
 
 #[derive(Clone, Copy, Debug, clap::ValueEnum)]
 pub enum SamplerArg {
-    /// diffusers' EulerDiscreteScheduler (the SDXL default).
+    /// The model folder's scheduler (`scheduler/scheduler_config.json`).
+    Auto,
+    /// diffusers' EulerDiscreteScheduler (SDXL base's).
     Euler,
+    /// Euler on Karras sigmas.
+    EulerKarras,
     /// DDIM, eta 0.
     Ddim,
     /// DPM-Solver++ 2M ("DPM++ 2M"), the model's timestep spacing.
@@ -158,7 +163,9 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
         width: a.width,
         height: a.height,
         sampler: match a.sampler {
+            SamplerArg::Auto => SamplerKind::Auto,
             SamplerArg::Euler => SamplerKind::Euler,
+            SamplerArg::EulerKarras => SamplerKind::EulerKarras,
             SamplerArg::Ddim => SamplerKind::Ddim,
             SamplerArg::DpmPP2M => SamplerKind::DpmPP2M,
             SamplerArg::DpmPP2MKarras => SamplerKind::DpmPP2MKarras,

@@ -10,7 +10,8 @@
 //! from the previous x0, `D1 = (x0 - x0_prev) h / h_prev`, weighted by `-alpha_t (e^-h - 1) / 2`.
 //! The coefficients are float32 scalars, as diffusers computes them from its float32 sigma table.
 
-use super::{schedule::Spacing, Sampler, SchedulerConfig};
+use super::schedule::{karras_sigmas, linspace, sigma_to_t, Spacing};
+use super::{Sampler, SchedulerConfig};
 use crate::{Error, Result, Tensor};
 
 pub struct DpmSolverPP2M {
@@ -33,19 +34,15 @@ fn lambda(s: f32) -> f32 {
     a.ln() - sg.ln()
 }
 
-/// numpy's `linspace(0, stop, num)[i]`: i * (stop / (num - 1)), the last element exactly `stop`.
-fn linspace(stop: f64, num: usize, i: usize) -> f64 {
-    if num == 1 {
-        0.0
-    } else if i == num - 1 {
-        stop
-    } else {
-        i as f64 * (stop / (num - 1) as f64)
-    }
-}
-
 impl DpmSolverPP2M {
     pub fn new(config: &SchedulerConfig, steps: usize, karras: bool) -> Result<DpmSolverPP2M> {
+        if !config.dpm_unsupported.is_empty() {
+            return Err(Error::Config(format!(
+                "scheduler config: DPM++ 2M is implemented as dpmsolver++ order 2 (midpoint, final \
+                 sigma zero); this config asks for {}",
+                config.dpm_unsupported.join(", ")
+            )));
+        }
         let n = config.num_train_timesteps;
         if steps == 0 || steps >= n {
             return Err(Error::Config(format!(
@@ -60,11 +57,7 @@ impl DpmSolverPP2M {
         let (timesteps, mut sigmas): (Vec<f64>, Vec<f32>) = if karras {
             // Karras et al.'s ramp between the table's ends, then each sigma's fractional
             // timestep by interpolation in log sigma, rounded.
-            let (lo, hi) = (table[0] as f64, table[n - 1] as f64);
-            let (lo_r, hi_r) = (lo.powf(1.0 / 7.0), hi.powf(1.0 / 7.0));
-            let sig: Vec<f64> = (0..steps)
-                .map(|i| (hi_r + linspace(1.0, steps, i) * (lo_r - hi_r)).powf(7.0))
-                .collect();
+            let sig = karras_sigmas(table[0] as f64, table[n - 1] as f64, steps);
             let log_table: Vec<f32> = table.iter().map(|s| s.ln()).collect();
             let ts = sig
                 .iter()
@@ -111,22 +104,6 @@ impl DpmSolverPP2M {
     pub fn sigmas(&self) -> &[f32] {
         &self.sigmas
     }
-}
-
-/// diffusers' `_sigma_to_t`: the fractional timestep of `sigma` by linear interpolation of the
-/// float32 log-sigma table (ascending in t), clipped to the table.
-fn sigma_to_t(sigma: f64, log_table: &[f32]) -> f64 {
-    let ls = sigma.max(1e-10).ln();
-    let n = log_table.len();
-    // The last index whose log sigma is <= ls (0 when none is), at most n - 2.
-    let low = log_table
-        .iter()
-        .rposition(|&l| ls - l as f64 >= 0.0)
-        .unwrap_or(0)
-        .min(n - 2);
-    let (l, h) = (log_table[low] as f64, log_table[low + 1] as f64);
-    let w = ((l - ls) / (l - h)).clamp(0.0, 1.0);
-    (1.0 - w) * low as f64 + w * (low + 1) as f64
 }
 
 impl Sampler for DpmSolverPP2M {

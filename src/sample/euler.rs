@@ -1,7 +1,9 @@
 //! Euler discrete sampling as diffusers' `EulerDiscreteScheduler` does it (s_churn 0, linear
-//! sigma interpolation, a final sigma of zero): x <- x + eps * (sigma_{i+1} - sigma_i).
+//! sigma interpolation, a final sigma of zero, optionally Karras sigmas):
+//! x <- x + eps * (sigma_{i+1} - sigma_i).
 
-use super::{schedule::Spacing, Sampler, SchedulerConfig};
+use super::schedule::{karras_sigmas, sigma_to_t, Spacing};
+use super::{Sampler, SchedulerConfig};
 use crate::{Result, Tensor};
 
 pub struct EulerDiscrete {
@@ -22,6 +24,18 @@ impl EulerDiscrete {
             .iter()
             .map(|&t| table[t.min(table.len() - 1)] as f64)
             .collect();
+        let mut timesteps: Vec<f64> = ts.iter().map(|&t| t as f64).collect();
+        if config.karras {
+            // The ramp spans the spaced sigmas (not the whole table, unlike DPM++), and each
+            // sigma's timestep stays fractional: the UNet sees float32 timesteps.
+            let ramp = karras_sigmas(sigmas[sigmas.len() - 1], sigmas[0], steps);
+            let log_table: Vec<f32> = table.iter().map(|s| s.ln()).collect();
+            timesteps = ramp
+                .iter()
+                .map(|&s| sigma_to_t(s, &log_table) as f32 as f64)
+                .collect();
+            sigmas = ramp.iter().map(|&s| s as f32 as f64).collect();
+        }
         sigmas.push(0.0);
         let max = sigmas.iter().cloned().fold(0.0, f64::max);
         let init_sigma = match config.spacing {
@@ -32,7 +46,7 @@ impl EulerDiscrete {
             }
         };
         Ok(EulerDiscrete {
-            timesteps: ts.iter().map(|&t| t as f64).collect(),
+            timesteps,
             sigmas,
             init_sigma,
         })

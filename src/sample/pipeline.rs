@@ -3,7 +3,7 @@
 //! guidance as one batch [uncond; cond], Euler or DDIM, and an f32 VAE decode.
 
 use super::model_files::ModelFiles;
-use super::{Ddim, DpmSolverPP2M, EulerDiscrete, Sampler, SchedulerConfig};
+use super::{Ddim, DpmSolverPP2M, EulerDiscrete, Sampler, SchedulerClass, SchedulerConfig};
 use crate::formats::adapter::Adapter;
 use crate::formats::kohya::ModuleIndex;
 use crate::models::clip::text::{token_ids, ClipTextModel};
@@ -17,12 +17,35 @@ use std::path::{Path, PathBuf};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum SamplerKind {
+    /// The sampler the model folder's scheduler config names (as diffusers' pipeline runs it).
+    Auto,
+    /// Euler discrete; on Karras sigmas when the config says `use_karras_sigmas`.
     Euler,
+    /// Euler discrete on Karras sigmas.
+    EulerKarras,
     Ddim,
-    /// DPM-Solver++ 2M on the model's own timestep spacing.
+    /// DPM-Solver++ 2M on the model's own timestep spacing (Karras sigmas when the config says so).
     DpmPP2M,
     /// DPM-Solver++ 2M on Karras sigmas.
     DpmPP2MKarras,
+}
+
+impl SamplerKind {
+    /// `Auto` as the scheduler config's class; the others as they are.
+    pub fn resolve(self, config: &SchedulerConfig) -> Result<SamplerKind> {
+        if self != SamplerKind::Auto {
+            return Ok(self);
+        }
+        match &config.class {
+            SchedulerClass::EulerDiscrete => Ok(SamplerKind::Euler),
+            SchedulerClass::Ddim => Ok(SamplerKind::Ddim),
+            SchedulerClass::DpmSolverMultistep => Ok(SamplerKind::DpmPP2M),
+            SchedulerClass::Other(name) => Err(Error::Config(format!(
+                "the model's scheduler `{name}` is not implemented: choose --sampler euler, \
+                 euler-karras, ddim, dpmpp-2m or dpmpp-2m-karras"
+            ))),
+        }
+    }
 }
 
 /// How to load a pipeline.
@@ -270,11 +293,19 @@ pub fn denoise(
             init.dims(),
         ));
     }
-    let mut sampler: Box<dyn Sampler> = match req.sampler {
+    let karras = SchedulerConfig {
+        karras: true,
+        ..scheduler.clone()
+    };
+    let mut sampler: Box<dyn Sampler> = match req.sampler.resolve(scheduler)? {
         SamplerKind::Euler => Box::new(EulerDiscrete::new(scheduler, req.steps)?),
+        SamplerKind::EulerKarras => Box::new(EulerDiscrete::new(&karras, req.steps)?),
         SamplerKind::Ddim => Box::new(Ddim::new(scheduler, req.steps)?),
-        SamplerKind::DpmPP2M => Box::new(DpmSolverPP2M::new(scheduler, req.steps, false)?),
+        SamplerKind::DpmPP2M => {
+            Box::new(DpmSolverPP2M::new(scheduler, req.steps, scheduler.karras)?)
+        }
         SamplerKind::DpmPP2MKarras => Box::new(DpmSolverPP2M::new(scheduler, req.steps, true)?),
+        SamplerKind::Auto => unreachable!("resolve() names a sampler"),
     };
     let device = init.device();
     let (h, w) = (req.height as f64, req.width as f64);

@@ -14,8 +14,24 @@ pub enum Spacing {
 }
 
 /// The fields of `scheduler/scheduler_config.json` the samplers use.
+/// The scheduler class a folder ships (`_class_name`): which sampler `--sampler auto` runs.
+#[derive(Clone, Debug, PartialEq)]
+pub enum SchedulerClass {
+    EulerDiscrete,
+    Ddim,
+    DpmSolverMultistep,
+    Other(String),
+}
+
 #[derive(Clone, Debug, PartialEq)]
 pub struct SchedulerConfig {
+    pub class: SchedulerClass,
+    /// `use_karras_sigmas`: Euler and DPM++ step on Karras et al.'s sigmas (rho 7).
+    pub karras: bool,
+    /// DPMSolverMultistepScheduler settings other than DPM-Solver++ 2M's (algorithm_type
+    /// dpmsolver++, solver_order 2, midpoint, final sigma zero), as `key: value`; a DPM++ sampler
+    /// built from this config refuses them by name.
+    pub dpm_unsupported: Vec<String>,
     pub num_train_timesteps: usize,
     pub beta_start: f64,
     pub beta_end: f64,
@@ -34,6 +50,9 @@ impl Default for SchedulerConfig {
     /// SDXL base's shipped scheduler (SDXL.md 4.2).
     fn default() -> Self {
         SchedulerConfig {
+            class: SchedulerClass::EulerDiscrete,
+            karras: false,
+            dpm_unsupported: Vec::new(),
             num_train_timesteps: 1000,
             beta_start: 0.00085,
             beta_end: 0.012,
@@ -70,7 +89,6 @@ impl SchedulerConfig {
         }
         for flag in [
             "thresholding",
-            "use_karras_sigmas",
             "use_exponential_sigmas",
             "use_beta_sigmas",
             "rescale_betas_zero_snr",
@@ -90,7 +108,60 @@ impl SchedulerConfig {
             other => return Err(bad(format!("timestep_spacing `{other}` is not supported"))),
         };
         let num = |k: &str, dv: f64| v.get(k).and_then(|x| x.as_f64()).unwrap_or(dv);
+        if let Some(t) = v.get("interpolation_type").and_then(|s| s.as_str()) {
+            if t != "linear" {
+                return Err(bad(format!(
+                    "interpolation_type `{t}` is not supported (only linear)"
+                )));
+            }
+        }
+        let class = match v.get("_class_name").and_then(|s| s.as_str()) {
+            None | Some("EulerDiscreteScheduler") => SchedulerClass::EulerDiscrete,
+            Some("DDIMScheduler") => SchedulerClass::Ddim,
+            Some("DPMSolverMultistepScheduler") => SchedulerClass::DpmSolverMultistep,
+            Some(other) => SchedulerClass::Other(other.to_string()),
+        };
+        // DPMSolverMultistepScheduler's keys, with its defaults where absent.
+        let mut dpm_unsupported = Vec::new();
+        let text = |k: &str, dv: &str| v.get(k).and_then(|x| x.as_str()).unwrap_or(dv).to_string();
+        for (key, got, want) in [
+            (
+                "algorithm_type",
+                text("algorithm_type", "dpmsolver++"),
+                "dpmsolver++",
+            ),
+            ("solver_type", text("solver_type", "midpoint"), "midpoint"),
+            (
+                "final_sigmas_type",
+                text("final_sigmas_type", "zero"),
+                "zero",
+            ),
+        ] {
+            if got != want {
+                dpm_unsupported.push(format!("{key}: {got}"));
+            }
+        }
+        if num("solver_order", 2.0) != 2.0 {
+            dpm_unsupported.push(format!("solver_order: {}", num("solver_order", 2.0)));
+        }
+        if v.get("use_lu_lambdas").and_then(|b| b.as_bool()) == Some(true) {
+            dpm_unsupported.push("use_lu_lambdas: true".into());
+        }
+        if let Some(l) = v.get("lambda_min_clipped").and_then(|x| x.as_f64()) {
+            if l.is_finite() {
+                dpm_unsupported.push(format!("lambda_min_clipped: {l}"));
+            }
+        }
+        if let Some(t) = v.get("variance_type").and_then(|x| x.as_str()) {
+            dpm_unsupported.push(format!("variance_type: {t}"));
+        }
         Ok(SchedulerConfig {
+            class,
+            karras: v
+                .get("use_karras_sigmas")
+                .and_then(|b| b.as_bool())
+                .unwrap_or(false),
+            dpm_unsupported,
             num_train_timesteps: num("num_train_timesteps", d.num_train_timesteps as f64) as usize,
             beta_start: num("beta_start", d.beta_start),
             beta_end: num("beta_end", d.beta_end),
@@ -179,6 +250,42 @@ fn linspace_f32(start: f32, end: f32, n: usize, i: usize) -> f32 {
     } else {
         end - step * (n - 1 - i) as f32
     }
+}
+
+/// numpy's `linspace(0, stop, num)[i]`: i * (stop / (num - 1)), the last element exactly `stop`.
+pub(crate) fn linspace(stop: f64, num: usize, i: usize) -> f64 {
+    if num == 1 {
+        0.0
+    } else if i == num - 1 {
+        stop
+    } else {
+        i as f64 * (stop / (num - 1) as f64)
+    }
+}
+
+/// diffusers' `_sigma_to_t`: the fractional timestep of `sigma` by linear interpolation of the
+/// float32 log-sigma table (ascending in t), clipped to the table.
+pub(crate) fn sigma_to_t(sigma: f64, log_table: &[f32]) -> f64 {
+    let ls = sigma.max(1e-10).ln();
+    let n = log_table.len();
+    // The last index whose log sigma is <= ls (0 when none is), at most n - 2.
+    let low = log_table
+        .iter()
+        .rposition(|&l| ls - l as f64 >= 0.0)
+        .unwrap_or(0)
+        .min(n - 2);
+    let (l, h) = (log_table[low] as f64, log_table[low + 1] as f64);
+    let w = ((l - ls) / (l - h)).clamp(0.0, 1.0);
+    (1.0 - w) * low as f64 + w * (low + 1) as f64
+}
+
+/// Karras et al.'s rho-7 ramp of `steps` sigmas from `hi` down to `lo`, in float64 as diffusers'
+/// `_convert_to_karras` computes it.
+pub(crate) fn karras_sigmas(lo: f64, hi: f64, steps: usize) -> Vec<f64> {
+    let (lo_r, hi_r) = (lo.powf(1.0 / 7.0), hi.powf(1.0 / 7.0));
+    (0..steps)
+        .map(|i| (hi_r + linspace(1.0, steps, i) * (lo_r - hi_r)).powf(7.0))
+        .collect()
 }
 
 /// The training schedule in float64 (`kstyle_ref.alphas_cumprod`).
