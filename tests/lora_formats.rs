@@ -1054,3 +1054,44 @@ fn diffusers_peft_dora_file_matches_peft() {
     eprintln!("te1: relative error {:.2e}", c.relative());
     assert!(c.passed(), "te1: {c:?}");
 }
+
+/// `kstyle export`'s files as diffusers loads them (`tests/fixtures/extra/gen_export.py`: a
+/// trained plain-LoRA adapter exported in the kohya and the diffusers layout, read by diffusers'
+/// `load_lora_weights`, all 176 modules placed): the UNet with each file merged here gives
+/// diffusers' output.
+#[test]
+fn exported_files_load_in_diffusers_as_they_load_here() {
+    let dir = tiny().join("../extra");
+    let refs = SafeTensorsFile::open(dir.join("export_reference.safetensors")).unwrap();
+    let f = SafeTensorsFile::open(tiny().join("reference/unet.safetensors")).unwrap();
+    let x = |n: &str| f.tensor(n).unwrap().to_dtype(DType::F32).unwrap();
+    for fmt in ["kohya", "diffusers"] {
+        let lora = KohyaLoraFile::new(dir.join(format!("export_{fmt}.safetensors")), 1.0);
+        let loaded = UNet2DConditionModel::from_diffusers(
+            tiny().join("sdxl"),
+            &[lora],
+            DType::F32,
+            Device::Cpu,
+        )
+        .unwrap();
+        assert_eq!(loaded.merges[0].merged.len(), 176, "{fmt}");
+        let out = no_grad(|| {
+            loaded.model.forward(
+                &x("sample"),
+                &x("timestep"),
+                &x("encoder_hidden_states"),
+                &x("text_embeds"),
+                &x("time_ids"),
+            )
+        })
+        .unwrap();
+        let c = compare(
+            &out,
+            &refs.tensor(&format!("{fmt}.out")).unwrap(),
+            Tolerance::F32_FORWARD,
+        )
+        .unwrap();
+        eprintln!("{fmt}: relative error {:.2e}", c.relative());
+        assert!(c.passed(), "{fmt}: {c:?}");
+    }
+}
