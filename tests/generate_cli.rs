@@ -163,6 +163,10 @@ fn verify_passes_every_case_on_the_tiny_fixtures() {
         "cultural_loss",
         "train_step_kstyle",
         "train_step_lora",
+        "samplers",
+        "lora_lycoris",
+        "lora_peft",
+        "lora_export",
     ] {
         assert!(
             text.lines().any(|l| l.starts_with(case)),

@@ -951,147 +951,32 @@ fn random_factor_shapes_never_panic() {
     assert!(ok > 0 && refused > 0, "ok {ok}, refused {refused}");
 }
 
-/// LyCORIS' own merge (`tests/fixtures/extra/gen_lycoris.py`: LoHa, LoKr, their Tucker forms,
-/// LoCon with a Tucker core, DoRA on output rows and on input columns, full differences, on a
-/// Linear with bias, a cross-attention projection, a 3x3 and a 1x1 conv), against the UNet with
-/// the same fp16 file merged here. Each update moves the output by 3-44%, so a wrong layout or
-/// scale would miss the tolerance by orders of magnitude.
+/// The `kstyle verify` cases of `tests/fixtures/extra` for LoRA-family files, against the tools
+/// that wrote them:
+///
+/// - `lora_lycoris` (`gen_lycoris.py`): LoHa, LoKr, their Tucker forms, LoCon with a Tucker
+///   core, DoRA on output rows and on input columns, full differences, on a Linear with bias, a
+///   cross-attention projection, a 3x3 and a 1x1 conv, against LyCORIS' own forward with the
+///   same fp16 file. Each update moves the output by 3-44%, so a wrong layout or scale would miss
+///   the tolerance by orders of magnitude.
+/// - `lora_peft` (`gen_peft.py`): a LoRA as diffusers' SDXL scripts save it (PEFT keys under
+///   `unet.` and `text_encoder.`, DoRA magnitudes, lora_alpha 8 over rank 4 with a rank_pattern
+///   and an alpha_pattern in `lora_adapter_metadata`) against peft's forward at adapter weights
+///   1 and 0.6 (the UNet) and 1 (CLIP-L's penultimate state).
+/// - `lora_export` (`gen_export.py`): `kstyle export`'s kohya and diffusers files as diffusers'
+///   `load_lora_weights` reads them (all 176 modules placed).
 #[test]
-fn lycoris_files_merge_like_lycoris_does() {
-    let dir = tiny().join("../extra");
-    let refs = SafeTensorsFile::open(dir.join("lycoris_reference.safetensors")).unwrap();
-    let f = SafeTensorsFile::open(tiny().join("reference/unet.safetensors")).unwrap();
-    let x = |n: &str| f.tensor(n).unwrap().to_dtype(DType::F32).unwrap();
-    for case in [
-        "loha",
-        "loha_tucker",
-        "lokr",
-        "lokr_tucker",
-        "locon_tucker",
-        "dora_out",
-        "dora_in",
-        "full",
-    ] {
-        let m = refs.meta_f64(&format!("{case}.multiplier")).unwrap();
-        let lora = KohyaLoraFile::new(dir.join(format!("lycoris_{case}.safetensors")), m);
-        let loaded = UNet2DConditionModel::from_diffusers(
-            tiny().join("sdxl"),
-            &[lora],
-            DType::F32,
-            Device::Cpu,
-        )
-        .unwrap();
-        assert_eq!(loaded.merges[0].merged.len(), 4, "{case}");
-        let out = no_grad(|| {
-            loaded.model.forward(
-                &x("sample"),
-                &x("timestep"),
-                &x("encoder_hidden_states"),
-                &x("text_embeds"),
-                &x("time_ids"),
-            )
-        })
-        .unwrap();
-        let want = refs.tensor(&format!("{case}.out")).unwrap();
-        let c = compare(&out, &want, Tolerance::F32_FORWARD).unwrap();
-        eprintln!("{case}: relative error {:.2e}", c.relative());
-        assert!(c.passed(), "{case}: {c:?}");
-    }
-}
-
-/// A LoRA as diffusers' own SDXL scripts save it (`tests/fixtures/extra/gen_peft.py`): PEFT keys
-/// under `unet.` and `text_encoder.`, DoRA magnitudes, lora_alpha 8 over rank 4 with a
-/// rank_pattern and an alpha_pattern, all in `lora_adapter_metadata`; against peft's own forward
-/// at adapter weights 1 and 0.6 (the UNet) and 1 (CLIP-L's penultimate state).
-#[test]
-fn diffusers_peft_dora_file_matches_peft() {
-    let dir = tiny().join("../extra");
-    let refs = SafeTensorsFile::open(dir.join("peft_reference.safetensors")).unwrap();
-    let f = SafeTensorsFile::open(tiny().join("reference/unet.safetensors")).unwrap();
-    let x = |n: &str| f.tensor(n).unwrap().to_dtype(DType::F32).unwrap();
-    let file = dir.join("peft_dora.safetensors");
-    for s in [1.0, 0.6] {
-        let lora = KohyaLoraFile::new(&file, s);
-        let unet = UNet2DConditionModel::from_diffusers(
-            tiny().join("sdxl"),
-            &[lora],
-            DType::F32,
-            Device::Cpu,
-        )
-        .unwrap();
-        let out = no_grad(|| {
-            unet.model.forward(
-                &x("sample"),
-                &x("timestep"),
-                &x("encoder_hidden_states"),
-                &x("text_embeds"),
-                &x("time_ids"),
-            )
-        })
-        .unwrap();
-        let c = compare(
-            &out,
-            &refs.tensor(&format!("unet.s{s:.1}")).unwrap(),
-            Tolerance::F32_FORWARD,
-        )
-        .unwrap();
-        eprintln!("unet at {s}: relative error {:.2e}", c.relative());
-        assert!(c.passed(), "unet at {s}: {c:?}");
-    }
-    let files =
-        kstyle::sample::model_files::ModelFiles::resolve(&tiny().join("sdxl"), None).unwrap();
-    let (te1, _) = files
-        .text_encoders(&[KohyaLoraFile::new(&file, 1.0)], DType::F32, Device::Cpu)
-        .unwrap();
-    let te = SafeTensorsFile::open(tiny().join("reference/text_encoders.safetensors")).unwrap();
-    let o = no_grad(|| te1.forward(&te.tensor("te1.input_ids").unwrap())).unwrap();
-    let c = compare(
-        o.penultimate(),
-        &refs.tensor("te1.s1.0").unwrap(),
-        Tolerance::F32_FORWARD,
-    )
-    .unwrap();
-    eprintln!("te1: relative error {:.2e}", c.relative());
-    assert!(c.passed(), "te1: {c:?}");
-}
-
-/// `kstyle export`'s files as diffusers loads them (`tests/fixtures/extra/gen_export.py`: a
-/// trained plain-LoRA adapter exported in the kohya and the diffusers layout, read by diffusers'
-/// `load_lora_weights`, all 176 modules placed): the UNet with each file merged here gives
-/// diffusers' output.
-#[test]
-fn exported_files_load_in_diffusers_as_they_load_here() {
-    let dir = tiny().join("../extra");
-    let refs = SafeTensorsFile::open(dir.join("export_reference.safetensors")).unwrap();
-    let f = SafeTensorsFile::open(tiny().join("reference/unet.safetensors")).unwrap();
-    let x = |n: &str| f.tensor(n).unwrap().to_dtype(DType::F32).unwrap();
-    for fmt in ["kohya", "diffusers"] {
-        let lora = KohyaLoraFile::new(dir.join(format!("export_{fmt}.safetensors")), 1.0);
-        let loaded = UNet2DConditionModel::from_diffusers(
-            tiny().join("sdxl"),
-            &[lora],
-            DType::F32,
-            Device::Cpu,
-        )
-        .unwrap();
-        assert_eq!(loaded.merges[0].merged.len(), 176, "{fmt}");
-        let out = no_grad(|| {
-            loaded.model.forward(
-                &x("sample"),
-                &x("timestep"),
-                &x("encoder_hidden_states"),
-                &x("text_embeds"),
-                &x("time_ids"),
-            )
-        })
-        .unwrap();
-        let c = compare(
-            &out,
-            &refs.tensor(&format!("{fmt}.out")).unwrap(),
-            Tolerance::F32_FORWARD,
-        )
-        .unwrap();
-        eprintln!("{fmt}: relative error {:.2e}", c.relative());
-        assert!(c.passed(), "{fmt}: {c:?}");
+fn lora_files_match_the_tools_that_wrote_them() {
+    let cases = ["lora_lycoris", "lora_peft", "lora_export"].map(String::from);
+    let report = kstyle::verify::run(&tiny(), Device::Cpu, Some(&cases)).unwrap();
+    assert!(report.failed_cases.is_empty(), "{:?}", report.failed_cases);
+    assert_eq!(report.rows.len(), 8 + 3 + 2);
+    for r in &report.rows {
+        eprintln!("{} {}: relative error {:.2e}", r.case, r.tensor, r.error);
+        assert!(
+            r.passed,
+            "{} {} {:e} > {:e}",
+            r.case, r.tensor, r.error, r.tolerance
+        );
     }
 }

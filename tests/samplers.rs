@@ -1,5 +1,5 @@
 //! Samplers beyond the fixtures' Euler run, against diffusers in float64
-//! (`tests/fixtures/extra/gen_samplers.py`): DPM++ 2M on the model's spacing and on Karras
+//! (`tests/fixtures/extra/gen_samplers.py`, the `samplers` case of `kstyle verify`): DPM++ 2M on the model's spacing and on Karras
 //! sigmas, DDIM, and Euler on Karras sigmas; the whole CFG denoising loop over the tiny UNet from the reference's own
 //! latents.
 //!
@@ -11,60 +11,18 @@
 mod common;
 
 use common::tiny;
-use kstyle::autograd::no_grad;
-use kstyle::sample::pipeline::{LoadOptions, Request, SamplerKind, SdxlPipeline};
-use kstyle::tensor::SafeTensorsFile;
-use kstyle::tolerance::{compare, Tolerance};
-use kstyle::{DType, Device};
+use kstyle::sample::pipeline::SamplerKind;
+use kstyle::Device;
 
 #[test]
 fn dpmpp_2m_ddim_and_euler_karras_final_latents_match_diffusers() {
-    let opts = LoadOptions {
-        model: tiny().join("sdxl"),
-        config: None,
-        dtype: DType::F32,
-        device: Device::Cpu,
-        loras: vec![],
-    };
-    let pipe = SdxlPipeline::load(&opts).unwrap();
-    for (file, sampler) in [
-        ("pipeline_dpmpp_2m.safetensors", SamplerKind::DpmPP2M),
-        (
-            "pipeline_dpmpp_2m_karras.safetensors",
-            SamplerKind::DpmPP2MKarras,
-        ),
-        ("pipeline_ddim.safetensors", SamplerKind::Ddim),
-        (
-            "pipeline_euler_karras.safetensors",
-            SamplerKind::EulerKarras,
-        ),
-    ] {
-        let f = SafeTensorsFile::open(tiny().join("../extra").join(file)).unwrap();
-        let num = |k: &str| f.meta_f64(k).unwrap();
-        let negative = f.meta_str("negative_prompt").unwrap().to_string();
-        let req = Request {
-            prompt: f.meta_str("prompt").unwrap().to_string(),
-            negative: (!negative.is_empty()).then_some(negative),
-            steps: num("steps") as usize,
-            guidance: num("guidance_scale"),
-            width: num("width") as usize,
-            height: num("height") as usize,
-            sampler,
-        };
-        let init = f
-            .tensor("init_latents")
-            .unwrap()
-            .to_dtype(DType::F32)
-            .unwrap();
-        let latents = no_grad(|| pipe.denoise(&req, &init, |_, _| {})).unwrap();
-        let c = compare(
-            &latents,
-            &f.tensor("final_latents").unwrap(),
-            Tolerance::F32_FORWARD,
-        )
-        .unwrap();
-        eprintln!("{file}: relative error {:.3e}", c.relative());
-        assert!(c.passed(), "{file}: {c:?}");
+    let report =
+        kstyle::verify::run(&tiny(), Device::Cpu, Some(&["samplers".to_string()])).unwrap();
+    assert!(report.failed_cases.is_empty(), "{:?}", report.failed_cases);
+    assert_eq!(report.rows.len(), 4);
+    for r in &report.rows {
+        eprintln!("{}: relative error {:.3e}", r.tensor, r.error);
+        assert!(r.passed, "{} {:e} > {:e}", r.tensor, r.error, r.tolerance);
     }
 }
 

@@ -4,6 +4,7 @@
 
 mod clip_cases;
 pub mod cuda_parity;
+pub mod extra_cases;
 mod layer_cases;
 mod pipeline_case;
 mod train_cases;
@@ -176,6 +177,27 @@ pub fn cases() -> Vec<(&'static str, &'static str, CaseFn)> {
             "train_step_lora",
             "train_step_lora.safetensors",
             train_cases::train_step_lora,
+        ),
+        // The project's own references, in extra/ beside the fixtures folder.
+        (
+            "samplers",
+            "../../extra/pipeline_dpmpp_2m.safetensors",
+            extra_cases::samplers,
+        ),
+        (
+            "lora_lycoris",
+            "../../extra/lycoris_reference.safetensors",
+            extra_cases::lora_lycoris,
+        ),
+        (
+            "lora_peft",
+            "../../extra/peft_reference.safetensors",
+            extra_cases::lora_peft,
+        ),
+        (
+            "lora_export",
+            "../../extra/export_reference.safetensors",
+            extra_cases::lora_export,
         ),
     ]
 }

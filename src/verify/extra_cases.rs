@@ -1,0 +1,153 @@
+//! The project's own reference cases, in `extra/` beside the vendored fixtures folder
+//! (`tests/fixtures/extra`, made by its `gen_*.py` with the fixtures' pinned PyTorch stack):
+//! the samplers beyond Euler, LyCORIS files against LyCORIS' forward, a diffusers-saved PEFT
+//! DoRA LoRA against peft's forward, and `kstyle export`'s files as diffusers loads them. They
+//! run on the fixtures folder's own tiny model and reference inputs.
+
+use super::{Checker, Ctx, Row};
+use crate::autograd::no_grad;
+use crate::models::unet::{KohyaLoraFile, UNet2DConditionModel};
+use crate::sample::model_files::ModelFiles;
+use crate::sample::pipeline::{LoadOptions, Request, SamplerKind, SdxlPipeline};
+use crate::tensor::SafeTensorsFile;
+use crate::{DType, Result, Tensor};
+use std::path::PathBuf;
+
+/// `extra/<file>` beside the fixtures folder, as a path `Ctx::reference` accepts.
+pub const EXTRA: &str = "../../extra/";
+
+fn extra(ctx: &Ctx, file: &str) -> PathBuf {
+    ctx.reference(&format!("{EXTRA}{file}"))
+}
+
+/// Every sampler reference: the final latents of the whole CFG run from its initial latents.
+pub fn samplers(ctx: &Ctx) -> Result<Vec<Row>> {
+    let opts = LoadOptions {
+        model: ctx.dir.join("sdxl"),
+        config: None,
+        dtype: DType::F32,
+        device: ctx.device,
+        loras: vec![],
+    };
+    let pipe = SdxlPipeline::load(&opts)?;
+    let mut chk = Checker::new("samplers");
+    for (name, sampler) in [
+        ("dpmpp_2m", SamplerKind::DpmPP2M),
+        ("dpmpp_2m_karras", SamplerKind::DpmPP2MKarras),
+        ("ddim", SamplerKind::Ddim),
+        ("euler_karras", SamplerKind::EulerKarras),
+    ] {
+        let f = SafeTensorsFile::open(extra(ctx, &format!("pipeline_{name}.safetensors")))?;
+        let num = |k: &str| f.meta_f64(k);
+        let negative = f.meta_str("negative_prompt")?.to_string();
+        let req = Request {
+            prompt: f.meta_str("prompt")?.to_string(),
+            negative: (!negative.is_empty()).then_some(negative),
+            steps: num("steps")? as usize,
+            guidance: num("guidance_scale")?,
+            width: num("width")? as usize,
+            height: num("height")? as usize,
+            sampler,
+        };
+        let init = f
+            .tensor("init_latents")?
+            .to_dtype(DType::F32)?
+            .to_device(ctx.device)?;
+        let latents = no_grad(|| pipe.denoise(&req, &init, |_, _| {}))?;
+        chk.check(
+            &format!("{name}.final_latents"),
+            &latents,
+            &f.tensor("final_latents")?,
+            ctx.forward,
+        )?;
+    }
+    Ok(chk.rows)
+}
+
+/// The UNet with `lora` merged, on the fixtures' UNet reference inputs.
+fn unet_with(ctx: &Ctx, lora: KohyaLoraFile) -> Result<Tensor> {
+    let loaded = UNet2DConditionModel::from_diffusers(
+        ctx.dir.join("sdxl"),
+        &[lora],
+        DType::F32,
+        ctx.device,
+    )?;
+    let f = SafeTensorsFile::open(ctx.reference("unet.safetensors"))?;
+    let x = |n: &str| f.tensor(n)?.to_dtype(DType::F32)?.to_device(ctx.device);
+    no_grad(|| {
+        loaded.model.forward(
+            &x("sample")?,
+            &x("timestep")?,
+            &x("encoder_hidden_states")?,
+            &x("text_embeds")?,
+            &x("time_ids")?,
+        )
+    })
+}
+
+/// LyCORIS files (LoHa, LoKr, Tucker forms, LoCon cores, DoRA both ways, full differences)
+/// against LyCORIS' own forward at each case's multiplier.
+pub fn lora_lycoris(ctx: &Ctx) -> Result<Vec<Row>> {
+    let refs = SafeTensorsFile::open(extra(ctx, "lycoris_reference.safetensors"))?;
+    let mut chk = Checker::new("lora_lycoris");
+    for case in [
+        "loha",
+        "loha_tucker",
+        "lokr",
+        "lokr_tucker",
+        "locon_tucker",
+        "dora_out",
+        "dora_in",
+        "full",
+    ] {
+        let m = refs.meta_f64(&format!("{case}.multiplier"))?;
+        let lora = KohyaLoraFile::new(extra(ctx, &format!("lycoris_{case}.safetensors")), m);
+        let out = unet_with(ctx, lora)?;
+        chk.check(
+            &format!("{case}.out"),
+            &out,
+            &refs.tensor(&format!("{case}.out"))?,
+            ctx.forward,
+        )?;
+    }
+    Ok(chk.rows)
+}
+
+/// A LoRA saved by diffusers (peft DoRA, alpha and rank patterns in its metadata) against
+/// peft's forward: the UNet at adapter weights 1 and 0.6, CLIP-L's penultimate state at 1.
+pub fn lora_peft(ctx: &Ctx) -> Result<Vec<Row>> {
+    let refs = SafeTensorsFile::open(extra(ctx, "peft_reference.safetensors"))?;
+    let file = extra(ctx, "peft_dora.safetensors");
+    let mut chk = Checker::new("lora_peft");
+    for s in [1.0, 0.6] {
+        let out = unet_with(ctx, KohyaLoraFile::new(&file, s))?;
+        let name = format!("unet.s{s:.1}");
+        chk.check(&name, &out, &refs.tensor(&name)?, ctx.forward)?;
+    }
+    let files = ModelFiles::resolve(&ctx.dir.join("sdxl"), None)?;
+    let (te1, _) =
+        files.text_encoders(&[KohyaLoraFile::new(&file, 1.0)], DType::F32, ctx.device)?;
+    let te = SafeTensorsFile::open(ctx.reference("text_encoders.safetensors"))?;
+    let o = no_grad(|| te1.forward(&te.tensor("te1.input_ids")?.to_device(ctx.device)?))?;
+    chk.check(
+        "te1.s1.0",
+        o.penultimate(),
+        &refs.tensor("te1.s1.0")?,
+        ctx.forward,
+    )?;
+    Ok(chk.rows)
+}
+
+/// `kstyle export`'s kohya and diffusers files, merged here, against diffusers'
+/// `load_lora_weights` of the same files.
+pub fn lora_export(ctx: &Ctx) -> Result<Vec<Row>> {
+    let refs = SafeTensorsFile::open(extra(ctx, "export_reference.safetensors"))?;
+    let mut chk = Checker::new("lora_export");
+    for fmt in ["kohya", "diffusers"] {
+        let lora = KohyaLoraFile::new(extra(ctx, &format!("export_{fmt}.safetensors")), 1.0);
+        let out = unet_with(ctx, lora)?;
+        let name = format!("{fmt}.out");
+        chk.check(&name, &out, &refs.tensor(&name)?, ctx.forward)?;
+    }
+    Ok(chk.rows)
+}
