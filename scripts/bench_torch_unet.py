@@ -9,6 +9,7 @@ Row names match kstyle's once the `torch ` prefix is dropped (scripts/bench_join
 Needs diffusers (gpu-prepare.sh carries it as gpu-carry/diffusers.tar.xz) and peft (in the image).
 
 Usage: python3 scripts/bench_torch_unet.py UNET_CONFIG_JSON [--px 1024] [--reps 5] [--json FILE]
+       [--device cpu]   (a dry run of the script itself, e.g. on the tiny config at --px 32)
 """
 import argparse
 import json
@@ -18,24 +19,33 @@ import torch
 import torch.nn.functional as F
 
 
+def sync():
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
 def timed(fn, reps):
     fn()
-    torch.cuda.synchronize()
+    sync()
     samples = []
     for _ in range(reps):
         t = time.perf_counter()
         fn()
-        torch.cuda.synchronize()
+        sync()
         samples.append(time.perf_counter() - t)
     samples.sort()
     return samples[len(samples) // 2]
 
 
 def peak_of(fn):
-    torch.cuda.synchronize()
+    """Peak bytes allocated while `fn` runs (0 off CUDA: the CPU run only checks the script)."""
+    if not torch.cuda.is_available():
+        fn()
+        return 0
+    sync()
     torch.cuda.reset_peak_memory_stats()
     fn()
-    torch.cuda.synchronize()
+    sync()
     return torch.cuda.max_memory_allocated()
 
 
@@ -45,11 +55,12 @@ def main():
     ap.add_argument("--px", type=int, default=1024)
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--json")
+    ap.add_argument("--device", default="cuda", help="cpu: a dry run of the script on a small config")
     args = ap.parse_args()
     from diffusers import UNet2DConditionModel
     from peft import LoraConfig
 
-    dev = torch.device("cuda")
+    dev = torch.device(args.device)
     bf = torch.bfloat16
     rows = []
 
@@ -59,7 +70,8 @@ def main():
         print(f"{name:<46} {row['ms']:>9.3f} ms  peak {peak / 2**30:.2f} GiB", flush=True)
 
     import diffusers
-    print(f"torch {torch.__version__}, diffusers {diffusers.__version__} on {torch.cuda.get_device_name()}")
+    where = torch.cuda.get_device_name() if dev.type == "cuda" else "cpu"
+    print(f"torch {torch.__version__}, diffusers {diffusers.__version__} on {where}")
     torch.manual_seed(0)
     t0 = time.perf_counter()
     with torch.device(dev):
