@@ -279,3 +279,62 @@ fn half_precision_generation_stays_close_to_f32() {
         );
     }
 }
+
+/// `--sampler euler-a` draws its step noise from the seed: the same seed gives the same image,
+/// and the same initial latents with another seed's noise give another image.
+#[test]
+fn euler_ancestral_noise_follows_the_seed() {
+    let dir = tmp("euler-a");
+    let latents = dir.join("init.safetensors");
+    kstyle::tensor::save_safetensors(
+        &latents,
+        &[(
+            "latents".to_string(),
+            kstyle::Tensor::randn(
+                (1, 4, 8, 8),
+                &mut kstyle::tensor::Rng::new(1),
+                kstyle::DType::F32,
+                kstyle::Device::Cpu,
+            )
+            .unwrap(),
+        )],
+        None,
+    )
+    .unwrap();
+    let model = tiny().join("sdxl");
+    let run = |seed: &str, name: &str| {
+        let out = dir.join(name);
+        let o = kstyle(&[
+            "generate",
+            "--model",
+            model.to_str().unwrap(),
+            "--prompt",
+            "x",
+            "--width",
+            "64",
+            "--height",
+            "64",
+            "--steps",
+            "3",
+            "--sampler",
+            "euler-a",
+            "--latents",
+            latents.to_str().unwrap(),
+            "--seed",
+            seed,
+            "--out",
+            out.to_str().unwrap(),
+        ]);
+        assert!(o.status.success(), "{}", common::stderr(&o));
+        std::fs::read(out).unwrap()
+    };
+    assert!(
+        run("5", "a.png") == run("5", "b.png"),
+        "same seed, different images"
+    );
+    assert!(
+        run("5", "c.png") != run("6", "d.png"),
+        "the noise ignores the seed"
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}

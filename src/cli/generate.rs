@@ -81,6 +81,9 @@ pub enum SamplerArg {
     Euler,
     /// Euler on Karras sigmas.
     EulerKarras,
+    /// Euler ancestral ("Euler a"): fresh noise each step, from the seed.
+    #[value(name = "euler-a")]
+    EulerAncestral,
     /// DDIM, eta 0.
     Ddim,
     /// DPM-Solver++ 2M ("DPM++ 2M"), the model's timestep spacing.
@@ -169,7 +172,9 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
             SamplerArg::Ddim => SamplerKind::Ddim,
             SamplerArg::DpmPP2M => SamplerKind::DpmPP2M,
             SamplerArg::DpmPP2MKarras => SamplerKind::DpmPP2MKarras,
+            SamplerArg::EulerAncestral => SamplerKind::EulerAncestral,
         },
+        noise: kstyle::sample::Noise::default(),
     };
     let given = a.latents.as_deref().map(load_latents).transpose()?;
     let seeds = if given.is_some() {
@@ -190,6 +195,11 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
             .progress_chars("=> "),
         );
         bar.set_prefix(format!("seed {seed}"));
+        // Ancestral samplers draw their step noise from the image's seed too (its own stream).
+        let req = Request {
+            noise: kstyle::sample::Noise::Seed(seed ^ 0x5EED_A0CE_5757_0001),
+            ..req.clone()
+        };
         let image = pipe.generate(&req, &init, |i, _| bar.set_position(i as u64))?;
         bar.finish_and_clear();
         let (_, c, h, w) = image.dims4()?;

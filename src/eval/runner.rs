@@ -117,6 +117,7 @@ fn generate_all(
                     width: g.size,
                     height: g.size,
                     sampler: SamplerKind::Euler,
+                    noise: crate::sample::Noise::default(),
                 };
                 let init = pipe.initial_latents(g.size, g.size, seed)?;
                 let img = pipe.generate(&req, &init, |_, _| {})?; // (1, 3, H, W) in [0, 1]

@@ -34,6 +34,7 @@ pub fn calibrate_gates(
             width: size,
             height: size,
             sampler: SamplerKind::Euler,
+            noise: crate::sample::Noise::default(),
         };
         let init = pipe.initial_latents(size, size, seed + i as u64)?;
         crate::autograd::no_grad(|| pipe.denoise(&req, &init, |_, _| {}))?;

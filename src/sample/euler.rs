@@ -82,6 +82,87 @@ impl Sampler for EulerDiscrete {
     }
 }
 
+/// Where an ancestral sampler's per-step noise comes from.
+#[derive(Clone, Debug)]
+pub enum Noise {
+    /// N(0, 1) draws from `Rng::new(seed)`, one latent-shaped tensor per step.
+    Seed(u64),
+    /// Given tensors, one per step (reference runs replay PyTorch's draws).
+    Given(Vec<Tensor>),
+}
+
+impl Default for Noise {
+    fn default() -> Self {
+        Noise::Seed(0)
+    }
+}
+
+/// Euler ancestral ("Euler a"), as diffusers' `EulerAncestralDiscreteScheduler`: Euler's
+/// schedule (never Karras sigmas: that scheduler has no such option), each step going down to
+/// `sigma_down` and adding fresh noise of `sigma_up`, with
+/// `sigma_up = sqrt(s1^2 (s0^2 - s1^2) / s0^2)` and `sigma_down = sqrt(s1^2 - sigma_up^2)`,
+/// in float32 as diffusers computes them.
+pub struct EulerAncestral {
+    euler: EulerDiscrete,
+    rng: Option<crate::tensor::Rng>,
+    given: std::collections::VecDeque<Tensor>,
+}
+
+impl EulerAncestral {
+    pub fn new(config: &SchedulerConfig, steps: usize, noise: &Noise) -> Result<EulerAncestral> {
+        let plain = SchedulerConfig {
+            karras: false,
+            ..config.clone()
+        };
+        let (rng, given) = match noise {
+            Noise::Seed(s) => (Some(crate::tensor::Rng::new(*s)), Default::default()),
+            Noise::Given(v) => (None, v.iter().cloned().collect()),
+        };
+        Ok(EulerAncestral {
+            euler: EulerDiscrete::new(&plain, steps)?,
+            rng,
+            given,
+        })
+    }
+
+    fn noise_like(&mut self, x: &Tensor) -> Result<Tensor> {
+        match &mut self.rng {
+            Some(rng) => Tensor::randn(x.dims().to_vec(), rng, crate::DType::F32, x.device()),
+            None => {
+                let n = self.given.pop_front().ok_or_else(|| {
+                    crate::Error::Config("Euler ancestral: fewer noise tensors than steps".into())
+                })?;
+                n.to_dtype(crate::DType::F32)?.to_device(x.device())
+            }
+        }
+    }
+}
+
+impl Sampler for EulerAncestral {
+    fn timesteps(&self) -> &[f64] {
+        self.euler.timesteps()
+    }
+
+    fn init_noise_sigma(&self) -> f64 {
+        self.euler.init_noise_sigma()
+    }
+
+    fn input_scale(&self, i: usize) -> f64 {
+        self.euler.input_scale(i)
+    }
+
+    fn step(&mut self, i: usize, x: &Tensor, eps: &Tensor) -> Result<Tensor> {
+        let (s0, s1) = (self.euler.sigmas[i] as f32, self.euler.sigmas[i + 1] as f32);
+        let up = (s1 * s1 * (s0 * s0 - s1 * s1) / (s0 * s0)).sqrt();
+        let down = (s1 * s1 - up * up).sqrt();
+        let x0 = x.sub(&eps.scale(s0 as f64)?)?;
+        let d = x.sub(&x0)?.scale(1.0 / s0 as f64)?;
+        let prev = x.add(&d.scale((down - s0) as f64)?)?;
+        let noise = self.noise_like(x)?;
+        prev.add(&noise.scale(up as f64)?)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -10,7 +10,7 @@ pub mod schedule;
 
 pub use ddim::Ddim;
 pub use dpmpp::DpmSolverPP2M;
-pub use euler::EulerDiscrete;
+pub use euler::{EulerAncestral, EulerDiscrete, Noise};
 pub use schedule::{SchedulerClass, SchedulerConfig, Spacing, TrainSchedule};
 
 /// A sampler's plan for one generation: the timesteps the UNet sees and how to step.

@@ -3,7 +3,10 @@
 //! guidance as one batch [uncond; cond], Euler or DDIM, and an f32 VAE decode.
 
 use super::model_files::ModelFiles;
-use super::{Ddim, DpmSolverPP2M, EulerDiscrete, Sampler, SchedulerClass, SchedulerConfig};
+use super::{
+    Ddim, DpmSolverPP2M, EulerAncestral, EulerDiscrete, Noise, Sampler, SchedulerClass,
+    SchedulerConfig,
+};
 use crate::formats::adapter::Adapter;
 use crate::formats::kohya::ModuleIndex;
 use crate::models::clip::text::{token_ids, ClipTextModel};
@@ -23,6 +26,8 @@ pub enum SamplerKind {
     Euler,
     /// Euler discrete on Karras sigmas.
     EulerKarras,
+    /// Euler ancestral ("Euler a"), noise from `Request::noise`.
+    EulerAncestral,
     Ddim,
     /// DPM-Solver++ 2M on the model's own timestep spacing (Karras sigmas when the config says so).
     DpmPP2M,
@@ -39,10 +44,11 @@ impl SamplerKind {
         match &config.class {
             SchedulerClass::EulerDiscrete => Ok(SamplerKind::Euler),
             SchedulerClass::Ddim => Ok(SamplerKind::Ddim),
+            SchedulerClass::EulerAncestral => Ok(SamplerKind::EulerAncestral),
             SchedulerClass::DpmSolverMultistep => Ok(SamplerKind::DpmPP2M),
             SchedulerClass::Other(name) => Err(Error::Config(format!(
                 "the model's scheduler `{name}` is not implemented: choose --sampler euler, \
-                 euler-karras, ddim, dpmpp-2m or dpmpp-2m-karras"
+                 euler-karras, euler-a, ddim, dpmpp-2m or dpmpp-2m-karras"
             ))),
         }
     }
@@ -97,6 +103,8 @@ pub struct Request {
     pub width: usize,
     pub height: usize,
     pub sampler: SamplerKind,
+    /// The per-step noise of ancestral samplers (the others ignore it).
+    pub noise: Noise,
 }
 
 impl SdxlPipeline {
@@ -300,6 +308,9 @@ pub fn denoise(
     let mut sampler: Box<dyn Sampler> = match req.sampler.resolve(scheduler)? {
         SamplerKind::Euler => Box::new(EulerDiscrete::new(scheduler, req.steps)?),
         SamplerKind::EulerKarras => Box::new(EulerDiscrete::new(&karras, req.steps)?),
+        SamplerKind::EulerAncestral => {
+            Box::new(EulerAncestral::new(scheduler, req.steps, &req.noise)?)
+        }
         SamplerKind::Ddim => Box::new(Ddim::new(scheduler, req.steps)?),
         SamplerKind::DpmPP2M => {
             Box::new(DpmSolverPP2M::new(scheduler, req.steps, scheduler.karras)?)

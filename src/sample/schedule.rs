@@ -18,6 +18,7 @@ pub enum Spacing {
 #[derive(Clone, Debug, PartialEq)]
 pub enum SchedulerClass {
     EulerDiscrete,
+    EulerAncestral,
     Ddim,
     DpmSolverMultistep,
     Other(String),
@@ -118,6 +119,7 @@ impl SchedulerConfig {
         let class = match v.get("_class_name").and_then(|s| s.as_str()) {
             None | Some("EulerDiscreteScheduler") => SchedulerClass::EulerDiscrete,
             Some("DDIMScheduler") => SchedulerClass::Ddim,
+            Some("EulerAncestralDiscreteScheduler") => SchedulerClass::EulerAncestral,
             Some("DPMSolverMultistepScheduler") => SchedulerClass::DpmSolverMultistep,
             Some(other) => SchedulerClass::Other(other.to_string()),
         };

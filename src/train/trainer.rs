@@ -670,6 +670,7 @@ impl Trainer {
             width: res,
             height: res,
             sampler: SamplerKind::Euler,
+            noise: crate::sample::Noise::default(),
         };
         let negative = PromptEmbeds {
             context: embeds.context.zeros_like()?,

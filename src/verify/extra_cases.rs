@@ -1,6 +1,6 @@
 //! The project's own reference cases, in `extra/` beside the vendored fixtures folder
 //! (`tests/fixtures/extra`, made by its `gen_*.py` with the fixtures' pinned PyTorch stack):
-//! the samplers beyond Euler, LyCORIS files against LyCORIS' forward, a diffusers-saved PEFT
+//! the samplers beyond Euler (Euler ancestral replaying PyTorch's noise), LyCORIS files against LyCORIS' forward, a diffusers-saved PEFT
 //! DoRA LoRA against peft's forward, and `kstyle export`'s files as diffusers loads them. They
 //! run on the fixtures folder's own tiny model and reference inputs.
 
@@ -9,6 +9,7 @@ use crate::autograd::no_grad;
 use crate::models::unet::{KohyaLoraFile, UNet2DConditionModel};
 use crate::sample::model_files::ModelFiles;
 use crate::sample::pipeline::{LoadOptions, Request, SamplerKind, SdxlPipeline};
+use crate::sample::Noise;
 use crate::tensor::SafeTensorsFile;
 use crate::{DType, Result, Tensor};
 use std::path::PathBuf;
@@ -36,18 +37,30 @@ pub fn samplers(ctx: &Ctx) -> Result<Vec<Row>> {
         ("dpmpp_2m_karras", SamplerKind::DpmPP2MKarras),
         ("ddim", SamplerKind::Ddim),
         ("euler_karras", SamplerKind::EulerKarras),
+        ("euler_a", SamplerKind::EulerAncestral),
     ] {
         let f = SafeTensorsFile::open(extra(ctx, &format!("pipeline_{name}.safetensors")))?;
         let num = |k: &str| f.meta_f64(k);
         let negative = f.meta_str("negative_prompt")?.to_string();
+        let steps = num("steps")? as usize;
+        // The ancestral run replays PyTorch's recorded noise.
+        let noise = match sampler {
+            SamplerKind::EulerAncestral => Noise::Given(
+                (0..steps)
+                    .map(|i| f.tensor(&format!("noise.{i}")))
+                    .collect::<Result<_>>()?,
+            ),
+            _ => Noise::default(),
+        };
         let req = Request {
             prompt: f.meta_str("prompt")?.to_string(),
             negative: (!negative.is_empty()).then_some(negative),
-            steps: num("steps")? as usize,
+            steps,
             guidance: num("guidance_scale")?,
             width: num("width")? as usize,
             height: num("height")? as usize,
             sampler,
+            noise,
         };
         let init = f
             .tensor("init_latents")?

@@ -22,6 +22,7 @@ pub fn pipeline(ctx: &Ctx) -> Result<Vec<Row>> {
         width: num("width")? as usize,
         height: num("height")? as usize,
         sampler: SamplerKind::Euler,
+        noise: crate::sample::Noise::default(),
     };
     let opts = LoadOptions {
         model: ctx.dir.join("sdxl"),
