@@ -48,28 +48,35 @@ fn verify_device_cuda_passes_on_the_emulator() {
     );
 }
 
+/// `kstyle ARGS` on the host emulator; its stdout, after asserting it succeeded.
+fn emulated_ok(args: &[&str]) -> String {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_kstyle"))
+        .args(args)
+        .env(emu::EMULATE_ENV, "1")
+        .output()
+        .expect("run kstyle");
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "kstyle {}: {stdout}\n{}",
+        args.join(" "),
+        common::stderr(&out)
+    );
+    stdout
+}
+
 /// `kstyle bench --model --smoke`: the whole-UNet cases (random weights, inference, the three
 /// training micro-batches) run to the end on the tiny UNet, with their FLOP counts and peaks.
 #[test]
 fn model_bench_runs_on_the_emulator() {
     let json = common::tmp("model-bench").join("rows.jsonl");
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_kstyle"))
-        .args([
-            "bench",
-            "--model",
-            "--smoke",
-            "--json",
-            json.to_str().unwrap(),
-        ])
-        .env(emu::EMULATE_ENV, "1")
-        .output()
-        .expect("run kstyle");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "bench --model --smoke: {stdout}\n{}",
-        common::stderr(&out)
-    );
+    emulated_ok(&[
+        "bench",
+        "--model",
+        "--smoke",
+        "--json",
+        json.to_str().unwrap(),
+    ]);
     let rows = std::fs::read_to_string(&json).unwrap();
     for case in [
         "unet fwd 32px b2",
@@ -89,17 +96,7 @@ fn model_bench_runs_on_the_emulator() {
 /// bug cannot spend the scarce GPU minutes (the timings here mean nothing).
 #[test]
 fn every_bench_case_runs_on_the_emulator() {
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_kstyle"))
-        .args(["bench", "--smoke"])
-        .env(emu::EMULATE_ENV, "1")
-        .output()
-        .expect("run kstyle");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "bench --smoke: {stdout}\n{}",
-        common::stderr(&out)
-    );
+    let stdout = emulated_ok(&["bench", "--smoke"]);
     for case in [
         "gemm ",
         "linear+bias epilogue",

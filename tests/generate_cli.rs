@@ -301,30 +301,21 @@ fn euler_ancestral_noise_follows_the_seed() {
         None,
     )
     .unwrap();
-    let model = tiny().join("sdxl");
     let run = |seed: &str, name: &str| {
         let out = dir.join(name);
-        let o = kstyle(&[
-            "generate",
-            "--model",
-            model.to_str().unwrap(),
-            "--prompt",
-            "x",
-            "--width",
-            "64",
-            "--height",
-            "64",
-            "--steps",
+        let o = common::generate_tiny_steps(
             "3",
-            "--sampler",
-            "euler-a",
-            "--latents",
-            latents.to_str().unwrap(),
-            "--seed",
-            seed,
-            "--out",
-            out.to_str().unwrap(),
-        ]);
+            &[
+                "--sampler",
+                "euler-a",
+                "--latents",
+                latents.to_str().unwrap(),
+                "--seed",
+                seed,
+                "--out",
+                out.to_str().unwrap(),
+            ],
+        );
         assert!(o.status.success(), "{}", common::stderr(&o));
         std::fs::read(out).unwrap()
     };

@@ -8,7 +8,7 @@ use super::{Checker, Ctx, Row};
 use crate::autograd::no_grad;
 use crate::models::unet::{KohyaLoraFile, UNet2DConditionModel};
 use crate::sample::model_files::ModelFiles;
-use crate::sample::pipeline::{LoadOptions, Request, SamplerKind, SdxlPipeline};
+use crate::sample::pipeline::{Request, SamplerKind};
 use crate::sample::Noise;
 use crate::tensor::SafeTensorsFile;
 use crate::{DType, Result, Tensor};
@@ -23,14 +23,7 @@ fn extra(ctx: &Ctx, file: &str) -> PathBuf {
 
 /// Every sampler reference: the final latents of the whole CFG run from its initial latents.
 pub fn samplers(ctx: &Ctx) -> Result<Vec<Row>> {
-    let opts = LoadOptions {
-        model: ctx.dir.join("sdxl"),
-        config: None,
-        dtype: DType::F32,
-        device: ctx.device,
-        loras: vec![],
-    };
-    let pipe = SdxlPipeline::load(&opts)?;
+    let pipe = super::pipeline_case::tiny_pipeline(ctx)?;
     let mut chk = Checker::new("samplers");
     for (name, sampler) in [
         ("dpmpp_2m", SamplerKind::DpmPP2M),

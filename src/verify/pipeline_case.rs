@@ -8,6 +8,17 @@ use crate::tensor::SafeTensorsFile;
 use crate::tolerance::Tolerance;
 use crate::{DType, Result, Tensor};
 
+/// The fixtures folder's pipeline in f32 on the context's device.
+pub(super) fn tiny_pipeline(ctx: &Ctx) -> Result<SdxlPipeline> {
+    SdxlPipeline::load(&LoadOptions {
+        model: ctx.dir.join("sdxl"),
+        config: None,
+        dtype: DType::F32,
+        device: ctx.device,
+        loras: vec![],
+    })
+}
+
 pub fn pipeline(ctx: &Ctx) -> Result<Vec<Row>> {
     let f = SafeTensorsFile::open(ctx.reference("pipeline.safetensors"))?;
     let text = |k: &str| f.meta_str(k).map(String::from);
@@ -24,14 +35,7 @@ pub fn pipeline(ctx: &Ctx) -> Result<Vec<Row>> {
         sampler: SamplerKind::Euler,
         noise: crate::sample::Noise::default(),
     };
-    let opts = LoadOptions {
-        model: ctx.dir.join("sdxl"),
-        config: None,
-        dtype: DType::F32,
-        device: ctx.device,
-        loras: vec![],
-    };
-    let pipe = SdxlPipeline::load(&opts)?;
+    let pipe = tiny_pipeline(ctx)?;
     let mut chk = Checker::new("pipeline");
     let euler = EulerDiscrete::new(&pipe.scheduler, req.steps)?;
     let ts = Tensor::from_slice(

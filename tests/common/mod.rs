@@ -20,6 +20,11 @@ pub fn kstyle(args: &[&str]) -> Output {
 
 /// `kstyle generate` on the tiny SDXL folder at 64x64, one step, prompt "x", plus `extra`.
 pub fn generate_tiny(extra: &[&str]) -> Output {
+    generate_tiny_steps("1", extra)
+}
+
+/// [`generate_tiny`] with `steps` sampling steps.
+pub fn generate_tiny_steps(steps: &str, extra: &[&str]) -> Output {
     let model = tiny().join("sdxl");
     let mut args = vec![
         "generate",
@@ -32,7 +37,7 @@ pub fn generate_tiny(extra: &[&str]) -> Output {
         "--height",
         "64",
         "--steps",
-        "1",
+        steps,
     ];
     args.extend_from_slice(extra);
     kstyle(&args)
