@@ -176,6 +176,18 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
         },
         noise: kstyle::sample::Noise::default(),
     };
+    // `auto` names a sampler now, so an unsupported scheduler fails before any step runs.
+    let sampler = req.sampler.resolve(&pipe.scheduler)?;
+    let karras = matches!(
+        sampler,
+        SamplerKind::EulerKarras | SamplerKind::DpmPP2MKarras
+    ) || (pipe.scheduler.karras
+        && matches!(sampler, SamplerKind::Euler | SamplerKind::DpmPP2M));
+    eprintln!(
+        "sampler: {sampler:?}{}",
+        if karras { " on Karras sigmas" } else { "" }
+    );
+    let req = Request { sampler, ..req };
     let given = a.latents.as_deref().map(load_latents).transpose()?;
     let seeds = if given.is_some() {
         vec![a.seed[0]]
