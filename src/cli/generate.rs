@@ -92,6 +92,12 @@ pub enum SamplerArg {
     /// DPM-Solver++ 2M on Karras sigmas ("DPM++ 2M Karras").
     #[value(name = "dpmpp-2m-karras")]
     DpmPP2MKarras,
+    /// DPM-Solver++ 2M SDE ("DPM++ 2M SDE"): fresh noise each step, from the seed.
+    #[value(name = "dpmpp-2m-sde")]
+    DpmPP2MSde,
+    /// DPM-Solver++ 2M SDE on Karras sigmas ("DPM++ 2M SDE Karras").
+    #[value(name = "dpmpp-2m-sde-karras")]
+    DpmPP2MSdeKarras,
 }
 
 /// `FILE[:SCALE]`; a colon followed by something that is not a number stays part of the path.
@@ -173,6 +179,8 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
             SamplerArg::DpmPP2M => SamplerKind::DpmPP2M,
             SamplerArg::DpmPP2MKarras => SamplerKind::DpmPP2MKarras,
             SamplerArg::EulerAncestral => SamplerKind::EulerAncestral,
+            SamplerArg::DpmPP2MSde => SamplerKind::DpmPP2MSde,
+            SamplerArg::DpmPP2MSdeKarras => SamplerKind::DpmPP2MSdeKarras,
         },
         noise: kstyle::sample::Noise::default(),
     };
@@ -180,9 +188,12 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
     let sampler = req.sampler.resolve(&pipe.scheduler)?;
     let karras = matches!(
         sampler,
-        SamplerKind::EulerKarras | SamplerKind::DpmPP2MKarras
+        SamplerKind::EulerKarras | SamplerKind::DpmPP2MKarras | SamplerKind::DpmPP2MSdeKarras
     ) || (pipe.scheduler.karras
-        && matches!(sampler, SamplerKind::Euler | SamplerKind::DpmPP2M));
+        && matches!(
+            sampler,
+            SamplerKind::Euler | SamplerKind::DpmPP2M | SamplerKind::DpmPP2MSde
+        ));
     eprintln!(
         "sampler: {sampler:?}{}",
         if karras { " on Karras sigmas" } else { "" }

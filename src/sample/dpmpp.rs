@@ -11,10 +11,12 @@
 //! The coefficients are float32 scalars, as diffusers computes them from its float32 sigma table.
 
 use super::schedule::{karras_sigmas, linspace, sigma_to_t, Spacing};
-use super::{Sampler, SchedulerConfig};
+use super::{Noise, NoiseStream, Sampler, SchedulerConfig};
 use crate::{Error, Result, Tensor};
 
 pub struct DpmSolverPP2M {
+    /// `sde-dpmsolver++`: each step injects fresh noise (DPM++ 2M SDE).
+    sde: Option<NoiseStream>,
     timesteps: Vec<f64>,
     /// The VE sigmas sqrt((1 - abar) / abar) at each timestep, then 0; float32 as diffusers.
     sigmas: Vec<f32>,
@@ -36,10 +38,20 @@ fn lambda(s: f32) -> f32 {
 
 impl DpmSolverPP2M {
     pub fn new(config: &SchedulerConfig, steps: usize, karras: bool) -> Result<DpmSolverPP2M> {
+        Self::with_noise(config, steps, karras, None)
+    }
+
+    /// The SDE form (`algorithm_type` "sde-dpmsolver++") when `sde_noise` is given.
+    pub fn with_noise(
+        config: &SchedulerConfig,
+        steps: usize,
+        karras: bool,
+        sde_noise: Option<&Noise>,
+    ) -> Result<DpmSolverPP2M> {
         if !config.dpm_unsupported.is_empty() {
             return Err(Error::Config(format!(
-                "scheduler config: DPM++ 2M is implemented as dpmsolver++ order 2 (midpoint, final \
-                 sigma zero); this config asks for {}",
+                "scheduler config: DPM++ 2M is implemented as (sde-)dpmsolver++ order 2 (midpoint, \
+                 final sigma zero); this config asks for {}",
                 config.dpm_unsupported.join(", ")
             )));
         }
@@ -95,6 +107,7 @@ impl DpmSolverPP2M {
         };
         sigmas.push(0.0);
         Ok(DpmSolverPP2M {
+            sde: sde_noise.map(NoiseStream::new),
             timesteps,
             sigmas,
             prev_x0: None,
@@ -124,19 +137,41 @@ impl Sampler for DpmSolverPP2M {
         let ((a_s, sig_s), (a_t, sig_t)) = (alpha_sigma(s_s), alpha_sigma(s_t));
         let x0 = x.sub(&eps.scale(sig_s as f64)?)?.scale(1.0 / a_s as f64)?; // (B, C, H, W)
         let h = lambda(s_t) - lambda(s_s);
-        let em1 = a_t * ((-h).exp() - 1.0);
-        let first = x
-            .scale((sig_t / sig_s) as f64)?
-            .sub(&x0.scale(em1 as f64)?)?;
         // First order at the start, and at the end: the final sigma is 0 (h infinite).
         let last = i + 1 == self.timesteps.len();
-        let out = match (&self.prev_x0, last) {
+        let d1 = match (&self.prev_x0, last) {
             (Some(prev), false) => {
                 let r0 = (lambda(s_s) - lambda(self.sigmas[i - 1])) / h;
-                let d1 = x0.sub(prev)?.scale((1.0 / r0) as f64)?;
-                first.sub(&d1.scale((0.5 * em1) as f64)?)?
+                Some(x0.sub(prev)?.scale((1.0 / r0) as f64)?)
             }
-            _ => first,
+            _ => None,
+        };
+        let out = match &mut self.sde {
+            None => {
+                // x' = (sig_t / sig_s) x - a_t (e^-h - 1) (x0 + D1 / 2)
+                let em1 = a_t * ((-h).exp() - 1.0);
+                let first = x
+                    .scale((sig_t / sig_s) as f64)?
+                    .sub(&x0.scale(em1 as f64)?)?;
+                match d1 {
+                    Some(d1) => first.sub(&d1.scale((0.5 * em1) as f64)?)?,
+                    None => first,
+                }
+            }
+            Some(noise) => {
+                // x' = (sig_t / sig_s) e^-h x + a_t (1 - e^-2h) (x0 + D1 / 2)
+                //      + sig_t sqrt(1 - e^-2h) z
+                let e2 = 1.0 - (-2.0 * h).exp();
+                let z = noise.next_like(x)?;
+                let first = x
+                    .scale((sig_t / sig_s * (-h).exp()) as f64)?
+                    .add(&x0.scale((a_t * e2) as f64)?)?;
+                let with_d1 = match d1 {
+                    Some(d1) => first.add(&d1.scale((0.5 * (a_t * e2)) as f64)?)?,
+                    None => first,
+                };
+                with_d1.add(&z.scale((sig_t * e2.sqrt()) as f64)?)?
+            }
         };
         self.prev_x0 = Some(x0);
         Ok(out)

@@ -3,7 +3,7 @@
 //! x <- x + eps * (sigma_{i+1} - sigma_i).
 
 use super::schedule::{karras_sigmas, sigma_to_t, Spacing};
-use super::{Sampler, SchedulerConfig};
+use super::{Noise, NoiseStream, Sampler, SchedulerConfig};
 use crate::{Result, Tensor};
 
 pub struct EulerDiscrete {
@@ -82,21 +82,6 @@ impl Sampler for EulerDiscrete {
     }
 }
 
-/// Where an ancestral sampler's per-step noise comes from.
-#[derive(Clone, Debug)]
-pub enum Noise {
-    /// N(0, 1) draws from `Rng::new(seed)`, one latent-shaped tensor per step.
-    Seed(u64),
-    /// Given tensors, one per step (reference runs replay PyTorch's draws).
-    Given(Vec<Tensor>),
-}
-
-impl Default for Noise {
-    fn default() -> Self {
-        Noise::Seed(0)
-    }
-}
-
 /// Euler ancestral ("Euler a"), as diffusers' `EulerAncestralDiscreteScheduler`: Euler's
 /// schedule (never Karras sigmas: that scheduler has no such option), each step going down to
 /// `sigma_down` and adding fresh noise of `sigma_up`, with
@@ -104,8 +89,7 @@ impl Default for Noise {
 /// in float32 as diffusers computes them.
 pub struct EulerAncestral {
     euler: EulerDiscrete,
-    rng: Option<crate::tensor::Rng>,
-    given: std::collections::VecDeque<Tensor>,
+    noise: NoiseStream,
 }
 
 impl EulerAncestral {
@@ -114,27 +98,10 @@ impl EulerAncestral {
             karras: false,
             ..config.clone()
         };
-        let (rng, given) = match noise {
-            Noise::Seed(s) => (Some(crate::tensor::Rng::new(*s)), Default::default()),
-            Noise::Given(v) => (None, v.iter().cloned().collect()),
-        };
         Ok(EulerAncestral {
             euler: EulerDiscrete::new(&plain, steps)?,
-            rng,
-            given,
+            noise: NoiseStream::new(noise),
         })
-    }
-
-    fn noise_like(&mut self, x: &Tensor) -> Result<Tensor> {
-        match &mut self.rng {
-            Some(rng) => Tensor::randn(x.dims().to_vec(), rng, crate::DType::F32, x.device()),
-            None => {
-                let n = self.given.pop_front().ok_or_else(|| {
-                    crate::Error::Config("Euler ancestral: fewer noise tensors than steps".into())
-                })?;
-                n.to_dtype(crate::DType::F32)?.to_device(x.device())
-            }
-        }
     }
 }
 
@@ -158,7 +125,7 @@ impl Sampler for EulerAncestral {
         let x0 = x.sub(&eps.scale(s0 as f64)?)?;
         let d = x.sub(&x0)?.scale(1.0 / s0 as f64)?;
         let prev = x.add(&d.scale((down - s0) as f64)?)?;
-        let noise = self.noise_like(x)?;
+        let noise = self.noise.next_like(x)?;
         prev.add(&noise.scale(up as f64)?)
     }
 }

@@ -10,7 +10,57 @@ pub mod schedule;
 
 pub use ddim::Ddim;
 pub use dpmpp::DpmSolverPP2M;
-pub use euler::{EulerAncestral, EulerDiscrete, Noise};
+pub use euler::{EulerAncestral, EulerDiscrete};
+
+/// Where a stochastic sampler's per-step noise comes from.
+#[derive(Clone, Debug)]
+pub enum Noise {
+    /// N(0, 1) draws from `Rng::new(seed)`, one latent-shaped tensor per step.
+    Seed(u64),
+    /// Given tensors, one per step (reference runs replay PyTorch's draws).
+    Given(Vec<crate::Tensor>),
+}
+
+impl Default for Noise {
+    fn default() -> Self {
+        Noise::Seed(0)
+    }
+}
+
+/// The per-step noise of one generation.
+pub(crate) struct NoiseStream {
+    rng: Option<crate::tensor::Rng>,
+    given: std::collections::VecDeque<crate::Tensor>,
+}
+
+impl NoiseStream {
+    pub(crate) fn new(noise: &Noise) -> NoiseStream {
+        match noise {
+            Noise::Seed(s) => NoiseStream {
+                rng: Some(crate::tensor::Rng::new(*s)),
+                given: Default::default(),
+            },
+            Noise::Given(v) => NoiseStream {
+                rng: None,
+                given: v.iter().cloned().collect(),
+            },
+        }
+    }
+
+    /// The next f32 draw shaped and placed like `x`.
+    pub(crate) fn next_like(&mut self, x: &crate::Tensor) -> crate::Result<crate::Tensor> {
+        use crate::DType;
+        match &mut self.rng {
+            Some(rng) => crate::Tensor::randn(x.dims().to_vec(), rng, DType::F32, x.device()),
+            None => {
+                let n = self.given.pop_front().ok_or_else(|| {
+                    crate::Error::Config("fewer given noise tensors than sampling steps".into())
+                })?;
+                n.to_dtype(DType::F32)?.to_device(x.device())
+            }
+        }
+    }
+}
 pub use schedule::{SchedulerClass, SchedulerConfig, Spacing, TrainSchedule};
 
 /// A sampler's plan for one generation: the timesteps the UNet sees and how to step.

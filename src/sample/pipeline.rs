@@ -33,6 +33,11 @@ pub enum SamplerKind {
     DpmPP2M,
     /// DPM-Solver++ 2M on Karras sigmas.
     DpmPP2MKarras,
+    /// DPM-Solver++ 2M SDE (fresh noise each step from `Request::noise`), the model's spacing
+    /// (Karras sigmas when the config says so).
+    DpmPP2MSde,
+    /// DPM-Solver++ 2M SDE on Karras sigmas.
+    DpmPP2MSdeKarras,
 }
 
 impl SamplerKind {
@@ -45,10 +50,11 @@ impl SamplerKind {
             SchedulerClass::EulerDiscrete => Ok(SamplerKind::Euler),
             SchedulerClass::Ddim => Ok(SamplerKind::Ddim),
             SchedulerClass::EulerAncestral => Ok(SamplerKind::EulerAncestral),
+            SchedulerClass::DpmSolverMultistep if config.dpm_sde => Ok(SamplerKind::DpmPP2MSde),
             SchedulerClass::DpmSolverMultistep => Ok(SamplerKind::DpmPP2M),
             SchedulerClass::Other(name) => Err(Error::Config(format!(
                 "the model's scheduler `{name}` is not implemented: choose --sampler euler, \
-                 euler-karras, euler-a, ddim, dpmpp-2m or dpmpp-2m-karras"
+                 euler-karras, euler-a, ddim, dpmpp-2m(-karras) or dpmpp-2m-sde(-karras)"
             ))),
         }
     }
@@ -316,6 +322,18 @@ pub fn denoise(
             Box::new(DpmSolverPP2M::new(scheduler, req.steps, scheduler.karras)?)
         }
         SamplerKind::DpmPP2MKarras => Box::new(DpmSolverPP2M::new(scheduler, req.steps, true)?),
+        SamplerKind::DpmPP2MSde => Box::new(DpmSolverPP2M::with_noise(
+            scheduler,
+            req.steps,
+            scheduler.karras,
+            Some(&req.noise),
+        )?),
+        SamplerKind::DpmPP2MSdeKarras => Box::new(DpmSolverPP2M::with_noise(
+            scheduler,
+            req.steps,
+            true,
+            Some(&req.noise),
+        )?),
         SamplerKind::Auto => unreachable!("resolve() names a sampler"),
     };
     let device = init.device();

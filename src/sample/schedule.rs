@@ -29,6 +29,8 @@ pub struct SchedulerConfig {
     pub class: SchedulerClass,
     /// `use_karras_sigmas`: Euler and DPM++ step on Karras et al.'s sigmas (rho 7).
     pub karras: bool,
+    /// DPMSolverMultistepScheduler's `algorithm_type` is `sde-dpmsolver++` (DPM++ 2M SDE).
+    pub dpm_sde: bool,
     /// DPMSolverMultistepScheduler settings other than DPM-Solver++ 2M's (algorithm_type
     /// dpmsolver++, solver_order 2, midpoint, final sigma zero), as `key: value`; a DPM++ sampler
     /// built from this config refuses them by name.
@@ -53,6 +55,7 @@ impl Default for SchedulerConfig {
         SchedulerConfig {
             class: SchedulerClass::EulerDiscrete,
             karras: false,
+            dpm_sde: false,
             dpm_unsupported: Vec::new(),
             num_train_timesteps: 1000,
             beta_start: 0.00085,
@@ -126,12 +129,11 @@ impl SchedulerConfig {
         // DPMSolverMultistepScheduler's keys, with its defaults where absent.
         let mut dpm_unsupported = Vec::new();
         let text = |k: &str, dv: &str| v.get(k).and_then(|x| x.as_str()).unwrap_or(dv).to_string();
+        let algorithm = text("algorithm_type", "dpmsolver++");
+        if algorithm != "dpmsolver++" && algorithm != "sde-dpmsolver++" {
+            dpm_unsupported.push(format!("algorithm_type: {algorithm}"));
+        }
         for (key, got, want) in [
-            (
-                "algorithm_type",
-                text("algorithm_type", "dpmsolver++"),
-                "dpmsolver++",
-            ),
             ("solver_type", text("solver_type", "midpoint"), "midpoint"),
             (
                 "final_sigmas_type",
@@ -158,6 +160,7 @@ impl SchedulerConfig {
             dpm_unsupported.push(format!("variance_type: {t}"));
         }
         Ok(SchedulerConfig {
+            dpm_sde: algorithm == "sde-dpmsolver++",
             class,
             karras: v
                 .get("use_karras_sigmas")

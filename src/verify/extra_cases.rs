@@ -31,14 +31,15 @@ pub fn samplers(ctx: &Ctx) -> Result<Vec<Row>> {
         ("ddim", SamplerKind::Ddim),
         ("euler_karras", SamplerKind::EulerKarras),
         ("euler_a", SamplerKind::EulerAncestral),
+        ("dpmpp_2m_sde_karras", SamplerKind::DpmPP2MSdeKarras),
     ] {
         let f = SafeTensorsFile::open(extra(ctx, &format!("pipeline_{name}.safetensors")))?;
         let num = |k: &str| f.meta_f64(k);
         let negative = f.meta_str("negative_prompt")?.to_string();
         let steps = num("steps")? as usize;
-        // The ancestral run replays PyTorch's recorded noise.
+        // The stochastic runs replay PyTorch's recorded noise.
         let noise = match sampler {
-            SamplerKind::EulerAncestral => Noise::Given(
+            SamplerKind::EulerAncestral | SamplerKind::DpmPP2MSdeKarras => Noise::Given(
                 (0..steps)
                     .map(|i| f.tensor(&format!("noise.{i}")))
                     .collect::<Result<_>>()?,
