@@ -8,7 +8,7 @@
 //! - [`unet_layout`]: UNet block positions in both layouts, computed from the config.
 //! - [`kohya`]: kohya LoRA files, both directions.
 //! - [`lora_patch`]: every LoRA-family file (PEFT, diffusers, LoCon, LoHa, LoKr, DoRA) read as
-//!   per-weight patches; their merge math lives in `lora_delta`.
+//!   per-weight patches; their merge math lives in `lora_delta`, PEFT metadata in `peft_config`.
 
 pub mod adapter;
 pub mod diffusers;
@@ -17,6 +17,7 @@ pub mod export;
 pub mod kohya;
 mod lora_delta;
 pub mod lora_patch;
+mod peft_config;
 pub mod raw;
 pub mod single_file;
 pub mod unet_layout;
