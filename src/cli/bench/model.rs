@@ -12,6 +12,7 @@
 use super::{Bench, Size};
 use kstyle::autograd::no_grad;
 use kstyle::backend::flops;
+use kstyle::models::unet::flops::forward_flops;
 use kstyle::models::unet::{param_shapes, CheckpointPolicy, UNet2DConditionModel, UNetConfig};
 use kstyle::nn::lora::{LoraAdapter, LoraConfig};
 use kstyle::nn::weights::Weights;
@@ -149,6 +150,18 @@ pub(super) fn run(b: &mut Bench, size: Size) -> anyhow::Result<()> {
     let [x, t, ctx, pooled, ids] = inputs(2, &mut rng)?;
     let fwd = || no_grad(|| unet.forward(&x, &t, &ctx, &pooled, &ids).map(|_| ()));
     let (fl, peak) = count(gpu, fwd)?;
+    // The rates below divide by the dispatch count; it must be the architecture's own. A
+    // mismatch is reported, not fatal: a GPU session's timings are too scarce to throw away.
+    let analytic = forward_flops(&cfg, 2, (lat, lat), 77) as f64;
+    if fl == analytic {
+        println!("unet fwd {px}px b2: {fl:e} FLOPs counted at dispatch = the analytic count");
+    } else {
+        println!(
+            "FLOP COUNT MISMATCH: unet fwd {px}px b2 issued {fl:e} at dispatch, the architecture \
+             implies {analytic:e}; the rates below are off by {:.4}x",
+            fl / analytic
+        );
+    }
     let s = time_runs(b, size, reps, fwd)?;
     b.report_peak(
         &format!("unet fwd {px}px b2 bf16"),

@@ -9,6 +9,7 @@
 pub mod blocks;
 pub mod config;
 pub mod embeddings;
+pub mod flops;
 pub mod load;
 pub mod lora_merge;
 pub mod resnet;
