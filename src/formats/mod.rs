@@ -18,6 +18,7 @@ pub mod kohya;
 mod lora_delta;
 pub mod lora_patch;
 mod peft_config;
+pub mod python_json;
 pub mod raw;
 pub mod single_file;
 pub mod unet_layout;

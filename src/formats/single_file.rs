@@ -44,7 +44,7 @@ impl VaeLayout {
         }
         let path = path.as_ref();
         let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-        let c: C = serde_json::from_str(&text).map_err(|e| Error::Json {
+        let c: C = crate::formats::python_json::parse(&text).map_err(|e| Error::Json {
             path: path.to_path_buf(),
             msg: e.to_string(),
         })?;

@@ -81,8 +81,8 @@ impl UnetLayout {
     }
 
     fn from_config_str(text: &str) -> std::result::Result<Self, ConfigError> {
-        let c: ConfigJson =
-            serde_json::from_str(text).map_err(|e| ConfigError::Json(e.to_string()))?;
+        let c: ConfigJson = crate::formats::python_json::parse(text)
+            .map_err(|e| ConfigError::Json(e.to_string()))?;
         let levels = c.block_out_channels.len();
         if levels == 0 || c.down_block_types.len() != levels || c.up_block_types.len() != levels {
             return Err(ConfigError::Invalid(format!(

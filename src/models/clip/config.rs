@@ -246,7 +246,7 @@ impl ClipConfig {
 
 fn read_json(path: &Path) -> Result<Value> {
     let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-    serde_json::from_str(&text).map_err(|e| Error::Json {
+    crate::formats::python_json::parse(&text).map_err(|e| Error::Json {
         path: path.to_path_buf(),
         msg: e.to_string(),
     })

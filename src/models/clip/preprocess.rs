@@ -45,7 +45,7 @@ impl ClipPreprocess {
     pub fn from_config(path: impl AsRef<Path>) -> Result<Self> {
         let path = path.as_ref();
         let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-        let j: Value = serde_json::from_str(&text).map_err(|e| Error::Json {
+        let j: Value = crate::formats::python_json::parse(&text).map_err(|e| Error::Json {
             path: path.to_path_buf(),
             msg: e.to_string(),
         })?;

@@ -196,7 +196,7 @@ impl UNetConfig {
     pub fn from_file(path: impl AsRef<Path>) -> Result<UNetConfig> {
         let path = path.as_ref();
         let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-        let v: Value = serde_json::from_str(&text).map_err(|e| Error::Json {
+        let v: Value = crate::formats::python_json::parse(&text).map_err(|e| Error::Json {
             path: path.to_path_buf(),
             msg: e.to_string(),
         })?;
