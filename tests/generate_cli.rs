@@ -329,3 +329,29 @@ fn euler_ancestral_noise_follows_the_seed() {
     );
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// Every `--sampler` name runs end to end and reports what it resolved to.
+#[test]
+fn every_sampler_name_generates_and_reports_itself() {
+    let dir = tmp("sampler-names");
+    for (name, reported) in [
+        ("dpmpp-3m", "sampler: DPM++ 3M\n"),
+        ("dpmpp-3m-karras", "sampler: DPM++ 3M Karras\n"),
+        ("dpmpp-3m-sde", "sampler: DPM++ 3M SDE\n"),
+        ("dpmpp-3m-sde-karras", "sampler: DPM++ 3M SDE Karras\n"),
+        ("unipc", "sampler: UniPC (bh2, order 2)\n"),
+        ("unipc-karras", "sampler: UniPC (bh2, order 2) Karras\n"),
+        ("dpmpp-2m-sde-karras", "sampler: DPM++ 2M SDE Karras\n"),
+        ("euler-a", "sampler: Euler a\n"),
+        ("auto", "sampler: Euler\n"),
+    ] {
+        let out = dir.join(format!("{name}.png"));
+        let o =
+            common::generate_tiny_steps("4", &["--sampler", name, "--out", out.to_str().unwrap()]);
+        let err = common::stderr(&o);
+        assert!(o.status.success(), "{name}: {err}");
+        assert!(err.contains(reported), "{name}: {err}");
+        assert!(out.exists(), "{name}");
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}

@@ -1,10 +1,15 @@
 //! Samplers beyond the fixtures' Euler run, against diffusers in float64
-//! (`tests/fixtures/extra/gen_samplers.py`, the `samplers` case of `kstyle verify`): DPM++ 2M on the model's spacing and on Karras
-//! sigmas, DDIM, and Euler on Karras sigmas; the whole CFG denoising loop over the tiny UNet from the reference's own
-//! latents.
+//! (`tests/fixtures/extra/gen_samplers.py`, the `samplers` case of `kstyle verify`): DPM++ 2M
+//! on the model's spacing and on Karras sigmas (midpoint and heun), DPM-Solver++ of orders 1 and
+//! 3, DDIM, Euler on Karras sigmas, and UniPC (order 2; order 3 on Karras sigmas; order 3 with a
+//! corrector disabled); the whole CFG denoising loop over the tiny UNet from the reference's own
+//! latents. The DPM-Solver++ variants and UniPC run as `--sampler auto` on the scheduler config
+//! diffusers saved with each reference.
 //!
-//! Measured: DPM++ 2M 8.5e-7 and Karras 8.3e-7 relative, Euler Karras 1.0e-6; replaying
-//! PyTorch's noise, Euler ancestral 1.2e-6 and DPM++ 2M SDE Karras 1.2e-6; DDIM 5.4e-5, where PyTorch itself in
+//! Measured: DPM++ 2M 8.5e-7 and Karras 8.3e-7 relative, heun 8.5e-7, order 1 9.7e-7, DPM++ 3M
+//! 9.1e-7, UniPC 7.8e-7, order 3 Karras 1.3e-6, with a corrector skipped 8.1e-7, Euler Karras
+//! 1.0e-6; replaying PyTorch's noise, Euler ancestral 1.2e-6, DPM++ 2M SDE Karras 1.2e-6 and
+//! DPM++ 3M SDE Karras 1.1e-6; DDIM 5.4e-5, where PyTorch itself in
 //! float32 lands at 3.5e-5 against the same float64 reference (the folder's config leaves DDIM's
 //! `clip_sample` on, so the final latents are clamped x0 with a norm near 1, and the UNet's
 //! float32 error shows undiluted). All within the fixtures' 1e-4 forward tolerance.
@@ -12,15 +17,15 @@
 mod common;
 
 use common::tiny;
-use kstyle::sample::pipeline::SamplerKind;
+use kstyle::sample::pipeline::{SamplerKind, Sigmas};
 use kstyle::Device;
 
 #[test]
-fn dpmpp_2m_ddim_and_euler_karras_final_latents_match_diffusers() {
+fn every_sampler_final_latents_match_diffusers() {
     let report =
         kstyle::verify::run(&tiny(), Device::Cpu, Some(&["samplers".to_string()])).unwrap();
     assert!(report.failed_cases.is_empty(), "{:?}", report.failed_cases);
-    assert_eq!(report.rows.len(), 6);
+    assert_eq!(report.rows.len(), 13);
     for r in &report.rows {
         eprintln!("{}: relative error {:.3e}", r.tensor, r.error);
         assert!(r.passed, "{} {:e} > {:e}", r.tensor, r.error, r.tolerance);
@@ -31,7 +36,7 @@ fn dpmpp_2m_ddim_and_euler_karras_final_latents_match_diffusers() {
 /// implement, and scheduler classes it has no sampler for, are refused by name.
 #[test]
 fn auto_sampler_follows_the_scheduler_config() {
-    use kstyle::sample::{DpmSolverPP2M, SchedulerConfig};
+    use kstyle::sample::{DpmSolverPP, SchedulerConfig, UniPc};
     let dir = common::tmp("scheduler-configs");
     let config = |json: &str| {
         let p = dir.join("scheduler_config.json");
@@ -43,14 +48,18 @@ fn auto_sampler_follows_the_scheduler_config() {
             .unwrap();
     assert_eq!(
         SamplerKind::Auto.resolve(&dpm).unwrap(),
-        SamplerKind::DpmPP2M
+        SamplerKind::DpmPP {
+            order: 2,
+            sde: false,
+            sigmas: Sigmas::Config
+        }
     );
     assert!(dpm.karras);
     let ddim = config(r#"{"_class_name": "DDIMScheduler"}"#).unwrap();
     assert_eq!(SamplerKind::Auto.resolve(&ddim).unwrap(), SamplerKind::Ddim);
     assert_eq!(
-        SamplerKind::Euler.resolve(&ddim).unwrap(),
-        SamplerKind::Euler
+        SamplerKind::Euler(Sigmas::Config).resolve(&ddim).unwrap(),
+        SamplerKind::Euler(Sigmas::Config)
     );
     let lcm = config(r#"{"_class_name": "LCMScheduler"}"#).unwrap();
     let err = SamplerKind::Auto.resolve(&lcm).unwrap_err().to_string();
@@ -62,20 +71,25 @@ fn auto_sampler_follows_the_scheduler_config() {
         r#"{"_class_name": "DPMSolverMultistepScheduler", "algorithm_type": "sde-dpmsolver++", "solver_order": 3}"#,
     )
     .unwrap();
-    assert_eq!(
-        SamplerKind::Auto.resolve(&sde).unwrap(),
-        SamplerKind::DpmPP2MSde
-    );
-    let err = DpmSolverPP2M::new(&sde, 10, false)
+    let three_sde = SamplerKind::DpmPP {
+        order: 3,
+        sde: true,
+        sigmas: Sigmas::Config,
+    };
+    assert_eq!(SamplerKind::Auto.resolve(&sde).unwrap(), three_sde);
+    assert_eq!(three_sde.describe(&sde), "DPM++ 3M SDE");
+    let four =
+        config(r#"{"_class_name": "DPMSolverMultistepScheduler", "solver_order": 4}"#).unwrap();
+    let err = DpmSolverPP::new(&four, 10, 2, false)
         .err()
         .unwrap()
         .to_string();
-    assert!(err.contains("solver_order: 3"), "{err}");
+    assert!(err.contains("solver_order: 4"), "{err}");
     let sde_dpm = config(
         r#"{"_class_name": "DPMSolverMultistepScheduler", "algorithm_type": "sde-dpmsolver"}"#,
     )
     .unwrap();
-    let err = DpmSolverPP2M::new(&sde_dpm, 10, false)
+    let err = DpmSolverPP::new(&sde_dpm, 10, 2, false)
         .err()
         .unwrap()
         .to_string();
@@ -84,5 +98,37 @@ fn auto_sampler_follows_the_scheduler_config() {
         .unwrap_err()
         .to_string();
     assert!(err.contains("log_linear"), "{err}");
+    // diffusers saves DPM's default lambda_min_clipped as the bare word -Infinity (Python's
+    // json.dumps); it reads as the default.
+    let saved = config(
+        r#"{"_class_name": "DPMSolverMultistepScheduler", "lambda_min_clipped": -Infinity,
+            "solver_type": "heun", "use_karras_sigmas": true}"#,
+    )
+    .unwrap();
+    assert!(saved.dpm_unsupported.is_empty() && saved.dpm_heun);
+    assert_eq!(
+        SamplerKind::Auto.resolve(&saved).unwrap().describe(&saved),
+        "DPM++ 2M (heun) Karras"
+    );
+    // UniPC: auto from its class; the settings diffusers itself turns into NaN are refused.
+    let unipc = config(r#"{"_class_name": "UniPCMultistepScheduler", "solver_order": 3}"#).unwrap();
+    let kind = SamplerKind::Auto.resolve(&unipc).unwrap();
+    assert_eq!(kind, SamplerKind::UniPc(Sigmas::Config));
+    assert_eq!(kind.describe(&unipc), "UniPC (bh2, order 3)");
+    assert!(UniPc::new(&unipc, 10, false).is_ok());
+    for (json, named) in [
+        (r#"{"solver_type": "bh1"}"#, "bh1"),
+        (r#"{"predict_x0": false}"#, "predict_x0 false"),
+        (
+            r#"{"final_sigmas_type": "sigma_min"}"#,
+            "final_sigmas_type: sigma_min",
+        ),
+    ] {
+        let err = UniPc::new(&config(json).unwrap(), 10, false)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(err.contains(named), "{json}: {err}");
+    }
     std::fs::remove_dir_all(&dir).unwrap();
 }

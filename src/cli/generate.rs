@@ -5,7 +5,7 @@ use super::DeviceArg;
 use anyhow::Context;
 use indicatif::{ProgressBar, ProgressStyle};
 use kstyle::image::io::save_chw_png;
-use kstyle::sample::pipeline::{LoadOptions, Request, SamplerKind, SdxlPipeline};
+use kstyle::sample::pipeline::{LoadOptions, Request, SamplerKind, SdxlPipeline, Sigmas};
 use kstyle::tensor::SafeTensorsFile;
 use kstyle::{DType, Tensor};
 use std::path::{Path, PathBuf};
@@ -98,6 +98,47 @@ pub enum SamplerArg {
     /// DPM-Solver++ 2M SDE on Karras sigmas ("DPM++ 2M SDE Karras").
     #[value(name = "dpmpp-2m-sde-karras")]
     DpmPP2MSdeKarras,
+    /// DPM-Solver++ 3M ("DPM++ 3M"), third order multistep.
+    #[value(name = "dpmpp-3m")]
+    DpmPP3M,
+    /// DPM-Solver++ 3M on Karras sigmas.
+    #[value(name = "dpmpp-3m-karras")]
+    DpmPP3MKarras,
+    /// DPM-Solver++ 3M SDE ("DPM++ 3M SDE"): fresh noise each step, from the seed.
+    #[value(name = "dpmpp-3m-sde")]
+    DpmPP3MSde,
+    /// DPM-Solver++ 3M SDE on Karras sigmas ("DPM++ 3M SDE Karras").
+    #[value(name = "dpmpp-3m-sde-karras")]
+    DpmPP3MSdeKarras,
+    /// UniPC (bh2), with the model's scheduler settings (order 2 by default).
+    #[value(name = "unipc")]
+    UniPc,
+    /// UniPC on Karras sigmas.
+    #[value(name = "unipc-karras")]
+    UniPcKarras,
+}
+
+impl SamplerArg {
+    fn kind(self) -> SamplerKind {
+        let dpm = |order, sde, sigmas| SamplerKind::DpmPP { order, sde, sigmas };
+        match self {
+            SamplerArg::Auto => SamplerKind::Auto,
+            SamplerArg::Euler => SamplerKind::Euler(Sigmas::Config),
+            SamplerArg::EulerKarras => SamplerKind::Euler(Sigmas::Karras),
+            SamplerArg::EulerAncestral => SamplerKind::EulerAncestral,
+            SamplerArg::Ddim => SamplerKind::Ddim,
+            SamplerArg::DpmPP2M => dpm(2, false, Sigmas::Config),
+            SamplerArg::DpmPP2MKarras => dpm(2, false, Sigmas::Karras),
+            SamplerArg::DpmPP2MSde => dpm(2, true, Sigmas::Config),
+            SamplerArg::DpmPP2MSdeKarras => dpm(2, true, Sigmas::Karras),
+            SamplerArg::DpmPP3M => dpm(3, false, Sigmas::Config),
+            SamplerArg::DpmPP3MKarras => dpm(3, false, Sigmas::Karras),
+            SamplerArg::DpmPP3MSde => dpm(3, true, Sigmas::Config),
+            SamplerArg::DpmPP3MSdeKarras => dpm(3, true, Sigmas::Karras),
+            SamplerArg::UniPc => SamplerKind::UniPc(Sigmas::Config),
+            SamplerArg::UniPcKarras => SamplerKind::UniPc(Sigmas::Karras),
+        }
+    }
 }
 
 /// `FILE[:SCALE]`; a colon followed by something that is not a number stays part of the path.
@@ -171,33 +212,12 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
         guidance: a.cfg,
         width: a.width,
         height: a.height,
-        sampler: match a.sampler {
-            SamplerArg::Auto => SamplerKind::Auto,
-            SamplerArg::Euler => SamplerKind::Euler,
-            SamplerArg::EulerKarras => SamplerKind::EulerKarras,
-            SamplerArg::Ddim => SamplerKind::Ddim,
-            SamplerArg::DpmPP2M => SamplerKind::DpmPP2M,
-            SamplerArg::DpmPP2MKarras => SamplerKind::DpmPP2MKarras,
-            SamplerArg::EulerAncestral => SamplerKind::EulerAncestral,
-            SamplerArg::DpmPP2MSde => SamplerKind::DpmPP2MSde,
-            SamplerArg::DpmPP2MSdeKarras => SamplerKind::DpmPP2MSdeKarras,
-        },
+        sampler: a.sampler.kind(),
         noise: kstyle::sample::Noise::default(),
     };
     // `auto` names a sampler now, so an unsupported scheduler fails before any step runs.
     let sampler = req.sampler.resolve(&pipe.scheduler)?;
-    let karras = matches!(
-        sampler,
-        SamplerKind::EulerKarras | SamplerKind::DpmPP2MKarras | SamplerKind::DpmPP2MSdeKarras
-    ) || (pipe.scheduler.karras
-        && matches!(
-            sampler,
-            SamplerKind::Euler | SamplerKind::DpmPP2M | SamplerKind::DpmPP2MSde
-        ));
-    eprintln!(
-        "sampler: {sampler:?}{}",
-        if karras { " on Karras sigmas" } else { "" }
-    );
+    eprintln!("sampler: {}", sampler.describe(&pipe.scheduler));
     let req = Request { sampler, ..req };
     let given = a.latents.as_deref().map(load_latents).transpose()?;
     let seeds = if given.is_some() {

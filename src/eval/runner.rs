@@ -15,7 +15,7 @@ use crate::models::clip::preprocess::ClipPreprocess;
 use crate::models::clip::text::token_ids;
 use crate::models::clip::tokenizer::ClipTokenizer;
 use crate::models::lpips::Lpips;
-use crate::sample::pipeline::{LoadOptions, Request, SamplerKind, SdxlPipeline};
+use crate::sample::pipeline::{LoadOptions, Request, SamplerKind, SdxlPipeline, Sigmas};
 use crate::{DType, Device, Error, Result, Tensor};
 use std::path::{Path, PathBuf};
 
@@ -116,7 +116,7 @@ fn generate_all(
                     guidance: g.guidance,
                     width: g.size,
                     height: g.size,
-                    sampler: SamplerKind::Euler,
+                    sampler: SamplerKind::Euler(Sigmas::Config),
                     noise: crate::sample::Noise::default(),
                 };
                 let init = pipe.initial_latents(g.size, g.size, seed)?;

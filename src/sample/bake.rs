@@ -1,7 +1,7 @@
 //! Calibrating a gated adapter's gates for export: run the pipeline on a prompt set with a
 //! recorder on every gated module and average `a * w_down * w_up` per rank over every UNet call.
 
-use super::pipeline::{Request, SamplerKind, SdxlPipeline};
+use super::pipeline::{Request, SamplerKind, SdxlPipeline, Sigmas};
 use crate::nn::lora::GateRecord;
 use crate::Result;
 use std::collections::HashMap;
@@ -33,7 +33,7 @@ pub fn calibrate_gates(
             guidance: 5.0,
             width: size,
             height: size,
-            sampler: SamplerKind::Euler,
+            sampler: SamplerKind::Euler(Sigmas::Config),
             noise: crate::sample::Noise::default(),
         };
         let init = pipe.initial_latents(size, size, seed + i as u64)?;

@@ -1,125 +1,121 @@
-//! DPM-Solver++ 2M ("DPM++ 2M" in A1111 and ComfyUI), as diffusers' `DPMSolverMultistepScheduler`
-//! runs it with algorithm_type "dpmsolver++", solver_order 2 (midpoint), lower_order_final and a
-//! final sigma of zero; optionally on Karras sigmas (`use_karras_sigmas`, rho 7: "DPM++ 2M
-//! Karras").
+//! DPM-Solver++ ("DPM++ 2M", "DPM++ 3M", their SDE forms and Karras variants in A1111 and
+//! ComfyUI), as diffusers' `DPMSolverMultistepScheduler` runs it with algorithm_type
+//! "dpmsolver++" or "sde-dpmsolver++", solver_order 1-3 (second order by midpoint or heun) and a
+//! final sigma of zero; optionally on Karras sigmas (`use_karras_sigmas`, rho 7).
 //!
 //! The latents stay in the VP parametrisation (initial noise sigma 1, no input scaling). Each step
 //! turns epsilon into the data prediction `x0 = (x - sigma_s eps) / alpha_s` and moves along
-//! `lambda = log(alpha / sigma)`: the first and last steps are first order,
-//! `x' = (sigma_t / sigma_s) x - alpha_t (e^-h - 1) x0`; the others add the linear extrapolation
-//! from the previous x0, `D1 = (x0 - x0_prev) h / h_prev`, weighted by `-alpha_t (e^-h - 1) / 2`.
-//! The coefficients are float32 scalars, as diffusers computes them from its float32 sigma table.
+//! `lambda = log(alpha / sigma)` by `h`, extrapolating from the previous steps' x0:
+//! - first order (the first step, the last, and order 1):
+//!   `x' = (sigma_t / sigma_s) x - alpha_t (e^-h - 1) x0`;
+//! - second order adds `D1 = (x0 - x0_prev) h / h_prev`, weighted by `-alpha_t (e^-h - 1) / 2`
+//!   (midpoint) or `alpha_t ((e^-h - 1) / h + 1)` (heun);
+//! - third order (from the third step, except the last two of runs under 15 steps, with
+//!   `lower_order_final`) combines the last three x0 into D1 and D2, weighted by
+//!   `alpha_t ((e^-h - 1) / h + 1)` and `-alpha_t ((e^-h - 1 + h) / h^2 - 1/2)`.
+//!
+//! The SDE form scales x by `e^-h` instead, uses `1 - e^-2h` in the weights and adds
+//! `sigma_t sqrt(1 - e^-2h) z` with fresh noise z. The coefficients are float32 scalars, as
+//! diffusers computes them from its float32 sigma table.
 
-use super::schedule::{karras_sigmas, linspace, sigma_to_t, Spacing};
+use super::schedule::multistep_schedule;
 use super::{Noise, NoiseStream, Sampler, SchedulerConfig};
 use crate::{Error, Result, Tensor};
 
-pub struct DpmSolverPP2M {
-    /// `sde-dpmsolver++`: each step injects fresh noise (DPM++ 2M SDE).
+pub struct DpmSolverPP {
+    order: usize,
+    /// `sde-dpmsolver++`: each step injects fresh noise.
     sde: Option<NoiseStream>,
+    /// Second order by heun's weights instead of the midpoint's.
+    heun: bool,
+    lower_order_final: bool,
     timesteps: Vec<f64>,
     /// The VE sigmas sqrt((1 - abar) / abar) at each timestep, then 0; float32 as diffusers.
     sigmas: Vec<f32>,
-    /// The previous step's data prediction.
-    prev_x0: Option<Tensor>,
+    /// The data predictions of the last `order - 1` steps, newest last.
+    history: Vec<Tensor>,
 }
 
 /// (alpha, sigma) of the VP form for a VE sigma, in float32.
-fn alpha_sigma(s: f32) -> (f32, f32) {
+pub(crate) fn alpha_sigma(s: f32) -> (f32, f32) {
     let a = 1.0 / (s * s + 1.0).sqrt();
     (a, s * a)
 }
 
 /// lambda = log(alpha) - log(sigma); +inf at sigma 0.
-fn lambda(s: f32) -> f32 {
+pub(crate) fn lambda(s: f32) -> f32 {
     let (a, sg) = alpha_sigma(s);
     a.ln() - sg.ln()
 }
 
-impl DpmSolverPP2M {
-    pub fn new(config: &SchedulerConfig, steps: usize, karras: bool) -> Result<DpmSolverPP2M> {
-        Self::with_noise(config, steps, karras, None)
+/// `a * x + b * y` with float32 weights.
+fn axpby(a: f32, x: &Tensor, b: f32, y: &Tensor) -> Result<Tensor> {
+    x.scale(a as f64)?.add(&y.scale(b as f64)?)
+}
+
+impl DpmSolverPP {
+    /// Deterministic DPM-Solver++ of `order` (1-3), with the config's second-order solver type.
+    pub fn new(
+        config: &SchedulerConfig,
+        steps: usize,
+        order: usize,
+        karras: bool,
+    ) -> Result<DpmSolverPP> {
+        Self::with_noise(config, steps, order, karras, None)
     }
 
     /// The SDE form (`algorithm_type` "sde-dpmsolver++") when `sde_noise` is given.
     pub fn with_noise(
         config: &SchedulerConfig,
         steps: usize,
+        order: usize,
         karras: bool,
         sde_noise: Option<&Noise>,
-    ) -> Result<DpmSolverPP2M> {
+    ) -> Result<DpmSolverPP> {
         if !config.dpm_unsupported.is_empty() {
             return Err(Error::Config(format!(
-                "scheduler config: DPM++ 2M is implemented as (sde-)dpmsolver++ order 2 (midpoint, \
-                 final sigma zero); this config asks for {}",
+                "scheduler config: DPM-Solver++ is implemented as (sde-)dpmsolver++ of order 1-3 \
+                 with a final sigma of zero; this config asks for {}",
                 config.dpm_unsupported.join(", ")
             )));
         }
-        let n = config.num_train_timesteps;
-        if steps == 0 || steps >= n {
+        if !(1..=3).contains(&order) {
             return Err(Error::Config(format!(
-                "steps must be in 1..{n} for DPM++ 2M, got {steps}"
+                "DPM-Solver++ has orders 1, 2 and 3, not {order}"
             )));
         }
-        let table: Vec<f32> = config
-            .alphas_cumprod_f32()
-            .iter()
-            .map(|&a| ((1.0 - a) / a).sqrt())
-            .collect();
-        let (timesteps, mut sigmas): (Vec<f64>, Vec<f32>) = if karras {
-            // Karras et al.'s ramp between the table's ends, then each sigma's fractional
-            // timestep by interpolation in log sigma, rounded.
-            let sig = karras_sigmas(table[0] as f64, table[n - 1] as f64, steps);
-            let log_table: Vec<f32> = table.iter().map(|s| s.ln()).collect();
-            let ts = sig
-                .iter()
-                .map(|&s| sigma_to_t(s, &log_table).round_ties_even())
-                .collect();
-            (ts, sig.iter().map(|&s| s as f32).collect())
-        } else {
-            let ts: Vec<f64> = match config.spacing {
-                Spacing::Linspace => (1..=steps)
-                    .rev()
-                    .map(|i| linspace((n - 1) as f64, steps + 1, i).round_ties_even())
-                    .collect(),
-                Spacing::Leading => {
-                    let ratio = n / (steps + 1);
-                    (1..=steps)
-                        .rev()
-                        .map(|i| (i * ratio + config.steps_offset) as f64)
-                        .collect()
-                }
-                Spacing::Trailing => {
-                    let ratio = n as f64 / steps as f64;
-                    (0..steps)
-                        .map(|i| (n as f64 - i as f64 * ratio).round_ties_even() - 1.0)
-                        .collect()
-                }
-            };
-            if let Some(&t) = ts.iter().find(|&&t| t < 0.0 || t >= n as f64) {
-                return Err(Error::Config(format!(
-                    "DPM++ 2M timestep {t} outside the {n}-step schedule ({steps} steps, offset {})",
-                    config.steps_offset
-                )));
-            }
-            let sig = ts.iter().map(|&t| table[t as usize]).collect();
-            (ts, sig)
-        };
-        sigmas.push(0.0);
-        Ok(DpmSolverPP2M {
+        let (timesteps, sigmas) = multistep_schedule(config, steps, karras, "DPM-Solver++")?;
+        Ok(DpmSolverPP {
+            order,
             sde: sde_noise.map(NoiseStream::new),
+            heun: config.dpm_heun,
+            lower_order_final: config.lower_order_final,
             timesteps,
             sigmas,
-            prev_x0: None,
+            history: Vec::new(),
         })
     }
 
     pub fn sigmas(&self) -> &[f32] {
         &self.sigmas
     }
+
+    /// The order step `i` runs at: diffusers' warm-up from first order, first order at the end
+    /// (the final sigma is zero), and second order one step before the end of short runs.
+    fn order_at(&self, i: usize) -> usize {
+        let n = self.timesteps.len();
+        let short = self.lower_order_final && n < 15;
+        if self.order == 1 || i == 0 || i + 1 == n {
+            1
+        } else if self.order == 2 || i == 1 || (short && i + 2 == n) {
+            2
+        } else {
+            3
+        }
+    }
 }
 
-impl Sampler for DpmSolverPP2M {
+impl Sampler for DpmSolverPP {
     fn timesteps(&self) -> &[f64] {
         &self.timesteps
     }
@@ -137,43 +133,72 @@ impl Sampler for DpmSolverPP2M {
         let ((a_s, sig_s), (a_t, sig_t)) = (alpha_sigma(s_s), alpha_sigma(s_t));
         let x0 = x.sub(&eps.scale(sig_s as f64)?)?.scale(1.0 / a_s as f64)?; // (B, C, H, W)
         let h = lambda(s_t) - lambda(s_s);
-        // First order at the start, and at the end: the final sigma is 0 (h infinite).
-        let last = i + 1 == self.timesteps.len();
-        let d1 = match (&self.prev_x0, last) {
-            (Some(prev), false) => {
+        let order = self.order_at(i);
+        // D1 and D2: divided differences of the recent data predictions, in units of h.
+        let (d1, d2) = match (order, self.history.as_slice()) {
+            (1, _) => (None, None),
+            (2, [.., m1]) => {
                 let r0 = (lambda(s_s) - lambda(self.sigmas[i - 1])) / h;
-                Some(x0.sub(prev)?.scale((1.0 / r0) as f64)?)
+                (Some(x0.sub(m1)?.scale((1.0 / r0) as f64)?), None)
             }
-            _ => None,
+            (3, [.., m2, m1]) => {
+                let (l0, l1, l2) = (
+                    lambda(s_s),
+                    lambda(self.sigmas[i - 1]),
+                    lambda(self.sigmas[i - 2]),
+                );
+                let (r0, r1) = ((l0 - l1) / h, (l1 - l2) / h);
+                let d1_0 = x0.sub(m1)?.scale((1.0 / r0) as f64)?;
+                let d1_1 = m1.sub(m2)?.scale((1.0 / r1) as f64)?;
+                let diff = d1_0.sub(&d1_1)?;
+                let d1 = d1_0.add(&diff.scale((r0 / (r0 + r1)) as f64)?)?;
+                let d2 = diff.scale((1.0 / (r0 + r1)) as f64)?;
+                (Some(d1), Some(d2))
+            }
+            _ => unreachable!("order_at never exceeds the history"),
         };
+        // x' = c_x x + c_0 x0 + c_1 D1 + c_2 D2 (+ c_z z): diffusers' weights per algorithm.
         let out = match &mut self.sde {
             None => {
-                // x' = (sig_t / sig_s) x - a_t (e^-h - 1) (x0 + D1 / 2)
-                let em1 = a_t * ((-h).exp() - 1.0);
-                let first = x
-                    .scale((sig_t / sig_s) as f64)?
-                    .sub(&x0.scale(em1 as f64)?)?;
-                match d1 {
-                    Some(d1) => first.sub(&d1.scale((0.5 * em1) as f64)?)?,
-                    None => first,
+                let em1 = (-h).exp() - 1.0;
+                let c1 = match (order, self.heun) {
+                    (2, false) => -0.5 * a_t * em1,
+                    _ => a_t * (em1 / h + 1.0),
+                };
+                let c2 = -(a_t * ((em1 + h) / (h * h) - 0.5));
+                let mut out = axpby(sig_t / sig_s, x, -(a_t * em1), &x0)?;
+                if let Some(d1) = &d1 {
+                    out = out.add(&d1.scale(c1 as f64)?)?;
                 }
+                if let Some(d2) = &d2 {
+                    out = out.add(&d2.scale(c2 as f64)?)?;
+                }
+                out
             }
             Some(noise) => {
-                // x' = (sig_t / sig_s) e^-h x + a_t (1 - e^-2h) (x0 + D1 / 2)
-                //      + sig_t sqrt(1 - e^-2h) z
                 let e2 = 1.0 - (-2.0 * h).exp();
-                let z = noise.next_like(x)?;
-                let first = x
-                    .scale((sig_t / sig_s * (-h).exp()) as f64)?
-                    .add(&x0.scale((a_t * e2) as f64)?)?;
-                let with_d1 = match d1 {
-                    Some(d1) => first.add(&d1.scale((0.5 * (a_t * e2)) as f64)?)?,
-                    None => first,
+                let c1 = match (order, self.heun) {
+                    (2, false) => 0.5 * (a_t * e2),
+                    _ => a_t * (e2 / (-2.0 * h) + 1.0),
                 };
-                with_d1.add(&z.scale((sig_t * e2.sqrt()) as f64)?)?
+                let c2 = a_t * ((e2 - 2.0 * h) / ((2.0 * h) * (2.0 * h)) - 0.5);
+                let z = noise.next_like(x)?;
+                let mut out = axpby(sig_t / sig_s * (-h).exp(), x, a_t * e2, &x0)?;
+                if let Some(d1) = &d1 {
+                    out = out.add(&d1.scale(c1 as f64)?)?;
+                }
+                if let Some(d2) = &d2 {
+                    out = out.add(&d2.scale(c2 as f64)?)?;
+                }
+                out.add(&z.scale((sig_t * e2.sqrt()) as f64)?)?
             }
         };
-        self.prev_x0 = Some(x0);
+        if self.order > 1 {
+            self.history.push(x0);
+            if self.history.len() > self.order - 1 {
+                self.history.remove(0);
+            }
+        }
         Ok(out)
     }
 }
@@ -181,6 +206,7 @@ impl Sampler for DpmSolverPP2M {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::sample::Spacing;
     use crate::tensor::SafeTensorsFile;
 
     /// The timesteps (exact) and sigmas (float32) of both references' schedules.
@@ -197,7 +223,7 @@ mod tests {
         ] {
             let f = SafeTensorsFile::open(dir.join(file)).unwrap();
             let steps: usize = f.metadata()["steps"].parse().unwrap();
-            let s = DpmSolverPP2M::new(&config, steps, karras).unwrap();
+            let s = DpmSolverPP::new(&config, steps, 2, karras).unwrap();
             let want_t = f.tensor("timesteps").unwrap().to_vec_f64().unwrap();
             assert_eq!(s.timesteps(), want_t.as_slice(), "{file}");
             let want_s = f.tensor("sigmas").unwrap().to_vec_f64().unwrap();
@@ -221,7 +247,7 @@ mod tests {
             };
             for steps in [1, 2, 7, 30, 500] {
                 for karras in [false, true] {
-                    let s = DpmSolverPP2M::new(&config, steps, karras).unwrap();
+                    let s = DpmSolverPP::new(&config, steps, 2, karras).unwrap();
                     let t = s.timesteps();
                     assert_eq!(t.len(), steps);
                     assert!(t.iter().all(|&v| (0.0..1000.0).contains(&v)), "{t:?}");
@@ -230,7 +256,7 @@ mod tests {
                 }
             }
         }
-        assert!(DpmSolverPP2M::new(&SchedulerConfig::default(), 0, false).is_err());
-        assert!(DpmSolverPP2M::new(&SchedulerConfig::default(), 1000, true).is_err());
+        assert!(DpmSolverPP::new(&SchedulerConfig::default(), 0, 2, false).is_err());
+        assert!(DpmSolverPP::new(&SchedulerConfig::default(), 1000, 2, true).is_err());
     }
 }

@@ -7,10 +7,12 @@ pub mod euler;
 pub mod model_files;
 pub mod pipeline;
 pub mod schedule;
+pub mod unipc;
 
 pub use ddim::Ddim;
-pub use dpmpp::DpmSolverPP2M;
+pub use dpmpp::DpmSolverPP;
 pub use euler::{EulerAncestral, EulerDiscrete};
+pub use unipc::UniPc;
 
 /// Where a stochastic sampler's per-step noise comes from.
 #[derive(Clone, Debug)]

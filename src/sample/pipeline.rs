@@ -1,11 +1,11 @@
 //! The SDXL text-to-image pipeline with diffusers' semantics (SDXL.md Appendix A): two text
 //! encoders, zero negative embeddings when no negative prompt is given, time ids, classifier-free
-//! guidance as one batch [uncond; cond], Euler or DDIM, and an f32 VAE decode.
+//! guidance as one batch [uncond; cond], the samplers of this module, and an f32 VAE decode.
 
 use super::model_files::ModelFiles;
 use super::{
-    Ddim, DpmSolverPP2M, EulerAncestral, EulerDiscrete, Noise, Sampler, SchedulerClass,
-    SchedulerConfig,
+    Ddim, DpmSolverPP, EulerAncestral, EulerDiscrete, Noise, Sampler, SchedulerClass,
+    SchedulerConfig, UniPc,
 };
 use crate::formats::adapter::Adapter;
 use crate::formats::kohya::ModuleIndex;
@@ -18,44 +18,86 @@ use crate::tensor::Rng;
 use crate::{DType, Device, Error, Result, Tensor};
 use std::path::{Path, PathBuf};
 
+/// Which sigmas a sampler steps on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Sigmas {
+    /// The scheduler config's (`use_karras_sigmas`, else its timestep spacing).
+    Config,
+    /// Karras et al.'s rho-7 ramp.
+    Karras,
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum SamplerKind {
     /// The sampler the model folder's scheduler config names (as diffusers' pipeline runs it).
     Auto,
-    /// Euler discrete; on Karras sigmas when the config says `use_karras_sigmas`.
-    Euler,
-    /// Euler discrete on Karras sigmas.
-    EulerKarras,
+    /// Euler discrete.
+    Euler(Sigmas),
     /// Euler ancestral ("Euler a"), noise from `Request::noise`.
     EulerAncestral,
     Ddim,
-    /// DPM-Solver++ 2M on the model's own timestep spacing (Karras sigmas when the config says so).
-    DpmPP2M,
-    /// DPM-Solver++ 2M on Karras sigmas.
-    DpmPP2MKarras,
-    /// DPM-Solver++ 2M SDE (fresh noise each step from `Request::noise`), the model's spacing
-    /// (Karras sigmas when the config says so).
-    DpmPP2MSde,
-    /// DPM-Solver++ 2M SDE on Karras sigmas.
-    DpmPP2MSdeKarras,
+    /// DPM-Solver++ of `order` 1-3 ("DPM++ 2M", "DPM++ 3M"); `sde`: fresh noise each step from
+    /// `Request::noise` ("DPM++ 2M SDE", "DPM++ 3M SDE").
+    DpmPP {
+        order: usize,
+        sde: bool,
+        sigmas: Sigmas,
+    },
+    /// UniPC (bh2, data prediction) with the config's order and corrector settings.
+    UniPc(Sigmas),
 }
 
 impl SamplerKind {
-    /// `Auto` as the scheduler config's class; the others as they are.
+    /// `Auto` as the scheduler config's class and settings; the others as they are.
     pub fn resolve(self, config: &SchedulerConfig) -> Result<SamplerKind> {
         if self != SamplerKind::Auto {
             return Ok(self);
         }
         match &config.class {
-            SchedulerClass::EulerDiscrete => Ok(SamplerKind::Euler),
+            SchedulerClass::EulerDiscrete => Ok(SamplerKind::Euler(Sigmas::Config)),
             SchedulerClass::Ddim => Ok(SamplerKind::Ddim),
             SchedulerClass::EulerAncestral => Ok(SamplerKind::EulerAncestral),
-            SchedulerClass::DpmSolverMultistep if config.dpm_sde => Ok(SamplerKind::DpmPP2MSde),
-            SchedulerClass::DpmSolverMultistep => Ok(SamplerKind::DpmPP2M),
+            SchedulerClass::DpmSolverMultistep => Ok(SamplerKind::DpmPP {
+                order: config.solver_order,
+                sde: config.dpm_sde,
+                sigmas: Sigmas::Config,
+            }),
+            SchedulerClass::UniPcMultistep => Ok(SamplerKind::UniPc(Sigmas::Config)),
             SchedulerClass::Other(name) => Err(Error::Config(format!(
                 "the model's scheduler `{name}` is not implemented: choose --sampler euler, \
-                 euler-karras, euler-a, ddim, dpmpp-2m(-karras) or dpmpp-2m-sde(-karras)"
+                 euler-karras, euler-a, ddim, dpmpp-2m(-karras), dpmpp-2m-sde(-karras), \
+                 dpmpp-3m(-karras), dpmpp-3m-sde(-karras) or unipc(-karras)"
             ))),
+        }
+    }
+
+    /// The name A1111 and ComfyUI users know, with " Karras" when it steps on Karras sigmas
+    /// under `config`.
+    pub fn describe(self, config: &SchedulerConfig) -> String {
+        let karras = |s: Sigmas| s == Sigmas::Karras || config.karras;
+        let (name, k) = match self {
+            SamplerKind::Auto => ("auto".to_string(), false),
+            SamplerKind::Euler(s) => ("Euler".to_string(), karras(s)),
+            SamplerKind::EulerAncestral => ("Euler a".to_string(), false),
+            SamplerKind::Ddim => ("DDIM".to_string(), false),
+            SamplerKind::DpmPP { order, sde, sigmas } => {
+                let sde = if sde { " SDE" } else { "" };
+                let heun = if order == 2 && config.dpm_heun {
+                    " (heun)"
+                } else {
+                    ""
+                };
+                (format!("DPM++ {order}M{sde}{heun}"), karras(sigmas))
+            }
+            SamplerKind::UniPc(s) => (
+                format!("UniPC (bh2, order {})", config.solver_order),
+                karras(s),
+            ),
+        };
+        if k {
+            format!("{name} Karras")
+        } else {
+            name
         }
     }
 }
@@ -307,33 +349,28 @@ pub fn denoise(
             init.dims(),
         ));
     }
-    let karras = SchedulerConfig {
-        karras: true,
-        ..scheduler.clone()
-    };
+    let karras = |s: Sigmas| s == Sigmas::Karras || scheduler.karras;
+    let noise = Some(&req.noise);
     let mut sampler: Box<dyn Sampler> = match req.sampler.resolve(scheduler)? {
-        SamplerKind::Euler => Box::new(EulerDiscrete::new(scheduler, req.steps)?),
-        SamplerKind::EulerKarras => Box::new(EulerDiscrete::new(&karras, req.steps)?),
+        SamplerKind::Euler(s) => {
+            let config = SchedulerConfig {
+                karras: karras(s),
+                ..scheduler.clone()
+            };
+            Box::new(EulerDiscrete::new(&config, req.steps)?)
+        }
         SamplerKind::EulerAncestral => {
             Box::new(EulerAncestral::new(scheduler, req.steps, &req.noise)?)
         }
         SamplerKind::Ddim => Box::new(Ddim::new(scheduler, req.steps)?),
-        SamplerKind::DpmPP2M => {
-            Box::new(DpmSolverPP2M::new(scheduler, req.steps, scheduler.karras)?)
-        }
-        SamplerKind::DpmPP2MKarras => Box::new(DpmSolverPP2M::new(scheduler, req.steps, true)?),
-        SamplerKind::DpmPP2MSde => Box::new(DpmSolverPP2M::with_noise(
+        SamplerKind::DpmPP { order, sde, sigmas } => Box::new(DpmSolverPP::with_noise(
             scheduler,
             req.steps,
-            scheduler.karras,
-            Some(&req.noise),
+            order,
+            karras(sigmas),
+            noise.filter(|_| sde),
         )?),
-        SamplerKind::DpmPP2MSdeKarras => Box::new(DpmSolverPP2M::with_noise(
-            scheduler,
-            req.steps,
-            true,
-            Some(&req.noise),
-        )?),
+        SamplerKind::UniPc(s) => Box::new(UniPc::new(scheduler, req.steps, karras(s))?),
         SamplerKind::Auto => unreachable!("resolve() names a sampler"),
     };
     let device = init.device();

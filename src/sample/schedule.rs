@@ -21,6 +21,7 @@ pub enum SchedulerClass {
     EulerAncestral,
     Ddim,
     DpmSolverMultistep,
+    UniPcMultistep,
     Other(String),
 }
 
@@ -31,9 +32,24 @@ pub struct SchedulerConfig {
     pub karras: bool,
     /// DPMSolverMultistepScheduler's `algorithm_type` is `sde-dpmsolver++` (DPM++ 2M SDE).
     pub dpm_sde: bool,
-    /// DPMSolverMultistepScheduler settings other than DPM-Solver++ 2M's (algorithm_type
-    /// dpmsolver++, solver_order 2, midpoint, final sigma zero), as `key: value`; a DPM++ sampler
-    /// built from this config refuses them by name.
+    /// `solver_order` of the multistep samplers (DPM-Solver++ and UniPC; 2 when absent).
+    pub solver_order: usize,
+    /// `lower_order_final`: fall back to lower orders over the last steps of short (< 15 step)
+    /// DPM runs, and over UniPC's last steps.
+    pub lower_order_final: bool,
+    /// DPM-Solver++'s second-order `solver_type` is `heun` (else `midpoint`; UniPC's `bh1`/`bh2`
+    /// and `logrho` read as midpoint, as DPMSolverMultistepScheduler maps them).
+    pub dpm_heun: bool,
+    /// UniPC's `solver_type` is `bh1` (else `bh2`; DPM's `midpoint`/`heun` and `logrho` read as
+    /// bh2, as UniPCMultistepScheduler maps them).
+    pub unipc_bh1: bool,
+    /// UniPC's `predict_x0` (true when absent): solve for the data prediction, not the noise.
+    pub unipc_predict_x0: bool,
+    /// UniPC's `disable_corrector`: steps whose corrector is skipped.
+    pub unipc_disable_corrector: Vec<usize>,
+    /// DPMSolverMultistepScheduler settings other than those DPM-Solver++ implements here
+    /// (algorithm_type (sde-)dpmsolver++, solver_order 1-3, final sigma zero), as `key: value`; a
+    /// DPM++ or UniPC sampler built from this config refuses them by name.
     pub dpm_unsupported: Vec<String>,
     pub num_train_timesteps: usize,
     pub beta_start: f64,
@@ -56,6 +72,12 @@ impl Default for SchedulerConfig {
             class: SchedulerClass::EulerDiscrete,
             karras: false,
             dpm_sde: false,
+            solver_order: 2,
+            lower_order_final: true,
+            dpm_heun: false,
+            unipc_bh1: false,
+            unipc_predict_x0: true,
+            unipc_disable_corrector: Vec::new(),
             dpm_unsupported: Vec::new(),
             num_train_timesteps: 1000,
             beta_start: 0.00085,
@@ -71,10 +93,16 @@ impl Default for SchedulerConfig {
 impl SchedulerConfig {
     pub fn from_file(path: &Path) -> Result<SchedulerConfig> {
         let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-        let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| Error::Json {
-            path: path.into(),
-            msg: e.to_string(),
-        })?;
+        Self::from_json_text(&text, path)
+    }
+
+    /// A `scheduler_config.json`'s text; `path` names it in errors.
+    pub fn from_json_text(text: &str, path: &Path) -> Result<SchedulerConfig> {
+        let v: serde_json::Value =
+            crate::formats::python_json::parse(text).map_err(|e| Error::Json {
+                path: path.into(),
+                msg: e.to_string(),
+            })?;
         let d = SchedulerConfig::default();
         let bad = |msg: String| Error::file(path, msg);
         if let Some(s) = v.get("beta_schedule").and_then(|s| s.as_str()) {
@@ -124,30 +152,52 @@ impl SchedulerConfig {
             Some("DDIMScheduler") => SchedulerClass::Ddim,
             Some("EulerAncestralDiscreteScheduler") => SchedulerClass::EulerAncestral,
             Some("DPMSolverMultistepScheduler") => SchedulerClass::DpmSolverMultistep,
+            Some("UniPCMultistepScheduler") => SchedulerClass::UniPcMultistep,
             Some(other) => SchedulerClass::Other(other.to_string()),
         };
         // DPMSolverMultistepScheduler's keys, with its defaults where absent.
         let mut dpm_unsupported = Vec::new();
         let text = |k: &str, dv: &str| v.get(k).and_then(|x| x.as_str()).unwrap_or(dv).to_string();
-        let algorithm = text("algorithm_type", "dpmsolver++");
+        // "deis" runs as dpmsolver++, as DPMSolverMultistepScheduler registers it.
+        let algorithm = match text("algorithm_type", "dpmsolver++").as_str() {
+            "deis" => "dpmsolver++".to_string(),
+            a => a.to_string(),
+        };
         if algorithm != "dpmsolver++" && algorithm != "sde-dpmsolver++" {
             dpm_unsupported.push(format!("algorithm_type: {algorithm}"));
         }
-        for (key, got, want) in [
-            ("solver_type", text("solver_type", "midpoint"), "midpoint"),
-            (
-                "final_sigmas_type",
-                text("final_sigmas_type", "zero"),
-                "zero",
-            ),
-        ] {
-            if got != want {
-                dpm_unsupported.push(format!("{key}: {got}"));
+        let final_sigmas = text("final_sigmas_type", "zero");
+        if final_sigmas != "zero" {
+            dpm_unsupported.push(format!("final_sigmas_type: {final_sigmas}"));
+        }
+        let solver_type = text("solver_type", "midpoint");
+        if !["midpoint", "heun", "logrho", "bh1", "bh2"].contains(&solver_type.as_str()) {
+            dpm_unsupported.push(format!("solver_type: {solver_type}"));
+        }
+        let order = num("solver_order", 2.0);
+        let solver_order = if order.fract() == 0.0 && (1.0..=3.0).contains(&order) {
+            order as usize
+        } else {
+            dpm_unsupported.push(format!("solver_order: {order}"));
+            2
+        };
+        for flag in ["use_flow_sigmas", "use_dynamic_shifting"] {
+            if v.get(flag).and_then(|b| b.as_bool()) == Some(true) {
+                dpm_unsupported.push(format!("{flag}: true"));
             }
         }
-        if num("solver_order", 2.0) != 2.0 {
-            dpm_unsupported.push(format!("solver_order: {}", num("solver_order", 2.0)));
-        }
+        let flag = |k: &str, dv: bool| v.get(k).and_then(|b| b.as_bool()).unwrap_or(dv);
+        let unipc_disable_corrector = match v.get("disable_corrector") {
+            None => Vec::new(),
+            Some(list) => list
+                .as_array()
+                .and_then(|a| a.iter().map(|x| x.as_u64().map(|i| i as usize)).collect())
+                .ok_or_else(|| {
+                    bad(format!(
+                        "disable_corrector must be a list of steps, got {list}"
+                    ))
+                })?,
+        };
         if v.get("use_lu_lambdas").and_then(|b| b.as_bool()) == Some(true) {
             dpm_unsupported.push("use_lu_lambdas: true".into());
         }
@@ -161,6 +211,12 @@ impl SchedulerConfig {
         }
         Ok(SchedulerConfig {
             dpm_sde: algorithm == "sde-dpmsolver++",
+            solver_order,
+            lower_order_final: flag("lower_order_final", true),
+            dpm_heun: solver_type == "heun",
+            unipc_bh1: solver_type == "bh1",
+            unipc_predict_x0: flag("predict_x0", true),
+            unipc_disable_corrector,
             class,
             karras: v
                 .get("use_karras_sigmas")
@@ -241,6 +297,68 @@ impl SchedulerConfig {
             }
         })
     }
+}
+
+/// The timesteps and VE sigmas (float32, then a final 0) of diffusers' multistep schedulers
+/// (DPMSolverMultistep, UniPCMultistep), which share `set_timesteps`: the config's spacing over
+/// the float32 sigma table, or Karras et al.'s ramp between the table's ends with each sigma's
+/// fractional timestep rounded. `what` names the sampler in errors.
+pub(crate) fn multistep_schedule(
+    config: &SchedulerConfig,
+    steps: usize,
+    karras: bool,
+    what: &str,
+) -> Result<(Vec<f64>, Vec<f32>)> {
+    let n = config.num_train_timesteps;
+    if steps == 0 || steps >= n {
+        return Err(Error::Config(format!(
+            "steps must be in 1..{n} for {what}, got {steps}"
+        )));
+    }
+    let table: Vec<f32> = config
+        .alphas_cumprod_f32()
+        .iter()
+        .map(|&a| ((1.0 - a) / a).sqrt())
+        .collect();
+    let (timesteps, mut sigmas): (Vec<f64>, Vec<f32>) = if karras {
+        let sig = karras_sigmas(table[0] as f64, table[n - 1] as f64, steps);
+        let log_table: Vec<f32> = table.iter().map(|s| s.ln()).collect();
+        let ts = sig
+            .iter()
+            .map(|&s| sigma_to_t(s, &log_table).round_ties_even())
+            .collect();
+        (ts, sig.iter().map(|&s| s as f32).collect())
+    } else {
+        let ts: Vec<f64> = match config.spacing {
+            Spacing::Linspace => (1..=steps)
+                .rev()
+                .map(|i| linspace((n - 1) as f64, steps + 1, i).round_ties_even())
+                .collect(),
+            Spacing::Leading => {
+                let ratio = n / (steps + 1);
+                (1..=steps)
+                    .rev()
+                    .map(|i| (i * ratio + config.steps_offset) as f64)
+                    .collect()
+            }
+            Spacing::Trailing => {
+                let ratio = n as f64 / steps as f64;
+                (0..steps)
+                    .map(|i| (n as f64 - i as f64 * ratio).round_ties_even() - 1.0)
+                    .collect()
+            }
+        };
+        if let Some(&t) = ts.iter().find(|&&t| t < 0.0 || t >= n as f64) {
+            return Err(Error::Config(format!(
+                "{what} timestep {t} outside the {n}-step schedule ({steps} steps, offset {})",
+                config.steps_offset
+            )));
+        }
+        let sig = ts.iter().map(|&t| table[t as usize]).collect();
+        (ts, sig)
+    };
+    sigmas.push(0.0);
+    Ok((timesteps, sigmas))
 }
 
 /// torch.linspace in float32: start + i*step for the first half, end - (n-1-i)*step after, which

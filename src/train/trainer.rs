@@ -17,7 +17,9 @@ use crate::models::clip::text::token_ids;
 use crate::models::unet::{CheckpointPolicy, UNet2DConditionModel};
 use crate::nn::lora::{LoraAdapter, LoraConfig};
 use crate::sample::model_files::ModelFiles;
-use crate::sample::pipeline::{denoise, unet_module_index, PromptEmbeds, Request, SamplerKind};
+use crate::sample::pipeline::{
+    denoise, unet_module_index, PromptEmbeds, Request, SamplerKind, Sigmas,
+};
 use crate::sample::TrainSchedule;
 use crate::tensor::Rng;
 use crate::{DType, Device, Error, Result, Tensor};
@@ -669,7 +671,7 @@ impl Trainer {
             guidance: 5.0,
             width: res,
             height: res,
-            sampler: SamplerKind::Euler,
+            sampler: SamplerKind::Euler(Sigmas::Config),
             noise: crate::sample::Noise::default(),
         };
         let negative = PromptEmbeds {

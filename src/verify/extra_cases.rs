@@ -8,8 +8,8 @@ use super::{Checker, Ctx, Row};
 use crate::autograd::no_grad;
 use crate::models::unet::{KohyaLoraFile, UNet2DConditionModel};
 use crate::sample::model_files::ModelFiles;
-use crate::sample::pipeline::{Request, SamplerKind};
-use crate::sample::Noise;
+use crate::sample::pipeline::{Request, SamplerKind, Sigmas};
+use crate::sample::{Noise, SchedulerConfig};
 use crate::tensor::SafeTensorsFile;
 use crate::{DType, Result, Tensor};
 use std::path::PathBuf;
@@ -21,30 +21,69 @@ fn extra(ctx: &Ctx, file: &str) -> PathBuf {
     ctx.reference(&format!("{EXTRA}{file}"))
 }
 
+/// The sampler references: (file stem, sampler). `None` runs `--sampler auto` on the scheduler
+/// config the reference stores in its `scheduler_config` metadata, exactly as diffusers saved it.
+const SAMPLER_CASES: [(&str, Option<SamplerKind>); 13] = [
+    (
+        "dpmpp_2m",
+        Some(SamplerKind::DpmPP {
+            order: 2,
+            sde: false,
+            sigmas: Sigmas::Config,
+        }),
+    ),
+    (
+        "dpmpp_2m_karras",
+        Some(SamplerKind::DpmPP {
+            order: 2,
+            sde: false,
+            sigmas: Sigmas::Karras,
+        }),
+    ),
+    ("ddim", Some(SamplerKind::Ddim)),
+    ("euler_karras", Some(SamplerKind::Euler(Sigmas::Karras))),
+    ("euler_a", Some(SamplerKind::EulerAncestral)),
+    (
+        "dpmpp_2m_sde_karras",
+        Some(SamplerKind::DpmPP {
+            order: 2,
+            sde: true,
+            sigmas: Sigmas::Karras,
+        }),
+    ),
+    ("dpmpp_2m_heun", None),
+    ("dpmpp_3m", None),
+    ("dpmpp_3m_sde_karras", None),
+    ("dpmpp_1", None),
+    ("unipc", None),
+    ("unipc_3_karras", None),
+    ("unipc_3_skip_corrector", None),
+];
+
 /// Every sampler reference: the final latents of the whole CFG run from its initial latents.
 pub fn samplers(ctx: &Ctx) -> Result<Vec<Row>> {
-    let pipe = super::pipeline_case::tiny_pipeline(ctx)?;
+    let mut pipe = super::pipeline_case::tiny_pipeline(ctx)?;
+    let folder_scheduler = pipe.scheduler.clone();
     let mut chk = Checker::new("samplers");
-    for (name, sampler) in [
-        ("dpmpp_2m", SamplerKind::DpmPP2M),
-        ("dpmpp_2m_karras", SamplerKind::DpmPP2MKarras),
-        ("ddim", SamplerKind::Ddim),
-        ("euler_karras", SamplerKind::EulerKarras),
-        ("euler_a", SamplerKind::EulerAncestral),
-        ("dpmpp_2m_sde_karras", SamplerKind::DpmPP2MSdeKarras),
-    ] {
-        let f = SafeTensorsFile::open(extra(ctx, &format!("pipeline_{name}.safetensors")))?;
+    for (name, kind) in SAMPLER_CASES {
+        let path = extra(ctx, &format!("pipeline_{name}.safetensors"));
+        let f = SafeTensorsFile::open(&path)?;
         let num = |k: &str| f.meta_f64(k);
         let negative = f.meta_str("negative_prompt")?.to_string();
         let steps = num("steps")? as usize;
+        pipe.scheduler = match kind {
+            Some(_) => folder_scheduler.clone(),
+            None => SchedulerConfig::from_json_text(f.meta_str("scheduler_config")?, &path)?,
+        };
         // The stochastic runs replay PyTorch's recorded noise.
-        let noise = match sampler {
-            SamplerKind::EulerAncestral | SamplerKind::DpmPP2MSdeKarras => Noise::Given(
+        let noise = if f.contains("noise.0") {
+            Noise::Given(
                 (0..steps)
                     .map(|i| f.tensor(&format!("noise.{i}")))
                     .collect::<Result<_>>()?,
-            ),
-            _ => Noise::default(),
+            )
+        } else {
+            Noise::default()
         };
         let req = Request {
             prompt: f.meta_str("prompt")?.to_string(),
@@ -53,7 +92,7 @@ pub fn samplers(ctx: &Ctx) -> Result<Vec<Row>> {
             guidance: num("guidance_scale")?,
             width: num("width")? as usize,
             height: num("height")? as usize,
-            sampler,
+            sampler: kind.unwrap_or(SamplerKind::Auto),
             noise,
         };
         let init = f

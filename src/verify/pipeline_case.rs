@@ -2,7 +2,7 @@
 //! VAE decode, from the reference's own initial latents.
 
 use super::{Checker, Ctx, Row};
-use crate::sample::pipeline::{LoadOptions, Request, SamplerKind, SdxlPipeline};
+use crate::sample::pipeline::{LoadOptions, Request, SamplerKind, SdxlPipeline, Sigmas};
 use crate::sample::{EulerDiscrete, Sampler};
 use crate::tensor::SafeTensorsFile;
 use crate::tolerance::Tolerance;
@@ -32,7 +32,7 @@ pub fn pipeline(ctx: &Ctx) -> Result<Vec<Row>> {
         guidance: num("guidance_scale")?,
         width: num("width")? as usize,
         height: num("height")? as usize,
-        sampler: SamplerKind::Euler,
+        sampler: SamplerKind::Euler(Sigmas::Config),
         noise: crate::sample::Noise::default(),
     };
     let pipe = tiny_pipeline(ctx)?;
