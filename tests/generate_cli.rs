@@ -343,6 +343,7 @@ fn every_sampler_name_generates_and_reports_itself() {
         ("unipc-karras", "sampler: UniPC (bh2, order 2) Karras\n"),
         ("dpmpp-2m-sde-karras", "sampler: DPM++ 2M SDE Karras\n"),
         ("euler-a", "sampler: Euler a\n"),
+        ("lcm", "sampler: LCM\n"),
         ("auto", "sampler: Euler\n"),
     ] {
         let out = dir.join(format!("{name}.png"));

@@ -2,14 +2,15 @@
 //! (`tests/fixtures/extra/gen_samplers.py`, the `samplers` case of `kstyle verify`): DPM++ 2M
 //! on the model's spacing and on Karras sigmas (midpoint and heun), DPM-Solver++ of orders 1 and
 //! 3, DDIM, Euler on Karras sigmas, and UniPC (order 2; order 3 on Karras sigmas; order 3 with a
-//! corrector disabled); the whole CFG denoising loop over the tiny UNet from the reference's own
-//! latents. The DPM-Solver++ variants and UniPC run as `--sampler auto` on the scheduler config
-//! diffusers saved with each reference.
+//! corrector disabled), and LCM at guidance 1 (no negative batch); the whole denoising loop
+//! over the tiny UNet from the reference's own latents. The newer references (DPM-Solver++
+//! heun and orders 1 and 3, UniPC, LCM) run as `--sampler auto` on the scheduler config diffusers
+//! saved with each.
 //!
 //! Measured: DPM++ 2M 8.5e-7 and Karras 8.3e-7 relative, heun 8.5e-7, order 1 9.7e-7, DPM++ 3M
 //! 9.1e-7, UniPC 7.8e-7, order 3 Karras 1.3e-6, with a corrector skipped 8.1e-7, Euler Karras
 //! 1.0e-6; replaying PyTorch's noise, Euler ancestral 1.2e-6, DPM++ 2M SDE Karras 1.2e-6 and
-//! DPM++ 3M SDE Karras 1.1e-6; DDIM 5.4e-5, where PyTorch itself in
+//! DPM++ 3M SDE Karras 1.1e-6, LCM 2.8e-7; DDIM 5.4e-5, where PyTorch itself in
 //! float32 lands at 3.5e-5 against the same float64 reference (the folder's config leaves DDIM's
 //! `clip_sample` on, so the final latents are clamped x0 with a norm near 1, and the UNet's
 //! float32 error shows undiluted). All within the fixtures' 1e-4 forward tolerance.
@@ -25,7 +26,7 @@ fn every_sampler_final_latents_match_diffusers() {
     let report =
         kstyle::verify::run(&tiny(), Device::Cpu, Some(&["samplers".to_string()])).unwrap();
     assert!(report.failed_cases.is_empty(), "{:?}", report.failed_cases);
-    assert_eq!(report.rows.len(), 13);
+    assert_eq!(report.rows.len(), 14);
     for r in &report.rows {
         eprintln!("{}: relative error {:.3e}", r.tensor, r.error);
         assert!(r.passed, "{} {:e} > {:e}", r.tensor, r.error, r.tolerance);
@@ -61,10 +62,10 @@ fn auto_sampler_follows_the_scheduler_config() {
         SamplerKind::Euler(Sigmas::Config).resolve(&ddim).unwrap(),
         SamplerKind::Euler(Sigmas::Config)
     );
-    let lcm = config(r#"{"_class_name": "LCMScheduler"}"#).unwrap();
-    let err = SamplerKind::Auto.resolve(&lcm).unwrap_err().to_string();
+    let heun = config(r#"{"_class_name": "HeunDiscreteScheduler"}"#).unwrap();
+    let err = SamplerKind::Auto.resolve(&heun).unwrap_err().to_string();
     assert!(
-        err.contains("LCMScheduler") && err.contains("--sampler"),
+        err.contains("HeunDiscreteScheduler") && err.contains("--sampler"),
         "{err}"
     );
     let sde = config(
@@ -116,6 +117,13 @@ fn auto_sampler_follows_the_scheduler_config() {
     assert_eq!(kind, SamplerKind::UniPc(Sigmas::Config));
     assert_eq!(kind.describe(&unipc), "UniPC (bh2, order 3)");
     assert!(UniPc::new(&unipc, 10, false).is_ok());
+    let lcm = config(r#"{"_class_name": "LCMScheduler", "original_inference_steps": 8}"#).unwrap();
+    assert_eq!(SamplerKind::Auto.resolve(&lcm).unwrap(), SamplerKind::Lcm);
+    let err = kstyle::sample::Lcm::new(&lcm, 9, &Default::default())
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(err.contains("1 to 8 steps"), "{err}");
     for (json, named) in [
         (r#"{"solver_type": "bh1"}"#, "bh1"),
         (r#"{"predict_x0": false}"#, "predict_x0 false"),

@@ -116,6 +116,9 @@ pub enum SamplerArg {
     /// UniPC on Karras sigmas.
     #[value(name = "unipc-karras")]
     UniPcKarras,
+    /// The latent consistency sampler, for LCM models and LCM-LoRA (4-8 steps, --cfg 1 to 2):
+    /// fresh noise each step, from the seed.
+    Lcm,
 }
 
 impl SamplerArg {
@@ -137,6 +140,7 @@ impl SamplerArg {
             SamplerArg::DpmPP3MSdeKarras => dpm(3, true, Sigmas::Karras),
             SamplerArg::UniPc => SamplerKind::UniPc(Sigmas::Config),
             SamplerArg::UniPcKarras => SamplerKind::UniPc(Sigmas::Karras),
+            SamplerArg::Lcm => SamplerKind::Lcm,
         }
     }
 }

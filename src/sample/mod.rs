@@ -4,6 +4,7 @@ pub mod bake;
 pub mod ddim;
 pub mod dpmpp;
 pub mod euler;
+pub mod lcm;
 pub mod model_files;
 pub mod pipeline;
 pub mod schedule;
@@ -12,6 +13,7 @@ pub mod unipc;
 pub use ddim::Ddim;
 pub use dpmpp::DpmSolverPP;
 pub use euler::{EulerAncestral, EulerDiscrete};
+pub use lcm::Lcm;
 pub use unipc::UniPc;
 
 /// Where a stochastic sampler's per-step noise comes from.

@@ -4,7 +4,7 @@
 
 use super::model_files::ModelFiles;
 use super::{
-    Ddim, DpmSolverPP, EulerAncestral, EulerDiscrete, Noise, Sampler, SchedulerClass,
+    Ddim, DpmSolverPP, EulerAncestral, EulerDiscrete, Lcm, Noise, Sampler, SchedulerClass,
     SchedulerConfig, UniPc,
 };
 use crate::formats::adapter::Adapter;
@@ -45,6 +45,9 @@ pub enum SamplerKind {
     },
     /// UniPC (bh2, data prediction) with the config's order and corrector settings.
     UniPc(Sigmas),
+    /// The latent consistency sampler (LCM models and LCM-LoRA), fresh noise each step from
+    /// `Request::noise`.
+    Lcm,
 }
 
 impl SamplerKind {
@@ -63,10 +66,11 @@ impl SamplerKind {
                 sigmas: Sigmas::Config,
             }),
             SchedulerClass::UniPcMultistep => Ok(SamplerKind::UniPc(Sigmas::Config)),
+            SchedulerClass::Lcm => Ok(SamplerKind::Lcm),
             SchedulerClass::Other(name) => Err(Error::Config(format!(
                 "the model's scheduler `{name}` is not implemented: choose --sampler euler, \
                  euler-karras, euler-a, ddim, dpmpp-2m(-karras), dpmpp-2m-sde(-karras), \
-                 dpmpp-3m(-karras), dpmpp-3m-sde(-karras) or unipc(-karras)"
+                 dpmpp-3m(-karras), dpmpp-3m-sde(-karras), unipc(-karras) or lcm"
             ))),
         }
     }
@@ -93,6 +97,7 @@ impl SamplerKind {
                 format!("UniPC (bh2, order {})", config.solver_order),
                 karras(s),
             ),
+            SamplerKind::Lcm => ("LCM".to_string(), false),
         };
         if k {
             format!("{name} Karras")
@@ -371,6 +376,7 @@ pub fn denoise(
             noise.filter(|_| sde),
         )?),
         SamplerKind::UniPc(s) => Box::new(UniPc::new(scheduler, req.steps, karras(s))?),
+        SamplerKind::Lcm => Box::new(Lcm::new(scheduler, req.steps, &req.noise)?),
         SamplerKind::Auto => unreachable!("resolve() names a sampler"),
     };
     let device = init.device();

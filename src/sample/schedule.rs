@@ -22,6 +22,7 @@ pub enum SchedulerClass {
     Ddim,
     DpmSolverMultistep,
     UniPcMultistep,
+    Lcm,
     Other(String),
 }
 
@@ -47,6 +48,13 @@ pub struct SchedulerConfig {
     pub unipc_predict_x0: bool,
     /// UniPC's `disable_corrector`: steps whose corrector is skipped.
     pub unipc_disable_corrector: Vec<usize>,
+    /// LCMScheduler's `original_inference_steps` (50 when absent): the distillation schedule.
+    pub lcm_original_steps: usize,
+    /// LCMScheduler's `timestep_scaling` (10 when absent) in the boundary-condition scalings.
+    pub lcm_timestep_scaling: f64,
+    /// LCMScheduler's x0 clamp: `clip_sample` (off when absent, LCMScheduler's default) and
+    /// `clip_sample_range`.
+    pub lcm_clip_sample: Option<f64>,
     /// DPMSolverMultistepScheduler settings other than those DPM-Solver++ implements here
     /// (algorithm_type (sde-)dpmsolver++, solver_order 1-3, final sigma zero), as `key: value`; a
     /// DPM++ or UniPC sampler built from this config refuses them by name.
@@ -78,6 +86,9 @@ impl Default for SchedulerConfig {
             unipc_bh1: false,
             unipc_predict_x0: true,
             unipc_disable_corrector: Vec::new(),
+            lcm_original_steps: 50,
+            lcm_timestep_scaling: 10.0,
+            lcm_clip_sample: None,
             dpm_unsupported: Vec::new(),
             num_train_timesteps: 1000,
             beta_start: 0.00085,
@@ -153,6 +164,7 @@ impl SchedulerConfig {
             Some("EulerAncestralDiscreteScheduler") => SchedulerClass::EulerAncestral,
             Some("DPMSolverMultistepScheduler") => SchedulerClass::DpmSolverMultistep,
             Some("UniPCMultistepScheduler") => SchedulerClass::UniPcMultistep,
+            Some("LCMScheduler") => SchedulerClass::Lcm,
             Some(other) => SchedulerClass::Other(other.to_string()),
         };
         // DPMSolverMultistepScheduler's keys, with its defaults where absent.
@@ -217,6 +229,9 @@ impl SchedulerConfig {
             unipc_bh1: solver_type == "bh1",
             unipc_predict_x0: flag("predict_x0", true),
             unipc_disable_corrector,
+            lcm_original_steps: num("original_inference_steps", 50.0) as usize,
+            lcm_timestep_scaling: num("timestep_scaling", 10.0),
+            lcm_clip_sample: flag("clip_sample", false).then(|| num("clip_sample_range", 1.0)),
             class,
             karras: v
                 .get("use_karras_sigmas")

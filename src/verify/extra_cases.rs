@@ -23,7 +23,7 @@ fn extra(ctx: &Ctx, file: &str) -> PathBuf {
 
 /// The sampler references: (file stem, sampler). `None` runs `--sampler auto` on the scheduler
 /// config the reference stores in its `scheduler_config` metadata, exactly as diffusers saved it.
-const SAMPLER_CASES: [(&str, Option<SamplerKind>); 13] = [
+const SAMPLER_CASES: [(&str, Option<SamplerKind>); 14] = [
     (
         "dpmpp_2m",
         Some(SamplerKind::DpmPP {
@@ -58,6 +58,7 @@ const SAMPLER_CASES: [(&str, Option<SamplerKind>); 13] = [
     ("unipc", None),
     ("unipc_3_karras", None),
     ("unipc_3_skip_corrector", None),
+    ("lcm", None),
 ];
 
 /// Every sampler reference: the final latents of the whole CFG run from its initial latents.
@@ -75,11 +76,14 @@ pub fn samplers(ctx: &Ctx) -> Result<Vec<Row>> {
             Some(_) => folder_scheduler.clone(),
             None => SchedulerConfig::from_json_text(f.meta_str("scheduler_config")?, &path)?,
         };
-        // The stochastic runs replay PyTorch's recorded noise.
+        // The stochastic runs replay PyTorch's recorded noise (one draw a step; LCM draws none
+        // after its last).
         let noise = if f.contains("noise.0") {
             Noise::Given(
                 (0..steps)
-                    .map(|i| f.tensor(&format!("noise.{i}")))
+                    .map(|i| format!("noise.{i}"))
+                    .take_while(|name| f.contains(name))
+                    .map(|name| f.tensor(&name))
                     .collect::<Result<_>>()?,
             )
         } else {
