@@ -356,3 +356,18 @@ fn every_sampler_name_generates_and_reports_itself() {
     }
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// `--guidance-rescale` outside 0..=1 is refused by name before anything loads.
+#[test]
+fn guidance_rescale_out_of_range_is_refused() {
+    let dir = tmp("guidance-rescale");
+    let out = dir.join("x.png");
+    let o = common::generate_tiny(&["--guidance-rescale", "1.5", "--out", out.to_str().unwrap()]);
+    let err = common::stderr(&o);
+    assert!(
+        !o.status.success() && err.contains("--guidance-rescale"),
+        "{err}"
+    );
+    assert!(!out.exists());
+    std::fs::remove_dir_all(&dir).ok();
+}

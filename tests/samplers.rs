@@ -4,13 +4,17 @@
 //! 3, DDIM, Euler on Karras sigmas, and UniPC (order 2; order 3 on Karras sigmas; order 3 with a
 //! corrector disabled), and LCM at guidance 1 (no negative batch); the whole denoising loop
 //! over the tiny UNet from the reference's own latents. The newer references (DPM-Solver++
-//! heun and orders 1 and 3, UniPC, LCM) run as `--sampler auto` on the scheduler config diffusers
-//! saved with each.
+//! heun and orders 1 and 3, UniPC, LCM, v-prediction) run as `--sampler auto` on the scheduler
+//! config diffusers saved with each.
 //!
 //! Measured: DPM++ 2M 8.5e-7 and Karras 8.3e-7 relative, heun 8.5e-7, order 1 9.7e-7, DPM++ 3M
 //! 9.1e-7, UniPC 7.8e-7, order 3 Karras 1.3e-6, with a corrector skipped 8.1e-7, Euler Karras
 //! 1.0e-6; replaying PyTorch's noise, Euler ancestral 1.2e-6, DPM++ 2M SDE Karras 1.2e-6 and
-//! DPM++ 3M SDE Karras 1.1e-6, LCM 2.8e-7; DDIM 5.4e-5, where PyTorch itself in
+//! DPM++ 3M SDE Karras 1.1e-6, LCM 2.8e-7. v-prediction: DPM++ 2M Karras 1.8e-6; with zero
+//! terminal SNR (trailing spacing), DDIM 1.7e-6, UniPC 1.2e-6 (guidance_rescale 0.7), Euler
+//! 3.1e-5 (guidance_rescale 0.7) and Euler ancestral 9.5e-6, where PyTorch itself in float32
+//! lands at 2.1e-5 and 4.6e-6: the first sigma is 4096, so the first Euler step cancels about 9
+//! bits of the float32 latents. DDIM 5.4e-5, where PyTorch itself in
 //! float32 lands at 3.5e-5 against the same float64 reference (the folder's config leaves DDIM's
 //! `clip_sample` on, so the final latents are clamped x0 with a norm near 1, and the UNet's
 //! float32 error shows undiluted). All within the fixtures' 1e-4 forward tolerance.
@@ -26,7 +30,7 @@ fn every_sampler_final_latents_match_diffusers() {
     let report =
         kstyle::verify::run(&tiny(), Device::Cpu, Some(&["samplers".to_string()])).unwrap();
     assert!(report.failed_cases.is_empty(), "{:?}", report.failed_cases);
-    assert_eq!(report.rows.len(), 14);
+    assert_eq!(report.rows.len(), 19);
     for r in &report.rows {
         eprintln!("{}: relative error {:.3e}", r.tensor, r.error);
         assert!(r.passed, "{} {:e} > {:e}", r.tensor, r.error, r.tolerance);
@@ -139,4 +143,29 @@ fn auto_sampler_follows_the_scheduler_config() {
         assert!(err.contains(named), "{json}: {err}");
     }
     std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// Zero terminal SNR: the rescaled table, read exactly as diffusers' Euler holds it (its last
+/// alpha_cumprod 2^-24, so the first trailing sigma is 4096), against the reference's sigmas.
+#[test]
+fn zero_snr_sigmas_match_diffusers() {
+    use kstyle::sample::{EulerDiscrete, SchedulerConfig};
+    use kstyle::tensor::SafeTensorsFile;
+    let path = tiny().join("../extra/pipeline_vpred_euler_zsnr.safetensors");
+    let f = SafeTensorsFile::open(&path).unwrap();
+    let config = SchedulerConfig::from_json_text(&f.metadata()["scheduler_config"], &path).unwrap();
+    assert!(config.zero_snr);
+    assert_eq!(*config.alphas_cumprod_f32().last().unwrap(), 0.0);
+    let euler = EulerDiscrete::new(&config, 6).unwrap();
+    let want = f.tensor("sigmas").unwrap().to_vec_f64().unwrap();
+    assert_eq!(euler.sigmas().len(), want.len());
+    // Within 1e-6 relative, as for the other sigma tables: PyTorch's float32 sqrt on this AVX-512
+    // CPU is not correctly rounded (1 ulp off for about 20% of random inputs, measured against
+    // numpy's), and the rescale takes square roots of the whole table before its ratios and
+    // cumulative product. Here sqrt is IEEE's: sqrt(2^24 - 1), just under a tie, is 4096 - 2^-12
+    // here and 4096 there; further down the table the sigmas differ by up to 4 ulps.
+    for (g, w) in euler.sigmas().iter().zip(&want) {
+        assert!((g - w).abs() <= 1e-6 * w.abs(), "{g} vs {w}");
+    }
+    assert!((euler.sigmas()[0] - 4096.0).abs() <= 2.5e-4);
 }

@@ -410,6 +410,73 @@ fn bad_training_input_fails_cleanly() {
     );
 }
 
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let e = e.unwrap();
+        let dest = to.join(e.file_name());
+        if e.file_type().unwrap().is_dir() {
+            copy_dir(&e.path(), &dest);
+        } else {
+            std::fs::copy(e.path(), dest).unwrap();
+        }
+    }
+}
+
+/// A v-prediction or zero-terminal-SNR model (they generate, see tests/samplers.rs) is refused
+/// before anything is written: the loss targets epsilon on SDXL's schedule.
+#[test]
+fn v_prediction_models_are_refused_for_training() {
+    let dir = tmp("vpred");
+    let data = dataset(&dir);
+    let model = dir.join("sdxl");
+    copy_dir(&tiny().join("sdxl"), &model);
+    let sched = model.join("scheduler/scheduler_config.json");
+    let original =
+        std::fs::read_to_string(tiny().join("sdxl/scheduler/scheduler_config.json")).unwrap();
+    for (from, to, named) in [
+        (
+            "\"prediction_type\": \"epsilon\"",
+            "\"prediction_type\": \"v_prediction\"",
+            "prediction_type V",
+        ),
+        (
+            "\"rescale_betas_zero_snr\": false",
+            "\"rescale_betas_zero_snr\": true",
+            "rescale_betas_zero_snr",
+        ),
+    ] {
+        assert!(original.contains(from), "{from}");
+        let text = original.replace(from, to);
+        std::fs::write(&sched, text).unwrap();
+        let out = dir.join("x.safetensors");
+        let o = kstyle(&[
+            "train",
+            "--model",
+            model.to_str().unwrap(),
+            "--data",
+            data.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+            "--method",
+            "lora",
+            "--resolution",
+            "64",
+            "--max-steps",
+            "1",
+            "--caption-template",
+            "x",
+        ]);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(
+            !o.status.success() && err.contains(named) && err.contains("epsilon"),
+            "{err}"
+        );
+        assert!(!out.exists());
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
 /// The `X MiB` values of a planner message, in order.
 fn mib_values(text: &str) -> Vec<f64> {
     let words: Vec<&str> = text.split_whitespace().collect();

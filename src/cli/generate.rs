@@ -29,6 +29,10 @@ pub struct Args {
     /// Classifier-free guidance scale (off at 1 or below).
     #[arg(long, default_value_t = 5.0)]
     pub cfg: f64,
+    /// diffusers' guidance_rescale, 0 to 1 (0: off; 0.7 is the usual choice for zero-SNR
+    /// v-prediction models).
+    #[arg(long, default_value_t = 0.0)]
+    pub guidance_rescale: f64,
     #[arg(long, default_value_t = 1024)]
     pub width: usize,
     #[arg(long, default_value_t = 1024)]
@@ -183,6 +187,12 @@ fn output_path(out: &Path, seed: u64, many: bool) -> PathBuf {
 }
 
 pub fn run(a: Args) -> anyhow::Result<ExitCode> {
+    if !(0.0..=1.0).contains(&a.guidance_rescale) {
+        anyhow::bail!(
+            "--guidance-rescale must be between 0 and 1, got {}",
+            a.guidance_rescale
+        );
+    }
     let loras = a
         .loras
         .iter()
@@ -214,6 +224,7 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
         negative: a.negative.clone(),
         steps: a.steps,
         guidance: a.cfg,
+        guidance_rescale: a.guidance_rescale,
         width: a.width,
         height: a.height,
         sampler: a.sampler.kind(),

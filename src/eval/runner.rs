@@ -114,6 +114,7 @@ fn generate_all(
                     negative: None,
                     steps: g.steps,
                     guidance: g.guidance,
+                    guidance_rescale: 0.0,
                     width: g.size,
                     height: g.size,
                     sampler: SamplerKind::Euler(Sigmas::Config),

@@ -31,6 +31,7 @@ pub fn calibrate_gates(
             negative: None,
             steps,
             guidance: 5.0,
+            guidance_rescale: 0.0,
             width: size,
             height: size,
             sampler: SamplerKind::Euler(Sigmas::Config),

@@ -1,6 +1,7 @@
 //! DDIM with eta = 0 (deterministic), as diffusers' `DDIMScheduler` with the same schedule,
 //! including its `clip_sample` clamp of the predicted x0.
 
+use super::schedule::Prediction;
 use super::{Sampler, SchedulerConfig};
 use crate::{Result, Tensor};
 
@@ -10,6 +11,7 @@ pub struct Ddim {
     alphas: Vec<(f64, f64)>,
     /// The predicted x0 is clamped to ±this (`clip_sample`).
     clip: Option<f64>,
+    prediction: Prediction,
 }
 
 impl Ddim {
@@ -38,6 +40,7 @@ impl Ddim {
             timesteps: ts.iter().map(|&t| t as f64).collect(),
             alphas,
             clip: config.clip_sample,
+            prediction: config.prediction,
         })
     }
 }
@@ -57,9 +60,22 @@ impl Sampler for Ddim {
 
     fn step(&mut self, i: usize, x: &Tensor, eps: &Tensor) -> Result<Tensor> {
         let (a, a_prev) = self.alphas[i];
-        let x0 = x
-            .sub(&eps.scale((1.0 - a).sqrt())?)?
-            .scale(1.0 / a.sqrt())?;
+        let (x0, eps) = match self.prediction {
+            Prediction::Epsilon => (
+                x.sub(&eps.scale((1.0 - a).sqrt())?)?
+                    .scale(1.0 / a.sqrt())?,
+                eps.clone(),
+            ),
+            Prediction::V => {
+                // float32 square roots of the float32 table, as diffusers takes them.
+                let (sa, sb) = ((a as f32).sqrt(), (1.0 - a as f32).sqrt());
+                let v = eps;
+                (
+                    Prediction::V.x0_vp(x, v, sa, sb)?,
+                    Prediction::V.eps_vp(x, v, sa, sb)?,
+                )
+            }
+        };
         // diffusers keeps epsilon as predicted when it clamps x0 (use_clipped_model_output off).
         let x0 = match self.clip {
             Some(r) => x0.clamp_min(-r)?.scale(-1.0)?.clamp_min(-r)?.scale(-1.0)?,

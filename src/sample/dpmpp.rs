@@ -18,7 +18,7 @@
 //! `sigma_t sqrt(1 - e^-2h) z` with fresh noise z. The coefficients are float32 scalars, as
 //! diffusers computes them from its float32 sigma table.
 
-use super::schedule::multistep_schedule;
+use super::schedule::{multistep_schedule, Prediction};
 use super::{Noise, NoiseStream, Sampler, SchedulerConfig};
 use crate::{Error, Result, Tensor};
 
@@ -29,6 +29,7 @@ pub struct DpmSolverPP {
     /// Second order by heun's weights instead of the midpoint's.
     heun: bool,
     lower_order_final: bool,
+    prediction: Prediction,
     timesteps: Vec<f64>,
     /// The VE sigmas sqrt((1 - abar) / abar) at each timestep, then 0; float32 as diffusers.
     sigmas: Vec<f32>,
@@ -90,6 +91,7 @@ impl DpmSolverPP {
             sde: sde_noise.map(NoiseStream::new),
             heun: config.dpm_heun,
             lower_order_final: config.lower_order_final,
+            prediction: config.prediction,
             timesteps,
             sigmas,
             history: Vec::new(),
@@ -131,7 +133,7 @@ impl Sampler for DpmSolverPP {
     fn step(&mut self, i: usize, x: &Tensor, eps: &Tensor) -> Result<Tensor> {
         let (s_s, s_t) = (self.sigmas[i], self.sigmas[i + 1]);
         let ((a_s, sig_s), (a_t, sig_t)) = (alpha_sigma(s_s), alpha_sigma(s_t));
-        let x0 = x.sub(&eps.scale(sig_s as f64)?)?.scale(1.0 / a_s as f64)?; // (B, C, H, W)
+        let x0 = self.prediction.x0_vp(x, eps, a_s, sig_s)?; // (B, C, H, W)
         let h = lambda(s_t) - lambda(s_s);
         let order = self.order_at(i);
         // D1 and D2: divided differences of the recent data predictions, in units of h.

@@ -2,7 +2,7 @@
 //! sigma interpolation, a final sigma of zero, optionally Karras sigmas):
 //! x <- x + eps * (sigma_{i+1} - sigma_i).
 
-use super::schedule::{karras_sigmas, sigma_to_t, Spacing};
+use super::schedule::{karras_sigmas, sigma_to_t, Prediction, Spacing};
 use super::{Noise, NoiseStream, Sampler, SchedulerConfig};
 use crate::{Result, Tensor};
 
@@ -11,11 +11,12 @@ pub struct EulerDiscrete {
     /// steps + 1 values, the last one 0.
     sigmas: Vec<f64>,
     init_sigma: f64,
+    prediction: Prediction,
 }
 
 impl EulerDiscrete {
     pub fn new(config: &SchedulerConfig, steps: usize) -> Result<EulerDiscrete> {
-        let ac = config.alphas_cumprod_f32();
+        let ac = config.sigma_alphas_cumprod_f32();
         // sigma table in float32 as diffusers computes it, then read at integer timesteps (the
         // linear interpolation is exact there) and stored as float32.
         let table: Vec<f32> = ac.iter().map(|&a| ((1.0 - a) / a).sqrt()).collect();
@@ -49,6 +50,7 @@ impl EulerDiscrete {
             timesteps,
             sigmas,
             init_sigma,
+            prediction: config.prediction,
         })
     }
 
@@ -76,7 +78,7 @@ impl Sampler for EulerDiscrete {
         // x0 = x - sigma eps; d = (x - x0) / sigma = eps; the two forms differ only in rounding,
         // and diffusers computes through x0, so do the same.
         let sigma = self.sigmas[i];
-        let x0 = x.sub(&eps.scale(sigma)?)?;
+        let x0 = self.prediction.x0_ve(x, eps, sigma as f32)?;
         let d = x.sub(&x0)?.scale(1.0 / sigma)?;
         x.add(&d.scale(self.sigmas[i + 1] - sigma)?)
     }
@@ -122,7 +124,7 @@ impl Sampler for EulerAncestral {
         let (s0, s1) = (self.euler.sigmas[i] as f32, self.euler.sigmas[i + 1] as f32);
         let up = (s1 * s1 * (s0 * s0 - s1 * s1) / (s0 * s0)).sqrt();
         let down = (s1 * s1 - up * up).sqrt();
-        let x0 = x.sub(&eps.scale(s0 as f64)?)?;
+        let x0 = self.euler.prediction.x0_ve(x, eps, s0)?;
         let d = x.sub(&x0)?.scale(1.0 / s0 as f64)?;
         let prev = x.add(&d.scale((down - s0) as f64)?)?;
         let noise = self.noise.next_like(x)?;

@@ -9,6 +9,7 @@
 //! the result to the next timestep with fresh noise; the last step returns `denoised` itself.
 //! The coefficients are float32 as diffusers computes them.
 
+use super::schedule::Prediction;
 use super::{Noise, NoiseStream, Sampler, SchedulerConfig};
 use crate::{Error, Result, Tensor};
 
@@ -20,6 +21,7 @@ pub struct Lcm {
     scalings: Vec<(f32, f32)>,
     clip: Option<f64>,
     noise: NoiseStream,
+    prediction: Prediction,
 }
 
 impl Lcm {
@@ -66,6 +68,7 @@ impl Lcm {
             scalings,
             clip: config.lcm_clip_sample,
             noise: NoiseStream::new(noise),
+            prediction: config.prediction,
         })
     }
 }
@@ -86,9 +89,7 @@ impl Sampler for Lcm {
     fn step(&mut self, i: usize, x: &Tensor, eps: &Tensor) -> Result<Tensor> {
         let (a, a_next) = self.alphas[i];
         let (c_skip, c_out) = self.scalings[i];
-        let x0 = x
-            .sub(&eps.scale((1.0 - a).sqrt() as f64)?)?
-            .scale(1.0 / a.sqrt() as f64)?; // (B, C, H, W)
+        let x0 = self.prediction.x0_vp(x, eps, a.sqrt(), (1.0 - a).sqrt())?; // (B, C, H, W)
         let x0 = match self.clip {
             Some(r) => x0.clamp_min(-r)?.scale(-1.0)?.clamp_min(-r)?.scale(-1.0)?,
             None => x0,

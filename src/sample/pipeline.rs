@@ -153,6 +153,9 @@ pub struct Request {
     pub negative: Option<String>,
     pub steps: usize,
     pub guidance: f64,
+    /// diffusers' `guidance_rescale` (0 is off): the guided output is pulled toward the
+    /// conditional output's standard deviation (Lin et al. 2023), for zero-SNR models.
+    pub guidance_rescale: f64,
     pub width: usize,
     pub height: usize,
     pub sampler: SamplerKind,
@@ -308,6 +311,21 @@ impl SdxlPipeline {
     }
 }
 
+/// diffusers' `rescale_noise_cfg`: `guided` scaled to `cond`'s standard deviation (unbiased, over
+/// the whole latent), mixed back in by `phi`. The ratio stays on the device.
+fn rescale_guidance(guided: &Tensor, cond: &Tensor, phi: f64) -> Result<Tensor> {
+    let std = |t: &Tensor| -> Result<Tensor> {
+        let n = t.elem_count().max(2) as f64;
+        t.sub(&t.mean_all()?)?
+            .sqr()?
+            .sum_all()?
+            .scale(1.0 / (n - 1.0))?
+            .sqrt()
+    };
+    let rescaled = guided.mul(&std(cond)?.div(&std(guided)?)?)?;
+    rescaled.scale(phi)?.add(&guided.scale(1.0 - phi)?)
+}
+
 /// The kohya naming index of a UNet's own modules.
 pub fn unet_module_index(unet: &UNet2DConditionModel) -> ModuleIndex {
     unet_index_for(&unet.config)
@@ -409,7 +427,12 @@ pub fn denoise(
             .to_dtype(DType::F32)?;
         let eps = if negative.is_some() {
             let (uncond, cond) = (eps.narrow(0, 0, 1)?, eps.narrow(0, 1, 1)?);
-            uncond.add(&cond.sub(&uncond)?.scale(req.guidance)?)?
+            let guided = uncond.add(&cond.sub(&uncond)?.scale(req.guidance)?)?;
+            if req.guidance_rescale > 0.0 {
+                rescale_guidance(&guided, &cond, req.guidance_rescale)?
+            } else {
+                guided
+            }
         } else {
             eps
         };

@@ -3,8 +3,47 @@
 //! Two precisions on purpose: samplers reproduce diffusers, which builds its tables in float32;
 //! training follows `kstyle_ref.alphas_cumprod`, which is float64.
 
-use crate::{Error, Result};
+use crate::{Error, Result, Tensor};
 use std::path::Path;
+
+/// What the UNet predicts (`prediction_type`): the noise, or the velocity
+/// `v = alpha eps - sigma x0` (v-prediction models).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Prediction {
+    Epsilon,
+    V,
+}
+
+impl Prediction {
+    /// x0 from the model output at VE `sigma` (x = x0 + sigma eps, the Euler samplers' form), as
+    /// diffusers computes it: for v, `out (-sigma / sqrt(sigma^2 + 1)) + x / (sigma^2 + 1)`.
+    pub(crate) fn x0_ve(self, x: &Tensor, out: &Tensor, sigma: f32) -> Result<Tensor> {
+        match self {
+            Prediction::Epsilon => x.sub(&out.scale(sigma as f64)?),
+            Prediction::V => {
+                let s2 = sigma * sigma + 1.0;
+                out.scale((-sigma / s2.sqrt()) as f64)?
+                    .add(&x.scale(1.0 / s2 as f64)?)
+            }
+        }
+    }
+
+    /// x0 from the model output at VP (alpha, sigma) (x = alpha x0 + sigma eps).
+    pub(crate) fn x0_vp(self, x: &Tensor, out: &Tensor, alpha: f32, sigma: f32) -> Result<Tensor> {
+        match self {
+            Prediction::Epsilon => x.sub(&out.scale(sigma as f64)?)?.scale(1.0 / alpha as f64),
+            Prediction::V => x.scale(alpha as f64)?.sub(&out.scale(sigma as f64)?),
+        }
+    }
+
+    /// epsilon from the model output at VP (alpha, sigma).
+    pub(crate) fn eps_vp(self, x: &Tensor, out: &Tensor, alpha: f32, sigma: f32) -> Result<Tensor> {
+        match self {
+            Prediction::Epsilon => Ok(out.clone()),
+            Prediction::V => out.scale(alpha as f64)?.add(&x.scale(sigma as f64)?),
+        }
+    }
+}
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Spacing {
@@ -31,6 +70,11 @@ pub struct SchedulerConfig {
     pub class: SchedulerClass,
     /// `use_karras_sigmas`: Euler and DPM++ step on Karras et al.'s sigmas (rho 7).
     pub karras: bool,
+    /// `prediction_type`: epsilon or v_prediction.
+    pub prediction: Prediction,
+    /// `rescale_betas_zero_snr`: the betas rescaled so the last timestep has zero SNR (Lin et
+    /// al. 2023), as v-prediction models trained that way need.
+    pub zero_snr: bool,
     /// DPMSolverMultistepScheduler's `algorithm_type` is `sde-dpmsolver++` (DPM++ 2M SDE).
     pub dpm_sde: bool,
     /// `solver_order` of the multistep samplers (DPM-Solver++ and UniPC; 2 when absent).
@@ -79,6 +123,8 @@ impl Default for SchedulerConfig {
         SchedulerConfig {
             class: SchedulerClass::EulerDiscrete,
             karras: false,
+            prediction: Prediction::Epsilon,
+            zero_snr: false,
             dpm_sde: false,
             solver_order: 2,
             lower_order_final: true,
@@ -123,19 +169,16 @@ impl SchedulerConfig {
                 )));
             }
         }
-        if let Some(p) = v.get("prediction_type").and_then(|s| s.as_str()) {
-            if p != "epsilon" {
+        let prediction = match v.get("prediction_type").and_then(|s| s.as_str()) {
+            None | Some("epsilon") => Prediction::Epsilon,
+            Some("v_prediction") => Prediction::V,
+            Some(p) => {
                 return Err(bad(format!(
-                    "prediction_type `{p}` is not supported (only epsilon)"
-                )));
+                    "prediction_type `{p}` is not supported (epsilon or v_prediction)"
+                )))
             }
-        }
-        for flag in [
-            "thresholding",
-            "use_exponential_sigmas",
-            "use_beta_sigmas",
-            "rescale_betas_zero_snr",
-        ] {
+        };
+        for flag in ["thresholding", "use_exponential_sigmas", "use_beta_sigmas"] {
             if v.get(flag).and_then(|b| b.as_bool()) == Some(true) {
                 return Err(bad(format!("`{flag}: true` is not supported")));
             }
@@ -222,6 +265,8 @@ impl SchedulerConfig {
             dpm_unsupported.push(format!("variance_type: {t}"));
         }
         Ok(SchedulerConfig {
+            prediction,
+            zero_snr: flag("rescale_betas_zero_snr", false),
             dpm_sde: algorithm == "sde-dpmsolver++",
             solver_order,
             lower_order_final: flag("lower_order_final", true),
@@ -258,17 +303,36 @@ impl SchedulerConfig {
 
     /// alphas_cumprod exactly as diffusers builds it: a float32 linspace of sqrt(beta), squared,
     /// and PyTorch's CPU cumprod, which carries the running product in double and stores float32.
+    /// With `zero_snr` the betas are first rescaled (`rescale_zero_terminal_snr`, in float32 as
+    /// diffusers does it), and the last value is exactly 0.
     pub fn alphas_cumprod_f32(&self) -> Vec<f32> {
         let n = self.num_train_timesteps;
         let (a, b) = (self.beta_start.sqrt() as f32, self.beta_end.sqrt() as f32);
-        let mut acc = 1f64;
-        (0..n)
+        let betas: Vec<f32> = (0..n)
             .map(|i| {
                 let t = linspace_f32(a, b, n, i);
-                acc *= (1.0 - t * t) as f64;
-                acc as f32
+                t * t
             })
-            .collect()
+            .collect();
+        let betas = if self.zero_snr {
+            rescale_zero_terminal_snr(&betas)
+        } else {
+            betas
+        };
+        cumprod_f32(betas.iter().map(|&b| 1.0 - b))
+    }
+
+    /// alphas_cumprod as the sigma-based samplers (Euler, Euler ancestral, DPM-Solver++, UniPC)
+    /// hold it: with `zero_snr` its last value is 2^-24 instead of 0, so the largest sigma is
+    /// finite (4096).
+    pub fn sigma_alphas_cumprod_f32(&self) -> Vec<f32> {
+        let mut ac = self.alphas_cumprod_f32();
+        if self.zero_snr {
+            if let Some(last) = ac.last_mut() {
+                *last = 2f32.powi(-24);
+            }
+        }
+        ac
     }
 
     /// Timesteps for `steps` inference steps, largest first, as integers.
@@ -331,7 +395,7 @@ pub(crate) fn multistep_schedule(
         )));
     }
     let table: Vec<f32> = config
-        .alphas_cumprod_f32()
+        .sigma_alphas_cumprod_f32()
         .iter()
         .map(|&a| ((1.0 - a) / a).sqrt())
         .collect();
@@ -374,6 +438,38 @@ pub(crate) fn multistep_schedule(
     };
     sigmas.push(0.0);
     Ok((timesteps, sigmas))
+}
+
+/// torch.cumprod of float32 values on the CPU: the running product in double, each value stored
+/// as float32.
+fn cumprod_f32(values: impl Iterator<Item = f32>) -> Vec<f32> {
+    let mut acc = 1f64;
+    values
+        .map(|v| {
+            acc *= v as f64;
+            acc as f32
+        })
+        .collect()
+}
+
+/// diffusers' `rescale_zero_terminal_snr` in float32: sqrt(alphas_cumprod) shifted so the last
+/// is 0 and scaled so the first is unchanged, then turned back into betas.
+fn rescale_zero_terminal_snr(betas: &[f32]) -> Vec<f32> {
+    let ac = cumprod_f32(betas.iter().map(|&b| 1.0 - b));
+    let mut s: Vec<f32> = ac.iter().map(|a| a.sqrt()).collect();
+    let (s0, st) = (s[0], s[s.len() - 1]);
+    let c = s0 / (s0 - st);
+    for v in &mut s {
+        *v -= st;
+        *v *= c;
+    }
+    let bar: Vec<f32> = s.iter().map(|v| v * v).collect();
+    (0..bar.len())
+        .map(|i| {
+            let alpha = if i == 0 { bar[0] } else { bar[i] / bar[i - 1] };
+            1.0 - alpha
+        })
+        .collect()
 }
 
 /// torch.linspace in float32: start + i*step for the first half, end - (n-1-i)*step after, which

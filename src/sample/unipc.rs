@@ -19,13 +19,14 @@
 //! float32 sigma table. The last step has no corrector (there is no model output after it).
 
 use super::dpmpp::{alpha_sigma, lambda};
-use super::schedule::multistep_schedule;
+use super::schedule::{multistep_schedule, Prediction};
 use super::{Sampler, SchedulerConfig};
 use crate::{Error, Result, Tensor};
 
 pub struct UniPc {
     order: usize,
     lower_order_final: bool,
+    prediction: Prediction,
     disable_corrector: Vec<usize>,
     timesteps: Vec<f64>,
     /// VE sigmas at each timestep, then 0; float32 as diffusers.
@@ -117,6 +118,7 @@ impl UniPc {
         let (timesteps, sigmas) = multistep_schedule(config, steps, karras, "UniPC")?;
         Ok(UniPc {
             order: config.solver_order,
+            prediction: config.prediction,
             lower_order_final: config.lower_order_final,
             disable_corrector: config.unipc_disable_corrector.clone(),
             timesteps,
@@ -220,7 +222,7 @@ impl Sampler for UniPc {
     fn step(&mut self, i: usize, x: &Tensor, eps: &Tensor) -> Result<Tensor> {
         let (a, sig) = alpha_sigma(self.sigmas[i]);
         // The data prediction, from the uncorrected sample the model saw.
-        let m = x.sub(&eps.scale(sig as f64)?)?.scale(1.0 / a as f64)?; // (B, C, H, W)
+        let m = self.prediction.x0_vp(x, eps, a, sig)?; // (B, C, H, W)
         let x = match &self.last {
             Some((last, order)) if !self.disable_corrector.contains(&(i - 1)) => {
                 self.correct(i, last, &m, *order)?

@@ -20,6 +20,7 @@ use crate::sample::model_files::ModelFiles;
 use crate::sample::pipeline::{
     denoise, unet_module_index, PromptEmbeds, Request, SamplerKind, Sigmas,
 };
+use crate::sample::schedule::Prediction;
 use crate::sample::TrainSchedule;
 use crate::tensor::Rng;
 use crate::{DType, Device, Error, Result, Tensor};
@@ -288,6 +289,23 @@ impl Trainer {
             std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
         }
         let files = ModelFiles::resolve(&cfg.model, cfg.config_dir.as_deref())?;
+        // The loss targets epsilon on SDXL's own schedule (KSTYLE.md); a v-prediction or
+        // zero-terminal-SNR model would silently learn the wrong target.
+        let scheduler = files.scheduler()?;
+        if scheduler.prediction != Prediction::Epsilon || scheduler.zero_snr {
+            return Err(Error::Config(format!(
+                "{}: its scheduler config has prediction_type {:?}{}; training targets epsilon \
+                 on SDXL's standard schedule, so v-prediction and zero-terminal-SNR models \
+                 cannot be trained (they generate fine)",
+                cfg.model.display(),
+                scheduler.prediction,
+                if scheduler.zero_snr {
+                    " and rescale_betas_zero_snr"
+                } else {
+                    ""
+                }
+            )));
+        }
         let data = Dataset::scan(&cfg.data, &cfg.captions)?;
         log(&format!(
             "dataset: {} images from {}",
@@ -669,6 +687,7 @@ impl Trainer {
             negative: None,
             steps: self.cfg.sample_steps,
             guidance: 5.0,
+            guidance_rescale: 0.0,
             width: res,
             height: res,
             sampler: SamplerKind::Euler(Sigmas::Config),

@@ -23,7 +23,7 @@ fn extra(ctx: &Ctx, file: &str) -> PathBuf {
 
 /// The sampler references: (file stem, sampler). `None` runs `--sampler auto` on the scheduler
 /// config the reference stores in its `scheduler_config` metadata, exactly as diffusers saved it.
-const SAMPLER_CASES: [(&str, Option<SamplerKind>); 14] = [
+const SAMPLER_CASES: [(&str, Option<SamplerKind>); 19] = [
     (
         "dpmpp_2m",
         Some(SamplerKind::DpmPP {
@@ -59,6 +59,11 @@ const SAMPLER_CASES: [(&str, Option<SamplerKind>); 14] = [
     ("unipc_3_karras", None),
     ("unipc_3_skip_corrector", None),
     ("lcm", None),
+    ("vpred_euler_zsnr", None),
+    ("vpred_euler_a_zsnr", None),
+    ("vpred_ddim_zsnr", None),
+    ("vpred_unipc_zsnr", None),
+    ("vpred_dpmpp_2m_karras", None),
 ];
 
 /// Every sampler reference: the final latents of the whole CFG run from its initial latents.
@@ -94,6 +99,11 @@ pub fn samplers(ctx: &Ctx) -> Result<Vec<Row>> {
             negative: (!negative.is_empty()).then_some(negative),
             steps,
             guidance: num("guidance_scale")?,
+            guidance_rescale: if f.metadata().contains_key("guidance_rescale") {
+                num("guidance_rescale")?
+            } else {
+                0.0
+            },
             width: num("width")? as usize,
             height: num("height")? as usize,
             sampler: kind.unwrap_or(SamplerKind::Auto),

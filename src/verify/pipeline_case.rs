@@ -30,6 +30,7 @@ pub fn pipeline(ctx: &Ctx) -> Result<Vec<Row>> {
         negative: (!negative.is_empty()).then_some(negative),
         steps: num("steps")? as usize,
         guidance: num("guidance_scale")?,
+        guidance_rescale: 0.0,
         width: num("width")? as usize,
         height: num("height")? as usize,
         sampler: SamplerKind::Euler(Sigmas::Config),
