@@ -26,10 +26,13 @@ fn every_cuda_op_matches_the_cpu_oracle_on_the_emulator() {
 }
 
 /// `kstyle verify --device cuda` on the tiny fixtures, every stage through the CUDA code paths.
+/// The `samplers` case (whole denoising runs) is left to the GPU session's full verify: its
+/// device work is the pipeline case's UNet and the elementwise ops the parity suite covers, and
+/// on the emulator the 13 sampler runs added on 2026-11-30 doubled this suite (7.4 to 14.7 min).
 #[test]
 fn verify_device_cuda_passes_on_the_emulator() {
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_kstyle"))
-        .args(["verify", "--device", "cuda"])
+        .args(["verify", "--device", "cuda", "--skip", "samplers"])
         .arg(common::tiny())
         .env(emu::EMULATE_ENV, "1")
         .output()

@@ -169,3 +169,17 @@ fn zero_snr_sigmas_match_diffusers() {
     }
     assert!((euler.sigmas()[0] - 4096.0).abs() <= 2.5e-4);
 }
+
+/// `verify --case` and `--skip` take only real case names: a misspelt one would select nothing
+/// and pass.
+#[test]
+fn verify_refuses_unknown_case_names() {
+    for flag in ["--case", "--skip"] {
+        let o = common::kstyle(&["verify", tiny().to_str().unwrap(), flag, "sampler"]);
+        let err = common::stderr(&o);
+        assert!(
+            !o.status.success() && err.contains("`sampler`") && err.contains("samplers"),
+            "{err}"
+        );
+    }
+}

@@ -1,4 +1,4 @@
-//! `kstyle verify DIR [--device cpu|cuda] [--case NAME]...`
+//! `kstyle verify DIR [--device cpu|cuda] [--case NAME]... [--skip NAME]...`
 
 use super::DeviceArg;
 use std::path::PathBuf;
@@ -13,10 +13,32 @@ pub struct Args {
     /// Run only these cases (repeatable).
     #[arg(long = "case")]
     pub cases: Vec<String>,
+    /// Leave these cases out (repeatable).
+    #[arg(long = "skip")]
+    pub skip: Vec<String>,
 }
 
 pub fn run(a: Args) -> anyhow::Result<ExitCode> {
-    let only = (!a.cases.is_empty()).then_some(a.cases.as_slice());
+    // A misspelt case would otherwise select nothing and pass.
+    let known = kstyle::verify::case_names();
+    if let Some(bad) = a
+        .cases
+        .iter()
+        .chain(&a.skip)
+        .find(|c| !known.contains(&c.as_str()))
+    {
+        anyhow::bail!(
+            "no reference case `{bad}`; the cases are: {}",
+            known.join(", ")
+        );
+    }
+    let selected: Vec<String> = known
+        .iter()
+        .filter(|c| a.cases.is_empty() || a.cases.iter().any(|n| n == *c))
+        .filter(|c| !a.skip.iter().any(|n| n == *c))
+        .map(|c| c.to_string())
+        .collect();
+    let only = (!a.cases.is_empty() || !a.skip.is_empty()).then_some(selected.as_slice());
     let report = kstyle::verify::run(&a.dir, a.device.device(), only)?;
     let mut text = format!(
         "{:<20} {:<64} {:>11} {:>11}  result\n",

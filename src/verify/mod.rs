@@ -203,6 +203,11 @@ pub fn cases() -> Vec<(&'static str, &'static str, CaseFn)> {
 }
 
 /// Run the cases present in `dir` (all of them, or those named in `only`).
+/// The names of every reference case, in the order `run` runs them.
+pub fn case_names() -> Vec<&'static str> {
+    cases().into_iter().map(|(name, _, _)| name).collect()
+}
+
 pub fn run(dir: &Path, device: Device, only: Option<&[String]>) -> Result<Report> {
     if !dir.join("reference").is_dir() {
         return Err(Error::file(
