@@ -344,6 +344,7 @@ fn every_sampler_name_generates_and_reports_itself() {
         ("dpmpp-2m-sde-karras", "sampler: DPM++ 2M SDE Karras\n"),
         ("euler-a", "sampler: Euler a\n"),
         ("lcm", "sampler: LCM\n"),
+        ("heun-karras", "sampler: Heun Karras\n"),
         ("auto", "sampler: Euler\n"),
     ] {
         let out = dir.join(format!("{name}.png"));

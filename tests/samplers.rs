@@ -2,15 +2,15 @@
 //! (`tests/fixtures/extra/gen_samplers.py`, the `samplers` case of `kstyle verify`): DPM++ 2M
 //! on the model's spacing and on Karras sigmas (midpoint and heun), DPM-Solver++ of orders 1 and
 //! 3, DDIM, Euler on Karras sigmas, and UniPC (order 2; order 3 on Karras sigmas; order 3 with a
-//! corrector disabled), and LCM at guidance 1 (no negative batch); the whole denoising loop
+//! corrector disabled), LCM at guidance 1 (no negative batch) and Heun; the whole denoising loop
 //! over the tiny UNet from the reference's own latents. The newer references (DPM-Solver++
-//! heun and orders 1 and 3, UniPC, LCM, v-prediction) run as `--sampler auto` on the scheduler
+//! heun and orders 1 and 3, UniPC, LCM, Heun, v-prediction) run as `--sampler auto` on the scheduler
 //! config diffusers saved with each.
 //!
 //! Measured: DPM++ 2M 8.5e-7 and Karras 8.3e-7 relative, heun 8.5e-7, order 1 9.7e-7, DPM++ 3M
 //! 9.1e-7, UniPC 7.8e-7, order 3 Karras 1.3e-6, with a corrector skipped 8.1e-7, Euler Karras
 //! 1.0e-6; replaying PyTorch's noise, Euler ancestral 1.2e-6, DPM++ 2M SDE Karras 1.2e-6 and
-//! DPM++ 3M SDE Karras 1.1e-6, LCM 2.8e-7. v-prediction: DPM++ 2M Karras 1.8e-6; with zero
+//! DPM++ 3M SDE Karras 1.1e-6, LCM 2.8e-7, Heun 6.1e-7 and Heun Karras 6.2e-7. v-prediction: DPM++ 2M Karras 1.8e-6; with zero
 //! terminal SNR (trailing spacing), DDIM 1.7e-6, UniPC 1.2e-6 (guidance_rescale 0.7), Euler
 //! 3.1e-5 (guidance_rescale 0.7) and Euler ancestral 9.5e-6, where PyTorch itself in float32
 //! lands at 2.1e-5 and 4.6e-6: the first sigma is 4096, so the first Euler step cancels about 9
@@ -30,7 +30,7 @@ fn every_sampler_final_latents_match_diffusers() {
     let report =
         kstyle::verify::run(&tiny(), Device::Cpu, Some(&["samplers".to_string()])).unwrap();
     assert!(report.failed_cases.is_empty(), "{:?}", report.failed_cases);
-    assert_eq!(report.rows.len(), 19);
+    assert_eq!(report.rows.len(), 21);
     for r in &report.rows {
         eprintln!("{}: relative error {:.3e}", r.tensor, r.error);
         assert!(r.passed, "{} {:e} > {:e}", r.tensor, r.error, r.tolerance);
@@ -66,10 +66,10 @@ fn auto_sampler_follows_the_scheduler_config() {
         SamplerKind::Euler(Sigmas::Config).resolve(&ddim).unwrap(),
         SamplerKind::Euler(Sigmas::Config)
     );
-    let heun = config(r#"{"_class_name": "HeunDiscreteScheduler"}"#).unwrap();
-    let err = SamplerKind::Auto.resolve(&heun).unwrap_err().to_string();
+    let kdpm2 = config(r#"{"_class_name": "KDPM2DiscreteScheduler"}"#).unwrap();
+    let err = SamplerKind::Auto.resolve(&kdpm2).unwrap_err().to_string();
     assert!(
-        err.contains("HeunDiscreteScheduler") && err.contains("--sampler"),
+        err.contains("KDPM2DiscreteScheduler") && err.contains("--sampler"),
         "{err}"
     );
     let sde = config(
@@ -121,6 +121,18 @@ fn auto_sampler_follows_the_scheduler_config() {
     assert_eq!(kind, SamplerKind::UniPc(Sigmas::Config));
     assert_eq!(kind.describe(&unipc), "UniPC (bh2, order 3)");
     assert!(UniPc::new(&unipc, 10, false).is_ok());
+    let heun =
+        config(r#"{"_class_name": "HeunDiscreteScheduler", "rescale_betas_zero_snr": true}"#)
+            .unwrap();
+    assert_eq!(
+        SamplerKind::Auto.resolve(&heun).unwrap(),
+        SamplerKind::Heun(Sigmas::Config)
+    );
+    let err = kstyle::sample::Heun::new(&heun, 10)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(err.contains("rescale_betas_zero_snr"), "{err}");
     let lcm = config(r#"{"_class_name": "LCMScheduler", "original_inference_steps": 8}"#).unwrap();
     assert_eq!(SamplerKind::Auto.resolve(&lcm).unwrap(), SamplerKind::Lcm);
     let err = kstyle::sample::Lcm::new(&lcm, 9, &Default::default())

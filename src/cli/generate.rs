@@ -123,6 +123,11 @@ pub enum SamplerArg {
     /// The latent consistency sampler, for LCM models and LCM-LoRA (4-8 steps, --cfg 1 to 2):
     /// fresh noise each step, from the seed.
     Lcm,
+    /// Heun's second-order method: two UNet evaluations a step (2 x steps - 1 in all).
+    Heun,
+    /// Heun on Karras sigmas.
+    #[value(name = "heun-karras")]
+    HeunKarras,
 }
 
 impl SamplerArg {
@@ -145,6 +150,8 @@ impl SamplerArg {
             SamplerArg::UniPc => SamplerKind::UniPc(Sigmas::Config),
             SamplerArg::UniPcKarras => SamplerKind::UniPc(Sigmas::Karras),
             SamplerArg::Lcm => SamplerKind::Lcm,
+            SamplerArg::Heun => SamplerKind::Heun(Sigmas::Config),
+            SamplerArg::HeunKarras => SamplerKind::Heun(Sigmas::Karras),
         }
     }
 }
@@ -258,7 +265,11 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
             noise: kstyle::sample::Noise::Seed(seed ^ 0x5EED_A0CE_5757_0001),
             ..req.clone()
         };
-        let image = pipe.generate(&req, &init, |i, _| bar.set_position(i as u64))?;
+        // Heun evaluates the UNet 2 x steps - 1 times: the bar counts evaluations.
+        let image = pipe.generate(&req, &init, |i, n| {
+            bar.set_length(n as u64);
+            bar.set_position(i as u64)
+        })?;
         bar.finish_and_clear();
         let (_, c, h, w) = image.dims4()?;
         let path = output_path(&a.out, seed, seeds.len() > 1);

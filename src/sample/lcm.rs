@@ -66,7 +66,7 @@ impl Lcm {
             timesteps: timesteps.iter().map(|&t| t as f64).collect(),
             alphas,
             scalings,
-            clip: config.lcm_clip_sample,
+            clip: config.clip_sample_opt_in,
             noise: NoiseStream::new(noise),
             prediction: config.prediction,
         })

@@ -4,6 +4,7 @@ pub mod bake;
 pub mod ddim;
 pub mod dpmpp;
 pub mod euler;
+pub mod heun;
 pub mod lcm;
 pub mod model_files;
 pub mod pipeline;
@@ -13,6 +14,7 @@ pub mod unipc;
 pub use ddim::Ddim;
 pub use dpmpp::DpmSolverPP;
 pub use euler::{EulerAncestral, EulerDiscrete};
+pub use heun::Heun;
 pub use lcm::Lcm;
 pub use unipc::UniPc;
 

@@ -4,7 +4,7 @@
 
 use super::model_files::ModelFiles;
 use super::{
-    Ddim, DpmSolverPP, EulerAncestral, EulerDiscrete, Lcm, Noise, Sampler, SchedulerClass,
+    Ddim, DpmSolverPP, EulerAncestral, EulerDiscrete, Heun, Lcm, Noise, Sampler, SchedulerClass,
     SchedulerConfig, UniPc,
 };
 use crate::formats::adapter::Adapter;
@@ -48,6 +48,8 @@ pub enum SamplerKind {
     /// The latent consistency sampler (LCM models and LCM-LoRA), fresh noise each step from
     /// `Request::noise`.
     Lcm,
+    /// Heun's second-order method on Euler's sigmas (two UNet evaluations a step).
+    Heun(Sigmas),
 }
 
 impl SamplerKind {
@@ -67,10 +69,11 @@ impl SamplerKind {
             }),
             SchedulerClass::UniPcMultistep => Ok(SamplerKind::UniPc(Sigmas::Config)),
             SchedulerClass::Lcm => Ok(SamplerKind::Lcm),
+            SchedulerClass::HeunDiscrete => Ok(SamplerKind::Heun(Sigmas::Config)),
             SchedulerClass::Other(name) => Err(Error::Config(format!(
                 "the model's scheduler `{name}` is not implemented: choose --sampler euler, \
                  euler-karras, euler-a, ddim, dpmpp-2m(-karras), dpmpp-2m-sde(-karras), \
-                 dpmpp-3m(-karras), dpmpp-3m-sde(-karras), unipc(-karras) or lcm"
+                 dpmpp-3m(-karras), dpmpp-3m-sde(-karras), unipc(-karras), heun(-karras) or lcm"
             ))),
         }
     }
@@ -98,6 +101,7 @@ impl SamplerKind {
                 karras(s),
             ),
             SamplerKind::Lcm => ("LCM".to_string(), false),
+            SamplerKind::Heun(s) => ("Heun".to_string(), karras(s)),
         };
         if k {
             format!("{name} Karras")
@@ -395,6 +399,13 @@ pub fn denoise(
         )?),
         SamplerKind::UniPc(s) => Box::new(UniPc::new(scheduler, req.steps, karras(s))?),
         SamplerKind::Lcm => Box::new(Lcm::new(scheduler, req.steps, &req.noise)?),
+        SamplerKind::Heun(s) => {
+            let config = SchedulerConfig {
+                karras: karras(s),
+                ..scheduler.clone()
+            };
+            Box::new(Heun::new(&config, req.steps)?)
+        }
         SamplerKind::Auto => unreachable!("resolve() names a sampler"),
     };
     let device = init.device();

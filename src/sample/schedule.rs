@@ -62,6 +62,7 @@ pub enum SchedulerClass {
     DpmSolverMultistep,
     UniPcMultistep,
     Lcm,
+    HeunDiscrete,
     Other(String),
 }
 
@@ -96,9 +97,9 @@ pub struct SchedulerConfig {
     pub lcm_original_steps: usize,
     /// LCMScheduler's `timestep_scaling` (10 when absent) in the boundary-condition scalings.
     pub lcm_timestep_scaling: f64,
-    /// LCMScheduler's x0 clamp: `clip_sample` (off when absent, LCMScheduler's default) and
-    /// `clip_sample_range`.
-    pub lcm_clip_sample: Option<f64>,
+    /// The x0 clamp of LCMScheduler and HeunDiscreteScheduler, whose `clip_sample` is off when
+    /// absent (DDIM's is on), with `clip_sample_range`.
+    pub clip_sample_opt_in: Option<f64>,
     /// DPMSolverMultistepScheduler settings other than those DPM-Solver++ implements here
     /// (algorithm_type (sde-)dpmsolver++, solver_order 1-3, final sigma zero), as `key: value`; a
     /// DPM++ or UniPC sampler built from this config refuses them by name.
@@ -134,7 +135,7 @@ impl Default for SchedulerConfig {
             unipc_disable_corrector: Vec::new(),
             lcm_original_steps: 50,
             lcm_timestep_scaling: 10.0,
-            lcm_clip_sample: None,
+            clip_sample_opt_in: None,
             dpm_unsupported: Vec::new(),
             num_train_timesteps: 1000,
             beta_start: 0.00085,
@@ -208,6 +209,7 @@ impl SchedulerConfig {
             Some("DPMSolverMultistepScheduler") => SchedulerClass::DpmSolverMultistep,
             Some("UniPCMultistepScheduler") => SchedulerClass::UniPcMultistep,
             Some("LCMScheduler") => SchedulerClass::Lcm,
+            Some("HeunDiscreteScheduler") => SchedulerClass::HeunDiscrete,
             Some(other) => SchedulerClass::Other(other.to_string()),
         };
         // DPMSolverMultistepScheduler's keys, with its defaults where absent.
@@ -276,7 +278,7 @@ impl SchedulerConfig {
             unipc_disable_corrector,
             lcm_original_steps: num("original_inference_steps", 50.0) as usize,
             lcm_timestep_scaling: num("timestep_scaling", 10.0),
-            lcm_clip_sample: flag("clip_sample", false).then(|| num("clip_sample_range", 1.0)),
+            clip_sample_opt_in: flag("clip_sample", false).then(|| num("clip_sample_range", 1.0)),
             class,
             karras: v
                 .get("use_karras_sigmas")

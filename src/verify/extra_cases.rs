@@ -23,7 +23,7 @@ fn extra(ctx: &Ctx, file: &str) -> PathBuf {
 
 /// The sampler references: (file stem, sampler). `None` runs `--sampler auto` on the scheduler
 /// config the reference stores in its `scheduler_config` metadata, exactly as diffusers saved it.
-const SAMPLER_CASES: [(&str, Option<SamplerKind>); 19] = [
+const SAMPLER_CASES: [(&str, Option<SamplerKind>); 21] = [
     (
         "dpmpp_2m",
         Some(SamplerKind::DpmPP {
@@ -59,6 +59,8 @@ const SAMPLER_CASES: [(&str, Option<SamplerKind>); 19] = [
     ("unipc_3_karras", None),
     ("unipc_3_skip_corrector", None),
     ("lcm", None),
+    ("heun", None),
+    ("heun_karras", None),
     ("vpred_euler_zsnr", None),
     ("vpred_euler_a_zsnr", None),
     ("vpred_ddim_zsnr", None),
