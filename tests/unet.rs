@@ -478,3 +478,113 @@ fn plain_lora_gradients_through_the_unet_match_the_reference_step() {
         assert!(c.passed(), "grad.{name}: {:e}", c.relative());
     }
 }
+
+/// Every float8 byte decodes as PyTorch decodes it (`tests/fixtures/extra/gen_fp8.py`): both
+/// `float8_e4m3fn` and `float8_e5m2`, NaNs and infinities included.
+#[test]
+fn float8_bytes_decode_as_pytorch_does() {
+    use kstyle::formats::raw::f8_to_f32;
+    let file = kstyle::formats::MappedFile::open(tiny("../extra/fp8_decode.safetensors")).unwrap();
+    let map = file.tensors().unwrap();
+    for kind in ["e4m3", "e5m2"] {
+        let raw = &map[kind];
+        let want = map[&format!("{kind}_f32")].to_f64_vec("fp8", kind).unwrap();
+        assert_eq!(raw.data.len(), 256);
+        for (byte, w) in raw.data.iter().zip(&want) {
+            let got = f8_to_f32(*byte, raw.dtype).unwrap() as f64;
+            assert!(
+                got == *w || (got.is_nan() && w.is_nan()),
+                "{kind} byte {byte:#04x}: {got} vs PyTorch {w}"
+            );
+        }
+    }
+}
+
+/// An fp8 single-file checkpoint (as ComfyUI users save them) loads as exactly the bf16 model of
+/// its decoded values: the same UNet output, bit for bit, in both float8 formats.
+#[test]
+fn fp8_single_file_loads_as_its_bf16_values() {
+    use kstyle::formats::raw::{f8_to_f32, write_safetensors};
+    use kstyle::formats::{MappedFile, RawTensor, TensorMap};
+    use safetensors::Dtype;
+    let src = MappedFile::open(tiny("sdxl_single_file.safetensors")).unwrap();
+    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("fp8-single-file");
+    std::fs::create_dir_all(&dir).unwrap();
+    // e4m3fn's positive values ascend with the byte up to 0x7e (448); e5m2 is the top byte of
+    // an f16.
+    let e4m3: Vec<f32> = (0..=0x7eu8)
+        .map(|b| f8_to_f32(b, Dtype::F8_E4M3).unwrap())
+        .collect();
+    let encode = |v: f32, kind: Dtype| -> u8 {
+        match kind {
+            Dtype::F8_E5M2 => (half::f16::from_f32(v).to_bits() >> 8) as u8,
+            _ => {
+                let a = v.abs().min(448.0);
+                let i = e4m3.partition_point(|&d| d < a).min(0x7e);
+                let i = if i > 0 && a - e4m3[i - 1] <= e4m3[i] - a {
+                    i - 1
+                } else {
+                    i
+                };
+                (i as u8) | if v < 0.0 { 0x80 } else { 0 }
+            }
+        }
+    };
+    let cfg = tiny_config();
+    let mut outputs = Vec::new();
+    for kind in [Dtype::F8_E4M3, Dtype::F8_E5M2] {
+        let mut f8_map = TensorMap::new();
+        let mut bf16_map = TensorMap::new();
+        for (name, t) in src.tensors().unwrap().iter() {
+            if !matches!(t.dtype, Dtype::F16 | Dtype::F32 | Dtype::BF16) {
+                f8_map.insert(name.clone(), t.clone());
+                bf16_map.insert(name.clone(), t.clone());
+                continue;
+            }
+            let values = t.to_f64_vec("fp8", name).unwrap();
+            let bytes: Vec<u8> = values.iter().map(|&v| encode(v as f32, kind)).collect();
+            let decoded: Vec<f64> = bytes
+                .iter()
+                .map(|&b| f8_to_f32(b, kind).unwrap() as f64)
+                .collect();
+            f8_map.insert(
+                name.clone(),
+                RawTensor::new(kind, t.shape.clone(), bytes).unwrap(),
+            );
+            bf16_map.insert(
+                name.clone(),
+                RawTensor::from_f64(Dtype::BF16, t.shape.clone(), &decoded).unwrap(),
+            );
+        }
+        let (p8, p16) = (dir.join("fp8.safetensors"), dir.join("bf16.safetensors"));
+        write_safetensors(&p8, &f8_map, None).unwrap();
+        write_safetensors(&p16, &bf16_map, None).unwrap();
+        let load = |p: &PathBuf| {
+            UNet2DConditionModel::from_single_file(p, &cfg, &[], DType::BF16, Device::Cpu)
+                .unwrap()
+                .model
+        };
+        let (a, b) = (load(&p8), load(&p16));
+        let x = randn(&[1, 4, 8, 8], 1).to_dtype(DType::BF16).unwrap();
+        let t = Tensor::from_vec(vec![500f32], 1, Device::Cpu)
+            .unwrap()
+            .to_dtype(DType::BF16)
+            .unwrap();
+        let ctx = randn(&[1, 77, 64], 2).to_dtype(DType::BF16).unwrap();
+        let pooled = randn(&[1, 32], 3).to_dtype(DType::BF16).unwrap();
+        let ids = randn(&[1, 6], 4).to_dtype(DType::BF16).unwrap();
+        let run = |u: &UNet2DConditionModel| {
+            no_grad(|| u.forward(&x, &t, &ctx, &pooled, &ids))
+                .unwrap()
+                .to_vec_f32()
+                .unwrap()
+        };
+        let (oa, ob) = (run(&a), run(&b));
+        assert!(oa.iter().all(|v| v.is_finite()), "{kind:?}");
+        assert_eq!(oa, ob, "{kind:?}");
+        outputs.push(oa);
+    }
+    // The two formats round differently, so the models differ: the check sees the weights.
+    assert_ne!(outputs[0], outputs[1]);
+    std::fs::remove_dir_all(&dir).unwrap();
+}

@@ -30,6 +30,35 @@ pub fn dtype_bytes(dtype: Dtype) -> Option<usize> {
     (bits % 8 == 0).then_some(bits / 8)
 }
 
+/// One float8 value as f32: `F8_E4M3` is torch's `float8_e4m3fn` (bias 7, no infinities, NaN
+/// at S.1111.111, largest 448), `F8_E5M2` is `float8_e5m2` (IEEE-style, the top byte of an f16).
+/// Both are exact in bf16 and f32. None for other dtypes.
+pub fn f8_to_f32(byte: u8, dtype: Dtype) -> Option<f32> {
+    match dtype {
+        Dtype::F8_E5M2 => Some(half::f16::from_bits((byte as u16) << 8).to_f32()),
+        Dtype::F8_E4M3 => {
+            let sign = if byte & 0x80 != 0 { -1.0 } else { 1.0 };
+            let (e, m) = ((byte >> 3) & 0xF, byte & 0x7);
+            Some(if e == 0xF && m == 0x7 {
+                f32::NAN
+            } else if e == 0 {
+                sign * m as f32 / 8.0 * 2f32.powi(-6)
+            } else {
+                sign * (1.0 + m as f32 / 8.0) * 2f32.powi(e as i32 - 7)
+            })
+        }
+        _ => None,
+    }
+}
+
+/// float8 bytes as bf16 (exact), for the loaders: fp8 checkpoints are stored, never computed in.
+pub fn f8_to_bf16(bytes: &[u8], dtype: Dtype) -> Option<Vec<half::bf16>> {
+    bytes
+        .iter()
+        .map(|&b| f8_to_f32(b, dtype).map(half::bf16::from_f32))
+        .collect()
+}
+
 impl<'a> RawTensor<'a> {
     /// Checks that the byte count matches dtype and shape.
     pub fn new(dtype: Dtype, shape: Vec<usize>, data: impl Into<Cow<'a, [u8]>>) -> Result<Self> {
@@ -97,6 +126,10 @@ impl<'a> RawTensor<'a> {
             Dtype::F64 => b
                 .chunks_exact(8)
                 .map(|c| f64::from_le_bytes(c.try_into().expect("chunk of 8")))
+                .collect(),
+            Dtype::F8_E4M3 | Dtype::F8_E5M2 => b
+                .iter()
+                .map(|&x| f8_to_f32(x, self.dtype).unwrap_or(f32::NAN) as f64)
                 .collect(),
             dtype => {
                 return Err(Error::DType {

@@ -225,7 +225,8 @@ impl Weights {
     }
 }
 
-/// A stored tensor (any file dtype) as a CPU tensor in its stored dtype; i32/u8/bool widen to i64.
+/// A stored tensor (any file dtype) as a CPU tensor in its stored dtype; i32/u8/bool widen to i64,
+/// float8 (fp8 checkpoints) to bf16, exactly.
 pub fn tensor_from_raw(
     raw: &crate::formats::RawTensor<'_>,
     origin: &Path,
@@ -239,6 +240,9 @@ pub fn tensor_from_raw(
         D::BF16 => CpuStorage::BF16(bytemuck::pod_collect_to_vec(b)),
         D::F32 => CpuStorage::F32(bytemuck::pod_collect_to_vec(b)),
         D::F64 => CpuStorage::F64(bytemuck::pod_collect_to_vec(b)),
+        D::F8_E4M3 | D::F8_E5M2 => {
+            CpuStorage::BF16(crate::formats::raw::f8_to_bf16(b, raw.dtype).expect("a float8 dtype"))
+        }
         D::I64 => CpuStorage::I64(bytemuck::pod_collect_to_vec(b)),
         D::I32 => CpuStorage::I64(
             bytemuck::pod_collect_to_vec::<u8, i32>(b)

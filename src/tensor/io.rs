@@ -109,7 +109,7 @@ impl SafeTensorsFile {
         }
     }
 
-    /// A tensor on the CPU in its stored dtype (i32/u8/bool widen to i64).
+    /// A tensor on the CPU in its stored dtype (i32/u8/bool widen to i64, float8 to bf16).
     pub fn tensor(&self, name: &str) -> Result<Tensor> {
         let (dtype, shape, _) = self.entries.get(name).ok_or_else(|| self.missing(name))?;
         let bytes = self.bytes(name)?;
@@ -123,6 +123,9 @@ impl SafeTensorsFile {
             D::BF16 => CpuStorage::BF16(read::<bf16>(bytes)),
             D::F32 => CpuStorage::F32(read::<f32>(bytes)),
             D::F64 => CpuStorage::F64(read::<f64>(bytes)),
+            D::F8_E4M3 | D::F8_E5M2 => CpuStorage::BF16(
+                crate::formats::raw::f8_to_bf16(bytes, *dtype).expect("a float8 dtype"),
+            ),
             D::I64 => CpuStorage::I64(read::<i64>(bytes)),
             D::I32 => CpuStorage::I64(read::<i32>(bytes).into_iter().map(i64::from).collect()),
             D::U8 | D::BOOL => CpuStorage::I64(bytes.iter().map(|&b| b as i64).collect()),
