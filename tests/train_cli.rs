@@ -33,7 +33,17 @@ fn dataset(dir: &Path) -> PathBuf {
 }
 
 fn train(data: &Path, out: &Path, method: &str, extra: &[&str]) -> std::process::Output {
-    let model = tiny().join("sdxl");
+    train_model(&tiny().join("sdxl"), data, out, method, extra)
+}
+
+/// [`train`] on another model folder.
+fn train_model(
+    model: &Path,
+    data: &Path,
+    out: &Path,
+    method: &str,
+    extra: &[&str],
+) -> std::process::Output {
     let clip = tiny().join("clip");
     let mut args = vec![
         "train",
@@ -450,23 +460,7 @@ fn v_prediction_models_are_refused_for_training() {
         let text = original.replace(from, to);
         std::fs::write(&sched, text).unwrap();
         let out = dir.join("x.safetensors");
-        let o = kstyle(&[
-            "train",
-            "--model",
-            model.to_str().unwrap(),
-            "--data",
-            data.to_str().unwrap(),
-            "--out",
-            out.to_str().unwrap(),
-            "--method",
-            "lora",
-            "--resolution",
-            "64",
-            "--max-steps",
-            "1",
-            "--caption-template",
-            "x",
-        ]);
+        let o = train_model(&model, &data, &out, "lora", &["--max-steps", "1"]);
         let err = String::from_utf8_lossy(&o.stderr);
         assert!(
             !o.status.success() && err.contains(named) && err.contains("epsilon"),

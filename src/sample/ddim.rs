@@ -50,14 +50,6 @@ impl Sampler for Ddim {
         &self.timesteps
     }
 
-    fn init_noise_sigma(&self) -> f64 {
-        1.0
-    }
-
-    fn input_scale(&self, _i: usize) -> f64 {
-        1.0
-    }
-
     fn step(&mut self, i: usize, x: &Tensor, eps: &Tensor) -> Result<Tensor> {
         let (a, a_prev) = self.alphas[i];
         let (x0, eps) = match self.prediction {

@@ -122,14 +122,6 @@ impl Sampler for DpmSolverPP {
         &self.timesteps
     }
 
-    fn init_noise_sigma(&self) -> f64 {
-        1.0
-    }
-
-    fn input_scale(&self, _i: usize) -> f64 {
-        1.0
-    }
-
     fn step(&mut self, i: usize, x: &Tensor, eps: &Tensor) -> Result<Tensor> {
         let (s_s, s_t) = (self.sigmas[i], self.sigmas[i + 1]);
         let ((a_s, sig_s), (a_t, sig_t)) = (alpha_sigma(s_s), alpha_sigma(s_t));

@@ -6,6 +6,13 @@ use super::schedule::{karras_sigmas, sigma_to_t, Prediction, Spacing};
 use super::{Noise, NoiseStream, Sampler, SchedulerConfig};
 use crate::{Result, Tensor};
 
+/// The UNet input scale of VE latents at `sigma`: diffusers divides by (sigma^2 + 1)^0.5
+/// computed on a float32 sigma.
+pub(crate) fn ve_input_scale(sigma: f64) -> f64 {
+    let s = sigma as f32;
+    1.0 / (s * s + 1.0).sqrt() as f64
+}
+
 pub struct EulerDiscrete {
     timesteps: Vec<f64>,
     /// steps + 1 values, the last one 0.
@@ -69,9 +76,7 @@ impl Sampler for EulerDiscrete {
     }
 
     fn input_scale(&self, i: usize) -> f64 {
-        // diffusers divides by (sigma^2 + 1)^0.5 computed on a float32 sigma.
-        let s = self.sigmas[i] as f32;
-        1.0 / (s * s + 1.0).sqrt() as f64
+        ve_input_scale(self.sigmas[i])
     }
 
     fn step(&mut self, i: usize, x: &Tensor, eps: &Tensor) -> Result<Tensor> {

@@ -7,7 +7,7 @@
 //! following evaluation, at s', averages its own slope `(x' - x0') / s'` with the remembered one
 //! and redoes the step from the remembered sample. The last step (to sigma 0) is Euler's alone.
 
-use super::euler::EulerDiscrete;
+use super::euler::{ve_input_scale, EulerDiscrete};
 use super::schedule::Prediction;
 use super::{Sampler, SchedulerConfig};
 use crate::{Error, Result, Tensor};
@@ -68,8 +68,7 @@ impl Sampler for Heun {
     }
 
     fn input_scale(&self, i: usize) -> f64 {
-        let s = self.sigmas[i] as f32;
-        1.0 / (s * s + 1.0).sqrt() as f64
+        ve_input_scale(self.sigmas[i])
     }
 
     fn step(&mut self, i: usize, x: &Tensor, out: &Tensor) -> Result<Tensor> {

@@ -78,14 +78,6 @@ impl Sampler for Lcm {
         &self.timesteps
     }
 
-    fn init_noise_sigma(&self) -> f64 {
-        1.0
-    }
-
-    fn input_scale(&self, _i: usize) -> f64 {
-        1.0
-    }
-
     fn step(&mut self, i: usize, x: &Tensor, eps: &Tensor) -> Result<Tensor> {
         let (a, a_next) = self.alphas[i];
         let (c_skip, c_out) = self.scalings[i];

@@ -73,10 +73,14 @@ pub use schedule::{SchedulerClass, SchedulerConfig, Spacing, TrainSchedule};
 pub trait Sampler {
     /// Timesteps passed to the UNet, in order.
     fn timesteps(&self) -> &[f64];
-    /// Factor on N(0,1) initial latents.
-    fn init_noise_sigma(&self) -> f64;
-    /// Multiplier on the latents before they enter the UNet at step `i`.
-    fn input_scale(&self, i: usize) -> f64;
+    /// Factor on N(0,1) initial latents (1 for the samplers that keep VP latents).
+    fn init_noise_sigma(&self) -> f64 {
+        1.0
+    }
+    /// Multiplier on the latents before they enter the UNet at step `i` (1 for VP latents).
+    fn input_scale(&self, _i: usize) -> f64 {
+        1.0
+    }
     /// The latents after step `i` given the (guided) epsilon prediction. Steps run in order;
     /// multistep samplers keep what they need of earlier steps.
     fn step(

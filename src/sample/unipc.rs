@@ -211,14 +211,6 @@ impl Sampler for UniPc {
         &self.timesteps
     }
 
-    fn init_noise_sigma(&self) -> f64 {
-        1.0
-    }
-
-    fn input_scale(&self, _i: usize) -> f64 {
-        1.0
-    }
-
     fn step(&mut self, i: usize, x: &Tensor, eps: &Tensor) -> Result<Tensor> {
         let (a, sig) = alpha_sigma(self.sigmas[i]);
         // The data prediction, from the uncorrected sample the model saw.
