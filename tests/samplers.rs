@@ -115,6 +115,20 @@ fn auto_sampler_follows_the_scheduler_config() {
         SamplerKind::Auto.resolve(&saved).unwrap().describe(&saved),
         "DPM++ 2M (heun) Karras"
     );
+    // Impossible schedules are errors naming the key, not index panics.
+    let err = config(r#"{"num_train_timesteps": 1}"#)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("num_train_timesteps"), "{err}");
+    let far = config(r#"{"_class_name": "DDIMScheduler", "steps_offset": 5000}"#).unwrap();
+    let err = kstyle::sample::Ddim::new(&far, 3)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        err.contains("outside") && err.contains("steps_offset 5000"),
+        "{err}"
+    );
     // UniPC: auto from its class; the settings diffusers itself turns into NaN are refused.
     let unipc = config(r#"{"_class_name": "UniPCMultistepScheduler", "solver_order": 3}"#).unwrap();
     let kind = SamplerKind::Auto.resolve(&unipc).unwrap();

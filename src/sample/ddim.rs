@@ -18,6 +18,14 @@ impl Ddim {
     pub fn new(config: &SchedulerConfig, steps: usize) -> Result<Ddim> {
         let ac = config.alphas_cumprod_f32();
         let ts = config.timesteps(steps)?;
+        // diffusers indexes its table with these; past its end it fails, and so does this.
+        if let Some(&t) = ts.iter().find(|&&t| t >= ac.len()) {
+            return Err(crate::Error::Config(format!(
+                "DDIM timestep {t} outside the {}-step schedule ({steps} steps, steps_offset {})",
+                ac.len(),
+                config.steps_offset
+            )));
+        }
         let ratio = config.num_train_timesteps / steps;
         let last = if config.set_alpha_to_one {
             1.0

@@ -195,6 +195,12 @@ impl SchedulerConfig {
             other => return Err(bad(format!("timestep_spacing `{other}` is not supported"))),
         };
         let num = |k: &str, dv: f64| v.get(k).and_then(|x| x.as_f64()).unwrap_or(dv);
+        let train_steps = num("num_train_timesteps", d.num_train_timesteps as f64);
+        if !(2.0..=1e6).contains(&train_steps) || train_steps.fract() != 0.0 {
+            return Err(bad(format!(
+                "num_train_timesteps must be a whole number from 2 to 1000000, got {train_steps}"
+            )));
+        }
         if let Some(t) = v.get("interpolation_type").and_then(|s| s.as_str()) {
             if t != "linear" {
                 return Err(bad(format!(
@@ -285,7 +291,7 @@ impl SchedulerConfig {
                 .and_then(|b| b.as_bool())
                 .unwrap_or(false),
             dpm_unsupported,
-            num_train_timesteps: num("num_train_timesteps", d.num_train_timesteps as f64) as usize,
+            num_train_timesteps: train_steps as usize,
             beta_start: num("beta_start", d.beta_start),
             beta_end: num("beta_end", d.beta_end),
             spacing,
