@@ -60,7 +60,8 @@ step() {
 
 step env 30 bash -c 'nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm --format=csv; ls /usr/local/cuda/lib64 | grep -E "libnvrtc.so|libcublas.so|libcublasLt.so" ; ls "$KSTYLE_CACHE_DIR"/nvrtc | wc -l; '"$BIN"' --version'
 step parity 240 env KSTYLE_CUDA_SYNC=1 "$BIN" gpu-parity
-step verify 120 "$BIN" verify --device cuda tests/fixtures/tiny
+# 7,859 rows; 21 of them are whole sampler runs of the tiny pipeline (136 UNet calls).
+step verify 180 "$BIN" verify --device cuda tests/fixtures/tiny
 # Training end to end on CUDA (AdamW state on the device), 4 steps of the tiny model, and the same
 # run on the CPU: the two loss logs side by side. Folded into verify.log (the 8-file limit).
 TRAIN_DIR=$(mktemp -d)
@@ -80,6 +81,8 @@ step train 120 bash -c 'train_tiny cuda f32 && train_tiny cuda bf16'
 cat "$OUT/train.log" >> "$OUT/verify.log" && rm -f "$OUT/train.log"
 step bench 240 "$BIN" bench --json "$JSONS/1-kstyle.jsonl"
 step model 180 "$BIN" bench --model --json "$JSONS/1b-kstyle-model.jsonl"
+# The forward's FLOPs counted at dispatch against the analytic count (every rate divides by it).
+grep -h "FLOP" "$OUT/model.log" | cut -c1-110 | tee -a "$SUMMARY"
 cat "$OUT/model.log" >> "$OUT/bench.log" && rm -f "$OUT/model.log"
 step torch 120 python3 scripts/bench_torch.py --json "$JSONS/2-torch.jsonl"
 if [ -f gpu-carry/diffusers.tar.xz ] &&
