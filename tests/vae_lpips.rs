@@ -239,3 +239,35 @@ fn broken_lpips_files_name_file_and_key() {
         .to_string();
     assert!(err.contains("scaling_layer.shift"), "{err}");
 }
+
+/// Per-channel latent statistics (`latents_mean`, `latents_std`): encoding scale and decoding
+/// unscale are inverses, and a config whose statistics do not match its channels is refused by
+/// name. (The decode against diffusers is the `vae_latent_stats` verify case.)
+#[test]
+fn latent_statistics_round_trip_and_are_validated() {
+    let mut vae = tiny_vae();
+    vae.config.latents_mean = Some(vec![0.5, -0.25, 0.125, -1.0]);
+    vae.config.latents_std = Some(vec![2.0, 0.75, 1.5, 0.5]);
+    let z = Tensor::randn((2, 4, 3, 5), &mut Rng::new(9), DType::F32, Device::Cpu).unwrap();
+    let back = vae
+        .scale_latents(&vae.unscale_latents(&z).unwrap())
+        .unwrap();
+    let (a, b) = (z.to_vec_f32().unwrap(), back.to_vec_f32().unwrap());
+    assert!(a
+        .iter()
+        .zip(&b)
+        .all(|(x, y)| (x - y).abs() <= 1e-6 * (1.0 + x.abs())));
+    // Channel 3 (mean -1, std 0.5): unscale(0) is the mean.
+    let zero = Tensor::zeros((1, 4, 1, 1), DType::F32, Device::Cpu).unwrap();
+    assert_eq!(
+        vae.unscale_latents(&zero).unwrap().to_vec_f32().unwrap(),
+        [0.5, -0.25, 0.125, -1.0]
+    );
+    let mut json: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(tiny().join("sdxl/vae/config.json")).unwrap(),
+    )
+    .unwrap();
+    json["latents_mean"] = serde_json::json!([0.0, 0.0, 0.0]);
+    let err = VaeConfig::from_json(&json).unwrap_err().to_string();
+    assert!(err.contains("latents_mean"), "{err}");
+}

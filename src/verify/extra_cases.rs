@@ -213,3 +213,27 @@ pub fn lora_export(ctx: &Ctx) -> Result<Vec<Row>> {
     }
     Ok(chk.rows)
 }
+
+/// The pipeline's decode with per-channel latent statistics in the VAE config (`latents_mean`,
+/// `latents_std`): diffusers' image from its own final latents.
+pub fn vae_latent_stats(ctx: &Ctx) -> Result<Vec<Row>> {
+    let path = extra(ctx, "vae_latent_stats.safetensors");
+    let f = SafeTensorsFile::open(&path)?;
+    let mut pipe = super::pipeline_case::tiny_pipeline(ctx)?;
+    let stats = |key: &str| -> Result<Vec<f64>> {
+        serde_json::from_str(f.meta_str(key)?).map_err(|e| crate::Error::Json {
+            path: path.clone(),
+            msg: format!("{key}: {e}"),
+        })
+    };
+    pipe.vae.config.latents_mean = Some(stats("latents_mean")?);
+    pipe.vae.config.latents_std = Some(stats("latents_std")?);
+    let latents = f
+        .tensor("latents")?
+        .to_dtype(DType::F32)?
+        .to_device(ctx.device)?;
+    let image = no_grad(|| pipe.decode(&latents))?;
+    let mut chk = Checker::new("vae_latent_stats");
+    chk.check("image", &image, &f.tensor("image")?, ctx.forward)?;
+    Ok(chk.rows)
+}

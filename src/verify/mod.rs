@@ -199,6 +199,11 @@ pub fn cases() -> Vec<(&'static str, &'static str, CaseFn)> {
             "../../extra/export_reference.safetensors",
             extra_cases::lora_export,
         ),
+        (
+            "vae_latent_stats",
+            "../../extra/vae_latent_stats.safetensors",
+            extra_cases::vae_latent_stats,
+        ),
     ]
 }
 

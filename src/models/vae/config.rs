@@ -1,6 +1,7 @@
 //! The architecture of a diffusers `AutoencoderKL`, read from its `config.json` (SDXL.md 3.1).
 //! Only the fields that change the module tree or the numbers are kept; the rest (sample_size,
-//! force_upcast, latents_mean/std) are pipeline hints that the model itself never reads.
+//! force_upcast) are pipeline hints that the model itself never reads. `latents_mean` and
+//! `latents_std` are kept: the SDXL pipelines normalise latents with them per channel.
 
 use crate::{Error, Result};
 use std::path::Path;
@@ -29,6 +30,13 @@ pub struct VaeConfig {
     /// Added after dividing by `scaling_factor` on decode (SD3/Flux); `null` for SDXL.
     #[serde(default)]
     pub shift_factor: Option<f64>,
+    /// Per-channel latent statistics (SDXL-architecture models such as Playground v2.5 ship
+    /// them; `null` or absent for SDXL base): the pipelines decode `z * std / scaling + mean`
+    /// and encode `(z - mean) * scaling / std`, and then ignore `shift_factor`.
+    #[serde(default)]
+    pub latents_mean: Option<Vec<f64>>,
+    #[serde(default)]
+    pub latents_std: Option<Vec<f64>>,
     #[serde(default = "yes")]
     pub mid_block_add_attention: bool,
     #[serde(default = "yes")]
@@ -77,6 +85,8 @@ impl VaeConfig {
             norm_num_groups: 32,
             scaling_factor: 0.13025,
             shift_factor: None,
+            latents_mean: None,
+            latents_std: None,
             mid_block_add_attention: true,
             use_quant_conv: true,
             use_post_quant_conv: true,
@@ -153,6 +163,22 @@ impl VaeConfig {
         }
         if !(self.scaling_factor.is_finite() && self.scaling_factor != 0.0) {
             return bad(format!("scaling_factor {}", self.scaling_factor));
+        }
+        for (name, v) in [
+            ("latents_mean", &self.latents_mean),
+            ("latents_std", &self.latents_std),
+        ] {
+            if let Some(v) = v {
+                if v.len() != self.latent_channels || v.iter().any(|x| !x.is_finite()) {
+                    return bad(format!(
+                        "{name} must hold {} finite values (latent_channels), got {v:?}",
+                        self.latent_channels
+                    ));
+                }
+            }
+        }
+        if self.latents_std.as_ref().is_some_and(|s| s.contains(&0.0)) {
+            return bad("latents_std has a zero".into());
         }
         Ok(())
     }
