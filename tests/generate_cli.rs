@@ -372,3 +372,54 @@ fn guidance_rescale_out_of_range_is_refused() {
     assert!(!out.exists());
     std::fs::remove_dir_all(&dir).ok();
 }
+
+/// A v-prediction, zero-SNR model folder generates, with its kind in the sampler line, and
+/// `--guidance-rescale` (its usual companion) runs.
+#[test]
+fn v_prediction_folders_generate_and_say_so() {
+    let dir = tmp("vpred-generate");
+    let model = dir.join("sdxl");
+    common::copy_dir(&common::tiny().join("sdxl"), &model);
+    let sched = model.join("scheduler/scheduler_config.json");
+    let text = std::fs::read_to_string(&sched)
+        .unwrap()
+        .replace(
+            "\"prediction_type\": \"epsilon\"",
+            "\"prediction_type\": \"v_prediction\"",
+        )
+        .replace(
+            "\"rescale_betas_zero_snr\": false",
+            "\"rescale_betas_zero_snr\": true",
+        )
+        .replace(
+            "\"timestep_spacing\": \"leading\"",
+            "\"timestep_spacing\": \"trailing\"",
+        );
+    std::fs::write(&sched, text).unwrap();
+    let out = dir.join("v.png");
+    let o = common::kstyle(&[
+        "generate",
+        "--model",
+        model.to_str().unwrap(),
+        "--prompt",
+        "x",
+        "--width",
+        "64",
+        "--height",
+        "64",
+        "--steps",
+        "3",
+        "--guidance-rescale",
+        "0.7",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    let err = common::stderr(&o);
+    assert!(o.status.success(), "{err}");
+    assert!(
+        err.contains("sampler: Euler (v-prediction, zero-SNR schedule)"),
+        "{err}"
+    );
+    assert!(out.exists());
+    std::fs::remove_dir_all(&dir).unwrap();
+}

@@ -420,19 +420,6 @@ fn bad_training_input_fails_cleanly() {
     );
 }
 
-fn copy_dir(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for e in std::fs::read_dir(from).unwrap() {
-        let e = e.unwrap();
-        let dest = to.join(e.file_name());
-        if e.file_type().unwrap().is_dir() {
-            copy_dir(&e.path(), &dest);
-        } else {
-            std::fs::copy(e.path(), dest).unwrap();
-        }
-    }
-}
-
 /// A v-prediction or zero-terminal-SNR model (they generate, see tests/samplers.rs) is refused
 /// before anything is written: the loss targets epsilon on SDXL's schedule.
 #[test]
@@ -440,7 +427,7 @@ fn v_prediction_models_are_refused_for_training() {
     let dir = tmp("vpred");
     let data = dataset(&dir);
     let model = dir.join("sdxl");
-    copy_dir(&tiny().join("sdxl"), &model);
+    common::copy_dir(&tiny().join("sdxl"), &model);
     let sched = model.join("scheduler/scheduler_config.json");
     let original =
         std::fs::read_to_string(tiny().join("sdxl/scheduler/scheduler_config.json")).unwrap();

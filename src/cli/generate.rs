@@ -239,7 +239,13 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
     };
     // `auto` names a sampler now, so an unsupported scheduler fails before any step runs.
     let sampler = req.sampler.resolve(&pipe.scheduler)?;
-    eprintln!("sampler: {}", sampler.describe(&pipe.scheduler));
+    let model_kind = match (pipe.scheduler.prediction, pipe.scheduler.zero_snr) {
+        (kstyle::sample::schedule::Prediction::Epsilon, false) => "",
+        (kstyle::sample::schedule::Prediction::Epsilon, true) => " (zero-SNR schedule)",
+        (kstyle::sample::schedule::Prediction::V, false) => " (v-prediction)",
+        (kstyle::sample::schedule::Prediction::V, true) => " (v-prediction, zero-SNR schedule)",
+    };
+    eprintln!("sampler: {}{model_kind}", sampler.describe(&pipe.scheduler));
     let req = Request { sampler, ..req };
     let given = a.latents.as_deref().map(load_latents).transpose()?;
     let seeds = if given.is_some() {

@@ -96,3 +96,17 @@ pub fn first_losses(adapter: &Path) -> Vec<f64> {
         .map(|v| v.parse().unwrap_or(f64::NAN))
         .collect()
 }
+
+/// A recursive copy (a model folder to edit a config in).
+pub fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let e = e.unwrap();
+        let dest = to.join(e.file_name());
+        if e.file_type().unwrap().is_dir() {
+            copy_dir(&e.path(), &dest);
+        } else {
+            std::fs::copy(e.path(), dest).unwrap();
+        }
+    }
+}
