@@ -397,23 +397,11 @@ fn v_prediction_folders_generate_and_say_so() {
         );
     std::fs::write(&sched, text).unwrap();
     let out = dir.join("v.png");
-    let o = common::kstyle(&[
-        "generate",
-        "--model",
-        model.to_str().unwrap(),
-        "--prompt",
-        "x",
-        "--width",
-        "64",
-        "--height",
-        "64",
-        "--steps",
+    let o = common::generate_model(
+        &model,
         "3",
-        "--guidance-rescale",
-        "0.7",
-        "--out",
-        out.to_str().unwrap(),
-    ]);
+        &["--guidance-rescale", "0.7", "--out", out.to_str().unwrap()],
+    );
     let err = common::stderr(&o);
     assert!(o.status.success(), "{err}");
     assert!(

@@ -25,7 +25,11 @@ pub fn generate_tiny(extra: &[&str]) -> Output {
 
 /// [`generate_tiny`] with `steps` sampling steps.
 pub fn generate_tiny_steps(steps: &str, extra: &[&str]) -> Output {
-    let model = tiny().join("sdxl");
+    generate_model(&tiny().join("sdxl"), steps, extra)
+}
+
+/// [`generate_tiny_steps`] on another model folder.
+pub fn generate_model(model: &Path, steps: &str, extra: &[&str]) -> Output {
     let mut args = vec![
         "generate",
         "--model",
