@@ -52,10 +52,6 @@ impl Heun {
             pending: None,
         })
     }
-
-    pub fn sigmas(&self) -> &[f64] {
-        &self.sigmas
-    }
 }
 
 impl Sampler for Heun {

@@ -128,10 +128,6 @@ impl UniPc {
         })
     }
 
-    pub fn sigmas(&self) -> &[f32] {
-        &self.sigmas
-    }
-
     /// `D_k = (m_k - m_0) / r_k` for the `order - 1` outputs before the newest, whose sigmas are
     /// `self.sigmas[newest - k]`, and their ratios r_k.
     fn differences(&self, newest: usize, order: usize, h: f32) -> Result<(Vec<Tensor>, Vec<f32>)> {
