@@ -164,6 +164,7 @@ fn verify_passes_every_case_on_the_tiny_fixtures() {
         "train_step_kstyle",
         "train_step_lora",
         "samplers",
+        "img2img",
         "lora_lycoris",
         "lora_peft",
         "lora_export",
@@ -409,5 +410,103 @@ fn v_prediction_folders_generate_and_say_so() {
         "{err}"
     );
     assert!(out.exists());
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// `--image`: an odd-sized picture runs at its size rounded down to multiples of 8 (or at the
+/// size asked for), the run is the seed's alone, and bad strengths, files and combinations are
+/// refused before any model loads.
+#[test]
+fn img2img_runs_from_an_image_file() {
+    let dir = tmp("img2img");
+    let input = dir.join("in.png");
+    image::RgbImage::from_fn(101, 77, |x, y| {
+        image::Rgb([(x * 2) as u8, (y * 3) as u8, ((x * y) % 251) as u8])
+    })
+    .save(&input)
+    .unwrap();
+    let model = tiny().join("sdxl");
+    let run = |name: &str, extra: &[&str]| {
+        let out = dir.join(name);
+        let mut args = vec![
+            "generate",
+            "--model",
+            model.to_str().unwrap(),
+            "--prompt",
+            "a house",
+            "--steps",
+            "4",
+            "--out",
+            out.to_str().unwrap(),
+        ];
+        args.extend_from_slice(extra);
+        (kstyle(&args), out)
+    };
+    let img = input.to_str().unwrap();
+    let (o, a) = run(
+        "a.png",
+        &["--image", img, "--strength", "0.5", "--seed", "3"],
+    );
+    let err = common::stderr(&o);
+    assert!(o.status.success(), "{err}");
+    assert!(
+        err.contains("101x77) at 96x72, strength 0.5: the last 2 of 4 steps"),
+        "{err}"
+    );
+    assert_eq!(image::open(&a).unwrap().to_rgb8().dimensions(), (96, 72));
+    let (o, b) = run(
+        "b.png",
+        &["--image", img, "--strength", "0.5", "--seed", "3"],
+    );
+    assert!(o.status.success());
+    let (o, c) = run(
+        "c.png",
+        &["--image", img, "--strength", "0.5", "--seed", "4"],
+    );
+    assert!(o.status.success());
+    let bytes = |p: &PathBuf| std::fs::read(p).unwrap();
+    assert!(bytes(&a) == bytes(&b), "same seed, different images");
+    assert!(bytes(&a) != bytes(&c), "the seed does not reach the noise");
+    let (o, d) = run(
+        "d.png",
+        &[
+            "--image",
+            img,
+            "--width",
+            "64",
+            "--height",
+            "48",
+            "--sampler",
+            "heun",
+        ],
+    );
+    assert!(o.status.success(), "{}", common::stderr(&o));
+    assert_eq!(image::open(&d).unwrap().to_rgb8().dimensions(), (64, 48));
+
+    let (o, out) = run("e.png", &["--image", img, "--strength", "0.1"]);
+    common::assert_fails_naming(&o, "--strength 0.1");
+    assert!(!out.exists());
+    let (o, _) = run("e.png", &["--image", img, "--strength", "1.5"]);
+    common::assert_fails_naming(&o, "strength must be between 0 and 1");
+    let (o, _) = run("e.png", &["--strength", "0.5"]);
+    common::assert_fails_naming(&o, "--image");
+    let (o, _) = run("e.png", &["--image", img, "--width", "60"]);
+    common::assert_fails_naming(&o, "multiples of 8, got 60x72");
+    let latents = tiny().join("reference/pipeline.safetensors");
+    let (o, _) = run(
+        "e.png",
+        &["--image", img, "--latents", latents.to_str().unwrap()],
+    );
+    common::assert_fails_naming(&o, "cannot be used with");
+    let not_image = dir.join("notes.png");
+    std::fs::write(&not_image, "not a picture").unwrap();
+    let (o, _) = run("e.png", &["--image", not_image.to_str().unwrap()]);
+    common::assert_fails_naming(&o, "notes.png");
+    let (o, _) = run(
+        "e.png",
+        &["--image", dir.join("missing.png").to_str().unwrap()],
+    );
+    common::assert_fails_naming(&o, "missing.png");
+    assert!(!dir.join("e.png").exists());
     std::fs::remove_dir_all(&dir).unwrap();
 }

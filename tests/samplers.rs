@@ -37,6 +37,39 @@ fn every_sampler_final_latents_match_diffusers() {
     }
 }
 
+/// diffusers' SDXL img2img pipeline, per sampler (`tests/fixtures/extra/gen_img2img.py`): the
+/// processor's Lanczos resize of a 100x75 image (exact), the VAE's sampled latents (3.1e-7),
+/// each sampler's `add_noise` at the strength's first step (5e-8 to 1.2e-7) and the final
+/// latents (3.1e-7 to 2.0e-6), with multistep warm-ups and Heun's interleaving starting mid-way.
+#[test]
+fn img2img_matches_diffusers_for_every_sampler_kind() {
+    let report = kstyle::verify::run(&tiny(), Device::Cpu, Some(&["img2img".to_string()])).unwrap();
+    assert!(report.failed_cases.is_empty(), "{:?}", report.failed_cases);
+    assert_eq!(report.rows.len(), 22);
+    for r in &report.rows {
+        eprintln!("{}: relative error {:.3e}", r.tensor, r.error);
+        assert!(r.passed, "{} {:e} > {:e}", r.tensor, r.error, r.tolerance);
+    }
+}
+
+/// The steps an img2img strength runs, as diffusers' `get_timesteps` counts them in double.
+#[test]
+fn img2img_strength_counts_steps_as_diffusers() {
+    use kstyle::sample::pipeline::skipped_steps;
+    // 6 x 0.6 is 3.5999999999999996 in double: 3 run, 3 skipped.
+    assert_eq!(skipped_steps(6, 0.6).unwrap(), 3);
+    assert_eq!(skipped_steps(4, 1.0).unwrap(), 0);
+    assert_eq!(skipped_steps(5, 0.6).unwrap(), 2);
+    assert_eq!(skipped_steps(30, 0.3).unwrap(), 21);
+    assert_eq!(skipped_steps(10, 0.1).unwrap(), 9);
+    for (steps, strength) in [(10, 0.05), (4, 0.0), (4, -0.5), (4, 1.01), (4, f64::NAN)] {
+        assert!(
+            skipped_steps(steps, strength).is_err(),
+            "{steps} steps at strength {strength}"
+        );
+    }
+}
+
 /// `--sampler auto` runs the folder's scheduler class; DPM settings this crate does not
 /// implement, and scheduler classes it has no sampler for, are refused by name.
 #[test]

@@ -1,12 +1,16 @@
-//! `kstyle generate`: text to image with an SDXL checkpoint, any number of LoRA files (kohya files
-//! merge at load, kstyle adapters run live with their gates), several seeds per call.
+//! `kstyle generate`: text to image, or image to image with `--image`, with an SDXL checkpoint,
+//! any number of LoRA files (kohya files merge at load, kstyle adapters run live with their
+//! gates), several seeds per call.
 
 use super::DeviceArg;
 use anyhow::Context;
 use indicatif::{ProgressBar, ProgressStyle};
 use kstyle::image::io::save_chw_png;
-use kstyle::sample::pipeline::{LoadOptions, Request, SamplerKind, SdxlPipeline, Sigmas};
-use kstyle::tensor::SafeTensorsFile;
+use kstyle::sample::pipeline::{
+    image_input, image_input_size, skipped_steps, LoadOptions, Request, SamplerKind, SdxlPipeline,
+    Sigmas, Start,
+};
+use kstyle::tensor::{Rng, SafeTensorsFile};
 use kstyle::{DType, Tensor};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -33,10 +37,23 @@ pub struct Args {
     /// v-prediction models).
     #[arg(long, default_value_t = 0.0)]
     pub guidance_rescale: f64,
-    #[arg(long, default_value_t = 1024)]
-    pub width: usize,
-    #[arg(long, default_value_t = 1024)]
-    pub height: usize,
+    /// Image width (default 1024; with --image, the image's width rounded down to a multiple of
+    /// 8).
+    #[arg(long)]
+    pub width: Option<usize>,
+    /// Image height (default 1024; with --image, the image's height rounded down to a multiple
+    /// of 8).
+    #[arg(long)]
+    pub height: Option<usize>,
+    /// Image to image: start from this picture (PNG, JPEG, WebP, ...), resized with Lanczos to
+    /// the output size when it differs, encoded by the VAE and noised to the level where the
+    /// last --strength of the steps begins (diffusers' SDXL img2img pipeline).
+    #[arg(long, conflicts_with = "latents")]
+    pub image: Option<PathBuf>,
+    /// With --image: how much of the schedule runs, 0 to 1 (floor(steps x strength) steps; 1
+    /// repaints from full noise level, low values keep the picture). diffusers' default.
+    #[arg(long, requires = "image", default_value_t = 0.3)]
+    pub strength: f64,
     /// Seeds (repeatable or comma separated); one image each.
     #[arg(long, value_delimiter = ',', default_value = "0")]
     pub seed: Vec<u64>,
@@ -200,6 +217,25 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
             a.guidance_rescale
         );
     }
+    // The input image first: a bad file fails before any model loads.
+    let input = match &a.image {
+        Some(path) => {
+            let img = kstyle::image::io::load_rgb(path)?;
+            skipped_steps(a.steps, a.strength)
+                .with_context(|| format!("--strength {}", a.strength))?;
+            let (w, h) = image_input_size(&img).with_context(|| path.display().to_string())?;
+            let (w, h) = (a.width.unwrap_or(w), a.height.unwrap_or(h));
+            Some((img, w, h))
+        }
+        None => None,
+    };
+    let (width, height) = match &input {
+        Some((_, w, h)) => (*w, *h),
+        None => (a.width.unwrap_or(1024), a.height.unwrap_or(1024)),
+    };
+    if width == 0 || height == 0 || width % 8 != 0 || height % 8 != 0 {
+        anyhow::bail!("--width and --height must be positive multiples of 8, got {width}x{height}");
+    }
     let loras = a
         .loras
         .iter()
@@ -217,8 +253,8 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
     eprintln!(
         "kstyle generate: model {} | {}x{} | {} steps {:?} | cfg {} | {dtype} on {device} | {} LoRA file(s)",
         a.model.display(),
-        a.width,
-        a.height,
+        width,
+        height,
         a.steps,
         a.sampler,
         a.cfg,
@@ -232,8 +268,8 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
         steps: a.steps,
         guidance: a.cfg,
         guidance_rescale: a.guidance_rescale,
-        width: a.width,
-        height: a.height,
+        width,
+        height,
         sampler: a.sampler.kind(),
         noise: kstyle::sample::Noise::default(),
     };
@@ -247,6 +283,21 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
     };
     eprintln!("sampler: {}{model_kind}", sampler.describe(&pipe.scheduler));
     let req = Request { sampler, ..req };
+    let image = match (&input, &a.image) {
+        (Some((img, w, h)), Some(path)) => {
+            let run = a.steps - skipped_steps(a.steps, a.strength)?;
+            eprintln!(
+                "img2img: {} ({}x{}) at {w}x{h}, strength {}: the last {run} of {} steps",
+                path.display(),
+                img.width(),
+                img.height(),
+                a.strength,
+                a.steps
+            );
+            Some(image_input(img, *w, *h, device)?)
+        }
+        _ => None,
+    };
     let given = a.latents.as_deref().map(load_latents).transpose()?;
     let seeds = if given.is_some() {
         vec![a.seed[0]]
@@ -254,9 +305,33 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
         a.seed.clone()
     };
     for &seed in &seeds {
-        let init = match &given {
-            Some(t) => t.to_device(device)?,
-            None => pipe.initial_latents(a.width, a.height, seed)?,
+        // img2img draws the VAE's latent sample, then the noise mixed in, from the seed (the
+        // order diffusers' pipeline draws them in).
+        let img2img = match &image {
+            Some(img) => {
+                let mut rng = Rng::new(seed);
+                let shape = (1, pipe.unet.config.in_channels, height / 8, width / 8);
+                let sample = Tensor::randn(shape, &mut rng, DType::F32, device)?;
+                let latents = pipe.encode_image(img, Some(&sample))?;
+                let noise = Tensor::randn(shape, &mut rng, DType::F32, device)?;
+                Some((latents, noise))
+            }
+            None => None,
+        };
+        let init;
+        let start = match &img2img {
+            Some((latents, noise)) => Start::Image {
+                latents,
+                noise,
+                strength: a.strength,
+            },
+            None => {
+                init = match &given {
+                    Some(t) => t.to_device(device)?,
+                    None => pipe.initial_latents(width, height, seed)?,
+                };
+                Start::Noise(&init)
+            }
         };
         let bar = ProgressBar::new(a.steps as u64);
         bar.set_style(
@@ -272,7 +347,7 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
             ..req.clone()
         };
         // Heun evaluates the UNet 2 x steps - 1 times: the bar counts evaluations.
-        let image = pipe.generate(&req, &init, |i, n| {
+        let image = pipe.generate_from(&req, start, |i, n| {
             bar.set_length(n as u64);
             bar.set_position(i as u64)
         })?;

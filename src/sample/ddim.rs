@@ -58,6 +58,10 @@ impl Sampler for Ddim {
         &self.timesteps
     }
 
+    fn add_noise(&self, index: usize, x0: &Tensor, noise: &Tensor) -> Result<Tensor> {
+        super::vp_add_noise(x0, noise, self.alphas[index].0 as f32)
+    }
+
     fn step(&mut self, i: usize, x: &Tensor, eps: &Tensor) -> Result<Tensor> {
         let (a, a_prev) = self.alphas[i];
         let (x0, eps) = match self.prediction {

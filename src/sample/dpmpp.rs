@@ -35,6 +35,9 @@ pub struct DpmSolverPP {
     sigmas: Vec<f32>,
     /// The data predictions of the last `order - 1` steps, newest last.
     history: Vec<Tensor>,
+    /// Steps taken so far (diffusers' `lower_order_nums`, uncapped): the warm-up counts from the
+    /// first step run, not from the schedule's start.
+    taken: usize,
 }
 
 /// (alpha, sigma) of the VP form for a VE sigma, in float32.
@@ -95,6 +98,7 @@ impl DpmSolverPP {
             timesteps,
             sigmas,
             history: Vec::new(),
+            taken: 0,
         })
     }
 
@@ -102,14 +106,15 @@ impl DpmSolverPP {
         &self.sigmas
     }
 
-    /// The order step `i` runs at: diffusers' warm-up from first order, first order at the end
-    /// (the final sigma is zero), and second order one step before the end of short runs.
+    /// The order step `i` runs at: diffusers' warm-up from first order over the steps taken,
+    /// first order at the schedule's end (the final sigma is zero), and second order one step
+    /// before the end of short schedules.
     fn order_at(&self, i: usize) -> usize {
         let n = self.timesteps.len();
         let short = self.lower_order_final && n < 15;
-        if self.order == 1 || i == 0 || i + 1 == n {
+        if self.order == 1 || self.taken == 0 || i + 1 == n {
             1
-        } else if self.order == 2 || i == 1 || (short && i + 2 == n) {
+        } else if self.order == 2 || self.taken == 1 || (short && i + 2 == n) {
             2
         } else {
             3
@@ -120,6 +125,11 @@ impl DpmSolverPP {
 impl Sampler for DpmSolverPP {
     fn timesteps(&self) -> &[f64] {
         &self.timesteps
+    }
+
+    fn add_noise(&self, index: usize, x0: &Tensor, noise: &Tensor) -> Result<Tensor> {
+        let (a, s) = alpha_sigma(self.sigmas[index]);
+        axpby(a, x0, s, noise)
     }
 
     fn step(&mut self, i: usize, x: &Tensor, eps: &Tensor) -> Result<Tensor> {
@@ -187,6 +197,7 @@ impl Sampler for DpmSolverPP {
                 out.add(&z.scale((sig_t * e2.sqrt()) as f64)?)?
             }
         };
+        self.taken += 1;
         if self.order > 1 {
             self.history.push(x0);
             if self.history.len() > self.order - 1 {

@@ -79,6 +79,10 @@ impl Sampler for EulerDiscrete {
         ve_input_scale(self.sigmas[i])
     }
 
+    fn add_noise(&self, index: usize, x0: &Tensor, noise: &Tensor) -> Result<Tensor> {
+        super::ve_add_noise(x0, noise, self.sigmas[index] as f32)
+    }
+
     fn step(&mut self, i: usize, x: &Tensor, eps: &Tensor) -> Result<Tensor> {
         // x0 = x - sigma eps; d = (x - x0) / sigma = eps; the two forms differ only in rounding,
         // and diffusers computes through x0, so do the same.
@@ -123,6 +127,10 @@ impl Sampler for EulerAncestral {
 
     fn input_scale(&self, i: usize) -> f64 {
         self.euler.input_scale(i)
+    }
+
+    fn add_noise(&self, index: usize, x0: &Tensor, noise: &Tensor) -> Result<Tensor> {
+        self.euler.add_noise(index, x0, noise)
     }
 
     fn step(&mut self, i: usize, x: &Tensor, eps: &Tensor) -> Result<Tensor> {

@@ -67,6 +67,16 @@ impl Sampler for Heun {
         ve_input_scale(self.sigmas[i])
     }
 
+    /// Two evaluations a step: skipping `skipped` steps skips twice as many evaluations, and the
+    /// run starts on a first-order evaluation (diffusers' `t_start * order`).
+    fn first_index(&self, skipped: usize) -> usize {
+        2 * skipped
+    }
+
+    fn add_noise(&self, index: usize, x0: &Tensor, noise: &Tensor) -> Result<Tensor> {
+        super::ve_add_noise(x0, noise, self.sigmas[index] as f32)
+    }
+
     fn step(&mut self, i: usize, x: &Tensor, out: &Tensor) -> Result<Tensor> {
         let clamp = |x0: Tensor| -> Result<Tensor> {
             match self.clip {

@@ -78,6 +78,10 @@ impl Sampler for Lcm {
         &self.timesteps
     }
 
+    fn add_noise(&self, index: usize, x0: &Tensor, noise: &Tensor) -> Result<Tensor> {
+        super::vp_add_noise(x0, noise, self.alphas[index].0)
+    }
+
     fn step(&mut self, i: usize, x: &Tensor, eps: &Tensor) -> Result<Tensor> {
         let (a, a_next) = self.alphas[i];
         let (c_skip, c_out) = self.scalings[i];

@@ -81,12 +81,47 @@ pub trait Sampler {
     fn input_scale(&self, _i: usize) -> f64 {
         1.0
     }
-    /// The latents after step `i` given the (guided) epsilon prediction. Steps run in order;
-    /// multistep samplers keep what they need of earlier steps.
+    /// The index of the first step run when the first `skipped` steps of the schedule are skipped
+    /// (img2img): `skipped` itself, except for samplers with several evaluations a step.
+    fn first_index(&self, skipped: usize) -> usize {
+        skipped
+    }
+    /// `x0` noised with `noise` to the level of step `index`, as diffusers' `add_noise` does at
+    /// a scheduler's begin index: where img2img starts (no `init_noise_sigma` factor applies).
+    fn add_noise(
+        &self,
+        index: usize,
+        x0: &crate::Tensor,
+        noise: &crate::Tensor,
+    ) -> crate::Result<crate::Tensor>;
+    /// The latents after step `i` given the (guided) epsilon prediction. Steps run in order
+    /// from the first index; multistep samplers keep what they need of earlier steps and warm
+    /// up from first order wherever they start.
     fn step(
         &mut self,
         i: usize,
         x: &crate::Tensor,
         eps: &crate::Tensor,
     ) -> crate::Result<crate::Tensor>;
+}
+
+/// `x0 + sigma noise`: noising for the samplers that keep VE latents (Euler, Heun), at the
+/// schedule's float32 sigma.
+pub(crate) fn ve_add_noise(
+    x0: &crate::Tensor,
+    noise: &crate::Tensor,
+    sigma: f32,
+) -> crate::Result<crate::Tensor> {
+    x0.add(&noise.scale(sigma as f64)?)
+}
+
+/// `sqrt(abar) x0 + sqrt(1 - abar) noise`: DDPM's forward process, as DDIM and LCM noise, with
+/// float32 square roots of the float32 table entry.
+pub(crate) fn vp_add_noise(
+    x0: &crate::Tensor,
+    noise: &crate::Tensor,
+    abar: f32,
+) -> crate::Result<crate::Tensor> {
+    x0.scale(abar.sqrt() as f64)?
+        .add(&noise.scale((1.0 - abar).sqrt() as f64)?)
 }

@@ -142,6 +142,95 @@ pub struct SdxlPipeline {
     pub adapters: Vec<PathBuf>,
 }
 
+/// Where sampling starts.
+#[derive(Clone, Copy, Debug)]
+pub enum Start<'a> {
+    /// Text to image: unscaled N(0, 1) latents (1, C, H/8, W/8), scaled by the sampler's initial
+    /// noise sigma.
+    Noise(&'a Tensor),
+    /// Image to image, as diffusers' SDXL img2img pipeline: the image's scaled latents
+    /// (1, C, H/8, W/8) are noised with `noise` (same shape) to the step where the last
+    /// `strength` (0 to 1) of the schedule begins, and only those steps run: of `steps`,
+    /// `floor(steps x strength)`.
+    Image {
+        latents: &'a Tensor,
+        noise: &'a Tensor,
+        strength: f64,
+    },
+}
+
+impl Start<'_> {
+    /// The latents that fix the generation's shape.
+    fn shape_source(&self) -> &Tensor {
+        match self {
+            Start::Noise(t) => t,
+            Start::Image { latents, .. } => latents,
+        }
+    }
+}
+
+/// How many of `steps` an img2img run of `strength` skips, as diffusers' `get_timesteps`:
+/// `steps - min(floor(steps x strength), steps)` (the product in f64, as Python takes it).
+/// Errors when no step would run, or the strength is outside 0 to 1.
+pub fn skipped_steps(steps: usize, strength: f64) -> Result<usize> {
+    if !(0.0..=1.0).contains(&strength) {
+        return Err(Error::Config(format!(
+            "strength must be between 0 and 1, got {strength}"
+        )));
+    }
+    let run = ((steps as f64 * strength) as usize).min(steps);
+    if run == 0 {
+        return Err(Error::Config(format!(
+            "strength {strength} of {steps} steps runs no step (floor(steps x strength) is 0): \
+             raise the strength or the steps"
+        )));
+    }
+    Ok(steps - run)
+}
+
+/// The size diffusers' img2img pipeline processes an image at when none is asked for: its own,
+/// each side rounded down to a multiple of 8 (`VaeImageProcessor.get_default_height_width`), as
+/// (width, height).
+pub fn image_input_size(img: &image::RgbImage) -> Result<(usize, usize)> {
+    let (w, h) = (img.width() as usize, img.height() as usize);
+    if w < 8 || h < 8 {
+        return Err(Error::Config(format!(
+            "img2img needs an image of at least 8x8 pixels, got {w}x{h}"
+        )));
+    }
+    Ok((w - w % 8, h - h % 8))
+}
+
+/// An RGB image as the VAE's input (1, 3, height, width) in [-1, 1], as diffusers'
+/// `VaeImageProcessor` prepares it: resized straight to `width` x `height` (aspect not kept)
+/// with Pillow's Lanczos when its size differs, then `v / 255 * 2 - 1`.
+pub fn image_input(
+    img: &image::RgbImage,
+    width: usize,
+    height: usize,
+    device: Device,
+) -> Result<Tensor> {
+    if width == 0 || height == 0 || width % 8 != 0 || height % 8 != 0 {
+        return Err(Error::Config(format!(
+            "width and height must be positive multiples of 8, got {width}x{height}"
+        )));
+    }
+    let resized;
+    let img = if (img.width() as usize, img.height() as usize) == (width, height) {
+        img
+    } else {
+        resized = crate::image::resample::resize_rgb(
+            img,
+            width as u32,
+            height as u32,
+            crate::image::resample::Filter::Lanczos,
+        )?;
+        &resized
+    };
+    let chw = crate::image::io::rgb_to_chw(img, crate::image::io::PixelRange::Signed);
+    Tensor::from_vec(chw, (1, 3, height, width), Device::Cpu)?.to_device(device)
+}
+
 /// Per-prompt conditioning: context (B, 77, D1 + D2) and pooled text embeds (B, P).
 #[derive(Clone, Debug)]
 pub struct PromptEmbeds {
@@ -266,6 +355,31 @@ impl SdxlPipeline {
         )
     }
 
+    /// An image (1, 3, H, W) in [-1, 1] to the scaled latents the UNet sees, through the f32
+    /// VAE encoder: the latent distribution's mean, or with `sample_noise` (N(0, 1), latent
+    /// shaped) a draw `mean + exp(logvar / 2) noise`, as diffusers' img2img pipeline samples it.
+    pub fn encode_image(&self, image: &Tensor, sample_noise: Option<&Tensor>) -> Result<Tensor> {
+        crate::autograd::no_grad(|| {
+            let image = image.to_dtype(DType::F32)?.to_device(self.device)?;
+            let (mean, logvar) = self.vae.encode(&image)?; // (1, L, H/8, W/8) each
+            let z = match sample_noise {
+                None => mean,
+                Some(n) => {
+                    if n.dims() != mean.dims() {
+                        return Err(Error::bad_shape(
+                            "encode_image",
+                            format!("sample noise shaped like the latents {:?}", mean.dims()),
+                            n.dims(),
+                        ));
+                    }
+                    let n = n.to_dtype(DType::F32)?.to_device(self.device)?;
+                    mean.add(&logvar.scale(0.5)?.exp()?.mul(&n)?)?
+                }
+            };
+            self.vae.scale_latents(&z)
+        })
+    }
+
     /// Run the sampler from unscaled N(0,1) latents to final latents; `progress(i, n)` is called
     /// after every step.
     pub fn denoise(
@@ -274,19 +388,30 @@ impl SdxlPipeline {
         init: &Tensor,
         progress: impl FnMut(usize, usize),
     ) -> Result<Tensor> {
+        self.denoise_from(req, Start::Noise(init), progress)
+    }
+
+    /// Run the sampler from `start` (text to image, or image to image) to final latents;
+    /// `progress(i, n)` is called after every UNet evaluation.
+    pub fn denoise_from(
+        &self,
+        req: &Request,
+        start: Start,
+        progress: impl FnMut(usize, usize),
+    ) -> Result<Tensor> {
         let positive = self.encode_prompts(std::slice::from_ref(&req.prompt))?;
         let negative = if req.guidance > 1.0 {
             Some(self.negative_embeds(req, &positive)?)
         } else {
             None
         };
-        denoise(
+        denoise_from(
             &self.unet,
             &self.scheduler,
             req,
             &positive,
             negative.as_ref(),
-            init,
+            start,
             progress,
         )
     }
@@ -308,8 +433,18 @@ impl SdxlPipeline {
         init: &Tensor,
         progress: impl FnMut(usize, usize),
     ) -> Result<Tensor> {
+        self.generate_from(req, Start::Noise(init), progress)
+    }
+
+    /// The whole run from `start`: prompt (and image) to image in [0, 1].
+    pub fn generate_from(
+        &self,
+        req: &Request,
+        start: Start,
+        progress: impl FnMut(usize, usize),
+    ) -> Result<Tensor> {
         crate::autograd::no_grad(|| {
-            let latents = self.denoise(req, init, progress)?;
+            let latents = self.denoise_from(req, start, progress)?;
             self.decode(&latents)
         })
     }
@@ -330,55 +465,11 @@ fn rescale_guidance(guided: &Tensor, cond: &Tensor, phi: f64) -> Result<Tensor> 
     rescaled.scale(phi)?.add(&guided.scale(1.0 - phi)?)
 }
 
-/// The kohya naming index of a UNet's own modules.
-pub fn unet_module_index(unet: &UNet2DConditionModel) -> ModuleIndex {
-    unet_index_for(&unet.config)
-}
-
-/// The kohya naming index of a UNet architecture, from its config alone (no weights).
-pub fn unet_index_for(cfg: &crate::models::unet::UNetConfig) -> ModuleIndex {
-    let shapes = crate::models::unet::param_shapes(cfg);
-    ModuleIndex::unet(
-        shapes.0.iter().map(|(k, s)| (k.as_str(), s.as_slice())),
-        &cfg.layout(),
-    )
-}
-
-/// The sampling loop on precomputed prompt embeddings (the trainer samples with its live UNet and
-/// cached embeddings through this). `negative` switches classifier-free guidance on.
-pub fn denoise(
-    unet: &UNet2DConditionModel,
-    scheduler: &SchedulerConfig,
-    req: &Request,
-    positive: &PromptEmbeds,
-    negative: Option<&PromptEmbeds>,
-    init: &Tensor,
-    mut progress: impl FnMut(usize, usize),
-) -> Result<Tensor> {
-    if req.width % 8 != 0 || req.height % 8 != 0 || req.width == 0 || req.height == 0 {
-        return Err(Error::Config(format!(
-            "width and height must be positive multiples of 8, got {}x{}",
-            req.width, req.height
-        )));
-    }
-    let (_, c, lh, lw) = init.dims4()?;
-    if (c, lh * 8, lw * 8) != (unet.config.in_channels, req.height, req.width) {
-        return Err(Error::bad_shape(
-            "generate",
-            format!(
-                "initial latents must be (B, {}, {}, {}) for {}x{}",
-                unet.config.in_channels,
-                req.height / 8,
-                req.width / 8,
-                req.width,
-                req.height
-            ),
-            init.dims(),
-        ));
-    }
+/// The sampler `req` asks for on `scheduler`'s schedule.
+fn build_sampler(scheduler: &SchedulerConfig, req: &Request) -> Result<Box<dyn Sampler>> {
     let karras = |s: Sigmas| s == Sigmas::Karras || scheduler.karras;
     let noise = Some(&req.noise);
-    let mut sampler: Box<dyn Sampler> = match req.sampler.resolve(scheduler)? {
+    Ok(match req.sampler.resolve(scheduler)? {
         SamplerKind::Euler(s) => {
             let config = SchedulerConfig {
                 karras: karras(s),
@@ -407,7 +498,113 @@ pub fn denoise(
             Box::new(Heun::new(&config, req.steps)?)
         }
         SamplerKind::Auto => unreachable!("resolve() names a sampler"),
-    };
+    })
+}
+
+/// Where an img2img run of `strength` starts: the image's scaled `latents` noised with `noise`
+/// to the level of its first step under `req`'s sampler and steps.
+pub fn start_latents(
+    scheduler: &SchedulerConfig,
+    req: &Request,
+    latents: &Tensor,
+    noise: &Tensor,
+    strength: f64,
+) -> Result<Tensor> {
+    let sampler = build_sampler(scheduler, req)?;
+    img2img_start(sampler.as_ref(), req, latents, noise, strength).map(|(_, x)| x)
+}
+
+/// The first step's index and the noised latents it starts from.
+fn img2img_start(
+    sampler: &dyn Sampler,
+    req: &Request,
+    latents: &Tensor,
+    noise: &Tensor,
+    strength: f64,
+) -> Result<(usize, Tensor)> {
+    if noise.dims() != latents.dims() {
+        return Err(Error::bad_shape(
+            "img2img",
+            format!("noise shaped like the image latents {:?}", latents.dims()),
+            noise.dims(),
+        ));
+    }
+    let first = sampler.first_index(skipped_steps(req.steps, strength)?);
+    let x0 = latents.to_dtype(DType::F32)?;
+    let noise = noise.to_dtype(DType::F32)?.to_device(latents.device())?;
+    Ok((first, sampler.add_noise(first, &x0, &noise)?))
+}
+
+/// The kohya naming index of a UNet's own modules.
+pub fn unet_module_index(unet: &UNet2DConditionModel) -> ModuleIndex {
+    unet_index_for(&unet.config)
+}
+
+/// The kohya naming index of a UNet architecture, from its config alone (no weights).
+pub fn unet_index_for(cfg: &crate::models::unet::UNetConfig) -> ModuleIndex {
+    let shapes = crate::models::unet::param_shapes(cfg);
+    ModuleIndex::unet(
+        shapes.0.iter().map(|(k, s)| (k.as_str(), s.as_slice())),
+        &cfg.layout(),
+    )
+}
+
+/// The sampling loop on precomputed prompt embeddings (the trainer samples with its live UNet and
+/// cached embeddings through this) from unscaled N(0, 1) latents. `negative` switches
+/// classifier-free guidance on.
+pub fn denoise(
+    unet: &UNet2DConditionModel,
+    scheduler: &SchedulerConfig,
+    req: &Request,
+    positive: &PromptEmbeds,
+    negative: Option<&PromptEmbeds>,
+    init: &Tensor,
+    progress: impl FnMut(usize, usize),
+) -> Result<Tensor> {
+    denoise_from(
+        unet,
+        scheduler,
+        req,
+        positive,
+        negative,
+        Start::Noise(init),
+        progress,
+    )
+}
+
+/// [`denoise`] from either start: text to image or image to image.
+pub fn denoise_from(
+    unet: &UNet2DConditionModel,
+    scheduler: &SchedulerConfig,
+    req: &Request,
+    positive: &PromptEmbeds,
+    negative: Option<&PromptEmbeds>,
+    start: Start,
+    mut progress: impl FnMut(usize, usize),
+) -> Result<Tensor> {
+    let init = start.shape_source();
+    if req.width % 8 != 0 || req.height % 8 != 0 || req.width == 0 || req.height == 0 {
+        return Err(Error::Config(format!(
+            "width and height must be positive multiples of 8, got {}x{}",
+            req.width, req.height
+        )));
+    }
+    let (_, c, lh, lw) = init.dims4()?;
+    if (c, lh * 8, lw * 8) != (unet.config.in_channels, req.height, req.width) {
+        return Err(Error::bad_shape(
+            "generate",
+            format!(
+                "initial latents must be (B, {}, {}, {}) for {}x{}",
+                unet.config.in_channels,
+                req.height / 8,
+                req.width / 8,
+                req.width,
+                req.height
+            ),
+            init.dims(),
+        ));
+    }
+    let mut sampler = build_sampler(scheduler, req)?;
     let device = init.device();
     let (h, w) = (req.height as f64, req.width as f64);
     let time_ids = Tensor::from_vec(vec![h, w, 0.0, 0.0, h, w], (1, 6), Device::Cpu)?
@@ -421,11 +618,20 @@ pub fn denoise(
         ),
         None => (positive.context.clone(), positive.pooled.clone(), time_ids),
     };
-    let mut x = init
-        .to_dtype(DType::F32)?
-        .scale(sampler.init_noise_sigma())?; // (1, 4, h, w)
     let n = sampler.timesteps().len();
-    for i in 0..n {
+    let (first, mut x) = match start {
+        Start::Noise(init) => (
+            0,
+            init.to_dtype(DType::F32)?
+                .scale(sampler.init_noise_sigma())?,
+        ),
+        Start::Image {
+            latents,
+            noise,
+            strength,
+        } => img2img_start(sampler.as_ref(), req, latents, noise, strength)?,
+    }; // (1, 4, h, w)
+    for i in first..n {
         let t = Tensor::scalar(sampler.timesteps()[i], DType::F32, device)?;
         let x_in = x.scale(sampler.input_scale(i))?;
         let x_in = if negative.is_some() {
@@ -448,7 +654,7 @@ pub fn denoise(
             eps
         };
         x = sampler.step(i, &x, &eps)?;
-        progress(i + 1, n);
+        progress(i + 1 - first, n - first);
     }
     Ok(x)
 }

@@ -207,6 +207,11 @@ impl Sampler for UniPc {
         &self.timesteps
     }
 
+    fn add_noise(&self, index: usize, x0: &Tensor, noise: &Tensor) -> Result<Tensor> {
+        let (a, s) = alpha_sigma(self.sigmas[index]);
+        x0.scale(a as f64)?.add(&noise.scale(s as f64)?)
+    }
+
     fn step(&mut self, i: usize, x: &Tensor, eps: &Tensor) -> Result<Tensor> {
         let (a, sig) = alpha_sigma(self.sigmas[i]);
         // The data prediction, from the uncorrected sample the model saw.
@@ -227,7 +232,9 @@ impl Sampler for UniPc {
         } else {
             self.order
         }
-        .min(i + 1);
+        // Warm-up over the steps taken (the history holds one output per step, up to `order`),
+        // wherever the run started.
+        .min(self.history.len());
         let out = self.predict(i, &x, order)?;
         self.last = Some((x, order));
         Ok(out)

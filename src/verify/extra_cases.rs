@@ -1,6 +1,6 @@
 //! The project's own reference cases, in `extra/` beside the vendored fixtures folder
 //! (`tests/fixtures/extra`, made by its `gen_*.py` with the fixtures' pinned PyTorch stack):
-//! the samplers beyond Euler (Euler ancestral replaying PyTorch's noise), LyCORIS files against LyCORIS' forward, a diffusers-saved PEFT
+//! the samplers beyond Euler (Euler ancestral replaying PyTorch's noise), img2img per sampler, LyCORIS files against LyCORIS' forward, a diffusers-saved PEFT
 //! DoRA LoRA against peft's forward, and `kstyle export`'s files as diffusers loads them. They
 //! run on the fixtures folder's own tiny model and reference inputs.
 
@@ -120,6 +120,87 @@ pub fn samplers(ctx: &Ctx) -> Result<Vec<Row>> {
             &format!("{name}.final_latents"),
             &latents,
             &f.tensor("final_latents")?,
+            ctx.forward,
+        )?;
+    }
+    Ok(chk.rows)
+}
+
+/// diffusers' SDXL img2img pipeline, one run per sampler: the processor's resize of a 100x75
+/// image to 96x72, the VAE's sampled latents, `add_noise` at the strength's first step, and the
+/// final latents (the runs replay PyTorch's draws).
+pub fn img2img(ctx: &Ctx) -> Result<Vec<Row>> {
+    use crate::sample::pipeline::{image_input, image_input_size, Start};
+    let mut pipe = super::pipeline_case::tiny_pipeline(ctx)?;
+    let mut chk = Checker::new("img2img");
+    let path = extra(ctx, "img2img.safetensors");
+    let f = SafeTensorsFile::open(&path)?;
+    let x =
+        |n: &str| -> Result<Tensor> { f.tensor(n)?.to_dtype(DType::F32)?.to_device(ctx.device) };
+    let u8s = f.tensor("image_u8")?;
+    let (h, w, _) = u8s.dims3()?;
+    let bytes: Vec<u8> = u8s.to_vec_i64()?.iter().map(|&v| v as u8).collect();
+    let rgb = image::RgbImage::from_raw(w as u32, h as u32, bytes).ok_or_else(|| {
+        crate::Error::file(&path, "image_u8 is not an (H, W, 3) byte image".to_string())
+    })?;
+    let (width, height) = image_input_size(&rgb)?;
+    let input = image_input(&rgb, width, height, ctx.device)?;
+    chk.check("image", &input, &f.tensor("image")?, ctx.forward)?;
+    let latents = pipe.encode_image(&input, Some(&x("sample_noise")?))?;
+    chk.check(
+        "image_latents",
+        &latents,
+        &f.tensor("image_latents")?,
+        ctx.forward,
+    )?;
+    let negative = f.meta_str("negative_prompt")?.to_string();
+    for name in f.meta_str("cases")?.split(',') {
+        let key = |k: &str| format!("{name}.{k}");
+        pipe.scheduler =
+            SchedulerConfig::from_json_text(f.meta_str(&key("scheduler_config"))?, &path)?;
+        let steps = f.meta_f64(&key("steps"))? as usize;
+        let step_noise = (0..)
+            .map(|i| key(&format!("noise.{i}")))
+            .take_while(|n| f.contains(n))
+            .map(|n| f.tensor(&n))
+            .collect::<Result<Vec<_>>>()?;
+        let req = Request {
+            prompt: f.meta_str("prompt")?.to_string(),
+            negative: (!negative.is_empty()).then(|| negative.clone()),
+            steps,
+            guidance: f.meta_f64(&key("guidance_scale"))?,
+            guidance_rescale: 0.0,
+            width,
+            height,
+            sampler: SamplerKind::Auto,
+            noise: Noise::Given(step_noise),
+        };
+        let noise = x(&key("noise"))?;
+        let strength = f.meta_f64(&key("strength"))?;
+        // The starting latents alone (add_noise at the first step's level), then the whole run.
+        let sampler_start = crate::sample::pipeline::start_latents(
+            &pipe.scheduler,
+            &req,
+            &latents,
+            &noise,
+            strength,
+        )?;
+        chk.check(
+            &key("start_latents"),
+            &sampler_start,
+            &f.tensor(&key("start_latents"))?,
+            ctx.forward,
+        )?;
+        let start = Start::Image {
+            latents: &latents,
+            noise: &noise,
+            strength,
+        };
+        let out = no_grad(|| pipe.denoise_from(&req, start, |_, _| {}))?;
+        chk.check(
+            &key("final_latents"),
+            &out,
+            &f.tensor(&key("final_latents"))?,
             ctx.forward,
         )?;
     }

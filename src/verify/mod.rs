@@ -185,6 +185,11 @@ pub fn cases() -> Vec<(&'static str, &'static str, CaseFn)> {
             extra_cases::samplers,
         ),
         (
+            "img2img",
+            "../../extra/img2img.safetensors",
+            extra_cases::img2img,
+        ),
+        (
             "lora_lycoris",
             "../../extra/lycoris_reference.safetensors",
             extra_cases::lora_lycoris,
