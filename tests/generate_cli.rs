@@ -165,6 +165,7 @@ fn verify_passes_every_case_on_the_tiny_fixtures() {
         "train_step_lora",
         "samplers",
         "img2img",
+        "inpaint",
         "lora_lycoris",
         "lora_peft",
         "lora_export",
@@ -508,5 +509,108 @@ fn img2img_runs_from_an_image_file() {
     );
     common::assert_fails_naming(&o, "missing.png");
     assert!(!dir.join("e.png").exists());
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// `--mask`: inpainting with the tiny 4-channel model (the kept region blended back) and with a
+/// 9-channel inpainting variant of it (conv_in from `tests/fixtures/extra/inpaint.safetensors`);
+/// the inpainting model refuses to run without a mask, and `--mask` needs `--image`.
+#[test]
+fn inpainting_runs_with_four_and_nine_channel_unets() {
+    use kstyle::tensor::SafeTensorsFile;
+    let dir = tmp("inpaint");
+    let input = dir.join("in.png");
+    image::RgbImage::from_fn(101, 77, |x, y| {
+        image::Rgb([(x * 2) as u8, (y * 3) as u8, ((x * y) % 251) as u8])
+    })
+    .save(&input)
+    .unwrap();
+    let mask = dir.join("mask.png");
+    image::GrayImage::from_fn(101, 77, |x, y| {
+        image::Luma([if (20..60).contains(&x) && (10..50).contains(&y) {
+            255
+        } else {
+            0
+        }])
+    })
+    .save(&mask)
+    .unwrap();
+    // The inpainting variant: the tiny folder with a 9-input conv_in.
+    let nine = dir.join("sdxl-inpaint");
+    common::copy_dir(&tiny().join("sdxl"), &nine);
+    let weights = nine.join("unet/diffusion_pytorch_model.safetensors");
+    let f = SafeTensorsFile::open(&weights).unwrap();
+    let conv = SafeTensorsFile::open(
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/extra/inpaint.safetensors"),
+    )
+    .unwrap()
+    .tensor("inpaint_conv_in.weight")
+    .unwrap();
+    let tensors: Vec<(String, kstyle::Tensor)> = f
+        .names()
+        .map(|n| {
+            let t = if n == "conv_in.weight" {
+                conv.clone()
+            } else {
+                f.tensor(n).unwrap()
+            };
+            (n.to_string(), t)
+        })
+        .collect();
+    drop(f);
+    kstyle::tensor::save_safetensors(&weights, &tensors, None).unwrap();
+    let config = nine.join("unet/config.json");
+    let text = std::fs::read_to_string(&config).unwrap();
+    let mut json: serde_json::Value = serde_json::from_str(&text).unwrap();
+    json["in_channels"] = 9.into();
+    std::fs::write(&config, json.to_string()).unwrap();
+
+    let run = |model: &std::path::Path, name: &str, extra: &[&str]| {
+        let out = dir.join(name);
+        let mut args = vec![
+            "generate",
+            "--model",
+            model.to_str().unwrap(),
+            "--prompt",
+            "a house",
+            "--steps",
+            "4",
+            "--out",
+            out.to_str().unwrap(),
+        ];
+        args.extend_from_slice(extra);
+        (kstyle(&args), out)
+    };
+    let (img, m) = (input.to_str().unwrap(), mask.to_str().unwrap());
+    let four = tiny().join("sdxl");
+    let (o, out) = run(&four, "four.png", &["--image", img, "--mask", m]);
+    let err = common::stderr(&o);
+    assert!(o.status.success(), "{err}");
+    assert!(
+        err.contains("inpaint: ") && err.contains("strength 0.9999: the last 3 of 4"),
+        "{err}"
+    );
+    assert_eq!(image::open(&out).unwrap().to_rgb8().dimensions(), (96, 72));
+    let (o, out) = run(
+        &nine,
+        "nine.png",
+        &["--image", img, "--mask", m, "--strength", "1"],
+    );
+    assert!(o.status.success(), "{}", common::stderr(&o));
+    assert_eq!(image::open(&out).unwrap().to_rgb8().dimensions(), (96, 72));
+
+    let (o, out) = run(&nine, "no-mask.png", &["--image", img]);
+    common::assert_fails_naming(&o, "inpainting model");
+    assert!(!out.exists());
+    let (o, _) = run(&four, "x.png", &["--mask", m]);
+    common::assert_fails_naming(&o, "--image");
+    std::fs::write(dir.join("bad.png"), "no").unwrap();
+    let bad = dir.join("bad.png");
+    let (o, _) = run(
+        &four,
+        "x.png",
+        &["--image", img, "--mask", bad.to_str().unwrap()],
+    );
+    common::assert_fails_naming(&o, "bad.png");
     std::fs::remove_dir_all(&dir).unwrap();
 }

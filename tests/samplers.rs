@@ -52,6 +52,22 @@ fn img2img_matches_diffusers_for_every_sampler_kind() {
     }
 }
 
+/// diffusers' SDXL inpainting pipeline (`tests/fixtures/extra/gen_inpaint.py`): the mask
+/// processor's Lanczos, "L" and binarisation (exact), and the final latents of 4-channel runs
+/// blending the kept region back every step (Euler at 0.6 and 1.0, Euler ancestral, DDIM, DPM++
+/// 2M, Heun: 7.4e-7 to 1.9e-6) and of a 9-channel inpainting UNet (Euler at 0.9999, DPM++ 2M at
+/// 1: 7.8e-7 and 7.7e-7).
+#[test]
+fn inpainting_matches_diffusers_with_both_unet_kinds() {
+    let report = kstyle::verify::run(&tiny(), Device::Cpu, Some(&["inpaint".to_string()])).unwrap();
+    assert!(report.failed_cases.is_empty(), "{:?}", report.failed_cases);
+    assert_eq!(report.rows.len(), 9);
+    for r in &report.rows {
+        eprintln!("{}: relative error {:.3e}", r.tensor, r.error);
+        assert!(r.passed, "{} {:e} > {:e}", r.tensor, r.error, r.tolerance);
+    }
+}
+
 /// The steps an img2img strength runs, as diffusers' `get_timesteps` counts them in double.
 #[test]
 fn img2img_strength_counts_steps_as_diffusers() {

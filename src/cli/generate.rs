@@ -1,4 +1,5 @@
-//! `kstyle generate`: text to image, or image to image with `--image`, with an SDXL checkpoint,
+//! `kstyle generate`: text to image, image to image with `--image`, or inpainting with `--image`
+//! and `--mask`, with an SDXL checkpoint,
 //! any number of LoRA files (kohya files merge at load, kstyle adapters run live with their
 //! gates), several seeds per call.
 
@@ -7,8 +8,8 @@ use anyhow::Context;
 use indicatif::{ProgressBar, ProgressStyle};
 use kstyle::image::io::save_chw_png;
 use kstyle::sample::pipeline::{
-    image_input, image_input_size, skipped_steps, LoadOptions, Request, SamplerKind, SdxlPipeline,
-    Sigmas, Start,
+    image_input, image_input_size, mask_input, masked_image, skipped_steps, Inpaint, LoadOptions,
+    Request, SamplerKind, SdxlPipeline, Sigmas, Start,
 };
 use kstyle::tensor::{Rng, SafeTensorsFile};
 use kstyle::{DType, Tensor};
@@ -50,10 +51,17 @@ pub struct Args {
     /// last --strength of the steps begins (diffusers' SDXL img2img pipeline).
     #[arg(long, conflicts_with = "latents")]
     pub image: Option<PathBuf>,
+    /// Inpainting, with --image: a mask picture, white (luma 128 and above) where the picture is
+    /// repainted and black where it is kept; resized to the output size like the picture. A
+    /// 4-channel model puts the kept region back after every step; an inpainting model (a
+    /// 9-channel UNet) sees the mask and the masked picture (diffusers' SDXL inpaint pipeline).
+    #[arg(long, requires = "image")]
+    pub mask: Option<PathBuf>,
     /// With --image: how much of the schedule runs, 0 to 1 (floor(steps x strength) steps; 1
-    /// repaints from full noise level, low values keep the picture). diffusers' default.
-    #[arg(long, requires = "image", default_value_t = 0.3)]
-    pub strength: f64,
+    /// repaints from full noise level, low values keep the picture). diffusers' defaults: 0.3,
+    /// and 0.9999 with --mask (at 1, inpainting starts from noise alone).
+    #[arg(long, requires = "image")]
+    pub strength: Option<f64>,
     /// Seeds (repeatable or comma separated); one image each.
     #[arg(long, value_delimiter = ',', default_value = "0")]
     pub seed: Vec<u64>,
@@ -217,12 +225,19 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
             a.guidance_rescale
         );
     }
-    // The input image first: a bad file fails before any model loads.
+    let strength = a
+        .strength
+        .unwrap_or(if a.mask.is_some() { 0.9999 } else { 0.3 });
+    // The input pictures first: a bad file fails before any model loads.
+    let mask_picture = a
+        .mask
+        .as_deref()
+        .map(kstyle::image::io::load_rgb)
+        .transpose()?;
     let input = match &a.image {
         Some(path) => {
             let img = kstyle::image::io::load_rgb(path)?;
-            skipped_steps(a.steps, a.strength)
-                .with_context(|| format!("--strength {}", a.strength))?;
+            skipped_steps(a.steps, strength).with_context(|| format!("--strength {strength}"))?;
             let (w, h) = image_input_size(&img).with_context(|| path.display().to_string())?;
             let (w, h) = (a.width.unwrap_or(w), a.height.unwrap_or(h));
             Some((img, w, h))
@@ -285,19 +300,40 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
     let req = Request { sampler, ..req };
     let image = match (&input, &a.image) {
         (Some((img, w, h)), Some(path)) => {
-            let run = a.steps - skipped_steps(a.steps, a.strength)?;
+            let run = a.steps - skipped_steps(a.steps, strength)?;
             eprintln!(
-                "img2img: {} ({}x{}) at {w}x{h}, strength {}: the last {run} of {} steps",
+                "{}: {} ({}x{}) at {w}x{h}, strength {strength}: the last {run} of {} steps",
+                if a.mask.is_some() {
+                    "inpaint"
+                } else {
+                    "img2img"
+                },
                 path.display(),
                 img.width(),
                 img.height(),
-                a.strength,
                 a.steps
             );
             Some(image_input(img, *w, *h, device)?)
         }
         _ => None,
     };
+    // (pixel mask, latent mask, masked picture) for inpainting.
+    let masks = match (&mask_picture, &image) {
+        (Some(m), Some(img)) => {
+            let (pixels, latent) = mask_input(m, width, height, device)?;
+            let masked = masked_image(img, &pixels)?;
+            Some((latent, masked))
+        }
+        _ => None,
+    };
+    let nine_channels = pipe.unet.config.in_channels != pipe.vae.config.latent_channels;
+    if nine_channels && masks.is_none() {
+        anyhow::bail!(
+            "{}: its UNet takes {} input channels (an inpainting model); give --image and --mask",
+            a.model.display(),
+            pipe.unet.config.in_channels
+        );
+    }
     let given = a.latents.as_deref().map(load_latents).transpose()?;
     let seeds = if given.is_some() {
         vec![a.seed[0]]
@@ -305,25 +341,36 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
         a.seed.clone()
     };
     for &seed in &seeds {
-        // img2img draws the VAE's latent sample, then the noise mixed in, from the seed (the
-        // order diffusers' pipeline draws them in).
+        // img2img and inpainting draw the VAE's latent sample, the noise mixed in, then the
+        // masked picture's sample from the seed (the order diffusers' pipelines draw them in).
         let img2img = match &image {
             Some(img) => {
                 let mut rng = Rng::new(seed);
-                let shape = (1, pipe.unet.config.in_channels, height / 8, width / 8);
+                let shape = (1, pipe.vae.config.latent_channels, height / 8, width / 8);
                 let sample = Tensor::randn(shape, &mut rng, DType::F32, device)?;
                 let latents = pipe.encode_image(img, Some(&sample))?;
                 let noise = Tensor::randn(shape, &mut rng, DType::F32, device)?;
-                Some((latents, noise))
+                let masked = match &masks {
+                    Some((_, masked)) if nine_channels => {
+                        let sample = Tensor::randn(shape, &mut rng, DType::F32, device)?;
+                        Some(pipe.encode_image(masked, Some(&sample))?)
+                    }
+                    _ => None,
+                };
+                Some((latents, noise, masked))
             }
             None => None,
         };
         let init;
         let start = match &img2img {
-            Some((latents, noise)) => Start::Image {
+            Some((latents, noise, masked)) => Start::Image {
                 latents,
                 noise,
-                strength: a.strength,
+                strength,
+                inpaint: masks.as_ref().map(|(mask, _)| Inpaint {
+                    mask,
+                    masked: masked.as_ref(),
+                }),
             },
             None => {
                 init = match &given {

@@ -152,11 +152,34 @@ pub enum Start<'a> {
     /// (1, C, H/8, W/8) are noised with `noise` (same shape) to the step where the last
     /// `strength` (0 to 1) of the schedule begins, and only those steps run: of `steps`,
     /// `floor(steps x strength)`.
+    ///
+    /// With `inpaint`, as diffusers' SDXL inpainting pipeline instead: at strength 1 the run
+    /// starts from `noise` alone (scaled by the initial noise sigma), and the mask decides what
+    /// is repainted (see [`Inpaint`]).
     Image {
         latents: &'a Tensor,
         noise: &'a Tensor,
         strength: f64,
+        inpaint: Option<Inpaint<'a>>,
     },
+}
+
+/// What inpainting adds to an image start.
+///
+/// The latents come from [`SdxlPipeline::encode_image`], which applies a VAE's `latents_mean` /
+/// `latents_std` when its config has them. diffusers' inpainting pipeline scales by
+/// `scaling_factor` alone there (its img2img pipeline applies them); SDXL base and the SDXL
+/// inpainting models ship no statistics, so the two agree on them.
+#[derive(Clone, Copy, Debug)]
+pub struct Inpaint<'a> {
+    /// (1, 1, H/8, W/8), 1 where the picture is repainted and 0 where it is kept (from
+    /// [`mask_input`]). With a 4-channel UNet the kept region is put back after every step,
+    /// noised to the next step's level (the image's own latents after the last).
+    pub mask: &'a Tensor,
+    /// The masked picture's scaled latents (1, C, H/8, W/8): with the mask, the extra input
+    /// channels of inpainting UNets (4 + 1 + 4 = 9), which then repaint on their own. `None`
+    /// for 4-channel UNets.
+    pub masked: Option<&'a Tensor>,
 }
 
 impl Start<'_> {
@@ -167,6 +190,63 @@ impl Start<'_> {
             Start::Image { latents, .. } => latents,
         }
     }
+}
+
+/// A mask picture as diffusers' inpainting mask processor reads it, at the output size: resized
+/// with Pillow's Lanczos when its size differs, converted to Pillow's "L" (ITU-R 601-2 luma in
+/// 16-bit fixed point), then binarised (values of 128 and above, 0.5 after / 255, repaint).
+/// Returns the pixel mask (1, 1, height, width) and the latent mask (1, 1, height/8, width/8),
+/// the nearest pixel of each 8x8 block (`interpolate`'s default mode: its top-left), both 0 or
+/// 1.
+pub fn mask_input(
+    img: &image::RgbImage,
+    width: usize,
+    height: usize,
+    device: Device,
+) -> Result<(Tensor, Tensor)> {
+    if width == 0 || height == 0 || width % 8 != 0 || height % 8 != 0 {
+        return Err(Error::Config(format!(
+            "width and height must be positive multiples of 8, got {width}x{height}"
+        )));
+    }
+    let resized;
+    let img = if (img.width() as usize, img.height() as usize) == (width, height) {
+        img
+    } else {
+        resized = crate::image::resample::resize_rgb(
+            img,
+            width as u32,
+            height as u32,
+            crate::image::resample::Filter::Lanczos,
+        )?;
+        &resized
+    };
+    let pixels: Vec<f32> = img
+        .pixels()
+        .map(|p| {
+            let [r, g, b] = p.0.map(u32::from);
+            let luma = (r * 19595 + g * 38470 + b * 7471 + 0x8000) >> 16;
+            if luma as f32 / 255.0 >= 0.5 {
+                1.0
+            } else {
+                0.0
+            }
+        })
+        .collect();
+    let (h, w) = (height / 8, width / 8);
+    let latent: Vec<f32> = (0..h * w)
+        .map(|i| pixels[(i / w) * 8 * width + (i % w) * 8])
+        .collect();
+    Ok((
+        Tensor::from_vec(pixels, (1, 1, height, width), Device::Cpu)?.to_device(device)?,
+        Tensor::from_vec(latent, (1, 1, h, w), Device::Cpu)?.to_device(device)?,
+    ))
+}
+
+/// The picture with the repainted region blanked, as inpainting UNets see it:
+/// `image x (mask < 0.5)` (0, mid grey in [-1, 1], under the mask).
+pub fn masked_image(image: &Tensor, pixel_mask: &Tensor) -> Result<Tensor> {
+    image.mul(&pixel_mask.affine(-1.0, 1.0)?)
 }
 
 /// How many of `steps` an img2img run of `strength` skips, as diffusers' `get_timesteps`:
@@ -346,7 +426,7 @@ impl SdxlPipeline {
     /// Initial latents (1, 4, H/8, W/8) from a seed (our generator, not torch's: images for a
     /// seed differ from diffusers'; pass `--latents` for bit-exact comparisons).
     pub fn initial_latents(&self, width: usize, height: usize, seed: u64) -> Result<Tensor> {
-        let c = self.unet.config.in_channels;
+        let c = self.vae.config.latent_channels;
         Tensor::randn(
             (1, c, height / 8, width / 8),
             &mut Rng::new(seed),
@@ -589,13 +669,36 @@ pub fn denoise_from(
             req.width, req.height
         )));
     }
+    let inpaint = match start {
+        Start::Image { inpaint, .. } => inpaint,
+        Start::Noise(_) => None,
+    };
     let (_, c, lh, lw) = init.dims4()?;
-    if (c, lh * 8, lw * 8) != (unet.config.in_channels, req.height, req.width) {
+    // An inpainting UNet takes the latents, the mask and the masked picture's latents.
+    let unet_in = unet.config.in_channels;
+    let condition = inpaint.and_then(|p| p.masked.map(|m| (p.mask, m)));
+    let latent_c = match condition {
+        Some(_) => unet_in.checked_sub(5).filter(|c| 2 * c + 1 == unet_in),
+        None => Some(unet_in),
+    };
+    if condition.is_none() && unet_in == 9 {
+        return Err(Error::Config(
+            "this UNet takes 9 input channels (an inpainting model): it needs a picture and a \
+             mask (--image and --mask)"
+                .into(),
+        ));
+    }
+    let Some(latent_c) = latent_c else {
+        return Err(Error::Config(format!(
+            "an inpainting UNet takes latents, mask and masked-picture latents (2C + 1 input \
+             channels); this one takes {unet_in}"
+        )));
+    };
+    if (c, lh * 8, lw * 8) != (latent_c, req.height, req.width) {
         return Err(Error::bad_shape(
             "generate",
             format!(
-                "initial latents must be (B, {}, {}, {}) for {}x{}",
-                unet.config.in_channels,
+                "initial latents must be (B, {latent_c}, {}, {}) for {}x{}",
                 req.height / 8,
                 req.width / 8,
                 req.width,
@@ -603,6 +706,20 @@ pub fn denoise_from(
             ),
             init.dims(),
         ));
+    }
+    if let Some(p) = inpaint {
+        let want = [1, 1, lh, lw];
+        let masked_ok = p.masked.is_none_or(|m| m.dims() == init.dims());
+        if p.mask.dims() != want || !masked_ok {
+            return Err(Error::bad_shape(
+                "inpaint",
+                format!(
+                    "a mask (1, 1, {lh}, {lw}) and masked-picture latents shaped like {:?}",
+                    init.dims()
+                ),
+                p.mask.dims(),
+            ));
+        }
     }
     let mut sampler = build_sampler(scheduler, req)?;
     let device = init.device();
@@ -629,8 +746,42 @@ pub fn denoise_from(
             latents,
             noise,
             strength,
-        } => img2img_start(sampler.as_ref(), req, latents, noise, strength)?,
-    }; // (1, 4, h, w)
+            inpaint,
+        } => {
+            if inpaint.is_some() && strength == 1.0 {
+                // Inpainting at full strength starts from the noise alone.
+                let x = noise.to_dtype(DType::F32)?.to_device(device)?;
+                (0, x.scale(sampler.init_noise_sigma())?)
+            } else {
+                img2img_start(sampler.as_ref(), req, latents, noise, strength)?
+            }
+        }
+    };
+    // x: (1, C, h, w). The kept region of a 4-channel inpainting run: the picture's latents,
+    // the noise and the mask.
+    let blend = match (start, inpaint) {
+        (Start::Image { latents, noise, .. }, Some(Inpaint { mask, masked: None })) => Some((
+            latents.to_dtype(DType::F32)?,
+            noise.to_dtype(DType::F32)?.to_device(device)?,
+            mask.to_dtype(DType::F32)?,
+        )),
+        _ => None,
+    };
+    // The inpainting UNet's extra channels, repeated over the guidance batch.
+    let extra = match condition {
+        Some((mask, masked)) => {
+            let e = Tensor::cat(
+                &[mask.to_dtype(DType::F32)?, masked.to_dtype(DType::F32)?],
+                1,
+            )?; // (1, 1 + C, h, w)
+            Some(if negative.is_some() {
+                Tensor::cat(&[e.clone(), e], 0)?
+            } else {
+                e
+            })
+        }
+        None => None,
+    };
     for i in first..n {
         let t = Tensor::scalar(sampler.timesteps()[i], DType::F32, device)?;
         let x_in = x.scale(sampler.input_scale(i))?;
@@ -639,6 +790,10 @@ pub fn denoise_from(
         } else {
             x_in
         }; // (B, 4, h, w)
+        let x_in = match &extra {
+            Some(e) => Tensor::cat(&[x_in, e.clone()], 1)?, // (B, 2C + 1, h, w)
+            None => x_in,
+        };
         let eps = unet
             .forward(&x_in, &t, &context, &pooled, &time_ids)?
             .to_dtype(DType::F32)?;
@@ -654,6 +809,16 @@ pub fn denoise_from(
             eps
         };
         x = sampler.step(i, &x, &eps)?;
+        if let Some((latents, noise, mask)) = &blend {
+            // diffusers: (1 - mask) proper + mask x, with the picture noised to the next step's
+            // level (none after the last).
+            let proper = if i + 1 < n {
+                sampler.add_noise(i + 1, latents, noise)?
+            } else {
+                latents.clone()
+            };
+            x = proper.mul(&mask.affine(-1.0, 1.0)?)?.add(&x.mul(mask)?)?;
+        }
         progress(i + 1 - first, n - first);
     }
     Ok(x)

@@ -1,6 +1,6 @@
 //! The project's own reference cases, in `extra/` beside the vendored fixtures folder
 //! (`tests/fixtures/extra`, made by its `gen_*.py` with the fixtures' pinned PyTorch stack):
-//! the samplers beyond Euler (Euler ancestral replaying PyTorch's noise), img2img per sampler, LyCORIS files against LyCORIS' forward, a diffusers-saved PEFT
+//! the samplers beyond Euler (Euler ancestral replaying PyTorch's noise), img2img and inpainting, LyCORIS files against LyCORIS' forward, a diffusers-saved PEFT
 //! DoRA LoRA against peft's forward, and `kstyle export`'s files as diffusers loads them. They
 //! run on the fixtures folder's own tiny model and reference inputs.
 
@@ -195,6 +195,99 @@ pub fn img2img(ctx: &Ctx) -> Result<Vec<Row>> {
             latents: &latents,
             noise: &noise,
             strength,
+            inpaint: None,
+        };
+        let out = no_grad(|| pipe.denoise_from(&req, start, |_, _| {}))?;
+        chk.check(
+            &key("final_latents"),
+            &out,
+            &f.tensor(&key("final_latents"))?,
+            ctx.forward,
+        )?;
+    }
+    Ok(chk.rows)
+}
+
+/// diffusers' SDXL inpainting pipeline: the mask processor (Lanczos, "L", binarised), then per
+/// case the whole run with the 4-channel tiny UNet (the kept region blended back every step) or
+/// with its 9-channel inpainting variant (mask and masked-picture latents as UNet input), the
+/// runs replaying PyTorch's draws.
+pub fn inpaint(ctx: &Ctx) -> Result<Vec<Row>> {
+    use crate::sample::pipeline::{
+        image_input, image_input_size, mask_input, masked_image, Inpaint, Start,
+    };
+    let mut pipe = super::pipeline_case::tiny_pipeline(ctx)?;
+    let mut chk = Checker::new("inpaint");
+    let path = extra(ctx, "inpaint.safetensors");
+    let f = SafeTensorsFile::open(&path)?;
+    let rgb = |file: &SafeTensorsFile, name: &str| -> Result<image::RgbImage> {
+        let t = file.tensor(name)?;
+        let (h, w, _) = t.dims3()?;
+        let bytes: Vec<u8> = t.to_vec_i64()?.iter().map(|&v| v as u8).collect();
+        image::RgbImage::from_raw(w as u32, h as u32, bytes).ok_or_else(|| {
+            crate::Error::file(&path, format!("{name} is not an (H, W, 3) byte image"))
+        })
+    };
+    let picture = rgb(
+        &SafeTensorsFile::open(extra(ctx, "img2img.safetensors"))?,
+        "image_u8",
+    )?;
+    let (width, height) = image_input_size(&picture)?;
+    let input = image_input(&picture, width, height, ctx.device)?;
+    let (pixel_mask, mask) = mask_input(&rgb(&f, "mask_u8")?, width, height, ctx.device)?;
+    chk.check("mask", &pixel_mask, &f.tensor("mask")?, ctx.forward)?;
+    // The 9-channel variant: the tiny UNet with the reference's 9-input conv_in.
+    let (mut cfg, mut tensors, origin) =
+        UNet2DConditionModel::diffusers_tensors(ctx.dir.join("sdxl"))?;
+    tensors.insert("conv_in.weight".into(), f.tensor("inpaint_conv_in.weight")?);
+    cfg.in_channels = 9;
+    let mut other =
+        UNet2DConditionModel::from_tensors(tensors, origin, &cfg, DType::F32, ctx.device)?;
+    let negative = f.meta_str("negative_prompt")?.to_string();
+    for name in f.meta_str("cases")?.split(',') {
+        let key = |k: &str| format!("{name}.{k}");
+        pipe.scheduler =
+            SchedulerConfig::from_json_text(f.meta_str(&key("scheduler_config"))?, &path)?;
+        let mut draws = std::collections::HashMap::new();
+        for (i, role) in f.meta_str(&key("roles"))?.split(',').enumerate() {
+            draws.insert(role.to_string(), f.tensor(&key(&format!("draw.{i}")))?);
+        }
+        let draw = |role: &str| draws.get(role).cloned();
+        let step_noise: Vec<Tensor> = (0..).map_while(|i| draw(&format!("step.{i}"))).collect();
+        let nine = f.meta_str(&key("unet"))? == "inpaint9";
+        if nine != (pipe.unet.config.in_channels == 9) {
+            std::mem::swap(&mut pipe.unet, &mut other);
+        }
+        let latents = pipe.encode_image(&input, draw("image_sample").as_ref())?;
+        let masked = match nine {
+            true => Some(pipe.encode_image(
+                &masked_image(&input, &pixel_mask)?,
+                draw("masked_sample").as_ref(),
+            )?),
+            false => None,
+        };
+        let noise = draw("noise").ok_or_else(|| {
+            crate::Error::file(&path, format!("{name}: no draw with the role `noise`"))
+        })?;
+        let req = Request {
+            prompt: f.meta_str("prompt")?.to_string(),
+            negative: (!negative.is_empty()).then(|| negative.clone()),
+            steps: f.meta_f64(&key("steps"))? as usize,
+            guidance: f.meta_f64(&key("guidance_scale"))?,
+            guidance_rescale: 0.0,
+            width,
+            height,
+            sampler: SamplerKind::Auto,
+            noise: Noise::Given(step_noise),
+        };
+        let start = Start::Image {
+            latents: &latents,
+            noise: &noise.to_dtype(DType::F32)?.to_device(ctx.device)?,
+            strength: f.meta_f64(&key("strength"))?,
+            inpaint: Some(Inpaint {
+                mask: &mask,
+                masked: masked.as_ref(),
+            }),
         };
         let out = no_grad(|| pipe.denoise_from(&req, start, |_, _| {}))?;
         chk.check(

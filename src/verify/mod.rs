@@ -190,6 +190,11 @@ pub fn cases() -> Vec<(&'static str, &'static str, CaseFn)> {
             extra_cases::img2img,
         ),
         (
+            "inpaint",
+            "../../extra/inpaint.safetensors",
+            extra_cases::inpaint,
+        ),
+        (
             "lora_lycoris",
             "../../extra/lycoris_reference.safetensors",
             extra_cases::lora_lycoris,

@@ -64,6 +64,30 @@ impl UNet2DConditionModel {
         build(tensors, comp.dir.clone(), &cfg, loras, dtype, device)
     }
 
+    /// The `unet` component's architecture and decoded tensors, for building a variant of it in
+    /// memory (with [`Self::from_tensors`]).
+    pub fn diffusers_tensors(
+        root: impl AsRef<Path>,
+    ) -> Result<(UNetConfig, BTreeMap<String, Tensor>, PathBuf)> {
+        let folder = DiffusersFolder::open(root)?;
+        let comp = folder.component("unet", None)?;
+        let cfg = UNetConfig::from_json(&comp.config)
+            .map_err(|e| crate::Error::file(comp.dir.join("config.json"), e.to_string()))?;
+        let tensors = decode(&comp.tensors()?, &comp.dir)?;
+        Ok((cfg, tensors, comp.dir.clone()))
+    }
+
+    /// A UNet from diffusers-named tensors; `origin` names them in errors.
+    pub fn from_tensors(
+        tensors: BTreeMap<String, Tensor>,
+        origin: PathBuf,
+        cfg: &UNetConfig,
+        dtype: DType,
+        device: Device,
+    ) -> Result<UNet2DConditionModel> {
+        Ok(build(tensors, origin, cfg, &[], dtype, device)?.model)
+    }
+
     /// The UNet of an sgm single file (`model.diffusion_model.*`), for an architecture the file
     /// itself does not record (`UNetConfig::sdxl_base()` for SDXL checkpoints).
     pub fn from_single_file(
