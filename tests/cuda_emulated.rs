@@ -26,7 +26,7 @@ fn every_cuda_op_matches_the_cpu_oracle_on_the_emulator() {
 }
 
 /// `kstyle verify --device cuda` on the tiny fixtures, every stage through the CUDA code paths.
-/// The `samplers`, `img2img` and `inpaint` cases (whole denoising runs) are left to the GPU session's full
+/// The `samplers`, `img2img`, `inpaint` and `refiner` cases (whole denoising runs) are left to the GPU session's full
 /// verify: their device work is the pipeline case's UNet, the vae case's encoder and the
 /// elementwise ops the parity suite covers, and on the emulator the 13 sampler runs added on
 /// 2026-11-30 doubled this suite (7.4 to 14.7 min); the 10 img2img runs take 2 min more.

@@ -166,6 +166,7 @@ fn verify_passes_every_case_on_the_tiny_fixtures() {
         "samplers",
         "img2img",
         "inpaint",
+        "refiner",
         "lora_lycoris",
         "lora_peft",
         "lora_export",
@@ -612,5 +613,53 @@ fn inpainting_runs_with_four_and_nine_channel_unets() {
         &["--image", img, "--mask", bad.to_str().unwrap()],
     );
     common::assert_fails_naming(&o, "bad.png");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// `--refiner`: the base runs to the switch and a refiner folder (no first text encoder, five
+/// time ids) finishes every seed; the refiner folder also generates on its own; bad switches
+/// are refused before anything loads.
+#[test]
+fn a_refiner_folder_finishes_the_base_run() {
+    let dir = tmp("refiner");
+    let refiner = common::tiny_refiner_folder(&dir);
+    let out = dir.join("img.png");
+    let o = common::generate_tiny_steps(
+        "6",
+        &[
+            "--refiner",
+            refiner.to_str().unwrap(),
+            "--refiner-switch",
+            "0.7",
+            "--seed",
+            "1,2",
+            "--out",
+            out.to_str().unwrap(),
+        ],
+    );
+    let err = common::stderr(&o);
+    assert!(o.status.success(), "{err}");
+    assert!(err.contains("from 0.7 of the schedule"), "{err}");
+    for seed in [1, 2] {
+        let p = dir.join(format!("img-{seed}.png"));
+        assert_eq!(image::open(&p).unwrap().to_rgb8().dimensions(), (64, 64));
+    }
+    let alone = dir.join("alone.png");
+    let o = common::generate_model(&refiner, "3", &["--out", alone.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", common::stderr(&o));
+    assert!(alone.exists());
+    for (switch, needle) in [("1.5", "--refiner-switch"), ("0", "--refiner-switch")] {
+        let o = common::generate_tiny(&[
+            "--refiner",
+            refiner.to_str().unwrap(),
+            "--refiner-switch",
+            switch,
+            "--out",
+            dir.join("x.png").to_str().unwrap(),
+        ]);
+        common::assert_fails_naming(&o, needle);
+    }
+    let o = common::generate_tiny(&["--refiner-switch", "0.5", "--out", "x.png"]);
+    common::assert_fails_naming(&o, "--refiner");
     std::fs::remove_dir_all(&dir).unwrap();
 }

@@ -68,6 +68,22 @@ fn inpainting_matches_diffusers_with_both_unet_kinds() {
     }
 }
 
+/// SDXL's base + refiner handover (`tests/fixtures/extra/gen_refiner.py`): the base's latents
+/// at `denoising_end` (6.5e-7 to 9.4e-7), the tiny refiner's conditioning (text_encoder_2 alone,
+/// "" encoded for the negative, five time ids with aesthetic scores 6 and 2.5: exact to 2.5e-7)
+/// and the final latents after `denoising_start` with Euler, DPM++ 2M, Heun (an odd evaluation
+/// count) and the base as its own second expert (6.7e-7 to 9.4e-7).
+#[test]
+fn base_and_refiner_hand_over_as_diffusers_does() {
+    let report = kstyle::verify::run(&tiny(), Device::Cpu, Some(&["refiner".to_string()])).unwrap();
+    assert!(report.failed_cases.is_empty(), "{:?}", report.failed_cases);
+    assert_eq!(report.rows.len(), 11);
+    for r in &report.rows {
+        eprintln!("{}: relative error {:.3e}", r.tensor, r.error);
+        assert!(r.passed, "{} {:e} > {:e}", r.tensor, r.error, r.tolerance);
+    }
+}
+
 /// The steps an img2img strength runs, as diffusers' `get_timesteps` counts them in double.
 #[test]
 fn img2img_strength_counts_steps_as_diffusers() {

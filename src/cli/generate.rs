@@ -62,6 +62,14 @@ pub struct Args {
     /// and 0.9999 with --mask (at 1, inpainting starts from noise alone).
     #[arg(long, requires = "image")]
     pub strength: Option<f64>,
+    /// An SDXL refiner folder (or any SDXL model) to finish each image: the model runs until
+    /// --refiner-switch of the schedule, then the refiner continues from its latents with the
+    /// same sampler and steps (diffusers' denoising_end / denoising_start).
+    #[arg(long)]
+    pub refiner: Option<PathBuf>,
+    /// With --refiner: the fraction of the schedule the first model runs, between 0 and 1.
+    #[arg(long, requires = "refiner", default_value_t = 0.8)]
+    pub refiner_switch: f64,
     /// Seeds (repeatable or comma separated); one image each.
     #[arg(long, value_delimiter = ',', default_value = "0")]
     pub seed: Vec<u64>,
@@ -225,6 +233,12 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
             a.guidance_rescale
         );
     }
+    if a.refiner.is_some() && !(a.refiner_switch > 0.0 && a.refiner_switch < 1.0) {
+        anyhow::bail!(
+            "--refiner-switch must lie strictly between 0 and 1, got {}",
+            a.refiner_switch
+        );
+    }
     let strength = a
         .strength
         .unwrap_or(if a.mask.is_some() { 0.9999 } else { 0.3 });
@@ -287,6 +301,7 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
         height,
         sampler: a.sampler.kind(),
         noise: kstyle::sample::Noise::default(),
+        denoising_end: a.refiner.as_ref().map(|_| a.refiner_switch),
     };
     // `auto` names a sampler now, so an unsupported scheduler fails before any step runs.
     let sampler = req.sampler.resolve(&pipe.scheduler)?;
@@ -340,6 +355,8 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
     } else {
         a.seed.clone()
     };
+    // With a refiner: each seed's latents at the switch, finished after the loop.
+    let mut handed = Vec::new();
     for &seed in &seeds {
         // img2img and inpainting draw the VAE's latent sample, the noise mixed in, then the
         // masked picture's sample from the seed (the order diffusers' pipelines draw them in).
@@ -394,18 +411,64 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
             ..req.clone()
         };
         // Heun evaluates the UNet 2 x steps - 1 times: the bar counts evaluations.
-        let image = pipe.generate_from(&req, start, |i, n| {
+        let progress = |i: usize, n: usize| {
             bar.set_length(n as u64);
             bar.set_position(i as u64)
-        })?;
-        bar.finish_and_clear();
-        let (_, c, h, w) = image.dims4()?;
-        let path = output_path(&a.out, seed, seeds.len() > 1);
-        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        };
+        if a.refiner.is_some() {
+            let latents = kstyle::autograd::no_grad(|| pipe.denoise_from(&req, start, progress))?;
+            handed.push((seed, latents));
+            bar.finish_and_clear();
+            continue;
         }
-        save_chw_png(&path, &image.narrow(0, 0, 1)?.to_vec_f32()?, c, h, w)?;
-        println!("{}", path.display());
+        let image = pipe.generate_from(&req, start, progress)?;
+        bar.finish_and_clear();
+        save_image(&a.out, seed, seeds.len() > 1, &image)?;
+    }
+    let Some(refiner_path) = &a.refiner else {
+        return Ok(ExitCode::SUCCESS);
+    };
+    // The refiner finishes every seed's latents; the first model is dropped first so that both
+    // are never resident at once.
+    drop(pipe);
+    let refiner = SdxlPipeline::load(&LoadOptions {
+        model: refiner_path.clone(),
+        config: None,
+        dtype,
+        device,
+        loras: Vec::new(),
+    })
+    .with_context(|| format!("loading the refiner {}", refiner_path.display()))?;
+    eprintln!(
+        "refiner: {} from {} of the schedule",
+        refiner_path.display(),
+        a.refiner_switch
+    );
+    for (seed, latents) in handed {
+        let req = Request {
+            noise: kstyle::sample::Noise::Seed(seed ^ 0x5EED_A0CE_5757_0002),
+            denoising_end: None,
+            ..req.clone()
+        };
+        let start = Start::Latents {
+            latents: &latents,
+            denoising_start: a.refiner_switch,
+        };
+        let image = refiner.generate_from(&req, start, |_, _| {})?;
+        save_image(&a.out, seed, seeds.len() > 1, &image)?;
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Writes the first image of `image` (B, 3, H, W) in [0, 1] to the seed's output path and
+/// prints the path.
+fn save_image(out: &Path, seed: u64, many: bool, image: &Tensor) -> anyhow::Result<()> {
+    let (_, c, h, w) = image.dims4()?;
+    let path = output_path(out, seed, many);
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    save_chw_png(&path, &image.narrow(0, 0, 1)?.to_vec_f32()?, c, h, w)?;
+    println!("{}", path.display());
+    Ok(())
 }

@@ -28,8 +28,9 @@ pub struct Cli {
 pub enum Command {
     /// The whole job on the tiny models in this repository: verify, train, generate, evaluate.
     Demo(demo::Args),
-    /// Text to image with an SDXL checkpoint and optional LoRA / kstyle adapter files.
-    Generate(generate::Args),
+    /// Text to image, image to image and inpainting with an SDXL checkpoint (and a refiner),
+    /// optional LoRA / kstyle adapter files.
+    Generate(Box<generate::Args>),
     /// Train a K-StyleLoRA adapter (or a baseline) on a folder of captioned images.
     Train(Box<train::Args>),
     /// Write an adapter in kohya or diffusers layout for other tools (gates baked if gated).
@@ -64,7 +65,7 @@ impl DeviceArg {
 pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Demo(a) => demo::run(a),
-        Command::Generate(a) => generate::run(a),
+        Command::Generate(a) => generate::run(*a),
         Command::Train(a) => train::run(*a),
         Command::Export(a) => export::run(a),
         Command::Eval(a) => eval::run(*a),

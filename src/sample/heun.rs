@@ -67,10 +67,10 @@ impl Sampler for Heun {
         ve_input_scale(self.sigmas[i])
     }
 
-    /// Two evaluations a step: skipping `skipped` steps skips twice as many evaluations, and the
-    /// run starts on a first-order evaluation (diffusers' `t_start * order`).
-    fn first_index(&self, skipped: usize) -> usize {
-        2 * skipped
+    /// Two evaluations a step: skipping steps skips twice as many evaluations, and a run started
+    /// part-way begins on a first-order evaluation (diffusers' `t_start * order`).
+    fn order(&self) -> usize {
+        2
     }
 
     fn add_noise(&self, index: usize, x0: &Tensor, noise: &Tensor) -> Result<Tensor> {

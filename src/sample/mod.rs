@@ -81,10 +81,15 @@ pub trait Sampler {
     fn input_scale(&self, _i: usize) -> f64 {
         1.0
     }
+    /// UNet evaluations per step (diffusers' `scheduler.order`): 2 for Heun, whose timesteps
+    /// list every evaluation.
+    fn order(&self) -> usize {
+        1
+    }
     /// The index of the first step run when the first `skipped` steps of the schedule are skipped
-    /// (img2img): `skipped` itself, except for samplers with several evaluations a step.
+    /// (img2img): `skipped` evaluations per step of the sampler's order.
     fn first_index(&self, skipped: usize) -> usize {
-        skipped
+        skipped * self.order()
     }
     /// `x0` noised with `noise` to the level of step `index`, as diffusers' `add_noise` does at
     /// a scheduler's begin index: where img2img starts (no `init_noise_sigma` factor applies).

@@ -121,15 +121,33 @@ impl ModelFiles {
         Ok(vae)
     }
 
+    /// Whether the model ships a first text encoder and tokenizer: SDXL's refiner (a diffusers
+    /// folder whose model_index.json has no `text_encoder`) conditions on text_encoder_2 alone.
+    pub fn has_text_encoder_1(&self) -> Result<bool> {
+        if self.single_file {
+            return Ok(true);
+        }
+        Ok(DiffusersFolder::open(&self.model)?
+            .index
+            .components
+            .contains_key("text_encoder"))
+    }
+
     /// (text_encoder, text_encoder_2), with the `lora_te1_` / `lora_te2_` parts of kohya files
-    /// merged into their weights.
+    /// merged into their weights; no text_encoder for a refiner.
     pub fn text_encoders(
         &self,
         kohya: &[KohyaLoraFile],
         dtype: DType,
         device: Device,
-    ) -> Result<(ClipTextModel, ClipTextModel)> {
-        let te1_cfg = ClipTextConfig::from_json(&self.component_config("text_encoder")?)?;
+    ) -> Result<(Option<ClipTextModel>, ClipTextModel)> {
+        let te1 = self.has_text_encoder_1()?;
+        let te1_cfg = match te1 {
+            true => Some(ClipTextConfig::from_json(
+                &self.component_config("text_encoder")?,
+            )?),
+            false => None,
+        };
         let te2_cfg = ClipTextConfig::from_json(&self.component_config("text_encoder_2")?)?;
         let build = |name: &str,
                      component: Component,
@@ -165,15 +183,20 @@ impl ModelFiles {
                     ))),
                 }
             };
-            let c1 = folder.component("text_encoder", None)?;
-            let te1 = build(
-                "text_encoder",
-                Component::TextEncoder,
-                &c1.tensors()?,
-                c1.dir.clone(),
-                &te1_cfg,
-                projection("text_encoder")?,
-            )?;
+            let te1 = match &te1_cfg {
+                Some(cfg) => {
+                    let c1 = folder.component("text_encoder", None)?;
+                    Some(build(
+                        "text_encoder",
+                        Component::TextEncoder,
+                        &c1.tensors()?,
+                        c1.dir.clone(),
+                        cfg,
+                        projection("text_encoder")?,
+                    )?)
+                }
+                None => None,
+            };
             let c2 = folder.component("text_encoder_2", None)?;
             let te2 = build(
                 "text_encoder_2",
@@ -187,14 +210,17 @@ impl ModelFiles {
         }
         let file = MappedFile::open(&self.model)?;
         let split = self.split(&file)?;
-        let te1 = build(
-            "text_encoder",
-            Component::TextEncoder,
-            &split.text_encoder,
-            self.model.clone(),
-            &te1_cfg,
-            false,
-        )?;
+        let te1 = match &te1_cfg {
+            Some(cfg) => Some(build(
+                "text_encoder",
+                Component::TextEncoder,
+                &split.text_encoder,
+                self.model.clone(),
+                cfg,
+                false,
+            )?),
+            None => None,
+        };
         let te2 = build(
             "text_encoder_2",
             Component::TextEncoder2,
@@ -210,9 +236,16 @@ impl ModelFiles {
         load_json(&self.config_dir.join(name).join("config.json"))
     }
 
-    pub fn tokenizers(&self) -> Result<(ClipTokenizer, ClipTokenizer)> {
+    /// (tokenizer, tokenizer_2); no tokenizer for a refiner.
+    pub fn tokenizers(&self) -> Result<(Option<ClipTokenizer>, ClipTokenizer)> {
+        let first = match self.has_text_encoder_1()? {
+            true => Some(ClipTokenizer::from_folder(
+                self.config_dir.join("tokenizer"),
+            )?),
+            false => None,
+        };
         Ok((
-            ClipTokenizer::from_folder(self.config_dir.join("tokenizer"))?,
+            first,
             ClipTokenizer::from_folder(self.config_dir.join("tokenizer_2"))?,
         ))
     }

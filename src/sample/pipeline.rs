@@ -128,9 +128,11 @@ pub struct LoadOptions {
 }
 
 pub struct SdxlPipeline {
-    pub tokenizer: ClipTokenizer,
+    /// The first tokenizer and text encoder: absent from a refiner, whose context is
+    /// text_encoder_2's alone.
+    pub tokenizer: Option<ClipTokenizer>,
     pub tokenizer_2: ClipTokenizer,
-    pub text_encoder: ClipTextModel,
+    pub text_encoder: Option<ClipTextModel>,
     pub text_encoder_2: ClipTextModel,
     pub unet: UNet2DConditionModel,
     pub vae: AutoencoderKL,
@@ -162,6 +164,14 @@ pub enum Start<'a> {
         strength: f64,
         inpaint: Option<Inpaint<'a>>,
     },
+    /// A second model finishing partly denoised latents (1, C, H/8, W/8), as diffusers' img2img
+    /// pipeline with `denoising_start` and latents for its image: no noise is added, and the
+    /// run takes the schedule's timesteps below `T (1 - denoising_start)` (for Heun an odd
+    /// count, so it never starts between an evaluation and its correction).
+    Latents {
+        latents: &'a Tensor,
+        denoising_start: f64,
+    },
 }
 
 /// What inpainting adds to an image start.
@@ -187,8 +197,50 @@ impl Start<'_> {
     fn shape_source(&self) -> &Tensor {
         match self {
             Start::Noise(t) => t,
-            Start::Image { latents, .. } => latents,
+            Start::Image { latents, .. } | Start::Latents { latents, .. } => latents,
         }
+    }
+}
+
+/// diffusers' `denoising_start` / `denoising_end` cut: the timestep `round(T - fraction T)`
+/// (Python's round, ties to even). The fraction must lie strictly between 0 and 1 (diffusers
+/// ignores other values silently; here they are errors).
+fn cutoff_timestep(what: &str, fraction: f64, num_train_timesteps: usize) -> Result<f64> {
+    if !(fraction > 0.0 && fraction < 1.0) {
+        return Err(Error::Config(format!(
+            "{what} must lie strictly between 0 and 1, got {fraction}"
+        )));
+    }
+    let t = num_train_timesteps as f64;
+    Ok((t - fraction * t).round_ties_even())
+}
+
+/// SDXL's micro-conditioning ids for an `h` x `w` generation, as many as the UNet's `text_time`
+/// embedding takes beside the pooled text of width `pooled`: six (original size, crop corner,
+/// target size), or five for a refiner (original size, crop corner, aesthetic score: 6 for the
+/// prompt and 2.5 for the negative, diffusers' defaults). Returns (positive, negative).
+fn time_ids(
+    unet: &UNet2DConditionModel,
+    pooled: usize,
+    h: f64,
+    w: f64,
+) -> Result<(Vec<f64>, Vec<f64>)> {
+    let six = (vec![h, w, 0.0, 0.0, h, w], vec![h, w, 0.0, 0.0, h, w]);
+    let Some(tt) = &unet.config.text_time else {
+        return Ok(six);
+    };
+    let ids = tt
+        .input_dim
+        .checked_sub(pooled)
+        .map(|d| (d / tt.time_embed_dim, d % tt.time_embed_dim));
+    match ids {
+        Some((6, 0)) => Ok(six),
+        Some((5, 0)) => Ok((vec![h, w, 0.0, 0.0, 6.0], vec![h, w, 0.0, 0.0, 2.5])),
+        _ => Err(Error::Config(format!(
+            "the UNet's add embedding takes {} inputs: pooled text of width {pooled} plus 6 \
+             (base) or 5 (refiner) time ids of width {} do not make that",
+            tt.input_dim, tt.time_embed_dim
+        ))),
     }
 }
 
@@ -334,6 +386,10 @@ pub struct Request {
     pub sampler: SamplerKind,
     /// The per-step noise of ancestral samplers (the others ignore it).
     pub noise: Noise,
+    /// diffusers' `denoising_end` (0 to 1, exclusive): stop where the timesteps fall below
+    /// `T (1 - end)` and return the still noisy latents, for a second model to finish with
+    /// [`Start::Latents`] (SDXL's base + refiner "ensemble of experts").
+    pub denoising_end: Option<f64>,
 }
 
 impl SdxlPipeline {
@@ -399,18 +455,35 @@ impl SdxlPipeline {
         Ok(())
     }
 
-    /// Both encoders on `prompts`: context = concat(TE1 penultimate, TE2 penultimate), pooled =
-    /// TE2's projected pooled output.
+    /// Both encoders on `prompts`: context = concat(TE1 penultimate, TE2 penultimate), or TE2's
+    /// alone for a refiner; pooled = TE2's projected pooled output.
     pub fn encode_prompts(&self, prompts: &[String]) -> Result<PromptEmbeds> {
-        let ids1 = token_ids(&self.tokenizer.encode_batch(prompts)?, self.device)?; // (B, 77)
         let ids2 = token_ids(&self.tokenizer_2.encode_batch(prompts)?, self.device)?; // (B, 77)
-        let o1 = self.text_encoder.forward(&ids1)?;
         let o2 = self.text_encoder_2.forward(&ids2)?;
-        let context = Tensor::cat(&[o1.penultimate().clone(), o2.penultimate().clone()], 2)?; // (B, 77, D1 + D2)
+        let context = match (&self.tokenizer, &self.text_encoder) {
+            (Some(tok), Some(te)) => {
+                let ids1 = token_ids(&tok.encode_batch(prompts)?, self.device)?; // (B, 77)
+                let o1 = te.forward(&ids1)?;
+                Tensor::cat(&[o1.penultimate().clone(), o2.penultimate().clone()], 2)?
+                // (B, 77, D1 + D2)
+            }
+            _ => o2.penultimate().clone(), // (B, 77, D2)
+        };
         let pooled = o2
             .text_embeds
             .ok_or_else(|| Error::Config("text_encoder_2 has no text projection".into()))?; // (B, P)
         Ok(PromptEmbeds { context, pooled })
+    }
+
+    /// The prompt's embeddings, and the negative's when `req` guides (guidance above 1).
+    pub fn request_embeds(&self, req: &Request) -> Result<(PromptEmbeds, Option<PromptEmbeds>)> {
+        let positive = self.encode_prompts(std::slice::from_ref(&req.prompt))?;
+        let negative = if req.guidance > 1.0 {
+            Some(self.negative_embeds(req, &positive)?)
+        } else {
+            None
+        };
+        Ok((positive, negative))
     }
 
     fn negative_embeds(&self, req: &Request, positive: &PromptEmbeds) -> Result<PromptEmbeds> {
@@ -479,12 +552,7 @@ impl SdxlPipeline {
         start: Start,
         progress: impl FnMut(usize, usize),
     ) -> Result<Tensor> {
-        let positive = self.encode_prompts(std::slice::from_ref(&req.prompt))?;
-        let negative = if req.guidance > 1.0 {
-            Some(self.negative_embeds(req, &positive)?)
-        } else {
-            None
-        };
+        let (positive, negative) = self.request_embeds(req)?;
         denoise_from(
             &self.unet,
             &self.scheduler,
@@ -615,6 +683,38 @@ fn img2img_start(
     Ok((first, sampler.add_noise(first, &x0, &noise)?))
 }
 
+/// What the UNet is conditioned on in one run: (context, pooled text, time ids), each a
+/// [negative; prompt] batch of two under classifier-free guidance (the prompt's alone without).
+/// The time ids are six, or five with aesthetic scores for a refiner UNet.
+pub fn guidance_batch(
+    unet: &UNet2DConditionModel,
+    req: &Request,
+    positive: &PromptEmbeds,
+    negative: Option<&PromptEmbeds>,
+    device: Device,
+) -> Result<(Tensor, Tensor, Tensor)> {
+    let (h, w) = (req.height as f64, req.width as f64);
+    let (pos_ids, neg_ids) = time_ids(unet, positive.pooled.dims2()?.1, h, w)?;
+    let ids = |v: Vec<f64>| -> Result<Tensor> {
+        let n = v.len();
+        Tensor::from_vec(v, (1, n), Device::Cpu)?
+            .to_dtype(DType::F32)?
+            .to_device(device)
+    }; // (1, 6), or (1, 5) for a refiner
+    Ok(match negative {
+        Some(neg) => (
+            Tensor::cat(&[neg.context.clone(), positive.context.clone()], 0)?, // (2, 77, Dc)
+            Tensor::cat(&[neg.pooled.clone(), positive.pooled.clone()], 0)?,   // (2, P)
+            Tensor::cat(&[ids(neg_ids)?, ids(pos_ids)?], 0)?,                  // (2, 6 or 5)
+        ),
+        None => (
+            positive.context.clone(),
+            positive.pooled.clone(),
+            ids(pos_ids)?,
+        ),
+    })
+}
+
 /// The kohya naming index of a UNet's own modules.
 pub fn unet_module_index(unet: &UNet2DConditionModel) -> ModuleIndex {
     unet_index_for(&unet.config)
@@ -671,7 +771,7 @@ pub fn denoise_from(
     }
     let inpaint = match start {
         Start::Image { inpaint, .. } => inpaint,
-        Start::Noise(_) => None,
+        Start::Noise(_) | Start::Latents { .. } => None,
     };
     let (_, c, lh, lw) = init.dims4()?;
     // An inpainting UNet takes the latents, the mask and the masked picture's latents.
@@ -723,20 +823,30 @@ pub fn denoise_from(
     }
     let mut sampler = build_sampler(scheduler, req)?;
     let device = init.device();
-    let (h, w) = (req.height as f64, req.width as f64);
-    let time_ids = Tensor::from_vec(vec![h, w, 0.0, 0.0, h, w], (1, 6), Device::Cpu)?
-        .to_dtype(DType::F32)?
-        .to_device(device)?; // (1, 6)
-    let (context, pooled, time_ids) = match negative {
-        Some(neg) => (
-            Tensor::cat(&[neg.context.clone(), positive.context.clone()], 0)?, // (2, 77, Dc)
-            Tensor::cat(&[neg.pooled.clone(), positive.pooled.clone()], 0)?,   // (2, P)
-            Tensor::cat(&[time_ids.clone(), time_ids], 0)?,                    // (2, 6)
-        ),
-        None => (positive.context.clone(), positive.pooled.clone(), time_ids),
-    };
+    let (context, pooled, time_ids) = guidance_batch(unet, req, positive, negative, device)?;
     let n = sampler.timesteps().len();
     let (first, mut x) = match start {
+        Start::Latents {
+            latents,
+            denoising_start,
+        } => {
+            let cut = cutoff_timestep(
+                "denoising_start",
+                denoising_start,
+                scheduler.num_train_timesteps,
+            )?;
+            let mut k = sampler.timesteps().iter().filter(|&&t| t < cut).count();
+            if sampler.order() == 2 && k % 2 == 0 {
+                k += 1;
+            }
+            if k == 0 || k > n {
+                return Err(Error::Config(format!(
+                    "denoising_start {denoising_start} leaves no step of {} to run",
+                    req.steps
+                )));
+            }
+            (n - k, latents.to_dtype(DType::F32)?)
+        }
         Start::Noise(init) => (
             0,
             init.to_dtype(DType::F32)?
@@ -782,7 +892,25 @@ pub fn denoise_from(
         }
         None => None,
     };
-    for i in first..n {
+    // denoising_end: the steps whose timesteps are at or above the cut.
+    let last = match req.denoising_end {
+        Some(end) => {
+            let cut = cutoff_timestep("denoising_end", end, scheduler.num_train_timesteps)?;
+            let run = sampler.timesteps()[first..]
+                .iter()
+                .filter(|&&t| t >= cut)
+                .count();
+            if run == 0 {
+                return Err(Error::Config(format!(
+                    "denoising_end {end} stops before the first of {} steps",
+                    req.steps
+                )));
+            }
+            first + run
+        }
+        None => n,
+    };
+    for i in first..last {
         let t = Tensor::scalar(sampler.timesteps()[i], DType::F32, device)?;
         let x_in = x.scale(sampler.input_scale(i))?;
         let x_in = if negative.is_some() {
@@ -819,7 +947,7 @@ pub fn denoise_from(
             };
             x = proper.mul(&mask.affine(-1.0, 1.0)?)?.add(&x.mul(mask)?)?;
         }
-        progress(i + 1 - first, n - first);
+        progress(i + 1 - first, last - first);
     }
     Ok(x)
 }

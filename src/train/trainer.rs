@@ -175,6 +175,9 @@ fn prepare_examples(
                 text = Some((te1, te2, files.tokenizers()?));
             }
             let (te1, te2, (tok1, tok2)) = text.as_ref().expect("just loaded");
+            let (te1, tok1) = te1.as_ref().zip(tok1.as_ref()).ok_or_else(|| {
+                Error::Config("the model has no text_encoder: it cannot be trained".into())
+            })?;
             crate::autograd::no_grad(|| {
                 let prompts = [caption.to_string()];
                 let o1 = te1.forward(&token_ids(&tok1.encode_batch(&prompts)?, cfg.device)?)?;
@@ -304,6 +307,14 @@ impl Trainer {
                 } else {
                     ""
                 }
+            )));
+        }
+        if !files.has_text_encoder_1()? {
+            return Err(Error::Config(format!(
+                "{}: the model has no text_encoder (an SDXL refiner, conditioned on \
+                 text_encoder_2 alone); train on the base model, whose adapters the refiner does \
+                 not load",
+                cfg.model.display()
             )));
         }
         let data = Dataset::scan(&cfg.data, &cfg.captions)?;
@@ -692,6 +703,7 @@ impl Trainer {
             height: res,
             sampler: SamplerKind::Euler(Sigmas::Config),
             noise: crate::sample::Noise::default(),
+            denoising_end: None,
         };
         let negative = PromptEmbeds {
             context: embeds.context.zeros_like()?,

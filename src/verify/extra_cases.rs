@@ -1,6 +1,6 @@
 //! The project's own reference cases, in `extra/` beside the vendored fixtures folder
 //! (`tests/fixtures/extra`, made by its `gen_*.py` with the fixtures' pinned PyTorch stack):
-//! the samplers beyond Euler (Euler ancestral replaying PyTorch's noise), img2img and inpainting, LyCORIS files against LyCORIS' forward, a diffusers-saved PEFT
+//! the samplers beyond Euler (Euler ancestral replaying PyTorch's noise), img2img, inpainting and the base + refiner handover, LyCORIS files against LyCORIS' forward, a diffusers-saved PEFT
 //! DoRA LoRA against peft's forward, and `kstyle export`'s files as diffusers loads them. They
 //! run on the fixtures folder's own tiny model and reference inputs.
 
@@ -110,6 +110,7 @@ pub fn samplers(ctx: &Ctx) -> Result<Vec<Row>> {
             height: num("height")? as usize,
             sampler: kind.unwrap_or(SamplerKind::Auto),
             noise,
+            denoising_end: None,
         };
         let init = f
             .tensor("init_latents")?
@@ -174,6 +175,7 @@ pub fn img2img(ctx: &Ctx) -> Result<Vec<Row>> {
             height,
             sampler: SamplerKind::Auto,
             noise: Noise::Given(step_noise),
+            denoising_end: None,
         };
         let noise = x(&key("noise"))?;
         let strength = f.meta_f64(&key("strength"))?;
@@ -279,6 +281,7 @@ pub fn inpaint(ctx: &Ctx) -> Result<Vec<Row>> {
             height,
             sampler: SamplerKind::Auto,
             noise: Noise::Given(step_noise),
+            denoising_end: None,
         };
         let start = Start::Image {
             latents: &latents,
@@ -290,6 +293,114 @@ pub fn inpaint(ctx: &Ctx) -> Result<Vec<Row>> {
             }),
         };
         let out = no_grad(|| pipe.denoise_from(&req, start, |_, _| {}))?;
+        chk.check(
+            &key("final_latents"),
+            &out,
+            &f.tensor(&key("final_latents"))?,
+            ctx.forward,
+        )?;
+    }
+    Ok(chk.rows)
+}
+
+/// The tiny SDXL refiner of `extra/tiny_refiner_unet.safetensors` as a pipeline: the tiny base's
+/// text_encoder_2, tokenizer_2, VAE and scheduler, no first text encoder, a UNet taking five time
+/// ids, and `force_zeros_for_empty_prompt` off (the released refiner's settings).
+pub fn tiny_refiner(ctx: &Ctx) -> Result<crate::sample::pipeline::SdxlPipeline> {
+    let mut pipe = super::pipeline_case::tiny_pipeline(ctx)?;
+    let path = extra(ctx, "tiny_refiner_unet.safetensors");
+    let f = SafeTensorsFile::open(&path)?;
+    let config: serde_json::Value = serde_json::from_str(f.meta_str("config")?)
+        .map_err(|e| crate::Error::file(&path, format!("config metadata: {e}")))?;
+    let cfg = crate::models::unet::UNetConfig::from_json(&config)
+        .map_err(|e| crate::Error::file(&path, e.to_string()))?;
+    let tensors = f
+        .names()
+        .map(|n| Ok((n.to_string(), f.tensor(n)?)))
+        .collect::<Result<_>>()?;
+    pipe.unet =
+        UNet2DConditionModel::from_tensors(tensors, path.clone(), &cfg, DType::F32, ctx.device)?;
+    pipe.tokenizer = None;
+    pipe.text_encoder = None;
+    pipe.force_zeros_for_empty_prompt = false;
+    Ok(pipe)
+}
+
+/// SDXL's base + refiner "ensemble of experts" as diffusers runs it: the base stops at
+/// `denoising_end` and hands its latents to the refiner (or to the base itself as an img2img
+/// pipeline), which resumes at `denoising_start` with the same schedule; per sampler.
+pub fn refiner(ctx: &Ctx) -> Result<Vec<Row>> {
+    use crate::sample::pipeline::Start;
+    let mut base = super::pipeline_case::tiny_pipeline(ctx)?;
+    let mut refiner = tiny_refiner(ctx)?;
+    let mut chk = Checker::new("refiner");
+    let path = extra(ctx, "refiner.safetensors");
+    let f = SafeTensorsFile::open(&path)?;
+    let init = SafeTensorsFile::open(ctx.reference("pipeline.safetensors"))?
+        .tensor("init_latents")?
+        .to_dtype(DType::F32)?
+        .to_device(ctx.device)?;
+    let negative = f.meta_str("negative_prompt")?.to_string();
+    let mut conditioned = false;
+    for name in f.meta_str("cases")?.split(',') {
+        let key = |k: &str| format!("{name}.{k}");
+        let scheduler =
+            SchedulerConfig::from_json_text(f.meta_str(&key("scheduler_config"))?, &path)?;
+        base.scheduler = scheduler.clone();
+        refiner.scheduler = scheduler;
+        let split = f.meta_f64(&key("split"))?;
+        let req = Request {
+            prompt: f.meta_str("prompt")?.to_string(),
+            negative: (!negative.is_empty()).then(|| negative.clone()),
+            steps: f.meta_f64(&key("steps"))? as usize,
+            guidance: f.meta_f64("guidance_scale")?,
+            guidance_rescale: 0.0,
+            width: f.meta_f64("width")? as usize,
+            height: f.meta_f64("height")? as usize,
+            sampler: SamplerKind::Auto,
+            noise: Noise::default(),
+            denoising_end: Some(split),
+        };
+        let handed = no_grad(|| base.denoise_from(&req, Start::Noise(&init), |_, _| {}))?;
+        chk.check(
+            &key("base_latents"),
+            &handed,
+            &f.tensor(&key("base_latents"))?,
+            ctx.forward,
+        )?;
+        let second = match f.meta_str(&key("refiner"))? {
+            "base" => &base,
+            _ => &refiner,
+        };
+        let req = Request {
+            denoising_end: None,
+            ..req
+        };
+        if !conditioned && std::ptr::eq(second, &refiner) {
+            // The refiner's conditioning: text_encoder_2 alone, "" encoded for the negative,
+            // aesthetic scores 6 and 2.5 in five time ids.
+            conditioned = true;
+            let (pos, neg) = no_grad(|| refiner.request_embeds(&req))?;
+            let (context, pooled, ids) = crate::sample::pipeline::guidance_batch(
+                &refiner.unet,
+                &req,
+                &pos,
+                neg.as_ref(),
+                ctx.device,
+            )?;
+            for (n, t) in [
+                ("refiner_context", context),
+                ("refiner_pooled", pooled),
+                ("refiner_time_ids", ids),
+            ] {
+                chk.check(n, &t, &f.tensor(n)?, ctx.forward)?;
+            }
+        }
+        let start = Start::Latents {
+            latents: &handed,
+            denoising_start: split,
+        };
+        let out = no_grad(|| second.denoise_from(&req, start, |_, _| {}))?;
         chk.check(
             &key("final_latents"),
             &out,
@@ -363,6 +474,8 @@ pub fn lora_peft(ctx: &Ctx) -> Result<Vec<Row>> {
     let files = ModelFiles::resolve(&ctx.dir.join("sdxl"), None)?;
     let (te1, _) =
         files.text_encoders(&[KohyaLoraFile::new(&file, 1.0)], DType::F32, ctx.device)?;
+    let te1 =
+        te1.ok_or_else(|| crate::Error::Config("the tiny model has no text_encoder".into()))?;
     let te = SafeTensorsFile::open(ctx.reference("text_encoders.safetensors"))?;
     let o = no_grad(|| te1.forward(&te.tensor("te1.input_ids")?.to_device(ctx.device)?))?;
     chk.check(

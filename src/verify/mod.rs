@@ -195,6 +195,11 @@ pub fn cases() -> Vec<(&'static str, &'static str, CaseFn)> {
             extra_cases::inpaint,
         ),
         (
+            "refiner",
+            "../../extra/refiner.safetensors",
+            extra_cases::refiner,
+        ),
+        (
             "lora_lycoris",
             "../../extra/lycoris_reference.safetensors",
             extra_cases::lora_lycoris,

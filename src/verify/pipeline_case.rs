@@ -35,6 +35,7 @@ pub fn pipeline(ctx: &Ctx) -> Result<Vec<Row>> {
         height: num("height")? as usize,
         sampler: SamplerKind::Euler(Sigmas::Config),
         noise: crate::sample::Noise::default(),
+        denoising_end: None,
     };
     let pipe = tiny_pipeline(ctx)?;
     let mut chk = Checker::new("pipeline");

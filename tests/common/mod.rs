@@ -114,3 +114,35 @@ pub fn copy_dir(from: &Path, to: &Path) {
         }
     }
 }
+
+/// The tiny SDXL refiner as a diffusers folder under `dir`: the tiny base's text_encoder_2,
+/// tokenizer_2, VAE and scheduler, no first text encoder, and the UNet of
+/// `tests/fixtures/extra/tiny_refiner_unet.safetensors` (its config in the file's metadata).
+pub fn tiny_refiner_folder(dir: &Path) -> PathBuf {
+    let folder = dir.join("tiny-refiner");
+    for part in ["scheduler", "text_encoder_2", "tokenizer_2", "vae"] {
+        copy_dir(&tiny().join("sdxl").join(part), &folder.join(part));
+    }
+    let unet = folder.join("unet");
+    std::fs::create_dir_all(&unet).unwrap();
+    let weights = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/extra/tiny_refiner_unet.safetensors");
+    let config = kstyle::tensor::SafeTensorsFile::open(&weights)
+        .unwrap()
+        .meta_str("config")
+        .unwrap()
+        .to_string();
+    std::fs::write(unet.join("config.json"), config).unwrap();
+    std::fs::copy(&weights, unet.join("diffusion_pytorch_model.safetensors")).unwrap();
+    std::fs::write(
+        folder.join("model_index.json"),
+        r#"{"_class_name": "StableDiffusionXLImg2ImgPipeline", "_diffusers_version": "0.42.1",
+            "force_zeros_for_empty_prompt": false, "requires_aesthetics_score": true,
+            "scheduler": ["diffusers", "EulerDiscreteScheduler"], "text_encoder": [null, null],
+            "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
+            "tokenizer": [null, null], "tokenizer_2": ["transformers", "CLIPTokenizer"],
+            "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"]}"#,
+    )
+    .unwrap();
+    folder
+}
