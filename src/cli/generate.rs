@@ -246,11 +246,11 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
     let mask_picture = a
         .mask
         .as_deref()
-        .map(kstyle::image::io::load_rgb)
+        .map(kstyle::image::io::load_rgb_upright)
         .transpose()?;
     let input = match &a.image {
         Some(path) => {
-            let img = kstyle::image::io::load_rgb(path)?;
+            let img = kstyle::image::io::load_rgb_upright(path)?;
             skipped_steps(a.steps, strength).with_context(|| format!("--strength {strength}"))?;
             let (w, h) = image_input_size(&img).with_context(|| path.display().to_string())?;
             let (w, h) = (a.width.unwrap_or(w), a.height.unwrap_or(h));

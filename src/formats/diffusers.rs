@@ -92,7 +92,7 @@ pub struct ModelIndex {
 impl ModelIndex {
     pub fn from_file(path: impl AsRef<Path>) -> Result<Self> {
         let path = path.as_ref();
-        let json = read_json(path)?;
+        let json = crate::formats::python_json::read_file::<serde_json::Value>(path)?;
         let serde_json::Value::Object(obj) = json else {
             return Err(Error::file(path, "expected a JSON object"));
         };
@@ -125,14 +125,6 @@ impl ModelIndex {
             options,
         })
     }
-}
-
-fn read_json(path: &Path) -> Result<serde_json::Value> {
-    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-    crate::formats::python_json::parse(&text).map_err(|e| Error::Json {
-        path: path.to_path_buf(),
-        msg: e.to_string(),
-    })
 }
 
 /// An opened pipeline folder.
@@ -195,7 +187,7 @@ impl DiffusersFolder {
         self.class_of(name)?;
         let dir = self.root.join(name);
         let scheduler = dir.join("scheduler_config.json");
-        read_json(&if scheduler.exists() {
+        crate::formats::python_json::read_file::<serde_json::Value>(&if scheduler.exists() {
             scheduler
         } else {
             dir.join("config.json")
@@ -206,7 +198,8 @@ impl DiffusersFolder {
     pub fn component(&self, name: &str, variant: Option<&str>) -> Result<ComponentDir> {
         let class = self.class_of(name)?.to_string();
         let dir = self.root.join(name);
-        let config = read_json(&dir.join("config.json"))?;
+        let config =
+            crate::formats::python_json::read_file::<serde_json::Value>(&dir.join("config.json"))?;
         let weights = WeightFiles::open(find_weights(&dir, variant)?)?;
         Ok(ComponentDir {
             name: name.into(),

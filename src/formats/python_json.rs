@@ -44,6 +44,18 @@ pub fn parse<T: serde::de::DeserializeOwned>(text: &str) -> serde_json::Result<T
     serde_json::from_str(&sanitize(text))
 }
 
+/// Reads and parses a config file written by Python's `json.dumps`: every config reader's one
+/// way in. Errors name the file.
+pub fn read_file<T: serde::de::DeserializeOwned>(
+    path: &std::path::Path,
+) -> crate::formats::Result<T> {
+    let text = std::fs::read_to_string(path).map_err(|e| crate::formats::Error::io(path, e))?;
+    parse(&text).map_err(|e| crate::formats::Error::Json {
+        path: path.to_path_buf(),
+        msg: e.to_string(),
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -43,11 +43,7 @@ impl VaeLayout {
             block_out_channels: Vec<usize>,
         }
         let path = path.as_ref();
-        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-        let c: C = crate::formats::python_json::parse(&text).map_err(|e| Error::Json {
-            path: path.to_path_buf(),
-            msg: e.to_string(),
-        })?;
+        let c: C = crate::formats::python_json::read_file(path)?;
         if c.block_out_channels.is_empty() {
             return Err(Error::file(path, "block_out_channels is empty"));
         }

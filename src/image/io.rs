@@ -11,6 +11,14 @@ use std::path::Path;
 /// grey is replicated, as Pillow's `convert("RGB")` does.
 pub fn load_rgb(path: impl AsRef<Path>) -> Result<RgbImage> {
     let path = path.as_ref();
+    let img = open_image(path)?
+        .decode()
+        .map_err(|e| Error::file(path, format!("cannot decode image: {e}")))?;
+    Ok(img.to_rgb8())
+}
+
+/// A reader for `path` whose format is sniffed from the content.
+fn open_image(path: &Path) -> Result<ImageReader<std::io::BufReader<std::fs::File>>> {
     let reader = ImageReader::open(path)
         .map_err(|e| Error::io(path, e))?
         .with_guessed_format()
@@ -21,9 +29,20 @@ pub fn load_rgb(path: impl AsRef<Path>) -> Result<RgbImage> {
             "not an image (unrecognised format; expected png, jpeg or webp)",
         ));
     }
-    let img = reader
-        .decode()
-        .map_err(|e| Error::file(path, format!("cannot decode image: {e}")))?;
+    Ok(reader)
+}
+
+/// [`load_rgb`] turned upright by the file's EXIF orientation (JPEG, PNG `eXIf`, WebP), as
+/// diffusers' `load_image` does with `ImageOps.exif_transpose`: for pictures given to img2img
+/// and inpainting, which phones store sideways with an orientation tag.
+pub fn load_rgb_upright(path: impl AsRef<Path>) -> Result<RgbImage> {
+    use image::ImageDecoder;
+    let path = path.as_ref();
+    let bad = |e: image::ImageError| Error::file(path, format!("cannot decode image: {e}"));
+    let mut decoder = open_image(path)?.into_decoder().map_err(bad)?;
+    let orientation = decoder.orientation().map_err(bad)?;
+    let mut img = image::DynamicImage::from_decoder(decoder).map_err(bad)?;
+    img.apply_orientation(orientation);
     Ok(img.to_rgb8())
 }
 
@@ -302,5 +321,60 @@ mod tests {
         assert_eq!(sq.dimensions(), (40, 40));
         assert_eq!((info.crop_top, info.crop_left), (4, 0)); // 40 x 48
         assert!(resize_center_crop(&src, 0, 40).is_err());
+    }
+
+    /// A PNG whose `eXIf` chunk says "orientation 6" (stored rotated: show it turned 90 degrees
+    /// clockwise) loads upright with `load_rgb_upright`, as PIL's `exif_transpose` turns it, and
+    /// as stored with `load_rgb`.
+    #[test]
+    fn exif_orientation_turns_pictures_upright() {
+        fn crc32(bytes: &[u8]) -> u32 {
+            let mut c = 0xFFFF_FFFFu32;
+            for &b in bytes {
+                c ^= b as u32;
+                for _ in 0..8 {
+                    c = if c & 1 == 1 {
+                        (c >> 1) ^ 0xEDB8_8320
+                    } else {
+                        c >> 1
+                    };
+                }
+            }
+            !c
+        }
+        // 3 x 2, every pixel distinct.
+        let img = RgbImage::from_fn(3, 2, |x, y| image::Rgb([x as u8 * 80, y as u8 * 200, 7]));
+        let mut png = std::io::Cursor::new(Vec::new());
+        img.write_to(&mut png, ImageFormat::Png).unwrap();
+        let png = png.into_inner();
+        // Big-endian TIFF header, one IFD entry: Orientation (0x0112), SHORT, 1 value: 6.
+        let exif: Vec<u8> = [
+            &b"MM\0\x2a\0\0\0\x08"[..],
+            &[
+                0, 1, 0x01, 0x12, 0, 3, 0, 0, 0, 1, 0, 6, 0, 0, 0, 0, 0, 0, 0, 0,
+            ][..],
+        ]
+        .concat();
+        let mut chunk = (exif.len() as u32).to_be_bytes().to_vec();
+        let body = [&b"eXIf"[..], &exif].concat();
+        chunk.extend_from_slice(&body);
+        chunk.extend_from_slice(&crc32(&body).to_be_bytes());
+        // After the signature (8 bytes) and IHDR (4 + 4 + 13 + 4 bytes).
+        let at = 8 + 25;
+        let tagged = [&png[..at], &chunk, &png[at..]].concat();
+        let dir = TempDir::new("exif");
+        let path = dir.path().join("turned.png");
+        std::fs::write(&path, tagged).unwrap();
+        assert_eq!(load_rgb(&path).unwrap(), img);
+        let upright = load_rgb_upright(&path).unwrap();
+        assert_eq!(upright.dimensions(), (2, 3));
+        // Turned clockwise: the stored bottom-left pixel is now the top-left one.
+        for (x, y) in [(0, 0), (1, 0), (0, 2), (1, 2)] {
+            assert_eq!(
+                upright.get_pixel(x, y),
+                img.get_pixel(y, 1 - x),
+                "({x}, {y})"
+            );
+        }
     }
 }

@@ -28,14 +28,6 @@ pub struct ModelFiles {
     pub single_file: bool,
 }
 
-fn load_json(path: &Path) -> Result<serde_json::Value> {
-    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-    crate::formats::python_json::parse(&text).map_err(|e| Error::Json {
-        path: path.into(),
-        msg: e.to_string(),
-    })
-}
-
 impl ModelFiles {
     pub fn resolve(model: &Path, config: Option<&Path>) -> Result<ModelFiles> {
         if !model.exists() {
@@ -233,7 +225,9 @@ impl ModelFiles {
     }
 
     fn component_config(&self, name: &str) -> Result<serde_json::Value> {
-        load_json(&self.config_dir.join(name).join("config.json"))
+        Ok(crate::formats::python_json::read_file(
+            &self.config_dir.join(name).join("config.json"),
+        )?)
     }
 
     /// (tokenizer, tokenizer_2); no tokenizer for a refiner.

@@ -193,7 +193,9 @@ impl ClipTextConfig {
     }
 
     pub fn from_file(path: impl AsRef<Path>) -> Result<ClipTextConfig> {
-        ClipTextConfig::from_json(&read_json(path.as_ref())?)
+        ClipTextConfig::from_json(
+            &crate::formats::python_json::read_file::<serde_json::Value>(path.as_ref())?,
+        )
     }
 }
 
@@ -240,16 +242,10 @@ impl ClipConfig {
     }
 
     pub fn from_file(path: impl AsRef<Path>) -> Result<ClipConfig> {
-        ClipConfig::from_json(&read_json(path.as_ref())?)
+        ClipConfig::from_json(
+            &crate::formats::python_json::read_file::<serde_json::Value>(path.as_ref())?,
+        )
     }
-}
-
-fn read_json(path: &Path) -> Result<Value> {
-    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-    crate::formats::python_json::parse(&text).map_err(|e| Error::Json {
-        path: path.to_path_buf(),
-        msg: e.to_string(),
-    })
 }
 
 #[cfg(test)]

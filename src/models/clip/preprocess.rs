@@ -44,11 +44,7 @@ impl ClipPreprocess {
     /// (224, bicubic, OpenAI mean/std), as `CLIPImageProcessor` does.
     pub fn from_config(path: impl AsRef<Path>) -> Result<Self> {
         let path = path.as_ref();
-        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-        let j: Value = crate::formats::python_json::parse(&text).map_err(|e| Error::Json {
-            path: path.to_path_buf(),
-            msg: e.to_string(),
-        })?;
+        let j: Value = crate::formats::python_json::read_file(path)?;
         let bad = |msg: String| Error::file(path, msg);
         let mut p = Self::openai(224);
         if let Some(size) = j.get("size") {
@@ -223,11 +219,11 @@ mod tests {
         std::fs::write(&cfg, "not json").unwrap();
         assert!(matches!(
             ClipPreprocess::from_config(&cfg),
-            Err(Error::Json { .. })
+            Err(Error::Format(crate::formats::Error::Json { .. }))
         ));
         assert!(matches!(
             ClipPreprocess::from_config(dir.path().join("nope.json")),
-            Err(Error::Io { .. })
+            Err(Error::Format(crate::formats::Error::Io { .. }))
         ));
     }
 

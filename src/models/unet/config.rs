@@ -195,11 +195,7 @@ fn reject_unsupported(v: &Value) -> Result<()> {
 impl UNetConfig {
     pub fn from_file(path: impl AsRef<Path>) -> Result<UNetConfig> {
         let path = path.as_ref();
-        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-        let v: Value = crate::formats::python_json::parse(&text).map_err(|e| Error::Json {
-            path: path.to_path_buf(),
-            msg: e.to_string(),
-        })?;
+        let v: Value = crate::formats::python_json::read_file(path)?;
         UNetConfig::from_json(&v).map_err(|e| Error::file(path, e.to_string()))
     }
 

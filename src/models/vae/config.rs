@@ -106,12 +106,7 @@ impl VaeConfig {
 
     pub fn from_file(path: impl AsRef<Path>) -> Result<VaeConfig> {
         let path = path.as_ref();
-        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-        let value: serde_json::Value =
-            crate::formats::python_json::parse(&text).map_err(|e| Error::Json {
-                path: path.to_path_buf(),
-                msg: e.to_string(),
-            })?;
+        let value: serde_json::Value = crate::formats::python_json::read_file(path)?;
         VaeConfig::from_json(&value).map_err(|e| Error::file(path, e.to_string()))
     }
 
