@@ -599,6 +599,38 @@ fn inpainting_runs_with_four_and_nine_channel_unets() {
     );
     assert!(o.status.success(), "{}", common::stderr(&o));
     assert_eq!(image::open(&out).unwrap().to_rgb8().dimensions(), (96, 72));
+    // The same inpainting model as an original-layout single file (A1111 / ComfyUI style):
+    // the 9-input conv_in is read from the file, and the picture is the folder's, byte for byte.
+    let single = dir.join("inpaint-single.safetensors");
+    let f = SafeTensorsFile::open(tiny().join("sdxl_single_file.safetensors")).unwrap();
+    let tensors: Vec<(String, kstyle::Tensor)> = f
+        .names()
+        .map(|n| {
+            let t = match n {
+                "model.diffusion_model.input_blocks.0.0.weight" => conv.clone(),
+                _ => f.tensor(n).unwrap(),
+            };
+            (n.to_string(), t)
+        })
+        .collect();
+    kstyle::tensor::save_safetensors(&single, &tensors, None).unwrap();
+    let config = tiny().join("sdxl");
+    let (o, from_file) = run(
+        &single,
+        "nine-single.png",
+        &[
+            "--config",
+            config.to_str().unwrap(),
+            "--image",
+            img,
+            "--mask",
+            m,
+            "--strength",
+            "1",
+        ],
+    );
+    assert!(o.status.success(), "{}", common::stderr(&o));
+    assert!(std::fs::read(&from_file).unwrap() == std::fs::read(&out).unwrap());
 
     let (o, out) = run(&nine, "no-mask.png", &["--image", img]);
     common::assert_fails_naming(&o, "inpainting model");

@@ -59,8 +59,21 @@ impl ModelFiles {
         )?)
     }
 
+    /// The UNet's architecture. For a single file, the architecture folder's, with the input
+    /// channels its `conv_in` weight has: inpainting checkpoints are SDXL with a 9-input
+    /// `conv_in` (latents, mask, masked-picture latents).
     pub fn unet_config(&self) -> Result<UNetConfig> {
-        UNetConfig::from_file(self.config_dir.join("unet/config.json"))
+        let mut cfg = UNetConfig::from_file(self.config_dir.join("unet/config.json"))?;
+        if self.single_file {
+            let file = MappedFile::open(&self.model)?;
+            let tensors = file.tensors()?;
+            if let Some(t) = tensors.get("model.diffusion_model.input_blocks.0.0.weight") {
+                if t.shape.len() == 4 {
+                    cfg.in_channels = t.shape[1];
+                }
+            }
+        }
+        Ok(cfg)
     }
 
     fn vae_config(&self) -> Result<VaeConfig> {
