@@ -422,27 +422,11 @@ fn v_prediction_folders_generate_and_say_so() {
 fn img2img_runs_from_an_image_file() {
     let dir = tmp("img2img");
     let input = dir.join("in.png");
-    image::RgbImage::from_fn(101, 77, |x, y| {
-        image::Rgb([(x * 2) as u8, (y * 3) as u8, ((x * y) % 251) as u8])
-    })
-    .save(&input)
-    .unwrap();
+    common::write_test_picture(&input);
     let model = tiny().join("sdxl");
     let run = |name: &str, extra: &[&str]| {
         let out = dir.join(name);
-        let mut args = vec![
-            "generate",
-            "--model",
-            model.to_str().unwrap(),
-            "--prompt",
-            "a house",
-            "--steps",
-            "4",
-            "--out",
-            out.to_str().unwrap(),
-        ];
-        args.extend_from_slice(extra);
-        (kstyle(&args), out)
+        (common::generate_house(&model, &out, extra), out)
     };
     let img = input.to_str().unwrap();
     let (o, a) = run(
@@ -521,11 +505,7 @@ fn inpainting_runs_with_four_and_nine_channel_unets() {
     use kstyle::tensor::SafeTensorsFile;
     let dir = tmp("inpaint");
     let input = dir.join("in.png");
-    image::RgbImage::from_fn(101, 77, |x, y| {
-        image::Rgb([(x * 2) as u8, (y * 3) as u8, ((x * y) % 251) as u8])
-    })
-    .save(&input)
-    .unwrap();
+    common::write_test_picture(&input);
     let mask = dir.join("mask.png");
     image::GrayImage::from_fn(101, 77, |x, y| {
         image::Luma([if (20..60).contains(&x) && (10..50).contains(&y) {
@@ -568,19 +548,7 @@ fn inpainting_runs_with_four_and_nine_channel_unets() {
 
     let run = |model: &std::path::Path, name: &str, extra: &[&str]| {
         let out = dir.join(name);
-        let mut args = vec![
-            "generate",
-            "--model",
-            model.to_str().unwrap(),
-            "--prompt",
-            "a house",
-            "--steps",
-            "4",
-            "--out",
-            out.to_str().unwrap(),
-        ];
-        args.extend_from_slice(extra);
-        (kstyle(&args), out)
+        (common::generate_house(model, &out, extra), out)
     };
     let (img, m) = (input.to_str().unwrap(), mask.to_str().unwrap());
     let four = tiny().join("sdxl");

@@ -244,6 +244,29 @@ fn time_ids(
     }
 }
 
+/// A picture at the output size, as diffusers' `VaeImageProcessor` resizes it: straight to
+/// `width` x `height` (aspect not kept) with Pillow's Lanczos when its size differs.
+fn processor_resize(
+    img: &image::RgbImage,
+    width: usize,
+    height: usize,
+) -> Result<std::borrow::Cow<'_, image::RgbImage>> {
+    if width == 0 || height == 0 || width % 8 != 0 || height % 8 != 0 {
+        return Err(Error::Config(format!(
+            "width and height must be positive multiples of 8, got {width}x{height}"
+        )));
+    }
+    if (img.width() as usize, img.height() as usize) == (width, height) {
+        return Ok(std::borrow::Cow::Borrowed(img));
+    }
+    Ok(std::borrow::Cow::Owned(crate::image::resample::resize_rgb(
+        img,
+        width as u32,
+        height as u32,
+        crate::image::resample::Filter::Lanczos,
+    )?))
+}
+
 /// A mask picture as diffusers' inpainting mask processor reads it, at the output size: resized
 /// with Pillow's Lanczos when its size differs, converted to Pillow's "L" (ITU-R 601-2 luma in
 /// 16-bit fixed point), then binarised (values of 128 and above, 0.5 after / 255, repaint).
@@ -256,23 +279,7 @@ pub fn mask_input(
     height: usize,
     device: Device,
 ) -> Result<(Tensor, Tensor)> {
-    if width == 0 || height == 0 || width % 8 != 0 || height % 8 != 0 {
-        return Err(Error::Config(format!(
-            "width and height must be positive multiples of 8, got {width}x{height}"
-        )));
-    }
-    let resized;
-    let img = if (img.width() as usize, img.height() as usize) == (width, height) {
-        img
-    } else {
-        resized = crate::image::resample::resize_rgb(
-            img,
-            width as u32,
-            height as u32,
-            crate::image::resample::Filter::Lanczos,
-        )?;
-        &resized
-    };
+    let img = processor_resize(img, width, height)?;
     let pixels: Vec<f32> = img
         .pixels()
         .map(|p| {
@@ -342,24 +349,8 @@ pub fn image_input(
     height: usize,
     device: Device,
 ) -> Result<Tensor> {
-    if width == 0 || height == 0 || width % 8 != 0 || height % 8 != 0 {
-        return Err(Error::Config(format!(
-            "width and height must be positive multiples of 8, got {width}x{height}"
-        )));
-    }
-    let resized;
-    let img = if (img.width() as usize, img.height() as usize) == (width, height) {
-        img
-    } else {
-        resized = crate::image::resample::resize_rgb(
-            img,
-            width as u32,
-            height as u32,
-            crate::image::resample::Filter::Lanczos,
-        )?;
-        &resized
-    };
-    let chw = crate::image::io::rgb_to_chw(img, crate::image::io::PixelRange::Signed);
+    let img = processor_resize(img, width, height)?;
+    let chw = crate::image::io::rgb_to_chw(&img, crate::image::io::PixelRange::Signed);
     Tensor::from_vec(chw, (1, 3, height, width), Device::Cpu)?.to_device(device)
 }
 

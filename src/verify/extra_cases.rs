@@ -127,6 +127,30 @@ pub fn samplers(ctx: &Ctx) -> Result<Vec<Row>> {
     Ok(chk.rows)
 }
 
+/// Runs `req` from `start` on `pipe` and checks the result against `<name>.final_latents`.
+fn check_final(
+    chk: &mut Checker,
+    ctx: &Ctx,
+    f: &SafeTensorsFile,
+    name: &str,
+    pipe: &crate::sample::pipeline::SdxlPipeline,
+    req: &Request,
+    start: crate::sample::pipeline::Start,
+) -> Result<()> {
+    let out = no_grad(|| pipe.denoise_from(req, start, |_, _| {}))?;
+    let key = format!("{name}.final_latents");
+    chk.check(&key, &out, &f.tensor(&key)?, ctx.forward)
+}
+
+/// A reference's stored (H, W, 3) byte picture; `path` names the file in errors.
+fn stored_rgb(f: &SafeTensorsFile, name: &str, path: &std::path::Path) -> Result<image::RgbImage> {
+    let t = f.tensor(name)?;
+    let (h, w, _) = t.dims3()?;
+    let bytes: Vec<u8> = t.to_vec_i64()?.iter().map(|&v| v as u8).collect();
+    image::RgbImage::from_raw(w as u32, h as u32, bytes)
+        .ok_or_else(|| crate::Error::file(path, format!("{name} is not an (H, W, 3) byte image")))
+}
+
 /// diffusers' SDXL img2img pipeline, one run per sampler: the processor's resize of a 100x75
 /// image to 96x72, the VAE's sampled latents, `add_noise` at the strength's first step, and the
 /// final latents (the runs replay PyTorch's draws).
@@ -138,12 +162,7 @@ pub fn img2img(ctx: &Ctx) -> Result<Vec<Row>> {
     let f = SafeTensorsFile::open(&path)?;
     let x =
         |n: &str| -> Result<Tensor> { f.tensor(n)?.to_dtype(DType::F32)?.to_device(ctx.device) };
-    let u8s = f.tensor("image_u8")?;
-    let (h, w, _) = u8s.dims3()?;
-    let bytes: Vec<u8> = u8s.to_vec_i64()?.iter().map(|&v| v as u8).collect();
-    let rgb = image::RgbImage::from_raw(w as u32, h as u32, bytes).ok_or_else(|| {
-        crate::Error::file(&path, "image_u8 is not an (H, W, 3) byte image".to_string())
-    })?;
+    let rgb = stored_rgb(&f, "image_u8", &path)?;
     let (width, height) = image_input_size(&rgb)?;
     let input = image_input(&rgb, width, height, ctx.device)?;
     chk.check("image", &input, &f.tensor("image")?, ctx.forward)?;
@@ -199,13 +218,7 @@ pub fn img2img(ctx: &Ctx) -> Result<Vec<Row>> {
             strength,
             inpaint: None,
         };
-        let out = no_grad(|| pipe.denoise_from(&req, start, |_, _| {}))?;
-        chk.check(
-            &key("final_latents"),
-            &out,
-            &f.tensor(&key("final_latents"))?,
-            ctx.forward,
-        )?;
+        check_final(&mut chk, ctx, &f, name, &pipe, &req, start)?;
     }
     Ok(chk.rows)
 }
@@ -222,21 +235,16 @@ pub fn inpaint(ctx: &Ctx) -> Result<Vec<Row>> {
     let mut chk = Checker::new("inpaint");
     let path = extra(ctx, "inpaint.safetensors");
     let f = SafeTensorsFile::open(&path)?;
-    let rgb = |file: &SafeTensorsFile, name: &str| -> Result<image::RgbImage> {
-        let t = file.tensor(name)?;
-        let (h, w, _) = t.dims3()?;
-        let bytes: Vec<u8> = t.to_vec_i64()?.iter().map(|&v| v as u8).collect();
-        image::RgbImage::from_raw(w as u32, h as u32, bytes).ok_or_else(|| {
-            crate::Error::file(&path, format!("{name} is not an (H, W, 3) byte image"))
-        })
-    };
-    let picture = rgb(
-        &SafeTensorsFile::open(extra(ctx, "img2img.safetensors"))?,
-        "image_u8",
-    )?;
+    let img2img = extra(ctx, "img2img.safetensors");
+    let picture = stored_rgb(&SafeTensorsFile::open(&img2img)?, "image_u8", &img2img)?;
     let (width, height) = image_input_size(&picture)?;
     let input = image_input(&picture, width, height, ctx.device)?;
-    let (pixel_mask, mask) = mask_input(&rgb(&f, "mask_u8")?, width, height, ctx.device)?;
+    let (pixel_mask, mask) = mask_input(
+        &stored_rgb(&f, "mask_u8", &path)?,
+        width,
+        height,
+        ctx.device,
+    )?;
     chk.check("mask", &pixel_mask, &f.tensor("mask")?, ctx.forward)?;
     // The 9-channel variant: the tiny UNet with the reference's 9-input conv_in.
     let (mut cfg, mut tensors, origin) =
@@ -292,13 +300,7 @@ pub fn inpaint(ctx: &Ctx) -> Result<Vec<Row>> {
                 masked: masked.as_ref(),
             }),
         };
-        let out = no_grad(|| pipe.denoise_from(&req, start, |_, _| {}))?;
-        chk.check(
-            &key("final_latents"),
-            &out,
-            &f.tensor(&key("final_latents"))?,
-            ctx.forward,
-        )?;
+        check_final(&mut chk, ctx, &f, name, &pipe, &req, start)?;
     }
     Ok(chk.rows)
 }
@@ -400,13 +402,7 @@ pub fn refiner(ctx: &Ctx) -> Result<Vec<Row>> {
             latents: &handed,
             denoising_start: split,
         };
-        let out = no_grad(|| second.denoise_from(&req, start, |_, _| {}))?;
-        chk.check(
-            &key("final_latents"),
-            &out,
-            &f.tensor(&key("final_latents"))?,
-            ctx.forward,
-        )?;
+        check_final(&mut chk, ctx, &f, name, second, &req, start)?;
     }
     Ok(chk.rows)
 }

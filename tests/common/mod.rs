@@ -47,6 +47,33 @@ pub fn generate_model(model: &Path, steps: &str, extra: &[&str]) -> Output {
     kstyle(&args)
 }
 
+/// `kstyle generate` on `model` with prompt "a house" and 4 steps, writing `out`, plus `extra`
+/// (the img2img, inpainting and refiner tests).
+pub fn generate_house(model: &Path, out: &Path, extra: &[&str]) -> Output {
+    let mut args = vec![
+        "generate",
+        "--model",
+        model.to_str().unwrap(),
+        "--prompt",
+        "a house",
+        "--steps",
+        "4",
+        "--out",
+        out.to_str().unwrap(),
+    ];
+    args.extend_from_slice(extra);
+    kstyle(&args)
+}
+
+/// A 101x77 RGB picture (sizes that are not multiples of 8) written to `path` as PNG.
+pub fn write_test_picture(path: &Path) {
+    image::RgbImage::from_fn(101, 77, |x, y| {
+        image::Rgb([(x * 2) as u8, (y * 3) as u8, ((x * y) % 251) as u8])
+    })
+    .save(path)
+    .unwrap();
+}
+
 /// A fresh, empty scratch folder for one test.
 pub fn tmp(tag: &str) -> PathBuf {
     let d = std::env::temp_dir().join(format!("kstyle-test-{tag}-{}", std::process::id()));
