@@ -605,6 +605,14 @@ fn inpainting_runs_with_four_and_nine_channel_unets() {
     assert!(!out.exists());
     let (o, _) = run(&four, "x.png", &["--mask", m]);
     common::assert_fails_naming(&o, "--image");
+    let refiner = common::tiny_refiner_folder(&dir);
+    let refiner = refiner.to_str().unwrap();
+    let (o, _) = run(
+        &four,
+        "x.png",
+        &["--image", img, "--mask", m, "--refiner", refiner],
+    );
+    common::assert_fails_naming(&o, "cannot be used with");
     std::fs::write(dir.join("bad.png"), "no").unwrap();
     let bad = dir.join("bad.png");
     let (o, _) = run(

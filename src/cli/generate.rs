@@ -55,7 +55,8 @@ pub struct Args {
     /// repainted and black where it is kept; resized to the output size like the picture. A
     /// 4-channel model puts the kept region back after every step; an inpainting model (a
     /// 9-channel UNet) sees the mask and the masked picture (diffusers' SDXL inpaint pipeline).
-    #[arg(long, requires = "image")]
+    /// Not with --refiner: the refiner's steps would repaint the kept region.
+    #[arg(long, requires = "image", conflicts_with = "refiner")]
     pub mask: Option<PathBuf>,
     /// With --image: how much of the schedule runs, 0 to 1 (floor(steps x strength) steps; 1
     /// repaints from full noise level, low values keep the picture). diffusers' defaults: 0.3,
