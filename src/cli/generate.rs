@@ -333,7 +333,7 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
         }
         _ => None,
     };
-    // (pixel mask, latent mask, masked picture) for inpainting.
+    // (latent mask, masked picture) for inpainting.
     let masks = match (&mask_picture, &image) {
         (Some(m), Some(img)) => {
             let (pixels, latent) = mask_input(m, width, height, device)?;
