@@ -142,6 +142,30 @@ fn check_final(
     chk.check(&key, &out, &f.tensor(&key)?, ctx.forward)
 }
 
+/// The request of one img2img or inpainting reference case `name`: the file's prompt and
+/// negative prompt, the case's steps and guidance, `--sampler auto` on the case's scheduler
+/// config, replaying `step_noise`.
+fn case_request(
+    f: &SafeTensorsFile,
+    name: &str,
+    (width, height): (usize, usize),
+    step_noise: Vec<Tensor>,
+) -> Result<Request> {
+    let negative = f.meta_str("negative_prompt")?;
+    Ok(Request {
+        prompt: f.meta_str("prompt")?.to_string(),
+        negative: (!negative.is_empty()).then(|| negative.to_string()),
+        steps: f.meta_f64(&format!("{name}.steps"))? as usize,
+        guidance: f.meta_f64(&format!("{name}.guidance_scale"))?,
+        guidance_rescale: 0.0,
+        width,
+        height,
+        sampler: SamplerKind::Auto,
+        noise: Noise::Given(step_noise),
+        denoising_end: None,
+    })
+}
+
 /// A reference's stored (H, W, 3) byte picture; `path` names the file in errors.
 fn stored_rgb(f: &SafeTensorsFile, name: &str, path: &std::path::Path) -> Result<image::RgbImage> {
     let t = f.tensor(name)?;
@@ -173,29 +197,16 @@ pub fn img2img(ctx: &Ctx) -> Result<Vec<Row>> {
         &f.tensor("image_latents")?,
         ctx.forward,
     )?;
-    let negative = f.meta_str("negative_prompt")?.to_string();
     for name in f.meta_str("cases")?.split(',') {
         let key = |k: &str| format!("{name}.{k}");
         pipe.scheduler =
             SchedulerConfig::from_json_text(f.meta_str(&key("scheduler_config"))?, &path)?;
-        let steps = f.meta_f64(&key("steps"))? as usize;
         let step_noise = (0..)
             .map(|i| key(&format!("noise.{i}")))
             .take_while(|n| f.contains(n))
             .map(|n| f.tensor(&n))
             .collect::<Result<Vec<_>>>()?;
-        let req = Request {
-            prompt: f.meta_str("prompt")?.to_string(),
-            negative: (!negative.is_empty()).then(|| negative.clone()),
-            steps,
-            guidance: f.meta_f64(&key("guidance_scale"))?,
-            guidance_rescale: 0.0,
-            width,
-            height,
-            sampler: SamplerKind::Auto,
-            noise: Noise::Given(step_noise),
-            denoising_end: None,
-        };
+        let req = case_request(&f, name, (width, height), step_noise)?;
         let noise = x(&key("noise"))?;
         let strength = f.meta_f64(&key("strength"))?;
         // The starting latents alone (add_noise at the first step's level), then the whole run.
@@ -253,7 +264,6 @@ pub fn inpaint(ctx: &Ctx) -> Result<Vec<Row>> {
     cfg.in_channels = 9;
     let mut other =
         UNet2DConditionModel::from_tensors(tensors, origin, &cfg, DType::F32, ctx.device)?;
-    let negative = f.meta_str("negative_prompt")?.to_string();
     for name in f.meta_str("cases")?.split(',') {
         let key = |k: &str| format!("{name}.{k}");
         pipe.scheduler =
@@ -279,18 +289,7 @@ pub fn inpaint(ctx: &Ctx) -> Result<Vec<Row>> {
         let noise = draw("noise").ok_or_else(|| {
             crate::Error::file(&path, format!("{name}: no draw with the role `noise`"))
         })?;
-        let req = Request {
-            prompt: f.meta_str("prompt")?.to_string(),
-            negative: (!negative.is_empty()).then(|| negative.clone()),
-            steps: f.meta_f64(&key("steps"))? as usize,
-            guidance: f.meta_f64(&key("guidance_scale"))?,
-            guidance_rescale: 0.0,
-            width,
-            height,
-            sampler: SamplerKind::Auto,
-            noise: Noise::Given(step_noise),
-            denoising_end: None,
-        };
+        let req = case_request(&f, name, (width, height), step_noise)?;
         let start = Start::Image {
             latents: &latents,
             noise: &noise.to_dtype(DType::F32)?.to_device(ctx.device)?,
