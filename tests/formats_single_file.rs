@@ -1,8 +1,10 @@
 //! Acceptance: the tiny sgm single file converts to exactly the tensors of the tiny diffusers
-//! folder (names, dtype, shape and bytes).
+//! folder (names, dtype, shape and bytes); so does the tiny refiner's.
+
+mod common;
 
 use kstyle::formats::diffusers::DiffusersFolder;
-use kstyle::formats::single_file::{convert, convert_file, VaeLayout};
+use kstyle::formats::single_file::{convert, convert_file, is_refiner, VaeLayout};
 use kstyle::formats::unet_layout::UnetLayout;
 use kstyle::formats::{Error, MappedFile, RawTensor, TensorMap};
 use std::borrow::Cow;
@@ -190,4 +192,53 @@ fn unet_key_map_round_trips_every_tiny_key() {
         assert_eq!(map.to_diffusers(&s).as_deref(), Some(k.as_str()));
         assert!(sgm_names.insert(s), "two diffusers keys share an sgm name");
     }
+}
+
+/// The tiny refiner in sgm layout (its OpenCLIP tower as embedder 0), checked with diffusers'
+/// `from_single_file` by `gen_refiner_single_file.py`, converts to exactly the tensors of the
+/// tiny refiner folder, and is recognised as a refiner; the base file is not.
+#[test]
+fn tiny_refiner_single_file_matches_its_folder_bit_for_bit() {
+    let dir = common::tmp("refiner-single");
+    let path = common::tiny_refiner_single_file(&dir);
+    let folder = DiffusersFolder::open(common::tiny_refiner_folder(&dir)).unwrap();
+    let file = MappedFile::open(&path).unwrap();
+    assert!(is_refiner(&file.tensors().unwrap()));
+    let base = MappedFile::open(tiny("sdxl_single_file.safetensors")).unwrap();
+    assert!(!is_refiner(&base.tensors().unwrap()));
+    let split = convert_file(
+        &file,
+        &folder.unet_layout().unwrap(),
+        folder.vae_layout().unwrap(),
+    )
+    .unwrap();
+    assert!(split.text_encoder.is_empty());
+    for (name, got) in [
+        ("unet", &split.unet),
+        ("vae", &split.vae),
+        ("text_encoder_2", &split.text_encoder_2),
+    ] {
+        let comp = folder.component(name, None).unwrap();
+        assert_same_tensors(name, got, &comp.tensors().unwrap());
+    }
+    // Both OpenCLIP towers at once would put two tensors on each name.
+    let mut both = file.tensors().unwrap();
+    for (k, t) in base.tensors().unwrap() {
+        if k.starts_with("conditioner.embedders.1.") {
+            both.insert(k, t);
+        }
+    }
+    let err = convert(
+        both,
+        &folder.unet_layout().unwrap(),
+        folder.vae_layout().unwrap(),
+        "both.safetensors",
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        err.contains("both.safetensors") && err.contains("text_model."),
+        "{err}"
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
 }

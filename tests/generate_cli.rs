@@ -671,3 +671,64 @@ fn a_refiner_folder_finishes_the_base_run() {
     common::assert_fails_naming(&o, "--refiner");
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// A refiner as an original-layout single file (`sd_xl_refiner_1.0.safetensors` style) finishes
+/// the run exactly as its folder does, byte for byte. Without `--refiner-config` the built-in
+/// refiner architecture is used (the tiny weights do not fit it, and the error names the
+/// tensors and the architecture). A refiner file with a base folder, or a base file with a
+/// refiner folder, is refused saying which is which.
+#[test]
+fn a_single_file_refiner_finishes_as_its_folder_does() {
+    let dir = tmp("refiner-single");
+    let folder = common::tiny_refiner_folder(&dir);
+    let file = common::tiny_refiner_single_file(&dir);
+    let run = |refiner: &PathBuf, extra: &[&str], out: &str| {
+        let out = dir.join(out);
+        let mut args = vec![
+            "--refiner",
+            refiner.to_str().unwrap(),
+            "--refiner-switch",
+            "0.5",
+            "--out",
+            out.to_str().unwrap(),
+        ];
+        args.extend_from_slice(extra);
+        (common::generate_tiny_steps("4", &args), out)
+    };
+    let (o, from_folder) = run(&folder, &[], "folder.png");
+    assert!(o.status.success(), "{}", common::stderr(&o));
+    let (o, from_file) = run(
+        &file,
+        &["--refiner-config", folder.to_str().unwrap()],
+        "file.png",
+    );
+    assert!(o.status.success(), "{}", common::stderr(&o));
+    assert_eq!(
+        std::fs::read(&from_folder).unwrap(),
+        std::fs::read(&from_file).unwrap()
+    );
+    let (o, _) = run(&file, &[], "x.png");
+    let err = common::stderr(&o);
+    assert!(
+        !o.status.success()
+            && err.contains("tiny_refiner.safetensors")
+            && err.contains("input_blocks.2.0.op.weight")
+            && err.contains("read as the built-in SDXL refiner 1.0"),
+        "{err}"
+    );
+    let base = tiny().join("sdxl");
+    let (o, _) = run(
+        &file,
+        &["--refiner-config", base.to_str().unwrap()],
+        "x.png",
+    );
+    common::assert_fails_naming(&o, "is an SDXL refiner (no first text encoder), but the");
+    let base_file = tiny().join("sdxl_single_file.safetensors");
+    let (o, _) = run(
+        &base_file,
+        &["--refiner-config", folder.to_str().unwrap()],
+        "x.png",
+    );
+    common::assert_fails_naming(&o, "is not an SDXL refiner, but the");
+    std::fs::remove_dir_all(&dir).unwrap();
+}

@@ -520,7 +520,8 @@ fn memory_budget_picks_the_fastest_checkpointing_that_fits() {
     assert!(a == b, "the probe steps changed the trained adapter");
 }
 
-/// A refiner (no first text encoder) is refused for training by name before any work.
+/// A refiner (no first text encoder), as a folder or a single file, is refused for training by
+/// name before any work.
 #[test]
 fn refiner_models_are_refused_for_training() {
     let dir = tmp("train-refiner");
@@ -528,6 +529,11 @@ fn refiner_models_are_refused_for_training() {
     let refiner = common::tiny_refiner_folder(&dir);
     let out = dir.join("x.safetensors");
     let o = train_model(&refiner, &data, &out, "lora", &["--max-steps", "1"]);
+    common::assert_fails_naming(&o, "has no text_encoder");
+    assert!(!out.exists());
+    // The same as a single file, read with the built-in refiner architecture.
+    let file = common::tiny_refiner_single_file(&dir);
+    let o = train_model(&file, &data, &out, "lora", &["--max-steps", "1"]);
     common::assert_fails_naming(&o, "has no text_encoder");
     assert!(!out.exists());
     std::fs::remove_dir_all(&dir).unwrap();

@@ -84,6 +84,49 @@ fn sdxl_base_parameter_count_from_its_config() {
     assert_eq!(cfg, UNetConfig::sdxl_base());
 }
 
+/// The built-in refiner architecture (`sd_xl_refiner_1.0.safetensors` without `--config`) has
+/// the parameters diffusers builds from sgm's `sd_xl_refiner.yaml`, and every one has the sgm
+/// name diffusers' own conversion gives it: count, tensor count and the sha256 of the sorted
+/// "<sgm key> <diffusers key> <shape>" listing, all from `gen_refiner_single_file.py`.
+#[test]
+fn sdxl_refiner_parameters_and_sgm_names_from_its_config() {
+    use sha2::{Digest, Sha256};
+    let extra = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/extra");
+    let want: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(extra.join("sdxl_refiner_configs/layout.json")).unwrap(),
+    )
+    .unwrap();
+    let dir = std::env::temp_dir().join(format!("kstyle-refiner-preset-{}", std::process::id()));
+    let preset = kstyle::models::presets::Preset::SdxlRefiner
+        .materialize(&dir)
+        .unwrap();
+    let cfg = UNetConfig::from_file(preset.join("unet/config.json")).unwrap();
+    assert_eq!(
+        param_count(&cfg) as u64,
+        want["parameters"].as_u64().unwrap()
+    );
+    let shapes = param_shapes(&cfg).0;
+    assert_eq!(shapes.len() as u64, want["tensors"].as_u64().unwrap());
+    let map =
+        kstyle::formats::unet_layout::UnetLayout::from_config_file(preset.join("unet/config.json"))
+            .unwrap()
+            .key_map();
+    let mut lines: Vec<String> = shapes
+        .iter()
+        .map(|(k, shape)| format!("{} {k} {shape:?}\n", map.to_sgm(k).unwrap()))
+        .collect();
+    lines.sort();
+    let digest = Sha256::digest(lines.concat().as_bytes());
+    let hex: String = digest.iter().map(|b| format!("{b:02x}")).collect();
+    assert_eq!(
+        hex,
+        want["listing_sha256"].as_str().unwrap(),
+        "{}",
+        lines.concat()
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
 #[test]
 fn tiny_parameter_shapes_are_exactly_the_checkpoint() {
     let tensors = tiny_tensors();

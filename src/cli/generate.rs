@@ -21,7 +21,8 @@ pub struct Args {
     /// A diffusers SDXL folder or an original-layout single .safetensors file.
     #[arg(long)]
     pub model: PathBuf,
-    /// Architecture folder for a single-file model (default: built-in SDXL base).
+    /// Architecture folder for a single-file model (default: the built-in SDXL base, or the
+    /// built-in SDXL refiner for a refiner file).
     #[arg(long)]
     pub config: Option<PathBuf>,
     #[arg(long)]
@@ -63,11 +64,16 @@ pub struct Args {
     /// and 0.9999 with --mask (at 1, inpainting starts from noise alone).
     #[arg(long, requires = "image")]
     pub strength: Option<f64>,
-    /// An SDXL refiner folder (or any SDXL model) to finish each image: the model runs until
-    /// --refiner-switch of the schedule, then the refiner continues from its latents with the
-    /// same sampler and steps (diffusers' denoising_end / denoising_start).
+    /// An SDXL refiner (a diffusers folder or `sd_xl_refiner_1.0.safetensors`; or any SDXL
+    /// model) to finish each image: the model runs until --refiner-switch of the schedule, then
+    /// the refiner continues from its latents with the same sampler and steps (diffusers'
+    /// denoising_end / denoising_start).
     #[arg(long)]
     pub refiner: Option<PathBuf>,
+    /// Architecture folder for a single-file --refiner (default: the built-in SDXL refiner, or
+    /// the built-in SDXL base for a base file).
+    #[arg(long, requires = "refiner")]
+    pub refiner_config: Option<PathBuf>,
     /// With --refiner: the fraction of the schedule the first model runs, between 0 and 1.
     #[arg(long, requires = "refiner", default_value_t = 0.8)]
     pub refiner_switch: f64,
@@ -434,7 +440,7 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
     drop(pipe);
     let refiner = SdxlPipeline::load(&LoadOptions {
         model: refiner_path.clone(),
-        config: None,
+        config: a.refiner_config.clone(),
         dtype,
         device,
         loras: Vec::new(),

@@ -16,12 +16,16 @@ use std::path::Path;
 pub const UNET_PREFIX: &str = "model.diffusion_model.";
 pub const TE1_PREFIX: &str = "conditioner.embedders.0.transformer.";
 pub const TE2_PREFIX: &str = "conditioner.embedders.1.model.";
+/// The refiner's only text encoder, the same OpenCLIP tower as the base's second, is embedder 0
+/// (sgm's `sd_xl_refiner.yaml`; SDXL.md 5.2's refiner fingerprint).
+pub const REFINER_TE2_PREFIX: &str = "conditioner.embedders.0.model.";
 pub const VAE_PREFIX: &str = "first_stage_model.";
 
 /// Buffers that sgm checkpoints may carry and no diffusers module has (SDXL.md 5.2).
 fn is_ignored(key: &str) -> bool {
     key == "denoiser.sigmas"
         || key == "conditioner.embedders.1.model.logit_scale"
+        || key == "conditioner.embedders.0.model.logit_scale"
         || key.ends_with("position_ids")
 }
 
@@ -63,6 +67,11 @@ pub struct SplitCheckpoint<'a> {
     pub vae: TensorMap<'a>,
 }
 
+/// Whether an sgm checkpoint is an SDXL refiner: its OpenCLIP tower is embedder 0.
+pub fn is_refiner(ckpt: &TensorMap<'_>) -> bool {
+    ckpt.keys().any(|k| k.starts_with(REFINER_TE2_PREFIX))
+}
+
 /// Converts the tensors of a mapped single file; errors name the file.
 pub fn convert_file<'f>(
     file: &'f MappedFile,
@@ -95,7 +104,10 @@ pub fn convert<'a>(
             convert_unet(&unet_map, rest, t, &mut out.unet)
         } else if let Some(rest) = key.strip_prefix(TE1_PREFIX) {
             canonical_text_encoder_key(rest).map(|k| insert(&mut out.text_encoder, k, t))
-        } else if let Some(rest) = key.strip_prefix(TE2_PREFIX) {
+        } else if let Some(rest) = key
+            .strip_prefix(TE2_PREFIX)
+            .or_else(|| key.strip_prefix(REFINER_TE2_PREFIX))
+        {
             convert_open_clip(rest, t, &mut out.text_encoder_2, context, &key)?
         } else if let Some(rest) = key.strip_prefix(VAE_PREFIX) {
             convert_vae(rest, t, vae, &mut out.vae, context, &key)?

@@ -9,6 +9,7 @@ use crate::formats::{MappedFile, TensorMap};
 use crate::models::clip::config::ClipTextConfig;
 use crate::models::clip::text::ClipTextModel;
 use crate::models::clip::tokenizer::ClipTokenizer;
+use crate::models::presets::{self, Preset};
 use crate::models::unet::lora_merge::{merge_kohya_text_encoder, KohyaLoraFile};
 use crate::models::unet::{UNet2DConditionModel, UNetConfig};
 use crate::models::vae::{config::VaeConfig, AutoencoderKL};
@@ -26,6 +27,8 @@ pub struct ModelFiles {
     /// Configs, tokenizers and scheduler: the model folder itself, or the architecture folder.
     pub config_dir: PathBuf,
     pub single_file: bool,
+    /// The built-in architecture a single file is read with when no folder was given.
+    pub preset: Option<Preset>,
 }
 
 impl ModelFiles {
@@ -38,19 +41,39 @@ impl ModelFiles {
                 model: model.into(),
                 config_dir: model.into(),
                 single_file: false,
+                preset: None,
             });
         }
-        let config_dir = match config {
-            Some(d) => d.to_path_buf(),
+        let (config_dir, preset) = match config {
+            Some(d) => (d.to_path_buf(), None),
             None => {
-                crate::models::presets::materialize_sdxl_base(&crate::models::presets::cache_dir())?
+                let file = MappedFile::open(model)?;
+                let preset = match single_file::is_refiner(&file.tensors()?) {
+                    true => Preset::SdxlRefiner,
+                    false => Preset::SdxlBase,
+                };
+                (preset.materialize(&presets::cache_dir())?, Some(preset))
             }
         };
         Ok(ModelFiles {
             model: model.into(),
             config_dir,
             single_file: true,
+            preset,
         })
+    }
+
+    /// Adds to a loading error which built-in architecture the file was read with, if any:
+    /// a fine-tune with other shapes fails against it, and the fix is naming its own folder.
+    pub fn explain(&self, e: Error) -> Error {
+        match self.preset {
+            Some(p) => Error::Config(format!(
+                "{e} (a single file records no architecture; this one was read as {}, \
+                 and another needs its diffusers config folder named)",
+                p.name()
+            )),
+            None => e,
+        }
     }
 
     pub fn index(&self) -> Result<ModelIndex> {
@@ -81,6 +104,23 @@ impl ModelFiles {
     }
 
     fn split<'f>(&self, file: &'f MappedFile) -> Result<SplitCheckpoint<'f>> {
+        // A refiner file read with a base folder (or the reverse) would otherwise fail on
+        // whichever tensor comes first; say what does not match.
+        let refiner = single_file::is_refiner(&file.tensors()?);
+        if refiner == self.has_text_encoder_1()? {
+            let (file_is, folder_has) = match refiner {
+                true => ("an SDXL refiner (no first text encoder)", "declares one"),
+                false => ("not an SDXL refiner", "declares no first text encoder"),
+            };
+            return Err(Error::file(
+                &self.model,
+                format!(
+                    "is {file_is}, but the architecture folder {} {folder_has}: name a folder \
+                     of the same kind, or none",
+                    self.config_dir.display()
+                ),
+            ));
+        }
         let levels = self.vae_config()?.block_out_channels.len();
         Ok(single_file::convert_file(
             file,
@@ -126,16 +166,10 @@ impl ModelFiles {
         Ok(vae)
     }
 
-    /// Whether the model ships a first text encoder and tokenizer: SDXL's refiner (a diffusers
-    /// folder whose model_index.json has no `text_encoder`) conditions on text_encoder_2 alone.
+    /// Whether the model ships a first text encoder and tokenizer: SDXL's refiner (whose
+    /// model_index.json has no `text_encoder`) conditions on text_encoder_2 alone.
     pub fn has_text_encoder_1(&self) -> Result<bool> {
-        if self.single_file {
-            return Ok(true);
-        }
-        Ok(DiffusersFolder::open(&self.model)?
-            .index
-            .components
-            .contains_key("text_encoder"))
+        Ok(self.index()?.components.contains_key("text_encoder"))
     }
 
     /// (text_encoder, text_encoder_2), with the `lora_te1_` / `lora_te2_` parts of kohya files

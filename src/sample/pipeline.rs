@@ -395,22 +395,25 @@ impl SdxlPipeline {
             }
         }
         let files = ModelFiles::resolve(&opts.model, opts.config.as_deref())?;
-        let (text_encoder, text_encoder_2) =
-            files.text_encoders(&kohya, opts.dtype, opts.device)?;
-        let (tokenizer, tokenizer_2) = files.tokenizers()?;
-        let mut pipe = SdxlPipeline {
-            tokenizer,
-            tokenizer_2,
-            text_encoder,
-            text_encoder_2,
-            unet: files.unet(&kohya, opts.dtype, opts.device)?,
-            vae: files.vae(opts.device)?,
-            scheduler: files.scheduler()?,
-            force_zeros_for_empty_prompt: files.force_zeros_for_empty_prompt()?,
-            device: opts.device,
-            dtype: opts.dtype,
-            adapters: Vec::new(),
+        let load = || -> Result<SdxlPipeline> {
+            let (text_encoder, text_encoder_2) =
+                files.text_encoders(&kohya, opts.dtype, opts.device)?;
+            let (tokenizer, tokenizer_2) = files.tokenizers()?;
+            Ok(SdxlPipeline {
+                tokenizer,
+                tokenizer_2,
+                text_encoder,
+                text_encoder_2,
+                unet: files.unet(&kohya, opts.dtype, opts.device)?,
+                vae: files.vae(opts.device)?,
+                scheduler: files.scheduler()?,
+                force_zeros_for_empty_prompt: files.force_zeros_for_empty_prompt()?,
+                device: opts.device,
+                dtype: opts.dtype,
+                adapters: Vec::new(),
+            })
         };
+        let mut pipe = load().map_err(|e| files.explain(e))?;
         for (path, m) in adapters {
             pipe.attach_adapter(&path, m)?;
         }

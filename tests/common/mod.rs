@@ -173,3 +173,35 @@ pub fn tiny_refiner_folder(dir: &Path) -> PathBuf {
     .unwrap();
     folder
 }
+
+/// The tiny refiner as an original-layout single file, spliced as
+/// `tests/fixtures/extra/gen_refiner_single_file.py` checks it with diffusers: its stored sgm
+/// UNet, plus the tiny base single file's OpenCLIP tower (embedder 1 there, embedder 0 in a
+/// refiner) and VAE.
+pub fn tiny_refiner_single_file(dir: &Path) -> PathBuf {
+    use kstyle::tensor::SafeTensorsFile;
+    let unet = SafeTensorsFile::open(
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/fixtures/extra/tiny_refiner_single_file_unet.safetensors"),
+    )
+    .unwrap();
+    let base = SafeTensorsFile::open(tiny().join("sdxl_single_file.safetensors")).unwrap();
+    let mut tensors: Vec<(String, kstyle::Tensor)> = unet
+        .names()
+        .map(|n| (n.to_string(), unet.tensor(n).unwrap()))
+        .collect();
+    for n in base.names() {
+        let name = if let Some(rest) = n.strip_prefix("conditioner.embedders.1.model.") {
+            format!("conditioner.embedders.0.model.{rest}")
+        } else if n.starts_with("first_stage_model.") {
+            n.to_string()
+        } else {
+            continue;
+        };
+        tensors.push((name, base.tensor(n).unwrap()));
+    }
+    std::fs::create_dir_all(dir).unwrap();
+    let path = dir.join("tiny_refiner.safetensors");
+    kstyle::tensor::save_safetensors(&path, &tensors, None).unwrap();
+    path
+}
