@@ -232,6 +232,63 @@ fn single_file_checkpoints_generate_the_same_image_as_the_folder() {
     );
 }
 
+/// A single file with ComfyUI's `v_pred` and `ztsnr` marker tensors (NoobAI-XL v-pred style) runs
+/// as v-prediction on zero-terminal-SNR betas: the same PNG, byte for byte, as its folder with
+/// `prediction_type: v_prediction` and `rescale_betas_zero_snr: true` in the scheduler config.
+#[test]
+fn single_file_v_prediction_markers_select_the_objective() {
+    let dir = tmp("vpred-markers");
+    let folder = dir.join("vpred");
+    common::copy_dir(&tiny().join("sdxl"), &folder);
+    let sched = folder.join("scheduler/scheduler_config.json");
+    let mut cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&sched).unwrap()).unwrap();
+    cfg["prediction_type"] = "v_prediction".into();
+    cfg["rescale_betas_zero_snr"] = true.into();
+    std::fs::write(&sched, cfg.to_string()).unwrap();
+    let f =
+        kstyle::tensor::SafeTensorsFile::open(tiny().join("sdxl_single_file.safetensors")).unwrap();
+    let mut tensors: Vec<(String, kstyle::Tensor)> = f
+        .names()
+        .map(|n| (n.to_string(), f.tensor(n).unwrap()))
+        .collect();
+    for marker in ["v_pred", "ztsnr"] {
+        let empty = kstyle::Tensor::from_vec(Vec::<f32>::new(), 0, kstyle::Device::Cpu).unwrap();
+        tensors.push((marker.to_string(), empty));
+    }
+    let file = dir.join("vpred.safetensors");
+    kstyle::tensor::save_safetensors(&file, &tensors, None).unwrap();
+    let run = |model: &PathBuf, extra: &[&str], out: &str| {
+        let out = dir.join(out);
+        let mut args = vec!["--out", out.to_str().unwrap()];
+        args.extend_from_slice(extra);
+        (common::generate_model(model, "4", &args), out)
+    };
+    let (o, from_folder) = run(&folder, &[], "folder.png");
+    assert!(o.status.success(), "{}", common::stderr(&o));
+    let config = tiny().join("sdxl");
+    let (o, from_file) = run(&file, &["--config", config.to_str().unwrap()], "file.png");
+    let err = common::stderr(&o);
+    assert!(o.status.success(), "{err}");
+    assert!(err.contains("(v-prediction, zero-SNR schedule)"), "{err}");
+    assert_eq!(
+        std::fs::read(&from_folder).unwrap(),
+        std::fs::read(&from_file).unwrap()
+    );
+    // Without the markers the same weights run as epsilon: a different picture.
+    let (o, plain) = run(
+        &tiny().join("sdxl_single_file.safetensors"),
+        &["--config", config.to_str().unwrap()],
+        "plain.png",
+    );
+    assert!(o.status.success(), "{}", common::stderr(&o));
+    assert_ne!(
+        std::fs::read(&plain).unwrap(),
+        std::fs::read(&from_file).unwrap()
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
 /// bf16 and f16 compute (weights and activations rounded, CPU widening per op) stay close to f32:
 /// a coarse check that every op honours the dtype, not a parity claim.
 #[test]

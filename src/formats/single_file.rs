@@ -21,9 +21,34 @@ pub const TE2_PREFIX: &str = "conditioner.embedders.1.model.";
 pub const REFINER_TE2_PREFIX: &str = "conditioner.embedders.0.model.";
 pub const VAE_PREFIX: &str = "first_stage_model.";
 
-/// Buffers that sgm checkpoints may carry and no diffusers module has (SDXL.md 5.2).
+/// Top-level marker tensors that say how a checkpoint was trained (ComfyUI writes them and reads
+/// them back): `v_pred`, a v-prediction model; `ztsnr`, with zero terminal SNR. Their values
+/// carry nothing.
+pub const V_PRED_MARKER: &str = "v_pred";
+pub const ZTSNR_MARKER: &str = "ztsnr";
+
+/// What a checkpoint's marker tensors say about its training objective.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Markers {
+    pub v_prediction: bool,
+    pub zero_snr: bool,
+}
+
+impl Markers {
+    pub fn of(ckpt: &TensorMap<'_>) -> Markers {
+        Markers {
+            v_prediction: ckpt.contains_key(V_PRED_MARKER),
+            zero_snr: ckpt.contains_key(ZTSNR_MARKER),
+        }
+    }
+}
+
+/// Buffers that sgm checkpoints may carry and no diffusers module has (SDXL.md 5.2), and the
+/// markers read by [`Markers::of`].
 fn is_ignored(key: &str) -> bool {
-    key == "denoiser.sigmas"
+    key == V_PRED_MARKER
+        || key == ZTSNR_MARKER
+        || key == "denoiser.sigmas"
         || key == "conditioner.embedders.1.model.logit_scale"
         || key == "conditioner.embedders.0.model.logit_scale"
         || key.ends_with("position_ids")

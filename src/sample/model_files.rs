@@ -291,13 +291,26 @@ impl ModelFiles {
         ))
     }
 
+    /// The folder's scheduler config. A single file's `v_pred` / `ztsnr` markers (see
+    /// [`single_file::Markers`]) switch on v-prediction and the zero-terminal-SNR betas: the
+    /// file knows how it was trained, and an architecture folder (the built-in base included)
+    /// only describes shapes.
     pub fn scheduler(&self) -> Result<SchedulerConfig> {
         let p = self.config_dir.join("scheduler/scheduler_config.json");
-        if p.exists() {
-            SchedulerConfig::from_file(&p)
+        let mut cfg = if p.exists() {
+            SchedulerConfig::from_file(&p)?
         } else {
-            Ok(SchedulerConfig::default())
+            SchedulerConfig::default()
+        };
+        if self.single_file {
+            let file = MappedFile::open(&self.model)?;
+            let markers = single_file::Markers::of(&file.tensors()?);
+            if markers.v_prediction {
+                cfg.prediction = crate::sample::schedule::Prediction::V;
+            }
+            cfg.zero_snr |= markers.zero_snr;
         }
+        Ok(cfg)
     }
 
     pub fn force_zeros_for_empty_prompt(&self) -> Result<bool> {
