@@ -26,16 +26,27 @@ fn every_cuda_op_matches_the_cpu_oracle_on_the_emulator() {
 }
 
 /// `kstyle verify --device cuda` on the tiny fixtures, every stage through the CUDA code paths.
-/// The `samplers`, `img2img`, `inpaint` and `refiner` cases (whole denoising runs) are left to the GPU session's full
-/// verify: their device work is the pipeline case's UNet, the vae case's encoder and the
-/// elementwise ops the parity suite covers, and on the emulator the 13 sampler runs added on
-/// 2026-11-30 doubled this suite (7.4 to 14.7 min); the 10 img2img runs take 2 min more.
+/// The `samplers`, `img2img` and `inpaint` cases (whole denoising runs) and `train_vpred` (two
+/// more training steps) are left to the GPU session's full verify: their device work is the
+/// pipeline case's UNet, the vae case's encoder, train_step_kstyle's forward and backward and
+/// the elementwise ops the parity suite covers, and on the emulator the 13 sampler runs added on
+/// 2026-11-30 doubled this suite (7.4 to 14.7 min); the 10 img2img runs take 2 min more and
+/// train_vpred 1.5 min. (`refiner`'s four short runs stay.)
 #[test]
 fn verify_device_cuda_passes_on_the_emulator() {
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_kstyle"))
         .args([
-            "verify", "--device", "cuda", "--skip", "samplers", "--skip", "img2img", "--skip",
+            "verify",
+            "--device",
+            "cuda",
+            "--skip",
+            "samplers",
+            "--skip",
+            "img2img",
+            "--skip",
             "inpaint",
+            "--skip",
+            "train_vpred",
         ])
         .arg(common::tiny())
         .env(emu::EMULATE_ENV, "1")

@@ -167,6 +167,7 @@ fn verify_passes_every_case_on_the_tiny_fixtures() {
         "img2img",
         "inpaint",
         "refiner",
+        "train_vpred",
         "lora_lycoris",
         "lora_peft",
         "lora_export",

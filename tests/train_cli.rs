@@ -420,10 +420,12 @@ fn bad_training_input_fails_cleanly() {
     );
 }
 
-/// A v-prediction or zero-terminal-SNR model (they generate, see tests/samplers.rs) is refused
-/// before anything is written: the loss targets epsilon on SDXL's schedule.
+/// A v-prediction model trains on the v target (its loss checked against PyTorch by the
+/// `train_vpred` verify case), with or without zero terminal SNR: finite losses and an adapter
+/// that differs from the epsilon run of the same seed. Epsilon prediction on zero-SNR betas is
+/// refused before anything is written.
 #[test]
-fn v_prediction_models_are_refused_for_training() {
+fn v_prediction_models_train_on_the_v_target() {
     let dir = tmp("vpred");
     let data = dataset(&dir);
     let model = dir.join("sdxl");
@@ -431,30 +433,47 @@ fn v_prediction_models_are_refused_for_training() {
     let sched = model.join("scheduler/scheduler_config.json");
     let original =
         std::fs::read_to_string(tiny().join("sdxl/scheduler/scheduler_config.json")).unwrap();
-    for (from, to, named) in [
-        (
-            "\"prediction_type\": \"epsilon\"",
-            "\"prediction_type\": \"v_prediction\"",
-            "prediction_type V",
-        ),
+    let (eps, v, zsnr) = (
+        "\"prediction_type\": \"epsilon\"",
+        "\"prediction_type\": \"v_prediction\"",
         (
             "\"rescale_betas_zero_snr\": false",
             "\"rescale_betas_zero_snr\": true",
-            "rescale_betas_zero_snr",
         ),
-    ] {
-        assert!(original.contains(from), "{from}");
-        let text = original.replace(from, to);
+    );
+    assert!(original.contains(eps) && original.contains(zsnr.0));
+    let train = |text: String, name: &str| {
         std::fs::write(&sched, text).unwrap();
-        let out = dir.join("x.safetensors");
-        let o = train_model(&model, &data, &out, "lora", &["--max-steps", "1"]);
-        let err = String::from_utf8_lossy(&o.stderr);
+        let out = dir.join(format!("{name}.safetensors"));
+        let o = train_model(&model, &data, &out, "kstyle", &["--max-steps", "2"]);
+        (o, out)
+    };
+    let (o, plain) = train(original.clone(), "eps");
+    assert!(o.status.success(), "{}", common::stderr(&o));
+    let mut adapters = vec![tensors(&plain)];
+    for (name, text) in [
+        ("v", original.replace(eps, v)),
+        ("v-zsnr", original.replace(eps, v).replace(zsnr.0, zsnr.1)),
+    ] {
+        let (o, out) = train(text, name);
+        let err = common::stderr(&o);
+        assert!(o.status.success(), "{err}");
+        assert!(err.contains("objective: v-prediction"), "{err}");
+        assert!(common::first_losses(&out).iter().all(|l| l.is_finite()));
+        let t = tensors(&out);
         assert!(
-            !o.status.success() && err.contains(named) && err.contains("epsilon"),
-            "{err}"
+            adapters.iter().all(|a| *a != t),
+            "{name} trained the same adapter"
         );
-        assert!(!out.exists());
+        adapters.push(t);
     }
+    let (o, out) = train(original.replace(zsnr.0, zsnr.1), "eps-zsnr");
+    let err = common::stderr(&o);
+    assert!(
+        !o.status.success() && err.contains("rescale_betas_zero_snr") && err.contains("epsilon"),
+        "{err}"
+    );
+    assert!(!out.exists());
     std::fs::remove_dir_all(&dir).unwrap();
 }
 

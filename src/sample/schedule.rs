@@ -480,6 +480,27 @@ fn rescale_zero_terminal_snr(betas: &[f32]) -> Vec<f32> {
         .collect()
 }
 
+/// `rescale_zero_terminal_snr` in float64, from and to alphas_cumprod: the betas it rescales are
+/// `1 - ab_i / ab_(i-1)`, and the result's cumulative product is formed as diffusers' training
+/// code forms it (`cumprod(1 - betas)`), so the last value is exactly 0.
+fn rescale_zero_terminal_snr_f64(ab: &[f64]) -> Vec<f64> {
+    let mut s: Vec<f64> = ab.iter().map(|a| a.sqrt()).collect();
+    let (s0, st) = (s[0], s[s.len() - 1]);
+    for v in &mut s {
+        *v -= st;
+        *v *= s0 / (s0 - st);
+    }
+    let bar: Vec<f64> = s.iter().map(|v| v * v).collect();
+    let mut acc = 1.0;
+    (0..bar.len())
+        .map(|i| {
+            let alpha = if i == 0 { bar[0] } else { bar[i] / bar[i - 1] };
+            acc *= 1.0 - (1.0 - alpha);
+            acc
+        })
+        .collect()
+}
+
 /// torch.linspace in float32: start + i*step for the first half, end - (n-1-i)*step after, which
 /// is how PyTorch keeps both ends exact.
 fn linspace_f32(start: f32, end: f32, n: usize, i: usize) -> f32 {
@@ -530,13 +551,38 @@ pub(crate) fn karras_sigmas(lo: f64, hi: f64, steps: usize) -> Vec<f64> {
         .collect()
 }
 
-/// The training schedule in float64 (`kstyle_ref.alphas_cumprod`).
+/// The training schedule in float64 (`kstyle_ref.alphas_cumprod`) and what the UNet predicts.
 #[derive(Clone, Debug)]
 pub struct TrainSchedule {
     pub alphas_cumprod: Vec<f64>,
+    /// The loss target: epsilon, or v = sqrt(ab) eps - sqrt(1 - ab) x0 (diffusers'
+    /// `get_velocity`).
+    pub prediction: Prediction,
 }
 
 impl TrainSchedule {
+    /// The schedule a model was trained on, from its scheduler config: the scaled-linear betas,
+    /// rescaled to zero terminal SNR when the config says so, and its prediction type.
+    /// Epsilon prediction on zero-SNR betas is refused: at the last timestep the noisy latent is
+    /// pure noise, and the clean latent the cultural loss needs is undefined (Lin et al. 2023
+    /// pair zero SNR with v-prediction).
+    pub fn for_model(cfg: &SchedulerConfig) -> Result<TrainSchedule> {
+        if cfg.zero_snr && cfg.prediction == Prediction::Epsilon {
+            return Err(Error::Config(
+                "rescale_betas_zero_snr with prediction_type epsilon cannot be trained: at the \
+                 last timestep the input is pure noise and epsilon gives no clean latent"
+                    .into(),
+            ));
+        }
+        let mut s =
+            TrainSchedule::scaled_linear(cfg.num_train_timesteps, cfg.beta_start, cfg.beta_end);
+        if cfg.zero_snr {
+            s.alphas_cumprod = rescale_zero_terminal_snr_f64(&s.alphas_cumprod);
+        }
+        s.prediction = cfg.prediction;
+        Ok(s)
+    }
+
     pub fn scaled_linear(n: usize, beta_start: f64, beta_end: f64) -> TrainSchedule {
         let (a, b) = (beta_start.sqrt(), beta_end.sqrt());
         let mut acc = 1.0;
@@ -551,7 +597,10 @@ impl TrainSchedule {
                 acc
             })
             .collect();
-        TrainSchedule { alphas_cumprod }
+        TrainSchedule {
+            alphas_cumprod,
+            prediction: Prediction::Epsilon,
+        }
     }
 
     /// SDXL's: 1000 steps from 0.00085 to 0.012.

@@ -10,7 +10,6 @@
 use super::optim::GradAccumulator;
 use super::trainer::Trainer;
 use crate::models::unet::CheckpointPolicy;
-use crate::sample::TrainSchedule;
 use crate::tensor::memory::{memory_use, reset_peak};
 use crate::tensor::Rng;
 use crate::{DType, Device, Error, Result, Tensor};
@@ -127,7 +126,7 @@ impl Trainer {
         {
             let params = self.params();
             let mut acc = GradAccumulator::new(&self.optimizer)?;
-            let schedule = TrainSchedule::sdxl();
+            let schedule = self.schedule.clone();
             let mut rng = Rng::new(0x5eed);
             let x0 = ex.mean.scale(self.scaling_factor)?; // (1, 4, h, w)
             let noise = Tensor::randn(x0.dims().to_vec(), &mut rng, DType::F32, device)?;

@@ -1,9 +1,10 @@
 //! One training step's loss (KSTYLE.md eq 17): noise the clean latents at the sampled
-//! timesteps, predict epsilon with the adapted UNet, take the MSE, and add lambda times the
-//! cultural loss of the predicted clean latents.
+//! timesteps, predict epsilon (or, for v-prediction models, v) with the adapted UNet, take the
+//! MSE against the target, and add lambda times the cultural loss of the predicted clean latents.
 
 use super::cultural::CulturalLoss;
 use crate::models::unet::UNet2DConditionModel;
+use crate::sample::schedule::Prediction;
 use crate::sample::TrainSchedule;
 use crate::{DType, Device, Error, Result, Tensor};
 
@@ -72,10 +73,15 @@ pub fn training_loss(
     let timesteps = Tensor::from_vec(ts, t.len(), Device::Cpu)?
         .to_dtype(DType::F32)?
         .to_device(x0.device())?; // (B,)
-    let eps_hat = unet
+    let out = unet
         .forward(&zt, &timesteps, cond.context, cond.pooled, cond.time_ids)?
         .to_dtype(x0.dtype())?; // (B, C, H, W)
-    let diffusion = eps_hat.sub(noise)?.sqr()?.mean_all()?;
+    let target = match schedule.prediction {
+        Prediction::Epsilon => noise.clone(),
+        // v = sqrt(ab) eps - sqrt(1 - ab) x0
+        Prediction::V => noise.mul(&sa)?.sub(&x0.mul(&s1)?)?, // (B, C, H, W)
+    };
+    let diffusion = out.sub(&target)?.sqr()?.mean_all()?;
     match cultural {
         None => Ok(Losses {
             total: diffusion.clone(),
@@ -83,7 +89,11 @@ pub fn training_loss(
             cultural: None,
         }),
         Some((module, lambda)) => {
-            let x0_hat = zt.sub(&eps_hat.mul(&s1)?)?.div(&sa)?; // (B, C, H, W)
+            let x0_hat = match schedule.prediction {
+                Prediction::Epsilon => zt.sub(&out.mul(&s1)?)?.div(&sa)?,
+                // sqrt(ab) z_t - sqrt(1 - ab) v: defined at zero SNR too, where ab = 0.
+                Prediction::V => zt.mul(&sa)?.sub(&out.mul(&s1)?)?,
+            }; // (B, C, H, W)
             let c = module.forward(&x0_hat)?;
             let total = diffusion.add(&c.scale(lambda)?)?;
             Ok(Losses {

@@ -268,6 +268,8 @@ pub struct Trainer {
     sample_embeds: Option<PromptEmbeds>,
     files: ModelFiles,
     pub(super) scaling_factor: f64,
+    /// The noise schedule and loss target of the model (its scheduler config).
+    pub(super) schedule: TrainSchedule,
     total_steps: u64,
 }
 
@@ -292,22 +294,12 @@ impl Trainer {
             std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
         }
         let files = ModelFiles::resolve(&cfg.model, cfg.config_dir.as_deref())?;
-        // The loss targets epsilon on SDXL's own schedule (KSTYLE.md); a v-prediction or
-        // zero-terminal-SNR model would silently learn the wrong target.
-        let scheduler = files.scheduler()?;
-        if scheduler.prediction != Prediction::Epsilon || scheduler.zero_snr {
-            return Err(Error::Config(format!(
-                "{}: its scheduler config has prediction_type {:?}{}; training targets epsilon \
-                 on SDXL's standard schedule, so v-prediction and zero-terminal-SNR models \
-                 cannot be trained (they generate fine)",
-                cfg.model.display(),
-                scheduler.prediction,
-                if scheduler.zero_snr {
-                    " and rescale_betas_zero_snr"
-                } else {
-                    ""
-                }
-            )));
+        // The loss targets what the model predicts (epsilon, KSTYLE.md; or v) on the schedule
+        // it was trained with, zero terminal SNR included.
+        let schedule = TrainSchedule::for_model(&files.scheduler()?)
+            .map_err(|e| Error::Config(format!("{}: {e}", cfg.model.display())))?;
+        if schedule.prediction != Prediction::Epsilon {
+            log("objective: v-prediction (the model's scheduler config)");
         }
         if !files.has_text_encoder_1()? {
             return Err(Error::Config(format!(
@@ -480,6 +472,7 @@ impl Trainer {
             sample_embeds,
             files,
             scaling_factor,
+            schedule,
             total_steps,
         };
         if let Some(budget) = trainer.cfg.memory_budget {
@@ -627,7 +620,7 @@ impl Trainer {
     pub fn step(&mut self) -> Result<StepLog> {
         let params = self.params();
         let mut acc = GradAccumulator::new(&self.optimizer)?;
-        let schedule = TrainSchedule::sdxl();
+        let schedule = self.schedule.clone();
         let (mut loss, mut diffusion, mut cultural) = (0.0, 0.0, 0.0);
         for _ in 0..self.cfg.grad_accum {
             let i = self.next_example();

@@ -200,6 +200,11 @@ pub fn cases() -> Vec<(&'static str, &'static str, CaseFn)> {
             extra_cases::refiner,
         ),
         (
+            "train_vpred",
+            "../../extra/train_vpred.safetensors",
+            train_cases::train_vpred,
+        ),
+        (
             "lora_lycoris",
             "../../extra/lycoris_reference.safetensors",
             extra_cases::lora_lycoris,

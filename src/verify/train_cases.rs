@@ -6,11 +6,12 @@ use crate::backend::cpu::optim::AdamW;
 use crate::models::unet::UNet2DConditionModel;
 use crate::nn::lora::{LoraAdapter, LoraConfig};
 use crate::nn::Linear;
-use crate::sample::TrainSchedule;
+use crate::sample::schedule::Prediction;
+use crate::sample::{SchedulerConfig, TrainSchedule};
 use crate::tensor::{Rng, SafeTensorsFile};
 use crate::train::cultural::CulturalLoss;
 use crate::train::optim::Optimizer;
-use crate::train::step::{training_loss, Conditioning};
+use crate::train::step::{training_loss, Conditioning, Losses};
 use crate::{DType, Error, Result, Tensor};
 
 pub fn train_step_kstyle(ctx: &Ctx) -> Result<Vec<Row>> {
@@ -21,97 +22,137 @@ pub fn train_step_lora(ctx: &Ctx) -> Result<Vec<Row>> {
     train_step(ctx, "train_step_lora")
 }
 
+/// The tiny UNet with the reference step's adapter and cultural-loss parameters, and the step's
+/// inputs.
+struct Step {
+    unet: UNet2DConditionModel,
+    cultural: Option<CulturalLoss>,
+    lambda: f64,
+    params: Vec<(String, Tensor)>,
+    t: Vec<usize>,
+    x0: Tensor,
+    noise: Tensor,
+    context: Tensor,
+    pooled: Tensor,
+    time_ids: Tensor,
+}
+
+impl Step {
+    fn load(ctx: &Ctx, f: &SafeTensorsFile) -> Result<Step> {
+        let text = |k: &str| f.meta_str(k).map(String::from);
+        let num = |k: &str| f.meta_f64(k);
+        let load = |k: &str| -> Result<Tensor> {
+            f.tensor(k)?.to_dtype(DType::F32)?.to_device(ctx.device)
+        };
+        let gated = text("gated")? == "True";
+        let lambda = num("cultural_weight")?;
+        let targets: Vec<String> = text("targets")?.split(',').map(str::to_string).collect();
+        let concepts = load("concepts")?;
+        let config = LoraConfig {
+            rank: num("rank")? as usize,
+            alpha: num("alpha")?,
+            guidance: num("guidance")?,
+            gate_hidden: num("gate_hidden")? as usize,
+            mod_hidden: num("mod_hidden")? as usize,
+        };
+        let mut unet = UNet2DConditionModel::from_diffusers(
+            ctx.dir.join("sdxl"),
+            &[],
+            DType::F32,
+            ctx.device,
+        )?
+        .model;
+        let mut rng = Rng::new(0);
+        unet.attach_adapters(|path, base| {
+            if !targets.iter().any(|t| path.ends_with(&format!(".{t}"))) {
+                return Ok(None);
+            }
+            let (d_in, d_out) = (base.in_features(), base.out_features());
+            let mut a = LoraAdapter::init(
+                d_in,
+                d_out,
+                config,
+                gated.then_some(&concepts),
+                &mut rng,
+                DType::F32,
+                ctx.device,
+            )?;
+            a.assign(|name, _| load(&format!("param.{path}.{name}")))?;
+            Ok(Some(a))
+        })?;
+        let cultural = if lambda > 0.0 {
+            let proj = Linear {
+                weight: load("param.cultural.proj.weight")?.var()?,
+                bias: Some(load("param.cultural.proj.bias")?.var()?),
+            };
+            Some(CulturalLoss {
+                proj,
+                pool: num("cultural_pool")? as usize,
+                concepts: concepts.clone(),
+                tau: 1.0,
+            })
+        } else {
+            None
+        };
+        let mut params = unet.adapter_parameters();
+        if let Some(c) = &cultural {
+            params.extend(
+                c.named()
+                    .into_iter()
+                    .map(|(n, t)| (format!("cultural.{n}"), t)),
+            );
+        }
+        let expected = num("n_params")? as usize;
+        if params.len() != expected {
+            return Err(Error::msg(format!(
+                "{} trainable tensors, the reference has {expected}",
+                params.len()
+            )));
+        }
+        let t: Vec<usize> = f
+            .tensor("timestep")?
+            .to_vec_i64()?
+            .into_iter()
+            .map(|v| v as usize)
+            .collect();
+        Ok(Step {
+            unet,
+            cultural,
+            lambda,
+            params,
+            t,
+            x0: load("x0")?,
+            noise: load("noise")?,
+            context: load("encoder_hidden_states")?,
+            pooled: load("text_embeds")?,
+            time_ids: load("time_ids")?,
+        })
+    }
+
+    fn losses(&self, schedule: &TrainSchedule) -> Result<Losses> {
+        training_loss(
+            &self.unet,
+            self.cultural.as_ref().map(|c| (c, self.lambda)),
+            schedule,
+            &self.x0,
+            &self.noise,
+            &self.t,
+            &Conditioning {
+                context: &self.context,
+                pooled: &self.pooled,
+                time_ids: &self.time_ids,
+            },
+        )
+    }
+}
+
 fn train_step(ctx: &Ctx, case: &str) -> Result<Vec<Row>> {
     let f = SafeTensorsFile::open(ctx.reference(&format!("{case}.safetensors")))?;
     let text = |k: &str| f.meta_str(k).map(String::from);
     let num = |k: &str| f.meta_f64(k);
-    let load =
-        |k: &str| -> Result<Tensor> { f.tensor(k)?.to_dtype(DType::F32)?.to_device(ctx.device) };
-    let gated = text("gated")? == "True";
-    let lambda = num("cultural_weight")?;
-    let targets: Vec<String> = text("targets")?.split(',').map(str::to_string).collect();
-    let concepts = load("concepts")?;
-    let config = LoraConfig {
-        rank: num("rank")? as usize,
-        alpha: num("alpha")?,
-        guidance: num("guidance")?,
-        gate_hidden: num("gate_hidden")? as usize,
-        mod_hidden: num("mod_hidden")? as usize,
-    };
-    let mut unet =
-        UNet2DConditionModel::from_diffusers(ctx.dir.join("sdxl"), &[], DType::F32, ctx.device)?
-            .model;
-    let mut rng = Rng::new(0);
-    unet.attach_adapters(|path, base| {
-        if !targets.iter().any(|t| path.ends_with(&format!(".{t}"))) {
-            return Ok(None);
-        }
-        let (d_in, d_out) = (base.in_features(), base.out_features());
-        let mut a = LoraAdapter::init(
-            d_in,
-            d_out,
-            config,
-            gated.then_some(&concepts),
-            &mut rng,
-            DType::F32,
-            ctx.device,
-        )?;
-        a.assign(|name, _| load(&format!("param.{path}.{name}")))?;
-        Ok(Some(a))
-    })?;
-    let cultural = if lambda > 0.0 {
-        let proj = Linear {
-            weight: load("param.cultural.proj.weight")?.var()?,
-            bias: Some(load("param.cultural.proj.bias")?.var()?),
-        };
-        Some(CulturalLoss {
-            proj,
-            pool: num("cultural_pool")? as usize,
-            concepts: concepts.clone(),
-            tau: 1.0,
-        })
-    } else {
-        None
-    };
-    let mut params = unet.adapter_parameters();
-    if let Some(c) = &cultural {
-        params.extend(
-            c.named()
-                .into_iter()
-                .map(|(n, t)| (format!("cultural.{n}"), t)),
-        );
-    }
-    let expected = num("n_params")? as usize;
-    if params.len() != expected {
-        return Err(Error::msg(format!(
-            "{} trainable tensors, the reference has {expected}",
-            params.len()
-        )));
-    }
-    let t: Vec<usize> = f
-        .tensor("timestep")?
-        .to_vec_i64()?
-        .into_iter()
-        .map(|v| v as usize)
-        .collect();
-    let (context, pooled, time_ids) = (
-        load("encoder_hidden_states")?,
-        load("text_embeds")?,
-        load("time_ids")?,
-    );
-    let losses = training_loss(
-        &unet,
-        cultural.as_ref().map(|c| (c, lambda)),
-        &TrainSchedule::sdxl(),
-        &load("x0")?,
-        &load("noise")?,
-        &t,
-        &Conditioning {
-            context: &context,
-            pooled: &pooled,
-            time_ids: &time_ids,
-        },
-    )?;
+    let step = Step::load(ctx, &f)?;
+    let params = &step.params;
+    let losses = step.losses(&TrainSchedule::sdxl())?;
     let mut chk = Checker::new(case);
     chk.check(
         "loss.diffusion",
@@ -131,7 +172,7 @@ fn train_step(ctx: &Ctx, case: &str) -> Result<Vec<Row>> {
     let grads = losses.total.backward()?;
     let grad_tol = ctx.grad.grad_with_floor(max_norm(&f, "grad.")?);
     let mut flat = Vec::with_capacity(params.len());
-    for (name, p) in &params {
+    for (name, p) in params {
         let g = grads
             .get(p)
             .ok_or_else(|| Error::Backward(format!("no gradient for {name}")))?;
@@ -158,9 +199,9 @@ fn train_step(ctx: &Ctx, case: &str) -> Result<Vec<Row>> {
         .iter()
         .map(|(_, p)| p.to_vec_f64())
         .collect::<Result<_>>()?;
-    let mut opt = Optimizer::new(hyper, &params)?;
+    let mut opt = Optimizer::new(hyper, params)?;
     let grad = Tensor::cat(&flat, 0)?;
-    opt.step(&params, &grad, 1.0, hyper.lr)?;
+    opt.step(params, &grad, 1.0, hyper.lr)?;
     let adam_tol = ctx.grad.grad_with_floor(max_norm(&f, "after_adamw.")?);
     let (mut ours, mut theirs) = (Vec::new(), Vec::new());
     for ((name, p), b) in params.iter().zip(&before) {
@@ -178,5 +219,70 @@ fn train_step(ctx: &Ctx, case: &str) -> Result<Vec<Row>> {
         &Tensor::from_vec(theirs, n, crate::Device::Cpu)?,
         ctx.grad,
     )?;
+    Ok(chk.rows)
+}
+
+/// K-StyleLoRA's step on a v-prediction model (`tests/fixtures/extra/gen_train_vpred.py`):
+/// train_step_kstyle's setup with the v target and the x0 it implies, on the zero-terminal-SNR
+/// schedule (timestep 999 is pure noise there) and on the plain one. The losses, the rescaled
+/// schedule, and the gradients the reference keeps (every LoRA factor, the cultural projection,
+/// one module's gates).
+pub fn train_vpred(ctx: &Ctx) -> Result<Vec<Row>> {
+    let setup = SafeTensorsFile::open(ctx.reference("train_step_kstyle.safetensors"))?;
+    let f = SafeTensorsFile::open(ctx.reference("../../extra/train_vpred.safetensors"))?;
+    let step = Step::load(ctx, &setup)?;
+    let mut chk = Checker::new("train_vpred");
+    for (case, zero_snr) in [("zsnr", true), ("plain", false)] {
+        let schedule = TrainSchedule::for_model(&SchedulerConfig {
+            prediction: Prediction::V,
+            zero_snr,
+            ..SchedulerConfig::default()
+        })?;
+        if zero_snr {
+            let n = schedule.len();
+            chk.check(
+                "zsnr.alphas_cumprod",
+                &Tensor::from_vec(schedule.alphas_cumprod.clone(), n, crate::Device::Cpu)?,
+                &f.tensor("zsnr.alphas_cumprod")?,
+                ctx.forward,
+            )?;
+        }
+        let losses = step.losses(&schedule)?;
+        let cultural = losses
+            .cultural
+            .as_ref()
+            .ok_or_else(|| Error::msg("the kstyle step has no cultural loss"))?;
+        for (name, got) in [
+            ("loss.diffusion", &losses.diffusion),
+            ("loss.cultural", cultural),
+            ("loss.total", &losses.total),
+        ] {
+            let name = format!("{case}.{name}");
+            chk.check(&name, got, &f.tensor(&name)?, ctx.forward)?;
+        }
+        let grads = losses.total.backward()?;
+        let prefix = format!("{case}.grad.");
+        let tol = ctx.grad.grad_with_floor(max_norm(&f, &prefix)?);
+        let mut checked = 0;
+        for key in f.names().filter(|n| n.starts_with(&prefix)) {
+            let name = &key[prefix.len()..];
+            let p = step
+                .params
+                .iter()
+                .find(|(n, _)| n == name)
+                .map(|(_, p)| p)
+                .ok_or_else(|| Error::msg(format!("{key} names no trainable tensor")))?;
+            let g = grads
+                .get(p)
+                .ok_or_else(|| Error::Backward(format!("no gradient for {name}")))?;
+            chk.check(key, g, &f.tensor(key)?, tol)?;
+            checked += 1;
+        }
+        if checked == 0 {
+            return Err(Error::msg(format!(
+                "no {prefix}* gradients in the reference"
+            )));
+        }
+    }
     Ok(chk.rows)
 }
