@@ -26,12 +26,12 @@ fn every_cuda_op_matches_the_cpu_oracle_on_the_emulator() {
 }
 
 /// `kstyle verify --device cuda` on the tiny fixtures, every stage through the CUDA code paths.
-/// The `samplers`, `img2img` and `inpaint` cases (whole denoising runs) and `train_vpred` (two
-/// more training steps) are left to the GPU session's full verify: their device work is the
+/// The `samplers`, `img2img` and `inpaint` cases (whole denoising runs) and `train_vpred` and
+/// `train_min_snr` (two more training steps each) are left to the GPU session's full verify: their device work is the
 /// pipeline case's UNet, the vae case's encoder, train_step_kstyle's forward and backward and
 /// the elementwise ops the parity suite covers, and on the emulator the 13 sampler runs added on
 /// 2026-11-30 doubled this suite (7.4 to 14.7 min); the 10 img2img runs take 2 min more and
-/// train_vpred 1.5 min. (`refiner`'s four short runs stay.)
+/// each training case 1.5 min. (`refiner`'s four short runs stay.)
 #[test]
 fn verify_device_cuda_passes_on_the_emulator() {
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_kstyle"))
@@ -47,6 +47,8 @@ fn verify_device_cuda_passes_on_the_emulator() {
             "inpaint",
             "--skip",
             "train_vpred",
+            "--skip",
+            "train_min_snr",
         ])
         .arg(common::tiny())
         .env(emu::EMULATE_ENV, "1")

@@ -168,6 +168,7 @@ fn verify_passes_every_case_on_the_tiny_fixtures() {
         "inpaint",
         "refiner",
         "train_vpred",
+        "train_min_snr",
         "lora_lycoris",
         "lora_peft",
         "lora_export",

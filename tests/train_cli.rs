@@ -477,6 +477,59 @@ fn v_prediction_models_train_on_the_v_target() {
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
+/// `--min-snr-gamma` (values checked against PyTorch by the `train_min_snr` verify case) weights
+/// the logged diffusion loss (on a v-prediction model every weight is below 1, so each step's
+/// loss is below the unweighted one from the same draws), records gamma in the adapter's
+/// settings, and refuses values that are not positive numbers before anything is written.
+#[test]
+fn min_snr_gamma_weights_the_loss() {
+    let dir = tmp("min-snr");
+    let data = dataset(&dir);
+    let model = dir.join("sdxl");
+    common::copy_dir(&tiny().join("sdxl"), &model);
+    let sched = model.join("scheduler/scheduler_config.json");
+    let text = std::fs::read_to_string(&sched).unwrap();
+    std::fs::write(
+        &sched,
+        text.replace(
+            "\"prediction_type\": \"epsilon\"",
+            "\"prediction_type\": \"v_prediction\"",
+        ),
+    )
+    .unwrap();
+    let train = |name: &str, extra: &[&str]| {
+        let out = dir.join(format!("{name}.safetensors"));
+        let mut args = vec!["--max-steps", "2"];
+        args.extend_from_slice(extra);
+        (train_model(&model, &data, &out, "lora", &args), out)
+    };
+    let diffusion = |adapter: &Path| -> Vec<f64> {
+        let csv = std::fs::read_to_string(adapter.with_extension("loss.csv")).unwrap();
+        csv.lines()
+            .skip(1)
+            .map(|row| row.split(',').nth(3).unwrap().parse().unwrap())
+            .collect()
+    };
+    let (o, plain) = train("plain", &[]);
+    assert!(o.status.success(), "{}", common::stderr(&o));
+    let (o, weighted) = train("weighted", &["--min-snr-gamma", "5"]);
+    assert!(o.status.success(), "{}", common::stderr(&o));
+    let (p, w) = (diffusion(&plain), diffusion(&weighted));
+    assert_eq!(p.len(), 2);
+    assert!(
+        w.iter().zip(&p).all(|(w, p)| w.is_finite() && w < p),
+        "{w:?} vs {p:?}"
+    );
+    let f = SafeTensorsFile::open(&weighted).unwrap();
+    assert_eq!(f.meta_str("kstyle.train.min_snr_gamma").unwrap(), "5");
+    for bad in ["0", "-1", "nan"] {
+        let (o, out) = train(&format!("bad{bad}"), &["--min-snr-gamma", bad]);
+        common::assert_fails_naming(&o, "--min-snr-gamma");
+        assert!(!out.exists());
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
 /// The `X MiB` values of a planner message, in order.
 fn mib_values(text: &str) -> Vec<f64> {
     let words: Vec<&str> = text.split_whitespace().collect();

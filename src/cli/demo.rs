@@ -89,6 +89,7 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
             .map(String::from)
             .to_vec(),
         lambda: 0.1,
+        min_snr_gamma: None,
         cultural_pool: None,
         adamw: AdamW {
             lr: 1e-2,

@@ -46,6 +46,11 @@ pub struct Args {
     /// Weight of the cultural loss.
     #[arg(long = "lambda", default_value_t = 0.1)]
     pub lambda: f64,
+    /// Min-SNR weighting of the diffusion loss (Hang et al. 2023), as diffusers' --snr_gamma and
+    /// kohya's --min_snr_gamma: each sample's loss times min(SNR, gamma) / SNR (epsilon models)
+    /// or / (SNR + 1) (v-prediction); 5 is the paper's choice. Off by default (KSTYLE.md's loss).
+    #[arg(long, allow_negative_numbers = true)]
+    pub min_snr_gamma: Option<f64>,
     #[arg(long, default_value_t = 1e-4)]
     pub lr: f64,
     #[arg(long, value_enum, default_value = "constant")]
@@ -178,6 +183,7 @@ pub fn config_from(a: &Args) -> anyhow::Result<TrainConfig> {
         },
         targets: a.targets.clone(),
         lambda: a.lambda,
+        min_snr_gamma: a.min_snr_gamma,
         cultural_pool: a.cultural_pool,
         adamw: AdamW {
             lr: a.lr,

@@ -558,6 +558,9 @@ pub struct TrainSchedule {
     /// The loss target: epsilon, or v = sqrt(ab) eps - sqrt(1 - ab) x0 (diffusers'
     /// `get_velocity`).
     pub prediction: Prediction,
+    /// Min-SNR loss weighting (Hang et al. 2023; diffusers' `--snr_gamma`, kohya's
+    /// `--min_snr_gamma`): each sample's diffusion loss is scaled by [`Self::loss_weight`].
+    pub min_snr_gamma: Option<f64>,
 }
 
 impl TrainSchedule {
@@ -600,6 +603,26 @@ impl TrainSchedule {
         TrainSchedule {
             alphas_cumprod,
             prediction: Prediction::Epsilon,
+            min_snr_gamma: None,
+        }
+    }
+
+    /// The signal-to-noise ratio `ab / (1 - ab)` at timestep `t`.
+    pub fn snr(&self, t: usize) -> f64 {
+        let ab = self.alphas_cumprod[t];
+        ab / (1.0 - ab)
+    }
+
+    /// The min-SNR weight of a sample at timestep `t`: `min(snr, gamma) / snr` for epsilon,
+    /// `min(snr, gamma) / (snr + 1)` for v (0 at zero SNR). 1 without a gamma.
+    pub fn loss_weight(&self, t: usize) -> f64 {
+        let Some(gamma) = self.min_snr_gamma else {
+            return 1.0;
+        };
+        let snr = self.snr(t);
+        match self.prediction {
+            Prediction::Epsilon => snr.min(gamma) / snr,
+            Prediction::V => snr.min(gamma) / (snr + 1.0),
         }
     }
 

@@ -81,7 +81,17 @@ pub fn training_loss(
         // v = sqrt(ab) eps - sqrt(1 - ab) x0
         Prediction::V => noise.mul(&sa)?.sub(&x0.mul(&s1)?)?, // (B, C, H, W)
     };
-    let diffusion = out.sub(&target)?.sqr()?.mean_all()?;
+    let sq = out.sub(&target)?.sqr()?; // (B, C, H, W)
+    let diffusion = match schedule.min_snr_gamma {
+        None => sq.mean_all()?,
+        Some(_) => {
+            let w: Vec<f64> = t.iter().map(|&ti| schedule.loss_weight(ti)).collect();
+            let w = Tensor::from_vec(w, t.len(), Device::Cpu)?
+                .to_dtype(sq.dtype())?
+                .to_device(sq.device())?; // (B,)
+            sq.mean(&[1, 2, 3])?.mul(&w)?.mean_all()?
+        }
+    };
     match cultural {
         None => Ok(Losses {
             total: diffusion.clone(),

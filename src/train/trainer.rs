@@ -44,6 +44,9 @@ pub struct TrainConfig {
     /// Suffixes of the wrapped linears (`to_q`, `to_k`, `to_v`, `to_out.0`).
     pub targets: Vec<String>,
     pub lambda: f64,
+    /// Min-SNR gamma of the diffusion loss's per-sample weights (see
+    /// [`TrainSchedule::loss_weight`]); None: unweighted, as KSTYLE.md's loss.
+    pub min_snr_gamma: Option<f64>,
     /// Side of the pooled latent in the cultural loss; latent side / 8 when None (16 at 1024²).
     pub cultural_pool: Option<usize>,
     pub adamw: AdamW,
@@ -296,8 +299,16 @@ impl Trainer {
         let files = ModelFiles::resolve(&cfg.model, cfg.config_dir.as_deref())?;
         // The loss targets what the model predicts (epsilon, KSTYLE.md; or v) on the schedule
         // it was trained with, zero terminal SNR included.
-        let schedule = TrainSchedule::for_model(&files.scheduler()?)
+        if let Some(g) = cfg.min_snr_gamma {
+            if !(g.is_finite() && g > 0.0) {
+                return Err(Error::Config(format!(
+                    "--min-snr-gamma must be a positive number, got {g}"
+                )));
+            }
+        }
+        let mut schedule = TrainSchedule::for_model(&files.scheduler()?)
             .map_err(|e| Error::Config(format!("{}: {e}", cfg.model.display())))?;
+        schedule.min_snr_gamma = cfg.min_snr_gamma;
         if schedule.prediction != Prediction::Epsilon {
             log("objective: v-prediction (the model's scheduler config)");
         }
@@ -552,6 +563,10 @@ impl Trainer {
             ("grad_accum".to_string(), c.grad_accum.to_string()),
             ("resolution".to_string(), c.resolution.to_string()),
             ("lambda".to_string(), c.lambda.to_string()),
+            (
+                "min_snr_gamma".to_string(),
+                c.min_snr_gamma.map_or("none".into(), |g| g.to_string()),
+            ),
             ("seed".to_string(), c.seed.to_string()),
             ("steps".to_string(), self.state.step.to_string()),
             ("targets".to_string(), c.targets.join(",")),

@@ -205,6 +205,11 @@ pub fn cases() -> Vec<(&'static str, &'static str, CaseFn)> {
             train_cases::train_vpred,
         ),
         (
+            "train_min_snr",
+            "../../extra/train_min_snr.safetensors",
+            train_cases::train_min_snr,
+        ),
+        (
             "lora_lycoris",
             "../../extra/lycoris_reference.safetensors",
             extra_cases::lora_lycoris,

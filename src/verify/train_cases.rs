@@ -286,3 +286,69 @@ pub fn train_vpred(ctx: &Ctx) -> Result<Vec<Row>> {
     }
     Ok(chk.rows)
 }
+
+/// Min-SNR loss weighting (`tests/fixtures/extra/gen_train_min_snr.py`, gamma 5): plain LoRA on
+/// epsilon at timesteps 10 and 500, and K-StyleLoRA on a zero-SNR v-prediction model at 999 and
+/// 10. The per-sample weights, the losses and a few gradients.
+pub fn train_min_snr(ctx: &Ctx) -> Result<Vec<Row>> {
+    let f = SafeTensorsFile::open(ctx.reference("../../extra/train_min_snr.safetensors"))?;
+    let gamma = f.meta_f64("gamma")?;
+    let mut chk = Checker::new("train_min_snr");
+    for case in f.meta_str("cases")?.split(',') {
+        let meta = |k: &str| f.meta_str(&format!("{case}.{k}")).map(String::from);
+        let setup =
+            SafeTensorsFile::open(ctx.reference(&format!("{}.safetensors", meta("setup")?)))?;
+        let mut step = Step::load(ctx, &setup)?;
+        step.t = meta("timesteps")?
+            .split(',')
+            .map(|v| v.parse().map_err(|_| Error::msg(format!("timestep `{v}`"))))
+            .collect::<Result<_>>()?;
+        let mut schedule = TrainSchedule::for_model(&SchedulerConfig {
+            prediction: match meta("prediction")?.as_str() {
+                "v_prediction" => Prediction::V,
+                _ => Prediction::Epsilon,
+            },
+            zero_snr: meta("zero_snr")? == "True",
+            ..SchedulerConfig::default()
+        })?;
+        schedule.min_snr_gamma = Some(gamma);
+        let weights: Vec<f64> = step.t.iter().map(|&t| schedule.loss_weight(t)).collect();
+        let n = weights.len();
+        let name = format!("{case}.weights");
+        chk.check(
+            &name,
+            &Tensor::from_vec(weights, n, crate::Device::Cpu)?,
+            &f.tensor(&name)?,
+            ctx.forward,
+        )?;
+        let losses = step.losses(&schedule)?;
+        let mut pairs = vec![
+            ("loss.diffusion", &losses.diffusion),
+            ("loss.total", &losses.total),
+        ];
+        if let Some(c) = &losses.cultural {
+            pairs.push(("loss.cultural", c));
+        }
+        for (name, got) in pairs {
+            let name = format!("{case}.{name}");
+            chk.check(&name, got, &f.tensor(&name)?, ctx.forward)?;
+        }
+        let grads = losses.total.backward()?;
+        let prefix = format!("{case}.grad.");
+        let tol = ctx.grad.grad_with_floor(max_norm(&f, &prefix)?);
+        for key in f.names().filter(|n| n.starts_with(&prefix)) {
+            let name = &key[prefix.len()..];
+            let p = step
+                .params
+                .iter()
+                .find(|(n, _)| n == name)
+                .map(|(_, p)| p)
+                .ok_or_else(|| Error::msg(format!("{key} names no trainable tensor")))?;
+            let g = grads
+                .get(p)
+                .ok_or_else(|| Error::Backward(format!("no gradient for {name}")))?;
+            chk.check(key, g, &f.tensor(key)?, tol)?;
+        }
+    }
+    Ok(chk.rows)
+}
