@@ -167,6 +167,7 @@ fn verify_passes_every_case_on_the_tiny_fixtures() {
         "img2img",
         "inpaint",
         "refiner",
+        "micro_conditioning",
         "train_vpred",
         "train_min_snr",
         "lora_lycoris",
@@ -288,6 +289,54 @@ fn single_file_v_prediction_markers_select_the_objective() {
         std::fs::read(&plain).unwrap(),
         std::fs::read(&from_file).unwrap()
     );
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// SDXL's micro-conditioning flags (the time ids checked against diffusers by the
+/// `micro_conditioning` verify case): sizes are WIDTHxHEIGHT, corners TOP,LEFT; they change the
+/// picture; a negative original size alone changes nothing in text to image (diffusers needs
+/// both negative sizes); malformed values are refused naming the flag.
+#[test]
+fn micro_conditioning_flags_reach_the_time_ids() {
+    let dir = tmp("micro");
+    let run = |extra: &[&str], out: &str| {
+        let out = dir.join(out);
+        let mut args = vec!["--out", out.to_str().unwrap()];
+        args.extend_from_slice(extra);
+        (common::generate_tiny_steps("3", &args), out)
+    };
+    let (o, plain) = run(&[], "plain.png");
+    assert!(o.status.success(), "{}", common::stderr(&o));
+    let micro = [
+        "--original-size",
+        "192x256",
+        "--crop-top-left",
+        "16,8",
+        "--target-size",
+        "40x72",
+    ];
+    let (o, sized) = run(&micro, "sized.png");
+    assert!(o.status.success(), "{}", common::stderr(&o));
+    let bytes = |p: &PathBuf| std::fs::read(p).unwrap();
+    assert_ne!(bytes(&plain), bytes(&sized));
+    let mut half = micro.to_vec();
+    half.extend(["--negative-original-size", "48x32"]);
+    let (o, half_negative) = run(&half, "half.png");
+    assert!(o.status.success(), "{}", common::stderr(&o));
+    assert_eq!(bytes(&sized), bytes(&half_negative));
+    half.extend(["--negative-target-size", "56x80"]);
+    let (o, negative) = run(&half, "negative.png");
+    assert!(o.status.success(), "{}", common::stderr(&o));
+    assert_ne!(bytes(&sized), bytes(&negative));
+    for (flag, value) in [
+        ("--original-size", "192"),
+        ("--target-size", "0x64"),
+        ("--crop-top-left", "16"),
+        ("--negative-crop-top-left", "a,b"),
+    ] {
+        let (o, _) = run(&[flag, value], "x.png");
+        common::assert_fails_naming(&o, flag);
+    }
     std::fs::remove_dir_all(&dir).unwrap();
 }
 

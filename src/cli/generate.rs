@@ -9,7 +9,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use kstyle::image::io::save_chw_png;
 use kstyle::sample::pipeline::{
     image_input, image_input_size, mask_input, masked_image, skipped_steps, Inpaint, LoadOptions,
-    Request, SamplerKind, SdxlPipeline, Sigmas, Start,
+    MicroConditioning, Request, SamplerKind, SdxlPipeline, Sigmas, Start,
 };
 use kstyle::tensor::{Rng, SafeTensorsFile};
 use kstyle::{DType, Tensor};
@@ -77,6 +77,32 @@ pub struct Args {
     /// With --refiner: the fraction of the schedule the first model runs, between 0 and 1.
     #[arg(long, requires = "refiner", default_value_t = 0.8)]
     pub refiner_switch: f64,
+    /// SDXL size conditioning: the original size the picture claims, WIDTHxHEIGHT (default: the
+    /// output size). Larger than the output asks for detail, smaller for a blurrier look.
+    #[arg(long, value_parser = size_arg)]
+    pub original_size: Option<(usize, usize)>,
+    /// SDXL crop conditioning: the crop's top-left corner, TOP,LEFT in pixels (default 0,0: an
+    /// uncropped, centred subject).
+    #[arg(long, value_parser = corner_arg)]
+    pub crop_top_left: Option<(usize, usize)>,
+    /// SDXL target-size conditioning, WIDTHxHEIGHT (default: the output size).
+    #[arg(long, value_parser = size_arg)]
+    pub target_size: Option<(usize, usize)>,
+    /// Size conditioning of the negative batch (e.g. 512x512 to steer away from low
+    /// resolution). Text to image uses the negative sizes only when both
+    /// --negative-original-size and --negative-target-size are given, as diffusers does.
+    #[arg(long, value_parser = size_arg)]
+    pub negative_original_size: Option<(usize, usize)>,
+    #[arg(long, value_parser = corner_arg)]
+    pub negative_crop_top_left: Option<(usize, usize)>,
+    #[arg(long, value_parser = size_arg)]
+    pub negative_target_size: Option<(usize, usize)>,
+    /// A refiner's aesthetic-score conditioning of the prompt and of the negative batch
+    /// (diffusers' defaults 6 and 2.5).
+    #[arg(long, default_value_t = 6.0)]
+    pub aesthetic_score: f64,
+    #[arg(long, default_value_t = 2.5)]
+    pub negative_aesthetic_score: f64,
     /// Seeds (repeatable or comma separated); one image each.
     #[arg(long, value_delimiter = ',', default_value = "0")]
     pub seed: Vec<u64>,
@@ -98,6 +124,30 @@ pub struct Args {
     /// Output PNG; with several seeds, `-<seed>` is added before the extension.
     #[arg(long)]
     pub out: PathBuf,
+}
+
+/// `WIDTHxHEIGHT` as (height, width), diffusers' order.
+fn size_arg(s: &str) -> Result<(usize, usize), String> {
+    let bad = || format!("expected WIDTHxHEIGHT in pixels, e.g. 1024x768, got `{s}`");
+    let (w, h) = s.split_once(['x', 'X']).ok_or_else(bad)?;
+    let (w, h) = (
+        w.trim().parse().map_err(|_| bad())?,
+        h.trim().parse().map_err(|_| bad())?,
+    );
+    if w == 0 || h == 0 {
+        return Err(bad());
+    }
+    Ok((h, w))
+}
+
+/// `TOP,LEFT` as (top, left).
+fn corner_arg(s: &str) -> Result<(usize, usize), String> {
+    let bad = || format!("expected TOP,LEFT in pixels, e.g. 0,64, got `{s}`");
+    let (t, l) = s.split_once(',').ok_or_else(bad)?;
+    Ok((
+        t.trim().parse().map_err(|_| bad())?,
+        l.trim().parse().map_err(|_| bad())?,
+    ))
 }
 
 #[derive(Clone, Copy, Debug, clap::ValueEnum)]
@@ -309,6 +359,16 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
         sampler: a.sampler.kind(),
         noise: kstyle::sample::Noise::default(),
         denoising_end: a.refiner.as_ref().map(|_| a.refiner_switch),
+        micro: MicroConditioning {
+            original_size: a.original_size,
+            crop_top_left: a.crop_top_left.unwrap_or((0, 0)),
+            target_size: a.target_size,
+            negative_original_size: a.negative_original_size,
+            negative_crop_top_left: a.negative_crop_top_left.unwrap_or((0, 0)),
+            negative_target_size: a.negative_target_size,
+            aesthetic_score: a.aesthetic_score,
+            negative_aesthetic_score: a.negative_aesthetic_score,
+        },
     };
     // `auto` names a sampler now, so an unsupported scheduler fails before any step runs.
     let sampler = req.sampler.resolve(&pipe.scheduler)?;

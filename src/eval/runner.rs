@@ -120,6 +120,7 @@ fn generate_all(
                     sampler: SamplerKind::Euler(Sigmas::Config),
                     noise: crate::sample::Noise::default(),
                     denoising_end: None,
+                    micro: Default::default(),
                 };
                 let init = pipe.initial_latents(g.size, g.size, seed)?;
                 let img = pipe.generate(&req, &init, |_, _| {})?; // (1, 3, H, W) in [0, 1]

@@ -37,6 +37,7 @@ pub fn calibrate_gates(
             sampler: SamplerKind::Euler(Sigmas::Config),
             noise: crate::sample::Noise::default(),
             denoising_end: None,
+            micro: Default::default(),
         };
         let init = pipe.initial_latents(size, size, seed + i as u64)?;
         crate::autograd::no_grad(|| pipe.denoise(&req, &init, |_, _| {}))?;

@@ -215,27 +215,93 @@ fn cutoff_timestep(what: &str, fraction: f64, num_train_timesteps: usize) -> Res
     Ok((t - fraction * t).round_ties_even())
 }
 
+/// SDXL's micro-conditioning, as diffusers' pipelines take it: sizes are (height, width) and
+/// crop corners (top, left), in pixels. Unset sizes are the generation's own.
+#[derive(Clone, Debug, PartialEq)]
+pub struct MicroConditioning {
+    pub original_size: Option<(usize, usize)>,
+    pub crop_top_left: (usize, usize),
+    pub target_size: Option<(usize, usize)>,
+    pub negative_original_size: Option<(usize, usize)>,
+    pub negative_crop_top_left: (usize, usize),
+    pub negative_target_size: Option<(usize, usize)>,
+    /// A refiner's (five time ids) aesthetic scores.
+    pub aesthetic_score: f64,
+    pub negative_aesthetic_score: f64,
+}
+
+impl Default for MicroConditioning {
+    /// diffusers' defaults: no crop, aesthetic scores 6 and 2.5.
+    fn default() -> Self {
+        MicroConditioning {
+            original_size: None,
+            crop_top_left: (0, 0),
+            target_size: None,
+            negative_original_size: None,
+            negative_crop_top_left: (0, 0),
+            negative_target_size: None,
+            aesthetic_score: 6.0,
+            negative_aesthetic_score: 2.5,
+        }
+    }
+}
+
 /// SDXL's micro-conditioning ids for an `h` x `w` generation, as many as the UNet's `text_time`
 /// embedding takes beside the pooled text of width `pooled`: six (original size, crop corner,
-/// target size), or five for a refiner (original size, crop corner, aesthetic score: 6 for the
-/// prompt and 2.5 for the negative, diffusers' defaults). Returns (positive, negative).
+/// target size), or five for a refiner (original size, crop corner, aesthetic score). Returns
+/// (positive, negative).
+///
+/// The negative ids follow the pipeline diffusers would run. Text to image
+/// (`image_pipeline` false, StableDiffusionXLPipeline) uses the negative sizes and crop only when
+/// both negative sizes are given, else the prompt's ids. The image pipelines
+/// (StableDiffusionXLImg2ImgPipeline: img2img, inpainting, a refiner's handover) default each
+/// negative size to the prompt's, and with six ids put the prompt's crop, not the negative crop,
+/// into the negative ids.
 fn time_ids(
     unet: &UNet2DConditionModel,
     pooled: usize,
-    h: f64,
-    w: f64,
+    (h, w): (usize, usize),
+    m: &MicroConditioning,
+    image_pipeline: bool,
 ) -> Result<(Vec<f64>, Vec<f64>)> {
-    let six = (vec![h, w, 0.0, 0.0, h, w], vec![h, w, 0.0, 0.0, h, w]);
-    let Some(tt) = &unet.config.text_time else {
-        return Ok(six);
+    let pair = |(a, b): (usize, usize)| [a as f64, b as f64];
+    let orig = m.original_size.unwrap_or((h, w));
+    let target = m.target_size.unwrap_or((h, w));
+    let neg_orig = m.negative_original_size.unwrap_or(orig);
+    let ids = |parts: [[f64; 2]; 3]| parts.concat();
+    let six = || {
+        let pos = ids([pair(orig), pair(m.crop_top_left), pair(target)]);
+        let neg = if image_pipeline {
+            let neg_target = m.negative_target_size.unwrap_or(target);
+            ids([pair(neg_orig), pair(m.crop_top_left), pair(neg_target)])
+        } else {
+            match (m.negative_original_size, m.negative_target_size) {
+                (Some(o), Some(t)) => ids([pair(o), pair(m.negative_crop_top_left), pair(t)]),
+                _ => pos.clone(),
+            }
+        };
+        (pos, neg)
     };
-    let ids = tt
+    let Some(tt) = &unet.config.text_time else {
+        return Ok(six());
+    };
+    let count = tt
         .input_dim
         .checked_sub(pooled)
         .map(|d| (d / tt.time_embed_dim, d % tt.time_embed_dim));
-    match ids {
-        Some((6, 0)) => Ok(six),
-        Some((5, 0)) => Ok((vec![h, w, 0.0, 0.0, 6.0], vec![h, w, 0.0, 0.0, 2.5])),
+    match count {
+        Some((6, 0)) => Ok(six()),
+        Some((5, 0)) => {
+            let with_score = |size, crop, score| [&pair(size)[..], &pair(crop), &[score]].concat();
+            Ok((
+                with_score(orig, m.crop_top_left, m.aesthetic_score),
+                with_score(
+                    neg_orig,
+                    m.negative_crop_top_left,
+                    m.negative_aesthetic_score,
+                ),
+            ))
+        }
         _ => Err(Error::Config(format!(
             "the UNet's add embedding takes {} inputs: pooled text of width {pooled} plus 6 \
              (base) or 5 (refiner) time ids of width {} do not make that",
@@ -381,6 +447,8 @@ pub struct Request {
     /// `T (1 - end)` and return the still noisy latents, for a second model to finish with
     /// [`Start::Latents`] (SDXL's base + refiner "ensemble of experts").
     pub denoising_end: Option<f64>,
+    /// SDXL's size, crop and aesthetic-score conditioning.
+    pub micro: MicroConditioning,
 }
 
 impl SdxlPipeline {
@@ -679,16 +747,23 @@ fn img2img_start(
 
 /// What the UNet is conditioned on in one run: (context, pooled text, time ids), each a
 /// [negative; prompt] batch of two under classifier-free guidance (the prompt's alone without).
-/// The time ids are six, or five with aesthetic scores for a refiner UNet.
+/// The time ids are six, or five with aesthetic scores for a refiner UNet; `image_pipeline`
+/// picks diffusers' img2img rules for the negative ids (see [`MicroConditioning`]).
 pub fn guidance_batch(
     unet: &UNet2DConditionModel,
     req: &Request,
     positive: &PromptEmbeds,
     negative: Option<&PromptEmbeds>,
+    image_pipeline: bool,
     device: Device,
 ) -> Result<(Tensor, Tensor, Tensor)> {
-    let (h, w) = (req.height as f64, req.width as f64);
-    let (pos_ids, neg_ids) = time_ids(unet, positive.pooled.dims2()?.1, h, w)?;
+    let (pos_ids, neg_ids) = time_ids(
+        unet,
+        positive.pooled.dims2()?.1,
+        (req.height, req.width),
+        &req.micro,
+        image_pipeline,
+    )?;
     let ids = |v: Vec<f64>| -> Result<Tensor> {
         let n = v.len();
         Tensor::from_vec(v, (1, n), Device::Cpu)?
@@ -817,7 +892,9 @@ pub fn denoise_from(
     }
     let mut sampler = build_sampler(scheduler, req)?;
     let device = init.device();
-    let (context, pooled, time_ids) = guidance_batch(unet, req, positive, negative, device)?;
+    let image_pipeline = !matches!(start, Start::Noise(_));
+    let (context, pooled, time_ids) =
+        guidance_batch(unet, req, positive, negative, image_pipeline, device)?;
     let n = sampler.timesteps().len();
     let (first, mut x) = match start {
         Start::Latents {

@@ -712,6 +712,7 @@ impl Trainer {
             sampler: SamplerKind::Euler(Sigmas::Config),
             noise: crate::sample::Noise::default(),
             denoising_end: None,
+            micro: Default::default(),
         };
         let negative = PromptEmbeds {
             context: embeds.context.zeros_like()?,

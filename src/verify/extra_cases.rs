@@ -8,7 +8,7 @@ use super::{Checker, Ctx, Row};
 use crate::autograd::no_grad;
 use crate::models::unet::{KohyaLoraFile, UNet2DConditionModel};
 use crate::sample::model_files::ModelFiles;
-use crate::sample::pipeline::{Request, SamplerKind, Sigmas};
+use crate::sample::pipeline::{MicroConditioning, Request, SamplerKind, Sigmas};
 use crate::sample::{Noise, SchedulerConfig};
 use crate::tensor::SafeTensorsFile;
 use crate::{DType, Result, Tensor};
@@ -111,6 +111,7 @@ pub fn samplers(ctx: &Ctx) -> Result<Vec<Row>> {
             sampler: kind.unwrap_or(SamplerKind::Auto),
             noise,
             denoising_end: None,
+            micro: Default::default(),
         };
         let init = f
             .tensor("init_latents")?
@@ -163,6 +164,7 @@ fn case_request(
         sampler: SamplerKind::Auto,
         noise: Noise::Given(step_noise),
         denoising_end: None,
+        micro: Default::default(),
     })
 }
 
@@ -361,6 +363,7 @@ pub fn refiner(ctx: &Ctx) -> Result<Vec<Row>> {
             sampler: SamplerKind::Auto,
             noise: Noise::default(),
             denoising_end: Some(split),
+            micro: Default::default(),
         };
         let handed = no_grad(|| base.denoise_from(&req, Start::Noise(&init), |_, _| {}))?;
         chk.check(
@@ -387,6 +390,7 @@ pub fn refiner(ctx: &Ctx) -> Result<Vec<Row>> {
                 &req,
                 &pos,
                 neg.as_ref(),
+                true,
                 ctx.device,
             )?;
             for (n, t) in [
@@ -400,6 +404,89 @@ pub fn refiner(ctx: &Ctx) -> Result<Vec<Row>> {
         let start = Start::Latents {
             latents: &handed,
             denoising_start: split,
+        };
+        check_final(&mut chk, ctx, &f, name, second, &req, start)?;
+    }
+    Ok(chk.rows)
+}
+
+/// diffusers' micro-conditioning arguments (a JSON object of `original_size`,
+/// `crops_coords_top_left`, `target_size`, their `negative_` forms and the aesthetic scores).
+fn micro_from_json(text: &str, path: &std::path::Path) -> Result<MicroConditioning> {
+    let v: serde_json::Value = serde_json::from_str(text)
+        .map_err(|e| crate::Error::file(path, format!("micro-conditioning metadata: {e}")))?;
+    let pair = |k: &str| -> Option<(usize, usize)> {
+        let a = v.get(k)?.as_array()?;
+        Some((a.first()?.as_u64()? as usize, a.get(1)?.as_u64()? as usize))
+    };
+    let d = MicroConditioning::default();
+    Ok(MicroConditioning {
+        original_size: pair("original_size"),
+        crop_top_left: pair("crops_coords_top_left").unwrap_or(d.crop_top_left),
+        target_size: pair("target_size"),
+        negative_original_size: pair("negative_original_size"),
+        negative_crop_top_left: pair("negative_crops_coords_top_left")
+            .unwrap_or(d.negative_crop_top_left),
+        negative_target_size: pair("negative_target_size"),
+        aesthetic_score: v["aesthetic_score"].as_f64().unwrap_or(d.aesthetic_score),
+        negative_aesthetic_score: v["negative_aesthetic_score"]
+            .as_f64()
+            .unwrap_or(d.negative_aesthetic_score),
+    })
+}
+
+/// SDXL's size, crop and aesthetic-score conditioning (`gen_micro_conditioning.py`): the time
+/// ids each stage's UNet receives, under text to image's and img2img's rules for the negative
+/// batch, and the final latents; text to image, and base + refiner / base + base handovers.
+pub fn micro_conditioning(ctx: &Ctx) -> Result<Vec<Row>> {
+    use crate::sample::pipeline::{guidance_batch, SdxlPipeline, Start};
+    let base = super::pipeline_case::tiny_pipeline(ctx)?;
+    let refiner = tiny_refiner(ctx)?;
+    let mut chk = Checker::new("micro_conditioning");
+    let path = extra(ctx, "micro_conditioning.safetensors");
+    let f = SafeTensorsFile::open(&path)?;
+    let init = SafeTensorsFile::open(ctx.reference("pipeline.safetensors"))?
+        .tensor("init_latents")?
+        .to_dtype(DType::F32)?
+        .to_device(ctx.device)?;
+    let negative = f.meta_str("negative_prompt")?.to_string();
+    let ids = |chk: &mut Checker, key: &str, pipe: &SdxlPipeline, req: &Request, image| {
+        let (pos, neg) = no_grad(|| pipe.request_embeds(req))?;
+        let (_, _, t) = guidance_batch(&pipe.unet, req, &pos, neg.as_ref(), image, ctx.device)?;
+        chk.check(key, &t, &f.tensor(key)?, ctx.forward)
+    };
+    for name in f.meta_str("cases")?.split(',') {
+        let key = |k: &str| format!("{name}.{k}");
+        let second_args = f.meta_str(&key("second_args")).ok();
+        let req = Request {
+            prompt: f.meta_str("prompt")?.to_string(),
+            negative: (!negative.is_empty()).then(|| negative.clone()),
+            steps: f.meta_f64(&key("steps"))? as usize,
+            guidance: f.meta_f64("guidance_scale")?,
+            guidance_rescale: 0.0,
+            width: f.meta_f64("width")? as usize,
+            height: f.meta_f64("height")? as usize,
+            sampler: SamplerKind::Auto,
+            noise: Noise::default(),
+            denoising_end: second_args.map(|_| 0.5),
+            micro: micro_from_json(f.meta_str(&key("args"))?, &path)?,
+        };
+        ids(&mut chk, &key("time_ids"), &base, &req, false)?;
+        let Some(second_args) = second_args else {
+            check_final(&mut chk, ctx, &f, name, &base, &req, Start::Noise(&init))?;
+            continue;
+        };
+        let handed = no_grad(|| base.denoise_from(&req, Start::Noise(&init), |_, _| {}))?;
+        let second = if name == "refiner" { &refiner } else { &base };
+        let req = Request {
+            denoising_end: None,
+            micro: micro_from_json(second_args, &path)?,
+            ..req
+        };
+        ids(&mut chk, &key("refiner_time_ids"), second, &req, true)?;
+        let start = Start::Latents {
+            latents: &handed,
+            denoising_start: 0.5,
         };
         check_final(&mut chk, ctx, &f, name, second, &req, start)?;
     }

@@ -200,6 +200,11 @@ pub fn cases() -> Vec<(&'static str, &'static str, CaseFn)> {
             extra_cases::refiner,
         ),
         (
+            "micro_conditioning",
+            "../../extra/micro_conditioning.safetensors",
+            extra_cases::micro_conditioning,
+        ),
+        (
             "train_vpred",
             "../../extra/train_vpred.safetensors",
             train_cases::train_vpred,

@@ -36,6 +36,7 @@ pub fn pipeline(ctx: &Ctx) -> Result<Vec<Row>> {
         sampler: SamplerKind::Euler(Sigmas::Config),
         noise: crate::sample::Noise::default(),
         denoising_end: None,
+        micro: Default::default(),
     };
     let pipe = tiny_pipeline(ctx)?;
     let mut chk = Checker::new("pipeline");
