@@ -134,14 +134,21 @@ fn every_method_trains_and_its_adapter_generates() {
 }
 
 /// Stop at step 2, resume to 4: the adapter and the loss log are bit-identical to a straight run
-/// of 4 steps, with the UNet in f32 and in bf16 (mixed precision).
+/// of 4 steps, with the UNet in f32 and in bf16 (mixed precision), and with the noise offset's
+/// extra draws and min-SNR weights.
 #[test]
 fn resuming_gives_bit_identical_adapters() {
-    for dtype in ["f32", "bf16"] {
-        let dir = tmp(&format!("resume-{dtype}"));
+    let options = ["--noise-offset", "0.1", "--min-snr-gamma", "5"];
+    for (dtype, extra) in [("f32", &[][..]), ("bf16", &[]), ("f32", &options)] {
+        let tag = format!("{dtype}{}", if extra.is_empty() { "" } else { "-options" });
+        let dir = tmp(&format!("resume-{tag}"));
         let data = dataset(&dir);
         let cache = dir.join("cache");
-        let c = ["--cache", cache.to_str().unwrap(), "--dtype", dtype];
+        let c = [
+            &["--cache", cache.to_str().unwrap(), "--dtype", dtype][..],
+            extra,
+        ]
+        .concat();
         let straight = dir.join("a/adapter.safetensors");
         let o = train(
             &data,
@@ -174,13 +181,13 @@ fn resuming_gives_bit_identical_adapters() {
         assert_eq!(a.len(), b.len());
         for ((na, va), (nb, vb)) in a.iter().zip(&b) {
             assert_eq!(na, nb);
-            assert!(va == vb, "{dtype}: tensor {na} differs after resume");
+            assert!(va == vb, "{tag}: tensor {na} differs after resume");
         }
         let (la, lb) = (
             std::fs::read_to_string(dir.join("a/adapter.loss.csv")).unwrap(),
             std::fs::read_to_string(dir.join("b/adapter.loss.csv")).unwrap(),
         );
-        assert_eq!(la, lb, "{dtype}: the loss logs differ");
+        assert_eq!(la, lb, "{tag}: the loss logs differ");
     }
 }
 
@@ -525,6 +532,36 @@ fn min_snr_gamma_weights_the_loss() {
     for bad in ["0", "-1", "nan"] {
         let (o, out) = train(&format!("bad{bad}"), &["--min-snr-gamma", bad]);
         common::assert_fails_naming(&o, "--min-snr-gamma");
+        assert!(!out.exists());
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// `--noise-offset` adds per-channel draws to the noise: other losses than the plain run from the
+/// same seed, the offset recorded in the adapter's settings, and values below 0 or not numbers
+/// refused before anything is written.
+#[test]
+fn noise_offset_changes_the_noise() {
+    let dir = tmp("noise-offset");
+    let data = dataset(&dir);
+    let model = tiny().join("sdxl");
+    let train = |name: &str, extra: &[&str]| {
+        let out = dir.join(format!("{name}.safetensors"));
+        let mut args = vec!["--max-steps", "1"];
+        args.extend_from_slice(extra);
+        (train_model(&model, &data, &out, "lora", &args), out)
+    };
+    let (o, plain) = train("plain", &[]);
+    assert!(o.status.success(), "{}", common::stderr(&o));
+    let (o, offset) = train("offset", &["--noise-offset", "0.1"]);
+    assert!(o.status.success(), "{}", common::stderr(&o));
+    let (p, q) = (common::first_losses(&plain), common::first_losses(&offset));
+    assert!(q[0].is_finite() && p[0] != q[0], "{p:?} vs {q:?}");
+    let f = SafeTensorsFile::open(&offset).unwrap();
+    assert_eq!(f.meta_str("kstyle.train.noise_offset").unwrap(), "0.1");
+    for bad in ["-0.1", "nan", "inf"] {
+        let (o, out) = train(&format!("bad{bad}"), &["--noise-offset", bad]);
+        common::assert_fails_naming(&o, "--noise-offset");
         assert!(!out.exists());
     }
     std::fs::remove_dir_all(&dir).unwrap();

@@ -90,6 +90,7 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
             .to_vec(),
         lambda: 0.1,
         min_snr_gamma: None,
+        noise_offset: None,
         cultural_pool: None,
         adamw: AdamW {
             lr: 1e-2,

@@ -204,7 +204,7 @@ pub fn resize_center_crop(
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::test_fixtures::{read_f32, tiny, TempDir};
 
@@ -328,6 +328,28 @@ mod tests {
     /// as stored with `load_rgb`.
     #[test]
     fn exif_orientation_turns_pictures_upright() {
+        // 3 x 2, every pixel distinct.
+        let img = RgbImage::from_fn(3, 2, |x, y| image::Rgb([x as u8 * 80, y as u8 * 200, 7]));
+        let tagged = png_turned_clockwise(&img);
+        let dir = TempDir::new("exif");
+        let path = dir.path().join("turned.png");
+        std::fs::write(&path, tagged).unwrap();
+        assert_eq!(load_rgb(&path).unwrap(), img);
+        let upright = load_rgb_upright(&path).unwrap();
+        assert_eq!(upright.dimensions(), (2, 3));
+        // Turned clockwise: the stored bottom-left pixel is now the top-left one.
+        for (x, y) in [(0, 0), (1, 0), (0, 2), (1, 2)] {
+            assert_eq!(
+                upright.get_pixel(x, y),
+                img.get_pixel(y, 1 - x),
+                "({x}, {y})"
+            );
+        }
+    }
+
+    /// `img` as a PNG whose `eXIf` chunk holds orientation 6 (shown turned 90 degrees
+    /// clockwise).
+    pub(crate) fn png_turned_clockwise(img: &RgbImage) -> Vec<u8> {
         fn crc32(bytes: &[u8]) -> u32 {
             let mut c = 0xFFFF_FFFFu32;
             for &b in bytes {
@@ -342,8 +364,6 @@ mod tests {
             }
             !c
         }
-        // 3 x 2, every pixel distinct.
-        let img = RgbImage::from_fn(3, 2, |x, y| image::Rgb([x as u8 * 80, y as u8 * 200, 7]));
         let mut png = std::io::Cursor::new(Vec::new());
         img.write_to(&mut png, ImageFormat::Png).unwrap();
         let png = png.into_inner();
@@ -361,20 +381,6 @@ mod tests {
         chunk.extend_from_slice(&crc32(&body).to_be_bytes());
         // After the signature (8 bytes) and IHDR (4 + 4 + 13 + 4 bytes).
         let at = 8 + 25;
-        let tagged = [&png[..at], &chunk, &png[at..]].concat();
-        let dir = TempDir::new("exif");
-        let path = dir.path().join("turned.png");
-        std::fs::write(&path, tagged).unwrap();
-        assert_eq!(load_rgb(&path).unwrap(), img);
-        let upright = load_rgb_upright(&path).unwrap();
-        assert_eq!(upright.dimensions(), (2, 3));
-        // Turned clockwise: the stored bottom-left pixel is now the top-left one.
-        for (x, y) in [(0, 0), (1, 0), (0, 2), (1, 2)] {
-            assert_eq!(
-                upright.get_pixel(x, y),
-                img.get_pixel(y, 1 - x),
-                "({x}, {y})"
-            );
-        }
+        [&png[..at], &chunk, &png[at..]].concat()
     }
 }

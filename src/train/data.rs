@@ -2,9 +2,10 @@
 //! template), resized and centre-cropped to the training resolution or an aspect-ratio bucket,
 //! and a content-addressed on-disk cache so the VAE and text encoders need not stay resident.
 
-use crate::image::io::{load_rgb, resize_center_crop, rgb_to_chw, CropInfo, PixelRange};
+use crate::image::io::{load_rgb_upright, resize_center_crop, rgb_to_chw, CropInfo, PixelRange};
 use crate::tensor::{load_safetensors, save_safetensors};
 use crate::{Device, Error, Result, Tensor};
+use image::RgbImage;
 use sha2::{Digest, Sha256};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -89,7 +90,7 @@ impl Dataset {
                 ));
             }
             // Decode once now so a broken image fails before hours of training, not in the middle.
-            load_rgb(&p)?;
+            load_training_picture(&p)?;
             let bytes = std::fs::read(&p).map_err(|e| Error::io(&p, e))?;
             samples.push(Sample {
                 caption: captions.caption_for(&p)?,
@@ -144,15 +145,21 @@ pub fn nearest_bucket(w: usize, h: usize, buckets: &[(usize, usize)]) -> (usize,
         .expect("bucket list is never empty")
 }
 
-/// One training image as the VAE wants it: (1, 3, H, W) in [-1, 1], plus its crop record (the
-/// SDXL time ids).
-pub fn load_training_image(
-    path: &Path,
+/// A training picture, turned upright by its EXIF orientation as it is displayed (phones store
+/// portraits sideways with an orientation tag), as diffusers' DreamBooth scripts load theirs
+/// (`exif_transpose`).
+pub fn load_training_picture(path: &Path) -> Result<RgbImage> {
+    load_rgb_upright(path)
+}
+
+/// One training picture as the VAE wants it at bucket `size` (width, height): (1, 3, H, W) in
+/// [-1, 1], plus its crop record (the SDXL time ids).
+pub fn training_tensor(
+    img: &RgbImage,
     size: (usize, usize),
     device: Device,
 ) -> Result<(Tensor, CropInfo)> {
-    let img = load_rgb(path)?;
-    let (cropped, crop) = resize_center_crop(&img, size.0 as u32, size.1 as u32)?;
+    let (cropped, crop) = resize_center_crop(img, size.0 as u32, size.1 as u32)?;
     let chw = rgb_to_chw(&cropped, PixelRange::Signed);
     Ok((Tensor::from_vec(chw, (1, 3, size.1, size.0), device)?, crop))
 }
@@ -198,6 +205,36 @@ impl TensorCache {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A portrait stored sideways with EXIF orientation 6 trains as the upright portrait: the
+    /// same pixels, so the same portrait bucket and the same tensor as the picture saved upright.
+    #[test]
+    fn sideways_pictures_train_upright() {
+        let dir = crate::test_fixtures::TempDir::new("exif-train");
+        // Stored 48 wide and 32 high; shown 32 wide and 48 high.
+        let stored = RgbImage::from_fn(48, 32, |x, y| image::Rgb([x as u8 * 5, y as u8 * 7, 90]));
+        let sideways = dir.path().join("sideways.png");
+        std::fs::write(
+            &sideways,
+            crate::image::io::tests::png_turned_clockwise(&stored),
+        )
+        .unwrap();
+        let upright = load_training_picture(&sideways).unwrap();
+        assert_eq!(upright.dimensions(), (32, 48));
+        let saved = dir.path().join("upright.png");
+        crate::image::io::save_png(&saved, &upright).unwrap();
+        let list = buckets(256);
+        let size = nearest_bucket(upright.width() as usize, upright.height() as usize, &list);
+        assert!(size.1 > size.0, "{size:?}");
+        let (a, ca) = training_tensor(&upright, size, Device::Cpu).unwrap();
+        let again = load_training_picture(&saved).unwrap();
+        let (b, cb) = training_tensor(&again, size, Device::Cpu).unwrap();
+        assert_eq!(a.to_vec_f32().unwrap(), b.to_vec_f32().unwrap());
+        assert_eq!(ca.time_ids(), cb.time_ids());
+        // As stored, the picture would have gone to a landscape bucket.
+        let (w, h) = nearest_bucket(48, 32, &list);
+        assert!(w > h);
+    }
 
     #[test]
     fn buckets_cover_square_and_wide() {

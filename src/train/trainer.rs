@@ -6,7 +6,8 @@
 use super::checkpoint::{load_checkpoint, save_checkpoint, TrainState};
 use super::cultural::CulturalLoss;
 use super::data::{
-    buckets, load_training_image, nearest_bucket, CaptionSource, Dataset, TensorCache,
+    buckets, load_training_picture, nearest_bucket, training_tensor, CaptionSource, Dataset,
+    TensorCache,
 };
 use super::memory::{human, policy_name, AUTO_POLICIES};
 use super::optim::{GradAccumulator, LrSchedule, Optimizer, Slot};
@@ -47,6 +48,10 @@ pub struct TrainConfig {
     /// Min-SNR gamma of the diffusion loss's per-sample weights (see
     /// [`TrainSchedule::loss_weight`]); None: unweighted, as KSTYLE.md's loss.
     pub min_snr_gamma: Option<f64>,
+    /// Noise offset (diffusers' and kohya's `--noise_offset`): each sample's noise gets
+    /// `offset * n_c` added, one N(0, 1) draw `n_c` per latent channel, so the model learns to
+    /// shift the mean brightness. None: plain N(0, 1) noise.
+    pub noise_offset: Option<f64>,
     /// Side of the pooled latent in the cultural loss; latent side / 8 when None (16 at 1024²).
     pub cultural_pool: Option<usize>,
     pub adamw: AdamW,
@@ -198,16 +203,21 @@ fn prepare_examples(
         })
     };
     for s in &data.samples {
-        let dims =
-            image::image_dimensions(&s.path).map_err(|e| Error::file(&s.path, e.to_string()))?;
-        let size = nearest_bucket(dims.0 as usize, dims.1 as usize, &bucket_list);
+        let picture = load_training_picture(&s.path)?;
+        let size = nearest_bucket(
+            picture.width() as usize,
+            picture.height() as usize,
+            &bucket_list,
+        );
         let key = TensorCache::key(&[
-            "latent",
+            // "upright": latents of pictures turned by their EXIF orientation (older caches
+            // encoded them as stored).
+            "latent-upright",
             &s.hash,
             &format!("{}x{}", size.0, size.1),
             &model_id,
         ]);
-        let (img, crop) = load_training_image(&s.path, size, cfg.device)?;
+        let (img, crop) = training_tensor(&picture, size, cfg.device)?;
         let lat = cache.get_or_insert(&key, || {
             if vae.is_none() {
                 vae = Some(files.vae(cfg.device)?);
@@ -299,6 +309,13 @@ impl Trainer {
         let files = ModelFiles::resolve(&cfg.model, cfg.config_dir.as_deref())?;
         // The loss targets what the model predicts (epsilon, KSTYLE.md; or v) on the schedule
         // it was trained with, zero terminal SNR included.
+        if let Some(o) = cfg.noise_offset {
+            if !(o.is_finite() && o >= 0.0) {
+                return Err(Error::Config(format!(
+                    "--noise-offset must be a number of 0 or more, got {o}"
+                )));
+            }
+        }
         if let Some(g) = cfg.min_snr_gamma {
             if !(g.is_finite() && g > 0.0) {
                 return Err(Error::Config(format!(
@@ -567,6 +584,10 @@ impl Trainer {
                 "min_snr_gamma".to_string(),
                 c.min_snr_gamma.map_or("none".into(), |g| g.to_string()),
             ),
+            (
+                "noise_offset".to_string(),
+                c.noise_offset.map_or("none".into(), |o| o.to_string()),
+            ),
             ("seed".to_string(), c.seed.to_string()),
             ("steps".to_string(), self.state.step.to_string()),
             ("targets".to_string(), c.targets.join(",")),
@@ -641,14 +662,21 @@ impl Trainer {
             let i = self.next_example();
             let ex = &self.examples[i];
             let rng = &mut self.state.rng;
-            // Draw order is part of the resume contract: latent sample, timestep, noise.
+            // Draw order is part of the resume contract: latent sample, timestep, noise, and
+            // with --noise-offset the per-channel offsets.
             let draw = Tensor::randn(ex.mean.dims().to_vec(), rng, DType::F32, self.cfg.device)?;
             let x0 = ex
                 .mean
                 .add(&ex.logvar.scale(0.5)?.exp()?.mul(&draw)?)?
                 .scale(self.scaling_factor)?; // (1, 4, h, w)
             let t = rng.below(schedule.len() as u64) as usize;
-            let noise = Tensor::randn(x0.dims().to_vec(), rng, DType::F32, self.cfg.device)?;
+            let mut noise = Tensor::randn(x0.dims().to_vec(), rng, DType::F32, self.cfg.device)?;
+            if let Some(offset) = self.cfg.noise_offset {
+                let (b, c, _, _) = x0.dims4()?;
+                let shift = Tensor::randn(vec![b, c, 1, 1], rng, DType::F32, self.cfg.device)?
+                    .scale(offset)?; // (1, 4, 1, 1)
+                noise = noise.add(&shift)?; // (1, 4, h, w)
+            }
             let losses = self.micro_batch(ex, (&x0, &noise, t), &schedule, &params, &mut acc)?;
             loss += losses.total.to_scalar()?;
             diffusion += losses.diffusion.to_scalar()?;
