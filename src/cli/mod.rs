@@ -1,6 +1,7 @@
 //! One file per subcommand.
 
 mod bench;
+mod convert;
 mod demo;
 mod eval;
 mod export;
@@ -33,6 +34,9 @@ pub enum Command {
     Generate(Box<generate::Args>),
     /// Train a K-StyleLoRA adapter (or a baseline) on a folder of captioned images.
     Train(Box<train::Args>),
+    /// A diffusers folder as one original-layout file (A1111, ComfyUI), or a single file as a
+    /// diffusers folder.
+    Convert(convert::Args),
     /// Write an adapter in kohya or diffusers layout for other tools (gates baked if gated).
     Export(export::Args),
     /// CSS (All/Exp/Gen), CLIP score and LPIPS diversity tables for the vanilla model and adapters.
@@ -67,6 +71,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Demo(a) => demo::run(a),
         Command::Generate(a) => generate::run(*a),
         Command::Train(a) => train::run(*a),
+        Command::Convert(a) => convert::run(a),
         Command::Export(a) => export::run(a),
         Command::Eval(a) => eval::run(*a),
         Command::Verify(a) => verify::run(a),

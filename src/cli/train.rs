@@ -53,7 +53,7 @@ pub struct Args {
     pub min_snr_gamma: Option<f64>,
     /// Noise offset, as diffusers' and kohya's --noise_offset: each sample's noise gets offset x
     /// one N(0, 1) draw per latent channel added, which lets the model learn darker and
-    /// brighter pictures (0.0357 in kohya's SDXL examples). Off by default.
+    /// brighter pictures. Off by default.
     #[arg(long, allow_negative_numbers = true)]
     pub noise_offset: Option<f64>,
     #[arg(long, default_value_t = 1e-4)]

@@ -1,6 +1,7 @@
 //! Noise schedules and samplers (SDXL.md section 4).
 
 pub mod bake;
+pub mod convert;
 pub mod ddim;
 pub mod dpmpp;
 pub mod euler;

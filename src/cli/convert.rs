@@ -1,0 +1,51 @@
+//! `kstyle convert --model SRC --to single-file|diffusers --out PATH [--config DIR]`: a diffusers
+//! folder as one original-layout file (what A1111 and ComfyUI load), or a single file as a
+//! diffusers folder. Tensors keep their dtype and bytes.
+
+use kstyle::sample::convert::{folder_to_single_file, single_file_to_folder};
+use kstyle::sample::model_files::ModelFiles;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    /// A diffusers SDXL folder (base, refiner or inpainting) or an original-layout single file.
+    #[arg(long)]
+    pub model: PathBuf,
+    /// Architecture folder for a single-file --model (default: the built-in SDXL base, or refiner
+    /// for a refiner file).
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    #[arg(long, value_enum)]
+    pub to: Target,
+    /// The new file or folder; an existing one is never replaced.
+    #[arg(long)]
+    pub out: PathBuf,
+}
+
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+pub enum Target {
+    /// One .safetensors in the original (sgm) layout.
+    SingleFile,
+    /// A diffusers folder.
+    Diffusers,
+}
+
+pub fn run(a: Args) -> anyhow::Result<ExitCode> {
+    let files = ModelFiles::resolve(&a.model, a.config.as_deref())?;
+    let done = match a.to {
+        Target::SingleFile => folder_to_single_file(&files, &a.out)?,
+        Target::Diffusers => single_file_to_folder(&files, &a.out)?,
+    };
+    let markers = match done.markers.is_empty() {
+        true => String::new(),
+        false => format!(" (markers: {})", done.markers.join(", ")),
+    };
+    eprintln!(
+        "{} -> {}: {} tensors{markers}",
+        a.model.display(),
+        a.out.display(),
+        done.tensors
+    );
+    Ok(ExitCode::SUCCESS)
+}

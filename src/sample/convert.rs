@@ -1,0 +1,199 @@
+//! Model format conversion: a diffusers folder to one original-layout (sgm) file, the layout
+//! A1111 and ComfyUI load, and a single file to a diffusers folder. Tensors keep their dtype and
+//! bytes (only layout renames, the OpenCLIP q/k/v fusion and projection transpose, and the VAE's
+//! 1x1 kernels change); ComfyUI's `v_pred` / `ztsnr` markers carry the objective across.
+//! Outputs are written beside the target and renamed into place, so a failed run leaves nothing.
+
+use super::model_files::ModelFiles;
+use super::schedule::Prediction;
+use crate::formats::diffusers::DiffusersFolder;
+use crate::formats::raw::{write_safetensors, RawTensor};
+use crate::formats::single_file::{self, SplitCheckpoint, VaeLayout, V_PRED_MARKER, ZTSNR_MARKER};
+use crate::formats::to_single_file::to_sgm;
+use crate::formats::MappedFile;
+use crate::{Error, Result};
+use std::path::{Path, PathBuf};
+
+/// What a conversion wrote.
+#[derive(Debug)]
+pub struct Converted {
+    pub tensors: usize,
+    pub markers: Vec<&'static str>,
+}
+
+fn refuse_existing(out: &Path) -> Result<PathBuf> {
+    if out.exists() {
+        return Err(Error::file(
+            out,
+            "already exists; convert writes a new file or folder and never replaces one",
+        ));
+    }
+    let mut partial = out.as_os_str().to_owned();
+    partial.push(".partial");
+    let partial = PathBuf::from(partial);
+    if partial.exists() {
+        std::fs::remove_dir_all(&partial)
+            .or_else(|_| std::fs::remove_file(&partial))
+            .map_err(|e| Error::io(&partial, e))?;
+    }
+    Ok(partial)
+}
+
+/// A diffusers folder (base, refiner or inpainting model) as one sgm file at `out`.
+pub fn folder_to_single_file(files: &ModelFiles, out: &Path) -> Result<Converted> {
+    if files.single_file {
+        return Err(Error::file(&files.model, "is a single file already"));
+    }
+    let partial = refuse_existing(out)?;
+    let folder = DiffusersFolder::open(&files.model)?;
+    let has_te1 = folder.index.components.contains_key("text_encoder");
+    let unet = folder.component("unet", None)?;
+    let te1 = has_te1
+        .then(|| folder.component("text_encoder", None))
+        .transpose()?;
+    let te2 = folder.component("text_encoder_2", None)?;
+    let vae = folder.component("vae", None)?;
+    let split = SplitCheckpoint {
+        unet: unet.tensors()?,
+        text_encoder: te1
+            .as_ref()
+            .map(|c| c.tensors())
+            .transpose()?
+            .unwrap_or_default(),
+        text_encoder_2: te2.tensors()?,
+        vae: vae.tensors()?,
+    };
+    let context = files.model.display().to_string();
+    let mut sgm = to_sgm(
+        &split,
+        &folder.unet_layout()?,
+        folder.vae_layout()?,
+        &context,
+    )?;
+    let scheduler = files.scheduler()?;
+    let mut markers = Vec::new();
+    if scheduler.prediction == Prediction::V {
+        markers.push(V_PRED_MARKER);
+    }
+    if scheduler.zero_snr {
+        markers.push(ZTSNR_MARKER);
+    }
+    for m in &markers {
+        sgm.insert(
+            m.to_string(),
+            RawTensor::new(safetensors::Dtype::F32, vec![0], vec![])?,
+        );
+    }
+    write_safetensors(&partial, &sgm, None)?;
+    std::fs::rename(&partial, out).map_err(|e| Error::io(out, e))?;
+    Ok(Converted {
+        tensors: sgm.len(),
+        markers,
+    })
+}
+
+/// A single sgm file, read with its architecture folder, as a diffusers folder at `out`: the
+/// folder's configs, tokenizers and scheduler (the UNet's `in_channels` from the file's
+/// `conv_in`, the scheduler's objective from its markers) and one weights file per component.
+pub fn single_file_to_folder(files: &ModelFiles, out: &Path) -> Result<Converted> {
+    if !files.single_file {
+        return Err(Error::file(&files.model, "is a folder, not a single file"));
+    }
+    let partial = refuse_existing(out)?;
+    let file = MappedFile::open(&files.model)?;
+    let ckpt = file.tensors()?;
+    let markers = single_file::Markers::of(&ckpt);
+    let unet_cfg = files.unet_config()?;
+    let vae_levels =
+        crate::models::vae::config::VaeConfig::from_file(files.config_dir.join("vae/config.json"))?
+            .block_out_channels
+            .len();
+    let split = single_file::convert(
+        ckpt,
+        &unet_cfg.layout(),
+        VaeLayout { levels: vae_levels },
+        &files.model.display().to_string(),
+    )?;
+    copy_configs(&files.config_dir, &partial)?;
+    let patch = |rel: &str, edit: &dyn Fn(&mut serde_json::Map<String, serde_json::Value>)| {
+        let path = partial.join(rel);
+        let mut v: serde_json::Value = crate::formats::python_json::read_file(&path)?;
+        let obj = v
+            .as_object_mut()
+            .ok_or_else(|| Error::file(&path, "expected a JSON object"))?;
+        edit(obj);
+        let text =
+            serde_json::to_string_pretty(&v).map_err(|e| Error::file(&path, e.to_string()))?;
+        crate::tensor::write_atomic(&path, text.as_bytes())
+    };
+    patch("unet/config.json", &|o| {
+        o.insert("in_channels".into(), unet_cfg.in_channels.into());
+    })?;
+    if markers.v_prediction || markers.zero_snr {
+        patch("scheduler/scheduler_config.json", &|o| {
+            if markers.v_prediction {
+                o.insert("prediction_type".into(), "v_prediction".into());
+            }
+            if markers.zero_snr {
+                o.insert("rescale_betas_zero_snr".into(), true.into());
+            }
+        })?;
+    }
+    let mut tensors = 0;
+    for (dir, name, map) in [
+        ("unet", "diffusion_pytorch_model.safetensors", &split.unet),
+        ("text_encoder", "model.safetensors", &split.text_encoder),
+        ("text_encoder_2", "model.safetensors", &split.text_encoder_2),
+        ("vae", "diffusion_pytorch_model.safetensors", &split.vae),
+    ] {
+        if map.is_empty() && dir == "text_encoder" {
+            continue;
+        }
+        let d = partial.join(dir);
+        std::fs::create_dir_all(&d).map_err(|e| Error::io(&d, e))?;
+        write_safetensors(d.join(name), map, None)?;
+        tensors += map.len();
+    }
+    std::fs::rename(&partial, out).map_err(|e| Error::io(out, e))?;
+    let mut written = Vec::new();
+    if markers.v_prediction {
+        written.push(V_PRED_MARKER);
+    }
+    if markers.zero_snr {
+        written.push(ZTSNR_MARKER);
+    }
+    Ok(Converted {
+        tensors,
+        markers: written,
+    })
+}
+
+/// The architecture folder's non-weight files (model_index.json, configs, tokenizers,
+/// scheduler), copied to `to`.
+fn copy_configs(from: &Path, to: &Path) -> Result<()> {
+    fn walk(from: &Path, to: &Path, depth: usize) -> Result<()> {
+        let entries = std::fs::read_dir(from).map_err(|e| Error::io(from, e))?;
+        std::fs::create_dir_all(to).map_err(|e| Error::io(to, e))?;
+        for e in entries {
+            let e = e.map_err(|e| Error::io(from, e))?;
+            let (src, name) = (e.path(), e.file_name());
+            let dst = to.join(&name);
+            let name = name.to_string_lossy();
+            if src.is_dir() {
+                if depth == 0 {
+                    walk(&src, &dst, depth + 1)?;
+                }
+                continue;
+            }
+            let weights = name.ends_with(".safetensors")
+                || name.ends_with(".bin")
+                || name.ends_with(".index.json")
+                || name.ends_with(".ckpt");
+            if !weights {
+                std::fs::copy(&src, &dst).map_err(|e| Error::io(&src, e))?;
+            }
+        }
+        Ok(())
+    }
+    walk(from, to, 0)
+}

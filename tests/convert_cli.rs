@@ -1,0 +1,176 @@
+//! `kstyle convert`: a diffusers folder to the original single-file layout and back, checked
+//! against files made by others: the reference generator's tiny single file, and the tiny
+//! refiner file diffusers' own loader reads back (`gen_refiner_single_file.py`).
+
+mod common;
+use common::{kstyle, tiny, tmp};
+use kstyle::formats::diffusers::DiffusersFolder;
+use kstyle::formats::{MappedFile, TensorMap};
+use std::path::Path;
+
+fn convert(model: &Path, to: &str, out: &Path, extra: &[&str]) -> std::process::Output {
+    let mut args = vec![
+        "convert",
+        "--model",
+        model.to_str().unwrap(),
+        "--to",
+        to,
+        "--out",
+        out.to_str().unwrap(),
+    ];
+    args.extend_from_slice(extra);
+    kstyle(&args)
+}
+
+/// Same keys (but `skip`), dtypes, shapes and bytes.
+fn assert_same(what: &str, got: &TensorMap<'_>, want: &TensorMap<'_>, skip: &[&str]) {
+    let keys = |m: &TensorMap<'_>| -> Vec<String> {
+        m.keys()
+            .filter(|k| !skip.contains(&k.as_str()))
+            .cloned()
+            .collect()
+    };
+    assert_eq!(keys(got), keys(want), "{what}: key sets differ");
+    for k in keys(want) {
+        let (g, w) = (&got[&k], &want[&k]);
+        assert_eq!((g.dtype, &g.shape), (w.dtype, &w.shape), "{what}: {k}");
+        assert!(g.data[..] == w.data[..], "{what}: {k}: bytes differ");
+    }
+}
+
+/// The tiny folder as a single file is the reference generator's own single file, tensor for
+/// tensor and byte for byte (its OpenCLIP `logit_scale`, which no diffusers folder holds, aside).
+#[test]
+fn a_folder_becomes_the_reference_single_file() {
+    let dir = tmp("convert-base");
+    let out = dir.join("tiny.safetensors");
+    let o = convert(&tiny().join("sdxl"), "single-file", &out, &[]);
+    assert!(o.status.success(), "{}", common::stderr(&o));
+    let (ours, theirs) = (
+        MappedFile::open(&out).unwrap(),
+        MappedFile::open(tiny().join("sdxl_single_file.safetensors")).unwrap(),
+    );
+    let theirs = theirs.tensors().unwrap();
+    assert!(theirs.contains_key("conditioner.embedders.1.model.logit_scale"));
+    let mut without = theirs.clone();
+    without.remove("conditioner.embedders.1.model.logit_scale");
+    assert_same("single file", &ours.tensors().unwrap(), &without, &[]);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// The tiny refiner folder as a single file is the file diffusers' `from_single_file` loads
+/// back to that folder: no first text encoder, the OpenCLIP tower as embedder 0.
+#[test]
+fn a_refiner_folder_becomes_the_diffusers_checked_refiner_file() {
+    let dir = tmp("convert-refiner");
+    let folder = common::tiny_refiner_folder(&dir);
+    let reference = common::tiny_refiner_single_file(&dir);
+    let out = dir.join("converted.safetensors");
+    let o = convert(&folder, "single-file", &out, &[]);
+    assert!(o.status.success(), "{}", common::stderr(&o));
+    let (ours, theirs) = (
+        MappedFile::open(&out).unwrap(),
+        MappedFile::open(&reference).unwrap(),
+    );
+    assert_same(
+        "refiner file",
+        &ours.tensors().unwrap(),
+        &theirs.tensors().unwrap(),
+        &["conditioner.embedders.0.model.logit_scale"],
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// The tiny single file (read with the tiny folder's configs) becomes a folder whose every
+/// component holds the tiny folder's tensors, with its configs, tokenizers and scheduler; it
+/// generates the same picture as the original folder.
+#[test]
+fn a_single_file_becomes_a_folder() {
+    let dir = tmp("convert-folder");
+    let out = dir.join("tiny-folder");
+    let config = tiny().join("sdxl");
+    let o = convert(
+        &tiny().join("sdxl_single_file.safetensors"),
+        "diffusers",
+        &out,
+        &["--config", config.to_str().unwrap()],
+    );
+    assert!(o.status.success(), "{}", common::stderr(&o));
+    let (ours, theirs) = (
+        DiffusersFolder::open(&out).unwrap(),
+        DiffusersFolder::open(&config).unwrap(),
+    );
+    for name in ["unet", "text_encoder", "text_encoder_2", "vae"] {
+        let (a, b) = (
+            ours.component(name, None).unwrap(),
+            theirs.component(name, None).unwrap(),
+        );
+        assert_same(name, &a.tensors().unwrap(), &b.tensors().unwrap(), &[]);
+    }
+    for rel in [
+        "unet/config.json",
+        "scheduler/scheduler_config.json",
+        "tokenizer_2/tokenizer.json",
+    ] {
+        let json = |p: &Path| -> serde_json::Value {
+            serde_json::from_str(&std::fs::read_to_string(p.join(rel)).unwrap()).unwrap()
+        };
+        assert_eq!(json(&out), json(&config), "{rel}");
+    }
+    let png = |model: &Path, name: &str| {
+        let p = dir.join(name);
+        let o = common::generate_model(model, "2", &["--out", p.to_str().unwrap()]);
+        assert!(o.status.success(), "{}", common::stderr(&o));
+        std::fs::read(p).unwrap()
+    };
+    assert_eq!(png(&out, "converted.png"), png(&config, "original.png"));
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// A v-prediction zero-SNR folder's objective travels as ComfyUI's `v_pred` / `ztsnr` markers
+/// and comes back as its scheduler config. Existing outputs are never replaced, and the wrong
+/// direction is refused; nothing is left behind by a refusal.
+#[test]
+fn objectives_travel_and_outputs_are_never_replaced() {
+    let dir = tmp("convert-vpred");
+    let folder = dir.join("vpred");
+    common::copy_dir(&tiny().join("sdxl"), &folder);
+    let sched = folder.join("scheduler/scheduler_config.json");
+    let mut cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&sched).unwrap()).unwrap();
+    cfg["prediction_type"] = "v_prediction".into();
+    cfg["rescale_betas_zero_snr"] = true.into();
+    std::fs::write(&sched, cfg.to_string()).unwrap();
+    let file = dir.join("vpred.safetensors");
+    let o = convert(&folder, "single-file", &file, &[]);
+    assert!(o.status.success(), "{}", common::stderr(&o));
+    assert!(common::stderr(&o).contains("markers: v_pred, ztsnr"));
+    let tensors = MappedFile::open(&file).unwrap();
+    let keys = tensors.tensors().unwrap();
+    assert!(keys.contains_key("v_pred") && keys.contains_key("ztsnr"));
+    let back = dir.join("back");
+    let o = convert(
+        &file,
+        "diffusers",
+        &back,
+        &["--config", tiny().join("sdxl").to_str().unwrap()],
+    );
+    assert!(o.status.success(), "{}", common::stderr(&o));
+    let got: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(back.join("scheduler/scheduler_config.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(got["prediction_type"], "v_prediction");
+    assert_eq!(got["rescale_betas_zero_snr"], true);
+    // Refusals: an existing output, and each direction given the wrong kind of model.
+    let before = std::fs::read(&file).unwrap();
+    let o = convert(&folder, "single-file", &file, &[]);
+    common::assert_fails_naming(&o, "already exists");
+    assert_eq!(std::fs::read(&file).unwrap(), before);
+    let o = convert(&folder, "diffusers", &dir.join("x"), &[]);
+    common::assert_fails_naming(&o, "not a single file");
+    let o = convert(&file, "single-file", &dir.join("y.safetensors"), &[]);
+    common::assert_fails_naming(&o, "is a single file already");
+    assert!(!dir.join("x").exists() && !dir.join("y.safetensors").exists());
+    std::fs::remove_dir_all(&dir).unwrap();
+}
