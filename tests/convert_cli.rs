@@ -174,3 +174,55 @@ fn objectives_travel_and_outputs_are_never_replaced() {
     assert!(!dir.join("x").exists() && !dir.join("y.safetensors").exists());
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// An inpainting single file (a 9-input `conv_in`) read with a 4-channel architecture folder
+/// becomes a folder whose UNet config says 9 input channels, and loads as such.
+#[test]
+fn an_inpainting_single_file_keeps_its_input_channels() {
+    use kstyle::tensor::SafeTensorsFile;
+    let dir = tmp("convert-inpaint");
+    std::fs::create_dir_all(&dir).unwrap();
+    let conv = SafeTensorsFile::open(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/extra/inpaint.safetensors"),
+    )
+    .unwrap()
+    .tensor("inpaint_conv_in.weight")
+    .unwrap();
+    assert_eq!(conv.dims()[1], 9);
+    let f = SafeTensorsFile::open(tiny().join("sdxl_single_file.safetensors")).unwrap();
+    let tensors: Vec<(String, kstyle::Tensor)> = f
+        .names()
+        .map(|n| {
+            let t = match n {
+                "model.diffusion_model.input_blocks.0.0.weight" => conv.clone(),
+                _ => f.tensor(n).unwrap(),
+            };
+            (n.to_string(), t)
+        })
+        .collect();
+    let single = dir.join("inpaint.safetensors");
+    kstyle::tensor::save_safetensors(&single, &tensors, None).unwrap();
+    let out = dir.join("inpaint-folder");
+    let config = tiny().join("sdxl");
+    let o = convert(
+        &single,
+        "diffusers",
+        &out,
+        &["--config", config.to_str().unwrap()],
+    );
+    assert!(o.status.success(), "{}", common::stderr(&o));
+    let cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("unet/config.json")).unwrap())
+            .unwrap();
+    assert_eq!(cfg["in_channels"], 9);
+    let unet = kstyle::models::unet::UNet2DConditionModel::from_diffusers(
+        &out,
+        &[],
+        kstyle::DType::F32,
+        kstyle::Device::Cpu,
+    )
+    .unwrap()
+    .model;
+    assert_eq!(unet.config.in_channels, 9);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
