@@ -133,14 +133,7 @@ fn a_single_file_becomes_a_folder() {
 #[test]
 fn objectives_travel_and_outputs_are_never_replaced() {
     let dir = tmp("convert-vpred");
-    let folder = dir.join("vpred");
-    common::copy_dir(&tiny().join("sdxl"), &folder);
-    let sched = folder.join("scheduler/scheduler_config.json");
-    let mut cfg: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&sched).unwrap()).unwrap();
-    cfg["prediction_type"] = "v_prediction".into();
-    cfg["rescale_betas_zero_snr"] = true.into();
-    std::fs::write(&sched, cfg.to_string()).unwrap();
+    let folder = common::vpred_folder(&dir, true);
     let file = dir.join("vpred.safetensors");
     let o = convert(&folder, "single-file", &file, &[]);
     assert!(o.status.success(), "{}", common::stderr(&o));
@@ -179,29 +172,15 @@ fn objectives_travel_and_outputs_are_never_replaced() {
 /// becomes a folder whose UNet config says 9 input channels, and loads as such.
 #[test]
 fn an_inpainting_single_file_keeps_its_input_channels() {
-    use kstyle::tensor::SafeTensorsFile;
     let dir = tmp("convert-inpaint");
-    std::fs::create_dir_all(&dir).unwrap();
-    let conv = SafeTensorsFile::open(
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/extra/inpaint.safetensors"),
-    )
-    .unwrap()
-    .tensor("inpaint_conv_in.weight")
-    .unwrap();
+    let conv = common::inpaint_conv_in();
     assert_eq!(conv.dims()[1], 9);
-    let f = SafeTensorsFile::open(tiny().join("sdxl_single_file.safetensors")).unwrap();
-    let tensors: Vec<(String, kstyle::Tensor)> = f
-        .names()
-        .map(|n| {
-            let t = match n {
-                "model.diffusion_model.input_blocks.0.0.weight" => conv.clone(),
-                _ => f.tensor(n).unwrap(),
-            };
-            (n.to_string(), t)
-        })
-        .collect();
-    let single = dir.join("inpaint.safetensors");
-    kstyle::tensor::save_safetensors(&single, &tensors, None).unwrap();
+    let single = common::tiny_single_file_with(
+        &dir,
+        "inpaint.safetensors",
+        &[("model.diffusion_model.input_blocks.0.0.weight", conv)],
+        vec![],
+    );
     let out = dir.join("inpaint-folder");
     let config = tiny().join("sdxl");
     let o = convert(

@@ -241,26 +241,12 @@ fn single_file_checkpoints_generate_the_same_image_as_the_folder() {
 #[test]
 fn single_file_v_prediction_markers_select_the_objective() {
     let dir = tmp("vpred-markers");
-    let folder = dir.join("vpred");
-    common::copy_dir(&tiny().join("sdxl"), &folder);
-    let sched = folder.join("scheduler/scheduler_config.json");
-    let mut cfg: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&sched).unwrap()).unwrap();
-    cfg["prediction_type"] = "v_prediction".into();
-    cfg["rescale_betas_zero_snr"] = true.into();
-    std::fs::write(&sched, cfg.to_string()).unwrap();
-    let f =
-        kstyle::tensor::SafeTensorsFile::open(tiny().join("sdxl_single_file.safetensors")).unwrap();
-    let mut tensors: Vec<(String, kstyle::Tensor)> = f
-        .names()
-        .map(|n| (n.to_string(), f.tensor(n).unwrap()))
-        .collect();
-    for marker in ["v_pred", "ztsnr"] {
+    let folder = common::vpred_folder(&dir, true);
+    let markers = ["v_pred", "ztsnr"].map(|m| {
         let empty = kstyle::Tensor::from_vec(Vec::<f32>::new(), 0, kstyle::Device::Cpu).unwrap();
-        tensors.push((marker.to_string(), empty));
-    }
-    let file = dir.join("vpred.safetensors");
-    kstyle::tensor::save_safetensors(&file, &tensors, None).unwrap();
+        (m.to_string(), empty)
+    });
+    let file = common::tiny_single_file_with(&dir, "vpred.safetensors", &[], markers.to_vec());
     let run = |model: &PathBuf, extra: &[&str], out: &str| {
         let out = dir.join(out);
         let mut args = vec!["--out", out.to_str().unwrap()];
@@ -629,12 +615,7 @@ fn inpainting_runs_with_four_and_nine_channel_unets() {
     common::copy_dir(&tiny().join("sdxl"), &nine);
     let weights = nine.join("unet/diffusion_pytorch_model.safetensors");
     let f = SafeTensorsFile::open(&weights).unwrap();
-    let conv = SafeTensorsFile::open(
-        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/extra/inpaint.safetensors"),
-    )
-    .unwrap()
-    .tensor("inpaint_conv_in.weight")
-    .unwrap();
+    let conv = common::inpaint_conv_in();
     let tensors: Vec<(String, kstyle::Tensor)> = f
         .names()
         .map(|n| {
@@ -677,19 +658,12 @@ fn inpainting_runs_with_four_and_nine_channel_unets() {
     assert_eq!(image::open(&out).unwrap().to_rgb8().dimensions(), (96, 72));
     // The same inpainting model as an original-layout single file (A1111 / ComfyUI style):
     // the 9-input conv_in is read from the file, and the picture is the folder's, byte for byte.
-    let single = dir.join("inpaint-single.safetensors");
-    let f = SafeTensorsFile::open(tiny().join("sdxl_single_file.safetensors")).unwrap();
-    let tensors: Vec<(String, kstyle::Tensor)> = f
-        .names()
-        .map(|n| {
-            let t = match n {
-                "model.diffusion_model.input_blocks.0.0.weight" => conv.clone(),
-                _ => f.tensor(n).unwrap(),
-            };
-            (n.to_string(), t)
-        })
-        .collect();
-    kstyle::tensor::save_safetensors(&single, &tensors, None).unwrap();
+    let single = common::tiny_single_file_with(
+        &dir,
+        "inpaint-single.safetensors",
+        &[("model.diffusion_model.input_blocks.0.0.weight", conv)],
+        vec![],
+    );
     let config = tiny().join("sdxl");
     let (o, from_file) = run(
         &single,

@@ -143,28 +143,60 @@ fn check_final(
     chk.check(&key, &out, &f.tensor(&key)?, ctx.forward)
 }
 
-/// The request of one img2img or inpainting reference case `name`: the file's prompt and
-/// negative prompt, the case's steps and guidance, `--sampler auto` on the case's scheduler
-/// config, replaying `step_noise`.
-fn case_request(
+/// A reference case's request: the file's prompt and negative prompt, the case's steps, the
+/// given guidance and size, `--sampler auto` (on the scheduler config the caller sets).
+fn reference_request(
     f: &SafeTensorsFile,
     name: &str,
+    guidance: f64,
     (width, height): (usize, usize),
-    step_noise: Vec<Tensor>,
 ) -> Result<Request> {
     let negative = f.meta_str("negative_prompt")?;
     Ok(Request {
         prompt: f.meta_str("prompt")?.to_string(),
         negative: (!negative.is_empty()).then(|| negative.to_string()),
         steps: f.meta_f64(&format!("{name}.steps"))? as usize,
-        guidance: f.meta_f64(&format!("{name}.guidance_scale"))?,
+        guidance,
         guidance_rescale: 0.0,
         width,
         height,
         sampler: SamplerKind::Auto,
-        noise: Noise::Given(step_noise),
+        noise: Noise::default(),
         denoising_end: None,
-        micro: Default::default(),
+        micro: MicroConditioning::default(),
+    })
+}
+
+/// The request of one img2img or inpainting reference case `name`: the case's guidance,
+/// replaying `step_noise`.
+fn case_request(
+    f: &SafeTensorsFile,
+    name: &str,
+    size: (usize, usize),
+    step_noise: Vec<Tensor>,
+) -> Result<Request> {
+    let guidance = f.meta_f64(&format!("{name}.guidance_scale"))?;
+    Ok(Request {
+        noise: Noise::Given(step_noise),
+        ..reference_request(f, name, guidance, size)?
+    })
+}
+
+/// The request of a handover or micro-conditioning reference case: the file's guidance and size.
+fn pipeline_request(
+    f: &SafeTensorsFile,
+    name: &str,
+    denoising_end: Option<f64>,
+    micro: MicroConditioning,
+) -> Result<Request> {
+    let size = (
+        f.meta_f64("width")? as usize,
+        f.meta_f64("height")? as usize,
+    );
+    Ok(Request {
+        denoising_end,
+        micro,
+        ..reference_request(f, name, f.meta_f64("guidance_scale")?, size)?
     })
 }
 
@@ -343,7 +375,6 @@ pub fn refiner(ctx: &Ctx) -> Result<Vec<Row>> {
         .tensor("init_latents")?
         .to_dtype(DType::F32)?
         .to_device(ctx.device)?;
-    let negative = f.meta_str("negative_prompt")?.to_string();
     let mut conditioned = false;
     for name in f.meta_str("cases")?.split(',') {
         let key = |k: &str| format!("{name}.{k}");
@@ -352,19 +383,7 @@ pub fn refiner(ctx: &Ctx) -> Result<Vec<Row>> {
         base.scheduler = scheduler.clone();
         refiner.scheduler = scheduler;
         let split = f.meta_f64(&key("split"))?;
-        let req = Request {
-            prompt: f.meta_str("prompt")?.to_string(),
-            negative: (!negative.is_empty()).then(|| negative.clone()),
-            steps: f.meta_f64(&key("steps"))? as usize,
-            guidance: f.meta_f64("guidance_scale")?,
-            guidance_rescale: 0.0,
-            width: f.meta_f64("width")? as usize,
-            height: f.meta_f64("height")? as usize,
-            sampler: SamplerKind::Auto,
-            noise: Noise::default(),
-            denoising_end: Some(split),
-            micro: Default::default(),
-        };
+        let req = pipeline_request(&f, name, Some(split), MicroConditioning::default())?;
         let handed = no_grad(|| base.denoise_from(&req, Start::Noise(&init), |_, _| {}))?;
         chk.check(
             &key("base_latents"),
@@ -449,7 +468,6 @@ pub fn micro_conditioning(ctx: &Ctx) -> Result<Vec<Row>> {
         .tensor("init_latents")?
         .to_dtype(DType::F32)?
         .to_device(ctx.device)?;
-    let negative = f.meta_str("negative_prompt")?.to_string();
     let ids = |chk: &mut Checker, key: &str, pipe: &SdxlPipeline, req: &Request, image| {
         let (pos, neg) = no_grad(|| pipe.request_embeds(req))?;
         let (_, _, t) = guidance_batch(&pipe.unet, req, &pos, neg.as_ref(), image, ctx.device)?;
@@ -458,19 +476,8 @@ pub fn micro_conditioning(ctx: &Ctx) -> Result<Vec<Row>> {
     for name in f.meta_str("cases")?.split(',') {
         let key = |k: &str| format!("{name}.{k}");
         let second_args = f.meta_str(&key("second_args")).ok();
-        let req = Request {
-            prompt: f.meta_str("prompt")?.to_string(),
-            negative: (!negative.is_empty()).then(|| negative.clone()),
-            steps: f.meta_f64(&key("steps"))? as usize,
-            guidance: f.meta_f64("guidance_scale")?,
-            guidance_rescale: 0.0,
-            width: f.meta_f64("width")? as usize,
-            height: f.meta_f64("height")? as usize,
-            sampler: SamplerKind::Auto,
-            noise: Noise::default(),
-            denoising_end: second_args.map(|_| 0.5),
-            micro: micro_from_json(f.meta_str(&key("args"))?, &path)?,
-        };
+        let micro = micro_from_json(f.meta_str(&key("args"))?, &path)?;
+        let req = pipeline_request(&f, name, second_args.map(|_| 0.5), micro)?;
         ids(&mut chk, &key("time_ids"), &base, &req, false)?;
         let Some(second_args) = second_args else {
             check_final(&mut chk, ctx, &f, name, &base, &req, Start::Noise(&init))?;

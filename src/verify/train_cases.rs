@@ -260,29 +260,7 @@ pub fn train_vpred(ctx: &Ctx) -> Result<Vec<Row>> {
             let name = format!("{case}.{name}");
             chk.check(&name, got, &f.tensor(&name)?, ctx.forward)?;
         }
-        let grads = losses.total.backward()?;
-        let prefix = format!("{case}.grad.");
-        let tol = ctx.grad.grad_with_floor(max_norm(&f, &prefix)?);
-        let mut checked = 0;
-        for key in f.names().filter(|n| n.starts_with(&prefix)) {
-            let name = &key[prefix.len()..];
-            let p = step
-                .params
-                .iter()
-                .find(|(n, _)| n == name)
-                .map(|(_, p)| p)
-                .ok_or_else(|| Error::msg(format!("{key} names no trainable tensor")))?;
-            let g = grads
-                .get(p)
-                .ok_or_else(|| Error::Backward(format!("no gradient for {name}")))?;
-            chk.check(key, g, &f.tensor(key)?, tol)?;
-            checked += 1;
-        }
-        if checked == 0 {
-            return Err(Error::msg(format!(
-                "no {prefix}* gradients in the reference"
-            )));
-        }
+        check_stored_grads(&mut chk, ctx, &f, case, &step, &losses)?;
     }
     Ok(chk.rows)
 }
@@ -333,22 +311,43 @@ pub fn train_min_snr(ctx: &Ctx) -> Result<Vec<Row>> {
             let name = format!("{case}.{name}");
             chk.check(&name, got, &f.tensor(&name)?, ctx.forward)?;
         }
-        let grads = losses.total.backward()?;
-        let prefix = format!("{case}.grad.");
-        let tol = ctx.grad.grad_with_floor(max_norm(&f, &prefix)?);
-        for key in f.names().filter(|n| n.starts_with(&prefix)) {
-            let name = &key[prefix.len()..];
-            let p = step
-                .params
-                .iter()
-                .find(|(n, _)| n == name)
-                .map(|(_, p)| p)
-                .ok_or_else(|| Error::msg(format!("{key} names no trainable tensor")))?;
-            let g = grads
-                .get(p)
-                .ok_or_else(|| Error::Backward(format!("no gradient for {name}")))?;
-            chk.check(key, g, &f.tensor(key)?, tol)?;
-        }
+        check_stored_grads(&mut chk, ctx, &f, case, &step, &losses)?;
     }
     Ok(chk.rows)
+}
+
+/// Backpropagates `losses.total` and checks every gradient the reference stores under
+/// `<case>.grad.<parameter>` (at least one).
+fn check_stored_grads(
+    chk: &mut Checker,
+    ctx: &Ctx,
+    f: &SafeTensorsFile,
+    case: &str,
+    step: &Step,
+    losses: &Losses,
+) -> Result<()> {
+    let grads = losses.total.backward()?;
+    let prefix = format!("{case}.grad.");
+    let tol = ctx.grad.grad_with_floor(max_norm(f, &prefix)?);
+    let mut checked = 0;
+    for key in f.names().filter(|n| n.starts_with(&prefix)) {
+        let name = &key[prefix.len()..];
+        let p = step
+            .params
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, p)| p)
+            .ok_or_else(|| Error::msg(format!("{key} names no trainable tensor")))?;
+        let g = grads
+            .get(p)
+            .ok_or_else(|| Error::Backward(format!("no gradient for {name}")))?;
+        chk.check(key, g, &f.tensor(key)?, tol)?;
+        checked += 1;
+    }
+    if checked == 0 {
+        return Err(Error::msg(format!(
+            "no {prefix}* gradients in the reference"
+        )));
+    }
+    Ok(())
 }

@@ -205,3 +205,54 @@ pub fn tiny_refiner_single_file(dir: &Path) -> PathBuf {
     kstyle::tensor::save_safetensors(&path, &tensors, None).unwrap();
     path
 }
+
+/// A copy of the tiny folder as a v-prediction model (`prediction_type: v_prediction`), with
+/// zero-terminal-SNR betas when `zero_snr`.
+pub fn vpred_folder(dir: &Path, zero_snr: bool) -> PathBuf {
+    let folder = dir.join(if zero_snr { "vpred-zsnr" } else { "vpred" });
+    copy_dir(&tiny().join("sdxl"), &folder);
+    let sched = folder.join("scheduler/scheduler_config.json");
+    let mut cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&sched).unwrap()).unwrap();
+    cfg["prediction_type"] = "v_prediction".into();
+    cfg["rescale_betas_zero_snr"] = zero_snr.into();
+    std::fs::write(&sched, cfg.to_string()).unwrap();
+    folder
+}
+
+/// The 9-input `conv_in` weight of the inpainting reference (float16).
+pub fn inpaint_conv_in() -> kstyle::Tensor {
+    kstyle::tensor::SafeTensorsFile::open(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/extra/inpaint.safetensors"),
+    )
+    .unwrap()
+    .tensor("inpaint_conv_in.weight")
+    .unwrap()
+}
+
+/// The tiny single file written to `dir/name` with the tensors of `replace` swapped in by key
+/// and `extra` ones added.
+pub fn tiny_single_file_with(
+    dir: &Path,
+    name: &str,
+    replace: &[(&str, kstyle::Tensor)],
+    extra: Vec<(String, kstyle::Tensor)>,
+) -> PathBuf {
+    let f =
+        kstyle::tensor::SafeTensorsFile::open(tiny().join("sdxl_single_file.safetensors")).unwrap();
+    let mut tensors: Vec<(String, kstyle::Tensor)> = f
+        .names()
+        .map(|n| {
+            let t = match replace.iter().find(|(k, _)| *k == n) {
+                Some((_, t)) => t.clone(),
+                None => f.tensor(n).unwrap(),
+            };
+            (n.to_string(), t)
+        })
+        .collect();
+    tensors.extend(extra);
+    std::fs::create_dir_all(dir).unwrap();
+    let path = dir.join(name);
+    kstyle::tensor::save_safetensors(&path, &tensors, None).unwrap();
+    path
+}
