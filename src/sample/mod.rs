@@ -6,6 +6,7 @@ pub mod ddim;
 pub mod dpmpp;
 pub mod euler;
 pub mod heun;
+pub mod image_input;
 pub mod lcm;
 pub mod model_files;
 pub mod pipeline;
