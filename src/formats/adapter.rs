@@ -87,11 +87,7 @@ impl Adapter {
             );
         }
         if let Some(c) = &self.cultural {
-            v.extend(
-                c.named()
-                    .into_iter()
-                    .map(|(n, t)| (format!("cultural.{n}"), t)),
-            );
+            v.extend(c.parameters());
         }
         v
     }

@@ -49,6 +49,15 @@ impl CulturalLoss {
         s.mul(&w)?.sum(&[1])?.mean_all()?.neg()
     }
 
+    /// The trainable tensors under their adapter-file names (`cultural.proj.*`), as the trainer,
+    /// the optimizer and adapter files list them after the LoRA modules'.
+    pub fn parameters(&self) -> Vec<(String, Tensor)> {
+        self.named()
+            .into_iter()
+            .map(|(n, t)| (format!("cultural.{n}"), t))
+            .collect()
+    }
+
     pub fn named(&self) -> Vec<(String, Tensor)> {
         self.proj
             .tensors()

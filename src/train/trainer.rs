@@ -454,11 +454,7 @@ impl Trainer {
         }
         let mut params = unet.adapter_parameters();
         if let Some(c) = &cultural {
-            params.extend(
-                c.named()
-                    .into_iter()
-                    .map(|(n, t)| (format!("cultural.{n}"), t)),
-            );
+            params.extend(c.parameters());
         }
         let optimizer = match optimizer {
             Some(mut o) => {
@@ -536,11 +532,7 @@ impl Trainer {
     pub fn params(&self) -> Vec<(String, Tensor)> {
         let mut p = self.unet.adapter_parameters();
         if let Some(c) = &self.cultural {
-            p.extend(
-                c.named()
-                    .into_iter()
-                    .map(|(n, t)| (format!("cultural.{n}"), t)),
-            );
+            p.extend(c.parameters());
         }
         p
     }

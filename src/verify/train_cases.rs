@@ -96,11 +96,7 @@ impl Step {
         };
         let mut params = unet.adapter_parameters();
         if let Some(c) = &cultural {
-            params.extend(
-                c.named()
-                    .into_iter()
-                    .map(|(n, t)| (format!("cultural.{n}"), t)),
-            );
+            params.extend(c.parameters());
         }
         let expected = num("n_params")? as usize;
         if params.len() != expected {
