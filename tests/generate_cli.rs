@@ -377,10 +377,11 @@ fn half_precision_generation_stays_close_to_f32() {
     }
 }
 
-/// `--sampler euler-a` draws its step noise from the seed: the same seed gives the same image,
-/// and the same initial latents with another seed's noise give another image.
+/// The stochastic samplers (`euler-a`, `dpm2-a`, `dpmpp-sde`) draw their step noise from the
+/// seed: the same seed gives the same image, and the same initial latents with another seed's
+/// noise give another image.
 #[test]
-fn euler_ancestral_noise_follows_the_seed() {
+fn ancestral_noise_follows_the_seed() {
     let dir = tmp("euler-a");
     let latents = dir.join("init.safetensors");
     kstyle::tensor::save_safetensors(
@@ -398,13 +399,13 @@ fn euler_ancestral_noise_follows_the_seed() {
         None,
     )
     .unwrap();
-    let run = |seed: &str, name: &str| {
-        let out = dir.join(name);
+    let run = |sampler: &str, seed: &str, name: &str| {
+        let out = dir.join(format!("{sampler}-{name}"));
         let o = common::generate_tiny_steps(
             "3",
             &[
                 "--sampler",
-                "euler-a",
+                sampler,
                 "--latents",
                 latents.to_str().unwrap(),
                 "--seed",
@@ -416,14 +417,16 @@ fn euler_ancestral_noise_follows_the_seed() {
         assert!(o.status.success(), "{}", common::stderr(&o));
         std::fs::read(out).unwrap()
     };
-    assert!(
-        run("5", "a.png") == run("5", "b.png"),
-        "same seed, different images"
-    );
-    assert!(
-        run("5", "c.png") != run("6", "d.png"),
-        "the noise ignores the seed"
-    );
+    for sampler in ["euler-a", "dpm2-a", "dpmpp-sde"] {
+        assert!(
+            run(sampler, "5", "a.png") == run(sampler, "5", "b.png"),
+            "{sampler}: same seed, different images"
+        );
+        assert!(
+            run(sampler, "5", "c.png") != run(sampler, "6", "d.png"),
+            "{sampler}: the noise ignores the seed"
+        );
+    }
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
@@ -442,6 +445,14 @@ fn every_sampler_name_generates_and_reports_itself() {
         ("euler-a", "sampler: Euler a\n"),
         ("lcm", "sampler: LCM\n"),
         ("heun-karras", "sampler: Heun Karras\n"),
+        ("lms", "sampler: LMS\n"),
+        ("lms-karras", "sampler: LMS Karras\n"),
+        ("dpm2", "sampler: DPM2\n"),
+        ("dpm2-karras", "sampler: DPM2 Karras\n"),
+        ("dpm2-a", "sampler: DPM2 a\n"),
+        ("dpm2-a-karras", "sampler: DPM2 a Karras\n"),
+        ("dpmpp-sde", "sampler: DPM++ SDE\n"),
+        ("dpmpp-sde-karras", "sampler: DPM++ SDE Karras\n"),
         ("auto", "sampler: Euler\n"),
     ] {
         let out = dir.join(format!("{name}.png"));

@@ -5,7 +5,8 @@
 //! corrector disabled), LCM at guidance 1 (no negative batch) and Heun; the whole denoising loop
 //! over the tiny UNet from the reference's own latents. The newer references (DPM-Solver++
 //! heun and orders 1 and 3, UniPC, LCM, Heun, v-prediction) run as `--sampler auto` on the scheduler
-//! config diffusers saved with each.
+//! config diffusers saved with each, as do LMS, DPM2 (Karras, v-prediction), DPM2 ancestral (also
+//! Karras on `linspace` spacing), DPM++ SDE (Karras) and Euler on `linspace` spacing.
 //!
 //! Measured: DPM++ 2M 8.5e-7 and Karras 8.3e-7 relative, heun 8.5e-7, order 1 9.7e-7, DPM++ 3M
 //! 9.1e-7, UniPC 7.8e-7, order 3 Karras 1.3e-6, with a corrector skipped 8.1e-7, Euler Karras
@@ -17,7 +18,10 @@
 //! bits of the float32 latents. DDIM 5.4e-5, where PyTorch itself in
 //! float32 lands at 3.5e-5 against the same float64 reference (the folder's config leaves DDIM's
 //! `clip_sample` on, so the final latents are clamped x0 with a norm near 1, and the UNet's
-//! float32 error shows undiluted). All within the fixtures' 1e-4 forward tolerance.
+//! float32 error shows undiluted). LMS 8.9e-7, Karras 9.3e-7; DPM2 8.1e-7, Karras 8.3e-7,
+//! v-prediction 1.5e-6; DPM2 a 9.3e-7, Karras on linspace 8.7e-7; DPM++ SDE 7.9e-7, Karras
+//! 8.4e-7; Euler on linspace 1.1e-6 (2.6e-4 with the timesteps rounded, as before). All within
+//! the fixtures' 1e-4 forward tolerance.
 
 mod common;
 
@@ -30,7 +34,7 @@ fn every_sampler_final_latents_match_diffusers() {
     let report =
         kstyle::verify::run(&tiny(), Device::Cpu, Some(&["samplers".to_string()])).unwrap();
     assert!(report.failed_cases.is_empty(), "{:?}", report.failed_cases);
-    assert_eq!(report.rows.len(), 21);
+    assert_eq!(report.rows.len(), 31);
     for r in &report.rows {
         eprintln!("{}: relative error {:.3e}", r.tensor, r.error);
         assert!(r.passed, "{} {:e} > {:e}", r.tensor, r.error, r.tolerance);
@@ -40,12 +44,15 @@ fn every_sampler_final_latents_match_diffusers() {
 /// diffusers' SDXL img2img pipeline, per sampler (`tests/fixtures/extra/gen_img2img.py`): the
 /// processor's Lanczos resize of a 100x75 image (exact), the VAE's sampled latents (3.1e-7),
 /// each sampler's `add_noise` at the strength's first step (5e-8 to 1.2e-7) and the final
-/// latents (3.1e-7 to 2.0e-6), with multistep warm-ups and Heun's interleaving starting mid-way.
+/// latents (3.1e-7 to 2.0e-6), with multistep warm-ups and Heun's interleaving starting mid-way;
+/// LMS started at step 3 pairs its one slope with order 4's leading coefficient, as diffusers
+/// does (1.1e-1 off when it warms up from order 1 instead), DPM2 a and DPM++ SDE Karras start on
+/// a first evaluation (1.3e-6 and 1.1e-6).
 #[test]
 fn img2img_matches_diffusers_for_every_sampler_kind() {
     let report = kstyle::verify::run(&tiny(), Device::Cpu, Some(&["img2img".to_string()])).unwrap();
     assert!(report.failed_cases.is_empty(), "{:?}", report.failed_cases);
-    assert_eq!(report.rows.len(), 22);
+    assert_eq!(report.rows.len(), 28);
     for r in &report.rows {
         eprintln!("{}: relative error {:.3e}", r.tensor, r.error);
         assert!(r.passed, "{} {:e} > {:e}", r.tensor, r.error, r.tolerance);
@@ -131,11 +138,83 @@ fn auto_sampler_follows_the_scheduler_config() {
         SamplerKind::Euler(Sigmas::Config).resolve(&ddim).unwrap(),
         SamplerKind::Euler(Sigmas::Config)
     );
-    let kdpm2 = config(r#"{"_class_name": "KDPM2DiscreteScheduler"}"#).unwrap();
-    let err = SamplerKind::Auto.resolve(&kdpm2).unwrap_err().to_string();
+    let pndm = config(r#"{"_class_name": "PNDMScheduler"}"#).unwrap();
+    let err = SamplerKind::Auto.resolve(&pndm).unwrap_err().to_string();
     assert!(
-        err.contains("KDPM2DiscreteScheduler") && err.contains("--sampler"),
+        err.contains("PNDMScheduler") && err.contains("--sampler"),
         "{err}"
+    );
+    // The k-diffusion classes resolve to their samplers; none of them has a zero-SNR schedule.
+    for (class, kind, named) in [
+        (
+            "LMSDiscreteScheduler",
+            SamplerKind::Lms(Sigmas::Config),
+            "LMS",
+        ),
+        (
+            "KDPM2DiscreteScheduler",
+            SamplerKind::Dpm2 {
+                ancestral: false,
+                sigmas: Sigmas::Config,
+            },
+            "DPM2",
+        ),
+        (
+            "KDPM2AncestralDiscreteScheduler",
+            SamplerKind::Dpm2 {
+                ancestral: true,
+                sigmas: Sigmas::Config,
+            },
+            "DPM2 a Karras",
+        ),
+        (
+            "DPMSolverSDEScheduler",
+            SamplerKind::DpmPPSde(Sigmas::Config),
+            "DPM++ SDE",
+        ),
+    ] {
+        let karras = named.ends_with("Karras");
+        let cfg = config(&format!(
+            r#"{{"_class_name": "{class}", "use_karras_sigmas": {karras}}}"#
+        ))
+        .unwrap();
+        assert_eq!(SamplerKind::Auto.resolve(&cfg).unwrap(), kind, "{class}");
+        assert_eq!(kind.describe(&cfg), named);
+        let zsnr = config(&format!(
+            r#"{{"_class_name": "{class}", "rescale_betas_zero_snr": true}}"#
+        ))
+        .unwrap();
+        use kstyle::sample::{DpmPPSde, Kdpm2, Lms, Noise};
+        let err = match kind {
+            SamplerKind::Lms(_) => Lms::new(&zsnr, 10).err(),
+            SamplerKind::Dpm2 { ancestral, .. } => {
+                Kdpm2::new(&zsnr, 10, ancestral.then_some(&Noise::default())).err()
+            }
+            _ => DpmPPSde::new(&zsnr, 10, &Noise::default()).err(),
+        }
+        .unwrap()
+        .to_string();
+        assert!(err.contains("rescale_betas_zero_snr"), "{class}: {err}");
+    }
+    // Without `timestep_spacing` (configs older than diffusers 0.16) the class's default applies.
+    use kstyle::sample::Spacing;
+    assert_eq!(
+        config(r#"{"_class_name": "EulerDiscreteScheduler"}"#)
+            .unwrap()
+            .spacing,
+        Spacing::Linspace
+    );
+    assert_eq!(
+        config(r#"{"_class_name": "DDIMScheduler"}"#)
+            .unwrap()
+            .spacing,
+        Spacing::Leading
+    );
+    assert_eq!(
+        config(r#"{"_class_name": "LCMScheduler"}"#)
+            .unwrap()
+            .spacing,
+        Spacing::Leading
     );
     let sde = config(
         r#"{"_class_name": "DPMSolverMultistepScheduler", "algorithm_type": "sde-dpmsolver++", "solver_order": 3}"#,
@@ -272,5 +351,62 @@ fn verify_refuses_unknown_case_names() {
             !o.status.success() && err.contains("`sampler`") && err.contains("samplers"),
             "{err}"
         );
+    }
+}
+
+/// The timesteps the UNet sees under LMS, DPM2 (a), DPM++ SDE and Euler on `linspace` spacing,
+/// against diffusers' own (stored as float32): the interleaved midpoints of the two-evaluation
+/// samplers, Karras rounding, fractional `linspace` timesteps.
+#[test]
+fn k_diffusion_timesteps_match_diffusers() {
+    use kstyle::sample::{
+        DpmPPSde, EulerDiscrete, Kdpm2, Lms, Noise, Sampler, SchedulerClass, SchedulerConfig,
+    };
+    use kstyle::tensor::SafeTensorsFile;
+    let noise = Noise::default();
+    for name in [
+        "lms",
+        "lms_karras",
+        "kdpm2",
+        "kdpm2_karras",
+        "kdpm2_a",
+        "dpmpp_sde",
+        "dpmpp_sde_karras",
+        "euler_linspace",
+        "dpm2_a_karras_linspace",
+    ] {
+        let path = tiny().join(format!("../extra/pipeline_{name}.safetensors"));
+        let f = SafeTensorsFile::open(&path).unwrap();
+        let config =
+            SchedulerConfig::from_json_text(&f.metadata()["scheduler_config"], &path).unwrap();
+        let steps: usize = f.metadata()["steps"].parse().unwrap();
+        let sampler: Box<dyn Sampler> = match config.class {
+            SchedulerClass::LmsDiscrete => Box::new(Lms::new(&config, steps).unwrap()),
+            SchedulerClass::Kdpm2Discrete => Box::new(Kdpm2::new(&config, steps, None).unwrap()),
+            SchedulerClass::Kdpm2AncestralDiscrete => {
+                Box::new(Kdpm2::new(&config, steps, Some(&noise)).unwrap())
+            }
+            SchedulerClass::DpmSolverSde => {
+                Box::new(DpmPPSde::new(&config, steps, &noise).unwrap())
+            }
+            SchedulerClass::EulerDiscrete => Box::new(EulerDiscrete::new(&config, steps).unwrap()),
+            ref other => panic!("{name}: {other:?}"),
+        };
+        let want = f.tensor("timesteps").unwrap().to_vec_f64().unwrap();
+        let got: Vec<f64> = sampler
+            .timesteps()
+            .iter()
+            .map(|&t| t as f32 as f64)
+            .collect();
+        assert_eq!(got.len(), want.len(), "{name}");
+        for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+            // Within 1e-6 relative, as the sigma tables: fractional timesteps interpolate the
+            // float32 log-sigma table, and PyTorch's float32 sqrt and log on the reference machine
+            // are not correctly rounded (its sigma(167) is 1 ulp below IEEE's sqrt, its
+            // log(2.9071) 1 ulp above), which moves a timestep by up to 7e-7 relative (DPM2 a's
+            // midpoints chain five such operations). A wrong midpoint or ramp moves it by units.
+            let tol = 1e-6 * w.abs().max(10.0);
+            assert!((g - w).abs() <= tol, "{name} timestep {i}: {g} vs {w}");
+        }
     }
 }

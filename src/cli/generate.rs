@@ -218,11 +218,35 @@ pub enum SamplerArg {
     /// Heun on Karras sigmas.
     #[value(name = "heun-karras")]
     HeunKarras,
+    /// Linear multistep, order 4 ("LMS").
+    Lms,
+    /// LMS on Karras sigmas ("LMS Karras").
+    #[value(name = "lms-karras")]
+    LmsKarras,
+    /// DPM-Solver-2 ("DPM2"): two UNet evaluations a step.
+    Dpm2,
+    /// DPM2 on Karras sigmas ("DPM2 Karras").
+    #[value(name = "dpm2-karras")]
+    Dpm2Karras,
+    /// DPM2 ancestral ("DPM2 a"): two UNet evaluations and fresh noise a step, from the seed.
+    #[value(name = "dpm2-a")]
+    Dpm2Ancestral,
+    /// DPM2 ancestral on Karras sigmas ("DPM2 a Karras").
+    #[value(name = "dpm2-a-karras")]
+    Dpm2AncestralKarras,
+    /// Stochastic second-order DPM-Solver++ ("DPM++ SDE"): two UNet evaluations a step, Brownian
+    /// noise from the seed.
+    #[value(name = "dpmpp-sde")]
+    DpmPPSde,
+    /// DPM++ SDE on Karras sigmas ("DPM++ SDE Karras").
+    #[value(name = "dpmpp-sde-karras")]
+    DpmPPSdeKarras,
 }
 
 impl SamplerArg {
     fn kind(self) -> SamplerKind {
         let dpm = |order, sde, sigmas| SamplerKind::DpmPP { order, sde, sigmas };
+        let dpm2 = |ancestral, sigmas| SamplerKind::Dpm2 { ancestral, sigmas };
         match self {
             SamplerArg::Auto => SamplerKind::Auto,
             SamplerArg::Euler => SamplerKind::Euler(Sigmas::Config),
@@ -242,6 +266,14 @@ impl SamplerArg {
             SamplerArg::Lcm => SamplerKind::Lcm,
             SamplerArg::Heun => SamplerKind::Heun(Sigmas::Config),
             SamplerArg::HeunKarras => SamplerKind::Heun(Sigmas::Karras),
+            SamplerArg::Lms => SamplerKind::Lms(Sigmas::Config),
+            SamplerArg::LmsKarras => SamplerKind::Lms(Sigmas::Karras),
+            SamplerArg::Dpm2 => dpm2(false, Sigmas::Config),
+            SamplerArg::Dpm2Karras => dpm2(false, Sigmas::Karras),
+            SamplerArg::Dpm2Ancestral => dpm2(true, Sigmas::Config),
+            SamplerArg::Dpm2AncestralKarras => dpm2(true, Sigmas::Karras),
+            SamplerArg::DpmPPSde => SamplerKind::DpmPPSde(Sigmas::Config),
+            SamplerArg::DpmPPSdeKarras => SamplerKind::DpmPPSde(Sigmas::Karras),
         }
     }
 }
@@ -477,7 +509,8 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
             noise: kstyle::sample::Noise::Seed(seed ^ 0x5EED_A0CE_5757_0001),
             ..req.clone()
         };
-        // Heun evaluates the UNet 2 x steps - 1 times: the bar counts evaluations.
+        // Heun, DPM2 and DPM++ SDE evaluate the UNet 2 x steps - 1 times: the bar counts
+        // evaluations.
         let progress = |i: usize, n: usize| {
             bar.set_length(n as u64);
             bar.set_position(i as u64)

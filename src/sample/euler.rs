@@ -2,7 +2,9 @@
 //! sigma interpolation, a final sigma of zero, optionally Karras sigmas):
 //! x <- x + eps * (sigma_{i+1} - sigma_i).
 
-use super::schedule::{karras_sigmas, sigma_to_t, Prediction, Spacing};
+use super::schedule::{
+    karras_sigmas, sigma_schedule, sigma_to_t, Prediction, SigmaSchedule, Spacing,
+};
 use super::{Noise, NoiseStream, Sampler, SchedulerConfig};
 use crate::{Result, Tensor};
 
@@ -11,6 +13,19 @@ use crate::{Result, Tensor};
 pub(crate) fn ve_input_scale(sigma: f64) -> f64 {
     let s = sigma as f32;
     1.0 / (s * s + 1.0).sqrt() as f64
+}
+
+/// `init_noise_sigma` of the sigma-table schedulers: the largest sigma, or sqrt(sigma^2 + 1) of
+/// it (float32) under `leading` spacing.
+pub(crate) fn ve_init_noise_sigma(sigmas: &[f64], spacing: Spacing) -> f64 {
+    let max = sigmas.iter().cloned().fold(0.0, f64::max);
+    match spacing {
+        Spacing::Linspace | Spacing::Trailing => max,
+        Spacing::Leading => {
+            let m = max as f32;
+            (m * m + 1.0).sqrt() as f64
+        }
+    }
 }
 
 pub struct EulerDiscrete {
@@ -23,36 +38,26 @@ pub struct EulerDiscrete {
 
 impl EulerDiscrete {
     pub fn new(config: &SchedulerConfig, steps: usize) -> Result<EulerDiscrete> {
-        let ac = config.sigma_alphas_cumprod_f32();
-        // sigma table in float32 as diffusers computes it, then read at integer timesteps (the
-        // linear interpolation is exact there) and stored as float32.
-        let table: Vec<f32> = ac.iter().map(|&a| ((1.0 - a) / a).sqrt()).collect();
-        let ts = config.timesteps(steps)?;
-        let mut sigmas: Vec<f64> = ts
-            .iter()
-            .map(|&t| table[t.min(table.len() - 1)] as f64)
-            .collect();
-        let mut timesteps: Vec<f64> = ts.iter().map(|&t| t as f64).collect();
+        let SigmaSchedule {
+            timesteps,
+            mut sigmas,
+            log_table,
+        } = sigma_schedule(config, steps, false)?;
+        // The UNet sees float32 timesteps (fractional for `linspace` spacing).
+        let mut timesteps: Vec<f64> = timesteps.iter().map(|&t| t as f32 as f64).collect();
         if config.karras {
             // The ramp spans the spaced sigmas (not the whole table, unlike DPM++), and each
-            // sigma's timestep stays fractional: the UNet sees float32 timesteps.
+            // sigma's timestep stays fractional.
             let ramp = karras_sigmas(sigmas[sigmas.len() - 1], sigmas[0], steps);
-            let log_table: Vec<f32> = table.iter().map(|s| s.ln()).collect();
             timesteps = ramp
                 .iter()
                 .map(|&s| sigma_to_t(s, &log_table) as f32 as f64)
                 .collect();
-            sigmas = ramp.iter().map(|&s| s as f32 as f64).collect();
+            sigmas = ramp;
         }
+        let mut sigmas: Vec<f64> = sigmas.iter().map(|&s| s as f32 as f64).collect();
         sigmas.push(0.0);
-        let max = sigmas.iter().cloned().fold(0.0, f64::max);
-        let init_sigma = match config.spacing {
-            Spacing::Linspace | Spacing::Trailing => max,
-            Spacing::Leading => {
-                let m = max as f32;
-                (m * m + 1.0).sqrt() as f64
-            }
-        };
+        let init_sigma = ve_init_noise_sigma(&sigmas, config.spacing);
         Ok(EulerDiscrete {
             timesteps,
             sigmas,

@@ -4,10 +4,13 @@ pub mod bake;
 pub mod convert;
 pub mod ddim;
 pub mod dpmpp;
+pub mod dpmpp_sde;
 pub mod euler;
 pub mod heun;
 pub mod image_input;
+pub mod kdpm2;
 pub mod lcm;
+pub mod lms;
 pub mod model_files;
 pub mod pipeline;
 pub mod schedule;
@@ -15,9 +18,12 @@ pub mod unipc;
 
 pub use ddim::Ddim;
 pub use dpmpp::DpmSolverPP;
+pub use dpmpp_sde::DpmPPSde;
 pub use euler::{EulerAncestral, EulerDiscrete};
 pub use heun::Heun;
+pub use kdpm2::Kdpm2;
 pub use lcm::Lcm;
+pub use lms::Lms;
 pub use unipc::UniPc;
 
 /// Where a stochastic sampler's per-step noise comes from.

@@ -5,8 +5,8 @@
 pub use super::image_input::{image_input, image_input_size, mask_input, masked_image};
 use super::model_files::ModelFiles;
 use super::{
-    Ddim, DpmSolverPP, EulerAncestral, EulerDiscrete, Heun, Lcm, Noise, Sampler, SchedulerClass,
-    SchedulerConfig, UniPc,
+    Ddim, DpmPPSde, DpmSolverPP, EulerAncestral, EulerDiscrete, Heun, Kdpm2, Lcm, Lms, Noise,
+    Sampler, SchedulerClass, SchedulerConfig, UniPc,
 };
 use crate::formats::adapter::Adapter;
 use crate::formats::kohya::ModuleIndex;
@@ -51,6 +51,17 @@ pub enum SamplerKind {
     Lcm,
     /// Heun's second-order method on Euler's sigmas (two UNet evaluations a step).
     Heun(Sigmas),
+    /// Linear multistep of order 4 on Euler's sigmas ("LMS").
+    Lms(Sigmas),
+    /// DPM-Solver-2 on Euler's sigmas ("DPM2"; two UNet evaluations a step); `ancestral`: noise
+    /// from `Request::noise` after each step ("DPM2 a").
+    Dpm2 {
+        ancestral: bool,
+        sigmas: Sigmas,
+    },
+    /// Stochastic second-order DPM-Solver++ ("DPM++ SDE"; two UNet evaluations a step), its
+    /// Brownian noise from `Request::noise` (two draws a step).
+    DpmPPSde(Sigmas),
 }
 
 impl SamplerKind {
@@ -71,10 +82,21 @@ impl SamplerKind {
             SchedulerClass::UniPcMultistep => Ok(SamplerKind::UniPc(Sigmas::Config)),
             SchedulerClass::Lcm => Ok(SamplerKind::Lcm),
             SchedulerClass::HeunDiscrete => Ok(SamplerKind::Heun(Sigmas::Config)),
+            SchedulerClass::LmsDiscrete => Ok(SamplerKind::Lms(Sigmas::Config)),
+            SchedulerClass::Kdpm2Discrete => Ok(SamplerKind::Dpm2 {
+                ancestral: false,
+                sigmas: Sigmas::Config,
+            }),
+            SchedulerClass::Kdpm2AncestralDiscrete => Ok(SamplerKind::Dpm2 {
+                ancestral: true,
+                sigmas: Sigmas::Config,
+            }),
+            SchedulerClass::DpmSolverSde => Ok(SamplerKind::DpmPPSde(Sigmas::Config)),
             SchedulerClass::Other(name) => Err(Error::Config(format!(
                 "the model's scheduler `{name}` is not implemented: choose --sampler euler, \
                  euler-karras, euler-a, ddim, dpmpp-2m(-karras), dpmpp-2m-sde(-karras), \
-                 dpmpp-3m(-karras), dpmpp-3m-sde(-karras), unipc(-karras), heun(-karras) or lcm"
+                 dpmpp-3m(-karras), dpmpp-3m-sde(-karras), dpmpp-sde(-karras), unipc(-karras), \
+                 heun(-karras), lms(-karras), dpm2(-karras), dpm2-a(-karras) or lcm"
             ))),
         }
     }
@@ -103,6 +125,12 @@ impl SamplerKind {
             ),
             SamplerKind::Lcm => ("LCM".to_string(), false),
             SamplerKind::Heun(s) => ("Heun".to_string(), karras(s)),
+            SamplerKind::Lms(s) => ("LMS".to_string(), karras(s)),
+            SamplerKind::Dpm2 { ancestral, sigmas } => {
+                let a = if ancestral { " a" } else { "" };
+                (format!("DPM2{a}"), karras(sigmas))
+            }
+            SamplerKind::DpmPPSde(s) => ("DPM++ SDE".to_string(), karras(s)),
         };
         if k {
             format!("{name} Karras")
@@ -588,6 +616,10 @@ fn rescale_guidance(guided: &Tensor, cond: &Tensor, phi: f64) -> Result<Tensor> 
 /// The sampler `req` asks for on `scheduler`'s schedule.
 fn build_sampler(scheduler: &SchedulerConfig, req: &Request) -> Result<Box<dyn Sampler>> {
     let karras = |s: Sigmas| s == Sigmas::Karras || scheduler.karras;
+    let with_karras = |s: Sigmas| SchedulerConfig {
+        karras: karras(s),
+        ..scheduler.clone()
+    };
     let noise = Some(&req.noise);
     Ok(match req.sampler.resolve(scheduler)? {
         SamplerKind::Euler(s) => {
@@ -616,6 +648,15 @@ fn build_sampler(scheduler: &SchedulerConfig, req: &Request) -> Result<Box<dyn S
                 ..scheduler.clone()
             };
             Box::new(Heun::new(&config, req.steps)?)
+        }
+        SamplerKind::Lms(s) => Box::new(Lms::new(&with_karras(s), req.steps)?),
+        SamplerKind::Dpm2 { ancestral, sigmas } => Box::new(Kdpm2::new(
+            &with_karras(sigmas),
+            req.steps,
+            noise.filter(|_| ancestral),
+        )?),
+        SamplerKind::DpmPPSde(s) => {
+            Box::new(DpmPPSde::new(&with_karras(s), req.steps, &req.noise)?)
         }
         SamplerKind::Auto => unreachable!("resolve() names a sampler"),
     })

@@ -63,6 +63,10 @@ pub enum SchedulerClass {
     UniPcMultistep,
     Lcm,
     HeunDiscrete,
+    LmsDiscrete,
+    Kdpm2Discrete,
+    Kdpm2AncestralDiscrete,
+    DpmSolverSde,
     Other(String),
 }
 
@@ -184,10 +188,30 @@ impl SchedulerConfig {
                 return Err(bad(format!("`{flag}: true` is not supported")));
             }
         }
+        let class = match v.get("_class_name").and_then(|s| s.as_str()) {
+            None | Some("EulerDiscreteScheduler") => SchedulerClass::EulerDiscrete,
+            Some("DDIMScheduler") => SchedulerClass::Ddim,
+            Some("EulerAncestralDiscreteScheduler") => SchedulerClass::EulerAncestral,
+            Some("DPMSolverMultistepScheduler") => SchedulerClass::DpmSolverMultistep,
+            Some("UniPCMultistepScheduler") => SchedulerClass::UniPcMultistep,
+            Some("LCMScheduler") => SchedulerClass::Lcm,
+            Some("HeunDiscreteScheduler") => SchedulerClass::HeunDiscrete,
+            Some("LMSDiscreteScheduler") => SchedulerClass::LmsDiscrete,
+            Some("KDPM2DiscreteScheduler") => SchedulerClass::Kdpm2Discrete,
+            Some("KDPM2AncestralDiscreteScheduler") => SchedulerClass::Kdpm2AncestralDiscrete,
+            Some("DPMSolverSDEScheduler") => SchedulerClass::DpmSolverSde,
+            Some(other) => SchedulerClass::Other(other.to_string()),
+        };
+        // Absent, the spacing is the class's own default (configs older than diffusers 0.16 have
+        // no `timestep_spacing`): `leading` for DDIM and LCM, `linspace` for the others.
+        let default_spacing = match class {
+            SchedulerClass::Ddim | SchedulerClass::Lcm => "leading",
+            _ => "linspace",
+        };
         let spacing = match v
             .get("timestep_spacing")
             .and_then(|s| s.as_str())
-            .unwrap_or("leading")
+            .unwrap_or(default_spacing)
         {
             "leading" => Spacing::Leading,
             "trailing" => Spacing::Trailing,
@@ -208,16 +232,6 @@ impl SchedulerConfig {
                 )));
             }
         }
-        let class = match v.get("_class_name").and_then(|s| s.as_str()) {
-            None | Some("EulerDiscreteScheduler") => SchedulerClass::EulerDiscrete,
-            Some("DDIMScheduler") => SchedulerClass::Ddim,
-            Some("EulerAncestralDiscreteScheduler") => SchedulerClass::EulerAncestral,
-            Some("DPMSolverMultistepScheduler") => SchedulerClass::DpmSolverMultistep,
-            Some("UniPCMultistepScheduler") => SchedulerClass::UniPcMultistep,
-            Some("LCMScheduler") => SchedulerClass::Lcm,
-            Some("HeunDiscreteScheduler") => SchedulerClass::HeunDiscrete,
-            Some(other) => SchedulerClass::Other(other.to_string()),
-        };
         // DPMSolverMultistepScheduler's keys, with its defaults where absent.
         let mut dpm_unsupported = Vec::new();
         let text = |k: &str, dv: &str| v.get(k).and_then(|x| x.as_str()).unwrap_or(dv).to_string();
@@ -448,6 +462,80 @@ pub(crate) fn multistep_schedule(
     Ok((timesteps, sigmas))
 }
 
+/// The spaced timesteps and sigmas of diffusers' sigma-table schedulers (EulerDiscrete,
+/// EulerAncestralDiscrete, HeunDiscrete, LMSDiscrete, KDPM2(Ancestral)Discrete, DPMSolverSDE)
+/// before any Karras ramp, with the float32 log-sigma table `_sigma_to_t` reads.
+pub(crate) struct SigmaSchedule {
+    /// The config's spacing: whole numbers for `leading` and `trailing`, fractional for
+    /// `linspace` (float32 values, or float64 where the scheduler builds them so).
+    pub timesteps: Vec<f64>,
+    /// numpy's linear interpolation of the float32 sigma table at those timesteps (float64, as
+    /// numpy holds them until the schedulers cast to float32).
+    pub sigmas: Vec<f64>,
+    pub log_table: Vec<f32>,
+}
+
+/// The [`SigmaSchedule`] of `steps` steps; `linspace_f64`: the scheduler spaces `linspace`
+/// timesteps in float64 (DPMSolverSDEScheduler) rather than float32 (the others).
+pub(crate) fn sigma_schedule(
+    config: &SchedulerConfig,
+    steps: usize,
+    linspace_f64: bool,
+) -> Result<SigmaSchedule> {
+    let table: Vec<f32> = config
+        .sigma_alphas_cumprod_f32()
+        .iter()
+        .map(|&a| ((1.0 - a) / a).sqrt())
+        .collect();
+    let n = table.len();
+    let timesteps: Vec<f64> = match config.spacing {
+        Spacing::Linspace => {
+            if steps == 0 || steps > n {
+                return Err(Error::Config(format!(
+                    "steps must be in 1..={n}, got {steps}"
+                )));
+            }
+            (0..steps)
+                .rev()
+                .map(|i| {
+                    let t = linspace((n - 1) as f64, steps, i);
+                    if linspace_f64 {
+                        t
+                    } else {
+                        t as f32 as f64
+                    }
+                })
+                .collect()
+        }
+        Spacing::Leading | Spacing::Trailing => config
+            .timesteps(steps)?
+            .into_iter()
+            .map(|t| t as f64)
+            .collect(),
+    };
+    let sigmas = timesteps.iter().map(|&t| interp_table(&table, t)).collect();
+    Ok(SigmaSchedule {
+        timesteps,
+        sigmas,
+        log_table: table.iter().map(|s| s.ln()).collect(),
+    })
+}
+
+/// numpy's `interp(t, arange(len), table)`: `slope (t - j) + table[j]` on the float32 values in
+/// float64, clamped to the table's ends.
+fn interp_table(table: &[f32], t: f64) -> f64 {
+    let last = table.len() - 1;
+    if t <= 0.0 {
+        return table[0] as f64;
+    }
+    if t >= last as f64 {
+        return table[last] as f64;
+    }
+    let j = t.floor() as usize;
+    let (a, b) = (table[j] as f64, table[j + 1] as f64);
+    (b - a) * (t - j as f64) + a
+}
+
 /// torch.cumprod of float32 values on the CPU: the running product in double, each value stored
 /// as float32.
 fn cumprod_f32(values: impl Iterator<Item = f32>) -> Vec<f32> {
@@ -540,6 +628,21 @@ pub(crate) fn sigma_to_t(sigma: f64, log_table: &[f32]) -> f64 {
     let (l, h) = (log_table[low] as f64, log_table[low + 1] as f64);
     let w = ((l - ls) / (l - h)).clamp(0.0, 1.0);
     (1.0 - w) * low as f64 + w * (low + 1) as f64
+}
+
+/// [`sigma_to_t`] as diffusers evaluates it on a float32 torch scalar (KDPM2's interpolated
+/// sigmas): the logarithm, the weight and the blend in float32.
+pub(crate) fn sigma_to_t_f32(sigma: f32, log_table: &[f32]) -> f64 {
+    let ls = sigma.max(1e-10).ln();
+    let n = log_table.len();
+    let low = log_table
+        .iter()
+        .rposition(|&l| ls - l >= 0.0)
+        .unwrap_or(0)
+        .min(n - 2);
+    let (l, h) = (log_table[low], log_table[low + 1]);
+    let w = ((l - ls) / (l - h)).clamp(0.0, 1.0);
+    ((1.0 - w) * low as f32 + w * (low + 1) as f32) as f64
 }
 
 /// Karras et al.'s rho-7 ramp of `steps` sigmas from `hi` down to `lo`, in float64 as diffusers'

@@ -23,7 +23,7 @@ fn extra(ctx: &Ctx, file: &str) -> PathBuf {
 
 /// The sampler references: (file stem, sampler). `None` runs `--sampler auto` on the scheduler
 /// config the reference stores in its `scheduler_config` metadata, exactly as diffusers saved it.
-const SAMPLER_CASES: [(&str, Option<SamplerKind>); 21] = [
+const SAMPLER_CASES: [(&str, Option<SamplerKind>); 31] = [
     (
         "dpmpp_2m",
         Some(SamplerKind::DpmPP {
@@ -66,6 +66,16 @@ const SAMPLER_CASES: [(&str, Option<SamplerKind>); 21] = [
     ("vpred_ddim_zsnr", None),
     ("vpred_unipc_zsnr", None),
     ("vpred_dpmpp_2m_karras", None),
+    ("lms", None),
+    ("lms_karras", None),
+    ("kdpm2", None),
+    ("kdpm2_karras", None),
+    ("vpred_kdpm2", None),
+    ("kdpm2_a", None),
+    ("dpmpp_sde_karras", None),
+    ("dpmpp_sde", None),
+    ("euler_linspace", None),
+    ("dpm2_a_karras_linspace", None),
 ];
 
 /// Every sampler reference: the final latents of the whole CFG run from its initial latents.
@@ -83,11 +93,11 @@ pub fn samplers(ctx: &Ctx) -> Result<Vec<Row>> {
             Some(_) => folder_scheduler.clone(),
             None => SchedulerConfig::from_json_text(f.meta_str("scheduler_config")?, &path)?,
         };
-        // The stochastic runs replay PyTorch's recorded noise (one draw a step; LCM draws none
-        // after its last).
+        // The stochastic runs replay PyTorch's recorded noise (one draw a step, two for DPM++
+        // SDE; LCM and DPM2 a draw none after their last).
         let noise = if f.contains("noise.0") {
             Noise::Given(
-                (0..steps)
+                (0..)
                     .map(|i| format!("noise.{i}"))
                     .take_while(|name| f.contains(name))
                     .map(|name| f.tensor(&name))
