@@ -168,6 +168,89 @@ fn objectives_travel_and_outputs_are_never_replaced() {
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
+/// An EDM folder (Playground v2.5's scheduler, VAE latent statistics) becomes a single file with
+/// Playground's `edm_mean` / `edm_std` markers, which generates the folder's PNG byte for byte
+/// (as EDM, with the statistics and the 0.5 scaling) and converts back to the same configs. An
+/// EDM folder the markers cannot describe is refused, and a file with a malformed marker names
+/// it.
+#[test]
+fn edm_models_travel_as_playground_markers() {
+    let dir = tmp("convert-edm");
+    let folder = common::edm_folder(&dir);
+    let file = dir.join("edm.safetensors");
+    let o = convert(&folder, "single-file", &file, &[]);
+    assert!(o.status.success(), "{}", common::stderr(&o));
+    assert!(common::stderr(&o).contains("markers: edm_mean, edm_std"));
+    let png = |model: &Path, extra: &[&str], name: &str| {
+        let out = dir.join(name);
+        let mut args = vec!["--out", out.to_str().unwrap()];
+        args.extend_from_slice(extra);
+        let o = common::generate_model(model, "3", &args);
+        let err = common::stderr(&o);
+        assert!(o.status.success(), "{err}");
+        assert!(err.contains("sampler: DPM++ 2M Karras (EDM)"), "{err}");
+        std::fs::read(out).unwrap()
+    };
+    let config = tiny().join("sdxl");
+    let config = config.to_str().unwrap();
+    let from_folder = png(&folder, &[], "folder.png");
+    assert_eq!(png(&file, &["--config", config], "file.png"), from_folder);
+    let back = dir.join("back");
+    let o = convert(&file, "diffusers", &back, &["--config", config]);
+    assert!(o.status.success(), "{}", common::stderr(&o));
+    let read = |p: &Path| -> serde_json::Value {
+        serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap()
+    };
+    let vae = read(&back.join("vae/config.json"));
+    assert_eq!(vae["scaling_factor"], 0.5);
+    let mean: Vec<f64> = serde_json::from_value(vae["latents_mean"].clone()).unwrap();
+    for (g, w) in mean.iter().zip(common::EDM_LATENTS_MEAN) {
+        assert!((g - w).abs() <= 1e-6 * w.abs(), "{mean:?}");
+    }
+    let sched = read(&back.join("scheduler/scheduler_config.json"));
+    assert_eq!(sched["_class_name"], "EDMDPMSolverMultistepScheduler");
+    assert_eq!(png(&back, &[], "back.png"), from_folder);
+    // EDM settings the markers cannot carry (v-prediction, CosXL-style) are refused.
+    let cosxl = dir.join("cosxl");
+    common::copy_dir(&folder, &cosxl);
+    let sched_path = cosxl.join("scheduler/scheduler_config.json");
+    let mut s = read(&sched_path);
+    s["prediction_type"] = "v_prediction".into();
+    s["sigma_data"] = 1.0.into();
+    std::fs::write(&sched_path, s.to_string()).unwrap();
+    let o = convert(&cosxl, "single-file", &dir.join("cosxl.safetensors"), &[]);
+    common::assert_fails_naming(&o, "settings other than Playground");
+    assert!(!dir.join("cosxl.safetensors").exists());
+    // A marker with the wrong length is an error naming it.
+    let bad = common::tiny_single_file_with(
+        &dir,
+        "bad.safetensors",
+        &[],
+        vec![
+            (
+                "edm_mean".into(),
+                kstyle::Tensor::from_vec(vec![0f32; 3], 3, kstyle::Device::Cpu).unwrap(),
+            ),
+            (
+                "edm_std".into(),
+                kstyle::Tensor::from_vec(vec![1f32; 4], 4, kstyle::Device::Cpu).unwrap(),
+            ),
+        ],
+    );
+    let o = common::generate_model(
+        &bad,
+        "1",
+        &[
+            "--config",
+            config,
+            "--out",
+            dir.join("bad.png").to_str().unwrap(),
+        ],
+    );
+    common::assert_fails_naming(&o, "`edm_mean` must hold 4 finite values");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
 /// An inpainting single file (a 9-input `conv_in`) read with a 4-channel architecture folder
 /// becomes a folder whose UNet config says 9 input channels, and loads as such.
 #[test]

@@ -168,6 +168,7 @@ fn verify_passes_every_case_on_the_tiny_fixtures() {
         "inpaint",
         "refiner",
         "micro_conditioning",
+        "edm",
         "train_vpred",
         "train_min_snr",
         "lora_lycoris",

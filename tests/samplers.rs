@@ -410,3 +410,92 @@ fn k_diffusion_timesteps_match_diffusers() {
         }
     }
 }
+
+/// EDM models against diffusers (`tests/fixtures/extra/gen_edm.py`, the `edm` case of `kstyle
+/// verify`): `EDMDPMSolverMultistepScheduler` with Playground v2.5's config (3.3e-6), as SDE
+/// replaying PyTorch's noise (3.1e-6), of order 3 (6.0e-6), heun on exponential sigmas (2.8e-6);
+/// `EDMEulerScheduler` (2.3e-6) and as v-prediction with sigma_data 1 (2.2e-6); img2img from
+/// latents (start 4.4e-8, final 1.9e-6). Playground's built-in config is diffusers' own, and what
+/// the EDM classes cannot do is refused by name.
+#[test]
+fn edm_models_match_diffusers() {
+    use kstyle::sample::{DpmSolverPP, SchedulerConfig};
+    use kstyle::tensor::SafeTensorsFile;
+    let report = kstyle::verify::run(&tiny(), Device::Cpu, Some(&["edm".to_string()])).unwrap();
+    assert!(report.failed_cases.is_empty(), "{:?}", report.failed_cases);
+    assert_eq!(report.rows.len(), 8);
+    for r in &report.rows {
+        eprintln!("{}: relative error {:.3e}", r.tensor, r.error);
+        assert!(r.passed, "{} {:e} > {:e}", r.tensor, r.error, r.tolerance);
+    }
+    let path = tiny().join("../extra/edm.safetensors");
+    let f = SafeTensorsFile::open(&path).unwrap();
+    let saved =
+        SchedulerConfig::from_json_text(&f.metadata()["dpmpp_2m.scheduler_config"], &path).unwrap();
+    let builtin = SchedulerConfig::from_json_text(
+        kstyle::sample::edm::PLAYGROUND_SCHEDULER,
+        std::path::Path::new("playground"),
+    )
+    .unwrap();
+    assert_eq!(saved, builtin);
+    // The timesteps the UNet sees (log(sigma) / 4 of the float32 sigmas; the DPM ramp in float32,
+    // Euler's in float64), within float32 rounding of PyTorch's pow and log.
+    for case in ["dpmpp_2m", "dpmpp_2m_heun_exponential", "euler", "vpred_euler"] {
+        use kstyle::sample::{EdmEuler, Sampler};
+        let cfg = SchedulerConfig::from_json_text(
+            &f.metadata()[&format!("{case}.scheduler_config")],
+            &path,
+        )
+        .unwrap();
+        let sampler: Box<dyn Sampler> = match case.contains("euler") {
+            true => Box::new(EdmEuler::new(cfg.edm.unwrap(), cfg.prediction, 6).unwrap()),
+            false => Box::new(DpmSolverPP::new(&cfg, 6, 2, false).unwrap()),
+        };
+        let want = f
+            .tensor(&format!("{case}.timesteps"))
+            .unwrap()
+            .to_vec_f64()
+            .unwrap();
+        assert_eq!(sampler.timesteps().len(), want.len());
+        for (g, w) in sampler.timesteps().iter().zip(&want) {
+            assert!((g - w).abs() <= 1e-6 * w.abs().max(1.0), "{case}: {g} vs {w}");
+        }
+    }
+    assert_eq!(
+        SamplerKind::Auto
+            .resolve(&builtin)
+            .unwrap()
+            .describe(&builtin),
+        "DPM++ 2M Karras (EDM)"
+    );
+    // diffusers' EDM scheduler has no third-order SDE step (it fails on an unbound variable).
+    let err = DpmSolverPP::with_noise(&builtin, 6, 3, false, Some(&Default::default()))
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(err.contains("third-order SDE"), "{err}");
+    // Samplers without an EDM form are refused, not run on a beta schedule the model never saw.
+    let dir = common::tmp("edm-configs");
+    let out = dir.join("x.png");
+    let o = common::generate_model(
+        &common::edm_folder(&dir),
+        "2",
+        &["--sampler", "heun", "--out", out.to_str().unwrap()],
+    );
+    common::assert_fails_naming(&o, "not implemented for EDM models");
+    assert!(!out.exists());
+    let p = dir.join("scheduler_config.json");
+    std::fs::write(
+        &p,
+        r#"{"_class_name": "EDMEulerScheduler", "sigma_min": 5.0, "sigma_max": 1.0}"#,
+    )
+    .unwrap();
+    let err = SchedulerConfig::from_file(&p).unwrap_err().to_string();
+    assert!(err.contains("sigma_min < sigma_max"), "{err}");
+    // Training samples DDPM timesteps: refused for EDM models, naming why.
+    let err = kstyle::sample::TrainSchedule::for_model(&builtin)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("EDM model"), "{err}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}

@@ -26,12 +26,18 @@ pub const VAE_PREFIX: &str = "first_stage_model.";
 /// carry nothing.
 pub const V_PRED_MARKER: &str = "v_pred";
 pub const ZTSNR_MARKER: &str = "ztsnr";
+/// Playground v2.5's VAE latent statistics (per channel); a checkpoint carrying them is an EDM
+/// model, as diffusers' and ComfyUI's single-file loaders read it.
+pub const EDM_MEAN_MARKER: &str = "edm_mean";
+pub const EDM_STD_MARKER: &str = "edm_std";
 
 /// What a checkpoint's marker tensors say about its training objective.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Markers {
     pub v_prediction: bool,
     pub zero_snr: bool,
+    /// `edm_mean` and `edm_std`: Playground v2.5 (EDM preconditioning, latent statistics).
+    pub edm: bool,
 }
 
 impl Markers {
@@ -39,8 +45,42 @@ impl Markers {
         Markers {
             v_prediction: ckpt.contains_key(V_PRED_MARKER),
             zero_snr: ckpt.contains_key(ZTSNR_MARKER),
+            edm: ckpt.contains_key(EDM_MEAN_MARKER) && ckpt.contains_key(EDM_STD_MARKER),
         }
     }
+}
+
+/// The VAE latent statistics (mean, std) of an EDM checkpoint's `edm_mean` / `edm_std`, one
+/// value per latent channel (`channels`); None without them. `file` names the checkpoint in
+/// errors.
+pub fn edm_latent_stats(
+    ckpt: &TensorMap<'_>,
+    channels: usize,
+    file: &Path,
+) -> Result<Option<(Vec<f64>, Vec<f64>)>> {
+    let (Some(mean), Some(std)) = (ckpt.get(EDM_MEAN_MARKER), ckpt.get(EDM_STD_MARKER)) else {
+        return Ok(None);
+    };
+    let context = file.display().to_string();
+    let read = |t: &RawTensor<'_>, key: &str| -> Result<Vec<f64>> {
+        let v = t.to_f64_vec(&context, key)?;
+        if v.len() != channels || v.iter().any(|x| !x.is_finite()) {
+            return Err(Error::file(
+                file,
+                format!(
+                    "`{key}` must hold {channels} finite values (one per latent channel), got \
+                     shape {:?}",
+                    t.shape
+                ),
+            ));
+        }
+        Ok(v)
+    };
+    let (mean, std) = (read(mean, EDM_MEAN_MARKER)?, read(std, EDM_STD_MARKER)?);
+    if std.iter().any(|&s| s <= 0.0) {
+        return Err(Error::file(file, "`edm_std` must be positive"));
+    }
+    Ok(Some((mean, std)))
 }
 
 /// Buffers that sgm checkpoints may carry and no diffusers module has (SDXL.md 5.2), and the
@@ -48,6 +88,8 @@ impl Markers {
 fn is_ignored(key: &str) -> bool {
     key == V_PRED_MARKER
         || key == ZTSNR_MARKER
+        || key == EDM_MEAN_MARKER
+        || key == EDM_STD_MARKER
         || key == "denoiser.sigmas"
         || key == "conditioner.embedders.1.model.logit_scale"
         || key == "conditioner.embedders.0.model.logit_scale"

@@ -1,14 +1,17 @@
 //! Model format conversion: a diffusers folder to one original-layout (sgm) file, the layout
 //! A1111 and ComfyUI load, and a single file to a diffusers folder. Tensors keep their dtype and
 //! bytes (only layout renames, the OpenCLIP q/k/v fusion and projection transpose, and the VAE's
-//! 1x1 kernels change); ComfyUI's `v_pred` / `ztsnr` markers carry the objective across.
+//! 1x1 kernels change); ComfyUI's `v_pred` / `ztsnr` markers carry the objective across, and
+//! Playground v2.5's `edm_mean` / `edm_std` its EDM scheduler and VAE latent statistics.
 //! Outputs are written beside the target and renamed into place, so a failed run leaves nothing.
 
 use super::model_files::ModelFiles;
 use super::schedule::Prediction;
 use crate::formats::diffusers::DiffusersFolder;
 use crate::formats::raw::{write_safetensors, RawTensor};
-use crate::formats::single_file::{self, SplitCheckpoint, VaeLayout, V_PRED_MARKER, ZTSNR_MARKER};
+use crate::formats::single_file::{
+    self, SplitCheckpoint, VaeLayout, EDM_MEAN_MARKER, EDM_STD_MARKER, V_PRED_MARKER, ZTSNR_MARKER,
+};
 use crate::formats::to_single_file::to_sgm;
 use crate::formats::MappedFile;
 use crate::{Error, Result};
@@ -84,6 +87,45 @@ pub fn folder_to_single_file(files: &ModelFiles, out: &Path) -> Result<Converted
             RawTensor::new(safetensors::Dtype::F32, vec![0], vec![])?,
         );
     }
+    if let Some(edm) = scheduler.edm {
+        let vae_cfg = crate::models::vae::config::VaeConfig::from_file(
+            files.config_dir.join("vae/config.json"),
+        )?;
+        let playground = super::SchedulerConfig::from_json_text(
+            super::edm::PLAYGROUND_SCHEDULER,
+            Path::new("(Playground v2.5's scheduler)"),
+        )?;
+        let (Some(mean), Some(std)) = (&vae_cfg.latents_mean, &vae_cfg.latents_std) else {
+            return Err(Error::file(
+                &files.model,
+                "is an EDM model whose VAE config has no latents_mean / latents_std: a single \
+                 file marks EDM only by Playground v2.5's edm_mean / edm_std, so it would load \
+                 as a beta-schedule model",
+            ));
+        };
+        if Some(edm) != playground.edm || scheduler.prediction != Prediction::Epsilon {
+            return Err(Error::file(
+                &files.model,
+                format!(
+                    "is an EDM model with settings other than Playground v2.5's ({edm:?}, \
+                     {:?}): a single file's edm_mean / edm_std markers stand for Playground's \
+                     alone, so its own would be lost",
+                    scheduler.prediction
+                ),
+            ));
+        }
+        for (key, values) in [(EDM_MEAN_MARKER, mean), (EDM_STD_MARKER, std)] {
+            let bytes: Vec<u8> = values
+                .iter()
+                .flat_map(|&v| (v as f32).to_le_bytes())
+                .collect();
+            sgm.insert(
+                key.to_string(),
+                RawTensor::new(safetensors::Dtype::F32, vec![values.len()], bytes)?,
+            );
+            markers.push(key);
+        }
+    }
     write_safetensors(&partial, &sgm, None)?;
     std::fs::rename(&partial, out).map_err(|e| Error::io(out, e))?;
     Ok(Converted {
@@ -129,6 +171,24 @@ pub fn single_file_to_folder(files: &ModelFiles, out: &Path) -> Result<Converted
     patch("unet/config.json", &|o| {
         o.insert("in_channels".into(), unet_cfg.in_channels.into());
     })?;
+    if markers.edm {
+        let (mean, std) = single_file::edm_latent_stats(
+            &file.tensors()?,
+            crate::models::vae::config::VaeConfig::from_file(
+                files.config_dir.join("vae/config.json"),
+            )?
+            .latent_channels,
+            &files.model,
+        )?
+        .ok_or_else(|| Error::file(&files.model, "edm_mean / edm_std disappeared"))?;
+        patch("vae/config.json", &|o| {
+            o.insert("latents_mean".into(), mean.clone().into());
+            o.insert("latents_std".into(), std.clone().into());
+            o.insert("scaling_factor".into(), 0.5.into());
+        })?;
+        let path = partial.join("scheduler/scheduler_config.json");
+        crate::tensor::write_atomic(&path, super::edm::PLAYGROUND_SCHEDULER.as_bytes())?;
+    }
     if markers.v_prediction || markers.zero_snr {
         patch("scheduler/scheduler_config.json", &|o| {
             if markers.v_prediction {
@@ -161,6 +221,9 @@ pub fn single_file_to_folder(files: &ModelFiles, out: &Path) -> Result<Converted
     }
     if markers.zero_snr {
         written.push(ZTSNR_MARKER);
+    }
+    if markers.edm {
+        written.extend([EDM_MEAN_MARKER, EDM_STD_MARKER]);
     }
     Ok(Converted {
         tensors,

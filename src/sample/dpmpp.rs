@@ -17,7 +17,12 @@
 //! The SDE form scales x by `e^-h` instead, uses `1 - e^-2h` in the weights and adds
 //! `sigma_t sqrt(1 - e^-2h) z` with fresh noise z. The coefficients are float32 scalars, as
 //! diffusers computes them from its float32 sigma table.
+//!
+//! On an EDM model (`EDMDPMSolverMultistepScheduler`) the same steps run on VE latents
+//! (alpha 1, sigma the EDM sigma, so lambda = -log sigma), with EDM's sigmas, input scale,
+//! timesteps and data prediction ([`super::edm`]).
 
+use super::edm::EdmConfig;
 use super::schedule::{multistep_schedule, Prediction};
 use super::{Noise, NoiseStream, Sampler, SchedulerConfig};
 use crate::{Error, Result, Tensor};
@@ -38,6 +43,8 @@ pub struct DpmSolverPP {
     /// Steps taken so far (diffusers' `lower_order_nums`, uncapped): the warm-up counts from the
     /// first step run, not from the schedule's start.
     taken: usize,
+    /// An EDM model's parametrisation (VE latents, preconditioned UNet); None for VP models.
+    edm: Option<EdmConfig>,
 }
 
 /// (alpha, sigma) of the VP form for a VE sigma, in float32.
@@ -88,8 +95,32 @@ impl DpmSolverPP {
                 "DPM-Solver++ has orders 1, 2 and 3, not {order}"
             )));
         }
-        let (timesteps, sigmas) = multistep_schedule(config, steps, karras, "DPM-Solver++")?;
+        let (timesteps, sigmas) = match config.edm {
+            None => multistep_schedule(config, steps, karras, "DPM-Solver++")?,
+            Some(edm) => {
+                if sde_noise.is_some() && order == 3 {
+                    return Err(Error::Config(
+                        "EDMDPMSolverMultistepScheduler has no third-order SDE step (diffusers \
+                         fails on it); choose dpmpp-2m-sde or dpmpp-3m for this EDM model"
+                            .into(),
+                    ));
+                }
+                // `-karras` names ask for Karras' ramp whatever the config's sigma_schedule.
+                let edm = EdmConfig {
+                    exponential: edm.exponential && !karras,
+                    ..edm
+                };
+                let mut sigmas = edm.sigmas(steps, false)?;
+                let timesteps = sigmas.iter().map(|&s| EdmConfig::c_noise(s)).collect();
+                sigmas.push(0.0);
+                (timesteps, sigmas)
+            }
+        };
         Ok(DpmSolverPP {
+            edm: config.edm.map(|e| EdmConfig {
+                exponential: e.exponential && !karras,
+                ..e
+            }),
             order,
             sde: sde_noise.map(NoiseStream::new),
             heun: config.dpm_heun,
@@ -104,6 +135,22 @@ impl DpmSolverPP {
 
     pub fn sigmas(&self) -> &[f32] {
         &self.sigmas
+    }
+
+    /// (alpha, sigma) at VE sigma `s`: the VP form, or (1, s) on an EDM model.
+    fn alpha_sigma(&self, s: f32) -> (f32, f32) {
+        match self.edm {
+            None => alpha_sigma(s),
+            Some(_) => (1.0, s),
+        }
+    }
+
+    /// lambda = log(alpha) - log(sigma) at VE sigma `s`; +inf at sigma 0.
+    fn lambda(&self, s: f32) -> f32 {
+        match self.edm {
+            None => lambda(s),
+            Some(_) => -s.ln(),
+        }
     }
 
     /// The order step `i` runs at: diffusers' warm-up from first order over the steps taken,
@@ -127,29 +174,40 @@ impl Sampler for DpmSolverPP {
         &self.timesteps
     }
 
+    fn init_noise_sigma(&self) -> f64 {
+        self.edm.map_or(1.0, |e| e.init_noise_sigma())
+    }
+
+    fn input_scale(&self, i: usize) -> f64 {
+        self.edm.map_or(1.0, |e| e.c_in(self.sigmas[i]))
+    }
+
     fn add_noise(&self, index: usize, x0: &Tensor, noise: &Tensor) -> Result<Tensor> {
-        let (a, s) = alpha_sigma(self.sigmas[index]);
+        let (a, s) = self.alpha_sigma(self.sigmas[index]);
         axpby(a, x0, s, noise)
     }
 
     fn step(&mut self, i: usize, x: &Tensor, eps: &Tensor) -> Result<Tensor> {
         let (s_s, s_t) = (self.sigmas[i], self.sigmas[i + 1]);
-        let ((a_s, sig_s), (a_t, sig_t)) = (alpha_sigma(s_s), alpha_sigma(s_t));
-        let x0 = self.prediction.x0_vp(x, eps, a_s, sig_s)?; // (B, C, H, W)
-        let h = lambda(s_t) - lambda(s_s);
+        let ((a_s, sig_s), (a_t, sig_t)) = (self.alpha_sigma(s_s), self.alpha_sigma(s_t));
+        let x0 = match &self.edm {
+            None => self.prediction.x0_vp(x, eps, a_s, sig_s)?, // (B, C, H, W)
+            Some(edm) => edm.denoised(self.prediction, x, eps, s_s)?,
+        };
+        let h = self.lambda(s_t) - self.lambda(s_s);
         let order = self.order_at(i);
         // D1 and D2: divided differences of the recent data predictions, in units of h.
         let (d1, d2) = match (order, self.history.as_slice()) {
             (1, _) => (None, None),
             (2, [.., m1]) => {
-                let r0 = (lambda(s_s) - lambda(self.sigmas[i - 1])) / h;
+                let r0 = (self.lambda(s_s) - self.lambda(self.sigmas[i - 1])) / h;
                 (Some(x0.sub(m1)?.scale((1.0 / r0) as f64)?), None)
             }
             (3, [.., m2, m1]) => {
                 let (l0, l1, l2) = (
-                    lambda(s_s),
-                    lambda(self.sigmas[i - 1]),
-                    lambda(self.sigmas[i - 2]),
+                    self.lambda(s_s),
+                    self.lambda(self.sigmas[i - 1]),
+                    self.lambda(self.sigmas[i - 2]),
                 );
                 let (r0, r1) = ((l0 - l1) / h, (l1 - l2) / h);
                 let d1_0 = x0.sub(m1)?.scale((1.0 / r0) as f64)?;

@@ -161,7 +161,17 @@ impl ModelFiles {
         let file = MappedFile::open(&self.model)?;
         let split = self.split(&file)?;
         let vb = Weights::from_raw(&split.vae, self.model.clone(), DType::F32, device)?;
-        let vae = AutoencoderKL::load(&vb, self.vae_config()?)?;
+        let mut config = self.vae_config()?;
+        // Playground v2.5 carries its latent statistics; diffusers' single-file loader then
+        // scales by 0.5 (PLAYGROUND_VAE_SCALING_FACTOR), as the released folder's config does.
+        let stats =
+            single_file::edm_latent_stats(&file.tensors()?, config.latent_channels, &self.model)?;
+        if let Some((mean, std)) = stats {
+            config.latents_mean = Some(mean);
+            config.latents_std = Some(std);
+            config.scaling_factor = 0.5;
+        }
+        let vae = AutoencoderKL::load(&vb, config)?;
         vb.ensure_all_used(|_| false)?;
         Ok(vae)
     }
@@ -292,9 +302,10 @@ impl ModelFiles {
     }
 
     /// The folder's scheduler config. A single file's `v_pred` / `ztsnr` markers (see
-    /// [`single_file::Markers`]) switch on v-prediction and the zero-terminal-SNR betas: the
-    /// file knows how it was trained, and an architecture folder (the built-in base included)
-    /// only describes shapes.
+    /// [`single_file::Markers`]) switch on v-prediction and the zero-terminal-SNR betas, and its
+    /// `edm_mean` / `edm_std` make it an EDM model with Playground v2.5's scheduler (diffusers'
+    /// single-file loader's `EDMDPMSolverMultistepScheduler` config): the file knows how it was
+    /// trained, and an architecture folder (the built-in base included) only describes shapes.
     pub fn scheduler(&self) -> Result<SchedulerConfig> {
         let p = self.config_dir.join("scheduler/scheduler_config.json");
         let mut cfg = if p.exists() {
@@ -305,6 +316,12 @@ impl ModelFiles {
         if self.single_file {
             let file = MappedFile::open(&self.model)?;
             let markers = single_file::Markers::of(&file.tensors()?);
+            if markers.edm && cfg.edm.is_none() {
+                cfg = SchedulerConfig::from_json_text(
+                    crate::sample::edm::PLAYGROUND_SCHEDULER,
+                    Path::new("(Playground v2.5's scheduler)"),
+                )?;
+            }
             if markers.v_prediction {
                 cfg.prediction = crate::sample::schedule::Prediction::V;
             }

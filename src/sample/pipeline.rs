@@ -5,8 +5,8 @@
 pub use super::image_input::{image_input, image_input_size, mask_input, masked_image};
 use super::model_files::ModelFiles;
 use super::{
-    Ddim, DpmPPSde, DpmSolverPP, EulerAncestral, EulerDiscrete, Heun, Kdpm2, Lcm, Lms, Noise,
-    Sampler, SchedulerClass, SchedulerConfig, UniPc,
+    Ddim, DpmPPSde, DpmSolverPP, EdmConfig, EdmEuler, EulerAncestral, EulerDiscrete, Heun, Kdpm2,
+    Lcm, Lms, Noise, Sampler, SchedulerClass, SchedulerConfig, UniPc,
 };
 use crate::formats::adapter::Adapter;
 use crate::formats::kohya::ModuleIndex;
@@ -92,6 +92,12 @@ impl SamplerKind {
                 sigmas: Sigmas::Config,
             }),
             SchedulerClass::DpmSolverSde => Ok(SamplerKind::DpmPPSde(Sigmas::Config)),
+            SchedulerClass::EdmDpmSolverMultistep => Ok(SamplerKind::DpmPP {
+                order: config.solver_order,
+                sde: config.dpm_sde,
+                sigmas: Sigmas::Config,
+            }),
+            SchedulerClass::EdmEuler => Ok(SamplerKind::Euler(Sigmas::Config)),
             SchedulerClass::Other(name) => Err(Error::Config(format!(
                 "the model's scheduler `{name}` is not implemented: choose --sampler euler, \
                  euler-karras, euler-a, ddim, dpmpp-2m(-karras), dpmpp-2m-sde(-karras), \
@@ -102,9 +108,10 @@ impl SamplerKind {
     }
 
     /// The name A1111 and ComfyUI users know, with " Karras" when it steps on Karras sigmas
-    /// under `config`.
+    /// under `config`, and " (EDM)" on an EDM model.
     pub fn describe(self, config: &SchedulerConfig) -> String {
-        let karras = |s: Sigmas| s == Sigmas::Karras || config.karras;
+        let edm_karras = config.edm.is_some_and(|e| !e.exponential);
+        let karras = |s: Sigmas| s == Sigmas::Karras || config.karras || edm_karras;
         let (name, k) = match self {
             SamplerKind::Auto => ("auto".to_string(), false),
             SamplerKind::Euler(s) => ("Euler".to_string(), karras(s)),
@@ -132,8 +139,9 @@ impl SamplerKind {
             }
             SamplerKind::DpmPPSde(s) => ("DPM++ SDE".to_string(), karras(s)),
         };
-        if k {
-            format!("{name} Karras")
+        let name = if k { format!("{name} Karras") } else { name };
+        if config.edm.is_some() {
+            format!("{name} (EDM)")
         } else {
             name
         }
@@ -233,8 +241,16 @@ impl Start<'_> {
 
 /// diffusers' `denoising_start` / `denoising_end` cut: the timestep `round(T - fraction T)`
 /// (Python's round, ties to even). The fraction must lie strictly between 0 and 1 (diffusers
-/// ignores other values silently; here they are errors).
-fn cutoff_timestep(what: &str, fraction: f64, num_train_timesteps: usize) -> Result<f64> {
+/// ignores other values silently; here they are errors). EDM models have no such timesteps (theirs
+/// are log sigmas), so a handover is refused for them.
+fn cutoff_timestep(what: &str, fraction: f64, scheduler: &SchedulerConfig) -> Result<f64> {
+    if scheduler.edm.is_some() {
+        return Err(Error::Config(format!(
+            "{what} (a base + refiner handover) cuts the schedule at a DDPM timestep, which an EDM \
+             model's log-sigma timesteps do not have; generate without the refiner"
+        )));
+    }
+    let num_train_timesteps = scheduler.num_train_timesteps;
     if !(fraction > 0.0 && fraction < 1.0) {
         return Err(Error::Config(format!(
             "{what} must lie strictly between 0 and 1, got {fraction}"
@@ -621,7 +637,36 @@ fn build_sampler(scheduler: &SchedulerConfig, req: &Request) -> Result<Box<dyn S
         ..scheduler.clone()
     };
     let noise = Some(&req.noise);
-    Ok(match req.sampler.resolve(scheduler)? {
+    let kind = req.sampler.resolve(scheduler)?;
+    if let Some(edm) = scheduler.edm {
+        return Ok(match kind {
+            SamplerKind::Euler(s) => {
+                let edm = EdmConfig {
+                    exponential: edm.exponential && !karras(s),
+                    ..edm
+                };
+                Box::new(EdmEuler::new(edm, scheduler.prediction, req.steps)?)
+            }
+            SamplerKind::DpmPP { order, sde, sigmas } => Box::new(DpmSolverPP::with_noise(
+                scheduler,
+                req.steps,
+                order,
+                karras(sigmas),
+                noise.filter(|_| sde),
+            )?),
+            other => {
+                return Err(Error::Config(format!(
+                    "{} is not implemented for EDM models (Playground v2.5, CosXL); choose \
+                     --sampler euler, dpmpp-2m, dpmpp-2m-sde or dpmpp-3m",
+                    other.describe(&SchedulerConfig {
+                        edm: None,
+                        ..scheduler.clone()
+                    })
+                )))
+            }
+        });
+    }
+    Ok(match kind {
         SamplerKind::Euler(s) => {
             let config = SchedulerConfig {
                 karras: karras(s),
@@ -852,11 +897,7 @@ pub fn denoise_from(
             latents,
             denoising_start,
         } => {
-            let cut = cutoff_timestep(
-                "denoising_start",
-                denoising_start,
-                scheduler.num_train_timesteps,
-            )?;
+            let cut = cutoff_timestep("denoising_start", denoising_start, scheduler)?;
             let mut k = sampler.timesteps().iter().filter(|&&t| t < cut).count();
             if sampler.order() == 2 && k % 2 == 0 {
                 k += 1;
@@ -917,7 +958,7 @@ pub fn denoise_from(
     // denoising_end: the steps whose timesteps are at or above the cut.
     let last = match req.denoising_end {
         Some(end) => {
-            let cut = cutoff_timestep("denoising_end", end, scheduler.num_train_timesteps)?;
+            let cut = cutoff_timestep("denoising_end", end, scheduler)?;
             let run = sampler.timesteps()[first..]
                 .iter()
                 .filter(|&&t| t >= cut)

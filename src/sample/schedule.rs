@@ -3,6 +3,7 @@
 //! Two precisions on purpose: samplers reproduce diffusers, which builds its tables in float32;
 //! training follows `kstyle_ref.alphas_cumprod`, which is float64.
 
+use super::edm::EdmConfig;
 use crate::{Error, Result, Tensor};
 use std::path::Path;
 
@@ -67,6 +68,9 @@ pub enum SchedulerClass {
     Kdpm2Discrete,
     Kdpm2AncestralDiscrete,
     DpmSolverSde,
+    /// EDMDPMSolverMultistepScheduler (Playground v2.5).
+    EdmDpmSolverMultistep,
+    EdmEuler,
     Other(String),
 }
 
@@ -120,6 +124,9 @@ pub struct SchedulerConfig {
     /// config it is on, as `DDIMScheduler.from_config` of an Euler config leaves it (SDXL base
     /// ships `clip_sample: false`).
     pub clip_sample: Option<f64>,
+    /// An EDM model's preconditioning and sigmas (the EDM scheduler classes); None for the
+    /// beta-schedule models.
+    pub edm: Option<EdmConfig>,
 }
 
 impl Default for SchedulerConfig {
@@ -148,6 +155,7 @@ impl Default for SchedulerConfig {
             steps_offset: 1,
             set_alpha_to_one: false,
             clip_sample: None,
+            edm: None,
         }
     }
 }
@@ -200,6 +208,8 @@ impl SchedulerConfig {
             Some("KDPM2DiscreteScheduler") => SchedulerClass::Kdpm2Discrete,
             Some("KDPM2AncestralDiscreteScheduler") => SchedulerClass::Kdpm2AncestralDiscrete,
             Some("DPMSolverSDEScheduler") => SchedulerClass::DpmSolverSde,
+            Some("EDMDPMSolverMultistepScheduler") => SchedulerClass::EdmDpmSolverMultistep,
+            Some("EDMEulerScheduler") => SchedulerClass::EdmEuler,
             Some(other) => SchedulerClass::Other(other.to_string()),
         };
         // Absent, the spacing is the class's own default (configs older than diffusers 0.16 have
@@ -286,6 +296,40 @@ impl SchedulerConfig {
         if let Some(t) = v.get("variance_type").and_then(|x| x.as_str()) {
             dpm_unsupported.push(format!("variance_type: {t}"));
         }
+        let edm = match class {
+            SchedulerClass::EdmDpmSolverMultistep | SchedulerClass::EdmEuler => {
+                let d = EdmConfig::playground();
+                let exponential = match text("sigma_schedule", "karras").as_str() {
+                    "karras" => false,
+                    "exponential" => true,
+                    other => {
+                        return Err(bad(format!(
+                            "sigma_schedule `{other}` is not supported (karras or exponential)"
+                        )))
+                    }
+                };
+                let edm = EdmConfig {
+                    sigma_min: num("sigma_min", d.sigma_min),
+                    sigma_max: num("sigma_max", d.sigma_max),
+                    sigma_data: num("sigma_data", d.sigma_data),
+                    rho: num("rho", d.rho),
+                    exponential,
+                };
+                let ok = |x: f64| x.is_finite() && x > 0.0;
+                if !(ok(edm.sigma_min) && ok(edm.sigma_data) && ok(edm.rho))
+                    || edm.sigma_max <= edm.sigma_min
+                    || !edm.sigma_max.is_finite()
+                {
+                    return Err(bad(format!(
+                        "EDM settings need 0 < sigma_min < sigma_max and positive sigma_data and \
+                         rho, got sigma_min {}, sigma_max {}, sigma_data {}, rho {}",
+                        edm.sigma_min, edm.sigma_max, edm.sigma_data, edm.rho
+                    )));
+                }
+                Some(edm)
+            }
+            _ => None,
+        };
         Ok(SchedulerConfig {
             prediction,
             zero_snr: flag("rescale_betas_zero_snr", false),
@@ -320,6 +364,7 @@ impl SchedulerConfig {
                 .and_then(|b| b.as_bool())
                 .unwrap_or(true)
                 .then(|| num("clip_sample_range", 1.0)),
+            edm,
         })
     }
 
@@ -589,9 +634,22 @@ fn rescale_zero_terminal_snr_f64(ab: &[f64]) -> Vec<f64> {
         .collect()
 }
 
+/// torch.linspace in float64, as [`linspace_f32`] computes it.
+pub(crate) fn linspace_f64(start: f64, end: f64, n: usize, i: usize) -> f64 {
+    if n == 1 {
+        return start;
+    }
+    let step = (end - start) / (n - 1) as f64;
+    if i < n / 2 {
+        start + step * i as f64
+    } else {
+        end - step * (n - 1 - i) as f64
+    }
+}
+
 /// torch.linspace in float32: start + i*step for the first half, end - (n-1-i)*step after, which
 /// is how PyTorch keeps both ends exact.
-fn linspace_f32(start: f32, end: f32, n: usize, i: usize) -> f32 {
+pub(crate) fn linspace_f32(start: f32, end: f32, n: usize, i: usize) -> f32 {
     if n == 1 {
         return start;
     }
@@ -673,6 +731,14 @@ impl TrainSchedule {
     /// pure noise, and the clean latent the cultural loss needs is undefined (Lin et al. 2023
     /// pair zero SNR with v-prediction).
     pub fn for_model(cfg: &SchedulerConfig) -> Result<TrainSchedule> {
+        if cfg.edm.is_some() {
+            return Err(Error::Config(
+                "this model is an EDM model (its scheduler is EDM's: Playground v2.5, CosXL): \
+                 training samples DDPM timesteps on a beta schedule, and EDM training (log-normal \
+                 sigmas, preconditioned targets) is not implemented"
+                    .into(),
+            ));
+        }
         if cfg.zero_snr && cfg.prediction == Prediction::Epsilon {
             return Err(Error::Config(
                 "rescale_betas_zero_snr with prediction_type epsilon cannot be trained: at the \

@@ -623,3 +623,69 @@ pub fn vae_latent_stats(ctx: &Ctx) -> Result<Vec<Row>> {
     chk.check("image", &image, &f.tensor("image")?, ctx.forward)?;
     Ok(chk.rows)
 }
+
+/// EDM models (`gen_edm.py`): diffusers' `EDMDPMSolverMultistepScheduler` (Playground v2.5's
+/// config; SDE replaying PyTorch's noise; order 3; heun on exponential sigmas) and
+/// `EDMEulerScheduler` (also as v-prediction with sigma_data 1), each the whole CFG run with the
+/// UNet preconditioned; and img2img from latents, its starting latents and final latents.
+pub fn edm(ctx: &Ctx) -> Result<Vec<Row>> {
+    use crate::sample::pipeline::Start;
+    let mut pipe = super::pipeline_case::tiny_pipeline(ctx)?;
+    let mut chk = Checker::new("edm");
+    let path = extra(ctx, "edm.safetensors");
+    let f = SafeTensorsFile::open(&path)?;
+    let x =
+        |n: &str| -> Result<Tensor> { f.tensor(n)?.to_dtype(DType::F32)?.to_device(ctx.device) };
+    let negative = f.meta_str("negative_prompt")?;
+    for name in f.meta_str("cases")?.split(',') {
+        let key = |k: &str| format!("{name}.{k}");
+        pipe.scheduler =
+            SchedulerConfig::from_json_text(f.meta_str(&key("scheduler_config"))?, &path)?;
+        let step_noise = (0..)
+            .map(|i| key(&format!("noise.{i}")))
+            .take_while(|n| f.contains(n))
+            .map(|n| f.tensor(&n))
+            .collect::<Result<Vec<_>>>()?;
+        let mut req = Request {
+            prompt: f.meta_str("prompt")?.to_string(),
+            negative: (!negative.is_empty()).then(|| negative.to_string()),
+            steps: f.meta_f64("steps")? as usize,
+            guidance: f.meta_f64("guidance_scale")?,
+            guidance_rescale: 0.0,
+            width: f.meta_f64("width")? as usize,
+            height: f.meta_f64("height")? as usize,
+            sampler: SamplerKind::Auto,
+            noise: Noise::Given(step_noise),
+            denoising_end: None,
+            micro: MicroConditioning::default(),
+        };
+        let (init, image, noise);
+        let start = if f.metadata().contains_key(&key("strength")) {
+            let strength = f.meta_f64(&key("strength"))?;
+            (image, noise) = (x("image_latents")?, x(&key("noise"))?);
+            // img2img takes its size from the picture.
+            let (_, _, h, w) = image.dims4()?;
+            (req.width, req.height) = (w * 8, h * 8);
+            let started = crate::sample::pipeline::start_latents(
+                &pipe.scheduler,
+                &req,
+                &image,
+                &noise,
+                strength,
+            )?;
+            let want = f.tensor(&key("start_latents"))?;
+            chk.check(&key("start_latents"), &started, &want, ctx.forward)?;
+            Start::Image {
+                latents: &image,
+                noise: &noise,
+                strength,
+                inpaint: None,
+            }
+        } else {
+            init = x("init_latents")?;
+            Start::Noise(&init)
+        };
+        check_final(&mut chk, ctx, &f, name, &pipe, &req, start)?;
+    }
+    Ok(chk.rows)
+}

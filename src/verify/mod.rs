@@ -204,6 +204,7 @@ pub fn cases() -> Vec<(&'static str, &'static str, CaseFn)> {
             "../../extra/micro_conditioning.safetensors",
             extra_cases::micro_conditioning,
         ),
+        ("edm", "../../extra/edm.safetensors", extra_cases::edm),
         (
             "train_vpred",
             "../../extra/train_vpred.safetensors",

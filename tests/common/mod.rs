@@ -220,6 +220,30 @@ pub fn vpred_folder(dir: &Path, zero_snr: bool) -> PathBuf {
     folder
 }
 
+/// Playground-v2.5-like latent statistics for the tiny VAE (test values, one per channel).
+pub const EDM_LATENTS_MEAN: [f64; 4] = [-1.6574, 1.886, -1.383, 2.5155];
+pub const EDM_LATENTS_STD: [f64; 4] = [8.4927, 5.9022, 6.5498, 5.2299];
+
+/// The tiny folder as an EDM model in `dir`: Playground v2.5's scheduler config and a VAE with
+/// latent statistics and scaling factor 0.5 (as Playground's folder has).
+pub fn edm_folder(dir: &Path) -> PathBuf {
+    let folder = dir.join("edm");
+    copy_dir(&tiny().join("sdxl"), &folder);
+    std::fs::write(
+        folder.join("scheduler/scheduler_config.json"),
+        kstyle::sample::edm::PLAYGROUND_SCHEDULER,
+    )
+    .unwrap();
+    let vae = folder.join("vae/config.json");
+    let mut cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&vae).unwrap()).unwrap();
+    cfg["latents_mean"] = EDM_LATENTS_MEAN.to_vec().into();
+    cfg["latents_std"] = EDM_LATENTS_STD.to_vec().into();
+    cfg["scaling_factor"] = 0.5.into();
+    std::fs::write(&vae, cfg.to_string()).unwrap();
+    folder
+}
+
 /// The 9-input `conv_in` weight of the inpainting reference (float16).
 pub fn inpaint_conv_in() -> kstyle::Tensor {
     kstyle::tensor::SafeTensorsFile::open(
