@@ -2,7 +2,7 @@
 
 mod common;
 use common::{generate_tiny, kstyle, tiny, tmp};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 #[test]
 fn generate_reproduces_the_reference_png_within_one_level() {
@@ -169,6 +169,7 @@ fn verify_passes_every_case_on_the_tiny_fixtures() {
         "refiner",
         "micro_conditioning",
         "edm",
+        "refiner_lora",
         "train_vpred",
         "train_min_snr",
         "lora_lycoris",
@@ -762,6 +763,49 @@ fn a_refiner_folder_finishes_the_base_run() {
         common::assert_fails_naming(&o, needle);
     }
     let o = common::generate_tiny(&["--refiner-switch", "0.5", "--out", "x.png"]);
+    common::assert_fails_naming(&o, "--refiner");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// `--refiner-lora` goes to the refiner alone (the `refiner_lora` verify case checks its numbers
+/// against diffusers): it changes the picture, the refiner line counts it, and a LoRA made for
+/// the base is refused by the refiner naming the modules it lacks.
+#[test]
+fn refiner_loras_apply_to_the_refiner() {
+    let dir = tmp("refiner-lora");
+    let refiner = common::tiny_refiner_folder(&dir);
+    let lora = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/extra/refiner_lora.safetensors")
+        .to_str()
+        .unwrap()
+        .to_string();
+    let run = |extra: &[&str], out: &str| {
+        let out = dir.join(out);
+        let mut args = vec![
+            "--refiner",
+            refiner.to_str().unwrap(),
+            "--refiner-switch",
+            "0.3",
+            "--out",
+            out.to_str().unwrap(),
+        ];
+        args.extend_from_slice(extra);
+        (common::generate_tiny_steps("4", &args), out)
+    };
+    let (o, plain) = run(&[], "plain.png");
+    assert!(o.status.success(), "{}", common::stderr(&o));
+    let (o, styled) = run(&["--refiner-lora", &format!("{lora}:0.8")], "lora.png");
+    let err = common::stderr(&o);
+    assert!(o.status.success(), "{err}");
+    assert!(err.contains("of the schedule | 1 LoRA file(s)"), "{err}");
+    assert_ne!(
+        std::fs::read(plain).unwrap(),
+        std::fs::read(styled).unwrap()
+    );
+    let base_lora = tiny().join("kohya_lora.safetensors");
+    let (o, _) = run(&["--refiner-lora", base_lora.to_str().unwrap()], "x.png");
+    common::assert_fails_naming(&o, "lora_unet_");
+    let o = common::generate_tiny(&["--refiner-lora", &lora, "--out", "x.png"]);
     common::assert_fails_naming(&o, "--refiner");
     std::fs::remove_dir_all(&dir).unwrap();
 }

@@ -440,7 +440,12 @@ fn edm_models_match_diffusers() {
     assert_eq!(saved, builtin);
     // The timesteps the UNet sees (log(sigma) / 4 of the float32 sigmas; the DPM ramp in float32,
     // Euler's in float64), within float32 rounding of PyTorch's pow and log.
-    for case in ["dpmpp_2m", "dpmpp_2m_heun_exponential", "euler", "vpred_euler"] {
+    for case in [
+        "dpmpp_2m",
+        "dpmpp_2m_heun_exponential",
+        "euler",
+        "vpred_euler",
+    ] {
         use kstyle::sample::{EdmEuler, Sampler};
         let cfg = SchedulerConfig::from_json_text(
             &f.metadata()[&format!("{case}.scheduler_config")],
@@ -458,7 +463,10 @@ fn edm_models_match_diffusers() {
             .unwrap();
         assert_eq!(sampler.timesteps().len(), want.len());
         for (g, w) in sampler.timesteps().iter().zip(&want) {
-            assert!((g - w).abs() <= 1e-6 * w.abs().max(1.0), "{case}: {g} vs {w}");
+            assert!(
+                (g - w).abs() <= 1e-6 * w.abs().max(1.0),
+                "{case}: {g} vs {w}"
+            );
         }
     }
     assert_eq!(

@@ -77,6 +77,10 @@ pub struct Args {
     /// With --refiner: the fraction of the schedule the first model runs, between 0 and 1.
     #[arg(long, requires = "refiner", default_value_t = 0.8)]
     pub refiner_switch: f64,
+    /// With --refiner: a LoRA (kohya, PEFT/diffusers, LyCORIS) or kstyle adapter file for the
+    /// refiner, FILE[:SCALE] (repeatable). --lora applies to the first model only.
+    #[arg(long = "refiner-lora", requires = "refiner")]
+    pub refiner_loras: Vec<String>,
     /// SDXL size conditioning: the original size the picture claims, WIDTHxHEIGHT (default: the
     /// output size). Larger than the output asks for detail, smaller for a blurrier look.
     #[arg(long, value_parser = size_arg)]
@@ -359,6 +363,11 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
         .iter()
         .map(|s| parse_lora(s))
         .collect::<anyhow::Result<Vec<_>>>()?;
+    let refiner_loras = a
+        .refiner_loras
+        .iter()
+        .map(|s| parse_lora(s))
+        .collect::<anyhow::Result<Vec<_>>>()?;
     let device = a.device.device();
     let dtype = a.dtype.dtype();
     let opts = LoadOptions {
@@ -536,13 +545,14 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
         config: a.refiner_config.clone(),
         dtype,
         device,
-        loras: Vec::new(),
+        loras: refiner_loras,
     })
     .with_context(|| format!("loading the refiner {}", refiner_path.display()))?;
     eprintln!(
-        "refiner: {} from {} of the schedule",
+        "refiner: {} from {} of the schedule | {} LoRA file(s)",
         refiner_path.display(),
-        a.refiner_switch
+        a.refiner_switch,
+        a.refiner_loras.len()
     );
     for (seed, latents) in handed {
         let req = Request {

@@ -352,6 +352,14 @@ pub fn inpaint(ctx: &Ctx) -> Result<Vec<Row>> {
 /// text_encoder_2, tokenizer_2, VAE and scheduler, no first text encoder, a UNet taking five time
 /// ids, and `force_zeros_for_empty_prompt` off (the released refiner's settings).
 pub fn tiny_refiner(ctx: &Ctx) -> Result<crate::sample::pipeline::SdxlPipeline> {
+    tiny_refiner_with(ctx, &[])
+}
+
+/// [`tiny_refiner`] with kohya-spelled LoRA files merged into its UNet.
+fn tiny_refiner_with(
+    ctx: &Ctx,
+    loras: &[KohyaLoraFile],
+) -> Result<crate::sample::pipeline::SdxlPipeline> {
     let mut pipe = super::pipeline_case::tiny_pipeline(ctx)?;
     let path = extra(ctx, "tiny_refiner_unet.safetensors");
     let f = SafeTensorsFile::open(&path)?;
@@ -359,10 +367,13 @@ pub fn tiny_refiner(ctx: &Ctx) -> Result<crate::sample::pipeline::SdxlPipeline> 
         .map_err(|e| crate::Error::file(&path, format!("config metadata: {e}")))?;
     let cfg = crate::models::unet::UNetConfig::from_json(&config)
         .map_err(|e| crate::Error::file(&path, e.to_string()))?;
-    let tensors = f
+    let mut tensors: std::collections::BTreeMap<String, Tensor> = f
         .names()
         .map(|n| Ok((n.to_string(), f.tensor(n)?)))
         .collect::<Result<_>>()?;
+    for lora in loras {
+        crate::models::unet::lora_merge::merge_kohya(&mut tensors, &cfg.layout(), lora)?;
+    }
     pipe.unet =
         UNet2DConditionModel::from_tensors(tensors, path.clone(), &cfg, DType::F32, ctx.device)?;
     pipe.tokenizer = None;
@@ -687,5 +698,66 @@ pub fn edm(ctx: &Ctx) -> Result<Vec<Row>> {
         };
         check_final(&mut chk, ctx, &f, name, &pipe, &req, start)?;
     }
+    Ok(chk.rows)
+}
+
+/// A kohya LoRA on the refiner (`gen_refiner_lora.py`): the base hands over at 0.3 and the tiny
+/// refiner, its 196 modules (attention, projections, feed-forwards, LoCon resnet convolutions)
+/// merged at multiplier 0.8, finishes as diffusers' `load_lora_weights` + `set_adapters` runs it.
+pub fn refiner_lora(ctx: &Ctx) -> Result<Vec<Row>> {
+    use crate::sample::pipeline::Start;
+    let mut base = super::pipeline_case::tiny_pipeline(ctx)?;
+    let path = extra(ctx, "refiner_lora_reference.safetensors");
+    let f = SafeTensorsFile::open(&path)?;
+    let lora = KohyaLoraFile::new(
+        extra(ctx, "refiner_lora.safetensors"),
+        f.meta_f64("multiplier")?,
+    );
+    let mut refiner = tiny_refiner_with(ctx, &[lora])?;
+    let mut chk = Checker::new("refiner_lora");
+    let init = SafeTensorsFile::open(ctx.reference("pipeline.safetensors"))?
+        .tensor("init_latents")?
+        .to_dtype(DType::F32)?
+        .to_device(ctx.device)?;
+    let scheduler = SchedulerConfig::from_json_text(f.meta_str("scheduler_config")?, &path)?;
+    base.scheduler = scheduler.clone();
+    refiner.scheduler = scheduler;
+    let split = f.meta_f64("split")?;
+    let negative = f.meta_str("negative_prompt")?;
+    let req = Request {
+        prompt: f.meta_str("prompt")?.to_string(),
+        negative: (!negative.is_empty()).then(|| negative.to_string()),
+        steps: f.meta_f64("steps")? as usize,
+        guidance: f.meta_f64("guidance_scale")?,
+        guidance_rescale: 0.0,
+        width: f.meta_f64("width")? as usize,
+        height: f.meta_f64("height")? as usize,
+        sampler: SamplerKind::Auto,
+        noise: Noise::default(),
+        denoising_end: Some(split),
+        micro: MicroConditioning::default(),
+    };
+    let handed = no_grad(|| base.denoise_from(&req, Start::Noise(&init), |_, _| {}))?;
+    chk.check(
+        "base_latents",
+        &handed,
+        &f.tensor("base_latents")?,
+        ctx.forward,
+    )?;
+    let req = Request {
+        denoising_end: None,
+        ..req
+    };
+    let start = Start::Latents {
+        latents: &handed,
+        denoising_start: split,
+    };
+    let out = no_grad(|| refiner.denoise_from(&req, start, |_, _| {}))?;
+    chk.check(
+        "final_latents",
+        &out,
+        &f.tensor("final_latents")?,
+        ctx.forward,
+    )?;
     Ok(chk.rows)
 }

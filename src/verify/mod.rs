@@ -206,6 +206,11 @@ pub fn cases() -> Vec<(&'static str, &'static str, CaseFn)> {
         ),
         ("edm", "../../extra/edm.safetensors", extra_cases::edm),
         (
+            "refiner_lora",
+            "../../extra/refiner_lora_reference.safetensors",
+            extra_cases::refiner_lora,
+        ),
+        (
             "train_vpred",
             "../../extra/train_vpred.safetensors",
             train_cases::train_vpred,
