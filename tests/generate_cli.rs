@@ -170,6 +170,7 @@ fn verify_passes_every_case_on_the_tiny_fixtures() {
         "micro_conditioning",
         "edm",
         "refiner_lora",
+        "textual_inversion",
         "train_vpred",
         "train_min_snr",
         "lora_lycoris",
@@ -868,5 +869,93 @@ fn a_single_file_refiner_finishes_as_its_folder_does() {
         "x.png",
     );
     common::assert_fails_naming(&o, "is not an SDXL refiner, but the");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// `--embedding FILE[:NAME]`: an SDXL textual-inversion file (the `textual_inversion` verify case
+/// checks its numbers against diffusers) changes the picture where a prompt names it, under its
+/// file stem by default and for the refiner too; SD 1.x embeddings, names the vocabulary already
+/// has and vectors of the wrong width are refused naming the file.
+#[test]
+fn textual_inversion_embeddings_reach_the_encoders() {
+    let dir = tmp("embeddings");
+    let extra = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/extra");
+    let file = extra.join("ti_hanokstyle.safetensors");
+    let file = file.to_str().unwrap();
+    let run = |args: &[&str], out: &str| {
+        let out = dir.join(out);
+        let mut all = vec!["--out", out.to_str().unwrap()];
+        all.extend_from_slice(args);
+        (common::generate_tiny_steps("3", &all), out)
+    };
+    let (o, plain) = run(&["--negative", "hanokstyle roof"], "plain.png");
+    assert!(o.status.success(), "{}", common::stderr(&o));
+    let named = format!("{file}:hanokstyle");
+    let (o, with) = run(
+        &["--negative", "hanokstyle roof", "--embedding", &named],
+        "with.png",
+    );
+    let err = common::stderr(&o);
+    assert!(o.status.success(), "{err}");
+    assert!(err.contains("embedding: hanokstyle (2 vector(s))"), "{err}");
+    assert_ne!(
+        std::fs::read(&plain).unwrap(),
+        std::fs::read(&with).unwrap()
+    );
+    // Unnamed, the file stem is the word; a prompt without it gives the plain picture.
+    let (o, unused) = run(
+        &["--negative", "hanokstyle roof", "--embedding", file],
+        "unused.png",
+    );
+    let err = common::stderr(&o);
+    assert!(err.contains("embedding: ti_hanokstyle (2"), "{err}");
+    assert_eq!(
+        std::fs::read(&plain).unwrap(),
+        std::fs::read(&unused).unwrap()
+    );
+    // The refiner (text_encoder_2 alone) takes the clip_g rows.
+    let refiner = common::tiny_refiner_folder(&dir);
+    let (o, _) = run(
+        &[
+            "--negative",
+            "hanokstyle",
+            "--embedding",
+            &named,
+            "--refiner",
+            refiner.to_str().unwrap(),
+            "--refiner-switch",
+            "0.5",
+        ],
+        "refined.png",
+    );
+    assert!(o.status.success(), "{}", common::stderr(&o));
+    // Refusals.
+    let zeros = |n: usize, d: usize| {
+        kstyle::Tensor::from_vec(vec![0f32; n * d], (n, d), kstyle::Device::Cpu).unwrap()
+    };
+    let write = |name: &str, tensors: Vec<(&str, kstyle::Tensor)>| {
+        let p = dir.join(name);
+        let t: Vec<(String, kstyle::Tensor)> = tensors
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), v))
+            .collect();
+        kstyle::tensor::save_safetensors(&p, &t, None).unwrap();
+        p.to_str().unwrap().to_string()
+    };
+    let sd1 = write("sd1.safetensors", vec![("emb_params", zeros(1, 768))]);
+    let narrow = write(
+        "narrow.safetensors",
+        vec![("clip_l", zeros(1, 16)), ("clip_g", zeros(1, 32))],
+    );
+    let house = format!("{file}:house");
+    for (arg, needle) in [
+        (sd1.as_str(), "an SD 1.x embedding"),
+        (narrow.as_str(), "`clip_l` vectors are 16 wide"),
+        (house.as_str(), "already in this tokenizer's vocabulary"),
+    ] {
+        let (o, out) = run(&["--embedding", arg], "refused.png");
+        common::assert_fails_naming(&o, needle);
+        assert!(!out.exists());
+    }
     std::fs::remove_dir_all(&dir).unwrap();
 }

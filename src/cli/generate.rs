@@ -6,6 +6,7 @@
 use super::DeviceArg;
 use anyhow::Context;
 use indicatif::{ProgressBar, ProgressStyle};
+use kstyle::formats::textual_inversion::TextualInversion;
 use kstyle::image::io::save_chw_png;
 use kstyle::sample::pipeline::{
     image_input, image_input_size, mask_input, masked_image, skipped_steps, Inpaint, LoadOptions,
@@ -113,6 +114,11 @@ pub struct Args {
     /// LoRA or kstyle adapter file with an optional multiplier, FILE[:SCALE] (repeatable).
     #[arg(long = "lora")]
     pub loras: Vec<String>,
+    /// A textual-inversion embedding, SDXL's `clip_l` / `clip_g` safetensors file, as
+    /// FILE[:NAME] (repeatable): prompts and negative prompts use it by NAME, the file stem by
+    /// default. The refiner gets it too (its `clip_g` rows).
+    #[arg(long = "embedding")]
+    pub embeddings: Vec<String>,
     /// Initial latents (unscaled N(0,1), shape (1, 4, H/8, W/8)) from a safetensors file, taken
     /// from its `init_latents` tensor or its only tensor; overrides the seed.
     #[arg(long)]
@@ -282,6 +288,16 @@ impl SamplerArg {
     }
 }
 
+/// `FILE[:NAME]`: an existing file as it is, else split at the last colon.
+fn parse_embedding(s: &str) -> (PathBuf, Option<String>) {
+    match s.rsplit_once(':') {
+        Some((path, name)) if !Path::new(s).exists() && !name.contains('/') => {
+            (PathBuf::from(path), Some(name.to_string()))
+        }
+        _ => (PathBuf::from(s), None),
+    }
+}
+
 /// `FILE[:SCALE]`; a colon followed by something that is not a number stays part of the path.
 pub fn parse_lora(s: &str) -> anyhow::Result<(PathBuf, f64)> {
     if let Some((path, scale)) = s.rsplit_once(':') {
@@ -387,8 +403,25 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
         a.cfg,
         opts.loras.len()
     );
-    let pipe =
+    let embeddings = a
+        .embeddings
+        .iter()
+        .map(|s| {
+            let (path, name) = parse_embedding(s);
+            TextualInversion::load(&path, name.as_deref())
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let mut pipe =
         SdxlPipeline::load(&opts).with_context(|| format!("loading {}", a.model.display()))?;
+    for ti in &embeddings {
+        pipe.add_embedding(ti)?;
+        eprintln!(
+            "embedding: {} ({} vector(s)) from {}",
+            ti.name,
+            ti.vectors(),
+            ti.path.display()
+        );
+    }
     let req = Request {
         prompt: a.prompt.clone(),
         negative: a.negative.clone(),
@@ -540,7 +573,7 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
     // The refiner finishes every seed's latents; the first model is dropped first so that both
     // are never resident at once.
     drop(pipe);
-    let refiner = SdxlPipeline::load(&LoadOptions {
+    let mut refiner = SdxlPipeline::load(&LoadOptions {
         model: refiner_path.clone(),
         config: a.refiner_config.clone(),
         dtype,
@@ -548,6 +581,11 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
         loras: refiner_loras,
     })
     .with_context(|| format!("loading the refiner {}", refiner_path.display()))?;
+    for ti in &embeddings {
+        refiner
+            .add_embedding(ti)
+            .with_context(|| format!("the refiner {}", refiner_path.display()))?;
+    }
     eprintln!(
         "refiner: {} from {} of the schedule | {} LoRA file(s)",
         refiner_path.display(),

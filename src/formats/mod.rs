@@ -21,6 +21,7 @@ mod peft_config;
 pub mod python_json;
 pub mod raw;
 pub mod single_file;
+pub mod textual_inversion;
 pub mod to_single_file;
 pub mod unet_layout;
 

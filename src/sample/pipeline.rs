@@ -179,6 +179,8 @@ pub struct SdxlPipeline {
     pub dtype: DType,
     /// The live adapters attached at load (diagnostics and the CLI's summary).
     pub adapters: Vec<PathBuf>,
+    /// Textual-inversion embeddings added with [`SdxlPipeline::add_embedding`], by name.
+    pub embeddings: Vec<String>,
 }
 
 /// Where sampling starts.
@@ -433,6 +435,7 @@ impl SdxlPipeline {
                 device: opts.device,
                 dtype: opts.dtype,
                 adapters: Vec::new(),
+                embeddings: Vec::new(),
             })
         };
         let mut pipe = load().map_err(|e| files.explain(e))?;
@@ -471,9 +474,84 @@ impl SdxlPipeline {
         Ok(())
     }
 
+    /// Adds a textual-inversion embedding: its `clip_g` rows to text_encoder_2 and, where the
+    /// model has a first encoder, its `clip_l` rows to that one, as added tokens named after it
+    /// (see [`crate::formats::textual_inversion`]). Prompts may then name it.
+    pub fn add_embedding(
+        &mut self,
+        ti: &crate::formats::textual_inversion::TextualInversion,
+    ) -> Result<()> {
+        let missing = |key: &str, what: &str| {
+            Error::file(
+                &ti.path,
+                format!("has no `{key}` tensor for {what}, which this model has"),
+            )
+        };
+        let g = ti
+            .clip_g
+            .as_ref()
+            .ok_or_else(|| missing("clip_g", "text_encoder_2"))?;
+        let first = match (&self.tokenizer, &self.text_encoder) {
+            (Some(_), Some(te)) => {
+                let l = ti
+                    .clip_l
+                    .as_ref()
+                    .ok_or_else(|| missing("clip_l", "text_encoder"))?;
+                Some((l, te.config().encoder.hidden_size))
+            }
+            _ => None,
+        };
+        // Widths are checked before anything is added, so a refusal changes nothing.
+        let widths = [
+            Some((
+                g,
+                self.text_encoder_2.config().encoder.hidden_size,
+                "clip_g",
+            )),
+            first.map(|(l, d)| (l, d, "clip_l")),
+        ];
+        for (rows, d, key) in widths.into_iter().flatten() {
+            if rows.dims()[1] != d {
+                return Err(Error::file(
+                    &ti.path,
+                    format!(
+                        "`{key}` vectors are {} wide, this model's encoder takes {d}",
+                        rows.dims()[1]
+                    ),
+                ));
+            }
+        }
+        let tokens = ti.tokens();
+        if let (Some(tok), Some(te), Some((l, _))) =
+            (&mut self.tokenizer, &mut self.text_encoder, first)
+        {
+            let ids = tok.add_tokens(&tokens)?;
+            te.text_model.embeddings.add_token_rows(l, ids[0])?;
+        }
+        let ids = self.tokenizer_2.add_tokens(&tokens)?;
+        self.text_encoder_2
+            .text_model
+            .embeddings
+            .add_token_rows(g, ids[0])?;
+        self.embeddings.push(ti.name.clone());
+        Ok(())
+    }
+
     /// Both encoders on `prompts`: context = concat(TE1 penultimate, TE2 penultimate), or TE2's
-    /// alone for a refiner; pooled = TE2's projected pooled output.
+    /// alone for a refiner; pooled = TE2's projected pooled output. Prompts naming a
+    /// multi-vector embedding are spelt out first (diffusers' `maybe_convert_prompt`; both
+    /// tokenizers hold the same added tokens).
     pub fn encode_prompts(&self, prompts: &[String]) -> Result<PromptEmbeds> {
+        let expanded: Vec<String>;
+        let prompts = if self.embeddings.is_empty() {
+            prompts
+        } else {
+            expanded = prompts
+                .iter()
+                .map(|p| self.tokenizer_2.expand_added_tokens(p))
+                .collect::<Result<_>>()?;
+            &expanded
+        };
         let ids2 = token_ids(&self.tokenizer_2.encode_batch(prompts)?, self.device)?; // (B, 77)
         let o2 = self.text_encoder_2.forward(&ids2)?;
         let context = match (&self.tokenizer, &self.text_encoder) {

@@ -761,3 +761,74 @@ pub fn refiner_lora(ctx: &Ctx) -> Result<Vec<Row>> {
     )?;
     Ok(chk.rows)
 }
+
+/// SDXL textual-inversion embeddings (`gen_textual_inversion.py`): two files (two vectors and
+/// one) added to both encoders as diffusers' `load_textual_inversion` adds them; the token ids of
+/// the converted prompt and negative prompt (exact: added ids, the multi-vector spelling, the
+/// case-blind match), both conditionings, and a 4-step Euler run.
+pub fn textual_inversion(ctx: &Ctx) -> Result<Vec<Row>> {
+    use crate::formats::textual_inversion::TextualInversion;
+    let mut pipe = super::pipeline_case::tiny_pipeline(ctx)?;
+    let mut chk = Checker::new("textual_inversion");
+    let path = extra(ctx, "textual_inversion.safetensors");
+    let f = SafeTensorsFile::open(&path)?;
+    for name in ["hanokstyle", "badquality"] {
+        let file = extra(ctx, &format!("ti_{name}.safetensors"));
+        pipe.add_embedding(&TextualInversion::load(&file, Some(name))?)?;
+    }
+    let (prompt, negative) = (f.meta_str("prompt")?, f.meta_str("negative_prompt")?);
+    for (key, text) in [("", prompt), ("negative_", negative)] {
+        let converted = pipe.tokenizer_2.expand_added_tokens(text)?;
+        let tokenizers = [pipe.tokenizer.as_ref(), Some(&pipe.tokenizer_2)];
+        for (i, tok) in tokenizers.into_iter().enumerate() {
+            let tok = tok
+                .ok_or_else(|| crate::Error::Config("the tiny model has two tokenizers".into()))?;
+            let name = format!("{key}ids_{}", i + 1);
+            let got = tok.encode(&converted)?;
+            let want = f.tensor(&name)?.to_vec_i64()?;
+            let mismatches = got
+                .iter()
+                .zip(&want)
+                .filter(|(g, w)| **g as i64 != **w)
+                .count()
+                + got.len().abs_diff(want.len());
+            chk.check_exact(&name, mismatches == 0, mismatches as f64);
+        }
+    }
+    let req = Request {
+        prompt: prompt.to_string(),
+        negative: Some(negative.to_string()),
+        steps: f.meta_f64("steps")? as usize,
+        guidance: f.meta_f64("guidance_scale")?,
+        guidance_rescale: 0.0,
+        width: f.meta_f64("width")? as usize,
+        height: f.meta_f64("height")? as usize,
+        sampler: SamplerKind::Auto,
+        noise: Noise::default(),
+        denoising_end: None,
+        micro: MicroConditioning::default(),
+    };
+    let (pos, neg) = no_grad(|| pipe.request_embeds(&req))?;
+    let neg =
+        neg.ok_or_else(|| crate::Error::Config("guidance above 1 has a negative batch".into()))?;
+    for (n, t) in [
+        ("prompt_embeds", &pos.context),
+        ("pooled_prompt_embeds", &pos.pooled),
+        ("negative_prompt_embeds", &neg.context),
+        ("negative_pooled_prompt_embeds", &neg.pooled),
+    ] {
+        chk.check(n, t, &f.tensor(n)?, ctx.forward)?;
+    }
+    let init = SafeTensorsFile::open(ctx.reference("pipeline.safetensors"))?
+        .tensor("init_latents")?
+        .to_dtype(DType::F32)?
+        .to_device(ctx.device)?;
+    let out = no_grad(|| pipe.denoise(&req, &init, |_, _| {}))?;
+    chk.check(
+        "final_latents",
+        &out,
+        &f.tensor("final_latents")?,
+        ctx.forward,
+    )?;
+    Ok(chk.rows)
+}

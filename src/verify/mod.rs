@@ -206,6 +206,11 @@ pub fn cases() -> Vec<(&'static str, &'static str, CaseFn)> {
         ),
         ("edm", "../../extra/edm.safetensors", extra_cases::edm),
         (
+            "textual_inversion",
+            "../../extra/textual_inversion.safetensors",
+            extra_cases::textual_inversion,
+        ),
+        (
             "refiner_lora",
             "../../extra/refiner_lora_reference.safetensors",
             extra_cases::refiner_lora,

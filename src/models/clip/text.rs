@@ -35,6 +35,31 @@ impl ClipTextEmbeddings {
         })
     }
 
+    /// Appends `rows` (n, D) to the token table: the embeddings of ids `V .. V + n` (added
+    /// tokens). `first_id` is the id the tokenizer gave the first of them, which must be `V`.
+    pub fn add_token_rows(&mut self, rows: &Tensor, first_id: u32) -> Result<()> {
+        let (v, d) = self.token_embedding.dims2()?;
+        let (_, rd) = rows.dims2()?;
+        if rd != d {
+            return Err(Error::bad_shape(
+                "textual inversion",
+                format!("vectors {d} wide, as this text encoder's token embeddings"),
+                rows.dims(),
+            ));
+        }
+        if first_id as usize != v {
+            return Err(Error::Config(format!(
+                "the tokenizer gave the first added token id {first_id}, but the text encoder's \
+                 table has {v} rows: tokenizer and text encoder do not belong together"
+            )));
+        }
+        let rows = rows
+            .to_dtype(self.token_embedding.dtype())?
+            .to_device(self.token_embedding.device())?;
+        self.token_embedding = Tensor::cat(&[self.token_embedding.clone(), rows], 0)?;
+        Ok(())
+    }
+
     pub fn forward(&self, ids: &Tensor) -> Result<Tensor> {
         let (_, s) = ids.dims2()?;
         let tok = Tensor::embedding(ids, &self.token_embedding)?; // (B, S, D)

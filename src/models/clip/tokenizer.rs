@@ -65,6 +65,8 @@ pub fn eos_position(ids: &[u32], config_eos_token_id: u32) -> Option<usize> {
 pub struct ClipTokenizer {
     inner: tokenizers::Tokenizer,
     folder: PathBuf,
+    /// Textual-inversion tokens added with [`ClipTokenizer::add_tokens`], in order.
+    added: Vec<String>,
     max_len: usize,
     bos_id: u32,
     eos_id: u32,
@@ -159,8 +161,79 @@ impl ClipTokenizer {
             pad_id: id(&pad, "pad")?,
             inner,
             folder: dir.to_path_buf(),
+            added: Vec::new(),
             max_len,
         })
+    }
+
+    /// Adds textual-inversion tokens as transformers' `add_tokens` does (not special, matched
+    /// in the normalised text, so case-blind for CLIP) and returns their ids, which follow the
+    /// vocabulary and the tokens added before. A token the vocabulary already has is refused,
+    /// as diffusers' `load_textual_inversion` refuses it.
+    pub fn add_tokens(&mut self, tokens: &[String]) -> Result<Vec<u32>> {
+        for t in tokens {
+            if self.inner.token_to_id(t).is_some() {
+                return Err(Error::file(
+                    &self.folder,
+                    format!(
+                        "token {t:?} is already in this tokenizer's vocabulary: name the \
+                         embedding otherwise (FILE:NAME)"
+                    ),
+                ));
+            }
+        }
+        let added: Vec<tokenizers::AddedToken> = tokens
+            .iter()
+            .map(|t| tokenizers::AddedToken::from(t.clone(), false))
+            .collect();
+        self.inner.add_tokens(&added);
+        self.added.extend(tokens.iter().cloned());
+        tokens
+            .iter()
+            .map(|t| {
+                self.inner.token_to_id(t).ok_or_else(|| Error::Tokenizer {
+                    what: self.folder.display().to_string(),
+                    msg: format!("added token {t:?} has no id"),
+                })
+            })
+            .collect()
+    }
+
+    /// `prompt` as diffusers' `maybe_convert_prompt` spells it: every added token the tokenized
+    /// prompt holds, when `TOKEN_1`, `TOKEN_2`, ... are added tokens too (a multi-vector
+    /// embedding), is replaced everywhere in the text by "TOKEN TOKEN_1 TOKEN_2 ...". The
+    /// replacement is textual and case-sensitive while the match is not, as in diffusers: a
+    /// differently-cased mention keeps one vector.
+    pub fn expand_added_tokens(&self, prompt: &str) -> Result<String> {
+        if self.added.is_empty() {
+            return Ok(prompt.to_string());
+        }
+        let enc = self
+            .inner
+            .encode(prompt, false)
+            .map_err(|e| self.err("encode", e))?;
+        let mut found: Vec<&str> = Vec::new();
+        for t in enc.get_tokens() {
+            if let Some(a) = self.added.iter().find(|a| *a == t) {
+                if !found.contains(&a.as_str()) {
+                    found.push(a);
+                }
+            }
+        }
+        let mut out = prompt.to_string();
+        for t in found {
+            let mut replacement = t.to_string();
+            for i in 1.. {
+                let next = format!("{t}_{i}");
+                if !self.added.contains(&next) {
+                    break;
+                }
+                replacement.push(' ');
+                replacement.push_str(&next);
+            }
+            out = out.replace(t, &replacement);
+        }
+        Ok(out)
     }
 
     /// Ids per row after padding (77 for every CLIP folder).

@@ -1,0 +1,110 @@
+//! Textual-inversion embeddings for SDXL: the safetensors files A1111, ComfyUI and kohya's
+//! sd-scripts write, with one row per vector for each text encoder: `clip_l` (text_encoder,
+//! CLIP ViT-L) and `clip_g` (text_encoder_2, OpenCLIP ViT-bigG). As diffusers'
+//! `load_textual_inversion` uses them: an embedding NAME of n vectors becomes the added tokens
+//! NAME, NAME_1, ..., NAME_(n-1), whose embedding rows are the file's vectors, and a prompt naming
+//! NAME spells it out as "NAME NAME_1 ..." ([`crate::models::clip::tokenizer::ClipTokenizer::expand_added_tokens`]).
+
+use crate::tensor::SafeTensorsFile;
+use crate::{Error, Result, Tensor};
+use std::path::{Path, PathBuf};
+
+/// One embedding file.
+#[derive(Clone, Debug)]
+pub struct TextualInversion {
+    pub path: PathBuf,
+    /// The word prompts use (the file stem unless given).
+    pub name: String,
+    /// (n, D1): text_encoder's rows.
+    pub clip_l: Option<Tensor>,
+    /// (n, D2): text_encoder_2's rows.
+    pub clip_g: Option<Tensor>,
+}
+
+impl TextualInversion {
+    /// Reads `path`; `name` defaults to the file stem (A1111's and ComfyUI's convention).
+    pub fn load(path: &Path, name: Option<&str>) -> Result<TextualInversion> {
+        let name = match name {
+            Some(n) => n.to_string(),
+            None => path
+                .file_stem()
+                .map(|s| s.to_string_lossy().into_owned())
+                .unwrap_or_default(),
+        };
+        if name.is_empty() || name.chars().any(char::is_whitespace) {
+            return Err(Error::file(
+                path,
+                format!("embedding name {name:?} must be one word (name it with FILE:NAME)"),
+            ));
+        }
+        let f = SafeTensorsFile::open(path)?;
+        let get = |key: &str| -> Result<Option<Tensor>> {
+            if !f.contains(key) {
+                return Ok(None);
+            }
+            let t = f.tensor(key)?;
+            match t.dims() {
+                [n, d] if *n > 0 && *d > 0 => Ok(Some(t)),
+                dims => Err(Error::file(
+                    path,
+                    format!("`{key}` must be (vectors, width), got shape {dims:?}"),
+                )),
+            }
+        };
+        let (clip_l, clip_g) = (get("clip_l")?, get("clip_g")?);
+        if clip_l.is_none() && clip_g.is_none() {
+            let keys: Vec<&str> = f.names().collect();
+            let sd1 = keys
+                .iter()
+                .any(|k| *k == "emb_params" || k.starts_with("string_to_param"));
+            let hint = if sd1 {
+                " (an SD 1.x embedding; SDXL's hold `clip_l` and `clip_g`)"
+            } else {
+                ""
+            };
+            return Err(Error::file(
+                path,
+                format!(
+                    "holds no `clip_l` / `clip_g` tensors{hint}; its keys: {}",
+                    keys.join(", ")
+                ),
+            ));
+        }
+        if let (Some(l), Some(g)) = (&clip_l, &clip_g) {
+            if l.dims()[0] != g.dims()[0] {
+                return Err(Error::file(
+                    path,
+                    format!(
+                        "`clip_l` has {} vectors and `clip_g` {}: one token each, they must agree",
+                        l.dims()[0],
+                        g.dims()[0]
+                    ),
+                ));
+            }
+        }
+        Ok(TextualInversion {
+            path: path.to_path_buf(),
+            name,
+            clip_l,
+            clip_g,
+        })
+    }
+
+    /// How many tokens the embedding occupies in a prompt.
+    pub fn vectors(&self) -> usize {
+        self.clip_g
+            .as_ref()
+            .or(self.clip_l.as_ref())
+            .map_or(0, |t| t.dims()[0])
+    }
+
+    /// The added tokens: NAME, NAME_1, ..., as diffusers' `load_textual_inversion` names them.
+    pub fn tokens(&self) -> Vec<String> {
+        (0..self.vectors())
+            .map(|i| match i {
+                0 => self.name.clone(),
+                i => format!("{}_{i}", self.name),
+            })
+            .collect()
+    }
+}
