@@ -12,8 +12,8 @@
 //! (img2img) pairs the first slopes with the leading coefficients of a higher-order rule, as
 //! diffusers does (`order = min(step_index + 1, 4)`, then `zip` with the slopes it has).
 
-use super::euler::{ve_init_noise_sigma, ve_input_scale};
-use super::schedule::{karras_sigmas, sigma_schedule, sigma_to_t, Prediction, SigmaSchedule};
+use super::euler::EulerDiscrete;
+use super::schedule::Prediction;
 use super::{Sampler, SchedulerConfig};
 use crate::{Error, Result, Tensor};
 use std::collections::VecDeque;
@@ -22,10 +22,8 @@ use std::collections::VecDeque;
 const ORDER: usize = 4;
 
 pub struct Lms {
-    timesteps: Vec<f64>,
-    /// steps + 1 float32 values, the last 0.
-    sigmas: Vec<f64>,
-    init_sigma: f64,
+    /// Euler's schedule, UNet inputs and noising: LMSDiscreteScheduler builds the same.
+    euler: EulerDiscrete,
     prediction: Prediction,
     /// The latest slopes, newest first.
     slopes: VecDeque<Tensor>,
@@ -41,47 +39,29 @@ impl Lms {
                     .into(),
             ));
         }
-        let SigmaSchedule {
-            timesteps,
-            mut sigmas,
-            log_table,
-        } = sigma_schedule(config, steps, false)?;
-        let mut timesteps: Vec<f64> = timesteps.iter().map(|&t| t as f32 as f64).collect();
-        if config.karras {
-            let ramp = karras_sigmas(sigmas[sigmas.len() - 1], sigmas[0], steps);
-            timesteps = ramp
-                .iter()
-                .map(|&s| sigma_to_t(s, &log_table) as f32 as f64)
-                .collect();
-            sigmas = ramp;
-        }
-        let mut sigmas: Vec<f64> = sigmas.iter().map(|&s| s as f32 as f64).collect();
-        sigmas.push(0.0);
         Ok(Lms {
-            timesteps,
-            init_sigma: ve_init_noise_sigma(&sigmas, config.spacing),
-            sigmas,
+            euler: EulerDiscrete::new(config, steps)?,
             prediction: config.prediction,
             slopes: VecDeque::new(),
         })
     }
+}
 
-    /// The coefficients of step `i` with `order` nodes: entry k belongs to the slope of step
-    /// i - k.
-    fn coefficients(&self, i: usize, order: usize) -> Vec<f64> {
-        let nodes: Vec<f64> = (0..order).map(|k| self.sigmas[i - k]).collect();
-        (0..order)
-            .map(|k| {
-                let basis = |tau: f64| {
-                    (0..order)
-                        .filter(|&j| j != k)
-                        .map(|j| (tau - nodes[j]) / (nodes[k] - nodes[j]))
-                        .product::<f64>()
-                };
-                gauss_legendre_3(basis, self.sigmas[i], self.sigmas[i + 1])
-            })
-            .collect()
-    }
+/// The coefficients of step `i` over `sigmas` with `order` nodes: entry k belongs to the slope
+/// of step i - k.
+fn coefficients(sigmas: &[f64], i: usize, order: usize) -> Vec<f64> {
+    let nodes: Vec<f64> = (0..order).map(|k| sigmas[i - k]).collect();
+    (0..order)
+        .map(|k| {
+            let basis = |tau: f64| {
+                (0..order)
+                    .filter(|&j| j != k)
+                    .map(|j| (tau - nodes[j]) / (nodes[k] - nodes[j]))
+                    .product::<f64>()
+            };
+            gauss_legendre_3(basis, sigmas[i], sigmas[i + 1])
+        })
+        .collect()
 }
 
 /// The integral of `f` from `a` to `b` by three-point Gauss-Legendre: exact up to degree 5.
@@ -93,29 +73,32 @@ fn gauss_legendre_3(f: impl Fn(f64) -> f64, a: f64, b: f64) -> f64 {
 
 impl Sampler for Lms {
     fn timesteps(&self) -> &[f64] {
-        &self.timesteps
+        self.euler.timesteps()
     }
 
     fn init_noise_sigma(&self) -> f64 {
-        self.init_sigma
+        self.euler.init_noise_sigma()
     }
 
     fn input_scale(&self, i: usize) -> f64 {
-        ve_input_scale(self.sigmas[i])
+        self.euler.input_scale(i)
     }
 
     fn add_noise(&self, index: usize, x0: &Tensor, noise: &Tensor) -> Result<Tensor> {
-        super::ve_add_noise(x0, noise, self.sigmas[index] as f32)
+        self.euler.add_noise(index, x0, noise)
     }
 
     fn step(&mut self, i: usize, x: &Tensor, out: &Tensor) -> Result<Tensor> {
-        let sigma = self.sigmas[i];
+        let sigma = self.euler.sigmas()[i];
         let x0 = self.prediction.x0_ve(x, out, sigma as f32)?;
         self.slopes.push_front(x.sub(&x0)?.scale(1.0 / sigma)?);
         self.slopes.truncate(ORDER);
         let order = (i + 1).min(ORDER);
         let mut prev = x.clone();
-        for (c, d) in self.coefficients(i, order).iter().zip(&self.slopes) {
+        for (c, d) in coefficients(self.euler.sigmas(), i, order)
+            .iter()
+            .zip(&self.slopes)
+        {
             prev = prev.add(&d.scale(*c)?)?;
         }
         Ok(prev)
@@ -130,24 +113,18 @@ mod tests {
     fn coefficients_integrate_the_lagrange_basis() {
         // The basis polynomials sum to 1, so the coefficients sum to the step's length; a
         // first-order step is Euler's.
-        let lms = Lms {
-            timesteps: vec![],
-            sigmas: vec![14.6, 7.1, 3.3, 1.2, 0.4, 0.0],
-            init_sigma: 0.0,
-            prediction: Prediction::Epsilon,
-            slopes: VecDeque::new(),
-        };
-        assert_eq!(lms.coefficients(0, 1), vec![7.1 - 14.6]);
+        let sigmas = [14.6, 7.1, 3.3, 1.2, 0.4, 0.0];
+        assert_eq!(coefficients(&sigmas, 0, 1), vec![7.1 - 14.6]);
         for (i, order) in [(1, 2), (2, 3), (3, 4), (4, 4)] {
-            let c = lms.coefficients(i, order);
+            let c = coefficients(&sigmas, i, order);
             let sum: f64 = c.iter().sum();
-            let len = lms.sigmas[i + 1] - lms.sigmas[i];
+            let len = sigmas[i + 1] - sigmas[i];
             assert!((sum - len).abs() < 1e-12, "step {i}: {sum} vs {len}");
         }
         // Order 2 by hand: the slope line through (s1, d1), (s0, d0) integrated over [s1, s2].
         let (s0, s1, s2) = (14.6f64, 7.1, 3.3);
         let c0 = ((s2 - s0).powi(2) - (s1 - s0).powi(2)) / (2.0 * (s1 - s0));
-        let c = lms.coefficients(1, 2);
+        let c = coefficients(&sigmas, 1, 2);
         assert!((c[0] - c0).abs() < 1e-12, "{} vs {c0}", c[0]);
     }
 }

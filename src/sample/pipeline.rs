@@ -717,21 +717,20 @@ fn build_sampler(scheduler: &SchedulerConfig, req: &Request) -> Result<Box<dyn S
     let noise = Some(&req.noise);
     let kind = req.sampler.resolve(scheduler)?;
     if let Some(edm) = scheduler.edm {
-        return Ok(match kind {
+        match kind {
             SamplerKind::Euler(s) => {
                 let edm = EdmConfig {
                     exponential: edm.exponential && !karras(s),
                     ..edm
                 };
-                Box::new(EdmEuler::new(edm, scheduler.prediction, req.steps)?)
+                return Ok(Box::new(EdmEuler::new(
+                    edm,
+                    scheduler.prediction,
+                    req.steps,
+                )?));
             }
-            SamplerKind::DpmPP { order, sde, sigmas } => Box::new(DpmSolverPP::with_noise(
-                scheduler,
-                req.steps,
-                order,
-                karras(sigmas),
-                noise.filter(|_| sde),
-            )?),
+            // DPM-Solver++ carries its EDM form: the construction below.
+            SamplerKind::DpmPP { .. } => {}
             other => {
                 return Err(Error::Config(format!(
                     "{} is not implemented for EDM models (Playground v2.5, CosXL); choose \
@@ -742,7 +741,7 @@ fn build_sampler(scheduler: &SchedulerConfig, req: &Request) -> Result<Box<dyn S
                     })
                 )))
             }
-        });
+        }
     }
     Ok(match kind {
         SamplerKind::Euler(s) => {

@@ -153,6 +153,25 @@ fn check_final(
     chk.check(&key, &out, &f.tensor(&key)?, ctx.forward)
 }
 
+/// The request a reference file's top-level metadata describes: prompt, negative prompt (empty:
+/// none), steps, guidance scale and size; `--sampler auto`, no given noise.
+fn meta_request(f: &SafeTensorsFile) -> Result<Request> {
+    let negative = f.meta_str("negative_prompt")?;
+    Ok(Request {
+        prompt: f.meta_str("prompt")?.to_string(),
+        negative: (!negative.is_empty()).then(|| negative.to_string()),
+        steps: f.meta_f64("steps")? as usize,
+        guidance: f.meta_f64("guidance_scale")?,
+        guidance_rescale: 0.0,
+        width: f.meta_f64("width")? as usize,
+        height: f.meta_f64("height")? as usize,
+        sampler: SamplerKind::Auto,
+        noise: Noise::default(),
+        denoising_end: None,
+        micro: MicroConditioning::default(),
+    })
+}
+
 /// A reference case's request: the file's prompt and negative prompt, the case's steps, the
 /// given guidance and size, `--sampler auto` (on the scheduler config the caller sets).
 fn reference_request(
@@ -647,7 +666,6 @@ pub fn edm(ctx: &Ctx) -> Result<Vec<Row>> {
     let f = SafeTensorsFile::open(&path)?;
     let x =
         |n: &str| -> Result<Tensor> { f.tensor(n)?.to_dtype(DType::F32)?.to_device(ctx.device) };
-    let negative = f.meta_str("negative_prompt")?;
     for name in f.meta_str("cases")?.split(',') {
         let key = |k: &str| format!("{name}.{k}");
         pipe.scheduler =
@@ -658,17 +676,8 @@ pub fn edm(ctx: &Ctx) -> Result<Vec<Row>> {
             .map(|n| f.tensor(&n))
             .collect::<Result<Vec<_>>>()?;
         let mut req = Request {
-            prompt: f.meta_str("prompt")?.to_string(),
-            negative: (!negative.is_empty()).then(|| negative.to_string()),
-            steps: f.meta_f64("steps")? as usize,
-            guidance: f.meta_f64("guidance_scale")?,
-            guidance_rescale: 0.0,
-            width: f.meta_f64("width")? as usize,
-            height: f.meta_f64("height")? as usize,
-            sampler: SamplerKind::Auto,
             noise: Noise::Given(step_noise),
-            denoising_end: None,
-            micro: MicroConditioning::default(),
+            ..meta_request(&f)?
         };
         let (init, image, noise);
         let start = if f.metadata().contains_key(&key("strength")) {
@@ -723,19 +732,9 @@ pub fn refiner_lora(ctx: &Ctx) -> Result<Vec<Row>> {
     base.scheduler = scheduler.clone();
     refiner.scheduler = scheduler;
     let split = f.meta_f64("split")?;
-    let negative = f.meta_str("negative_prompt")?;
     let req = Request {
-        prompt: f.meta_str("prompt")?.to_string(),
-        negative: (!negative.is_empty()).then(|| negative.to_string()),
-        steps: f.meta_f64("steps")? as usize,
-        guidance: f.meta_f64("guidance_scale")?,
-        guidance_rescale: 0.0,
-        width: f.meta_f64("width")? as usize,
-        height: f.meta_f64("height")? as usize,
-        sampler: SamplerKind::Auto,
-        noise: Noise::default(),
         denoising_end: Some(split),
-        micro: MicroConditioning::default(),
+        ..meta_request(&f)?
     };
     let handed = no_grad(|| base.denoise_from(&req, Start::Noise(&init), |_, _| {}))?;
     chk.check(
@@ -795,19 +794,7 @@ pub fn textual_inversion(ctx: &Ctx) -> Result<Vec<Row>> {
             chk.check_exact(&name, mismatches == 0, mismatches as f64);
         }
     }
-    let req = Request {
-        prompt: prompt.to_string(),
-        negative: Some(negative.to_string()),
-        steps: f.meta_f64("steps")? as usize,
-        guidance: f.meta_f64("guidance_scale")?,
-        guidance_rescale: 0.0,
-        width: f.meta_f64("width")? as usize,
-        height: f.meta_f64("height")? as usize,
-        sampler: SamplerKind::Auto,
-        noise: Noise::default(),
-        denoising_end: None,
-        micro: MicroConditioning::default(),
-    };
+    let req = meta_request(&f)?;
     let (pos, neg) = no_grad(|| pipe.request_embeds(&req))?;
     let neg =
         neg.ok_or_else(|| crate::Error::Config("guidance above 1 has a negative batch".into()))?;
