@@ -456,6 +456,8 @@ fn every_sampler_name_generates_and_reports_itself() {
         ("dpm2-a-karras", "sampler: DPM2 a Karras\n"),
         ("dpmpp-sde", "sampler: DPM++ SDE\n"),
         ("dpmpp-sde-karras", "sampler: DPM++ SDE Karras\n"),
+        ("deis", "sampler: DEIS (order 2)\n"),
+        ("deis-karras", "sampler: DEIS (order 2) Karras\n"),
         ("auto", "sampler: Euler\n"),
     ] {
         let out = dir.join(format!("{name}.png"));

@@ -6,7 +6,8 @@
 //! over the tiny UNet from the reference's own latents. The newer references (DPM-Solver++
 //! heun and orders 1 and 3, UniPC, LCM, Heun, v-prediction) run as `--sampler auto` on the scheduler
 //! config diffusers saved with each, as do LMS, DPM2 (Karras, v-prediction), DPM2 ancestral (also
-//! Karras on `linspace` spacing), DPM++ SDE (Karras) and Euler on `linspace` spacing.
+//! Karras on `linspace` spacing), DPM++ SDE (Karras), DEIS (orders 2 and 3, Karras) and Euler on
+//! `linspace` spacing.
 //!
 //! Measured: DPM++ 2M 8.5e-7 and Karras 8.3e-7 relative, heun 8.5e-7, order 1 9.7e-7, DPM++ 3M
 //! 9.1e-7, UniPC 7.8e-7, order 3 Karras 1.3e-6, with a corrector skipped 8.1e-7, Euler Karras
@@ -20,8 +21,9 @@
 //! `clip_sample` on, so the final latents are clamped x0 with a norm near 1, and the UNet's
 //! float32 error shows undiluted). LMS 8.9e-7, Karras 9.3e-7; DPM2 8.1e-7, Karras 8.3e-7,
 //! v-prediction 1.5e-6; DPM2 a 9.3e-7, Karras on linspace 8.7e-7; DPM++ SDE 7.9e-7, Karras
-//! 8.4e-7; Euler on linspace 1.1e-6 (2.6e-4 with the timesteps rounded, as before). All within
-//! the fixtures' 1e-4 forward tolerance.
+//! 8.4e-7; Euler on linspace 1.1e-6 (2.6e-4 with the timesteps rounded, as before); DEIS 8.4e-7,
+//! order 3 8.8e-7, Karras 9.5e-7 (NaN with DPM's final sigma of 0). All within the fixtures' 1e-4
+//! forward tolerance.
 
 mod common;
 
@@ -34,7 +36,7 @@ fn every_sampler_final_latents_match_diffusers() {
     let report =
         kstyle::verify::run(&tiny(), Device::Cpu, Some(&["samplers".to_string()])).unwrap();
     assert!(report.failed_cases.is_empty(), "{:?}", report.failed_cases);
-    assert_eq!(report.rows.len(), 31);
+    assert_eq!(report.rows.len(), 34);
     for r in &report.rows {
         eprintln!("{}: relative error {:.3e}", r.tensor, r.error);
         assert!(r.passed, "{} {:e} > {:e}", r.tensor, r.error, r.tolerance);
@@ -196,6 +198,18 @@ fn auto_sampler_follows_the_scheduler_config() {
         .to_string();
         assert!(err.contains("rescale_betas_zero_snr"), "{class}: {err}");
     }
+    let deis = config(r#"{"_class_name": "DEISMultistepScheduler", "solver_order": 3}"#).unwrap();
+    let kind = SamplerKind::Auto.resolve(&deis).unwrap();
+    assert_eq!(kind, SamplerKind::Deis(Sigmas::Config));
+    assert_eq!(kind.describe(&deis), "DEIS (order 3)");
+    let deis_zsnr =
+        config(r#"{"_class_name": "DEISMultistepScheduler", "rescale_betas_zero_snr": true}"#)
+            .unwrap();
+    let err = kstyle::sample::Deis::new(&deis_zsnr, 10, false)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(err.contains("rescale_betas_zero_snr"), "{err}");
     // Without `timestep_spacing` (configs older than diffusers 0.16) the class's default applies.
     use kstyle::sample::Spacing;
     assert_eq!(

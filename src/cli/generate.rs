@@ -251,6 +251,11 @@ pub enum SamplerArg {
     /// DPM++ SDE on Karras sigmas ("DPM++ SDE Karras").
     #[value(name = "dpmpp-sde-karras")]
     DpmPPSdeKarras,
+    /// DEIS, log-rho multistep of the model's solver order (2 by default).
+    Deis,
+    /// DEIS on Karras sigmas.
+    #[value(name = "deis-karras")]
+    DeisKarras,
 }
 
 impl SamplerArg {
@@ -284,6 +289,8 @@ impl SamplerArg {
             SamplerArg::Dpm2AncestralKarras => dpm2(true, Sigmas::Karras),
             SamplerArg::DpmPPSde => SamplerKind::DpmPPSde(Sigmas::Config),
             SamplerArg::DpmPPSdeKarras => SamplerKind::DpmPPSde(Sigmas::Karras),
+            SamplerArg::Deis => SamplerKind::Deis(Sigmas::Config),
+            SamplerArg::DeisKarras => SamplerKind::Deis(Sigmas::Karras),
         }
     }
 }

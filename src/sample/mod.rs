@@ -3,6 +3,7 @@
 pub mod bake;
 pub mod convert;
 pub mod ddim;
+pub mod deis;
 pub mod dpmpp;
 pub mod dpmpp_sde;
 pub mod edm;
@@ -18,6 +19,7 @@ pub mod schedule;
 pub mod unipc;
 
 pub use ddim::Ddim;
+pub use deis::Deis;
 pub use dpmpp::DpmSolverPP;
 pub use dpmpp_sde::DpmPPSde;
 pub use edm::{EdmConfig, EdmEuler};

@@ -5,8 +5,8 @@
 pub use super::image_input::{image_input, image_input_size, mask_input, masked_image};
 use super::model_files::ModelFiles;
 use super::{
-    Ddim, DpmPPSde, DpmSolverPP, EdmConfig, EdmEuler, EulerAncestral, EulerDiscrete, Heun, Kdpm2,
-    Lcm, Lms, Noise, Sampler, SchedulerClass, SchedulerConfig, UniPc,
+    Ddim, Deis, DpmPPSde, DpmSolverPP, EdmConfig, EdmEuler, EulerAncestral, EulerDiscrete, Heun,
+    Kdpm2, Lcm, Lms, Noise, Sampler, SchedulerClass, SchedulerConfig, UniPc,
 };
 use crate::formats::adapter::Adapter;
 use crate::formats::kohya::ModuleIndex;
@@ -62,6 +62,8 @@ pub enum SamplerKind {
     /// Stochastic second-order DPM-Solver++ ("DPM++ SDE"; two UNet evaluations a step), its
     /// Brownian noise from `Request::noise` (two draws a step).
     DpmPPSde(Sigmas),
+    /// DEIS (log-rho multistep) with the config's order.
+    Deis(Sigmas),
 }
 
 impl SamplerKind {
@@ -98,11 +100,12 @@ impl SamplerKind {
                 sigmas: Sigmas::Config,
             }),
             SchedulerClass::EdmEuler => Ok(SamplerKind::Euler(Sigmas::Config)),
+            SchedulerClass::DeisMultistep => Ok(SamplerKind::Deis(Sigmas::Config)),
             SchedulerClass::Other(name) => Err(Error::Config(format!(
                 "the model's scheduler `{name}` is not implemented: choose --sampler euler, \
                  euler-karras, euler-a, ddim, dpmpp-2m(-karras), dpmpp-2m-sde(-karras), \
                  dpmpp-3m(-karras), dpmpp-3m-sde(-karras), dpmpp-sde(-karras), unipc(-karras), \
-                 heun(-karras), lms(-karras), dpm2(-karras), dpm2-a(-karras) or lcm"
+                 heun(-karras), lms(-karras), dpm2(-karras), dpm2-a(-karras), deis(-karras) or lcm"
             ))),
         }
     }
@@ -138,6 +141,7 @@ impl SamplerKind {
                 (format!("DPM2{a}"), karras(sigmas))
             }
             SamplerKind::DpmPPSde(s) => ("DPM++ SDE".to_string(), karras(s)),
+            SamplerKind::Deis(s) => (format!("DEIS (order {})", config.solver_order), karras(s)),
         };
         let name = if k { format!("{name} Karras") } else { name };
         if config.edm.is_some() {
@@ -780,6 +784,7 @@ fn build_sampler(scheduler: &SchedulerConfig, req: &Request) -> Result<Box<dyn S
         SamplerKind::DpmPPSde(s) => {
             Box::new(DpmPPSde::new(&with_karras(s), req.steps, &req.noise)?)
         }
+        SamplerKind::Deis(s) => Box::new(Deis::new(scheduler, req.steps, karras(s))?),
         SamplerKind::Auto => unreachable!("resolve() names a sampler"),
     })
 }

@@ -68,6 +68,7 @@ pub enum SchedulerClass {
     Kdpm2Discrete,
     Kdpm2AncestralDiscrete,
     DpmSolverSde,
+    DeisMultistep,
     /// EDMDPMSolverMultistepScheduler (Playground v2.5).
     EdmDpmSolverMultistep,
     EdmEuler,
@@ -208,6 +209,7 @@ impl SchedulerConfig {
             Some("KDPM2DiscreteScheduler") => SchedulerClass::Kdpm2Discrete,
             Some("KDPM2AncestralDiscreteScheduler") => SchedulerClass::Kdpm2AncestralDiscrete,
             Some("DPMSolverSDEScheduler") => SchedulerClass::DpmSolverSde,
+            Some("DEISMultistepScheduler") => SchedulerClass::DeisMultistep,
             Some("EDMDPMSolverMultistepScheduler") => SchedulerClass::EdmDpmSolverMultistep,
             Some("EDMEulerScheduler") => SchedulerClass::EdmEuler,
             Some(other) => SchedulerClass::Other(other.to_string()),

@@ -23,7 +23,7 @@ fn extra(ctx: &Ctx, file: &str) -> PathBuf {
 
 /// The sampler references: (file stem, sampler). `None` runs `--sampler auto` on the scheduler
 /// config the reference stores in its `scheduler_config` metadata, exactly as diffusers saved it.
-const SAMPLER_CASES: [(&str, Option<SamplerKind>); 31] = [
+const SAMPLER_CASES: [(&str, Option<SamplerKind>); 34] = [
     (
         "dpmpp_2m",
         Some(SamplerKind::DpmPP {
@@ -74,6 +74,9 @@ const SAMPLER_CASES: [(&str, Option<SamplerKind>); 31] = [
     ("kdpm2_a", None),
     ("dpmpp_sde_karras", None),
     ("dpmpp_sde", None),
+    ("deis", None),
+    ("deis_3", None),
+    ("deis_karras", None),
     ("euler_linspace", None),
     ("dpm2_a_karras_linspace", None),
 ];
