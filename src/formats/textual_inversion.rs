@@ -108,3 +108,59 @@ impl TextualInversion {
             .collect()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::Device;
+
+    fn write(dir: &Path, name: &str, tensors: &[(&str, Vec<usize>)]) -> PathBuf {
+        let t: Vec<(String, Tensor)> = tensors
+            .iter()
+            .map(|(k, dims)| {
+                let n = dims.iter().product();
+                let v = Tensor::from_vec(vec![0.5f32; n], dims.clone(), Device::Cpu).unwrap();
+                (k.to_string(), v)
+            })
+            .collect();
+        let p = dir.join(name);
+        crate::tensor::save_safetensors(&p, &t, None).unwrap();
+        p
+    }
+
+    #[test]
+    fn names_tokens_and_shapes() {
+        let dir = std::env::temp_dir().join(format!("kstyle-ti-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let ok = write(
+            &dir,
+            "style.safetensors",
+            &[("clip_l", vec![3, 8]), ("clip_g", vec![3, 16])],
+        );
+        let ti = TextualInversion::load(&ok, None).unwrap();
+        assert_eq!(ti.name, "style");
+        assert_eq!(ti.vectors(), 3);
+        assert_eq!(ti.tokens(), ["style", "style_1", "style_2"]);
+        assert_eq!(
+            TextualInversion::load(&ok, Some("other")).unwrap().tokens()[0],
+            "other"
+        );
+        let err = TextualInversion::load(&ok, Some("two words"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("one word"), "{err}");
+        let uneven = write(
+            &dir,
+            "uneven.safetensors",
+            &[("clip_l", vec![2, 8]), ("clip_g", vec![3, 16])],
+        );
+        let err = TextualInversion::load(&uneven, None)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("must agree"), "{err}");
+        let flat = write(&dir, "flat.safetensors", &[("clip_g", vec![16])]);
+        let err = TextualInversion::load(&flat, None).unwrap_err().to_string();
+        assert!(err.contains("`clip_g` must be (vectors, width)"), "{err}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
