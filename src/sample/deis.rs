@@ -31,14 +31,7 @@ pub struct Deis {
 
 impl Deis {
     pub fn new(config: &SchedulerConfig, steps: usize, karras: bool) -> Result<Deis> {
-        if config.zero_snr {
-            return Err(Error::Config(
-                "DEISMultistepScheduler has no rescale_betas_zero_snr (diffusers would ignore it \
-                 and run the plain schedule); choose euler, euler-a, ddim, dpmpp-* or unipc for \
-                 this model"
-                    .into(),
-            ));
-        }
+        config.refuse_zero_snr("DEISMultistepScheduler")?;
         if !config.dpm_unsupported.is_empty() {
             return Err(Error::Config(format!(
                 "scheduler config: DEIS is implemented as log-rho deis of order 1-3; this config \

@@ -21,7 +21,7 @@
 use super::euler::{ve_init_noise_sigma, ve_input_scale};
 use super::schedule::{karras_sigmas, sigma_schedule, sigma_to_t, Prediction, SigmaSchedule};
 use super::{Noise, NoiseStream, Sampler, SchedulerConfig};
-use crate::{Error, Result, Tensor};
+use crate::{Result, Tensor};
 
 pub struct DpmPPSde {
     timesteps: Vec<f64>,
@@ -36,14 +36,7 @@ pub struct DpmPPSde {
 
 impl DpmPPSde {
     pub fn new(config: &SchedulerConfig, steps: usize, noise: &Noise) -> Result<DpmPPSde> {
-        if config.zero_snr {
-            return Err(Error::Config(
-                "DPMSolverSDEScheduler has no rescale_betas_zero_snr (diffusers would ignore it \
-                 and run the plain schedule); choose euler, euler-a, ddim, dpmpp-2m(-sde) or \
-                 unipc for this model"
-                    .into(),
-            ));
-        }
+        config.refuse_zero_snr("DPMSolverSDEScheduler")?;
         let SigmaSchedule {
             mut timesteps,
             mut sigmas,

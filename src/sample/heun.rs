@@ -10,7 +10,7 @@
 use super::euler::{ve_input_scale, EulerDiscrete};
 use super::schedule::Prediction;
 use super::{Sampler, SchedulerConfig};
-use crate::{Error, Result, Tensor};
+use crate::{Result, Tensor};
 
 pub struct Heun {
     timesteps: Vec<f64>,
@@ -26,14 +26,7 @@ pub struct Heun {
 
 impl Heun {
     pub fn new(config: &SchedulerConfig, steps: usize) -> Result<Heun> {
-        if config.zero_snr {
-            return Err(Error::Config(
-                "HeunDiscreteScheduler has no rescale_betas_zero_snr (diffusers would ignore it \
-                 and run the plain schedule); choose euler, euler-a, ddim, dpmpp-* or unipc for \
-                 this model"
-                    .into(),
-            ));
-        }
+        config.refuse_zero_snr("HeunDiscreteScheduler")?;
         let euler = EulerDiscrete::new(config, steps)?;
         let (ts, s) = (euler.timesteps(), euler.sigmas());
         let mut timesteps = vec![ts[0]];

@@ -18,7 +18,7 @@ use super::schedule::{
     karras_sigmas, sigma_schedule, sigma_to_t, sigma_to_t_f32, Prediction, SigmaSchedule,
 };
 use super::{Noise, NoiseStream, Sampler, SchedulerConfig};
-use crate::{Error, Result, Tensor};
+use crate::{Result, Tensor};
 
 pub struct Kdpm2 {
     timesteps: Vec<f64>,
@@ -44,14 +44,7 @@ fn geometric_mid(a: f32, b: f32) -> f32 {
 impl Kdpm2 {
     /// DPM2; with `ancestral` Some(noise), DPM2 ancestral drawing its noise from it.
     pub fn new(config: &SchedulerConfig, steps: usize, ancestral: Option<&Noise>) -> Result<Kdpm2> {
-        if config.zero_snr {
-            return Err(Error::Config(
-                "KDPM2DiscreteScheduler has no rescale_betas_zero_snr (diffusers would ignore it \
-                 and run the plain schedule); choose euler, euler-a, ddim, dpmpp-* or unipc for \
-                 this model"
-                    .into(),
-            ));
-        }
+        config.refuse_zero_snr("KDPM2DiscreteScheduler")?;
         let SigmaSchedule {
             timesteps: mut whole,
             sigmas: mut spaced,

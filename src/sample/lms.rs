@@ -15,7 +15,7 @@
 use super::euler::EulerDiscrete;
 use super::schedule::Prediction;
 use super::{Sampler, SchedulerConfig};
-use crate::{Error, Result, Tensor};
+use crate::{Result, Tensor};
 use std::collections::VecDeque;
 
 /// The order diffusers' SDXL pipelines step LMS with (`step`'s default).
@@ -31,14 +31,7 @@ pub struct Lms {
 
 impl Lms {
     pub fn new(config: &SchedulerConfig, steps: usize) -> Result<Lms> {
-        if config.zero_snr {
-            return Err(Error::Config(
-                "LMSDiscreteScheduler has no rescale_betas_zero_snr (diffusers would ignore it \
-                 and run the plain schedule); choose euler, euler-a, ddim, dpmpp-* or unipc for \
-                 this model"
-                    .into(),
-            ));
-        }
+        config.refuse_zero_snr("LMSDiscreteScheduler")?;
         Ok(Lms {
             euler: EulerDiscrete::new(config, steps)?,
             prediction: config.prediction,

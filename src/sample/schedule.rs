@@ -370,6 +370,18 @@ impl SchedulerConfig {
         })
     }
 
+    /// Refuses zero-terminal-SNR betas for `class`, a diffusers scheduler without
+    /// `rescale_betas_zero_snr` (diffusers would ignore the key and run the plain schedule).
+    pub(crate) fn refuse_zero_snr(&self, class: &str) -> Result<()> {
+        if !self.zero_snr {
+            return Ok(());
+        }
+        Err(Error::Config(format!(
+            "{class} has no rescale_betas_zero_snr (diffusers would ignore it and run the plain \
+             schedule); choose euler, euler-a, ddim, dpmpp-2m/3m(-sde) or unipc for this model"
+        )))
+    }
+
     /// alphas_cumprod exactly as diffusers builds it: a float32 linspace of sqrt(beta), squared,
     /// and PyTorch's CPU cumprod, which carries the running product in double and stores float32.
     /// With `zero_snr` the betas are first rescaled (`rescale_zero_terminal_snr`, in float32 as
