@@ -15,6 +15,7 @@ pub mod lcm;
 pub mod lms;
 pub mod model_files;
 pub mod pipeline;
+pub mod sampler_kind;
 pub mod schedule;
 pub mod unipc;
 

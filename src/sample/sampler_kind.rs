@@ -1,0 +1,224 @@
+//! Which sampler a generation runs: the names users pick (`--sampler`, A1111's and ComfyUI's
+//! terms), what `auto` reads from a scheduler config, and the construction of each on a config's
+//! schedule (EDM models included).
+
+use super::pipeline::Request;
+use super::{
+    Ddim, Deis, DpmPPSde, DpmSolverPP, EdmConfig, EdmEuler, EulerAncestral, EulerDiscrete, Heun,
+    Kdpm2, Lcm, Lms, Sampler, SchedulerClass, SchedulerConfig, UniPc,
+};
+use crate::{Error, Result};
+
+/// Which sigmas a sampler steps on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Sigmas {
+    /// The scheduler config's (`use_karras_sigmas`, else its timestep spacing).
+    Config,
+    /// Karras et al.'s rho-7 ramp.
+    Karras,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SamplerKind {
+    /// The sampler the model folder's scheduler config names (as diffusers' pipeline runs it).
+    Auto,
+    /// Euler discrete.
+    Euler(Sigmas),
+    /// Euler ancestral ("Euler a"), noise from `Request::noise`.
+    EulerAncestral,
+    Ddim,
+    /// DPM-Solver++ of `order` 1-3 ("DPM++ 2M", "DPM++ 3M"); `sde`: fresh noise each step from
+    /// `Request::noise` ("DPM++ 2M SDE", "DPM++ 3M SDE").
+    DpmPP {
+        order: usize,
+        sde: bool,
+        sigmas: Sigmas,
+    },
+    /// UniPC (bh2, data prediction) with the config's order and corrector settings.
+    UniPc(Sigmas),
+    /// The latent consistency sampler (LCM models and LCM-LoRA), fresh noise each step from
+    /// `Request::noise`.
+    Lcm,
+    /// Heun's second-order method on Euler's sigmas (two UNet evaluations a step).
+    Heun(Sigmas),
+    /// Linear multistep of order 4 on Euler's sigmas ("LMS").
+    Lms(Sigmas),
+    /// DPM-Solver-2 on Euler's sigmas ("DPM2"; two UNet evaluations a step); `ancestral`: noise
+    /// from `Request::noise` after each step ("DPM2 a").
+    Dpm2 {
+        ancestral: bool,
+        sigmas: Sigmas,
+    },
+    /// Stochastic second-order DPM-Solver++ ("DPM++ SDE"; two UNet evaluations a step), its
+    /// Brownian noise from `Request::noise` (two draws a step).
+    DpmPPSde(Sigmas),
+    /// DEIS (log-rho multistep) with the config's order.
+    Deis(Sigmas),
+}
+
+impl SamplerKind {
+    /// `Auto` as the scheduler config's class and settings; the others as they are.
+    pub fn resolve(self, config: &SchedulerConfig) -> Result<SamplerKind> {
+        if self != SamplerKind::Auto {
+            return Ok(self);
+        }
+        match &config.class {
+            SchedulerClass::EulerDiscrete => Ok(SamplerKind::Euler(Sigmas::Config)),
+            SchedulerClass::Ddim => Ok(SamplerKind::Ddim),
+            SchedulerClass::EulerAncestral => Ok(SamplerKind::EulerAncestral),
+            SchedulerClass::DpmSolverMultistep => Ok(SamplerKind::DpmPP {
+                order: config.solver_order,
+                sde: config.dpm_sde,
+                sigmas: Sigmas::Config,
+            }),
+            SchedulerClass::UniPcMultistep => Ok(SamplerKind::UniPc(Sigmas::Config)),
+            SchedulerClass::Lcm => Ok(SamplerKind::Lcm),
+            SchedulerClass::HeunDiscrete => Ok(SamplerKind::Heun(Sigmas::Config)),
+            SchedulerClass::LmsDiscrete => Ok(SamplerKind::Lms(Sigmas::Config)),
+            SchedulerClass::Kdpm2Discrete => Ok(SamplerKind::Dpm2 {
+                ancestral: false,
+                sigmas: Sigmas::Config,
+            }),
+            SchedulerClass::Kdpm2AncestralDiscrete => Ok(SamplerKind::Dpm2 {
+                ancestral: true,
+                sigmas: Sigmas::Config,
+            }),
+            SchedulerClass::DpmSolverSde => Ok(SamplerKind::DpmPPSde(Sigmas::Config)),
+            SchedulerClass::EdmDpmSolverMultistep => Ok(SamplerKind::DpmPP {
+                order: config.solver_order,
+                sde: config.dpm_sde,
+                sigmas: Sigmas::Config,
+            }),
+            SchedulerClass::EdmEuler => Ok(SamplerKind::Euler(Sigmas::Config)),
+            SchedulerClass::DeisMultistep => Ok(SamplerKind::Deis(Sigmas::Config)),
+            SchedulerClass::Other(name) => Err(Error::Config(format!(
+                "the model's scheduler `{name}` is not implemented: choose --sampler euler, \
+                 euler-karras, euler-a, ddim, dpmpp-2m(-karras), dpmpp-2m-sde(-karras), \
+                 dpmpp-3m(-karras), dpmpp-3m-sde(-karras), dpmpp-sde(-karras), unipc(-karras), \
+                 heun(-karras), lms(-karras), dpm2(-karras), dpm2-a(-karras), deis(-karras) or lcm"
+            ))),
+        }
+    }
+
+    /// The name A1111 and ComfyUI users know, with " Karras" when it steps on Karras sigmas
+    /// under `config`, and " (EDM)" on an EDM model.
+    pub fn describe(self, config: &SchedulerConfig) -> String {
+        let edm_karras = config.edm.is_some_and(|e| !e.exponential);
+        let karras = |s: Sigmas| s == Sigmas::Karras || config.karras || edm_karras;
+        let (name, k) = match self {
+            SamplerKind::Auto => ("auto".to_string(), false),
+            SamplerKind::Euler(s) => ("Euler".to_string(), karras(s)),
+            SamplerKind::EulerAncestral => ("Euler a".to_string(), false),
+            SamplerKind::Ddim => ("DDIM".to_string(), false),
+            SamplerKind::DpmPP { order, sde, sigmas } => {
+                let sde = if sde { " SDE" } else { "" };
+                let heun = if order == 2 && config.dpm_heun {
+                    " (heun)"
+                } else {
+                    ""
+                };
+                (format!("DPM++ {order}M{sde}{heun}"), karras(sigmas))
+            }
+            SamplerKind::UniPc(s) => (
+                format!("UniPC (bh2, order {})", config.solver_order),
+                karras(s),
+            ),
+            SamplerKind::Lcm => ("LCM".to_string(), false),
+            SamplerKind::Heun(s) => ("Heun".to_string(), karras(s)),
+            SamplerKind::Lms(s) => ("LMS".to_string(), karras(s)),
+            SamplerKind::Dpm2 { ancestral, sigmas } => {
+                let a = if ancestral { " a" } else { "" };
+                (format!("DPM2{a}"), karras(sigmas))
+            }
+            SamplerKind::DpmPPSde(s) => ("DPM++ SDE".to_string(), karras(s)),
+            SamplerKind::Deis(s) => (format!("DEIS (order {})", config.solver_order), karras(s)),
+        };
+        let name = if k { format!("{name} Karras") } else { name };
+        if config.edm.is_some() {
+            format!("{name} (EDM)")
+        } else {
+            name
+        }
+    }
+}
+
+/// The sampler `req` asks for on `scheduler`'s schedule.
+pub(crate) fn build_sampler(
+    scheduler: &SchedulerConfig,
+    req: &Request,
+) -> Result<Box<dyn Sampler>> {
+    let karras = |s: Sigmas| s == Sigmas::Karras || scheduler.karras;
+    let with_karras = |s: Sigmas| SchedulerConfig {
+        karras: karras(s),
+        ..scheduler.clone()
+    };
+    let noise = Some(&req.noise);
+    let kind = req.sampler.resolve(scheduler)?;
+    if let Some(edm) = scheduler.edm {
+        match kind {
+            SamplerKind::Euler(s) => {
+                let edm = EdmConfig {
+                    exponential: edm.exponential && !karras(s),
+                    ..edm
+                };
+                return Ok(Box::new(EdmEuler::new(
+                    edm,
+                    scheduler.prediction,
+                    req.steps,
+                )?));
+            }
+            // DPM-Solver++ carries its EDM form: the construction below.
+            SamplerKind::DpmPP { .. } => {}
+            other => {
+                return Err(Error::Config(format!(
+                    "{} is not implemented for EDM models (Playground v2.5, CosXL); choose \
+                     --sampler euler, dpmpp-2m, dpmpp-2m-sde or dpmpp-3m",
+                    other.describe(&SchedulerConfig {
+                        edm: None,
+                        ..scheduler.clone()
+                    })
+                )))
+            }
+        }
+    }
+    Ok(match kind {
+        SamplerKind::Euler(s) => {
+            let config = SchedulerConfig {
+                karras: karras(s),
+                ..scheduler.clone()
+            };
+            Box::new(EulerDiscrete::new(&config, req.steps)?)
+        }
+        SamplerKind::EulerAncestral => {
+            Box::new(EulerAncestral::new(scheduler, req.steps, &req.noise)?)
+        }
+        SamplerKind::Ddim => Box::new(Ddim::new(scheduler, req.steps)?),
+        SamplerKind::DpmPP { order, sde, sigmas } => Box::new(DpmSolverPP::with_noise(
+            scheduler,
+            req.steps,
+            order,
+            karras(sigmas),
+            noise.filter(|_| sde),
+        )?),
+        SamplerKind::UniPc(s) => Box::new(UniPc::new(scheduler, req.steps, karras(s))?),
+        SamplerKind::Lcm => Box::new(Lcm::new(scheduler, req.steps, &req.noise)?),
+        SamplerKind::Heun(s) => {
+            let config = SchedulerConfig {
+                karras: karras(s),
+                ..scheduler.clone()
+            };
+            Box::new(Heun::new(&config, req.steps)?)
+        }
+        SamplerKind::Lms(s) => Box::new(Lms::new(&with_karras(s), req.steps)?),
+        SamplerKind::Dpm2 { ancestral, sigmas } => Box::new(Kdpm2::new(
+            &with_karras(sigmas),
+            req.steps,
+            noise.filter(|_| ancestral),
+        )?),
+        SamplerKind::DpmPPSde(s) => {
+            Box::new(DpmPPSde::new(&with_karras(s), req.steps, &req.noise)?)
+        }
+        SamplerKind::Deis(s) => Box::new(Deis::new(scheduler, req.steps, karras(s))?),
+        SamplerKind::Auto => unreachable!("resolve() names a sampler"),
+    })
+}
