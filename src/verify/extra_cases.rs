@@ -156,6 +156,15 @@ fn check_final(
     chk.check(&key, &out, &f.tensor(&key)?, ctx.forward)
 }
 
+/// The fixtures' pipeline reference's initial latents (unscaled N(0, 1)), f32 on the case's device:
+/// where the pipeline-based extra cases start.
+fn reference_init_latents(ctx: &Ctx) -> Result<Tensor> {
+    SafeTensorsFile::open(ctx.reference("pipeline.safetensors"))?
+        .tensor("init_latents")?
+        .to_dtype(DType::F32)?
+        .to_device(ctx.device)
+}
+
 /// The request a reference file's top-level metadata describes: prompt, negative prompt (empty:
 /// none), steps, guidance scale and size; `--sampler auto`, no given noise.
 fn meta_request(f: &SafeTensorsFile) -> Result<Request> {
@@ -414,10 +423,7 @@ pub fn refiner(ctx: &Ctx) -> Result<Vec<Row>> {
     let mut chk = Checker::new("refiner");
     let path = extra(ctx, "refiner.safetensors");
     let f = SafeTensorsFile::open(&path)?;
-    let init = SafeTensorsFile::open(ctx.reference("pipeline.safetensors"))?
-        .tensor("init_latents")?
-        .to_dtype(DType::F32)?
-        .to_device(ctx.device)?;
+    let init = reference_init_latents(ctx)?;
     let mut conditioned = false;
     for name in f.meta_str("cases")?.split(',') {
         let key = |k: &str| format!("{name}.{k}");
@@ -507,10 +513,7 @@ pub fn micro_conditioning(ctx: &Ctx) -> Result<Vec<Row>> {
     let mut chk = Checker::new("micro_conditioning");
     let path = extra(ctx, "micro_conditioning.safetensors");
     let f = SafeTensorsFile::open(&path)?;
-    let init = SafeTensorsFile::open(ctx.reference("pipeline.safetensors"))?
-        .tensor("init_latents")?
-        .to_dtype(DType::F32)?
-        .to_device(ctx.device)?;
+    let init = reference_init_latents(ctx)?;
     let ids = |chk: &mut Checker, key: &str, pipe: &SdxlPipeline, req: &Request, image| {
         let (pos, neg) = no_grad(|| pipe.request_embeds(req))?;
         let (_, _, t) = guidance_batch(&pipe.unet, req, &pos, neg.as_ref(), image, ctx.device)?;
@@ -727,10 +730,7 @@ pub fn refiner_lora(ctx: &Ctx) -> Result<Vec<Row>> {
     );
     let mut refiner = tiny_refiner_with(ctx, &[lora])?;
     let mut chk = Checker::new("refiner_lora");
-    let init = SafeTensorsFile::open(ctx.reference("pipeline.safetensors"))?
-        .tensor("init_latents")?
-        .to_dtype(DType::F32)?
-        .to_device(ctx.device)?;
+    let init = reference_init_latents(ctx)?;
     let scheduler = SchedulerConfig::from_json_text(f.meta_str("scheduler_config")?, &path)?;
     base.scheduler = scheduler.clone();
     refiner.scheduler = scheduler;
@@ -809,10 +809,7 @@ pub fn textual_inversion(ctx: &Ctx) -> Result<Vec<Row>> {
     ] {
         chk.check(n, t, &f.tensor(n)?, ctx.forward)?;
     }
-    let init = SafeTensorsFile::open(ctx.reference("pipeline.safetensors"))?
-        .tensor("init_latents")?
-        .to_dtype(DType::F32)?
-        .to_device(ctx.device)?;
+    let init = reference_init_latents(ctx)?;
     let out = no_grad(|| pipe.denoise(&req, &init, |_, _| {}))?;
     chk.check(
         "final_latents",
