@@ -772,7 +772,7 @@ fn a_refiner_folder_finishes_the_base_run() {
 
 /// `--refiner-lora` goes to the refiner alone (the `refiner_lora` verify case checks its numbers
 /// against diffusers): it changes the picture, the refiner line counts it, and a LoRA made for
-/// the base is refused by the refiner naming the modules it lacks.
+/// the base is refused, naming the modules the refiner lacks, before the base run.
 #[test]
 fn refiner_loras_apply_to_the_refiner() {
     let dir = tmp("refiner-lora");
@@ -805,9 +805,21 @@ fn refiner_loras_apply_to_the_refiner() {
         std::fs::read(plain).unwrap(),
         std::fs::read(styled).unwrap()
     );
+    // A LoRA made for the base, and a refiner path that is not there, fail before the base
+    // model loads (its "kstyle generate: model" line is never printed).
     let base_lora = tiny().join("kohya_lora.safetensors");
     let (o, _) = run(&["--refiner-lora", base_lora.to_str().unwrap()], "x.png");
     common::assert_fails_naming(&o, "lora_unet_");
+    common::assert_fails_naming(&o, "checking the refiner");
+    assert!(!common::stderr(&o).contains("kstyle generate: model"));
+    let o = common::generate_tiny(&[
+        "--refiner",
+        dir.join("no-such-refiner").to_str().unwrap(),
+        "--out",
+        dir.join("x.png").to_str().unwrap(),
+    ]);
+    common::assert_fails_naming(&o, "no-such-refiner");
+    assert!(!common::stderr(&o).contains("kstyle generate: model"));
     let o = common::generate_tiny(&["--refiner-lora", &lora, "--out", "x.png"]);
     common::assert_fails_naming(&o, "--refiner");
     std::fs::remove_dir_all(&dir).unwrap();

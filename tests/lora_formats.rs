@@ -980,3 +980,101 @@ fn lora_files_match_the_tools_that_wrote_them() {
         );
     }
 }
+
+/// `SdxlPipeline::check_loras` (what `generate` runs on the refiner before the base run, from
+/// configs and file headers) accepts exactly the files a load accepts: every LoRA-family fixture
+/// and an adapter made for the base, each against the tiny base and the tiny refiner. Files
+/// made for one model fail on the other, so both outcomes are exercised.
+#[test]
+fn header_checks_accept_exactly_what_loading_accepts() {
+    use kstyle::formats::adapter::{Adapter, Method};
+    use kstyle::nn::lora::{LoraAdapter, LoraConfig};
+    use kstyle::sample::pipeline::{unet_index_for, LoadOptions, SdxlPipeline};
+    let dir = tmp("check-loras");
+    std::fs::create_dir_all(&dir).unwrap();
+    let base = tiny().join("sdxl");
+    let refiner = common::tiny_refiner_folder(&dir);
+    let extra = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/extra");
+    let mut files: Vec<PathBuf> = vec![tiny().join("kohya_lora.safetensors")];
+    for name in std::fs::read_dir(&extra).unwrap() {
+        let p = name.unwrap().path();
+        let stem = p.file_stem().unwrap().to_str().unwrap().to_string();
+        let lora = [
+            "lycoris_",
+            "peft_dora",
+            "export_kohya",
+            "export_diffusers",
+            "refiner_lora",
+        ]
+        .iter()
+        .any(|s| stem.starts_with(s))
+            && !stem.ends_with("_reference");
+        if lora {
+            files.push(p);
+        }
+    }
+    files.sort();
+    // Adapters for the base: one on a module whose kohya name the refiner lacks (its levels
+    // are numbered differently), one on a module both have, at the base's width.
+    let cfg = UNetConfig::from_file(base.join("unet/config.json")).unwrap();
+    let index = unet_index_for(&cfg);
+    for (i, module) in [
+        "down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_k",
+        "mid_block.attentions.0.transformer_blocks.0.attn1.to_k",
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let &[d_out, d_in] = index.weight_shape(module).unwrap() else {
+            panic!("{module} is not a Linear")
+        };
+        let config = LoraConfig {
+            rank: 2,
+            ..LoraConfig::default()
+        };
+        let mut rng = Rng::new(3);
+        let lora = LoraAdapter::init(d_in, d_out, config, None, &mut rng, DType::F32, Device::Cpu)
+            .unwrap();
+        let path = dir.join(format!("adapter-{i}.safetensors"));
+        Adapter {
+            method: Method::Lora,
+            config,
+            concepts: Vec::new(),
+            concept_embeds: None,
+            modules: vec![(module.to_string(), lora)],
+            cultural: None,
+            settings: BTreeMap::new(),
+        }
+        .save(&path, &index)
+        .unwrap();
+        files.push(path);
+    }
+    let mut outcomes = BTreeMap::new();
+    for model in [&base, &refiner] {
+        for file in &files {
+            let opts = LoadOptions {
+                model: model.clone(),
+                config: None,
+                dtype: DType::F32,
+                device: Device::Cpu,
+                loras: vec![(file.clone(), 0.7)],
+            };
+            let checked = SdxlPipeline::check_loras(&opts);
+            let loaded = SdxlPipeline::load(&opts);
+            let name = format!("{} on {}", file.display(), model.display());
+            assert_eq!(
+                checked.is_ok(),
+                loaded.is_ok(),
+                "{name}: check {:?}, load {:?}",
+                checked.err(),
+                loaded.err().map(|e| e.to_string())
+            );
+            *outcomes.entry(checked.is_ok()).or_insert(0) += 1;
+        }
+    }
+    assert!(
+        outcomes[&true] >= 10 && outcomes[&false] >= 3,
+        "{outcomes:?}"
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}

@@ -393,6 +393,19 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
         .collect::<anyhow::Result<Vec<_>>>()?;
     let device = a.device.device();
     let dtype = a.dtype.dtype();
+    // The refiner loads only after the base run; check it and its LoRAs now, from configs and
+    // file headers, so that a wrong file fails before the base run rather than after it.
+    let refiner_opts = a.refiner.as_ref().map(|path| LoadOptions {
+        model: path.clone(),
+        config: a.refiner_config.clone(),
+        dtype,
+        device,
+        loras: refiner_loras,
+    });
+    if let Some(r) = &refiner_opts {
+        SdxlPipeline::check_loras(r)
+            .with_context(|| format!("checking the refiner {}", r.model.display()))?;
+    }
     let opts = LoadOptions {
         model: a.model.clone(),
         config: a.config.clone(),
@@ -574,20 +587,15 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
         bar.finish_and_clear();
         save_image(&a.out, seed, seeds.len() > 1, &image)?;
     }
-    let Some(refiner_path) = &a.refiner else {
+    let Some(refiner_opts) = &refiner_opts else {
         return Ok(ExitCode::SUCCESS);
     };
+    let refiner_path = &refiner_opts.model;
     // The refiner finishes every seed's latents; the first model is dropped first so that both
     // are never resident at once.
     drop(pipe);
-    let mut refiner = SdxlPipeline::load(&LoadOptions {
-        model: refiner_path.clone(),
-        config: a.refiner_config.clone(),
-        dtype,
-        device,
-        loras: refiner_loras,
-    })
-    .with_context(|| format!("loading the refiner {}", refiner_path.display()))?;
+    let mut refiner = SdxlPipeline::load(refiner_opts)
+        .with_context(|| format!("loading the refiner {}", refiner_path.display()))?;
     for ti in &embeddings {
         refiner
             .add_embedding(ti)

@@ -3,7 +3,7 @@
 //! on its own, so the trainer can keep only the UNet resident.
 
 use crate::formats::diffusers::{DiffusersFolder, ModelIndex};
-use crate::formats::kohya::Component;
+use crate::formats::kohya::{Component, ModuleIndex};
 use crate::formats::single_file::{self, SplitCheckpoint, VaeLayout};
 use crate::formats::{MappedFile, TensorMap};
 use crate::models::clip::config::ClipTextConfig;
@@ -279,6 +279,35 @@ impl ModelFiles {
             true,
         )?;
         Ok((te1, te2))
+    }
+
+    /// The kohya naming indexes of the text encoders (the first one, where the model has it,
+    /// then the second), from the weights' names and shapes alone: nothing is decoded.
+    pub fn text_encoder_indexes(&self) -> Result<Vec<ModuleIndex>> {
+        let mut parts = Vec::new();
+        if self.has_text_encoder_1()? {
+            parts.push(("text_encoder", Component::TextEncoder));
+        }
+        parts.push(("text_encoder_2", Component::TextEncoder2));
+        let index = |c: Component, map: &TensorMap<'_>| {
+            ModuleIndex::text_encoder(c, map.iter().map(|(k, t)| (k.as_str(), t.shape.as_slice())))
+        };
+        if !self.single_file {
+            let folder = DiffusersFolder::open(&self.model)?;
+            return parts
+                .into_iter()
+                .map(|(name, c)| Ok(index(c, &folder.component(name, None)?.tensors()?)))
+                .collect();
+        }
+        let file = MappedFile::open(&self.model)?;
+        let split = self.split(&file)?;
+        Ok(parts
+            .into_iter()
+            .map(|(_, c)| match c {
+                Component::TextEncoder => index(c, &split.text_encoder),
+                _ => index(c, &split.text_encoder_2),
+            })
+            .collect())
     }
 
     fn component_config(&self, name: &str) -> Result<serde_json::Value> {

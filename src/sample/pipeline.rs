@@ -11,7 +11,7 @@ use crate::formats::adapter::Adapter;
 use crate::formats::kohya::ModuleIndex;
 use crate::models::clip::text::{token_ids, ClipTextModel};
 use crate::models::clip::tokenizer::ClipTokenizer;
-use crate::models::unet::lora_merge::KohyaLoraFile;
+use crate::models::unet::lora_merge::{check_kohya, KohyaLoraFile};
 use crate::models::unet::UNet2DConditionModel;
 use crate::models::vae::AutoencoderKL;
 use crate::tensor::Rng;
@@ -313,6 +313,32 @@ impl SdxlPipeline {
             pipe.attach_adapter(&path, m)?;
         }
         Ok(pipe)
+    }
+
+    /// Checks the model `opts` names and its LoRA-family files against each other without
+    /// loading any weight: the model resolves and its UNet config reads, and every name, factor
+    /// shape and scale a load would check is checked from the configs and the files' headers
+    /// (an adapter's names and factor shapes too). `generate` runs this on the refiner before
+    /// the base model runs, so a wrong refiner or refiner LoRA fails in seconds, not after the
+    /// base pass.
+    pub fn check_loras(opts: &LoadOptions) -> Result<()> {
+        let files = ModelFiles::resolve(&opts.model, opts.config.as_deref())?;
+        let check = || -> Result<()> {
+            let cfg = files.unet_config()?;
+            for (path, m) in &opts.loras {
+                if Adapter::is_adapter_file(path)? {
+                    check_adapter(path, &unet_index_for(&cfg))?;
+                } else {
+                    check_kohya(
+                        unet_index_for(&cfg),
+                        files.text_encoder_indexes()?,
+                        &KohyaLoraFile::new(path, *m),
+                    )?;
+                }
+            }
+            Ok(())
+        };
+        check().map_err(|e| files.explain(e))
     }
 
     /// The kohya naming index of this UNet (adapter files, exports).
@@ -662,6 +688,31 @@ pub fn unet_index_for(cfg: &crate::models::unet::UNetConfig) -> ModuleIndex {
         shapes.0.iter().map(|(k, s)| (k.as_str(), s.as_slice())),
         &cfg.layout(),
     )
+}
+
+/// An adapter file's modules against a UNet's index: each names a Linear of it, with factors
+/// of that Linear's shape (what [`SdxlPipeline::attach_adapter`] would refuse, without a model).
+fn check_adapter(path: &Path, index: &ModuleIndex) -> Result<()> {
+    let adapter = Adapter::load(path, index, Device::Cpu)?;
+    for (module, a) in &adapter.modules {
+        let rank = a.config.rank;
+        let fits = match index.weight_shape(module) {
+            Some(&[out, d_in]) => a.a.dims() == [rank, d_in] && a.b.dims() == [out, rank],
+            _ => false,
+        };
+        if !fits {
+            return Err(Error::file(
+                path,
+                format!(
+                    "module `{module}`: factors {:?} and {:?} do not fit its weight {:?}",
+                    a.a.dims(),
+                    a.b.dims(),
+                    index.weight_shape(module)
+                ),
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// The sampling loop on precomputed prompt embeddings (the trainer samples with its live UNet and

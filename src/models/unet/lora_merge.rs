@@ -48,10 +48,42 @@ pub fn merge_kohya(
     layout: &UnetLayout,
     lora: &KohyaLoraFile,
 ) -> Result<MergeReport> {
-    let context = lora.path.display().to_string();
     let index = ModuleIndex::unet(tensors.iter().map(|(k, t)| (k.as_str(), t.dims())), layout);
-    let model = KohyaModel::new(vec![index]);
     let file = MappedFile::open(&lora.path)?;
+    let (unet, not_unet) = unet_patches(index, &file, lora)?;
+    Ok(MergeReport {
+        merged: apply(tensors, &unet, lora)?,
+        not_unet,
+    })
+}
+
+/// Checks `lora` against a model's modules as the loaders will merge it, from names and shapes
+/// alone (no weight is read): the UNet part against `unet`, each text-encoder part against its
+/// index in `text_encoders`. Every key, factor shape and scale is checked as a merge checks it;
+/// a refiner's LoRAs are checked this way before the base model runs.
+pub fn check_kohya(
+    unet: ModuleIndex,
+    text_encoders: Vec<ModuleIndex>,
+    lora: &KohyaLoraFile,
+) -> Result<()> {
+    let file = MappedFile::open(&lora.path)?;
+    unet_patches(unet, &file, lora)?;
+    for index in text_encoders {
+        text_encoder_patches(index, &file, lora)?;
+    }
+    Ok(())
+}
+
+/// The UNet patches of `lora` resolved against `index`, and the keys it leaves to the text
+/// encoders. UNet keys that name no module of `index` are an error listing them; so is a file
+/// with keys of no LoRA spelling at all.
+fn unet_patches<'f>(
+    index: ModuleIndex,
+    file: &'f MappedFile,
+    lora: &KohyaLoraFile,
+) -> Result<(Vec<Patch<'f>>, Vec<String>)> {
+    let context = lora.path.display().to_string();
+    let model = KohyaModel::new(vec![index]);
     let parsed = model.parse_patches(file.tensors()?, &context, file.metadata())?;
     let (mut bad, mut not_unet, mut foreign) = (Vec::new(), Vec::new(), Vec::new());
     for (claimed, key) in parsed.unknown {
@@ -77,10 +109,7 @@ pub fn merge_kohya(
         .into_iter()
         .partition(|p| p.component == Component::Unet);
     not_unet.extend(te.into_iter().flat_map(|p| p.keys));
-    Ok(MergeReport {
-        merged: apply(tensors, &unet, lora)?,
-        not_unet,
-    })
+    Ok((unet, not_unet))
 }
 
 /// Merges every patch into its `<module>.weight` (and `.bias` for `diff_b`) in f64.
@@ -127,13 +156,25 @@ pub fn merge_kohya_text_encoder(
     component: Component,
     lora: &KohyaLoraFile,
 ) -> Result<Vec<String>> {
-    let context = lora.path.display().to_string();
     let index = ModuleIndex::text_encoder(
         component,
         tensors.iter().map(|(k, t)| (k.as_str(), t.dims())),
     );
-    let model = KohyaModel::new(vec![index]);
     let file = MappedFile::open(&lora.path)?;
+    let mine = text_encoder_patches(index, &file, lora)?;
+    apply(tensors, &mine, lora)
+}
+
+/// The patches of `lora` for the text encoder `index` describes; keys its prefix claims that
+/// name none of that encoder's modules are an error listing them.
+fn text_encoder_patches<'f>(
+    index: ModuleIndex,
+    file: &'f MappedFile,
+    lora: &KohyaLoraFile,
+) -> Result<Vec<Patch<'f>>> {
+    let context = lora.path.display().to_string();
+    let component = index.component();
+    let model = KohyaModel::new(vec![index]);
     let parsed = model.parse_patches(file.tensors()?, &context, file.metadata())?;
     let bad: Vec<String> = parsed
         .unknown
@@ -144,10 +185,9 @@ pub fn merge_kohya_text_encoder(
     if !bad.is_empty() {
         return Err(formats::Error::UnexpectedKeys { context, keys: bad }.into());
     }
-    let mine: Vec<Patch<'_>> = parsed
+    Ok(parsed
         .patches
         .into_iter()
         .filter(|p| p.component == component)
-        .collect();
-    apply(tensors, &mine, lora)
+        .collect())
 }
