@@ -458,6 +458,12 @@ fn every_sampler_name_generates_and_reports_itself() {
         ("dpmpp-sde-karras", "sampler: DPM++ SDE Karras\n"),
         ("deis", "sampler: DEIS (order 2)\n"),
         ("deis-karras", "sampler: DEIS (order 2) Karras\n"),
+        ("dpmpp-2s", "sampler: DPM++ 2S\n"),
+        ("dpmpp-2s-karras", "sampler: DPM++ 2S Karras\n"),
+        ("dpmpp-2s-sde", "sampler: DPM++ 2S SDE\n"),
+        ("dpmpp-2s-sde-karras", "sampler: DPM++ 2S SDE Karras\n"),
+        ("dpmpp-3s", "sampler: DPM++ 3S\n"),
+        ("dpmpp-3s-karras", "sampler: DPM++ 3S Karras\n"),
         ("auto", "sampler: Euler\n"),
     ] {
         let out = dir.join(format!("{name}.png"));

@@ -214,6 +214,26 @@ pub enum SamplerArg {
     /// DPM-Solver++ 3M SDE on Karras sigmas ("DPM++ 3M SDE Karras").
     #[value(name = "dpmpp-3m-sde-karras")]
     DpmPP3MSdeKarras,
+    /// Singlestep DPM-Solver++ of order 2 ("DPM++ 2S", diffusers' DPMSolverSinglestepScheduler;
+    /// not A1111's ancestral "DPM++ 2S a"): cycles of a first- and a second-order step.
+    #[value(name = "dpmpp-2s")]
+    DpmPP2S,
+    /// DPM++ 2S on Karras sigmas.
+    #[value(name = "dpmpp-2s-karras")]
+    DpmPP2SKarras,
+    /// DPM++ 2S SDE: fresh noise each step, from the seed.
+    #[value(name = "dpmpp-2s-sde")]
+    DpmPP2SSde,
+    /// DPM++ 2S SDE on Karras sigmas.
+    #[value(name = "dpmpp-2s-sde-karras")]
+    DpmPP2SSdeKarras,
+    /// Singlestep DPM-Solver++ of order 3 ("DPM++ 3S"): cycles of first-, second- and
+    /// third-order steps.
+    #[value(name = "dpmpp-3s")]
+    DpmPP3S,
+    /// DPM++ 3S on Karras sigmas.
+    #[value(name = "dpmpp-3s-karras")]
+    DpmPP3SKarras,
     /// UniPC (bh2), with the model's scheduler settings (order 2 by default).
     #[value(name = "unipc")]
     UniPc,
@@ -262,6 +282,7 @@ impl SamplerArg {
     fn kind(self) -> SamplerKind {
         let dpm = |order, sde, sigmas| SamplerKind::DpmPP { order, sde, sigmas };
         let dpm2 = |ancestral, sigmas| SamplerKind::Dpm2 { ancestral, sigmas };
+        let single = |order, sde, sigmas| SamplerKind::DpmPPSingle { order, sde, sigmas };
         match self {
             SamplerArg::Auto => SamplerKind::Auto,
             SamplerArg::Euler => SamplerKind::Euler(Sigmas::Config),
@@ -276,6 +297,12 @@ impl SamplerArg {
             SamplerArg::DpmPP3MKarras => dpm(3, false, Sigmas::Karras),
             SamplerArg::DpmPP3MSde => dpm(3, true, Sigmas::Config),
             SamplerArg::DpmPP3MSdeKarras => dpm(3, true, Sigmas::Karras),
+            SamplerArg::DpmPP2S => single(2, false, Sigmas::Config),
+            SamplerArg::DpmPP2SKarras => single(2, false, Sigmas::Karras),
+            SamplerArg::DpmPP2SSde => single(2, true, Sigmas::Config),
+            SamplerArg::DpmPP2SSdeKarras => single(2, true, Sigmas::Karras),
+            SamplerArg::DpmPP3S => single(3, false, Sigmas::Config),
+            SamplerArg::DpmPP3SKarras => single(3, false, Sigmas::Karras),
             SamplerArg::UniPc => SamplerKind::UniPc(Sigmas::Config),
             SamplerArg::UniPcKarras => SamplerKind::UniPc(Sigmas::Karras),
             SamplerArg::Lcm => SamplerKind::Lcm,

@@ -60,7 +60,7 @@ pub(crate) fn lambda(s: f32) -> f32 {
 }
 
 /// `a * x + b * y` with float32 weights.
-fn axpby(a: f32, x: &Tensor, b: f32, y: &Tensor) -> Result<Tensor> {
+pub(crate) fn axpby(a: f32, x: &Tensor, b: f32, y: &Tensor) -> Result<Tensor> {
     x.scale(a as f64)?.add(&y.scale(b as f64)?)
 }
 

@@ -4,8 +4,8 @@
 
 use super::pipeline::Request;
 use super::{
-    Ddim, Deis, DpmPPSde, DpmSolverPP, EdmConfig, EdmEuler, EulerAncestral, EulerDiscrete, Heun,
-    Kdpm2, Lcm, Lms, Sampler, SchedulerClass, SchedulerConfig, UniPc,
+    Ddim, Deis, DpmPPSde, DpmSolverPP, DpmSolverSinglestep, EdmConfig, EdmEuler, EulerAncestral,
+    EulerDiscrete, Heun, Kdpm2, Lcm, Lms, Sampler, SchedulerClass, SchedulerConfig, UniPc,
 };
 use crate::{Error, Result};
 
@@ -30,6 +30,13 @@ pub enum SamplerKind {
     /// DPM-Solver++ of `order` 1-3 ("DPM++ 2M", "DPM++ 3M"); `sde`: fresh noise each step from
     /// `Request::noise` ("DPM++ 2M SDE", "DPM++ 3M SDE").
     DpmPP {
+        order: usize,
+        sde: bool,
+        sigmas: Sigmas,
+    },
+    /// Singlestep DPM-Solver++ of `order` 1-3 ("DPM++ 2S", "DPM++ 3S"; diffusers'
+    /// `DPMSolverSinglestepScheduler`); `sde`: fresh noise each step from `Request::noise`.
+    DpmPPSingle {
         order: usize,
         sde: bool,
         sigmas: Sigmas,
@@ -71,6 +78,11 @@ impl SamplerKind {
                 sde: config.dpm_sde,
                 sigmas: Sigmas::Config,
             }),
+            SchedulerClass::DpmSolverSinglestep => Ok(SamplerKind::DpmPPSingle {
+                order: config.solver_order,
+                sde: config.dpm_sde,
+                sigmas: Sigmas::Config,
+            }),
             SchedulerClass::UniPcMultistep => Ok(SamplerKind::UniPc(Sigmas::Config)),
             SchedulerClass::Lcm => Ok(SamplerKind::Lcm),
             SchedulerClass::HeunDiscrete => Ok(SamplerKind::Heun(Sigmas::Config)),
@@ -94,7 +106,8 @@ impl SamplerKind {
             SchedulerClass::Other(name) => Err(Error::Config(format!(
                 "the model's scheduler `{name}` is not implemented: choose --sampler euler, \
                  euler-karras, euler-a, ddim, dpmpp-2m(-karras), dpmpp-2m-sde(-karras), \
-                 dpmpp-3m(-karras), dpmpp-3m-sde(-karras), dpmpp-sde(-karras), unipc(-karras), \
+                 dpmpp-3m(-karras), dpmpp-3m-sde(-karras), dpmpp-2s(-karras), \
+                 dpmpp-2s-sde(-karras), dpmpp-3s(-karras), dpmpp-sde(-karras), unipc(-karras), \
                  heun(-karras), lms(-karras), dpm2(-karras), dpm2-a(-karras), deis(-karras) or lcm"
             ))),
         }
@@ -118,6 +131,15 @@ impl SamplerKind {
                     ""
                 };
                 (format!("DPM++ {order}M{sde}{heun}"), karras(sigmas))
+            }
+            SamplerKind::DpmPPSingle { order, sde, sigmas } => {
+                let sde = if sde { " SDE" } else { "" };
+                let heun = if order > 1 && config.dpm_heun {
+                    " (heun)"
+                } else {
+                    ""
+                };
+                (format!("DPM++ {order}S{sde}{heun}"), karras(sigmas))
             }
             SamplerKind::UniPc(s) => (
                 format!("UniPC (bh2, order {})", config.solver_order),
@@ -194,6 +216,13 @@ pub(crate) fn build_sampler(
         }
         SamplerKind::Ddim => Box::new(Ddim::new(scheduler, req.steps)?),
         SamplerKind::DpmPP { order, sde, sigmas } => Box::new(DpmSolverPP::with_noise(
+            scheduler,
+            req.steps,
+            order,
+            karras(sigmas),
+            noise.filter(|_| sde),
+        )?),
+        SamplerKind::DpmPPSingle { order, sde, sigmas } => Box::new(DpmSolverSinglestep::new(
             scheduler,
             req.steps,
             order,

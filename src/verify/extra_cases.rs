@@ -23,7 +23,7 @@ fn extra(ctx: &Ctx, file: &str) -> PathBuf {
 
 /// The sampler references: (file stem, sampler). `None` runs `--sampler auto` on the scheduler
 /// config the reference stores in its `scheduler_config` metadata, exactly as diffusers saved it.
-const SAMPLER_CASES: [(&str, Option<SamplerKind>); 34] = [
+const SAMPLER_CASES: [(&str, Option<SamplerKind>); 39] = [
     (
         "dpmpp_2m",
         Some(SamplerKind::DpmPP {
@@ -79,6 +79,32 @@ const SAMPLER_CASES: [(&str, Option<SamplerKind>); 34] = [
     ("deis_karras", None),
     ("euler_linspace", None),
     ("dpm2_a_karras_linspace", None),
+    (
+        "dpmpp_2s",
+        Some(SamplerKind::DpmPPSingle {
+            order: 2,
+            sde: false,
+            sigmas: Sigmas::Config,
+        }),
+    ),
+    (
+        "dpmpp_2s_karras",
+        Some(SamplerKind::DpmPPSingle {
+            order: 2,
+            sde: false,
+            sigmas: Sigmas::Karras,
+        }),
+    ),
+    (
+        "dpmpp_2s_sde_karras",
+        Some(SamplerKind::DpmPPSingle {
+            order: 2,
+            sde: true,
+            sigmas: Sigmas::Karras,
+        }),
+    ),
+    ("dpmpp_3s", None),
+    ("dpmpp_3s_heun", None),
 ];
 
 /// Every sampler reference: the final latents of the whole CFG run from its initial latents.
