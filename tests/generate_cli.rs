@@ -380,9 +380,9 @@ fn half_precision_generation_stays_close_to_f32() {
     }
 }
 
-/// The stochastic samplers (`euler-a`, `dpm2-a`, `dpmpp-sde`) draw their step noise from the
-/// seed: the same seed gives the same image, and the same initial latents with another seed's
-/// noise give another image.
+/// The stochastic samplers (`euler-a`, `dpm2-a`, `dpmpp-sde`, `dpmpp-2s-sde`, `tcd`) draw their
+/// step noise from the seed: the same seed gives the same image, and the same initial latents
+/// with another seed's noise give another image.
 #[test]
 fn ancestral_noise_follows_the_seed() {
     let dir = tmp("euler-a");
@@ -420,7 +420,7 @@ fn ancestral_noise_follows_the_seed() {
         assert!(o.status.success(), "{}", common::stderr(&o));
         std::fs::read(out).unwrap()
     };
-    for sampler in ["euler-a", "dpm2-a", "dpmpp-sde"] {
+    for sampler in ["euler-a", "dpm2-a", "dpmpp-sde", "dpmpp-2s-sde", "tcd"] {
         assert!(
             run(sampler, "5", "a.png") == run(sampler, "5", "b.png"),
             "{sampler}: same seed, different images"
@@ -464,6 +464,7 @@ fn every_sampler_name_generates_and_reports_itself() {
         ("dpmpp-2s-sde-karras", "sampler: DPM++ 2S SDE Karras\n"),
         ("dpmpp-3s", "sampler: DPM++ 3S\n"),
         ("dpmpp-3s-karras", "sampler: DPM++ 3S Karras\n"),
+        ("tcd", "sampler: TCD (gamma 0.3)\n"),
         ("auto", "sampler: Euler\n"),
     ] {
         let out = dir.join(format!("{name}.png"));
@@ -474,6 +475,44 @@ fn every_sampler_name_generates_and_reports_itself() {
         assert!(err.contains(reported), "{name}: {err}");
         assert!(out.exists(), "{name}");
     }
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// A folder whose scheduler is TCDScheduler runs TCD under `--sampler auto`, at gamma 0.3 or
+/// `--tcd-gamma`; a gamma outside 0..=1, or one given to another sampler, is refused by name.
+#[test]
+fn tcd_folders_run_tcd_with_their_gamma() {
+    let dir = tmp("tcd-generate");
+    let model = dir.join("sdxl");
+    common::copy_dir(&common::tiny().join("sdxl"), &model);
+    let sched = model.join("scheduler/scheduler_config.json");
+    let text = std::fs::read_to_string(&sched)
+        .unwrap()
+        .replace("\"EulerDiscreteScheduler\"", "\"TCDScheduler\"");
+    assert!(text.contains("TCDScheduler"));
+    std::fs::write(&sched, text).unwrap();
+    let run = |extra: &[&str]| {
+        let out = dir.join("x.png");
+        let mut args = vec!["--out", out.to_str().unwrap()];
+        args.extend_from_slice(extra);
+        common::generate_model(&model, "4", &args)
+    };
+    for (extra, reported) in [
+        (&[][..], "sampler: TCD (gamma 0.3)\n"),
+        (&["--tcd-gamma", "0.5"][..], "sampler: TCD (gamma 0.5)\n"),
+    ] {
+        let o = run(extra);
+        let err = common::stderr(&o);
+        assert!(
+            o.status.success() && err.contains(reported),
+            "{extra:?}: {err}"
+        );
+    }
+    common::assert_fails_naming(&run(&["--tcd-gamma", "1.5"]), "--tcd-gamma");
+    let o = run(&["--sampler", "euler", "--tcd-gamma", "0.5"]);
+    common::assert_fails_naming(&o, "--tcd-gamma");
+    let o = common::generate_tiny_steps("4", &["--tcd-gamma", "0.5", "--out", "x.png"]);
+    common::assert_fails_naming(&o, "--tcd-gamma");
     std::fs::remove_dir_all(&dir).unwrap();
 }
 

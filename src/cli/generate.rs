@@ -126,6 +126,11 @@ pub struct Args {
     /// `auto`: the sampler the model's scheduler config names, as diffusers runs it.
     #[arg(long, value_enum, default_value = "auto")]
     pub sampler: SamplerArg,
+    /// TCD's gamma (diffusers' `eta`), 0 to 1: how much fresh noise each step mixes back in
+    /// (0 is deterministic). Default 0.3, the TCD authors' setting. For --sampler tcd, or
+    /// --sampler auto on a model whose scheduler is TCDScheduler.
+    #[arg(long)]
+    pub tcd_gamma: Option<f64>,
     #[arg(long, value_enum, default_value = "cpu")]
     pub device: DeviceArg,
     /// Compute dtype of the text encoders and the UNet (the VAE always decodes in f32).
@@ -243,6 +248,9 @@ pub enum SamplerArg {
     /// The latent consistency sampler, for LCM models and LCM-LoRA (4-8 steps, --cfg 1 to 2):
     /// fresh noise each step, from the seed.
     Lcm,
+    /// Trajectory consistency distillation's sampler, for TCD models and TCD-LoRA (4-8 steps,
+    /// low --cfg; --tcd-gamma sets its stochasticity): fresh noise each step, from the seed.
+    Tcd,
     /// Heun's second-order method: two UNet evaluations a step (2 x steps - 1 in all).
     Heun,
     /// Heun on Karras sigmas.
@@ -306,6 +314,9 @@ impl SamplerArg {
             SamplerArg::UniPc => SamplerKind::UniPc(Sigmas::Config),
             SamplerArg::UniPcKarras => SamplerKind::UniPc(Sigmas::Karras),
             SamplerArg::Lcm => SamplerKind::Lcm,
+            SamplerArg::Tcd => SamplerKind::Tcd {
+                gamma: kstyle::sample::tcd::DEFAULT_GAMMA,
+            },
             SamplerArg::Heun => SamplerKind::Heun(Sigmas::Config),
             SamplerArg::HeunKarras => SamplerKind::Heun(Sigmas::Karras),
             SamplerArg::Lms => SamplerKind::Lms(Sigmas::Config),
@@ -405,6 +416,14 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
         Some((_, w, h)) => (*w, *h),
         None => (a.width.unwrap_or(1024), a.height.unwrap_or(1024)),
     };
+    if let Some(g) = a.tcd_gamma {
+        if !(0.0..=1.0).contains(&g) {
+            anyhow::bail!("--tcd-gamma must be between 0 and 1, got {g}");
+        }
+        if !matches!(a.sampler, SamplerArg::Tcd | SamplerArg::Auto) {
+            anyhow::bail!("--tcd-gamma applies to the TCD sampler: use --sampler tcd");
+        }
+    }
     if width == 0 || height == 0 || width % 8 != 0 || height % 8 != 0 {
         anyhow::bail!("--width and --height must be positive multiples of 8, got {width}x{height}");
     }
@@ -492,7 +511,14 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
         },
     };
     // `auto` names a sampler now, so an unsupported scheduler fails before any step runs.
-    let sampler = req.sampler.resolve(&pipe.scheduler)?;
+    let sampler = match (req.sampler.resolve(&pipe.scheduler)?, a.tcd_gamma) {
+        (SamplerKind::Tcd { .. }, Some(gamma)) => SamplerKind::Tcd { gamma },
+        (other, Some(_)) => anyhow::bail!(
+            "--tcd-gamma applies to the TCD sampler, and this run uses {}: add --sampler tcd",
+            other.describe(&pipe.scheduler)
+        ),
+        (sampler, None) => sampler,
+    };
     let model_kind = match (pipe.scheduler.prediction, pipe.scheduler.zero_snr) {
         (kstyle::sample::schedule::Prediction::Epsilon, false) => "",
         (kstyle::sample::schedule::Prediction::Epsilon, true) => " (zero-SNR schedule)",

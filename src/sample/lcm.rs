@@ -24,27 +24,38 @@ pub struct Lcm {
     prediction: Prediction,
 }
 
+/// The distillation schedule LCMScheduler and TCDScheduler share: `original_inference_steps`
+/// evenly spaced timesteps `k (j + 1) - 1` with `k = T / original`, largest first, of which
+/// `steps` are taken at the indices `floor(linspace(0, original, steps, endpoint=False))`.
+/// `what` names the sampler in errors.
+pub(crate) fn distillation_timesteps(
+    config: &SchedulerConfig,
+    steps: usize,
+    what: &str,
+) -> Result<Vec<usize>> {
+    let n = config.num_train_timesteps;
+    let original = config.lcm_original_steps;
+    if original == 0 || original > n {
+        return Err(Error::Config(format!(
+            "{what}: original_inference_steps {original} must be in 1..={n}"
+        )));
+    }
+    if steps == 0 || steps > original {
+        return Err(Error::Config(format!(
+            "{what} takes 1 to {original} steps (its config's original_inference_steps), got \
+             {steps}"
+        )));
+    }
+    let k = n / original;
+    let origin: Vec<usize> = (1..=original).rev().map(|j| j * k - 1).collect();
+    Ok((0..steps)
+        .map(|i| origin[(i as f64 * (original as f64 / steps as f64)).floor() as usize])
+        .collect())
+}
+
 impl Lcm {
     pub fn new(config: &SchedulerConfig, steps: usize, noise: &Noise) -> Result<Lcm> {
-        let n = config.num_train_timesteps;
-        let original = config.lcm_original_steps;
-        if original == 0 || original > n {
-            return Err(Error::Config(format!(
-                "LCM: original_inference_steps {original} must be in 1..={n}"
-            )));
-        }
-        if steps == 0 || steps > original {
-            return Err(Error::Config(format!(
-                "LCM takes 1 to {original} steps (its config's original_inference_steps), got \
-                 {steps}"
-            )));
-        }
-        let k = n / original;
-        // The distillation schedule, largest first, sampled at floor(linspace(0, len, steps)).
-        let origin: Vec<usize> = (1..=original).rev().map(|j| j * k - 1).collect();
-        let timesteps: Vec<usize> = (0..steps)
-            .map(|i| origin[(i as f64 * (original as f64 / steps as f64)).floor() as usize])
-            .collect();
+        let timesteps = distillation_timesteps(config, steps, "LCM")?;
         let ac = config.alphas_cumprod_f32();
         let alphas = (0..steps)
             .map(|i| {

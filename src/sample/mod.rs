@@ -18,6 +18,7 @@ pub mod model_files;
 pub mod pipeline;
 pub mod sampler_kind;
 pub mod schedule;
+pub mod tcd;
 pub mod unipc;
 
 pub use ddim::Ddim;
@@ -31,6 +32,7 @@ pub use heun::Heun;
 pub use kdpm2::Kdpm2;
 pub use lcm::Lcm;
 pub use lms::Lms;
+pub use tcd::Tcd;
 pub use unipc::UniPc;
 
 /// Where a stochastic sampler's per-step noise comes from.

@@ -5,7 +5,7 @@
 use super::pipeline::Request;
 use super::{
     Ddim, Deis, DpmPPSde, DpmSolverPP, DpmSolverSinglestep, EdmConfig, EdmEuler, EulerAncestral,
-    EulerDiscrete, Heun, Kdpm2, Lcm, Lms, Sampler, SchedulerClass, SchedulerConfig, UniPc,
+    EulerDiscrete, Heun, Kdpm2, Lcm, Lms, Sampler, SchedulerClass, SchedulerConfig, Tcd, UniPc,
 };
 use crate::{Error, Result};
 
@@ -18,7 +18,7 @@ pub enum Sigmas {
     Karras,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq)]
 pub enum SamplerKind {
     /// The sampler the model folder's scheduler config names (as diffusers' pipeline runs it).
     Auto,
@@ -46,6 +46,11 @@ pub enum SamplerKind {
     /// The latent consistency sampler (LCM models and LCM-LoRA), fresh noise each step from
     /// `Request::noise`.
     Lcm,
+    /// Trajectory consistency distillation's sampler (TCD models and TCD-LoRA) at stochasticity
+    /// `gamma` (diffusers' `eta`), fresh noise each step but the last from `Request::noise`.
+    Tcd {
+        gamma: f64,
+    },
     /// Heun's second-order method on Euler's sigmas (two UNet evaluations a step).
     Heun(Sigmas),
     /// Linear multistep of order 4 on Euler's sigmas ("LMS").
@@ -85,6 +90,9 @@ impl SamplerKind {
             }),
             SchedulerClass::UniPcMultistep => Ok(SamplerKind::UniPc(Sigmas::Config)),
             SchedulerClass::Lcm => Ok(SamplerKind::Lcm),
+            SchedulerClass::Tcd => Ok(SamplerKind::Tcd {
+                gamma: super::tcd::DEFAULT_GAMMA,
+            }),
             SchedulerClass::HeunDiscrete => Ok(SamplerKind::Heun(Sigmas::Config)),
             SchedulerClass::LmsDiscrete => Ok(SamplerKind::Lms(Sigmas::Config)),
             SchedulerClass::Kdpm2Discrete => Ok(SamplerKind::Dpm2 {
@@ -108,7 +116,7 @@ impl SamplerKind {
                  euler-karras, euler-a, ddim, dpmpp-2m(-karras), dpmpp-2m-sde(-karras), \
                  dpmpp-3m(-karras), dpmpp-3m-sde(-karras), dpmpp-2s(-karras), \
                  dpmpp-2s-sde(-karras), dpmpp-3s(-karras), dpmpp-sde(-karras), unipc(-karras), \
-                 heun(-karras), lms(-karras), dpm2(-karras), dpm2-a(-karras), deis(-karras) or lcm"
+                 heun(-karras), lms(-karras), dpm2(-karras), dpm2-a(-karras), deis(-karras), lcm or tcd"
             ))),
         }
     }
@@ -146,6 +154,7 @@ impl SamplerKind {
                 karras(s),
             ),
             SamplerKind::Lcm => ("LCM".to_string(), false),
+            SamplerKind::Tcd { gamma } => (format!("TCD (gamma {gamma})"), false),
             SamplerKind::Heun(s) => ("Heun".to_string(), karras(s)),
             SamplerKind::Lms(s) => ("LMS".to_string(), karras(s)),
             SamplerKind::Dpm2 { ancestral, sigmas } => {
@@ -231,6 +240,7 @@ pub(crate) fn build_sampler(
         )?),
         SamplerKind::UniPc(s) => Box::new(UniPc::new(scheduler, req.steps, karras(s))?),
         SamplerKind::Lcm => Box::new(Lcm::new(scheduler, req.steps, &req.noise)?),
+        SamplerKind::Tcd { gamma } => Box::new(Tcd::new(scheduler, req.steps, gamma, &req.noise)?),
         SamplerKind::Heun(s) => {
             let config = SchedulerConfig {
                 karras: karras(s),

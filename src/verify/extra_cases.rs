@@ -23,7 +23,7 @@ fn extra(ctx: &Ctx, file: &str) -> PathBuf {
 
 /// The sampler references: (file stem, sampler). `None` runs `--sampler auto` on the scheduler
 /// config the reference stores in its `scheduler_config` metadata, exactly as diffusers saved it.
-const SAMPLER_CASES: [(&str, Option<SamplerKind>); 39] = [
+const SAMPLER_CASES: [(&str, Option<SamplerKind>); 42] = [
     (
         "dpmpp_2m",
         Some(SamplerKind::DpmPP {
@@ -105,6 +105,9 @@ const SAMPLER_CASES: [(&str, Option<SamplerKind>); 39] = [
     ),
     ("dpmpp_3s", None),
     ("dpmpp_3s_heun", None),
+    ("tcd", None),
+    ("tcd_gamma_0", Some(SamplerKind::Tcd { gamma: 0.0 })),
+    ("vpred_tcd", None),
 ];
 
 /// Every sampler reference: the final latents of the whole CFG run from its initial latents.
@@ -147,7 +150,11 @@ pub fn samplers(ctx: &Ctx) -> Result<Vec<Row>> {
             },
             width: num("width")? as usize,
             height: num("height")? as usize,
-            sampler: kind.unwrap_or(SamplerKind::Auto),
+            // The pipeline's `eta` is TCD's gamma (`--tcd-gamma`).
+            sampler: match (kind, f.metadata().contains_key("eta")) {
+                (None, true) => SamplerKind::Tcd { gamma: num("eta")? },
+                (kind, _) => kind.unwrap_or(SamplerKind::Auto),
+            },
             noise,
             denoising_end: None,
             micro: Default::default(),
