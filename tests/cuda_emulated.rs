@@ -101,7 +101,8 @@ fn emulated_ok(args: &[&str]) -> String {
 /// equal to the analytic count) and peaks.
 #[test]
 fn model_bench_runs_on_the_emulator() {
-    let json = common::tmp("model-bench").join("rows.jsonl");
+    let dir = common::tmp("model-bench");
+    let json = dir.join("rows.jsonl");
     let stdout = emulated_ok(&[
         "bench",
         "--model",

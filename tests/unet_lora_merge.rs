@@ -251,4 +251,5 @@ fn text_encoder_parts_merge_into_their_encoders() {
             .fold(0.0, f64::max);
         assert!(err < 1e-12, "{key}: max error {err}");
     }
+    std::fs::remove_file(&path).unwrap();
 }

@@ -74,12 +74,37 @@ pub fn write_test_picture(path: &Path) {
     .unwrap();
 }
 
-/// A fresh, empty scratch folder for one test.
-pub fn tmp(tag: &str) -> PathBuf {
+/// A fresh, empty scratch folder for one test, removed when the guard drops (after the test
+/// passes, and while a failing one unwinds), so repeated `cargo test` runs leave nothing behind.
+/// `KSTYLE_KEEP_TEST_DIRS=1` keeps it for a look after a failure.
+pub struct TmpDir(PathBuf);
+
+impl std::ops::Deref for TmpDir {
+    type Target = PathBuf;
+    fn deref(&self) -> &PathBuf {
+        &self.0
+    }
+}
+
+impl AsRef<Path> for TmpDir {
+    fn as_ref(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TmpDir {
+    fn drop(&mut self) {
+        if std::env::var_os("KSTYLE_KEEP_TEST_DIRS").is_none() {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+}
+
+pub fn tmp(tag: &str) -> TmpDir {
     let d = std::env::temp_dir().join(format!("kstyle-test-{tag}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&d);
     std::fs::create_dir_all(&d).unwrap();
-    d
+    TmpDir(d)
 }
 
 /// Assert a clean failure: non-zero exit, `needle` in the message, no panic.
