@@ -250,9 +250,18 @@ fn case_request(
     step_noise: Vec<Tensor>,
 ) -> Result<Request> {
     let guidance = f.meta_f64(&format!("{name}.guidance_scale"))?;
+    let req = reference_request(f, name, guidance, size)?;
+    // The pipeline's `eta` is TCD's gamma (`--tcd-gamma`).
+    let eta = format!("{name}.eta");
     Ok(Request {
         noise: Noise::Given(step_noise),
-        ..reference_request(f, name, guidance, size)?
+        sampler: match f.metadata().contains_key(&eta) {
+            true => SamplerKind::Tcd {
+                gamma: f.meta_f64(&eta)?,
+            },
+            false => req.sampler,
+        },
+        ..req
     })
 }
 
