@@ -479,9 +479,10 @@ fn every_sampler_name_generates_and_reports_itself() {
 }
 
 /// A folder whose scheduler is TCDScheduler runs TCD under `--sampler auto`, at gamma 0.3 or
-/// `--tcd-gamma`; a gamma outside 0..=1, or one given to another sampler, is refused by name.
+/// `--eta`; `--eta` also reaches DDIM (its stochastic form); an eta outside 0..=1, or one given
+/// to a sampler without one, is refused by name.
 #[test]
-fn tcd_folders_run_tcd_with_their_gamma() {
+fn eta_reaches_tcd_and_ddim() {
     let dir = tmp("tcd-generate");
     let model = dir.join("sdxl");
     common::copy_dir(&common::tiny().join("sdxl"), &model);
@@ -499,7 +500,7 @@ fn tcd_folders_run_tcd_with_their_gamma() {
     };
     for (extra, reported) in [
         (&[][..], "sampler: TCD (gamma 0.3)\n"),
-        (&["--tcd-gamma", "0.5"][..], "sampler: TCD (gamma 0.5)\n"),
+        (&["--eta", "0.5"][..], "sampler: TCD (gamma 0.5)\n"),
     ] {
         let o = run(extra);
         let err = common::stderr(&o);
@@ -508,11 +509,26 @@ fn tcd_folders_run_tcd_with_their_gamma() {
             "{extra:?}: {err}"
         );
     }
-    common::assert_fails_naming(&run(&["--tcd-gamma", "1.5"]), "--tcd-gamma");
-    let o = run(&["--sampler", "euler", "--tcd-gamma", "0.5"]);
-    common::assert_fails_naming(&o, "--tcd-gamma");
-    let o = common::generate_tiny_steps("4", &["--tcd-gamma", "0.5", "--out", "x.png"]);
-    common::assert_fails_naming(&o, "--tcd-gamma");
+    common::assert_fails_naming(&run(&["--eta", "1.5"]), "--eta");
+    let ddim = dir.join("ddim.png");
+    let args = [
+        "--sampler",
+        "ddim",
+        "--eta",
+        "0.5",
+        "--out",
+        ddim.to_str().unwrap(),
+    ];
+    let o = common::generate_tiny_steps("4", &args);
+    let err = common::stderr(&o);
+    assert!(
+        o.status.success() && err.contains("sampler: DDIM (eta 0.5)\n"),
+        "{err}"
+    );
+    let o = run(&["--sampler", "euler", "--eta", "0.5"]);
+    common::assert_fails_naming(&o, "--eta");
+    let o = common::generate_tiny_steps("4", &["--eta", "0.5", "--out", "x.png"]);
+    common::assert_fails_naming(&o, "--eta");
     std::fs::remove_dir_all(&dir).unwrap();
 }
 

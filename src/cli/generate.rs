@@ -126,11 +126,11 @@ pub struct Args {
     /// `auto`: the sampler the model's scheduler config names, as diffusers runs it.
     #[arg(long, value_enum, default_value = "auto")]
     pub sampler: SamplerArg,
-    /// TCD's gamma (diffusers' `eta`), 0 to 1: how much fresh noise each step mixes back in
-    /// (0 is deterministic). Default 0.3, the TCD authors' setting. For --sampler tcd, or
-    /// --sampler auto on a model whose scheduler is TCDScheduler.
+    /// diffusers' `eta`, 0 to 1, for DDIM and TCD: how much fresh noise each step mixes in
+    /// (0 is deterministic). DDIM's defaults to 0; TCD's (its gamma) to 0.3, the TCD authors'
+    /// setting. With --sampler ddim or tcd, or auto on a model whose scheduler is one of them.
     #[arg(long)]
-    pub tcd_gamma: Option<f64>,
+    pub eta: Option<f64>,
     #[arg(long, value_enum, default_value = "cpu")]
     pub device: DeviceArg,
     /// Compute dtype of the text encoders and the UNet (the VAE always decodes in f32).
@@ -193,7 +193,7 @@ pub enum SamplerArg {
     /// Euler ancestral ("Euler a"): fresh noise each step, from the seed.
     #[value(name = "euler-a")]
     EulerAncestral,
-    /// DDIM, eta 0.
+    /// DDIM; --eta above 0 (diffusers' eta) adds fresh noise each step, from the seed.
     Ddim,
     /// DPM-Solver++ 2M ("DPM++ 2M"), the model's timestep spacing.
     #[value(name = "dpmpp-2m")]
@@ -249,7 +249,7 @@ pub enum SamplerArg {
     /// fresh noise each step, from the seed.
     Lcm,
     /// Trajectory consistency distillation's sampler, for TCD models and TCD-LoRA (4-8 steps,
-    /// low --cfg; --tcd-gamma sets its stochasticity): fresh noise each step, from the seed.
+    /// low --cfg; --eta sets its stochasticity, gamma): fresh noise each step, from the seed.
     Tcd,
     /// Heun's second-order method: two UNet evaluations a step (2 x steps - 1 in all).
     Heun,
@@ -296,7 +296,7 @@ impl SamplerArg {
             SamplerArg::Euler => SamplerKind::Euler(Sigmas::Config),
             SamplerArg::EulerKarras => SamplerKind::Euler(Sigmas::Karras),
             SamplerArg::EulerAncestral => SamplerKind::EulerAncestral,
-            SamplerArg::Ddim => SamplerKind::Ddim,
+            SamplerArg::Ddim => SamplerKind::Ddim { eta: 0.0 },
             SamplerArg::DpmPP2M => dpm(2, false, Sigmas::Config),
             SamplerArg::DpmPP2MKarras => dpm(2, false, Sigmas::Karras),
             SamplerArg::DpmPP2MSde => dpm(2, true, Sigmas::Config),
@@ -416,12 +416,15 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
         Some((_, w, h)) => (*w, *h),
         None => (a.width.unwrap_or(1024), a.height.unwrap_or(1024)),
     };
-    if let Some(g) = a.tcd_gamma {
-        if !(0.0..=1.0).contains(&g) {
-            anyhow::bail!("--tcd-gamma must be between 0 and 1, got {g}");
+    if let Some(eta) = a.eta {
+        if !(0.0..=1.0).contains(&eta) {
+            anyhow::bail!("--eta must be between 0 and 1, got {eta}");
         }
-        if !matches!(a.sampler, SamplerArg::Tcd | SamplerArg::Auto) {
-            anyhow::bail!("--tcd-gamma applies to the TCD sampler: use --sampler tcd");
+        if !matches!(
+            a.sampler,
+            SamplerArg::Ddim | SamplerArg::Tcd | SamplerArg::Auto
+        ) {
+            anyhow::bail!("--eta applies to DDIM and TCD: use --sampler ddim or tcd");
         }
     }
     if width == 0 || height == 0 || width % 8 != 0 || height % 8 != 0 {
@@ -511,13 +514,10 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
         },
     };
     // `auto` names a sampler now, so an unsupported scheduler fails before any step runs.
-    let sampler = match (req.sampler.resolve(&pipe.scheduler)?, a.tcd_gamma) {
-        (SamplerKind::Tcd { .. }, Some(gamma)) => SamplerKind::Tcd { gamma },
-        (other, Some(_)) => anyhow::bail!(
-            "--tcd-gamma applies to the TCD sampler, and this run uses {}: add --sampler tcd",
-            other.describe(&pipe.scheduler)
-        ),
-        (sampler, None) => sampler,
+    let sampler = req.sampler.resolve(&pipe.scheduler)?;
+    let sampler = match a.eta {
+        Some(eta) => sampler.with_eta(eta, &pipe.scheduler).context("--eta")?,
+        None => sampler,
     };
     let model_kind = match (pipe.scheduler.prediction, pipe.scheduler.zero_snr) {
         (kstyle::sample::schedule::Prediction::Epsilon, false) => "",

@@ -1,9 +1,13 @@
-//! DDIM with eta = 0 (deterministic), as diffusers' `DDIMScheduler` with the same schedule,
-//! including its `clip_sample` clamp of the predicted x0.
+//! DDIM as diffusers' `DDIMScheduler` runs it, including its `clip_sample` clamp of the predicted
+//! x0: deterministic at eta 0 (the default), and with the pipeline's `eta` above 0 each step
+//! (the last included) adds fresh noise of standard deviation `eta sqrt(var)`,
+//! `var = (1 - abar_prev) / (1 - abar) (1 - abar / abar_prev)`, taking it out of the direction
+//! term: `x' = sqrt(abar_prev) x0 + sqrt(1 - abar_prev - std^2) eps + std z` (float32
+//! coefficients, as diffusers computes them from its float32 table).
 
 use super::schedule::Prediction;
-use super::{Sampler, SchedulerConfig};
-use crate::{Result, Tensor};
+use super::{Noise, NoiseStream, Sampler, SchedulerConfig};
+use crate::{Error, Result, Tensor};
 
 pub struct Ddim {
     timesteps: Vec<f64>,
@@ -12,10 +16,29 @@ pub struct Ddim {
     /// The predicted x0 is clamped to ±this (`clip_sample`).
     clip: Option<f64>,
     prediction: Prediction,
+    /// eta above 0, and where its noise comes from.
+    eta: Option<(f32, NoiseStream)>,
 }
 
 impl Ddim {
+    /// Deterministic DDIM (eta 0).
     pub fn new(config: &SchedulerConfig, steps: usize) -> Result<Ddim> {
+        Self::with_eta(config, steps, 0.0, &Noise::default())
+    }
+
+    /// DDIM at `eta` (0 to 1; diffusers accepts more, which only makes the noise larger), its
+    /// step noise from `noise` when eta is above 0.
+    pub fn with_eta(
+        config: &SchedulerConfig,
+        steps: usize,
+        eta: f64,
+        noise: &Noise,
+    ) -> Result<Ddim> {
+        if !(eta >= 0.0 && eta.is_finite()) {
+            return Err(Error::Config(format!(
+                "DDIM's eta must be 0 or more, got {eta}"
+            )));
+        }
         let ac = config.alphas_cumprod_f32();
         let ts = config.timesteps(steps)?;
         // diffusers indexes its table with these; past its end it fails, and so does this.
@@ -49,6 +72,7 @@ impl Ddim {
             alphas,
             clip: config.clip_sample,
             prediction: config.prediction,
+            eta: (eta > 0.0).then(|| (eta as f32, NoiseStream::new(noise))),
         })
     }
 }
@@ -85,7 +109,17 @@ impl Sampler for Ddim {
             Some(r) => x0.clamp_min(-r)?.scale(-1.0)?.clamp_min(-r)?.scale(-1.0)?,
             None => x0,
         };
-        x0.scale(a_prev.sqrt())?
-            .add(&eps.scale((1.0 - a_prev).sqrt())?)
+        let Some((eta, noise)) = &mut self.eta else {
+            return x0
+                .scale(a_prev.sqrt())?
+                .add(&eps.scale((1.0 - a_prev).sqrt())?);
+        };
+        let (a, a_prev) = (a as f32, a_prev as f32);
+        let variance = ((1.0 - a_prev) / (1.0 - a)) * (1.0 - a / a_prev);
+        let std = *eta * variance.sqrt();
+        let z = noise.next_like(x)?;
+        x0.scale(a_prev.sqrt() as f64)?
+            .add(&eps.scale((1.0 - a_prev - std * std).sqrt() as f64)?)?
+            .add(&z.scale(std as f64)?)
     }
 }

@@ -26,7 +26,8 @@ pub enum SamplerKind {
     Euler(Sigmas),
     /// Euler ancestral ("Euler a"), noise from `Request::noise`.
     EulerAncestral,
-    Ddim,
+    /// DDIM at `eta` (0: deterministic; above 0, fresh noise each step from `Request::noise`).
+    Ddim { eta: f64 },
     /// DPM-Solver++ of `order` 1-3 ("DPM++ 2M", "DPM++ 3M"); `sde`: fresh noise each step from
     /// `Request::noise` ("DPM++ 2M SDE", "DPM++ 3M SDE").
     DpmPP {
@@ -48,19 +49,14 @@ pub enum SamplerKind {
     Lcm,
     /// Trajectory consistency distillation's sampler (TCD models and TCD-LoRA) at stochasticity
     /// `gamma` (diffusers' `eta`), fresh noise each step but the last from `Request::noise`.
-    Tcd {
-        gamma: f64,
-    },
+    Tcd { gamma: f64 },
     /// Heun's second-order method on Euler's sigmas (two UNet evaluations a step).
     Heun(Sigmas),
     /// Linear multistep of order 4 on Euler's sigmas ("LMS").
     Lms(Sigmas),
     /// DPM-Solver-2 on Euler's sigmas ("DPM2"; two UNet evaluations a step); `ancestral`: noise
     /// from `Request::noise` after each step ("DPM2 a").
-    Dpm2 {
-        ancestral: bool,
-        sigmas: Sigmas,
-    },
+    Dpm2 { ancestral: bool, sigmas: Sigmas },
     /// Stochastic second-order DPM-Solver++ ("DPM++ SDE"; two UNet evaluations a step), its
     /// Brownian noise from `Request::noise` (two draws a step).
     DpmPPSde(Sigmas),
@@ -76,7 +72,7 @@ impl SamplerKind {
         }
         match &config.class {
             SchedulerClass::EulerDiscrete => Ok(SamplerKind::Euler(Sigmas::Config)),
-            SchedulerClass::Ddim => Ok(SamplerKind::Ddim),
+            SchedulerClass::Ddim => Ok(SamplerKind::Ddim { eta: 0.0 }),
             SchedulerClass::EulerAncestral => Ok(SamplerKind::EulerAncestral),
             SchedulerClass::DpmSolverMultistep => Ok(SamplerKind::DpmPP {
                 order: config.solver_order,
@@ -121,6 +117,19 @@ impl SamplerKind {
         }
     }
 
+    /// This sampler with diffusers' pipeline `eta`: DDIM's stochasticity, TCD's gamma. Other
+    /// samplers have none, and say so naming the one they are.
+    pub fn with_eta(self, eta: f64, config: &SchedulerConfig) -> Result<SamplerKind> {
+        match self {
+            SamplerKind::Ddim { .. } => Ok(SamplerKind::Ddim { eta }),
+            SamplerKind::Tcd { .. } => Ok(SamplerKind::Tcd { gamma: eta }),
+            other => Err(Error::Config(format!(
+                "eta applies to DDIM and TCD, and this run uses {}",
+                other.describe(config)
+            ))),
+        }
+    }
+
     /// The name A1111 and ComfyUI users know, with " Karras" when it steps on Karras sigmas
     /// under `config`, and " (EDM)" on an EDM model.
     pub fn describe(self, config: &SchedulerConfig) -> String {
@@ -130,7 +139,8 @@ impl SamplerKind {
             SamplerKind::Auto => ("auto".to_string(), false),
             SamplerKind::Euler(s) => ("Euler".to_string(), karras(s)),
             SamplerKind::EulerAncestral => ("Euler a".to_string(), false),
-            SamplerKind::Ddim => ("DDIM".to_string(), false),
+            SamplerKind::Ddim { eta: 0.0 } => ("DDIM".to_string(), false),
+            SamplerKind::Ddim { eta } => (format!("DDIM (eta {eta})"), false),
             SamplerKind::DpmPP { order, sde, sigmas } => {
                 let sde = if sde { " SDE" } else { "" };
                 let heun = if order == 2 && config.dpm_heun {
@@ -223,7 +233,9 @@ pub(crate) fn build_sampler(
         SamplerKind::EulerAncestral => {
             Box::new(EulerAncestral::new(scheduler, req.steps, &req.noise)?)
         }
-        SamplerKind::Ddim => Box::new(Ddim::new(scheduler, req.steps)?),
+        SamplerKind::Ddim { eta } => {
+            Box::new(Ddim::with_eta(scheduler, req.steps, eta, &req.noise)?)
+        }
         SamplerKind::DpmPP { order, sde, sigmas } => Box::new(DpmSolverPP::with_noise(
             scheduler,
             req.steps,

@@ -23,7 +23,7 @@ fn extra(ctx: &Ctx, file: &str) -> PathBuf {
 
 /// The sampler references: (file stem, sampler). `None` runs `--sampler auto` on the scheduler
 /// config the reference stores in its `scheduler_config` metadata, exactly as diffusers saved it.
-const SAMPLER_CASES: [(&str, Option<SamplerKind>); 42] = [
+const SAMPLER_CASES: [(&str, Option<SamplerKind>); 43] = [
     (
         "dpmpp_2m",
         Some(SamplerKind::DpmPP {
@@ -40,7 +40,7 @@ const SAMPLER_CASES: [(&str, Option<SamplerKind>); 42] = [
             sigmas: Sigmas::Karras,
         }),
     ),
-    ("ddim", Some(SamplerKind::Ddim)),
+    ("ddim", Some(SamplerKind::Ddim { eta: 0.0 })),
     ("euler_karras", Some(SamplerKind::Euler(Sigmas::Karras))),
     ("euler_a", Some(SamplerKind::EulerAncestral)),
     (
@@ -108,6 +108,7 @@ const SAMPLER_CASES: [(&str, Option<SamplerKind>); 42] = [
     ("tcd", None),
     ("tcd_gamma_0", Some(SamplerKind::Tcd { gamma: 0.0 })),
     ("vpred_tcd", None),
+    ("ddim_eta", None),
 ];
 
 /// Every sampler reference: the final latents of the whole CFG run from its initial latents.
@@ -150,9 +151,11 @@ pub fn samplers(ctx: &Ctx) -> Result<Vec<Row>> {
             },
             width: num("width")? as usize,
             height: num("height")? as usize,
-            // The pipeline's `eta` is TCD's gamma (`--tcd-gamma`).
+            // The pipeline's `eta` (`--eta`): DDIM's, TCD's gamma.
             sampler: match (kind, f.metadata().contains_key("eta")) {
-                (None, true) => SamplerKind::Tcd { gamma: num("eta")? },
+                (None, true) => SamplerKind::Auto
+                    .resolve(&pipe.scheduler)?
+                    .with_eta(num("eta")?, &pipe.scheduler)?,
                 (kind, _) => kind.unwrap_or(SamplerKind::Auto),
             },
             noise,
@@ -242,23 +245,24 @@ fn reference_request(
 }
 
 /// The request of one img2img or inpainting reference case `name`: the case's guidance,
-/// replaying `step_noise`.
+/// replaying `step_noise`, with the case's `eta` applied to the sampler `scheduler` names.
 fn case_request(
     f: &SafeTensorsFile,
     name: &str,
     size: (usize, usize),
     step_noise: Vec<Tensor>,
+    scheduler: &SchedulerConfig,
 ) -> Result<Request> {
     let guidance = f.meta_f64(&format!("{name}.guidance_scale"))?;
     let req = reference_request(f, name, guidance, size)?;
-    // The pipeline's `eta` is TCD's gamma (`--tcd-gamma`).
+    // The pipeline's `eta` (`--eta`): DDIM's, TCD's gamma.
     let eta = format!("{name}.eta");
     Ok(Request {
         noise: Noise::Given(step_noise),
         sampler: match f.metadata().contains_key(&eta) {
-            true => SamplerKind::Tcd {
-                gamma: f.meta_f64(&eta)?,
-            },
+            true => SamplerKind::Auto
+                .resolve(scheduler)?
+                .with_eta(f.meta_f64(&eta)?, scheduler)?,
             false => req.sampler,
         },
         ..req
@@ -323,7 +327,7 @@ pub fn img2img(ctx: &Ctx) -> Result<Vec<Row>> {
             .take_while(|n| f.contains(n))
             .map(|n| f.tensor(&n))
             .collect::<Result<Vec<_>>>()?;
-        let req = case_request(&f, name, (width, height), step_noise)?;
+        let req = case_request(&f, name, (width, height), step_noise, &pipe.scheduler)?;
         let noise = x(&key("noise"))?;
         let strength = f.meta_f64(&key("strength"))?;
         // The starting latents alone (add_noise at the first step's level), then the whole run.
@@ -406,7 +410,7 @@ pub fn inpaint(ctx: &Ctx) -> Result<Vec<Row>> {
         let noise = draw("noise").ok_or_else(|| {
             crate::Error::file(&path, format!("{name}: no draw with the role `noise`"))
         })?;
-        let req = case_request(&f, name, (width, height), step_noise)?;
+        let req = case_request(&f, name, (width, height), step_noise, &pipe.scheduler)?;
         let start = Start::Image {
             latents: &latents,
             noise: &noise.to_dtype(DType::F32)?.to_device(ctx.device)?,
