@@ -71,3 +71,25 @@ impl Drop for TempDir {
         let _ = std::fs::remove_dir_all(&self.0);
     }
 }
+
+/// Asserts a sampler's schedule against a reference run's stored `timesteps` (exactly) and
+/// `sigmas` (within 1e-6 relative: float32 values through different roundings). `file` names it.
+#[cfg(test)]
+pub(crate) fn assert_schedule(
+    f: &crate::tensor::SafeTensorsFile,
+    file: &str,
+    timesteps: &[f64],
+    sigmas: &[f32],
+) {
+    let want_t = f.tensor("timesteps").unwrap().to_vec_f64().unwrap();
+    assert_eq!(timesteps, want_t.as_slice(), "{file}");
+    let want_s = f.tensor("sigmas").unwrap().to_vec_f64().unwrap();
+    let got_s: Vec<f64> = sigmas.iter().map(|&v| v as f64).collect();
+    assert_eq!(got_s.len(), want_s.len(), "{file}");
+    for (g, w) in got_s.iter().zip(&want_s) {
+        assert!(
+            (g - w).abs() <= 1e-6 * w.abs(),
+            "{file}: {got_s:?} vs {want_s:?}"
+        );
+    }
+}

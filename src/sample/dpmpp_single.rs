@@ -239,17 +239,7 @@ mod tests {
             assert_eq!(config.solver_order, order);
             let steps: usize = f.metadata()["steps"].parse().unwrap();
             let s = DpmSolverSinglestep::new(&config, steps, order, config.karras, None).unwrap();
-            let want_t = f.tensor("timesteps").unwrap().to_vec_f64().unwrap();
-            assert_eq!(s.timesteps(), want_t.as_slice(), "{file}");
-            let want_s = f.tensor("sigmas").unwrap().to_vec_f64().unwrap();
-            let got_s: Vec<f64> = s.sigmas().iter().map(|&v| v as f64).collect();
-            assert_eq!(got_s.len(), want_s.len(), "{file}");
-            for (g, w) in got_s.iter().zip(&want_s) {
-                assert!(
-                    (g - w).abs() <= 1e-6 * w.abs(),
-                    "{file}: {got_s:?} vs {want_s:?}"
-                );
-            }
+            crate::test_fixtures::assert_schedule(&f, file, s.timesteps(), s.sigmas());
         }
     }
 
