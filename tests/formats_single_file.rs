@@ -4,7 +4,9 @@
 mod common;
 
 use kstyle::formats::diffusers::DiffusersFolder;
-use kstyle::formats::single_file::{convert, convert_file, is_refiner, VaeLayout};
+use kstyle::formats::single_file::{
+    convert, convert_file, is_refiner, vae_file_tensors, VaeLayout,
+};
 use kstyle::formats::unet_layout::UnetLayout;
 use kstyle::formats::{Error, MappedFile, RawTensor, TensorMap};
 use std::borrow::Cow;
@@ -241,4 +243,63 @@ fn tiny_refiner_single_file_matches_its_folder_bit_for_bit() {
         "{err}"
     );
     std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// `generate --vae FILE` reads three spellings of one VAE to the same tensors: the original names
+/// alone (`sdxl_vae.safetensors`), a whole checkpoint's `first_stage_model.` part, and the diffusers
+/// folder's file on its own; and it says what is wrong with a file that is no VAE.
+#[test]
+fn vae_files_in_every_spelling_read_to_the_folder_tensors() {
+    let folder = DiffusersFolder::open(tiny("sdxl")).unwrap();
+    let want_comp = folder.component("vae", None).unwrap();
+    let want = want_comp.tensors().unwrap();
+    let layout = folder.vae_layout().unwrap();
+
+    // The whole tiny checkpoint: its VAE part, the rest skipped.
+    let file = MappedFile::open(tiny("sdxl_single_file.safetensors")).unwrap();
+    let whole = vae_file_tensors(file.tensors().unwrap(), layout, "ckpt").unwrap();
+    assert_same_tensors("first_stage_model.", &whole, &want);
+
+    // The same tensors with the prefix stripped (A1111's and ComfyUI's VAE files), plus what a
+    // trained LDM autoencoder also carries.
+    let mut ldm: TensorMap<'_> = file
+        .tensors()
+        .unwrap()
+        .into_iter()
+        .filter_map(|(k, t)| Some((k.strip_prefix("first_stage_model.")?.to_string(), t)))
+        .collect();
+    ldm.insert("loss.logvar".into(), scalar());
+    ldm.insert("model_ema.num_updates".into(), scalar());
+    let bare = vae_file_tensors(ldm.clone(), layout, "vae").unwrap();
+    assert_same_tensors("bare", &bare, &want);
+
+    // The diffusers file read on its own.
+    let diffusers = MappedFile::open(tiny("sdxl/vae/diffusion_pytorch_model.safetensors")).unwrap();
+    let named = vae_file_tensors(diffusers.tensors().unwrap(), layout, "d").unwrap();
+    assert_same_tensors("diffusers", &named, &want);
+
+    // Strays are listed: an SD3-style key, a UNet key.
+    let strays = [
+        "decoder.up.9.block.0.conv1.weight",
+        "input_blocks.0.0.weight",
+    ];
+    for s in strays {
+        ldm.insert(s.into(), scalar());
+    }
+    match vae_file_tensors(ldm, layout, "vae.safetensors") {
+        Err(Error::UnexpectedKeys { context, mut keys }) => {
+            assert!(context.starts_with("vae.safetensors"), "{context}");
+            keys.sort();
+            assert_eq!(
+                keys,
+                strays.iter().map(|s| s.to_string()).collect::<Vec<_>>()
+            );
+        }
+        other => panic!("expected UnexpectedKeys, got {other:?}"),
+    }
+    // A file with only skipped tensors holds no VAE.
+    let mut empty = TensorMap::new();
+    empty.insert("loss.logvar".into(), scalar());
+    let e = vae_file_tensors(empty, layout, "loss.safetensors").unwrap_err();
+    assert!(e.to_string().contains("holds no VAE tensor"), "{e}");
 }

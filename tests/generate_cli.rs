@@ -1034,3 +1034,84 @@ fn textual_inversion_embeddings_reach_the_encoders() {
     }
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// `--vae` replaces the model's VAE. Its own VAE in any form (the VAE folder, the pipeline
+/// folder, the folder's file alone, the whole single-file checkpoint) gives the same PNG byte for
+/// byte; another VAE (`vae_ldm.safetensors`, whose numbers the `vae_file` verify case checks
+/// against diffusers) changes it, for the refiner too; files that are no VAE fail before any step
+/// runs, naming the file.
+#[test]
+fn a_vae_file_or_folder_replaces_the_models_vae() {
+    let dir = tmp("vae");
+    let run = |name: &str, extra: &[&str]| {
+        let out = dir.join(name);
+        let mut args = vec!["--seed", "3", "--out", out.to_str().unwrap()];
+        args.extend_from_slice(extra);
+        let o = common::generate_tiny_steps("2", &args);
+        (o, std::fs::read(&out).ok())
+    };
+    let (o, own) = run("own.png", &[]);
+    assert!(o.status.success(), "{}", common::stderr(&o));
+    let own = own.unwrap();
+    let same = [
+        tiny().join("sdxl/vae"),
+        tiny().join("sdxl"),
+        tiny().join("sdxl/vae/diffusion_pytorch_model.safetensors"),
+        tiny().join("sdxl_single_file.safetensors"),
+    ];
+    for (i, vae) in same.iter().enumerate() {
+        let (o, png) = run(&format!("same{i}.png"), &["--vae", vae.to_str().unwrap()]);
+        let err = common::stderr(&o);
+        assert!(o.status.success(), "{}: {err}", vae.display());
+        assert!(err.contains("vae: "), "{err}");
+        assert!(
+            png.unwrap() == own,
+            "{}: a different picture",
+            vae.display()
+        );
+    }
+    let other = tiny().join("../extra/vae_ldm.safetensors");
+    let (o, png) = run("other.png", &["--vae", other.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", common::stderr(&o));
+    assert!(
+        png.unwrap() != own,
+        "the other VAE decoded the same picture"
+    );
+
+    let refiner = common::tiny_refiner_folder(&dir);
+    let with_refiner = |name: &str, vae: &Path| {
+        run(
+            name,
+            &[
+                "--refiner",
+                refiner.to_str().unwrap(),
+                "--vae",
+                vae.to_str().unwrap(),
+            ],
+        )
+    };
+    let (o, refined_own) = with_refiner("r-own.png", &tiny().join("sdxl/vae"));
+    assert!(o.status.success(), "{}", common::stderr(&o));
+    let (o, refined_other) = with_refiner("r-other.png", &other);
+    assert!(o.status.success(), "{}", common::stderr(&o));
+    assert!(refined_own.unwrap() != refined_other.unwrap());
+
+    let unet = tiny().join("sdxl/unet/diffusion_pytorch_model.safetensors");
+    let truncated = dir.join("truncated.safetensors");
+    let bytes = std::fs::read(&other).unwrap();
+    std::fs::write(&truncated, &bytes[..bytes.len() / 2]).unwrap();
+    let missing = dir.join("missing.safetensors");
+    for (vae, needle) in [
+        (&unet, "not an SDXL-family VAE file"),
+        (&truncated, "truncated.safetensors"),
+        (&missing, "no such VAE folder or file"),
+    ] {
+        let (o, png) = run("bad.png", &["--vae", vae.to_str().unwrap()]);
+        common::assert_fails_naming(&o, needle);
+        assert!(png.is_none());
+        // With a refiner the VAE is checked before the base run, too.
+        let (o, _) = with_refiner("bad.png", vae);
+        common::assert_fails_naming(&o, needle);
+        assert!(!common::stderr(&o).contains("kstyle generate: model"));
+    }
+}

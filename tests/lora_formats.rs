@@ -981,7 +981,7 @@ fn lora_files_match_the_tools_that_wrote_them() {
     }
 }
 
-/// `SdxlPipeline::check_loras` (what `generate` runs on the refiner before the base run, from
+/// `SdxlPipeline::check_files` (what `generate` runs on the refiner before the base run, from
 /// configs and file headers) accepts exactly the files a load accepts: every LoRA-family fixture
 /// and an adapter made for the base, each against the tiny base and the tiny refiner. Files
 /// made for one model fail on the other, so both outcomes are exercised.
@@ -1058,8 +1058,9 @@ fn header_checks_accept_exactly_what_loading_accepts() {
                 dtype: DType::F32,
                 device: Device::Cpu,
                 loras: vec![(file.clone(), 0.7)],
+                vae: None,
             };
-            let checked = SdxlPipeline::check_loras(&opts);
+            let checked = SdxlPipeline::check_files(&opts);
             let loaded = SdxlPipeline::load(&opts);
             let name = format!("{} on {}", file.display(), model.display());
             assert_eq!(

@@ -647,3 +647,48 @@ fn refiner_models_are_refused_for_training() {
     assert!(!out.exists());
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// `train --vae` encodes the pictures with another VAE. The model's own VAE folder named
+/// explicitly trains the same adapter byte for byte; another VAE changes the losses and is
+/// recorded by name; the latent cache keeps the two apart (a later run without --vae gets the
+/// model's latents back, not the other VAE's); a file that is no VAE fails, naming it.
+#[test]
+fn a_vae_replaces_the_models_for_encoding() {
+    let dir = tmp("train-vae");
+    let data = dataset(&dir);
+    let run = |name: &str, extra: &[&str]| {
+        let out = dir.join(format!("{name}.safetensors"));
+        let mut args = vec!["--max-steps", "1"];
+        args.extend_from_slice(extra);
+        (train(&data, &out, "lora", &args), out)
+    };
+    let (o, plain) = run("plain", &[]);
+    assert!(o.status.success(), "{}", common::stderr(&o));
+    let own = tiny().join("sdxl/vae");
+    let (o, named) = run("own", &["--vae", own.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", common::stderr(&o));
+    assert!(common::stderr(&o).contains("vae: "));
+    assert!(tensors(&plain) == tensors(&named));
+
+    let other = tiny().join("../extra/vae_ldm.safetensors");
+    let (o, changed) = run("other", &["--vae", other.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", common::stderr(&o));
+    let (p, q) = (common::first_losses(&plain), common::first_losses(&changed));
+    assert!(q[0].is_finite() && p[0] != q[0], "{p:?} vs {q:?}");
+    let f = SafeTensorsFile::open(&changed).unwrap();
+    assert_eq!(
+        f.meta_str("kstyle.train.vae").unwrap(),
+        "vae_ldm.safetensors"
+    );
+    let f = SafeTensorsFile::open(&plain).unwrap();
+    assert_eq!(f.meta_str("kstyle.train.vae").unwrap(), "model");
+
+    let (o, again) = run("again", &[]);
+    assert!(o.status.success(), "{}", common::stderr(&o));
+    assert!(tensors(&plain) == tensors(&again));
+
+    let unet = tiny().join("sdxl/unet/diffusion_pytorch_model.safetensors");
+    let (o, out) = run("bad", &["--vae", unet.to_str().unwrap()]);
+    common::assert_fails_naming(&o, "not an SDXL-family VAE file");
+    assert!(!out.exists());
+}

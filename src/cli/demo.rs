@@ -79,6 +79,7 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
     let cfg = TrainConfig {
         model: fx.join("sdxl"),
         config_dir: None,
+        vae: None,
         data,
         out: adapter.clone(),
         method: Method::Kstyle,

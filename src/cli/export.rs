@@ -81,6 +81,7 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
                 dtype: DType::F32,
                 device,
                 loras: vec![(a.adapter.clone(), 1.0)],
+                vae: None,
             };
             let mut pipe = SdxlPipeline::load(&opts)?;
             eprintln!(

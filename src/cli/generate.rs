@@ -26,6 +26,12 @@ pub struct Args {
     /// built-in SDXL refiner for a refiner file).
     #[arg(long)]
     pub config: Option<PathBuf>,
+    /// A VAE to use instead of the model's own, for decoding (and encoding --image): a single
+    /// file (`sdxl_vae.safetensors` as A1111 and ComfyUI take it, a checkpoint's VAE, or a
+    /// diffusers-named file) read with the model's VAE config, or a diffusers VAE folder with
+    /// its own config. The refiner gets it too.
+    #[arg(long)]
+    pub vae: Option<PathBuf>,
     #[arg(long)]
     pub prompt: String,
     /// Negative prompt; without one, SDXL's zero negative embeddings are used.
@@ -442,17 +448,18 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
         .collect::<anyhow::Result<Vec<_>>>()?;
     let device = a.device.device();
     let dtype = a.dtype.dtype();
-    // The refiner loads only after the base run; check it and its LoRAs now, from configs and
-    // file headers, so that a wrong file fails before the base run rather than after it.
+    // The refiner loads only after the base run; check it, its LoRAs and the VAE now, so that a
+    // wrong file fails before the base run rather than after it.
     let refiner_opts = a.refiner.as_ref().map(|path| LoadOptions {
         model: path.clone(),
         config: a.refiner_config.clone(),
         dtype,
         device,
         loras: refiner_loras,
+        vae: a.vae.clone(),
     });
     if let Some(r) = &refiner_opts {
-        SdxlPipeline::check_loras(r)
+        SdxlPipeline::check_files(r)
             .with_context(|| format!("checking the refiner {}", r.model.display()))?;
     }
     let opts = LoadOptions {
@@ -461,6 +468,7 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
         dtype,
         device,
         loras,
+        vae: a.vae.clone(),
     };
     eprintln!(
         "kstyle generate: model {} | {}x{} | {} steps {:?} | cfg {} | {dtype} on {device} | {} LoRA file(s)",
@@ -482,6 +490,13 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
         .collect::<Result<Vec<_>, _>>()?;
     let mut pipe =
         SdxlPipeline::load(&opts).with_context(|| format!("loading {}", a.model.display()))?;
+    if let Some(vae) = &a.vae {
+        eprintln!(
+            "vae: {} (scaling factor {})",
+            vae.display(),
+            pipe.vae.config.scaling_factor
+        );
+    }
     for ti in &embeddings {
         pipe.add_embedding(ti)?;
         eprintln!(

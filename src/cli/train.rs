@@ -21,6 +21,11 @@ pub struct Args {
     /// Architecture folder for a single-file model (default: built-in SDXL base).
     #[arg(long)]
     pub config: Option<PathBuf>,
+    /// A VAE to encode the pictures (and decode samples) with instead of the model's own: a
+    /// single file (`sdxl_vae.safetensors`, a checkpoint's VAE, a diffusers-named file) read with
+    /// the model's VAE config, or a diffusers VAE folder. Generate with the same --vae.
+    #[arg(long)]
+    pub vae: Option<PathBuf>,
     /// Folder of png/jpg/webp images with same-name .txt captions.
     #[arg(long)]
     pub data: PathBuf,
@@ -174,6 +179,7 @@ pub fn config_from(a: &Args) -> anyhow::Result<TrainConfig> {
     Ok(TrainConfig {
         model: a.model.clone(),
         config_dir: a.config.clone(),
+        vae: a.vae.clone(),
         data: a.data.clone(),
         out: a.out.clone(),
         method,

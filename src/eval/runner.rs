@@ -100,6 +100,7 @@ fn generate_all(
             dtype: DType::F32,
             device: cfg.device,
             loras,
+            vae: None,
         };
         let pipe = SdxlPipeline::load(&opts)?;
         for (pi, p) in cfg.prompts.iter().enumerate() {

@@ -201,6 +201,72 @@ pub fn convert<'a>(
     Ok(out)
 }
 
+/// The VAE of a standalone VAE file, diffusers-named. Three spellings are read:
+/// - the original LDM names with no prefix (A1111's and ComfyUI's `sdxl_vae.safetensors`);
+/// - the same under `first_stage_model.` (a whole checkpoint, whose other parts are skipped);
+/// - diffusers names (a VAE folder's `diffusion_pytorch_model.safetensors` on its own), with the
+///   pre-0.17 attention names normalised.
+///
+/// A trained LDM autoencoder's `loss.` tensors (its discriminator and LPIPS) and the EMA
+/// counters are skipped, as A1111 does; any other key that is no VAE tensor is an error that
+/// lists it. `context` names the file in errors.
+pub fn vae_file_tensors<'a>(
+    ckpt: TensorMap<'a>,
+    layout: VaeLayout,
+    context: &str,
+) -> Result<TensorMap<'a>> {
+    let prefixed = ckpt.keys().any(|k| k.starts_with(VAE_PREFIX));
+    let diffusers = ckpt.keys().any(|k| {
+        [
+            "encoder.down_blocks.",
+            "encoder.mid_block.",
+            "decoder.up_blocks.",
+            "decoder.mid_block.",
+        ]
+        .iter()
+        .any(|p| k.starts_with(p))
+    });
+    if diffusers && !prefixed {
+        return super::diffusers::normalize_vae(ckpt, context);
+    }
+    let skipped =
+        |k: &str| k.starts_with("loss.") || k == "model_ema.decay" || k == "model_ema.num_updates";
+    let mut out = TensorMap::new();
+    let mut unexpected = Vec::new();
+    for (key, t) in ckpt {
+        let rest = match key.strip_prefix(VAE_PREFIX) {
+            Some(rest) => rest,
+            // A whole checkpoint: its UNet and text encoders are not asked for.
+            None if prefixed => continue,
+            None if skipped(&key) => continue,
+            None => key.as_str(),
+        };
+        match convert_vae(rest, t, layout, &mut out, context, &key)? {
+            Some(Some(dup)) => {
+                return Err(Error::DuplicateKey {
+                    context: context.into(),
+                    key: dup,
+                })
+            }
+            Some(None) => {}
+            None => unexpected.push(key),
+        }
+    }
+    if !unexpected.is_empty() {
+        return Err(Error::UnexpectedKeys {
+            context: format!("{context} (not an SDXL-family VAE file)"),
+            keys: unexpected,
+        });
+    }
+    if out.is_empty() {
+        return Err(Error::File {
+            path: context.into(),
+            msg: "holds no VAE tensor".into(),
+        });
+    }
+    Ok(out)
+}
+
 /// Inserts and returns the name back if it was already taken (two source keys landing on one
 /// target would otherwise silently drop a tensor).
 fn insert<'a>(map: &mut TensorMap<'a>, key: String, t: RawTensor<'a>) -> Option<String> {

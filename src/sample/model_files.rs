@@ -2,10 +2,10 @@
 //! file read with an architecture folder (given, or the built-in SDXL base). Each component loads
 //! on its own, so the trainer can keep only the UNet resident.
 
-use crate::formats::diffusers::{DiffusersFolder, ModelIndex};
+use crate::formats::diffusers::{find_weights, normalize_vae, DiffusersFolder, ModelIndex};
 use crate::formats::kohya::{Component, ModuleIndex};
 use crate::formats::single_file::{self, SplitCheckpoint, VaeLayout};
-use crate::formats::{MappedFile, TensorMap};
+use crate::formats::{MappedFile, TensorMap, WeightFiles};
 use crate::models::clip::config::ClipTextConfig;
 use crate::models::clip::text::ClipTextModel;
 use crate::models::clip::tokenizer::ClipTokenizer;
@@ -29,6 +29,9 @@ pub struct ModelFiles {
     pub single_file: bool,
     /// The built-in architecture a single file is read with when no folder was given.
     pub preset: Option<Preset>,
+    /// A VAE from elsewhere that replaces the model's own (`generate --vae`), see
+    /// [`ModelFiles::with_vae`].
+    pub vae: Option<PathBuf>,
 }
 
 impl ModelFiles {
@@ -42,6 +45,7 @@ impl ModelFiles {
                 config_dir: model.into(),
                 single_file: false,
                 preset: None,
+                vae: None,
             });
         }
         let (config_dir, preset) = match config {
@@ -60,7 +64,21 @@ impl ModelFiles {
             config_dir,
             single_file: true,
             preset,
+            vae: None,
         })
+    }
+
+    /// Replaces the model's VAE with another: a diffusers VAE folder (read with its own config),
+    /// a pipeline folder (its `vae/`), or one file (`sdxl_vae.safetensors` with the original
+    /// names, a checkpoint's `first_stage_model.` part, or a diffusers-named file), which is read
+    /// with the model's VAE config (its scaling factor and latent statistics included).
+    pub fn with_vae(self, vae: Option<PathBuf>) -> Result<ModelFiles> {
+        if let Some(path) = &vae {
+            if !path.exists() {
+                return Err(Error::file(path, "no such VAE folder or file"));
+            }
+        }
+        Ok(ModelFiles { vae, ..self })
     }
 
     /// Adds to a loading error which built-in architecture the file was read with, if any:
@@ -149,8 +167,23 @@ impl ModelFiles {
         })
     }
 
-    /// The VAE, always f32 (SDXL's VAE overflows in fp16).
+    /// The VAE, always f32 (SDXL's VAE overflows in fp16): the model's own, or the one named
+    /// with [`ModelFiles::with_vae`].
     pub fn vae(&self, device: Device) -> Result<AutoencoderKL> {
+        if let Some(path) = &self.vae {
+            let vae = self.vae_from(path, device)?;
+            let unet = self.unet_config()?;
+            if vae.config.latent_channels != unet.out_channels {
+                return Err(Error::file(
+                    path,
+                    format!(
+                        "this VAE has {} latent channels, the model's UNet denoises {}",
+                        vae.config.latent_channels, unet.out_channels
+                    ),
+                ));
+            }
+            return Ok(vae);
+        }
         if !self.single_file {
             return AutoencoderKL::from_diffusers(
                 &DiffusersFolder::open(&self.model)?,
@@ -160,10 +193,14 @@ impl ModelFiles {
         }
         let file = MappedFile::open(&self.model)?;
         let split = self.split(&file)?;
-        let vb = Weights::from_raw(&split.vae, self.model.clone(), DType::F32, device)?;
+        load_vae(&split.vae, &self.model, self.vae_config_of(&file)?, device)
+    }
+
+    /// The VAE config a single file is read with: the architecture folder's, with the latent
+    /// statistics Playground v2.5 files carry (diffusers' single-file loader then scales by 0.5,
+    /// PLAYGROUND_VAE_SCALING_FACTOR, as the released folder's config does).
+    fn vae_config_of(&self, file: &MappedFile) -> Result<VaeConfig> {
         let mut config = self.vae_config()?;
-        // Playground v2.5 carries its latent statistics; diffusers' single-file loader then
-        // scales by 0.5 (PLAYGROUND_VAE_SCALING_FACTOR), as the released folder's config does.
         let stats =
             single_file::edm_latent_stats(&file.tensors()?, config.latent_channels, &self.model)?;
         if let Some((mean, std)) = stats {
@@ -171,9 +208,43 @@ impl ModelFiles {
             config.latents_std = Some(std);
             config.scaling_factor = 0.5;
         }
-        let vae = AutoencoderKL::load(&vb, config)?;
-        vb.ensure_all_used(|_| false)?;
-        Ok(vae)
+        Ok(config)
+    }
+
+    /// The config the VAE loads with, without loading it: a VAE folder's own, or the model's
+    /// (with a single file's latent statistics).
+    pub fn vae_config_in_use(&self) -> Result<VaeConfig> {
+        match self.vae.as_deref().and_then(vae_folder) {
+            Some(dir) => VaeConfig::from_file(dir.join("config.json")),
+            None => self.model_vae_config(),
+        }
+    }
+
+    /// The model's own VAE config.
+    fn model_vae_config(&self) -> Result<VaeConfig> {
+        match self.single_file {
+            true => self.vae_config_of(&MappedFile::open(&self.model)?),
+            false => self.vae_config(),
+        }
+    }
+
+    /// A VAE from `path` (see [`ModelFiles::with_vae`]).
+    fn vae_from(&self, path: &Path, device: Device) -> Result<AutoencoderKL> {
+        if let Some(dir) = vae_folder(path) {
+            let config = VaeConfig::from_file(dir.join("config.json"))?;
+            let weights = WeightFiles::open(find_weights(&dir, None)?)?;
+            let map = normalize_vae(weights.tensors()?, &dir.display().to_string())?;
+            return load_vae(&map, &dir, config, device);
+        }
+        // A file has no config: its latent space must be the model's.
+        let config = self.model_vae_config()?;
+        let file = MappedFile::open(path)?;
+        let layout = VaeLayout {
+            levels: config.block_out_channels.len(),
+        };
+        let map =
+            single_file::vae_file_tensors(file.tensors()?, layout, &path.display().to_string())?;
+        load_vae(&map, path, config, device)
     }
 
     /// Whether the model ships a first text encoder and tokenizer: SDXL's refiner (whose
@@ -371,24 +442,63 @@ impl ModelFiles {
     /// A string that changes when the model's weights change: cache keys for latents and text
     /// embeddings include it.
     pub fn identity(&self) -> String {
-        fn walk(p: &Path, acc: &mut Vec<String>) {
-            if let Ok(rd) = std::fs::read_dir(p) {
-                let mut entries: Vec<_> = rd.filter_map(|e| e.ok()).collect();
-                entries.sort_by_key(|e| e.file_name());
-                for e in entries {
-                    walk(&e.path(), acc);
-                }
-            } else if let Ok(m) = std::fs::metadata(p) {
-                let mtime = m
-                    .modified()
-                    .ok()
-                    .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
-                    .map_or(0, |d| d.as_secs());
-                acc.push(format!("{}:{}:{mtime}", p.display(), m.len()));
-            }
-        }
-        let mut acc = Vec::new();
-        walk(&self.model, &mut acc);
-        acc.join("|")
+        identity_of(&self.model)
     }
+
+    /// What the latents depend on: the model's [`ModelFiles::identity`], and the VAE named with
+    /// [`ModelFiles::with_vae`] if any.
+    pub fn latent_identity(&self) -> String {
+        match &self.vae {
+            Some(vae) => format!("{}|vae|{}", self.identity(), identity_of(vae)),
+            None => self.identity(),
+        }
+    }
+}
+
+/// Paths, sizes and modification times of a file or of every file under a folder.
+fn identity_of(path: &Path) -> String {
+    fn walk(p: &Path, acc: &mut Vec<String>) {
+        if let Ok(rd) = std::fs::read_dir(p) {
+            let mut entries: Vec<_> = rd.filter_map(|e| e.ok()).collect();
+            entries.sort_by_key(|e| e.file_name());
+            for e in entries {
+                walk(&e.path(), acc);
+            }
+        } else if let Ok(m) = std::fs::metadata(p) {
+            let mtime = m
+                .modified()
+                .ok()
+                .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+                .map_or(0, |d| d.as_secs());
+            acc.push(format!("{}:{}:{mtime}", p.display(), m.len()));
+        }
+    }
+    let mut acc = Vec::new();
+    walk(path, &mut acc);
+    acc.join("|")
+}
+
+/// The VAE folder a `--vae` path names: the folder itself, or a pipeline folder's `vae/`; None
+/// for a file.
+fn vae_folder(path: &Path) -> Option<PathBuf> {
+    if !path.is_dir() {
+        return None;
+    }
+    Some(match path.join("model_index.json").is_file() {
+        true => path.join("vae"),
+        false => path.to_path_buf(),
+    })
+}
+
+/// Builds an f32 VAE from converted tensors; every tensor must be used.
+fn load_vae(
+    map: &TensorMap<'_>,
+    origin: &Path,
+    config: VaeConfig,
+    device: Device,
+) -> Result<AutoencoderKL> {
+    let vb = Weights::from_raw(map, origin.to_path_buf(), DType::F32, device)?;
+    let vae = AutoencoderKL::load(&vb, config)?;
+    vb.ensure_all_used(|_| false)?;
+    Ok(vae)
 }

@@ -32,6 +32,9 @@ pub struct LoadOptions {
     /// LoRA files with multipliers: kohya files merge into the weights, kstyle adapter files
     /// attach live (their gates run every step).
     pub loras: Vec<(PathBuf, f64)>,
+    /// A VAE that replaces the model's own (a VAE folder or file, see
+    /// [`ModelFiles::with_vae`]).
+    pub vae: Option<PathBuf>,
 }
 
 pub struct SdxlPipeline {
@@ -288,8 +291,15 @@ impl SdxlPipeline {
                 kohya.push(KohyaLoraFile::new(p, *m));
             }
         }
-        let files = ModelFiles::resolve(&opts.model, opts.config.as_deref())?;
+        let files =
+            ModelFiles::resolve(&opts.model, opts.config.as_deref())?.with_vae(opts.vae.clone())?;
         let load = || -> Result<SdxlPipeline> {
+            // A VAE from elsewhere loads first: a wrong `--vae` fails before the large
+            // components load.
+            let early_vae = match &files.vae {
+                Some(_) => Some(files.vae(opts.device)?),
+                None => None,
+            };
             let (text_encoder, text_encoder_2) =
                 files.text_encoders(&kohya, opts.dtype, opts.device)?;
             let (tokenizer, tokenizer_2) = files.tokenizers()?;
@@ -299,7 +309,10 @@ impl SdxlPipeline {
                 text_encoder,
                 text_encoder_2,
                 unet: files.unet(&kohya, opts.dtype, opts.device)?,
-                vae: files.vae(opts.device)?,
+                vae: match early_vae {
+                    Some(vae) => vae,
+                    None => files.vae(opts.device)?,
+                },
                 scheduler: files.scheduler()?,
                 force_zeros_for_empty_prompt: files.force_zeros_for_empty_prompt()?,
                 device: opts.device,
@@ -318,11 +331,13 @@ impl SdxlPipeline {
     /// Checks the model `opts` names and its LoRA-family files against each other without
     /// loading any weight: the model resolves and its UNet config reads, and every name, factor
     /// shape and scale a load would check is checked from the configs and the files' headers
-    /// (an adapter's names and factor shapes too). `generate` runs this on the refiner before
-    /// the base model runs, so a wrong refiner or refiner LoRA fails in seconds, not after the
-    /// base pass.
-    pub fn check_loras(opts: &LoadOptions) -> Result<()> {
-        let files = ModelFiles::resolve(&opts.model, opts.config.as_deref())?;
+    /// (an adapter's names and factor shapes too). A VAE named in `opts` is loaded (on the CPU;
+    /// it is small) and checked against the model. `generate` runs this on the refiner before
+    /// the base model runs, so a wrong refiner, refiner LoRA or VAE fails in seconds, not after
+    /// the base pass.
+    pub fn check_files(opts: &LoadOptions) -> Result<()> {
+        let files =
+            ModelFiles::resolve(&opts.model, opts.config.as_deref())?.with_vae(opts.vae.clone())?;
         let check = || -> Result<()> {
             let cfg = files.unet_config()?;
             for (path, m) in &opts.loras {
@@ -335,6 +350,9 @@ impl SdxlPipeline {
                         &KohyaLoraFile::new(path, *m),
                     )?;
                 }
+            }
+            if files.vae.is_some() {
+                files.vae(Device::Cpu)?;
             }
             Ok(())
         };

@@ -35,6 +35,9 @@ use std::path::{Path, PathBuf};
 pub struct TrainConfig {
     pub model: PathBuf,
     pub config_dir: Option<PathBuf>,
+    /// A VAE that replaces the model's own for encoding the pictures and decoding samples (see
+    /// [`ModelFiles::with_vae`]).
+    pub vae: Option<PathBuf>,
     pub data: PathBuf,
     pub out: PathBuf,
     pub method: Method,
@@ -168,6 +171,7 @@ fn prepare_examples(
             .join(".kstyle-cache")
     }))?;
     let model_id = files.identity();
+    let latent_id = files.latent_identity();
     let bucket_list = if cfg.buckets {
         buckets(cfg.resolution)
     } else {
@@ -215,7 +219,7 @@ fn prepare_examples(
             "latent-upright",
             &s.hash,
             &format!("{}x{}", size.0, size.1),
-            &model_id,
+            &latent_id,
         ]);
         let (img, crop) = training_tensor(&picture, size, cfg.device)?;
         let lat = cache.get_or_insert(&key, || {
@@ -306,7 +310,8 @@ impl Trainer {
         if let Some(dir) = cfg.out.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
         }
-        let files = ModelFiles::resolve(&cfg.model, cfg.config_dir.as_deref())?;
+        let files = ModelFiles::resolve(&cfg.model, cfg.config_dir.as_deref())?
+            .with_vae(cfg.vae.clone())?;
         // The loss targets what the model predicts (epsilon, KSTYLE.md; or v) on the schedule
         // it was trained with, zero terminal SNR included.
         if let Some(o) = cfg.noise_offset {
@@ -343,11 +348,24 @@ impl Trainer {
             data.len(),
             cfg.data.display()
         ));
+        let vae_config = files.vae_config_in_use()?;
+        if vae_config.latents_mean.is_some() || vae_config.latents_std.is_some() {
+            return Err(Error::Config(format!(
+                "{}: this VAE's config has per-channel latent statistics (latents_mean, \
+                 latents_std); training scales latents by scaling_factor alone and does not \
+                 apply them",
+                cfg.vae.as_ref().unwrap_or(&cfg.model).display()
+            )));
+        }
+        if let Some(vae) = &cfg.vae {
+            log(&format!(
+                "vae: {} (scaling factor {})",
+                vae.display(),
+                vae_config.scaling_factor
+            ));
+        }
         let (examples, sample_embeds) = prepare_examples(&cfg, &files, &data, log)?;
-        let scaling_factor = crate::models::vae::config::VaeConfig::from_file(
-            files.config_dir.join("vae/config.json"),
-        )?
-        .scaling_factor;
+        let scaling_factor = vae_config.scaling_factor;
         let mut unet = files.unet(&[], cfg.dtype, cfg.device)?;
         unet.checkpoint = cfg.checkpointing.unwrap_or_default();
         let index = unet_module_index(&unet);
@@ -584,6 +602,14 @@ impl Trainer {
             ("steps".to_string(), self.state.step.to_string()),
             ("targets".to_string(), c.targets.join(",")),
             ("trigger".to_string(), c.captions.trigger.clone()),
+            // The file or folder name alone, as kohya's `ss_vae_name`: no local paths.
+            (
+                "vae".to_string(),
+                c.vae
+                    .as_ref()
+                    .and_then(|v| v.file_name())
+                    .map_or("model".into(), |n| n.to_string_lossy().into_owned()),
+            ),
             ("weight_decay".to_string(), c.adamw.weight_decay.to_string()),
         ]);
         Ok(Adapter {

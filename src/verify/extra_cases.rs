@@ -865,3 +865,29 @@ pub fn textual_inversion(ctx: &Ctx) -> Result<Vec<Row>> {
     )?;
     Ok(chk.rows)
 }
+
+/// A standalone VAE file (`gen_vae_file.py`): the tiny VAE perturbed and saved with the original
+/// LDM names, no prefix (`sdxl_vae.safetensors` as A1111 and ComfyUI take it), read with the tiny
+/// model's VAE config as `generate --vae` reads it; diffusers' `from_single_file` decode of the
+/// reference latents and the encoded mean of the reference image.
+pub fn vae_file(ctx: &Ctx) -> Result<Vec<Row>> {
+    let f = SafeTensorsFile::open(extra(ctx, "vae_file_reference.safetensors"))?;
+    let file = extra(ctx, f.meta_str("vae_file")?);
+    let vae = ModelFiles::resolve(&ctx.dir.join("sdxl"), None)?
+        .with_vae(Some(file))?
+        .vae(ctx.device)?;
+    let load = |name: &str| -> Result<Tensor> {
+        f.tensor(name)?.to_dtype(DType::F32)?.to_device(ctx.device)
+    };
+    let mut chk = Checker::new("vae_file");
+    let decoded = no_grad(|| vae.decode(&load("latents")?))?;
+    chk.check("decoded", &decoded, &f.tensor("decoded")?, ctx.forward)?;
+    let (mean, _) = no_grad(|| vae.encode(&load("image")?))?;
+    chk.check(
+        "encoded_mean",
+        &mean,
+        &f.tensor("encoded_mean")?,
+        ctx.forward,
+    )?;
+    Ok(chk.rows)
+}

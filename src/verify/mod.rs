@@ -245,6 +245,11 @@ pub fn cases() -> Vec<(&'static str, &'static str, CaseFn)> {
             "../../extra/vae_latent_stats.safetensors",
             extra_cases::vae_latent_stats,
         ),
+        (
+            "vae_file",
+            "../../extra/vae_file_reference.safetensors",
+            extra_cases::vae_file,
+        ),
     ]
 }
 

@@ -16,6 +16,7 @@ pub(super) fn tiny_pipeline(ctx: &Ctx) -> Result<SdxlPipeline> {
         dtype: DType::F32,
         device: ctx.device,
         loras: vec![],
+        vae: None,
     })
 }
 
