@@ -1115,3 +1115,33 @@ fn a_vae_file_or_folder_replaces_the_models_vae() {
         assert!(!common::stderr(&o).contains("kstyle generate: model"));
     }
 }
+
+/// `--clip-skip` (numbers: the `clip_skip` verify case): 0 is the default picture byte for
+/// byte, 1 another one, and more layers than the tiny encoders have (3) is refused by name.
+#[test]
+fn clip_skip_picks_an_earlier_layer() {
+    let dir = tmp("clip-skip");
+    let run = |name: &str, extra: &[&str]| {
+        let out = dir.join(name);
+        let mut args = vec!["--negative", "blurry", "--out", out.to_str().unwrap()];
+        args.extend_from_slice(extra);
+        let o = common::generate_tiny_steps("2", &args);
+        (o, std::fs::read(&out).ok())
+    };
+    let (o, plain) = run("plain.png", &[]);
+    assert!(o.status.success(), "{}", common::stderr(&o));
+    let (o, zero) = run("zero.png", &["--clip-skip", "0"]);
+    assert!(o.status.success(), "{}", common::stderr(&o));
+    assert!(plain == zero);
+    let (o, one) = run("one.png", &["--clip-skip", "1"]);
+    assert!(o.status.success(), "{}", common::stderr(&o));
+    assert!(one.is_some() && plain != one);
+    let (o, png) = run("three.png", &["--clip-skip", "3"]);
+    common::assert_fails_naming(&o, "--clip-skip");
+    assert!(
+        common::stderr(&o).contains("at most 2"),
+        "{}",
+        common::stderr(&o)
+    );
+    assert!(png.is_none());
+}

@@ -125,6 +125,11 @@ pub struct Args {
     /// default. The refiner gets it too (its `clip_g` rows).
     #[arg(long = "embedding")]
     pub embeddings: Vec<String>,
+    /// diffusers' `clip_skip`: the per-token text context comes from N layers before SDXL's
+    /// penultimate one, of both text encoders (the pooled embedding stays the last layer's); 0,
+    /// the default, is SDXL's own. Applied to the negative prompt and the refiner too.
+    #[arg(long, default_value_t = 0)]
+    pub clip_skip: usize,
     /// Initial latents (unscaled N(0,1), shape (1, 4, H/8, W/8)) from a safetensors file, taken
     /// from its `init_latents` tensor or its only tensor; overrides the seed.
     #[arg(long)]
@@ -497,6 +502,7 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
             pipe.vae.config.scaling_factor
         );
     }
+    pipe.set_clip_skip(a.clip_skip).context("--clip-skip")?;
     for ti in &embeddings {
         pipe.add_embedding(ti)?;
         eprintln!(
@@ -664,6 +670,9 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
     drop(pipe);
     let mut refiner = SdxlPipeline::load(refiner_opts)
         .with_context(|| format!("loading the refiner {}", refiner_path.display()))?;
+    refiner
+        .set_clip_skip(a.clip_skip)
+        .with_context(|| format!("--clip-skip for the refiner {}", refiner_path.display()))?;
     for ti in &embeddings {
         refiner
             .add_embedding(ti)

@@ -9,7 +9,7 @@ pub use super::sampler_kind::{SamplerKind, Sigmas};
 use super::{Noise, Sampler, SchedulerConfig};
 use crate::formats::adapter::Adapter;
 use crate::formats::kohya::ModuleIndex;
-use crate::models::clip::text::{token_ids, ClipTextModel};
+use crate::models::clip::text::{token_ids, ClipTextModel, ClipTextOutput};
 use crate::models::clip::tokenizer::ClipTokenizer;
 use crate::models::unet::lora_merge::{check_kohya, KohyaLoraFile};
 use crate::models::unet::UNet2DConditionModel;
@@ -54,6 +54,9 @@ pub struct SdxlPipeline {
     pub adapters: Vec<PathBuf>,
     /// Textual-inversion embeddings added with [`SdxlPipeline::add_embedding`], by name.
     pub embeddings: Vec<String>,
+    /// Layers skipped before SDXL's penultimate one in the per-token context (diffusers'
+    /// `clip_skip`); 0 is SDXL's own. Set with [`SdxlPipeline::set_clip_skip`].
+    clip_skip: usize,
 }
 
 /// Where sampling starts.
@@ -319,6 +322,7 @@ impl SdxlPipeline {
                 dtype: opts.dtype,
                 adapters: Vec::new(),
                 embeddings: Vec::new(),
+                clip_skip: 0,
             })
         };
         let mut pipe = load().map_err(|e| files.explain(e))?;
@@ -451,8 +455,35 @@ impl SdxlPipeline {
         Ok(())
     }
 
+    /// Takes the per-token context `n` layers before SDXL's penultimate one, from both text
+    /// encoders, for the prompt and the negative prompt alike: diffusers' `clip_skip`
+    /// (`hidden_states[-(n + 2)]`). The pooled output
+    /// stays the last layer's. diffusers 0.42 leaves the negative prompt at the penultimate
+    /// layer, so guidance there mixes two layers; kstyle does not copy that. `n` may reach the
+    /// embedding output, no further.
+    pub fn set_clip_skip(&mut self, n: usize) -> Result<()> {
+        let mut layers = vec![self.text_encoder_2.config().encoder.num_hidden_layers];
+        if let Some(te) = &self.text_encoder {
+            layers.push(te.config().encoder.num_hidden_layers);
+        }
+        let most = layers.iter().min().copied().unwrap_or(0).saturating_sub(1);
+        if n > most {
+            return Err(Error::Config(format!(
+                "clip skip {n} reaches past the text encoders' embeddings: they have {layers:?} \
+                 layers, so at most {most}"
+            )));
+        }
+        self.clip_skip = n;
+        Ok(())
+    }
+
+    pub fn clip_skip(&self) -> usize {
+        self.clip_skip
+    }
+
     /// Both encoders on `prompts`: context = concat(TE1 penultimate, TE2 penultimate), or TE2's
-    /// alone for a refiner; pooled = TE2's projected pooled output. Prompts naming a
+    /// alone for a refiner (earlier layers with [`SdxlPipeline::set_clip_skip`]); pooled = TE2's
+    /// projected pooled output. Prompts naming a
     /// multi-vector embedding are spelt out first (diffusers' `maybe_convert_prompt`; both
     /// tokenizers hold the same added tokens).
     pub fn encode_prompts(&self, prompts: &[String]) -> Result<PromptEmbeds> {
@@ -468,14 +499,22 @@ impl SdxlPipeline {
         };
         let ids2 = token_ids(&self.tokenizer_2.encode_batch(prompts)?, self.device)?; // (B, 77)
         let o2 = self.text_encoder_2.forward(&ids2)?;
+        // hidden_states[-(clip_skip + 2)]; set_clip_skip keeps it within the encoders.
+        let layer = |o: &ClipTextOutput| -> Result<Tensor> {
+            o.from_end(1 + self.clip_skip).cloned().ok_or_else(|| {
+                Error::Config(format!(
+                    "clip skip {} reaches past the text encoder's embeddings",
+                    self.clip_skip
+                ))
+            })
+        };
         let context = match (&self.tokenizer, &self.text_encoder) {
             (Some(tok), Some(te)) => {
                 let ids1 = token_ids(&tok.encode_batch(prompts)?, self.device)?; // (B, 77)
                 let o1 = te.forward(&ids1)?;
-                Tensor::cat(&[o1.penultimate().clone(), o2.penultimate().clone()], 2)?
-                // (B, 77, D1 + D2)
+                Tensor::cat(&[layer(&o1)?, layer(&o2)?], 2)? // (B, 77, D1 + D2)
             }
-            _ => o2.penultimate().clone(), // (B, 77, D2)
+            _ => layer(&o2)?, // (B, 77, D2)
         };
         let pooled = o2
             .text_embeds

@@ -891,3 +891,51 @@ pub fn vae_file(ctx: &Ctx) -> Result<Vec<Row>> {
     )?;
     Ok(chk.rows)
 }
+
+/// diffusers' `clip_skip` (`gen_clip_skip.py`), applied to the prompt and the negative prompt
+/// alike: both batches' context and pooled embeddings and the final latents of a 3-step Euler run
+/// with clip skip 1 and 2; and the refiner's text_encoder_2-only context with clip skip 1.
+pub fn clip_skip(ctx: &Ctx) -> Result<Vec<Row>> {
+    let f = SafeTensorsFile::open(extra(ctx, "clip_skip.safetensors"))?;
+    let mut base = super::pipeline_case::tiny_pipeline(ctx)?;
+    let mut refiner = tiny_refiner(ctx)?;
+    let init = reference_init_latents(ctx)?;
+    let req = meta_request(&f)?;
+    let mut chk = Checker::new("clip_skip");
+    for name in f.meta_str("cases")?.split(',') {
+        let key = |k: &str| format!("{name}.{k}");
+        let skip = f.meta_f64(&key("clip_skip"))? as usize;
+        if name.starts_with("refiner") {
+            refiner.set_clip_skip(skip)?;
+            let e = no_grad(|| refiner.encode_prompts(std::slice::from_ref(&req.prompt)))?;
+            chk.check(
+                &key("prompt_embeds"),
+                &e.context,
+                &f.tensor(&key("prompt_embeds"))?,
+                ctx.forward,
+            )?;
+            chk.check(
+                &key("pooled_prompt_embeds"),
+                &e.pooled,
+                &f.tensor(&key("pooled_prompt_embeds"))?,
+                ctx.forward,
+            )?;
+            continue;
+        }
+        base.set_clip_skip(skip)?;
+        let (pos, neg) = no_grad(|| base.request_embeds(&req))?;
+        let neg = neg
+            .ok_or_else(|| crate::Error::Config("guidance above 1 has a negative batch".into()))?;
+        for (n, t) in [
+            ("prompt_embeds", &pos.context),
+            ("pooled_prompt_embeds", &pos.pooled),
+            ("negative_prompt_embeds", &neg.context),
+            ("negative_pooled_prompt_embeds", &neg.pooled),
+        ] {
+            chk.check(&key(n), t, &f.tensor(&key(n))?, ctx.forward)?;
+        }
+        let start = crate::sample::pipeline::Start::Noise(&init);
+        check_final(&mut chk, ctx, &f, name, &base, &req, start)?;
+    }
+    Ok(chk.rows)
+}

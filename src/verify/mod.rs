@@ -250,6 +250,11 @@ pub fn cases() -> Vec<(&'static str, &'static str, CaseFn)> {
             "../../extra/vae_file_reference.safetensors",
             extra_cases::vae_file,
         ),
+        (
+            "clip_skip",
+            "../../extra/clip_skip.safetensors",
+            extra_cases::clip_skip,
+        ),
     ]
 }
 
