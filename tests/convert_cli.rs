@@ -288,3 +288,93 @@ fn an_inpainting_single_file_keeps_its_input_channels() {
     assert_eq!(unet.config.in_channels, 9);
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// `convert --vae` bakes another VAE in, both ways: the single file's `first_stage_model.` part is
+/// the A1111-style VAE file byte for byte (the rest as without --vae), the folder's `vae/` holds
+/// its diffusers-named tensors and generates the same picture as `generate --vae`, and a file
+/// that is no VAE writes nothing.
+#[test]
+fn a_vae_is_baked_in_both_directions() {
+    let dir = tmp("convert-vae");
+    let vae = tiny().join("../extra/vae_ldm.safetensors");
+    let vae_arg = vae.to_str().unwrap();
+    let (plain, baked) = (dir.join("plain.safetensors"), dir.join("baked.safetensors"));
+    let o = convert(&tiny().join("sdxl"), "single-file", &plain, &[]);
+    assert!(o.status.success(), "{}", common::stderr(&o));
+    let o = convert(
+        &tiny().join("sdxl"),
+        "single-file",
+        &baked,
+        &["--vae", vae_arg],
+    );
+    assert!(o.status.success(), "{}", common::stderr(&o));
+    let (plain, baked) = (
+        MappedFile::open(&plain).unwrap(),
+        MappedFile::open(&baked).unwrap(),
+    );
+    fn split(m: &MappedFile) -> (TensorMap<'_>, TensorMap<'_>) {
+        m.tensors()
+            .unwrap()
+            .into_iter()
+            .partition(|(k, _)| !k.starts_with("first_stage_model."))
+    }
+    let ((rest, _), (baked_rest, baked_vae)) = (split(&plain), split(&baked));
+    assert_same("non-VAE tensors", &baked_rest, &rest, &[]);
+    let file = MappedFile::open(&vae).unwrap();
+    let want: TensorMap<'_> = file
+        .tensors()
+        .unwrap()
+        .into_iter()
+        .map(|(k, t)| (format!("first_stage_model.{k}"), t))
+        .collect();
+    assert_same("baked VAE", &baked_vae, &want, &[]);
+
+    let folder = dir.join("folder");
+    let single = tiny().join("sdxl_single_file.safetensors");
+    let config = tiny().join("sdxl");
+    let args = ["--config", config.to_str().unwrap(), "--vae", vae_arg];
+    let o = convert(&single, "diffusers", &folder, &args);
+    assert!(o.status.success(), "{}", common::stderr(&o));
+    let written = MappedFile::open(folder.join("vae/diffusion_pytorch_model.safetensors")).unwrap();
+    let layout = kstyle::formats::single_file::VaeLayout::sdxl();
+    let want = kstyle::formats::single_file::vae_file_tensors(file.tensors().unwrap(), layout, "v")
+        .unwrap();
+    assert_same("folder VAE", &written.tensors().unwrap(), &want, &[]);
+    let png = |model: &Path, name: &str, extra: &[&str]| {
+        let out = dir.join(name);
+        let mut args = vec!["--seed", "4", "--out", out.to_str().unwrap()];
+        args.extend_from_slice(extra);
+        let o = common::generate_model(model, "2", &args);
+        assert!(o.status.success(), "{}", common::stderr(&o));
+        std::fs::read(out).unwrap()
+    };
+    assert!(
+        png(&folder, "baked.png", &[])
+            == png(&tiny().join("sdxl"), "given.png", &["--vae", vae_arg])
+    );
+
+    let unet = tiny().join("sdxl/unet/diffusion_pytorch_model.safetensors");
+    for (to, out) in [("single-file", "bad.safetensors"), ("diffusers", "bad")] {
+        let out = dir.join(out);
+        let model = match to {
+            "single-file" => tiny().join("sdxl"),
+            _ => single.clone(),
+        };
+        let o = convert(
+            &model,
+            to,
+            &out,
+            &[
+                "--config",
+                config.to_str().unwrap(),
+                "--vae",
+                unet.to_str().unwrap(),
+            ],
+        );
+        common::assert_fails_naming(&o, "not an SDXL-family VAE file");
+        assert!(!out.exists());
+        let mut partial = out.into_os_string();
+        partial.push(".partial");
+        assert!(!Path::new(&partial).exists());
+    }
+}

@@ -1,4 +1,4 @@
-//! `kstyle convert --model SRC --to single-file|diffusers --out PATH [--config DIR]`: a diffusers
+//! `kstyle convert --model SRC --to single-file|diffusers --out PATH [--config DIR] [--vae V]`: a diffusers
 //! folder as one original-layout file (what A1111 and ComfyUI load), or a single file as a
 //! diffusers folder. Tensors keep their dtype and bytes.
 
@@ -16,6 +16,11 @@ pub struct Args {
     /// for a refiner file).
     #[arg(long)]
     pub config: Option<PathBuf>,
+    /// Bake in another VAE (as `generate --vae` takes one: a single VAE file, read with the
+    /// model's VAE config, or a VAE folder, whose config goes into a diffusers --out). Its
+    /// tensors are written as stored, after a load checks them against the model.
+    #[arg(long)]
+    pub vae: Option<std::path::PathBuf>,
     #[arg(long, value_enum)]
     pub to: Target,
     /// The new file or folder; an existing one is never replaced.
@@ -32,7 +37,7 @@ pub enum Target {
 }
 
 pub fn run(a: Args) -> anyhow::Result<ExitCode> {
-    let files = ModelFiles::resolve(&a.model, a.config.as_deref())?;
+    let files = ModelFiles::resolve(&a.model, a.config.as_deref())?.with_vae(a.vae.clone())?;
     let done = match a.to {
         Target::SingleFile => folder_to_single_file(&files, &a.out)?,
         Target::Diffusers => single_file_to_folder(&files, &a.out)?,

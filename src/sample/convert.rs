@@ -56,7 +56,7 @@ pub fn folder_to_single_file(files: &ModelFiles, out: &Path) -> Result<Converted
         .transpose()?;
     let te2 = folder.component("text_encoder_2", None)?;
     let vae = folder.component("vae", None)?;
-    let split = SplitCheckpoint {
+    let mut split = SplitCheckpoint {
         unet: unet.tensors()?,
         text_encoder: te1
             .as_ref()
@@ -66,13 +66,15 @@ pub fn folder_to_single_file(files: &ModelFiles, out: &Path) -> Result<Converted
         text_encoder_2: te2.tensors()?,
         vae: vae.tensors()?,
     };
+    let mut vae_layout = folder.vae_layout()?;
+    if let Some((map, dir)) = files.replacement_vae()? {
+        if let Some(dir) = dir {
+            vae_layout = VaeLayout::from_config_file(dir.join("config.json"))?;
+        }
+        split.vae = map;
+    }
     let context = files.model.display().to_string();
-    let mut sgm = to_sgm(
-        &split,
-        &folder.unet_layout()?,
-        folder.vae_layout()?,
-        &context,
-    )?;
+    let mut sgm = to_sgm(&split, &folder.unet_layout()?, vae_layout, &context)?;
     let scheduler = files.scheduler()?;
     let mut markers = Vec::new();
     if scheduler.prediction == Prediction::V {
@@ -150,13 +152,22 @@ pub fn single_file_to_folder(files: &ModelFiles, out: &Path) -> Result<Converted
         crate::models::vae::config::VaeConfig::from_file(files.config_dir.join("vae/config.json"))?
             .block_out_channels
             .len();
-    let split = single_file::convert(
+    let mut split = single_file::convert(
         ckpt,
         &unet_cfg.layout(),
         VaeLayout { levels: vae_levels },
         &files.model.display().to_string(),
     )?;
+    let replacement = files.replacement_vae()?;
     copy_configs(&files.config_dir, &partial)?;
+    if let Some((map, dir)) = replacement {
+        // A VAE folder brings its own config; a file is read with the model's, already copied.
+        if let Some(dir) = dir {
+            let (from, to) = (dir.join("config.json"), partial.join("vae/config.json"));
+            std::fs::copy(&from, &to).map_err(|e| Error::io(&from, e))?;
+        }
+        split.vae = map;
+    }
     let patch = |rel: &str, edit: &dyn Fn(&mut serde_json::Map<String, serde_json::Value>)| {
         let path = partial.join(rel);
         let mut v: serde_json::Value = crate::formats::python_json::read_file(&path)?;

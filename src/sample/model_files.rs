@@ -211,6 +211,32 @@ impl ModelFiles {
         Ok(config)
     }
 
+    /// The VAE named with [`ModelFiles::with_vae`] as stored (diffusers names; dtypes and bytes
+    /// kept), after a full load checks it against this model, with the VAE folder whose config
+    /// describes it when it came from one: what `convert --vae` writes in place of the model's
+    /// VAE. None without a replacement.
+    pub fn replacement_vae(&self) -> Result<Option<(TensorMap<'static>, Option<PathBuf>)>> {
+        let Some(path) = &self.vae else {
+            return Ok(None);
+        };
+        self.vae(Device::Cpu)?;
+        let owned = |map: TensorMap<'_>| -> TensorMap<'static> {
+            map.into_iter().map(|(k, t)| (k, t.into_owned())).collect()
+        };
+        if let Some(dir) = vae_folder(path) {
+            let weights = WeightFiles::open(find_weights(&dir, None)?)?;
+            let map = normalize_vae(weights.tensors()?, &dir.display().to_string())?;
+            return Ok(Some((owned(map), Some(dir))));
+        }
+        let layout = VaeLayout {
+            levels: self.model_vae_config()?.block_out_channels.len(),
+        };
+        let file = MappedFile::open(path)?;
+        let map =
+            single_file::vae_file_tensors(file.tensors()?, layout, &path.display().to_string())?;
+        Ok(Some((owned(map), None)))
+    }
+
     /// The config the VAE loads with, without loading it: a VAE folder's own, or the model's
     /// (with a single file's latent statistics).
     pub fn vae_config_in_use(&self) -> Result<VaeConfig> {
