@@ -136,3 +136,91 @@ fn eval_writes_table_json_and_grid_and_rescoring_agrees() {
         table
     );
 }
+
+/// Images already in --out are reused only for the same model, files, settings and prompts
+/// (`<method>/generated.json` records them): another --steps, --clip-skip or --vae, or a folder
+/// of images without a record, is refused by name before anything is written; more seeds add
+/// only the missing images.
+#[test]
+fn eval_reuses_images_only_for_the_same_settings() {
+    let dir = tmp("eval-record");
+    let (model, clip) = (tiny().join("sdxl"), tiny().join("clip"));
+    let lpips = tiny().join("reference/lpips_alex.safetensors");
+    let prompts = dir.join("prompts.tsv");
+    std::fs::write(&prompts, "architecture\tgeneric\ta palace\n").unwrap();
+    let out = dir.join("eval");
+    let run = |extra: &[&str]| {
+        let mut args = vec![
+            "eval",
+            "--model",
+            model.to_str().unwrap(),
+            "--clip",
+            clip.to_str().unwrap(),
+            "--lpips",
+            lpips.to_str().unwrap(),
+            "--prompts",
+            prompts.to_str().unwrap(),
+            "--size",
+            "64",
+            "--out",
+            out.to_str().unwrap(),
+        ];
+        args.extend_from_slice(extra);
+        kstyle(&args)
+    };
+    let base = ["--steps", "1", "--seeds", "2"];
+    let o = run(&base);
+    assert!(o.status.success(), "{}", common::stderr(&o));
+    assert!(out.join("vanilla/generated.json").exists());
+    let first = std::fs::read(out.join("vanilla/p000-s0.png")).unwrap();
+    let table = std::fs::read_to_string(out.join("table.md")).unwrap();
+
+    let o = run(&base);
+    assert!(o.status.success(), "{}", common::stderr(&o));
+    assert!(
+        !common::stderr(&o).contains("vanilla: prompt"),
+        "regenerated"
+    );
+
+    let vae = tiny().join("sdxl/vae");
+    let changed: [(&[&str], &str); 3] = [
+        (&["--steps", "2", "--seeds", "2"], "steps"),
+        (
+            &["--steps", "1", "--seeds", "2", "--clip-skip", "1"],
+            "clip_skip",
+        ),
+        (
+            &[
+                "--steps",
+                "1",
+                "--seeds",
+                "2",
+                "--vae",
+                vae.to_str().unwrap(),
+            ],
+            "vae",
+        ),
+    ];
+    for (args, needle) in changed {
+        let o = run(args);
+        common::assert_fails_naming(&o, needle);
+        common::assert_fails_naming(&o, "vanilla");
+        assert_eq!(
+            std::fs::read(out.join("vanilla/p000-s0.png")).unwrap(),
+            first
+        );
+        assert_eq!(
+            std::fs::read_to_string(out.join("table.md")).unwrap(),
+            table
+        );
+    }
+
+    let o = run(&["--steps", "1", "--seeds", "3"]);
+    let err = common::stderr(&o);
+    assert!(o.status.success(), "{err}");
+    assert!(err.contains("seed 2") && !err.contains("seed 0"), "{err}");
+
+    std::fs::remove_file(out.join("vanilla/generated.json")).unwrap();
+    let o = run(&base);
+    common::assert_fails_naming(&o, "generated.json");
+}

@@ -3,6 +3,7 @@
 //! adapter on a small generated dataset, generate with and without it, and score both.
 
 use super::DeviceArg;
+use anyhow::Context;
 use kstyle::backend::cpu::optim::AdamW;
 use kstyle::eval::prompts::parse;
 use kstyle::eval::report::markdown_table;
@@ -140,13 +141,19 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
         "[v]",
         Path::new("<demo prompts>"),
     )?;
+    // The demo's own folder: images of an earlier demo run (another adapter file) are not reused.
+    let eval_dir = a.out.join("eval");
+    if eval_dir.exists() {
+        std::fs::remove_dir_all(&eval_dir)
+            .with_context(|| format!("clearing {}", eval_dir.display()))?;
+    }
     let eval = EvalConfig {
         clip: fx.join("clip"),
         lpips: fx.join("reference/lpips_alex.safetensors"),
         concepts: default_concepts(),
         prompts,
         seeds: vec![0, 1],
-        out: a.out.join("eval"),
+        out: eval_dir,
         device,
         generate: Some(GenerateSettings {
             model: fx.join("sdxl"),
@@ -155,6 +162,8 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
             steps: 8,
             guidance: 5.0,
             size: 64,
+            vae: None,
+            clip_skip: 0,
         }),
     };
     let results = run_eval(&eval, None, &mut |_| {})?;

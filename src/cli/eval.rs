@@ -44,6 +44,12 @@ pub struct Args {
     /// Image side.
     #[arg(long, default_value_t = 1024)]
     pub size: usize,
+    /// A VAE to use instead of the model's (as `generate --vae`).
+    #[arg(long, conflicts_with = "images")]
+    pub vae: Option<PathBuf>,
+    /// diffusers' `clip_skip` (as `generate --clip-skip`).
+    #[arg(long, default_value_t = 0, conflicts_with = "images")]
+    pub clip_skip: usize,
     /// Score the images of a previous run's output folder instead of generating.
     #[arg(long, conflicts_with_all = ["model", "adapters"])]
     pub images: Option<PathBuf>,
@@ -79,6 +85,8 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
         steps: a.steps,
         guidance: a.cfg,
         size: a.size,
+        vae: a.vae.clone(),
+        clip_skip: a.clip_skip,
     });
     let cfg = EvalConfig {
         clip: a.clip.clone(),

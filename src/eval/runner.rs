@@ -15,6 +15,7 @@ use crate::models::clip::preprocess::ClipPreprocess;
 use crate::models::clip::text::token_ids;
 use crate::models::clip::tokenizer::ClipTokenizer;
 use crate::models::lpips::Lpips;
+use crate::sample::model_files::file_identity;
 use crate::sample::pipeline::{LoadOptions, Request, SamplerKind, SdxlPipeline, Sigmas};
 use crate::{DType, Device, Error, Result, Tensor};
 use std::path::{Path, PathBuf};
@@ -41,6 +42,10 @@ pub struct GenerateSettings {
     pub steps: usize,
     pub guidance: f64,
     pub size: usize,
+    /// A VAE replacing the model's (see `ModelFiles::with_vae`).
+    pub vae: Option<PathBuf>,
+    /// diffusers' `clip_skip` (see [`SdxlPipeline::set_clip_skip`]).
+    pub clip_skip: usize,
 }
 
 pub fn image_path(dir: &Path, method: &str, prompt: usize, seed: u64) -> PathBuf {
@@ -82,6 +87,79 @@ fn write_prompts(path: &Path, prompts: &[EvalPrompt]) -> Result<()> {
     crate::tensor::write_atomic(path, text.as_bytes())
 }
 
+/// A method folder's record of what its images were generated from.
+const RECORD: &str = "generated.json";
+
+/// What one method's images depend on: the model, config, adapter and VAE files (paths, sizes,
+/// modification times), the settings and the prompt texts. Seeds are not in it: each seed is
+/// its own file, and a run with more seeds adds the missing ones.
+fn generation_record(
+    cfg: &EvalConfig,
+    g: &GenerateSettings,
+    adapter: Option<&Path>,
+) -> serde_json::Value {
+    let id = |p: &Path| file_identity(p);
+    serde_json::json!({
+        "model": id(&g.model),
+        "config": g.config.as_deref().map(id),
+        "adapter": adapter.map(id),
+        "vae": g.vae.as_deref().map(id),
+        "clip_skip": g.clip_skip,
+        "steps": g.steps,
+        "guidance": g.guidance,
+        "size": g.size,
+        "sampler": "euler",
+        "prompts": cfg.prompts.iter().map(|p| p.text.as_str()).collect::<Vec<_>>(),
+    })
+}
+
+/// Images already in `dir` are reused only when its record matches `record`: a folder holding
+/// images of other settings (or of an unknown run) is refused, naming what differs, rather than
+/// silently mixed into the table.
+fn check_record(dir: &Path, record: &serde_json::Value) -> Result<()> {
+    let path = dir.join(RECORD);
+    let has_images = std::fs::read_dir(dir).is_ok_and(|rd| {
+        rd.filter_map(|e| e.ok())
+            .any(|e| e.path().extension().is_some_and(|x| x == "png"))
+    });
+    let refuse = |what: String| {
+        Err(Error::file(
+            dir,
+            format!(
+                "{what}; remove the folder or choose another --out (its images would be scored \
+                 as this run's)"
+            ),
+        ))
+    };
+    let old: serde_json::Value = match std::fs::read_to_string(&path) {
+        Ok(text) => serde_json::from_str(&text).map_err(|e| Error::Json {
+            path: path.clone(),
+            msg: e.to_string(),
+        })?,
+        Err(_) if has_images => {
+            return refuse(format!(
+                "holds images but no {RECORD} saying how they were made"
+            ))
+        }
+        Err(_) => return Ok(()),
+    };
+    let keys = record
+        .as_object()
+        .map(|o| o.keys().cloned().collect::<Vec<_>>());
+    let differ: Vec<String> = keys
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|k| old.get(k) != record.get(k))
+        .collect();
+    match differ.is_empty() {
+        true => Ok(()),
+        false => refuse(format!(
+            "its images were generated with other {}",
+            differ.join(", ")
+        )),
+    }
+}
+
 /// Generate every (method, prompt, seed) image that is not on disk yet.
 fn generate_all(
     cfg: &EvalConfig,
@@ -92,6 +170,20 @@ fn generate_all(
     for (a, name) in g.adapters.iter().zip(method_names(&g.adapters)) {
         methods.push((name, Some(a.clone())));
     }
+    // Every method folder's record is checked before anything is written.
+    let mut records = Vec::new();
+    for (name, adapter) in &methods {
+        let dir = cfg.out.join(name);
+        let record = generation_record(cfg, g, adapter.as_deref());
+        check_record(&dir, &record)?;
+        records.push((dir, record));
+    }
+    write_prompts(&cfg.out.join("prompts.tsv"), &cfg.prompts)?;
+    for (dir, record) in &records {
+        std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+        let text = serde_json::to_string_pretty(record).map_err(|e| Error::msg(e.to_string()))?;
+        crate::tensor::write_atomic(&dir.join(RECORD), text.as_bytes())?;
+    }
     for (name, adapter) in &methods {
         let loras = adapter.iter().map(|a| (a.clone(), 1.0)).collect();
         let opts = LoadOptions {
@@ -100,9 +192,10 @@ fn generate_all(
             dtype: DType::F32,
             device: cfg.device,
             loras,
-            vae: None,
+            vae: g.vae.clone(),
         };
-        let pipe = SdxlPipeline::load(&opts)?;
+        let mut pipe = SdxlPipeline::load(&opts)?;
+        pipe.set_clip_skip(g.clip_skip)?;
         for (pi, p) in cfg.prompts.iter().enumerate() {
             for &seed in &cfg.seeds {
                 let path = image_path(&cfg.out, name, pi, seed);
@@ -256,10 +349,7 @@ pub fn run_eval(
     }
     std::fs::create_dir_all(&cfg.out).map_err(|e| Error::io(&cfg.out, e))?;
     let methods = match (&cfg.generate, methods_in_images) {
-        (Some(g), _) => {
-            write_prompts(&cfg.out.join("prompts.tsv"), &cfg.prompts)?;
-            generate_all(cfg, g, log)?
-        }
+        (Some(g), _) => generate_all(cfg, g, log)?,
         (None, Some(m)) => m,
         (None, None) => {
             return Err(Error::Config(
