@@ -76,6 +76,29 @@ fn truncated_and_corrupted_files_are_clean_errors() {
     }
 }
 
+/// `torch.save` files (`gen_torch_save.py`: the zip archive and the bare protocol-2 pickle) are
+/// named as PyTorch pickles; a safetensors file whose header length reads like a pickle's first
+/// bytes (640 = 0x80 0x02) still opens.
+#[test]
+fn pytorch_pickles_are_named_and_lookalike_lengths_still_open() {
+    let extra = tiny("../extra");
+    for name in ["torch_save_zip.pt", "torch_save_legacy.pt"] {
+        expect_safetensors_error(&extra.join(name), "PyTorch pickle");
+    }
+    let dir = scratch("pickle-lookalike");
+    let json = br#"{"w":{"dtype":"F32","shape":[1],"data_offsets":[0,4]}}"#;
+    let mut header = json.to_vec();
+    header.resize(640, b' ');
+    let mut bytes = (header.len() as u64).to_le_bytes().to_vec();
+    assert_eq!(&bytes[..2], &[0x80, 0x02]);
+    bytes.extend_from_slice(&header);
+    bytes.extend_from_slice(&1.5f32.to_le_bytes());
+    let path = dir.join("len640.safetensors");
+    std::fs::write(&path, &bytes).unwrap();
+    let f = MappedFile::open(&path).unwrap();
+    assert_eq!(f.tensors().unwrap()["w"].shape, vec![1]);
+}
+
 #[test]
 fn write_then_read_is_identical_and_keeps_metadata() {
     let dir = scratch("roundtrip");

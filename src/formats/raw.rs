@@ -185,6 +185,20 @@ impl View for &RawTensor<'_> {
     }
 }
 
+/// Whether `bytes` start like a `torch.save` file: a zip archive (PyTorch 1.6 and later) or a
+/// bare pickle (protocol 2 to 5, older files); never for a file whose JSON header starts where
+/// safetensors puts it (byte 8), whatever its 8-byte length reads as.
+fn pytorch_pickle(bytes: &[u8]) -> Option<&'static str> {
+    if bytes.get(8) == Some(&b'{') {
+        return None;
+    }
+    match bytes {
+        [b'P', b'K', 3, 4, ..] => Some("a zip archive, as torch.save writes"),
+        [0x80, 2..=5, ..] => Some("a bare pickle"),
+        _ => None,
+    }
+}
+
 /// A memory-mapped safetensors file whose header has been validated (offsets contiguous, sizes
 /// matching dtype x shape, file length exactly header + data), so a truncated download fails
 /// at `open` with the file's name instead of later with a slice panic.
@@ -210,6 +224,16 @@ impl MappedFile {
         // would fault; every safetensors reader (PyTorch's included) accepts that risk to get
         // zero-copy loading of multi-GB checkpoints.
         let mmap = unsafe { Mmap::map(&file) }.map_err(|e| Error::io(&path, e))?;
+        if let Some(kind) = pytorch_pickle(&mmap) {
+            return Err(Error::SafeTensors {
+                path,
+                msg: format!(
+                    "this is a PyTorch pickle ({kind}: a .ckpt / .pt / .bin), which kstyle does \
+                     not read because loading a pickle can run code; convert it to \
+                     .safetensors first"
+                ),
+            });
+        }
         let (_, meta) = SafeTensors::read_metadata(&mmap).map_err(|e| st_error(&path, e))?;
         let metadata = meta.metadata().clone();
         Ok(MappedFile {
