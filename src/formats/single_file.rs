@@ -181,16 +181,7 @@ pub fn convert<'a>(
         } else {
             None
         };
-        match converted {
-            Some(Some(dup)) => {
-                return Err(Error::DuplicateKey {
-                    context: context.into(),
-                    key: dup,
-                })
-            }
-            Some(None) => {}
-            None => unexpected.push(key),
-        }
+        record(converted, key, context, &mut unexpected)?;
     }
     if !unexpected.is_empty() {
         return Err(Error::UnexpectedKeys {
@@ -241,16 +232,8 @@ pub fn vae_file_tensors<'a>(
             None if skipped(&key) => continue,
             None => key.as_str(),
         };
-        match convert_vae(rest, t, layout, &mut out, context, &key)? {
-            Some(Some(dup)) => {
-                return Err(Error::DuplicateKey {
-                    context: context.into(),
-                    key: dup,
-                })
-            }
-            Some(None) => {}
-            None => unexpected.push(key),
-        }
+        let converted = convert_vae(rest, t, layout, &mut out, context, &key)?;
+        record(converted, key, context, &mut unexpected)?;
     }
     if !unexpected.is_empty() {
         return Err(Error::UnexpectedKeys {
@@ -265,6 +248,27 @@ pub fn vae_file_tensors<'a>(
         });
     }
     Ok(out)
+}
+
+/// One source key's outcome: converted, a duplicate target (an error), or no target (listed
+/// in `unexpected`).
+fn record(
+    converted: Converted,
+    key: String,
+    context: &str,
+    unexpected: &mut Vec<String>,
+) -> Result<()> {
+    match converted {
+        Some(Some(dup)) => Err(Error::DuplicateKey {
+            context: context.into(),
+            key: dup,
+        }),
+        Some(None) => Ok(()),
+        None => {
+            unexpected.push(key);
+            Ok(())
+        }
+    }
 }
 
 /// Inserts and returns the name back if it was already taken (two source keys landing on one
