@@ -1145,3 +1145,30 @@ fn clip_skip_picks_an_earlier_layer() {
     );
     assert!(png.is_none());
 }
+
+/// `--vae-tiling` (numbers: the `vae_tiling` verify case): a picture within one tile (the tiny
+/// VAE's 128 pixels) decodes exactly as without it, a larger one in blended tiles, differently;
+/// img2img encodes the larger picture in tiles too.
+#[test]
+fn vae_tiling_applies_beyond_one_tile() {
+    let dir = tmp("vae-tiling");
+    let run = |name: &str, size: &str, extra: &[&str]| {
+        let out = dir.join(name);
+        let mut args = vec!["--width", size, "--height", size, "--seed", "2"];
+        args.extend_from_slice(extra);
+        let o = common::generate_house(&tiny().join("sdxl"), &out, &args);
+        assert!(o.status.success(), "{}", common::stderr(&o));
+        std::fs::read(out).unwrap()
+    };
+    assert!(run("small.png", "64", &[]) == run("small-tiled.png", "64", &["--vae-tiling"]));
+    let whole = run("large.png", "192", &[]);
+    let tiled = run("large-tiled.png", "192", &["--vae-tiling"]);
+    assert!(whole != tiled);
+    let picture = dir.join("picture.png");
+    common::write_test_picture(&picture);
+    let image = ["--image", picture.to_str().unwrap(), "--strength", "0.5"];
+    let whole = run("img2img.png", "192", &image);
+    let mut tiled_args = image.to_vec();
+    tiled_args.push("--vae-tiling");
+    assert!(whole != run("img2img-tiled.png", "192", &tiled_args));
+}

@@ -692,3 +692,46 @@ fn a_vae_replaces_the_models_for_encoding() {
     common::assert_fails_naming(&o, "not an SDXL-family VAE file");
     assert!(!out.exists());
 }
+
+/// `train --vae-tiling` at 192 pixels (beyond the tiny VAE's 128-pixel tile) encodes other
+/// latents, so other losses; the latent cache keeps tiled and whole encodes apart.
+#[test]
+fn vae_tiling_encodes_large_pictures_in_tiles() {
+    let dir = tmp("train-vae-tiling");
+    let data = dataset(&dir);
+    let model = tiny().join("sdxl");
+    let run = |name: &str, extra: &[&str]| {
+        let out = dir.join(format!("{name}.safetensors"));
+        let mut args = vec![
+            "train",
+            "--model",
+            model.to_str().unwrap(),
+            "--data",
+            data.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+            "--method",
+            "lora",
+            "--resolution",
+            "192",
+            "--max-steps",
+            "1",
+            "--caption-template",
+            "a {trigger} landscape",
+            "--seed",
+            "7",
+        ];
+        args.extend_from_slice(extra);
+        let o = kstyle(&args);
+        assert!(o.status.success(), "{}", common::stderr(&o));
+        out
+    };
+    let whole = run("whole", &[]);
+    let tiled = run("tiled", &["--vae-tiling"]);
+    let (p, q) = (common::first_losses(&whole), common::first_losses(&tiled));
+    assert!(q[0].is_finite() && p[0] != q[0], "{p:?} vs {q:?}");
+    let f = SafeTensorsFile::open(&tiled).unwrap();
+    assert_eq!(f.meta_str("kstyle.train.vae_tiling").unwrap(), "true");
+    let again = run("again", &[]);
+    assert!(tensors(&whole) == tensors(&again));
+}

@@ -81,6 +81,7 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
         model: fx.join("sdxl"),
         config_dir: None,
         vae: None,
+        vae_tiling: false,
         data,
         out: adapter.clone(),
         method: Method::Kstyle,

@@ -130,6 +130,11 @@ pub struct Args {
     /// the default, is SDXL's own. Applied to the negative prompt and the refiner too.
     #[arg(long, default_value_t = 0)]
     pub clip_skip: usize,
+    /// diffusers' `enable_vae_tiling()`: decode (and encode --image) in overlapping tiles of the
+    /// VAE's sample_size, blended together, so that large pictures fit in memory. Slightly
+    /// different numbers from untiled decoding.
+    #[arg(long)]
+    pub vae_tiling: bool,
     /// Initial latents (unscaled N(0,1), shape (1, 4, H/8, W/8)) from a safetensors file, taken
     /// from its `init_latents` tensor or its only tensor; overrides the seed.
     #[arg(long)]
@@ -503,6 +508,7 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
         );
     }
     pipe.set_clip_skip(a.clip_skip).context("--clip-skip")?;
+    pipe.vae.tiling = a.vae_tiling;
     for ti in &embeddings {
         pipe.add_embedding(ti)?;
         eprintln!(
@@ -670,6 +676,7 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
     drop(pipe);
     let mut refiner = SdxlPipeline::load(refiner_opts)
         .with_context(|| format!("loading the refiner {}", refiner_path.display()))?;
+    refiner.vae.tiling = a.vae_tiling;
     refiner
         .set_clip_skip(a.clip_skip)
         .with_context(|| format!("--clip-skip for the refiner {}", refiner_path.display()))?;

@@ -26,6 +26,10 @@ pub struct Args {
     /// the model's VAE config, or a diffusers VAE folder. Generate with the same --vae.
     #[arg(long)]
     pub vae: Option<PathBuf>,
+    /// Encode the pictures (and decode samples) in tiles, as diffusers' `enable_vae_tiling()`:
+    /// memory of one VAE tile at any resolution; slightly different latents (cached apart).
+    #[arg(long)]
+    pub vae_tiling: bool,
     /// Folder of png/jpg/webp images with same-name .txt captions.
     #[arg(long)]
     pub data: PathBuf,
@@ -180,6 +184,7 @@ pub fn config_from(a: &Args) -> anyhow::Result<TrainConfig> {
         model: a.model.clone(),
         config_dir: a.config.clone(),
         vae: a.vae.clone(),
+        vae_tiling: a.vae_tiling,
         data: a.data.clone(),
         out: a.out.clone(),
         method,

@@ -38,6 +38,8 @@ pub struct TrainConfig {
     /// A VAE that replaces the model's own for encoding the pictures and decoding samples (see
     /// [`ModelFiles::with_vae`]).
     pub vae: Option<PathBuf>,
+    /// Encode (and decode samples) in tiles, as diffusers' `enable_vae_tiling()`.
+    pub vae_tiling: bool,
     pub data: PathBuf,
     pub out: PathBuf,
     pub method: Method,
@@ -213,18 +215,21 @@ fn prepare_examples(
             picture.height() as usize,
             &bucket_list,
         );
-        let key = TensorCache::key(&[
-            // "upright": latents of pictures turned by their EXIF orientation (older caches
-            // encoded them as stored).
-            "latent-upright",
-            &s.hash,
-            &format!("{}x{}", size.0, size.1),
-            &latent_id,
-        ]);
+        let size_id = format!("{}x{}", size.0, size.1);
+        // "upright": latents of pictures turned by their EXIF orientation (older caches encoded
+        // them as stored).
+        let mut parts = vec!["latent-upright", &s.hash, &size_id, &latent_id];
+        if cfg.vae_tiling {
+            // Tiled encodes differ from whole ones.
+            parts.push("tiled");
+        }
+        let key = TensorCache::key(&parts);
         let (img, crop) = training_tensor(&picture, size, cfg.device)?;
         let lat = cache.get_or_insert(&key, || {
             if vae.is_none() {
-                vae = Some(files.vae(cfg.device)?);
+                let mut v = files.vae(cfg.device)?;
+                v.tiling = cfg.vae_tiling;
+                vae = Some(v);
             }
             let (mean, logvar) =
                 crate::autograd::no_grad(|| vae.as_ref().expect("just loaded").encode(&img))?;
@@ -601,6 +606,7 @@ impl Trainer {
             ("seed".to_string(), c.seed.to_string()),
             ("steps".to_string(), self.state.step.to_string()),
             ("targets".to_string(), c.targets.join(",")),
+            ("vae_tiling".to_string(), c.vae_tiling.to_string()),
             ("trigger".to_string(), c.captions.trigger.clone()),
             // The file or folder name alone, as kohya's `ss_vae_name`: no local paths.
             (
@@ -745,7 +751,8 @@ impl Trainer {
         let (Some(embeds), Some(prompt)) = (&self.sample_embeds, &self.cfg.sample_prompt) else {
             return Ok(None);
         };
-        let vae = self.files.vae(self.cfg.device)?;
+        let mut vae = self.files.vae(self.cfg.device)?;
+        vae.tiling = self.cfg.vae_tiling;
         let res = self.cfg.resolution;
         let req = Request {
             prompt: prompt.clone(),

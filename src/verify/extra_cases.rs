@@ -939,3 +939,32 @@ pub fn clip_skip(ctx: &Ctx) -> Result<Vec<Row>> {
     }
     Ok(chk.rows)
 }
+
+/// diffusers' tiled VAE (`gen_vae_tiling.py`, `enable_tiling()` on the tiny VAE: 128-pixel /
+/// 16-latent tiles, last tiles narrower than the blend): the decode of latents of 14x20 and the
+/// encoded distribution of a 112x160 picture.
+pub fn vae_tiling(ctx: &Ctx) -> Result<Vec<Row>> {
+    let f = SafeTensorsFile::open(extra(ctx, "vae_tiling.safetensors"))?;
+    let mut vae = ModelFiles::resolve(&ctx.dir.join("sdxl"), None)?.vae(ctx.device)?;
+    vae.tiling = true;
+    let load = |name: &str| -> Result<Tensor> {
+        f.tensor(name)?.to_dtype(DType::F32)?.to_device(ctx.device)
+    };
+    let mut chk = Checker::new("vae_tiling");
+    let decoded = no_grad(|| vae.decode(&load("latents")?))?;
+    chk.check("decoded", &decoded, &f.tensor("decoded")?, ctx.forward)?;
+    let (mean, logvar) = no_grad(|| vae.encode(&load("image")?))?;
+    chk.check(
+        "encoded_mean",
+        &mean,
+        &f.tensor("encoded_mean")?,
+        ctx.forward,
+    )?;
+    chk.check(
+        "encoded_logvar",
+        &logvar,
+        &f.tensor("encoded_logvar")?,
+        ctx.forward,
+    )?;
+    Ok(chk.rows)
+}

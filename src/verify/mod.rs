@@ -251,6 +251,11 @@ pub fn cases() -> Vec<(&'static str, &'static str, CaseFn)> {
             extra_cases::vae_file,
         ),
         (
+            "vae_tiling",
+            "../../extra/vae_tiling.safetensors",
+            extra_cases::vae_tiling,
+        ),
+        (
             "clip_skip",
             "../../extra/clip_skip.safetensors",
             extra_cases::clip_skip,

@@ -1,9 +1,11 @@
 //! The architecture of a diffusers `AutoencoderKL`, read from its `config.json` (SDXL.md 3.1).
-//! Only the fields that change the module tree or the numbers are kept; the rest (sample_size,
-//! force_upcast) are pipeline hints that the model itself never reads. `latents_mean` and
+//! Only the fields that change the module tree or the numbers are kept (sample_size sets the
+//! tile size of tiled decoding and encoding); the rest (force_upcast) are pipeline hints that the
+//! model itself never reads. `latents_mean` and
 //! `latents_std` are kept: the SDXL pipelines normalise latents with them per channel.
 
 use crate::{Error, Result};
+use serde::Deserialize;
 use std::path::Path;
 
 /// GroupNorm epsilon of every VAE norm (SDXL.md 3.2, pitfall C.3: not the UNet's 1e-5).
@@ -49,6 +51,27 @@ pub struct VaeConfig {
     pub down_block_types: Vec<String>,
     #[serde(default)]
     pub up_block_types: Vec<String>,
+    /// The picture side the VAE was trained at: the tile side of tiled decoding and encoding
+    /// ([`super::AutoencoderKL::tiling`]). A `[height, width]` list reads as its first entry, as
+    /// diffusers does.
+    #[serde(default = "thirty_two", deserialize_with = "side_or_pair")]
+    pub sample_size: usize,
+}
+
+fn side_or_pair<'de, D: serde::Deserializer<'de>>(d: D) -> std::result::Result<usize, D::Error> {
+    #[derive(serde::Deserialize)]
+    #[serde(untagged)]
+    enum Side {
+        One(usize),
+        Pair(Vec<usize>),
+    }
+    match Side::deserialize(d)? {
+        Side::One(s) => Ok(s),
+        Side::Pair(p) => p
+            .first()
+            .copied()
+            .ok_or_else(|| serde::de::Error::custom("sample_size is an empty list")),
+    }
 }
 
 fn one() -> usize {
@@ -93,6 +116,7 @@ impl VaeConfig {
             act_fn: "silu".into(),
             down_block_types: vec!["DownEncoderBlock2D".into(); 4],
             up_block_types: vec!["UpDecoderBlock2D".into(); 4],
+            sample_size: 1024,
         }
     }
 

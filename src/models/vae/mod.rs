@@ -116,6 +116,82 @@ impl Decoder {
     }
 }
 
+/// diffusers' tiled coding (`tiled_decode`, `_tiled_encode`): `x` (B, C, H, W) cut into tiles of
+/// `tile` starting every `tile * 3 / 4` (int), each mapped by `f` to a tile of `out_tile`
+/// (B, C', h, w); each output tile is blended linearly with its upper then its left neighbour
+/// over `out_tile / 4` rows / columns (fewer where a tile is smaller), the neighbours as already
+/// blended, and the first `out_tile - out_tile / 4` rows and columns of each are kept.
+fn tiled(
+    x: &Tensor,
+    tile: usize,
+    out_tile: usize,
+    f: impl Fn(&Tensor) -> Result<Tensor>,
+) -> Result<Tensor> {
+    let (_, _, h, w) = x.dims4()?;
+    let stride = (tile as f64 * 0.75) as usize;
+    let extent = (out_tile as f64 * 0.25) as usize;
+    let keep = out_tile - extent;
+    let starts = |n: usize| (0..n).step_by(stride.max(1)).collect::<Vec<_>>();
+    let mut rows: Vec<Vec<Tensor>> = Vec::new();
+    for &i in &starts(h) {
+        let mut row = Vec::new();
+        for &j in &starts(w) {
+            let t = x
+                .narrow(2, i, tile.min(h - i))?
+                .narrow(3, j, tile.min(w - j))?;
+            row.push(f(&t.contiguous()?)?);
+        }
+        rows.push(row);
+    }
+    let mut out_rows = Vec::with_capacity(rows.len());
+    for i in 0..rows.len() {
+        for j in 0..rows[i].len() {
+            let mut t = rows[i][j].clone();
+            if i > 0 {
+                t = blend(&rows[i - 1][j], &t, extent, 2)?;
+            }
+            if j > 0 {
+                t = blend(&rows[i][j - 1], &t, extent, 3)?;
+            }
+            rows[i][j] = t;
+        }
+        let kept = rows[i]
+            .iter()
+            .map(|t| {
+                let (_, _, th, tw) = t.dims4()?;
+                t.narrow(2, 0, keep.min(th))?.narrow(3, 0, keep.min(tw))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        out_rows.push(Tensor::cat(&kept, 3)?);
+    }
+    Tensor::cat(&out_rows, 2)
+}
+
+/// diffusers' `blend_v` (`dim` 2) / `blend_h` (`dim` 3): the first `e` rows (columns) of `b`
+/// become `a`'s last `e` times `1 - k/e` plus `b`'s own times `k/e`, `e` = `extent` or less
+/// where either tile is smaller.
+fn blend(a: &Tensor, b: &Tensor, extent: usize, dim: usize) -> Result<Tensor> {
+    let (na, nb) = (a.dims()[dim], b.dims()[dim]);
+    let e = extent.min(na).min(nb);
+    if e == 0 {
+        return Ok(b.clone());
+    }
+    let mut shape = vec![1usize; 4];
+    shape[dim] = e;
+    let ramp: Vec<f32> = (0..e).map(|k| (k as f64 / e as f64) as f32).collect();
+    let ramp = Tensor::from_vec(ramp, shape, Device::Cpu)?
+        .to_dtype(b.dtype())?
+        .to_device(b.device())?;
+    let head = b.narrow(dim, 0, e)?;
+    let tail = a.narrow(dim, na - e, e)?;
+    // tail (1 - r) + head r = tail + (head - tail) r
+    let mixed = tail.add(&head.sub(&tail)?.mul(&ramp)?)?;
+    match nb > e {
+        true => Tensor::cat(&[mixed, b.narrow(dim, e, nb - e)?], dim),
+        false => Ok(mixed),
+    }
+}
+
 /// The whole autoencoder with its optional 1x1 `quant_conv` / `post_quant_conv`.
 #[derive(Clone, Debug)]
 pub struct AutoencoderKL {
@@ -124,6 +200,11 @@ pub struct AutoencoderKL {
     pub decoder: Decoder,
     pub quant_conv: Option<Conv2d>,
     pub post_quant_conv: Option<Conv2d>,
+    /// diffusers' `enable_tiling()`: pictures wider or taller than `sample_size` encode, and
+    /// latents beyond `sample_size / 2^(levels - 1)` decode, in overlapping tiles blended
+    /// together, so memory stays that of one tile whatever the size. The numbers differ from
+    /// the untiled ones (each tile sees only itself).
+    pub tiling: bool,
 }
 
 impl AutoencoderKL {
@@ -145,6 +226,7 @@ impl AutoencoderKL {
             quant_conv,
             post_quant_conv,
             config,
+            tiling: false,
         })
     }
 
@@ -177,10 +259,15 @@ impl AutoencoderKL {
     /// clamped to [-30, 20] as diffusers' `DiagonalGaussianDistribution` does.
     pub fn encode(&self, image: &Tensor) -> Result<(Tensor, Tensor)> {
         self.expect_channels(image, "vae.encode", self.config.in_channels)?;
-        let mut moments = self.encoder.forward(image)?; // (B, 2L, h, w)
-        if let Some(q) = &self.quant_conv {
-            moments = q.forward(&moments)?;
-        }
+        let (_, _, h, w) = image.dims4()?;
+        let side = self.config.sample_size;
+        let moments = match self.tiling && (h > side || w > side) {
+            true => {
+                let (tile, latent_tile) = self.tile_sides()?;
+                tiled(image, tile, latent_tile, |t| self.moments(t))?
+            }
+            false => self.moments(image)?,
+        }; // (B, 2L, h, w)
         let l = self.config.latent_channels;
         let mean = moments.narrow(1, 0, l)?.contiguous()?; // (B, L, h, w)
         let (lo, hi) = LOGVAR_RANGE;
@@ -194,14 +281,49 @@ impl AutoencoderKL {
         Ok((mean, logvar))
     }
 
+    /// Encoder and `quant_conv`: (B, in_channels, H, W) -> moments (B, 2L, h, w).
+    fn moments(&self, image: &Tensor) -> Result<Tensor> {
+        let moments = self.encoder.forward(image)?; // (B, 2L, h, w)
+        match &self.quant_conv {
+            Some(q) => q.forward(&moments),
+            None => Ok(moments),
+        }
+    }
+
     /// Unscaled latents (B, L, h, w) -> image (B, out_channels, H, W), roughly in [-1, 1].
     pub fn decode(&self, z: &Tensor) -> Result<Tensor> {
         self.expect_channels(z, "vae.decode", self.config.latent_channels)?;
+        let (_, _, h, w) = z.dims4()?;
+        let (tile, latent_tile) = match self.tiling {
+            true => self.tile_sides()?,
+            false => (0, usize::MAX),
+        };
+        if h > latent_tile || w > latent_tile {
+            return tiled(z, latent_tile, tile, |t| self.decode_tile(t));
+        }
+        self.decode_tile(z)
+    }
+
+    /// `post_quant_conv` and the decoder on latents (B, L, h, w).
+    fn decode_tile(&self, z: &Tensor) -> Result<Tensor> {
         let z = match &self.post_quant_conv {
             Some(p) => p.forward(z)?, // (B, L, h, w)
             None => z.clone(),
         };
         self.decoder.forward(&z)
+    }
+
+    /// (picture tile side, latent tile side) of tiled coding: `sample_size` and
+    /// `int(sample_size / 2^(levels - 1))`, as diffusers sets them.
+    fn tile_sides(&self) -> Result<(usize, usize)> {
+        let side = self.config.sample_size;
+        let latent = side >> (self.config.block_out_channels.len() - 1);
+        if latent < 2 {
+            return Err(Error::Config(format!(
+                "vae: sample_size {side} gives latent tiles of {latent}: too small to tile"
+            )));
+        }
+        Ok((side, latent))
     }
 
     /// `latents_mean` and `latents_std` as (1, C, 1, 1) tensors like `like`, when the config has
