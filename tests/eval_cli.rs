@@ -138,9 +138,9 @@ fn eval_writes_table_json_and_grid_and_rescoring_agrees() {
 }
 
 /// Images already in --out are reused only for the same model, files, settings and prompts
-/// (`<method>/generated.json` records them): another --steps, --clip-skip or --vae, or a folder
-/// of images without a record, is refused by name before anything is written; more seeds add
-/// only the missing images.
+/// (`<method>/generated.json` records them): another --steps, --clip-skip, --vae-tiling or
+/// --vae, or a folder of images without a record, is refused by name before anything is
+/// written; more seeds add only the missing images.
 #[test]
 fn eval_reuses_images_only_for_the_same_settings() {
     let dir = tmp("eval-record");
@@ -183,8 +183,12 @@ fn eval_reuses_images_only_for_the_same_settings() {
     );
 
     let vae = tiny().join("sdxl/vae");
-    let changed: [(&[&str], &str); 3] = [
+    let changed: [(&[&str], &str); 4] = [
         (&["--steps", "2", "--seeds", "2"], "steps"),
+        (
+            &["--steps", "1", "--seeds", "2", "--vae-tiling"],
+            "vae_tiling",
+        ),
         (
             &["--steps", "1", "--seeds", "2", "--clip-skip", "1"],
             "clip_skip",

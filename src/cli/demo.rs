@@ -165,6 +165,7 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
             size: 64,
             vae: None,
             clip_skip: 0,
+            vae_tiling: false,
         }),
     };
     let results = run_eval(&eval, None, &mut |_| {})?;

@@ -50,6 +50,9 @@ pub struct Args {
     /// diffusers' `clip_skip` (as `generate --clip-skip`).
     #[arg(long, default_value_t = 0, conflicts_with = "images")]
     pub clip_skip: usize,
+    /// Tiled VAE decoding (as `generate --vae-tiling`).
+    #[arg(long, conflicts_with = "images")]
+    pub vae_tiling: bool,
     /// Score the images of a previous run's output folder instead of generating.
     #[arg(long, conflicts_with_all = ["model", "adapters"])]
     pub images: Option<PathBuf>,
@@ -87,6 +90,7 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
         size: a.size,
         vae: a.vae.clone(),
         clip_skip: a.clip_skip,
+        vae_tiling: a.vae_tiling,
     });
     let cfg = EvalConfig {
         clip: a.clip.clone(),

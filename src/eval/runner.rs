@@ -46,6 +46,8 @@ pub struct GenerateSettings {
     pub vae: Option<PathBuf>,
     /// diffusers' `clip_skip` (see [`SdxlPipeline::set_clip_skip`]).
     pub clip_skip: usize,
+    /// Tiled VAE decoding (see `AutoencoderKL::tiling`).
+    pub vae_tiling: bool,
 }
 
 pub fn image_path(dir: &Path, method: &str, prompt: usize, seed: u64) -> PathBuf {
@@ -105,6 +107,7 @@ fn generation_record(
         "adapter": adapter.map(id),
         "vae": g.vae.as_deref().map(id),
         "clip_skip": g.clip_skip,
+        "vae_tiling": g.vae_tiling,
         "steps": g.steps,
         "guidance": g.guidance,
         "size": g.size,
@@ -196,6 +199,7 @@ fn generate_all(
         };
         let mut pipe = SdxlPipeline::load(&opts)?;
         pipe.set_clip_skip(g.clip_skip)?;
+        pipe.vae.tiling = g.vae_tiling;
         for (pi, p) in cfg.prompts.iter().enumerate() {
             for &seed in &cfg.seeds {
                 let path = image_path(&cfg.out, name, pi, seed);
