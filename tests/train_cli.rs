@@ -57,8 +57,6 @@ fn train_model(
         method,
         "--clip",
         clip.to_str().unwrap(),
-        "--resolution",
-        "64",
         "--grad-accum",
         "2",
         "--caption-template",
@@ -68,6 +66,9 @@ fn train_model(
         "--seed",
         "7",
     ];
+    if !extra.contains(&"--resolution") {
+        args.extend_from_slice(&["--resolution", "64"]);
+    }
     args.extend_from_slice(extra);
     kstyle(&args)
 }
@@ -699,30 +700,11 @@ fn a_vae_replaces_the_models_for_encoding() {
 fn vae_tiling_encodes_large_pictures_in_tiles() {
     let dir = tmp("train-vae-tiling");
     let data = dataset(&dir);
-    let model = tiny().join("sdxl");
     let run = |name: &str, extra: &[&str]| {
         let out = dir.join(format!("{name}.safetensors"));
-        let mut args = vec![
-            "train",
-            "--model",
-            model.to_str().unwrap(),
-            "--data",
-            data.to_str().unwrap(),
-            "--out",
-            out.to_str().unwrap(),
-            "--method",
-            "lora",
-            "--resolution",
-            "192",
-            "--max-steps",
-            "1",
-            "--caption-template",
-            "a {trigger} landscape",
-            "--seed",
-            "7",
-        ];
+        let mut args = vec!["--max-steps", "1", "--resolution", "192"];
         args.extend_from_slice(extra);
-        let o = kstyle(&args);
+        let o = train(&data, &out, "lora", &args);
         assert!(o.status.success(), "{}", common::stderr(&o));
         out
     };

@@ -876,19 +876,31 @@ pub fn vae_file(ctx: &Ctx) -> Result<Vec<Row>> {
     let vae = ModelFiles::resolve(&ctx.dir.join("sdxl"), None)?
         .with_vae(Some(file))?
         .vae(ctx.device)?;
+    vae_rows(ctx, "vae_file", &f, &vae)
+}
+
+/// A VAE reference file's rows: `latents` -> `decoded` (no scaling), `image` -> `encoded_mean`
+/// and, where the file has it, `encoded_logvar`.
+fn vae_rows(
+    ctx: &Ctx,
+    case: &str,
+    f: &SafeTensorsFile,
+    vae: &crate::models::vae::AutoencoderKL,
+) -> Result<Vec<Row>> {
     let load = |name: &str| -> Result<Tensor> {
         f.tensor(name)?.to_dtype(DType::F32)?.to_device(ctx.device)
     };
-    let mut chk = Checker::new("vae_file");
+    let mut chk = Checker::new(case);
     let decoded = no_grad(|| vae.decode(&load("latents")?))?;
     chk.check("decoded", &decoded, &f.tensor("decoded")?, ctx.forward)?;
-    let (mean, _) = no_grad(|| vae.encode(&load("image")?))?;
-    chk.check(
-        "encoded_mean",
-        &mean,
-        &f.tensor("encoded_mean")?,
-        ctx.forward,
-    )?;
+    let (mean, logvar) = no_grad(|| vae.encode(&load("image")?))?;
+    let mut rows = vec![("encoded_mean", mean)];
+    if f.names().any(|n| n == "encoded_logvar") {
+        rows.push(("encoded_logvar", logvar));
+    }
+    for (name, t) in rows {
+        chk.check(name, &t, &f.tensor(name)?, ctx.forward)?;
+    }
     Ok(chk.rows)
 }
 
@@ -947,24 +959,5 @@ pub fn vae_tiling(ctx: &Ctx) -> Result<Vec<Row>> {
     let f = SafeTensorsFile::open(extra(ctx, "vae_tiling.safetensors"))?;
     let mut vae = ModelFiles::resolve(&ctx.dir.join("sdxl"), None)?.vae(ctx.device)?;
     vae.tiling = true;
-    let load = |name: &str| -> Result<Tensor> {
-        f.tensor(name)?.to_dtype(DType::F32)?.to_device(ctx.device)
-    };
-    let mut chk = Checker::new("vae_tiling");
-    let decoded = no_grad(|| vae.decode(&load("latents")?))?;
-    chk.check("decoded", &decoded, &f.tensor("decoded")?, ctx.forward)?;
-    let (mean, logvar) = no_grad(|| vae.encode(&load("image")?))?;
-    chk.check(
-        "encoded_mean",
-        &mean,
-        &f.tensor("encoded_mean")?,
-        ctx.forward,
-    )?;
-    chk.check(
-        "encoded_logvar",
-        &logvar,
-        &f.tensor("encoded_logvar")?,
-        ctx.forward,
-    )?;
-    Ok(chk.rows)
+    vae_rows(ctx, "vae_tiling", &f, &vae)
 }
