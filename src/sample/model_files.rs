@@ -220,21 +220,14 @@ impl ModelFiles {
             return Ok(None);
         };
         self.vae(Device::Cpu)?;
-        let owned = |map: TensorMap<'_>| -> TensorMap<'static> {
-            map.into_iter().map(|(k, t)| (k, t.into_owned())).collect()
-        };
-        if let Some(dir) = vae_folder(path) {
-            let weights = WeightFiles::open(find_weights(&dir, None)?)?;
-            let map = normalize_vae(weights.tensors()?, &dir.display().to_string())?;
-            return Ok(Some((owned(map), Some(dir))));
-        }
-        let layout = VaeLayout {
-            levels: self.model_vae_config()?.block_out_channels.len(),
-        };
-        let file = MappedFile::open(path)?;
-        let map =
-            single_file::vae_file_tensors(file.tensors()?, layout, &path.display().to_string())?;
-        Ok(Some((owned(map), None)))
+        let folder = vae_folder(path);
+        let map = self.read_vae(path, |map, _, _| {
+            Ok(map
+                .iter()
+                .map(|(k, t)| (k.clone(), t.clone().into_owned()))
+                .collect::<TensorMap<'static>>())
+        })?;
+        Ok(Some((map, folder)))
     }
 
     /// The config the VAE loads with, without loading it: a VAE folder's own, or the model's
@@ -256,11 +249,23 @@ impl ModelFiles {
 
     /// A VAE from `path` (see [`ModelFiles::with_vae`]).
     fn vae_from(&self, path: &Path, device: Device) -> Result<AutoencoderKL> {
+        self.read_vae(path, |map, config, origin| {
+            load_vae(map, origin, config, device)
+        })
+    }
+
+    /// The tensors of the VAE at `path`, diffusers-named, with the config they are read with and
+    /// the path that config came from (the VAE folder; for a file, the file itself), to `f`.
+    fn read_vae<R>(
+        &self,
+        path: &Path,
+        f: impl FnOnce(&TensorMap<'_>, VaeConfig, &Path) -> Result<R>,
+    ) -> Result<R> {
         if let Some(dir) = vae_folder(path) {
             let config = VaeConfig::from_file(dir.join("config.json"))?;
             let weights = WeightFiles::open(find_weights(&dir, None)?)?;
             let map = normalize_vae(weights.tensors()?, &dir.display().to_string())?;
-            return load_vae(&map, &dir, config, device);
+            return f(&map, config, &dir);
         }
         // A file has no config: its latent space must be the model's.
         let config = self.model_vae_config()?;
@@ -270,7 +275,7 @@ impl ModelFiles {
         };
         let map =
             single_file::vae_file_tensors(file.tensors()?, layout, &path.display().to_string())?;
-        load_vae(&map, path, config, device)
+        f(&map, config, path)
     }
 
     /// Whether the model ships a first text encoder and tokenizer: SDXL's refiner (whose
