@@ -1117,7 +1117,8 @@ fn a_vae_file_or_folder_replaces_the_models_vae() {
 }
 
 /// `--clip-skip` (numbers: the `clip_skip` verify case): 0 is the default picture byte for
-/// byte, 1 another one, and more layers than the tiny encoders have (3) is refused by name.
+/// byte, 1 another one, and more layers than the tiny encoders have (3) is refused by name, for
+/// a refiner before the base run.
 #[test]
 fn clip_skip_picks_an_earlier_layer() {
     let dir = tmp("clip-skip");
@@ -1136,6 +1137,13 @@ fn clip_skip_picks_an_earlier_layer() {
     let (o, one) = run("one.png", &["--clip-skip", "1"]);
     assert!(o.status.success(), "{}", common::stderr(&o));
     assert!(one.is_some() && plain != one);
+    // With a refiner the refiner's encoders are checked too, before the base run.
+    let refiner = common::tiny_refiner_folder(&dir);
+    let r = ["--clip-skip", "3", "--refiner", refiner.to_str().unwrap()];
+    let (o, png) = run("refined.png", &r);
+    common::assert_fails_naming(&o, "--clip-skip for the refiner");
+    assert!(!common::stderr(&o).contains("kstyle generate: model"));
+    assert!(png.is_none());
     let (o, png) = run("three.png", &["--clip-skip", "3"]);
     common::assert_fails_naming(&o, "--clip-skip");
     assert!(

@@ -8,9 +8,10 @@ use anyhow::Context;
 use indicatif::{ProgressBar, ProgressStyle};
 use kstyle::formats::textual_inversion::TextualInversion;
 use kstyle::image::io::save_chw_png;
+use kstyle::sample::model_files::ModelFiles;
 use kstyle::sample::pipeline::{
-    image_input, image_input_size, mask_input, masked_image, skipped_steps, Inpaint, LoadOptions,
-    MicroConditioning, Request, SamplerKind, SdxlPipeline, Sigmas, Start,
+    check_clip_skip, image_input, image_input_size, mask_input, masked_image, skipped_steps,
+    Inpaint, LoadOptions, MicroConditioning, Request, SamplerKind, SdxlPipeline, Sigmas, Start,
 };
 use kstyle::tensor::{Rng, SafeTensorsFile};
 use kstyle::{DType, Tensor};
@@ -471,6 +472,9 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
     if let Some(r) = &refiner_opts {
         SdxlPipeline::check_files(r)
             .with_context(|| format!("checking the refiner {}", r.model.display()))?;
+        let files = ModelFiles::resolve(&r.model, r.config.as_deref())?;
+        check_clip_skip(a.clip_skip, &files.text_encoder_layers()?)
+            .with_context(|| format!("--clip-skip for the refiner {}", r.model.display()))?;
     }
     let opts = LoadOptions {
         model: a.model.clone(),

@@ -412,6 +412,22 @@ impl ModelFiles {
             .collect())
     }
 
+    /// The layer counts of the text encoders (text_encoder_2's alone for a refiner), from their
+    /// configs.
+    pub fn text_encoder_layers(&self) -> Result<Vec<usize>> {
+        let mut names = vec!["text_encoder_2"];
+        if self.has_text_encoder_1()? {
+            names.push("text_encoder");
+        }
+        names
+            .into_iter()
+            .map(|n| {
+                let cfg = ClipTextConfig::from_json(&self.component_config(n)?)?;
+                Ok(cfg.encoder.num_hidden_layers)
+            })
+            .collect()
+    }
+
     fn component_config(&self, name: &str) -> Result<serde_json::Value> {
         Ok(crate::formats::python_json::read_file(
             &self.config_dir.join(name).join("config.json"),

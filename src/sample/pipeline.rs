@@ -466,13 +466,7 @@ impl SdxlPipeline {
         if let Some(te) = &self.text_encoder {
             layers.push(te.config().encoder.num_hidden_layers);
         }
-        let most = layers.iter().min().copied().unwrap_or(0).saturating_sub(1);
-        if n > most {
-            return Err(Error::Config(format!(
-                "clip skip {n} reaches past the text encoders' embeddings: they have {layers:?} \
-                 layers, so at most {most}"
-            )));
-        }
+        check_clip_skip(n, &layers)?;
         self.clip_skip = n;
         Ok(())
     }
@@ -991,4 +985,17 @@ pub fn denoise_from(
         progress(i + 1 - first, last - first);
     }
     Ok(x)
+}
+
+/// Whether clip skip `n` stays within text encoders of `layers` layers: it may reach their
+/// embedding output (`n` = layers - 1), no further.
+pub fn check_clip_skip(n: usize, layers: &[usize]) -> Result<()> {
+    let most = layers.iter().min().copied().unwrap_or(0).saturating_sub(1);
+    if n > most {
+        return Err(Error::Config(format!(
+            "clip skip {n} reaches past the text encoders' embeddings: they have {layers:?} \
+             layers, so at most {most}"
+        )));
+    }
+    Ok(())
 }
