@@ -4,8 +4,11 @@
 //!
 //! `pillow_sweep` replays a larger random sweep, `tests/data/pillow_sweep.json`: 526 cases that
 //! Pillow 13.0.0 produced with `python scripts/dev/pillow_xcheck.py tests/data/pillow_sweep.json 500`.
+//! `pillow_box_sweep` does the same for resizes of a region (`box=`), including zero-extent boxes:
+//! `tests/data/pillow_box_sweep.json`, 400 cases from
+//! `python scripts/dev/pillow_xcheck.py tests/data/pillow_box_sweep.json 400 --box`.
 
-use kstyle::image::resample::{resize_u8, Filter};
+use kstyle::image::resample::{resize_box_u8, resize_u8, Filter};
 use Filter::{Bicubic, Bilinear, Lanczos};
 
 fn lcg_bytes(n: usize, seed: u64) -> Vec<u8> {
@@ -81,7 +84,22 @@ fn matches_pillow_on_fixed_cases() {
 
 #[test]
 fn pillow_sweep() {
-    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/data/pillow_sweep.json");
+    sweep(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/data/pillow_sweep.json"
+    ));
+}
+
+#[test]
+fn pillow_box_sweep() {
+    sweep(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/data/pillow_box_sweep.json"
+    ));
+}
+
+/// Replays a sweep file; a case with a `box` resizes that region.
+fn sweep(path: &str) {
     let cases: Vec<serde_json::Value> =
         serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
     let mut bad = Vec::new();
@@ -97,7 +115,23 @@ fn pillow_sweep() {
             c["seed"].as_u64().unwrap(),
             seed(g("w"), g("h"), g("c"), g("ow"), g("oh"))
         );
-        if run(g("w"), g("h"), g("c"), g("ow"), g("oh"), f) != want {
+        let (w, h, ch, ow, oh) = (g("w"), g("h"), g("c"), g("ow"), g("oh"));
+        let got = match c.get("box") {
+            Some(b) => {
+                let b: Vec<f64> = b
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|v| v.as_f64().unwrap())
+                    .collect();
+                let src = lcg_bytes(w * h * ch, seed(w, h, ch, ow, oh));
+                let out =
+                    resize_box_u8(&src, w, h, ch, [b[0], b[1], b[2], b[3]], ow, oh, f).unwrap();
+                fnv1a(&out)
+            }
+            None => run(w, h, ch, ow, oh, f),
+        };
+        if got != want {
             bad.push(c.to_string());
         }
     }

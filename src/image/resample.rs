@@ -171,6 +171,25 @@ pub fn resize_u8(
     out_h: usize,
     filter: Filter,
 ) -> Result<Vec<u8>> {
+    let full = [0.0, 0.0, w as f64, h as f64];
+    resize_box_u8(src, w, h, channels, full, out_w, out_h, filter)
+}
+
+/// [`resize_u8`] of the source region `bx` = (left, upper, right, lower), in pixels and possibly
+/// fractional, as Pillow's `Image.resize(size, filter, box=bx)`. A box of zero width or height is
+/// allowed (Pillow then spreads the filter window around that edge: diffusers' "fill" resize pads
+/// with it); one reaching outside the image or of negative extent is an error.
+#[allow(clippy::too_many_arguments)]
+pub fn resize_box_u8(
+    src: &[u8],
+    w: usize,
+    h: usize,
+    channels: usize,
+    bx: [f64; 4],
+    out_w: usize,
+    out_h: usize,
+    filter: Filter,
+) -> Result<Vec<u8>> {
     let shape = [h, w, channels];
     if channels == 0 || w == 0 || h == 0 {
         return Err(Error::bad_shape("resize", "empty source image", &shape));
@@ -196,10 +215,22 @@ pub fn resize_u8(
             &shape,
         ));
     }
+    let [x0, y0, x1, y1] = bx;
+    let inside = |a: f64, b: f64, size: usize| 0.0 <= a && a <= b && b <= size as f64;
+    if !(inside(x0, x1, w) && inside(y0, y1, h)) {
+        return Err(Error::bad_shape(
+            "resize",
+            format!("box {bx:?} is not a region of the {w}x{h} image"),
+            &shape,
+        ));
+    }
 
-    let horiz = precompute_taps(w, 0.0, w as f64, out_w, filter);
-    let vert = precompute_taps(h, 0.0, h as f64, out_h, filter);
-    Ok(match (out_w != w, out_h != h) {
+    let horiz = precompute_taps(w, x0, x1, out_w, filter);
+    let vert = precompute_taps(h, y0, y1, out_h, filter);
+    // Pillow skips a pass only when it maps the whole axis onto itself.
+    let need_h = out_w != w || x0 != 0.0 || x1 != w as f64;
+    let need_v = out_h != h || y0 != 0.0 || y1 != h as f64;
+    Ok(match (need_h, need_v) {
         (false, false) => src.to_vec(),
         (true, false) => horizontal_pass(src, w, channels, 0..h, &horiz),
         (false, true) => vertical_pass(src, w * channels, 0, &vert),
@@ -371,5 +402,20 @@ mod tests {
             resize_u8(&[], 0, 0, 3, 1, 1, Filter::Bicubic),
             Err(Error::BadShape { .. })
         ));
+        // Boxes must be regions of the image with no negative extent.
+        for bx in [
+            [0.0, 0.0, 3.0, 1.0],
+            [-0.5, 0.0, 1.0, 1.0],
+            [1.5, 0.0, 1.0, 1.0],
+            [0.0, 0.0, f64::NAN, 1.0],
+        ] {
+            assert!(
+                matches!(
+                    resize_box_u8(&[0; 6], 2, 1, 3, bx, 1, 1, Filter::Lanczos),
+                    Err(Error::BadShape { .. })
+                ),
+                "{bx:?}"
+            );
+        }
     }
 }
