@@ -43,9 +43,7 @@ pub fn mask_input(
     let pixels: Vec<f32> = img
         .pixels()
         .map(|p| {
-            let [r, g, b] = p.0.map(u32::from);
-            let luma = (r * 19595 + g * 38470 + b * 7471 + 0x8000) >> 16;
-            if luma as f32 / 255.0 >= 0.5 {
+            if luma(p) as f32 / 255.0 >= 0.5 {
                 1.0
             } else {
                 0.0
@@ -60,6 +58,12 @@ pub fn mask_input(
         Tensor::from_vec(pixels, (1, 1, height, width), Device::Cpu)?.to_device(device)?,
         Tensor::from_vec(latent, (1, 1, h, w), Device::Cpu)?.to_device(device)?,
     ))
+}
+
+/// Pillow's "L" value of an RGB pixel: ITU-R 601-2 luma in 16-bit fixed point.
+pub fn luma(p: &image::Rgb<u8>) -> u8 {
+    let [r, g, b] = p.0.map(u32::from);
+    ((r * 19595 + g * 38470 + b * 7471 + 0x8000) >> 16) as u8
 }
 
 /// The picture with the repainted region blanked, as inpainting UNets see it:

@@ -392,8 +392,15 @@ impl Tensor {
         Ok(self.to_vec_f64()?.into_iter().map(|v| v as f32).collect())
     }
 
+    /// All elements as i64, row-major: i64 tensors exactly (values past 2^53 included), float
+    /// ones truncated toward zero.
     pub fn to_vec_i64(&self) -> Result<Vec<i64>> {
-        Ok(self.to_vec_f64()?.into_iter().map(|v| v as i64).collect())
+        let t = self.to_device(Device::Cpu)?;
+        let s = t.storage();
+        match &*s {
+            Storage::Cpu(c) => Ok(c.to_i64_vec(t.layout())),
+            Storage::Cuda(_) => unreachable!("to_device(Cpu) returns CPU storage"),
+        }
     }
 
     pub fn to_scalar(&self) -> Result<f64> {

@@ -222,7 +222,7 @@ fn meta_request(f: &SafeTensorsFile) -> Result<Request> {
 
 /// A reference case's request: the file's prompt and negative prompt, the case's steps, the
 /// given guidance and size, `--sampler auto` (on the scheduler config the caller sets).
-fn reference_request(
+pub(super) fn reference_request(
     f: &SafeTensorsFile,
     name: &str,
     guidance: f64,
@@ -288,7 +288,11 @@ fn pipeline_request(
 }
 
 /// A reference's stored (H, W, 3) byte picture; `path` names the file in errors.
-fn stored_rgb(f: &SafeTensorsFile, name: &str, path: &std::path::Path) -> Result<image::RgbImage> {
+pub(super) fn stored_rgb(
+    f: &SafeTensorsFile,
+    name: &str,
+    path: &std::path::Path,
+) -> Result<image::RgbImage> {
     let t = f.tensor(name)?;
     let (h, w, _) = t.dims3()?;
     let bytes: Vec<u8> = t.to_vec_i64()?.iter().map(|&v| v as u8).collect();
@@ -355,6 +359,17 @@ pub fn img2img(ctx: &Ctx) -> Result<Vec<Row>> {
     Ok(chk.rows)
 }
 
+/// The 9-channel inpainting variant of the tiny UNet: its weights with `inpaint.safetensors`'
+/// 9-input conv_in (the folder `gen_inpaint.py` builds).
+pub(super) fn inpaint9_unet(ctx: &Ctx) -> Result<UNet2DConditionModel> {
+    let f = SafeTensorsFile::open(extra(ctx, "inpaint.safetensors"))?;
+    let (mut cfg, mut tensors, origin) =
+        UNet2DConditionModel::diffusers_tensors(ctx.dir.join("sdxl"))?;
+    tensors.insert("conv_in.weight".into(), f.tensor("inpaint_conv_in.weight")?);
+    cfg.in_channels = 9;
+    UNet2DConditionModel::from_tensors(tensors, origin, &cfg, DType::F32, ctx.device)
+}
+
 /// diffusers' SDXL inpainting pipeline: the mask processor (Lanczos, "L", binarised), then per
 /// case the whole run with the 4-channel tiny UNet (the kept region blended back every step) or
 /// with its 9-channel inpainting variant (mask and masked-picture latents as UNet input), the
@@ -378,13 +393,7 @@ pub fn inpaint(ctx: &Ctx) -> Result<Vec<Row>> {
         ctx.device,
     )?;
     chk.check("mask", &pixel_mask, &f.tensor("mask")?, ctx.forward)?;
-    // The 9-channel variant: the tiny UNet with the reference's 9-input conv_in.
-    let (mut cfg, mut tensors, origin) =
-        UNet2DConditionModel::diffusers_tensors(ctx.dir.join("sdxl"))?;
-    tensors.insert("conv_in.weight".into(), f.tensor("inpaint_conv_in.weight")?);
-    cfg.in_channels = 9;
-    let mut other =
-        UNet2DConditionModel::from_tensors(tensors, origin, &cfg, DType::F32, ctx.device)?;
+    let mut other = inpaint9_unet(ctx)?;
     for name in f.meta_str("cases")?.split(',') {
         let key = |k: &str| format!("{name}.{k}");
         pipe.scheduler =

@@ -6,6 +6,7 @@ mod clip_cases;
 pub mod cuda_parity;
 pub mod extra_cases;
 mod layer_cases;
+mod mask_crop_case;
 mod pipeline_case;
 mod train_cases;
 mod unet_cases;
@@ -193,6 +194,11 @@ pub fn cases() -> Vec<(&'static str, &'static str, CaseFn)> {
             "inpaint",
             "../../extra/inpaint.safetensors",
             extra_cases::inpaint,
+        ),
+        (
+            "mask_crop",
+            "../../extra/mask_crop.safetensors",
+            mask_crop_case::mask_crop,
         ),
         (
             "refiner",

@@ -163,6 +163,19 @@ impl CpuStorage {
         }
     }
 
+    /// The addressed elements as i64: integer storage exactly (all 64 bits), float storage cast
+    /// as `as i64` casts (toward zero).
+    pub fn to_i64_vec(&self, layout: &Layout) -> Vec<i64> {
+        match self {
+            CpuStorage::I64(v) => layout.offsets().map(|o| v[o]).collect(),
+            _ => self
+                .to_f64_vec(layout)
+                .into_iter()
+                .map(|v| v as i64)
+                .collect(),
+        }
+    }
+
     /// Raw little-endian bytes of the addressed elements (safetensors writing).
     pub fn to_bytes(&self, layout: &Layout) -> Vec<u8> {
         match self.copy_strided(layout) {
