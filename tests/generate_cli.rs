@@ -166,6 +166,7 @@ fn verify_passes_every_case_on_the_tiny_fixtures() {
         "samplers",
         "img2img",
         "inpaint",
+        "mask_crop",
         "refiner",
         "micro_conditioning",
         "edm",
@@ -176,6 +177,10 @@ fn verify_passes_every_case_on_the_tiny_fixtures() {
         "lora_lycoris",
         "lora_peft",
         "lora_export",
+        "vae_latent_stats",
+        "vae_file",
+        "clip_skip",
+        "vae_tiling",
     ] {
         assert!(
             text.lines().any(|l| l.starts_with(case)),
@@ -665,121 +670,6 @@ fn img2img_runs_from_an_image_file() {
     );
     common::assert_fails_naming(&o, "missing.png");
     assert!(!dir.join("e.png").exists());
-    std::fs::remove_dir_all(&dir).unwrap();
-}
-
-/// `--mask`: inpainting with the tiny 4-channel model (the kept region blended back) and with a
-/// 9-channel inpainting variant of it (conv_in from `tests/fixtures/extra/inpaint.safetensors`);
-/// the inpainting model refuses to run without a mask, and `--mask` needs `--image`.
-#[test]
-fn inpainting_runs_with_four_and_nine_channel_unets() {
-    use kstyle::tensor::SafeTensorsFile;
-    let dir = tmp("inpaint");
-    let input = dir.join("in.png");
-    common::write_test_picture(&input);
-    let mask = dir.join("mask.png");
-    image::GrayImage::from_fn(101, 77, |x, y| {
-        image::Luma([if (20..60).contains(&x) && (10..50).contains(&y) {
-            255
-        } else {
-            0
-        }])
-    })
-    .save(&mask)
-    .unwrap();
-    // The inpainting variant: the tiny folder with a 9-input conv_in.
-    let nine = dir.join("sdxl-inpaint");
-    common::copy_dir(&tiny().join("sdxl"), &nine);
-    let weights = nine.join("unet/diffusion_pytorch_model.safetensors");
-    let f = SafeTensorsFile::open(&weights).unwrap();
-    let conv = common::inpaint_conv_in();
-    let tensors: Vec<(String, kstyle::Tensor)> = f
-        .names()
-        .map(|n| {
-            let t = if n == "conv_in.weight" {
-                conv.clone()
-            } else {
-                f.tensor(n).unwrap()
-            };
-            (n.to_string(), t)
-        })
-        .collect();
-    drop(f);
-    kstyle::tensor::save_safetensors(&weights, &tensors, None).unwrap();
-    let config = nine.join("unet/config.json");
-    let text = std::fs::read_to_string(&config).unwrap();
-    let mut json: serde_json::Value = serde_json::from_str(&text).unwrap();
-    json["in_channels"] = 9.into();
-    std::fs::write(&config, json.to_string()).unwrap();
-
-    let run = |model: &std::path::Path, name: &str, extra: &[&str]| {
-        let out = dir.join(name);
-        (common::generate_house(model, &out, extra), out)
-    };
-    let (img, m) = (input.to_str().unwrap(), mask.to_str().unwrap());
-    let four = tiny().join("sdxl");
-    let (o, out) = run(&four, "four.png", &["--image", img, "--mask", m]);
-    let err = common::stderr(&o);
-    assert!(o.status.success(), "{err}");
-    assert!(
-        err.contains("inpaint: ") && err.contains("strength 0.9999: the last 3 of 4"),
-        "{err}"
-    );
-    assert_eq!(image::open(&out).unwrap().to_rgb8().dimensions(), (96, 72));
-    let (o, out) = run(
-        &nine,
-        "nine.png",
-        &["--image", img, "--mask", m, "--strength", "1"],
-    );
-    assert!(o.status.success(), "{}", common::stderr(&o));
-    assert_eq!(image::open(&out).unwrap().to_rgb8().dimensions(), (96, 72));
-    // The same inpainting model as an original-layout single file (A1111 / ComfyUI style):
-    // the 9-input conv_in is read from the file, and the picture is the folder's, byte for byte.
-    let single = common::tiny_single_file_with(
-        &dir,
-        "inpaint-single.safetensors",
-        &[("model.diffusion_model.input_blocks.0.0.weight", conv)],
-        vec![],
-    );
-    let config = tiny().join("sdxl");
-    let (o, from_file) = run(
-        &single,
-        "nine-single.png",
-        &[
-            "--config",
-            config.to_str().unwrap(),
-            "--image",
-            img,
-            "--mask",
-            m,
-            "--strength",
-            "1",
-        ],
-    );
-    assert!(o.status.success(), "{}", common::stderr(&o));
-    assert!(std::fs::read(&from_file).unwrap() == std::fs::read(&out).unwrap());
-
-    let (o, out) = run(&nine, "no-mask.png", &["--image", img]);
-    common::assert_fails_naming(&o, "inpainting model");
-    assert!(!out.exists());
-    let (o, _) = run(&four, "x.png", &["--mask", m]);
-    common::assert_fails_naming(&o, "--image");
-    let refiner = common::tiny_refiner_folder(&dir);
-    let refiner = refiner.to_str().unwrap();
-    let (o, _) = run(
-        &four,
-        "x.png",
-        &["--image", img, "--mask", m, "--refiner", refiner],
-    );
-    common::assert_fails_naming(&o, "cannot be used with");
-    std::fs::write(dir.join("bad.png"), "no").unwrap();
-    let bad = dir.join("bad.png");
-    let (o, _) = run(
-        &four,
-        "x.png",
-        &["--image", img, "--mask", bad.to_str().unwrap()],
-    );
-    common::assert_fails_naming(&o, "bad.png");
     std::fs::remove_dir_all(&dir).unwrap();
 }
 

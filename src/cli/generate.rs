@@ -7,7 +7,8 @@ use super::DeviceArg;
 use anyhow::Context;
 use indicatif::{ProgressBar, ProgressStyle};
 use kstyle::formats::textual_inversion::TextualInversion;
-use kstyle::image::io::save_chw_png;
+use kstyle::image::io::{chw_to_rgb, save_png};
+use kstyle::sample::mask_crop::{crop, crop_region, fill_resize, overlay};
 use kstyle::sample::model_files::ModelFiles;
 use kstyle::sample::pipeline::{
     check_clip_skip, image_input, image_input_size, mask_input, masked_image, skipped_steps,
@@ -67,6 +68,14 @@ pub struct Args {
     /// Not with --refiner: the refiner's steps would repaint the kept region.
     #[arg(long, requires = "image", conflicts_with = "refiner")]
     pub mask: Option<PathBuf>,
+    /// With --mask: inpaint only the masked region, as diffusers' `padding_mask_crop` (A1111's
+    /// "only masked" with its padding): the box around the mask's nonzero pixels, grown by PAD
+    /// pixels and widened to the output aspect, is cut from picture and mask and resized to the
+    /// output size (aspect kept, the rest filled from the edges); the result is resized back into
+    /// the box and composited over the untouched picture through the mask, so the saved PNG has
+    /// the picture's own size. Picture and mask must be the same size.
+    #[arg(long, value_name = "PAD", requires = "mask")]
+    pub mask_crop: Option<usize>,
     /// With --image: how much of the schedule runs, 0 to 1 (floor(steps x strength) steps; 1
     /// repaints from full noise level, low values keep the picture). diffusers' defaults: 0.3,
     /// and 0.9999 with --mask (at 1, inpainting starts from noise alone).
@@ -433,6 +442,43 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
         Some((_, w, h)) => (*w, *h),
         None => (a.width.unwrap_or(1024), a.height.unwrap_or(1024)),
     };
+    // --mask-crop: the region's picture and mask stand in for the whole ones; the originals come
+    // back for the composite.
+    let cropped = match (a.mask_crop, &input, &mask_picture) {
+        (Some(pad), Some((img, w, h)), Some(mask)) => {
+            let (image_path, mask_path) = (a.image.as_deref(), a.mask.as_deref());
+            let names = || {
+                format!(
+                    "--image {} and --mask {}",
+                    image_path.map_or(String::new(), |p| p.display().to_string()),
+                    mask_path.map_or(String::new(), |p| p.display().to_string())
+                )
+            };
+            if img.dimensions() != mask.dimensions() {
+                anyhow::bail!(
+                    "--mask-crop needs picture and mask of one size: {} are {}x{} and {}x{}",
+                    names(),
+                    img.width(),
+                    img.height(),
+                    mask.width(),
+                    mask.height()
+                );
+            }
+            let region = crop_region(mask, *w, *h, pad).with_context(names)?;
+            eprintln!(
+                "--mask-crop {pad}: inpainting the {region} region of the {}x{} picture at {w}x{h}",
+                img.width(),
+                img.height()
+            );
+            let fill = |p: &image::RgbImage| fill_resize(&crop(p, region), *w, *h);
+            Some((
+                region,
+                fill(img).with_context(names)?,
+                fill(mask).with_context(names)?,
+            ))
+        }
+        _ => None,
+    };
     if let Some(eta) = a.eta {
         if !(0.0..=1.0).contains(&eta) {
             anyhow::bail!("--eta must be between 0 and 1, got {eta}");
@@ -573,6 +619,7 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
                 img.height(),
                 a.steps
             );
+            let img = cropped.as_ref().map_or(img, |(_, img, _)| img);
             Some(image_input(img, *w, *h, device)?)
         }
         _ => None,
@@ -580,6 +627,7 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
     // (latent mask, masked picture) for inpainting.
     let masks = match (&mask_picture, &image) {
         (Some(m), Some(img)) => {
+            let m = cropped.as_ref().map_or(m, |(_, _, m)| m);
             let (pixels, latent) = mask_input(m, width, height, device)?;
             let masked = masked_image(img, &pixels)?;
             Some((latent, masked))
@@ -669,7 +717,14 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
         }
         let image = pipe.generate_from(&req, start, progress)?;
         bar.finish_and_clear();
-        save_image(&a.out, seed, seeds.len() > 1, &image)?;
+        match (&cropped, &input, &mask_picture) {
+            (Some((region, _, _)), Some((original, _, _)), Some(mask)) => {
+                let generated = tensor_rgb(&image)?;
+                let composed = overlay(original, mask, &generated, *region)?;
+                save_rgb(&a.out, seed, seeds.len() > 1, &composed)?;
+            }
+            _ => save_image(&a.out, seed, seeds.len() > 1, &image)?,
+        }
     }
     let Some(refiner_opts) = &refiner_opts else {
         return Ok(ExitCode::SUCCESS);
@@ -711,15 +766,25 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// The first image of `image` (B, 3, H, W) in [0, 1] as 8-bit RGB (diffusers' rounding).
+fn tensor_rgb(image: &Tensor) -> anyhow::Result<image::RgbImage> {
+    let (_, c, h, w) = image.dims4()?;
+    Ok(chw_to_rgb(&image.narrow(0, 0, 1)?.to_vec_f32()?, c, h, w)?)
+}
+
 /// Writes the first image of `image` (B, 3, H, W) in [0, 1] to the seed's output path and
 /// prints the path.
 fn save_image(out: &Path, seed: u64, many: bool, image: &Tensor) -> anyhow::Result<()> {
-    let (_, c, h, w) = image.dims4()?;
+    save_rgb(out, seed, many, &tensor_rgb(image)?)
+}
+
+/// Writes `img` to the seed's output path and prints the path.
+fn save_rgb(out: &Path, seed: u64, many: bool, img: &image::RgbImage) -> anyhow::Result<()> {
     let path = output_path(out, seed, many);
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     }
-    save_chw_png(&path, &image.narrow(0, 0, 1)?.to_vec_f32()?, c, h, w)?;
+    save_png(&path, img)?;
     println!("{}", path.display());
     Ok(())
 }
