@@ -1070,3 +1070,40 @@ fn vae_tiling_applies_beyond_one_tile() {
     tiled_args.push("--vae-tiling");
     assert!(whole != run("img2img-tiled.png", "192", &tiled_args));
 }
+
+/// A prompt past CLIP's 77 tokens is cut as diffusers cuts it, with a warning quoting the
+/// dropped words; a short negative prompt gets none.
+#[test]
+fn long_prompts_warn_about_the_dropped_words() {
+    let dir = tmp("long-prompt");
+    let out = dir.join("long.png");
+    let prompt = format!("{} and the very end", "a hanok house at dusk, ".repeat(20));
+    let o = kstyle(&[
+        "generate",
+        "--model",
+        tiny().join("sdxl").to_str().unwrap(),
+        "--prompt",
+        &prompt,
+        "--negative",
+        "blurry",
+        "--steps",
+        "1",
+        "--width",
+        "64",
+        "--height",
+        "64",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    let err = common::stderr(&o);
+    assert!(o.status.success(), "{err}");
+    let warnings: Vec<&str> = err.lines().filter(|l| l.starts_with("warning:")).collect();
+    assert_eq!(warnings.len(), 1, "{err}");
+    assert!(
+        warnings[0].starts_with("warning: --prompt is longer than CLIP's 77 tokens")
+            && warnings[0].ends_with("and the very end\""),
+        "{}",
+        warnings[0]
+    );
+    assert!(out.exists());
+}

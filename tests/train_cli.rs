@@ -717,3 +717,30 @@ fn vae_tiling_encodes_large_pictures_in_tiles() {
     let again = run("again", &[]);
     assert!(tensors(&whole) == tensors(&again));
 }
+
+/// A caption past CLIP's 77 tokens trains on its first 75 with a warning naming the file and
+/// the dropped words.
+#[test]
+fn long_captions_are_cut_with_a_warning() {
+    let dir = tmp("long-caption");
+    let data = dataset(&dir);
+    let long = format!("{} the very end", "a [v] palace at dusk, ".repeat(20));
+    std::fs::write(data.join("a.txt"), &long).unwrap();
+    let out = dir.join("long.safetensors");
+    let o = train(&data, &out, "lora", &["--max-steps", "1"]);
+    let err = common::stderr(&o);
+    assert!(o.status.success(), "{err}");
+    let warning = err
+        .lines()
+        .find(|l| l.contains("is longer than CLIP's 77 tokens"))
+        .unwrap_or_else(|| panic!("no warning: {err}"));
+    assert!(
+        warning.contains("a.png") && warning.ends_with("the very end\""),
+        "{warning}"
+    );
+    assert_eq!(
+        err.matches("longer than CLIP's").count(),
+        1,
+        "only a.png's caption is long: {err}"
+    );
+}

@@ -568,6 +568,17 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
             ti.path.display()
         );
     }
+    for (flag, text) in [
+        ("--prompt", Some(&a.prompt)),
+        ("--negative", a.negative.as_ref()),
+    ] {
+        if let Some(cut) = text.map(|t| pipe.truncated(t)).transpose()?.flatten() {
+            eprintln!(
+                "warning: {flag} is longer than CLIP's 77 tokens; the end is dropped, as in \
+                 diffusers: \"{cut}\""
+            );
+        }
+    }
     let req = Request {
         prompt: a.prompt.clone(),
         negative: a.negative.clone(),

@@ -200,6 +200,15 @@ fn generate_all(
         let mut pipe = SdxlPipeline::load(&opts)?;
         pipe.set_clip_skip(g.clip_skip)?;
         pipe.vae.tiling = g.vae_tiling;
+        // Once: every method reads the same tokenizers.
+        for (pi, p) in cfg.prompts.iter().enumerate().filter(|_| adapter.is_none()) {
+            if let Some(cut) = pipe.truncated(&p.text)? {
+                log(&format!(
+                    "warning: prompt {pi} is longer than CLIP's 77 tokens; the end is dropped, as \
+                     in diffusers: \"{cut}\""
+                ));
+            }
+        }
         for (pi, p) in cfg.prompts.iter().enumerate() {
             for &seed in &cfg.seeds {
                 let path = image_path(&cfg.out, name, pi, seed);

@@ -208,6 +208,24 @@ fn prepare_examples(
             })
         })
     };
+    // Captions past CLIP's window train on their first 75 tokens, as diffusers' scripts do.
+    let (first, second) = files.tokenizers()?;
+    let tokenizer = first.unwrap_or(second);
+    let captions = data
+        .samples
+        .iter()
+        .map(|s| (format!("the caption of {}", s.path.display()), &s.caption));
+    let sample = cfg
+        .sample_prompt
+        .iter()
+        .map(|p| ("--sample-prompt".to_string(), p));
+    for (what, text) in captions.chain(sample) {
+        if let Some(cut) = tokenizer.cut_off(text)? {
+            log(&format!(
+                "warning: {what} is longer than CLIP's 77 tokens; the end is dropped: \"{cut}\""
+            ));
+        }
+    }
     for s in &data.samples {
         let picture = load_training_picture(&s.path)?;
         let size = nearest_bucket(

@@ -267,6 +267,21 @@ impl ClipTokenizer {
             .saturating_sub(self.max_len - 2))
     }
 
+    /// The text of the content tokens that fall off the end of `prompt`, as diffusers prints it
+    /// in its "truncated" warning (HF's `CLIPTokenizerFast.decode`: the folder's decoder, then
+    /// every end-of-word `</w>` read as a space, trimmed); None when the prompt fits.
+    pub fn cut_off(&self, prompt: &str) -> Result<Option<String>> {
+        let ids = self.content_ids(prompt)?;
+        let Some(tail) = ids.get(self.max_len - 2..).filter(|t| !t.is_empty()) else {
+            return Ok(None);
+        };
+        let text = self
+            .inner
+            .decode(tail, false)
+            .map_err(|e| self.err("decode", e))?;
+        Ok(Some(text.replace("</w>", " ").trim().to_string()))
+    }
+
     /// One prompt as exactly `max_len` ids.
     pub fn encode(&self, prompt: &str) -> Result<Vec<u32>> {
         Ok(self.encode_batch(&[prompt])?.ids)
@@ -539,7 +554,11 @@ mod tests {
                 assert_eq!((row[0], row[76], batch.eos_positions[i]), (BOS, EOS, 76));
                 assert_eq!(&row[1..76], &content[..75]);
                 assert_eq!(tok.overflow(p).unwrap(), content.len() - 75);
+                // The dropped text as diffusers' warning prints it (HF's decode of those ids).
+                let cut = tok.cut_off(p).unwrap().expect("an overflowing prompt");
+                assert_eq!(cut, j["cut"][sub][i].as_str().unwrap(), "{sub} prompt {i}");
             }
+            assert_eq!(tok.cut_off("a short prompt").unwrap(), None);
         }
     }
 

@@ -96,6 +96,15 @@ impl SdxlPipeline {
         self.clip_skip
     }
 
+    /// What CLIP's 77-token window cuts off the end of `prompt` (after embeddings are spelt out),
+    /// as text, or None when it fits: diffusers drops it with a warning, and so do the commands.
+    pub fn truncated(&self, prompt: &str) -> Result<Option<String>> {
+        // The first tokenizer where there is one: tokenizer_2 pads with "!", an added token that
+        // decodes without its word break.
+        let tok = self.tokenizer.as_ref().unwrap_or(&self.tokenizer_2);
+        tok.cut_off(&tok.expand_added_tokens(prompt)?)
+    }
+
     /// Both encoders on `prompts`: context = concat(TE1 penultimate, TE2 penultimate), or TE2's
     /// alone for a refiner (earlier layers with [`SdxlPipeline::set_clip_skip`]); pooled = TE2's
     /// projected pooled output. Prompts naming a
