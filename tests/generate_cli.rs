@@ -483,6 +483,73 @@ fn every_sampler_name_generates_and_reports_itself() {
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
+/// `--sigmas`: the ramp reaches the sampler (named in its report, changing the picture; `karras`
+/// is the `-karras` name's picture byte for byte) and is refused for a sampler without sigmas
+/// and against a `-karras` name asking for another ramp.
+#[test]
+fn sigmas_pick_the_ramp() {
+    let dir = tmp("sigmas");
+    let run = |name: &str, extra: &[&str]| {
+        let out = dir.join(format!("{name}.png"));
+        let mut args = vec!["--out", out.to_str().unwrap()];
+        args.extend_from_slice(extra);
+        (common::generate_tiny_steps("4", &args), out)
+    };
+    let mut pictures = Vec::new();
+    for (name, extra, reported) in [
+        (
+            "plain",
+            &["--sampler", "dpmpp-2m"][..],
+            "sampler: DPM++ 2M\n",
+        ),
+        (
+            "beta",
+            &["--sampler", "dpmpp-2m", "--sigmas", "beta"][..],
+            "sampler: DPM++ 2M beta\n",
+        ),
+        (
+            "exponential",
+            &["--sampler", "dpmpp-2m", "--sigmas", "exponential"][..],
+            "sampler: DPM++ 2M exponential\n",
+        ),
+        (
+            "karras",
+            &["--sampler", "dpmpp-2m", "--sigmas", "karras"][..],
+            "sampler: DPM++ 2M Karras\n",
+        ),
+        (
+            "named",
+            &["--sampler", "dpmpp-2m-karras"][..],
+            "sampler: DPM++ 2M Karras\n",
+        ),
+        ("auto", &["--sigmas", "beta"][..], "sampler: Euler beta\n"),
+    ] {
+        let (o, out) = run(name, extra);
+        let err = common::stderr(&o);
+        assert!(o.status.success(), "{name}: {err}");
+        assert!(err.contains(reported), "{name}: {err}");
+        pictures.push(std::fs::read(out).unwrap());
+    }
+    assert!(
+        pictures[3] == pictures[4],
+        "--sigmas karras differs from the -karras name"
+    );
+    for (i, j) in [(0, 1), (0, 2), (1, 2), (0, 3)] {
+        assert!(
+            pictures[i] != pictures[j],
+            "pictures {i} and {j} are the same"
+        );
+    }
+    let (o, out) = run("euler-a", &["--sampler", "euler-a", "--sigmas", "beta"]);
+    common::assert_fails_naming(&o, "Euler a has no choice of sigmas");
+    assert!(!out.exists());
+    let (o, _) = run(
+        "clash",
+        &["--sampler", "euler-karras", "--sigmas", "exponential"],
+    );
+    common::assert_fails_naming(&o, "-karras name");
+}
+
 /// A folder whose scheduler is TCDScheduler runs TCD under `--sampler auto`, at gamma 0.3 or
 /// `--eta`; `--eta` also reaches DDIM (its stochastic form); an eta outside 0..=1, or one given
 /// to a sampler without one, is refused by name.

@@ -26,13 +26,17 @@
 //! Karras 9.9e-7, SDE Karras 1.4e-6, 3S 9.4e-7, 3S heun 8.8e-7 (0.55 on the config's spacing
 //! instead of linspace, 0.19 with heun's D2 term negated); TCD at gamma 0.3 1.4e-6, at 0 1.1e-6,
 //! v-prediction at 0.5 1.9e-6 (8.5e-4 to 1.6e-2 when the last step returns x0); DDIM at eta 0.5
-//! 1.6e-5 (clamped x0 again; 0.33 with std^2 left in the direction term). All within the
-//! fixtures' 1e-4 forward tolerance.
+//! 1.6e-5 (clamped x0 again; 0.33 with std^2 left in the direction term). The exponential and
+//! beta ramps: Euler 1.1e-6 and 6.2e-7, DPM++ 2M 1.1e-6 and 1.4e-6, 2S exponential 1.3e-6, UniPC
+//! beta 1.0e-6, DEIS beta 7.9e-7, Heun beta 4.9e-7, LMS exponential 1.1e-6, DPM2 beta 6.3e-7,
+//! DPM2 a exponential 1.1e-6, DPM++ SDE beta 5.6e-7. All within the fixtures' 1e-4 forward
+//! tolerance.
 
 mod common;
 
 use common::tiny;
 use kstyle::sample::pipeline::{SamplerKind, Sigmas};
+use kstyle::sample::ramps::Ramp;
 use kstyle::Device;
 
 #[test]
@@ -40,7 +44,7 @@ fn every_sampler_final_latents_match_diffusers() {
     let report =
         kstyle::verify::run(&tiny(), Device::Cpu, Some(&["samplers".to_string()])).unwrap();
     assert!(report.failed_cases.is_empty(), "{:?}", report.failed_cases);
-    assert_eq!(report.rows.len(), 43);
+    assert_eq!(report.rows.len(), 55);
     for r in &report.rows {
         eprintln!("{}: relative error {:.3e}", r.tensor, r.error);
         assert!(r.passed, "{} {:e} > {:e}", r.tensor, r.error, r.tolerance);
@@ -138,7 +142,39 @@ fn auto_sampler_follows_the_scheduler_config() {
             sigmas: Sigmas::Config
         }
     );
-    assert!(dpm.karras);
+    assert_eq!(dpm.ramp, Ramp::Karras);
+    // The other two ramps, one at a time (diffusers refuses two), and how runs describe them.
+    let beta = config(r#"{"_class_name": "DPMSolverMultistepScheduler", "use_beta_sigmas": true}"#)
+        .unwrap();
+    assert_eq!(beta.ramp, Ramp::Beta);
+    assert_eq!(
+        SamplerKind::Auto.resolve(&beta).unwrap().describe(&beta),
+        "DPM++ 2M beta"
+    );
+    let exp = config(r#"{"use_exponential_sigmas": true}"#).unwrap();
+    assert_eq!(exp.ramp, Ramp::Exponential);
+    assert_eq!(
+        SamplerKind::Auto.resolve(&exp).unwrap().describe(&exp),
+        "Euler exponential"
+    );
+    let two = config(r#"{"use_karras_sigmas": true, "use_beta_sigmas": true}"#).unwrap_err();
+    assert!(two.to_string().contains("only one sigma ramp"), "{two}");
+    // --sigmas on a resolved sampler: a ramp for those with sigmas, an error for the others and
+    // for a -karras name asked for another ramp.
+    let euler = SamplerKind::Euler(Sigmas::Config);
+    assert_eq!(
+        euler.with_sigmas(Sigmas::Beta, &ddim_free()).unwrap(),
+        SamplerKind::Euler(Sigmas::Beta)
+    );
+    for (kind, why) in [
+        (SamplerKind::EulerAncestral, "no choice of sigmas"),
+        (SamplerKind::Euler(Sigmas::Karras), "-karras name"),
+    ] {
+        let err = kind
+            .with_sigmas(Sigmas::Exponential, &ddim_free())
+            .unwrap_err();
+        assert!(err.to_string().contains(why), "{err}");
+    }
     let ddim = config(r#"{"_class_name": "DDIMScheduler"}"#).unwrap();
     assert_eq!(
         SamplerKind::Auto.resolve(&ddim).unwrap(),
@@ -213,7 +249,7 @@ fn auto_sampler_follows_the_scheduler_config() {
     let deis_zsnr =
         config(r#"{"_class_name": "DEISMultistepScheduler", "rescale_betas_zero_snr": true}"#)
             .unwrap();
-    let err = kstyle::sample::Deis::new(&deis_zsnr, 10, false)
+    let err = kstyle::sample::Deis::new(&deis_zsnr, 10, Ramp::Spaced)
         .err()
         .unwrap()
         .to_string();
@@ -251,7 +287,7 @@ fn auto_sampler_follows_the_scheduler_config() {
     assert_eq!(three_sde.describe(&sde), "DPM++ 3M SDE");
     let four =
         config(r#"{"_class_name": "DPMSolverMultistepScheduler", "solver_order": 4}"#).unwrap();
-    let err = DpmSolverPP::new(&four, 10, 2, false)
+    let err = DpmSolverPP::new(&four, 10, 2, Ramp::Spaced)
         .err()
         .unwrap()
         .to_string();
@@ -260,7 +296,7 @@ fn auto_sampler_follows_the_scheduler_config() {
         r#"{"_class_name": "DPMSolverMultistepScheduler", "algorithm_type": "sde-dpmsolver"}"#,
     )
     .unwrap();
-    let err = DpmSolverPP::new(&sde_dpm, 10, 2, false)
+    let err = DpmSolverPP::new(&sde_dpm, 10, 2, Ramp::Spaced)
         .err()
         .unwrap()
         .to_string();
@@ -300,7 +336,7 @@ fn auto_sampler_follows_the_scheduler_config() {
     let kind = SamplerKind::Auto.resolve(&unipc).unwrap();
     assert_eq!(kind, SamplerKind::UniPc(Sigmas::Config));
     assert_eq!(kind.describe(&unipc), "UniPC (bh2, order 3)");
-    assert!(UniPc::new(&unipc, 10, false).is_ok());
+    assert!(UniPc::new(&unipc, 10, Ramp::Spaced).is_ok());
     let heun =
         config(r#"{"_class_name": "HeunDiscreteScheduler", "rescale_betas_zero_snr": true}"#)
             .unwrap();
@@ -328,7 +364,7 @@ fn auto_sampler_follows_the_scheduler_config() {
             "final_sigmas_type: sigma_min",
         ),
     ] {
-        let err = UniPc::new(&config(json).unwrap(), 10, false)
+        let err = UniPc::new(&config(json).unwrap(), 10, Ramp::Spaced)
             .err()
             .unwrap()
             .to_string();
@@ -376,13 +412,20 @@ fn verify_refuses_unknown_case_names() {
     }
 }
 
-/// The timesteps the UNet sees under LMS, DPM2 (a), DPM++ SDE and Euler on `linspace` spacing,
-/// against diffusers' own (stored as float32): the interleaved midpoints of the two-evaluation
-/// samplers, Karras rounding, fractional `linspace` timesteps.
+/// The default scheduler config (the tiny model's kind: Euler, leading spacing).
+fn ddim_free() -> kstyle::sample::SchedulerConfig {
+    kstyle::sample::SchedulerConfig::default()
+}
+
+/// The timesteps the UNet sees under LMS, DPM2 (a), DPM++ SDE, Heun, Euler on `linspace`
+/// spacing and every sampler on the exponential and beta ramps, against diffusers' own (stored
+/// as float32): the interleaved midpoints of the two-evaluation samplers, Karras rounding,
+/// fractional `linspace` and ramp timesteps, the multistep classes' truncation of ramp timesteps.
 #[test]
 fn k_diffusion_timesteps_match_diffusers() {
     use kstyle::sample::{
-        DpmPPSde, EulerDiscrete, Kdpm2, Lms, Noise, Sampler, SchedulerClass, SchedulerConfig,
+        Deis, DpmPPSde, DpmSolverPP, DpmSolverSinglestep, EulerDiscrete, Heun, Kdpm2, Lms, Noise,
+        Sampler, SchedulerClass, SchedulerConfig, UniPc,
     };
     use kstyle::tensor::SafeTensorsFile;
     let noise = Noise::default();
@@ -396,6 +439,18 @@ fn k_diffusion_timesteps_match_diffusers() {
         "dpmpp_sde_karras",
         "euler_linspace",
         "dpm2_a_karras_linspace",
+        "euler_exponential",
+        "euler_beta",
+        "dpmpp_2m_exponential",
+        "dpmpp_2m_beta",
+        "dpmpp_2s_exponential",
+        "unipc_beta",
+        "deis_beta",
+        "heun_beta",
+        "lms_exponential",
+        "kdpm2_beta",
+        "kdpm2_a_exponential",
+        "dpmpp_sde_beta",
     ] {
         let path = tiny().join(format!("../extra/pipeline_{name}.safetensors"));
         let f = SafeTensorsFile::open(&path).unwrap();
@@ -412,6 +467,20 @@ fn k_diffusion_timesteps_match_diffusers() {
                 Box::new(DpmPPSde::new(&config, steps, &noise).unwrap())
             }
             SchedulerClass::EulerDiscrete => Box::new(EulerDiscrete::new(&config, steps).unwrap()),
+            SchedulerClass::HeunDiscrete => Box::new(Heun::new(&config, steps).unwrap()),
+            SchedulerClass::DpmSolverMultistep => Box::new(
+                DpmSolverPP::new(&config, steps, config.solver_order, config.ramp).unwrap(),
+            ),
+            SchedulerClass::DpmSolverSinglestep => Box::new(
+                DpmSolverSinglestep::new(&config, steps, config.solver_order, config.ramp, None)
+                    .unwrap(),
+            ),
+            SchedulerClass::UniPcMultistep => {
+                Box::new(UniPc::new(&config, steps, config.ramp).unwrap())
+            }
+            SchedulerClass::DeisMultistep => {
+                Box::new(Deis::new(&config, steps, config.ramp).unwrap())
+            }
             ref other => panic!("{name}: {other:?}"),
         };
         let want = f.tensor("timesteps").unwrap().to_vec_f64().unwrap();
@@ -476,7 +545,7 @@ fn edm_models_match_diffusers() {
         .unwrap();
         let sampler: Box<dyn Sampler> = match case.contains("euler") {
             true => Box::new(EdmEuler::new(cfg.edm.unwrap(), cfg.prediction, 6).unwrap()),
-            false => Box::new(DpmSolverPP::new(&cfg, 6, 2, false).unwrap()),
+            false => Box::new(DpmSolverPP::new(&cfg, 6, 2, Ramp::Spaced).unwrap()),
         };
         let want = f
             .tensor(&format!("{case}.timesteps"))
@@ -499,7 +568,7 @@ fn edm_models_match_diffusers() {
         "DPM++ 2M Karras (EDM)"
     );
     // diffusers' EDM scheduler has no third-order SDE step (it fails on an unbound variable).
-    let err = DpmSolverPP::with_noise(&builtin, 6, 3, false, Some(&Default::default()))
+    let err = DpmSolverPP::with_noise(&builtin, 6, 3, Ramp::Spaced, Some(&Default::default()))
         .err()
         .unwrap()
         .to_string();

@@ -152,6 +152,13 @@ pub struct Args {
     /// `auto`: the sampler the model's scheduler config names, as diffusers runs it.
     #[arg(long, value_enum, default_value = "auto")]
     pub sampler: SamplerArg,
+    /// The sigmas the sampler steps on, as diffusers' `use_karras_sigmas`,
+    /// `use_exponential_sigmas` and `use_beta_sigmas` (ComfyUI's "karras", "exponential" and
+    /// "beta" schedulers): `config` (the default) keeps what the sampler name and the model's
+    /// scheduler config say. For Euler, DPM++ (2M, 3M, 2S, 3S, SDE), UniPC, DEIS, Heun, LMS and
+    /// DPM2.
+    #[arg(long, value_enum, default_value = "config")]
+    pub sigmas: SigmasArg,
     /// diffusers' `eta`, 0 to 1, for DDIM and TCD: how much fresh noise each step mixes in
     /// (0 is deterministic). DDIM's defaults to 0; TCD's (its gamma) to 0.3, the TCD authors'
     /// setting. With --sampler ddim or tcd, or auto on a model whose scheduler is one of them.
@@ -189,6 +196,14 @@ fn corner_arg(s: &str) -> Result<(usize, usize), String> {
         t.trim().parse().map_err(|_| bad())?,
         l.trim().parse().map_err(|_| bad())?,
     ))
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum SigmasArg {
+    Config,
+    Karras,
+    Exponential,
+    Beta,
 }
 
 #[derive(Clone, Copy, Debug, clap::ValueEnum)]
@@ -603,6 +618,12 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
     };
     // `auto` names a sampler now, so an unsupported scheduler fails before any step runs.
     let sampler = req.sampler.resolve(&pipe.scheduler)?;
+    let sampler = match a.sigmas {
+        SigmasArg::Config => sampler,
+        SigmasArg::Karras => sampler.with_sigmas(Sigmas::Karras, &pipe.scheduler)?,
+        SigmasArg::Exponential => sampler.with_sigmas(Sigmas::Exponential, &pipe.scheduler)?,
+        SigmasArg::Beta => sampler.with_sigmas(Sigmas::Beta, &pipe.scheduler)?,
+    };
     let sampler = match a.eta {
         Some(eta) => sampler.with_eta(eta, &pipe.scheduler).context("--eta")?,
         None => sampler,

@@ -12,6 +12,7 @@
 //! steps (with `lower_order_final`) lower their order over the last two steps.
 
 use super::dpmpp::alpha_sigma;
+use super::ramps::Ramp;
 use super::schedule::{multistep_schedule, Prediction};
 use super::{Sampler, SchedulerConfig};
 use crate::{Error, Result, Tensor};
@@ -30,7 +31,7 @@ pub struct Deis {
 }
 
 impl Deis {
-    pub fn new(config: &SchedulerConfig, steps: usize, karras: bool) -> Result<Deis> {
+    pub fn new(config: &SchedulerConfig, steps: usize, ramp: Ramp) -> Result<Deis> {
         config.refuse_zero_snr("DEISMultistepScheduler")?;
         if !config.dpm_unsupported.is_empty() {
             return Err(Error::Config(format!(
@@ -45,10 +46,10 @@ impl Deis {
                 config.solver_order
             )));
         }
-        let (timesteps, mut sigmas) = multistep_schedule(config, steps, karras, "DEIS")?;
+        let (timesteps, mut sigmas) = multistep_schedule(config, steps, ramp, "DEIS")?;
         // The final 0 of the DPM schedule becomes the table's smallest sigma, or the ramp's last.
         let n = sigmas.len();
-        sigmas[n - 1] = if karras {
+        sigmas[n - 1] = if ramp != Ramp::Spaced {
             sigmas[n - 2]
         } else {
             let a0 = config.sigma_alphas_cumprod_f32()[0];

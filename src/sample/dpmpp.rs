@@ -23,6 +23,7 @@
 //! timesteps and data prediction ([`super::edm`]).
 
 use super::edm::EdmConfig;
+use super::ramps::Ramp;
 use super::schedule::{multistep_schedule, Prediction};
 use super::{Noise, NoiseStream, Sampler, SchedulerConfig};
 use crate::{Error, Result, Tensor};
@@ -70,9 +71,9 @@ impl DpmSolverPP {
         config: &SchedulerConfig,
         steps: usize,
         order: usize,
-        karras: bool,
+        ramp: Ramp,
     ) -> Result<DpmSolverPP> {
-        Self::with_noise(config, steps, order, karras, None)
+        Self::with_noise(config, steps, order, ramp, None)
     }
 
     /// The SDE form (`algorithm_type` "sde-dpmsolver++") when `sde_noise` is given.
@@ -80,7 +81,7 @@ impl DpmSolverPP {
         config: &SchedulerConfig,
         steps: usize,
         order: usize,
-        karras: bool,
+        ramp: Ramp,
         sde_noise: Option<&Noise>,
     ) -> Result<DpmSolverPP> {
         if !config.dpm_unsupported.is_empty() {
@@ -96,7 +97,7 @@ impl DpmSolverPP {
             )));
         }
         let (timesteps, sigmas) = match config.edm {
-            None => multistep_schedule(config, steps, karras, "DPM-Solver++")?,
+            None => multistep_schedule(config, steps, ramp, "DPM-Solver++")?,
             Some(edm) => {
                 if sde_noise.is_some() && order == 3 {
                     return Err(Error::Config(
@@ -107,7 +108,7 @@ impl DpmSolverPP {
                 }
                 // `-karras` names ask for Karras' ramp whatever the config's sigma_schedule.
                 let edm = EdmConfig {
-                    exponential: edm.exponential && !karras,
+                    exponential: edm.exponential && ramp != Ramp::Karras,
                     ..edm
                 };
                 let mut sigmas = edm.sigmas(steps, false)?;
@@ -118,7 +119,7 @@ impl DpmSolverPP {
         };
         Ok(DpmSolverPP {
             edm: config.edm.map(|e| EdmConfig {
-                exponential: e.exponential && !karras,
+                exponential: e.exponential && ramp != Ramp::Karras,
                 ..e
             }),
             order,
@@ -280,13 +281,18 @@ mod tests {
             &crate::test_fixtures::tiny().join("sdxl/scheduler/scheduler_config.json"),
         )
         .unwrap();
-        for (file, karras) in [
-            ("pipeline_dpmpp_2m.safetensors", false),
-            ("pipeline_dpmpp_2m_karras.safetensors", true),
+        for (file, ramp) in [
+            ("pipeline_dpmpp_2m.safetensors", Ramp::Spaced),
+            ("pipeline_dpmpp_2m_karras.safetensors", Ramp::Karras),
+            (
+                "pipeline_dpmpp_2m_exponential.safetensors",
+                Ramp::Exponential,
+            ),
+            ("pipeline_dpmpp_2m_beta.safetensors", Ramp::Beta),
         ] {
             let f = SafeTensorsFile::open(dir.join(file)).unwrap();
             let steps: usize = f.metadata()["steps"].parse().unwrap();
-            let s = DpmSolverPP::new(&config, steps, 2, karras).unwrap();
+            let s = DpmSolverPP::new(&config, steps, 2, ramp).unwrap();
             crate::test_fixtures::assert_schedule(&f, file, s.timesteps(), s.sigmas());
         }
     }
@@ -299,8 +305,8 @@ mod tests {
                 ..SchedulerConfig::default()
             };
             for steps in [1, 2, 7, 30, 500] {
-                for karras in [false, true] {
-                    let s = DpmSolverPP::new(&config, steps, 2, karras).unwrap();
+                for ramp in [Ramp::Spaced, Ramp::Karras, Ramp::Exponential, Ramp::Beta] {
+                    let s = DpmSolverPP::new(&config, steps, 2, ramp).unwrap();
                     let t = s.timesteps();
                     assert_eq!(t.len(), steps);
                     assert!(t.iter().all(|&v| (0.0..1000.0).contains(&v)), "{t:?}");
@@ -309,7 +315,7 @@ mod tests {
                 }
             }
         }
-        assert!(DpmSolverPP::new(&SchedulerConfig::default(), 0, 2, false).is_err());
-        assert!(DpmSolverPP::new(&SchedulerConfig::default(), 1000, 2, true).is_err());
+        assert!(DpmSolverPP::new(&SchedulerConfig::default(), 0, 2, Ramp::Spaced).is_err());
+        assert!(DpmSolverPP::new(&SchedulerConfig::default(), 1000, 2, Ramp::Karras).is_err());
     }
 }

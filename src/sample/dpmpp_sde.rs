@@ -19,7 +19,7 @@
 //! same construction (`gen_samplers.py`).
 
 use super::euler::{ve_init_noise_sigma, ve_input_scale};
-use super::schedule::{karras_sigmas, sigma_schedule, sigma_to_t, Prediction, SigmaSchedule};
+use super::schedule::{sigma_schedule, sigma_to_t, Prediction, SigmaSchedule};
 use super::{Noise, NoiseStream, Sampler, SchedulerConfig};
 use crate::{Result, Tensor};
 
@@ -42,8 +42,10 @@ impl DpmPPSde {
             mut sigmas,
             log_table,
         } = sigma_schedule(config, steps, true)?;
-        if config.karras {
-            let ramp = karras_sigmas(sigmas[sigmas.len() - 1], sigmas[0], steps);
+        if let Some(ramp) = config
+            .ramp
+            .sigmas(sigmas[sigmas.len() - 1], sigmas[0], steps)
+        {
             timesteps = ramp.iter().map(|&s| sigma_to_t(s, &log_table)).collect();
             sigmas = ramp;
         }

@@ -25,6 +25,7 @@
 //! its float32 sigma table.
 
 use super::dpmpp::{alpha_sigma, axpby, lambda};
+use super::ramps::Ramp;
 use super::schedule::{multistep_schedule, Prediction};
 use super::{Noise, NoiseStream, Sampler, SchedulerConfig, Spacing};
 use crate::{Error, Result, Tensor};
@@ -80,7 +81,7 @@ impl DpmSolverSinglestep {
         config: &SchedulerConfig,
         steps: usize,
         order: usize,
-        karras: bool,
+        ramp: Ramp,
         sde_noise: Option<&Noise>,
     ) -> Result<DpmSolverSinglestep> {
         config.refuse_zero_snr("DPMSolverSinglestepScheduler")?;
@@ -101,7 +102,7 @@ impl DpmSolverSinglestep {
             ..config.clone()
         };
         let (timesteps, sigmas) =
-            multistep_schedule(&linspace, steps, karras, "singlestep DPM-Solver++")?;
+            multistep_schedule(&linspace, steps, ramp, "singlestep DPM-Solver++")?;
         Ok(DpmSolverSinglestep {
             orders: order_list(order, steps),
             sde: sde_noise.map(NoiseStream::new),
@@ -238,7 +239,7 @@ mod tests {
             );
             assert_eq!(config.solver_order, order);
             let steps: usize = f.metadata()["steps"].parse().unwrap();
-            let s = DpmSolverSinglestep::new(&config, steps, order, config.karras, None).unwrap();
+            let s = DpmSolverSinglestep::new(&config, steps, order, config.ramp, None).unwrap();
             crate::test_fixtures::assert_schedule(&f, file, s.timesteps(), s.sigmas());
         }
     }
@@ -251,7 +252,7 @@ mod tests {
             zero_snr: true,
             ..SchedulerConfig::default()
         };
-        let e = DpmSolverSinglestep::new(&config, 6, 2, false, None)
+        let e = DpmSolverSinglestep::new(&config, 6, 2, Ramp::Spaced, None)
             .err()
             .unwrap();
         assert!(e.to_string().contains("rescale_betas_zero_snr"), "{e}");

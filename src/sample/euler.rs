@@ -2,9 +2,8 @@
 //! sigma interpolation, a final sigma of zero, optionally Karras sigmas):
 //! x <- x + eps * (sigma_{i+1} - sigma_i).
 
-use super::schedule::{
-    karras_sigmas, sigma_schedule, sigma_to_t, Prediction, SigmaSchedule, Spacing,
-};
+use super::ramps::Ramp;
+use super::schedule::{sigma_schedule, sigma_to_t, Prediction, SigmaSchedule, Spacing};
 use super::{Noise, NoiseStream, Sampler, SchedulerConfig};
 use crate::{Result, Tensor};
 
@@ -45,10 +44,12 @@ impl EulerDiscrete {
         } = sigma_schedule(config, steps, false)?;
         // The UNet sees float32 timesteps (fractional for `linspace` spacing).
         let mut timesteps: Vec<f64> = timesteps.iter().map(|&t| t as f32 as f64).collect();
-        if config.karras {
-            // The ramp spans the spaced sigmas (not the whole table, unlike DPM++), and each
+        if let Some(ramp) = config
+            .ramp
+            .sigmas(sigmas[sigmas.len() - 1], sigmas[0], steps)
+        {
+            // A ramp spans the spaced sigmas (not the whole table, unlike DPM++), and each
             // sigma's timestep stays fractional.
-            let ramp = karras_sigmas(sigmas[sigmas.len() - 1], sigmas[0], steps);
             timesteps = ramp
                 .iter()
                 .map(|&s| sigma_to_t(s, &log_table) as f32 as f64)
@@ -111,7 +112,7 @@ pub struct EulerAncestral {
 impl EulerAncestral {
     pub fn new(config: &SchedulerConfig, steps: usize, noise: &Noise) -> Result<EulerAncestral> {
         let plain = SchedulerConfig {
-            karras: false,
+            ramp: Ramp::Spaced,
             ..config.clone()
         };
         Ok(EulerAncestral {

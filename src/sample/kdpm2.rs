@@ -14,9 +14,8 @@
 //! in float32 on the log-sigma table. With Karras sigmas the whole-step timesteps are rounded.
 
 use super::euler::{ve_init_noise_sigma, ve_input_scale};
-use super::schedule::{
-    karras_sigmas, sigma_schedule, sigma_to_t, sigma_to_t_f32, Prediction, SigmaSchedule,
-};
+use super::ramps::Ramp;
+use super::schedule::{sigma_schedule, sigma_to_t, sigma_to_t_f32, Prediction, SigmaSchedule};
 use super::{Noise, NoiseStream, Sampler, SchedulerConfig};
 use crate::{Result, Tensor};
 
@@ -50,11 +49,17 @@ impl Kdpm2 {
             sigmas: mut spaced,
             log_table,
         } = sigma_schedule(config, steps, false)?;
-        if config.karras {
-            let ramp = karras_sigmas(spaced[spaced.len() - 1], spaced[0], steps);
+        if let Some(ramp) = config
+            .ramp
+            .sigmas(spaced[spaced.len() - 1], spaced[0], steps)
+        {
+            // Karras' timesteps are rounded; the other ramps' stay fractional.
             whole = ramp
                 .iter()
-                .map(|&s| sigma_to_t(s, &log_table).round_ties_even())
+                .map(|&s| match config.ramp {
+                    Ramp::Karras => sigma_to_t(s, &log_table).round_ties_even(),
+                    _ => sigma_to_t(s, &log_table),
+                })
                 .collect();
             spaced = ramp;
         }
@@ -83,8 +88,8 @@ impl Kdpm2 {
             .collect();
         let mut timesteps = Vec::with_capacity(2 * steps - 1);
         for k in 0..steps {
-            // float32 timesteps unless Karras rounding made them float64 (same values to the UNet).
-            timesteps.push(if config.karras {
+            // float32 timesteps unless a ramp made them float64 (the UNet casts to float32).
+            timesteps.push(if config.ramp != Ramp::Spaced {
                 whole[k]
             } else {
                 whole[k] as f32 as f64

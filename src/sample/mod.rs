@@ -17,6 +17,7 @@ pub mod lms;
 pub mod mask_crop;
 pub mod model_files;
 pub mod pipeline;
+pub mod ramps;
 pub mod sampler_kind;
 pub mod schedule;
 pub mod tcd;

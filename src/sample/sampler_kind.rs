@@ -3,6 +3,7 @@
 //! schedule (EDM models included).
 
 use super::pipeline::Request;
+use super::ramps::Ramp;
 use super::{
     Ddim, Deis, DpmPPSde, DpmSolverPP, DpmSolverSinglestep, EdmConfig, EdmEuler, EulerAncestral,
     EulerDiscrete, Heun, Kdpm2, Lcm, Lms, Sampler, SchedulerClass, SchedulerConfig, Tcd, UniPc,
@@ -12,10 +13,37 @@ use crate::{Error, Result};
 /// Which sigmas a sampler steps on.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Sigmas {
-    /// The scheduler config's (`use_karras_sigmas`, else its timestep spacing).
+    /// The scheduler config's (`use_karras_sigmas`, `use_exponential_sigmas`,
+    /// `use_beta_sigmas`, else its timestep spacing).
     Config,
     /// Karras et al.'s rho-7 ramp.
     Karras,
+    /// Evenly spaced in log sigma (ComfyUI's "exponential").
+    Exponential,
+    /// Beta(0.6, 0.6) quantiles (ComfyUI's "beta").
+    Beta,
+}
+
+impl Sigmas {
+    /// The `--sigmas` word.
+    pub fn name(self) -> &'static str {
+        match self {
+            Sigmas::Config => "config",
+            Sigmas::Karras => "karras",
+            Sigmas::Exponential => "exponential",
+            Sigmas::Beta => "beta",
+        }
+    }
+
+    /// The ramp these sigmas name under `config`.
+    pub fn ramp(self, config: &SchedulerConfig) -> Ramp {
+        match self {
+            Sigmas::Config => config.ramp,
+            Sigmas::Karras => Ramp::Karras,
+            Sigmas::Exponential => Ramp::Exponential,
+            Sigmas::Beta => Ramp::Beta,
+        }
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -117,6 +145,60 @@ impl SamplerKind {
         }
     }
 
+    /// The sigmas this sampler steps on, for those with a choice.
+    pub fn sigmas(self) -> Option<Sigmas> {
+        match self {
+            SamplerKind::Euler(s)
+            | SamplerKind::UniPc(s)
+            | SamplerKind::Heun(s)
+            | SamplerKind::Lms(s)
+            | SamplerKind::DpmPPSde(s)
+            | SamplerKind::Deis(s)
+            | SamplerKind::DpmPP { sigmas: s, .. }
+            | SamplerKind::DpmPPSingle { sigmas: s, .. }
+            | SamplerKind::Dpm2 { sigmas: s, .. } => Some(s),
+            SamplerKind::Auto
+            | SamplerKind::EulerAncestral
+            | SamplerKind::Ddim { .. }
+            | SamplerKind::Lcm
+            | SamplerKind::Tcd { .. } => None,
+        }
+    }
+
+    /// This (resolved) sampler on the ramp `sigmas` (`--sigmas`). Samplers without a choice of
+    /// sigmas, and a `-karras` name asked for another ramp, are errors naming the sampler.
+    pub fn with_sigmas(self, sigmas: Sigmas, config: &SchedulerConfig) -> Result<SamplerKind> {
+        let refuse = |why: &str| {
+            Err(Error::Config(format!(
+                "--sigmas {}: {} {why}",
+                sigmas.name(),
+                self.describe(config)
+            )))
+        };
+        match self.sigmas() {
+            None => refuse(
+                "has no choice of sigmas (Euler, DPM++, UniPC, DEIS, Heun, LMS and DPM2 have)",
+            ),
+            Some(Sigmas::Karras) if sigmas != Sigmas::Karras => {
+                refuse("was asked for by its -karras name")
+            }
+            Some(_) => Ok(match self {
+                SamplerKind::Euler(_) => SamplerKind::Euler(sigmas),
+                SamplerKind::UniPc(_) => SamplerKind::UniPc(sigmas),
+                SamplerKind::Heun(_) => SamplerKind::Heun(sigmas),
+                SamplerKind::Lms(_) => SamplerKind::Lms(sigmas),
+                SamplerKind::DpmPPSde(_) => SamplerKind::DpmPPSde(sigmas),
+                SamplerKind::Deis(_) => SamplerKind::Deis(sigmas),
+                SamplerKind::DpmPP { order, sde, .. } => SamplerKind::DpmPP { order, sde, sigmas },
+                SamplerKind::DpmPPSingle { order, sde, .. } => {
+                    SamplerKind::DpmPPSingle { order, sde, sigmas }
+                }
+                SamplerKind::Dpm2 { ancestral, .. } => SamplerKind::Dpm2 { ancestral, sigmas },
+                other => other,
+            }),
+        }
+    }
+
     /// This sampler with diffusers' pipeline `eta`: DDIM's stochasticity, TCD's gamma. Other
     /// samplers have none, and say so naming the one they are.
     pub fn with_eta(self, eta: f64, config: &SchedulerConfig) -> Result<SamplerKind> {
@@ -130,17 +212,20 @@ impl SamplerKind {
         }
     }
 
-    /// The name A1111 and ComfyUI users know, with " Karras" when it steps on Karras sigmas
-    /// under `config`, and " (EDM)" on an EDM model.
+    /// The name A1111 and ComfyUI users know, with " Karras" (" exponential", " beta") when it
+    /// steps on that ramp under `config`, and " (EDM)" on an EDM model.
     pub fn describe(self, config: &SchedulerConfig) -> String {
         let edm_karras = config.edm.is_some_and(|e| !e.exponential);
-        let karras = |s: Sigmas| s == Sigmas::Karras || config.karras || edm_karras;
+        let karras = |s: Sigmas| match (s.ramp(config), edm_karras) {
+            (_, true) => Ramp::Karras,
+            (ramp, false) => ramp,
+        };
         let (name, k) = match self {
-            SamplerKind::Auto => ("auto".to_string(), false),
+            SamplerKind::Auto => ("auto".to_string(), Ramp::Spaced),
             SamplerKind::Euler(s) => ("Euler".to_string(), karras(s)),
-            SamplerKind::EulerAncestral => ("Euler a".to_string(), false),
-            SamplerKind::Ddim { eta: 0.0 } => ("DDIM".to_string(), false),
-            SamplerKind::Ddim { eta } => (format!("DDIM (eta {eta})"), false),
+            SamplerKind::EulerAncestral => ("Euler a".to_string(), Ramp::Spaced),
+            SamplerKind::Ddim { eta: 0.0 } => ("DDIM".to_string(), Ramp::Spaced),
+            SamplerKind::Ddim { eta } => (format!("DDIM (eta {eta})"), Ramp::Spaced),
             SamplerKind::DpmPP { order, sde, sigmas } => {
                 let sde = if sde { " SDE" } else { "" };
                 let heun = if order == 2 && config.dpm_heun {
@@ -163,8 +248,8 @@ impl SamplerKind {
                 format!("UniPC (bh2, order {})", config.solver_order),
                 karras(s),
             ),
-            SamplerKind::Lcm => ("LCM".to_string(), false),
-            SamplerKind::Tcd { gamma } => (format!("TCD (gamma {gamma})"), false),
+            SamplerKind::Lcm => ("LCM".to_string(), Ramp::Spaced),
+            SamplerKind::Tcd { gamma } => (format!("TCD (gamma {gamma})"), Ramp::Spaced),
             SamplerKind::Heun(s) => ("Heun".to_string(), karras(s)),
             SamplerKind::Lms(s) => ("LMS".to_string(), karras(s)),
             SamplerKind::Dpm2 { ancestral, sigmas } => {
@@ -174,7 +259,10 @@ impl SamplerKind {
             SamplerKind::DpmPPSde(s) => ("DPM++ SDE".to_string(), karras(s)),
             SamplerKind::Deis(s) => (format!("DEIS (order {})", config.solver_order), karras(s)),
         };
-        let name = if k { format!("{name} Karras") } else { name };
+        let name = match k.label() {
+            Some(label) => format!("{name} {label}"),
+            None => name,
+        };
         if config.edm.is_some() {
             format!("{name} (EDM)")
         } else {
@@ -188,18 +276,25 @@ pub(crate) fn build_sampler(
     scheduler: &SchedulerConfig,
     req: &Request,
 ) -> Result<Box<dyn Sampler>> {
-    let karras = |s: Sigmas| s == Sigmas::Karras || scheduler.karras;
-    let with_karras = |s: Sigmas| SchedulerConfig {
-        karras: karras(s),
+    let ramp = |s: Sigmas| s.ramp(scheduler);
+    let with_ramp = |s: Sigmas| SchedulerConfig {
+        ramp: ramp(s),
         ..scheduler.clone()
     };
     let noise = Some(&req.noise);
     let kind = req.sampler.resolve(scheduler)?;
     if let Some(edm) = scheduler.edm {
+        if let Some(s @ (Sigmas::Exponential | Sigmas::Beta)) = kind.sigmas() {
+            return Err(Error::Config(format!(
+                "{} sigmas are not implemented for EDM models (Playground v2.5, CosXL): they \
+                 step on their config's sigma_schedule, or on Karras sigmas with a -karras name",
+                s.name()
+            )));
+        }
         match kind {
             SamplerKind::Euler(s) => {
                 let edm = EdmConfig {
-                    exponential: edm.exponential && !karras(s),
+                    exponential: edm.exponential && s != Sigmas::Karras,
                     ..edm
                 };
                 return Ok(Box::new(EdmEuler::new(
@@ -223,13 +318,7 @@ pub(crate) fn build_sampler(
         }
     }
     Ok(match kind {
-        SamplerKind::Euler(s) => {
-            let config = SchedulerConfig {
-                karras: karras(s),
-                ..scheduler.clone()
-            };
-            Box::new(EulerDiscrete::new(&config, req.steps)?)
-        }
+        SamplerKind::Euler(s) => Box::new(EulerDiscrete::new(&with_ramp(s), req.steps)?),
         SamplerKind::EulerAncestral => {
             Box::new(EulerAncestral::new(scheduler, req.steps, &req.noise)?)
         }
@@ -240,36 +329,28 @@ pub(crate) fn build_sampler(
             scheduler,
             req.steps,
             order,
-            karras(sigmas),
+            ramp(sigmas),
             noise.filter(|_| sde),
         )?),
         SamplerKind::DpmPPSingle { order, sde, sigmas } => Box::new(DpmSolverSinglestep::new(
             scheduler,
             req.steps,
             order,
-            karras(sigmas),
+            ramp(sigmas),
             noise.filter(|_| sde),
         )?),
-        SamplerKind::UniPc(s) => Box::new(UniPc::new(scheduler, req.steps, karras(s))?),
+        SamplerKind::UniPc(s) => Box::new(UniPc::new(scheduler, req.steps, ramp(s))?),
         SamplerKind::Lcm => Box::new(Lcm::new(scheduler, req.steps, &req.noise)?),
         SamplerKind::Tcd { gamma } => Box::new(Tcd::new(scheduler, req.steps, gamma, &req.noise)?),
-        SamplerKind::Heun(s) => {
-            let config = SchedulerConfig {
-                karras: karras(s),
-                ..scheduler.clone()
-            };
-            Box::new(Heun::new(&config, req.steps)?)
-        }
-        SamplerKind::Lms(s) => Box::new(Lms::new(&with_karras(s), req.steps)?),
+        SamplerKind::Heun(s) => Box::new(Heun::new(&with_ramp(s), req.steps)?),
+        SamplerKind::Lms(s) => Box::new(Lms::new(&with_ramp(s), req.steps)?),
         SamplerKind::Dpm2 { ancestral, sigmas } => Box::new(Kdpm2::new(
-            &with_karras(sigmas),
+            &with_ramp(sigmas),
             req.steps,
             noise.filter(|_| ancestral),
         )?),
-        SamplerKind::DpmPPSde(s) => {
-            Box::new(DpmPPSde::new(&with_karras(s), req.steps, &req.noise)?)
-        }
-        SamplerKind::Deis(s) => Box::new(Deis::new(scheduler, req.steps, karras(s))?),
+        SamplerKind::DpmPPSde(s) => Box::new(DpmPPSde::new(&with_ramp(s), req.steps, &req.noise)?),
+        SamplerKind::Deis(s) => Box::new(Deis::new(scheduler, req.steps, ramp(s))?),
         SamplerKind::Auto => unreachable!("resolve() names a sampler"),
     })
 }

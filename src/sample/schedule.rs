@@ -4,6 +4,7 @@
 //! training follows `kstyle_ref.alphas_cumprod`, which is float64.
 
 use super::edm::EdmConfig;
+use super::ramps::Ramp;
 use crate::{Error, Result, Tensor};
 use std::path::Path;
 
@@ -80,8 +81,9 @@ pub enum SchedulerClass {
 #[derive(Clone, Debug, PartialEq)]
 pub struct SchedulerConfig {
     pub class: SchedulerClass,
-    /// `use_karras_sigmas`: Euler and DPM++ step on Karras et al.'s sigmas (rho 7).
-    pub karras: bool,
+    /// `use_karras_sigmas`, `use_exponential_sigmas` or `use_beta_sigmas`: the sigma schedulers
+    /// step on that ramp instead of the spaced timesteps' sigmas.
+    pub ramp: Ramp,
     /// `prediction_type`: epsilon or v_prediction.
     pub prediction: Prediction,
     /// `rescale_betas_zero_snr`: the betas rescaled so the last timestep has zero SNR (Lin et
@@ -137,7 +139,7 @@ impl Default for SchedulerConfig {
     fn default() -> Self {
         SchedulerConfig {
             class: SchedulerClass::EulerDiscrete,
-            karras: false,
+            ramp: Ramp::Spaced,
             prediction: Prediction::Epsilon,
             zero_snr: false,
             dpm_sde: false,
@@ -194,11 +196,25 @@ impl SchedulerConfig {
                 )))
             }
         };
-        for flag in ["thresholding", "use_exponential_sigmas", "use_beta_sigmas"] {
-            if v.get(flag).and_then(|b| b.as_bool()) == Some(true) {
-                return Err(bad(format!("`{flag}: true` is not supported")));
-            }
+        if v.get("thresholding").and_then(|b| b.as_bool()) == Some(true) {
+            return Err(bad("`thresholding: true` is not supported".into()));
         }
+        let ramps: Vec<(&str, Ramp)> = [
+            ("use_karras_sigmas", Ramp::Karras),
+            ("use_exponential_sigmas", Ramp::Exponential),
+            ("use_beta_sigmas", Ramp::Beta),
+        ]
+        .into_iter()
+        .filter(|(flag, _)| v.get(*flag).and_then(|b| b.as_bool()) == Some(true))
+        .collect();
+        if ramps.len() > 1 {
+            let flags: Vec<&str> = ramps.iter().map(|(f, _)| *f).collect();
+            return Err(bad(format!(
+                "{} are all true; diffusers allows only one sigma ramp",
+                flags.join(" and ")
+            )));
+        }
+        let ramp = ramps.first().map_or(Ramp::Spaced, |(_, r)| *r);
         let class = match v.get("_class_name").and_then(|s| s.as_str()) {
             None | Some("EulerDiscreteScheduler") => SchedulerClass::EulerDiscrete,
             Some("DDIMScheduler") => SchedulerClass::Ddim,
@@ -350,10 +366,7 @@ impl SchedulerConfig {
             lcm_timestep_scaling: num("timestep_scaling", 10.0),
             clip_sample_opt_in: flag("clip_sample", false).then(|| num("clip_sample_range", 1.0)),
             class,
-            karras: v
-                .get("use_karras_sigmas")
-                .and_then(|b| b.as_bool())
-                .unwrap_or(false),
+            ramp,
             dpm_unsupported,
             num_train_timesteps: train_steps as usize,
             beta_start: num("beta_start", d.beta_start),
@@ -464,13 +477,14 @@ impl SchedulerConfig {
 }
 
 /// The timesteps and VE sigmas (float32, then a final 0) of diffusers' multistep schedulers
-/// (DPMSolverMultistep, UniPCMultistep), which share `set_timesteps`: the config's spacing over
-/// the float32 sigma table, or Karras et al.'s ramp between the table's ends with each sigma's
-/// fractional timestep rounded. `what` names the sampler in errors.
+/// (DPMSolverMultistep, UniPCMultistep, DEIS, singlestep DPM-Solver), which share
+/// `set_timesteps`: the config's spacing over the float32 sigma table, or a [`Ramp`] between the
+/// table's ends with each sigma's fractional timestep rounded (Karras) or truncated by the cast
+/// to int64 (exponential, beta: diffusers rounds only Karras'). `what` names the sampler in errors.
 pub(crate) fn multistep_schedule(
     config: &SchedulerConfig,
     steps: usize,
-    karras: bool,
+    ramp: Ramp,
     what: &str,
 ) -> Result<(Vec<f64>, Vec<f32>)> {
     let n = config.num_train_timesteps;
@@ -484,43 +498,46 @@ pub(crate) fn multistep_schedule(
         .iter()
         .map(|&a| ((1.0 - a) / a).sqrt())
         .collect();
-    let (timesteps, mut sigmas): (Vec<f64>, Vec<f32>) = if karras {
-        let sig = karras_sigmas(table[0] as f64, table[n - 1] as f64, steps);
-        let log_table: Vec<f32> = table.iter().map(|s| s.ln()).collect();
-        let ts = sig
-            .iter()
-            .map(|&s| sigma_to_t(s, &log_table).round_ties_even())
-            .collect();
-        (ts, sig.iter().map(|&s| s as f32).collect())
-    } else {
-        let ts: Vec<f64> = match config.spacing {
-            Spacing::Linspace => (1..=steps)
-                .rev()
-                .map(|i| linspace((n - 1) as f64, steps + 1, i).round_ties_even())
-                .collect(),
-            Spacing::Leading => {
-                let ratio = n / (steps + 1);
-                (1..=steps)
+    let (timesteps, mut sigmas): (Vec<f64>, Vec<f32>) =
+        if let Some(sig) = ramp.sigmas(table[0] as f64, table[n - 1] as f64, steps) {
+            let log_table: Vec<f32> = table.iter().map(|s| s.ln()).collect();
+            let ts = sig
+                .iter()
+                .map(|&s| match ramp {
+                    Ramp::Karras => sigma_to_t(s, &log_table).round_ties_even(),
+                    _ => sigma_to_t(s, &log_table).trunc(),
+                })
+                .collect();
+            (ts, sig.iter().map(|&s| s as f32).collect())
+        } else {
+            let ts: Vec<f64> = match config.spacing {
+                Spacing::Linspace => (1..=steps)
                     .rev()
-                    .map(|i| (i * ratio + config.steps_offset) as f64)
-                    .collect()
+                    .map(|i| linspace((n - 1) as f64, steps + 1, i).round_ties_even())
+                    .collect(),
+                Spacing::Leading => {
+                    let ratio = n / (steps + 1);
+                    (1..=steps)
+                        .rev()
+                        .map(|i| (i * ratio + config.steps_offset) as f64)
+                        .collect()
+                }
+                Spacing::Trailing => {
+                    let ratio = n as f64 / steps as f64;
+                    (0..steps)
+                        .map(|i| (n as f64 - i as f64 * ratio).round_ties_even() - 1.0)
+                        .collect()
+                }
+            };
+            if let Some(&t) = ts.iter().find(|&&t| t < 0.0 || t >= n as f64) {
+                return Err(Error::Config(format!(
+                    "{what} timestep {t} outside the {n}-step schedule ({steps} steps, offset {})",
+                    config.steps_offset
+                )));
             }
-            Spacing::Trailing => {
-                let ratio = n as f64 / steps as f64;
-                (0..steps)
-                    .map(|i| (n as f64 - i as f64 * ratio).round_ties_even() - 1.0)
-                    .collect()
-            }
+            let sig = ts.iter().map(|&t| table[t as usize]).collect();
+            (ts, sig)
         };
-        if let Some(&t) = ts.iter().find(|&&t| t < 0.0 || t >= n as f64) {
-            return Err(Error::Config(format!(
-                "{what} timestep {t} outside the {n}-step schedule ({steps} steps, offset {})",
-                config.steps_offset
-            )));
-        }
-        let sig = ts.iter().map(|&t| table[t as usize]).collect();
-        (ts, sig)
-    };
     sigmas.push(0.0);
     Ok((timesteps, sigmas))
 }
@@ -681,13 +698,7 @@ pub(crate) fn linspace_f32(start: f32, end: f32, n: usize, i: usize) -> f32 {
 
 /// numpy's `linspace(0, stop, num)[i]`: i * (stop / (num - 1)), the last element exactly `stop`.
 pub(crate) fn linspace(stop: f64, num: usize, i: usize) -> f64 {
-    if num == 1 {
-        0.0
-    } else if i == num - 1 {
-        stop
-    } else {
-        i as f64 * (stop / (num - 1) as f64)
-    }
+    super::ramps::np_linspace(0.0, stop, num, i)
 }
 
 /// diffusers' `_sigma_to_t`: the fractional timestep of `sigma` by linear interpolation of the
@@ -719,15 +730,6 @@ pub(crate) fn sigma_to_t_f32(sigma: f32, log_table: &[f32]) -> f64 {
     let (l, h) = (log_table[low], log_table[low + 1]);
     let w = ((l - ls) / (l - h)).clamp(0.0, 1.0);
     ((1.0 - w) * low as f32 + w * (low + 1) as f32) as f64
-}
-
-/// Karras et al.'s rho-7 ramp of `steps` sigmas from `hi` down to `lo`, in float64 as diffusers'
-/// `_convert_to_karras` computes it.
-pub(crate) fn karras_sigmas(lo: f64, hi: f64, steps: usize) -> Vec<f64> {
-    let (lo_r, hi_r) = (lo.powf(1.0 / 7.0), hi.powf(1.0 / 7.0));
-    (0..steps)
-        .map(|i| (hi_r + linspace(1.0, steps, i) * (lo_r - hi_r)).powf(7.0))
-        .collect()
 }
 
 /// The training schedule in float64 (`kstyle_ref.alphas_cumprod`) and what the UNet predicts.

@@ -19,6 +19,7 @@
 //! float32 sigma table. The last step has no corrector (there is no model output after it).
 
 use super::dpmpp::{alpha_sigma, lambda};
+use super::ramps::Ramp;
 use super::schedule::{multistep_schedule, Prediction};
 use super::{Sampler, SchedulerConfig};
 use crate::{Error, Result, Tensor};
@@ -94,7 +95,7 @@ fn solve_f32(mut a: Vec<Vec<f32>>, mut b: Vec<f32>) -> Vec<f32> {
 }
 
 impl UniPc {
-    pub fn new(config: &SchedulerConfig, steps: usize, karras: bool) -> Result<UniPc> {
+    pub fn new(config: &SchedulerConfig, steps: usize, ramp: Ramp) -> Result<UniPc> {
         if !config.dpm_unsupported.is_empty() {
             return Err(Error::Config(format!(
                 "scheduler config: UniPC is implemented with solver_order 1-3 and a final sigma of \
@@ -115,7 +116,7 @@ impl UniPc {
                 )));
             }
         }
-        let (timesteps, sigmas) = multistep_schedule(config, steps, karras, "UniPC")?;
+        let (timesteps, sigmas) = multistep_schedule(config, steps, ramp, "UniPC")?;
         Ok(UniPc {
             order: config.solver_order,
             prediction: config.prediction,

@@ -23,7 +23,7 @@ fn extra(ctx: &Ctx, file: &str) -> PathBuf {
 
 /// The sampler references: (file stem, sampler). `None` runs `--sampler auto` on the scheduler
 /// config the reference stores in its `scheduler_config` metadata, exactly as diffusers saved it.
-const SAMPLER_CASES: [(&str, Option<SamplerKind>); 43] = [
+const SAMPLER_CASES: [(&str, Option<SamplerKind>); 55] = [
     (
         "dpmpp_2m",
         Some(SamplerKind::DpmPP {
@@ -109,6 +109,29 @@ const SAMPLER_CASES: [(&str, Option<SamplerKind>); 43] = [
     ("tcd_gamma_0", Some(SamplerKind::Tcd { gamma: 0.0 })),
     ("vpred_tcd", None),
     ("ddim_eta", None),
+    // The exponential and beta ramps: by name (as --sigmas asks), or from the stored config.
+    ("euler_exponential", None),
+    ("euler_beta", Some(SamplerKind::Euler(Sigmas::Beta))),
+    ("dpmpp_2m_exponential", None),
+    (
+        "dpmpp_2m_beta",
+        Some(SamplerKind::DpmPP {
+            order: 2,
+            sde: false,
+            sigmas: Sigmas::Beta,
+        }),
+    ),
+    ("dpmpp_2s_exponential", None),
+    ("unipc_beta", None),
+    ("deis_beta", Some(SamplerKind::Deis(Sigmas::Beta))),
+    ("heun_beta", None),
+    (
+        "lms_exponential",
+        Some(SamplerKind::Lms(Sigmas::Exponential)),
+    ),
+    ("kdpm2_beta", None),
+    ("kdpm2_a_exponential", None),
+    ("dpmpp_sde_beta", None),
 ];
 
 /// Every sampler reference: the final latents of the whole CFG run from its initial latents.
