@@ -29,7 +29,9 @@
 //! 1.6e-5 (clamped x0 again; 0.33 with std^2 left in the direction term). The exponential and
 //! beta ramps: Euler 1.1e-6 and 6.2e-7, DPM++ 2M 1.1e-6 and 1.4e-6, 2S exponential 1.3e-6, UniPC
 //! beta 1.0e-6, DEIS beta 7.9e-7, Heun beta 4.9e-7, LMS exponential 1.1e-6, DPM2 beta 6.3e-7,
-//! DPM2 a exponential 1.1e-6, DPM++ SDE beta 5.6e-7. All within the fixtures' 1e-4 forward
+//! DPM2 a exponential 1.1e-6, DPM++ SDE beta 5.6e-7; Euler with final_sigmas_type sigma_min
+//! 9.4e-7, Euler Karras between a config's sigma_min and sigma_max 9.6e-7, UniPC exponential
+//! between them 9.8e-7. All within the fixtures' 1e-4 forward
 //! tolerance.
 
 mod common;
@@ -44,7 +46,7 @@ fn every_sampler_final_latents_match_diffusers() {
     let report =
         kstyle::verify::run(&tiny(), Device::Cpu, Some(&["samplers".to_string()])).unwrap();
     assert!(report.failed_cases.is_empty(), "{:?}", report.failed_cases);
-    assert_eq!(report.rows.len(), 55);
+    assert_eq!(report.rows.len(), 58);
     for r in &report.rows {
         eprintln!("{}: relative error {:.3e}", r.tensor, r.error);
         assert!(r.passed, "{} {:e} > {:e}", r.tensor, r.error, r.tolerance);
@@ -159,6 +161,41 @@ fn auto_sampler_follows_the_scheduler_config() {
     );
     let two = config(r#"{"use_karras_sigmas": true, "use_beta_sigmas": true}"#).unwrap_err();
     assert!(two.to_string().contains("only one sigma ramp"), "{two}");
+    // Settings nothing here implements are refused by name, never run as something else.
+    for (json, named) in [
+        (r#"{"trained_betas": [0.1, 0.2]}"#, "trained_betas"),
+        (
+            r#"{"final_sigmas_type": "last"}"#,
+            "final_sigmas_type `last`",
+        ),
+    ] {
+        let err = config(json).unwrap_err().to_string();
+        assert!(err.contains(named), "{err}");
+    }
+    use kstyle::sample::{EulerDiscrete, Heun};
+    let continuous = config(r#"{"timestep_type": "continuous"}"#).unwrap();
+    let err = EulerDiscrete::new(&continuous, 5)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(err.contains("continuous"), "{err}");
+    // Euler's own settings stay Euler's: Heun, built on Euler's schedule, runs to sigma 0 and
+    // ignores sigma_max, as HeunDiscreteScheduler.from_config drops both.
+    let own = config(
+        r#"{"final_sigmas_type": "sigma_min", "use_karras_sigmas": true, "sigma_max": 5.0}"#,
+    )
+    .unwrap();
+    let euler = EulerDiscrete::new(&own, 5).unwrap();
+    let (last, first) = (euler.sigmas()[5], euler.sigmas()[0]);
+    assert!(
+        last > 0.02 && last < 0.04 && (first - 5.0).abs() < 1e-6,
+        "{:?}",
+        euler.sigmas()
+    );
+    let heun = Heun::new(&own, 5).unwrap();
+    assert_eq!(heun.sigmas().last(), Some(&0.0));
+    assert!(heun.sigmas()[0] > 14.0, "{:?}", heun.sigmas());
+    assert!(Heun::new(&continuous, 5).is_ok());
     // --sigmas on a resolved sampler: a ramp for those with sigmas, an error for the others and
     // for a -karras name asked for another ramp.
     let euler = SamplerKind::Euler(Sigmas::Config);
@@ -451,6 +488,9 @@ fn k_diffusion_timesteps_match_diffusers() {
         "kdpm2_beta",
         "kdpm2_a_exponential",
         "dpmpp_sde_beta",
+        "euler_final_sigma_min",
+        "euler_karras_range",
+        "unipc_exponential_range",
     ] {
         let path = tiny().join(format!("../extra/pipeline_{name}.safetensors"));
         let f = SafeTensorsFile::open(&path).unwrap();

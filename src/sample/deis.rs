@@ -46,7 +46,7 @@ impl Deis {
                 config.solver_order
             )));
         }
-        let (timesteps, mut sigmas) = multistep_schedule(config, steps, ramp, "DEIS")?;
+        let (timesteps, mut sigmas) = multistep_schedule(config, steps, ramp, [None; 2], "DEIS")?;
         // The final 0 of the DPM schedule becomes the table's smallest sigma, or the ramp's last.
         let n = sigmas.len();
         sigmas[n - 1] = if ramp != Ramp::Spaced {

@@ -97,7 +97,7 @@ impl DpmSolverPP {
             )));
         }
         let (timesteps, sigmas) = match config.edm {
-            None => multistep_schedule(config, steps, ramp, "DPM-Solver++")?,
+            None => multistep_schedule(config, steps, ramp, [None; 2], "DPM-Solver++")?,
             Some(edm) => {
                 if sde_noise.is_some() && order == 3 {
                     return Err(Error::Config(

@@ -102,7 +102,7 @@ impl DpmSolverSinglestep {
             ..config.clone()
         };
         let (timesteps, sigmas) =
-            multistep_schedule(&linspace, steps, ramp, "singlestep DPM-Solver++")?;
+            multistep_schedule(&linspace, steps, ramp, [None; 2], "singlestep DPM-Solver++")?;
         Ok(DpmSolverSinglestep {
             orders: order_list(order, steps),
             sde: sde_noise.map(NoiseStream::new),

@@ -5,7 +5,7 @@
 use super::ramps::Ramp;
 use super::schedule::{sigma_schedule, sigma_to_t, Prediction, SigmaSchedule, Spacing};
 use super::{Noise, NoiseStream, Sampler, SchedulerConfig};
-use crate::{Result, Tensor};
+use crate::{Error, Result, Tensor};
 
 /// The UNet input scale of VE latents at `sigma`: diffusers divides by (sigma^2 + 1)^0.5
 /// computed on a float32 sigma.
@@ -44,10 +44,20 @@ impl EulerDiscrete {
         } = sigma_schedule(config, steps, false)?;
         // The UNet sees float32 timesteps (fractional for `linspace` spacing).
         let mut timesteps: Vec<f64> = timesteps.iter().map(|&t| t as f32 as f64).collect();
-        if let Some(ramp) = config
-            .ramp
-            .sigmas(sigmas[sigmas.len() - 1], sigmas[0], steps)
-        {
+        let extras = config.euler;
+        if extras.continuous {
+            return Err(Error::Config(
+                "scheduler config: EulerDiscreteScheduler with timestep_type \"continuous\" (the \
+                 UNet sees 0.25 log sigma) is not implemented; an EDM model's folder names \
+                 EDMEulerScheduler"
+                    .into(),
+            ));
+        }
+        let (lo, hi) = (
+            extras.sigma_min.unwrap_or(sigmas[sigmas.len() - 1]),
+            extras.sigma_max.unwrap_or(sigmas[0]),
+        );
+        if let Some(ramp) = config.ramp.sigmas(lo, hi, steps) {
             // A ramp spans the spaced sigmas (not the whole table, unlike DPM++), and each
             // sigma's timestep stays fractional.
             timesteps = ramp
@@ -57,7 +67,14 @@ impl EulerDiscrete {
             sigmas = ramp;
         }
         let mut sigmas: Vec<f64> = sigmas.iter().map(|&s| s as f32 as f64).collect();
-        sigmas.push(0.0);
+        // final_sigmas_type: 0, or the table's smallest sigma in float32.
+        sigmas.push(match extras.final_sigma_min {
+            true => {
+                let a0 = config.sigma_alphas_cumprod_f32()[0];
+                ((1.0 - a0) / a0).sqrt() as f64
+            }
+            false => 0.0,
+        });
         let init_sigma = ve_init_noise_sigma(&sigmas, config.spacing);
         Ok(EulerDiscrete {
             timesteps,
@@ -113,7 +130,7 @@ impl EulerAncestral {
     pub fn new(config: &SchedulerConfig, steps: usize, noise: &Noise) -> Result<EulerAncestral> {
         let plain = SchedulerConfig {
             ramp: Ramp::Spaced,
-            ..config.clone()
+            ..config.without_euler_extras()
         };
         Ok(EulerAncestral {
             euler: EulerDiscrete::new(&plain, steps)?,

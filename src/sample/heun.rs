@@ -27,7 +27,7 @@ pub struct Heun {
 impl Heun {
     pub fn new(config: &SchedulerConfig, steps: usize) -> Result<Heun> {
         config.refuse_zero_snr("HeunDiscreteScheduler")?;
-        let euler = EulerDiscrete::new(config, steps)?;
+        let euler = EulerDiscrete::new(&config.without_euler_extras(), steps)?;
         let (ts, s) = (euler.timesteps(), euler.sigmas());
         let mut timesteps = vec![ts[0]];
         let mut sigmas = vec![s[0]];
@@ -44,6 +44,13 @@ impl Heun {
             clip: config.clip_sample_opt_in,
             pending: None,
         })
+    }
+}
+
+impl Heun {
+    /// The interleaved sigmas, the last 0.
+    pub fn sigmas(&self) -> &[f64] {
+        &self.sigmas
     }
 }
 

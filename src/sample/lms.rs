@@ -33,7 +33,7 @@ impl Lms {
     pub fn new(config: &SchedulerConfig, steps: usize) -> Result<Lms> {
         config.refuse_zero_snr("LMSDiscreteScheduler")?;
         Ok(Lms {
-            euler: EulerDiscrete::new(config, steps)?,
+            euler: EulerDiscrete::new(&config.without_euler_extras(), steps)?,
             prediction: config.prediction,
             slopes: VecDeque::new(),
         })

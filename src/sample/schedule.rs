@@ -132,6 +132,25 @@ pub struct SchedulerConfig {
     /// An EDM model's preconditioning and sigmas (the EDM scheduler classes); None for the
     /// beta-schedule models.
     pub edm: Option<EdmConfig>,
+    /// Settings only EulerDiscreteScheduler (and, for the ramp ends, UniPC) registers: the
+    /// samplers built on Euler's schedule for other classes (Heun, LMS, Euler a) clear them, as
+    /// diffusers' `from_config` drops them for those classes.
+    pub euler: EulerExtras,
+}
+
+/// EulerDiscreteScheduler's own settings beyond the shared ones.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct EulerExtras {
+    /// `final_sigmas_type: "sigma_min"`: the last step lands on the table's smallest sigma
+    /// instead of 0 (DPM-Solver++ and UniPC refuse it).
+    pub final_sigma_min: bool,
+    /// `sigma_min` / `sigma_max` (Euler and UniPC): where a ramp (Karras, exponential, beta) ends
+    /// and starts instead of the spaced schedule's own smallest and largest sigma.
+    pub sigma_min: Option<f64>,
+    pub sigma_max: Option<f64>,
+    /// `timestep_type: "continuous"` (the UNet sees 0.25 log sigma): not implemented, refused
+    /// by Euler.
+    pub continuous: bool,
 }
 
 impl Default for SchedulerConfig {
@@ -161,6 +180,7 @@ impl Default for SchedulerConfig {
             set_alpha_to_one: false,
             clip_sample: None,
             edm: None,
+            euler: EulerExtras::default(),
         }
     }
 }
@@ -198,6 +218,13 @@ impl SchedulerConfig {
         };
         if v.get("thresholding").and_then(|b| b.as_bool()) == Some(true) {
             return Err(bad("`thresholding: true` is not supported".into()));
+        }
+        if v.get("trained_betas").is_some_and(|b| !b.is_null()) {
+            return Err(bad(
+                "`trained_betas` (a listed beta schedule) is not supported: only scaled_linear \
+                 betas from beta_start and beta_end"
+                    .into(),
+            ));
         }
         let ramps: Vec<(&str, Ramp)> = [
             ("use_karras_sigmas", Ramp::Karras),
@@ -276,6 +303,11 @@ impl SchedulerConfig {
             dpm_unsupported.push(format!("algorithm_type: {algorithm}"));
         }
         let final_sigmas = text("final_sigmas_type", "zero");
+        if final_sigmas != "zero" && final_sigmas != "sigma_min" {
+            return Err(bad(format!(
+                "final_sigmas_type `{final_sigmas}` is not one of diffusers' (zero, sigma_min)"
+            )));
+        }
         if final_sigmas != "zero" {
             dpm_unsupported.push(format!("final_sigmas_type: {final_sigmas}"));
         }
@@ -383,8 +415,27 @@ impl SchedulerConfig {
                 .and_then(|b| b.as_bool())
                 .unwrap_or(true)
                 .then(|| num("clip_sample_range", 1.0)),
+            euler: match edm {
+                // The EDM classes' sigma_min / sigma_max are their own schedule's.
+                Some(_) => EulerExtras::default(),
+                None => EulerExtras {
+                    final_sigma_min: final_sigmas == "sigma_min",
+                    sigma_min: v.get("sigma_min").and_then(|x| x.as_f64()),
+                    sigma_max: v.get("sigma_max").and_then(|x| x.as_f64()),
+                    continuous: text("timestep_type", "discrete") == "continuous",
+                },
+            },
             edm,
         })
+    }
+
+    /// This config for a class that registers none of EulerDiscreteScheduler's own settings
+    /// (Heun, LMS, Euler ancestral, built on Euler's schedule).
+    pub(crate) fn without_euler_extras(&self) -> SchedulerConfig {
+        SchedulerConfig {
+            euler: EulerExtras::default(),
+            ..self.clone()
+        }
     }
 
     /// Refuses zero-terminal-SNR betas for `class`, a diffusers scheduler without
@@ -479,12 +530,14 @@ impl SchedulerConfig {
 /// The timesteps and VE sigmas (float32, then a final 0) of diffusers' multistep schedulers
 /// (DPMSolverMultistep, UniPCMultistep, DEIS, singlestep DPM-Solver), which share
 /// `set_timesteps`: the config's spacing over the float32 sigma table, or a [`Ramp`] between the
-/// table's ends with each sigma's fractional timestep rounded (Karras) or truncated by the cast
-/// to int64 (exponential, beta: diffusers rounds only Karras'). `what` names the sampler in errors.
+/// table's ends (or `ends`, [min, max], where given: UniPC's sigma_min / sigma_max) with each
+/// sigma's fractional timestep rounded (Karras) or truncated by the cast to int64 (exponential,
+/// beta: diffusers rounds only Karras'). `what` names the sampler in errors.
 pub(crate) fn multistep_schedule(
     config: &SchedulerConfig,
     steps: usize,
     ramp: Ramp,
+    ends: [Option<f64>; 2],
     what: &str,
 ) -> Result<(Vec<f64>, Vec<f32>)> {
     let n = config.num_train_timesteps;
@@ -498,46 +551,49 @@ pub(crate) fn multistep_schedule(
         .iter()
         .map(|&a| ((1.0 - a) / a).sqrt())
         .collect();
-    let (timesteps, mut sigmas): (Vec<f64>, Vec<f32>) =
-        if let Some(sig) = ramp.sigmas(table[0] as f64, table[n - 1] as f64, steps) {
-            let log_table: Vec<f32> = table.iter().map(|s| s.ln()).collect();
-            let ts = sig
-                .iter()
-                .map(|&s| match ramp {
-                    Ramp::Karras => sigma_to_t(s, &log_table).round_ties_even(),
-                    _ => sigma_to_t(s, &log_table).trunc(),
-                })
-                .collect();
-            (ts, sig.iter().map(|&s| s as f32).collect())
-        } else {
-            let ts: Vec<f64> = match config.spacing {
-                Spacing::Linspace => (1..=steps)
+    let (timesteps, mut sigmas): (Vec<f64>, Vec<f32>) = if let Some(sig) = ramp.sigmas(
+        ends[0].unwrap_or(table[0] as f64),
+        ends[1].unwrap_or(table[n - 1] as f64),
+        steps,
+    ) {
+        let log_table: Vec<f32> = table.iter().map(|s| s.ln()).collect();
+        let ts = sig
+            .iter()
+            .map(|&s| match ramp {
+                Ramp::Karras => sigma_to_t(s, &log_table).round_ties_even(),
+                _ => sigma_to_t(s, &log_table).trunc(),
+            })
+            .collect();
+        (ts, sig.iter().map(|&s| s as f32).collect())
+    } else {
+        let ts: Vec<f64> = match config.spacing {
+            Spacing::Linspace => (1..=steps)
+                .rev()
+                .map(|i| linspace((n - 1) as f64, steps + 1, i).round_ties_even())
+                .collect(),
+            Spacing::Leading => {
+                let ratio = n / (steps + 1);
+                (1..=steps)
                     .rev()
-                    .map(|i| linspace((n - 1) as f64, steps + 1, i).round_ties_even())
-                    .collect(),
-                Spacing::Leading => {
-                    let ratio = n / (steps + 1);
-                    (1..=steps)
-                        .rev()
-                        .map(|i| (i * ratio + config.steps_offset) as f64)
-                        .collect()
-                }
-                Spacing::Trailing => {
-                    let ratio = n as f64 / steps as f64;
-                    (0..steps)
-                        .map(|i| (n as f64 - i as f64 * ratio).round_ties_even() - 1.0)
-                        .collect()
-                }
-            };
-            if let Some(&t) = ts.iter().find(|&&t| t < 0.0 || t >= n as f64) {
-                return Err(Error::Config(format!(
-                    "{what} timestep {t} outside the {n}-step schedule ({steps} steps, offset {})",
-                    config.steps_offset
-                )));
+                    .map(|i| (i * ratio + config.steps_offset) as f64)
+                    .collect()
             }
-            let sig = ts.iter().map(|&t| table[t as usize]).collect();
-            (ts, sig)
+            Spacing::Trailing => {
+                let ratio = n as f64 / steps as f64;
+                (0..steps)
+                    .map(|i| (n as f64 - i as f64 * ratio).round_ties_even() - 1.0)
+                    .collect()
+            }
         };
+        if let Some(&t) = ts.iter().find(|&&t| t < 0.0 || t >= n as f64) {
+            return Err(Error::Config(format!(
+                "{what} timestep {t} outside the {n}-step schedule ({steps} steps, offset {})",
+                config.steps_offset
+            )));
+        }
+        let sig = ts.iter().map(|&t| table[t as usize]).collect();
+        (ts, sig)
+    };
     sigmas.push(0.0);
     Ok((timesteps, sigmas))
 }

@@ -116,7 +116,13 @@ impl UniPc {
                 )));
             }
         }
-        let (timesteps, sigmas) = multistep_schedule(config, steps, ramp, "UniPC")?;
+        let (timesteps, sigmas) = multistep_schedule(
+            config,
+            steps,
+            ramp,
+            [config.euler.sigma_min, config.euler.sigma_max],
+            "UniPC",
+        )?;
         Ok(UniPc {
             order: config.solver_order,
             prediction: config.prediction,

@@ -23,7 +23,7 @@ fn extra(ctx: &Ctx, file: &str) -> PathBuf {
 
 /// The sampler references: (file stem, sampler). `None` runs `--sampler auto` on the scheduler
 /// config the reference stores in its `scheduler_config` metadata, exactly as diffusers saved it.
-const SAMPLER_CASES: [(&str, Option<SamplerKind>); 55] = [
+const SAMPLER_CASES: [(&str, Option<SamplerKind>); 58] = [
     (
         "dpmpp_2m",
         Some(SamplerKind::DpmPP {
@@ -132,6 +132,10 @@ const SAMPLER_CASES: [(&str, Option<SamplerKind>); 55] = [
     ("kdpm2_beta", None),
     ("kdpm2_a_exponential", None),
     ("dpmpp_sde_beta", None),
+    // Euler's final_sigmas_type sigma_min; Euler's and UniPC's sigma_min / sigma_max ramp ends.
+    ("euler_final_sigma_min", None),
+    ("euler_karras_range", None),
+    ("unipc_exponential_range", None),
 ];
 
 /// Every sampler reference: the final latents of the whole CFG run from its initial latents.
