@@ -121,8 +121,9 @@ fn inpainting_runs_with_four_and_nine_channel_unets() {
 
 /// `--mask-crop`: the run equals inpainting the cropped and filled picture and mask as files
 /// of their own, then compositing that result over the original (the library's overlay), byte
-/// for byte; the PNG has the picture's own size, unmasked pixels are the original's; a mask of
-/// another size, a black mask and `--mask-crop` without `--mask` are refused.
+/// for byte; the PNG has the picture's own size, unmasked pixels are the original's; `--mask-blur`
+/// is the same as a mask blurred beforehand; a mask of another size, a black mask and
+/// `--mask-crop` without `--mask` are refused.
 #[test]
 fn mask_crop_inpaints_the_region_and_composites_it() {
     use kstyle::sample::mask_crop::{crop, crop_region, fill_resize, overlay};
@@ -200,6 +201,37 @@ fn mask_crop_inpaints_the_region_and_composites_it() {
         }
     }
     assert!(changed > 0, "nothing was repainted");
+
+    // --mask-blur: the same as a mask file blurred beforehand (diffusers' mask_processor.blur),
+    // and a softer composite than the sharp mask's.
+    let blurred = dir.join("blurred.png");
+    let soft_mask = kstyle::image::blur::gaussian_blur_rgb(&mask_rgb, 3.0).unwrap();
+    soft_mask.save(&blurred).unwrap();
+    let run_crop = |name: &str, mask: &std::path::Path, extra: &[&str]| {
+        let out = dir.join(name);
+        let mut args = vec!["--image", img, "--mask", mask.to_str().unwrap()];
+        args.extend_from_slice(&["--mask-crop", "6", "--seed", "3"]);
+        args.extend_from_slice(extra);
+        let o = common::generate_house(&four, &out, &args);
+        assert!(o.status.success(), "{name}: {}", common::stderr(&o));
+        std::fs::read(out).unwrap()
+    };
+    let by_flag = run_crop("blur-flag.png", &mask, &["--mask-blur", "3"]);
+    let by_file = run_crop("blur-file.png", &blurred, &[]);
+    assert!(
+        by_flag == by_file,
+        "--mask-blur differs from a pre-blurred mask"
+    );
+    assert!(
+        by_flag != std::fs::read(&out).unwrap(),
+        "the blur changed nothing"
+    );
+    let o = common::generate_house(
+        &four,
+        &dir.join("x.png"),
+        &["--image", img, "--mask", m, "--mask-blur", "-2"],
+    );
+    common::assert_fails_naming(&o, "--mask-blur");
 
     let small = dir.join("small-mask.png");
     image::imageops::crop_imm(&mask_rgb, 0, 0, 100, 77)

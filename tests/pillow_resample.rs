@@ -7,27 +7,14 @@
 //! `pillow_box_sweep` does the same for resizes of a region (`box=`), including zero-extent boxes:
 //! `tests/data/pillow_box_sweep.json`, 400 cases from
 //! `python scripts/dev/pillow_xcheck.py tests/data/pillow_box_sweep.json 400 --box`.
+//! `pillow_blur_sweep` checks `ImageFilter.GaussianBlur` (diffusers' mask blur) the same way:
+//! `tests/data/pillow_blur_sweep.json`, 300 cases from
+//! `python scripts/dev/pillow_xcheck.py tests/data/pillow_blur_sweep.json 300 --blur`.
 
+use kstyle::image::blur::gaussian_blur_u8;
 use kstyle::image::resample::{resize_box_u8, resize_u8, Filter};
+use kstyle::verify::sweep::{fnv1a, lcg_bytes};
 use Filter::{Bicubic, Bilinear, Lanczos};
-
-fn lcg_bytes(n: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed;
-    (0..n)
-        .map(|_| {
-            x = x
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            (x >> 33) as u8
-        })
-        .collect()
-}
-
-fn fnv1a(bytes: &[u8]) -> u64 {
-    bytes.iter().fold(0xcbf29ce484222325u64, |h, &v| {
-        (h ^ v as u64).wrapping_mul(0x100000001b3)
-    })
-}
 
 fn seed(w: usize, h: usize, c: usize, ow: usize, oh: usize) -> u64 {
     (w * 1_000_003 + h * 1009 + ow * 31 + oh + c) as u64
@@ -141,4 +128,37 @@ fn sweep(path: &str) {
         cases.len()
     );
     assert!(bad.is_empty(), "{} differ: {bad:#?}", bad.len());
+}
+
+#[test]
+fn pillow_blur_sweep() {
+    let path = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/data/pillow_blur_sweep.json"
+    );
+    let cases: Vec<serde_json::Value> =
+        serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    let mut bad = Vec::new();
+    for c in &cases {
+        let g = |k: &str| c[k].as_u64().unwrap() as usize;
+        let (w, h, ch) = (g("w"), g("h"), g("c"));
+        let seed = (w * 1_000_003 + h * 1009 + ch) as u64;
+        assert_eq!(c["seed"].as_u64().unwrap(), seed);
+        let radius = c["radius"].as_f64().unwrap() as f32;
+        let out = gaussian_blur_u8(&lcg_bytes(w * h * ch, seed), w, h, ch, radius).unwrap();
+        let want = u64::from_str_radix(c["fnv"].as_str().unwrap(), 16).unwrap();
+        if fnv1a(&out) != want {
+            bad.push(c.to_string());
+        }
+    }
+    assert!(cases.len() >= 300);
+    assert!(
+        bad.is_empty(),
+        "{} of {} differ: {bad:#?}",
+        bad.len(),
+        cases.len()
+    );
+    for bad_radius in [-1.0, f32::NAN, f32::INFINITY] {
+        assert!(gaussian_blur_u8(&[0; 3], 1, 1, 3, bad_radius).is_err());
+    }
 }

@@ -1,10 +1,12 @@
 # Throwaway cross-check of src/image/resample.rs against Pillow (the Rust code is not derived from
 # this). Inputs come from a 64-bit LCG both sides can reproduce; outputs are compared by FNV-1a 64.
-# usage: python pillow_xcheck.py OUT.json [N_RANDOM] [--box]
+# usage: python pillow_xcheck.py OUT.json [N_RANDOM] [--box | --blur]
 # With --box every random case resizes a region of the source (`Image.resize(size, f, box=...)`):
 # whole-pixel, quarter-pixel and zero-extent boxes (what diffusers' "fill" resize uses).
+# With --blur every random case is `im.filter(ImageFilter.GaussianBlur(radius))` instead (what
+# diffusers' `VaeImageProcessor.blur` runs): whole, fractional and large radii; ow, oh unused.
 import json, random, sys
-from PIL import Image
+from PIL import Image, ImageFilter
 
 FILTERS = {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR, "lanczos": Image.LANCZOS}
 M = (1 << 64) - 1
@@ -32,6 +34,13 @@ def case(w, h, c, ow, oh, f, box=None):
         row["box"] = list(box)
     return row
 
+def blur_case(w, h, c, radius):
+    seed = w * 1_000_003 + h * 1009 + c
+    mode = {1: "L", 3: "RGB"}[c]
+    im = Image.frombytes(mode, (w, h), lcg_bytes(w * h * c, seed))
+    out = im.filter(ImageFilter.GaussianBlur(radius)).tobytes()
+    return dict(w=w, h=h, c=c, radius=radius, seed=seed, fnv=f"{fnv1a(out):016x}")
+
 def random_span(rng, size):
     """A [a, b] inside [0, size]: whole pixels, quarter pixels, or zero extent at some point."""
     kind = rng.choice(["whole", "quarter", "empty"])
@@ -55,11 +64,14 @@ fixed = [(128, 128, 3, 64, 64, "bicubic"), (80, 96, 3, 64, 76, "bicubic"), (96, 
          (16, 159, 3, 53, 128, "bilinear"), (90, 40, 3, 74, 7, "lanczos"),
          # ... and horizontal first on the boundary.
          (60, 60, 1, 33, 6, "bicubic"), (90, 40, 3, 74, 8, "lanczos"), (100, 200, 3, 64, 128, "bicubic")]
-boxes = "--box" in sys.argv
-args = [a for a in sys.argv[1:] if a != "--box"]
-cases = [] if boxes else [case(*a) for a in fixed]
-rng = random.Random(11 if boxes else 7)
-for _ in range(int(args[1]) if len(args) > 1 else 0):
+boxes, blurs = "--box" in sys.argv, "--blur" in sys.argv
+args = [a for a in sys.argv[1:] if a not in ("--box", "--blur")]
+cases = [] if boxes or blurs else [case(*a) for a in fixed]
+rng = random.Random(13 if blurs else 11 if boxes else 7)
+for _ in range(int(args[1]) if len(args) > 1 and blurs else 0):
+    radius = rng.choice([0, 0.5, 1, 2, 4, 33, round(rng.uniform(0, 20), 3), round(rng.uniform(0, 3), 3)])
+    cases.append(blur_case(rng.randint(1, 120), rng.randint(1, 120), rng.choice([1, 3]), radius))
+for _ in range(int(args[1]) if len(args) > 1 and not blurs else 0):
     w, h = rng.randint(1, 160), rng.randint(1, 160)
     ow, oh = rng.randint(1, 200), rng.randint(1, 200)
     box = None

@@ -76,6 +76,11 @@ pub struct Args {
     /// the picture's own size. Picture and mask must be the same size.
     #[arg(long, value_name = "PAD", requires = "mask")]
     pub mask_crop: Option<usize>,
+    /// With --mask: blur the mask first, as diffusers' `mask_processor.blur(mask, RADIUS)`
+    /// (Pillow's GaussianBlur): soft edges for the --mask-crop composite, and a slightly grown
+    /// or shrunk repainted region (the pipeline binarises the mask at half grey).
+    #[arg(long, value_name = "RADIUS", requires = "mask", allow_negative_numbers = true)]
+    pub mask_blur: Option<f32>,
     /// With --image: how much of the schedule runs, 0 to 1 (floor(steps x strength) steps; 1
     /// repaints from full noise level, low values keep the picture). diffusers' defaults: 0.3,
     /// and 0.9999 with --mask (at 1, inpainting starts from noise alone).
@@ -443,6 +448,12 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
         .as_deref()
         .map(kstyle::image::io::load_rgb_upright)
         .transpose()?;
+    let mask_picture = match (mask_picture, a.mask_blur) {
+        (Some(m), Some(radius)) => {
+            Some(kstyle::image::blur::gaussian_blur_rgb(&m, radius).context("--mask-blur")?)
+        }
+        (m, _) => m,
+    };
     let input = match &a.image {
         Some(path) => {
             let img = kstyle::image::io::load_rgb_upright(path)?;

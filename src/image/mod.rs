@@ -1,5 +1,6 @@
-//! 8-bit image handling: Pillow-exact resampling, file I/O, labelled grids.
+//! 8-bit image handling: Pillow-exact resampling and blur, file I/O, labelled grids.
 
+pub mod blur;
 pub mod font;
 pub mod grid;
 pub mod io;

@@ -5,6 +5,7 @@
 //! from the processed inputs through the final latents to the composited picture.
 
 use super::extra_cases::{inpaint9_unet, stored_rgb, EXTRA};
+use super::sweep::{fnv1a, lcg_bytes};
 use super::{Checker, Ctx, Row};
 use crate::autograd::no_grad;
 use crate::sample::mask_crop::{
@@ -16,25 +17,6 @@ use crate::tensor::SafeTensorsFile;
 use crate::{DType, Error, Result, Tensor};
 use image::RgbImage;
 use sha2::{Digest, Sha256};
-
-/// The bytes `scripts/dev/pillow_xcheck.py`'s LCG draws (the generator's source pictures).
-fn lcg_bytes(n: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed;
-    (0..n)
-        .map(|_| {
-            x = x
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            (x >> 33) as u8
-        })
-        .collect()
-}
-
-fn fnv1a(bytes: &[u8]) -> u64 {
-    bytes.iter().fold(0xcbf29ce484222325u64, |h, &v| {
-        (h ^ v as u64).wrapping_mul(0x100000001b3)
-    })
-}
 
 /// Rows of an (N, k) int64 table.
 fn table(f: &SafeTensorsFile, name: &str) -> Result<Vec<Vec<i64>>> {

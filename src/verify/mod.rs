@@ -8,6 +8,7 @@ pub mod extra_cases;
 mod layer_cases;
 mod mask_crop_case;
 mod pipeline_case;
+pub mod sweep;
 mod train_cases;
 mod unet_cases;
 mod vae_cases;
