@@ -138,8 +138,8 @@ fn eval_writes_table_json_and_grid_and_rescoring_agrees() {
 }
 
 /// Images already in --out are reused only for the same model, files, settings and prompts
-/// (`<method>/generated.json` records them): another --steps, --clip-skip, --vae-tiling or
-/// --vae, or a folder of images without a record, is refused by name before anything is
+/// (`<method>/generated.json` records them): another --steps, --sampler, --sigmas, --clip-skip,
+/// --vae-tiling or --vae, or a folder of images without a record, is refused by name before anything is
 /// written; more seeds add only the missing images.
 #[test]
 fn eval_reuses_images_only_for_the_same_settings() {
@@ -183,7 +183,15 @@ fn eval_reuses_images_only_for_the_same_settings() {
     );
 
     let vae = tiny().join("sdxl/vae");
-    let changed: [(&[&str], &str); 4] = [
+    let changed: [(&[&str], &str); 6] = [
+        (
+            &["--steps", "1", "--seeds", "2", "--sampler", "dpmpp-2m"],
+            "sampler",
+        ),
+        (
+            &["--steps", "1", "--seeds", "2", "--sigmas", "beta"],
+            "sampler",
+        ),
         (&["--steps", "2", "--seeds", "2"], "steps"),
         (
             &["--steps", "1", "--seeds", "2", "--vae-tiling"],
@@ -227,4 +235,71 @@ fn eval_reuses_images_only_for_the_same_settings() {
     std::fs::remove_file(out.join("vanilla/generated.json")).unwrap();
     let o = run(&base);
     common::assert_fails_naming(&o, "generated.json");
+}
+
+/// `eval --sampler --sigmas` makes the picture `generate` makes with the same seed and settings,
+/// byte for byte, for a deterministic and an ancestral sampler (whose step noise follows the
+/// image's seed in both).
+#[test]
+fn eval_images_are_the_pictures_generate_makes() {
+    let dir = tmp("eval-sampler");
+    let (model, clip) = (tiny().join("sdxl"), tiny().join("clip"));
+    let lpips = tiny().join("reference/lpips_alex.safetensors");
+    let prompts = dir.join("prompts.tsv");
+    std::fs::write(&prompts, "architecture\tgeneric\ta palace\n").unwrap();
+    for (i, sampler) in [&["dpmpp-2m", "--sigmas", "beta"][..], &["euler-a"][..]]
+        .iter()
+        .enumerate()
+    {
+        let out = dir.join(format!("eval{i}"));
+        let mut args = vec![
+            "eval",
+            "--model",
+            model.to_str().unwrap(),
+            "--clip",
+            clip.to_str().unwrap(),
+            "--lpips",
+            lpips.to_str().unwrap(),
+            "--prompts",
+            prompts.to_str().unwrap(),
+            "--size",
+            "64",
+            "--steps",
+            "3",
+            "--seeds",
+            "2",
+            "--out",
+            out.to_str().unwrap(),
+            "--sampler",
+        ];
+        args.extend_from_slice(sampler);
+        let o = kstyle(&args);
+        assert!(o.status.success(), "{}", common::stderr(&o));
+        let png = dir.join(format!("gen{i}.png"));
+        let mut gen = vec![
+            "generate",
+            "--model",
+            model.to_str().unwrap(),
+            "--prompt",
+            "a palace",
+            "--steps",
+            "3",
+            "--width",
+            "64",
+            "--height",
+            "64",
+            "--seed",
+            "1",
+            "--out",
+            png.to_str().unwrap(),
+            "--sampler",
+        ];
+        gen.extend_from_slice(sampler);
+        let o = kstyle(&gen);
+        assert!(o.status.success(), "{}", common::stderr(&o));
+        assert!(
+            std::fs::read(out.join("vanilla/p000-s1.png")).unwrap() == std::fs::read(&png).unwrap(),
+            "{sampler:?}: eval's picture differs from generate's"
+        );
+    }
 }

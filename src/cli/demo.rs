@@ -11,6 +11,7 @@ use kstyle::eval::runner::{run_eval, EvalConfig, GenerateSettings};
 use kstyle::formats::adapter::Method;
 use kstyle::models::unet::CheckpointPolicy;
 use kstyle::nn::lora::LoraConfig;
+use kstyle::sample::pipeline::{SamplerKind, Sigmas};
 use kstyle::train::concepts::default_concepts;
 use kstyle::train::data::CaptionSource;
 use kstyle::train::optim::LrSchedule;
@@ -166,6 +167,8 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
             vae: None,
             clip_skip: 0,
             vae_tiling: false,
+            sampler: SamplerKind::Euler(Sigmas::Config),
+            sigmas: Sigmas::Config,
         }),
     };
     let results = run_eval(&eval, None, &mut |_| {})?;

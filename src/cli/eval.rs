@@ -53,6 +53,13 @@ pub struct Args {
     /// Tiled VAE decoding (as `generate --vae-tiling`).
     #[arg(long, conflicts_with = "images")]
     pub vae_tiling: bool,
+    /// The sampler (as `generate --sampler`; `auto`: the model's scheduler config). Each image
+    /// is the one `generate` makes with the same seed and settings.
+    #[arg(long, value_enum, default_value = "euler", conflicts_with = "images")]
+    pub sampler: super::generate::SamplerArg,
+    /// The sigma ramp (as `generate --sigmas`).
+    #[arg(long, value_enum, default_value = "config", conflicts_with = "images")]
+    pub sigmas: super::generate::SigmasArg,
     /// Score the images of a previous run's output folder instead of generating.
     #[arg(long, conflicts_with_all = ["model", "adapters"])]
     pub images: Option<PathBuf>,
@@ -91,6 +98,8 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
         vae: a.vae.clone(),
         clip_skip: a.clip_skip,
         vae_tiling: a.vae_tiling,
+        sampler: a.sampler.kind(),
+        sigmas: a.sigmas.sigmas(),
     });
     let cfg = EvalConfig {
         clip: a.clip.clone(),

@@ -79,7 +79,12 @@ pub struct Args {
     /// With --mask: blur the mask first, as diffusers' `mask_processor.blur(mask, RADIUS)`
     /// (Pillow's GaussianBlur): soft edges for the --mask-crop composite, and a slightly grown
     /// or shrunk repainted region (the pipeline binarises the mask at half grey).
-    #[arg(long, value_name = "RADIUS", requires = "mask", allow_negative_numbers = true)]
+    #[arg(
+        long,
+        value_name = "RADIUS",
+        requires = "mask",
+        allow_negative_numbers = true
+    )]
     pub mask_blur: Option<f32>,
     /// With --image: how much of the schedule runs, 0 to 1 (floor(steps x strength) steps; 1
     /// repaints from full noise level, low values keep the picture). diffusers' defaults: 0.3,
@@ -211,6 +216,17 @@ pub enum SigmasArg {
     Beta,
 }
 
+impl SigmasArg {
+    pub(crate) fn sigmas(self) -> Sigmas {
+        match self {
+            SigmasArg::Config => Sigmas::Config,
+            SigmasArg::Karras => Sigmas::Karras,
+            SigmasArg::Exponential => Sigmas::Exponential,
+            SigmasArg::Beta => Sigmas::Beta,
+        }
+    }
+}
+
 #[derive(Clone, Copy, Debug, clap::ValueEnum)]
 pub enum DTypeArg {
     F32,
@@ -333,7 +349,7 @@ pub enum SamplerArg {
 }
 
 impl SamplerArg {
-    fn kind(self) -> SamplerKind {
+    pub(crate) fn kind(self) -> SamplerKind {
         let dpm = |order, sde, sigmas| SamplerKind::DpmPP { order, sde, sigmas };
         let dpm2 = |ancestral, sigmas| SamplerKind::Dpm2 { ancestral, sigmas };
         let single = |order, sde, sigmas| SamplerKind::DpmPPSingle { order, sde, sigmas };
@@ -631,9 +647,7 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
     let sampler = req.sampler.resolve(&pipe.scheduler)?;
     let sampler = match a.sigmas {
         SigmasArg::Config => sampler,
-        SigmasArg::Karras => sampler.with_sigmas(Sigmas::Karras, &pipe.scheduler)?,
-        SigmasArg::Exponential => sampler.with_sigmas(Sigmas::Exponential, &pipe.scheduler)?,
-        SigmasArg::Beta => sampler.with_sigmas(Sigmas::Beta, &pipe.scheduler)?,
+        s => sampler.with_sigmas(s.sigmas(), &pipe.scheduler)?,
     };
     let sampler = match a.eta {
         Some(eta) => sampler.with_eta(eta, &pipe.scheduler).context("--eta")?,

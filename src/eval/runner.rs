@@ -48,6 +48,22 @@ pub struct GenerateSettings {
     pub clip_skip: usize,
     /// Tiled VAE decoding (see `AutoencoderKL::tiling`).
     pub vae_tiling: bool,
+    /// The sampler (`Auto`: the model's scheduler config's) and its sigma ramp (`Config`: the
+    /// sampler's own), as `generate --sampler --sigmas`.
+    pub sampler: SamplerKind,
+    pub sigmas: Sigmas,
+}
+
+impl GenerateSettings {
+    /// The sampler as the record names it: "euler" for the default (Euler on the config's
+    /// sigmas, what every earlier record means), else the request spelt out.
+    fn sampler_record(&self) -> String {
+        match (self.sampler, self.sigmas) {
+            (SamplerKind::Euler(Sigmas::Config), Sigmas::Config) => "euler".into(),
+            (kind, Sigmas::Config) => format!("{kind:?}"),
+            (kind, s) => format!("{kind:?} on {} sigmas", s.name()),
+        }
+    }
 }
 
 pub fn image_path(dir: &Path, method: &str, prompt: usize, seed: u64) -> PathBuf {
@@ -111,7 +127,7 @@ fn generation_record(
         "steps": g.steps,
         "guidance": g.guidance,
         "size": g.size,
-        "sampler": "euler",
+        "sampler": g.sampler_record(),
         "prompts": cfg.prompts.iter().map(|p| p.text.as_str()).collect::<Vec<_>>(),
     })
 }
@@ -200,6 +216,14 @@ fn generate_all(
         let mut pipe = SdxlPipeline::load(&opts)?;
         pipe.set_clip_skip(g.clip_skip)?;
         pipe.vae.tiling = g.vae_tiling;
+        let sampler = g.sampler.resolve(&pipe.scheduler)?;
+        let sampler = match g.sigmas {
+            Sigmas::Config => sampler,
+            s => sampler.with_sigmas(s, &pipe.scheduler)?,
+        };
+        if adapter.is_none() {
+            log(&format!("sampler: {}", sampler.describe(&pipe.scheduler)));
+        }
         // Once: every method reads the same tokenizers.
         for (pi, p) in cfg.prompts.iter().enumerate().filter(|_| adapter.is_none()) {
             if let Some(cut) = pipe.truncated(&p.text)? {
@@ -224,8 +248,9 @@ fn generate_all(
                     guidance_rescale: 0.0,
                     width: g.size,
                     height: g.size,
-                    sampler: SamplerKind::Euler(Sigmas::Config),
-                    noise: crate::sample::Noise::default(),
+                    sampler,
+                    // As `generate` seeds an image's step noise.
+                    noise: crate::sample::Noise::Seed(seed ^ 0x5EED_A0CE_5757_0001),
                     denoising_end: None,
                     micro: Default::default(),
                 };
