@@ -144,30 +144,9 @@ fn eval_writes_table_json_and_grid_and_rescoring_agrees() {
 #[test]
 fn eval_reuses_images_only_for_the_same_settings() {
     let dir = tmp("eval-record");
-    let (model, clip) = (tiny().join("sdxl"), tiny().join("clip"));
-    let lpips = tiny().join("reference/lpips_alex.safetensors");
-    let prompts = dir.join("prompts.tsv");
-    std::fs::write(&prompts, "architecture\tgeneric\ta palace\n").unwrap();
+    let prompts = one_prompt(&dir);
     let out = dir.join("eval");
-    let run = |extra: &[&str]| {
-        let mut args = vec![
-            "eval",
-            "--model",
-            model.to_str().unwrap(),
-            "--clip",
-            clip.to_str().unwrap(),
-            "--lpips",
-            lpips.to_str().unwrap(),
-            "--prompts",
-            prompts.to_str().unwrap(),
-            "--size",
-            "64",
-            "--out",
-            out.to_str().unwrap(),
-        ];
-        args.extend_from_slice(extra);
-        kstyle(&args)
-    };
+    let run = |extra: &[&str]| eval_tiny_64(&prompts, &out, extra);
     let base = ["--steps", "1", "--seeds", "2"];
     let o = run(&base);
     assert!(o.status.success(), "{}", common::stderr(&o));
@@ -243,37 +222,15 @@ fn eval_reuses_images_only_for_the_same_settings() {
 #[test]
 fn eval_images_are_the_pictures_generate_makes() {
     let dir = tmp("eval-sampler");
-    let (model, clip) = (tiny().join("sdxl"), tiny().join("clip"));
-    let lpips = tiny().join("reference/lpips_alex.safetensors");
-    let prompts = dir.join("prompts.tsv");
-    std::fs::write(&prompts, "architecture\tgeneric\ta palace\n").unwrap();
+    let prompts = one_prompt(&dir);
+    let model = tiny().join("sdxl");
     for (i, sampler) in [&["dpmpp-2m", "--sigmas", "beta"][..], &["euler-a"][..]]
         .iter()
         .enumerate()
     {
         let out = dir.join(format!("eval{i}"));
-        let mut args = vec![
-            "eval",
-            "--model",
-            model.to_str().unwrap(),
-            "--clip",
-            clip.to_str().unwrap(),
-            "--lpips",
-            lpips.to_str().unwrap(),
-            "--prompts",
-            prompts.to_str().unwrap(),
-            "--size",
-            "64",
-            "--steps",
-            "3",
-            "--seeds",
-            "2",
-            "--out",
-            out.to_str().unwrap(),
-            "--sampler",
-        ];
-        args.extend_from_slice(sampler);
-        let o = kstyle(&args);
+        let args = [&["--steps", "3", "--seeds", "2", "--sampler"][..], sampler].concat();
+        let o = eval_tiny_64(&prompts, &out, &args);
         assert!(o.status.success(), "{}", common::stderr(&o));
         let png = dir.join(format!("gen{i}.png"));
         let mut gen = vec![
@@ -302,4 +259,38 @@ fn eval_images_are_the_pictures_generate_makes() {
             "{sampler:?}: eval's picture differs from generate's"
         );
     }
+}
+
+/// A prompt set of one generic prompt, "a palace", in `dir`.
+fn one_prompt(dir: &std::path::Path) -> std::path::PathBuf {
+    let prompts = dir.join("prompts.tsv");
+    std::fs::write(&prompts, "architecture\tgeneric\ta palace\n").unwrap();
+    prompts
+}
+
+/// `kstyle eval` of the tiny model at 64 px with `prompts` into `out`, plus `extra`.
+fn eval_tiny_64(
+    prompts: &std::path::Path,
+    out: &std::path::Path,
+    extra: &[&str],
+) -> std::process::Output {
+    let (model, clip) = (tiny().join("sdxl"), tiny().join("clip"));
+    let lpips = tiny().join("reference/lpips_alex.safetensors");
+    let mut args = vec![
+        "eval",
+        "--model",
+        model.to_str().unwrap(),
+        "--clip",
+        clip.to_str().unwrap(),
+        "--lpips",
+        lpips.to_str().unwrap(),
+        "--prompts",
+        prompts.to_str().unwrap(),
+        "--size",
+        "64",
+        "--out",
+        out.to_str().unwrap(),
+    ];
+    args.extend_from_slice(extra);
+    kstyle(&args)
 }

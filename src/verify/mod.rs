@@ -8,6 +8,7 @@ pub mod extra_cases;
 mod layer_cases;
 mod mask_crop_case;
 mod pipeline_case;
+mod sampler_cases;
 pub mod sweep;
 mod train_cases;
 mod unet_cases;
@@ -184,7 +185,7 @@ pub fn cases() -> Vec<(&'static str, &'static str, CaseFn)> {
         (
             "samplers",
             "../../extra/pipeline_dpmpp_2m.safetensors",
-            extra_cases::samplers,
+            sampler_cases::samplers,
         ),
         (
             "img2img",
