@@ -243,9 +243,15 @@ fn mask_crop_inpaints_the_region_and_composites_it() {
     for (bad_mask, named) in [
         (&small, "small-mask.png are 101x77 and 100x77"),
         (&black, "black everywhere"),
+        // A blur far wider than the masked region rounds it away.
+        (&mask, "(after --mask-blur 2000): config: the mask is black everywhere"),
     ] {
         let args = ["--image", img, "--mask", bad_mask.to_str().unwrap()];
-        let args = [&args[..], &["--mask-crop", "6"]].concat();
+        let blur: &[&str] = match bad_mask == &mask {
+            true => &["--mask-blur", "2000"],
+            false => &[],
+        };
+        let args = [&args[..], &["--mask-crop", "6"], blur].concat();
         let o = common::generate_house(&four, &dir.join("x.png"), &args);
         common::assert_fails_naming(&o, named);
     }

@@ -489,9 +489,12 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
     let cropped = match (a.mask_crop, &input, &mask_picture) {
         (Some(pad), Some((img, w, h)), Some(mask)) => {
             let (image_path, mask_path) = (a.image.as_deref(), a.mask.as_deref());
+            let blurred = a
+                .mask_blur
+                .map_or(String::new(), |r| format!(" (after --mask-blur {r})"));
             let names = || {
                 format!(
-                    "--image {} and --mask {}",
+                    "--image {} and --mask {}{blurred}",
                     image_path.map_or(String::new(), |p| p.display().to_string()),
                     mask_path.map_or(String::new(), |p| p.display().to_string())
                 )
