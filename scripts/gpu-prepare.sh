@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Build everything a GPU session needs, on this (CPU) machine, into gpu-carry/ (git-ignored):
 #   gpu-carry/kstyle.xz     the release binary, xz-compressed (the GPU machine has no Rust
-#                           toolchain; the tracked tree is already ~55 MiB of the 64 MiB a call
+#                           toolchain; the tracked tree is already ~57 MiB of the 64 MiB a call
 #                           carries, so everything carried travels compressed)
 #   gpu-carry/cache.tar.xz  every kernel family precompiled for sm_90a (H100/H200) with the exact
 #                           options the backend uses, so the run loads cubins instead of compiling
