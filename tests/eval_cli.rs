@@ -50,29 +50,20 @@ fn eval_writes_table_json_and_grid_and_rescoring_agrees() {
     )
     .unwrap();
     let out = dir.join("eval");
-    let o = kstyle(&[
-        "eval",
-        "--model",
-        model.to_str().unwrap(),
-        "--clip",
-        clip.to_str().unwrap(),
-        "--lpips",
-        lpips.to_str().unwrap(),
-        "--adapter",
-        adapter.to_str().unwrap(),
-        "--prompts",
-        prompts.to_str().unwrap(),
-        "--trigger",
-        "[v]",
-        "--seeds",
-        "2",
-        "--steps",
-        "2",
-        "--size",
-        "64",
-        "--out",
-        out.to_str().unwrap(),
-    ]);
+    let o = eval_tiny_64(
+        &prompts,
+        &out,
+        &[
+            "--adapter",
+            adapter.to_str().unwrap(),
+            "--trigger",
+            "[v]",
+            "--seeds",
+            "2",
+            "--steps",
+            "2",
+        ],
+    );
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let table = std::fs::read_to_string(out.join("table.md")).unwrap();
     assert!(

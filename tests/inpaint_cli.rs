@@ -244,7 +244,10 @@ fn mask_crop_inpaints_the_region_and_composites_it() {
         (&small, "small-mask.png are 101x77 and 100x77"),
         (&black, "black everywhere"),
         // A blur far wider than the masked region rounds it away.
-        (&mask, "(after --mask-blur 2000): config: the mask is black everywhere"),
+        (
+            &mask,
+            "(after --mask-blur 2000): config: the mask is black everywhere",
+        ),
     ] {
         let args = ["--image", img, "--mask", bad_mask.to_str().unwrap()];
         let blur: &[&str] = match bad_mask == &mask {
