@@ -35,7 +35,9 @@ fn every_cuda_op_matches_the_cpu_oracle_on_the_emulator() {
 /// the elementwise ops the parity suite covers, and on the emulator the 13 sampler runs added on
 /// 2026-11-30 doubled this suite (7.4 to 14.7 min); the 10 img2img runs take 2 min more and
 /// each training case 1.5 min. (`refiner`'s four short runs stay, and `mask_crop`'s two, 30 s, carry
-/// inpainting's device work: a 4-channel and a 9-channel UNet run.)
+/// inpainting's device work: a 4-channel and a 9-channel UNet run. `train_text_encoder`, 2 min,
+/// stays: it is the only case that backpropagates through the text encoders, their causal
+/// attention and their LoRA.)
 #[test]
 fn verify_device_cuda_passes_on_the_emulator() {
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_kstyle"))

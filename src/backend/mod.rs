@@ -716,6 +716,32 @@ pub mod ops {
         g: &Storage,
         grad_scale: f32,
     ) -> Result<()> {
+        let n = s.p.len();
+        adamw_step_range(h, t, s, g, grad_scale, 0..n)
+    }
+
+    /// [`adamw_step`] over the elements `range` of the four buffers alone (one parameter
+    /// group of a flat optimizer state, with its own learning rate in `h`).
+    pub fn adamw_step_range(
+        h: &AdamW,
+        t: u64,
+        s: State<'_, Storage>,
+        g: &Storage,
+        grad_scale: f32,
+        range: std::ops::Range<usize>,
+    ) -> Result<()> {
+        let fits = [s.p.len(), s.m.len(), s.v.len(), g.len()]
+            .iter()
+            .all(|&n| range.start <= range.end && range.end <= n);
+        if !fits {
+            return Err(Error::msg(format!(
+                "adamw_step: elements {range:?} lie outside buffers of {}, {}, {} and {} (p, m, v, g)",
+                s.p.len(),
+                s.m.len(),
+                s.v.len(),
+                g.len()
+            )));
+        }
         match (s.p, g, s.m, s.v) {
             (
                 Storage::Cpu(CpuStorage::F32(p)),
@@ -723,7 +749,13 @@ pub mod ops {
                 Storage::Cpu(CpuStorage::F32(m)),
                 Storage::Cpu(CpuStorage::F32(v)),
             ) => {
-                cpu::optim::adamw_step(h, t, State { p, m, v }, g, grad_scale);
+                let r = range;
+                let state = State {
+                    p: &mut p[r.clone()],
+                    m: &mut m[r.clone()],
+                    v: &mut v[r.clone()],
+                };
+                cpu::optim::adamw_step(h, t, state, &g[r], grad_scale);
                 Ok(())
             }
             (Storage::Cuda(p), Storage::Cuda(g), Storage::Cuda(m), Storage::Cuda(v))
@@ -731,7 +763,7 @@ pub mod ops {
                     .iter()
                     .all(|&o| o == p.ordinal()) =>
             {
-                coptim::adamw_step(h, t, State { p, m, v }, g, grad_scale, None)
+                coptim::adamw_step_range(h, t, State { p, m, v }, g, grad_scale, range)
             }
             (p, ..) => Err(Error::DType {
                 op: "adamw_step (flat f32 buffers on one device)",

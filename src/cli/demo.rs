@@ -121,6 +121,8 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
         cache_dir: None,
         device,
         dtype: kstyle::DType::F32,
+        train_text_encoder: false,
+        text_encoder_lr: None,
     };
     let mut trainer = Trainer::new(cfg, &mut |m| println!("{m}"))?;
     trainer.run(|s| {

@@ -67,6 +67,17 @@ pub struct Args {
     pub noise_offset: Option<f64>,
     #[arg(long, default_value_t = 1e-4)]
     pub lr: f64,
+    /// Train plain LoRA (--rank, --alpha) on both text encoders too, as kohya does unless told
+    /// --network_train_unet_only: every layer's self_attn q/k/v/out_proj and mlp fc1/fc2
+    /// (text_encoder's last layer excepted: SDXL reads nothing it computes). The adapter file
+    /// holds them as lora_te1_ / lora_te2_ modules. The text encoders stay loaded and run each
+    /// step (captions are not cached as embeddings).
+    #[arg(long)]
+    pub train_text_encoder: bool,
+    /// Learning rate of the text encoders' adapters (kohya's --text_encoder_lr); --lr unless
+    /// given. The --lr-schedule scales both.
+    #[arg(long)]
+    pub text_encoder_lr: Option<f64>,
     #[arg(long, value_enum, default_value = "constant")]
     pub lr_schedule: LrArg,
     /// Warm-up steps of the cosine schedule.
@@ -228,6 +239,8 @@ pub fn config_from(a: &Args) -> anyhow::Result<TrainConfig> {
         cache_dir: a.cache.clone(),
         device: a.device.device(),
         dtype: a.dtype.dtype(),
+        train_text_encoder: a.train_text_encoder,
+        text_encoder_lr: a.text_encoder_lr,
     })
 }
 

@@ -1,9 +1,11 @@
 //! The K-StyleLoRA adapter file (KSTYLE.md "Adapter file"): one safetensors file whose LoRA
 //! tensors use the kohya layout other tools load (`lora_unet_<sgm path>.lora_down.weight`,
-//! `.lora_up.weight`, `.alpha`), with the gating MLPs, the cultural projection and the concept
-//! embeddings under their own `kstyle.` prefix, and every setting in the metadata.
+//! `.lora_up.weight`, `.alpha`; plain LoRA on the text encoders, when trained, as
+//! `lora_te1_text_model_encoder_layers_N_self_attn_q_proj` and `lora_te2_…`), with the gating
+//! MLPs, the cultural projection and the concept embeddings under their own `kstyle.` prefix, and
+//! every setting in the metadata.
 
-use crate::formats::kohya::ModuleIndex;
+use crate::formats::kohya::{Component, ModuleIndex};
 use crate::nn::lora::{Gates, LoraAdapter, LoraConfig, Mlp};
 use crate::nn::Linear;
 use crate::tensor::{save_safetensors, SafeTensorsFile};
@@ -63,11 +65,58 @@ pub struct Adapter {
     pub concepts: Vec<String>,
     /// Unit CLIP text embeddings of the concepts (K, E); present for gated or cultural methods.
     pub concept_embeds: Option<Tensor>,
-    /// (diffusers module path of the wrapped linear, its adapter), in a fixed order.
+    /// (module path of the wrapped linear, its adapter), in a fixed order: the UNet's diffusers
+    /// path (`down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q`), or a text encoder's
+    /// under its component name (`text_encoder.text_model.encoder.layers.0.self_attn.q_proj`,
+    /// `text_encoder_2.…`; see [`text_encoder_part`]).
     pub modules: Vec<(String, LoraAdapter)>,
     pub cultural: Option<CulturalLoss>,
     /// Training settings recorded for provenance (`kstyle.train.*` in the metadata).
     pub settings: BTreeMap<String, String>,
+}
+
+/// The text encoder an adapter module path belongs to and the path inside it (`text_model.…`);
+/// None for a UNet module.
+pub fn text_encoder_part(path: &str) -> Option<(Component, &str)> {
+    if let Some(rest) = path.strip_prefix("text_encoder_2.") {
+        return Some((Component::TextEncoder2, rest));
+    }
+    path.strip_prefix("text_encoder.")
+        .map(|rest| (Component::TextEncoder, rest))
+}
+
+/// The linears of a CLIP text layer a kstyle adapter may hold LoRA on, as (kohya spelling, path
+/// under the layer): kohya's `CLIPAttention` and `CLIPMLP` targets.
+const TEXT_LINEARS: [(&str, &str); 6] = [
+    ("self_attn_q_proj", "self_attn.q_proj"),
+    ("self_attn_k_proj", "self_attn.k_proj"),
+    ("self_attn_v_proj", "self_attn.v_proj"),
+    ("self_attn_out_proj", "self_attn.out_proj"),
+    ("mlp_fc1", "mlp.fc1"),
+    ("mlp_fc2", "mlp.fc2"),
+];
+
+/// The kohya module name an adapter module is written under (`lora_unet_…` through the UNet's
+/// `index`, `lora_te1_…` / `lora_te2_…` for the text encoders, whose kohya spelling is the path
+/// with `.` as `_`).
+pub fn kohya_module_name(index: &ModuleIndex, path: &str) -> Result<String> {
+    match text_encoder_part(path) {
+        Some((c, rest)) => Ok(format!("{}_{}", c.kohya_prefix(), rest.replace('.', "_"))),
+        None => Ok(index.kohya_name(path)?),
+    }
+}
+
+/// The adapter module path for a text encoder's kohya name (the part after `lora_te1_` /
+/// `lora_te2_`): only the linears of [`TEXT_LINEARS`] are read.
+fn text_module_path(component: Component, spelled: &str) -> Option<String> {
+    let rest = spelled.strip_prefix("text_model_encoder_layers_")?;
+    let (layer, linear) = rest.split_once('_')?;
+    let layer: usize = layer.parse().ok()?;
+    let (_, dotted) = TEXT_LINEARS.iter().find(|(k, _)| *k == linear)?;
+    Some(format!(
+        "{}.text_model.encoder.layers.{layer}.{dotted}",
+        component.diffusers_name()
+    ))
 }
 
 const GATE_PREFIX: &str = "kstyle.gate";
@@ -96,7 +145,7 @@ impl Adapter {
     pub fn file_tensors(&self, index: &ModuleIndex) -> Result<Vec<(String, Tensor)>> {
         let mut out = Vec::new();
         for (path, a) in &self.modules {
-            let k = index.kohya_name(path)?;
+            let k = kohya_module_name(index, path)?;
             out.push((format!("{k}.lora_down.weight"), a.a.clone()));
             out.push((format!("{k}.lora_up.weight"), a.b.clone()));
             out.push((
@@ -218,15 +267,37 @@ impl Adapter {
             .collect();
         names.sort();
         for k in names {
-            let spelled = k.strip_prefix("lora_unet_").ok_or_else(|| {
-                Error::file(
-                    path,
-                    format!("`{k}`: only UNet LoRA modules are supported in adapters"),
-                )
-            })?;
-            let module = index
-                .resolve(spelled)
-                .ok_or_else(|| Error::file(path, format!("`{k}` names no module of this UNet")))?;
+            let text = [Component::TextEncoder, Component::TextEncoder2]
+                .into_iter()
+                .find_map(|c| {
+                    k.strip_prefix(c.kohya_prefix())
+                        .and_then(|r| r.strip_prefix('_'))
+                        .map(|r| (c, r))
+                });
+            let module = match (text, k.strip_prefix("lora_unet_")) {
+                (Some((c, spelled)), _) => text_module_path(c, spelled).ok_or_else(|| {
+                    Error::file(
+                        path,
+                        format!(
+                            "`{k}`: adapters hold text-encoder LoRA on the layers' \
+                             self_attn.{{q,k,v,out}}_proj and mlp.fc1 / fc2 only"
+                        ),
+                    )
+                })?,
+                (None, Some(spelled)) => index
+                    .resolve(spelled)
+                    .ok_or_else(|| {
+                        Error::file(path, format!("`{k}` names no module of this UNet"))
+                    })?
+                    .to_string(),
+                (None, None) => {
+                    return Err(Error::file(
+                        path,
+                        format!("`{k}`: neither a UNet (lora_unet_) nor a text-encoder (lora_te1_, lora_te2_) module"),
+                    ))
+                }
+            };
+            let text_module = text.is_some();
             let a = var(&format!("{k}.lora_down.weight"))?;
             let b = var(&format!("{k}.lora_up.weight"))?;
             let alpha = if f.contains(&format!("{k}.alpha")) {
@@ -234,7 +305,8 @@ impl Adapter {
             } else {
                 config.rank as f64
             };
-            let gates = if method.gated() {
+            // Text-encoder modules are plain LoRA in every method: the gates read UNet features.
+            let gates = if method.gated() && !text_module {
                 let g = |n: &str| format!("{GATE_PREFIX}.{k}.{n}");
                 let lin = |n: &str| -> Result<Linear> {
                     Ok(Linear {
@@ -265,7 +337,7 @@ impl Adapter {
             };
             let concepts = gates.as_ref().and(concept_embeds.clone());
             modules.push((
-                module.to_string(),
+                module,
                 LoraAdapter {
                     a,
                     b,

@@ -1,9 +1,10 @@
 //! Exporting an adapter for other tools: kohya (`lora_unet_*.lora_down/up.weight` + `.alpha`,
-//! what ComfyUI and A1111 load) or diffusers/PEFT (`unet.<module>.lora_A/B.weight`, the scale
-//! folded into B since that layout carries no alpha). Gated adapters export with their gates
+//! and `lora_te1_*` / `lora_te2_*` for trained text encoders: what ComfyUI and A1111 load) or
+//! diffusers/PEFT (`unet.<module>.lora_A/B.weight`, `text_encoder.<module>…`,
+//! `text_encoder_2.<module>…`, the scale folded into B since that layout carries no alpha). Gated adapters export with their gates
 //! baked in: B's columns scaled by the mean effective gate over a calibration set.
 
-use super::adapter::Adapter;
+use super::adapter::{kohya_module_name, text_encoder_part, Adapter};
 use super::kohya::ModuleIndex;
 use crate::tensor::save_safetensors;
 use crate::{DType, Device, Error, Result, Tensor};
@@ -62,7 +63,7 @@ pub fn export_adapter(
         let r = a.config.rank as f64;
         match format {
             ExportFormat::Kohya => {
-                let k = index.kohya_name(module)?;
+                let k = kohya_module_name(index, module)?;
                 out.push((format!("{k}.lora_down.weight"), a.a.to_dtype(dtype)?));
                 out.push((format!("{k}.lora_up.weight"), up.to_dtype(dtype)?));
                 out.push((
@@ -71,9 +72,14 @@ pub fn export_adapter(
                 ));
             }
             ExportFormat::Diffusers => {
-                out.push((format!("unet.{module}.lora_A.weight"), a.a.to_dtype(dtype)?));
+                // Text-encoder paths already start with their component's name.
+                let name = match text_encoder_part(module) {
+                    Some(_) => module.clone(),
+                    None => format!("unet.{module}"),
+                };
+                out.push((format!("{name}.lora_A.weight"), a.a.to_dtype(dtype)?));
                 out.push((
-                    format!("unet.{module}.lora_B.weight"),
+                    format!("{name}.lora_B.weight"),
                     up.scale(a.config.alpha / r)?.to_dtype(dtype)?,
                 ));
             }

@@ -7,7 +7,7 @@ use super::model_files::ModelFiles;
 use super::sampler_kind::build_sampler;
 pub use super::sampler_kind::{SamplerKind, Sigmas};
 use super::{Noise, Sampler, SchedulerConfig};
-use crate::formats::adapter::Adapter;
+use crate::formats::adapter::{text_encoder_part, Adapter};
 use crate::formats::kohya::ModuleIndex;
 use crate::models::clip::text::ClipTextModel;
 use crate::models::clip::tokenizer::ClipTokenizer;
@@ -342,7 +342,7 @@ impl SdxlPipeline {
             let cfg = files.unet_config()?;
             for (path, m) in &opts.loras {
                 if Adapter::is_adapter_file(path)? {
-                    check_adapter(path, &unet_index_for(&cfg))?;
+                    check_adapter(path, &unet_index_for(&cfg), &files.text_encoder_indexes()?)?;
                 } else {
                     check_kohya(
                         unet_index_for(&cfg),
@@ -364,18 +364,56 @@ impl SdxlPipeline {
         unet_module_index(&self.unet)
     }
 
-    /// Attach a kstyle adapter file's LoRA modules (live, gates included) scaled by `multiplier`.
+    /// Attach a kstyle adapter file's LoRA modules (live, gates included) scaled by `multiplier`:
+    /// the UNet's, and the text encoders' when it trained them.
     pub fn attach_adapter(&mut self, path: &Path, multiplier: f64) -> Result<()> {
         let adapter = Adapter::load(path, &self.module_index(), self.device)?;
+        let (text, unet): (Vec<_>, Vec<_>) = adapter
+            .modules
+            .into_iter()
+            .partition(|(p, _)| text_encoder_part(p).is_some());
+        for (component, encoder) in [
+            ("text_encoder", self.text_encoder.as_mut()),
+            ("text_encoder_2", Some(&mut self.text_encoder_2)),
+        ] {
+            let prefix = format!("{component}.");
+            let mut mine: std::collections::HashMap<&str, &crate::nn::lora::LoraAdapter> = text
+                .iter()
+                .filter_map(|(p, a)| p.strip_prefix(&prefix).map(|inner| (inner, a)))
+                .collect();
+            if mine.is_empty() {
+                continue;
+            }
+            let Some(encoder) = encoder else {
+                return Err(Error::file(
+                    path,
+                    format!(
+                        "the adapter holds LoRA for {component}, which this model does not have \
+                         (a refiner has text_encoder_2 alone)"
+                    ),
+                ));
+            };
+            let (dtype, m) = (self.dtype, multiplier);
+            encoder.attach_adapters(|p, _| match mine.remove(p) {
+                Some(a) => a.frozen(dtype, m).map(Some),
+                None => Ok(None),
+            })?;
+            if let Some(p) = mine.keys().next() {
+                return Err(Error::file(
+                    path,
+                    format!("module `{prefix}{p}` names no linear of {component}"),
+                ));
+            }
+        }
         let mut by_path: std::collections::HashMap<String, crate::nn::lora::LoraAdapter> =
-            adapter.modules.into_iter().collect();
+            unet.into_iter().collect();
         let n = self.unet.attach_adapters(|p, _| {
             Ok(match by_path.remove(p) {
                 Some(a) => Some(a.frozen(self.dtype, multiplier)?),
                 None => None,
             })
         })?;
-        if !by_path.is_empty() || n == 0 {
+        if !by_path.is_empty() || (n == 0 && text.is_empty()) {
             return Err(Error::file(
                 path,
                 format!(
@@ -592,13 +630,29 @@ pub fn unet_index_for(cfg: &crate::models::unet::UNetConfig) -> ModuleIndex {
     )
 }
 
-/// An adapter file's modules against a UNet's index: each names a Linear of it, with factors
-/// of that Linear's shape (what [`SdxlPipeline::attach_adapter`] would refuse, without a model).
-fn check_adapter(path: &Path, index: &ModuleIndex) -> Result<()> {
+/// An adapter file's modules against a UNet's index and the text encoders' (`text_encoders`,
+/// [`ModelFiles::text_encoder_indexes`]): each names a Linear of them, with factors of that
+/// Linear's shape (what [`SdxlPipeline::attach_adapter`] would refuse, without a model).
+fn check_adapter(path: &Path, index: &ModuleIndex, text_encoders: &[ModuleIndex]) -> Result<()> {
     let adapter = Adapter::load(path, index, Device::Cpu)?;
     for (module, a) in &adapter.modules {
         let rank = a.config.rank;
-        let fits = match index.weight_shape(module) {
+        let (index, inner) = match text_encoder_part(module) {
+            Some((c, inner)) => match text_encoders.iter().find(|i| i.component() == c) {
+                Some(i) => (i, inner),
+                None => {
+                    return Err(Error::file(
+                        path,
+                        format!(
+                            "the adapter holds LoRA for {}, which this model does not have",
+                            c.diffusers_name()
+                        ),
+                    ))
+                }
+            },
+            None => (index, module.as_str()),
+        };
+        let fits = match index.weight_shape(inner) {
             Some(&[out, d_in]) => a.a.dims() == [rank, d_in] && a.b.dims() == [out, rank],
             _ => false,
         };

@@ -198,6 +198,27 @@ impl Optimizer {
         grad_scale: f32,
         lr: f64,
     ) -> Result<()> {
+        let all = self.slots.len();
+        self.step_groups(params, grad_sum, grad_scale, &[(all, lr)])
+    }
+
+    /// [`Optimizer::step`] with parameter groups, as PyTorch's AdamW takes them: `groups` lists
+    /// (slot count, learning rate) for consecutive runs of slots covering all of them (the
+    /// decoupled weight decay follows each group's rate).
+    pub fn step_groups(
+        &mut self,
+        params: &[(String, Tensor)],
+        grad_sum: &Tensor,
+        grad_scale: f32,
+        groups: &[(usize, f64)],
+    ) -> Result<()> {
+        if groups.iter().map(|(n, _)| n).sum::<usize>() != self.slots.len() {
+            return Err(Error::msg(format!(
+                "optimizer: parameter groups of {:?} slots for {} slots",
+                groups.iter().map(|(n, _)| n).collect::<Vec<_>>(),
+                self.slots.len()
+            )));
+        }
         let aligned = params.len() == self.slots.len()
             && params
                 .iter()
@@ -222,19 +243,29 @@ impl Optimizer {
             )));
         }
         self.step += 1;
-        let hyper = AdamW { lr, ..self.hyper };
         {
             let (mut p, mut m, mut v) = (
                 self.master.storage_mut(),
                 self.m.storage_mut(),
                 self.v.storage_mut(),
             );
-            let state = State {
-                p: &mut *p,
-                m: &mut *m,
-                v: &mut *v,
-            };
-            ops::adamw_step(&hyper, self.step, state, &grad_sum.storage(), grad_scale)?;
+            let g = grad_sum.storage();
+            let mut first = 0;
+            for &(count, lr) in groups {
+                let slots = &self.slots[first..first + count];
+                first += count;
+                let (Some(a), Some(b)) = (slots.first(), slots.last()) else {
+                    continue;
+                };
+                let state = State {
+                    p: &mut *p,
+                    m: &mut *m,
+                    v: &mut *v,
+                };
+                let hyper = AdamW { lr, ..self.hyper };
+                let range = a.offset..b.offset + b.len;
+                ops::adamw_step_range(&hyper, self.step, state, &g, grad_scale, range)?;
+            }
         }
         // check_trainables (at construction) guarantees distinct storages: no guard waits on another.
         let mut guards: Vec<_> = params.iter().map(|(_, t)| t.storage_mut()).collect();
@@ -404,6 +435,46 @@ mod tests {
                 };
                 adamw_step(&h, t, s, &sum, 0.5);
             }
+            assert_eq!(p.to_vec_f32().unwrap(), want, "p{i}");
+        }
+    }
+
+    /// Two parameter groups: each slot moves as the oracle moves it at its group's rate; groups
+    /// that do not cover the slots are refused.
+    #[test]
+    fn parameter_groups_step_at_their_own_rates() {
+        let params = vars(&[5, 3, 7], 6);
+        let grads: Vec<Tensor> = vars(&[5, 3, 7], 7).into_iter().map(|(_, t)| t).collect();
+        let mut opt = Optimizer::new(AdamW::default(), &params).unwrap();
+        let mut store = GradStore::default();
+        for ((_, p), g) in params.iter().zip(&grads) {
+            store.insert(p.id(), g.clone());
+        }
+        let mut acc = GradAccumulator::new(&opt).unwrap();
+        acc.add(&params, &store).unwrap();
+        let before: Vec<Vec<f32>> = params
+            .iter()
+            .map(|(_, p)| p.to_vec_f32().unwrap())
+            .collect();
+        let err = opt
+            .step_groups(&params, &acc.sum, 1.0, &[(2, 1e-2)])
+            .unwrap_err();
+        assert!(err.to_string().contains("groups"), "{err}");
+        opt.step_groups(&params, &acc.sum, 1.0, &[(2, 1e-2), (1, 3e-3)])
+            .unwrap();
+        for (i, (_, p)) in params.iter().enumerate() {
+            let h = AdamW {
+                lr: if i < 2 { 1e-2 } else { 3e-3 },
+                ..AdamW::default()
+            };
+            let mut want = before[i].clone();
+            let (mut m, mut v) = (vec![0.0; want.len()], vec![0.0; want.len()]);
+            let s = State {
+                p: &mut want[..],
+                m: &mut m[..],
+                v: &mut v[..],
+            };
+            adamw_step(&h, 1, s, &grads[i].to_vec_f32().unwrap(), 1.0);
             assert_eq!(p.to_vec_f32().unwrap(), want, "p{i}");
         }
     }

@@ -13,8 +13,8 @@ use super::memory::{human, policy_name, AUTO_POLICIES};
 use super::optim::{GradAccumulator, LrSchedule, Optimizer, Slot};
 use super::step::{training_loss, Conditioning, Losses};
 use crate::backend::cpu::optim::AdamW;
-use crate::formats::adapter::{Adapter, Method};
-use crate::models::clip::text::token_ids;
+use crate::formats::adapter::{text_encoder_part, Adapter, Method};
+use crate::models::clip::text::{token_ids, ClipTextModel};
 use crate::models::unet::{CheckpointPolicy, UNet2DConditionModel};
 use crate::nn::lora::{LoraAdapter, LoraConfig};
 use crate::sample::model_files::ModelFiles;
@@ -83,6 +83,30 @@ pub struct TrainConfig {
     /// Compute dtype of the frozen UNet. With bf16/f16 the adapters become leaves in that dtype
     /// while the optimizer state, the losses and the written files stay f32 (mixed precision).
     pub dtype: DType,
+    /// Plain LoRA (rank and alpha of `lora`) on both text encoders' attention and MLP linears,
+    /// trained with the UNet's adapters (kohya's default; `--train-text-encoder`). The text
+    /// encoders then stay loaded and run every step: captions cannot be cached as embeddings.
+    pub train_text_encoder: bool,
+    /// Learning rate of the text encoders' adapters (kohya's `--text_encoder_lr`); the UNet's
+    /// when None. The schedule scales both.
+    pub text_encoder_lr: Option<f64>,
+}
+
+/// The text-encoder linears that get an adapter: every layer's attention and MLP linears, but
+/// for `text_encoder` not its last layer, whose output SDXL never reads (the context is the
+/// penultimate state, and only `text_encoder_2` is pooled), so its adapter would get no
+/// gradient. `layer` is the index of the layer in a model of `layers`.
+pub fn text_encoder_trains(component: &str, layer: usize, layers: usize) -> bool {
+    component == "text_encoder_2" || layer + 1 < layers
+}
+
+/// The layer index of a text-encoder module path (`text_model.encoder.layers.N.…`).
+pub fn text_layer(path: &str) -> Option<usize> {
+    path.strip_prefix("text_model.encoder.layers.")?
+        .split('.')
+        .next()?
+        .parse()
+        .ok()
 }
 
 /// One cached training example.
@@ -90,9 +114,70 @@ pub(super) struct Example {
     /// VAE posterior mean and log-variance (1, 4, h, w).
     pub(super) mean: Tensor,
     pub(super) logvar: Tensor,
-    pub(super) context: Tensor,
-    pub(super) pooled: Tensor,
+    pub(super) text: ExampleText,
     pub(super) time_ids: Tensor,
+}
+
+/// A caption as the step reads it.
+pub(super) enum ExampleText {
+    /// Embeddings from the frozen text encoders: context (1, 77, Dc), pooled (1, P).
+    Cached { context: Tensor, pooled: Tensor },
+    /// Token ids (1, 77) of each tokenizer, for text encoders that train.
+    Tokens { ids_1: Tensor, ids_2: Tensor },
+}
+
+/// The two text encoders of a run that trains them, with their adapters.
+pub struct TextEncoders {
+    pub te1: ClipTextModel,
+    pub te2: ClipTextModel,
+}
+
+impl TextEncoders {
+    /// SDXL's conditioning of token ids (B, 77) each: the context cat(penultimate states),
+    /// (B, 77, Dc), and text_encoder_2's projected pooled embedding, (B, P). On the tape.
+    pub fn encode(&self, ids_1: &Tensor, ids_2: &Tensor) -> Result<(Tensor, Tensor)> {
+        let o1 = self.te1.forward(ids_1)?;
+        let o2 = self.te2.forward(ids_2)?;
+        let context = Tensor::cat(&[o1.penultimate().clone(), o2.penultimate().clone()], 2)?; // (B, 77, Dc)
+        let pooled = o2
+            .text_embeds
+            .ok_or_else(|| Error::Config("text_encoder_2 has no projection".into()))?; // (B, P)
+        Ok((context, pooled))
+    }
+
+    /// Both encoders' linears with their module paths under `text_encoder.` / `text_encoder_2.`.
+    pub fn linears_mut(&mut self) -> Vec<(String, &mut crate::nn::lora::AdaptedLinear)> {
+        let mut out = Vec::new();
+        for (prefix, m) in [
+            ("text_encoder", &mut self.te1),
+            ("text_encoder_2", &mut self.te2),
+        ] {
+            for (path, lin) in m.adapted_linears_mut() {
+                out.push((format!("{prefix}.{path}"), lin));
+            }
+        }
+        out
+    }
+
+    /// The adapters as (module path, adapter), in model order.
+    fn adapters(&self) -> Vec<(String, LoraAdapter)> {
+        let mut out = Vec::new();
+        for (prefix, m) in [("text_encoder", &self.te1), ("text_encoder_2", &self.te2)] {
+            for (path, lin) in m.adapted_linears() {
+                if let Some(a) = &lin.adapter {
+                    out.push((format!("{prefix}.{path}"), a.clone()));
+                }
+            }
+        }
+        out
+    }
+
+    /// The adapters' trainable tensors as `text_encoder.<module>.lora_A`, ….
+    pub fn parameters(&self) -> Vec<(String, Tensor)> {
+        let mut p = self.te1.adapter_parameters("text_encoder.");
+        p.extend(self.te2.adapter_parameters("text_encoder_2."));
+        p
+    }
 }
 
 /// What happened in one optimizer step.
@@ -256,7 +341,24 @@ fn prepare_examples(
                 ("logvar".to_string(), logvar),
             ])
         })?;
-        let txt = encode_text(&s.caption)?;
+        let text = if cfg.train_text_encoder {
+            let (ids_1, ids_2) = caption_ids(files, &s.caption, cfg.device)?;
+            ExampleText::Tokens { ids_1, ids_2 }
+        } else {
+            let txt = encode_text(&s.caption)?;
+            let get = |k: &str| -> Result<Tensor> {
+                txt.get(k)
+                    .cloned()
+                    .ok_or_else(|| {
+                        Error::msg(format!("cache entry for {} lacks `{k}`", s.path.display()))
+                    })?
+                    .to_device(cfg.device)
+            };
+            ExampleText::Cached {
+                context: get("context")?,
+                pooled: get("pooled")?,
+            }
+        };
         let tid: Vec<f64> = crop.time_ids().iter().map(|&v| v as f64).collect();
         let get = |m: &BTreeMap<String, Tensor>, k: &str| -> Result<Tensor> {
             m.get(k)
@@ -269,14 +371,15 @@ fn prepare_examples(
         examples.push(Example {
             mean: get(&lat, "mean")?,
             logvar: get(&lat, "logvar")?,
-            context: get(&txt, "context")?,
-            pooled: get(&txt, "pooled")?,
+            text,
             time_ids: Tensor::from_vec(tid, (1, 6), Device::Cpu)?
                 .to_dtype(DType::F32)?
                 .to_device(cfg.device)?,
         });
     }
     let sample = match (&cfg.sample_every, &cfg.sample_prompt) {
+        // Samples of a run that trains the text encoders encode the prompt with them, live.
+        _ if cfg.train_text_encoder => None,
         (Some(_), Some(p)) => {
             let t = encode_text(p)?;
             Some(PromptEmbeds {
@@ -295,12 +398,27 @@ fn prepare_examples(
     Ok((examples, sample))
 }
 
+/// Token ids (1, 77) of `caption` for each tokenizer, as the pipeline pads them.
+fn caption_ids(files: &ModelFiles, caption: &str, device: Device) -> Result<(Tensor, Tensor)> {
+    let (tok1, tok2) = files.tokenizers()?;
+    let tok1 = tok1.ok_or_else(|| {
+        Error::Config("the model has no tokenizer: it cannot train text_encoder".into())
+    })?;
+    let prompts = [caption.to_string()];
+    Ok((
+        token_ids(&tok1.encode_batch(&prompts)?, device)?,
+        token_ids(&tok2.encode_batch(&prompts)?, device)?,
+    ))
+}
+
 /// A run's live objects.
 pub struct Trainer {
     pub cfg: TrainConfig,
     pub unet: UNet2DConditionModel,
     pub cultural: Option<CulturalLoss>,
     pub concept_embeds: Option<Tensor>,
+    /// Present when the run trains the text encoders.
+    pub text_encoders: Option<TextEncoders>,
     pub optimizer: Optimizer,
     pub state: TrainState,
     pub outputs: Outputs,
@@ -387,7 +505,29 @@ impl Trainer {
                 vae_config.scaling_factor
             ));
         }
+        if let Some(lr) = cfg.text_encoder_lr {
+            if !cfg.train_text_encoder {
+                return Err(Error::Config(
+                    "--text-encoder-lr needs --train-text-encoder".into(),
+                ));
+            }
+            if !(lr.is_finite() && lr >= 0.0) {
+                return Err(Error::Config(format!(
+                    "--text-encoder-lr must be a number of 0 or more, got {lr}"
+                )));
+            }
+        }
         let (examples, sample_embeds) = prepare_examples(&cfg, &files, &data, log)?;
+        let mut text_encoders = match cfg.train_text_encoder {
+            true => {
+                let (te1, te2) = files.text_encoders(&[], cfg.dtype, cfg.device)?;
+                let te1 = te1.ok_or_else(|| {
+                    Error::Config("the model has no text_encoder to train".into())
+                })?;
+                Some(TextEncoders { te1, te2 })
+            }
+            false => None,
+        };
         let scaling_factor = vae_config.scaling_factor;
         let mut unet = files.unet(&[], cfg.dtype, cfg.device)?;
         unet.checkpoint = cfg.checkpointing.unwrap_or_default();
@@ -397,6 +537,20 @@ impl Trainer {
         let (adapter_modules, cultural, concept_embeds, optimizer, state) = match &cfg.resume {
             Some(path) => {
                 let (adapter, opt, state) = load_checkpoint(path, &index, cfg.device, cfg.adamw)?;
+                let has_text = adapter
+                    .modules
+                    .iter()
+                    .any(|(p, _)| text_encoder_part(p).is_some());
+                if has_text != cfg.train_text_encoder {
+                    return Err(Error::file(
+                        path,
+                        if has_text {
+                            "the checkpoint trains the text encoders: resume it with --train-text-encoder"
+                        } else {
+                            "the checkpoint does not train the text encoders: resume it without --train-text-encoder"
+                        },
+                    ));
+                }
                 if adapter.method != cfg.method || adapter.config.rank != cfg.lora.rank {
                     return Err(Error::file(
                         path,
@@ -445,6 +599,32 @@ impl Trainer {
                         modules.push((path, a));
                     }
                 }
+                // Then the text encoders' plain LoRA, text_encoder's before text_encoder_2's.
+                if let Some(te) = &mut text_encoders {
+                    let layers = [
+                        ("text_encoder", te.te1.config().encoder.num_hidden_layers),
+                        ("text_encoder_2", te.te2.config().encoder.num_hidden_layers),
+                    ];
+                    for (path, lin) in te.linears_mut() {
+                        let (component, inner) = path.split_once('.').unwrap_or_default();
+                        let n = layers
+                            .iter()
+                            .find(|(c, _)| *c == component)
+                            .map_or(0, |l| l.1);
+                        if text_layer(inner).is_some_and(|l| text_encoder_trains(component, l, n)) {
+                            let a = LoraAdapter::init(
+                                lin.base.in_features(),
+                                lin.base.out_features(),
+                                cfg.lora,
+                                None,
+                                &mut rng,
+                                DType::F32,
+                                cfg.device,
+                            )?;
+                            modules.push((path, a));
+                        }
+                    }
+                }
                 let cultural = match (&concept_embeds, cfg.method.cultural()) {
                     (Some(t), true) => {
                         let c = examples.first().map_or(4, |e| e.mean.dims()[1]);
@@ -488,14 +668,33 @@ impl Trainer {
         }
         let mut by_path: BTreeMap<String, LoraAdapter> = adapter_modules.into_iter().collect();
         unet.attach_adapters(|p, _| Ok(by_path.remove(p)))?;
+        if let Some(te) = &mut text_encoders {
+            for (path, lin) in te.linears_mut() {
+                if let Some(a) = by_path.remove(&path) {
+                    let (d_in, d_out) = (lin.base.in_features(), lin.base.out_features());
+                    if a.a.dims() != [a.config.rank, d_in] || a.b.dims() != [d_out, a.config.rank] {
+                        return Err(Error::Config(format!(
+                            "adapter module `{path}`: factors {:?} and {:?} do not fit its weight {:?}",
+                            a.a.dims(),
+                            a.b.dims(),
+                            lin.base.weight.dims()
+                        )));
+                    }
+                    lin.adapter = Some(a);
+                }
+            }
+        }
         if let Some(p) = by_path.keys().next() {
             return Err(Error::Config(format!(
-                "adapter module `{p}` matches no projection of this UNet"
+                "adapter module `{p}` matches no linear of this model"
             )));
         }
         let mut params = unet.adapter_parameters();
         if let Some(c) = &cultural {
             params.extend(c.parameters());
+        }
+        if let Some(te) = &text_encoders {
+            params.extend(te.parameters());
         }
         let optimizer = match optimizer {
             Some(mut o) => {
@@ -508,11 +707,22 @@ impl Trainer {
         // become leaves in the compute dtype, so the forward needs no per-step casts. The
         // cultural module stays f32: it reads the f32 clean-latent estimate.
         if cfg.dtype != DType::F32 {
-            for (_, lin) in unet.attention_projections_mut() {
+            let mut linears = unet.attention_projections_mut();
+            if let Some(te) = &mut text_encoders {
+                linears.extend(te.linears_mut());
+            }
+            for (_, lin) in linears {
                 if let Some(a) = &lin.adapter {
                     lin.adapter = Some(a.trainable_in(cfg.dtype)?);
                 }
             }
+        }
+        if let Some(te) = &text_encoders {
+            log(&format!(
+                "text encoders train: {} adapted linears (text_encoder's last layer feeds nothing SDXL reads), lr {}",
+                te.adapters().len(),
+                cfg.text_encoder_lr.unwrap_or(cfg.adamw.lr)
+            ));
         }
         log(&format!(
             "method {} | {} adapted linears | {} trainable tensors ({} values, f32) | UNet in {} on {} | {} optimizer steps",
@@ -530,6 +740,7 @@ impl Trainer {
             unet,
             cultural,
             concept_embeds,
+            text_encoders,
             optimizer,
             state,
             outputs,
@@ -570,12 +781,29 @@ impl Trainer {
         self.total_steps
     }
 
+    /// Every trainable in slot order: the UNet's adapters and the cultural module (the first
+    /// parameter group), then the text encoders' adapters (the second).
     pub fn params(&self) -> Vec<(String, Tensor)> {
         let mut p = self.unet.adapter_parameters();
         if let Some(c) = &self.cultural {
             p.extend(c.parameters());
         }
+        if let Some(te) = &self.text_encoders {
+            p.extend(te.parameters());
+        }
         p
+    }
+
+    /// (slot count, learning rate) of the parameter groups for the optimizer step at
+    /// schedule factor `factor`.
+    fn lr_groups(&self, params: &[(String, Tensor)], factor: f64) -> Vec<(usize, f64)> {
+        let unet_lr = self.cfg.adamw.lr * factor;
+        let n_text = self
+            .text_encoders
+            .as_ref()
+            .map_or(0, |t| t.parameters().len());
+        let te_lr = self.cfg.text_encoder_lr.unwrap_or(self.cfg.adamw.lr) * factor;
+        vec![(params.len() - n_text, unet_lr), (n_text, te_lr)]
     }
 
     /// The adapter as it stands (what `--out` receives), always in f32: with a bf16/f16 UNet the
@@ -587,6 +815,9 @@ impl Trainer {
             .into_iter()
             .filter_map(|(p, l)| l.adapter.clone().map(|a| (p, a)))
             .collect();
+        if let Some(te) = &self.text_encoders {
+            modules.extend(te.adapters());
+        }
         if self.cfg.dtype != DType::F32 {
             let slots: HashMap<&str, &Slot> = self
                 .optimizer
@@ -635,6 +866,17 @@ impl Trainer {
                     .map_or("model".into(), |n| n.to_string_lossy().into_owned()),
             ),
             ("weight_decay".to_string(), c.adamw.weight_decay.to_string()),
+            (
+                "train_text_encoder".to_string(),
+                c.train_text_encoder.to_string(),
+            ),
+            (
+                "text_encoder_lr".to_string(),
+                match (c.train_text_encoder, c.text_encoder_lr) {
+                    (false, _) => "none".into(),
+                    (true, lr) => lr.unwrap_or(c.adamw.lr).to_string(),
+                },
+            ),
         ]);
         Ok(Adapter {
             method: c.method,
@@ -675,9 +917,18 @@ impl Trainer {
         params: &[(String, Tensor)],
         acc: &mut GradAccumulator,
     ) -> Result<Losses> {
+        let (context, pooled) = match (&ex.text, &self.text_encoders) {
+            (ExampleText::Cached { context, pooled }, _) => (context.clone(), pooled.clone()),
+            (ExampleText::Tokens { ids_1, ids_2 }, Some(te)) => te.encode(ids_1, ids_2)?,
+            (ExampleText::Tokens { .. }, None) => {
+                return Err(Error::msg(
+                    "an example holds token ids but the run has no text encoders",
+                ))
+            }
+        };
         let cond = Conditioning {
-            context: &ex.context,
-            pooled: &ex.pooled,
+            context: &context,
+            pooled: &pooled,
             time_ids: &ex.time_ids,
         };
         let losses = training_loss(
@@ -727,9 +978,11 @@ impl Trainer {
             }
         }
         let n = self.cfg.grad_accum as f64;
-        let lr = self.cfg.adamw.lr * self.cfg.schedule.factor(self.state.step + 1);
+        let factor = self.cfg.schedule.factor(self.state.step + 1);
+        let lr = self.cfg.adamw.lr * factor;
+        let groups = self.lr_groups(&params, factor);
         self.optimizer
-            .step(&params, &acc.sum, acc.mean_scale(), lr)?;
+            .step_groups(&params, &acc.sum, acc.mean_scale(), &groups)?;
         self.state.step += 1;
         if let Some(bad) = [loss, diffusion].iter().find(|v| !v.is_finite()) {
             return Err(Error::msg(format!(
@@ -766,7 +1019,21 @@ impl Trainer {
 
     /// A sample image with the live adapters (fixed seed, so samples are comparable over steps).
     pub fn sample(&self) -> Result<Option<PathBuf>> {
-        let (Some(embeds), Some(prompt)) = (&self.sample_embeds, &self.cfg.sample_prompt) else {
+        let Some(prompt) = &self.cfg.sample_prompt else {
+            return Ok(None);
+        };
+        let live = match &self.text_encoders {
+            Some(te) => {
+                let (ids_1, ids_2) = caption_ids(&self.files, prompt, self.cfg.device)?;
+                let (context, pooled) = crate::autograd::no_grad(|| te.encode(&ids_1, &ids_2))?;
+                Some(PromptEmbeds {
+                    context: context.to_dtype(DType::F32)?,
+                    pooled: pooled.to_dtype(DType::F32)?,
+                })
+            }
+            None => None,
+        };
+        let Some(embeds) = live.as_ref().or(self.sample_embeds.as_ref()) else {
             return Ok(None);
         };
         let mut vae = self.files.vae(self.cfg.device)?;

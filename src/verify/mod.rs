@@ -11,6 +11,7 @@ mod pipeline_case;
 mod sampler_cases;
 pub mod sweep;
 mod train_cases;
+mod train_te_case;
 mod unet_cases;
 mod vae_cases;
 
@@ -232,6 +233,11 @@ pub fn cases() -> Vec<(&'static str, &'static str, CaseFn)> {
             "train_min_snr",
             "../../extra/train_min_snr.safetensors",
             train_cases::train_min_snr,
+        ),
+        (
+            "train_text_encoder",
+            "../../extra/train_text_encoder.safetensors",
+            train_te_case::train_text_encoder,
         ),
         (
             "lora_lycoris",

@@ -24,21 +24,21 @@ pub fn train_step_lora(ctx: &Ctx) -> Result<Vec<Row>> {
 
 /// The tiny UNet with the reference step's adapter and cultural-loss parameters, and the step's
 /// inputs.
-struct Step {
-    unet: UNet2DConditionModel,
-    cultural: Option<CulturalLoss>,
-    lambda: f64,
-    params: Vec<(String, Tensor)>,
-    t: Vec<usize>,
-    x0: Tensor,
-    noise: Tensor,
-    context: Tensor,
-    pooled: Tensor,
-    time_ids: Tensor,
+pub(super) struct Step {
+    pub(super) unet: UNet2DConditionModel,
+    pub(super) cultural: Option<CulturalLoss>,
+    pub(super) lambda: f64,
+    pub(super) params: Vec<(String, Tensor)>,
+    pub(super) t: Vec<usize>,
+    pub(super) x0: Tensor,
+    pub(super) noise: Tensor,
+    pub(super) context: Tensor,
+    pub(super) pooled: Tensor,
+    pub(super) time_ids: Tensor,
 }
 
 impl Step {
-    fn load(ctx: &Ctx, f: &SafeTensorsFile) -> Result<Step> {
+    pub(super) fn load(ctx: &Ctx, f: &SafeTensorsFile) -> Result<Step> {
         let text = |k: &str| f.meta_str(k).map(String::from);
         let num = |k: &str| f.meta_f64(k);
         let load = |k: &str| -> Result<Tensor> {

@@ -2,6 +2,8 @@
 // Each test crate uses a different subset of these.
 #![allow(dead_code)]
 
+pub mod train;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 

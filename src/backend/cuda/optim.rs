@@ -83,6 +83,45 @@ pub fn adamw_step(
         .run_gs(n)
 }
 
+/// [`adamw_step`] over the elements `range` of the four buffers (bounds checked by the caller
+/// and again here): one parameter group of a flat optimizer state.
+pub fn adamw_step_range(
+    h: &AdamW,
+    t: u64,
+    s: State<'_, CudaStorage>,
+    g: &CudaStorage,
+    grad_scale: f32,
+    range: std::ops::Range<usize>,
+) -> Result<()> {
+    let State { p, m, v } = s;
+    for (what, b) in [("p", &*p), ("g", g), ("m", &*m), ("v", &*v)] {
+        if b.dtype() != DType::F32 || range.end > b.len() || range.start > range.end {
+            return Err(Error::msg(format!(
+                "adamw_step: {what} ({} {}) has no elements {range:?}",
+                b.len(),
+                b.dtype()
+            )));
+        }
+    }
+    if t == 0 {
+        return Err(Error::msg("adamw_step: steps count from 1"));
+    }
+    let n = range.len();
+    if n == 0 {
+        return Ok(());
+    }
+    let dev = p.dev().clone();
+    dev.launch("optim", "optim_adamw_step_f32".to_owned())?
+        .arg(p.ptr_at(range.start))
+        .arg(g.ptr_at(range.start))
+        .arg(m.ptr_at(range.start))
+        .arg(v.ptr_at(range.start))
+        .arg(0u64)
+        .arg(n as i64)
+        .arg(AdamWParams::new(h, t, grad_scale))
+        .run_gs(n)
+}
+
 /// Sum of squares of a flat f32 buffer (read back to the host).
 pub fn sqnorm(dev: &std::sync::Arc<CudaDevice>, x: &CudaStorage) -> Result<f64> {
     let n = x.len();

@@ -3,27 +3,32 @@
 //! `layers.N.{self_attn.{q,k,v,out}_proj, layer_norm1, mlp.{fc1,fc2}, layer_norm2}`.
 
 use super::config::{Activation, EncoderConfig};
+use crate::nn::lora::AdaptedLinear;
 use crate::nn::{LayerNorm, Linear, Weights};
 use crate::{Result, Tensor};
 
-/// Multi-head self-attention with biased q/k/v/out projections.
+/// Multi-head self-attention with biased q/k/v/out projections (each may carry a live LoRA
+/// adapter: text-encoder training).
 #[derive(Clone, Debug)]
 pub struct ClipAttention {
-    pub q_proj: Linear,
-    pub k_proj: Linear,
-    pub v_proj: Linear,
-    pub out_proj: Linear,
+    pub q_proj: AdaptedLinear,
+    pub k_proj: AdaptedLinear,
+    pub v_proj: AdaptedLinear,
+    pub out_proj: AdaptedLinear,
     pub num_heads: usize,
 }
 
 impl ClipAttention {
     pub fn load(vb: &Weights, c: &EncoderConfig) -> Result<ClipAttention> {
         let d = c.hidden_size;
+        let lin = |n: &str| -> Result<AdaptedLinear> {
+            Ok(AdaptedLinear::new(Linear::load(&vb.pp(n), d, d, true)?))
+        };
         Ok(ClipAttention {
-            q_proj: Linear::load(&vb.pp("q_proj"), d, d, true)?,
-            k_proj: Linear::load(&vb.pp("k_proj"), d, d, true)?,
-            v_proj: Linear::load(&vb.pp("v_proj"), d, d, true)?,
-            out_proj: Linear::load(&vb.pp("out_proj"), d, d, true)?,
+            q_proj: lin("q_proj")?,
+            k_proj: lin("k_proj")?,
+            v_proj: lin("v_proj")?,
+            out_proj: lin("out_proj")?,
             num_heads: c.num_attention_heads,
         })
     }
@@ -45,16 +50,26 @@ impl ClipAttention {
 
 #[derive(Clone, Debug)]
 pub struct ClipMlp {
-    pub fc1: Linear,
-    pub fc2: Linear,
+    pub fc1: AdaptedLinear,
+    pub fc2: AdaptedLinear,
     pub act: Activation,
 }
 
 impl ClipMlp {
     pub fn load(vb: &Weights, c: &EncoderConfig) -> Result<ClipMlp> {
         Ok(ClipMlp {
-            fc1: Linear::load(&vb.pp("fc1"), c.hidden_size, c.intermediate_size, true)?,
-            fc2: Linear::load(&vb.pp("fc2"), c.intermediate_size, c.hidden_size, true)?,
+            fc1: AdaptedLinear::new(Linear::load(
+                &vb.pp("fc1"),
+                c.hidden_size,
+                c.intermediate_size,
+                true,
+            )?),
+            fc2: AdaptedLinear::new(Linear::load(
+                &vb.pp("fc2"),
+                c.intermediate_size,
+                c.hidden_size,
+                true,
+            )?),
             act: c.hidden_act,
         })
     }
@@ -82,6 +97,32 @@ impl ClipEncoderLayer {
             mlp: ClipMlp::load(&vb.pp("mlp"), c)?,
             layer_norm2: LayerNorm::load(&vb.pp("layer_norm2"), d, eps)?,
         })
+    }
+
+    /// The six linears LoRA trainers wrap (kohya's `CLIPAttention` and `CLIPMLP` targets), as
+    /// (path under the layer, linear): `self_attn.{q,k,v,out}_proj`, `mlp.fc1`, `mlp.fc2`.
+    pub fn linears(&self) -> [(&'static str, &AdaptedLinear); 6] {
+        let (a, m) = (&self.self_attn, &self.mlp);
+        [
+            ("self_attn.q_proj", &a.q_proj),
+            ("self_attn.k_proj", &a.k_proj),
+            ("self_attn.v_proj", &a.v_proj),
+            ("self_attn.out_proj", &a.out_proj),
+            ("mlp.fc1", &m.fc1),
+            ("mlp.fc2", &m.fc2),
+        ]
+    }
+
+    pub fn linears_mut(&mut self) -> [(&'static str, &mut AdaptedLinear); 6] {
+        let (a, m) = (&mut self.self_attn, &mut self.mlp);
+        [
+            ("self_attn.q_proj", &mut a.q_proj),
+            ("self_attn.k_proj", &mut a.k_proj),
+            ("self_attn.v_proj", &mut a.v_proj),
+            ("self_attn.out_proj", &mut a.out_proj),
+            ("mlp.fc1", &mut m.fc1),
+            ("mlp.fc2", &mut m.fc2),
+        ]
     }
 
     pub fn forward(&self, x: &Tensor, causal: bool) -> Result<Tensor> {

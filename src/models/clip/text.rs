@@ -12,6 +12,7 @@ use super::config::ClipTextConfig;
 use super::encoder::ClipEncoder;
 use super::tokenizer::{eos_position, TokenBatch};
 use crate::formats::diffusers::DiffusersFolder;
+use crate::nn::lora::{AdaptedLinear, LoraAdapter};
 use crate::nn::{LayerNorm, Linear, Weights};
 use crate::{DType, Device, Error, Result, Tensor};
 
@@ -235,6 +236,67 @@ impl ClipTextModel {
 
     pub fn config(&self) -> &ClipTextConfig {
         &self.text_model.config
+    }
+
+    /// The linears a LoRA may wrap, in `named_modules` order, under their module paths
+    /// (`text_model.encoder.layers.N.self_attn.q_proj`, ..., `.mlp.fc2`).
+    pub fn adapted_linears(&self) -> Vec<(String, &AdaptedLinear)> {
+        let mut out = Vec::new();
+        for (i, layer) in self.text_model.encoder.layers.iter().enumerate() {
+            for (name, lin) in layer.linears() {
+                out.push((format!("text_model.encoder.layers.{i}.{name}"), lin));
+            }
+        }
+        out
+    }
+
+    pub fn adapted_linears_mut(&mut self) -> Vec<(String, &mut AdaptedLinear)> {
+        let mut out = Vec::new();
+        for (i, layer) in self.text_model.encoder.layers.iter_mut().enumerate() {
+            for (name, lin) in layer.linears_mut() {
+                out.push((format!("text_model.encoder.layers.{i}.{name}"), lin));
+            }
+        }
+        out
+    }
+
+    /// Attaches `make(path, base)`'s adapter to every linear it returns one for (in
+    /// `named_modules` order); returns how many. Factors must fit the base weight.
+    pub fn attach_adapters(
+        &mut self,
+        mut make: impl FnMut(&str, &Linear) -> Result<Option<LoraAdapter>>,
+    ) -> Result<usize> {
+        let mut n = 0;
+        for (path, lin) in self.adapted_linears_mut() {
+            if let Some(a) = make(&path, &lin.base)? {
+                let (d_in, d_out) = (lin.base.in_features(), lin.base.out_features());
+                if a.a.dims() != [a.config.rank, d_in] || a.b.dims() != [d_out, a.config.rank] {
+                    return Err(Error::ShapeMismatch {
+                        op: "attach_adapters (text encoder lora factors vs base weight)",
+                        lhs: a.a.shape().clone(),
+                        rhs: lin.base.weight.shape().clone(),
+                    });
+                }
+                lin.adapter = Some(a);
+                n += 1;
+            }
+        }
+        Ok(n)
+    }
+
+    /// Trainable adapter tensors as `<prefix><module path>.<lora_A|lora_B>`.
+    pub fn adapter_parameters(&self, prefix: &str) -> Vec<(String, Tensor)> {
+        let mut out = Vec::new();
+        for (path, lin) in self.adapted_linears() {
+            if let Some(a) = &lin.adapter {
+                out.extend(
+                    a.named()
+                        .into_iter()
+                        .map(|(n, t)| (format!("{prefix}{path}.{n}"), t)),
+                );
+            }
+        }
+        out
     }
 
     /// `ids`: i64 (B, S). See [`ClipTextOutput`].

@@ -1,0 +1,205 @@
+//! A K-StyleLoRA step that also trains LoRA on both text encoders
+//! (`tests/fixtures/extra/gen_train_text_encoder.py`): train_step_kstyle's UNet, adapters,
+//! cultural loss and latents, conditioned through the tiny text encoders wearing plain LoRA on
+//! two captions. The token ids, the losses, the gradients the reference keeps (every
+//! text-encoder factor, the UNet's cross-attention key and value factors, one gated module, the
+//! cultural projection), and one AdamW step with the text encoders' own learning rate.
+
+use super::train_cases::Step;
+use super::{max_norm, Checker, Ctx, Row};
+use crate::backend::cpu::optim::AdamW;
+use crate::formats::diffusers::DiffusersFolder;
+use crate::models::clip::text::{token_ids, ClipTextModel};
+use crate::models::clip::tokenizer::ClipTokenizer;
+use crate::nn::lora::{LoraAdapter, LoraConfig};
+use crate::sample::TrainSchedule;
+use crate::tensor::SafeTensorsFile;
+use crate::train::optim::Optimizer;
+use crate::train::step::{training_loss, Conditioning};
+use crate::train::trainer::{text_encoder_trains, text_layer, TextEncoders};
+use crate::{DType, Error, Result, Tensor};
+
+pub fn train_text_encoder(ctx: &Ctx) -> Result<Vec<Row>> {
+    let setup = SafeTensorsFile::open(ctx.reference("train_step_kstyle.safetensors"))?;
+    let f = SafeTensorsFile::open(ctx.reference("../../extra/train_text_encoder.safetensors"))?;
+    let mut chk = Checker::new("train_text_encoder");
+    let step = Step::load(ctx, &setup)?;
+    let load =
+        |k: &str| -> Result<Tensor> { f.tensor(k)?.to_dtype(DType::F32)?.to_device(ctx.device) };
+
+    // The captions through our tokenizers give the reference's ids.
+    let captions: Vec<String> = f.meta_str("captions")?.lines().map(String::from).collect();
+    let mut ids = Vec::new();
+    for (sub, key) in [("tokenizer", "ids_1"), ("tokenizer_2", "ids_2")] {
+        let tok = ClipTokenizer::from_folder(ctx.dir.join("sdxl").join(sub))?;
+        let got = token_ids(&tok.encode_batch(&captions)?, ctx.device)?;
+        if got.to_vec_i64()? != f.tensor(key)?.to_vec_i64()? {
+            return Err(Error::msg(format!(
+                "{sub}: the captions' ids differ from `{key}`"
+            )));
+        }
+        ids.push(got);
+    }
+
+    let folder = DiffusersFolder::open(ctx.dir.join("sdxl"))?;
+    let mut te = TextEncoders {
+        te1: ClipTextModel::from_diffusers(&folder, "text_encoder", DType::F32, ctx.device)?,
+        te2: ClipTextModel::from_diffusers(&folder, "text_encoder_2", DType::F32, ctx.device)?,
+    };
+    let config = LoraConfig {
+        rank: f.meta_f64("rank")? as usize,
+        alpha: f.meta_f64("alpha")?,
+        ..LoraConfig::default()
+    };
+    // The trainer's choice of modules is the reference's.
+    let layers = f.meta_f64("text_encoder_layers")? as usize;
+    let expected: Vec<&str> = f.meta_str("text_encoder_modules")?.split(',').collect();
+    let mut chosen = Vec::new();
+    for (path, lin) in te.linears_mut() {
+        let (component, inner) = path.split_once('.').unwrap_or_default();
+        let n = if component == "text_encoder" {
+            layers
+        } else {
+            usize::MAX
+        };
+        if !text_layer(inner).is_some_and(|l| text_encoder_trains(component, l, n)) {
+            continue;
+        }
+        let a = load(&format!("param.{path}.lora_A"))?.var()?;
+        let b = load(&format!("param.{path}.lora_B"))?.var()?;
+        lin.adapter = Some(LoraAdapter {
+            a,
+            b,
+            config,
+            gates: None,
+            concepts: None,
+            recorder: None,
+        });
+        chosen.push(path);
+    }
+    chosen.sort();
+    if chosen != expected {
+        return Err(Error::msg(format!(
+            "the trainer adapts {} text-encoder linears, the reference {}",
+            chosen.len(),
+            expected.len()
+        )));
+    }
+
+    let (context, pooled) = te.encode(&ids[0], &ids[1])?;
+    chk.check("context", &context, &f.tensor("context")?, ctx.forward)?;
+    chk.check("pooled", &pooled, &f.tensor("pooled")?, ctx.forward)?;
+    let losses = training_loss(
+        &step.unet,
+        step.cultural.as_ref().map(|c| (c, step.lambda)),
+        &TrainSchedule::sdxl(),
+        &step.x0,
+        &step.noise,
+        &step.t,
+        &Conditioning {
+            context: &context,
+            pooled: &pooled,
+            time_ids: &step.time_ids,
+        },
+    )?;
+    let cultural = losses
+        .cultural
+        .as_ref()
+        .ok_or_else(|| Error::msg("the kstyle step has no cultural loss"))?;
+    for (name, got) in [
+        ("loss.diffusion", &losses.diffusion),
+        ("loss.cultural", cultural),
+        ("loss.total", &losses.total),
+    ] {
+        chk.check(name, got, &f.tensor(name)?, ctx.forward)?;
+    }
+
+    // Slot order: the UNet's and the cultural module's group, then the text encoders'.
+    let te_params = te.parameters();
+    let mut params = step.params.clone();
+    params.extend(te_params.iter().cloned());
+    let grads = losses.total.backward()?;
+    let tol = ctx.grad.grad_with_floor(max_norm(&f, "grad.")?);
+    let mut flat = Vec::with_capacity(params.len());
+    for (name, p) in &params {
+        let g = match grads.get(p) {
+            Some(g) => g.to_dtype(DType::F32)?,
+            None => return Err(Error::Backward(format!("no gradient for {name}"))),
+        };
+        let key = format!("grad.{name}");
+        if f.contains(&key) {
+            chk.check(&key, &g, &f.tensor(&key)?, tol)?;
+        }
+        flat.push(g.reshape(g.elem_count())?);
+    }
+    let missing: Vec<&str> = f
+        .names()
+        .filter_map(|n| n.strip_prefix("grad."))
+        .filter(|n| !params.iter().any(|(p, _)| p == n))
+        .collect();
+    if let Some(n) = missing.first() {
+        return Err(Error::msg(format!(
+            "{} reference gradients name no trainable here, e.g. `{n}`",
+            missing.len()
+        )));
+    }
+
+    let setup_num = |k: &str| setup.meta_f64(k);
+    let betas: Vec<f64> = setup
+        .meta_str("betas")?
+        .split(',')
+        .filter_map(|b| b.trim().parse().ok())
+        .collect();
+    let hyper = AdamW {
+        lr: f.meta_f64("lr")?,
+        beta1: betas.first().copied().unwrap_or(0.9),
+        beta2: betas.get(1).copied().unwrap_or(0.999),
+        eps: setup_num("adam_eps")?,
+        weight_decay: setup_num("weight_decay")?,
+    };
+    let before: Vec<Vec<f64>> = params
+        .iter()
+        .map(|(_, p)| p.to_vec_f64())
+        .collect::<Result<_>>()?;
+    let mut opt = Optimizer::new(hyper, &params)?;
+    let groups = [
+        (params.len() - te_params.len(), hyper.lr),
+        (te_params.len(), f.meta_f64("te_lr")?),
+    ];
+    opt.step_groups(&params, &Tensor::cat(&flat, 0)?, 1.0, &groups)?;
+    let adam_tol = ctx.grad.grad_with_floor(max_norm(&f, "updated.")?);
+    let mut checked = 0;
+    // The values are dominated by the parameters themselves (a step moves them by about the
+    // learning rate), so the updates are compared too, per group, as vectors.
+    let mut updates = [(Vec::new(), Vec::new()), (Vec::new(), Vec::new())];
+    for (i, ((name, p), b)) in params.iter().zip(&before).enumerate() {
+        let key = format!("updated.{name}");
+        if !f.contains(&key) {
+            continue;
+        }
+        let reference = f.tensor(&key)?;
+        chk.check(&key, p, &reference, adam_tol)?;
+        checked += 1;
+        let (ours, theirs) = &mut updates[usize::from(i >= groups[0].0)];
+        ours.extend(p.to_vec_f64()?.iter().zip(b).map(|(a, b)| a - b));
+        theirs.extend(reference.to_vec_f64()?.iter().zip(b).map(|(a, b)| a - b));
+    }
+    if checked != f.names().filter(|n| n.starts_with("updated.")).count() {
+        return Err(Error::msg(
+            "some updated reference values name no trainable here",
+        ));
+    }
+    for (what, (ours, theirs)) in ["UNet and cultural group", "text-encoder group"]
+        .iter()
+        .zip(updates)
+    {
+        let n = ours.len();
+        chk.check(
+            &format!("updated ({what}: every update, as one vector)"),
+            &Tensor::from_vec(ours, n, crate::Device::Cpu)?,
+            &Tensor::from_vec(theirs, n, crate::Device::Cpu)?,
+            ctx.grad,
+        )?;
+    }
+    Ok(chk.rows)
+}
