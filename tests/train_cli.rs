@@ -417,6 +417,79 @@ fn v_prediction_models_train_on_the_v_target() {
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
+/// An EDM model (Playground v2.5's scheduler and VAE statistics) trains EDM-style: the run says
+/// so, resumes bit for bit, and its adapter generates on the model; --min-snr-gamma, which
+/// weights by a DDPM SNR the model does not have, is refused.
+#[test]
+fn edm_models_train_edm_style() {
+    let dir = tmp("train-edm");
+    let data = dataset(&dir);
+    let model = common::edm_folder(&dir);
+    let cache = dir.join("cache");
+    let c = ["--cache", cache.to_str().unwrap()];
+    let straight = dir.join("a/adapter.safetensors");
+    let o = train_model(
+        &model,
+        &data,
+        &straight,
+        "kstyle",
+        &[&["--max-steps", "2"][..], &c].concat(),
+    );
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let log = String::from_utf8_lossy(&o.stdout).to_string() + &String::from_utf8_lossy(&o.stderr);
+    assert!(log.contains("objective: EDM (sigmas 0.002 to 80"), "{log}");
+    assert!(log.contains("latents_mean"), "{log}");
+    let split = dir.join("b/adapter.safetensors");
+    let o = train_model(
+        &model,
+        &data,
+        &split,
+        "kstyle",
+        &[&["--max-steps", "1", "--save-every", "1"][..], &c].concat(),
+    );
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let ckpt = dir.join("b/adapter.step000001.ckpt.safetensors");
+    let o = train_model(
+        &model,
+        &data,
+        &split,
+        "kstyle",
+        &[
+            &["--max-steps", "2", "--resume", ckpt.to_str().unwrap()][..],
+            &c,
+        ]
+        .concat(),
+    );
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(
+        tensors(&straight),
+        tensors(&split),
+        "resumed EDM run differs"
+    );
+    let png = dir.join("edm.png");
+    let o = common::generate_model(
+        &model,
+        "2",
+        &[
+            "--lora",
+            straight.to_str().unwrap(),
+            "--out",
+            png.to_str().unwrap(),
+        ],
+    );
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let out = dir.join("snr/adapter.safetensors");
+    let o = train_model(
+        &model,
+        &data,
+        &out,
+        "lora",
+        &["--max-steps", "1", "--min-snr-gamma", "5"],
+    );
+    assert_fails_naming(&o, "--min-snr-gamma");
+    assert!(!out.exists());
+}
+
 /// `--min-snr-gamma` (values checked against PyTorch by the `train_min_snr` verify case) weights
 /// the logged diffusion loss (on a v-prediction model every weight is below 1, so each step's
 /// loss is below the unweighted one from the same draws), records gamma in the adapter's

@@ -104,14 +104,8 @@ impl EdmConfig {
         (0.25 * sigma.ln()) as f64
     }
 
-    /// The data prediction from the model output `out` at `sigma`.
-    pub(crate) fn denoised(
-        &self,
-        prediction: Prediction,
-        x: &Tensor,
-        out: &Tensor,
-        sigma: f32,
-    ) -> Result<Tensor> {
+    /// `(c_skip, c_out)` at `sigma`: the data prediction is `c_skip x + c_out out`.
+    pub(crate) fn c_skip_out(&self, prediction: Prediction, sigma: f32) -> (f64, f64) {
         let sd = self.sigma_data as f32;
         let d = sigma * sigma + sd * sd;
         let c_skip = sd * sd / d;
@@ -120,7 +114,19 @@ impl EdmConfig {
             Prediction::Epsilon => c_out,
             Prediction::V => -c_out,
         };
-        x.scale(c_skip as f64)?.add(&out.scale(c_out as f64)?)
+        (c_skip as f64, c_out as f64)
+    }
+
+    /// The data prediction from the model output `out` at `sigma`.
+    pub(crate) fn denoised(
+        &self,
+        prediction: Prediction,
+        x: &Tensor,
+        out: &Tensor,
+        sigma: f32,
+    ) -> Result<Tensor> {
+        let (c_skip, c_out) = self.c_skip_out(prediction, sigma);
+        x.scale(c_skip)?.add(&out.scale(c_out)?)
     }
 }
 

@@ -798,6 +798,37 @@ pub struct TrainSchedule {
     /// Min-SNR loss weighting (Hang et al. 2023; diffusers' `--snr_gamma`, kohya's
     /// `--min_snr_gamma`): each sample's diffusion loss is scaled by [`Self::loss_weight`].
     pub min_snr_gamma: Option<f64>,
+    /// EDM models (Playground v2.5, CosXL): the sigmas training draws from, in place of the
+    /// DDPM betas (`alphas_cumprod` is then empty).
+    pub edm: Option<EdmTrain>,
+}
+
+/// EDM-style training (diffusers' train_dreambooth_lora_sdxl.py on a model whose scheduler is an
+/// EDM one, through `EDMEulerScheduler` of its config): an index drawn uniformly below
+/// `num_train_timesteps` picks sigma from the scheduler's training ramp; the UNet sees
+/// `c_in (x0 + sigma eps)` at timestep `log(sigma) / 4` and the loss compares its
+/// preconditioned data prediction with x0, unweighted.
+#[derive(Clone, Debug)]
+pub struct EdmTrain {
+    pub config: EdmConfig,
+    /// `EDMEulerScheduler.sigmas` at construction: `num_train_timesteps + 1` values from
+    /// sigma_max down to sigma_min (float64 ramp `arange(n + 1) / n` for Karras, float32 for
+    /// the exponential one, cast to float32); draws never reach the last.
+    pub sigmas: Vec<f32>,
+}
+
+impl EdmTrain {
+    pub fn new(config: EdmConfig, num_train_timesteps: usize) -> Result<EdmTrain> {
+        Ok(EdmTrain {
+            config,
+            sigmas: config.sigmas(num_train_timesteps + 1, true)?,
+        })
+    }
+
+    /// `scheduler.timesteps[i]`: `log(sigma_i) / 4` in float32.
+    pub fn timestep(&self, i: usize) -> f64 {
+        EdmConfig::c_noise(self.sigmas[i])
+    }
 }
 
 impl TrainSchedule {
@@ -807,13 +838,13 @@ impl TrainSchedule {
     /// pure noise, and the clean latent the cultural loss needs is undefined (Lin et al. 2023
     /// pair zero SNR with v-prediction).
     pub fn for_model(cfg: &SchedulerConfig) -> Result<TrainSchedule> {
-        if cfg.edm.is_some() {
-            return Err(Error::Config(
-                "this model is an EDM model (its scheduler is EDM's: Playground v2.5, CosXL): \
-                 training samples DDPM timesteps on a beta schedule, and EDM training (log-normal \
-                 sigmas, preconditioned targets) is not implemented"
-                    .into(),
-            ));
+        if let Some(edm) = cfg.edm {
+            return Ok(TrainSchedule {
+                alphas_cumprod: Vec::new(),
+                prediction: cfg.prediction,
+                min_snr_gamma: None,
+                edm: Some(EdmTrain::new(edm, cfg.num_train_timesteps)?),
+            });
         }
         if cfg.zero_snr && cfg.prediction == Prediction::Epsilon {
             return Err(Error::Config(
@@ -849,6 +880,7 @@ impl TrainSchedule {
             alphas_cumprod,
             prediction: Prediction::Epsilon,
             min_snr_gamma: None,
+            edm: None,
         }
     }
 
@@ -876,12 +908,16 @@ impl TrainSchedule {
         TrainSchedule::scaled_linear(1000, 0.00085, 0.012)
     }
 
+    /// How many timesteps (or EDM sigma indices) training draws from.
     pub fn len(&self) -> usize {
-        self.alphas_cumprod.len()
+        match &self.edm {
+            Some(e) => e.sigmas.len() - 1,
+            None => self.alphas_cumprod.len(),
+        }
     }
 
     pub fn is_empty(&self) -> bool {
-        self.alphas_cumprod.is_empty()
+        self.len() == 0
     }
 }
 

@@ -128,7 +128,7 @@ impl Trainer {
             let mut acc = GradAccumulator::new(&self.optimizer)?;
             let schedule = self.schedule.clone();
             let mut rng = Rng::new(0x5eed);
-            let x0 = ex.mean.scale(self.scaling_factor)?; // (1, 4, h, w)
+            let x0 = self.latent_config.scale_latents(&ex.mean)?; // (1, 4, h, w)
             let noise = Tensor::randn(x0.dims().to_vec(), &mut rng, DType::F32, device)?;
             let t = schedule.len() / 2;
             self.micro_batch(ex, (&x0, &noise, t), &schedule, &params, &mut acc)?;

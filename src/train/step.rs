@@ -1,9 +1,13 @@
 //! One training step's loss (KSTYLE.md eq 17): noise the clean latents at the sampled
 //! timesteps, predict epsilon (or, for v-prediction models, v) with the adapted UNet, take the
 //! MSE against the target, and add lambda times the cultural loss of the predicted clean latents.
+//! EDM models (Playground v2.5, CosXL) train EDM-style instead, as diffusers' SDXL LoRA script
+//! trains them: sigmas from the scheduler's ramp, preconditioned input and output, the MSE of
+//! the data prediction against the clean latents (see [`EdmTrain`]).
 
 use super::cultural::CulturalLoss;
 use crate::models::unet::UNet2DConditionModel;
+use crate::sample::schedule::EdmTrain;
 use crate::sample::schedule::Prediction;
 use crate::sample::TrainSchedule;
 use crate::{DType, Device, Error, Result, Tensor};
@@ -68,6 +72,10 @@ pub fn training_loss(
     t: &[usize],
     cond: &Conditioning<'_>,
 ) -> Result<Losses> {
+    if let Some(edm) = &schedule.edm {
+        let (diffusion, x0_hat) = edm_loss(unet, edm, schedule.prediction, x0, noise, t, cond)?;
+        return combine(cultural, diffusion, || Ok(x0_hat));
+    }
     let (zt, sa, s1) = add_noise(x0, noise, t, schedule)?;
     let ts: Vec<f64> = t.iter().map(|&v| v as f64).collect();
     let timesteps = Tensor::from_vec(ts, t.len(), Device::Cpu)?
@@ -92,6 +100,20 @@ pub fn training_loss(
             sq.mean(&[1, 2, 3])?.mul(&w)?.mean_all()?
         }
     };
+    combine(cultural, diffusion, || match schedule.prediction {
+        Prediction::Epsilon => zt.sub(&out.mul(&s1)?)?.div(&sa),
+        // sqrt(ab) z_t - sqrt(1 - ab) v: defined at zero SNR too, where ab = 0.
+        Prediction::V => zt.mul(&sa)?.sub(&out.mul(&s1)?),
+    })
+}
+
+/// `diffusion + lambda * cultural(x0_hat)`, the clean-latent estimate made only when a
+/// cultural loss wants it.
+fn combine(
+    cultural: Option<(&CulturalLoss, f64)>,
+    diffusion: Tensor,
+    x0_hat: impl FnOnce() -> Result<Tensor>,
+) -> Result<Losses> {
     match cultural {
         None => Ok(Losses {
             total: diffusion.clone(),
@@ -99,12 +121,7 @@ pub fn training_loss(
             cultural: None,
         }),
         Some((module, lambda)) => {
-            let x0_hat = match schedule.prediction {
-                Prediction::Epsilon => zt.sub(&out.mul(&s1)?)?.div(&sa)?,
-                // sqrt(ab) z_t - sqrt(1 - ab) v: defined at zero SNR too, where ab = 0.
-                Prediction::V => zt.mul(&sa)?.sub(&out.mul(&s1)?)?,
-            }; // (B, C, H, W)
-            let c = module.forward(&x0_hat)?;
+            let c = module.forward(&x0_hat()?)?; // x0_hat (B, C, H, W)
             let total = diffusion.add(&c.scale(lambda)?)?;
             Ok(Losses {
                 diffusion,
@@ -113,4 +130,43 @@ pub fn training_loss(
             })
         }
     }
+}
+
+/// The EDM objective at sigma indices `t`: `x = x0 + sigma eps`, the UNet on `c_in x` at
+/// timestep `log(sigma) / 4`, `x0_hat = c_skip x + c_out out`; returns (mse(x0_hat, x0), x0_hat).
+fn edm_loss(
+    unet: &UNet2DConditionModel,
+    edm: &EdmTrain,
+    prediction: Prediction,
+    x0: &Tensor,
+    noise: &Tensor,
+    t: &[usize],
+    cond: &Conditioning<'_>,
+) -> Result<(Tensor, Tensor)> {
+    let (b, _, _, _) = x0.dims4()?;
+    if t.len() != b || t.iter().any(|&i| i + 1 >= edm.sigmas.len()) {
+        return Err(Error::msg(format!(
+            "sigma indices {t:?} for a batch of {b} and {} training sigmas",
+            edm.sigmas.len() - 1
+        )));
+    }
+    let sig: Vec<f32> = t.iter().map(|&i| edm.sigmas[i]).collect();
+    let column = |f: &dyn Fn(f32) -> f64| {
+        let v: Vec<f64> = sig.iter().map(|&s| f(s)).collect();
+        per_sample(&v, x0.dtype(), x0.device()) // (B, 1, 1, 1)
+    };
+    let x = x0.add(&noise.mul(&column(&|s| s as f64)?)?)?; // (B, C, H, W)
+    let input = x.mul(&column(&|s| edm.config.c_in(s))?)?;
+    let ts: Vec<f64> = t.iter().map(|&i| edm.timestep(i)).collect();
+    let timesteps = Tensor::from_vec(ts, b, Device::Cpu)?
+        .to_dtype(DType::F32)?
+        .to_device(x0.device())?; // (B,)
+    let out = unet
+        .forward(&input, &timesteps, cond.context, cond.pooled, cond.time_ids)?
+        .to_dtype(x0.dtype())?; // (B, C, H, W)
+    let c_skip = column(&|s| edm.config.c_skip_out(prediction, s).0)?;
+    let c_out = column(&|s| edm.config.c_skip_out(prediction, s).1)?;
+    let x0_hat = x.mul(&c_skip)?.add(&out.mul(&c_out)?)?; // (B, C, H, W)
+    let diffusion = x0_hat.sub(x0)?.sqr()?.mean_all()?;
+    Ok((diffusion, x0_hat))
 }

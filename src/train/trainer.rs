@@ -425,7 +425,8 @@ pub struct Trainer {
     pub(super) examples: Vec<Example>,
     sample_embeds: Option<PromptEmbeds>,
     files: ModelFiles,
-    pub(super) scaling_factor: f64,
+    /// The VAE config whose scaling (and latent statistics) turns a latent into the UNet's x0.
+    pub(super) latent_config: crate::models::vae::VaeConfig,
     /// The noise schedule and loss target of the model (its scheduler config).
     pub(super) schedule: TrainSchedule,
     total_steps: u64,
@@ -472,7 +473,25 @@ impl Trainer {
         let mut schedule = TrainSchedule::for_model(&files.scheduler()?)
             .map_err(|e| Error::Config(format!("{}: {e}", cfg.model.display())))?;
         schedule.min_snr_gamma = cfg.min_snr_gamma;
-        if schedule.prediction != Prediction::Epsilon {
+        if let Some(edm) = &schedule.edm {
+            if cfg.min_snr_gamma.is_some() {
+                return Err(Error::Config(format!(
+                    "{}: --min-snr-gamma weights by the DDPM schedule's SNR; an EDM model trains \
+                     on EDM sigmas, unweighted (as diffusers' EDM-style training)",
+                    cfg.model.display()
+                )));
+            }
+            log(&format!(
+                "objective: EDM (sigmas {} to {}, sigma_data {}, {} prediction preconditioned to x0)",
+                edm.config.sigma_min,
+                edm.config.sigma_max,
+                edm.config.sigma_data,
+                match schedule.prediction {
+                    Prediction::Epsilon => "epsilon",
+                    Prediction::V => "v",
+                }
+            ));
+        } else if schedule.prediction != Prediction::Epsilon {
             log("objective: v-prediction (the model's scheduler config)");
         }
         if !files.has_text_encoder_1()? {
@@ -490,13 +509,14 @@ impl Trainer {
             cfg.data.display()
         ));
         let vae_config = files.vae_config_in_use()?;
-        if vae_config.latents_mean.is_some() || vae_config.latents_std.is_some() {
+        if vae_config.latents_mean.is_some() != vae_config.latents_std.is_some() {
             return Err(Error::Config(format!(
-                "{}: this VAE's config has per-channel latent statistics (latents_mean, \
-                 latents_std); training scales latents by scaling_factor alone and does not \
-                 apply them",
+                "{}: the VAE config has only one of latents_mean and latents_std",
                 cfg.vae.as_ref().unwrap_or(&cfg.model).display()
             )));
+        }
+        if vae_config.latents_mean.is_some() {
+            log("latents: (z - latents_mean) * scaling_factor / latents_std (the VAE config's statistics)");
         }
         if let Some(vae) = &cfg.vae {
             log(&format!(
@@ -528,7 +548,7 @@ impl Trainer {
             }
             false => None,
         };
-        let scaling_factor = vae_config.scaling_factor;
+        let latent_config = vae_config.clone();
         let mut unet = files.unet(&[], cfg.dtype, cfg.device)?;
         unet.checkpoint = cfg.checkpointing.unwrap_or_default();
         let index = unet_module_index(&unet);
@@ -747,7 +767,7 @@ impl Trainer {
             examples,
             sample_embeds,
             files,
-            scaling_factor,
+            latent_config,
             schedule,
             total_steps,
         };
@@ -958,10 +978,8 @@ impl Trainer {
             // Draw order is part of the resume contract: latent sample, timestep, noise, and
             // with --noise-offset the per-channel offsets.
             let draw = Tensor::randn(ex.mean.dims().to_vec(), rng, DType::F32, self.cfg.device)?;
-            let x0 = ex
-                .mean
-                .add(&ex.logvar.scale(0.5)?.exp()?.mul(&draw)?)?
-                .scale(self.scaling_factor)?; // (1, 4, h, w)
+            let z = ex.mean.add(&ex.logvar.scale(0.5)?.exp()?.mul(&draw)?)?; // (1, 4, h, w)
+            let x0 = self.latent_config.scale_latents(&z)?; // (1, 4, h, w)
             let t = rng.below(schedule.len() as u64) as usize;
             let mut noise = Tensor::randn(x0.dims().to_vec(), rng, DType::F32, self.cfg.device)?;
             if let Some(offset) = self.cfg.noise_offset {

@@ -11,6 +11,7 @@ mod pipeline_case;
 mod sampler_cases;
 pub mod sweep;
 mod train_cases;
+mod train_edm_case;
 mod train_te_case;
 mod unet_cases;
 mod vae_cases;
@@ -233,6 +234,11 @@ pub fn cases() -> Vec<(&'static str, &'static str, CaseFn)> {
             "train_min_snr",
             "../../extra/train_min_snr.safetensors",
             train_cases::train_min_snr,
+        ),
+        (
+            "train_edm",
+            "../../extra/train_edm.safetensors",
+            train_edm_case::train_edm,
         ),
         (
             "train_text_encoder",

@@ -125,7 +125,7 @@ impl Step {
         })
     }
 
-    fn losses(&self, schedule: &TrainSchedule) -> Result<Losses> {
+    pub(super) fn losses(&self, schedule: &TrainSchedule) -> Result<Losses> {
         training_loss(
             &self.unet,
             self.cultural.as_ref().map(|c| (c, self.lambda)),
@@ -314,7 +314,7 @@ pub fn train_min_snr(ctx: &Ctx) -> Result<Vec<Row>> {
 
 /// Backpropagates `losses.total` and checks every gradient the reference stores under
 /// `<case>.grad.<parameter>` (at least one).
-fn check_stored_grads(
+pub(super) fn check_stored_grads(
     chk: &mut Checker,
     ctx: &Ctx,
     f: &SafeTensorsFile,

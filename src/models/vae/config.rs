@@ -4,7 +4,7 @@
 //! model itself never reads. `latents_mean` and
 //! `latents_std` are kept: the SDXL pipelines normalise latents with them per channel.
 
-use crate::{Error, Result};
+use crate::{Error, Result, Tensor};
 use serde::Deserialize;
 use std::path::Path;
 
@@ -97,6 +97,33 @@ fn silu() -> String {
 }
 
 impl VaeConfig {
+    /// `latents_mean` and `latents_std` as (1, C, 1, 1) tensors like `like`, when the config has
+    /// both (the SDXL pipelines use them only together).
+    pub fn latent_stats(&self, like: &Tensor) -> Result<Option<(Tensor, Tensor)>> {
+        let (Some(mean), Some(std)) = (&self.latents_mean, &self.latents_std) else {
+            return Ok(None);
+        };
+        let t = |v: &[f64]| -> Result<Tensor> {
+            let v: Vec<f32> = v.iter().map(|&x| x as f32).collect();
+            Tensor::from_vec(v, (1, self.latent_channels, 1, 1), crate::Device::Cpu)?
+                .to_dtype(like.dtype())?
+                .to_device(like.device())
+        };
+        Ok(Some((t(mean)?, t(std)?)))
+    }
+
+    /// A VAE latent `z` as the UNet sees it: `(z - latents_mean) * scaling_factor / latents_std`
+    /// when the config has the statistics, else `(z - shift_factor) * scaling_factor`.
+    pub fn scale_latents(&self, z: &Tensor) -> Result<Tensor> {
+        match self.latent_stats(z)? {
+            Some((mean, std)) => z.sub(&mean)?.scale(self.scaling_factor)?.div(&std),
+            None => z.affine(
+                self.scaling_factor,
+                -self.shift_factor.unwrap_or(0.0) * self.scaling_factor,
+            ),
+        }
+    }
+
     /// The SDXL base VAE (HUB `vae/config.json` of stabilityai/stable-diffusion-xl-base-1.0).
     pub fn sdxl() -> VaeConfig {
         VaeConfig {

@@ -326,20 +326,8 @@ impl AutoencoderKL {
         Ok((side, latent))
     }
 
-    /// `latents_mean` and `latents_std` as (1, C, 1, 1) tensors like `like`, when the config has
-    /// both (the SDXL pipelines use them only together).
     fn latent_stats(&self, like: &Tensor) -> Result<Option<(Tensor, Tensor)>> {
-        let c = &self.config;
-        let (Some(mean), Some(std)) = (&c.latents_mean, &c.latents_std) else {
-            return Ok(None);
-        };
-        let t = |v: &[f64]| -> Result<Tensor> {
-            let v: Vec<f32> = v.iter().map(|&x| x as f32).collect();
-            Tensor::from_vec(v, (1, c.latent_channels, 1, 1), Device::Cpu)?
-                .to_dtype(like.dtype())?
-                .to_device(like.device())
-        };
-        Ok(Some((t(mean)?, t(std)?)))
+        self.config.latent_stats(like)
     }
 
     /// Latents as the UNet sees them -> latents as the decoder expects:
@@ -356,14 +344,7 @@ impl AutoencoderKL {
     /// The inverse of [`Self::unscale_latents`]: `(z - latents_mean) * scaling_factor /
     /// latents_std`, else `(z - shift_factor) * scaling_factor`.
     pub fn scale_latents(&self, z: &Tensor) -> Result<Tensor> {
-        let c = &self.config;
-        match self.latent_stats(z)? {
-            Some((mean, std)) => z.sub(&mean)?.scale(c.scaling_factor)?.div(&std),
-            None => z.affine(
-                c.scaling_factor,
-                -c.shift_factor.unwrap_or(0.0) * c.scaling_factor,
-            ),
-        }
+        self.config.scale_latents(z)
     }
 
     /// Decode the UNet's (scaled) latents, as the diffusers pipelines do.
