@@ -631,10 +631,12 @@ fn edm_models_match_diffusers() {
     .unwrap();
     let err = SchedulerConfig::from_file(&p).unwrap_err().to_string();
     assert!(err.contains("sigma_min < sigma_max"), "{err}");
-    // Training samples DDPM timesteps: refused for EDM models, naming why.
-    let err = kstyle::sample::TrainSchedule::for_model(&builtin)
-        .unwrap_err()
-        .to_string();
-    assert!(err.contains("EDM model"), "{err}");
+    // Training draws EDM sigmas, not DDPM timesteps: the 1001-point ramp from sigma_max down to
+    // sigma_min, indices below num_train_timesteps.
+    let train = kstyle::sample::TrainSchedule::for_model(&builtin).unwrap();
+    let edm = train.edm.as_ref().expect("an EDM training schedule");
+    assert!(train.alphas_cumprod.is_empty());
+    assert_eq!((train.len(), edm.sigmas.len()), (1000, 1001));
+    assert_eq!((edm.sigmas[0], edm.sigmas[1000]), (80.0, 0.002));
     std::fs::remove_dir_all(&dir).unwrap();
 }

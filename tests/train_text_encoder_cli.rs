@@ -221,3 +221,47 @@ fn text_encoder_lr_needs_text_encoder_training() {
     assert_fails_naming(&o, "--text-encoder-lr needs --train-text-encoder");
     assert!(!out.exists());
 }
+
+/// Mixed precision: the text encoders and their adapters compute in bf16 while the file keeps
+/// the optimizer's f32 values; a --sample-every preview encodes its prompt with the live,
+/// adapted encoders.
+#[test]
+fn bf16_text_encoder_training_writes_f32_factors_and_previews() {
+    let dir = tmp("train-te-bf16");
+    let data = dataset(&dir);
+    let out = dir.join("bf/adapter.safetensors");
+    ok(&train(
+        &data,
+        &out,
+        "lora",
+        &[
+            "--max-steps",
+            "1",
+            "--dtype",
+            "bf16",
+            "--train-text-encoder",
+            "--lr",
+            "1e-2",
+            "--sample-every",
+            "1",
+            "--sample-prompt",
+            "a [v] house",
+            "--sample-steps",
+            "2",
+        ],
+    ));
+    let f = SafeTensorsFile::open(&out).unwrap();
+    let te: Vec<&str> = f.names().filter(|n| n.starts_with("lora_te")).collect();
+    assert_eq!(te.len(), 90, "30 modules x (down, up, alpha)");
+    for n in te {
+        assert_eq!(f.tensor(n).unwrap().dtype(), DType::F32, "{n}");
+    }
+    // The f32 masters, not bf16 leaves: some value is not a bf16 number.
+    let up = f
+        .tensor("lora_te2_text_model_encoder_layers_0_mlp_fc2.lora_up.weight")
+        .unwrap()
+        .to_vec_f32()
+        .unwrap();
+    assert!(up.iter().any(|v| v.to_bits() & 0xffff != 0), "{up:?}");
+    assert!(dir.join("bf/adapter.samples/step000001.png").exists());
+}

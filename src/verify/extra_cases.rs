@@ -524,13 +524,32 @@ pub fn lora_peft(ctx: &Ctx) -> Result<Vec<Row>> {
 /// `kstyle export`'s kohya and diffusers files, merged here, against diffusers'
 /// `load_lora_weights` of the same files.
 pub fn lora_export(ctx: &Ctx) -> Result<Vec<Row>> {
+    use crate::sample::pipeline::{LoadOptions, SdxlPipeline};
     let refs = SafeTensorsFile::open(extra(ctx, "export_reference.safetensors"))?;
+    let prompt = refs.meta_str("prompt")?.to_string();
     let mut chk = Checker::new("lora_export");
     for fmt in ["kohya", "diffusers"] {
-        let lora = KohyaLoraFile::new(extra(ctx, &format!("export_{fmt}.safetensors")), 1.0);
-        let out = unet_with(ctx, lora)?;
+        let file = extra(ctx, &format!("export_{fmt}.safetensors"));
+        let out = unet_with(ctx, KohyaLoraFile::new(&file, 1.0))?;
         let name = format!("{fmt}.out");
         chk.check(&name, &out, &refs.tensor(&name)?, ctx.forward)?;
+        // The text encoders' part, merged as `generate --lora` merges it.
+        let pipe = SdxlPipeline::load(&LoadOptions {
+            model: ctx.dir.join("sdxl"),
+            config: None,
+            dtype: DType::F32,
+            device: ctx.device,
+            loras: vec![(file, 1.0)],
+            vae: None,
+        })?;
+        let e = no_grad(|| pipe.encode_prompts(std::slice::from_ref(&prompt)))?;
+        for (key, got) in [
+            ("prompt_embeds", &e.context),
+            ("pooled_prompt_embeds", &e.pooled),
+        ] {
+            let name = format!("{fmt}.{key}");
+            chk.check(&name, got, &refs.tensor(&name)?, ctx.forward)?;
+        }
     }
     Ok(chk.rows)
 }
