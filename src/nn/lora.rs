@@ -435,6 +435,20 @@ impl AdaptedLinear {
         }
     }
 
+    /// Attach `a`, whose factors must fit this linear: A (r, D_in), B (D_out, r).
+    pub fn set_adapter(&mut self, a: LoraAdapter) -> Result<()> {
+        let (d_in, d_out) = (self.base.in_features(), self.base.out_features());
+        if a.a.dims() != [a.config.rank, d_in] || a.b.dims() != [d_out, a.config.rank] {
+            return Err(Error::ShapeMismatch {
+                op: "lora factors (lora_A, then the base weight)",
+                lhs: a.a.shape().clone(),
+                rhs: self.base.weight.shape().clone(),
+            });
+        }
+        self.adapter = Some(a);
+        Ok(())
+    }
+
     pub fn forward(&self, h: &Tensor) -> Result<Tensor> {
         let y = self.base.forward(h)?; // (B, S, D_out)
         match &self.adapter {

@@ -691,16 +691,8 @@ impl Trainer {
         if let Some(te) = &mut text_encoders {
             for (path, lin) in te.linears_mut() {
                 if let Some(a) = by_path.remove(&path) {
-                    let (d_in, d_out) = (lin.base.in_features(), lin.base.out_features());
-                    if a.a.dims() != [a.config.rank, d_in] || a.b.dims() != [d_out, a.config.rank] {
-                        return Err(Error::Config(format!(
-                            "adapter module `{path}`: factors {:?} and {:?} do not fit its weight {:?}",
-                            a.a.dims(),
-                            a.b.dims(),
-                            lin.base.weight.dims()
-                        )));
-                    }
-                    lin.adapter = Some(a);
+                    lin.set_adapter(a)
+                        .map_err(|e| Error::Config(format!("adapter module `{path}`: {e}")))?;
                 }
             }
         }

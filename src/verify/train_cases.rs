@@ -144,8 +144,6 @@ impl Step {
 
 fn train_step(ctx: &Ctx, case: &str) -> Result<Vec<Row>> {
     let f = SafeTensorsFile::open(ctx.reference(&format!("{case}.safetensors")))?;
-    let text = |k: &str| f.meta_str(k).map(String::from);
-    let num = |k: &str| f.meta_f64(k);
     let step = Step::load(ctx, &f)?;
     let params = &step.params;
     let losses = step.losses(&TrainSchedule::sdxl())?;
@@ -180,17 +178,7 @@ fn train_step(ctx: &Ctx, case: &str) -> Result<Vec<Row>> {
         )?;
         flat.push(g.to_dtype(DType::F32)?.reshape(g.elem_count())?);
     }
-    let betas: Vec<f64> = text("betas")?
-        .split(',')
-        .filter_map(|b| b.trim().parse().ok())
-        .collect();
-    let hyper = AdamW {
-        lr: num("lr")?,
-        beta1: betas.first().copied().unwrap_or(0.9),
-        beta2: betas.get(1).copied().unwrap_or(0.999),
-        eps: num("adam_eps")?,
-        weight_decay: num("weight_decay")?,
-    };
+    let hyper = adamw_from(&f)?;
     let before: Vec<Vec<f64>> = params
         .iter()
         .map(|(_, p)| p.to_vec_f64())
@@ -244,21 +232,50 @@ pub fn train_vpred(ctx: &Ctx) -> Result<Vec<Row>> {
             )?;
         }
         let losses = step.losses(&schedule)?;
-        let cultural = losses
-            .cultural
-            .as_ref()
-            .ok_or_else(|| Error::msg("the kstyle step has no cultural loss"))?;
-        for (name, got) in [
-            ("loss.diffusion", &losses.diffusion),
-            ("loss.cultural", cultural),
-            ("loss.total", &losses.total),
-        ] {
-            let name = format!("{case}.{name}");
-            chk.check(&name, got, &f.tensor(&name)?, ctx.forward)?;
-        }
+        check_kstyle_losses(&mut chk, ctx, &f, &format!("{case}."), &losses)?;
         check_stored_grads(&mut chk, ctx, &f, case, &step, &losses)?;
     }
     Ok(chk.rows)
+}
+
+/// The three losses of a K-StyleLoRA step against `<prefix>loss.diffusion`, `.cultural` and
+/// `.total`.
+pub(super) fn check_kstyle_losses(
+    chk: &mut Checker,
+    ctx: &Ctx,
+    f: &SafeTensorsFile,
+    prefix: &str,
+    losses: &Losses,
+) -> Result<()> {
+    let cultural = losses
+        .cultural
+        .as_ref()
+        .ok_or_else(|| Error::msg("the kstyle step has no cultural loss"))?;
+    for (name, got) in [
+        ("loss.diffusion", &losses.diffusion),
+        ("loss.cultural", cultural),
+        ("loss.total", &losses.total),
+    ] {
+        let name = format!("{prefix}{name}");
+        chk.check(&name, got, &f.tensor(&name)?, ctx.forward)?;
+    }
+    Ok(())
+}
+
+/// The AdamW settings a training reference records (`lr`, `betas`, `adam_eps`, `weight_decay`).
+pub(super) fn adamw_from(f: &SafeTensorsFile) -> Result<AdamW> {
+    let betas: Vec<f64> = f
+        .meta_str("betas")?
+        .split(',')
+        .filter_map(|b| b.trim().parse().ok())
+        .collect();
+    Ok(AdamW {
+        lr: f.meta_f64("lr")?,
+        beta1: betas.first().copied().unwrap_or(0.9),
+        beta2: betas.get(1).copied().unwrap_or(0.999),
+        eps: f.meta_f64("adam_eps")?,
+        weight_decay: f.meta_f64("weight_decay")?,
+    })
 }
 
 /// Min-SNR loss weighting (`tests/fixtures/extra/gen_train_min_snr.py`, gamma 5): plain LoRA on

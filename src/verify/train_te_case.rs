@@ -5,7 +5,7 @@
 //! text-encoder factor, the UNet's cross-attention key and value factors, one gated module, the
 //! cultural projection), and one AdamW step with the text encoders' own learning rate.
 
-use super::train_cases::Step;
+use super::train_cases::{adamw_from, check_kstyle_losses, Step};
 use super::{max_norm, Checker, Ctx, Row};
 use crate::backend::cpu::optim::AdamW;
 use crate::formats::diffusers::DiffusersFolder;
@@ -102,17 +102,7 @@ pub fn train_text_encoder(ctx: &Ctx) -> Result<Vec<Row>> {
             time_ids: &step.time_ids,
         },
     )?;
-    let cultural = losses
-        .cultural
-        .as_ref()
-        .ok_or_else(|| Error::msg("the kstyle step has no cultural loss"))?;
-    for (name, got) in [
-        ("loss.diffusion", &losses.diffusion),
-        ("loss.cultural", cultural),
-        ("loss.total", &losses.total),
-    ] {
-        chk.check(name, got, &f.tensor(name)?, ctx.forward)?;
-    }
+    check_kstyle_losses(&mut chk, ctx, &f, "", &losses)?;
 
     // Slot order: the UNet's and the cultural module's group, then the text encoders'.
     let te_params = te.parameters();
@@ -144,18 +134,10 @@ pub fn train_text_encoder(ctx: &Ctx) -> Result<Vec<Row>> {
         )));
     }
 
-    let setup_num = |k: &str| setup.meta_f64(k);
-    let betas: Vec<f64> = setup
-        .meta_str("betas")?
-        .split(',')
-        .filter_map(|b| b.trim().parse().ok())
-        .collect();
+    // The reference's UNet group runs at its own lr (train_step_kstyle's), the rest as there.
     let hyper = AdamW {
         lr: f.meta_f64("lr")?,
-        beta1: betas.first().copied().unwrap_or(0.9),
-        beta2: betas.get(1).copied().unwrap_or(0.999),
-        eps: setup_num("adam_eps")?,
-        weight_decay: setup_num("weight_decay")?,
+        ..adamw_from(&setup)?
     };
     let before: Vec<Vec<f64>> = params
         .iter()

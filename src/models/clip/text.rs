@@ -269,15 +269,7 @@ impl ClipTextModel {
         let mut n = 0;
         for (path, lin) in self.adapted_linears_mut() {
             if let Some(a) = make(&path, &lin.base)? {
-                let (d_in, d_out) = (lin.base.in_features(), lin.base.out_features());
-                if a.a.dims() != [a.config.rank, d_in] || a.b.dims() != [d_out, a.config.rank] {
-                    return Err(Error::ShapeMismatch {
-                        op: "attach_adapters (text encoder lora factors vs base weight)",
-                        lhs: a.a.shape().clone(),
-                        rhs: lin.base.weight.shape().clone(),
-                    });
-                }
-                lin.adapter = Some(a);
+                lin.set_adapter(a)?;
                 n += 1;
             }
         }

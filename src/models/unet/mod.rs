@@ -315,15 +315,7 @@ impl UNet2DConditionModel {
         let mut n = 0;
         for (path, lin) in self.attention_projections_mut() {
             if let Some(a) = make(&path, &lin.base)? {
-                let (d_in, d_out) = (lin.base.in_features(), lin.base.out_features());
-                if a.a.dims() != [a.config.rank, d_in] || a.b.dims() != [d_out, a.config.rank] {
-                    return Err(Error::ShapeMismatch {
-                        op: "attach_adapters (lora_A vs base weight)",
-                        lhs: a.a.shape().clone(),
-                        rhs: lin.base.weight.shape().clone(),
-                    });
-                }
-                lin.adapter = Some(a);
+                lin.set_adapter(a)?;
                 n += 1;
             }
         }
