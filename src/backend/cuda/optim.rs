@@ -36,55 +36,10 @@ impl AdamWParams {
     }
 }
 
-fn f32_buf(s: &CudaStorage, n: usize, what: &str) -> Result<()> {
-    if s.dtype() != DType::F32 || s.len() != n {
-        return Err(Error::msg(format!(
-            "adamw_step: {what} must be {n} f32 elements, got {} {}",
-            s.len(),
-            s.dtype()
-        )));
-    }
-    Ok(())
-}
-
-/// One step at 1-based `t` with gradient `grad_scale * g`, in place; `p_bf16` (when given)
-/// receives the rounded weights.
-pub fn adamw_step(
-    h: &AdamW,
-    t: u64,
-    s: State<'_, CudaStorage>,
-    g: &CudaStorage,
-    grad_scale: f32,
-    p_bf16: Option<&mut CudaStorage>,
-) -> Result<()> {
-    let State { p, m, v } = s;
-    let n = p.len();
-    f32_buf(p, n, "p")?;
-    f32_buf(g, n, "g")?;
-    f32_buf(m, n, "m")?;
-    f32_buf(v, n, "v")?;
-    if t == 0 {
-        return Err(Error::msg("adamw_step: steps count from 1"));
-    }
-    let bf = match p_bf16 {
-        Some(b) if b.dtype() == DType::BF16 && b.len() == n => b.ptr(),
-        Some(_) => return Err(Error::msg("adamw_step: the bf16 copy must match p")),
-        None => 0,
-    };
-    let dev = p.dev().clone();
-    dev.launch("optim", "optim_adamw_step_f32".to_owned())?
-        .arg(p.ptr())
-        .arg(g.ptr())
-        .arg(m.ptr())
-        .arg(v.ptr())
-        .arg(bf)
-        .arg(n as i64)
-        .arg(AdamWParams::new(h, t, grad_scale))
-        .run_gs(n)
-}
-
-/// [`adamw_step`] over the elements `range` of the four buffers (bounds checked by the caller
-/// and again here): one parameter group of a flat optimizer state.
+/// One AdamW step at 1-based `t` with gradient `grad_scale * g`, in place, over the elements
+/// `range` of the four flat f32 buffers (bounds checked by the caller and again here): a whole
+/// optimizer state, or one parameter group of it. The kernel's bf16 copy of the weights is not
+/// used (0).
 pub fn adamw_step_range(
     h: &AdamW,
     t: u64,
