@@ -16,7 +16,7 @@ use crate::sample::TrainSchedule;
 use crate::tensor::SafeTensorsFile;
 use crate::train::optim::Optimizer;
 use crate::train::step::{training_loss, Conditioning};
-use crate::train::trainer::{text_encoder_trains, text_layer, TextEncoders};
+use crate::train::text::{text_encoder_trains, text_layer, TextEncoders};
 use crate::{DType, Error, Result, Tensor};
 
 pub fn train_text_encoder(ctx: &Ctx) -> Result<Vec<Row>> {

@@ -1,0 +1,187 @@
+//! The training examples: every picture's VAE posterior and every caption's conditioning,
+//! computed once through the tensor cache.
+
+use super::data::{
+    buckets, load_training_picture, nearest_bucket, training_tensor, Dataset, TensorCache,
+};
+use super::text::caption_ids;
+use super::trainer::TrainConfig;
+use crate::models::clip::text::token_ids;
+use crate::sample::model_files::ModelFiles;
+use crate::sample::pipeline::PromptEmbeds;
+use crate::{DType, Device, Error, Result, Tensor};
+use std::collections::BTreeMap;
+use std::path::Path;
+
+/// One cached training example.
+pub(super) struct Example {
+    /// VAE posterior mean and log-variance (1, 4, h, w).
+    pub(super) mean: Tensor,
+    pub(super) logvar: Tensor,
+    pub(super) text: ExampleText,
+    pub(super) time_ids: Tensor,
+}
+
+/// A caption as the step reads it.
+pub(super) enum ExampleText {
+    /// Embeddings from the frozen text encoders: context (1, 77, Dc), pooled (1, P).
+    Cached { context: Tensor, pooled: Tensor },
+    /// Token ids (1, 77) of each tokenizer, for text encoders that train.
+    Tokens { ids_1: Tensor, ids_2: Tensor },
+}
+
+/// Latent distributions and text embeddings for every sample (and the sample prompt), computed
+/// through the cache; the VAE and text encoders load only if something is missing, and are
+/// dropped before training starts.
+pub(super) fn prepare_examples(
+    cfg: &TrainConfig,
+    files: &ModelFiles,
+    data: &Dataset,
+    log: &mut dyn FnMut(&str),
+) -> Result<(Vec<Example>, Option<PromptEmbeds>)> {
+    let cache = TensorCache::new(cfg.cache_dir.clone().unwrap_or_else(|| {
+        cfg.out
+            .parent()
+            .unwrap_or(Path::new("."))
+            .join(".kstyle-cache")
+    }))?;
+    let model_id = files.identity();
+    let latent_id = files.latent_identity();
+    let bucket_list = if cfg.buckets {
+        buckets(cfg.resolution)
+    } else {
+        vec![(cfg.resolution, cfg.resolution)]
+    };
+    let mut vae = None;
+    let mut text = None;
+    let mut examples = Vec::with_capacity(data.len());
+    let mut encode_text = |caption: &str| -> Result<BTreeMap<String, Tensor>> {
+        cache.get_or_insert(&TensorCache::key(&["text", caption, &model_id]), || {
+            if text.is_none() {
+                let (te1, te2) = files.text_encoders(&[], DType::F32, cfg.device)?;
+                text = Some((te1, te2, files.tokenizers()?));
+            }
+            let (te1, te2, (tok1, tok2)) = text.as_ref().expect("just loaded");
+            let (te1, tok1) = te1.as_ref().zip(tok1.as_ref()).ok_or_else(|| {
+                Error::Config("the model has no text_encoder: it cannot be trained".into())
+            })?;
+            crate::autograd::no_grad(|| {
+                let prompts = [caption.to_string()];
+                let o1 = te1.forward(&token_ids(&tok1.encode_batch(&prompts)?, cfg.device)?)?;
+                let o2 = te2.forward(&token_ids(&tok2.encode_batch(&prompts)?, cfg.device)?)?;
+                let context =
+                    Tensor::cat(&[o1.penultimate().clone(), o2.penultimate().clone()], 2)?; // (1, 77, Dc)
+                let pooled = o2
+                    .text_embeds
+                    .ok_or_else(|| Error::Config("text_encoder_2 has no projection".into()))?; // (1, P)
+                Ok(vec![
+                    ("context".to_string(), context),
+                    ("pooled".to_string(), pooled),
+                ])
+            })
+        })
+    };
+    // Captions past CLIP's window train on their first 75 tokens, as diffusers' scripts do.
+    let (first, second) = files.tokenizers()?;
+    let tokenizer = first.unwrap_or(second);
+    let captions = data
+        .samples
+        .iter()
+        .map(|s| (format!("the caption of {}", s.path.display()), &s.caption));
+    let sample = cfg
+        .sample_prompt
+        .iter()
+        .map(|p| ("--sample-prompt".to_string(), p));
+    for (what, text) in captions.chain(sample) {
+        if let Some(cut) = tokenizer.cut_off(text)? {
+            log(&format!(
+                "warning: {what} is longer than CLIP's 77 tokens; the end is dropped: \"{cut}\""
+            ));
+        }
+    }
+    for s in &data.samples {
+        let picture = load_training_picture(&s.path)?;
+        let size = nearest_bucket(
+            picture.width() as usize,
+            picture.height() as usize,
+            &bucket_list,
+        );
+        let size_id = format!("{}x{}", size.0, size.1);
+        // "upright": latents of pictures turned by their EXIF orientation (older caches encoded
+        // them as stored).
+        let mut parts = vec!["latent-upright", &s.hash, &size_id, &latent_id];
+        if cfg.vae_tiling {
+            // Tiled encodes differ from whole ones.
+            parts.push("tiled");
+        }
+        let key = TensorCache::key(&parts);
+        let (img, crop) = training_tensor(&picture, size, cfg.device)?;
+        let lat = cache.get_or_insert(&key, || {
+            if vae.is_none() {
+                let mut v = files.vae(cfg.device)?;
+                v.tiling = cfg.vae_tiling;
+                vae = Some(v);
+            }
+            let (mean, logvar) =
+                crate::autograd::no_grad(|| vae.as_ref().expect("just loaded").encode(&img))?;
+            Ok(vec![
+                ("mean".to_string(), mean),
+                ("logvar".to_string(), logvar),
+            ])
+        })?;
+        let text = if cfg.train_text_encoder {
+            let (ids_1, ids_2) = caption_ids(files, &s.caption, cfg.device)?;
+            ExampleText::Tokens { ids_1, ids_2 }
+        } else {
+            let txt = encode_text(&s.caption)?;
+            let get = |k: &str| -> Result<Tensor> {
+                txt.get(k)
+                    .cloned()
+                    .ok_or_else(|| {
+                        Error::msg(format!("cache entry for {} lacks `{k}`", s.path.display()))
+                    })?
+                    .to_device(cfg.device)
+            };
+            ExampleText::Cached {
+                context: get("context")?,
+                pooled: get("pooled")?,
+            }
+        };
+        let tid: Vec<f64> = crop.time_ids().iter().map(|&v| v as f64).collect();
+        let get = |m: &BTreeMap<String, Tensor>, k: &str| -> Result<Tensor> {
+            m.get(k)
+                .cloned()
+                .ok_or_else(|| {
+                    Error::msg(format!("cache entry for {} lacks `{k}`", s.path.display()))
+                })?
+                .to_device(cfg.device)
+        };
+        examples.push(Example {
+            mean: get(&lat, "mean")?,
+            logvar: get(&lat, "logvar")?,
+            text,
+            time_ids: Tensor::from_vec(tid, (1, 6), Device::Cpu)?
+                .to_dtype(DType::F32)?
+                .to_device(cfg.device)?,
+        });
+    }
+    let sample = match (&cfg.sample_every, &cfg.sample_prompt) {
+        // Samples of a run that trains the text encoders encode the prompt with them, live.
+        _ if cfg.train_text_encoder => None,
+        (Some(_), Some(p)) => {
+            let t = encode_text(p)?;
+            Some(PromptEmbeds {
+                context: t["context"].clone(),
+                pooled: t["pooled"].clone(),
+            })
+        }
+        _ => None,
+    };
+    log(&format!(
+        "caches ready in {} (text encoders {}, VAE {})",
+        cache.dir.display(),
+        if text.is_some() { "ran" } else { "not needed" },
+        if vae.is_some() { "ran" } else { "not needed" }
+    ));
+    Ok((examples, sample))
+}

@@ -1,0 +1,95 @@
+//! The text encoders of a run that trains them (`--train-text-encoder`): which of their linears
+//! get a plain LoRA adapter, SDXL's conditioning computed on the tape, and captions as token ids.
+
+use crate::models::clip::text::{token_ids, ClipTextModel};
+use crate::nn::lora::{AdaptedLinear, LoraAdapter};
+use crate::sample::model_files::ModelFiles;
+use crate::{Device, Error, Result, Tensor};
+
+/// The text-encoder linears that get an adapter: every layer's attention and MLP linears, but
+/// for `text_encoder` not its last layer, whose output SDXL never reads (the context is the
+/// penultimate state, and only `text_encoder_2` is pooled), so its adapter would get no
+/// gradient. `layer` is the index of the layer in a model of `layers`.
+pub fn text_encoder_trains(component: &str, layer: usize, layers: usize) -> bool {
+    component == "text_encoder_2" || layer + 1 < layers
+}
+
+/// The layer index of a text-encoder module path (`text_model.encoder.layers.N.…`).
+pub fn text_layer(path: &str) -> Option<usize> {
+    path.strip_prefix("text_model.encoder.layers.")?
+        .split('.')
+        .next()?
+        .parse()
+        .ok()
+}
+
+/// The two text encoders of a run that trains them, with their adapters.
+pub struct TextEncoders {
+    pub te1: ClipTextModel,
+    pub te2: ClipTextModel,
+}
+
+impl TextEncoders {
+    /// SDXL's conditioning of token ids (B, 77) each: the context cat(penultimate states),
+    /// (B, 77, Dc), and text_encoder_2's projected pooled embedding, (B, P). On the tape.
+    pub fn encode(&self, ids_1: &Tensor, ids_2: &Tensor) -> Result<(Tensor, Tensor)> {
+        let o1 = self.te1.forward(ids_1)?;
+        let o2 = self.te2.forward(ids_2)?;
+        let context = Tensor::cat(&[o1.penultimate().clone(), o2.penultimate().clone()], 2)?; // (B, 77, Dc)
+        let pooled = o2
+            .text_embeds
+            .ok_or_else(|| Error::Config("text_encoder_2 has no projection".into()))?; // (B, P)
+        Ok((context, pooled))
+    }
+
+    /// Both encoders' linears with their module paths under `text_encoder.` / `text_encoder_2.`.
+    pub fn linears_mut(&mut self) -> Vec<(String, &mut AdaptedLinear)> {
+        let mut out = Vec::new();
+        for (prefix, m) in [
+            ("text_encoder", &mut self.te1),
+            ("text_encoder_2", &mut self.te2),
+        ] {
+            for (path, lin) in m.adapted_linears_mut() {
+                out.push((format!("{prefix}.{path}"), lin));
+            }
+        }
+        out
+    }
+
+    /// The adapters as (module path, adapter), in model order.
+    pub(super) fn adapters(&self) -> Vec<(String, LoraAdapter)> {
+        let mut out = Vec::new();
+        for (prefix, m) in [("text_encoder", &self.te1), ("text_encoder_2", &self.te2)] {
+            for (path, lin) in m.adapted_linears() {
+                if let Some(a) = &lin.adapter {
+                    out.push((format!("{prefix}.{path}"), a.clone()));
+                }
+            }
+        }
+        out
+    }
+
+    /// The adapters' trainable tensors as `text_encoder.<module>.lora_A`, ….
+    pub fn parameters(&self) -> Vec<(String, Tensor)> {
+        let mut p = self.te1.adapter_parameters("text_encoder.");
+        p.extend(self.te2.adapter_parameters("text_encoder_2."));
+        p
+    }
+}
+
+/// Token ids (1, 77) of `caption` for each tokenizer, as the pipeline pads them.
+pub(super) fn caption_ids(
+    files: &ModelFiles,
+    caption: &str,
+    device: Device,
+) -> Result<(Tensor, Tensor)> {
+    let (tok1, tok2) = files.tokenizers()?;
+    let tok1 = tok1.ok_or_else(|| {
+        Error::Config("the model has no tokenizer: it cannot train text_encoder".into())
+    })?;
+    let prompts = [caption.to_string()];
+    Ok((
+        token_ids(&tok1.encode_batch(&prompts)?, device)?,
+        token_ids(&tok2.encode_batch(&prompts)?, device)?,
+    ))
+}
