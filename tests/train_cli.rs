@@ -71,7 +71,16 @@ fn every_method_trains_and_its_adapter_generates() {
 /// extra draws and min-SNR weights.
 #[test]
 fn resuming_gives_bit_identical_adapters() {
-    let options = ["--noise-offset", "0.1", "--min-snr-gamma", "5"];
+    let options = [
+        "--noise-offset",
+        "0.1",
+        "--min-snr-gamma",
+        "5",
+        "--lr-schedule",
+        "cosine",
+        "--warmup",
+        "1",
+    ];
     for (dtype, extra) in [("f32", &[][..]), ("bf16", &[]), ("f32", &options)] {
         let tag = format!("{dtype}{}", if extra.is_empty() { "" } else { "-options" });
         let dir = tmp(&format!("resume-{tag}"));
@@ -748,4 +757,75 @@ fn long_captions_are_cut_with_a_warning() {
         1,
         "only a.png's caption is long: {err}"
     );
+}
+
+/// The logged rate of every step is the schedule's (checked against diffusers in
+/// tests/lr_schedules.rs) over the run's length; settings a schedule would ignore are refused.
+#[test]
+fn lr_schedules_set_each_steps_rate() {
+    use kstyle::train::lr::{LrSchedule, LrShape};
+    let dir = tmp("lr-schedule");
+    let data = dataset(&dir);
+    let out = dir.join("a/adapter.safetensors");
+    let o = train(
+        &data,
+        &out,
+        "lora",
+        &[
+            "--max-steps",
+            "5",
+            "--lr",
+            "0.001",
+            "--lr-schedule",
+            "cosine_with_restarts",
+            "--lr-cycles",
+            "2",
+            "--warmup",
+            "1",
+        ],
+    );
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let schedule = LrSchedule {
+        shape: LrShape::CosineWithRestarts { cycles: 2 },
+        warmup: 1,
+    };
+    let csv = std::fs::read_to_string(dir.join("a/adapter.loss.csv")).unwrap();
+    let logged: Vec<f64> = csv
+        .lines()
+        .skip(1)
+        .map(|l| l.rsplit(',').next().unwrap().parse().unwrap())
+        .collect();
+    let want: Vec<f64> = (1..=5)
+        .map(|s| 0.001 * schedule.factor(s, 5, 0.001))
+        .collect();
+    assert_eq!(logged, want);
+    assert_eq!(
+        logged[0], 0.0,
+        "warm-up starts at rate 0, as diffusers' does"
+    );
+    let settings = kstyle::tensor::SafeTensorsFile::open(&out).unwrap();
+    let meta = settings.metadata();
+    assert_eq!(
+        meta.get("kstyle.train.lr_schedule").map(String::as_str),
+        Some("cosine_with_restarts(2)")
+    );
+    for (extra, needle) in [
+        (&["--warmup", "3"][..], "--warmup 3"),
+        (
+            &["--lr-schedule", "cosine", "--lr-cycles", "2"],
+            "--lr-cycles",
+        ),
+        (
+            &["--lr-schedule", "linear", "--lr-power", "2"],
+            "--lr-power",
+        ),
+    ] {
+        let o = train(
+            &data,
+            &dir.join("x.safetensors"),
+            "lora",
+            &[&["--max-steps", "1"][..], extra].concat(),
+        );
+        assert_fails_naming(&o, needle);
+    }
 }

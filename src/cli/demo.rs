@@ -14,7 +14,7 @@ use kstyle::nn::lora::LoraConfig;
 use kstyle::sample::pipeline::{SamplerKind, Sigmas};
 use kstyle::train::concepts::default_concepts;
 use kstyle::train::data::CaptionSource;
-use kstyle::train::optim::LrSchedule;
+use kstyle::train::lr::LrSchedule;
 use kstyle::train::trainer::{TrainConfig, Trainer};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -100,7 +100,7 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
             lr: 1e-2,
             ..AdamW::default()
         },
-        schedule: LrSchedule::Constant,
+        schedule: LrSchedule::CONSTANT,
         grad_accum: 2,
         epochs: 1,
         max_steps: Some(a.steps),

@@ -8,7 +8,7 @@ use kstyle::models::unet::CheckpointPolicy;
 use kstyle::nn::lora::LoraConfig;
 use kstyle::train::concepts::{default_concepts, load_concepts};
 use kstyle::train::data::CaptionSource;
-use kstyle::train::optim::LrSchedule;
+use kstyle::train::lr::{LrSchedule, LrShape};
 use kstyle::train::trainer::{TrainConfig, Trainer};
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -78,11 +78,20 @@ pub struct Args {
     /// given. The --lr-schedule scales both.
     #[arg(long)]
     pub text_encoder_lr: Option<f64>,
+    /// The learning-rate schedule, as diffusers' and kohya's --lr_scheduler (same formulas):
+    /// with --warmup the rate ramps from 0 (the first step runs at 0, as theirs does).
     #[arg(long, value_enum, default_value = "constant")]
     pub lr_schedule: LrArg,
-    /// Warm-up steps of the cosine schedule.
+    /// Warm-up steps (every schedule but constant).
     #[arg(long, default_value_t = 0)]
     pub warmup: u64,
+    /// Restarts of cosine-with-restarts (kohya's --lr_scheduler_num_cycles; default 1).
+    #[arg(long)]
+    pub lr_cycles: Option<u64>,
+    /// Power of the polynomial schedule (kohya's --lr_scheduler_power; default 1: linear to
+    /// 1e-7).
+    #[arg(long, allow_negative_numbers = true)]
+    pub lr_power: Option<f64>,
     #[arg(long, default_value_t = 1e-2)]
     pub weight_decay: f64,
     #[arg(long, default_value_t = 4)]
@@ -159,7 +168,13 @@ pub enum MethodArg {
 #[derive(Clone, Copy, Debug, clap::ValueEnum)]
 pub enum LrArg {
     Constant,
+    #[value(alias = "constant_with_warmup")]
+    ConstantWithWarmup,
+    Linear,
     Cosine,
+    #[value(alias = "cosine_with_restarts")]
+    CosineWithRestarts,
+    Polynomial,
 }
 
 fn checkpoint_policy(s: &str) -> anyhow::Result<Option<CheckpointPolicy>> {
@@ -184,12 +199,27 @@ pub fn config_from(a: &Args) -> anyhow::Result<TrainConfig> {
         Some(p) => load_concepts(p)?,
         None => default_concepts(),
     };
-    let schedule = match a.lr_schedule {
-        LrArg::Constant => LrSchedule::Constant,
-        LrArg::Cosine => LrSchedule::WarmupCosine {
-            warmup: a.warmup,
-            total: 0,
+    let shape = match a.lr_schedule {
+        LrArg::Constant => LrShape::Constant,
+        LrArg::ConstantWithWarmup => LrShape::ConstantWithWarmup,
+        LrArg::Linear => LrShape::Linear,
+        LrArg::Cosine => LrShape::Cosine,
+        LrArg::CosineWithRestarts => LrShape::CosineWithRestarts {
+            cycles: a.lr_cycles.unwrap_or(1),
         },
+        LrArg::Polynomial => LrShape::Polynomial {
+            power: a.lr_power.unwrap_or(1.0),
+        },
+    };
+    if a.lr_cycles.is_some() && !matches!(shape, LrShape::CosineWithRestarts { .. }) {
+        anyhow::bail!("--lr-cycles needs --lr-schedule cosine-with-restarts");
+    }
+    if a.lr_power.is_some() && !matches!(shape, LrShape::Polynomial { .. }) {
+        anyhow::bail!("--lr-power needs --lr-schedule polynomial");
+    }
+    let schedule = LrSchedule {
+        shape,
+        warmup: a.warmup,
     };
     Ok(TrainConfig {
         model: a.model.clone(),
@@ -252,13 +282,6 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
     eprintln!("kstyle train: {cfg:#?}");
     let mut log = |m: &str| eprintln!("{m}");
     let mut trainer = Trainer::new(cfg, &mut log)?;
-    // The cosine schedule needs the run length, known only once the dataset is scanned.
-    if let LrSchedule::WarmupCosine { warmup, .. } = trainer.cfg.schedule {
-        trainer.cfg.schedule = LrSchedule::WarmupCosine {
-            warmup,
-            total: trainer.total_steps(),
-        };
-    }
     let bar = ProgressBar::new(trainer.total_steps());
     bar.set_position(trainer.state.step);
     bar.set_style(

@@ -5,6 +5,7 @@ pub mod concepts;
 pub mod cultural;
 pub mod data;
 mod examples;
+pub mod lr;
 pub mod memory;
 pub mod optim;
 pub mod plot;

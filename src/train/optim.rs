@@ -337,35 +337,6 @@ impl GradAccumulator {
     }
 }
 
-/// Learning-rate schedule over optimizer steps.
-#[derive(Clone, Copy, Debug, PartialEq)]
-pub enum LrSchedule {
-    Constant,
-    /// Linear warm-up from 0 over `warmup` steps, then cosine decay to 0 at `total`.
-    WarmupCosine {
-        warmup: u64,
-        total: u64,
-    },
-}
-
-impl LrSchedule {
-    /// The multiplier on the base rate for 1-based step `t`.
-    pub fn factor(&self, t: u64) -> f64 {
-        match *self {
-            LrSchedule::Constant => 1.0,
-            LrSchedule::WarmupCosine { warmup, total } => {
-                if t <= warmup && warmup > 0 {
-                    t as f64 / warmup as f64
-                } else {
-                    let span = total.saturating_sub(warmup).max(1) as f64;
-                    let progress = ((t - warmup) as f64 / span).min(1.0);
-                    0.5 * (1.0 + (std::f64::consts::PI * progress).cos())
-                }
-            }
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -505,18 +476,5 @@ mod tests {
         }
         let err = reordered.align_to(&params[..2]).unwrap_err();
         assert!(err.to_string().contains("p2"), "{err}");
-    }
-
-    #[test]
-    fn warmup_cosine_shape() {
-        let s = LrSchedule::WarmupCosine {
-            warmup: 10,
-            total: 110,
-        };
-        assert_eq!(s.factor(5), 0.5);
-        assert_eq!(s.factor(10), 1.0);
-        assert!((s.factor(60) - 0.5).abs() < 1e-12);
-        assert!(s.factor(110).abs() < 1e-12);
-        assert_eq!(LrSchedule::Constant.factor(1000), 1.0);
     }
 }

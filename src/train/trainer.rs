@@ -7,8 +7,9 @@ use super::checkpoint::{load_checkpoint, save_checkpoint, TrainState};
 use super::cultural::CulturalLoss;
 use super::data::{CaptionSource, Dataset};
 use super::examples::{prepare_examples, Example, ExampleText};
+use super::lr::LrSchedule;
 use super::memory::{human, policy_name, AUTO_POLICIES};
-use super::optim::{GradAccumulator, LrSchedule, Optimizer, Slot};
+use super::optim::{GradAccumulator, Optimizer, Slot};
 use super::step::{training_loss, Conditioning, Losses};
 use super::text::{caption_ids, text_encoder_trains, text_layer, TextEncoders};
 use crate::backend::cpu::optim::AdamW;
@@ -266,6 +267,7 @@ impl Trainer {
                 vae_config.scaling_factor
             ));
         }
+        cfg.schedule.check(cfg.adamw.lr)?;
         if let Some(lr) = cfg.text_encoder_lr {
             if !cfg.train_text_encoder {
                 return Err(Error::Config(
@@ -594,6 +596,8 @@ impl Trainer {
         let c = &self.cfg;
         let settings = BTreeMap::from([
             ("lr".to_string(), c.adamw.lr.to_string()),
+            ("lr_schedule".to_string(), c.schedule.name()),
+            ("warmup".to_string(), c.schedule.warmup.to_string()),
             ("grad_accum".to_string(), c.grad_accum.to_string()),
             ("resolution".to_string(), c.resolution.to_string()),
             ("lambda".to_string(), c.lambda.to_string()),
@@ -729,7 +733,10 @@ impl Trainer {
             }
         }
         let n = self.cfg.grad_accum as f64;
-        let factor = self.cfg.schedule.factor(self.state.step + 1);
+        let factor =
+            self.cfg
+                .schedule
+                .factor(self.state.step + 1, self.total_steps, self.cfg.adamw.lr);
         let lr = self.cfg.adamw.lr * factor;
         let groups = self.lr_groups(&params, factor);
         self.optimizer
