@@ -829,3 +829,46 @@ fn lr_schedules_set_each_steps_rate() {
         assert_fails_naming(&o, needle);
     }
 }
+
+/// kohya's DreamBooth layout trains as kohya counts it: a `2_name` folder's pictures twice an
+/// epoch (3 pictures x 2 visits at --grad-accum 2: 3 steps an epoch), its uncaptioned pictures
+/// captioned `name`; a folder without a repeat count is reported, and a checkpoint of this
+/// dataset does not resume on another.
+#[test]
+fn kohya_repeat_folders_set_the_epoch() {
+    let dir = tmp("kohya-folders");
+    let flat = dataset(&dir);
+    let root = dir.join("kohya");
+    let sub = root.join("2_hanok palace");
+    std::fs::create_dir_all(&sub).unwrap();
+    std::fs::create_dir_all(root.join("unsorted")).unwrap();
+    for entry in std::fs::read_dir(&flat).unwrap() {
+        let p = entry.unwrap().path();
+        std::fs::copy(&p, sub.join(p.file_name().unwrap())).unwrap();
+    }
+    std::fs::copy(flat.join("a.png"), root.join("unsorted/a.png")).unwrap();
+    let out = dir.join("a/adapter.safetensors");
+    let o = train(&root, &out, "lora", &["--epochs", "2", "--save-every", "3"]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{err}");
+    assert!(err.contains("6 visits an epoch"), "{err}");
+    assert!(
+        err.contains("left out") && err.contains("unsorted"),
+        "{err}"
+    );
+    let csv = std::fs::read_to_string(dir.join("a/adapter.loss.csv")).unwrap();
+    let epochs: Vec<&str> = csv
+        .lines()
+        .skip(1)
+        .map(|l| l.split(',').nth(1).unwrap())
+        .collect();
+    assert_eq!(epochs, ["0", "0", "0", "1", "1", "1"], "{csv}");
+    let ckpt = dir.join("a/adapter.step000003.ckpt.safetensors");
+    let o = train(
+        &flat,
+        &dir.join("b/adapter.safetensors"),
+        "lora",
+        &["--epochs", "2", "--resume", ckpt.to_str().unwrap()],
+    );
+    assert_fails_naming(&o, "resume with the same --data");
+}

@@ -115,6 +115,7 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
         captions: CaptionSource {
             template: None,
             trigger: "[v]".into(),
+            extension: "txt".into(),
         },
         checkpointing: Some(CheckpointPolicy::EveryBlock),
         memory_budget: None,

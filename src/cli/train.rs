@@ -30,7 +30,9 @@ pub struct Args {
     /// memory of one VAE tile at any resolution; slightly different latents (cached apart).
     #[arg(long)]
     pub vae_tiling: bool,
-    /// Folder of png/jpg/webp images with same-name .txt captions.
+    /// Folder of png/jpg/webp images with same-name .txt captions; kohya's `N_name`
+    /// sub-folders (`10_hanok style/`) add their images N times an epoch, captioned `name`
+    /// where they have no caption file.
     #[arg(long)]
     pub data: PathBuf,
     /// The adapter file to write (.safetensors); the log, plot and samples go beside it.
@@ -123,6 +125,9 @@ pub struct Args {
     /// Caption for images without a .txt file; `{trigger}` is replaced by --trigger.
     #[arg(long)]
     pub caption_template: Option<String>,
+    /// Extension of the same-name caption files (kohya's --caption_extension).
+    #[arg(long, default_value = "txt")]
+    pub caption_extension: String,
     /// The trigger phrase (the paper's "[v]").
     #[arg(long, default_value = "Korean traditional")]
     pub trigger: String,
@@ -263,6 +268,7 @@ pub fn config_from(a: &Args) -> anyhow::Result<TrainConfig> {
         captions: CaptionSource {
             template: a.caption_template.clone(),
             trigger: a.trigger.clone(),
+            extension: a.caption_extension.trim_start_matches('.').to_string(),
         },
         checkpointing: checkpoint_policy(&a.checkpointing)?,
         memory_budget: a.memory_budget,

@@ -1,6 +1,7 @@
-//! Training data: a folder of images with kohya-style same-name `.txt` captions (or a caption
-//! template), resized and centre-cropped to the training resolution or an aspect-ratio bucket,
-//! and a content-addressed on-disk cache so the VAE and text encoders need not stay resident.
+//! Training data: a folder of images with kohya-style same-name `.txt` captions and kohya's
+//! `N_name` repeat folders (or a caption template), resized and centre-cropped to the training
+//! resolution or an aspect-ratio bucket, and a content-addressed on-disk cache so the VAE and
+//! text encoders need not stay resident.
 
 use crate::image::io::{load_rgb_upright, resize_center_crop, rgb_to_chw, CropInfo, PixelRange};
 use crate::tensor::{load_safetensors, save_safetensors};
@@ -15,25 +16,37 @@ pub const IMAGE_EXTENSIONS: [&str; 4] = ["png", "jpg", "jpeg", "webp"];
 /// Where captions come from.
 #[derive(Clone, Debug)]
 pub struct CaptionSource {
-    /// Used when an image has no `.txt`; `{trigger}` is replaced by the trigger phrase.
+    /// Used when an image has neither a caption file nor a kohya folder caption; `{trigger}` is
+    /// replaced by the trigger phrase.
     pub template: Option<String>,
     pub trigger: String,
+    /// Extension of the same-name caption files, without the dot (`txt`; kohya's
+    /// `--caption_extension`).
+    pub extension: String,
 }
 
 impl CaptionSource {
-    fn caption_for(&self, image: &Path) -> Result<String> {
-        let txt = image.with_extension("txt");
-        if txt.exists() {
-            let text = std::fs::read_to_string(&txt).map_err(|e| Error::io(&txt, e))?;
-            return Ok(text.trim().replace("{trigger}", &self.trigger));
-        }
-        match &self.template {
-            Some(t) => Ok(t.replace("{trigger}", &self.trigger)),
-            None => Err(Error::file(
+    /// The caption of `image`: its caption file, else the folder's (kohya's `N_name` folders
+    /// caption their images `name`), else the template.
+    fn caption_for(&self, image: &Path, folder: Option<&str>) -> Result<String> {
+        let file = image.with_extension(&self.extension);
+        let text = if file.exists() {
+            std::fs::read_to_string(&file).map_err(|e| Error::io(&file, e))?
+        } else if let Some(f) = folder {
+            f.to_string()
+        } else if let Some(t) = &self.template {
+            t.clone()
+        } else {
+            return Err(Error::file(
                 image,
-                "no caption: add a same-name .txt file or pass a caption template",
-            )),
-        }
+                format!(
+                    "no caption: add a same-name .{} file, put it in a kohya `N_caption` folder \
+                     or pass a caption template",
+                    self.extension
+                ),
+            ));
+        };
+        Ok(text.trim().replace("{trigger}", &self.trigger))
     }
 }
 
@@ -43,11 +56,15 @@ pub struct Sample {
     pub caption: String,
     /// sha256 of the image file's bytes: the cache key.
     pub hash: String,
+    /// Visits per epoch (kohya's folder repeats; 1 for pictures directly in the data folder).
+    pub repeats: usize,
 }
 
 #[derive(Clone, Debug)]
 pub struct Dataset {
     pub samples: Vec<Sample>,
+    /// Sub-folders left out, with the reason (for the run's log).
+    pub skipped: Vec<String>,
 }
 
 fn sha256_hex(bytes: &[u8]) -> String {
@@ -57,51 +74,126 @@ fn sha256_hex(bytes: &[u8]) -> String {
         .collect()
 }
 
+/// kohya's DreamBooth folder name `N_name`: N repeats, `name` (underscores kept) the caption of
+/// its uncaptioned images. None when the name does not start with a number.
+pub fn kohya_folder(name: &str) -> Option<(usize, Option<String>)> {
+    let (n, rest) = name.split_once('_').unwrap_or((name, ""));
+    let repeats = n.parse().ok()?;
+    Some((repeats, (!rest.trim().is_empty()).then(|| rest.to_string())))
+}
+
+/// Sorted entries of a folder, hidden ones (`.ipynb_checkpoints`, `.DS_Store`) left out.
+fn entries(dir: &Path) -> Result<Vec<PathBuf>> {
+    let read = std::fs::read_dir(dir).map_err(|e| Error::io(dir, e))?;
+    let mut paths = Vec::new();
+    for e in read {
+        let p = e.map_err(|e| Error::io(dir, e))?.path();
+        if !p
+            .file_name()
+            .is_some_and(|n| n.to_string_lossy().starts_with('.'))
+        {
+            paths.push(p);
+        }
+    }
+    paths.sort();
+    Ok(paths)
+}
+
+/// Whether `file` is named for `image`: its stem followed by `.` or `_`.
+fn companion_of(file: &Path, image: &Path) -> bool {
+    let (Some(name), Some(stem)) = (file.file_name(), image.file_stem()) else {
+        return false;
+    };
+    let (name, stem) = (name.to_string_lossy(), stem.to_string_lossy());
+    name.strip_prefix(stem.as_ref())
+        .is_some_and(|rest| rest.starts_with('.') || rest.starts_with('_'))
+}
+
+fn is_image(p: &Path) -> bool {
+    p.extension().is_some_and(|e| {
+        IMAGE_EXTENSIONS.contains(&e.to_string_lossy().to_ascii_lowercase().as_str())
+    })
+}
+
 impl Dataset {
-    /// Every image of `dir` (sorted by name). Hidden files and `.txt` captions are skipped; any
-    /// other file is an error naming it, and so is an image that does not decode.
+    /// Every image of `dir` (sorted by name), and of its kohya-style `N_name` sub-folders, each
+    /// image of those visited N times an epoch. Caption files and kohya's latent caches (`.npz`)
+    /// beside an image are skipped; any other file is an error naming it, and so is an image
+    /// that does not decode. Sub-folders whose name has no repeat count (or 0) are left out, as
+    /// kohya leaves them, and listed in `skipped`.
     pub fn scan(dir: &Path, captions: &CaptionSource) -> Result<Dataset> {
-        let entries = std::fs::read_dir(dir).map_err(|e| Error::io(dir, e))?;
-        let mut paths: Vec<PathBuf> = entries
-            .filter_map(|e| e.ok().map(|e| e.path()))
-            .filter(|p| p.is_file())
-            .collect();
-        paths.sort();
         let mut samples = Vec::new();
-        for p in paths {
-            let name = p
-                .file_name()
-                .map(|n| n.to_string_lossy().into_owned())
-                .unwrap_or_default();
-            let ext = p
-                .extension()
-                .map(|e| e.to_string_lossy().to_ascii_lowercase())
-                .unwrap_or_default();
-            if name.starts_with('.') || ext == "txt" {
+        let mut skipped = Vec::new();
+        let mut folders = vec![(dir.to_path_buf(), 1, None)];
+        for p in entries(dir)? {
+            if !p.is_dir() {
                 continue;
             }
-            if !IMAGE_EXTENSIONS.contains(&ext.as_str()) {
-                return Err(Error::file(
-                    &p,
-                    format!(
-                        "not an image (dataset folders hold {} and .txt captions)",
-                        IMAGE_EXTENSIONS.join("/")
-                    ),
-                ));
+            let name = p
+                .file_name()
+                .unwrap_or_default()
+                .to_string_lossy()
+                .into_owned();
+            match kohya_folder(&name) {
+                Some((0, _)) => skipped.push(format!("{}: 0 repeats", p.display())),
+                Some((repeats, caption)) => folders.push((p, repeats, caption)),
+                None => skipped.push(format!(
+                    "{}: not a kohya `N_name` folder (N: repeats per epoch)",
+                    p.display()
+                )),
             }
-            // Decode once now so a broken image fails before hours of training, not in the middle.
-            load_training_picture(&p)?;
-            let bytes = std::fs::read(&p).map_err(|e| Error::io(&p, e))?;
-            samples.push(Sample {
-                caption: captions.caption_for(&p)?,
-                hash: sha256_hex(&bytes),
-                path: p,
-            });
+        }
+        for (folder, repeats, folder_caption) in folders {
+            let paths = entries(&folder)?;
+            for p in &paths {
+                if p.is_dir() {
+                    if folder != dir {
+                        skipped.push(format!("{}: folders nest one level", p.display()));
+                    }
+                    continue;
+                }
+                if !is_image(p) {
+                    let ext = p
+                        .extension()
+                        .map(|e| e.to_string_lossy().to_ascii_lowercase());
+                    let ext = ext.as_deref().unwrap_or("");
+                    // Captions and kohya's caches (`a.npz`, `a_1024x1024_sdxl.npz`,
+                    // `a_te_outputs.npz`) beside a picture.
+                    let companion = ["txt", "caption", "npz"].contains(&ext)
+                        && paths.iter().any(|q| is_image(q) && companion_of(p, q));
+                    if ext == captions.extension || companion {
+                        continue;
+                    }
+                    return Err(Error::file(
+                        p,
+                        format!(
+                            "not an image (dataset folders hold {} pictures, .{} captions and \
+                             kohya `N_name` sub-folders)",
+                            IMAGE_EXTENSIONS.join("/"),
+                            captions.extension
+                        ),
+                    ));
+                }
+                // Decode once now so a broken image fails before hours of training, not in the
+                // middle.
+                load_training_picture(p)?;
+                let bytes = std::fs::read(p).map_err(|e| Error::io(p, e))?;
+                samples.push(Sample {
+                    caption: captions.caption_for(p, folder_caption.as_deref())?,
+                    hash: sha256_hex(&bytes),
+                    path: p.clone(),
+                    repeats,
+                });
+            }
         }
         if samples.is_empty() {
-            return Err(Error::file(dir, "no training images found"));
+            return Err(Error::file(
+                dir,
+                "no training images found (pictures go in the folder or in kohya-style \
+                 `N_name` sub-folders)",
+            ));
         }
-        Ok(Dataset { samples })
+        Ok(Dataset { samples, skipped })
     }
 
     pub fn len(&self) -> usize {
@@ -110,6 +202,21 @@ impl Dataset {
 
     pub fn is_empty(&self) -> bool {
         self.samples.is_empty()
+    }
+
+    /// Example visits in one epoch: every sample times its repeats.
+    pub fn epoch_len(&self) -> usize {
+        self.samples.iter().map(|s| s.repeats).sum()
+    }
+
+    /// One epoch's visits in data order, each sample index `repeats` times (shuffled by the
+    /// trainer).
+    pub fn epoch_order(repeats: &[usize]) -> Vec<usize> {
+        repeats
+            .iter()
+            .enumerate()
+            .flat_map(|(i, &n)| std::iter::repeat_n(i, n))
+            .collect()
     }
 }
 
@@ -234,6 +341,99 @@ mod tests {
         // As stored, the picture would have gone to a landscape bucket.
         let (w, h) = nearest_bucket(48, 32, &list);
         assert!(w > h);
+    }
+
+    #[test]
+    fn kohya_folder_names_give_repeats_and_captions() {
+        assert_eq!(
+            kohya_folder("10_sks dog"),
+            Some((10, Some("sks dog".into())))
+        );
+        assert_eq!(
+            kohya_folder("20_eir_niflheimr"),
+            Some((20, Some("eir_niflheimr".into())))
+        );
+        assert_eq!(kohya_folder("3"), Some((3, None)));
+        assert_eq!(kohya_folder("3_ "), Some((3, None)));
+        assert_eq!(kohya_folder("0_off"), Some((0, Some("off".into()))));
+        assert_eq!(kohya_folder("hanok_10"), None);
+        assert_eq!(kohya_folder("x_y"), None);
+        assert_eq!(Dataset::epoch_order(&[2, 1, 0, 3]), [0, 0, 1, 3, 3, 3]);
+    }
+
+    fn picture(path: &Path) {
+        RgbImage::from_fn(16, 12, |x, y| image::Rgb([x as u8 * 9, y as u8 * 11, 60]))
+            .save(path)
+            .unwrap();
+    }
+
+    /// A kohya DreamBooth layout: top-level pictures once an epoch, `N_name` folders N times,
+    /// captioned by file, then folder, then template; caches and hidden folders skipped,
+    /// folders without a repeat count left out and reported, a stray file an error naming it.
+    #[test]
+    fn kohya_folders_repeat_and_caption_their_pictures() {
+        let dir = crate::test_fixtures::TempDir::new("kohya-data");
+        let root = dir.path();
+        let hanok = root.join("3_hanok roof");
+        let other = root.join("notes");
+        for d in [&hanok, &other, &root.join(".ipynb_checkpoints")] {
+            std::fs::create_dir_all(d).unwrap();
+        }
+        picture(&root.join("top.png"));
+        picture(&hanok.join("a.png"));
+        std::fs::write(hanok.join("a.txt"), "a {trigger} gate").unwrap();
+        picture(&hanok.join("b.jpg"));
+        std::fs::write(hanok.join("b_1024x1024_sdxl.npz"), b"cache").unwrap();
+        std::fs::write(hanok.join("b.caption"), "kohya's other caption file").unwrap();
+        picture(&other.join("c.png"));
+        picture(&root.join(".ipynb_checkpoints/d.png"));
+        let captions = CaptionSource {
+            template: Some("a {trigger} thing".into()),
+            trigger: "[v]".into(),
+            extension: "txt".into(),
+        };
+        let data = Dataset::scan(root, &captions).unwrap();
+        let got: Vec<(String, String, usize)> = data
+            .samples
+            .iter()
+            .map(|s| {
+                let rel = s.path.strip_prefix(root).unwrap().display().to_string();
+                (rel, s.caption.clone(), s.repeats)
+            })
+            .collect();
+        let want = [
+            ("top.png", "a [v] thing", 1),
+            ("3_hanok roof/a.png", "a [v] gate", 3),
+            ("3_hanok roof/b.jpg", "hanok roof", 3),
+        ];
+        let want: Vec<(String, String, usize)> = want
+            .iter()
+            .map(|(p, c, n)| (p.to_string(), c.to_string(), *n))
+            .collect();
+        assert_eq!(got, want);
+        assert_eq!(data.epoch_len(), 7);
+        assert_eq!(data.skipped.len(), 1, "{:?}", data.skipped);
+        assert!(data.skipped[0].contains("notes"), "{:?}", data.skipped);
+        // A cache file that belongs to no picture is not silently trained around.
+        std::fs::write(hanok.join("zzz.npz"), b"stray").unwrap();
+        let e = Dataset::scan(root, &captions).unwrap_err().to_string();
+        assert!(e.contains("zzz.npz") && e.contains("not an image"), "{e}");
+        std::fs::remove_file(hanok.join("zzz.npz")).unwrap();
+        // With --caption-extension caption, the .caption file captions b.
+        let by_caption = CaptionSource {
+            extension: "caption".into(),
+            ..captions.clone()
+        };
+        let data = Dataset::scan(root, &by_caption).unwrap();
+        assert_eq!(data.samples[2].caption, "kohya's other caption file");
+        // Only folders without repeats: nothing to train on, and the error says where they go.
+        let empty = crate::test_fixtures::TempDir::new("kohya-empty");
+        std::fs::create_dir_all(empty.path().join("hanok")).unwrap();
+        picture(&empty.path().join("hanok/x.png"));
+        let e = Dataset::scan(empty.path(), &captions)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("N_name"), "{e}");
     }
 
     #[test]

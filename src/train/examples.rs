@@ -20,6 +20,8 @@ pub(super) struct Example {
     pub(super) logvar: Tensor,
     pub(super) text: ExampleText,
     pub(super) time_ids: Tensor,
+    /// Visits per epoch (the sample's kohya folder repeats).
+    pub(super) repeats: usize,
 }
 
 /// A caption as the step reads it.
@@ -163,6 +165,7 @@ pub(super) fn prepare_examples(
             time_ids: Tensor::from_vec(tid, (1, 6), Device::Cpu)?
                 .to_dtype(DType::F32)?
                 .to_device(cfg.device)?,
+            repeats: s.repeats,
         });
     }
     let sample = match (&cfg.sample_every, &cfg.sample_prompt) {

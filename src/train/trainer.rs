@@ -245,11 +245,23 @@ impl Trainer {
             )));
         }
         let data = Dataset::scan(&cfg.data, &cfg.captions)?;
+        let folders = data.samples.iter().filter(|s| s.repeats != 1).count();
         log(&format!(
-            "dataset: {} images from {}",
+            "dataset: {} images from {}{}",
             data.len(),
-            cfg.data.display()
+            cfg.data.display(),
+            if folders > 0 || data.epoch_len() != data.len() {
+                format!(
+                    ", {} visits an epoch (kohya folder repeats)",
+                    data.epoch_len()
+                )
+            } else {
+                String::new()
+            }
         ));
+        for s in &data.skipped {
+            log(&format!("warning: left out {s}"));
+        }
         let vae_config = files.vae_config_in_use()?;
         if vae_config.latents_mean.is_some() != vae_config.latents_std.is_some() {
             return Err(Error::Config(format!(
@@ -295,7 +307,7 @@ impl Trainer {
         let mut unet = files.unet(&[], cfg.dtype, cfg.device)?;
         unet.checkpoint = cfg.checkpointing.unwrap_or_default();
         let index = unet_module_index(&unet);
-        let steps_per_epoch = (data.len() as u64).div_ceil(cfg.grad_accum as u64);
+        let steps_per_epoch = (data.epoch_len() as u64).div_ceil(cfg.grad_accum as u64);
         let total_steps = cfg.max_steps.unwrap_or(cfg.epochs * steps_per_epoch);
         let (adapter_modules, cultural, concept_embeds, optimizer, state) = match &cfg.resume {
             Some(path) => {
@@ -323,6 +335,19 @@ impl Trainer {
                             adapter.config.rank,
                             cfg.method.name(),
                             cfg.lora.rank
+                        ),
+                    ));
+                }
+                let visits = data.epoch_len();
+                if state.order.len() != visits || state.order.iter().any(|&i| i >= data.len()) {
+                    return Err(Error::file(
+                        path,
+                        format!(
+                            "the checkpoint's epoch has {} visits of its dataset; {} gives {} \
+                             images, {visits} visits an epoch: resume with the same --data",
+                            state.order.len(),
+                            cfg.data.display(),
+                            data.len()
                         ),
                     ));
                 }
@@ -406,7 +431,8 @@ impl Trainer {
                     }
                     _ => None,
                 };
-                let mut order: Vec<usize> = (0..data.len()).collect();
+                let repeats: Vec<usize> = data.samples.iter().map(|s| s.repeats).collect();
+                let mut order = Dataset::epoch_order(&repeats);
                 rng.shuffle(&mut order);
                 (
                     modules,
@@ -655,7 +681,8 @@ impl Trainer {
         if self.state.pos >= self.state.order.len() {
             self.state.epoch += 1;
             self.state.pos = 0;
-            let mut order: Vec<usize> = (0..self.examples.len()).collect();
+            let repeats: Vec<usize> = self.examples.iter().map(|e| e.repeats).collect();
+            let mut order = Dataset::epoch_order(&repeats);
             self.state.rng.shuffle(&mut order);
             self.state.order = order;
         }
