@@ -872,3 +872,54 @@ fn kohya_repeat_folders_set_the_epoch() {
     );
     assert_fails_naming(&o, "resume with the same --data");
 }
+
+/// `--caption-dropout 1` trains every micro-batch on the empty caption: one step of it equals,
+/// bit for bit, a step on a dataset whose captions are empty (its dropout draw comes after the
+/// step's other draws), with frozen or training text encoders. Probabilities outside [0, 1] are
+/// refused.
+#[test]
+fn caption_dropout_trains_on_the_empty_caption() {
+    let dir = tmp("caption-dropout");
+    let data = dataset(&dir);
+    let empty = dir.join("empty");
+    std::fs::create_dir_all(&empty).unwrap();
+    for entry in std::fs::read_dir(&data).unwrap() {
+        let p = entry.unwrap().path();
+        if p.extension().is_some_and(|e| e != "txt") {
+            std::fs::copy(&p, empty.join(p.file_name().unwrap())).unwrap();
+            std::fs::write(empty.join(p.file_name().unwrap()).with_extension("txt"), "").unwrap();
+        }
+    }
+    for (tag, extra) in [("frozen", &[][..]), ("te", &["--train-text-encoder"])] {
+        let step = [&["--max-steps", "1", "--grad-accum", "1"][..], extra].concat();
+        let dropped = dir.join(format!("{tag}-dropped/a.safetensors"));
+        let o = train(
+            &data,
+            &dropped,
+            "kstyle",
+            &[&step[..], &["--caption-dropout", "1"]].concat(),
+        );
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let blank = dir.join(format!("{tag}-blank/a.safetensors"));
+        let o = train(&empty, &blank, "kstyle", &step);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let plain = dir.join(format!("{tag}-plain/a.safetensors"));
+        let o = train(&data, &plain, "kstyle", &step);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        assert!(
+            tensors(&dropped) == tensors(&blank),
+            "{tag}: dropout 1 is not the empty caption"
+        );
+        assert!(
+            tensors(&dropped) != tensors(&plain),
+            "{tag}: the captions made no difference"
+        );
+    }
+    let o = train(
+        &data,
+        &dir.join("x.safetensors"),
+        "lora",
+        &["--max-steps", "1", "--caption-dropout", "1.5"],
+    );
+    assert_fails_naming(&o, "--caption-dropout");
+}

@@ -117,6 +117,7 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
             trigger: "[v]".into(),
             extension: "txt".into(),
         },
+        caption_dropout: None,
         checkpointing: Some(CheckpointPolicy::EveryBlock),
         memory_budget: None,
         cache_dir: None,

@@ -128,6 +128,11 @@ pub struct Args {
     /// Extension of the same-name caption files (kohya's --caption_extension).
     #[arg(long, default_value = "txt")]
     pub caption_extension: String,
+    /// Train each micro-batch on the empty caption with this probability (kohya's
+    /// --caption_dropout_rate), so the adapter also shapes the unconditional branch guidance
+    /// reads. Off by default.
+    #[arg(long)]
+    pub caption_dropout: Option<f64>,
     /// The trigger phrase (the paper's "[v]").
     #[arg(long, default_value = "Korean traditional")]
     pub trigger: String,
@@ -277,6 +282,8 @@ pub fn config_from(a: &Args) -> anyhow::Result<TrainConfig> {
         dtype: a.dtype.dtype(),
         train_text_encoder: a.train_text_encoder,
         text_encoder_lr: a.text_encoder_lr,
+        // 0 is off: no draws, so the run equals one without the flag.
+        caption_dropout: a.caption_dropout.filter(|&p| p != 0.0),
     })
 }
 

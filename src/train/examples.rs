@@ -25,11 +25,21 @@ pub(super) struct Example {
 }
 
 /// A caption as the step reads it.
+#[derive(Clone)]
 pub(super) enum ExampleText {
     /// Embeddings from the frozen text encoders: context (1, 77, Dc), pooled (1, P).
     Cached { context: Tensor, pooled: Tensor },
     /// Token ids (1, 77) of each tokenizer, for text encoders that train.
     Tokens { ids_1: Tensor, ids_2: Tensor },
+}
+
+/// What the caches give the trainer.
+pub(super) struct Prepared {
+    pub(super) examples: Vec<Example>,
+    /// The sample prompt's embeddings (runs whose text encoders are frozen).
+    pub(super) sample: Option<PromptEmbeds>,
+    /// The empty caption, with `--caption-dropout`.
+    pub(super) empty: Option<ExampleText>,
 }
 
 /// Latent distributions and text embeddings for every sample (and the sample prompt), computed
@@ -40,7 +50,7 @@ pub(super) fn prepare_examples(
     files: &ModelFiles,
     data: &Dataset,
     log: &mut dyn FnMut(&str),
-) -> Result<(Vec<Example>, Option<PromptEmbeds>)> {
+) -> Result<Prepared> {
     let cache = TensorCache::new(cfg.cache_dir.clone().unwrap_or_else(|| {
         cfg.out
             .parent()
@@ -81,6 +91,25 @@ pub(super) fn prepare_examples(
                     ("pooled".to_string(), pooled),
                 ])
             })
+        })
+    };
+    // A caption as the step reads it: token ids when the text encoders train, else their
+    // (cached) outputs on the run's device. `what` names it in errors.
+    let mut text_of = |caption: &str, what: &str| -> Result<ExampleText> {
+        if cfg.train_text_encoder {
+            let (ids_1, ids_2) = caption_ids(files, caption, cfg.device)?;
+            return Ok(ExampleText::Tokens { ids_1, ids_2 });
+        }
+        let txt = encode_text(caption)?;
+        let get = |k: &str| -> Result<Tensor> {
+            txt.get(k)
+                .cloned()
+                .ok_or_else(|| Error::msg(format!("cache entry for {what} lacks `{k}`")))?
+                .to_device(cfg.device)
+        };
+        Ok(ExampleText::Cached {
+            context: get("context")?,
+            pooled: get("pooled")?,
         })
     };
     // Captions past CLIP's window train on their first 75 tokens, as diffusers' scripts do.
@@ -131,24 +160,7 @@ pub(super) fn prepare_examples(
                 ("logvar".to_string(), logvar),
             ])
         })?;
-        let text = if cfg.train_text_encoder {
-            let (ids_1, ids_2) = caption_ids(files, &s.caption, cfg.device)?;
-            ExampleText::Tokens { ids_1, ids_2 }
-        } else {
-            let txt = encode_text(&s.caption)?;
-            let get = |k: &str| -> Result<Tensor> {
-                txt.get(k)
-                    .cloned()
-                    .ok_or_else(|| {
-                        Error::msg(format!("cache entry for {} lacks `{k}`", s.path.display()))
-                    })?
-                    .to_device(cfg.device)
-            };
-            ExampleText::Cached {
-                context: get("context")?,
-                pooled: get("pooled")?,
-            }
-        };
+        let text = text_of(&s.caption, &s.path.display().to_string())?;
         let tid: Vec<f64> = crop.time_ids().iter().map(|&v| v as f64).collect();
         let get = |m: &BTreeMap<String, Tensor>, k: &str| -> Result<Tensor> {
             m.get(k)
@@ -171,14 +183,15 @@ pub(super) fn prepare_examples(
     let sample = match (&cfg.sample_every, &cfg.sample_prompt) {
         // Samples of a run that trains the text encoders encode the prompt with them, live.
         _ if cfg.train_text_encoder => None,
-        (Some(_), Some(p)) => {
-            let t = encode_text(p)?;
-            Some(PromptEmbeds {
-                context: t["context"].clone(),
-                pooled: t["pooled"].clone(),
-            })
-        }
+        (Some(_), Some(p)) => match text_of(p, "--sample-prompt")? {
+            ExampleText::Cached { context, pooled } => Some(PromptEmbeds { context, pooled }),
+            ExampleText::Tokens { .. } => None,
+        },
         _ => None,
+    };
+    let empty = match cfg.caption_dropout {
+        Some(_) => Some(text_of("", "the dropped caption")?),
+        None => None,
     };
     log(&format!(
         "caches ready in {} (text encoders {}, VAE {})",
@@ -186,5 +199,9 @@ pub(super) fn prepare_examples(
         if text.is_some() { "ran" } else { "not needed" },
         if vae.is_some() { "ran" } else { "not needed" }
     ));
-    Ok((examples, sample))
+    Ok(Prepared {
+        examples,
+        sample,
+        empty,
+    })
 }

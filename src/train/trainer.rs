@@ -6,7 +6,7 @@
 use super::checkpoint::{load_checkpoint, save_checkpoint, TrainState};
 use super::cultural::CulturalLoss;
 use super::data::{CaptionSource, Dataset};
-use super::examples::{prepare_examples, Example, ExampleText};
+use super::examples::{prepare_examples, Example, ExampleText, Prepared};
 use super::lr::LrSchedule;
 use super::memory::{human, policy_name, AUTO_POLICIES};
 use super::optim::{GradAccumulator, Optimizer, Slot};
@@ -89,6 +89,10 @@ pub struct TrainConfig {
     /// Learning rate of the text encoders' adapters (kohya's `--text_encoder_lr`); the UNet's
     /// when None. The schedule scales both.
     pub text_encoder_lr: Option<f64>,
+    /// Probability that a micro-batch trains on the empty caption instead of its own (kohya's
+    /// `--caption_dropout_rate`), so the adapter also learns the unconditional branch that
+    /// classifier-free guidance reads. None: never.
+    pub caption_dropout: Option<f64>,
 }
 
 /// What happened in one optimizer step.
@@ -166,6 +170,8 @@ pub struct Trainer {
     pub outputs: Outputs,
     pub(super) examples: Vec<Example>,
     sample_embeds: Option<PromptEmbeds>,
+    /// The empty caption as the step reads it, with `--caption-dropout`.
+    empty_text: Option<ExampleText>,
     files: ModelFiles,
     /// The VAE config whose scaling (and latent statistics) turns a latent into the UNet's x0.
     pub(super) latent_config: crate::models::vae::VaeConfig,
@@ -292,7 +298,18 @@ impl Trainer {
                 )));
             }
         }
-        let (examples, sample_embeds) = prepare_examples(&cfg, &files, &data, log)?;
+        if let Some(p) = cfg.caption_dropout {
+            if !(0.0..=1.0).contains(&p) {
+                return Err(Error::Config(format!(
+                    "--caption-dropout is a probability from 0 to 1, got {p}"
+                )));
+            }
+        }
+        let Prepared {
+            examples,
+            sample: sample_embeds,
+            empty: empty_text,
+        } = prepare_examples(&cfg, &files, &data, log)?;
         let mut text_encoders = match cfg.train_text_encoder {
             true => {
                 let (te1, te2) = files.text_encoders(&[], cfg.dtype, cfg.device)?;
@@ -527,6 +544,7 @@ impl Trainer {
             outputs,
             examples,
             sample_embeds,
+            empty_text,
             files,
             latent_config,
             schedule,
@@ -635,6 +653,10 @@ impl Trainer {
                 "noise_offset".to_string(),
                 c.noise_offset.map_or("none".into(), |o| o.to_string()),
             ),
+            (
+                "caption_dropout".to_string(),
+                c.caption_dropout.map_or("none".into(), |p| p.to_string()),
+            ),
             ("seed".to_string(), c.seed.to_string()),
             ("steps".to_string(), self.state.step.to_string()),
             ("targets".to_string(), c.targets.join(",")),
@@ -696,12 +718,13 @@ impl Trainer {
     pub(super) fn micro_batch(
         &self,
         ex: &Example,
+        text: &ExampleText,
         (x0, noise, t): (&Tensor, &Tensor, usize),
         schedule: &TrainSchedule,
         params: &[(String, Tensor)],
         acc: &mut GradAccumulator,
     ) -> Result<Losses> {
-        let (context, pooled) = match (&ex.text, &self.text_encoders) {
+        let (context, pooled) = match (text, &self.text_encoders) {
             (ExampleText::Cached { context, pooled }, _) => (context.clone(), pooled.clone()),
             (ExampleText::Tokens { ids_1, ids_2 }, Some(te)) => te.encode(ids_1, ids_2)?,
             (ExampleText::Tokens { .. }, None) => {
@@ -752,7 +775,13 @@ impl Trainer {
                     .scale(offset)?; // (1, 4, 1, 1)
                 noise = noise.add(&shift)?; // (1, 4, h, w)
             }
-            let losses = self.micro_batch(ex, (&x0, &noise, t), &schedule, &params, &mut acc)?;
+            // Drawn last, and only with --caption-dropout, so runs without it keep their draws.
+            let text = match (&self.empty_text, self.cfg.caption_dropout) {
+                (Some(empty), Some(p)) if rng.uniform() < p => empty,
+                _ => &ex.text,
+            };
+            let losses =
+                self.micro_batch(ex, text, (&x0, &noise, t), &schedule, &params, &mut acc)?;
             loss += losses.total.to_scalar()?;
             diffusion += losses.diffusion.to_scalar()?;
             if let Some(c) = &losses.cultural {

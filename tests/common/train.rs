@@ -50,8 +50,6 @@ pub fn train_model(
         method,
         "--clip",
         clip.to_str().unwrap(),
-        "--grad-accum",
-        "2",
         "--caption-template",
         "a {trigger} landscape",
         "--trigger",
@@ -59,6 +57,9 @@ pub fn train_model(
         "--seed",
         "7",
     ];
+    if !extra.contains(&"--grad-accum") {
+        args.extend_from_slice(&["--grad-accum", "2"]);
+    }
     if !extra.contains(&"--resolution") {
         args.extend_from_slice(&["--resolution", "64"]);
     }
