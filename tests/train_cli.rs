@@ -923,3 +923,68 @@ fn caption_dropout_trains_on_the_empty_caption() {
     );
     assert_fails_naming(&o, "--caption-dropout");
 }
+
+/// `--reg-data` (DreamBooth prior preservation, kohya's layout and balance): 3 training visits
+/// and a `1_house` folder of 2 pictures give the pictures 2 and 1 visits, so an epoch at
+/// --grad-accum 1 is 6 steps; the 3 regularization steps train on the diffusion loss alone
+/// (no cultural term), times --prior-loss-weight.
+#[test]
+fn regularization_pictures_train_on_the_weighted_prior_loss() {
+    let dir = tmp("reg-data");
+    let data = dataset(&dir);
+    let reg = dir.join("reg/1_house");
+    std::fs::create_dir_all(&reg).unwrap();
+    for name in ["a.png", "b.jpg"] {
+        std::fs::copy(data.join(name), reg.join(name)).unwrap();
+    }
+    let out = dir.join("a/adapter.safetensors");
+    let reg_dir = dir.join("reg");
+    let o = train(
+        &data,
+        &out,
+        "kstyle",
+        &[
+            "--epochs",
+            "1",
+            "--grad-accum",
+            "1",
+            "--reg-data",
+            reg_dir.to_str().unwrap(),
+            "--prior-loss-weight",
+            "0.5",
+        ],
+    );
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{err}");
+    assert!(err.contains("regularization: 2 images"), "{err}");
+    let csv = std::fs::read_to_string(dir.join("a/adapter.loss.csv")).unwrap();
+    let rows: Vec<(f64, f64, f64)> = csv
+        .lines()
+        .skip(1)
+        .map(|l| {
+            let f: Vec<f64> = l.split(',').map(|v| v.parse().unwrap()).collect();
+            (f[2], f[3], f[4])
+        })
+        .collect();
+    assert_eq!(rows.len(), 6, "{csv}");
+    let prior: Vec<_> = rows.iter().filter(|r| r.2 == 0.0).collect();
+    assert_eq!(prior.len(), 3, "{csv}");
+    for (total, diffusion, _) in prior {
+        // Halving is exact in binary: the weighted total is the diffusion loss's half, to the bit.
+        assert_eq!(*total, 0.5 * diffusion, "{csv}");
+    }
+    let meta = kstyle::tensor::SafeTensorsFile::open(&out).unwrap();
+    assert_eq!(
+        meta.metadata()
+            .get("kstyle.train.prior_loss_weight")
+            .map(String::as_str),
+        Some("0.5")
+    );
+    let o = train(
+        &data,
+        &dir.join("x.safetensors"),
+        "lora",
+        &["--max-steps", "1", "--prior-loss-weight", "0.5"],
+    );
+    assert_fails_naming(&o, "--reg-data");
+}

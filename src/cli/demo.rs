@@ -118,6 +118,8 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
             extension: "txt".into(),
         },
         caption_dropout: None,
+        reg_data: None,
+        prior_loss_weight: 1.0,
         checkpointing: Some(CheckpointPolicy::EveryBlock),
         memory_budget: None,
         cache_dir: None,

@@ -128,6 +128,14 @@ pub struct Args {
     /// Extension of the same-name caption files (kohya's --caption_extension).
     #[arg(long, default_value = "txt")]
     pub caption_extension: String,
+    /// Regularization pictures for DreamBooth prior preservation (kohya's --reg_data_dir; the
+    /// layout of --data, e.g. `1_house/`), balanced against the training visits as kohya
+    /// balances them. They train on the diffusion loss alone, times --prior-loss-weight.
+    #[arg(long)]
+    pub reg_data: Option<PathBuf>,
+    /// Weight of the regularization pictures' loss (kohya's --prior_loss_weight).
+    #[arg(long, default_value_t = 1.0)]
+    pub prior_loss_weight: f64,
     /// Train each micro-batch on the empty caption with this probability (kohya's
     /// --caption_dropout_rate), so the adapter also shapes the unconditional branch guidance
     /// reads. Off by default.
@@ -284,6 +292,8 @@ pub fn config_from(a: &Args) -> anyhow::Result<TrainConfig> {
         text_encoder_lr: a.text_encoder_lr,
         // 0 is off: no draws, so the run equals one without the flag.
         caption_dropout: a.caption_dropout.filter(|&p| p != 0.0),
+        reg_data: a.reg_data.clone(),
+        prior_loss_weight: a.prior_loss_weight,
     })
 }
 

@@ -58,6 +58,8 @@ pub struct Sample {
     pub hash: String,
     /// Visits per epoch (kohya's folder repeats; 1 for pictures directly in the data folder).
     pub repeats: usize,
+    /// A regularization picture (`--reg-data`): its loss is the prior-preservation term.
+    pub prior: bool,
 }
 
 #[derive(Clone, Debug)]
@@ -80,6 +82,28 @@ pub fn kohya_folder(name: &str) -> Option<(usize, Option<String>)> {
     let (n, rest) = name.split_once('_').unwrap_or((name, ""));
     let repeats = n.parse().ok()?;
     Some((repeats, (!rest.trim().is_empty()).then(|| rest.to_string())))
+}
+
+/// Visits per epoch of regularization pictures whose folders repeat them `repeats` times, as
+/// kohya balances them against `train_visits` training visits: each picture at its folder's
+/// count in turn until the visits reach the training ones (later pictures then get 0), then one
+/// more visit each in turn until they do.
+pub fn prior_repeats(train_visits: usize, repeats: &[usize]) -> Vec<usize> {
+    let mut counts = vec![0; repeats.len()];
+    let mut n = 0;
+    let mut first = true;
+    while n < train_visits && !repeats.is_empty() {
+        for (count, &r) in counts.iter_mut().zip(repeats) {
+            let add = if first { r } else { 1 };
+            *count += add;
+            n += add;
+            if n >= train_visits {
+                break;
+            }
+        }
+        first = false;
+    }
+    counts
 }
 
 /// Sorted entries of a folder, hidden ones (`.ipynb_checkpoints`, `.DS_Store`) left out.
@@ -183,6 +207,7 @@ impl Dataset {
                     hash: sha256_hex(&bytes),
                     path: p.clone(),
                     repeats,
+                    prior: false,
                 });
             }
         }
@@ -341,6 +366,17 @@ mod tests {
         // As stored, the picture would have gone to a landscape bucket.
         let (w, h) = nearest_bucket(48, 32, &list);
         assert!(w > h);
+    }
+
+    /// kohya's balancing, worked by hand from its loop.
+    #[test]
+    fn prior_visits_balance_the_training_visits_as_kohya_does() {
+        assert_eq!(prior_repeats(3, &[1, 1]), [2, 1]);
+        assert_eq!(prior_repeats(5, &[1, 1, 1]), [2, 2, 1]);
+        assert_eq!(prior_repeats(2, &[5, 5]), [5, 0]);
+        assert_eq!(prior_repeats(7, &[2]), [7]);
+        assert_eq!(prior_repeats(10, &[3, 1, 2]), [5, 2, 3]);
+        assert_eq!(prior_repeats(4, &[]), Vec::<usize>::new());
     }
 
     #[test]

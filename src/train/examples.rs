@@ -2,7 +2,8 @@
 //! computed once through the tensor cache.
 
 use super::data::{
-    buckets, load_training_picture, nearest_bucket, training_tensor, Dataset, TensorCache,
+    buckets, load_training_picture, nearest_bucket, prior_repeats, training_tensor, Dataset,
+    TensorCache,
 };
 use super::text::caption_ids;
 use super::trainer::TrainConfig;
@@ -22,6 +23,8 @@ pub(super) struct Example {
     pub(super) time_ids: Tensor,
     /// Visits per epoch (the sample's kohya folder repeats).
     pub(super) repeats: usize,
+    /// A regularization picture: trains on the weighted diffusion loss alone.
+    pub(super) prior: bool,
 }
 
 /// A caption as the step reads it.
@@ -31,6 +34,57 @@ pub(super) enum ExampleText {
     Cached { context: Tensor, pooled: Tensor },
     /// Token ids (1, 77) of each tokenizer, for text encoders that train.
     Tokens { ids_1: Tensor, ids_2: Tensor },
+}
+
+/// The run's pictures: `--data`, then `--reg-data`'s with kohya's balanced visit counts (those
+/// left with none are dropped, as kohya leaves them unused). Logs what it found.
+pub(super) fn load_dataset(cfg: &TrainConfig, log: &mut dyn FnMut(&str)) -> Result<Dataset> {
+    let mut data = Dataset::scan(&cfg.data, &cfg.captions)?;
+    log(&format!(
+        "dataset: {} images from {}{}",
+        data.len(),
+        cfg.data.display(),
+        if data.epoch_len() != data.len() {
+            format!(
+                ", {} visits an epoch (kohya folder repeats)",
+                data.epoch_len()
+            )
+        } else {
+            String::new()
+        }
+    ));
+    let mut skipped = std::mem::take(&mut data.skipped);
+    if let Some(dir) = &cfg.reg_data {
+        let reg = Dataset::scan(dir, &cfg.captions)?;
+        skipped.extend(reg.skipped);
+        let repeats: Vec<usize> = reg.samples.iter().map(|s| s.repeats).collect();
+        let counts = prior_repeats(data.epoch_len(), &repeats);
+        let unused = counts.iter().filter(|&&c| c == 0).count();
+        let visits: usize = counts.iter().sum();
+        for (mut s, n) in reg.samples.into_iter().zip(counts) {
+            if n > 0 {
+                s.repeats = n;
+                s.prior = true;
+                data.samples.push(s);
+            }
+        }
+        log(&format!(
+            "regularization: {} images from {}, {visits} visits an epoch (kohya's balance against \
+             the training visits{}), prior loss weight {}",
+            repeats.len() - unused,
+            dir.display(),
+            if unused > 0 {
+                format!("; {unused} more images than needed, left unused")
+            } else {
+                String::new()
+            },
+            cfg.prior_loss_weight
+        ));
+    }
+    for s in &skipped {
+        log(&format!("warning: left out {s}"));
+    }
+    Ok(data)
 }
 
 /// What the caches give the trainer.
@@ -178,6 +232,7 @@ pub(super) fn prepare_examples(
                 .to_dtype(DType::F32)?
                 .to_device(cfg.device)?,
             repeats: s.repeats,
+            prior: s.prior,
         });
     }
     let sample = match (&cfg.sample_every, &cfg.sample_prompt) {

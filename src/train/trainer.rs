@@ -6,7 +6,7 @@
 use super::checkpoint::{load_checkpoint, save_checkpoint, TrainState};
 use super::cultural::CulturalLoss;
 use super::data::{CaptionSource, Dataset};
-use super::examples::{prepare_examples, Example, ExampleText, Prepared};
+use super::examples::{load_dataset, prepare_examples, Example, ExampleText, Prepared};
 use super::lr::LrSchedule;
 use super::memory::{human, policy_name, AUTO_POLICIES};
 use super::optim::{GradAccumulator, Optimizer, Slot};
@@ -93,6 +93,13 @@ pub struct TrainConfig {
     /// `--caption_dropout_rate`), so the adapter also learns the unconditional branch that
     /// classifier-free guidance reads. None: never.
     pub caption_dropout: Option<f64>,
+    /// Regularization pictures (kohya's `--reg_data_dir`, the same layout as `data`): DreamBooth
+    /// prior preservation. They are visited as often as kohya visits them and train on their
+    /// diffusion loss times `prior_loss_weight`, without the cultural term (they are not the
+    /// style).
+    pub reg_data: Option<PathBuf>,
+    /// kohya's `--prior_loss_weight` (1 by default).
+    pub prior_loss_weight: f64,
 }
 
 /// What happened in one optimizer step.
@@ -250,24 +257,18 @@ impl Trainer {
                 cfg.model.display()
             )));
         }
-        let data = Dataset::scan(&cfg.data, &cfg.captions)?;
-        let folders = data.samples.iter().filter(|s| s.repeats != 1).count();
-        log(&format!(
-            "dataset: {} images from {}{}",
-            data.len(),
-            cfg.data.display(),
-            if folders > 0 || data.epoch_len() != data.len() {
-                format!(
-                    ", {} visits an epoch (kohya folder repeats)",
-                    data.epoch_len()
-                )
-            } else {
-                String::new()
-            }
-        ));
-        for s in &data.skipped {
-            log(&format!("warning: left out {s}"));
+        if cfg.prior_loss_weight != 1.0 && cfg.reg_data.is_none() {
+            return Err(Error::Config(
+                "--prior-loss-weight weights --reg-data's pictures: pass --reg-data DIR".into(),
+            ));
         }
+        if !(cfg.prior_loss_weight.is_finite() && cfg.prior_loss_weight >= 0.0) {
+            return Err(Error::Config(format!(
+                "--prior-loss-weight must be a number of 0 or more, got {}",
+                cfg.prior_loss_weight
+            )));
+        }
+        let data = load_dataset(&cfg, log)?;
         let vae_config = files.vae_config_in_use()?;
         if vae_config.latents_mean.is_some() != vae_config.latents_std.is_some() {
             return Err(Error::Config(format!(
@@ -654,6 +655,17 @@ impl Trainer {
                 c.noise_offset.map_or("none".into(), |o| o.to_string()),
             ),
             (
+                "reg_data".to_string(),
+                c.reg_data
+                    .as_ref()
+                    .and_then(|v| v.file_name())
+                    .map_or("none".into(), |n| n.to_string_lossy().into_owned()),
+            ),
+            (
+                "prior_loss_weight".to_string(),
+                c.prior_loss_weight.to_string(),
+            ),
+            (
                 "caption_dropout".to_string(),
                 c.caption_dropout.map_or("none".into(), |p| p.to_string()),
             ),
@@ -738,15 +750,14 @@ impl Trainer {
             pooled: &pooled,
             time_ids: &ex.time_ids,
         };
-        let losses = training_loss(
-            &self.unet,
-            self.cultural.as_ref().map(|c| (c, self.cfg.lambda)),
-            schedule,
-            x0,
-            noise,
-            &[t],
-            &cond,
-        )?;
+        let cultural = match ex.prior {
+            true => None,
+            false => self.cultural.as_ref().map(|c| (c, self.cfg.lambda)),
+        };
+        let mut losses = training_loss(&self.unet, cultural, schedule, x0, noise, &[t], &cond)?;
+        if ex.prior {
+            losses.total = losses.total.scale(self.cfg.prior_loss_weight)?;
+        }
         let grads = losses.total.backward()?;
         acc.add(params, &grads)?;
         Ok(losses)
