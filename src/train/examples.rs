@@ -15,6 +15,7 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 /// One cached training example.
+#[derive(Clone)]
 pub(super) struct Example {
     /// VAE posterior mean and log-variance (1, 4, h, w).
     pub(super) mean: Tensor,

@@ -7,6 +7,7 @@
 //! and scratch block; the CUDA context itself, about 0.5 GiB, is outside them); on the CPU they
 //! are the tensors' storage.
 
+use super::examples::Example;
 use super::optim::GradAccumulator;
 use super::trainer::Trainer;
 use crate::models::unet::CheckpointPolicy;
@@ -117,11 +118,18 @@ impl Trainer {
     /// sum, as `step` does them, with the trainer's own state untouched.
     fn probe_step(&self) -> Result<u64> {
         let device = self.cfg.device;
-        let ex = self
-            .examples
-            .iter()
-            .max_by_key(|e| e.mean.elem_count())
-            .ok_or_else(|| Error::Config("no training examples".into()))?;
+        // Probed as a style picture, with the cultural term, even when the largest is a
+        // regularization picture (which trains without it).
+        let ex = Example {
+            prior: false,
+            ..self
+                .examples
+                .iter()
+                .max_by_key(|e| e.mean.elem_count())
+                .ok_or_else(|| Error::Config("no training examples".into()))?
+                .clone()
+        };
+        let ex = &ex;
         reset_peak(device)?;
         {
             let params = self.params();
