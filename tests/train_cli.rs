@@ -988,3 +988,95 @@ fn regularization_pictures_train_on_the_weighted_prior_loss() {
     );
     assert_fails_naming(&o, "--reg-data");
 }
+
+/// `--val-data`: held-out pictures scored every --val-every steps and after the last, on fixed
+/// draws: with --lr 0 the adapter stands still and so does the validation loss, to the bit; the
+/// scoring changes nothing in training (same adapter as a run without it); a resumed run
+/// writes the same validation log as an uninterrupted one.
+#[test]
+fn validation_loss_is_fixed_draws_on_held_out_pictures() {
+    let dir = tmp("val-data");
+    let data = dataset(&dir);
+    let val = dir.join("val");
+    std::fs::create_dir_all(&val).unwrap();
+    for name in ["a.png", "c.png"] {
+        std::fs::copy(data.join(name), val.join(name)).unwrap();
+    }
+    let val_args = ["--val-data", val.to_str().unwrap(), "--val-every", "2"];
+    let read = |path: &std::path::Path| -> Vec<(u64, f64)> {
+        let text = std::fs::read_to_string(path).unwrap();
+        text.lines()
+            .skip(1)
+            .map(|l| {
+                let (s, v) = l.split_once(',').unwrap();
+                (s.parse().unwrap(), v.parse().unwrap())
+            })
+            .collect()
+    };
+    // lr 0: the validation loss cannot move.
+    let still = dir.join("still/a.safetensors");
+    let o = train(
+        &data,
+        &still,
+        "kstyle",
+        &[&["--max-steps", "3", "--lr", "0"][..], &val_args].concat(),
+    );
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let rows = read(&dir.join("still/a.val.csv"));
+    assert_eq!(rows.iter().map(|r| r.0).collect::<Vec<_>>(), [2, 3]);
+    assert!(rows[0].1 > 0.0 && rows[0].1.is_finite(), "{rows:?}");
+    assert_eq!(rows[0].1, rows[1].1);
+    // Training moves it; scoring does not move training.
+    let scored = dir.join("scored/a.safetensors");
+    let o = train(
+        &data,
+        &scored,
+        "kstyle",
+        &[&["--max-steps", "4", "--lr", "0.01"][..], &val_args].concat(),
+    );
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let scored_rows = read(&dir.join("scored/a.val.csv"));
+    assert_eq!(scored_rows.len(), 2);
+    assert_ne!(scored_rows[0].1, scored_rows[1].1);
+    let unscored = dir.join("unscored/a.safetensors");
+    let o = train(
+        &data,
+        &unscored,
+        "kstyle",
+        &["--max-steps", "4", "--lr", "0.01"],
+    );
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(tensors(&scored) == tensors(&unscored));
+    assert!(!dir.join("unscored/a.val.csv").exists());
+    // Resumed at step 2, the log continues as the uninterrupted one.
+    let split = dir.join("split/a.safetensors");
+    let first = [
+        &["--max-steps", "2", "--lr", "0.01", "--save-every", "2"][..],
+        &val_args,
+    ]
+    .concat();
+    assert!(train(&data, &split, "kstyle", &first).status.success());
+    let ckpt = dir.join("split/a.step000002.ckpt.safetensors");
+    let resume = [
+        &[
+            "--max-steps",
+            "4",
+            "--lr",
+            "0.01",
+            "--resume",
+            ckpt.to_str().unwrap(),
+        ][..],
+        &val_args,
+    ]
+    .concat();
+    let o = train(&data, &split, "kstyle", &resume);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(read(&dir.join("split/a.val.csv")), scored_rows);
+    let o = train(
+        &data,
+        &dir.join("x.safetensors"),
+        "lora",
+        &["--max-steps", "1", "--val-every", "2"],
+    );
+    assert_fails_naming(&o, "--val-data");
+}

@@ -120,6 +120,8 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
         caption_dropout: None,
         reg_data: None,
         prior_loss_weight: 1.0,
+        val_data: None,
+        val_every: None,
         checkpointing: Some(CheckpointPolicy::EveryBlock),
         memory_budget: None,
         cache_dir: None,

@@ -58,8 +58,18 @@ pub struct Sample {
     pub hash: String,
     /// Visits per epoch (kohya's folder repeats; 1 for pictures directly in the data folder).
     pub repeats: usize,
-    /// A regularization picture (`--reg-data`): its loss is the prior-preservation term.
-    pub prior: bool,
+    pub role: Role,
+}
+
+/// What a picture is for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Role {
+    /// `--data`: the style, trained on the full loss.
+    Style,
+    /// `--reg-data`: a regularization picture, trained on the prior-preservation term.
+    Prior,
+    /// `--val-data`: never trained on; the validation loss reads it.
+    Validation,
 }
 
 #[derive(Clone, Debug)]
@@ -207,7 +217,7 @@ impl Dataset {
                     hash: sha256_hex(&bytes),
                     path: p.clone(),
                     repeats,
-                    prior: false,
+                    role: Role::Style,
                 });
             }
         }

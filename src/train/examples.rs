@@ -2,7 +2,7 @@
 //! computed once through the tensor cache.
 
 use super::data::{
-    buckets, load_training_picture, nearest_bucket, prior_repeats, training_tensor, Dataset,
+    buckets, load_training_picture, nearest_bucket, prior_repeats, training_tensor, Dataset, Role,
     TensorCache,
 };
 use super::text::caption_ids;
@@ -24,8 +24,9 @@ pub(super) struct Example {
     pub(super) time_ids: Tensor,
     /// Visits per epoch (the sample's kohya folder repeats).
     pub(super) repeats: usize,
-    /// A regularization picture: trains on the weighted diffusion loss alone.
-    pub(super) prior: bool,
+    /// Regularization pictures train on the weighted diffusion loss alone; validation pictures
+    /// never train.
+    pub(super) role: Role,
 }
 
 /// A caption as the step reads it.
@@ -38,7 +39,8 @@ pub(super) enum ExampleText {
 }
 
 /// The run's pictures: `--data`, then `--reg-data`'s with kohya's balanced visit counts (those
-/// left with none are dropped, as kohya leaves them unused). Logs what it found.
+/// left with none are dropped, as kohya leaves them unused), then `--val-data`'s with no visits.
+/// Logs what it found.
 pub(super) fn load_dataset(cfg: &TrainConfig, log: &mut dyn FnMut(&str)) -> Result<Dataset> {
     let mut data = Dataset::scan(&cfg.data, &cfg.captions)?;
     log(&format!(
@@ -65,7 +67,7 @@ pub(super) fn load_dataset(cfg: &TrainConfig, log: &mut dyn FnMut(&str)) -> Resu
         for (mut s, n) in reg.samples.into_iter().zip(counts) {
             if n > 0 {
                 s.repeats = n;
-                s.prior = true;
+                s.role = Role::Prior;
                 data.samples.push(s);
             }
         }
@@ -81,6 +83,20 @@ pub(super) fn load_dataset(cfg: &TrainConfig, log: &mut dyn FnMut(&str)) -> Resu
             },
             cfg.prior_loss_weight
         ));
+    }
+    if let Some(dir) = &cfg.val_data {
+        let val = Dataset::scan(dir, &cfg.captions)?;
+        log(&format!(
+            "validation: {} images from {} (held out: they never train)",
+            val.len(),
+            dir.display()
+        ));
+        skipped.extend(val.skipped);
+        for mut s in val.samples {
+            s.repeats = 0;
+            s.role = Role::Validation;
+            data.samples.push(s);
+        }
     }
     for s in &skipped {
         log(&format!("warning: left out {s}"));
@@ -233,7 +249,7 @@ pub(super) fn prepare_examples(
                 .to_dtype(DType::F32)?
                 .to_device(cfg.device)?,
             repeats: s.repeats,
-            prior: s.prior,
+            role: s.role,
         });
     }
     let sample = match (&cfg.sample_every, &cfg.sample_prompt) {

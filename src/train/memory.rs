@@ -7,6 +7,7 @@
 //! and scratch block; the CUDA context itself, about 0.5 GiB, is outside them); on the CPU they
 //! are the tensors' storage.
 
+use super::data::Role;
 use super::examples::Example;
 use super::optim::GradAccumulator;
 use super::trainer::Trainer;
@@ -121,7 +122,7 @@ impl Trainer {
         // Probed as a style picture, with the cultural term, even when the largest is a
         // regularization picture (which trains without it).
         let ex = Example {
-            prior: false,
+            role: Role::Style,
             ..self
                 .examples
                 .iter()

@@ -12,3 +12,4 @@ pub mod plot;
 pub mod step;
 pub mod text;
 pub mod trainer;
+pub mod validation;

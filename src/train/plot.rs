@@ -1,4 +1,5 @@
-//! The loss-curve PNG: raw loss as faint points, a moving average as a line, labelled axes.
+//! The loss-curve PNG: raw loss as faint points, a moving average as a line, the validation
+//! loss (when there is one) as a second line with its points marked, labelled axes.
 //! Drawn with the project's own bitmap font so it needs no system fonts.
 
 use crate::image::font::{draw_text, text_width};
@@ -56,7 +57,13 @@ fn fmt_tick(v: f64) -> String {
 }
 
 /// Plot `(step, loss)` points to `path`.
-pub fn plot_loss(path: &Path, title: &str, points: &[(u64, f64)]) -> Result<()> {
+/// Draws the training `points` and the validation points `val` (step, loss) on one scale.
+pub fn plot_loss(
+    path: &Path,
+    title: &str,
+    points: &[(u64, f64)],
+    val: &[(u64, f64)],
+) -> Result<()> {
     let mut img = RgbImage::from_pixel(W, H, Rgb([255, 255, 255]));
     let black = Rgb([0, 0, 0]);
     let (pw, ph) = ((W - LEFT - RIGHT) as f64, (H - TOP - BOTTOM) as f64);
@@ -89,16 +96,15 @@ pub fn plot_loss(path: &Path, title: &str, points: &[(u64, f64)]) -> Result<()> 
         black,
     );
     let finite: Vec<(u64, f64)> = points.iter().copied().filter(|p| p.1.is_finite()).collect();
+    let val: Vec<(u64, f64)> = val.iter().copied().filter(|p| p.1.is_finite()).collect();
     if finite.is_empty() {
         return save_png(path, &img);
     }
-    let (x0, x1) = (
-        finite.first().map_or(0, |p| p.0) as f64,
-        finite.last().map_or(1, |p| p.0) as f64,
-    );
-    let (mut y0, mut y1) = finite
-        .iter()
-        .fold((f64::MAX, f64::MIN), |(a, b), p| (a.min(p.1), b.max(p.1)));
+    let both = || finite.iter().chain(&val);
+    let (x0, x1) = both().fold((f64::MAX, f64::MIN), |(a, b), p| {
+        (a.min(p.0 as f64), b.max(p.0 as f64))
+    });
+    let (mut y0, mut y1) = both().fold((f64::MAX, f64::MIN), |(a, b), p| (a.min(p.1), b.max(p.1)));
     if y1 - y0 < 1e-12 {
         y0 -= 0.5;
         y1 += 0.5;
@@ -161,6 +167,33 @@ pub fn plot_loss(path: &Path, title: &str, points: &[(u64, f64)]) -> Result<()> 
             Rgb([200, 40, 40]),
         );
     }
+    let green = Rgb([30, 150, 60]);
+    for w in val.windows(2) {
+        line(
+            &mut img,
+            (sx(w[0].0 as f64), sy(w[0].1)),
+            (sx(w[1].0 as f64), sy(w[1].1)),
+            green,
+        );
+    }
+    for p in &val {
+        let (x, y) = (sx(p.0 as f64).round() as i64, sy(p.1).round() as i64);
+        for d in -2..=2 {
+            put(&mut img, x + d, y, green);
+            put(&mut img, x, y + d, green);
+        }
+    }
+    if !val.is_empty() {
+        let legend = "validation";
+        draw_text(
+            &mut img,
+            (W - RIGHT - text_width(legend, 1) - 4) as i64,
+            (TOP + 4) as i64,
+            legend,
+            1,
+            green,
+        );
+    }
     save_png(path, &img)
 }
 
@@ -180,10 +213,15 @@ mod tests {
                 )
             })
             .collect();
-        plot_loss(&path, "loss", &pts).unwrap();
+        plot_loss(&path, "loss", &pts, &[]).unwrap();
         let img = crate::image::io::load_rgb(&path).unwrap();
         assert_eq!((img.width(), img.height()), (W, H));
         // The moving-average line is drawn in red somewhere inside the plot area.
         assert!(img.pixels().any(|p| *p == Rgb([200, 40, 40])));
+        assert!(!img.pixels().any(|p| *p == Rgb([30, 150, 60])));
+        let val = [(50, 0.4), (100, 0.3), (200, 0.35)];
+        plot_loss(&path, "loss", &pts, &val).unwrap();
+        let img = crate::image::io::load_rgb(&path).unwrap();
+        assert!(img.pixels().any(|p| *p == Rgb([30, 150, 60])));
     }
 }

@@ -5,7 +5,7 @@
 
 use super::checkpoint::{load_checkpoint, save_checkpoint, TrainState};
 use super::cultural::CulturalLoss;
-use super::data::{CaptionSource, Dataset};
+use super::data::{CaptionSource, Dataset, Role};
 use super::examples::{load_dataset, prepare_examples, Example, ExampleText, Prepared};
 use super::lr::LrSchedule;
 use super::memory::{human, policy_name, AUTO_POLICIES};
@@ -100,6 +100,12 @@ pub struct TrainConfig {
     pub reg_data: Option<PathBuf>,
     /// kohya's `--prior_loss_weight` (1 by default).
     pub prior_loss_weight: f64,
+    /// Held-out pictures (the layout of `data`, repeats ignored) scored by the validation loss
+    /// (see `train::validation`); they never train.
+    pub val_data: Option<PathBuf>,
+    /// Optimizer steps between validation losses (and always after the last); one epoch's
+    /// steps when None.
+    pub val_every: Option<u64>,
 }
 
 /// What happened in one optimizer step.
@@ -111,6 +117,8 @@ pub struct StepLog {
     pub diffusion: f64,
     pub cultural: Option<f64>,
     pub lr: f64,
+    /// The validation loss after this step, when one was due.
+    pub val: Option<f64>,
 }
 
 /// Paths of everything a run writes next to `out`.
@@ -119,6 +127,8 @@ pub struct Outputs {
     pub log_csv: PathBuf,
     pub plot: PathBuf,
     pub samples: PathBuf,
+    /// `step,val_loss` rows (with `--val-data`).
+    pub val_csv: PathBuf,
 }
 
 impl Outputs {
@@ -133,6 +143,7 @@ impl Outputs {
             log_csv: dir.join(format!("{stem}.loss.csv")),
             plot: dir.join(format!("{stem}.loss.png")),
             samples: dir.join(format!("{stem}.samples")),
+            val_csv: dir.join(format!("{stem}.val.csv")),
         }
     }
 
@@ -176,6 +187,9 @@ pub struct Trainer {
     pub state: TrainState,
     pub outputs: Outputs,
     pub(super) examples: Vec<Example>,
+    /// `--val-data`'s pictures, scored by `validation_loss`.
+    pub(super) val_examples: Vec<Example>,
+    val_every: u64,
     sample_embeds: Option<PromptEmbeds>,
     /// The empty caption as the step reads it, with `--caption-dropout`.
     empty_text: Option<ExampleText>,
@@ -307,10 +321,17 @@ impl Trainer {
             }
         }
         let Prepared {
-            examples,
+            mut examples,
             sample: sample_embeds,
             empty: empty_text,
         } = prepare_examples(&cfg, &files, &data, log)?;
+        // Validation pictures come last (see `load_dataset`) and never train.
+        let n_train = data
+            .samples
+            .iter()
+            .filter(|s| s.role != Role::Validation)
+            .count();
+        let val_examples = examples.split_off(n_train);
         let mut text_encoders = match cfg.train_text_encoder {
             true => {
                 let (te1, te2) = files.text_encoders(&[], cfg.dtype, cfg.device)?;
@@ -327,6 +348,22 @@ impl Trainer {
         let index = unet_module_index(&unet);
         let steps_per_epoch = (data.epoch_len() as u64).div_ceil(cfg.grad_accum as u64);
         let total_steps = cfg.max_steps.unwrap_or(cfg.epochs * steps_per_epoch);
+        let val_every = match cfg.val_every {
+            Some(0) => return Err(Error::Config("--val-every must be at least 1".into())),
+            Some(_) if cfg.val_data.is_none() => {
+                return Err(Error::Config("--val-every needs --val-data DIR".into()))
+            }
+            Some(n) => n,
+            None => steps_per_epoch.max(1),
+        };
+        if !val_examples.is_empty() {
+            log(&format!(
+                "validation loss every {val_every} steps and after the last: {} pictures at \
+                 schedule points {:?}, fixed noise",
+                val_examples.len(),
+                super::validation::points(schedule.len())
+            ));
+        }
         let (adapter_modules, cultural, concept_embeds, optimizer, state) = match &cfg.resume {
             Some(path) => {
                 let (adapter, opt, state) = load_checkpoint(path, &index, cfg.device, cfg.adamw)?;
@@ -357,7 +394,7 @@ impl Trainer {
                     ));
                 }
                 let visits = data.epoch_len();
-                if state.order.len() != visits || state.order.iter().any(|&i| i >= data.len()) {
+                if state.order.len() != visits || state.order.iter().any(|&i| i >= n_train) {
                     return Err(Error::file(
                         path,
                         format!(
@@ -365,7 +402,7 @@ impl Trainer {
                              images, {visits} visits an epoch: resume with the same --data",
                             state.order.len(),
                             cfg.data.display(),
-                            data.len()
+                            n_train
                         ),
                     ));
                 }
@@ -546,6 +583,8 @@ impl Trainer {
             examples,
             sample_embeds,
             empty_text,
+            val_examples,
+            val_every,
             files,
             latent_config,
             schedule,
@@ -666,6 +705,13 @@ impl Trainer {
                 c.prior_loss_weight.to_string(),
             ),
             (
+                "val_data".to_string(),
+                c.val_data
+                    .as_ref()
+                    .and_then(|v| v.file_name())
+                    .map_or("none".into(), |n| n.to_string_lossy().into_owned()),
+            ),
+            (
                 "caption_dropout".to_string(),
                 c.caption_dropout.map_or("none".into(), |p| p.to_string()),
             ),
@@ -725,6 +771,18 @@ impl Trainer {
         i
     }
 
+    /// A caption's context (1, 77, Dc) and pooled embedding (1, P): cached, or from the training
+    /// text encoders (on the tape).
+    pub(super) fn conditioning(&self, text: &ExampleText) -> Result<(Tensor, Tensor)> {
+        match (text, &self.text_encoders) {
+            (ExampleText::Cached { context, pooled }, _) => Ok((context.clone(), pooled.clone())),
+            (ExampleText::Tokens { ids_1, ids_2 }, Some(te)) => te.encode(ids_1, ids_2),
+            (ExampleText::Tokens { .. }, None) => Err(Error::msg(
+                "an example holds token ids but the run has no text encoders",
+            )),
+        }
+    }
+
     /// Forward and backward of one micro-batch: example `ex` with clean latents `x0`, noise and
     /// timestep `t`; its gradients are added to `acc`.
     pub(super) fn micro_batch(
@@ -736,26 +794,18 @@ impl Trainer {
         params: &[(String, Tensor)],
         acc: &mut GradAccumulator,
     ) -> Result<Losses> {
-        let (context, pooled) = match (text, &self.text_encoders) {
-            (ExampleText::Cached { context, pooled }, _) => (context.clone(), pooled.clone()),
-            (ExampleText::Tokens { ids_1, ids_2 }, Some(te)) => te.encode(ids_1, ids_2)?,
-            (ExampleText::Tokens { .. }, None) => {
-                return Err(Error::msg(
-                    "an example holds token ids but the run has no text encoders",
-                ))
-            }
-        };
+        let (context, pooled) = self.conditioning(text)?;
         let cond = Conditioning {
             context: &context,
             pooled: &pooled,
             time_ids: &ex.time_ids,
         };
-        let cultural = match ex.prior {
-            true => None,
-            false => self.cultural.as_ref().map(|c| (c, self.cfg.lambda)),
+        let cultural = match ex.role {
+            Role::Prior => None,
+            _ => self.cultural.as_ref().map(|c| (c, self.cfg.lambda)),
         };
         let mut losses = training_loss(&self.unet, cultural, schedule, x0, noise, &[t], &cond)?;
-        if ex.prior {
+        if ex.role == Role::Prior {
             losses.total = losses.total.scale(self.cfg.prior_loss_weight)?;
         }
         let grads = losses.total.backward()?;
@@ -822,6 +872,7 @@ impl Trainer {
             diffusion: diffusion / n,
             cultural: self.cultural.as_ref().map(|_| cultural / n),
             lr,
+            val: None,
         })
     }
 
@@ -930,8 +981,18 @@ impl Trainer {
             writeln!(csv, "step,epoch,loss,diffusion,cultural,lr")
                 .map_err(|e| Error::io(&self.outputs.log_csv, e))?;
         }
+        if self.cfg.resume.is_none() && self.outputs.val_csv.exists() {
+            std::fs::remove_file(&self.outputs.val_csv)
+                .map_err(|e| Error::io(&self.outputs.val_csv, e))?;
+        }
         while self.state.step < self.total_steps {
-            let log = self.step()?;
+            let mut log = self.step()?;
+            if log.step % self.val_every == 0 || log.step == self.total_steps {
+                log.val = self.validation_loss()?;
+                if let Some(v) = log.val {
+                    self.log_validation(log.step, v)?;
+                }
+            }
             let cult = log.cultural.map_or(String::new(), |c| format!("{c}"));
             writeln!(
                 csv,
@@ -959,10 +1020,12 @@ impl Trainer {
         }
         self.save_adapter()?;
         let points = read_loss_log(&self.outputs.log_csv)?;
+        let val = super::validation::read_val_log(&self.outputs.val_csv)?;
         super::plot::plot_loss(
             &self.outputs.plot,
             &format!("{} loss", self.cfg.method.name()),
             &points,
+            &val,
         )
     }
 }
