@@ -110,8 +110,7 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
         save_every: None,
         resume: None,
         sample_every: None,
-        sample_prompt: None,
-        sample_steps: 4,
+        sample_prompts: Vec::new(),
         captions: CaptionSource {
             template: None,
             trigger: "[v]".into(),

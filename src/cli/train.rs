@@ -9,6 +9,7 @@ use kstyle::nn::lora::LoraConfig;
 use kstyle::train::concepts::{default_concepts, load_concepts};
 use kstyle::train::data::CaptionSource;
 use kstyle::train::lr::{LrSchedule, LrShape};
+use kstyle::train::samples::{parse_prompt_file, SamplePrompt};
 use kstyle::train::trainer::{TrainConfig, Trainer};
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -116,10 +117,16 @@ pub struct Args {
     /// Continue from a checkpoint written by --save-every.
     #[arg(long)]
     pub resume: Option<PathBuf>,
-    #[arg(long, requires = "sample_prompt")]
+    /// Make the previews (--sample-prompt or --sample-prompts) every N optimizer steps.
+    #[arg(long)]
     pub sample_every: Option<u64>,
     #[arg(long)]
     pub sample_prompt: Option<String>,
+    /// A kohya sample-prompt file: one prompt a line with options `--n negative --w 1024
+    /// --h 1024 --s 28 --l 5 --d seed` (defaults: --resolution square, --sample-steps, guidance
+    /// 5, --seed).
+    #[arg(long, conflicts_with = "sample_prompt")]
+    pub sample_prompts: Option<PathBuf>,
     #[arg(long, default_value_t = 20)]
     pub sample_steps: usize,
     /// Caption for images without a .txt file; `{trigger}` is replaced by --trigger.
@@ -247,6 +254,18 @@ pub fn config_from(a: &Args) -> anyhow::Result<TrainConfig> {
         shape,
         warmup: a.warmup,
     };
+    let defaults = SamplePrompt::new("", a.resolution, a.sample_steps, a.seed);
+    let sample_prompts = match (&a.sample_prompt, &a.sample_prompts) {
+        (Some(p), _) => vec![SamplePrompt {
+            prompt: p.clone(),
+            ..defaults
+        }],
+        (None, Some(file)) => parse_prompt_file(file, &defaults)?,
+        (None, None) => Vec::new(),
+    };
+    if a.sample_every.is_some() && sample_prompts.is_empty() {
+        anyhow::bail!("--sample-every needs --sample-prompt TEXT or --sample-prompts FILE");
+    }
     Ok(TrainConfig {
         model: a.model.clone(),
         config_dir: a.config.clone(),
@@ -284,8 +303,7 @@ pub fn config_from(a: &Args) -> anyhow::Result<TrainConfig> {
         save_every: a.save_every,
         resume: a.resume.clone(),
         sample_every: a.sample_every,
-        sample_prompt: a.sample_prompt.clone(),
-        sample_steps: a.sample_steps,
+        sample_prompts,
         captions: CaptionSource {
             template: a.caption_template.clone(),
             trigger: a.trigger.clone(),

@@ -9,7 +9,6 @@ use super::text::caption_ids;
 use super::trainer::TrainConfig;
 use crate::models::clip::text::token_ids;
 use crate::sample::model_files::ModelFiles;
-use crate::sample::pipeline::PromptEmbeds;
 use crate::{DType, Device, Error, Result, Tensor};
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -107,8 +106,8 @@ pub(super) fn load_dataset(cfg: &TrainConfig, log: &mut dyn FnMut(&str)) -> Resu
 /// What the caches give the trainer.
 pub(super) struct Prepared {
     pub(super) examples: Vec<Example>,
-    /// The sample prompt's embeddings (runs whose text encoders are frozen).
-    pub(super) sample: Option<PromptEmbeds>,
+    /// Each preview prompt's text and its negative's (runs whose text encoders are frozen).
+    pub(super) samples: Vec<(ExampleText, Option<ExampleText>)>,
     /// The empty caption, with `--caption-dropout`.
     pub(super) empty: Option<ExampleText>,
 }
@@ -190,10 +189,13 @@ pub(super) fn prepare_examples(
         .samples
         .iter()
         .map(|s| (format!("the caption of {}", s.path.display()), &s.caption));
-    let sample = cfg
-        .sample_prompt
-        .iter()
-        .map(|p| ("--sample-prompt".to_string(), p));
+    let sample = cfg.sample_prompts.iter().flat_map(|p| {
+        std::iter::once(("the preview prompt".to_string(), &p.prompt)).chain(
+            p.negative
+                .iter()
+                .map(|n| ("the preview negative prompt".to_string(), n)),
+        )
+    });
     for (what, text) in captions.chain(sample) {
         if let Some(cut) = tokenizer.cut_off(text)? {
             log(&format!(
@@ -252,15 +254,17 @@ pub(super) fn prepare_examples(
             role: s.role,
         });
     }
-    let sample = match (&cfg.sample_every, &cfg.sample_prompt) {
-        // Samples of a run that trains the text encoders encode the prompt with them, live.
-        _ if cfg.train_text_encoder => None,
-        (Some(_), Some(p)) => match text_of(p, "--sample-prompt")? {
-            ExampleText::Cached { context, pooled } => Some(PromptEmbeds { context, pooled }),
-            ExampleText::Tokens { .. } => None,
-        },
-        _ => None,
-    };
+    // Previews of a run that trains the text encoders encode their prompts with them, live.
+    let mut samples = Vec::new();
+    if cfg.sample_every.is_some() && !cfg.train_text_encoder {
+        for p in &cfg.sample_prompts {
+            let negative = match &p.negative {
+                Some(n) => Some(text_of(n, "a preview negative prompt")?),
+                None => None,
+            };
+            samples.push((text_of(&p.prompt, "a preview prompt")?, negative));
+        }
+    }
     let empty = match cfg.caption_dropout {
         Some(_) => Some(text_of("", "the dropped caption")?),
         None => None,
@@ -273,7 +277,7 @@ pub(super) fn prepare_examples(
     ));
     Ok(Prepared {
         examples,
-        sample,
+        samples,
         empty,
     })
 }

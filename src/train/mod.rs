@@ -9,6 +9,7 @@ pub mod lr;
 pub mod memory;
 pub mod optim;
 pub mod plot;
+pub mod samples;
 pub mod step;
 pub mod text;
 pub mod trainer;

@@ -10,16 +10,15 @@ use super::examples::{load_dataset, prepare_examples, Example, ExampleText, Prep
 use super::lr::LrSchedule;
 use super::memory::{human, policy_name, AUTO_POLICIES};
 use super::optim::{GradAccumulator, Optimizer, Slot};
+use super::samples::SamplePrompt;
 use super::step::{training_loss, Conditioning, Losses};
-use super::text::{caption_ids, text_encoder_trains, text_layer, TextEncoders};
+use super::text::{text_encoder_trains, text_layer, TextEncoders};
 use crate::backend::cpu::optim::AdamW;
 use crate::formats::adapter::{text_encoder_part, Adapter, Method};
 use crate::models::unet::{CheckpointPolicy, UNet2DConditionModel};
 use crate::nn::lora::{LoraAdapter, LoraConfig};
 use crate::sample::model_files::ModelFiles;
-use crate::sample::pipeline::{
-    denoise, unet_module_index, PromptEmbeds, Request, SamplerKind, Sigmas,
-};
+use crate::sample::pipeline::unet_module_index;
 use crate::sample::schedule::Prediction;
 use crate::sample::TrainSchedule;
 use crate::tensor::Rng;
@@ -69,8 +68,8 @@ pub struct TrainConfig {
     pub save_every: Option<u64>,
     pub resume: Option<PathBuf>,
     pub sample_every: Option<u64>,
-    pub sample_prompt: Option<String>,
-    pub sample_steps: usize,
+    /// The previews made every `sample_every` steps (see `train::samples`).
+    pub sample_prompts: Vec<SamplePrompt>,
     pub captions: CaptionSource,
     /// Gradient checkpointing; None chooses: the fastest policy that fits `memory_budget`, or
     /// no checkpointing without a budget.
@@ -190,10 +189,12 @@ pub struct Trainer {
     /// `--val-data`'s pictures, scored by `validation_loss`.
     pub(super) val_examples: Vec<Example>,
     val_every: u64,
-    sample_embeds: Option<PromptEmbeds>,
+    /// Each preview prompt's cached text (and its negative's), when the text encoders are
+    /// frozen; empty when they train.
+    pub(super) sample_embeds: Vec<(ExampleText, Option<ExampleText>)>,
     /// The empty caption as the step reads it, with `--caption-dropout`.
     empty_text: Option<ExampleText>,
-    files: ModelFiles,
+    pub(super) files: ModelFiles,
     /// The VAE config whose scaling (and latent statistics) turns a latent into the UNet's x0.
     pub(super) latent_config: crate::models::vae::VaeConfig,
     /// The noise schedule and loss target of the model (its scheduler config).
@@ -322,7 +323,7 @@ impl Trainer {
         }
         let Prepared {
             mut examples,
-            sample: sample_embeds,
+            samples: sample_embeds,
             empty: empty_text,
         } = prepare_examples(&cfg, &files, &data, log)?;
         // Validation pictures come last (see `load_dataset`) and never train.
@@ -891,79 +892,6 @@ impl Trainer {
     pub fn save_adapter(&self) -> Result<()> {
         self.adapter()?
             .save(&self.outputs.adapter, &unet_module_index(&self.unet))
-    }
-
-    /// A sample image with the live adapters (fixed seed, so samples are comparable over steps).
-    pub fn sample(&self) -> Result<Option<PathBuf>> {
-        let Some(prompt) = &self.cfg.sample_prompt else {
-            return Ok(None);
-        };
-        let live = match &self.text_encoders {
-            Some(te) => {
-                let (ids_1, ids_2) = caption_ids(&self.files, prompt, self.cfg.device)?;
-                let (context, pooled) = crate::autograd::no_grad(|| te.encode(&ids_1, &ids_2))?;
-                Some(PromptEmbeds {
-                    context: context.to_dtype(DType::F32)?,
-                    pooled: pooled.to_dtype(DType::F32)?,
-                })
-            }
-            None => None,
-        };
-        let Some(embeds) = live.as_ref().or(self.sample_embeds.as_ref()) else {
-            return Ok(None);
-        };
-        let mut vae = self.files.vae(self.cfg.device)?;
-        vae.tiling = self.cfg.vae_tiling;
-        let res = self.cfg.resolution;
-        let req = Request {
-            prompt: prompt.clone(),
-            negative: None,
-            steps: self.cfg.sample_steps,
-            guidance: 5.0,
-            guidance_rescale: 0.0,
-            width: res,
-            height: res,
-            sampler: SamplerKind::Euler(Sigmas::Config),
-            noise: crate::sample::Noise::default(),
-            denoising_end: None,
-            micro: Default::default(),
-        };
-        let negative = PromptEmbeds {
-            context: embeds.context.zeros_like()?,
-            pooled: embeds.pooled.zeros_like()?,
-        };
-        let init = Tensor::randn(
-            (1, self.unet.config.in_channels, res / 8, res / 8),
-            &mut Rng::new(self.cfg.seed),
-            DType::F32,
-            self.cfg.device,
-        )?;
-        let image = crate::autograd::no_grad(|| -> Result<Tensor> {
-            let lat = denoise(
-                &self.unet,
-                &self.files.scheduler()?,
-                &req,
-                embeds,
-                Some(&negative),
-                &init,
-                |_, _| {},
-            )?;
-            vae.decode_scaled(&lat)?
-                .affine(0.5, 0.5)?
-                .clamp_min(0.0)?
-                .neg()?
-                .clamp_min(-1.0)?
-                .neg()
-        })?;
-        std::fs::create_dir_all(&self.outputs.samples)
-            .map_err(|e| Error::io(&self.outputs.samples, e))?;
-        let path = self
-            .outputs
-            .samples
-            .join(format!("step{:06}.png", self.state.step));
-        let (_, c, h, w) = image.dims4()?;
-        crate::image::io::save_chw_png(&path, &image.to_vec_f32()?, c, h, w)?;
-        Ok(Some(path))
     }
 
     /// Run to the end, calling `on_step` after every optimizer step; writes the CSV log (appending

@@ -1,0 +1,446 @@
+//! `kstyle train`'s data and schedule options through the real binary on the tiny model:
+//! learning-rate schedules, kohya folder layouts, caption dropout, regularization and validation
+//! pictures, preview prompt files.
+
+mod common;
+use common::train::{dataset, tensors, train};
+use common::{assert_fails_naming, kstyle, tiny, tmp};
+
+/// The logged rate of every step is the schedule's (checked against diffusers in
+/// tests/lr_schedules.rs) over the run's length; settings a schedule would ignore are refused.
+#[test]
+fn lr_schedules_set_each_steps_rate() {
+    use kstyle::train::lr::{LrSchedule, LrShape};
+    let dir = tmp("lr-schedule");
+    let data = dataset(&dir);
+    let out = dir.join("a/adapter.safetensors");
+    let o = train(
+        &data,
+        &out,
+        "lora",
+        &[
+            "--max-steps",
+            "5",
+            "--lr",
+            "0.001",
+            "--lr-schedule",
+            "cosine_with_restarts",
+            "--lr-cycles",
+            "2",
+            "--warmup",
+            "1",
+        ],
+    );
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let schedule = LrSchedule {
+        shape: LrShape::CosineWithRestarts { cycles: 2 },
+        warmup: 1,
+    };
+    let csv = std::fs::read_to_string(dir.join("a/adapter.loss.csv")).unwrap();
+    let logged: Vec<f64> = csv
+        .lines()
+        .skip(1)
+        .map(|l| l.rsplit(',').next().unwrap().parse().unwrap())
+        .collect();
+    let want: Vec<f64> = (1..=5)
+        .map(|s| 0.001 * schedule.factor(s, 5, 0.001))
+        .collect();
+    assert_eq!(logged, want);
+    assert_eq!(
+        logged[0], 0.0,
+        "warm-up starts at rate 0, as diffusers' does"
+    );
+    let settings = kstyle::tensor::SafeTensorsFile::open(&out).unwrap();
+    let meta = settings.metadata();
+    assert_eq!(
+        meta.get("kstyle.train.lr_schedule").map(String::as_str),
+        Some("cosine_with_restarts(2)")
+    );
+    for (extra, needle) in [
+        (&["--warmup", "3"][..], "--warmup 3"),
+        (
+            &["--lr-schedule", "cosine", "--lr-cycles", "2"],
+            "--lr-cycles",
+        ),
+        (
+            &["--lr-schedule", "linear", "--lr-power", "2"],
+            "--lr-power",
+        ),
+    ] {
+        let o = train(
+            &data,
+            &dir.join("x.safetensors"),
+            "lora",
+            &[&["--max-steps", "1"][..], extra].concat(),
+        );
+        assert_fails_naming(&o, needle);
+    }
+}
+
+/// kohya's DreamBooth layout trains as kohya counts it: a `2_name` folder's pictures twice an
+/// epoch (3 pictures x 2 visits at --grad-accum 2: 3 steps an epoch), its uncaptioned pictures
+/// captioned `name`; a folder without a repeat count is reported, and a checkpoint of this
+/// dataset does not resume on another.
+#[test]
+fn kohya_repeat_folders_set_the_epoch() {
+    let dir = tmp("kohya-folders");
+    let flat = dataset(&dir);
+    let root = dir.join("kohya");
+    let sub = root.join("2_hanok palace");
+    std::fs::create_dir_all(&sub).unwrap();
+    std::fs::create_dir_all(root.join("unsorted")).unwrap();
+    for entry in std::fs::read_dir(&flat).unwrap() {
+        let p = entry.unwrap().path();
+        std::fs::copy(&p, sub.join(p.file_name().unwrap())).unwrap();
+    }
+    std::fs::copy(flat.join("a.png"), root.join("unsorted/a.png")).unwrap();
+    let out = dir.join("a/adapter.safetensors");
+    let o = train(&root, &out, "lora", &["--epochs", "2", "--save-every", "3"]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{err}");
+    assert!(err.contains("6 visits an epoch"), "{err}");
+    assert!(
+        err.contains("left out") && err.contains("unsorted"),
+        "{err}"
+    );
+    let csv = std::fs::read_to_string(dir.join("a/adapter.loss.csv")).unwrap();
+    let epochs: Vec<&str> = csv
+        .lines()
+        .skip(1)
+        .map(|l| l.split(',').nth(1).unwrap())
+        .collect();
+    assert_eq!(epochs, ["0", "0", "0", "1", "1", "1"], "{csv}");
+    let ckpt = dir.join("a/adapter.step000003.ckpt.safetensors");
+    let o = train(
+        &flat,
+        &dir.join("b/adapter.safetensors"),
+        "lora",
+        &["--epochs", "2", "--resume", ckpt.to_str().unwrap()],
+    );
+    assert_fails_naming(&o, "resume with the same --data");
+}
+
+/// `--caption-dropout 1` trains every micro-batch on the empty caption: one step of it equals,
+/// bit for bit, a step on a dataset whose captions are empty (its dropout draw comes after the
+/// step's other draws), with frozen or training text encoders. Probabilities outside [0, 1] are
+/// refused.
+#[test]
+fn caption_dropout_trains_on_the_empty_caption() {
+    let dir = tmp("caption-dropout");
+    let data = dataset(&dir);
+    let empty = dir.join("empty");
+    std::fs::create_dir_all(&empty).unwrap();
+    for entry in std::fs::read_dir(&data).unwrap() {
+        let p = entry.unwrap().path();
+        if p.extension().is_some_and(|e| e != "txt") {
+            std::fs::copy(&p, empty.join(p.file_name().unwrap())).unwrap();
+            std::fs::write(empty.join(p.file_name().unwrap()).with_extension("txt"), "").unwrap();
+        }
+    }
+    for (tag, extra) in [("frozen", &[][..]), ("te", &["--train-text-encoder"])] {
+        let step = [&["--max-steps", "1", "--grad-accum", "1"][..], extra].concat();
+        let dropped = dir.join(format!("{tag}-dropped/a.safetensors"));
+        let o = train(
+            &data,
+            &dropped,
+            "kstyle",
+            &[&step[..], &["--caption-dropout", "1"]].concat(),
+        );
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let blank = dir.join(format!("{tag}-blank/a.safetensors"));
+        let o = train(&empty, &blank, "kstyle", &step);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let plain = dir.join(format!("{tag}-plain/a.safetensors"));
+        let o = train(&data, &plain, "kstyle", &step);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        assert!(
+            tensors(&dropped) == tensors(&blank),
+            "{tag}: dropout 1 is not the empty caption"
+        );
+        assert!(
+            tensors(&dropped) != tensors(&plain),
+            "{tag}: the captions made no difference"
+        );
+    }
+    let o = train(
+        &data,
+        &dir.join("x.safetensors"),
+        "lora",
+        &["--max-steps", "1", "--caption-dropout", "1.5"],
+    );
+    assert_fails_naming(&o, "--caption-dropout");
+}
+
+/// `--reg-data` (DreamBooth prior preservation, kohya's layout and balance): 3 training visits
+/// and a `1_house` folder of 2 pictures give the pictures 2 and 1 visits, so an epoch at
+/// --grad-accum 1 is 6 steps; the 3 regularization steps train on the diffusion loss alone
+/// (no cultural term), times --prior-loss-weight.
+#[test]
+fn regularization_pictures_train_on_the_weighted_prior_loss() {
+    let dir = tmp("reg-data");
+    let data = dataset(&dir);
+    let reg = dir.join("reg/1_house");
+    std::fs::create_dir_all(&reg).unwrap();
+    for name in ["a.png", "b.jpg"] {
+        std::fs::copy(data.join(name), reg.join(name)).unwrap();
+    }
+    let out = dir.join("a/adapter.safetensors");
+    let reg_dir = dir.join("reg");
+    let o = train(
+        &data,
+        &out,
+        "kstyle",
+        &[
+            "--epochs",
+            "1",
+            "--grad-accum",
+            "1",
+            "--reg-data",
+            reg_dir.to_str().unwrap(),
+            "--prior-loss-weight",
+            "0.5",
+        ],
+    );
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{err}");
+    assert!(err.contains("regularization: 2 images"), "{err}");
+    let csv = std::fs::read_to_string(dir.join("a/adapter.loss.csv")).unwrap();
+    let rows: Vec<(f64, f64, f64)> = csv
+        .lines()
+        .skip(1)
+        .map(|l| {
+            let f: Vec<f64> = l.split(',').map(|v| v.parse().unwrap()).collect();
+            (f[2], f[3], f[4])
+        })
+        .collect();
+    assert_eq!(rows.len(), 6, "{csv}");
+    let prior: Vec<_> = rows.iter().filter(|r| r.2 == 0.0).collect();
+    assert_eq!(prior.len(), 3, "{csv}");
+    for (total, diffusion, _) in prior {
+        // Halving is exact in binary: the weighted total is the diffusion loss's half, to the bit.
+        assert_eq!(*total, 0.5 * diffusion, "{csv}");
+    }
+    let meta = kstyle::tensor::SafeTensorsFile::open(&out).unwrap();
+    assert_eq!(
+        meta.metadata()
+            .get("kstyle.train.prior_loss_weight")
+            .map(String::as_str),
+        Some("0.5")
+    );
+    let o = train(
+        &data,
+        &dir.join("x.safetensors"),
+        "lora",
+        &["--max-steps", "1", "--prior-loss-weight", "0.5"],
+    );
+    assert_fails_naming(&o, "--reg-data");
+}
+
+/// `--val-data`: held-out pictures scored every --val-every steps and after the last, on fixed
+/// draws: with --lr 0 the adapter stands still and so does the validation loss, to the bit; the
+/// scoring changes nothing in training (same adapter as a run without it); a resumed run
+/// writes the same validation log as an uninterrupted one.
+#[test]
+fn validation_loss_is_fixed_draws_on_held_out_pictures() {
+    let dir = tmp("val-data");
+    let data = dataset(&dir);
+    let val = dir.join("val");
+    std::fs::create_dir_all(&val).unwrap();
+    for name in ["a.png", "c.png"] {
+        std::fs::copy(data.join(name), val.join(name)).unwrap();
+    }
+    let val_args = ["--val-data", val.to_str().unwrap(), "--val-every", "2"];
+    let read = |path: &std::path::Path| -> Vec<(u64, f64)> {
+        let text = std::fs::read_to_string(path).unwrap();
+        text.lines()
+            .skip(1)
+            .map(|l| {
+                let (s, v) = l.split_once(',').unwrap();
+                (s.parse().unwrap(), v.parse().unwrap())
+            })
+            .collect()
+    };
+    // lr 0: the validation loss cannot move.
+    let still = dir.join("still/a.safetensors");
+    let o = train(
+        &data,
+        &still,
+        "kstyle",
+        &[&["--max-steps", "3", "--lr", "0"][..], &val_args].concat(),
+    );
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let rows = read(&dir.join("still/a.val.csv"));
+    assert_eq!(rows.iter().map(|r| r.0).collect::<Vec<_>>(), [2, 3]);
+    assert!(rows[0].1 > 0.0 && rows[0].1.is_finite(), "{rows:?}");
+    assert_eq!(rows[0].1, rows[1].1);
+    // Training moves it; scoring does not move training.
+    let scored = dir.join("scored/a.safetensors");
+    let o = train(
+        &data,
+        &scored,
+        "kstyle",
+        &[&["--max-steps", "4", "--lr", "0.01"][..], &val_args].concat(),
+    );
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let scored_rows = read(&dir.join("scored/a.val.csv"));
+    assert_eq!(scored_rows.len(), 2);
+    assert_ne!(scored_rows[0].1, scored_rows[1].1);
+    let unscored = dir.join("unscored/a.safetensors");
+    let o = train(
+        &data,
+        &unscored,
+        "kstyle",
+        &["--max-steps", "4", "--lr", "0.01"],
+    );
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(tensors(&scored) == tensors(&unscored));
+    assert!(!dir.join("unscored/a.val.csv").exists());
+    // Resumed at step 2, the log continues as the uninterrupted one.
+    let split = dir.join("split/a.safetensors");
+    let first = [
+        &["--max-steps", "2", "--lr", "0.01", "--save-every", "2"][..],
+        &val_args,
+    ]
+    .concat();
+    assert!(train(&data, &split, "kstyle", &first).status.success());
+    let ckpt = dir.join("split/a.step000002.ckpt.safetensors");
+    let resume = [
+        &[
+            "--max-steps",
+            "4",
+            "--lr",
+            "0.01",
+            "--resume",
+            ckpt.to_str().unwrap(),
+        ][..],
+        &val_args,
+    ]
+    .concat();
+    let o = train(&data, &split, "kstyle", &resume);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(read(&dir.join("split/a.val.csv")), scored_rows);
+    let o = train(
+        &data,
+        &dir.join("x.safetensors"),
+        "lora",
+        &["--max-steps", "1", "--val-every", "2"],
+    );
+    assert_fails_naming(&o, "--val-data");
+}
+
+/// `--sample-prompts`: a kohya prompt file, each line's options honoured; every preview is the
+/// picture `kstyle generate` makes from that step's checkpoint with the same settings, pixel for
+/// pixel (the negative prompt's embeddings included).
+#[test]
+fn preview_prompt_files_match_generate_from_the_checkpoint() {
+    let dir = tmp("sample-prompts");
+    let data = dataset(&dir);
+    let prompts = dir.join("prompts.txt");
+    std::fs::write(
+        &prompts,
+        "# previews\na [v] house --w 64 --h 48 --s 2 --l 4 --d 9\n\na [v] gate --n blurry --d 3\n",
+    )
+    .unwrap();
+    let out = dir.join("a/adapter.safetensors");
+    let o = train(
+        &data,
+        &out,
+        "lora",
+        &[
+            "--max-steps",
+            "2",
+            "--sample-every",
+            "2",
+            "--save-every",
+            "2",
+            "--sample-prompts",
+            prompts.to_str().unwrap(),
+            "--sample-steps",
+            "3",
+        ],
+    );
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let ckpt = dir.join("a/adapter.step000002.ckpt.safetensors");
+    let lora = format!("{}:1", ckpt.display());
+    let model = tiny().join("sdxl");
+    for (i, args) in [
+        &[
+            "--prompt",
+            "a [v] house",
+            "--width",
+            "64",
+            "--height",
+            "48",
+            "--steps",
+            "2",
+            "--cfg",
+            "4",
+            "--seed",
+            "9",
+        ][..],
+        &[
+            "--prompt",
+            "a [v] gate",
+            "--negative",
+            "blurry",
+            "--width",
+            "64",
+            "--height",
+            "64",
+            "--steps",
+            "3",
+            "--cfg",
+            "5",
+            "--seed",
+            "3",
+        ],
+    ]
+    .iter()
+    .enumerate()
+    {
+        let png = dir.join(format!("generated{i}.png"));
+        let mut cmd = vec![
+            "generate",
+            "--model",
+            model.to_str().unwrap(),
+            "--lora",
+            &lora,
+            "--sampler",
+            "euler",
+            "--out",
+            png.to_str().unwrap(),
+        ];
+        cmd.extend_from_slice(args);
+        let g = kstyle(&cmd);
+        assert!(g.status.success(), "{}", String::from_utf8_lossy(&g.stderr));
+        let preview = dir.join(format!("a/adapter.samples/step000002_{i:02}.png"));
+        let (a, b) = (
+            image::open(&preview).unwrap().to_rgb8(),
+            image::open(&png).unwrap().to_rgb8(),
+        );
+        assert_eq!(a.dimensions(), b.dimensions(), "preview {i}");
+        assert!(a == b, "preview {i} differs from generate's picture");
+    }
+    std::fs::write(&prompts, "a [v] house --ss euler_a\n").unwrap();
+    let o = train(
+        &data,
+        &dir.join("x.safetensors"),
+        "lora",
+        &[
+            "--max-steps",
+            "1",
+            "--sample-every",
+            "1",
+            "--sample-prompts",
+            prompts.to_str().unwrap(),
+        ],
+    );
+    assert_fails_naming(&o, "line 1: unknown option --ss");
+    let o = train(
+        &data,
+        &dir.join("y.safetensors"),
+        "lora",
+        &["--max-steps", "1", "--sample-every", "1"],
+    );
+    assert_fails_naming(&o, "--sample-every needs");
+}
