@@ -2,6 +2,7 @@
 
 pub mod checkpoint;
 pub mod concepts;
+pub mod config;
 pub mod cultural;
 pub mod data;
 mod examples;

@@ -1,0 +1,164 @@
+//! The settings of a training run: what `kstyle train` fills, prints at the start and records
+//! in the adapter's metadata.
+
+use super::data::CaptionSource;
+use super::lr::LrSchedule;
+use super::samples::SamplePrompt;
+use crate::backend::cpu::optim::AdamW;
+use crate::formats::adapter::Method;
+use crate::models::unet::CheckpointPolicy;
+use crate::nn::lora::LoraConfig;
+use crate::{DType, Device};
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+/// Every setting of a run (filled by `kstyle train`, printed at its start, recorded in the
+/// adapter's metadata).
+#[derive(Clone, Debug)]
+pub struct TrainConfig {
+    pub model: PathBuf,
+    pub config_dir: Option<PathBuf>,
+    /// A VAE that replaces the model's own for encoding the pictures and decoding samples (see
+    /// [`ModelFiles::with_vae`]).
+    pub vae: Option<PathBuf>,
+    /// Encode (and decode samples) in tiles, as diffusers' `enable_vae_tiling()`.
+    pub vae_tiling: bool,
+    pub data: PathBuf,
+    pub out: PathBuf,
+    pub method: Method,
+    /// CLIP ViT-B/32 folder (HF layout) for the concept embeddings.
+    pub clip: Option<PathBuf>,
+    pub concepts: Vec<String>,
+    pub lora: LoraConfig,
+    /// Suffixes of the wrapped linears (`to_q`, `to_k`, `to_v`, `to_out.0`).
+    pub targets: Vec<String>,
+    pub lambda: f64,
+    /// Min-SNR gamma of the diffusion loss's per-sample weights (see
+    /// [`TrainSchedule::loss_weight`]); None: unweighted, as KSTYLE.md's loss.
+    pub min_snr_gamma: Option<f64>,
+    /// Noise offset (diffusers' and kohya's `--noise_offset`): each sample's noise gets
+    /// `offset * n_c` added, one N(0, 1) draw `n_c` per latent channel, so the model learns to
+    /// shift the mean brightness. None: plain N(0, 1) noise.
+    pub noise_offset: Option<f64>,
+    /// Side of the pooled latent in the cultural loss; latent side / 8 when None (16 at 1024²).
+    pub cultural_pool: Option<usize>,
+    pub adamw: AdamW,
+    pub schedule: LrSchedule,
+    pub grad_accum: usize,
+    pub epochs: u64,
+    pub max_steps: Option<u64>,
+    pub resolution: usize,
+    pub buckets: bool,
+    pub seed: u64,
+    pub save_every: Option<u64>,
+    pub resume: Option<PathBuf>,
+    pub sample_every: Option<u64>,
+    /// The previews made every `sample_every` steps (see `train::samples`).
+    pub sample_prompts: Vec<SamplePrompt>,
+    pub captions: CaptionSource,
+    /// Gradient checkpointing; None chooses: the fastest policy that fits `memory_budget`, or
+    /// no checkpointing without a budget.
+    pub checkpointing: Option<CheckpointPolicy>,
+    /// Bytes the run may hold on its device (`--memory-budget`); see `train::memory`.
+    pub memory_budget: Option<u64>,
+    pub cache_dir: Option<PathBuf>,
+    pub device: Device,
+    /// Compute dtype of the frozen UNet. With bf16/f16 the adapters become leaves in that dtype
+    /// while the optimizer state, the losses and the written files stay f32 (mixed precision).
+    pub dtype: DType,
+    /// Plain LoRA (rank and alpha of `lora`) on both text encoders' attention and MLP linears,
+    /// trained with the UNet's adapters (kohya's default; `--train-text-encoder`). The text
+    /// encoders then stay loaded and run every step: captions cannot be cached as embeddings.
+    pub train_text_encoder: bool,
+    /// Learning rate of the text encoders' adapters (kohya's `--text_encoder_lr`); the UNet's
+    /// when None. The schedule scales both.
+    pub text_encoder_lr: Option<f64>,
+    /// Probability that a micro-batch trains on the empty caption instead of its own (kohya's
+    /// `--caption_dropout_rate`), so the adapter also learns the unconditional branch that
+    /// classifier-free guidance reads. None: never.
+    pub caption_dropout: Option<f64>,
+    /// Regularization pictures (kohya's `--reg_data_dir`, the same layout as `data`): DreamBooth
+    /// prior preservation. They are visited as often as kohya visits them and train on their
+    /// diffusion loss times `prior_loss_weight`, without the cultural term (they are not the
+    /// style).
+    pub reg_data: Option<PathBuf>,
+    /// kohya's `--prior_loss_weight` (1 by default).
+    pub prior_loss_weight: f64,
+    /// Held-out pictures (the layout of `data`, repeats ignored) scored by the validation loss
+    /// (see `train::validation`); they never train.
+    pub val_data: Option<PathBuf>,
+    /// Optimizer steps between validation losses (and always after the last); one epoch's
+    /// steps when None.
+    pub val_every: Option<u64>,
+}
+
+impl TrainConfig {
+    /// The settings recorded in the adapter (`kstyle.train.*`) after `steps` optimizer steps:
+    /// file and folder names without their paths, as kohya's `ss_*` keys.
+    pub fn settings(&self, steps: u64) -> BTreeMap<String, String> {
+        let c = self;
+        BTreeMap::from([
+            ("lr".to_string(), c.adamw.lr.to_string()),
+            ("lr_schedule".to_string(), c.schedule.name()),
+            ("warmup".to_string(), c.schedule.warmup.to_string()),
+            ("grad_accum".to_string(), c.grad_accum.to_string()),
+            ("resolution".to_string(), c.resolution.to_string()),
+            ("lambda".to_string(), c.lambda.to_string()),
+            (
+                "min_snr_gamma".to_string(),
+                c.min_snr_gamma.map_or("none".into(), |g| g.to_string()),
+            ),
+            (
+                "noise_offset".to_string(),
+                c.noise_offset.map_or("none".into(), |o| o.to_string()),
+            ),
+            (
+                "reg_data".to_string(),
+                c.reg_data
+                    .as_ref()
+                    .and_then(|v| v.file_name())
+                    .map_or("none".into(), |n| n.to_string_lossy().into_owned()),
+            ),
+            (
+                "prior_loss_weight".to_string(),
+                c.prior_loss_weight.to_string(),
+            ),
+            (
+                "val_data".to_string(),
+                c.val_data
+                    .as_ref()
+                    .and_then(|v| v.file_name())
+                    .map_or("none".into(), |n| n.to_string_lossy().into_owned()),
+            ),
+            (
+                "caption_dropout".to_string(),
+                c.caption_dropout.map_or("none".into(), |p| p.to_string()),
+            ),
+            ("seed".to_string(), c.seed.to_string()),
+            ("steps".to_string(), steps.to_string()),
+            ("targets".to_string(), c.targets.join(",")),
+            ("vae_tiling".to_string(), c.vae_tiling.to_string()),
+            ("trigger".to_string(), c.captions.trigger.clone()),
+            // The file or folder name alone, as kohya's `ss_vae_name`: no local paths.
+            (
+                "vae".to_string(),
+                c.vae
+                    .as_ref()
+                    .and_then(|v| v.file_name())
+                    .map_or("model".into(), |n| n.to_string_lossy().into_owned()),
+            ),
+            ("weight_decay".to_string(), c.adamw.weight_decay.to_string()),
+            (
+                "train_text_encoder".to_string(),
+                c.train_text_encoder.to_string(),
+            ),
+            (
+                "text_encoder_lr".to_string(),
+                match (c.train_text_encoder, c.text_encoder_lr) {
+                    (false, _) => "none".into(),
+                    (true, lr) => lr.unwrap_or(c.adamw.lr).to_string(),
+                },
+            ),
+        ])
+    }
+}
