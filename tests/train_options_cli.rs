@@ -5,6 +5,26 @@
 mod common;
 use common::train::{dataset, tensors, train};
 use common::{assert_fails_naming, kstyle, tiny, tmp};
+use std::path::Path;
+
+/// A one-step `lora` run on `data` with `extra`, which must fail naming `needle`.
+fn refused(data: &Path, dir: &Path, extra: &[&str], needle: &str) {
+    let o = train(
+        data,
+        &dir.join("refused.safetensors"),
+        "lora",
+        &[&["--max-steps", "1"][..], extra].concat(),
+    );
+    assert_fails_naming(&o, needle);
+}
+
+/// Copies the pictures `names` of `from` into the folder `to` (made first).
+fn copy_into(from: &Path, to: &Path, names: &[&str]) {
+    std::fs::create_dir_all(to).unwrap();
+    for name in names {
+        std::fs::copy(from.join(name), to.join(name)).unwrap();
+    }
+}
 
 /// The logged rate of every step is the schedule's (checked against diffusers in
 /// tests/lr_schedules.rs) over the run's length; settings a schedule would ignore are refused.
@@ -67,13 +87,7 @@ fn lr_schedules_set_each_steps_rate() {
             "--lr-power",
         ),
     ] {
-        let o = train(
-            &data,
-            &dir.join("x.safetensors"),
-            "lora",
-            &[&["--max-steps", "1"][..], extra].concat(),
-        );
-        assert_fails_naming(&o, needle);
+        refused(&data, &dir, extra, needle);
     }
 }
 
@@ -162,13 +176,12 @@ fn caption_dropout_trains_on_the_empty_caption() {
             "{tag}: the captions made no difference"
         );
     }
-    let o = train(
+    refused(
         &data,
-        &dir.join("x.safetensors"),
-        "lora",
-        &["--max-steps", "1", "--caption-dropout", "1.5"],
+        &dir,
+        &["--caption-dropout", "1.5"],
+        "--caption-dropout",
     );
-    assert_fails_naming(&o, "--caption-dropout");
 }
 
 /// `--reg-data` (DreamBooth prior preservation, kohya's layout and balance): 3 training visits
@@ -179,11 +192,7 @@ fn caption_dropout_trains_on_the_empty_caption() {
 fn regularization_pictures_train_on_the_weighted_prior_loss() {
     let dir = tmp("reg-data");
     let data = dataset(&dir);
-    let reg = dir.join("reg/1_house");
-    std::fs::create_dir_all(&reg).unwrap();
-    for name in ["a.png", "b.jpg"] {
-        std::fs::copy(data.join(name), reg.join(name)).unwrap();
-    }
+    copy_into(&data, &dir.join("reg/1_house"), &["a.png", "b.jpg"]);
     let out = dir.join("a/adapter.safetensors");
     let reg_dir = dir.join("reg");
     let o = train(
@@ -227,13 +236,7 @@ fn regularization_pictures_train_on_the_weighted_prior_loss() {
             .map(String::as_str),
         Some("0.5")
     );
-    let o = train(
-        &data,
-        &dir.join("x.safetensors"),
-        "lora",
-        &["--max-steps", "1", "--prior-loss-weight", "0.5"],
-    );
-    assert_fails_naming(&o, "--reg-data");
+    refused(&data, &dir, &["--prior-loss-weight", "0.5"], "--reg-data");
 }
 
 /// `--val-data`: held-out pictures scored every --val-every steps and after the last, on fixed
@@ -245,10 +248,7 @@ fn validation_loss_is_fixed_draws_on_held_out_pictures() {
     let dir = tmp("val-data");
     let data = dataset(&dir);
     let val = dir.join("val");
-    std::fs::create_dir_all(&val).unwrap();
-    for name in ["a.png", "c.png"] {
-        std::fs::copy(data.join(name), val.join(name)).unwrap();
-    }
+    copy_into(&data, &val, &["a.png", "c.png"]);
     let val_args = ["--val-data", val.to_str().unwrap(), "--val-every", "2"];
     let read = |path: &std::path::Path| -> Vec<(u64, f64)> {
         let text = std::fs::read_to_string(path).unwrap();
@@ -319,13 +319,7 @@ fn validation_loss_is_fixed_draws_on_held_out_pictures() {
     let o = train(&data, &split, "kstyle", &resume);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     assert_eq!(read(&dir.join("split/a.val.csv")), scored_rows);
-    let o = train(
-        &data,
-        &dir.join("x.safetensors"),
-        "lora",
-        &["--max-steps", "1", "--val-every", "2"],
-    );
-    assert_fails_naming(&o, "--val-data");
+    refused(&data, &dir, &["--val-every", "2"], "--val-data");
 }
 
 /// `--sample-prompts`: a kohya prompt file, each line's options honoured; every preview is the
@@ -422,25 +416,21 @@ fn preview_prompt_files_match_generate_from_the_checkpoint() {
         assert!(a == b, "preview {i} differs from generate's picture");
     }
     std::fs::write(&prompts, "a [v] house --ss euler_a\n").unwrap();
-    let o = train(
+    refused(
         &data,
-        &dir.join("x.safetensors"),
-        "lora",
+        &dir,
         &[
-            "--max-steps",
-            "1",
             "--sample-every",
             "1",
             "--sample-prompts",
             prompts.to_str().unwrap(),
         ],
+        "line 1: unknown option --ss",
     );
-    assert_fails_naming(&o, "line 1: unknown option --ss");
-    let o = train(
+    refused(
         &data,
-        &dir.join("y.safetensors"),
-        "lora",
-        &["--max-steps", "1", "--sample-every", "1"],
+        &dir,
+        &["--sample-every", "1"],
+        "--sample-every needs",
     );
-    assert_fails_naming(&o, "--sample-every needs");
 }
