@@ -5,7 +5,7 @@ use super::data::{
     buckets, load_training_picture, nearest_bucket, prior_repeats, training_tensor, Dataset, Role,
     TensorCache,
 };
-use super::text::caption_ids;
+use super::text::{caption_ids, sdxl_conditioning};
 use super::trainer::TrainConfig;
 use crate::models::clip::text::token_ids;
 use crate::sample::model_files::ModelFiles;
@@ -149,13 +149,9 @@ pub(super) fn prepare_examples(
             })?;
             crate::autograd::no_grad(|| {
                 let prompts = [caption.to_string()];
-                let o1 = te1.forward(&token_ids(&tok1.encode_batch(&prompts)?, cfg.device)?)?;
-                let o2 = te2.forward(&token_ids(&tok2.encode_batch(&prompts)?, cfg.device)?)?;
-                let context =
-                    Tensor::cat(&[o1.penultimate().clone(), o2.penultimate().clone()], 2)?; // (1, 77, Dc)
-                let pooled = o2
-                    .text_embeds
-                    .ok_or_else(|| Error::Config("text_encoder_2 has no projection".into()))?; // (1, P)
+                let ids_1 = token_ids(&tok1.encode_batch(&prompts)?, cfg.device)?; // (1, 77)
+                let ids_2 = token_ids(&tok2.encode_batch(&prompts)?, cfg.device)?; // (1, 77)
+                let (context, pooled) = sdxl_conditioning(te1, te2, &ids_1, &ids_2)?;
                 Ok(vec![
                     ("context".to_string(), context),
                     ("pooled".to_string(), pooled),

@@ -23,6 +23,23 @@ pub fn text_layer(path: &str) -> Option<usize> {
         .ok()
 }
 
+/// SDXL's conditioning from two text encoders and their token ids (B, 77): the context
+/// cat(penultimate states), (B, 77, Dc), and text_encoder_2's projected pooled embedding, (B, P).
+pub(super) fn sdxl_conditioning(
+    te1: &ClipTextModel,
+    te2: &ClipTextModel,
+    ids_1: &Tensor,
+    ids_2: &Tensor,
+) -> Result<(Tensor, Tensor)> {
+    let o1 = te1.forward(ids_1)?;
+    let o2 = te2.forward(ids_2)?;
+    let context = Tensor::cat(&[o1.penultimate().clone(), o2.penultimate().clone()], 2)?; // (B, 77, Dc)
+    let pooled = o2
+        .text_embeds
+        .ok_or_else(|| Error::Config("text_encoder_2 has no projection".into()))?; // (B, P)
+    Ok((context, pooled))
+}
+
 /// The two text encoders of a run that trains them, with their adapters.
 pub struct TextEncoders {
     pub te1: ClipTextModel,
@@ -33,13 +50,7 @@ impl TextEncoders {
     /// SDXL's conditioning of token ids (B, 77) each: the context cat(penultimate states),
     /// (B, 77, Dc), and text_encoder_2's projected pooled embedding, (B, P). On the tape.
     pub fn encode(&self, ids_1: &Tensor, ids_2: &Tensor) -> Result<(Tensor, Tensor)> {
-        let o1 = self.te1.forward(ids_1)?;
-        let o2 = self.te2.forward(ids_2)?;
-        let context = Tensor::cat(&[o1.penultimate().clone(), o2.penultimate().clone()], 2)?; // (B, 77, Dc)
-        let pooled = o2
-            .text_embeds
-            .ok_or_else(|| Error::Config("text_encoder_2 has no projection".into()))?; // (B, P)
-        Ok((context, pooled))
+        sdxl_conditioning(&self.te1, &self.te2, ids_1, ids_2)
     }
 
     /// Both encoders' linears with their module paths under `text_encoder.` / `text_encoder_2.`.
