@@ -6,6 +6,10 @@
 
 struct bf16 { unsigned short bits; };
 struct f16 { unsigned short bits; };
+// float8 storage (torch.float8_e4m3fn, torch.float8_e5m2): frozen weights at one byte each. Only
+// casts and raw moves read or write them; arithmetic kernels never see them.
+struct f8e4m3 { unsigned char bits; };
+struct f8e5m2 { unsigned char bits; };
 
 typedef long long i64;
 typedef unsigned long long u64;
@@ -64,10 +68,59 @@ __device__ __forceinline__ float to_f32(float x) { return x; }
 __device__ __forceinline__ float to_f32(bf16 x) { return __uint_as_float(((unsigned)x.bits) << 16); }
 __device__ __forceinline__ float to_f32(f16 x) { return cvt_f32_f16(x.bits); }
 
+// float8 -> f32 is exact. e4m3fn: bias 7, subnormal step 2^-9, NaN only at S.1111.111. e5m2 is
+// the top byte of an f16.
+__device__ __forceinline__ float to_f32(f8e4m3 x) {
+    const unsigned s = (x.bits & 0x80u) << 24, e = (x.bits >> 3) & 0xfu, m = x.bits & 0x7u;
+    if (e == 0xfu && m == 0x7u) return __uint_as_float(s | 0x7ff00000u);
+    if (e == 0u) return s ? -(float)m * (1.0f / 512.0f) : (float)m * (1.0f / 512.0f);
+    return __uint_as_float(s | ((e + 120u) << 23) | (m << 20));
+}
+__device__ __forceinline__ float to_f32(f8e5m2 x) { return cvt_f32_f16((unsigned short)(x.bits << 8)); }
+
 template <typename T> __device__ __forceinline__ T from_f32(float x);
 template <> __device__ __forceinline__ float from_f32<float>(float x) { return x; }
 template <> __device__ __forceinline__ bf16 from_f32<bf16>(float x) { return bf16{cvt_rn_bf16(x)}; }
 template <> __device__ __forceinline__ f16 from_f32<f16>(float x) { return f16{cvt_rn_f16(x)}; }
+// f32 -> float8 as PyTorch rounds (src/tensor/float8.rs is the oracle and explains the
+// constants): nearest, ties to even; e4m3fn saturates to +-448 (inf too), e5m2 gives inf from
+// 61440. Subnormals round by one
+// f32 add against a magic number whose ulp is the float8 subnormal step (the add must not be
+// flushed to zero: neither the kernels nor NVRTC's defaults use -ftz).
+template <> __device__ __forceinline__ f8e4m3 from_f32<f8e4m3>(float x) {
+    unsigned bits = __float_as_uint(x);
+    const unsigned char sign = (unsigned char)((bits >> 24) & 0x80u);
+    const unsigned mag = bits & 0x7fffffffu;
+    unsigned char out;
+    if (mag > (255u << 23)) {
+        out = 0x7f;
+    } else if (mag >= 0x43e00000u) {
+        out = 0x7e;
+    } else if (mag < (121u << 23)) {
+        const unsigned r = __float_as_uint(__uint_as_float(mag) + __uint_as_float(141u << 23));
+        out = (unsigned char)(r - (141u << 23));
+    } else {
+        const unsigned r = mag + ((unsigned)(7 - 127) << 23) + 0x7ffffu + ((mag >> 20) & 1u);
+        out = (unsigned char)(r >> 20);
+    }
+    return f8e4m3{(unsigned char)(out | sign)};
+}
+template <> __device__ __forceinline__ f8e5m2 from_f32<f8e5m2>(float x) {
+    unsigned bits = __float_as_uint(x);
+    const unsigned char sign = (unsigned char)((bits >> 24) & 0x80u);
+    const unsigned mag = bits & 0x7fffffffu;
+    unsigned char out;
+    if (mag >= (143u << 23)) {
+        out = mag > (255u << 23) ? 0x7f : 0x7c;
+    } else if (mag < (113u << 23)) {
+        const unsigned r = __float_as_uint(__uint_as_float(mag) + __uint_as_float(134u << 23));
+        out = (unsigned char)(r - (134u << 23));
+    } else {
+        const unsigned r = mag + ((unsigned)(15 - 127) << 23) + 0xfffffu + ((mag >> 21) & 1u);
+        out = (unsigned char)(r >> 21);
+    }
+    return f8e5m2{(unsigned char)(out | sign)};
+}
 
 template <typename T> __device__ __forceinline__ float ld(const T* p, i64 i) { return to_f32(p[i]); }
 template <typename T> __device__ __forceinline__ void st(T* p, i64 i, float v) { p[i] = from_f32<T>(v); }

@@ -260,6 +260,8 @@ KS_MISC(f16, f16)
 KS_MOVE(float, f32)
 KS_MOVE(bf16, bf16)
 KS_MOVE(f16, f16)
+KS_MOVE(f8e4m3, f8e4m3)
+KS_MOVE(f8e5m2, f8e5m2)
 KS_MOVE(i64, i64)
 
 // Arg-max indices: the reduce kernels write i32, tensors carry i64.
@@ -288,3 +290,15 @@ KS_CAST(bf16, bf16, float, f32)
 KS_CAST(bf16, bf16, f16, f16)
 KS_CAST(f16, f16, float, f32)
 KS_CAST(f16, f16, bf16, bf16)
+// float8 weights widen to the compute dtype before a GEMM (exact), and quantize from any float.
+#define KS_CAST_F8(F, fn)                                                                                \
+    KS_CAST(F, fn, float, f32)                                                                          \
+    KS_CAST(F, fn, bf16, bf16)                                                                          \
+    KS_CAST(F, fn, f16, f16)                                                                            \
+    KS_CAST(float, f32, F, fn)                                                                          \
+    KS_CAST(bf16, bf16, F, fn)                                                                          \
+    KS_CAST(f16, f16, F, fn)
+KS_CAST_F8(f8e4m3, f8e4m3)
+KS_CAST_F8(f8e5m2, f8e5m2)
+KS_CAST(f8e4m3, f8e4m3, f8e5m2, f8e5m2)
+KS_CAST(f8e5m2, f8e5m2, f8e4m3, f8e4m3)

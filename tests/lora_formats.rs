@@ -1057,6 +1057,7 @@ fn header_checks_accept_exactly_what_loading_accepts() {
                 model: model.clone(),
                 config: None,
                 dtype: DType::F32,
+                weight_dtype: None,
                 device: Device::Cpu,
                 loras: vec![(file.clone(), 0.7)],
                 vae: None,

@@ -21,6 +21,7 @@ fn prompt_embeds(loras: &[&Path]) -> Vec<f64> {
         model: common::tiny().join("sdxl"),
         config: None,
         dtype: DType::F32,
+        weight_dtype: None,
         device: Device::Cpu,
         loras: loras.iter().map(|p| (p.to_path_buf(), 1.0)).collect(),
         vae: None,

@@ -119,6 +119,8 @@ pub fn to_host(s: &CudaStorage, l: &Layout) -> Result<CpuStorage> {
         DType::F16 => CpuStorage::F16(get(dev, c.ptr(), n)?),
         DType::I64 => CpuStorage::I64(get(dev, c.ptr(), n)?),
         DType::F64 => CpuStorage::F64(get(dev, c.ptr(), n)?),
+        DType::F8E4M3 => CpuStorage::F8E4M3(get(dev, c.ptr(), n)?),
+        DType::F8E5M2 => CpuStorage::F8E5M2(get(dev, c.ptr(), n)?),
     })
 }
 
@@ -130,9 +132,11 @@ pub fn from_host(dev: &std::sync::Arc<cuda::CudaDevice>, c: &CpuStorage) -> Resu
         CpuStorage::BF16(v) => dev.upload(DType::BF16, v)?,
         CpuStorage::F16(v) => dev.upload(DType::F16, v)?,
         CpuStorage::I64(v) => dev.upload(DType::I64, v)?,
+        CpuStorage::F8E4M3(v) => dev.upload(DType::F8E4M3, v)?,
+        CpuStorage::F8E5M2(v) => dev.upload(DType::F8E5M2, v)?,
         CpuStorage::F64(_) => {
             return Err(Error::DType {
-                op: "to_device (CUDA stores f32, bf16, f16 and i64)",
+                op: "to_device (CUDA stores f32, bf16, f16, float8 and i64)",
                 dtype: DType::F64,
             })
         }
@@ -307,8 +311,34 @@ pub mod ops {
         }
     }
 
+    /// A float8 operand (a weight stored at one byte, `--weight-dtype`) widened to the dtype of
+    /// the operand it meets, for one GEMM or convolution; None when `w` computes as it is. The
+    /// whole buffer is cast, so `w`'s layout (a transposed or broadcast view of the weight) still
+    /// addresses it. Widening is exact: every float8 value is a bf16, f16 and f32 value. The copy
+    /// lives for this call only: tapes keep the float8 tensor and widen again in backward.
+    fn widened(w: Arg, like: &Storage) -> Result<Option<Storage>> {
+        let s = w.0;
+        if !s.dtype().is_storage_only() || like.dtype().is_storage_only() {
+            return Ok(None);
+        }
+        s.to_dtype(&Layout::contiguous(s.len()), like.dtype())
+            .map(Some)
+    }
+
+    /// `w` itself, or its widened copy held in `slot`.
+    fn computable<'a>(
+        w: Arg<'a>,
+        like: &Storage,
+        slot: &'a mut Option<Storage>,
+    ) -> Result<Arg<'a>> {
+        *slot = widened(w, like)?;
+        Ok((slot.as_ref().unwrap_or(w.0), w.1))
+    }
+
     pub fn matmul(a: Arg, b: Arg) -> Result<Storage> {
         flops::add(matmul_flops(a.1, b.1));
+        let (mut wa, mut wb) = (None, None);
+        let (a, b) = (computable(a, b.0, &mut wa)?, computable(b, a.0, &mut wb)?);
         two!("matmul", a, b, |sa, la, sb, lb| cpu mm::matmul(sa, la, sb, lb), cuda cmm::matmul(sa, la, sb, lb))
     }
 
@@ -316,6 +346,8 @@ pub mod ops {
     /// None where the caller composes matmul and add (always on the CPU: the oracle is the
     /// composition).
     pub fn linear_bias(x: Arg, w: Arg, b: Arg) -> Result<Option<Storage>> {
+        let mut wide = None;
+        let w = computable(w, x.0, &mut wide)?;
         match (on(x), on(w), on(b)) {
             (On::Cpu(..), On::Cpu(..), On::Cpu(..)) => Ok(None),
             (On::Cuda(xs, xl), On::Cuda(ws, wl), On::Cuda(bs, bl)) => {
@@ -489,11 +521,15 @@ pub mod ops {
 
     pub fn conv2d(x: Arg, w: Arg, g: &ConvGeom) -> Result<Storage> {
         flops::add(conv_flops(g));
+        let mut wide = None;
+        let w = computable(w, x.0, &mut wide)?;
         two!("conv2d", x, w, |s, l, ws, wl| cpu conv::conv2d(s, l, ws, wl, g), cuda cconv::conv2d(s, l, ws, wl, g))
     }
 
     pub fn conv2d_bwd_input(dy: Arg, w: Arg, g: &ConvGeom) -> Result<Storage> {
         flops::add(conv_flops(g));
+        let mut wide = None;
+        let w = computable(w, dy.0, &mut wide)?;
         two!("conv2d_bwd_input", dy, w, |s, l, ws, wl|
             cpu conv::conv2d_bwd_input(s, l, ws, wl, g), cuda cconv::conv2d_bwd_input(s, l, ws, wl, g))
     }

@@ -126,6 +126,7 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
         cache_dir: None,
         device,
         dtype: kstyle::DType::F32,
+        weight_dtype: None,
         train_text_encoder: false,
         text_encoder_lr: None,
     };

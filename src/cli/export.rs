@@ -79,6 +79,7 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
                 model: model.clone(),
                 config: a.config.clone(),
                 dtype: DType::F32,
+                weight_dtype: None,
                 device,
                 loras: vec![(a.adapter.clone(), 1.0)],
                 vae: None,

@@ -209,6 +209,7 @@ fn generate_all(
             model: g.model.clone(),
             config: g.config.clone(),
             dtype: DType::F32,
+            weight_dtype: None,
             device: cfg.device,
             loras,
             vae: g.vae.clone(),

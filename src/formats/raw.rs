@@ -35,18 +35,8 @@ pub fn dtype_bytes(dtype: Dtype) -> Option<usize> {
 /// Both are exact in bf16 and f32. None for other dtypes.
 pub fn f8_to_f32(byte: u8, dtype: Dtype) -> Option<f32> {
     match dtype {
-        Dtype::F8_E5M2 => Some(half::f16::from_bits((byte as u16) << 8).to_f32()),
-        Dtype::F8_E4M3 => {
-            let sign = if byte & 0x80 != 0 { -1.0 } else { 1.0 };
-            let (e, m) = ((byte >> 3) & 0xF, byte & 0x7);
-            Some(if e == 0xF && m == 0x7 {
-                f32::NAN
-            } else if e == 0 {
-                sign * m as f32 / 8.0 * 2f32.powi(-6)
-            } else {
-                sign * (1.0 + m as f32 / 8.0) * 2f32.powi(e as i32 - 7)
-            })
-        }
+        Dtype::F8_E5M2 => Some(crate::tensor::float8::F8E5M2(byte).to_f32()),
+        Dtype::F8_E4M3 => Some(crate::tensor::float8::F8E4M3(byte).to_f32()),
         _ => None,
     }
 }

@@ -17,7 +17,7 @@ pub struct Linear {
 
 impl Linear {
     pub fn load(vb: &Weights, d_in: usize, d_out: usize, bias: bool) -> Result<Linear> {
-        let weight = vb.get(&[d_out, d_in], "weight")?;
+        let weight = vb.get_matrix(&[d_out, d_in], "weight")?;
         let bias = if bias {
             Some(vb.get(&[d_out], "bias")?)
         } else {
@@ -81,7 +81,7 @@ impl Conv2d {
         kernel: usize,
         params: ConvParams,
     ) -> Result<Conv2d> {
-        let weight = vb.get(&[c_out, c_in, kernel, kernel], "weight")?;
+        let weight = vb.get_matrix(&[c_out, c_in, kernel, kernel], "weight")?;
         let bias = vb.get_opt(&[c_out], "bias")?;
         Ok(Conv2d {
             weight,

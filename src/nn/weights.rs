@@ -54,12 +54,33 @@ struct Shared {
     used: Mutex<BTreeSet<String>>,
 }
 
+/// How a model's weights are held: the dtype it loads and computes in and, optionally, a
+/// narrower storage type for its Linear and convolution weights (float8, `--weight-dtype`),
+/// widened per GEMM. A plain `DType` converts to "everything in that dtype".
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Precision {
+    pub compute: DType,
+    pub matrices: Option<DType>,
+}
+
+impl From<DType> for Precision {
+    fn from(compute: DType) -> Precision {
+        Precision {
+            compute,
+            matrices: None,
+        }
+    }
+}
+
 /// A view of a set of weight sources under a key prefix.
 #[derive(Clone)]
 pub struct Weights {
     shared: Arc<Shared>,
     prefix: String,
     dtype: DType,
+    /// What Linear and convolution weights are stored as ([`Weights::get_matrix`]), when not
+    /// `dtype`: a float8 type (`--weight-dtype`).
+    matrix_dtype: Option<DType>,
     device: Device,
 }
 
@@ -99,6 +120,7 @@ impl Weights {
             }),
             prefix: String::new(),
             dtype,
+            matrix_dtype: None,
             device,
         }
     }
@@ -117,6 +139,16 @@ impl Weights {
     pub fn with_dtype(&self, dtype: DType) -> Weights {
         Weights {
             dtype,
+            ..self.clone()
+        }
+    }
+
+    /// The same sources, holding Linear and convolution weights as `dtype` (a float8 storage
+    /// type) while everything else (norms, biases, embeddings) loads as this loader's dtype.
+    /// `None`, or this loader's dtype, stores them like everything else.
+    pub fn with_matrix_dtype(&self, dtype: Option<DType>) -> Weights {
+        Weights {
+            matrix_dtype: dtype.filter(|&d| d != self.dtype),
             ..self.clone()
         }
     }
@@ -149,6 +181,57 @@ impl Weights {
 
     /// The tensor `prefix.name`, checked against `shape`, in this loader's dtype and device.
     pub fn get(&self, shape: &[usize], name: &str) -> Result<Tensor> {
+        self.fetch(shape, name)?
+            .0
+            .to_dtype(self.dtype)?
+            .to_device(self.device)
+    }
+
+    /// A Linear or convolution weight: as [`Weights::get`], stored as the matrix dtype when one
+    /// is set. Rounding to float8 happens here, on the CPU, as PyTorch's cast rounds; a weight
+    /// that does not fit (e4m3fn's largest value is 448) is refused by name rather than stored
+    /// as NaN.
+    pub fn get_matrix(&self, shape: &[usize], name: &str) -> Result<Tensor> {
+        let Some(store) = self.matrix_dtype else {
+            return self.get(shape, name);
+        };
+        let (t, key, origin) = self.fetch(shape, name)?;
+        let q = t.to_device(Device::Cpu)?.to_dtype(store)?;
+        let at_limit = match &*q.storage() {
+            crate::backend::Storage::Cpu(c) => c.float8_at_limit(),
+            crate::backend::Storage::Cuda(_) => unreachable!("quantized on the host"),
+        };
+        // Values that reach the type's largest magnitude are rare in real weights; only then is
+        // the source scanned for one that went past it.
+        if at_limit > 0 {
+            let limit = match store {
+                DType::F8E5M2 => crate::tensor::float8::F8E5M2::MAX,
+                _ => crate::tensor::float8::F8E4M3::MAX,
+            } as f64;
+            let biggest = t.to_vec_f64()?.into_iter().fold(0f64, |m, v| {
+                if v.is_nan() || m.is_nan() {
+                    f64::NAN
+                } else {
+                    m.max(v.abs())
+                }
+            });
+            if biggest.is_nan() || biggest > limit {
+                return Err(Error::file(
+                    origin,
+                    format!(
+                        "weight `{key}` does not fit {store}: its largest magnitude is {biggest}, \
+                         the type's {limit}; hold the weights in --dtype (drop --weight-dtype) \
+                         or use a wider float8"
+                    ),
+                ));
+            }
+        }
+        q.to_device(self.device)
+    }
+
+    /// The tensor `prefix.name` as its source holds it, checked against `shape` and marked used,
+    /// with its key and the file it came from.
+    fn fetch(&self, shape: &[usize], name: &str) -> Result<(Tensor, String, PathBuf)> {
         let key = self.key(name);
         let Some(src) = self.shared.sources.iter().find(|s| s.contains(&key)) else {
             let origin = self
@@ -172,8 +255,8 @@ impl Weights {
             .used
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .insert(key);
-        t.to_dtype(self.dtype)?.to_device(self.device)
+            .insert(key.clone());
+        Ok((t, key, src.origin().to_path_buf()))
     }
 
     /// The tensor if present (optional biases, legacy names).

@@ -150,7 +150,7 @@ impl ModelFiles {
     pub fn unet(
         &self,
         kohya: &[KohyaLoraFile],
-        dtype: DType,
+        dtype: impl Into<crate::nn::weights::Precision>,
         device: Device,
     ) -> Result<UNet2DConditionModel> {
         Ok(if self.single_file {

@@ -14,6 +14,7 @@ use crate::models::clip::tokenizer::ClipTokenizer;
 use crate::models::unet::lora_merge::{check_kohya, KohyaLoraFile};
 use crate::models::unet::UNet2DConditionModel;
 use crate::models::vae::AutoencoderKL;
+use crate::nn::weights::Precision;
 use crate::tensor::Rng;
 use crate::{DType, Device, Error, Result, Tensor};
 use std::path::{Path, PathBuf};
@@ -31,6 +32,9 @@ pub struct LoadOptions {
     pub config: Option<PathBuf>,
     /// Compute dtype of the UNet and text encoders (the VAE always runs in f32).
     pub dtype: DType,
+    /// A float8 storage type for the UNet's Linear and convolution weights (`--weight-dtype`);
+    /// None holds them in `dtype`.
+    pub weight_dtype: Option<DType>,
     pub device: Device,
     /// LoRA files with multipliers: kohya files merge into the weights, kstyle adapter files
     /// attach live (their gates run every step).
@@ -307,7 +311,14 @@ impl SdxlPipeline {
                 tokenizer_2,
                 text_encoder,
                 text_encoder_2,
-                unet: files.unet(&kohya, opts.dtype, opts.device)?,
+                unet: files.unet(
+                    &kohya,
+                    Precision {
+                        compute: opts.dtype,
+                        matrices: opts.weight_dtype,
+                    },
+                    opts.device,
+                )?,
                 vae: match early_vae {
                     Some(vae) => vae,
                     None => files.vae(opts.device)?,

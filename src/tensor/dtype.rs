@@ -1,5 +1,7 @@
-//! Element types. f16/bf16 are storage types: the CPU backend computes them in f32.
+//! Element types. f16/bf16 are storage types: the CPU backend computes them in f32. The float8
+//! types only store (frozen weights, `--weight-dtype`): GEMMs and convolutions widen them first.
 
+use super::float8::{F8E4M3, F8E5M2};
 use half::{bf16, f16};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -10,11 +12,16 @@ pub enum DType {
     F64,
     /// Token ids and other integer indices.
     I64,
+    /// `torch.float8_e4m3fn`, storage only.
+    F8E4M3,
+    /// `torch.float8_e5m2`, storage only.
+    F8E5M2,
 }
 
 impl DType {
     pub fn size_in_bytes(self) -> usize {
         match self {
+            DType::F8E4M3 | DType::F8E5M2 => 1,
             DType::F16 | DType::BF16 => 2,
             DType::F32 => 4,
             DType::F64 | DType::I64 => 8,
@@ -25,6 +32,11 @@ impl DType {
         !matches!(self, DType::I64)
     }
 
+    /// A type tensors can be stored in but no arithmetic op takes (float8).
+    pub fn is_storage_only(self) -> bool {
+        matches!(self, DType::F8E4M3 | DType::F8E5M2)
+    }
+
     pub fn name(self) -> &'static str {
         match self {
             DType::F16 => "f16",
@@ -32,6 +44,8 @@ impl DType {
             DType::F32 => "f32",
             DType::F64 => "f64",
             DType::I64 => "i64",
+            DType::F8E4M3 => "f8e4m3",
+            DType::F8E5M2 => "f8e5m2",
         }
     }
 
@@ -42,6 +56,8 @@ impl DType {
             "f32" | "fp32" | "float32" | "float" => DType::F32,
             "f64" | "fp64" | "float64" | "double" => DType::F64,
             "i64" | "int64" => DType::I64,
+            "f8e4m3" | "fp8-e4m3fn" | "float8_e4m3fn" | "fp8_e4m3fn" | "e4m3" => DType::F8E4M3,
+            "f8e5m2" | "fp8-e5m2" | "float8_e5m2" | "fp8_e5m2" | "e5m2" => DType::F8E5M2,
             _ => return None,
         })
     }
@@ -130,3 +146,16 @@ element!(bf16, DType::BF16, |x: bf16| x.to_f64(), |v: f64| {
 element!(f32, DType::F32, |x: f32| x as f64, |v: f64| v as f32);
 element!(f64, DType::F64, |x: f64| x, |v: f64| v);
 element!(i64, DType::I64, |x: i64| x as f64, |v: f64| v as i64);
+// float8 rounds through f32 too: PyTorch has no double -> float8 conversion of its own.
+element!(
+    F8E4M3,
+    DType::F8E4M3,
+    |x: F8E4M3| x.to_f32() as f64,
+    |v: f64| F8E4M3::from_f32(v as f32)
+);
+element!(
+    F8E5M2,
+    DType::F8E5M2,
+    |x: F8E5M2| x.to_f32() as f64,
+    |v: f64| F8E5M2::from_f32(v as f32)
+);

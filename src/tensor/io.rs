@@ -200,6 +200,8 @@ fn st_dtype(d: DType) -> safetensors::Dtype {
         DType::F32 => safetensors::Dtype::F32,
         DType::F64 => safetensors::Dtype::F64,
         DType::I64 => safetensors::Dtype::I64,
+        DType::F8E4M3 => safetensors::Dtype::F8_E4M3,
+        DType::F8E5M2 => safetensors::Dtype::F8_E5M2,
     }
 }
 

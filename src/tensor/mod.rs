@@ -2,6 +2,7 @@
 //! leads to a trainable parameter) the op that produced it.
 
 mod dtype;
+pub mod float8;
 mod fused;
 mod io;
 pub mod memory;
@@ -441,5 +442,7 @@ fn cpu_storage_of<T: Element>(data: Vec<T>) -> CpuStorage {
         DType::F32 => CpuStorage::F32(*any.downcast().expect("f32")),
         DType::F64 => CpuStorage::F64(*any.downcast().expect("f64")),
         DType::I64 => CpuStorage::I64(*any.downcast().expect("i64")),
+        DType::F8E4M3 => CpuStorage::F8E4M3(*any.downcast().expect("f8e4m3")),
+        DType::F8E5M2 => CpuStorage::F8E5M2(*any.downcast().expect("f8e5m2")),
     }
 }

@@ -66,6 +66,9 @@ pub struct TrainConfig {
     /// Compute dtype of the frozen UNet. With bf16/f16 the adapters become leaves in that dtype
     /// while the optimizer state, the losses and the written files stay f32 (mixed precision).
     pub dtype: DType,
+    /// A float8 storage type for the frozen UNet's Linear and convolution weights
+    /// (`--weight-dtype`, kohya's --fp8_base); None holds them in `dtype`.
+    pub weight_dtype: Option<DType>,
     /// Plain LoRA (rank and alpha of `lora`) on both text encoders' attention and MLP linears,
     /// trained with the UNet's adapters (kohya's default; `--train-text-encoder`). The text
     /// encoders then stay loaded and run every step: captions cannot be cached as embeddings.
@@ -135,6 +138,11 @@ impl TrainConfig {
                 c.caption_dropout.map_or("none".into(), |p| p.to_string()),
             ),
             ("seed".to_string(), c.seed.to_string()),
+            ("dtype".to_string(), c.dtype.to_string()),
+            (
+                "weight_dtype".to_string(),
+                c.weight_dtype.unwrap_or(c.dtype).to_string(),
+            ),
             ("steps".to_string(), steps.to_string()),
             ("targets".to_string(), c.targets.join(",")),
             ("vae_tiling".to_string(), c.vae_tiling.to_string()),

@@ -125,10 +125,16 @@ impl Trainer {
         if cfg.grad_accum == 0 {
             return Err(Error::Config("--grad-accum must be at least 1".into()));
         }
-        if !cfg.dtype.is_float() || cfg.dtype == DType::F64 {
+        if !cfg.dtype.is_float() || cfg.dtype == DType::F64 || cfg.dtype.is_storage_only() {
             return Err(Error::Config(format!(
                 "training computes in f32, bf16 or f16, not {}",
                 cfg.dtype
+            )));
+        }
+        if let Some(w) = cfg.weight_dtype.filter(|w| !w.is_storage_only()) {
+            return Err(Error::Config(format!(
+                "--weight-dtype stores weights as float8 (f8e4m3, f8e5m2), not {w}; the \
+                 compute dtype is --dtype"
             )));
         }
         if cfg.resolution % 8 != 0 || cfg.resolution == 0 {
@@ -262,7 +268,11 @@ impl Trainer {
             false => None,
         };
         let latent_config = vae_config.clone();
-        let mut unet = files.unet(&[], cfg.dtype, cfg.device)?;
+        let precision = crate::nn::weights::Precision {
+            compute: cfg.dtype,
+            matrices: cfg.weight_dtype,
+        };
+        let mut unet = files.unet(&[], precision, cfg.device)?;
         unet.checkpoint = cfg.checkpointing.unwrap_or_default();
         let index = unet_module_index(&unet);
         let steps_per_epoch = (data.epoch_len() as u64).div_ceil(cfg.grad_accum as u64);

@@ -538,6 +538,7 @@ pub fn lora_export(ctx: &Ctx) -> Result<Vec<Row>> {
             model: ctx.dir.join("sdxl"),
             config: None,
             dtype: DType::F32,
+            weight_dtype: None,
             device: ctx.device,
             loras: vec![(file, 1.0)],
             vae: None,

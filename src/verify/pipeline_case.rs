@@ -14,6 +14,7 @@ pub(super) fn tiny_pipeline(ctx: &Ctx) -> Result<SdxlPipeline> {
         model: ctx.dir.join("sdxl"),
         config: None,
         dtype: DType::F32,
+        weight_dtype: None,
         device: ctx.device,
         loras: vec![],
         vae: None,

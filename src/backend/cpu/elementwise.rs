@@ -384,6 +384,8 @@ pub fn index_select(
         CpuStorage::F32(t) => CpuStorage::F32(pick(&gather(t, lt), &idx, d)),
         CpuStorage::F64(t) => CpuStorage::F64(pick(&gather(t, lt), &idx, d)),
         CpuStorage::I64(t) => CpuStorage::I64(pick(&gather(t, lt), &idx, d)),
+        CpuStorage::F8E4M3(t) => CpuStorage::F8E4M3(pick(&gather(t, lt), &idx, d)),
+        CpuStorage::F8E5M2(t) => CpuStorage::F8E5M2(pick(&gather(t, lt), &idx, d)),
     })
 }
 
@@ -423,6 +425,8 @@ pub fn cat(inputs: &[(&CpuStorage, &Layout)], dim: usize, dtype: DType) -> Resul
         DType::F32 => go!(F32),
         DType::F64 => go!(F64),
         DType::I64 => go!(I64),
+        DType::F8E4M3 => go!(F8E4M3),
+        DType::F8E5M2 => go!(F8E5M2),
     })
 }
 

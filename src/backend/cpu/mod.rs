@@ -12,6 +12,7 @@ pub mod optim;
 pub mod pool;
 pub mod reduce;
 
+use crate::tensor::float8::{F8E4M3, F8E5M2};
 use crate::tensor::{DType, Element, Layout};
 use crate::{Error, Result};
 use half::{bf16, f16};
@@ -24,6 +25,9 @@ pub enum CpuStorage {
     F32(Vec<f32>),
     F64(Vec<f64>),
     I64(Vec<i64>),
+    /// float8 storage (frozen weights); ops other than casts and copies refuse it.
+    F8E4M3(Vec<F8E4M3>),
+    F8E5M2(Vec<F8E5M2>),
 }
 
 /// Contiguous float data ready for a generic kernel.
@@ -71,6 +75,8 @@ impl CpuStorage {
             CpuStorage::F32(_) => DType::F32,
             CpuStorage::F64(_) => DType::F64,
             CpuStorage::I64(_) => DType::I64,
+            CpuStorage::F8E4M3(_) => DType::F8E4M3,
+            CpuStorage::F8E5M2(_) => DType::F8E5M2,
         }
     }
 
@@ -81,11 +87,26 @@ impl CpuStorage {
             CpuStorage::F32(v) => v.len(),
             CpuStorage::F64(v) => v.len(),
             CpuStorage::I64(v) => v.len(),
+            CpuStorage::F8E4M3(v) => v.len(),
+            CpuStorage::F8E5M2(v) => v.len(),
         }
     }
 
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+
+    /// How many float8 elements sit at the type's largest magnitude or beyond it (NaN, inf):
+    /// where a value too large for the type ends up (e4m3fn saturates, e5m2 overflows to inf).
+    /// 0 for every other dtype.
+    pub fn float8_at_limit(&self) -> usize {
+        match self {
+            // e4m3fn: 0x7e is 448, 0x7f NaN.
+            CpuStorage::F8E4M3(v) => v.iter().filter(|x| x.0 & 0x7f >= 0x7e).count(),
+            // e5m2: 0x7b is 57344, then inf and NaN.
+            CpuStorage::F8E5M2(v) => v.iter().filter(|x| x.0 & 0x7f >= 0x7b).count(),
+            _ => 0,
+        }
     }
 
     /// The elements of `layout` as contiguous f32 or f64 (f16/bf16 widen to f32).
@@ -95,10 +116,10 @@ impl CpuStorage {
             CpuStorage::F64(v) => FloatData::F64(gather(v, layout)),
             CpuStorage::F16(v) => FloatData::F32(Cow::Owned(widen(v, layout))),
             CpuStorage::BF16(v) => FloatData::F32(Cow::Owned(widen(v, layout))),
-            CpuStorage::I64(_) => {
+            CpuStorage::I64(_) | CpuStorage::F8E4M3(_) | CpuStorage::F8E5M2(_) => {
                 return Err(Error::DType {
                     op,
-                    dtype: DType::I64,
+                    dtype: self.dtype(),
                 })
             }
         })
@@ -111,6 +132,8 @@ impl CpuStorage {
             DType::BF16 => CpuStorage::BF16(v.iter().map(|&x| bf16::from_f32(x)).collect()),
             DType::F64 => CpuStorage::F64(v.iter().map(|&x| x as f64).collect()),
             DType::I64 => CpuStorage::I64(v.iter().map(|&x| x as i64).collect()),
+            DType::F8E4M3 => CpuStorage::F8E4M3(v.iter().map(|&x| F8E4M3::from_f32(x)).collect()),
+            DType::F8E5M2 => CpuStorage::F8E5M2(v.iter().map(|&x| F8E5M2::from_f32(x)).collect()),
         }
     }
 
@@ -122,6 +145,8 @@ impl CpuStorage {
             CpuStorage::F32(v) => CpuStorage::F32(gather(v, layout).into_owned()),
             CpuStorage::F64(v) => CpuStorage::F64(gather(v, layout).into_owned()),
             CpuStorage::I64(v) => CpuStorage::I64(gather(v, layout).into_owned()),
+            CpuStorage::F8E4M3(v) => CpuStorage::F8E4M3(gather(v, layout).into_owned()),
+            CpuStorage::F8E5M2(v) => CpuStorage::F8E5M2(gather(v, layout).into_owned()),
         }
     }
 
@@ -137,6 +162,8 @@ impl CpuStorage {
                     DType::F32 => CpuStorage::F32(conv($v, layout)),
                     DType::F64 => CpuStorage::F64(conv($v, layout)),
                     DType::I64 => CpuStorage::I64(conv($v, layout)),
+                    DType::F8E4M3 => CpuStorage::F8E4M3(conv($v, layout)),
+                    DType::F8E5M2 => CpuStorage::F8E5M2(conv($v, layout)),
                 }
             };
         }
@@ -146,6 +173,8 @@ impl CpuStorage {
             CpuStorage::F32(v) => to!(v),
             CpuStorage::F64(v) => to!(v),
             CpuStorage::I64(v) => to!(v),
+            CpuStorage::F8E4M3(v) => to!(v),
+            CpuStorage::F8E5M2(v) => to!(v),
         }
     }
 
@@ -160,6 +189,8 @@ impl CpuStorage {
             CpuStorage::F32(v) => conv(v, layout),
             CpuStorage::F64(v) => conv(v, layout),
             CpuStorage::I64(v) => conv(v, layout),
+            CpuStorage::F8E4M3(v) => conv(v, layout),
+            CpuStorage::F8E5M2(v) => conv(v, layout),
         }
     }
 
@@ -184,6 +215,8 @@ impl CpuStorage {
             CpuStorage::F32(v) => bytemuck::cast_slice(&v).to_vec(),
             CpuStorage::F64(v) => bytemuck::cast_slice(&v).to_vec(),
             CpuStorage::I64(v) => bytemuck::cast_slice(&v).to_vec(),
+            CpuStorage::F8E4M3(v) => bytemuck::cast_slice(&v).to_vec(),
+            CpuStorage::F8E5M2(v) => bytemuck::cast_slice(&v).to_vec(),
         }
     }
 }

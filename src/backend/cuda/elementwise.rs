@@ -2,7 +2,7 @@
 //! broadcasting binary ops, affine, clamp, casts, strided copies, concatenation and row gathers.
 //! Every output is a fresh contiguous buffer; forward inputs are read through their strides.
 
-use super::{check_dtype, float_tn, same_device, strided_args, tn, CudaStorage};
+use super::{cast_tn, check_dtype, float_tn, same_device, strided_args, tn, CudaStorage};
 use crate::backend::cpu::elementwise::{BinaryOp, UnaryOp};
 use crate::tensor::{DType, Layout};
 use crate::{Error, Result};
@@ -72,8 +72,8 @@ pub fn to_dtype(s: &CudaStorage, l: &Layout, dtype: DType) -> Result<CudaStorage
         "elementwise",
         format!(
             "elementwise_cast_fwd_{}_{}",
-            float_tn(s.dtype(), "to_dtype")?,
-            float_tn(dtype, "to_dtype")?
+            cast_tn(s.dtype(), "to_dtype")?,
+            cast_tn(dtype, "to_dtype")?
         ),
     )?
     .arg(n as i64)

@@ -79,12 +79,22 @@ pub fn tn(dtype: DType, op: &'static str) -> Result<&'static str> {
         DType::BF16 => "bf16",
         DType::F16 => "f16",
         DType::I64 => "i64",
+        DType::F8E4M3 => "f8e4m3",
+        DType::F8E5M2 => "f8e5m2",
         DType::F64 => return Err(Error::DType { op, dtype }),
     })
 }
 
-/// The suffix of a float dtype (kernels that do arithmetic).
+/// The suffix of a float dtype (kernels that do arithmetic; float8 only stores).
 pub fn float_tn(dtype: DType, op: &'static str) -> Result<&'static str> {
+    match dtype {
+        DType::I64 | DType::F8E4M3 | DType::F8E5M2 => Err(Error::DType { op, dtype }),
+        d => tn(d, op),
+    }
+}
+
+/// The suffix of a dtype a cast reads or writes: the arithmetic floats and float8.
+pub fn cast_tn(dtype: DType, op: &'static str) -> Result<&'static str> {
     match dtype {
         DType::I64 => Err(Error::DType { op, dtype }),
         d => tn(d, op),

@@ -9,8 +9,9 @@ use crate::formats::diffusers::DiffusersFolder;
 use crate::formats::single_file::{self, VaeLayout};
 use crate::formats::{MappedFile, TensorMap};
 use crate::nn::weights::tensor_from_raw;
+use crate::nn::weights::Precision;
 use crate::nn::Weights;
-use crate::{DType, Device, Result, Tensor};
+use crate::{Device, Result, Tensor};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
@@ -33,7 +34,7 @@ fn build(
     origin: PathBuf,
     cfg: &UNetConfig,
     loras: &[KohyaLoraFile],
-    dtype: DType,
+    precision: Precision,
     device: Device,
 ) -> Result<LoadedUNet> {
     let layout = cfg.layout();
@@ -41,7 +42,8 @@ fn build(
         .iter()
         .map(|l| merge_kohya(&mut tensors, &layout, l))
         .collect::<Result<Vec<_>>>()?;
-    let vb = Weights::from_map(tensors, origin, dtype, device);
+    let vb = Weights::from_map(tensors, origin, precision.compute, device)
+        .with_matrix_dtype(precision.matrices);
     let model = UNet2DConditionModel::load(&vb, cfg)?;
     vb.ensure_all_used(|_| false)?;
     Ok(LoadedUNet { model, merges })
@@ -52,7 +54,7 @@ impl UNet2DConditionModel {
     pub fn from_diffusers(
         root: impl AsRef<Path>,
         loras: &[KohyaLoraFile],
-        dtype: DType,
+        dtype: impl Into<Precision>,
         device: Device,
     ) -> Result<LoadedUNet> {
         let folder = DiffusersFolder::open(root)?;
@@ -61,7 +63,7 @@ impl UNet2DConditionModel {
             .map_err(|e| crate::Error::file(comp.dir.join("config.json"), e.to_string()))?;
         let map = comp.tensors()?;
         let tensors = decode(&map, &comp.dir)?;
-        build(tensors, comp.dir.clone(), &cfg, loras, dtype, device)
+        build(tensors, comp.dir.clone(), &cfg, loras, dtype.into(), device)
     }
 
     /// The `unet` component's architecture and decoded tensors, for building a variant of it in
@@ -82,10 +84,10 @@ impl UNet2DConditionModel {
         tensors: BTreeMap<String, Tensor>,
         origin: PathBuf,
         cfg: &UNetConfig,
-        dtype: DType,
+        dtype: impl Into<Precision>,
         device: Device,
     ) -> Result<UNet2DConditionModel> {
-        Ok(build(tensors, origin, cfg, &[], dtype, device)?.model)
+        Ok(build(tensors, origin, cfg, &[], dtype.into(), device)?.model)
     }
 
     /// The UNet of an sgm single file (`model.diffusion_model.*`), for an architecture the file
@@ -94,7 +96,7 @@ impl UNet2DConditionModel {
         path: impl AsRef<Path>,
         cfg: &UNetConfig,
         loras: &[KohyaLoraFile],
-        dtype: DType,
+        dtype: impl Into<Precision>,
         device: Device,
     ) -> Result<LoadedUNet> {
         let path = path.as_ref();
@@ -103,6 +105,13 @@ impl UNet2DConditionModel {
         // guess there cannot affect the UNet keys.
         let split = single_file::convert_file(&file, &cfg.layout(), VaeLayout::sdxl())?;
         let tensors = decode(&split.unet, path)?;
-        build(tensors, path.to_path_buf(), cfg, loras, dtype, device)
+        build(
+            tensors,
+            path.to_path_buf(),
+            cfg,
+            loras,
+            dtype.into(),
+            device,
+        )
     }
 }

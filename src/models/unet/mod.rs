@@ -22,7 +22,7 @@ pub use transformer::CheckpointPolicy;
 use crate::nn::lora::{AdaptedLinear, LoraAdapter};
 use crate::nn::{Conv2d, GroupNorm, Linear, Weights};
 use crate::tensor::ConvParams;
-use crate::{Error, Result, Tensor};
+use crate::{DType, Error, Result, Tensor};
 use blocks::{BlockInputs, DownBlock, MidBlock, UpBlock};
 use embeddings::ConditioningEmbedding;
 use transformer::BlockCounter;
@@ -96,7 +96,7 @@ pub(crate) fn conv_with_bias(
     params: ConvParams,
 ) -> Result<Conv2d> {
     Ok(Conv2d {
-        weight: vb.get(&[c_out, c_in, kernel, kernel], "weight")?,
+        weight: vb.get_matrix(&[c_out, c_in, kernel, kernel], "weight")?,
         bias: Some(vb.get(&[c_out], "bias")?),
         params,
     })
@@ -177,6 +177,15 @@ impl UNet2DConditionModel {
         })
     }
 
+    /// The dtype the model computes in: its biases'. Linear and convolution weights may be
+    /// stored narrower (float8, `--weight-dtype`) and are widened per use.
+    pub fn dtype(&self) -> DType {
+        match &self.conv_in.bias {
+            Some(b) => b.dtype(),
+            None => self.conv_in.weight.dtype(),
+        }
+    }
+
     /// SDXL call: sample (B, Cin, H, W), timestep (B,) or a scalar, encoder_hidden_states
     /// (B, T, Dc), text_embeds (B, Dp) pooled text, time_ids (B, 6) -> eps (B, Cout, H, W).
     pub fn forward(
@@ -204,7 +213,7 @@ impl UNet2DConditionModel {
         added: Option<(&Tensor, &Tensor)>,
     ) -> Result<Tensor> {
         let (b, c, _, _) = sample.dims4()?;
-        let dtype = self.conv_in.weight.dtype();
+        let dtype = self.dtype();
         if c != self.config.in_channels {
             return Err(Error::bad_shape(
                 "unet",

@@ -167,9 +167,11 @@ macro_rules! same {
 }
 
 mod basic;
+mod float8;
 mod fused;
 
 use basic::{elementwise, matmul, reduce};
+use float8::float8;
 use fused::{adamw, attention, conv, lora, multi_tensor, norm, pool};
 
 type Family = fn(&mut Run, DType) -> Result<()>;
@@ -182,13 +184,14 @@ pub fn run(ordinal: usize, filter: Option<&str>, seed: u64) -> Result<Vec<Parity
         rows: Vec::new(),
         filter: filter.map(str::to_owned),
     };
-    let families: [(&str, Family, &[DType]); 8] = [
+    let families: [(&str, Family, &[DType]); 9] = [
         (
             "elementwise",
             elementwise,
             &[DType::F32, DType::BF16, DType::F16],
         ),
         ("matmul", matmul, &[DType::F32, DType::BF16, DType::F16]),
+        ("float8", float8, &[DType::F32, DType::BF16]),
         ("reduce", reduce, &[DType::F32, DType::BF16]),
         ("norm", norm, &[DType::F32, DType::BF16]),
         ("conv", conv, &[DType::F32, DType::BF16]),
