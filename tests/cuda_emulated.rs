@@ -30,7 +30,7 @@ fn every_cuda_op_matches_the_cpu_oracle_on_the_emulator() {
 /// runs; micro-conditioning changes only the host-built time ids, EDM only host-side scalars) and
 /// `refiner_lora` (the refiner case's device work on merged weights), `textual_inversion` (the
 /// text encoders with longer token tables), `train_vpred`,
-/// `train_min_snr` and `train_edm` (two more training steps each; EDM's are the same UNet on
+/// `train_min_snr`, `train_ip_noise` and `train_edm` (two more training steps each; EDM's are the same UNet on
 /// preconditioned inputs) are left to the GPU session's full verify: their device work is the
 /// pipeline case's UNet, the vae case's encoder, train_step_kstyle's forward and backward and
 /// the elementwise ops the parity suite covers, and on the emulator the 13 sampler runs added on
@@ -58,6 +58,8 @@ fn verify_device_cuda_passes_on_the_emulator() {
             "train_vpred",
             "--skip",
             "train_min_snr",
+            "--skip",
+            "train_ip_noise",
             "--skip",
             "train_edm",
             "--skip",

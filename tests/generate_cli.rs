@@ -174,6 +174,7 @@ fn verify_passes_every_case_on_the_tiny_fixtures() {
         "textual_inversion",
         "train_vpred",
         "train_min_snr",
+        "train_ip_noise",
         "lora_lycoris",
         "lora_peft",
         "lora_export",

@@ -1,6 +1,6 @@
 //! `kstyle train`'s data and schedule options through the real binary on the tiny model:
 //! learning-rate schedules, kohya folder layouts, caption dropout, regularization and validation
-//! pictures, preview prompt files.
+//! pictures, preview prompt files, timestep ranges and input perturbation.
 
 mod common;
 use common::train::{dataset, tensors, train};
@@ -433,4 +433,60 @@ fn preview_prompt_files_match_generate_from_the_checkpoint() {
         &["--sample-every", "1"],
         "--sample-every needs",
     );
+}
+
+/// The whole schedule as a range (`--min-timestep 0 --max-timestep 1000`) and
+/// `--ip-noise-gamma 0` leave a run bit for bit as it was (the draws are unchanged); a narrower
+/// range and a non-zero gamma change it (the perturbation itself is checked against PyTorch by
+/// the `train_ip_noise` verify case); ranges outside the schedule and negative gammas are refused.
+#[test]
+fn timestep_ranges_and_input_perturbation() {
+    let dir = tmp("timesteps");
+    let data = dataset(&dir);
+    let run = |name: &str, extra: &[&str]| {
+        let out = dir.join(name).with_extension("safetensors");
+        let o = train(
+            &data,
+            &out,
+            "lora",
+            &[&["--max-steps", "2"][..], extra].concat(),
+        );
+        assert!(
+            o.status.success(),
+            "{name}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        tensors(&out)
+    };
+    let base = run("base", &[]);
+    let whole = ["--min-timestep", "0", "--max-timestep", "1000"];
+    assert!(
+        run("whole", &whole) == base,
+        "the whole range changed the draws"
+    );
+    assert!(
+        run("gamma0", &["--ip-noise-gamma", "0"]) == base,
+        "gamma 0 changed the run"
+    );
+    assert!(run("late", &["--min-timestep", "900"]) != base);
+    assert!(run("early", &["--max-timestep", "100"]) != base);
+    assert!(run("ip", &["--ip-noise-gamma", "0.1"]) != base);
+    let meta = kstyle::tensor::SafeTensorsFile::open(dir.join("late.safetensors"))
+        .unwrap()
+        .metadata()
+        .clone();
+    assert_eq!(
+        meta.get("kstyle.train.timesteps").map(String::as_str),
+        Some("900..end")
+    );
+    for (extra, needle) in [
+        (
+            &["--min-timestep", "500", "--max-timestep", "500"][..],
+            "--min-timestep 500",
+        ),
+        (&["--max-timestep", "1001"][..], "--max-timestep 1001"),
+        (&["--ip-noise-gamma", "-0.1"][..], "--ip-noise-gamma"),
+    ] {
+        refused(&data, &dir, extra, needle);
+    }
 }

@@ -242,6 +242,24 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
             bytes,
             flops,
         );
+        // --weight-dtype: the same call on a float8 weight widens it first (read 1 B, write
+        // 2 B per weight), then runs the GEMM above; the ratio is the price of half the memory.
+        let w8 = w.to_dtype(DType::F8E4M3)?;
+        let s8 = b.time(|| x.linear(&w8, Some(&bias)).map(|_| ()))?;
+        b.report(
+            &format!("linear+bias f8e4m3 W {m}x{k}->{n} ({:.2}x bf16 W)", s8 / s),
+            s8,
+            // At least once: the weight at one byte.
+            bytes - ((k * n) as f64) * (es - 1.0),
+            flops,
+        );
+        let sw = b.time(|| w8.to_dtype(dt).map(|_| ()))?;
+        b.report(
+            &format!("widen f8e4m3 -> bf16 {n}x{k}"),
+            sw,
+            3.0 * (k * n) as f64,
+            0.0,
+        );
         let wt = w.t()?;
         let s = b.time(|| x.matmul(&wt)?.add(&bias).map(|_| ()))?;
         b.report(

@@ -95,6 +95,9 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
         lambda: 0.1,
         min_snr_gamma: None,
         noise_offset: None,
+        ip_noise_gamma: None,
+        min_timestep: None,
+        max_timestep: None,
         cultural_pool: None,
         adamw: AdamW {
             lr: 1e-2,

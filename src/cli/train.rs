@@ -68,6 +68,19 @@ pub struct Args {
     /// brighter pictures. Off by default.
     #[arg(long, allow_negative_numbers = true)]
     pub noise_offset: Option<f64>,
+    /// Input perturbation, as kohya's --ip_noise_gamma and diffusers' --input_perturbation
+    /// (Ning et al. 2023): the noisy latents are built from noise + gamma x a fresh N(0, 1)
+    /// draw while the loss still targets the noise; 0.1 is the paper's and kohya's suggestion.
+    /// Off by default.
+    #[arg(long, allow_negative_numbers = true)]
+    pub ip_noise_gamma: Option<f64>,
+    /// Draw training timesteps from [min, max) only (kohya's --min_timestep / --max_timestep;
+    /// defaults 0 and the schedule's length, 1000 for SDXL): high ranges teach composition,
+    /// low ranges detail.
+    #[arg(long)]
+    pub min_timestep: Option<usize>,
+    #[arg(long)]
+    pub max_timestep: Option<usize>,
     #[arg(long, default_value_t = 1e-4)]
     pub lr: f64,
     /// Train plain LoRA (--rank, --alpha) on both text encoders too, as kohya does unless told
@@ -293,6 +306,10 @@ pub fn config_from(a: &Args) -> anyhow::Result<TrainConfig> {
         lambda: a.lambda,
         min_snr_gamma: a.min_snr_gamma,
         noise_offset: a.noise_offset,
+        // 0 is off: no draws, so the run equals one without the flag (kohya reads 0 as off).
+        ip_noise_gamma: a.ip_noise_gamma.filter(|&g| g != 0.0),
+        min_timestep: a.min_timestep,
+        max_timestep: a.max_timestep,
         cultural_pool: a.cultural_pool,
         adamw: AdamW {
             lr: a.lr,

@@ -40,6 +40,15 @@ pub struct TrainConfig {
     /// `offset * n_c` added, one N(0, 1) draw `n_c` per latent channel, so the model learns to
     /// shift the mean brightness. None: plain N(0, 1) noise.
     pub noise_offset: Option<f64>,
+    /// Input perturbation (kohya's `--ip_noise_gamma`, diffusers' `--input_perturbation`): the
+    /// noisy latents are built from `noise + gamma * xi`, one fresh N(0, 1) draw `xi` per
+    /// element, while the target keeps `noise`. None (or 0): off.
+    pub ip_noise_gamma: Option<f64>,
+    /// The timesteps drawn are `[min_timestep, max_timestep)` (kohya's `--min_timestep` /
+    /// `--max_timestep`), by default 0 and the schedule's length. For EDM models, indices into
+    /// the training sigmas.
+    pub min_timestep: Option<usize>,
+    pub max_timestep: Option<usize>,
     /// Side of the pooled latent in the cultural loss; latent side / 8 when None (16 at 1024²).
     pub cultural_pool: Option<usize>,
     pub adamw: AdamW,
@@ -136,6 +145,18 @@ impl TrainConfig {
             (
                 "caption_dropout".to_string(),
                 c.caption_dropout.map_or("none".into(), |p| p.to_string()),
+            ),
+            (
+                "ip_noise_gamma".to_string(),
+                c.ip_noise_gamma.map_or("none".into(), |g| g.to_string()),
+            ),
+            (
+                "timesteps".to_string(),
+                format!(
+                    "{}..{}",
+                    c.min_timestep.unwrap_or(0),
+                    c.max_timestep.map_or("end".into(), |t| t.to_string())
+                ),
             ),
             ("seed".to_string(), c.seed.to_string()),
             ("dtype".to_string(), c.dtype.to_string()),

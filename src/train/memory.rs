@@ -141,7 +141,8 @@ impl Trainer {
             let x0 = self.latent_config.scale_latents(&ex.mean)?; // (1, 4, h, w)
             let noise = Tensor::randn(x0.dims().to_vec(), &mut rng, DType::F32, device)?;
             let t = schedule.len() / 2;
-            self.micro_batch(ex, &ex.text, (&x0, &noise, t), &schedule, &params, &mut acc)?;
+            let noise = (&noise).into();
+            self.micro_batch(ex, &ex.text, (&x0, noise, t), &schedule, &params, &mut acc)?;
         }
         if let Device::Cuda(i) = device {
             crate::backend::cuda::device(i)?.synchronize()?;

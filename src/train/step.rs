@@ -4,6 +4,10 @@
 //! EDM models (Playground v2.5, CosXL) train EDM-style instead, as diffusers' SDXL LoRA script
 //! trains them: sigmas from the scheduler's ramp, preconditioned input and output, the MSE of
 //! the data prediction against the clean latents (see [`EdmTrain`]).
+//!
+//! Input perturbation (kohya's `--ip_noise_gamma`, diffusers' `--input_perturbation`; Ning et al.
+//! 2023) builds the noisy latents from `eps + gamma xi` while the target keeps `eps`: the two
+//! halves of [`StepNoise`].
 
 use super::cultural::CulturalLoss;
 use crate::models::unet::UNet2DConditionModel;
@@ -17,6 +21,23 @@ pub struct Conditioning<'a> {
     pub context: &'a Tensor,
     pub pooled: &'a Tensor,
     pub time_ids: &'a Tensor,
+}
+
+/// The noise of one step: what the noisy input is built from, and what the target (epsilon, or
+/// v) is built from. They are the same tensor except under input perturbation.
+#[derive(Clone, Copy)]
+pub struct StepNoise<'a> {
+    pub input: &'a Tensor,
+    pub target: &'a Tensor,
+}
+
+impl<'a> From<&'a Tensor> for StepNoise<'a> {
+    fn from(noise: &'a Tensor) -> StepNoise<'a> {
+        StepNoise {
+            input: noise,
+            target: noise,
+        }
+    }
 }
 
 pub struct Losses {
@@ -63,20 +84,23 @@ pub fn add_noise(
 }
 
 /// The step loss. `cultural` carries the loss module and its weight lambda.
-pub fn training_loss(
+pub fn training_loss<'a>(
     unet: &UNet2DConditionModel,
     cultural: Option<(&CulturalLoss, f64)>,
     schedule: &TrainSchedule,
     x0: &Tensor,
-    noise: &Tensor,
+    noise: impl Into<StepNoise<'a>>,
     t: &[usize],
     cond: &Conditioning<'_>,
 ) -> Result<Losses> {
+    let noise = noise.into();
     if let Some(edm) = &schedule.edm {
-        let (diffusion, x0_hat) = edm_loss(unet, edm, schedule.prediction, x0, noise, t, cond)?;
+        // The data prediction's target is x0 itself: only the input takes the noise.
+        let (diffusion, x0_hat) =
+            edm_loss(unet, edm, schedule.prediction, x0, noise.input, t, cond)?;
         return combine(cultural, diffusion, || Ok(x0_hat));
     }
-    let (zt, sa, s1) = add_noise(x0, noise, t, schedule)?;
+    let (zt, sa, s1) = add_noise(x0, noise.input, t, schedule)?;
     let ts: Vec<f64> = t.iter().map(|&v| v as f64).collect();
     let timesteps = Tensor::from_vec(ts, t.len(), Device::Cpu)?
         .to_dtype(DType::F32)?
@@ -85,9 +109,9 @@ pub fn training_loss(
         .forward(&zt, &timesteps, cond.context, cond.pooled, cond.time_ids)?
         .to_dtype(x0.dtype())?; // (B, C, H, W)
     let target = match schedule.prediction {
-        Prediction::Epsilon => noise.clone(),
+        Prediction::Epsilon => noise.target.clone(),
         // v = sqrt(ab) eps - sqrt(1 - ab) x0
-        Prediction::V => noise.mul(&sa)?.sub(&x0.mul(&s1)?)?, // (B, C, H, W)
+        Prediction::V => noise.target.mul(&sa)?.sub(&x0.mul(&s1)?)?, // (B, C, H, W)
     };
     let sq = out.sub(&target)?.sqr()?; // (B, C, H, W)
     let diffusion = match schedule.min_snr_gamma {

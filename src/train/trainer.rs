@@ -10,7 +10,7 @@ use super::data::{Dataset, Role};
 use super::examples::{load_dataset, prepare_examples, Example, ExampleText, Prepared};
 use super::memory::{human, policy_name, AUTO_POLICIES};
 use super::optim::{GradAccumulator, Optimizer, Slot};
-use super::step::{training_loss, Conditioning, Losses};
+use super::step::{training_loss, Conditioning, Losses, StepNoise};
 use super::text::{text_encoder_trains, text_layer, TextEncoders};
 use crate::formats::adapter::{text_encoder_part, Adapter};
 use crate::models::unet::UNet2DConditionModel;
@@ -157,6 +157,13 @@ impl Trainer {
                 )));
             }
         }
+        if let Some(g) = cfg.ip_noise_gamma {
+            if !(g.is_finite() && g >= 0.0) {
+                return Err(Error::Config(format!(
+                    "--ip-noise-gamma must be a number of 0 or more, got {g}"
+                )));
+            }
+        }
         if let Some(g) = cfg.min_snr_gamma {
             if !(g.is_finite() && g > 0.0) {
                 return Err(Error::Config(format!(
@@ -167,6 +174,14 @@ impl Trainer {
         let mut schedule = TrainSchedule::for_model(&files.scheduler()?)
             .map_err(|e| Error::Config(format!("{}: {e}", cfg.model.display())))?;
         schedule.min_snr_gamma = cfg.min_snr_gamma;
+        let n = schedule.len();
+        let (lo, hi) = (cfg.min_timestep.unwrap_or(0), cfg.max_timestep.unwrap_or(n));
+        if lo >= hi || hi > n {
+            return Err(Error::Config(format!(
+                "--min-timestep {lo} / --max-timestep {hi}: timesteps are drawn from [min, max), \
+                 which must be a non-empty part of the model's {n}"
+            )));
+        }
         if let Some(edm) = &schedule.edm {
             if cfg.min_snr_gamma.is_some() {
                 return Err(Error::Config(format!(
@@ -656,7 +671,7 @@ impl Trainer {
         &self,
         ex: &Example,
         text: &ExampleText,
-        (x0, noise, t): (&Tensor, &Tensor, usize),
+        (x0, noise, t): (&Tensor, StepNoise<'_>, usize),
         schedule: &TrainSchedule,
         params: &[(String, Tensor)],
         acc: &mut GradAccumulator,
@@ -680,22 +695,32 @@ impl Trainer {
         Ok(losses)
     }
 
+    /// The timesteps drawn, `[lo, hi)`: `--min-timestep` / `--max-timestep` within the schedule.
+    fn timestep_range(&self, schedule: &TrainSchedule) -> (usize, usize) {
+        let n = schedule.len();
+        (
+            self.cfg.min_timestep.unwrap_or(0),
+            self.cfg.max_timestep.unwrap_or(n),
+        )
+    }
+
     /// One optimizer step: `grad_accum` micro-batches, then AdamW.
     pub fn step(&mut self) -> Result<StepLog> {
         let params = self.params();
         let mut acc = GradAccumulator::new(&self.optimizer)?;
         let schedule = self.schedule.clone();
         let (mut loss, mut diffusion, mut cultural) = (0.0, 0.0, 0.0);
+        let (lo, hi) = self.timestep_range(&schedule);
         for _ in 0..self.cfg.grad_accum {
             let i = self.next_example();
             let ex = &self.examples[i];
             let rng = &mut self.state.rng;
-            // Draw order is part of the resume contract: latent sample, timestep, noise, and
-            // with --noise-offset the per-channel offsets.
+            // Draw order is part of the resume contract: latent sample, timestep, noise, with
+            // --noise-offset the per-channel offsets, with --ip-noise-gamma the perturbation.
             let draw = Tensor::randn(ex.mean.dims().to_vec(), rng, DType::F32, self.cfg.device)?;
             let z = ex.mean.add(&ex.logvar.scale(0.5)?.exp()?.mul(&draw)?)?; // (1, 4, h, w)
             let x0 = self.latent_config.scale_latents(&z)?; // (1, 4, h, w)
-            let t = rng.below(schedule.len() as u64) as usize;
+            let t = lo + rng.below((hi - lo) as u64) as usize;
             let mut noise = Tensor::randn(x0.dims().to_vec(), rng, DType::F32, self.cfg.device)?;
             if let Some(offset) = self.cfg.noise_offset {
                 let (b, c, _, _) = x0.dims4()?;
@@ -703,13 +728,24 @@ impl Trainer {
                     .scale(offset)?; // (1, 4, 1, 1)
                 noise = noise.add(&shift)?; // (1, 4, h, w)
             }
+            let perturbed = match self.cfg.ip_noise_gamma {
+                Some(g) => {
+                    let xi = Tensor::randn(x0.dims().to_vec(), rng, DType::F32, self.cfg.device)?;
+                    Some(noise.add(&xi.scale(g)?)?) // (1, 4, h, w)
+                }
+                None => None,
+            };
             // Drawn last, and only with --caption-dropout, so runs without it keep their draws.
             let text = match (&self.empty_text, self.cfg.caption_dropout) {
                 (Some(empty), Some(p)) if rng.uniform() < p => empty,
                 _ => &ex.text,
             };
+            let noise = StepNoise {
+                input: perturbed.as_ref().unwrap_or(&noise),
+                target: &noise,
+            };
             let losses =
-                self.micro_batch(ex, text, (&x0, &noise, t), &schedule, &params, &mut acc)?;
+                self.micro_batch(ex, text, (&x0, noise, t), &schedule, &params, &mut acc)?;
             loss += losses.total.to_scalar()?;
             diffusion += losses.diffusion.to_scalar()?;
             if let Some(c) = &losses.cultural {

@@ -236,6 +236,11 @@ pub fn cases() -> Vec<(&'static str, &'static str, CaseFn)> {
             train_cases::train_min_snr,
         ),
         (
+            "train_ip_noise",
+            "../../extra/train_ip_noise.safetensors",
+            train_cases::train_ip_noise,
+        ),
+        (
             "train_edm",
             "../../extra/train_edm.safetensors",
             train_edm_case::train_edm,

@@ -11,7 +11,7 @@ use crate::sample::{SchedulerConfig, TrainSchedule};
 use crate::tensor::{Rng, SafeTensorsFile};
 use crate::train::cultural::CulturalLoss;
 use crate::train::optim::Optimizer;
-use crate::train::step::{training_loss, Conditioning, Losses};
+use crate::train::step::{training_loss, Conditioning, Losses, StepNoise};
 use crate::{DType, Error, Result, Tensor};
 
 pub fn train_step_kstyle(ctx: &Ctx) -> Result<Vec<Row>> {
@@ -126,12 +126,21 @@ impl Step {
     }
 
     pub(super) fn losses(&self, schedule: &TrainSchedule) -> Result<Losses> {
+        self.losses_with(schedule, (&self.noise).into())
+    }
+
+    /// [`Step::losses`] with the noisy input built from other noise than the target's.
+    pub(super) fn losses_with(
+        &self,
+        schedule: &TrainSchedule,
+        noise: StepNoise<'_>,
+    ) -> Result<Losses> {
         training_loss(
             &self.unet,
             self.cultural.as_ref().map(|c| (c, self.lambda)),
             schedule,
             &self.x0,
-            &self.noise,
+            noise,
             &self.t,
             &Conditioning {
                 context: &self.context,
@@ -313,6 +322,53 @@ pub fn train_min_snr(ctx: &Ctx) -> Result<Vec<Row>> {
             ctx.forward,
         )?;
         let losses = step.losses(&schedule)?;
+        let mut pairs = vec![
+            ("loss.diffusion", &losses.diffusion),
+            ("loss.total", &losses.total),
+        ];
+        if let Some(c) = &losses.cultural {
+            pairs.push(("loss.cultural", c));
+        }
+        for (name, got) in pairs {
+            let name = format!("{case}.{name}");
+            chk.check(&name, got, &f.tensor(&name)?, ctx.forward)?;
+        }
+        check_stored_grads(&mut chk, ctx, &f, case, &step, &losses)?;
+    }
+    Ok(chk.rows)
+}
+
+/// Input perturbation (`tests/fixtures/extra/gen_train_ip_noise.py`, gamma 0.1): plain LoRA on
+/// epsilon and K-StyleLoRA on v-prediction, each at its setup's timesteps with the fixture's
+/// fixed xi. The noisy input is built from `noise + gamma xi`, the target from `noise`.
+pub fn train_ip_noise(ctx: &Ctx) -> Result<Vec<Row>> {
+    let f = SafeTensorsFile::open(ctx.reference("../../extra/train_ip_noise.safetensors"))?;
+    let gamma = f.meta_f64("gamma")?;
+    let mut chk = Checker::new("train_ip_noise");
+    for case in f.meta_str("cases")?.split(',') {
+        let meta = |k: &str| f.meta_str(&format!("{case}.{k}")).map(String::from);
+        let setup =
+            SafeTensorsFile::open(ctx.reference(&format!("{}.safetensors", meta("setup")?)))?;
+        let step = Step::load(ctx, &setup)?;
+        let schedule = TrainSchedule::for_model(&SchedulerConfig {
+            prediction: match meta("prediction")?.as_str() {
+                "v_prediction" => Prediction::V,
+                _ => Prediction::Epsilon,
+            },
+            ..SchedulerConfig::default()
+        })?;
+        let xi = f
+            .tensor(&format!("{case}.xi"))?
+            .to_dtype(DType::F32)?
+            .to_device(ctx.device)?;
+        let input = step.noise.add(&xi.scale(gamma)?)?; // (B, C, H, W)
+        let losses = step.losses_with(
+            &schedule,
+            StepNoise {
+                input: &input,
+                target: &step.noise,
+            },
+        )?;
         let mut pairs = vec![
             ("loss.diffusion", &losses.diffusion),
             ("loss.total", &losses.total),
