@@ -12,8 +12,8 @@
 #           the CPU runs'
 #   bench   kstyle bench: GEMM, flash attention vs composition, fused LoRA, group norm, rooflines
 #   model   kstyle bench --model: the full SDXL UNet (random weights, bf16) at 1024 px: inference
-#           b2, LoRA / checkpointed LoRA / gated training micro-batches, peak memory (folded
-#           into bench.log)
+#           b2, LoRA / checkpointed LoRA / gated training micro-batches, then inference and LoRA
+#           with float8 weights (--weight-dtype), peak memory (folded into bench.log)
 #   torch   scripts/bench_torch.py: PyTorch SDPA / GEMM / group norm on the same shapes, then
 #           scripts/bench_torch_unet.py: diffusers' UNet on the model shapes (folded into
 #           torch.log; needs gpu-carry/diffusers.tar.xz)
@@ -81,7 +81,7 @@ train_tiny cpu bf16 > /dev/null 2>&1
 step train 120 bash -c 'train_tiny cuda f32 && train_tiny cuda bf16'
 cat "$OUT/train.log" >> "$OUT/verify.log" && rm -f "$OUT/train.log"
 step bench 240 "$BIN" bench --json "$JSONS/1-kstyle.jsonl"
-step model 180 "$BIN" bench --model --json "$JSONS/1b-kstyle-model.jsonl"
+step model 220 "$BIN" bench --model --json "$JSONS/1b-kstyle-model.jsonl"
 # The forward's FLOPs counted at dispatch against the analytic count (every rate divides by it).
 grep -h "FLOP" "$OUT/model.log" | cut -c1-110 | tee -a "$SUMMARY"
 cat "$OUT/model.log" >> "$OUT/bench.log" && rm -f "$OUT/model.log"

@@ -136,6 +136,29 @@ fn model_bench_runs_on_the_emulator() {
             .unwrap_or_else(|| panic!("no `{case}` row:\n{rows}"));
         assert!(row.contains("\"peak_mib\":"), "{row}");
     }
+    // Float8 weights (--weight-dtype) lower the peak of the same inference and LoRA step.
+    let peak = |name: &str| -> f64 {
+        let row = rows
+            .lines()
+            .find(|l| l.contains(&format!("\"name\":\"{name}\"")))
+            .unwrap_or_else(|| panic!("no `{name}` row:\n{rows}"));
+        let v = row.split("\"peak_mib\":").nth(1).expect("a peak");
+        v.trim_end_matches('}').parse().expect("a number")
+    };
+    for (plain, float8) in [
+        ("unet fwd 32px b2 bf16", "unet fwd 32px b2 bf16, f8e4m3 W"),
+        (
+            "unet train lora r4 32px b1 bf16",
+            "unet train lora r4 32px b1 bf16, f8e4m3 W",
+        ),
+    ] {
+        assert!(
+            peak(float8) < peak(plain),
+            "{float8}: {} MiB, {plain}: {} MiB",
+            peak(float8),
+            peak(plain)
+        );
+    }
 }
 
 /// `kstyle bench --smoke`: every timed case of a GPU session's bench runs to the end, so a bench

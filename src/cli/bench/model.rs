@@ -4,6 +4,10 @@
 //! plain LoRA without and with per-block checkpointing, and K-StyleLoRA's gated form), each with
 //! its peak memory (the caching allocator's bytes in use: weights included, CUDA context not).
 //!
+//! Then the same inference and plain-LoRA micro-batch with the Linear and conv weights held as
+//! float8 e4m3fn (`--weight-dtype fp8-e4m3fn`): the peak shows the memory it saves, the time
+//! what widening each weight per call costs.
+//!
 //! FLOPs are counted at dispatch (`backend::flops`) over one run, so "of roof" is the share of
 //! the measured GEMM ceiling the step reaches. `scripts/bench_torch_unet.py` runs diffusers'
 //! UNet2DConditionModel (SDPA, peft LoRA, its own checkpointing) on the same shapes; its rows
@@ -17,6 +21,7 @@ use kstyle::models::unet::{param_shapes, CheckpointPolicy, UNet2DConditionModel,
 use kstyle::nn::lora::{LoraAdapter, LoraConfig};
 use kstyle::nn::weights::Weights;
 use kstyle::sample::TrainSchedule;
+use kstyle::tensor::float8::F8E4M3;
 use kstyle::tensor::memory::{memory_use, reset_peak};
 use kstyle::tensor::Rng;
 use kstyle::train::step::{training_loss, Conditioning};
@@ -43,8 +48,13 @@ fn uniform(seed: u64, i: u64) -> f32 {
 
 /// The UNet of `cfg` with random weights in bf16 on `device`: matrices and kernels uniform in
 /// ±1/sqrt(fan_in) (PyTorch's default bound), norm scales 1, biases small. Values are drawn on
-/// the host in parallel, in bf16, and uploaded tensor by tensor.
-fn random_unet(cfg: &UNetConfig, device: Device) -> anyhow::Result<UNet2DConditionModel> {
+/// the host in parallel, in bf16, and uploaded tensor by tensor. With `float8`, the matrices
+/// and kernels are drawn as e4m3fn and held so (`--weight-dtype fp8-e4m3fn`).
+fn random_unet(
+    cfg: &UNetConfig,
+    device: Device,
+    float8: bool,
+) -> anyhow::Result<UNet2DConditionModel> {
     let mut map = BTreeMap::new();
     for (seed, (name, shape)) in param_shapes(cfg).0.into_iter().enumerate() {
         let n: usize = shape.iter().product();
@@ -56,14 +66,25 @@ fn random_unet(cfg: &UNetConfig, device: Device) -> anyhow::Result<UNet2DConditi
                 0.0,
             ),
         };
-        let values: Vec<half::bf16> = (0..n as u64)
-            .into_par_iter()
-            .map(|i| half::bf16::from_f32(offset + scale * uniform(seed as u64, i)))
-            .collect();
-        let t = Tensor::from_vec(values, shape, Device::Cpu)?.to_device(device)?;
+        let value = |i: u64| offset + scale * uniform(seed as u64, i);
+        // float8 tensors stay on the host: the loader checks their range there, then uploads.
+        let t = if float8 && shape.len() > 1 {
+            let values: Vec<F8E4M3> = (0..n as u64)
+                .into_par_iter()
+                .map(|i| F8E4M3::from_f32(value(i)))
+                .collect();
+            Tensor::from_vec(values, shape, Device::Cpu)?
+        } else {
+            let values: Vec<half::bf16> = (0..n as u64)
+                .into_par_iter()
+                .map(|i| half::bf16::from_f32(value(i)))
+                .collect();
+            Tensor::from_vec(values, shape, Device::Cpu)?.to_device(device)?
+        };
         map.insert(name, t);
     }
-    let vb = Weights::from_map(map, "<random weights>", DType::BF16, device);
+    let vb = Weights::from_map(map, "<random weights>", DType::BF16, device)
+        .with_matrix_dtype(float8.then_some(DType::F8E4M3));
     let unet = UNet2DConditionModel::load(&vb, cfg)?;
     vb.ensure_all_used(|_| false)?;
     Ok(unet)
@@ -112,7 +133,7 @@ pub(super) fn run(b: &mut Bench, size: Size) -> anyhow::Result<()> {
     let reps = size.pick(5, 3, 1);
     let lat = px / 8;
     let t0 = Instant::now();
-    let mut unet = random_unet(&cfg, gpu)?;
+    let mut unet = random_unet(&cfg, gpu, false)?;
     let weight_bytes = 2.0
         * param_shapes(&cfg)
             .0
@@ -147,8 +168,8 @@ pub(super) fn run(b: &mut Bench, size: Size) -> anyhow::Result<()> {
     };
 
     // ---- inference: the CFG pair in one batch ----
-    let [x, t, ctx, pooled, ids] = inputs(2, &mut rng)?;
-    let fwd = || no_grad(|| unet.forward(&x, &t, &ctx, &pooled, &ids).map(|_| ()));
+    let [x, t, ctx2, pooled2, ids2] = inputs(2, &mut rng)?;
+    let fwd = || no_grad(|| unet.forward(&x, &t, &ctx2, &pooled2, &ids2).map(|_| ()));
     let (fl, peak) = count(gpu, fwd)?;
     // The rates below divide by the dispatch count; it must be the architecture's own. A
     // mismatch is reported, not fatal: a GPU session's timings are too scarce to throw away.
@@ -225,5 +246,66 @@ pub(super) fn run(b: &mut Bench, size: Size) -> anyhow::Result<()> {
             Some(peak),
         );
     }
+
+    // ---- the same with float8 weights: inference, then the plain LoRA micro-batch ----
+    drop(unet);
+    let mut unet = random_unet(&cfg, gpu, true)?;
+    // Matrices at one byte, the rest (0.06% of SDXL's parameters) at two.
+    let f8_bytes = param_shapes(&cfg)
+        .0
+        .iter()
+        .map(|(name, s)| {
+            let n = s.iter().product::<usize>();
+            if name.ends_with(".weight") && s.len() > 1 {
+                n
+            } else {
+                2 * n
+            }
+        })
+        .sum::<usize>() as f64;
+    let fwd = || no_grad(|| unet.forward(&x, &t, &ctx2, &pooled2, &ids2).map(|_| ()));
+    let (fl, peak) = count(gpu, fwd)?;
+    let s = time_runs(b, size, reps, fwd)?;
+    b.report_peak(
+        &format!("unet fwd {px}px b2 bf16, f8e4m3 W"),
+        s,
+        f8_bytes,
+        fl,
+        Some(peak),
+    );
+    unet.attach_adapters(|path, base| {
+        if !TARGETS.iter().any(|t| path.ends_with(&format!(".{t}"))) {
+            return Ok(None);
+        }
+        LoraAdapter::init(
+            base.in_features(),
+            base.out_features(),
+            lora,
+            None,
+            &mut rng,
+            DType::F32,
+            gpu,
+        )?
+        .trainable_in(DType::BF16)
+        .map(Some)
+    })?;
+    let cond = Conditioning {
+        context: &ctx,
+        pooled: &pooled,
+        time_ids: &ids,
+    };
+    let step = || {
+        let losses = training_loss(&unet, None, &schedule, &x0, &noise, &[500], &cond)?;
+        losses.total.backward().map(|_| ())
+    };
+    let (fl, peak) = count(gpu, step)?;
+    let s = time_runs(b, size, reps, step)?;
+    b.report_peak(
+        &format!("unet train lora r4 {px}px b1 bf16, f8e4m3 W"),
+        s,
+        f8_bytes,
+        fl,
+        Some(peak),
+    );
     Ok(())
 }
