@@ -241,30 +241,36 @@ pub fn train_vpred(ctx: &Ctx) -> Result<Vec<Row>> {
             )?;
         }
         let losses = step.losses(&schedule)?;
-        check_kstyle_losses(&mut chk, ctx, &f, &format!("{case}."), &losses)?;
+        check_losses(&mut chk, ctx, &f, &format!("{case}."), &losses)?;
         check_stored_grads(&mut chk, ctx, &f, case, &step, &losses)?;
     }
     Ok(chk.rows)
 }
 
-/// The three losses of a K-StyleLoRA step against `<prefix>loss.diffusion`, `.cultural` and
-/// `.total`.
-pub(super) fn check_kstyle_losses(
+/// A step's losses against `<prefix>loss.diffusion` and `.total`, and `.cultural` where the
+/// reference stores one (then the step must have one) or the step has one (then the reference
+/// must store it).
+pub(super) fn check_losses(
     chk: &mut Checker,
     ctx: &Ctx,
     f: &SafeTensorsFile,
     prefix: &str,
     losses: &Losses,
 ) -> Result<()> {
-    let cultural = losses
-        .cultural
-        .as_ref()
-        .ok_or_else(|| Error::msg("the kstyle step has no cultural loss"))?;
-    for (name, got) in [
+    let mut pairs = vec![
         ("loss.diffusion", &losses.diffusion),
-        ("loss.cultural", cultural),
         ("loss.total", &losses.total),
-    ] {
+    ];
+    let key = format!("{prefix}loss.cultural");
+    if f.contains(&key) || losses.cultural.is_some() {
+        let c = losses.cultural.as_ref().ok_or_else(|| {
+            Error::msg(format!(
+                "the reference stores {key}; the step has no cultural loss"
+            ))
+        })?;
+        pairs.push(("loss.cultural", c));
+    }
+    for (name, got) in pairs {
         let name = format!("{prefix}{name}");
         chk.check(&name, got, &f.tensor(&name)?, ctx.forward)?;
     }
@@ -322,17 +328,7 @@ pub fn train_min_snr(ctx: &Ctx) -> Result<Vec<Row>> {
             ctx.forward,
         )?;
         let losses = step.losses(&schedule)?;
-        let mut pairs = vec![
-            ("loss.diffusion", &losses.diffusion),
-            ("loss.total", &losses.total),
-        ];
-        if let Some(c) = &losses.cultural {
-            pairs.push(("loss.cultural", c));
-        }
-        for (name, got) in pairs {
-            let name = format!("{case}.{name}");
-            chk.check(&name, got, &f.tensor(&name)?, ctx.forward)?;
-        }
+        check_losses(&mut chk, ctx, &f, &format!("{case}."), &losses)?;
         check_stored_grads(&mut chk, ctx, &f, case, &step, &losses)?;
     }
     Ok(chk.rows)
@@ -369,17 +365,7 @@ pub fn train_ip_noise(ctx: &Ctx) -> Result<Vec<Row>> {
                 target: &step.noise,
             },
         )?;
-        let mut pairs = vec![
-            ("loss.diffusion", &losses.diffusion),
-            ("loss.total", &losses.total),
-        ];
-        if let Some(c) = &losses.cultural {
-            pairs.push(("loss.cultural", c));
-        }
-        for (name, got) in pairs {
-            let name = format!("{case}.{name}");
-            chk.check(&name, got, &f.tensor(&name)?, ctx.forward)?;
-        }
+        check_losses(&mut chk, ctx, &f, &format!("{case}."), &losses)?;
         check_stored_grads(&mut chk, ctx, &f, case, &step, &losses)?;
     }
     Ok(chk.rows)

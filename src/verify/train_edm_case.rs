@@ -5,7 +5,7 @@
 //! VAE statistics first. The training sigma table and timesteps, the losses and the stored
 //! gradients.
 
-use super::train_cases::{check_kstyle_losses, check_stored_grads, Step};
+use super::train_cases::{check_losses, check_stored_grads, Step};
 use super::{Checker, Ctx, Row};
 use crate::models::vae::VaeConfig;
 use crate::sample::{SchedulerConfig, TrainSchedule};
@@ -59,7 +59,7 @@ pub fn train_edm(ctx: &Ctx) -> Result<Vec<Row>> {
             .map(|i| i as usize)
             .collect();
         let losses = step.losses(&schedule)?;
-        check_kstyle_losses(&mut chk, ctx, &f, &format!("{case}."), &losses)?;
+        check_losses(&mut chk, ctx, &f, &format!("{case}."), &losses)?;
         check_stored_grads(&mut chk, ctx, &f, case, &step, &losses)?;
     }
     Ok(chk.rows)

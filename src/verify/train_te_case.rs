@@ -5,7 +5,7 @@
 //! text-encoder factor, the UNet's cross-attention key and value factors, one gated module, the
 //! cultural projection), and one AdamW step with the text encoders' own learning rate.
 
-use super::train_cases::{adamw_from, check_kstyle_losses, Step};
+use super::train_cases::{adamw_from, check_losses, Step};
 use super::{max_norm, Checker, Ctx, Row};
 use crate::backend::cpu::optim::AdamW;
 use crate::formats::diffusers::DiffusersFolder;
@@ -102,7 +102,7 @@ pub fn train_text_encoder(ctx: &Ctx) -> Result<Vec<Row>> {
             time_ids: &step.time_ids,
         },
     )?;
-    check_kstyle_losses(&mut chk, ctx, &f, "", &losses)?;
+    check_losses(&mut chk, ctx, &f, "", &losses)?;
 
     // Slot order: the UNet's and the cultural module's group, then the text encoders'.
     let te_params = te.parameters();

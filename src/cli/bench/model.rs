@@ -122,6 +122,23 @@ fn count(device: Device, f: impl FnOnce() -> kstyle::Result<()>) -> anyhow::Resu
     Ok((issued, memory_use(device)?.peak))
 }
 
+/// Bytes of the UNet's weights: all in bf16, or with the matrices and kernels (all but 0.06% of
+/// SDXL's parameters) at one byte.
+fn weight_bytes(cfg: &UNetConfig, float8: bool) -> f64 {
+    param_shapes(cfg)
+        .0
+        .iter()
+        .map(|(name, s)| {
+            let n = s.iter().product::<usize>();
+            if float8 && name.ends_with(".weight") && s.len() > 1 {
+                n
+            } else {
+                2 * n
+            }
+        })
+        .sum::<usize>() as f64
+}
+
 pub(super) fn run(b: &mut Bench, size: Size) -> anyhow::Result<()> {
     let gpu = Device::Cuda(0);
     let cfg = if size.smoke {
@@ -132,20 +149,6 @@ pub(super) fn run(b: &mut Bench, size: Size) -> anyhow::Result<()> {
     let px = size.pick(1024, 512, 32);
     let reps = size.pick(5, 3, 1);
     let lat = px / 8;
-    let t0 = Instant::now();
-    let mut unet = random_unet(&cfg, gpu, false)?;
-    let weight_bytes = 2.0
-        * param_shapes(&cfg)
-            .0
-            .iter()
-            .map(|(_, s)| s.iter().product::<usize>())
-            .sum::<usize>() as f64;
-    println!(
-        "UNet {} parameters ({:.2} GB bf16), random weights built in {:.1} s",
-        weight_bytes / 2.0,
-        weight_bytes / 1e9,
-        t0.elapsed().as_secs_f64()
-    );
     let tt = cfg
         .text_time
         .as_ref()
@@ -166,33 +169,9 @@ pub(super) fn run(b: &mut Bench, size: Size) -> anyhow::Result<()> {
                 .to_device(gpu)?,
         ])
     };
-
-    // ---- inference: the CFG pair in one batch ----
-    let [x, t, ctx2, pooled2, ids2] = inputs(2, &mut rng)?;
-    let fwd = || no_grad(|| unet.forward(&x, &t, &ctx2, &pooled2, &ids2).map(|_| ()));
-    let (fl, peak) = count(gpu, fwd)?;
-    // The rates below divide by the dispatch count; it must be the architecture's own. A
-    // mismatch is reported, not fatal: a GPU session's timings are too scarce to throw away.
-    let analytic = forward_flops(&cfg, 2, (lat, lat), 77) as f64;
-    if fl == analytic {
-        println!("unet fwd {px}px b2: {fl:e} FLOPs counted at dispatch = the analytic count");
-    } else {
-        println!(
-            "FLOP COUNT MISMATCH: unet fwd {px}px b2 issued {fl:e} at dispatch, the architecture \
-             implies {analytic:e}; the rates below are off by {:.4}x",
-            fl / analytic
-        );
-    }
-    let s = time_runs(b, size, reps, fwd)?;
-    b.report_peak(
-        &format!("unet fwd {px}px b2 bf16"),
-        s,
-        weight_bytes,
-        fl,
-        Some(peak),
-    );
-
-    // ---- training: one micro-batch, forward + backward to the adapters ----
+    // Inference: the CFG pair in one batch. Training: one micro-batch, forward + backward to the
+    // adapters.
+    let infer = inputs(2, &mut rng)?;
     let schedule = TrainSchedule::sdxl();
     let [_, _, ctx, pooled, ids] = inputs(1, &mut rng)?;
     let x0 = Tensor::randn((1, cfg.in_channels, lat, lat), &mut rng, DType::F32, gpu)?;
@@ -205,107 +184,84 @@ pub(super) fn run(b: &mut Bench, size: Size) -> anyhow::Result<()> {
     )?
     .normalize_l2(1, 1e-12)?;
     let lora = LoraConfig::default();
-    for (label, gated, policy) in [
-        ("lora r4", false, CheckpointPolicy::None),
-        ("lora r4 ckpt", false, CheckpointPolicy::EveryBlock),
-        ("gated r4", true, CheckpointPolicy::None),
-    ] {
-        let gates = gated.then_some(&concepts);
-        unet.attach_adapters(|path, base| {
-            if !TARGETS.iter().any(|t| path.ends_with(&format!(".{t}"))) {
-                return Ok(None);
-            }
-            let a = LoraAdapter::init(
-                base.in_features(),
-                base.out_features(),
-                lora,
-                gates,
-                &mut rng,
-                DType::F32,
-                gpu,
-            )?;
-            a.trainable_in(DType::BF16).map(Some)
-        })?;
-        unet.checkpoint = policy;
-        let cond = Conditioning {
-            context: &ctx,
-            pooled: &pooled,
-            time_ids: &ids,
-        };
-        let step = || {
-            let losses = training_loss(&unet, None, &schedule, &x0, &noise, &[500], &cond)?;
-            losses.total.backward().map(|_| ())
-        };
-        let (fl, peak) = count(gpu, step)?;
-        let s = time_runs(b, size, reps, step)?;
-        b.report_peak(
-            &format!("unet train {label} {px}px b1 bf16"),
-            s,
-            weight_bytes,
-            fl,
-            Some(peak),
-        );
-    }
-
-    // ---- the same with float8 weights: inference, then the plain LoRA micro-batch ----
-    drop(unet);
-    let mut unet = random_unet(&cfg, gpu, true)?;
-    // Matrices at one byte, the rest (0.06% of SDXL's parameters) at two.
-    let f8_bytes = param_shapes(&cfg)
-        .0
-        .iter()
-        .map(|(name, s)| {
-            let n = s.iter().product::<usize>();
-            if name.ends_with(".weight") && s.len() > 1 {
-                n
-            } else {
-                2 * n
-            }
-        })
-        .sum::<usize>() as f64;
-    let fwd = || no_grad(|| unet.forward(&x, &t, &ctx2, &pooled2, &ids2).map(|_| ()));
-    let (fl, peak) = count(gpu, fwd)?;
-    let s = time_runs(b, size, reps, fwd)?;
-    b.report_peak(
-        &format!("unet fwd {px}px b2 bf16, f8e4m3 W"),
-        s,
-        f8_bytes,
-        fl,
-        Some(peak),
-    );
-    unet.attach_adapters(|path, base| {
-        if !TARGETS.iter().any(|t| path.ends_with(&format!(".{t}"))) {
-            return Ok(None);
-        }
-        LoraAdapter::init(
-            base.in_features(),
-            base.out_features(),
-            lora,
-            None,
-            &mut rng,
-            DType::F32,
-            gpu,
-        )?
-        .trainable_in(DType::BF16)
-        .map(Some)
-    })?;
     let cond = Conditioning {
         context: &ctx,
         pooled: &pooled,
         time_ids: &ids,
     };
-    let step = || {
-        let losses = training_loss(&unet, None, &schedule, &x0, &noise, &[500], &cond)?;
-        losses.total.backward().map(|_| ())
-    };
-    let (fl, peak) = count(gpu, step)?;
-    let s = time_runs(b, size, reps, step)?;
-    b.report_peak(
-        &format!("unet train lora r4 {px}px b1 bf16, f8e4m3 W"),
-        s,
-        f8_bytes,
-        fl,
-        Some(peak),
-    );
+    // bf16 weights with every training variant, then float8 weights (`--weight-dtype`) with
+    // plain LoRA: their peaks show the memory it saves, their times what widening costs.
+    for float8 in [false, true] {
+        let t0 = Instant::now();
+        let mut unet = random_unet(&cfg, gpu, float8)?;
+        let bytes = weight_bytes(&cfg, float8);
+        let tag = if float8 { "bf16, f8e4m3 W" } else { "bf16" };
+        println!(
+            "UNet {} parameters ({:.2} GB, {tag}), random weights built in {:.1} s",
+            weight_bytes(&cfg, false) / 2.0,
+            bytes / 1e9,
+            t0.elapsed().as_secs_f64()
+        );
+        let [x, t, c2, p2, i2] = &infer;
+        let fwd = || no_grad(|| unet.forward(x, t, c2, p2, i2).map(|_| ()));
+        let (fl, peak) = count(gpu, fwd)?;
+        // The rates below divide by the dispatch count; it must be the architecture's own. A
+        // mismatch is reported, not fatal: a GPU session's timings are too scarce to throw away.
+        let analytic = forward_flops(&cfg, 2, (lat, lat), 77) as f64;
+        if fl == analytic {
+            println!("unet fwd {px}px b2: {fl:e} FLOPs counted at dispatch = the analytic count");
+        } else {
+            println!(
+                "FLOP COUNT MISMATCH: unet fwd {px}px b2 issued {fl:e} at dispatch, the \
+                 architecture implies {analytic:e}; the rates below are off by {:.4}x",
+                fl / analytic
+            );
+        }
+        let s = time_runs(b, size, reps, fwd)?;
+        b.report_peak(
+            &format!("unet fwd {px}px b2 {tag}"),
+            s,
+            bytes,
+            fl,
+            Some(peak),
+        );
+        let all = [
+            ("lora r4", false, CheckpointPolicy::None),
+            ("lora r4 ckpt", false, CheckpointPolicy::EveryBlock),
+            ("gated r4", true, CheckpointPolicy::None),
+        ];
+        for (label, gated, policy) in &all[..if float8 { 1 } else { all.len() }] {
+            let gates = gated.then_some(&concepts);
+            unet.attach_adapters(|path, base| {
+                if !TARGETS.iter().any(|t| path.ends_with(&format!(".{t}"))) {
+                    return Ok(None);
+                }
+                let a = LoraAdapter::init(
+                    base.in_features(),
+                    base.out_features(),
+                    lora,
+                    gates,
+                    &mut rng,
+                    DType::F32,
+                    gpu,
+                )?;
+                a.trainable_in(DType::BF16).map(Some)
+            })?;
+            unet.checkpoint = *policy;
+            let step = || {
+                let losses = training_loss(&unet, None, &schedule, &x0, &noise, &[500], &cond)?;
+                losses.total.backward().map(|_| ())
+            };
+            let (fl, peak) = count(gpu, step)?;
+            let s = time_runs(b, size, reps, step)?;
+            b.report_peak(
+                &format!("unet train {label} {px}px b1 {tag}"),
+                s,
+                bytes,
+                fl,
+                Some(peak),
+            );
+        }
+    }
     Ok(())
 }
