@@ -100,13 +100,7 @@ fn casts_bit_exact(r: &mut Run) -> Result<()> {
                 bc[i].0
             ),
         };
-        r.rows.push(ParityRow {
-            case,
-            dtype: DType::F32,
-            error: wrong as f64,
-            limit: 0.0,
-            passed: wrong == 0,
-        });
+        r.exact(case, wrong);
     }
     Ok(())
 }

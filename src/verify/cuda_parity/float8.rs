@@ -93,13 +93,7 @@ fn push_exact(r: &mut Run, case: String, cpu: &[f64], gpu: &[f64]) {
     let same = |a: &f64, b: &f64| a.to_bits() == b.to_bits() || (a.is_nan() && b.is_nan());
     let wrong =
         cpu.iter().zip(gpu).filter(|(a, b)| !same(a, b)).count() + cpu.len().abs_diff(gpu.len());
-    r.rows.push(ParityRow {
-        case,
-        dtype: DType::F32,
-        error: wrong as f64,
-        limit: 0.0,
-        passed: wrong == 0,
-    });
+    r.exact(case, wrong);
 }
 
 /// A float8 weight meeting `dt` activations: Linear (with and without bias), the gradient of x

@@ -116,6 +116,17 @@ impl Run {
         Ok(())
     }
 
+    /// A bit-exact case: `wrong` elements differ between the devices, and none may.
+    fn exact(&mut self, case: String, wrong: usize) {
+        self.rows.push(ParityRow {
+            case,
+            dtype: DType::F32,
+            error: wrong as f64,
+            limit: 0.0,
+            passed: wrong == 0,
+        });
+    }
+
     /// A case whose op could not run at all is a failed row, not an aborted run.
     fn guard(&mut self, case: &str, dtype: DType, r: Result<()>) {
         if let Err(e) = r {
