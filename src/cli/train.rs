@@ -110,8 +110,22 @@ pub struct Args {
     pub lr_power: Option<f64>,
     #[arg(long, default_value_t = 1e-2)]
     pub weight_decay: f64,
+    /// AdamW's first-moment decay (diffusers' --adam_beta1).
+    #[arg(long, default_value_t = 0.9)]
+    pub adam_beta1: f64,
+    /// AdamW's second-moment decay (diffusers' --adam_beta2).
+    #[arg(long, default_value_t = 0.999)]
+    pub adam_beta2: f64,
+    /// AdamW's epsilon, added to the root of the second moment (diffusers' --adam_epsilon).
+    #[arg(long, default_value_t = 1e-8)]
+    pub adam_epsilon: f64,
     #[arg(long, default_value_t = 4)]
     pub grad_accum: usize,
+    /// Pictures per micro-batch (kohya's --train_batch_size): visits of one bucket (and one
+    /// role) stacked through the UNet together; an epoch's last batch of a bucket holds the
+    /// rest. Each optimizer step averages --grad-accum micro-batches.
+    #[arg(long, alias = "train-batch-size", default_value_t = 1)]
+    pub batch_size: usize,
     #[arg(long, default_value_t = 10, conflicts_with = "max_steps")]
     pub epochs: u64,
     /// Optimizer steps to run (overrides --epochs).
@@ -313,11 +327,14 @@ pub fn config_from(a: &Args) -> anyhow::Result<TrainConfig> {
         cultural_pool: a.cultural_pool,
         adamw: AdamW {
             lr: a.lr,
+            beta1: a.adam_beta1,
+            beta2: a.adam_beta2,
+            eps: a.adam_epsilon,
             weight_decay: a.weight_decay,
-            ..AdamW::default()
         },
         schedule,
         grad_accum: a.grad_accum,
+        batch_size: a.batch_size,
         epochs: a.epochs,
         max_steps: a.max_steps,
         resolution: a.resolution,

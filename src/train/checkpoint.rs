@@ -16,10 +16,11 @@ pub struct TrainState {
     /// Optimizer steps done.
     pub step: u64,
     pub epoch: u64,
-    /// Next position in `order`.
+    /// Next batch in `order`.
     pub pos: usize,
-    /// This epoch's permutation of the dataset.
-    pub order: Vec<usize>,
+    /// This epoch's batches: the shuffled visits of the dataset, grouped (see
+    /// `data::epoch_batches`).
+    pub order: Vec<Vec<usize>>,
     pub rng: Rng,
 }
 
@@ -60,6 +61,18 @@ pub fn save_checkpoint(
     save_safetensors(path, &tensors, Some(meta))
 }
 
+/// An epoch's batches as the checkpoint holds them: a list of batches, or (checkpoints written
+/// before batches) a flat list of visits, each its own batch.
+fn parse_order(text: &str) -> serde_json::Result<Vec<Vec<usize>>> {
+    match serde_json::from_str::<Vec<Vec<usize>>>(text) {
+        Ok(batches) => Ok(batches),
+        Err(e) => match serde_json::from_str::<Vec<usize>>(text) {
+            Ok(flat) => Ok(flat.into_iter().map(|i| vec![i]).collect()),
+            Err(_) => Err(e),
+        },
+    }
+}
+
 /// The adapter, optimizer and loop state of a checkpoint. `hyper` supplies the AdamW settings of
 /// the resumed run (they are run-time knobs, not state).
 pub fn load_checkpoint(
@@ -91,11 +104,10 @@ pub fn load_checkpoint(
     let rng: [u64; 4] = words
         .try_into()
         .map_err(|_| Error::file(path, "metadata `kstyle.ckpt.rng` is not four integers"))?;
-    let order: Vec<usize> =
-        serde_json::from_str(get("kstyle.ckpt.order")?).map_err(|e| Error::Json {
-            path: path.into(),
-            msg: format!("kstyle.ckpt.order: {e}"),
-        })?;
+    let order = parse_order(get("kstyle.ckpt.order")?).map_err(|e| Error::Json {
+        path: path.into(),
+        msg: format!("kstyle.ckpt.order: {e}"),
+    })?;
     let state = TrainState {
         step: int("kstyle.ckpt.step")?,
         epoch: int("kstyle.ckpt.epoch")?,
@@ -114,4 +126,26 @@ pub fn load_checkpoint(
     }
     let opt = Optimizer::from_parts(hyper, int("kstyle.ckpt.optim_step")?, parts, device)?;
     Ok((adapter, opt, state))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_order;
+
+    /// Batches read back as written; a checkpoint from before batches (a flat list of visits)
+    /// reads as batches of one, so it resumes as it would have.
+    #[test]
+    fn epoch_orders_read_in_both_layouts() {
+        assert_eq!(
+            parse_order("[[2,0],[1]]").unwrap(),
+            vec![vec![2, 0], vec![1]]
+        );
+        assert_eq!(
+            parse_order("[2,0,1]").unwrap(),
+            vec![vec![2], vec![0], vec![1]]
+        );
+        assert_eq!(parse_order("[]").unwrap(), Vec::<Vec<usize>>::new());
+        assert!(parse_order("[[1],2]").is_err());
+        assert!(parse_order("{}").is_err());
+    }
 }

@@ -54,6 +54,9 @@ pub struct TrainConfig {
     pub adamw: AdamW,
     pub schedule: LrSchedule,
     pub grad_accum: usize,
+    /// Pictures per micro-batch (kohya's `--train_batch_size`): visits of one bucket and one
+    /// role, stacked; each optimizer step averages `grad_accum` of them.
+    pub batch_size: usize,
     pub epochs: u64,
     pub max_steps: Option<u64>,
     pub resolution: usize,
@@ -114,6 +117,7 @@ impl TrainConfig {
             ("lr_schedule".to_string(), c.schedule.name()),
             ("warmup".to_string(), c.schedule.warmup.to_string()),
             ("grad_accum".to_string(), c.grad_accum.to_string()),
+            ("batch_size".to_string(), c.batch_size.to_string()),
             ("resolution".to_string(), c.resolution.to_string()),
             ("lambda".to_string(), c.lambda.to_string()),
             (
@@ -177,6 +181,11 @@ impl TrainConfig {
                     .map_or("model".into(), |n| n.to_string_lossy().into_owned()),
             ),
             ("weight_decay".to_string(), c.adamw.weight_decay.to_string()),
+            (
+                "adam_betas".to_string(),
+                format!("{},{}", c.adamw.beta1, c.adamw.beta2),
+            ),
+            ("adam_epsilon".to_string(), c.adamw.eps.to_string()),
             (
                 "train_text_encoder".to_string(),
                 c.train_text_encoder.to_string(),

@@ -4,7 +4,7 @@
 //! text encoders need not stay resident.
 
 use crate::image::io::{load_rgb_upright, resize_center_crop, rgb_to_chw, CropInfo, PixelRange};
-use crate::tensor::{load_safetensors, save_safetensors};
+use crate::tensor::{load_safetensors, save_safetensors, Rng};
 use crate::{Device, Error, Result, Tensor};
 use image::RgbImage;
 use sha2::{Digest, Sha256};
@@ -255,6 +255,53 @@ impl Dataset {
     }
 }
 
+/// Visits grouped by `key` (a batch must share one latent size, and one role), the groups in
+/// the order their first visit appears in `order`, each keeping `order`'s order.
+pub fn group_visits<K: PartialEq>(order: &[usize], key: impl Fn(usize) -> K) -> Vec<Vec<usize>> {
+    let mut groups: Vec<(K, Vec<usize>)> = Vec::new();
+    for &i in order {
+        let k = key(i);
+        match groups.iter_mut().find(|(g, _)| *g == k) {
+            Some((_, visits)) => visits.push(i),
+            None => groups.push((k, vec![i])),
+        }
+    }
+    groups.into_iter().map(|(_, v)| v).collect()
+}
+
+/// One epoch's batches from its shuffled visits, as kohya batches its buckets: the visits
+/// grouped by `key` (the trainer's adds the role to the bucket, which kohya does not), each group
+/// cut into batches of `size` (its last batch holds the rest), and the batches shuffled. With `size` 1 every visit is a batch of its own, in `order`'s order,
+/// and nothing is drawn from `rng`.
+pub fn epoch_batches<K: PartialEq>(
+    order: &[usize],
+    key: impl Fn(usize) -> K,
+    size: usize,
+    rng: &mut Rng,
+) -> Vec<Vec<usize>> {
+    if size <= 1 {
+        return order.iter().map(|&i| vec![i]).collect();
+    }
+    let mut batches: Vec<Vec<usize>> = group_visits(order, key)
+        .iter()
+        .flat_map(|g| g.chunks(size).map(<[usize]>::to_vec))
+        .collect();
+    rng.shuffle(&mut batches);
+    batches
+}
+
+/// Batches in an epoch of `order`'s visits: what [`epoch_batches`] makes, without the draws.
+pub fn batches_per_epoch<K: PartialEq>(
+    order: &[usize],
+    key: impl Fn(usize) -> K,
+    size: usize,
+) -> usize {
+    group_visits(order, key)
+        .iter()
+        .map(|g| g.len().div_ceil(size.max(1)))
+        .sum()
+}
+
 /// SDXL-style aspect-ratio buckets for a base resolution: sides multiples of 64, area at most
 /// resolution², aspect ratios up to 4:1 either way.
 pub fn buckets(resolution: usize) -> Vec<(usize, usize)> {
@@ -376,6 +423,35 @@ mod tests {
         // As stored, the picture would have gone to a landscape bucket.
         let (w, h) = nearest_bucket(48, 32, &list);
         assert!(w > h);
+    }
+
+    /// Batches never mix keys, hold every visit once, and cut each group in visit order; size
+    /// 1 keeps the order and draws nothing.
+    #[test]
+    fn batches_group_by_key_and_cover_every_visit() {
+        // Visits of examples 0..6; examples 0, 2, 4 share one key, 1 and 3 another, 5 a third.
+        let key = |i: usize| if i == 5 { 2 } else { i % 2 };
+        let order = [4, 1, 0, 5, 2, 3, 4, 0];
+        let mut rng = Rng::new(7);
+        let before = rng.clone();
+        let singles = epoch_batches(&order, key, 1, &mut rng);
+        assert_eq!(singles, order.map(|i| vec![i]).to_vec());
+        assert_eq!(rng, before, "batch size 1 draws nothing");
+        assert_eq!(
+            group_visits(&order, key),
+            vec![vec![4, 0, 2, 4, 0], vec![1, 3], vec![5]]
+        );
+        let batches = epoch_batches(&order, key, 2, &mut rng);
+        assert_eq!(batches.len(), batches_per_epoch(&order, key, 2));
+        let mut sorted = batches.clone();
+        sorted.sort();
+        assert_eq!(
+            sorted,
+            vec![vec![0], vec![1, 3], vec![2, 4], vec![4, 0], vec![5]]
+        );
+        assert_eq!(batches_per_epoch(&order, key, 3), 4);
+        assert_eq!(batches_per_epoch(&order, key, 8), 3);
+        assert_eq!(batches_per_epoch(&order, key, 1), order.len());
     }
 
     /// kohya's balancing, worked by hand from its loop.

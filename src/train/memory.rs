@@ -10,7 +10,7 @@
 use super::data::Role;
 use super::examples::Example;
 use super::optim::GradAccumulator;
-use super::trainer::Trainer;
+use super::trainer::{stack, Trainer};
 use crate::models::unet::CheckpointPolicy;
 use crate::tensor::memory::{memory_use, reset_peak};
 use crate::tensor::Rng;
@@ -116,8 +116,9 @@ impl Trainer {
         )))
     }
 
-    /// Peak bytes of one micro-batch on the largest example: forward, backward and the gradient
-    /// sum, as `step` does them, with the trainer's own state untouched.
+    /// Peak bytes of one micro-batch of `--batch-size` copies of the largest example: forward,
+    /// backward and the gradient sum, as `step` does them, with the trainer's own state
+    /// untouched.
     fn probe_step(&self) -> Result<u64> {
         let device = self.cfg.device;
         // Probed as a style picture, with the cultural term, even when the largest is a
@@ -138,11 +139,22 @@ impl Trainer {
             let mut acc = GradAccumulator::new(&self.optimizer)?;
             let schedule = self.schedule.clone();
             let mut rng = Rng::new(0x5eed);
+            let b = self.cfg.batch_size;
             let x0 = self.latent_config.scale_latents(&ex.mean)?; // (1, 4, h, w)
+            let x0 = stack(vec![x0; b])?; // (B, 4, h, w)
             let noise = Tensor::randn(x0.dims().to_vec(), &mut rng, DType::F32, device)?;
-            let t = schedule.len() / 2;
+            let t = vec![schedule.len() / 2; b];
             let noise = (&noise).into();
-            self.micro_batch(ex, &ex.text, (&x0, noise, t), &schedule, &params, &mut acc)?;
+            let batch = vec![ex; b];
+            let texts = vec![&ex.text; b];
+            self.micro_batch(
+                &batch,
+                &texts,
+                (&x0, noise, &t),
+                &schedule,
+                &params,
+                &mut acc,
+            )?;
         }
         if let Device::Cuda(i) = device {
             crate::backend::cuda::device(i)?.synchronize()?;

@@ -6,7 +6,7 @@
 use super::checkpoint::{load_checkpoint, save_checkpoint, TrainState};
 pub use super::config::TrainConfig;
 use super::cultural::CulturalLoss;
-use super::data::{Dataset, Role};
+use super::data::{batches_per_epoch, epoch_batches, Dataset, Role};
 use super::examples::{load_dataset, prepare_examples, Example, ExampleText, Prepared};
 use super::memory::{human, policy_name, AUTO_POLICIES};
 use super::optim::{GradAccumulator, Optimizer, Slot};
@@ -124,6 +124,29 @@ impl Trainer {
     pub fn new(cfg: TrainConfig, log: &mut dyn FnMut(&str)) -> Result<Trainer> {
         if cfg.grad_accum == 0 {
             return Err(Error::Config("--grad-accum must be at least 1".into()));
+        }
+        if cfg.batch_size == 0 {
+            return Err(Error::Config("--batch-size must be at least 1".into()));
+        }
+        let adam = &cfg.adamw;
+        for (name, beta) in [("--adam-beta1", adam.beta1), ("--adam-beta2", adam.beta2)] {
+            if !(0.0..1.0).contains(&beta) {
+                return Err(Error::Config(format!(
+                    "{name} is a decay from 0 up to (not including) 1, got {beta}"
+                )));
+            }
+        }
+        if !(adam.eps.is_finite() && adam.eps > 0.0) {
+            return Err(Error::Config(format!(
+                "--adam-epsilon must be a positive number, got {}",
+                adam.eps
+            )));
+        }
+        if !(adam.weight_decay.is_finite() && adam.weight_decay >= 0.0) {
+            return Err(Error::Config(format!(
+                "--weight-decay must be a number of 0 or more, got {}",
+                adam.weight_decay
+            )));
         }
         if !cfg.dtype.is_float() || cfg.dtype == DType::F64 || cfg.dtype.is_storage_only() {
             return Err(Error::Config(format!(
@@ -290,7 +313,19 @@ impl Trainer {
         let mut unet = files.unet(&[], precision, cfg.device)?;
         unet.checkpoint = cfg.checkpointing.unwrap_or_default();
         let index = unet_module_index(&unet);
-        let steps_per_epoch = (data.epoch_len() as u64).div_ceil(cfg.grad_accum as u64);
+        let repeats: Vec<usize> = examples.iter().map(|e| e.repeats).collect();
+        let batches = batches_per_epoch(
+            &Dataset::epoch_order(&repeats),
+            |i| batch_key(&examples[i]),
+            cfg.batch_size,
+        );
+        let steps_per_epoch = (batches as u64).div_ceil(cfg.grad_accum as u64);
+        if cfg.batch_size > 1 {
+            log(&format!(
+                "batches of {} (one bucket and one role each): {batches} an epoch",
+                cfg.batch_size
+            ));
+        }
         let total_steps = cfg.max_steps.unwrap_or(cfg.epochs * steps_per_epoch);
         let val_every = match cfg.val_every {
             Some(0) => return Err(Error::Config("--val-every must be at least 1".into())),
@@ -338,15 +373,31 @@ impl Trainer {
                     ));
                 }
                 let visits = data.epoch_len();
-                if state.order.len() != visits || state.order.iter().any(|&i| i >= n_train) {
+                let held: usize = state.order.iter().map(Vec::len).sum();
+                if held != visits || state.order.iter().flatten().any(|&i| i >= n_train) {
                     return Err(Error::file(
                         path,
                         format!(
-                            "the checkpoint's epoch has {} visits of its dataset; {} gives {} \
+                            "the checkpoint's epoch has {held} visits of its dataset; {} gives {} \
                              images, {visits} visits an epoch: resume with the same --data",
-                            state.order.len(),
                             cfg.data.display(),
                             n_train
+                        ),
+                    ));
+                }
+                // Checkpoints written before --batch-size existed batched by one.
+                let was = adapter
+                    .settings
+                    .get("batch_size")
+                    .map_or("1", String::as_str);
+                if was != cfg.batch_size.to_string() {
+                    return Err(Error::file(
+                        path,
+                        format!(
+                            "the checkpoint trained with --batch-size {was}: resume it with the \
+                             same batch size, as its epoch is already batched (this run asks for \
+                             {})",
+                            cfg.batch_size
                         ),
                     ));
                 }
@@ -430,9 +481,7 @@ impl Trainer {
                     }
                     _ => None,
                 };
-                let repeats: Vec<usize> = data.samples.iter().map(|s| s.repeats).collect();
-                let mut order = Dataset::epoch_order(&repeats);
-                rng.shuffle(&mut order);
+                let order = new_epoch(&examples, cfg.batch_size, &mut rng);
                 (
                     modules,
                     cultural,
@@ -639,18 +688,16 @@ impl Trainer {
     }
 
     /// The next training example (reshuffling at epoch ends).
-    fn next_example(&mut self) -> usize {
+    /// The next batch's example indices, starting a new epoch when this one is done.
+    fn next_batch(&mut self) -> Vec<usize> {
         if self.state.pos >= self.state.order.len() {
             self.state.epoch += 1;
             self.state.pos = 0;
-            let repeats: Vec<usize> = self.examples.iter().map(|e| e.repeats).collect();
-            let mut order = Dataset::epoch_order(&repeats);
-            self.state.rng.shuffle(&mut order);
-            self.state.order = order;
+            self.state.order = new_epoch(&self.examples, self.cfg.batch_size, &mut self.state.rng);
         }
-        let i = self.state.order[self.state.pos];
+        let batch = self.state.order[self.state.pos].clone();
         self.state.pos += 1;
-        i
+        batch
     }
 
     /// A caption's context (1, 77, Dc) and pooled embedding (1, P): cached, or from the training
@@ -665,29 +712,75 @@ impl Trainer {
         }
     }
 
-    /// Forward and backward of one micro-batch: example `ex` with clean latents `x0`, noise and
-    /// timestep `t`; its gradients are added to `acc`.
+    /// The conditioning of a batch's captions: context (B, 77, Dc) and pooled (B, P). Token
+    /// ids go through the training text encoders together.
+    fn batch_conditioning(&self, texts: &[&ExampleText]) -> Result<(Tensor, Tensor)> {
+        if let [text] = texts {
+            return self.conditioning(text);
+        }
+        let mut ids = (Vec::new(), Vec::new());
+        let mut embeds = (Vec::new(), Vec::new());
+        for text in texts {
+            match text {
+                ExampleText::Tokens { ids_1, ids_2 } => {
+                    ids.0.push(ids_1.clone());
+                    ids.1.push(ids_2.clone());
+                }
+                cached => {
+                    let (context, pooled) = self.conditioning(cached)?;
+                    embeds.0.push(context);
+                    embeds.1.push(pooled);
+                }
+            }
+        }
+        if !ids.0.is_empty() && !embeds.0.is_empty() {
+            return Err(Error::msg(
+                "a batch mixes cached captions with token ids: every caption of a run is held one way",
+            ));
+        }
+        if !ids.0.is_empty() {
+            return self.conditioning(&ExampleText::Tokens {
+                ids_1: Tensor::cat(&ids.0, 0)?, // (B, 77)
+                ids_2: Tensor::cat(&ids.1, 0)?,
+            });
+        }
+        Ok((Tensor::cat(&embeds.0, 0)?, Tensor::cat(&embeds.1, 0)?))
+    }
+
+    /// Forward and backward of one micro-batch: examples `batch` (one latent size, one role),
+    /// read with captions `texts`, clean latents `x0` (B, 4, h, w), noise and timesteps `t`;
+    /// its gradients are added to `acc`.
     pub(super) fn micro_batch(
         &self,
-        ex: &Example,
-        text: &ExampleText,
-        (x0, noise, t): (&Tensor, StepNoise<'_>, usize),
+        batch: &[&Example],
+        texts: &[&ExampleText],
+        (x0, noise, t): (&Tensor, StepNoise<'_>, &[usize]),
         schedule: &TrainSchedule,
         params: &[(String, Tensor)],
         acc: &mut GradAccumulator,
     ) -> Result<Losses> {
-        let (context, pooled) = self.conditioning(text)?;
+        let role = batch
+            .first()
+            .ok_or_else(|| Error::msg("an empty micro-batch"))?
+            .role;
+        if batch.iter().any(|ex| ex.role != role) {
+            return Err(Error::msg(
+                "a micro-batch mixes training and regularization pictures",
+            ));
+        }
+        let (context, pooled) = self.batch_conditioning(texts)?;
+        let time_ids = stack(batch.iter().map(|ex| ex.time_ids.clone()).collect())?; // (B, 6)
         let cond = Conditioning {
             context: &context,
             pooled: &pooled,
-            time_ids: &ex.time_ids,
+            time_ids: &time_ids,
         };
-        let cultural = match ex.role {
+        let cultural = match role {
             Role::Prior => None,
             _ => self.cultural.as_ref().map(|c| (c, self.cfg.lambda)),
         };
-        let mut losses = training_loss(&self.unet, cultural, schedule, x0, noise, &[t], &cond)?;
-        if ex.role == Role::Prior {
+        let mut losses = training_loss(&self.unet, cultural, schedule, x0, noise, t, &cond)?;
+        if role == Role::Prior {
             losses.total = losses.total.scale(self.cfg.prior_loss_weight)?;
         }
         let grads = losses.total.backward()?;
@@ -704,6 +797,44 @@ impl Trainer {
         )
     }
 
+    /// The random draws of one visit of example `i`, timesteps from `[lo, hi)`.
+    fn draw_visit(&mut self, i: usize, (lo, hi): (usize, usize)) -> Result<Visit> {
+        let ex = &self.examples[i];
+        let rng = &mut self.state.rng;
+        let device = self.cfg.device;
+        // Draw order is part of the resume contract: latent sample, timestep, noise, with
+        // --noise-offset the per-channel offsets, with --ip-noise-gamma the perturbation.
+        let draw = Tensor::randn(ex.mean.dims().to_vec(), rng, DType::F32, device)?;
+        let z = ex.mean.add(&ex.logvar.scale(0.5)?.exp()?.mul(&draw)?)?; // (1, 4, h, w)
+        let x0 = self.latent_config.scale_latents(&z)?; // (1, 4, h, w)
+        let t = lo + rng.below((hi - lo) as u64) as usize;
+        let mut noise = Tensor::randn(x0.dims().to_vec(), rng, DType::F32, device)?;
+        if let Some(offset) = self.cfg.noise_offset {
+            let (b, c, _, _) = x0.dims4()?;
+            let shift = Tensor::randn(vec![b, c, 1, 1], rng, DType::F32, device)?.scale(offset)?; // (1, 4, 1, 1)
+            noise = noise.add(&shift)?; // (1, 4, h, w)
+        }
+        let perturbed = match self.cfg.ip_noise_gamma {
+            Some(g) => {
+                let xi = Tensor::randn(x0.dims().to_vec(), rng, DType::F32, device)?;
+                Some(noise.add(&xi.scale(g)?)?) // (1, 4, h, w)
+            }
+            None => None,
+        };
+        // Drawn last, and only with --caption-dropout, so runs without it keep their draws.
+        let dropped = match (&self.empty_text, self.cfg.caption_dropout) {
+            (Some(_), Some(p)) => rng.uniform() < p,
+            _ => false,
+        };
+        Ok(Visit {
+            x0,
+            t,
+            noise,
+            perturbed,
+            dropped,
+        })
+    }
+
     /// One optimizer step: `grad_accum` micro-batches, then AdamW.
     pub fn step(&mut self) -> Result<StepLog> {
         let params = self.params();
@@ -712,40 +843,43 @@ impl Trainer {
         let (mut loss, mut diffusion, mut cultural) = (0.0, 0.0, 0.0);
         let (lo, hi) = self.timestep_range(&schedule);
         for _ in 0..self.cfg.grad_accum {
-            let i = self.next_example();
-            let ex = &self.examples[i];
-            let rng = &mut self.state.rng;
-            // Draw order is part of the resume contract: latent sample, timestep, noise, with
-            // --noise-offset the per-channel offsets, with --ip-noise-gamma the perturbation.
-            let draw = Tensor::randn(ex.mean.dims().to_vec(), rng, DType::F32, self.cfg.device)?;
-            let z = ex.mean.add(&ex.logvar.scale(0.5)?.exp()?.mul(&draw)?)?; // (1, 4, h, w)
-            let x0 = self.latent_config.scale_latents(&z)?; // (1, 4, h, w)
-            let t = lo + rng.below((hi - lo) as u64) as usize;
-            let mut noise = Tensor::randn(x0.dims().to_vec(), rng, DType::F32, self.cfg.device)?;
-            if let Some(offset) = self.cfg.noise_offset {
-                let (b, c, _, _) = x0.dims4()?;
-                let shift = Tensor::randn(vec![b, c, 1, 1], rng, DType::F32, self.cfg.device)?
-                    .scale(offset)?; // (1, 4, 1, 1)
-                noise = noise.add(&shift)?; // (1, 4, h, w)
+            let batch = self.next_batch();
+            // Each visit draws as a batch of one would, in batch order, so a batch of B computes
+            // what B accumulated micro-batches of the same visits compute.
+            let mut visits = Vec::with_capacity(batch.len());
+            for &i in &batch {
+                visits.push(self.draw_visit(i, (lo, hi))?);
             }
-            let perturbed = match self.cfg.ip_noise_gamma {
-                Some(g) => {
-                    let xi = Tensor::randn(x0.dims().to_vec(), rng, DType::F32, self.cfg.device)?;
-                    Some(noise.add(&xi.scale(g)?)?) // (1, 4, h, w)
-                }
+            let x0 = stack(visits.iter().map(|v| v.x0.clone()).collect())?; // (B, 4, h, w)
+            let noise = stack(visits.iter().map(|v| v.noise.clone()).collect())?;
+            let input = match self.cfg.ip_noise_gamma {
+                Some(_) => Some(stack(
+                    visits.iter().filter_map(|v| v.perturbed.clone()).collect(),
+                )?),
                 None => None,
             };
-            // Drawn last, and only with --caption-dropout, so runs without it keep their draws.
-            let text = match (&self.empty_text, self.cfg.caption_dropout) {
-                (Some(empty), Some(p)) if rng.uniform() < p => empty,
-                _ => &ex.text,
-            };
+            let t: Vec<usize> = visits.iter().map(|v| v.t).collect();
+            let examples: Vec<&Example> = batch.iter().map(|&i| &self.examples[i]).collect();
+            let texts: Vec<&ExampleText> = examples
+                .iter()
+                .zip(&visits)
+                .map(|(ex, v)| match (&self.empty_text, v.dropped) {
+                    (Some(empty), true) => empty,
+                    _ => &ex.text,
+                })
+                .collect();
             let noise = StepNoise {
-                input: perturbed.as_ref().unwrap_or(&noise),
+                input: input.as_ref().unwrap_or(&noise),
                 target: &noise,
             };
-            let losses =
-                self.micro_batch(ex, text, (&x0, noise, t), &schedule, &params, &mut acc)?;
+            let losses = self.micro_batch(
+                &examples,
+                &texts,
+                (&x0, noise, &t),
+                &schedule,
+                &params,
+                &mut acc,
+            )?;
             loss += losses.total.to_scalar()?;
             diffusion += losses.diffusion.to_scalar()?;
             if let Some(c) = &losses.cultural {
@@ -857,6 +991,38 @@ impl Trainer {
             &points,
             &val,
         )
+    }
+}
+
+/// What one visit of an example drew: its clean latents x0 (1, 4, h, w), timestep, noise, the
+/// perturbed noise (with --ip-noise-gamma) and whether its caption dropped out.
+struct Visit {
+    x0: Tensor,
+    t: usize,
+    noise: Tensor,
+    perturbed: Option<Tensor>,
+    dropped: bool,
+}
+
+/// What a batch must share: the latent size (the bucket) and the role (the loss it trains on).
+fn batch_key(ex: &Example) -> (Vec<usize>, Role) {
+    (ex.mean.dims().to_vec(), ex.role)
+}
+
+/// A new epoch's batches: the training visits (each example `repeats` times) shuffled, then
+/// batched by bucket and role.
+fn new_epoch(examples: &[Example], batch_size: usize, rng: &mut Rng) -> Vec<Vec<usize>> {
+    let repeats: Vec<usize> = examples.iter().map(|e| e.repeats).collect();
+    let mut order = Dataset::epoch_order(&repeats);
+    rng.shuffle(&mut order);
+    epoch_batches(&order, |i| batch_key(&examples[i]), batch_size, rng)
+}
+
+/// Per-example tensors stacked along the batch dimension; one tensor is passed through as is.
+pub(super) fn stack(mut parts: Vec<Tensor>) -> Result<Tensor> {
+    match parts.len() {
+        1 => Ok(parts.remove(0)),
+        _ => Tensor::cat(&parts, 0),
     }
 }
 
