@@ -176,6 +176,74 @@ fn bf16_training_writes_f32_adapters_and_tracks_the_f32_losses() {
     }
 }
 
+/// `--save-precision f16` (and kohya's spelling `fp16`) writes the same run's adapter with every
+/// tensor but the alphas rounded once to f16 from the f32 values (bit for bit what casting the
+/// f32 file gives), the alphas f32, a smaller file, and the checkpoints still f32; generate
+/// loads it.
+#[test]
+fn save_precision_rounds_the_written_adapter_once() {
+    let dir = tmp("save-precision");
+    let data = dataset(&dir);
+    let cache = dir.join("cache");
+    let c = ["--max-steps", "2", "--cache", cache.to_str().unwrap()];
+    let full = dir.join("f32/a.safetensors");
+    let o = train(&data, &full, "kstyle", &c);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let half = dir.join("f16/a.safetensors");
+    let extra = ["--save-precision", "fp16", "--save-every", "2"];
+    let o = train(&data, &half, "kstyle", &[&c[..], &extra].concat());
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let (f, h) = (
+        SafeTensorsFile::open(&full).unwrap(),
+        SafeTensorsFile::open(&half).unwrap(),
+    );
+    let names: Vec<&str> = f.names().collect();
+    assert_eq!(names.len(), h.names().count());
+    assert!(
+        names.iter().any(|n| n.starts_with("kstyle.gate.")),
+        "a gated adapter"
+    );
+    for n in names {
+        let (a, b) = (f.tensor(n).unwrap(), h.tensor(n).unwrap());
+        if n.ends_with(".alpha") {
+            assert_eq!(b.dtype(), DType::F32, "{n}");
+            assert_eq!(a.to_vec_f64().unwrap(), b.to_vec_f64().unwrap(), "{n}");
+        } else {
+            assert_eq!(b.dtype(), DType::F16, "{n}");
+            let rounded = a.to_dtype(DType::F16).unwrap();
+            assert!(
+                rounded.to_vec_f64().unwrap() == b.to_vec_f64().unwrap(),
+                "{n}: not the f32 values rounded once"
+            );
+        }
+    }
+    let size = |p: &Path| std::fs::metadata(p).unwrap().len();
+    assert!(
+        size(&half) * 10 < size(&full) * 6,
+        "{} vs {}",
+        size(&half),
+        size(&full)
+    );
+    assert_eq!(
+        h.metadata()
+            .get("kstyle.train.save_precision")
+            .map(String::as_str),
+        Some("f16")
+    );
+    let ckpt = SafeTensorsFile::open(&dir.join("f16/a.step000002.ckpt.safetensors")).unwrap();
+    assert!(ckpt
+        .names()
+        .all(|n| ckpt.tensor(n).unwrap().dtype() == DType::F32));
+    let img = dir.join("f16.png");
+    let g = generate_tiny(&[
+        "--lora",
+        half.to_str().unwrap(),
+        "--out",
+        img.to_str().unwrap(),
+    ]);
+    assert!(g.status.success(), "{}", String::from_utf8_lossy(&g.stderr));
+}
+
 /// Max relative L2 difference of two tensors.
 fn rel(a: &Tensor, b: &Tensor) -> f64 {
     let (x, y) = (a.to_vec_f64().unwrap(), b.to_vec_f64().unwrap());

@@ -106,6 +106,7 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
         schedule: LrSchedule::CONSTANT,
         grad_accum: 2,
         batch_size: 1,
+        save_precision: kstyle::DType::F32,
         epochs: 1,
         max_steps: Some(a.steps),
         resolution: 64,

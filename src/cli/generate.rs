@@ -235,8 +235,12 @@ impl SigmasArg {
 
 #[derive(Clone, Copy, Debug, clap::ValueEnum)]
 pub enum DTypeArg {
+    /// kohya's `float` / PyTorch's float32.
+    #[value(alias = "float", alias = "fp32")]
     F32,
     Bf16,
+    /// kohya's `fp16`.
+    #[value(alias = "fp16")]
     F16,
 }
 

@@ -221,6 +221,11 @@ pub struct Args {
     /// trains against the rounded weights. Default: the weights are held in --dtype.
     #[arg(long, value_enum)]
     pub weight_dtype: Option<super::generate::WeightDTypeArg>,
+    /// Precision of the adapter written to --out (kohya's --save_precision): f16 or bf16 halve
+    /// the file. Every tensor but the alphas is rounded once from the f32 values; checkpoints
+    /// stay f32 so a resume is exact.
+    #[arg(long, value_enum, default_value = "f32")]
+    pub save_precision: super::generate::DTypeArg,
 }
 
 #[derive(Clone, Copy, Debug, clap::ValueEnum)]
@@ -355,6 +360,7 @@ pub fn config_from(a: &Args) -> anyhow::Result<TrainConfig> {
         device: a.device.device(),
         dtype: a.dtype.dtype(),
         weight_dtype: a.weight_dtype.map(|w| w.dtype()),
+        save_precision: a.save_precision.dtype(),
         train_text_encoder: a.train_text_encoder,
         text_encoder_lr: a.text_encoder_lr,
         // 0 is off: no draws, so the run equals one without the flag.

@@ -207,6 +207,20 @@ impl Adapter {
         save_safetensors(path, &self.file_tensors(index)?, Some(self.metadata()))
     }
 
+    /// [`Adapter::save`] with every tensor but the alphas stored in `dtype` (f16 or bf16 halve
+    /// the file). The alphas stay f32: they set each module's scale, which must not move.
+    pub fn save_in(&self, path: &Path, index: &ModuleIndex, dtype: DType) -> Result<()> {
+        let tensors = self
+            .file_tensors(index)?
+            .into_iter()
+            .map(|(name, t)| match name.ends_with(".alpha") {
+                true => Ok((name, t)),
+                false => Ok((name, t.to_dtype(dtype)?)),
+            })
+            .collect::<Result<Vec<_>>>()?;
+        save_safetensors(path, &tensors, Some(self.metadata()))
+    }
+
     /// Whether a safetensors file is a kstyle adapter (as opposed to a plain kohya LoRA).
     pub fn is_adapter_file(path: &Path) -> Result<bool> {
         Ok(SafeTensorsFile::open(path)?

@@ -81,6 +81,9 @@ pub struct TrainConfig {
     /// A float8 storage type for the frozen UNet's Linear and convolution weights
     /// (`--weight-dtype`, kohya's --fp8_base); None holds them in `dtype`.
     pub weight_dtype: Option<DType>,
+    /// The dtype of the adapter written to `out` (kohya's `--save_precision`); checkpoints are
+    /// always f32.
+    pub save_precision: DType,
     /// Plain LoRA (rank and alpha of `lora`) on both text encoders' attention and MLP linears,
     /// trained with the UNet's adapters (kohya's default; `--train-text-encoder`). The text
     /// encoders then stay loaded and run every step: captions cannot be cached as embeddings.
@@ -169,6 +172,7 @@ impl TrainConfig {
                 c.weight_dtype.unwrap_or(c.dtype).to_string(),
             ),
             ("steps".to_string(), steps.to_string()),
+            ("save_precision".to_string(), c.save_precision.to_string()),
             ("targets".to_string(), c.targets.join(",")),
             ("vae_tiling".to_string(), c.vae_tiling.to_string()),
             ("trigger".to_string(), c.captions.trigger.clone()),

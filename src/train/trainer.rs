@@ -925,9 +925,13 @@ impl Trainer {
         Ok(path)
     }
 
+    /// Writes the adapter to `--out` in `--save-precision`.
     pub fn save_adapter(&self) -> Result<()> {
-        self.adapter()?
-            .save(&self.outputs.adapter, &unet_module_index(&self.unet))
+        self.adapter()?.save_in(
+            &self.outputs.adapter,
+            &unet_module_index(&self.unet),
+            self.cfg.save_precision,
+        )
     }
 
     /// Run to the end, calling `on_step` after every optimizer step; writes the CSV log (appending
