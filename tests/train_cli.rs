@@ -230,7 +230,7 @@ fn save_precision_rounds_the_written_adapter_once() {
             .map(String::as_str),
         Some("f16")
     );
-    let ckpt = SafeTensorsFile::open(&dir.join("f16/a.step000002.ckpt.safetensors")).unwrap();
+    let ckpt = SafeTensorsFile::open(dir.join("f16/a.step000002.ckpt.safetensors")).unwrap();
     assert!(ckpt
         .names()
         .all(|n| ckpt.tensor(n).unwrap().dtype() == DType::F32));
