@@ -68,10 +68,11 @@ fn every_method_trains_and_its_adapter_generates() {
 
 /// Stop at step 2, resume to 4: the adapter and the loss log are bit-identical to a straight run
 /// of 4 steps, with the UNet in f32 and in bf16 (mixed precision), and with the noise offset's
-/// extra draws and min-SNR weights.
+/// and flip augmentation's extra draws and min-SNR weights.
 #[test]
 fn resuming_gives_bit_identical_adapters() {
     let options = [
+        "--flip-aug",
         "--noise-offset",
         "0.1",
         "--min-snr-gamma",

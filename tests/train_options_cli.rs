@@ -1,6 +1,6 @@
 //! `kstyle train`'s data and schedule options through the real binary on the tiny model:
 //! learning-rate schedules, kohya folder layouts, caption dropout, regularization and validation
-//! pictures, preview prompt files, timestep ranges and input perturbation.
+//! pictures, preview prompt files, timestep ranges, input perturbation and flip augmentation.
 
 mod common;
 use common::train::{dataset, tensors, train};
@@ -489,4 +489,38 @@ fn timestep_ranges_and_input_perturbation() {
     ] {
         refused(&data, &dir, extra, needle);
     }
+}
+
+/// `--flip-aug` (kohya's --flip_aug; diffusers' --random_flip spelling accepted): each picture's
+/// mirrored latents are cached beside the plain ones (3 more cache entries for 3 pictures), the
+/// run differs from one without, and the setting is recorded. Its coin is part of the resume
+/// contract (tests/train_cli.rs resumes a flipped run bit for bit).
+#[test]
+fn flip_augmentation_caches_and_trains_mirrored_pictures() {
+    let dir = tmp("flip-aug");
+    let data = dataset(&dir);
+    let entries = |cache: &Path| std::fs::read_dir(cache).unwrap().count();
+    let run = |name: &str, extra: &[&str]| {
+        let out = dir.join(name).join("a.safetensors");
+        let cache = dir.join(name).join("cache");
+        let c = ["--max-steps", "4", "--cache", cache.to_str().unwrap()];
+        let o = train(&data, &out, "kstyle", &[&c[..], extra].concat());
+        let log = String::from_utf8_lossy(&o.stderr).to_string();
+        assert!(o.status.success(), "{log}");
+        (out, entries(&cache), log)
+    };
+    let (plain, plain_entries, _) = run("plain", &[]);
+    let (flipped, flipped_entries, log) = run("flipped", &["--flip-aug"]);
+    assert!(log.contains("flip augmentation"), "{log}");
+    assert_eq!(flipped_entries, plain_entries + 3);
+    assert!(tensors(&plain) != tensors(&flipped));
+    let meta = kstyle::tensor::SafeTensorsFile::open(&flipped).unwrap();
+    assert_eq!(
+        meta.metadata()
+            .get("kstyle.train.flip_aug")
+            .map(String::as_str),
+        Some("true")
+    );
+    let (again, _, _) = run("random-flip", &["--random-flip"]);
+    assert!(tensors(&again) == tensors(&flipped));
 }

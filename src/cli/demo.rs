@@ -111,6 +111,7 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
         max_steps: Some(a.steps),
         resolution: 64,
         buckets: false,
+        flip_aug: false,
         seed: 0,
         save_every: None,
         resume: None,

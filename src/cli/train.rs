@@ -136,6 +136,12 @@ pub struct Args {
     /// Aspect-ratio buckets instead of square centre crops.
     #[arg(long)]
     pub buckets: bool,
+    /// Train each visit on the picture mirrored left to right with probability 1/2 (kohya's
+    /// --flip_aug, diffusers' --random_flip), the crop's time ids mirrored with it. The mirrored
+    /// latents are cached beside the plain ones. Not for styles whose pictures have a handedness
+    /// (writing, asymmetric layouts).
+    #[arg(long, alias = "random-flip")]
+    pub flip_aug: bool,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
     /// Write a resumable checkpoint every N optimizer steps.
@@ -344,6 +350,7 @@ pub fn config_from(a: &Args) -> anyhow::Result<TrainConfig> {
         max_steps: a.max_steps,
         resolution: a.resolution,
         buckets: a.buckets,
+        flip_aug: a.flip_aug,
         seed: a.seed,
         save_every: a.save_every,
         resume: a.resume.clone(),

@@ -148,6 +148,8 @@ pub struct CropInfo {
     pub crop_left: u32,
     pub target_h: u32,
     pub target_w: u32,
+    /// Width of the resized picture the crop was cut from.
+    pub resized_w: u32,
 }
 
 impl CropInfo {
@@ -162,6 +164,15 @@ impl CropInfo {
             self.target_w,
         ]
         .map(|v| v as f32)
+    }
+
+    /// The crop of the mirrored picture (kohya's flip augmentation): the same window mirrored,
+    /// so its left edge is the distance from the window's right edge to the resized picture's.
+    pub fn mirrored(&self) -> CropInfo {
+        CropInfo {
+            crop_left: self.resized_w - self.target_w - self.crop_left,
+            ..*self
+        }
     }
 }
 
@@ -199,6 +210,7 @@ pub fn resize_center_crop(
         crop_left: left,
         target_h,
         target_w,
+        resized_w: nw,
     };
     Ok((out, info))
 }
@@ -313,7 +325,8 @@ pub(crate) mod tests {
                 crop_top: 22,
                 crop_left: 0,
                 target_h: 32,
-                target_w: 64
+                target_w: 64,
+                resized_w: 64,
             }
         );
         assert_eq!(info.time_ids(), [96.0, 80.0, 22.0, 0.0, 32.0, 64.0]);

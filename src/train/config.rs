@@ -61,6 +61,9 @@ pub struct TrainConfig {
     pub max_steps: Option<u64>,
     pub resolution: usize,
     pub buckets: bool,
+    /// Each visit trains on the picture mirrored left to right with probability 1/2 (kohya's
+    /// `--flip_aug`, diffusers' `--random_flip`); both latents are cached.
+    pub flip_aug: bool,
     pub seed: u64,
     pub save_every: Option<u64>,
     pub resume: Option<PathBuf>,
@@ -122,6 +125,7 @@ impl TrainConfig {
             ("grad_accum".to_string(), c.grad_accum.to_string()),
             ("batch_size".to_string(), c.batch_size.to_string()),
             ("resolution".to_string(), c.resolution.to_string()),
+            ("flip_aug".to_string(), c.flip_aug.to_string()),
             ("lambda".to_string(), c.lambda.to_string()),
             (
                 "min_snr_gamma".to_string(),

@@ -353,6 +353,22 @@ pub fn training_tensor(
     Ok((Tensor::from_vec(chw, (1, 3, size.1, size.0), device)?, crop))
 }
 
+/// [`training_tensor`] mirrored left to right (`--flip-aug`): the cropped picture flipped, as
+/// kohya flips it, with the mirrored crop's time ids.
+pub fn mirrored_training_tensor(
+    img: &RgbImage,
+    size: (usize, usize),
+    device: Device,
+) -> Result<(Tensor, CropInfo)> {
+    let (cropped, crop) = resize_center_crop(img, size.0 as u32, size.1 as u32)?;
+    let flipped = image::imageops::flip_horizontal(&cropped);
+    let chw = rgb_to_chw(&flipped, PixelRange::Signed);
+    Ok((
+        Tensor::from_vec(chw, (1, 3, size.1, size.0), device)?,
+        crop.mirrored(),
+    ))
+}
+
 /// A content-addressed cache of tensors (latent distributions, text embeddings) in a folder.
 #[derive(Clone, Debug)]
 pub struct TensorCache {
@@ -452,6 +468,33 @@ mod tests {
         assert_eq!(batches_per_epoch(&order, key, 3), 4);
         assert_eq!(batches_per_epoch(&order, key, 8), 3);
         assert_eq!(batches_per_epoch(&order, key, 1), order.len());
+    }
+
+    /// The mirrored tensor is the plain one read right to left, and its crop starts where the
+    /// plain crop's window ends, counted from the right: one pixel apart when the margin is odd.
+    #[test]
+    fn mirrored_pictures_mirror_the_crop_window() {
+        let img = image::RgbImage::from_fn(101, 64, |x, y| {
+            image::Rgb([(x * 2) as u8, (y * 3) as u8, (x * y % 251) as u8])
+        });
+        let (plain, crop) = training_tensor(&img, (64, 64), Device::Cpu).unwrap();
+        let (mirror, mcrop) = mirrored_training_tensor(&img, (64, 64), Device::Cpu).unwrap();
+        assert_eq!(
+            (crop.resized_w, crop.crop_left, mcrop.crop_left),
+            (101, 18, 19)
+        );
+        assert_eq!(mcrop.time_ids()[..3], crop.time_ids()[..3]);
+        assert_eq!(mcrop.time_ids()[4..], crop.time_ids()[4..]);
+        let (p, m) = (plain.to_vec_f32().unwrap(), mirror.to_vec_f32().unwrap());
+        for c in 0..3 {
+            for y in 0..64 {
+                for x in 0..64 {
+                    let at = |x: usize| (c * 64 + y) * 64 + x;
+                    assert_eq!(m[at(x)], p[at(63 - x)]);
+                }
+            }
+        }
+        assert_ne!(p, m);
     }
 
     /// kohya's balancing, worked by hand from its loop.

@@ -2,8 +2,8 @@
 //! computed once through the tensor cache.
 
 use super::data::{
-    buckets, load_training_picture, nearest_bucket, prior_repeats, training_tensor, Dataset, Role,
-    TensorCache,
+    buckets, load_training_picture, mirrored_training_tensor, nearest_bucket, prior_repeats,
+    training_tensor, Dataset, Role, TensorCache,
 };
 use super::text::{caption_ids, sdxl_conditioning};
 use super::trainer::TrainConfig;
@@ -26,6 +26,9 @@ pub(super) struct Example {
     /// Regularization pictures train on the weighted diffusion loss alone; validation pictures
     /// never train.
     pub(super) role: Role,
+    /// With `--flip-aug`, the picture mirrored left to right: its own latents and time ids, the
+    /// rest as here.
+    pub(super) mirror: Option<Box<Example>>,
 }
 
 /// A caption as the step reads it.
@@ -214,41 +217,57 @@ pub(super) fn prepare_examples(
             // Tiled encodes differ from whole ones.
             parts.push("tiled");
         }
-        let key = TensorCache::key(&parts);
-        let (img, crop) = training_tensor(&picture, size, cfg.device)?;
-        let lat = cache.get_or_insert(&key, || {
-            if vae.is_none() {
-                let mut v = files.vae(cfg.device)?;
-                v.tiling = cfg.vae_tiling;
-                vae = Some(v);
-            }
-            let (mean, logvar) =
-                crate::autograd::no_grad(|| vae.as_ref().expect("just loaded").encode(&img))?;
-            Ok(vec![
-                ("mean".to_string(), mean),
-                ("logvar".to_string(), logvar),
-            ])
-        })?;
         let text = text_of(&s.caption, &s.path.display().to_string())?;
-        let tid: Vec<f64> = crop.time_ids().iter().map(|&v| v as f64).collect();
-        let get = |m: &BTreeMap<String, Tensor>, k: &str| -> Result<Tensor> {
-            m.get(k)
-                .cloned()
-                .ok_or_else(|| {
-                    Error::msg(format!("cache entry for {} lacks `{k}`", s.path.display()))
-                })?
-                .to_device(cfg.device)
+        // The picture as the VAE sees it, plain or mirrored, through the cache.
+        let mut example = |mirrored: bool| -> Result<Example> {
+            let (img, crop) = match mirrored {
+                false => training_tensor(&picture, size, cfg.device)?,
+                true => mirrored_training_tensor(&picture, size, cfg.device)?,
+            };
+            let mut parts = parts.clone();
+            if mirrored {
+                parts.push("mirrored");
+            }
+            let lat = cache.get_or_insert(&TensorCache::key(&parts), || {
+                if vae.is_none() {
+                    let mut v = files.vae(cfg.device)?;
+                    v.tiling = cfg.vae_tiling;
+                    vae = Some(v);
+                }
+                let (mean, logvar) =
+                    crate::autograd::no_grad(|| vae.as_ref().expect("just loaded").encode(&img))?;
+                Ok(vec![
+                    ("mean".to_string(), mean),
+                    ("logvar".to_string(), logvar),
+                ])
+            })?;
+            let tid: Vec<f64> = crop.time_ids().iter().map(|&v| v as f64).collect();
+            let get = |m: &BTreeMap<String, Tensor>, k: &str| -> Result<Tensor> {
+                m.get(k)
+                    .cloned()
+                    .ok_or_else(|| {
+                        Error::msg(format!("cache entry for {} lacks `{k}`", s.path.display()))
+                    })?
+                    .to_device(cfg.device)
+            };
+            Ok(Example {
+                mean: get(&lat, "mean")?,
+                logvar: get(&lat, "logvar")?,
+                text: text.clone(),
+                time_ids: Tensor::from_vec(tid, (1, 6), Device::Cpu)?
+                    .to_dtype(DType::F32)?
+                    .to_device(cfg.device)?,
+                repeats: s.repeats,
+                role: s.role,
+                mirror: None,
+            })
         };
-        examples.push(Example {
-            mean: get(&lat, "mean")?,
-            logvar: get(&lat, "logvar")?,
-            text,
-            time_ids: Tensor::from_vec(tid, (1, 6), Device::Cpu)?
-                .to_dtype(DType::F32)?
-                .to_device(cfg.device)?,
-            repeats: s.repeats,
-            role: s.role,
-        });
+        let mut plain = example(false)?;
+        // Validation pictures are scored as they are.
+        if cfg.flip_aug && s.role != Role::Validation {
+            plain.mirror = Some(Box::new(example(true)?));
+        }
+        examples.push(plain);
     }
     // Previews of a run that trains the text encoders encode their prompts with them, live.
     let mut samples = Vec::new();

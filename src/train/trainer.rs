@@ -246,6 +246,9 @@ impl Trainer {
             )));
         }
         let data = load_dataset(&cfg, log)?;
+        if cfg.flip_aug {
+            log("flip augmentation: each visit trains on the picture mirrored with probability 1/2 (mirrored latents cached too)");
+        }
         let vae_config = files.vae_config_in_use()?;
         if vae_config.latents_mean.is_some() != vae_config.latents_std.is_some() {
             return Err(Error::Config(format!(
@@ -799,11 +802,13 @@ impl Trainer {
 
     /// The random draws of one visit of example `i`, timesteps from `[lo, hi)`.
     fn draw_visit(&mut self, i: usize, (lo, hi): (usize, usize)) -> Result<Visit> {
-        let ex = &self.examples[i];
         let rng = &mut self.state.rng;
         let device = self.cfg.device;
-        // Draw order is part of the resume contract: latent sample, timestep, noise, with
-        // --noise-offset the per-channel offsets, with --ip-noise-gamma the perturbation.
+        // Draw order is part of the resume contract: with --flip-aug whether the picture is
+        // mirrored, then the latent sample, timestep, noise, with --noise-offset the
+        // per-channel offsets, with --ip-noise-gamma the perturbation.
+        let mirrored = self.cfg.flip_aug && rng.uniform() < 0.5;
+        let ex = visited(&self.examples[i], mirrored);
         let draw = Tensor::randn(ex.mean.dims().to_vec(), rng, DType::F32, device)?;
         let z = ex.mean.add(&ex.logvar.scale(0.5)?.exp()?.mul(&draw)?)?; // (1, 4, h, w)
         let x0 = self.latent_config.scale_latents(&z)?; // (1, 4, h, w)
@@ -832,6 +837,7 @@ impl Trainer {
             noise,
             perturbed,
             dropped,
+            mirrored,
         })
     }
 
@@ -859,7 +865,11 @@ impl Trainer {
                 None => None,
             };
             let t: Vec<usize> = visits.iter().map(|v| v.t).collect();
-            let examples: Vec<&Example> = batch.iter().map(|&i| &self.examples[i]).collect();
+            let examples: Vec<&Example> = batch
+                .iter()
+                .zip(&visits)
+                .map(|(&i, v)| visited(&self.examples[i], v.mirrored))
+                .collect();
             let texts: Vec<&ExampleText> = examples
                 .iter()
                 .zip(&visits)
@@ -1006,6 +1016,16 @@ struct Visit {
     noise: Tensor,
     perturbed: Option<Tensor>,
     dropped: bool,
+    /// Whether it trained on the mirrored picture (`--flip-aug`).
+    mirrored: bool,
+}
+
+/// The example a visit trains on: `ex`, or its mirrored picture.
+fn visited(ex: &Example, mirrored: bool) -> &Example {
+    match (&ex.mirror, mirrored) {
+        (Some(m), true) => m,
+        _ => ex,
+    }
 }
 
 /// What a batch must share: the latent size (the bucket) and the role (the loss it trains on).
