@@ -8,8 +8,8 @@
 #   parity  kstyle gpu-parity: every CUDA op vs the CPU oracle (KSTYLE_CUDA_SYNC=1: a fault names
 #           its kernel)
 #   verify  kstyle verify --device cuda tests/fixtures/tiny
-#   train   kstyle train --device cuda, 4 steps on the tiny model in f32 and bf16, losses beside
-#           the CPU runs'
+#   train   kstyle train --device cuda, 4 steps on the tiny model in f32 and bf16 (micro-batches of
+#           both pictures), losses beside the CPU runs'
 #   bench   kstyle bench: GEMM, flash attention vs composition, fused LoRA, group norm, rooflines
 #   model   kstyle bench --model: the full SDXL UNet (random weights, bf16) at 1024 px: inference
 #           b2, LoRA / checkpointed LoRA / gated training micro-batches, then inference and LoRA
@@ -71,7 +71,7 @@ cp tests/fixtures/tiny/reference/pipeline.png tests/fixtures/tiny/reference/clip
 train_tiny() { # DEVICE DTYPE: train, then print the CPU run's loss log beside this one's
     "$BIN" train --model tests/fixtures/tiny/sdxl --data "$TRAIN_DIR/data" --out "$TRAIN_DIR/$1-$2/a.safetensors" \
         --method kstyle --clip tests/fixtures/tiny/clip --resolution 64 --caption-template "a [v] x" \
-        --max-steps 4 --grad-accum 2 --seed 7 --device "$1" --dtype "$2" --memory-budget 100GiB &&
+        --max-steps 4 --grad-accum 2 --batch-size 2 --seed 7 --device "$1" --dtype "$2" --memory-budget 100GiB &&
         { echo "== cpu-$2 | $1-$2"; paste -d' ' "$TRAIN_DIR/cpu-$2/a.loss.csv" "$TRAIN_DIR/$1-$2/a.loss.csv" 2>/dev/null; }
 }
 export -f train_tiny

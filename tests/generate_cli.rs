@@ -175,6 +175,7 @@ fn verify_passes_every_case_on_the_tiny_fixtures() {
         "train_vpred",
         "train_min_snr",
         "train_ip_noise",
+        "train_loss_types",
         "lora_lycoris",
         "lora_peft",
         "lora_export",

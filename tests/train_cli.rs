@@ -566,6 +566,23 @@ fn edm_models_train_edm_style() {
     );
     assert_fails_naming(&o, "--min-snr-gamma");
     assert!(!out.exists());
+    for (args, needle) in [
+        (
+            &["--debiased-estimation-loss"][..],
+            "--debiased-estimation-loss",
+        ),
+        (&["--loss-type", "huber"], "--loss-type huber"),
+    ] {
+        let o = train_model(
+            &model,
+            &data,
+            &out,
+            "lora",
+            &[&["--max-steps", "1"][..], args].concat(),
+        );
+        assert_fails_naming(&o, needle);
+        assert!(!out.exists());
+    }
 }
 
 /// `--min-snr-gamma` (values checked against PyTorch by the `train_min_snr` verify case) weights

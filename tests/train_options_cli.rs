@@ -1,6 +1,7 @@
 //! `kstyle train`'s data and schedule options through the real binary on the tiny model:
 //! learning-rate schedules, kohya folder layouts, caption dropout, regularization and validation
-//! pictures, preview prompt files, timestep ranges, input perturbation and flip augmentation.
+//! pictures, preview prompt files, timestep ranges, input perturbation, flip augmentation and
+//! kohya's loss types.
 
 mod common;
 use common::train::{dataset, tensors, train};
@@ -523,4 +524,91 @@ fn flip_augmentation_caches_and_trains_mirrored_pictures() {
     );
     let (again, _, _) = run("random-flip", &["--random-flip"]);
     assert!(tensors(&again) == tensors(&flipped));
+}
+
+/// kohya's loss types and weights (values checked against PyTorch by the `train_loss_types`
+/// verify case) reach the run: from the same draws the first step's diffusion loss changes with
+/// each (and stays finite), the choice is recorded, and settings the loss would not read are
+/// refused by name, as are thresholds that are not positive numbers.
+#[test]
+fn loss_types_change_the_loss_and_bad_settings_are_refused() {
+    let dir = tmp("loss-types");
+    let data = dataset(&dir);
+    let cache = dir.join("cache");
+    let first = |name: &str, extra: &[&str]| {
+        let out = dir.join(name).join("a.safetensors");
+        let c = ["--max-steps", "1", "--cache", cache.to_str().unwrap()];
+        let o = train(&data, &out, "kstyle", &[&c[..], extra].concat());
+        assert!(
+            o.status.success(),
+            "{name}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        (common::first_losses(&out)[1], out)
+    };
+    let (l2, _) = first("l2", &[]);
+    let mut seen = vec![l2];
+    for (name, extra, recorded) in [
+        ("l1", &["--loss-type", "l1"][..], ("l1", "none")),
+        (
+            "huber",
+            &["--loss-type", "huber"],
+            ("huber", "snr c 0.1 scale 1"),
+        ),
+        (
+            "smooth",
+            &[
+                "--loss-type",
+                "smooth_l1",
+                "--huber-schedule",
+                "exponential",
+                "--huber-c",
+                "0.2",
+                "--huber-scale",
+                "1.5",
+            ],
+            ("smooth_l1", "exponential c 0.2 scale 1.5"),
+        ),
+        ("debiased", &["--debiased-estimation-loss"], ("l2", "none")),
+    ] {
+        let (loss, out) = first(name, extra);
+        assert!(loss.is_finite() && loss > 0.0, "{name}: {loss}");
+        assert!(
+            seen.iter().all(|&s| s != loss),
+            "{name}: {loss} seen already in {seen:?}"
+        );
+        seen.push(loss);
+        let meta = kstyle::tensor::SafeTensorsFile::open(&out).unwrap();
+        let get = |k: &str| meta.metadata().get(k).cloned().unwrap_or_default();
+        assert_eq!(get("kstyle.train.loss_type"), recorded.0, "{name}");
+        assert_eq!(get("kstyle.train.huber"), recorded.1, "{name}");
+        assert_eq!(
+            get("kstyle.train.debiased_estimation"),
+            (name == "debiased").to_string()
+        );
+    }
+    for (extra, needle) in [
+        (&["--huber-c", "0.2"][..], "--huber-c"),
+        (&["--huber-schedule", "constant"], "--huber-schedule"),
+        (&["--loss-type", "huber", "--huber-c", "0"], "--huber-c"),
+        (&["--loss-type", "huber", "--huber-c", "-1"], "--huber-c"),
+        (
+            &[
+                "--loss-type",
+                "huber",
+                "--huber-schedule",
+                "constant",
+                "--huber-scale",
+                "0",
+            ],
+            "--huber-scale",
+        ),
+        (
+            &["--loss-type", "huber", "--huber-scale", "2"],
+            "snr schedule",
+        ),
+        (&["--loss-type", "l3"], "--loss-type"),
+    ] {
+        refused(&data, &dir, extra, needle);
+    }
 }

@@ -6,6 +6,7 @@ use kstyle::backend::cpu::optim::AdamW;
 use kstyle::formats::adapter::Method;
 use kstyle::models::unet::CheckpointPolicy;
 use kstyle::nn::lora::LoraConfig;
+use kstyle::sample::schedule::{HuberSchedule, LossType};
 use kstyle::train::concepts::{default_concepts, load_concepts};
 use kstyle::train::data::CaptionSource;
 use kstyle::train::lr::{LrSchedule, LrShape};
@@ -63,6 +64,25 @@ pub struct Args {
     /// or / (SNR + 1) (v-prediction); 5 is the paper's choice. Off by default (KSTYLE.md's loss).
     #[arg(long, allow_negative_numbers = true)]
     pub min_snr_gamma: Option<f64>,
+    /// kohya's --debiased_estimation_loss: each sample's loss also times 1 / sqrt(SNR)
+    /// (epsilon) or 1 / (SNR + 1) (v-prediction), SNR capped at 1000.
+    #[arg(long)]
+    pub debiased_estimation_loss: bool,
+    /// The per-element diffusion loss (kohya's --loss_type): l2 (the MSE, KSTYLE.md's), l1,
+    /// huber (pseudo-Huber 2c(sqrt(d^2 + c^2) - c)) or smooth-l1 (the same without the factor c).
+    #[arg(long, value_enum, default_value = "l2")]
+    pub loss_type: LossTypeArg,
+    /// How the Huber threshold c moves with the timestep (kohya's --huber_schedule): snr (the
+    /// default; near 1 at clean inputs, --huber-c at pure noise), exponential (--huber-scale x
+    /// --huber-c^(t/1000)) or constant (--huber-c x --huber-scale).
+    #[arg(long, value_enum)]
+    pub huber_schedule: Option<HuberScheduleArg>,
+    /// kohya's --huber_c (default 0.1).
+    #[arg(long, allow_negative_numbers = true)]
+    pub huber_c: Option<f64>,
+    /// kohya's --huber_scale (default 1; the snr schedule has no scale).
+    #[arg(long, allow_negative_numbers = true)]
+    pub huber_scale: Option<f64>,
     /// Noise offset, as diffusers' and kohya's --noise_offset: each sample's noise gets offset x
     /// one N(0, 1) draw per latent channel added, which lets the model learn darker and
     /// brighter pictures. Off by default.
@@ -330,6 +350,11 @@ pub fn config_from(a: &Args) -> anyhow::Result<TrainConfig> {
         targets: a.targets.clone(),
         lambda: a.lambda,
         min_snr_gamma: a.min_snr_gamma,
+        debiased: a.debiased_estimation_loss,
+        loss_type: a.loss_type.into(),
+        huber_schedule: a.huber_schedule.map(Into::into),
+        huber_c: a.huber_c,
+        huber_scale: a.huber_scale,
         noise_offset: a.noise_offset,
         // 0 is off: no draws, so the run equals one without the flag (kohya reads 0 as off).
         ip_noise_gamma: a.ip_noise_gamma.filter(|&g| g != 0.0),
@@ -403,4 +428,43 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
     println!("adapter: {}", o.adapter.display());
     println!("log: {}\nplot: {}", o.log_csv.display(), o.plot.display());
     Ok(ExitCode::SUCCESS)
+}
+
+/// `--loss-type`.
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+pub enum LossTypeArg {
+    L2,
+    L1,
+    Huber,
+    #[value(alias = "smooth_l1")]
+    SmoothL1,
+}
+
+impl From<LossTypeArg> for LossType {
+    fn from(a: LossTypeArg) -> LossType {
+        match a {
+            LossTypeArg::L2 => LossType::L2,
+            LossTypeArg::L1 => LossType::L1,
+            LossTypeArg::Huber => LossType::Huber,
+            LossTypeArg::SmoothL1 => LossType::SmoothL1,
+        }
+    }
+}
+
+/// `--huber-schedule`.
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+pub enum HuberScheduleArg {
+    Constant,
+    Exponential,
+    Snr,
+}
+
+impl From<HuberScheduleArg> for HuberSchedule {
+    fn from(a: HuberScheduleArg) -> HuberSchedule {
+        match a {
+            HuberScheduleArg::Constant => HuberSchedule::Constant,
+            HuberScheduleArg::Exponential => HuberSchedule::Exponential,
+            HuberScheduleArg::Snr => HuberSchedule::Snr,
+        }
+    }
 }

@@ -788,6 +788,78 @@ pub(crate) fn sigma_to_t_f32(sigma: f32, log_table: &[f32]) -> f64 {
     ((1.0 - w) * low as f32 + w * (low + 1) as f32) as f64
 }
 
+/// kohya's `--loss_type`: the per-element loss between the prediction and its target.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum LossType {
+    /// `d^2` (the MSE; KSTYLE.md's loss).
+    #[default]
+    L2,
+    /// `|d|`.
+    L1,
+    /// Pseudo-Huber, `2 c (sqrt(d^2 + c^2) - c)`: quadratic near 0, linear (slope 2c) beyond c.
+    Huber,
+    /// `2 (sqrt(d^2 + c^2) - c)`: the Huber loss without its factor c.
+    SmoothL1,
+}
+
+impl LossType {
+    pub fn name(self) -> &'static str {
+        match self {
+            LossType::L2 => "l2",
+            LossType::L1 => "l1",
+            LossType::Huber => "huber",
+            LossType::SmoothL1 => "smooth_l1",
+        }
+    }
+
+    /// Whether it reads the Huber threshold c.
+    pub fn uses_threshold(self) -> bool {
+        matches!(self, LossType::Huber | LossType::SmoothL1)
+    }
+}
+
+/// kohya's `--huber_schedule`: how the Huber threshold c moves with the timestep.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum HuberSchedule {
+    /// `c * scale` at every timestep.
+    Constant,
+    /// `c^(t / N) * scale`: `scale` at t = 0 down to `c * scale` at t = N.
+    Exponential,
+    /// `(1 - c) / (1 + sigma_t)^2 + c` with `sigma_t = sqrt((1 - ab_t) / ab_t)`: near 1 where
+    /// the input is clean, c where it is noise. kohya applies no scale here.
+    #[default]
+    Snr,
+}
+
+impl HuberSchedule {
+    pub fn name(self) -> &'static str {
+        match self {
+            HuberSchedule::Constant => "constant",
+            HuberSchedule::Exponential => "exponential",
+            HuberSchedule::Snr => "snr",
+        }
+    }
+}
+
+/// The Huber threshold's schedule and settings (kohya's `--huber_schedule`, `--huber_c`,
+/// `--huber_scale`; defaults snr, 0.1, 1).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Huber {
+    pub schedule: HuberSchedule,
+    pub c: f64,
+    pub scale: f64,
+}
+
+impl Default for Huber {
+    fn default() -> Self {
+        Huber {
+            schedule: HuberSchedule::Snr,
+            c: 0.1,
+            scale: 1.0,
+        }
+    }
+}
+
 /// The training schedule in float64 (`kstyle_ref.alphas_cumprod`) and what the UNet predicts.
 #[derive(Clone, Debug)]
 pub struct TrainSchedule {
@@ -798,6 +870,12 @@ pub struct TrainSchedule {
     /// Min-SNR loss weighting (Hang et al. 2023; diffusers' `--snr_gamma`, kohya's
     /// `--min_snr_gamma`): each sample's diffusion loss is scaled by [`Self::loss_weight`].
     pub min_snr_gamma: Option<f64>,
+    /// kohya's `--debiased_estimation_loss` (Yu et al. 2024): each sample's loss also times
+    /// `1 / sqrt(SNR)` (epsilon) or `1 / (SNR + 1)` (v), SNR capped at 1000.
+    pub debiased: bool,
+    /// The per-element loss (kohya's `--loss_type`) and, for Huber and smooth L1, its threshold.
+    pub loss_type: LossType,
+    pub huber: Huber,
     /// EDM models (Playground v2.5, CosXL): the sigmas training draws from, in place of the
     /// DDPM betas (`alphas_cumprod` is then empty).
     pub edm: Option<EdmTrain>,
@@ -843,6 +921,9 @@ impl TrainSchedule {
                 alphas_cumprod: Vec::new(),
                 prediction: cfg.prediction,
                 min_snr_gamma: None,
+                debiased: false,
+                loss_type: LossType::L2,
+                huber: Huber::default(),
                 edm: Some(EdmTrain::new(edm, cfg.num_train_timesteps)?),
             });
         }
@@ -880,6 +961,9 @@ impl TrainSchedule {
             alphas_cumprod,
             prediction: Prediction::Epsilon,
             min_snr_gamma: None,
+            debiased: false,
+            loss_type: LossType::L2,
+            huber: Huber::default(),
             edm: None,
         }
     }
@@ -890,16 +974,42 @@ impl TrainSchedule {
         ab / (1.0 - ab)
     }
 
-    /// The min-SNR weight of a sample at timestep `t`: `min(snr, gamma) / snr` for epsilon,
-    /// `min(snr, gamma) / (snr + 1)` for v (0 at zero SNR). 1 without a gamma.
+    /// The weight of a sample's loss at timestep `t`: the min-SNR weight, `min(snr, gamma) /
+    /// snr` for epsilon and `min(snr, gamma) / (snr + 1)` for v (0 at zero SNR), times with
+    /// `debiased` the debiased-estimation weight. 1 when neither is on.
     pub fn loss_weight(&self, t: usize) -> f64 {
-        let Some(gamma) = self.min_snr_gamma else {
-            return 1.0;
-        };
         let snr = self.snr(t);
-        match self.prediction {
-            Prediction::Epsilon => snr.min(gamma) / snr,
-            Prediction::V => snr.min(gamma) / (snr + 1.0),
+        let min_snr = match (self.min_snr_gamma, self.prediction) {
+            (None, _) => 1.0,
+            (Some(gamma), Prediction::Epsilon) => snr.min(gamma) / snr,
+            (Some(gamma), Prediction::V) => snr.min(gamma) / (snr + 1.0),
+        };
+        // kohya caps the SNR at 1000 (it is infinite at t = 0 of a schedule that starts clean).
+        let capped = snr.min(1000.0);
+        let debiased = match (self.debiased, self.prediction) {
+            (false, _) => 1.0,
+            (true, Prediction::Epsilon) => 1.0 / capped.sqrt(),
+            (true, Prediction::V) => 1.0 / (capped + 1.0),
+        };
+        min_snr * debiased
+    }
+
+    /// Whether samples are weighted ([`Self::loss_weight`] is not 1 everywhere).
+    pub fn weighted(&self) -> bool {
+        self.min_snr_gamma.is_some() || self.debiased
+    }
+
+    /// The Huber threshold c at timestep `t` (see [`HuberSchedule`]).
+    pub fn huber_c(&self, t: usize) -> f64 {
+        let Huber { schedule, c, scale } = self.huber;
+        match schedule {
+            HuberSchedule::Constant => c * scale,
+            HuberSchedule::Exponential => (c.ln() * t as f64 / self.len() as f64).exp() * scale,
+            HuberSchedule::Snr => {
+                let ab = self.alphas_cumprod[t];
+                let sigma = ((1.0 - ab) / ab).sqrt();
+                (1.0 - c) / (1.0 + sigma).powi(2) + c
+            }
         }
     }
 

@@ -8,6 +8,7 @@ use crate::backend::cpu::optim::AdamW;
 use crate::formats::adapter::Method;
 use crate::models::unet::CheckpointPolicy;
 use crate::nn::lora::LoraConfig;
+use crate::sample::schedule::{Huber, HuberSchedule, LossType};
 use crate::{DType, Device};
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -36,6 +37,16 @@ pub struct TrainConfig {
     /// Min-SNR gamma of the diffusion loss's per-sample weights (see
     /// [`TrainSchedule::loss_weight`]); None: unweighted, as KSTYLE.md's loss.
     pub min_snr_gamma: Option<f64>,
+    /// kohya's `--debiased_estimation_loss`: each sample's loss also times 1 / sqrt(SNR)
+    /// (epsilon) or 1 / (SNR + 1) (v).
+    pub debiased: bool,
+    /// kohya's `--loss_type` (l2 by default: KSTYLE.md's MSE).
+    pub loss_type: LossType,
+    /// kohya's `--huber_schedule`, `--huber_c`, `--huber_scale` (snr, 0.1, 1 when None); only
+    /// for the Huber and smooth L1 losses.
+    pub huber_schedule: Option<HuberSchedule>,
+    pub huber_c: Option<f64>,
+    pub huber_scale: Option<f64>,
     /// Noise offset (diffusers' and kohya's `--noise_offset`): each sample's noise gets
     /// `offset * n_c` added, one N(0, 1) draw `n_c` per latent channel, so the model learns to
     /// shift the mean brightness. None: plain N(0, 1) noise.
@@ -130,6 +141,23 @@ impl TrainConfig {
             (
                 "min_snr_gamma".to_string(),
                 c.min_snr_gamma.map_or("none".into(), |g| g.to_string()),
+            ),
+            ("debiased_estimation".to_string(), c.debiased.to_string()),
+            ("loss_type".to_string(), c.loss_type.name().to_string()),
+            (
+                "huber".to_string(),
+                match c.loss_type.uses_threshold() {
+                    false => "none".into(),
+                    true => {
+                        let h = Huber::default();
+                        format!(
+                            "{} c {} scale {}",
+                            c.huber_schedule.unwrap_or(h.schedule).name(),
+                            c.huber_c.unwrap_or(h.c),
+                            c.huber_scale.unwrap_or(h.scale)
+                        )
+                    }
+                },
             ),
             (
                 "noise_offset".to_string(),

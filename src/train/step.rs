@@ -12,7 +12,7 @@
 use super::cultural::CulturalLoss;
 use crate::models::unet::UNet2DConditionModel;
 use crate::sample::schedule::EdmTrain;
-use crate::sample::schedule::Prediction;
+use crate::sample::schedule::{LossType, Prediction};
 use crate::sample::TrainSchedule;
 use crate::{DType, Device, Error, Result, Tensor};
 
@@ -113,15 +113,15 @@ pub fn training_loss<'a>(
         // v = sqrt(ab) eps - sqrt(1 - ab) x0
         Prediction::V => noise.target.mul(&sa)?.sub(&x0.mul(&s1)?)?, // (B, C, H, W)
     };
-    let sq = out.sub(&target)?.sqr()?; // (B, C, H, W)
-    let diffusion = match schedule.min_snr_gamma {
-        None => sq.mean_all()?,
-        Some(_) => {
+    let per_element = elementwise_loss(schedule, &out.sub(&target)?, t)?; // (B, C, H, W)
+    let diffusion = match schedule.weighted() {
+        false => per_element.mean_all()?,
+        true => {
             let w: Vec<f64> = t.iter().map(|&ti| schedule.loss_weight(ti)).collect();
             let w = Tensor::from_vec(w, t.len(), Device::Cpu)?
-                .to_dtype(sq.dtype())?
-                .to_device(sq.device())?; // (B,)
-            sq.mean(&[1, 2, 3])?.mul(&w)?.mean_all()?
+                .to_dtype(per_element.dtype())?
+                .to_device(per_element.device())?; // (B,)
+            per_element.mean(&[1, 2, 3])?.mul(&w)?.mean_all()?
         }
     };
     combine(cultural, diffusion, || match schedule.prediction {
@@ -129,6 +129,24 @@ pub fn training_loss<'a>(
         // sqrt(ab) z_t - sqrt(1 - ab) v: defined at zero SNR too, where ab = 0.
         Prediction::V => zt.mul(&sa)?.sub(&out.mul(&s1)?),
     })
+}
+
+/// The loss of each element of `diff` = prediction - target (B, C, H, W) at timesteps `t`, as
+/// kohya's `conditional_loss` with reduction "none" (see [`LossType`]).
+fn elementwise_loss(schedule: &TrainSchedule, diff: &Tensor, t: &[usize]) -> Result<Tensor> {
+    match schedule.loss_type {
+        LossType::L2 => diff.sqr(),
+        LossType::L1 => diff.abs(),
+        kind => {
+            let c: Vec<f64> = t.iter().map(|&ti| schedule.huber_c(ti)).collect();
+            let c = per_sample(&c, diff.dtype(), diff.device())?; // (B, 1, 1, 1)
+            let r = diff.sqr()?.add(&c.sqr()?)?.sqrt()?.sub(&c)?; // (B, C, H, W)
+            match kind {
+                LossType::Huber => r.mul(&c)?.scale(2.0),
+                _ => r.scale(2.0),
+            }
+        }
+    }
 }
 
 /// `diffusion + lambda * cultural(x0_hat)`, the clean-latent estimate made only when a

@@ -17,7 +17,7 @@ use crate::models::unet::UNet2DConditionModel;
 use crate::nn::lora::LoraAdapter;
 use crate::sample::model_files::ModelFiles;
 use crate::sample::pipeline::unet_module_index;
-use crate::sample::schedule::Prediction;
+use crate::sample::schedule::{Huber, HuberSchedule, LossType, Prediction};
 use crate::sample::TrainSchedule;
 use crate::tensor::Rng;
 use crate::{DType, Error, Result, Tensor};
@@ -197,6 +197,9 @@ impl Trainer {
         let mut schedule = TrainSchedule::for_model(&files.scheduler()?)
             .map_err(|e| Error::Config(format!("{}: {e}", cfg.model.display())))?;
         schedule.min_snr_gamma = cfg.min_snr_gamma;
+        schedule.debiased = cfg.debiased;
+        schedule.loss_type = cfg.loss_type;
+        schedule.huber = huber_settings(&cfg)?;
         let n = schedule.len();
         let (lo, hi) = (cfg.min_timestep.unwrap_or(0), cfg.max_timestep.unwrap_or(n));
         if lo >= hi || hi > n {
@@ -206,11 +209,20 @@ impl Trainer {
             )));
         }
         if let Some(edm) = &schedule.edm {
-            if cfg.min_snr_gamma.is_some() {
+            if cfg.min_snr_gamma.is_some() || cfg.debiased {
                 return Err(Error::Config(format!(
-                    "{}: --min-snr-gamma weights by the DDPM schedule's SNR; an EDM model trains \
-                     on EDM sigmas, unweighted (as diffusers' EDM-style training)",
+                    "{}: --min-snr-gamma and --debiased-estimation-loss weight by the DDPM \
+                     schedule's SNR; an EDM model trains on EDM sigmas, unweighted (as diffusers' \
+                     EDM-style training)",
                     cfg.model.display()
+                )));
+            }
+            if cfg.loss_type != LossType::L2 {
+                return Err(Error::Config(format!(
+                    "{}: an EDM model trains on the MSE of its preconditioned x0 estimate (as \
+                     diffusers' EDM-style training); --loss-type {} is for DDPM models",
+                    cfg.model.display(),
+                    cfg.loss_type.name()
                 )));
             }
             log(&format!(
@@ -1006,6 +1018,45 @@ impl Trainer {
             &val,
         )
     }
+}
+
+/// The Huber threshold's settings: kohya's defaults where not given. Settings the loss would not
+/// read are refused, not ignored.
+fn huber_settings(cfg: &TrainConfig) -> Result<Huber> {
+    let given = cfg.huber_schedule.is_some() || cfg.huber_c.is_some() || cfg.huber_scale.is_some();
+    if given && !cfg.loss_type.uses_threshold() {
+        return Err(Error::Config(format!(
+            "--huber-schedule, --huber-c and --huber-scale set the threshold of --loss-type huber \
+             or smooth-l1, not {}",
+            cfg.loss_type.name()
+        )));
+    }
+    let d = Huber::default();
+    let h = Huber {
+        schedule: cfg.huber_schedule.unwrap_or(d.schedule),
+        c: cfg.huber_c.unwrap_or(d.c),
+        scale: cfg.huber_scale.unwrap_or(d.scale),
+    };
+    if !(h.c.is_finite() && h.c > 0.0) {
+        return Err(Error::Config(format!(
+            "--huber-c must be a positive number, got {}",
+            h.c
+        )));
+    }
+    if !(h.scale.is_finite() && h.scale > 0.0) {
+        return Err(Error::Config(format!(
+            "--huber-scale must be a positive number, got {}",
+            h.scale
+        )));
+    }
+    if h.schedule == HuberSchedule::Snr && cfg.huber_scale.is_some() {
+        return Err(Error::Config(
+            "--huber-scale scales the constant and exponential schedules; the snr schedule has \
+             no scale (as kohya's)"
+                .into(),
+        ));
+    }
+    Ok(h)
 }
 
 /// What one visit of an example drew: its clean latents x0 (1, 4, h, w), timestep, noise, the

@@ -241,6 +241,11 @@ pub fn cases() -> Vec<(&'static str, &'static str, CaseFn)> {
             train_cases::train_ip_noise,
         ),
         (
+            "train_loss_types",
+            "../../extra/train_loss_types.safetensors",
+            train_cases::train_loss_types,
+        ),
+        (
             "train_edm",
             "../../extra/train_edm.safetensors",
             train_edm_case::train_edm,

@@ -334,6 +334,77 @@ pub fn train_min_snr(ctx: &Ctx) -> Result<Vec<Row>> {
     Ok(chk.rows)
 }
 
+/// kohya's loss types and weights (`tests/fixtures/extra/gen_train_loss_types.py`): Huber on the
+/// snr schedule with min-SNR and debiased weights, smooth L1 on the exponential schedule on a
+/// zero-SNR v-prediction model, L1 with debiased weights (SNR capped at t = 0), Huber on the
+/// constant schedule. The per-sample weights and thresholds, the losses and a few gradients.
+pub fn train_loss_types(ctx: &Ctx) -> Result<Vec<Row>> {
+    use crate::sample::schedule::{Huber, HuberSchedule, LossType};
+    let f = SafeTensorsFile::open(ctx.reference("../../extra/train_loss_types.safetensors"))?;
+    let mut chk = Checker::new("train_loss_types");
+    for case in f.meta_str("cases")?.split(',') {
+        let meta = |k: &str| f.meta_str(&format!("{case}.{k}")).map(String::from);
+        let num = |k: &str| f.meta_f64(&format!("{case}.{k}"));
+        let setup =
+            SafeTensorsFile::open(ctx.reference(&format!("{}.safetensors", meta("setup")?)))?;
+        let mut step = Step::load(ctx, &setup)?;
+        step.t = meta("timesteps")?
+            .split(',')
+            .map(|v| v.parse().map_err(|_| Error::msg(format!("timestep `{v}`"))))
+            .collect::<Result<_>>()?;
+        let mut schedule = TrainSchedule::for_model(&SchedulerConfig {
+            prediction: match meta("prediction")?.as_str() {
+                "v_prediction" => Prediction::V,
+                _ => Prediction::Epsilon,
+            },
+            zero_snr: meta("zero_snr")? == "True",
+            ..SchedulerConfig::default()
+        })?;
+        schedule.min_snr_gamma = match meta("min_snr_gamma")?.as_str() {
+            "none" => None,
+            _ => Some(num("min_snr_gamma")?),
+        };
+        schedule.debiased = meta("debiased")? == "True";
+        schedule.loss_type = match meta("loss_type")?.as_str() {
+            "l2" => LossType::L2,
+            "l1" => LossType::L1,
+            "huber" => LossType::Huber,
+            "smooth_l1" => LossType::SmoothL1,
+            other => return Err(Error::msg(format!("{case}: loss type `{other}`"))),
+        };
+        schedule.huber = Huber {
+            schedule: match meta("huber_schedule")?.as_str() {
+                "constant" => HuberSchedule::Constant,
+                "exponential" => HuberSchedule::Exponential,
+                "snr" => HuberSchedule::Snr,
+                other => return Err(Error::msg(format!("{case}: huber schedule `{other}`"))),
+            },
+            c: num("huber_c")?,
+            scale: num("huber_scale")?,
+        };
+        let per_sample = |v: Vec<f64>| {
+            let n = v.len();
+            Tensor::from_vec(v, n, crate::Device::Cpu)
+        };
+        let weights: Vec<f64> = step.t.iter().map(|&t| schedule.loss_weight(t)).collect();
+        let name = format!("{case}.weights");
+        chk.check(&name, &per_sample(weights)?, &f.tensor(&name)?, ctx.forward)?;
+        let name = format!("{case}.huber_c");
+        if schedule.loss_type.uses_threshold() {
+            let c: Vec<f64> = step.t.iter().map(|&t| schedule.huber_c(t)).collect();
+            chk.check(&name, &per_sample(c)?, &f.tensor(&name)?, ctx.forward)?;
+        } else if f.contains(&name) {
+            return Err(Error::msg(format!(
+                "{name} stored for a loss without a threshold"
+            )));
+        }
+        let losses = step.losses(&schedule)?;
+        check_losses(&mut chk, ctx, &f, &format!("{case}."), &losses)?;
+        check_stored_grads(&mut chk, ctx, &f, case, &step, &losses)?;
+    }
+    Ok(chk.rows)
+}
+
 /// Input perturbation (`tests/fixtures/extra/gen_train_ip_noise.py`, gamma 0.1): plain LoRA on
 /// epsilon and K-StyleLoRA on v-prediction, each at its setup's timesteps with the fixture's
 /// fixed xi. The noisy input is built from `noise + gamma xi`, the target from `noise`.
