@@ -241,8 +241,8 @@ fn regularization_pictures_train_on_the_weighted_prior_loss() {
 }
 
 /// `--val-data`: held-out pictures scored every --val-every steps and after the last, on fixed
-/// draws: with --lr 0 the adapter stands still and so does the validation loss, to the bit; the
-/// scoring changes nothing in training (same adapter as a run without it); a resumed run
+/// draws: with --lr 0 the adapter stands still and so does the validation loss, to the bit (and
+/// it is the same under another --loss-type and weights: the plain MSE); the scoring changes nothing in training (same adapter as a run without it); a resumed run
 /// writes the same validation log as an uninterrupted one.
 #[test]
 fn validation_loss_is_fixed_draws_on_held_out_pictures() {
@@ -274,6 +274,28 @@ fn validation_loss_is_fixed_draws_on_held_out_pictures() {
     assert_eq!(rows.iter().map(|r| r.0).collect::<Vec<_>>(), [2, 3]);
     assert!(rows[0].1 > 0.0 && rows[0].1.is_finite(), "{rows:?}");
     assert_eq!(rows[0].1, rows[1].1);
+    // The score is the plain MSE whatever the training loss: the same with another loss type
+    // and weights.
+    let other = dir.join("other-loss/a.safetensors");
+    let loss_args = [
+        "--max-steps",
+        "3",
+        "--lr",
+        "0",
+        "--loss-type",
+        "huber",
+        "--debiased-estimation-loss",
+        "--min-snr-gamma",
+        "5",
+    ];
+    let o = train(
+        &data,
+        &other,
+        "kstyle",
+        &[&loss_args[..], &val_args].concat(),
+    );
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(read(&dir.join("other-loss/a.val.csv")), rows);
     // Training moves it; scoring does not move training.
     let scored = dir.join("scored/a.safetensors");
     let o = train(

@@ -3,7 +3,8 @@
 //! picture's posterior mean (no latent sampling) is noised at four fixed points of the schedule,
 //! the middles of its quarters, with noise from a fixed seed per (picture, point), and the
 //! plain mean squared error of the model's training target is averaged over all of them: no
-//! Min-SNR weights and no cultural term, so runs with different settings compare.
+//! Min-SNR or debiased weights, no other --loss-type and no cultural term, so runs with
+//! different settings compare.
 
 use super::examples::Example;
 use super::step::{training_loss, Conditioning};
@@ -35,8 +36,11 @@ impl Trainer {
         if self.val_examples.is_empty() {
             return Ok(None);
         }
+        // The plain MSE whatever the training loss is: no weights, no other loss type.
         let mut schedule = self.schedule.clone();
         schedule.min_snr_gamma = None;
+        schedule.debiased = false;
+        schedule.loss_type = crate::sample::schedule::LossType::L2;
         let at = points(schedule.len());
         let mut sum = 0.0;
         crate::autograd::no_grad(|| -> Result<()> {
