@@ -634,3 +634,65 @@ fn loss_types_change_the_loss_and_bad_settings_are_refused() {
         refused(&data, &dir, extra, needle);
     }
 }
+
+/// `--shuffle-caption` (kohya's --shuffle_caption, --keep_tokens): captions are encoded live at
+/// every step. On captions without commas nothing reorders, and the run equals the cached run
+/// bit for bit (the live encoders compute what the cache holds); captions of tags train
+/// differently once shuffled, with caption dropout and with the text encoders training too. The
+/// settings are recorded; --keep-tokens alone is refused.
+#[test]
+fn shuffled_captions_encode_live() {
+    let dir = tmp("shuffle-caption");
+    let data = dataset(&dir);
+    let run = |data: &Path, name: &str, extra: &[&str]| {
+        let out = dir.join(name).join("a.safetensors");
+        let cache = dir.join("cache");
+        let c = ["--max-steps", "3", "--cache", cache.to_str().unwrap()];
+        let o = train(data, &out, "kstyle", &[&c[..], extra].concat());
+        let log = String::from_utf8_lossy(&o.stderr).to_string();
+        assert!(o.status.success(), "{name}: {log}");
+        (out, log)
+    };
+    let (plain, _) = run(&data, "plain", &[]);
+    let (live, log) = run(&data, "live", &["--shuffle-caption"]);
+    assert!(log.contains("tags shuffled per visit"), "{log}");
+    assert!(
+        tensors(&plain) == tensors(&live),
+        "live encoding differs from the cache"
+    );
+    assert_eq!(
+        std::fs::read_to_string(plain.with_extension("loss.csv")).unwrap(),
+        std::fs::read_to_string(live.with_extension("loss.csv")).unwrap()
+    );
+    // Tag captions: the shuffle reorders them (the first tag kept).
+    let tags = dir.join("tags");
+    copy_into(&data, &tags, &["a.png", "b.jpg", "c.png"]);
+    for (name, caption) in [
+        ("a", "[v], palace, red roof, snow, night"),
+        ("b", "[v], woman, hanbok, garden, spring"),
+        ("c", "[v], landscape, mountains, river, mist"),
+    ] {
+        std::fs::write(tags.join(format!("{name}.txt")), caption).unwrap();
+    }
+    let (ordered, _) = run(&tags, "ordered", &[]);
+    let (shuffled, _) = run(
+        &tags,
+        "shuffled",
+        &["--shuffle-caption", "--keep-tokens", "1"],
+    );
+    assert!(tensors(&ordered) != tensors(&shuffled));
+    let meta = kstyle::tensor::SafeTensorsFile::open(&shuffled).unwrap();
+    let get = |k: &str| meta.metadata().get(k).cloned().unwrap_or_default();
+    assert_eq!(get("kstyle.train.shuffle_caption"), "true");
+    assert_eq!(get("kstyle.train.keep_tokens"), "1");
+    for (name, extra) in [
+        (
+            "dropout",
+            &["--shuffle-caption", "--caption-dropout", "0.5"][..],
+        ),
+        ("text", &["--shuffle-caption", "--train-text-encoder"]),
+    ] {
+        run(&tags, name, extra);
+    }
+    refused(&data, &dir, &["--keep-tokens", "1"], "--shuffle-caption");
+}

@@ -117,6 +117,8 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
         resolution: 64,
         buckets: false,
         flip_aug: false,
+        shuffle_caption: false,
+        keep_tokens: 0,
         seed: 0,
         save_every: None,
         resume: None,

@@ -209,6 +209,15 @@ pub struct Args {
     /// reads. Off by default.
     #[arg(long)]
     pub caption_dropout: Option<f64>,
+    /// Reorder each visit's caption tags (comma-separated, kohya's --shuffle_caption), so the
+    /// adapter does not learn their order; the text encoders then stay loaded and encode every
+    /// step instead of using cached embeddings.
+    #[arg(long)]
+    pub shuffle_caption: bool,
+    /// With --shuffle-caption, keep the first N tags in place (kohya's --keep_tokens; a trigger
+    /// word usually comes first).
+    #[arg(long, default_value_t = 0)]
+    pub keep_tokens: usize,
     /// The trigger phrase (the paper's "[v]").
     #[arg(long, default_value = "Korean traditional")]
     pub trigger: String,
@@ -397,6 +406,8 @@ pub fn config_from(a: &Args) -> anyhow::Result<TrainConfig> {
         text_encoder_lr: a.text_encoder_lr,
         // 0 is off: no draws, so the run equals one without the flag.
         caption_dropout: a.caption_dropout.filter(|&p| p != 0.0),
+        shuffle_caption: a.shuffle_caption,
+        keep_tokens: a.keep_tokens,
         reg_data: a.reg_data.clone(),
         prior_loss_weight: a.prior_loss_weight,
         val_data: a.val_data.clone(),

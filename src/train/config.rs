@@ -109,6 +109,11 @@ pub struct TrainConfig {
     /// `--caption_dropout_rate`), so the adapter also learns the unconditional branch that
     /// classifier-free guidance reads. None: never.
     pub caption_dropout: Option<f64>,
+    /// kohya's `--shuffle_caption`: each visit reorders its caption's comma-separated tags,
+    /// keeping the first `keep_tokens` in place (`--keep_tokens`). Captions are then encoded
+    /// at every step (the text encoders stay loaded).
+    pub shuffle_caption: bool,
+    pub keep_tokens: usize,
     /// Regularization pictures (kohya's `--reg_data_dir`, the same layout as `data`): DreamBooth
     /// prior preservation. They are visited as often as kohya visits them and train on their
     /// diffusion loss times `prior_loss_weight`, without the cultural term (they are not the
@@ -181,6 +186,8 @@ impl TrainConfig {
                     .and_then(|v| v.file_name())
                     .map_or("none".into(), |n| n.to_string_lossy().into_owned()),
             ),
+            ("shuffle_caption".to_string(), c.shuffle_caption.to_string()),
+            ("keep_tokens".to_string(), c.keep_tokens.to_string()),
             (
                 "caption_dropout".to_string(),
                 c.caption_dropout.map_or("none".into(), |p| p.to_string()),

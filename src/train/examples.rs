@@ -38,6 +38,9 @@ pub(super) enum ExampleText {
     Cached { context: Tensor, pooled: Tensor },
     /// Token ids (1, 77) of each tokenizer, for text encoders that train.
     Tokens { ids_1: Tensor, ids_2: Tensor },
+    /// The caption itself, tokenized and encoded at each step (`--shuffle-caption`: its tags
+    /// are reordered per visit, so no encoding can be cached).
+    Caption(String),
 }
 
 /// The run's pictures: `--data`, then `--reg-data`'s with kohya's balanced visit counts (those
@@ -217,7 +220,10 @@ pub(super) fn prepare_examples(
             // Tiled encodes differ from whole ones.
             parts.push("tiled");
         }
-        let text = text_of(&s.caption, &s.path.display().to_string())?;
+        let text = match cfg.shuffle_caption {
+            true => ExampleText::Caption(s.caption.clone()),
+            false => text_of(&s.caption, &s.path.display().to_string())?,
+        };
         // The picture as the VAE sees it, plain or mirrored, through the cache.
         let mut example = |mirrored: bool| -> Result<Example> {
             let (img, crop) = match mirrored {
@@ -280,9 +286,10 @@ pub(super) fn prepare_examples(
             samples.push((text_of(&p.prompt, "a preview prompt")?, negative));
         }
     }
-    let empty = match cfg.caption_dropout {
-        Some(_) => Some(text_of("", "the dropped caption")?),
-        None => None,
+    let empty = match (cfg.caption_dropout, cfg.shuffle_caption) {
+        (Some(_), true) => Some(ExampleText::Caption(String::new())),
+        (Some(_), false) => Some(text_of("", "the dropped caption")?),
+        (None, _) => None,
     };
     log(&format!(
         "caches ready in {} (text encoders {}, VAE {})",

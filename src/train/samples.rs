@@ -192,7 +192,7 @@ impl Trainer {
                 context: context.clone(),
                 pooled: pooled.clone(),
             }),
-            ExampleText::Tokens { .. } => None,
+            ExampleText::Tokens { .. } | ExampleText::Caption(_) => None,
         };
         let (prompt, negative) = match self.sample_embeds.get(i) {
             Some((pe, ne)) => (cached(pe), ne.as_ref().and_then(cached)),

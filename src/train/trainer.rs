@@ -13,6 +13,8 @@ use super::optim::{GradAccumulator, Optimizer, Slot};
 use super::step::{training_loss, Conditioning, Losses, StepNoise};
 use super::text::{text_encoder_trains, text_layer, TextEncoders};
 use crate::formats::adapter::{text_encoder_part, Adapter};
+use crate::models::clip::text::token_ids;
+use crate::models::clip::tokenizer::ClipTokenizer;
 use crate::models::unet::UNet2DConditionModel;
 use crate::nn::lora::LoraAdapter;
 use crate::sample::model_files::ModelFiles;
@@ -112,6 +114,9 @@ pub struct Trainer {
     pub(super) sample_embeds: Vec<(ExampleText, Option<ExampleText>)>,
     /// The empty caption as the step reads it, with `--caption-dropout`.
     empty_text: Option<ExampleText>,
+    /// With `--shuffle-caption`: the tokenizers, and the frozen text encoders when they do not
+    /// train, which encode every step's captions.
+    captions: Option<CaptionEncoder>,
     pub(super) files: ModelFiles,
     /// The VAE config whose scaling (and latent statistics) turns a latent into the UNet's x0.
     pub(super) latent_config: crate::models::vae::VaeConfig,
@@ -127,6 +132,13 @@ impl Trainer {
         }
         if cfg.batch_size == 0 {
             return Err(Error::Config("--batch-size must be at least 1".into()));
+        }
+        if cfg.keep_tokens > 0 && !cfg.shuffle_caption {
+            return Err(Error::Config(
+                "--keep-tokens keeps tags in place when --shuffle-caption reorders them: pass \
+                 --shuffle-caption"
+                    .into(),
+            ));
         }
         let adam = &cfg.adamw;
         for (name, beta) in [("--adam-beta1", adam.beta1), ("--adam-beta2", adam.beta2)] {
@@ -317,6 +329,35 @@ impl Trainer {
                     Error::Config("the model has no text_encoder to train".into())
                 })?;
                 Some(TextEncoders { te1, te2 })
+            }
+            false => None,
+        };
+        let captions = match cfg.shuffle_caption {
+            true => {
+                let (tok1, tok2) = files.tokenizers()?;
+                let tok1 = tok1.ok_or_else(|| {
+                    Error::Config("--shuffle-caption: the model has no tokenizer".into())
+                })?;
+                // Frozen encoders in the run's dtype (kohya's); they never see a gradient.
+                let frozen = match &text_encoders {
+                    Some(_) => None,
+                    None => {
+                        let (te1, te2) = files.text_encoders(&[], cfg.dtype, cfg.device)?;
+                        let te1 = te1.ok_or_else(|| {
+                            Error::Config("--shuffle-caption: the model has no text_encoder".into())
+                        })?;
+                        Some(TextEncoders { te1, te2 })
+                    }
+                };
+                log(&format!(
+                    "captions: comma-separated tags shuffled per visit{}; the text encoders stay \
+                     loaded and encode every step",
+                    match cfg.keep_tokens {
+                        0 => String::new(),
+                        k => format!(", the first {k} kept in place"),
+                    }
+                ));
+                Some(CaptionEncoder { tok1, tok2, frozen })
             }
             false => None,
         };
@@ -591,6 +632,7 @@ impl Trainer {
             examples,
             sample_embeds,
             empty_text,
+            captions,
             val_examples,
             val_every,
             files,
@@ -724,6 +766,23 @@ impl Trainer {
             (ExampleText::Tokens { .. }, None) => Err(Error::msg(
                 "an example holds token ids but the run has no text encoders",
             )),
+            (ExampleText::Caption(c), _) => self.encode_captions(&[c.as_str()]),
+        }
+    }
+
+    /// Captions (`--shuffle-caption`) tokenized and encoded together: context (B, 77, Dc) and
+    /// pooled (B, P), through the training text encoders (on the tape) or the frozen ones.
+    fn encode_captions(&self, captions: &[&str]) -> Result<(Tensor, Tensor)> {
+        let enc = self.captions.as_ref().ok_or_else(|| {
+            Error::msg("an example holds a caption but the run does not shuffle captions")
+        })?;
+        let prompts: Vec<String> = captions.iter().map(|c| c.to_string()).collect();
+        let ids_1 = token_ids(&enc.tok1.encode_batch(&prompts)?, self.cfg.device)?; // (B, 77)
+        let ids_2 = token_ids(&enc.tok2.encode_batch(&prompts)?, self.cfg.device)?;
+        match (&self.text_encoders, &enc.frozen) {
+            (Some(te), _) => te.encode(&ids_1, &ids_2),
+            (None, Some(te)) => crate::autograd::no_grad(|| te.encode(&ids_1, &ids_2)),
+            (None, None) => Err(Error::msg("--shuffle-caption without text encoders")),
         }
     }
 
@@ -735,8 +794,10 @@ impl Trainer {
         }
         let mut ids = (Vec::new(), Vec::new());
         let mut embeds = (Vec::new(), Vec::new());
+        let mut captions = Vec::new();
         for text in texts {
             match text {
+                ExampleText::Caption(c) => captions.push(c.as_str()),
                 ExampleText::Tokens { ids_1, ids_2 } => {
                     ids.0.push(ids_1.clone());
                     ids.1.push(ids_2.clone());
@@ -748,10 +809,19 @@ impl Trainer {
                 }
             }
         }
-        if !ids.0.is_empty() && !embeds.0.is_empty() {
+        let kinds = [
+            !ids.0.is_empty(),
+            !embeds.0.is_empty(),
+            !captions.is_empty(),
+        ];
+        if kinds.iter().filter(|&&k| k).count() > 1 {
             return Err(Error::msg(
-                "a batch mixes cached captions with token ids: every caption of a run is held one way",
+                "a batch mixes cached captions, token ids and captions: every caption of a run is \
+                 held one way",
             ));
+        }
+        if !captions.is_empty() {
+            return self.encode_captions(&captions);
         }
         if !ids.0.is_empty() {
             return self.conditioning(&ExampleText::Tokens {
@@ -838,10 +908,15 @@ impl Trainer {
             }
             None => None,
         };
-        // Drawn last, and only with --caption-dropout, so runs without it keep their draws.
+        // Drawn after the noise, and only with --caption-dropout, so runs without it keep
+        // their draws; then, with --shuffle-caption, the tag order of a caption that stays.
         let dropped = match (&self.empty_text, self.cfg.caption_dropout) {
             (Some(_), Some(p)) => rng.uniform() < p,
             _ => false,
+        };
+        let caption = match &ex.text {
+            ExampleText::Caption(c) if !dropped => Some(shuffle_tags(c, self.cfg.keep_tokens, rng)),
+            _ => None,
         };
         Ok(Visit {
             x0,
@@ -850,6 +925,7 @@ impl Trainer {
             perturbed,
             dropped,
             mirrored,
+            caption,
         })
     }
 
@@ -882,14 +958,16 @@ impl Trainer {
                 .zip(&visits)
                 .map(|(&i, v)| visited(&self.examples[i], v.mirrored))
                 .collect();
-            let texts: Vec<&ExampleText> = examples
+            let owned: Vec<ExampleText> = examples
                 .iter()
                 .zip(&visits)
-                .map(|(ex, v)| match (&self.empty_text, v.dropped) {
-                    (Some(empty), true) => empty,
-                    _ => &ex.text,
+                .map(|(ex, v)| match (&self.empty_text, v.dropped, &v.caption) {
+                    (Some(empty), true, _) => empty.clone(),
+                    (_, _, Some(c)) => ExampleText::Caption(c.clone()),
+                    _ => ex.text.clone(),
                 })
                 .collect();
+            let texts: Vec<&ExampleText> = owned.iter().collect();
             let noise = StepNoise {
                 input: input.as_ref().unwrap_or(&noise),
                 target: &noise,
@@ -1069,6 +1147,26 @@ struct Visit {
     dropped: bool,
     /// Whether it trained on the mirrored picture (`--flip-aug`).
     mirrored: bool,
+    /// Its caption with the tags reordered (`--shuffle-caption`).
+    caption: Option<String>,
+}
+
+/// The tokenizers and (when the text encoders do not train) the frozen encoders that turn
+/// shuffled captions into conditioning every step.
+pub(super) struct CaptionEncoder {
+    tok1: ClipTokenizer,
+    tok2: ClipTokenizer,
+    frozen: Option<TextEncoders>,
+}
+
+/// kohya's caption shuffle: the caption split at commas into trimmed tags, the first `keep`
+/// left in place, the rest shuffled, joined by ", ". A caption without commas comes back as
+/// it is (trimmed) and draws nothing.
+pub fn shuffle_tags(caption: &str, keep: usize, rng: &mut Rng) -> String {
+    let mut tags: Vec<&str> = caption.trim().split(',').map(str::trim).collect();
+    let keep = keep.min(tags.len());
+    rng.shuffle(&mut tags[keep..]);
+    tags.join(", ")
 }
 
 /// The example a visit trains on: `ex`, or its mirrored picture.
@@ -1114,4 +1212,34 @@ pub fn read_loss_log(path: &Path) -> Result<Vec<(u64, f64)>> {
             Some((step, it.next()?.parse().ok()?))
         })
         .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::shuffle_tags;
+    use crate::tensor::Rng;
+
+    /// The kept tags stay first, the rest are a permutation of the caption's, joined as kohya
+    /// joins them; one tag (no comma) comes back trimmed and draws nothing.
+    #[test]
+    fn tags_shuffle_after_the_kept_ones() {
+        let mut rng = Rng::new(3);
+        let caption = " [v], red roof,snow , night, palace ";
+        let mut seen = std::collections::BTreeSet::new();
+        for _ in 0..20 {
+            let s = shuffle_tags(caption, 1, &mut rng);
+            let tags: Vec<&str> = s.split(", ").collect();
+            assert_eq!(tags[0], "[v]");
+            let mut rest = tags[1..].to_vec();
+            rest.sort();
+            assert_eq!(rest, ["night", "palace", "red roof", "snow"]);
+            seen.insert(s);
+        }
+        assert!(seen.len() > 5, "{seen:?}");
+        assert_eq!(shuffle_tags("a b c", 0, &mut rng), "a b c");
+        assert_eq!(shuffle_tags("x, y", 5, &mut rng), "x, y");
+        let before = rng.clone();
+        assert_eq!(shuffle_tags(" one tag ", 0, &mut rng), "one tag");
+        assert_eq!(rng, before);
+    }
 }
