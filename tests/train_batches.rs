@@ -2,7 +2,7 @@
 //! through the real binary on the tiny model.
 
 mod common;
-use common::train::{dataset, tensors, train};
+use common::train::{assert_resume_is_exact, dataset, train};
 use common::{assert_fails_naming, tmp};
 use kstyle::tensor::SafeTensorsFile;
 use std::path::Path;
@@ -239,34 +239,8 @@ fn batched_runs_resume_exactly() {
         "--cache",
         cache.to_str().unwrap(),
     ];
-    let straight = dir.join("a/adapter.safetensors");
-    let o = train(
-        &data,
-        &straight,
-        "kstyle",
-        &[&["--max-steps", "4"][..], &c].concat(),
-    );
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let split = dir.join("b/adapter.safetensors");
-    let o = train(
-        &data,
-        &split,
-        "kstyle",
-        &[&["--max-steps", "2", "--save-every", "2"][..], &c].concat(),
-    );
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let ckpt = dir.join("b/adapter.step000002.ckpt.safetensors");
+    let ckpt = assert_resume_is_exact(&data, &dir, "kstyle", &c, "batched");
     let resume = ["--max-steps", "4", "--resume", ckpt.to_str().unwrap()];
-    let o = train(&data, &split, "kstyle", &[&resume[..], &c].concat());
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    assert!(
-        tensors(&straight) == tensors(&split),
-        "the resumed run differs"
-    );
-    assert_eq!(
-        std::fs::read_to_string(straight.with_extension("loss.csv")).unwrap(),
-        std::fs::read_to_string(split.with_extension("loss.csv")).unwrap()
-    );
     let other = [&c[..3], &["--batch-size", "3"], &c[5..]].concat();
     let o = train(
         &data,

@@ -92,45 +92,7 @@ fn resuming_gives_bit_identical_adapters() {
             extra,
         ]
         .concat();
-        let straight = dir.join("a/adapter.safetensors");
-        let o = train(
-            &data,
-            &straight,
-            "kstyle",
-            &[&["--max-steps", "4"][..], &c].concat(),
-        );
-        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-        let split = dir.join("b/adapter.safetensors");
-        let o = train(
-            &data,
-            &split,
-            "kstyle",
-            &[&["--max-steps", "2", "--save-every", "2"][..], &c].concat(),
-        );
-        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-        let ckpt = dir.join("b/adapter.step000002.ckpt.safetensors");
-        let o = train(
-            &data,
-            &split,
-            "kstyle",
-            &[
-                &["--max-steps", "4", "--resume", ckpt.to_str().unwrap()][..],
-                &c,
-            ]
-            .concat(),
-        );
-        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-        let (a, b) = (tensors(&straight), tensors(&split));
-        assert_eq!(a.len(), b.len());
-        for ((na, va), (nb, vb)) in a.iter().zip(&b) {
-            assert_eq!(na, nb);
-            assert!(va == vb, "{tag}: tensor {na} differs after resume");
-        }
-        let (la, lb) = (
-            std::fs::read_to_string(dir.join("a/adapter.loss.csv")).unwrap(),
-            std::fs::read_to_string(dir.join("b/adapter.loss.csv")).unwrap(),
-        );
-        assert_eq!(la, lb, "{tag}: the loss logs differ");
+        common::train::assert_resume_is_exact(&data, &dir, "kstyle", &c, &tag);
     }
 }
 

@@ -638,8 +638,9 @@ fn loss_types_change_the_loss_and_bad_settings_are_refused() {
 /// `--shuffle-caption` (kohya's --shuffle_caption, --keep_tokens): captions are encoded live at
 /// every step. On captions without commas nothing reorders, and the run equals the cached run
 /// bit for bit (the live encoders compute what the cache holds); captions of tags train
-/// differently once shuffled, with caption dropout and with the text encoders training too. The
-/// settings are recorded; --keep-tokens alone is refused.
+/// differently once shuffled, with caption dropout and with the text encoders training too, and
+/// once tags drop out (--caption-tag-dropout). The settings are recorded; --keep-tokens alone
+/// is refused.
 #[test]
 fn shuffled_captions_encode_live() {
     let dir = tmp("shuffle-caption");
@@ -694,5 +695,19 @@ fn shuffled_captions_encode_live() {
     ] {
         run(&tags, name, extra);
     }
+    // Tag dropout alone (kohya's --caption_tag_dropout_rate) also rewrites captions live.
+    let (dropped, log) = run(
+        &tags,
+        "tag-dropout",
+        &["--caption-tag-dropout", "0.5", "--keep-tokens", "1"],
+    );
+    assert!(log.contains("each dropped with probability 0.5"), "{log}");
+    assert!(tensors(&ordered) != tensors(&dropped));
     refused(&data, &dir, &["--keep-tokens", "1"], "--shuffle-caption");
+    refused(
+        &data,
+        &dir,
+        &["--caption-tag-dropout", "1.5"],
+        "--caption-tag-dropout",
+    );
 }

@@ -119,6 +119,7 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
         flip_aug: false,
         shuffle_caption: false,
         keep_tokens: 0,
+        caption_tag_dropout: None,
         seed: 0,
         save_every: None,
         resume: None,

@@ -218,6 +218,11 @@ pub struct Args {
     /// word usually comes first).
     #[arg(long, default_value_t = 0)]
     pub keep_tokens: usize,
+    /// Drop each caption tag (after the first --keep-tokens) with this probability at every
+    /// visit (kohya's --caption_tag_dropout_rate); like --shuffle-caption, captions are then
+    /// encoded every step.
+    #[arg(long)]
+    pub caption_tag_dropout: Option<f64>,
     /// The trigger phrase (the paper's "[v]").
     #[arg(long, default_value = "Korean traditional")]
     pub trigger: String,
@@ -408,6 +413,7 @@ pub fn config_from(a: &Args) -> anyhow::Result<TrainConfig> {
         caption_dropout: a.caption_dropout.filter(|&p| p != 0.0),
         shuffle_caption: a.shuffle_caption,
         keep_tokens: a.keep_tokens,
+        caption_tag_dropout: a.caption_tag_dropout.filter(|&p| p != 0.0),
         reg_data: a.reg_data.clone(),
         prior_loss_weight: a.prior_loss_weight,
         val_data: a.val_data.clone(),

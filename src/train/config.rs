@@ -114,6 +114,9 @@ pub struct TrainConfig {
     /// at every step (the text encoders stay loaded).
     pub shuffle_caption: bool,
     pub keep_tokens: usize,
+    /// kohya's `--caption_tag_dropout_rate`: each visit drops each of its caption's tags after
+    /// the first `keep_tokens` with this probability (after the shuffle).
+    pub caption_tag_dropout: Option<f64>,
     /// Regularization pictures (kohya's `--reg_data_dir`, the same layout as `data`): DreamBooth
     /// prior preservation. They are visited as often as kohya visits them and train on their
     /// diffusion loss times `prior_loss_weight`, without the cultural term (they are not the
@@ -130,6 +133,12 @@ pub struct TrainConfig {
 }
 
 impl TrainConfig {
+    /// Whether captions are rewritten per visit (shuffled or their tags dropped), and so
+    /// encoded at every step instead of cached.
+    pub fn live_captions(&self) -> bool {
+        self.shuffle_caption || self.caption_tag_dropout.is_some()
+    }
+
     /// The settings recorded in the adapter (`kstyle.train.*`) after `steps` optimizer steps:
     /// file and folder names without their paths, as kohya's `ss_*` keys.
     pub fn settings(&self, steps: u64) -> BTreeMap<String, String> {
@@ -188,6 +197,11 @@ impl TrainConfig {
             ),
             ("shuffle_caption".to_string(), c.shuffle_caption.to_string()),
             ("keep_tokens".to_string(), c.keep_tokens.to_string()),
+            (
+                "caption_tag_dropout".to_string(),
+                c.caption_tag_dropout
+                    .map_or("none".into(), |p| p.to_string()),
+            ),
             (
                 "caption_dropout".to_string(),
                 c.caption_dropout.map_or("none".into(), |p| p.to_string()),

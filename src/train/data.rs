@@ -343,30 +343,22 @@ pub fn load_training_picture(path: &Path) -> Result<RgbImage> {
 
 /// One training picture as the VAE wants it at bucket `size` (width, height): (1, 3, H, W) in
 /// [-1, 1], plus its crop record (the SDXL time ids).
+///
+/// `mirrored` (`--flip-aug`) flips the cropped picture left to right, as kohya flips it, and
+/// gives the mirrored crop's time ids.
 pub fn training_tensor(
     img: &RgbImage,
     size: (usize, usize),
+    mirrored: bool,
     device: Device,
 ) -> Result<(Tensor, CropInfo)> {
-    let (cropped, crop) = resize_center_crop(img, size.0 as u32, size.1 as u32)?;
+    let (mut cropped, mut crop) = resize_center_crop(img, size.0 as u32, size.1 as u32)?;
+    if mirrored {
+        image::imageops::flip_horizontal_in_place(&mut cropped);
+        crop = crop.mirrored();
+    }
     let chw = rgb_to_chw(&cropped, PixelRange::Signed);
     Ok((Tensor::from_vec(chw, (1, 3, size.1, size.0), device)?, crop))
-}
-
-/// [`training_tensor`] mirrored left to right (`--flip-aug`): the cropped picture flipped, as
-/// kohya flips it, with the mirrored crop's time ids.
-pub fn mirrored_training_tensor(
-    img: &RgbImage,
-    size: (usize, usize),
-    device: Device,
-) -> Result<(Tensor, CropInfo)> {
-    let (cropped, crop) = resize_center_crop(img, size.0 as u32, size.1 as u32)?;
-    let flipped = image::imageops::flip_horizontal(&cropped);
-    let chw = rgb_to_chw(&flipped, PixelRange::Signed);
-    Ok((
-        Tensor::from_vec(chw, (1, 3, size.1, size.0), device)?,
-        crop.mirrored(),
-    ))
 }
 
 /// A content-addressed cache of tensors (latent distributions, text embeddings) in a folder.
@@ -431,9 +423,9 @@ mod tests {
         let list = buckets(256);
         let size = nearest_bucket(upright.width() as usize, upright.height() as usize, &list);
         assert!(size.1 > size.0, "{size:?}");
-        let (a, ca) = training_tensor(&upright, size, Device::Cpu).unwrap();
+        let (a, ca) = training_tensor(&upright, size, false, Device::Cpu).unwrap();
         let again = load_training_picture(&saved).unwrap();
-        let (b, cb) = training_tensor(&again, size, Device::Cpu).unwrap();
+        let (b, cb) = training_tensor(&again, size, false, Device::Cpu).unwrap();
         assert_eq!(a.to_vec_f32().unwrap(), b.to_vec_f32().unwrap());
         assert_eq!(ca.time_ids(), cb.time_ids());
         // As stored, the picture would have gone to a landscape bucket.
@@ -477,8 +469,8 @@ mod tests {
         let img = image::RgbImage::from_fn(101, 64, |x, y| {
             image::Rgb([(x * 2) as u8, (y * 3) as u8, (x * y % 251) as u8])
         });
-        let (plain, crop) = training_tensor(&img, (64, 64), Device::Cpu).unwrap();
-        let (mirror, mcrop) = mirrored_training_tensor(&img, (64, 64), Device::Cpu).unwrap();
+        let (plain, crop) = training_tensor(&img, (64, 64), false, Device::Cpu).unwrap();
+        let (mirror, mcrop) = training_tensor(&img, (64, 64), true, Device::Cpu).unwrap();
         assert_eq!(
             (crop.resized_w, crop.crop_left, mcrop.crop_left),
             (101, 18, 19)

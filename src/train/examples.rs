@@ -2,8 +2,8 @@
 //! computed once through the tensor cache.
 
 use super::data::{
-    buckets, load_training_picture, mirrored_training_tensor, nearest_bucket, prior_repeats,
-    training_tensor, Dataset, Role, TensorCache,
+    buckets, load_training_picture, nearest_bucket, prior_repeats, training_tensor, Dataset, Role,
+    TensorCache,
 };
 use super::text::{caption_ids, sdxl_conditioning};
 use super::trainer::TrainConfig;
@@ -220,16 +220,13 @@ pub(super) fn prepare_examples(
             // Tiled encodes differ from whole ones.
             parts.push("tiled");
         }
-        let text = match cfg.shuffle_caption {
+        let text = match cfg.live_captions() {
             true => ExampleText::Caption(s.caption.clone()),
             false => text_of(&s.caption, &s.path.display().to_string())?,
         };
         // The picture as the VAE sees it, plain or mirrored, through the cache.
         let mut example = |mirrored: bool| -> Result<Example> {
-            let (img, crop) = match mirrored {
-                false => training_tensor(&picture, size, cfg.device)?,
-                true => mirrored_training_tensor(&picture, size, cfg.device)?,
-            };
+            let (img, crop) = training_tensor(&picture, size, mirrored, cfg.device)?;
             let mut parts = parts.clone();
             if mirrored {
                 parts.push("mirrored");
@@ -286,7 +283,7 @@ pub(super) fn prepare_examples(
             samples.push((text_of(&p.prompt, "a preview prompt")?, negative));
         }
     }
-    let empty = match (cfg.caption_dropout, cfg.shuffle_caption) {
+    let empty = match (cfg.caption_dropout, cfg.live_captions()) {
         (Some(_), true) => Some(ExampleText::Caption(String::new())),
         (Some(_), false) => Some(text_of("", "the dropped caption")?),
         (None, _) => None,

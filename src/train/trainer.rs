@@ -133,12 +133,19 @@ impl Trainer {
         if cfg.batch_size == 0 {
             return Err(Error::Config("--batch-size must be at least 1".into()));
         }
-        if cfg.keep_tokens > 0 && !cfg.shuffle_caption {
+        if cfg.keep_tokens > 0 && !cfg.live_captions() {
             return Err(Error::Config(
-                "--keep-tokens keeps tags in place when --shuffle-caption reorders them: pass \
-                 --shuffle-caption"
+                "--keep-tokens keeps tags in place when --shuffle-caption reorders them or \
+                 --caption-tag-dropout drops them: pass one of those"
                     .into(),
             ));
+        }
+        if let Some(p) = cfg.caption_tag_dropout {
+            if !(0.0..=1.0).contains(&p) {
+                return Err(Error::Config(format!(
+                    "--caption-tag-dropout is a probability from 0 to 1, got {p}"
+                )));
+            }
         }
         let adam = &cfg.adamw;
         for (name, beta) in [("--adam-beta1", adam.beta1), ("--adam-beta2", adam.beta2)] {
@@ -332,11 +339,11 @@ impl Trainer {
             }
             false => None,
         };
-        let captions = match cfg.shuffle_caption {
+        let captions = match cfg.live_captions() {
             true => {
                 let (tok1, tok2) = files.tokenizers()?;
                 let tok1 = tok1.ok_or_else(|| {
-                    Error::Config("--shuffle-caption: the model has no tokenizer".into())
+                    Error::Config("captions rewritten per visit: the model has no tokenizer".into())
                 })?;
                 // Frozen encoders in the run's dtype (kohya's); they never see a gradient.
                 let frozen = match &text_encoders {
@@ -344,14 +351,25 @@ impl Trainer {
                     None => {
                         let (te1, te2) = files.text_encoders(&[], cfg.dtype, cfg.device)?;
                         let te1 = te1.ok_or_else(|| {
-                            Error::Config("--shuffle-caption: the model has no text_encoder".into())
+                            Error::Config(
+                                "captions rewritten per visit: the model has no text_encoder"
+                                    .into(),
+                            )
                         })?;
                         Some(TextEncoders { te1, te2 })
                     }
                 };
+                let mut what = Vec::new();
+                if cfg.shuffle_caption {
+                    what.push("shuffled".to_string());
+                }
+                if let Some(p) = cfg.caption_tag_dropout {
+                    what.push(format!("each dropped with probability {p}"));
+                }
                 log(&format!(
-                    "captions: comma-separated tags shuffled per visit{}; the text encoders stay \
-                     loaded and encode every step",
+                    "captions: comma-separated tags {} per visit{}; the text encoders stay loaded \
+                     and encode every step",
+                    what.join(" and "),
                     match cfg.keep_tokens {
                         0 => String::new(),
                         k => format!(", the first {k} kept in place"),
@@ -915,7 +933,13 @@ impl Trainer {
             _ => false,
         };
         let caption = match &ex.text {
-            ExampleText::Caption(c) if !dropped => Some(shuffle_tags(c, self.cfg.keep_tokens, rng)),
+            ExampleText::Caption(c) if !dropped => Some(rewrite_tags(
+                c,
+                self.cfg.keep_tokens,
+                self.cfg.shuffle_caption,
+                self.cfg.caption_tag_dropout,
+                rng,
+            )),
             _ => None,
         };
         Ok(Visit {
@@ -1159,13 +1183,31 @@ pub(super) struct CaptionEncoder {
     frozen: Option<TextEncoders>,
 }
 
-/// kohya's caption shuffle: the caption split at commas into trimmed tags, the first `keep`
-/// left in place, the rest shuffled, joined by ", ". A caption without commas comes back as
-/// it is (trimmed) and draws nothing.
-pub fn shuffle_tags(caption: &str, keep: usize, rng: &mut Rng) -> String {
+/// kohya's caption rewrite: the caption split at commas into trimmed tags; after the first
+/// `keep`, the rest shuffled (with `shuffle`), then each dropped with probability `drop`;
+/// joined by ", ". A caption without commas and `keep` 1 or more comes back trimmed and draws
+/// nothing.
+pub fn rewrite_tags(
+    caption: &str,
+    keep: usize,
+    shuffle: bool,
+    drop: Option<f64>,
+    rng: &mut Rng,
+) -> String {
     let mut tags: Vec<&str> = caption.trim().split(',').map(str::trim).collect();
     let keep = keep.min(tags.len());
-    rng.shuffle(&mut tags[keep..]);
+    if shuffle {
+        rng.shuffle(&mut tags[keep..]);
+    }
+    if let Some(p) = drop {
+        let mut kept = tags[..keep].to_vec();
+        for &tag in &tags[keep..] {
+            if rng.uniform() >= p {
+                kept.push(tag);
+            }
+        }
+        tags = kept;
+    }
     tags.join(", ")
 }
 
@@ -1216,18 +1258,19 @@ pub fn read_loss_log(path: &Path) -> Result<Vec<(u64, f64)>> {
 
 #[cfg(test)]
 mod tests {
-    use super::shuffle_tags;
+    use super::rewrite_tags;
     use crate::tensor::Rng;
 
     /// The kept tags stay first, the rest are a permutation of the caption's, joined as kohya
-    /// joins them; one tag (no comma) comes back trimmed and draws nothing.
+    /// joins them; one tag (no comma) comes back trimmed and draws nothing. Tag dropout keeps
+    /// the kept tags and the order of the others.
     #[test]
-    fn tags_shuffle_after_the_kept_ones() {
+    fn tags_shuffle_and_drop_after_the_kept_ones() {
         let mut rng = Rng::new(3);
         let caption = " [v], red roof,snow , night, palace ";
         let mut seen = std::collections::BTreeSet::new();
         for _ in 0..20 {
-            let s = shuffle_tags(caption, 1, &mut rng);
+            let s = rewrite_tags(caption, 1, true, None, &mut rng);
             let tags: Vec<&str> = s.split(", ").collect();
             assert_eq!(tags[0], "[v]");
             let mut rest = tags[1..].to_vec();
@@ -1236,10 +1279,33 @@ mod tests {
             seen.insert(s);
         }
         assert!(seen.len() > 5, "{seen:?}");
-        assert_eq!(shuffle_tags("a b c", 0, &mut rng), "a b c");
-        assert_eq!(shuffle_tags("x, y", 5, &mut rng), "x, y");
+        assert_eq!(rewrite_tags("a b c", 0, true, None, &mut rng), "a b c");
+        assert_eq!(rewrite_tags("x, y", 5, true, None, &mut rng), "x, y");
         let before = rng.clone();
-        assert_eq!(shuffle_tags(" one tag ", 0, &mut rng), "one tag");
+        assert_eq!(
+            rewrite_tags(" one tag ", 0, true, None, &mut rng),
+            "one tag"
+        );
         assert_eq!(rng, before);
+        // Tag dropout: never the kept tags; at 1 every other tag goes, at 0.5 some do.
+        let all = "[v], a, b, c, d, e, f, g";
+        assert_eq!(rewrite_tags(all, 1, false, Some(1.0), &mut rng), "[v]");
+        assert_eq!(rewrite_tags(all, 2, true, Some(1.0), &mut rng), "[v], a");
+        let counts: Vec<usize> = (0..20)
+            .map(|_| {
+                rewrite_tags(all, 1, false, Some(0.5), &mut rng)
+                    .split(", ")
+                    .count()
+            })
+            .collect();
+        assert!(counts.iter().all(|&n| (1..=8).contains(&n)), "{counts:?}");
+        assert!(
+            counts.iter().any(|&n| n < 8) && counts.iter().any(|&n| n > 1),
+            "{counts:?}"
+        );
+        // Without the shuffle the tags that stay keep their order: a subsequence of `all`.
+        let left = rewrite_tags(all, 0, false, Some(0.5), &mut rng);
+        let mut rest = all.split(", ");
+        assert!(left.split(", ").all(|t| rest.any(|u| u == t)), "{left}");
     }
 }

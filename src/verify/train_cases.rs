@@ -293,6 +293,27 @@ pub(super) fn adamw_from(f: &SafeTensorsFile) -> Result<AdamW> {
     })
 }
 
+/// A weighted-loss reference's case: the step of its `<case>.setup` at `<case>.timesteps`, and
+/// the schedule of its `<case>.prediction` (with `<case>.zero_snr`).
+fn case_step(ctx: &Ctx, f: &SafeTensorsFile, case: &str) -> Result<(Step, TrainSchedule)> {
+    let meta = |k: &str| f.meta_str(&format!("{case}.{k}")).map(String::from);
+    let setup = SafeTensorsFile::open(ctx.reference(&format!("{}.safetensors", meta("setup")?)))?;
+    let mut step = Step::load(ctx, &setup)?;
+    step.t = meta("timesteps")?
+        .split(',')
+        .map(|v| v.parse().map_err(|_| Error::msg(format!("timestep `{v}`"))))
+        .collect::<Result<_>>()?;
+    let schedule = TrainSchedule::for_model(&SchedulerConfig {
+        prediction: match meta("prediction")?.as_str() {
+            "v_prediction" => Prediction::V,
+            _ => Prediction::Epsilon,
+        },
+        zero_snr: meta("zero_snr")? == "True",
+        ..SchedulerConfig::default()
+    })?;
+    Ok((step, schedule))
+}
+
 /// Min-SNR loss weighting (`tests/fixtures/extra/gen_train_min_snr.py`, gamma 5): plain LoRA on
 /// epsilon at timesteps 10 and 500, and K-StyleLoRA on a zero-SNR v-prediction model at 999 and
 /// 10. The per-sample weights, the losses and a few gradients.
@@ -301,22 +322,7 @@ pub fn train_min_snr(ctx: &Ctx) -> Result<Vec<Row>> {
     let gamma = f.meta_f64("gamma")?;
     let mut chk = Checker::new("train_min_snr");
     for case in f.meta_str("cases")?.split(',') {
-        let meta = |k: &str| f.meta_str(&format!("{case}.{k}")).map(String::from);
-        let setup =
-            SafeTensorsFile::open(ctx.reference(&format!("{}.safetensors", meta("setup")?)))?;
-        let mut step = Step::load(ctx, &setup)?;
-        step.t = meta("timesteps")?
-            .split(',')
-            .map(|v| v.parse().map_err(|_| Error::msg(format!("timestep `{v}`"))))
-            .collect::<Result<_>>()?;
-        let mut schedule = TrainSchedule::for_model(&SchedulerConfig {
-            prediction: match meta("prediction")?.as_str() {
-                "v_prediction" => Prediction::V,
-                _ => Prediction::Epsilon,
-            },
-            zero_snr: meta("zero_snr")? == "True",
-            ..SchedulerConfig::default()
-        })?;
+        let (step, mut schedule) = case_step(ctx, &f, case)?;
         schedule.min_snr_gamma = Some(gamma);
         let weights: Vec<f64> = step.t.iter().map(|&t| schedule.loss_weight(t)).collect();
         let n = weights.len();
@@ -345,21 +351,7 @@ pub fn train_loss_types(ctx: &Ctx) -> Result<Vec<Row>> {
     for case in f.meta_str("cases")?.split(',') {
         let meta = |k: &str| f.meta_str(&format!("{case}.{k}")).map(String::from);
         let num = |k: &str| f.meta_f64(&format!("{case}.{k}"));
-        let setup =
-            SafeTensorsFile::open(ctx.reference(&format!("{}.safetensors", meta("setup")?)))?;
-        let mut step = Step::load(ctx, &setup)?;
-        step.t = meta("timesteps")?
-            .split(',')
-            .map(|v| v.parse().map_err(|_| Error::msg(format!("timestep `{v}`"))))
-            .collect::<Result<_>>()?;
-        let mut schedule = TrainSchedule::for_model(&SchedulerConfig {
-            prediction: match meta("prediction")?.as_str() {
-                "v_prediction" => Prediction::V,
-                _ => Prediction::Epsilon,
-            },
-            zero_snr: meta("zero_snr")? == "True",
-            ..SchedulerConfig::default()
-        })?;
+        let (step, mut schedule) = case_step(ctx, &f, case)?;
         schedule.min_snr_gamma = match meta("min_snr_gamma")?.as_str() {
             "none" => None,
             _ => Some(num("min_snr_gamma")?),

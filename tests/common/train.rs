@@ -73,3 +73,52 @@ pub fn tensors(path: &Path) -> Vec<(String, Vec<u8>)> {
         .map(|n| (n.to_string(), f.bytes(n).unwrap().to_vec()))
         .collect()
 }
+
+/// Trains `method` on `data` with `args` for 4 steps straight (into `dir/a`) and for 2 steps,
+/// checkpointed, then resumed to 4 (into `dir/b`), and asserts that both write the same
+/// adapter bytes and the same loss log. Returns the step-2 checkpoint.
+pub fn assert_resume_is_exact(
+    data: &Path,
+    dir: &Path,
+    method: &str,
+    args: &[&str],
+    tag: &str,
+) -> PathBuf {
+    let straight = dir.join("a/adapter.safetensors");
+    let o = train(
+        data,
+        &straight,
+        method,
+        &[&["--max-steps", "4"][..], args].concat(),
+    );
+    assert!(
+        o.status.success(),
+        "{tag}: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let split = dir.join("b/adapter.safetensors");
+    let first = [&["--max-steps", "2", "--save-every", "2"][..], args].concat();
+    let o = train(data, &split, method, &first);
+    assert!(
+        o.status.success(),
+        "{tag}: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let ckpt = dir.join("b/adapter.step000002.ckpt.safetensors");
+    let resume = ["--max-steps", "4", "--resume", ckpt.to_str().unwrap()];
+    let o = train(data, &split, method, &[&resume[..], args].concat());
+    assert!(
+        o.status.success(),
+        "{tag}: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let (a, b) = (tensors(&straight), tensors(&split));
+    assert_eq!(a.len(), b.len());
+    for ((na, va), (nb, vb)) in a.iter().zip(&b) {
+        assert_eq!(na, nb);
+        assert!(va == vb, "{tag}: tensor {na} differs after resume");
+    }
+    let log = |p: &Path| std::fs::read_to_string(p.with_extension("loss.csv")).unwrap();
+    assert_eq!(log(&straight), log(&split), "{tag}: the loss logs differ");
+    ckpt
+}
