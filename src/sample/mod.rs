@@ -14,6 +14,7 @@ pub mod image_input;
 pub mod kdpm2;
 pub mod lcm;
 pub mod lms;
+mod loss_type;
 pub mod mask_crop;
 pub mod model_files;
 pub mod pipeline;

@@ -7,10 +7,11 @@
 //! and scratch block; the CUDA context itself, about 0.5 GiB, is outside them); on the CPU they
 //! are the tensors' storage.
 
+use super::batch::stack;
 use super::data::Role;
 use super::examples::Example;
 use super::optim::GradAccumulator;
-use super::trainer::{stack, Trainer};
+use super::trainer::Trainer;
 use crate::models::unet::CheckpointPolicy;
 use crate::tensor::memory::{memory_use, reset_peak};
 use crate::tensor::Rng;

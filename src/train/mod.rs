@@ -1,5 +1,6 @@
 //! Training: the cultural semantic loss, the optimizer, the loop and its checkpoints.
 
+mod batch;
 pub mod checkpoint;
 pub mod concepts;
 pub mod config;

@@ -3,18 +3,17 @@
 //! checkpoints and samples, a CSV log and a loss plot. Resuming from a checkpoint continues the
 //! same stream of random draws, so a resumed run equals an uninterrupted one bit for bit.
 
+use super::batch::{batch_key, new_epoch, stack, visited, CaptionEncoder};
 use super::checkpoint::{load_checkpoint, save_checkpoint, TrainState};
 pub use super::config::TrainConfig;
 use super::cultural::CulturalLoss;
-use super::data::{batches_per_epoch, epoch_batches, Dataset, Role};
+use super::data::{batches_per_epoch, Dataset, Role};
 use super::examples::{load_dataset, prepare_examples, Example, ExampleText, Prepared};
 use super::memory::{human, policy_name, AUTO_POLICIES};
 use super::optim::{GradAccumulator, Optimizer, Slot};
-use super::step::{training_loss, Conditioning, Losses, StepNoise};
+use super::step::StepNoise;
 use super::text::{text_encoder_trains, text_layer, TextEncoders};
 use crate::formats::adapter::{text_encoder_part, Adapter};
-use crate::models::clip::text::token_ids;
-use crate::models::clip::tokenizer::ClipTokenizer;
 use crate::models::unet::UNet2DConditionModel;
 use crate::nn::lora::LoraAdapter;
 use crate::sample::model_files::ModelFiles;
@@ -113,10 +112,10 @@ pub struct Trainer {
     /// frozen; empty when they train.
     pub(super) sample_embeds: Vec<(ExampleText, Option<ExampleText>)>,
     /// The empty caption as the step reads it, with `--caption-dropout`.
-    empty_text: Option<ExampleText>,
+    pub(super) empty_text: Option<ExampleText>,
     /// With `--shuffle-caption`: the tokenizers, and the frozen text encoders when they do not
     /// train, which encode every step's captions.
-    captions: Option<CaptionEncoder>,
+    pub(super) captions: Option<CaptionEncoder>,
     pub(super) files: ModelFiles,
     /// The VAE config whose scaling (and latent statistics) turns a latent into the UNet's x0.
     pub(super) latent_config: crate::models::vae::VaeConfig,
@@ -762,197 +761,6 @@ impl Trainer {
         })
     }
 
-    /// The next training example (reshuffling at epoch ends).
-    /// The next batch's example indices, starting a new epoch when this one is done.
-    fn next_batch(&mut self) -> Vec<usize> {
-        if self.state.pos >= self.state.order.len() {
-            self.state.epoch += 1;
-            self.state.pos = 0;
-            self.state.order = new_epoch(&self.examples, self.cfg.batch_size, &mut self.state.rng);
-        }
-        let batch = self.state.order[self.state.pos].clone();
-        self.state.pos += 1;
-        batch
-    }
-
-    /// A caption's context (1, 77, Dc) and pooled embedding (1, P): cached, or from the training
-    /// text encoders (on the tape).
-    pub(super) fn conditioning(&self, text: &ExampleText) -> Result<(Tensor, Tensor)> {
-        match (text, &self.text_encoders) {
-            (ExampleText::Cached { context, pooled }, _) => Ok((context.clone(), pooled.clone())),
-            (ExampleText::Tokens { ids_1, ids_2 }, Some(te)) => te.encode(ids_1, ids_2),
-            (ExampleText::Tokens { .. }, None) => Err(Error::msg(
-                "an example holds token ids but the run has no text encoders",
-            )),
-            (ExampleText::Caption(c), _) => self.encode_captions(&[c.as_str()]),
-        }
-    }
-
-    /// Captions (`--shuffle-caption`) tokenized and encoded together: context (B, 77, Dc) and
-    /// pooled (B, P), through the training text encoders (on the tape) or the frozen ones.
-    fn encode_captions(&self, captions: &[&str]) -> Result<(Tensor, Tensor)> {
-        let enc = self.captions.as_ref().ok_or_else(|| {
-            Error::msg("an example holds a caption but the run does not shuffle captions")
-        })?;
-        let prompts: Vec<String> = captions.iter().map(|c| c.to_string()).collect();
-        let ids_1 = token_ids(&enc.tok1.encode_batch(&prompts)?, self.cfg.device)?; // (B, 77)
-        let ids_2 = token_ids(&enc.tok2.encode_batch(&prompts)?, self.cfg.device)?;
-        match (&self.text_encoders, &enc.frozen) {
-            (Some(te), _) => te.encode(&ids_1, &ids_2),
-            (None, Some(te)) => crate::autograd::no_grad(|| te.encode(&ids_1, &ids_2)),
-            (None, None) => Err(Error::msg("--shuffle-caption without text encoders")),
-        }
-    }
-
-    /// The conditioning of a batch's captions: context (B, 77, Dc) and pooled (B, P). Token
-    /// ids go through the training text encoders together.
-    fn batch_conditioning(&self, texts: &[&ExampleText]) -> Result<(Tensor, Tensor)> {
-        if let [text] = texts {
-            return self.conditioning(text);
-        }
-        let mut ids = (Vec::new(), Vec::new());
-        let mut embeds = (Vec::new(), Vec::new());
-        let mut captions = Vec::new();
-        for text in texts {
-            match text {
-                ExampleText::Caption(c) => captions.push(c.as_str()),
-                ExampleText::Tokens { ids_1, ids_2 } => {
-                    ids.0.push(ids_1.clone());
-                    ids.1.push(ids_2.clone());
-                }
-                cached => {
-                    let (context, pooled) = self.conditioning(cached)?;
-                    embeds.0.push(context);
-                    embeds.1.push(pooled);
-                }
-            }
-        }
-        let kinds = [
-            !ids.0.is_empty(),
-            !embeds.0.is_empty(),
-            !captions.is_empty(),
-        ];
-        if kinds.iter().filter(|&&k| k).count() > 1 {
-            return Err(Error::msg(
-                "a batch mixes cached captions, token ids and captions: every caption of a run is \
-                 held one way",
-            ));
-        }
-        if !captions.is_empty() {
-            return self.encode_captions(&captions);
-        }
-        if !ids.0.is_empty() {
-            return self.conditioning(&ExampleText::Tokens {
-                ids_1: Tensor::cat(&ids.0, 0)?, // (B, 77)
-                ids_2: Tensor::cat(&ids.1, 0)?,
-            });
-        }
-        Ok((Tensor::cat(&embeds.0, 0)?, Tensor::cat(&embeds.1, 0)?))
-    }
-
-    /// Forward and backward of one micro-batch: examples `batch` (one latent size, one role),
-    /// read with captions `texts`, clean latents `x0` (B, 4, h, w), noise and timesteps `t`;
-    /// its gradients are added to `acc`.
-    pub(super) fn micro_batch(
-        &self,
-        batch: &[&Example],
-        texts: &[&ExampleText],
-        (x0, noise, t): (&Tensor, StepNoise<'_>, &[usize]),
-        schedule: &TrainSchedule,
-        params: &[(String, Tensor)],
-        acc: &mut GradAccumulator,
-    ) -> Result<Losses> {
-        let role = batch
-            .first()
-            .ok_or_else(|| Error::msg("an empty micro-batch"))?
-            .role;
-        if batch.iter().any(|ex| ex.role != role) {
-            return Err(Error::msg(
-                "a micro-batch mixes training and regularization pictures",
-            ));
-        }
-        let (context, pooled) = self.batch_conditioning(texts)?;
-        let time_ids = stack(batch.iter().map(|ex| ex.time_ids.clone()).collect())?; // (B, 6)
-        let cond = Conditioning {
-            context: &context,
-            pooled: &pooled,
-            time_ids: &time_ids,
-        };
-        let cultural = match role {
-            Role::Prior => None,
-            _ => self.cultural.as_ref().map(|c| (c, self.cfg.lambda)),
-        };
-        let mut losses = training_loss(&self.unet, cultural, schedule, x0, noise, t, &cond)?;
-        if role == Role::Prior {
-            losses.total = losses.total.scale(self.cfg.prior_loss_weight)?;
-        }
-        let grads = losses.total.backward()?;
-        acc.add(params, &grads)?;
-        Ok(losses)
-    }
-
-    /// The timesteps drawn, `[lo, hi)`: `--min-timestep` / `--max-timestep` within the schedule.
-    fn timestep_range(&self, schedule: &TrainSchedule) -> (usize, usize) {
-        let n = schedule.len();
-        (
-            self.cfg.min_timestep.unwrap_or(0),
-            self.cfg.max_timestep.unwrap_or(n),
-        )
-    }
-
-    /// The random draws of one visit of example `i`, timesteps from `[lo, hi)`.
-    fn draw_visit(&mut self, i: usize, (lo, hi): (usize, usize)) -> Result<Visit> {
-        let rng = &mut self.state.rng;
-        let device = self.cfg.device;
-        // Draw order is part of the resume contract: with --flip-aug whether the picture is
-        // mirrored, then the latent sample, timestep, noise, with --noise-offset the
-        // per-channel offsets, with --ip-noise-gamma the perturbation.
-        let mirrored = self.cfg.flip_aug && rng.uniform() < 0.5;
-        let ex = visited(&self.examples[i], mirrored);
-        let draw = Tensor::randn(ex.mean.dims().to_vec(), rng, DType::F32, device)?;
-        let z = ex.mean.add(&ex.logvar.scale(0.5)?.exp()?.mul(&draw)?)?; // (1, 4, h, w)
-        let x0 = self.latent_config.scale_latents(&z)?; // (1, 4, h, w)
-        let t = lo + rng.below((hi - lo) as u64) as usize;
-        let mut noise = Tensor::randn(x0.dims().to_vec(), rng, DType::F32, device)?;
-        if let Some(offset) = self.cfg.noise_offset {
-            let (b, c, _, _) = x0.dims4()?;
-            let shift = Tensor::randn(vec![b, c, 1, 1], rng, DType::F32, device)?.scale(offset)?; // (1, 4, 1, 1)
-            noise = noise.add(&shift)?; // (1, 4, h, w)
-        }
-        let perturbed = match self.cfg.ip_noise_gamma {
-            Some(g) => {
-                let xi = Tensor::randn(x0.dims().to_vec(), rng, DType::F32, device)?;
-                Some(noise.add(&xi.scale(g)?)?) // (1, 4, h, w)
-            }
-            None => None,
-        };
-        // Drawn after the noise, and only with --caption-dropout, so runs without it keep
-        // their draws; then, with --shuffle-caption, the tag order of a caption that stays.
-        let dropped = match (&self.empty_text, self.cfg.caption_dropout) {
-            (Some(_), Some(p)) => rng.uniform() < p,
-            _ => false,
-        };
-        let caption = match &ex.text {
-            ExampleText::Caption(c) if !dropped => Some(rewrite_tags(
-                c,
-                self.cfg.keep_tokens,
-                self.cfg.shuffle_caption,
-                self.cfg.caption_tag_dropout,
-                rng,
-            )),
-            _ => None,
-        };
-        Ok(Visit {
-            x0,
-            t,
-            noise,
-            perturbed,
-            dropped,
-            mirrored,
-            caption,
-        })
-    }
-
     /// One optimizer step: `grad_accum` micro-batches, then AdamW.
     pub fn step(&mut self) -> Result<StepLog> {
         let params = self.params();
@@ -1161,86 +969,6 @@ fn huber_settings(cfg: &TrainConfig) -> Result<Huber> {
     Ok(h)
 }
 
-/// What one visit of an example drew: its clean latents x0 (1, 4, h, w), timestep, noise, the
-/// perturbed noise (with --ip-noise-gamma) and whether its caption dropped out.
-struct Visit {
-    x0: Tensor,
-    t: usize,
-    noise: Tensor,
-    perturbed: Option<Tensor>,
-    dropped: bool,
-    /// Whether it trained on the mirrored picture (`--flip-aug`).
-    mirrored: bool,
-    /// Its caption with the tags reordered (`--shuffle-caption`).
-    caption: Option<String>,
-}
-
-/// The tokenizers and (when the text encoders do not train) the frozen encoders that turn
-/// shuffled captions into conditioning every step.
-pub(super) struct CaptionEncoder {
-    tok1: ClipTokenizer,
-    tok2: ClipTokenizer,
-    frozen: Option<TextEncoders>,
-}
-
-/// kohya's caption rewrite: the caption split at commas into trimmed tags; after the first
-/// `keep`, the rest shuffled (with `shuffle`), then each dropped with probability `drop`;
-/// joined by ", ". A caption without commas and `keep` 1 or more comes back trimmed and draws
-/// nothing.
-pub fn rewrite_tags(
-    caption: &str,
-    keep: usize,
-    shuffle: bool,
-    drop: Option<f64>,
-    rng: &mut Rng,
-) -> String {
-    let mut tags: Vec<&str> = caption.trim().split(',').map(str::trim).collect();
-    let keep = keep.min(tags.len());
-    if shuffle {
-        rng.shuffle(&mut tags[keep..]);
-    }
-    if let Some(p) = drop {
-        let mut kept = tags[..keep].to_vec();
-        for &tag in &tags[keep..] {
-            if rng.uniform() >= p {
-                kept.push(tag);
-            }
-        }
-        tags = kept;
-    }
-    tags.join(", ")
-}
-
-/// The example a visit trains on: `ex`, or its mirrored picture.
-fn visited(ex: &Example, mirrored: bool) -> &Example {
-    match (&ex.mirror, mirrored) {
-        (Some(m), true) => m,
-        _ => ex,
-    }
-}
-
-/// What a batch must share: the latent size (the bucket) and the role (the loss it trains on).
-fn batch_key(ex: &Example) -> (Vec<usize>, Role) {
-    (ex.mean.dims().to_vec(), ex.role)
-}
-
-/// A new epoch's batches: the training visits (each example `repeats` times) shuffled, then
-/// batched by bucket and role.
-fn new_epoch(examples: &[Example], batch_size: usize, rng: &mut Rng) -> Vec<Vec<usize>> {
-    let repeats: Vec<usize> = examples.iter().map(|e| e.repeats).collect();
-    let mut order = Dataset::epoch_order(&repeats);
-    rng.shuffle(&mut order);
-    epoch_batches(&order, |i| batch_key(&examples[i]), batch_size, rng)
-}
-
-/// Per-example tensors stacked along the batch dimension; one tensor is passed through as is.
-pub(super) fn stack(mut parts: Vec<Tensor>) -> Result<Tensor> {
-    match parts.len() {
-        1 => Ok(parts.remove(0)),
-        _ => Tensor::cat(&parts, 0),
-    }
-}
-
 /// (step, loss) pairs of a CSV log.
 pub fn read_loss_log(path: &Path) -> Result<Vec<(u64, f64)>> {
     let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
@@ -1254,58 +982,4 @@ pub fn read_loss_log(path: &Path) -> Result<Vec<(u64, f64)>> {
             Some((step, it.next()?.parse().ok()?))
         })
         .collect())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::rewrite_tags;
-    use crate::tensor::Rng;
-
-    /// The kept tags stay first, the rest are a permutation of the caption's, joined as kohya
-    /// joins them; one tag (no comma) comes back trimmed and draws nothing. Tag dropout keeps
-    /// the kept tags and the order of the others.
-    #[test]
-    fn tags_shuffle_and_drop_after_the_kept_ones() {
-        let mut rng = Rng::new(3);
-        let caption = " [v], red roof,snow , night, palace ";
-        let mut seen = std::collections::BTreeSet::new();
-        for _ in 0..20 {
-            let s = rewrite_tags(caption, 1, true, None, &mut rng);
-            let tags: Vec<&str> = s.split(", ").collect();
-            assert_eq!(tags[0], "[v]");
-            let mut rest = tags[1..].to_vec();
-            rest.sort();
-            assert_eq!(rest, ["night", "palace", "red roof", "snow"]);
-            seen.insert(s);
-        }
-        assert!(seen.len() > 5, "{seen:?}");
-        assert_eq!(rewrite_tags("a b c", 0, true, None, &mut rng), "a b c");
-        assert_eq!(rewrite_tags("x, y", 5, true, None, &mut rng), "x, y");
-        let before = rng.clone();
-        assert_eq!(
-            rewrite_tags(" one tag ", 0, true, None, &mut rng),
-            "one tag"
-        );
-        assert_eq!(rng, before);
-        // Tag dropout: never the kept tags; at 1 every other tag goes, at 0.5 some do.
-        let all = "[v], a, b, c, d, e, f, g";
-        assert_eq!(rewrite_tags(all, 1, false, Some(1.0), &mut rng), "[v]");
-        assert_eq!(rewrite_tags(all, 2, true, Some(1.0), &mut rng), "[v], a");
-        let counts: Vec<usize> = (0..20)
-            .map(|_| {
-                rewrite_tags(all, 1, false, Some(0.5), &mut rng)
-                    .split(", ")
-                    .count()
-            })
-            .collect();
-        assert!(counts.iter().all(|&n| (1..=8).contains(&n)), "{counts:?}");
-        assert!(
-            counts.iter().any(|&n| n < 8) && counts.iter().any(|&n| n > 1),
-            "{counts:?}"
-        );
-        // Without the shuffle the tags that stay keep their order: a subsequence of `all`.
-        let left = rewrite_tags(all, 0, false, Some(0.5), &mut rng);
-        let mut rest = all.split(", ");
-        assert!(left.split(", ").all(|t| rest.any(|u| u == t)), "{left}");
-    }
 }
