@@ -176,6 +176,7 @@ fn verify_passes_every_case_on_the_tiny_fixtures() {
         "train_min_snr",
         "train_ip_noise",
         "train_loss_types",
+        "train_clip_grad",
         "lora_lycoris",
         "lora_peft",
         "lora_export",

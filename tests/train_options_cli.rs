@@ -61,7 +61,7 @@ fn lr_schedules_set_each_steps_rate() {
     let logged: Vec<f64> = csv
         .lines()
         .skip(1)
-        .map(|l| l.rsplit(',').next().unwrap().parse().unwrap())
+        .map(|l| l.split(',').nth(5).unwrap().parse().unwrap())
         .collect();
     let want: Vec<f64> = (1..=5)
         .map(|s| 0.001 * schedule.factor(s, 5, 0.001))

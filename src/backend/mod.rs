@@ -808,6 +808,19 @@ pub mod ops {
         }
     }
 
+    /// The sum of squares of a whole flat f32 buffer, read back to the host: the squared global
+    /// gradient norm (clipping, the loss log). The CPU sums in f64; CUDA in f32 per block.
+    pub fn sqnorm(flat: &Storage) -> Result<f64> {
+        match flat {
+            Storage::Cpu(CpuStorage::F32(x)) => Ok(cpu::optim::sqnorm(x)),
+            Storage::Cuda(x) if x.dtype() == DType::F32 => coptim::sqnorm(x.dev(), x),
+            f => Err(Error::DType {
+                op: "sqnorm (flat f32 buffer)",
+                dtype: f.dtype(),
+            }),
+        }
+    }
+
     /// `flat[offset .. offset + n] += part` for every `(part, offset)`: contiguous f32 parts
     /// summed into a flat f32 buffer on the same device (one launch on CUDA, however many parts).
     pub fn gather_add(flat: &mut Storage, parts: &[(Arg, usize)]) -> Result<()> {

@@ -135,6 +135,7 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
         prior_loss_weight: 1.0,
         val_data: None,
         val_every: None,
+        max_grad_norm: None,
         checkpointing: Some(CheckpointPolicy::EveryBlock),
         memory_budget: None,
         cache_dir: None,

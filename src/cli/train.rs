@@ -139,6 +139,12 @@ pub struct Args {
     /// AdamW's epsilon, added to the root of the second moment (diffusers' --adam_epsilon).
     #[arg(long, default_value_t = 1e-8)]
     pub adam_epsilon: f64,
+    /// Clip the global gradient norm (every trainable tensor together, of the mean over the
+    /// micro-batches) to this before each step, as torch.nn.utils.clip_grad_norm_ (kohya's and
+    /// diffusers' --max_grad_norm, which default to 1). Unset or 0: no clipping, KSTYLE.md's
+    /// recipe. The norm before clipping is logged every step (grad_norm in the loss CSV)
+    #[arg(long, allow_negative_numbers = true)]
+    pub max_grad_norm: Option<f64>,
     #[arg(long, default_value_t = 4)]
     pub grad_accum: usize,
     /// Pictures per micro-batch (kohya's --train_batch_size): visits of one bucket (and one
@@ -382,6 +388,8 @@ pub fn config_from(a: &Args) -> anyhow::Result<TrainConfig> {
             eps: a.adam_epsilon,
             weight_decay: a.weight_decay,
         },
+        // 0 is off, as kohya and diffusers read it.
+        max_grad_norm: a.max_grad_norm.filter(|&n| n != 0.0),
         schedule,
         grad_accum: a.grad_accum,
         batch_size: a.batch_size,
@@ -438,7 +446,10 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
     trainer.run(|s| {
         bar.set_position(s.step);
         let val = s.val.map_or(String::new(), |v| format!(" val {v:.4}"));
-        bar.set_message(format!("loss {:.4} lr {:.2e}{val}", s.loss, s.lr));
+        bar.set_message(format!(
+            "loss {:.4} lr {:.2e} grad norm {:.3e}{val}",
+            s.loss, s.lr, s.grad_norm
+        ));
     })?;
     bar.finish();
     let o = &trainer.outputs;

@@ -63,6 +63,10 @@ pub struct TrainConfig {
     /// Side of the pooled latent in the cultural loss; latent side / 8 when None (16 at 1024²).
     pub cultural_pool: Option<usize>,
     pub adamw: AdamW,
+    /// Clip the global norm of each step's mean gradient (every trainable together) to this, as
+    /// `torch.nn.utils.clip_grad_norm_` does (kohya's and diffusers' `--max_grad_norm`). None:
+    /// no clipping (KSTYLE.md's recipe).
+    pub max_grad_norm: Option<f64>,
     pub schedule: LrSchedule,
     pub grad_accum: usize,
     /// Pictures per micro-batch (kohya's `--train_batch_size`): visits of one bucket and one
@@ -243,6 +247,10 @@ impl TrainConfig {
                 format!("{},{}", c.adamw.beta1, c.adamw.beta2),
             ),
             ("adam_epsilon".to_string(), c.adamw.eps.to_string()),
+            (
+                "max_grad_norm".to_string(),
+                c.max_grad_norm.map_or("none".into(), |n| n.to_string()),
+            ),
             (
                 "train_text_encoder".to_string(),
                 c.train_text_encoder.to_string(),

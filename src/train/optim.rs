@@ -335,6 +335,39 @@ impl GradAccumulator {
     pub fn mean_scale(&self) -> f32 {
         1.0 / self.count.max(1) as f32
     }
+
+    /// The global L2 norm of the mean gradient: every trainable together, as
+    /// `torch.nn.utils.clip_grad_norm_` measures it (one reduction; on CUDA, one scalar read).
+    pub fn mean_norm(&self) -> Result<f64> {
+        let sq = ops::sqnorm(&self.sum.storage())?;
+        Ok(self.mean_scale() as f64 * sq.sqrt())
+    }
+
+    /// The mean gradient's norm, and the scale [`Optimizer::step`] applies to the sum: the
+    /// mean's, times [`clip_factor`] when clipping to `max_norm`.
+    pub fn clipped(&self, max_norm: Option<f64>) -> Result<Clipped> {
+        let norm = self.mean_norm()?;
+        let factor = max_norm.map_or(1.0, |max| clip_factor(norm, max));
+        Ok(Clipped {
+            norm,
+            scale: (self.mean_scale() as f64 * factor) as f32,
+        })
+    }
+}
+
+/// A step's gradient measured and, where asked, clipped (see [`GradAccumulator::clipped`]).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Clipped {
+    /// The global norm of the mean gradient, before clipping.
+    pub norm: f64,
+    /// The factor the optimizer applies to the accumulated sum.
+    pub scale: f32,
+}
+
+/// The factor `torch.nn.utils.clip_grad_norm_` scales gradients of global norm `norm` by to clip
+/// them to `max_norm`: `max_norm / (norm + 1e-6)`, at most 1.
+pub fn clip_factor(norm: f64, max_norm: f64) -> f64 {
+    (max_norm / (norm + 1e-6)).min(1.0)
 }
 
 #[cfg(test)]
@@ -448,6 +481,55 @@ mod tests {
             adamw_step(&h, 1, s, &grads[i].to_vec_f32().unwrap(), 1.0);
             assert_eq!(p.to_vec_f32().unwrap(), want, "p{i}");
         }
+    }
+
+    /// The norm is the mean gradient's, over every slot together; clipping scales the sum so
+    /// the mean gradient's norm becomes the bound (PyTorch's 1e-6 aside), and a bound above the
+    /// norm leaves the mean's scale exactly.
+    #[test]
+    fn clipping_bounds_the_mean_gradients_global_norm() {
+        let params = vars(&[3, 5], 8);
+        let opt = Optimizer::new(AdamW::default(), &params).unwrap();
+        let mut acc = GradAccumulator::new(&opt).unwrap();
+        let mut sum = [0f64; 8];
+        for seed in [9, 10] {
+            let mut store = GradStore::default();
+            let grads = vars(&[3, 5], seed);
+            for ((_, p), (_, g)) in params.iter().zip(&grads) {
+                store.insert(p.id(), g.clone());
+            }
+            let flat: Vec<f32> = grads
+                .iter()
+                .flat_map(|(_, g)| g.to_vec_f32().unwrap())
+                .collect();
+            for (s, g) in sum.iter_mut().zip(flat) {
+                *s += g as f64;
+            }
+            acc.add(&params, &store).unwrap();
+        }
+        let want = sum
+            .iter()
+            .map(|s| (s / 2.0) * (s / 2.0))
+            .sum::<f64>()
+            .sqrt();
+        let free = acc.clipped(None).unwrap();
+        assert!(
+            (free.norm - want).abs() <= 1e-6 * want,
+            "{} vs {want}",
+            free.norm
+        );
+        assert_eq!(free.scale, 0.5);
+        assert_eq!(acc.clipped(Some(2.0 * want)).unwrap().scale, 0.5);
+        let tight = acc.clipped(Some(want / 4.0)).unwrap();
+        assert_eq!(tight.norm, free.norm);
+        let clipped_norm = tight.scale as f64 / 0.5 * free.norm;
+        assert!(
+            (clipped_norm - want / 4.0).abs() <= 1e-5 * want,
+            "{clipped_norm} vs {}",
+            want / 4.0
+        );
+        assert_eq!(clip_factor(1.0, 3.0), 1.0);
+        assert_eq!(clip_factor(4.0, 1.0), 1.0 / (4.0 + 1e-6));
     }
 
     #[test]

@@ -35,6 +35,8 @@ pub struct StepLog {
     pub diffusion: f64,
     pub cultural: Option<f64>,
     pub lr: f64,
+    /// The global L2 norm of the step's mean gradient, before any clipping.
+    pub grad_norm: f64,
     /// The validation loss after this step, when one was due.
     pub val: Option<f64>,
 }
@@ -158,6 +160,11 @@ impl Trainer {
             return Err(Error::Config(format!(
                 "--adam-epsilon must be a positive number, got {}",
                 adam.eps
+            )));
+        }
+        if let Some(n) = cfg.max_grad_norm.filter(|n| !(n.is_finite() && *n > 0.0)) {
+            return Err(Error::Config(format!(
+                "--max-grad-norm must be a positive number (0 turns clipping off), got {n}"
             )));
         }
         if !(adam.weight_decay.is_finite() && adam.weight_decay >= 0.0) {
@@ -825,15 +832,25 @@ impl Trainer {
                 .factor(self.state.step + 1, self.total_steps, self.cfg.adamw.lr);
         let lr = self.cfg.adamw.lr * factor;
         let groups = self.lr_groups(&params, factor);
-        self.optimizer
-            .step_groups(&params, &acc.sum, acc.mean_scale(), &groups)?;
-        self.state.step += 1;
-        if let Some(bad) = [loss, diffusion].iter().find(|v| !v.is_finite()) {
+        // Checked before the step, so a bad step never reaches the adapter's values.
+        let clipped = acc.clipped(self.cfg.max_grad_norm)?;
+        let grad_norm = clipped.norm;
+        let bad = [
+            (loss, "loss"),
+            (diffusion, "loss"),
+            (grad_norm, "gradient norm"),
+        ]
+        .into_iter()
+        .find(|(v, _)| !v.is_finite());
+        if let Some((v, what)) = bad {
             return Err(Error::msg(format!(
-                "loss became {bad} at step {}: lower --lr or check the data",
-                self.state.step
+                "{what} became {v} at step {}: lower --lr or check the data",
+                self.state.step + 1
             )));
         }
+        self.optimizer
+            .step_groups(&params, &acc.sum, clipped.scale, &groups)?;
+        self.state.step += 1;
         Ok(StepLog {
             step: self.state.step,
             epoch: self.state.epoch,
@@ -841,6 +858,7 @@ impl Trainer {
             diffusion: diffusion / n,
             cultural: self.cultural.as_ref().map(|_| cultural / n),
             lr,
+            grad_norm,
             val: None,
         })
     }
@@ -878,7 +896,7 @@ impl Trainer {
             .open(&self.outputs.log_csv)
             .map_err(|e| Error::io(&self.outputs.log_csv, e))?;
         if self.cfg.resume.is_none() || !csv_exists {
-            writeln!(csv, "step,epoch,loss,diffusion,cultural,lr")
+            writeln!(csv, "step,epoch,loss,diffusion,cultural,lr,grad_norm")
                 .map_err(|e| Error::io(&self.outputs.log_csv, e))?;
         }
         if self.cfg.resume.is_none() && self.outputs.val_csv.exists() {
@@ -896,8 +914,8 @@ impl Trainer {
             let cult = log.cultural.map_or(String::new(), |c| format!("{c}"));
             writeln!(
                 csv,
-                "{},{},{},{},{},{}",
-                log.step, log.epoch, log.loss, log.diffusion, cult, log.lr
+                "{},{},{},{},{},{},{}",
+                log.step, log.epoch, log.loss, log.diffusion, cult, log.lr, log.grad_norm
             )
             .map_err(|e| Error::io(&self.outputs.log_csv, e))?;
             csv.flush()

@@ -246,6 +246,11 @@ pub fn cases() -> Vec<(&'static str, &'static str, CaseFn)> {
             train_cases::train_loss_types,
         ),
         (
+            "train_clip_grad",
+            "../../extra/train_clip_grad.safetensors",
+            train_cases::train_clip_grad,
+        ),
+        (
             "train_edm",
             "../../extra/train_edm.safetensors",
             train_edm_case::train_edm,

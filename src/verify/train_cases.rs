@@ -10,7 +10,7 @@ use crate::sample::schedule::Prediction;
 use crate::sample::{SchedulerConfig, TrainSchedule};
 use crate::tensor::{Rng, SafeTensorsFile};
 use crate::train::cultural::CulturalLoss;
-use crate::train::optim::Optimizer;
+use crate::train::optim::{GradAccumulator, Optimizer};
 use crate::train::step::{training_loss, Conditioning, Losses, StepNoise};
 use crate::{DType, Error, Result, Tensor};
 
@@ -468,4 +468,119 @@ pub(super) fn check_stored_grads(
         )));
     }
     Ok(())
+}
+
+/// Global gradient-norm clipping over two steps (`tests/fixtures/extra/gen_train_clip_grad.py`):
+/// each case's setup trains at its reference timesteps, then, from the values that step left,
+/// at the second step's, clipping to the case's max_norm (the first step clips, the second does
+/// not; AdamW's moments carry the clipped gradient into the second update). Each step's loss,
+/// norm and clip factor; then the update of one module and of the cultural projection, and the
+/// squared norm of the whole update.
+pub fn train_clip_grad(ctx: &Ctx) -> Result<Vec<Row>> {
+    let f = SafeTensorsFile::open(ctx.reference("../../extra/train_clip_grad.safetensors"))?;
+    let mut chk = Checker::new("train_clip_grad");
+    let schedule = TrainSchedule::sdxl();
+    let cpu = crate::Device::Cpu;
+    let vector = |v: Vec<f64>| {
+        let n = v.len();
+        Tensor::from_vec(v, n, cpu)
+    };
+    for case in f.meta_str("cases")?.split(',') {
+        let meta = |k: &str| f.meta_str(&format!("{case}.{k}")).map(String::from);
+        let max = f.meta_f64(&format!("{case}.max_norm"))?;
+        let setup =
+            SafeTensorsFile::open(ctx.reference(&format!("{}.safetensors", meta("setup")?)))?;
+        let mut step = Step::load(ctx, &setup)?;
+        let hyper = adamw_from(&setup)?;
+        let mut opt = Optimizer::new(hyper, &step.params)?;
+        let before: Vec<Vec<f64>> = step
+            .params
+            .iter()
+            .map(|(_, p)| p.to_vec_f64())
+            .collect::<Result<_>>()?;
+        let (mut losses, mut norms, mut factors) = (vec![], vec![], vec![]);
+        for (k, steps) in meta("timesteps")?.split(';').enumerate() {
+            step.t = steps
+                .split(',')
+                .map(|v| v.parse().map_err(|_| Error::msg(format!("timestep `{v}`"))))
+                .collect::<Result<_>>()?;
+            let l = step.losses(&schedule)?;
+            losses.push(l.total.to_scalar()?);
+            let grads = l.total.backward()?;
+            let prefix = format!("{case}.grad{}.", k + 1);
+            let tol = ctx.grad.grad_with_floor(max_norm(&f, &prefix)?);
+            for key in f.names().filter(|n| n.starts_with(&prefix)) {
+                let name = &key[prefix.len()..];
+                let g = step
+                    .params
+                    .iter()
+                    .find(|(n, _)| n == name)
+                    .and_then(|(_, p)| grads.get(p))
+                    .ok_or_else(|| Error::msg(format!("{key}: no such trainable gradient")))?;
+                chk.check(key, g, &f.tensor(key)?, tol)?;
+            }
+            let mut acc = GradAccumulator::new(&opt)?;
+            acc.add(&step.params, &grads)?;
+            let clipped = acc.clipped(Some(max))?;
+            norms.push(clipped.norm);
+            factors.push(clipped.scale as f64 / acc.mean_scale() as f64);
+            opt.step(&step.params, &acc.sum, clipped.scale, hyper.lr)?;
+        }
+        for (name, got) in [("loss.total", losses), ("norm", norms), ("factor", factors)] {
+            let name = format!("{case}.{name}");
+            chk.check(&name, &vector(got)?, &f.tensor(&name)?, ctx.forward)?;
+        }
+        // The moments hold the clipped gradients at full precision, tensor by tensor (the second
+        // as its root, AdamW's denominator, which spans the gradients' range, not its square,
+        // so the tolerance floor over the family means the same as for gradients). The updates
+        // are differences of f32 values, which resolve an update of 1e-6 (the spatial MLPs',
+        // whose gradients sit below AdamW's epsilon) only to about 1e-2: they are compared as
+        // one vector, as train_step compares its updates.
+        let root = |t: Tensor| t.sqrt();
+        let mut moments = vec![];
+        for (what, rooted) in [("exp_avg", false), ("exp_avg_sq", true)] {
+            let prefix = format!("{case}.{what}.");
+            let mut floor: f64 = 0.0;
+            for key in f.names().filter(|n| n.starts_with(&prefix)) {
+                let t = f.tensor(key)?;
+                let t = if rooted { root(t)? } else { t };
+                floor = floor.max(crate::tolerance::l2(&t.to_vec_f64()?));
+            }
+            moments.push((what, rooted, ctx.grad.grad_with_floor(floor)));
+        }
+        let (mut sq, mut ours, mut theirs) = (0.0, vec![], vec![]);
+        for (((name, p), b), slot) in step.params.iter().zip(&before).zip(&opt.slots) {
+            let u: Vec<f64> = p.to_vec_f64()?.iter().zip(b).map(|(a, b)| a - b).collect();
+            sq += u.iter().map(|v| v * v).sum::<f64>();
+            let key = format!("{case}.update.{name}");
+            if !f.contains(&key) {
+                continue;
+            }
+            ours.extend(u);
+            theirs.extend(f.tensor(&key)?.to_vec_f64()?);
+            let [_, m, v] = opt.slot_state(slot)?;
+            for (&(what, rooted, tol), got) in moments.iter().zip([m, v]) {
+                let key = format!("{case}.{what}.{name}");
+                let (got, want) = (got.reshape(p.dims())?, f.tensor(&key)?);
+                match rooted {
+                    false => chk.check(&key, &got, &want, tol)?,
+                    true => {
+                        let key = format!("{case}.sqrt({what}).{name}");
+                        chk.check(&key, &root(got)?, &root(want)?, tol)?
+                    }
+                }
+            }
+        }
+        let stored = f.names().filter(|n| n.contains(".update.")).count();
+        if ours.is_empty() || ours.len() != theirs.len() || stored == 0 {
+            return Err(Error::msg(format!(
+                "{case}: the stored updates do not match the trainable tensors"
+            )));
+        }
+        let name = format!("{case}.update (the stored tensors' updates, as one vector)");
+        chk.check(&name, &vector(ours)?, &vector(theirs)?, ctx.grad)?;
+        let name = format!("{case}.update_sqnorm");
+        chk.check(&name, &vector(vec![sq])?, &f.tensor(&name)?, ctx.grad)?;
+    }
+    Ok(chk.rows)
 }

@@ -51,6 +51,17 @@ pub fn adamw_step(h: &AdamW, t: u64, s: State<'_, [f32]>, g: &[f32], grad_scale:
     }
 }
 
+/// The sum of squares of `x` in f64 (the squared global gradient norm). Fixed chunks summed in
+/// order, so the result does not depend on how the work was spread over the cores.
+pub fn sqnorm(x: &[f32]) -> f64 {
+    use rayon::prelude::*;
+    let partial: Vec<f64> = x
+        .par_chunks(1 << 16)
+        .map(|c| c.iter().map(|&v| v as f64 * v as f64).sum())
+        .collect();
+    partial.iter().sum()
+}
+
 /// `flat[offset .. offset + part.len()] += part`.
 pub fn gather_add(flat: &mut [f32], part: &[f32], offset: usize) {
     for (d, &s) in flat[offset..offset + part.len()].iter_mut().zip(part) {

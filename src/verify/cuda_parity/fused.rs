@@ -525,6 +525,27 @@ pub(super) fn adamw(r: &mut Run) -> Result<()> {
     Ok(())
 }
 
+/// The squared global norm of flat gradients (clipping and the loss log): one element, one
+/// block's worth and one past it, and enough for every one of the 1,024 partial sums to take
+/// several grid strides.
+pub(super) fn sqnorm(r: &mut Run) -> Result<()> {
+    for n in [1usize, 256, 257, 3_000_017] {
+        let (c, g) = r.randn(&[n], DType::F32)?;
+        let norm = |t: &Tensor| -> Result<Tensor> {
+            let v = ops::sqnorm(&t.storage())?;
+            Tensor::from_vec(vec![v as f32], 1, Device::Cpu)
+        };
+        r.check(
+            format!("sqnorm of {n}"),
+            DType::F32,
+            &norm(&g)?,
+            &norm(&c)?,
+            false,
+        )?;
+    }
+    Ok(())
+}
+
 /// The optimizer's multi-tensor passes: gradients of odd sizes (one element, exactly one piece,
 /// one past it, several pieces) summed into a flat buffer at gapped offsets, twice, and the flat
 /// buffer copied back out into f32, bf16 and f16 tensors.

@@ -183,7 +183,7 @@ mod fused;
 
 use basic::{elementwise, matmul, reduce};
 use float8::float8;
-use fused::{adamw, attention, conv, lora, multi_tensor, norm, pool};
+use fused::{adamw, attention, conv, lora, multi_tensor, norm, pool, sqnorm};
 
 type Family = fn(&mut Run, DType) -> Result<()>;
 
@@ -223,6 +223,8 @@ pub fn run(ordinal: usize, filter: Option<&str>, seed: u64) -> Result<Vec<Parity
         let res = adamw(&mut r);
         r.guard("optim", DType::F32, res);
         let res = multi_tensor(&mut r);
+        r.guard("optim", DType::F32, res);
+        let res = sqnorm(&mut r);
         r.guard("optim", DType::F32, res);
     }
     Ok(r.rows)
