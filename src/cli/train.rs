@@ -10,6 +10,7 @@ use kstyle::sample::schedule::{HuberSchedule, LossType};
 use kstyle::train::concepts::{default_concepts, load_concepts};
 use kstyle::train::data::CaptionSource;
 use kstyle::train::lr::{LrSchedule, LrShape};
+use kstyle::train::noise::{Multires, NoiseOffset};
 use kstyle::train::samples::{parse_prompt_file, SamplePrompt};
 use kstyle::train::trainer::{TrainConfig, Trainer};
 use std::path::PathBuf;
@@ -88,12 +89,32 @@ pub struct Args {
     /// brighter pictures. Off by default.
     #[arg(long, allow_negative_numbers = true)]
     pub noise_offset: Option<f64>,
+    /// Each visit's noise offset times one U[0, 1) draw (kohya's --noise_offset_random_strength)
+    #[arg(long)]
+    pub noise_offset_random_strength: bool,
+    /// kohya's --adaptive_noise_scale: each channel's offset also gets this times |the channel's
+    /// mean latent| (floored at 0), so bright and dark pictures get a larger shift; needs
+    /// --noise-offset
+    #[arg(long, allow_negative_numbers = true)]
+    pub adaptive_noise_scale: Option<f64>,
+    /// Multi-resolution ("pyramid") noise, kohya's --multires_noise_iterations: up to N levels of
+    /// coarser N(0, 1) noise (each 2 to 4 times smaller than the last) resized up and added,
+    /// then rescaled to unit spread, which teaches low-frequency changes (kohya suggests 6 to
+    /// 10). After the noise offset. Off by default
+    #[arg(long)]
+    pub multires_noise_iterations: Option<usize>,
+    /// The weight of level i is this to the power i (kohya's --multires_noise_discount)
+    #[arg(long, allow_negative_numbers = true)]
+    pub multires_noise_discount: Option<f64>,
     /// Input perturbation, as kohya's --ip_noise_gamma and diffusers' --input_perturbation
     /// (Ning et al. 2023): the noisy latents are built from noise + gamma x a fresh N(0, 1)
     /// draw while the loss still targets the noise; 0.1 is the paper's and kohya's suggestion.
     /// Off by default.
     #[arg(long, allow_negative_numbers = true)]
     pub ip_noise_gamma: Option<f64>,
+    /// Each visit's gamma times one U[0, 1) draw (kohya's --ip_noise_gamma_random_strength)
+    #[arg(long)]
+    pub ip_noise_gamma_random_strength: bool,
     /// Draw training timesteps from [min, max) only (kohya's --min_timestep / --max_timestep;
     /// defaults 0 and the schedule's length, 1000 for SDXL): high ranges teach composition,
     /// low ranges detail.
@@ -338,6 +359,7 @@ pub fn config_from(a: &Args) -> anyhow::Result<TrainConfig> {
         shape,
         warmup: a.warmup,
     };
+    let (noise_offset, multires) = noise_options(a)?;
     let defaults = SamplePrompt::new("", a.resolution, a.sample_steps, a.seed);
     let sample_prompts = match (&a.sample_prompt, &a.sample_prompts) {
         (Some(p), _) => vec![SamplePrompt {
@@ -375,9 +397,11 @@ pub fn config_from(a: &Args) -> anyhow::Result<TrainConfig> {
         huber_schedule: a.huber_schedule.map(Into::into),
         huber_c: a.huber_c,
         huber_scale: a.huber_scale,
-        noise_offset: a.noise_offset,
+        noise_offset,
+        multires,
         // 0 is off: no draws, so the run equals one without the flag (kohya reads 0 as off).
         ip_noise_gamma: a.ip_noise_gamma.filter(|&g| g != 0.0),
+        ip_noise_random_strength: a.ip_noise_gamma_random_strength,
         min_timestep: a.min_timestep,
         max_timestep: a.max_timestep,
         cultural_pool: a.cultural_pool,
@@ -427,6 +451,40 @@ pub fn config_from(a: &Args) -> anyhow::Result<TrainConfig> {
         val_data: a.val_data.clone(),
         val_every: a.val_every,
     })
+}
+
+/// The noise offset (with its random strength and adaptive scale) and the multi-resolution
+/// noise of `a`. 0 turns the offset and the pyramid off, as kohya reads 0; the modifiers of an
+/// option that is off are refused, not ignored.
+fn noise_options(a: &Args) -> anyhow::Result<(Option<NoiseOffset>, Option<Multires>)> {
+    let offset = a.noise_offset.filter(|&o| o != 0.0);
+    if offset.is_none() && (a.noise_offset_random_strength || a.adaptive_noise_scale.is_some()) {
+        anyhow::bail!(
+            "--noise-offset-random-strength and --adaptive-noise-scale modify --noise-offset, \
+             which is not set"
+        );
+    }
+    if let Some(s) = a.adaptive_noise_scale.filter(|s| !s.is_finite()) {
+        anyhow::bail!("--adaptive-noise-scale must be a number, got {s}");
+    }
+    let iterations = a.multires_noise_iterations.filter(|&n| n != 0);
+    if iterations.is_none() && a.multires_noise_discount.is_some() {
+        anyhow::bail!("--multires-noise-discount needs --multires-noise-iterations");
+    }
+    let discount = a.multires_noise_discount.unwrap_or(0.3);
+    if !(discount.is_finite() && discount >= 0.0) {
+        anyhow::bail!("--multires-noise-discount must be a number of 0 or more, got {discount}");
+    }
+    let offset = offset.map(|offset| NoiseOffset {
+        offset,
+        random_strength: a.noise_offset_random_strength,
+        adaptive: a.adaptive_noise_scale,
+    });
+    let multires = iterations.map(|iterations| Multires {
+        iterations,
+        discount,
+    });
+    Ok((offset, multires))
 }
 
 pub fn run(a: Args) -> anyhow::Result<ExitCode> {

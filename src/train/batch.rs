@@ -157,8 +157,10 @@ impl Trainer {
         let rng = &mut self.state.rng;
         let device = self.cfg.device;
         // Draw order is part of the resume contract: with --flip-aug whether the picture is
-        // mirrored, then the latent sample, timestep, noise, with --noise-offset the
-        // per-channel offsets, with --ip-noise-gamma the perturbation.
+        // mirrored, then the latent sample, timestep, noise, with --noise-offset its random
+        // strength (when asked) and the per-channel offsets, with --multires-noise-iterations
+        // each level's size and noise, with --ip-noise-gamma its random strength (when asked)
+        // and the perturbation.
         let mirrored = self.cfg.flip_aug && rng.uniform() < 0.5;
         let ex = visited(&self.examples[i], mirrored);
         let draw = Tensor::randn(ex.mean.dims().to_vec(), rng, DType::F32, device)?;
@@ -166,13 +168,18 @@ impl Trainer {
         let x0 = self.latent_config.scale_latents(&z)?; // (1, 4, h, w)
         let t = lo + rng.below((hi - lo) as u64) as usize;
         let mut noise = Tensor::randn(x0.dims().to_vec(), rng, DType::F32, device)?;
-        if let Some(offset) = self.cfg.noise_offset {
-            let (b, c, _, _) = x0.dims4()?;
-            let shift = Tensor::randn(vec![b, c, 1, 1], rng, DType::F32, device)?.scale(offset)?; // (1, 4, 1, 1)
-            noise = noise.add(&shift)?; // (1, 4, h, w)
+        if let Some(offset) = &self.cfg.noise_offset {
+            noise = offset.apply(&noise, &x0, rng)?; // (1, 4, h, w)
+        }
+        if let Some(multires) = &self.cfg.multires {
+            noise = multires.apply(&noise, rng)?; // (1, 4, h, w)
         }
         let perturbed = match self.cfg.ip_noise_gamma {
             Some(g) => {
+                let g = match self.cfg.ip_noise_random_strength {
+                    true => rng.uniform() * g,
+                    false => g,
+                };
                 let xi = Tensor::randn(x0.dims().to_vec(), rng, DType::F32, device)?;
                 Some(noise.add(&xi.scale(g)?)?) // (1, 4, h, w)
             }

@@ -3,6 +3,7 @@
 
 use super::data::CaptionSource;
 use super::lr::LrSchedule;
+use super::noise::{Multires, NoiseOffset};
 use super::samples::SamplePrompt;
 use crate::backend::cpu::optim::AdamW;
 use crate::formats::adapter::Method;
@@ -49,12 +50,17 @@ pub struct TrainConfig {
     pub huber_scale: Option<f64>,
     /// Noise offset (diffusers' and kohya's `--noise_offset`): each sample's noise gets
     /// `offset * n_c` added, one N(0, 1) draw `n_c` per latent channel, so the model learns to
-    /// shift the mean brightness. None: plain N(0, 1) noise.
-    pub noise_offset: Option<f64>,
+    /// shift the mean brightness; with kohya's random strength and adaptive scale (see
+    /// [`NoiseOffset`]). None: plain N(0, 1) noise.
+    pub noise_offset: Option<NoiseOffset>,
+    /// kohya's multi-resolution ("pyramid") noise (see [`Multires`]), after the offset.
+    pub multires: Option<Multires>,
     /// Input perturbation (kohya's `--ip_noise_gamma`, diffusers' `--input_perturbation`): the
     /// noisy latents are built from `noise + gamma * xi`, one fresh N(0, 1) draw `xi` per
     /// element, while the target keeps `noise`. None (or 0): off.
     pub ip_noise_gamma: Option<f64>,
+    /// kohya's `--ip_noise_gamma_random_strength`: gamma times one U[0, 1) draw per visit.
+    pub ip_noise_random_strength: bool,
     /// The timesteps drawn are `[min_timestep, max_timestep)` (kohya's `--min_timestep` /
     /// `--max_timestep`), by default 0 and the schedule's length. For EDM models, indices into
     /// the training sigmas.
@@ -179,7 +185,19 @@ impl TrainConfig {
             ),
             (
                 "noise_offset".to_string(),
-                c.noise_offset.map_or("none".into(), |o| o.to_string()),
+                c.noise_offset.map_or("none".into(), |o| {
+                    let random = if o.random_strength { " random" } else { "" };
+                    let adaptive = o
+                        .adaptive
+                        .map_or(String::new(), |a| format!(" adaptive {a}"));
+                    format!("{}{random}{adaptive}", o.offset)
+                }),
+            ),
+            (
+                "multires_noise".to_string(),
+                c.multires.map_or("none".into(), |m| {
+                    format!("{} discount {}", m.iterations, m.discount)
+                }),
             ),
             (
                 "reg_data".to_string(),
@@ -212,7 +230,11 @@ impl TrainConfig {
             ),
             (
                 "ip_noise_gamma".to_string(),
-                c.ip_noise_gamma.map_or("none".into(), |g| g.to_string()),
+                c.ip_noise_gamma
+                    .map_or("none".into(), |g| match c.ip_noise_random_strength {
+                        true => format!("{g} random"),
+                        false => g.to_string(),
+                    }),
             ),
             (
                 "timesteps".to_string(),

@@ -9,6 +9,7 @@ pub mod data;
 mod examples;
 pub mod lr;
 pub mod memory;
+pub mod noise;
 pub mod optim;
 pub mod plot;
 pub mod samples;

@@ -198,7 +198,7 @@ impl Trainer {
             .with_vae(cfg.vae.clone())?;
         // The loss targets what the model predicts (epsilon, KSTYLE.md; or v) on the schedule
         // it was trained with, zero terminal SNR included.
-        if let Some(o) = cfg.noise_offset {
+        if let Some(o) = cfg.noise_offset.map(|o| o.offset) {
             if !(o.is_finite() && o >= 0.0) {
                 return Err(Error::Config(format!(
                     "--noise-offset must be a number of 0 or more, got {o}"
@@ -211,6 +211,11 @@ impl Trainer {
                     "--ip-noise-gamma must be a number of 0 or more, got {g}"
                 )));
             }
+        } else if cfg.ip_noise_random_strength {
+            return Err(Error::Config(
+                "--ip-noise-gamma-random-strength modifies --ip-noise-gamma, which is not set"
+                    .into(),
+            ));
         }
         if let Some(g) = cfg.min_snr_gamma {
             if !(g.is_finite() && g > 0.0) {
