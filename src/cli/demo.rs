@@ -124,8 +124,11 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
         caption_tag_dropout: None,
         seed: 0,
         save_every: None,
+        save_every_epochs: None,
+        keep_checkpoints: None,
         resume: None,
         sample_every: None,
+        sample_every_epochs: None,
         sample_prompts: Vec::new(),
         captions: CaptionSource {
             template: None,

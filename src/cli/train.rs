@@ -194,12 +194,24 @@ pub struct Args {
     /// Write a resumable checkpoint every N optimizer steps.
     #[arg(long)]
     pub save_every: Option<u64>,
+    /// Write a resumable checkpoint at the end of every N epochs (kohya's
+    /// --save_every_n_epochs), counted in steps as the run counts its epochs.
+    #[arg(long, conflicts_with = "save_every")]
+    pub save_every_n_epochs: Option<u64>,
+    /// Keep only the newest N checkpoints of this run: each older one is removed once a newer
+    /// one is written (kohya's --save_last_n_steps and --save_last_n_epochs, in files).
+    /// Checkpoints of later steps (left by a longer earlier run) are not touched.
+    #[arg(long)]
+    pub keep_checkpoints: Option<usize>,
     /// Continue from a checkpoint written by --save-every.
     #[arg(long)]
     pub resume: Option<PathBuf>,
     /// Make the previews (--sample-prompt or --sample-prompts) every N optimizer steps.
     #[arg(long)]
     pub sample_every: Option<u64>,
+    /// Make the previews at the end of every N epochs (kohya's --sample_every_n_epochs).
+    #[arg(long, conflicts_with = "sample_every")]
+    pub sample_every_n_epochs: Option<u64>,
     #[arg(long)]
     pub sample_prompt: Option<String>,
     /// A kohya sample-prompt file: one prompt a line with options `--n negative --w 1024
@@ -369,8 +381,19 @@ pub fn config_from(a: &Args) -> anyhow::Result<TrainConfig> {
         (None, Some(file)) => parse_prompt_file(file, &defaults)?,
         (None, None) => Vec::new(),
     };
-    if a.sample_every.is_some() && sample_prompts.is_empty() {
-        anyhow::bail!("--sample-every needs --sample-prompt TEXT or --sample-prompts FILE");
+    if (a.sample_every.is_some() || a.sample_every_n_epochs.is_some()) && sample_prompts.is_empty()
+    {
+        anyhow::bail!(
+            "--sample-every and --sample-every-n-epochs need --sample-prompt TEXT or \
+             --sample-prompts FILE"
+        );
+    }
+    match a.keep_checkpoints {
+        Some(0) => anyhow::bail!("--keep-checkpoints must be at least 1"),
+        Some(_) if a.save_every.is_none() && a.save_every_n_epochs.is_none() => {
+            anyhow::bail!("--keep-checkpoints needs --save-every or --save-every-n-epochs")
+        }
+        _ => {}
     }
     Ok(TrainConfig {
         model: a.model.clone(),
@@ -424,8 +447,11 @@ pub fn config_from(a: &Args) -> anyhow::Result<TrainConfig> {
         flip_aug: a.flip_aug,
         seed: a.seed,
         save_every: a.save_every,
+        save_every_epochs: a.save_every_n_epochs,
+        keep_checkpoints: a.keep_checkpoints,
         resume: a.resume.clone(),
         sample_every: a.sample_every,
+        sample_every_epochs: a.sample_every_n_epochs,
         sample_prompts,
         captions: CaptionSource {
             template: a.caption_template.clone(),

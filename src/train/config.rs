@@ -87,8 +87,16 @@ pub struct TrainConfig {
     pub flip_aug: bool,
     pub seed: u64,
     pub save_every: Option<u64>,
+    /// A checkpoint at the end of every Nth epoch instead (kohya's `--save_every_n_epochs`):
+    /// the trainer turns it into `save_every` steps.
+    pub save_every_epochs: Option<u64>,
+    /// Keep only the newest N checkpoints of the run: older ones are removed once a newer one
+    /// is written (kohya's `--save_last_n_steps` / `--save_last_n_epochs`, counted in files).
+    pub keep_checkpoints: Option<usize>,
     pub resume: Option<PathBuf>,
     pub sample_every: Option<u64>,
+    /// Previews at the end of every Nth epoch instead (kohya's `--sample_every_n_epochs`).
+    pub sample_every_epochs: Option<u64>,
     /// The previews made every `sample_every` steps (see `train::samples`).
     pub sample_prompts: Vec<SamplePrompt>,
     pub captions: CaptionSource,
@@ -143,6 +151,11 @@ pub struct TrainConfig {
 }
 
 impl TrainConfig {
+    /// Whether the run makes previews (every N steps or every N epochs).
+    pub fn previews(&self) -> bool {
+        self.sample_every.is_some() || self.sample_every_epochs.is_some()
+    }
+
     /// Whether captions are rewritten per visit (shuffled or their tags dropped), and so
     /// encoded at every step instead of cached.
     pub fn live_captions(&self) -> bool {

@@ -274,7 +274,7 @@ pub(super) fn prepare_examples(
     }
     // Previews of a run that trains the text encoders encode their prompts with them, live.
     let mut samples = Vec::new();
-    if cfg.sample_every.is_some() && !cfg.train_text_encoder {
+    if cfg.previews() && !cfg.train_text_encoder {
         for p in &cfg.sample_prompts {
             let negative = match &p.negative {
                 Some(n) => Some(text_of(n, "a preview negative prompt")?),

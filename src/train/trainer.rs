@@ -76,6 +76,18 @@ impl Outputs {
         self.adapter
             .with_file_name(format!("{stem}.step{step:06}.ckpt.safetensors"))
     }
+
+    /// The step of a file name [`Outputs::checkpoint`] writes for this adapter, if it is one.
+    pub fn checkpoint_step(&self, file_name: &str) -> Option<u64> {
+        let stem = self.adapter.file_stem()?.to_string_lossy();
+        let digits = file_name
+            .strip_prefix(&format!("{stem}.step"))?
+            .strip_suffix(".ckpt.safetensors")?;
+        match !digits.is_empty() && digits.bytes().all(|b| b.is_ascii_digit()) {
+            true => digits.parse().ok(),
+            false => None,
+        }
+    }
 }
 
 fn concept_embeds(cfg: &TrainConfig) -> Result<Option<Tensor>> {
@@ -412,6 +424,19 @@ impl Trainer {
             ));
         }
         let total_steps = cfg.max_steps.unwrap_or(cfg.epochs * steps_per_epoch);
+        // Epoch-counted checkpoints and previews in steps: the step that ends every Nth epoch.
+        let in_steps = |epochs: Option<u64>, flag: &str| match epochs {
+            Some(0) => Err(Error::Config(format!("{flag} must be at least 1"))),
+            Some(n) => Ok(Some(n * steps_per_epoch.max(1))),
+            None => Ok(None),
+        };
+        let mut cfg = cfg;
+        if let Some(n) = in_steps(cfg.save_every_epochs, "--save-every-n-epochs")? {
+            cfg.save_every = Some(n);
+        }
+        if let Some(n) = in_steps(cfg.sample_every_epochs, "--sample-every-n-epochs")? {
+            cfg.sample_every = Some(n);
+        }
         let val_every = match cfg.val_every {
             Some(0) => return Err(Error::Config("--val-every must be at least 1".into())),
             Some(_) if cfg.val_data.is_none() => {
@@ -877,7 +902,35 @@ impl Trainer {
             &self.optimizer,
             &self.state,
         )?;
+        if let Some(keep) = self.cfg.keep_checkpoints {
+            self.prune_checkpoints(keep)?;
+        }
         Ok(path)
+    }
+
+    /// Removes this run's checkpoints older than its newest `keep` up to the current step;
+    /// checkpoints of later steps (a longer earlier run's) are left alone.
+    fn prune_checkpoints(&self, keep: usize) -> Result<()> {
+        let adapter = &self.outputs.adapter;
+        let dir = match adapter.parent() {
+            Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+            _ => PathBuf::from("."),
+        };
+        let entries = std::fs::read_dir(&dir).map_err(|e| Error::io(&dir, e))?;
+        let mut steps: Vec<u64> = entries
+            .filter_map(|e| e.ok())
+            .filter_map(|e| {
+                self.outputs
+                    .checkpoint_step(&e.file_name().to_string_lossy())
+            })
+            .filter(|&s| s <= self.state.step)
+            .collect();
+        steps.sort_unstable();
+        for &step in &steps[..steps.len().saturating_sub(keep)] {
+            let path = self.outputs.checkpoint(step);
+            std::fs::remove_file(&path).map_err(|e| Error::io(&path, e))?;
+        }
+        Ok(())
     }
 
     /// Writes the adapter to `--out` in `--save-precision`.
