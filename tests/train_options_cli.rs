@@ -454,7 +454,7 @@ fn preview_prompt_files_match_generate_from_the_checkpoint() {
         &data,
         &dir,
         &["--sample-every", "1"],
-        "--sample-every needs",
+        "--sample-every and --sample-every-n-epochs need",
     );
 }
 
