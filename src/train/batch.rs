@@ -2,6 +2,7 @@
 //! (mirroring, latent sample, timestep, noise, caption dropout and caption rewrite), the
 //! conditioning of a batch's captions, and a batch's forward and backward.
 
+use super::config::TrainConfig;
 use super::data::{epoch_batches, Dataset, Role};
 use super::examples::{Example, ExampleText};
 use super::optim::GradAccumulator;
@@ -10,6 +11,7 @@ use super::text::TextEncoders;
 use super::trainer::Trainer;
 use crate::models::clip::text::token_ids;
 use crate::models::clip::tokenizer::ClipTokenizer;
+use crate::sample::model_files::ModelFiles;
 use crate::sample::TrainSchedule;
 use crate::tensor::Rng;
 use crate::{DType, Error, Result, Tensor};
@@ -233,6 +235,59 @@ pub(super) struct CaptionEncoder {
     pub(super) tok1: ClipTokenizer,
     pub(super) tok2: ClipTokenizer,
     pub(super) frozen: Option<TextEncoders>,
+}
+
+impl CaptionEncoder {
+    /// The encoder of a run whose captions are rewritten per visit (None otherwise): the
+    /// model's tokenizers, plus frozen text encoders in the run's dtype unless the text encoders
+    /// train (`encoders_train`), as kohya's.
+    pub(super) fn load(
+        cfg: &TrainConfig,
+        files: &ModelFiles,
+        encoders_train: bool,
+        log: &mut dyn FnMut(&str),
+    ) -> Result<Option<CaptionEncoder>> {
+        match cfg.live_captions() {
+            true => {
+                let (tok1, tok2) = files.tokenizers()?;
+                let tok1 = tok1.ok_or_else(|| {
+                    Error::Config("captions rewritten per visit: the model has no tokenizer".into())
+                })?;
+                // Frozen encoders in the run's dtype (kohya's); they never see a gradient.
+                let frozen = match encoders_train {
+                    true => None,
+                    false => {
+                        let (te1, te2) = files.text_encoders(&[], cfg.dtype, cfg.device)?;
+                        let te1 = te1.ok_or_else(|| {
+                            Error::Config(
+                                "captions rewritten per visit: the model has no text_encoder"
+                                    .into(),
+                            )
+                        })?;
+                        Some(TextEncoders { te1, te2 })
+                    }
+                };
+                let mut what = Vec::new();
+                if cfg.shuffle_caption {
+                    what.push("shuffled".to_string());
+                }
+                if let Some(p) = cfg.caption_tag_dropout {
+                    what.push(format!("each dropped with probability {p}"));
+                }
+                log(&format!(
+                    "captions: comma-separated tags {} per visit{}; the text encoders stay loaded \
+                     and encode every step",
+                    what.join(" and "),
+                    match cfg.keep_tokens {
+                        0 => String::new(),
+                        k => format!(", the first {k} kept in place"),
+                    }
+                ));
+                Ok(Some(CaptionEncoder { tok1, tok2, frozen }))
+            }
+            false => Ok(None),
+        }
+    }
 }
 
 /// kohya's caption rewrite: the caption split at commas into trimmed tags; after the first

@@ -10,7 +10,7 @@ use crate::formats::adapter::Method;
 use crate::models::unet::CheckpointPolicy;
 use crate::nn::lora::LoraConfig;
 use crate::sample::schedule::{Huber, HuberSchedule, LossType};
-use crate::{DType, Device};
+use crate::{DType, Device, Error, Result};
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
@@ -151,6 +151,133 @@ pub struct TrainConfig {
 }
 
 impl TrainConfig {
+    /// Refuses settings that are wrong on their own, before anything is read or written: counts
+    /// of 0, probabilities and decays out of range, non-finite or negative weights, a compute
+    /// dtype training cannot use, options that modify one that is off.
+    pub fn check(&self) -> Result<()> {
+        if self.grad_accum == 0 {
+            return Err(Error::Config("--grad-accum must be at least 1".into()));
+        }
+        if self.batch_size == 0 {
+            return Err(Error::Config("--batch-size must be at least 1".into()));
+        }
+        if self.keep_tokens > 0 && !self.live_captions() {
+            return Err(Error::Config(
+                "--keep-tokens keeps tags in place when --shuffle-caption reorders them or \
+                 --caption-tag-dropout drops them: pass one of those"
+                    .into(),
+            ));
+        }
+        if let Some(p) = self.caption_tag_dropout {
+            if !(0.0..=1.0).contains(&p) {
+                return Err(Error::Config(format!(
+                    "--caption-tag-dropout is a probability from 0 to 1, got {p}"
+                )));
+            }
+        }
+        let adam = &self.adamw;
+        for (name, beta) in [("--adam-beta1", adam.beta1), ("--adam-beta2", adam.beta2)] {
+            if !(0.0..1.0).contains(&beta) {
+                return Err(Error::Config(format!(
+                    "{name} is a decay from 0 up to (not including) 1, got {beta}"
+                )));
+            }
+        }
+        if !(adam.eps.is_finite() && adam.eps > 0.0) {
+            return Err(Error::Config(format!(
+                "--adam-epsilon must be a positive number, got {}",
+                adam.eps
+            )));
+        }
+        if let Some(n) = self.max_grad_norm.filter(|n| !(n.is_finite() && *n > 0.0)) {
+            return Err(Error::Config(format!(
+                "--max-grad-norm must be a positive number (0 turns clipping off), got {n}"
+            )));
+        }
+        if !(adam.weight_decay.is_finite() && adam.weight_decay >= 0.0) {
+            return Err(Error::Config(format!(
+                "--weight-decay must be a number of 0 or more, got {}",
+                adam.weight_decay
+            )));
+        }
+        if !self.dtype.is_float() || self.dtype == DType::F64 || self.dtype.is_storage_only() {
+            return Err(Error::Config(format!(
+                "training computes in f32, bf16 or f16, not {}",
+                self.dtype
+            )));
+        }
+        if let Some(w) = self.weight_dtype.filter(|w| !w.is_storage_only()) {
+            return Err(Error::Config(format!(
+                "--weight-dtype stores weights as float8 (f8e4m3, f8e5m2), not {w}; the \
+                 compute dtype is --dtype"
+            )));
+        }
+        if self.resolution % 8 != 0 || self.resolution == 0 {
+            return Err(Error::Config(format!(
+                "--resolution must be a positive multiple of 8, got {}",
+                self.resolution
+            )));
+        }
+        if let Some(o) = self.noise_offset.map(|o| o.offset) {
+            if !(o.is_finite() && o >= 0.0) {
+                return Err(Error::Config(format!(
+                    "--noise-offset must be a number of 0 or more, got {o}"
+                )));
+            }
+        }
+        if let Some(g) = self.ip_noise_gamma {
+            if !(g.is_finite() && g >= 0.0) {
+                return Err(Error::Config(format!(
+                    "--ip-noise-gamma must be a number of 0 or more, got {g}"
+                )));
+            }
+        } else if self.ip_noise_random_strength {
+            return Err(Error::Config(
+                "--ip-noise-gamma-random-strength modifies --ip-noise-gamma, which is not set"
+                    .into(),
+            ));
+        }
+        if let Some(g) = self.min_snr_gamma {
+            if !(g.is_finite() && g > 0.0) {
+                return Err(Error::Config(format!(
+                    "--min-snr-gamma must be a positive number, got {g}"
+                )));
+            }
+        }
+        if self.prior_loss_weight != 1.0 && self.reg_data.is_none() {
+            return Err(Error::Config(
+                "--prior-loss-weight weights --reg-data's pictures: pass --reg-data DIR".into(),
+            ));
+        }
+        if !(self.prior_loss_weight.is_finite() && self.prior_loss_weight >= 0.0) {
+            return Err(Error::Config(format!(
+                "--prior-loss-weight must be a number of 0 or more, got {}",
+                self.prior_loss_weight
+            )));
+        }
+        self.schedule.check(self.adamw.lr)?;
+        if let Some(lr) = self.text_encoder_lr {
+            if !self.train_text_encoder {
+                return Err(Error::Config(
+                    "--text-encoder-lr needs --train-text-encoder".into(),
+                ));
+            }
+            if !(lr.is_finite() && lr >= 0.0) {
+                return Err(Error::Config(format!(
+                    "--text-encoder-lr must be a number of 0 or more, got {lr}"
+                )));
+            }
+        }
+        if let Some(p) = self.caption_dropout {
+            if !(0.0..=1.0).contains(&p) {
+                return Err(Error::Config(format!(
+                    "--caption-dropout is a probability from 0 to 1, got {p}"
+                )));
+            }
+        }
+        Ok(())
+    }
+
     /// Whether the run makes previews (every N steps or every N epochs).
     pub fn previews(&self) -> bool {
         self.sample_every.is_some() || self.sample_every_epochs.is_some()

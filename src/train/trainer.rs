@@ -140,69 +140,7 @@ pub struct Trainer {
 
 impl Trainer {
     pub fn new(cfg: TrainConfig, log: &mut dyn FnMut(&str)) -> Result<Trainer> {
-        if cfg.grad_accum == 0 {
-            return Err(Error::Config("--grad-accum must be at least 1".into()));
-        }
-        if cfg.batch_size == 0 {
-            return Err(Error::Config("--batch-size must be at least 1".into()));
-        }
-        if cfg.keep_tokens > 0 && !cfg.live_captions() {
-            return Err(Error::Config(
-                "--keep-tokens keeps tags in place when --shuffle-caption reorders them or \
-                 --caption-tag-dropout drops them: pass one of those"
-                    .into(),
-            ));
-        }
-        if let Some(p) = cfg.caption_tag_dropout {
-            if !(0.0..=1.0).contains(&p) {
-                return Err(Error::Config(format!(
-                    "--caption-tag-dropout is a probability from 0 to 1, got {p}"
-                )));
-            }
-        }
-        let adam = &cfg.adamw;
-        for (name, beta) in [("--adam-beta1", adam.beta1), ("--adam-beta2", adam.beta2)] {
-            if !(0.0..1.0).contains(&beta) {
-                return Err(Error::Config(format!(
-                    "{name} is a decay from 0 up to (not including) 1, got {beta}"
-                )));
-            }
-        }
-        if !(adam.eps.is_finite() && adam.eps > 0.0) {
-            return Err(Error::Config(format!(
-                "--adam-epsilon must be a positive number, got {}",
-                adam.eps
-            )));
-        }
-        if let Some(n) = cfg.max_grad_norm.filter(|n| !(n.is_finite() && *n > 0.0)) {
-            return Err(Error::Config(format!(
-                "--max-grad-norm must be a positive number (0 turns clipping off), got {n}"
-            )));
-        }
-        if !(adam.weight_decay.is_finite() && adam.weight_decay >= 0.0) {
-            return Err(Error::Config(format!(
-                "--weight-decay must be a number of 0 or more, got {}",
-                adam.weight_decay
-            )));
-        }
-        if !cfg.dtype.is_float() || cfg.dtype == DType::F64 || cfg.dtype.is_storage_only() {
-            return Err(Error::Config(format!(
-                "training computes in f32, bf16 or f16, not {}",
-                cfg.dtype
-            )));
-        }
-        if let Some(w) = cfg.weight_dtype.filter(|w| !w.is_storage_only()) {
-            return Err(Error::Config(format!(
-                "--weight-dtype stores weights as float8 (f8e4m3, f8e5m2), not {w}; the \
-                 compute dtype is --dtype"
-            )));
-        }
-        if cfg.resolution % 8 != 0 || cfg.resolution == 0 {
-            return Err(Error::Config(format!(
-                "--resolution must be a positive multiple of 8, got {}",
-                cfg.resolution
-            )));
-        }
+        cfg.check()?;
         if let Some(dir) = cfg.out.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
         }
@@ -210,32 +148,6 @@ impl Trainer {
             .with_vae(cfg.vae.clone())?;
         // The loss targets what the model predicts (epsilon, KSTYLE.md; or v) on the schedule
         // it was trained with, zero terminal SNR included.
-        if let Some(o) = cfg.noise_offset.map(|o| o.offset) {
-            if !(o.is_finite() && o >= 0.0) {
-                return Err(Error::Config(format!(
-                    "--noise-offset must be a number of 0 or more, got {o}"
-                )));
-            }
-        }
-        if let Some(g) = cfg.ip_noise_gamma {
-            if !(g.is_finite() && g >= 0.0) {
-                return Err(Error::Config(format!(
-                    "--ip-noise-gamma must be a number of 0 or more, got {g}"
-                )));
-            }
-        } else if cfg.ip_noise_random_strength {
-            return Err(Error::Config(
-                "--ip-noise-gamma-random-strength modifies --ip-noise-gamma, which is not set"
-                    .into(),
-            ));
-        }
-        if let Some(g) = cfg.min_snr_gamma {
-            if !(g.is_finite() && g > 0.0) {
-                return Err(Error::Config(format!(
-                    "--min-snr-gamma must be a positive number, got {g}"
-                )));
-            }
-        }
         let mut schedule = TrainSchedule::for_model(&files.scheduler()?)
             .map_err(|e| Error::Config(format!("{}: {e}", cfg.model.display())))?;
         schedule.min_snr_gamma = cfg.min_snr_gamma;
@@ -288,17 +200,6 @@ impl Trainer {
                 cfg.model.display()
             )));
         }
-        if cfg.prior_loss_weight != 1.0 && cfg.reg_data.is_none() {
-            return Err(Error::Config(
-                "--prior-loss-weight weights --reg-data's pictures: pass --reg-data DIR".into(),
-            ));
-        }
-        if !(cfg.prior_loss_weight.is_finite() && cfg.prior_loss_weight >= 0.0) {
-            return Err(Error::Config(format!(
-                "--prior-loss-weight must be a number of 0 or more, got {}",
-                cfg.prior_loss_weight
-            )));
-        }
         let data = load_dataset(&cfg, log)?;
         if cfg.flip_aug {
             log("flip augmentation: each visit trains on the picture mirrored with probability 1/2 (mirrored latents cached too)");
@@ -319,26 +220,6 @@ impl Trainer {
                 vae.display(),
                 vae_config.scaling_factor
             ));
-        }
-        cfg.schedule.check(cfg.adamw.lr)?;
-        if let Some(lr) = cfg.text_encoder_lr {
-            if !cfg.train_text_encoder {
-                return Err(Error::Config(
-                    "--text-encoder-lr needs --train-text-encoder".into(),
-                ));
-            }
-            if !(lr.is_finite() && lr >= 0.0) {
-                return Err(Error::Config(format!(
-                    "--text-encoder-lr must be a number of 0 or more, got {lr}"
-                )));
-            }
-        }
-        if let Some(p) = cfg.caption_dropout {
-            if !(0.0..=1.0).contains(&p) {
-                return Err(Error::Config(format!(
-                    "--caption-dropout is a probability from 0 to 1, got {p}"
-                )));
-            }
         }
         let Prepared {
             mut examples,
@@ -362,46 +243,7 @@ impl Trainer {
             }
             false => None,
         };
-        let captions = match cfg.live_captions() {
-            true => {
-                let (tok1, tok2) = files.tokenizers()?;
-                let tok1 = tok1.ok_or_else(|| {
-                    Error::Config("captions rewritten per visit: the model has no tokenizer".into())
-                })?;
-                // Frozen encoders in the run's dtype (kohya's); they never see a gradient.
-                let frozen = match &text_encoders {
-                    Some(_) => None,
-                    None => {
-                        let (te1, te2) = files.text_encoders(&[], cfg.dtype, cfg.device)?;
-                        let te1 = te1.ok_or_else(|| {
-                            Error::Config(
-                                "captions rewritten per visit: the model has no text_encoder"
-                                    .into(),
-                            )
-                        })?;
-                        Some(TextEncoders { te1, te2 })
-                    }
-                };
-                let mut what = Vec::new();
-                if cfg.shuffle_caption {
-                    what.push("shuffled".to_string());
-                }
-                if let Some(p) = cfg.caption_tag_dropout {
-                    what.push(format!("each dropped with probability {p}"));
-                }
-                log(&format!(
-                    "captions: comma-separated tags {} per visit{}; the text encoders stay loaded \
-                     and encode every step",
-                    what.join(" and "),
-                    match cfg.keep_tokens {
-                        0 => String::new(),
-                        k => format!(", the first {k} kept in place"),
-                    }
-                ));
-                Some(CaptionEncoder { tok1, tok2, frozen })
-            }
-            false => None,
-        };
+        let captions = CaptionEncoder::load(&cfg, &files, text_encoders.is_some(), log)?;
         let latent_config = vae_config.clone();
         let precision = crate::nn::weights::Precision {
             compute: cfg.dtype,
