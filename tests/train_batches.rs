@@ -2,7 +2,7 @@
 //! through the real binary on the tiny model.
 
 mod common;
-use common::train::{assert_resume_is_exact, dataset, train};
+use common::train::{assert_resume_is_exact, dataset, refused, train};
 use common::{assert_fails_naming, tmp};
 use kstyle::tensor::SafeTensorsFile;
 use std::path::Path;
@@ -325,12 +325,6 @@ fn the_memory_probe_and_the_options_see_the_batch() {
         (&["--adam-beta2", "1.5"], "--adam-beta2"),
         (&["--adam-epsilon", "0"], "--adam-epsilon"),
     ] {
-        let o = train(
-            &data,
-            &dir.join("refused.safetensors"),
-            "lora",
-            &[&["--max-steps", "1"][..], args].concat(),
-        );
-        assert_fails_naming(&o, needle);
+        refused(&data, &dir, args, needle);
     }
 }

@@ -4,8 +4,8 @@
 //! tiny model.
 
 mod common;
-use common::train::{assert_resume_is_exact, dataset, tensors, train};
-use common::{assert_fails_naming, tmp};
+use common::tmp;
+use common::train::{assert_resume_is_exact, dataset, refused, tensors, train};
 use kstyle::tensor::SafeTensorsFile;
 use kstyle::train::noise::{Draws, Multires, NoiseOffset};
 use kstyle::{DType, Result, Tensor};
@@ -221,12 +221,6 @@ fn noise_options_train_record_and_resume() {
         ),
         (&["--ip-noise-gamma-random-strength"], "--ip-noise-gamma"),
     ] {
-        let o = train(
-            &data,
-            &dir.join("refused.safetensors"),
-            "lora",
-            &[&["--max-steps", "1"][..], extra].concat(),
-        );
-        assert_fails_naming(&o, needle);
+        refused(&data, &dir, extra, needle);
     }
 }

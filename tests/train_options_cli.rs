@@ -4,20 +4,9 @@
 //! kohya's loss types.
 
 mod common;
-use common::train::{dataset, tensors, train};
+use common::train::{dataset, refused, tensors, train};
 use common::{assert_fails_naming, kstyle, tiny, tmp};
 use std::path::Path;
-
-/// A one-step `lora` run on `data` with `extra`, which must fail naming `needle`.
-fn refused(data: &Path, dir: &Path, extra: &[&str], needle: &str) {
-    let o = train(
-        data,
-        &dir.join("refused.safetensors"),
-        "lora",
-        &[&["--max-steps", "1"][..], extra].concat(),
-    );
-    assert_fails_naming(&o, needle);
-}
 
 /// Copies the pictures `names` of `from` into the folder `to` (made first).
 fn copy_into(from: &Path, to: &Path, names: &[&str]) {

@@ -3,8 +3,8 @@
 //! --sample_every_n_epochs) and --keep-checkpoints.
 
 mod common;
-use common::train::{dataset, train};
-use common::{assert_fails_naming, tmp};
+use common::tmp;
+use common::train::{dataset, refused, train};
 use std::path::Path;
 
 /// The steps of the `a.stepNNNNNN.ckpt.safetensors` files in `dir`, sorted.
@@ -116,12 +116,6 @@ fn epoch_cadence_and_checkpoint_retention() {
         ),
         (&["--sample-every-n-epochs", "1"], "--sample-every-n-epochs"),
     ] {
-        let o = train(
-            &data,
-            &dir.join("refused.safetensors"),
-            "lora",
-            &[&["--max-steps", "1"][..], extra].concat(),
-        );
-        assert_fails_naming(&o, needle);
+        refused(&data, &dir, extra, needle);
     }
 }

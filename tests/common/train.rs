@@ -29,6 +29,17 @@ pub fn train(data: &Path, out: &Path, method: &str, extra: &[&str]) -> std::proc
     train_model(&tiny().join("sdxl"), data, out, method, extra)
 }
 
+/// A one-step `lora` run on `data` with `extra`, which must fail naming `needle`.
+pub fn refused(data: &Path, dir: &Path, extra: &[&str], needle: &str) {
+    let o = train(
+        data,
+        &dir.join("refused.safetensors"),
+        "lora",
+        &[&["--max-steps", "1"][..], extra].concat(),
+    );
+    super::assert_fails_naming(&o, needle);
+}
+
 /// [`train`] on another model folder.
 pub fn train_model(
     model: &Path,
