@@ -13,6 +13,7 @@ pub mod noise;
 pub mod optim;
 pub mod plot;
 pub mod samples;
+mod start;
 pub mod step;
 pub mod text;
 pub mod trainer;

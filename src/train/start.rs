@@ -1,0 +1,219 @@
+//! How a run's trainable state begins: read back from a checkpoint, which must match this run's
+//! data and settings, or made fresh from the seed (adapters, the cultural module, the first
+//! epoch's order).
+
+use super::batch::new_epoch;
+use super::checkpoint::{load_checkpoint, TrainState};
+use super::config::TrainConfig;
+use super::cultural::CulturalLoss;
+use super::examples::Example;
+use super::optim::Optimizer;
+use super::text::{text_encoder_trains, text_layer, TextEncoders};
+use crate::formats::adapter::text_encoder_part;
+use crate::formats::kohya::ModuleIndex;
+use crate::models::unet::UNet2DConditionModel;
+use crate::nn::lora::LoraAdapter;
+use crate::tensor::Rng;
+use crate::{DType, Error, Result, Tensor};
+use std::path::Path;
+
+/// The trainable state a run starts from.
+pub(super) struct Start {
+    /// Each adapted linear's path and adapter, UNet's first.
+    pub modules: Vec<(String, LoraAdapter)>,
+    pub cultural: Option<CulturalLoss>,
+    pub concept_embeds: Option<Tensor>,
+    /// The optimizer's moments, when resuming.
+    pub optimizer: Option<Optimizer>,
+    pub state: TrainState,
+}
+
+/// The CLIP text embeddings of `cfg.concepts`, when the method gates or scores with them.
+fn concept_embeds(cfg: &TrainConfig) -> Result<Option<Tensor>> {
+    if !cfg.method.gated() && !cfg.method.cultural() {
+        return Ok(None);
+    }
+    let clip = cfg.clip.as_ref().ok_or_else(|| {
+        Error::Config(format!(
+            "method `{}` needs concept embeddings: pass --clip DIR (a CLIP ViT-B/32 folder)",
+            cfg.method.name()
+        ))
+    })?;
+    Ok(Some(super::concepts::embed_concepts(
+        clip,
+        &cfg.concepts,
+        cfg.device,
+    )?))
+}
+
+/// The checkpoint at `path`, refused unless it was written by a run with this one's method,
+/// rank, text-encoder training, batch size and dataset (`epoch_len` visits of `n_train`
+/// pictures an epoch).
+pub(super) fn resume(
+    path: &Path,
+    cfg: &TrainConfig,
+    index: &ModuleIndex,
+    epoch_len: usize,
+    n_train: usize,
+    log: &mut dyn FnMut(&str),
+) -> Result<Start> {
+    let (adapter, opt, state) = load_checkpoint(path, index, cfg.device, cfg.adamw)?;
+    let has_text = adapter
+        .modules
+        .iter()
+        .any(|(p, _)| text_encoder_part(p).is_some());
+    if has_text != cfg.train_text_encoder {
+        return Err(Error::file(
+            path,
+            if has_text {
+                "the checkpoint trains the text encoders: resume it with --train-text-encoder"
+            } else {
+                "the checkpoint does not train the text encoders: resume it without --train-text-encoder"
+            },
+        ));
+    }
+    if adapter.method != cfg.method || adapter.config.rank != cfg.lora.rank {
+        return Err(Error::file(
+            path,
+            format!(
+                "checkpoint is method `{}` rank {}, this run asks for `{}` rank {}",
+                adapter.method.name(),
+                adapter.config.rank,
+                cfg.method.name(),
+                cfg.lora.rank
+            ),
+        ));
+    }
+    let visits = epoch_len;
+    let held: usize = state.order.iter().map(Vec::len).sum();
+    if held != visits || state.order.iter().flatten().any(|&i| i >= n_train) {
+        return Err(Error::file(
+            path,
+            format!(
+                "the checkpoint's epoch has {held} visits of its dataset; {} gives {} \
+                 images, {visits} visits an epoch: resume with the same --data",
+                cfg.data.display(),
+                n_train
+            ),
+        ));
+    }
+    // Checkpoints written before --batch-size existed batched by one.
+    let was = adapter
+        .settings
+        .get("batch_size")
+        .map_or("1", String::as_str);
+    if was != cfg.batch_size.to_string() {
+        return Err(Error::file(
+            path,
+            format!(
+                "the checkpoint trained with --batch-size {was}: resume it with the \
+                 same batch size, as its epoch is already batched (this run asks for \
+                 {})",
+                cfg.batch_size
+            ),
+        ));
+    }
+    log(&format!(
+        "resuming from {} at step {}",
+        path.display(),
+        state.step
+    ));
+    Ok(Start {
+        modules: adapter.modules,
+        cultural: adapter.cultural,
+        concept_embeds: adapter.concept_embeds,
+        optimizer: Some(opt),
+        state,
+    })
+}
+
+/// Fresh adapters on every targeted attention projection of `unet` (and the text encoders'
+/// linears when they train), the cultural module and the first epoch's order, all drawn from
+/// `cfg.seed` in that order.
+pub(super) fn fresh(
+    cfg: &TrainConfig,
+    unet: &UNet2DConditionModel,
+    text_encoders: Option<&mut TextEncoders>,
+    examples: &[Example],
+) -> Result<Start> {
+    let concept_embeds = concept_embeds(cfg)?;
+    let mut rng = Rng::new(cfg.seed);
+    let mut modules = Vec::new();
+    for (path, lin) in unet.attention_projections() {
+        if cfg.targets.iter().any(|t| path.ends_with(&format!(".{t}"))) {
+            let gates = if cfg.method.gated() {
+                concept_embeds.as_ref()
+            } else {
+                None
+            };
+            let a = LoraAdapter::init(
+                lin.base.in_features(),
+                lin.base.out_features(),
+                cfg.lora,
+                gates,
+                &mut rng,
+                DType::F32,
+                cfg.device,
+            )?;
+            modules.push((path, a));
+        }
+    }
+    // Then the text encoders' plain LoRA, text_encoder's before text_encoder_2's.
+    if let Some(te) = text_encoders {
+        let layers = [
+            ("text_encoder", te.te1.config().encoder.num_hidden_layers),
+            ("text_encoder_2", te.te2.config().encoder.num_hidden_layers),
+        ];
+        for (path, lin) in te.linears_mut() {
+            let (component, inner) = path.split_once('.').unwrap_or_default();
+            let n = layers
+                .iter()
+                .find(|(c, _)| *c == component)
+                .map_or(0, |l| l.1);
+            if text_layer(inner).is_some_and(|l| text_encoder_trains(component, l, n)) {
+                let a = LoraAdapter::init(
+                    lin.base.in_features(),
+                    lin.base.out_features(),
+                    cfg.lora,
+                    None,
+                    &mut rng,
+                    DType::F32,
+                    cfg.device,
+                )?;
+                modules.push((path, a));
+            }
+        }
+    }
+    let cultural = match (&concept_embeds, cfg.method.cultural()) {
+        (Some(t), true) => {
+            let c = examples.first().map_or(4, |e| e.mean.dims()[1]);
+            let side = examples.first().map_or(cfg.resolution / 8, |e| {
+                e.mean.dims()[2].min(e.mean.dims()[3])
+            });
+            let pool = cfg.cultural_pool.unwrap_or((side / 8).max(1));
+            Some(CulturalLoss::init(
+                c,
+                pool,
+                t,
+                &mut rng,
+                DType::F32,
+                cfg.device,
+            )?)
+        }
+        _ => None,
+    };
+    let order = new_epoch(examples, cfg.batch_size, &mut rng);
+    Ok(Start {
+        modules,
+        cultural,
+        concept_embeds,
+        optimizer: None,
+        state: TrainState {
+            step: 0,
+            epoch: 0,
+            pos: 0,
+            order,
+            rng,
+        },
+    })
+}
