@@ -177,6 +177,7 @@ fn verify_passes_every_case_on_the_tiny_fixtures() {
         "train_ip_noise",
         "train_loss_types",
         "train_clip_grad",
+        "lora_dropout",
         "lora_lycoris",
         "lora_peft",
         "lora_export",

@@ -49,11 +49,12 @@ fn rel_update(a: &Path, b: &Path, init: &Path) -> f64 {
 /// visits compute, up to the order of the sums. With AdamW's epsilon at 1 its update is close to
 /// linear in the gradient (which is far below 1 here), so the two runs' adapters show how far
 /// apart the gradients are: they end within 1e-5 of how far they moved, and their losses agree
-/// to 1e-6. Holds with the per-visit extras (caption dropout, noise offset, input perturbation)
-/// and with the text encoders training (their token ids go through together).
+/// to 1e-6. Holds with the per-visit extras (caption dropout, noise offset, input perturbation),
+/// with the text encoders training (their token ids go through together) and with the LoRA
+/// dropouts (each visit seeds its own masks, in the UNet's adapters and the text encoders').
 #[test]
 fn a_batch_computes_its_accumulated_visits() {
-    let variants: [(&str, &str, &[&str]); 3] = [
+    let variants: [(&str, &str, &[&str]); 4] = [
         ("plain", "kstyle", &[]),
         (
             "extras",
@@ -68,6 +69,19 @@ fn a_batch_computes_its_accumulated_visits() {
             ],
         ),
         ("text", "lora", &["--train-text-encoder"]),
+        (
+            "dropout",
+            "lora",
+            &[
+                "--train-text-encoder",
+                "--network-dropout",
+                "0.3",
+                "--rank-dropout",
+                "0.25",
+                "--module-dropout",
+                "0.2",
+            ],
+        ),
     ];
     for (tag, method, extra) in variants {
         let dir = tmp(&format!("batch-equals-accumulation-{tag}"));

@@ -89,6 +89,7 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
         clip: Some(fx.join("clip")),
         concepts: default_concepts(),
         lora: LoraConfig::default(),
+        lora_dropout: Default::default(),
         targets: ["to_q", "to_k", "to_v", "to_out.0"]
             .map(String::from)
             .to_vec(),

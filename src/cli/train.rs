@@ -6,6 +6,7 @@ use kstyle::backend::cpu::optim::AdamW;
 use kstyle::formats::adapter::Method;
 use kstyle::models::unet::CheckpointPolicy;
 use kstyle::nn::lora::LoraConfig;
+use kstyle::nn::lora_dropout::LoraDropout;
 use kstyle::sample::schedule::{HuberSchedule, LossType};
 use kstyle::train::concepts::{default_concepts, load_concepts};
 use kstyle::train::data::CaptionSource;
@@ -57,6 +58,19 @@ pub struct Args {
     /// The paper's sigma: extra scale of the gated update.
     #[arg(long, default_value_t = 1.5)]
     pub guidance: f64,
+    /// kohya's --network_dropout: each entry of every adapter's low-rank activation h A^T is
+    /// dropped with this probability in training (the rest scaled by 1 / (1 - P)). 0: off
+    #[arg(long, allow_negative_numbers = true)]
+    pub network_dropout: Option<f64>,
+    /// kohya's rank_dropout (--network_args): each rank of a picture's update is dropped with this
+    /// probability in training, the update scaled by 1 / (1 - P). 0: off
+    #[arg(long, allow_negative_numbers = true)]
+    pub rank_dropout: Option<f64>,
+    /// kohya's module_dropout (--network_args): a picture's whole update of an adapted linear is
+    /// skipped with this probability in training (drawn per picture; kohya draws per batch, the
+    /// same at batch size 1). 0: off
+    #[arg(long, allow_negative_numbers = true)]
+    pub module_dropout: Option<f64>,
     /// Weight of the cultural loss.
     #[arg(long = "lambda", default_value_t = 0.1)]
     pub lambda: f64,
@@ -411,6 +425,12 @@ pub fn config_from(a: &Args) -> anyhow::Result<TrainConfig> {
             guidance: a.guidance,
             gate_hidden: a.gate_hidden,
             mod_hidden: a.mod_hidden,
+        },
+        // 0 is off: no draws, so the run equals one without the flag.
+        lora_dropout: LoraDropout {
+            dropout: a.network_dropout.filter(|&p| p != 0.0),
+            rank: a.rank_dropout.filter(|&p| p != 0.0),
+            module: a.module_dropout.filter(|&p| p != 0.0),
         },
         targets: a.targets.clone(),
         lambda: a.lambda,

@@ -359,6 +359,7 @@ impl Adapter {
                     gates,
                     concepts,
                     recorder: None,
+                    dropout: None,
                 },
             ));
         }

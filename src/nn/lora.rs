@@ -2,6 +2,7 @@
 //! form, whose low-rank update is modulated per sample by CLIP cultural-relevance scores
 //! (KSTYLE.md "Gated LoRA layer"; the executable definition is `kstyle_ref.py`).
 
+use super::lora_dropout::{DropoutDraw, DropoutMasks};
 use super::Linear;
 use crate::tensor::{LoraGates, Rng};
 use crate::{DType, Device, Error, Result, Tensor};
@@ -177,6 +178,8 @@ pub struct LoraAdapter {
     pub concepts: Option<Tensor>,
     /// When set, every forward adds its gate values here (calibration for gate baking).
     pub recorder: Option<std::sync::Arc<std::sync::Mutex<GateRecord>>>,
+    /// Set by the trainer around a training forward: the LoRA dropouts' draw.
+    pub dropout: Option<DropoutDraw>,
 }
 
 impl LoraAdapter {
@@ -215,6 +218,7 @@ impl LoraAdapter {
             gates,
             concepts: concepts.cloned(),
             recorder: None,
+            dropout: None,
         })
     }
 
@@ -235,6 +239,12 @@ impl LoraAdapter {
         if h.rank() == 2 {
             let base3 = base.map(|b| b.unsqueeze(0)).transpose()?;
             return self.apply(&h.unsqueeze(0)?, base3.as_ref())?.squeeze(0);
+        }
+        if let Some(draw) = &self.dropout {
+            let (b, s, _) = h.dims3()?;
+            draw.check_batch(b)?;
+            let masks = draw.masks(s, self.config.rank, h.dtype(), h.device())?;
+            return self.apply_masked(h, base, &masks);
         }
         let r = self.config.rank as f64;
         let (Some(gates), Some(concepts)) = (&self.gates, &self.concepts) else {
@@ -265,6 +275,47 @@ impl LoraAdapter {
             base,
             self.config.alpha / r * self.config.guidance,
         ) // (B, S, D_out)
+    }
+
+    /// `base + dh` for h (B, S, D_in) with the LoRA dropouts' `masks` on `h A^T`: network
+    /// dropout's entries, then each sample's rank and module mask (before the gates' per-rank
+    /// modulation), kohya's rescale of what stays with the adapter's scale. Composed from
+    /// primitives: dropout is a training option, and the fused update has no mask input.
+    pub fn apply_masked(
+        &self,
+        h: &Tensor,
+        base: Option<&Tensor>,
+        masks: &DropoutMasks,
+    ) -> Result<Tensor> {
+        let mut scale = self.config.alpha / self.config.rank as f64 * masks.scale;
+        let mut z = h.matmul(&self.a.t()?)?; // (B, S, r)
+        if let Some(m) = &masks.entries {
+            z = z.mul(m)?;
+        }
+        let mut rows = masks.rows.clone(); // (B, r)
+        let mut per_sample = None;
+        if let (Some(gates), Some(concepts)) = (&self.gates, &self.concepts) {
+            let g = gates.forward(h, concepts)?;
+            let modulation = g.down.mul(&g.up)?;
+            rows = Some(match rows {
+                Some(m) => modulation.mul(&m)?,
+                None => modulation,
+            });
+            per_sample = Some(g.alpha); // (B, 1)
+            scale *= self.config.guidance;
+        }
+        if let Some(m) = rows {
+            z = z.mul(&m.unsqueeze(1)?)?;
+        }
+        let dh = z.matmul(&self.b.t()?)?; // (B, S, D_out)
+        let dh = match per_sample {
+            Some(a) => dh.mul(&a.scale(scale)?.unsqueeze(1)?)?,
+            None => dh.scale(scale)?,
+        };
+        match base {
+            Some(b) => b.add(&dh),
+            None => Ok(dh),
+        }
     }
 
     /// The update composed from primitives (matmuls and broadcasts): the slow reference the
@@ -357,6 +408,7 @@ impl LoraAdapter {
             gates,
             concepts: self.concepts.as_ref().map(f).transpose()?,
             recorder: self.recorder.clone(),
+            dropout: self.dropout.clone(),
         })
     }
 

@@ -1,6 +1,7 @@
 //! Layers built from tensor ops, laid out like the checkpoint key tree they load from.
 
 pub mod lora;
+pub mod lora_dropout;
 pub mod weights;
 
 pub use weights::Weights;

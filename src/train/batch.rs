@@ -203,6 +203,11 @@ impl Trainer {
             )),
             _ => None,
         };
+        // Last, and only with a LoRA dropout: the seed of the visit's dropout masks.
+        let dropout_seed = match self.cfg.lora_dropout.is_off() {
+            true => 0,
+            false => rng.next_u64(),
+        };
         Ok(Visit {
             x0,
             t,
@@ -211,6 +216,7 @@ impl Trainer {
             dropped,
             mirrored,
             caption,
+            dropout_seed,
         })
     }
 }
@@ -227,6 +233,9 @@ pub(super) struct Visit {
     pub(super) mirrored: bool,
     /// Its caption with the tags reordered (`--shuffle-caption`).
     pub(super) caption: Option<String>,
+    /// Seeds its LoRA dropout masks (with `--network-dropout`, `--rank-dropout`,
+    /// `--module-dropout`).
+    pub(super) dropout_seed: u64,
 }
 
 /// The tokenizers and (when the text encoders do not train) the frozen encoders that turn

@@ -9,6 +9,7 @@ use crate::backend::cpu::optim::AdamW;
 use crate::formats::adapter::Method;
 use crate::models::unet::CheckpointPolicy;
 use crate::nn::lora::LoraConfig;
+use crate::nn::lora_dropout::LoraDropout;
 use crate::sample::schedule::{Huber, HuberSchedule, LossType};
 use crate::{DType, Device, Error, Result};
 use std::collections::BTreeMap;
@@ -32,6 +33,9 @@ pub struct TrainConfig {
     pub clip: Option<PathBuf>,
     pub concepts: Vec<String>,
     pub lora: LoraConfig,
+    /// kohya's LoRA dropouts (`--network_dropout`, `rank_dropout`, `module_dropout`) on every
+    /// adapter's training forwards; all off by default, as kohya's.
+    pub lora_dropout: LoraDropout,
     /// Suffixes of the wrapped linears (`to_q`, `to_k`, `to_v`, `to_out.0`).
     pub targets: Vec<String>,
     pub lambda: f64,
@@ -188,6 +192,18 @@ impl TrainConfig {
                 "--adam-epsilon must be a positive number, got {}",
                 adam.eps
             )));
+        }
+        let d = self.lora_dropout;
+        for (p, flag) in [
+            (d.dropout, "--network-dropout"),
+            (d.rank, "--rank-dropout"),
+            (d.module, "--module-dropout"),
+        ] {
+            if let Some(p) = p.filter(|p| !(p.is_finite() && *p > 0.0 && *p < 1.0)) {
+                return Err(Error::Config(format!(
+                    "{flag} is a probability below 1 (0 turns it off), got {p}"
+                )));
+            }
         }
         if let Some(n) = self.max_grad_norm.filter(|n| !(n.is_finite() && *n > 0.0)) {
             return Err(Error::Config(format!(
@@ -412,6 +428,22 @@ impl TrainConfig {
             (
                 "max_grad_norm".to_string(),
                 c.max_grad_norm.map_or("none".into(), |n| n.to_string()),
+            ),
+            (
+                "network_dropout".to_string(),
+                c.lora_dropout
+                    .dropout
+                    .map_or("none".into(), |p| p.to_string()),
+            ),
+            (
+                "rank_dropout".to_string(),
+                c.lora_dropout.rank.map_or("none".into(), |p| p.to_string()),
+            ),
+            (
+                "module_dropout".to_string(),
+                c.lora_dropout
+                    .module
+                    .map_or("none".into(), |p| p.to_string()),
             ),
             (
                 "train_text_encoder".to_string(),

@@ -84,7 +84,16 @@ impl Trainer {
         let mut probes = Vec::new();
         for &policy in policies {
             self.unet.checkpoint = policy;
-            let peak = match self.probe_step() {
+            // Dropout's masked update keeps more for the backward than the fused one.
+            let dropout = !self.cfg.lora_dropout.is_off();
+            if dropout {
+                self.set_dropout(Some(&vec![0x5eed; self.cfg.batch_size]));
+            }
+            let probe = self.probe_step();
+            if dropout {
+                self.set_dropout(None);
+            }
+            let peak = match probe {
                 Ok(p) => Some(p),
                 Err(e) if out_of_memory(&e) => None,
                 Err(e) => return Err(e),

@@ -17,6 +17,7 @@ use super::text::TextEncoders;
 use crate::formats::adapter::Adapter;
 use crate::models::unet::UNet2DConditionModel;
 use crate::nn::lora::LoraAdapter;
+use crate::nn::lora_dropout::DropoutDraw;
 use crate::sample::model_files::ModelFiles;
 use crate::sample::pipeline::unet_module_index;
 use crate::sample::schedule::{Huber, HuberSchedule, LossType, Prediction};
@@ -494,6 +495,11 @@ impl Trainer {
             for &i in &batch {
                 visits.push(self.draw_visit(i, (lo, hi))?);
             }
+            let dropout = !self.cfg.lora_dropout.is_off();
+            if dropout {
+                let seeds: Vec<u64> = visits.iter().map(|v| v.dropout_seed).collect();
+                self.set_dropout(Some(&seeds));
+            }
             let x0 = stack(visits.iter().map(|v| v.x0.clone()).collect())?; // (B, 4, h, w)
             let noise = stack(visits.iter().map(|v| v.noise.clone()).collect())?;
             let input = match self.cfg.ip_noise_gamma {
@@ -529,7 +535,11 @@ impl Trainer {
                 &schedule,
                 &params,
                 &mut acc,
-            )?;
+            );
+            if dropout {
+                self.set_dropout(None);
+            }
+            let losses = losses?;
             loss += losses.total.to_scalar()?;
             diffusion += losses.diffusion.to_scalar()?;
             if let Some(c) = &losses.cultural {
@@ -572,6 +582,21 @@ impl Trainer {
             grad_norm,
             val: None,
         })
+    }
+
+    /// Sets every adapter's LoRA dropout draw for visits that drew `seeds` (the UNet's adapters
+    /// then the text encoders', numbered in that order), or clears them (None) so validation and
+    /// previews run without dropout.
+    pub(super) fn set_dropout(&mut self, seeds: Option<&[u64]>) {
+        let config = self.cfg.lora_dropout;
+        let mut linears = self.unet.attention_projections_mut();
+        if let Some(te) = &mut self.text_encoders {
+            linears.extend(te.linears_mut());
+        }
+        let adapters = linears.into_iter().filter_map(|(_, l)| l.adapter.as_mut());
+        for (m, a) in adapters.enumerate() {
+            a.dropout = seeds.map(|s| DropoutDraw::for_module(config, s, m));
+        }
     }
 
     pub fn save_checkpoint(&self) -> Result<PathBuf> {

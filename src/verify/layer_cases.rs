@@ -2,6 +2,7 @@
 
 use super::{max_norm, Checker, Ctx, Row};
 use crate::nn::lora::{Gates, LoraAdapter, LoraConfig, Mlp};
+use crate::nn::lora_dropout::DropoutMasks;
 use crate::nn::Linear;
 use crate::tensor::SafeTensorsFile;
 use crate::train::cultural::CulturalLoss;
@@ -30,46 +31,54 @@ fn mlp(f: &SafeTensorsFile, prefix: &str, ctx: &Ctx) -> Result<Mlp> {
     })
 }
 
+/// The adapter (variables) and frozen base of layer `tag` (`gated` or `plain`) of
+/// gated_lora_layer.safetensors.
+fn layer(f: &SafeTensorsFile, tag: &str, ctx: &Ctx) -> Result<(LoraAdapter, Linear)> {
+    let concepts = load(f, "concepts", ctx)?;
+    let p = |n: &str| format!("{tag}.param.{n}");
+    let a = load(f, &p("lora_A"), ctx)?;
+    let config = LoraConfig {
+        rank: a.dims()[0],
+        alpha: f.meta_f64("alpha")?,
+        guidance: f.meta_f64("guidance")?,
+        gate_hidden: f.meta_f64("gate_hidden")? as usize,
+        mod_hidden: f.meta_f64("mod_hidden")? as usize,
+    };
+    let gates = if tag == "gated" {
+        Some(Gates {
+            attn_mlp: mlp(f, &p("attn_mlp"), ctx)?,
+            proj: linear(f, &p("proj"), ctx)?,
+            down_mlp: mlp(f, &p("down_mlp"), ctx)?,
+            up_mlp: mlp(f, &p("up_mlp"), ctx)?,
+            gate_mlp: mlp(f, &p("gate_mlp"), ctx)?,
+        })
+    } else {
+        None
+    };
+    let adapter = LoraAdapter {
+        a: a.var()?,
+        b: load(f, &p("lora_B"), ctx)?.var()?,
+        config,
+        concepts: gates.as_ref().map(|_| concepts.clone()),
+        gates,
+        recorder: None,
+        dropout: None,
+    };
+    // The frozen base: plain tensors, never variables.
+    let base = Linear {
+        weight: load(f, &p("base.weight"), ctx)?,
+        bias: Some(load(f, &p("base.bias"), ctx)?),
+    };
+    Ok((adapter, base))
+}
+
 pub fn gated_lora_layer(ctx: &Ctx) -> Result<Vec<Row>> {
     let f = SafeTensorsFile::open(ctx.reference("gated_lora_layer.safetensors"))?;
     let mut chk = Checker::new("gated_lora_layer");
     let grad_floor = max_norm(&f, "gated.grad.")?.max(max_norm(&f, "plain.grad.")?);
     let grad_tol = ctx.grad.grad_with_floor(grad_floor);
-    let concepts = load(&f, "concepts", ctx)?;
     for tag in ["gated", "plain"] {
-        let p = |n: &str| format!("{tag}.param.{n}");
-        let a = load(&f, &p("lora_A"), ctx)?;
-        let config = LoraConfig {
-            rank: a.dims()[0],
-            alpha: f.meta_f64("alpha")?,
-            guidance: f.meta_f64("guidance")?,
-            gate_hidden: f.meta_f64("gate_hidden")? as usize,
-            mod_hidden: f.meta_f64("mod_hidden")? as usize,
-        };
-        let gates = if tag == "gated" {
-            Some(Gates {
-                attn_mlp: mlp(&f, &p("attn_mlp"), ctx)?,
-                proj: linear(&f, &p("proj"), ctx)?,
-                down_mlp: mlp(&f, &p("down_mlp"), ctx)?,
-                up_mlp: mlp(&f, &p("up_mlp"), ctx)?,
-                gate_mlp: mlp(&f, &p("gate_mlp"), ctx)?,
-            })
-        } else {
-            None
-        };
-        let adapter = LoraAdapter {
-            a: a.var()?,
-            b: load(&f, &p("lora_B"), ctx)?.var()?,
-            config,
-            concepts: gates.as_ref().map(|_| concepts.clone()),
-            gates,
-            recorder: None,
-        };
-        // The frozen base: plain tensors, never variables.
-        let base = Linear {
-            weight: load(&f, &p("base.weight"), ctx)?,
-            bias: Some(load(&f, &p("base.bias"), ctx)?),
-        };
+        let (adapter, base) = layer(&f, tag, ctx)?;
         let h = load(&f, &format!("{tag}.h"), ctx)?.var()?;
         let up = load(&f, &format!("{tag}.upstream"), ctx)?;
         let y = base.forward(&h)?.add(&adapter.delta(&h)?)?;
@@ -120,6 +129,65 @@ pub fn gated_lora_layer(ctx: &Ctx) -> Result<Vec<Row>> {
             return Err(Error::Backward(
                 "a frozen base weight received a gradient".into(),
             ));
+        }
+    }
+    Ok(chk.rows)
+}
+
+/// kohya's LoRA dropouts on the gated and plain layers with the masks the reference drew
+/// (`tests/fixtures/extra/gen_lora_dropout.py`): network dropout's entries, rank dropout, module
+/// dropout and all three, each through `apply_masked`, the path training takes; the output and
+/// the gradients of h and every adapter tensor.
+pub fn lora_dropout(ctx: &Ctx) -> Result<Vec<Row>> {
+    let f = SafeTensorsFile::open(ctx.reference("../../extra/lora_dropout.safetensors"))?;
+    let layers = SafeTensorsFile::open(ctx.reference("gated_lora_layer.safetensors"))?;
+    let mut chk = Checker::new("lora_dropout");
+    let cases: Vec<String> = f.meta_str("cases")?.split(',').map(String::from).collect();
+    for tag in ["gated", "plain"] {
+        let (adapter, base) = layer(&layers, tag, ctx)?;
+        let up = load(&layers, &format!("{tag}.upstream"), ctx)?;
+        for case in &cases {
+            let key = |n: &str| format!("{tag}.{case}.{n}");
+            let mask = |n: &str| -> Result<Option<Tensor>> {
+                let k = key(&format!("mask.{n}"));
+                f.contains(&k).then(|| load(&f, &k, ctx)).transpose()
+            };
+            let h = load(&layers, &format!("{tag}.h"), ctx)?.var()?;
+            let (b, _, _) = h.dims3()?;
+            let r = adapter.config.rank;
+            let module = mask("module")?.map(|m| m.reshape((b, 1))).transpose()?;
+            let rows = match (mask("rank")?, module) {
+                (Some(rank), Some(m)) => Some(rank.mul(&m)?),
+                (Some(rank), None) => Some(rank),
+                (None, Some(m)) => Some(m.broadcast_as(&(b, r).into())?.contiguous()?),
+                (None, None) => None,
+            };
+            let (p, p_rank) = (
+                f.meta_f64(&format!("{case}.p"))?,
+                f.meta_f64(&format!("{case}.p_rank"))?,
+            );
+            let masks = DropoutMasks {
+                rows,
+                entries: mask("entries")?,
+                scale: 1.0 / ((1.0 - p) * (1.0 - p_rank)),
+            };
+            let y = adapter.apply_masked(&h, Some(&base.forward(&h)?), &masks)?;
+            chk.check(&key("y"), &y, &f.tensor(&key("y"))?, ctx.forward)?;
+            let grad_tol = ctx
+                .grad
+                .grad_with_floor(max_norm(&f, &format!("{tag}.{case}.grad."))?);
+            let grads = y.mul(&up)?.sum_all()?.backward()?;
+            let gh = grads
+                .get(&h)
+                .ok_or_else(|| Error::Backward("no gradient for h".into()))?;
+            chk.check(&key("grad.h"), gh, &f.tensor(&key("grad.h"))?, grad_tol)?;
+            for (name, t) in adapter.named() {
+                let k = key(&format!("grad.{name}"));
+                let g = grads
+                    .get(&t)
+                    .ok_or_else(|| Error::Backward(format!("no gradient for {name}")))?;
+                chk.check(&k, g, &f.tensor(&k)?, grad_tol)?;
+            }
         }
     }
     Ok(chk.rows)

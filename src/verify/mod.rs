@@ -251,6 +251,11 @@ pub fn cases() -> Vec<(&'static str, &'static str, CaseFn)> {
             train_cases::train_clip_grad,
         ),
         (
+            "lora_dropout",
+            "../../extra/lora_dropout.safetensors",
+            layer_cases::lora_dropout,
+        ),
+        (
             "train_edm",
             "../../extra/train_edm.safetensors",
             train_edm_case::train_edm,

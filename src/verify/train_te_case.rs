@@ -74,6 +74,7 @@ pub fn train_text_encoder(ctx: &Ctx) -> Result<Vec<Row>> {
             gates: None,
             concepts: None,
             recorder: None,
+            dropout: None,
         });
         chosen.push(path);
     }
