@@ -178,6 +178,7 @@ fn verify_passes_every_case_on_the_tiny_fixtures() {
         "train_loss_types",
         "train_clip_grad",
         "lora_dropout",
+        "max_norm",
         "lora_lycoris",
         "lora_peft",
         "lora_export",

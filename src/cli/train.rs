@@ -180,6 +180,11 @@ pub struct Args {
     /// recipe. The norm before clipping is logged every step (grad_norm in the loss CSV)
     #[arg(long, allow_negative_numbers = true)]
     pub max_grad_norm: Option<f64>,
+    /// kohya's --scale_weight_norms: after each step, an adapter whose (alpha / r) B A has a
+    /// Frobenius norm above N gets A and B scaled back onto N (kohya suggests 1). Each step's
+    /// count of scaled adapters and their mean and largest norm are logged. Unset or 0: off
+    #[arg(long, allow_negative_numbers = true)]
+    pub scale_weight_norms: Option<f64>,
     #[arg(long, default_value_t = 4)]
     pub grad_accum: usize,
     /// Pictures per micro-batch (kohya's --train_batch_size): visits of one bucket (and one
@@ -457,6 +462,7 @@ pub fn config_from(a: &Args) -> anyhow::Result<TrainConfig> {
         },
         // 0 is off, as kohya and diffusers read it.
         max_grad_norm: a.max_grad_norm.filter(|&n| n != 0.0),
+        scale_weight_norms: a.scale_weight_norms.filter(|&n| n != 0.0),
         schedule,
         grad_accum: a.grad_accum,
         batch_size: a.batch_size,
@@ -550,8 +556,11 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
     trainer.run(|s| {
         bar.set_position(s.step);
         let val = s.val.map_or(String::new(), |v| format!(" val {v:.4}"));
+        let norms = s.weight_norms.map_or(String::new(), |w| {
+            format!(" scaled {} (norm mean {:.3})", w.keys_scaled, w.mean_norm)
+        });
         bar.set_message(format!(
-            "loss {:.4} lr {:.2e} grad norm {:.3e}{val}",
+            "loss {:.4} lr {:.2e} grad norm {:.3e}{norms}{val}",
             s.loss, s.lr, s.grad_norm
         ));
     })?;

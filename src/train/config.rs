@@ -77,6 +77,10 @@ pub struct TrainConfig {
     /// `torch.nn.utils.clip_grad_norm_` does (kohya's and diffusers' `--max_grad_norm`). None:
     /// no clipping (KSTYLE.md's recipe).
     pub max_grad_norm: Option<f64>,
+    /// kohya's `--scale_weight_norms`: after each step, every adapter whose `(alpha / r) B A`
+    /// has a Frobenius norm above this has A and B scaled back onto it (see
+    /// [`super::max_norm`]). None: off.
+    pub scale_weight_norms: Option<f64>,
     pub schedule: LrSchedule,
     pub grad_accum: usize,
     /// Pictures per micro-batch (kohya's `--train_batch_size`): visits of one bucket and one
@@ -204,6 +208,14 @@ impl TrainConfig {
                     "{flag} is a probability below 1 (0 turns it off), got {p}"
                 )));
             }
+        }
+        if let Some(n) = self
+            .scale_weight_norms
+            .filter(|n| !(n.is_finite() && *n > 0.0))
+        {
+            return Err(Error::Config(format!(
+                "--scale-weight-norms must be a positive number (0 turns it off), got {n}"
+            )));
         }
         if let Some(n) = self.max_grad_norm.filter(|n| !(n.is_finite() && *n > 0.0)) {
             return Err(Error::Config(format!(
@@ -428,6 +440,11 @@ impl TrainConfig {
             (
                 "max_grad_norm".to_string(),
                 c.max_grad_norm.map_or("none".into(), |n| n.to_string()),
+            ),
+            (
+                "scale_weight_norms".to_string(),
+                c.scale_weight_norms
+                    .map_or("none".into(), |n| n.to_string()),
             ),
             (
                 "network_dropout".to_string(),

@@ -8,6 +8,7 @@ pub mod cultural;
 pub mod data;
 mod examples;
 pub mod lr;
+pub mod max_norm;
 pub mod memory;
 pub mod noise;
 pub mod optim;

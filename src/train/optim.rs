@@ -267,6 +267,42 @@ impl Optimizer {
                 ops::adamw_step_range(&hyper, self.step, state, &g, grad_scale, range)?;
             }
         }
+        self.write_params(params)
+    }
+
+    /// Multiplies the masters of the slots `factors` names (slot index, factor), as PyTorch's
+    /// in-place `*=` on a parameter, then rewrites `params` (in slot order) from the masters.
+    /// The moments are left as they are.
+    pub fn scale_slots(
+        &mut self,
+        params: &[(String, Tensor)],
+        factors: &[(usize, f64)],
+    ) -> Result<()> {
+        let by_slot: std::collections::HashMap<usize, f64> = factors.iter().copied().collect();
+        if let Some(i) = by_slot.keys().find(|&&i| i >= self.slots.len()) {
+            return Err(Error::msg(format!(
+                "optimizer: no slot {i} of {}",
+                self.slots.len()
+            )));
+        }
+        let parts = self
+            .slots
+            .iter()
+            .enumerate()
+            .map(|(i, s)| {
+                let values = self.master.narrow(0, s.offset, s.len)?;
+                match by_slot.get(&i) {
+                    Some(&f) => values.scale(f),
+                    None => Ok(values),
+                }
+            })
+            .collect::<Result<Vec<_>>>()?;
+        self.master = concat(&parts, self.master.device())?;
+        self.write_params(params)
+    }
+
+    /// Overwrites each of `params` (in slot order) with its master values, rounded to its dtype.
+    fn write_params(&self, params: &[(String, Tensor)]) -> Result<()> {
         // check_trainables (at construction) guarantees distinct storages: no guard waits on another.
         let mut guards: Vec<_> = params.iter().map(|(_, t)| t.storage_mut()).collect();
         let mut targets: Vec<_> = guards

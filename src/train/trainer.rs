@@ -9,6 +9,7 @@ pub use super::config::TrainConfig;
 use super::cultural::CulturalLoss;
 use super::data::{batches_per_epoch, Dataset, Role};
 use super::examples::{load_dataset, prepare_examples, Example, ExampleText, Prepared};
+use super::max_norm::{regularize, slot_factors, weight_norms, MaxNormReport};
 use super::memory::{human, policy_name, AUTO_POLICIES};
 use super::optim::{GradAccumulator, Optimizer, Slot};
 use super::start::{fresh, resume, Start};
@@ -38,6 +39,8 @@ pub struct StepLog {
     pub lr: f64,
     /// The global L2 norm of the step's mean gradient, before any clipping.
     pub grad_norm: f64,
+    /// With `--scale-weight-norms`: what the max-norm regularization did after the step.
+    pub weight_norms: Option<MaxNormReport>,
     /// The validation loss after this step, when one was due.
     pub val: Option<f64>,
 }
@@ -571,6 +574,10 @@ impl Trainer {
         }
         self.optimizer
             .step_groups(&params, &acc.sum, clipped.scale, &groups)?;
+        let weight_norms = match self.cfg.scale_weight_norms {
+            Some(max) => Some(self.scale_weight_norms(&params, max)?),
+            None => None,
+        };
         self.state.step += 1;
         Ok(StepLog {
             step: self.state.step,
@@ -580,8 +587,57 @@ impl Trainer {
             cultural: self.cultural.as_ref().map(|_| cultural / n),
             lr,
             grad_norm,
+            weight_norms,
             val: None,
         })
+    }
+
+    /// kohya's max-norm regularization after a step (see [`super::max_norm`]): every adapter's
+    /// `||(alpha / r) B A||` from the optimizer's masters (`params` in slot order), and A and B
+    /// of each one above `max` scaled back onto it.
+    fn scale_weight_norms(
+        &mut self,
+        params: &[(String, Tensor)],
+        max: f64,
+    ) -> Result<MaxNormReport> {
+        let mut adapters: Vec<(String, LoraAdapter)> = self
+            .unet
+            .attention_projections()
+            .into_iter()
+            .filter_map(|(p, l)| l.adapter.clone().map(|a| (p, a)))
+            .collect();
+        if let Some(te) = &self.text_encoders {
+            adapters.extend(te.adapters());
+        }
+        let slot_of: HashMap<&str, usize> = params
+            .iter()
+            .enumerate()
+            .map(|(i, (n, _))| (n.as_str(), i))
+            .collect();
+        let mut pairs = Vec::with_capacity(adapters.len());
+        let mut slots = Vec::with_capacity(adapters.len());
+        for (path, adapter) in &adapters {
+            let master = |name: &str| -> Result<(usize, Tensor)> {
+                let key = format!("{path}.{name}");
+                let &i = slot_of
+                    .get(key.as_str())
+                    .ok_or_else(|| Error::msg(format!("optimizer has no slot `{key}`")))?;
+                let [values, ..] = self.optimizer.slot_state(&self.optimizer.slots[i])?;
+                Ok((i, values.reshape(params[i].1.dims().to_vec())?))
+            };
+            let (ia, a) = master("lora_A")?;
+            let (ib, b) = master("lora_B")?;
+            let c = adapter.config;
+            pairs.push((a, b, c.alpha / c.rank as f64));
+            slots.push((ia, ib));
+        }
+        let norms = weight_norms(&pairs)?;
+        let (ratios, report) = regularize(&norms, max);
+        let factors = slot_factors(&slots, &ratios);
+        if !factors.is_empty() {
+            self.optimizer.scale_slots(params, &factors)?;
+        }
+        Ok(report)
     }
 
     /// Sets every adapter's LoRA dropout draw for visits that drew `seeds` (the UNet's adapters
@@ -659,9 +715,17 @@ impl Trainer {
             .truncate(self.cfg.resume.is_none())
             .open(&self.outputs.log_csv)
             .map_err(|e| Error::io(&self.outputs.log_csv, e))?;
+        // With --scale-weight-norms, three more columns: what the regularization did.
+        let norms_header = match self.cfg.scale_weight_norms {
+            Some(_) => ",keys_scaled,mean_key_norm,max_key_norm",
+            None => "",
+        };
         if self.cfg.resume.is_none() || !csv_exists {
-            writeln!(csv, "step,epoch,loss,diffusion,cultural,lr,grad_norm")
-                .map_err(|e| Error::io(&self.outputs.log_csv, e))?;
+            writeln!(
+                csv,
+                "step,epoch,loss,diffusion,cultural,lr,grad_norm{norms_header}"
+            )
+            .map_err(|e| Error::io(&self.outputs.log_csv, e))?;
         }
         if self.cfg.resume.is_none() && self.outputs.val_csv.exists() {
             std::fs::remove_file(&self.outputs.val_csv)
@@ -676,9 +740,12 @@ impl Trainer {
                 }
             }
             let cult = log.cultural.map_or(String::new(), |c| format!("{c}"));
+            let norms = log.weight_norms.map_or(String::new(), |w| {
+                format!(",{},{},{}", w.keys_scaled, w.mean_norm, w.max_norm)
+            });
             writeln!(
                 csv,
-                "{},{},{},{},{},{},{}",
+                "{},{},{},{},{},{},{}{norms}",
                 log.step, log.epoch, log.loss, log.diffusion, cult, log.lr, log.grad_norm
             )
             .map_err(|e| Error::io(&self.outputs.log_csv, e))?;

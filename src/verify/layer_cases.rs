@@ -1,12 +1,15 @@
 //! The single-layer cases: one gated LoRA linear (and its plain twin), and the cultural loss.
 
 use super::{max_norm, Checker, Ctx, Row};
+use crate::backend::cpu::optim::AdamW;
 use crate::nn::lora::{Gates, LoraAdapter, LoraConfig, Mlp};
 use crate::nn::lora_dropout::DropoutMasks;
 use crate::nn::Linear;
 use crate::tensor::SafeTensorsFile;
 use crate::train::cultural::CulturalLoss;
-use crate::{DType, Error, Result, Tensor};
+use crate::train::max_norm::{regularize, slot_factors, weight_norms};
+use crate::train::optim::Optimizer;
+use crate::{DType, Device, Error, Result, Tensor};
 
 fn load(f: &SafeTensorsFile, name: &str, ctx: &Ctx) -> Result<Tensor> {
     f.tensor(name)?.to_dtype(DType::F32)?.to_device(ctx.device)
@@ -189,6 +192,49 @@ pub fn lora_dropout(ctx: &Ctx) -> Result<Vec<Row>> {
                 chk.check(&k, g, &f.tensor(&k)?, grad_tol)?;
             }
         }
+    }
+    Ok(chk.rows)
+}
+
+/// kohya's max-norm regularization (`tests/fixtures/extra/gen_max_norm.py`) on five adapters'
+/// factors, through what training runs: `weight_norms` on the factors, `regularize`, and the
+/// optimizer's `scale_slots` writing the scaled factors back into the trainables.
+pub fn max_norm_regularization(ctx: &Ctx) -> Result<Vec<Row>> {
+    let f = SafeTensorsFile::open(ctx.reference("../../extra/max_norm.safetensors"))?;
+    let mut chk = Checker::new("max_norm");
+    let bound = f.meta_f64("max_norm")?;
+    let n = f.meta_f64("modules")? as usize;
+    let (mut params, mut pairs, mut slots) = (Vec::new(), Vec::new(), Vec::new());
+    for i in 0..n {
+        let a = load(&f, &format!("m{i}.lora_A"), ctx)?.var()?;
+        let b = load(&f, &format!("m{i}.lora_B"), ctx)?.var()?;
+        let scale = f.meta_f64(&format!("m{i}.alpha"))? / a.dims()[0] as f64;
+        pairs.push((a.clone(), b.clone(), scale));
+        slots.push((2 * i, 2 * i + 1));
+        params.push((format!("m{i}.lora_A"), a));
+        params.push((format!("m{i}.lora_B"), b));
+    }
+    let norms = weight_norms(&pairs)?;
+    let (ratios, report) = regularize(&norms, bound);
+    let host = |v: Vec<f64>| {
+        let len = v.len();
+        Tensor::from_vec(v, len, Device::Cpu)
+    };
+    let scaled = norms.iter().zip(&ratios).map(|(n, r)| n * r).collect();
+    chk.check("norms", &host(scaled)?, &f.tensor("norms")?, ctx.forward)?;
+    chk.check(
+        "ratios",
+        &host(ratios.clone())?,
+        &f.tensor("ratios")?,
+        ctx.forward,
+    )?;
+    let summary = vec![report.keys_scaled as f64, report.mean_norm, report.max_norm];
+    chk.check("report", &host(summary)?, &f.tensor("report")?, ctx.forward)?;
+    let mut opt = Optimizer::new(AdamW::default(), &params)?;
+    opt.scale_slots(&params, &slot_factors(&slots, &ratios))?;
+    for (name, t) in &params {
+        let key = name.replacen('.', ".scaled.", 1);
+        chk.check(&key, t, &f.tensor(&key)?, ctx.forward)?;
     }
     Ok(chk.rows)
 }

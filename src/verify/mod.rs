@@ -256,6 +256,11 @@ pub fn cases() -> Vec<(&'static str, &'static str, CaseFn)> {
             layer_cases::lora_dropout,
         ),
         (
+            "max_norm",
+            "../../extra/max_norm.safetensors",
+            layer_cases::max_norm_regularization,
+        ),
+        (
             "train_edm",
             "../../extra/train_edm.safetensors",
             train_edm_case::train_edm,
