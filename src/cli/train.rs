@@ -281,6 +281,30 @@ pub struct Args {
     /// encoded every step.
     #[arg(long)]
     pub caption_tag_dropout: Option<f64>,
+    /// Split captions into tags on this (kohya's --caption_separator); tags are joined back with
+    /// ", " as kohya joins them.
+    #[arg(long, default_value = ",")]
+    pub caption_separator: String,
+    /// kohya's --keep_tokens_separator (e.g. "|||"): in a caption that holds it, the tags before it
+    /// (and after a second one) stay in place when --shuffle-caption or --caption-tag-dropout
+    /// rewrite the rest; it overrides --keep-tokens for that caption.
+    #[arg(long)]
+    pub keep_tokens_separator: Option<String>,
+    /// kohya's --secondary_separator (e.g. ";;;"): joins words that move as one tag; replaced by
+    /// the caption separator once the tags are placed (in every caption).
+    #[arg(long)]
+    pub secondary_separator: Option<String>,
+    /// Joined before every caption with a space (kohya's --caption_prefix).
+    #[arg(long)]
+    pub caption_prefix: Option<String>,
+    /// Joined after every caption with a space (kohya's --caption_suffix).
+    #[arg(long)]
+    pub caption_suffix: Option<String>,
+    /// kohya's --enable_wildcard: each visit trains on one line of a multi-line caption and one
+    /// option of each {a|b|c} ({{ and }} are literal braces); captions are then encoded every
+    /// step. Without it only a caption file's first line is read, as kohya reads it.
+    #[arg(long)]
+    pub enable_wildcard: bool,
     /// The trigger phrase (the paper's "[v]").
     #[arg(long, default_value = "Korean traditional")]
     pub trigger: String,
@@ -483,6 +507,9 @@ pub fn config_from(a: &Args) -> anyhow::Result<TrainConfig> {
             template: a.caption_template.clone(),
             trigger: a.trigger.clone(),
             extension: a.caption_extension.trim_start_matches('.').to_string(),
+            prefix: a.caption_prefix.clone(),
+            suffix: a.caption_suffix.clone(),
+            wildcard: a.enable_wildcard,
         },
         checkpointing: checkpoint_policy(&a.checkpointing)?,
         memory_budget: a.memory_budget,
@@ -498,6 +525,9 @@ pub fn config_from(a: &Args) -> anyhow::Result<TrainConfig> {
         shuffle_caption: a.shuffle_caption,
         keep_tokens: a.keep_tokens,
         caption_tag_dropout: a.caption_tag_dropout.filter(|&p| p != 0.0),
+        caption_separator: a.caption_separator.clone(),
+        keep_tokens_separator: a.keep_tokens_separator.clone(),
+        secondary_separator: a.secondary_separator.clone(),
         reg_data: a.reg_data.clone(),
         prior_loss_weight: a.prior_loss_weight,
         val_data: a.val_data.clone(),

@@ -2,6 +2,7 @@
 //! (mirroring, latent sample, timestep, noise, caption dropout and caption rewrite), the
 //! conditioning of a batch's captions, and a batch's forward and backward.
 
+use super::captions::rewrite_caption;
 use super::config::TrainConfig;
 use super::data::{epoch_batches, Dataset, Role};
 use super::examples::{Example, ExampleText};
@@ -194,13 +195,9 @@ impl Trainer {
             _ => false,
         };
         let caption = match &ex.text {
-            ExampleText::Caption(c) if !dropped => Some(rewrite_tags(
-                c,
-                self.cfg.keep_tokens,
-                self.cfg.shuffle_caption,
-                self.cfg.caption_tag_dropout,
-                rng,
-            )),
+            ExampleText::Caption(c) if !dropped => {
+                Some(rewrite_caption(c, &self.cfg.tag_rules(), rng))
+            }
             _ => None,
         };
         // Last, and only with a LoRA dropout: the seed of the visit's dropout masks.
@@ -299,34 +296,6 @@ impl CaptionEncoder {
     }
 }
 
-/// kohya's caption rewrite: the caption split at commas into trimmed tags; after the first
-/// `keep`, the rest shuffled (with `shuffle`), then each dropped with probability `drop`;
-/// joined by ", ". A caption without commas and `keep` 1 or more comes back trimmed and draws
-/// nothing.
-pub fn rewrite_tags(
-    caption: &str,
-    keep: usize,
-    shuffle: bool,
-    drop: Option<f64>,
-    rng: &mut Rng,
-) -> String {
-    let mut tags: Vec<&str> = caption.trim().split(',').map(str::trim).collect();
-    let keep = keep.min(tags.len());
-    if shuffle {
-        rng.shuffle(&mut tags[keep..]);
-    }
-    if let Some(p) = drop {
-        let mut kept = tags[..keep].to_vec();
-        for &tag in &tags[keep..] {
-            if rng.uniform() >= p {
-                kept.push(tag);
-            }
-        }
-        tags = kept;
-    }
-    tags.join(", ")
-}
-
 /// The example a visit trains on: `ex`, or its mirrored picture.
 pub(super) fn visited(ex: &Example, mirrored: bool) -> &Example {
     match (&ex.mirror, mirrored) {
@@ -354,59 +323,5 @@ pub(super) fn stack(mut parts: Vec<Tensor>) -> Result<Tensor> {
     match parts.len() {
         1 => Ok(parts.remove(0)),
         _ => Tensor::cat(&parts, 0),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::rewrite_tags;
-    use crate::tensor::Rng;
-
-    /// The kept tags stay first, the rest are a permutation of the caption's, joined as kohya
-    /// joins them; one tag (no comma) comes back trimmed and draws nothing. Tag dropout keeps
-    /// the kept tags and the order of the others.
-    #[test]
-    fn tags_shuffle_and_drop_after_the_kept_ones() {
-        let mut rng = Rng::new(3);
-        let caption = " [v], red roof,snow , night, palace ";
-        let mut seen = std::collections::BTreeSet::new();
-        for _ in 0..20 {
-            let s = rewrite_tags(caption, 1, true, None, &mut rng);
-            let tags: Vec<&str> = s.split(", ").collect();
-            assert_eq!(tags[0], "[v]");
-            let mut rest = tags[1..].to_vec();
-            rest.sort();
-            assert_eq!(rest, ["night", "palace", "red roof", "snow"]);
-            seen.insert(s);
-        }
-        assert!(seen.len() > 5, "{seen:?}");
-        assert_eq!(rewrite_tags("a b c", 0, true, None, &mut rng), "a b c");
-        assert_eq!(rewrite_tags("x, y", 5, true, None, &mut rng), "x, y");
-        let before = rng.clone();
-        assert_eq!(
-            rewrite_tags(" one tag ", 0, true, None, &mut rng),
-            "one tag"
-        );
-        assert_eq!(rng, before);
-        // Tag dropout: never the kept tags; at 1 every other tag goes, at 0.5 some do.
-        let all = "[v], a, b, c, d, e, f, g";
-        assert_eq!(rewrite_tags(all, 1, false, Some(1.0), &mut rng), "[v]");
-        assert_eq!(rewrite_tags(all, 2, true, Some(1.0), &mut rng), "[v], a");
-        let counts: Vec<usize> = (0..20)
-            .map(|_| {
-                rewrite_tags(all, 1, false, Some(0.5), &mut rng)
-                    .split(", ")
-                    .count()
-            })
-            .collect();
-        assert!(counts.iter().all(|&n| (1..=8).contains(&n)), "{counts:?}");
-        assert!(
-            counts.iter().any(|&n| n < 8) && counts.iter().any(|&n| n > 1),
-            "{counts:?}"
-        );
-        // Without the shuffle the tags that stay keep their order: a subsequence of `all`.
-        let left = rewrite_tags(all, 0, false, Some(0.5), &mut rng);
-        let mut rest = all.split(", ");
-        assert!(left.split(", ").all(|t| rest.any(|u| u == t)), "{left}");
     }
 }

@@ -1,6 +1,7 @@
 //! The settings of a training run: what `kstyle train` fills, prints at the start and records
 //! in the adapter's metadata.
 
+use super::captions::TagRules;
 use super::data::CaptionSource;
 use super::lr::LrSchedule;
 use super::noise::{Multires, NoiseOffset};
@@ -143,6 +144,13 @@ pub struct TrainConfig {
     /// kohya's `--caption_tag_dropout_rate`: each visit drops each of its caption's tags after
     /// the first `keep_tokens` with this probability (after the shuffle).
     pub caption_tag_dropout: Option<f64>,
+    /// kohya's `--caption_separator` (`,`): what splits a caption into tags.
+    pub caption_separator: String,
+    /// kohya's `--keep_tokens_separator`: the tags before it (and after a second one) stay in
+    /// place; see [`super::captions::TagRules`].
+    pub keep_tokens_separator: Option<String>,
+    /// kohya's `--secondary_separator`: binds words into one tag, then becomes the separator.
+    pub secondary_separator: Option<String>,
     /// Regularization pictures (kohya's `--reg_data_dir`, the same layout as `data`): DreamBooth
     /// prior preservation. They are visited as often as kohya visits them and train on their
     /// diffusion loss times `prior_loss_weight`, without the cultural term (they are not the
@@ -169,7 +177,31 @@ impl TrainConfig {
         if self.batch_size == 0 {
             return Err(Error::Config("--batch-size must be at least 1".into()));
         }
-        if self.keep_tokens > 0 && !self.live_captions() {
+        if self.caption_separator.is_empty() {
+            return Err(Error::Config(
+                "--caption-separator must not be empty".into(),
+            ));
+        }
+        if let Some(s) = &self.secondary_separator {
+            if s.is_empty() || s.contains(self.caption_separator.as_str()) {
+                return Err(Error::Config(format!(
+                    "--secondary-separator `{s}` must be a non-empty string without the caption \
+                     separator `{}` in it",
+                    self.caption_separator
+                )));
+            }
+        }
+        if let Some(k) = &self.keep_tokens_separator {
+            if k.is_empty() || !self.tag_rules().moves_tags() {
+                return Err(Error::Config(
+                    "--keep-tokens-separator fixes the tags around it when --shuffle-caption \
+                     reorders them or --caption-tag-dropout drops them: pass one of those (and \
+                     a non-empty separator)"
+                        .into(),
+                ));
+            }
+        }
+        if self.keep_tokens > 0 && !self.tag_rules().moves_tags() {
             return Err(Error::Config(
                 "--keep-tokens keeps tags in place when --shuffle-caption reorders them or \
                  --caption-tag-dropout drops them: pass one of those"
@@ -314,7 +346,29 @@ impl TrainConfig {
     /// Whether captions are rewritten per visit (shuffled or their tags dropped), and so
     /// encoded at every step instead of cached.
     pub fn live_captions(&self) -> bool {
-        self.shuffle_caption || self.caption_tag_dropout.is_some()
+        self.tag_rules().moves_tags() || self.captions.wildcard
+    }
+
+    /// How each visit rewrites its caption (see [`super::captions`]).
+    pub fn tag_rules(&self) -> TagRules<'_> {
+        TagRules {
+            separator: &self.caption_separator,
+            keep: self.keep_tokens,
+            keep_separator: self.keep_tokens_separator.as_deref(),
+            secondary: self.secondary_separator.as_deref(),
+            shuffle: self.shuffle_caption,
+            drop: self.caption_tag_dropout,
+            wildcard: self.captions.wildcard,
+        }
+    }
+
+    /// A caption as it is cached when captions are not rewritten per visit: the secondary
+    /// separator turned into the separator, as kohya does on every caption.
+    pub fn fixed_caption(&self, caption: &str) -> String {
+        match &self.secondary_separator {
+            Some(s) => caption.replace(s.as_str(), &self.caption_separator),
+            None => caption.to_string(),
+        }
     }
 
     /// The settings recorded in the adapter (`kstyle.train.*`) after `steps` optimizer steps:
@@ -386,6 +440,27 @@ impl TrainConfig {
                     .map_or("none".into(), |n| n.to_string_lossy().into_owned()),
             ),
             ("shuffle_caption".to_string(), c.shuffle_caption.to_string()),
+            (
+                "caption_prefix".to_string(),
+                c.captions.prefix.clone().unwrap_or("none".into()),
+            ),
+            (
+                "caption_suffix".to_string(),
+                c.captions.suffix.clone().unwrap_or("none".into()),
+            ),
+            ("caption_separator".to_string(), c.caption_separator.clone()),
+            (
+                "keep_tokens_separator".to_string(),
+                c.keep_tokens_separator.clone().unwrap_or("none".into()),
+            ),
+            (
+                "secondary_separator".to_string(),
+                c.secondary_separator.clone().unwrap_or("none".into()),
+            ),
+            (
+                "enable_wildcard".to_string(),
+                c.captions.wildcard.to_string(),
+            ),
             ("keep_tokens".to_string(), c.keep_tokens.to_string()),
             (
                 "caption_tag_dropout".to_string(),

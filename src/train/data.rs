@@ -23,6 +23,12 @@ pub struct CaptionSource {
     /// Extension of the same-name caption files, without the dot (`txt`; kohya's
     /// `--caption_extension`).
     pub extension: String,
+    /// kohya's `--caption_prefix` / `--caption_suffix`: joined to every caption with a space.
+    pub prefix: Option<String>,
+    pub suffix: Option<String>,
+    /// kohya's `--enable_wildcard`: every line of a caption is kept (one is chosen per visit);
+    /// otherwise only the first line is, as kohya reads caption files.
+    pub wildcard: bool,
 }
 
 impl CaptionSource {
@@ -46,7 +52,29 @@ impl CaptionSource {
                 ),
             ));
         };
-        Ok(text.trim().replace("{trigger}", &self.trigger))
+        let text = text.trim().replace("{trigger}", &self.trigger);
+        let mut lines: Vec<&str> = text
+            .lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty())
+            .collect();
+        if lines.is_empty() {
+            lines.push("");
+        }
+        if !self.wildcard {
+            lines.truncate(1);
+        }
+        let framed: Vec<String> = lines.iter().map(|l| self.framed(l)).collect();
+        Ok(framed.join("\n"))
+    }
+
+    /// `line` between the prefix and the suffix, each joined with a space.
+    fn framed(&self, line: &str) -> String {
+        let mut parts: Vec<&str> = Vec::with_capacity(3);
+        parts.extend(self.prefix.as_deref());
+        parts.push(line);
+        parts.extend(self.suffix.as_deref());
+        parts.join(" ")
     }
 }
 
@@ -548,6 +576,9 @@ mod tests {
             template: Some("a {trigger} thing".into()),
             trigger: "[v]".into(),
             extension: "txt".into(),
+            prefix: None,
+            suffix: None,
+            wildcard: false,
         };
         let data = Dataset::scan(root, &captions).unwrap();
         let got: Vec<(String, String, usize)> = data

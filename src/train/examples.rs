@@ -222,7 +222,10 @@ pub(super) fn prepare_examples(
         }
         let text = match cfg.live_captions() {
             true => ExampleText::Caption(s.caption.clone()),
-            false => text_of(&s.caption, &s.path.display().to_string())?,
+            false => text_of(
+                &cfg.fixed_caption(&s.caption),
+                &s.path.display().to_string(),
+            )?,
         };
         // The picture as the VAE sees it, plain or mirrored, through the cache.
         let mut example = |mirrored: bool| -> Result<Example> {

@@ -1,6 +1,7 @@
 //! Training: the cultural semantic loss, the optimizer, the loop and its checkpoints.
 
 mod batch;
+pub mod captions;
 pub mod checkpoint;
 pub mod concepts;
 pub mod config;
