@@ -6,7 +6,7 @@
 
 mod common;
 use common::tmp;
-use common::train::{assert_resume_is_exact, dataset, refused, tensors, train};
+use common::train::{assert_resume_is_exact, dataset, refused, tensors, train_ok};
 use std::path::{Path, PathBuf};
 
 /// [`dataset`]'s pictures with `captions` (file name, caption file text) instead of theirs.
@@ -27,14 +27,12 @@ fn fixed_caption_options_equal_editing_the_captions() {
     let dir = tmp("caption-options");
     let run = |data: &Path, name: &str, extra: &[&str]| -> PathBuf {
         let out = dir.join(name).join("a.safetensors");
-        let args = [&["--max-steps", "2"][..], extra].concat();
-        let o = train(data, &out, "lora", &args);
-        assert!(
-            o.status.success(),
-            "{name}: {}",
-            String::from_utf8_lossy(&o.stderr)
-        );
-        out
+        train_ok(
+            data,
+            &out,
+            "lora",
+            &[&["--max-steps", "2"][..], extra].concat(),
+        )
     };
     let options = recaptioned(
         &dir,

@@ -7,7 +7,7 @@
 
 mod common;
 use common::tmp;
-use common::train::{assert_resume_is_exact, dataset, refused, tensors, train};
+use common::train::{assert_resume_is_exact, dataset, refused, tensors, train_ok};
 use kstyle::tensor::SafeTensorsFile;
 use std::path::{Path, PathBuf};
 
@@ -32,13 +32,7 @@ fn lora_dropouts_change_training_and_repeat_under_checkpointing() {
             extra,
         ]
         .concat();
-        let o = train(&data, &out, method, &args);
-        assert!(
-            o.status.success(),
-            "{name}: {}",
-            String::from_utf8_lossy(&o.stderr)
-        );
-        out
+        train_ok(&data, &out, method, &args)
     };
     let setting = |out: &Path, key: &str| {
         let f = SafeTensorsFile::open(out).unwrap();

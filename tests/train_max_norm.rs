@@ -6,7 +6,7 @@
 
 mod common;
 use common::tmp;
-use common::train::{assert_resume_is_exact, dataset, refused, tensors, train};
+use common::train::{assert_resume_is_exact, dataset, refused, tensors, train_ok};
 use kstyle::tensor::SafeTensorsFile;
 use std::path::{Path, PathBuf};
 
@@ -80,13 +80,7 @@ fn scale_weight_norms_bounds_every_adapter() {
             extra,
         ]
         .concat();
-        let o = train(&data, &out, method, &args);
-        assert!(
-            o.status.success(),
-            "{name}: {}",
-            String::from_utf8_lossy(&o.stderr)
-        );
-        out
+        train_ok(&data, &out, method, &args)
     };
     let setting = |out: &Path| {
         let f = SafeTensorsFile::open(out).unwrap();

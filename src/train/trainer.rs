@@ -434,18 +434,24 @@ impl Trainer {
         vec![(params.len() - n_text, unet_lr), (n_text, te_lr)]
     }
 
-    /// The adapter as it stands (what `--out` receives), always in f32: with a bf16/f16 UNet the
-    /// values come from the optimizer's f32 masters, not from the rounded leaves.
-    pub fn adapter(&self) -> Result<Adapter> {
-        let mut modules: Vec<(String, LoraAdapter)> = self
+    /// Every adapter as (module path, adapter): the UNet's, then the text encoders'.
+    fn adapters(&self) -> Vec<(String, LoraAdapter)> {
+        let mut out: Vec<(String, LoraAdapter)> = self
             .unet
             .attention_projections()
             .into_iter()
             .filter_map(|(p, l)| l.adapter.clone().map(|a| (p, a)))
             .collect();
         if let Some(te) = &self.text_encoders {
-            modules.extend(te.adapters());
+            out.extend(te.adapters());
         }
+        out
+    }
+
+    /// The adapter as it stands (what `--out` receives), always in f32: with a bf16/f16 UNet the
+    /// values come from the optimizer's f32 masters, not from the rounded leaves.
+    pub fn adapter(&self) -> Result<Adapter> {
+        let mut modules = self.adapters();
         if self.cfg.dtype != DType::F32 {
             let slots: HashMap<&str, &Slot> = self
                 .optimizer
@@ -600,15 +606,7 @@ impl Trainer {
         params: &[(String, Tensor)],
         max: f64,
     ) -> Result<MaxNormReport> {
-        let mut adapters: Vec<(String, LoraAdapter)> = self
-            .unet
-            .attention_projections()
-            .into_iter()
-            .filter_map(|(p, l)| l.adapter.clone().map(|a| (p, a)))
-            .collect();
-        if let Some(te) = &self.text_encoders {
-            adapters.extend(te.adapters());
-        }
+        let adapters = self.adapters();
         let slot_of: HashMap<&str, usize> = params
             .iter()
             .enumerate()

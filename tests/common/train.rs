@@ -29,6 +29,18 @@ pub fn train(data: &Path, out: &Path, method: &str, extra: &[&str]) -> std::proc
     train_model(&tiny().join("sdxl"), data, out, method, extra)
 }
 
+/// Trains `method` on `data` into `out` with `args`; the run must succeed. Returns `out`.
+pub fn train_ok(data: &Path, out: &Path, method: &str, args: &[&str]) -> PathBuf {
+    let o = train(data, out, method, args);
+    assert!(
+        o.status.success(),
+        "{}: {}",
+        out.display(),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    out.to_path_buf()
+}
+
 /// A one-step `lora` run on `data` with `extra`, which must fail naming `needle`.
 pub fn refused(data: &Path, dir: &Path, extra: &[&str], needle: &str) {
     let o = train(
