@@ -2,7 +2,7 @@
 //! through the real binary on the tiny model.
 
 mod common;
-use common::train::{assert_resume_is_exact, dataset, refused, train};
+use common::train::{assert_resume_is_exact, dataset, refused, train, LORA_DROPOUTS};
 use common::{assert_fails_naming, tmp};
 use kstyle::tensor::SafeTensorsFile;
 use std::path::Path;
@@ -54,6 +54,7 @@ fn rel_update(a: &Path, b: &Path, init: &Path) -> f64 {
 /// dropouts (each visit seeds its own masks, in the UNet's adapters and the text encoders').
 #[test]
 fn a_batch_computes_its_accumulated_visits() {
+    let dropout = [&["--train-text-encoder"][..], &LORA_DROPOUTS].concat();
     let variants: [(&str, &str, &[&str]); 4] = [
         ("plain", "kstyle", &[]),
         (
@@ -69,19 +70,7 @@ fn a_batch_computes_its_accumulated_visits() {
             ],
         ),
         ("text", "lora", &["--train-text-encoder"]),
-        (
-            "dropout",
-            "lora",
-            &[
-                "--train-text-encoder",
-                "--network-dropout",
-                "0.3",
-                "--rank-dropout",
-                "0.25",
-                "--module-dropout",
-                "0.2",
-            ],
-        ),
+        ("dropout", "lora", &dropout),
     ];
     for (tag, method, extra) in variants {
         let dir = tmp(&format!("batch-equals-accumulation-{tag}"));

@@ -7,18 +7,11 @@
 
 mod common;
 use common::tmp;
-use common::train::{assert_resume_is_exact, dataset, refused, tensors, train_ok};
+use common::train::{assert_resume_is_exact, dataset, refused, tensors, train_ok, LORA_DROPOUTS};
 use kstyle::tensor::SafeTensorsFile;
 use std::path::{Path, PathBuf};
 
-const ALL: [&str; 6] = [
-    "--network-dropout",
-    "0.3",
-    "--rank-dropout",
-    "0.25",
-    "--module-dropout",
-    "0.2",
-];
+const ALL: [&str; 6] = LORA_DROPOUTS;
 
 #[test]
 fn lora_dropouts_change_training_and_repeat_under_checkpointing() {

@@ -29,6 +29,16 @@ pub fn train(data: &Path, out: &Path, method: &str, extra: &[&str]) -> std::proc
     train_model(&tiny().join("sdxl"), data, out, method, extra)
 }
 
+/// All three LoRA dropouts on (kohya's network, rank and module dropout).
+pub const LORA_DROPOUTS: [&str; 6] = [
+    "--network-dropout",
+    "0.3",
+    "--rank-dropout",
+    "0.25",
+    "--module-dropout",
+    "0.2",
+];
+
 /// Trains `method` on `data` into `out` with `args`; the run must succeed. Returns `out`.
 pub fn train_ok(data: &Path, out: &Path, method: &str, args: &[&str]) -> PathBuf {
     let o = train(data, out, method, args);
