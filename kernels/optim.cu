@@ -16,6 +16,22 @@ struct AdamWParams {
     float grad_scale;
 };
 
+// One element's update; `step` = lr / bc1, `decay` = 1 - lr * wd (hoisted by the caller).
+__device__ __forceinline__ void adamw_element(float* __restrict__ p, const float* __restrict__ g,
+                                              float* __restrict__ m, float* __restrict__ v,
+                                              bf16* __restrict__ p_bf16, i64 i, const AdamWParams& h,
+                                              float step, float inv_sqrt_bc2, float decay) {
+    const float gi = g[i] * h.grad_scale;
+    const float mi = fmaf(h.beta1, m[i], (1.0f - h.beta1) * gi);
+    const float vi = fmaf(h.beta2, v[i], (1.0f - h.beta2) * gi * gi);
+    const float denom = sqrtf(vi) * inv_sqrt_bc2 + h.eps;
+    const float pi = p[i] * decay - step * mi / denom;
+    m[i] = mi;
+    v[i] = vi;
+    p[i] = pi;
+    if (p_bf16) p_bf16[i] = from_f32<bf16>(pi);
+}
+
 extern "C" __global__ void optim_adamw_step_f32(float* __restrict__ p, const float* __restrict__ g,
                                                 float* __restrict__ m, float* __restrict__ v,
                                                 bf16* __restrict__ p_bf16, i64 n, AdamWParams h) {
@@ -24,16 +40,30 @@ extern "C" __global__ void optim_adamw_step_f32(float* __restrict__ p, const flo
     const float step = h.lr / h.bias_correction1;
     const float inv_sqrt_bc2 = 1.0f / sqrtf(h.bias_correction2);
     const float decay = 1.0f - h.lr * h.weight_decay;
-    KS_GRID_STRIDE(i, n) {
-        const float gi = g[i] * h.grad_scale;
-        const float mi = fmaf(h.beta1, m[i], (1.0f - h.beta1) * gi);
-        const float vi = fmaf(h.beta2, v[i], (1.0f - h.beta2) * gi * gi);
-        const float denom = sqrtf(vi) * inv_sqrt_bc2 + h.eps;
-        const float pi = p[i] * decay - step * mi / denom;
-        m[i] = mi;
-        v[i] = vi;
-        p[i] = pi;
-        if (p_bf16) p_bf16[i] = from_f32<bf16>(pi);
+    KS_GRID_STRIDE(i, n) { adamw_element(p, g, m, v, p_bf16, i, h, step, inv_sqrt_bc2, decay); }
+}
+
+// The same step with a learning rate per piece of the flat buffers (parameter groups that
+// interleave, as LoRA+ gives lora_up its own rate in every module): block b updates piece b with
+// its own rate; h.lr is unused. The host cuts runs of equal rate into pieces of at most one
+// block's chunk and uploads the table once per step. The rate arrives as f64 and is rounded to
+// f32 here, exactly as the host rounds h.lr for optim_adamw_step_f32, so both launches agree.
+struct RatePiece {
+    i64 offset;
+    i64 len;
+    double lr;
+};
+
+extern "C" __global__ void optim_adamw_pieces_f32(const RatePiece* __restrict__ pieces, float* __restrict__ p,
+                                                  const float* __restrict__ g, float* __restrict__ m,
+                                                  float* __restrict__ v, AdamWParams h) {
+    const RatePiece pc = pieces[blockIdx.x];
+    const float lr = static_cast<float>(pc.lr);
+    const float step = lr / h.bias_correction1;
+    const float inv_sqrt_bc2 = 1.0f / sqrtf(h.bias_correction2);
+    const float decay = 1.0f - lr * h.weight_decay;
+    for (i64 k = threadIdx.x; k < pc.len; k += blockDim.x) {
+        adamw_element(p, g, m, v, nullptr, pc.offset + k, h, step, inv_sqrt_bc2, decay);
     }
 }
 

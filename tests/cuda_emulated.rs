@@ -176,6 +176,7 @@ fn every_bench_case_runs_on_the_emulator() {
         "linear+bias epilogue",
         "linear then add",
         "adamw step flat",
+        "adamw step interleaved rates",
         "adamw per-tensor",
         "sdpa fwd+bwd flash",
         "sdpa fwd+bwd composed",

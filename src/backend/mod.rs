@@ -208,7 +208,7 @@ impl Storage {
 pub mod ops {
     use super::*;
     use cpu::lora::{Gates, LoraGeom, LoraGrads};
-    use cpu::optim::{AdamW, State};
+    use cpu::optim::{AdamW, LrRun, State};
     use cpu::{attention, conv, elementwise as ew, matmul as mm, norm as nm, reduce as rd};
     use cuda::{attention as cattn, conv as cconv, elementwise as cew, gemm as cmm, norm as cnm};
     use cuda::{lora as clora, optim as coptim, pool as cpool, reduce as crd};
@@ -752,30 +752,42 @@ pub mod ops {
         g: &Storage,
         grad_scale: f32,
     ) -> Result<()> {
-        let n = s.p.len();
-        adamw_step_range(h, t, s, g, grad_scale, 0..n)
+        let range = 0..s.p.len();
+        adamw_step_runs(h, t, s, g, grad_scale, &[LrRun { range, lr: h.lr }])
     }
 
-    /// [`adamw_step`] over the elements `range` of the four buffers alone (one parameter
-    /// group of a flat optimizer state, with its own learning rate in `h`).
-    pub fn adamw_step_range(
+    /// [`adamw_step`] over the element ranges `runs` lists, each at its own learning rate
+    /// (parameter groups of a flat optimizer state; `h.lr` is not read). Elements outside every
+    /// run are left alone; runs must not overlap.
+    pub fn adamw_step_runs(
         h: &AdamW,
         t: u64,
         s: State<'_, Storage>,
         g: &Storage,
         grad_scale: f32,
-        range: std::ops::Range<usize>,
+        runs: &[LrRun],
     ) -> Result<()> {
-        let fits = [s.p.len(), s.m.len(), s.v.len(), g.len()]
-            .iter()
-            .all(|&n| range.start <= range.end && range.end <= n);
-        if !fits {
+        let n = [s.p.len(), s.m.len(), s.v.len(), g.len()]
+            .into_iter()
+            .min()
+            .unwrap_or(0);
+        let mut sorted: Vec<&std::ops::Range<usize>> = runs.iter().map(|r| &r.range).collect();
+        sorted.sort_by_key(|r| r.start);
+        let outside = sorted.iter().find(|r| r.start > r.end || r.end > n);
+        let overlap = sorted.windows(2).find(|w| w[0].end > w[1].start);
+        if let Some(r) = outside {
             return Err(Error::msg(format!(
-                "adamw_step: elements {range:?} lie outside buffers of {}, {}, {} and {} (p, m, v, g)",
+                "adamw_step: elements {r:?} lie outside buffers of {}, {}, {} and {} (p, m, v, g)",
                 s.p.len(),
                 s.m.len(),
                 s.v.len(),
                 g.len()
+            )));
+        }
+        if let Some(w) = overlap {
+            return Err(Error::msg(format!(
+                "adamw_step: runs {:?} and {:?} overlap",
+                w[0], w[1]
             )));
         }
         match (s.p, g, s.m, s.v) {
@@ -785,13 +797,15 @@ pub mod ops {
                 Storage::Cpu(CpuStorage::F32(m)),
                 Storage::Cpu(CpuStorage::F32(v)),
             ) => {
-                let r = range;
-                let state = State {
-                    p: &mut p[r.clone()],
-                    m: &mut m[r.clone()],
-                    v: &mut v[r.clone()],
-                };
-                cpu::optim::adamw_step(h, t, state, &g[r], grad_scale);
+                for LrRun { range: r, lr } in runs {
+                    let state = State {
+                        p: &mut p[r.clone()],
+                        m: &mut m[r.clone()],
+                        v: &mut v[r.clone()],
+                    };
+                    let h = AdamW { lr: *lr, ..*h };
+                    cpu::optim::adamw_step(&h, t, state, &g[r.clone()], grad_scale);
+                }
                 Ok(())
             }
             (Storage::Cuda(p), Storage::Cuda(g), Storage::Cuda(m), Storage::Cuda(v))
@@ -799,7 +813,7 @@ pub mod ops {
                     .iter()
                     .all(|&o| o == p.ordinal()) =>
             {
-                coptim::adamw_step_range(h, t, State { p, m, v }, g, grad_scale, range)
+                coptim::adamw_step_runs(h, t, State { p, m, v }, g, grad_scale, runs)
             }
             (p, ..) => Err(Error::DType {
                 op: "adamw_step (flat f32 buffers on one device)",

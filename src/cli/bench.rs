@@ -292,6 +292,19 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
         opt_bytes,
         0.0,
     );
+    // LoRA+'s pattern: every other tensor at another rate, so no two neighbours share a run:
+    // one launch over a piece table (uploaded each step) instead of one grid-stride launch.
+    let rates: Vec<f64> = (0..tensors).map(|i| [1e-4, 1.6e-3][i % 2]).collect();
+    let s_rates = b.time(|| opt.step_rates(&params, &grad, 0.5, &rates))?;
+    b.report(
+        &format!(
+            "adamw step interleaved rates {tensors} tensors ({:.2}x one rate)",
+            s_rates / s
+        ),
+        s_rates,
+        opt_bytes,
+        0.0,
+    );
     let per: Vec<[Tensor; 4]> = (0..tensors)
         .map(|_| {
             Ok([

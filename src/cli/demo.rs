@@ -157,6 +157,8 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
         weight_dtype: None,
         train_text_encoder: false,
         text_encoder_lr: None,
+        loraplus: Default::default(),
+        block_lr: Default::default(),
     };
     let mut trainer = Trainer::new(cfg, &mut |m| println!("{m}"))?;
     trainer.run(|s| {

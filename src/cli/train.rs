@@ -11,6 +11,7 @@ use kstyle::sample::schedule::{HuberSchedule, LossType};
 use kstyle::train::concepts::{default_concepts, load_concepts};
 use kstyle::train::data::CaptionSource;
 use kstyle::train::lr::{LrSchedule, LrShape};
+use kstyle::train::lr_groups::{BlockLr, LoraPlus, Weights};
 use kstyle::train::noise::{Multires, NoiseOffset};
 use kstyle::train::samples::{parse_prompt_file, SamplePrompt};
 use kstyle::train::trainer::{TrainConfig, Trainer};
@@ -149,6 +150,36 @@ pub struct Args {
     /// given. The --lr-schedule scales both.
     #[arg(long)]
     pub text_encoder_lr: Option<f64>,
+    /// LoRA+ (kohya's --network_args loraplus_lr_ratio): every lora_up steps at this many
+    /// times its part's rate (the LoRA+ paper suggests 16); lora_down, K-StyleLoRA's gates and
+    /// the cultural projection keep the plain rate.
+    #[arg(long, allow_negative_numbers = true)]
+    pub loraplus_lr_ratio: Option<f64>,
+    /// LoRA+ ratio of the UNet's adapters alone (kohya's loraplus_unet_lr_ratio); wins over
+    /// --loraplus-lr-ratio.
+    #[arg(long, allow_negative_numbers = true)]
+    pub loraplus_unet_lr_ratio: Option<f64>,
+    /// LoRA+ ratio of the text encoders' adapters alone (kohya's loraplus_text_encoder_lr_ratio).
+    #[arg(long, allow_negative_numbers = true)]
+    pub loraplus_text_encoder_lr_ratio: Option<f64>,
+    /// Block-wise learning rates of the UNet's adapters (kohya's --network_args
+    /// down_lr_weight): a factor per sgm input block, input_blocks.0 first, as comma-separated
+    /// numbers (missing ones are 1, an empty one is 0) or a curve over the blocks: cosine,
+    /// sine, linear, reverse_linear or zeros, with an optional +base (`cosine+0.1`). SDXL has 9
+    /// input blocks. A block at 0 gets no adapters at all.
+    #[arg(long, allow_hyphen_values = true)]
+    pub down_lr_weight: Option<String>,
+    /// Factors of the middle block's parts (kohya's mid_lr_weight; SDXL: resnet, attention,
+    /// resnet), comma-separated.
+    #[arg(long, allow_hyphen_values = true)]
+    pub mid_lr_weight: Option<String>,
+    /// Factors of the output blocks, output_blocks.0 (the deepest) first (kohya's
+    /// up_lr_weight), as --down-lr-weight takes them. SDXL has 9.
+    #[arg(long, allow_hyphen_values = true)]
+    pub up_lr_weight: Option<String>,
+    /// Block weights at or below this become 0 (kohya's block_lr_zero_threshold; default 0).
+    #[arg(long, allow_negative_numbers = true, default_value_t = 0.0)]
+    pub block_lr_zero_threshold: f64,
     /// The learning-rate schedule, as diffusers' and kohya's --lr_scheduler (same formulas):
     /// with --warmup the rate ramps from 0 (the first step runs at 0, as theirs does).
     #[arg(long, value_enum, default_value = "constant")]
@@ -381,6 +412,14 @@ fn checkpoint_policy(s: &str) -> anyhow::Result<Option<CheckpointPolicy>> {
     }))
 }
 
+/// A block-weight flag's text, parsed (see `train::lr_groups::Weights`).
+fn weights(flag: &str, text: &Option<String>, curves: bool) -> anyhow::Result<Option<Weights>> {
+    Ok(text
+        .as_deref()
+        .map(|t| Weights::parse(flag, t, curves))
+        .transpose()?)
+}
+
 pub fn config_from(a: &Args) -> anyhow::Result<TrainConfig> {
     let method = match a.method {
         MethodArg::Kstyle => Method::Kstyle,
@@ -520,6 +559,17 @@ pub fn config_from(a: &Args) -> anyhow::Result<TrainConfig> {
         save_precision: a.save_precision.dtype(),
         train_text_encoder: a.train_text_encoder,
         text_encoder_lr: a.text_encoder_lr,
+        loraplus: LoraPlus {
+            ratio: a.loraplus_lr_ratio,
+            unet: a.loraplus_unet_lr_ratio,
+            text_encoder: a.loraplus_text_encoder_lr_ratio,
+        },
+        block_lr: BlockLr {
+            down: weights("--down-lr-weight", &a.down_lr_weight, true)?,
+            mid: weights("--mid-lr-weight", &a.mid_lr_weight, false)?,
+            up: weights("--up-lr-weight", &a.up_lr_weight, true)?,
+            zero_threshold: a.block_lr_zero_threshold,
+        },
         // 0 is off: no draws, so the run equals one without the flag.
         caption_dropout: a.caption_dropout.filter(|&p| p != 0.0),
         shuffle_caption: a.shuffle_caption,

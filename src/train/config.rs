@@ -4,6 +4,7 @@
 use super::captions::TagRules;
 use super::data::CaptionSource;
 use super::lr::LrSchedule;
+use super::lr_groups::{BlockLr, LoraPlus, Weights};
 use super::noise::{Multires, NoiseOffset};
 use super::samples::SamplePrompt;
 use crate::backend::cpu::optim::AdamW;
@@ -132,6 +133,12 @@ pub struct TrainConfig {
     /// Learning rate of the text encoders' adapters (kohya's `--text_encoder_lr`); the UNet's
     /// when None. The schedule scales both.
     pub text_encoder_lr: Option<f64>,
+    /// kohya's LoRA+ ratios (`--network_args loraplus_*lr_ratio`): lora_up steps that many
+    /// times faster than its part's rate (see `train::lr_groups`).
+    pub loraplus: LoraPlus,
+    /// kohya's block-wise learning rates of the UNet's adapters (`--network_args
+    /// down_lr_weight / mid_lr_weight / up_lr_weight / block_lr_zero_threshold`).
+    pub block_lr: BlockLr,
     /// Probability that a micro-batch trains on the empty caption instead of its own (kohya's
     /// `--caption_dropout_rate`), so the adapter also learns the unconditional branch that
     /// classifier-free guidance reads. None: never.
@@ -334,6 +341,25 @@ impl TrainConfig {
                     "--caption-dropout is a probability from 0 to 1, got {p}"
                 )));
             }
+        }
+        self.loraplus.check()?;
+        if self.loraplus.text_encoder.is_some() && !self.train_text_encoder {
+            return Err(Error::Config(
+                "--loraplus-text-encoder-lr-ratio needs --train-text-encoder".into(),
+            ));
+        }
+        if !self.block_lr.zero_threshold.is_finite() {
+            return Err(Error::Config(format!(
+                "--block-lr-zero-threshold must be a number, got {}",
+                self.block_lr.zero_threshold
+            )));
+        }
+        if self.block_lr.zero_threshold != 0.0 && !self.block_lr.is_set() {
+            return Err(Error::Config(
+                "--block-lr-zero-threshold applies to --down-lr-weight, --mid-lr-weight or \
+                 --up-lr-weight: pass one of those"
+                    .into(),
+            ));
         }
         Ok(())
     }
@@ -547,6 +573,47 @@ impl TrainConfig {
                     (false, _) => "none".into(),
                     (true, lr) => lr.unwrap_or(c.adamw.lr).to_string(),
                 },
+            ),
+            (
+                "loraplus_unet_lr_ratio".to_string(),
+                c.loraplus
+                    .unet_ratio()
+                    .map_or("none".into(), |r| r.to_string()),
+            ),
+            (
+                "loraplus_text_encoder_lr_ratio".to_string(),
+                match c.train_text_encoder {
+                    false => "none".into(),
+                    true => c
+                        .loraplus
+                        .text_encoder_ratio()
+                        .map_or("none".into(), |r| r.to_string()),
+                },
+            ),
+            (
+                "down_lr_weight".to_string(),
+                c.block_lr
+                    .down
+                    .as_ref()
+                    .map_or("none".into(), Weights::describe),
+            ),
+            (
+                "mid_lr_weight".to_string(),
+                c.block_lr
+                    .mid
+                    .as_ref()
+                    .map_or("none".into(), Weights::describe),
+            ),
+            (
+                "up_lr_weight".to_string(),
+                c.block_lr
+                    .up
+                    .as_ref()
+                    .map_or("none".into(), Weights::describe),
+            ),
+            (
+                "block_lr_zero_threshold".to_string(),
+                c.block_lr.zero_threshold.to_string(),
             ),
         ])
     }

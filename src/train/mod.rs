@@ -9,6 +9,7 @@ pub mod cultural;
 pub mod data;
 mod examples;
 pub mod lr;
+pub mod lr_groups;
 pub mod max_norm;
 pub mod memory;
 pub mod noise;

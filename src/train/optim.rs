@@ -6,7 +6,7 @@
 //! trainables (on CUDA, launches; nothing crosses to the host).
 
 use crate::autograd::GradStore;
-use crate::backend::cpu::optim::{AdamW, State};
+use crate::backend::cpu::optim::{AdamW, LrRun, State};
 use crate::backend::ops;
 use crate::{DType, Device, Error, Result, Tensor};
 use std::collections::HashSet;
@@ -198,24 +198,25 @@ impl Optimizer {
         grad_scale: f32,
         lr: f64,
     ) -> Result<()> {
-        let all = self.slots.len();
-        self.step_groups(params, grad_sum, grad_scale, &[(all, lr)])
+        let rates = vec![lr; self.slots.len()];
+        self.step_rates(params, grad_sum, grad_scale, &rates)
     }
 
-    /// [`Optimizer::step`] with parameter groups, as PyTorch's AdamW takes them: `groups` lists
-    /// (slot count, learning rate) for consecutive runs of slots covering all of them (the
-    /// decoupled weight decay follows each group's rate).
-    pub fn step_groups(
+    /// [`Optimizer::step`] with a learning rate per slot, as PyTorch's AdamW steps parameter
+    /// groups: each slot moves at its own rate, its decoupled weight decay included. Slots of
+    /// equal rate that follow each other form one run; interleaved groups (LoRA+'s lora_up
+    /// beside every lora_down) cost one launch on CUDA all the same.
+    pub fn step_rates(
         &mut self,
         params: &[(String, Tensor)],
         grad_sum: &Tensor,
         grad_scale: f32,
-        groups: &[(usize, f64)],
+        rates: &[f64],
     ) -> Result<()> {
-        if groups.iter().map(|(n, _)| n).sum::<usize>() != self.slots.len() {
+        if rates.len() != self.slots.len() {
             return Err(Error::msg(format!(
-                "optimizer: parameter groups of {:?} slots for {} slots",
-                groups.iter().map(|(n, _)| n).collect::<Vec<_>>(),
+                "optimizer: {} learning rates for {} slots",
+                rates.len(),
                 self.slots.len()
             )));
         }
@@ -242,30 +243,25 @@ impl Optimizer {
                 grad_sum.dims()
             )));
         }
+        let mut runs: Vec<LrRun> = Vec::new();
+        for (slot, &lr) in self.slots.iter().zip(rates) {
+            let range = slot.offset..slot.offset + slot.len;
+            match runs.last_mut() {
+                Some(last) if last.lr == lr && last.range.end == range.start => {
+                    last.range.end = range.end
+                }
+                _ => runs.push(LrRun { range, lr }),
+            }
+        }
         self.step += 1;
         {
-            let (mut p, mut m, mut v) = (
-                self.master.storage_mut(),
-                self.m.storage_mut(),
-                self.v.storage_mut(),
-            );
+            let state = State {
+                p: &mut *self.master.storage_mut(),
+                m: &mut *self.m.storage_mut(),
+                v: &mut *self.v.storage_mut(),
+            };
             let g = grad_sum.storage();
-            let mut first = 0;
-            for &(count, lr) in groups {
-                let slots = &self.slots[first..first + count];
-                first += count;
-                let (Some(a), Some(b)) = (slots.first(), slots.last()) else {
-                    continue;
-                };
-                let state = State {
-                    p: &mut *p,
-                    m: &mut *m,
-                    v: &mut *v,
-                };
-                let hyper = AdamW { lr, ..self.hyper };
-                let range = a.offset..b.offset + b.len;
-                ops::adamw_step_range(&hyper, self.step, state, &g, grad_scale, range)?;
-            }
+            ops::adamw_step_runs(&self.hyper, self.step, state, &g, grad_scale, &runs)?;
         }
         self.write_params(params)
     }
@@ -479,12 +475,15 @@ mod tests {
         }
     }
 
-    /// Two parameter groups: each slot moves as the oracle moves it at its group's rate; groups
-    /// that do not cover the slots are refused.
+    /// Interleaved rates (LoRA+'s pattern: one rate, another, the first again, then a run of
+    /// two equal ones): each slot moves as the oracle moves it at its own rate; a rate list
+    /// that does not cover the slots is refused.
     #[test]
-    fn parameter_groups_step_at_their_own_rates() {
-        let params = vars(&[5, 3, 7], 6);
-        let grads: Vec<Tensor> = vars(&[5, 3, 7], 7).into_iter().map(|(_, t)| t).collect();
+    fn each_slot_steps_at_its_own_rate() {
+        let sizes = [5, 3, 7, 2, 4];
+        let rates = [1e-2, 3e-3, 1e-2, 5e-4, 5e-4];
+        let params = vars(&sizes, 6);
+        let grads: Vec<Tensor> = vars(&sizes, 7).into_iter().map(|(_, t)| t).collect();
         let mut opt = Optimizer::new(AdamW::default(), &params).unwrap();
         let mut store = GradStore::default();
         for ((_, p), g) in params.iter().zip(&grads) {
@@ -497,14 +496,16 @@ mod tests {
             .map(|(_, p)| p.to_vec_f32().unwrap())
             .collect();
         let err = opt
-            .step_groups(&params, &acc.sum, 1.0, &[(2, 1e-2)])
+            .step_rates(&params, &acc.sum, 1.0, &rates[..2])
             .unwrap_err();
-        assert!(err.to_string().contains("groups"), "{err}");
-        opt.step_groups(&params, &acc.sum, 1.0, &[(2, 1e-2), (1, 3e-3)])
-            .unwrap();
+        assert!(
+            err.to_string().contains("2 learning rates for 5 slots"),
+            "{err}"
+        );
+        opt.step_rates(&params, &acc.sum, 1.0, &rates).unwrap();
         for (i, (_, p)) in params.iter().enumerate() {
             let h = AdamW {
-                lr: if i < 2 { 1e-2 } else { 3e-3 },
+                lr: rates[i],
                 ..AdamW::default()
             };
             let mut want = before[i].clone();

@@ -7,10 +7,12 @@ use super::checkpoint::{load_checkpoint, TrainState};
 use super::config::TrainConfig;
 use super::cultural::CulturalLoss;
 use super::examples::Example;
+use super::lr_groups::BlockWeights;
 use super::optim::Optimizer;
 use super::text::{text_encoder_trains, text_layer, TextEncoders};
 use crate::formats::adapter::text_encoder_part;
 use crate::formats::kohya::ModuleIndex;
+use crate::formats::unet_layout::UnetKeyMap;
 use crate::models::unet::UNet2DConditionModel;
 use crate::nn::lora::LoraAdapter;
 use crate::tensor::Rng;
@@ -113,6 +115,17 @@ pub(super) fn resume(
             ),
         ));
     }
+    let blocks_were = ["down_lr_weight", "mid_lr_weight", "up_lr_weight"]
+        .iter()
+        .any(|k| adapter.settings.get(*k).is_some_and(|v| v != "none"));
+    if blocks_were && !cfg.block_lr.is_set() {
+        return Err(Error::file(
+            path,
+            "the checkpoint trained with block-wise learning rates (--down-lr-weight, \
+             --mid-lr-weight, --up-lr-weight): resume it with them, as its blocks at 0 have no \
+             adapters",
+        ));
+    }
     log(&format!(
         "resuming from {} at step {}",
         path.display(),
@@ -127,12 +140,14 @@ pub(super) fn resume(
     })
 }
 
-/// Fresh adapters on every targeted attention projection of `unet` (and the text encoders'
-/// linears when they train), the cultural module and the first epoch's order, all drawn from
-/// `cfg.seed` in that order.
+/// Fresh adapters on every targeted attention projection of `unet` except those `zeroed`
+/// excludes (a block whose learning-rate weight is 0: drawn, then dropped), on the text
+/// encoders' linears when they train, the cultural module and the first epoch's order, all
+/// drawn from `cfg.seed` in that order.
 pub(super) fn fresh(
     cfg: &TrainConfig,
     unet: &UNet2DConditionModel,
+    zeroed: &dyn Fn(&str) -> bool,
     text_encoders: Option<&mut TextEncoders>,
     examples: &[Example],
 ) -> Result<Start> {
@@ -140,7 +155,7 @@ pub(super) fn fresh(
     let mut rng = Rng::new(cfg.seed);
     let mut modules = Vec::new();
     for (path, lin) in unet.attention_projections() {
-        if cfg.targets.iter().any(|t| path.ends_with(&format!(".{t}"))) {
+        if targeted(&cfg.targets, &path) {
             let gates = if cfg.method.gated() {
                 concept_embeds.as_ref()
             } else {
@@ -155,7 +170,10 @@ pub(super) fn fresh(
                 DType::F32,
                 cfg.device,
             )?;
-            modules.push((path, a));
+            // Drawn all the same, so zeroing a block leaves every other draw of the run as it was.
+            if !zeroed(&path) {
+                modules.push((path, a));
+            }
         }
     }
     // Then the text encoders' plain LoRA, text_encoder's before text_encoder_2's.
@@ -216,4 +234,38 @@ pub(super) fn fresh(
             rng,
         },
     })
+}
+
+fn targeted(targets: &[String], path: &str) -> bool {
+    targets.iter().any(|t| path.ends_with(&format!(".{t}")))
+}
+
+/// A resumed run's UNet adapters sit exactly where block weights of 0 leave them: none in a
+/// zeroed block, every targeted projection elsewhere (the blocks a run trains are fixed when
+/// it starts).
+pub(super) fn check_zeroed_blocks(
+    unet: &UNet2DConditionModel,
+    modules: &[(String, LoraAdapter)],
+    weights: &BlockWeights,
+    keys: &UnetKeyMap,
+    targets: &[String],
+) -> Result<()> {
+    let held: std::collections::HashSet<&str> = modules.iter().map(|(p, _)| p.as_str()).collect();
+    for (path, _) in unet.attention_projections() {
+        if !targeted(targets, &path) {
+            continue;
+        }
+        let sgm = keys.to_sgm(&path).unwrap_or_else(|| path.clone());
+        let zero = weights.weight(&sgm) == 0.0;
+        if zero == held.contains(path.as_str()) {
+            return Err(Error::Config(format!(
+                "the checkpoint {} adapter on `{path}` ({sgm}), whose block learning-rate \
+                 weight is {}: resume with the block weights it started with (a block at 0 \
+                 gets no adapters)",
+                if zero { "has an" } else { "has no" },
+                weights.weight(&sgm)
+            )));
+        }
+    }
+    Ok(())
 }

@@ -9,10 +9,11 @@ pub use super::config::TrainConfig;
 use super::cultural::CulturalLoss;
 use super::data::{batches_per_epoch, Dataset, Role};
 use super::examples::{load_dataset, prepare_examples, Example, ExampleText, Prepared};
+use super::lr_groups::{slot_rates, SlotRate};
 use super::max_norm::{regularize, slot_factors, weight_norms, MaxNormReport};
 use super::memory::{human, policy_name, AUTO_POLICIES};
 use super::optim::{GradAccumulator, Optimizer, Slot};
-use super::start::{fresh, resume, Start};
+use super::start::{check_zeroed_blocks, fresh, resume, Start};
 use super::step::StepNoise;
 use super::text::TextEncoders;
 use crate::formats::adapter::Adapter;
@@ -123,6 +124,8 @@ pub struct Trainer {
     /// The noise schedule and loss target of the model (its scheduler config).
     pub(super) schedule: TrainSchedule,
     total_steps: u64,
+    /// Each slot's part (UNet or text encoders) and its LoRA+ and block factor.
+    slot_rates: Vec<SlotRate>,
 }
 
 impl Trainer {
@@ -239,6 +242,15 @@ impl Trainer {
         let mut unet = files.unet(&[], precision, cfg.device)?;
         unet.checkpoint = cfg.checkpointing.unwrap_or_default();
         let index = unet_module_index(&unet);
+        let keys = unet.config.layout().key_map();
+        let blocks = match cfg.block_lr.is_set() {
+            true => {
+                let w = cfg.block_lr.resolve(&unet.config.layout())?;
+                log(&format!("block-wise learning rates: {}", w.describe()));
+                Some(w)
+            }
+            false => None,
+        };
         let repeats: Vec<usize> = examples.iter().map(|e| e.repeats).collect();
         let batches = batches_per_epoch(
             &Dataset::epoch_order(&repeats),
@@ -290,12 +302,28 @@ impl Trainer {
             state,
         } = match &cfg.resume {
             Some(path) => resume(path, &cfg, &index, data.epoch_len(), n_train, log)?,
-            None => fresh(&cfg, &unet, text_encoders.as_mut(), &examples)?,
+            None => {
+                let zeroed = |path: &str| {
+                    let sgm = keys.to_sgm(path);
+                    blocks
+                        .as_ref()
+                        .zip(sgm)
+                        .is_some_and(|(w, s)| w.weight(&s) == 0.0)
+                };
+                fresh(&cfg, &unet, &zeroed, text_encoders.as_mut(), &examples)?
+            }
         };
+        if let (Some(w), Some(_)) = (&blocks, &cfg.resume) {
+            check_zeroed_blocks(&unet, &adapter_modules, w, &keys, &cfg.targets)?;
+        }
         if adapter_modules.is_empty() {
             return Err(Error::Config(format!(
-                "no attention projection matches the targets {:?}",
-                cfg.targets
+                "no attention projection matches the targets {:?}{}",
+                cfg.targets,
+                match blocks.is_some() {
+                    true => " in a block whose learning-rate weight is above 0",
+                    false => "",
+                }
             )));
         }
         let mut by_path: BTreeMap<String, LoraAdapter> = adapter_modules.into_iter().collect();
@@ -341,6 +369,22 @@ impl Trainer {
                 }
             }
         }
+        let names: Vec<String> = params.iter().map(|(n, _)| n.clone()).collect();
+        let n_text = text_encoders.as_ref().map_or(0, |t| t.parameters().len());
+        let slot_rates = slot_rates(
+            &names,
+            n_text,
+            &cfg.loraplus,
+            blocks.as_ref().map(|w| (w, &keys)),
+        );
+        if let Some(r) = cfg.loraplus.unet_ratio() {
+            log(&format!("LoRA+: the UNet's lora_up at {r} times its rate"));
+        }
+        if let (Some(r), Some(_)) = (cfg.loraplus.text_encoder_ratio(), &text_encoders) {
+            log(&format!(
+                "LoRA+: the text encoders' lora_up at {r} times their rate"
+            ));
+        }
         if let Some(te) = &text_encoders {
             log(&format!(
                 "text encoders train: {} adapted linears (text_encoder's last layer feeds nothing SDXL reads), lr {}",
@@ -378,6 +422,7 @@ impl Trainer {
             latent_config,
             schedule,
             total_steps,
+            slot_rates,
         };
         if let Some(budget) = trainer.cfg.memory_budget {
             let policies = match trainer.cfg.checkpointing {
@@ -422,16 +467,14 @@ impl Trainer {
         p
     }
 
-    /// (slot count, learning rate) of the parameter groups for the optimizer step at
-    /// schedule factor `factor`.
-    fn lr_groups(&self, params: &[(String, Tensor)], factor: f64) -> Vec<(usize, f64)> {
+    /// Every slot's learning rate for the optimizer step at schedule factor `factor`.
+    fn lr_rates(&self, factor: f64) -> Vec<f64> {
         let unet_lr = self.cfg.adamw.lr * factor;
-        let n_text = self
-            .text_encoders
-            .as_ref()
-            .map_or(0, |t| t.parameters().len());
         let te_lr = self.cfg.text_encoder_lr.unwrap_or(self.cfg.adamw.lr) * factor;
-        vec![(params.len() - n_text, unet_lr), (n_text, te_lr)]
+        self.slot_rates
+            .iter()
+            .map(|r| r.factor * if r.text_encoder { te_lr } else { unet_lr })
+            .collect()
     }
 
     /// Every adapter as (module path, adapter): the UNet's, then the text encoders'.
@@ -561,7 +604,7 @@ impl Trainer {
                 .schedule
                 .factor(self.state.step + 1, self.total_steps, self.cfg.adamw.lr);
         let lr = self.cfg.adamw.lr * factor;
-        let groups = self.lr_groups(&params, factor);
+        let rates = self.lr_rates(factor);
         // Checked before the step, so a bad step never reaches the adapter's values.
         let clipped = acc.clipped(self.cfg.max_grad_norm)?;
         let grad_norm = clipped.norm;
@@ -579,7 +622,7 @@ impl Trainer {
             )));
         }
         self.optimizer
-            .step_groups(&params, &acc.sum, clipped.scale, &groups)?;
+            .step_rates(&params, &acc.sum, clipped.scale, &rates)?;
         let weight_norms = match self.cfg.scale_weight_norms {
             Some(max) => Some(self.scale_weight_norms(&params, max)?),
             None => None,

@@ -145,11 +145,12 @@ pub fn train_text_encoder(ctx: &Ctx) -> Result<Vec<Row>> {
         .map(|(_, p)| p.to_vec_f64())
         .collect::<Result<_>>()?;
     let mut opt = Optimizer::new(hyper, &params)?;
-    let groups = [
-        (params.len() - te_params.len(), hyper.lr),
-        (te_params.len(), f.meta_f64("te_lr")?),
-    ];
-    opt.step_groups(&params, &Tensor::cat(&flat, 0)?, 1.0, &groups)?;
+    let te_lr = f.meta_f64("te_lr")?;
+    let first_te = params.len() - te_params.len();
+    let rates: Vec<f64> = (0..params.len())
+        .map(|i| if i < first_te { hyper.lr } else { te_lr })
+        .collect();
+    opt.step_rates(&params, &Tensor::cat(&flat, 0)?, 1.0, &rates)?;
     let adam_tol = ctx.grad.grad_with_floor(max_norm(&f, "updated.")?);
     let mut checked = 0;
     // The values are dominated by the parameters themselves (a step moves them by about the
@@ -163,7 +164,7 @@ pub fn train_text_encoder(ctx: &Ctx) -> Result<Vec<Row>> {
         let reference = f.tensor(&key)?;
         chk.check(&key, p, &reference, adam_tol)?;
         checked += 1;
-        let (ours, theirs) = &mut updates[usize::from(i >= groups[0].0)];
+        let (ours, theirs) = &mut updates[usize::from(i >= first_te)];
         ours.extend(p.to_vec_f64()?.iter().zip(b).map(|(a, b)| a - b));
         theirs.extend(reference.to_vec_f64()?.iter().zip(b).map(|(a, b)| a - b));
     }

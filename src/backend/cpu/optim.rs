@@ -31,6 +31,14 @@ pub struct State<'a, B: ?Sized> {
     pub v: &'a mut B,
 }
 
+/// A run of consecutive elements of the flat buffers stepped at one learning rate (a parameter
+/// group, or the part of one that sits between two others).
+#[derive(Clone, Debug, PartialEq)]
+pub struct LrRun {
+    pub range: std::ops::Range<usize>,
+    pub lr: f64,
+}
+
 /// One step at 1-based step number `t` with gradient `grad_scale * g`, in place. Computed in f64
 /// per element and stored back, so the oracle carries no f32 rounding beyond the storage itself;
 /// the scaled gradient is rounded to f32 first, as the kernel forms it.

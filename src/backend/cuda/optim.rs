@@ -2,7 +2,7 @@
 //! gradient clipping.
 
 use super::{CudaDevice, CudaStorage};
-use crate::backend::cpu::optim::{AdamW, State};
+use crate::backend::cpu::optim::{AdamW, LrRun, State};
 use crate::tensor::DType;
 use crate::{Error, Result};
 
@@ -36,45 +36,88 @@ impl AdamWParams {
     }
 }
 
-/// One AdamW step at 1-based `t` with gradient `grad_scale * g`, in place, over the elements
-/// `range` of the four flat f32 buffers (bounds checked by the caller and again here): a whole
-/// optimizer state, or one parameter group of it. The kernel's bf16 copy of the weights is not
+/// One AdamW step at 1-based `t` with gradient `grad_scale * g`, in place, over the element
+/// ranges of the four flat f32 buffers that `runs` lists, each at its own learning rate (`h.lr`
+/// is not read): a whole optimizer state at one rate, or parameter groups. Bounds are checked by
+/// the caller and again here. One run is one grid-stride launch; several are one launch over a
+/// table of pieces, however many runs there are. The kernel's bf16 copy of the weights is not
 /// used (0).
-pub fn adamw_step_range(
+pub fn adamw_step_runs(
     h: &AdamW,
     t: u64,
     s: State<'_, CudaStorage>,
     g: &CudaStorage,
     grad_scale: f32,
-    range: std::ops::Range<usize>,
+    runs: &[LrRun],
 ) -> Result<()> {
     let State { p, m, v } = s;
     for (what, b) in [("p", &*p), ("g", g), ("m", &*m), ("v", &*v)] {
-        if b.dtype() != DType::F32 || range.end > b.len() || range.start > range.end {
+        let outside = runs
+            .iter()
+            .find(|r| r.range.end > b.len() || r.range.start > r.range.end);
+        if b.dtype() != DType::F32 || outside.is_some() {
             return Err(Error::msg(format!(
-                "adamw_step: {what} ({} {}) has no elements {range:?}",
+                "adamw_step: {what} ({} {}) has no elements {:?}",
                 b.len(),
-                b.dtype()
+                b.dtype(),
+                outside.map(|r| &r.range)
             )));
         }
     }
     if t == 0 {
         return Err(Error::msg("adamw_step: steps count from 1"));
     }
-    let n = range.len();
-    if n == 0 {
+    let dev = p.dev().clone();
+    let params = |lr: f64| AdamWParams::new(&AdamW { lr, ..*h }, t, grad_scale);
+    if let [run] = runs {
+        let (range, n) = (&run.range, run.range.len());
+        if n == 0 {
+            return Ok(());
+        }
+        return dev
+            .launch("optim", "optim_adamw_step_f32".to_owned())?
+            .arg(p.ptr_at(range.start))
+            .arg(g.ptr_at(range.start))
+            .arg(m.ptr_at(range.start))
+            .arg(v.ptr_at(range.start))
+            .arg(0u64)
+            .arg(n as i64)
+            .arg(params(run.lr))
+            .run_gs(n);
+    }
+    let table = rate_pieces(runs);
+    let count = table.len() / 3;
+    if count == 0 {
         return Ok(());
     }
-    let dev = p.dev().clone();
-    dev.launch("optim", "optim_adamw_step_f32".to_owned())?
-        .arg(p.ptr_at(range.start))
-        .arg(g.ptr_at(range.start))
-        .arg(m.ptr_at(range.start))
-        .arg(v.ptr_at(range.start))
-        .arg(0u64)
-        .arg(n as i64)
-        .arg(AdamWParams::new(h, t, grad_scale))
-        .run_gs(n)
+    let grid = u32::try_from(count)
+        .map_err(|_| Error::msg(format!("adamw_step: {count} pieces exceed one grid")))?;
+    // Released right after the launch; the pool reuses the block only for later work on this
+    // stream, which runs after the kernel.
+    let table = dev.upload(DType::I64, &table)?;
+    dev.launch("optim", "optim_adamw_pieces_f32".to_owned())?
+        .arg(table.ptr())
+        .arg(p.ptr())
+        .arg(g.ptr())
+        .arg(m.ptr())
+        .arg(v.ptr())
+        .arg(params(0.0))
+        .run((grid, 1, 1), (256, 1, 1), 0)
+}
+
+/// The `RatePiece` table of optim.cu: every run cut into pieces of at most `PIECE` elements,
+/// each as (offset, len, the rate's f64 bits).
+fn rate_pieces(runs: &[LrRun]) -> Vec<i64> {
+    let mut table = Vec::new();
+    for run in runs {
+        let mut at = run.range.start;
+        while at < run.range.end {
+            let n = PIECE.min(run.range.end - at);
+            table.extend([at as i64, n as i64, run.lr.to_bits() as i64]);
+            at += n;
+        }
+    }
+    table
 }
 
 /// Sum of squares of a flat f32 buffer (read back to the host).

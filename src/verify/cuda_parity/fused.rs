@@ -515,10 +515,42 @@ pub(super) fn adamw(r: &mut Run) -> Result<()> {
         let (p, m, v) = (&mut pg, &mut mg, &mut vg);
         ops::adamw_step(&h, t, State { p, m, v }, &gg, 1.0 / 3.0)?;
     }
+    let copy = |s: &Storage| -> Result<Tensor> {
+        Ok(st(
+            s.copy_strided(&crate::tensor::Layout::contiguous(n))?,
+            n,
+        ))
+    };
+    for (name, g, c) in [("p", &pg, &pc), ("m", &mg, &mc), ("v", &vg, &vc)] {
+        r.check(
+            format!("adamw {name}"),
+            DType::F32,
+            &copy(g)?,
+            &copy(c)?,
+            true,
+        )?;
+    }
+    // Interleaved rates (LoRA+, block weights): the pieces kernel, with a run longer than one
+    // block's piece, runs of one element, a rate of 0, and a gap no run covers (left alone).
+    // Rates near 1 move p by about the rate, so a wrong rate shows far above the tolerance.
+    let runs = [
+        (0..1, 0.3),
+        (1..5_000, 0.7),
+        (5_000..5_001, 1.5),
+        (5_001..7_000, 0.0),
+        (7_100..10_007, 0.2),
+    ]
+    .map(|(range, lr)| LrRun { range, lr });
+    for t in 4..=5 {
+        let (p, m, v) = (&mut pc, &mut mc, &mut vc);
+        ops::adamw_step_runs(&h, t, State { p, m, v }, &gc, 0.5, &runs)?;
+        let (p, m, v) = (&mut pg, &mut mg, &mut vg);
+        ops::adamw_step_runs(&h, t, State { p, m, v }, &gg, 0.5, &runs)?;
+    }
     for (name, g, c) in [
-        ("adamw p", pg, pc),
-        ("adamw m", mg, mc),
-        ("adamw v", vg, vc),
+        ("adamw runs p", pg, pc),
+        ("adamw runs m", mg, mc),
+        ("adamw runs v", vg, vc),
     ] {
         r.check(name.into(), DType::F32, &st(g, n), &st(c, n), true)?;
     }

@@ -11,7 +11,7 @@ use crate::backend::cpu::attention::AttnGeom;
 use crate::backend::cpu::conv::ConvGeom;
 use crate::backend::cpu::elementwise::{BinaryOp, UnaryOp};
 use crate::backend::cpu::lora::LoraGeom;
-use crate::backend::cpu::optim::{AdamW, State};
+use crate::backend::cpu::optim::{AdamW, LrRun, State};
 use crate::backend::cuda::attention::{sdpa_bwd_with, sdpa_with, AttnKernel};
 use crate::backend::ops::{self, GateArgs};
 use crate::backend::Storage;
