@@ -54,7 +54,7 @@ struct RatePiece {
     double lr;
 };
 
-extern "C" __global__ void optim_adamw_pieces_f32(const RatePiece* __restrict__ pieces, float* __restrict__ p,
+extern "C" __global__ void optim_adamw_pieces_step_f32(const RatePiece* __restrict__ pieces, float* __restrict__ p,
                                                   const float* __restrict__ g, float* __restrict__ m,
                                                   float* __restrict__ v, AdamWParams h) {
     const RatePiece pc = pieces[blockIdx.x];

@@ -95,7 +95,7 @@ pub fn adamw_step_runs(
     // Released right after the launch; the pool reuses the block only for later work on this
     // stream, which runs after the kernel.
     let table = dev.upload(DType::I64, &table)?;
-    dev.launch("optim", "optim_adamw_pieces_f32".to_owned())?
+    dev.launch("optim", "optim_adamw_pieces_step_f32".to_owned())?
         .arg(table.ptr())
         .arg(p.ptr())
         .arg(g.ptr())
