@@ -109,3 +109,61 @@ __device__ void scatter(const Piece* __restrict__ pieces, const float* __restric
 extern "C" __global__ void optim_scatter_fwd_f32(const Piece* pieces, const float* flat) { scatter<float>(pieces, flat); }
 extern "C" __global__ void optim_scatter_fwd_bf16(const Piece* pieces, const float* flat) { scatter<bf16>(pieces, flat); }
 extern "C" __global__ void optim_scatter_fwd_f16(const Piece* pieces, const float* flat) { scatter<f16>(pieces, flat); }
+
+// Prodigy (prodigyopt 1.1.2, kohya's --optimizer_type Prodigy) over the same flat buffers plus
+// two more, s and the starting values p0: two passes a step around one decision on the host.
+//
+//   pass 1 (moments): num += g (p0 - p);  m <- b1 m + d (1 - b1) g;  v <- b2 v + d^2 (1 - b2) g^2;
+//                     s <- b3 s + s_coef g;  den += |s|
+//   host:             d from num and den (see src/train/prodigy.rs)
+//   pass 2 (update):  p <- p - wd dlr p - dlr m / (sqrt(v) + d eps)
+//
+// Both walk a RatePiece table of the trainables whose rate is not 0 (a frozen group keeps no
+// state, as prodigyopt's lr-0 groups); pass 1 writes one (num, den) pair per block, summed on the
+// host in f64. g is multiplied by grad_scale first, as in AdamW.
+struct ProdigyParams {
+    float beta1, beta2, beta3, d, s_coef, grad_scale;
+};
+
+extern "C" __global__ void optim_prodigy_moments_step_f32(const RatePiece* __restrict__ pieces, const float* __restrict__ p,
+                                                     const float* __restrict__ p0, const float* __restrict__ g,
+                                                     float* __restrict__ m, float* __restrict__ v,
+                                                     float* __restrict__ s, float* __restrict__ partial,
+                                                     ProdigyParams h) {
+    __shared__ float scratch[32];
+    const RatePiece pc = pieces[blockIdx.x];
+    const float c1 = h.d * (1.0f - h.beta1);
+    const float c2 = h.d * h.d * (1.0f - h.beta2);
+    float num = 0.0f, den = 0.0f;
+    for (i64 k = threadIdx.x; k < pc.len; k += blockDim.x) {
+        const i64 i = pc.offset + k;
+        const float gi = g[i] * h.grad_scale;
+        num = fmaf(gi, p0[i] - p[i], num);
+        m[i] = fmaf(h.beta1, m[i], c1 * gi);
+        v[i] = fmaf(h.beta2, v[i], c2 * gi * gi);
+        const float si = fmaf(h.beta3, s[i], h.s_coef * gi);
+        s[i] = si;
+        den += fabsf(si);
+    }
+    num = block_sum(num, scratch);
+    den = block_sum(den, scratch);
+    if (threadIdx.x == 0) {
+        partial[2 * blockIdx.x] = num;
+        partial[2 * blockIdx.x + 1] = den;
+    }
+}
+
+struct ProdigyUpdate {
+    float dlr, weight_decay, d_eps;
+};
+
+extern "C" __global__ void optim_prodigy_update_step_f32(const RatePiece* __restrict__ pieces, float* __restrict__ p,
+                                                    const float* __restrict__ m, const float* __restrict__ v,
+                                                    ProdigyUpdate h) {
+    const RatePiece pc = pieces[blockIdx.x];
+    const float decay = 1.0f - h.weight_decay * h.dlr;
+    for (i64 k = threadIdx.x; k < pc.len; k += blockDim.x) {
+        const i64 i = pc.offset + k;
+        p[i] = p[i] * decay - h.dlr * m[i] / (sqrtf(v[i]) + h.d_eps);
+    }
+}

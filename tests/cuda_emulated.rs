@@ -177,6 +177,7 @@ fn every_bench_case_runs_on_the_emulator() {
         "linear then add",
         "adamw step flat",
         "adamw step interleaved rates",
+        "prodigy step",
         "adamw per-tensor",
         "sdpa fwd+bwd flash",
         "sdpa fwd+bwd composed",

@@ -179,6 +179,7 @@ fn verify_passes_every_case_on_the_tiny_fixtures() {
         "train_clip_grad",
         "lora_dropout",
         "max_norm",
+        "prodigy",
         "lora_lycoris",
         "lora_peft",
         "lora_export",

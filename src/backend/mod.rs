@@ -208,7 +208,7 @@ impl Storage {
 pub mod ops {
     use super::*;
     use cpu::lora::{Gates, LoraGeom, LoraGrads};
-    use cpu::optim::{AdamW, LrRun, State};
+    use cpu::optim::{AdamW, LrRun, ProdigyBuffers, ProdigyMoments, State};
     use cpu::{attention, conv, elementwise as ew, matmul as mm, norm as nm, reduce as rd};
     use cuda::{attention as cattn, conv as cconv, elementwise as cew, gemm as cmm, norm as cnm};
     use cuda::{lora as clora, optim as coptim, pool as cpool, reduce as crd};
@@ -817,6 +817,116 @@ pub mod ops {
             }
             (p, ..) => Err(Error::DType {
                 op: "adamw_step (flat f32 buffers on one device)",
+                dtype: p.dtype(),
+            }),
+        }
+    }
+
+    /// Prodigy's first pass over the element ranges `ranges` (see `train::prodigy`), in place:
+    /// returns (sum g (p0 - p), sum |s|) in f64.
+    pub fn prodigy_moments(
+        h: &ProdigyMoments,
+        b: ProdigyBuffers<'_, Storage>,
+        g: &Storage,
+        grad_scale: f32,
+        ranges: &[std::ops::Range<usize>],
+    ) -> Result<(f64, f64)> {
+        let ProdigyBuffers { p, p0, m, v, s } = b;
+        let n = [p.len(), p0.len(), m.len(), v.len(), s.len(), g.len()]
+            .into_iter()
+            .min()
+            .unwrap_or(0);
+        if let Some(r) = ranges.iter().find(|r| r.start > r.end || r.end > n) {
+            return Err(Error::msg(format!(
+                "prodigy: elements {r:?} lie outside buffers of {n}"
+            )));
+        }
+        match (p, p0, m, v, s, g) {
+            (
+                Storage::Cpu(CpuStorage::F32(p)),
+                Storage::Cpu(CpuStorage::F32(p0)),
+                Storage::Cpu(CpuStorage::F32(m)),
+                Storage::Cpu(CpuStorage::F32(v)),
+                Storage::Cpu(CpuStorage::F32(s)),
+                Storage::Cpu(CpuStorage::F32(g)),
+            ) => {
+                let (mut num, mut den) = (0.0, 0.0);
+                for r in ranges {
+                    let b = ProdigyBuffers {
+                        p: &p[r.clone()],
+                        p0: &p0[r.clone()],
+                        m: &mut m[r.clone()],
+                        v: &mut v[r.clone()],
+                        s: &mut s[r.clone()],
+                    };
+                    let (a, d) = cpu::optim::prodigy_moments(h, b, &g[r.clone()], grad_scale);
+                    num += a;
+                    den += d;
+                }
+                Ok((num, den))
+            }
+            (
+                Storage::Cuda(p),
+                Storage::Cuda(p0),
+                Storage::Cuda(m),
+                Storage::Cuda(v),
+                Storage::Cuda(s),
+                Storage::Cuda(g),
+            ) if [
+                p0.ordinal(),
+                m.ordinal(),
+                v.ordinal(),
+                s.ordinal(),
+                g.ordinal(),
+            ]
+            .iter()
+            .all(|&o| o == p.ordinal()) =>
+            {
+                let b = ProdigyBuffers { p, p0, m, v, s };
+                coptim::prodigy_moments(h, b, g, grad_scale, ranges)
+            }
+            (p, ..) => Err(Error::DType {
+                op: "prodigy (flat f32 buffers on one device)",
+                dtype: p.dtype(),
+            }),
+        }
+    }
+
+    /// Prodigy's second pass over `ranges`: p <- p - wd dlr p - dlr m / (sqrt(v) + d_eps), with
+    /// `step` = [dlr, wd, d_eps].
+    pub fn prodigy_update(
+        p: &mut Storage,
+        m: &Storage,
+        v: &Storage,
+        step: [f64; 3],
+        ranges: &[std::ops::Range<usize>],
+    ) -> Result<()> {
+        let n = [p.len(), m.len(), v.len()].into_iter().min().unwrap_or(0);
+        if let Some(r) = ranges.iter().find(|r| r.start > r.end || r.end > n) {
+            return Err(Error::msg(format!(
+                "prodigy: elements {r:?} lie outside buffers of {n}"
+            )));
+        }
+        match (p, m, v) {
+            (
+                Storage::Cpu(CpuStorage::F32(p)),
+                Storage::Cpu(CpuStorage::F32(m)),
+                Storage::Cpu(CpuStorage::F32(v)),
+            ) => {
+                let [dlr, wd, d_eps] = step;
+                for r in ranges {
+                    let (m, v) = (&m[r.clone()], &v[r.clone()]);
+                    cpu::optim::prodigy_update(&mut p[r.clone()], m, v, dlr, wd, d_eps);
+                }
+                Ok(())
+            }
+            (Storage::Cuda(p), Storage::Cuda(m), Storage::Cuda(v))
+                if m.ordinal() == p.ordinal() && v.ordinal() == p.ordinal() =>
+            {
+                coptim::prodigy_update(p, m, v, step, ranges)
+            }
+            (p, ..) => Err(Error::DType {
+                op: "prodigy (flat f32 buffers on one device)",
                 dtype: p.dtype(),
             }),
         }

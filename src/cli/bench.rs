@@ -305,6 +305,20 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
         opt_bytes,
         0.0,
     );
+    // Prodigy: two passes around a host decision (its sums read back): p, p0, g, m, v, s read
+    // and m, v, s written, then p, m, v read and p written, then the copy into the tensors.
+    let mut prodigy = kstyle::train::optim::Optimizer::new(Default::default(), &params)?
+        .with_prodigy(Default::default())?;
+    let s_prodigy = b.time(|| prodigy.step(&params, &grad, 0.5, 1.0))?;
+    b.report(
+        &format!(
+            "prodigy step {tensors} tensors ({:.2}x adamw)",
+            s_prodigy / s
+        ),
+        s_prodigy,
+        4.0 * (9 + 4 + 2) as f64 * total as f64,
+        0.0,
+    );
     let per: Vec<[Tensor; 4]> = (0..tensors)
         .map(|_| {
             Ok([

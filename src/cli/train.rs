@@ -13,6 +13,7 @@ use kstyle::train::data::CaptionSource;
 use kstyle::train::lr::{LrSchedule, LrShape};
 use kstyle::train::lr_groups::{BlockLr, LoraPlus, Weights};
 use kstyle::train::noise::{Multires, NoiseOffset};
+use kstyle::train::prodigy::ProdigyConfig;
 use kstyle::train::samples::{parse_prompt_file, SamplePrompt};
 use kstyle::train::trainer::{TrainConfig, Trainer};
 use std::path::PathBuf;
@@ -205,6 +206,15 @@ pub struct Args {
     /// AdamW's epsilon, added to the root of the second moment (diffusers' --adam_epsilon).
     #[arg(long, default_value_t = 1e-8)]
     pub adam_epsilon: f64,
+    /// The optimizer: AdamW, or Prodigy (kohya's --optimizer_type Prodigy, prodigyopt), which
+    /// estimates its own step size d and wants --lr 1. Prodigy shares AdamW's --adam-beta1,
+    /// --adam-beta2, --adam-epsilon and --weight-decay.
+    #[arg(long, value_enum, default_value = "adamw")]
+    pub optimizer: OptimizerArg,
+    /// Prodigy's settings as kohya's --optimizer_args spells them: d0=1e-6 d_coef=1 beta3=...
+    /// growth_rate=inf use_bias_correction=False safeguard_warmup=False.
+    #[arg(long, num_args = 1.., value_name = "KEY=VALUE")]
+    pub optimizer_args: Vec<String>,
     /// Clip the global gradient norm (every trainable tensor together, of the mean over the
     /// micro-batches) to this before each step, as torch.nn.utils.clip_grad_norm_ (kohya's and
     /// diffusers' --max_grad_norm, which default to 1). Unset or 0: no clipping, KSTYLE.md's
@@ -389,6 +399,14 @@ pub enum MethodArg {
     Gating,
 }
 
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum OptimizerArg {
+    #[value(name = "adamw", alias = "AdamW")]
+    AdamW,
+    #[value(name = "prodigy", alias = "Prodigy")]
+    Prodigy,
+}
+
 #[derive(Clone, Copy, Debug, clap::ValueEnum)]
 pub enum LrArg {
     Constant,
@@ -522,6 +540,14 @@ pub fn config_from(a: &Args) -> anyhow::Result<TrainConfig> {
             beta2: a.adam_beta2,
             eps: a.adam_epsilon,
             weight_decay: a.weight_decay,
+        },
+        prodigy: match a.optimizer {
+            OptimizerArg::Prodigy => Some(ProdigyConfig::parse(&a.optimizer_args)?),
+            OptimizerArg::AdamW if a.optimizer_args.is_empty() => None,
+            OptimizerArg::AdamW => anyhow::bail!(
+                "--optimizer-args {} are Prodigy's settings: pass --optimizer prodigy",
+                a.optimizer_args.join(" ")
+            ),
         },
         // 0 is off, as kohya and diffusers read it.
         max_grad_norm: a.max_grad_norm.filter(|&n| n != 0.0),

@@ -2,7 +2,8 @@
 //! moments and masters, the step, the RNG state and the data order, written atomically, so that
 //! `--resume` continues bit for bit.
 
-use super::optim::Optimizer;
+use super::optim::{concat, Optimizer};
+use super::prodigy::{ProdigyConfig, ProdigyScalars, ProdigyState};
 use crate::backend::cpu::optim::AdamW;
 use crate::formats::adapter::Adapter;
 use crate::formats::kohya::ModuleIndex;
@@ -25,6 +26,8 @@ pub struct TrainState {
 }
 
 const OPTIM: &str = "kstyle.optim";
+/// Prodigy's running scalars (d, d_max, d_numerator, k) as JSON; present when Prodigy trained.
+const PRODIGY: &str = "kstyle.ckpt.prodigy";
 
 pub fn save_checkpoint(
     path: &Path,
@@ -39,15 +42,30 @@ pub fn save_checkpoint(
         master: opt.master.to_device(Device::Cpu)?,
         m: opt.m.to_device(Device::Cpu)?,
         v: opt.v.to_device(Device::Cpu)?,
+        prodigy: None,
         ..opt.clone()
+    };
+    let prodigy = match &opt.prodigy {
+        Some(p) => Some((p.s.to_device(Device::Cpu)?, p.p0.to_device(Device::Cpu)?)),
+        None => None,
     };
     for s in &host.slots {
         let state = host.slot_state(s)?;
         for (kind, v) in ["master", "m", "v"].into_iter().zip(state) {
             tensors.push((format!("{OPTIM}.{kind}.{}", s.name), v));
         }
+        if let Some((sv, p0)) = &prodigy {
+            for (kind, t) in [("s", sv), ("p0", p0)] {
+                let v = t.narrow(0, s.offset, s.len)?;
+                tensors.push((format!("{OPTIM}.{kind}.{}", s.name), v));
+            }
+        }
     }
     let mut meta = adapter.metadata();
+    if let Some(p) = &opt.prodigy {
+        let scalars = serde_json::to_string(&p.scalars()).unwrap_or_default();
+        meta.insert(PRODIGY.into(), scalars);
+    }
     let rng: Vec<String> = state.rng.state().iter().map(|w| w.to_string()).collect();
     meta.insert("kstyle.ckpt.step".into(), state.step.to_string());
     meta.insert("kstyle.ckpt.epoch".into(), state.epoch.to_string());
@@ -73,13 +91,15 @@ fn parse_order(text: &str) -> serde_json::Result<Vec<Vec<usize>>> {
     }
 }
 
-/// The adapter, optimizer and loop state of a checkpoint. `hyper` supplies the AdamW settings of
-/// the resumed run (they are run-time knobs, not state).
+/// The adapter, optimizer and loop state of a checkpoint. `hyper` (and `prodigy`, when the run
+/// uses Prodigy) supply the optimizer settings of the resumed run (they are run-time knobs, not
+/// state); the checkpoint must come from the same optimizer.
 pub fn load_checkpoint(
     path: &Path,
     index: &ModuleIndex,
     device: Device,
     hyper: AdamW,
+    prodigy: Option<ProdigyConfig>,
 ) -> Result<(Adapter, Optimizer, TrainState)> {
     let adapter = Adapter::load(path, index, device)?;
     let f = SafeTensorsFile::open(path)?;
@@ -115,7 +135,34 @@ pub fn load_checkpoint(
         order,
         rng: Rng::from_state(rng),
     };
+    let scalars = match meta.get(PRODIGY) {
+        None => None,
+        Some(text) => {
+            Some(
+                serde_json::from_str::<ProdigyScalars>(text).map_err(|e| Error::Json {
+                    path: path.into(),
+                    msg: format!("{PRODIGY}: {e}"),
+                })?,
+            )
+        }
+    };
+    match (scalars.is_some(), prodigy.is_some()) {
+        (true, false) => {
+            return Err(Error::file(
+                path,
+                "the checkpoint trained with Prodigy: resume it with --optimizer prodigy",
+            ))
+        }
+        (false, true) => {
+            return Err(Error::file(
+                path,
+                "the checkpoint trained with AdamW: resume it without --optimizer prodigy",
+            ))
+        }
+        _ => {}
+    }
     let mut parts = Vec::new();
+    let (mut s, mut p0) = (Vec::new(), Vec::new());
     for (name, _) in adapter.trainables() {
         let read = |kind: &str| -> Result<Tensor> {
             let t = f.tensor(&format!("{OPTIM}.{kind}.{name}"))?;
@@ -123,8 +170,18 @@ pub fn load_checkpoint(
             t.to_dtype(crate::DType::F32)?.reshape(n)
         };
         parts.push((name.clone(), read("master")?, read("m")?, read("v")?));
+        if scalars.is_some() {
+            s.push(read("s")?);
+            p0.push(read("p0")?);
+        }
     }
-    let opt = Optimizer::from_parts(hyper, int("kstyle.ckpt.optim_step")?, parts, device)?;
+    let mut opt = Optimizer::from_parts(hyper, int("kstyle.ckpt.optim_step")?, parts, device)?;
+    if let (Some(sc), Some(config)) = (scalars, prodigy) {
+        let mut state = ProdigyState::new(config, concat(&p0, device)?)?;
+        state.s = concat(&s, device)?;
+        state.set_scalars(sc);
+        opt.prodigy = Some(state);
+    }
     Ok((adapter, opt, state))
 }
 

@@ -6,6 +6,7 @@ use super::data::CaptionSource;
 use super::lr::LrSchedule;
 use super::lr_groups::{BlockLr, LoraPlus, Weights};
 use super::noise::{Multires, NoiseOffset};
+use super::prodigy::ProdigyConfig;
 use super::samples::SamplePrompt;
 use crate::backend::cpu::optim::AdamW;
 use crate::formats::adapter::Method;
@@ -74,7 +75,10 @@ pub struct TrainConfig {
     pub max_timestep: Option<usize>,
     /// Side of the pooled latent in the cultural loss; latent side / 8 when None (16 at 1024²).
     pub cultural_pool: Option<usize>,
+    /// The optimizer's settings: AdamW's, which Prodigy shares (betas, epsilon, weight decay).
     pub adamw: AdamW,
+    /// kohya's `--optimizer_type Prodigy` (prodigyopt) instead of AdamW, with its settings.
+    pub prodigy: Option<ProdigyConfig>,
     /// Clip the global norm of each step's mean gradient (every trainable together) to this, as
     /// `torch.nn.utils.clip_grad_norm_` does (kohya's and diffusers' `--max_grad_norm`). None:
     /// no clipping (KSTYLE.md's recipe).
@@ -343,6 +347,27 @@ impl TrainConfig {
             }
         }
         self.loraplus.check()?;
+        if let Some(p) = &self.prodigy {
+            p.check()?;
+            if self.loraplus.unet_ratio().is_some() || self.loraplus.text_encoder_ratio().is_some()
+            {
+                return Err(Error::Config(
+                    "LoRA+ gives lora_up its own learning rate, and Prodigy steps every \
+                     trainable at one rate: drop --loraplus-*-ratio or use --optimizer adamw"
+                        .into(),
+                ));
+            }
+            if let Some(lr) = self
+                .text_encoder_lr
+                .filter(|&l| l != 0.0 && l != self.adamw.lr)
+            {
+                return Err(Error::Config(format!(
+                    "Prodigy steps every trainable at one rate (or 0): --text-encoder-lr {lr} \
+                     differs from --lr {}",
+                    self.adamw.lr
+                )));
+            }
+        }
         if self.loraplus.text_encoder.is_some() && !self.train_text_encoder {
             return Err(Error::Config(
                 "--loraplus-text-encoder-lr-ratio needs --train-text-encoder".into(),
@@ -402,6 +427,10 @@ impl TrainConfig {
     pub fn settings(&self, steps: u64) -> BTreeMap<String, String> {
         let c = self;
         BTreeMap::from([
+            (
+                "optimizer".to_string(),
+                c.prodigy.map_or("adamw".into(), |p| p.describe()),
+            ),
             ("lr".to_string(), c.adamw.lr.to_string()),
             ("lr_schedule".to_string(), c.schedule.name()),
             ("warmup".to_string(), c.schedule.warmup.to_string()),

@@ -15,6 +15,7 @@ pub mod memory;
 pub mod noise;
 pub mod optim;
 pub mod plot;
+pub mod prodigy;
 pub mod samples;
 mod start;
 pub mod step;

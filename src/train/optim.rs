@@ -5,6 +5,7 @@
 //! per micro-batch, one AdamW sweep, and one multi-tensor copy of the new values into the
 //! trainables (on CUDA, launches; nothing crosses to the host).
 
+use super::prodigy::{ProdigyConfig, ProdigyState};
 use crate::autograd::GradStore;
 use crate::backend::cpu::optim::{AdamW, LrRun, State};
 use crate::backend::ops;
@@ -31,6 +32,8 @@ pub struct Optimizer {
     /// (N,) f32 first and second moments.
     pub m: Tensor,
     pub v: Tensor,
+    /// Prodigy's estimate of the step size and its buffers; AdamW when None.
+    pub prodigy: Option<ProdigyState>,
 }
 
 /// The device all `params` live on, after checking that each can be written in place by the
@@ -66,7 +69,7 @@ fn check_trainables(params: &[(String, Tensor)]) -> Result<Device> {
 
 /// `parts` back to back as one (N,) f32 tensor on `device` (an empty one for no parts), with no
 /// autograd history even when the parts are trainables.
-fn concat(parts: &[Tensor], device: Device) -> Result<Tensor> {
+pub(crate) fn concat(parts: &[Tensor], device: Device) -> Result<Tensor> {
     if parts.is_empty() {
         return Tensor::zeros(0, DType::F32, device);
     }
@@ -102,7 +105,16 @@ impl Optimizer {
             master: concat(&values, device)?,
             m: Tensor::zeros(offset, DType::F32, device)?,
             v: Tensor::zeros(offset, DType::F32, device)?,
+            prodigy: None,
         })
+    }
+
+    /// The same trainables stepped by Prodigy (see `train::prodigy`): AdamW's betas, epsilon and
+    /// weight decay, d estimated from the run, the masters as they stand now its starting point.
+    pub fn with_prodigy(mut self, config: ProdigyConfig) -> Result<Optimizer> {
+        let p0 = concat(&[self.master.clone()], self.master.device())?;
+        self.prodigy = Some(ProdigyState::new(config, p0)?);
+        Ok(self)
     }
 
     /// State read back per trainable (a checkpoint): `(name, master, m, v)`, each flat f32 of
@@ -138,6 +150,7 @@ impl Optimizer {
             master: concat(&masters, device)?,
             m: concat(&ms, device)?,
             v: concat(&vs, device)?,
+            prodigy: None,
         })
     }
 
@@ -165,6 +178,7 @@ impl Optimizer {
         let mut by_name: std::collections::HashMap<&str, &Slot> =
             self.slots.iter().map(|s| (s.name.as_str(), s)).collect();
         let mut parts = Vec::with_capacity(params.len());
+        let (mut s, mut p0) = (Vec::new(), Vec::new());
         for (name, t) in params {
             let slot = by_name
                 .remove(name.as_str())
@@ -178,13 +192,26 @@ impl Optimizer {
             }
             let [master, m, v] = self.slot_state(slot)?;
             parts.push((name.clone(), master, m, v));
+            if let Some(pr) = &self.prodigy {
+                s.push(pr.s.narrow(0, slot.offset, slot.len)?);
+                p0.push(pr.p0.narrow(0, slot.offset, slot.len)?);
+            }
         }
         if let Some(extra) = by_name.keys().next() {
             return Err(Error::msg(format!(
                 "optimizer state has a slot `{extra}` for no parameter of this run"
             )));
         }
+        let prodigy = match self.prodigy.take() {
+            Some(pr) => Some(ProdigyState {
+                s: concat(&s, device)?,
+                p0: concat(&p0, device)?,
+                ..pr
+            }),
+            None => None,
+        };
         *self = Optimizer::from_parts(self.hyper, self.step, parts, device)?;
+        self.prodigy = prodigy;
         Ok(())
     }
 
@@ -252,6 +279,24 @@ impl Optimizer {
                 }
                 _ => runs.push(LrRun { range, lr }),
             }
+        }
+        if let Some(pr) = &mut self.prodigy {
+            // prodigyopt steps every group at one rate, or 0 (a frozen group).
+            let lr = rates.iter().copied().fold(0.0, f64::max);
+            if let Some(r) = rates.iter().find(|&&r| r != 0.0 && r != lr) {
+                return Err(Error::msg(format!(
+                    "Prodigy steps every trainable at one learning rate (or 0): {r} beside {lr}"
+                )));
+            }
+            let live: Vec<std::ops::Range<usize>> = runs
+                .iter()
+                .filter(|r| r.lr != 0.0)
+                .map(|r| r.range.clone())
+                .collect();
+            self.step += 1;
+            let (master, m, v) = (&self.master, &self.m, &self.v);
+            pr.step(&self.hyper, master, m, v, grad_sum, grad_scale, lr, &live)?;
+            return self.write_params(params);
         }
         self.step += 1;
         {

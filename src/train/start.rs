@@ -59,7 +59,7 @@ pub(super) fn resume(
     n_train: usize,
     log: &mut dyn FnMut(&str),
 ) -> Result<Start> {
-    let (adapter, opt, state) = load_checkpoint(path, index, cfg.device, cfg.adamw)?;
+    let (adapter, opt, state) = load_checkpoint(path, index, cfg.device, cfg.adamw, cfg.prodigy)?;
     let has_text = adapter
         .modules
         .iter()

@@ -44,6 +44,8 @@ pub struct StepLog {
     pub weight_norms: Option<MaxNormReport>,
     /// The validation loss after this step, when one was due.
     pub val: Option<f64>,
+    /// With Prodigy: its step-size estimate d after the step (the step moved by about d * lr).
+    pub prodigy_d: Option<f64>,
 }
 
 /// Paths of everything a run writes next to `out`.
@@ -246,6 +248,15 @@ impl Trainer {
         let blocks = match cfg.block_lr.is_set() {
             true => {
                 let w = cfg.block_lr.resolve(&unet.config.layout())?;
+                let all = w.input.iter().chain(&w.middle).chain(&w.output);
+                if let (Some(x), Some(_)) =
+                    (all.copied().find(|&x| x != 0.0 && x != 1.0), cfg.prodigy)
+                {
+                    return Err(Error::Config(format!(
+                        "Prodigy steps every trainable at one rate: block weights can only be 0 \
+                         (no adapters) or 1 with it, got {x}"
+                    )));
+                }
                 log(&format!("block-wise learning rates: {}", w.describe()));
                 Some(w)
             }
@@ -353,8 +364,19 @@ impl Trainer {
                 o.align_to(&params)?;
                 o
             }
-            None => Optimizer::new(cfg.adamw, &params)?,
+            None => match cfg.prodigy {
+                Some(p) => Optimizer::new(cfg.adamw, &params)?.with_prodigy(p)?,
+                None => Optimizer::new(cfg.adamw, &params)?,
+            },
         };
+        if let Some(p) = &optimizer.prodigy {
+            log(&format!(
+                "optimizer: {} (d {} now; Prodigy expects --lr 1, this run has {})",
+                p.config.describe(),
+                p.d,
+                cfg.adamw.lr
+            ));
+        }
         // Mixed precision: the optimizer holds the f32 values (just taken); the UNet's adapters
         // become leaves in the compute dtype, so the forward needs no per-step casts. The
         // cultural module stays f32: it reads the f32 clean-latent estimate.
@@ -638,6 +660,7 @@ impl Trainer {
             grad_norm,
             weight_norms,
             val: None,
+            prodigy_d: self.optimizer.prodigy.as_ref().map(|p| p.d),
         })
     }
 
@@ -761,10 +784,15 @@ impl Trainer {
             Some(_) => ",keys_scaled,mean_key_norm,max_key_norm",
             None => "",
         };
+        // With Prodigy, one more: its step-size estimate d.
+        let d_header = match self.cfg.prodigy {
+            Some(_) => ",prodigy_d",
+            None => "",
+        };
         if self.cfg.resume.is_none() || !csv_exists {
             writeln!(
                 csv,
-                "step,epoch,loss,diffusion,cultural,lr,grad_norm{norms_header}"
+                "step,epoch,loss,diffusion,cultural,lr,grad_norm{norms_header}{d_header}"
             )
             .map_err(|e| Error::io(&self.outputs.log_csv, e))?;
         }
@@ -784,9 +812,10 @@ impl Trainer {
             let norms = log.weight_norms.map_or(String::new(), |w| {
                 format!(",{},{},{}", w.keys_scaled, w.mean_norm, w.max_norm)
             });
+            let d = log.prodigy_d.map_or(String::new(), |d| format!(",{d}"));
             writeln!(
                 csv,
-                "{},{},{},{},{},{},{}{norms}",
+                "{},{},{},{},{},{},{}{norms}{d}",
                 log.step, log.epoch, log.loss, log.diffusion, cult, log.lr, log.grad_norm
             )
             .map_err(|e| Error::io(&self.outputs.log_csv, e))?;

@@ -8,6 +8,7 @@ pub mod extra_cases;
 mod layer_cases;
 mod mask_crop_case;
 mod pipeline_case;
+mod prodigy_case;
 mod sampler_cases;
 pub mod sweep;
 mod train_cases;
@@ -259,6 +260,11 @@ pub fn cases() -> Vec<(&'static str, &'static str, CaseFn)> {
             "max_norm",
             "../../extra/max_norm.safetensors",
             layer_cases::max_norm_regularization,
+        ),
+        (
+            "prodigy",
+            "../../extra/prodigy.safetensors",
+            prodigy_case::prodigy,
         ),
         (
             "train_edm",

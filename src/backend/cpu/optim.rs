@@ -76,3 +76,69 @@ pub fn gather_add(flat: &mut [f32], part: &[f32], offset: usize) {
         *d += s;
     }
 }
+
+/// Prodigy's per-element settings for one step's first pass (prodigyopt 1.1.2, `Prodigy.step`):
+/// the moments take the gradient scaled by d, and s by `s_coef`.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct ProdigyMoments {
+    pub beta1: f64,
+    pub beta2: f64,
+    pub beta3: f64,
+    /// d before this step.
+    pub d: f64,
+    /// (d / d0) * dlr, or (d / d0) * d with the safeguard.
+    pub s_coef: f64,
+}
+
+/// The f32 buffers Prodigy's first pass reads and writes besides the gradient.
+pub struct ProdigyBuffers<'a, B: ?Sized> {
+    pub p: &'a B,
+    pub p0: &'a B,
+    pub m: &'a mut B,
+    pub v: &'a mut B,
+    pub s: &'a mut B,
+}
+
+/// Prodigy's first pass with gradient `grad_scale * g`: m <- b1 m + d (1 - b1) g,
+/// v <- b2 v + d^2 (1 - b2) g^2, s <- b3 s + s_coef g, in place (f64 per element, stored f32).
+/// Returns (sum of g (p0 - p), sum of |s|) after the update, in f64: the step's share of d's
+/// numerator (before its factor) and d's denominator.
+pub fn prodigy_moments(
+    h: &ProdigyMoments,
+    b: ProdigyBuffers<'_, [f32]>,
+    g: &[f32],
+    grad_scale: f32,
+) -> (f64, f64) {
+    let ProdigyBuffers { p, p0, m, v, s } = b;
+    let (mut num, mut den) = (0.0, 0.0);
+    for i in 0..g.len() {
+        let gi = (g[i] * grad_scale) as f64;
+        num += gi * (p0[i] as f64 - p[i] as f64);
+        let mi = h.beta1 * m[i] as f64 + h.d * (1.0 - h.beta1) * gi;
+        let vi = h.beta2 * v[i] as f64 + h.d * h.d * (1.0 - h.beta2) * gi * gi;
+        let si = h.beta3 * s[i] as f64 + h.s_coef * gi;
+        m[i] = mi as f32;
+        v[i] = vi as f32;
+        s[i] = si as f32;
+        den += (s[i] as f64).abs();
+    }
+    (num, den)
+}
+
+/// Prodigy's second pass: p <- p - wd dlr p, then p <- p - dlr m / (sqrt(v) + d eps) with the
+/// new d (prodigyopt's order and values).
+pub fn prodigy_update(
+    p: &mut [f32],
+    m: &[f32],
+    v: &[f32],
+    dlr: f64,
+    weight_decay: f64,
+    d_eps: f64,
+) {
+    for i in 0..p.len() {
+        let mut pi = p[i] as f64;
+        pi -= weight_decay * dlr * pi;
+        pi -= dlr * m[i] as f64 / ((v[i] as f64).sqrt() + d_eps);
+        p[i] = pi as f32;
+    }
+}

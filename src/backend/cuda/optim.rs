@@ -2,7 +2,7 @@
 //! gradient clipping.
 
 use super::{CudaDevice, CudaStorage};
-use crate::backend::cpu::optim::{AdamW, LrRun, State};
+use crate::backend::cpu::optim::{AdamW, LrRun, ProdigyBuffers, ProdigyMoments, State};
 use crate::tensor::DType;
 use crate::{Error, Result};
 
@@ -239,4 +239,139 @@ pub fn scatter(flat: &CudaStorage, targets: &[(&CudaStorage, usize)]) -> Result<
         run_pieces(flat.dev(), symbol, &table, flat.ptr())?;
     }
     Ok(())
+}
+
+/// `struct ProdigyParams` of optim.cu.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+struct ProdigyParams {
+    beta1: f32,
+    beta2: f32,
+    beta3: f32,
+    d: f32,
+    s_coef: f32,
+    grad_scale: f32,
+}
+
+/// `struct ProdigyUpdate` of optim.cu.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+struct ProdigyUpdate {
+    dlr: f32,
+    weight_decay: f32,
+    d_eps: f32,
+}
+
+/// The piece table of `ranges` (the rate column unused).
+fn range_pieces(ranges: &[std::ops::Range<usize>]) -> Vec<i64> {
+    let runs: Vec<LrRun> = ranges
+        .iter()
+        .map(|r| LrRun {
+            range: r.clone(),
+            lr: 1.0,
+        })
+        .collect();
+    rate_pieces(&runs)
+}
+
+/// Every buffer is f32 and holds every element of `ranges`.
+fn check_f32(
+    op: &str,
+    bufs: &[(&str, &CudaStorage)],
+    ranges: &[std::ops::Range<usize>],
+) -> Result<()> {
+    for (what, b) in bufs {
+        let outside = ranges.iter().find(|r| r.end > b.len() || r.start > r.end);
+        if b.dtype() != DType::F32 || outside.is_some() {
+            return Err(Error::msg(format!(
+                "{op}: {what} ({} {}) has no elements {:?}",
+                b.len(),
+                b.dtype(),
+                outside
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// Prodigy's first pass over `ranges` (see `train::prodigy`): one launch, one (num, den) pair
+/// per block read back and summed in f64.
+pub fn prodigy_moments(
+    h: &ProdigyMoments,
+    b: ProdigyBuffers<'_, CudaStorage>,
+    g: &CudaStorage,
+    grad_scale: f32,
+    ranges: &[std::ops::Range<usize>],
+) -> Result<(f64, f64)> {
+    let ProdigyBuffers { p, p0, m, v, s } = b;
+    check_f32(
+        "prodigy_moments",
+        &[("p", p), ("p0", p0), ("g", g), ("m", m), ("v", v), ("s", s)],
+        ranges,
+    )?;
+    let table = range_pieces(ranges);
+    let count = table.len() / 3;
+    if count == 0 {
+        return Ok((0.0, 0.0));
+    }
+    let grid = u32::try_from(count)
+        .map_err(|_| Error::msg(format!("prodigy_moments: {count} pieces exceed one grid")))?;
+    let dev = p.dev().clone();
+    let table = dev.upload(DType::I64, &table)?;
+    let partial = dev.alloc(DType::F32, 2 * count)?;
+    dev.launch("optim", "optim_prodigy_moments_step_f32".to_owned())?
+        .arg(table.ptr())
+        .arg(p.ptr())
+        .arg(p0.ptr())
+        .arg(g.ptr())
+        .arg(m.ptr())
+        .arg(v.ptr())
+        .arg(s.ptr())
+        .arg(partial.ptr())
+        .arg(ProdigyParams {
+            beta1: h.beta1 as f32,
+            beta2: h.beta2 as f32,
+            beta3: h.beta3 as f32,
+            d: h.d as f32,
+            s_coef: h.s_coef as f32,
+            grad_scale,
+        })
+        .run((grid, 1, 1), (256, 1, 1), 0)?;
+    let mut sums = vec![0f32; 2 * count];
+    dev.download(partial.ptr(), &mut sums)?;
+    let num = sums.iter().step_by(2).map(|&x| x as f64).sum();
+    let den = sums.iter().skip(1).step_by(2).map(|&x| x as f64).sum();
+    Ok((num, den))
+}
+
+/// Prodigy's second pass over `ranges`: p <- p - wd dlr p - dlr m / (sqrt(v) + d_eps).
+pub fn prodigy_update(
+    p: &mut CudaStorage,
+    m: &CudaStorage,
+    v: &CudaStorage,
+    step: [f64; 3],
+    ranges: &[std::ops::Range<usize>],
+) -> Result<()> {
+    check_f32("prodigy_update", &[("p", p), ("m", m), ("v", v)], ranges)?;
+    let table = range_pieces(ranges);
+    let count = table.len() / 3;
+    if count == 0 {
+        return Ok(());
+    }
+    let grid = u32::try_from(count)
+        .map_err(|_| Error::msg(format!("prodigy_update: {count} pieces exceed one grid")))?;
+    let dev = p.dev().clone();
+    let table = dev.upload(DType::I64, &table)?;
+    let [dlr, weight_decay, d_eps] = step;
+    dev.launch("optim", "optim_prodigy_update_step_f32".to_owned())?
+        .arg(table.ptr())
+        .arg(p.ptr())
+        .arg(m.ptr())
+        .arg(v.ptr())
+        .arg(ProdigyUpdate {
+            dlr: dlr as f32,
+            weight_decay: weight_decay as f32,
+            d_eps: d_eps as f32,
+        })
+        .run((grid, 1, 1), (256, 1, 1), 0)
 }

@@ -642,3 +642,68 @@ pub(super) fn multi_tensor(r: &mut Run) -> Result<()> {
     }
     Ok(())
 }
+
+/// Prodigy's two passes (moments with their two sums, then the update) over ranges with a gap,
+/// a piece longer than one block's and a range of one element, at d and rates near the ones a run
+/// sees after its first steps.
+pub(super) fn prodigy(r: &mut Run) -> Result<()> {
+    let n = 10_007;
+    let mut bufs = Vec::new();
+    for _ in 0..6 {
+        bufs.push(r.randn(&[n], DType::F32)?);
+    }
+    let v_pos = bufs[4].0.abs()?;
+    bufs[4] = (v_pos.clone(), v_pos.to_device(r.dev)?);
+    let take = |t: &Tensor| t.storage().copy_strided(t.layout());
+    let mut cpu: Vec<Storage> = bufs.iter().map(|b| take(&b.0)).collect::<Result<_>>()?;
+    let mut gpu: Vec<Storage> = bufs.iter().map(|b| take(&b.1)).collect::<Result<_>>()?;
+    let ranges = [0..1, 1..5_000, 5_100..10_007];
+    let h = ProdigyMoments {
+        beta1: 0.9,
+        beta2: 0.999,
+        beta3: 0.999f64.sqrt(),
+        d: 3e-4,
+        s_coef: 3e-4 / 1e-6 * 3e-4,
+    };
+    let mut sums = Vec::new();
+    for bufs in [&mut cpu, &mut gpu] {
+        // p, p0, g, m, v, s
+        let [p, p0, g, m, v, s] = &mut bufs[..] else {
+            unreachable!()
+        };
+        let b = ProdigyBuffers {
+            p: &*p,
+            p0: &*p0,
+            m,
+            v,
+            s,
+        };
+        let (num, den) = ops::prodigy_moments(&h, b, g, 0.5, &ranges)?;
+        sums.push([num, den]);
+        let [p, _, _, m, v, _] = &mut bufs[..] else {
+            unreachable!()
+        };
+        ops::prodigy_update(p, m, v, [0.4, 0.01, 3e-4 * 1e-8], &ranges)?;
+    }
+    for (i, what) in ["sum g (p0 - p)", "sum |s|"].into_iter().enumerate() {
+        let one = |x: f64| Tensor::from_vec(vec![x as f32], 1, Device::Cpu);
+        let (g, c) = (one(sums[1][i])?, one(sums[0][i])?);
+        r.check(format!("prodigy {what}"), DType::F32, &g, &c, true)?;
+    }
+    let copy = |s: &Storage| -> Result<Tensor> {
+        Ok(st(
+            s.copy_strided(&crate::tensor::Layout::contiguous(n))?,
+            n,
+        ))
+    };
+    for (i, name) in [(0, "p"), (3, "m"), (4, "v"), (5, "s")] {
+        r.check(
+            format!("prodigy {name}"),
+            DType::F32,
+            &copy(&gpu[i])?,
+            &copy(&cpu[i])?,
+            true,
+        )?;
+    }
+    Ok(())
+}
