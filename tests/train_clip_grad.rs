@@ -5,8 +5,7 @@
 
 mod common;
 use common::tmp;
-use common::train::{assert_resume_is_exact, dataset, refused, tensors, train};
-use kstyle::tensor::SafeTensorsFile;
+use common::train::{assert_resume_is_exact, dataset, refused, setting, tensors, train};
 use std::path::{Path, PathBuf};
 
 /// Every row of a run's loss log, as text.
@@ -41,10 +40,6 @@ fn gradient_norms_are_logged_and_clipped() {
         );
         out
     };
-    let setting = |out: &Path| {
-        let f = SafeTensorsFile::open(out).unwrap();
-        f.metadata()["kstyle.train.max_grad_norm"].clone()
-    };
     let plain = run("plain", &[]);
     let plain_norms = norms(&plain);
     assert_eq!(plain_norms.len(), 3);
@@ -52,7 +47,7 @@ fn gradient_norms_are_logged_and_clipped() {
         plain_norms.iter().all(|n| n.is_finite() && *n > 0.0),
         "{plain_norms:?}"
     );
-    assert_eq!(setting(&plain), "none");
+    assert_eq!(setting(&plain, "max_grad_norm"), "none");
     // A bound above every norm clips nothing (the factor is exactly 1), and 0 turns clipping
     // off: both runs are the plain run bit for bit.
     let above = format!("{}", 2.0 * plain_norms.iter().cloned().fold(0.0, f64::max));
@@ -77,7 +72,7 @@ fn gradient_norms_are_logged_and_clipped() {
         tensors(&clipped) != tensors(&plain),
         "clipping changed nothing"
     );
-    assert_eq!(setting(&clipped), below);
+    assert_eq!(setting(&clipped, "max_grad_norm"), below);
     assert_resume_is_exact(
         &data,
         &dir.join("resume"),

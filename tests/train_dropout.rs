@@ -7,9 +7,10 @@
 
 mod common;
 use common::tmp;
-use common::train::{assert_resume_is_exact, dataset, refused, tensors, train_ok, LORA_DROPOUTS};
-use kstyle::tensor::SafeTensorsFile;
-use std::path::{Path, PathBuf};
+use common::train::{
+    assert_resume_is_exact, dataset, refused, setting, tensors, train_ok, LORA_DROPOUTS,
+};
+use std::path::PathBuf;
 
 const ALL: [&str; 6] = LORA_DROPOUTS;
 
@@ -26,10 +27,6 @@ fn lora_dropouts_change_training_and_repeat_under_checkpointing() {
         ]
         .concat();
         train_ok(&data, &out, method, &args)
-    };
-    let setting = |out: &Path, key: &str| {
-        let f = SafeTensorsFile::open(out).unwrap();
-        f.metadata()[&format!("kstyle.train.{key}")].clone()
     };
     for method in ["lora", "kstyle"] {
         let plain = run(&format!("{method}-plain"), method, &[]);

@@ -6,7 +6,7 @@
 
 mod common;
 use common::tmp;
-use common::train::{assert_resume_is_exact, dataset, refused, train, train_ok};
+use common::train::{assert_resume_is_exact, dataset, refused, setting, train, train_ok};
 use kstyle::tensor::SafeTensorsFile;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -17,10 +17,6 @@ fn values(path: &Path) -> BTreeMap<String, Vec<f64>> {
     f.names()
         .map(|n| (n.to_string(), f.tensor(n).unwrap().to_vec_f64().unwrap()))
         .collect()
-}
-
-fn setting(path: &Path, key: &str) -> String {
-    SafeTensorsFile::open(path).unwrap().metadata()[&format!("kstyle.train.{key}")].clone()
 }
 
 /// `got` is `factor` times `plain`, element for element (to 1e-6 of the largest), and not all 0.

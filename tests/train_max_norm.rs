@@ -6,7 +6,7 @@
 
 mod common;
 use common::tmp;
-use common::train::{assert_resume_is_exact, dataset, refused, tensors, train_ok};
+use common::train::{assert_resume_is_exact, dataset, refused, setting, tensors, train_ok};
 use kstyle::tensor::SafeTensorsFile;
 use std::path::{Path, PathBuf};
 
@@ -82,12 +82,8 @@ fn scale_weight_norms_bounds_every_adapter() {
         .concat();
         train_ok(&data, &out, method, &args)
     };
-    let setting = |out: &Path| {
-        let f = SafeTensorsFile::open(out).unwrap();
-        f.metadata()["kstyle.train.scale_weight_norms"].clone()
-    };
     let plain = run("plain", "lora", &["--train-text-encoder"]);
-    assert_eq!(setting(&plain), "none");
+    assert_eq!(setting(&plain, "scale_weight_norms"), "none");
     let plain_norms = module_norms(&plain);
     let largest = plain_norms.iter().map(|n| n.1).fold(0.0, f64::max);
     assert!(largest > 0.0);
@@ -138,7 +134,7 @@ fn scale_weight_norms_bounds_every_adapter() {
             "{name}: the largest logged norm {} is not the bound {tight}",
             last[2]
         );
-        assert_eq!(setting(&out), bound);
+        assert_eq!(setting(&out, "scale_weight_norms"), bound);
     }
     assert_resume_is_exact(
         &data,

@@ -6,7 +6,7 @@
 
 mod common;
 use common::tmp;
-use common::train::{assert_resume_is_exact, dataset, refused, train, train_ok};
+use common::train::{assert_resume_is_exact, dataset, refused, setting, train, train_ok};
 use kstyle::tensor::SafeTensorsFile;
 use std::path::Path;
 
@@ -39,12 +39,8 @@ fn prodigy_trains_logs_d_and_resumes_exactly() {
     assert_eq!(d.len(), 4);
     assert!(d[0] >= 1e-6 && d.windows(2).all(|w| w[1] >= w[0]), "{d:?}");
     assert!(d[3] > 1e-6, "d never left d0: {d:?}");
-    let meta = SafeTensorsFile::open(&out).unwrap().metadata().clone();
-    assert!(
-        meta["kstyle.train.optimizer"].starts_with("prodigy d0=0.000001 "),
-        "{}",
-        meta["kstyle.train.optimizer"]
-    );
+    let optimizer = setting(&out, "optimizer");
+    assert!(optimizer.starts_with("prodigy d0=0.000001 "), "{optimizer}");
 
     // A text-encoder group at rate 0 keeps no state and does not move: its lora_up stays 0
     // while the UNet's trains.

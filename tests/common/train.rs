@@ -100,6 +100,12 @@ pub fn train_model(
     kstyle(&args)
 }
 
+/// The run setting `key` an adapter file records (`kstyle.train.<key>` metadata).
+pub fn setting(path: &Path, key: &str) -> String {
+    let f = SafeTensorsFile::open(path).unwrap();
+    f.metadata()[&format!("kstyle.train.{key}")].clone()
+}
+
 pub fn tensors(path: &Path) -> Vec<(String, Vec<u8>)> {
     let f = SafeTensorsFile::open(path).unwrap();
     f.names()
