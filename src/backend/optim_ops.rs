@@ -1,0 +1,299 @@
+//! The optimizer's primitives over flat f32 buffers, re-exported by [`super::ops`]: AdamW and
+//! Prodigy steps, the squared gradient norm, and the multi-tensor gather and scatter between the
+//! flat buffers and the trainables' own storage. CPU oracle or CUDA kernels, as every op.
+
+use super::cpu::optim::{AdamW, LrRun, ProdigyBuffers, ProdigyMoments, State};
+use super::cpu::{self, CpuStorage};
+use super::cuda::optim as coptim;
+use super::{Arg, Storage};
+use crate::tensor::DType;
+use crate::{Error, Result};
+
+/// One AdamW step at 1-based step `t` over flat f32 buffers, in place, with gradient
+/// `grad_scale * g` (1 / micro-batches: the accumulator holds sums).
+pub fn adamw_step(
+    h: &AdamW,
+    t: u64,
+    s: State<'_, Storage>,
+    g: &Storage,
+    grad_scale: f32,
+) -> Result<()> {
+    let range = 0..s.p.len();
+    adamw_step_runs(h, t, s, g, grad_scale, &[LrRun { range, lr: h.lr }])
+}
+
+/// [`adamw_step`] over the element ranges `runs` lists, each at its own learning rate
+/// (parameter groups of a flat optimizer state; `h.lr` is not read). Elements outside every
+/// run are left alone; runs must not overlap.
+pub fn adamw_step_runs(
+    h: &AdamW,
+    t: u64,
+    s: State<'_, Storage>,
+    g: &Storage,
+    grad_scale: f32,
+    runs: &[LrRun],
+) -> Result<()> {
+    let n = [s.p.len(), s.m.len(), s.v.len(), g.len()]
+        .into_iter()
+        .min()
+        .unwrap_or(0);
+    let mut sorted: Vec<&std::ops::Range<usize>> = runs.iter().map(|r| &r.range).collect();
+    sorted.sort_by_key(|r| r.start);
+    let outside = sorted.iter().find(|r| r.start > r.end || r.end > n);
+    let overlap = sorted.windows(2).find(|w| w[0].end > w[1].start);
+    if let Some(r) = outside {
+        return Err(Error::msg(format!(
+            "adamw_step: elements {r:?} lie outside buffers of {}, {}, {} and {} (p, m, v, g)",
+            s.p.len(),
+            s.m.len(),
+            s.v.len(),
+            g.len()
+        )));
+    }
+    if let Some(w) = overlap {
+        return Err(Error::msg(format!(
+            "adamw_step: runs {:?} and {:?} overlap",
+            w[0], w[1]
+        )));
+    }
+    match (s.p, g, s.m, s.v) {
+        (
+            Storage::Cpu(CpuStorage::F32(p)),
+            Storage::Cpu(CpuStorage::F32(g)),
+            Storage::Cpu(CpuStorage::F32(m)),
+            Storage::Cpu(CpuStorage::F32(v)),
+        ) => {
+            for LrRun { range: r, lr } in runs {
+                let state = State {
+                    p: &mut p[r.clone()],
+                    m: &mut m[r.clone()],
+                    v: &mut v[r.clone()],
+                };
+                let h = AdamW { lr: *lr, ..*h };
+                cpu::optim::adamw_step(&h, t, state, &g[r.clone()], grad_scale);
+            }
+            Ok(())
+        }
+        (Storage::Cuda(p), Storage::Cuda(g), Storage::Cuda(m), Storage::Cuda(v))
+            if [g.ordinal(), m.ordinal(), v.ordinal()]
+                .iter()
+                .all(|&o| o == p.ordinal()) =>
+        {
+            coptim::adamw_step_runs(h, t, State { p, m, v }, g, grad_scale, runs)
+        }
+        (p, ..) => Err(Error::DType {
+            op: "adamw_step (flat f32 buffers on one device)",
+            dtype: p.dtype(),
+        }),
+    }
+}
+
+/// Prodigy's first pass over the element ranges `ranges` (see `train::prodigy`), in place:
+/// returns (sum g (p0 - p), sum |s|) in f64.
+pub fn prodigy_moments(
+    h: &ProdigyMoments,
+    b: ProdigyBuffers<'_, Storage>,
+    g: &Storage,
+    grad_scale: f32,
+    ranges: &[std::ops::Range<usize>],
+) -> Result<(f64, f64)> {
+    let ProdigyBuffers { p, p0, m, v, s } = b;
+    let n = [p.len(), p0.len(), m.len(), v.len(), s.len(), g.len()]
+        .into_iter()
+        .min()
+        .unwrap_or(0);
+    if let Some(r) = ranges.iter().find(|r| r.start > r.end || r.end > n) {
+        return Err(Error::msg(format!(
+            "prodigy: elements {r:?} lie outside buffers of {n}"
+        )));
+    }
+    match (p, p0, m, v, s, g) {
+        (
+            Storage::Cpu(CpuStorage::F32(p)),
+            Storage::Cpu(CpuStorage::F32(p0)),
+            Storage::Cpu(CpuStorage::F32(m)),
+            Storage::Cpu(CpuStorage::F32(v)),
+            Storage::Cpu(CpuStorage::F32(s)),
+            Storage::Cpu(CpuStorage::F32(g)),
+        ) => {
+            let (mut num, mut den) = (0.0, 0.0);
+            for r in ranges {
+                let b = ProdigyBuffers {
+                    p: &p[r.clone()],
+                    p0: &p0[r.clone()],
+                    m: &mut m[r.clone()],
+                    v: &mut v[r.clone()],
+                    s: &mut s[r.clone()],
+                };
+                let (a, d) = cpu::optim::prodigy_moments(h, b, &g[r.clone()], grad_scale);
+                num += a;
+                den += d;
+            }
+            Ok((num, den))
+        }
+        (
+            Storage::Cuda(p),
+            Storage::Cuda(p0),
+            Storage::Cuda(m),
+            Storage::Cuda(v),
+            Storage::Cuda(s),
+            Storage::Cuda(g),
+        ) if [
+            p0.ordinal(),
+            m.ordinal(),
+            v.ordinal(),
+            s.ordinal(),
+            g.ordinal(),
+        ]
+        .iter()
+        .all(|&o| o == p.ordinal()) =>
+        {
+            let b = ProdigyBuffers { p, p0, m, v, s };
+            coptim::prodigy_moments(h, b, g, grad_scale, ranges)
+        }
+        (p, ..) => Err(Error::DType {
+            op: "prodigy (flat f32 buffers on one device)",
+            dtype: p.dtype(),
+        }),
+    }
+}
+
+/// Prodigy's second pass over `ranges`: p <- p - wd dlr p - dlr m / (sqrt(v) + d_eps), with
+/// `step` = [dlr, wd, d_eps].
+pub fn prodigy_update(
+    p: &mut Storage,
+    m: &Storage,
+    v: &Storage,
+    step: [f64; 3],
+    ranges: &[std::ops::Range<usize>],
+) -> Result<()> {
+    let n = [p.len(), m.len(), v.len()].into_iter().min().unwrap_or(0);
+    if let Some(r) = ranges.iter().find(|r| r.start > r.end || r.end > n) {
+        return Err(Error::msg(format!(
+            "prodigy: elements {r:?} lie outside buffers of {n}"
+        )));
+    }
+    match (p, m, v) {
+        (
+            Storage::Cpu(CpuStorage::F32(p)),
+            Storage::Cpu(CpuStorage::F32(m)),
+            Storage::Cpu(CpuStorage::F32(v)),
+        ) => {
+            let [dlr, wd, d_eps] = step;
+            for r in ranges {
+                let (m, v) = (&m[r.clone()], &v[r.clone()]);
+                cpu::optim::prodigy_update(&mut p[r.clone()], m, v, dlr, wd, d_eps);
+            }
+            Ok(())
+        }
+        (Storage::Cuda(p), Storage::Cuda(m), Storage::Cuda(v))
+            if m.ordinal() == p.ordinal() && v.ordinal() == p.ordinal() =>
+        {
+            coptim::prodigy_update(p, m, v, step, ranges)
+        }
+        (p, ..) => Err(Error::DType {
+            op: "prodigy (flat f32 buffers on one device)",
+            dtype: p.dtype(),
+        }),
+    }
+}
+
+/// The sum of squares of a whole flat f32 buffer, read back to the host: the squared global
+/// gradient norm (clipping, the loss log). The CPU sums in f64; CUDA in f32 per block.
+pub fn sqnorm(flat: &Storage) -> Result<f64> {
+    match flat {
+        Storage::Cpu(CpuStorage::F32(x)) => Ok(cpu::optim::sqnorm(x)),
+        Storage::Cuda(x) if x.dtype() == DType::F32 => coptim::sqnorm(x.dev(), x),
+        f => Err(Error::DType {
+            op: "sqnorm (flat f32 buffer)",
+            dtype: f.dtype(),
+        }),
+    }
+}
+
+/// `flat[offset .. offset + n] += part` for every `(part, offset)`: contiguous f32 parts
+/// summed into a flat f32 buffer on the same device (one launch on CUDA, however many parts).
+pub fn gather_add(flat: &mut Storage, parts: &[(Arg, usize)]) -> Result<()> {
+    for &((s, l), off) in parts {
+        if s.dtype() != DType::F32 || !l.is_contiguous() {
+            return Err(Error::msg(format!(
+                "gather_add: parts must be contiguous f32, got {} {:?}",
+                s.dtype(),
+                l.dims()
+            )));
+        }
+        if off + l.shape().elem_count() > flat.len() {
+            return Err(Error::msg(format!(
+                "gather_add: part [{off}, {}) lies outside the {}-element flat buffer",
+                off + l.shape().elem_count(),
+                flat.len()
+            )));
+        }
+    }
+    match flat {
+        Storage::Cpu(CpuStorage::F32(f)) => {
+            for &((s, l), off) in parts {
+                let Storage::Cpu(CpuStorage::F32(src)) = s else {
+                    return Err(Error::msg("gather_add: a part on another device"));
+                };
+                let n = l.shape().elem_count();
+                cpu::optim::gather_add(f, &src[l.offset()..l.offset() + n], off);
+            }
+            Ok(())
+        }
+        Storage::Cuda(f) => {
+            let mut addrs = Vec::with_capacity(parts.len());
+            for &((s, l), off) in parts {
+                match s {
+                    Storage::Cuda(c) if c.ordinal() == f.ordinal() => {
+                        addrs.push((c.ptr_at(l.offset()), off, l.shape().elem_count()))
+                    }
+                    _ => return Err(Error::msg("gather_add: a part on another device")),
+                }
+            }
+            coptim::gather_add(f, &addrs)
+        }
+        f => Err(Error::DType {
+            op: "gather_add (flat f32 buffer)",
+            dtype: f.dtype(),
+        }),
+    }
+}
+
+/// Every `(target, offset)` storage is overwritten in place with `flat[offset .. offset + n]`
+/// rounded to its dtype (one launch per dtype on CUDA, however many targets).
+pub fn scatter(flat: &Storage, targets: &mut [(&mut Storage, usize)]) -> Result<()> {
+    if let Some((t, off)) = targets.iter().find(|(t, off)| off + t.len() > flat.len()) {
+        return Err(Error::msg(format!(
+            "scatter: target [{off}, {}) lies outside the {}-element flat buffer",
+            *off + t.len(),
+            flat.len()
+        )));
+    }
+    match flat {
+        Storage::Cpu(CpuStorage::F32(f)) => {
+            for (t, off) in targets.iter_mut() {
+                let n = t.len();
+                let Storage::Cpu(c) = &mut **t else {
+                    return Err(Error::msg("scatter: a target on another device"));
+                };
+                *c = CpuStorage::from_f32(f[*off..*off + n].to_vec(), c.dtype());
+            }
+            Ok(())
+        }
+        Storage::Cuda(f) => {
+            let mut cuda = Vec::with_capacity(targets.len());
+            for (t, off) in targets.iter() {
+                match &**t {
+                    Storage::Cuda(c) if c.ordinal() == f.ordinal() => cuda.push((c, *off)),
+                    _ => return Err(Error::msg("scatter: a target on another device")),
+                }
+            }
+            coptim::scatter(f, &cuda)
+        }
+        f => Err(Error::DType {
+            op: "scatter (flat f32 buffer)",
+            dtype: f.dtype(),
+        }),
+    }
+}
