@@ -167,3 +167,31 @@ extern "C" __global__ void optim_prodigy_update_step_f32(const RatePiece* __rest
         p[i] = p[i] * decay - h.dlr * m[i] / (sqrtf(v[i]) + h.d_eps);
     }
 }
+
+// Lion (lion-pytorch 0.2.5, kohya's --optimizer_type Lion) over the flat masters and its one
+// moment, with a rate per piece (the RatePiece table: one run, or LoRA+'s interleaved groups):
+//
+//   p <- p (1 - lr wd);  p <- p - lr sgn(b1 m + (1 - b1) g);  m <- b2 m + (1 - b2) g
+//
+// sgn as PyTorch's: 0 for 0 (a gradient and moment both zero move nothing), NaN for NaN. wd
+// arrives already divided by the starting rate when the decay is decoupled. g is multiplied by
+// grad_scale first, as in AdamW.
+struct LionParams {
+    float beta1, beta2, weight_decay, grad_scale;
+};
+
+extern "C" __global__ void optim_lion_step_f32(const RatePiece* __restrict__ pieces, float* __restrict__ p,
+                                          const float* __restrict__ g, float* __restrict__ m, LionParams h) {
+    const RatePiece pc = pieces[blockIdx.x];
+    const float lr = static_cast<float>(pc.lr);
+    const float decay = 1.0f - lr * h.weight_decay;
+    for (i64 k = threadIdx.x; k < pc.len; k += blockDim.x) {
+        const i64 i = pc.offset + k;
+        const float gi = g[i] * h.grad_scale;
+        const float mi = m[i];
+        const float c = fmaf(h.beta1, mi, (1.0f - h.beta1) * gi);
+        const float sign = c > 0.0f ? 1.0f : (c < 0.0f ? -1.0f : c);
+        p[i] = fmaf(-lr, sign, p[i] * decay);
+        m[i] = fmaf(h.beta2, mi, (1.0f - h.beta2) * gi);
+    }
+}

@@ -178,6 +178,7 @@ fn every_bench_case_runs_on_the_emulator() {
         "adamw step flat",
         "adamw step interleaved rates",
         "prodigy step",
+        "lion step",
         "adamw per-tensor",
         "sdpa fwd+bwd flash",
         "sdpa fwd+bwd composed",

@@ -180,6 +180,7 @@ fn verify_passes_every_case_on_the_tiny_fixtures() {
         "lora_dropout",
         "max_norm",
         "prodigy",
+        "lion",
         "lora_lycoris",
         "lora_peft",
         "lora_export",

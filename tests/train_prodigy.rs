@@ -128,12 +128,12 @@ fn prodigy_trains_logs_d_and_resumes_exactly() {
         ]
         .concat(),
     );
-    common::assert_fails_naming(&o, "trained with AdamW");
+    common::assert_fails_naming(&o, "trained with --optimizer adamw");
 
     for (extra, needle) in [
         (
             &["--optimizer-args", "d0=1e-5"][..],
-            "pass --optimizer prodigy",
+            "AdamW takes its settings as flags",
         ),
         (
             &["--optimizer", "prodigy", "--optimizer-args", "d_zero=1"][..],

@@ -2,7 +2,7 @@
 //! Prodigy steps, the squared gradient norm, and the multi-tensor gather and scatter between the
 //! flat buffers and the trainables' own storage. CPU oracle or CUDA kernels, as every op.
 
-use super::cpu::optim::{AdamW, LrRun, ProdigyBuffers, ProdigyMoments, State};
+use super::cpu::optim::{AdamW, LionStep, LrRun, ProdigyBuffers, ProdigyMoments, State};
 use super::cpu::{self, CpuStorage};
 use super::cuda::optim as coptim;
 use super::{Arg, Storage};
@@ -33,29 +33,11 @@ pub fn adamw_step_runs(
     grad_scale: f32,
     runs: &[LrRun],
 ) -> Result<()> {
-    let n = [s.p.len(), s.m.len(), s.v.len(), g.len()]
-        .into_iter()
-        .min()
-        .unwrap_or(0);
-    let mut sorted: Vec<&std::ops::Range<usize>> = runs.iter().map(|r| &r.range).collect();
-    sorted.sort_by_key(|r| r.start);
-    let outside = sorted.iter().find(|r| r.start > r.end || r.end > n);
-    let overlap = sorted.windows(2).find(|w| w[0].end > w[1].start);
-    if let Some(r) = outside {
-        return Err(Error::msg(format!(
-            "adamw_step: elements {r:?} lie outside buffers of {}, {}, {} and {} (p, m, v, g)",
-            s.p.len(),
-            s.m.len(),
-            s.v.len(),
-            g.len()
-        )));
-    }
-    if let Some(w) = overlap {
-        return Err(Error::msg(format!(
-            "adamw_step: runs {:?} and {:?} overlap",
-            w[0], w[1]
-        )));
-    }
+    check_runs(
+        "adamw_step",
+        &[s.p.len(), s.m.len(), s.v.len(), g.len()],
+        runs,
+    )?;
     match (s.p, g, s.m, s.v) {
         (
             Storage::Cpu(CpuStorage::F32(p)),
@@ -83,6 +65,61 @@ pub fn adamw_step_runs(
         }
         (p, ..) => Err(Error::DType {
             op: "adamw_step (flat f32 buffers on one device)",
+            dtype: p.dtype(),
+        }),
+    }
+}
+
+/// Runs lie inside buffers of `lens` (p, m, ..., g) and do not overlap.
+fn check_runs(op: &str, lens: &[usize], runs: &[LrRun]) -> Result<()> {
+    let n = lens.iter().copied().min().unwrap_or(0);
+    let mut sorted: Vec<&std::ops::Range<usize>> = runs.iter().map(|r| &r.range).collect();
+    sorted.sort_by_key(|r| r.start);
+    if let Some(r) = sorted.iter().find(|r| r.start > r.end || r.end > n) {
+        return Err(Error::msg(format!(
+            "{op}: elements {r:?} lie outside buffers of {lens:?} elements"
+        )));
+    }
+    if let Some(w) = sorted.windows(2).find(|w| w[0].end > w[1].start) {
+        return Err(Error::msg(format!(
+            "{op}: runs {:?} and {:?} overlap",
+            w[0], w[1]
+        )));
+    }
+    Ok(())
+}
+
+/// One Lion step (see `train::lion`) over the element ranges `runs` lists, each at its own
+/// learning rate, with gradient `grad_scale * g`, in place on the masters `p` and the moment
+/// `m`. Elements outside every run are left alone.
+pub fn lion_step_runs(
+    h: &LionStep,
+    p: &mut Storage,
+    m: &mut Storage,
+    g: &Storage,
+    grad_scale: f32,
+    runs: &[LrRun],
+) -> Result<()> {
+    check_runs("lion_step", &[p.len(), m.len(), g.len()], runs)?;
+    match (p, m, g) {
+        (
+            Storage::Cpu(CpuStorage::F32(p)),
+            Storage::Cpu(CpuStorage::F32(m)),
+            Storage::Cpu(CpuStorage::F32(g)),
+        ) => {
+            for LrRun { range: r, lr } in runs {
+                let (p, m) = (&mut p[r.clone()], &mut m[r.clone()]);
+                cpu::optim::lion_step(h, *lr, p, m, &g[r.clone()], grad_scale);
+            }
+            Ok(())
+        }
+        (Storage::Cuda(p), Storage::Cuda(m), Storage::Cuda(g))
+            if m.ordinal() == p.ordinal() && g.ordinal() == p.ordinal() =>
+        {
+            coptim::lion_step_runs(h, p, m, g, grad_scale, runs)
+        }
+        (p, ..) => Err(Error::DType {
+            op: "lion_step (flat f32 buffers on one device)",
             dtype: p.dtype(),
         }),
     }

@@ -158,7 +158,7 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
         train_text_encoder: false,
         text_encoder_lr: None,
         loraplus: Default::default(),
-        prodigy: None,
+        optimizer: Default::default(),
         block_lr: Default::default(),
     };
     let mut trainer = Trainer::new(cfg, &mut |m| println!("{m}"))?;

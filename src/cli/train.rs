@@ -10,9 +10,11 @@ use kstyle::nn::lora_dropout::LoraDropout;
 use kstyle::sample::schedule::{HuberSchedule, LossType};
 use kstyle::train::concepts::{default_concepts, load_concepts};
 use kstyle::train::data::CaptionSource;
+use kstyle::train::lion::LionConfig;
 use kstyle::train::lr::{LrSchedule, LrShape};
 use kstyle::train::lr_groups::{BlockLr, LoraPlus, Weights};
 use kstyle::train::noise::{Multires, NoiseOffset};
+use kstyle::train::optim::OptimizerKind;
 use kstyle::train::prodigy::ProdigyConfig;
 use kstyle::train::samples::{parse_prompt_file, SamplePrompt};
 use kstyle::train::trainer::{TrainConfig, Trainer};
@@ -195,24 +197,33 @@ pub struct Args {
     /// 1e-7).
     #[arg(long, allow_negative_numbers = true)]
     pub lr_power: Option<f64>,
-    #[arg(long, default_value_t = 1e-2)]
-    pub weight_decay: f64,
-    /// AdamW's first-moment decay (diffusers' --adam_beta1).
-    #[arg(long, default_value_t = 0.9)]
-    pub adam_beta1: f64,
-    /// AdamW's second-moment decay (diffusers' --adam_beta2).
-    #[arg(long, default_value_t = 0.999)]
-    pub adam_beta2: f64,
-    /// AdamW's epsilon, added to the root of the second moment (diffusers' --adam_epsilon).
-    #[arg(long, default_value_t = 1e-8)]
-    pub adam_epsilon: f64,
-    /// The optimizer: AdamW, or Prodigy (kohya's --optimizer_type Prodigy, prodigyopt), which
-    /// estimates its own step size d and wants --lr 1. Prodigy shares AdamW's --adam-beta1,
-    /// --adam-beta2, --adam-epsilon and --weight-decay.
+    /// Decoupled weight decay. Default: each optimizer's own, as kohya constructs it: 0.01 for
+    /// AdamW (torch), 0 for Prodigy (prodigyopt) and Lion (lion-pytorch; the paper suggests 3
+    /// to 10 times AdamW's, with a rate as many times smaller).
+    #[arg(long)]
+    pub weight_decay: Option<f64>,
+    /// The first-moment decay (diffusers' --adam_beta1; Lion's beta1, the interpolation that
+    /// gives the step's sign). Default 0.9.
+    #[arg(long)]
+    pub adam_beta1: Option<f64>,
+    /// The second-moment decay (diffusers' --adam_beta2; Lion's beta2, its moment's decay).
+    /// Default: 0.999, or 0.99 for Lion (lion-pytorch's).
+    #[arg(long)]
+    pub adam_beta2: Option<f64>,
+    /// AdamW's epsilon, added to the root of the second moment (diffusers' --adam_epsilon;
+    /// Prodigy's too; Lion has none). Default 1e-8.
+    #[arg(long)]
+    pub adam_epsilon: Option<f64>,
+    /// The optimizer: AdamW; Prodigy (kohya's --optimizer_type Prodigy, prodigyopt), which
+    /// estimates its own step size d and wants --lr 1; or Lion (kohya's --optimizer_type Lion,
+    /// lion-pytorch), which steps every element by the rate in the direction of a sign and
+    /// keeps one moment instead of two. Both share AdamW's flags (--adam-beta1, --adam-beta2,
+    /// --weight-decay; --adam-epsilon for Prodigy).
     #[arg(long, value_enum, default_value = "adamw")]
     pub optimizer: OptimizerArg,
-    /// Prodigy's settings as kohya's --optimizer_args spells them: d0=1e-6 d_coef=1 beta3=...
-    /// growth_rate=inf use_bias_correction=False safeguard_warmup=False.
+    /// The optimizer's own settings as kohya's --optimizer_args spells them. Prodigy: d0=1e-6
+    /// d_coef=1 beta3=... growth_rate=inf use_bias_correction=False safeguard_warmup=False.
+    /// Lion: decoupled_weight_decay=False (True divides the decay by --lr).
     #[arg(long, num_args = 1.., value_name = "KEY=VALUE")]
     pub optimizer_args: Vec<String>,
     /// Clip the global gradient norm (every trainable tensor together, of the mean over the
@@ -405,6 +416,8 @@ pub enum OptimizerArg {
     AdamW,
     #[value(name = "prodigy", alias = "Prodigy")]
     Prodigy,
+    #[value(name = "lion", alias = "Lion")]
+    Lion,
 }
 
 #[derive(Clone, Copy, Debug, clap::ValueEnum)]
@@ -536,16 +549,29 @@ pub fn config_from(a: &Args) -> anyhow::Result<TrainConfig> {
         cultural_pool: a.cultural_pool,
         adamw: AdamW {
             lr: a.lr,
-            beta1: a.adam_beta1,
-            beta2: a.adam_beta2,
-            eps: a.adam_epsilon,
-            weight_decay: a.weight_decay,
+            beta1: a.adam_beta1.unwrap_or(0.9),
+            beta2: a.adam_beta2.unwrap_or(match a.optimizer {
+                OptimizerArg::Lion => 0.99,
+                _ => 0.999,
+            }),
+            eps: a.adam_epsilon.unwrap_or(1e-8),
+            weight_decay: a.weight_decay.unwrap_or(match a.optimizer {
+                OptimizerArg::AdamW => 1e-2,
+                _ => 0.0,
+            }),
         },
-        prodigy: match a.optimizer {
-            OptimizerArg::Prodigy => Some(ProdigyConfig::parse(&a.optimizer_args)?),
-            OptimizerArg::AdamW if a.optimizer_args.is_empty() => None,
+        optimizer: match a.optimizer {
+            OptimizerArg::Prodigy => {
+                OptimizerKind::Prodigy(ProdigyConfig::parse(&a.optimizer_args)?)
+            }
+            OptimizerArg::Lion if a.adam_epsilon.is_some() => {
+                anyhow::bail!("--adam-epsilon: Lion has no epsilon (its step is a sign)")
+            }
+            OptimizerArg::Lion => OptimizerKind::Lion(LionConfig::parse(&a.optimizer_args)?),
+            OptimizerArg::AdamW if a.optimizer_args.is_empty() => OptimizerKind::AdamW,
             OptimizerArg::AdamW => anyhow::bail!(
-                "--optimizer-args {} are Prodigy's settings: pass --optimizer prodigy",
+                "--optimizer-args {}: AdamW takes its settings as flags; --optimizer-args are \
+                 Prodigy's or Lion's",
                 a.optimizer_args.join(" ")
             ),
         },

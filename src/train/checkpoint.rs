@@ -2,8 +2,8 @@
 //! moments and masters, the step, the RNG state and the data order, written atomically, so that
 //! `--resume` continues bit for bit.
 
-use super::optim::{concat, Optimizer};
-use super::prodigy::{ProdigyConfig, ProdigyScalars, ProdigyState};
+use super::optim::{concat, Optimizer, OptimizerKind, Rule};
+use super::prodigy::{ProdigyScalars, ProdigyState};
 use crate::backend::cpu::optim::AdamW;
 use crate::formats::adapter::Adapter;
 use crate::formats::kohya::ModuleIndex;
@@ -28,6 +28,9 @@ pub struct TrainState {
 const OPTIM: &str = "kstyle.optim";
 /// Prodigy's running scalars (d, d_max, d_numerator, k) as JSON; present when Prodigy trained.
 const PRODIGY: &str = "kstyle.ckpt.prodigy";
+/// The optimizer that wrote the state (`adamw`, `prodigy`, `lion`). Checkpoints from before it
+/// are AdamW's, or Prodigy's when they hold its scalars.
+const RULE: &str = "kstyle.ckpt.optimizer";
 
 pub fn save_checkpoint(
     path: &Path,
@@ -42,17 +45,20 @@ pub fn save_checkpoint(
         master: opt.master.to_device(Device::Cpu)?,
         m: opt.m.to_device(Device::Cpu)?,
         v: opt.v.to_device(Device::Cpu)?,
-        prodigy: None,
+        rule: Rule::AdamW,
         ..opt.clone()
     };
-    let prodigy = match &opt.prodigy {
+    let prodigy = match opt.prodigy() {
         Some(p) => Some((p.s.to_device(Device::Cpu)?, p.p0.to_device(Device::Cpu)?)),
         None => None,
     };
     for s in &host.slots {
         let state = host.slot_state(s)?;
         for (kind, v) in ["master", "m", "v"].into_iter().zip(state) {
-            tensors.push((format!("{OPTIM}.{kind}.{}", s.name), v));
+            // Lion keeps no second moment.
+            if v.elem_count() == s.len {
+                tensors.push((format!("{OPTIM}.{kind}.{}", s.name), v));
+            }
         }
         if let Some((sv, p0)) = &prodigy {
             for (kind, t) in [("s", sv), ("p0", p0)] {
@@ -62,7 +68,8 @@ pub fn save_checkpoint(
         }
     }
     let mut meta = adapter.metadata();
-    if let Some(p) = &opt.prodigy {
+    meta.insert(RULE.into(), opt.rule.name().into());
+    if let Some(p) = opt.prodigy() {
         let scalars = serde_json::to_string(&p.scalars()).unwrap_or_default();
         meta.insert(PRODIGY.into(), scalars);
     }
@@ -91,15 +98,15 @@ fn parse_order(text: &str) -> serde_json::Result<Vec<Vec<usize>>> {
     }
 }
 
-/// The adapter, optimizer and loop state of a checkpoint. `hyper` (and `prodigy`, when the run
-/// uses Prodigy) supply the optimizer settings of the resumed run (they are run-time knobs, not
-/// state); the checkpoint must come from the same optimizer.
+/// The adapter, optimizer and loop state of a checkpoint. `hyper` and `kind` supply the
+/// optimizer settings of the resumed run (they are run-time knobs, not state); the checkpoint
+/// must come from the same optimizer.
 pub fn load_checkpoint(
     path: &Path,
     index: &ModuleIndex,
     device: Device,
     hyper: AdamW,
-    prodigy: Option<ProdigyConfig>,
+    kind: OptimizerKind,
 ) -> Result<(Adapter, Optimizer, TrainState)> {
     let adapter = Adapter::load(path, index, device)?;
     let f = SafeTensorsFile::open(path)?;
@@ -146,21 +153,28 @@ pub fn load_checkpoint(
             )
         }
     };
-    match (scalars.is_some(), prodigy.is_some()) {
-        (true, false) => {
-            return Err(Error::file(
-                path,
-                "the checkpoint trained with Prodigy: resume it with --optimizer prodigy",
-            ))
-        }
-        (false, true) => {
-            return Err(Error::file(
-                path,
-                "the checkpoint trained with AdamW: resume it without --optimizer prodigy",
-            ))
-        }
-        _ => {}
+    let written = match meta.get(RULE) {
+        Some(name) => name.as_str(),
+        None if scalars.is_some() => "prodigy",
+        None => "adamw",
+    };
+    if written != kind.name() {
+        return Err(Error::file(
+            path,
+            format!(
+                "the checkpoint trained with --optimizer {written}: resume it with \
+                 --optimizer {written}, not {}",
+                kind.name()
+            ),
+        ));
     }
+    if kind.prodigy().is_some() && scalars.is_none() {
+        return Err(Error::file(
+            path,
+            format!("metadata `{PRODIGY}` missing: Prodigy's d is not in the checkpoint"),
+        ));
+    }
+    let has_v = !matches!(kind, OptimizerKind::Lion(_));
     let mut parts = Vec::new();
     let (mut s, mut p0) = (Vec::new(), Vec::new());
     for (name, _) in adapter.trainables() {
@@ -169,18 +183,28 @@ pub fn load_checkpoint(
             let n = t.elem_count();
             t.to_dtype(crate::DType::F32)?.reshape(n)
         };
-        parts.push((name.clone(), read("master")?, read("m")?, read("v")?));
+        let v = match has_v {
+            true => read("v")?,
+            false => Tensor::zeros(0, crate::DType::F32, Device::Cpu)?,
+        };
+        parts.push((name.clone(), read("master")?, read("m")?, v));
         if scalars.is_some() {
             s.push(read("s")?);
             p0.push(read("p0")?);
         }
     }
     let mut opt = Optimizer::from_parts(hyper, int("kstyle.ckpt.optim_step")?, parts, device)?;
-    if let (Some(sc), Some(config)) = (scalars, prodigy) {
-        let mut state = ProdigyState::new(config, concat(&p0, device)?)?;
-        state.s = concat(&s, device)?;
-        state.set_scalars(sc);
-        opt.prodigy = Some(state);
+    match kind {
+        OptimizerKind::AdamW => {}
+        OptimizerKind::Prodigy(config) => {
+            let mut state = ProdigyState::new(config, concat(&p0, device)?)?;
+            state.s = concat(&s, device)?;
+            if let Some(sc) = scalars {
+                state.set_scalars(sc);
+            }
+            opt.rule = Rule::Prodigy(state);
+        }
+        OptimizerKind::Lion(config) => opt.rule = Rule::Lion(config),
     }
     Ok((adapter, opt, state))
 }

@@ -6,7 +6,7 @@ use super::data::CaptionSource;
 use super::lr::LrSchedule;
 use super::lr_groups::{BlockLr, LoraPlus, Weights};
 use super::noise::{Multires, NoiseOffset};
-use super::prodigy::ProdigyConfig;
+use super::optim::OptimizerKind;
 use super::samples::SamplePrompt;
 use crate::backend::cpu::optim::AdamW;
 use crate::formats::adapter::Method;
@@ -75,10 +75,12 @@ pub struct TrainConfig {
     pub max_timestep: Option<usize>,
     /// Side of the pooled latent in the cultural loss; latent side / 8 when None (16 at 1024²).
     pub cultural_pool: Option<usize>,
-    /// The optimizer's settings: AdamW's, which Prodigy shares (betas, epsilon, weight decay).
+    /// The optimizer's rate, betas, epsilon and weight decay: AdamW's names, which Prodigy and
+    /// Lion share (Lion has no epsilon).
     pub adamw: AdamW,
-    /// kohya's `--optimizer_type Prodigy` (prodigyopt) instead of AdamW, with its settings.
-    pub prodigy: Option<ProdigyConfig>,
+    /// AdamW, or kohya's `--optimizer_type Prodigy` (prodigyopt) or `Lion` (lion-pytorch), with
+    /// its own settings.
+    pub optimizer: OptimizerKind,
     /// Clip the global norm of each step's mean gradient (every trainable together) to this, as
     /// `torch.nn.utils.clip_grad_norm_` does (kohya's and diffusers' `--max_grad_norm`). None:
     /// no clipping (KSTYLE.md's recipe).
@@ -347,7 +349,15 @@ impl TrainConfig {
             }
         }
         self.loraplus.check()?;
-        if let Some(p) = &self.prodigy {
+        if let OptimizerKind::Lion(l) = &self.optimizer {
+            if l.decoupled_weight_decay && self.adamw.lr <= 0.0 {
+                return Err(Error::Config(format!(
+                    "Lion's decoupled_weight_decay divides the decay by --lr, which is {}",
+                    self.adamw.lr
+                )));
+            }
+        }
+        if let Some(p) = &self.optimizer.prodigy() {
             p.check()?;
             if self.loraplus.unet_ratio().is_some() || self.loraplus.text_encoder_ratio().is_some()
             {
@@ -427,10 +437,7 @@ impl TrainConfig {
     pub fn settings(&self, steps: u64) -> BTreeMap<String, String> {
         let c = self;
         BTreeMap::from([
-            (
-                "optimizer".to_string(),
-                c.prodigy.map_or("adamw".into(), |p| p.describe()),
-            ),
+            ("optimizer".to_string(), c.optimizer.describe()),
             ("lr".to_string(), c.adamw.lr.to_string()),
             ("lr_schedule".to_string(), c.schedule.name()),
             ("warmup".to_string(), c.schedule.warmup.to_string()),

@@ -8,6 +8,7 @@ pub mod config;
 pub mod cultural;
 pub mod data;
 mod examples;
+pub mod lion;
 pub mod lr;
 pub mod lr_groups;
 pub mod max_norm;

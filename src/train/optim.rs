@@ -1,13 +1,14 @@
-//! AdamW over named trainable tensors, with f32 master copies and moments, plus the gradient
-//! accumulator that sums micro-batch gradients before a step. The state is one flat f32 buffer
+//! AdamW (or Prodigy, or Lion) over named trainable tensors, with f32 master copies and moments,
+//! plus the gradient accumulator that sums micro-batch gradients before a step. The state is one flat f32 buffer
 //! per quantity on the training device, every trainable packed back to back in slot order, so a
 //! step is a fixed handful of passes however many tensors the adapter has: one multi-tensor add
 //! per micro-batch, one AdamW sweep, and one multi-tensor copy of the new values into the
 //! trainables (on CUDA, launches; nothing crosses to the host).
 
+use super::lion::LionConfig;
 use super::prodigy::{ProdigyConfig, ProdigyState};
 use crate::autograd::GradStore;
-use crate::backend::cpu::optim::{AdamW, LrRun, State};
+use crate::backend::cpu::optim::{AdamW, LionStep, LrRun, State};
 use crate::backend::ops;
 use crate::{DType, Device, Error, Result, Tensor};
 use std::collections::HashSet;
@@ -20,20 +21,90 @@ pub struct Slot {
     pub len: usize,
 }
 
-/// AdamW state for a fixed, ordered list of trainables.
+/// The update rule an [`Optimizer`] runs over its flat buffers.
+#[derive(Clone, Debug)]
+pub enum Rule {
+    AdamW,
+    /// Prodigy's estimate of the step size and its buffers (see `train::prodigy`).
+    Prodigy(ProdigyState),
+    /// Lion (see `train::lion`): the masters and m only, `v` empty.
+    Lion(LionConfig),
+}
+
+impl Rule {
+    /// The name `--optimizer` takes and checkpoints record.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Rule::AdamW => "adamw",
+            Rule::Prodigy(_) => "prodigy",
+            Rule::Lion(_) => "lion",
+        }
+    }
+}
+
+/// The optimizer a run asks for (`--optimizer`), with its own settings.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub enum OptimizerKind {
+    #[default]
+    AdamW,
+    /// kohya's `--optimizer_type Prodigy` (prodigyopt).
+    Prodigy(ProdigyConfig),
+    /// kohya's `--optimizer_type Lion` (lion-pytorch).
+    Lion(LionConfig),
+}
+
+impl OptimizerKind {
+    /// The name `--optimizer` takes and checkpoints record.
+    pub fn name(&self) -> &'static str {
+        match self {
+            OptimizerKind::AdamW => "adamw",
+            OptimizerKind::Prodigy(_) => "prodigy",
+            OptimizerKind::Lion(_) => "lion",
+        }
+    }
+
+    /// The name and settings, for the adapter's recorded settings and the log.
+    pub fn describe(&self) -> String {
+        match self {
+            OptimizerKind::AdamW => "adamw".into(),
+            OptimizerKind::Prodigy(p) => p.describe(),
+            OptimizerKind::Lion(l) => l.describe(),
+        }
+    }
+
+    pub fn prodigy(&self) -> Option<ProdigyConfig> {
+        match self {
+            OptimizerKind::Prodigy(p) => Some(*p),
+            _ => None,
+        }
+    }
+
+    /// Fresh state of this kind for `params`.
+    pub fn build(&self, hyper: AdamW, params: &[(String, Tensor)]) -> Result<Optimizer> {
+        let opt = Optimizer::new(hyper, params)?;
+        match *self {
+            OptimizerKind::AdamW => Ok(opt),
+            OptimizerKind::Prodigy(p) => opt.with_prodigy(p),
+            OptimizerKind::Lion(l) => opt.with_lion(l),
+        }
+    }
+}
+
+/// Optimizer state for a fixed, ordered list of trainables.
 #[derive(Clone, Debug)]
 pub struct Optimizer {
+    /// The rate (`--lr`, the starting rate of a schedule), betas, epsilon and weight decay; Lion
+    /// reads all but epsilon, Prodigy all.
     pub hyper: AdamW,
     /// Steps taken so far (the next step is `step + 1`).
     pub step: u64,
     pub slots: Vec<Slot>,
     /// (N,) f32 master values, slot after slot.
     pub master: Tensor,
-    /// (N,) f32 first and second moments.
+    /// (N,) f32 first and second moments; Lion keeps no second moment (`v` holds 0 values).
     pub m: Tensor,
     pub v: Tensor,
-    /// Prodigy's estimate of the step size and its buffers; AdamW when None.
-    pub prodigy: Option<ProdigyState>,
+    pub rule: Rule,
 }
 
 /// The device all `params` live on, after checking that each can be written in place by the
@@ -105,7 +176,7 @@ impl Optimizer {
             master: concat(&values, device)?,
             m: Tensor::zeros(offset, DType::F32, device)?,
             v: Tensor::zeros(offset, DType::F32, device)?,
-            prodigy: None,
+            rule: Rule::AdamW,
         })
     }
 
@@ -113,12 +184,29 @@ impl Optimizer {
     /// weight decay, d estimated from the run, the masters as they stand now its starting point.
     pub fn with_prodigy(mut self, config: ProdigyConfig) -> Result<Optimizer> {
         let p0 = concat(&[self.master.clone()], self.master.device())?;
-        self.prodigy = Some(ProdigyState::new(config, p0)?);
+        self.rule = Rule::Prodigy(ProdigyState::new(config, p0)?);
         Ok(self)
     }
 
+    /// The same trainables stepped by Lion (see `train::lion`): `hyper`'s betas and weight
+    /// decay, no second moment.
+    pub fn with_lion(mut self, config: LionConfig) -> Result<Optimizer> {
+        self.v = Tensor::zeros(0, DType::F32, self.master.device())?;
+        self.rule = Rule::Lion(config);
+        Ok(self)
+    }
+
+    /// Prodigy's state, when it is the rule.
+    pub fn prodigy(&self) -> Option<&ProdigyState> {
+        match &self.rule {
+            Rule::Prodigy(p) => Some(p),
+            _ => None,
+        }
+    }
+
     /// State read back per trainable (a checkpoint): `(name, master, m, v)`, each flat f32 of
-    /// the trainable's length, packed in the order given.
+    /// the trainable's length, packed in the order given; `v` may be empty for every slot (no
+    /// second moment: Lion's state). The rule is AdamW's until one is set.
     pub fn from_parts(
         hyper: AdamW,
         step: u64,
@@ -128,9 +216,10 @@ impl Optimizer {
         let mut slots = Vec::with_capacity(parts.len());
         let (mut masters, mut ms, mut vs) = (vec![], vec![], vec![]);
         let mut offset = 0;
+        let no_v = parts.iter().all(|(.., v)| v.elem_count() == 0);
         for (name, master, m, v) in parts {
             let len = master.elem_count();
-            if m.elem_count() != len || v.elem_count() != len {
+            if m.elem_count() != len || (v.elem_count() != len && !no_v) {
                 return Err(Error::msg(format!(
                     "optimizer slot `{name}`: {len} master values but {} and {} moments",
                     m.elem_count(),
@@ -149,8 +238,11 @@ impl Optimizer {
             slots,
             master: concat(&masters, device)?,
             m: concat(&ms, device)?,
-            v: concat(&vs, device)?,
-            prodigy: None,
+            v: match no_v {
+                true => Tensor::zeros(0, DType::F32, device)?,
+                false => concat(&vs, device)?,
+            },
+            rule: Rule::AdamW,
         })
     }
 
@@ -163,12 +255,17 @@ impl Optimizer {
         self.len() == 0
     }
 
-    /// One slot's `(master, m, v)` as views of the flat buffers.
+    /// One slot's `(master, m, v)` as views of the flat buffers (`v` empty when the rule keeps
+    /// no second moment).
     pub fn slot_state(&self, slot: &Slot) -> Result<[Tensor; 3]> {
+        let v = match self.v.elem_count() {
+            0 => self.v.clone(),
+            _ => self.v.narrow(0, slot.offset, slot.len)?,
+        };
         Ok([
             self.master.narrow(0, slot.offset, slot.len)?,
             self.m.narrow(0, slot.offset, slot.len)?,
-            self.v.narrow(0, slot.offset, slot.len)?,
+            v,
         ])
     }
 
@@ -192,7 +289,7 @@ impl Optimizer {
             }
             let [master, m, v] = self.slot_state(slot)?;
             parts.push((name.clone(), master, m, v));
-            if let Some(pr) = &self.prodigy {
+            if let Some(pr) = self.prodigy() {
                 s.push(pr.s.narrow(0, slot.offset, slot.len)?);
                 p0.push(pr.p0.narrow(0, slot.offset, slot.len)?);
             }
@@ -202,16 +299,16 @@ impl Optimizer {
                 "optimizer state has a slot `{extra}` for no parameter of this run"
             )));
         }
-        let prodigy = match self.prodigy.take() {
-            Some(pr) => Some(ProdigyState {
+        let rule = match std::mem::replace(&mut self.rule, Rule::AdamW) {
+            Rule::Prodigy(pr) => Rule::Prodigy(ProdigyState {
                 s: concat(&s, device)?,
                 p0: concat(&p0, device)?,
                 ..pr
             }),
-            None => None,
+            other => other,
         };
         *self = Optimizer::from_parts(self.hyper, self.step, parts, device)?;
-        self.prodigy = prodigy;
+        self.rule = rule;
         Ok(())
     }
 
@@ -280,7 +377,24 @@ impl Optimizer {
                 _ => runs.push(LrRun { range, lr }),
             }
         }
-        if let Some(pr) = &mut self.prodigy {
+        if let Rule::Lion(config) = &self.rule {
+            let h = LionStep {
+                beta1: self.hyper.beta1,
+                beta2: self.hyper.beta2,
+                weight_decay: config.decay(self.hyper.weight_decay, self.hyper.lr),
+            };
+            self.step += 1;
+            ops::lion_step_runs(
+                &h,
+                &mut self.master.storage_mut(),
+                &mut self.m.storage_mut(),
+                &grad_sum.storage(),
+                grad_scale,
+                &runs,
+            )?;
+            return self.write_params(params);
+        }
+        if let Rule::Prodigy(pr) = &mut self.rule {
             // prodigyopt steps every group at one rate, or 0 (a frozen group).
             let lr = rates.iter().copied().fold(0.0, f64::max);
             if let Some(r) = rates.iter().find(|&&r| r != 0.0 && r != lr) {

@@ -49,6 +49,18 @@ impl Default for ProdigyConfig {
     }
 }
 
+/// A Python bool of `--optimizer-args` (`True`, `False`; 1 and 0 too), as kohya's values are
+/// Python literals.
+pub(super) fn parse_flag(key: &str, value: &str) -> Result<bool> {
+    match value.to_ascii_lowercase().as_str() {
+        "true" | "1" => Ok(true),
+        "false" | "0" => Ok(false),
+        _ => Err(Error::Config(format!(
+            "--optimizer-args {key}: `{value}` is not True or False"
+        ))),
+    }
+}
+
 impl ProdigyConfig {
     /// kohya's `--optimizer_args` spelling: `d0=1e-6 d_coef=2 use_bias_correction=True ...`.
     /// AdamW's own knobs keep their flags (`--weight-decay`, `--adam-beta1`, ...); prodigyopt's
@@ -69,15 +81,7 @@ impl ProdigyConfig {
                         Error::Config(format!("--optimizer-args {key}: `{value}` is not a number"))
                     })
             };
-            let flag = || -> Result<bool> {
-                match value.to_ascii_lowercase().as_str() {
-                    "true" | "1" => Ok(true),
-                    "false" | "0" => Ok(false),
-                    _ => Err(Error::Config(format!(
-                        "--optimizer-args {key}: `{value}` is not True or False"
-                    ))),
-                }
-            };
+            let flag = || parse_flag(key, value);
             match key {
                 "d0" => c.d0 = number()?,
                 "d_coef" => c.d_coef = number()?,

@@ -59,7 +59,7 @@ pub(super) fn resume(
     n_train: usize,
     log: &mut dyn FnMut(&str),
 ) -> Result<Start> {
-    let (adapter, opt, state) = load_checkpoint(path, index, cfg.device, cfg.adamw, cfg.prodigy)?;
+    let (adapter, opt, state) = load_checkpoint(path, index, cfg.device, cfg.adamw, cfg.optimizer)?;
     let has_text = adapter
         .modules
         .iter()

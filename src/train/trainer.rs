@@ -249,9 +249,10 @@ impl Trainer {
             true => {
                 let w = cfg.block_lr.resolve(&unet.config.layout())?;
                 let all = w.input.iter().chain(&w.middle).chain(&w.output);
-                if let (Some(x), Some(_)) =
-                    (all.copied().find(|&x| x != 0.0 && x != 1.0), cfg.prodigy)
-                {
+                if let (Some(x), Some(_)) = (
+                    all.copied().find(|&x| x != 0.0 && x != 1.0),
+                    cfg.optimizer.prodigy(),
+                ) {
                     return Err(Error::Config(format!(
                         "Prodigy steps every trainable at one rate: block weights can only be 0 \
                          (no adapters) or 1 with it, got {x}"
@@ -364,17 +365,23 @@ impl Trainer {
                 o.align_to(&params)?;
                 o
             }
-            None => match cfg.prodigy {
-                Some(p) => Optimizer::new(cfg.adamw, &params)?.with_prodigy(p)?,
-                None => Optimizer::new(cfg.adamw, &params)?,
-            },
+            None => cfg.optimizer.build(cfg.adamw, &params)?,
         };
-        if let Some(p) = &optimizer.prodigy {
+        if let Some(p) = optimizer.prodigy() {
             log(&format!(
                 "optimizer: {} (d {} now; Prodigy expects --lr 1, this run has {})",
                 p.config.describe(),
                 p.d,
                 cfg.adamw.lr
+            ));
+        }
+        if let crate::train::optim::Rule::Lion(l) = &optimizer.rule {
+            log(&format!(
+                "optimizer: {} (betas {}, {}; weight decay {}; one moment, no second)",
+                l.describe(),
+                cfg.adamw.beta1,
+                cfg.adamw.beta2,
+                cfg.adamw.weight_decay
             ));
         }
         // Mixed precision: the optimizer holds the f32 values (just taken); the UNet's adapters
@@ -660,7 +667,7 @@ impl Trainer {
             grad_norm,
             weight_norms,
             val: None,
-            prodigy_d: self.optimizer.prodigy.as_ref().map(|p| p.d),
+            prodigy_d: self.optimizer.prodigy().map(|p| p.d),
         })
     }
 
@@ -785,7 +792,7 @@ impl Trainer {
             None => "",
         };
         // With Prodigy, one more: its step-size estimate d.
-        let d_header = match self.cfg.prodigy {
+        let d_header = match self.cfg.optimizer.prodigy() {
             Some(_) => ",prodigy_d",
             None => "",
         };

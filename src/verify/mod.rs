@@ -6,6 +6,7 @@ mod clip_cases;
 pub mod cuda_parity;
 pub mod extra_cases;
 mod layer_cases;
+mod lion_case;
 mod mask_crop_case;
 mod pipeline_case;
 mod prodigy_case;
@@ -266,6 +267,7 @@ pub fn cases() -> Vec<(&'static str, &'static str, CaseFn)> {
             "../../extra/prodigy.safetensors",
             prodigy_case::prodigy,
         ),
+        ("lion", "../../extra/lion.safetensors", lion_case::lion),
         (
             "train_edm",
             "../../extra/train_edm.safetensors",

@@ -93,7 +93,7 @@ pub fn prodigy(ctx: &Ctx) -> Result<Vec<Row>> {
                 &host(theirs)?,
                 ctx.grad,
             )?;
-            let d = opt.prodigy.as_ref().map_or(f64::NAN, |p| p.d);
+            let d = opt.prodigy().map_or(f64::NAN, |p| p.d);
             chk.check(
                 &format!("{case} step {step} d"),
                 &host(vec![d])?,
@@ -102,8 +102,8 @@ pub fn prodigy(ctx: &Ctx) -> Result<Vec<Row>> {
             )?;
         }
         let state = opt
-            .prodigy
-            .clone()
+            .prodigy()
+            .cloned()
             .ok_or_else(|| Error::msg("the optimizer lost its Prodigy state"))?;
         for (i, slot) in opt.slots.clone().iter().enumerate() {
             let [values, m, v] = opt.slot_state(slot)?;

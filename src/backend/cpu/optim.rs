@@ -142,3 +142,39 @@ pub fn prodigy_update(
         p[i] = pi as f32;
     }
 }
+
+/// Lion's settings for one step (Chen et al., "Symbolic Discovery of Optimization Algorithms";
+/// lion-pytorch 0.2.5, kohya's `--optimizer_type Lion`). The learning rate comes per run.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct LionStep {
+    pub beta1: f64,
+    pub beta2: f64,
+    /// The factor of `lr * p` taken off first (lion-pytorch's weight decay, already divided by
+    /// the starting rate when it is decoupled).
+    pub weight_decay: f64,
+}
+
+/// The sign of `c` as PyTorch's `sgn_` gives it: 0 for zero (not 1, as `f64::signum` would),
+/// NaN for NaN.
+fn sgn(c: f64) -> f64 {
+    if c > 0.0 {
+        1.0
+    } else if c < 0.0 {
+        -1.0
+    } else {
+        c
+    }
+}
+
+/// One Lion step at rate `lr` with gradient `grad_scale * g`, in place (lion-pytorch's
+/// `update_fn`, in f64 per element and stored f32):
+/// p <- p (1 - lr wd);  p <- p - lr sgn(b1 m + (1 - b1) g);  m <- b2 m + (1 - b2) g.
+pub fn lion_step(h: &LionStep, lr: f64, p: &mut [f32], m: &mut [f32], g: &[f32], grad_scale: f32) {
+    for ((p, m), &g) in p.iter_mut().zip(m.iter_mut()).zip(g) {
+        let g = (g * grad_scale) as f64;
+        let mi = *m as f64;
+        let pi = *p as f64 * (1.0 - lr * h.weight_decay);
+        *p = (pi - lr * sgn(h.beta1 * mi + (1.0 - h.beta1) * g)) as f32;
+        *m = (h.beta2 * mi + (1.0 - h.beta2) * g) as f32;
+    }
+}

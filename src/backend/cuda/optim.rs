@@ -2,7 +2,7 @@
 //! gradient clipping.
 
 use super::{CudaDevice, CudaStorage};
-use crate::backend::cpu::optim::{AdamW, LrRun, ProdigyBuffers, ProdigyMoments, State};
+use crate::backend::cpu::optim::{AdamW, LionStep, LrRun, ProdigyBuffers, ProdigyMoments, State};
 use crate::tensor::DType;
 use crate::{Error, Result};
 
@@ -372,6 +372,51 @@ pub fn prodigy_update(
             dlr: dlr as f32,
             weight_decay: weight_decay as f32,
             d_eps: d_eps as f32,
+        })
+        .run((grid, 1, 1), (256, 1, 1), 0)
+}
+
+/// `struct LionParams` of optim.cu.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+struct LionParams {
+    beta1: f32,
+    beta2: f32,
+    weight_decay: f32,
+    grad_scale: f32,
+}
+
+/// One Lion step over the element ranges `runs` lists, each at its own rate: one launch over a
+/// table of pieces, however many runs there are.
+pub fn lion_step_runs(
+    h: &LionStep,
+    p: &mut CudaStorage,
+    m: &mut CudaStorage,
+    g: &CudaStorage,
+    grad_scale: f32,
+    runs: &[LrRun],
+) -> Result<()> {
+    let ranges: Vec<std::ops::Range<usize>> = runs.iter().map(|r| r.range.clone()).collect();
+    check_f32("lion_step", &[("p", p), ("m", m), ("g", g)], &ranges)?;
+    let table = rate_pieces(runs);
+    let count = table.len() / 3;
+    if count == 0 {
+        return Ok(());
+    }
+    let grid = u32::try_from(count)
+        .map_err(|_| Error::msg(format!("lion_step: {count} pieces exceed one grid")))?;
+    let dev = p.dev().clone();
+    let table = dev.upload(DType::I64, &table)?;
+    dev.launch("optim", "optim_lion_step_f32".to_owned())?
+        .arg(table.ptr())
+        .arg(p.ptr())
+        .arg(g.ptr())
+        .arg(m.ptr())
+        .arg(LionParams {
+            beta1: h.beta1 as f32,
+            beta2: h.beta2 as f32,
+            weight_decay: h.weight_decay as f32,
+            grad_scale,
         })
         .run((grid, 1, 1), (256, 1, 1), 0)
 }

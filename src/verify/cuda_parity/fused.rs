@@ -707,3 +707,62 @@ pub(super) fn prodigy(r: &mut Run) -> Result<()> {
     }
     Ok(())
 }
+
+/// Lion's step over interleaved rates (a run longer than one block's piece, runs of one element,
+/// a rate of 0, a gap no run covers), three steps so the moment feeds the sign, with a stretch
+/// where gradient and moment are both 0 (sgn(0) = 0: those elements only decay). Rates near 1
+/// move p by about the rate, so a wrong rate or sign shows far above the tolerance.
+pub(super) fn lion(r: &mut Run) -> Result<()> {
+    let n = 10_007;
+    let zeroed = 9_000..9_010;
+    let mut host = Vec::new();
+    for _ in 0..3 {
+        let (c, _) = r.randn(&[n], DType::F32)?;
+        let mut v = c.to_vec_f32()?;
+        v[zeroed.clone()].fill(0.0);
+        host.push(Tensor::from_vec(v, n, Device::Cpu)?);
+    }
+    let take = |t: &Tensor| t.storage().copy_strided(t.layout());
+    let mut cpu: Vec<Storage> = host.iter().map(take).collect::<Result<_>>()?;
+    let mut gpu: Vec<Storage> = host
+        .iter()
+        .map(|t| take(&t.to_device(r.dev)?))
+        .collect::<Result<_>>()?;
+    let runs = [
+        (0..1, 0.3),
+        (1..5_000, 0.7),
+        (5_000..5_001, 1.5),
+        (5_001..7_000, 0.0),
+        (7_100..10_007, 0.2),
+    ]
+    .map(|(range, lr)| LrRun { range, lr });
+    let h = LionStep {
+        beta1: 0.9,
+        beta2: 0.99,
+        weight_decay: 0.1,
+    };
+    for _ in 0..3 {
+        for bufs in [&mut cpu, &mut gpu] {
+            let [p, g, m] = &mut bufs[..] else {
+                unreachable!()
+            };
+            ops::lion_step_runs(&h, p, m, g, 0.5, &runs)?;
+        }
+    }
+    let copy = |s: &Storage| -> Result<Tensor> {
+        Ok(st(
+            s.copy_strided(&crate::tensor::Layout::contiguous(n))?,
+            n,
+        ))
+    };
+    for (i, name) in [(0, "p"), (2, "m")] {
+        r.check(
+            format!("lion {name}"),
+            DType::F32,
+            &copy(&gpu[i])?,
+            &copy(&cpu[i])?,
+            true,
+        )?;
+    }
+    Ok(())
+}

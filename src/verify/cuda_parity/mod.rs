@@ -11,7 +11,7 @@ use crate::backend::cpu::attention::AttnGeom;
 use crate::backend::cpu::conv::ConvGeom;
 use crate::backend::cpu::elementwise::{BinaryOp, UnaryOp};
 use crate::backend::cpu::lora::LoraGeom;
-use crate::backend::cpu::optim::{AdamW, LrRun, ProdigyBuffers, ProdigyMoments, State};
+use crate::backend::cpu::optim::{AdamW, LionStep, LrRun, ProdigyBuffers, ProdigyMoments, State};
 use crate::backend::cuda::attention::{sdpa_bwd_with, sdpa_with, AttnKernel};
 use crate::backend::ops::{self, GateArgs};
 use crate::backend::Storage;
@@ -183,7 +183,7 @@ mod fused;
 
 use basic::{elementwise, matmul, reduce};
 use float8::float8;
-use fused::{adamw, attention, conv, lora, multi_tensor, norm, pool, prodigy, sqnorm};
+use fused::{adamw, attention, conv, lion, lora, multi_tensor, norm, pool, prodigy, sqnorm};
 
 type Family = fn(&mut Run, DType) -> Result<()>;
 
@@ -227,6 +227,8 @@ pub fn run(ordinal: usize, filter: Option<&str>, seed: u64) -> Result<Vec<Parity
         let res = sqnorm(&mut r);
         r.guard("optim", DType::F32, res);
         let res = prodigy(&mut r);
+        r.guard("optim", DType::F32, res);
+        let res = lion(&mut r);
         r.guard("optim", DType::F32, res);
     }
     Ok(r.rows)
