@@ -37,7 +37,7 @@ fn tiny_model() -> (KohyaModel, TensorMap<'static>) {
 
 const TARGETS: [&str; 4] = ["to_q", "to_k", "to_v", "to_out.0"];
 
-fn attention_projections(unet: &TensorMap<'_>) -> Vec<String> {
+fn adaptable_linears(unet: &TensorMap<'_>) -> Vec<String> {
     unet.keys()
         .filter_map(|k| k.strip_suffix(".weight"))
         .filter(|m| {
@@ -58,7 +58,7 @@ fn fixture_lora_resolves_to_every_attention_projection_of_the_unet() {
         .unwrap()
         .deny_unknown("kohya_lora")
         .unwrap();
-    let projections = attention_projections(&unet);
+    let projections = adaptable_linears(&unet);
     assert_eq!(projections.len(), 44 * 4, "tiny UNet: 44 attention modules");
     assert_eq!(lora.entries.len(), projections.len());
     let mut modules: Vec<String> = lora.entries.iter().map(|e| e.module.clone()).collect();
@@ -105,7 +105,7 @@ fn export_writes_the_names_kohya_wrote() {
 fn diffusers_kohya_diffusers_round_trip_is_identity_for_every_attention_projection() {
     let (model, unet) = tiny_model();
     let index = model.index(Component::Unet).unwrap();
-    for m in attention_projections(&unet) {
+    for m in adaptable_linears(&unet) {
         let name = index.kohya_name(&m).unwrap();
         assert!(
             name.starts_with("lora_unet_input_blocks_")

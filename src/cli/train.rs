@@ -360,7 +360,10 @@ pub struct Args {
     /// The trigger phrase (the paper's "[v]").
     #[arg(long, default_value = "Korean traditional")]
     pub trigger: String,
-    /// Wrapped linears (suffixes of attention module paths).
+    /// Wrapped linears, as suffixes of the UNet's module paths: any of to_q, to_k, to_v,
+    /// to_out.0 (the attention projections, KSTYLE.md's default), ff.net.0.proj, ff.net.2 (the
+    /// feed-forward) and proj_in, proj_out (SDXL's linear projections), or `all`: every linear
+    /// of the spatial transformers, the set kohya's LoRA trains.
     #[arg(long, value_delimiter = ',', default_value = "to_q,to_k,to_v,to_out.0")]
     pub targets: Vec<String>,
     /// Hidden width G of the spatial-attention MLP.
@@ -531,7 +534,7 @@ pub fn config_from(a: &Args) -> anyhow::Result<TrainConfig> {
             rank: a.rank_dropout.filter(|&p| p != 0.0),
             module: a.module_dropout.filter(|&p| p != 0.0),
         },
-        targets: a.targets.clone(),
+        targets: expand_targets(&a.targets),
         lambda: a.lambda,
         min_snr_gamma: a.min_snr_gamma,
         debiased: a.debiased_estimation_loss,
@@ -740,4 +743,32 @@ impl From<HuberScheduleArg> for HuberSchedule {
             HuberScheduleArg::Snr => HuberSchedule::Snr,
         }
     }
+}
+
+/// `--targets` with `all` spelled out: every linear of the UNet's spatial transformers, in the
+/// order a block holds them.
+fn expand_targets(targets: &[String]) -> Vec<String> {
+    const ALL: [&str; 8] = [
+        "proj_in",
+        "to_q",
+        "to_k",
+        "to_v",
+        "to_out.0",
+        "ff.net.0.proj",
+        "ff.net.2",
+        "proj_out",
+    ];
+    let mut out: Vec<String> = Vec::new();
+    for t in targets {
+        let add: Vec<String> = match t.trim() {
+            "all" => ALL.iter().map(|s| s.to_string()).collect(),
+            other => vec![other.to_string()],
+        };
+        for a in add {
+            if !out.contains(&a) {
+                out.push(a);
+            }
+        }
+    }
+    out
 }

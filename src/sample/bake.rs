@@ -16,7 +16,7 @@ pub fn calibrate_gates(
     seed: u64,
 ) -> Result<HashMap<String, Vec<f64>>> {
     let mut records = HashMap::new();
-    for (path, lin) in pipe.unet.attention_projections_mut() {
+    for (path, lin) in pipe.unet.adaptable_linears_mut() {
         if let Some(a) = &mut lin.adapter {
             if a.is_gated() {
                 let r = Arc::new(Mutex::new(GateRecord::default()));
@@ -42,7 +42,7 @@ pub fn calibrate_gates(
         let init = pipe.initial_latents(size, size, seed + i as u64)?;
         crate::autograd::no_grad(|| pipe.denoise(&req, &init, |_, _| {}))?;
     }
-    for (_, lin) in pipe.unet.attention_projections_mut() {
+    for (_, lin) in pipe.unet.adaptable_linears_mut() {
         if let Some(a) = &mut lin.adapter {
             a.recorder = None;
         }

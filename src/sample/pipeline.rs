@@ -428,7 +428,7 @@ impl SdxlPipeline {
             return Err(Error::file(
                 path,
                 format!(
-                    "{} adapter modules match no attention projection of this UNet",
+                    "{} adapter modules match no linear of this UNet's transformers",
                     by_path.len()
                 ),
             ));

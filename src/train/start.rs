@@ -140,7 +140,7 @@ pub(super) fn resume(
     })
 }
 
-/// Fresh adapters on every targeted attention projection of `unet` except those `zeroed`
+/// Fresh adapters on every targeted transformer linear of `unet` except those `zeroed`
 /// excludes (a block whose learning-rate weight is 0: drawn, then dropped), on the text
 /// encoders' linears when they train, the cultural module and the first epoch's order, all
 /// drawn from `cfg.seed` in that order.
@@ -154,7 +154,7 @@ pub(super) fn fresh(
     let concept_embeds = concept_embeds(cfg)?;
     let mut rng = Rng::new(cfg.seed);
     let mut modules = Vec::new();
-    for (path, lin) in unet.attention_projections() {
+    for (path, lin) in unet.adaptable_linears() {
         if targeted(&cfg.targets, &path) {
             let gates = if cfg.method.gated() {
                 concept_embeds.as_ref()
@@ -236,7 +236,7 @@ pub(super) fn fresh(
     })
 }
 
-fn targeted(targets: &[String], path: &str) -> bool {
+pub(super) fn targeted(targets: &[String], path: &str) -> bool {
     targets.iter().any(|t| path.ends_with(&format!(".{t}")))
 }
 
@@ -251,7 +251,7 @@ pub(super) fn check_zeroed_blocks(
     targets: &[String],
 ) -> Result<()> {
     let held: std::collections::HashSet<&str> = modules.iter().map(|(p, _)| p.as_str()).collect();
-    for (path, _) in unet.attention_projections() {
+    for (path, _) in unet.adaptable_linears() {
         if !targeted(targets, &path) {
             continue;
         }

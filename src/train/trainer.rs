@@ -306,6 +306,18 @@ impl Trainer {
                 super::validation::points(schedule.len())
             ));
         }
+        let linears = unet.adaptable_linears();
+        if let Some(t) = cfg.targets.iter().find(|t| {
+            !linears
+                .iter()
+                .any(|(p, _)| super::start::targeted(&[t.to_string()], p))
+        }) {
+            return Err(Error::Config(format!(
+                "--targets {t}: no linear of the UNet's transformers ends in `.{t}` (to_q, to_k, \
+                 to_v, to_out.0, ff.net.0.proj, ff.net.2, proj_in, proj_out; `all` is every one)"
+            )));
+        }
+        drop(linears);
         let Start {
             modules: adapter_modules,
             cultural,
@@ -330,7 +342,7 @@ impl Trainer {
         }
         if adapter_modules.is_empty() {
             return Err(Error::Config(format!(
-                "no attention projection matches the targets {:?}{}",
+                "no transformer linear matches the targets {:?}{}",
                 cfg.targets,
                 match blocks.is_some() {
                     true => " in a block whose learning-rate weight is above 0",
@@ -388,7 +400,7 @@ impl Trainer {
         // become leaves in the compute dtype, so the forward needs no per-step casts. The
         // cultural module stays f32: it reads the f32 clean-latent estimate.
         if cfg.dtype != DType::F32 {
-            let mut linears = unet.attention_projections_mut();
+            let mut linears = unet.adaptable_linears_mut();
             if let Some(te) = &mut text_encoders {
                 linears.extend(te.linears_mut());
             }
@@ -424,7 +436,7 @@ impl Trainer {
         log(&format!(
             "method {} | {} adapted linears | {} trainable tensors ({} values, f32) | UNet in {} on {} | {} optimizer steps",
             cfg.method.name(),
-            unet.attention_projections().iter().filter(|(_, l)| l.adapter.is_some()).count(),
+            unet.adaptable_linears().iter().filter(|(_, l)| l.adapter.is_some()).count(),
             params.len(),
             params.iter().map(|(_, t)| t.elem_count()).sum::<usize>(),
             cfg.dtype,
@@ -510,7 +522,7 @@ impl Trainer {
     fn adapters(&self) -> Vec<(String, LoraAdapter)> {
         let mut out: Vec<(String, LoraAdapter)> = self
             .unet
-            .attention_projections()
+            .adaptable_linears()
             .into_iter()
             .filter_map(|(p, l)| l.adapter.clone().map(|a| (p, a)))
             .collect();
@@ -716,7 +728,7 @@ impl Trainer {
     /// previews run without dropout.
     pub(super) fn set_dropout(&mut self, seeds: Option<&[u64]>) {
         let config = self.cfg.lora_dropout;
-        let mut linears = self.unet.attention_projections_mut();
+        let mut linears = self.unet.adaptable_linears_mut();
         if let Some(te) = &mut self.text_encoders {
             linears.extend(te.linears_mut());
         }

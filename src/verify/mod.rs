@@ -269,6 +269,11 @@ pub fn cases() -> Vec<(&'static str, &'static str, CaseFn)> {
         ),
         ("lion", "../../extra/lion.safetensors", lion_case::lion),
         (
+            "train_targets",
+            "../../extra/train_targets_lora.safetensors",
+            train_cases::train_targets,
+        ),
+        (
             "train_edm",
             "../../extra/train_edm.safetensors",
             train_edm_case::train_edm,

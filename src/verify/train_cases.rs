@@ -15,11 +15,24 @@ use crate::train::step::{training_loss, Conditioning, Losses, StepNoise};
 use crate::{DType, Error, Result, Tensor};
 
 pub fn train_step_kstyle(ctx: &Ctx) -> Result<Vec<Row>> {
-    train_step(ctx, "train_step_kstyle")
+    train_step(ctx, "train_step_kstyle", "train_step_kstyle.safetensors")
 }
 
 pub fn train_step_lora(ctx: &Ctx) -> Result<Vec<Row>> {
-    train_step(ctx, "train_step_lora")
+    train_step(ctx, "train_step_lora", "train_step_lora.safetensors")
+}
+
+/// Adapters beyond the attention projections (`tests/fixtures/extra/gen_train_targets.py`):
+/// plain LoRA on every linear of the spatial transformers (kohya's target set: proj_in, the
+/// attention projections, ff.net.0.proj, ff.net.2, proj_out), and K-StyleLoRA with the cultural
+/// loss on ff.net.0.proj and proj_out. Each as train_step_*: the losses, every gradient, AdamW.
+pub fn train_targets(ctx: &Ctx) -> Result<Vec<Row>> {
+    let mut rows = Vec::new();
+    for tag in ["lora", "kstyle"] {
+        let file = format!("../../extra/train_targets_{tag}.safetensors");
+        rows.extend(train_step(ctx, &format!("train_targets {tag}"), &file)?);
+    }
+    Ok(rows)
 }
 
 /// The tiny UNet with the reference step's adapter and cultural-loss parameters, and the step's
@@ -151,8 +164,9 @@ impl Step {
     }
 }
 
-fn train_step(ctx: &Ctx, case: &str) -> Result<Vec<Row>> {
-    let f = SafeTensorsFile::open(ctx.reference(&format!("{case}.safetensors")))?;
+/// The step of reference `file` (train_step_*'s layout), its rows named `case`.
+fn train_step(ctx: &Ctx, case: &str, file: &str) -> Result<Vec<Row>> {
+    let f = SafeTensorsFile::open(ctx.reference(file))?;
     let step = Step::load(ctx, &f)?;
     let params = &step.params;
     let losses = step.losses(&TrainSchedule::sdxl())?;

@@ -253,23 +253,23 @@ impl UpBlock {
     }
 }
 
-/// Attention projections of a list of transformers under `prefix.attentions.j`.
-pub fn projections_mut<'a>(
+/// The linears of a list of transformers under `prefix.attentions.j`.
+pub fn linears_mut<'a>(
     attentions: &'a mut [Transformer2DModel],
     prefix: &str,
     out: &mut Vec<(String, &'a mut AdaptedLinear)>,
 ) {
     for (j, a) in attentions.iter_mut().enumerate() {
-        a.projections_mut(&format!("{prefix}.attentions.{j}"), out);
+        a.linears_mut(&format!("{prefix}.attentions.{j}"), out);
     }
 }
 
-pub fn projections<'a>(
+pub fn linears<'a>(
     attentions: &'a [Transformer2DModel],
     prefix: &str,
     out: &mut Vec<(String, &'a AdaptedLinear)>,
 ) {
     for (j, a) in attentions.iter().enumerate() {
-        a.projections(&format!("{prefix}.attentions.{j}"), out);
+        a.linears(&format!("{prefix}.attentions.{j}"), out);
     }
 }

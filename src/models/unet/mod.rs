@@ -284,33 +284,33 @@ impl UNet2DConditionModel {
         self.conv_out.forward(&h) // (B, Cout, H, W)
     }
 
-    /// Every attention projection (to_q, to_k, to_v, to_out.0 of each attn1 / attn2) by diffusers
-    /// module path, in PyTorch's `named_modules` order.
-    pub fn attention_projections(&self) -> Vec<(String, &AdaptedLinear)> {
+    /// Every linear of every spatial transformer (proj_in, each block's to_q, to_k, to_v,
+    /// to_out.0 of attn1 and attn2, ff.net.0.proj, ff.net.2, then proj_out) by diffusers module
+    /// path, in PyTorch's `named_modules` order: what an adapter can wrap.
+    pub fn adaptable_linears(&self) -> Vec<(String, &AdaptedLinear)> {
         let mut out = Vec::new();
         for (i, b) in self.down_blocks.iter().enumerate() {
-            blocks::projections(&b.attentions, &format!("down_blocks.{i}"), &mut out);
+            blocks::linears(&b.attentions, &format!("down_blocks.{i}"), &mut out);
         }
         if let Some(m) = &self.mid_block {
-            m.attention.projections("mid_block.attentions.0", &mut out);
+            m.attention.linears("mid_block.attentions.0", &mut out);
         }
         for (i, b) in self.up_blocks.iter().enumerate() {
-            blocks::projections(&b.attentions, &format!("up_blocks.{i}"), &mut out);
+            blocks::linears(&b.attentions, &format!("up_blocks.{i}"), &mut out);
         }
         out
     }
 
-    pub fn attention_projections_mut(&mut self) -> Vec<(String, &mut AdaptedLinear)> {
+    pub fn adaptable_linears_mut(&mut self) -> Vec<(String, &mut AdaptedLinear)> {
         let mut out = Vec::new();
         for (i, b) in self.down_blocks.iter_mut().enumerate() {
-            blocks::projections_mut(&mut b.attentions, &format!("down_blocks.{i}"), &mut out);
+            blocks::linears_mut(&mut b.attentions, &format!("down_blocks.{i}"), &mut out);
         }
         if let Some(m) = &mut self.mid_block {
-            m.attention
-                .projections_mut("mid_block.attentions.0", &mut out);
+            m.attention.linears_mut("mid_block.attentions.0", &mut out);
         }
         for (i, b) in self.up_blocks.iter_mut().enumerate() {
-            blocks::projections_mut(&mut b.attentions, &format!("up_blocks.{i}"), &mut out);
+            blocks::linears_mut(&mut b.attentions, &format!("up_blocks.{i}"), &mut out);
         }
         out
     }
@@ -322,7 +322,7 @@ impl UNet2DConditionModel {
         mut make: impl FnMut(&str, &Linear) -> Result<Option<LoraAdapter>>,
     ) -> Result<usize> {
         let mut n = 0;
-        for (path, lin) in self.attention_projections_mut() {
+        for (path, lin) in self.adaptable_linears_mut() {
             if let Some(a) = make(&path, &lin.base)? {
                 lin.set_adapter(a)?;
                 n += 1;
@@ -334,7 +334,7 @@ impl UNet2DConditionModel {
     /// Trainable adapter tensors as `<module path>.<lora_A|lora_B|attn_mlp.0.weight|...>`.
     pub fn adapter_parameters(&self) -> Vec<(String, Tensor)> {
         let mut out = Vec::new();
-        for (path, lin) in self.attention_projections() {
+        for (path, lin) in self.adaptable_linears() {
             if let Some(a) = &lin.adapter {
                 out.extend(
                     a.named()

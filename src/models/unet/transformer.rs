@@ -1,6 +1,8 @@
 //! `Transformer2DModel` (the spatial transformer) and its `BasicTransformerBlock`s: self-attention,
-//! cross-attention on the text context, GEGLU feed-forward (SDXL.md 1.6). The four attention
-//! projections are [`AdaptedLinear`]s so LoRA / gated adapters can be attached by module path.
+//! cross-attention on the text context, GEGLU feed-forward (SDXL.md 1.6). Every linear of a
+//! spatial transformer (the four attention projections, the feed-forward's two, the linear
+//! proj_in / proj_out) is an [`AdaptedLinear`], so LoRA / gated adapters can be attached by module
+//! path: kohya's LoRA targets exactly these (its `Transformer2DModel` replace module).
 
 use super::{conv_with_bias, ParamShapes};
 use crate::autograd::{checkpoint, grad_enabled};
@@ -147,9 +149,9 @@ pub struct BasicTransformerBlock {
     pub attn2: Attention,
     pub norm3: LayerNorm,
     /// `ff.net.0.proj`: C -> 2 * inner (value half, then gate half).
-    pub ff_proj: Linear,
+    pub ff_proj: AdaptedLinear,
     /// `ff.net.2`: inner -> C.
-    pub ff_out: Linear,
+    pub ff_out: AdaptedLinear,
 }
 
 impl BasicTransformerBlock {
@@ -161,8 +163,8 @@ impl BasicTransformerBlock {
             norm2: LayerNorm::load(&vb.pp("norm2"), dim, LAYER_NORM_EPS)?,
             attn2: Attention::load(&vb.pp("attn2"), dim, cross, heads, head_dim)?,
             norm3: LayerNorm::load(&vb.pp("norm3"), dim, LAYER_NORM_EPS)?,
-            ff_proj: Linear::load(&vb.pp("ff.net.0.proj"), dim, 2 * ff, true)?,
-            ff_out: Linear::load(&vb.pp("ff.net.2"), ff, dim, true)?,
+            ff_proj: AdaptedLinear::new(Linear::load(&vb.pp("ff.net.0.proj"), dim, 2 * ff, true)?),
+            ff_out: AdaptedLinear::new(Linear::load(&vb.pp("ff.net.2"), ff, dim, true)?),
         })
     }
 
@@ -195,9 +197,23 @@ impl BasicTransformerBlock {
 
     fn has_adapters(&self) -> bool {
         let mut v = Vec::new();
-        self.attn1.projections("", &mut v);
-        self.attn2.projections("", &mut v);
+        self.linears("", &mut v);
         v.iter().any(|(_, l)| l.adapter.is_some())
+    }
+
+    /// Every linear in `named_modules` order: attn1's, attn2's, then the feed-forward's.
+    fn linears<'a>(&'a self, p: &str, out: &mut Vec<(String, &'a AdaptedLinear)>) {
+        self.attn1.projections(&format!("{p}.attn1"), out);
+        self.attn2.projections(&format!("{p}.attn2"), out);
+        out.push((format!("{p}.ff.net.0.proj"), &self.ff_proj));
+        out.push((format!("{p}.ff.net.2"), &self.ff_out));
+    }
+
+    fn linears_mut<'a>(&'a mut self, p: &str, out: &mut Vec<(String, &'a mut AdaptedLinear)>) {
+        self.attn1.projections_mut(&format!("{p}.attn1"), out);
+        self.attn2.projections_mut(&format!("{p}.attn2"), out);
+        out.push((format!("{p}.ff.net.0.proj"), &mut self.ff_proj));
+        out.push((format!("{p}.ff.net.2"), &mut self.ff_out));
     }
 }
 
@@ -205,7 +221,7 @@ impl BasicTransformerBlock {
 /// before flattening; proj_out mirrors it.
 #[derive(Clone, Debug)]
 pub enum Projection {
-    Linear(Linear),
+    Linear(Box<AdaptedLinear>),
     Conv(Conv2d),
 }
 
@@ -245,7 +261,9 @@ impl Transformer2DModel {
         let proj = |name: &str, d_in: usize, d_out: usize| -> Result<Projection> {
             let vb = vb.pp(name);
             Ok(if d.linear_projection {
-                Projection::Linear(Linear::load(&vb, d_in, d_out, true)?)
+                Projection::Linear(Box::new(AdaptedLinear::new(Linear::load(
+                    &vb, d_in, d_out, true,
+                )?)))
             } else {
                 Projection::Conv(conv_with_bias(&vb, d_in, d_out, 1, ConvParams::default())?)
             })
@@ -317,23 +335,29 @@ impl Transformer2DModel {
         out.add(x) // (B, C, H, W)
     }
 
-    pub fn projections<'a>(&'a self, p: &str, out: &mut Vec<(String, &'a AdaptedLinear)>) {
+    /// Every linear under module path `p`, in PyTorch's `named_modules` order: proj_in (when it
+    /// is a linear), each block's, proj_out.
+    pub fn linears<'a>(&'a self, p: &str, out: &mut Vec<(String, &'a AdaptedLinear)>) {
+        if let Projection::Linear(l) = &self.proj_in {
+            out.push((format!("{p}.proj_in"), l.as_ref()));
+        }
         for (i, blk) in self.transformer_blocks.iter().enumerate() {
-            let bp = format!("{p}.transformer_blocks.{i}");
-            blk.attn1.projections(&format!("{bp}.attn1"), out);
-            blk.attn2.projections(&format!("{bp}.attn2"), out);
+            blk.linears(&format!("{p}.transformer_blocks.{i}"), out);
+        }
+        if let Projection::Linear(l) = &self.proj_out {
+            out.push((format!("{p}.proj_out"), l.as_ref()));
         }
     }
 
-    pub fn projections_mut<'a>(
-        &'a mut self,
-        p: &str,
-        out: &mut Vec<(String, &'a mut AdaptedLinear)>,
-    ) {
+    pub fn linears_mut<'a>(&'a mut self, p: &str, out: &mut Vec<(String, &'a mut AdaptedLinear)>) {
+        if let Projection::Linear(l) = &mut self.proj_in {
+            out.push((format!("{p}.proj_in"), l.as_mut()));
+        }
         for (i, blk) in self.transformer_blocks.iter_mut().enumerate() {
-            let bp = format!("{p}.transformer_blocks.{i}");
-            blk.attn1.projections_mut(&format!("{bp}.attn1"), out);
-            blk.attn2.projections_mut(&format!("{bp}.attn2"), out);
+            blk.linears_mut(&format!("{p}.transformer_blocks.{i}"), out);
+        }
+        if let Projection::Linear(l) = &mut self.proj_out {
+            out.push((format!("{p}.proj_out"), l.as_mut()));
         }
     }
 }
