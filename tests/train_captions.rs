@@ -1,12 +1,12 @@
 //! kohya's caption options through the real binary on the tiny model: --caption-prefix,
-//! --caption-suffix, --caption-separator, --keep-tokens-separator, --secondary-separator and
-//! --enable-wildcard. The rewriting itself is unit-tested in src/train/captions.rs; here: the
-//! options equal editing the caption files where they are fixed, a rewriting run resumes
-//! exactly, and bad combinations are refused.
+//! --caption-suffix, --caption-separator, --keep-tokens-separator, --secondary-separator,
+//! --enable-wildcard, the token warm-up and --caption-dropout-every-n-epochs. The rewriting
+//! itself is unit-tested in src/train/captions.rs; here: the options equal editing the caption
+//! files where they are fixed, rewriting runs resume exactly, and bad combinations are refused.
 
 mod common;
 use common::tmp;
-use common::train::{assert_resume_is_exact, dataset, refused, tensors, train_ok};
+use common::train::{assert_resume_is_exact, dataset, refused, setting, tensors, train_ok};
 use std::path::{Path, PathBuf};
 
 /// [`dataset`]'s pictures with `captions` (file name, caption file text) instead of theirs.
@@ -128,4 +128,95 @@ fn rewritten_caption_runs_resume_exactly() {
     ] {
         refused(&data, &dir, extra, needle);
     }
+}
+
+/// kohya's token warm-up cuts each caption to its leading tags early on: a warm-up longer than
+/// the run, from two tags, trains exactly what captions holding their first two tags train
+/// (both encoded every step: the edited run passes --enable-wildcard, which with no braces and
+/// one line changes no caption and draws nothing). With the whole captions the run differs.
+#[test]
+fn token_warmup_trains_the_leading_tags() {
+    let dir = tmp("token-warmup");
+    let full = recaptioned(
+        &dir,
+        "full",
+        &[
+            ("a.txt", "a palace, red roof, snow, night"),
+            ("b.txt", "a woman, silk, garden"),
+            ("c.txt", "a landscape,hills , river"),
+        ],
+    );
+    let cut = recaptioned(
+        &dir,
+        "cut",
+        &[
+            ("a.txt", "a palace, red roof"),
+            ("b.txt", "a woman, silk"),
+            ("c.txt", "a landscape, hills"),
+        ],
+    );
+    let run = |data: &Path, name: &str, extra: &[&str]| -> PathBuf {
+        let out = dir.join(name).join("a.safetensors");
+        train_ok(
+            data,
+            &out,
+            "lora",
+            &[&["--max-steps", "2"][..], extra].concat(),
+        )
+    };
+    let warm = run(
+        &full,
+        "warm",
+        &["--token-warmup-step", "100", "--token-warmup-min", "2"],
+    );
+    assert_eq!(setting(&warm, "token_warmup"), "min=2 steps=100");
+    let edited = run(&cut, "edited", &["--enable-wildcard"]);
+    assert!(
+        tensors(&warm) == tensors(&edited),
+        "the warm-up differs from the cut captions"
+    );
+    let whole = run(&full, "whole", &["--enable-wildcard"]);
+    assert!(tensors(&whole) != tensors(&warm), "the warm-up cut nothing");
+    // A fraction of a two-step run that floors to 0 steps cuts nothing.
+    let none = run(&full, "none", &["--token-warmup-step", "0.25"]);
+    assert!(tensors(&none) == tensors(&whole));
+}
+
+/// kohya's --caption-dropout-every-n-epochs 2 (epochs count from 1): the first epoch trains as
+/// a run without it, bit for bit; the second drops every caption, so a run into it differs,
+/// and resumes exactly across the epoch boundary.
+#[test]
+fn every_nth_epoch_trains_without_captions() {
+    let dir = tmp("epoch-dropout");
+    let data = dataset(&dir);
+    let every = ["--caption-dropout-every-n-epochs", "2", "--grad-accum", "1"];
+    // Three pictures, one a step: an epoch is three steps.
+    let run = |name: &str, steps: &str, extra: &[&str]| -> PathBuf {
+        let out = dir.join(name).join("a.safetensors");
+        let args = [&["--max-steps", steps, "--grad-accum", "1"][..], extra].concat();
+        train_ok(&data, &out, "lora", &args)
+    };
+    let first = run("every-3", "3", &every[..2]);
+    assert_eq!(setting(&first, "caption_dropout_every_n_epochs"), "2");
+    assert!(
+        tensors(&first) == tensors(&run("plain-3", "3", &[])),
+        "the first epoch dropped captions"
+    );
+    assert!(
+        tensors(&run("every-5", "5", &every[..2])) != tensors(&run("plain-5", "5", &[])),
+        "the second epoch kept its captions"
+    );
+    assert_resume_is_exact(
+        &data,
+        &dir.join("resume"),
+        "lora",
+        &every,
+        "every 2nd epoch",
+    );
+    refused(
+        &data,
+        &dir,
+        &["--token-warmup-step", "-1"],
+        "--token-warmup-step must be a positive",
+    );
 }

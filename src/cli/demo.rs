@@ -124,6 +124,8 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
         shuffle_caption: false,
         keep_tokens: 0,
         caption_tag_dropout: None,
+        caption_dropout_every_epochs: None,
+        token_warmup: None,
         caption_separator: ",".into(),
         keep_tokens_separator: None,
         secondary_separator: None,

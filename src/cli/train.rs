@@ -8,6 +8,7 @@ use kstyle::models::unet::CheckpointPolicy;
 use kstyle::nn::lora::LoraConfig;
 use kstyle::nn::lora_dropout::LoraDropout;
 use kstyle::sample::schedule::{HuberSchedule, LossType};
+use kstyle::train::captions::TokenWarmup;
 use kstyle::train::concepts::{default_concepts, load_concepts};
 use kstyle::train::data::CaptionSource;
 use kstyle::train::lion::LionConfig;
@@ -328,6 +329,19 @@ pub struct Args {
     /// word usually comes first).
     #[arg(long, default_value_t = 0)]
     pub keep_tokens: usize,
+    /// kohya's --caption_dropout_every_n_epochs: every caption of every Nth epoch (the Nth, the
+    /// 2Nth, ...; epochs count from 1) trains empty. 0: off.
+    #[arg(long)]
+    pub caption_dropout_every_n_epochs: Option<u64>,
+    /// kohya's --token_warmup_step: during the first N optimizer steps a visit keeps only the
+    /// first floor(step (n - min) / N) + min of its caption's n movable tags (after
+    /// --keep-tokens), so training starts from the leading tags; below 1, N is that fraction of
+    /// the run's steps. Captions are then encoded every step. 0: off.
+    #[arg(long, allow_negative_numbers = true)]
+    pub token_warmup_step: Option<f64>,
+    /// kohya's --token_warmup_min: the movable tags a visit keeps at the warm-up's start.
+    #[arg(long, default_value_t = 1)]
+    pub token_warmup_min: usize,
     /// Drop each caption tag (after the first --keep-tokens) with this probability at every
     /// visit (kohya's --caption_tag_dropout_rate); like --shuffle-caption, captions are then
     /// encoded every step.
@@ -630,6 +644,15 @@ pub fn config_from(a: &Args) -> anyhow::Result<TrainConfig> {
         shuffle_caption: a.shuffle_caption,
         keep_tokens: a.keep_tokens,
         caption_tag_dropout: a.caption_tag_dropout.filter(|&p| p != 0.0),
+        // 0 is off, as kohya reads both.
+        caption_dropout_every_epochs: a.caption_dropout_every_n_epochs.filter(|&n| n != 0),
+        token_warmup: a
+            .token_warmup_step
+            .filter(|&s| s != 0.0)
+            .map(|steps| TokenWarmup {
+                min: a.token_warmup_min,
+                steps,
+            }),
         caption_separator: a.caption_separator.clone(),
         keep_tokens_separator: a.keep_tokens_separator.clone(),
         secondary_separator: a.secondary_separator.clone(),

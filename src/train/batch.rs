@@ -190,14 +190,24 @@ impl Trainer {
         };
         // Drawn after the noise, and only with --caption-dropout, so runs without it keep
         // their draws; then, with --shuffle-caption, the tag order of a caption that stays.
-        let dropped = match (&self.empty_text, self.cfg.caption_dropout) {
+        // --caption-dropout-every-n-epochs drops every caption of every Nth epoch (kohya counts
+        // epochs from 1), the draw made all the same, as kohya makes it.
+        let drawn = match (&self.empty_text, self.cfg.caption_dropout) {
             (Some(_), Some(p)) => rng.uniform() < p,
             _ => false,
         };
+        let every = self
+            .cfg
+            .caption_dropout_every_epochs
+            .is_some_and(|n| (self.state.epoch + 1) % n == 0);
+        let dropped = drawn || every;
         let caption = match &ex.text {
-            ExampleText::Caption(c) if !dropped => {
-                Some(rewrite_caption(c, &self.cfg.tag_rules(), rng))
-            }
+            ExampleText::Caption(c) if !dropped => Some(rewrite_caption(
+                c,
+                &self.cfg.tag_rules(),
+                self.state.step,
+                rng,
+            )),
             _ => None,
         };
         // Last, and only with a LoRA dropout: the seed of the visit's dropout masks.

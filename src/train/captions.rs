@@ -2,8 +2,10 @@
 //! line of a multi-line caption, one option of each `{a|b|c}`; `{{` and `}}` are literal braces),
 //! then, with `--shuffle-caption` or `--caption-tag-dropout`, the tags (split on
 //! `--caption-separator`) after the kept ones shuffled and dropped, and last the
-//! `--secondary-separator` turned into the separator. Every draw comes from the run's
-//! generator, so a resumed run rewrites exactly as the uninterrupted one.
+//! `--secondary-separator` turned into the separator. With kohya's token warm-up
+//! (`--token-warmup-step`), the movable tags are first cut to a count that grows with the step.
+//! Every draw comes from the run's generator, so a resumed run rewrites exactly as the
+//! uninterrupted one.
 
 use crate::tensor::Rng;
 
@@ -26,19 +28,55 @@ pub struct TagRules<'a> {
     pub drop: Option<f64>,
     /// Resolve wildcards (`--enable-wildcard`).
     pub wildcard: bool,
+    /// kohya's token warm-up: early visits keep only the first movable tags.
+    pub warmup: Option<TokenWarmup>,
 }
 
 impl TagRules<'_> {
-    /// Whether the tags themselves are rewritten (shuffled or dropped).
+    /// Whether the tags themselves are rewritten (shuffled, dropped or cut by the warm-up).
     pub fn moves_tags(&self) -> bool {
-        self.shuffle || self.drop.is_some()
+        self.shuffle || self.drop.is_some() || self.warmup.is_some()
     }
 }
 
-/// The caption one visit trains on, drawing from `rng`: wildcards only with `rules.wildcard`
-/// (a line choice only for a caption of several lines, one draw per `{...}`), then one draw per
-/// shuffle swap and one per movable tag with tag dropout.
-pub fn rewrite_caption(caption: &str, rules: &TagRules, rng: &mut Rng) -> String {
+/// kohya's token warm-up (`--token_warmup_min`, `--token_warmup_step`): a visit at optimizer
+/// step s (steps done) keeps the first floor(s (n - min) / steps) + min of a caption's n movable
+/// tags while s < steps, and all of them after; the kept tags (`--keep-tokens`) always stay.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct TokenWarmup {
+    pub min: usize,
+    /// The warm-up's length in optimizer steps; below 1, a fraction of the run's steps until
+    /// [`TokenWarmup::resolve`]d.
+    pub steps: f64,
+}
+
+impl TokenWarmup {
+    /// The warm-up for a run of `total` optimizer steps: a length below 1 is that fraction of
+    /// the run, floored (kohya's `floor(token_warmup_step * max_train_steps)`; 0 is no warm-up).
+    pub fn resolve(self, total: u64) -> TokenWarmup {
+        let steps = match self.steps < 1.0 {
+            true => (self.steps * total as f64).floor(),
+            false => self.steps,
+        };
+        TokenWarmup { steps, ..self }
+    }
+
+    /// How many of `n` movable tags a visit at optimizer step `step` (steps done) keeps.
+    pub fn keep(&self, n: usize, step: u64) -> usize {
+        if self.steps <= 0.0 || step as f64 >= self.steps {
+            return n;
+        }
+        let len =
+            (step as f64 * ((n as f64 - self.min as f64) / self.steps)).floor() + self.min as f64;
+        (len.max(0.0) as usize).min(n)
+    }
+}
+
+/// The caption one visit at optimizer step `step` (steps done) trains on, drawing from `rng`:
+/// wildcards only with `rules.wildcard` (a line choice only for a caption of several lines, one
+/// draw per `{...}`), then the token warm-up's cut (no draw), one draw per shuffle swap and one
+/// per movable tag with tag dropout.
+pub fn rewrite_caption(caption: &str, rules: &TagRules, step: u64, rng: &mut Rng) -> String {
     let mut caption = match rules.wildcard {
         true => choose_wildcards(caption, rng),
         false => caption.to_string(),
@@ -68,6 +106,9 @@ pub fn rewrite_caption(caption: &str, rules: &TagRules, rng: &mut Rng) -> String
                 (tags[..keep].to_vec(), tags[keep..].to_vec(), Vec::new())
             }
         };
+        if let Some(w) = rules.warmup {
+            flex.truncate(w.keep(flex.len(), step));
+        }
         if rules.shuffle {
             rng.shuffle(&mut flex);
         }
@@ -138,6 +179,7 @@ mod tests {
             shuffle,
             drop,
             wildcard: false,
+            warmup: None,
         }
     }
 
@@ -150,7 +192,7 @@ mod tests {
         let caption = " [v], red roof,snow , night, palace ";
         let mut seen = std::collections::BTreeSet::new();
         for _ in 0..20 {
-            let s = rewrite_caption(caption, &rules(1, true, None), &mut rng);
+            let s = rewrite_caption(caption, &rules(1, true, None), 0, &mut rng);
             let tags: Vec<&str> = s.split(", ").collect();
             assert_eq!(tags[0], "[v]");
             let mut rest = tags[1..].to_vec();
@@ -160,27 +202,30 @@ mod tests {
         }
         assert!(seen.len() > 5, "{seen:?}");
         let shuffle = rules(0, true, None);
-        assert_eq!(rewrite_caption("a b c", &shuffle, &mut rng), "a b c");
+        assert_eq!(rewrite_caption("a b c", &shuffle, 0, &mut rng), "a b c");
         assert_eq!(
-            rewrite_caption("x, y", &rules(5, true, None), &mut rng),
+            rewrite_caption("x, y", &rules(5, true, None), 0, &mut rng),
             "x, y"
         );
         let before = rng.clone();
-        assert_eq!(rewrite_caption(" one tag ", &shuffle, &mut rng), "one tag");
+        assert_eq!(
+            rewrite_caption(" one tag ", &shuffle, 0, &mut rng),
+            "one tag"
+        );
         assert_eq!(rng, before);
         // Tag dropout: never the kept tags; at 1 every other tag goes, at 0.5 some do.
         let all = "[v], a, b, c, d, e, f, g";
         assert_eq!(
-            rewrite_caption(all, &rules(1, false, Some(1.0)), &mut rng),
+            rewrite_caption(all, &rules(1, false, Some(1.0)), 0, &mut rng),
             "[v]"
         );
         assert_eq!(
-            rewrite_caption(all, &rules(2, true, Some(1.0)), &mut rng),
+            rewrite_caption(all, &rules(2, true, Some(1.0)), 0, &mut rng),
             "[v], a"
         );
         let counts: Vec<usize> = (0..20)
             .map(|_| {
-                rewrite_caption(all, &rules(1, false, Some(0.5)), &mut rng)
+                rewrite_caption(all, &rules(1, false, Some(0.5)), 0, &mut rng)
                     .split(", ")
                     .count()
             })
@@ -191,9 +236,60 @@ mod tests {
             "{counts:?}"
         );
         // Without the shuffle the tags that stay keep their order: a subsequence of `all`.
-        let left = rewrite_caption(all, &rules(0, false, Some(0.5)), &mut rng);
+        let left = rewrite_caption(all, &rules(0, false, Some(0.5)), 0, &mut rng);
         let mut rest = all.split(", ");
         assert!(left.split(", ").all(|t| rest.any(|u| u == t)), "{left}");
+    }
+
+    /// kohya's token warm-up: floor(s (n - min) / steps) + min movable tags at step s, all of them
+    /// from the warm-up's last step on; a fraction resolves against the run's length; the kept
+    /// tags stay and the cut comes before the shuffle (the shuffled tags are the first ones).
+    #[test]
+    fn token_warmup_keeps_a_growing_prefix() {
+        let w = TokenWarmup { min: 1, steps: 4.0 };
+        let kept: Vec<usize> = (0..6).map(|s| w.keep(9, s)).collect();
+        // s (9 - 1) / 4 + 1 = 2s + 1, until step 4.
+        assert_eq!(kept, [1, 3, 5, 7, 9, 9]);
+        let w = TokenWarmup { min: 2, steps: 3.0 };
+        assert_eq!(
+            (0..4).map(|s| w.keep(7, s)).collect::<Vec<_>>(),
+            [2, 3, 5, 7]
+        );
+        assert_eq!(w.keep(1, 0), 1, "never more tags than the caption has");
+        let f = TokenWarmup {
+            min: 1,
+            steps: 0.25,
+        };
+        assert_eq!(f.resolve(10).steps, 2.0);
+        assert_eq!(f.resolve(3).steps, 0.0);
+        assert_eq!(
+            f.resolve(3).keep(5, 0),
+            5,
+            "a warm-up of 0 steps cuts nothing"
+        );
+        assert_eq!(TokenWarmup { min: 1, steps: 7.5 }.resolve(2).steps, 7.5);
+        let mut rng = Rng::new(4);
+        let r = TagRules {
+            warmup: Some(TokenWarmup { min: 1, steps: 4.0 }),
+            ..rules(1, false, None)
+        };
+        let all = "[v], a, b, c, d, e,f";
+        assert_eq!(rewrite_caption(all, &r, 0, &mut rng), "[v], a");
+        // Six movable tags: floor(2 * 5 / 4) + 1 = 3 at step 2.
+        assert_eq!(rewrite_caption(all, &r, 2, &mut rng), "[v], a, b, c");
+        assert_eq!(
+            rewrite_caption(all, &r, 4, &mut rng),
+            "[v], a, b, c, d, e, f"
+        );
+        let shuffled = TagRules { shuffle: true, ..r };
+        for _ in 0..10 {
+            // floor(3 * 5 / 4) + 1 = 4 at step 3: the first four, in any order.
+            let s = rewrite_caption(all, &shuffled, 3, &mut rng);
+            let mut tags: Vec<&str> = s.split(", ").collect();
+            assert_eq!(tags[0], "[v]");
+            tags.sort();
+            assert_eq!(tags, ["[v]", "a", "b", "c", "d"], "{s}");
+        }
     }
 
     /// kohya's --keep_tokens_separator: the part before it and the part after a second one stay
@@ -207,7 +303,7 @@ mod tests {
             ..rules(3, true, Some(0.0))
         };
         for _ in 0..10 {
-            let s = rewrite_caption("[v], style ||| a, b, c, d ||| best, ", &r, &mut rng);
+            let s = rewrite_caption("[v], style ||| a, b, c, d ||| best, ", &r, 0, &mut rng);
             let tags: Vec<&str> = s.split(", ").collect();
             assert_eq!(&tags[..2], ["[v]", "style"], "{s}");
             assert_eq!(tags[6], "best", "{s}");
@@ -217,13 +313,13 @@ mod tests {
             assert_eq!(middle, ["a", "b", "c", "d"]);
         }
         // No separator in this caption: the first `keep` (3) tags stay.
-        let s = rewrite_caption("p, q, r, s, t", &r, &mut rng);
+        let s = rewrite_caption("p, q, r, s, t", &r, 0, &mut rng);
         assert!(s.starts_with("p, q, r, "), "{s}");
         let semi = TagRules {
             separator: ";",
             ..rules(1, true, None)
         };
-        let s = rewrite_caption("x; y z; w", &semi, &mut rng);
+        let s = rewrite_caption("x; y z; w", &semi, 0, &mut rng);
         assert!(s.starts_with("x, "), "{s}");
         assert_eq!(s.split(", ").count(), 3, "{s}");
     }
@@ -238,14 +334,14 @@ mod tests {
             ..rules(0, true, None)
         };
         for _ in 0..10 {
-            let s = rewrite_caption("a;;b, c, d", &r, &mut rng);
+            let s = rewrite_caption("a;;b, c, d", &r, 0, &mut rng);
             assert!(s.contains("a,b"), "{s}");
         }
         let still = TagRules {
             secondary: Some(";;"),
             ..rules(0, false, None)
         };
-        assert_eq!(rewrite_caption("a;;b, c", &still, &mut rng), "a,b, c");
+        assert_eq!(rewrite_caption("a;;b, c", &still, 0, &mut rng), "a,b, c");
     }
 
     /// One line of several, one option per group; escaped braces stay literal, `{}` and an
@@ -277,7 +373,7 @@ mod tests {
             wildcard: true,
             ..rules(1, true, None)
         };
-        let s = rewrite_caption("[v], {x|x}, y", &w, &mut rng);
+        let s = rewrite_caption("[v], {x|x}, y", &w, 0, &mut rng);
         assert!(s == "[v], x, y" || s == "[v], y, x", "{s}");
     }
 }

@@ -1,7 +1,7 @@
 //! The settings of a training run: what `kstyle train` fills, prints at the start and records
 //! in the adapter's metadata.
 
-use super::captions::TagRules;
+use super::captions::{TagRules, TokenWarmup};
 use super::data::CaptionSource;
 use super::lr::LrSchedule;
 use super::lr_groups::{BlockLr, LoraPlus, Weights};
@@ -154,6 +154,12 @@ pub struct TrainConfig {
     /// at every step (the text encoders stay loaded).
     pub shuffle_caption: bool,
     pub keep_tokens: usize,
+    /// kohya's `--caption_dropout_every_n_epochs`: every caption of the Nth, 2Nth, ... epoch
+    /// (counted from 1) is dropped. None: off.
+    pub caption_dropout_every_epochs: Option<u64>,
+    /// kohya's token warm-up (`--token_warmup_min`, `--token_warmup_step`); None: off. The
+    /// trainer resolves a fractional length against the run's steps.
+    pub token_warmup: Option<TokenWarmup>,
     /// kohya's `--caption_tag_dropout_rate`: each visit drops each of its caption's tags after
     /// the first `keep_tokens` with this probability (after the shuffle).
     pub caption_tag_dropout: Option<f64>,
@@ -220,6 +226,15 @@ impl TrainConfig {
                  --caption-tag-dropout drops them: pass one of those"
                     .into(),
             ));
+        }
+        if let Some(w) = self.token_warmup {
+            if !(w.steps.is_finite() && w.steps > 0.0) {
+                return Err(Error::Config(format!(
+                    "--token-warmup-step must be a positive number of steps (below 1: a fraction \
+                     of the run; 0 turns the warm-up off), got {}",
+                    w.steps
+                )));
+            }
         }
         if let Some(p) = self.caption_tag_dropout {
             if !(0.0..=1.0).contains(&p) {
@@ -420,6 +435,7 @@ impl TrainConfig {
             shuffle: self.shuffle_caption,
             drop: self.caption_tag_dropout,
             wildcard: self.captions.wildcard,
+            warmup: self.token_warmup,
         }
     }
 
@@ -502,6 +518,17 @@ impl TrainConfig {
                     .map_or("none".into(), |n| n.to_string_lossy().into_owned()),
             ),
             ("shuffle_caption".to_string(), c.shuffle_caption.to_string()),
+            (
+                "caption_dropout_every_n_epochs".to_string(),
+                c.caption_dropout_every_epochs
+                    .map_or("none".into(), |n| n.to_string()),
+            ),
+            (
+                "token_warmup".to_string(),
+                c.token_warmup.map_or("none".into(), |w| {
+                    format!("min={} steps={}", w.min, w.steps)
+                }),
+            ),
             (
                 "caption_prefix".to_string(),
                 c.captions.prefix.clone().unwrap_or("none".into()),

@@ -286,10 +286,11 @@ pub(super) fn prepare_examples(
             samples.push((text_of(&p.prompt, "a preview prompt")?, negative));
         }
     }
-    let empty = match (cfg.caption_dropout, cfg.live_captions()) {
-        (Some(_), true) => Some(ExampleText::Caption(String::new())),
-        (Some(_), false) => Some(text_of("", "the dropped caption")?),
-        (None, _) => None,
+    let drops = cfg.caption_dropout.is_some() || cfg.caption_dropout_every_epochs.is_some();
+    let empty = match (drops, cfg.live_captions()) {
+        (true, true) => Some(ExampleText::Caption(String::new())),
+        (true, false) => Some(text_of("", "the dropped caption")?),
+        (false, _) => None,
     };
     log(&format!(
         "caches ready in {} (text encoders {}, VAE {})",

@@ -284,6 +284,13 @@ impl Trainer {
             None => Ok(None),
         };
         let mut cfg = cfg;
+        if let Some(w) = &mut cfg.token_warmup {
+            *w = w.resolve(total_steps);
+            log(&format!(
+                "token warm-up: {} steps from {} movable tags",
+                w.steps, w.min
+            ));
+        }
         if let Some(n) = in_steps(cfg.save_every_epochs, "--save-every-n-epochs")? {
             cfg.save_every = Some(n);
         }
