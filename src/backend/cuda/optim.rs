@@ -1,6 +1,7 @@
 //! AdamW over one flat f32 buffer on CUDA (kernels/optim.cu), and the squared norm used for
 //! gradient clipping.
 
+use super::device::Launch;
 use super::{CudaDevice, CudaStorage};
 use crate::backend::cpu::optim::{AdamW, LionStep, LrRun, ProdigyBuffers, ProdigyMoments, State};
 use crate::tensor::DType;
@@ -86,23 +87,13 @@ pub fn adamw_step_runs(
             .run_gs(n);
     }
     let table = rate_pieces(runs);
-    let count = table.len() / 3;
-    if count == 0 {
-        return Ok(());
-    }
-    let grid = u32::try_from(count)
-        .map_err(|_| Error::msg(format!("adamw_step: {count} pieces exceed one grid")))?;
-    // Released right after the launch; the pool reuses the block only for later work on this
-    // stream, which runs after the kernel.
-    let table = dev.upload(DType::I64, &table)?;
-    dev.launch("optim", "optim_adamw_pieces_step_f32".to_owned())?
-        .arg(table.ptr())
-        .arg(p.ptr())
-        .arg(g.ptr())
-        .arg(m.ptr())
-        .arg(v.ptr())
-        .arg(params(0.0))
-        .run((grid, 1, 1), (256, 1, 1), 0)
+    launch_pieces(&dev, "optim_adamw_pieces_step_f32", &table, |l| {
+        l.arg(p.ptr())
+            .arg(g.ptr())
+            .arg(m.ptr())
+            .arg(v.ptr())
+            .arg(params(0.0))
+    })
 }
 
 /// The `RatePiece` table of optim.cu: every run cut into pieces of at most `PIECE` elements,
@@ -162,12 +153,14 @@ fn pieces(parts: &[(u64, usize, usize)], elem_bytes: usize) -> Vec<i64> {
     table
 }
 
-/// Launch one multi-tensor pass: one block per piece, the table uploaded once.
-fn run_pieces(
-    dev: &std::sync::Arc<CudaDevice>,
-    symbol: String,
+/// One launch of optim.cu's `symbol` with one 256-thread block per piece of `table` (three
+/// i64 a piece: a `Piece` or a `RatePiece`), uploaded here: the table's device address is the
+/// first argument, `args` appends the rest. An empty table launches nothing.
+fn launch_pieces<'d>(
+    dev: &'d std::sync::Arc<CudaDevice>,
+    symbol: &str,
     table: &[i64],
-    flat: u64,
+    args: impl FnOnce(Launch<'d>) -> Launch<'d>,
 ) -> Result<()> {
     let count = table.len() / 3;
     if count == 0 {
@@ -178,10 +171,7 @@ fn run_pieces(
     // The table is released right after the launch; the pool hands its block out again only to
     // later work on the same stream, which runs after this kernel.
     let t = dev.upload(DType::I64, table)?;
-    dev.launch("optim", symbol)?
-        .arg(t.ptr())
-        .arg(flat)
-        .run((grid, 1, 1), (256, 1, 1), 0)
+    args(dev.launch("optim", symbol.to_owned())?.arg(t.ptr())).run((grid, 1, 1), (256, 1, 1), 0)
 }
 
 /// `flat[offset .. offset + len] += part` for every `(part address, offset, len)`: contiguous f32
@@ -197,13 +187,10 @@ pub fn gather_add(flat: &mut CudaStorage, parts: &[(u64, usize, usize)]) -> Resu
             flat.len()
         )));
     }
-    let dev = flat.dev().clone();
-    run_pieces(
-        &dev,
-        "optim_gather_add_fwd_f32".to_owned(),
-        &pieces(parts, 4),
-        flat.ptr(),
-    )
+    let table = pieces(parts, 4);
+    launch_pieces(flat.dev(), "optim_gather_add_fwd_f32", &table, |l| {
+        l.arg(flat.ptr())
+    })
 }
 
 /// Every `(target, offset)` receives `flat[offset .. offset + target.len()]`, rounded to the
@@ -236,7 +223,7 @@ pub fn scatter(flat: &CudaStorage, targets: &[(&CudaStorage, usize)]) -> Result<
         }
         let table = pieces(&parts, dtype.size_in_bytes());
         let symbol = format!("optim_scatter_fwd_{}", dtype.name());
-        run_pieces(flat.dev(), symbol, &table, flat.ptr())?;
+        launch_pieces(flat.dev(), &symbol, &table, |l| l.arg(flat.ptr()))?;
     }
     Ok(())
 }
@@ -314,29 +301,25 @@ pub fn prodigy_moments(
     if count == 0 {
         return Ok((0.0, 0.0));
     }
-    let grid = u32::try_from(count)
-        .map_err(|_| Error::msg(format!("prodigy_moments: {count} pieces exceed one grid")))?;
     let dev = p.dev().clone();
-    let table = dev.upload(DType::I64, &table)?;
     let partial = dev.alloc(DType::F32, 2 * count)?;
-    dev.launch("optim", "optim_prodigy_moments_step_f32".to_owned())?
-        .arg(table.ptr())
-        .arg(p.ptr())
-        .arg(p0.ptr())
-        .arg(g.ptr())
-        .arg(m.ptr())
-        .arg(v.ptr())
-        .arg(s.ptr())
-        .arg(partial.ptr())
-        .arg(ProdigyParams {
-            beta1: h.beta1 as f32,
-            beta2: h.beta2 as f32,
-            beta3: h.beta3 as f32,
-            d: h.d as f32,
-            s_coef: h.s_coef as f32,
-            grad_scale,
-        })
-        .run((grid, 1, 1), (256, 1, 1), 0)?;
+    launch_pieces(&dev, "optim_prodigy_moments_step_f32", &table, |l| {
+        l.arg(p.ptr())
+            .arg(p0.ptr())
+            .arg(g.ptr())
+            .arg(m.ptr())
+            .arg(v.ptr())
+            .arg(s.ptr())
+            .arg(partial.ptr())
+            .arg(ProdigyParams {
+                beta1: h.beta1 as f32,
+                beta2: h.beta2 as f32,
+                beta3: h.beta3 as f32,
+                d: h.d as f32,
+                s_coef: h.s_coef as f32,
+                grad_scale,
+            })
+    })?;
     let mut sums = vec![0f32; 2 * count];
     dev.download(partial.ptr(), &mut sums)?;
     let num = sums.iter().step_by(2).map(|&x| x as f64).sum();
@@ -354,26 +337,14 @@ pub fn prodigy_update(
 ) -> Result<()> {
     check_f32("prodigy_update", &[("p", p), ("m", m), ("v", v)], ranges)?;
     let table = range_pieces(ranges);
-    let count = table.len() / 3;
-    if count == 0 {
-        return Ok(());
-    }
-    let grid = u32::try_from(count)
-        .map_err(|_| Error::msg(format!("prodigy_update: {count} pieces exceed one grid")))?;
-    let dev = p.dev().clone();
-    let table = dev.upload(DType::I64, &table)?;
     let [dlr, weight_decay, d_eps] = step;
-    dev.launch("optim", "optim_prodigy_update_step_f32".to_owned())?
-        .arg(table.ptr())
-        .arg(p.ptr())
-        .arg(m.ptr())
-        .arg(v.ptr())
-        .arg(ProdigyUpdate {
+    launch_pieces(p.dev(), "optim_prodigy_update_step_f32", &table, |l| {
+        l.arg(p.ptr()).arg(m.ptr()).arg(v.ptr()).arg(ProdigyUpdate {
             dlr: dlr as f32,
             weight_decay: weight_decay as f32,
             d_eps: d_eps as f32,
         })
-        .run((grid, 1, 1), (256, 1, 1), 0)
+    })
 }
 
 /// `struct LionParams` of optim.cu.
@@ -399,24 +370,12 @@ pub fn lion_step_runs(
     let ranges: Vec<std::ops::Range<usize>> = runs.iter().map(|r| r.range.clone()).collect();
     check_f32("lion_step", &[("p", p), ("m", m), ("g", g)], &ranges)?;
     let table = rate_pieces(runs);
-    let count = table.len() / 3;
-    if count == 0 {
-        return Ok(());
-    }
-    let grid = u32::try_from(count)
-        .map_err(|_| Error::msg(format!("lion_step: {count} pieces exceed one grid")))?;
-    let dev = p.dev().clone();
-    let table = dev.upload(DType::I64, &table)?;
-    dev.launch("optim", "optim_lion_step_f32".to_owned())?
-        .arg(table.ptr())
-        .arg(p.ptr())
-        .arg(g.ptr())
-        .arg(m.ptr())
-        .arg(LionParams {
+    launch_pieces(p.dev(), "optim_lion_step_f32", &table, |l| {
+        l.arg(p.ptr()).arg(g.ptr()).arg(m.ptr()).arg(LionParams {
             beta1: h.beta1 as f32,
             beta2: h.beta2 as f32,
             weight_decay: h.weight_decay as f32,
             grad_scale,
         })
-        .run((grid, 1, 1), (256, 1, 1), 0)
+    })
 }
