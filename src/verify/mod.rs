@@ -8,6 +8,7 @@ pub mod extra_cases;
 mod layer_cases;
 mod lion_case;
 mod mask_crop_case;
+mod optim_steps;
 mod pipeline_case;
 mod prodigy_case;
 mod sampler_cases;

@@ -7,24 +7,13 @@
 //! values themselves are dominated by where they started) and d; the final moments, s, values and
 //! d's numerator.
 
+use super::optim_steps::{check_step, host, json, start};
 use super::{Checker, Ctx, Row};
 use crate::backend::cpu::optim::AdamW;
 use crate::tensor::SafeTensorsFile;
 use crate::train::optim::Optimizer;
 use crate::train::prodigy::ProdigyConfig;
-use crate::{DType, Device, Error, Result, Tensor};
-
-fn json<T: serde::de::DeserializeOwned>(f: &SafeTensorsFile, key: &str) -> Result<T> {
-    serde_json::from_str(f.meta_str(key)?).map_err(|e| Error::Json {
-        path: f.path().into(),
-        msg: format!("metadata `{key}`: {e}"),
-    })
-}
-
-fn host(v: Vec<f64>) -> Result<Tensor> {
-    let n = v.len();
-    Tensor::from_vec(v, n, Device::Cpu)
-}
+use crate::{Error, Result};
 
 pub fn prodigy(ctx: &Ctx) -> Result<Vec<Row>> {
     let f = SafeTensorsFile::open(ctx.reference("../../extra/prodigy.safetensors"))?;
@@ -52,46 +41,22 @@ pub fn prodigy(ctx: &Ctx) -> Result<Vec<Row>> {
             use_bias_correction: flag("use_bias_correction"),
             safeguard_warmup: flag("safeguard_warmup"),
         };
-        let load = |k: &str| -> Result<Tensor> {
-            f.tensor(k)?.to_dtype(DType::F32)?.to_device(ctx.device)
-        };
-        let params: Vec<(String, Tensor)> = (0..shapes.len())
-            .map(|i| Ok((format!("p{i}"), load(&format!("{case}.p.{i}"))?.var()?)))
-            .collect::<Result<_>>()?;
+        let (params, mut reference) = start(ctx, &f, case, shapes.len())?;
         let mut opt = Optimizer::new(hyper, &params)?.with_prodigy(config)?;
-        let mut reference: Vec<Vec<f64>> = (0..shapes.len())
-            .map(|i| f.tensor(&format!("{case}.p.{i}"))?.to_vec_f64())
-            .collect::<Result<_>>()?;
         for (step, &lr) in lrs.iter().enumerate() {
-            let before: Vec<Vec<f64>> = params
-                .iter()
-                .map(|(_, p)| p.to_vec_f64())
-                .collect::<Result<_>>()?;
-            let grads: Vec<Tensor> = (0..shapes.len())
-                .map(|i| {
-                    let g = load(&format!("{case}.g.{step}.{i}"))?;
-                    let n = g.elem_count();
-                    g.reshape(n)
-                })
-                .collect::<Result<_>>()?;
             let rates: Vec<f64> = (0..shapes.len())
                 .map(|i| if frozen.contains(&i) { 0.0 } else { lr })
                 .collect();
-            opt.step_rates(&params, &Tensor::cat(&grads, 0)?, 1.0, &rates)?;
-            let (mut ours, mut theirs) = (Vec::new(), Vec::new());
-            for (i, (_, p)) in params.iter().enumerate() {
-                let after = f
-                    .tensor(&format!("{case}.after.{step}.{i}"))?
-                    .to_vec_f64()?;
-                ours.extend(p.to_vec_f64()?.iter().zip(&before[i]).map(|(a, b)| a - b));
-                theirs.extend(after.iter().zip(&reference[i]).map(|(a, b)| a - b));
-                reference[i] = after;
-            }
-            chk.check(
-                &format!("{case} step {step} update (every parameter, as one vector)"),
-                &host(ours)?,
-                &host(theirs)?,
-                ctx.grad,
+            check_step(
+                &mut chk,
+                ctx,
+                &f,
+                case,
+                step,
+                &mut opt,
+                &params,
+                &rates,
+                &mut reference,
             )?;
             let d = opt.prodigy().map_or(f64::NAN, |p| p.d);
             chk.check(
