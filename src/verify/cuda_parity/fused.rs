@@ -515,20 +515,8 @@ pub(super) fn adamw(r: &mut Run) -> Result<()> {
         let (p, m, v) = (&mut pg, &mut mg, &mut vg);
         ops::adamw_step(&h, t, State { p, m, v }, &gg, 1.0 / 3.0)?;
     }
-    let copy = |s: &Storage| -> Result<Tensor> {
-        Ok(st(
-            s.copy_strided(&crate::tensor::Layout::contiguous(n))?,
-            n,
-        ))
-    };
     for (name, g, c) in [("p", &pg, &pc), ("m", &mg, &mc), ("v", &vg, &vc)] {
-        r.check(
-            format!("adamw {name}"),
-            DType::F32,
-            &copy(g)?,
-            &copy(c)?,
-            true,
-        )?;
+        check_flat(r, format!("adamw {name}"), g, c)?;
     }
     // Interleaved rates (LoRA+, block weights): the pieces kernel, with a run longer than one
     // block's piece, runs of one element, a rate of 0, and a gap no run covers (left alone).
@@ -555,6 +543,19 @@ pub(super) fn adamw(r: &mut Run) -> Result<()> {
         r.check(name.into(), DType::F32, &st(g, n), &st(c, n), true)?;
     }
     Ok(())
+}
+
+/// A flat f32 optimizer buffer after the CUDA steps against the CPU oracle's, at the gradient
+/// tolerance (an optimizer state is a function of gradients).
+fn check_flat(r: &mut Run, name: String, gpu: &Storage, cpu: &Storage) -> Result<()> {
+    let whole = |s: &Storage| -> Result<Tensor> {
+        let n = s.len();
+        Ok(st(
+            s.copy_strided(&crate::tensor::Layout::contiguous(n))?,
+            n,
+        ))
+    };
+    r.check(name, DType::F32, &whole(gpu)?, &whole(cpu)?, true)
 }
 
 /// The squared global norm of flat gradients (clipping and the loss log): one element, one
@@ -690,20 +691,8 @@ pub(super) fn prodigy(r: &mut Run) -> Result<()> {
         let (g, c) = (one(sums[1][i])?, one(sums[0][i])?);
         r.check(format!("prodigy {what}"), DType::F32, &g, &c, true)?;
     }
-    let copy = |s: &Storage| -> Result<Tensor> {
-        Ok(st(
-            s.copy_strided(&crate::tensor::Layout::contiguous(n))?,
-            n,
-        ))
-    };
     for (i, name) in [(0, "p"), (3, "m"), (4, "v"), (5, "s")] {
-        r.check(
-            format!("prodigy {name}"),
-            DType::F32,
-            &copy(&gpu[i])?,
-            &copy(&cpu[i])?,
-            true,
-        )?;
+        check_flat(r, format!("prodigy {name}"), &gpu[i], &cpu[i])?;
     }
     Ok(())
 }
@@ -749,20 +738,8 @@ pub(super) fn lion(r: &mut Run) -> Result<()> {
             ops::lion_step_runs(&h, p, m, g, 0.5, &runs)?;
         }
     }
-    let copy = |s: &Storage| -> Result<Tensor> {
-        Ok(st(
-            s.copy_strided(&crate::tensor::Layout::contiguous(n))?,
-            n,
-        ))
-    };
     for (i, name) in [(0, "p"), (2, "m")] {
-        r.check(
-            format!("lion {name}"),
-            DType::F32,
-            &copy(&gpu[i])?,
-            &copy(&cpu[i])?,
-            true,
-        )?;
+        check_flat(r, format!("lion {name}"), &gpu[i], &cpu[i])?;
     }
     Ok(())
 }
