@@ -13,6 +13,8 @@ struct f8e5m2 { unsigned char bits; };
 
 typedef long long i64;
 typedef unsigned long long u64;
+// Bytes: the codes of the 8-bit optimizer state (optim.cu); moved, never cast.
+typedef unsigned char u8;
 
 // INFINITY is not defined under NVRTC.
 #define KS_INF __int_as_float(0x7f800000)

@@ -263,6 +263,7 @@ KS_MOVE(f16, f16)
 KS_MOVE(f8e4m3, f8e4m3)
 KS_MOVE(f8e5m2, f8e5m2)
 KS_MOVE(i64, i64)
+KS_MOVE(u8, u8)
 
 // Arg-max indices: the reduce kernels write i32, tensors carry i64.
 extern "C" __global__ void elementwise_cast_fwd_i32_i64(i64 n, const int* x, i64* y) {

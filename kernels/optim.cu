@@ -195,3 +195,108 @@ extern "C" __global__ void optim_lion_step_f32(const RatePiece* __restrict__ pie
         m[i] = fmaf(h.beta2, mi, (1.0f - h.beta2) * gi);
     }
 }
+
+// AdamW with 8-bit moments (bitsandbytes' AdamW8bit, kohya's --optimizer_type AdamW8bit; see
+// src/train/adamw8bit.rs). A trainable of at least min_8bit_size elements keeps each moment as
+// one byte per element, the nearest code of value / absmax in a 256-entry map (signed for m,
+// unsigned for v), with one f32 absmax per block of 256 of its elements; smaller trainables keep
+// f32 moments and step as plain AdamW. One launch steps every trainable: block b handles chunk b
+// of 256 elements, found in the slot table by its first chunk (a binary search over the slots).
+// For a quantized chunk (one quantization block):
+//
+//   m, v   <- code * absmax                         (dequantize)
+//   m <- b1 m + (1 - b1) g ;  v <- b2 v + (1 - b2) g^2
+//   p <- p (1 - lr wd) - (lr / bc1) m / (sqrt(v / bc2) + eps)
+//   absmax <- max |m|, max |v| over the chunk;  code <- nearest(m / absmax)   (ties to the lower)
+//
+// The maps arrive as 512 floats (signed, then unsigned); the midpoints between codes are formed
+// in f32 exactly as bitsandbytes' quantizer forms them. A chunk whose moment is 0 throughout gets
+// absmax 0 and the code of 0.
+struct Slot8 {
+    i64 offset;  // the trainable in the masters and the gradient
+    i64 len;
+    i64 state;   // its moments in m / v (f32) or q1 / q2 (codes)
+    i64 block;   // its first absmax entry; -1 for f32 moments
+    i64 chunk0;  // its first chunk (block of this launch)
+    double lr;
+};
+
+struct AdamW8bitParams {
+    float beta1, beta2, eps, weight_decay;
+    float bias_correction1, bias_correction2;
+    float grad_scale;
+    int count;  // slots in the table
+};
+
+// The number of midpoints between consecutive codes that lie below x: the nearest code's index.
+__device__ __forceinline__ u8 nearest_code(const float* __restrict__ code, float x) {
+    int lo = 0, hi = 255;
+    while (lo < hi) {
+        const int mid = (lo + hi) >> 1;
+        if ((code[mid] + code[mid + 1]) * 0.5f < x) lo = mid + 1;
+        else hi = mid;
+    }
+    return (u8)lo;
+}
+
+extern "C" __global__ void __launch_bounds__(256) optim_adamw8bit_step_f32(
+    const Slot8* __restrict__ slots, const float* __restrict__ maps, float* __restrict__ p,
+    const float* __restrict__ g, float* __restrict__ m, float* __restrict__ v, u8* __restrict__ q1,
+    u8* __restrict__ q2, float* __restrict__ absmax1, float* __restrict__ absmax2, AdamW8bitParams h) {
+    __shared__ float code1[256];
+    __shared__ float code2[256];
+    __shared__ float scratch[32];
+    code1[threadIdx.x] = maps[threadIdx.x];
+    code2[threadIdx.x] = maps[256 + threadIdx.x];
+    int lo = 0, hi = h.count - 1;
+    while (lo < hi) {
+        const int mid = (lo + hi + 1) >> 1;
+        if (slots[mid].chunk0 <= (i64)blockIdx.x) lo = mid;
+        else hi = mid - 1;
+    }
+    const Slot8 sl = slots[lo];
+    const i64 chunk = (i64)blockIdx.x - sl.chunk0;
+    const i64 e = chunk * 256 + threadIdx.x;
+    const bool live = e < sl.len;
+    const float lr = static_cast<float>(sl.lr);
+    const float step = lr / h.bias_correction1;
+    const float inv_sqrt_bc2 = 1.0f / sqrtf(h.bias_correction2);
+    const float decay = 1.0f - lr * h.weight_decay;
+    __syncthreads();
+
+    float mi = 0.0f, vi = 0.0f;
+    if (live) {
+        const i64 i = sl.offset + e, s = sl.state + e;
+        const float gi = g[i] * h.grad_scale;
+        float m0, v0;
+        if (sl.block < 0) {
+            m0 = m[s];
+            v0 = v[s];
+        } else {
+            m0 = code1[q1[s]] * absmax1[sl.block + chunk];
+            v0 = code2[q2[s]] * absmax2[sl.block + chunk];
+        }
+        mi = fmaf(h.beta1, m0, (1.0f - h.beta1) * gi);
+        vi = fmaf(h.beta2, v0, (1.0f - h.beta2) * gi * gi);
+        p[i] = p[i] * decay - step * mi / (sqrtf(vi) * inv_sqrt_bc2 + h.eps);
+        if (sl.block < 0) {
+            m[s] = mi;
+            v[s] = vi;
+        }
+    }
+    if (sl.block < 0) return;  // the whole block takes the same branch
+
+    const float top1 = block_max(fabsf(mi), scratch);
+    const float top2 = block_max(fabsf(vi), scratch);
+    if (threadIdx.x == 0) {
+        absmax1[sl.block + chunk] = top1;
+        absmax2[sl.block + chunk] = top2;
+    }
+    if (live) {
+        const i64 s = sl.state + e;
+        const float x1 = top1 > 0.0f ? fminf(fmaxf(mi / top1, -1.0f), 1.0f) : 0.0f;
+        const float x2 = top2 > 0.0f ? fminf(vi / top2, 1.0f) : 0.0f;
+        q1[s] = nearest_code(code1, x1);
+        q2[s] = nearest_code(code2, x2);
+    }
+}

@@ -179,6 +179,7 @@ fn every_bench_case_runs_on_the_emulator() {
         "adamw step interleaved rates",
         "prodigy step",
         "lion step",
+        "adamw8bit step",
         "adamw per-tensor",
         "sdpa fwd+bwd flash",
         "sdpa fwd+bwd composed",

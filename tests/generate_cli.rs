@@ -181,6 +181,7 @@ fn verify_passes_every_case_on_the_tiny_fixtures() {
         "max_norm",
         "prodigy",
         "lion",
+        "adamw8bit",
         "train_targets",
         "lora_lycoris",
         "lora_peft",

@@ -122,6 +122,7 @@ pub fn to_host(s: &CudaStorage, l: &Layout) -> Result<CpuStorage> {
         DType::F64 => CpuStorage::F64(get(dev, c.ptr(), n)?),
         DType::F8E4M3 => CpuStorage::F8E4M3(get(dev, c.ptr(), n)?),
         DType::F8E5M2 => CpuStorage::F8E5M2(get(dev, c.ptr(), n)?),
+        DType::U8 => CpuStorage::U8(get(dev, c.ptr(), n)?),
     })
 }
 
@@ -135,9 +136,10 @@ pub fn from_host(dev: &std::sync::Arc<cuda::CudaDevice>, c: &CpuStorage) -> Resu
         CpuStorage::I64(v) => dev.upload(DType::I64, v)?,
         CpuStorage::F8E4M3(v) => dev.upload(DType::F8E4M3, v)?,
         CpuStorage::F8E5M2(v) => dev.upload(DType::F8E5M2, v)?,
+        CpuStorage::U8(v) => dev.upload(DType::U8, v)?,
         CpuStorage::F64(_) => {
             return Err(Error::DType {
-                op: "to_device (CUDA stores f32, bf16, f16, float8 and i64)",
+                op: "to_device (CUDA stores f32, bf16, f16, float8, i64 and u8)",
                 dtype: DType::F64,
             })
         }

@@ -2,7 +2,9 @@
 //! Prodigy steps, the squared gradient norm, and the multi-tensor gather and scatter between the
 //! flat buffers and the trainables' own storage. CPU oracle or CUDA kernels, as every op.
 
-use super::cpu::optim::{AdamW, LionStep, LrRun, ProdigyBuffers, ProdigyMoments, State};
+use super::cpu::optim::{
+    AdamW, LionStep, LrRun, Moments8, ProdigyBuffers, ProdigyMoments, Slot8, State,
+};
 use super::cpu::{self, CpuStorage};
 use super::cuda::optim as coptim;
 use super::{Arg, Storage};
@@ -120,6 +122,156 @@ pub fn lion_step_runs(
         }
         (p, ..) => Err(Error::DType {
             op: "lion_step (flat f32 buffers on one device)",
+            dtype: p.dtype(),
+        }),
+    }
+}
+
+/// Every slot of an 8-bit AdamW step lies inside its buffers: the masters and gradient, the f32
+/// moments or the codes and their absmax.
+fn check_slots8(
+    p: usize,
+    g: usize,
+    s: &Moments8<'_, Storage, Storage>,
+    slots: &[Slot8],
+) -> Result<()> {
+    let dtypes = [
+        (s.m.dtype(), DType::F32),
+        (s.v.dtype(), DType::F32),
+        (s.absmax1.dtype(), DType::F32),
+        (s.absmax2.dtype(), DType::F32),
+        (s.q1.dtype(), DType::U8),
+        (s.q2.dtype(), DType::U8),
+    ];
+    if let Some(&(got, _)) = dtypes.iter().find(|(got, want)| got != want) {
+        return Err(Error::DType {
+            op: "adamw8bit_step (f32 moments and absmax, u8 codes)",
+            dtype: got,
+        });
+    }
+    for slot in slots {
+        let inside = match slot.block {
+            None => slot.state + slot.len <= s.m.len().min(s.v.len()),
+            Some(b) => {
+                slot.state + slot.len <= s.q1.len().min(s.q2.len())
+                    && b + slot.len.div_ceil(cpu::optim::BLOCK_8BIT)
+                        <= s.absmax1.len().min(s.absmax2.len())
+            }
+        };
+        if !inside || slot.offset + slot.len > p.min(g) {
+            return Err(Error::msg(format!(
+                "adamw8bit_step: slot {slot:?} lies outside its buffers (masters {p}, gradient \
+                 {g}, f32 moments {}, codes {}, absmax {})",
+                s.m.len(),
+                s.q1.len(),
+                s.absmax1.len()
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// One 8-bit AdamW step (see `train::adamw8bit`) at 1-based step `t` over the trainables `slots`
+/// lists, each at its own rate (`h.lr` is not read), with gradient `grad_scale * g`, in place on
+/// the f32 masters `p` and the moments. `maps` is the (512,) f32 signed and unsigned maps.
+#[allow(clippy::too_many_arguments)]
+pub fn adamw8bit_step(
+    h: &AdamW,
+    t: u64,
+    maps: &Storage,
+    p: &mut Storage,
+    s: Moments8<'_, Storage, Storage>,
+    g: &Storage,
+    grad_scale: f32,
+    slots: &[Slot8],
+) -> Result<()> {
+    check_slots8(p.len(), g.len(), &s, slots)?;
+    if t == 0 {
+        return Err(Error::msg("adamw8bit_step: steps count from 1"));
+    }
+    use CpuStorage::{F32, U8};
+    use Storage::{Cpu, Cuda};
+    let Moments8 {
+        m,
+        v,
+        q1,
+        q2,
+        absmax1,
+        absmax2,
+    } = s;
+    match (p, g, maps, m, v, q1, q2, absmax1, absmax2) {
+        (
+            Cpu(F32(p)),
+            Cpu(F32(g)),
+            Cpu(F32(maps)),
+            Cpu(F32(m)),
+            Cpu(F32(v)),
+            Cpu(U8(q1)),
+            Cpu(U8(q2)),
+            Cpu(F32(a1)),
+            Cpu(F32(a2)),
+        ) if maps.len() == 512 => {
+            let mut signed = [0f32; 256];
+            let mut unsigned = [0f32; 256];
+            signed.copy_from_slice(&maps[..256]);
+            unsigned.copy_from_slice(&maps[256..]);
+            for slot in slots {
+                let (at, n) = (slot.offset, slot.len);
+                let Some(b0) = slot.block else {
+                    let state = State {
+                        p: &mut p[at..at + n],
+                        m: &mut m[slot.state..slot.state + n],
+                        v: &mut v[slot.state..slot.state + n],
+                    };
+                    let h = AdamW { lr: slot.lr, ..*h };
+                    cpu::optim::adamw_step(&h, t, state, &g[at..at + n], grad_scale);
+                    continue;
+                };
+                for (k, start) in (0..n).step_by(cpu::optim::BLOCK_8BIT).enumerate() {
+                    let end = (start + cpu::optim::BLOCK_8BIT).min(n);
+                    let q = slot.state;
+                    cpu::optim::adamw8bit_block(
+                        h,
+                        t,
+                        slot.lr,
+                        (&signed, &unsigned),
+                        &mut p[at + start..at + end],
+                        &g[at + start..at + end],
+                        grad_scale,
+                        (&mut q1[q + start..q + end], &mut q2[q + start..q + end]),
+                        (&mut a1[b0 + k], &mut a2[b0 + k]),
+                    );
+                }
+            }
+            Ok(())
+        }
+        (
+            Cuda(p),
+            Cuda(g),
+            Cuda(maps),
+            Cuda(m),
+            Cuda(v),
+            Cuda(q1),
+            Cuda(q2),
+            Cuda(absmax1),
+            Cuda(absmax2),
+        ) if maps.len() == 512
+            && [g, maps, &*m, &*v, &*q1, &*q2, &*absmax1, &*absmax2]
+                .iter()
+                .all(|b| b.ordinal() == p.ordinal()) =>
+        {
+            let moments = Moments8 {
+                m,
+                v,
+                q1,
+                q2,
+                absmax1,
+                absmax2,
+            };
+            coptim::adamw8bit_step(h, t, maps, p, moments, g, grad_scale, slots)
+        }
+        (p, ..) => Err(Error::DType {
+            op: "adamw8bit_step (the masters, gradient, moments and 512 map values on one device)",
             dtype: p.dtype(),
         }),
     }

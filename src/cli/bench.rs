@@ -330,6 +330,21 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
         4.0 * (5 + 2) as f64 * total as f64,
         0.0,
     );
+    // AdamW8bit: p and g read, both codes read and written, p written, then the copy into the
+    // tensors (the absmax, 8 bytes a block of 256, aside): 24 bytes an element against AdamW's
+    // 36, and 2 bytes of state instead of 8. At the default sizes every tensor is quantized.
+    let mut eight = kstyle::train::optim::Optimizer::new(Default::default(), &params)?
+        .with_adamw8bit(Default::default())?;
+    let s_eight = b.time(|| eight.step(&params, &grad, 0.5, 1e-4))?;
+    b.report(
+        &format!(
+            "adamw8bit step {tensors} tensors ({:.2}x adamw)",
+            s_eight / s
+        ),
+        s_eight,
+        (16 + 8) as f64 * total as f64,
+        0.0,
+    );
     let per: Vec<[Tensor; 4]> = (0..tensors)
         .map(|_| {
             Ok([

@@ -8,6 +8,7 @@ use kstyle::models::unet::CheckpointPolicy;
 use kstyle::nn::lora::LoraConfig;
 use kstyle::nn::lora_dropout::LoraDropout;
 use kstyle::sample::schedule::{HuberSchedule, LossType};
+use kstyle::train::adamw8bit::AdamW8bitConfig;
 use kstyle::train::captions::TokenWarmup;
 use kstyle::train::concepts::{default_concepts, load_concepts};
 use kstyle::train::data::CaptionSource;
@@ -199,8 +200,9 @@ pub struct Args {
     #[arg(long, allow_negative_numbers = true)]
     pub lr_power: Option<f64>,
     /// Decoupled weight decay. Default: each optimizer's own, as kohya constructs it: 0.01 for
-    /// AdamW (torch), 0 for Prodigy (prodigyopt) and Lion (lion-pytorch; the paper suggests 3
-    /// to 10 times AdamW's, with a rate as many times smaller).
+    /// AdamW (torch) and AdamW8bit (bitsandbytes), 0 for Prodigy (prodigyopt) and Lion
+    /// (lion-pytorch; the paper suggests 3 to 10 times AdamW's, with a rate as many times
+    /// smaller).
     #[arg(long)]
     pub weight_decay: Option<f64>,
     /// The first-moment decay (diffusers' --adam_beta1; Lion's beta1, the interpolation that
@@ -215,16 +217,19 @@ pub struct Args {
     /// Prodigy's too; Lion has none). Default 1e-8.
     #[arg(long)]
     pub adam_epsilon: Option<f64>,
-    /// The optimizer: AdamW; Prodigy (kohya's --optimizer_type Prodigy, prodigyopt), which
-    /// estimates its own step size d and wants --lr 1; or Lion (kohya's --optimizer_type Lion,
-    /// lion-pytorch), which steps every element by the rate in the direction of a sign and
-    /// keeps one moment instead of two. Both share AdamW's flags (--adam-beta1, --adam-beta2,
-    /// --weight-decay; --adam-epsilon for Prodigy).
+    /// The optimizer: AdamW; AdamW8bit (kohya's --optimizer_type AdamW8bit, bitsandbytes), AdamW
+    /// with both moments stored in one byte per element for every trainable of 4096 elements or
+    /// more (2 bytes of state per element instead of 8); Prodigy (kohya's --optimizer_type
+    /// Prodigy, prodigyopt), which estimates its own step size d and wants --lr 1; or Lion
+    /// (kohya's --optimizer_type Lion, lion-pytorch), which steps every element by the rate in
+    /// the direction of a sign and keeps one moment instead of two. All share AdamW's flags
+    /// (--adam-beta1, --adam-beta2, --weight-decay; --adam-epsilon but for Lion).
     #[arg(long, value_enum, default_value = "adamw")]
     pub optimizer: OptimizerArg,
     /// The optimizer's own settings as kohya's --optimizer_args spells them. Prodigy: d0=1e-6
     /// d_coef=1 beta3=... growth_rate=inf use_bias_correction=False safeguard_warmup=False.
-    /// Lion: decoupled_weight_decay=False (True divides the decay by --lr).
+    /// Lion: decoupled_weight_decay=False (True divides the decay by --lr). AdamW8bit:
+    /// min_8bit_size=4096 (smaller trainables keep f32 moments), is_paged (no effect).
     #[arg(long, num_args = 1.., value_name = "KEY=VALUE")]
     pub optimizer_args: Vec<String>,
     /// Clip the global gradient norm (every trainable tensor together, of the mean over the
@@ -435,6 +440,8 @@ pub enum OptimizerArg {
     Prodigy,
     #[value(name = "lion", alias = "Lion")]
     Lion,
+    #[value(name = "adamw8bit", alias = "AdamW8bit")]
+    AdamW8bit,
 }
 
 #[derive(Clone, Copy, Debug, clap::ValueEnum)]
@@ -573,7 +580,7 @@ pub fn config_from(a: &Args) -> anyhow::Result<TrainConfig> {
             }),
             eps: a.adam_epsilon.unwrap_or(1e-8),
             weight_decay: a.weight_decay.unwrap_or(match a.optimizer {
-                OptimizerArg::AdamW => 1e-2,
+                OptimizerArg::AdamW | OptimizerArg::AdamW8bit => 1e-2,
                 _ => 0.0,
             }),
         },
@@ -585,10 +592,13 @@ pub fn config_from(a: &Args) -> anyhow::Result<TrainConfig> {
                 anyhow::bail!("--adam-epsilon: Lion has no epsilon (its step is a sign)")
             }
             OptimizerArg::Lion => OptimizerKind::Lion(LionConfig::parse(&a.optimizer_args)?),
+            OptimizerArg::AdamW8bit => {
+                OptimizerKind::AdamW8bit(AdamW8bitConfig::parse(&a.optimizer_args)?)
+            }
             OptimizerArg::AdamW if a.optimizer_args.is_empty() => OptimizerKind::AdamW,
             OptimizerArg::AdamW => anyhow::bail!(
                 "--optimizer-args {}: AdamW takes its settings as flags; --optimizer-args are \
-                 Prodigy's or Lion's",
+                 Prodigy's, Lion's or AdamW8bit's",
                 a.optimizer_args.join(" ")
             ),
         },

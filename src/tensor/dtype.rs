@@ -16,12 +16,14 @@ pub enum DType {
     F8E4M3,
     /// `torch.float8_e5m2`, storage only.
     F8E5M2,
+    /// Bytes: 8-bit optimizer codes (`torch.uint8`), storage only.
+    U8,
 }
 
 impl DType {
     pub fn size_in_bytes(self) -> usize {
         match self {
-            DType::F8E4M3 | DType::F8E5M2 => 1,
+            DType::F8E4M3 | DType::F8E5M2 | DType::U8 => 1,
             DType::F16 | DType::BF16 => 2,
             DType::F32 => 4,
             DType::F64 | DType::I64 => 8,
@@ -29,12 +31,12 @@ impl DType {
     }
 
     pub fn is_float(self) -> bool {
-        !matches!(self, DType::I64)
+        !matches!(self, DType::I64 | DType::U8)
     }
 
-    /// A type tensors can be stored in but no arithmetic op takes (float8).
+    /// A type tensors can be stored in but no arithmetic op takes (float8, bytes).
     pub fn is_storage_only(self) -> bool {
-        matches!(self, DType::F8E4M3 | DType::F8E5M2)
+        matches!(self, DType::F8E4M3 | DType::F8E5M2 | DType::U8)
     }
 
     pub fn name(self) -> &'static str {
@@ -46,6 +48,7 @@ impl DType {
             DType::I64 => "i64",
             DType::F8E4M3 => "f8e4m3",
             DType::F8E5M2 => "f8e5m2",
+            DType::U8 => "u8",
         }
     }
 
@@ -56,6 +59,7 @@ impl DType {
             "f32" | "fp32" | "float32" | "float" => DType::F32,
             "f64" | "fp64" | "float64" | "double" => DType::F64,
             "i64" | "int64" => DType::I64,
+            "u8" | "uint8" => DType::U8,
             "f8e4m3" | "fp8-e4m3fn" | "float8_e4m3fn" | "fp8_e4m3fn" | "e4m3" => DType::F8E4M3,
             "f8e5m2" | "fp8-e5m2" | "float8_e5m2" | "fp8_e5m2" | "e5m2" => DType::F8E5M2,
             _ => return None,
@@ -146,6 +150,7 @@ element!(bf16, DType::BF16, |x: bf16| x.to_f64(), |v: f64| {
 element!(f32, DType::F32, |x: f32| x as f64, |v: f64| v as f32);
 element!(f64, DType::F64, |x: f64| x, |v: f64| v);
 element!(i64, DType::I64, |x: i64| x as f64, |v: f64| v as i64);
+element!(u8, DType::U8, |x: u8| x as f64, |v: f64| v as u8);
 // float8 rounds through f32 too: PyTorch has no double -> float8 conversion of its own.
 element!(
     F8E4M3,

@@ -202,6 +202,7 @@ fn st_dtype(d: DType) -> safetensors::Dtype {
         DType::I64 => safetensors::Dtype::I64,
         DType::F8E4M3 => safetensors::Dtype::F8_E4M3,
         DType::F8E5M2 => safetensors::Dtype::F8_E5M2,
+        DType::U8 => safetensors::Dtype::U8,
     }
 }
 

@@ -444,5 +444,6 @@ fn cpu_storage_of<T: Element>(data: Vec<T>) -> CpuStorage {
         DType::I64 => CpuStorage::I64(*any.downcast().expect("i64")),
         DType::F8E4M3 => CpuStorage::F8E4M3(*any.downcast().expect("f8e4m3")),
         DType::F8E5M2 => CpuStorage::F8E5M2(*any.downcast().expect("f8e5m2")),
+        DType::U8 => CpuStorage::U8(*any.downcast().expect("u8")),
     }
 }

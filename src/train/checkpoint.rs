@@ -2,6 +2,7 @@
 //! moments and masters, the step, the RNG state and the data order, written atomically, so that
 //! `--resume` continues bit for bit.
 
+use super::adamw8bit::SlotMoments;
 use super::optim::{concat, Optimizer, OptimizerKind, Rule};
 use super::prodigy::{ProdigyScalars, ProdigyState};
 use crate::backend::cpu::optim::AdamW;
@@ -40,6 +41,23 @@ pub fn save_checkpoint(
     state: &TrainState,
 ) -> Result<()> {
     let mut tensors = adapter.file_tensors(index)?;
+    if let Some(q) = opt.quantized() {
+        // The masters, and each trainable's moments as the step keeps them (codes and absmax
+        // for the quantized ones): a resume continues from the same bytes.
+        let master = opt.master.to_device(Device::Cpu)?;
+        let moments = q.host_moments(&opt.slots, &opt.m, &opt.v)?;
+        for (s, mom) in opt.slots.iter().zip(moments) {
+            let values = master.narrow(0, s.offset, s.len)?;
+            tensors.push((format!("{OPTIM}.master.{}", s.name), values));
+            for (kind, t) in mom.named() {
+                tensors.push((format!("{OPTIM}.{kind}.{}", s.name), t));
+            }
+        }
+    }
+    let slots = match opt.quantized() {
+        Some(_) => &[][..],
+        None => &opt.slots[..],
+    };
     // One download per flat buffer, then per-trainable views of the host copies.
     let host = Optimizer {
         master: opt.master.to_device(Device::Cpu)?,
@@ -52,7 +70,7 @@ pub fn save_checkpoint(
         Some(p) => Some((p.s.to_device(Device::Cpu)?, p.p0.to_device(Device::Cpu)?)),
         None => None,
     };
-    for s in &host.slots {
+    for s in slots {
         let state = host.slot_state(s)?;
         for (kind, v) in ["master", "m", "v"].into_iter().zip(state) {
             // Lion keeps no second moment.
@@ -174,6 +192,50 @@ pub fn load_checkpoint(
             format!("metadata `{PRODIGY}` missing: Prodigy's d is not in the checkpoint"),
         ));
     }
+    if let OptimizerKind::AdamW8bit(config) = kind {
+        let mut parts = Vec::new();
+        for (name, _) in adapter.trainables() {
+            let key = |kind: &str| format!("{OPTIM}.{kind}.{name}");
+            let f32s = |kind: &str| -> Result<Tensor> {
+                let t = f.tensor(&key(kind))?;
+                let n = t.elem_count();
+                t.to_dtype(crate::DType::F32)?.reshape(n)
+            };
+            let bytes = |kind: &str| -> Result<Tensor> {
+                let k = key(kind);
+                match f.info(&k) {
+                    Some((safetensors::Dtype::U8, _)) => {
+                        let b = f.bytes(&k)?.to_vec();
+                        let n = b.len();
+                        Tensor::from_vec(b, n, Device::Cpu)
+                    }
+                    Some((d, _)) => Err(Error::file(
+                        path,
+                        format!("tensor `{k}` is {d:?}; 8-bit optimizer codes are U8"),
+                    )),
+                    None => Err(Error::file(path, format!("tensor `{k}` missing"))),
+                }
+            };
+            // Each trainable resumes with its moments as written (codes, or f32 for the small).
+            let moments = match f.contains(&key("q1")) {
+                true => SlotMoments::Bytes {
+                    q1: bytes("q1")?,
+                    q2: bytes("q2")?,
+                    absmax1: f32s("absmax1")?,
+                    absmax2: f32s("absmax2")?,
+                },
+                false => SlotMoments::Float {
+                    m: f32s("m")?,
+                    v: f32s("v")?,
+                },
+            };
+            parts.push((name.clone(), f32s("master")?, moments));
+        }
+        let step = int("kstyle.ckpt.optim_step")?;
+        let opt = Optimizer::from_parts8(hyper, step, config, parts, device)
+            .map_err(|e| Error::file(path, e.to_string()))?;
+        return Ok((adapter, opt, state));
+    }
     let has_v = !matches!(kind, OptimizerKind::Lion(_));
     let mut parts = Vec::new();
     let (mut s, mut p0) = (Vec::new(), Vec::new());
@@ -195,7 +257,8 @@ pub fn load_checkpoint(
     }
     let mut opt = Optimizer::from_parts(hyper, int("kstyle.ckpt.optim_step")?, parts, device)?;
     match kind {
-        OptimizerKind::AdamW => {}
+        // 8-bit AdamW returned above.
+        OptimizerKind::AdamW | OptimizerKind::AdamW8bit(_) => {}
         OptimizerKind::Prodigy(config) => {
             let mut state = ProdigyState::new(config, concat(&p0, device)?)?;
             state.s = concat(&s, device)?;

@@ -5,10 +5,11 @@
 //! per micro-batch, one AdamW sweep, and one multi-tensor copy of the new values into the
 //! trainables (on CUDA, launches; nothing crosses to the host).
 
+use super::adamw8bit::{AdamW8bitConfig, Place, Quantized, SlotMoments};
 use super::lion::LionConfig;
 use super::prodigy::{ProdigyConfig, ProdigyState};
 use crate::autograd::GradStore;
-use crate::backend::cpu::optim::{AdamW, LionStep, LrRun, State};
+use crate::backend::cpu::optim::{AdamW, LionStep, LrRun, Moments8, Slot8, State, BLOCK_8BIT};
 use crate::backend::ops;
 use crate::{DType, Device, Error, Result, Tensor};
 use std::collections::HashSet;
@@ -29,6 +30,9 @@ pub enum Rule {
     Prodigy(ProdigyState),
     /// Lion (see `train::lion`): the masters and m only, `v` empty.
     Lion(LionConfig),
+    /// AdamW with 8-bit moments (see `train::adamw8bit`): `m` and `v` hold the f32 moments of
+    /// the small trainables only.
+    AdamW8bit(Box<Quantized>),
 }
 
 impl Rule {
@@ -38,6 +42,7 @@ impl Rule {
             Rule::AdamW => "adamw",
             Rule::Prodigy(_) => "prodigy",
             Rule::Lion(_) => "lion",
+            Rule::AdamW8bit(_) => "adamw8bit",
         }
     }
 }
@@ -51,6 +56,8 @@ pub enum OptimizerKind {
     Prodigy(ProdigyConfig),
     /// kohya's `--optimizer_type Lion` (lion-pytorch).
     Lion(LionConfig),
+    /// kohya's `--optimizer_type AdamW8bit` (bitsandbytes).
+    AdamW8bit(AdamW8bitConfig),
 }
 
 impl OptimizerKind {
@@ -60,6 +67,7 @@ impl OptimizerKind {
             OptimizerKind::AdamW => "adamw",
             OptimizerKind::Prodigy(_) => "prodigy",
             OptimizerKind::Lion(_) => "lion",
+            OptimizerKind::AdamW8bit(_) => "adamw8bit",
         }
     }
 
@@ -69,6 +77,7 @@ impl OptimizerKind {
             OptimizerKind::AdamW => "adamw".into(),
             OptimizerKind::Prodigy(p) => p.describe(),
             OptimizerKind::Lion(l) => l.describe(),
+            OptimizerKind::AdamW8bit(q) => q.describe(),
         }
     }
 
@@ -86,6 +95,7 @@ impl OptimizerKind {
             OptimizerKind::AdamW => Ok(opt),
             OptimizerKind::Prodigy(p) => opt.with_prodigy(p),
             OptimizerKind::Lion(l) => opt.with_lion(l),
+            OptimizerKind::AdamW8bit(q) => opt.with_adamw8bit(q),
         }
     }
 }
@@ -196,6 +206,55 @@ impl Optimizer {
         Ok(self)
     }
 
+    /// The same trainables stepped by AdamW with 8-bit moments (see `train::adamw8bit`), from
+    /// zero moments: the f32 `m` and `v` shrink to the small trainables.
+    pub fn with_adamw8bit(mut self, config: AdamW8bitConfig) -> Result<Optimizer> {
+        let (q, m, v) = Quantized::fresh(config, &self.slots, self.master.device())?;
+        (self.m, self.v) = (m, v);
+        self.rule = Rule::AdamW8bit(Box::new(q));
+        Ok(self)
+    }
+
+    /// 8-bit AdamW state read back per trainable (a checkpoint): `(name, master, moments)` in
+    /// the order given.
+    pub fn from_parts8(
+        hyper: AdamW,
+        step: u64,
+        config: AdamW8bitConfig,
+        parts: Vec<(String, Tensor, SlotMoments)>,
+        device: Device,
+    ) -> Result<Optimizer> {
+        let mut slots = Vec::with_capacity(parts.len());
+        let mut masters = Vec::with_capacity(parts.len());
+        let mut moments = Vec::with_capacity(parts.len());
+        let mut offset = 0;
+        for (name, master, mom) in parts {
+            let len = master.elem_count();
+            slots.push(Slot { name, offset, len });
+            offset += len;
+            masters.push(master);
+            moments.push(mom);
+        }
+        let (q, m, v) = Quantized::from_slots(config, &slots, moments, device)?;
+        Ok(Optimizer {
+            hyper,
+            step,
+            slots,
+            master: concat(&masters, device)?,
+            m,
+            v,
+            rule: Rule::AdamW8bit(Box::new(q)),
+        })
+    }
+
+    /// The 8-bit AdamW state, when it is the rule.
+    pub fn quantized(&self) -> Option<&Quantized> {
+        match &self.rule {
+            Rule::AdamW8bit(q) => Some(q),
+            _ => None,
+        }
+    }
+
     /// Prodigy's state, when it is the rule.
     pub fn prodigy(&self) -> Option<&ProdigyState> {
         match &self.rule {
@@ -256,8 +315,35 @@ impl Optimizer {
     }
 
     /// One slot's `(master, m, v)` as views of the flat buffers (`v` empty when the rule keeps
-    /// no second moment).
+    /// no second moment; with 8-bit moments, `m` and `v` dequantized on the host).
     pub fn slot_state(&self, slot: &Slot) -> Result<[Tensor; 3]> {
+        if let Some(q) = self.quantized() {
+            let i = self
+                .slots
+                .iter()
+                .position(|s| s == slot)
+                .ok_or_else(|| Error::msg(format!("optimizer has no slot `{}`", slot.name)))?;
+            let n = slot.len;
+            let moments = match q.places[i] {
+                Place::Float { offset } => SlotMoments::Float {
+                    m: self.m.narrow(0, offset, n)?,
+                    v: self.v.narrow(0, offset, n)?,
+                },
+                Place::Bytes { offset, block } => SlotMoments::Bytes {
+                    q1: q.q1.narrow(0, offset, n)?,
+                    q2: q.q2.narrow(0, offset, n)?,
+                    absmax1: q.absmax1.narrow(0, block, n.div_ceil(BLOCK_8BIT))?,
+                    absmax2: q.absmax2.narrow(0, block, n.div_ceil(BLOCK_8BIT))?,
+                },
+            };
+            let (m, v) = moments.values()?;
+            let device = self.master.device();
+            return Ok([
+                self.master.narrow(0, slot.offset, slot.len)?,
+                m.to_device(device)?,
+                v.to_device(device)?,
+            ]);
+        }
         let v = match self.v.elem_count() {
             0 => self.v.clone(),
             _ => self.v.narrow(0, slot.offset, slot.len)?,
@@ -269,9 +355,46 @@ impl Optimizer {
         ])
     }
 
+    /// One slot's f32 master values, a view of the flat buffer.
+    pub fn slot_master(&self, slot: &Slot) -> Result<Tensor> {
+        self.master.narrow(0, slot.offset, slot.len)
+    }
+
     /// Put the slots in the order of `params` (a resumed run lists its trainables in model order).
     pub fn align_to(&mut self, params: &[(String, Tensor)]) -> Result<()> {
         let device = check_trainables(params)?;
+        if let Some(q) = self.quantized() {
+            let host = q.host_moments(&self.slots, &self.m, &self.v)?;
+            let mut by_name: std::collections::HashMap<&str, (&Slot, SlotMoments)> = self
+                .slots
+                .iter()
+                .zip(host)
+                .map(|(s, mom)| (s.name.as_str(), (s, mom)))
+                .collect();
+            let mut parts = Vec::with_capacity(params.len());
+            for (name, t) in params {
+                let (slot, mom) = by_name.remove(name.as_str()).ok_or_else(|| {
+                    Error::msg(format!("optimizer state has no slot for `{name}`"))
+                })?;
+                if slot.len != t.elem_count() {
+                    return Err(Error::msg(format!(
+                        "optimizer slot `{name}` has {} values, the parameter {}",
+                        slot.len,
+                        t.elem_count()
+                    )));
+                }
+                let master = self.master.narrow(0, slot.offset, slot.len)?;
+                parts.push((name.clone(), master, mom));
+            }
+            if let Some(extra) = by_name.keys().next() {
+                return Err(Error::msg(format!(
+                    "optimizer state has a slot `{extra}` for no parameter of this run"
+                )));
+            }
+            let config = q.config;
+            *self = Optimizer::from_parts8(self.hyper, self.step, config, parts, device)?;
+            return Ok(());
+        }
         let mut by_name: std::collections::HashMap<&str, &Slot> =
             self.slots.iter().map(|s| (s.name.as_str(), s)).collect();
         let mut parts = Vec::with_capacity(params.len());
@@ -391,6 +514,47 @@ impl Optimizer {
                 &grad_sum.storage(),
                 grad_scale,
                 &runs,
+            )?;
+            return self.write_params(params);
+        }
+        if let Rule::AdamW8bit(q) = &mut self.rule {
+            let table: Vec<Slot8> = self
+                .slots
+                .iter()
+                .zip(&q.places)
+                .zip(rates)
+                .map(|((slot, place), &lr)| {
+                    let (state, block) = match *place {
+                        Place::Float { offset } => (offset, None),
+                        Place::Bytes { offset, block } => (offset, Some(block)),
+                    };
+                    Slot8 {
+                        offset: slot.offset,
+                        len: slot.len,
+                        state,
+                        block,
+                        lr,
+                    }
+                })
+                .collect();
+            self.step += 1;
+            let q = &**q;
+            ops::adamw8bit_step(
+                &self.hyper,
+                self.step,
+                &q.maps.storage(),
+                &mut self.master.storage_mut(),
+                Moments8 {
+                    m: &mut self.m.storage_mut(),
+                    v: &mut self.v.storage_mut(),
+                    q1: &mut q.q1.storage_mut(),
+                    q2: &mut q.q2.storage_mut(),
+                    absmax1: &mut q.absmax1.storage_mut(),
+                    absmax2: &mut q.absmax2.storage_mut(),
+                },
+                &grad_sum.storage(),
+                grad_scale,
+                &table,
             )?;
             return self.write_params(params);
         }

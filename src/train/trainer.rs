@@ -557,7 +557,7 @@ impl Trainer {
                     let slot = slots
                         .get(key.as_str())
                         .ok_or_else(|| Error::msg(format!("optimizer has no slot `{key}`")))?;
-                    let [master, ..] = self.optimizer.slot_state(slot)?;
+                    let master = self.optimizer.slot_master(slot)?;
                     master.reshape(dims.to_vec())
                 })?;
                 *a = f32;
@@ -712,7 +712,7 @@ impl Trainer {
                 let &i = slot_of
                     .get(key.as_str())
                     .ok_or_else(|| Error::msg(format!("optimizer has no slot `{key}`")))?;
-                let [values, ..] = self.optimizer.slot_state(&self.optimizer.slots[i])?;
+                let values = self.optimizer.slot_master(&self.optimizer.slots[i])?;
                 Ok((i, values.reshape(params[i].1.dims().to_vec())?))
             };
             let (ia, a) = master("lora_A")?;

@@ -2,6 +2,7 @@
 //! directory's own models and report one row per checked tensor. The format is the contract of
 //! the fixtures README; nothing here assumes the sizes of the shipped tiny models.
 
+mod adamw8bit_case;
 mod clip_cases;
 pub mod cuda_parity;
 pub mod extra_cases;
@@ -269,6 +270,11 @@ pub fn cases() -> Vec<(&'static str, &'static str, CaseFn)> {
             prodigy_case::prodigy,
         ),
         ("lion", "../../extra/lion.safetensors", lion_case::lion),
+        (
+            "adamw8bit",
+            "../../extra/adamw8bit.safetensors",
+            adamw8bit_case::adamw8bit,
+        ),
         (
             "train_targets",
             "../../extra/train_targets_lora.safetensors",

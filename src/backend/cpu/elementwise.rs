@@ -386,6 +386,7 @@ pub fn index_select(
         CpuStorage::I64(t) => CpuStorage::I64(pick(&gather(t, lt), &idx, d)),
         CpuStorage::F8E4M3(t) => CpuStorage::F8E4M3(pick(&gather(t, lt), &idx, d)),
         CpuStorage::F8E5M2(t) => CpuStorage::F8E5M2(pick(&gather(t, lt), &idx, d)),
+        CpuStorage::U8(t) => CpuStorage::U8(pick(&gather(t, lt), &idx, d)),
     })
 }
 
@@ -427,6 +428,7 @@ pub fn cat(inputs: &[(&CpuStorage, &Layout)], dim: usize, dtype: DType) -> Resul
         DType::I64 => go!(I64),
         DType::F8E4M3 => go!(F8E4M3),
         DType::F8E5M2 => go!(F8E5M2),
+        DType::U8 => go!(U8),
     })
 }
 

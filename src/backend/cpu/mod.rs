@@ -32,6 +32,8 @@ pub enum CpuStorage {
     /// float8 storage (frozen weights); ops other than casts and copies refuse it.
     F8E4M3(Vec<F8E4M3>),
     F8E5M2(Vec<F8E5M2>),
+    /// Bytes (8-bit optimizer codes); ops other than copies refuse them.
+    U8(Vec<u8>),
 }
 
 /// Contiguous float data ready for a generic kernel.
@@ -81,6 +83,7 @@ impl CpuStorage {
             CpuStorage::I64(_) => DType::I64,
             CpuStorage::F8E4M3(_) => DType::F8E4M3,
             CpuStorage::F8E5M2(_) => DType::F8E5M2,
+            CpuStorage::U8(_) => DType::U8,
         }
     }
 
@@ -93,6 +96,7 @@ impl CpuStorage {
             CpuStorage::I64(v) => v.len(),
             CpuStorage::F8E4M3(v) => v.len(),
             CpuStorage::F8E5M2(v) => v.len(),
+            CpuStorage::U8(v) => v.len(),
         }
     }
 
@@ -120,7 +124,10 @@ impl CpuStorage {
             CpuStorage::F64(v) => FloatData::F64(gather(v, layout)),
             CpuStorage::F16(v) => FloatData::F32(Cow::Owned(widen(v, layout))),
             CpuStorage::BF16(v) => FloatData::F32(Cow::Owned(widen(v, layout))),
-            CpuStorage::I64(_) | CpuStorage::F8E4M3(_) | CpuStorage::F8E5M2(_) => {
+            CpuStorage::I64(_)
+            | CpuStorage::F8E4M3(_)
+            | CpuStorage::F8E5M2(_)
+            | CpuStorage::U8(_) => {
                 return Err(Error::DType {
                     op,
                     dtype: self.dtype(),
@@ -138,6 +145,7 @@ impl CpuStorage {
             DType::I64 => CpuStorage::I64(v.iter().map(|&x| x as i64).collect()),
             DType::F8E4M3 => CpuStorage::F8E4M3(v.iter().map(|&x| F8E4M3::from_f32(x)).collect()),
             DType::F8E5M2 => CpuStorage::F8E5M2(v.iter().map(|&x| F8E5M2::from_f32(x)).collect()),
+            DType::U8 => CpuStorage::U8(v.iter().map(|&x| x as u8).collect()),
         }
     }
 
@@ -151,6 +159,7 @@ impl CpuStorage {
             CpuStorage::I64(v) => CpuStorage::I64(gather(v, layout).into_owned()),
             CpuStorage::F8E4M3(v) => CpuStorage::F8E4M3(gather(v, layout).into_owned()),
             CpuStorage::F8E5M2(v) => CpuStorage::F8E5M2(gather(v, layout).into_owned()),
+            CpuStorage::U8(v) => CpuStorage::U8(gather(v, layout).into_owned()),
         }
     }
 
@@ -178,6 +187,7 @@ impl CpuStorage {
                     DType::I64 => CpuStorage::I64(conv($v, layout)),
                     DType::F8E4M3 => CpuStorage::F8E4M3(conv($v, layout)),
                     DType::F8E5M2 => CpuStorage::F8E5M2(conv($v, layout)),
+                    DType::U8 => CpuStorage::U8(conv($v, layout)),
                 }
             };
         }
@@ -189,6 +199,7 @@ impl CpuStorage {
             CpuStorage::I64(v) => to!(v),
             CpuStorage::F8E4M3(v) => to!(v),
             CpuStorage::F8E5M2(v) => to!(v),
+            CpuStorage::U8(v) => to!(v),
         }
     }
 
@@ -205,6 +216,7 @@ impl CpuStorage {
             CpuStorage::I64(v) => conv(v, layout),
             CpuStorage::F8E4M3(v) => conv(v, layout),
             CpuStorage::F8E5M2(v) => conv(v, layout),
+            CpuStorage::U8(v) => conv(v, layout),
         }
     }
 
@@ -231,6 +243,7 @@ impl CpuStorage {
             CpuStorage::I64(v) => bytemuck::cast_slice(&v).to_vec(),
             CpuStorage::F8E4M3(v) => bytemuck::cast_slice(&v).to_vec(),
             CpuStorage::F8E5M2(v) => bytemuck::cast_slice(&v).to_vec(),
+            CpuStorage::U8(v) => v,
         }
     }
 }

@@ -81,6 +81,7 @@ pub fn tn(dtype: DType, op: &'static str) -> Result<&'static str> {
         DType::I64 => "i64",
         DType::F8E4M3 => "f8e4m3",
         DType::F8E5M2 => "f8e5m2",
+        DType::U8 => "u8",
         DType::F64 => return Err(Error::DType { op, dtype }),
     })
 }
@@ -88,7 +89,7 @@ pub fn tn(dtype: DType, op: &'static str) -> Result<&'static str> {
 /// The suffix of a float dtype (kernels that do arithmetic; float8 only stores).
 pub fn float_tn(dtype: DType, op: &'static str) -> Result<&'static str> {
     match dtype {
-        DType::I64 | DType::F8E4M3 | DType::F8E5M2 => Err(Error::DType { op, dtype }),
+        DType::I64 | DType::F8E4M3 | DType::F8E5M2 | DType::U8 => Err(Error::DType { op, dtype }),
         d => tn(d, op),
     }
 }
@@ -96,7 +97,7 @@ pub fn float_tn(dtype: DType, op: &'static str) -> Result<&'static str> {
 /// The suffix of a dtype a cast reads or writes: the arithmetic floats and float8.
 pub fn cast_tn(dtype: DType, op: &'static str) -> Result<&'static str> {
     match dtype {
-        DType::I64 => Err(Error::DType { op, dtype }),
+        DType::I64 | DType::U8 => Err(Error::DType { op, dtype }),
         d => tn(d, op),
     }
 }

@@ -3,7 +3,9 @@
 
 use super::device::Launch;
 use super::{CudaDevice, CudaStorage};
-use crate::backend::cpu::optim::{AdamW, LionStep, LrRun, ProdigyBuffers, ProdigyMoments, State};
+use crate::backend::cpu::optim::{
+    AdamW, LionStep, LrRun, Moments8, ProdigyBuffers, ProdigyMoments, Slot8, State, BLOCK_8BIT,
+};
 use crate::tensor::DType;
 use crate::{Error, Result};
 
@@ -378,4 +380,76 @@ pub fn lion_step_runs(
             grad_scale,
         })
     })
+}
+
+/// `struct AdamW8bitParams` of optim.cu.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+struct AdamW8bitParams {
+    beta1: f32,
+    beta2: f32,
+    eps: f32,
+    weight_decay: f32,
+    bias_correction1: f32,
+    bias_correction2: f32,
+    grad_scale: f32,
+    count: i32,
+}
+
+/// One 8-bit AdamW step (see `train::adamw8bit`): one launch of a block per 256-element chunk
+/// of every slot, the slot table (offset, len, state, block or -1, first chunk, rate) uploaded
+/// once. The caller checked the bounds.
+#[allow(clippy::too_many_arguments)]
+pub fn adamw8bit_step(
+    h: &AdamW,
+    t: u64,
+    maps: &CudaStorage,
+    p: &mut CudaStorage,
+    s: Moments8<'_, CudaStorage, CudaStorage>,
+    g: &CudaStorage,
+    grad_scale: f32,
+    slots: &[Slot8],
+) -> Result<()> {
+    let mut table: Vec<i64> = Vec::with_capacity(6 * slots.len());
+    let mut chunks = 0usize;
+    for slot in slots.iter().filter(|s| s.len > 0) {
+        let block = slot.block.map_or(-1, |b| b as i64);
+        table.extend([
+            slot.offset as i64,
+            slot.len as i64,
+            slot.state as i64,
+            block,
+        ]);
+        table.extend([chunks as i64, slot.lr.to_bits() as i64]);
+        chunks += slot.len.div_ceil(BLOCK_8BIT);
+    }
+    if chunks == 0 {
+        return Ok(());
+    }
+    let dev = p.dev().clone();
+    let slots_dev = dev.upload(DType::I64, &table)?;
+    let a = AdamWParams::new(h, t, grad_scale);
+    let params = AdamW8bitParams {
+        beta1: a.beta1,
+        beta2: a.beta2,
+        eps: a.eps,
+        weight_decay: a.weight_decay,
+        bias_correction1: a.bias_correction1,
+        bias_correction2: a.bias_correction2,
+        grad_scale,
+        count: (table.len() / 6) as i32,
+    };
+    dev.launch("optim", "optim_adamw8bit_step_f32".to_owned())?
+        .arg(slots_dev.ptr())
+        .arg(maps.ptr())
+        .arg(p.ptr())
+        .arg(g.ptr())
+        .arg(s.m.ptr())
+        .arg(s.v.ptr())
+        .arg(s.q1.ptr())
+        .arg(s.q2.ptr())
+        .arg(s.absmax1.ptr())
+        .arg(s.absmax2.ptr())
+        .arg(params)
+        .run((chunks as u32, 1, 1), (BLOCK_8BIT as u32, 1, 1), 0)
 }

@@ -743,3 +743,128 @@ pub(super) fn lion(r: &mut Run) -> Result<()> {
     }
     Ok(())
 }
+
+/// The 8-bit AdamW step (one launch over every slot's chunks) against the CPU oracle: quantized
+/// slots of 5,000 elements (a partial last block), exactly 16 blocks, and 257 (one element in a
+/// second block), f32 slots of 300 and 1 between them, each at its own rate; one whole block of
+/// the first slot never gets a gradient (absmax 0, the code of 0). Three steps, so the codes and
+/// absmax written by one step are read by the next. The masters, the f32 moments, the absmax and
+/// the dequantized moments at the gradient tolerance (a code on the other side of a midpoint
+/// shows as one code's difference in one element).
+pub(super) fn adamw8bit(r: &mut Run) -> Result<()> {
+    use crate::backend::cpu::optim::{dynamic_map, Moments8, Slot8, BLOCK_8BIT};
+    // (len, quantized, rate)
+    let layout = [
+        (5_000usize, true, 0.01),
+        (300, false, 0.02),
+        (4_096, true, 0.04),
+        (1, false, 0.01),
+        (257, true, 0.0),
+    ];
+    let (mut slots, mut at, mut floats, mut bytes, mut blocks) = (vec![], 0, 0, 0, 0);
+    for (len, quantized, lr) in layout {
+        let (state, block) = match quantized {
+            true => (bytes, Some(blocks)),
+            false => (floats, None),
+        };
+        slots.push(Slot8 {
+            offset: at,
+            len,
+            state,
+            block,
+            lr,
+        });
+        at += len;
+        match quantized {
+            true => {
+                bytes += len;
+                blocks += len.div_ceil(BLOCK_8BIT);
+            }
+            false => floats += len,
+        }
+    }
+    let silent = 512..768;
+    let mut maps = dynamic_map(true).to_vec();
+    maps.extend(dynamic_map(false));
+    let zeros = |n: usize, dtype: DType| Tensor::zeros(n, dtype, Device::Cpu);
+    let (p0, _) = r.randn(&[at], DType::F32)?;
+    let host = [
+        p0,
+        Tensor::from_vec(maps, 512, Device::Cpu)?,
+        zeros(floats, DType::F32)?,
+        zeros(floats, DType::F32)?,
+        zeros(bytes, DType::U8)?,
+        zeros(bytes, DType::U8)?,
+        zeros(blocks, DType::F32)?,
+        zeros(blocks, DType::F32)?,
+    ];
+    let take = |t: &Tensor| t.storage().copy_strided(t.layout());
+    let mut cpu: Vec<Storage> = host.iter().map(take).collect::<Result<_>>()?;
+    let mut gpu: Vec<Storage> = host
+        .iter()
+        .map(|t| take(&t.to_device(r.dev)?))
+        .collect::<Result<_>>()?;
+    let h = crate::backend::cpu::optim::AdamW {
+        lr: f64::NAN,
+        beta1: 0.9,
+        beta2: 0.999,
+        eps: 1e-8,
+        weight_decay: 0.1,
+    };
+    for t in 1..=3 {
+        let (c, _) = r.randn(&[at], DType::F32)?;
+        let mut g = c.to_vec_f32()?;
+        g[silent.clone()].fill(0.0);
+        let g = Tensor::from_vec(g, at, Device::Cpu)?;
+        for (bufs, g) in [(&mut cpu, g.clone()), (&mut gpu, g.to_device(r.dev)?)] {
+            let [p, maps, m, v, q1, q2, absmax1, absmax2] = &mut bufs[..] else {
+                unreachable!()
+            };
+            let s = Moments8 {
+                m,
+                v,
+                q1,
+                q2,
+                absmax1,
+                absmax2,
+            };
+            ops::adamw8bit_step(&h, t, maps, p, s, &g.storage(), 0.5, &slots)?;
+        }
+    }
+    for (i, name) in [
+        (0, "p"),
+        (2, "m (f32 slots)"),
+        (3, "v (f32 slots)"),
+        (6, "absmax1"),
+        (7, "absmax2"),
+    ] {
+        check_flat(r, format!("adamw8bit {name}"), &gpu[i], &cpu[i])?;
+    }
+    // Dequantized moments of the quantized slots.
+    for (k, (q, a)) in [(4, 6), (5, 7)].into_iter().enumerate() {
+        let map = dynamic_map(k == 0);
+        let values = |bufs: &[Storage]| -> Result<Storage> {
+            let codes = st(
+                bufs[q].copy_strided(&crate::tensor::Layout::contiguous(bytes))?,
+                bytes,
+            )
+            .to_vec::<u8>()?;
+            let absmax = st(
+                bufs[a].copy_strided(&crate::tensor::Layout::contiguous(blocks))?,
+                blocks,
+            )
+            .to_vec_f32()?;
+            let mut out = Vec::with_capacity(bytes);
+            for (s, b0) in slots.iter().filter_map(|s| s.block.map(|b| (s, b))) {
+                for j in 0..s.len {
+                    let c = codes[s.state + j] as usize;
+                    out.push(map[c] * absmax[b0 + j / BLOCK_8BIT]);
+                }
+            }
+            Ok(Storage::Cpu(crate::backend::cpu::CpuStorage::F32(out)))
+        };
+        let name = format!("adamw8bit {} (dequantized)", ["m", "v"][k]);
+        check_flat(r, name, &values(&gpu)?, &values(&cpu)?)?;
+    }
+    Ok(())
+}

@@ -183,7 +183,9 @@ mod fused;
 
 use basic::{elementwise, matmul, reduce};
 use float8::float8;
-use fused::{adamw, attention, conv, lion, lora, multi_tensor, norm, pool, prodigy, sqnorm};
+use fused::{
+    adamw, adamw8bit, attention, conv, lion, lora, multi_tensor, norm, pool, prodigy, sqnorm,
+};
 
 type Family = fn(&mut Run, DType) -> Result<()>;
 
@@ -229,6 +231,8 @@ pub fn run(ordinal: usize, filter: Option<&str>, seed: u64) -> Result<Vec<Parity
         let res = prodigy(&mut r);
         r.guard("optim", DType::F32, res);
         let res = lion(&mut r);
+        r.guard("optim", DType::F32, res);
+        let res = adamw8bit(&mut r);
         r.guard("optim", DType::F32, res);
     }
     Ok(r.rows)
