@@ -239,6 +239,17 @@ __device__ __forceinline__ u8 nearest_code(const float* __restrict__ code, float
     return (u8)lo;
 }
 
+// The slot whose chunks include this block: the last one starting at or before it.
+__device__ __forceinline__ Slot8 slot_of_block(const Slot8* __restrict__ slots, int count) {
+    int lo = 0, hi = count - 1;
+    while (lo < hi) {
+        const int mid = (lo + hi + 1) >> 1;
+        if (slots[mid].chunk0 <= (i64)blockIdx.x) lo = mid;
+        else hi = mid - 1;
+    }
+    return slots[lo];
+}
+
 extern "C" __global__ void __launch_bounds__(256) optim_adamw8bit_step_f32(
     const Slot8* __restrict__ slots, const float* __restrict__ maps, float* __restrict__ p,
     const float* __restrict__ g, float* __restrict__ m, float* __restrict__ v, u8* __restrict__ q1,
@@ -248,13 +259,7 @@ extern "C" __global__ void __launch_bounds__(256) optim_adamw8bit_step_f32(
     __shared__ float scratch[32];
     code1[threadIdx.x] = maps[threadIdx.x];
     code2[threadIdx.x] = maps[256 + threadIdx.x];
-    int lo = 0, hi = h.count - 1;
-    while (lo < hi) {
-        const int mid = (lo + hi + 1) >> 1;
-        if (slots[mid].chunk0 <= (i64)blockIdx.x) lo = mid;
-        else hi = mid - 1;
-    }
-    const Slot8 sl = slots[lo];
+    const Slot8 sl = slot_of_block(slots, h.count);
     const i64 chunk = (i64)blockIdx.x - sl.chunk0;
     const i64 e = chunk * 256 + threadIdx.x;
     const bool live = e < sl.len;
@@ -298,5 +303,52 @@ extern "C" __global__ void __launch_bounds__(256) optim_adamw8bit_step_f32(
         const float x2 = top2 > 0.0f ? fminf(vi / top2, 1.0f) : 0.0f;
         q1[s] = nearest_code(code1, x1);
         q2[s] = nearest_code(code2, x2);
+    }
+}
+
+// Lion with its one moment in 8 bits (bitsandbytes' Lion8bit, kohya's --optimizer_type Lion8bit):
+// the same slot table and chunks as optim_adamw8bit_step_f32, m quantized with the signed map,
+// small slots with an f32 m stepping as optim_lion_step_f32:
+//
+//   m <- code * absmax;  p <- p (1 - lr wd) - lr sgn(b1 m + (1 - b1) g);  m <- b2 m + (1 - b2) g
+//   absmax <- max |m| over the chunk;  code <- nearest(m / absmax)
+struct Lion8bitParams {
+    float beta1, beta2, weight_decay, grad_scale;
+    int count;
+};
+
+extern "C" __global__ void __launch_bounds__(256) optim_lion8bit_step_f32(
+    const Slot8* __restrict__ slots, const float* __restrict__ maps, float* __restrict__ p,
+    const float* __restrict__ g, float* __restrict__ m, u8* __restrict__ q1,
+    float* __restrict__ absmax1, Lion8bitParams h) {
+    __shared__ float code1[256];
+    __shared__ float scratch[32];
+    code1[threadIdx.x] = maps[threadIdx.x];
+    const Slot8 sl = slot_of_block(slots, h.count);
+    const i64 chunk = (i64)blockIdx.x - sl.chunk0;
+    const i64 e = chunk * 256 + threadIdx.x;
+    const bool live = e < sl.len;
+    const float lr = static_cast<float>(sl.lr);
+    const float decay = 1.0f - lr * h.weight_decay;
+    __syncthreads();
+
+    float mi = 0.0f;
+    if (live) {
+        const i64 i = sl.offset + e, s = sl.state + e;
+        const float gi = g[i] * h.grad_scale;
+        const float m0 = sl.block < 0 ? m[s] : code1[q1[s]] * absmax1[sl.block + chunk];
+        const float c = fmaf(h.beta1, m0, (1.0f - h.beta1) * gi);
+        const float sign = c > 0.0f ? 1.0f : (c < 0.0f ? -1.0f : c);
+        p[i] = fmaf(-lr, sign, p[i] * decay);
+        mi = fmaf(h.beta2, m0, (1.0f - h.beta2) * gi);
+        if (sl.block < 0) m[s] = mi;
+    }
+    if (sl.block < 0) return;  // the whole block takes the same branch
+
+    const float top = block_max(fabsf(mi), scratch);
+    if (threadIdx.x == 0) absmax1[sl.block + chunk] = top;
+    if (live) {
+        const float x = top > 0.0f ? fminf(fmaxf(mi / top, -1.0f), 1.0f) : 0.0f;
+        q1[sl.state + e] = nearest_code(code1, x);
     }
 }

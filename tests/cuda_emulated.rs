@@ -180,6 +180,7 @@ fn every_bench_case_runs_on_the_emulator() {
         "prodigy step",
         "lion step",
         "adamw8bit step",
+        "lion8bit step",
         "adamw per-tensor",
         "sdpa fwd+bwd flash",
         "sdpa fwd+bwd composed",

@@ -182,6 +182,7 @@ fn verify_passes_every_case_on_the_tiny_fixtures() {
         "prodigy",
         "lion",
         "adamw8bit",
+        "lion8bit",
         "train_targets",
         "lora_lycoris",
         "lora_peft",

@@ -3,7 +3,7 @@
 //! flat buffers and the trainables' own storage. CPU oracle or CUDA kernels, as every op.
 
 use super::cpu::optim::{
-    AdamW, LionStep, LrRun, Moments8, ProdigyBuffers, ProdigyMoments, Slot8, State,
+    AdamW, LionStep, LrRun, Moments8, ProdigyBuffers, ProdigyMoments, Rule8, Slot8, State,
 };
 use super::cpu::{self, CpuStorage};
 use super::cuda::optim as coptim;
@@ -127,12 +127,13 @@ pub fn lion_step_runs(
     }
 }
 
-/// Every slot of an 8-bit AdamW step lies inside its buffers: the masters and gradient, the f32
-/// moments or the codes and their absmax.
+/// Every slot of an 8-bit step lies inside its buffers: the masters and gradient, the f32
+/// moments or the codes and their absmax (the second moment's only when the rule keeps one).
 fn check_slots8(
     p: usize,
     g: usize,
     s: &Moments8<'_, Storage, Storage>,
+    two: bool,
     slots: &[Slot8],
 ) -> Result<()> {
     let dtypes = [
@@ -145,23 +146,25 @@ fn check_slots8(
     ];
     if let Some(&(got, _)) = dtypes.iter().find(|(got, want)| got != want) {
         return Err(Error::DType {
-            op: "adamw8bit_step (f32 moments and absmax, u8 codes)",
+            op: "8-bit optimizer step (f32 moments and absmax, u8 codes)",
             dtype: got,
         });
     }
+    // With one moment the second's buffers are not read: any length will do.
+    let second = |n: usize| if two { n } else { usize::MAX };
     for slot in slots {
         let inside = match slot.block {
-            None => slot.state + slot.len <= s.m.len().min(s.v.len()),
+            None => slot.state + slot.len <= s.m.len().min(second(s.v.len())),
             Some(b) => {
-                slot.state + slot.len <= s.q1.len().min(s.q2.len())
+                slot.state + slot.len <= s.q1.len().min(second(s.q2.len()))
                     && b + slot.len.div_ceil(cpu::optim::BLOCK_8BIT)
-                        <= s.absmax1.len().min(s.absmax2.len())
+                        <= s.absmax1.len().min(second(s.absmax2.len()))
             }
         };
         if !inside || slot.offset + slot.len > p.min(g) {
             return Err(Error::msg(format!(
-                "adamw8bit_step: slot {slot:?} lies outside its buffers (masters {p}, gradient \
-                 {g}, f32 moments {}, codes {}, absmax {})",
+                "8-bit optimizer step: slot {slot:?} lies outside its buffers (masters {p}, \
+                 gradient {g}, f32 moments {}, codes {}, absmax {})",
                 s.m.len(),
                 s.q1.len(),
                 s.absmax1.len()
@@ -171,13 +174,14 @@ fn check_slots8(
     Ok(())
 }
 
-/// One 8-bit AdamW step (see `train::adamw8bit`) at 1-based step `t` over the trainables `slots`
-/// lists, each at its own rate (`h.lr` is not read), with gradient `grad_scale * g`, in place on
-/// the f32 masters `p` and the moments. `maps` is the (512,) f32 signed and unsigned maps.
+/// One step of an optimizer with 8-bit moments (see `train::adamw8bit`): AdamW8bit or Lion8bit
+/// as `rule` says, over the trainables `slots` lists, each at its own rate, with gradient
+/// `grad_scale * g`, in place on the f32 masters `p` and the moments (Lion's one moment in `m`
+/// and `q1` / `absmax1`; `v`, `q2`, `absmax2` unused). `maps` is the (512,) f32 signed and
+/// unsigned maps.
 #[allow(clippy::too_many_arguments)]
-pub fn adamw8bit_step(
-    h: &AdamW,
-    t: u64,
+pub fn step_8bit(
+    rule: &Rule8,
     maps: &Storage,
     p: &mut Storage,
     s: Moments8<'_, Storage, Storage>,
@@ -185,9 +189,10 @@ pub fn adamw8bit_step(
     grad_scale: f32,
     slots: &[Slot8],
 ) -> Result<()> {
-    check_slots8(p.len(), g.len(), &s, slots)?;
-    if t == 0 {
-        return Err(Error::msg("adamw8bit_step: steps count from 1"));
+    let two = matches!(rule, Rule8::AdamW { .. });
+    check_slots8(p.len(), g.len(), &s, two, slots)?;
+    if let Rule8::AdamW { t: 0, .. } = rule {
+        return Err(Error::msg("8-bit AdamW step: steps count from 1"));
     }
     use CpuStorage::{F32, U8};
     use Storage::{Cpu, Cuda};
@@ -216,31 +221,52 @@ pub fn adamw8bit_step(
             signed.copy_from_slice(&maps[..256]);
             unsigned.copy_from_slice(&maps[256..]);
             for slot in slots {
-                let (at, n) = (slot.offset, slot.len);
+                let (at, n, lr) = (slot.offset, slot.len, slot.lr);
+                let (p, g) = (&mut p[at..at + n], &g[at..at + n]);
+                let st = slot.state..slot.state + n;
                 let Some(b0) = slot.block else {
-                    let state = State {
-                        p: &mut p[at..at + n],
-                        m: &mut m[slot.state..slot.state + n],
-                        v: &mut v[slot.state..slot.state + n],
-                    };
-                    let h = AdamW { lr: slot.lr, ..*h };
-                    cpu::optim::adamw_step(&h, t, state, &g[at..at + n], grad_scale);
+                    match rule {
+                        Rule8::AdamW { h, t } => {
+                            let state = State {
+                                p,
+                                m: &mut m[st.clone()],
+                                v: &mut v[st],
+                            };
+                            cpu::optim::adamw_step(&AdamW { lr, ..*h }, *t, state, g, grad_scale);
+                        }
+                        Rule8::Lion(h) => {
+                            cpu::optim::lion_step(h, lr, p, &mut m[st], g, grad_scale)
+                        }
+                    }
                     continue;
                 };
-                for (k, start) in (0..n).step_by(cpu::optim::BLOCK_8BIT).enumerate() {
-                    let end = (start + cpu::optim::BLOCK_8BIT).min(n);
-                    let q = slot.state;
-                    cpu::optim::adamw8bit_block(
-                        h,
-                        t,
-                        slot.lr,
-                        (&signed, &unsigned),
-                        &mut p[at + start..at + end],
-                        &g[at + start..at + end],
-                        grad_scale,
-                        (&mut q1[q + start..q + end], &mut q2[q + start..q + end]),
-                        (&mut a1[b0 + k], &mut a2[b0 + k]),
-                    );
+                let chunks = (0..n).step_by(cpu::optim::BLOCK_8BIT).enumerate();
+                for (k, start) in chunks {
+                    let r = start..(start + cpu::optim::BLOCK_8BIT).min(n);
+                    let q = slot.state + r.start..slot.state + r.end;
+                    match rule {
+                        Rule8::AdamW { h, t } => cpu::optim::adamw8bit_block(
+                            h,
+                            *t,
+                            lr,
+                            (&signed, &unsigned),
+                            &mut p[r.clone()],
+                            &g[r],
+                            grad_scale,
+                            (&mut q1[q.clone()], &mut q2[q]),
+                            (&mut a1[b0 + k], &mut a2[b0 + k]),
+                        ),
+                        Rule8::Lion(h) => cpu::optim::lion8bit_block(
+                            h,
+                            lr,
+                            &signed,
+                            &mut p[r.clone()],
+                            &g[r],
+                            grad_scale,
+                            &mut q1[q],
+                            &mut a1[b0 + k],
+                        ),
+                    }
                 }
             }
             Ok(())
@@ -268,10 +294,11 @@ pub fn adamw8bit_step(
                 absmax1,
                 absmax2,
             };
-            coptim::adamw8bit_step(h, t, maps, p, moments, g, grad_scale, slots)
+            coptim::step_8bit(rule, maps, p, moments, g, grad_scale, slots)
         }
         (p, ..) => Err(Error::DType {
-            op: "adamw8bit_step (the masters, gradient, moments and 512 map values on one device)",
+            op: "8-bit optimizer step (the masters, gradient, moments and 512 map values on one \
+                 device)",
             dtype: p.dtype(),
         }),
     }

@@ -334,7 +334,7 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
     // tensors (the absmax, 8 bytes a block of 256, aside): 24 bytes an element against AdamW's
     // 36, and 2 bytes of state instead of 8. At the default sizes every tensor is quantized.
     let mut eight = kstyle::train::optim::Optimizer::new(Default::default(), &params)?
-        .with_adamw8bit(Default::default())?;
+        .with_8bit(Default::default(), true)?;
     let s_eight = b.time(|| eight.step(&params, &grad, 0.5, 1e-4))?;
     b.report(
         &format!(
@@ -343,6 +343,20 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
         ),
         s_eight,
         (16 + 8) as f64 * total as f64,
+        0.0,
+    );
+    // Lion8bit: p and g read, one code read and written, p written, then the copy: 22 bytes an
+    // element, 1 byte of state.
+    let mut lion8 = kstyle::train::optim::Optimizer::new(Default::default(), &params)?
+        .with_8bit(Default::default(), false)?;
+    let s_lion8 = b.time(|| lion8.step(&params, &grad, 0.5, 1e-5))?;
+    b.report(
+        &format!(
+            "lion8bit step {tensors} tensors ({:.2}x adamw)",
+            s_lion8 / s
+        ),
+        s_lion8,
+        (14 + 8) as f64 * total as f64,
         0.0,
     );
     let per: Vec<[Tensor; 4]> = (0..tensors)

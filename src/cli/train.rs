@@ -8,7 +8,7 @@ use kstyle::models::unet::CheckpointPolicy;
 use kstyle::nn::lora::LoraConfig;
 use kstyle::nn::lora_dropout::LoraDropout;
 use kstyle::sample::schedule::{HuberSchedule, LossType};
-use kstyle::train::adamw8bit::AdamW8bitConfig;
+use kstyle::train::adamw8bit::EightBitConfig;
 use kstyle::train::captions::TokenWarmup;
 use kstyle::train::concepts::{default_concepts, load_concepts};
 use kstyle::train::data::CaptionSource;
@@ -222,14 +222,15 @@ pub struct Args {
     /// more (2 bytes of state per element instead of 8); Prodigy (kohya's --optimizer_type
     /// Prodigy, prodigyopt), which estimates its own step size d and wants --lr 1; or Lion
     /// (kohya's --optimizer_type Lion, lion-pytorch), which steps every element by the rate in
-    /// the direction of a sign and keeps one moment instead of two. All share AdamW's flags
-    /// (--adam-beta1, --adam-beta2, --weight-decay; --adam-epsilon but for Lion).
+    /// the direction of a sign and keeps one moment instead of two; or Lion8bit (bitsandbytes),
+    /// Lion with that moment in one byte. All share AdamW's flags (--adam-beta1, --adam-beta2,
+    /// --weight-decay; --adam-epsilon but for the Lions).
     #[arg(long, value_enum, default_value = "adamw")]
     pub optimizer: OptimizerArg,
     /// The optimizer's own settings as kohya's --optimizer_args spells them. Prodigy: d0=1e-6
     /// d_coef=1 beta3=... growth_rate=inf use_bias_correction=False safeguard_warmup=False.
-    /// Lion: decoupled_weight_decay=False (True divides the decay by --lr). AdamW8bit:
-    /// min_8bit_size=4096 (smaller trainables keep f32 moments), is_paged (no effect).
+    /// Lion: decoupled_weight_decay=False (True divides the decay by --lr). AdamW8bit and
+    /// Lion8bit: min_8bit_size=4096 (smaller trainables keep f32 moments), is_paged (no effect).
     #[arg(long, num_args = 1.., value_name = "KEY=VALUE")]
     pub optimizer_args: Vec<String>,
     /// Clip the global gradient norm (every trainable tensor together, of the mean over the
@@ -440,8 +441,12 @@ pub enum OptimizerArg {
     Prodigy,
     #[value(name = "lion", alias = "Lion")]
     Lion,
-    #[value(name = "adamw8bit", alias = "AdamW8bit")]
+    /// bitsandbytes' paged variant has the same arithmetic (it pages its state to host memory
+    /// under pressure; kstyle keeps it on the device), so its name is accepted.
+    #[value(name = "adamw8bit", aliases = ["AdamW8bit", "PagedAdamW8bit", "pagedadamw8bit"])]
     AdamW8bit,
+    #[value(name = "lion8bit", aliases = ["Lion8bit", "PagedLion8bit", "pagedlion8bit"])]
+    Lion8bit,
 }
 
 #[derive(Clone, Copy, Debug, clap::ValueEnum)]
@@ -575,7 +580,7 @@ pub fn config_from(a: &Args) -> anyhow::Result<TrainConfig> {
             lr: a.lr,
             beta1: a.adam_beta1.unwrap_or(0.9),
             beta2: a.adam_beta2.unwrap_or(match a.optimizer {
-                OptimizerArg::Lion => 0.99,
+                OptimizerArg::Lion | OptimizerArg::Lion8bit => 0.99,
                 _ => 0.999,
             }),
             eps: a.adam_epsilon.unwrap_or(1e-8),
@@ -593,12 +598,18 @@ pub fn config_from(a: &Args) -> anyhow::Result<TrainConfig> {
             }
             OptimizerArg::Lion => OptimizerKind::Lion(LionConfig::parse(&a.optimizer_args)?),
             OptimizerArg::AdamW8bit => {
-                OptimizerKind::AdamW8bit(AdamW8bitConfig::parse(&a.optimizer_args)?)
+                OptimizerKind::AdamW8bit(EightBitConfig::parse("AdamW8bit", &a.optimizer_args)?)
+            }
+            OptimizerArg::Lion8bit if a.adam_epsilon.is_some() => {
+                anyhow::bail!("--adam-epsilon: Lion8bit has no epsilon (its step is a sign)")
+            }
+            OptimizerArg::Lion8bit => {
+                OptimizerKind::Lion8bit(EightBitConfig::parse("Lion8bit", &a.optimizer_args)?)
             }
             OptimizerArg::AdamW if a.optimizer_args.is_empty() => OptimizerKind::AdamW,
             OptimizerArg::AdamW => anyhow::bail!(
                 "--optimizer-args {}: AdamW takes its settings as flags; --optimizer-args are \
-                 Prodigy's, Lion's or AdamW8bit's",
+                 Prodigy's, Lion's, AdamW8bit's or Lion8bit's",
                 a.optimizer_args.join(" ")
             ),
         },

@@ -1,5 +1,6 @@
 //! AdamW with 8-bit moments, as bitsandbytes' `AdamW8bit` keeps them (kohya's
-//! `--optimizer_type AdamW8bit`, the usual choice for SDXL LoRA on a small card).
+//! `--optimizer_type AdamW8bit`, the usual choice for SDXL LoRA on a small card), and Lion with
+//! its one moment in 8 bits, as bitsandbytes' `Lion8bit` (kohya's `--optimizer_type Lion8bit`).
 //!
 //! The update is AdamW's; what changes is how the moments are stored between steps. A trainable
 //! of at least `min_8bit_size` elements (4096) keeps each moment as one byte per element: the
@@ -9,7 +10,8 @@
 //! Each step dequantizes a block, updates the moments and the masters in full precision, and
 //! stores the new moments as the nearest codes of the block's new absmax. Smaller trainables
 //! (LoRA's small factors, norms) keep f32 moments and step as plain AdamW. Per element that is
-//! 2 bytes of optimizer state instead of 8, beside the 4 of the f32 master.
+//! 2 bytes of optimizer state instead of 8, beside the 4 of the f32 master. Lion8bit does the
+//! same with Lion's update (see `train::lion`) and its one moment: 1 byte instead of 4.
 //!
 //! The reference is bitsandbytes 0.50.2's own update (`tests/fixtures/extra/gen_adamw8bit.py`):
 //! weight decay first, then the step, as torch's AdamW and bitsandbytes' CPU path order them.
@@ -23,28 +25,29 @@ use super::prodigy::parse_flag;
 use crate::backend::cpu::optim::{dynamic_map, BLOCK_8BIT};
 use crate::{DType, Device, Error, Result, Tensor};
 
-/// bitsandbytes' settings besides the rate, betas, epsilon and weight decay (their own flags).
+/// bitsandbytes' settings of its 8-bit optimizers besides the rate, betas, epsilon and weight
+/// decay (their own flags).
 #[derive(Clone, Copy, Debug, PartialEq)]
-pub struct AdamW8bitConfig {
+pub struct EightBitConfig {
     /// Trainables with fewer elements keep f32 moments (bitsandbytes' `min_8bit_size`).
     pub min_8bit_size: usize,
 }
 
-impl Default for AdamW8bitConfig {
+impl Default for EightBitConfig {
     fn default() -> Self {
-        AdamW8bitConfig {
+        EightBitConfig {
             min_8bit_size: 4096,
         }
     }
 }
 
-impl AdamW8bitConfig {
+impl EightBitConfig {
     /// kohya's `--optimizer_args` spelling: `min_8bit_size=16384`. `is_paged` only moves the
     /// state between host and device under memory pressure (the same arithmetic) and is
     /// accepted; settings that would change the arithmetic away from AdamW8bit's defaults are
     /// refused rather than ignored.
-    pub fn parse(args: &[String]) -> Result<AdamW8bitConfig> {
-        let mut c = AdamW8bitConfig::default();
+    pub fn parse(name: &str, args: &[String]) -> Result<EightBitConfig> {
+        let mut c = EightBitConfig::default();
         for arg in args {
             let (key, value) = arg.split_once('=').ok_or_else(|| {
                 Error::Config(format!("--optimizer-args `{arg}`: expected key=value"))
@@ -54,7 +57,7 @@ impl AdamW8bitConfig {
                 match value.eq_ignore_ascii_case(want) {
                     true => Ok(()),
                     false => Err(Error::Config(format!(
-                        "--optimizer-args {key}={value}: kstyle's AdamW8bit runs with {key}={want} only"
+                        "--optimizer-args {key}={value}: kstyle's {name} runs with {key}={want} only"
                     ))),
                 }
             };
@@ -82,7 +85,7 @@ impl AdamW8bitConfig {
                 }
                 other => {
                     return Err(Error::Config(format!(
-                        "--optimizer-args: AdamW8bit has no setting `{other}` (min_8bit_size, \
+                        "--optimizer-args: {name} has no setting `{other}` (min_8bit_size, \
                          is_paged)"
                     )))
                 }
@@ -91,9 +94,9 @@ impl AdamW8bitConfig {
         Ok(c)
     }
 
-    /// For the adapter's recorded settings.
-    pub fn describe(&self) -> String {
-        format!("adamw8bit min_8bit_size={}", self.min_8bit_size)
+    /// For the adapter's recorded settings: `name` (the optimizer) and the threshold.
+    pub fn describe(&self, name: &str) -> String {
+        format!("{name} min_8bit_size={}", self.min_8bit_size)
     }
 
     /// Whether a trainable of `len` elements keeps 8-bit moments.
@@ -112,18 +115,19 @@ pub enum Place {
 }
 
 /// One trainable's moments as a checkpoint stores them: (len,) f32 moments, or (len,) u8 codes
-/// and (len.div_ceil(256),) f32 absmax.
+/// and (len.div_ceil(256),) f32 absmax; the second moment only where the rule keeps one (AdamW,
+/// not Lion).
 #[derive(Clone, Debug)]
 pub enum SlotMoments {
     Float {
         m: Tensor,
-        v: Tensor,
+        v: Option<Tensor>,
     },
     Bytes {
         q1: Tensor,
-        q2: Tensor,
         absmax1: Tensor,
-        absmax2: Tensor,
+        /// (q2, absmax2).
+        second: Option<(Tensor, Tensor)>,
     },
 }
 
@@ -131,27 +135,34 @@ impl SlotMoments {
     /// `(kind, tensor)` pairs as checkpoints name them (`kstyle.optim.<kind>.<trainable>`).
     pub fn named(self) -> Vec<(&'static str, Tensor)> {
         match self {
-            SlotMoments::Float { m, v } => vec![("m", m), ("v", v)],
+            SlotMoments::Float { m, v } => {
+                let mut out = vec![("m", m)];
+                out.extend(v.map(|v| ("v", v)));
+                out
+            }
             SlotMoments::Bytes {
                 q1,
-                q2,
                 absmax1,
-                absmax2,
-            } => vec![
-                ("q1", q1),
-                ("q2", q2),
-                ("absmax1", absmax1),
-                ("absmax2", absmax2),
-            ],
+                second,
+            } => {
+                let mut out = vec![("q1", q1), ("absmax1", absmax1)];
+                if let Some((q2, absmax2)) = second {
+                    out.extend([("q2", q2), ("absmax2", absmax2)]);
+                }
+                out
+            }
         }
     }
 }
 
-/// The quantized half of an 8-bit AdamW state (the optimizer's `m` and `v` hold the f32 moments
-/// of the small trainables).
+/// The quantized half of an 8-bit state (the optimizer's `m` and `v` hold the f32 moments of the
+/// small trainables): AdamW8bit's two moments, or Lion8bit's one (`q2`, `absmax2` and `v`
+/// empty).
 #[derive(Clone, Debug)]
 pub struct Quantized {
-    pub config: AdamW8bitConfig,
+    pub config: EightBitConfig,
+    /// Whether a second moment is kept (AdamW's v).
+    pub two: bool,
     /// Per slot, in slot order.
     pub places: Vec<Place>,
     /// (N8,) u8 codes of m and v, every quantized trainable back to back.
@@ -175,7 +186,8 @@ impl Quantized {
     /// Fresh state for `slots`: zero codes and absmax (bitsandbytes' start: every moment 0),
     /// and the f32 `m`, `v` of the small trainables, zero.
     pub fn fresh(
-        config: AdamW8bitConfig,
+        config: EightBitConfig,
+        two: bool,
         slots: &[Slot],
         device: Device,
     ) -> Result<(Quantized, Tensor, Tensor)> {
@@ -183,28 +195,35 @@ impl Quantized {
             .iter()
             .map(|s| {
                 let zeros = |n, dtype| Tensor::zeros(n, dtype, Device::Cpu);
+                let blocks = s.len.div_ceil(BLOCK_8BIT);
+                let codes = || -> Result<(Tensor, Tensor)> {
+                    Ok((zeros(s.len, DType::U8)?, zeros(blocks, DType::F32)?))
+                };
                 Ok(match config.quantizes(s.len) {
-                    true => SlotMoments::Bytes {
-                        q1: zeros(s.len, DType::U8)?,
-                        q2: zeros(s.len, DType::U8)?,
-                        absmax1: zeros(s.len.div_ceil(BLOCK_8BIT), DType::F32)?,
-                        absmax2: zeros(s.len.div_ceil(BLOCK_8BIT), DType::F32)?,
-                    },
+                    true => {
+                        let (q1, absmax1) = codes()?;
+                        SlotMoments::Bytes {
+                            q1,
+                            absmax1,
+                            second: two.then(codes).transpose()?,
+                        }
+                    }
                     false => SlotMoments::Float {
                         m: zeros(s.len, DType::F32)?,
-                        v: zeros(s.len, DType::F32)?,
+                        v: two.then(|| zeros(s.len, DType::F32)).transpose()?,
                     },
                 })
             })
             .collect::<Result<Vec<_>>>()?;
-        Quantized::from_slots(config, slots, moments, device)
+        Quantized::from_slots(config, two, slots, moments, device)
     }
 
     /// State from each slot's moments (a checkpoint's, or a reordering's), checked against the
     /// slot sizes. The placement is the moments' own: a checkpoint resumes as it was written
     /// whatever `min_8bit_size` the resumed run asks for.
     pub fn from_slots(
-        config: AdamW8bitConfig,
+        config: EightBitConfig,
+        two: bool,
         slots: &[Slot],
         moments: Vec<SlotMoments>,
         device: Device,
@@ -233,26 +252,42 @@ impl Quantized {
                     ))),
                 }
             };
+            let second = |has: bool| match has == two {
+                true => Ok(()),
+                false => Err(Error::msg(format!(
+                    "optimizer slot `{}`: {} a second moment, the optimizer {}",
+                    slot.name,
+                    if has { "has" } else { "lacks" },
+                    if two { "keeps one" } else { "keeps none" }
+                ))),
+            };
             match moments {
                 SlotMoments::Float { m, v } => {
                     want("m", &m, len, DType::F32)?;
-                    want("v", &v, len, DType::F32)?;
+                    second(v.is_some())?;
+                    if let Some(v) = v {
+                        want("v", &v, len, DType::F32)?;
+                        vs.push(v);
+                    }
                     places.push(Place::Float { offset: floats });
                     floats += len;
                     ms.push(m);
-                    vs.push(v);
                 }
                 SlotMoments::Bytes {
                     q1,
-                    q2,
                     absmax1,
-                    absmax2,
+                    second: more,
                 } => {
                     let n = len.div_ceil(BLOCK_8BIT);
                     want("q1", &q1, len, DType::U8)?;
-                    want("q2", &q2, len, DType::U8)?;
                     want("absmax1", &absmax1, n, DType::F32)?;
-                    want("absmax2", &absmax2, n, DType::F32)?;
+                    second(more.is_some())?;
+                    if let Some((q2, absmax2)) = more {
+                        want("q2", &q2, len, DType::U8)?;
+                        want("absmax2", &absmax2, n, DType::F32)?;
+                        q2s.push(q2);
+                        a2s.push(absmax2);
+                    }
                     places.push(Place::Bytes {
                         offset: bytes,
                         block: blocks,
@@ -260,9 +295,7 @@ impl Quantized {
                     bytes += len;
                     blocks += n;
                     q1s.push(q1);
-                    q2s.push(q2);
                     a1s.push(absmax1);
-                    a2s.push(absmax2);
                 }
             }
         }
@@ -281,6 +314,7 @@ impl Quantized {
         };
         let q = Quantized {
             config,
+            two,
             places,
             q1: flat(q1s, DType::U8)?,
             q2: flat(q2s, DType::U8)?,
@@ -305,15 +339,22 @@ impl Quantized {
                 Ok(match *place {
                     Place::Float { offset } => SlotMoments::Float {
                         m: m.narrow(0, offset, s.len)?,
-                        v: v.narrow(0, offset, s.len)?,
+                        v: match self.two {
+                            true => Some(v.narrow(0, offset, s.len)?),
+                            false => None,
+                        },
                     },
                     Place::Bytes { offset, block } => {
                         let n = s.len.div_ceil(BLOCK_8BIT);
                         SlotMoments::Bytes {
                             q1: q1.narrow(0, offset, s.len)?,
-                            q2: q2.narrow(0, offset, s.len)?,
                             absmax1: a1.narrow(0, block, n)?,
-                            absmax2: a2.narrow(0, block, n)?,
+                            second: match self.two {
+                                true => {
+                                    Some((q2.narrow(0, offset, s.len)?, a2.narrow(0, block, n)?))
+                                }
+                                false => None,
+                            },
                         }
                     }
                 })
@@ -324,33 +365,32 @@ impl Quantized {
 
 impl SlotMoments {
     /// The moments as (len,) f32 host tensors: the f32 ones as they are, codes times their
-    /// block's absmax (bitsandbytes' dequantization).
-    pub fn values(&self) -> Result<(Tensor, Tensor)> {
+    /// block's absmax (bitsandbytes' dequantization); the second when there is one.
+    pub fn values(&self) -> Result<(Tensor, Option<Tensor>)> {
+        let host = |t: &Tensor| t.to_device(Device::Cpu);
+        let dequantize = |q: &Tensor, a: &Tensor, map: [f32; 256]| -> Result<Tensor> {
+            let codes = host(q)?.to_vec::<u8>()?;
+            let absmax = a.to_vec_f32()?;
+            let values: Vec<f32> = codes
+                .iter()
+                .enumerate()
+                .map(|(i, &c)| map[c as usize] * absmax[i / BLOCK_8BIT])
+                .collect();
+            Tensor::from_vec(values, codes.len(), Device::Cpu)
+        };
         match self {
-            SlotMoments::Float { m, v } => {
-                Ok((m.to_device(Device::Cpu)?, v.to_device(Device::Cpu)?))
-            }
+            SlotMoments::Float { m, v } => Ok((host(m)?, v.as_ref().map(host).transpose()?)),
             SlotMoments::Bytes {
                 q1,
-                q2,
                 absmax1,
-                absmax2,
-            } => {
-                let dequantize = |q: &Tensor, a: &Tensor, map: [f32; 256]| -> Result<Tensor> {
-                    let codes = q.to_device(Device::Cpu)?.to_vec::<u8>()?;
-                    let absmax = a.to_vec_f32()?;
-                    let values: Vec<f32> = codes
-                        .iter()
-                        .enumerate()
-                        .map(|(i, &c)| map[c as usize] * absmax[i / BLOCK_8BIT])
-                        .collect();
-                    Tensor::from_vec(values, codes.len(), Device::Cpu)
-                };
-                Ok((
-                    dequantize(q1, absmax1, dynamic_map(true))?,
-                    dequantize(q2, absmax2, dynamic_map(false))?,
-                ))
-            }
+                second,
+            } => Ok((
+                dequantize(q1, absmax1, dynamic_map(true))?,
+                second
+                    .as_ref()
+                    .map(|(q2, a2)| dequantize(q2, a2, dynamic_map(false)))
+                    .transpose()?,
+            )),
         }
     }
 }
@@ -362,10 +402,15 @@ mod tests {
     #[test]
     fn kohya_optimizer_args_parse() {
         let args = ["min_8bit_size=16384", "is_paged=True", "block_wise=True"].map(String::from);
-        let c = AdamW8bitConfig::parse(&args).unwrap();
+        let c = EightBitConfig::parse("AdamW8bit", &args).unwrap();
         assert_eq!(c.min_8bit_size, 16384);
         assert!(c.quantizes(16384) && !c.quantizes(16383));
-        assert_eq!(AdamW8bitConfig::parse(&[]).unwrap().min_8bit_size, 4096);
+        assert_eq!(
+            EightBitConfig::parse("Lion8bit", &[])
+                .unwrap()
+                .min_8bit_size,
+            4096
+        );
         for bad in [
             "min_8bit_size",
             "min_8bit_size=-1",
@@ -375,7 +420,10 @@ mod tests {
             "betas=0.9,0.99",
             "d0=1e-6",
         ] {
-            assert!(AdamW8bitConfig::parse(&[bad.to_string()]).is_err(), "{bad}");
+            assert!(
+                EightBitConfig::parse("AdamW8bit", &[bad.to_string()]).is_err(),
+                "{bad}"
+            );
         }
     }
 
@@ -392,8 +440,8 @@ mod tests {
                 len,
             })
             .collect();
-        let config = AdamW8bitConfig { min_8bit_size: 256 };
-        let (q, m, v) = Quantized::fresh(config, &slots, Device::Cpu).unwrap();
+        let config = EightBitConfig { min_8bit_size: 256 };
+        let (q, m, v) = Quantized::fresh(config, true, &slots, Device::Cpu).unwrap();
         assert_eq!(
             q.places,
             [
@@ -411,13 +459,20 @@ mod tests {
         assert_eq!((q.q1.elem_count(), q.absmax1.elem_count()), (812, 4));
         assert_eq!((m.elem_count(), v.elem_count()), (10, 10));
         let host = q.host_moments(&slots, &m, &v).unwrap();
-        let (again, ..) = Quantized::from_slots(config, &slots, host, Device::Cpu).unwrap();
+        let (again, ..) = Quantized::from_slots(config, true, &slots, host, Device::Cpu).unwrap();
         assert_eq!(again.places, q.places);
         let wrong = vec![SlotMoments::Float {
             m: Tensor::zeros(3, DType::F32, Device::Cpu).unwrap(),
-            v: Tensor::zeros(3, DType::F32, Device::Cpu).unwrap(),
+            v: Some(Tensor::zeros(3, DType::F32, Device::Cpu).unwrap()),
         }];
-        let err = Quantized::from_slots(config, &slots[..1], wrong, Device::Cpu).unwrap_err();
+        let err = Quantized::from_slots(config, true, &slots[..1], wrong, Device::Cpu).unwrap_err();
         assert!(err.to_string().contains("`p0`"), "{err}");
+        // Lion's one moment: no second buffers, and a second moment is refused.
+        let (one, m1, v1) = Quantized::fresh(config, false, &slots, Device::Cpu).unwrap();
+        assert_eq!((one.q2.elem_count(), one.absmax2.elem_count()), (0, 0));
+        assert_eq!((m1.elem_count(), v1.elem_count()), (10, 0));
+        let host = q.host_moments(&slots, &m, &v).unwrap();
+        let err = Quantized::from_slots(config, false, &slots, host, Device::Cpu).unwrap_err();
+        assert!(err.to_string().contains("has a second moment"), "{err}");
     }
 }

@@ -192,7 +192,12 @@ pub fn load_checkpoint(
             format!("metadata `{PRODIGY}` missing: Prodigy's d is not in the checkpoint"),
         ));
     }
-    if let OptimizerKind::AdamW8bit(config) = kind {
+    let eight = match kind {
+        OptimizerKind::AdamW8bit(c) => Some((c, true)),
+        OptimizerKind::Lion8bit(c) => Some((c, false)),
+        _ => None,
+    };
+    if let Some((config, two)) = eight {
         let mut parts = Vec::new();
         for (name, _) in adapter.trainables() {
             let key = |kind: &str| format!("{OPTIM}.{kind}.{name}");
@@ -220,19 +225,21 @@ pub fn load_checkpoint(
             let moments = match f.contains(&key("q1")) {
                 true => SlotMoments::Bytes {
                     q1: bytes("q1")?,
-                    q2: bytes("q2")?,
                     absmax1: f32s("absmax1")?,
-                    absmax2: f32s("absmax2")?,
+                    second: match two {
+                        true => Some((bytes("q2")?, f32s("absmax2")?)),
+                        false => None,
+                    },
                 },
                 false => SlotMoments::Float {
                     m: f32s("m")?,
-                    v: f32s("v")?,
+                    v: two.then(|| f32s("v")).transpose()?,
                 },
             };
             parts.push((name.clone(), f32s("master")?, moments));
         }
         let step = int("kstyle.ckpt.optim_step")?;
-        let opt = Optimizer::from_parts8(hyper, step, config, parts, device)
+        let opt = Optimizer::from_parts8(hyper, step, config, two, parts, device)
             .map_err(|e| Error::file(path, e.to_string()))?;
         return Ok((adapter, opt, state));
     }
@@ -257,8 +264,8 @@ pub fn load_checkpoint(
     }
     let mut opt = Optimizer::from_parts(hyper, int("kstyle.ckpt.optim_step")?, parts, device)?;
     match kind {
-        // 8-bit AdamW returned above.
-        OptimizerKind::AdamW | OptimizerKind::AdamW8bit(_) => {}
+        // The 8-bit optimizers returned above.
+        OptimizerKind::AdamW | OptimizerKind::AdamW8bit(_) | OptimizerKind::Lion8bit(_) => {}
         OptimizerKind::Prodigy(config) => {
             let mut state = ProdigyState::new(config, concat(&p0, device)?)?;
             state.s = concat(&s, device)?;

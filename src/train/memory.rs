@@ -70,8 +70,8 @@ impl Trainer {
         let over = |what: String| {
             Error::Config(format!(
                 "--memory-budget {} cannot hold this run on {device}: {what}; a smaller \
-                 --resolution, --dtype bf16, --weight-dtype fp8-e4m3fn or a lower --rank need \
-                 less",
+                 --resolution, --dtype bf16, --weight-dtype fp8-e4m3fn, a lower --rank or \
+                 --optimizer adamw8bit need less",
                 human(budget)
             ))
         };

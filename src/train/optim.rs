@@ -5,14 +5,24 @@
 //! per micro-batch, one AdamW sweep, and one multi-tensor copy of the new values into the
 //! trainables (on CUDA, launches; nothing crosses to the host).
 
-use super::adamw8bit::{AdamW8bitConfig, Place, Quantized, SlotMoments};
+use super::adamw8bit::{EightBitConfig, Place, Quantized, SlotMoments};
 use super::lion::LionConfig;
 use super::prodigy::{ProdigyConfig, ProdigyState};
 use crate::autograd::GradStore;
-use crate::backend::cpu::optim::{AdamW, LionStep, LrRun, Moments8, Slot8, State, BLOCK_8BIT};
+use crate::backend::cpu::optim::{
+    AdamW, LionStep, LrRun, Moments8, Rule8, Slot8, State, BLOCK_8BIT,
+};
 use crate::backend::ops;
 use crate::{DType, Device, Error, Result, Tensor};
 use std::collections::HashSet;
+
+/// The rule of an 8-bit state: AdamW8bit with two moments, Lion8bit with one.
+fn rule_8bit(q: Quantized) -> Rule {
+    match q.two {
+        true => Rule::AdamW8bit(Box::new(q)),
+        false => Rule::Lion8bit(Box::new(q)),
+    }
+}
 
 /// Where one trainable's values sit in the flat buffers.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -33,6 +43,8 @@ pub enum Rule {
     /// AdamW with 8-bit moments (see `train::adamw8bit`): `m` and `v` hold the f32 moments of
     /// the small trainables only.
     AdamW8bit(Box<Quantized>),
+    /// Lion with its moment in 8 bits: `m` holds the small trainables' f32 moment, `v` empty.
+    Lion8bit(Box<Quantized>),
 }
 
 impl Rule {
@@ -43,6 +55,7 @@ impl Rule {
             Rule::Prodigy(_) => "prodigy",
             Rule::Lion(_) => "lion",
             Rule::AdamW8bit(_) => "adamw8bit",
+            Rule::Lion8bit(_) => "lion8bit",
         }
     }
 }
@@ -57,7 +70,9 @@ pub enum OptimizerKind {
     /// kohya's `--optimizer_type Lion` (lion-pytorch).
     Lion(LionConfig),
     /// kohya's `--optimizer_type AdamW8bit` (bitsandbytes).
-    AdamW8bit(AdamW8bitConfig),
+    AdamW8bit(EightBitConfig),
+    /// kohya's `--optimizer_type Lion8bit` (bitsandbytes).
+    Lion8bit(EightBitConfig),
 }
 
 impl OptimizerKind {
@@ -68,6 +83,7 @@ impl OptimizerKind {
             OptimizerKind::Prodigy(_) => "prodigy",
             OptimizerKind::Lion(_) => "lion",
             OptimizerKind::AdamW8bit(_) => "adamw8bit",
+            OptimizerKind::Lion8bit(_) => "lion8bit",
         }
     }
 
@@ -77,7 +93,7 @@ impl OptimizerKind {
             OptimizerKind::AdamW => "adamw".into(),
             OptimizerKind::Prodigy(p) => p.describe(),
             OptimizerKind::Lion(l) => l.describe(),
-            OptimizerKind::AdamW8bit(q) => q.describe(),
+            OptimizerKind::AdamW8bit(q) | OptimizerKind::Lion8bit(q) => q.describe(self.name()),
         }
     }
 
@@ -95,7 +111,8 @@ impl OptimizerKind {
             OptimizerKind::AdamW => Ok(opt),
             OptimizerKind::Prodigy(p) => opt.with_prodigy(p),
             OptimizerKind::Lion(l) => opt.with_lion(l),
-            OptimizerKind::AdamW8bit(q) => opt.with_adamw8bit(q),
+            OptimizerKind::AdamW8bit(q) => opt.with_8bit(q, true),
+            OptimizerKind::Lion8bit(q) => opt.with_8bit(q, false),
         }
     }
 }
@@ -206,21 +223,23 @@ impl Optimizer {
         Ok(self)
     }
 
-    /// The same trainables stepped by AdamW with 8-bit moments (see `train::adamw8bit`), from
-    /// zero moments: the f32 `m` and `v` shrink to the small trainables.
-    pub fn with_adamw8bit(mut self, config: AdamW8bitConfig) -> Result<Optimizer> {
-        let (q, m, v) = Quantized::fresh(config, &self.slots, self.master.device())?;
+    /// The same trainables stepped with 8-bit moments (see `train::adamw8bit`) from zero
+    /// moments: AdamW8bit with `two` moments, Lion8bit with one. The f32 `m` and `v` shrink to
+    /// the small trainables (`v` to nothing for Lion).
+    pub fn with_8bit(mut self, config: EightBitConfig, two: bool) -> Result<Optimizer> {
+        let (q, m, v) = Quantized::fresh(config, two, &self.slots, self.master.device())?;
         (self.m, self.v) = (m, v);
-        self.rule = Rule::AdamW8bit(Box::new(q));
+        self.rule = rule_8bit(q);
         Ok(self)
     }
 
-    /// 8-bit AdamW state read back per trainable (a checkpoint): `(name, master, moments)` in
-    /// the order given.
+    /// 8-bit state read back per trainable (a checkpoint): `(name, master, moments)` in the
+    /// order given; AdamW8bit's with `two` moments, Lion8bit's with one.
     pub fn from_parts8(
         hyper: AdamW,
         step: u64,
-        config: AdamW8bitConfig,
+        config: EightBitConfig,
+        two: bool,
         parts: Vec<(String, Tensor, SlotMoments)>,
         device: Device,
     ) -> Result<Optimizer> {
@@ -235,7 +254,7 @@ impl Optimizer {
             masters.push(master);
             moments.push(mom);
         }
-        let (q, m, v) = Quantized::from_slots(config, &slots, moments, device)?;
+        let (q, m, v) = Quantized::from_slots(config, two, &slots, moments, device)?;
         Ok(Optimizer {
             hyper,
             step,
@@ -243,14 +262,14 @@ impl Optimizer {
             master: concat(&masters, device)?,
             m,
             v,
-            rule: Rule::AdamW8bit(Box::new(q)),
+            rule: rule_8bit(q),
         })
     }
 
-    /// The 8-bit AdamW state, when it is the rule.
+    /// The 8-bit state, when the rule keeps one (AdamW8bit, Lion8bit).
     pub fn quantized(&self) -> Option<&Quantized> {
         match &self.rule {
-            Rule::AdamW8bit(q) => Some(q),
+            Rule::AdamW8bit(q) | Rule::Lion8bit(q) => Some(q),
             _ => None,
         }
     }
@@ -305,6 +324,24 @@ impl Optimizer {
         })
     }
 
+    /// Bytes of optimizer state on the training device: the masters, the moments (codes and
+    /// absmax when they are 8-bit), Prodigy's s and p0.
+    pub fn state_bytes(&self) -> usize {
+        let bytes = |t: &Tensor| t.elem_count() * t.dtype().size_in_bytes();
+        let mut total = bytes(&self.master) + bytes(&self.m) + bytes(&self.v);
+        match &self.rule {
+            Rule::AdamW8bit(q) | Rule::Lion8bit(q) => {
+                total += [&q.q1, &q.q2, &q.absmax1, &q.absmax2, &q.maps]
+                    .into_iter()
+                    .map(bytes)
+                    .sum::<usize>()
+            }
+            Rule::Prodigy(p) => total += bytes(&p.s) + bytes(&p.p0),
+            Rule::AdamW | Rule::Lion(_) => {}
+        }
+        total
+    }
+
     /// Values held across all slots.
     pub fn len(&self) -> usize {
         self.master.elem_count()
@@ -327,21 +364,36 @@ impl Optimizer {
             let moments = match q.places[i] {
                 Place::Float { offset } => SlotMoments::Float {
                     m: self.m.narrow(0, offset, n)?,
-                    v: self.v.narrow(0, offset, n)?,
+                    v: match q.two {
+                        true => Some(self.v.narrow(0, offset, n)?),
+                        false => None,
+                    },
                 },
-                Place::Bytes { offset, block } => SlotMoments::Bytes {
-                    q1: q.q1.narrow(0, offset, n)?,
-                    q2: q.q2.narrow(0, offset, n)?,
-                    absmax1: q.absmax1.narrow(0, block, n.div_ceil(BLOCK_8BIT))?,
-                    absmax2: q.absmax2.narrow(0, block, n.div_ceil(BLOCK_8BIT))?,
-                },
+                Place::Bytes { offset, block } => {
+                    let blocks = n.div_ceil(BLOCK_8BIT);
+                    SlotMoments::Bytes {
+                        q1: q.q1.narrow(0, offset, n)?,
+                        absmax1: q.absmax1.narrow(0, block, blocks)?,
+                        second: match q.two {
+                            true => Some((
+                                q.q2.narrow(0, offset, n)?,
+                                q.absmax2.narrow(0, block, blocks)?,
+                            )),
+                            false => None,
+                        },
+                    }
+                }
             };
             let (m, v) = moments.values()?;
             let device = self.master.device();
+            let v = match v {
+                Some(v) => v.to_device(device)?,
+                None => Tensor::zeros(0, DType::F32, device)?,
+            };
             return Ok([
                 self.master.narrow(0, slot.offset, slot.len)?,
                 m.to_device(device)?,
-                v.to_device(device)?,
+                v,
             ]);
         }
         let v = match self.v.elem_count() {
@@ -391,8 +443,8 @@ impl Optimizer {
                     "optimizer state has a slot `{extra}` for no parameter of this run"
                 )));
             }
-            let config = q.config;
-            *self = Optimizer::from_parts8(self.hyper, self.step, config, parts, device)?;
+            let (config, two) = (q.config, q.two);
+            *self = Optimizer::from_parts8(self.hyper, self.step, config, two, parts, device)?;
             return Ok(());
         }
         let mut by_name: std::collections::HashMap<&str, &Slot> =
@@ -517,7 +569,7 @@ impl Optimizer {
             )?;
             return self.write_params(params);
         }
-        if let Rule::AdamW8bit(q) = &mut self.rule {
+        if let Some(q) = self.quantized() {
             let table: Vec<Slot8> = self
                 .slots
                 .iter()
@@ -537,11 +589,19 @@ impl Optimizer {
                     }
                 })
                 .collect();
-            self.step += 1;
-            let q = &**q;
-            ops::adamw8bit_step(
-                &self.hyper,
-                self.step,
+            let rule = match q.two {
+                true => Rule8::AdamW {
+                    h: self.hyper,
+                    t: self.step + 1,
+                },
+                false => Rule8::Lion(LionStep {
+                    beta1: self.hyper.beta1,
+                    beta2: self.hyper.beta2,
+                    weight_decay: self.hyper.weight_decay,
+                }),
+            };
+            ops::step_8bit(
+                &rule,
                 &q.maps.storage(),
                 &mut self.master.storage_mut(),
                 Moments8 {
@@ -556,6 +616,7 @@ impl Optimizer {
                 grad_scale,
                 &table,
             )?;
+            self.step += 1;
             return self.write_params(params);
         }
         if let Rule::Prodigy(pr) = &mut self.rule {

@@ -3,6 +3,7 @@
 //! checkpoints and samples, a CSV log and a loss plot. Resuming from a checkpoint continues the
 //! same stream of random draws, so a resumed run equals an uninterrupted one bit for bit.
 
+use super::adamw8bit::Place;
 use super::batch::{batch_key, stack, visited, CaptionEncoder};
 use super::checkpoint::{save_checkpoint, TrainState};
 pub use super::config::TrainConfig;
@@ -12,7 +13,7 @@ use super::examples::{load_dataset, prepare_examples, Example, ExampleText, Prep
 use super::lr_groups::{slot_rates, SlotRate};
 use super::max_norm::{regularize, slot_factors, weight_norms, MaxNormReport};
 use super::memory::{human, policy_name, AUTO_POLICIES};
-use super::optim::{GradAccumulator, Optimizer, Slot};
+use super::optim::{GradAccumulator, Optimizer, Rule, Slot};
 use super::start::{check_zeroed_blocks, fresh, resume, Start};
 use super::step::StepNoise;
 use super::text::TextEncoders;
@@ -394,7 +395,7 @@ impl Trainer {
                 cfg.adamw.lr
             ));
         }
-        if let crate::train::optim::Rule::Lion(l) = &optimizer.rule {
+        if let Rule::Lion(l) = &optimizer.rule {
             log(&format!(
                 "optimizer: {} (betas {}, {}; weight decay {}; one moment, no second)",
                 l.describe(),
@@ -403,6 +404,32 @@ impl Trainer {
                 cfg.adamw.weight_decay
             ));
         }
+        if let Some(q) = optimizer.quantized() {
+            let quantized: Vec<&Slot> = optimizer
+                .slots
+                .iter()
+                .zip(&q.places)
+                .filter(|(_, p)| matches!(p, Place::Bytes { .. }))
+                .map(|(s, _)| s)
+                .collect();
+            log(&format!(
+                "optimizer: {}: {} of {} trainables ({} of {} values) with 8-bit moments",
+                q.config.describe(optimizer.rule.name()),
+                quantized.len(),
+                optimizer.slots.len(),
+                quantized.iter().map(|s| s.len).sum::<usize>(),
+                optimizer.len()
+            ));
+        }
+        log(&format!(
+            "optimizer state: {} on {} (f32 masters and moments{})",
+            human(optimizer.state_bytes() as u64),
+            cfg.device,
+            match optimizer.rule {
+                Rule::AdamW8bit(_) | Rule::Lion8bit(_) => ", 8-bit where quantized",
+                _ => "",
+            }
+        ));
         // Mixed precision: the optimizer holds the f32 values (just taken); the UNet's adapters
         // become leaves in the compute dtype, so the forward needs no per-step casts. The
         // cultural module stays f32: it reads the f32 clean-latent estimate.

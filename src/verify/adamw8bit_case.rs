@@ -15,7 +15,7 @@ use super::optim_steps::{check_step, host, json, start};
 use super::{Checker, Ctx, Row};
 use crate::backend::cpu::optim::{dynamic_map, AdamW, BLOCK_8BIT};
 use crate::tensor::SafeTensorsFile;
-use crate::train::adamw8bit::{AdamW8bitConfig, Place};
+use crate::train::adamw8bit::{EightBitConfig, Place};
 use crate::train::optim::Optimizer;
 use crate::{Device, Error, Result, Tensor};
 
@@ -51,11 +51,11 @@ pub fn adamw8bit(ctx: &Ctx) -> Result<Vec<Row>> {
             eps: num("eps"),
             weight_decay: num("weight_decay"),
         };
-        let config = AdamW8bitConfig {
+        let config = EightBitConfig {
             min_8bit_size: kw["min_8bit_size"].as_u64().unwrap_or(4096) as usize,
         };
         let (params, mut reference) = start(ctx, &f, case, shapes.len())?;
-        let mut opt = Optimizer::new(hyper, &params)?.with_adamw8bit(config)?;
+        let mut opt = Optimizer::new(hyper, &params)?.with_8bit(config, true)?;
         let q = opt
             .quantized()
             .ok_or_else(|| Error::msg("no 8-bit state"))?;

@@ -7,6 +7,7 @@ mod clip_cases;
 pub mod cuda_parity;
 pub mod extra_cases;
 mod layer_cases;
+mod lion8bit_case;
 mod lion_case;
 mod mask_crop_case;
 mod optim_steps;
@@ -274,6 +275,11 @@ pub fn cases() -> Vec<(&'static str, &'static str, CaseFn)> {
             "adamw8bit",
             "../../extra/adamw8bit.safetensors",
             adamw8bit_case::adamw8bit,
+        ),
+        (
+            "lion8bit",
+            "../../extra/lion8bit.safetensors",
+            lion8bit_case::lion8bit,
         ),
         (
             "train_targets",

@@ -307,15 +307,55 @@ pub fn adamw8bit_block(
         m.push(mi);
         v.push(vi);
     }
-    for (values, codes, absmax, map) in [(&m, q1, a1, signed), (&v, q2, a2, unsigned)] {
-        let top = values.iter().fold(0f64, |a, &x| a.max(x.abs())) as f32;
-        *absmax = top;
-        for (c, &x) in codes.iter_mut().zip(values) {
-            let scaled = match top {
-                0.0 => 0.0,
-                _ => (x / top as f64).clamp(-1.0, 1.0),
-            };
-            *c = quantize_code(map, scaled);
-        }
+    requantize(&m, q1, a1, signed);
+    requantize(&v, q2, a2, unsigned);
+}
+
+/// One block of a trainable whose Lion moment is quantized, stepped at `lr` (bitsandbytes'
+/// blockwise Lion8bit update, its CPU path): dequantize m, then Lion's step in f64 per element
+/// (p <- p (1 - lr wd) - lr sgn(b1 m + (1 - b1) g), m <- b2 m + (1 - b2) g, sgn(0) = 0), then
+/// store m again as the nearest codes of its new block absmax.
+#[allow(clippy::too_many_arguments)]
+pub fn lion8bit_block(
+    h: &LionStep,
+    lr: f64,
+    map: &[f32; 256],
+    p: &mut [f32],
+    g: &[f32],
+    grad_scale: f32,
+    q1: &mut [u8],
+    absmax1: &mut f32,
+) {
+    let mut m = Vec::with_capacity(p.len());
+    for i in 0..p.len() {
+        let gi = (g[i] * grad_scale) as f64;
+        let mi = map[q1[i] as usize] as f64 * *absmax1 as f64;
+        let pi = p[i] as f64 * (1.0 - lr * h.weight_decay);
+        p[i] = (pi - lr * sgn(h.beta1 * mi + (1.0 - h.beta1) * gi)) as f32;
+        m.push(h.beta2 * mi + (1.0 - h.beta2) * gi);
     }
+    requantize(&m, q1, absmax1, map);
+}
+
+/// `values` stored as codes of `map` against their largest magnitude (the new absmax, rounded
+/// to f32): each the nearest code of value / absmax, clamped to [-1, 1]; all codes of 0 when
+/// every value is 0.
+fn requantize(values: &[f64], codes: &mut [u8], absmax: &mut f32, map: &[f32; 256]) {
+    let top = values.iter().fold(0f64, |a, &x| a.max(x.abs())) as f32;
+    *absmax = top;
+    for (c, &x) in codes.iter_mut().zip(values) {
+        let scaled = match top {
+            0.0 => 0.0,
+            _ => (x / top as f64).clamp(-1.0, 1.0),
+        };
+        *c = quantize_code(map, scaled);
+    }
+}
+
+/// The update an 8-bit step applies (see [`Moments8`]): AdamW's at 1-based step `t`, or Lion's
+/// (one moment: `v`, `q2` and `absmax2` unused).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Rule8 {
+    AdamW { h: AdamW, t: u64 },
+    Lion(LionStep),
 }

@@ -4,7 +4,8 @@
 use super::device::Launch;
 use super::{CudaDevice, CudaStorage};
 use crate::backend::cpu::optim::{
-    AdamW, LionStep, LrRun, Moments8, ProdigyBuffers, ProdigyMoments, Slot8, State, BLOCK_8BIT,
+    AdamW, LionStep, LrRun, Moments8, ProdigyBuffers, ProdigyMoments, Rule8, Slot8, State,
+    BLOCK_8BIT,
 };
 use crate::tensor::DType;
 use crate::{Error, Result};
@@ -396,13 +397,23 @@ struct AdamW8bitParams {
     count: i32,
 }
 
-/// One 8-bit AdamW step (see `train::adamw8bit`): one launch of a block per 256-element chunk
-/// of every slot, the slot table (offset, len, state, block or -1, first chunk, rate) uploaded
-/// once. The caller checked the bounds.
+/// `struct Lion8bitParams` of optim.cu.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+struct Lion8bitParams {
+    beta1: f32,
+    beta2: f32,
+    weight_decay: f32,
+    grad_scale: f32,
+    count: i32,
+}
+
+/// One step with 8-bit moments (see `train::adamw8bit`): one launch of a block per 256-element
+/// chunk of every slot, the slot table (offset, len, state, block or -1, first chunk, rate)
+/// uploaded once. The caller checked the bounds.
 #[allow(clippy::too_many_arguments)]
-pub fn adamw8bit_step(
-    h: &AdamW,
-    t: u64,
+pub fn step_8bit(
+    rule: &Rule8,
     maps: &CudaStorage,
     p: &mut CudaStorage,
     s: Moments8<'_, CudaStorage, CudaStorage>,
@@ -428,28 +439,50 @@ pub fn adamw8bit_step(
     }
     let dev = p.dev().clone();
     let slots_dev = dev.upload(DType::I64, &table)?;
-    let a = AdamWParams::new(h, t, grad_scale);
-    let params = AdamW8bitParams {
-        beta1: a.beta1,
-        beta2: a.beta2,
-        eps: a.eps,
-        weight_decay: a.weight_decay,
-        bias_correction1: a.bias_correction1,
-        bias_correction2: a.bias_correction2,
-        grad_scale,
-        count: (table.len() / 6) as i32,
-    };
-    dev.launch("optim", "optim_adamw8bit_step_f32".to_owned())?
-        .arg(slots_dev.ptr())
-        .arg(maps.ptr())
-        .arg(p.ptr())
-        .arg(g.ptr())
-        .arg(s.m.ptr())
-        .arg(s.v.ptr())
-        .arg(s.q1.ptr())
-        .arg(s.q2.ptr())
-        .arg(s.absmax1.ptr())
-        .arg(s.absmax2.ptr())
-        .arg(params)
-        .run((chunks as u32, 1, 1), (BLOCK_8BIT as u32, 1, 1), 0)
+    let count = (table.len() / 6) as i32;
+    let grid = ((chunks as u32, 1, 1), (BLOCK_8BIT as u32, 1, 1), 0);
+    match *rule {
+        Rule8::AdamW { h, t } => {
+            let a = AdamWParams::new(&h, t, grad_scale);
+            dev.launch("optim", "optim_adamw8bit_step_f32".to_owned())?
+                .arg(slots_dev.ptr())
+                .arg(maps.ptr())
+                .arg(p.ptr())
+                .arg(g.ptr())
+                .arg(s.m.ptr())
+                .arg(s.v.ptr())
+                .arg(s.q1.ptr())
+                .arg(s.q2.ptr())
+                .arg(s.absmax1.ptr())
+                .arg(s.absmax2.ptr())
+                .arg(AdamW8bitParams {
+                    beta1: a.beta1,
+                    beta2: a.beta2,
+                    eps: a.eps,
+                    weight_decay: a.weight_decay,
+                    bias_correction1: a.bias_correction1,
+                    bias_correction2: a.bias_correction2,
+                    grad_scale,
+                    count,
+                })
+                .run(grid.0, grid.1, grid.2)
+        }
+        Rule8::Lion(h) => dev
+            .launch("optim", "optim_lion8bit_step_f32".to_owned())?
+            .arg(slots_dev.ptr())
+            .arg(maps.ptr())
+            .arg(p.ptr())
+            .arg(g.ptr())
+            .arg(s.m.ptr())
+            .arg(s.q1.ptr())
+            .arg(s.absmax1.ptr())
+            .arg(Lion8bitParams {
+                beta1: h.beta1 as f32,
+                beta2: h.beta2 as f32,
+                weight_decay: h.weight_decay as f32,
+                grad_scale,
+                count,
+            })
+            .run(grid.0, grid.1, grid.2),
+    }
 }

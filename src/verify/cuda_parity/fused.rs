@@ -752,7 +752,20 @@ pub(super) fn lion(r: &mut Run) -> Result<()> {
 /// the dequantized moments at the gradient tolerance (a code on the other side of a midpoint
 /// shows as one code's difference in one element).
 pub(super) fn adamw8bit(r: &mut Run) -> Result<()> {
-    use crate::backend::cpu::optim::{dynamic_map, Moments8, Slot8, BLOCK_8BIT};
+    step_8bit(r, false)
+}
+
+/// [`adamw8bit`]'s layout stepped by Lion8bit: one moment, its sign the update (rates near 1e-2
+/// move p by about the rate, so a wrong sign shows far above the tolerance).
+pub(super) fn lion8bit(r: &mut Run) -> Result<()> {
+    step_8bit(r, true)
+}
+
+fn step_8bit(r: &mut Run, lion: bool) -> Result<()> {
+    use crate::backend::cpu::optim::{dynamic_map, LionStep, Moments8, Rule8, Slot8, BLOCK_8BIT};
+    let tag = if lion { "lion8bit" } else { "adamw8bit" };
+    // Lion keeps no second moment: its buffers stay empty.
+    let second = |n: usize| if lion { 0 } else { n };
     // (len, quantized, rate)
     let layout = [
         (5_000usize, true, 0.01),
@@ -792,11 +805,11 @@ pub(super) fn adamw8bit(r: &mut Run) -> Result<()> {
         p0,
         Tensor::from_vec(maps, 512, Device::Cpu)?,
         zeros(floats, DType::F32)?,
-        zeros(floats, DType::F32)?,
+        zeros(second(floats), DType::F32)?,
         zeros(bytes, DType::U8)?,
-        zeros(bytes, DType::U8)?,
+        zeros(second(bytes), DType::U8)?,
         zeros(blocks, DType::F32)?,
-        zeros(blocks, DType::F32)?,
+        zeros(second(blocks), DType::F32)?,
     ];
     let take = |t: &Tensor| t.storage().copy_strided(t.layout());
     let mut cpu: Vec<Storage> = host.iter().map(take).collect::<Result<_>>()?;
@@ -828,20 +841,30 @@ pub(super) fn adamw8bit(r: &mut Run) -> Result<()> {
                 absmax1,
                 absmax2,
             };
-            ops::adamw8bit_step(&h, t, maps, p, s, &g.storage(), 0.5, &slots)?;
+            let rule = match lion {
+                false => Rule8::AdamW { h, t },
+                true => Rule8::Lion(LionStep {
+                    beta1: 0.9,
+                    beta2: 0.99,
+                    weight_decay: 0.1,
+                }),
+            };
+            ops::step_8bit(&rule, maps, p, s, &g.storage(), 0.5, &slots)?;
         }
     }
-    for (i, name) in [
-        (0, "p"),
-        (2, "m (f32 slots)"),
-        (3, "v (f32 slots)"),
-        (6, "absmax1"),
-        (7, "absmax2"),
-    ] {
-        check_flat(r, format!("adamw8bit {name}"), &gpu[i], &cpu[i])?;
+    let mut compared = vec![(0, "p"), (2, "m (f32 slots)"), (6, "absmax1")];
+    if !lion {
+        compared.extend([(3, "v (f32 slots)"), (7, "absmax2")]);
+    }
+    for (i, name) in compared {
+        check_flat(r, format!("{tag} {name}"), &gpu[i], &cpu[i])?;
     }
     // Dequantized moments of the quantized slots.
-    for (k, (q, a)) in [(4, 6), (5, 7)].into_iter().enumerate() {
+    for (k, (q, a)) in [(4, 6), (5, 7)]
+        .into_iter()
+        .take(2 - lion as usize)
+        .enumerate()
+    {
         let map = dynamic_map(k == 0);
         let values = |bufs: &[Storage]| -> Result<Storage> {
             let codes = st(
@@ -863,7 +886,7 @@ pub(super) fn adamw8bit(r: &mut Run) -> Result<()> {
             }
             Ok(Storage::Cpu(crate::backend::cpu::CpuStorage::F32(out)))
         };
-        let name = format!("adamw8bit {} (dequantized)", ["m", "v"][k]);
+        let name = format!("{tag} {} (dequantized)", ["m", "v"][k]);
         check_flat(r, name, &values(&gpu)?, &values(&cpu)?)?;
     }
     Ok(())

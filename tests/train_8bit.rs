@@ -1,10 +1,10 @@
-//! `kstyle train --optimizer adamw8bit` (kohya's --optimizer_type AdamW8bit) through the real
-//! binary on the tiny model. The arithmetic is checked against bitsandbytes by the `adamw8bit`
-//! verify case; here: with every trainable below min_8bit_size the run is AdamW's bit for bit
-//! (the small trainables' path is AdamW); with quantized moments it stays near AdamW without
-//! equalling it; the checkpoint holds codes (u8) and absmax beside f32 moments and resumes
-//! exactly; AdamW8bit and AdamW checkpoints do not resume into each other; bad settings are
-//! refused.
+//! `kstyle train --optimizer adamw8bit` and `lion8bit` (kohya's --optimizer_type AdamW8bit and
+//! Lion8bit, bitsandbytes) through the real binary on the tiny model. The arithmetic is checked
+//! against bitsandbytes by the `adamw8bit` and `lion8bit` verify cases; here: with every
+//! trainable below min_8bit_size a run is AdamW's (Lion's) bit for bit (the small trainables'
+//! path is theirs); with quantized moments AdamW8bit stays near AdamW without equalling it; the
+//! checkpoints hold codes (u8) and absmax beside f32 moments and resume exactly; 8-bit and f32
+//! checkpoints do not resume into each other; bad settings are refused.
 
 mod common;
 use common::tmp;
@@ -164,4 +164,88 @@ fn adamw8bit_trains_near_adamw_and_resumes_exactly() {
     ] {
         refused(&data, &dir, extra, needle);
     }
+}
+
+#[test]
+fn lion8bit_is_lion_below_the_threshold_and_resumes_exactly() {
+    let dir = tmp("lion8bit");
+    let data = dataset(&dir);
+    let cache = dir.join("cache");
+    let cache = cache.to_str().unwrap();
+    let common = ["--max-steps", "2", "--lr", "1e-3", "--cache", cache];
+
+    // Below min_8bit_size every trainable keeps an f32 moment: Lion's run, bit for bit, with
+    // bitsandbytes' defaults (no weight decay, betas 0.9 / 0.99) as lion-pytorch's.
+    let lion = train_ok(
+        &data,
+        &dir.join("lion/a.safetensors"),
+        "lora",
+        &[&common[..], &["--optimizer", "lion"]].concat(),
+    );
+    let small = train_ok(
+        &data,
+        &dir.join("small/a.safetensors"),
+        "lora",
+        &[&common[..], &["--optimizer", "Lion8bit"]].concat(),
+    );
+    assert_eq!(tensors(&lion), tensors(&small));
+    assert_eq!(setting(&small, "optimizer"), "lion8bit min_8bit_size=4096");
+    assert_eq!(setting(&small, "adam_betas"), "0.9,0.99");
+
+    // Quantized moments with LoRA+ and the text encoders: a resumed run is the straight run bit
+    // for bit; the checkpoint holds one moment's codes and absmax, no second.
+    let ckpt = assert_resume_is_exact(
+        &data,
+        &dir.join("resume"),
+        "kstyle",
+        &[
+            "--optimizer",
+            "PagedLion8bit",
+            "--optimizer-args",
+            "min_8bit_size=200",
+            "--lr",
+            "3e-4",
+            "--weight-decay",
+            "0.1",
+            "--train-text-encoder",
+            "--loraplus-lr-ratio",
+            "4",
+            "--cache",
+            cache,
+        ],
+        "lion8bit",
+    );
+    let f = SafeTensorsFile::open(&ckpt).unwrap();
+    assert_eq!(f.metadata()["kstyle.ckpt.optimizer"], "lion8bit");
+    let count = |kind: &str| {
+        let prefix = format!("kstyle.optim.{kind}.");
+        f.names().filter(|n| n.starts_with(&prefix)).count()
+    };
+    let (q, m) = (count("q1"), count("m"));
+    assert!(q > 0 && m > 0, "{q} quantized, {m} f32: expected both");
+    assert_eq!((count("absmax1"), q + m), (q, count("master")));
+    assert_eq!((count("q2"), count("absmax2"), count("v")), (0, 0, 0));
+
+    // Lion8bit and Lion checkpoints do not resume into each other.
+    let o = train(
+        &data,
+        &dir.join("as-lion/a.safetensors"),
+        "kstyle",
+        &[
+            "--optimizer",
+            "lion",
+            "--max-steps",
+            "3",
+            "--train-text-encoder",
+            "--resume",
+            ckpt.to_str().unwrap(),
+        ],
+    );
+    common::assert_fails_naming(&o, "resume it with --optimizer lion8bit, not lion");
+    refused(
+        &data,
+        &dir,
+        &["--optimizer", "lion8bit", "--adam-epsilon", "1e-6"],
+        "Lion8bit has no epsilon",
+    );
 }
