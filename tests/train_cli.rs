@@ -630,9 +630,11 @@ fn noise_offset_changes_the_noise() {
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
-/// The `X MiB` values of a planner message, in order.
+/// The MiB amounts of the `error:` line of `text` (a refused run's stderr), in order; the log
+/// lines before it (the optimizer state's size among them) are not read.
 fn mib_values(text: &str) -> Vec<f64> {
-    let words: Vec<&str> = text.split_whitespace().collect();
+    let line = text.lines().find(|l| l.starts_with("error:")).unwrap_or("");
+    let words: Vec<&str> = line.split_whitespace().collect();
     words
         .windows(2)
         .filter(|w| w[1].trim_end_matches([',', ';']) == "MiB")
