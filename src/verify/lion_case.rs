@@ -7,7 +7,7 @@
 //! (decoupled_weight_decay, the decay divided by the starting rate). Each step's update as one
 //! vector, the final moment and values.
 
-use super::optim_steps::{check_step, json, start};
+use super::optim_steps::{check_schedule, json, start};
 use super::{Checker, Ctx, Row};
 use crate::backend::cpu::optim::AdamW;
 use crate::tensor::SafeTensorsFile;
@@ -40,20 +40,8 @@ pub fn lion(ctx: &Ctx) -> Result<Vec<Row>> {
         };
         let (params, mut reference) = start(ctx, &f, case, shapes.len())?;
         let mut opt = Optimizer::new(hyper, &params)?.with_lion(config)?;
-        for (step, &lr) in lrs.iter().enumerate() {
-            let rates: Vec<f64> = mults.iter().map(|m| lr * m).collect();
-            check_step(
-                &mut chk,
-                ctx,
-                &f,
-                case,
-                step,
-                &mut opt,
-                &params,
-                &rates,
-                &mut reference,
-            )?;
-        }
+        let run = (&mut opt, &params[..], &mut reference[..]);
+        check_schedule(&mut chk, ctx, &f, case, &lrs, &mults, run)?;
         if opt.v.elem_count() != 0 {
             return Err(Error::msg("Lion kept a second moment"));
         }

@@ -2,12 +2,11 @@
 //! directory's own models and report one row per checked tensor. The format is the contract of
 //! the fixtures README; nothing here assumes the sizes of the shipped tiny models.
 
-mod adamw8bit_case;
 mod clip_cases;
 pub mod cuda_parity;
+mod eight_bit_case;
 pub mod extra_cases;
 mod layer_cases;
-mod lion8bit_case;
 mod lion_case;
 mod mask_crop_case;
 mod optim_steps;
@@ -274,12 +273,12 @@ pub fn cases() -> Vec<(&'static str, &'static str, CaseFn)> {
         (
             "adamw8bit",
             "../../extra/adamw8bit.safetensors",
-            adamw8bit_case::adamw8bit,
+            eight_bit_case::adamw8bit,
         ),
         (
             "lion8bit",
             "../../extra/lion8bit.safetensors",
-            lion8bit_case::lion8bit,
+            eight_bit_case::lion8bit,
         ),
         (
             "train_targets",

@@ -1,4 +1,4 @@
-//! What the optimizer reference cases (`prodigy`, `lion`) share: their settings as JSON
+//! What the optimizer reference cases (`prodigy`, `lion`, `adamw8bit`, `lion8bit`) share: their settings as JSON
 //! metadata, the parameters a case starts from, and one step through the trainer's optimizer
 //! (`Optimizer::step_rates`) checked as an update against the reference's.
 
@@ -87,4 +87,31 @@ pub(super) fn check_step(
         &host(theirs)?,
         ctx.grad,
     )
+}
+
+/// An optimizer, its trainables and the reference values they are checked against.
+pub(super) type Stepping<'a> = (
+    &'a mut Optimizer,
+    &'a [(String, Tensor)],
+    &'a mut [Vec<f64>],
+);
+
+/// Steps `opt` through a case's schedule, each step's rate `lrs[step]` times the slot's
+/// multiplier (`<case>.mults`: LoRA+'s pattern of interleaved groups), checking every update
+/// with [`check_step`]. `run` is the optimizer, its trainables and the reference values.
+pub(super) fn check_schedule(
+    chk: &mut Checker,
+    ctx: &Ctx,
+    f: &SafeTensorsFile,
+    case: &str,
+    lrs: &[f64],
+    mults: &[f64],
+    run: Stepping<'_>,
+) -> Result<()> {
+    let (opt, params, reference) = run;
+    for (step, &lr) in lrs.iter().enumerate() {
+        let rates: Vec<f64> = mults.iter().map(|m| lr * m).collect();
+        check_step(chk, ctx, f, case, step, opt, params, &rates, reference)?;
+    }
+    Ok(())
 }
