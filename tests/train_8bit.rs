@@ -158,8 +158,19 @@ fn adamw8bit_trains_near_adamw_and_resumes_exactly() {
             "AdamW8bit has no setting `d0`",
         ),
         (
-            &["--optimizer", "adamw8bit", "--optimizer-args", "eps=1e-6"][..],
-            "--adam-epsilon",
+            &[
+                "--optimizer",
+                "adamw8bit",
+                "--adam-epsilon",
+                "1e-7",
+                "--optimizer-args",
+                "eps=1e-6",
+            ][..],
+            "--adam-epsilon 0.0000001 and --optimizer-args eps=0.000001 disagree",
+        ),
+        (
+            &["--optimizer", "adamw8bit", "--optimizer-args", "lr=1e-4"][..],
+            "the rate is --lr",
         ),
     ] {
         refused(&data, &dir, extra, needle);
@@ -248,4 +259,65 @@ fn lion8bit_is_lion_below_the_threshold_and_resumes_exactly() {
         &["--optimizer", "lion8bit", "--adam-epsilon", "1e-6"],
         "Lion8bit has no epsilon",
     );
+}
+
+/// kohya's way of setting betas, epsilon and weight decay (sd-scripts has no flags for them:
+/// `--optimizer_type AdamW8bit --optimizer_args weight_decay=0.1 betas=0.9,0.99`) trains what
+/// the flags train, bit for bit, and records the same settings.
+#[test]
+fn kohya_optimizer_args_set_what_the_flags_set() {
+    let dir = tmp("optimizer-args");
+    let data = dataset(&dir);
+    let cache = dir.join("cache");
+    let cache = cache.to_str().unwrap();
+    let common = [
+        "--max-steps",
+        "2",
+        "--lr",
+        "1e-3",
+        "--cache",
+        cache,
+        "--optimizer",
+        "adamw8bit",
+    ];
+    let flags = train_ok(
+        &data,
+        &dir.join("flags/a.safetensors"),
+        "lora",
+        &[
+            &common[..],
+            &[
+                "--weight-decay",
+                "0.1",
+                "--adam-beta2",
+                "0.99",
+                "--adam-epsilon",
+                "1e-6",
+                "--optimizer-args",
+                "min_8bit_size=200",
+            ],
+        ]
+        .concat(),
+    );
+    let kohya = train_ok(
+        &data,
+        &dir.join("kohya/a.safetensors"),
+        "lora",
+        &[
+            &common[..],
+            &[
+                "--optimizer-args",
+                "weight_decay=0.1",
+                "betas=(0.9, 0.99)",
+                "eps=1e-6",
+                "min_8bit_size=200",
+            ],
+        ]
+        .concat(),
+    );
+    assert_eq!(tensors(&flags), tensors(&kohya));
+    for key in ["weight_decay", "adam_betas", "adam_epsilon", "optimizer"] {
+        assert_eq!(setting(&flags, key), setting(&kohya, key), "{key}");
+    }
+    assert_eq!(setting(&kohya, "adam_betas"), "0.9,0.99");
 }

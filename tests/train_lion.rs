@@ -147,8 +147,15 @@ fn lion_steps_by_the_rate_and_resumes_exactly() {
             "Lion has no setting `d0`",
         ),
         (
-            &["--optimizer", "lion", "--optimizer-args", "betas=0.9,0.99"][..],
-            "--adam-beta1",
+            &[
+                "--optimizer",
+                "lion",
+                "--adam-beta1",
+                "0.8",
+                "--optimizer-args",
+                "betas=0.9,0.99",
+            ][..],
+            "--adam-beta1 0.8 and --optimizer-args betas=0.9 disagree",
         ),
         (
             &[
@@ -161,7 +168,7 @@ fn lion_steps_by_the_rate_and_resumes_exactly() {
         ),
         (
             &["--optimizer-args", "decoupled_weight_decay=True"][..],
-            "AdamW takes its settings as flags",
+            "AdamW has no setting `decoupled_weight_decay`",
         ),
     ] {
         refused(&data, &dir, extra, needle);

@@ -133,7 +133,7 @@ fn prodigy_trains_logs_d_and_resumes_exactly() {
     for (extra, needle) in [
         (
             &["--optimizer-args", "d0=1e-5"][..],
-            "AdamW takes its settings as flags",
+            "AdamW has no setting `d0`",
         ),
         (
             &["--optimizer", "prodigy", "--optimizer-args", "d_zero=1"][..],
@@ -156,10 +156,12 @@ fn prodigy_trains_logs_d_and_resumes_exactly() {
             &[
                 "--optimizer",
                 "prodigy",
+                "--weight-decay",
+                "0.2",
                 "--optimizer-args",
                 "weight_decay=0.1",
             ][..],
-            "--weight-decay",
+            "--weight-decay 0.2 and --optimizer-args weight_decay=0.1 disagree",
         ),
         (
             &[

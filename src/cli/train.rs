@@ -17,6 +17,7 @@ use kstyle::train::lr::{LrSchedule, LrShape};
 use kstyle::train::lr_groups::{BlockLr, LoraPlus, Weights};
 use kstyle::train::noise::{Multires, NoiseOffset};
 use kstyle::train::optim::OptimizerKind;
+use kstyle::train::optimizer_args::{check_adamw, merge, split_shared};
 use kstyle::train::prodigy::ProdigyConfig;
 use kstyle::train::samples::{parse_prompt_file, SamplePrompt};
 use kstyle::train::trainer::{TrainConfig, Trainer};
@@ -227,7 +228,9 @@ pub struct Args {
     /// --weight-decay; --adam-epsilon but for the Lions).
     #[arg(long, value_enum, default_value = "adamw")]
     pub optimizer: OptimizerArg,
-    /// The optimizer's own settings as kohya's --optimizer_args spells them. Prodigy: d0=1e-6
+    /// The optimizer's settings as kohya's --optimizer_args spells them. Every optimizer:
+    /// betas=0.9,0.999 eps=1e-8 weight_decay=0.01 (the flags' settings; given both ways they
+    /// must agree). AdamW: foreach, fused (no effect). Prodigy: d0=1e-6
     /// d_coef=1 beta3=... growth_rate=inf use_bias_correction=False safeguard_warmup=False.
     /// Lion: decoupled_weight_decay=False (True divides the decay by --lr). AdamW8bit and
     /// Lion8bit: min_8bit_size=4096 (smaller trainables keep f32 moments), is_paged (no effect).
@@ -514,6 +517,18 @@ pub fn config_from(a: &Args) -> anyhow::Result<TrainConfig> {
         warmup: a.warmup,
     };
     let (noise_offset, multires) = noise_options(a)?;
+    // kohya's spelling of the shared settings (betas, eps, weight_decay) in --optimizer-args,
+    // beside the flags; the rest is the optimizer's own.
+    let (shared, own_args) = split_shared(&a.optimizer_args)?;
+    let beta = |i: usize| shared.betas.map(|b| if i == 0 { b.0 } else { b.1 });
+    let beta1 = merge(a.adam_beta1, beta(0), ("--adam-beta1", "betas"))?;
+    let beta2 = merge(a.adam_beta2, beta(1), ("--adam-beta2", "betas"))?;
+    let eps = merge(a.adam_epsilon, shared.eps, ("--adam-epsilon", "eps"))?;
+    let weight_decay = merge(
+        a.weight_decay,
+        shared.weight_decay,
+        ("--weight-decay", "weight_decay"),
+    )?;
     let defaults = SamplePrompt::new("", a.resolution, a.sample_steps, a.seed);
     let sample_prompts = match (&a.sample_prompt, &a.sample_prompts) {
         (Some(p), _) => vec![SamplePrompt {
@@ -578,40 +593,36 @@ pub fn config_from(a: &Args) -> anyhow::Result<TrainConfig> {
         cultural_pool: a.cultural_pool,
         adamw: AdamW {
             lr: a.lr,
-            beta1: a.adam_beta1.unwrap_or(0.9),
-            beta2: a.adam_beta2.unwrap_or(match a.optimizer {
+            beta1: beta1.unwrap_or(0.9),
+            beta2: beta2.unwrap_or(match a.optimizer {
                 OptimizerArg::Lion | OptimizerArg::Lion8bit => 0.99,
                 _ => 0.999,
             }),
-            eps: a.adam_epsilon.unwrap_or(1e-8),
-            weight_decay: a.weight_decay.unwrap_or(match a.optimizer {
+            eps: eps.unwrap_or(1e-8),
+            weight_decay: weight_decay.unwrap_or(match a.optimizer {
                 OptimizerArg::AdamW | OptimizerArg::AdamW8bit => 1e-2,
                 _ => 0.0,
             }),
         },
         optimizer: match a.optimizer {
-            OptimizerArg::Prodigy => {
-                OptimizerKind::Prodigy(ProdigyConfig::parse(&a.optimizer_args)?)
-            }
-            OptimizerArg::Lion if a.adam_epsilon.is_some() => {
+            OptimizerArg::Prodigy => OptimizerKind::Prodigy(ProdigyConfig::parse(&own_args)?),
+            OptimizerArg::Lion if eps.is_some() => {
                 anyhow::bail!("--adam-epsilon: Lion has no epsilon (its step is a sign)")
             }
-            OptimizerArg::Lion => OptimizerKind::Lion(LionConfig::parse(&a.optimizer_args)?),
+            OptimizerArg::Lion => OptimizerKind::Lion(LionConfig::parse(&own_args)?),
             OptimizerArg::AdamW8bit => {
-                OptimizerKind::AdamW8bit(EightBitConfig::parse("AdamW8bit", &a.optimizer_args)?)
+                OptimizerKind::AdamW8bit(EightBitConfig::parse("AdamW8bit", &own_args)?)
             }
-            OptimizerArg::Lion8bit if a.adam_epsilon.is_some() => {
+            OptimizerArg::Lion8bit if eps.is_some() => {
                 anyhow::bail!("--adam-epsilon: Lion8bit has no epsilon (its step is a sign)")
             }
             OptimizerArg::Lion8bit => {
-                OptimizerKind::Lion8bit(EightBitConfig::parse("Lion8bit", &a.optimizer_args)?)
+                OptimizerKind::Lion8bit(EightBitConfig::parse("Lion8bit", &own_args)?)
             }
-            OptimizerArg::AdamW if a.optimizer_args.is_empty() => OptimizerKind::AdamW,
-            OptimizerArg::AdamW => anyhow::bail!(
-                "--optimizer-args {}: AdamW takes its settings as flags; --optimizer-args are \
-                 Prodigy's, Lion's, AdamW8bit's or Lion8bit's",
-                a.optimizer_args.join(" ")
-            ),
+            OptimizerArg::AdamW => {
+                check_adamw(&own_args)?;
+                OptimizerKind::AdamW
+            }
         },
         // 0 is off, as kohya and diffusers read it.
         max_grad_norm: a.max_grad_norm.filter(|&n| n != 0.0),

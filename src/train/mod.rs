@@ -16,6 +16,7 @@ pub mod max_norm;
 pub mod memory;
 pub mod noise;
 pub mod optim;
+pub mod optimizer_args;
 pub mod plot;
 pub mod prodigy;
 pub mod samples;
