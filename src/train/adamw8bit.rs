@@ -26,7 +26,7 @@ use crate::backend::cpu::optim::{dynamic_map, BLOCK_8BIT};
 use crate::{DType, Device, Error, Result, Tensor};
 
 /// bitsandbytes' settings of its 8-bit optimizers besides the rate, betas, epsilon and weight
-/// decay (their own flags).
+/// decay (their flags, or kohya's keys split off first: see `train::optimizer_args`).
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct EightBitConfig {
     /// Trainables with fewer elements keep f32 moments (bitsandbytes' `min_8bit_size`).
@@ -77,12 +77,6 @@ impl EightBitConfig {
                 "optim_bits" => fixed("8")?,
                 "amsgrad" => fixed("False")?,
                 "max_unorm" => fixed("0")?,
-                "weight_decay" | "betas" | "eps" | "lr" => {
-                    return Err(Error::Config(format!(
-                        "--optimizer-args {key}: set it with its own flag (--weight-decay, \
-                         --adam-beta1 / --adam-beta2, --adam-epsilon, --lr)"
-                    )))
-                }
                 other => {
                     return Err(Error::Config(format!(
                         "--optimizer-args: {name} has no setting `{other}` (min_8bit_size, \

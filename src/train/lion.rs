@@ -21,7 +21,8 @@
 use super::prodigy::parse_flag;
 use crate::{Error, Result};
 
-/// lion-pytorch's settings besides the rate, betas and weight decay, which keep their flags.
+/// lion-pytorch's settings besides the rate, betas and weight decay (their flags, or kohya's
+/// keys split off first: see `train::optimizer_args`).
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
 pub struct LionConfig {
     pub decoupled_weight_decay: bool,
@@ -42,12 +43,6 @@ impl LionConfig {
                 "decoupled_weight_decay" => c.decoupled_weight_decay = parse_flag(key, value)?,
                 "use_triton" => {
                     parse_flag(key, value)?;
-                }
-                "weight_decay" | "betas" | "lr" => {
-                    return Err(Error::Config(format!(
-                        "--optimizer-args {key}: set it with its own flag (--weight-decay, \
-                         --adam-beta1 / --adam-beta2, --lr)"
-                    )))
                 }
                 other => {
                     return Err(Error::Config(format!(

@@ -63,8 +63,9 @@ pub(super) fn parse_flag(key: &str, value: &str) -> Result<bool> {
 
 impl ProdigyConfig {
     /// kohya's `--optimizer_args` spelling: `d0=1e-6 d_coef=2 use_bias_correction=True ...`.
-    /// AdamW's own knobs keep their flags (`--weight-decay`, `--adam-beta1`, ...); prodigyopt's
-    /// `decouple` is always on (kohya's recipes keep it), so `decouple=False` is refused.
+    /// AdamW's own knobs (betas, eps, weight_decay) are split off first (`train::optimizer_args`);
+    /// prodigyopt's `decouple` is always on (kohya's recipes keep it), so `decouple=False` is
+    /// refused.
     pub fn parse(args: &[String]) -> Result<ProdigyConfig> {
         let mut c = ProdigyConfig::default();
         for arg in args {
@@ -96,12 +97,6 @@ impl ProdigyConfig {
                          not supported: Prodigy here decouples it, as kohya's recipes do"
                             .into(),
                     ))
-                }
-                "weight_decay" | "betas" | "eps" | "lr" => {
-                    return Err(Error::Config(format!(
-                        "--optimizer-args {key}: set it with its own flag (--weight-decay, \
-                         --adam-beta1 / --adam-beta2, --adam-epsilon, --lr)"
-                    )))
                 }
                 other => {
                     return Err(Error::Config(format!(
