@@ -53,35 +53,32 @@ pub fn save_checkpoint(
                 tensors.push((format!("{OPTIM}.{kind}.{}", s.name), t));
             }
         }
-    }
-    let slots = match opt.quantized() {
-        Some(_) => &[][..],
-        None => &opt.slots[..],
-    };
-    // One download per flat buffer, then per-trainable views of the host copies.
-    let host = Optimizer {
-        master: opt.master.to_device(Device::Cpu)?,
-        m: opt.m.to_device(Device::Cpu)?,
-        v: opt.v.to_device(Device::Cpu)?,
-        rule: Rule::AdamW,
-        ..opt.clone()
-    };
-    let prodigy = match opt.prodigy() {
-        Some(p) => Some((p.s.to_device(Device::Cpu)?, p.p0.to_device(Device::Cpu)?)),
-        None => None,
-    };
-    for s in slots {
-        let state = host.slot_state(s)?;
-        for (kind, v) in ["master", "m", "v"].into_iter().zip(state) {
-            // Lion keeps no second moment.
-            if v.elem_count() == s.len {
-                tensors.push((format!("{OPTIM}.{kind}.{}", s.name), v));
+    } else {
+        // One download per flat buffer, then per-trainable views of the host copies.
+        let host = Optimizer {
+            master: opt.master.to_device(Device::Cpu)?,
+            m: opt.m.to_device(Device::Cpu)?,
+            v: opt.v.to_device(Device::Cpu)?,
+            rule: Rule::AdamW,
+            ..opt.clone()
+        };
+        let prodigy = match opt.prodigy() {
+            Some(p) => Some((p.s.to_device(Device::Cpu)?, p.p0.to_device(Device::Cpu)?)),
+            None => None,
+        };
+        for s in &host.slots {
+            let state = host.slot_state(s)?;
+            for (kind, v) in ["master", "m", "v"].into_iter().zip(state) {
+                // Lion keeps no second moment.
+                if v.elem_count() == s.len {
+                    tensors.push((format!("{OPTIM}.{kind}.{}", s.name), v));
+                }
             }
-        }
-        if let Some((sv, p0)) = &prodigy {
-            for (kind, t) in [("s", sv), ("p0", p0)] {
-                let v = t.narrow(0, s.offset, s.len)?;
-                tensors.push((format!("{OPTIM}.{kind}.{}", s.name), v));
+            if let Some((sv, p0)) = &prodigy {
+                for (kind, t) in [("s", sv), ("p0", p0)] {
+                    let v = t.narrow(0, s.offset, s.len)?;
+                    tensors.push((format!("{OPTIM}.{kind}.{}", s.name), v));
+                }
             }
         }
     }
