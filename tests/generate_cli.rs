@@ -184,6 +184,7 @@ fn verify_passes_every_case_on_the_tiny_fixtures() {
         "adamw8bit",
         "lion8bit",
         "train_targets",
+        "train_locon",
         "lora_lycoris",
         "lora_peft",
         "lora_export",

@@ -90,6 +90,7 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
         concepts: default_concepts(),
         lora: LoraConfig::default(),
         lora_dropout: Default::default(),
+        conv_lora: None,
         scale_weight_norms: None,
         targets: ["to_q", "to_k", "to_v", "to_out.0"]
             .map(String::from)

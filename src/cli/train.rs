@@ -11,6 +11,7 @@ use kstyle::sample::schedule::{HuberSchedule, LossType};
 use kstyle::train::adamw8bit::EightBitConfig;
 use kstyle::train::captions::TokenWarmup;
 use kstyle::train::concepts::{default_concepts, load_concepts};
+use kstyle::train::config::ConvLora;
 use kstyle::train::data::CaptionSource;
 use kstyle::train::lion::LionConfig;
 use kstyle::train::lr::{LrSchedule, LrShape};
@@ -62,6 +63,14 @@ pub struct Args {
     /// LoRA alpha (default: the rank).
     #[arg(long)]
     pub alpha: Option<f64>,
+    /// kohya's conv LoRA (LoCon, --network_args conv_dim=N): plain LoRA of this rank on every
+    /// 3x3 convolution of the UNet's resnets, downsamplers and upsamplers too, and at --rank /
+    /// --alpha on their 1x1 shortcuts and time-embedding projections
+    #[arg(long)]
+    pub conv_dim: Option<usize>,
+    /// Alpha of the conv LoRA's 3x3 convolutions (kohya's conv_alpha; default 1)
+    #[arg(long, requires = "conv_dim")]
+    pub conv_alpha: Option<f64>,
     /// The paper's sigma: extra scale of the gated update.
     #[arg(long, default_value_t = 1.5)]
     pub guidance: f64,
@@ -575,6 +584,10 @@ pub fn config_from(a: &Args) -> anyhow::Result<TrainConfig> {
             rank: a.rank_dropout.filter(|&p| p != 0.0),
             module: a.module_dropout.filter(|&p| p != 0.0),
         },
+        conv_lora: a.conv_dim.map(|dim| ConvLora {
+            dim,
+            alpha: a.conv_alpha.unwrap_or(1.0),
+        }),
         targets: expand_targets(&a.targets),
         lambda: a.lambda,
         min_snr_gamma: a.min_snr_gamma,

@@ -319,8 +319,10 @@ impl Adapter {
             } else {
                 config.rank as f64
             };
-            // Text-encoder modules are plain LoRA in every method: the gates read UNet features.
-            let gates = if method.gated() && !text_module {
+            // Text-encoder modules are plain LoRA in every method (the gates read UNet
+            // features), and so is kohya's conv group (the gates pool the token sequence of a
+            // transformer's linear).
+            let gates = if method.gated() && !text_module && module.contains(".attentions.") {
                 let g = |n: &str| format!("{GATE_PREFIX}.{k}.{n}");
                 let lin = |n: &str| -> Result<Linear> {
                     Ok(Linear {

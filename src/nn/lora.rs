@@ -3,8 +3,8 @@
 //! (KSTYLE.md "Gated LoRA layer"; the executable definition is `kstyle_ref.py`).
 
 use super::lora_dropout::{DropoutDraw, DropoutMasks};
-use super::Linear;
-use crate::tensor::{LoraGates, Rng};
+use super::{Conv2d, Linear};
+use crate::tensor::{ConvParams, LoraGates, Rng};
 use crate::{DType, Device, Error, Result, Tensor};
 
 /// Weight of the attention-weighted mean against the channel max when pooling h.
@@ -222,8 +222,112 @@ impl LoraAdapter {
         })
     }
 
+    /// kohya's LoRA on a convolution (LoCon, sd-scripts `--network_args conv_dim=N`): lora_down
+    /// a convolution shaped like the base's (r, C_in, kh, kw), kaiming-uniform over its fan-in
+    /// C_in kh kw (a = sqrt 5, as `LoRAModule.__init__`), lora_up a 1x1 convolution
+    /// (C_out, r, 1, 1), zero. Always plain: the gates pool a token sequence.
+    pub fn init_conv(
+        c_in: usize,
+        c_out: usize,
+        kernel: (usize, usize),
+        config: LoraConfig,
+        rng: &mut Rng,
+        dtype: DType,
+        device: Device,
+    ) -> Result<LoraAdapter> {
+        let r = config.rank;
+        let bound = 1.0 / ((c_in * kernel.0 * kernel.1) as f64).sqrt();
+        let a = Tensor::rand_uniform(
+            (r, c_in, kernel.0, kernel.1),
+            -bound,
+            bound,
+            rng,
+            dtype,
+            device,
+        )?
+        .var()?;
+        let b = Tensor::zeros((c_out, r, 1, 1), dtype, device)?.var()?;
+        Ok(LoraAdapter {
+            a,
+            b,
+            config,
+            gates: None,
+            concepts: None,
+            recorder: None,
+            dropout: None,
+        })
+    }
+
     pub fn is_gated(&self) -> bool {
         self.gates.is_some()
+    }
+
+    /// A fresh trainable plain adapter for a frozen layer whose weight is `dims`: (out, in) a
+    /// linear's ([`LoraAdapter::init`]), (out, in, kh, kw) a convolution's
+    /// ([`LoraAdapter::init_conv`]).
+    pub fn init_plain(
+        dims: &[usize],
+        config: LoraConfig,
+        rng: &mut Rng,
+        dtype: DType,
+        device: Device,
+    ) -> Result<LoraAdapter> {
+        match *dims {
+            [out, d_in] => LoraAdapter::init(d_in, out, config, None, rng, dtype, device),
+            [out, c_in, kh, kw] => {
+                LoraAdapter::init_conv(c_in, out, (kh, kw), config, rng, dtype, device)
+            }
+            _ => Err(Error::msg(format!(
+                "an adapter wraps a linear or a 2-d convolution, not a weight of shape {dims:?}"
+            ))),
+        }
+    }
+
+    /// Whether this adapter wraps a convolution (4-d factors) rather than a linear.
+    pub fn is_conv(&self) -> bool {
+        self.a.rank() == 4
+    }
+
+    /// `base + dh` for a convolution's input x (B, C_in, H, W): lora_down convolved with the
+    /// base's stride and padding, then lora_up as a 1x1 convolution, times alpha / r (kohya's
+    /// `LoRAModule.forward` on a Conv2d). The LoRA dropouts apply as on a linear, the network
+    /// mask per entry of the (B, r, H', W') activation.
+    pub fn apply_conv(
+        &self,
+        x: &Tensor,
+        base: Option<&Tensor>,
+        params: ConvParams,
+    ) -> Result<Tensor> {
+        if let Some(cast) = self.cast_for(x.dtype())? {
+            return cast.apply_conv(x, base, params);
+        }
+        if self.gates.is_some() {
+            return Err(Error::msg(
+                "a gated adapter on a convolution: the gates pool a token sequence",
+            ));
+        }
+        let mut scale = self.config.alpha / self.config.rank as f64;
+        let mut z = x.conv2d(&self.a, None, params)?; // (B, r, H', W')
+        if let Some(draw) = &self.dropout {
+            let (b, r, h, w) = z.dims4()?;
+            draw.check_batch(b)?;
+            let masks = draw.masks(h * w, r, z.dtype(), z.device())?;
+            if let Some(m) = &masks.entries {
+                // Drawn (B, S, r) with S = H' W' row-major: the same entries as a linear's.
+                z = z.mul(&m.reshape((b, h, w, r))?.permute(&[0, 3, 1, 2])?)?;
+            }
+            if let Some(m) = &masks.rows {
+                z = z.mul(&m.reshape((b, r, 1, 1))?)?;
+            }
+            scale *= masks.scale;
+        }
+        let dh = z
+            .conv2d(&self.b, None, ConvParams::default())?
+            .scale(scale)?; // (B, C_out, H', W')
+        match base {
+            Some(b) => b.add(&dh),
+            None => Ok(dh),
+        }
     }
 
     /// The update dh for input h (B, S, D_in) or (S, D_in).
@@ -237,8 +341,15 @@ impl LoraAdapter {
             return cast.apply(h, base);
         }
         if h.rank() == 2 {
-            let base3 = base.map(|b| b.unsqueeze(0)).transpose()?;
-            return self.apply(&h.unsqueeze(0)?, base3.as_ref())?.squeeze(0);
+            // A gated adapter reads (S, D_in) as one sample's sequence (the reference's squeeze);
+            // a plain one reads (B, D_in) as a batch of vectors (kohya's LoRA on a resnet's
+            // time_emb_proj), so that the LoRA dropouts draw per sample. Without dropout both
+            // readings compute the same rows.
+            let axis = if self.gates.is_some() { 0 } else { 1 };
+            let base3 = base.map(|b| b.unsqueeze(axis)).transpose()?;
+            return self
+                .apply(&h.unsqueeze(axis)?, base3.as_ref())?
+                .squeeze(axis);
         }
         if let Some(draw) = &self.dropout {
             let (b, s, _) = h.dims3()?;
@@ -506,6 +617,110 @@ impl AdaptedLinear {
         match &self.adapter {
             Some(a) => a.apply(h, Some(&y)),
             None => Ok(y),
+        }
+    }
+}
+
+/// A frozen convolution with an optional live LoCon adapter (kohya's conv LoRA).
+#[derive(Clone, Debug)]
+pub struct AdaptedConv2d {
+    pub base: Conv2d,
+    pub adapter: Option<LoraAdapter>,
+}
+
+impl AdaptedConv2d {
+    pub fn new(base: Conv2d) -> AdaptedConv2d {
+        AdaptedConv2d {
+            base,
+            adapter: None,
+        }
+    }
+
+    /// Attach `a`, whose factors must fit this convolution: lora_down (r, C_in, kh, kw), lora_up
+    /// (C_out, r, 1, 1).
+    pub fn set_adapter(&mut self, a: LoraAdapter) -> Result<()> {
+        let w = self.base.weight.dims();
+        let r = a.config.rank;
+        if a.a.dims() != [r, w[1], w[2], w[3]] || a.b.dims() != [w[0], r, 1, 1] {
+            return Err(Error::ShapeMismatch {
+                op: "conv lora factors (lora_down, then the base weight)",
+                lhs: a.a.shape().clone(),
+                rhs: self.base.weight.shape().clone(),
+            });
+        }
+        self.adapter = Some(a);
+        Ok(())
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let y = self.base.forward(x)?; // (B, C_out, H', W')
+        match &self.adapter {
+            Some(a) => a.apply_conv(x, Some(&y), self.base.params),
+            None => Ok(y),
+        }
+    }
+}
+
+/// A read-only view of a layer an adapter can wrap: its module path, its adapter and its frozen
+/// weight ((out, in) or (out, in, kh, kw)).
+pub struct AdaptableRef<'a> {
+    pub path: String,
+    pub adapter: Option<&'a LoraAdapter>,
+    pub weight: &'a Tensor,
+}
+
+impl<'a> AdaptableRef<'a> {
+    pub fn linear(path: String, l: &'a AdaptedLinear) -> AdaptableRef<'a> {
+        AdaptableRef {
+            path,
+            adapter: l.adapter.as_ref(),
+            weight: &l.base.weight,
+        }
+    }
+
+    pub fn conv(path: String, c: &'a AdaptedConv2d) -> AdaptableRef<'a> {
+        AdaptableRef {
+            path,
+            adapter: c.adapter.as_ref(),
+            weight: &c.base.weight,
+        }
+    }
+}
+
+/// A frozen layer an adapter can wrap: a linear or a convolution.
+pub enum Adaptable<'a> {
+    Linear(&'a mut AdaptedLinear),
+    Conv(&'a mut AdaptedConv2d),
+}
+
+impl Adaptable<'_> {
+    pub fn adapter(&self) -> Option<&LoraAdapter> {
+        match self {
+            Adaptable::Linear(l) => l.adapter.as_ref(),
+            Adaptable::Conv(c) => c.adapter.as_ref(),
+        }
+    }
+
+    pub fn adapter_mut(&mut self) -> &mut Option<LoraAdapter> {
+        match self {
+            Adaptable::Linear(l) => &mut l.adapter,
+            Adaptable::Conv(c) => &mut c.adapter,
+        }
+    }
+
+    /// Attach `a` after checking its factors against the base's shape.
+    pub fn set_adapter(&mut self, a: LoraAdapter) -> Result<()> {
+        match self {
+            Adaptable::Linear(l) => l.set_adapter(a),
+            Adaptable::Conv(c) => c.set_adapter(a),
+        }
+    }
+
+    /// The base weight: (out, in) or (out, in, kh, kw).
+    pub fn base_weight(&self) -> &Tensor {
+        match self {
+            Adaptable::Linear(l) => &l.base.weight,
+            Adaptable::Conv(c) => &c.base.weight,
         }
     }
 }

@@ -418,7 +418,7 @@ impl SdxlPipeline {
         }
         let mut by_path: std::collections::HashMap<String, crate::nn::lora::LoraAdapter> =
             unet.into_iter().collect();
-        let n = self.unet.attach_adapters(|p, _| {
+        let n = self.unet.attach_all(|p| {
             Ok(match by_path.remove(p) {
                 Some(a) => Some(a.frozen(self.dtype, multiplier)?),
                 None => None,
@@ -428,7 +428,8 @@ impl SdxlPipeline {
             return Err(Error::file(
                 path,
                 format!(
-                    "{} adapter modules match no linear of this UNet's transformers",
+                    "{} adapter modules match no layer of this UNet an adapter wraps (the \
+                     transformers' linears, the resnets' and resamplers' layers)",
                     by_path.len()
                 ),
             ));
@@ -665,6 +666,9 @@ fn check_adapter(path: &Path, index: &ModuleIndex, text_encoders: &[ModuleIndex]
         };
         let fits = match index.weight_shape(inner) {
             Some(&[out, d_in]) => a.a.dims() == [rank, d_in] && a.b.dims() == [out, rank],
+            Some(&[out, c_in, kh, kw]) => {
+                a.a.dims() == [rank, c_in, kh, kw] && a.b.dims() == [out, rank, 1, 1]
+            }
             _ => false,
         };
         if !fits {

@@ -39,6 +39,9 @@ pub struct TrainConfig {
     /// kohya's LoRA dropouts (`--network_dropout`, `rank_dropout`, `module_dropout`) on every
     /// adapter's training forwards; all off by default, as kohya's.
     pub lora_dropout: LoraDropout,
+    /// kohya's conv LoRA (LoCon: `--network_args conv_dim=N conv_alpha=A`): plain LoRA on every
+    /// child of the UNet's resnets and resamplers as well (see [`ConvLora`]). None: off.
+    pub conv_lora: Option<ConvLora>,
     /// Suffixes of the wrapped linears (`to_q`, `to_k`, `to_v`, `to_out.0`).
     pub targets: Vec<String>,
     pub lambda: f64,
@@ -185,11 +188,45 @@ pub struct TrainConfig {
     pub val_every: Option<u64>,
 }
 
+/// kohya's conv LoRA (sd-scripts networks/lora.py with `conv_dim`): the UNet's `ResnetBlock2D`,
+/// `Downsample2D` and `Upsample2D` join the targets. Their 3x3 convolutions get rank `dim` and
+/// alpha `alpha`; the 1x1 `conv_shortcut`s and the `time_emb_proj` linears get the network's own
+/// rank and alpha (kohya's `is_linear or is_conv2d_1x1` rule). Always plain LoRA, whatever the
+/// method: the gates pool a token sequence.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct ConvLora {
+    pub dim: usize,
+    /// kohya's default is 1.
+    pub alpha: f64,
+}
+
+impl ConvLora {
+    /// The rank and alpha of the adapter on a layer whose frozen weight is `dims`.
+    pub fn config_for(&self, dims: &[usize], network: LoraConfig) -> LoraConfig {
+        match dims {
+            [_, _, kh, kw] if (*kh, *kw) != (1, 1) => LoraConfig {
+                rank: self.dim,
+                alpha: self.alpha,
+                ..network
+            },
+            _ => network,
+        }
+    }
+}
+
 impl TrainConfig {
     /// Refuses settings that are wrong on their own, before anything is read or written: counts
     /// of 0, probabilities and decays out of range, non-finite or negative weights, a compute
     /// dtype training cannot use, options that modify one that is off.
     pub fn check(&self) -> Result<()> {
+        if let Some(c) = &self.conv_lora {
+            if c.dim == 0 || !c.alpha.is_finite() {
+                return Err(Error::Config(format!(
+                    "--conv-dim must be at least 1 and --conv-alpha a number (got {} and {});                      leave --conv-dim out for no conv LoRA",
+                    c.dim, c.alpha
+                )));
+            }
+        }
         if self.grad_accum == 0 {
             return Err(Error::Config("--grad-accum must be at least 1".into()));
         }
@@ -585,6 +622,14 @@ impl TrainConfig {
             ("steps".to_string(), steps.to_string()),
             ("save_precision".to_string(), c.save_precision.to_string()),
             ("targets".to_string(), c.targets.join(",")),
+            (
+                "conv_dim".to_string(),
+                c.conv_lora.map_or("none".into(), |v| v.dim.to_string()),
+            ),
+            (
+                "conv_alpha".to_string(),
+                c.conv_lora.map_or("none".into(), |v| v.alpha.to_string()),
+            ),
             ("vae_tiling".to_string(), c.vae_tiling.to_string()),
             ("trigger".to_string(), c.captions.trigger.clone()),
             // The file or folder name alone, as kohya's `ss_vae_name`: no local paths.

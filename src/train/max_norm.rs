@@ -25,7 +25,9 @@ pub fn max_norm_ratio(norm: f64, max: f64) -> f64 {
 }
 
 /// `||scale * B A||_F` of each `(A (r, in), B (out, r), scale)`, computed on their device and
-/// read back in one transfer.
+/// read back in one transfer. A convolution's factors (r, in, kh, kw) and (out, r, 1, 1) count
+/// as (r, in kh kw) and (out, r): kohya's conv-composed update `sum_r up[o, r] down[r, ...]` is
+/// that product, reshaped.
 pub fn weight_norms(pairs: &[(Tensor, Tensor, f64)]) -> Result<Vec<f64>> {
     if pairs.is_empty() {
         return Ok(Vec::new());
@@ -34,7 +36,9 @@ pub fn weight_norms(pairs: &[(Tensor, Tensor, f64)]) -> Result<Vec<f64>> {
         let squares = pairs
             .iter()
             .map(|(a, b, scale)| {
-                let w = b.matmul(a)?.scale(*scale)?; // (out, in)
+                let a = a.reshape((a.dims()[0], a.elem_count() / a.dims()[0].max(1)))?;
+                let b = b.reshape((b.dims()[0], b.elem_count() / b.dims()[0].max(1)))?;
+                let w = b.matmul(&a)?.scale(*scale)?; // (out, in [kh kw])
                 w.mul(&w)?.sum_all()?.reshape(1)
             })
             .collect::<Result<Vec<_>>>()?;

@@ -86,6 +86,23 @@ pub(super) fn resume(
             ),
         ));
     }
+    for (key, now) in [
+        ("conv_dim", cfg.conv_lora.map(|c| c.dim.to_string())),
+        ("conv_alpha", cfg.conv_lora.map(|c| c.alpha.to_string())),
+    ] {
+        // Checkpoints written before --conv-dim existed had no conv LoRA.
+        let was = adapter.settings.get(key).map_or("none", String::as_str);
+        let now = now.unwrap_or_else(|| "none".into());
+        if was != now {
+            let flag = key.replace('_', "-");
+            return Err(Error::file(
+                path,
+                format!(
+                    "the checkpoint trained with --{flag} {was}, this run asks for {now}:                      resume with the same conv LoRA"
+                ),
+            ));
+        }
+    }
     let visits = epoch_len;
     let held: usize = state.order.iter().map(Vec::len).sum();
     if held != visits || state.order.iter().flatten().any(|&i| i >= n_train) {
@@ -140,8 +157,8 @@ pub(super) fn resume(
     })
 }
 
-/// Fresh adapters on every targeted transformer linear of `unet` except those `zeroed`
-/// excludes (a block whose learning-rate weight is 0: drawn, then dropped), on the text
+/// Fresh adapters on every targeted transformer linear of `unet` (and on its conv group with
+/// `--conv-dim`) except those `zeroed` excludes (a block whose learning-rate weight is 0: drawn, then dropped), on the text
 /// encoders' linears when they train, the cultural module and the first epoch's order, all
 /// drawn from `cfg.seed` in that order.
 pub(super) fn fresh(
@@ -173,6 +190,17 @@ pub(super) fn fresh(
             // Drawn all the same, so zeroing a block leaves every other draw of the run as it was.
             if !zeroed(&path) {
                 modules.push((path, a));
+            }
+        }
+    }
+    // Then kohya's conv LoRA on the resnets and resamplers, when asked for.
+    if let Some(conv) = &cfg.conv_lora {
+        for layer in unet.conv_group() {
+            let dims = layer.weight.dims();
+            let config = conv.config_for(dims, cfg.lora);
+            let a = LoraAdapter::init_plain(dims, config, &mut rng, DType::F32, cfg.device)?;
+            if !zeroed(&layer.path) {
+                modules.push((layer.path, a));
             }
         }
     }
@@ -249,12 +277,20 @@ pub(super) fn check_zeroed_blocks(
     weights: &BlockWeights,
     keys: &UnetKeyMap,
     targets: &[String],
+    conv: bool,
 ) -> Result<()> {
     let held: std::collections::HashSet<&str> = modules.iter().map(|(p, _)| p.as_str()).collect();
-    for (path, _) in unet.adaptable_linears() {
-        if !targeted(targets, &path) {
-            continue;
-        }
+    let linears = unet
+        .adaptable_linears()
+        .into_iter()
+        .map(|(p, _)| p)
+        .filter(|p| targeted(targets, p));
+    let convs = unet
+        .conv_group()
+        .into_iter()
+        .map(|l| l.path)
+        .filter(|_| conv);
+    for path in linears.chain(convs) {
         let sgm = keys.to_sgm(&path).unwrap_or_else(|| path.clone());
         let zero = weights.weight(&sgm) == 0.0;
         if zero == held.contains(path.as_str()) {

@@ -19,7 +19,7 @@ use super::step::StepNoise;
 use super::text::TextEncoders;
 use crate::formats::adapter::Adapter;
 use crate::models::unet::UNet2DConditionModel;
-use crate::nn::lora::LoraAdapter;
+use crate::nn::lora::{Adaptable, LoraAdapter};
 use crate::nn::lora_dropout::DropoutDraw;
 use crate::sample::model_files::ModelFiles;
 use crate::sample::pipeline::unet_module_index;
@@ -346,7 +346,14 @@ impl Trainer {
             }
         };
         if let (Some(w), Some(_)) = (&blocks, &cfg.resume) {
-            check_zeroed_blocks(&unet, &adapter_modules, w, &keys, &cfg.targets)?;
+            check_zeroed_blocks(
+                &unet,
+                &adapter_modules,
+                w,
+                &keys,
+                &cfg.targets,
+                cfg.conv_lora.is_some(),
+            )?;
         }
         if adapter_modules.is_empty() {
             return Err(Error::Config(format!(
@@ -359,7 +366,7 @@ impl Trainer {
             )));
         }
         let mut by_path: BTreeMap<String, LoraAdapter> = adapter_modules.into_iter().collect();
-        unet.attach_adapters(|p, _| Ok(by_path.remove(p)))?;
+        unet.attach_all(|p| Ok(by_path.remove(p)))?;
         if let Some(te) = &mut text_encoders {
             for (path, lin) in te.linears_mut() {
                 if let Some(a) = by_path.remove(&path) {
@@ -370,7 +377,7 @@ impl Trainer {
         }
         if let Some(p) = by_path.keys().next() {
             return Err(Error::Config(format!(
-                "adapter module `{p}` matches no linear of this model"
+                "adapter module `{p}` matches no adaptable layer of this model"
             )));
         }
         let mut params = unet.adapter_parameters();
@@ -434,13 +441,18 @@ impl Trainer {
         // become leaves in the compute dtype, so the forward needs no per-step casts. The
         // cultural module stays f32: it reads the f32 clean-latent estimate.
         if cfg.dtype != DType::F32 {
-            let mut linears = unet.adaptable_linears_mut();
+            let mut layers = unet.adaptable_mut();
             if let Some(te) = &mut text_encoders {
-                linears.extend(te.linears_mut());
+                layers.extend(
+                    te.linears_mut()
+                        .into_iter()
+                        .map(|(p, l)| (p, Adaptable::Linear(l))),
+                );
             }
-            for (_, lin) in linears {
-                if let Some(a) = &lin.adapter {
-                    lin.adapter = Some(a.trainable_in(cfg.dtype)?);
+            for (_, mut layer) in layers {
+                if let Some(a) = layer.adapter() {
+                    let leaves = a.trainable_in(cfg.dtype)?;
+                    *layer.adapter_mut() = Some(leaves);
                 }
             }
         }
@@ -468,9 +480,18 @@ impl Trainer {
             ));
         }
         log(&format!(
-            "method {} | {} adapted linears | {} trainable tensors ({} values, f32) | UNet in {} on {} | {} optimizer steps",
+            "method {} | {} adapted linears{} | {} trainable tensors ({} values, f32) | UNet in {} on {} | {} optimizer steps",
             cfg.method.name(),
             unet.adaptable_linears().iter().filter(|(_, l)| l.adapter.is_some()).count(),
+            match cfg.conv_lora {
+                Some(c) => format!(
+                    " + {} conv-LoRA layers (3x3 at rank {} alpha {})",
+                    unet.conv_group().iter().filter(|l| l.adapter.is_some()).count(),
+                    c.dim,
+                    c.alpha
+                ),
+                None => String::new(),
+            },
             params.len(),
             params.iter().map(|(_, t)| t.elem_count()).sum::<usize>(),
             cfg.dtype,
@@ -556,9 +577,9 @@ impl Trainer {
     fn adapters(&self) -> Vec<(String, LoraAdapter)> {
         let mut out: Vec<(String, LoraAdapter)> = self
             .unet
-            .adaptable_linears()
+            .adaptable()
             .into_iter()
-            .filter_map(|(p, l)| l.adapter.clone().map(|a| (p, a)))
+            .filter_map(|l| l.adapter.cloned().map(|a| (l.path, a)))
             .collect();
         if let Some(te) = &self.text_encoders {
             out.extend(te.adapters());
@@ -762,13 +783,20 @@ impl Trainer {
     /// previews run without dropout.
     pub(super) fn set_dropout(&mut self, seeds: Option<&[u64]>) {
         let config = self.cfg.lora_dropout;
-        let mut linears = self.unet.adaptable_linears_mut();
+        let mut layers = self.unet.adaptable_mut();
         if let Some(te) = &mut self.text_encoders {
-            linears.extend(te.linears_mut());
+            layers.extend(
+                te.linears_mut()
+                    .into_iter()
+                    .map(|(p, l)| (p, Adaptable::Linear(l))),
+            );
         }
-        let adapters = linears.into_iter().filter_map(|(_, l)| l.adapter.as_mut());
-        for (m, a) in adapters.enumerate() {
-            a.dropout = seeds.map(|s| DropoutDraw::for_module(config, s, m));
+        let mut m = 0;
+        for (_, mut layer) in layers {
+            if let Some(a) = layer.adapter_mut() {
+                a.dropout = seeds.map(|s| DropoutDraw::for_module(config, s, m));
+                m += 1;
+            }
         }
     }
 

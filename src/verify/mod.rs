@@ -286,6 +286,11 @@ pub fn cases() -> Vec<(&'static str, &'static str, CaseFn)> {
             train_cases::train_targets,
         ),
         (
+            "train_locon",
+            "../../extra/train_locon.safetensors",
+            train_cases::train_locon,
+        ),
+        (
             "train_edm",
             "../../extra/train_edm.safetensors",
             train_edm_case::train_edm,

@@ -9,6 +9,7 @@ use crate::nn::Linear;
 use crate::sample::schedule::Prediction;
 use crate::sample::{SchedulerConfig, TrainSchedule};
 use crate::tensor::{Rng, SafeTensorsFile};
+use crate::train::config::ConvLora;
 use crate::train::cultural::CulturalLoss;
 use crate::train::optim::{GradAccumulator, Optimizer};
 use crate::train::step::{training_loss, Conditioning, Losses, StepNoise};
@@ -20,6 +21,14 @@ pub fn train_step_kstyle(ctx: &Ctx) -> Result<Vec<Row>> {
 
 pub fn train_step_lora(ctx: &Ctx) -> Result<Vec<Row>> {
     train_step(ctx, "train_step_lora", "train_step_lora.safetensors")
+}
+
+/// kohya's conv LoRA (`tests/fixtures/extra/gen_train_locon.py`): train_step_lora's step with
+/// LoRAModule on every child of the resnets and resamplers as well (3x3 convolutions at rank 2,
+/// alpha 1; 1x1 shortcuts and time projections at the network's rank and alpha): the loss,
+/// every gradient, AdamW.
+pub fn train_locon(ctx: &Ctx) -> Result<Vec<Row>> {
+    train_step(ctx, "train_locon", "../../extra/train_locon.safetensors")
 }
 
 /// Adapters beyond the attention projections (`tests/fixtures/extra/gen_train_targets.py`):
@@ -93,6 +102,20 @@ impl Step {
             a.assign(|name, _| load(&format!("param.{path}.{name}")))?;
             Ok(Some(a))
         })?;
+        // kohya's conv LoRA on the resnets and resamplers (gen_train_locon.py), when recorded.
+        if f.metadata().contains_key("conv_dim") {
+            let conv = ConvLora {
+                dim: num("conv_dim")? as usize,
+                alpha: num("conv_alpha")?,
+            };
+            for (path, mut layer) in unet.conv_group_mut() {
+                let dims = layer.base_weight().dims().to_vec();
+                let cfg = conv.config_for(&dims, LoraConfig { ..config });
+                let mut a = LoraAdapter::init_plain(&dims, cfg, &mut rng, DType::F32, ctx.device)?;
+                a.assign(|name, _| load(&format!("param.{path}.{name}")))?;
+                layer.set_adapter(a)?;
+            }
+        }
         let cultural = if lambda > 0.0 {
             let proj = Linear {
                 weight: load("param.cultural.proj.weight")?.var()?,

@@ -6,7 +6,7 @@ use super::config::{AttnPlan, DownPlan, MidPlan, UNetConfig, UpPlan};
 use super::resnet::{Downsample2D, ResnetBlock2D, ResnetDims, Upsample2D};
 use super::transformer::{BlockCounter, Transformer2DModel, TransformerDims};
 use super::ParamShapes;
-use crate::nn::lora::AdaptedLinear;
+use crate::nn::lora::{Adaptable, AdaptableRef, AdaptedConv2d, AdaptedLinear};
 use crate::nn::Weights;
 use crate::{Error, Result, Tensor};
 
@@ -250,6 +250,37 @@ impl UpBlock {
             Some(us) => us.forward(&h, upsample_to), // (B, C, 2H, 2W) or the skip's size
             None => Ok(h),
         }
+    }
+}
+
+/// What kohya's conv LoRA wraps in a block under `prefix`: each resnet's layers
+/// ([`ResnetBlock2D::adaptable_mut`]), then the resampler's convolution.
+pub fn conv_group_mut<'a>(
+    resnets: &'a mut [ResnetBlock2D],
+    sampler: Option<(&str, &'a mut AdaptedConv2d)>,
+    prefix: &str,
+    out: &mut Vec<(String, Adaptable<'a>)>,
+) {
+    for (j, r) in resnets.iter_mut().enumerate() {
+        r.adaptable_mut(&format!("{prefix}.resnets.{j}"), out);
+    }
+    if let Some((name, conv)) = sampler {
+        out.push((format!("{prefix}.{name}.0.conv"), Adaptable::Conv(conv)));
+    }
+}
+
+/// [`conv_group_mut`], read-only.
+pub fn conv_group<'a>(
+    resnets: &'a [ResnetBlock2D],
+    sampler: Option<(&str, &'a AdaptedConv2d)>,
+    prefix: &str,
+    out: &mut Vec<AdaptableRef<'a>>,
+) {
+    for (j, r) in resnets.iter().enumerate() {
+        r.adaptable(&format!("{prefix}.resnets.{j}"), out);
+    }
+    if let Some((name, conv)) = sampler {
+        out.push(AdaptableRef::conv(format!("{prefix}.{name}.0.conv"), conv));
     }
 }
 

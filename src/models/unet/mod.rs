@@ -19,13 +19,19 @@ pub use config::UNetConfig;
 pub use lora_merge::{KohyaLoraFile, MergeReport};
 pub use transformer::CheckpointPolicy;
 
-use crate::nn::lora::{AdaptedLinear, LoraAdapter};
+use crate::nn::lora::{Adaptable, AdaptableRef, AdaptedLinear, LoraAdapter};
 use crate::nn::{Conv2d, GroupNorm, Linear, Weights};
 use crate::tensor::ConvParams;
 use crate::{DType, Error, Result, Tensor};
 use blocks::{BlockInputs, DownBlock, MidBlock, UpBlock};
 use embeddings::ConditioningEmbedding;
 use transformer::BlockCounter;
+
+/// The transformer linears and the conv group of one UNet, borrowed together.
+type SplitAdaptable<'a> = (
+    Vec<(String, &'a mut AdaptedLinear)>,
+    Vec<(String, Adaptable<'a>)>,
+);
 
 /// (name, shape) of every parameter, in the order the modules would load them.
 #[derive(Clone, Debug, Default)]
@@ -315,6 +321,111 @@ impl UNet2DConditionModel {
         out
     }
 
+    /// What kohya's conv LoRA (sd-scripts `--network_args conv_dim=N`) adds to the transformer
+    /// linears: every child of a `ResnetBlock2D` (`conv1`, `time_emb_proj`, `conv2`,
+    /// `conv_shortcut`), `Downsample2D` and `Upsample2D` (`conv`), down blocks, the mid block,
+    /// then up blocks.
+    pub fn conv_group_mut(&mut self) -> Vec<(String, Adaptable<'_>)> {
+        let mut out = Vec::new();
+        for (i, b) in self.down_blocks.iter_mut().enumerate() {
+            let ds = b
+                .downsampler
+                .as_mut()
+                .map(|d| ("downsamplers", &mut d.conv));
+            blocks::conv_group_mut(&mut b.resnets, ds, &format!("down_blocks.{i}"), &mut out);
+        }
+        if let Some(m) = &mut self.mid_block {
+            blocks::conv_group_mut(&mut m.resnets, None, "mid_block", &mut out);
+        }
+        for (i, b) in self.up_blocks.iter_mut().enumerate() {
+            let us = b.upsampler.as_mut().map(|u| ("upsamplers", &mut u.conv));
+            blocks::conv_group_mut(&mut b.resnets, us, &format!("up_blocks.{i}"), &mut out);
+        }
+        out
+    }
+
+    /// [`UNet2DConditionModel::conv_group_mut`], read-only.
+    pub fn conv_group(&self) -> Vec<AdaptableRef<'_>> {
+        let mut out = Vec::new();
+        for (i, b) in self.down_blocks.iter().enumerate() {
+            let ds = b.downsampler.as_ref().map(|d| ("downsamplers", &d.conv));
+            blocks::conv_group(&b.resnets, ds, &format!("down_blocks.{i}"), &mut out);
+        }
+        if let Some(m) = &self.mid_block {
+            blocks::conv_group(&m.resnets, None, "mid_block", &mut out);
+        }
+        for (i, b) in self.up_blocks.iter().enumerate() {
+            let us = b.upsampler.as_ref().map(|u| ("upsamplers", &u.conv));
+            blocks::conv_group(&b.resnets, us, &format!("up_blocks.{i}"), &mut out);
+        }
+        out
+    }
+
+    /// Every layer an adapter can wrap: the transformer linears, then the conv group.
+    pub fn adaptable_mut(&mut self) -> Vec<(String, Adaptable<'_>)> {
+        let (linears, convs) = self.split_adaptable();
+        linears
+            .into_iter()
+            .map(|(p, l)| (p, Adaptable::Linear(l)))
+            .chain(convs)
+            .collect()
+    }
+
+    /// [`UNet2DConditionModel::adaptable_mut`], read-only.
+    pub fn adaptable(&self) -> Vec<AdaptableRef<'_>> {
+        let mut out: Vec<AdaptableRef<'_>> = self
+            .adaptable_linears()
+            .into_iter()
+            .map(|(p, l)| AdaptableRef::linear(p, l))
+            .collect();
+        out.extend(self.conv_group());
+        out
+    }
+
+    /// The transformer linears and the conv group, borrowed apart.
+    fn split_adaptable(&mut self) -> SplitAdaptable<'_> {
+        let mut linears = Vec::new();
+        let mut convs = Vec::new();
+        for (i, b) in self.down_blocks.iter_mut().enumerate() {
+            let p = format!("down_blocks.{i}");
+            blocks::linears_mut(&mut b.attentions, &p, &mut linears);
+            let ds = b
+                .downsampler
+                .as_mut()
+                .map(|d| ("downsamplers", &mut d.conv));
+            blocks::conv_group_mut(&mut b.resnets, ds, &p, &mut convs);
+        }
+        if let Some(m) = &mut self.mid_block {
+            m.attention
+                .linears_mut("mid_block.attentions.0", &mut linears);
+            blocks::conv_group_mut(&mut m.resnets, None, "mid_block", &mut convs);
+        }
+        for (i, b) in self.up_blocks.iter_mut().enumerate() {
+            let p = format!("up_blocks.{i}");
+            blocks::linears_mut(&mut b.attentions, &p, &mut linears);
+            let us = b.upsampler.as_mut().map(|u| ("upsamplers", &mut u.conv));
+            blocks::conv_group_mut(&mut b.resnets, us, &p, &mut convs);
+        }
+        (linears, convs)
+    }
+
+    /// Attaches `make(path)`'s adapter to every layer of [`UNet2DConditionModel::adaptable_mut`]
+    /// it returns one for, each checked against its layer's shape; returns how many.
+    pub fn attach_all(
+        &mut self,
+        mut make: impl FnMut(&str) -> Result<Option<LoraAdapter>>,
+    ) -> Result<usize> {
+        let mut n = 0;
+        for (path, mut slot) in self.adaptable_mut() {
+            if let Some(a) = make(&path)? {
+                slot.set_adapter(a)
+                    .map_err(|e| Error::Config(format!("adapter module `{path}`: {e}")))?;
+                n += 1;
+            }
+        }
+        Ok(n)
+    }
+
     /// Attaches `make(path, base)`'s adapter to every projection it returns one for (in
     /// `named_modules` order, so seeded initialisation matches the reference); returns how many.
     pub fn attach_adapters(
@@ -331,11 +442,13 @@ impl UNet2DConditionModel {
         Ok(n)
     }
 
-    /// Trainable adapter tensors as `<module path>.<lora_A|lora_B|attn_mlp.0.weight|...>`.
+    /// Trainable adapter tensors as `<module path>.<lora_A|lora_B|attn_mlp.0.weight|...>`, the
+    /// transformer linears' then the conv group's.
     pub fn adapter_parameters(&self) -> Vec<(String, Tensor)> {
         let mut out = Vec::new();
-        for (path, lin) in self.adaptable_linears() {
-            if let Some(a) = &lin.adapter {
+        for layer in self.adaptable() {
+            if let Some(a) = layer.adapter {
+                let path = &layer.path;
                 out.extend(
                     a.named()
                         .into_iter()

@@ -2,7 +2,8 @@
 //! (SDXL.md 1.5, 1.7).
 
 use super::{conv_with_bias, ParamShapes};
-use crate::nn::{Conv2d, GroupNorm, Linear, Weights};
+use crate::nn::lora::{Adaptable, AdaptableRef, AdaptedConv2d, AdaptedLinear};
+use crate::nn::{GroupNorm, Linear, Weights};
 use crate::tensor::ConvParams;
 use crate::{Error, Result, Tensor};
 
@@ -25,34 +26,51 @@ pub struct ResnetDims {
 #[derive(Clone, Debug)]
 pub struct ResnetBlock2D {
     pub norm1: GroupNorm,
-    pub conv1: Conv2d,
-    pub time_emb_proj: Linear,
+    pub conv1: AdaptedConv2d,
+    pub time_emb_proj: AdaptedLinear,
     pub norm2: GroupNorm,
-    pub conv2: Conv2d,
+    pub conv2: AdaptedConv2d,
     /// 1x1 projection of the input when the width changes.
-    pub conv_shortcut: Option<Conv2d>,
+    pub conv_shortcut: Option<AdaptedConv2d>,
     pub output_scale_factor: f64,
 }
 
 impl ResnetBlock2D {
     pub fn load(vb: &Weights, d: ResnetDims) -> Result<ResnetBlock2D> {
         let conv_shortcut = if d.c_in != d.c_out {
-            Some(conv_with_bias(
+            Some(AdaptedConv2d::new(conv_with_bias(
                 &vb.pp("conv_shortcut"),
                 d.c_in,
                 d.c_out,
                 1,
                 ConvParams::default(),
-            )?)
+            )?))
         } else {
             None
         };
         Ok(ResnetBlock2D {
             norm1: GroupNorm::load(&vb.pp("norm1"), d.groups, d.c_in, d.eps)?,
-            conv1: conv_with_bias(&vb.pp("conv1"), d.c_in, d.c_out, 3, SAME_3X3)?,
-            time_emb_proj: Linear::load(&vb.pp("time_emb_proj"), d.temb, d.c_out, true)?,
+            conv1: AdaptedConv2d::new(conv_with_bias(
+                &vb.pp("conv1"),
+                d.c_in,
+                d.c_out,
+                3,
+                SAME_3X3,
+            )?),
+            time_emb_proj: AdaptedLinear::new(Linear::load(
+                &vb.pp("time_emb_proj"),
+                d.temb,
+                d.c_out,
+                true,
+            )?),
             norm2: GroupNorm::load(&vb.pp("norm2"), d.groups, d.c_out, d.eps)?,
-            conv2: conv_with_bias(&vb.pp("conv2"), d.c_out, d.c_out, 3, SAME_3X3)?,
+            conv2: AdaptedConv2d::new(conv_with_bias(
+                &vb.pp("conv2"),
+                d.c_out,
+                d.c_out,
+                3,
+                SAME_3X3,
+            )?),
             conv_shortcut,
             output_scale_factor: d.output_scale_factor,
         })
@@ -66,6 +84,33 @@ impl ResnetBlock2D {
         out.conv(&format!("{p}.conv2"), d.c_out, d.c_out, 3);
         if d.c_in != d.c_out {
             out.conv(&format!("{p}.conv_shortcut"), d.c_in, d.c_out, 1);
+        }
+    }
+
+    /// What kohya's conv LoRA wraps in a resnet, in `named_modules` order (`conv1`,
+    /// `time_emb_proj`, `conv2`, `conv_shortcut`), under `p`.
+    pub fn adaptable_mut<'a>(&'a mut self, p: &str, out: &mut Vec<(String, Adaptable<'a>)>) {
+        out.push((format!("{p}.conv1"), Adaptable::Conv(&mut self.conv1)));
+        out.push((
+            format!("{p}.time_emb_proj"),
+            Adaptable::Linear(&mut self.time_emb_proj),
+        ));
+        out.push((format!("{p}.conv2"), Adaptable::Conv(&mut self.conv2)));
+        if let Some(c) = &mut self.conv_shortcut {
+            out.push((format!("{p}.conv_shortcut"), Adaptable::Conv(c)));
+        }
+    }
+
+    /// [`ResnetBlock2D::adaptable_mut`]'s layers as (path, adapter, base weight).
+    pub fn adaptable<'a>(&'a self, p: &str, out: &mut Vec<AdaptableRef<'a>>) {
+        out.push(AdaptableRef::conv(format!("{p}.conv1"), &self.conv1));
+        out.push(AdaptableRef::linear(
+            format!("{p}.time_emb_proj"),
+            &self.time_emb_proj,
+        ));
+        out.push(AdaptableRef::conv(format!("{p}.conv2"), &self.conv2));
+        if let Some(c) = &self.conv_shortcut {
+            out.push(AdaptableRef::conv(format!("{p}.conv_shortcut"), c));
         }
     }
 
@@ -93,14 +138,20 @@ impl ResnetBlock2D {
 /// 3x3 stride-2 convolution: H -> floor((H + 2p - 3) / 2) + 1 (ceil(H / 2) for p = 1).
 #[derive(Clone, Debug)]
 pub struct Downsample2D {
-    pub conv: Conv2d,
+    pub conv: AdaptedConv2d,
 }
 
 impl Downsample2D {
     pub fn load(vb: &Weights, channels: usize, padding: usize) -> Result<Downsample2D> {
         let params = ConvParams { stride: 2, padding };
         Ok(Downsample2D {
-            conv: conv_with_bias(&vb.pp("conv"), channels, channels, 3, params)?,
+            conv: AdaptedConv2d::new(conv_with_bias(
+                &vb.pp("conv"),
+                channels,
+                channels,
+                3,
+                params,
+            )?),
         })
     }
 
@@ -117,13 +168,19 @@ impl Downsample2D {
 /// connection's size), then a 3x3 convolution.
 #[derive(Clone, Debug)]
 pub struct Upsample2D {
-    pub conv: Conv2d,
+    pub conv: AdaptedConv2d,
 }
 
 impl Upsample2D {
     pub fn load(vb: &Weights, channels: usize) -> Result<Upsample2D> {
         Ok(Upsample2D {
-            conv: conv_with_bias(&vb.pp("conv"), channels, channels, 3, SAME_3X3)?,
+            conv: AdaptedConv2d::new(conv_with_bias(
+                &vb.pp("conv"),
+                channels,
+                channels,
+                3,
+                SAME_3X3,
+            )?),
         })
     }
 
