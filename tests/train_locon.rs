@@ -225,3 +225,50 @@ fn conv_lora_resumes_exactly_and_refuses_changed_settings() {
     );
     refused(&data, &dir, &["--conv-alpha", "2"], "--conv-dim");
 }
+
+/// kohya's block-wise rates cover the conv group too (its `get_block_index` reads every module's
+/// name): a block at 0 gets no adapter on its resnets either, and the run resumes.
+#[test]
+fn a_zero_block_weight_drops_the_conv_adapters_of_that_block() {
+    let dir = tmp("locon-blocks");
+    let data = dataset(&dir);
+    let args = [
+        "--conv-dim",
+        "2",
+        "--down-lr-weight",
+        "1,0,0.5",
+        "--save-every",
+        "1",
+    ];
+    let out = dir.join("a/a.safetensors");
+    train_ok(
+        &data,
+        &out,
+        "lora",
+        &[&["--max-steps", "1"][..], &args].concat(),
+    );
+    let f = SafeTensorsFile::open(&out).unwrap();
+    let in_block = |i: usize| {
+        f.names()
+            .filter(|n| {
+                n.ends_with(".lora_down.weight")
+                    && n.starts_with(&format!("lora_unet_input_blocks_{i}_"))
+            })
+            .count()
+    };
+    // input_blocks.1 is the tiny UNet's first resnet (conv1, time_emb_proj, conv2), no attention.
+    assert_eq!(in_block(1), 0);
+    assert_eq!(in_block(2), 3);
+    let ckpt = dir.join("a/a.step000001.ckpt.safetensors");
+    let o = train(
+        &data,
+        &out,
+        "lora",
+        &[
+            &["--max-steps", "2", "--resume", ckpt.to_str().unwrap()][..],
+            &args,
+        ]
+        .concat(),
+    );
+    assert!(o.status.success(), "{}", common::stderr(&o));
+}

@@ -276,6 +276,13 @@ impl UnetKeyMap {
         self.convert(diffusers, false)
     }
 
+    /// A diffusers module path (`down_blocks.0.resnets.0.conv1`, no parameter name) -> its sgm
+    /// module path (`input_blocks.1.0.in_layers.2`), `None` if it maps nowhere.
+    pub fn module_to_sgm(&self, module: &str) -> Option<String> {
+        let sgm = self.to_sgm(&format!("{module}.weight"))?;
+        sgm.strip_suffix(".weight").map(String::from)
+    }
+
     fn convert(&self, name: &str, from_sgm: bool) -> Option<String> {
         // Longest matching prefix, so that a leaf nested below a block index (`input_blocks.3.0.op`
         // below `input_blocks.3.0`) wins if a layout ever has both.
@@ -411,6 +418,26 @@ mod tests {
                 .as_deref(),
             Some("output_blocks.11.1.proj_out.weight")
         );
+        // Module paths (what adapters are keyed by), resnet children renamed too.
+        for (module, sgm) in [
+            (
+                "down_blocks.3.resnets.1.conv1",
+                "input_blocks.11.0.in_layers.2",
+            ),
+            (
+                "down_blocks.3.resnets.1.time_emb_proj",
+                "input_blocks.11.0.emb_layers.1",
+            ),
+            ("up_blocks.0.upsamplers.0.conv", "output_blocks.2.1.conv"),
+            ("down_blocks.2.downsamplers.0.conv", "input_blocks.9.0.op"),
+            (
+                "up_blocks.3.attentions.2.transformer_blocks.0.attn1.to_q",
+                "output_blocks.11.1.transformer_blocks.0.attn1.to_q",
+            ),
+        ] {
+            assert_eq!(m.module_to_sgm(module).as_deref(), Some(sgm), "{module}");
+        }
+        assert_eq!(m.module_to_sgm("nowhere.conv1"), None);
     }
 
     #[test]

@@ -291,7 +291,7 @@ pub(super) fn check_zeroed_blocks(
         .map(|l| l.path)
         .filter(|_| conv);
     for path in linears.chain(convs) {
-        let sgm = keys.to_sgm(&path).unwrap_or_else(|| path.clone());
+        let sgm = keys.module_to_sgm(&path).unwrap_or_else(|| path.clone());
         let zero = weights.weight(&sgm) == 0.0;
         if zero == held.contains(path.as_str()) {
             return Err(Error::Config(format!(

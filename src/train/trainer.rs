@@ -336,7 +336,7 @@ impl Trainer {
             Some(path) => resume(path, &cfg, &index, data.epoch_len(), n_train, log)?,
             None => {
                 let zeroed = |path: &str| {
-                    let sgm = keys.to_sgm(path);
+                    let sgm = keys.module_to_sgm(path);
                     blocks
                         .as_ref()
                         .zip(sgm)
