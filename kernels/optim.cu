@@ -352,3 +352,123 @@ extern "C" __global__ void __launch_bounds__(256) optim_lion8bit_step_f32(
         q1[sl.state + e] = nearest_code(code1, x);
     }
 }
+
+// Adafactor (transformers' Adafactor, kohya's --optimizer_type AdaFactor; see
+// src/train/adafactor.rs): one block per trainable. A trainable of two dims or more, shape
+// (..., R, C), is L matrices (L the product of its leading dims) and keeps running means of
+// g^2 + eps1 over each matrix's rows (L R values) and columns (L C); a vector keeps a whole second
+// moment. With beta2t = 1 - t^decay_rate (the host's, t from 1):
+//
+//   row <- beta2t row + (1 - beta2t) mean_c(g^2 + eps1);  col likewise over r      (factored)
+//   u = g rsqrt(row / mean_r(row)) rsqrt(col)
+//   v <- beta2t v + (1 - beta2t) (g^2 + eps1);  u = g rsqrt(v)                   (a vector)
+//   lr = rate * (scale_parameter ? max(eps2, RMS(p)) : 1)      (RMS(p) before the step)
+//   u <- lr u / max(1, RMS(u) / clip);  with a first moment m <- b1 m + (1 - b1) u, u <- m
+//   p <- p - lr wd p - u
+//
+// `rate` is the schedule's, or the relative step the host computes. The row and column means are
+// one warp per line; each matrix's mean of its row means is kept in L scratch values after the
+// column means. Roofline: the gradient is read three times (lines, RMS(u), step), p twice.
+struct FactorSlot {
+    i64 offset;  // the trainable in the masters, the gradient and m
+    i64 len;
+    i64 lead, rows, cols;  // L, R, C; rows = 0 for a vector
+    i64 state;   // its second moment in v
+    double rate;
+};
+
+struct AdafactorParams {
+    float eps1, eps2, clip, beta2t, beta1, weight_decay, grad_scale;
+    int scale_parameter, first_moment;
+};
+
+__device__ __forceinline__ float adafactor_update(const FactorSlot& sl, const float* __restrict__ g,
+                                                  const float* __restrict__ st, float grad_scale, i64 i) {
+    const float gi = g[i] * grad_scale;
+    if (sl.rows == 0) return gi * rsqrtf(st[i]);
+    const i64 rc = sl.rows * sl.cols;
+    const i64 l = i / rc, r = (i % rc) / sl.cols, c = i % sl.cols;
+    const float* row = st;
+    const float* col = st + sl.lead * sl.rows;
+    const float* mean = col + sl.lead * sl.cols;
+    return rsqrtf(row[l * sl.rows + r] / mean[l]) * rsqrtf(col[l * sl.cols + c]) * gi;
+}
+
+extern "C" __global__ void __launch_bounds__(256) optim_adafactor_step_f32(
+    const FactorSlot* __restrict__ slots, float* __restrict__ p, const float* __restrict__ g,
+    float* __restrict__ m, float* __restrict__ v, AdafactorParams h) {
+    __shared__ float scratch[32];
+    const FactorSlot sl = slots[blockIdx.x];
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
+    float* pp = p + sl.offset;
+    const float* gg = g + sl.offset;
+    float* st = v + sl.state;
+    const float keep = h.beta2t, mix = 1.0f - h.beta2t;
+
+    float sp = 0.0f;
+    for (i64 i = threadIdx.x; i < sl.len; i += blockDim.x) sp = fmaf(pp[i], pp[i], sp);
+    const float rms_p = sqrtf(block_sum(sp, scratch) / (float)sl.len);
+
+    if (sl.rows > 0) {
+        const i64 L = sl.lead, R = sl.rows, C = sl.cols;
+        float* row = st;
+        float* col = st + L * R;
+        float* mean = col + L * C;
+        for (i64 line = warp; line < L * (R + C); line += nwarps) {
+            i64 start, stride, count;
+            if (line < L * R) {
+                start = line * C;
+                stride = 1;
+                count = C;
+            } else {
+                const i64 k = line - L * R;
+                start = (k / C) * R * C + k % C;
+                stride = C;
+                count = R;
+            }
+            float s = 0.0f;
+            for (i64 j = lane; j < count; j += 32) {
+                const float x = gg[start + j * stride] * h.grad_scale;
+                s += fmaf(x, x, h.eps1);
+            }
+            s = warp_sum(s);
+            if (lane == 0) {
+                float* out = line < L * R ? row + line : col + (line - L * R);
+                *out = fmaf(keep, *out, mix * (s / (float)count));
+            }
+        }
+        __syncthreads();
+        for (i64 l = warp; l < L; l += nwarps) {
+            float s = 0.0f;
+            for (i64 r = lane; r < R; r += 32) s += row[l * R + r];
+            s = warp_sum(s);
+            if (lane == 0) mean[l] = s / (float)R;
+        }
+    } else {
+        for (i64 i = threadIdx.x; i < sl.len; i += blockDim.x) {
+            const float x = gg[i] * h.grad_scale;
+            st[i] = fmaf(keep, st[i], mix * fmaf(x, x, h.eps1));
+        }
+    }
+    __syncthreads();
+
+    float su = 0.0f;
+    for (i64 i = threadIdx.x; i < sl.len; i += blockDim.x) {
+        const float u = adafactor_update(sl, gg, st, h.grad_scale, i);
+        su = fmaf(u, u, su);
+    }
+    const float rms_u = sqrtf(block_sum(su, scratch) / (float)sl.len);
+    const float lr = (float)sl.rate * (h.scale_parameter ? fmaxf(h.eps2, rms_p) : 1.0f);
+    const float d = fmaxf(1.0f, rms_u / h.clip);
+    const float decay = -lr * h.weight_decay;
+    for (i64 i = threadIdx.x; i < sl.len; i += blockDim.x) {
+        float u = adafactor_update(sl, gg, st, h.grad_scale, i) / d * lr;
+        if (h.first_moment) {
+            float* mi = m + sl.offset + i;
+            u = fmaf(h.beta1, *mi, (1.0f - h.beta1) * u);
+            *mi = u;
+        }
+        const float x = pp[i];
+        pp[i] = fmaf(decay, x, x) - u;
+    }
+}

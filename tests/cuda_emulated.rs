@@ -181,6 +181,7 @@ fn every_bench_case_runs_on_the_emulator() {
         "lion step",
         "adamw8bit step",
         "lion8bit step",
+        "adafactor step",
         "adamw per-tensor",
         "sdpa fwd+bwd flash",
         "sdpa fwd+bwd composed",

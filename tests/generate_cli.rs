@@ -183,6 +183,7 @@ fn verify_passes_every_case_on_the_tiny_fixtures() {
         "lion",
         "adamw8bit",
         "lion8bit",
+        "adafactor",
         "train_targets",
         "train_locon",
         "lora_lycoris",

@@ -3,7 +3,8 @@
 //! flat buffers and the trainables' own storage. CPU oracle or CUDA kernels, as every op.
 
 use super::cpu::optim::{
-    AdamW, LionStep, LrRun, Moments8, ProdigyBuffers, ProdigyMoments, Rule8, Slot8, State,
+    AdafactorStep, AdamW, FactorSlot, LionStep, LrRun, Moments8, ProdigyBuffers, ProdigyMoments,
+    Rule8, Slot8, State,
 };
 use super::cpu::{self, CpuStorage};
 use super::cuda::optim as coptim;
@@ -122,6 +123,62 @@ pub fn lion_step_runs(
         }
         (p, ..) => Err(Error::DType {
             op: "lion_step (flat f32 buffers on one device)",
+            dtype: p.dtype(),
+        }),
+    }
+}
+
+/// One Adafactor step (see `train::adafactor`) of every trainable `slots` lists, each at its
+/// own rate, with gradient `grad_scale * g`, in place on the masters `p`, the first moment `m`
+/// (read only with `h.beta1`; it may be empty otherwise) and the second moments `v`.
+pub fn adafactor_step(
+    h: &AdafactorStep,
+    p: &mut Storage,
+    m: &mut Storage,
+    v: &mut Storage,
+    g: &Storage,
+    grad_scale: f32,
+    slots: &[FactorSlot],
+) -> Result<()> {
+    for slot in slots {
+        let end = slot.offset + slot.len;
+        let shaped = !slot.factored() || slot.lead * slot.rows * slot.cols == slot.len;
+        let inside = end <= p.len().min(g.len())
+            && (h.beta1.is_none() || end <= m.len())
+            && slot.state + slot.state_len() <= v.len();
+        if !inside || !shaped {
+            return Err(Error::msg(format!(
+                "Adafactor step: slot {slot:?} lies outside its buffers or its shape (masters \
+                 {}, gradient {}, first moment {}, second moments {})",
+                p.len(),
+                g.len(),
+                m.len(),
+                v.len()
+            )));
+        }
+    }
+    use CpuStorage::F32;
+    use Storage::{Cpu, Cuda};
+    match (p, m, v, g) {
+        (Cpu(F32(p)), Cpu(F32(m)), Cpu(F32(v)), Cpu(F32(g))) => {
+            for s in slots {
+                let r = s.offset..s.offset + s.len;
+                let m = match h.beta1 {
+                    Some(_) => &mut m[r.clone()],
+                    None => &mut [],
+                };
+                let v = &mut v[s.state..s.state + s.state_len()];
+                cpu::optim::adafactor_slot(h, s, &mut p[r.clone()], m, v, &g[r], grad_scale);
+            }
+            Ok(())
+        }
+        (Cuda(p), Cuda(m), Cuda(v), Cuda(g))
+            if [&*m, &*v, g].iter().all(|b| b.ordinal() == p.ordinal()) =>
+        {
+            coptim::adafactor_step(h, p, m, v, g, grad_scale, slots)
+        }
+        (p, ..) => Err(Error::DType {
+            op: "adafactor_step (flat f32 buffers on one device)",
             dtype: p.dtype(),
         }),
     }

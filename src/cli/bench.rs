@@ -359,6 +359,26 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
         (14 + 8) as f64 * total as f64,
         0.0,
     );
+    // Adafactor, every tensor a (4, each / 4) matrix (a rank-4 lora_down): the gradient read
+    // three times (the row and column means, RMS of the update, the step), p twice and written
+    // once, the row and column means (each / 4 + 5 values a tensor) aside, then the copy into
+    // the tensors. One block a tensor, its reductions inside the block.
+    let shapes: Vec<Vec<usize>> = (0..tensors).map(|_| vec![4, each / 4]).collect();
+    let mut ada = kstyle::train::optim::Optimizer::new(Default::default(), &params)?
+        .with_adafactor(
+            kstyle::train::adafactor::AdafactorConfig {
+                relative_step: false,
+                ..Default::default()
+            },
+            &shapes,
+        )?;
+    let s_ada = b.time(|| ada.step(&params, &grad, 0.5, 1e-4))?;
+    b.report(
+        &format!("adafactor step {tensors} tensors ({:.2}x adamw)", s_ada / s),
+        s_ada,
+        4.0 * (3 + 2 + 1 + 2) as f64 * total as f64,
+        0.0,
+    );
     let per: Vec<[Tensor; 4]> = (0..tensors)
         .map(|_| {
             Ok([

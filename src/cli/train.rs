@@ -8,6 +8,7 @@ use kstyle::models::unet::CheckpointPolicy;
 use kstyle::nn::lora::LoraConfig;
 use kstyle::nn::lora_dropout::LoraDropout;
 use kstyle::sample::schedule::{HuberSchedule, LossType};
+use kstyle::train::adafactor::AdafactorConfig;
 use kstyle::train::adamw8bit::EightBitConfig;
 use kstyle::train::captions::TokenWarmup;
 use kstyle::train::concepts::{default_concepts, load_concepts};
@@ -233,8 +234,10 @@ pub struct Args {
     /// Prodigy, prodigyopt), which estimates its own step size d and wants --lr 1; or Lion
     /// (kohya's --optimizer_type Lion, lion-pytorch), which steps every element by the rate in
     /// the direction of a sign and keeps one moment instead of two; or Lion8bit (bitsandbytes),
-    /// Lion with that moment in one byte. All share AdamW's flags (--adam-beta1, --adam-beta2,
-    /// --weight-decay; --adam-epsilon but for the Lions).
+    /// Lion with that moment in one byte; or Adafactor (kohya's --optimizer_type AdaFactor,
+    /// transformers), whose second moment is factored into row and column means and whose rate
+    /// is by default its own relative step. All share AdamW's flags (--adam-beta1, --adam-beta2,
+    /// --weight-decay; --adam-epsilon but for the Lions); Adafactor takes --weight-decay alone.
     #[arg(long, value_enum, default_value = "adamw")]
     pub optimizer: OptimizerArg,
     /// The optimizer's settings as kohya's --optimizer_args spells them. Every optimizer:
@@ -243,6 +246,9 @@ pub struct Args {
     /// d_coef=1 beta3=... growth_rate=inf use_bias_correction=False safeguard_warmup=False.
     /// Lion: decoupled_weight_decay=False (True divides the decay by --lr). AdamW8bit and
     /// Lion8bit: min_8bit_size=4096 (smaller trainables keep f32 moments), is_paged (no effect).
+    /// Adafactor: scale_parameter=True relative_step=True warmup_init=False clip_threshold=1
+    /// decay_rate=-0.8 beta1=None eps=1e-30,1e-3 (kohya's guide: scale_parameter=False
+    /// relative_step=False warmup_init=False with --lr and constant-with-warmup).
     #[arg(long, num_args = 1.., value_name = "KEY=VALUE")]
     pub optimizer_args: Vec<String>,
     /// Clip the global gradient norm (every trainable tensor together, of the mean over the
@@ -459,6 +465,8 @@ pub enum OptimizerArg {
     AdamW8bit,
     #[value(name = "lion8bit", aliases = ["Lion8bit", "PagedLion8bit", "pagedlion8bit"])]
     Lion8bit,
+    #[value(name = "adafactor", aliases = ["AdaFactor", "Adafactor"])]
+    Adafactor,
 }
 
 #[derive(Clone, Copy, Debug, clap::ValueEnum)]
@@ -528,7 +536,8 @@ pub fn config_from(a: &Args) -> anyhow::Result<TrainConfig> {
     let (noise_offset, multires) = noise_options(a)?;
     // kohya's spelling of the shared settings (betas, eps, weight_decay) in --optimizer-args,
     // beside the flags; the rest is the optimizer's own.
-    let (shared, own_args) = split_shared(&a.optimizer_args)?;
+    let adafactor = a.optimizer == OptimizerArg::Adafactor;
+    let (shared, own_args) = split_shared(&a.optimizer_args, adafactor)?;
     let beta = |i: usize| shared.betas.map(|b| if i == 0 { b.0 } else { b.1 });
     let beta1 = merge(a.adam_beta1, beta(0), ("--adam-beta1", "betas"))?;
     let beta2 = merge(a.adam_beta2, beta(1), ("--adam-beta2", "betas"))?;
@@ -635,6 +644,23 @@ pub fn config_from(a: &Args) -> anyhow::Result<TrainConfig> {
             OptimizerArg::AdamW => {
                 check_adamw(&own_args)?;
                 OptimizerKind::AdamW
+            }
+            OptimizerArg::Adafactor => {
+                for (given, flag) in [
+                    (
+                        beta1.is_some() || beta2.is_some(),
+                        "--adam-beta1 / --adam-beta2 / betas",
+                    ),
+                    (eps.is_some(), "--adam-epsilon"),
+                ] {
+                    if given {
+                        anyhow::bail!(
+                            "{flag}: Adafactor has no AdamW betas or epsilon (its settings: \
+                             --optimizer-args beta1=0.9 eps=1e-30,1e-3 decay_rate=-0.8)"
+                        );
+                    }
+                }
+                OptimizerKind::Adafactor(AdafactorConfig::parse(&own_args)?)
             }
         },
         // 0 is off, as kohya and diffusers read it.

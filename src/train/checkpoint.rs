@@ -2,6 +2,7 @@
 //! moments and masters, the step, the RNG state and the data order, written atomically, so that
 //! `--resume` continues bit for bit.
 
+use super::adafactor::{Second, SlotState};
 use super::adamw8bit::SlotMoments;
 use super::optim::{concat, Optimizer, OptimizerKind, Rule};
 use super::prodigy::{ProdigyScalars, ProdigyState};
@@ -41,7 +42,22 @@ pub fn save_checkpoint(
     state: &TrainState,
 ) -> Result<()> {
     let mut tensors = adapter.file_tensors(index)?;
-    if let Some(q) = opt.quantized() {
+    if opt.adafactor().is_some() {
+        // The masters and each trainable's moments under transformers' state names.
+        let host = Optimizer {
+            master: opt.master.to_device(Device::Cpu)?,
+            m: opt.m.to_device(Device::Cpu)?,
+            v: opt.v.to_device(Device::Cpu)?,
+            ..opt.clone()
+        };
+        for (i, s) in host.slots.iter().enumerate() {
+            let state = host.adafactor_slot_state(i)?;
+            tensors.push((format!("{OPTIM}.master.{}", s.name), state.master.clone()));
+            for (kind, t) in state.named() {
+                tensors.push((format!("{OPTIM}.{kind}.{}", s.name), t));
+            }
+        }
+    } else if let Some(q) = opt.quantized() {
         // The masters, and each trainable's moments as the step keeps them (codes and absmax
         // for the quantized ones): a resume continues from the same bytes.
         let master = opt.master.to_device(Device::Cpu)?;
@@ -240,6 +256,33 @@ pub fn load_checkpoint(
             .map_err(|e| Error::file(path, e.to_string()))?;
         return Ok((adapter, opt, state));
     }
+    if let OptimizerKind::Adafactor(config) = kind {
+        let mut parts = Vec::new();
+        for (name, t) in adapter.trainables() {
+            let read = |kind: &str| -> Result<Tensor> {
+                let t = f.tensor(&format!("{OPTIM}.{kind}.{name}"))?;
+                let n = t.elem_count();
+                t.to_dtype(crate::DType::F32)?.reshape(n)
+            };
+            let dims = t.dims().to_vec();
+            let state = SlotState {
+                master: read("master")?,
+                m: config.beta1.map(|_| read("exp_avg")).transpose()?,
+                second: match dims.len() >= 2 {
+                    true => Second::Factored {
+                        row: read("exp_avg_sq_row")?,
+                        col: read("exp_avg_sq_col")?,
+                    },
+                    false => Second::Whole(read("exp_avg_sq")?),
+                },
+            };
+            parts.push((name, dims, state));
+        }
+        let step = int("kstyle.ckpt.optim_step")?;
+        let opt = Optimizer::from_adafactor(hyper, step, config, parts, device)
+            .map_err(|e| Error::file(path, e.to_string()))?;
+        return Ok((adapter, opt, state));
+    }
     let has_v = !matches!(kind, OptimizerKind::Lion(_));
     let mut parts = Vec::new();
     let (mut s, mut p0) = (Vec::new(), Vec::new());
@@ -262,7 +305,10 @@ pub fn load_checkpoint(
     let mut opt = Optimizer::from_parts(hyper, int("kstyle.ckpt.optim_step")?, parts, device)?;
     match kind {
         // The 8-bit optimizers returned above.
-        OptimizerKind::AdamW | OptimizerKind::AdamW8bit(_) | OptimizerKind::Lion8bit(_) => {}
+        OptimizerKind::AdamW
+        | OptimizerKind::AdamW8bit(_)
+        | OptimizerKind::Lion8bit(_)
+        | OptimizerKind::Adafactor(_) => {}
         OptimizerKind::Prodigy(config) => {
             let mut state = ProdigyState::new(config, concat(&p0, device)?)?;
             state.s = concat(&s, device)?;

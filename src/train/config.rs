@@ -401,6 +401,30 @@ impl TrainConfig {
             }
         }
         self.loraplus.check()?;
+        if let OptimizerKind::Adafactor(c) = &self.optimizer {
+            c.check()?;
+            // The relative step replaces the rate: nothing that sets a rate would act.
+            let rates = [
+                (
+                    self.schedule != super::lr::LrSchedule::CONSTANT,
+                    "--lr-schedule / --warmup",
+                ),
+                (self.loraplus.unet_ratio().is_some(), "--loraplus-*-ratio"),
+                (
+                    self.loraplus.text_encoder_ratio().is_some(),
+                    "--loraplus-*-ratio",
+                ),
+                (self.text_encoder_lr.is_some(), "--text-encoder-lr"),
+                (self.block_lr.is_set(), "--down/mid/up-lr-weight"),
+            ];
+            if let (true, Some((_, flag))) = (c.relative_step, rates.iter().find(|r| r.0)) {
+                return Err(Error::Config(format!(
+                    "{flag}: Adafactor's relative step sets its own rate, min(1e-2, 1/sqrt(t)) \
+                     times RMS(p), so no rate, schedule or rate ratio acts on it; pass \
+                     --optimizer-args relative_step=False to train at --lr"
+                )));
+            }
+        }
         if let OptimizerKind::Lion(l) = &self.optimizer {
             if l.decoupled_weight_decay && self.adamw.lr <= 0.0 {
                 return Err(Error::Config(format!(

@@ -1,5 +1,6 @@
 //! Training: the cultural semantic loss, the optimizer, the loop and its checkpoints.
 
+pub mod adafactor;
 pub mod adamw8bit;
 mod batch;
 pub mod captions;

@@ -5,6 +5,7 @@
 //! per micro-batch, one AdamW sweep, and one multi-tensor copy of the new values into the
 //! trainables (on CUDA, launches; nothing crosses to the host).
 
+use super::adafactor::{AdafactorConfig, Factored, Second, SlotState};
 use super::adamw8bit::{EightBitConfig, Place, Quantized, SlotMoments};
 use super::lion::LionConfig;
 use super::prodigy::{ProdigyConfig, ProdigyState};
@@ -45,6 +46,9 @@ pub enum Rule {
     AdamW8bit(Box<Quantized>),
     /// Lion with its moment in 8 bits: `m` holds the small trainables' f32 moment, `v` empty.
     Lion8bit(Box<Quantized>),
+    /// Adafactor (see `train::adafactor`): `m` the first moment (empty without beta1), `v` the
+    /// row and column means (or whole second moments) where the placements put them.
+    Adafactor(Box<Factored>),
 }
 
 impl Rule {
@@ -56,6 +60,7 @@ impl Rule {
             Rule::Lion(_) => "lion",
             Rule::AdamW8bit(_) => "adamw8bit",
             Rule::Lion8bit(_) => "lion8bit",
+            Rule::Adafactor(_) => "adafactor",
         }
     }
 }
@@ -73,6 +78,8 @@ pub enum OptimizerKind {
     AdamW8bit(EightBitConfig),
     /// kohya's `--optimizer_type Lion8bit` (bitsandbytes).
     Lion8bit(EightBitConfig),
+    /// kohya's `--optimizer_type AdaFactor` (transformers).
+    Adafactor(AdafactorConfig),
 }
 
 impl OptimizerKind {
@@ -84,6 +91,7 @@ impl OptimizerKind {
             OptimizerKind::Lion(_) => "lion",
             OptimizerKind::AdamW8bit(_) => "adamw8bit",
             OptimizerKind::Lion8bit(_) => "lion8bit",
+            OptimizerKind::Adafactor(_) => "adafactor",
         }
     }
 
@@ -94,6 +102,7 @@ impl OptimizerKind {
             OptimizerKind::Prodigy(p) => p.describe(),
             OptimizerKind::Lion(l) => l.describe(),
             OptimizerKind::AdamW8bit(q) | OptimizerKind::Lion8bit(q) => q.describe(self.name()),
+            OptimizerKind::Adafactor(c) => c.describe(),
         }
     }
 
@@ -113,6 +122,11 @@ impl OptimizerKind {
             OptimizerKind::Lion(l) => opt.with_lion(l),
             OptimizerKind::AdamW8bit(q) => opt.with_8bit(q, true),
             OptimizerKind::Lion8bit(q) => opt.with_8bit(q, false),
+            OptimizerKind::Adafactor(c) => {
+                let shapes: Vec<Vec<usize>> =
+                    params.iter().map(|(_, t)| t.dims().to_vec()).collect();
+                opt.with_adafactor(c, &shapes)
+            }
         }
     }
 }
@@ -163,6 +177,23 @@ fn check_trainables(params: &[(String, Tensor)]) -> Result<Device> {
         }
     }
     Ok(device)
+}
+
+/// Each of `shapes` fits its slot (one shape a slot, as many elements).
+fn check_shapes(slots: &[Slot], shapes: &[Vec<usize>]) -> Result<()> {
+    let fits = slots.len() == shapes.len()
+        && slots
+            .iter()
+            .zip(shapes)
+            .all(|(s, d)| d.iter().product::<usize>() == s.len);
+    match fits {
+        true => Ok(()),
+        false => Err(Error::msg(format!(
+            "optimizer: {} shapes for {} slots, or a shape of another size than its slot",
+            shapes.len(),
+            slots.len()
+        ))),
+    }
 }
 
 /// `parts` back to back as one (N,) f32 tensor on `device` (an empty one for no parts), with no
@@ -231,6 +262,128 @@ impl Optimizer {
         (self.m, self.v) = (m, v);
         self.rule = rule_8bit(q);
         Ok(self)
+    }
+
+    /// The same trainables stepped by Adafactor (see `train::adafactor`) from zero state, each
+    /// factored by its shape in `shapes` (one per slot, of the slot's size).
+    pub fn with_adafactor(
+        mut self,
+        config: AdafactorConfig,
+        shapes: &[Vec<usize>],
+    ) -> Result<Optimizer> {
+        config.check()?;
+        check_shapes(&self.slots, shapes)?;
+        let f = Factored::new(config, shapes);
+        let device = self.master.device();
+        self.m = Tensor::zeros(
+            if config.beta1.is_some() {
+                self.len()
+            } else {
+                0
+            },
+            DType::F32,
+            device,
+        )?;
+        self.v = Tensor::zeros(f.v_len, DType::F32, device)?;
+        self.rule = Rule::Adafactor(Box::new(f));
+        Ok(self)
+    }
+
+    /// Adafactor's state read back per trainable (a checkpoint, a reordering): `(name, shape,
+    /// state)` in the order given.
+    pub fn from_adafactor(
+        hyper: AdamW,
+        step: u64,
+        config: AdafactorConfig,
+        parts: Vec<(String, Vec<usize>, SlotState)>,
+        device: Device,
+    ) -> Result<Optimizer> {
+        let shapes: Vec<Vec<usize>> = parts.iter().map(|(_, d, _)| d.clone()).collect();
+        let f = Factored::new(config, &shapes);
+        let (mut slots, mut masters, mut ms, mut vs) = (vec![], vec![], vec![], vec![]);
+        let mut offset = 0;
+        for ((name, dims, st), place) in parts.into_iter().zip(&f.places) {
+            let len = st.master.elem_count();
+            let count = |t: &Tensor| t.elem_count();
+            let fits = dims.iter().product::<usize>() == len
+                && st.m.as_ref().map_or(config.beta1.is_none(), |m| {
+                    config.beta1.is_some() && count(m) == len
+                })
+                && match (&st.second, place.factored()) {
+                    (Second::Factored { row, col }, true) => {
+                        count(row) == place.lead * place.rows
+                            && count(col) == place.lead * place.cols
+                    }
+                    (Second::Whole(v), false) => count(v) == len,
+                    _ => false,
+                };
+            if !fits {
+                return Err(Error::msg(format!(
+                    "Adafactor state of `{name}` {dims:?} does not fit its shape (first moment {}, \
+                     second moment {:?})",
+                    st.m.as_ref().map_or(0, count),
+                    st.named().iter().map(|(k, t)| (*k, count(t))).collect::<Vec<_>>()
+                )));
+            }
+            slots.push(Slot { name, offset, len });
+            offset += len;
+            masters.push(st.master);
+            if let Some(m) = st.m {
+                ms.push(m);
+            }
+            match st.second {
+                Second::Factored { row, col } => {
+                    vs.push(row);
+                    vs.push(col);
+                    // The scratch row means, rewritten by every step.
+                    vs.push(Tensor::zeros(place.lead, DType::F32, Device::Cpu)?);
+                }
+                Second::Whole(v) => vs.push(v),
+            }
+        }
+        Ok(Optimizer {
+            hyper,
+            step,
+            slots,
+            master: concat(&masters, device)?,
+            m: concat(&ms, device)?,
+            v: concat(&vs, device)?,
+            rule: Rule::Adafactor(Box::new(f)),
+        })
+    }
+
+    /// Adafactor's placements, when it is the rule.
+    pub fn adafactor(&self) -> Option<&Factored> {
+        match &self.rule {
+            Rule::Adafactor(f) => Some(f),
+            _ => None,
+        }
+    }
+
+    /// Slot `i`'s Adafactor state, as views of the flat buffers.
+    pub fn adafactor_slot_state(&self, i: usize) -> Result<SlotState> {
+        let (f, slot) = match (self.adafactor(), self.slots.get(i)) {
+            (Some(f), Some(s)) => (f, s),
+            _ => return Err(Error::msg(format!("optimizer: no Adafactor slot {i}"))),
+        };
+        let p = f.places[i];
+        let (at, n) = (slot.offset, slot.len);
+        Ok(SlotState {
+            master: self.master.narrow(0, at, n)?,
+            m: match f.config.beta1 {
+                Some(_) => Some(self.m.narrow(0, at, n)?),
+                None => None,
+            },
+            second: match p.factored() {
+                true => Second::Factored {
+                    row: self.v.narrow(0, p.state, p.lead * p.rows)?,
+                    col: self
+                        .v
+                        .narrow(0, p.state + p.lead * p.rows, p.lead * p.cols)?,
+                },
+                false => Second::Whole(self.v.narrow(0, p.state, n)?),
+            },
+        })
     }
 
     /// 8-bit state read back per trainable (a checkpoint): `(name, master, moments)` in the
@@ -337,7 +490,7 @@ impl Optimizer {
                     .sum::<usize>()
             }
             Rule::Prodigy(p) => total += bytes(&p.s) + bytes(&p.p0),
-            Rule::AdamW | Rule::Lion(_) => {}
+            Rule::AdamW | Rule::Lion(_) | Rule::Adafactor(_) => {}
         }
         total
     }
@@ -415,6 +568,33 @@ impl Optimizer {
     /// Put the slots in the order of `params` (a resumed run lists its trainables in model order).
     pub fn align_to(&mut self, params: &[(String, Tensor)]) -> Result<()> {
         let device = check_trainables(params)?;
+        if let Some(f) = self.adafactor() {
+            let config = f.config;
+            let mut by_name: std::collections::HashMap<&str, usize> = self
+                .slots
+                .iter()
+                .enumerate()
+                .map(|(i, s)| (s.name.as_str(), i))
+                .collect();
+            let mut parts = Vec::with_capacity(params.len());
+            for (name, t) in params {
+                let i = by_name.remove(name.as_str()).ok_or_else(|| {
+                    Error::msg(format!("optimizer state has no slot for `{name}`"))
+                })?;
+                parts.push((
+                    name.clone(),
+                    t.dims().to_vec(),
+                    self.adafactor_slot_state(i)?,
+                ));
+            }
+            if let Some(extra) = by_name.keys().next() {
+                return Err(Error::msg(format!(
+                    "optimizer state has a slot `{extra}` for no parameter of this run"
+                )));
+            }
+            *self = Optimizer::from_adafactor(self.hyper, self.step, config, parts, device)?;
+            return Ok(());
+        }
         if let Some(q) = self.quantized() {
             let host = q.host_moments(&self.slots, &self.m, &self.v)?;
             let mut by_name: std::collections::HashMap<&str, (&Slot, SlotMoments)> = self
@@ -617,6 +797,22 @@ impl Optimizer {
                 &table,
             )?;
             self.step += 1;
+            return self.write_params(params);
+        }
+        if let Some(f) = self.adafactor() {
+            let t = self.step + 1;
+            let table = f.table(&self.slots, rates, t);
+            let h = f.config.step(t, self.hyper.weight_decay);
+            ops::adafactor_step(
+                &h,
+                &mut self.master.storage_mut(),
+                &mut self.m.storage_mut(),
+                &mut self.v.storage_mut(),
+                &grad_sum.storage(),
+                grad_scale,
+                &table,
+            )?;
+            self.step = t;
             return self.write_params(params);
         }
         if let Rule::Prodigy(pr) = &mut self.rule {

@@ -29,6 +29,11 @@ fn float(key: &str, value: &str) -> Result<f64> {
 
 /// `betas` as kohya users write it: `0.9,0.999`, `(0.9, 0.999)` or `[0.9, 0.999]`.
 fn betas(value: &str) -> Result<(f64, f64)> {
+    pair("betas", value)
+}
+
+/// Two numbers as kohya users write a pair: `a,b`, `(a, b)` or `[a, b]`.
+pub(crate) fn pair(key: &str, value: &str) -> Result<(f64, f64)> {
     let inner = value
         .trim()
         .trim_start_matches(['(', '['])
@@ -39,16 +44,17 @@ fn betas(value: &str) -> Result<(f64, f64)> {
         .filter(|p| !p.is_empty())
         .collect();
     match parts[..] {
-        [b1, b2] => Ok((float("betas", b1)?, float("betas", b2)?)),
+        [b1, b2] => Ok((float(key, b1)?, float(key, b2)?)),
         _ => Err(Error::Config(format!(
-            "--optimizer-args betas: `{value}` is not two numbers (betas=0.9,0.999)"
+            "--optimizer-args {key}: `{value}` is not two numbers ({key}=a,b)"
         ))),
     }
 }
 
 /// Splits `args` into the shared settings and the rest, in their order. `lr` is refused: kohya
-/// passes the rate itself, so a second one is an error there too.
-pub fn split_shared(args: &[String]) -> Result<(SharedArgs, Vec<String>)> {
+/// passes the rate itself, so a second one is an error there too. With `own_eps` the `eps` key
+/// stays with the optimizer's own (Adafactor's is a pair).
+pub fn split_shared(args: &[String], own_eps: bool) -> Result<(SharedArgs, Vec<String>)> {
     let mut shared = SharedArgs::default();
     let mut rest = Vec::new();
     for arg in args {
@@ -58,6 +64,7 @@ pub fn split_shared(args: &[String]) -> Result<(SharedArgs, Vec<String>)> {
         };
         match key.trim() {
             "weight_decay" => shared.weight_decay = Some(float("weight_decay", value)?),
+            "eps" if own_eps => rest.push(arg.clone()),
             "eps" => shared.eps = Some(float("eps", value)?),
             "betas" => shared.betas = Some(betas(value)?),
             "lr" => {
@@ -127,17 +134,21 @@ mod tests {
 
     #[test]
     fn kohya_spellings_split_off() {
-        let (s, rest) = split_shared(&args(&[
+        let given = args(&[
             "weight_decay=0.1",
             "d0=1e-6",
             "betas=(0.95, 0.98)",
             "eps=1e-6",
-        ]))
-        .unwrap();
+        ]);
+        let (s, rest) = split_shared(&given, false).unwrap();
         assert_eq!(s.weight_decay, Some(0.1));
         assert_eq!(s.betas, Some((0.95, 0.98)));
         assert_eq!(s.eps, Some(1e-6));
         assert_eq!(rest, args(&["d0=1e-6"]));
+        // Adafactor's eps is its own (a pair): it stays with the rest.
+        let (s, rest) = split_shared(&given, true).unwrap();
+        assert_eq!(s.eps, None);
+        assert_eq!(rest, args(&["d0=1e-6", "eps=1e-6"]));
         for form in ["0.9,0.99", "[0.9,0.99]", "(0.9,0.99)", " 0.9 , 0.99 "] {
             assert_eq!(betas(form).unwrap(), (0.9, 0.99), "{form}");
         }
@@ -148,7 +159,7 @@ mod tests {
             "lr=1e-4",
             "weight_decay=inf",
         ] {
-            assert!(split_shared(&args(&[bad])).is_err(), "{bad}");
+            assert!(split_shared(&args(&[bad]), false).is_err(), "{bad}");
         }
         assert_eq!(
             merge(Some(0.1), Some(0.1), ("--weight-decay", "weight_decay")).unwrap(),

@@ -2,6 +2,7 @@
 //! directory's own models and report one row per checked tensor. The format is the contract of
 //! the fixtures README; nothing here assumes the sizes of the shipped tiny models.
 
+mod adafactor_case;
 mod clip_cases;
 pub mod cuda_parity;
 mod eight_bit_case;
@@ -270,6 +271,11 @@ pub fn cases() -> Vec<(&'static str, &'static str, CaseFn)> {
             prodigy_case::prodigy,
         ),
         ("lion", "../../extra/lion.safetensors", lion_case::lion),
+        (
+            "adafactor",
+            "../../extra/adafactor.safetensors",
+            adafactor_case::adafactor,
+        ),
         (
             "adamw8bit",
             "../../extra/adamw8bit.safetensors",

@@ -359,3 +359,127 @@ pub enum Rule8 {
     AdamW { h: AdamW, t: u64 },
     Lion(LionStep),
 }
+
+/// Where one trainable sits in Adafactor's flat buffers (see `train::adafactor`), its shape as
+/// Adafactor factors it, and its rate.
+#[derive(Clone, Debug, PartialEq)]
+pub struct FactorSlot {
+    /// The trainable's elements in the masters, the gradient and the first moment.
+    pub offset: usize,
+    pub len: usize,
+    /// (L, R, C): a trainable of two dims or more as L matrices of R rows and C columns (its
+    /// last two dims); `rows` 0 for a vector, whose second moment is kept whole.
+    pub lead: usize,
+    pub rows: usize,
+    pub cols: usize,
+    /// Where its second moment starts in `v`: the L R row means, the L C column means and L
+    /// scratch values (the row means' means, rewritten each step); or `len` values.
+    pub state: usize,
+    /// The step size before the parameter scale: the schedule's rate, or the relative step.
+    pub rate: f64,
+}
+
+impl FactorSlot {
+    pub fn factored(&self) -> bool {
+        self.rows > 0
+    }
+
+    /// Values of `v` the slot holds.
+    pub fn state_len(&self) -> usize {
+        match self.factored() {
+            true => self.lead * (self.rows + self.cols + 1),
+            false => self.len,
+        }
+    }
+}
+
+/// Adafactor's settings for one step (transformers' names), the step's `beta2t` and whether a
+/// first moment is kept.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct AdafactorStep {
+    pub eps1: f64,
+    pub eps2: f64,
+    pub clip_threshold: f64,
+    /// `1 - t^decay_rate`.
+    pub beta2t: f64,
+    pub beta1: Option<f64>,
+    pub weight_decay: f64,
+    pub scale_parameter: bool,
+}
+
+fn rms(x: impl Iterator<Item = f64>, n: usize) -> f64 {
+    (x.map(|v| v * v).sum::<f64>() / n as f64).sqrt()
+}
+
+/// One Adafactor step of one trainable, as transformers' `Adafactor.step` (in f64, stored in
+/// f32): `p` and `g` its elements, `m` its first moment (empty without one), `v` its second
+/// moment (`slot.state_len()` values).
+pub fn adafactor_slot(
+    h: &AdafactorStep,
+    slot: &FactorSlot,
+    p: &mut [f32],
+    m: &mut [f32],
+    v: &mut [f32],
+    g: &[f32],
+    grad_scale: f32,
+) {
+    let n = slot.len;
+    let grad = |i: usize| g[i] as f64 * grad_scale as f64;
+    let rms_p = rms(p.iter().map(|&x| x as f64), n);
+    let lr = slot.rate
+        * match h.scale_parameter {
+            true => h.eps2.max(rms_p),
+            false => 1.0,
+        };
+    let (keep, mix) = (h.beta2t, 1.0 - h.beta2t);
+    let mut u: Vec<f64> = vec![0.0; n];
+    if slot.factored() {
+        let (l_n, r_n, c_n) = (slot.lead, slot.rows, slot.cols);
+        let (row, rest) = v.split_at_mut(l_n * r_n);
+        let (col, means) = rest.split_at_mut(l_n * c_n);
+        for l in 0..l_n {
+            let at = |r: usize, c: usize| l * r_n * c_n + r * c_n + c;
+            for r in 0..r_n {
+                let s: f64 = (0..c_n).map(|c| grad(at(r, c)).powi(2) + h.eps1).sum();
+                let x = &mut row[l * r_n + r];
+                *x = (keep * *x as f64 + mix * (s / c_n as f64)) as f32;
+            }
+            for c in 0..c_n {
+                let s: f64 = (0..r_n).map(|r| grad(at(r, c)).powi(2) + h.eps1).sum();
+                let x = &mut col[l * c_n + c];
+                *x = (keep * *x as f64 + mix * (s / r_n as f64)) as f32;
+            }
+            let mean = row[l * r_n..(l + 1) * r_n]
+                .iter()
+                .map(|&x| x as f64)
+                .sum::<f64>()
+                / r_n as f64;
+            means[l] = mean as f32;
+            for r in 0..r_n {
+                let rf = 1.0 / (row[l * r_n + r] as f64 / mean).sqrt();
+                for c in 0..c_n {
+                    let cf = 1.0 / (col[l * c_n + c] as f64).sqrt();
+                    u[at(r, c)] = rf * cf * grad(at(r, c));
+                }
+            }
+        }
+    } else {
+        for (i, (x, u)) in v.iter_mut().zip(&mut u).enumerate() {
+            let s = keep * *x as f64 + mix * (grad(i).powi(2) + h.eps1);
+            *x = s as f32;
+            *u = grad(i) / (*x as f64).sqrt();
+        }
+    }
+    let d = (rms(u.iter().copied(), n) / h.clip_threshold).max(1.0);
+    let decay = -h.weight_decay * lr;
+    for (i, &ui) in u.iter().enumerate() {
+        let mut step = ui / d * lr;
+        if let Some(b1) = h.beta1 {
+            let mi = b1 * m[i] as f64 + (1.0 - b1) * step;
+            m[i] = mi as f32;
+            step = m[i] as f64;
+        }
+        let x = p[i] as f64;
+        p[i] = (x + decay * x - step) as f32;
+    }
+}

@@ -4,8 +4,8 @@
 use super::device::Launch;
 use super::{CudaDevice, CudaStorage};
 use crate::backend::cpu::optim::{
-    AdamW, LionStep, LrRun, Moments8, ProdigyBuffers, ProdigyMoments, Rule8, Slot8, State,
-    BLOCK_8BIT,
+    AdafactorStep, AdamW, FactorSlot, LionStep, LrRun, Moments8, ProdigyBuffers, ProdigyMoments,
+    Rule8, Slot8, State, BLOCK_8BIT,
 };
 use crate::tensor::DType;
 use crate::{Error, Result};
@@ -381,6 +381,63 @@ pub fn lion_step_runs(
             grad_scale,
         })
     })
+}
+
+/// `struct AdafactorParams` of optim.cu.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+struct AdafactorParams {
+    eps1: f32,
+    eps2: f32,
+    clip: f32,
+    beta2t: f32,
+    beta1: f32,
+    weight_decay: f32,
+    grad_scale: f32,
+    scale_parameter: i32,
+    first_moment: i32,
+}
+
+/// One Adafactor step: one launch of a block per non-empty slot, the slot table (offset, len,
+/// lead, rows, cols, state, rate) uploaded once. The caller checked the bounds.
+pub fn adafactor_step(
+    h: &AdafactorStep,
+    p: &mut CudaStorage,
+    m: &mut CudaStorage,
+    v: &mut CudaStorage,
+    g: &CudaStorage,
+    grad_scale: f32,
+    slots: &[FactorSlot],
+) -> Result<()> {
+    let mut table: Vec<i64> = Vec::with_capacity(7 * slots.len());
+    for s in slots.iter().filter(|s| s.len > 0) {
+        table.extend([s.offset, s.len, s.lead, s.rows, s.cols, s.state].map(|x| x as i64));
+        table.push(s.rate.to_bits() as i64);
+    }
+    let count = table.len() / 7;
+    if count == 0 {
+        return Ok(());
+    }
+    let dev = p.dev().clone();
+    let slots_dev = dev.upload(DType::I64, &table)?;
+    dev.launch("optim", "optim_adafactor_step_f32".to_owned())?
+        .arg(slots_dev.ptr())
+        .arg(p.ptr())
+        .arg(g.ptr())
+        .arg(m.ptr())
+        .arg(v.ptr())
+        .arg(AdafactorParams {
+            eps1: h.eps1 as f32,
+            eps2: h.eps2 as f32,
+            clip: h.clip_threshold as f32,
+            beta2t: h.beta2t as f32,
+            beta1: h.beta1.unwrap_or(0.0) as f32,
+            weight_decay: h.weight_decay as f32,
+            grad_scale,
+            scale_parameter: h.scale_parameter as i32,
+            first_moment: h.beta1.is_some() as i32,
+        })
+        .run((count as u32, 1, 1), (256, 1, 1), 0)
 }
 
 /// `struct AdamW8bitParams` of optim.cu.

@@ -891,3 +891,81 @@ fn step_8bit(r: &mut Run, lion: bool) -> Result<()> {
     }
     Ok(())
 }
+
+/// Adafactor's step (one block per trainable) against the CPU oracle: matrices of many rows and
+/// few columns and the reverse (the row and column means one warp per line), a 4-d conv factor
+/// (6 matrices of 3 x 3), a vector (a whole second moment), a matrix of one column, a slot at
+/// rate 0, and a zero-start trainable (RMS(p) = 0: the parameter scale's floor); a first moment,
+/// weight decay and a clip threshold the updates pass. Three steps, so the state one step writes
+/// is read by the next; the third's gradient carries an outlier so the clip acts.
+pub(super) fn adafactor(r: &mut Run) -> Result<()> {
+    use crate::backend::cpu::optim::{AdafactorStep, FactorSlot};
+    // (lead, rows, cols; rows 0 for a vector), rate
+    let layout = [
+        ((1usize, 700usize, 4usize), 0.02),
+        ((1, 4, 1_300), 0.01),
+        ((6, 3, 3), 0.03),
+        ((1, 0, 0), 0.01),
+        ((1, 50, 1), 0.02),
+        ((1, 9, 33), 0.0),
+        ((1, 16, 16), 0.05),
+    ];
+    let lens = [2_800usize, 5_200, 54, 333, 50, 297, 256];
+    let (mut slots, mut at, mut state) = (vec![], 0, 0);
+    for (((lead, rows, cols), rate), len) in layout.into_iter().zip(lens) {
+        let slot = FactorSlot {
+            offset: at,
+            len,
+            lead,
+            rows,
+            cols,
+            state,
+            rate,
+        };
+        at += len;
+        state += slot.state_len();
+        slots.push(slot);
+    }
+    let (p0, _) = r.randn(&[at], DType::F32)?;
+    let mut p0 = p0.to_vec_f32()?;
+    let last = slots[6].offset..slots[6].offset + slots[6].len;
+    p0[last].fill(0.0);
+    let host = [
+        Tensor::from_vec(p0, at, Device::Cpu)?,
+        Tensor::zeros(at, DType::F32, Device::Cpu)?,
+        Tensor::zeros(state, DType::F32, Device::Cpu)?,
+    ];
+    let take = |t: &Tensor| t.storage().copy_strided(t.layout());
+    let mut cpu: Vec<Storage> = host.iter().map(take).collect::<Result<_>>()?;
+    let mut gpu: Vec<Storage> = host
+        .iter()
+        .map(|t| take(&t.to_device(r.dev)?))
+        .collect::<Result<_>>()?;
+    for t in 1..=3u32 {
+        let (c, _) = r.randn(&[at], DType::F32)?;
+        let mut g = c.to_vec_f32()?;
+        if t == 3 {
+            g[100] = 40.0;
+        }
+        let g = Tensor::from_vec(g, at, Device::Cpu)?;
+        let h = AdafactorStep {
+            eps1: 1e-30,
+            eps2: 1e-3,
+            clip_threshold: 0.8,
+            beta2t: 1.0 - (t as f64).powf(-0.8),
+            beta1: Some(0.9),
+            weight_decay: 0.1,
+            scale_parameter: true,
+        };
+        for (bufs, g) in [(&mut cpu, g.clone()), (&mut gpu, g.to_device(r.dev)?)] {
+            let [p, m, v] = &mut bufs[..] else {
+                unreachable!()
+            };
+            ops::adafactor_step(&h, p, m, v, &g.storage(), 0.5, &slots)?;
+        }
+    }
+    for (i, name) in [(0, "p"), (1, "m"), (2, "row and column means, v")] {
+        check_flat(r, format!("adafactor {name}"), &gpu[i], &cpu[i])?;
+    }
+    Ok(())
+}

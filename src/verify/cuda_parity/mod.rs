@@ -184,8 +184,8 @@ mod fused;
 use basic::{elementwise, matmul, reduce};
 use float8::float8;
 use fused::{
-    adamw, adamw8bit, attention, conv, lion, lion8bit, lora, multi_tensor, norm, pool, prodigy,
-    sqnorm,
+    adafactor, adamw, adamw8bit, attention, conv, lion, lion8bit, lora, multi_tensor, norm, pool,
+    prodigy, sqnorm,
 };
 
 type Family = fn(&mut Run, DType) -> Result<()>;
@@ -236,6 +236,8 @@ pub fn run(ordinal: usize, filter: Option<&str>, seed: u64) -> Result<Vec<Parity
         let res = adamw8bit(&mut r);
         r.guard("optim", DType::F32, res);
         let res = lion8bit(&mut r);
+        r.guard("optim", DType::F32, res);
+        let res = adafactor(&mut r);
         r.guard("optim", DType::F32, res);
     }
     Ok(r.rows)
