@@ -9,7 +9,7 @@ use kstyle::formats::adapter::Adapter;
 use kstyle::models::unet::{KohyaLoraFile, UNet2DConditionModel};
 use kstyle::sample::pipeline::unet_module_index;
 use kstyle::tensor::SafeTensorsFile;
-use kstyle::{DType, Device, Tensor};
+use kstyle::{DType, Device};
 use std::path::Path;
 
 #[test]
@@ -207,18 +207,6 @@ fn save_precision_rounds_the_written_adapter_once() {
     assert!(g.status.success(), "{}", String::from_utf8_lossy(&g.stderr));
 }
 
-/// Max relative L2 difference of two tensors.
-fn rel(a: &Tensor, b: &Tensor) -> f64 {
-    let (x, y) = (a.to_vec_f64().unwrap(), b.to_vec_f64().unwrap());
-    let d: f64 = x
-        .iter()
-        .zip(&y)
-        .map(|(p, q)| (p - q).powi(2))
-        .sum::<f64>()
-        .sqrt();
-    d / y.iter().map(|q| q * q).sum::<f64>().sqrt()
-}
-
 #[test]
 fn plain_lora_exported_as_kohya_reproduces_the_adapter_unet_output() {
     let dir = tmp("export");
@@ -265,30 +253,17 @@ fn plain_lora_exported_as_kohya_reproduces_the_adapter_unet_output() {
     let plain = UNet2DConditionModel::from_diffusers(&model, &[], DType::F32, Device::Cpu)
         .unwrap()
         .model;
-    let f = SafeTensorsFile::open(tiny().join("reference/unet.safetensors")).unwrap();
-    let g = |k: &str| f.tensor(k).unwrap().to_dtype(DType::F32).unwrap();
-    let run = |u: &UNet2DConditionModel| {
-        kstyle::autograd::no_grad(|| {
-            u.forward(
-                &g("sample"),
-                &g("timestep"),
-                &g("encoder_hidden_states"),
-                &g("text_embeds"),
-                &g("time_ids"),
-            )
-            .unwrap()
-        })
-    };
+    let run = common::tiny_unet_output;
     let (y_live, y_merged, y_plain) = (run(&live), run(&merged), run(&plain));
     assert!(
-        rel(&y_live, &y_plain) > 1e-3,
+        common::rel_l2(&y_live, &y_plain) > 1e-3,
         "the adapter must change the output for this test to mean anything"
     );
     // f32 live update vs an f64 merge rounded once: both are within f32 rounding of the truth.
     assert!(
-        rel(&y_merged, &y_live) < 1e-5,
+        common::rel_l2(&y_merged, &y_live) < 1e-5,
         "kohya merge differs from the live adapter: {}",
-        rel(&y_merged, &y_live)
+        common::rel_l2(&y_merged, &y_live)
     );
 }
 

@@ -7,40 +7,13 @@
 
 mod common;
 use common::train::{assert_resume_is_exact, dataset, refused, setting, train, train_ok};
-use common::{assert_fails_naming, kstyle, tiny, tmp};
+use common::{assert_fails_naming, kstyle, rel_l2, tiny, tiny_unet_output, tmp};
 use kstyle::formats::adapter::Adapter;
 use kstyle::models::unet::{KohyaLoraFile, UNet2DConditionModel};
 use kstyle::sample::pipeline::unet_module_index;
 use kstyle::tensor::SafeTensorsFile;
-use kstyle::{DType, Device, Tensor};
+use kstyle::{DType, Device};
 use std::path::Path;
-
-fn rel(a: &Tensor, b: &Tensor) -> f64 {
-    let (x, y) = (a.to_vec_f64().unwrap(), b.to_vec_f64().unwrap());
-    let d: f64 = x
-        .iter()
-        .zip(&y)
-        .map(|(p, q)| (p - q).powi(2))
-        .sum::<f64>()
-        .sqrt();
-    d / y.iter().map(|q| q * q).sum::<f64>().sqrt()
-}
-
-/// The tiny UNet's output on the fixture's inputs.
-fn unet_output(u: &UNet2DConditionModel) -> Tensor {
-    let f = SafeTensorsFile::open(tiny().join("reference/unet.safetensors")).unwrap();
-    let g = |k: &str| f.tensor(k).unwrap().to_dtype(DType::F32).unwrap();
-    kstyle::autograd::no_grad(|| {
-        u.forward(
-            &g("sample"),
-            &g("timestep"),
-            &g("encoder_hidden_states"),
-            &g("text_embeds"),
-            &g("time_ids"),
-        )
-        .unwrap()
-    })
-}
 
 fn tiny_unet(loras: &[KohyaLoraFile]) -> UNet2DConditionModel {
     UNet2DConditionModel::from_diffusers(tiny().join("sdxl"), loras, DType::F32, Device::Cpu)
@@ -145,24 +118,24 @@ fn conv_lora_trains_in_kohya_names_and_runs_as_its_exports() {
     let mut by_path: std::collections::HashMap<_, _> = ad.modules.into_iter().collect();
     assert_eq!(live.attach_all(|p| Ok(by_path.remove(p))).unwrap(), 242);
     assert!(by_path.is_empty());
-    let y_live = unet_output(&live);
+    let y_live = tiny_unet_output(&live);
     // The conv group alone must matter for the comparison to mean anything.
     let mut linears_only = live.clone();
     for (_, mut layer) in linears_only.conv_group_mut() {
         *layer.adapter_mut() = None;
     }
-    let y_linears = unet_output(&linears_only);
+    let y_linears = tiny_unet_output(&linears_only);
     assert!(
-        rel(&y_linears, &y_live) > 1e-3,
+        rel_l2(&y_linears, &y_live) > 1e-3,
         "the conv adapters change the output by {}",
-        rel(&y_linears, &y_live)
+        rel_l2(&y_linears, &y_live)
     );
     for format in ["kohya", "diffusers"] {
         let file = dir.join(format!("{format}.safetensors"));
         export(&adapter, format, &file);
         let merged = tiny_unet(&[KohyaLoraFile::new(&file, 1.0)]);
         // f32 live updates against an f64 merge rounded once.
-        let r = rel(&unet_output(&merged), &y_live);
+        let r = rel_l2(&tiny_unet_output(&merged), &y_live);
         assert!(r < 1e-5, "{format} export merged differs from live: {r}");
     }
 }

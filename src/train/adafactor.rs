@@ -26,6 +26,7 @@
 //! factor (r, in) that is r + in + 1 values against AdamW's 2 r in.
 
 use super::optim::Slot;
+use super::optimizer_args::{float, key_values};
 use super::prodigy::parse_flag;
 use crate::backend::cpu::optim::{AdafactorStep, FactorSlot};
 use crate::{Error, Result, Tensor};
@@ -58,36 +59,23 @@ impl Default for AdafactorConfig {
     }
 }
 
-fn number(key: &str, value: &str) -> Result<f64> {
-    value
-        .trim()
-        .parse::<f64>()
-        .ok()
-        .filter(|v| v.is_finite())
-        .ok_or_else(|| Error::Config(format!("--optimizer-args {key}: `{value}` is not a number")))
-}
-
 impl AdafactorConfig {
     /// kohya's `--optimizer_args` spelling: `scale_parameter=False relative_step=False
     /// warmup_init=False clip_threshold=1.0 decay_rate=-0.8 beta1=0.9 eps=1e-30,1e-3` (the
     /// weight decay is split off first: see `train::optimizer_args`).
     pub fn parse(args: &[String]) -> Result<AdafactorConfig> {
         let mut c = AdafactorConfig::default();
-        for arg in args {
-            let (key, value) = arg.split_once('=').ok_or_else(|| {
-                Error::Config(format!("--optimizer-args `{arg}`: expected key=value"))
-            })?;
-            let (key, value) = (key.trim(), value.trim());
+        for (key, value) in key_values(args)? {
             match key {
                 "scale_parameter" => c.scale_parameter = parse_flag(key, value)?,
                 "relative_step" => c.relative_step = parse_flag(key, value)?,
                 "warmup_init" => c.warmup_init = parse_flag(key, value)?,
-                "clip_threshold" => c.clip_threshold = number(key, value)?,
-                "decay_rate" => c.decay_rate = number(key, value)?,
+                "clip_threshold" => c.clip_threshold = float(key, value)?,
+                "decay_rate" => c.decay_rate = float(key, value)?,
                 "beta1" => {
                     c.beta1 = match value {
                         "None" => None,
-                        v => Some(number(key, v)?),
+                        v => Some(float(key, v)?),
                     }
                 }
                 "eps" => c.eps = super::optimizer_args::pair(key, value)?,

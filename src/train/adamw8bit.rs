@@ -21,6 +21,7 @@
 //! code instead (a change of at most 5.5e-7 of the block's absmax).
 
 use super::optim::Slot;
+use super::optimizer_args::key_values;
 use super::prodigy::parse_flag;
 use crate::backend::cpu::optim::{dynamic_map, BLOCK_8BIT};
 use crate::{DType, Device, Error, Result, Tensor};
@@ -48,11 +49,7 @@ impl EightBitConfig {
     /// refused rather than ignored.
     pub fn parse(name: &str, args: &[String]) -> Result<EightBitConfig> {
         let mut c = EightBitConfig::default();
-        for arg in args {
-            let (key, value) = arg.split_once('=').ok_or_else(|| {
-                Error::Config(format!("--optimizer-args `{arg}`: expected key=value"))
-            })?;
-            let (key, value) = (key.trim(), value.trim());
+        for (key, value) in key_values(args)? {
             let fixed = |want: &str| -> Result<()> {
                 match value.eq_ignore_ascii_case(want) {
                     true => Ok(()),

@@ -18,6 +18,7 @@
 //! thirds of AdamW's. Each trainable steps at its own rate (LoRA+, block weights and a text
 //! encoder rate work as with AdamW); a trainable at rate 0 does not move.
 
+use super::optimizer_args::key_values;
 use super::prodigy::parse_flag;
 use crate::{Error, Result};
 
@@ -34,11 +35,7 @@ impl LionConfig {
     /// fused launch), so it is accepted and changes nothing.
     pub fn parse(args: &[String]) -> Result<LionConfig> {
         let mut c = LionConfig::default();
-        for arg in args {
-            let (key, value) = arg.split_once('=').ok_or_else(|| {
-                Error::Config(format!("--optimizer-args `{arg}`: expected key=value"))
-            })?;
-            let (key, value) = (key.trim(), value.trim());
+        for (key, value) in key_values(args)? {
             match key {
                 "decoupled_weight_decay" => c.decoupled_weight_decay = parse_flag(key, value)?,
                 "use_triton" => {

@@ -17,8 +17,20 @@ pub struct SharedArgs {
     pub eps: Option<f64>,
 }
 
+/// Each of `args` as a trimmed (key, value) pair; an argument without `=` is refused.
+pub(crate) fn key_values(args: &[String]) -> Result<Vec<(&str, &str)>> {
+    args.iter()
+        .map(|arg| {
+            let (key, value) = arg.split_once('=').ok_or_else(|| {
+                Error::Config(format!("--optimizer-args `{arg}`: expected key=value"))
+            })?;
+            Ok((key.trim(), value.trim()))
+        })
+        .collect()
+}
+
 /// A float as Python's `literal_eval` reads one (`1e-2`, `0.01`, `1`).
-fn float(key: &str, value: &str) -> Result<f64> {
+pub(crate) fn float(key: &str, value: &str) -> Result<f64> {
     value
         .trim()
         .parse::<f64>()
@@ -95,11 +107,7 @@ pub fn merge(flag: Option<f64>, arg: Option<f64>, names: (&str, &str)) -> Result
 /// (`foreach`, `fused`, `capturable`) or keep its default (`amsgrad=False`, `maximize=False`)
 /// are accepted; anything else is refused, naming it.
 pub fn check_adamw(args: &[String]) -> Result<()> {
-    for arg in args {
-        let (key, value) = arg.split_once('=').ok_or_else(|| {
-            Error::Config(format!("--optimizer-args `{arg}`: expected key=value"))
-        })?;
-        let (key, value) = (key.trim(), value.trim());
+    for (key, value) in key_values(args)? {
         let flag = || super::prodigy::parse_flag(key, value);
         match key {
             "foreach" | "fused" | "capturable" | "differentiable" => {

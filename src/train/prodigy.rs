@@ -19,6 +19,7 @@
 //! itself would still decay it at the others' rate). Every other trainable must step at the one
 //! rate.
 
+use super::optimizer_args::key_values;
 use crate::backend::cpu::optim::{AdamW, ProdigyBuffers, ProdigyMoments};
 use crate::backend::ops;
 use crate::{DType, Error, Result, Tensor};
@@ -68,11 +69,7 @@ impl ProdigyConfig {
     /// refused.
     pub fn parse(args: &[String]) -> Result<ProdigyConfig> {
         let mut c = ProdigyConfig::default();
-        for arg in args {
-            let (key, value) = arg.split_once('=').ok_or_else(|| {
-                Error::Config(format!("--optimizer-args `{arg}`: expected key=value"))
-            })?;
-            let (key, value) = (key.trim(), value.trim());
+        for (key, value) in key_values(args)? {
             let number = || -> Result<f64> {
                 value
                     .parse::<f64>()

@@ -307,3 +307,33 @@ pub fn tiny_single_file_with(
     kstyle::tensor::save_safetensors(&path, &tensors, None).unwrap();
     path
 }
+
+/// The relative L2 difference of `a` from `b`: ||a - b|| / ||b||.
+pub fn rel_l2(a: &kstyle::Tensor, b: &kstyle::Tensor) -> f64 {
+    let (x, y) = (a.to_vec_f64().unwrap(), b.to_vec_f64().unwrap());
+    let d: f64 = x
+        .iter()
+        .zip(&y)
+        .map(|(p, q)| (p - q).powi(2))
+        .sum::<f64>()
+        .sqrt();
+    d / y.iter().map(|q| q * q).sum::<f64>().sqrt()
+}
+
+/// A UNet's output (no autograd) on the inputs of `tiny/reference/unet.safetensors`.
+pub fn tiny_unet_output(u: &kstyle::models::unet::UNet2DConditionModel) -> kstyle::Tensor {
+    use kstyle::DType;
+    let f =
+        kstyle::tensor::SafeTensorsFile::open(tiny().join("reference/unet.safetensors")).unwrap();
+    let g = |k: &str| f.tensor(k).unwrap().to_dtype(DType::F32).unwrap();
+    kstyle::autograd::no_grad(|| {
+        u.forward(
+            &g("sample"),
+            &g("timestep"),
+            &g("encoder_hidden_states"),
+            &g("text_embeds"),
+            &g("time_ids"),
+        )
+        .unwrap()
+    })
+}
