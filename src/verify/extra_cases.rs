@@ -522,7 +522,9 @@ pub fn lora_peft(ctx: &Ctx) -> Result<Vec<Row>> {
 }
 
 /// `kstyle export`'s kohya and diffusers files, merged here, against diffusers'
-/// `load_lora_weights` of the same files.
+/// `load_lora_weights` of the same files: an adapter with text-encoder LoRA, and one with
+/// kohya's conv LoRA (the resnets' and resamplers' 3x3 and 1x1 convolutions and time
+/// projections, which diffusers places as PEFT Conv2d and Linear LoRA layers).
 pub fn lora_export(ctx: &Ctx) -> Result<Vec<Row>> {
     use crate::sample::pipeline::{LoadOptions, SdxlPipeline};
     let refs = SafeTensorsFile::open(extra(ctx, "export_reference.safetensors"))?;
@@ -551,6 +553,12 @@ pub fn lora_export(ctx: &Ctx) -> Result<Vec<Row>> {
             let name = format!("{fmt}.{key}");
             chk.check(&name, got, &refs.tensor(&name)?, ctx.forward)?;
         }
+    }
+    for fmt in ["locon_kohya", "locon_diffusers"] {
+        let file = extra(ctx, &format!("export_{fmt}.safetensors"));
+        let out = unet_with(ctx, KohyaLoraFile::new(&file, 1.0))?;
+        let name = format!("{fmt}.out");
+        chk.check(&name, &out, &refs.tensor(&name)?, ctx.forward)?;
     }
     Ok(chk.rows)
 }
