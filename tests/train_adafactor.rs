@@ -24,6 +24,18 @@ fn adafactor_trains_and_resumes_exactly_both_ways() {
         &["--optimizer", "AdaFactor", "--conv-dim", "2"],
         "adafactor (relative step)",
     );
+    // The loss log's rate is the relative step min(1e-2, 1/sqrt(t)), not --lr.
+    let log = std::fs::read_to_string(dir.join("relative/a/adapter.loss.csv")).unwrap();
+    let lr_col = log
+        .lines()
+        .next()
+        .unwrap()
+        .split(',')
+        .position(|c| c == "lr")
+        .unwrap();
+    for line in log.lines().skip(1) {
+        assert_eq!(line.split(',').nth(lr_col), Some("0.01"), "{line}");
+    }
     let f = SafeTensorsFile::open(&ckpt).unwrap();
     let size = |k: &str| {
         f.info(k)

@@ -713,7 +713,11 @@ impl Trainer {
             self.cfg
                 .schedule
                 .factor(self.state.step + 1, self.total_steps, self.cfg.adamw.lr);
-        let lr = self.cfg.adamw.lr * factor;
+        // Adafactor's relative step is the rate (before each trainable's RMS scale), not --lr.
+        let lr = match self.optimizer.adafactor() {
+            Some(f) if f.config.relative_step => f.config.relative_rate(self.optimizer.step + 1),
+            _ => self.cfg.adamw.lr * factor,
+        };
         let rates = self.lr_rates(factor);
         // Checked before the step, so a bad step never reaches the adapter's values.
         let clipped = acc.clipped(self.cfg.max_grad_norm)?;
