@@ -25,10 +25,12 @@
 //! for the mean of its row means) or a whole `v` for vectors, and `m` with `beta1`: for a LoRA
 //! factor (r, in) that is r + in + 1 values against AdamW's 2 r in.
 
-use super::optim::Slot;
+use super::optim::{concat, Optimizer, Rule, Slot};
 use super::optimizer_args::{float, key_values};
 use super::prodigy::parse_flag;
+use crate::backend::cpu::optim::AdamW;
 use crate::backend::cpu::optim::{AdafactorStep, FactorSlot};
+use crate::{DType, Device};
 use crate::{Error, Result, Tensor};
 
 /// transformers' `Adafactor` settings besides the rate and weight decay.
@@ -188,6 +190,20 @@ pub struct Factored {
 }
 
 impl Factored {
+    /// The optimizer's log line: the settings, how many trainables are factored, the rate.
+    pub fn describe_run(&self, lr: f64, weight_decay: f64) -> String {
+        format!(
+            "optimizer: {} ({} of {} trainables factored; {}; weight decay {weight_decay})",
+            self.config.describe(),
+            self.places.iter().filter(|p| p.factored()).count(),
+            self.places.len(),
+            match self.config.relative_step {
+                true => "the relative step sets the rate, --lr is not used".to_string(),
+                false => format!("rate --lr {lr}"),
+            },
+        )
+    }
+
     /// Placements for trainables of shapes `shapes`, in order: two dims or more factored over
     /// the last two (transformers' rule), else whole.
     pub fn new(config: AdafactorConfig, shapes: &[Vec<usize>]) -> Factored {
@@ -279,6 +295,148 @@ impl SlotState {
             v.push(("exp_avg", m.clone()));
         }
         v
+    }
+}
+
+/// Each of `shapes` fits its slot (one shape a slot, as many elements).
+fn check_shapes(slots: &[Slot], shapes: &[Vec<usize>]) -> Result<()> {
+    let fits = slots.len() == shapes.len()
+        && slots
+            .iter()
+            .zip(shapes)
+            .all(|(s, d)| d.iter().product::<usize>() == s.len);
+    match fits {
+        true => Ok(()),
+        false => Err(Error::msg(format!(
+            "optimizer: {} shapes for {} slots, or a shape of another size than its slot",
+            shapes.len(),
+            slots.len()
+        ))),
+    }
+}
+
+/// The Adafactor rule of [`Optimizer`]: its construction, read-back and per-slot state.
+impl Optimizer {
+    /// The same trainables stepped by Adafactor (see `train::adafactor`) from zero state, each
+    /// factored by its shape in `shapes` (one per slot, of the slot's size).
+    pub fn with_adafactor(
+        mut self,
+        config: AdafactorConfig,
+        shapes: &[Vec<usize>],
+    ) -> Result<Optimizer> {
+        config.check()?;
+        check_shapes(&self.slots, shapes)?;
+        let f = Factored::new(config, shapes);
+        let device = self.master.device();
+        self.m = Tensor::zeros(
+            if config.beta1.is_some() {
+                self.len()
+            } else {
+                0
+            },
+            DType::F32,
+            device,
+        )?;
+        self.v = Tensor::zeros(f.v_len, DType::F32, device)?;
+        self.rule = Rule::Adafactor(Box::new(f));
+        Ok(self)
+    }
+
+    /// Adafactor's state read back per trainable (a checkpoint, a reordering): `(name, shape,
+    /// state)` in the order given.
+    pub fn from_adafactor(
+        hyper: AdamW,
+        step: u64,
+        config: AdafactorConfig,
+        parts: Vec<(String, Vec<usize>, SlotState)>,
+        device: Device,
+    ) -> Result<Optimizer> {
+        let shapes: Vec<Vec<usize>> = parts.iter().map(|(_, d, _)| d.clone()).collect();
+        let f = Factored::new(config, &shapes);
+        let (mut slots, mut masters, mut ms, mut vs) = (vec![], vec![], vec![], vec![]);
+        let mut offset = 0;
+        for ((name, dims, st), place) in parts.into_iter().zip(&f.places) {
+            let len = st.master.elem_count();
+            let count = |t: &Tensor| t.elem_count();
+            let fits = dims.iter().product::<usize>() == len
+                && st.m.as_ref().map_or(config.beta1.is_none(), |m| {
+                    config.beta1.is_some() && count(m) == len
+                })
+                && match (&st.second, place.factored()) {
+                    (Second::Factored { row, col }, true) => {
+                        count(row) == place.lead * place.rows
+                            && count(col) == place.lead * place.cols
+                    }
+                    (Second::Whole(v), false) => count(v) == len,
+                    _ => false,
+                };
+            if !fits {
+                return Err(Error::msg(format!(
+                    "Adafactor state of `{name}` {dims:?} does not fit its shape (first moment {}, \
+                     second moment {:?})",
+                    st.m.as_ref().map_or(0, count),
+                    st.named().iter().map(|(k, t)| (*k, count(t))).collect::<Vec<_>>()
+                )));
+            }
+            slots.push(Slot { name, offset, len });
+            offset += len;
+            masters.push(st.master);
+            if let Some(m) = st.m {
+                ms.push(m);
+            }
+            match st.second {
+                Second::Factored { row, col } => {
+                    vs.push(row);
+                    vs.push(col);
+                    // The scratch row means, rewritten by every step.
+                    vs.push(Tensor::zeros(place.lead, DType::F32, Device::Cpu)?);
+                }
+                Second::Whole(v) => vs.push(v),
+            }
+        }
+        Ok(Optimizer {
+            hyper,
+            step,
+            slots,
+            master: concat(&masters, device)?,
+            m: concat(&ms, device)?,
+            v: concat(&vs, device)?,
+            rule: Rule::Adafactor(Box::new(f)),
+        })
+    }
+
+    /// Adafactor's placements, when it is the rule.
+    pub fn adafactor(&self) -> Option<&Factored> {
+        match &self.rule {
+            Rule::Adafactor(f) => Some(f),
+            _ => None,
+        }
+    }
+
+    /// Slot `i`'s Adafactor state, as views of the flat buffers.
+    pub fn adafactor_slot_state(&self, i: usize) -> Result<SlotState> {
+        let (f, slot) = match (self.adafactor(), self.slots.get(i)) {
+            (Some(f), Some(s)) => (f, s),
+            _ => return Err(Error::msg(format!("optimizer: no Adafactor slot {i}"))),
+        };
+        let p = f.places[i];
+        let (at, n) = (slot.offset, slot.len);
+        Ok(SlotState {
+            master: self.master.narrow(0, at, n)?,
+            m: match f.config.beta1 {
+                Some(_) => Some(self.m.narrow(0, at, n)?),
+                None => None,
+            },
+            second: match p.factored() {
+                true => Second::Factored {
+                    row: self.v.narrow(0, p.state, p.lead * p.rows)?,
+                    col: self
+                        .v
+                        .narrow(0, p.state + p.lead * p.rows, p.lead * p.cols)?,
+                },
+                false => Second::Whole(self.v.narrow(0, p.state, n)?),
+            },
+        })
     }
 }
 

@@ -20,9 +20,10 @@
 //! kohya's settings), and when a negative moment rounds to the code 0 it takes the next negative
 //! code instead (a change of at most 5.5e-7 of the block's absmax).
 
-use super::optim::Slot;
+use super::optim::{concat, Optimizer, Rule, Slot};
 use super::optimizer_args::key_values;
 use super::prodigy::parse_flag;
+use crate::backend::cpu::optim::AdamW;
 use crate::backend::cpu::optim::{dynamic_map, BLOCK_8BIT};
 use crate::{DType, Device, Error, Result, Tensor};
 
@@ -383,6 +384,60 @@ impl SlotMoments {
                     .transpose()?,
             )),
         }
+    }
+}
+
+/// The rule of an 8-bit state: AdamW8bit with two moments, Lion8bit with one.
+fn rule_8bit(q: Quantized) -> Rule {
+    match q.two {
+        true => Rule::AdamW8bit(Box::new(q)),
+        false => Rule::Lion8bit(Box::new(q)),
+    }
+}
+
+/// The 8-bit rules of [`Optimizer`]: fresh state and state read back per trainable.
+impl Optimizer {
+    /// The same trainables stepped with 8-bit moments (see `train::adamw8bit`) from zero
+    /// moments: AdamW8bit with `two` moments, Lion8bit with one. The f32 `m` and `v` shrink to
+    /// the small trainables (`v` to nothing for Lion).
+    pub fn with_8bit(mut self, config: EightBitConfig, two: bool) -> Result<Optimizer> {
+        let (q, m, v) = Quantized::fresh(config, two, &self.slots, self.master.device())?;
+        (self.m, self.v) = (m, v);
+        self.rule = rule_8bit(q);
+        Ok(self)
+    }
+
+    /// 8-bit state read back per trainable (a checkpoint): `(name, master, moments)` in the
+    /// order given; AdamW8bit's with `two` moments, Lion8bit's with one.
+    pub fn from_parts8(
+        hyper: AdamW,
+        step: u64,
+        config: EightBitConfig,
+        two: bool,
+        parts: Vec<(String, Tensor, SlotMoments)>,
+        device: Device,
+    ) -> Result<Optimizer> {
+        let mut slots = Vec::with_capacity(parts.len());
+        let mut masters = Vec::with_capacity(parts.len());
+        let mut moments = Vec::with_capacity(parts.len());
+        let mut offset = 0;
+        for (name, master, mom) in parts {
+            let len = master.elem_count();
+            slots.push(Slot { name, offset, len });
+            offset += len;
+            masters.push(master);
+            moments.push(mom);
+        }
+        let (q, m, v) = Quantized::from_slots(config, two, &slots, moments, device)?;
+        Ok(Optimizer {
+            hyper,
+            step,
+            slots,
+            master: concat(&masters, device)?,
+            m,
+            v,
+            rule: rule_8bit(q),
+        })
     }
 }
 

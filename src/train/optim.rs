@@ -5,7 +5,7 @@
 //! per micro-batch, one AdamW sweep, and one multi-tensor copy of the new values into the
 //! trainables (on CUDA, launches; nothing crosses to the host).
 
-use super::adafactor::{AdafactorConfig, Factored, Second, SlotState};
+use super::adafactor::{AdafactorConfig, Factored};
 use super::adamw8bit::{EightBitConfig, Place, Quantized, SlotMoments};
 use super::lion::LionConfig;
 use super::prodigy::{ProdigyConfig, ProdigyState};
@@ -16,14 +16,6 @@ use crate::backend::cpu::optim::{
 use crate::backend::ops;
 use crate::{DType, Device, Error, Result, Tensor};
 use std::collections::HashSet;
-
-/// The rule of an 8-bit state: AdamW8bit with two moments, Lion8bit with one.
-fn rule_8bit(q: Quantized) -> Rule {
-    match q.two {
-        true => Rule::AdamW8bit(Box::new(q)),
-        false => Rule::Lion8bit(Box::new(q)),
-    }
-}
 
 /// Where one trainable's values sit in the flat buffers.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -179,23 +171,6 @@ fn check_trainables(params: &[(String, Tensor)]) -> Result<Device> {
     Ok(device)
 }
 
-/// Each of `shapes` fits its slot (one shape a slot, as many elements).
-fn check_shapes(slots: &[Slot], shapes: &[Vec<usize>]) -> Result<()> {
-    let fits = slots.len() == shapes.len()
-        && slots
-            .iter()
-            .zip(shapes)
-            .all(|(s, d)| d.iter().product::<usize>() == s.len);
-    match fits {
-        true => Ok(()),
-        false => Err(Error::msg(format!(
-            "optimizer: {} shapes for {} slots, or a shape of another size than its slot",
-            shapes.len(),
-            slots.len()
-        ))),
-    }
-}
-
 /// `parts` back to back as one (N,) f32 tensor on `device` (an empty one for no parts), with no
 /// autograd history even when the parts are trainables.
 pub(crate) fn concat(parts: &[Tensor], device: Device) -> Result<Tensor> {
@@ -252,171 +227,6 @@ impl Optimizer {
         self.v = Tensor::zeros(0, DType::F32, self.master.device())?;
         self.rule = Rule::Lion(config);
         Ok(self)
-    }
-
-    /// The same trainables stepped with 8-bit moments (see `train::adamw8bit`) from zero
-    /// moments: AdamW8bit with `two` moments, Lion8bit with one. The f32 `m` and `v` shrink to
-    /// the small trainables (`v` to nothing for Lion).
-    pub fn with_8bit(mut self, config: EightBitConfig, two: bool) -> Result<Optimizer> {
-        let (q, m, v) = Quantized::fresh(config, two, &self.slots, self.master.device())?;
-        (self.m, self.v) = (m, v);
-        self.rule = rule_8bit(q);
-        Ok(self)
-    }
-
-    /// The same trainables stepped by Adafactor (see `train::adafactor`) from zero state, each
-    /// factored by its shape in `shapes` (one per slot, of the slot's size).
-    pub fn with_adafactor(
-        mut self,
-        config: AdafactorConfig,
-        shapes: &[Vec<usize>],
-    ) -> Result<Optimizer> {
-        config.check()?;
-        check_shapes(&self.slots, shapes)?;
-        let f = Factored::new(config, shapes);
-        let device = self.master.device();
-        self.m = Tensor::zeros(
-            if config.beta1.is_some() {
-                self.len()
-            } else {
-                0
-            },
-            DType::F32,
-            device,
-        )?;
-        self.v = Tensor::zeros(f.v_len, DType::F32, device)?;
-        self.rule = Rule::Adafactor(Box::new(f));
-        Ok(self)
-    }
-
-    /// Adafactor's state read back per trainable (a checkpoint, a reordering): `(name, shape,
-    /// state)` in the order given.
-    pub fn from_adafactor(
-        hyper: AdamW,
-        step: u64,
-        config: AdafactorConfig,
-        parts: Vec<(String, Vec<usize>, SlotState)>,
-        device: Device,
-    ) -> Result<Optimizer> {
-        let shapes: Vec<Vec<usize>> = parts.iter().map(|(_, d, _)| d.clone()).collect();
-        let f = Factored::new(config, &shapes);
-        let (mut slots, mut masters, mut ms, mut vs) = (vec![], vec![], vec![], vec![]);
-        let mut offset = 0;
-        for ((name, dims, st), place) in parts.into_iter().zip(&f.places) {
-            let len = st.master.elem_count();
-            let count = |t: &Tensor| t.elem_count();
-            let fits = dims.iter().product::<usize>() == len
-                && st.m.as_ref().map_or(config.beta1.is_none(), |m| {
-                    config.beta1.is_some() && count(m) == len
-                })
-                && match (&st.second, place.factored()) {
-                    (Second::Factored { row, col }, true) => {
-                        count(row) == place.lead * place.rows
-                            && count(col) == place.lead * place.cols
-                    }
-                    (Second::Whole(v), false) => count(v) == len,
-                    _ => false,
-                };
-            if !fits {
-                return Err(Error::msg(format!(
-                    "Adafactor state of `{name}` {dims:?} does not fit its shape (first moment {}, \
-                     second moment {:?})",
-                    st.m.as_ref().map_or(0, count),
-                    st.named().iter().map(|(k, t)| (*k, count(t))).collect::<Vec<_>>()
-                )));
-            }
-            slots.push(Slot { name, offset, len });
-            offset += len;
-            masters.push(st.master);
-            if let Some(m) = st.m {
-                ms.push(m);
-            }
-            match st.second {
-                Second::Factored { row, col } => {
-                    vs.push(row);
-                    vs.push(col);
-                    // The scratch row means, rewritten by every step.
-                    vs.push(Tensor::zeros(place.lead, DType::F32, Device::Cpu)?);
-                }
-                Second::Whole(v) => vs.push(v),
-            }
-        }
-        Ok(Optimizer {
-            hyper,
-            step,
-            slots,
-            master: concat(&masters, device)?,
-            m: concat(&ms, device)?,
-            v: concat(&vs, device)?,
-            rule: Rule::Adafactor(Box::new(f)),
-        })
-    }
-
-    /// Adafactor's placements, when it is the rule.
-    pub fn adafactor(&self) -> Option<&Factored> {
-        match &self.rule {
-            Rule::Adafactor(f) => Some(f),
-            _ => None,
-        }
-    }
-
-    /// Slot `i`'s Adafactor state, as views of the flat buffers.
-    pub fn adafactor_slot_state(&self, i: usize) -> Result<SlotState> {
-        let (f, slot) = match (self.adafactor(), self.slots.get(i)) {
-            (Some(f), Some(s)) => (f, s),
-            _ => return Err(Error::msg(format!("optimizer: no Adafactor slot {i}"))),
-        };
-        let p = f.places[i];
-        let (at, n) = (slot.offset, slot.len);
-        Ok(SlotState {
-            master: self.master.narrow(0, at, n)?,
-            m: match f.config.beta1 {
-                Some(_) => Some(self.m.narrow(0, at, n)?),
-                None => None,
-            },
-            second: match p.factored() {
-                true => Second::Factored {
-                    row: self.v.narrow(0, p.state, p.lead * p.rows)?,
-                    col: self
-                        .v
-                        .narrow(0, p.state + p.lead * p.rows, p.lead * p.cols)?,
-                },
-                false => Second::Whole(self.v.narrow(0, p.state, n)?),
-            },
-        })
-    }
-
-    /// 8-bit state read back per trainable (a checkpoint): `(name, master, moments)` in the
-    /// order given; AdamW8bit's with `two` moments, Lion8bit's with one.
-    pub fn from_parts8(
-        hyper: AdamW,
-        step: u64,
-        config: EightBitConfig,
-        two: bool,
-        parts: Vec<(String, Tensor, SlotMoments)>,
-        device: Device,
-    ) -> Result<Optimizer> {
-        let mut slots = Vec::with_capacity(parts.len());
-        let mut masters = Vec::with_capacity(parts.len());
-        let mut moments = Vec::with_capacity(parts.len());
-        let mut offset = 0;
-        for (name, master, mom) in parts {
-            let len = master.elem_count();
-            slots.push(Slot { name, offset, len });
-            offset += len;
-            masters.push(master);
-            moments.push(mom);
-        }
-        let (q, m, v) = Quantized::from_slots(config, two, &slots, moments, device)?;
-        Ok(Optimizer {
-            hyper,
-            step,
-            slots,
-            master: concat(&masters, device)?,
-            m,
-            v,
-            rule: rule_8bit(q),
-        })
     }
 
     /// The 8-bit state, when the rule keeps one (AdamW8bit, Lion8bit).

@@ -403,18 +403,7 @@ impl Trainer {
             ));
         }
         if let Some(f) = optimizer.adafactor() {
-            let factored = f.places.iter().filter(|p| p.factored()).count();
-            log(&format!(
-                "optimizer: {} ({} of {} trainables factored; {}; weight decay {})",
-                f.config.describe(),
-                factored,
-                f.places.len(),
-                match f.config.relative_step {
-                    true => "the relative step sets the rate, --lr is not used".to_string(),
-                    false => format!("rate --lr {}", cfg.adamw.lr),
-                },
-                cfg.adamw.weight_decay
-            ));
+            log(&f.describe_run(cfg.adamw.lr, cfg.adamw.weight_decay));
         }
         if let Rule::Lion(l) = &optimizer.rule {
             log(&format!(
