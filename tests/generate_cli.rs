@@ -186,6 +186,7 @@ fn verify_passes_every_case_on_the_tiny_fixtures() {
         "adafactor",
         "train_targets",
         "train_locon",
+        "train_loha",
         "lora_lycoris",
         "lora_peft",
         "lora_export",

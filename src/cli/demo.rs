@@ -91,6 +91,7 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
         lora: LoraConfig::default(),
         lora_dropout: Default::default(),
         conv_lora: None,
+        algo: Default::default(),
         scale_weight_norms: None,
         targets: ["to_q", "to_k", "to_v", "to_out.0"]
             .map(String::from)

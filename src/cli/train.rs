@@ -12,7 +12,7 @@ use kstyle::train::adafactor::AdafactorConfig;
 use kstyle::train::adamw8bit::EightBitConfig;
 use kstyle::train::captions::TokenWarmup;
 use kstyle::train::concepts::{default_concepts, load_concepts};
-use kstyle::train::config::ConvLora;
+use kstyle::train::config::{Algo, ConvLora};
 use kstyle::train::data::CaptionSource;
 use kstyle::train::lion::LionConfig;
 use kstyle::train::lr::{LrSchedule, LrShape};
@@ -72,6 +72,11 @@ pub struct Args {
     /// Alpha of the conv LoRA's 3x3 convolutions (kohya's conv_alpha; default 1)
     #[arg(long, requires = "conv_dim")]
     pub conv_alpha: Option<f64>,
+    /// The adapters' kind (LyCORIS' --network_args algo=): lora, or loha (LyCORIS' LoHa: the
+    /// update dW = (w1_a w1_b) * (w2_a w2_b) alpha / rank, a Hadamard product of two rank
+    /// products; plain methods only, with --rank, --alpha, --conv-dim as for LoRA)
+    #[arg(long, value_enum, default_value = "lora")]
+    pub algo: AlgoArg,
     /// The paper's sigma: extra scale of the gated update.
     #[arg(long, default_value_t = 1.5)]
     pub guidance: f64,
@@ -444,6 +449,14 @@ pub struct Args {
 }
 
 #[derive(Clone, Copy, Debug, clap::ValueEnum)]
+pub enum AlgoArg {
+    #[value(alias = "LoRA")]
+    Lora,
+    #[value(alias = "LoHa")]
+    Loha,
+}
+
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
 pub enum MethodArg {
     Kstyle,
     Lora,
@@ -597,6 +610,10 @@ pub fn config_from(a: &Args) -> anyhow::Result<TrainConfig> {
             dim,
             alpha: a.conv_alpha.unwrap_or(1.0),
         }),
+        algo: match a.algo {
+            AlgoArg::Lora => Algo::Lora,
+            AlgoArg::Loha => Algo::Loha,
+        },
         targets: expand_targets(&a.targets),
         lambda: a.lambda,
         min_snr_gamma: a.min_snr_gamma,

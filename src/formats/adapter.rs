@@ -6,6 +6,7 @@
 //! every setting in the metadata.
 
 use crate::formats::kohya::{Component, ModuleIndex};
+use crate::nn::loha::{Hadamard, LOHA_NAMES};
 use crate::nn::lora::{Gates, LoraAdapter, LoraConfig, Mlp};
 use crate::nn::Linear;
 use crate::tensor::{save_safetensors, SafeTensorsFile};
@@ -146,8 +147,13 @@ impl Adapter {
         let mut out = Vec::new();
         for (path, a) in &self.modules {
             let k = kohya_module_name(index, path)?;
-            out.push((format!("{k}.lora_down.weight"), a.a.clone()));
-            out.push((format!("{k}.lora_up.weight"), a.b.clone()));
+            if a.is_loha() {
+                // LyCORIS' names, which ComfyUI, A1111 and kstyle's own merge read.
+                out.extend(a.named().into_iter().map(|(n, t)| (format!("{k}.{n}"), t)));
+            } else {
+                out.push((format!("{k}.lora_down.weight"), a.a.clone()));
+                out.push((format!("{k}.lora_up.weight"), a.b.clone()));
+            }
             out.push((
                 format!("{k}.alpha"),
                 Tensor::scalar(a.config.alpha, DType::F32, a.a.device())?,
@@ -192,6 +198,11 @@ impl Adapter {
                 "sdxl_base_v1-0".to_string(),
             ),
         ]);
+        if self.is_loha() {
+            m.insert("kstyle.algo".into(), "loha".into());
+            m.insert("ss_network_module".into(), "lycoris.kohya".into());
+            m.insert("ss_network_args".into(), r#"{"algo": "loha"}"#.into());
+        }
         if let Some(cl) = &self.cultural {
             m.insert("kstyle.cultural_pool".into(), cl.pool.to_string());
             m.insert("kstyle.cultural_tau".into(), cl.tau.to_string());
@@ -200,6 +211,11 @@ impl Adapter {
             m.insert(format!("kstyle.train.{k}"), v.clone());
         }
         m
+    }
+
+    /// Whether the adapter is LyCORIS' LoHa (every module then is).
+    pub fn is_loha(&self) -> bool {
+        self.modules.iter().any(|(_, a)| a.is_loha())
     }
 
     /// Write atomically (temporary file + rename).
@@ -277,7 +293,12 @@ impl Adapter {
         let mut modules = Vec::new();
         let mut names: Vec<&str> = f
             .names()
-            .filter_map(|n| n.strip_suffix(".lora_down.weight"))
+            // A checkpoint's optimizer state (`kstyle.optim.*`) reuses the factors' names.
+            .filter(|n| !n.starts_with("kstyle."))
+            .filter_map(|n| {
+                n.strip_suffix(".lora_down.weight")
+                    .or_else(|| n.strip_suffix(".hada_w1_a"))
+            })
             .collect();
         names.sort();
         for k in names {
@@ -312,6 +333,54 @@ impl Adapter {
                 }
             };
             let text_module = text.is_some();
+            let alpha_key = format!("{k}.alpha");
+            if f.contains(&format!("{k}.hada_w1_a")) {
+                let t = LOHA_NAMES
+                    .iter()
+                    .map(|n| var(&format!("{k}.{n}")))
+                    .collect::<Result<Vec<_>>>()?;
+                let shape = match text_module {
+                    true => vec![t[0].dims()[0], t[1].dims()[1]],
+                    false => index
+                        .weight_shape(&module)
+                        .ok_or_else(|| {
+                            Error::file(path, format!("`{k}`: no weight shape for {module}"))
+                        })?
+                        .to_vec(),
+                };
+                let rank = t[1].dims()[0];
+                let alpha = match f.contains(&alpha_key) {
+                    true => load(&alpha_key)?.to_scalar()?,
+                    false => rank as f64,
+                };
+                let [w1a, w1b, w2a, w2b] = <[Tensor; 4]>::try_from(t).expect("four LoHa factors");
+                let adapter = LoraAdapter {
+                    a: w1b,
+                    b: w1a,
+                    config: LoraConfig {
+                        rank,
+                        alpha,
+                        ..config
+                    },
+                    gates: None,
+                    concepts: None,
+                    recorder: None,
+                    dropout: None,
+                    hada: Some(Hadamard {
+                        down: w2b,
+                        up: w2a,
+                        shape,
+                    }),
+                };
+                if !adapter.fits(&adapter.hada.as_ref().expect("LoHa").shape) {
+                    return Err(Error::file(
+                        path,
+                        format!("`{k}`: LoHa factors of shapes that do not fit together"),
+                    ));
+                }
+                modules.push((module, adapter));
+                continue;
+            }
             let a = var(&format!("{k}.lora_down.weight"))?;
             let b = var(&format!("{k}.lora_up.weight"))?;
             let alpha = if f.contains(&format!("{k}.alpha")) {
@@ -362,6 +431,7 @@ impl Adapter {
                     concepts,
                     recorder: None,
                     dropout: None,
+                    hada: None,
                 },
             ));
         }

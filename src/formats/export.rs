@@ -48,8 +48,26 @@ pub fn export_adapter(
             adapter.method.name()
         )));
     }
+    if adapter.is_loha() && format == ExportFormat::Diffusers {
+        return Err(Error::Config(
+            "a LoHa adapter has no diffusers/PEFT LoRA form (diffusers' load_lora_weights reads LoRA \
+             only): export it with --format kohya, LyCORIS' layout ComfyUI and A1111 load"
+                .into(),
+        ));
+    }
     let mut out = Vec::new();
     for (module, a) in &adapter.modules {
+        if a.is_loha() {
+            let k = kohya_module_name(index, module)?;
+            for (n, t) in a.named() {
+                out.push((format!("{k}.{n}"), t.to_dtype(dtype)?));
+            }
+            out.push((
+                format!("{k}.alpha"),
+                Tensor::scalar(a.config.alpha, dtype, Device::Cpu)?,
+            ));
+            continue;
+        }
         let up = match (baked, a.is_gated()) {
             (Some(bk), true) => {
                 let mean = bk.get(module).ok_or_else(|| {
@@ -86,7 +104,7 @@ pub fn export_adapter(
         }
     }
     let c = &adapter.config;
-    let meta = HashMap::from([
+    let mut meta = HashMap::from([
         ("ss_network_module".to_string(), "networks.lora".to_string()),
         ("ss_network_dim".to_string(), c.rank.to_string()),
         ("ss_network_alpha".to_string(), c.alpha.to_string()),
@@ -103,5 +121,9 @@ pub fn export_adapter(
             (baked.is_some() && adapter.method.gated()).to_string(),
         ),
     ]);
+    if adapter.is_loha() {
+        meta.insert("ss_network_module".into(), "lycoris.kohya".into());
+        meta.insert("ss_network_args".into(), r#"{"algo": "loha"}"#.into());
+    }
     save_safetensors(path, &out, Some(meta))
 }

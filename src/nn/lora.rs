@@ -2,6 +2,7 @@
 //! form, whose low-rank update is modulated per sample by CLIP cultural-relevance scores
 //! (KSTYLE.md "Gated LoRA layer"; the executable definition is `kstyle_ref.py`).
 
+use super::loha::{Hadamard, LOHA_NAMES};
 use super::lora_dropout::{DropoutDraw, DropoutMasks};
 use super::{Conv2d, Linear};
 use crate::tensor::{ConvParams, LoraGates, Rng};
@@ -180,6 +181,9 @@ pub struct LoraAdapter {
     pub recorder: Option<std::sync::Arc<std::sync::Mutex<GateRecord>>>,
     /// Set by the trainer around a training forward: the LoRA dropouts' draw.
     pub dropout: Option<DropoutDraw>,
+    /// LoHa's second factor pair (see [`super::loha`]); `a` / `b` are then LyCORIS' `hada_w1_b`
+    /// / `hada_w1_a`. None: LoRA.
+    pub hada: Option<Hadamard>,
 }
 
 impl LoraAdapter {
@@ -219,6 +223,7 @@ impl LoraAdapter {
             concepts: concepts.cloned(),
             recorder: None,
             dropout: None,
+            hada: None,
         })
     }
 
@@ -255,6 +260,7 @@ impl LoraAdapter {
             concepts: None,
             recorder: None,
             dropout: None,
+            hada: None,
         })
     }
 
@@ -283,9 +289,12 @@ impl LoraAdapter {
         }
     }
 
-    /// Whether this adapter wraps a convolution (4-d factors) rather than a linear.
+    /// Whether this adapter wraps a convolution rather than a linear.
     pub fn is_conv(&self) -> bool {
-        self.a.rank() == 4
+        match &self.hada {
+            Some(h) => h.shape.len() == 4,
+            None => self.a.rank() == 4,
+        }
     }
 
     /// `base + dh` for a convolution's input x (B, C_in, H, W): lora_down convolved with the
@@ -300,6 +309,9 @@ impl LoraAdapter {
     ) -> Result<Tensor> {
         if let Some(cast) = self.cast_for(x.dtype())? {
             return cast.apply_conv(x, base, params);
+        }
+        if self.hada.is_some() {
+            return self.apply_loha(x, base, Some(params));
         }
         if self.gates.is_some() {
             return Err(Error::msg(
@@ -339,6 +351,9 @@ impl LoraAdapter {
     pub fn apply(&self, h: &Tensor, base: Option<&Tensor>) -> Result<Tensor> {
         if let Some(cast) = self.cast_for(h.dtype())? {
             return cast.apply(h, base);
+        }
+        if self.hada.is_some() {
+            return self.apply_loha(h, base, None);
         }
         if h.rank() == 2 {
             // A gated adapter reads (S, D_in) as one sample's sequence (the reference's squeeze);
@@ -520,11 +535,28 @@ impl LoraAdapter {
             concepts: self.concepts.as_ref().map(f).transpose()?,
             recorder: self.recorder.clone(),
             dropout: self.dropout.clone(),
+            hada: match &self.hada {
+                Some(h) => Some(Hadamard {
+                    down: f(&h.down)?,
+                    up: f(&h.up)?,
+                    shape: h.shape.clone(),
+                }),
+                None => None,
+            },
         })
     }
 
-    /// Trainable tensors under the reference's names (`lora_A`, `lora_B`, `attn_mlp.0.weight`, ...).
+    /// Trainable tensors under the reference's names (`lora_A`, `lora_B`, `attn_mlp.0.weight`,
+    /// ...; LoHa's under LyCORIS' `hada_w1_a`, ...).
     pub fn named(&self) -> Vec<(String, Tensor)> {
+        if let Some(h) = &self.hada {
+            let t = [&self.b, &self.a, &h.up, &h.down];
+            return LOHA_NAMES
+                .iter()
+                .zip(t)
+                .map(|(n, t)| (n.to_string(), t.clone()))
+                .collect();
+        }
         let mut v = vec![
             ("lora_A".to_string(), self.a.clone()),
             ("lora_B".to_string(), self.b.clone()),
@@ -556,6 +588,13 @@ impl LoraAdapter {
             }
             *slot = v.to_dtype(slot.dtype())?.to_device(slot.device())?.var()?;
             Ok(())
+        }
+        if let Some(h) = &mut self.hada {
+            let t = [&mut self.b, &mut self.a, &mut h.up, &mut h.down];
+            for (n, t) in LOHA_NAMES.iter().zip(t) {
+                set(t, n, &mut value)?;
+            }
+            return Ok(());
         }
         set(&mut self.a, "lora_A", &mut value)?;
         set(&mut self.b, "lora_B", &mut value)?;
@@ -598,10 +637,10 @@ impl AdaptedLinear {
         }
     }
 
-    /// Attach `a`, whose factors must fit this linear: A (r, D_in), B (D_out, r).
+    /// Attach `a`, whose factors must fit this linear: A (r, D_in), B (D_out, r) (LoHa: see
+    /// [`LoraAdapter::fits`]).
     pub fn set_adapter(&mut self, a: LoraAdapter) -> Result<()> {
-        let (d_in, d_out) = (self.base.in_features(), self.base.out_features());
-        if a.a.dims() != [a.config.rank, d_in] || a.b.dims() != [d_out, a.config.rank] {
+        if !a.fits(self.base.weight.dims()) {
             return Err(Error::ShapeMismatch {
                 op: "lora factors (lora_A, then the base weight)",
                 lhs: a.a.shape().clone(),
@@ -613,6 +652,11 @@ impl AdaptedLinear {
     }
 
     pub fn forward(&self, h: &Tensor) -> Result<Tensor> {
+        if let Some(a) = &self.adapter {
+            if let Some(w) = a.merged_weight(&self.base.weight, h.dtype())? {
+                return h.linear(&w, self.base.bias.as_ref());
+            }
+        }
         let y = self.base.forward(h)?; // (B, S, D_out)
         match &self.adapter {
             Some(a) => a.apply(h, Some(&y)),
@@ -637,11 +681,9 @@ impl AdaptedConv2d {
     }
 
     /// Attach `a`, whose factors must fit this convolution: lora_down (r, C_in, kh, kw), lora_up
-    /// (C_out, r, 1, 1).
+    /// (C_out, r, 1, 1) (LoHa: see [`LoraAdapter::fits`]).
     pub fn set_adapter(&mut self, a: LoraAdapter) -> Result<()> {
-        let w = self.base.weight.dims();
-        let r = a.config.rank;
-        if a.a.dims() != [r, w[1], w[2], w[3]] || a.b.dims() != [w[0], r, 1, 1] {
+        if !a.fits(self.base.weight.dims()) {
             return Err(Error::ShapeMismatch {
                 op: "conv lora factors (lora_down, then the base weight)",
                 lhs: a.a.shape().clone(),
@@ -653,6 +695,11 @@ impl AdaptedConv2d {
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        if let Some(a) = &self.adapter {
+            if let Some(w) = a.merged_weight(&self.base.weight, x.dtype())? {
+                return x.conv2d(&w, self.base.bias.as_ref(), self.base.params);
+            }
+        }
         let y = self.base.forward(x)?; // (B, C_out, H', W')
         match &self.adapter {
             Some(a) => a.apply_conv(x, Some(&y), self.base.params),

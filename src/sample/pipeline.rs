@@ -648,7 +648,6 @@ pub fn unet_index_for(cfg: &crate::models::unet::UNetConfig) -> ModuleIndex {
 fn check_adapter(path: &Path, index: &ModuleIndex, text_encoders: &[ModuleIndex]) -> Result<()> {
     let adapter = Adapter::load(path, index, Device::Cpu)?;
     for (module, a) in &adapter.modules {
-        let rank = a.config.rank;
         let (index, inner) = match text_encoder_part(module) {
             Some((c, inner)) => match text_encoders.iter().find(|i| i.component() == c) {
                 Some(i) => (i, inner),
@@ -664,13 +663,7 @@ fn check_adapter(path: &Path, index: &ModuleIndex, text_encoders: &[ModuleIndex]
             },
             None => (index, module.as_str()),
         };
-        let fits = match index.weight_shape(inner) {
-            Some(&[out, d_in]) => a.a.dims() == [rank, d_in] && a.b.dims() == [out, rank],
-            Some(&[out, c_in, kh, kw]) => {
-                a.a.dims() == [rank, c_in, kh, kw] && a.b.dims() == [out, rank, 1, 1]
-            }
-            _ => false,
-        };
+        let fits = index.weight_shape(inner).is_some_and(|dims| a.fits(dims));
         if !fits {
             return Err(Error::file(
                 path,

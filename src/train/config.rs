@@ -42,6 +42,8 @@ pub struct TrainConfig {
     /// kohya's conv LoRA (LoCon: `--network_args conv_dim=N conv_alpha=A`): plain LoRA on every
     /// child of the UNet's resnets and resamplers as well (see [`ConvLora`]). None: off.
     pub conv_lora: Option<ConvLora>,
+    /// The adapters' kind: kohya's LoRA, or LyCORIS' LoHa (see [`Algo`]).
+    pub algo: Algo,
     /// Suffixes of the wrapped linears (`to_q`, `to_k`, `to_v`, `to_out.0`).
     pub targets: Vec<String>,
     pub lambda: f64,
@@ -188,6 +190,27 @@ pub struct TrainConfig {
     pub val_every: Option<u64>,
 }
 
+/// The adapters' kind (LyCORIS' `--network_args algo=`): every adapter of a run, the text
+/// encoders' and the conv group's too, is of it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Algo {
+    /// kohya's LoRA (`networks.lora`), plain or K-StyleLoRA's gated form.
+    #[default]
+    Lora,
+    /// LyCORIS' LoHa (`lycoris.kohya`, `algo=loha`): dW = (w1_a w1_b) ⊙ (w2_a w2_b) alpha / r,
+    /// always plain (see [`crate::nn::loha`]).
+    Loha,
+}
+
+impl Algo {
+    pub fn name(self) -> &'static str {
+        match self {
+            Algo::Lora => "lora",
+            Algo::Loha => "loha",
+        }
+    }
+}
+
 /// kohya's conv LoRA (sd-scripts networks/lora.py with `conv_dim`): the UNet's `ResnetBlock2D`,
 /// `Downsample2D` and `Upsample2D` join the targets. Their 3x3 convolutions get rank `dim` and
 /// alpha `alpha`; the 1x1 `conv_shortcut`s and the `time_emb_proj` linears get the network's own
@@ -215,6 +238,38 @@ impl ConvLora {
 }
 
 impl TrainConfig {
+    /// What LoHa cannot do, refused before anything runs rather than silently changed: the gated
+    /// methods modulate LoRA's rank-r activation, which LoHa has not (it builds a weight);
+    /// LyCORIS' LoHa has no network dropout, and its rank dropout drops rows of dW once a batch
+    /// (kstyle's drops a rank of each picture's update); its max-norm scales a separate scalar
+    /// kept through training; and LoRA+ raises lora_up's rate, a factor LoHa has not.
+    fn check_loha(&self) -> Result<()> {
+        let refuse = |what: &str| {
+            Err(Error::Config(format!(
+                "--algo loha {what}; leave it out or use --algo lora"
+            )))
+        };
+        if self.method.gated() {
+            return refuse(&format!(
+                "trains plain adapters, and method `{}` gates LoRA's rank: use --method lora or lora-csl",
+                self.method.name()
+            ));
+        }
+        if self.lora_dropout.dropout.is_some() || self.lora_dropout.rank.is_some() {
+            return refuse(
+                "takes --module-dropout only: LyCORIS' LoHa has no network dropout, and its rank \
+                 dropout (rows of dW, once a batch) is not kstyle's (a rank of each picture)",
+            );
+        }
+        if self.scale_weight_norms.is_some() {
+            return refuse("has no --scale-weight-norms (LyCORIS scales a LoHa's own scalar)");
+        }
+        if self.loraplus.unet_ratio().is_some() || self.loraplus.text_encoder_ratio().is_some() {
+            return refuse("has no lora_up for --loraplus-*-ratio to raise (LyCORIS' LoRA+ moves none of its factors)");
+        }
+        Ok(())
+    }
+
     /// Refuses settings that are wrong on their own, before anything is read or written: counts
     /// of 0, probabilities and decays out of range, non-finite or negative weights, a compute
     /// dtype training cannot use, options that modify one that is off.
@@ -222,10 +277,13 @@ impl TrainConfig {
         if let Some(c) = &self.conv_lora {
             if c.dim == 0 || !c.alpha.is_finite() {
                 return Err(Error::Config(format!(
-                    "--conv-dim must be at least 1 and --conv-alpha a number (got {} and {});                      leave --conv-dim out for no conv LoRA",
+                    "--conv-dim must be at least 1 and --conv-alpha a number (got {} and {}); leave --conv-dim out for no conv LoRA",
                     c.dim, c.alpha
                 )));
             }
+        }
+        if self.algo == Algo::Loha {
+            self.check_loha()?;
         }
         if self.grad_accum == 0 {
             return Err(Error::Config("--grad-accum must be at least 1".into()));
@@ -654,6 +712,7 @@ impl TrainConfig {
                 "conv_alpha".to_string(),
                 c.conv_lora.map_or("none".into(), |v| v.alpha.to_string()),
             ),
+            ("algo".to_string(), c.algo.name().to_string()),
             ("vae_tiling".to_string(), c.vae_tiling.to_string()),
             ("trigger".to_string(), c.captions.trigger.clone()),
             // The file or folder name alone, as kohya's `ss_vae_name`: no local paths.

@@ -4,7 +4,7 @@
 
 use super::batch::new_epoch;
 use super::checkpoint::{load_checkpoint, TrainState};
-use super::config::TrainConfig;
+use super::config::{Algo, TrainConfig};
 use super::cultural::CulturalLoss;
 use super::examples::Example;
 use super::lr_groups::BlockWeights;
@@ -86,6 +86,17 @@ pub(super) fn resume(
             ),
         ));
     }
+    // Checkpoints written before --algo existed are LoRA.
+    let was = adapter.settings.get("algo").map_or("lora", String::as_str);
+    if was != cfg.algo.name() {
+        return Err(Error::file(
+            path,
+            format!(
+                "the checkpoint trained --algo {was}, this run asks for --algo {}: resume with the same kind of adapter",
+                cfg.algo.name()
+            ),
+        ));
+    }
     for (key, now) in [
         ("conv_dim", cfg.conv_lora.map(|c| c.dim.to_string())),
         ("conv_alpha", cfg.conv_lora.map(|c| c.alpha.to_string())),
@@ -98,7 +109,7 @@ pub(super) fn resume(
             return Err(Error::file(
                 path,
                 format!(
-                    "the checkpoint trained with --{flag} {was}, this run asks for {now}:                      resume with the same conv LoRA"
+                    "the checkpoint trained with --{flag} {was}, this run asks for {now}: resume with the same conv LoRA"
                 ),
             ));
         }
@@ -157,6 +168,19 @@ pub(super) fn resume(
     })
 }
 
+/// A fresh plain adapter of the run's kind (`--algo`) on a frozen weight of `dims`.
+fn plain(
+    cfg: &TrainConfig,
+    dims: &[usize],
+    config: crate::nn::lora::LoraConfig,
+    rng: &mut Rng,
+) -> Result<LoraAdapter> {
+    match cfg.algo {
+        Algo::Lora => LoraAdapter::init_plain(dims, config, rng, DType::F32, cfg.device),
+        Algo::Loha => LoraAdapter::init_loha(dims, config, rng, DType::F32, cfg.device),
+    }
+}
+
 /// Fresh adapters on every targeted transformer linear of `unet` (and on its conv group with
 /// `--conv-dim`) except those `zeroed` excludes (a block whose learning-rate weight is 0: drawn, then dropped), on the text
 /// encoders' linears when they train, the cultural module and the first epoch's order, all
@@ -173,20 +197,18 @@ pub(super) fn fresh(
     let mut modules = Vec::new();
     for (path, lin) in unet.adaptable_linears() {
         if targeted(&cfg.targets, &path) {
-            let gates = if cfg.method.gated() {
-                concept_embeds.as_ref()
-            } else {
-                None
+            let a = match (&concept_embeds, cfg.method.gated()) {
+                (Some(t), true) => LoraAdapter::init(
+                    lin.base.in_features(),
+                    lin.base.out_features(),
+                    cfg.lora,
+                    Some(t),
+                    &mut rng,
+                    DType::F32,
+                    cfg.device,
+                )?,
+                _ => plain(cfg, lin.base.weight.dims(), cfg.lora, &mut rng)?,
             };
-            let a = LoraAdapter::init(
-                lin.base.in_features(),
-                lin.base.out_features(),
-                cfg.lora,
-                gates,
-                &mut rng,
-                DType::F32,
-                cfg.device,
-            )?;
             // Drawn all the same, so zeroing a block leaves every other draw of the run as it was.
             if !zeroed(&path) {
                 modules.push((path, a));
@@ -198,7 +220,7 @@ pub(super) fn fresh(
         for layer in unet.conv_group() {
             let dims = layer.weight.dims();
             let config = conv.config_for(dims, cfg.lora);
-            let a = LoraAdapter::init_plain(dims, config, &mut rng, DType::F32, cfg.device)?;
+            let a = plain(cfg, dims, config, &mut rng)?;
             if !zeroed(&layer.path) {
                 modules.push((layer.path, a));
             }
@@ -217,15 +239,7 @@ pub(super) fn fresh(
                 .find(|(c, _)| *c == component)
                 .map_or(0, |l| l.1);
             if text_layer(inner).is_some_and(|l| text_encoder_trains(component, l, n)) {
-                let a = LoraAdapter::init(
-                    lin.base.in_features(),
-                    lin.base.out_features(),
-                    cfg.lora,
-                    None,
-                    &mut rng,
-                    DType::F32,
-                    cfg.device,
-                )?;
+                let a = plain(cfg, lin.base.weight.dims(), cfg.lora, &mut rng)?;
                 modules.push((path, a));
             }
         }

@@ -6,6 +6,7 @@
 use super::adamw8bit::Place;
 use super::batch::{batch_key, stack, visited, CaptionEncoder};
 use super::checkpoint::{save_checkpoint, TrainState};
+use super::config::Algo;
 pub use super::config::TrainConfig;
 use super::cultural::CulturalLoss;
 use super::data::{batches_per_epoch, Dataset, Role};
@@ -483,12 +484,16 @@ impl Trainer {
             ));
         }
         log(&format!(
-            "method {} | {} adapted linears{} | {} trainable tensors ({} values, f32) | UNet in {} on {} | {} optimizer steps",
+            "method {}{} | {} adapted linears{} | {} trainable tensors ({} values, f32) | UNet in {} on {} | {} optimizer steps",
             cfg.method.name(),
+            match cfg.algo {
+                Algo::Loha => " (LyCORIS LoHa)",
+                Algo::Lora => "",
+            },
             unet.adaptable_linears().iter().filter(|(_, l)| l.adapter.is_some()).count(),
             match cfg.conv_lora {
                 Some(c) => format!(
-                    " + {} conv-LoRA layers (3x3 at rank {} alpha {})",
+                    " + {} conv-group layers (3x3 at rank {} alpha {})",
                     unet.conv_group().iter().filter(|l| l.adapter.is_some()).count(),
                     c.dim,
                     c.alpha

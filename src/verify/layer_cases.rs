@@ -66,6 +66,7 @@ fn layer(f: &SafeTensorsFile, tag: &str, ctx: &Ctx) -> Result<(LoraAdapter, Line
         gates,
         recorder: None,
         dropout: None,
+        hada: None,
     };
     // The frozen base: plain tensors, never variables.
     let base = Linear {

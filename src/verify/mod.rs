@@ -297,6 +297,11 @@ pub fn cases() -> Vec<(&'static str, &'static str, CaseFn)> {
             train_cases::train_locon,
         ),
         (
+            "train_loha",
+            "../../extra/train_loha.safetensors",
+            train_cases::train_loha,
+        ),
+        (
             "train_edm",
             "../../extra/train_edm.safetensors",
             train_edm_case::train_edm,

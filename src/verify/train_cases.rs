@@ -31,6 +31,14 @@ pub fn train_locon(ctx: &Ctx) -> Result<Vec<Row>> {
     train_step(ctx, "train_locon", "../../extra/train_locon.safetensors")
 }
 
+/// LyCORIS' LoHa (`tests/fixtures/extra/gen_train_loha.py`): train_step_lora's step with
+/// lycoris-lora's `LohaModule` in place of LoRA on the attention projections (rank 4, alpha 4)
+/// and on every child of the resnets and resamplers (3x3 convolutions at rank 2, alpha 1): the
+/// loss, every gradient of the four Hadamard factors, AdamW.
+pub fn train_loha(ctx: &Ctx) -> Result<Vec<Row>> {
+    train_step(ctx, "train_loha", "../../extra/train_loha.safetensors")
+}
+
 /// Adapters beyond the attention projections (`tests/fixtures/extra/gen_train_targets.py`):
 /// plain LoRA on every linear of the spatial transformers (kohya's target set: proj_in, the
 /// attention projections, ff.net.0.proj, ff.net.2, proj_out), and K-StyleLoRA with the cultural
@@ -85,9 +93,17 @@ impl Step {
         )?
         .model;
         let mut rng = Rng::new(0);
+        // LyCORIS' LoHa in place of LoRA on every module (gen_train_loha.py), when recorded.
+        let loha = f.metadata().get("algo").is_some_and(|a| a == "loha");
         unet.attach_adapters(|path, base| {
             if !targets.iter().any(|t| path.ends_with(&format!(".{t}"))) {
                 return Ok(None);
+            }
+            if loha {
+                let dims = base.weight.dims();
+                let mut a = LoraAdapter::init_loha(dims, config, &mut rng, DType::F32, ctx.device)?;
+                a.assign(|name, _| load(&format!("param.{path}.{name}")))?;
+                return Ok(Some(a));
             }
             let (d_in, d_out) = (base.in_features(), base.out_features());
             let mut a = LoraAdapter::init(
@@ -111,7 +127,10 @@ impl Step {
             for (path, mut layer) in unet.conv_group_mut() {
                 let dims = layer.base_weight().dims().to_vec();
                 let cfg = conv.config_for(&dims, LoraConfig { ..config });
-                let mut a = LoraAdapter::init_plain(&dims, cfg, &mut rng, DType::F32, ctx.device)?;
+                let mut a = match loha {
+                    true => LoraAdapter::init_loha(&dims, cfg, &mut rng, DType::F32, ctx.device)?,
+                    false => LoraAdapter::init_plain(&dims, cfg, &mut rng, DType::F32, ctx.device)?,
+                };
                 a.assign(|name, _| load(&format!("param.{path}.{name}")))?;
                 layer.set_adapter(a)?;
             }
