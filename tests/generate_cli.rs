@@ -187,6 +187,7 @@ fn verify_passes_every_case_on_the_tiny_fixtures() {
         "train_targets",
         "train_locon",
         "train_loha",
+        "train_lokr",
         "lora_lycoris",
         "lora_peft",
         "lora_export",

@@ -72,11 +72,17 @@ pub struct Args {
     /// Alpha of the conv LoRA's 3x3 convolutions (kohya's conv_alpha; default 1)
     #[arg(long, requires = "conv_dim")]
     pub conv_alpha: Option<f64>,
-    /// The adapters' kind (LyCORIS' --network_args algo=): lora, or loha (LyCORIS' LoHa: the
+    /// The adapters' kind (LyCORIS' --network_args algo=): lora; loha (LyCORIS' LoHa: the
     /// update dW = (w1_a w1_b) * (w2_a w2_b) alpha / rank, a Hadamard product of two rank
-    /// products; plain methods only, with --rank, --alpha, --conv-dim as for LoRA)
+    /// products); or lokr (LyCORIS' LoKr: dW = kron(w1, w2) alpha / rank, w2 of rank --rank when
+    /// that is below half its larger side). Plain methods only, with --rank, --alpha,
+    /// --conv-dim as for LoRA
     #[arg(long, value_enum, default_value = "lora")]
     pub algo: AlgoArg,
+    /// LoKr's factor (LyCORIS' --network_args factor=N): w1 takes N rows and columns where N
+    /// divides the weight's sides; -1 (the default) splits each side as squarely as possible
+    #[arg(long, allow_negative_numbers = true)]
+    pub lokr_factor: Option<i64>,
     /// The paper's sigma: extra scale of the gated update.
     #[arg(long, default_value_t = 1.5)]
     pub guidance: f64,
@@ -454,6 +460,8 @@ pub enum AlgoArg {
     Lora,
     #[value(alias = "LoHa")]
     Loha,
+    #[value(alias = "LoKr")]
+    Lokr,
 }
 
 #[derive(Clone, Copy, Debug, clap::ValueEnum)]
@@ -610,9 +618,13 @@ pub fn config_from(a: &Args) -> anyhow::Result<TrainConfig> {
             dim,
             alpha: a.conv_alpha.unwrap_or(1.0),
         }),
-        algo: match a.algo {
-            AlgoArg::Lora => Algo::Lora,
-            AlgoArg::Loha => Algo::Loha,
+        algo: match (a.algo, a.lokr_factor) {
+            (AlgoArg::Lokr, factor) => Algo::Lokr {
+                factor: factor.unwrap_or(-1),
+            },
+            (_, Some(_)) => anyhow::bail!("--lokr-factor needs --algo lokr"),
+            (AlgoArg::Lora, None) => Algo::Lora,
+            (AlgoArg::Loha, None) => Algo::Loha,
         },
         targets: expand_targets(&a.targets),
         lambda: a.lambda,

@@ -6,8 +6,8 @@
 //! every setting in the metadata.
 
 use crate::formats::kohya::{Component, ModuleIndex};
-use crate::nn::loha::{Hadamard, LOHA_NAMES};
 use crate::nn::lora::{Gates, LoraAdapter, LoraConfig, Mlp};
+use crate::nn::lycoris::{Lycoris, LycorisAlgo};
 use crate::nn::Linear;
 use crate::tensor::{save_safetensors, SafeTensorsFile};
 use crate::train::cultural::CulturalLoss;
@@ -147,7 +147,7 @@ impl Adapter {
         let mut out = Vec::new();
         for (path, a) in &self.modules {
             let k = kohya_module_name(index, path)?;
-            if a.is_loha() {
+            if a.lycoris.is_some() {
                 // LyCORIS' names, which ComfyUI, A1111 and kstyle's own merge read.
                 out.extend(a.named().into_iter().map(|(n, t)| (format!("{k}.{n}"), t)));
             } else {
@@ -198,10 +198,13 @@ impl Adapter {
                 "sdxl_base_v1-0".to_string(),
             ),
         ]);
-        if self.is_loha() {
-            m.insert("kstyle.algo".into(), "loha".into());
+        if let Some(algo) = self.lycoris_algo() {
+            m.insert("kstyle.algo".into(), algo.name().into());
             m.insert("ss_network_module".into(), "lycoris.kohya".into());
-            m.insert("ss_network_args".into(), r#"{"algo": "loha"}"#.into());
+            m.insert(
+                "ss_network_args".into(),
+                format!(r#"{{"algo": "{}"}}"#, algo.name()),
+            );
         }
         if let Some(cl) = &self.cultural {
             m.insert("kstyle.cultural_pool".into(), cl.pool.to_string());
@@ -213,9 +216,9 @@ impl Adapter {
         m
     }
 
-    /// Whether the adapter is LyCORIS' LoHa (every module then is).
-    pub fn is_loha(&self) -> bool {
-        self.modules.iter().any(|(_, a)| a.is_loha())
+    /// The LyCORIS algorithm of the adapter's modules (every module is of it); None for LoRA.
+    pub fn lycoris_algo(&self) -> Option<LycorisAlgo> {
+        self.modules.iter().find_map(|(_, a)| a.lycoris_algo())
     }
 
     /// Write atomically (temporary file + rename).
@@ -298,6 +301,7 @@ impl Adapter {
             .filter_map(|n| {
                 n.strip_suffix(".lora_down.weight")
                     .or_else(|| n.strip_suffix(".hada_w1_a"))
+                    .or_else(|| n.strip_suffix(".lokr_w1"))
             })
             .collect();
         names.sort();
@@ -334,29 +338,46 @@ impl Adapter {
             };
             let text_module = text.is_some();
             let alpha_key = format!("{k}.alpha");
-            if f.contains(&format!("{k}.hada_w1_a")) {
-                let t = LOHA_NAMES
+            let lycoris = [LycorisAlgo::Loha, LycorisAlgo::Lokr]
+                .into_iter()
+                .find(|algo| f.contains(&format!("{k}.{}", algo.names(false)[0])));
+            if let Some(algo) = lycoris {
+                let low_rank = f.contains(&format!("{k}.lokr_w2_a"));
+                let mut t = algo
+                    .names(low_rank)
                     .iter()
                     .map(|n| var(&format!("{k}.{n}")))
                     .collect::<Result<Vec<_>>>()?;
-                let shape = match text_module {
-                    true => vec![t[0].dims()[0], t[1].dims()[1]],
-                    false => index
+                // Read without indexing: a malformed file fails the fit check below instead.
+                let rows = |t: &Tensor| t.dims().first().copied().unwrap_or(0);
+                let cols = |t: &Tensor| t.dims().iter().skip(1).product::<usize>();
+                let shape = match (text_module, algo) {
+                    (false, _) => index
                         .weight_shape(&module)
                         .ok_or_else(|| {
                             Error::file(path, format!("`{k}`: no weight shape for {module}"))
                         })?
                         .to_vec(),
+                    (true, LycorisAlgo::Loha) => vec![rows(&t[0]), cols(&t[1])],
+                    (true, LycorisAlgo::Lokr) => {
+                        let w2 = t.last().expect("LoKr's w2");
+                        vec![rows(&t[0]) * rows(&t[1]), cols(&t[0]) * cols(w2)]
+                    }
                 };
-                let rank = t[1].dims()[0];
+                // LoKr with both factors whole has no rank of its own (it runs at scale 1).
+                let rank = match (algo, low_rank) {
+                    (LycorisAlgo::Loha, _) => rows(&t[1]),
+                    (LycorisAlgo::Lokr, true) => cols(&t[1]),
+                    (LycorisAlgo::Lokr, false) => config.rank,
+                };
                 let alpha = match f.contains(&alpha_key) {
                     true => load(&alpha_key)?.to_scalar()?,
                     false => rank as f64,
                 };
-                let [w1a, w1b, w2a, w2b] = <[Tensor; 4]>::try_from(t).expect("four LoHa factors");
+                let (a, b) = (t.remove(0), t.remove(0));
                 let adapter = LoraAdapter {
-                    a: w1b,
-                    b: w1a,
+                    a,
+                    b,
                     config: LoraConfig {
                         rank,
                         alpha,
@@ -366,16 +387,19 @@ impl Adapter {
                     concepts: None,
                     recorder: None,
                     dropout: None,
-                    hada: Some(Hadamard {
-                        down: w2b,
-                        up: w2a,
-                        shape,
+                    lycoris: Some(Lycoris {
+                        algo,
+                        rest: t,
+                        shape: shape.clone(),
                     }),
                 };
-                if !adapter.fits(&adapter.hada.as_ref().expect("LoHa").shape) {
+                if !adapter.fits(&shape) {
                     return Err(Error::file(
                         path,
-                        format!("`{k}`: LoHa factors of shapes that do not fit together"),
+                        format!(
+                            "`{k}`: {} factors that do not fit together or the weight {shape:?}",
+                            algo.name()
+                        ),
                     ));
                 }
                 modules.push((module, adapter));
@@ -431,7 +455,7 @@ impl Adapter {
                     concepts,
                     recorder: None,
                     dropout: None,
-                    hada: None,
+                    lycoris: None,
                 },
             ));
         }

@@ -48,16 +48,17 @@ pub fn export_adapter(
             adapter.method.name()
         )));
     }
-    if adapter.is_loha() && format == ExportFormat::Diffusers {
-        return Err(Error::Config(
-            "a LoHa adapter has no diffusers/PEFT LoRA form (diffusers' load_lora_weights reads LoRA \
-             only): export it with --format kohya, LyCORIS' layout ComfyUI and A1111 load"
-                .into(),
-        ));
+    let lycoris = adapter.lycoris_algo();
+    if let (Some(algo), ExportFormat::Diffusers) = (lycoris, format) {
+        return Err(Error::Config(format!(
+            "a {} adapter has no diffusers/PEFT LoRA form (diffusers' load_lora_weights reads LoRA \
+             only): export it with --format kohya, LyCORIS' layout ComfyUI and A1111 load",
+            algo.name()
+        )));
     }
     let mut out = Vec::new();
     for (module, a) in &adapter.modules {
-        if a.is_loha() {
+        if a.lycoris.is_some() {
             let k = kohya_module_name(index, module)?;
             for (n, t) in a.named() {
                 out.push((format!("{k}.{n}"), t.to_dtype(dtype)?));
@@ -121,9 +122,12 @@ pub fn export_adapter(
             (baked.is_some() && adapter.method.gated()).to_string(),
         ),
     ]);
-    if adapter.is_loha() {
+    if let Some(algo) = lycoris {
         meta.insert("ss_network_module".into(), "lycoris.kohya".into());
-        meta.insert("ss_network_args".into(), r#"{"algo": "loha"}"#.into());
+        meta.insert(
+            "ss_network_args".into(),
+            format!(r#"{{"algo": "{}"}}"#, algo.name()),
+        );
     }
     save_safetensors(path, &out, Some(meta))
 }

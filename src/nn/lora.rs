@@ -2,8 +2,8 @@
 //! form, whose low-rank update is modulated per sample by CLIP cultural-relevance scores
 //! (KSTYLE.md "Gated LoRA layer"; the executable definition is `kstyle_ref.py`).
 
-use super::loha::{Hadamard, LOHA_NAMES};
 use super::lora_dropout::{DropoutDraw, DropoutMasks};
+use super::lycoris::Lycoris;
 use super::{Conv2d, Linear};
 use crate::tensor::{ConvParams, LoraGates, Rng};
 use crate::{DType, Device, Error, Result, Tensor};
@@ -181,9 +181,9 @@ pub struct LoraAdapter {
     pub recorder: Option<std::sync::Arc<std::sync::Mutex<GateRecord>>>,
     /// Set by the trainer around a training forward: the LoRA dropouts' draw.
     pub dropout: Option<DropoutDraw>,
-    /// LoHa's second factor pair (see [`super::loha`]); `a` / `b` are then LyCORIS' `hada_w1_b`
-    /// / `hada_w1_a`. None: LoRA.
-    pub hada: Option<Hadamard>,
+    /// LyCORIS' LoHa or LoKr (see [`super::lycoris`]): `a` / `b` are then the first two of its
+    /// tensors, this the rest. None: LoRA.
+    pub lycoris: Option<Lycoris>,
 }
 
 impl LoraAdapter {
@@ -223,7 +223,7 @@ impl LoraAdapter {
             concepts: concepts.cloned(),
             recorder: None,
             dropout: None,
-            hada: None,
+            lycoris: None,
         })
     }
 
@@ -260,7 +260,7 @@ impl LoraAdapter {
             concepts: None,
             recorder: None,
             dropout: None,
-            hada: None,
+            lycoris: None,
         })
     }
 
@@ -291,8 +291,8 @@ impl LoraAdapter {
 
     /// Whether this adapter wraps a convolution rather than a linear.
     pub fn is_conv(&self) -> bool {
-        match &self.hada {
-            Some(h) => h.shape.len() == 4,
+        match &self.lycoris {
+            Some(l) => l.shape.len() == 4,
             None => self.a.rank() == 4,
         }
     }
@@ -310,8 +310,8 @@ impl LoraAdapter {
         if let Some(cast) = self.cast_for(x.dtype())? {
             return cast.apply_conv(x, base, params);
         }
-        if self.hada.is_some() {
-            return self.apply_loha(x, base, Some(params));
+        if self.lycoris.is_some() {
+            return self.apply_lycoris(x, base, Some(params));
         }
         if self.gates.is_some() {
             return Err(Error::msg(
@@ -352,8 +352,8 @@ impl LoraAdapter {
         if let Some(cast) = self.cast_for(h.dtype())? {
             return cast.apply(h, base);
         }
-        if self.hada.is_some() {
-            return self.apply_loha(h, base, None);
+        if self.lycoris.is_some() {
+            return self.apply_lycoris(h, base, None);
         }
         if h.rank() == 2 {
             // A gated adapter reads (S, D_in) as one sample's sequence (the reference's squeeze);
@@ -535,11 +535,10 @@ impl LoraAdapter {
             concepts: self.concepts.as_ref().map(f).transpose()?,
             recorder: self.recorder.clone(),
             dropout: self.dropout.clone(),
-            hada: match &self.hada {
-                Some(h) => Some(Hadamard {
-                    down: f(&h.down)?,
-                    up: f(&h.up)?,
-                    shape: h.shape.clone(),
+            lycoris: match &self.lycoris {
+                Some(l) => Some(Lycoris {
+                    rest: l.rest.iter().map(f).collect::<Result<_>>()?,
+                    ..l.clone()
                 }),
                 None => None,
             },
@@ -547,11 +546,12 @@ impl LoraAdapter {
     }
 
     /// Trainable tensors under the reference's names (`lora_A`, `lora_B`, `attn_mlp.0.weight`,
-    /// ...; LoHa's under LyCORIS' `hada_w1_a`, ...).
+    /// ...; LyCORIS' under its own, `hada_w1_a`, `lokr_w1`, ...).
     pub fn named(&self) -> Vec<(String, Tensor)> {
-        if let Some(h) = &self.hada {
-            let t = [&self.b, &self.a, &h.up, &h.down];
-            return LOHA_NAMES
+        if let Some(l) = &self.lycoris {
+            let t = [&self.a, &self.b].into_iter().chain(&l.rest);
+            return l
+                .names()
                 .iter()
                 .zip(t)
                 .map(|(n, t)| (n.to_string(), t.clone()))
@@ -589,9 +589,10 @@ impl LoraAdapter {
             *slot = v.to_dtype(slot.dtype())?.to_device(slot.device())?.var()?;
             Ok(())
         }
-        if let Some(h) = &mut self.hada {
-            let t = [&mut self.b, &mut self.a, &mut h.up, &mut h.down];
-            for (n, t) in LOHA_NAMES.iter().zip(t) {
+        if let Some(l) = &mut self.lycoris {
+            let names = l.names();
+            let t = [&mut self.a, &mut self.b].into_iter().chain(&mut l.rest);
+            for (n, t) in names.iter().zip(t) {
                 set(t, n, &mut value)?;
             }
             return Ok(());

@@ -1,8 +1,8 @@
 //! Layers built from tensor ops, laid out like the checkpoint key tree they load from.
 
-pub mod loha;
 pub mod lora;
 pub mod lora_dropout;
+pub mod lycoris;
 pub mod weights;
 
 pub use weights::Weights;

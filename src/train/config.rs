@@ -198,8 +198,12 @@ pub enum Algo {
     #[default]
     Lora,
     /// LyCORIS' LoHa (`lycoris.kohya`, `algo=loha`): dW = (w1_a w1_b) ⊙ (w2_a w2_b) alpha / r,
-    /// always plain (see [`crate::nn::loha`]).
+    /// always plain (see [`crate::nn::lycoris`]).
     Loha,
+    /// LyCORIS' LoKr (`algo=lokr factor=N`): dW = kron(w1, w2) alpha / r, each side of the
+    /// weight split by LyCORIS' `factorization(dim, factor)` (-1: as square as possible); always
+    /// plain.
+    Lokr { factor: i64 },
 }
 
 impl Algo {
@@ -207,6 +211,7 @@ impl Algo {
         match self {
             Algo::Lora => "lora",
             Algo::Loha => "loha",
+            Algo::Lokr { .. } => "lokr",
         }
     }
 }
@@ -238,15 +243,24 @@ impl ConvLora {
 }
 
 impl TrainConfig {
-    /// What LoHa cannot do, refused before anything runs rather than silently changed: the gated
-    /// methods modulate LoRA's rank-r activation, which LoHa has not (it builds a weight);
-    /// LyCORIS' LoHa has no network dropout, and its rank dropout drops rows of dW once a batch
-    /// (kstyle's drops a rank of each picture's update); its max-norm scales a separate scalar
-    /// kept through training; and LoRA+ raises lora_up's rate, a factor LoHa has not.
-    fn check_loha(&self) -> Result<()> {
+    /// What LoHa and LoKr cannot do, refused before anything runs rather than silently changed:
+    /// the gated methods modulate LoRA's rank-r activation, which they have not (they build a
+    /// weight); LyCORIS' LoHa and LoKr have no network dropout, and their rank dropout drops rows
+    /// of dW once a batch (kstyle's drops a rank of each picture's update); their max-norm scales
+    /// a separate scalar kept through training; and LoRA+ raises lora_up's rate, a factor they
+    /// have not.
+    fn check_lycoris(&self) -> Result<()> {
+        let algo = self.algo.name();
+        if let Algo::Lokr { factor } = self.algo {
+            if factor == 0 || factor < -1 {
+                return Err(Error::Config(format!(
+                    "--lokr-factor is a positive number or -1 (as square as possible), got {factor}"
+                )));
+            }
+        }
         let refuse = |what: &str| {
             Err(Error::Config(format!(
-                "--algo loha {what}; leave it out or use --algo lora"
+                "--algo {algo} {what}; leave it out or use --algo lora"
             )))
         };
         if self.method.gated() {
@@ -257,12 +271,12 @@ impl TrainConfig {
         }
         if self.lora_dropout.dropout.is_some() || self.lora_dropout.rank.is_some() {
             return refuse(
-                "takes --module-dropout only: LyCORIS' LoHa has no network dropout, and its rank \
+                "takes --module-dropout only: LyCORIS' LoHa and LoKr have no network dropout, and its rank \
                  dropout (rows of dW, once a batch) is not kstyle's (a rank of each picture)",
             );
         }
         if self.scale_weight_norms.is_some() {
-            return refuse("has no --scale-weight-norms (LyCORIS scales a LoHa's own scalar)");
+            return refuse("has no --scale-weight-norms (LyCORIS scales a separate scalar)");
         }
         if self.loraplus.unet_ratio().is_some() || self.loraplus.text_encoder_ratio().is_some() {
             return refuse("has no lora_up for --loraplus-*-ratio to raise (LyCORIS' LoRA+ moves none of its factors)");
@@ -282,8 +296,8 @@ impl TrainConfig {
                 )));
             }
         }
-        if self.algo == Algo::Loha {
-            self.check_loha()?;
+        if self.algo != Algo::Lora {
+            self.check_lycoris()?;
         }
         if self.grad_accum == 0 {
             return Err(Error::Config("--grad-accum must be at least 1".into()));
@@ -713,6 +727,13 @@ impl TrainConfig {
                 c.conv_lora.map_or("none".into(), |v| v.alpha.to_string()),
             ),
             ("algo".to_string(), c.algo.name().to_string()),
+            (
+                "lokr_factor".to_string(),
+                match c.algo {
+                    Algo::Lokr { factor } => factor.to_string(),
+                    _ => "none".into(),
+                },
+            ),
             ("vae_tiling".to_string(), c.vae_tiling.to_string()),
             ("trigger".to_string(), c.captions.trigger.clone()),
             // The file or folder name alone, as kohya's `ss_vae_name`: no local paths.

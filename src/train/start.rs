@@ -98,10 +98,17 @@ pub(super) fn resume(
         ));
     }
     for (key, now) in [
+        (
+            "lokr_factor",
+            match cfg.algo {
+                Algo::Lokr { factor } => Some(factor.to_string()),
+                _ => None,
+            },
+        ),
         ("conv_dim", cfg.conv_lora.map(|c| c.dim.to_string())),
         ("conv_alpha", cfg.conv_lora.map(|c| c.alpha.to_string())),
     ] {
-        // Checkpoints written before --conv-dim existed had no conv LoRA.
+        // Checkpoints written before --conv-dim / --lokr-factor existed had neither.
         let was = adapter.settings.get(key).map_or("none", String::as_str);
         let now = now.unwrap_or_else(|| "none".into());
         if was != now {
@@ -109,7 +116,7 @@ pub(super) fn resume(
             return Err(Error::file(
                 path,
                 format!(
-                    "the checkpoint trained with --{flag} {was}, this run asks for {now}: resume with the same conv LoRA"
+                    "the checkpoint trained with --{flag} {was}, this run asks for {now}: resume with the same setting"
                 ),
             ));
         }
@@ -178,6 +185,9 @@ fn plain(
     match cfg.algo {
         Algo::Lora => LoraAdapter::init_plain(dims, config, rng, DType::F32, cfg.device),
         Algo::Loha => LoraAdapter::init_loha(dims, config, rng, DType::F32, cfg.device),
+        Algo::Lokr { factor } => {
+            LoraAdapter::init_lokr(dims, config, factor, rng, DType::F32, cfg.device)
+        }
     }
 }
 

@@ -488,6 +488,7 @@ impl Trainer {
             cfg.method.name(),
             match cfg.algo {
                 Algo::Loha => " (LyCORIS LoHa)",
+                Algo::Lokr { .. } => " (LyCORIS LoKr)",
                 Algo::Lora => "",
             },
             unet.adaptable_linears().iter().filter(|(_, l)| l.adapter.is_some()).count(),

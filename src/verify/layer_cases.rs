@@ -66,7 +66,7 @@ fn layer(f: &SafeTensorsFile, tag: &str, ctx: &Ctx) -> Result<(LoraAdapter, Line
         gates,
         recorder: None,
         dropout: None,
-        hada: None,
+        lycoris: None,
     };
     // The frozen base: plain tensors, never variables.
     let base = Linear {

@@ -302,6 +302,11 @@ pub fn cases() -> Vec<(&'static str, &'static str, CaseFn)> {
             train_cases::train_loha,
         ),
         (
+            "train_lokr",
+            "../../extra/train_lokr.safetensors",
+            train_cases::train_lokr,
+        ),
+        (
             "train_edm",
             "../../extra/train_edm.safetensors",
             train_edm_case::train_edm,

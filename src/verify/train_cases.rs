@@ -39,6 +39,15 @@ pub fn train_loha(ctx: &Ctx) -> Result<Vec<Row>> {
     train_step(ctx, "train_loha", "../../extra/train_loha.safetensors")
 }
 
+/// LyCORIS' LoKr (`tests/fixtures/extra/gen_train_lokr.py`): train_step_lora's step with
+/// lycoris-lora's `LokrModule` (factor -1) in place of LoRA on the attention projections (rank 4,
+/// alpha 4: whole w2 at scale 1 on the 48- and 64-wide ones) and on every child of the resnets
+/// and resamplers (3x3 convolutions at rank 2 alpha 1, w2 as a rank-2 pair): the loss, every
+/// gradient, AdamW.
+pub fn train_lokr(ctx: &Ctx) -> Result<Vec<Row>> {
+    train_step(ctx, "train_lokr", "../../extra/train_lokr.safetensors")
+}
+
 /// Adapters beyond the attention projections (`tests/fixtures/extra/gen_train_targets.py`):
 /// plain LoRA on every linear of the spatial transformers (kohya's target set: proj_in, the
 /// attention projections, ff.net.0.proj, ff.net.2, proj_out), and K-StyleLoRA with the cultural
@@ -93,15 +102,20 @@ impl Step {
         )?
         .model;
         let mut rng = Rng::new(0);
-        // LyCORIS' LoHa in place of LoRA on every module (gen_train_loha.py), when recorded.
-        let loha = f.metadata().get("algo").is_some_and(|a| a == "loha");
+        // LyCORIS' LoHa or LoKr in place of LoRA on every module (gen_train_loha.py,
+        // gen_train_lokr.py), when recorded.
+        let algo = f.metadata().get("algo").cloned();
+        let lycoris = |dims: &[usize], config, rng: &mut Rng| match algo.as_deref() {
+            Some("loha") => LoraAdapter::init_loha(dims, config, rng, DType::F32, ctx.device),
+            Some("lokr") => LoraAdapter::init_lokr(dims, config, -1, rng, DType::F32, ctx.device),
+            _ => LoraAdapter::init_plain(dims, config, rng, DType::F32, ctx.device),
+        };
         unet.attach_adapters(|path, base| {
             if !targets.iter().any(|t| path.ends_with(&format!(".{t}"))) {
                 return Ok(None);
             }
-            if loha {
-                let dims = base.weight.dims();
-                let mut a = LoraAdapter::init_loha(dims, config, &mut rng, DType::F32, ctx.device)?;
+            if algo.is_some() {
+                let mut a = lycoris(base.weight.dims(), config, &mut rng)?;
                 a.assign(|name, _| load(&format!("param.{path}.{name}")))?;
                 return Ok(Some(a));
             }
@@ -127,10 +141,7 @@ impl Step {
             for (path, mut layer) in unet.conv_group_mut() {
                 let dims = layer.base_weight().dims().to_vec();
                 let cfg = conv.config_for(&dims, LoraConfig { ..config });
-                let mut a = match loha {
-                    true => LoraAdapter::init_loha(&dims, cfg, &mut rng, DType::F32, ctx.device)?,
-                    false => LoraAdapter::init_plain(&dims, cfg, &mut rng, DType::F32, ctx.device)?,
-                };
+                let mut a = lycoris(&dims, cfg, &mut rng)?;
                 a.assign(|name, _| load(&format!("param.{path}.{name}")))?;
                 layer.set_adapter(a)?;
             }

@@ -75,7 +75,7 @@ pub fn train_text_encoder(ctx: &Ctx) -> Result<Vec<Row>> {
             concepts: None,
             recorder: None,
             dropout: None,
-            hada: None,
+            lycoris: None,
         });
         chosen.push(path);
     }
