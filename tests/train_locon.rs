@@ -7,36 +7,12 @@
 
 mod common;
 use common::train::{assert_resume_is_exact, dataset, refused, setting, train, train_ok};
-use common::{assert_fails_naming, kstyle, rel_l2, tiny, tiny_unet_output, tmp};
+use common::{assert_fails_naming, export_tiny, rel_l2, tiny_unet, tiny_unet_output, tmp};
 use kstyle::formats::adapter::Adapter;
-use kstyle::models::unet::{KohyaLoraFile, UNet2DConditionModel};
+use kstyle::models::unet::KohyaLoraFile;
 use kstyle::sample::pipeline::unet_module_index;
 use kstyle::tensor::SafeTensorsFile;
-use kstyle::{DType, Device};
-use std::path::Path;
-
-fn tiny_unet(loras: &[KohyaLoraFile]) -> UNet2DConditionModel {
-    UNet2DConditionModel::from_diffusers(tiny().join("sdxl"), loras, DType::F32, Device::Cpu)
-        .unwrap()
-        .model
-}
-
-fn export(adapter: &Path, format: &str, out: &Path) {
-    let model = tiny().join("sdxl");
-    let o = kstyle(&[
-        "export",
-        adapter.to_str().unwrap(),
-        "--format",
-        format,
-        "--dtype",
-        "f32",
-        "--model",
-        model.to_str().unwrap(),
-        "--out",
-        out.to_str().unwrap(),
-    ]);
-    assert!(o.status.success(), "{}", common::stderr(&o));
-}
+use kstyle::Device;
 
 #[test]
 fn conv_lora_trains_in_kohya_names_and_runs_as_its_exports() {
@@ -132,7 +108,8 @@ fn conv_lora_trains_in_kohya_names_and_runs_as_its_exports() {
     );
     for format in ["kohya", "diffusers"] {
         let file = dir.join(format!("{format}.safetensors"));
-        export(&adapter, format, &file);
+        let o = export_tiny(&adapter, format, &file);
+        assert!(o.status.success(), "{}", common::stderr(&o));
         let merged = tiny_unet(&[KohyaLoraFile::new(&file, 1.0)]);
         // f32 live updates against an f64 merge rounded once.
         let r = rel_l2(&tiny_unet_output(&merged), &y_live);

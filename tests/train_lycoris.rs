@@ -7,36 +7,14 @@
 
 mod common;
 use common::train::{assert_resume_is_exact, dataset, refused, setting, train, train_ok};
-use common::{assert_fails_naming, kstyle, rel_l2, tiny, tiny_unet_output, tmp};
+use common::{assert_fails_naming, export_tiny, rel_l2, tiny_unet, tiny_unet_output, tmp};
 use kstyle::formats::adapter::Adapter;
-use kstyle::models::unet::{KohyaLoraFile, UNet2DConditionModel};
+use kstyle::models::unet::KohyaLoraFile;
 use kstyle::nn::lycoris::LycorisAlgo;
 use kstyle::sample::pipeline::unet_module_index;
 use kstyle::tensor::SafeTensorsFile;
-use kstyle::{DType, Device};
+use kstyle::Device;
 use std::path::Path;
-
-fn tiny_unet(loras: &[KohyaLoraFile]) -> UNet2DConditionModel {
-    UNet2DConditionModel::from_diffusers(tiny().join("sdxl"), loras, DType::F32, Device::Cpu)
-        .unwrap()
-        .model
-}
-
-fn export(adapter: &Path, format: &str, out: &Path) -> std::process::Output {
-    let model = tiny().join("sdxl");
-    kstyle(&[
-        "export",
-        adapter.to_str().unwrap(),
-        "--format",
-        format,
-        "--dtype",
-        "f32",
-        "--model",
-        model.to_str().unwrap(),
-        "--out",
-        out.to_str().unwrap(),
-    ])
-}
 
 /// The adapter attached live (all 242 modules of the default targets and the conv group) and
 /// its kohya export merged at load give the same UNet output on the fixture's inputs; the conv
@@ -61,7 +39,7 @@ fn live_matches_export(adapter: &Path, dir: &Path, algo: LycorisAlgo) {
     let r = rel_l2(&tiny_unet_output(&linears_only), &y_live);
     assert!(r > 1e-3, "the conv adapters change the output by {r}");
     let kohya = dir.join("kohya.safetensors");
-    let o = export(adapter, "kohya", &kohya);
+    let o = export_tiny(adapter, "kohya", &kohya);
     assert!(o.status.success(), "{}", common::stderr(&o));
     let exported = SafeTensorsFile::open(&kohya).unwrap();
     assert_eq!(exported.metadata()["ss_network_module"], "lycoris.kohya");
@@ -71,7 +49,7 @@ fn live_matches_export(adapter: &Path, dir: &Path, algo: LycorisAlgo) {
     assert!(r < 1e-5, "kohya export merged differs from live: {r}");
     // diffusers' load_lora_weights reads no LyCORIS: refused, pointing at the format that works.
     assert_fails_naming(
-        &export(adapter, "diffusers", &dir.join("d.safetensors")),
+        &export_tiny(adapter, "diffusers", &dir.join("d.safetensors")),
         "--format kohya",
     );
 }
@@ -182,7 +160,7 @@ fn loha_resumes_exactly_and_refuses_what_it_cannot_do() {
     // merged gives the same picture (within a level of rounding), and a different one without.
     let live = dir.join("resume/a/adapter.safetensors");
     let kohya = dir.join("kohya.safetensors");
-    let o = export(&live, "kohya", &kohya);
+    let o = export_tiny(&live, "kohya", &kohya);
     assert!(o.status.success(), "{}", common::stderr(&o));
     let picture = |lora: Option<&Path>, name: &str| {
         let png = dir.join(name);

@@ -320,6 +320,38 @@ pub fn rel_l2(a: &kstyle::Tensor, b: &kstyle::Tensor) -> f64 {
     d / y.iter().map(|q| q * q).sum::<f64>().sqrt()
 }
 
+/// The tiny UNet in f32 on the CPU, `loras` merged at load.
+pub fn tiny_unet(
+    loras: &[kstyle::models::unet::KohyaLoraFile],
+) -> kstyle::models::unet::UNet2DConditionModel {
+    use kstyle::models::unet::UNet2DConditionModel;
+    UNet2DConditionModel::from_diffusers(
+        tiny().join("sdxl"),
+        loras,
+        kstyle::DType::F32,
+        kstyle::Device::Cpu,
+    )
+    .unwrap()
+    .model
+}
+
+/// `kstyle export ADAPTER --format FORMAT --dtype f32` against the tiny model, into `out`.
+pub fn export_tiny(adapter: &Path, format: &str, out: &Path) -> Output {
+    let model = tiny().join("sdxl");
+    kstyle(&[
+        "export",
+        adapter.to_str().unwrap(),
+        "--format",
+        format,
+        "--dtype",
+        "f32",
+        "--model",
+        model.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ])
+}
+
 /// A UNet's output (no autograd) on the inputs of `tiny/reference/unet.safetensors`.
 pub fn tiny_unet_output(u: &kstyle::models::unet::UNet2DConditionModel) -> kstyle::Tensor {
     use kstyle::DType;
