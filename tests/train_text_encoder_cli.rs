@@ -135,18 +135,7 @@ fn text_encoder_adapters_are_written_in_kohya_names_and_used_by_generate() {
         ("diffusers", "peft.safetensors"),
     ] {
         let exported = dir.join(file);
-        ok(&common::kstyle(&[
-            "export",
-            adapter.to_str().unwrap(),
-            "--format",
-            format,
-            "--dtype",
-            "f32",
-            "--model",
-            common::tiny().join("sdxl").to_str().unwrap(),
-            "--out",
-            exported.to_str().unwrap(),
-        ]));
+        ok(&common::export_tiny(&adapter, format, &exported));
         let merged = prompt_embeds(&[&exported]);
         assert!(
             rel(&merged, &with) < 1e-5,
