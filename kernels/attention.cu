@@ -8,9 +8,10 @@
 // zero-filled and masked to -inf.
 //
 // Two implementations:
-//  - attention_flash_*_{f32,bf16}_hd*: portable scalar-FMA kernels (f32 tiles in shared memory).
-//    The forward for f32 and the whole backward use them.
-//  - attention_flash_fwd_bf16_hd*: tensor-core forward (mma.sync m16n8k16 bf16, sm_80+).
+//  - attention_flash_*_f32_hd*: portable scalar-FMA kernels (f32 tiles in shared memory), forward
+//    and backward.
+//  - attention_flash_*_bf16_hd*: tensor cores (mma.sync m16n8k16 bf16, f32 accumulation, sm_80+),
+//    forward and backward.
 #include "common.cuh"
 
 // ================================ portable kernels ================================================
@@ -312,7 +313,6 @@ __device__ __forceinline__ void flash_dq_bwd(const T* __restrict__ q, const T* _
 
 KS_FA_HDS(KS_FA_FWD_SIMPLE, float, f32)
 KS_FA_HDS(KS_FA_SIMPLE, float, f32)
-KS_FA_HDS(KS_FA_SIMPLE, bf16, bf16)
 
 extern "C" __global__ void __launch_bounds__(FA_THREADS)
     attention_flash_prep_bwd_f32(const float* o, const float* d_o, float* D, i64 rows, int HD) {
@@ -495,3 +495,226 @@ KS_FA_MMA(32)
 KS_FA_MMA(40)
 KS_FA_MMA(64)
 KS_FA_MMA(80)
+
+// ================================ tensor-core backward (bf16, sm_80+) =============================
+// FlashAttention-2 backward on mma.sync.m16n8k16, split into a dK/dV kernel (one key block each,
+// looping over query tiles) and a dQ kernel (one query block each, looping over key tiles), so that
+// nothing is accumulated with atomics and results stay bit-reproducible. Both recompute the scores
+// and dP = dO V^T; P = exp(scale S - lse) (lse from the forward), dS = P (dP - D).
+//
+// dK/dV works on the transposes: each warp owns 16 keys, so S^T = K Q^T and dP^T = V dO^T come out
+// as C fragments with the key as the row, and those registers are directly the A operands of
+// dV += P^T dO and dK += dS^T Q (as the forward reuses S for P V). K and V fragments stay in
+// registers for the whole block; Q and dO tiles are read from shared memory as B operands: rows
+// of Q are the columns of Q^T (plain 32-bit loads, as the forward reads K), and the (query x d)
+// operands of the two products by ldmatrix.trans (as the forward reads V).
+// dQ is the forward's shape: each warp owns 16 queries with Q and dO fragments in registers,
+// S = Q K^T and dP = dO V^T from K and V rows, and dQ += dS K with K by ldmatrix.trans.
+// Both kernels reuse the shared tiles that held their register fragments (22.5 KB at HD = 80).
+// P and dS are rounded to bf16 as mma operands (flash-attention does the same); the accumulators
+// are f32, and the scale of dK and dQ is applied once when they are written.
+
+// Fragments of rows [r0, r0 + 16) of a (rows, STR) shared tile as the A operand (k = HD).
+template <int KS, int STR>
+__device__ __forceinline__ void load_a_frags(unsigned (&a)[KS][4], const unsigned short* tile, int r0) {
+    const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+#pragma unroll
+    for (int ks = 0; ks < KS; ++ks) {
+        const unsigned short* base = tile + (r0 + g) * STR + ks * 16 + 2 * t;
+        a[ks][0] = *reinterpret_cast<const unsigned*>(base);
+        a[ks][1] = *reinterpret_cast<const unsigned*>(base + 8 * STR);
+        a[ks][2] = *reinterpret_cast<const unsigned*>(base + 8);
+        a[ks][3] = *reinterpret_cast<const unsigned*>(base + 8 * STR + 8);
+    }
+}
+
+// C (16 x 64) += A (16 x HDP, fragments) x X^T where X is a (64, STR) shared tile: the score
+// shape, for both S (X = K or Q) and dP (X = V or dO).
+template <int KS, int STR>
+__device__ __forceinline__ void mma_rows_xt(float (&c)[8][4], const unsigned (&a)[KS][4], const unsigned short* x) {
+    const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+#pragma unroll
+    for (int nt = 0; nt < 8; ++nt) {
+        c[nt][0] = c[nt][1] = c[nt][2] = c[nt][3] = 0.0f;
+#pragma unroll
+        for (int ks = 0; ks < KS; ++ks) {
+            const unsigned short* xb = x + (nt * 8 + g) * STR + ks * 16 + 2 * t;
+            mma_bf16_16816(c[nt], a[ks], *reinterpret_cast<const unsigned*>(xb),
+                           *reinterpret_cast<const unsigned*>(xb + 8));
+        }
+    }
+}
+
+// acc (16 x HD) += L (16 x 64, C fragments rounded to bf16) x X where X is a (64, STR) shared tile
+// of rows k: the C fragment of n-tiles 2kk, 2kk + 1 is the A fragment of k16 step kk.
+template <int DN, int STR>
+__device__ __forceinline__ void mma_frags_x(float (&acc)[DN][4], const float (&l)[8][4], const unsigned short* x) {
+    const int lane = threadIdx.x & 31;
+#pragma unroll
+    for (int kk = 0; kk < 4; ++kk) {
+        unsigned la[4];
+        la[0] = pack_bf16x2(l[2 * kk][0], l[2 * kk][1]);
+        la[1] = pack_bf16x2(l[2 * kk][2], l[2 * kk][3]);
+        la[2] = pack_bf16x2(l[2 * kk + 1][0], l[2 * kk + 1][1]);
+        la[3] = pack_bf16x2(l[2 * kk + 1][2], l[2 * kk + 1][3]);
+        const unsigned short* xrow = x + (kk * 16 + (lane & 15)) * STR;
+#pragma unroll
+        for (int dn = 0; dn < DN; ++dn) {
+            unsigned b0, b1;
+            ldmatrix_x2_trans(xrow + dn * 8, b0, b1);
+            mma_bf16_16816(acc[dn], la, b0, b1);
+        }
+    }
+}
+
+// Writes rows i0 and i0 + 8 (the C fragment's two rows) of a (16 x HD) accumulator times mul.
+template <int DN, int HD>
+__device__ __forceinline__ void store_frag_rows(bf16* dst, const float (&acc)[DN][4], i64 row_base, int i0, int n,
+                                                float mul) {
+    const int t = threadIdx.x & 3;
+#pragma unroll
+    for (int dn = 0; dn < DN; ++dn) {
+        const int d = dn * 8 + 2 * t;
+        if (i0 < n)
+            *reinterpret_cast<unsigned*>(dst + (row_base + i0) * HD + d) =
+                pack_bf16x2(acc[dn][0] * mul, acc[dn][1] * mul);
+        if (i0 + 8 < n)
+            *reinterpret_cast<unsigned*>(dst + (row_base + i0 + 8) * HD + d) =
+                pack_bf16x2(acc[dn][2] * mul, acc[dn][3] * mul);
+    }
+}
+
+// Grid (ceil(Skv / 64), BH), block 128.
+template <int HD>
+__device__ __forceinline__ void flash_dkdv_mma(const bf16* __restrict__ q, const bf16* __restrict__ k,
+                                               const bf16* __restrict__ v, const bf16* __restrict__ d_o,
+                                               const float* __restrict__ lse, const float* __restrict__ Dvec,
+                                               bf16* __restrict__ d_k, bf16* __restrict__ d_v, int Sq, int Skv,
+                                               float scale, int causal) {
+    static_assert(HD % 8 == 0, "HD must be a multiple of 8");
+    constexpr int HDP = (HD + 15) / 16 * 16, STR = HDP + 8, KS = HDP / 16, DN = HD / 8, NT = FM_BQ / 8;
+    __shared__ __align__(16) unsigned short As[FM_BKV * STR]; // K, then each Q tile
+    __shared__ __align__(16) unsigned short Bs[FM_BKV * STR]; // V, then each dO tile
+    __shared__ float lse_s[FM_BQ], D_s[FM_BQ];                // lse in the log2 domain
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, t = lane & 3;
+    const i64 bh = blockIdx.y;
+    const int kv0 = blockIdx.x * FM_BKV, r0 = warp * 16;
+    const float sl2 = scale * 1.4426950408889634f;
+
+    load_tile_bf16<HD, HDP, STR>(As, k + bh * Skv * HD, kv0, min(FM_BKV, Skv - kv0), FM_BKV);
+    load_tile_bf16<HD, HDP, STR>(Bs, v + bh * Skv * HD, kv0, min(FM_BKV, Skv - kv0), FM_BKV);
+    __syncthreads();
+    unsigned ka[KS][4], va[KS][4];
+    load_a_frags<KS, STR>(ka, As, r0);
+    load_a_frags<KS, STR>(va, Bs, r0);
+    float dk[DN][4], dv[DN][4];
+#pragma unroll
+    for (int dn = 0; dn < DN; ++dn)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) dk[dn][e] = dv[dn][e] = 0.0f;
+    const int kj0 = kv0 + r0 + (lane >> 2); // this thread's keys: kj0 and kj0 + 8
+
+    // Causal: queries before kv0 see none of these keys (FM_BQ == FM_BKV keeps q0 tile-aligned).
+    for (int q0 = causal ? kv0 : 0; q0 < Sq; q0 += FM_BQ) {
+        __syncthreads(); // the previous tile (or the K/V fragments) fully read
+        const int nq = min(FM_BQ, Sq - q0);
+        load_tile_bf16<HD, HDP, STR>(As, q + bh * Sq * HD, q0, nq, FM_BQ);
+        load_tile_bf16<HD, HDP, STR>(Bs, d_o + bh * Sq * HD, q0, nq, FM_BQ);
+        if (threadIdx.x < FM_BQ) {
+            const bool ok = (int)threadIdx.x < nq;
+            lse_s[threadIdx.x] = ok ? lse[bh * Sq + q0 + threadIdx.x] * 1.4426950408889634f : 0.0f;
+            D_s[threadIdx.x] = ok ? Dvec[bh * Sq + q0 + threadIdx.x] : 0.0f;
+        }
+        __syncthreads();
+        float s[NT][4], dp[NT][4]; // S^T, dP^T: (16 keys x 64 queries)
+        mma_rows_xt<KS, STR>(s, ka, As);
+        mma_rows_xt<KS, STR>(dp, va, Bs);
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt) {
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                const int c = nt * 8 + 2 * t + (e & 1), i = q0 + c, j = e < 2 ? kj0 : kj0 + 8;
+                const bool visible = i < Sq && j < Skv && !(causal && j > i);
+                const float p = visible ? exp2f(fmaf(s[nt][e], sl2, -lse_s[c])) : 0.0f;
+                s[nt][e] = p;
+                dp[nt][e] = p * (dp[nt][e] - D_s[c]);
+            }
+        }
+        mma_frags_x<DN, STR>(dv, s, Bs);  // dV += P^T dO
+        mma_frags_x<DN, STR>(dk, dp, As); // dK += dS^T Q
+    }
+    store_frag_rows<DN, HD>(d_k, dk, bh * Skv, kj0, Skv, scale);
+    store_frag_rows<DN, HD>(d_v, dv, bh * Skv, kj0, Skv, 1.0f);
+}
+
+// Grid (ceil(Sq / 64), BH), block 128.
+template <int HD>
+__device__ __forceinline__ void flash_dq_mma(const bf16* __restrict__ q, const bf16* __restrict__ k,
+                                             const bf16* __restrict__ v, const bf16* __restrict__ d_o,
+                                             const float* __restrict__ lse, const float* __restrict__ Dvec,
+                                             bf16* __restrict__ d_q, int Sq, int Skv, float scale, int causal) {
+    static_assert(HD % 8 == 0, "HD must be a multiple of 8");
+    constexpr int HDP = (HD + 15) / 16 * 16, STR = HDP + 8, KS = HDP / 16, DN = HD / 8, NT = FM_BKV / 8;
+    __shared__ __align__(16) unsigned short As[FM_BQ * STR]; // Q, then each K tile
+    __shared__ __align__(16) unsigned short Bs[FM_BQ * STR]; // dO, then each V tile
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, t = lane & 3;
+    const i64 bh = blockIdx.y;
+    const int q0 = blockIdx.x * FM_BQ, r0 = warp * 16;
+    const float sl2 = scale * 1.4426950408889634f;
+
+    load_tile_bf16<HD, HDP, STR>(As, q + bh * Sq * HD, q0, min(FM_BQ, Sq - q0), FM_BQ);
+    load_tile_bf16<HD, HDP, STR>(Bs, d_o + bh * Sq * HD, q0, min(FM_BQ, Sq - q0), FM_BQ);
+    __syncthreads();
+    unsigned qa[KS][4], oa[KS][4];
+    load_a_frags<KS, STR>(qa, As, r0);
+    load_a_frags<KS, STR>(oa, Bs, r0);
+    const int qi0 = q0 + r0 + (lane >> 2), qi1 = qi0 + 8;
+    const float lse0 = qi0 < Sq ? lse[bh * Sq + qi0] * 1.4426950408889634f : 0.0f;
+    const float lse1 = qi1 < Sq ? lse[bh * Sq + qi1] * 1.4426950408889634f : 0.0f;
+    const float D0 = qi0 < Sq ? Dvec[bh * Sq + qi0] : 0.0f, D1 = qi1 < Sq ? Dvec[bh * Sq + qi1] : 0.0f;
+    float dq[DN][4];
+#pragma unroll
+    for (int dn = 0; dn < DN; ++dn) dq[dn][0] = dq[dn][1] = dq[dn][2] = dq[dn][3] = 0.0f;
+
+    const int kv_end = causal ? min(Skv, q0 + FM_BQ) : Skv;
+    for (int kv0 = 0; kv0 < kv_end; kv0 += FM_BKV) {
+        __syncthreads(); // the previous tile (or the Q/dO fragments) fully read
+        const int nkv = min(FM_BKV, Skv - kv0);
+        load_tile_bf16<HD, HDP, STR>(As, k + bh * Skv * HD, kv0, nkv, FM_BKV);
+        load_tile_bf16<HD, HDP, STR>(Bs, v + bh * Skv * HD, kv0, nkv, FM_BKV);
+        __syncthreads();
+        float s[NT][4], dp[NT][4]; // S, dP: (16 queries x 64 keys)
+        mma_rows_xt<KS, STR>(s, qa, As);
+        mma_rows_xt<KS, STR>(dp, oa, Bs);
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt) {
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                const int j = kv0 + nt * 8 + 2 * t + (e & 1), i = e < 2 ? qi0 : qi1;
+                const bool visible = i < Sq && j < Skv && !(causal && j > i);
+                const float p = visible ? exp2f(fmaf(s[nt][e], sl2, -(e < 2 ? lse0 : lse1))) : 0.0f;
+                dp[nt][e] = p * (dp[nt][e] - (e < 2 ? D0 : D1));
+            }
+        }
+        mma_frags_x<DN, STR>(dq, dp, As); // dQ += dS K
+    }
+    store_frag_rows<DN, HD>(d_q, dq, bh * Sq, qi0, Sq, scale);
+}
+
+#define KS_FA_MMA_BWD(HD)                                                                                     \
+    extern "C" __global__ void __launch_bounds__(FA_THREADS) attention_flash_dkdv_bwd_bf16_hd##HD(            \
+        const bf16* q, const bf16* k, const bf16* v, const bf16* d_o, const float* lse, const float* D,       \
+        bf16* d_k, bf16* d_v, int Sq, int Skv, float scale, int causal) {                                    \
+        flash_dkdv_mma<HD>(q, k, v, d_o, lse, D, d_k, d_v, Sq, Skv, scale, causal);                           \
+    }                                                                                                         \
+    extern "C" __global__ void __launch_bounds__(FA_THREADS) attention_flash_dq_bwd_bf16_hd##HD(              \
+        const bf16* q, const bf16* k, const bf16* v, const bf16* d_o, const float* lse, const float* D,       \
+        bf16* d_q, int Sq, int Skv, float scale, int causal) {                                               \
+        flash_dq_mma<HD>(q, k, v, d_o, lse, D, d_q, Sq, Skv, scale, causal);                                  \
+    }
+
+KS_FA_MMA_BWD(16)
+KS_FA_MMA_BWD(32)
+KS_FA_MMA_BWD(40)
+KS_FA_MMA_BWD(64)
+KS_FA_MMA_BWD(80)

@@ -1,5 +1,5 @@
-//! Scaled dot-product attention on CUDA (kernels/attention.cu): flash attention forward (tensor
-//! cores for bf16) saving the log-sum-exp, and its backward (prep, dK/dV, dQ). Shapes the kernels
+//! Scaled dot-product attention on CUDA (kernels/attention.cu): flash attention forward saving the
+//! log-sum-exp, and its backward (prep, dK/dV, dQ), both on tensor cores for bf16. Shapes the kernels
 //! do not cover (head dims outside {16, 32, 40, 64, 80}, Dv != D, f16; the VAE's single 512-wide
 //! head) take the plain composition: S = scale Q K^T by cuBLAS, a row softmax, O = P V.
 
@@ -195,6 +195,8 @@ pub fn sdpa_bwd_with(
     );
     if which == AttnKernel::Auto && flash_ok(dtype, g) {
         let rows = g.bh * g.sq;
+        // Keys (dK/dV) or queries (dQ) per block: 64 on the bf16 tensor-core kernels.
+        let bwd_tile = if dtype == DType::BF16 { 64 } else { 32 };
         let o = dev.alloc(dtype, rows * g.d)?;
         let lse = dev.alloc(DType::F32, rows)?;
         let dvec = dev.alloc(DType::F32, rows)?;
@@ -222,7 +224,7 @@ pub fn sdpa_bwd_with(
         .arg(skv)
         .arg(g.scale as f32)
         .arg(g.causal as i32)
-        .run((g.skv.div_ceil(32) as u32, g.bh as u32, 1), (128, 1, 1), 0)?;
+        .run((g.skv.div_ceil(bwd_tile) as u32, g.bh as u32, 1), (128, 1, 1), 0)?;
         dev.launch("attention", format!("attention_flash_dq_bwd_{t}_hd{}", g.d))?
             .arg(qp.ptr)
             .arg(kp.ptr)
@@ -235,7 +237,7 @@ pub fn sdpa_bwd_with(
             .arg(skv)
             .arg(g.scale as f32)
             .arg(g.causal as i32)
-            .run((g.sq.div_ceil(32) as u32, g.bh as u32, 1), (128, 1, 1), 0)?;
+            .run((g.sq.div_ceil(bwd_tile) as u32, g.bh as u32, 1), (128, 1, 1), 0)?;
         return Ok((dq, dk, dv));
     }
     let (sq, skv, d, dvd, bh) = (g.sq, g.skv, g.d, g.dv, g.bh);
