@@ -164,6 +164,7 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
         loraplus: Default::default(),
         optimizer: Default::default(),
         block_lr: Default::default(),
+        block_dims: Default::default(),
     };
     let mut trainer = Trainer::new(cfg, &mut |m| println!("{m}"))?;
     trainer.run(|s| {

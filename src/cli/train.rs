@@ -10,6 +10,7 @@ use kstyle::nn::lora_dropout::LoraDropout;
 use kstyle::sample::schedule::{HuberSchedule, LossType};
 use kstyle::train::adafactor::AdafactorConfig;
 use kstyle::train::adamw8bit::EightBitConfig;
+use kstyle::train::block_dims::BlockDims;
 use kstyle::train::captions::TokenWarmup;
 use kstyle::train::concepts::{default_concepts, load_concepts};
 use kstyle::train::config::{Algo, ConvLora};
@@ -207,6 +208,23 @@ pub struct Args {
     /// Block weights at or below this become 0 (kohya's block_lr_zero_threshold; default 0).
     #[arg(long, allow_negative_numbers = true, default_value_t = 0.0)]
     pub block_lr_zero_threshold: f64,
+    /// Rank per UNet block of the linears' (and 1x1 convolutions') adapters (kohya's
+    /// --network_args block_dims): comma-separated, one per block in kohya's numbering, the
+    /// time embedding, input_blocks.0.., the middle block's parts, output_blocks.0.. and out
+    /// (23 for SDXL; the first and last hold no adapters). 0 leaves a block without adapters.
+    #[arg(long)]
+    pub block_dims: Option<String>,
+    /// Alpha per UNet block, as --block-dims counts them (kohya's block_alphas; default --alpha).
+    #[arg(long, allow_hyphen_values = true)]
+    pub block_alphas: Option<String>,
+    /// Rank per UNet block of the conv LoRA's 3x3 convolutions (kohya's conv_block_dims;
+    /// default --conv-dim, which must be given).
+    #[arg(long)]
+    pub conv_block_dims: Option<String>,
+    /// Alpha per UNet block of the 3x3 convolutions (kohya's conv_block_alphas; default
+    /// --conv-alpha).
+    #[arg(long, allow_hyphen_values = true)]
+    pub conv_block_alphas: Option<String>,
     /// The learning-rate schedule, as diffusers' and kohya's --lr_scheduler (same formulas):
     /// with --warmup the rate ramps from 0 (the first step runs at 0, as theirs does).
     #[arg(long, value_enum, default_value = "constant")]
@@ -738,6 +756,28 @@ pub fn config_from(a: &Args) -> anyhow::Result<TrainConfig> {
             mid: weights("--mid-lr-weight", &a.mid_lr_weight, false)?,
             up: weights("--up-lr-weight", &a.up_lr_weight, true)?,
             zero_threshold: a.block_lr_zero_threshold,
+        },
+        block_dims: BlockDims {
+            dims: a
+                .block_dims
+                .as_deref()
+                .map(|t| BlockDims::parse_dims("--block-dims", t))
+                .transpose()?,
+            alphas: a
+                .block_alphas
+                .as_deref()
+                .map(|t| BlockDims::parse_alphas("--block-alphas", t))
+                .transpose()?,
+            conv_dims: a
+                .conv_block_dims
+                .as_deref()
+                .map(|t| BlockDims::parse_dims("--conv-block-dims", t))
+                .transpose()?,
+            conv_alphas: a
+                .conv_block_alphas
+                .as_deref()
+                .map(|t| BlockDims::parse_alphas("--conv-block-alphas", t))
+                .transpose()?,
         },
         // 0 is off: no draws, so the run equals one without the flag.
         caption_dropout: a.caption_dropout.filter(|&p| p != 0.0),

@@ -1,6 +1,7 @@
 //! The settings of a training run: what `kstyle train` fills, prints at the start and records
 //! in the adapter's metadata.
 
+use super::block_dims::{self, BlockDims};
 use super::captions::{TagRules, TokenWarmup};
 use super::data::CaptionSource;
 use super::lr::LrSchedule;
@@ -150,6 +151,9 @@ pub struct TrainConfig {
     /// kohya's block-wise learning rates of the UNet's adapters (`--network_args
     /// down_lr_weight / mid_lr_weight / up_lr_weight / block_lr_zero_threshold`).
     pub block_lr: BlockLr,
+    /// kohya's ranks and alphas per UNet block (`--network_args block_dims / block_alphas /
+    /// conv_block_dims / conv_block_alphas`).
+    pub block_dims: BlockDims,
     /// Probability that a micro-batch trains on the empty caption instead of its own (kohya's
     /// `--caption_dropout_rate`), so the adapter also learns the unconditional branch that
     /// classifier-free guidance reads. None: never.
@@ -295,6 +299,21 @@ impl TrainConfig {
                     c.dim, c.alpha
                 )));
             }
+        }
+        let b = &self.block_dims;
+        if self.conv_lora.is_none() && (b.conv_dims.is_some() || b.conv_alphas.is_some()) {
+            return Err(Error::Config(
+                "--conv-block-dims / --conv-block-alphas set the conv LoRA's 3x3 ranks per block: \
+                 turn the conv group on with --conv-dim (the rank of blocks they leave out)"
+                    .into(),
+            ));
+        }
+        if b.conv_alphas.is_some() && b.conv_dims.is_none() {
+            return Err(Error::Config(
+                "--conv-block-alphas goes with --conv-block-dims (kohya reads it only then); \
+                 --conv-alpha sets one alpha for every block"
+                    .into(),
+            ));
         }
         if self.algo != Algo::Lora {
             self.check_lycoris()?;
@@ -826,6 +845,22 @@ impl TrainConfig {
             (
                 "block_lr_zero_threshold".to_string(),
                 c.block_lr.zero_threshold.to_string(),
+            ),
+            (
+                "block_dims".to_string(),
+                block_dims::describe(&c.block_dims.dims),
+            ),
+            (
+                "block_alphas".to_string(),
+                block_dims::describe(&c.block_dims.alphas),
+            ),
+            (
+                "conv_block_dims".to_string(),
+                block_dims::describe(&c.block_dims.conv_dims),
+            ),
+            (
+                "conv_block_alphas".to_string(),
+                block_dims::describe(&c.block_dims.conv_alphas),
             ),
         ])
     }

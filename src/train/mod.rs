@@ -3,6 +3,7 @@
 pub mod adafactor;
 pub mod adamw8bit;
 mod batch;
+pub mod block_dims;
 pub mod captions;
 pub mod checkpoint;
 pub mod concepts;
@@ -18,6 +19,7 @@ pub mod memory;
 pub mod noise;
 pub mod optim;
 pub mod optimizer_args;
+pub mod plan;
 pub mod plot;
 pub mod prodigy;
 pub mod samples;

@@ -3,16 +3,16 @@
 //! epoch's order).
 
 use super::batch::new_epoch;
+use super::block_dims::describe;
 use super::checkpoint::{load_checkpoint, TrainState};
 use super::config::{Algo, TrainConfig};
 use super::cultural::CulturalLoss;
 use super::examples::Example;
-use super::lr_groups::BlockWeights;
 use super::optim::Optimizer;
+use super::plan::UnetPlan;
 use super::text::{text_encoder_trains, text_layer, TextEncoders};
 use crate::formats::adapter::text_encoder_part;
 use crate::formats::kohya::ModuleIndex;
-use crate::formats::unet_layout::UnetKeyMap;
 use crate::models::unet::UNet2DConditionModel;
 use crate::nn::lora::LoraAdapter;
 use crate::tensor::Rng;
@@ -107,8 +107,15 @@ pub(super) fn resume(
         ),
         ("conv_dim", cfg.conv_lora.map(|c| c.dim.to_string())),
         ("conv_alpha", cfg.conv_lora.map(|c| c.alpha.to_string())),
+        ("block_dims", Some(describe(&cfg.block_dims.dims))),
+        ("block_alphas", Some(describe(&cfg.block_dims.alphas))),
+        ("conv_block_dims", Some(describe(&cfg.block_dims.conv_dims))),
+        (
+            "conv_block_alphas",
+            Some(describe(&cfg.block_dims.conv_alphas)),
+        ),
     ] {
-        // Checkpoints written before --conv-dim / --lokr-factor existed had neither.
+        // Checkpoints written before --conv-dim / --lokr-factor / --block-dims existed had none.
         let was = adapter.settings.get(key).map_or("none", String::as_str);
         let now = now.unwrap_or_else(|| "none".into());
         if was != now {
@@ -192,13 +199,12 @@ fn plain(
 }
 
 /// Fresh adapters on every targeted transformer linear of `unet` (and on its conv group with
-/// `--conv-dim`) except those `zeroed` excludes (a block whose learning-rate weight is 0: drawn, then dropped), on the text
-/// encoders' linears when they train, the cultural module and the first epoch's order, all
-/// drawn from `cfg.seed` in that order.
+/// `--conv-dim`) as `plan` places them, on the text encoders' linears when they train, the
+/// cultural module and the first epoch's order, all drawn from `cfg.seed` in that order.
 pub(super) fn fresh(
     cfg: &TrainConfig,
     unet: &UNet2DConditionModel,
-    zeroed: &dyn Fn(&str) -> bool,
+    plan: &UnetPlan,
     text_encoders: Option<&mut TextEncoders>,
     examples: &[Example],
 ) -> Result<Start> {
@@ -206,21 +212,23 @@ pub(super) fn fresh(
     let mut rng = Rng::new(cfg.seed);
     let mut modules = Vec::new();
     for (path, lin) in unet.adaptable_linears() {
-        if targeted(&cfg.targets, &path) {
+        let dims = lin.base.weight.dims();
+        let config = plan.config(&path, dims, cfg.lora);
+        if targeted(&cfg.targets, &path) && config.rank > 0 {
             let a = match (&concept_embeds, cfg.method.gated()) {
                 (Some(t), true) => LoraAdapter::init(
                     lin.base.in_features(),
                     lin.base.out_features(),
-                    cfg.lora,
+                    config,
                     Some(t),
                     &mut rng,
                     DType::F32,
                     cfg.device,
                 )?,
-                _ => plain(cfg, lin.base.weight.dims(), cfg.lora, &mut rng)?,
+                _ => plain(cfg, dims, config, &mut rng)?,
             };
             // Drawn all the same, so zeroing a block leaves every other draw of the run as it was.
-            if !zeroed(&path) {
+            if !plan.zeroed(&path) {
                 modules.push((path, a));
             }
         }
@@ -229,9 +237,12 @@ pub(super) fn fresh(
     if let Some(conv) = &cfg.conv_lora {
         for layer in unet.conv_group() {
             let dims = layer.weight.dims();
-            let config = conv.config_for(dims, cfg.lora);
+            let config = plan.config(&layer.path, dims, conv.config_for(dims, cfg.lora));
+            if config.rank == 0 {
+                continue;
+            }
             let a = plain(cfg, dims, config, &mut rng)?;
-            if !zeroed(&layer.path) {
+            if !plan.zeroed(&layer.path) {
                 modules.push((layer.path, a));
             }
         }
@@ -292,38 +303,46 @@ pub(super) fn targeted(targets: &[String], path: &str) -> bool {
     targets.iter().any(|t| path.ends_with(&format!(".{t}")))
 }
 
-/// A resumed run's UNet adapters sit exactly where block weights of 0 leave them: none in a
-/// zeroed block, every targeted projection elsewhere (the blocks a run trains are fixed when
-/// it starts).
-pub(super) fn check_zeroed_blocks(
+/// A resumed run's UNet adapters sit exactly where `plan` puts them: none in a block whose
+/// learning-rate weight is 0 or whose rank is 0, every targeted projection (and conv-group
+/// layer with `--conv-dim`) elsewhere (the blocks a run trains are fixed when it starts).
+pub(super) fn check_planned_blocks(
+    cfg: &TrainConfig,
     unet: &UNet2DConditionModel,
     modules: &[(String, LoraAdapter)],
-    weights: &BlockWeights,
-    keys: &UnetKeyMap,
-    targets: &[String],
-    conv: bool,
+    plan: &UnetPlan,
 ) -> Result<()> {
     let held: std::collections::HashSet<&str> = modules.iter().map(|(p, _)| p.as_str()).collect();
     let linears = unet
         .adaptable_linears()
         .into_iter()
-        .map(|(p, _)| p)
-        .filter(|p| targeted(targets, p));
-    let convs = unet
-        .conv_group()
-        .into_iter()
-        .map(|l| l.path)
-        .filter(|_| conv);
-    for path in linears.chain(convs) {
-        let sgm = keys.module_to_sgm(&path).unwrap_or_else(|| path.clone());
-        let zero = weights.weight(&sgm) == 0.0;
-        if zero == held.contains(path.as_str()) {
+        .filter(|(p, _)| targeted(&cfg.targets, p))
+        .map(|(p, l)| {
+            let rank = plan.config(&p, l.base.weight.dims(), cfg.lora).rank;
+            (p, rank)
+        });
+    let convs = cfg.conv_lora.iter().flat_map(|conv| {
+        unet.conv_group().into_iter().map(move |l| {
+            let dims = l.weight.dims();
+            let rank = plan
+                .config(&l.path, dims, conv.config_for(dims, cfg.lora))
+                .rank;
+            (l.path, rank)
+        })
+    });
+    for (path, rank) in linears.chain(convs) {
+        let sgm = plan
+            .keys
+            .module_to_sgm(&path)
+            .unwrap_or_else(|| path.clone());
+        let planned = rank > 0 && !plan.zeroed(&path);
+        if planned != held.contains(path.as_str()) {
             return Err(Error::Config(format!(
-                "the checkpoint {} adapter on `{path}` ({sgm}), whose block learning-rate \
-                 weight is {}: resume with the block weights it started with (a block at 0 \
-                 gets no adapters)",
-                if zero { "has an" } else { "has no" },
-                weights.weight(&sgm)
+                "the checkpoint {} adapter on `{path}` ({sgm}), where this run's block settings \
+                 put {}: resume with the block learning-rate weights (a block at 0 gets no \
+                 adapters) and block ranks it started with",
+                if planned { "has no" } else { "has an" },
+                if planned { "one" } else { "none" },
             )));
         }
     }

@@ -15,7 +15,8 @@ use super::lr_groups::{slot_rates, SlotRate};
 use super::max_norm::{regularize, slot_factors, weight_norms, MaxNormReport};
 use super::memory::{human, policy_name, AUTO_POLICIES};
 use super::optim::{GradAccumulator, Optimizer, Rule, Slot};
-use super::start::{check_zeroed_blocks, fresh, resume, Start};
+use super::plan::UnetPlan;
+use super::start::{check_planned_blocks, fresh, resume, Start};
 use super::step::StepNoise;
 use super::text::TextEncoders;
 use crate::formats::adapter::Adapter;
@@ -194,6 +195,8 @@ impl Trainer {
                 cfg.model.display()
             )));
         }
+        // Block settings checked against the model's layout before any cache is built.
+        let plan = UnetPlan::new(&cfg, &files.unet_config()?.layout(), log)?;
         let data = load_dataset(&cfg, log)?;
         if cfg.flip_aug {
             log("flip augmentation: each visit trains on the picture mirrored with probability 1/2 (mirrored latents cached too)");
@@ -246,25 +249,6 @@ impl Trainer {
         let mut unet = files.unet(&[], precision, cfg.device)?;
         unet.checkpoint = cfg.checkpointing.unwrap_or_default();
         let index = unet_module_index(&unet);
-        let keys = unet.config.layout().key_map();
-        let blocks = match cfg.block_lr.is_set() {
-            true => {
-                let w = cfg.block_lr.resolve(&unet.config.layout())?;
-                let all = w.input.iter().chain(&w.middle).chain(&w.output);
-                if let (Some(x), Some(_)) = (
-                    all.copied().find(|&x| x != 0.0 && x != 1.0),
-                    cfg.optimizer.prodigy(),
-                ) {
-                    return Err(Error::Config(format!(
-                        "Prodigy steps every trainable at one rate: block weights can only be 0 \
-                         (no adapters) or 1 with it, got {x}"
-                    )));
-                }
-                log(&format!("block-wise learning rates: {}", w.describe()));
-                Some(w)
-            }
-            false => None,
-        };
         let repeats: Vec<usize> = examples.iter().map(|e| e.repeats).collect();
         let batches = batches_per_epoch(
             &Dataset::epoch_order(&repeats),
@@ -335,33 +319,17 @@ impl Trainer {
             state,
         } = match &cfg.resume {
             Some(path) => resume(path, &cfg, &index, data.epoch_len(), n_train, log)?,
-            None => {
-                let zeroed = |path: &str| {
-                    let sgm = keys.module_to_sgm(path);
-                    blocks
-                        .as_ref()
-                        .zip(sgm)
-                        .is_some_and(|(w, s)| w.weight(&s) == 0.0)
-                };
-                fresh(&cfg, &unet, &zeroed, text_encoders.as_mut(), &examples)?
-            }
+            None => fresh(&cfg, &unet, &plan, text_encoders.as_mut(), &examples)?,
         };
-        if let (Some(w), Some(_)) = (&blocks, &cfg.resume) {
-            check_zeroed_blocks(
-                &unet,
-                &adapter_modules,
-                w,
-                &keys,
-                &cfg.targets,
-                cfg.conv_lora.is_some(),
-            )?;
+        if cfg.resume.is_some() && plan.per_block() {
+            check_planned_blocks(&cfg, &unet, &adapter_modules, &plan)?;
         }
         if adapter_modules.is_empty() {
             return Err(Error::Config(format!(
                 "no transformer linear matches the targets {:?}{}",
                 cfg.targets,
-                match blocks.is_some() {
-                    true => " in a block whose learning-rate weight is above 0",
+                match plan.per_block() {
+                    true => " in a block whose learning-rate weight and rank are above 0",
                     false => "",
                 }
             )));
@@ -466,7 +434,7 @@ impl Trainer {
             &names,
             n_text,
             &cfg.loraplus,
-            blocks.as_ref().map(|w| (w, &keys)),
+            plan.weights.as_ref().map(|w| (w, &plan.keys)),
         );
         if let Some(r) = cfg.loraplus.unet_ratio() {
             log(&format!("LoRA+: the UNet's lora_up at {r} times its rate"));
@@ -494,10 +462,12 @@ impl Trainer {
             unet.adaptable_linears().iter().filter(|(_, l)| l.adapter.is_some()).count(),
             match cfg.conv_lora {
                 Some(c) => format!(
-                    " + {} conv-group layers (3x3 at rank {} alpha {})",
+                    " + {} conv-group layers (3x3 at {})",
                     unet.conv_group().iter().filter(|l| l.adapter.is_some()).count(),
-                    c.dim,
-                    c.alpha
+                    match cfg.block_dims.conv_dims.is_some() {
+                        true => "the ranks per block".to_string(),
+                        false => format!("rank {} alpha {}", c.dim, c.alpha),
+                    }
                 ),
                 None => String::new(),
             },

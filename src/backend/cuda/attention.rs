@@ -224,7 +224,11 @@ pub fn sdpa_bwd_with(
         .arg(skv)
         .arg(g.scale as f32)
         .arg(g.causal as i32)
-        .run((g.skv.div_ceil(bwd_tile) as u32, g.bh as u32, 1), (128, 1, 1), 0)?;
+        .run(
+            (g.skv.div_ceil(bwd_tile) as u32, g.bh as u32, 1),
+            (128, 1, 1),
+            0,
+        )?;
         dev.launch("attention", format!("attention_flash_dq_bwd_{t}_hd{}", g.d))?
             .arg(qp.ptr)
             .arg(kp.ptr)
@@ -237,7 +241,11 @@ pub fn sdpa_bwd_with(
             .arg(skv)
             .arg(g.scale as f32)
             .arg(g.causal as i32)
-            .run((g.sq.div_ceil(bwd_tile) as u32, g.bh as u32, 1), (128, 1, 1), 0)?;
+            .run(
+                (g.sq.div_ceil(bwd_tile) as u32, g.bh as u32, 1),
+                (128, 1, 1),
+                0,
+            )?;
         return Ok((dq, dk, dv));
     }
     let (sq, skv, d, dvd, bh) = (g.sq, g.skv, g.d, g.dv, g.bh);
