@@ -271,7 +271,7 @@ fn loraplus_and_block_weights_set_each_rate() {
                 "--up-lr-weight",
                 "zeros",
             ][..],
-            "whose learning-rate weight is above 0",
+            "whose learning-rate weight and rank are above 0",
         ),
     ] {
         refused(&data, &dir, extra, needle);
