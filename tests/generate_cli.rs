@@ -188,6 +188,7 @@ fn verify_passes_every_case_on_the_tiny_fixtures() {
         "train_locon",
         "train_loha",
         "train_lokr",
+        "train_dora",
         "lora_lycoris",
         "lora_peft",
         "lora_export",

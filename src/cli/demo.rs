@@ -165,6 +165,7 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
         optimizer: Default::default(),
         block_lr: Default::default(),
         block_dims: Default::default(),
+        dora: false,
     };
     let mut trainer = Trainer::new(cfg, &mut |m| println!("{m}"))?;
     trainer.run(|s| {

@@ -84,6 +84,12 @@ pub struct Args {
     /// divides the weight's sides; -1 (the default) splits each side as squarely as possible
     #[arg(long, allow_negative_numbers = true)]
     pub lokr_factor: Option<i64>,
+    /// DoRA, weight-decomposed LoRA (LyCORIS' --network_args dora_wd=True): each adapted
+    /// weight's output rows are rescaled to a trained magnitude after the LoRA update,
+    /// W' = (W + dW) m / |W + dW|; files carry it as dora_scale (ComfyUI, A1111 and kstyle read
+    /// it). With --algo lora and the plain methods
+    #[arg(long)]
+    pub dora_wd: bool,
     /// The paper's sigma: extra scale of the gated update.
     #[arg(long, default_value_t = 1.5)]
     pub guidance: f64,
@@ -644,6 +650,7 @@ pub fn config_from(a: &Args) -> anyhow::Result<TrainConfig> {
             (AlgoArg::Lora, None) => Algo::Lora,
             (AlgoArg::Loha, None) => Algo::Loha,
         },
+        dora: a.dora_wd,
         targets: expand_targets(&a.targets),
         lambda: a.lambda,
         min_snr_gamma: a.min_snr_gamma,

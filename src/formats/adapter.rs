@@ -6,6 +6,7 @@
 //! every setting in the metadata.
 
 use crate::formats::kohya::{Component, ModuleIndex};
+use crate::nn::dora::Dora;
 use crate::nn::lora::{Gates, LoraAdapter, LoraConfig, Mlp};
 use crate::nn::lycoris::{Lycoris, LycorisAlgo};
 use crate::nn::Linear;
@@ -153,6 +154,9 @@ impl Adapter {
             } else {
                 out.push((format!("{k}.lora_down.weight"), a.a.clone()));
                 out.push((format!("{k}.lora_up.weight"), a.b.clone()));
+                if let Some(d) = &a.dora {
+                    out.push((format!("{k}.dora_scale"), d.magnitude.clone()));
+                }
             }
             out.push((
                 format!("{k}.alpha"),
@@ -200,12 +204,11 @@ impl Adapter {
         ]);
         if let Some(algo) = self.lycoris_algo() {
             m.insert("kstyle.algo".into(), algo.name().into());
-            m.insert("ss_network_module".into(), "lycoris.kohya".into());
-            m.insert(
-                "ss_network_args".into(),
-                format!(r#"{{"algo": "{}"}}"#, algo.name()),
-            );
         }
+        if self.is_dora() {
+            m.insert("kstyle.dora".into(), "true".into());
+        }
+        m.extend(self.network_labels());
         if let Some(cl) = &self.cultural {
             m.insert("kstyle.cultural_pool".into(), cl.pool.to_string());
             m.insert("kstyle.cultural_tau".into(), cl.tau.to_string());
@@ -219,6 +222,25 @@ impl Adapter {
     /// The LyCORIS algorithm of the adapter's modules (every module is of it); None for LoRA.
     pub fn lycoris_algo(&self) -> Option<LycorisAlgo> {
         self.modules.iter().find_map(|(_, a)| a.lycoris_algo())
+    }
+
+    /// Whether the adapter's modules are DoRA (LyCORIS' `dora_wd`).
+    pub fn is_dora(&self) -> bool {
+        self.modules.iter().any(|(_, a)| a.dora.is_some())
+    }
+
+    /// kohya's `ss_network_module` / `ss_network_args` for LyCORIS' kinds (LoHa, LoKr, DoRA),
+    /// which label the file for the tools that read them; none for kohya's own LoRA.
+    pub fn network_labels(&self) -> Vec<(String, String)> {
+        let args = match (self.lycoris_algo(), self.is_dora()) {
+            (Some(algo), _) => format!(r#"{{"algo": "{}"}}"#, algo.name()),
+            (None, true) => r#"{"algo": "lora", "dora_wd": "True"}"#.to_string(),
+            (None, false) => return Vec::new(),
+        };
+        vec![
+            ("ss_network_module".into(), "lycoris.kohya".into()),
+            ("ss_network_args".into(), args),
+        ]
     }
 
     /// Write atomically (temporary file + rename).
@@ -392,6 +414,7 @@ impl Adapter {
                         rest: t,
                         shape: shape.clone(),
                     }),
+                    dora: None,
                 };
                 if !adapter.fits(&shape) {
                     return Err(Error::file(
@@ -444,6 +467,14 @@ impl Adapter {
                 alpha,
                 ..config
             };
+            let dora_key = format!("{k}.dora_scale");
+            let dora = match f.contains(&dora_key) {
+                true => Some(Dora {
+                    magnitude: var(&dora_key)?,
+                    strength: 1.0,
+                }),
+                false => None,
+            };
             let concepts = gates.as_ref().and(concept_embeds.clone());
             modules.push((
                 module,
@@ -456,6 +487,7 @@ impl Adapter {
                     recorder: None,
                     dropout: None,
                     lycoris: None,
+                    dora,
                 },
             ));
         }

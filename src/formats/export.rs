@@ -49,11 +49,15 @@ pub fn export_adapter(
         )));
     }
     let lycoris = adapter.lycoris_algo();
-    if let (Some(algo), ExportFormat::Diffusers) = (lycoris, format) {
+    let kind = match (lycoris, adapter.is_dora()) {
+        (Some(algo), _) => Some(algo.name()),
+        (None, true) => Some("DoRA"),
+        (None, false) => None,
+    };
+    if let (Some(kind), ExportFormat::Diffusers) = (kind, format) {
         return Err(Error::Config(format!(
-            "a {} adapter has no diffusers/PEFT LoRA form (diffusers' load_lora_weights reads LoRA \
-             only): export it with --format kohya, LyCORIS' layout ComfyUI and A1111 load",
-            algo.name()
+            "a {kind} adapter has no diffusers/PEFT LoRA form here (kstyle writes plain LoRA in \
+             that layout): export it with --format kohya, LyCORIS' layout ComfyUI and A1111 load"
         )));
     }
     let mut out = Vec::new();
@@ -89,6 +93,9 @@ pub fn export_adapter(
                     format!("{k}.alpha"),
                     Tensor::scalar(a.config.alpha, dtype, Device::Cpu)?,
                 ));
+                if let Some(d) = &a.dora {
+                    out.push((format!("{k}.dora_scale"), d.magnitude.to_dtype(dtype)?));
+                }
             }
             ExportFormat::Diffusers => {
                 // Text-encoder paths already start with their component's name.
@@ -122,12 +129,6 @@ pub fn export_adapter(
             (baked.is_some() && adapter.method.gated()).to_string(),
         ),
     ]);
-    if let Some(algo) = lycoris {
-        meta.insert("ss_network_module".into(), "lycoris.kohya".into());
-        meta.insert(
-            "ss_network_args".into(),
-            format!(r#"{{"algo": "{}"}}"#, algo.name()),
-        );
-    }
+    meta.extend(adapter.network_labels());
     save_safetensors(path, &out, Some(meta))
 }

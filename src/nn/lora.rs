@@ -2,6 +2,7 @@
 //! form, whose low-rank update is modulated per sample by CLIP cultural-relevance scores
 //! (KSTYLE.md "Gated LoRA layer"; the executable definition is `kstyle_ref.py`).
 
+use super::dora::Dora;
 use super::lora_dropout::{DropoutDraw, DropoutMasks};
 use super::lycoris::Lycoris;
 use super::{Conv2d, Linear};
@@ -184,6 +185,8 @@ pub struct LoraAdapter {
     /// LyCORIS' LoHa or LoKr (see [`super::lycoris`]): `a` / `b` are then the first two of its
     /// tensors, this the rest. None: LoRA.
     pub lycoris: Option<Lycoris>,
+    /// DoRA's magnitude (see [`super::dora`]); plain LoRA only.
+    pub dora: Option<Dora>,
 }
 
 impl LoraAdapter {
@@ -224,6 +227,7 @@ impl LoraAdapter {
             recorder: None,
             dropout: None,
             lycoris: None,
+            dora: None,
         })
     }
 
@@ -261,6 +265,7 @@ impl LoraAdapter {
             recorder: None,
             dropout: None,
             lycoris: None,
+            dora: None,
         })
     }
 
@@ -474,7 +479,11 @@ impl LoraAdapter {
     /// `multiplier` (the `--lora FILE:SCALE` strength).
     pub fn frozen(&self, dtype: DType, multiplier: f64) -> Result<LoraAdapter> {
         let mut a = self.map_tensors(&|t| t.detach().to_dtype(dtype))?;
-        a.b = self.b.detach().scale(multiplier)?.to_dtype(dtype)?;
+        match &mut a.dora {
+            // DoRA's update is not linear in B: it runs at the strength instead.
+            Some(d) => d.strength = multiplier,
+            None => a.b = self.b.detach().scale(multiplier)?.to_dtype(dtype)?,
+        }
         a.recorder = None;
         Ok(a)
     }
@@ -542,6 +551,13 @@ impl LoraAdapter {
                 }),
                 None => None,
             },
+            dora: match &self.dora {
+                Some(d) => Some(Dora {
+                    magnitude: f(&d.magnitude)?,
+                    strength: d.strength,
+                }),
+                None => None,
+            },
         })
     }
 
@@ -563,6 +579,9 @@ impl LoraAdapter {
         ];
         if let Some(g) = &self.gates {
             v.extend(g.named());
+        }
+        if let Some(d) = &self.dora {
+            v.push(("dora_scale".to_string(), d.magnitude.clone()));
         }
         v
     }
@@ -599,6 +618,9 @@ impl LoraAdapter {
         }
         set(&mut self.a, "lora_A", &mut value)?;
         set(&mut self.b, "lora_B", &mut value)?;
+        if let Some(d) = &mut self.dora {
+            set(&mut d.magnitude, "dora_scale", &mut value)?;
+        }
         if let Some(g) = &mut self.gates {
             for (prefix, m) in [
                 ("attn_mlp", &mut g.attn_mlp),
@@ -660,6 +682,7 @@ impl AdaptedLinear {
         }
         let y = self.base.forward(h)?; // (B, S, D_out)
         match &self.adapter {
+            Some(a) if a.dora.is_some() => a.apply_dora(h, &self.base.weight, &y, None),
             Some(a) => a.apply(h, Some(&y)),
             None => Ok(y),
         }
@@ -703,6 +726,9 @@ impl AdaptedConv2d {
         }
         let y = self.base.forward(x)?; // (B, C_out, H', W')
         match &self.adapter {
+            Some(a) if a.dora.is_some() => {
+                a.apply_dora(x, &self.base.weight, &y, Some(self.base.params))
+            }
             Some(a) => a.apply_conv(x, Some(&y), self.base.params),
             None => Ok(y),
         }

@@ -188,6 +188,7 @@ impl LoraAdapter {
             recorder: None,
             dropout: None,
             lycoris: Some(lycoris),
+            dora: None,
         }
     }
 
@@ -225,23 +226,27 @@ impl LoraAdapter {
         w.scale(scale)?.reshape(l.shape.clone())
     }
 
-    /// The frozen weight plus dW, when the layer can run once with it rather than twice (the
-    /// base, then dW), which halves the layer's forward and input-gradient work: f32 weights
-    /// and input (in bf16 / f16 the sum would round small updates away), no LoRA dropout (a
-    /// picture's mask does not merge). None otherwise, and for LoRA.
+    /// The frozen weight plus dW (DoRA: the decomposed W', at strength 1), when the layer can
+    /// run once with it rather than twice (the base, then dW), which halves the layer's forward
+    /// and input-gradient work: f32 weights and input (in bf16 / f16 the sum would round small
+    /// updates away), no LoRA dropout (a picture's mask does not merge). None otherwise, and for
+    /// LoRA.
     pub fn merged_weight(&self, base: &Tensor, input: DType) -> Result<Option<Tensor>> {
         let f32 = [input, base.dtype(), self.a.dtype()]
             .iter()
             .all(|&d| d == DType::F32);
-        if self.lycoris.is_none() || self.dropout.is_some() || !f32 {
+        if self.dropout.is_some() || !f32 {
             return Ok(None);
         }
-        base.add(&self.lycoris_weight()?).map(Some)
+        match (&self.lycoris, &self.dora) {
+            (Some(_), _) => base.add(&self.lycoris_weight()?).map(Some),
+            (None, Some(d)) if d.strength == 1.0 => self.dora_weight(base),
+            _ => Ok(None),
+        }
     }
 
     /// `base + op(x, dW)` for a linear's input (.., D_in) (`conv` None) or a convolution's
-    /// (B, C_in, H, W). Under LoRA dropout, the module mask drops a sample's whole update (the
-    /// network and rank dropouts are refused for LyCORIS before training starts).
+    /// (B, C_in, H, W), under LoRA dropout with the module mask ([`LoraAdapter::drop_modules`]).
     pub(super) fn apply_lycoris(
         &self,
         x: &Tensor,
@@ -249,22 +254,33 @@ impl LoraAdapter {
         conv: Option<ConvParams>,
     ) -> Result<Tensor> {
         let w = self.lycoris_weight()?;
-        let mut dh = match conv {
+        let dh = match conv {
             Some(p) => x.conv2d(&w, None, p)?, // (B, C_out, H', W')
             None => x.matmul(&w.t()?)?,        // (.., D_out)
         };
-        if let Some(draw) = &self.dropout {
-            let b = dh.dims()[0];
-            draw.check_batch(b)?;
-            let masks = draw.masks(1, 1, dh.dtype(), dh.device())?;
-            if let Some(rows) = masks.rows {
-                let mut dims = vec![1; dh.rank()];
-                dims[0] = b;
-                dh = dh.mul(&rows.reshape(dims)?)?;
-            }
-        }
+        let dh = self.drop_modules(dh)?;
         match base {
             Some(y) => y.add(&dh),
+            None => Ok(dh),
+        }
+    }
+
+    /// Under LoRA dropout, the module mask applied to an update `dh` (B, ..): a dropped sample
+    /// loses its whole update (the network and rank dropouts are refused for the weight-space
+    /// adapters, LyCORIS' and DoRA, before training starts).
+    pub(super) fn drop_modules(&self, dh: Tensor) -> Result<Tensor> {
+        let Some(draw) = &self.dropout else {
+            return Ok(dh);
+        };
+        let b = dh.dims()[0];
+        draw.check_batch(b)?;
+        let masks = draw.masks(1, 1, dh.dtype(), dh.device())?;
+        match masks.rows {
+            Some(rows) => {
+                let mut dims = vec![1; dh.rank()];
+                dims[0] = b;
+                dh.mul(&rows.reshape(dims)?)
+            }
             None => Ok(dh),
         }
     }
@@ -275,6 +291,13 @@ impl LoraAdapter {
     /// kw]) or (b, r) x (r, d kh kw), out = a b and in = c d.
     pub fn fits(&self, dims: &[usize]) -> bool {
         let r = self.config.rank;
+        if let Some(d) = &self.dora {
+            let m = d.magnitude.dims();
+            let ok = dims.first() == m.first() && m.len() == dims.len();
+            if !ok || m.iter().skip(1).any(|&x| x != 1) || self.lycoris.is_some() {
+                return false;
+            }
+        }
         let Some(l) = &self.lycoris else {
             return match *dims {
                 [out, d_in] => self.a.dims() == [r, d_in] && self.b.dims() == [out, r],

@@ -1,5 +1,6 @@
 //! Layers built from tensor ops, laid out like the checkpoint key tree they load from.
 
+pub mod dora;
 pub mod lora;
 pub mod lora_dropout;
 pub mod lycoris;

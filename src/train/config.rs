@@ -45,6 +45,8 @@ pub struct TrainConfig {
     pub conv_lora: Option<ConvLora>,
     /// The adapters' kind: kohya's LoRA, or LyCORIS' LoHa (see [`Algo`]).
     pub algo: Algo,
+    /// DoRA (LyCORIS' `dora_wd=True`, see [`crate::nn::dora`]) on every LoRA adapter.
+    pub dora: bool,
     /// Suffixes of the wrapped linears (`to_q`, `to_k`, `to_v`, `to_out.0`).
     pub targets: Vec<String>,
     pub lambda: f64,
@@ -288,6 +290,40 @@ impl TrainConfig {
         Ok(())
     }
 
+    /// What DoRA cannot do, refused as for LoHa and LoKr: the gated methods (DoRA trains a
+    /// weight, not a rank-r activation to gate), the network and rank dropouts (LyCORIS ignores
+    /// the first with DoRA and drops rows of dW with the second), max-norm (LyCORIS scales a
+    /// separate scalar), and LyCORIS' DoHa / DoKr (not built).
+    fn check_dora(&self) -> Result<()> {
+        let refuse = |what: &str| {
+            Err(Error::Config(format!(
+                "--dora-wd {what}; leave --dora-wd out for plain LoRA"
+            )))
+        };
+        if self.algo != Algo::Lora {
+            return refuse(&format!(
+                "decomposes LoRA (--algo lora) here; LyCORIS' DoRA on {} is not built",
+                self.algo.name()
+            ));
+        }
+        if self.method.gated() {
+            return refuse(&format!(
+                "trains plain adapters, and method `{}` gates LoRA's rank: use --method lora or lora-csl",
+                self.method.name()
+            ));
+        }
+        if self.lora_dropout.dropout.is_some() || self.lora_dropout.rank.is_some() {
+            return refuse(
+                "takes --module-dropout only: LyCORIS ignores the network dropout with DoRA, and its \
+                 rank dropout (rows of dW, once a batch) is not kstyle's (a rank of each picture)",
+            );
+        }
+        if self.scale_weight_norms.is_some() {
+            return refuse("has no --scale-weight-norms (LyCORIS scales a separate scalar)");
+        }
+        Ok(())
+    }
+
     /// Refuses settings that are wrong on their own, before anything is read or written: counts
     /// of 0, probabilities and decays out of range, non-finite or negative weights, a compute
     /// dtype training cannot use, options that modify one that is off.
@@ -314,6 +350,9 @@ impl TrainConfig {
                  --conv-alpha sets one alpha for every block"
                     .into(),
             ));
+        }
+        if self.dora {
+            self.check_dora()?;
         }
         if self.algo != Algo::Lora {
             self.check_lycoris()?;
@@ -746,6 +785,7 @@ impl TrainConfig {
                 c.conv_lora.map_or("none".into(), |v| v.alpha.to_string()),
             ),
             ("algo".to_string(), c.algo.name().to_string()),
+            ("dora_wd".to_string(), c.dora.to_string()),
             (
                 "lokr_factor".to_string(),
                 match c.algo {

@@ -98,6 +98,7 @@ pub(super) fn resume(
         ));
     }
     for (key, now) in [
+        ("dora_wd", Some(cfg.dora.to_string())),
         (
             "lokr_factor",
             match cfg.algo {
@@ -115,8 +116,10 @@ pub(super) fn resume(
             Some(describe(&cfg.block_dims.conv_alphas)),
         ),
     ] {
-        // Checkpoints written before --conv-dim / --lokr-factor / --block-dims existed had none.
-        let was = adapter.settings.get(key).map_or("none", String::as_str);
+        // Checkpoints written before --conv-dim / --lokr-factor / --block-dims / --dora-wd
+        // existed had none of them (and no DoRA).
+        let absent = if key == "dora_wd" { "false" } else { "none" };
+        let was = adapter.settings.get(key).map_or(absent, String::as_str);
         let now = now.unwrap_or_else(|| "none".into());
         if was != now {
             let flag = key.replace('_', "-");
@@ -182,19 +185,24 @@ pub(super) fn resume(
     })
 }
 
-/// A fresh plain adapter of the run's kind (`--algo`) on a frozen weight of `dims`.
+/// A fresh plain adapter of the run's kind (`--algo`, `--dora-wd`) on the frozen `weight`.
 fn plain(
     cfg: &TrainConfig,
-    dims: &[usize],
+    weight: &Tensor,
     config: crate::nn::lora::LoraConfig,
     rng: &mut Rng,
 ) -> Result<LoraAdapter> {
-    match cfg.algo {
-        Algo::Lora => LoraAdapter::init_plain(dims, config, rng, DType::F32, cfg.device),
-        Algo::Loha => LoraAdapter::init_loha(dims, config, rng, DType::F32, cfg.device),
+    let dims = weight.dims();
+    let a = match cfg.algo {
+        Algo::Lora => LoraAdapter::init_plain(dims, config, rng, DType::F32, cfg.device)?,
+        Algo::Loha => LoraAdapter::init_loha(dims, config, rng, DType::F32, cfg.device)?,
         Algo::Lokr { factor } => {
-            LoraAdapter::init_lokr(dims, config, factor, rng, DType::F32, cfg.device)
+            LoraAdapter::init_lokr(dims, config, factor, rng, DType::F32, cfg.device)?
         }
+    };
+    match cfg.dora {
+        true => a.with_dora(weight),
+        false => Ok(a),
     }
 }
 
@@ -225,7 +233,7 @@ pub(super) fn fresh(
                     DType::F32,
                     cfg.device,
                 )?,
-                _ => plain(cfg, dims, config, &mut rng)?,
+                _ => plain(cfg, &lin.base.weight, config, &mut rng)?,
             };
             // Drawn all the same, so zeroing a block leaves every other draw of the run as it was.
             if !plan.zeroed(&path) {
@@ -241,7 +249,7 @@ pub(super) fn fresh(
             if config.rank == 0 {
                 continue;
             }
-            let a = plain(cfg, dims, config, &mut rng)?;
+            let a = plain(cfg, layer.weight, config, &mut rng)?;
             if !plan.zeroed(&layer.path) {
                 modules.push((layer.path, a));
             }
@@ -260,7 +268,7 @@ pub(super) fn fresh(
                 .find(|(c, _)| *c == component)
                 .map_or(0, |l| l.1);
             if text_layer(inner).is_some_and(|l| text_encoder_trains(component, l, n)) {
-                let a = plain(cfg, lin.base.weight.dims(), cfg.lora, &mut rng)?;
+                let a = plain(cfg, &lin.base.weight, cfg.lora, &mut rng)?;
                 modules.push((path, a));
             }
         }

@@ -67,6 +67,7 @@ fn layer(f: &SafeTensorsFile, tag: &str, ctx: &Ctx) -> Result<(LoraAdapter, Line
         recorder: None,
         dropout: None,
         lycoris: None,
+        dora: None,
     };
     // The frozen base: plain tensors, never variables.
     let base = Linear {

@@ -307,6 +307,11 @@ pub fn cases() -> Vec<(&'static str, &'static str, CaseFn)> {
             train_cases::train_lokr,
         ),
         (
+            "train_dora",
+            "../../extra/train_dora.safetensors",
+            train_cases::train_dora,
+        ),
+        (
             "train_edm",
             "../../extra/train_edm.safetensors",
             train_edm_case::train_edm,

@@ -39,6 +39,14 @@ pub fn train_loha(ctx: &Ctx) -> Result<Vec<Row>> {
     train_step(ctx, "train_loha", "../../extra/train_loha.safetensors")
 }
 
+/// DoRA (`tests/fixtures/extra/gen_train_dora.py`): train_step_lora's step with lycoris-lora's
+/// `LoConModule(weight_decompose=True)` on the attention projections (rank 4, alpha 4) and on
+/// every child of the resnets and resamplers (3x3 convolutions at rank 2, alpha 1): the loss,
+/// every gradient of lora_down, lora_up and the magnitude, AdamW.
+pub fn train_dora(ctx: &Ctx) -> Result<Vec<Row>> {
+    train_step(ctx, "train_dora", "../../extra/train_dora.safetensors")
+}
+
 /// LyCORIS' LoKr (`tests/fixtures/extra/gen_train_lokr.py`): train_step_lora's step with
 /// lycoris-lora's `LokrModule` (factor -1) in place of LoRA on the attention projections (rank 4,
 /// alpha 4: whole w2 at scale 1 on the 48- and 64-wide ones) and on every child of the resnets
@@ -105,17 +113,28 @@ impl Step {
         // LyCORIS' LoHa or LoKr in place of LoRA on every module (gen_train_loha.py,
         // gen_train_lokr.py), when recorded.
         let algo = f.metadata().get("algo").cloned();
-        let lycoris = |dims: &[usize], config, rng: &mut Rng| match algo.as_deref() {
-            Some("loha") => LoraAdapter::init_loha(dims, config, rng, DType::F32, ctx.device),
-            Some("lokr") => LoraAdapter::init_lokr(dims, config, -1, rng, DType::F32, ctx.device),
-            _ => LoraAdapter::init_plain(dims, config, rng, DType::F32, ctx.device),
+        // DoRA on every module (gen_train_dora.py), when recorded.
+        let dora = f.metadata().contains_key("dora");
+        let weight_space = |w: &Tensor, config, rng: &mut Rng| {
+            let dims = w.dims();
+            let a = match algo.as_deref() {
+                Some("loha") => LoraAdapter::init_loha(dims, config, rng, DType::F32, ctx.device),
+                Some("lokr") => {
+                    LoraAdapter::init_lokr(dims, config, -1, rng, DType::F32, ctx.device)
+                }
+                _ => LoraAdapter::init_plain(dims, config, rng, DType::F32, ctx.device),
+            }?;
+            match dora {
+                true => a.with_dora(w),
+                false => Ok(a),
+            }
         };
         unet.attach_adapters(|path, base| {
             if !targets.iter().any(|t| path.ends_with(&format!(".{t}"))) {
                 return Ok(None);
             }
-            if algo.is_some() {
-                let mut a = lycoris(base.weight.dims(), config, &mut rng)?;
+            if algo.is_some() || dora {
+                let mut a = weight_space(&base.weight, config, &mut rng)?;
                 a.assign(|name, _| load(&format!("param.{path}.{name}")))?;
                 return Ok(Some(a));
             }
@@ -139,9 +158,9 @@ impl Step {
                 alpha: num("conv_alpha")?,
             };
             for (path, mut layer) in unet.conv_group_mut() {
-                let dims = layer.base_weight().dims().to_vec();
-                let cfg = conv.config_for(&dims, LoraConfig { ..config });
-                let mut a = lycoris(&dims, cfg, &mut rng)?;
+                let w = layer.base_weight().clone();
+                let cfg = conv.config_for(w.dims(), LoraConfig { ..config });
+                let mut a = weight_space(&w, cfg, &mut rng)?;
                 a.assign(|name, _| load(&format!("param.{path}.{name}")))?;
                 layer.set_adapter(a)?;
             }

@@ -76,6 +76,7 @@ pub fn train_text_encoder(ctx: &Ctx) -> Result<Vec<Row>> {
             recorder: None,
             dropout: None,
             lycoris: None,
+            dora: None,
         });
         chosen.push(path);
     }

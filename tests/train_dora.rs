@@ -1,0 +1,163 @@
+//! `kstyle train --dora-wd`: DoRA (LyCORIS' weight-decomposed LoRA). The arithmetic of a step is
+//! checked against lycoris-lora's LoConModule by the `train_dora` verify case; here, through the
+//! real binary on the tiny model: the adapter holds a `dora_scale` beside every module's factors
+//! in LyCORIS' layout, runs live as its kohya export runs merged (at strength 1 and 0.5), resumes
+//! bit for bit, trains in mixed precision, and what DoRA cannot do is refused.
+
+mod common;
+use common::train::{assert_resume_is_exact, dataset, refused, setting, train, train_ok};
+use common::{assert_fails_naming, export_tiny, rel_l2, tiny_unet, tiny_unet_output, tmp};
+use kstyle::formats::adapter::Adapter;
+use kstyle::models::unet::KohyaLoraFile;
+use kstyle::sample::pipeline::unet_module_index;
+use kstyle::tensor::SafeTensorsFile;
+use kstyle::{DType, Device};
+
+#[test]
+fn dora_trains_in_lycoris_names_and_runs_as_its_export() {
+    let dir = tmp("dora");
+    let data = dataset(&dir);
+    let adapter = dir.join("dora/adapter.safetensors");
+    let args = [
+        "--max-steps",
+        "2",
+        "--lr",
+        "1e-2",
+        "--conv-dim",
+        "2",
+        "--dora-wd",
+    ];
+    train_ok(&data, &adapter, "lora", &args);
+    assert_eq!(setting(&adapter, "dora_wd"), "true");
+    let f = SafeTensorsFile::open(&adapter).unwrap();
+    let meta = f.metadata();
+    assert_eq!(meta["ss_network_module"], "lycoris.kohya");
+    assert!(meta["ss_network_args"].contains("dora_wd"), "{meta:?}");
+    let modules: Vec<String> = f
+        .names()
+        .filter_map(|n| n.strip_suffix(".lora_down.weight"))
+        .map(String::from)
+        .collect();
+    assert_eq!(modules.len(), 22 * 2 * 4 + 66);
+    for m in &modules {
+        let up = f.info(&format!("{m}.lora_up.weight")).unwrap().1.to_vec();
+        let scale = f.info(&format!("{m}.dora_scale")).unwrap().1.to_vec();
+        let mut want = vec![1; up.len()];
+        want[0] = up[0];
+        assert_eq!(scale, want, "{m}");
+    }
+
+    // Two steps move the magnitudes little from the norms they track: scaled by 1.25, every row's
+    // rescale is material, so a merge that ignored dora_scale could not match.
+    let index = unet_module_index(&tiny_unet(&[]));
+    let mut ad = Adapter::load(&adapter, &index, Device::Cpu).unwrap();
+    for (_, a) in &mut ad.modules {
+        let d = a.dora.as_mut().unwrap();
+        d.magnitude = d.magnitude.scale(1.25).unwrap();
+    }
+    let adapter = dir.join("dora/scaled.safetensors");
+    ad.save(&adapter, &index).unwrap();
+
+    // Live (attached as generate attaches it) against the kohya export merged at load, at full
+    // and half strength (ComfyUI's DoRA at strength s: W + s (W' - W)).
+    let file = dir.join("kohya.safetensors");
+    let o = export_tiny(&adapter, "kohya", &file);
+    assert!(o.status.success(), "{}", common::stderr(&o));
+    assert!(SafeTensorsFile::open(&file)
+        .unwrap()
+        .names()
+        .any(|n| n.ends_with(".dora_scale")));
+    for strength in [1.0, 0.5] {
+        let mut live = tiny_unet(&[]);
+        let ad = Adapter::load(&adapter, &unet_module_index(&live), Device::Cpu).unwrap();
+        let mut by_path: std::collections::HashMap<_, _> = ad.modules.into_iter().collect();
+        live.attach_all(|p| {
+            by_path
+                .remove(p)
+                .map(|a| a.frozen(DType::F32, strength))
+                .transpose()
+        })
+        .unwrap();
+        assert!(by_path.is_empty());
+        let y_live = tiny_unet_output(&live);
+        let merged = tiny_unet(&[KohyaLoraFile::new(&file, strength)]);
+        let r = rel_l2(&tiny_unet_output(&merged), &y_live);
+        assert!(
+            r < 1e-5,
+            "strength {strength}: export merged differs from live: {r}"
+        );
+        if strength == 1.0 {
+            let plain = tiny_unet_output(&tiny_unet(&[]));
+            assert!(rel_l2(&plain, &y_live) > 1e-2, "DoRA changed nothing");
+        }
+    }
+    let o = export_tiny(&adapter, "diffusers", &dir.join("peft.safetensors"));
+    assert_fails_naming(&o, "--format kohya");
+}
+
+#[test]
+fn dora_resumes_exactly_and_refuses_what_it_cannot_do() {
+    let dir = tmp("dora-resume");
+    let data = dataset(&dir);
+    // The cultural loss on top, module dropout and text-encoder LoRA (DoRA there too).
+    let args = [
+        "--dora-wd",
+        "--conv-dim",
+        "2",
+        "--module-dropout",
+        "0.3",
+        "--train-text-encoder",
+        "--batch-size",
+        "2",
+    ];
+    let ckpt = assert_resume_is_exact(&data, &dir.join("resume"), "lora-csl", &args, "DoRA");
+    let out = dir.join("again/a.safetensors");
+    let o = train(
+        &data,
+        &out,
+        "lora-csl",
+        &[
+            "--max-steps",
+            "4",
+            "--resume",
+            ckpt.to_str().unwrap(),
+            "--conv-dim",
+            "2",
+            "--module-dropout",
+            "0.3",
+            "--train-text-encoder",
+            "--batch-size",
+            "2",
+        ],
+    );
+    assert_fails_naming(&o, "--dora-wd true");
+
+    // Mixed precision: the f32 sum W + dW, the op in bf16.
+    train_ok(
+        &data,
+        &dir.join("bf16/a.safetensors"),
+        "lora",
+        &["--max-steps", "1", "--dora-wd", "--dtype", "bf16"],
+    );
+
+    refused(&data, &dir, &["--dora-wd", "--algo", "loha"], "not built");
+    refused(
+        &data,
+        &dir,
+        &["--dora-wd", "--network-dropout", "0.1"],
+        "--module-dropout only",
+    );
+    refused(
+        &data,
+        &dir,
+        &["--dora-wd", "--scale-weight-norms", "1"],
+        "--scale-weight-norms",
+    );
+    let o = train(
+        &data,
+        &dir.join("gated.safetensors"),
+        "kstyle",
+        &["--max-steps", "1", "--dora-wd"],
+    );
+    assert_fails_naming(&o, "gates LoRA's rank");
+}
