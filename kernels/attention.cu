@@ -349,6 +349,20 @@ __device__ __forceinline__ void load_tile_bf16(unsigned short* dst, const bf16* 
     }
 }
 
+// Fragments of rows [r0, r0 + 16) of a (rows, STR) shared tile as the A operand (k = HD).
+template <int KS, int STR>
+__device__ __forceinline__ void load_a_frags(unsigned (&a)[KS][4], const unsigned short* tile, int r0) {
+    const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+#pragma unroll
+    for (int ks = 0; ks < KS; ++ks) {
+        const unsigned short* base = tile + (r0 + g) * STR + ks * 16 + 2 * t;
+        a[ks][0] = *reinterpret_cast<const unsigned*>(base);
+        a[ks][1] = *reinterpret_cast<const unsigned*>(base + 8 * STR);
+        a[ks][2] = *reinterpret_cast<const unsigned*>(base + 8);
+        a[ks][3] = *reinterpret_cast<const unsigned*>(base + 8 * STR + 8);
+    }
+}
+
 template <int HD>
 __device__ __forceinline__ void flash_fwd_mma(const bf16* __restrict__ q, const bf16* __restrict__ k,
                                               const bf16* __restrict__ v, bf16* __restrict__ o,
@@ -367,14 +381,7 @@ __device__ __forceinline__ void flash_fwd_mma(const bf16* __restrict__ q, const 
     load_tile_bf16<HD, HDP, STR>(Qs, q + bh * Sq * HD, q0, min(FM_BQ, Sq - q0), FM_BQ);
     __syncthreads();
     unsigned qa[KS][4];
-#pragma unroll
-    for (int ks = 0; ks < KS; ++ks) {
-        const unsigned short* base = Qs + (r0 + g) * STR + ks * 16 + 2 * t;
-        qa[ks][0] = *reinterpret_cast<const unsigned*>(base);
-        qa[ks][1] = *reinterpret_cast<const unsigned*>(base + 8 * STR);
-        qa[ks][2] = *reinterpret_cast<const unsigned*>(base + 8);
-        qa[ks][3] = *reinterpret_cast<const unsigned*>(base + 8 * STR + 8);
-    }
+    load_a_frags<KS, STR>(qa, Qs, r0);
     float acc[DN][4];
 #pragma unroll
     for (int dn = 0; dn < DN; ++dn) acc[dn][0] = acc[dn][1] = acc[dn][2] = acc[dn][3] = 0.0f;
@@ -513,20 +520,6 @@ KS_FA_MMA(80)
 // Both kernels reuse the shared tiles that held their register fragments (22.5 KB at HD = 80).
 // P and dS are rounded to bf16 as mma operands (flash-attention does the same); the accumulators
 // are f32, and the scale of dK and dQ is applied once when they are written.
-
-// Fragments of rows [r0, r0 + 16) of a (rows, STR) shared tile as the A operand (k = HD).
-template <int KS, int STR>
-__device__ __forceinline__ void load_a_frags(unsigned (&a)[KS][4], const unsigned short* tile, int r0) {
-    const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
-#pragma unroll
-    for (int ks = 0; ks < KS; ++ks) {
-        const unsigned short* base = tile + (r0 + g) * STR + ks * 16 + 2 * t;
-        a[ks][0] = *reinterpret_cast<const unsigned*>(base);
-        a[ks][1] = *reinterpret_cast<const unsigned*>(base + 8 * STR);
-        a[ks][2] = *reinterpret_cast<const unsigned*>(base + 8);
-        a[ks][3] = *reinterpret_cast<const unsigned*>(base + 8 * STR + 8);
-    }
-}
 
 // C (16 x 64) += A (16 x HDP, fragments) x X^T where X is a (64, STR) shared tile: the score
 // shape, for both S (X = K or Q) and dP (X = V or dO).

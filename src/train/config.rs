@@ -269,21 +269,10 @@ impl TrainConfig {
                 "--algo {algo} {what}; leave it out or use --algo lora"
             )))
         };
-        if self.method.gated() {
-            return refuse(&format!(
-                "trains plain adapters, and method `{}` gates LoRA's rank: use --method lora or lora-csl",
-                self.method.name()
-            ));
-        }
-        if self.lora_dropout.dropout.is_some() || self.lora_dropout.rank.is_some() {
-            return refuse(
-                "takes --module-dropout only: LyCORIS' LoHa and LoKr have no network dropout, and its rank \
-                 dropout (rows of dW, once a batch) is not kstyle's (a rank of each picture)",
-            );
-        }
-        if self.scale_weight_norms.is_some() {
-            return refuse("has no --scale-weight-norms (LyCORIS scales a separate scalar)");
-        }
+        self.check_weight_space(
+            &refuse,
+            "LyCORIS' LoHa and LoKr have no network dropout, and its rank dropout",
+        )?;
         if self.loraplus.unet_ratio().is_some() || self.loraplus.text_encoder_ratio().is_some() {
             return refuse("has no lora_up for --loraplus-*-ratio to raise (LyCORIS' LoRA+ moves none of its factors)");
         }
@@ -306,6 +295,19 @@ impl TrainConfig {
                 self.algo.name()
             ));
         }
+        self.check_weight_space(
+            &refuse,
+            "LyCORIS ignores the network dropout with DoRA, and its rank dropout",
+        )
+    }
+
+    /// The refusals LoHa, LoKr and DoRA share, each worded by `refuse`: the gated methods, the
+    /// network and rank dropouts (`dropouts` says what LyCORIS does with them) and max-norm.
+    fn check_weight_space(
+        &self,
+        refuse: &dyn Fn(&str) -> Result<()>,
+        dropouts: &str,
+    ) -> Result<()> {
         if self.method.gated() {
             return refuse(&format!(
                 "trains plain adapters, and method `{}` gates LoRA's rank: use --method lora or lora-csl",
@@ -313,10 +315,10 @@ impl TrainConfig {
             ));
         }
         if self.lora_dropout.dropout.is_some() || self.lora_dropout.rank.is_some() {
-            return refuse(
-                "takes --module-dropout only: LyCORIS ignores the network dropout with DoRA, and its \
-                 rank dropout (rows of dW, once a batch) is not kstyle's (a rank of each picture)",
-            );
+            return refuse(&format!(
+                "takes --module-dropout only: {dropouts} (rows of dW, once a batch) is not kstyle's \
+                 (a rank of each picture)"
+            ));
         }
         if self.scale_weight_norms.is_some() {
             return refuse("has no --scale-weight-norms (LyCORIS scales a separate scalar)");
