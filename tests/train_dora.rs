@@ -5,7 +5,9 @@
 //! bit for bit, trains in mixed precision, and what DoRA cannot do is refused.
 
 mod common;
-use common::train::{assert_resume_is_exact, dataset, refused, setting, train, train_ok};
+use common::train::{
+    assert_resume_is_exact, dataset, refused, resume_with, setting, train, train_ok,
+};
 use common::{assert_fails_naming, export_tiny, rel_l2, tiny_unet, tiny_unet_output, tmp};
 use kstyle::formats::adapter::Adapter;
 use kstyle::models::unet::KohyaLoraFile;
@@ -111,25 +113,10 @@ fn dora_resumes_exactly_and_refuses_what_it_cannot_do() {
         "2",
     ];
     let ckpt = assert_resume_is_exact(&data, &dir.join("resume"), "lora-csl", &args, "DoRA");
+    // The same run without --dora-wd.
+    let plain: Vec<&str> = args.into_iter().filter(|a| *a != "--dora-wd").collect();
     let out = dir.join("again/a.safetensors");
-    let o = train(
-        &data,
-        &out,
-        "lora-csl",
-        &[
-            "--max-steps",
-            "4",
-            "--resume",
-            ckpt.to_str().unwrap(),
-            "--conv-dim",
-            "2",
-            "--module-dropout",
-            "0.3",
-            "--train-text-encoder",
-            "--batch-size",
-            "2",
-        ],
-    );
+    let o = resume_with(&data, &out, "lora-csl", &ckpt, &plain);
     assert_fails_naming(&o, "--dora-wd true");
 
     // Mixed precision: the f32 sum W + dW, the op in bf16.

@@ -6,7 +6,9 @@
 //! LyCORIS cannot do is refused.
 
 mod common;
-use common::train::{assert_resume_is_exact, dataset, refused, setting, train, train_ok};
+use common::train::{
+    assert_resume_is_exact, dataset, refused, resume_with, setting, train, train_ok,
+};
 use common::{assert_fails_naming, export_tiny, rel_l2, tiny_unet, tiny_unet_output, tmp};
 use kstyle::formats::adapter::Adapter;
 use kstyle::models::unet::KohyaLoraFile;
@@ -138,22 +140,8 @@ fn loha_resumes_exactly_and_refuses_what_it_cannot_do() {
     ];
     let ckpt = assert_resume_is_exact(&data, &dir.join("resume"), "lora-csl", &args, "loha");
     let out = dir.join("again/a.safetensors");
-    let o = train(
-        &data,
-        &out,
-        "lora-csl",
-        &[
-            "--max-steps",
-            "4",
-            "--resume",
-            ckpt.to_str().unwrap(),
-            "--conv-dim",
-            "2",
-            "--train-text-encoder",
-            "--batch-size",
-            "2",
-        ],
-    );
+    // The same run as plain LoRA.
+    let o = resume_with(&data, &out, "lora-csl", &ckpt, &args[2..]);
     assert_fails_naming(&o, "--algo loha");
 
     // The text encoders' LoHa too: generate with the adapter live and with its kohya export

@@ -113,6 +113,19 @@ pub fn tensors(path: &Path) -> Vec<(String, Vec<u8>)> {
         .collect()
 }
 
+/// Resumes the step-2 checkpoint `ckpt` to step 4 into `out` with `args` (a run whose settings
+/// differ from the checkpoint's, which must be refused).
+pub fn resume_with(
+    data: &Path,
+    out: &Path,
+    method: &str,
+    ckpt: &Path,
+    args: &[&str],
+) -> std::process::Output {
+    let base = ["--max-steps", "4", "--resume", ckpt.to_str().unwrap()];
+    train(data, out, method, &[&base[..], args].concat())
+}
+
 /// Trains `method` on `data` with `args` for 4 steps straight (into `dir/a`) and for 2 steps,
 /// checkpointed, then resumed to 4 (into `dir/b`), and asserts that both write the same
 /// adapter bytes and the same loss log. Returns the step-2 checkpoint.
