@@ -173,14 +173,24 @@ pub(super) fn input_grads(node: &Tensor, op: &Op, g: &Tensor) -> Result<Vec<(Ten
                 x.shape(),
             ))
         })?,
-        Op::Sdpa { q, k, v, geom } => {
+        Op::Sdpa {
+            q,
+            k,
+            v,
+            geom,
+            saved,
+        } => {
             if q.tracks() || k.tracks() || v.tracks() {
+                let kept = saved
+                    .as_ref()
+                    .map(|(o, l)| (o.storage(), o.layout(), l.storage()));
                 let (dq, dk, dv) = ops::sdpa_bwd(
                     (&q.storage(), q.layout()),
                     (&k.storage(), k.layout()),
                     (&v.storage(), v.layout()),
                     (&g.storage(), g.layout()),
                     geom,
+                    kept.as_ref().map(|(o, ol, l)| ((&**o, *ol), &**l)),
                 )?;
                 out.push(q, || Ok(wrap(dq, q.shape())))?;
                 out.push(k, || Ok(wrap(dk, k.shape())))?;

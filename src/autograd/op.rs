@@ -54,6 +54,9 @@ pub enum Op {
         k: Tensor,
         v: Tensor,
         geom: AttnGeom,
+        /// The output (an untracked view of it) and its log-sum-exp rows, when the forward kept
+        /// them (the CUDA flash kernels): the backward then skips its own forward.
+        saved: Option<(Tensor, Tensor)>,
     },
     Reshape(Tensor),
     Permute(Tensor, Vec<usize>),

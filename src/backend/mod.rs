@@ -583,28 +583,43 @@ pub mod ops {
         ])
     }
 
-    pub fn sdpa(q: Arg, k: Arg, v: Arg, g: &AttnGeom) -> Result<Storage> {
+    /// The attention output, and (`keep` asked, on the CUDA flash kernels) the log-sum-exp of each
+    /// query row for [`sdpa_bwd`] to reuse.
+    pub fn sdpa(
+        q: Arg,
+        k: Arg,
+        v: Arg,
+        g: &AttnGeom,
+        keep: bool,
+    ) -> Result<(Storage, Option<Storage>)> {
         flops::add(2 * g.bh * g.sq * g.skv * (g.d + g.dv));
         match on(q) {
-            On::Cpu(..) => Ok(Storage::Cpu(attention::sdpa(
-                cpu_of(q, "sdpa", q.0)?,
-                cpu_of(k, "sdpa", q.0)?,
-                cpu_of(v, "sdpa", q.0)?,
-                g,
-            )?)),
+            On::Cpu(..) => Ok((
+                Storage::Cpu(attention::sdpa(
+                    cpu_of(q, "sdpa", q.0)?,
+                    cpu_of(k, "sdpa", q.0)?,
+                    cpu_of(v, "sdpa", q.0)?,
+                    g,
+                )?),
+                None,
+            )),
             On::Cuda(..) => {
                 let [q, k, v] = three("sdpa", q, k, v)?;
-                Ok(Storage::Cuda(cattn::sdpa(q, k, v, g)?))
+                let (out, lse) = cattn::sdpa(q, k, v, g, keep)?;
+                Ok((Storage::Cuda(out), lse.map(Storage::Cuda)))
             }
         }
     }
 
+    /// (dq, dk, dv). `saved`: the forward's output and the log-sum-exp [`sdpa`] kept, when it
+    /// kept one.
     pub fn sdpa_bwd(
         q: Arg,
         k: Arg,
         v: Arg,
         dout: Arg,
         g: &AttnGeom,
+        saved: Option<(Arg, &Storage)>,
     ) -> Result<(Storage, Storage, Storage)> {
         // S recomputed, dV = P^T dO, dP = dO V^T, dQ = dS K, dK = dS^T Q.
         flops::add(2 * g.bh * g.sq * g.skv * (3 * g.d + 2 * g.dv));
@@ -617,7 +632,17 @@ pub mod ops {
             On::Cuda(..) => {
                 let [q3, k3, v3] = three("sdpa_bwd", q, k, v)?;
                 let d = cuda_of(dout, "sdpa_bwd", q.0)?;
-                let (a, b, c) = cattn::sdpa_bwd(q3, k3, v3, d, g)?;
+                let saved = match saved {
+                    Some((out, lse)) => Some(cattn::Saved {
+                        out: cuda_of(out, "sdpa_bwd", q.0)?,
+                        lse: match lse {
+                            Storage::Cuda(s) => s,
+                            other => return Err(mismatch("sdpa_bwd", q.0, other)),
+                        },
+                    }),
+                    None => None,
+                };
+                let (a, b, c) = cattn::sdpa_bwd(q3, k3, v3, d, g, saved)?;
                 Ok((Storage::Cuda(a), Storage::Cuda(b), Storage::Cuda(c)))
             }
         }

@@ -13,7 +13,7 @@ use std::time::Instant;
 
 use kstyle::backend::cpu::attention::AttnGeom;
 use kstyle::backend::cpu::lora::LoraGeom;
-use kstyle::backend::cuda::attention::{sdpa_bwd_with, sdpa_with, AttnKernel};
+use kstyle::backend::cuda::attention::{sdpa_bwd_with, sdpa_with, AttnKernel, Saved};
 use kstyle::backend::cuda::{self, CudaStorage};
 use kstyle::backend::ops::{self, GateArgs};
 use kstyle::tensor::Rng;
@@ -443,15 +443,22 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
             ("flash", AttnKernel::Auto),
             ("composed", AttnKernel::Composed),
         ] {
-            let s = b.time(|| sdpa_with(qa, ka, va, &geom, which).map(|_| ()))?;
+            let s = b.time(|| sdpa_with(qa, ka, va, &geom, which, false).map(|_| ()))?;
             b.report(
                 &format!("sdpa fwd {tag} bh{bh} {sq}x{skv} d{d} bf16"),
                 s,
                 io,
                 fl,
             );
-            let s = b.time(|| sdpa_bwd_with(qa, ka, va, oa, &geom, which).map(|_| ()))?;
-            // The backward includes the recomputed forward (the contract passes inputs only).
+            // Training's pair: the forward keeps its LSE (flash) and the backward reuses it.
+            let s = b.time(|| {
+                let (out, lse) = sdpa_with(qa, ka, va, &geom, which, true)?;
+                let saved = lse.as_ref().map(|lse| Saved {
+                    out: (&out, oa.1),
+                    lse,
+                });
+                sdpa_bwd_with(qa, ka, va, oa, &geom, which, saved).map(|_| ())
+            })?;
             b.report(
                 &format!("sdpa fwd+bwd {tag} bh{bh} {sq}x{skv} d{d} bf16"),
                 s,

@@ -454,19 +454,25 @@ impl Tensor {
             scale,
             causal,
         };
-        let out = ops::sdpa(
+        // Keep the log-sum-exp only where a backward will run.
+        let keep = crate::autograd::grad_enabled() && (q.tracks() || k.tracks() || v.tracks());
+        let (out, lse) = ops::sdpa(
             (&q.storage(), q.layout()),
             (&k.storage(), k.layout()),
             (&v.storage(), v.layout()),
             &geom,
+            keep,
         )?;
+        let out = Tensor::from_storage(out, (b, nh, sq, dv), None);
+        let saved = lse.map(|l| (out.clone(), Tensor::from_storage(l, b * nh * sq, None)));
         let op = Op::Sdpa {
             q: q.clone(),
             k: k.clone(),
             v: v.clone(),
             geom,
+            saved,
         };
-        Ok(Tensor::from_storage(out, (b, nh, sq, dv), Some(op)))
+        Ok(out.view(out.layout().clone(), Some(op)))
     }
 
     // ---- lookups and casts ----

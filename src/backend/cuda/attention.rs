@@ -112,8 +112,24 @@ fn probs(dev: &Arc<CudaDevice>, dtype: DType, q: u64, k: u64, g: &AttnGeom) -> R
     Ok(p)
 }
 
-pub fn sdpa(q: Operand, k: Operand, v: Operand, g: &AttnGeom) -> Result<CudaStorage> {
-    sdpa_with(q, k, v, g, AttnKernel::Auto)
+/// What a flash forward leaves for its backward: the output O (BH, Sq, D) and the log-sum-exp of
+/// each query row's scaled scores (BH * Sq, f32), so the backward need not run the forward again.
+#[derive(Clone, Copy)]
+pub struct Saved<'a> {
+    pub out: Operand<'a>,
+    pub lse: &'a CudaStorage,
+}
+
+/// The attention output, and the log-sum-exp rows when `keep_lse` and the flash kernels ran
+/// (`None` on the composition, whose backward recomputes the probabilities).
+pub fn sdpa(
+    q: Operand,
+    k: Operand,
+    v: Operand,
+    g: &AttnGeom,
+    keep_lse: bool,
+) -> Result<(CudaStorage, Option<CudaStorage>)> {
+    sdpa_with(q, k, v, g, AttnKernel::Auto, keep_lse)
 }
 
 pub fn sdpa_with(
@@ -122,18 +138,24 @@ pub fn sdpa_with(
     v: Operand,
     g: &AttnGeom,
     which: AttnKernel,
-) -> Result<CudaStorage> {
+    keep_lse: bool,
+) -> Result<(CudaStorage, Option<CudaStorage>)> {
     let dtype = check(q, k, v, "sdpa")?;
     float_tn(dtype, "sdpa")?;
     let dev = q.0.dev();
     let out = CudaStorage::alloc(dev, dtype, g.bh * g.sq * g.dv)?;
     if out.is_empty() {
-        return Ok(out);
+        return Ok((out, None));
     }
     let (qp, kp, vp) = (packed(q.0, q.1)?, packed(k.0, k.1)?, packed(v.0, v.1)?);
     if which == AttnKernel::Auto && flash_ok(dtype, g) {
-        flash_fwd(dev, dtype, (qp.ptr, kp.ptr, vp.ptr, out.ptr(), 0), g)?;
-        return Ok(out);
+        let lse = match keep_lse {
+            true => Some(CudaStorage::alloc(dev, DType::F32, g.bh * g.sq)?),
+            false => None,
+        };
+        let lse_ptr = lse.as_ref().map_or(0, |l| l.ptr());
+        flash_fwd(dev, dtype, (qp.ptr, kp.ptr, vp.ptr, out.ptr(), lse_ptr), g)?;
+        return Ok((out, lse));
     }
     let p = probs(dev, dtype, qp.ptr, kp.ptr, g)?;
     let pm = Mat::contiguous(p.ptr(), g.sq, g.skv);
@@ -149,7 +171,7 @@ pub fn sdpa_with(
         1.0,
         0.0,
     )?;
-    Ok(out)
+    Ok((out, None))
 }
 
 pub fn sdpa_bwd(
@@ -158,12 +180,13 @@ pub fn sdpa_bwd(
     v: Operand,
     dout: Operand,
     g: &AttnGeom,
+    saved: Option<Saved>,
 ) -> Result<(CudaStorage, CudaStorage, CudaStorage)> {
-    sdpa_bwd_with(q, k, v, dout, g, AttnKernel::Auto)
+    sdpa_bwd_with(q, k, v, dout, g, AttnKernel::Auto, saved)
 }
 
-/// (dq, dk, dv). The flash path recomputes O and the LSE with one forward first (the backend
-/// contract hands backward the inputs only).
+/// (dq, dk, dv). The flash path takes O and the LSE from `saved` (what [`sdpa`] kept), else runs
+/// the forward once more to get them.
 pub fn sdpa_bwd_with(
     q: Operand,
     k: Operand,
@@ -171,6 +194,7 @@ pub fn sdpa_bwd_with(
     dout: Operand,
     g: &AttnGeom,
     which: AttnKernel,
+    saved: Option<Saved>,
 ) -> Result<(CudaStorage, CudaStorage, CudaStorage)> {
     let dtype = check(q, k, v, "sdpa_bwd")?;
     super::same_device(q.0, dout.0, "sdpa_bwd")?;
@@ -197,12 +221,36 @@ pub fn sdpa_bwd_with(
         let rows = g.bh * g.sq;
         // Keys (dK/dV) or queries (dQ) per block: 64 on the bf16 tensor-core kernels.
         let bwd_tile = if dtype == DType::BF16 { 64 } else { 32 };
-        let o = dev.alloc(dtype, rows * g.d)?;
-        let lse = dev.alloc(DType::F32, rows)?;
         let dvec = dev.alloc(DType::F32, rows)?;
-        flash_fwd(dev, dtype, (qp.ptr, kp.ptr, vp.ptr, o.ptr(), lse.ptr()), g)?;
+        // Either the forward's O and LSE, or a fresh forward's (kept alive to the end).
+        let (kept, fresh);
+        let (o_ptr, lse_ptr) = match saved {
+            Some(s) => {
+                super::same_device(q.0, s.out.0, "sdpa_bwd")?;
+                super::check_dtype(dtype, s.out.0.dtype(), "sdpa_bwd")?;
+                super::check_dtype(DType::F32, s.lse.dtype(), "sdpa_bwd")?;
+                if s.out.1.shape().elem_count() != rows * g.d || s.lse.len() != rows {
+                    return Err(crate::Error::msg(format!(
+                        "sdpa_bwd: the saved output ({} values) and log-sum-exp ({} rows) do not \
+                         match {rows} query rows of head dim {}",
+                        s.out.1.shape().elem_count(),
+                        s.lse.len(),
+                        g.d
+                    )));
+                }
+                kept = packed(s.out.0, s.out.1)?;
+                (kept.ptr, s.lse.ptr())
+            }
+            None => {
+                let o = dev.alloc(dtype, rows * g.d)?;
+                let lse = dev.alloc(DType::F32, rows)?;
+                flash_fwd(dev, dtype, (qp.ptr, kp.ptr, vp.ptr, o.ptr(), lse.ptr()), g)?;
+                fresh = (o, lse);
+                (fresh.0.ptr(), fresh.1.ptr())
+            }
+        };
         dev.launch("attention", format!("attention_flash_prep_bwd_{t}"))?
-            .arg(o.ptr())
+            .arg(o_ptr)
             .arg(dop.ptr)
             .arg(dvec.ptr())
             .arg(rows as i64)
@@ -216,7 +264,7 @@ pub fn sdpa_bwd_with(
         .arg(kp.ptr)
         .arg(vp.ptr)
         .arg(dop.ptr)
-        .arg(lse.ptr())
+        .arg(lse_ptr)
         .arg(dvec.ptr())
         .arg(dk.ptr())
         .arg(dv.ptr())
@@ -234,7 +282,7 @@ pub fn sdpa_bwd_with(
             .arg(kp.ptr)
             .arg(vp.ptr)
             .arg(dop.ptr)
-            .arg(lse.ptr())
+            .arg(lse_ptr)
             .arg(dvec.ptr())
             .arg(dq.ptr())
             .arg(sq)

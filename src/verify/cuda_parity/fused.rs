@@ -269,20 +269,29 @@ pub(super) fn attention(r: &mut Run, dt: DType) -> Result<()> {
         let cpu_out = {
             let (q, k, v) = (sa(&q32), sa(&k32), sa(&v32));
             st(
-                ops::sdpa((&q.0, &q.1), (&k.0, &k.1), (&v.0, &v.1), &g)?,
+                ops::sdpa((&q.0, &q.1), (&k.0, &k.1), (&v.0, &v.1), &g, false)?.0,
                 (bh, sq, dv),
             )
         };
         let cpu_grads = {
             let (q, k, v, o) = (sa(&q32), sa(&k32), sa(&v32), sa(&o32));
-            ops::sdpa_bwd((&q.0, &q.1), (&k.0, &k.1), (&v.0, &v.1), (&o.0, &o.1), &g)?
+            ops::sdpa_bwd(
+                (&q.0, &q.1),
+                (&k.0, &k.1),
+                (&v.0, &v.1),
+                (&o.0, &o.1),
+                &g,
+                None,
+            )?
         };
         let cpu_grads = [
             st(cpu_grads.0, (bh, sq, d)),
             st(cpu_grads.1, (bh, skv, d)),
             st(cpu_grads.2, (bh, skv, dv)),
         ];
-        let run = |which: AttnKernel| -> Result<(Tensor, [Tensor; 3])> {
+        // `keep`: the backward takes the forward's O and LSE (training's path) rather than running
+        // the forward again.
+        let run = |which: AttnKernel, keep: bool| -> Result<(Tensor, [Tensor; 3])> {
             let (qs, ks, vs, os) = (qg.storage(), kg.storage(), vg.storage(), ogr.storage());
             let (q, k, v, o) = (
                 (cu(&qs)?, qg.layout()),
@@ -290,10 +299,15 @@ pub(super) fn attention(r: &mut Run, dt: DType) -> Result<()> {
                 (cu(&vs)?, vg.layout()),
                 (cu(&os)?, ogr.layout()),
             );
-            let out = st(Storage::Cuda(sdpa_with(q, k, v, &g, which)?), (bh, sq, dv));
-            let (a, b, c) = sdpa_bwd_with(q, k, v, o, &g, which)?;
+            let (out, lse) = sdpa_with(q, k, v, &g, which, keep)?;
+            let out_layout = Layout::contiguous((bh, sq, dv));
+            let saved = lse.as_ref().map(|lse| Saved {
+                out: (&out, &out_layout),
+                lse,
+            });
+            let (a, b, c) = sdpa_bwd_with(q, k, v, o, &g, which, saved)?;
             Ok((
-                out,
+                st(Storage::Cuda(out), (bh, sq, dv)),
                 [
                     st(Storage::Cuda(a), (bh, sq, d)),
                     st(Storage::Cuda(b), (bh, skv, d)),
@@ -301,7 +315,18 @@ pub(super) fn attention(r: &mut Run, dt: DType) -> Result<()> {
                 ],
             ))
         };
-        let (out, grads) = run(AttnKernel::Auto)?;
+        let (out, grads) = run(AttnKernel::Auto, true)?;
+        // The same kernels on the same O and LSE: recomputing them must not change a bit.
+        let (_, again) = run(AttnKernel::Auto, false)?;
+        for (i, name_i) in ["dq", "dk", "dv"].iter().enumerate() {
+            r.check_with(
+                format!("{name} {name_i} saved = recomputed"),
+                dt,
+                &grads[i],
+                &again[i],
+                Tolerance { rel: 0.0, abs: 0.0 },
+            )?;
+        }
         let names = ["dq", "dk", "dv"];
         if dt == DType::F32 || causal {
             r.check(format!("{name} fwd"), dt, &out, &cpu_out, false)?;
@@ -317,7 +342,7 @@ pub(super) fn attention(r: &mut Run, dt: DType) -> Result<()> {
             continue;
         }
         // Low precision: flash may err at most twice as much as the plain composition.
-        let (cout, cgrads) = run(AttnKernel::Composed)?;
+        let (cout, cgrads) = run(AttnKernel::Composed, true)?;
         let rule = |r: &mut Run,
                     case: String,
                     flash: &Tensor,

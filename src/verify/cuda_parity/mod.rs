@@ -12,10 +12,10 @@ use crate::backend::cpu::conv::ConvGeom;
 use crate::backend::cpu::elementwise::{BinaryOp, UnaryOp};
 use crate::backend::cpu::lora::LoraGeom;
 use crate::backend::cpu::optim::{AdamW, LionStep, LrRun, ProdigyBuffers, ProdigyMoments, State};
-use crate::backend::cuda::attention::{sdpa_bwd_with, sdpa_with, AttnKernel};
+use crate::backend::cuda::attention::{sdpa_bwd_with, sdpa_with, AttnKernel, Saved};
 use crate::backend::ops::{self, GateArgs};
 use crate::backend::Storage;
-use crate::tensor::{Rng, Shape};
+use crate::tensor::{Layout, Rng, Shape};
 use crate::tolerance::{compare, Tolerance};
 use crate::{DType, Device, Result, Tensor};
 
