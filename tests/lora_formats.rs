@@ -965,14 +965,15 @@ fn random_factor_shapes_never_panic() {
 ///   1 and 0.6 (the UNet) and 1 (CLIP-L's penultimate state).
 /// - `lora_export` (`gen_export.py`): `kstyle export`'s kohya and diffusers files as diffusers'
 ///   `load_lora_weights` reads them (all 176 UNet and 30 text-encoder modules placed): the UNet
-///   output and the prompt embeddings; and a conv-LoRA adapter's two exports (242 modules, 49
-///   of them convolutions): the UNet output.
+///   output and the prompt embeddings; a conv-LoRA adapter's two exports (242 modules, 49
+///   of them convolutions): the UNet output; and a DoRA adapter's diffusers export (PEFT DoRA
+///   layers on both): the UNet output and the prompt embeddings.
 #[test]
 fn lora_files_match_the_tools_that_wrote_them() {
     let cases = ["lora_lycoris", "lora_peft", "lora_export"].map(String::from);
     let report = kstyle::verify::run(&tiny(), Device::Cpu, Some(&cases)).unwrap();
     assert!(report.failed_cases.is_empty(), "{:?}", report.failed_cases);
-    assert_eq!(report.rows.len(), 8 + 3 + 2 * 3 + 2);
+    assert_eq!(report.rows.len(), 8 + 3 + 3 * 3 + 2);
     for r in &report.rows {
         eprintln!("{} {}: relative error {:.2e}", r.case, r.tensor, r.error);
         assert!(
@@ -1006,6 +1007,7 @@ fn header_checks_accept_exactly_what_loading_accepts() {
             "peft_dora",
             "export_kohya",
             "export_diffusers",
+            "export_dora_diffusers",
             "refiner_lora",
         ]
         .iter()

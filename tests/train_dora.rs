@@ -1,7 +1,8 @@
 //! `kstyle train --dora-wd`: DoRA (LyCORIS' weight-decomposed LoRA). The arithmetic of a step is
 //! checked against lycoris-lora's LoConModule by the `train_dora` verify case; here, through the
 //! real binary on the tiny model: the adapter holds a `dora_scale` beside every module's factors
-//! in LyCORIS' layout, runs live as its kohya export runs merged (at strength 1 and 0.5), resumes
+//! in LyCORIS' layout, runs live as its kohya export runs merged (at strength 1 and 0.5) and
+//! as its diffusers/PEFT export (lora_magnitude_vector) at strength 1, resumes
 //! bit for bit, trains in mixed precision, and what DoRA cannot do is refused.
 
 mod common;
@@ -69,6 +70,7 @@ fn dora_trains_in_lycoris_names_and_runs_as_its_export() {
         .unwrap()
         .names()
         .any(|n| n.ends_with(".dora_scale")));
+    let mut y_live_full = None;
     for strength in [1.0, 0.5] {
         let mut live = tiny_unet(&[]);
         let ad = Adapter::load(&adapter, &unet_module_index(&live), Device::Cpu).unwrap();
@@ -91,10 +93,27 @@ fn dora_trains_in_lycoris_names_and_runs_as_its_export() {
         if strength == 1.0 {
             let plain = tiny_unet_output(&tiny_unet(&[]));
             assert!(rel_l2(&plain, &y_live) > 1e-2, "DoRA changed nothing");
+            y_live_full = Some(y_live);
         }
     }
-    let o = export_tiny(&adapter, "diffusers", &dir.join("peft.safetensors"));
-    assert_fails_naming(&o, "--format kohya");
+    let y_live_full = y_live_full.unwrap();
+    // The diffusers/PEFT export: magnitudes as lora_magnitude_vector in PEFT's shapes, alpha
+    // folded into lora_B; merged at strength 1 (PEFT's scaling) it runs as the live adapter.
+    let file = dir.join("peft.safetensors");
+    let o = export_tiny(&adapter, "diffusers", &file);
+    assert!(o.status.success(), "{}", common::stderr(&o));
+    let f = SafeTensorsFile::open(&file).unwrap();
+    let magnitudes: Vec<_> = f
+        .names()
+        .filter(|n| n.ends_with(".lora_magnitude_vector.weight"))
+        .map(|n| f.info(n).unwrap().1.to_vec())
+        .collect();
+    assert_eq!(magnitudes.len(), modules.len());
+    let convs = magnitudes.iter().filter(|s| s.len() == 4).count();
+    assert!(convs > 0 && magnitudes.iter().all(|s| s.len() == 1 || s[0] == 1));
+    let merged = tiny_unet(&[KohyaLoraFile::new(&file, 1.0)]);
+    let r = rel_l2(&tiny_unet_output(&merged), &y_live_full);
+    assert!(r < 1e-5, "diffusers export merged differs from live: {r}");
 }
 
 #[test]

@@ -1,7 +1,8 @@
 //! Exporting an adapter for other tools: kohya (`lora_unet_*.lora_down/up.weight` + `.alpha`,
 //! and `lora_te1_*` / `lora_te2_*` for trained text encoders: what ComfyUI and A1111 load) or
 //! diffusers/PEFT (`unet.<module>.lora_A/B.weight`, `text_encoder.<module>…`,
-//! `text_encoder_2.<module>…`, the scale folded into B since that layout carries no alpha). Gated adapters export with their gates
+//! `text_encoder_2.<module>…`, the scale folded into B since that layout carries no alpha; DoRA's
+//! magnitudes as PEFT's `lora_magnitude_vector.weight`). Gated adapters export with their gates
 //! baked in: B's columns scaled by the mean effective gate over a calibration set.
 
 use super::adapter::{kohya_module_name, text_encoder_part, Adapter};
@@ -32,6 +33,20 @@ fn scale_columns(b: &Tensor, scale: &[f64]) -> Result<Tensor> {
     b.mul(&s)
 }
 
+/// A `dora_scale` (out, 1) or (out, 1, 1, 1) in PEFT's layout: (out,) for a linear, (1, out, 1, 1)
+/// for a convolution (PEFT keeps the convolution's norms transposed). With alpha folded into
+/// lora_B (PEFT scaling 1) the norm PEFT takes, of W + B A, is the one DoRA trained with. The
+/// key ends `lora_magnitude_vector.weight`, the module's parameter: PEFT loads it as it loads its
+/// own `lora_magnitude_vector`, and diffusers 0.42.1 with transformers 5.24 loads only this
+/// spelling into the text encoders (the other is dropped there, leaving fresh magnitudes).
+fn peft_magnitude(m: &Tensor) -> Result<Tensor> {
+    let out = m.dims()[0];
+    match m.rank() {
+        4 => m.reshape((1, out, 1, 1)),
+        _ => m.reshape(out),
+    }
+}
+
 /// Write `adapter` in `format`. `baked` maps module paths to the mean `a * w_down * w_up` per rank
 /// (required for gated adapters); `dtype` is the stored precision (kohya files are usually f16).
 pub fn export_adapter(
@@ -48,16 +63,11 @@ pub fn export_adapter(
             adapter.method.name()
         )));
     }
-    let lycoris = adapter.lycoris_algo();
-    let kind = match (lycoris, adapter.is_dora()) {
-        (Some(algo), _) => Some(algo.name()),
-        (None, true) => Some("DoRA"),
-        (None, false) => None,
-    };
-    if let (Some(kind), ExportFormat::Diffusers) = (kind, format) {
+    if let (Some(algo), ExportFormat::Diffusers) = (adapter.lycoris_algo(), format) {
         return Err(Error::Config(format!(
-            "a {kind} adapter has no diffusers/PEFT LoRA form here (kstyle writes plain LoRA in \
-             that layout): export it with --format kohya, LyCORIS' layout ComfyUI and A1111 load"
+            "a {} adapter has no diffusers/PEFT LoRA form here (kstyle writes LoRA and DoRA in \
+             that layout): export it with --format kohya, LyCORIS' layout ComfyUI and A1111 load",
+            algo.name()
         )));
     }
     let mut out = Vec::new();
@@ -108,6 +118,12 @@ pub fn export_adapter(
                     format!("{name}.lora_B.weight"),
                     up.scale(a.config.alpha / r)?.to_dtype(dtype)?,
                 ));
+                if let Some(d) = &a.dora {
+                    out.push((
+                        format!("{name}.lora_magnitude_vector.weight"),
+                        peft_magnitude(&d.magnitude)?.to_dtype(dtype)?,
+                    ));
+                }
             }
         }
     }

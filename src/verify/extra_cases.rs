@@ -522,15 +522,16 @@ pub fn lora_peft(ctx: &Ctx) -> Result<Vec<Row>> {
 }
 
 /// `kstyle export`'s kohya and diffusers files, merged here, against diffusers'
-/// `load_lora_weights` of the same files: an adapter with text-encoder LoRA, and one with
-/// kohya's conv LoRA (the resnets' and resamplers' 3x3 and 1x1 convolutions and time
-/// projections, which diffusers places as PEFT Conv2d and Linear LoRA layers).
+/// `load_lora_weights` of the same files: an adapter with text-encoder LoRA, one with kohya's
+/// conv LoRA (the resnets' and resamplers' 3x3 and 1x1 convolutions and time projections, which
+/// diffusers places as PEFT Conv2d and Linear LoRA layers), and a DoRA adapter with both in
+/// diffusers/PEFT layout (PEFT DoRA layers; its magnitudes move the output by 0.36).
 pub fn lora_export(ctx: &Ctx) -> Result<Vec<Row>> {
     use crate::sample::pipeline::{LoadOptions, SdxlPipeline};
     let refs = SafeTensorsFile::open(extra(ctx, "export_reference.safetensors"))?;
     let prompt = refs.meta_str("prompt")?.to_string();
     let mut chk = Checker::new("lora_export");
-    for fmt in ["kohya", "diffusers"] {
+    for fmt in ["kohya", "diffusers", "dora_diffusers"] {
         let file = extra(ctx, &format!("export_{fmt}.safetensors"));
         let out = unet_with(ctx, KohyaLoraFile::new(&file, 1.0))?;
         let name = format!("{fmt}.out");
