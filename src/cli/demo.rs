@@ -136,6 +136,7 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
         save_every_epochs: None,
         keep_checkpoints: None,
         resume: None,
+        network_weights: None,
         sample_every: None,
         sample_every_epochs: None,
         sample_prompts: Vec::new(),

@@ -337,6 +337,12 @@ pub struct Args {
     /// Continue from a checkpoint written by --save-every.
     #[arg(long)]
     pub resume: Option<PathBuf>,
+    /// Start the adapters from this LoRA file instead of fresh ones (kohya's --network_weights;
+    /// kohya, PEFT/diffusers or kstyle files, DoRA with --dora-wd), with a fresh optimizer. Its
+    /// ranks must be the run's; lora_up is rescaled when its alpha differs from --alpha, so the
+    /// run starts from the file's update. Every module of the file must have an adapter in the run.
+    #[arg(long, conflicts_with = "resume")]
+    pub network_weights: Option<PathBuf>,
     /// Make the previews (--sample-prompt or --sample-prompts) every N optimizer steps.
     #[arg(long)]
     pub sample_every: Option<u64>,
@@ -733,6 +739,7 @@ pub fn config_from(a: &Args) -> anyhow::Result<TrainConfig> {
         save_every_epochs: a.save_every_n_epochs,
         keep_checkpoints: a.keep_checkpoints,
         resume: a.resume.clone(),
+        network_weights: a.network_weights.clone(),
         sample_every: a.sample_every,
         sample_every_epochs: a.sample_every_n_epochs,
         sample_prompts,

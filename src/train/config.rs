@@ -118,6 +118,9 @@ pub struct TrainConfig {
     /// is written (kohya's `--save_last_n_steps` / `--save_last_n_epochs`, counted in files).
     pub keep_checkpoints: Option<usize>,
     pub resume: Option<PathBuf>,
+    /// A LoRA file the adapters start from instead of the fresh draw (kohya's
+    /// `--network_weights`; see `train::network_weights`).
+    pub network_weights: Option<PathBuf>,
     pub sample_every: Option<u64>,
     /// Previews at the end of every Nth epoch instead (kohya's `--sample_every_n_epochs`).
     pub sample_every_epochs: Option<u64>,
@@ -301,6 +304,36 @@ impl TrainConfig {
         )
     }
 
+    /// `--network-weights` starts LoRA (and DoRA) factors of a fresh run: not a resumed one (the
+    /// checkpoint holds its own), not the gated methods' adapters (a plain LoRA file has no gates
+    /// and its update is not theirs), not LoHa or LoKr.
+    fn check_network_weights(&self) -> Result<()> {
+        let refuse = |what: &str| {
+            Err(Error::Config(format!(
+                "--network-weights starts a fresh run's LoRA from a file, {what}"
+            )))
+        };
+        if self.resume.is_some() {
+            return refuse(
+                "and --resume continues a checkpoint, which holds its own: pass one of them",
+            );
+        }
+        if self.method.gated() {
+            return refuse(&format!(
+                "and method `{}` gates LoRA's rank (a plain LoRA's update is not a gated one): \
+                 use --method lora or lora-csl",
+                self.method.name()
+            ));
+        }
+        if self.algo != Algo::Lora {
+            return refuse(&format!(
+                "and --algo {} builds LyCORIS factors it does not read: use --algo lora",
+                self.algo.name()
+            ));
+        }
+        Ok(())
+    }
+
     /// The refusals LoHa, LoKr and DoRA share, each worded by `refuse`: the gated methods, the
     /// network and rank dropouts (`dropouts` says what LyCORIS does with them) and max-norm.
     fn check_weight_space(
@@ -355,6 +388,9 @@ impl TrainConfig {
         }
         if self.dora {
             self.check_dora()?;
+        }
+        if self.network_weights.is_some() {
+            self.check_network_weights()?;
         }
         if self.algo != Algo::Lora {
             self.check_lycoris()?;
@@ -788,6 +824,14 @@ impl TrainConfig {
             ),
             ("algo".to_string(), c.algo.name().to_string()),
             ("dora_wd".to_string(), c.dora.to_string()),
+            // The file name alone, as for the VAE: no local paths.
+            (
+                "network_weights".to_string(),
+                c.network_weights
+                    .as_ref()
+                    .and_then(|v| v.file_name())
+                    .map_or("none".into(), |n| n.to_string_lossy().into_owned()),
+            ),
             (
                 "lokr_factor".to_string(),
                 match c.algo {

@@ -16,6 +16,7 @@ pub mod lr;
 pub mod lr_groups;
 pub mod max_norm;
 pub mod memory;
+mod network_weights;
 pub mod noise;
 pub mod optim;
 pub mod optimizer_args;

@@ -319,7 +319,14 @@ impl Trainer {
             state,
         } = match &cfg.resume {
             Some(path) => resume(path, &cfg, &index, data.epoch_len(), n_train, log)?,
-            None => fresh(&cfg, &unet, &plan, text_encoders.as_mut(), &examples)?,
+            None => {
+                let mut s = fresh(&cfg, &unet, &plan, text_encoders.as_mut(), &examples)?;
+                if let Some(w) = &cfg.network_weights {
+                    let te = text_encoders.as_mut();
+                    super::network_weights::load(w, &mut s.modules, &unet, te, log)?;
+                }
+                s
+            }
         };
         if cfg.resume.is_some() && plan.per_block() {
             check_planned_blocks(&cfg, &unet, &adapter_modules, &plan)?;

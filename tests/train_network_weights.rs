@@ -1,0 +1,182 @@
+//! `kstyle train --network-weights FILE`: a run starts its adapters from an existing LoRA. Through
+//! the real binary on the tiny model: at learning rate 0 the run writes back exactly the adapter
+//! it started from (LoRA with conv and text-encoder modules, and DoRA); a kohya export read with
+//! another --alpha, and a diffusers/PEFT export (alpha folded in), start the run from the same
+//! update; what does not fit the run (rank, modules it does not train, DoRA or not, LoHa, gated
+//! methods, --resume, a damaged file) is refused by name.
+
+mod common;
+use common::train::{dataset, setting, tensors, train, train_ok};
+use common::{assert_fails_naming, export_tiny, rel_l2, tiny_unet, tiny_unet_output, tmp};
+use kstyle::models::unet::KohyaLoraFile;
+use kstyle::tensor::SafeTensorsFile;
+use std::path::Path;
+
+const CONV_TE: [&str; 3] = ["--conv-dim", "2", "--train-text-encoder"];
+
+/// One step at learning rate 0 from `weights` with `args`: the adapter the run writes.
+fn frozen_run(data: &Path, out: &Path, weights: &Path, args: &[&str]) -> std::path::PathBuf {
+    let base = [
+        "--max-steps",
+        "1",
+        "--lr",
+        "0",
+        "--text-encoder-lr",
+        "0",
+        "--network-weights",
+        weights.to_str().unwrap(),
+    ];
+    train_ok(data, out, "lora", &[&base[..], args].concat())
+}
+
+/// The tiny UNet's output with `file` merged at strength 1.
+fn merged_output(file: &Path) -> kstyle::Tensor {
+    tiny_unet_output(&tiny_unet(&[KohyaLoraFile::new(file, 1.0)]))
+}
+
+#[test]
+fn network_weights_start_the_run_from_the_file() {
+    let dir = tmp("network-weights");
+    let data = dataset(&dir);
+    let trained = [&["--max-steps", "2", "--lr", "1e-2"][..], &CONV_TE[..]].concat();
+    let a = train_ok(&data, &dir.join("a/adapter.safetensors"), "lora", &trained);
+
+    // Nothing moves at rate 0: every tensor of the file comes back bit for bit.
+    let b = frozen_run(&data, &dir.join("b/b.safetensors"), &a, &CONV_TE);
+    assert_eq!(tensors(&b), tensors(&a));
+    assert_eq!(setting(&b, "network_weights"), "adapter.safetensors");
+    let y = merged_output(&a);
+    assert!(rel_l2(&y, &tiny_unet_output(&tiny_unet(&[]))) > 1e-3);
+
+    // The kohya export, continued at --alpha 2 (the file's is 4): lora_up doubles, the update
+    // (and so the output) is the file's.
+    let kohya = dir.join("kohya.safetensors");
+    assert!(export_tiny(&a, "kohya", &kohya).status.success());
+    let c = frozen_run(
+        &data,
+        &dir.join("c/c.safetensors"),
+        &kohya,
+        &[&CONV_TE[..], &["--alpha", "2", "--conv-alpha", "0.5"]].concat(),
+    );
+    let (fa, fc) = (
+        SafeTensorsFile::open(&a).unwrap(),
+        SafeTensorsFile::open(&c).unwrap(),
+    );
+    let up = "lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q.lora_up.weight";
+    let want = fa.tensor(up).unwrap().scale(2.0).unwrap();
+    assert_eq!(rel_l2(&fc.tensor(up).unwrap(), &want), 0.0);
+    let r = rel_l2(&merged_output(&c), &y);
+    assert!(r < 1e-6, "kohya export at another alpha: {r}");
+
+    // The diffusers/PEFT export: no alpha tensors, the scale folded into lora_B.
+    let peft = dir.join("peft.safetensors");
+    assert!(export_tiny(&a, "diffusers", &peft).status.success());
+    let d = frozen_run(&data, &dir.join("d/d.safetensors"), &peft, &CONV_TE);
+    let r = rel_l2(&merged_output(&d), &y);
+    assert!(r < 1e-6, "diffusers export: {r}");
+
+    // A run with modules the file lacks: they start fresh (lora_up zero), the file's as stored.
+    let e = frozen_run(
+        &data,
+        &dir.join("e/e.safetensors"),
+        &a,
+        &[&CONV_TE[..], &["--targets", "all"]].concat(),
+    );
+    let r = rel_l2(&merged_output(&e), &y);
+    assert!(r < 1e-6, "extra fresh modules changed the output: {r}");
+    let ff = SafeTensorsFile::open(&e).unwrap();
+    let fresh_up = "lora_unet_input_blocks_4_1_transformer_blocks_0_ff_net_2.lora_up.weight";
+    let z = ff.tensor(fresh_up).unwrap().to_vec_f64().unwrap();
+    assert!(!z.is_empty() && z.iter().all(|&v| v == 0.0));
+
+    // DoRA: the magnitudes come back too, from the adapter and from its PEFT export.
+    let dora_args = [&["--dora-wd"][..], &CONV_TE[..]].concat();
+    let trained = [&["--max-steps", "2", "--lr", "1e-2"][..], &dora_args[..]].concat();
+    let g = train_ok(&data, &dir.join("g/dora.safetensors"), "lora", &trained);
+    let h = frozen_run(&data, &dir.join("h/h.safetensors"), &g, &dora_args);
+    assert_eq!(tensors(&h), tensors(&g));
+    let peft = dir.join("dora-peft.safetensors");
+    assert!(export_tiny(&g, "diffusers", &peft).status.success());
+    let i = frozen_run(&data, &dir.join("i/i.safetensors"), &peft, &dora_args);
+    let r = rel_l2(&merged_output(&i), &merged_output(&g));
+    assert!(r < 1e-6, "DoRA from its PEFT export: {r}");
+}
+
+#[test]
+fn network_weights_that_do_not_fit_the_run_are_refused_by_name() {
+    let dir = tmp("network-weights-refused");
+    let data = dataset(&dir);
+    let one = ["--max-steps", "1"];
+    let a = train_ok(
+        &data,
+        &dir.join("a.safetensors"),
+        "lora",
+        &[&one[..], &CONV_TE[..]].concat(),
+    );
+    let w = a.to_str().unwrap();
+    let refused = |extra: &[&str], method: &str, needle: &str| {
+        let args = [&one[..], &["--network-weights", w][..], extra].concat();
+        let o = train(&data, &dir.join("refused.safetensors"), method, &args);
+        assert_fails_naming(&o, needle);
+    };
+    refused(
+        &[&CONV_TE[..], &["--rank", "8"]].concat(),
+        "lora",
+        "pass --rank 4",
+    );
+    refused(&["--conv-dim", "2"], "lora", "--train-text-encoder");
+    refused(&["--train-text-encoder"], "lora", "no adapter in this run");
+    refused(
+        &[&CONV_TE[..], &["--dora-wd"]].concat(),
+        "lora",
+        "leave --dora-wd out",
+    );
+    refused(&CONV_TE, "kstyle", "gates LoRA's rank");
+    refused(
+        &[&CONV_TE[..], &["--resume", w]].concat(),
+        "lora",
+        "cannot be used with",
+    );
+    let dora = train_ok(
+        &data,
+        &dir.join("dora.safetensors"),
+        "lora",
+        &[&one[..], &["--dora-wd"]].concat(),
+    );
+    let o = train(
+        &data,
+        &dir.join("refused.safetensors"),
+        "lora",
+        &[&one[..], &["--network-weights", dora.to_str().unwrap()]].concat(),
+    );
+    assert_fails_naming(&o, "train it with --dora-wd");
+    let loha = train_ok(
+        &data,
+        &dir.join("loha.safetensors"),
+        "lora",
+        &[&one[..], &["--algo", "loha"]].concat(),
+    );
+    let o = train(
+        &data,
+        &dir.join("refused.safetensors"),
+        "lora",
+        &[&one[..], &["--network-weights", loha.to_str().unwrap()]].concat(),
+    );
+    assert_fails_naming(&o, "is not LoRA");
+    // A damaged file: cut in half.
+    let bytes = std::fs::read(&a).unwrap();
+    let cut = dir.join("cut.safetensors");
+    std::fs::write(&cut, &bytes[..bytes.len() / 2]).unwrap();
+    let o = train(
+        &data,
+        &dir.join("refused.safetensors"),
+        "lora",
+        &[
+            &one[..],
+            &CONV_TE[..],
+            &["--network-weights", cut.to_str().unwrap()],
+        ]
+        .concat(),
+    );
+    assert_fails_naming(&o, "cut.safetensors");
+}
