@@ -378,3 +378,187 @@ fn a_vae_is_baked_in_both_directions() {
         assert!(!Path::new(&partial).exists());
     }
 }
+
+/// `--lora` bakes LoRA files into the weights in every direction. Each patched weight equals the
+/// load-time merge (the one `generate --lora` runs and `verify` checks against diffusers: every
+/// file summed in f64 on the stored weights) rounded once to the stored f16; every other tensor
+/// is the plain conversion's, byte for byte. A single file with LoRAs becomes a new single file
+/// with the input's own keys; kstyle adapters and LoRAs for another model are refused by name.
+#[test]
+fn loras_are_baked_in_every_direction() {
+    use kstyle::formats::kohya::Component;
+    use kstyle::models::unet::lora_merge::{merge_kohya, merge_kohya_text_encoder};
+    use kstyle::models::unet::KohyaLoraFile;
+    use kstyle::{DType, Tensor};
+    use std::collections::BTreeMap;
+    let dir = tmp("convert-lora");
+    let extra = tiny().join("../extra");
+    let (te_lora, conv_lora) = (
+        extra.join("export_kohya.safetensors"),
+        extra.join("export_locon_kohya.safetensors"),
+    );
+    let conv_arg = format!("{}:0.5", conv_lora.display());
+    let loras = ["--lora", te_lora.to_str().unwrap(), "--lora", &conv_arg];
+    let single = tiny().join("sdxl_single_file.safetensors");
+    let config = tiny().join("sdxl");
+    let cfg = ["--config", config.to_str().unwrap()];
+
+    // Single file to folder, LoRAs baked: against the load-time merge.
+    let folder = dir.join("folder");
+    let o = convert(
+        &single,
+        "diffusers",
+        &folder,
+        &[&cfg[..], &loras[..]].concat(),
+    );
+    assert!(o.status.success(), "{}", common::stderr(&o));
+    assert!(common::stderr(&o).contains("module weights patched by 2 LoRA file(s)"));
+    let files = [
+        KohyaLoraFile::new(&te_lora, 1.0),
+        KohyaLoraFile::new(&conv_lora, 0.5),
+    ];
+    let load = |path: &Path| -> BTreeMap<String, Tensor> {
+        let f = kstyle::tensor::SafeTensorsFile::open(path).unwrap();
+        let names: Vec<String> = f.names().map(String::from).collect();
+        names
+            .into_iter()
+            .map(|n| {
+                let t = f.tensor(&n).unwrap().to_dtype(DType::F64).unwrap();
+                let n = kstyle::formats::diffusers::canonical_text_encoder_key(&n).unwrap_or(n);
+                (n, t)
+            })
+            .collect()
+    };
+    let layout = kstyle::formats::diffusers::DiffusersFolder::open(&config)
+        .unwrap()
+        .unet_layout()
+        .unwrap();
+    let mut changed = 0;
+    for (name, file, component) in [
+        ("unet", "diffusion_pytorch_model.safetensors", None),
+        (
+            "text_encoder",
+            "model.safetensors",
+            Some(Component::TextEncoder),
+        ),
+        (
+            "text_encoder_2",
+            "model.safetensors",
+            Some(Component::TextEncoder2),
+        ),
+    ] {
+        let mut want = load(&config.join(name).join(file));
+        let before = want.clone();
+        for lora in &files {
+            match component {
+                None => drop(merge_kohya(&mut want, &layout, lora).unwrap()),
+                Some(c) => drop(merge_kohya_text_encoder(&mut want, c, lora).unwrap()),
+            }
+        }
+        let got = load(&folder.join(name).join(file));
+        assert_eq!(
+            got.keys().collect::<Vec<_>>(),
+            want.keys().collect::<Vec<_>>()
+        );
+        for (k, w) in &want {
+            let w = w
+                .to_dtype(DType::F16)
+                .unwrap()
+                .to_dtype(DType::F64)
+                .unwrap();
+            let (g, w) = (got[k].to_vec_f64().unwrap(), w.to_vec_f64().unwrap());
+            assert!(g == w, "{name} {k}: baked differs from the load-time merge");
+            changed += (before[k].to_vec_f64().unwrap() != w) as usize;
+        }
+    }
+    assert!(changed > 200, "only {changed} tensors changed");
+
+    // Folder to single file and single file to single file: the same weights, each with its own
+    // keys (the reference single file keeps OpenCLIP's logit_scale, which a folder has not).
+    let (from_folder, from_single) = (dir.join("a.safetensors"), dir.join("b.safetensors"));
+    let o = convert(&config, "single-file", &from_folder, &loras);
+    assert!(o.status.success(), "{}", common::stderr(&o));
+    let o = convert(
+        &single,
+        "single-file",
+        &from_single,
+        &[&cfg[..], &loras[..]].concat(),
+    );
+    assert!(o.status.success(), "{}", common::stderr(&o));
+    let (a, b, input) = (
+        MappedFile::open(&from_folder).unwrap(),
+        MappedFile::open(&from_single).unwrap(),
+        MappedFile::open(&single).unwrap(),
+    );
+    let logit = "conditioner.embedders.1.model.logit_scale";
+    let (a, b, input) = (
+        a.tensors().unwrap(),
+        b.tensors().unwrap(),
+        input.tensors().unwrap(),
+    );
+    assert_eq!(
+        b.keys().collect::<Vec<_>>(),
+        input.keys().collect::<Vec<_>>()
+    );
+    let mut b_less = b.clone();
+    b_less.remove(logit);
+    assert_same("folder vs single file, baked", &a, &b_less, &[]);
+    let differ = input
+        .iter()
+        .filter(|(k, t)| b[*k].data[..] != t.data[..])
+        .count();
+    assert!(
+        differ > 150,
+        "only {differ} tensors of the single file changed"
+    );
+    // Back to a folder: the first bake, exactly.
+    let again = dir.join("again");
+    let o = convert(&from_single, "diffusers", &again, &cfg);
+    assert!(o.status.success(), "{}", common::stderr(&o));
+    for name in ["unet", "text_encoder", "text_encoder_2", "vae"] {
+        let (x, y) = (
+            DiffusersFolder::open(&again).unwrap(),
+            DiffusersFolder::open(&folder).unwrap(),
+        );
+        let (x, y) = (
+            x.component(name, None).unwrap(),
+            y.component(name, None).unwrap(),
+        );
+        assert_same(name, &x.tensors().unwrap(), &y.tensors().unwrap(), &[]);
+    }
+
+    // Refusals: a kstyle adapter (its own export is the file to bake), a LoRA for another
+    // model, a truncated file; nothing is left behind.
+    let data = common::train::dataset(&dir);
+    let adapter = dir.join("adapter.safetensors");
+    common::train::train_ok(&data, &adapter, "lora", &["--max-steps", "1"]);
+    let o = convert(
+        &config,
+        "single-file",
+        &dir.join("x.safetensors"),
+        &["--lora", adapter.to_str().unwrap()],
+    );
+    common::assert_fails_naming(&o, "kstyle export --format kohya");
+    let refiner_lora = extra.join("refiner_lora.safetensors");
+    let o = convert(
+        &config,
+        "single-file",
+        &dir.join("y.safetensors"),
+        &["--lora", refiner_lora.to_str().unwrap()],
+    );
+    common::assert_fails_naming(&o, "refiner_lora.safetensors");
+    let bytes = std::fs::read(&te_lora).unwrap();
+    let cut = dir.join("cut.safetensors");
+    std::fs::write(&cut, &bytes[..bytes.len() / 3]).unwrap();
+    let o = convert(
+        &config,
+        "single-file",
+        &dir.join("z.safetensors"),
+        &["--lora", cut.to_str().unwrap()],
+    );
+    common::assert_fails_naming(&o, "cut.safetensors");
+    for name in ["x", "y", "z"] {
+        assert!(!dir.join(format!("{name}.safetensors")).exists());
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}

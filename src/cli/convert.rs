@@ -1,8 +1,12 @@
-//! `kstyle convert --model SRC --to single-file|diffusers --out PATH [--config DIR] [--vae V]`: a diffusers
-//! folder as one original-layout file (what A1111 and ComfyUI load), or a single file as a
-//! diffusers folder. Tensors keep their dtype and bytes.
+//! `kstyle convert --model SRC --to single-file|diffusers --out PATH [--config DIR] [--vae V]
+//! [--lora FILE[:S]]...`: a diffusers folder as one original-layout file (what A1111 and ComfyUI
+//! load), or a single file as a diffusers folder, LoRAs baked in; a single file with LoRAs
+//! baked in as a new single file. Tensors keep their dtype and bytes unless a LoRA patches them.
 
-use kstyle::sample::convert::{folder_to_single_file, single_file_to_folder};
+use kstyle::models::unet::KohyaLoraFile;
+use kstyle::sample::convert::{
+    folder_to_single_file, single_file_to_folder, single_file_with_loras,
+};
 use kstyle::sample::model_files::ModelFiles;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -21,6 +25,12 @@ pub struct Args {
     /// tensors are written as stored, after a load checks them against the model.
     #[arg(long)]
     pub vae: Option<std::path::PathBuf>,
+    /// Bake a LoRA-family file into the weights at strength S (default 1), FILE[:S], repeatable
+    /// (what `generate --lora` merges: kohya, PEFT/diffusers, LoCon, LoHa, LoKr, DoRA). Each
+    /// patched weight is formed in f64 and rounded once to its stored dtype. With a single-file
+    /// --model, --to single-file writes a new single file with the LoRAs baked in.
+    #[arg(long = "lora")]
+    pub loras: Vec<String>,
     #[arg(long, value_enum)]
     pub to: Target,
     /// The new file or folder; an existing one is never replaced.
@@ -38,16 +48,29 @@ pub enum Target {
 
 pub fn run(a: Args) -> anyhow::Result<ExitCode> {
     let files = ModelFiles::resolve(&a.model, a.config.as_deref())?.with_vae(a.vae.clone())?;
+    let loras: Vec<KohyaLoraFile> = a
+        .loras
+        .iter()
+        .map(|s| super::generate::parse_lora(s).map(|(p, m)| KohyaLoraFile::new(p, m)))
+        .collect::<anyhow::Result<_>>()?;
     let done = match a.to {
-        Target::SingleFile => folder_to_single_file(&files, &a.out)?,
-        Target::Diffusers => single_file_to_folder(&files, &a.out)?,
+        Target::SingleFile if files.single_file => single_file_with_loras(&files, &loras, &a.out)?,
+        Target::SingleFile => folder_to_single_file(&files, &loras, &a.out)?,
+        Target::Diffusers => single_file_to_folder(&files, &loras, &a.out)?,
     };
     let markers = match done.markers.is_empty() {
         true => String::new(),
         false => format!(" (markers: {})", done.markers.join(", ")),
     };
+    let merged = match loras.len() {
+        0 => String::new(),
+        n => format!(
+            ", {} module weights patched by {n} LoRA file(s)",
+            done.merged
+        ),
+    };
     eprintln!(
-        "{} -> {}: {} tensors{markers}",
+        "{} -> {}: {} tensors{markers}{merged}",
         a.model.display(),
         a.out.display(),
         done.tensors

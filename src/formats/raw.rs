@@ -132,16 +132,16 @@ impl<'a> RawTensor<'a> {
         Ok(v)
     }
 
-    /// Encodes f64 values (rounded to nearest) into a float dtype.
+    /// Encodes f64 values into a float dtype, each rounded once to nearest (not through f32).
     pub fn from_f64(dtype: Dtype, shape: Vec<usize>, values: &[f64]) -> Result<RawTensor<'static>> {
         let data: Vec<u8> = match dtype {
             Dtype::F16 => values
                 .iter()
-                .flat_map(|&x| half::f16::from_f32(x as f32).to_le_bytes())
+                .flat_map(|&x| half::f16::from_f64(x).to_le_bytes())
                 .collect(),
             Dtype::BF16 => values
                 .iter()
-                .flat_map(|&x| half::bf16::from_f32(x as f32).to_le_bytes())
+                .flat_map(|&x| half::bf16::from_f64(x).to_le_bytes())
                 .collect(),
             Dtype::F32 => values
                 .iter()

@@ -3,18 +3,26 @@
 //! bytes (only layout renames, the OpenCLIP q/k/v fusion and projection transpose, and the VAE's
 //! 1x1 kernels change); ComfyUI's `v_pred` / `ztsnr` markers carry the objective across, and
 //! Playground v2.5's `edm_mean` / `edm_std` its EDM scheduler and VAE latent statistics.
+//! LoRA files given with the conversion are baked into the weights (each patched weight formed in
+//! f64 and rounded once to its stored dtype); with them a single file may also become a new
+//! single file, every tensor the LoRAs leave alone written as stored.
 //! Outputs are written beside the target and renamed into place, so a failed run leaves nothing.
 
 use super::model_files::ModelFiles;
 use super::schedule::Prediction;
 use crate::formats::diffusers::DiffusersFolder;
+use crate::formats::kohya::Component;
 use crate::formats::raw::{write_safetensors, RawTensor};
 use crate::formats::single_file::{
     self, SplitCheckpoint, VaeLayout, EDM_MEAN_MARKER, EDM_STD_MARKER, V_PRED_MARKER, ZTSNR_MARKER,
 };
 use crate::formats::to_single_file::to_sgm;
+use crate::formats::unet_layout::UnetLayout;
 use crate::formats::MappedFile;
+use crate::models::unet::lora_merge::bake_raw;
+use crate::models::unet::KohyaLoraFile;
 use crate::{Error, Result};
+use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 
 /// What a conversion wrote.
@@ -22,6 +30,57 @@ use std::path::{Path, PathBuf};
 pub struct Converted {
     pub tensors: usize,
     pub markers: Vec<&'static str>,
+    /// Module weights the LoRA files changed.
+    pub merged: usize,
+}
+
+/// Bakes `loras` into `split`: every file's update summed in f64 on the stored weights, then
+/// each patched tensor rounded once to its stored dtype (as the load-time merge rounds).
+fn bake(
+    split: &mut SplitCheckpoint<'_>,
+    layout: &UnetLayout,
+    loras: &[KohyaLoraFile],
+) -> Result<usize> {
+    let dtypes = |m: &crate::formats::TensorMap<'_>| -> HashMap<String, safetensors::Dtype> {
+        m.iter().map(|(k, t)| (k.clone(), t.dtype)).collect()
+    };
+    let before = [
+        dtypes(&split.unet),
+        dtypes(&split.text_encoder),
+        dtypes(&split.text_encoder_2),
+    ];
+    let mut merged = HashSet::new();
+    for lora in loras {
+        let SplitCheckpoint {
+            unet,
+            text_encoder,
+            text_encoder_2,
+            ..
+        } = split;
+        let mut text = Vec::new();
+        if !text_encoder.is_empty() {
+            text.push((Component::TextEncoder, text_encoder));
+        }
+        text.push((Component::TextEncoder2, text_encoder_2));
+        merged.extend(bake_raw(unet, layout, text, lora)?);
+    }
+    let maps = [
+        &mut split.unet,
+        &mut split.text_encoder,
+        &mut split.text_encoder_2,
+    ];
+    for (map, stored) in maps.into_iter().zip(&before) {
+        for (key, t) in map.iter_mut() {
+            let Some(&was) = stored.get(key) else {
+                continue;
+            };
+            if t.dtype != was {
+                let v = t.to_f64_vec("baked LoRA", key)?;
+                *t = RawTensor::from_f64(was, t.shape.clone(), &v)?;
+            }
+        }
+    }
+    Ok(merged.len())
 }
 
 fn refuse_existing(out: &Path) -> Result<PathBuf> {
@@ -42,8 +101,13 @@ fn refuse_existing(out: &Path) -> Result<PathBuf> {
     Ok(partial)
 }
 
-/// A diffusers folder (base, refiner or inpainting model) as one sgm file at `out`.
-pub fn folder_to_single_file(files: &ModelFiles, out: &Path) -> Result<Converted> {
+/// A diffusers folder (base, refiner or inpainting model) as one sgm file at `out`, `loras`
+/// baked in.
+pub fn folder_to_single_file(
+    files: &ModelFiles,
+    loras: &[KohyaLoraFile],
+    out: &Path,
+) -> Result<Converted> {
     if files.single_file {
         return Err(Error::file(&files.model, "is a single file already"));
     }
@@ -74,7 +138,9 @@ pub fn folder_to_single_file(files: &ModelFiles, out: &Path) -> Result<Converted
         split.vae = map;
     }
     let context = files.model.display().to_string();
-    let mut sgm = to_sgm(&split, &folder.unet_layout()?, vae_layout, &context)?;
+    let layout = folder.unet_layout()?;
+    let merged = bake(&mut split, &layout, loras)?;
+    let mut sgm = to_sgm(&split, &layout, vae_layout, &context)?;
     let scheduler = files.scheduler()?;
     let mut markers = Vec::new();
     if scheduler.prediction == Prediction::V {
@@ -133,13 +199,19 @@ pub fn folder_to_single_file(files: &ModelFiles, out: &Path) -> Result<Converted
     Ok(Converted {
         tensors: sgm.len(),
         markers,
+        merged,
     })
 }
 
 /// A single sgm file, read with its architecture folder, as a diffusers folder at `out`: the
 /// folder's configs, tokenizers and scheduler (the UNet's `in_channels` from the file's
-/// `conv_in`, the scheduler's objective from its markers) and one weights file per component.
-pub fn single_file_to_folder(files: &ModelFiles, out: &Path) -> Result<Converted> {
+/// `conv_in`, the scheduler's objective from its markers) and one weights file per component,
+/// `loras` baked in.
+pub fn single_file_to_folder(
+    files: &ModelFiles,
+    loras: &[KohyaLoraFile],
+    out: &Path,
+) -> Result<Converted> {
     if !files.single_file {
         return Err(Error::file(&files.model, "is a folder, not a single file"));
     }
@@ -168,6 +240,7 @@ pub fn single_file_to_folder(files: &ModelFiles, out: &Path) -> Result<Converted
         }
         split.vae = map;
     }
+    let merged = bake(&mut split, &unet_cfg.layout(), loras)?;
     let patch = |rel: &str, edit: &dyn Fn(&mut serde_json::Map<String, serde_json::Value>)| {
         let path = partial.join(rel);
         let mut v: serde_json::Value = crate::formats::python_json::read_file(&path)?;
@@ -239,6 +312,71 @@ pub fn single_file_to_folder(files: &ModelFiles, out: &Path) -> Result<Converted
     Ok(Converted {
         tensors,
         markers: written,
+        merged,
+    })
+}
+
+/// A single sgm file with `loras` baked in (and `--vae`'s tensors, if given), as a new single
+/// file at `out`: the input's tensors and metadata, each tensor the bake changed replaced under
+/// its own key (the OpenCLIP q/k/v fusion and transposes redone), everything else as stored.
+pub fn single_file_with_loras(
+    files: &ModelFiles,
+    loras: &[KohyaLoraFile],
+    out: &Path,
+) -> Result<Converted> {
+    if !files.single_file {
+        return Err(Error::file(&files.model, "is a folder, not a single file"));
+    }
+    if loras.is_empty() && files.vae.is_none() {
+        return Err(Error::file(
+            &files.model,
+            "is a single file already: give --lora (or --vae) to bake into a new one, or --to \
+             diffusers",
+        ));
+    }
+    let partial = refuse_existing(out)?;
+    let file = MappedFile::open(&files.model)?;
+    let context = files.model.display().to_string();
+    let ckpt = file.tensors()?;
+    let layout = files.unet_config()?.layout();
+    let vae = VaeLayout {
+        levels: crate::models::vae::config::VaeConfig::from_file(
+            files.config_dir.join("vae/config.json"),
+        )?
+        .block_out_channels
+        .len(),
+    };
+    let mut split = single_file::convert(ckpt.clone(), &layout, vae, &context)?;
+    if let Some((map, _)) = files.replacement_vae()? {
+        split.vae = map;
+    }
+    let merged = bake(&mut split, &layout, loras)?;
+    let mut sgm = ckpt;
+    for (key, t) in to_sgm(&split, &layout, vae, &context)? {
+        let same = sgm.get(&key).map(|old| {
+            (old.dtype, &old.shape) == (t.dtype, &t.shape) && old.data[..] == t.data[..]
+        });
+        match same {
+            Some(true) => {}
+            Some(false) => {
+                sgm.insert(key, t);
+            }
+            None => {
+                return Err(Error::file(
+                    &files.model,
+                    format!(
+                        "has no `{key}`, which its converted weights do: not rewritten in place"
+                    ),
+                ))
+            }
+        }
+    }
+    write_safetensors(&partial, &sgm, file.metadata().cloned())?;
+    std::fs::rename(&partial, out).map_err(|e| Error::io(out, e))?;
+    Ok(Converted {
+        tensors: sgm.len(),
+        markers: Vec::new(),
+        merged,
     })
 }
 

@@ -191,3 +191,118 @@ fn text_encoder_patches<'f>(
         .filter(|p| p.component == component)
         .collect())
 }
+
+/// Merges `lora` into a checkpoint's stored weights, as conversion holds them (diffusers keys:
+/// the UNet's, and each text encoder's under `text_model.`): every patched weight (and bias,
+/// for `diff_b`) is formed in f64 from the stored values and left as an F64 tensor, so that
+/// several files sum in f64 before the caller rounds once to the stored dtypes (what the load-time
+/// merge does, and A1111's and kohya's merge-and-save write). Every key of the file must land
+/// in the UNet or one of `text_encoders`. kstyle adapter files are refused: their gates run live, and a
+/// plain one's kohya export is the file to bake. Returns the merged module paths.
+pub fn bake_raw(
+    unet: &mut formats::TensorMap<'_>,
+    layout: &UnetLayout,
+    text_encoders: Vec<(Component, &mut formats::TensorMap<'_>)>,
+    lora: &KohyaLoraFile,
+) -> Result<Vec<String>> {
+    let file = MappedFile::open(&lora.path)?;
+    if file
+        .metadata()
+        .is_some_and(|m| m.contains_key("kstyle.method"))
+    {
+        return Err(Error::file(
+            &lora.path,
+            "is a kstyle adapter: bake its `kstyle export --format kohya` (gated adapters with \
+             --bake-gates), the LoRA other tools merge",
+        ));
+    }
+    let shapes = |m: &formats::TensorMap<'_>| -> Vec<(String, Vec<usize>)> {
+        m.iter()
+            .map(|(k, t)| (k.clone(), t.shape.clone()))
+            .collect()
+    };
+    let unet_shapes = shapes(unet);
+    let index = ModuleIndex::unet(
+        unet_shapes.iter().map(|(k, s)| (k.as_str(), s.as_slice())),
+        layout,
+    );
+    let (patches, mut left) = unet_patches(index, &file, lora)?;
+    let mut merged = apply_raw(unet, &patches, lora)?;
+    for (component, map) in text_encoders {
+        let te_shapes = shapes(map);
+        let index = ModuleIndex::text_encoder(
+            component,
+            te_shapes.iter().map(|(k, s)| (k.as_str(), s.as_slice())),
+        );
+        let patches = text_encoder_patches(index, &file, lora)?;
+        let taken: std::collections::HashSet<&String> =
+            patches.iter().flat_map(|p| &p.keys).collect();
+        left.retain(|k| !taken.contains(k));
+        merged.extend(
+            apply_raw(map, &patches, lora)?
+                .into_iter()
+                .map(|m| format!("{}.{m}", component.diffusers_name())),
+        );
+    }
+    if !left.is_empty() {
+        return Err(formats::Error::UnexpectedKeys {
+            context: format!(
+                "{} (text-encoder modules for an encoder this model has not)",
+                lora.path.display()
+            ),
+            keys: left,
+        }
+        .into());
+    }
+    Ok(merged)
+}
+
+/// [`apply`] on stored tensors: the key of `<module>.weight` as the map spells it (text encoders
+/// may be stored without `text_model.`), merged in f64 and stored as F64.
+fn apply_raw(
+    map: &mut formats::TensorMap<'_>,
+    patches: &[Patch<'_>],
+    lora: &KohyaLoraFile,
+) -> Result<Vec<String>> {
+    let context = lora.path.display().to_string();
+    let stored = |map: &formats::TensorMap<'_>, key: &str| -> Option<String> {
+        if map.contains_key(key) {
+            return Some(key.to_string());
+        }
+        key.strip_prefix("text_model.")
+            .filter(|k| map.contains_key(*k))
+            .map(str::to_string)
+    };
+    let mut merged = Vec::new();
+    for patch in patches {
+        let key =
+            stored(map, &format!("{}.weight", patch.module)).ok_or_else(|| Error::MissingKey {
+                path: lora.path.clone(),
+                key: format!("{}.weight", patch.module),
+            })?;
+        let w = &map[&key];
+        let shape = w.shape.clone();
+        let mut weight = w.to_f64_vec(&context, &key)?;
+        let bias_key = stored(map, &format!("{}.bias", patch.module));
+        let mut bias = match (&patch.bias_diff, &bias_key) {
+            (Some(_), Some(k)) => {
+                let b = &map[k];
+                Some((k.clone(), b.to_f64_vec(&context, k)?, b.shape.clone()))
+            }
+            _ => None,
+        };
+        patch.apply_f64(
+            &mut weight,
+            bias.as_mut().map(|(_, v, _)| v.as_mut_slice()),
+            lora.multiplier,
+            &context,
+        )?;
+        let f64 = safetensors::Dtype::F64;
+        map.insert(key, formats::RawTensor::from_f64(f64, shape, &weight)?);
+        if let Some((k, v, shape)) = bias {
+            map.insert(k, formats::RawTensor::from_f64(f64, shape, &v)?);
+        }
+        merged.push(patch.module.clone());
+    }
+    Ok(merged)
+}
