@@ -353,23 +353,28 @@ pub fn single_file_with_loras(
     let merged = bake(&mut split, &layout, loras)?;
     let mut sgm = ckpt;
     for (key, t) in to_sgm(&split, &layout, vae, &context)? {
-        let same = sgm.get(&key).map(|old| {
-            (old.dtype, &old.shape) == (t.dtype, &t.shape) && old.data[..] == t.data[..]
-        });
-        match same {
-            Some(true) => {}
-            Some(false) => {
-                sgm.insert(key, t);
-            }
-            None => {
-                return Err(Error::file(
-                    &files.model,
-                    format!(
-                        "has no `{key}`, which its converted weights do: not rewritten in place"
-                    ),
-                ))
-            }
+        let Some(old) = sgm.get(&key) else {
+            return Err(Error::file(
+                &files.model,
+                format!("has no `{key}`, which its converted weights do: not rewritten in place"),
+            ));
+        };
+        if old.data[..] == t.data[..] && old.dtype == t.dtype {
+            continue;
         }
+        // Changed values under the input's own shape (the VAE's attention kernels may be stored
+        // 2-D or 1x1 4-D).
+        if old.dtype != t.dtype || old.numel() != t.numel() {
+            return Err(Error::file(
+                &files.model,
+                format!(
+                    "`{key}` is {:?} {:?}, its baked form {:?} {:?}",
+                    old.dtype, old.shape, t.dtype, t.shape
+                ),
+            ));
+        }
+        let shape = old.shape.clone();
+        sgm.insert(key, RawTensor::new(t.dtype, shape, t.data.into_owned())?);
     }
     write_safetensors(&partial, &sgm, file.metadata().cloned())?;
     std::fs::rename(&partial, out).map_err(|e| Error::io(out, e))?;
