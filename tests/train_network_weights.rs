@@ -3,7 +3,8 @@
 //! it started from (LoRA with conv and text-encoder modules, and DoRA); a kohya export read with
 //! another --alpha, and a diffusers/PEFT export (alpha folded in), start the run from the same
 //! update; what does not fit the run (rank, modules it does not train, DoRA or not, LoHa, gated
-//! methods, --resume, a damaged file) is refused by name.
+//! methods, --resume, a damaged file) is refused by name. With --dim-from-weights the run takes
+//! the file's modules, ranks and alphas instead of its own.
 
 mod common;
 use common::train::{dataset, setting, tensors, train, train_ok};
@@ -179,4 +180,90 @@ fn network_weights_that_do_not_fit_the_run_are_refused_by_name() {
         .concat(),
     );
     assert_fails_naming(&o, "cut.safetensors");
+}
+
+#[test]
+fn dim_from_weights_takes_the_files_modules_ranks_and_alphas() {
+    let dir = tmp("dim-from-weights");
+    let data = dataset(&dir);
+    let shape = [
+        "--rank",
+        "8",
+        "--alpha",
+        "2",
+        "--conv-dim",
+        "2",
+        "--targets",
+        "to_k,to_v,proj_out",
+    ];
+    let trained = [
+        &["--max-steps", "2", "--lr", "1e-2", "--train-text-encoder"][..],
+        &shape[..],
+    ]
+    .concat();
+    let a = train_ok(&data, &dir.join("a/adapter.safetensors"), "lora", &trained);
+    // Nothing of the run's own shape is given: the file's comes back bit for bit.
+    let from_file = ["--dim-from-weights", "--train-text-encoder"];
+    let b = frozen_run(&data, &dir.join("b/b.safetensors"), &a, &from_file);
+    assert_eq!(tensors(&b), tensors(&a));
+    assert_eq!(setting(&b, "dim_from_weights"), "true");
+
+    // Its diffusers export: the folded scale becomes alpha = rank on each module.
+    let peft = dir.join("peft.safetensors");
+    assert!(export_tiny(&a, "diffusers", &peft).status.success());
+    let c = frozen_run(&data, &dir.join("c/c.safetensors"), &peft, &from_file);
+    let r = rel_l2(&merged_output(&c), &merged_output(&a));
+    assert!(r < 1e-6, "from the diffusers export: {r}");
+    let f = SafeTensorsFile::open(&c).unwrap();
+    let mut ranks = std::collections::BTreeSet::new();
+    for name in f.names().filter(|n| n.ends_with(".alpha")) {
+        let module = name.strip_suffix(".alpha").unwrap();
+        let rank = f.info(&format!("{module}.lora_down.weight")).unwrap().1[0];
+        let alpha = f.tensor(name).unwrap().to_scalar().unwrap();
+        assert_eq!(alpha, rank as f64, "{module}");
+        ranks.insert(rank);
+    }
+    assert_eq!(ranks.into_iter().collect::<Vec<_>>(), [2, 8]);
+
+    let w = a.to_str().unwrap();
+    let refused = |extra: &[&str], needle: &str| {
+        let args = [&["--max-steps", "1", "--network-weights", w][..], extra].concat();
+        let o = train(&data, &dir.join("refused.safetensors"), "lora", &args);
+        assert_fails_naming(&o, needle);
+    };
+    refused(
+        &[&from_file[..], &["--rank", "4"]].concat(),
+        "cannot be used with",
+    );
+    refused(
+        &[&from_file[..], &["--block-dims", &["4"; 23].join(",")]].concat(),
+        "leave the block ranks",
+    );
+    refused(&["--dim-from-weights"], "--train-text-encoder");
+    let o = train(
+        &data,
+        &dir.join("refused.safetensors"),
+        "lora",
+        &["--max-steps", "1", "--dim-from-weights"],
+    );
+    assert_fails_naming(&o, "--network-weights");
+    // A file without text-encoder modules, run with --train-text-encoder.
+    let unet_only = train_ok(
+        &data,
+        &dir.join("u.safetensors"),
+        "lora",
+        &["--max-steps", "1"],
+    );
+    let args = [
+        &[
+            "--max-steps",
+            "1",
+            "--network-weights",
+            unet_only.to_str().unwrap(),
+        ][..],
+        &from_file[..],
+    ]
+    .concat();
+    let o = train(&data, &dir.join("refused.safetensors"), "lora", &args);
+    assert_fails_naming(&o, "no text-encoder modules");
 }

@@ -137,6 +137,7 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
         keep_checkpoints: None,
         resume: None,
         network_weights: None,
+        dim_from_weights: false,
         sample_every: None,
         sample_every_epochs: None,
         sample_prompts: Vec::new(),

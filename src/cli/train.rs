@@ -343,6 +343,14 @@ pub struct Args {
     /// run starts from the file's update. Every module of the file must have an adapter in the run.
     #[arg(long, conflicts_with = "resume")]
     pub network_weights: Option<PathBuf>,
+    /// Take the adapters' modules, ranks and alphas from --network-weights (kohya's
+    /// --dim_from_weights) instead of --rank, --alpha, --targets and --conv-dim.
+    #[arg(
+        long,
+        requires = "network_weights",
+        conflicts_with_all = ["rank", "alpha", "targets", "conv_dim", "conv_alpha"]
+    )]
+    pub dim_from_weights: bool,
     /// Make the previews (--sample-prompt or --sample-prompts) every N optimizer steps.
     #[arg(long)]
     pub sample_every: Option<u64>,
@@ -740,6 +748,7 @@ pub fn config_from(a: &Args) -> anyhow::Result<TrainConfig> {
         keep_checkpoints: a.keep_checkpoints,
         resume: a.resume.clone(),
         network_weights: a.network_weights.clone(),
+        dim_from_weights: a.dim_from_weights,
         sample_every: a.sample_every,
         sample_every_epochs: a.sample_every_n_epochs,
         sample_prompts,

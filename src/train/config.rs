@@ -121,6 +121,8 @@ pub struct TrainConfig {
     /// A LoRA file the adapters start from instead of the fresh draw (kohya's
     /// `--network_weights`; see `train::network_weights`).
     pub network_weights: Option<PathBuf>,
+    /// The adapters are the file's own modules, ranks and alphas (kohya's `--dim_from_weights`).
+    pub dim_from_weights: bool,
     pub sample_every: Option<u64>,
     /// Previews at the end of every Nth epoch instead (kohya's `--sample_every_n_epochs`).
     pub sample_every_epochs: Option<u64>,
@@ -331,6 +333,12 @@ impl TrainConfig {
                 self.algo.name()
             ));
         }
+        if self.dim_from_weights && (self.block_dims.is_set() || self.block_lr.is_set()) {
+            return refuse(
+                "and --dim-from-weights takes its modules and ranks as they are: leave the block \
+                 ranks and block learning-rate weights out",
+            );
+        }
         Ok(())
     }
 
@@ -391,6 +399,11 @@ impl TrainConfig {
         }
         if self.network_weights.is_some() {
             self.check_network_weights()?;
+        } else if self.dim_from_weights {
+            return Err(Error::Config(
+                "--dim-from-weights takes the modules, ranks and alphas of --network-weights FILE: pass one"
+                    .into(),
+            ));
         }
         if self.algo != Algo::Lora {
             self.check_lycoris()?;
@@ -824,6 +837,10 @@ impl TrainConfig {
             ),
             ("algo".to_string(), c.algo.name().to_string()),
             ("dora_wd".to_string(), c.dora.to_string()),
+            (
+                "dim_from_weights".to_string(),
+                c.dim_from_weights.to_string(),
+            ),
             // The file name alone, as for the VAE: no local paths.
             (
                 "network_weights".to_string(),

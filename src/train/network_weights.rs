@@ -76,20 +76,17 @@ fn tensor(
         .to_device(device)
 }
 
-/// Replaces the factors (and DoRA magnitudes) of `modules` with `path`'s. Returns how many
-/// modules the file set.
-pub(super) fn load(
-    path: &Path,
-    modules: &mut [(String, LoraAdapter)],
+/// The LoRA-family patches of `file`, resolved against the run's model; keys that name nothing
+/// it could adapt are an error listing them.
+fn read<'f>(
+    file: &'f MappedFile,
+    context: &str,
     unet: &UNet2DConditionModel,
     text: Option<&mut TextEncoders>,
-    log: &mut dyn FnMut(&str),
-) -> Result<usize> {
-    let context = format!("--network-weights {}", path.display());
-    let file = MappedFile::open(path)?;
+) -> Result<Vec<Patch<'f>>> {
     let trains_text = text.is_some();
     let model = KohyaModel::new(indexes(unet, text));
-    let parsed = model.parse_patches(file.tensors()?, &context, file.metadata())?;
+    let parsed = model.parse_patches(file.tensors()?, context, file.metadata())?;
     if !parsed.unknown.is_empty() {
         let text_keys = parsed
             .unknown
@@ -105,18 +102,15 @@ pub(super) fn load(
             keys: parsed.unknown.into_iter().map(|(_, k)| k).collect(),
         }));
     }
-    let mut by_path: HashMap<String, &mut LoraAdapter> =
-        modules.iter_mut().map(|(p, a)| (p.clone(), a)).collect();
-    let mut not_trained = Vec::new();
-    let mut set = 0;
-    for p in &parsed.patches {
-        let module = run_path(p);
-        let Some(a) = by_path.remove(&module) else {
-            not_trained.push(p.spelled.clone());
-            continue;
-        };
-        let refuse = |msg: String| Error::Config(format!("{context}: `{}` {msg}", p.spelled));
-        let (up, down) = match &p.factors {
+    Ok(parsed.patches)
+}
+
+/// Sets `a`'s factors (and DoRA magnitude) from the patch `p`: lora_down as stored, lora_up
+/// times the file's scale over `a`'s alpha / rank.
+fn set_factors(a: &mut LoraAdapter, p: &Patch, module: &str, context: &str) -> Result<()> {
+    let refuse = |msg: String| Error::Config(format!("{context}: `{}` {msg}", p.spelled));
+    let (up, down) =
+        match &p.factors {
             Factors::LowRank {
                 up,
                 down,
@@ -132,72 +126,97 @@ pub(super) fn load(
                     .into(),
             )),
         };
-        if p.bias_diff.is_some() {
+    if p.bias_diff.is_some() {
+        return Err(refuse(
+            "changes the bias (diff_b), which a LoRA adapter cannot".into(),
+        ));
+    }
+    let rank = a.config.rank;
+    if down.shape[0] != rank {
+        return Err(refuse(format!(
+            "has rank {}, this run's adapter on `{module}` rank {rank}: pass --rank {} (or \
+             --conv-dim / the block ranks the file was trained with, or --dim-from-weights)",
+            down.shape[0], down.shape[0]
+        )));
+    }
+    let run_scale = a.config.alpha / rank as f64;
+    let keys = |role: &str| format!("{}.{role}", p.spelled);
+    let a_dims = a.a.dims().to_vec();
+    let b_dims = a.b.dims().to_vec();
+    let device = a.a.device();
+    let new_a = tensor(down, 1.0, &a_dims, (context, &keys("lora_down")), device)?;
+    let new_b = tensor(
+        up,
+        p.scale / run_scale,
+        &b_dims,
+        (context, &keys("lora_up")),
+        device,
+    )?;
+    match (&p.magnitude, &mut a.dora) {
+        (None, None) => {}
+        (Some(mag), Some(d)) => {
+            let out = b_dims[0];
+            // PEFT's vector is always per output row; a dora_scale may be (1, in, ..).
+            let (m, rows) = match mag {
+                Magnitude::Peft(m) => (m, true),
+                Magnitude::DoraScale(m) => (m, m.shape[0] == out && m.numel() == out),
+            };
+            if !rows {
+                return Err(refuse(format!(
+                    "decomposes DoRA by input columns ({:?}); kstyle trains it by output rows \
+                     (LyCORIS' wd_on_out)",
+                    m.shape
+                )));
+            }
+            let shape = d.magnitude.dims().to_vec();
+            d.magnitude = tensor(m, 1.0, &shape, (context, &keys("dora_scale")), device)?.var()?;
+        }
+        (Some(_), None) => {
             return Err(refuse(
-                "changes the bias (diff_b), which a LoRA adapter cannot".into(),
-            ));
+                "is DoRA (it has magnitudes): train it with --dora-wd".into(),
+            ))
         }
-        let rank = a.config.rank;
-        if down.shape[0] != rank {
-            return Err(refuse(format!(
-                "has rank {}, this run's adapter on `{module}` rank {rank}: pass --rank {} (or \
-                 --conv-dim / the block ranks the file was trained with)",
-                down.shape[0], down.shape[0]
-            )));
+        (None, Some(_)) => {
+            return Err(refuse(
+                "is plain LoRA (no magnitudes): leave --dora-wd out to continue it".into(),
+            ))
         }
-        let run_scale = a.config.alpha / rank as f64;
-        let keys = |role: &str| format!("{}.{role}", p.spelled);
-        let a_dims = a.a.dims().to_vec();
-        let b_dims = a.b.dims().to_vec();
-        let device = a.a.device();
-        let new_a = tensor(down, 1.0, &a_dims, (&context, &keys("lora_down")), device)?;
-        let new_b = tensor(
-            up,
-            p.scale / run_scale,
-            &b_dims,
-            (&context, &keys("lora_up")),
-            device,
-        )?;
-        match (&p.magnitude, &mut a.dora) {
-            (None, None) => {}
-            (Some(mag), Some(d)) => {
-                let out = b_dims[0];
-                // PEFT's vector is always per output row; a dora_scale may be (1, in, ..).
-                let (m, rows) = match mag {
-                    Magnitude::Peft(m) => (m, true),
-                    Magnitude::DoraScale(m) => (m, m.shape[0] == out && m.numel() == out),
-                };
-                if !rows {
-                    return Err(refuse(format!(
-                        "decomposes DoRA by input columns ({:?}); kstyle trains it by output rows \
-                         (LyCORIS' wd_on_out)",
-                        m.shape
-                    )));
-                }
-                let shape = d.magnitude.dims().to_vec();
-                d.magnitude =
-                    tensor(m, 1.0, &shape, (&context, &keys("dora_scale")), device)?.var()?;
-            }
-            (Some(_), None) => {
-                return Err(refuse(
-                    "is DoRA (it has magnitudes): train it with --dora-wd".into(),
-                ))
-            }
-            (None, Some(_)) => {
-                return Err(refuse(
-                    "is plain LoRA (no magnitudes): leave --dora-wd out to continue it".into(),
-                ))
-            }
-        }
-        a.a = new_a.var()?;
-        a.b = new_b.var()?;
+    }
+    a.a = new_a.var()?;
+    a.b = new_b.var()?;
+    Ok(())
+}
+
+/// Replaces the factors (and DoRA magnitudes) of `modules` with `path`'s. Returns how many
+/// modules the file set.
+pub(super) fn load(
+    path: &Path,
+    modules: &mut [(String, LoraAdapter)],
+    unet: &UNet2DConditionModel,
+    text: Option<&mut TextEncoders>,
+    log: &mut dyn FnMut(&str),
+) -> Result<usize> {
+    let context = format!("--network-weights {}", path.display());
+    let file = MappedFile::open(path)?;
+    let patches = read(&file, &context, unet, text)?;
+    let mut by_path: HashMap<String, &mut LoraAdapter> =
+        modules.iter_mut().map(|(p, a)| (p.clone(), a)).collect();
+    let mut not_trained = Vec::new();
+    let mut set = 0;
+    for p in &patches {
+        let module = run_path(p);
+        let Some(a) = by_path.remove(&module) else {
+            not_trained.push(p.spelled.clone());
+            continue;
+        };
+        set_factors(a, p, &module, &context)?;
         set += 1;
     }
     if !not_trained.is_empty() {
         return Err(Error::Config(format!(
             "{context}: {} module(s) of the file have no adapter in this run (first: {}): widen \
-             --targets, add --conv-dim, or train the text encoders, so nothing of the file is \
-             dropped",
+             --targets, add --conv-dim, or train the text encoders (or take the file's modules \
+             with --dim-from-weights), so nothing of the file is dropped",
             not_trained.len(),
             not_trained
                 .iter()
@@ -217,4 +236,87 @@ pub(super) fn load(
         }
     ));
     Ok(set)
+}
+
+/// `--dim-from-weights` (kohya's `--dim_from_weights`): the run's adapters are the file's, one
+/// on each module it patches, at its rank and alpha (alpha = its scale times its rank, so a PEFT
+/// file's folded scale stays), in the model's order (transformer linears, the conv group, the
+/// text encoders'); DoRA with `dora`. A module kstyle cannot adapt is an error naming it.
+pub(super) fn from_file(
+    path: &Path,
+    unet: &UNet2DConditionModel,
+    mut text: Option<&mut TextEncoders>,
+    cfg: &super::config::TrainConfig,
+    log: &mut dyn FnMut(&str),
+) -> Result<Vec<(String, LoraAdapter)>> {
+    let context = format!("--network-weights {}", path.display());
+    let file = MappedFile::open(path)?;
+    let patches = read(&file, &context, unet, text.as_deref_mut())?;
+    let mut layers: Vec<(String, Tensor)> = unet
+        .adaptable_linears()
+        .into_iter()
+        .map(|(p, l)| (p, l.base.weight.clone()))
+        .collect();
+    layers.extend(
+        unet.conv_group()
+            .into_iter()
+            .map(|l| (l.path, l.weight.clone())),
+    );
+    if let Some(te) = text {
+        layers.extend(
+            te.linears_mut()
+                .into_iter()
+                .map(|(p, l)| (p, l.base.weight.clone())),
+        );
+    }
+    let mut by_module: HashMap<String, &Patch> = patches.iter().map(|p| (run_path(p), p)).collect();
+    if cfg.train_text_encoder && !by_module.keys().any(|m| m.starts_with("text_encoder")) {
+        return Err(Error::Config(format!(
+            "{context} has no text-encoder modules to train: leave --train-text-encoder out"
+        )));
+    }
+    // The factors are overwritten; the draw only shapes each adapter.
+    let mut rng = crate::tensor::Rng::new(cfg.seed);
+    let mut out = Vec::new();
+    for (path, weight) in layers {
+        let Some(p) = by_module.remove(&path) else {
+            continue;
+        };
+        let rank = match &p.factors {
+            Factors::LowRank { down, .. } => down.shape[0],
+            _ => 1, // refused by set_factors
+        };
+        let config = crate::nn::lora::LoraConfig {
+            rank,
+            alpha: p.scale * rank as f64,
+            ..cfg.lora
+        };
+        let a = LoraAdapter::init_plain(weight.dims(), config, &mut rng, DType::F32, cfg.device)?;
+        let mut a = match cfg.dora {
+            true => a.with_dora(&weight)?,
+            false => a,
+        };
+        set_factors(&mut a, p, &path, &context)?;
+        out.push((path, a));
+    }
+    if !by_module.is_empty() {
+        let mut names: Vec<&str> = by_module.values().map(|p| p.spelled.as_str()).collect();
+        names.sort();
+        return Err(Error::Config(format!(
+            "{context}: {} module(s) of the file patch layers kstyle does not train adapters on \
+             (first: {}); it trains the transformers' linears, the resnets' and samplers' \
+             convolutions and the text encoders' linears",
+            names.len(),
+            names[..names.len().min(3)].join(", ")
+        )));
+    }
+    let mut ranks: Vec<usize> = out.iter().map(|(_, a)| a.config.rank).collect();
+    ranks.sort();
+    ranks.dedup();
+    log(&format!(
+        "--dim-from-weights: {} adapters from {} (ranks {ranks:?})",
+        out.len(),
+        path.display()
+    ));
+    Ok(out)
 }

@@ -320,10 +320,16 @@ impl Trainer {
         } = match &cfg.resume {
             Some(path) => resume(path, &cfg, &index, data.epoch_len(), n_train, log)?,
             None => {
+                use super::network_weights as nw;
                 let mut s = fresh(&cfg, &unet, &plan, text_encoders.as_mut(), &examples)?;
                 if let Some(w) = &cfg.network_weights {
                     let te = text_encoders.as_mut();
-                    super::network_weights::load(w, &mut s.modules, &unet, te, log)?;
+                    match cfg.dim_from_weights {
+                        true => s.modules = nw::from_file(w, &unet, te, &cfg, log)?,
+                        false => {
+                            nw::load(w, &mut s.modules, &unet, te, log)?;
+                        }
+                    }
                 }
                 s
             }
