@@ -161,7 +161,7 @@ fn objectives_travel_and_outputs_are_never_replaced() {
     common::assert_fails_naming(&o, "already exists");
     assert_eq!(std::fs::read(&file).unwrap(), before);
     let o = convert(&folder, "diffusers", &dir.join("x"), &[]);
-    common::assert_fails_naming(&o, "not a single file");
+    common::assert_fails_naming(&o, "is a diffusers folder already");
     let o = convert(&file, "single-file", &dir.join("y.safetensors"), &[]);
     common::assert_fails_naming(&o, "is a single file already");
     assert!(!dir.join("x").exists() && !dir.join("y.safetensors").exists());
@@ -383,7 +383,8 @@ fn a_vae_is_baked_in_both_directions() {
 /// load-time merge (the one `generate --lora` runs and `verify` checks against diffusers: every
 /// file summed in f64 on the stored weights) rounded once to the stored f16; every other tensor
 /// is the plain conversion's, byte for byte. A single file with LoRAs becomes a new single file
-/// with the input's own keys; kstyle adapters and LoRAs for another model are refused by name.
+/// with the input's own keys, a folder a new folder; kstyle adapters and LoRAs for another model
+/// are refused by name.
 #[test]
 fn loras_are_baked_in_every_direction() {
     use kstyle::formats::kohya::Component;
@@ -515,20 +516,25 @@ fn loras_are_baked_in_every_direction() {
         differ > 150,
         "only {differ} tensors of the single file changed"
     );
-    // Back to a folder: the first bake, exactly.
+    // Back to a folder, and the folder baked into a new folder: the first bake, exactly.
     let again = dir.join("again");
     let o = convert(&from_single, "diffusers", &again, &cfg);
     assert!(o.status.success(), "{}", common::stderr(&o));
-    for name in ["unet", "text_encoder", "text_encoder_2", "vae"] {
-        let (x, y) = (
-            DiffusersFolder::open(&again).unwrap(),
-            DiffusersFolder::open(&folder).unwrap(),
-        );
-        let (x, y) = (
-            x.component(name, None).unwrap(),
-            y.component(name, None).unwrap(),
-        );
-        assert_same(name, &x.tensors().unwrap(), &y.tensors().unwrap(), &[]);
+    let folder_to_folder = dir.join("folder2");
+    let o = convert(&config, "diffusers", &folder_to_folder, &loras);
+    assert!(o.status.success(), "{}", common::stderr(&o));
+    for other in [&again, &folder_to_folder] {
+        for name in ["unet", "text_encoder", "text_encoder_2", "vae"] {
+            let (x, y) = (
+                DiffusersFolder::open(other).unwrap(),
+                DiffusersFolder::open(&folder).unwrap(),
+            );
+            let (x, y) = (
+                x.component(name, None).unwrap(),
+                y.component(name, None).unwrap(),
+            );
+            assert_same(name, &x.tensors().unwrap(), &y.tensors().unwrap(), &[]);
+        }
     }
 
     // Refusals: a kstyle adapter (its own export is the file to bake), a LoRA for another

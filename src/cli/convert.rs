@@ -1,11 +1,11 @@
 //! `kstyle convert --model SRC --to single-file|diffusers --out PATH [--config DIR] [--vae V]
 //! [--lora FILE[:S]]...`: a diffusers folder as one original-layout file (what A1111 and ComfyUI
-//! load), or a single file as a diffusers folder, LoRAs baked in; a single file with LoRAs
-//! baked in as a new single file. Tensors keep their dtype and bytes unless a LoRA patches them.
+//! load), or a single file as a diffusers folder, LoRAs baked in; a single file or a folder with
+//! LoRAs baked in as a new one of its kind. Tensors keep their dtype and bytes unless a LoRA patches them.
 
 use kstyle::models::unet::KohyaLoraFile;
 use kstyle::sample::convert::{
-    folder_to_single_file, single_file_to_folder, single_file_with_loras,
+    folder_to_single_file, folder_with_loras, single_file_to_folder, single_file_with_loras,
 };
 use kstyle::sample::model_files::ModelFiles;
 use std::path::PathBuf;
@@ -27,8 +27,8 @@ pub struct Args {
     pub vae: Option<std::path::PathBuf>,
     /// Bake a LoRA-family file into the weights at strength S (default 1), FILE[:S], repeatable
     /// (what `generate --lora` merges: kohya, PEFT/diffusers, LoCon, LoHa, LoKr, DoRA). Each
-    /// patched weight is formed in f64 and rounded once to its stored dtype. With a single-file
-    /// --model, --to single-file writes a new single file with the LoRAs baked in.
+    /// patched weight is formed in f64 and rounded once to its stored dtype. With LoRAs (or
+    /// --vae) a single file may become a new single file, and a folder a new folder.
     #[arg(long = "lora")]
     pub loras: Vec<String>,
     #[arg(long, value_enum)]
@@ -56,7 +56,8 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
     let done = match a.to {
         Target::SingleFile if files.single_file => single_file_with_loras(&files, &loras, &a.out)?,
         Target::SingleFile => folder_to_single_file(&files, &loras, &a.out)?,
-        Target::Diffusers => single_file_to_folder(&files, &loras, &a.out)?,
+        Target::Diffusers if files.single_file => single_file_to_folder(&files, &loras, &a.out)?,
+        Target::Diffusers => folder_with_loras(&files, &loras, &a.out)?,
     };
     let markers = match done.markers.is_empty() {
         true => String::new(),

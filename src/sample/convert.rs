@@ -283,21 +283,7 @@ pub fn single_file_to_folder(
             }
         })?;
     }
-    let mut tensors = 0;
-    for (dir, name, map) in [
-        ("unet", "diffusion_pytorch_model.safetensors", &split.unet),
-        ("text_encoder", "model.safetensors", &split.text_encoder),
-        ("text_encoder_2", "model.safetensors", &split.text_encoder_2),
-        ("vae", "diffusion_pytorch_model.safetensors", &split.vae),
-    ] {
-        if map.is_empty() && dir == "text_encoder" {
-            continue;
-        }
-        let d = partial.join(dir);
-        std::fs::create_dir_all(&d).map_err(|e| Error::io(&d, e))?;
-        write_safetensors(d.join(name), map, None)?;
-        tensors += map.len();
-    }
+    let tensors = write_components(&partial, &split)?;
     std::fs::rename(&partial, out).map_err(|e| Error::io(out, e))?;
     let mut written = Vec::new();
     if markers.v_prediction {
@@ -312,6 +298,85 @@ pub fn single_file_to_folder(
     Ok(Converted {
         tensors,
         markers: written,
+        merged,
+    })
+}
+
+/// Each component's weights as one file in its folder under `root` (no text_encoder folder for
+/// a refiner). Returns the tensor count.
+fn write_components(root: &Path, split: &SplitCheckpoint<'_>) -> Result<usize> {
+    let mut tensors = 0;
+    for (dir, name, map) in [
+        ("unet", "diffusion_pytorch_model.safetensors", &split.unet),
+        ("text_encoder", "model.safetensors", &split.text_encoder),
+        ("text_encoder_2", "model.safetensors", &split.text_encoder_2),
+        ("vae", "diffusion_pytorch_model.safetensors", &split.vae),
+    ] {
+        if map.is_empty() && dir == "text_encoder" {
+            continue;
+        }
+        let d = root.join(dir);
+        std::fs::create_dir_all(&d).map_err(|e| Error::io(&d, e))?;
+        write_safetensors(d.join(name), map, None)?;
+        tensors += map.len();
+    }
+    Ok(tensors)
+}
+
+/// A diffusers folder with `loras` (and `--vae`'s tensors, if given) baked in, as a new folder:
+/// the input's configs, tokenizers and scheduler, one weights file per component (text encoders
+/// under canonical `text_model.` keys, as every folder kstyle writes).
+pub fn folder_with_loras(
+    files: &ModelFiles,
+    loras: &[KohyaLoraFile],
+    out: &Path,
+) -> Result<Converted> {
+    if files.single_file {
+        return Err(Error::file(&files.model, "is a single file, not a folder"));
+    }
+    if loras.is_empty() && files.vae.is_none() {
+        return Err(Error::file(
+            &files.model,
+            "is a diffusers folder already: give --lora (or --vae) to bake into a new one, or \
+             --to single-file",
+        ));
+    }
+    let partial = refuse_existing(out)?;
+    let folder = DiffusersFolder::open(&files.model)?;
+    let has_te1 = folder.index.components.contains_key("text_encoder");
+    let (unet, te2, vae) = (
+        folder.component("unet", None)?,
+        folder.component("text_encoder_2", None)?,
+        folder.component("vae", None)?,
+    );
+    let te1 = has_te1
+        .then(|| folder.component("text_encoder", None))
+        .transpose()?;
+    let mut split = SplitCheckpoint {
+        unet: unet.tensors()?,
+        text_encoder: te1
+            .as_ref()
+            .map(|c| c.tensors())
+            .transpose()?
+            .unwrap_or_default(),
+        text_encoder_2: te2.tensors()?,
+        vae: vae.tensors()?,
+    };
+    let replacement = files.replacement_vae()?;
+    copy_configs(&files.model, &partial)?;
+    if let Some((map, dir)) = replacement {
+        if let Some(dir) = dir {
+            let (from, to) = (dir.join("config.json"), partial.join("vae/config.json"));
+            std::fs::copy(&from, &to).map_err(|e| Error::io(&from, e))?;
+        }
+        split.vae = map;
+    }
+    let merged = bake(&mut split, &folder.unet_layout()?, loras)?;
+    let tensors = write_components(&partial, &split)?;
+    std::fs::rename(&partial, out).map_err(|e| Error::io(out, e))?;
+    Ok(Converted {
+        tensors,
+        markers: Vec::new(),
         merged,
     })
 }
