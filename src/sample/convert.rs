@@ -10,7 +10,7 @@
 
 use super::model_files::ModelFiles;
 use super::schedule::Prediction;
-use crate::formats::diffusers::DiffusersFolder;
+use crate::formats::diffusers::{ComponentDir, DiffusersFolder};
 use crate::formats::kohya::Component;
 use crate::formats::raw::{write_safetensors, RawTensor};
 use crate::formats::single_file::{
@@ -83,6 +83,43 @@ fn bake(
     Ok(merged.len())
 }
 
+/// A diffusers folder's weight components (no text_encoder for a refiner), opened.
+struct FolderComponents {
+    unet: ComponentDir,
+    text_encoder: Option<ComponentDir>,
+    text_encoder_2: ComponentDir,
+    vae: ComponentDir,
+}
+
+impl FolderComponents {
+    fn open(folder: &DiffusersFolder) -> Result<Self> {
+        let has_te1 = folder.index.components.contains_key("text_encoder");
+        Ok(FolderComponents {
+            unet: folder.component("unet", None)?,
+            text_encoder: has_te1
+                .then(|| folder.component("text_encoder", None))
+                .transpose()?,
+            text_encoder_2: folder.component("text_encoder_2", None)?,
+            vae: folder.component("vae", None)?,
+        })
+    }
+
+    /// Their tensors as stored (text encoders under canonical keys).
+    fn split(&self) -> Result<SplitCheckpoint<'_>> {
+        Ok(SplitCheckpoint {
+            unet: self.unet.tensors()?,
+            text_encoder: self
+                .text_encoder
+                .as_ref()
+                .map(|c| c.tensors())
+                .transpose()?
+                .unwrap_or_default(),
+            text_encoder_2: self.text_encoder_2.tensors()?,
+            vae: self.vae.tensors()?,
+        })
+    }
+}
+
 fn refuse_existing(out: &Path) -> Result<PathBuf> {
     if out.exists() {
         return Err(Error::file(
@@ -113,23 +150,8 @@ pub fn folder_to_single_file(
     }
     let partial = refuse_existing(out)?;
     let folder = DiffusersFolder::open(&files.model)?;
-    let has_te1 = folder.index.components.contains_key("text_encoder");
-    let unet = folder.component("unet", None)?;
-    let te1 = has_te1
-        .then(|| folder.component("text_encoder", None))
-        .transpose()?;
-    let te2 = folder.component("text_encoder_2", None)?;
-    let vae = folder.component("vae", None)?;
-    let mut split = SplitCheckpoint {
-        unet: unet.tensors()?,
-        text_encoder: te1
-            .as_ref()
-            .map(|c| c.tensors())
-            .transpose()?
-            .unwrap_or_default(),
-        text_encoder_2: te2.tensors()?,
-        vae: vae.tensors()?,
-    };
+    let components = FolderComponents::open(&folder)?;
+    let mut split = components.split()?;
     let mut vae_layout = folder.vae_layout()?;
     if let Some((map, dir)) = files.replacement_vae()? {
         if let Some(dir) = dir {
@@ -343,25 +365,8 @@ pub fn folder_with_loras(
     }
     let partial = refuse_existing(out)?;
     let folder = DiffusersFolder::open(&files.model)?;
-    let has_te1 = folder.index.components.contains_key("text_encoder");
-    let (unet, te2, vae) = (
-        folder.component("unet", None)?,
-        folder.component("text_encoder_2", None)?,
-        folder.component("vae", None)?,
-    );
-    let te1 = has_te1
-        .then(|| folder.component("text_encoder", None))
-        .transpose()?;
-    let mut split = SplitCheckpoint {
-        unet: unet.tensors()?,
-        text_encoder: te1
-            .as_ref()
-            .map(|c| c.tensors())
-            .transpose()?
-            .unwrap_or_default(),
-        text_encoder_2: te2.tensors()?,
-        vae: vae.tensors()?,
-    };
+    let components = FolderComponents::open(&folder)?;
+    let mut split = components.split()?;
     let replacement = files.replacement_vae()?;
     copy_configs(&files.model, &partial)?;
     if let Some((map, dir)) = replacement {
