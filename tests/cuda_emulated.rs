@@ -39,7 +39,7 @@ fn every_cuda_op_matches_the_cpu_oracle_on_the_emulator() {
 /// each training case 1.5 min. (`refiner`'s four short runs stay, and `mask_crop`'s two, 30 s, carry
 /// inpainting's device work: a 4-channel and a 9-channel UNet run. `train_text_encoder`, 2 min,
 /// stays: it is the only case that backpropagates through the text encoders, their causal
-/// attention and their LoRA.) `train_loha`, `train_lokr` and `train_dora` (3 min each: every
+/// attention and their LoRA.) `train_loha`, `train_lokr`, `train_dora`, `train_doha` and `train_dokr` (3 min each: every
 /// adapted layer's whole weight gradient through the emulator's GEMMs) add no device op the other
 /// training cases and the parity suite do not run (matmul, broadcast multiply and divide, square,
 /// square root, row sums, reshape, convolution with its weight gradient).
@@ -82,6 +82,10 @@ fn verify_device_cuda_passes_on_the_emulator() {
             "train_lokr",
             "--skip",
             "train_dora",
+            "--skip",
+            "train_doha",
+            "--skip",
+            "train_dokr",
         ])
         .arg(common::tiny())
         .env(emu::EMULATE_ENV, "1")

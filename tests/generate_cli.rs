@@ -189,6 +189,8 @@ fn verify_passes_every_case_on_the_tiny_fixtures() {
         "train_loha",
         "train_lokr",
         "train_dora",
+        "train_doha",
+        "train_dokr",
         "lora_lycoris",
         "lora_peft",
         "lora_export",

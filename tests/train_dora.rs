@@ -146,7 +146,6 @@ fn dora_resumes_exactly_and_refuses_what_it_cannot_do() {
         &["--max-steps", "1", "--dora-wd", "--dtype", "bf16"],
     );
 
-    refused(&data, &dir, &["--dora-wd", "--algo", "loha"], "not built");
     refused(
         &data,
         &dir,
@@ -166,4 +165,69 @@ fn dora_resumes_exactly_and_refuses_what_it_cannot_do() {
         &["--max-steps", "1", "--dora-wd"],
     );
     assert_fails_naming(&o, "gates LoRA's rank");
+}
+
+/// DoHa and DoKr (`--algo loha|lokr --dora-wd`): the adapter holds LyCORIS' factors and a
+/// dora_scale on every module, and runs live as its kohya export runs merged (magnitudes scaled by
+/// 1.25 first, so a merge that ignored them could not match).
+#[test]
+fn doha_and_dokr_run_as_their_exports() {
+    let dir = tmp("doha");
+    let data = dataset(&dir);
+    for (algo, factor) in [("loha", "hada_w1_a"), ("lokr", "lokr_w1")] {
+        let adapter = dir.join(format!("{algo}/adapter.safetensors"));
+        let args = [
+            "--max-steps",
+            "2",
+            "--lr",
+            "1e-2",
+            "--conv-dim",
+            "2",
+            "--algo",
+            algo,
+            "--dora-wd",
+        ];
+        train_ok(&data, &adapter, "lora", &args);
+        let f = SafeTensorsFile::open(&adapter).unwrap();
+        assert!(f.metadata()["ss_network_args"].contains("dora_wd"));
+        let modules: Vec<&str> = f
+            .names()
+            .filter_map(|n| n.strip_suffix(&format!(".{factor}")))
+            .collect();
+        assert_eq!(modules.len(), 22 * 2 * 4 + 66, "{algo}");
+        assert!(modules
+            .iter()
+            .all(|m| f.contains(&format!("{m}.dora_scale"))));
+
+        let index = unet_module_index(&tiny_unet(&[]));
+        let mut ad = Adapter::load(&adapter, &index, Device::Cpu).unwrap();
+        for (_, a) in &mut ad.modules {
+            let d = a.dora.as_mut().unwrap();
+            d.magnitude = d.magnitude.scale(1.25).unwrap();
+        }
+        let scaled = dir.join(format!("{algo}/scaled.safetensors"));
+        ad.save(&scaled, &index).unwrap();
+        let file = dir.join(format!("{algo}/kohya.safetensors"));
+        let o = export_tiny(&scaled, "kohya", &file);
+        assert!(o.status.success(), "{}", common::stderr(&o));
+        let mut live = tiny_unet(&[]);
+        let ad = Adapter::load(&scaled, &unet_module_index(&live), Device::Cpu).unwrap();
+        let mut by_path: std::collections::HashMap<_, _> = ad.modules.into_iter().collect();
+        live.attach_all(|p| {
+            by_path
+                .remove(p)
+                .map(|a| a.frozen(DType::F32, 1.0))
+                .transpose()
+        })
+        .unwrap();
+        let y_live = tiny_unet_output(&live);
+        let merged = tiny_unet(&[KohyaLoraFile::new(&file, 1.0)]);
+        let r = rel_l2(&tiny_unet_output(&merged), &y_live);
+        assert!(r < 1e-5, "{algo}: export merged differs from live: {r}");
+        let plain = tiny_unet_output(&tiny_unet(&[]));
+        assert!(
+            rel_l2(&plain, &y_live) > 1e-2,
+            "{algo}: DoRA changed nothing"
+        );
+    }
 }

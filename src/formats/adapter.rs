@@ -233,7 +233,8 @@ impl Adapter {
     /// which label the file for the tools that read them; none for kohya's own LoRA.
     pub fn network_labels(&self) -> Vec<(String, String)> {
         let args = match (self.lycoris_algo(), self.is_dora()) {
-            (Some(algo), _) => format!(r#"{{"algo": "{}"}}"#, algo.name()),
+            (Some(algo), false) => format!(r#"{{"algo": "{}"}}"#, algo.name()),
+            (Some(algo), true) => format!(r#"{{"algo": "{}", "dora_wd": "True"}}"#, algo.name()),
             (None, true) => r#"{"algo": "lora", "dora_wd": "True"}"#.to_string(),
             (None, false) => return Vec::new(),
         };
@@ -304,6 +305,16 @@ impl Adapter {
         let load =
             |k: &str| -> Result<Tensor> { f.tensor(k)?.to_dtype(DType::F32)?.to_device(device) };
         let var = |k: &str| -> Result<Tensor> { load(k)?.var() };
+        // DoRA's magnitude, where the module has one (LoRA, LoHa or LoKr).
+        let dora_of = |key: &str| -> Result<Option<Dora>> {
+            match f.contains(key) {
+                true => Ok(Some(Dora {
+                    magnitude: var(key)?,
+                    strength: 1.0,
+                })),
+                false => Ok(None),
+            }
+        };
         let concept_embeds = if f.contains(CONCEPTS_KEY) {
             Some(load(CONCEPTS_KEY)?)
         } else {
@@ -414,7 +425,7 @@ impl Adapter {
                         rest: t,
                         shape: shape.clone(),
                     }),
-                    dora: None,
+                    dora: dora_of(&format!("{k}.dora_scale"))?,
                 };
                 if !adapter.fits(&shape) {
                     return Err(Error::file(
@@ -467,14 +478,7 @@ impl Adapter {
                 alpha,
                 ..config
             };
-            let dora_key = format!("{k}.dora_scale");
-            let dora = match f.contains(&dora_key) {
-                true => Some(Dora {
-                    magnitude: var(&dora_key)?,
-                    strength: 1.0,
-                }),
-                false => None,
-            };
+            let dora = dora_of(&format!("{k}.dora_scale"))?;
             let concepts = gates.as_ref().and(concept_embeds.clone());
             modules.push((
                 module,

@@ -1,10 +1,10 @@
 //! DoRA, weight-decomposed LoRA (`--dora-wd`: LyCORIS' `dora_wd=True`, lycoris-lora 4.1.3's
-//! `LoConModule` with `weight_decompose=True`, its default `wd_on_out`): the LoRA update is
-//! merged into the frozen weight and each output row of the sum is rescaled to a trained
-//! magnitude,
+//! `LoConModule` with `weight_decompose=True`, its default `wd_on_out`; on `--algo loha` / `lokr`
+//! its `LohaModule` / `LokrModule` with the same epilogue, DoHa / DoKr): the update is merged
+//! into the frozen weight and each output row of the sum is rescaled to a trained magnitude,
 //!
 //! ```text
-//! W' = (W + dW) · m / (‖W + dW‖_row + eps)      dW = B A · alpha / r (shaped like W)
+//! W' = (W + dW) · m / (‖W + dW‖_row + eps)      dW = B A · alpha / r (LoRA; shaped like W)
 //! y  = base(x) + op(x, W' − W)                   op: the layer's linear or convolution
 //! ```
 //!
@@ -49,8 +49,8 @@ impl LoraAdapter {
     /// Turns this LoRA adapter into DoRA on the frozen weight `base`: the magnitude starts at
     /// `base`'s row norms, in f32, trainable.
     pub fn with_dora(mut self, base: &Tensor) -> Result<LoraAdapter> {
-        if self.lycoris.is_some() || self.gates.is_some() {
-            return Err(Error::msg("DoRA wraps a plain LoRA adapter"));
+        if self.gates.is_some() {
+            return Err(Error::msg("DoRA wraps a plain LoRA, LoHa or LoKr adapter"));
         }
         let magnitude = row_norms(&base.detach().to_dtype(DType::F32)?)?.var()?;
         self.dora = Some(Dora {
@@ -60,9 +60,16 @@ impl LoraAdapter {
         Ok(self)
     }
 
-    /// dW = B A · alpha / r in f32, shaped like the frozen weight `shape` (LoRA's lora_up
-    /// (out, r[, 1, 1]) times lora_down (r, in[, kh, kw]) flattened).
+    /// dW in f32, shaped like the frozen weight `shape`: LoRA's B A · alpha / r (lora_up
+    /// (out, r[, 1, 1]) times lora_down (r, in[, kh, kw]) flattened), or LoHa's / LoKr's update
+    /// ([`LoraAdapter::lycoris_weight`]).
     fn lora_weight_f32(&self, shape: &[usize]) -> Result<Tensor> {
+        if self.lycoris.is_some() {
+            return self
+                .lycoris_weight()?
+                .to_dtype(DType::F32)?
+                .reshape(shape.to_vec());
+        }
         let r = self.config.rank;
         let (a, b) = (self.a.to_dtype(DType::F32)?, self.b.to_dtype(DType::F32)?);
         let down = a.reshape((r, a.elem_count() / r.max(1)))?;

@@ -185,7 +185,7 @@ pub struct LoraAdapter {
     /// LyCORIS' LoHa or LoKr (see [`super::lycoris`]): `a` / `b` are then the first two of its
     /// tensors, this the rest. None: LoRA.
     pub lycoris: Option<Lycoris>,
-    /// DoRA's magnitude (see [`super::dora`]); plain LoRA only.
+    /// DoRA's magnitude (see [`super::dora`]): on LoRA, LoHa or LoKr (LyCORIS' DoRA, DoHa, DoKr).
     pub dora: Option<Dora>,
 }
 
@@ -564,19 +564,20 @@ impl LoraAdapter {
     /// Trainable tensors under the reference's names (`lora_A`, `lora_B`, `attn_mlp.0.weight`,
     /// ...; LyCORIS' under its own, `hada_w1_a`, `lokr_w1`, ...).
     pub fn named(&self) -> Vec<(String, Tensor)> {
-        if let Some(l) = &self.lycoris {
-            let t = [&self.a, &self.b].into_iter().chain(&l.rest);
-            return l
-                .names()
-                .iter()
-                .zip(t)
-                .map(|(n, t)| (n.to_string(), t.clone()))
-                .collect();
-        }
-        let mut v = vec![
-            ("lora_A".to_string(), self.a.clone()),
-            ("lora_B".to_string(), self.b.clone()),
-        ];
+        let mut v: Vec<(String, Tensor)> = match &self.lycoris {
+            Some(l) => {
+                let t = [&self.a, &self.b].into_iter().chain(&l.rest);
+                l.names()
+                    .iter()
+                    .zip(t)
+                    .map(|(n, t)| (n.to_string(), t.clone()))
+                    .collect()
+            }
+            None => vec![
+                ("lora_A".to_string(), self.a.clone()),
+                ("lora_B".to_string(), self.b.clone()),
+            ],
+        };
         if let Some(g) = &self.gates {
             v.extend(g.named());
         }
@@ -608,16 +609,19 @@ impl LoraAdapter {
             *slot = v.to_dtype(slot.dtype())?.to_device(slot.device())?.var()?;
             Ok(())
         }
-        if let Some(l) = &mut self.lycoris {
-            let names = l.names();
-            let t = [&mut self.a, &mut self.b].into_iter().chain(&mut l.rest);
-            for (n, t) in names.iter().zip(t) {
-                set(t, n, &mut value)?;
+        match &mut self.lycoris {
+            Some(l) => {
+                let names = l.names();
+                let t = [&mut self.a, &mut self.b].into_iter().chain(&mut l.rest);
+                for (n, t) in names.iter().zip(t) {
+                    set(t, n, &mut value)?;
+                }
             }
-            return Ok(());
+            None => {
+                set(&mut self.a, "lora_A", &mut value)?;
+                set(&mut self.b, "lora_B", &mut value)?;
+            }
         }
-        set(&mut self.a, "lora_A", &mut value)?;
-        set(&mut self.b, "lora_B", &mut value)?;
         if let Some(d) = &mut self.dora {
             set(&mut d.magnitude, "dora_scale", &mut value)?;
         }

@@ -239,9 +239,10 @@ impl LoraAdapter {
             return Ok(None);
         }
         match (&self.lycoris, &self.dora) {
-            (Some(_), _) => base.add(&self.lycoris_weight()?).map(Some),
-            (None, Some(d)) if d.strength == 1.0 => self.dora_weight(base),
-            _ => Ok(None),
+            (_, Some(d)) if d.strength == 1.0 => self.dora_weight(base),
+            (_, Some(_)) => Ok(None),
+            (Some(_), None) => base.add(&self.lycoris_weight()?).map(Some),
+            (None, None) => Ok(None),
         }
     }
 

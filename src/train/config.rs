@@ -286,20 +286,14 @@ impl TrainConfig {
 
     /// What DoRA cannot do, refused as for LoHa and LoKr: the gated methods (DoRA trains a
     /// weight, not a rank-r activation to gate), the network and rank dropouts (LyCORIS ignores
-    /// the first with DoRA and drops rows of dW with the second), max-norm (LyCORIS scales a
-    /// separate scalar), and LyCORIS' DoHa / DoKr (not built).
+    /// the first with DoRA and drops rows of dW with the second) and max-norm (LyCORIS scales a
+    /// separate scalar). On LoHa and LoKr it is LyCORIS' DoHa / DoKr.
     fn check_dora(&self) -> Result<()> {
         let refuse = |what: &str| {
             Err(Error::Config(format!(
                 "--dora-wd {what}; leave --dora-wd out for plain LoRA"
             )))
         };
-        if self.algo != Algo::Lora {
-            return refuse(&format!(
-                "decomposes LoRA (--algo lora) here; LyCORIS' DoRA on {} is not built",
-                self.algo.name()
-            ));
-        }
         self.check_weight_space(
             &refuse,
             "LyCORIS ignores the network dropout with DoRA, and its rank dropout",

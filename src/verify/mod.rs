@@ -312,6 +312,16 @@ pub fn cases() -> Vec<(&'static str, &'static str, CaseFn)> {
             train_cases::train_dora,
         ),
         (
+            "train_doha",
+            "../../extra/train_doha.safetensors",
+            train_cases::train_doha,
+        ),
+        (
+            "train_dokr",
+            "../../extra/train_dokr.safetensors",
+            train_cases::train_dokr,
+        ),
+        (
             "train_edm",
             "../../extra/train_edm.safetensors",
             train_edm_case::train_edm,

@@ -47,6 +47,20 @@ pub fn train_dora(ctx: &Ctx) -> Result<Vec<Row>> {
     train_step(ctx, "train_dora", "../../extra/train_dora.safetensors")
 }
 
+/// DoHa (`gen_train_loha.py --dora`): train_loha's modules as lycoris-lora's
+/// `LohaModule(weight_decompose=True)`, the same DoRA epilogue on the Hadamard update: the loss,
+/// every gradient of the four factors and the magnitude, AdamW.
+pub fn train_doha(ctx: &Ctx) -> Result<Vec<Row>> {
+    train_step(ctx, "train_doha", "../../extra/train_doha.safetensors")
+}
+
+/// DoKr (`gen_train_lokr.py --dora`): train_lokr's modules as lycoris-lora's
+/// `LokrModule(weight_decompose=True)`: the loss, every gradient of the Kronecker factors and the
+/// magnitude, AdamW.
+pub fn train_dokr(ctx: &Ctx) -> Result<Vec<Row>> {
+    train_step(ctx, "train_dokr", "../../extra/train_dokr.safetensors")
+}
+
 /// LyCORIS' LoKr (`tests/fixtures/extra/gen_train_lokr.py`): train_step_lora's step with
 /// lycoris-lora's `LokrModule` (factor -1) in place of LoRA on the attention projections (rank 4,
 /// alpha 4: whole w2 at scale 1 on the 48- and 64-wide ones) and on every child of the resnets
