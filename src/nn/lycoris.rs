@@ -295,7 +295,7 @@ impl LoraAdapter {
         if let Some(d) = &self.dora {
             let m = d.magnitude.dims();
             let ok = dims.first() == m.first() && m.len() == dims.len();
-            if !ok || m.iter().skip(1).any(|&x| x != 1) || self.lycoris.is_some() {
+            if !ok || m.iter().skip(1).any(|&x| x != 1) {
                 return false;
             }
         }
