@@ -16,21 +16,59 @@ use kstyle::sample::pipeline::unet_module_index;
 use kstyle::tensor::SafeTensorsFile;
 use kstyle::{DType, Device};
 
+/// Two steps at lr 1e-2 with the conv group and `--dora-wd` plus `extra` into `out`.
+fn train_dora_adapter(data: &std::path::Path, out: &std::path::Path, extra: &[&str]) {
+    let args = [
+        &[
+            "--max-steps",
+            "2",
+            "--lr",
+            "1e-2",
+            "--conv-dim",
+            "2",
+            "--dora-wd",
+        ][..],
+        extra,
+    ]
+    .concat();
+    train_ok(data, out, "lora", &args);
+}
+
+/// `adapter` with every magnitude scaled by 1.25, saved as `out`. Two steps move the magnitudes
+/// little from the norms they track: scaled, every row's rescale is material, so a merge that
+/// ignored dora_scale could not match.
+fn scaled_magnitudes(adapter: &std::path::Path, out: &std::path::Path) {
+    let index = unet_module_index(&tiny_unet(&[]));
+    let mut ad = Adapter::load(adapter, &index, Device::Cpu).unwrap();
+    for (_, a) in &mut ad.modules {
+        let d = a.dora.as_mut().unwrap();
+        d.magnitude = d.magnitude.scale(1.25).unwrap();
+    }
+    ad.save(out, &index).unwrap();
+}
+
+/// The tiny UNet's output with `adapter` attached live at `strength`, as generate attaches it.
+fn live_output(adapter: &std::path::Path, strength: f64) -> kstyle::Tensor {
+    let mut live = tiny_unet(&[]);
+    let ad = Adapter::load(adapter, &unet_module_index(&live), Device::Cpu).unwrap();
+    let mut by_path: std::collections::HashMap<_, _> = ad.modules.into_iter().collect();
+    live.attach_all(|p| {
+        by_path
+            .remove(p)
+            .map(|a| a.frozen(DType::F32, strength))
+            .transpose()
+    })
+    .unwrap();
+    assert!(by_path.is_empty());
+    tiny_unet_output(&live)
+}
+
 #[test]
 fn dora_trains_in_lycoris_names_and_runs_as_its_export() {
     let dir = tmp("dora");
     let data = dataset(&dir);
     let adapter = dir.join("dora/adapter.safetensors");
-    let args = [
-        "--max-steps",
-        "2",
-        "--lr",
-        "1e-2",
-        "--conv-dim",
-        "2",
-        "--dora-wd",
-    ];
-    train_ok(&data, &adapter, "lora", &args);
+    train_dora_adapter(&data, &adapter, &[]);
     assert_eq!(setting(&adapter, "dora_wd"), "true");
     let f = SafeTensorsFile::open(&adapter).unwrap();
     let meta = f.metadata();
@@ -50,16 +88,9 @@ fn dora_trains_in_lycoris_names_and_runs_as_its_export() {
         assert_eq!(scale, want, "{m}");
     }
 
-    // Two steps move the magnitudes little from the norms they track: scaled by 1.25, every row's
-    // rescale is material, so a merge that ignored dora_scale could not match.
-    let index = unet_module_index(&tiny_unet(&[]));
-    let mut ad = Adapter::load(&adapter, &index, Device::Cpu).unwrap();
-    for (_, a) in &mut ad.modules {
-        let d = a.dora.as_mut().unwrap();
-        d.magnitude = d.magnitude.scale(1.25).unwrap();
-    }
-    let adapter = dir.join("dora/scaled.safetensors");
-    ad.save(&adapter, &index).unwrap();
+    let scaled = dir.join("dora/scaled.safetensors");
+    scaled_magnitudes(&adapter, &scaled);
+    let adapter = scaled;
 
     // Live (attached as generate attaches it) against the kohya export merged at load, at full
     // and half strength (ComfyUI's DoRA at strength s: W + s (W' - W)).
@@ -72,18 +103,7 @@ fn dora_trains_in_lycoris_names_and_runs_as_its_export() {
         .any(|n| n.ends_with(".dora_scale")));
     let mut y_live_full = None;
     for strength in [1.0, 0.5] {
-        let mut live = tiny_unet(&[]);
-        let ad = Adapter::load(&adapter, &unet_module_index(&live), Device::Cpu).unwrap();
-        let mut by_path: std::collections::HashMap<_, _> = ad.modules.into_iter().collect();
-        live.attach_all(|p| {
-            by_path
-                .remove(p)
-                .map(|a| a.frozen(DType::F32, strength))
-                .transpose()
-        })
-        .unwrap();
-        assert!(by_path.is_empty());
-        let y_live = tiny_unet_output(&live);
+        let y_live = live_output(&adapter, strength);
         let merged = tiny_unet(&[KohyaLoraFile::new(&file, strength)]);
         let r = rel_l2(&tiny_unet_output(&merged), &y_live);
         assert!(
@@ -176,18 +196,7 @@ fn doha_and_dokr_run_as_their_exports() {
     let data = dataset(&dir);
     for (algo, factor) in [("loha", "hada_w1_a"), ("lokr", "lokr_w1")] {
         let adapter = dir.join(format!("{algo}/adapter.safetensors"));
-        let args = [
-            "--max-steps",
-            "2",
-            "--lr",
-            "1e-2",
-            "--conv-dim",
-            "2",
-            "--algo",
-            algo,
-            "--dora-wd",
-        ];
-        train_ok(&data, &adapter, "lora", &args);
+        train_dora_adapter(&data, &adapter, &["--algo", algo]);
         let f = SafeTensorsFile::open(&adapter).unwrap();
         assert!(f.metadata()["ss_network_args"].contains("dora_wd"));
         let modules: Vec<&str> = f
@@ -199,28 +208,12 @@ fn doha_and_dokr_run_as_their_exports() {
             .iter()
             .all(|m| f.contains(&format!("{m}.dora_scale"))));
 
-        let index = unet_module_index(&tiny_unet(&[]));
-        let mut ad = Adapter::load(&adapter, &index, Device::Cpu).unwrap();
-        for (_, a) in &mut ad.modules {
-            let d = a.dora.as_mut().unwrap();
-            d.magnitude = d.magnitude.scale(1.25).unwrap();
-        }
         let scaled = dir.join(format!("{algo}/scaled.safetensors"));
-        ad.save(&scaled, &index).unwrap();
+        scaled_magnitudes(&adapter, &scaled);
         let file = dir.join(format!("{algo}/kohya.safetensors"));
         let o = export_tiny(&scaled, "kohya", &file);
         assert!(o.status.success(), "{}", common::stderr(&o));
-        let mut live = tiny_unet(&[]);
-        let ad = Adapter::load(&scaled, &unet_module_index(&live), Device::Cpu).unwrap();
-        let mut by_path: std::collections::HashMap<_, _> = ad.modules.into_iter().collect();
-        live.attach_all(|p| {
-            by_path
-                .remove(p)
-                .map(|a| a.frozen(DType::F32, 1.0))
-                .transpose()
-        })
-        .unwrap();
-        let y_live = tiny_unet_output(&live);
+        let y_live = live_output(&scaled, 1.0);
         let merged = tiny_unet(&[KohyaLoraFile::new(&file, 1.0)]);
         let r = rel_l2(&tiny_unet_output(&merged), &y_live);
         assert!(r < 1e-5, "{algo}: export merged differs from live: {r}");

@@ -252,16 +252,7 @@ pub fn single_file_to_folder(
         VaeLayout { levels: vae_levels },
         &files.model.display().to_string(),
     )?;
-    let replacement = files.replacement_vae()?;
-    copy_configs(&files.config_dir, &partial)?;
-    if let Some((map, dir)) = replacement {
-        // A VAE folder brings its own config; a file is read with the model's, already copied.
-        if let Some(dir) = dir {
-            let (from, to) = (dir.join("config.json"), partial.join("vae/config.json"));
-            std::fs::copy(&from, &to).map_err(|e| Error::io(&from, e))?;
-        }
-        split.vae = map;
-    }
+    copy_configs_and_vae(files, &files.config_dir, &partial, &mut split)?;
     let merged = bake(&mut split, &unet_cfg.layout(), loras)?;
     let patch = |rel: &str, edit: &dyn Fn(&mut serde_json::Map<String, serde_json::Value>)| {
         let path = partial.join(rel);
@@ -367,15 +358,7 @@ pub fn folder_with_loras(
     let folder = DiffusersFolder::open(&files.model)?;
     let components = FolderComponents::open(&folder)?;
     let mut split = components.split()?;
-    let replacement = files.replacement_vae()?;
-    copy_configs(&files.model, &partial)?;
-    if let Some((map, dir)) = replacement {
-        if let Some(dir) = dir {
-            let (from, to) = (dir.join("config.json"), partial.join("vae/config.json"));
-            std::fs::copy(&from, &to).map_err(|e| Error::io(&from, e))?;
-        }
-        split.vae = map;
-    }
+    copy_configs_and_vae(files, &files.model, &partial, &mut split)?;
     let merged = bake(&mut split, &folder.unet_layout()?, loras)?;
     let tensors = write_components(&partial, &split)?;
     std::fs::rename(&partial, out).map_err(|e| Error::io(out, e))?;
@@ -453,6 +436,27 @@ pub fn single_file_with_loras(
         markers: Vec::new(),
         merged,
     })
+}
+
+/// The non-weight files of the folder `from` copied into the new folder `to`, and `--vae`'s
+/// tensors in `split` in place of the model's (a VAE folder brings its own config; a file is
+/// read with the model's, already copied).
+fn copy_configs_and_vae(
+    files: &ModelFiles,
+    from: &Path,
+    to: &Path,
+    split: &mut SplitCheckpoint<'_>,
+) -> Result<()> {
+    let replacement = files.replacement_vae()?;
+    copy_configs(from, to)?;
+    if let Some((map, dir)) = replacement {
+        if let Some(dir) = dir {
+            let (src, dst) = (dir.join("config.json"), to.join("vae/config.json"));
+            std::fs::copy(&src, &dst).map_err(|e| Error::io(&src, e))?;
+        }
+        split.vae = map;
+    }
+    Ok(())
 }
 
 /// The architecture folder's non-weight files (model_index.json, configs, tokenizers,
