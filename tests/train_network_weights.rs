@@ -2,9 +2,11 @@
 //! the real binary on the tiny model: at learning rate 0 the run writes back exactly the adapter
 //! it started from (LoRA with conv and text-encoder modules, and DoRA); a kohya export read with
 //! another --alpha, and a diffusers/PEFT export (alpha folded in), start the run from the same
-//! update; what does not fit the run (rank, modules it does not train, DoRA or not, LoHa, gated
+//! update; a DoRA run from a plain LoRA starts at its output; LoHa and LoKr files start LoHa,
+//! LoKr, DoHa and DoKr runs the same ways; what does not fit the run (rank, factor shapes,
+//! modules it does not train, another algorithm, DoRA magnitudes without --dora-wd, gated
 //! methods, --resume, a damaged file) is refused by name. With --dim-from-weights the run takes
-//! the file's modules, ranks and alphas instead of its own.
+//! the file's modules, ranks and alphas (and LoKr factor shapes) instead of its own.
 
 mod common;
 use common::train::{dataset, setting, tensors, train, train_ok};
@@ -22,12 +24,14 @@ fn frozen_run(data: &Path, out: &Path, weights: &Path, args: &[&str]) -> std::pa
         "1",
         "--lr",
         "0",
-        "--text-encoder-lr",
-        "0",
         "--network-weights",
         weights.to_str().unwrap(),
     ];
-    train_ok(data, out, "lora", &[&base[..], args].concat())
+    let text = match args.contains(&"--train-text-encoder") {
+        true => &["--text-encoder-lr", "0"][..],
+        false => &[],
+    };
+    train_ok(data, out, "lora", &[&base[..], text, args].concat())
 }
 
 /// The tiny UNet's output with `file` merged at strength 1.
@@ -101,6 +105,127 @@ fn network_weights_start_the_run_from_the_file() {
     let i = frozen_run(&data, &dir.join("i/i.safetensors"), &peft, &dora_args);
     let r = rel_l2(&merged_output(&i), &merged_output(&g));
     assert!(r < 1e-6, "DoRA from its PEFT export: {r}");
+
+    // DoRA from the plain LoRA: its factors as stored, magnitudes |W + dW| (the file's output).
+    let j = frozen_run(&data, &dir.join("j/j.safetensors"), &a, &dora_args);
+    let (lora, dora) = (tensors(&a), tensors(&j));
+    assert!(dora.iter().any(|(n, _)| n.ends_with(".dora_scale")));
+    let factors: Vec<_> = dora
+        .into_iter()
+        .filter(|(n, _)| !n.ends_with(".dora_scale"))
+        .collect();
+    assert_eq!(factors, lora);
+    let r = rel_l2(&merged_output(&j), &y);
+    assert!(r < 1e-6, "DoRA from a plain LoRA: {r}");
+}
+
+/// A LyCORIS run (`args`: its --algo) trained two steps, then started from its adapter at rate 0
+/// (it comes back bit for bit) and from its kohya export at other alphas (the same output).
+/// Returns the adapter.
+fn lycoris_round_trip(data: &Path, dir: &Path, args: &[&str]) -> std::path::PathBuf {
+    let trained = [&["--max-steps", "2", "--lr", "1e-2"][..], args].concat();
+    let a = train_ok(data, &dir.join("a/adapter.safetensors"), "lora", &trained);
+    let b = frozen_run(data, &dir.join("b/b.safetensors"), &a, args);
+    assert_eq!(tensors(&b), tensors(&a));
+    let kohya = dir.join("kohya.safetensors");
+    assert!(export_tiny(&a, "kohya", &kohya).status.success());
+    let other = [args, &["--alpha", "2", "--conv-alpha", "0.5"]].concat();
+    let c = frozen_run(data, &dir.join("c/c.safetensors"), &kohya, &other);
+    let r = rel_l2(&merged_output(&c), &merged_output(&a));
+    assert!(r < 1e-6, "{args:?}: kohya export at other alphas: {r}");
+    assert_ne!(
+        tensors(&c),
+        tensors(&a),
+        "{args:?}: the alphas changed nothing"
+    );
+    a
+}
+
+#[test]
+fn loha_and_lokr_files_start_their_runs() {
+    let dir = tmp("network-weights-lycoris");
+    let data = dataset(&dir);
+    let loha_args = ["--algo", "loha", "--conv-dim", "2", "--train-text-encoder"];
+    let loha = lycoris_round_trip(&data, &dir.join("loha"), &loha_args);
+    // LoKr at --conv-dim 2: w2 whole on the linears (scale 1), a rank-2 pair on the 3x3 convs.
+    let lokr_args = ["--algo", "lokr", "--conv-dim", "2", "--train-text-encoder"];
+    let lokr = lycoris_round_trip(&data, &dir.join("lokr"), &lokr_args);
+
+    // DoHa / DoKr from the plain files: the factors as stored, starting at the files' output.
+    for (file, args) in [(&loha, &loha_args), (&lokr, &lokr_args)] {
+        let out = dir.join(format!("do-{}.safetensors", args[1]));
+        let d = frozen_run(&data, &out, file, &[&args[..], &["--dora-wd"]].concat());
+        let r = rel_l2(&merged_output(&d), &merged_output(file));
+        assert!(r < 1e-6, "{args:?} --dora-wd from the plain file: {r}");
+    }
+
+    // --dim-from-weights takes the file's ranks and, for LoKr, its factor shapes.
+    let loha_r2 = train_ok(
+        &data,
+        &dir.join("loha-r2.safetensors"),
+        "lora",
+        &[
+            "--max-steps",
+            "2",
+            "--lr",
+            "1e-2",
+            "--algo",
+            "loha",
+            "--rank",
+            "2",
+            "--alpha",
+            "1",
+        ],
+    );
+    let from = |algo: &'static str, more: &'static [&'static str]| {
+        [&["--algo", algo, "--dim-from-weights"][..], more].concat()
+    };
+    let e = frozen_run(
+        &data,
+        &dir.join("e.safetensors"),
+        &loha_r2,
+        &from("loha", &[]),
+    );
+    assert_eq!(tensors(&e), tensors(&loha_r2));
+    let f = frozen_run(
+        &data,
+        &dir.join("f.safetensors"),
+        &lokr,
+        &from("lokr", &["--lokr-factor", "2", "--train-text-encoder"]),
+    );
+    assert_eq!(tensors(&f), tensors(&lokr));
+
+    let refused = |file: &Path, extra: &[&str], needle: &str| {
+        let w = [
+            "--max-steps",
+            "1",
+            "--network-weights",
+            file.to_str().unwrap(),
+        ];
+        let o = train(
+            &data,
+            &dir.join("refused.safetensors"),
+            "lora",
+            &[&w[..], extra].concat(),
+        );
+        assert_fails_naming(&o, needle);
+    };
+    refused(&loha_r2, &["--algo", "lokr"], "pass --algo loha");
+    refused(&loha_r2, &["--algo", "loha"], "pass --rank 2");
+    refused(&loha_r2, &[], "pass --algo loha");
+    refused(&loha_r2, &["--dim-from-weights"], "pass --algo loha");
+    refused(
+        &lokr,
+        &[&lokr_args[..], &["--lokr-factor", "2"]].concat(),
+        "--lokr-factor",
+    );
+    let lora = train_ok(
+        &data,
+        &dir.join("lora.safetensors"),
+        "lora",
+        &["--max-steps", "1"],
+    );
+    refused(&lora, &["--algo", "loha"], "pass --algo lora");
 }
 
 #[test]
@@ -127,11 +252,6 @@ fn network_weights_that_do_not_fit_the_run_are_refused_by_name() {
     );
     refused(&["--conv-dim", "2"], "lora", "--train-text-encoder");
     refused(&["--train-text-encoder"], "lora", "no adapter in this run");
-    refused(
-        &[&CONV_TE[..], &["--dora-wd"]].concat(),
-        "lora",
-        "leave --dora-wd out",
-    );
     refused(&CONV_TE, "kstyle", "gates LoRA's rank");
     refused(
         &[&CONV_TE[..], &["--resume", w]].concat(),
@@ -163,7 +283,7 @@ fn network_weights_that_do_not_fit_the_run_are_refused_by_name() {
         "lora",
         &[&one[..], &["--network-weights", loha.to_str().unwrap()]].concat(),
     );
-    assert_fails_naming(&o, "is not LoRA");
+    assert_fails_naming(&o, "pass --algo loha");
     // A damaged file: cut in half.
     let bytes = std::fs::read(&a).unwrap();
     let cut = dir.join("cut.safetensors");

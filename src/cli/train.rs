@@ -337,14 +337,17 @@ pub struct Args {
     /// Continue from a checkpoint written by --save-every.
     #[arg(long)]
     pub resume: Option<PathBuf>,
-    /// Start the adapters from this LoRA file instead of fresh ones (kohya's --network_weights;
-    /// kohya, PEFT/diffusers or kstyle files, DoRA with --dora-wd), with a fresh optimizer. Its
-    /// ranks must be the run's; lora_up is rescaled when its alpha differs from --alpha, so the
-    /// run starts from the file's update. Every module of the file must have an adapter in the run.
+    /// Start the adapters from this LoRA, LoHa or LoKr file (of the run's --algo) instead of
+    /// fresh ones (kohya's --network_weights; kohya, LyCORIS, PEFT/diffusers or kstyle files),
+    /// with a fresh optimizer. Its ranks must be the run's; the update is rescaled when its alpha
+    /// differs from --alpha, so the run starts from the file's update; --dora-wd takes its
+    /// magnitudes, or |W + dW| from a file without them. Every module of the file must have an
+    /// adapter in the run.
     #[arg(long, conflicts_with = "resume")]
     pub network_weights: Option<PathBuf>,
-    /// Take the adapters' modules, ranks and alphas from --network-weights (kohya's
-    /// --dim_from_weights) instead of --rank, --alpha, --targets and --conv-dim.
+    /// Take the adapters' modules, ranks and alphas (and LoKr factor shapes) from
+    /// --network-weights (kohya's --dim_from_weights) instead of --rank, --alpha, --targets,
+    /// --conv-dim and --lokr-factor.
     #[arg(
         long,
         requires = "network_weights",

@@ -8,7 +8,7 @@
 use crate::formats::kohya::{Component, ModuleIndex};
 use crate::nn::dora::Dora;
 use crate::nn::lora::{Gates, LoraAdapter, LoraConfig, Mlp};
-use crate::nn::lycoris::{Lycoris, LycorisAlgo};
+use crate::nn::lycoris::LycorisAlgo;
 use crate::nn::Linear;
 use crate::tensor::{save_safetensors, SafeTensorsFile};
 use crate::train::cultural::CulturalLoss;
@@ -376,7 +376,7 @@ impl Adapter {
                 .find(|algo| f.contains(&format!("{k}.{}", algo.names(false)[0])));
             if let Some(algo) = lycoris {
                 let low_rank = f.contains(&format!("{k}.lokr_w2_a"));
-                let mut t = algo
+                let t = algo
                     .names(low_rank)
                     .iter()
                     .map(|n| var(&format!("{k}.{n}")))
@@ -407,33 +407,18 @@ impl Adapter {
                     true => load(&alpha_key)?.to_scalar()?,
                     false => rank as f64,
                 };
-                let (a, b) = (t.remove(0), t.remove(0));
-                let adapter = LoraAdapter {
-                    a,
-                    b,
-                    config: LoraConfig {
-                        rank,
-                        alpha,
-                        ..config
-                    },
-                    gates: None,
-                    concepts: None,
-                    recorder: None,
-                    dropout: None,
-                    lycoris: Some(Lycoris {
-                        algo,
-                        rest: t,
-                        shape: shape.clone(),
-                    }),
-                    dora: dora_of(&format!("{k}.dora_scale"))?,
+                let config = LoraConfig {
+                    rank,
+                    alpha,
+                    ..config
                 };
+                let mut adapter = LoraAdapter::from_lycoris(algo, config, &shape, t)
+                    .map_err(|e| Error::file(path, format!("`{k}`: {e}")))?;
+                adapter.dora = dora_of(&format!("{k}.dora_scale"))?;
                 if !adapter.fits(&shape) {
                     return Err(Error::file(
                         path,
-                        format!(
-                            "`{k}`: {} factors that do not fit together or the weight {shape:?}",
-                            algo.name()
-                        ),
+                        format!("`{k}.dora_scale` does not fit the weight {shape:?}"),
                     ));
                 }
                 modules.push((module, adapter));

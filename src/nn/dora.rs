@@ -60,6 +60,26 @@ impl LoraAdapter {
         Ok(self)
     }
 
+    /// Sets the magnitude to the row norms of `base + dW` for the adapter's present update, so
+    /// that W' is W + dW (to eps): a DoRA run continuing a plain LoRA, LoHa or LoKr starts where
+    /// that adapter is, as PEFT's DoRA layer takes its magnitude from the weight with the LoRA
+    /// update already in it.
+    pub fn dora_from_update(&mut self, base: &Tensor) -> Result<()> {
+        let magnitude = crate::autograd::no_grad(|| {
+            let merged = base
+                .detach()
+                .to_dtype(DType::F32)?
+                .add(&self.lora_weight_f32(base.dims())?)?;
+            row_norms(&merged)
+        })?
+        .var()?;
+        match &mut self.dora {
+            Some(d) => d.magnitude = magnitude,
+            None => return Err(Error::msg("dora_from_update without DoRA")),
+        }
+        Ok(())
+    }
+
     /// dW in f32, shaped like the frozen weight `shape`: LoRA's B A · alpha / r (lora_up
     /// (out, r[, 1, 1]) times lora_down (r, in[, kh, kw]) flattened), or LoHa's / LoKr's update
     /// ([`LoraAdapter::lycoris_weight`]).

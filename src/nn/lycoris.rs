@@ -192,6 +192,55 @@ impl LoraAdapter {
         }
     }
 
+    /// A LyCORIS adapter from its tensors in LyCORIS' order ([`LycorisAlgo::names`]: LoHa's
+    /// four; LoKr's w1 with w2 whole, or with w2_a and w2_b) for a frozen weight of `dims`, at
+    /// `config`'s rank and alpha (LoKr with w2 whole runs at scale 1 whatever they are). An
+    /// error says what does not fit ([`LoraAdapter::fits`]).
+    pub fn from_lycoris(
+        algo: LycorisAlgo,
+        config: LoraConfig,
+        dims: &[usize],
+        mut tensors: Vec<Tensor>,
+    ) -> Result<LoraAdapter> {
+        let count = match algo {
+            LycorisAlgo::Loha => 4..=4,
+            LycorisAlgo::Lokr => 2..=3,
+        };
+        let shapes: Vec<Vec<usize>> = tensors.iter().map(|t| t.dims().to_vec()).collect();
+        let misfit = || {
+            Error::msg(format!(
+                "{} factors {shapes:?} at rank {} do not fit together or the weight {dims:?}",
+                algo.name(),
+                config.rank
+            ))
+        };
+        if !count.contains(&tensors.len()) {
+            return Err(misfit());
+        }
+        let rest = tensors.split_off(2);
+        let b = tensors.pop().ok_or_else(misfit)?;
+        let a = tensors.pop().ok_or_else(misfit)?;
+        let lycoris = Lycoris {
+            algo,
+            rest,
+            shape: dims.to_vec(),
+        };
+        let adapter = LoraAdapter::lycoris(config, lycoris, a, b);
+        match adapter.fits(dims) {
+            true => Ok(adapter),
+            false => Err(misfit()),
+        }
+    }
+
+    /// What the factors' product is scaled by: alpha / rank, and 1 for LoKr with w2 whole
+    /// (LyCORIS sets its alpha to the rank).
+    pub fn update_scale(&self) -> f64 {
+        match &self.lycoris {
+            Some(l) if l.algo == LycorisAlgo::Lokr && l.rest.is_empty() => 1.0,
+            _ => self.config.alpha / self.config.rank as f64,
+        }
+    }
+
     /// The LyCORIS algorithm of this adapter; None for LoRA.
     pub fn lycoris_algo(&self) -> Option<LycorisAlgo> {
         self.lycoris.as_ref().map(|l| l.algo)
@@ -203,11 +252,7 @@ impl LoraAdapter {
             .lycoris
             .as_ref()
             .ok_or_else(|| Error::msg("lycoris_weight of a LoRA adapter"))?;
-        // LoKr with both factors whole runs at scale 1 (LyCORIS sets its alpha to the rank).
-        let scale = match (l.algo, l.rest.is_empty()) {
-            (LycorisAlgo::Lokr, true) => 1.0,
-            _ => self.config.alpha / self.config.rank as f64,
-        };
+        let scale = self.update_scale();
         let w = match l.algo {
             LycorisAlgo::Loha => self
                 .a

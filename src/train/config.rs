@@ -118,7 +118,7 @@ pub struct TrainConfig {
     /// is written (kohya's `--save_last_n_steps` / `--save_last_n_epochs`, counted in files).
     pub keep_checkpoints: Option<usize>,
     pub resume: Option<PathBuf>,
-    /// A LoRA file the adapters start from instead of the fresh draw (kohya's
+    /// A LoRA, LoHa or LoKr file the adapters start from instead of the fresh draw (kohya's
     /// `--network_weights`; see `train::network_weights`).
     pub network_weights: Option<PathBuf>,
     /// The adapters are the file's own modules, ranks and alphas (kohya's `--dim_from_weights`).
@@ -225,6 +225,16 @@ impl Algo {
             Algo::Lokr { .. } => "lokr",
         }
     }
+
+    /// The LyCORIS algorithm; None for LoRA.
+    pub fn lycoris(self) -> Option<crate::nn::lycoris::LycorisAlgo> {
+        use crate::nn::lycoris::LycorisAlgo;
+        match self {
+            Algo::Lora => None,
+            Algo::Loha => Some(LycorisAlgo::Loha),
+            Algo::Lokr { .. } => Some(LycorisAlgo::Lokr),
+        }
+    }
 }
 
 /// kohya's conv LoRA (sd-scripts networks/lora.py with `conv_dim`): the UNet's `ResnetBlock2D`,
@@ -319,12 +329,6 @@ impl TrainConfig {
                 "and method `{}` gates LoRA's rank (a plain LoRA's update is not a gated one): \
                  use --method lora or lora-csl",
                 self.method.name()
-            ));
-        }
-        if self.algo != Algo::Lora {
-            return refuse(&format!(
-                "and --algo {} builds LyCORIS factors it does not read: use --algo lora",
-                self.algo.name()
             ));
         }
         if self.dim_from_weights && (self.block_dims.is_set() || self.block_lr.is_set()) {
