@@ -10,7 +10,7 @@ use kstyle::models::unet::{KohyaLoraFile, UNet2DConditionModel};
 use kstyle::sample::pipeline::unet_module_index;
 use kstyle::tensor::SafeTensorsFile;
 use kstyle::{DType, Device};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 #[test]
 fn every_method_trains_and_its_adapter_generates() {
@@ -509,6 +509,10 @@ fn edm_models_train_edm_style() {
             "--debiased-estimation-loss",
         ),
         (&["--loss-type", "huber"], "--loss-type huber"),
+        (
+            &["--v-pred-like-loss", "0.1"],
+            "--scale-v-pred-loss-like-noise-pred and --v-pred-like-loss",
+        ),
     ] {
         let o = train_model(
             &model,
@@ -530,30 +534,12 @@ fn edm_models_train_edm_style() {
 fn min_snr_gamma_weights_the_loss() {
     let dir = tmp("min-snr");
     let data = dataset(&dir);
-    let model = dir.join("sdxl");
-    common::copy_dir(&tiny().join("sdxl"), &model);
-    let sched = model.join("scheduler/scheduler_config.json");
-    let text = std::fs::read_to_string(&sched).unwrap();
-    std::fs::write(
-        &sched,
-        text.replace(
-            "\"prediction_type\": \"epsilon\"",
-            "\"prediction_type\": \"v_prediction\"",
-        ),
-    )
-    .unwrap();
+    let model = v_prediction_model(&dir);
     let train = |name: &str, extra: &[&str]| {
         let out = dir.join(format!("{name}.safetensors"));
         let mut args = vec!["--max-steps", "2"];
         args.extend_from_slice(extra);
         (train_model(&model, &data, &out, "lora", &args), out)
-    };
-    let diffusion = |adapter: &Path| -> Vec<f64> {
-        let csv = std::fs::read_to_string(adapter.with_extension("loss.csv")).unwrap();
-        csv.lines()
-            .skip(1)
-            .map(|row| row.split(',').nth(3).unwrap().parse().unwrap())
-            .collect()
     };
     let (o, plain) = train("plain", &[]);
     assert!(o.status.success(), "{}", common::stderr(&o));
@@ -570,6 +556,92 @@ fn min_snr_gamma_weights_the_loss() {
     for bad in ["0", "-1", "nan"] {
         let (o, out) = train(&format!("bad{bad}"), &["--min-snr-gamma", bad]);
         common::assert_fails_naming(&o, "--min-snr-gamma");
+        assert!(!out.exists());
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// The tiny model with `prediction_type` v_prediction, copied under `dir`.
+fn v_prediction_model(dir: &Path) -> PathBuf {
+    let model = dir.join("sdxl");
+    common::copy_dir(&tiny().join("sdxl"), &model);
+    let sched = model.join("scheduler/scheduler_config.json");
+    let text = std::fs::read_to_string(&sched).unwrap();
+    std::fs::write(
+        &sched,
+        text.replace(
+            "\"prediction_type\": \"epsilon\"",
+            "\"prediction_type\": \"v_prediction\"",
+        ),
+    )
+    .unwrap();
+    model
+}
+
+/// The logged diffusion losses of a run's adapter.
+fn diffusion(adapter: &Path) -> Vec<f64> {
+    let csv = std::fs::read_to_string(adapter.with_extension("loss.csv")).unwrap();
+    csv.lines()
+        .skip(1)
+        .map(|row| row.split(',').nth(3).unwrap().parse().unwrap())
+        .collect()
+}
+
+/// kohya's two v-prediction loss scales (weights checked against PyTorch by the
+/// `train_loss_types` verify case): --scale-v-pred-loss-like-noise-pred on a v-prediction model
+/// weights each sample below 1, --v-pred-like-loss on an epsilon model above 1, so each step's
+/// logged loss is below / above the unweighted one from the same draws; each is recorded in the
+/// adapter's settings, and refused on the other prediction type (as kohya refuses it) and for
+/// values that are not positive numbers, before anything is written.
+#[test]
+fn v_prediction_loss_scales_weight_the_loss() {
+    let dir = tmp("v-pred-scales");
+    let data = dataset(&dir);
+    let v_model = v_prediction_model(&dir);
+    let eps_model = tiny().join("sdxl");
+    let train = |model: &Path, name: &str, extra: &[&str]| {
+        let out = dir.join(format!("{name}.safetensors"));
+        let args = [&["--max-steps", "2"][..], extra].concat();
+        (train_model(model, &data, &out, "lora", &args), out)
+    };
+    let scale = ["--scale-v-pred-loss-like-noise-pred"];
+    let like = ["--v-pred-like-loss", "0.25"];
+    for (model, flags, below) in [(&v_model, &scale[..], true), (&eps_model, &like[..], false)] {
+        let (o, plain) = train(model, &format!("plain-{below}"), &[]);
+        assert!(o.status.success(), "{}", common::stderr(&o));
+        let (o, weighted) = train(model, &format!("weighted-{below}"), flags);
+        assert!(o.status.success(), "{}", common::stderr(&o));
+        let (p, w) = (diffusion(&plain), diffusion(&weighted));
+        assert_eq!(p.len(), 2);
+        assert!(
+            w.iter()
+                .zip(&p)
+                .all(|(w, p)| w.is_finite() && (w < p) == below && w != p),
+            "{flags:?}: {w:?} vs {p:?}"
+        );
+    }
+    let f = SafeTensorsFile::open(dir.join("weighted-false.safetensors")).unwrap();
+    assert_eq!(f.meta_str("kstyle.train.v_pred_like_loss").unwrap(), "0.25");
+    assert_eq!(
+        f.meta_str("kstyle.train.scale_v_pred_loss").unwrap(),
+        "false"
+    );
+    for (model, flags, needle) in [
+        (&eps_model, &scale[..], "predicts epsilon"),
+        (&v_model, &like[..], "predicts v"),
+        (
+            &eps_model,
+            &["--v-pred-like-loss", "0"][..],
+            "--v-pred-like-loss",
+        ),
+        (
+            &eps_model,
+            &["--v-pred-like-loss", "nan"][..],
+            "--v-pred-like-loss",
+        ),
+    ] {
+        let (o, out) = train(model, "refused", flags);
+        common::assert_fails_naming(&o, needle);
         assert!(!out.exists());
     }
     std::fs::remove_dir_all(&dir).unwrap();

@@ -99,6 +99,8 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
         lambda: 0.1,
         min_snr_gamma: None,
         debiased: false,
+        scale_v_pred_loss: false,
+        v_pred_like_loss: None,
         loss_type: Default::default(),
         huber_schedule: None,
         huber_c: None,

@@ -118,6 +118,14 @@ pub struct Args {
     /// (epsilon) or 1 / (SNR + 1) (v-prediction), SNR capped at 1000.
     #[arg(long)]
     pub debiased_estimation_loss: bool,
+    /// kohya's --scale_v_pred_loss_like_noise_pred, for v-prediction models: each sample's loss
+    /// also times SNR / (SNR + 1) (SNR capped at 1000), the scale an epsilon model's loss has.
+    #[arg(long)]
+    pub scale_v_pred_loss_like_noise_pred: bool,
+    /// kohya's --v_pred_like_loss K, for epsilon models: each sample's loss also times
+    /// 1 + K (SNR + 1) / SNR (SNR capped at 1000), adding K times a v-prediction-like loss.
+    #[arg(long, allow_negative_numbers = true)]
+    pub v_pred_like_loss: Option<f64>,
     /// The per-element diffusion loss (kohya's --loss_type): l2 (the MSE, KSTYLE.md's), l1,
     /// huber (pseudo-Huber 2c(sqrt(d^2 + c^2) - c)) or smooth-l1 (the same without the factor c).
     #[arg(long, value_enum, default_value = "l2")]
@@ -672,6 +680,8 @@ pub fn config_from(a: &Args) -> anyhow::Result<TrainConfig> {
         lambda: a.lambda,
         min_snr_gamma: a.min_snr_gamma,
         debiased: a.debiased_estimation_loss,
+        scale_v_pred_loss: a.scale_v_pred_loss_like_noise_pred,
+        v_pred_like_loss: a.v_pred_like_loss,
         loss_type: a.loss_type.into(),
         huber_schedule: a.huber_schedule.map(Into::into),
         huber_c: a.huber_c,

@@ -802,6 +802,12 @@ pub struct TrainSchedule {
     /// kohya's `--debiased_estimation_loss` (Yu et al. 2024): each sample's loss also times
     /// `1 / sqrt(SNR)` (epsilon) or `1 / (SNR + 1)` (v), SNR capped at 1000.
     pub debiased: bool,
+    /// kohya's `--scale_v_pred_loss_like_noise_pred` (v-prediction): each sample's loss also
+    /// times `s = SNR / (SNR + 1)`, SNR capped at 1000, which turns v's loss into epsilon's scale.
+    pub scale_v_pred: bool,
+    /// kohya's `--v_pred_like_loss k` (epsilon): each sample's loss also times `1 + k / s`, adding
+    /// k times the loss v-prediction would weigh it with.
+    pub v_pred_like: Option<f64>,
     /// The per-element loss (kohya's `--loss_type`) and, for Huber and smooth L1, its threshold.
     pub loss_type: LossType,
     pub huber: Huber,
@@ -851,6 +857,8 @@ impl TrainSchedule {
                 prediction: cfg.prediction,
                 min_snr_gamma: None,
                 debiased: false,
+                scale_v_pred: false,
+                v_pred_like: None,
                 loss_type: LossType::L2,
                 huber: Huber::default(),
                 edm: Some(EdmTrain::new(edm, cfg.num_train_timesteps)?),
@@ -891,6 +899,8 @@ impl TrainSchedule {
             prediction: Prediction::Epsilon,
             min_snr_gamma: None,
             debiased: false,
+            scale_v_pred: false,
+            v_pred_like: None,
             loss_type: LossType::L2,
             huber: Huber::default(),
             edm: None,
@@ -903,9 +913,11 @@ impl TrainSchedule {
         ab / (1.0 - ab)
     }
 
-    /// The weight of a sample's loss at timestep `t`: the min-SNR weight, `min(snr, gamma) /
-    /// snr` for epsilon and `min(snr, gamma) / (snr + 1)` for v (0 at zero SNR), times with
-    /// `debiased` the debiased-estimation weight. 1 when neither is on.
+    /// The weight of a sample's loss at timestep `t`, the product of kohya's weights in its
+    /// order: the min-SNR weight, `min(snr, gamma) / snr` for epsilon and `min(snr, gamma) /
+    /// (snr + 1)` for v (0 at zero SNR); with `scale_v_pred` times `s = snr / (snr + 1)`; with
+    /// `v_pred_like` k times `1 + k / s`; with `debiased` the debiased-estimation weight (s and
+    /// the debiased weight on the SNR capped at 1000). 1 when none is on.
     pub fn loss_weight(&self, t: usize) -> f64 {
         let snr = self.snr(t);
         let min_snr = match (self.min_snr_gamma, self.prediction) {
@@ -915,17 +927,35 @@ impl TrainSchedule {
         };
         // kohya caps the SNR at 1000 (it is infinite at t = 0 of a schedule that starts clean).
         let capped = snr.min(1000.0);
+        let s = capped / (capped + 1.0);
+        let scale_v = match self.scale_v_pred {
+            true => s,
+            false => 1.0,
+        };
+        let v_like = self.v_pred_like.map_or(1.0, |k| 1.0 + k / s);
         let debiased = match (self.debiased, self.prediction) {
             (false, _) => 1.0,
             (true, Prediction::Epsilon) => 1.0 / capped.sqrt(),
             (true, Prediction::V) => 1.0 / (capped + 1.0),
         };
-        min_snr * debiased
+        min_snr * scale_v * v_like * debiased
     }
 
     /// Whether samples are weighted ([`Self::loss_weight`] is not 1 everywhere).
     pub fn weighted(&self) -> bool {
-        self.min_snr_gamma.is_some() || self.debiased
+        self.min_snr_gamma.is_some()
+            || self.debiased
+            || self.scale_v_pred
+            || self.v_pred_like.is_some()
+    }
+
+    /// Turns every per-sample weight off (the validation loss's plain MSE).
+    pub fn unweighted(mut self) -> TrainSchedule {
+        self.min_snr_gamma = None;
+        self.debiased = false;
+        self.scale_v_pred = false;
+        self.v_pred_like = None;
+        self
     }
 
     /// The Huber threshold c at timestep `t` (see [`HuberSchedule`]).

@@ -56,6 +56,12 @@ pub struct TrainConfig {
     /// kohya's `--debiased_estimation_loss`: each sample's loss also times 1 / sqrt(SNR)
     /// (epsilon) or 1 / (SNR + 1) (v).
     pub debiased: bool,
+    /// kohya's `--scale_v_pred_loss_like_noise_pred` (v-prediction models): each sample's loss
+    /// also times SNR / (SNR + 1) (see [`TrainSchedule::loss_weight`]).
+    pub scale_v_pred_loss: bool,
+    /// kohya's `--v_pred_like_loss k` (epsilon models): each sample's loss also times
+    /// 1 + k (SNR + 1) / SNR.
+    pub v_pred_like_loss: Option<f64>,
     /// kohya's `--loss_type` (l2 by default: KSTYLE.md's MSE).
     pub loss_type: LossType,
     /// kohya's `--huber_schedule`, `--huber_c`, `--huber_scale` (snr, 0.1, 1 when None); only
@@ -541,6 +547,13 @@ impl TrainConfig {
                     .into(),
             ));
         }
+        if let Some(k) = self.v_pred_like_loss {
+            if !(k.is_finite() && k > 0.0) {
+                return Err(Error::Config(format!(
+                    "--v-pred-like-loss must be a positive number, got {k}"
+                )));
+            }
+        }
         if let Some(g) = self.min_snr_gamma {
             if !(g.is_finite() && g > 0.0) {
                 return Err(Error::Config(format!(
@@ -707,6 +720,14 @@ impl TrainConfig {
                 c.min_snr_gamma.map_or("none".into(), |g| g.to_string()),
             ),
             ("debiased_estimation".to_string(), c.debiased.to_string()),
+            (
+                "scale_v_pred_loss".to_string(),
+                c.scale_v_pred_loss.to_string(),
+            ),
+            (
+                "v_pred_like_loss".to_string(),
+                c.v_pred_like_loss.map_or("none".into(), |k| k.to_string()),
+            ),
             ("loss_type".to_string(), c.loss_type.name().to_string()),
             (
                 "huber".to_string(),

@@ -18,6 +18,7 @@ pub mod max_norm;
 pub mod memory;
 mod network_weights;
 pub mod noise;
+mod objective;
 pub mod optim;
 pub mod optimizer_args;
 pub mod plan;

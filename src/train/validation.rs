@@ -3,7 +3,7 @@
 //! picture's posterior mean (no latent sampling) is noised at four fixed points of the schedule,
 //! the middles of its quarters, with noise from a fixed seed per (picture, point), and the
 //! plain mean squared error of the model's training target is averaged over all of them: no
-//! Min-SNR or debiased weights, no other --loss-type and no cultural term, so runs with
+//! Min-SNR, debiased or v-prediction-scale weights, no other --loss-type and no cultural term, so runs with
 //! different settings compare.
 
 use super::examples::Example;
@@ -37,9 +37,7 @@ impl Trainer {
             return Ok(None);
         }
         // The plain MSE whatever the training loss is: no weights, no other loss type.
-        let mut schedule = self.schedule.clone();
-        schedule.min_snr_gamma = None;
-        schedule.debiased = false;
+        let mut schedule = self.schedule.clone().unweighted();
         schedule.loss_type = crate::sample::schedule::LossType::L2;
         let at = points(schedule.len());
         let mut sum = 0.0;

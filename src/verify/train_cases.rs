@@ -443,7 +443,9 @@ pub fn train_min_snr(ctx: &Ctx) -> Result<Vec<Row>> {
 /// kohya's loss types and weights (`tests/fixtures/extra/gen_train_loss_types.py`): Huber on the
 /// snr schedule with min-SNR and debiased weights, smooth L1 on the exponential schedule on a
 /// zero-SNR v-prediction model, L1 with debiased weights (SNR capped at t = 0), Huber on the
-/// constant schedule. The per-sample weights and thresholds, the losses and a few gradients.
+/// constant schedule, the v-prediction scale (zero-SNR v) and the v-prediction-like loss
+/// (epsilon, with min-SNR). The per-sample weights and thresholds, the losses and a few
+/// gradients.
 pub fn train_loss_types(ctx: &Ctx) -> Result<Vec<Row>> {
     use crate::sample::schedule::{Huber, HuberSchedule, LossType};
     let f = SafeTensorsFile::open(ctx.reference("../../extra/train_loss_types.safetensors"))?;
@@ -457,6 +459,11 @@ pub fn train_loss_types(ctx: &Ctx) -> Result<Vec<Row>> {
             _ => Some(num("min_snr_gamma")?),
         };
         schedule.debiased = meta("debiased")? == "True";
+        schedule.scale_v_pred = meta("scale_v_pred")? == "True";
+        schedule.v_pred_like = match meta("v_pred_like")?.as_str() {
+            "none" => None,
+            _ => Some(num("v_pred_like")?),
+        };
         schedule.loss_type = match meta("loss_type")?.as_str() {
             "l2" => LossType::L2,
             "l1" => LossType::L1,
