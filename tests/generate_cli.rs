@@ -198,6 +198,7 @@ fn verify_passes_every_case_on_the_tiny_fixtures() {
         "vae_file",
         "clip_skip",
         "vae_tiling",
+        "long_captions",
     ] {
         assert!(
             text.lines().any(|l| l.starts_with(case)),

@@ -220,3 +220,57 @@ fn every_nth_epoch_trains_without_captions() {
         "--token-warmup-step must be a positive",
     );
 }
+
+/// kohya's --max-token-length (the windows and their joining are checked against PyTorch by the
+/// `long_captions` verify case): a caption of 130 tokens is cut at 75 with a warning by default
+/// and read whole at 150, whose context is another (its cache entries are kept apart from the
+/// default's); the cached, token-id (--train-text-encoder) and live-caption (--shuffle-caption)
+/// paths all train at 225; the setting is recorded, and lengths kohya does not offer are refused.
+#[test]
+fn max_token_length_reads_longer_captions() {
+    let dir = tmp("max-token-length");
+    let words = [
+        "a", "red", "cat", "on", "the", "hill", "blue", "sky", "dog", "house",
+    ];
+    let long: Vec<&str> = (0..130).map(|i| words[i % words.len()]).collect();
+    let data = recaptioned(&dir, "data", &[("a.txt", &long.join(" "))]);
+    let cache = dir.join("cache");
+    let run = |name: &str, extra: &[&str]| {
+        let out = dir.join(name).join("a.safetensors");
+        let args = [
+            &["--max-steps", "2", "--cache", cache.to_str().unwrap()][..],
+            extra,
+        ]
+        .concat();
+        let o = common::train::train(&data, &out, "lora", &args);
+        assert!(o.status.success(), "{name}: {}", common::stderr(&o));
+        (
+            out,
+            common::stderr(&o) + &String::from_utf8_lossy(&o.stdout),
+        )
+    };
+    let (short, log) = run("75", &[]);
+    assert!(log.contains("is longer than CLIP's 77 tokens"), "{log}");
+    assert_eq!(setting(&short, "max_token_length"), "75");
+    let (longer, log) = run("150", &["--max-token-length", "150"]);
+    assert!(!log.contains("is longer than"), "{log}");
+    assert!(log.contains("text encoders ran"), "{log}");
+    assert_eq!(setting(&longer, "max_token_length"), "150");
+    let (p, q) = (common::first_losses(&short), common::first_losses(&longer));
+    assert!(q[0].is_finite() && p[0] != q[0], "{p:?} vs {q:?}");
+    let (_, log) = run("225", &["--max-token-length", "225"]);
+    assert!(!log.contains("is longer than"), "{log}");
+    for (name, extra) in [
+        ("te", &["--train-text-encoder"][..]),
+        ("shuffled", &["--shuffle-caption", "--keep-tokens", "2"]),
+    ] {
+        let (out, _) = run(name, &[&["--max-token-length", "225"][..], extra].concat());
+        assert!(common::first_losses(&out)[0].is_finite(), "{name}");
+    }
+    refused(
+        &data,
+        &dir,
+        &["--max-token-length", "100"],
+        "--max-token-length 100",
+    );
+}

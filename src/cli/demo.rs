@@ -126,6 +126,7 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
         buckets: false,
         flip_aug: false,
         shuffle_caption: false,
+        max_token_length: None,
         keep_tokens: 0,
         caption_tag_dropout: None,
         caption_dropout_every_epochs: None,

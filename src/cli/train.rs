@@ -409,6 +409,11 @@ pub struct Args {
     /// step instead of using cached embeddings.
     #[arg(long)]
     pub shuffle_caption: bool,
+    /// Read captions in up to 150 or 225 tokens instead of CLIP's 75 (kohya's
+    /// --max_token_length): two or three 75-token windows through each text encoder, their
+    /// states joined as kohya joins them. Preview prompts keep generate's 75.
+    #[arg(long)]
+    pub max_token_length: Option<usize>,
     /// With --shuffle-caption, keep the first N tags in place (kohya's --keep_tokens; a trigger
     /// word usually comes first).
     #[arg(long, default_value_t = 0)]
@@ -819,6 +824,7 @@ pub fn config_from(a: &Args) -> anyhow::Result<TrainConfig> {
         caption_dropout: a.caption_dropout.filter(|&p| p != 0.0),
         shuffle_caption: a.shuffle_caption,
         keep_tokens: a.keep_tokens,
+        max_token_length: a.max_token_length,
         caption_tag_dropout: a.caption_tag_dropout.filter(|&p| p != 0.0),
         // 0 is off, as kohya reads both.
         caption_dropout_every_epochs: a.caption_dropout_every_n_epochs.filter(|&n| n != 0),

@@ -50,8 +50,9 @@ impl Trainer {
             Error::msg("an example holds a caption but the run does not shuffle captions")
         })?;
         let prompts: Vec<String> = captions.iter().map(|c| c.to_string()).collect();
-        let ids_1 = token_ids(&enc.tok1.encode_batch(&prompts)?, self.cfg.device)?; // (B, 77)
-        let ids_2 = token_ids(&enc.tok2.encode_batch(&prompts)?, self.cfg.device)?;
+        let n = self.cfg.caption_chunks();
+        let ids_1 = token_ids(&enc.tok1.encode_chunked(&prompts, n)?, self.cfg.device)?; // (B, 77 n)
+        let ids_2 = token_ids(&enc.tok2.encode_chunked(&prompts, n)?, self.cfg.device)?;
         match (&self.text_encoders, &enc.frozen) {
             (Some(te), _) => te.encode(&ids_1, &ids_2),
             (None, Some(te)) => crate::autograd::no_grad(|| te.encode(&ids_1, &ids_2)),

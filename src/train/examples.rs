@@ -143,8 +143,13 @@ pub(super) fn prepare_examples(
     let mut vae = None;
     let mut text = None;
     let mut examples = Vec::with_capacity(data.len());
-    let mut encode_text = |caption: &str| -> Result<BTreeMap<String, Tensor>> {
-        cache.get_or_insert(&TensorCache::key(&["text", caption, &model_id]), || {
+    let mut encode_text = |caption: &str, chunks: usize| -> Result<BTreeMap<String, Tensor>> {
+        let windows = format!("{chunks}-windows");
+        let mut key = vec!["text", caption, &model_id];
+        if chunks > 1 {
+            key.push(&windows);
+        }
+        cache.get_or_insert(&TensorCache::key(&key), || {
             if text.is_none() {
                 let (te1, te2) = files.text_encoders(&[], DType::F32, cfg.device)?;
                 text = Some((te1, te2, files.tokenizers()?));
@@ -155,8 +160,8 @@ pub(super) fn prepare_examples(
             })?;
             crate::autograd::no_grad(|| {
                 let prompts = [caption.to_string()];
-                let ids_1 = token_ids(&tok1.encode_batch(&prompts)?, cfg.device)?; // (1, 77)
-                let ids_2 = token_ids(&tok2.encode_batch(&prompts)?, cfg.device)?; // (1, 77)
+                let ids_1 = token_ids(&tok1.encode_chunked(&prompts, chunks)?, cfg.device)?; // (1, 77 n)
+                let ids_2 = token_ids(&tok2.encode_chunked(&prompts, chunks)?, cfg.device)?;
                 let (context, pooled) = sdxl_conditioning(te1, te2, &ids_1, &ids_2)?;
                 Ok(vec![
                     ("context".to_string(), context),
@@ -166,13 +171,14 @@ pub(super) fn prepare_examples(
         })
     };
     // A caption as the step reads it: token ids when the text encoders train, else their
-    // (cached) outputs on the run's device. `what` names it in errors.
-    let mut text_of = |caption: &str, what: &str| -> Result<ExampleText> {
+    // (cached) outputs on the run's device, in `chunks` CLIP windows (preview prompts: one, as
+    // generate reads them). `what` names it in errors.
+    let mut text_of = |caption: &str, what: &str, chunks: usize| -> Result<ExampleText> {
         if cfg.train_text_encoder {
-            let (ids_1, ids_2) = caption_ids(files, caption, cfg.device)?;
+            let (ids_1, ids_2) = caption_ids(files, caption, chunks, cfg.device)?;
             return Ok(ExampleText::Tokens { ids_1, ids_2 });
         }
-        let txt = encode_text(caption)?;
+        let txt = encode_text(caption, chunks)?;
         let get = |k: &str| -> Result<Tensor> {
             txt.get(k)
                 .cloned()
@@ -184,24 +190,30 @@ pub(super) fn prepare_examples(
             pooled: get("pooled")?,
         })
     };
-    // Captions past CLIP's window train on their first 75 tokens, as diffusers' scripts do.
+    // Captions past their window (CLIP's, or --max-token-length's) train on its first tokens,
+    // as diffusers' and kohya's scripts do; preview prompts keep generate's window.
     let (first, second) = files.tokenizers()?;
     let tokenizer = first.unwrap_or(second);
-    let captions = data
-        .samples
-        .iter()
-        .map(|s| (format!("the caption of {}", s.path.display()), &s.caption));
+    let chunks = cfg.caption_chunks();
+    let captions = data.samples.iter().map(|s| {
+        let what = format!("the caption of {}", s.path.display());
+        (what, &s.caption, chunks)
+    });
     let sample = cfg.sample_prompts.iter().flat_map(|p| {
-        std::iter::once(("the preview prompt".to_string(), &p.prompt)).chain(
+        std::iter::once(("the preview prompt".to_string(), &p.prompt, 1)).chain(
             p.negative
                 .iter()
-                .map(|n| ("the preview negative prompt".to_string(), n)),
+                .map(|n| ("the preview negative prompt".to_string(), n, 1)),
         )
     });
-    for (what, text) in captions.chain(sample) {
-        if let Some(cut) = tokenizer.cut_off(text)? {
+    for (what, text, n) in captions.chain(sample) {
+        if let Some(cut) = tokenizer.cut_off_at(text, 75 * n)? {
+            let window = match n {
+                1 => "CLIP's 77 tokens".to_string(),
+                n => format!("--max-token-length {}", 75 * n),
+            };
             log(&format!(
-                "warning: {what} is longer than CLIP's 77 tokens; the end is dropped: \"{cut}\""
+                "warning: {what} is longer than {window}; the end is dropped: \"{cut}\""
             ));
         }
     }
@@ -225,6 +237,7 @@ pub(super) fn prepare_examples(
             false => text_of(
                 &cfg.fixed_caption(&s.caption),
                 &s.path.display().to_string(),
+                chunks,
             )?,
         };
         // The picture as the VAE sees it, plain or mirrored, through the cache.
@@ -280,16 +293,16 @@ pub(super) fn prepare_examples(
     if cfg.previews() && !cfg.train_text_encoder {
         for p in &cfg.sample_prompts {
             let negative = match &p.negative {
-                Some(n) => Some(text_of(n, "a preview negative prompt")?),
+                Some(n) => Some(text_of(n, "a preview negative prompt", 1)?),
                 None => None,
             };
-            samples.push((text_of(&p.prompt, "a preview prompt")?, negative));
+            samples.push((text_of(&p.prompt, "a preview prompt", 1)?, negative));
         }
     }
     let drops = cfg.caption_dropout.is_some() || cfg.caption_dropout_every_epochs.is_some();
     let empty = match (drops, cfg.live_captions()) {
         (true, true) => Some(ExampleText::Caption(String::new())),
-        (true, false) => Some(text_of("", "the dropped caption")?),
+        (true, false) => Some(text_of("", "the dropped caption", chunks)?),
         (false, _) => None,
     };
     log(&format!(

@@ -25,6 +25,7 @@ pub mod plan;
 pub mod plot;
 pub mod prodigy;
 pub mod samples;
+mod settings;
 mod start;
 pub mod step;
 pub mod text;

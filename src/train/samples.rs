@@ -180,7 +180,7 @@ impl Trainer {
                 .text_encoders
                 .as_ref()
                 .ok_or_else(|| Error::msg("a preview prompt has no cached embeddings"))?;
-            let (ids_1, ids_2) = caption_ids(&self.files, text, self.cfg.device)?;
+            let (ids_1, ids_2) = caption_ids(&self.files, text, 1, self.cfg.device)?;
             let (context, pooled) = crate::autograd::no_grad(|| te.encode(&ids_1, &ids_2))?;
             Ok(PromptEmbeds {
                 context: context.to_dtype(DType::F32)?,

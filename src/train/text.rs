@@ -25,18 +25,50 @@ pub fn text_layer(path: &str) -> Option<usize> {
 
 /// SDXL's conditioning from two text encoders and their token ids (B, 77): the context
 /// cat(penultimate states), (B, 77, Dc), and text_encoder_2's projected pooled embedding, (B, P).
+/// Ids of n windows of 77 per row (B, n · 77; kohya's `--max_token_length`, see
+/// [`crate::models::clip::tokenizer::ClipTokenizer::encode_chunked`]) run as B · n rows; each
+/// row's states are then joined as sd-scripts' `SdxlTextEncodingStrategy` joins them: the first
+/// window's BOS state, every window's 75 content states, the last window's last state, so the
+/// context is (B, 75 n + 2, Dc); the pooled embedding is the first window's.
 pub(super) fn sdxl_conditioning(
     te1: &ClipTextModel,
     te2: &ClipTextModel,
     ids_1: &Tensor,
     ids_2: &Tensor,
 ) -> Result<(Tensor, Tensor)> {
-    let o1 = te1.forward(ids_1)?;
-    let o2 = te2.forward(ids_2)?;
-    let context = Tensor::cat(&[o1.penultimate().clone(), o2.penultimate().clone()], 2)?; // (B, 77, Dc)
+    let window = te2.config().max_position_embeddings;
+    let (b, cols) = ids_2.dims2()?;
+    let n = cols / window.max(1);
+    if n <= 1 || ids_1.dims2()? != (b, cols) || cols % window != 0 {
+        let o1 = te1.forward(ids_1)?;
+        let o2 = te2.forward(ids_2)?;
+        let context = Tensor::cat(&[o1.penultimate().clone(), o2.penultimate().clone()], 2)?; // (B, 77, Dc)
+        let pooled = o2
+            .text_embeds
+            .ok_or_else(|| Error::Config("text_encoder_2 has no projection".into()))?; // (B, P)
+        return Ok((context, pooled));
+    }
+    let o1 = te1.forward(&ids_1.reshape((b * n, window))?)?;
+    let o2 = te2.forward(&ids_2.reshape((b * n, window))?)?;
+    let join = |states: &Tensor| -> Result<Tensor> {
+        let d = states.dims()[2];
+        let s = states.reshape((b, n * window, d))?;
+        let mut parts = vec![s.narrow(1, 0, 1)?];
+        for c in 0..n {
+            parts.push(s.narrow(1, c * window + 1, window - 2)?);
+        }
+        parts.push(s.narrow(1, n * window - 1, 1)?);
+        Tensor::cat(&parts, 1) // (B, 75 n + 2, D)
+    };
+    let context = Tensor::cat(&[join(o1.penultimate())?, join(o2.penultimate())?], 2)?;
     let pooled = o2
         .text_embeds
-        .ok_or_else(|| Error::Config("text_encoder_2 has no projection".into()))?; // (B, P)
+        .ok_or_else(|| Error::Config("text_encoder_2 has no projection".into()))?; // (B n, P)
+    let p = pooled.dims()[1];
+    let pooled = pooled
+        .reshape((b, n, p))?
+        .narrow(1, 0, 1)?
+        .reshape((b, p))?;
     Ok((context, pooled))
 }
 
@@ -47,8 +79,9 @@ pub struct TextEncoders {
 }
 
 impl TextEncoders {
-    /// SDXL's conditioning of token ids (B, 77) each: the context cat(penultimate states),
-    /// (B, 77, Dc), and text_encoder_2's projected pooled embedding, (B, P). On the tape.
+    /// SDXL's conditioning of token ids (B, 77) each (or (B, 77 n): [`sdxl_conditioning`]): the
+    /// context cat(penultimate states), (B, 77, Dc), and text_encoder_2's projected pooled
+    /// embedding, (B, P). On the tape.
     pub fn encode(&self, ids_1: &Tensor, ids_2: &Tensor) -> Result<(Tensor, Tensor)> {
         sdxl_conditioning(&self.te1, &self.te2, ids_1, ids_2)
     }
@@ -88,10 +121,12 @@ impl TextEncoders {
     }
 }
 
-/// Token ids (1, 77) of `caption` for each tokenizer, as the pipeline pads them.
+/// Token ids (1, 77 · chunks) of `caption` for each tokenizer: as the pipeline pads them (one
+/// chunk), or in kohya's `--max_token_length` windows.
 pub(super) fn caption_ids(
     files: &ModelFiles,
     caption: &str,
+    chunks: usize,
     device: Device,
 ) -> Result<(Tensor, Tensor)> {
     let (tok1, tok2) = files.tokenizers()?;
@@ -100,7 +135,7 @@ pub(super) fn caption_ids(
     })?;
     let prompts = [caption.to_string()];
     Ok((
-        token_ids(&tok1.encode_batch(&prompts)?, device)?,
-        token_ids(&tok2.encode_batch(&prompts)?, device)?,
+        token_ids(&tok1.encode_chunked(&prompts, chunks)?, device)?,
+        token_ids(&tok2.encode_chunked(&prompts, chunks)?, device)?,
     ))
 }

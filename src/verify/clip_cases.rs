@@ -17,7 +17,12 @@ const NORM_EPS: f64 = 1e-12;
 
 /// One exact row for integer ids; the error column counts differing positions (a shape
 /// mismatch counts every position of the larger tensor).
-fn check_ids(chk: &mut Checker, name: &str, ours: &Tensor, reference: &Tensor) -> Result<()> {
+pub(super) fn check_ids(
+    chk: &mut Checker,
+    name: &str,
+    ours: &Tensor,
+    reference: &Tensor,
+) -> Result<()> {
     let (a, b) = (ours.to_vec_i64()?, reference.to_vec_i64()?);
     let mismatches = if ours.dims() == reference.dims() {
         a.iter().zip(&b).filter(|(x, y)| x != y).count()

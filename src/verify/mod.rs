@@ -366,6 +366,11 @@ pub fn cases() -> Vec<(&'static str, &'static str, CaseFn)> {
             "../../extra/clip_skip.safetensors",
             extra_cases::clip_skip,
         ),
+        (
+            "long_captions",
+            "../../extra/long_captions.safetensors",
+            train_te_case::long_captions,
+        ),
     ]
 }
 

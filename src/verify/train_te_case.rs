@@ -189,3 +189,38 @@ pub fn train_text_encoder(ctx: &Ctx) -> Result<Vec<Row>> {
     }
     Ok(chk.rows)
 }
+
+/// kohya's `--max_token_length 150 / 225` (`tests/fixtures/extra/gen_long_captions.py`): captions
+/// of 20, 75, 150 and 300 tokens cut into two or three CLIP windows by both tokenizers (the ids,
+/// exactly), run through the tiny text encoders and joined: the context (75 n + 2 states) and the
+/// first window's pooled embedding.
+pub fn long_captions(ctx: &Ctx) -> Result<Vec<Row>> {
+    let f = SafeTensorsFile::open(ctx.reference("../../extra/long_captions.safetensors"))?;
+    let mut chk = Checker::new("long_captions");
+    let folder = DiffusersFolder::open(ctx.dir.join("sdxl"))?;
+    let te = TextEncoders {
+        te1: ClipTextModel::from_diffusers(&folder, "text_encoder", DType::F32, ctx.device)?,
+        te2: ClipTextModel::from_diffusers(&folder, "text_encoder_2", DType::F32, ctx.device)?,
+    };
+    let tok1 = ClipTokenizer::from_folder(ctx.dir.join("sdxl/tokenizer"))?;
+    let tok2 = ClipTokenizer::from_folder(ctx.dir.join("sdxl/tokenizer_2"))?;
+    for case in f.meta_str("cases")?.split(',') {
+        let key = |k: &str| format!("{case}.{k}");
+        let caption = f.meta_str(&key("caption"))?.to_string();
+        let chunks = f.meta_f64(&key("max_token_length"))? as usize / 75;
+        let mut ids = Vec::new();
+        for (tok, k) in [(&tok1, "ids_1"), (&tok2, "ids_2")] {
+            let got = token_ids(&tok.encode_chunked(&[&caption], chunks)?, ctx.device)?;
+            // The reference's (n, 77) windows are our (1, 77 n) row.
+            let want = f.tensor(&key(k))?;
+            let want = want.reshape((1, want.elem_count()))?;
+            super::clip_cases::check_ids(&mut chk, &key(k), &got, &want)?;
+            ids.push(got); // (1, 77 n)
+        }
+        let (context, pooled) = crate::autograd::no_grad(|| te.encode(&ids[0], &ids[1]))?;
+        for (n, t) in [("context", &context), ("pooled", &pooled)] {
+            chk.check(&key(n), t, &f.tensor(&key(n))?, ctx.forward)?;
+        }
+    }
+    Ok(chk.rows)
+}

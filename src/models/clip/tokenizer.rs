@@ -271,15 +271,7 @@ impl ClipTokenizer {
     /// in its "truncated" warning (HF's `CLIPTokenizerFast.decode`: the folder's decoder, then
     /// every end-of-word `</w>` read as a space, trimmed); None when the prompt fits.
     pub fn cut_off(&self, prompt: &str) -> Result<Option<String>> {
-        let ids = self.content_ids(prompt)?;
-        let Some(tail) = ids.get(self.max_len - 2..).filter(|t| !t.is_empty()) else {
-            return Ok(None);
-        };
-        let text = self
-            .inner
-            .decode(tail, false)
-            .map_err(|e| self.err("decode", e))?;
-        Ok(Some(text.replace("</w>", " ").trim().to_string()))
+        self.cut_off_at(prompt, self.max_len - 2)
     }
 
     /// One prompt as exactly `max_len` ids.
@@ -318,6 +310,85 @@ impl ClipTokenizer {
             seq_len: s,
             eos_positions,
         })
+    }
+
+    /// A batch of prompts as `(B, chunks · max_len)` ids for kohya's `--max_token_length`
+    /// (`chunks` = 2 for 150 tokens, 3 for 225): each prompt is tokenized to `chunks ·
+    /// (max_len - 2) + 2` ids (BOS, content, EOS, pads, truncated as HF does) and cut into
+    /// `chunks` windows of `max_len`, each BOS, its `max_len - 2` ids, and the last id, as
+    /// sd-scripts' `TokenizeStrategy._get_input_ids`. Where the pad is not EOS (SDXL's
+    /// `tokenizer_2`), a window whose content runs to its end ends in EOS, and one that starts
+    /// in the padding starts BOS EOS, so every window has an EOS to pool at. One chunk is
+    /// [`ClipTokenizer::encode_batch`]. `eos_positions` are the first window's.
+    pub fn encode_chunked<S: AsRef<str>>(
+        &self,
+        prompts: &[S],
+        chunks: usize,
+    ) -> Result<TokenBatch> {
+        let w = self.max_len;
+        if chunks <= 1 {
+            return self.encode_batch(prompts);
+        }
+        let inputs: Vec<&str> = prompts.iter().map(|p| p.as_ref()).collect();
+        let encs = self
+            .inner
+            .encode_batch(inputs, false)
+            .map_err(|e| self.err("encode_batch", e))?;
+        let len = chunks * (w - 2) + 2;
+        let mut ids = Vec::with_capacity(encs.len() * chunks * w);
+        let mut eos_positions = Vec::with_capacity(encs.len());
+        for enc in &encs {
+            let content = enc.get_ids();
+            let mut long = Vec::with_capacity(len);
+            long.push(self.bos_id);
+            long.extend_from_slice(&content[..content.len().min(len - 2)]);
+            long.push(self.eos_id);
+            long.resize(len, self.pad_id);
+            for c in 0..chunks {
+                let start = ids.len();
+                ids.push(long[0]);
+                ids.extend_from_slice(&long[1 + c * (w - 2)..1 + (c + 1) * (w - 2)]);
+                ids.push(long[len - 1]);
+                if self.pad_id != self.eos_id {
+                    let row = &mut ids[start..];
+                    if row[w - 2] != self.eos_id && row[w - 2] != self.pad_id {
+                        row[w - 1] = self.eos_id;
+                    }
+                    if row[1] == self.pad_id {
+                        row[1] = self.eos_id;
+                    }
+                }
+                if c == 0 {
+                    let pos = eos_position(&ids[start..], self.eos_id).ok_or_else(|| {
+                        Error::Tokenizer {
+                            what: self.folder.display().to_string(),
+                            msg: "no EOS".into(),
+                        }
+                    })?;
+                    eos_positions.push(pos);
+                }
+            }
+        }
+        Ok(TokenBatch {
+            ids,
+            batch: encs.len(),
+            seq_len: chunks * w,
+            eos_positions,
+        })
+    }
+
+    /// The text of the content tokens past the first `tokens` of `prompt` (as
+    /// [`ClipTokenizer::cut_off`] for a longer window); None when the prompt fits.
+    pub fn cut_off_at(&self, prompt: &str, tokens: usize) -> Result<Option<String>> {
+        let ids = self.content_ids(prompt)?;
+        let Some(tail) = ids.get(tokens..).filter(|t| !t.is_empty()) else {
+            return Ok(None);
+        };
+        let text = self
+            .inner
+            .decode(tail, false)
+            .map_err(|e| self.err("decode", e))?;
+        Ok(Some(text.replace("</w>", " ").trim().to_string()))
     }
 
     fn err(&self, op: &str, e: tokenizers::Error) -> Error {
