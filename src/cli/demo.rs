@@ -125,6 +125,7 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
         resolution: 64,
         buckets: false,
         flip_aug: false,
+        alpha_mask: false,
         shuffle_caption: false,
         max_token_length: None,
         keep_tokens: 0,

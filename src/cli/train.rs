@@ -328,6 +328,11 @@ pub struct Args {
     /// (writing, asymmetric layouts).
     #[arg(long, alias = "random-flip")]
     pub flip_aug: bool,
+    /// Weight each picture's diffusion loss by its alpha channel (kohya's --alpha_mask and
+    /// masked loss): transparent parts do not train; alpha is resized and cropped with the
+    /// picture and averaged over each latent's 8x8 pixels. Pictures without alpha train whole.
+    #[arg(long)]
+    pub alpha_mask: bool,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
     /// Write a resumable checkpoint every N optimizer steps.
@@ -760,6 +765,7 @@ pub fn config_from(a: &Args) -> anyhow::Result<TrainConfig> {
         resolution: a.resolution,
         buckets: a.buckets,
         flip_aug: a.flip_aug,
+        alpha_mask: a.alpha_mask,
         seed: a.seed,
         save_every: a.save_every,
         save_every_epochs: a.save_every_n_epochs,

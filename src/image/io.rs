@@ -3,7 +3,7 @@
 
 use crate::image::resample::{resize_rgb, Filter};
 use crate::{Error, Result};
-use image::{ImageFormat, ImageReader, RgbImage};
+use image::{GrayImage, ImageFormat, ImageReader, RgbImage};
 use std::path::Path;
 
 /// Decodes an image file to RGB8. The format is sniffed from the content, not the extension, so a
@@ -36,14 +36,31 @@ fn open_image(path: &Path) -> Result<ImageReader<std::io::BufReader<std::fs::Fil
 /// diffusers' `load_image` does with `ImageOps.exif_transpose`: for pictures given to img2img
 /// and inpainting, which phones store sideways with an orientation tag.
 pub fn load_rgb_upright(path: impl AsRef<Path>) -> Result<RgbImage> {
+    Ok(load_upright(path.as_ref())?.to_rgb8())
+}
+
+/// [`load_rgb_upright`] with the picture's alpha channel as a grey image (8 bits), None when it
+/// has none. The colour channels are as stored, not composited over anything (PIL's
+/// `convert("RGB")` drops alpha the same way).
+pub fn load_rgb_alpha_upright(path: impl AsRef<Path>) -> Result<(RgbImage, Option<GrayImage>)> {
+    let img = load_upright(path.as_ref())?;
+    let alpha = img.color().has_alpha().then(|| {
+        let rgba = img.to_rgba8();
+        GrayImage::from_fn(rgba.width(), rgba.height(), |x, y| {
+            image::Luma([rgba.get_pixel(x, y).0[3]])
+        })
+    });
+    Ok((img.to_rgb8(), alpha))
+}
+
+fn load_upright(path: &Path) -> Result<image::DynamicImage> {
     use image::ImageDecoder;
-    let path = path.as_ref();
     let bad = |e: image::ImageError| Error::file(path, format!("cannot decode image: {e}"));
     let mut decoder = open_image(path)?.into_decoder().map_err(bad)?;
     let orientation = decoder.orientation().map_err(bad)?;
     let mut img = image::DynamicImage::from_decoder(decoder).map_err(bad)?;
     img.apply_orientation(orientation);
-    Ok(img.to_rgb8())
+    Ok(img)
 }
 
 /// Writes an RGB8 image as PNG, atomically (encoded in memory, then a temporary file and a

@@ -129,10 +129,13 @@ impl Trainer {
         }
         let (context, pooled) = self.batch_conditioning(texts)?;
         let time_ids = stack(batch.iter().map(|ex| ex.time_ids.clone()).collect())?; // (B, 6)
+        let masks: Option<Vec<Tensor>> = batch.iter().map(|ex| ex.mask.clone()).collect();
+        let mask = masks.map(stack).transpose()?; // (B, 1, h, w)
         let cond = Conditioning {
             context: &context,
             pooled: &pooled,
             time_ids: &time_ids,
+            loss_mask: mask.as_ref(),
         };
         let cultural = match role {
             Role::Prior => None,

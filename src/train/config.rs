@@ -114,6 +114,9 @@ pub struct TrainConfig {
     /// Each visit trains on the picture mirrored left to right with probability 1/2 (kohya's
     /// `--flip_aug`, diffusers' `--random_flip`); both latents are cached.
     pub flip_aug: bool,
+    /// kohya's `--alpha_mask`: each picture's alpha channel weights its diffusion loss per latent
+    /// position (see [`super::data::training_mask`]); pictures without alpha train everywhere.
+    pub alpha_mask: bool,
     pub seed: u64,
     pub save_every: Option<u64>,
     /// A checkpoint at the end of every Nth epoch instead (kohya's `--save_every_n_epochs`):

@@ -3,10 +3,12 @@
 //! resolution or an aspect-ratio bucket, and a content-addressed on-disk cache so the VAE and
 //! text encoders need not stay resident.
 
-use crate::image::io::{load_rgb_upright, resize_center_crop, rgb_to_chw, CropInfo, PixelRange};
+use crate::image::io::{
+    load_rgb_alpha_upright, load_rgb_upright, resize_center_crop, rgb_to_chw, CropInfo, PixelRange,
+};
 use crate::tensor::{load_safetensors, save_safetensors, Rng};
 use crate::{Device, Error, Result, Tensor};
-use image::RgbImage;
+use image::{GrayImage, RgbImage};
 use sha2::{Digest, Sha256};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -369,6 +371,71 @@ pub fn load_training_picture(path: &Path) -> Result<RgbImage> {
     load_rgb_upright(path)
 }
 
+/// [`load_training_picture`] with its alpha channel (`--alpha-mask`), None when it has none.
+pub fn load_training_picture_alpha(path: &Path) -> Result<(RgbImage, Option<GrayImage>)> {
+    load_rgb_alpha_upright(path)
+}
+
+/// `values` (B, H, W) averaged over blocks to (B, oh, ow): PyTorch's
+/// `interpolate(mode="area")` where H and W are multiples of oh and ow (a picture and its
+/// latents: 8). Sums in f64.
+pub fn area_downsample(
+    values: &[f32],
+    (b, h, w): (usize, usize, usize),
+    (oh, ow): (usize, usize),
+) -> Result<Vec<f32>> {
+    if values.len() != b * h * w || oh == 0 || ow == 0 || h % oh != 0 || w % ow != 0 {
+        return Err(Error::msg(format!(
+            "area_downsample: {} values as ({b}, {h}, {w}) to ({oh}, {ow}) blocks",
+            values.len()
+        )));
+    }
+    let (fy, fx) = (h / oh, w / ow);
+    let mut out = Vec::with_capacity(b * oh * ow);
+    for img in values.chunks(h * w) {
+        for oy in 0..oh {
+            for ox in 0..ow {
+                let mut sum = 0.0f64;
+                for y in oy * fy..(oy + 1) * fy {
+                    let row = &img[y * w + ox * fx..y * w + (ox + 1) * fx];
+                    sum += row.iter().map(|&v| v as f64).sum::<f64>();
+                }
+                out.push((sum / (fy * fx) as f64) as f32);
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// The loss mask of a training picture at bucket `size` (`--alpha-mask`), as kohya makes it
+/// from the alpha channel: alpha / 255 resized and cropped as the picture is
+/// ([`training_tensor`]), mirrored with it, then averaged over each latent position's 8x8
+/// pixels (kohya's `interpolate(mode="area")`): (1, 1, H / 8, W / 8). A picture without alpha
+/// trains everywhere (all ones), as kohya's.
+pub fn training_mask(
+    alpha: Option<&GrayImage>,
+    size: (usize, usize),
+    mirrored: bool,
+    device: Device,
+) -> Result<Tensor> {
+    let (w, h) = size;
+    let (lh, lw) = (h / 8, w / 8);
+    let Some(alpha) = alpha else {
+        return Tensor::ones((1, 1, lh, lw), crate::DType::F32, device);
+    };
+    let grey = RgbImage::from_fn(alpha.width(), alpha.height(), |x, y| {
+        let a = alpha.get_pixel(x, y).0[0];
+        image::Rgb([a, a, a])
+    });
+    let (mut cropped, _) = resize_center_crop(&grey, w as u32, h as u32)?;
+    if mirrored {
+        image::imageops::flip_horizontal_in_place(&mut cropped);
+    }
+    let unit: Vec<f32> = cropped.pixels().map(|p| p.0[0] as f32 / 255.0).collect();
+    let pooled = area_downsample(&unit, (1, h, w), (lh, lw))?;
+    Tensor::from_vec(pooled, (1, 1, lh, lw), device)
+}
+
 /// One training picture as the VAE wants it at bucket `size` (width, height): (1, 3, H, W) in
 /// [-1, 1], plus its crop record (the SDXL time ids).
 ///
@@ -430,6 +497,29 @@ impl TensorCache {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn area_downsample_averages_blocks() {
+        // (1, 2, 4) to (1, 2): the means of the left and right 2x2 blocks.
+        let v = [1.0, 3.0, 0.0, 0.0, 5.0, 7.0, 0.0, 4.0];
+        assert_eq!(area_downsample(&v, (1, 2, 4), (1, 2)).unwrap(), [4.0, 1.0]);
+        assert!(area_downsample(&v, (1, 2, 4), (1, 3)).is_err());
+    }
+
+    #[test]
+    fn training_masks_follow_the_crop_and_the_mirror() {
+        // A 64x32 picture, its left half transparent, at bucket 64x32: latent columns 0..3 are
+        // masked, 4..7 kept; mirrored, the other way round. No alpha: all ones.
+        let alpha = GrayImage::from_fn(64, 32, |x, _| image::Luma([if x < 32 { 0 } else { 255 }]));
+        let row = |m: &Tensor| m.to_vec_f32().unwrap()[..8].to_vec();
+        let m = training_mask(Some(&alpha), (64, 32), false, Device::Cpu).unwrap();
+        assert_eq!(m.dims(), [1, 1, 4, 8]);
+        assert_eq!(row(&m), [0.0, 0.0, 0.0, 0.0, 1.0, 1.0, 1.0, 1.0]);
+        let m = training_mask(Some(&alpha), (64, 32), true, Device::Cpu).unwrap();
+        assert_eq!(row(&m), [1.0, 1.0, 1.0, 1.0, 0.0, 0.0, 0.0, 0.0]);
+        let ones = training_mask(None, (64, 32), false, Device::Cpu).unwrap();
+        assert!(ones.to_vec_f32().unwrap().iter().all(|&v| v == 1.0));
+    }
 
     /// A portrait stored sideways with EXIF orientation 6 trains as the upright portrait: the
     /// same pixels, so the same portrait bucket and the same tensor as the picture saved upright.

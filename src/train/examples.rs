@@ -2,8 +2,8 @@
 //! computed once through the tensor cache.
 
 use super::data::{
-    buckets, load_training_picture, nearest_bucket, prior_repeats, training_tensor, Dataset, Role,
-    TensorCache,
+    buckets, load_training_picture, load_training_picture_alpha, nearest_bucket, prior_repeats,
+    training_mask, training_tensor, Dataset, Role, TensorCache,
 };
 use super::text::{caption_ids, sdxl_conditioning};
 use super::trainer::TrainConfig;
@@ -29,6 +29,8 @@ pub(super) struct Example {
     /// With `--flip-aug`, the picture mirrored left to right: its own latents and time ids, the
     /// rest as here.
     pub(super) mirror: Option<Box<Example>>,
+    /// With `--alpha-mask`, its diffusion loss's mask (1, 1, h, w).
+    pub(super) mask: Option<Tensor>,
 }
 
 /// A caption as the step reads it.
@@ -218,7 +220,10 @@ pub(super) fn prepare_examples(
         }
     }
     for s in &data.samples {
-        let picture = load_training_picture(&s.path)?;
+        let (picture, alpha) = match cfg.alpha_mask {
+            true => load_training_picture_alpha(&s.path)?,
+            false => (load_training_picture(&s.path)?, None),
+        };
         let size = nearest_bucket(
             picture.width() as usize,
             picture.height() as usize,
@@ -279,6 +284,10 @@ pub(super) fn prepare_examples(
                 repeats: s.repeats,
                 role: s.role,
                 mirror: None,
+                mask: match cfg.alpha_mask {
+                    true => Some(training_mask(alpha.as_ref(), size, mirrored, cfg.device)?),
+                    false => None,
+                },
             })
         };
         let mut plain = example(false)?;

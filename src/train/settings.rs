@@ -21,6 +21,7 @@ impl TrainConfig {
             ("batch_size".to_string(), c.batch_size.to_string()),
             ("resolution".to_string(), c.resolution.to_string()),
             ("flip_aug".to_string(), c.flip_aug.to_string()),
+            ("alpha_mask".to_string(), c.alpha_mask.to_string()),
             ("lambda".to_string(), c.lambda.to_string()),
             (
                 "min_snr_gamma".to_string(),

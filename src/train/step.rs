@@ -16,11 +16,23 @@ use crate::sample::schedule::{LossType, Prediction};
 use crate::sample::TrainSchedule;
 use crate::{DType, Device, Error, Result, Tensor};
 
-/// The conditioning of a batch: context (B, 77, Dc), pooled text (B, P), time ids (B, 6).
+/// The conditioning of a batch: context (B, 77, Dc), pooled text (B, P), time ids (B, 6); and
+/// the weight of each latent position in its diffusion loss (`--alpha-mask`): (B, 1, h, w) in
+/// [0, 1], None for all ones.
 pub struct Conditioning<'a> {
     pub context: &'a Tensor,
     pub pooled: &'a Tensor,
     pub time_ids: &'a Tensor,
+    pub loss_mask: Option<&'a Tensor>,
+}
+
+/// `per_element` (B, C, h, w) times the loss mask (B, 1, h, w), as kohya's `apply_masked_loss`
+/// before the per-sample mean; unchanged without one.
+fn masked(per_element: Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
+    match mask {
+        Some(m) => per_element.mul(&m.to_dtype(per_element.dtype())?),
+        None => Ok(per_element),
+    }
 }
 
 /// The noise of one step: what the noisy input is built from, and what the target (epsilon, or
@@ -114,6 +126,7 @@ pub fn training_loss<'a>(
         Prediction::V => noise.target.mul(&sa)?.sub(&x0.mul(&s1)?)?, // (B, C, H, W)
     };
     let per_element = elementwise_loss(schedule, &out.sub(&target)?, t)?; // (B, C, H, W)
+    let per_element = masked(per_element, cond.loss_mask)?;
     let diffusion = match schedule.weighted() {
         false => per_element.mean_all()?,
         true => {
@@ -209,6 +222,6 @@ fn edm_loss(
     let c_skip = column(&|s| edm.config.c_skip_out(prediction, s).0)?;
     let c_out = column(&|s| edm.config.c_skip_out(prediction, s).1)?;
     let x0_hat = x.mul(&c_skip)?.add(&out.mul(&c_out)?)?; // (B, C, H, W)
-    let diffusion = x0_hat.sub(x0)?.sqr()?.mean_all()?;
+    let diffusion = masked(x0_hat.sub(x0)?.sqr()?, cond.loss_mask)?.mean_all()?;
     Ok((diffusion, x0_hat))
 }

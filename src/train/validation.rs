@@ -3,8 +3,8 @@
 //! picture's posterior mean (no latent sampling) is noised at four fixed points of the schedule,
 //! the middles of its quarters, with noise from a fixed seed per (picture, point), and the
 //! plain mean squared error of the model's training target is averaged over all of them: no
-//! Min-SNR, debiased or v-prediction-scale weights, no other --loss-type and no cultural term, so runs with
-//! different settings compare.
+//! Min-SNR, debiased or v-prediction-scale weights, no alpha mask, no other --loss-type and no
+//! cultural term, so runs with different settings compare.
 
 use super::examples::Example;
 use super::step::{training_loss, Conditioning};
@@ -73,6 +73,7 @@ impl Trainer {
             context: &context,
             pooled: &pooled,
             time_ids: &ex.time_ids,
+            loss_mask: None,
         };
         let mut sum = 0.0;
         for (k, &t) in at.iter().enumerate() {

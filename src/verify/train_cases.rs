@@ -96,6 +96,8 @@ pub(super) struct Step {
     pub(super) context: Tensor,
     pub(super) pooled: Tensor,
     pub(super) time_ids: Tensor,
+    /// The diffusion loss's mask (B, 1, h, w), when a case sets one.
+    pub(super) loss_mask: Option<Tensor>,
 }
 
 impl Step {
@@ -221,6 +223,7 @@ impl Step {
             context: load("encoder_hidden_states")?,
             pooled: load("text_embeds")?,
             time_ids: load("time_ids")?,
+            loss_mask: None,
         })
     }
 
@@ -245,6 +248,7 @@ impl Step {
                 context: &self.context,
                 pooled: &self.pooled,
                 time_ids: &self.time_ids,
+                loss_mask: self.loss_mask.as_ref(),
             },
         )
     }
@@ -443,9 +447,9 @@ pub fn train_min_snr(ctx: &Ctx) -> Result<Vec<Row>> {
 /// kohya's loss types and weights (`tests/fixtures/extra/gen_train_loss_types.py`): Huber on the
 /// snr schedule with min-SNR and debiased weights, smooth L1 on the exponential schedule on a
 /// zero-SNR v-prediction model, L1 with debiased weights (SNR capped at t = 0), Huber on the
-/// constant schedule, the v-prediction scale (zero-SNR v) and the v-prediction-like loss
-/// (epsilon, with min-SNR). The per-sample weights and thresholds, the losses and a few
-/// gradients.
+/// constant schedule, the v-prediction scale (zero-SNR v), the v-prediction-like loss
+/// (epsilon, with min-SNR) and a loss mask (`--alpha-mask`, area-pooled from a picture-sized
+/// mask). The per-sample weights and thresholds, the losses and a few gradients.
 pub fn train_loss_types(ctx: &Ctx) -> Result<Vec<Row>> {
     use crate::sample::schedule::{Huber, HuberSchedule, LossType};
     let f = SafeTensorsFile::open(ctx.reference("../../extra/train_loss_types.safetensors"))?;
@@ -453,7 +457,17 @@ pub fn train_loss_types(ctx: &Ctx) -> Result<Vec<Row>> {
     for case in f.meta_str("cases")?.split(',') {
         let meta = |k: &str| f.meta_str(&format!("{case}.{k}")).map(String::from);
         let num = |k: &str| f.meta_f64(&format!("{case}.{k}"));
-        let (step, mut schedule) = case_step(ctx, &f, case)?;
+        let (mut step, mut schedule) = case_step(ctx, &f, case)?;
+        // A masked case holds its picture-sized mask; the step reads it pooled to the latents.
+        let pixels = format!("{case}.pixel_mask");
+        if f.contains(&pixels) {
+            let m = f.tensor(&pixels)?.to_dtype(DType::F32)?;
+            let (b, _, h, w) = m.dims4()?;
+            let (_, _, lh, lw) = step.x0.dims4()?;
+            let pooled =
+                crate::train::data::area_downsample(&m.to_vec_f32()?, (b, h, w), (lh, lw))?;
+            step.loss_mask = Some(Tensor::from_vec(pooled, (b, 1, lh, lw), ctx.device)?);
+        }
         schedule.min_snr_gamma = match meta("min_snr_gamma")?.as_str() {
             "none" => None,
             _ => Some(num("min_snr_gamma")?),

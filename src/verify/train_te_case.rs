@@ -103,6 +103,7 @@ pub fn train_text_encoder(ctx: &Ctx) -> Result<Vec<Row>> {
             context: &context,
             pooled: &pooled,
             time_ids: &step.time_ids,
+            loss_mask: None,
         },
     )?;
     check_losses(&mut chk, ctx, &f, "", &losses)?;

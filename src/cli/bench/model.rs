@@ -188,6 +188,7 @@ pub(super) fn run(b: &mut Bench, size: Size) -> anyhow::Result<()> {
         context: &ctx,
         pooled: &pooled,
         time_ids: &ids,
+        loss_mask: None,
     };
     // bf16 weights with every training variant, then float8 weights (`--weight-dtype`) with
     // plain LoRA: their peaks show the memory it saves, their times what widening costs.
