@@ -2,11 +2,12 @@
 //! diffusion loss. The masked loss itself is checked against PyTorch by the `train_loss_types`
 //! verify case (`masked`); here, through the real binary on the tiny model: opaque pictures
 //! train exactly as without the flag, transparent ones train nothing, half-transparent ones
-//! weigh less, and the setting is recorded.
+//! weigh less, and the setting is recorded. `--mask-data` (kohya's masked loss with conditioning
+//! images) trains exactly as the same mask given as alpha.
 
 mod common;
-use common::tmp;
-use common::train::{setting, tensors, train_ok};
+use common::train::{setting, tensors, train, train_ok};
+use common::{assert_fails_naming, tmp};
 use kstyle::tensor::SafeTensorsFile;
 use std::path::{Path, PathBuf};
 
@@ -87,5 +88,59 @@ fn alpha_masks_weight_the_diffusion_loss() {
     );
     // Without the flag the alpha channel is dropped: the half set trains as the opaque one.
     assert_eq!(tensors(&run(&half, "half-plain", &[])), tensors(&plain));
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// `--mask-data`: mask pictures whose red channel is the half set's alpha train exactly what
+/// `--alpha-mask` trains on the half set; a missing or mis-sized mask, a folder that is not one,
+/// and both flags at once are refused by name.
+#[test]
+fn mask_pictures_weight_the_loss_as_alpha_does() {
+    let dir = tmp("mask-data");
+    let half_alpha = |x: u32, w: u32| if x < w / 2 { 0 } else { 255 };
+    let opaque = rgba_dataset(&dir, "opaque", |_, _| 255);
+    let half = rgba_dataset(&dir, "half", half_alpha);
+    let masks = dir.join("masks");
+    std::fs::create_dir_all(&masks).unwrap();
+    for (file, w, h) in [("a.png", 96, 64), ("b.png", 64, 64), ("c.png", 72, 112)] {
+        let red = image::RgbImage::from_fn(w, h, |x, _| image::Rgb([half_alpha(x, w), 9, 200]));
+        red.save(masks.join(file)).unwrap();
+    }
+    let args = ["--max-steps", "3", "--lr", "1e-2", "--flip-aug"];
+    let out = |name: &str| dir.join("runs").join(name).join("a.safetensors");
+    let alpha = train_ok(
+        &half,
+        &out("alpha"),
+        "lora",
+        &[&args[..], &["--alpha-mask"]].concat(),
+    );
+    let m = masks.to_str().unwrap();
+    let mask = train_ok(
+        &opaque,
+        &out("mask"),
+        "lora",
+        &[&args[..], &["--mask-data", m]].concat(),
+    );
+    assert_eq!(tensors(&alpha), tensors(&mask));
+    assert_eq!(setting(&mask, "mask_data"), "masks");
+
+    let refused = |extra: &[&str], needle: &str| {
+        let o = train(
+            &opaque,
+            &out("refused"),
+            "lora",
+            &[&["--max-steps", "1"][..], extra].concat(),
+        );
+        assert_fails_naming(&o, needle);
+    };
+    refused(&["--mask-data", m, "--alpha-mask"], "pass one");
+    let nowhere = dir.join("nowhere");
+    refused(&["--mask-data", nowhere.to_str().unwrap()], "not a folder");
+    image::RgbImage::new(8, 8)
+        .save(masks.join("b.png"))
+        .unwrap();
+    refused(&["--mask-data", m], "the mask is 8x8");
+    std::fs::remove_file(masks.join("b.png")).unwrap();
+    refused(&["--mask-data", m], "no mask in --mask-data");
     std::fs::remove_dir_all(&dir).unwrap();
 }

@@ -333,6 +333,11 @@ pub struct Args {
     /// picture and averaged over each latent's 8x8 pixels. Pictures without alpha train whole.
     #[arg(long)]
     pub alpha_mask: bool,
+    /// Mask pictures for --data's, one per picture by file stem (png, jpg, jpeg or webp, the
+    /// picture's size): their red channel weights the loss as --alpha-mask's alpha does (kohya's
+    /// --masked_loss with conditioning images). --reg-data and --val-data pictures train whole.
+    #[arg(long)]
+    pub mask_data: Option<PathBuf>,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
     /// Write a resumable checkpoint every N optimizer steps.
@@ -766,6 +771,7 @@ pub fn config_from(a: &Args) -> anyhow::Result<TrainConfig> {
         buckets: a.buckets,
         flip_aug: a.flip_aug,
         alpha_mask: a.alpha_mask,
+        mask_data: a.mask_data.clone(),
         seed: a.seed,
         save_every: a.save_every,
         save_every_epochs: a.save_every_n_epochs,

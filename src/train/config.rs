@@ -117,6 +117,9 @@ pub struct TrainConfig {
     /// kohya's `--alpha_mask`: each picture's alpha channel weights its diffusion loss per latent
     /// position (see [`super::data::training_mask`]); pictures without alpha train everywhere.
     pub alpha_mask: bool,
+    /// A folder of mask pictures, one per `--data` picture by file stem (kohya's masked loss with
+    /// conditioning images): its red channel weights the loss as `alpha_mask`'s alpha does.
+    pub mask_data: Option<PathBuf>,
     pub seed: u64,
     pub save_every: Option<u64>,
     /// A checkpoint at the end of every Nth epoch instead (kohya's `--save_every_n_epochs`):
@@ -574,6 +577,16 @@ impl TrainConfig {
                 )));
             }
         }
+        if let Some(dir) = &self.mask_data {
+            if self.alpha_mask {
+                return Err(Error::Config(
+                    "--alpha-mask and --mask-data both give the loss mask: pass one".into(),
+                ));
+            }
+            if !dir.is_dir() {
+                return Err(Error::file(dir, "--mask-data: not a folder"));
+            }
+        }
         if self.prior_loss_weight != 1.0 && self.reg_data.is_none() {
             return Err(Error::Config(
                 "--prior-loss-weight weights --reg-data's pictures: pass --reg-data DIR".into(),
@@ -687,6 +700,11 @@ impl TrainConfig {
 
     /// Whether captions are rewritten per visit (shuffled or their tags dropped), and so
     /// encoded at every step instead of cached.
+    /// Whether pictures carry a loss mask (`--alpha-mask` or `--mask-data`).
+    pub fn masked_loss(&self) -> bool {
+        self.alpha_mask || self.mask_data.is_some()
+    }
+
     /// CLIP windows a caption is read in: `--max-token-length` / 75 (1 by default).
     pub fn caption_chunks(&self) -> usize {
         self.max_token_length.map_or(1, |n| n / 75)

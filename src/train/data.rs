@@ -376,6 +376,46 @@ pub fn load_training_picture_alpha(path: &Path) -> Result<(RgbImage, Option<Gray
     load_rgb_alpha_upright(path)
 }
 
+/// The mask picture of training picture `path` in `dir` (`--mask-data`): the file of the same
+/// stem (png, jpg, jpeg or webp), turned upright, of the picture's size `dims`; its red channel,
+/// as kohya reads a conditioning image's mask. A missing or mis-sized mask is an error naming it.
+pub fn mask_picture(dir: &Path, path: &Path, dims: (u32, u32)) -> Result<GrayImage> {
+    let stem = path
+        .file_stem()
+        .ok_or_else(|| Error::file(path, "a picture without a file name"))?;
+    let found = ["png", "jpg", "jpeg", "webp"]
+        .iter()
+        .map(|ext| dir.join(stem).with_extension(ext))
+        .find(|p| p.is_file())
+        .ok_or_else(|| {
+            Error::file(
+                path,
+                format!(
+                    "no mask in --mask-data {} (looked for {}.png, .jpg, .jpeg, .webp)",
+                    dir.display(),
+                    stem.to_string_lossy()
+                ),
+            )
+        })?;
+    let img = load_rgb_upright(&found)?;
+    if img.dimensions() != dims {
+        return Err(Error::file(
+            &found,
+            format!(
+                "the mask is {}x{}, its picture {} is {}x{}",
+                img.width(),
+                img.height(),
+                path.display(),
+                dims.0,
+                dims.1
+            ),
+        ));
+    }
+    Ok(GrayImage::from_fn(img.width(), img.height(), |x, y| {
+        image::Luma([img.get_pixel(x, y).0[0]])
+    }))
+}
+
 /// `values` (B, H, W) averaged over blocks to (B, oh, ow): PyTorch's
 /// `interpolate(mode="area")` where H and W are multiples of oh and ow (a picture and its
 /// latents: 8). Sums in f64.

@@ -2,8 +2,8 @@
 //! computed once through the tensor cache.
 
 use super::data::{
-    buckets, load_training_picture, load_training_picture_alpha, nearest_bucket, prior_repeats,
-    training_mask, training_tensor, Dataset, Role, TensorCache,
+    buckets, load_training_picture, load_training_picture_alpha, mask_picture, nearest_bucket,
+    prior_repeats, training_mask, training_tensor, Dataset, Role, TensorCache,
 };
 use super::text::{caption_ids, sdxl_conditioning};
 use super::trainer::TrainConfig;
@@ -220,9 +220,15 @@ pub(super) fn prepare_examples(
         }
     }
     for s in &data.samples {
-        let (picture, alpha) = match cfg.alpha_mask {
-            true => load_training_picture_alpha(&s.path)?,
-            false => (load_training_picture(&s.path)?, None),
+        // The loss mask's source: the alpha channel, or the mask picture of a --data picture.
+        let (picture, alpha) = match (cfg.alpha_mask, &cfg.mask_data) {
+            (true, _) => load_training_picture_alpha(&s.path)?,
+            (false, Some(dir)) if s.role == Role::Style => {
+                let picture = load_training_picture(&s.path)?;
+                let mask = mask_picture(dir, &s.path, picture.dimensions())?;
+                (picture, Some(mask))
+            }
+            _ => (load_training_picture(&s.path)?, None),
         };
         let size = nearest_bucket(
             picture.width() as usize,
@@ -284,7 +290,7 @@ pub(super) fn prepare_examples(
                 repeats: s.repeats,
                 role: s.role,
                 mirror: None,
-                mask: match cfg.alpha_mask {
+                mask: match cfg.masked_loss() {
                     true => Some(training_mask(alpha.as_ref(), size, mirrored, cfg.device)?),
                     false => None,
                 },

@@ -22,6 +22,13 @@ impl TrainConfig {
             ("resolution".to_string(), c.resolution.to_string()),
             ("flip_aug".to_string(), c.flip_aug.to_string()),
             ("alpha_mask".to_string(), c.alpha_mask.to_string()),
+            (
+                "mask_data".to_string(),
+                c.mask_data
+                    .as_ref()
+                    .and_then(|v| v.file_name())
+                    .map_or("none".into(), |n| n.to_string_lossy().into_owned()),
+            ),
             ("lambda".to_string(), c.lambda.to_string()),
             (
                 "min_snr_gamma".to_string(),

@@ -17,8 +17,8 @@ use crate::sample::TrainSchedule;
 use crate::{DType, Device, Error, Result, Tensor};
 
 /// The conditioning of a batch: context (B, 77, Dc), pooled text (B, P), time ids (B, 6); and
-/// the weight of each latent position in its diffusion loss (`--alpha-mask`): (B, 1, h, w) in
-/// [0, 1], None for all ones.
+/// the weight of each latent position in its diffusion loss (`--alpha-mask`, `--mask-data`):
+/// (B, 1, h, w) in [0, 1], None for all ones.
 pub struct Conditioning<'a> {
     pub context: &'a Tensor,
     pub pooled: &'a Tensor,
