@@ -6,7 +6,7 @@
 //! images) trains exactly as the same mask given as alpha.
 
 mod common;
-use common::train::{setting, tensors, train, train_ok};
+use common::train::{diffusion, setting, tensors, train, train_ok};
 use common::{assert_fails_naming, tmp};
 use kstyle::tensor::SafeTensorsFile;
 use std::path::{Path, PathBuf};
@@ -28,15 +28,6 @@ fn rgba_dataset(dir: &Path, name: &str, alpha: fn(u32, u32) -> u8) -> PathBuf {
         std::fs::write(data.join(file).with_extension("txt"), "a {trigger} palace").unwrap();
     }
     data
-}
-
-/// The logged diffusion loss of each step.
-fn diffusion(adapter: &Path) -> Vec<f64> {
-    let csv = std::fs::read_to_string(adapter.with_extension("loss.csv")).unwrap();
-    csv.lines()
-        .skip(1)
-        .map(|row| row.split(',').nth(3).unwrap().parse().unwrap())
-        .collect()
 }
 
 #[test]

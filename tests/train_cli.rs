@@ -2,7 +2,7 @@
 //! methods, exact resume, export round trips and clean failures on bad input.
 
 mod common;
-use common::train::{dataset, tensors, train, train_model};
+use common::train::{dataset, diffusion, tensors, train, train_model};
 use common::{assert_fails_naming, generate_tiny, kstyle, tiny, tmp};
 
 use kstyle::formats::adapter::Adapter;
@@ -576,15 +576,6 @@ fn v_prediction_model(dir: &Path) -> PathBuf {
     )
     .unwrap();
     model
-}
-
-/// The logged diffusion losses of a run's adapter.
-fn diffusion(adapter: &Path) -> Vec<f64> {
-    let csv = std::fs::read_to_string(adapter.with_extension("loss.csv")).unwrap();
-    csv.lines()
-        .skip(1)
-        .map(|row| row.split(',').nth(3).unwrap().parse().unwrap())
-        .collect()
 }
 
 /// kohya's two v-prediction loss scales (weights checked against PyTorch by the

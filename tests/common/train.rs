@@ -106,6 +106,15 @@ pub fn setting(path: &Path, key: &str) -> String {
     f.metadata()[&format!("kstyle.train.{key}")].clone()
 }
 
+/// The logged diffusion loss of each step of a run's adapter.
+pub fn diffusion(adapter: &Path) -> Vec<f64> {
+    let csv = std::fs::read_to_string(adapter.with_extension("loss.csv")).unwrap();
+    csv.lines()
+        .skip(1)
+        .map(|row| row.split(',').nth(3).unwrap().parse().unwrap())
+        .collect()
+}
+
 pub fn tensors(path: &Path) -> Vec<(String, Vec<u8>)> {
     let f = SafeTensorsFile::open(path).unwrap();
     f.names()

@@ -298,11 +298,7 @@ impl ClipTokenizer {
             ids.extend_from_slice(kept);
             ids.push(self.eos_id);
             ids.resize(start + s, self.pad_id);
-            let pos = eos_position(&ids[start..], self.eos_id).ok_or_else(|| Error::Tokenizer {
-                what: self.folder.display().to_string(),
-                msg: "no EOS".into(),
-            })?;
-            eos_positions.push(pos);
+            eos_positions.push(self.first_eos(&ids[start..])?);
         }
         Ok(TokenBatch {
             ids,
@@ -359,13 +355,7 @@ impl ClipTokenizer {
                     }
                 }
                 if c == 0 {
-                    let pos = eos_position(&ids[start..], self.eos_id).ok_or_else(|| {
-                        Error::Tokenizer {
-                            what: self.folder.display().to_string(),
-                            msg: "no EOS".into(),
-                        }
-                    })?;
-                    eos_positions.push(pos);
+                    eos_positions.push(self.first_eos(&ids[start..])?);
                 }
             }
         }
@@ -389,6 +379,14 @@ impl ClipTokenizer {
             .decode(tail, false)
             .map_err(|e| self.err("decode", e))?;
         Ok(Some(text.replace("</w>", " ").trim().to_string()))
+    }
+
+    /// Where the text encoder pools a row this tokenizer made ([`eos_position`]).
+    fn first_eos(&self, row: &[u32]) -> Result<usize> {
+        eos_position(row, self.eos_id).ok_or_else(|| Error::Tokenizer {
+            what: self.folder.display().to_string(),
+            msg: "no EOS".into(),
+        })
     }
 
     fn err(&self, op: &str, e: tokenizers::Error) -> Error {
