@@ -22,6 +22,7 @@ pub mod ramps;
 pub mod sampler_kind;
 pub mod schedule;
 pub mod tcd;
+mod train_schedule;
 pub mod unipc;
 
 pub use ddim::Ddim;
