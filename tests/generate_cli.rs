@@ -199,6 +199,7 @@ fn verify_passes_every_case_on_the_tiny_fixtures() {
         "clip_skip",
         "vae_tiling",
         "long_captions",
+        "prompt_weighting",
     ] {
         assert!(
             text.lines().any(|l| l.starts_with(case)),

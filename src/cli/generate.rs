@@ -14,6 +14,7 @@ use kstyle::sample::pipeline::{
     check_clip_skip, image_input, image_input_size, mask_input, masked_image, skipped_steps,
     Inpaint, LoadOptions, MicroConditioning, Request, SamplerKind, SdxlPipeline, Sigmas, Start,
 };
+use kstyle::sample::prompt_syntax::{self, Emphasis, PromptStyle};
 use kstyle::tensor::{Rng, SafeTensorsFile};
 use kstyle::{DType, Tensor};
 use std::path::{Path, PathBuf};
@@ -150,6 +151,26 @@ pub struct Args {
     /// the default, is SDXL's own. Applied to the negative prompt and the refiner too.
     #[arg(long, default_value_t = 0)]
     pub clip_skip: usize,
+    /// How --prompt and --negative are read. `diffusers`: as diffusers' SDXL pipelines read
+    /// them, the text as written, cut at 75 tokens. `a1111`: as A1111 (stable-diffusion-webui)
+    /// reads them: `(word)` x1.1, `[word]` /1.1, `(word:1.5)`, nested, `\(` for a literal
+    /// bracket; `BREAK` starts a new chunk; any length, in chunks of 75 tokens encoded one by one
+    /// and joined (a prompt and a negative prompt of different lengths then take one UNet pass
+    /// each, as A1111 runs them). A1111's prompt editing (`[a:b:0.5]`, `[a|b]`) and `AND` are
+    /// refused. Applies to the refiner too.
+    #[arg(long, value_enum, default_value = "diffusers")]
+    pub prompt_style: PromptStyleArg,
+    /// With --prompt-style a1111: how weights reach the text encoders' output (A1111's
+    /// "Emphasis mode"): `original` (the default: the states times the weights, rescaled to each
+    /// chunk's mean), `no-norm` (not rescaled), `ignore` (brackets parsed away, weights not
+    /// applied), `none` (brackets are text).
+    #[arg(long, value_enum)]
+    pub emphasis: Option<EmphasisArg>,
+    /// With --prompt-style a1111: A1111's "prompt word wrap length limit": when a chunk fills up
+    /// and its last comma is at most this many tokens back, the words after the comma start the
+    /// next chunk (0: off). Default 20.
+    #[arg(long)]
+    pub comma_backtrack: Option<usize>,
     /// diffusers' `enable_vae_tiling()`: decode (and encode --image) in overlapping tiles of the
     /// VAE's sample_size, blended together, so that large pictures fit in memory. Slightly
     /// different numbers from untiled decoding.
@@ -212,6 +233,68 @@ fn corner_arg(s: &str) -> Result<(usize, usize), String> {
         t.trim().parse().map_err(|_| bad())?,
         l.trim().parse().map_err(|_| bad())?,
     ))
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum PromptStyleArg {
+    Diffusers,
+    A1111,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum EmphasisArg {
+    Original,
+    NoNorm,
+    Ignore,
+    None,
+}
+
+/// The prompt style the flags ask for; refuses A1111's options without `--prompt-style a1111`
+/// and prompts that style cannot run (prompt editing, `AND`, a weight that is not a number).
+fn prompt_style(a: &Args) -> anyhow::Result<PromptStyle> {
+    if a.prompt_style == PromptStyleArg::Diffusers {
+        for (flag, given) in [
+            ("--emphasis", a.emphasis.is_some()),
+            ("--comma-backtrack", a.comma_backtrack.is_some()),
+        ] {
+            if given {
+                anyhow::bail!("{flag} applies to A1111's prompt syntax: add --prompt-style a1111");
+            }
+        }
+        for (flag, text) in [
+            ("--prompt", Some(&a.prompt)),
+            ("--negative", a.negative.as_ref()),
+        ] {
+            if text.is_some_and(|t| prompt_syntax::uses_syntax(t)) {
+                eprintln!(
+                    "note: {flag} looks like A1111's syntax (weights in brackets or BREAK), which \
+                     diffusers reads as plain text; pass --prompt-style a1111 to read it as A1111 \
+                     does"
+                );
+            }
+        }
+        return Ok(PromptStyle::Diffusers);
+    }
+    let emphasis = match a.emphasis.unwrap_or(EmphasisArg::Original) {
+        EmphasisArg::Original => Emphasis::Original,
+        EmphasisArg::NoNorm => Emphasis::NoNorm,
+        EmphasisArg::Ignore => Emphasis::Ignore,
+        EmphasisArg::None => Emphasis::None,
+    };
+    for (flag, text) in [
+        ("--prompt", Some(&a.prompt)),
+        ("--negative", a.negative.as_ref()),
+    ] {
+        if let Some(t) = text {
+            prompt_syntax::fragments(t, emphasis).with_context(|| flag.to_string())?;
+        }
+    }
+    Ok(PromptStyle::A1111 {
+        emphasis,
+        comma_backtrack: a
+            .comma_backtrack
+            .unwrap_or(prompt_syntax::DEFAULT_COMMA_BACKTRACK),
+    })
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -485,6 +568,7 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
             a.refiner_switch
         );
     }
+    let style = prompt_style(&a)?;
     let strength = a
         .strength
         .unwrap_or(if a.mask.is_some() { 0.9999 } else { 0.3 });
@@ -637,6 +721,7 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
         );
     }
     pipe.set_clip_skip(a.clip_skip).context("--clip-skip")?;
+    pipe.set_prompt_style(style);
     pipe.vae.tiling = a.vae_tiling;
     for ti in &embeddings {
         pipe.add_embedding(ti)?;
@@ -651,6 +736,9 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
         ("--prompt", Some(&a.prompt)),
         ("--negative", a.negative.as_ref()),
     ] {
+        if style != PromptStyle::Diffusers {
+            break;
+        }
         if let Some(cut) = text.map(|t| pipe.truncated(t)).transpose()?.flatten() {
             eprintln!(
                 "warning: {flag} is longer than CLIP's 77 tokens; the end is dropped, as in \
@@ -830,6 +918,7 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
     let mut refiner = SdxlPipeline::load(refiner_opts)
         .with_context(|| format!("loading the refiner {}", refiner_path.display()))?;
     refiner.vae.tiling = a.vae_tiling;
+    refiner.set_prompt_style(style);
     refiner
         .set_clip_skip(a.clip_skip)
         .with_context(|| format!("--clip-skip for the refiner {}", refiner_path.display()))?;

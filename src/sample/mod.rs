@@ -18,6 +18,7 @@ mod loss_type;
 pub mod mask_crop;
 pub mod model_files;
 pub mod pipeline;
+pub mod prompt_syntax;
 pub mod ramps;
 pub mod sampler_kind;
 pub mod schedule;

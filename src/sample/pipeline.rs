@@ -4,6 +4,7 @@
 
 pub use super::image_input::{image_input, image_input_size, mask_input, masked_image};
 use super::model_files::ModelFiles;
+use super::prompt_syntax::PromptStyle;
 use super::sampler_kind::build_sampler;
 pub use super::sampler_kind::{SamplerKind, Sigmas};
 use super::{Noise, Sampler, SchedulerConfig};
@@ -64,6 +65,8 @@ pub struct SdxlPipeline {
     /// Layers skipped before SDXL's penultimate one in the per-token context (diffusers'
     /// `clip_skip`); 0 is SDXL's own. Set with [`SdxlPipeline::set_clip_skip`].
     clip_skip: usize,
+    /// How prompts are read (set with [`SdxlPipeline::set_prompt_style`]).
+    prompt_style: PromptStyle,
 }
 
 /// Where sampling starts.
@@ -330,6 +333,7 @@ impl SdxlPipeline {
                 adapters: Vec::new(),
                 embeddings: Vec::new(),
                 clip_skip: 0,
+                prompt_style: PromptStyle::Diffusers,
             })
         };
         let mut pipe = load().map_err(|e| files.explain(e))?;
@@ -628,6 +632,86 @@ pub fn guidance_batch(
     })
 }
 
+/// The UNet's conditioning for one run: the [negative; prompt] batch of [`guidance_batch`], or,
+/// where the two contexts differ in length (A1111-style prompts of different chunk counts), the
+/// two halves apart: A1111 then evaluates the UNet once for each (its default, without
+/// `pad_cond_uncond`).
+enum Conditioning {
+    Batch {
+        context: Tensor,
+        pooled: Tensor,
+        time_ids: Tensor,
+    },
+    Apart([(Tensor, Tensor, Tensor); 2]),
+}
+
+impl Conditioning {
+    fn new(
+        unet: &UNet2DConditionModel,
+        req: &Request,
+        positive: &PromptEmbeds,
+        negative: Option<&PromptEmbeds>,
+        image_pipeline: bool,
+        device: Device,
+    ) -> Result<Conditioning> {
+        let apart = negative.filter(|n| n.context.dims()[1] != positive.context.dims()[1]);
+        let Some(neg) = apart else {
+            let (context, pooled, time_ids) =
+                guidance_batch(unet, req, positive, negative, image_pipeline, device)?;
+            return Ok(Conditioning::Batch {
+                context,
+                pooled,
+                time_ids,
+            });
+        };
+        // The batch of the two pooled embeddings and time ids, the contexts one by one.
+        let same_length = PromptEmbeds {
+            context: positive.context.clone(),
+            pooled: neg.pooled.clone(),
+        };
+        let (_, pooled, time_ids) = guidance_batch(
+            unet,
+            req,
+            positive,
+            Some(&same_length),
+            image_pipeline,
+            device,
+        )?;
+        let half = |i: usize, context: &Tensor| -> Result<(Tensor, Tensor, Tensor)> {
+            Ok((
+                context.clone(),
+                pooled.narrow(0, i, 1)?,
+                time_ids.narrow(0, i, 1)?,
+            ))
+        };
+        Ok(Conditioning::Apart([
+            half(0, &neg.context)?,
+            half(1, &positive.context)?,
+        ]))
+    }
+
+    /// The UNet's output on `x` (the [negative; prompt] batch, or the prompt alone).
+    fn eval(&self, unet: &UNet2DConditionModel, x: &Tensor, t: &Tensor) -> Result<Tensor> {
+        match self {
+            Conditioning::Batch {
+                context,
+                pooled,
+                time_ids,
+            } => unet.forward(x, t, context, pooled, time_ids),
+            Conditioning::Apart(halves) => {
+                let outs = halves
+                    .iter()
+                    .enumerate()
+                    .map(|(i, (context, pooled, time_ids))| {
+                        unet.forward(&x.narrow(0, i, 1)?, t, context, pooled, time_ids)
+                    })
+                    .collect::<Result<Vec<_>>>()?;
+                Tensor::cat(&outs, 0)
+            }
+        }
+    }
+}
+
 /// The kohya naming index of a UNet's own modules.
 pub fn unet_module_index(unet: &UNet2DConditionModel) -> ModuleIndex {
     unet_index_for(&unet.config)
@@ -774,8 +858,7 @@ pub fn denoise_from(
     let mut sampler = build_sampler(scheduler, req)?;
     let device = init.device();
     let image_pipeline = !matches!(start, Start::Noise(_));
-    let (context, pooled, time_ids) =
-        guidance_batch(unet, req, positive, negative, image_pipeline, device)?;
+    let conditioning = Conditioning::new(unet, req, positive, negative, image_pipeline, device)?;
     let n = sampler.timesteps().len();
     let (first, mut x) = match start {
         Start::Latents {
@@ -870,9 +953,7 @@ pub fn denoise_from(
             Some(e) => Tensor::cat(&[x_in, e.clone()], 1)?, // (B, 2C + 1, h, w)
             None => x_in,
         };
-        let eps = unet
-            .forward(&x_in, &t, &context, &pooled, &time_ids)?
-            .to_dtype(DType::F32)?;
+        let eps = conditioning.eval(unet, &x_in, &t)?.to_dtype(DType::F32)?;
         let eps = if negative.is_some() {
             let (uncond, cond) = (eps.narrow(0, 0, 1)?, eps.narrow(0, 1, 1)?);
             let guided = uncond.add(&cond.sub(&uncond)?.scale(req.guidance)?)?;

@@ -13,6 +13,7 @@ mod mask_crop_case;
 mod optim_steps;
 mod pipeline_case;
 mod prodigy_case;
+mod prompt_case;
 mod sampler_cases;
 pub mod sweep;
 mod train_cases;
@@ -370,6 +371,11 @@ pub fn cases() -> Vec<(&'static str, &'static str, CaseFn)> {
             "long_captions",
             "../../extra/long_captions.safetensors",
             train_te_case::long_captions,
+        ),
+        (
+            "prompt_weighting",
+            "../../extra/prompt_weighting.safetensors",
+            prompt_case::prompt_weighting,
         ),
     ]
 }

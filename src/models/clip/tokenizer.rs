@@ -250,6 +250,26 @@ impl ClipTokenizer {
         self.pad_id
     }
 
+    /// The id of one vocabulary entry (e.g. `",</w>"`), or an added token's.
+    pub fn vocab_id(&self, token: &str) -> Option<u32> {
+        self.inner.token_to_id(token)
+    }
+
+    /// The added-token runs of the textual-inversion embeddings `names`: (the name's id, the
+    /// vectors: the name and its `NAME_1`, `NAME_2`, ... tokens, added in one go).
+    pub fn embedding_runs(&self, names: &[String]) -> Vec<(u32, usize)> {
+        names
+            .iter()
+            .filter_map(|name| {
+                let first = self.inner.token_to_id(name)?;
+                let more = (1..)
+                    .take_while(|i| self.added.contains(&format!("{name}_{i}")))
+                    .count();
+                Some((first, 1 + more))
+            })
+            .collect()
+    }
+
     /// Content ids of one prompt: no BOS/EOS, no truncation.
     pub fn content_ids(&self, prompt: &str) -> Result<Vec<u32>> {
         let enc = self

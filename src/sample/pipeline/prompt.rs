@@ -2,7 +2,9 @@
 //! negative-prompt embeddings both text encoders give a request.
 
 use super::{Request, SdxlPipeline};
-use crate::models::clip::text::{token_ids, ClipTextOutput};
+use crate::models::clip::text::{token_ids, ClipTextModel, ClipTextOutput};
+use crate::models::clip::tokenizer::ClipTokenizer;
+use crate::sample::prompt_syntax::{self, Chunk, Emphasis, PromptStyle, CHUNK_TOKENS};
 use crate::{Error, Result, Tensor};
 
 /// Per-prompt conditioning: context (B, 77, D1 + D2) and pooled text embeds (B, P).
@@ -110,7 +112,22 @@ impl SdxlPipeline {
     /// projected pooled output. Prompts naming a
     /// multi-vector embedding are spelt out first (diffusers' `maybe_convert_prompt`; both
     /// tokenizers hold the same added tokens).
+    ///
+    /// With [`PromptStyle::A1111`] the prompts are read as A1111 reads them instead (see
+    /// [`crate::sample::prompt_syntax`]): context (B, 77 n, D1 + D2) for the longest prompt's n
+    /// chunks, the shorter ones filled with empty chunks.
     pub fn encode_prompts(&self, prompts: &[String]) -> Result<PromptEmbeds> {
+        if let PromptStyle::A1111 {
+            emphasis,
+            comma_backtrack,
+        } = self.prompt_style
+        {
+            let each = prompts
+                .iter()
+                .map(|p| self.encode_a1111(p, emphasis, comma_backtrack))
+                .collect::<Result<Vec<_>>>()?;
+            return join_prompts(each);
+        }
         let expanded: Vec<String>;
         let prompts = if self.embeddings.is_empty() {
             prompts
@@ -124,14 +141,7 @@ impl SdxlPipeline {
         let ids2 = token_ids(&self.tokenizer_2.encode_batch(prompts)?, self.device)?; // (B, 77)
         let o2 = self.text_encoder_2.forward(&ids2)?;
         // hidden_states[-(clip_skip + 2)]; set_clip_skip keeps it within the encoders.
-        let layer = |o: &ClipTextOutput| -> Result<Tensor> {
-            o.from_end(1 + self.clip_skip).cloned().ok_or_else(|| {
-                Error::Config(format!(
-                    "clip skip {} reaches past the text encoder's embeddings",
-                    self.clip_skip
-                ))
-            })
-        };
+        let layer = |o: &ClipTextOutput| self.context_layer(o);
         let context = match (&self.tokenizer, &self.text_encoder) {
             (Some(tok), Some(te)) => {
                 let ids1 = token_ids(&tok.encode_batch(prompts)?, self.device)?; // (B, 77)
@@ -144,6 +154,79 @@ impl SdxlPipeline {
             .text_embeds
             .ok_or_else(|| Error::Config("text_encoder_2 has no text projection".into()))?; // (B, P)
         Ok(PromptEmbeds { context, pooled })
+    }
+
+    /// Selects how prompts are read: diffusers' way (the default) or A1111's.
+    pub fn set_prompt_style(&mut self, style: PromptStyle) {
+        self.prompt_style = style;
+    }
+
+    pub fn prompt_style(&self) -> PromptStyle {
+        self.prompt_style
+    }
+
+    /// One prompt A1111's way: its chunks through each encoder (the first tokenizer's and
+    /// tokenizer_2's chunks must pair up, as A1111 joins the two encoders' states per token),
+    /// the weights applied per chunk, the chunks joined along the sequence; pooled from
+    /// text_encoder_2's first chunk.
+    fn encode_a1111(
+        &self,
+        prompt: &str,
+        emphasis: Emphasis,
+        comma_backtrack: usize,
+    ) -> Result<PromptEmbeds> {
+        let prompt = self.tokenizer_2.expand_added_tokens(prompt)?;
+        let fragments = prompt_syntax::fragments(&prompt, emphasis)?;
+        let encode =
+            |tok: &ClipTokenizer, te: &ClipTextModel| -> Result<(Vec<Chunk>, ClipTextOutput)> {
+                let runs = tok.embedding_runs(&self.embeddings);
+                let chunks = prompt_syntax::chunks(tok, &fragments, comma_backtrack, &runs)?;
+                let ids: Vec<i64> = chunks
+                    .iter()
+                    .flat_map(|c| c.ids.iter().map(|&t| i64::from(t)))
+                    .collect();
+                let n = chunks.len();
+                let ids = Tensor::from_vec(ids, (n, CHUNK_TOKENS + 2), self.device)?;
+                Ok((chunks, te.forward(&ids)?))
+            };
+        let (chunks_2, o2) = encode(&self.tokenizer_2, &self.text_encoder_2)?;
+        let n = chunks_2.len();
+        let states = |chunks: &[Chunk], o: &ClipTextOutput| -> Result<Tensor> {
+            let z = self.context_layer(o)?; // (n, 77, D)
+            let z = emphasize(&z, chunks, emphasis)?;
+            let d = z.dims3()?.2;
+            z.reshape((1, n * (CHUNK_TOKENS + 2), d))
+        };
+        let context_2 = states(&chunks_2, &o2)?;
+        let context = match (&self.tokenizer, &self.text_encoder) {
+            (Some(tok), Some(te)) => {
+                let (chunks_1, o1) = encode(tok, te)?;
+                if chunks_1.len() != n {
+                    return Err(Error::Config(format!(
+                        "prompt {prompt:?}: the two tokenizers cut it into {} and {n} chunks of \
+                         {CHUNK_TOKENS} tokens; their states cannot be joined",
+                        chunks_1.len()
+                    )));
+                }
+                Tensor::cat(&[states(&chunks_1, &o1)?, context_2], 2)? // (1, 77 n, D1 + D2)
+            }
+            _ => context_2,
+        };
+        let pooled = o2
+            .text_embeds
+            .ok_or_else(|| Error::Config("text_encoder_2 has no text projection".into()))?
+            .narrow(0, 0, 1)?; // (1, P)
+        Ok(PromptEmbeds { context, pooled })
+    }
+
+    /// The per-token context layer of one encoder output: `hidden_states[-(clip_skip + 2)]`.
+    fn context_layer(&self, o: &ClipTextOutput) -> Result<Tensor> {
+        o.from_end(1 + self.clip_skip).cloned().ok_or_else(|| {
+            Error::Config(format!(
+                "clip skip {} reaches past the text encoder's embeddings",
+                self.clip_skip
+            ))
+        })
     }
 
     /// The prompt's embeddings, and the negative's when `req` guides (guidance above 1).
@@ -166,6 +249,56 @@ impl SdxlPipeline {
             neg => self.encode_prompts(&[neg.clone().unwrap_or_default()]),
         }
     }
+}
+
+/// A1111's emphasis on one encoder's chunk states `z` (n, 77, D): each chunk times its weights
+/// per token and, for [`Emphasis::Original`], rescaled to the chunk's mean before.
+fn emphasize(z: &Tensor, chunks: &[Chunk], emphasis: Emphasis) -> Result<Tensor> {
+    if matches!(emphasis, Emphasis::Ignore | Emphasis::None) {
+        return Ok(z.clone());
+    }
+    let rows = chunks
+        .iter()
+        .enumerate()
+        .map(|(i, c)| {
+            let zi = z.narrow(0, i, 1)?; // (1, 77, D)
+            let m = Tensor::from_vec(
+                c.multipliers.clone(),
+                (1, c.multipliers.len(), 1),
+                z.device(),
+            )?
+            .to_dtype(z.dtype())?;
+            let weighted = zi.mul(&m)?;
+            if emphasis != Emphasis::Original {
+                return Ok(weighted);
+            }
+            let before = zi.mean_all()?.to_scalar()?;
+            let after = weighted.mean_all()?.to_scalar()?;
+            weighted.scale(before / after)
+        })
+        .collect::<Result<Vec<_>>>()?;
+    Tensor::cat(&rows, 0)
+}
+
+/// Per-prompt embeddings (1, 77 n_i, D) as one batch. Prompts of different chunk counts are
+/// refused together (A1111 would fill the shorter ones with empty chunks); the pipeline encodes
+/// the prompt and the negative prompt each on its own.
+fn join_prompts(each: Vec<PromptEmbeds>) -> Result<PromptEmbeds> {
+    if each.len() == 1 {
+        return Ok(each.into_iter().next().expect("one prompt"));
+    }
+    let lens: Vec<usize> = each.iter().map(|e| e.context.dims()[1]).collect();
+    if lens.windows(2).any(|w| w[0] != w[1]) {
+        return Err(Error::Config(format!(
+            "prompts of different chunk counts (contexts of {lens:?} tokens) cannot share a batch"
+        )));
+    }
+    let contexts: Vec<Tensor> = each.iter().map(|e| e.context.clone()).collect();
+    let pooled: Vec<Tensor> = each.iter().map(|e| e.pooled.clone()).collect();
+    Ok(PromptEmbeds {
+        context: Tensor::cat(&contexts, 0)?,
+        pooled: Tensor::cat(&pooled, 0)?,
+    })
 }
 
 /// Whether clip skip `n` stays within text encoders of `layers` layers: it may reach their
