@@ -165,3 +165,63 @@ fn what_a1111_syntax_cannot_run_is_refused_by_name() {
         stderr(&o)
     );
 }
+
+const COMFY: [&str; 2] = ["--prompt-style", "comfy"];
+
+/// ComfyUI's way: a plain prompt reads as diffusers reads it; a weight draws from the empty
+/// prompt (a different picture from A1111's scaling); `embedding:NAME` is a loaded embedding
+/// (the same picture as the bare NAME), and an unknown one is left out with a warning.
+#[test]
+fn comfy_prompts() {
+    let dir = tmp("pstyle-comfy");
+    let p = |n: &str| dir.join(n);
+    let plain = png(
+        &generate("a red cat", "blurry", &p("d.png"), &[]),
+        &p("d.png"),
+    );
+    let comfy = png(
+        &generate("a red cat", "blurry", &p("c.png"), &COMFY),
+        &p("c.png"),
+    );
+    assert!(plain == comfy, "comfy changed a plain prompt");
+    let weighted = png(
+        &generate("a (red:1.5) cat", "blurry", &p("cw.png"), &COMFY),
+        &p("cw.png"),
+    );
+    let a1111 = png(
+        &generate("a (red:1.5) cat", "blurry", &p("aw.png"), &A1111),
+        &p("aw.png"),
+    );
+    assert!(weighted != plain && weighted != a1111);
+    let ti = common::tiny().join("../extra/ti_hanokstyle.safetensors");
+    let ti = format!("{}:hanok", ti.display());
+    let with = |prompt: &str, out: &str| {
+        let o = generate(
+            prompt,
+            "blurry",
+            &p(out),
+            &[COMFY[0], COMFY[1], "--embedding", &ti],
+        );
+        (png(&o, &p(out)), stderr(&o))
+    };
+    let (named, _) = with("a embedding:hanok house", "e1.png");
+    let (bare, _) = with("a hanok house", "e2.png");
+    let (without, _) = with("a house", "e3.png");
+    assert!(named == bare && named != without);
+    let (unknown, warned) = with("a embedding:nothere house", "e4.png");
+    assert!(
+        unknown == without,
+        "an unknown embedding changed the prompt"
+    );
+    assert!(
+        warned.contains("no loaded embedding is called nothere"),
+        "{warned}"
+    );
+    let o = generate(
+        "a cat",
+        "blurry",
+        &p("x.png"),
+        &[COMFY[0], COMFY[1], "--emphasis", "none"],
+    );
+    assert_fails_naming(&o, "--emphasis applies to A1111");
+}

@@ -157,7 +157,11 @@ pub struct Args {
     /// bracket; `BREAK` starts a new chunk; any length, in chunks of 75 tokens encoded one by one
     /// and joined (a prompt and a negative prompt of different lengths then take one UNet pass
     /// each, as A1111 runs them). A1111's prompt editing (`[a:b:0.5]`, `[a|b]`) and `AND` are
-    /// refused. Applies to the refiner too.
+    /// refused. `comfy`: as ComfyUI's CLIPTextEncode reads them: `(word)` x1.1, `(word:1.5)`
+    /// (an explicit weight replaces the enclosing one), `\(` literal, square brackets are text;
+    /// any length, words moved whole to the next 75-token chunk (split if 8 tokens or more);
+    /// a weighted token's state is drawn from the empty prompt's, `empty + (state - empty) w`;
+    /// `embedding:NAME` names an --embedding. Applies to the refiner too.
     #[arg(long, value_enum, default_value = "diffusers")]
     pub prompt_style: PromptStyleArg,
     /// With --prompt-style a1111: how weights reach the text encoders' output (A1111's
@@ -239,6 +243,7 @@ fn corner_arg(s: &str) -> Result<(usize, usize), String> {
 pub enum PromptStyleArg {
     Diffusers,
     A1111,
+    Comfy,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -252,7 +257,7 @@ pub enum EmphasisArg {
 /// The prompt style the flags ask for; refuses A1111's options without `--prompt-style a1111`
 /// and prompts that style cannot run (prompt editing, `AND`, a weight that is not a number).
 fn prompt_style(a: &Args) -> anyhow::Result<PromptStyle> {
-    if a.prompt_style == PromptStyleArg::Diffusers {
+    if a.prompt_style != PromptStyleArg::A1111 {
         for (flag, given) in [
             ("--emphasis", a.emphasis.is_some()),
             ("--comma-backtrack", a.comma_backtrack.is_some()),
@@ -261,6 +266,11 @@ fn prompt_style(a: &Args) -> anyhow::Result<PromptStyle> {
                 anyhow::bail!("{flag} applies to A1111's prompt syntax: add --prompt-style a1111");
             }
         }
+    }
+    if a.prompt_style == PromptStyleArg::Comfy {
+        return Ok(PromptStyle::Comfy);
+    }
+    if a.prompt_style == PromptStyleArg::Diffusers {
         for (flag, text) in [
             ("--prompt", Some(&a.prompt)),
             ("--negative", a.negative.as_ref()),

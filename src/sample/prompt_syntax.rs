@@ -24,6 +24,8 @@
 use crate::models::clip::tokenizer::ClipTokenizer;
 use crate::{Error, Result};
 
+pub mod comfy;
+
 /// Tokens of prompt text per chunk (77 with BOS and EOS).
 pub const CHUNK_TOKENS: usize = 75;
 
@@ -53,6 +55,9 @@ pub enum PromptStyle {
         emphasis: Emphasis,
         comma_backtrack: usize,
     },
+    /// ComfyUI's CLIPTextEncode: weights drawn from the empty prompt, any length (see
+    /// [`comfy`]).
+    Comfy,
 }
 
 /// A run of prompt text and its weight. `BREAK` is the text "BREAK" with weight -1, as A1111

@@ -4,7 +4,7 @@
 use super::{Request, SdxlPipeline};
 use crate::models::clip::text::{token_ids, ClipTextModel, ClipTextOutput};
 use crate::models::clip::tokenizer::ClipTokenizer;
-use crate::sample::prompt_syntax::{self, Chunk, Emphasis, PromptStyle, CHUNK_TOKENS};
+use crate::sample::prompt_syntax::{self, comfy, Chunk, Emphasis, PromptStyle, CHUNK_TOKENS};
 use crate::{Error, Result, Tensor};
 
 /// Per-prompt conditioning: context (B, 77, D1 + D2) and pooled text embeds (B, P).
@@ -113,18 +113,14 @@ impl SdxlPipeline {
     /// multi-vector embedding are spelt out first (diffusers' `maybe_convert_prompt`; both
     /// tokenizers hold the same added tokens).
     ///
-    /// With [`PromptStyle::A1111`] the prompts are read as A1111 reads them instead (see
-    /// [`crate::sample::prompt_syntax`]): context (B, 77 n, D1 + D2) for the longest prompt's n
-    /// chunks, the shorter ones filled with empty chunks.
+    /// With [`PromptStyle::A1111`] or [`PromptStyle::Comfy`] the prompts are read as A1111 or
+    /// ComfyUI reads them instead (see [`crate::sample::prompt_syntax`]): context
+    /// (B, 77 n, D1 + D2) for prompts of n chunks each.
     pub fn encode_prompts(&self, prompts: &[String]) -> Result<PromptEmbeds> {
-        if let PromptStyle::A1111 {
-            emphasis,
-            comma_backtrack,
-        } = self.prompt_style
-        {
+        if self.prompt_style != PromptStyle::Diffusers {
             let each = prompts
                 .iter()
-                .map(|p| self.encode_a1111(p, emphasis, comma_backtrack))
+                .map(|p| self.encode_chunked(p))
                 .collect::<Result<Vec<_>>>()?;
             return join_prompts(each);
         }
@@ -165,54 +161,110 @@ impl SdxlPipeline {
         self.prompt_style
     }
 
-    /// One prompt A1111's way: its chunks through each encoder (the first tokenizer's and
-    /// tokenizer_2's chunks must pair up, as A1111 joins the two encoders' states per token),
-    /// the weights applied per chunk, the chunks joined along the sequence; pooled from
-    /// text_encoder_2's first chunk.
-    fn encode_a1111(
-        &self,
-        prompt: &str,
-        emphasis: Emphasis,
-        comma_backtrack: usize,
-    ) -> Result<PromptEmbeds> {
-        let prompt = self.tokenizer_2.expand_added_tokens(prompt)?;
-        let fragments = prompt_syntax::fragments(&prompt, emphasis)?;
-        let encode =
-            |tok: &ClipTokenizer, te: &ClipTextModel| -> Result<(Vec<Chunk>, ClipTextOutput)> {
-                let runs = tok.embedding_runs(&self.embeddings);
-                let chunks = prompt_syntax::chunks(tok, &fragments, comma_backtrack, &runs)?;
-                let ids: Vec<i64> = chunks
-                    .iter()
-                    .flat_map(|c| c.ids.iter().map(|&t| i64::from(t)))
-                    .collect();
-                let n = chunks.len();
-                let ids = Tensor::from_vec(ids, (n, CHUNK_TOKENS + 2), self.device)?;
-                Ok((chunks, te.forward(&ids)?))
+    /// One prompt A1111's or ComfyUI's way: its chunks through each encoder (the first
+    /// tokenizer's and tokenizer_2's chunks must pair up, as both join the two encoders' states
+    /// per token), the weights applied per chunk, the chunks joined along the sequence; pooled
+    /// from text_encoder_2's first chunk.
+    fn encode_chunked(&self, prompt: &str) -> Result<PromptEmbeds> {
+        let style = self.prompt_style;
+        let (fragments, backtrack, emphasis) = match style {
+            PromptStyle::A1111 {
+                emphasis,
+                comma_backtrack,
+            } => {
+                let expanded = self.tokenizer_2.expand_added_tokens(prompt)?;
+                let f = prompt_syntax::fragments(&expanded, emphasis)?;
+                (f, comma_backtrack, emphasis)
+            }
+            _ => (comfy::parse(prompt), 0, Emphasis::Original),
+        };
+        let mut unknown = Vec::new();
+        // (chunks, per-token states (n, 77, D), the empty prompt's states (1, 77, D) for
+        // ComfyUI's weights, the encoder output).
+        let mut encode = |tok: &ClipTokenizer, te: &ClipTextModel| -> Result<Encoded> {
+            let chunks = match style {
+                PromptStyle::Comfy => {
+                    let runs = tok.embedding_runs(&self.embeddings);
+                    let named: Vec<comfy::NamedRun> = self
+                        .embeddings
+                        .iter()
+                        .zip(runs)
+                        .map(|(name, (first, vectors))| comfy::NamedRun {
+                            name,
+                            first,
+                            vectors,
+                        })
+                        .collect();
+                    comfy::chunks(tok, &fragments, &named, &mut unknown)?
+                }
+                _ => {
+                    let runs = tok.embedding_runs(&self.embeddings);
+                    prompt_syntax::chunks(tok, &fragments, backtrack, &runs)?
+                }
             };
-        let (chunks_2, o2) = encode(&self.tokenizer_2, &self.text_encoder_2)?;
-        let n = chunks_2.len();
-        let states = |chunks: &[Chunk], o: &ClipTextOutput| -> Result<Tensor> {
-            let z = self.context_layer(o)?; // (n, 77, D)
-            let z = emphasize(&z, chunks, emphasis)?;
+            let weighted = chunks
+                .iter()
+                .any(|c| c.multipliers.iter().any(|&m| m != 1.0));
+            let mut rows: Vec<&Chunk> = chunks.iter().collect();
+            let empty = comfy::empty_chunk(tok);
+            let with_empty = style == PromptStyle::Comfy && weighted;
+            if with_empty {
+                rows.push(&empty);
+            }
+            let ids: Vec<i64> = rows
+                .iter()
+                .flat_map(|c| c.ids.iter().map(|&t| i64::from(t)))
+                .collect();
+            let ids = Tensor::from_vec(ids, (rows.len(), CHUNK_TOKENS + 2), self.device)?;
+            let out = te.forward(&ids)?;
+            let z = self.context_layer(&out)?;
+            let n = chunks.len();
+            let empty = with_empty.then(|| z.narrow(0, n, 1)).transpose()?;
+            Ok(Encoded {
+                states: z.narrow(0, 0, n)?,
+                chunks,
+                empty,
+                out,
+            })
+        };
+        let e2 = encode(&self.tokenizer_2, &self.text_encoder_2)?;
+        let e1 = match (&self.tokenizer, &self.text_encoder) {
+            (Some(tok), Some(te)) => Some(encode(tok, te)?),
+            _ => None,
+        };
+        if !unknown.is_empty() {
+            eprintln!(
+                "warning: no loaded embedding is called {}; left out of the prompt, as ComfyUI \
+                 leaves it out (load one with --embedding FILE[:NAME])",
+                unknown.join(", ")
+            );
+        }
+        let n = e2.chunks.len();
+        let states = |e: &Encoded| -> Result<Tensor> {
+            let z = match &e.empty {
+                Some(empty) => comfy_weights(&e.states, empty, &e.chunks)?,
+                None if style == PromptStyle::Comfy => e.states.clone(),
+                None => emphasize(&e.states, &e.chunks, emphasis)?,
+            };
             let d = z.dims3()?.2;
             z.reshape((1, n * (CHUNK_TOKENS + 2), d))
         };
-        let context_2 = states(&chunks_2, &o2)?;
-        let context = match (&self.tokenizer, &self.text_encoder) {
-            (Some(tok), Some(te)) => {
-                let (chunks_1, o1) = encode(tok, te)?;
-                if chunks_1.len() != n {
+        let context_2 = states(&e2)?;
+        let context = match &e1 {
+            Some(e1) => {
+                if e1.chunks.len() != n {
                     return Err(Error::Config(format!(
                         "prompt {prompt:?}: the two tokenizers cut it into {} and {n} chunks of \
                          {CHUNK_TOKENS} tokens; their states cannot be joined",
-                        chunks_1.len()
+                        e1.chunks.len()
                     )));
                 }
-                Tensor::cat(&[states(&chunks_1, &o1)?, context_2], 2)? // (1, 77 n, D1 + D2)
+                Tensor::cat(&[states(e1)?, context_2], 2)? // (1, 77 n, D1 + D2)
             }
-            _ => context_2,
+            None => context_2,
         };
-        let pooled = o2
+        let pooled = e2
+            .out
             .text_embeds
             .ok_or_else(|| Error::Config("text_encoder_2 has no text projection".into()))?
             .narrow(0, 0, 1)?; // (1, P)
@@ -278,6 +330,30 @@ fn emphasize(z: &Tensor, chunks: &[Chunk], emphasis: Emphasis) -> Result<Tensor>
         })
         .collect::<Result<Vec<_>>>()?;
     Tensor::cat(&rows, 0)
+}
+
+/// One encoder's pass over a prompt's chunks.
+struct Encoded {
+    chunks: Vec<Chunk>,
+    /// The context layer's states of the chunks: (n, 77, D).
+    states: Tensor,
+    /// ComfyUI's weights: the empty prompt's states (1, 77, D), encoded with the chunks.
+    empty: Option<Tensor>,
+    out: ClipTextOutput,
+}
+
+/// ComfyUI's weights on one encoder's chunk states `z` (n, 77, D): where a token's weight w is
+/// not 1 its state becomes `empty + (z - empty) w`, with the empty prompt's state at the same
+/// position; the other states are kept bit for bit.
+fn comfy_weights(z: &Tensor, empty: &Tensor, chunks: &[Chunk]) -> Result<Tensor> {
+    let (n, s, _) = z.dims3()?;
+    let w: Vec<f32> = chunks.iter().flat_map(|c| c.multipliers.clone()).collect();
+    let mask: Vec<f32> = w.iter().map(|&m| f32::from(m != 1.0)).collect();
+    let w = Tensor::from_vec(w, (n, s, 1), z.device())?.to_dtype(z.dtype())?;
+    let mask = Tensor::from_vec(mask, (n, s, 1), z.device())?.to_dtype(z.dtype())?;
+    let blended = z.sub(empty)?.mul(&w)?.add(empty)?;
+    // mask 1: blended * 1 + z * 0; mask 0: blended * 0 + z * 1, exactly z.
+    blended.mul(&mask)?.add(&z.mul(&mask.affine(-1.0, 1.0)?)?)
 }
 
 /// Per-prompt embeddings (1, 77 n_i, D) as one batch. Prompts of different chunk counts are
