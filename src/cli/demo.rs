@@ -126,6 +126,7 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
         buckets: false,
         flip_aug: false,
         alpha_mask: false,
+        weighted_captions: false,
         mask_data: None,
         shuffle_caption: false,
         max_token_length: None,

@@ -424,6 +424,12 @@ pub struct Args {
     /// states joined as kohya joins them. Preview prompts keep generate's 75.
     #[arg(long)]
     pub max_token_length: Option<usize>,
+    /// Read weights in captions as kohya's --weighted_captions does: `(word:1.2)`, `(word)` x1.1
+    /// and `[word]` /1.1 (A1111's syntax; `\(` for a literal bracket) are parsed away and
+    /// multiply the text encoders' states of their tokens (no rescaling; the pooled embedding is
+    /// not weighted). With --max-token-length, --train-text-encoder and --shuffle-caption too.
+    #[arg(long)]
+    pub weighted_captions: bool,
     /// With --shuffle-caption, keep the first N tags in place (kohya's --keep_tokens; a trigger
     /// word usually comes first).
     #[arg(long, default_value_t = 0)]
@@ -837,6 +843,7 @@ pub fn config_from(a: &Args) -> anyhow::Result<TrainConfig> {
         shuffle_caption: a.shuffle_caption,
         keep_tokens: a.keep_tokens,
         max_token_length: a.max_token_length,
+        weighted_captions: a.weighted_captions,
         caption_tag_dropout: a.caption_tag_dropout.filter(|&p| p != 0.0),
         // 0 is off, as kohya reads both.
         caption_dropout_every_epochs: a.caption_dropout_every_n_epochs.filter(|&n| n != 0),

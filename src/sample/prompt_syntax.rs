@@ -164,6 +164,16 @@ fn split_breaks(text: &str) -> Vec<&str> {
 /// merged, `BREAK` as its own fragment. A weight that is not a number (`(a:1.2.3)`) is an error
 /// (A1111 fails on it too).
 pub fn parse_attention(prompt: &str) -> Result<Vec<Fragment>> {
+    parse(prompt, true)
+}
+
+/// [`parse_attention`] as sd-scripts' copy of it reads captions for `--weighted_captions`:
+/// `BREAK` is text there.
+pub fn parse_attention_kohya(prompt: &str) -> Result<Vec<Fragment>> {
+    parse(prompt, false)
+}
+
+fn parse(prompt: &str, breaks: bool) -> Result<Vec<Fragment>> {
     let mut res: Vec<Fragment> = Vec::new();
     let mut round: Vec<usize> = Vec::new();
     let mut square: Vec<usize> = Vec::new();
@@ -200,7 +210,11 @@ pub fn parse_attention(prompt: &str) -> Result<Vec<Fragment>> {
                 multiply(&mut res, from, square_multiplier);
             }
             Piece::Text | Piece::Weight(_) | Piece::CloseRound | Piece::CloseSquare => {
-                for (i, part) in split_breaks(whole).into_iter().enumerate() {
+                let parts = match breaks {
+                    true => split_breaks(whole),
+                    false => vec![whole],
+                };
+                for (i, part) in parts.into_iter().enumerate() {
                     if i > 0 {
                         res.push(Fragment::new("BREAK", -1.0));
                     }

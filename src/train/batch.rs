@@ -8,9 +8,8 @@ use super::data::{epoch_batches, Dataset, Role};
 use super::examples::{Example, ExampleText};
 use super::optim::GradAccumulator;
 use super::step::{training_loss, Conditioning, Losses, StepNoise};
-use super::text::TextEncoders;
+use super::text::{tokenized, TextEncoders};
 use super::trainer::Trainer;
-use crate::models::clip::text::token_ids;
 use crate::models::clip::tokenizer::ClipTokenizer;
 use crate::sample::model_files::ModelFiles;
 use crate::sample::TrainSchedule;
@@ -35,7 +34,14 @@ impl Trainer {
     pub(super) fn conditioning(&self, text: &ExampleText) -> Result<(Tensor, Tensor)> {
         match (text, &self.text_encoders) {
             (ExampleText::Cached { context, pooled }, _) => Ok((context.clone(), pooled.clone())),
-            (ExampleText::Tokens { ids_1, ids_2 }, Some(te)) => te.encode(ids_1, ids_2),
+            (
+                ExampleText::Tokens {
+                    ids_1,
+                    ids_2,
+                    weights,
+                },
+                Some(te),
+            ) => te.encode(ids_1, ids_2, weights.as_ref()),
             (ExampleText::Tokens { .. }, None) => Err(Error::msg(
                 "an example holds token ids but the run has no text encoders",
             )),
@@ -49,13 +55,19 @@ impl Trainer {
         let enc = self.captions.as_ref().ok_or_else(|| {
             Error::msg("an example holds a caption but the run does not shuffle captions")
         })?;
-        let prompts: Vec<String> = captions.iter().map(|c| c.to_string()).collect();
         let n = self.cfg.caption_chunks();
-        let ids_1 = token_ids(&enc.tok1.encode_chunked(&prompts, n)?, self.cfg.device)?; // (B, 77 n)
-        let ids_2 = token_ids(&enc.tok2.encode_chunked(&prompts, n)?, self.cfg.device)?;
+        let (ids_1, ids_2, weights) = tokenized(
+            &enc.tok1,
+            &enc.tok2,
+            captions,
+            n,
+            self.cfg.weighted_captions,
+            self.cfg.device,
+        )?; // (B, 77 n) each
+        let w = weights.as_ref();
         match (&self.text_encoders, &enc.frozen) {
-            (Some(te), _) => te.encode(&ids_1, &ids_2),
-            (None, Some(te)) => crate::autograd::no_grad(|| te.encode(&ids_1, &ids_2)),
+            (Some(te), _) => te.encode(&ids_1, &ids_2, w),
+            (None, Some(te)) => crate::autograd::no_grad(|| te.encode(&ids_1, &ids_2, w)),
             (None, None) => Err(Error::msg("--shuffle-caption without text encoders")),
         }
     }
@@ -67,14 +79,23 @@ impl Trainer {
             return self.conditioning(text);
         }
         let mut ids = (Vec::new(), Vec::new());
+        let mut weights = (Vec::new(), Vec::new());
         let mut embeds = (Vec::new(), Vec::new());
         let mut captions = Vec::new();
         for text in texts {
             match text {
                 ExampleText::Caption(c) => captions.push(c.as_str()),
-                ExampleText::Tokens { ids_1, ids_2 } => {
+                ExampleText::Tokens {
+                    ids_1,
+                    ids_2,
+                    weights: w,
+                } => {
                     ids.0.push(ids_1.clone());
                     ids.1.push(ids_2.clone());
+                    if let Some((w1, w2)) = w {
+                        weights.0.push(w1.clone());
+                        weights.1.push(w2.clone());
+                    }
                 }
                 cached => {
                     let (context, pooled) = self.conditioning(cached)?;
@@ -98,9 +119,17 @@ impl Trainer {
             return self.encode_captions(&captions);
         }
         if !ids.0.is_empty() {
+            let weights = match weights.0.len() {
+                0 => None,
+                k if k == ids.0.len() => {
+                    Some((Tensor::cat(&weights.0, 0)?, Tensor::cat(&weights.1, 0)?))
+                }
+                _ => return Err(Error::msg("a batch mixes weighted and unweighted captions")),
+            };
             return self.conditioning(&ExampleText::Tokens {
                 ids_1: Tensor::cat(&ids.0, 0)?, // (B, 77)
                 ids_2: Tensor::cat(&ids.1, 0)?,
+                weights,
             });
         }
         Ok((Tensor::cat(&embeds.0, 0)?, Tensor::cat(&embeds.1, 0)?))

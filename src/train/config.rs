@@ -193,6 +193,9 @@ pub struct TrainConfig {
     /// kohya's `--max_token_length` (75, 150 or 225; None: 75): captions are read in that many
     /// tokens, as windows of CLIP's 75 joined (see [`super::text::sdxl_conditioning`]).
     pub max_token_length: Option<usize>,
+    /// kohya's `--weighted_captions`: captions' `(word:1.2)`, `(word)` and `[word]` weights
+    /// multiply their tokens' text-encoder states (see [`super::text::weighted_caption_ids`]).
+    pub weighted_captions: bool,
     /// kohya's `--caption_separator` (`,`): what splits a caption into tags.
     pub caption_separator: String,
     /// kohya's `--keep_tokens_separator`: the tags before it (and after a second one) stay in

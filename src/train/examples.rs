@@ -5,9 +5,8 @@ use super::data::{
     buckets, load_training_picture, load_training_picture_alpha, mask_picture, nearest_bucket,
     prior_repeats, training_mask, training_tensor, Dataset, Role, TensorCache,
 };
-use super::text::{caption_ids, sdxl_conditioning};
+use super::text::{caption_ids, sdxl_conditioning, tokenized};
 use super::trainer::TrainConfig;
-use crate::models::clip::text::token_ids;
 use crate::sample::model_files::ModelFiles;
 use crate::{DType, Device, Error, Result, Tensor};
 use std::collections::BTreeMap;
@@ -38,8 +37,13 @@ pub(super) struct Example {
 pub(super) enum ExampleText {
     /// Embeddings from the frozen text encoders: context (1, 77, Dc), pooled (1, P).
     Cached { context: Tensor, pooled: Tensor },
-    /// Token ids (1, 77) of each tokenizer, for text encoders that train.
-    Tokens { ids_1: Tensor, ids_2: Tensor },
+    /// Token ids (1, 77) of each tokenizer, for text encoders that train, and with
+    /// `--weighted-captions` each tokenizer's token weights (1, 75 n + 2).
+    Tokens {
+        ids_1: Tensor,
+        ids_2: Tensor,
+        weights: Option<(Tensor, Tensor)>,
+    },
     /// The caption itself, tokenized and encoded at each step (`--shuffle-caption`: its tags
     /// are reordered per visit, so no encoding can be cached).
     Caption(String),
@@ -145,53 +149,72 @@ pub(super) fn prepare_examples(
     let mut vae = None;
     let mut text = None;
     let mut examples = Vec::with_capacity(data.len());
-    let mut encode_text = |caption: &str, chunks: usize| -> Result<BTreeMap<String, Tensor>> {
-        let windows = format!("{chunks}-windows");
-        let mut key = vec!["text", caption, &model_id];
-        if chunks > 1 {
-            key.push(&windows);
-        }
-        cache.get_or_insert(&TensorCache::key(&key), || {
-            if text.is_none() {
-                let (te1, te2) = files.text_encoders(&[], DType::F32, cfg.device)?;
-                text = Some((te1, te2, files.tokenizers()?));
+    let mut encode_text =
+        |caption: &str, chunks: usize, weighted: bool| -> Result<BTreeMap<String, Tensor>> {
+            let windows = format!("{chunks}-windows");
+            let mut key = vec!["text", caption, &model_id];
+            if chunks > 1 {
+                key.push(&windows);
             }
-            let (te1, te2, (tok1, tok2)) = text.as_ref().expect("just loaded");
-            let (te1, tok1) = te1.as_ref().zip(tok1.as_ref()).ok_or_else(|| {
-                Error::Config("the model has no text_encoder: it cannot be trained".into())
-            })?;
-            crate::autograd::no_grad(|| {
-                let prompts = [caption.to_string()];
-                let ids_1 = token_ids(&tok1.encode_chunked(&prompts, chunks)?, cfg.device)?; // (1, 77 n)
-                let ids_2 = token_ids(&tok2.encode_chunked(&prompts, chunks)?, cfg.device)?;
-                let (context, pooled) = sdxl_conditioning(te1, te2, &ids_1, &ids_2)?;
-                Ok(vec![
-                    ("context".to_string(), context),
-                    ("pooled".to_string(), pooled),
-                ])
+            if weighted {
+                key.push("weighted");
+            }
+            cache.get_or_insert(&TensorCache::key(&key), || {
+                if text.is_none() {
+                    let (te1, te2) = files.text_encoders(&[], DType::F32, cfg.device)?;
+                    text = Some((te1, te2, files.tokenizers()?));
+                }
+                let (te1, te2, (tok1, tok2)) = text.as_ref().expect("just loaded");
+                let (te1, tok1) = te1.as_ref().zip(tok1.as_ref()).ok_or_else(|| {
+                    Error::Config("the model has no text_encoder: it cannot be trained".into())
+                })?;
+                crate::autograd::no_grad(|| {
+                    let (ids_1, ids_2, weights) =
+                        tokenized(tok1, tok2, &[caption], chunks, weighted, cfg.device)?; // (1, 77 n)
+                    let (context, pooled) =
+                        sdxl_conditioning(te1, te2, &ids_1, &ids_2, weights.as_ref())?;
+                    Ok(vec![
+                        ("context".to_string(), context),
+                        ("pooled".to_string(), pooled),
+                    ])
+                })
             })
-        })
-    };
+        };
     // A caption as the step reads it: token ids when the text encoders train, else their
     // (cached) outputs on the run's device, in `chunks` CLIP windows (preview prompts: one, as
     // generate reads them). `what` names it in errors.
-    let mut text_of = |caption: &str, what: &str, chunks: usize| -> Result<ExampleText> {
-        if cfg.train_text_encoder {
-            let (ids_1, ids_2) = caption_ids(files, caption, chunks, cfg.device)?;
-            return Ok(ExampleText::Tokens { ids_1, ids_2 });
-        }
-        let txt = encode_text(caption, chunks)?;
-        let get = |k: &str| -> Result<Tensor> {
-            txt.get(k)
-                .cloned()
-                .ok_or_else(|| Error::msg(format!("cache entry for {what} lacks `{k}`")))?
-                .to_device(cfg.device)
+    // `weighted`: kohya's --weighted-captions (training captions; preview prompts are read as
+    // generate reads them).
+    let mut text_of =
+        |caption: &str, what: &str, chunks: usize, weighted: bool| -> Result<ExampleText> {
+            if cfg.train_text_encoder {
+                let (ids_1, ids_2, weights) =
+                    caption_ids(files, caption, chunks, weighted, cfg.device)?;
+                return Ok(ExampleText::Tokens {
+                    ids_1,
+                    ids_2,
+                    weights,
+                });
+            }
+            let txt = encode_text(caption, chunks, weighted)?;
+            let get = |k: &str| -> Result<Tensor> {
+                txt.get(k)
+                    .cloned()
+                    .ok_or_else(|| Error::msg(format!("cache entry for {what} lacks `{k}`")))?
+                    .to_device(cfg.device)
+            };
+            Ok(ExampleText::Cached {
+                context: get("context")?,
+                pooled: get("pooled")?,
+            })
         };
-        Ok(ExampleText::Cached {
-            context: get("context")?,
-            pooled: get("pooled")?,
-        })
-    };
+    let trigger = &cfg.captions.trigger;
+    if cfg.weighted_captions && trigger.contains(['(', ')', '[', ']']) {
+        log(&format!(
+            "warning: --weighted-captions reads the brackets of the trigger \"{trigger}\" as \
+             weights (\"[v]\" is v at 1/1.1); write them as \\( \\) \\[ \\] to keep them as text"
+        ));
+    }
     // Captions past their window (CLIP's, or --max-token-length's) train on its first tokens,
     // as diffusers' and kohya's scripts do; preview prompts keep generate's window.
     let (first, second) = files.tokenizers()?;
@@ -249,6 +272,7 @@ pub(super) fn prepare_examples(
                 &cfg.fixed_caption(&s.caption),
                 &s.path.display().to_string(),
                 chunks,
+                cfg.weighted_captions,
             )?,
         };
         // The picture as the VAE sees it, plain or mirrored, through the cache.
@@ -308,16 +332,17 @@ pub(super) fn prepare_examples(
     if cfg.previews() && !cfg.train_text_encoder {
         for p in &cfg.sample_prompts {
             let negative = match &p.negative {
-                Some(n) => Some(text_of(n, "a preview negative prompt", 1)?),
+                Some(n) => Some(text_of(n, "a preview negative prompt", 1, false)?),
                 None => None,
             };
-            samples.push((text_of(&p.prompt, "a preview prompt", 1)?, negative));
+            samples.push((text_of(&p.prompt, "a preview prompt", 1, false)?, negative));
         }
     }
     let drops = cfg.caption_dropout.is_some() || cfg.caption_dropout_every_epochs.is_some();
     let empty = match (drops, cfg.live_captions()) {
         (true, true) => Some(ExampleText::Caption(String::new())),
-        (true, false) => Some(text_of("", "the dropped caption", chunks)?),
+        // The empty caption weighs the same either way.
+        (true, false) => Some(text_of("", "the dropped caption", chunks, false)?),
         (false, _) => None,
     };
     log(&format!(

@@ -180,8 +180,8 @@ impl Trainer {
                 .text_encoders
                 .as_ref()
                 .ok_or_else(|| Error::msg("a preview prompt has no cached embeddings"))?;
-            let (ids_1, ids_2) = caption_ids(&self.files, text, 1, self.cfg.device)?;
-            let (context, pooled) = crate::autograd::no_grad(|| te.encode(&ids_1, &ids_2))?;
+            let (ids_1, ids_2, _) = caption_ids(&self.files, text, 1, false, self.cfg.device)?;
+            let (context, pooled) = crate::autograd::no_grad(|| te.encode(&ids_1, &ids_2, None))?;
             Ok(PromptEmbeds {
                 context: context.to_dtype(DType::F32)?,
                 pooled: pooled.to_dtype(DType::F32)?,

@@ -23,6 +23,10 @@ impl TrainConfig {
             ("flip_aug".to_string(), c.flip_aug.to_string()),
             ("alpha_mask".to_string(), c.alpha_mask.to_string()),
             (
+                "weighted_captions".to_string(),
+                c.weighted_captions.to_string(),
+            ),
+            (
                 "mask_data".to_string(),
                 c.mask_data
                     .as_ref()

@@ -373,6 +373,11 @@ pub fn cases() -> Vec<(&'static str, &'static str, CaseFn)> {
             train_te_case::long_captions,
         ),
         (
+            "weighted_captions",
+            "../../extra/weighted_captions.safetensors",
+            train_te_case::weighted_captions,
+        ),
+        (
             "prompt_weighting",
             "../../extra/prompt_weighting.safetensors",
             prompt_case::prompt_weighting,

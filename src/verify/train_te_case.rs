@@ -89,7 +89,7 @@ pub fn train_text_encoder(ctx: &Ctx) -> Result<Vec<Row>> {
         )));
     }
 
-    let (context, pooled) = te.encode(&ids[0], &ids[1])?;
+    let (context, pooled) = te.encode(&ids[0], &ids[1], None)?;
     chk.check("context", &context, &f.tensor("context")?, ctx.forward)?;
     chk.check("pooled", &pooled, &f.tensor("pooled")?, ctx.forward)?;
     let losses = training_loss(
@@ -218,7 +218,52 @@ pub fn long_captions(ctx: &Ctx) -> Result<Vec<Row>> {
             super::clip_cases::check_ids(&mut chk, &key(k), &got, &want)?;
             ids.push(got); // (1, 77 n)
         }
-        let (context, pooled) = crate::autograd::no_grad(|| te.encode(&ids[0], &ids[1]))?;
+        let (context, pooled) = crate::autograd::no_grad(|| te.encode(&ids[0], &ids[1], None))?;
+        for (n, t) in [("context", &context), ("pooled", &pooled)] {
+            chk.check(&key(n), t, &f.tensor(&key(n))?, ctx.forward)?;
+        }
+    }
+    Ok(chk.rows)
+}
+
+/// kohya's `--weighted_captions` (`tests/fixtures/extra/gen_weighted_captions.py`): captions with
+/// A1111-style weights at 75, 150 and 225 tokens: both tokenizers' ids (exactly) and token
+/// weights (exactly: float32 copies of the same products), the weighted context and the pooled
+/// embedding.
+pub fn weighted_captions(ctx: &Ctx) -> Result<Vec<Row>> {
+    let f = SafeTensorsFile::open(ctx.reference("../../extra/weighted_captions.safetensors"))?;
+    let mut chk = Checker::new("weighted_captions");
+    let folder = DiffusersFolder::open(ctx.dir.join("sdxl"))?;
+    let te = TextEncoders {
+        te1: ClipTextModel::from_diffusers(&folder, "text_encoder", DType::F32, ctx.device)?,
+        te2: ClipTextModel::from_diffusers(&folder, "text_encoder_2", DType::F32, ctx.device)?,
+    };
+    let tok1 = ClipTokenizer::from_folder(ctx.dir.join("sdxl/tokenizer"))?;
+    let tok2 = ClipTokenizer::from_folder(ctx.dir.join("sdxl/tokenizer_2"))?;
+    for case in f.meta_str("cases")?.split(',') {
+        let key = |k: &str| format!("{case}.{k}");
+        let caption = f.meta_str(&key("caption"))?.to_string();
+        let chunks = f.meta_f64(&key("max_token_length"))? as usize / 75;
+        let mut ids = Vec::new();
+        let mut weights = Vec::new();
+        for (tok, i) in [(&tok1, 1), (&tok2, 2)] {
+            let (got, w) =
+                crate::train::text::weighted_caption_ids(tok, &[&caption], chunks, ctx.device)?;
+            let want = f.tensor(&key(&format!("ids_{i}")))?;
+            let want = want.reshape((1, want.elem_count()))?;
+            super::clip_cases::check_ids(&mut chk, &key(&format!("ids_{i}")), &got, &want)?;
+            let want = f.tensor(&key(&format!("weights_{i}")))?;
+            let same = want.dims() == w.dims() && want.to_vec_f32()? == w.to_vec_f32()?;
+            chk.check_exact(
+                &key(&format!("weights_{i}")),
+                same,
+                f64::from(u8::from(!same)),
+            );
+            ids.push(got);
+            weights.push(w);
+        }
+        let w = (weights[0].clone(), weights[1].clone());
+        let (context, pooled) = crate::autograd::no_grad(|| te.encode(&ids[0], &ids[1], Some(&w)))?;
         for (n, t) in [("context", &context), ("pooled", &pooled)] {
             chk.check(&key(n), t, &f.tensor(&key(n))?, ctx.forward)?;
         }

@@ -341,7 +341,6 @@ impl ClipTokenizer {
         prompts: &[S],
         chunks: usize,
     ) -> Result<TokenBatch> {
-        let w = self.max_len;
         if chunks <= 1 {
             return self.encode_batch(prompts);
         }
@@ -350,11 +349,20 @@ impl ClipTokenizer {
             .inner
             .encode_batch(inputs, false)
             .map_err(|e| self.err("encode_batch", e))?;
+        let contents: Vec<Vec<u32>> = encs.iter().map(|e| e.get_ids().to_vec()).collect();
+        self.windows(&contents, chunks)
+    }
+
+    /// Content ids (no BOS/EOS; each prompt's, however long) in `chunks` windows of `max_len`
+    /// per prompt, cut and fixed as [`ClipTokenizer::encode_chunked`] cuts them (one window:
+    /// as [`ClipTokenizer::encode_batch`] pads it).
+    pub fn windows(&self, contents: &[Vec<u32>], chunks: usize) -> Result<TokenBatch> {
+        let w = self.max_len;
+        let chunks = chunks.max(1);
         let len = chunks * (w - 2) + 2;
-        let mut ids = Vec::with_capacity(encs.len() * chunks * w);
-        let mut eos_positions = Vec::with_capacity(encs.len());
-        for enc in &encs {
-            let content = enc.get_ids();
+        let mut ids = Vec::with_capacity(contents.len() * chunks * w);
+        let mut eos_positions = Vec::with_capacity(contents.len());
+        for content in contents {
             let mut long = Vec::with_capacity(len);
             long.push(self.bos_id);
             long.extend_from_slice(&content[..content.len().min(len - 2)]);
@@ -381,7 +389,7 @@ impl ClipTokenizer {
         }
         Ok(TokenBatch {
             ids,
-            batch: encs.len(),
+            batch: contents.len(),
             seq_len: chunks * w,
             eos_positions,
         })
