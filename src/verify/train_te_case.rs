@@ -191,13 +191,8 @@ pub fn train_text_encoder(ctx: &Ctx) -> Result<Vec<Row>> {
     Ok(chk.rows)
 }
 
-/// kohya's `--max_token_length 150 / 225` (`tests/fixtures/extra/gen_long_captions.py`): captions
-/// of 20, 75, 150 and 300 tokens cut into two or three CLIP windows by both tokenizers (the ids,
-/// exactly), run through the tiny text encoders and joined: the context (75 n + 2 states) and the
-/// first window's pooled embedding.
-pub fn long_captions(ctx: &Ctx) -> Result<Vec<Row>> {
-    let f = SafeTensorsFile::open(ctx.reference("../../extra/long_captions.safetensors"))?;
-    let mut chk = Checker::new("long_captions");
+/// The tiny model's two text encoders (f32, frozen) and tokenizers.
+fn tiny_text_side(ctx: &Ctx) -> Result<(TextEncoders, ClipTokenizer, ClipTokenizer)> {
     let folder = DiffusersFolder::open(ctx.dir.join("sdxl"))?;
     let te = TextEncoders {
         te1: ClipTextModel::from_diffusers(&folder, "text_encoder", DType::F32, ctx.device)?,
@@ -205,6 +200,17 @@ pub fn long_captions(ctx: &Ctx) -> Result<Vec<Row>> {
     };
     let tok1 = ClipTokenizer::from_folder(ctx.dir.join("sdxl/tokenizer"))?;
     let tok2 = ClipTokenizer::from_folder(ctx.dir.join("sdxl/tokenizer_2"))?;
+    Ok((te, tok1, tok2))
+}
+
+/// kohya's `--max_token_length 150 / 225` (`tests/fixtures/extra/gen_long_captions.py`): captions
+/// of 20, 75, 150 and 300 tokens cut into two or three CLIP windows by both tokenizers (the ids,
+/// exactly), run through the tiny text encoders and joined: the context (75 n + 2 states) and the
+/// first window's pooled embedding.
+pub fn long_captions(ctx: &Ctx) -> Result<Vec<Row>> {
+    let f = SafeTensorsFile::open(ctx.reference("../../extra/long_captions.safetensors"))?;
+    let mut chk = Checker::new("long_captions");
+    let (te, tok1, tok2) = tiny_text_side(ctx)?;
     for case in f.meta_str("cases")?.split(',') {
         let key = |k: &str| format!("{case}.{k}");
         let caption = f.meta_str(&key("caption"))?.to_string();
@@ -233,13 +239,7 @@ pub fn long_captions(ctx: &Ctx) -> Result<Vec<Row>> {
 pub fn weighted_captions(ctx: &Ctx) -> Result<Vec<Row>> {
     let f = SafeTensorsFile::open(ctx.reference("../../extra/weighted_captions.safetensors"))?;
     let mut chk = Checker::new("weighted_captions");
-    let folder = DiffusersFolder::open(ctx.dir.join("sdxl"))?;
-    let te = TextEncoders {
-        te1: ClipTextModel::from_diffusers(&folder, "text_encoder", DType::F32, ctx.device)?,
-        te2: ClipTextModel::from_diffusers(&folder, "text_encoder_2", DType::F32, ctx.device)?,
-    };
-    let tok1 = ClipTokenizer::from_folder(ctx.dir.join("sdxl/tokenizer"))?;
-    let tok2 = ClipTokenizer::from_folder(ctx.dir.join("sdxl/tokenizer_2"))?;
+    let (te, tok1, tok2) = tiny_text_side(ctx)?;
     for case in f.meta_str("cases")?.split(',') {
         let key = |k: &str| format!("{case}.{k}");
         let caption = f.meta_str(&key("caption"))?.to_string();
