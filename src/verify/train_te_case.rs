@@ -208,28 +208,7 @@ fn tiny_text_side(ctx: &Ctx) -> Result<(TextEncoders, ClipTokenizer, ClipTokeniz
 /// exactly), run through the tiny text encoders and joined: the context (75 n + 2 states) and the
 /// first window's pooled embedding.
 pub fn long_captions(ctx: &Ctx) -> Result<Vec<Row>> {
-    let f = SafeTensorsFile::open(ctx.reference("../../extra/long_captions.safetensors"))?;
-    let mut chk = Checker::new("long_captions");
-    let (te, tok1, tok2) = tiny_text_side(ctx)?;
-    for case in f.meta_str("cases")?.split(',') {
-        let key = |k: &str| format!("{case}.{k}");
-        let caption = f.meta_str(&key("caption"))?.to_string();
-        let chunks = f.meta_f64(&key("max_token_length"))? as usize / 75;
-        let mut ids = Vec::new();
-        for (tok, k) in [(&tok1, "ids_1"), (&tok2, "ids_2")] {
-            let got = token_ids(&tok.encode_chunked(&[&caption], chunks)?, ctx.device)?;
-            // The reference's (n, 77) windows are our (1, 77 n) row.
-            let want = f.tensor(&key(k))?;
-            let want = want.reshape((1, want.elem_count()))?;
-            super::clip_cases::check_ids(&mut chk, &key(k), &got, &want)?;
-            ids.push(got); // (1, 77 n)
-        }
-        let (context, pooled) = crate::autograd::no_grad(|| te.encode(&ids[0], &ids[1], None))?;
-        for (n, t) in [("context", &context), ("pooled", &pooled)] {
-            chk.check(&key(n), t, &f.tensor(&key(n))?, ctx.forward)?;
-        }
-    }
-    Ok(chk.rows)
+    caption_cases(ctx, "long_captions", false)
 }
 
 /// kohya's `--weighted_captions` (`tests/fixtures/extra/gen_weighted_captions.py`): captions with
@@ -237,8 +216,15 @@ pub fn long_captions(ctx: &Ctx) -> Result<Vec<Row>> {
 /// weights (exactly: float32 copies of the same products), the weighted context and the pooled
 /// embedding.
 pub fn weighted_captions(ctx: &Ctx) -> Result<Vec<Row>> {
-    let f = SafeTensorsFile::open(ctx.reference("../../extra/weighted_captions.safetensors"))?;
-    let mut chk = Checker::new("weighted_captions");
+    caption_cases(ctx, "weighted_captions", true)
+}
+
+/// The cases of `extra/<name>.safetensors`: each caption at its `max_token_length`, tokenized by
+/// both tokenizers (with `weighted`, kohya's weighted way, whose weights are checked too) and
+/// encoded by the tiny text encoders.
+fn caption_cases(ctx: &Ctx, name: &'static str, weighted: bool) -> Result<Vec<Row>> {
+    let f = SafeTensorsFile::open(ctx.reference(&format!("../../extra/{name}.safetensors")))?;
+    let mut chk = Checker::new(name);
     let (te, tok1, tok2) = tiny_text_side(ctx)?;
     for case in f.meta_str("cases")?.split(',') {
         let key = |k: &str| format!("{case}.{k}");
@@ -247,23 +233,31 @@ pub fn weighted_captions(ctx: &Ctx) -> Result<Vec<Row>> {
         let mut ids = Vec::new();
         let mut weights = Vec::new();
         for (tok, i) in [(&tok1, 1), (&tok2, 2)] {
-            let (got, w) =
-                crate::train::text::weighted_caption_ids(tok, &[&caption], chunks, ctx.device)?;
-            let want = f.tensor(&key(&format!("ids_{i}")))?;
+            let got = if weighted {
+                let (got, w) =
+                    crate::train::text::weighted_caption_ids(tok, &[&caption], chunks, ctx.device)?;
+                let k = key(&format!("weights_{i}"));
+                let want = f.tensor(&k)?;
+                let same = want.dims() == w.dims() && want.to_vec_f32()? == w.to_vec_f32()?;
+                chk.check_exact(&k, same, f64::from(u8::from(!same)));
+                weights.push(w);
+                got
+            } else {
+                token_ids(&tok.encode_chunked(&[&caption], chunks)?, ctx.device)?
+            };
+            // The reference's (n, 77) windows are our (1, 77 n) row.
+            let k = key(&format!("ids_{i}"));
+            let want = f.tensor(&k)?;
             let want = want.reshape((1, want.elem_count()))?;
-            super::clip_cases::check_ids(&mut chk, &key(&format!("ids_{i}")), &got, &want)?;
-            let want = f.tensor(&key(&format!("weights_{i}")))?;
-            let same = want.dims() == w.dims() && want.to_vec_f32()? == w.to_vec_f32()?;
-            chk.check_exact(
-                &key(&format!("weights_{i}")),
-                same,
-                f64::from(u8::from(!same)),
-            );
-            ids.push(got);
-            weights.push(w);
+            super::clip_cases::check_ids(&mut chk, &k, &got, &want)?;
+            ids.push(got); // (1, 77 n)
         }
-        let w = (weights[0].clone(), weights[1].clone());
-        let (context, pooled) = crate::autograd::no_grad(|| te.encode(&ids[0], &ids[1], Some(&w)))?;
+        let w = match weights.as_slice() {
+            [w1, w2] => Some((w1.clone(), w2.clone())),
+            _ => None,
+        };
+        let (context, pooled) =
+            crate::autograd::no_grad(|| te.encode(&ids[0], &ids[1], w.as_ref()))?;
         for (n, t) in [("context", &context), ("pooled", &pooled)] {
             chk.check(&key(n), t, &f.tensor(&key(n))?, ctx.forward)?;
         }
