@@ -200,6 +200,7 @@ fn verify_passes_every_case_on_the_tiny_fixtures() {
         "vae_tiling",
         "long_captions",
         "prompt_weighting",
+        "prompt_editing",
         "weighted_captions",
     ] {
         assert!(

@@ -142,11 +142,16 @@ fn the_refiner_reads_long_prompts() {
 fn what_a1111_syntax_cannot_run_is_refused_by_name() {
     let dir = tmp("pstyle-bad");
     let out = dir.join("x.png");
+    let rescale = [A1111[0], A1111[1], "--guidance-rescale", "0.7"];
     let cases: [(&str, &[&str], &str); 5] = [
-        ("a [cat:dog:0.5]", &A1111, "prompt editing `[cat:dog:0.5]`"),
-        ("a [cat|dog]", &A1111, "prompt editing `[cat|dog]`"),
-        ("a cat AND a dog", &A1111, "composable prompts (`AND`)"),
         ("a (cat:1.2.3)", &A1111, "the weight `1.2.3`"),
+        (
+            "a [cat:dog:0.5]::",
+            &A1111,
+            "the `:` right next to prompt editing",
+        ),
+        ("a [cat:dog:1e999]", &A1111, "the step `1e999` is too large"),
+        ("a cat AND a dog", &rescale, "guidance rescale takes one"),
         (
             "a cat",
             &["--emphasis", "none"],
@@ -157,13 +162,64 @@ fn what_a1111_syntax_cannot_run_is_refused_by_name() {
         assert_fails_naming(&generate(prompt, "blurry", &out, extra), needle);
     }
     assert!(!out.exists());
-    let o = generate("a (cat:1.2)", "blurry", &out, &[]);
-    assert!(o.status.success());
+    for prompt in ["a (cat:1.2)", "a [cat:dog:0.5]", "a cat AND a dog"] {
+        let o = generate(prompt, "blurry", &out, &[]);
+        assert!(o.status.success());
+        assert!(
+            stderr(&o).contains("--prompt-style a1111"),
+            "{prompt}: {}",
+            stderr(&o)
+        );
+    }
+}
+
+/// A1111's prompt editing and `AND` (the numbers are checked by the `prompt_editing` verify
+/// case): an edit or alternation between equal texts gives the plain prompt's PNG bit for bit,
+/// and a part of weight 0 adds nothing; a real edit, alternation or part each give another
+/// picture, and the negative's schedule counts too.
+#[test]
+fn prompt_editing_and_composable_prompts() {
+    let dir = tmp("pstyle-edit");
+    let p = |n: &str| dir.join(n);
+    let run = |prompt: &str, negative: &str, name: &str| {
+        png(&generate(prompt, negative, &p(name), &A1111), &p(name))
+    };
+    let plain = run("a red cat", "blurry", "plain.png");
+    for (i, same) in ["[a red cat:a red cat:0.5]", "[a red cat|a red cat]"]
+        .into_iter()
+        .enumerate()
+    {
+        let got = run(same, "blurry", &format!("same{i}.png"));
+        assert!(got == plain, "{same:?} changed the picture");
+    }
+    // A part of weight 0 adds nothing, whatever its text (the batch, three rows, is the same
+    // shape both times; against the two-row batch of the plain prompt the CPU's sums may round
+    // otherwise).
+    let zero = run("a red cat AND a blue dog :0", "blurry", "zero1.png");
+    let zero_other = run("a red cat AND a green sky: 0", "blurry", "zero2.png");
+    assert!(zero == zero_other, "a part of weight 0 changed the picture");
+    let negative_same = run("a red cat", "[blurry:blurry:2]", "neg_same.png");
     assert!(
-        stderr(&o).contains("--prompt-style a1111"),
-        "{}",
-        stderr(&o)
+        negative_same == plain,
+        "an identity edit of the negative changed the picture"
     );
+    let mut seen = vec![plain];
+    for (i, (prompt, negative)) in [
+        ("[a red cat:a blue dog:0.5]", "blurry"),
+        ("[a red cat|a green sky]", "blurry"),
+        ("a red cat AND a blue dog :0.5", "blurry"),
+        ("a red cat", "[blurry:sharp:1]"),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let got = run(prompt, negative, &format!("diff{i}.png"));
+        assert!(
+            !seen.contains(&got),
+            "{prompt:?} / {negative:?} gave a picture seen before"
+        );
+        seen.push(got);
+    }
 }
 
 const COMFY: [&str; 2] = ["--prompt-style", "comfy"];

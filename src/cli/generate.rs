@@ -14,7 +14,7 @@ use kstyle::sample::pipeline::{
     check_clip_skip, image_input, image_input_size, mask_input, masked_image, skipped_steps,
     Inpaint, LoadOptions, MicroConditioning, Request, SamplerKind, SdxlPipeline, Sigmas, Start,
 };
-use kstyle::sample::prompt_syntax::{self, Emphasis, PromptStyle};
+use kstyle::sample::prompt_syntax::{self, editing, Emphasis, PromptStyle};
 use kstyle::tensor::{Rng, SafeTensorsFile};
 use kstyle::{DType, Tensor};
 use std::path::{Path, PathBuf};
@@ -156,8 +156,9 @@ pub struct Args {
     /// reads them: `(word)` x1.1, `[word]` /1.1, `(word:1.5)`, nested, `\(` for a literal
     /// bracket; `BREAK` starts a new chunk; any length, in chunks of 75 tokens encoded one by one
     /// and joined (a prompt and a negative prompt of different lengths then take one UNet pass
-    /// each, as A1111 runs them). A1111's prompt editing (`[a:b:0.5]`, `[a|b]`) and `AND` are
-    /// refused. `comfy`: as ComfyUI's CLIPTextEncode reads them: `(word)` x1.1, `(word:1.5)`
+    /// each, as A1111 runs them). Prompt editing: `[from:to:when]`, `[to:when]`, `[from::when]`
+    /// (`when` a step, or a fraction of the steps with a `.`), `[a|b]` alternating every step;
+    /// `a AND b :0.5` guides with each part at its weight. `comfy`: as ComfyUI's CLIPTextEncode reads them: `(word)` x1.1, `(word:1.5)`
     /// (an explicit weight replaces the enclosing one), `\(` literal, square brackets are text;
     /// any length, words moved whole to the next 75-token chunk (split if 8 tokens or more);
     /// a weighted token's state is drawn from the empty prompt's, `empty + (state - empty) w`;
@@ -255,7 +256,8 @@ pub enum EmphasisArg {
 }
 
 /// The prompt style the flags ask for; refuses A1111's options without `--prompt-style a1111`
-/// and prompts that style cannot run (prompt editing, `AND`, a weight that is not a number).
+/// and prompts that style cannot read (a weight that is not a number, a stray bracket next to
+/// prompt editing), at every step's text.
 fn prompt_style(a: &Args) -> anyhow::Result<PromptStyle> {
     if a.prompt_style != PromptStyleArg::A1111 {
         for (flag, given) in [
@@ -277,9 +279,9 @@ fn prompt_style(a: &Args) -> anyhow::Result<PromptStyle> {
         ] {
             if text.is_some_and(|t| prompt_syntax::uses_syntax(t)) {
                 eprintln!(
-                    "note: {flag} looks like A1111's syntax (weights in brackets or BREAK), which \
-                     diffusers reads as plain text; pass --prompt-style a1111 to read it as A1111 \
-                     does"
+                    "note: {flag} looks like A1111's syntax (weights in brackets, BREAK, prompt \
+                     editing or AND), which diffusers reads as plain text; pass --prompt-style \
+                     a1111 to read it as A1111 does"
                 );
             }
         }
@@ -295,8 +297,15 @@ fn prompt_style(a: &Args) -> anyhow::Result<PromptStyle> {
         ("--prompt", Some(&a.prompt)),
         ("--negative", a.negative.as_ref()),
     ] {
-        if let Some(t) = text {
-            prompt_syntax::fragments(t, emphasis).with_context(|| flag.to_string())?;
+        let Some(t) = text else { continue };
+        let parts = match flag {
+            "--prompt" => editing::composable(t).into_iter().map(|p| p.text).collect(),
+            _ => vec![t.clone()],
+        };
+        for part in parts {
+            for (_, step_text) in editing::schedule(&part, a.steps).with_context(|| flag)? {
+                prompt_syntax::fragments(&step_text, emphasis).with_context(|| flag)?;
+            }
         }
     }
     Ok(PromptStyle::A1111 {

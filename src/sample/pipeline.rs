@@ -20,7 +20,10 @@ use crate::tensor::Rng;
 use crate::{DType, Device, Error, Result, Tensor};
 use std::path::{Path, PathBuf};
 
+mod guidance;
 mod prompt;
+use guidance::Conditioning;
+pub use guidance::{guidance_batch, Schedule, StepPrompts};
 pub use prompt::{check_clip_skip, PromptEmbeds};
 
 /// How to load a pipeline.
@@ -176,70 +179,6 @@ impl Default for MicroConditioning {
             aesthetic_score: 6.0,
             negative_aesthetic_score: 2.5,
         }
-    }
-}
-
-/// SDXL's micro-conditioning ids for an `h` x `w` generation, as many as the UNet's `text_time`
-/// embedding takes beside the pooled text of width `pooled`: six (original size, crop corner,
-/// target size), or five for a refiner (original size, crop corner, aesthetic score). Returns
-/// (positive, negative).
-///
-/// The negative ids follow the pipeline diffusers would run. Text to image
-/// (`image_pipeline` false, StableDiffusionXLPipeline) uses the negative sizes and crop only when
-/// both negative sizes are given, else the prompt's ids. The image pipelines
-/// (StableDiffusionXLImg2ImgPipeline: img2img, inpainting, a refiner's handover) default each
-/// negative size to the prompt's, and with six ids put the prompt's crop, not the negative crop,
-/// into the negative ids.
-fn time_ids(
-    unet: &UNet2DConditionModel,
-    pooled: usize,
-    (h, w): (usize, usize),
-    m: &MicroConditioning,
-    image_pipeline: bool,
-) -> Result<(Vec<f64>, Vec<f64>)> {
-    let pair = |(a, b): (usize, usize)| [a as f64, b as f64];
-    let orig = m.original_size.unwrap_or((h, w));
-    let target = m.target_size.unwrap_or((h, w));
-    let neg_orig = m.negative_original_size.unwrap_or(orig);
-    let ids = |parts: [[f64; 2]; 3]| parts.concat();
-    let six = || {
-        let pos = ids([pair(orig), pair(m.crop_top_left), pair(target)]);
-        let neg = if image_pipeline {
-            let neg_target = m.negative_target_size.unwrap_or(target);
-            ids([pair(neg_orig), pair(m.crop_top_left), pair(neg_target)])
-        } else {
-            match (m.negative_original_size, m.negative_target_size) {
-                (Some(o), Some(t)) => ids([pair(o), pair(m.negative_crop_top_left), pair(t)]),
-                _ => pos.clone(),
-            }
-        };
-        (pos, neg)
-    };
-    let Some(tt) = &unet.config.text_time else {
-        return Ok(six());
-    };
-    let count = tt
-        .input_dim
-        .checked_sub(pooled)
-        .map(|d| (d / tt.time_embed_dim, d % tt.time_embed_dim));
-    match count {
-        Some((6, 0)) => Ok(six()),
-        Some((5, 0)) => {
-            let with_score = |size, crop, score| [&pair(size)[..], &pair(crop), &[score]].concat();
-            Ok((
-                with_score(orig, m.crop_top_left, m.aesthetic_score),
-                with_score(
-                    neg_orig,
-                    m.negative_crop_top_left,
-                    m.negative_aesthetic_score,
-                ),
-            ))
-        }
-        _ => Err(Error::Config(format!(
-            "the UNet's add embedding takes {} inputs: pooled text of width {pooled} plus 6 \
-             (base) or 5 (refiner) time ids of width {} do not make that",
-            tt.input_dim, tt.time_embed_dim
-        ))),
     }
 }
 
@@ -498,16 +437,8 @@ impl SdxlPipeline {
         start: Start,
         progress: impl FnMut(usize, usize),
     ) -> Result<Tensor> {
-        let (positive, negative) = self.request_embeds(req)?;
-        denoise_from(
-            &self.unet,
-            &self.scheduler,
-            req,
-            &positive,
-            negative.as_ref(),
-            start,
-            progress,
-        )
+        let prompts = self.request_prompts(req)?;
+        denoise_prompts(&self.unet, &self.scheduler, req, &prompts, start, progress)
     }
 
     /// Latents -> image (B, 3, H, W) in [0, 1].
@@ -544,21 +475,6 @@ impl SdxlPipeline {
     }
 }
 
-/// diffusers' `rescale_noise_cfg`: `guided` scaled to `cond`'s standard deviation (unbiased, over
-/// the whole latent), mixed back in by `phi`. The ratio stays on the device.
-fn rescale_guidance(guided: &Tensor, cond: &Tensor, phi: f64) -> Result<Tensor> {
-    let std = |t: &Tensor| -> Result<Tensor> {
-        let n = t.elem_count().max(2) as f64;
-        t.sub(&t.mean_all()?)?
-            .sqr()?
-            .sum_all()?
-            .scale(1.0 / (n - 1.0))?
-            .sqrt()
-    };
-    let rescaled = guided.mul(&std(cond)?.div(&std(guided)?)?)?;
-    rescaled.scale(phi)?.add(&guided.scale(1.0 - phi)?)
-}
-
 /// Where an img2img run of `strength` starts: the image's scaled `latents` noised with `noise`
 /// to the level of its first step under `req`'s sampler and steps.
 pub fn start_latents(
@@ -591,125 +507,6 @@ fn img2img_start(
     let x0 = latents.to_dtype(DType::F32)?;
     let noise = noise.to_dtype(DType::F32)?.to_device(latents.device())?;
     Ok((first, sampler.add_noise(first, &x0, &noise)?))
-}
-
-/// What the UNet is conditioned on in one run: (context, pooled text, time ids), each a
-/// [negative; prompt] batch of two under classifier-free guidance (the prompt's alone without).
-/// The time ids are six, or five with aesthetic scores for a refiner UNet; `image_pipeline`
-/// picks diffusers' img2img rules for the negative ids (see [`MicroConditioning`]).
-pub fn guidance_batch(
-    unet: &UNet2DConditionModel,
-    req: &Request,
-    positive: &PromptEmbeds,
-    negative: Option<&PromptEmbeds>,
-    image_pipeline: bool,
-    device: Device,
-) -> Result<(Tensor, Tensor, Tensor)> {
-    let (pos_ids, neg_ids) = time_ids(
-        unet,
-        positive.pooled.dims2()?.1,
-        (req.height, req.width),
-        &req.micro,
-        image_pipeline,
-    )?;
-    let ids = |v: Vec<f64>| -> Result<Tensor> {
-        let n = v.len();
-        Tensor::from_vec(v, (1, n), Device::Cpu)?
-            .to_dtype(DType::F32)?
-            .to_device(device)
-    }; // (1, 6), or (1, 5) for a refiner
-    Ok(match negative {
-        Some(neg) => (
-            Tensor::cat(&[neg.context.clone(), positive.context.clone()], 0)?, // (2, 77, Dc)
-            Tensor::cat(&[neg.pooled.clone(), positive.pooled.clone()], 0)?,   // (2, P)
-            Tensor::cat(&[ids(neg_ids)?, ids(pos_ids)?], 0)?,                  // (2, 6 or 5)
-        ),
-        None => (
-            positive.context.clone(),
-            positive.pooled.clone(),
-            ids(pos_ids)?,
-        ),
-    })
-}
-
-/// The UNet's conditioning for one run: the [negative; prompt] batch of [`guidance_batch`], or,
-/// where the two contexts differ in length (A1111-style prompts of different chunk counts), the
-/// two halves apart: A1111 then evaluates the UNet once for each (its default, without
-/// `pad_cond_uncond`).
-enum Conditioning {
-    Batch {
-        context: Tensor,
-        pooled: Tensor,
-        time_ids: Tensor,
-    },
-    Apart([(Tensor, Tensor, Tensor); 2]),
-}
-
-impl Conditioning {
-    fn new(
-        unet: &UNet2DConditionModel,
-        req: &Request,
-        positive: &PromptEmbeds,
-        negative: Option<&PromptEmbeds>,
-        image_pipeline: bool,
-        device: Device,
-    ) -> Result<Conditioning> {
-        let apart = negative.filter(|n| n.context.dims()[1] != positive.context.dims()[1]);
-        let Some(neg) = apart else {
-            let (context, pooled, time_ids) =
-                guidance_batch(unet, req, positive, negative, image_pipeline, device)?;
-            return Ok(Conditioning::Batch {
-                context,
-                pooled,
-                time_ids,
-            });
-        };
-        // The batch of the two pooled embeddings and time ids, the contexts one by one.
-        let same_length = PromptEmbeds {
-            context: positive.context.clone(),
-            pooled: neg.pooled.clone(),
-        };
-        let (_, pooled, time_ids) = guidance_batch(
-            unet,
-            req,
-            positive,
-            Some(&same_length),
-            image_pipeline,
-            device,
-        )?;
-        let half = |i: usize, context: &Tensor| -> Result<(Tensor, Tensor, Tensor)> {
-            Ok((
-                context.clone(),
-                pooled.narrow(0, i, 1)?,
-                time_ids.narrow(0, i, 1)?,
-            ))
-        };
-        Ok(Conditioning::Apart([
-            half(0, &neg.context)?,
-            half(1, &positive.context)?,
-        ]))
-    }
-
-    /// The UNet's output on `x` (the [negative; prompt] batch, or the prompt alone).
-    fn eval(&self, unet: &UNet2DConditionModel, x: &Tensor, t: &Tensor) -> Result<Tensor> {
-        match self {
-            Conditioning::Batch {
-                context,
-                pooled,
-                time_ids,
-            } => unet.forward(x, t, context, pooled, time_ids),
-            Conditioning::Apart(halves) => {
-                let outs = halves
-                    .iter()
-                    .enumerate()
-                    .map(|(i, (context, pooled, time_ids))| {
-                        unet.forward(&x.narrow(0, i, 1)?, t, context, pooled, time_ids)
-                    })
-                    .collect::<Result<Vec<_>>>()?;
-                Tensor::cat(&outs, 0)
-            }
-        }
-    }
 }
 
 /// The kohya naming index of a UNet's own modules.
@@ -794,8 +591,26 @@ pub fn denoise_from(
     positive: &PromptEmbeds,
     negative: Option<&PromptEmbeds>,
     start: Start,
+    progress: impl FnMut(usize, usize),
+) -> Result<Tensor> {
+    let prompts = StepPrompts::fixed(positive, negative);
+    denoise_prompts(unet, scheduler, req, &prompts, start, progress)
+}
+
+/// [`denoise_from`] with prompts that may change between UNet evaluations and have several
+/// weighted parts (A1111's prompt editing and `AND`, see [`StepPrompts`]). Evaluations count
+/// from the run's first: from 0 for text to image and image to image (A1111 counts an img2img
+/// run's own steps), from the schedule's start for [`Start::Latents`] (a refiner continues the
+/// base model's count).
+pub fn denoise_prompts(
+    unet: &UNet2DConditionModel,
+    scheduler: &SchedulerConfig,
+    req: &Request,
+    prompts: &StepPrompts,
+    start: Start,
     mut progress: impl FnMut(usize, usize),
 ) -> Result<Tensor> {
+    prompts.check(req)?;
     let init = start.shape_source();
     if req.width % 8 != 0 || req.height % 8 != 0 || req.width == 0 || req.height == 0 {
         return Err(Error::Config(format!(
@@ -858,7 +673,7 @@ pub fn denoise_from(
     let mut sampler = build_sampler(scheduler, req)?;
     let device = init.device();
     let image_pipeline = !matches!(start, Start::Noise(_));
-    let conditioning = Conditioning::new(unet, req, positive, negative, image_pipeline, device)?;
+    let rows = prompts.rows();
     let n = sampler.timesteps().len();
     let (first, mut x) = match start {
         Start::Latents {
@@ -915,11 +730,7 @@ pub fn denoise_from(
                 &[mask.to_dtype(DType::F32)?, masked.to_dtype(DType::F32)?],
                 1,
             )?; // (1, 1 + C, h, w)
-            Some(if negative.is_some() {
-                Tensor::cat(&[e.clone(), e], 0)?
-            } else {
-                e
-            })
+            Some(Tensor::cat(&vec![e; rows], 0)?)
         }
         None => None,
     };
@@ -941,11 +752,23 @@ pub fn denoise_from(
         }
         None => n,
     };
+    // Evaluations count from the run's first, or from the schedule's start for a refiner.
+    let offset = match start {
+        Start::Image { .. } => first,
+        Start::Noise(_) | Start::Latents { .. } => 0,
+    };
+    let mut current: Option<(Vec<usize>, Conditioning)> = None;
     for i in first..last {
+        let sel = prompts.selection(i - offset);
+        if current.as_ref().is_none_or(|(s, _)| *s != sel) {
+            let c = Conditioning::new(prompts, &sel, unet, req, image_pipeline, device)?;
+            current = Some((sel, c));
+        }
+        let (_, conditioning) = current.as_ref().expect("built above");
         let t = Tensor::scalar(sampler.timesteps()[i], DType::F32, device)?;
         let x_in = x.scale(sampler.input_scale(i))?;
-        let x_in = if negative.is_some() {
-            Tensor::cat(&[x_in.clone(), x_in], 0)?
+        let x_in = if rows > 1 {
+            Tensor::cat(&vec![x_in; rows], 0)?
         } else {
             x_in
         }; // (B, 4, h, w)
@@ -954,17 +777,7 @@ pub fn denoise_from(
             None => x_in,
         };
         let eps = conditioning.eval(unet, &x_in, &t)?.to_dtype(DType::F32)?;
-        let eps = if negative.is_some() {
-            let (uncond, cond) = (eps.narrow(0, 0, 1)?, eps.narrow(0, 1, 1)?);
-            let guided = uncond.add(&cond.sub(&uncond)?.scale(req.guidance)?)?;
-            if req.guidance_rescale > 0.0 {
-                rescale_guidance(&guided, &cond, req.guidance_rescale)?
-            } else {
-                guided
-            }
-        } else {
-            eps
-        };
+        let eps = prompts.guide(&eps, req)?;
         x = sampler.step(i, &x, &eps)?;
         if let Some((latents, noise, mask)) = &blend {
             // diffusers: (1 - mask) proper + mask x, with the picture noised to the next step's

@@ -17,14 +17,15 @@
 //!   what it was. The chunks' states are joined along the sequence (77 per chunk), and the
 //!   pooled embedding is the first chunk's.
 //!
-//! Prompt editing (`[a:b:0.5]`, `[a|b]`) and composable prompts (`AND`) change the
-//! conditioning between steps or add conditionings; they are refused by [`check_supported`]
-//! rather than read as text.
+//! Prompt editing (`[a:b:0.5]`, `[a|b]`) and composable prompts (`AND`), which change the text
+//! between steps or add texts, are read first, by [`editing`]; what this module reads is one
+//! step's text of one part.
 
 use crate::models::clip::tokenizer::ClipTokenizer;
 use crate::{Error, Result};
 
 pub mod comfy;
+pub mod editing;
 
 /// Tokens of prompt text per chunk (77 with BOS and EOS).
 pub const CHUNK_TOKENS: usize = 75;
@@ -242,81 +243,12 @@ fn parse(prompt: &str, breaks: bool) -> Result<Vec<Fragment>> {
     Ok(merged)
 }
 
-/// The bracket group that starts at byte `open` (a `[`), up to its matching `]`, if it closes.
-fn square_group(s: &str, open: usize) -> Option<&str> {
-    let mut depth = 0usize;
-    let mut escaped = false;
-    for (i, c) in s[open..].char_indices() {
-        match c {
-            _ if escaped => escaped = false,
-            '\\' => escaped = true,
-            '[' => depth += 1,
-            ']' => {
-                depth -= 1;
-                if depth == 0 {
-                    return Some(&s[open + 1..open + i]);
-                }
-            }
-            _ => {}
-        }
-    }
-    None
-}
-
-/// Whether `inner` (a `[...]` group's content) is prompt editing: a `|` or a trailing
-/// `:NUMBER` outside nested brackets.
-fn is_editing(inner: &str) -> bool {
-    let mut depth = 0i32;
-    let mut escaped = false;
-    let mut last_colon = None;
-    for (i, c) in inner.char_indices() {
-        match c {
-            _ if escaped => escaped = false,
-            '\\' => escaped = true,
-            '(' | '[' => depth += 1,
-            ')' | ']' => depth -= 1,
-            '|' if depth == 0 => return true,
-            ':' if depth == 0 => last_colon = Some(i),
-            _ => {}
-        }
-    }
-    last_colon.is_some_and(|i| {
-        let n = inner[i + 1..].trim();
-        !n.is_empty() && n.parse::<f64>().is_ok()
-    })
-}
-
-/// Refuses what kstyle does not run of A1111's syntax: prompt editing (`[from:to:when]`,
-/// `[to:when]`, `[a|b]`) and composable prompts (`a AND b`).
-pub fn check_supported(prompt: &str) -> Result<()> {
-    let words = prompt.split(|c: char| !is_word_char(c));
-    if words.into_iter().any(|w| w == "AND") {
-        return Err(Error::Config(format!(
-            "prompt {prompt:?}: A1111's composable prompts (`AND`) are not supported; write \
-             `and` for the word"
-        )));
-    }
-    let mut escaped = false;
-    for (i, c) in prompt.char_indices() {
-        match c {
-            _ if escaped => escaped = false,
-            '\\' => escaped = true,
-            '[' => {
-                if let Some(inner) = square_group(prompt, i).filter(|g| is_editing(g)) {
-                    return Err(Error::Config(format!(
-                        "prompt {prompt:?}: A1111's prompt editing `[{inner}]` (a prompt that \
-                         changes between steps) is not supported"
-                    )));
-                }
-            }
-            _ => {}
-        }
-    }
-    Ok(())
-}
-
-/// Whether `prompt` uses A1111's emphasis or `BREAK` (for a hint when prompts are read as text).
+/// Whether `prompt` uses A1111's emphasis, `BREAK`, prompt editing or `AND` (for a hint when
+/// prompts are read as text).
 pub fn uses_syntax(prompt: &str) -> bool {
+    if editing::uses_editing(prompt) {
+        return true;
+    }
     match parse_attention(prompt) {
         Ok(f) => f.len() > 1 || f.iter().any(|f| f.weight != 1.0) || f[0].text != prompt,
         Err(_) => true,
@@ -450,10 +382,9 @@ pub fn empty_chunk(tok: &ClipTokenizer) -> Result<Vec<Chunk>> {
     chunks(tok, &[Fragment::new("", 1.0)], 0, &[])
 }
 
-/// The prompt's fragments under `emphasis` (the whole prompt at weight 1 for
+/// The fragments of one step's text under `emphasis` (the whole text at weight 1 for
 /// [`Emphasis::None`]).
 pub fn fragments(prompt: &str, emphasis: Emphasis) -> Result<Vec<Fragment>> {
-    check_supported(prompt)?;
     match emphasis {
         Emphasis::None => Ok(vec![Fragment::new(prompt, 1.0)]),
         _ => parse_attention(prompt),
@@ -529,20 +460,11 @@ mod tests {
     }
 
     #[test]
-    fn prompt_editing_and_and_are_refused() {
-        for p in ["a [cat:dog:0.5]", "a [cat:10]", "[a|b] c", "x AND y"] {
-            assert!(check_supported(p).is_err(), "{p}");
-        }
-        for p in ["a [cat] (dog:1.2)", "[a:b]", "ANDROID and", "\\[a|b\\]"] {
-            check_supported(p).unwrap();
-        }
-    }
-
-    #[test]
     fn syntax_is_noticed() {
         assert!(uses_syntax("a (red:1.2) cat"));
         assert!(uses_syntax("a BREAK b"));
         assert!(uses_syntax("[x]"));
+        assert!(uses_syntax("a AND b"));
         assert!(!uses_syntax("a red cat, on a hill"));
     }
 }

@@ -382,6 +382,11 @@ pub fn cases() -> Vec<(&'static str, &'static str, CaseFn)> {
             "../../extra/prompt_weighting.safetensors",
             prompt_case::prompt_weighting,
         ),
+        (
+            "prompt_editing",
+            "../../extra/prompt_editing.safetensors",
+            prompt_case::prompt_editing,
+        ),
     ]
 }
 

@@ -2,13 +2,18 @@
 //! the chunks' ids and weights of both tokenizers (exactly), the joined context and the pooled
 //! embedding (under each of A1111's emphasis modes), and for each style a guided run whose
 //! prompt and negative prompt differ in chunk count (kstyle runs the UNet once per half; the
-//! ComfyUI reference batches the contexts repeated to a common length).
+//! ComfyUI reference batches the contexts repeated to a common length). A1111's prompt editing
+//! and `AND` against `gen_prompt_editing.py`: schedules against lark's reading of thousands of
+//! prompts, the parts and weights of composable prompts, and guided runs whose texts change
+//! between evaluations.
 
 use super::extra_cases::extra;
 use super::{Checker, Ctx, Row};
 use crate::autograd::no_grad;
-use crate::sample::pipeline::{MicroConditioning, Request, SamplerKind, Start};
-use crate::sample::prompt_syntax::{self, comfy, Chunk, Emphasis, PromptStyle, CHUNK_TOKENS};
+use crate::sample::pipeline::{MicroConditioning, Request, SamplerKind, Sigmas, Start};
+use crate::sample::prompt_syntax::{
+    self, comfy, editing, Chunk, Emphasis, PromptStyle, CHUNK_TOKENS,
+};
 use crate::sample::Noise;
 use crate::tensor::SafeTensorsFile;
 use crate::{DType, Device, Error, Result, Tensor};
@@ -135,4 +140,94 @@ fn check_chunks(
     let name = key(&format!("multipliers_{i}"));
     chk.check_exact(&name, same, if same { 0.0 } else { 1.0 });
     Ok(())
+}
+
+/// A schedule as the fixture writes it: (last step, text) pairs.
+type Schedule = Vec<(usize, String)>;
+
+/// A1111's prompt editing and composable prompts: every schedule of the fixture either equals
+/// lark's (text and step exactly) or is refused as a stray bracket next to editing, and none of
+/// the hand-written prompts is refused; every `AND` split and weight equals A1111's; each run's
+/// final latents (Euler with edits in prompt and negative, three weighted parts of different
+/// chunk counts, Heun over twice its steps).
+pub fn prompt_editing(ctx: &Ctx) -> Result<Vec<Row>> {
+    let path = extra(ctx, "prompt_editing.safetensors");
+    let f = SafeTensorsFile::open(&path)?;
+    let mut chk = Checker::new("prompt_editing");
+    let json = |key: &str| -> Result<serde_json::Value> {
+        serde_json::from_str(f.meta_str(key)?)
+            .map_err(|e| Error::file(&path, format!("metadata `{key}`: {e}")))
+    };
+    let bad = |what: &str| Error::file(&path, format!("metadata: a malformed {what}"));
+    let must_read: Vec<String> =
+        serde_json::from_value(json("must_read")?).map_err(|_| bad("must_read list"))?;
+    let schedules: Vec<(String, usize, Schedule)> =
+        serde_json::from_value(json("schedules")?).map_err(|_| bad("schedule"))?;
+    let (mut differ, mut refused, mut refused_hand) = (0usize, 0usize, 0usize);
+    for (prompt, steps, want) in &schedules {
+        match editing::schedule(prompt, *steps) {
+            Ok(got) => differ += usize::from(&got != want),
+            Err(_) if must_read.contains(prompt) => refused_hand += 1,
+            Err(_) => refused += 1,
+        }
+    }
+    let agree = schedules.len() - differ - refused - refused_hand;
+    eprintln!(
+        "prompt_editing: {agree} of {} schedules equal lark's, {refused} refused (stray brackets \
+         next to editing), {differ} differ",
+        schedules.len()
+    );
+    chk.check_exact("schedules.differ", differ == 0, differ as f64);
+    chk.check_exact(
+        "schedules.hand_written_refused",
+        refused_hand == 0,
+        refused_hand as f64,
+    );
+    let composable: Vec<(String, Vec<(String, f64)>)> =
+        serde_json::from_value(json("composable")?).map_err(|_| bad("composable prompt"))?;
+    let wrong = composable
+        .iter()
+        .filter(|(prompt, want)| {
+            let got: Vec<(String, f64)> = editing::composable(prompt)
+                .into_iter()
+                .map(|p| (p.text, p.weight))
+                .collect();
+            &got != want
+        })
+        .count();
+    chk.check_exact("composable.differ", wrong == 0, wrong as f64);
+
+    let mut pipe = super::pipeline_case::tiny_pipeline(ctx)?;
+    pipe.set_prompt_style(PromptStyle::A1111 {
+        emphasis: Emphasis::Original,
+        comma_backtrack: prompt_syntax::DEFAULT_COMMA_BACKTRACK,
+    });
+    let init = SafeTensorsFile::open(ctx.reference("pipeline.safetensors"))?
+        .tensor("init_latents")?
+        .to_dtype(DType::F32)?
+        .to_device(ctx.device)?;
+    for run in f.meta_str("runs")?.split(',') {
+        let key = |k: &str| format!("{run}.{k}");
+        let sampler = match f.meta_str(&key("sampler"))? {
+            "heun" => SamplerKind::Heun(Sigmas::Config),
+            _ => SamplerKind::Auto,
+        };
+        let req = Request {
+            prompt: f.meta_str(&key("prompt"))?.to_string(),
+            negative: Some(f.meta_str(&key("negative_prompt"))?.to_string()),
+            steps: f.meta_f64(&key("steps"))? as usize,
+            guidance: f.meta_f64("guidance_scale")?,
+            guidance_rescale: 0.0,
+            width: f.meta_f64("width")? as usize,
+            height: f.meta_f64("height")? as usize,
+            sampler,
+            noise: Noise::default(),
+            denoising_end: None,
+            micro: MicroConditioning::default(),
+        };
+        let out = no_grad(|| pipe.denoise_from(&req, Start::Noise(&init), |_, _| {}))?;
+        let name = key("final_latents");
+        chk.check(&name, &out, &f.tensor(&name)?, ctx.forward)?;
+    }
+    Ok(chk.rows)
 }

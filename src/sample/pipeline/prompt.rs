@@ -1,10 +1,14 @@
 //! The text side of [`SdxlPipeline`]: textual-inversion embeddings, clip skip, and the prompt and
 //! negative-prompt embeddings both text encoders give a request.
 
-use super::{Request, SdxlPipeline};
+use std::collections::HashMap;
+
+use super::{Request, Schedule, SdxlPipeline, StepPrompts};
 use crate::models::clip::text::{token_ids, ClipTextModel, ClipTextOutput};
 use crate::models::clip::tokenizer::ClipTokenizer;
-use crate::sample::prompt_syntax::{self, comfy, Chunk, Emphasis, PromptStyle, CHUNK_TOKENS};
+use crate::sample::prompt_syntax::{
+    self, comfy, editing, Chunk, Emphasis, PromptStyle, CHUNK_TOKENS,
+};
 use crate::{Error, Result, Tensor};
 
 /// Per-prompt conditioning: context (B, 77, D1 + D2) and pooled text embeds (B, P).
@@ -281,7 +285,62 @@ impl SdxlPipeline {
         })
     }
 
-    /// The prompt's embeddings, and the negative's when `req` guides (guidance above 1).
+    /// The prompt's and the negative's embeddings over the UNet evaluations of `req`'s run. Read
+    /// A1111's way ([`PromptStyle::A1111`]), the prompt is split at `AND` into weighted parts
+    /// and each part and the negative are scheduled over the sampler's evaluations (`steps`, twice
+    /// that for second-order samplers: A1111's `total_steps`), each distinct text encoded once;
+    /// the negative is then also encoded where the prompt has weighted parts (A1111 guides
+    /// against it whatever the scale). Read any other way, as [`SdxlPipeline::request_embeds`].
+    pub fn request_prompts(&self, req: &Request) -> Result<StepPrompts> {
+        if !matches!(self.prompt_style, PromptStyle::A1111 { .. }) {
+            let (positive, negative) = self.request_embeds(req)?;
+            return Ok(StepPrompts::fixed(&positive, negative.as_ref()));
+        }
+        let steps = req.steps * super::build_sampler(&self.scheduler, req)?.order();
+        let mut encoded: HashMap<String, PromptEmbeds> = HashMap::new();
+        let mut scheduled = |text: &str| -> Result<Schedule> {
+            let entries = editing::schedule(text, steps)?
+                .into_iter()
+                .map(|(end, text)| {
+                    if let Some(e) = encoded.get(&text) {
+                        return Ok((end, e.clone()));
+                    }
+                    let e = self.encode_prompts(std::slice::from_ref(&text))?;
+                    encoded.insert(text, e.clone());
+                    Ok((end, e))
+                })
+                .collect::<Result<Vec<_>>>()?;
+            Ok(Schedule(entries))
+        };
+        let parts = editing::composable(&req.prompt)
+            .into_iter()
+            .map(|p| Ok((p.weight, scheduled(&p.text)?)))
+            .collect::<Result<Vec<_>>>()?;
+        let plain = matches!(parts.as_slice(), [(w, _)] if *w == 1.0);
+        if req.guidance <= 1.0 && plain {
+            return Ok(StepPrompts {
+                parts,
+                negative: None,
+            });
+        }
+        let negative = match &req.negative {
+            None if self.force_zeros_for_empty_prompt => {
+                let first = &parts[0].1 .0[0].1;
+                Schedule::fixed(PromptEmbeds {
+                    context: first.context.zeros_like()?,
+                    pooled: first.pooled.zeros_like()?,
+                })
+            }
+            neg => scheduled(neg.as_deref().unwrap_or_default())?,
+        };
+        Ok(StepPrompts {
+            parts,
+            negative: Some(negative),
+        })
+    }
+
+    /// The prompt's embeddings, and the negative's when `req` guides (guidance above 1), each
+    /// encoded whole: no prompt editing or `AND` (see [`SdxlPipeline::request_prompts`]).
     pub fn request_embeds(&self, req: &Request) -> Result<(PromptEmbeds, Option<PromptEmbeds>)> {
         let positive = self.encode_prompts(std::slice::from_ref(&req.prompt))?;
         let negative = if req.guidance > 1.0 {
