@@ -134,6 +134,7 @@ fn next_piece(s: &str) -> (Piece<'_>, usize) {
     }
 }
 
+/// Python's `\w` as A1111's `\b` reads it (for `BREAK` and `AND`).
 fn is_word_char(c: char) -> bool {
     c.is_alphanumeric() || c == '_'
 }

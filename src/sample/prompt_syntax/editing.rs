@@ -27,6 +27,7 @@
 use std::collections::BTreeSet;
 use std::ops::Range;
 
+use super::is_word_char;
 use crate::{Error, Result};
 
 /// One part of a composable prompt: its text and weight.
@@ -416,10 +417,6 @@ pub fn entry_at(ends: &[usize], step: usize) -> usize {
     ends.iter()
         .position(|&e| step <= e)
         .unwrap_or(ends.len().saturating_sub(1))
-}
-
-fn is_word_char(c: char) -> bool {
-    c.is_alphanumeric() || c == '_'
 }
 
 /// A1111's `get_multicond_prompt_list` for one prompt: the prompt split at each whole word `AND`,
