@@ -334,9 +334,11 @@ fn validation_loss_is_fixed_draws_on_held_out_pictures() {
     refused(&data, &dir, &["--val-every", "2"], "--val-data");
 }
 
-/// `--sample-prompts`: a kohya prompt file, each line's options honoured; every preview is the
-/// picture `kstyle generate` makes from that step's checkpoint with the same settings, pixel for
-/// pixel (the negative prompt's embeddings included).
+/// `--sample-prompts`: kohya prompt files (.txt lines, .toml tables), each prompt's options
+/// honoured, its sampler (`--ss`, `sample_sampler`, `--sample-sampler`) included; every preview is
+/// the picture `kstyle generate` makes from that step's checkpoint with the same settings, pixel
+/// for pixel (the negative prompt's embeddings and the ancestral samplers' step noise included);
+/// `--sample-at-first` previews the starting weights, which are the base model's.
 #[test]
 fn preview_prompt_files_match_generate_from_the_checkpoint() {
     let dir = tmp("sample-prompts");
@@ -344,7 +346,8 @@ fn preview_prompt_files_match_generate_from_the_checkpoint() {
     let prompts = dir.join("prompts.txt");
     std::fs::write(
         &prompts,
-        "# previews\na [v] house --w 64 --h 48 --s 2 --l 4 --d 9\n\na [v] gate --n blurry --d 3\n",
+        "# previews\na [v] house --w 64 --h 48 --s 2 --l 4 --d 9\n\na [v] gate --n blurry --d 3\n\
+         a [v] tower --w 48 --s 3 --ss k_euler_a --d 5\n",
     )
     .unwrap();
     let out = dir.join("a/adapter.safetensors");
@@ -368,7 +371,33 @@ fn preview_prompt_files_match_generate_from_the_checkpoint() {
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let ckpt = dir.join("a/adapter.step000002.ckpt.safetensors");
     let lora = format!("{}:1", ckpt.display());
-    let model = tiny().join("sdxl");
+    let same_as_generate = |preview: &Path, lora: Option<&str>, args: &[&str]| {
+        let model = tiny().join("sdxl");
+        let png = preview.with_extension("generated.png");
+        let mut cmd = vec![
+            "generate",
+            "--model",
+            model.to_str().unwrap(),
+            "--out",
+            png.to_str().unwrap(),
+        ];
+        if let Some(l) = lora {
+            cmd.extend_from_slice(&["--lora", l]);
+        }
+        cmd.extend_from_slice(args);
+        let g = kstyle(&cmd);
+        assert!(g.status.success(), "{}", String::from_utf8_lossy(&g.stderr));
+        let (a, b) = (
+            image::open(preview).unwrap().to_rgb8(),
+            image::open(&png).unwrap().to_rgb8(),
+        );
+        assert_eq!(a.dimensions(), b.dimensions(), "{}", preview.display());
+        assert!(
+            a == b,
+            "{} differs from generate's picture",
+            preview.display()
+        );
+    };
     for (i, args) in [
         &[
             "--prompt",
@@ -383,6 +412,8 @@ fn preview_prompt_files_match_generate_from_the_checkpoint() {
             "4",
             "--seed",
             "9",
+            "--sampler",
+            "euler",
         ][..],
         &[
             "--prompt",
@@ -399,35 +430,94 @@ fn preview_prompt_files_match_generate_from_the_checkpoint() {
             "5",
             "--seed",
             "3",
+            "--sampler",
+            "euler",
+        ],
+        &[
+            "--prompt",
+            "a [v] tower",
+            "--width",
+            "48",
+            "--height",
+            "64",
+            "--steps",
+            "3",
+            "--cfg",
+            "5",
+            "--seed",
+            "5",
+            "--sampler",
+            "euler-a",
         ],
     ]
     .iter()
     .enumerate()
     {
-        let png = dir.join(format!("generated{i}.png"));
-        let mut cmd = vec![
-            "generate",
-            "--model",
-            model.to_str().unwrap(),
-            "--lora",
-            &lora,
-            "--sampler",
-            "euler",
-            "--out",
-            png.to_str().unwrap(),
-        ];
-        cmd.extend_from_slice(args);
-        let g = kstyle(&cmd);
-        assert!(g.status.success(), "{}", String::from_utf8_lossy(&g.stderr));
         let preview = dir.join(format!("a/adapter.samples/step000002_{i:02}.png"));
-        let (a, b) = (
-            image::open(&preview).unwrap().to_rgb8(),
-            image::open(&png).unwrap().to_rgb8(),
-        );
-        assert_eq!(a.dimensions(), b.dimensions(), "preview {i}");
-        assert!(a == b, "preview {i} differs from generate's picture");
+        same_as_generate(&preview, Some(&lora), args);
     }
-    std::fs::write(&prompts, "a [v] house --ss euler_a\n").unwrap();
+
+    // kohya's .toml layout, a run-wide sampler one prompt overrides, and the starting weights.
+    let toml = dir.join("prompts.toml");
+    std::fs::write(
+        &toml,
+        "[prompt]\nwidth = 48\nheight = 48\nsample_steps = 3\nseed = 4\n\n\
+         [[prompt.subset]]\nprompt = \"a [v] house\"\nscale = 3.5\n\n\
+         [[prompt.subset]]\nprompt = \"a [v] gate\"\nnegative_prompt = \"blurry\"\n\
+         sample_sampler = \"dpm_2_a\"\n",
+    )
+    .unwrap();
+    let out = dir.join("b/adapter.safetensors");
+    let o = train(
+        &data,
+        &out,
+        "lora",
+        &[
+            "--max-steps",
+            "1",
+            "--sample-at-first",
+            "--sample-prompts",
+            toml.to_str().unwrap(),
+            "--sample-sampler",
+            "dpmpp-2m-sde-karras",
+        ],
+    );
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let common = [
+        "--width", "48", "--height", "48", "--steps", "3", "--seed", "4",
+    ];
+    for (i, args) in [
+        &[
+            "--prompt",
+            "a [v] house",
+            "--cfg",
+            "3.5",
+            "--sampler",
+            "dpmpp-2m-sde-karras",
+        ][..],
+        &[
+            "--prompt",
+            "a [v] gate",
+            "--negative",
+            "blurry",
+            "--cfg",
+            "5",
+            "--sampler",
+            "dpm2-a",
+        ],
+    ]
+    .iter()
+    .enumerate()
+    {
+        let preview = dir.join(format!("b/adapter.samples/step000000_{i:02}.png"));
+        same_as_generate(&preview, None, &[&common[..], args].concat());
+    }
+    assert!(
+        !dir.join("b/adapter.samples/step000001_00.png").exists(),
+        "previews only at first: no --sample-every"
+    );
+
+    std::fs::write(&prompts, "a [v] house --ss pndm\n").unwrap();
     refused(
         &data,
         &dir,
@@ -437,13 +527,36 @@ fn preview_prompt_files_match_generate_from_the_checkpoint() {
             "--sample-prompts",
             prompts.to_str().unwrap(),
         ],
-        "line 1: unknown option --ss",
+        "line 1: --ss: kohya's sampler `pndm` is not implemented",
+    );
+    std::fs::write(&toml, "[[prompt.subset]]\nprompt = \"x\"\nseed = -1\n").unwrap();
+    refused(
+        &data,
+        &dir,
+        &[
+            "--sample-at-first",
+            "--sample-prompts",
+            toml.to_str().unwrap(),
+        ],
+        "[[prompt.subset]] 1: `seed` takes a whole number",
+    );
+    refused(
+        &data,
+        &dir,
+        &["--sample-prompt", "x", "--sample-sampler", "k_heun"],
+        "--sample-sampler",
     );
     refused(
         &data,
         &dir,
         &["--sample-every", "1"],
-        "--sample-every and --sample-every-n-epochs need",
+        "--sample-every, --sample-every-n-epochs and --sample-at-first need",
+    );
+    refused(
+        &data,
+        &dir,
+        &["--sample-at-first"],
+        "--sample-every, --sample-every-n-epochs and --sample-at-first need",
     );
 }
 

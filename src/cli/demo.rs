@@ -146,6 +146,7 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
         dim_from_weights: false,
         sample_every: None,
         sample_every_epochs: None,
+        sample_at_first: false,
         sample_prompts: Vec::new(),
         captions: CaptionSource {
             template: None,

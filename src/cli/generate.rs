@@ -618,7 +618,7 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
         bar.set_prefix(format!("seed {seed}"));
         // Ancestral samplers draw their step noise from the image's seed too (its own stream).
         let req = Request {
-            noise: kstyle::sample::Noise::Seed(seed ^ 0x5EED_A0CE_5757_0001),
+            noise: kstyle::sample::Noise::for_seed(seed),
             ..req.clone()
         };
         // Heun, DPM2 and DPM++ SDE evaluate the UNet 2 x steps - 1 times: the bar counts
@@ -671,7 +671,7 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
     );
     for (seed, latents) in handed {
         let req = Request {
-            noise: kstyle::sample::Noise::Seed(seed ^ 0x5EED_A0CE_5757_0002),
+            noise: kstyle::sample::Noise::for_refiner_seed(seed),
             denoising_end: None,
             ..req.clone()
         };

@@ -1,12 +1,15 @@
 //! `kstyle train`: K-StyleLoRA (or one of the baselines) on a folder of captioned images.
 
 use super::DeviceArg;
+use anyhow::Context;
 use indicatif::{ProgressBar, ProgressStyle};
 use kstyle::backend::cpu::optim::AdamW;
 use kstyle::formats::adapter::Method;
 use kstyle::models::unet::CheckpointPolicy;
 use kstyle::nn::lora::LoraConfig;
 use kstyle::nn::lora_dropout::LoraDropout;
+use kstyle::sample::pipeline::SamplerKind;
+use kstyle::sample::prompt_syntax::uses_syntax;
 use kstyle::sample::schedule::{HuberSchedule, LossType};
 use kstyle::train::adafactor::AdafactorConfig;
 use kstyle::train::adamw8bit::EightBitConfig;
@@ -378,15 +381,27 @@ pub struct Args {
     /// Make the previews at the end of every N epochs (kohya's --sample_every_n_epochs).
     #[arg(long, conflicts_with = "sample_every")]
     pub sample_every_n_epochs: Option<u64>,
+    /// Make the previews before the first step too, of the starting weights (kohya's
+    /// --sample_at_first).
+    #[arg(long)]
+    pub sample_at_first: bool,
     #[arg(long)]
     pub sample_prompt: Option<String>,
-    /// A kohya sample-prompt file: one prompt a line with options `--n negative --w 1024
-    /// --h 1024 --s 28 --l 5 --d seed` (defaults: --resolution square, --sample-steps, guidance
-    /// 5, --seed).
+    /// A kohya sample-prompt file. `.txt`: one prompt a line with options `--n negative --w
+    /// 1024 --h 1024 --s 28 --l 5 --d seed --ss sampler`; `.toml`: a [prompt] table of shared
+    /// settings and [[prompt.subset]] tables with prompt, negative_prompt, width, height,
+    /// sample_steps, scale, seed, sample_sampler; `.json`: a list of prompt lines or such
+    /// tables. Defaults: --resolution square, --sample-steps, guidance 5, --seed,
+    /// --sample-sampler.
     #[arg(long, conflicts_with = "sample_prompt")]
     pub sample_prompts: Option<PathBuf>,
     #[arg(long, default_value_t = 20)]
     pub sample_steps: usize,
+    /// The previews' sampler: one of generate's --sampler names (`auto`: the model's
+    /// scheduler) or kohya's --sample_sampler names (euler_a, k_dpm_2, dpmsolver++, ...), run
+    /// as generate runs it, on the model's scheduler config.
+    #[arg(long, default_value = "euler")]
+    pub sample_sampler: String,
     /// Caption for images without a .txt file; `{trigger}` is replaced by --trigger.
     #[arg(long)]
     pub caption_template: Option<String>,
@@ -638,7 +653,10 @@ pub fn config_from(a: &Args) -> anyhow::Result<TrainConfig> {
         shared.weight_decay,
         ("--weight-decay", "weight_decay"),
     )?;
-    let defaults = SamplePrompt::new("", a.resolution, a.sample_steps, a.seed);
+    let defaults = SamplePrompt {
+        sampler: SamplerKind::from_name(&a.sample_sampler).context("--sample-sampler")?,
+        ..SamplePrompt::new("", a.resolution, a.sample_steps, a.seed)
+    };
     let sample_prompts = match (&a.sample_prompt, &a.sample_prompts) {
         (Some(p), _) => vec![SamplePrompt {
             prompt: p.clone(),
@@ -647,11 +665,25 @@ pub fn config_from(a: &Args) -> anyhow::Result<TrainConfig> {
         (None, Some(file)) => parse_prompt_file(file, &defaults)?,
         (None, None) => Vec::new(),
     };
-    if (a.sample_every.is_some() || a.sample_every_n_epochs.is_some()) && sample_prompts.is_empty()
-    {
+    for (i, p) in sample_prompts.iter().enumerate() {
+        let texts = [Some(&p.prompt), p.negative.as_ref()];
+        if texts.into_iter().flatten().any(|t| uses_syntax(t)) {
+            eprintln!(
+                "note: preview {} looks like A1111's prompt syntax (kohya's previews read its \
+                 weights), which kstyle's previews read as plain text, as diffusers does",
+                i + 1
+            );
+        }
+    }
+    let triggers = [
+        a.sample_every.is_some(),
+        a.sample_every_n_epochs.is_some(),
+        a.sample_at_first,
+    ];
+    if triggers.contains(&true) && sample_prompts.is_empty() {
         anyhow::bail!(
-            "--sample-every and --sample-every-n-epochs need --sample-prompt TEXT or \
-             --sample-prompts FILE"
+            "--sample-every, --sample-every-n-epochs and --sample-at-first need \
+             --sample-prompt TEXT or --sample-prompts FILE"
         );
     }
     match a.keep_checkpoints {
@@ -787,6 +819,7 @@ pub fn config_from(a: &Args) -> anyhow::Result<TrainConfig> {
         dim_from_weights: a.dim_from_weights,
         sample_every: a.sample_every,
         sample_every_epochs: a.sample_every_n_epochs,
+        sample_at_first: a.sample_at_first,
         sample_prompts,
         captions: CaptionSource {
             template: a.caption_template.clone(),

@@ -251,7 +251,7 @@ fn generate_all(
                     height: g.size,
                     sampler,
                     // As `generate` seeds an image's step noise.
-                    noise: crate::sample::Noise::Seed(seed ^ 0x5EED_A0CE_5757_0001),
+                    noise: crate::sample::Noise::for_seed(seed),
                     denoising_end: None,
                     micro: Default::default(),
                 };

@@ -49,6 +49,19 @@ pub enum Noise {
     Given(Vec<crate::Tensor>),
 }
 
+impl Noise {
+    /// The step noise of the picture drawn from `seed` (`kstyle generate`, eval and training
+    /// previews): a stream of its own, apart from the initial latents' `Rng::new(seed)`.
+    pub fn for_seed(seed: u64) -> Noise {
+        Noise::Seed(seed ^ 0x5EED_A0CE_5757_0001)
+    }
+
+    /// The refiner's step noise for the picture of `seed`: apart from the base run's.
+    pub fn for_refiner_seed(seed: u64) -> Noise {
+        Noise::Seed(seed ^ 0x5EED_A0CE_5757_0002)
+    }
+}
+
 impl Default for Noise {
     fn default() -> Self {
         Noise::Seed(0)

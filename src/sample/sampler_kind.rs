@@ -10,6 +10,12 @@ use super::{
 };
 use crate::{Error, Result};
 
+/// The sampler names `from_name` takes besides kohya's, as error messages list them.
+const SAMPLER_NAMES: &str = "euler(-karras), euler-a, ddim, dpmpp-2m(-karras), \
+     dpmpp-2m-sde(-karras), dpmpp-3m(-karras), dpmpp-3m-sde(-karras), dpmpp-2s(-karras), \
+     dpmpp-2s-sde(-karras), dpmpp-3s(-karras), dpmpp-sde(-karras), unipc(-karras), heun(-karras), \
+     lms(-karras), dpm2(-karras), dpm2-a(-karras), deis(-karras), lcm, tcd";
+
 /// Which sigmas a sampler steps on.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Sigmas {
@@ -93,6 +99,81 @@ pub enum SamplerKind {
 }
 
 impl SamplerKind {
+    /// The sampler a name asks for, case-insensitively: `kstyle generate --sampler`'s names
+    /// (`euler`, `euler-a`, `dpmpp-2m-karras`, ...: a `-karras` suffix on the samplers with a
+    /// choice of sigmas) and kohya's `--sample_sampler` names (`k_euler`, `euler_a`,
+    /// `k_euler_a`, `k_lms`, `dpm_2`, `k_dpm_2`, `dpm_2_a`, `k_dpm_2_a`, `dpmsolver++`,
+    /// `dpmsingle`). kohya's names pick kstyle's sampler of that algorithm; it steps on the
+    /// model's scheduler config, as generate's does (kohya builds its schedulers from
+    /// diffusers' defaults instead). kohya's `ddpm`, `pndm` and `dpmsolver` are not implemented
+    /// and say so.
+    pub fn from_name(name: &str) -> Result<SamplerKind> {
+        let lower = name.trim().to_ascii_lowercase();
+        let name = match lower.as_str() {
+            "k_euler" => "euler",
+            "euler_a" | "k_euler_a" => "euler-a",
+            "k_lms" => "lms",
+            "dpm_2" | "k_dpm_2" => "dpm2",
+            "dpm_2_a" | "k_dpm_2_a" => "dpm2-a",
+            // diffusers' DPMSolverMultistep / Singlestep defaults: order 2, dpmsolver++.
+            "dpmsolver++" => "dpmpp-2m",
+            "dpmsingle" => "dpmpp-2s",
+            "ddpm" | "pndm" | "dpmsolver" => {
+                return Err(Error::Config(format!(
+                    "kohya's sampler `{lower}` is not implemented (kohya's euler, euler_a, ddim, \
+                     lms, heun, dpm_2, dpm_2_a, dpmsolver++ and dpmsingle are)"
+                )))
+            }
+            other => other,
+        };
+        let (base, sigmas) = match name.strip_suffix("-karras") {
+            Some(base) => (base, Sigmas::Karras),
+            None => (name, Sigmas::Config),
+        };
+        let dpm = |order, sde| SamplerKind::DpmPP { order, sde, sigmas };
+        let single = |order, sde| SamplerKind::DpmPPSingle { order, sde, sigmas };
+        let kind = match base {
+            "auto" => Some(SamplerKind::Auto),
+            "euler" => Some(SamplerKind::Euler(sigmas)),
+            "euler-a" => Some(SamplerKind::EulerAncestral),
+            "ddim" => Some(SamplerKind::Ddim { eta: 0.0 }),
+            "dpmpp-2m" => Some(dpm(2, false)),
+            "dpmpp-2m-sde" => Some(dpm(2, true)),
+            "dpmpp-3m" => Some(dpm(3, false)),
+            "dpmpp-3m-sde" => Some(dpm(3, true)),
+            "dpmpp-2s" => Some(single(2, false)),
+            "dpmpp-2s-sde" => Some(single(2, true)),
+            "dpmpp-3s" => Some(single(3, false)),
+            "unipc" => Some(SamplerKind::UniPc(sigmas)),
+            "lcm" => Some(SamplerKind::Lcm),
+            "tcd" => Some(SamplerKind::Tcd {
+                gamma: super::tcd::DEFAULT_GAMMA,
+            }),
+            "heun" => Some(SamplerKind::Heun(sigmas)),
+            "lms" => Some(SamplerKind::Lms(sigmas)),
+            "dpm2" => Some(SamplerKind::Dpm2 {
+                ancestral: false,
+                sigmas,
+            }),
+            "dpm2-a" => Some(SamplerKind::Dpm2 {
+                ancestral: true,
+                sigmas,
+            }),
+            "dpmpp-sde" => Some(SamplerKind::DpmPPSde(sigmas)),
+            "deis" => Some(SamplerKind::Deis(sigmas)),
+            _ => None,
+        };
+        // A -karras suffix names only the samplers with a choice of sigmas.
+        kind.filter(|k| sigmas == Sigmas::Config || k.sigmas().is_some())
+            .ok_or_else(|| {
+                Error::Config(format!(
+                    "unknown sampler `{lower}`: choose one of kstyle generate's --sampler names \
+                     ({SAMPLER_NAMES}) or kohya's (euler, euler_a, ddim, lms, heun, dpm_2, \
+                     dpm_2_a, dpmsolver++, dpmsingle, with or without k_)"
+                ))
+            })
+    }
+
     /// `Auto` as the scheduler config's class and settings; the others as they are.
     pub fn resolve(self, config: &SchedulerConfig) -> Result<SamplerKind> {
         if self != SamplerKind::Auto {
@@ -136,11 +217,8 @@ impl SamplerKind {
             SchedulerClass::EdmEuler => Ok(SamplerKind::Euler(Sigmas::Config)),
             SchedulerClass::DeisMultistep => Ok(SamplerKind::Deis(Sigmas::Config)),
             SchedulerClass::Other(name) => Err(Error::Config(format!(
-                "the model's scheduler `{name}` is not implemented: choose --sampler euler, \
-                 euler-karras, euler-a, ddim, dpmpp-2m(-karras), dpmpp-2m-sde(-karras), \
-                 dpmpp-3m(-karras), dpmpp-3m-sde(-karras), dpmpp-2s(-karras), \
-                 dpmpp-2s-sde(-karras), dpmpp-3s(-karras), dpmpp-sde(-karras), unipc(-karras), \
-                 heun(-karras), lms(-karras), dpm2(-karras), dpm2-a(-karras), deis(-karras), lcm or tcd"
+                "the model's scheduler `{name}` is not implemented: choose --sampler \
+                 {SAMPLER_NAMES}"
             ))),
         }
     }
@@ -353,4 +431,64 @@ pub(crate) fn build_sampler(
         SamplerKind::Deis(s) => Box::new(Deis::new(scheduler, req.steps, ramp(s))?),
         SamplerKind::Auto => unreachable!("resolve() names a sampler"),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sampler_names_of_kstyle_and_kohya() {
+        let dpm2 = |ancestral, sigmas| SamplerKind::Dpm2 { ancestral, sigmas };
+        for (name, kind) in [
+            ("euler", SamplerKind::Euler(Sigmas::Config)),
+            ("Euler-Karras", SamplerKind::Euler(Sigmas::Karras)),
+            ("k_euler", SamplerKind::Euler(Sigmas::Config)),
+            ("euler_a", SamplerKind::EulerAncestral),
+            ("k_euler_a", SamplerKind::EulerAncestral),
+            ("ddim", SamplerKind::Ddim { eta: 0.0 }),
+            ("k_lms", SamplerKind::Lms(Sigmas::Config)),
+            ("dpm_2", dpm2(false, Sigmas::Config)),
+            ("k_dpm_2_a", dpm2(true, Sigmas::Config)),
+            ("dpm2-a-karras", dpm2(true, Sigmas::Karras)),
+            (
+                "dpmsolver++",
+                SamplerKind::DpmPP {
+                    order: 2,
+                    sde: false,
+                    sigmas: Sigmas::Config,
+                },
+            ),
+            (
+                "dpmsingle",
+                SamplerKind::DpmPPSingle {
+                    order: 2,
+                    sde: false,
+                    sigmas: Sigmas::Config,
+                },
+            ),
+            (
+                "dpmpp-3m-sde-karras",
+                SamplerKind::DpmPP {
+                    order: 3,
+                    sde: true,
+                    sigmas: Sigmas::Karras,
+                },
+            ),
+            ("tcd", SamplerKind::Tcd { gamma: 0.3 }),
+        ] {
+            assert_eq!(SamplerKind::from_name(name).unwrap(), kind, "{name}");
+        }
+        for (bad, needle) in [
+            ("pndm", "kohya's sampler `pndm` is not implemented"),
+            ("dpmsolver", "`dpmsolver` is not implemented"),
+            ("euler-a-karras", "unknown sampler `euler-a-karras`"),
+            ("ddim-karras", "unknown sampler"),
+            ("dpmpp-3s-sde", "unknown sampler"),
+            ("", "unknown sampler"),
+        ] {
+            let e = SamplerKind::from_name(bad).unwrap_err().to_string();
+            assert!(e.contains(needle), "{bad}: {e}");
+        }
+    }
 }

@@ -137,6 +137,9 @@ pub struct TrainConfig {
     pub sample_every: Option<u64>,
     /// Previews at the end of every Nth epoch instead (kohya's `--sample_every_n_epochs`).
     pub sample_every_epochs: Option<u64>,
+    /// Previews of the starting weights too, before the first step (kohya's
+    /// `--sample_at_first`).
+    pub sample_at_first: bool,
     /// The previews made every `sample_every` steps (see `train::samples`).
     pub sample_prompts: Vec<SamplePrompt>,
     pub captions: CaptionSource,
@@ -696,13 +699,11 @@ impl TrainConfig {
         Ok(())
     }
 
-    /// Whether the run makes previews (every N steps or every N epochs).
+    /// Whether the run makes previews (every N steps, every N epochs, or at first).
     pub fn previews(&self) -> bool {
-        self.sample_every.is_some() || self.sample_every_epochs.is_some()
+        self.sample_every.is_some() || self.sample_every_epochs.is_some() || self.sample_at_first
     }
 
-    /// Whether captions are rewritten per visit (shuffled or their tags dropped), and so
-    /// encoded at every step instead of cached.
     /// Whether pictures carry a loss mask (`--alpha-mask` or `--mask-data`).
     pub fn masked_loss(&self) -> bool {
         self.alpha_mask || self.mask_data.is_some()

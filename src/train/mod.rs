@@ -24,6 +24,7 @@ pub mod optimizer_args;
 pub mod plan;
 pub mod plot;
 pub mod prodigy;
+pub mod sample_prompts;
 pub mod samples;
 mod settings;
 mod start;

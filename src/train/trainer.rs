@@ -831,6 +831,10 @@ impl Trainer {
             std::fs::remove_file(&self.outputs.val_csv)
                 .map_err(|e| Error::io(&self.outputs.val_csv, e))?;
         }
+        self.check_previews()?;
+        if self.cfg.sample_at_first {
+            self.sample()?;
+        }
         while self.state.step < self.total_steps {
             let mut log = self.step()?;
             if log.step % self.val_every == 0 || log.step == self.total_steps {

@@ -248,48 +248,46 @@ pub enum SamplerArg {
 }
 
 impl SamplerArg {
+    /// The sampler this value names (`SamplerKind::from_name` reads every name of this enum;
+    /// the test below holds that).
     pub(crate) fn kind(self) -> SamplerKind {
-        let dpm = |order, sde, sigmas| SamplerKind::DpmPP { order, sde, sigmas };
-        let dpm2 = |ancestral, sigmas| SamplerKind::Dpm2 { ancestral, sigmas };
-        let single = |order, sde, sigmas| SamplerKind::DpmPPSingle { order, sde, sigmas };
-        match self {
-            SamplerArg::Auto => SamplerKind::Auto,
-            SamplerArg::Euler => SamplerKind::Euler(Sigmas::Config),
-            SamplerArg::EulerKarras => SamplerKind::Euler(Sigmas::Karras),
-            SamplerArg::EulerAncestral => SamplerKind::EulerAncestral,
-            SamplerArg::Ddim => SamplerKind::Ddim { eta: 0.0 },
-            SamplerArg::DpmPP2M => dpm(2, false, Sigmas::Config),
-            SamplerArg::DpmPP2MKarras => dpm(2, false, Sigmas::Karras),
-            SamplerArg::DpmPP2MSde => dpm(2, true, Sigmas::Config),
-            SamplerArg::DpmPP2MSdeKarras => dpm(2, true, Sigmas::Karras),
-            SamplerArg::DpmPP3M => dpm(3, false, Sigmas::Config),
-            SamplerArg::DpmPP3MKarras => dpm(3, false, Sigmas::Karras),
-            SamplerArg::DpmPP3MSde => dpm(3, true, Sigmas::Config),
-            SamplerArg::DpmPP3MSdeKarras => dpm(3, true, Sigmas::Karras),
-            SamplerArg::DpmPP2S => single(2, false, Sigmas::Config),
-            SamplerArg::DpmPP2SKarras => single(2, false, Sigmas::Karras),
-            SamplerArg::DpmPP2SSde => single(2, true, Sigmas::Config),
-            SamplerArg::DpmPP2SSdeKarras => single(2, true, Sigmas::Karras),
-            SamplerArg::DpmPP3S => single(3, false, Sigmas::Config),
-            SamplerArg::DpmPP3SKarras => single(3, false, Sigmas::Karras),
-            SamplerArg::UniPc => SamplerKind::UniPc(Sigmas::Config),
-            SamplerArg::UniPcKarras => SamplerKind::UniPc(Sigmas::Karras),
-            SamplerArg::Lcm => SamplerKind::Lcm,
-            SamplerArg::Tcd => SamplerKind::Tcd {
-                gamma: kstyle::sample::tcd::DEFAULT_GAMMA,
-            },
-            SamplerArg::Heun => SamplerKind::Heun(Sigmas::Config),
-            SamplerArg::HeunKarras => SamplerKind::Heun(Sigmas::Karras),
-            SamplerArg::Lms => SamplerKind::Lms(Sigmas::Config),
-            SamplerArg::LmsKarras => SamplerKind::Lms(Sigmas::Karras),
-            SamplerArg::Dpm2 => dpm2(false, Sigmas::Config),
-            SamplerArg::Dpm2Karras => dpm2(false, Sigmas::Karras),
-            SamplerArg::Dpm2Ancestral => dpm2(true, Sigmas::Config),
-            SamplerArg::Dpm2AncestralKarras => dpm2(true, Sigmas::Karras),
-            SamplerArg::DpmPPSde => SamplerKind::DpmPPSde(Sigmas::Config),
-            SamplerArg::DpmPPSdeKarras => SamplerKind::DpmPPSde(Sigmas::Karras),
-            SamplerArg::Deis => SamplerKind::Deis(Sigmas::Config),
-            SamplerArg::DeisKarras => SamplerKind::Deis(Sigmas::Karras),
+        let value = clap::ValueEnum::to_possible_value(&self);
+        let name = value.as_ref().map_or("", |v| v.get_name());
+        SamplerKind::from_name(name).unwrap_or(SamplerKind::Auto)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::ValueEnum;
+
+    #[test]
+    fn every_sampler_value_names_a_sampler() {
+        for v in SamplerArg::value_variants() {
+            let name = v.to_possible_value().unwrap().get_name().to_string();
+            let kind = SamplerKind::from_name(&name);
+            assert!(kind.is_ok(), "--sampler {name}: {kind:?}");
+            assert_eq!(
+                v.kind() == SamplerKind::Auto,
+                name == "auto",
+                "--sampler {name}"
+            );
         }
+        assert_eq!(
+            SamplerArg::Dpm2AncestralKarras.kind(),
+            SamplerKind::Dpm2 {
+                ancestral: true,
+                sigmas: Sigmas::Karras
+            }
+        );
+        assert_eq!(
+            SamplerArg::DpmPP2SSde.kind(),
+            SamplerKind::DpmPPSingle {
+                order: 2,
+                sde: true,
+                sigmas: Sigmas::Config
+            }
+        );
     }
 }
