@@ -426,6 +426,49 @@ fn launch_arguments_must_match_the_kernel_parameters() {
     );
 }
 
+/// Filled tensors are written on the device: a backward through a chunk (GEGLU's split, in every
+/// transformer block) pads the halves' gradients with zeros and seeds itself with a one, and
+/// none of that is uploaded from the host (an upload also waits for the stream). The gradient
+/// is the CPU's.
+#[test]
+fn a_chunk_backward_uploads_nothing() {
+    use kstyle::tensor::Rng;
+    use kstyle::{Device, Tensor};
+    let dev = device();
+    let xc = Tensor::randn((2, 24, 64), &mut Rng::new(3), DType::F32, Device::Cpu).unwrap();
+    let grad = |x: &Tensor| {
+        let x = x.var().unwrap();
+        let [a, b]: [Tensor; 2] = x.chunk(2, 2).unwrap().try_into().unwrap();
+        let loss = a.mul(&b.gelu().unwrap()).unwrap().sum_all().unwrap();
+        let before = dev.mem_stats();
+        let g = loss
+            .backward()
+            .unwrap()
+            .get(&x)
+            .unwrap()
+            .to_vec_f64()
+            .unwrap();
+        (g, before)
+    };
+    let (want, _) = grad(&xc);
+    let (got, before) = grad(&xc.to_device(Device::Cuda(0)).unwrap());
+    let after = dev.mem_stats();
+    assert_eq!(
+        (
+            after.uploads - before.uploads,
+            after.uploaded - before.uploaded
+        ),
+        (0, 0),
+        "the backward uploaded from the host"
+    );
+    let err = want
+        .iter()
+        .zip(&got)
+        .map(|(w, g)| (w - g).abs())
+        .fold(0.0, f64::max);
+    assert!(err < 1e-5, "max |cpu - cuda| = {err}");
+}
+
 #[test]
 fn fresh_device_memory_reads_as_nan() {
     let dev = device();

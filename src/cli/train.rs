@@ -27,6 +27,7 @@ use kstyle::train::optimizer_args::{check_adamw, merge, split_shared};
 use kstyle::train::prodigy::ProdigyConfig;
 use kstyle::train::samples::{parse_prompt_file, SamplePrompt};
 use kstyle::train::trainer::{TrainConfig, Trainer};
+use kstyle::Device;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -937,6 +938,7 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
     }
     let cfg = config_from(&a)?;
     eprintln!("kstyle train: {cfg:#?}");
+    let device = cfg.device;
     let mut log = |m: &str| eprintln!("{m}");
     let mut trainer = Trainer::new(cfg, &mut log)?;
     let bar = ProgressBar::new(trainer.total_steps());
@@ -945,7 +947,12 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
         ProgressStyle::with_template("[{bar:30}] {pos}/{len} steps {elapsed} (eta {eta}) {msg}")?
             .progress_chars("=> "),
     );
+    // On a GPU: the device's counters after each step, for the transfer summary below.
+    let mut stats = Vec::new();
     trainer.run(|s| {
+        if let Device::Cuda(i) = device {
+            stats.extend(kstyle::backend::cuda::device(i).ok().map(|d| d.mem_stats()));
+        }
         bar.set_position(s.step);
         let val = s.val.map_or(String::new(), |v| format!(" val {v:.4}"));
         let norms = s.weight_norms.map_or(String::new(), |w| {
@@ -957,6 +964,16 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
         ));
     })?;
     bar.finish();
+    if let (Some(first), Some(last)) = (stats.first(), stats.last()) {
+        // Steps after the first: the first also uploads what the run sets up lazily.
+        let steps = (stats.len() - 1).max(1) as f64;
+        eprintln!(
+            "{device}: peak {:.1} MiB; host uploads per step after the first: {:.1} ({:.2} MiB)",
+            last.peak as f64 / 1048576.0,
+            (last.uploads - first.uploads) as f64 / steps,
+            (last.uploaded - first.uploaded) as f64 / steps / 1048576.0
+        );
+    }
     let o = &trainer.outputs;
     println!("adapter: {}", o.adapter.display());
     println!("log: {}\nplot: {}", o.log_csv.display(), o.plot.display());

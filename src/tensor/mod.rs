@@ -270,6 +270,17 @@ impl Tensor {
     ) -> Result<Tensor> {
         let shape = shape.into();
         let n = shape.elem_count();
+        if let (Device::Cuda(i), DType::F32 | DType::BF16 | DType::F16) = (device, dtype) {
+            // On the GPU a kernel writes the value in place: no host buffer, no upload and no
+            // stream wait (the autograd's zero pads, activation-sized, are made here). The value
+            // is rounded to the dtype on the host first, as the CPU rounds it, so the kernel's
+            // f32 -> dtype step is exact (rounding through f32 could land on a tie).
+            let one = CpuStorage::F64(vec![value]).to_dtype(&Layout::contiguous(1), dtype);
+            let rounded = Tensor::from_storage(Storage::Cpu(one), 1, None).to_vec_f64()?[0];
+            let dev = crate::backend::cuda::device(i)?;
+            let s = crate::backend::cuda::elementwise::fill(&dev, dtype, n, rounded)?;
+            return Ok(Tensor::from_storage(Storage::Cuda(s), shape, None));
+        }
         let cpu = CpuStorage::F64(vec![value; n]).to_dtype(&Layout::contiguous(n), dtype);
         Tensor::from_storage(Storage::Cpu(cpu), shape, None).to_device(device)
     }

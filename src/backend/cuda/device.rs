@@ -58,6 +58,8 @@ struct Pool {
     in_use: usize,
     peak: usize,
     reserved: usize,
+    uploads: u64,
+    uploaded: u64,
 }
 
 /// Memory statistics of one device (bytes).
@@ -67,6 +69,10 @@ pub struct MemStats {
     pub peak: usize,
     /// Held from the driver, in use or cached.
     pub reserved: usize,
+    /// Host-to-device copies since the device was created, and their bytes: each one also
+    /// waits for the stream (see [`CudaDevice::upload`]), so a hot loop should make none.
+    pub uploads: u64,
+    pub uploaded: u64,
 }
 
 /// The driver's objects for a real GPU.
@@ -255,6 +261,8 @@ impl CudaDevice {
             in_use: p.in_use,
             peak: p.peak,
             reserved: p.reserved,
+            uploads: p.uploads,
+            uploaded: p.uploaded,
         }
     }
 
@@ -383,6 +391,11 @@ impl CudaDevice {
     /// Uploads a host slice into fresh device memory (synchronises: the slice may be pageable).
     pub fn upload<T: Copy>(self: &Arc<Self>, dtype: DType, data: &[T]) -> Result<Buffer> {
         let b = self.alloc(dtype, data.len())?;
+        {
+            let mut p = self.pool.lock().unwrap_or_else(|e| e.into_inner());
+            p.uploads += 1;
+            p.uploaded += std::mem::size_of_val(data) as u64;
+        }
         if let Some(emu) = self.emulator() {
             emu.write(b.ptr, data)?;
             return Ok(b);

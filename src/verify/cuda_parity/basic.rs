@@ -105,10 +105,44 @@ fn casts_bit_exact(r: &mut Run) -> Result<()> {
     Ok(())
 }
 
+/// `Tensor::full` made on the device (the fill kernel) against the CPU's, bit for bit, in `dt`:
+/// values where rounding f64 -> f32 -> dtype would differ from f64 -> dtype (a bf16 / f16 tie
+/// in f32 that is not one in f64), overflow, signed zero, and a size that is not a multiple of
+/// the kernel's block.
+fn fill_bit_exact(r: &mut Run, dt: DType) -> Result<()> {
+    let just_above_tie = |bits: i32| 1.0 + 2f64.powi(-bits) + 2f64.powi(-40);
+    let values = [
+        0.0,
+        -0.0,
+        1.0,
+        -2.5,
+        0.1,
+        1.0 / 3.0,
+        just_above_tie(8),
+        -just_above_tie(11),
+        70000.0,
+        1.0e39,
+        -1.0e-30,
+    ];
+    let n = 1000;
+    let mut wrong = 0;
+    for v in values {
+        let c = Tensor::full(v, (8, 125), dt, Device::Cpu)?.to_vec_f64()?;
+        let g = Tensor::full(v, (8, 125), dt, r.dev)?.to_vec_f64()?;
+        wrong += (0..n).filter(|&i| c[i].to_bits() != g[i].to_bits()).count();
+    }
+    r.exact(
+        format!("full -> {dt} bit-exact ({} values x {n})", values.len()),
+        wrong,
+    );
+    Ok(())
+}
+
 pub(super) fn elementwise(r: &mut Run, dt: DType) -> Result<()> {
     if dt == DType::F32 {
         casts_bit_exact(r)?;
     }
+    fill_bit_exact(r, dt)?;
     for op in UNARY {
         let positive = matches!(op, UnaryOp::Log | UnaryOp::Sqrt | UnaryOp::Recip);
         let (lo, hi) = if positive { (0.5, 3.0) } else { (-3.0, 3.0) };
