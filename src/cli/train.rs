@@ -1,16 +1,15 @@
 //! `kstyle train`: K-StyleLoRA (or one of the baselines) on a folder of captioned images.
 
 use super::DeviceArg;
-use anyhow::Context;
+mod choices;
+mod previews;
+use choices::{checkpoint_policy, expand_targets};
+pub use choices::{AlgoArg, HuberScheduleArg, LossTypeArg, LrArg, MethodArg, OptimizerArg};
 use indicatif::{ProgressBar, ProgressStyle};
 use kstyle::backend::cpu::optim::AdamW;
 use kstyle::formats::adapter::Method;
-use kstyle::models::unet::CheckpointPolicy;
 use kstyle::nn::lora::LoraConfig;
 use kstyle::nn::lora_dropout::LoraDropout;
-use kstyle::sample::pipeline::SamplerKind;
-use kstyle::sample::prompt_syntax::uses_syntax;
-use kstyle::sample::schedule::{HuberSchedule, LossType};
 use kstyle::train::adafactor::AdafactorConfig;
 use kstyle::train::adamw8bit::EightBitConfig;
 use kstyle::train::block_dims::BlockDims;
@@ -25,7 +24,6 @@ use kstyle::train::noise::{Multires, NoiseOffset};
 use kstyle::train::optim::OptimizerKind;
 use kstyle::train::optimizer_args::{check_adamw, merge, split_shared};
 use kstyle::train::prodigy::ProdigyConfig;
-use kstyle::train::samples::{parse_prompt_file, SamplePrompt};
 use kstyle::train::trainer::{TrainConfig, Trainer};
 use kstyle::Device;
 use std::path::PathBuf;
@@ -540,65 +538,6 @@ pub struct Args {
     pub save_precision: super::generate::DTypeArg,
 }
 
-#[derive(Clone, Copy, Debug, clap::ValueEnum)]
-pub enum AlgoArg {
-    #[value(alias = "LoRA")]
-    Lora,
-    #[value(alias = "LoHa")]
-    Loha,
-    #[value(alias = "LoKr")]
-    Lokr,
-}
-
-#[derive(Clone, Copy, Debug, clap::ValueEnum)]
-pub enum MethodArg {
-    Kstyle,
-    Lora,
-    LoraCsl,
-    Gating,
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
-pub enum OptimizerArg {
-    #[value(name = "adamw", alias = "AdamW")]
-    AdamW,
-    #[value(name = "prodigy", alias = "Prodigy")]
-    Prodigy,
-    #[value(name = "lion", alias = "Lion")]
-    Lion,
-    /// bitsandbytes' paged variant has the same arithmetic (it pages its state to host memory
-    /// under pressure; kstyle keeps it on the device), so its name is accepted.
-    #[value(name = "adamw8bit", aliases = ["AdamW8bit", "PagedAdamW8bit", "pagedadamw8bit"])]
-    AdamW8bit,
-    #[value(name = "lion8bit", aliases = ["Lion8bit", "PagedLion8bit", "pagedlion8bit"])]
-    Lion8bit,
-    #[value(name = "adafactor", aliases = ["AdaFactor", "Adafactor"])]
-    Adafactor,
-}
-
-#[derive(Clone, Copy, Debug, clap::ValueEnum)]
-pub enum LrArg {
-    Constant,
-    #[value(alias = "constant_with_warmup")]
-    ConstantWithWarmup,
-    Linear,
-    Cosine,
-    #[value(alias = "cosine_with_restarts")]
-    CosineWithRestarts,
-    Polynomial,
-}
-
-fn checkpoint_policy(s: &str) -> anyhow::Result<Option<CheckpointPolicy>> {
-    Ok(Some(match s {
-        "auto" => return Ok(None),
-        "none" => CheckpointPolicy::None,
-        "blocks" => CheckpointPolicy::EveryBlock,
-        n => CheckpointPolicy::EveryNth(n.parse().map_err(|_| {
-            anyhow::anyhow!("--checkpointing takes auto, none, blocks or a number, got `{n}`")
-        })?),
-    }))
-}
-
 /// A block-weight flag's text, parsed (see `train::lr_groups::Weights`).
 fn weights(flag: &str, text: &Option<String>, curves: bool) -> anyhow::Result<Option<Weights>> {
     Ok(text
@@ -654,39 +593,7 @@ pub fn config_from(a: &Args) -> anyhow::Result<TrainConfig> {
         shared.weight_decay,
         ("--weight-decay", "weight_decay"),
     )?;
-    let defaults = SamplePrompt {
-        sampler: SamplerKind::from_name(&a.sample_sampler).context("--sample-sampler")?,
-        ..SamplePrompt::new("", a.resolution, a.sample_steps, a.seed)
-    };
-    let sample_prompts = match (&a.sample_prompt, &a.sample_prompts) {
-        (Some(p), _) => vec![SamplePrompt {
-            prompt: p.clone(),
-            ..defaults
-        }],
-        (None, Some(file)) => parse_prompt_file(file, &defaults)?,
-        (None, None) => Vec::new(),
-    };
-    for (i, p) in sample_prompts.iter().enumerate() {
-        let texts = [Some(&p.prompt), p.negative.as_ref()];
-        if texts.into_iter().flatten().any(|t| uses_syntax(t)) {
-            eprintln!(
-                "note: preview {} looks like A1111's prompt syntax (kohya's previews read its \
-                 weights), which kstyle's previews read as plain text, as diffusers does",
-                i + 1
-            );
-        }
-    }
-    let triggers = [
-        a.sample_every.is_some(),
-        a.sample_every_n_epochs.is_some(),
-        a.sample_at_first,
-    ];
-    if triggers.contains(&true) && sample_prompts.is_empty() {
-        anyhow::bail!(
-            "--sample-every, --sample-every-n-epochs and --sample-at-first need \
-             --sample-prompt TEXT or --sample-prompts FILE"
-        );
-    }
+    let sample_prompts = previews::sample_prompts(a)?;
     match a.keep_checkpoints {
         Some(0) => anyhow::bail!("--keep-checkpoints must be at least 1"),
         Some(_) if a.save_every.is_none() && a.save_every_n_epochs.is_none() => {
@@ -978,71 +885,4 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
     println!("adapter: {}", o.adapter.display());
     println!("log: {}\nplot: {}", o.log_csv.display(), o.plot.display());
     Ok(ExitCode::SUCCESS)
-}
-
-/// `--loss-type`.
-#[derive(Clone, Copy, Debug, clap::ValueEnum)]
-pub enum LossTypeArg {
-    L2,
-    L1,
-    Huber,
-    #[value(alias = "smooth_l1")]
-    SmoothL1,
-}
-
-impl From<LossTypeArg> for LossType {
-    fn from(a: LossTypeArg) -> LossType {
-        match a {
-            LossTypeArg::L2 => LossType::L2,
-            LossTypeArg::L1 => LossType::L1,
-            LossTypeArg::Huber => LossType::Huber,
-            LossTypeArg::SmoothL1 => LossType::SmoothL1,
-        }
-    }
-}
-
-/// `--huber-schedule`.
-#[derive(Clone, Copy, Debug, clap::ValueEnum)]
-pub enum HuberScheduleArg {
-    Constant,
-    Exponential,
-    Snr,
-}
-
-impl From<HuberScheduleArg> for HuberSchedule {
-    fn from(a: HuberScheduleArg) -> HuberSchedule {
-        match a {
-            HuberScheduleArg::Constant => HuberSchedule::Constant,
-            HuberScheduleArg::Exponential => HuberSchedule::Exponential,
-            HuberScheduleArg::Snr => HuberSchedule::Snr,
-        }
-    }
-}
-
-/// `--targets` with `all` spelled out: every linear of the UNet's spatial transformers, in the
-/// order a block holds them.
-fn expand_targets(targets: &[String]) -> Vec<String> {
-    const ALL: [&str; 8] = [
-        "proj_in",
-        "to_q",
-        "to_k",
-        "to_v",
-        "to_out.0",
-        "ff.net.0.proj",
-        "ff.net.2",
-        "proj_out",
-    ];
-    let mut out: Vec<String> = Vec::new();
-    for t in targets {
-        let add: Vec<String> = match t.trim() {
-            "all" => ALL.iter().map(|s| s.to_string()).collect(),
-            other => vec![other.to_string()],
-        };
-        for a in add {
-            if !out.contains(&a) {
-                out.push(a);
-            }
-        }
-    }
-    out
 }
