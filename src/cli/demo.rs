@@ -84,6 +84,7 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
         vae: None,
         vae_tiling: false,
         data,
+        dataset_config: None,
         out: adapter.clone(),
         method: Method::Kstyle,
         clip: Some(fx.join("clip")),

@@ -17,6 +17,7 @@ use kstyle::train::captions::TokenWarmup;
 use kstyle::train::concepts::{default_concepts, load_concepts};
 use kstyle::train::config::{Algo, ConvLora};
 use kstyle::train::data::CaptionSource;
+use kstyle::train::dataset_config::DatasetConfig;
 use kstyle::train::lion::LionConfig;
 use kstyle::train::lr::{LrSchedule, LrShape};
 use kstyle::train::lr_groups::{BlockLr, LoraPlus, Weights};
@@ -48,8 +49,12 @@ pub struct Args {
     pub vae_tiling: bool,
     /// Folder of png/jpg/webp images with same-name .txt captions; kohya's `N_name`
     /// sub-folders (`10_hanok style/`) add their images N times an epoch, captioned `name`
-    /// where they have no caption file.
-    #[arg(long)]
+    /// where they have no caption file. Or a kohya dataset config (`--dataset-config`, a .toml or
+    /// .json file of [general], [[datasets]] and [[datasets.subsets]]): each dataset with its own
+    /// resolution, batch size and buckets, each subset an image_dir with its own num_repeats,
+    /// class_tokens, is_reg, caption files and caption / flip settings; the flags give what the
+    /// file leaves unset.
+    #[arg(long, alias = "dataset-config")]
     pub data: PathBuf,
     /// The adapter file to write (.safetensors); the log, plot and samples go beside it.
     #[arg(long)]
@@ -601,12 +606,13 @@ pub fn config_from(a: &Args) -> anyhow::Result<TrainConfig> {
         }
         _ => {}
     }
-    Ok(TrainConfig {
+    let mut cfg = TrainConfig {
         model: a.model.clone(),
         config_dir: a.config.clone(),
         vae: a.vae.clone(),
         vae_tiling: a.vae_tiling,
         data: a.data.clone(),
+        dataset_config: None,
         out: a.out.clone(),
         method,
         clip: a.clip.clone(),
@@ -802,7 +808,11 @@ pub fn config_from(a: &Args) -> anyhow::Result<TrainConfig> {
         prior_loss_weight: a.prior_loss_weight,
         val_data: a.val_data.clone(),
         val_every: a.val_every,
-    })
+    };
+    if cfg.data.is_file() {
+        DatasetConfig::load_into(&mut cfg)?;
+    }
+    Ok(cfg)
 }
 
 /// The noise offset (with its random strength and adaptive scale) and the multi-resolution

@@ -22,7 +22,7 @@ impl Trainer {
         if self.state.pos >= self.state.order.len() {
             self.state.epoch += 1;
             self.state.pos = 0;
-            self.state.order = new_epoch(&self.examples, self.cfg.batch_size, &mut self.state.rng);
+            self.state.order = new_epoch(&self.examples, &mut self.state.rng);
         }
         let batch = self.state.order[self.state.pos].clone();
         self.state.pos += 1;
@@ -197,7 +197,8 @@ impl Trainer {
         // strength (when asked) and the per-channel offsets, with --multires-noise-iterations
         // each level's size and noise, with --ip-noise-gamma its random strength (when asked)
         // and the perturbation.
-        let mirrored = self.cfg.flip_aug && rng.uniform() < 0.5;
+        let rules = self.examples[i].rules.clone();
+        let mirrored = rules.flip_aug && rng.uniform() < 0.5;
         let ex = visited(&self.examples[i], mirrored);
         let draw = Tensor::randn(ex.mean.dims().to_vec(), rng, DType::F32, device)?;
         let z = ex.mean.add(&ex.logvar.scale(0.5)?.exp()?.mul(&draw)?)?; // (1, 4, h, w)
@@ -225,19 +226,18 @@ impl Trainer {
         // their draws; then, with --shuffle-caption, the tag order of a caption that stays.
         // --caption-dropout-every-n-epochs drops every caption of every Nth epoch (kohya counts
         // epochs from 1), the draw made all the same, as kohya makes it.
-        let drawn = match (&self.empty_text, self.cfg.caption_dropout) {
+        let drawn = match (&self.empty_text, rules.caption_dropout) {
             (Some(_), Some(p)) => rng.uniform() < p,
             _ => false,
         };
-        let every = self
-            .cfg
+        let every = rules
             .caption_dropout_every_epochs
             .is_some_and(|n| (self.state.epoch + 1) % n == 0);
         let dropped = drawn || every;
         let caption = match &ex.text {
             ExampleText::Caption(c) if !dropped => Some(rewrite_caption(
                 c,
-                &self.cfg.tag_rules(),
+                &rules.tag_rules(self.cfg.token_warmup),
                 self.state.step,
                 rng,
             )),
@@ -317,19 +317,22 @@ impl CaptionEncoder {
                     }
                 };
                 let mut what = Vec::new();
-                if cfg.shuffle_caption {
+                if cfg.dataset_config.is_some() {
+                    what.push("rewritten by their subsets' rules".to_string());
+                }
+                if cfg.dataset_config.is_none() && cfg.shuffle_caption {
                     what.push("shuffled".to_string());
                 }
-                if let Some(p) = cfg.caption_tag_dropout {
+                if let Some(p) = cfg.caption_tag_dropout.filter(|_| what.is_empty()) {
                     what.push(format!("each dropped with probability {p}"));
                 }
                 log(&format!(
                     "captions: comma-separated tags {} per visit{}; the text encoders stay loaded \
                      and encode every step",
                     what.join(" and "),
-                    match cfg.keep_tokens {
-                        0 => String::new(),
-                        k => format!(", the first {k} kept in place"),
+                    match (cfg.keep_tokens, &cfg.dataset_config) {
+                        (0, _) | (_, Some(_)) => String::new(),
+                        (k, None) => format!(", the first {k} kept in place"),
                     }
                 ));
                 Ok(Some(CaptionEncoder { tok1, tok2, frozen }))
@@ -347,18 +350,24 @@ pub(super) fn visited(ex: &Example, mirrored: bool) -> &Example {
     }
 }
 
-/// What a batch must share: the latent size (the bucket) and the role (the loss it trains on).
-pub(super) fn batch_key(ex: &Example) -> (Vec<usize>, Role) {
-    (ex.mean.dims().to_vec(), ex.role)
+/// What a batch must share: the latent size (the bucket), the role (the loss it trains on) and
+/// the dataset (its batch size).
+pub(super) fn batch_key(ex: &Example) -> (Vec<usize>, Role, usize) {
+    (ex.mean.dims().to_vec(), ex.role, ex.group)
 }
 
 /// A new epoch's batches: the training visits (each example `repeats` times) shuffled, then
-/// batched by bucket and role.
-pub(super) fn new_epoch(examples: &[Example], batch_size: usize, rng: &mut Rng) -> Vec<Vec<usize>> {
+/// batched by bucket, role and dataset, at the dataset's batch size.
+pub(super) fn new_epoch(examples: &[Example], rng: &mut Rng) -> Vec<Vec<usize>> {
     let repeats: Vec<usize> = examples.iter().map(|e| e.repeats).collect();
     let mut order = Dataset::epoch_order(&repeats);
     rng.shuffle(&mut order);
-    epoch_batches(&order, |i| batch_key(&examples[i]), batch_size, rng)
+    epoch_batches(
+        &order,
+        |i| batch_key(&examples[i]),
+        |i| examples[i].batch_size,
+        rng,
+    )
 }
 
 /// Per-example tensors stacked along the batch dimension; one tensor is passed through as is.

@@ -2,13 +2,15 @@
 //! in the adapter's metadata.
 
 use super::block_dims::BlockDims;
-use super::captions::{TagRules, TokenWarmup};
+use super::captions::TokenWarmup;
 use super::data::CaptionSource;
+use super::dataset_config::DatasetConfig;
 use super::lr::LrSchedule;
 use super::lr_groups::{BlockLr, LoraPlus};
 use super::noise::{Multires, NoiseOffset};
 use super::optim::OptimizerKind;
 use super::samples::SamplePrompt;
+use super::subsets::{Group, Names, SubsetRules};
 use crate::backend::cpu::optim::AdamW;
 use crate::formats::adapter::Method;
 use crate::models::unet::CheckpointPolicy;
@@ -29,7 +31,13 @@ pub struct TrainConfig {
     pub vae: Option<PathBuf>,
     /// Encode (and decode samples) in tiles, as diffusers' `enable_vae_tiling()`.
     pub vae_tiling: bool,
+    /// The pictures: a folder (see [`super::data::Dataset::scan`]), or a kohya dataset config
+    /// file (`.toml` / `.json`), read into `dataset_config`.
     pub data: PathBuf,
+    /// `data`'s kohya dataset config: its datasets and subsets, each with its own settings
+    /// where the flags below give the defaults (see [`super::dataset_config`]). None: `data`
+    /// is a folder, and the flags hold for every picture.
+    pub dataset_config: Option<DatasetConfig>,
     pub out: PathBuf,
     pub method: Method,
     /// CLIP ViT-B/32 folder (HF layout) for the concept embeddings.
@@ -440,36 +448,11 @@ impl TrainConfig {
                 )));
             }
         }
-        if self.caption_separator.is_empty() {
-            return Err(Error::Config(
-                "--caption-separator must not be empty".into(),
-            ));
-        }
-        if let Some(s) = &self.secondary_separator {
-            if s.is_empty() || s.contains(self.caption_separator.as_str()) {
-                return Err(Error::Config(format!(
-                    "--secondary-separator `{s}` must be a non-empty string without the caption \
-                     separator `{}` in it",
-                    self.caption_separator
-                )));
-            }
-        }
-        if let Some(k) = &self.keep_tokens_separator {
-            if k.is_empty() || !self.tag_rules().moves_tags() {
-                return Err(Error::Config(
-                    "--keep-tokens-separator fixes the tags around it when --shuffle-caption \
-                     reorders them or --caption-tag-dropout drops them: pass one of those (and \
-                     a non-empty separator)"
-                        .into(),
-                ));
-            }
-        }
-        if self.keep_tokens > 0 && !self.tag_rules().moves_tags() {
-            return Err(Error::Config(
-                "--keep-tokens keeps tags in place when --shuffle-caption reorders them or \
-                 --caption-tag-dropout drops them: pass one of those"
-                    .into(),
-            ));
+        if self.dataset_config.is_none() {
+            // A dataset config checks each subset's own rules as it is read.
+            self.subset_rules()
+                .check(self.token_warmup, Names::Flags)
+                .map_err(Error::Config)?;
         }
         if let Some(w) = self.token_warmup {
             if !(w.steps.is_finite() && w.steps > 0.0) {
@@ -477,13 +460,6 @@ impl TrainConfig {
                     "--token-warmup-step must be a positive number of steps (below 1: a fraction \
                      of the run; 0 turns the warm-up off), got {}",
                     w.steps
-                )));
-            }
-        }
-        if let Some(p) = self.caption_tag_dropout {
-            if !(0.0..=1.0).contains(&p) {
-                return Err(Error::Config(format!(
-                    "--caption-tag-dropout is a probability from 0 to 1, got {p}"
                 )));
             }
         }
@@ -593,10 +569,26 @@ impl TrainConfig {
                 return Err(Error::file(dir, "--mask-data: not a folder"));
             }
         }
-        if self.prior_loss_weight != 1.0 && self.reg_data.is_none() {
-            return Err(Error::Config(
-                "--prior-loss-weight weights --reg-data's pictures: pass --reg-data DIR".into(),
+        let reg_subsets = self
+            .dataset_config
+            .as_ref()
+            .is_some_and(DatasetConfig::has_reg);
+        if self.reg_data.is_some() && self.dataset_config.is_some() {
+            return Err(Error::file(
+                &self.data,
+                "--reg-data with a dataset config: list the regularization pictures in it as a \
+                 subset with `is_reg = true` (kohya ignores --reg_data_dir there)",
             ));
+        }
+        if self.prior_loss_weight != 1.0 && self.reg_data.is_none() && !reg_subsets {
+            let m = "--prior-loss-weight weights --reg-data's pictures";
+            return Err(match self.dataset_config {
+                Some(_) => Error::file(
+                    &self.data,
+                    format!("{m}: the dataset config has no subset with `is_reg = true`"),
+                ),
+                None => Error::Config(format!("{m}: pass --reg-data DIR")),
+            });
         }
         if !(self.prior_loss_weight.is_finite() && self.prior_loss_weight >= 0.0) {
             return Err(Error::Config(format!(
@@ -614,13 +606,6 @@ impl TrainConfig {
             if !(lr.is_finite() && lr >= 0.0) {
                 return Err(Error::Config(format!(
                     "--text-encoder-lr must be a number of 0 or more, got {lr}"
-                )));
-            }
-        }
-        if let Some(p) = self.caption_dropout {
-            if !(0.0..=1.0).contains(&p) {
-                return Err(Error::Config(format!(
-                    "--caption-dropout is a probability from 0 to 1, got {p}"
                 )));
             }
         }
@@ -714,30 +699,75 @@ impl TrainConfig {
         self.max_token_length.map_or(1, |n| n / 75)
     }
 
-    pub fn live_captions(&self) -> bool {
-        self.tag_rules().moves_tags() || self.captions.wildcard
-    }
-
-    /// How each visit rewrites its caption (see [`super::captions`]).
-    pub fn tag_rules(&self) -> TagRules<'_> {
-        TagRules {
-            separator: &self.caption_separator,
-            keep: self.keep_tokens,
-            keep_separator: self.keep_tokens_separator.as_deref(),
-            secondary: self.secondary_separator.as_deref(),
-            shuffle: self.shuffle_caption,
-            drop: self.caption_tag_dropout,
+    /// The flags' rules for the pictures of a run without a dataset config.
+    pub fn subset_rules(&self) -> SubsetRules {
+        SubsetRules {
+            flip_aug: self.flip_aug,
+            caption_dropout: self.caption_dropout,
+            caption_dropout_every_epochs: self.caption_dropout_every_epochs,
+            shuffle_caption: self.shuffle_caption,
+            keep_tokens: self.keep_tokens,
+            caption_tag_dropout: self.caption_tag_dropout,
+            caption_separator: self.caption_separator.clone(),
+            keep_tokens_separator: self.keep_tokens_separator.clone(),
+            secondary_separator: self.secondary_separator.clone(),
             wildcard: self.captions.wildcard,
-            warmup: self.token_warmup,
         }
     }
 
-    /// A caption as it is cached when captions are not rewritten per visit: the secondary
-    /// separator turned into the separator, as kohya does on every caption.
-    pub fn fixed_caption(&self, caption: &str) -> String {
-        match &self.secondary_separator {
-            Some(s) => caption.replace(s.as_str(), &self.caption_separator),
-            None => caption.to_string(),
+    /// The flags' resolution, batch size and buckets, for a run without a dataset config.
+    pub fn group(&self) -> Group {
+        Group {
+            resolution: self.resolution,
+            batch_size: self.batch_size,
+            buckets: self.buckets,
+        }
+    }
+
+    /// Every dataset's resolution, batch size and buckets: the dataset config's, or the flags'.
+    pub fn groups(&self) -> Vec<Group> {
+        match &self.dataset_config {
+            Some(d) => d.datasets.iter().map(|g| g.group.clone()).collect(),
+            None => vec![self.group()],
+        }
+    }
+
+    /// Every subset's rules: the dataset config's, or the flags' alone.
+    pub fn all_rules(&self) -> Vec<SubsetRules> {
+        match &self.dataset_config {
+            Some(d) => d.rules(),
+            None => vec![self.subset_rules()],
+        }
+    }
+
+    /// Whether any caption is rewritten per visit (captions are then encoded every step).
+    pub fn live_captions(&self) -> bool {
+        self.all_rules().iter().any(|r| r.live(self.token_warmup))
+    }
+
+    /// Whether any picture is ever mirrored.
+    pub fn any_flip(&self) -> bool {
+        self.all_rules().iter().any(|r| r.flip_aug)
+    }
+
+    /// Whether any caption ever drops out.
+    pub fn any_caption_dropout(&self) -> bool {
+        self.all_rules().iter().any(SubsetRules::drops)
+    }
+
+    /// The batch sizes as the adapter records them (and a resume compares them): the run's, or
+    /// each dataset's in the config's order, comma-separated.
+    pub fn batch_sizes(&self) -> String {
+        match &self.dataset_config {
+            Some(_) => {
+                let sizes: Vec<String> = self
+                    .groups()
+                    .iter()
+                    .map(|g| g.batch_size.to_string())
+                    .collect();
+                sizes.join(",")
+            }
+            None => self.batch_size.to_string(),
         }
     }
 }

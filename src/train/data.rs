@@ -16,7 +16,7 @@ use std::path::{Path, PathBuf};
 pub const IMAGE_EXTENSIONS: [&str; 4] = ["png", "jpg", "jpeg", "webp"];
 
 /// Where captions come from.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct CaptionSource {
     /// Used when an image has neither a caption file nor a kohya folder caption; `{trigger}` is
     /// replaced by the trigger phrase.
@@ -89,6 +89,10 @@ pub struct Sample {
     /// Visits per epoch (kohya's folder repeats; 1 for pictures directly in the data folder).
     pub repeats: usize,
     pub role: Role,
+    /// Index of its subset's [`super::subsets::SubsetRules`] (0 without a dataset config).
+    pub rules: usize,
+    /// Index of its dataset's [`super::subsets::Group`] (0 without a dataset config).
+    pub group: usize,
 }
 
 /// What a picture is for.
@@ -208,48 +212,19 @@ impl Dataset {
             }
         }
         for (folder, repeats, folder_caption) in folders {
-            let paths = entries(&folder)?;
-            for p in &paths {
-                if p.is_dir() {
-                    if folder != dir {
-                        skipped.push(format!("{}: folders nest one level", p.display()));
-                    }
-                    continue;
-                }
-                if !is_image(p) {
-                    let ext = p
-                        .extension()
-                        .map(|e| e.to_string_lossy().to_ascii_lowercase());
-                    let ext = ext.as_deref().unwrap_or("");
-                    // Captions and kohya's caches (`a.npz`, `a_1024x1024_sdxl.npz`,
-                    // `a_te_outputs.npz`) beside a picture.
-                    let companion = ["txt", "caption", "npz"].contains(&ext)
-                        && paths.iter().any(|q| is_image(q) && companion_of(p, q));
-                    if ext == captions.extension || companion {
-                        continue;
-                    }
-                    return Err(Error::file(
-                        p,
-                        format!(
-                            "not an image (dataset folders hold {} pictures, .{} captions and \
-                             kohya `N_name` sub-folders)",
-                            IMAGE_EXTENSIONS.join("/"),
-                            captions.extension
-                        ),
-                    ));
-                }
-                // Decode once now so a broken image fails before hours of training, not in the
-                // middle.
-                load_training_picture(p)?;
-                let bytes = std::fs::read(p).map_err(|e| Error::io(p, e))?;
-                samples.push(Sample {
-                    caption: captions.caption_for(p, folder_caption.as_deref())?,
-                    hash: sha256_hex(&bytes),
-                    path: p.clone(),
-                    repeats,
-                    role: Role::Style,
-                });
-            }
+            let nested = match folder == dir {
+                true => None,
+                false => Some("folders nest one level"),
+            };
+            let found = scan_pictures(
+                &folder,
+                repeats,
+                folder_caption.as_deref(),
+                captions,
+                nested,
+            )?;
+            samples.extend(found.samples);
+            skipped.extend(found.skipped);
         }
         if samples.is_empty() {
             return Err(Error::file(
@@ -285,6 +260,67 @@ impl Dataset {
     }
 }
 
+/// The pictures directly in `folder`, each visited `repeats` times an epoch and captioned by
+/// its caption file, else `folder_caption`, else the template. Caption files and kohya's latent
+/// caches (`.npz`) beside a picture are skipped; any other file is an error naming it, and so is
+/// a picture that does not decode. Sub-folders are listed in `skipped` with `nested` as the
+/// reason (None: passed over silently).
+pub fn scan_pictures(
+    folder: &Path,
+    repeats: usize,
+    folder_caption: Option<&str>,
+    captions: &CaptionSource,
+    nested: Option<&str>,
+) -> Result<Dataset> {
+    let mut samples = Vec::new();
+    let mut skipped = Vec::new();
+    let paths = entries(folder)?;
+    for p in &paths {
+        if p.is_dir() {
+            if let Some(why) = nested {
+                skipped.push(format!("{}: {why}", p.display()));
+            }
+            continue;
+        }
+        if !is_image(p) {
+            let ext = p
+                .extension()
+                .map(|e| e.to_string_lossy().to_ascii_lowercase());
+            let ext = ext.as_deref().unwrap_or("");
+            // Captions and kohya's caches (`a.npz`, `a_1024x1024_sdxl.npz`,
+            // `a_te_outputs.npz`) beside a picture.
+            let companion = ["txt", "caption", "npz"].contains(&ext)
+                && paths.iter().any(|q| is_image(q) && companion_of(p, q));
+            if ext == captions.extension || companion {
+                continue;
+            }
+            return Err(Error::file(
+                p,
+                format!(
+                    "not an image (dataset folders hold {} pictures, .{} captions and \
+                     kohya `N_name` sub-folders)",
+                    IMAGE_EXTENSIONS.join("/"),
+                    captions.extension
+                ),
+            ));
+        }
+        // Decode once now so a broken image fails before hours of training, not in the
+        // middle.
+        load_training_picture(p)?;
+        let bytes = std::fs::read(p).map_err(|e| Error::io(p, e))?;
+        samples.push(Sample {
+            caption: captions.caption_for(p, folder_caption)?,
+            hash: sha256_hex(&bytes),
+            path: p.clone(),
+            repeats,
+            role: Role::Style,
+            rules: 0,
+            group: 0,
+        });
+    }
+    Ok(Dataset { samples, skipped })
+}
+
 /// Visits grouped by `key` (a batch must share one latent size, and one role), the groups in
 /// the order their first visit appears in `order`, each keeping `order`'s order.
 pub fn group_visits<K: PartialEq>(order: &[usize], key: impl Fn(usize) -> K) -> Vec<Vec<usize>> {
@@ -300,21 +336,23 @@ pub fn group_visits<K: PartialEq>(order: &[usize], key: impl Fn(usize) -> K) -> 
 }
 
 /// One epoch's batches from its shuffled visits, as kohya batches its buckets: the visits
-/// grouped by `key` (the trainer's adds the role to the bucket, which kohya does not), each group
-/// cut into batches of `size` (its last batch holds the rest), and the batches shuffled. With `size` 1 every visit is a batch of its own, in `order`'s order,
-/// and nothing is drawn from `rng`.
+/// grouped by `key` (the trainer's adds the role and the dataset to the bucket; kohya batches
+/// each dataset apart too, not by role), each group cut into batches of `size` of its visits'
+/// example (one per group: the key must decide it; a group's last batch holds the rest), and
+/// the batches shuffled. When every size is 1 every visit is a batch of its own, in `order`'s
+/// order, and nothing is drawn from `rng`.
 pub fn epoch_batches<K: PartialEq>(
     order: &[usize],
     key: impl Fn(usize) -> K,
-    size: usize,
+    size: impl Fn(usize) -> usize,
     rng: &mut Rng,
 ) -> Vec<Vec<usize>> {
-    if size <= 1 {
+    if order.iter().all(|&i| size(i) <= 1) {
         return order.iter().map(|&i| vec![i]).collect();
     }
     let mut batches: Vec<Vec<usize>> = group_visits(order, key)
         .iter()
-        .flat_map(|g| g.chunks(size).map(<[usize]>::to_vec))
+        .flat_map(|g| g.chunks(size(g[0]).max(1)).map(<[usize]>::to_vec))
         .collect();
     rng.shuffle(&mut batches);
     batches
@@ -324,11 +362,11 @@ pub fn epoch_batches<K: PartialEq>(
 pub fn batches_per_epoch<K: PartialEq>(
     order: &[usize],
     key: impl Fn(usize) -> K,
-    size: usize,
+    size: impl Fn(usize) -> usize,
 ) -> usize {
     group_visits(order, key)
         .iter()
-        .map(|g| g.len().div_ceil(size.max(1)))
+        .map(|g| g.len().div_ceil(size(g[0]).max(1)))
         .sum()
 }
 
@@ -600,24 +638,34 @@ mod tests {
         let order = [4, 1, 0, 5, 2, 3, 4, 0];
         let mut rng = Rng::new(7);
         let before = rng.clone();
-        let singles = epoch_batches(&order, key, 1, &mut rng);
+        let singles = epoch_batches(&order, key, |_| 1, &mut rng);
         assert_eq!(singles, order.map(|i| vec![i]).to_vec());
         assert_eq!(rng, before, "batch size 1 draws nothing");
         assert_eq!(
             group_visits(&order, key),
             vec![vec![4, 0, 2, 4, 0], vec![1, 3], vec![5]]
         );
-        let batches = epoch_batches(&order, key, 2, &mut rng);
-        assert_eq!(batches.len(), batches_per_epoch(&order, key, 2));
+        let batches = epoch_batches(&order, key, |_| 2, &mut rng);
+        assert_eq!(batches.len(), batches_per_epoch(&order, key, |_| 2));
         let mut sorted = batches.clone();
         sorted.sort();
         assert_eq!(
             sorted,
             vec![vec![0], vec![1, 3], vec![2, 4], vec![4, 0], vec![5]]
         );
-        assert_eq!(batches_per_epoch(&order, key, 3), 4);
-        assert_eq!(batches_per_epoch(&order, key, 8), 3);
-        assert_eq!(batches_per_epoch(&order, key, 1), order.len());
+        assert_eq!(batches_per_epoch(&order, key, |_| 3), 4);
+        assert_eq!(batches_per_epoch(&order, key, |_| 8), 3);
+        assert_eq!(batches_per_epoch(&order, key, |_| 1), order.len());
+        // Each group at its own size (a dataset config's per-dataset batch sizes); a size-1
+        // group among larger ones is still shuffled with them.
+        let size = |i: usize| [3, 1, 2][key(i)];
+        let mut mixed = epoch_batches(&order, key, size, &mut rng);
+        assert_eq!(mixed.len(), batches_per_epoch(&order, key, size));
+        mixed.sort();
+        assert_eq!(
+            mixed,
+            vec![vec![1], vec![3], vec![4, 0], vec![4, 0, 2], vec![5]]
+        );
     }
 
     /// The mirrored tensor is the plain one read right to left, and its crop starts where the

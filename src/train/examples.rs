@@ -3,14 +3,18 @@
 
 use super::data::{
     buckets, load_training_picture, load_training_picture_alpha, mask_picture, nearest_bucket,
-    prior_repeats, training_mask, training_tensor, Dataset, Role, TensorCache,
+    prior_repeats, scan_pictures, training_mask, training_tensor, Dataset, Role, Sample,
+    TensorCache,
 };
+use super::dataset_config::DatasetConfig;
+use super::subsets::SubsetRules;
 use super::text::{caption_ids, sdxl_conditioning, tokenized};
 use super::trainer::TrainConfig;
 use crate::sample::model_files::ModelFiles;
 use crate::{DType, Device, Error, Result, Tensor};
 use std::collections::BTreeMap;
 use std::path::Path;
+use std::sync::Arc;
 
 /// One cached training example.
 #[derive(Clone)]
@@ -30,6 +34,11 @@ pub(super) struct Example {
     pub(super) mirror: Option<Box<Example>>,
     /// With `--alpha-mask`, its diffusion loss's mask (1, 1, h, w).
     pub(super) mask: Option<Tensor>,
+    /// How its visits are drawn: its subset's flip and caption rules.
+    pub(super) rules: Arc<SubsetRules>,
+    /// Its dataset (batches never mix datasets) and that dataset's batch size.
+    pub(super) group: usize,
+    pub(super) batch_size: usize,
 }
 
 /// A caption as the step reads it.
@@ -50,9 +59,35 @@ pub(super) enum ExampleText {
 }
 
 /// The run's pictures: `--data`, then `--reg-data`'s with kohya's balanced visit counts (those
-/// left with none are dropped, as kohya leaves them unused), then `--val-data`'s with no visits.
-/// Logs what it found.
+/// left with none are dropped, as kohya leaves them unused), or a dataset config's subsets;
+/// then `--val-data`'s with no visits. Logs what it found.
 pub(super) fn load_dataset(cfg: &TrainConfig, log: &mut dyn FnMut(&str)) -> Result<Dataset> {
+    let (mut data, mut skipped) = match &cfg.dataset_config {
+        Some(dc) => config_dataset(cfg, dc, log)?,
+        None => folder_dataset(cfg, log)?,
+    };
+    if let Some(dir) = &cfg.val_data {
+        let val = Dataset::scan(dir, &cfg.captions)?;
+        log(&format!(
+            "validation: {} images from {} (held out: they never train)",
+            val.len(),
+            dir.display()
+        ));
+        skipped.extend(val.skipped);
+        for mut s in val.samples {
+            s.repeats = 0;
+            s.role = Role::Validation;
+            data.samples.push(s);
+        }
+    }
+    for s in &skipped {
+        log(&format!("warning: left out {s}"));
+    }
+    Ok(data)
+}
+
+/// `--data`'s folder and `--reg-data`'s, and what their scans left out.
+fn folder_dataset(cfg: &TrainConfig, log: &mut dyn FnMut(&str)) -> Result<(Dataset, Vec<String>)> {
     let mut data = Dataset::scan(&cfg.data, &cfg.captions)?;
     log(&format!(
         "dataset: {} images from {}{}",
@@ -95,24 +130,103 @@ pub(super) fn load_dataset(cfg: &TrainConfig, log: &mut dyn FnMut(&str)) -> Resu
             cfg.prior_loss_weight
         ));
     }
-    if let Some(dir) = &cfg.val_data {
-        let val = Dataset::scan(dir, &cfg.captions)?;
+    Ok((data, skipped))
+}
+
+/// The pictures of a dataset config's subsets, each dataset's regularization subsets balanced
+/// against its training visits as kohya balances them, and what the scans left out.
+fn config_dataset(
+    cfg: &TrainConfig,
+    dc: &DatasetConfig,
+    log: &mut dyn FnMut(&str),
+) -> Result<(Dataset, Vec<String>)> {
+    let mut samples = Vec::new();
+    let mut skipped = Vec::new();
+    let mut rules = 0;
+    for (g, d) in dc.datasets.iter().enumerate() {
+        let mut train = Vec::new();
+        let mut reg = Vec::new();
+        let mut dirs: Vec<&Path> = Vec::new();
+        for s in &d.subsets {
+            let index = rules;
+            rules += 1;
+            // kohya leaves out a dataset's second subset of one folder.
+            if dirs.contains(&s.image_dir.as_path()) {
+                skipped.push(format!(
+                    "{}: a second subset of [[datasets]] {} on this folder",
+                    s.image_dir.display(),
+                    g + 1
+                ));
+                continue;
+            }
+            dirs.push(&s.image_dir);
+            let found = scan_pictures(
+                &s.image_dir,
+                s.repeats,
+                s.class_tokens.as_deref(),
+                &s.captions,
+                Some("a dataset config's image_dir is read without its sub-folders (kohya's)"),
+            )?;
+            if found.samples.is_empty() {
+                skipped.push(format!("{}: no pictures", s.image_dir.display()));
+            }
+            skipped.extend(found.skipped);
+            let part = match s.is_reg {
+                true => &mut reg,
+                false => &mut train,
+            };
+            part.extend(found.samples.into_iter().map(|p| Sample {
+                rules: index,
+                group: g,
+                ..p
+            }));
+        }
+        let visits: usize = train.iter().map(|s| s.repeats).sum();
+        let group = &d.group;
         log(&format!(
-            "validation: {} images from {} (held out: they never train)",
-            val.len(),
-            dir.display()
+            "dataset {}: {} images, {visits} visits an epoch, at {} px{}, batches of {}",
+            g + 1,
+            train.len(),
+            group.resolution,
+            if group.buckets { " (buckets)" } else { "" },
+            group.batch_size
         ));
-        skipped.extend(val.skipped);
-        for mut s in val.samples {
-            s.repeats = 0;
-            s.role = Role::Validation;
-            data.samples.push(s);
+        samples.extend(train);
+        if !reg.is_empty() {
+            let repeats: Vec<usize> = reg.iter().map(|s| s.repeats).collect();
+            let counts = prior_repeats(visits, &repeats);
+            let used = counts.iter().filter(|&&c| c > 0).count();
+            log(&format!(
+                "dataset {}: {used} regularization images of {}, {} visits an epoch (kohya's \
+                 balance against its training visits), prior loss weight {}",
+                g + 1,
+                reg.len(),
+                counts.iter().sum::<usize>(),
+                cfg.prior_loss_weight
+            ));
+            for (s, n) in reg.into_iter().zip(counts).filter(|(_, n)| *n > 0) {
+                samples.push(Sample {
+                    repeats: n,
+                    role: Role::Prior,
+                    ..s
+                });
+            }
         }
     }
-    for s in &skipped {
-        log(&format!("warning: left out {s}"));
+    if !samples.iter().any(|s| s.role == Role::Style) {
+        return Err(Error::file(
+            &cfg.data,
+            "no training images found in the dataset config's subsets (regularization subsets \
+             need training pictures to balance against)",
+        ));
     }
-    Ok(data)
+    Ok((
+        Dataset {
+            samples,
+            skipped: Vec::new(),
+        },
+        skipped,
+    ))
 }
 
 /// What the caches give the trainer.
@@ -141,11 +255,17 @@ pub(super) fn prepare_examples(
     }))?;
     let model_id = files.identity();
     let latent_id = files.latent_identity();
-    let bucket_list = if cfg.buckets {
-        buckets(cfg.resolution)
-    } else {
-        vec![(cfg.resolution, cfg.resolution)]
-    };
+    // Each dataset's buckets (one without a dataset config).
+    let groups = cfg.groups();
+    let bucket_lists: Vec<Vec<(usize, usize)>> = groups
+        .iter()
+        .map(|g| match g.buckets {
+            true => buckets(g.resolution),
+            false => vec![(g.resolution, g.resolution)],
+        })
+        .collect();
+    let rules: Vec<Arc<SubsetRules>> = cfg.all_rules().into_iter().map(Arc::new).collect();
+    let live = cfg.live_captions();
     let mut vae = None;
     let mut text = None;
     let mut examples = Vec::with_capacity(data.len());
@@ -256,8 +376,9 @@ pub(super) fn prepare_examples(
         let size = nearest_bucket(
             picture.width() as usize,
             picture.height() as usize,
-            &bucket_list,
+            &bucket_lists[s.group],
         );
+        let subset = &rules[s.rules];
         let size_id = format!("{}x{}", size.0, size.1);
         // "upright": latents of pictures turned by their EXIF orientation (older caches encoded
         // them as stored).
@@ -266,10 +387,10 @@ pub(super) fn prepare_examples(
             // Tiled encodes differ from whole ones.
             parts.push("tiled");
         }
-        let text = match cfg.live_captions() {
+        let text = match live {
             true => ExampleText::Caption(s.caption.clone()),
             false => text_of(
-                &cfg.fixed_caption(&s.caption),
+                &subset.fixed_caption(&s.caption),
                 &s.path.display().to_string(),
                 chunks,
                 cfg.weighted_captions,
@@ -318,11 +439,14 @@ pub(super) fn prepare_examples(
                     true => Some(training_mask(alpha.as_ref(), size, mirrored, cfg.device)?),
                     false => None,
                 },
+                rules: subset.clone(),
+                group: s.group,
+                batch_size: groups[s.group].batch_size,
             })
         };
         let mut plain = example(false)?;
         // Validation pictures are scored as they are.
-        if cfg.flip_aug && s.role != Role::Validation {
+        if subset.flip_aug && s.role != Role::Validation {
             plain.mirror = Some(Box::new(example(true)?));
         }
         examples.push(plain);
@@ -338,8 +462,7 @@ pub(super) fn prepare_examples(
             samples.push((text_of(&p.prompt, "a preview prompt", 1, false)?, negative));
         }
     }
-    let drops = cfg.caption_dropout.is_some() || cfg.caption_dropout_every_epochs.is_some();
-    let empty = match (drops, cfg.live_captions()) {
+    let empty = match (cfg.any_caption_dropout(), live) {
         (true, true) => Some(ExampleText::Caption(String::new())),
         // The empty caption weighs the same either way.
         (true, false) => Some(text_of("", "the dropped caption", chunks, false)?),

@@ -87,7 +87,8 @@ impl Trainer {
             // Dropout's masked update keeps more for the backward than the fused one.
             let dropout = !self.cfg.lora_dropout.is_off();
             if dropout {
-                self.set_dropout(Some(&vec![0x5eed; self.cfg.batch_size]));
+                let b = self.largest_batch()?.batch_size;
+                self.set_dropout(Some(&vec![0x5eed; b]));
             }
             let probe = self.probe_step();
             if dropout {
@@ -129,18 +130,22 @@ impl Trainer {
     /// Peak bytes of one micro-batch of `--batch-size` copies of the largest example: forward,
     /// backward and the gradient sum, as `step` does them, with the trainer's own state
     /// untouched.
+    /// The example of the largest batch: the most latent elements times its dataset's batch
+    /// size.
+    fn largest_batch(&self) -> Result<&Example> {
+        self.examples
+            .iter()
+            .max_by_key(|e| e.mean.elem_count() * e.batch_size)
+            .ok_or_else(|| Error::Config("no training examples".into()))
+    }
+
     fn probe_step(&self) -> Result<u64> {
         let device = self.cfg.device;
         // Probed as a style picture, with the cultural term, even when the largest is a
         // regularization picture (which trains without it).
         let ex = Example {
             role: Role::Style,
-            ..self
-                .examples
-                .iter()
-                .max_by_key(|e| e.mean.elem_count())
-                .ok_or_else(|| Error::Config("no training examples".into()))?
-                .clone()
+            ..self.largest_batch()?.clone()
         };
         let ex = &ex;
         reset_peak(device)?;
@@ -149,7 +154,7 @@ impl Trainer {
             let mut acc = GradAccumulator::new(&self.optimizer)?;
             let schedule = self.schedule.clone();
             let mut rng = Rng::new(0x5eed);
-            let b = self.cfg.batch_size;
+            let b = ex.batch_size;
             let x0 = self.latent_config.scale_latents(&ex.mean)?; // (1, 4, h, w)
             let x0 = stack(vec![x0; b])?; // (B, 4, h, w)
             let noise = Tensor::randn(x0.dims().to_vec(), &mut rng, DType::F32, device)?;

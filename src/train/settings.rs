@@ -18,8 +18,29 @@ impl TrainConfig {
             ("lr_schedule".to_string(), c.schedule.name()),
             ("warmup".to_string(), c.schedule.warmup.to_string()),
             ("grad_accum".to_string(), c.grad_accum.to_string()),
-            ("batch_size".to_string(), c.batch_size.to_string()),
-            ("resolution".to_string(), c.resolution.to_string()),
+            // With a dataset config: each dataset's, comma-separated (the per-subset caption
+            // and flip settings below are then the flags' defaults; the file holds the rest).
+            ("batch_size".to_string(), c.batch_sizes()),
+            (
+                "resolution".to_string(),
+                c.groups()
+                    .iter()
+                    .map(|g| g.resolution.to_string())
+                    .collect::<Vec<_>>()
+                    .join(","),
+            ),
+            (
+                "dataset_config".to_string(),
+                match &c.dataset_config {
+                    Some(d) => format!(
+                        "{}: {} datasets, {} subsets",
+                        c.data.file_name().unwrap_or_default().to_string_lossy(),
+                        d.datasets.len(),
+                        d.rules().len()
+                    ),
+                    None => "none".into(),
+                },
+            ),
             ("flip_aug".to_string(), c.flip_aug.to_string()),
             ("alpha_mask".to_string(), c.alpha_mask.to_string()),
             (

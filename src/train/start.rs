@@ -149,14 +149,14 @@ pub(super) fn resume(
         .settings
         .get("batch_size")
         .map_or("1", String::as_str);
-    if was != cfg.batch_size.to_string() {
+    if was != cfg.batch_sizes() {
         return Err(Error::file(
             path,
             format!(
-                "the checkpoint trained with --batch-size {was}: resume it with the \
-                 same batch size, as its epoch is already batched (this run asks for \
-                 {})",
-                cfg.batch_size
+                "the checkpoint trained with --batch-size {was} (a dataset config's: each \
+                 dataset's): resume it with the same batch sizes, as its epoch is already \
+                 batched (this run asks for {})",
+                cfg.batch_sizes()
             ),
         ));
     }
@@ -291,7 +291,7 @@ pub(super) fn fresh(
         }
         _ => None,
     };
-    let order = new_epoch(examples, cfg.batch_size, &mut rng);
+    let order = new_epoch(examples, &mut rng);
     Ok(Start {
         modules,
         cultural,

@@ -152,7 +152,7 @@ impl Trainer {
         // Block settings checked against the model's layout before any cache is built.
         let plan = UnetPlan::new(&cfg, &files.unet_config()?.layout(), log)?;
         let data = load_dataset(&cfg, log)?;
-        if cfg.flip_aug {
+        if cfg.any_flip() {
             log("flip augmentation: each visit trains on the picture mirrored with probability 1/2 (mirrored latents cached too)");
         }
         let vae_config = files.vae_config_in_use()?;
@@ -207,13 +207,17 @@ impl Trainer {
         let batches = batches_per_epoch(
             &Dataset::epoch_order(&repeats),
             |i| batch_key(&examples[i]),
-            cfg.batch_size,
+            |i| examples[i].batch_size,
         );
         let steps_per_epoch = (batches as u64).div_ceil(cfg.grad_accum as u64);
-        if cfg.batch_size > 1 {
+        if cfg.groups().iter().any(|g| g.batch_size > 1) {
             log(&format!(
-                "batches of {} (one bucket and one role each): {batches} an epoch",
-                cfg.batch_size
+                "batches of {} (one bucket and one role each{}): {batches} an epoch",
+                cfg.batch_sizes(),
+                match cfg.dataset_config {
+                    Some(_) => ", of one dataset",
+                    None => "",
+                }
             ));
         }
         let total_steps = cfg.max_steps.unwrap_or(cfg.epochs * steps_per_epoch);
