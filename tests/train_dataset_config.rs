@@ -324,3 +324,67 @@ fn bad_configs_fail_naming_the_file_and_the_key() {
         "a folder of pictures or a kohya dataset config (.toml or .json)",
     );
 }
+
+/// kohya's bucket flags and keys: with --bucket-no-upscale each picture trains at its own size
+/// floored to steps (when within the resolution's area), from the flags or from a config.
+#[test]
+fn kohya_buckets_come_from_flags_and_configs() {
+    let dir = tmp("dscfg-buckets");
+    let data = dataset(dir.as_path());
+    // 96x64, 64x64 and 72x112 within 128²: their own sizes floored to 32.
+    let want = "buckets (pictures each): 64x64: 1, 64x96: 1, 96x64: 1";
+    let flags = [
+        "--max-steps",
+        "1",
+        "--resolution",
+        "128",
+        "--buckets",
+        "--bucket-no-upscale",
+        "--bucket-reso-steps",
+        "32",
+    ];
+    let o = train(
+        &data,
+        &dir.as_path().join("a/adapter.safetensors"),
+        "lora",
+        &flags,
+    );
+    ok(&o, "flags");
+    assert!(stderr(&o).contains(want), "{}", stderr(&o));
+    let config = write(
+        &dir.as_path().join("dataset.toml"),
+        "[general]\nenable_bucket = true\nbucket_no_upscale = true\nbucket_reso_steps = 32\n\
+         [[datasets]]\nresolution = 128\n[[datasets.subsets]]\nimage_dir = 'data'\n",
+    );
+    let o = train(
+        &config,
+        &dir.as_path().join("b/adapter.safetensors"),
+        "lora",
+        &["--max-steps", "1"],
+    );
+    ok(&o, "config");
+    let log = stderr(&o);
+    assert!(
+        log.contains(want) && log.contains("(kohya's buckets, no upscale)"),
+        "{log}"
+    );
+    // kohya's flags shape --buckets' buckets.
+    refused(
+        &data,
+        dir.as_path(),
+        &["--bucket-no-upscale"],
+        "pass --buckets",
+    );
+    refused(
+        &data,
+        dir.as_path(),
+        &[
+            "--buckets",
+            "--resolution",
+            "128",
+            "--max-bucket-reso",
+            "64",
+        ],
+        "--min-bucket-reso 256 and --max-bucket-reso 64 must satisfy min <= max",
+    );
+}

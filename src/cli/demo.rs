@@ -125,6 +125,7 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
         max_steps: Some(a.steps),
         resolution: 64,
         buckets: false,
+        kohya_buckets: None,
         flip_aug: false,
         alpha_mask: false,
         weighted_captions: false,

@@ -13,6 +13,7 @@ use kstyle::nn::lora_dropout::LoraDropout;
 use kstyle::train::adafactor::AdafactorConfig;
 use kstyle::train::adamw8bit::EightBitConfig;
 use kstyle::train::block_dims::BlockDims;
+use kstyle::train::buckets::KohyaBuckets;
 use kstyle::train::captions::TokenWarmup;
 use kstyle::train::concepts::{default_concepts, load_concepts};
 use kstyle::train::config::{Algo, ConvLora};
@@ -326,9 +327,27 @@ pub struct Args {
     pub max_steps: Option<u64>,
     #[arg(long, default_value_t = 1024)]
     pub resolution: usize,
-    /// Aspect-ratio buckets instead of square centre crops.
-    #[arg(long)]
+    /// Aspect-ratio buckets instead of square centre crops (kohya's --enable_bucket): kstyle's
+    /// (sides in steps of 64 from half to twice the resolution, area at most the resolution's,
+    /// up to 4:1, the nearest aspect in log space), or kohya's with any of the four below.
+    #[arg(long, alias = "enable-bucket")]
     pub buckets: bool,
+    /// kohya's --min_bucket_reso (256 when another of kohya's bucket flags is given): kohya's
+    /// buckets, every side from this to --max-bucket-reso in --bucket-reso-steps with the
+    /// resolution's area at most, a picture going to its own size when listed, else the
+    /// smallest aspect-ratio difference.
+    #[arg(long)]
+    pub min_bucket_reso: Option<usize>,
+    /// kohya's --max_bucket_reso (1024 by default; at least the resolution).
+    #[arg(long)]
+    pub max_bucket_reso: Option<usize>,
+    /// kohya's --bucket_reso_steps (64 by default; a multiple of 8).
+    #[arg(long)]
+    pub bucket_reso_steps: Option<usize>,
+    /// kohya's --bucket_no_upscale: each picture a bucket of its own size in steps (scaled down
+    /// to the resolution's area when larger, never up), cropped to it.
+    #[arg(long)]
+    pub bucket_no_upscale: bool,
     /// Train each visit on the picture mirrored left to right with probability 1/2 (kohya's
     /// --flip_aug, diffusers' --random_flip), the crop's time ids mirrored with it. The mirrored
     /// latents are cached beside the plain ones. Not for styles whose pictures have a handedness
@@ -721,6 +740,7 @@ pub fn config_from(a: &Args) -> anyhow::Result<TrainConfig> {
         max_steps: a.max_steps,
         resolution: a.resolution,
         buckets: a.buckets,
+        kohya_buckets: kohya_buckets(a),
         flip_aug: a.flip_aug,
         alpha_mask: a.alpha_mask,
         mask_data: a.mask_data.clone(),
@@ -813,6 +833,23 @@ pub fn config_from(a: &Args) -> anyhow::Result<TrainConfig> {
         DatasetConfig::load_into(&mut cfg)?;
     }
     Ok(cfg)
+}
+
+/// kohya's bucketing when any of its flags is given, kohya's defaults for the rest.
+fn kohya_buckets(a: &Args) -> Option<KohyaBuckets> {
+    let given = a.min_bucket_reso.is_some()
+        || a.max_bucket_reso.is_some()
+        || a.bucket_reso_steps.is_some()
+        || a.bucket_no_upscale;
+    given.then(|| {
+        let d = KohyaBuckets::default();
+        KohyaBuckets {
+            min: a.min_bucket_reso.unwrap_or(d.min),
+            max: a.max_bucket_reso.unwrap_or(d.max),
+            steps: a.bucket_reso_steps.unwrap_or(d.steps),
+            no_upscale: a.bucket_no_upscale,
+        }
+    })
 }
 
 /// The noise offset (with its random strength and adaptive scale) and the multi-resolution

@@ -193,9 +193,22 @@ impl CropInfo {
     }
 }
 
+/// The size a `w x h` picture is scaled to so that it covers `target_w x target_h` with its
+/// aspect kept: the covering side is rounded to nearest (never below the target) to keep the
+/// aspect error under half a pixel.
+pub fn cover_size(w: u32, h: u32, target_w: u32, target_h: u32) -> (u32, u32) {
+    // Compare aspects in integers: w / h >= tw / th  <=>  w * th >= h * tw.
+    if w as u64 * target_h as u64 >= h as u64 * target_w as u64 {
+        let nw = (w as f64 * target_h as f64 / h as f64).round() as u32;
+        (nw.max(target_w), target_h)
+    } else {
+        let nh = (h as f64 * target_w as f64 / w as f64).round() as u32;
+        (target_w, nh.max(target_h))
+    }
+}
+
 /// Scales `img` (Pillow-exact bicubic) so that it covers `target_w x target_h` with its aspect
-/// kept, then centre-crops with floored margins like CLIP. The covering side is rounded to
-/// nearest (never below the target) to keep the aspect error under half a pixel.
+/// kept ([`cover_size`]), then centre-crops with floored margins like CLIP.
 pub fn resize_center_crop(
     img: &RgbImage,
     target_w: u32,
@@ -209,15 +222,35 @@ pub fn resize_center_crop(
             &[h as usize, w as usize, 3],
         ));
     }
-    // Compare aspects in integers: w / h >= tw / th  <=>  w * th >= h * tw.
-    let (nw, nh) = if w as u64 * target_h as u64 >= h as u64 * target_w as u64 {
-        let nw = (w as f64 * target_h as f64 / h as f64).round() as u32;
-        (nw.max(target_w), target_h)
-    } else {
-        let nh = (h as f64 * target_w as f64 / w as f64).round() as u32;
-        (target_w, nh.max(target_h))
+    resize_crop(
+        img,
+        cover_size(w, h, target_w, target_h),
+        (target_w, target_h),
+    )
+}
+
+/// Scales `img` (Pillow-exact bicubic; not at all when it already has that size) to
+/// `resized`, then centre-crops `target` from it with floored margins. `resized` must hold
+/// `target` (kohya's `--bucket_no_upscale` sizes are not a cover of their bucket, so callers
+/// may give their own).
+pub fn resize_crop(
+    img: &RgbImage,
+    resized: (u32, u32),
+    target: (u32, u32),
+) -> Result<(RgbImage, CropInfo)> {
+    let (w, h) = img.dimensions();
+    let ((nw, nh), (target_w, target_h)) = (resized, target);
+    if w == 0 || h == 0 || target_w == 0 || target_h == 0 || nw < target_w || nh < target_h {
+        return Err(Error::bad_shape(
+            "resize_crop",
+            format!("cannot crop {target_w}x{target_h} from {w}x{h} scaled to {nw}x{nh}"),
+            &[h as usize, w as usize, 3],
+        ));
+    }
+    let resized = match (nw, nh) == (w, h) {
+        true => img.clone(),
+        false => resize_rgb(img, nw, nh, Filter::Bicubic)?,
     };
-    let resized = resize_rgb(img, nw, nh, Filter::Bicubic)?;
     let (top, left) = ((nh - target_h) / 2, (nw - target_w) / 2);
     let out = image::imageops::crop_imm(&resized, left, top, target_w, target_h).to_image();
     let info = CropInfo {

@@ -2,6 +2,7 @@
 //! in the adapter's metadata.
 
 use super::block_dims::BlockDims;
+use super::buckets::{Bucketing, KohyaBuckets};
 use super::captions::TokenWarmup;
 use super::data::CaptionSource;
 use super::dataset_config::DatasetConfig;
@@ -119,6 +120,9 @@ pub struct TrainConfig {
     pub max_steps: Option<u64>,
     pub resolution: usize,
     pub buckets: bool,
+    /// kohya's bucketing (`--min-bucket-reso`, `--max-bucket-reso`, `--bucket-reso-steps`,
+    /// `--bucket-no-upscale`) for `buckets`; None: kstyle's buckets.
+    pub kohya_buckets: Option<KohyaBuckets>,
     /// Each visit trains on the picture mirrored left to right with probability 1/2 (kohya's
     /// `--flip_aug`, diffusers' `--random_flip`); both latents are cached.
     pub flip_aug: bool,
@@ -434,6 +438,19 @@ impl TrainConfig {
         if self.algo != Algo::Lora {
             self.check_lycoris()?;
         }
+        if let Some(k) = &self.kohya_buckets {
+            if !self.buckets && self.dataset_config.is_none() {
+                return Err(Error::Config(
+                    "--min-bucket-reso, --max-bucket-reso, --bucket-reso-steps and \
+                     --bucket-no-upscale shape --buckets' buckets: pass --buckets"
+                        .into(),
+                ));
+            }
+            if self.dataset_config.is_none() {
+                k.check(self.resolution, Names::Flags)
+                    .map_err(Error::Config)?;
+            }
+        }
         if self.grad_accum == 0 {
             return Err(Error::Config("--grad-accum must be at least 1".into()));
         }
@@ -720,7 +737,11 @@ impl TrainConfig {
         Group {
             resolution: self.resolution,
             batch_size: self.batch_size,
-            buckets: self.buckets,
+            buckets: match (self.buckets, self.kohya_buckets) {
+                (false, _) => Bucketing::Off,
+                (true, None) => Bucketing::Kstyle,
+                (true, Some(k)) => Bucketing::Kohya(k),
+            },
         }
     }
 

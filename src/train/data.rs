@@ -3,8 +3,10 @@
 //! resolution or an aspect-ratio bucket, and a content-addressed on-disk cache so the VAE and
 //! text encoders need not stay resident.
 
+use super::buckets::Placement;
+pub use super::buckets::{buckets, nearest_bucket};
 use crate::image::io::{
-    load_rgb_alpha_upright, load_rgb_upright, resize_center_crop, rgb_to_chw, CropInfo, PixelRange,
+    load_rgb_alpha_upright, load_rgb_upright, resize_crop, rgb_to_chw, CropInfo, PixelRange,
 };
 use crate::tensor::{load_safetensors, save_safetensors, Rng};
 use crate::{Device, Error, Result, Tensor};
@@ -370,38 +372,6 @@ pub fn batches_per_epoch<K: PartialEq>(
         .sum()
 }
 
-/// SDXL-style aspect-ratio buckets for a base resolution: sides multiples of 64, area at most
-/// resolution², aspect ratios up to 4:1 either way.
-pub fn buckets(resolution: usize) -> Vec<(usize, usize)> {
-    let area = resolution * resolution;
-    let mut out = Vec::new();
-    let mut w = (resolution / 2).max(64) / 64 * 64;
-    while w <= resolution * 2 {
-        let h = (area / w) / 64 * 64;
-        if h >= 64 && w * 4 >= h && h * 4 >= w {
-            out.push((w, h));
-        }
-        w += 64;
-    }
-    if !out.contains(&(resolution, resolution)) {
-        out.push((resolution, resolution));
-    }
-    out
-}
-
-/// The bucket whose aspect ratio is closest to (w, h) in log space.
-pub fn nearest_bucket(w: usize, h: usize, buckets: &[(usize, usize)]) -> (usize, usize) {
-    let target = (w as f64 / h as f64).ln();
-    *buckets
-        .iter()
-        .min_by(|a, b| {
-            let da = ((a.0 as f64 / a.1 as f64).ln() - target).abs();
-            let db = ((b.0 as f64 / b.1 as f64).ln() - target).abs();
-            da.total_cmp(&db)
-        })
-        .expect("bucket list is never empty")
-}
-
 /// A training picture, turned upright by its EXIF orientation as it is displayed (phones store
 /// portraits sideways with an orientation tag), as diffusers' DreamBooth scripts load theirs
 /// (`exif_transpose`).
@@ -492,11 +462,11 @@ pub fn area_downsample(
 /// trains everywhere (all ones), as kohya's.
 pub fn training_mask(
     alpha: Option<&GrayImage>,
-    size: (usize, usize),
+    place: Placement,
     mirrored: bool,
     device: Device,
 ) -> Result<Tensor> {
-    let (w, h) = size;
+    let (w, h) = place.bucket;
     let (lh, lw) = (h / 8, w / 8);
     let Some(alpha) = alpha else {
         return Tensor::ones((1, 1, lh, lw), crate::DType::F32, device);
@@ -505,7 +475,7 @@ pub fn training_mask(
         let a = alpha.get_pixel(x, y).0[0];
         image::Rgb([a, a, a])
     });
-    let (mut cropped, _) = resize_center_crop(&grey, w as u32, h as u32)?;
+    let (mut cropped, _) = resize_crop(&grey, place.resized, (w as u32, h as u32))?;
     if mirrored {
         image::imageops::flip_horizontal_in_place(&mut cropped);
     }
@@ -514,18 +484,20 @@ pub fn training_mask(
     Tensor::from_vec(pooled, (1, 1, lh, lw), device)
 }
 
-/// One training picture as the VAE wants it at bucket `size` (width, height): (1, 3, H, W) in
-/// [-1, 1], plus its crop record (the SDXL time ids).
+/// One training picture as the VAE wants it at its placement (its bucket (width, height),
+/// cropped from the picture scaled to `place.resized`): (1, 3, H, W) in [-1, 1], plus its crop
+/// record (the SDXL time ids).
 ///
 /// `mirrored` (`--flip-aug`) flips the cropped picture left to right, as kohya flips it, and
 /// gives the mirrored crop's time ids.
 pub fn training_tensor(
     img: &RgbImage,
-    size: (usize, usize),
+    place: Placement,
     mirrored: bool,
     device: Device,
 ) -> Result<(Tensor, CropInfo)> {
-    let (mut cropped, mut crop) = resize_center_crop(img, size.0 as u32, size.1 as u32)?;
+    let size = place.bucket;
+    let (mut cropped, mut crop) = resize_crop(img, place.resized, (size.0 as u32, size.1 as u32))?;
     if mirrored {
         image::imageops::flip_horizontal_in_place(&mut cropped);
         crop = crop.mirrored();
@@ -590,12 +562,25 @@ mod tests {
         // masked, 4..7 kept; mirrored, the other way round. No alpha: all ones.
         let alpha = GrayImage::from_fn(64, 32, |x, _| image::Luma([if x < 32 { 0 } else { 255 }]));
         let row = |m: &Tensor| m.to_vec_f32().unwrap()[..8].to_vec();
-        let m = training_mask(Some(&alpha), (64, 32), false, Device::Cpu).unwrap();
+        let m = training_mask(
+            Some(&alpha),
+            Placement::cover(64, 32, (64, 32)),
+            false,
+            Device::Cpu,
+        )
+        .unwrap();
         assert_eq!(m.dims(), [1, 1, 4, 8]);
         assert_eq!(row(&m), [0.0, 0.0, 0.0, 0.0, 1.0, 1.0, 1.0, 1.0]);
-        let m = training_mask(Some(&alpha), (64, 32), true, Device::Cpu).unwrap();
+        let m = training_mask(
+            Some(&alpha),
+            Placement::cover(64, 32, (64, 32)),
+            true,
+            Device::Cpu,
+        )
+        .unwrap();
         assert_eq!(row(&m), [1.0, 1.0, 1.0, 1.0, 0.0, 0.0, 0.0, 0.0]);
-        let ones = training_mask(None, (64, 32), false, Device::Cpu).unwrap();
+        let ones =
+            training_mask(None, Placement::cover(64, 32, (64, 32)), false, Device::Cpu).unwrap();
         assert!(ones.to_vec_f32().unwrap().iter().all(|&v| v == 1.0));
     }
 
@@ -619,9 +604,10 @@ mod tests {
         let list = buckets(256);
         let size = nearest_bucket(upright.width() as usize, upright.height() as usize, &list);
         assert!(size.1 > size.0, "{size:?}");
-        let (a, ca) = training_tensor(&upright, size, false, Device::Cpu).unwrap();
+        let place = Placement::cover(upright.width(), upright.height(), size);
+        let (a, ca) = training_tensor(&upright, place, false, Device::Cpu).unwrap();
         let again = load_training_picture(&saved).unwrap();
-        let (b, cb) = training_tensor(&again, size, false, Device::Cpu).unwrap();
+        let (b, cb) = training_tensor(&again, place, false, Device::Cpu).unwrap();
         assert_eq!(a.to_vec_f32().unwrap(), b.to_vec_f32().unwrap());
         assert_eq!(ca.time_ids(), cb.time_ids());
         // As stored, the picture would have gone to a landscape bucket.
@@ -668,6 +654,40 @@ mod tests {
         );
     }
 
+    /// A kohya no-upscale placement crops the bucket from the picture at its own size: the
+    /// tensor is the picture's centre, pixel for pixel, not a rescaled copy.
+    #[test]
+    fn no_upscale_placements_crop_without_scaling() {
+        use super::super::buckets::{Bucketer, Bucketing, KohyaBuckets};
+        let img = image::RgbImage::from_fn(100, 70, |x, y| {
+            image::Rgb([(x * 2) as u8, (y * 3) as u8, (x * y % 251) as u8])
+        });
+        let k = KohyaBuckets {
+            steps: 32,
+            no_upscale: true,
+            ..KohyaBuckets::default()
+        };
+        let place = Bucketer::new(1024, Bucketing::Kohya(k))
+            .place(100, 70)
+            .unwrap();
+        assert_eq!((place.bucket, place.resized), ((96, 64), (100, 70)));
+        let (t, crop) = training_tensor(&img, place, false, Device::Cpu).unwrap();
+        assert_eq!(t.dims(), [1, 3, 64, 96]);
+        assert_eq!((crop.crop_top, crop.crop_left), (3, 2));
+        let v = t.to_vec_f32().unwrap();
+        for (x, y) in [(0, 0), (95, 63), (40, 17)] {
+            let src = img.get_pixel(x + 2, y + 3).0;
+            for c in 0..3 {
+                let got = v[(c * 64 + y as usize) * 96 + x as usize];
+                assert_eq!(
+                    got,
+                    src[c] as f32 / 255.0 * 2.0 - 1.0,
+                    "({x}, {y}) channel {c}"
+                );
+            }
+        }
+    }
+
     /// The mirrored tensor is the plain one read right to left, and its crop starts where the
     /// plain crop's window ends, counted from the right: one pixel apart when the margin is odd.
     #[test]
@@ -675,8 +695,9 @@ mod tests {
         let img = image::RgbImage::from_fn(101, 64, |x, y| {
             image::Rgb([(x * 2) as u8, (y * 3) as u8, (x * y % 251) as u8])
         });
-        let (plain, crop) = training_tensor(&img, (64, 64), false, Device::Cpu).unwrap();
-        let (mirror, mcrop) = training_tensor(&img, (64, 64), true, Device::Cpu).unwrap();
+        let place = Placement::cover(img.width(), img.height(), (64, 64));
+        let (plain, crop) = training_tensor(&img, place, false, Device::Cpu).unwrap();
+        let (mirror, mcrop) = training_tensor(&img, place, true, Device::Cpu).unwrap();
         assert_eq!(
             (crop.resized_w, crop.crop_left, mcrop.crop_left),
             (101, 18, 19)

@@ -8,10 +8,11 @@
 //! not read), its class tokens caption the pictures that have no caption file, and a second
 //! subset of one dataset on the same `image_dir` is left out. Every key kohya's schema accepts
 //! for DreamBooth-style datasets is read; those naming something kstyle does not do (fine-tuning
-//! metadata files, colour and crop augmentation, bucket bounds, interpolation) are refused by
-//! name unless they hold kohya's default, and so is any other key: kohya refuses unknown keys
-//! too.
+//! metadata files, colour and crop augmentation, interpolation, skipping small pictures) are
+//! refused by name unless they hold kohya's default, and so is any other key: kohya refuses
+//! unknown keys too. kohya's bucket keys pick kohya's buckets (see [`super::buckets`]).
 
+use super::buckets::{Bucketing, KohyaBuckets};
 use super::captions::TokenWarmup;
 use super::config::TrainConfig;
 use super::data::CaptionSource;
@@ -89,6 +90,7 @@ impl DatasetConfig {
         let base = path.parent().unwrap_or(Path::new(".")).to_path_buf();
         let defaults = Defaults {
             group: cfg.group(),
+            kohya_buckets: cfg.kohya_buckets,
             rules: cfg.subset_rules(),
             captions: cfg.captions.clone(),
             token_warmup: cfg.token_warmup,
@@ -147,6 +149,8 @@ const SUBSET_ONLY_KEYS: [&str; 4] = ["image_dir", "class_tokens", "is_reg", "met
 #[derive(Clone, Debug)]
 pub struct Defaults {
     pub group: Group,
+    /// kohya's bucket flags, whether or not `--buckets` turned buckets on.
+    pub kohya_buckets: Option<KohyaBuckets>,
     pub rules: SubsetRules,
     pub captions: CaptionSource,
     pub token_warmup: Option<TokenWarmup>,
@@ -413,12 +417,36 @@ fn dataset_group(l: &Levels, cfg: &Defaults) -> std::result::Result<Group, Strin
     if batch_size == 0 {
         return Err(l.err("batch_size", "must be at least 1"));
     }
-    let buckets = l.bool("enable_bucket", cfg.group.buckets)?;
-    let fixed = "kstyle's buckets step by 64 pixels, up to 4:1, with the resolution's area";
-    l.only_default("bucket_no_upscale", Some(&Value::Bool(false)), fixed)?;
-    l.only_default("bucket_reso_steps", Some(&Value::from(64)), fixed)?;
-    l.only_default("min_bucket_reso", None, fixed)?;
-    l.only_default("max_bucket_reso", None, fixed)?;
+    let enabled = l.bool("enable_bucket", cfg.group.buckets != Bucketing::Off)?;
+    // Any of kohya's bucket keys (or flags) picks kohya's buckets, its defaults for the rest;
+    // without enable_bucket they do nothing, as in kohya.
+    let keys = [
+        "min_bucket_reso",
+        "max_bucket_reso",
+        "bucket_reso_steps",
+        "bucket_no_upscale",
+    ];
+    let kohya = match (keys.iter().any(|k| l.get(k).is_some()), cfg.kohya_buckets) {
+        (false, None) => None,
+        (_, flags) => {
+            let d = flags.unwrap_or_default();
+            Some(KohyaBuckets {
+                min: l.count("min_bucket_reso", d.min)?,
+                max: l.count("max_bucket_reso", d.max)?,
+                steps: l.count("bucket_reso_steps", d.steps)?,
+                no_upscale: l.bool("bucket_no_upscale", d.no_upscale)?,
+            })
+        }
+    };
+    let buckets = match (enabled, kohya) {
+        (false, _) => Bucketing::Off,
+        (true, None) => Bucketing::Kstyle,
+        (true, Some(k)) => {
+            k.check(resolution, Names::ConfigKeys)
+                .map_err(|m| format!("{}: {m}", l.at))?;
+            Bucketing::Kohya(k)
+        }
+    };
     l.only_default(
         "skip_image_resolution",
         None,
@@ -483,7 +511,7 @@ fn subset_spec(l: &Levels, cfg: &Defaults, base: &Path) -> std::result::Result<S
     l.only_default(
         "resize_interpolation",
         None,
-        "kstyle resizes as kohya does by default (area down, Lanczos up)",
+        "kstyle resizes with Pillow's bicubic filter, as diffusers' training scripts do",
     )?;
     // kohya's cache of image sizes and captions; kstyle caches latents by content anyway.
     l.bool("cache_info", false)?;
@@ -552,8 +580,9 @@ mod tests {
             group: Group {
                 resolution: 1024,
                 batch_size: 1,
-                buckets: false,
+                buckets: Bucketing::Off,
             },
+            kohya_buckets: None,
             rules: SubsetRules {
                 flip_aug: false,
                 caption_dropout: Some(0.1),
@@ -634,7 +663,7 @@ mod tests {
             Group {
                 resolution: 512,
                 batch_size: 4,
-                buckets: false
+                buckets: Bucketing::Off
             }
         );
         assert_eq!(
@@ -642,7 +671,7 @@ mod tests {
             Group {
                 resolution: 768,
                 batch_size: 2,
-                buckets: true
+                buckets: Bucketing::Kstyle
             }
         );
         let keep: Vec<usize> = p.config.rules().iter().map(|r| r.keep_tokens).collect();
@@ -663,6 +692,36 @@ mod tests {
         assert_eq!(d[1].subsets[0].captions.extension, "txt");
         assert!(p.config.has_reg());
         assert_eq!((p.token_warmup, p.alpha_mask), (None, false));
+    }
+
+    /// Any of kohya's bucket keys picks kohya's buckets, kohya's defaults filling the others;
+    /// enable_bucket alone keeps kstyle's; without enable_bucket the keys do nothing.
+    #[test]
+    fn kohya_bucket_keys_pick_kohya_buckets() {
+        let group = |general: &str| {
+            let text = format!(
+                "[general]\n{general}\n[[datasets]]\n[[datasets.subsets]]\nimage_dir = 'a'"
+            );
+            read(&text).unwrap().config.datasets[0].group.buckets
+        };
+        assert_eq!(
+            group("enable_bucket = true\nbucket_no_upscale = true\nmax_bucket_reso = 2048"),
+            Bucketing::Kohya(KohyaBuckets {
+                min: 256,
+                max: 2048,
+                steps: 64,
+                no_upscale: true
+            })
+        );
+        assert_eq!(
+            group("enable_bucket = true\nbucket_reso_steps = 32"),
+            Bucketing::Kohya(KohyaBuckets {
+                steps: 32,
+                ..KohyaBuckets::default()
+            })
+        );
+        assert_eq!(group("enable_bucket = true"), Bucketing::Kstyle);
+        assert_eq!(group("bucket_no_upscale = true"), Bucketing::Off);
     }
 
     /// The same settings written as JSON read the same.
@@ -724,8 +783,10 @@ mod tests {
             ("[[datasets]]\n[[datasets.subsets]]\nclass_tokens = 'x'\n".into(), "[[datasets]] 1 [[datasets.subsets]] 1: `image_dir` is required"),
             ("[[datasets]]\nresolution = [512, 768]\n[[datasets.subsets]]\nimage_dir = 'a'\n".into(), "[[datasets]] 1: `resolution`: [512,768]: kstyle trains square sides"),
             ("[[datasets]]\nresolution = 500\n[[datasets.subsets]]\nimage_dir = 'a'\n".into(), "must be a positive multiple of 8, got 500"),
-            ("[[datasets]]\nbucket_reso_steps = 32\n[[datasets.subsets]]\nimage_dir = 'a'\n".into(), "`bucket_reso_steps`: 32: kstyle's buckets step by 64"),
-            ("[[datasets]]\nmax_bucket_reso = 2048\n[[datasets.subsets]]\nimage_dir = 'a'\n".into(), "`max_bucket_reso`: 2048"),
+            ("[[datasets]]\nenable_bucket = true\nbucket_reso_steps = 12\n[[datasets.subsets]]\nimage_dir = 'a'\n".into(), "[[datasets]] 1: bucket_reso_steps must be a positive multiple of 8, got 12"),
+            ("[[datasets]]\nenable_bucket = true\nmax_bucket_reso = 512\n[[datasets.subsets]]\nimage_dir = 'a'\n".into(), "max_bucket_reso 512 must satisfy min <= max and max >= the resolution 1024"),
+            ("[[datasets]]\nenable_bucket = true\nmin_bucket_reso = 300\n[[datasets.subsets]]\nimage_dir = 'a'\n".into(), "min_bucket_reso must be a positive multiple of bucket_reso_steps 64, got 300"),
+            ("[[datasets]]\nbucket_no_upscale = 1\n[[datasets.subsets]]\nimage_dir = 'a'\n".into(), "`bucket_no_upscale`: expected true or false"),
             ("[[datasets]]\nbatch_size = 0\n[[datasets.subsets]]\nimage_dir = 'a'\n".into(), "`batch_size`: must be at least 1"),
             ("[[datasets]]\n".into(), "[[datasets]] 1: no [[datasets.subsets]]"),
             ("[general]\nflip_aug = true\n".into(), "no [[datasets]]"),

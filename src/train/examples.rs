@@ -1,10 +1,10 @@
 //! The training examples: every picture's VAE posterior and every caption's conditioning,
 //! computed once through the tensor cache.
 
+use super::buckets::{Bucketer, Bucketing, Placement};
 use super::data::{
-    buckets, load_training_picture, load_training_picture_alpha, mask_picture, nearest_bucket,
-    prior_repeats, scan_pictures, training_mask, training_tensor, Dataset, Role, Sample,
-    TensorCache,
+    load_training_picture, load_training_picture_alpha, mask_picture, prior_repeats, scan_pictures,
+    training_mask, training_tensor, Dataset, Role, Sample, TensorCache,
 };
 use super::dataset_config::DatasetConfig;
 use super::subsets::SubsetRules;
@@ -188,7 +188,12 @@ fn config_dataset(
             g + 1,
             train.len(),
             group.resolution,
-            if group.buckets { " (buckets)" } else { "" },
+            match group.buckets {
+                Bucketing::Off => "",
+                Bucketing::Kstyle => " (buckets)",
+                Bucketing::Kohya(k) if k.no_upscale => " (kohya's buckets, no upscale)",
+                Bucketing::Kohya(_) => " (kohya's buckets)",
+            },
             group.batch_size
         ));
         samples.extend(train);
@@ -257,12 +262,9 @@ pub(super) fn prepare_examples(
     let latent_id = files.latent_identity();
     // Each dataset's buckets (one without a dataset config).
     let groups = cfg.groups();
-    let bucket_lists: Vec<Vec<(usize, usize)>> = groups
+    let bucketers: Vec<Bucketer> = groups
         .iter()
-        .map(|g| match g.buckets {
-            true => buckets(g.resolution),
-            false => vec![(g.resolution, g.resolution)],
-        })
+        .map(|g| Bucketer::new(g.resolution, g.buckets))
         .collect();
     let rules: Vec<Arc<SubsetRules>> = cfg.all_rules().into_iter().map(Arc::new).collect();
     let live = cfg.live_captions();
@@ -373,16 +375,21 @@ pub(super) fn prepare_examples(
             }
             _ => (load_training_picture(&s.path)?, None),
         };
-        let size = nearest_bucket(
-            picture.width() as usize,
-            picture.height() as usize,
-            &bucket_lists[s.group],
-        );
+        let place = bucketers[s.group]
+            .place(picture.width(), picture.height())
+            .map_err(|m| Error::file(&s.path, m))?;
+        let size = place.bucket;
         let subset = &rules[s.rules];
         let size_id = format!("{}x{}", size.0, size.1);
         // "upright": latents of pictures turned by their EXIF orientation (older caches encoded
         // them as stored).
         let mut parts = vec!["latent-upright", &s.hash, &size_id, &latent_id];
+        // A picture scaled to other than the bucket's cover (kohya's no-upscale buckets).
+        let cover = Placement::cover(picture.width(), picture.height(), size);
+        let resized_id = format!("resized {}x{}", place.resized.0, place.resized.1);
+        if place != cover {
+            parts.push(&resized_id);
+        }
         if cfg.vae_tiling {
             // Tiled encodes differ from whole ones.
             parts.push("tiled");
@@ -398,7 +405,7 @@ pub(super) fn prepare_examples(
         };
         // The picture as the VAE sees it, plain or mirrored, through the cache.
         let mut example = |mirrored: bool| -> Result<Example> {
-            let (img, crop) = training_tensor(&picture, size, mirrored, cfg.device)?;
+            let (img, crop) = training_tensor(&picture, place, mirrored, cfg.device)?;
             let mut parts = parts.clone();
             if mirrored {
                 parts.push("mirrored");
@@ -436,7 +443,7 @@ pub(super) fn prepare_examples(
                 role: s.role,
                 mirror: None,
                 mask: match cfg.masked_loss() {
-                    true => Some(training_mask(alpha.as_ref(), size, mirrored, cfg.device)?),
+                    true => Some(training_mask(alpha.as_ref(), place, mirrored, cfg.device)?),
                     false => None,
                 },
                 rules: subset.clone(),
@@ -450,6 +457,24 @@ pub(super) fn prepare_examples(
             plain.mirror = Some(Box::new(example(true)?));
         }
         examples.push(plain);
+    }
+    if groups.iter().any(|g| g.buckets != Bucketing::Off) {
+        // Pictures per bucket (width x height), as kohya lists them.
+        let mut counts: Vec<((usize, usize), usize)> = Vec::new();
+        for e in examples.iter().filter(|e| e.role != Role::Validation) {
+            let d = e.mean.dims();
+            let b = (d[3] * 8, d[2] * 8);
+            match counts.iter_mut().find(|(k, _)| *k == b) {
+                Some((_, n)) => *n += 1,
+                None => counts.push((b, 1)),
+            }
+        }
+        counts.sort_unstable();
+        let list: Vec<String> = counts
+            .iter()
+            .map(|((w, h), n)| format!("{w}x{h}: {n}"))
+            .collect();
+        log(&format!("buckets (pictures each): {}", list.join(", ")));
     }
     // Previews of a run that trains the text encoders encode their prompts with them, live.
     let mut samples = Vec::new();

@@ -4,6 +4,7 @@ pub mod adafactor;
 pub mod adamw8bit;
 mod batch;
 pub mod block_dims;
+pub mod buckets;
 pub mod captions;
 pub mod checkpoint;
 pub mod concepts;

@@ -3,6 +3,7 @@
 //! (resolution, batch size, buckets) in a dataset config; without one, the run's flags set
 //! them for every picture.
 
+use super::buckets::Bucketing;
 use super::captions::{TagRules, TokenWarmup};
 
 /// How the pictures of one subset are visited: flipped, their captions dropped and rewritten.
@@ -137,6 +138,6 @@ pub struct Group {
     pub resolution: usize,
     /// Pictures per micro-batch.
     pub batch_size: usize,
-    /// Aspect-ratio buckets instead of square centre crops.
-    pub buckets: bool,
+    /// Square crops, kstyle's buckets or kohya's.
+    pub buckets: Bucketing,
 }
