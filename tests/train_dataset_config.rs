@@ -388,3 +388,57 @@ fn kohya_buckets_come_from_flags_and_configs() {
         "--min-bucket-reso 256 and --max-bucket-reso 64 must satisfy min <= max",
     );
 }
+
+/// skip_image_resolution (and --skip-image-resolution) leaves out the pictures of at most that
+/// area: the 64x64 one of the three at 64.
+#[test]
+fn small_pictures_are_skipped_per_dataset() {
+    let dir = tmp("dscfg-skip");
+    let data = dataset(dir.as_path());
+    let flags = ["--max-steps", "1", "--skip-image-resolution", "64"];
+    let o = train(
+        &data,
+        &dir.as_path().join("a/adapter.safetensors"),
+        "lora",
+        &flags,
+    );
+    ok(&o, "flag");
+    let log = stderr(&o);
+    assert!(
+        log.contains("dataset: 1 pictures of at most 4096 pixels left out")
+            && log.contains("dataset: 2 images from"),
+        "{log}"
+    );
+    let config = write(
+        &dir.as_path().join("dataset.toml"),
+        "[[datasets]]\n[[datasets.subsets]]\nimage_dir = 'data'\n\
+         [[datasets]]\nskip_image_resolution = [64, 96]\n[[datasets.subsets]]\nimage_dir = 'data'\n",
+    );
+    let o = train(
+        &config,
+        &dir.as_path().join("b/adapter.safetensors"),
+        "lora",
+        &["--max-steps", "1"],
+    );
+    ok(&o, "config");
+    let log = stderr(&o);
+    // 64x64 and 96x64 are at most 64 x 96; 72x112 stays.
+    assert!(
+        log.contains("dataset 2: 2 pictures of at most 6144 pixels left out")
+            && log.contains("dataset 1: 3 images")
+            && log.contains("dataset 2: 1 images"),
+        "{log}"
+    );
+    refused(
+        &data,
+        dir.as_path(),
+        &["--skip-image-resolution", "200"],
+        "every picture is left out",
+    );
+    refused(
+        &data,
+        dir.as_path(),
+        &["--skip-image-resolution", "a,b"],
+        "expected N or W,H",
+    );
+}

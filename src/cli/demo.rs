@@ -126,6 +126,7 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
         resolution: 64,
         buckets: false,
         kohya_buckets: None,
+        skip_image_area: None,
         flip_aug: false,
         alpha_mask: false,
         weighted_captions: false,

@@ -332,6 +332,10 @@ pub struct Args {
     /// up to 4:1, the nearest aspect in log space), or kohya's with any of the four below.
     #[arg(long, alias = "enable-bucket")]
     pub buckets: bool,
+    /// kohya's --skip_image_resolution: leave out pictures whose area is at most N x N (or W x H
+    /// given as W,H) pixels, e.g. to keep small originals out of a high-resolution run.
+    #[arg(long, value_parser = parse_area)]
+    pub skip_image_resolution: Option<u64>,
     /// kohya's --min_bucket_reso (256 when another of kohya's bucket flags is given): kohya's
     /// buckets, every side from this to --max-bucket-reso in --bucket-reso-steps with the
     /// resolution's area at most, a picture going to its own size when listed, else the
@@ -741,6 +745,7 @@ pub fn config_from(a: &Args) -> anyhow::Result<TrainConfig> {
         resolution: a.resolution,
         buckets: a.buckets,
         kohya_buckets: kohya_buckets(a),
+        skip_image_area: a.skip_image_resolution,
         flip_aug: a.flip_aug,
         alpha_mask: a.alpha_mask,
         mask_data: a.mask_data.clone(),
@@ -833,6 +838,16 @@ pub fn config_from(a: &Args) -> anyhow::Result<TrainConfig> {
         DatasetConfig::load_into(&mut cfg)?;
     }
     Ok(cfg)
+}
+
+/// An area from `N` (N x N) or `W,H`.
+fn parse_area(s: &str) -> Result<u64, String> {
+    let sides: Result<Vec<u64>, _> = s.split(',').map(|v| v.trim().parse::<u64>()).collect();
+    match sides.as_deref() {
+        Ok([n]) => Ok(n * n),
+        Ok([w, h]) => Ok(w * h),
+        _ => Err(format!("expected N or W,H in pixels, got `{s}`")),
+    }
 }
 
 /// kohya's bucketing when any of its flags is given, kohya's defaults for the rest.

@@ -119,6 +119,9 @@ pub struct TrainConfig {
     pub epochs: u64,
     pub max_steps: Option<u64>,
     pub resolution: usize,
+    /// kohya's `--skip_image_resolution` as an area: pictures of at most this many pixels
+    /// are left out (of `data` and `reg_data`).
+    pub skip_image_area: Option<u64>,
     pub buckets: bool,
     /// kohya's bucketing (`--min-bucket-reso`, `--max-bucket-reso`, `--bucket-reso-steps`,
     /// `--bucket-no-upscale`) for `buckets`; None: kstyle's buckets.
@@ -737,6 +740,7 @@ impl TrainConfig {
         Group {
             resolution: self.resolution,
             batch_size: self.batch_size,
+            skip_area: self.skip_image_area,
             buckets: match (self.buckets, self.kohya_buckets) {
                 (false, _) => Bucketing::Off,
                 (true, None) => Bucketing::Kstyle,

@@ -91,6 +91,8 @@ pub struct Sample {
     /// Visits per epoch (kohya's folder repeats; 1 for pictures directly in the data folder).
     pub repeats: usize,
     pub role: Role,
+    /// The picture's width and height.
+    pub size: (u32, u32),
     /// Index of its subset's [`super::subsets::SubsetRules`] (0 without a dataset config).
     pub rules: usize,
     /// Index of its dataset's [`super::subsets::Group`] (0 without a dataset config).
@@ -308,9 +310,10 @@ pub fn scan_pictures(
         }
         // Decode once now so a broken image fails before hours of training, not in the
         // middle.
-        load_training_picture(p)?;
+        let size = load_training_picture(p)?.dimensions();
         let bytes = std::fs::read(p).map_err(|e| Error::io(p, e))?;
         samples.push(Sample {
+            size,
             caption: captions.caption_for(p, folder_caption)?,
             hash: sha256_hex(&bytes),
             path: p.clone(),

@@ -8,7 +8,7 @@
 //! not read), its class tokens caption the pictures that have no caption file, and a second
 //! subset of one dataset on the same `image_dir` is left out. Every key kohya's schema accepts
 //! for DreamBooth-style datasets is read; those naming something kstyle does not do (fine-tuning
-//! metadata files, colour and crop augmentation, interpolation, skipping small pictures) are
+//! metadata files, colour and crop augmentation, interpolation) are
 //! refused by name unless they hold kohya's default, and so is any other key: kohya refuses
 //! unknown keys too. kohya's bucket keys pick kohya's buckets (see [`super::buckets`]).
 
@@ -447,15 +447,27 @@ fn dataset_group(l: &Levels, cfg: &Defaults) -> std::result::Result<Group, Strin
             Bucketing::Kohya(k)
         }
     };
-    l.only_default(
-        "skip_image_resolution",
-        None,
-        "kstyle trains on every picture of a subset",
-    )?;
+    let skip_area = match l.get("skip_image_resolution") {
+        None => cfg.group.skip_area,
+        Some(v) => {
+            let side = |v: &Value| v.as_u64();
+            let area = match v {
+                Value::Array(a) if a.len() == 2 => side(&a[0]).zip(side(&a[1])).map(|(w, h)| w * h),
+                v => side(v).map(|n| n * n),
+            };
+            Some(area.ok_or_else(|| {
+                l.err(
+                    "skip_image_resolution",
+                    format!("expected a side or [width, height], got {v}"),
+                )
+            })?)
+        }
+    };
     Ok(Group {
         resolution,
         batch_size,
         buckets,
+        skip_area,
     })
 }
 
@@ -581,6 +593,7 @@ mod tests {
                 resolution: 1024,
                 batch_size: 1,
                 buckets: Bucketing::Off,
+                skip_area: None,
             },
             kohya_buckets: None,
             rules: SubsetRules {
@@ -645,6 +658,7 @@ mod tests {
 
         [[datasets]]
         resolution = [768, 768]
+        skip_image_resolution = [512, 768]
         batch_size = 2
         enable_bucket = true
         flip_aug = true
@@ -663,7 +677,8 @@ mod tests {
             Group {
                 resolution: 512,
                 batch_size: 4,
-                buckets: Bucketing::Off
+                buckets: Bucketing::Off,
+                skip_area: None
             }
         );
         assert_eq!(
@@ -671,7 +686,8 @@ mod tests {
             Group {
                 resolution: 768,
                 batch_size: 2,
-                buckets: Bucketing::Kstyle
+                buckets: Bucketing::Kstyle,
+                skip_area: Some(512 * 768)
             }
         );
         let keep: Vec<usize> = p.config.rules().iter().map(|r| r.keep_tokens).collect();
@@ -787,6 +803,7 @@ mod tests {
             ("[[datasets]]\nenable_bucket = true\nmax_bucket_reso = 512\n[[datasets.subsets]]\nimage_dir = 'a'\n".into(), "max_bucket_reso 512 must satisfy min <= max and max >= the resolution 1024"),
             ("[[datasets]]\nenable_bucket = true\nmin_bucket_reso = 300\n[[datasets.subsets]]\nimage_dir = 'a'\n".into(), "min_bucket_reso must be a positive multiple of bucket_reso_steps 64, got 300"),
             ("[[datasets]]\nbucket_no_upscale = 1\n[[datasets.subsets]]\nimage_dir = 'a'\n".into(), "`bucket_no_upscale`: expected true or false"),
+            ("[[datasets]]\nskip_image_resolution = 'big'\n[[datasets.subsets]]\nimage_dir = 'a'\n".into(), "`skip_image_resolution`: expected a side or [width, height]"),
             ("[[datasets]]\nbatch_size = 0\n[[datasets.subsets]]\nimage_dir = 'a'\n".into(), "`batch_size`: must be at least 1"),
             ("[[datasets]]\n".into(), "[[datasets]] 1: no [[datasets.subsets]]"),
             ("[general]\nflip_aug = true\n".into(), "no [[datasets]]"),

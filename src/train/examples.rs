@@ -86,9 +86,32 @@ pub(super) fn load_dataset(cfg: &TrainConfig, log: &mut dyn FnMut(&str)) -> Resu
     Ok(data)
 }
 
+/// Leaves out the pictures of at most `area` pixels (kohya's skip_image_resolution), saying how
+/// many went.
+fn skip_small(samples: &mut Vec<Sample>, area: Option<u64>, what: &str, log: &mut dyn FnMut(&str)) {
+    let Some(area) = area else {
+        return;
+    };
+    let before = samples.len();
+    samples.retain(|s| s.size.0 as u64 * s.size.1 as u64 > area);
+    if samples.len() < before {
+        log(&format!(
+            "{what}: {} pictures of at most {area} pixels left out (skip_image_resolution)",
+            before - samples.len()
+        ));
+    }
+}
+
 /// `--data`'s folder and `--reg-data`'s, and what their scans left out.
 fn folder_dataset(cfg: &TrainConfig, log: &mut dyn FnMut(&str)) -> Result<(Dataset, Vec<String>)> {
     let mut data = Dataset::scan(&cfg.data, &cfg.captions)?;
+    skip_small(&mut data.samples, cfg.skip_image_area, "dataset", log);
+    if data.is_empty() {
+        return Err(Error::file(
+            &cfg.data,
+            "every picture is left out by --skip-image-resolution",
+        ));
+    }
     log(&format!(
         "dataset: {} images from {}{}",
         data.len(),
@@ -104,7 +127,8 @@ fn folder_dataset(cfg: &TrainConfig, log: &mut dyn FnMut(&str)) -> Result<(Datas
     ));
     let mut skipped = std::mem::take(&mut data.skipped);
     if let Some(dir) = &cfg.reg_data {
-        let reg = Dataset::scan(dir, &cfg.captions)?;
+        let mut reg = Dataset::scan(dir, &cfg.captions)?;
+        skip_small(&mut reg.samples, cfg.skip_image_area, "regularization", log);
         skipped.extend(reg.skipped);
         let repeats: Vec<usize> = reg.samples.iter().map(|s| s.repeats).collect();
         let counts = prior_repeats(data.epoch_len(), &repeats);
@@ -181,6 +205,9 @@ fn config_dataset(
                 ..p
             }));
         }
+        let what = format!("dataset {}", g + 1);
+        skip_small(&mut train, d.group.skip_area, &what, log);
+        skip_small(&mut reg, d.group.skip_area, &what, log);
         let visits: usize = train.iter().map(|s| s.repeats).sum();
         let group = &d.group;
         log(&format!(

@@ -140,4 +140,7 @@ pub struct Group {
     pub batch_size: usize,
     /// Square crops, kstyle's buckets or kohya's.
     pub buckets: Bucketing,
+    /// kohya's `skip_image_resolution`, as an area: pictures of at most this many pixels are
+    /// left out.
+    pub skip_area: Option<u64>,
 }
