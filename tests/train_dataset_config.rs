@@ -442,3 +442,60 @@ fn small_pictures_are_skipped_per_dataset() {
         "expected N or W,H",
     );
 }
+
+/// A fine-tuning subset (kohya's metadata_file) whose metadata gives the captions the caption
+/// files give trains as the folder does: keys by name in image_dir or by path, captions from
+/// `caption`, `caption` + `tags` or `tags` alone.
+#[test]
+fn a_metadata_subset_trains_as_its_caption_files_do() {
+    let dir = tmp("dscfg-meta");
+    let data = dataset(dir.as_path());
+    let a = dir.as_path().join("a/adapter.safetensors");
+    ok(&train(&data, &a, "lora", &["--max-steps", "2"]), "folder");
+    let c = data.join("c.png");
+    // Written by hand: the pictures train in the file's order (serde_json's map would sort
+    // the path key first).
+    let c = serde_json::to_string(c.to_str().unwrap()).unwrap();
+    let metadata = format!(
+        r#"{{"a": {{"caption": "a {{trigger}} palace"}},
+            "b": {{"caption": "a woman in a {{trigger}}", "tags": "dress"}},
+            {c}: {{"tags": "a {{trigger}} landscape", "train_resolution": [64, 64]}}}}"#
+    );
+    write(&dir.as_path().join("meta.json"), &metadata);
+    let config = write(
+        &dir.as_path().join("dataset.toml"),
+        "[[datasets]]\n[[datasets.subsets]]\nimage_dir = 'data'\nmetadata_file = 'meta.json'\n",
+    );
+    // "a woman in a [v], dress" is not the caption file's "a woman in a [v] dress": the first
+    // run must differ, so the captions demonstrably come from the metadata.
+    let b = dir.as_path().join("b/adapter.safetensors");
+    ok(
+        &train(&config, &b, "lora", &["--max-steps", "2"]),
+        "metadata",
+    );
+    assert_ne!(tensors(&a), tensors(&b), "the tags are joined with a comma");
+    let metadata = format!(
+        r#"{{"a": {{"caption": "a {{trigger}} palace"}},
+            "b": {{"caption": "a woman in a {{trigger}} dress", "tags": ""}},
+            {c}: {{"tags": "a {{trigger}} landscape"}}}}"#
+    );
+    write(&dir.as_path().join("meta.json"), &metadata);
+    let b = dir.as_path().join("b2/adapter.safetensors");
+    ok(
+        &train(&config, &b, "lora", &["--max-steps", "2"]),
+        "metadata",
+    );
+    assert_same_run(&a, &b, "metadata captions");
+    write(
+        &dir.as_path().join("meta.json"),
+        r#"{"a": {"caption": "x"}, "zebra": {"caption": "y"}}"#,
+    );
+    refused(&config, dir.as_path(), &[], "`zebra`: no picture");
+    let o = train(
+        &config,
+        &dir.as_path().join("x.safetensors"),
+        "lora",
+        &["--max-steps", "1"],
+    );
+    assert_fails_naming(&o, "meta.json");
+}

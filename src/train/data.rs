@@ -56,6 +56,12 @@ impl CaptionSource {
                 ),
             ));
         };
+        Ok(self.caption_of_text(&text))
+    }
+
+    /// A caption's text as training reads it: `{trigger}` replaced, its non-empty lines (only
+    /// the first without wildcards), each between the prefix and the suffix.
+    pub(super) fn caption_of_text(&self, text: &str) -> String {
         let text = text.trim().replace("{trigger}", &self.trigger);
         let mut lines: Vec<&str> = text
             .lines()
@@ -69,7 +75,7 @@ impl CaptionSource {
             lines.truncate(1);
         }
         let framed: Vec<String> = lines.iter().map(|l| self.framed(l)).collect();
-        Ok(framed.join("\n"))
+        framed.join("\n")
     }
 
     /// `line` between the prefix and the suffix, each joined with a space.
@@ -117,7 +123,7 @@ pub struct Dataset {
     pub skipped: Vec<String>,
 }
 
-fn sha256_hex(bytes: &[u8]) -> String {
+pub(super) fn sha256_hex(bytes: &[u8]) -> String {
     Sha256::digest(bytes)
         .iter()
         .map(|b| format!("{b:02x}"))
@@ -181,7 +187,7 @@ fn companion_of(file: &Path, image: &Path) -> bool {
         .is_some_and(|rest| rest.starts_with('.') || rest.starts_with('_'))
 }
 
-fn is_image(p: &Path) -> bool {
+pub(super) fn is_image(p: &Path) -> bool {
     p.extension().is_some_and(|e| {
         IMAGE_EXTENSIONS.contains(&e.to_string_lossy().to_ascii_lowercase().as_str())
     })

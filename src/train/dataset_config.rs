@@ -6,11 +6,12 @@
 //!
 //! As kohya, a subset's pictures sit directly in its `image_dir` (its `N_name` sub-folders are
 //! not read), its class tokens caption the pictures that have no caption file, and a second
-//! subset of one dataset on the same `image_dir` is left out. Every key kohya's schema accepts
-//! for DreamBooth-style datasets is read; those naming something kstyle does not do (fine-tuning
-//! metadata files, colour and crop augmentation, interpolation) are
-//! refused by name unless they hold kohya's default, and so is any other key: kohya refuses
-//! unknown keys too. kohya's bucket keys pick kohya's buckets (see [`super::buckets`]).
+//! subset of one dataset on the same `image_dir` is left out. A subset with a `metadata_file` is
+//! kohya's fine-tuning kind (see [`super::metadata`]). Every key kohya's schema accepts for
+//! DreamBooth and fine-tuning datasets is read; those naming something kstyle does not do
+//! (colour and crop augmentation, interpolation) are refused by name unless they hold kohya's
+//! default, and so is any other key: kohya refuses unknown keys too. kohya's bucket keys pick
+//! kohya's buckets (see [`super::buckets`]).
 
 use super::buckets::{Bucketing, KohyaBuckets};
 use super::captions::TokenWarmup;
@@ -37,8 +38,12 @@ pub struct DatasetSpec {
 /// One `[[datasets.subsets]]`: a folder of pictures and how they train.
 #[derive(Clone, Debug, PartialEq)]
 pub struct SubsetSpec {
-    /// Relative paths are read from the config file's folder.
-    pub image_dir: PathBuf,
+    /// Relative paths are read from the config file's folder. A DreamBooth subset's pictures;
+    /// with `metadata_file`, where its keys are looked up (optional).
+    pub image_dir: Option<PathBuf>,
+    /// kohya's fine-tuning subset: a metadata .json of picture keys with captions and tags
+    /// (see [`super::metadata`]).
+    pub metadata_file: Option<PathBuf>,
     /// Visits per epoch (`num_repeats`, 1 by default).
     pub repeats: usize,
     /// Captions the pictures without a caption file (`class_tokens`).
@@ -490,17 +495,26 @@ fn token_warmup(l: &Levels, cfg: &Defaults) -> std::result::Result<Option<TokenW
 /// One subset, its unset keys from its dataset, `[general]` and the run's flags.
 fn subset_spec(l: &Levels, cfg: &Defaults, base: &Path) -> std::result::Result<SubsetSpec, String> {
     let flags = &cfg.rules;
-    if l.get("metadata_file").is_some() {
-        return Err(l.err(
-            "metadata_file",
-            "kohya's fine-tuning datasets (captions from a metadata .json) are not read: give \
-             the subset an image_dir of pictures with caption files",
+    let metadata_file = l.text("metadata_file")?.map(|m| base.join(m));
+    if metadata_file.is_some() {
+        // kohya's fine-tuning subsets have neither.
+        for key in ["class_tokens", "is_reg"] {
+            if l.get(key).is_some() {
+                return Err(l.err(
+                    key,
+                    "a fine-tuning subset (metadata_file) takes its captions from the metadata \
+                     and holds no regularization pictures",
+                ));
+            }
+        }
+    }
+    let image_dir = l.text("image_dir")?.map(|d| base.join(d));
+    if image_dir.is_none() && metadata_file.is_none() {
+        return Err(format!(
+            "{}: `image_dir` is required (the subset's pictures), or a `metadata_file`",
+            l.at
         ));
     }
-    let image_dir = l
-        .text("image_dir")?
-        .ok_or_else(|| format!("{}: `image_dir` is required (the subset's pictures)", l.at))?;
-    let image_dir = base.join(image_dir);
     let repeats = l.count("num_repeats", 1)?;
     if repeats == 0 {
         return Err(l.err("num_repeats", "must be at least 1"));
@@ -575,6 +589,7 @@ fn subset_spec(l: &Levels, cfg: &Defaults, base: &Path) -> std::result::Result<S
     }
     Ok(SubsetSpec {
         image_dir,
+        metadata_file,
         repeats,
         class_tokens: l.text("class_tokens")?,
         is_reg: l.bool("is_reg", false)?,
@@ -665,6 +680,7 @@ mod tests {
 
           [[datasets.subsets]]
           image_dir = 'piyo'
+          metadata_file = 'piyo/piyo_md.json'
     "#;
 
     #[test]
@@ -699,8 +715,12 @@ mod tests {
         let drop: Vec<Option<f64>> = p.config.rules().iter().map(|r| r.caption_dropout).collect();
         assert_eq!(drop, [Some(0.1), None, Some(0.1), Some(0.1)]);
         let s = &d[0].subsets;
-        assert_eq!(s[0].image_dir, Path::new("/base/hoge"));
-        assert_eq!(s[1].image_dir, Path::new("/data/fuga"));
+        assert_eq!(s[0].image_dir.as_deref(), Some(Path::new("/base/hoge")));
+        assert_eq!(s[1].image_dir.as_deref(), Some(Path::new("/data/fuga")));
+        assert_eq!(
+            d[1].subsets[0].metadata_file.as_deref(),
+            Some(Path::new("/base/piyo/piyo_md.json"))
+        );
         assert_eq!(s[0].class_tokens.as_deref(), Some("hoge girl"));
         assert_eq!((s[2].is_reg, s[2].repeats), (true, 3));
         assert_eq!((s[0].is_reg, s[0].repeats), (false, 1));
@@ -789,14 +809,14 @@ mod tests {
             ("[general]\nimage_dir = 'a'\n".into(), "[general]: `image_dir` belongs in a [[datasets.subsets]]"),
             (subset("color_aug = true"), "`color_aug`: true: colour augmentation is not implemented"),
             (subset("random_crop = true"), "`random_crop`: true: kstyle crops at the centre"),
-            (subset("metadata_file = 'm.json'"), "`metadata_file`: kohya's fine-tuning datasets"),
+            (subset("metadata_file = 'm.json'\nis_reg = true"), "`is_reg`: a fine-tuning subset (metadata_file) takes its captions"),
             (subset("num_repeats = 0"), "`num_repeats`: must be at least 1"),
             (subset("num_repeats = -2"), "`num_repeats`: expected a whole number"),
             (subset("flip_aug = 'yes'"), "`flip_aug`: expected true or false"),
             (subset("keep_tokens = 1"), "keep_tokens keeps tags in place when shuffle_caption reorders them or caption_tag_dropout_rate drops them"),
             (subset("caption_tag_dropout_rate = 1.5"), "caption_tag_dropout_rate is a probability from 0 to 1, got 1.5"),
             (subset("validation_split = 0.1"), "`validation_split` kstyle holds pictures out with --val-data"),
-            ("[[datasets]]\n[[datasets.subsets]]\nclass_tokens = 'x'\n".into(), "[[datasets]] 1 [[datasets.subsets]] 1: `image_dir` is required"),
+            ("[[datasets]]\n[[datasets.subsets]]\nclass_tokens = 'x'\n".into(), "[[datasets]] 1 [[datasets.subsets]] 1: `image_dir` is required (the subset's pictures), or a `metadata_file`"),
             ("[[datasets]]\nresolution = [512, 768]\n[[datasets.subsets]]\nimage_dir = 'a'\n".into(), "[[datasets]] 1: `resolution`: [512,768]: kstyle trains square sides"),
             ("[[datasets]]\nresolution = 500\n[[datasets.subsets]]\nimage_dir = 'a'\n".into(), "must be a positive multiple of 8, got 500"),
             ("[[datasets]]\nenable_bucket = true\nbucket_reso_steps = 12\n[[datasets.subsets]]\nimage_dir = 'a'\n".into(), "[[datasets]] 1: bucket_reso_steps must be a positive multiple of 8, got 12"),

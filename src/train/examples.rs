@@ -7,6 +7,7 @@ use super::data::{
     training_mask, training_tensor, Dataset, Role, Sample, TensorCache,
 };
 use super::dataset_config::DatasetConfig;
+use super::metadata::scan_metadata;
 use super::subsets::SubsetRules;
 use super::text::{caption_ids, sdxl_conditioning, tokenized};
 use super::trainer::TrainConfig;
@@ -170,29 +171,42 @@ fn config_dataset(
     for (g, d) in dc.datasets.iter().enumerate() {
         let mut train = Vec::new();
         let mut reg = Vec::new();
-        let mut dirs: Vec<&Path> = Vec::new();
+        let mut sources: Vec<&Path> = Vec::new();
         for s in &d.subsets {
             let index = rules;
             rules += 1;
-            // kohya leaves out a dataset's second subset of one folder.
-            if dirs.contains(&s.image_dir.as_path()) {
+            // A DreamBooth subset's folder, a fine-tuning subset's metadata file.
+            let source = match (&s.metadata_file, &s.image_dir) {
+                (Some(m), _) | (None, Some(m)) => m.as_path(),
+                (None, None) => {
+                    return Err(Error::Config(format!(
+                        "[[datasets]] {}: a subset has neither an image_dir nor a metadata_file",
+                        g + 1
+                    )))
+                }
+            };
+            // kohya leaves out a dataset's second subset of one folder (or metadata file).
+            if sources.contains(&source) {
                 skipped.push(format!(
-                    "{}: a second subset of [[datasets]] {} on this folder",
-                    s.image_dir.display(),
+                    "{}: a second subset of [[datasets]] {} on it",
+                    source.display(),
                     g + 1
                 ));
                 continue;
             }
-            dirs.push(&s.image_dir);
-            let found = scan_pictures(
-                &s.image_dir,
-                s.repeats,
-                s.class_tokens.as_deref(),
-                &s.captions,
-                Some("a dataset config's image_dir is read without its sub-folders (kohya's)"),
-            )?;
+            sources.push(source);
+            let found = match &s.metadata_file {
+                Some(m) => scan_metadata(m, s.image_dir.as_deref(), s.repeats, &s.captions)?,
+                None => scan_pictures(
+                    source,
+                    s.repeats,
+                    s.class_tokens.as_deref(),
+                    &s.captions,
+                    Some("a dataset config's image_dir is read without its sub-folders (kohya's)"),
+                )?,
+            };
             if found.samples.is_empty() {
-                skipped.push(format!("{}: no pictures", s.image_dir.display()));
+                skipped.push(format!("{}: no pictures", source.display()));
             }
             skipped.extend(found.skipped);
             let part = match s.is_reg {

@@ -18,6 +18,7 @@ pub mod lr;
 pub mod lr_groups;
 pub mod max_norm;
 pub mod memory;
+pub mod metadata;
 mod network_weights;
 pub mod noise;
 mod objective;
