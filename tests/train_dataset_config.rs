@@ -71,31 +71,14 @@ fn a_config_of_one_folder_trains_as_the_folder_and_flags_do() {
             "datasets": [{"subsets": [{"image_dir": "data"}]}]}"#,
     );
     let c = dir.as_path().join("c/adapter.safetensors");
-    let o = common::kstyle(&[
-        "train",
-        "--model",
-        common::tiny().join("sdxl").to_str().unwrap(),
+    let o = common::train::train_spelled(
+        &common::tiny().join("sdxl"),
         "--dataset-config",
-        json.to_str().unwrap(),
-        "--out",
-        c.to_str().unwrap(),
-        "--method",
+        &json,
+        &c,
         "kstyle",
-        "--clip",
-        common::tiny().join("clip").to_str().unwrap(),
-        "--caption-template",
-        "a {trigger} landscape",
-        "--trigger",
-        "[v]",
-        "--seed",
-        "7",
-        "--grad-accum",
-        "2",
-        "--resolution",
-        "64",
-        "--max-steps",
-        "3",
-    ]);
+        &["--max-steps", "3"],
+    );
     ok(&o, "json");
     assert_same_run(&a, &c, "json");
 }

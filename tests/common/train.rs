@@ -70,12 +70,24 @@ pub fn train_model(
     method: &str,
     extra: &[&str],
 ) -> std::process::Output {
+    train_spelled(model, "--data", data, out, method, extra)
+}
+
+/// [`train_model`] with the data given under `flag` (`--data` or one of its aliases).
+pub fn train_spelled(
+    model: &Path,
+    flag: &str,
+    data: &Path,
+    out: &Path,
+    method: &str,
+    extra: &[&str],
+) -> std::process::Output {
     let clip = tiny().join("clip");
     let mut args = vec![
         "train",
         "--model",
         model.to_str().unwrap(),
-        "--data",
+        flag,
         data.to_str().unwrap(),
         "--out",
         out.to_str().unwrap(),
