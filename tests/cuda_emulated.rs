@@ -273,6 +273,12 @@ fn training_on_cuda_matches_the_cpu_run() {
         );
         let log = common::stderr(&o);
         assert!(log.contains("using checkpointing none"), "{log}");
+        // A GPU run ends with its peak and its uploads per step.
+        assert_eq!(
+            log.contains("host uploads per step after the first:"),
+            device == "cuda",
+            "{log}"
+        );
         let losses = common::first_losses(&out);
         let f = kstyle::tensor::SafeTensorsFile::open(&out).unwrap();
         let mut values = Vec::new();

@@ -916,11 +916,21 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
         ProgressStyle::with_template("[{bar:30}] {pos}/{len} steps {elapsed} (eta {eta}) {msg}")?
             .progress_chars("=> "),
     );
-    // On a GPU: the device's counters after each step, for the transfer summary below.
-    let mut stats = Vec::new();
+    // On a GPU: the device's counters after the first step and after the last, and the steps
+    // between, for the transfer summary below.
+    let mut stats = None;
+    let mut steps_after_first = 0u64;
     trainer.run(|s| {
         if let Device::Cuda(i) = device {
-            stats.extend(kstyle::backend::cuda::device(i).ok().map(|d| d.mem_stats()));
+            if let Ok(now) = kstyle::backend::cuda::device(i).map(|d| d.mem_stats()) {
+                match &mut stats {
+                    None => stats = Some((now, now)),
+                    Some((_, last)) => {
+                        *last = now;
+                        steps_after_first += 1;
+                    }
+                }
+            }
         }
         bar.set_position(s.step);
         let val = s.val.map_or(String::new(), |v| format!(" val {v:.4}"));
@@ -933,9 +943,9 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
         ));
     })?;
     bar.finish();
-    if let (Some(first), Some(last)) = (stats.first(), stats.last()) {
+    if let Some((first, last)) = stats {
         // Steps after the first: the first also uploads what the run sets up lazily.
-        let steps = (stats.len() - 1).max(1) as f64;
+        let steps = steps_after_first.max(1) as f64;
         eprintln!(
             "{device}: peak {:.1} MiB; host uploads per step after the first: {:.1} ({:.2} MiB)",
             last.peak as f64 / 1048576.0,

@@ -22,7 +22,14 @@ pub(super) fn sample_prompts(a: &Args) -> anyhow::Result<Vec<SamplePrompt>> {
         (None, Some(file)) => parse_prompt_file(file, &defaults)?,
         (None, None) => Vec::new(),
     };
-    for (i, p) in sample_prompts.iter().enumerate() {
+    let triggers = [
+        a.sample_every.is_some(),
+        a.sample_every_n_epochs.is_some(),
+        a.sample_at_first,
+    ];
+    // Prompts without a trigger make no previews: nothing to note.
+    let previews = triggers.contains(&true);
+    for (i, p) in sample_prompts.iter().enumerate().filter(|_| previews) {
         let texts = [Some(&p.prompt), p.negative.as_ref()];
         if texts.into_iter().flatten().any(|t| uses_syntax(t)) {
             eprintln!(
@@ -32,12 +39,7 @@ pub(super) fn sample_prompts(a: &Args) -> anyhow::Result<Vec<SamplePrompt>> {
             );
         }
     }
-    let triggers = [
-        a.sample_every.is_some(),
-        a.sample_every_n_epochs.is_some(),
-        a.sample_at_first,
-    ];
-    if triggers.contains(&true) && sample_prompts.is_empty() {
+    if previews && sample_prompts.is_empty() {
         anyhow::bail!(
             "--sample-every, --sample-every-n-epochs and --sample-at-first need \
              --sample-prompt TEXT or --sample-prompts FILE"
