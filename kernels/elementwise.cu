@@ -197,6 +197,13 @@ KS_BINARY_ALL(minimum, OpMinimum)
 
 // ---- affine, clamp_min, copy, fill, cast -------------------------------------------------------
 // affine backward is affine_fwd(d_y, a, 0).
+// SplitMix64's output function (Steele, Lea and Flood 2014): the mix applied to a state.
+__device__ __forceinline__ unsigned long long ks_splitmix(unsigned long long z) {
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+    return z ^ (z >> 31);
+}
+
 #define KS_MISC(T, tn)                                                                                    \
     extern "C" __global__ void elementwise_affine_fwd_##tn(i64 n, Dims6 dims, Strides6 x_strides,         \
                                                            const T* x, T* y, float a, float b) {          \
@@ -222,6 +229,20 @@ KS_BINARY_ALL(minimum, OpMinimum)
     extern "C" __global__ void elementwise_fill_fwd_##tn(i64 n, T* y, float value) {                     \
         const T v = from_f32<T>(value);                                                                  \
         KS_GRID_STRIDE(i, n) { y[i] = v; }                                                               \
+    }                                                                                                    \
+    /* LoRA network dropout's keep mask (nn/lora_dropout.rs entry_kept): element i of sample      */ \
+    /* s = i / per_sample is kept when SplitMix64's (j + 1)-th output from the sample's key,       */ \
+    /* splitmix(seed ^ salt), has its top 53 bits at or above the threshold ceil(p 2^53).          */ \
+    extern "C" __global__ void elementwise_dropout_mask_fwd_##tn(i64 n, i64 per_sample, const i64* seeds, \
+                                                                 unsigned long long salt,               \
+                                                                 unsigned long long threshold, T* y) {  \
+        KS_GRID_STRIDE(i, n) {                                                                           \
+            const i64 s = i / per_sample;                                                                \
+            const unsigned long long key = ks_splitmix((unsigned long long)seeds[s] ^ salt);             \
+            const unsigned long long j = (unsigned long long)(i - s * per_sample) + 1ull;                \
+            const unsigned long long u = ks_splitmix(key + j * 0x9E3779B97F4A7C15ull);                   \
+            y[i] = from_f32<T>((u >> 11) >= threshold ? 1.0f : 0.0f);                                    \
+        }                                                                                                \
     }
 
 KS_MISC(float, f32)

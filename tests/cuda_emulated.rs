@@ -496,3 +496,36 @@ fn f64_is_refused_on_cuda_with_a_typed_error() {
         Err(kstyle::Error::DType { .. })
     ));
 }
+
+/// LoRA network dropout's masks on a GPU are made there from the visit seeds uploaded once per
+/// micro-batch: the same bits as the CPU's, and nothing activation-sized crosses from the host.
+#[test]
+fn dropout_masks_are_made_on_the_device() {
+    use kstyle::nn::lora_dropout::{DropoutDraw, LoraDropout};
+    use kstyle::{Device, Tensor};
+    let dev = device();
+    let config = LoraDropout {
+        dropout: Some(0.3),
+        rank: Some(0.25),
+        module: Some(0.2),
+    };
+    let visits = [7u64, u64::MAX - 3];
+    let ids: Vec<i64> = visits.iter().map(|&v| v as i64).collect();
+    let seeds = Tensor::from_vec(ids, 2, Device::Cuda(0)).unwrap();
+    for dtype in [DType::F32, DType::BF16, DType::F16] {
+        let draw = DropoutDraw::for_module(config, &visits, 5);
+        let cpu = draw.masks(77, 9, dtype, Device::Cpu).unwrap();
+        let on_gpu = draw.with_device_seeds(Some(seeds.clone()));
+        let before = dev.mem_stats();
+        let gpu = on_gpu.masks(77, 9, dtype, Device::Cuda(0)).unwrap();
+        let after = dev.mem_stats();
+        // The row masks (2 x 9 values) still come from the host; the entries do not.
+        assert_eq!(after.uploads - before.uploads, 1, "{dtype:?}");
+        assert!(after.uploaded - before.uploaded <= 2 * 9 * 4, "{dtype:?}");
+        let bits = |t: &Option<Tensor>| t.as_ref().unwrap().to_vec_f64().unwrap();
+        assert_eq!(bits(&gpu.entries), bits(&cpu.entries), "{dtype:?}");
+        assert_eq!(bits(&gpu.rows), bits(&cpu.rows), "{dtype:?}");
+        let kept = bits(&cpu.entries).iter().sum::<f64>() / (2.0 * 77.0 * 9.0);
+        assert!((kept - 0.7).abs() < 0.06, "kept {kept}");
+    }
+}

@@ -88,11 +88,11 @@ impl Trainer {
             let dropout = !self.cfg.lora_dropout.is_off();
             if dropout {
                 let b = self.largest_batch()?.batch_size;
-                self.set_dropout(Some(&vec![0x5eed; b]));
+                self.set_dropout(Some(&vec![0x5eed; b]))?;
             }
             let probe = self.probe_step();
             if dropout {
-                self.set_dropout(None);
+                self.set_dropout(None)?;
             }
             let peak = match probe {
                 Ok(p) => Some(p),

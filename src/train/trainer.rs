@@ -596,7 +596,7 @@ impl Trainer {
             let dropout = !self.cfg.lora_dropout.is_off();
             if dropout {
                 let seeds: Vec<u64> = visits.iter().map(|v| v.dropout_seed).collect();
-                self.set_dropout(Some(&seeds));
+                self.set_dropout(Some(&seeds))?;
             }
             let x0 = stack(visits.iter().map(|v| v.x0.clone()).collect())?; // (B, 4, h, w)
             let noise = stack(visits.iter().map(|v| v.noise.clone()).collect())?;
@@ -635,7 +635,7 @@ impl Trainer {
                 &mut acc,
             );
             if dropout {
-                self.set_dropout(None);
+                self.set_dropout(None)?;
             }
             let losses = losses?;
             loss += losses.total.to_scalar()?;
@@ -735,8 +735,17 @@ impl Trainer {
     /// Sets every adapter's LoRA dropout draw for visits that drew `seeds` (the UNet's adapters
     /// then the text encoders', numbered in that order), or clears them (None) so validation and
     /// previews run without dropout.
-    pub(super) fn set_dropout(&mut self, seeds: Option<&[u64]>) {
+    pub(super) fn set_dropout(&mut self, seeds: Option<&[u64]>) -> Result<()> {
         let config = self.cfg.lora_dropout;
+        // On a GPU the network-dropout masks are made there from the visit seeds: B values,
+        // uploaded once for every adapter of the micro-batch.
+        let device_seeds = match (seeds, self.cfg.device, config.dropout) {
+            (Some(s), crate::Device::Cuda(_), Some(_)) => {
+                let ids: Vec<i64> = s.iter().map(|&v| v as i64).collect();
+                Some(Tensor::from_vec(ids, s.len(), self.cfg.device)?)
+            }
+            _ => None,
+        };
         let mut layers = self.unet.adaptable_mut();
         if let Some(te) = &mut self.text_encoders {
             layers.extend(
@@ -748,10 +757,13 @@ impl Trainer {
         let mut m = 0;
         for (_, mut layer) in layers {
             if let Some(a) = layer.adapter_mut() {
-                a.dropout = seeds.map(|s| DropoutDraw::for_module(config, s, m));
+                a.dropout = seeds.map(|s| {
+                    DropoutDraw::for_module(config, s, m).with_device_seeds(device_seeds.clone())
+                });
                 m += 1;
             }
         }
+        Ok(())
     }
 
     pub fn save_checkpoint(&self) -> Result<PathBuf> {

@@ -258,6 +258,38 @@ pub fn fill(
     Ok(out)
 }
 
+/// LoRA network dropout's keep mask, 0 or 1 in `dtype`: `seeds.len() x per_sample` elements,
+/// sample s's from its visit seed `seeds[s]` (i64 on the device, at `seeds_ptr`) and the
+/// module's `salt`, kept where the counter stream's top 53 bits reach `threshold` (see
+/// `nn::lora_dropout::entry_kept`, the CPU's definition).
+pub fn dropout_mask(
+    dev: &std::sync::Arc<super::CudaDevice>,
+    dtype: DType,
+    seeds_ptr: u64,
+    samples: usize,
+    per_sample: usize,
+    salt: u64,
+    threshold: u64,
+) -> Result<CudaStorage> {
+    let n = samples * per_sample;
+    let out = CudaStorage::alloc(dev, dtype, n)?;
+    dev.launch(
+        "elementwise",
+        format!(
+            "elementwise_dropout_mask_fwd_{}",
+            float_tn(dtype, "dropout_mask")?
+        ),
+    )?
+    .arg(n as i64)
+    .arg(per_sample.max(1) as i64)
+    .arg(seeds_ptr)
+    .arg(salt)
+    .arg(threshold)
+    .arg(out.ptr())
+    .run_gs(n)?;
+    Ok(out)
+}
+
 /// `table[ids]` along dim 0. The ids are checked on the host first (they are a few hundred token
 /// ids), so a bad id is an error naming it rather than an out-of-bounds read.
 pub fn index_select(
