@@ -6,6 +6,7 @@ mod common;
 
 use std::sync::Arc;
 
+use kstyle::backend::cuda::device::thread_uploads;
 use kstyle::backend::cuda::kernels::Family;
 use kstyle::backend::cuda::{self, emu, CudaDevice};
 use kstyle::verify::cuda_parity;
@@ -440,13 +441,13 @@ fn launch_arguments_must_match_the_kernel_parameters() {
 fn a_chunk_backward_uploads_nothing() {
     use kstyle::tensor::Rng;
     use kstyle::{Device, Tensor};
-    let dev = device();
+    device();
     let xc = Tensor::randn((2, 24, 64), &mut Rng::new(3), DType::F32, Device::Cpu).unwrap();
     let grad = |x: &Tensor| {
         let x = x.var().unwrap();
         let [a, b]: [Tensor; 2] = x.chunk(2, 2).unwrap().try_into().unwrap();
         let loss = a.mul(&b.gelu().unwrap()).unwrap().sum_all().unwrap();
-        let before = dev.mem_stats();
+        let before = thread_uploads();
         let g = loss
             .backward()
             .unwrap()
@@ -458,12 +459,9 @@ fn a_chunk_backward_uploads_nothing() {
     };
     let (want, _) = grad(&xc);
     let (got, before) = grad(&xc.to_device(Device::Cuda(0)).unwrap());
-    let after = dev.mem_stats();
+    let after = thread_uploads();
     assert_eq!(
-        (
-            after.uploads - before.uploads,
-            after.uploaded - before.uploaded
-        ),
+        (after.0 - before.0, after.1 - before.1),
         (0, 0),
         "the backward uploaded from the host"
     );
@@ -503,7 +501,7 @@ fn f64_is_refused_on_cuda_with_a_typed_error() {
 fn dropout_masks_are_made_on_the_device() {
     use kstyle::nn::lora_dropout::{DropoutDraw, LoraDropout};
     use kstyle::{Device, Tensor};
-    let dev = device();
+    device();
     let config = LoraDropout {
         dropout: Some(0.3),
         rank: Some(0.25),
@@ -516,12 +514,12 @@ fn dropout_masks_are_made_on_the_device() {
         let draw = DropoutDraw::for_module(config, &visits, 5);
         let cpu = draw.masks(77, 9, dtype, Device::Cpu).unwrap();
         let on_gpu = draw.with_device_seeds(Some(seeds.clone()));
-        let before = dev.mem_stats();
+        let before = thread_uploads();
         let gpu = on_gpu.masks(77, 9, dtype, Device::Cuda(0)).unwrap();
-        let after = dev.mem_stats();
+        let after = thread_uploads();
         // The row masks (2 x 9 values) still come from the host; the entries do not.
-        assert_eq!(after.uploads - before.uploads, 1, "{dtype:?}");
-        assert!(after.uploaded - before.uploaded <= 2 * 9 * 4, "{dtype:?}");
+        assert_eq!(after.0 - before.0, 1, "{dtype:?}");
+        assert!(after.1 - before.1 <= 2 * 9 * 4, "{dtype:?}");
         let bits = |t: &Option<Tensor>| t.as_ref().unwrap().to_vec_f64().unwrap();
         assert_eq!(bits(&gpu.entries), bits(&cpu.entries), "{dtype:?}");
         assert_eq!(bits(&gpu.rows), bits(&cpu.rows), "{dtype:?}");

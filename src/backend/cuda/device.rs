@@ -75,6 +75,18 @@ pub struct MemStats {
     pub uploaded: u64,
 }
 
+thread_local! {
+    /// Host-to-device copies made by this thread, on any device, and their bytes.
+    static THREAD_UPLOADS: std::cell::Cell<(u64, u64)> = const { std::cell::Cell::new((0, 0)) };
+}
+
+/// Host-to-device copies the calling thread has made, on any device, and their bytes. Unlike
+/// [`MemStats::uploads`] it does not count other threads' copies, so a check of one region of
+/// code is not disturbed by work running beside it (parallel tests share the device).
+pub fn thread_uploads() -> (u64, u64) {
+    THREAD_UPLOADS.with(|c| c.get())
+}
+
 /// The driver's objects for a real GPU.
 struct Driver {
     ctx: Arc<CudaContext>,
@@ -396,6 +408,10 @@ impl CudaDevice {
             p.uploads += 1;
             p.uploaded += std::mem::size_of_val(data) as u64;
         }
+        THREAD_UPLOADS.with(|c| {
+            let (n, bytes) = c.get();
+            c.set((n + 1, bytes + std::mem::size_of_val(data) as u64));
+        });
         if let Some(emu) = self.emulator() {
             emu.write(b.ptr, data)?;
             return Ok(b);
