@@ -180,13 +180,12 @@ macro_rules! same {
 mod basic;
 mod float8;
 mod fused;
+mod optim;
 
 use basic::{elementwise, matmul, reduce};
 use float8::float8;
-use fused::{
-    adafactor, adamw, adamw8bit, attention, conv, lion, lion8bit, lora, multi_tensor, norm, pool,
-    prodigy, sqnorm,
-};
+use fused::{attention, conv, lora, norm, pool};
+use optim::{adafactor, adamw, adamw8bit, lion, lion8bit, multi_tensor, prodigy, sqnorm};
 
 type Family = fn(&mut Run, DType) -> Result<()>;
 
