@@ -37,6 +37,13 @@ export KSTYLE_CACHE_DIR=/tmp/kstyle-cache/cache
 mkdir -p /tmp/kstyle-cache
 python3 -c 'import sys, tarfile; tarfile.open(sys.argv[1]).extractall(sys.argv[2])' \
     gpu-carry/cache.tar.xz /tmp/kstyle-cache || echo "no gpu-carry/cache.tar.xz: kernels compile on first use"
+# The fixtures travel as one archive (scripts/gpu-prepare.sh; the tracked tree is over what a call
+# carries): unpack it into this copy of the tree.
+if [ ! -d tests/fixtures/tiny/reference ]; then
+    python3 -c 'import sys, tarfile; tarfile.open(sys.argv[1]).extractall(".", filter="data")' \
+        gpu-carry/fixtures.tar.xz ||
+        { echo "no tests/fixtures and no gpu-carry/fixtures.tar.xz: run scripts/gpu-prepare.sh here first"; exit 1; }
+fi
 export PYTHONUNBUFFERED=1
 SUMMARY="$OUT/summary.txt"
 : > "$SUMMARY"
