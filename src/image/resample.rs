@@ -10,7 +10,7 @@
 //! 2. Tap weights are evaluated in f64, normalised to sum to one, then stored as fixed point with
 //!    22 fractional bits, rounding half away from zero.
 //! 3. Two 1-D passes, horizontal then vertical (vertical first for images whose height shrinks
-//!    much more than their width, see [`vertical_first`]). Each accumulates in integers starting
+//!    much more than their width, see `vertical_first`). Each accumulates in integers starting
 //!    from `1 << 21` (round half up), shifts right by 22 and clamps to 0..=255, so the
 //!    intermediate image is itself 8-bit.
 //!

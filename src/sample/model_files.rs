@@ -502,7 +502,7 @@ impl ModelFiles {
     }
 }
 
-/// [`identity_of`] from the canonical path, so that two spellings of one file agree: what a
+/// `identity_of` from the canonical path, so that two spellings of one file agree: what a
 /// record of the files behind an output compares.
 pub fn file_identity(path: &Path) -> String {
     identity_of(&std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf()))

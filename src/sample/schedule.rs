@@ -1,5 +1,5 @@
 //! The scaled-linear beta schedule and the scheduler config of a diffusers folder (the training
-//! schedule built from it: [`super::train_schedule`]).
+//! schedule built from it: [`TrainSchedule`]).
 //!
 //! Two precisions on purpose: samplers reproduce diffusers, which builds its tables in float32;
 //! training follows `kstyle_ref.alphas_cumprod`, which is float64.

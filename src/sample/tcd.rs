@@ -1,7 +1,7 @@
 //! Trajectory consistency distillation's sampler, as diffusers' `TCDScheduler` runs it: the
 //! few-step sampler of TCD-distilled models and of TCD-LoRA (usually 4-8 steps at low guidance).
 //!
-//! It steps on LCM's distillation schedule ([`super::lcm::distillation_timesteps`]). At timestep
+//! It steps on LCM's distillation schedule (`lcm::distillation_timesteps`). At timestep
 //! `t` with next timestep `t'` (0 after the last), the model output gives `x0` and `eps`, which are
 //! re-mixed at the intermediate timestep `s = floor((1 - gamma) t')`:
 //! `x_s = sqrt(abar_s) x0 + sqrt(1 - abar_s) eps`. With `gamma` (diffusers' `eta`, the paper's

@@ -6,7 +6,7 @@
 //! of at least `min_8bit_size` elements (4096) keeps each moment as one byte per element: the
 //! code of the value, divided by the largest magnitude of its block of 256 elements, in
 //! bitsandbytes' dynamic map (signed for m, unsigned for v; see
-//! [`dynamic_map`](crate::backend::cpu::optim::dynamic_map)), and that absmax in f32 per block.
+//! [`crate::backend::cpu::optim::dynamic_map`]), and that absmax in f32 per block.
 //! Each step dequantizes a block, updates the moments and the masters in full precision, and
 //! stores the new moments as the nearest codes of the block's new absmax. Smaller trainables
 //! (LoRA's small factors, norms) keep f32 moments and step as plain AdamW. Per element that is

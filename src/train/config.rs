@@ -28,7 +28,7 @@ pub struct TrainConfig {
     pub model: PathBuf,
     pub config_dir: Option<PathBuf>,
     /// A VAE that replaces the model's own for encoding the pictures and decoding samples (see
-    /// [`ModelFiles::with_vae`]).
+    /// [`crate::sample::model_files::ModelFiles::with_vae`]).
     pub vae: Option<PathBuf>,
     /// Encode (and decode samples) in tiles, as diffusers' `enable_vae_tiling()`.
     pub vae_tiling: bool,
@@ -59,13 +59,13 @@ pub struct TrainConfig {
     pub targets: Vec<String>,
     pub lambda: f64,
     /// Min-SNR gamma of the diffusion loss's per-sample weights (see
-    /// [`TrainSchedule::loss_weight`]); None: unweighted, as KSTYLE.md's loss.
+    /// [`crate::sample::TrainSchedule::loss_weight`]); None: unweighted, as KSTYLE.md's loss.
     pub min_snr_gamma: Option<f64>,
     /// kohya's `--debiased_estimation_loss`: each sample's loss also times 1 / sqrt(SNR)
     /// (epsilon) or 1 / (SNR + 1) (v).
     pub debiased: bool,
     /// kohya's `--scale_v_pred_loss_like_noise_pred` (v-prediction models): each sample's loss
-    /// also times SNR / (SNR + 1) (see [`TrainSchedule::loss_weight`]).
+    /// also times SNR / (SNR + 1) (see [`crate::sample::TrainSchedule::loss_weight`]).
     pub scale_v_pred_loss: bool,
     /// kohya's `--v_pred_like_loss k` (epsilon models): each sample's loss also times
     /// 1 + k (SNR + 1) / SNR.
@@ -209,7 +209,7 @@ pub struct TrainConfig {
     /// the first `keep_tokens` with this probability (after the shuffle).
     pub caption_tag_dropout: Option<f64>,
     /// kohya's `--max_token_length` (75, 150 or 225; None: 75): captions are read in that many
-    /// tokens, as windows of CLIP's 75 joined (see [`super::text::sdxl_conditioning`]).
+    /// tokens, as windows of CLIP's 75 joined (see `text::sdxl_conditioning`).
     pub max_token_length: Option<usize>,
     /// kohya's `--weighted_captions`: captions' `(word:1.2)`, `(word)` and `[word]` weights
     /// multiply their tokens' text-encoder states (see [`super::text::weighted_caption_ids`]).

@@ -106,7 +106,7 @@ pub struct TextEncoders {
 }
 
 impl TextEncoders {
-    /// SDXL's conditioning of token ids (B, 77) each (or (B, 77 n): [`sdxl_conditioning`]): the
+    /// SDXL's conditioning of token ids (B, 77) each (or (B, 77 n): `sdxl_conditioning`): the
     /// context cat(penultimate states), (B, 77, Dc), and text_encoder_2's projected pooled
     /// embedding, (B, P). On the tape.
     pub fn encode(

@@ -1,8 +1,10 @@
 //! The fused gated low-rank update (kernels/lora.cu) written plainly: the oracle the CUDA kernel
 //! is tested against. Everything widens to f64; the result narrows once.
 //!
-//!   g[b, k] = a[b] * scale * w_down[b, k] * w_up[b, k]     (absent gates count as 1)
-//!   z = h A^T (B*S, r),  out = base + (z * g) B^T           (B*S, Dout)
+//! ```text
+//! g[b, k] = a[b] * scale * w_down[b, k] * w_up[b, k]     (absent gates count as 1)
+//! z = h A^T (B*S, r),  out = base + (z * g) B^T           (B*S, Dout)
+//! ```
 
 use super::CpuStorage;
 use crate::tensor::{DType, Layout};

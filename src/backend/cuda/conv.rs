@@ -198,7 +198,7 @@ pub fn conv2d_bwd_input(
     Ok(dx)
 }
 
-/// dW (K, C, R, S) = sum_n dy[n] col[n]^T, accumulated in f32 across images and rounded once.
+/// dW (K, C, R, S) = `sum_n dy[n] col[n]^T`, accumulated in f32 across images and rounded once.
 pub fn conv2d_bwd_weight(
     x: &CudaStorage,
     lx: &Layout,

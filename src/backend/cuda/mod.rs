@@ -119,7 +119,7 @@ pub struct Strides6 {
 }
 
 /// The output shape and each operand's strides with size-1 dims dropped and mergeable neighbours
-/// merged (dims i and i+1 merge when every operand has stride[i] == stride[i+1] * dim[i+1]),
+/// merged (dims i and i+1 merge when every operand has `stride[i] == stride[i+1] * dim[i+1]`),
 /// so most strided views fit the kernels' six dims. Each operand is a layout of the same shape.
 pub fn strided_args(layouts: &[&Layout], op: &'static str) -> Result<(Dims6, Vec<Strides6>)> {
     let dims = layouts[0].dims();

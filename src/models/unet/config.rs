@@ -44,7 +44,7 @@ pub struct UNetConfig {
     pub norm_eps: f64,
     pub flip_sin_to_cos: bool,
     pub freq_shift: f64,
-    /// Width of `time_embedding` (block_out_channels[0] * 4 unless given).
+    /// Width of `time_embedding` (`block_out_channels[0] * 4` unless given).
     pub time_embed_dim: usize,
     pub text_time: Option<TextTimeConfig>,
     pub conv_in_kernel: usize,

@@ -82,7 +82,7 @@ impl TimestepEmbedding {
 pub struct ConditioningEmbedding {
     pub time_embedding: TimestepEmbedding,
     pub add_embedding: Option<(TextTimeConfig, TimestepEmbedding)>,
-    /// Width of the main timestep sinusoid (block_out_channels[0]).
+    /// Width of the main timestep sinusoid (`block_out_channels[0]`).
     pub time_proj_dim: usize,
     pub flip_sin_to_cos: bool,
     pub freq_shift: f64,
