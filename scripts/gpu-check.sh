@@ -67,7 +67,7 @@ step() {
 
 step env 30 bash -c 'nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm --format=csv; ls /usr/local/cuda/lib64 | grep -E "libnvrtc.so|libcublas.so|libcublasLt.so" ; ls "$KSTYLE_CACHE_DIR"/nvrtc | wc -l; '"$BIN"' --version'
 step parity 240 env KSTYLE_CUDA_SYNC=1 "$BIN" gpu-parity
-# 8,778 rows; the sampler, img2img, inpaint, mask-crop, refiner, EDM and embedding cases are ~95 whole runs
+# 21,384 rows (tiny and extra) on the CPU; the sampler, img2img, inpaint, mask-crop, refiner, EDM and embedding cases are ~95 whole runs
 # of the tiny pipeline (about 500 UNet calls).
 step verify 180 "$BIN" verify --device cuda tests/fixtures/tiny
 # Training end to end on CUDA (AdamW state on the device), 4 steps of the tiny model, and the same
