@@ -17,6 +17,9 @@ use std::path::{Path, PathBuf};
 
 pub const IMAGE_EXTENSIONS: [&str; 4] = ["png", "jpg", "jpeg", "webp"];
 
+/// The caption-file extensions beside pictures: kstyle reads `txt` by default, kohya `caption`.
+pub const CAPTION_EXTENSIONS: [&str; 2] = ["txt", "caption"];
+
 /// Where captions come from.
 #[derive(Clone, Debug, PartialEq)]
 pub struct CaptionSource {
@@ -119,8 +122,8 @@ pub enum Role {
 #[derive(Clone, Debug)]
 pub struct Dataset {
     pub samples: Vec<Sample>,
-    /// Sub-folders left out, with the reason (for the run's log).
-    pub skipped: Vec<String>,
+    /// For the run's log: sub-folders left out, with the reason, and caption files not read.
+    pub warnings: Vec<String>,
 }
 
 pub(super) fn sha256_hex(bytes: &[u8]) -> String {
@@ -196,12 +199,12 @@ pub(super) fn is_image(p: &Path) -> bool {
 impl Dataset {
     /// Every image of `dir` (sorted by name), and of its kohya-style `N_name` sub-folders, each
     /// image of those visited N times an epoch. Caption files and kohya's latent caches (`.npz`)
-    /// beside an image are skipped; any other file is an error naming it, and so is an image
+    /// beside an image are passed over; any other file is an error naming it, and so is an image
     /// that does not decode. Sub-folders whose name has no repeat count (or 0) are left out, as
-    /// kohya leaves them, and listed in `skipped`.
+    /// kohya leaves them, and named in `warnings`.
     pub fn scan(dir: &Path, captions: &CaptionSource) -> Result<Dataset> {
         let mut samples = Vec::new();
-        let mut skipped = Vec::new();
+        let mut warnings = Vec::new();
         let mut folders = vec![(dir.to_path_buf(), 1, None)];
         for p in entries(dir)? {
             if !p.is_dir() {
@@ -213,10 +216,10 @@ impl Dataset {
                 .to_string_lossy()
                 .into_owned();
             match kohya_folder(&name) {
-                Some((0, _)) => skipped.push(format!("{}: 0 repeats", p.display())),
+                Some((0, _)) => warnings.push(format!("left out {}: 0 repeats", p.display())),
                 Some((repeats, caption)) => folders.push((p, repeats, caption)),
-                None => skipped.push(format!(
-                    "{}: not a kohya `N_name` folder (N: repeats per epoch)",
+                None => warnings.push(format!(
+                    "left out {}: not a kohya `N_name` folder (N: repeats per epoch)",
                     p.display()
                 )),
             }
@@ -234,7 +237,7 @@ impl Dataset {
                 nested,
             )?;
             samples.extend(found.samples);
-            skipped.extend(found.skipped);
+            warnings.extend(found.warnings);
         }
         if samples.is_empty() {
             return Err(Error::file(
@@ -243,7 +246,7 @@ impl Dataset {
                  `N_name` sub-folders)",
             ));
         }
-        Ok(Dataset { samples, skipped })
+        Ok(Dataset { samples, warnings })
     }
 
     pub fn len(&self) -> usize {
@@ -272,9 +275,11 @@ impl Dataset {
 
 /// The pictures directly in `folder`, each visited `repeats` times an epoch and captioned by
 /// its caption file, else `folder_caption`, else the template. Caption files and kohya's latent
-/// caches (`.npz`) beside a picture are skipped; any other file is an error naming it, and so is
-/// a picture that does not decode. Sub-folders are listed in `skipped` with `nested` as the
-/// reason (None: passed over silently).
+/// caches (`.npz`) beside a picture are passed over; any other file is an error naming it, and so is
+/// a picture that does not decode. Sub-folders are named in `warnings` with `nested` as the
+/// reason (None: passed over silently), and so are caption files of the other extension (`.txt`
+/// or `.caption`) beside pictures that have none of `captions.extension`: kohya's own default
+/// is `.caption`, so a config written for it may name neither.
 pub fn scan_pictures(
     folder: &Path,
     repeats: usize,
@@ -283,12 +288,14 @@ pub fn scan_pictures(
     nested: Option<&str>,
 ) -> Result<Dataset> {
     let mut samples = Vec::new();
-    let mut skipped = Vec::new();
+    let mut warnings = Vec::new();
+    // Caption files of another extension beside pictures that have none of `captions`'.
+    let mut unread: BTreeMap<&str, Vec<PathBuf>> = BTreeMap::new();
     let paths = entries(folder)?;
     for p in &paths {
         if p.is_dir() {
             if let Some(why) = nested {
-                skipped.push(format!("{}: {why}", p.display()));
+                warnings.push(format!("left out {}: {why}", p.display()));
             }
             continue;
         }
@@ -299,7 +306,7 @@ pub fn scan_pictures(
             let ext = ext.as_deref().unwrap_or("");
             // Captions and kohya's caches (`a.npz`, `a_1024x1024_sdxl.npz`,
             // `a_te_outputs.npz`) beside a picture.
-            let companion = ["txt", "caption", "npz"].contains(&ext)
+            let companion = (CAPTION_EXTENSIONS.contains(&ext) || ext == "npz")
                 && paths.iter().any(|q| is_image(q) && companion_of(p, q));
             if ext == captions.extension || companion {
                 continue;
@@ -318,6 +325,13 @@ pub fn scan_pictures(
         // middle.
         let size = load_training_picture(p)?.dimensions();
         let bytes = std::fs::read(p).map_err(|e| Error::io(p, e))?;
+        if !p.with_extension(&captions.extension).exists() {
+            for ext in CAPTION_EXTENSIONS {
+                if ext != captions.extension && p.with_extension(ext).exists() {
+                    unread.entry(ext).or_default().push(p.with_extension(ext));
+                }
+            }
+        }
         samples.push(Sample {
             size,
             caption: captions.caption_for(p, folder_caption)?,
@@ -329,7 +343,18 @@ pub fn scan_pictures(
             group: 0,
         });
     }
-    Ok(Dataset { samples, skipped })
+    for (ext, files) in unread {
+        warnings.push(format!(
+            "not read: {} .{ext} caption file(s) in {} (the first: {}): captions are read from \
+             .{} files (--caption-extension, a subset's caption_extension), and pictures without \
+             one take the folder's caption or the template",
+            files.len(),
+            folder.display(),
+            files[0].display(),
+            captions.extension
+        ));
+    }
+    Ok(Dataset { samples, warnings })
 }
 
 /// Visits grouped by `key` (a batch must share one latent size, and one role), the groups in
@@ -761,7 +786,7 @@ mod tests {
     }
 
     /// A kohya DreamBooth layout: top-level pictures once an epoch, `N_name` folders N times,
-    /// captioned by file, then folder, then template; caches and hidden folders skipped,
+    /// captioned by file, then folder, then template; caches and hidden folders passed over,
     /// folders without a repeat count left out and reported, a stray file an error naming it.
     #[test]
     fn kohya_folders_repeat_and_caption_their_pictures() {
@@ -808,8 +833,16 @@ mod tests {
             .collect();
         assert_eq!(got, want);
         assert_eq!(data.epoch_len(), 7);
-        assert_eq!(data.skipped.len(), 1, "{:?}", data.skipped);
-        assert!(data.skipped[0].contains("notes"), "{:?}", data.skipped);
+        assert_eq!(data.warnings.len(), 2, "{:?}", data.warnings);
+        assert!(data.warnings[0].contains("notes"), "{:?}", data.warnings);
+        // b's kohya-default .caption file is not read, and the log says so.
+        let unread = &data.warnings[1];
+        assert!(
+            unread.starts_with("not read: 1 .caption caption file(s)")
+                && unread.contains("b.caption")
+                && unread.contains("read from .txt files"),
+            "{unread}"
+        );
         // A cache file that belongs to no picture is not silently trained around.
         std::fs::write(hanok.join("zzz.npz"), b"stray").unwrap();
         let e = Dataset::scan(root, &captions).unwrap_err().to_string();
@@ -822,6 +855,13 @@ mod tests {
         };
         let data = Dataset::scan(root, &by_caption).unwrap();
         assert_eq!(data.samples[2].caption, "kohya's other caption file");
+        let unread: Vec<&String> = data
+            .warnings
+            .iter()
+            .filter(|w| w.starts_with("not read"))
+            .collect();
+        assert_eq!(unread.len(), 1, "{unread:?}");
+        assert!(unread[0].contains(".txt caption file(s)") && unread[0].contains("a.txt"));
         // Only folders without repeats: nothing to train on, and the error says where they go.
         let empty = crate::test_fixtures::TempDir::new("kohya-empty");
         std::fs::create_dir_all(empty.path().join("hanok")).unwrap();

@@ -63,7 +63,7 @@ pub(super) enum ExampleText {
 /// left with none are dropped, as kohya leaves them unused), or a dataset config's subsets;
 /// then `--val-data`'s with no visits. Logs what it found.
 pub(super) fn load_dataset(cfg: &TrainConfig, log: &mut dyn FnMut(&str)) -> Result<Dataset> {
-    let (mut data, mut skipped) = match &cfg.dataset_config {
+    let (mut data, mut warnings) = match &cfg.dataset_config {
         Some(dc) => config_dataset(cfg, dc, log)?,
         None => folder_dataset(cfg, log)?,
     };
@@ -74,15 +74,15 @@ pub(super) fn load_dataset(cfg: &TrainConfig, log: &mut dyn FnMut(&str)) -> Resu
             val.len(),
             dir.display()
         ));
-        skipped.extend(val.skipped);
+        warnings.extend(val.warnings);
         for mut s in val.samples {
             s.repeats = 0;
             s.role = Role::Validation;
             data.samples.push(s);
         }
     }
-    for s in &skipped {
-        log(&format!("warning: left out {s}"));
+    for s in &warnings {
+        log(&format!("warning: {s}"));
     }
     Ok(data)
 }
@@ -126,11 +126,11 @@ fn folder_dataset(cfg: &TrainConfig, log: &mut dyn FnMut(&str)) -> Result<(Datas
             String::new()
         }
     ));
-    let mut skipped = std::mem::take(&mut data.skipped);
+    let mut warnings = std::mem::take(&mut data.warnings);
     if let Some(dir) = &cfg.reg_data {
         let mut reg = Dataset::scan(dir, &cfg.captions)?;
         skip_small(&mut reg.samples, cfg.skip_image_area, "regularization", log);
-        skipped.extend(reg.skipped);
+        warnings.extend(reg.warnings);
         let repeats: Vec<usize> = reg.samples.iter().map(|s| s.repeats).collect();
         let counts = prior_repeats(data.epoch_len(), &repeats);
         let unused = counts.iter().filter(|&&c| c == 0).count();
@@ -155,7 +155,7 @@ fn folder_dataset(cfg: &TrainConfig, log: &mut dyn FnMut(&str)) -> Result<(Datas
             cfg.prior_loss_weight
         ));
     }
-    Ok((data, skipped))
+    Ok((data, warnings))
 }
 
 /// The pictures of a dataset config's subsets, each dataset's regularization subsets balanced
@@ -166,7 +166,7 @@ fn config_dataset(
     log: &mut dyn FnMut(&str),
 ) -> Result<(Dataset, Vec<String>)> {
     let mut samples = Vec::new();
-    let mut skipped = Vec::new();
+    let mut warnings = Vec::new();
     let mut rules = 0;
     for (g, d) in dc.datasets.iter().enumerate() {
         let mut train = Vec::new();
@@ -187,8 +187,8 @@ fn config_dataset(
             };
             // kohya leaves out a dataset's second subset of one folder (or metadata file).
             if sources.contains(&source) {
-                skipped.push(format!(
-                    "{}: a second subset of [[datasets]] {} on it",
+                warnings.push(format!(
+                    "left out {}: a second subset of [[datasets]] {} on it",
                     source.display(),
                     g + 1
                 ));
@@ -206,9 +206,9 @@ fn config_dataset(
                 )?,
             };
             if found.samples.is_empty() {
-                skipped.push(format!("{}: no pictures", source.display()));
+                warnings.push(format!("left out {}: no pictures", source.display()));
             }
-            skipped.extend(found.skipped);
+            warnings.extend(found.warnings);
             let part = match s.is_reg {
                 true => &mut reg,
                 false => &mut train,
@@ -269,9 +269,9 @@ fn config_dataset(
     Ok((
         Dataset {
             samples,
-            skipped: Vec::new(),
+            warnings: Vec::new(),
         },
-        skipped,
+        warnings,
     ))
 }
 

@@ -132,7 +132,7 @@ pub fn scan_metadata(
     }
     Ok(Dataset {
         samples,
-        skipped: Vec::new(),
+        warnings: Vec::new(),
     })
 }
 
