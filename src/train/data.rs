@@ -275,11 +275,11 @@ impl Dataset {
 
 /// The pictures directly in `folder`, each visited `repeats` times an epoch and captioned by
 /// its caption file, else `folder_caption`, else the template. Caption files and kohya's latent
-/// caches (`.npz`) beside a picture are passed over; any other file is an error naming it, and so is
-/// a picture that does not decode. Sub-folders are named in `warnings` with `nested` as the
-/// reason (None: passed over silently), and so are caption files of the other extension (`.txt`
-/// or `.caption`) beside pictures that have none of `captions.extension`: kohya's own default
-/// is `.caption`, so a config written for it may name neither.
+/// caches (`.npz`) beside a picture are passed over; any other file is an error naming it, and
+/// so is a picture that does not decode. Sub-folders are named in `warnings` with `nested` as
+/// the reason (None: passed over silently), and so are caption files of the other extension
+/// (`.txt` or `.caption`) beside pictures that have none of `captions.extension`: kohya's own
+/// default is `.caption`, so a config written for it may name neither.
 pub fn scan_pictures(
     folder: &Path,
     repeats: usize,

@@ -403,14 +403,15 @@ impl CudaDevice {
     /// Uploads a host slice into fresh device memory (synchronises: the slice may be pageable).
     pub fn upload<T: Copy>(self: &Arc<Self>, dtype: DType, data: &[T]) -> Result<Buffer> {
         let b = self.alloc(dtype, data.len())?;
+        let bytes = std::mem::size_of_val(data) as u64;
         {
             let mut p = self.pool.lock().unwrap_or_else(|e| e.into_inner());
             p.uploads += 1;
-            p.uploaded += std::mem::size_of_val(data) as u64;
+            p.uploaded += bytes;
         }
         THREAD_UPLOADS.with(|c| {
-            let (n, bytes) = c.get();
-            c.set((n + 1, bytes + std::mem::size_of_val(data) as u64));
+            let (n, sum) = c.get();
+            c.set((n + 1, sum + bytes));
         });
         if let Some(emu) = self.emulator() {
             emu.write(b.ptr, data)?;
