@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The one prepared command for a GPU session (run scripts/gpu-prepare.sh first, here):
-#   run(command="bash scripts/gpu-check.sh", carry=["gpu-carry"], timeout_s=540)
+#   run(command="bash scripts/gpu-check.sh", carry=["gpu-carry"], timeout_s=580)
 # Steps, each under its own timeout, full logs in $OUT (the device tool returns at most 8 files:
 # env/parity/verify/bench/torch/candle logs, summary.txt, and bench.jsonl holding every timed row
 # of kstyle, PyTorch and candle), a short table last:
@@ -50,9 +50,21 @@ SUMMARY="$OUT/summary.txt"
 # JSON rows are gathered outside $OUT and joined into one file at the end (the 8-file limit).
 JSONS=$(mktemp -d)
 
+# One deadline for the whole script (seconds from its start), a little inside the call's
+# timeout_s, so that a slow step shortens the ones after it instead of the call's kill cutting
+# off the summary and bench.jsonl: each step runs under min(its cap, what is left).
+DEADLINE=${KSTYLE_GPU_DEADLINE:-560}
+
 step() {
     local name=$1 limit=$2
     shift 2
+    local left=$((DEADLINE - 15 - SECONDS))
+    if [ "$left" -lt 10 ]; then
+        printf '%-8s skipped: out of time (deadline %ss)\n' "$name" "$DEADLINE" | tee -a "$SUMMARY"
+        : > "$OUT/$name.log"
+        return
+    fi
+    [ "$left" -lt "$limit" ] && limit=$left
     local t0=$SECONDS
     echo "==> $name: $*"
     timeout "$limit" "$@" > "$OUT/$name.log" 2>&1
@@ -66,10 +78,10 @@ step() {
 }
 
 step env 30 bash -c 'nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm --format=csv; ls /usr/local/cuda/lib64 | grep -E "libnvrtc.so|libcublas.so|libcublasLt.so" ; ls "$KSTYLE_CACHE_DIR"/nvrtc | wc -l; '"$BIN"' --version'
-step parity 240 env KSTYLE_CUDA_SYNC=1 "$BIN" gpu-parity
+step parity 150 env KSTYLE_CUDA_SYNC=1 "$BIN" gpu-parity
 # 21,384 rows (tiny and extra) on the CPU; the sampler, img2img, inpaint, mask-crop, refiner, EDM and embedding cases are ~95 whole runs
 # of the tiny pipeline (about 500 UNet calls).
-step verify 180 "$BIN" verify --device cuda tests/fixtures/tiny
+step verify 150 "$BIN" verify --device cuda tests/fixtures/tiny
 # Training end to end on CUDA (AdamW state on the device), 4 steps of the tiny model, and the same
 # run on the CPU: the two loss logs side by side. Folded into verify.log (the 8-file limit).
 TRAIN_DIR=$(mktemp -d)
@@ -83,20 +95,20 @@ train_tiny() { # DEVICE DTYPE: train, then print the CPU run's loss log beside t
 }
 export -f train_tiny
 export BIN TRAIN_DIR
-train_tiny cpu f32 > /dev/null 2>&1
-train_tiny cpu bf16 > /dev/null 2>&1
-step train 120 bash -c 'train_tiny cuda f32 && train_tiny cuda bf16'
+timeout 40 bash -c 'train_tiny cpu f32' > /dev/null 2>&1
+timeout 40 bash -c 'train_tiny cpu bf16' > /dev/null 2>&1
+step train 60 bash -c 'train_tiny cuda f32 && train_tiny cuda bf16'
 cat "$OUT/train.log" >> "$OUT/verify.log" && rm -f "$OUT/train.log"
-step bench 240 "$BIN" bench --json "$JSONS/1-kstyle.jsonl"
-step model 220 "$BIN" bench --model --json "$JSONS/1b-kstyle-model.jsonl"
+step bench 150 "$BIN" bench --json "$JSONS/1-kstyle.jsonl"
+step model 150 "$BIN" bench --model --json "$JSONS/1b-kstyle-model.jsonl"
 # The forward's FLOPs counted at dispatch against the analytic count (every rate divides by it).
 grep -h "FLOP" "$OUT/model.log" | cut -c1-110 | tee -a "$SUMMARY"
 cat "$OUT/model.log" >> "$OUT/bench.log" && rm -f "$OUT/model.log"
-step torch 120 python3 scripts/bench_torch.py --json "$JSONS/2-torch.jsonl"
+step torch 60 python3 scripts/bench_torch.py --json "$JSONS/2-torch.jsonl"
 if [ -f gpu-carry/diffusers.tar.xz ] &&
     python3 -c 'import sys, tarfile; tarfile.open(sys.argv[1]).extractall(sys.argv[2])' \
         gpu-carry/diffusers.tar.xz /tmp/kstyle-site; then
-    step torchunet 150 env PYTHONPATH=/tmp/kstyle-site python3 scripts/bench_torch_unet.py \
+    step torchunet 75 env PYTHONPATH=/tmp/kstyle-site python3 scripts/bench_torch_unet.py \
         tests/fixtures/tiny/sdxl_base_configs/unet/config.json --json "$JSONS/2b-torch-unet.jsonl"
     cat "$OUT/torchunet.log" >> "$OUT/torch.log" && rm -f "$OUT/torchunet.log"
 else
@@ -107,7 +119,7 @@ CANDLE_BIN=/tmp/candle-cuda-bench
 if [ -f gpu-carry/candle-cuda-bench.xz ] &&
     python3 -c 'import lzma, sys; open(sys.argv[2], "wb").write(lzma.open(sys.argv[1]).read())' \
         gpu-carry/candle-cuda-bench.xz "$CANDLE_BIN" && chmod +x "$CANDLE_BIN"; then
-    step candle 150 "$CANDLE_BIN" --json "$JSONS/3-candle.jsonl"
+    step candle 60 "$CANDLE_BIN" --json "$JSONS/3-candle.jsonl"
 else
     echo "candle   skipped: no gpu-carry/candle-cuda-bench.xz (bash scripts/build-candle-cuda.sh)" | tee -a "$SUMMARY"
 fi

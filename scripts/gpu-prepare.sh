@@ -33,7 +33,9 @@ rm -rf gpu-carry/cache gpu-carry/cache.tar.xz
 mkdir -p gpu-carry/cache
 cp target/release/kstyle gpu-carry/kstyle
 # NVRTC here must be the 13.0 the GPU machine has: the cache key includes the NVRTC version.
-if [ -d .nvrtc/nvidia/cu13/lib ]; then export KSTYLE_NVRTC_DIR="$PWD/.nvrtc/nvidia/cu13/lib"; fi
+# A fresh checkout has none: install it (scripts/install-nvrtc.sh, a pinned PyPI wheel).
+[ -e .nvrtc/nvidia/cu13/lib/libnvrtc.so.13 ] || bash scripts/install-nvrtc.sh > /dev/null
+export KSTYLE_NVRTC_DIR="$PWD/.nvrtc/nvidia/cu13/lib"
 KSTYLE_CACHE_DIR=gpu-carry/cache ./gpu-carry/kstyle kernels --warm-cache --arch sm_90a
 # Cubins compress ~13x (4.5 MB -> 0.34 MB): they travel as one archive.
 tar cf - -C gpu-carry cache | xz -9e -T0 > gpu-carry/cache.tar.xz
@@ -64,5 +66,5 @@ if ! bash scripts/gpu-travel.sh size gpu-carry; then
     echo "WARNING: over the 64 MiB one device call carries." >&2
     echo "         Move gpu-carry/candle-cuda-bench.xz out and run the candle step in a call of its own." >&2
 fi
-echo "next: run(command=\"bash scripts/gpu-check.sh\", carry=[\"gpu-carry\"], timeout_s=540)"
+echo "next: run(command=\"bash scripts/gpu-check.sh\", carry=[\"gpu-carry\"], timeout_s=580)"
 echo "then: bash scripts/gpu-travel.sh restore"

@@ -152,9 +152,15 @@ pub fn load_library(dir: Option<&Path>) -> Result<(i32, i32)> {
 
 fn preload(dir: &Path) -> std::result::Result<(), String> {
     use libloading::os::unix::{Library, RTLD_GLOBAL, RTLD_NOW};
+    if !dir.is_dir() {
+        return Err(format!("{}: no such folder", dir.display()));
+    }
     let mut libs = Vec::new();
     for name in ["libnvrtc-builtins.so.13.0", "libnvrtc.so.13"] {
         let path = dir.join(name);
+        if !path.is_file() {
+            return Err(format!("{}: no such file", path.display()));
+        }
         // SAFETY: loading NVRTC runs no initialisers with preconditions on our side.
         let lib = unsafe { Library::open(Some(&path), RTLD_NOW | RTLD_GLOBAL) }
             .map_err(|e| format!("{}: {e}", path.display()))?;
@@ -402,4 +408,25 @@ fn program_log(prog: &Program) -> std::result::Result<String, sys::nvrtcResult> 
     }
     let s = CStr::from_bytes_until_nul(&buf).map(|c| c.to_string_lossy().into_owned());
     Ok(s.unwrap_or_else(|_| String::from_utf8_lossy(&buf).into_owned()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_missing_nvrtc_folder_or_file_is_named() {
+        // The preload is the only part that runs without libnvrtc; it must say what is missing
+        // rather than repeat dlopen's bare "dlopen failed".
+        let err = preload(Path::new("/no/such/nvrtc/lib")).unwrap_err();
+        assert_eq!(err, "/no/such/nvrtc/lib: no such folder");
+        let dir = std::env::temp_dir().join(format!("kstyle-nvrtc-empty-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let err = preload(&dir).unwrap_err();
+        std::fs::remove_dir_all(&dir).unwrap();
+        assert!(
+            err.ends_with("libnvrtc-builtins.so.13.0: no such file"),
+            "{err}"
+        );
+    }
 }
