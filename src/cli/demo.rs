@@ -128,6 +128,8 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
         kohya_buckets: None,
         skip_image_area: None,
         flip_aug: false,
+        random_crop: false,
+        color_aug: false,
         alpha_mask: false,
         weighted_captions: false,
         mask_data: None,

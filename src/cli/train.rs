@@ -358,6 +358,19 @@ pub struct Args {
     /// (writing, asymmetric layouts).
     #[arg(long, alias = "random-flip")]
     pub flip_aug: bool,
+    /// Cut each visit's bucket window from a random place of the scaled picture instead of its
+    /// centre (kohya's --random_crop, diffusers' --random_crop), the crop's time ids with it.
+    /// Only pictures whose scaled size exceeds their bucket can move; those are read and
+    /// encoded by the VAE at every visit (their latents cannot be cached), the others train
+    /// from the cache as before.
+    #[arg(long)]
+    pub random_crop: bool,
+    /// Shift each visit's colours as kohya's --color_aug does: on a third of the visits a hue
+    /// rotation of up to 8 of OpenCV's 180 steps or a gamma from 0.95 to 1.05, byte for byte as
+    /// kohya's OpenCV and numpy calls compute them. Every picture is then read and encoded by
+    /// the VAE at every visit.
+    #[arg(long)]
+    pub color_aug: bool,
     /// Weight each picture's diffusion loss by its alpha channel (kohya's --alpha_mask and
     /// masked loss): transparent parts do not train; alpha is resized and cropped with the
     /// picture and averaged over each latent's 8x8 pixels. Pictures without alpha train whole.
@@ -747,6 +760,8 @@ pub fn config_from(a: &Args) -> anyhow::Result<TrainConfig> {
         kohya_buckets: kohya_buckets(a),
         skip_image_area: a.skip_image_resolution,
         flip_aug: a.flip_aug,
+        random_crop: a.random_crop,
+        color_aug: a.color_aug,
         alpha_mask: a.alpha_mask,
         mask_data: a.mask_data.clone(),
         seed: a.seed,

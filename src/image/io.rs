@@ -238,6 +238,17 @@ pub fn resize_crop(
     resized: (u32, u32),
     target: (u32, u32),
 ) -> Result<(RgbImage, CropInfo)> {
+    resize_crop_at(img, resized, target, None)
+}
+
+/// [`resize_crop`] with the window's top-left corner `at` = (left, top) in the scaled picture
+/// (a random crop), or centred when None. The window must lie inside the scaled picture.
+pub fn resize_crop_at(
+    img: &RgbImage,
+    resized: (u32, u32),
+    target: (u32, u32),
+    at: Option<(u32, u32)>,
+) -> Result<(RgbImage, CropInfo)> {
     let (w, h) = img.dimensions();
     let ((nw, nh), (target_w, target_h)) = (resized, target);
     if w == 0 || h == 0 || target_w == 0 || target_h == 0 || nw < target_w || nh < target_h {
@@ -251,7 +262,14 @@ pub fn resize_crop(
         true => img.clone(),
         false => resize_rgb(img, nw, nh, Filter::Bicubic)?,
     };
-    let (top, left) = ((nh - target_h) / 2, (nw - target_w) / 2);
+    let (left, top) = at.unwrap_or(((nw - target_w) / 2, (nh - target_h) / 2));
+    if left > nw - target_w || top > nh - target_h {
+        return Err(Error::bad_shape(
+            "resize_crop",
+            format!("a {target_w}x{target_h} window at ({left}, {top}) is not inside {nw}x{nh}"),
+            &[nh as usize, nw as usize, 3],
+        ));
+    }
     let out = image::imageops::crop_imm(&resized, left, top, target_w, target_h).to_image();
     let info = CropInfo {
         orig_h: h,

@@ -5,7 +5,7 @@
 use super::captions::rewrite_caption;
 use super::config::TrainConfig;
 use super::data::{epoch_batches, Dataset, Role};
-use super::examples::{Example, ExampleText};
+use super::examples::{live_visit, Example, ExampleText, Reading};
 use super::optim::GradAccumulator;
 use super::step::{training_loss, Conditioning, Losses, StepNoise};
 use super::text::{tokenized, TextEncoders};
@@ -193,13 +193,32 @@ impl Trainer {
         let rng = &mut self.state.rng;
         let device = self.cfg.device;
         // Draw order is part of the resume contract: with --flip-aug whether the picture is
-        // mirrored, then the latent sample, timestep, noise, with --noise-offset its random
+        // mirrored, with --random-crop (a picture that can move) the window's left and top
+        // edges, then the latent sample, timestep, noise, with --noise-offset its random
         // strength (when asked) and the per-channel offsets, with --multires-noise-iterations
         // each level's size and noise, with --ip-noise-gamma its random strength (when asked)
         // and the perturbation.
         let rules = self.examples[i].rules.clone();
         let mirrored = rules.flip_aug && rng.uniform() < 0.5;
-        let ex = visited(&self.examples[i], mirrored);
+        let cropped = match (&self.examples[i].live, &self.live_vae) {
+            (Some(crop), Some(vae)) => Some(live_visit(
+                &self.examples[i],
+                crop,
+                mirrored,
+                vae,
+                &Reading::of(&self.cfg),
+                rng,
+            )?),
+            (Some(_), None) => {
+                return Err(Error::msg(
+                    "a randomly cropped picture but the run holds no VAE to encode it",
+                ))
+            }
+            (None, _) => None,
+        };
+        let ex = cropped
+            .as_ref()
+            .unwrap_or_else(|| visited(&self.examples[i], mirrored));
         let draw = Tensor::randn(ex.mean.dims().to_vec(), rng, DType::F32, device)?;
         let z = ex.mean.add(&ex.logvar.scale(0.5)?.exp()?.mul(&draw)?)?; // (1, 4, h, w)
         let x0 = self.latent_config.scale_latents(&z)?; // (1, 4, h, w)
@@ -249,6 +268,7 @@ impl Trainer {
             false => rng.next_u64(),
         };
         Ok(Visit {
+            example: cropped,
             x0,
             t,
             noise,
@@ -264,6 +284,9 @@ impl Trainer {
 /// What one visit of an example drew: its clean latents x0 (1, 4, h, w), timestep, noise, the
 /// perturbed noise (with --ip-noise-gamma) and whether its caption dropped out.
 pub(super) struct Visit {
+    /// With --random-crop, the example as this visit cut it (its latents, time ids and mask);
+    /// None: the cached example (or its mirror) as it is.
+    pub(super) example: Option<Example>,
     pub(super) x0: Tensor,
     pub(super) t: usize,
     pub(super) noise: Tensor,

@@ -150,20 +150,35 @@ impl KohyaBuckets {
     }
 }
 
-/// Where a picture trains: its bucket (width, height), and the size it is scaled to first.
+/// Where a picture trains: its bucket (width, height), the size it is scaled to first, and where
+/// the bucket's window lies in the scaled picture.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Placement {
     pub bucket: (usize, usize),
     pub resized: (u32, u32),
+    /// The window's top-left corner (left, top) in the scaled picture: None is the centre
+    /// (margins floored), Some a random crop's draw.
+    pub at: Option<(u32, u32)>,
 }
 
 impl Placement {
-    /// A `w x h` picture at `bucket`, scaled to cover it.
+    /// A `w x h` picture at `bucket`, scaled to cover it, the window centred.
     pub fn cover(w: u32, h: u32, bucket: (usize, usize)) -> Placement {
         Placement {
             bucket,
             resized: cover_size(w, h, bucket.0 as u32, bucket.1 as u32),
+            at: None,
         }
+    }
+
+    /// How far the window can move (columns, rows): the scaled picture's size past the
+    /// bucket's.
+    pub fn slack(&self) -> (u32, u32) {
+        let (w, h) = (self.bucket.0 as u32, self.bucket.1 as u32);
+        (
+            self.resized.0.saturating_sub(w),
+            self.resized.1.saturating_sub(h),
+        )
     }
 }
 
@@ -203,7 +218,11 @@ impl Bucketer {
                         k.steps
                     )
                 })?;
-                return Ok(Placement { bucket, resized });
+                return Ok(Placement {
+                    bucket,
+                    resized,
+                    at: None,
+                });
             }
             Bucketing::Kohya(_) => {
                 let own = (w as usize, h as usize);

@@ -129,6 +129,13 @@ pub struct TrainConfig {
     /// Each visit trains on the picture mirrored left to right with probability 1/2 (kohya's
     /// `--flip_aug`, diffusers' `--random_flip`); both latents are cached.
     pub flip_aug: bool,
+    /// Each visit cuts the bucket's window from a random place of the scaled picture (kohya's
+    /// `--random_crop`, diffusers' `--random_crop`), the crop's time ids with it; such pictures
+    /// are encoded by the VAE at every visit.
+    pub random_crop: bool,
+    /// Each visit shifts the picture's colours as kohya's `--color_aug` does (see
+    /// [`crate::image::color_aug`]); such pictures are encoded by the VAE at every visit.
+    pub color_aug: bool,
     /// kohya's `--alpha_mask`: each picture's alpha channel weights its diffusion loss per latent
     /// position (see [`super::data::training_mask`]); pictures without alpha train everywhere.
     pub alpha_mask: bool,
@@ -723,6 +730,8 @@ impl TrainConfig {
     pub fn subset_rules(&self) -> SubsetRules {
         SubsetRules {
             flip_aug: self.flip_aug,
+            random_crop: self.random_crop,
+            color_aug: self.color_aug,
             caption_dropout: self.caption_dropout,
             caption_dropout_every_epochs: self.caption_dropout_every_epochs,
             shuffle_caption: self.shuffle_caption,

@@ -5,8 +5,9 @@
 
 use super::buckets::Placement;
 pub use super::buckets::{buckets, nearest_bucket};
+use crate::image::color_aug::ColorShift;
 use crate::image::io::{
-    load_rgb_alpha_upright, load_rgb_upright, resize_crop, rgb_to_chw, CropInfo, PixelRange,
+    load_rgb_alpha_upright, load_rgb_upright, resize_crop_at, rgb_to_chw, CropInfo, PixelRange,
 };
 use crate::tensor::{load_safetensors, save_safetensors, Rng};
 use crate::{Device, Error, Result, Tensor};
@@ -509,7 +510,7 @@ pub fn training_mask(
         let a = alpha.get_pixel(x, y).0[0];
         image::Rgb([a, a, a])
     });
-    let (mut cropped, _) = resize_crop(&grey, place.resized, (w as u32, h as u32))?;
+    let (mut cropped, _) = resize_crop_at(&grey, place.resized, (w as u32, h as u32), place.at)?;
     if mirrored {
         image::imageops::flip_horizontal_in_place(&mut cropped);
     }
@@ -519,7 +520,7 @@ pub fn training_mask(
 }
 
 /// One training picture as the VAE wants it at its placement (its bucket (width, height),
-/// cropped from the picture scaled to `place.resized`): (1, 3, H, W) in [-1, 1], plus its crop
+/// cropped from the picture scaled to `place.resized`, at `place.at`): (1, 3, H, W) in [-1, 1], plus its crop
 /// record (the SDXL time ids).
 ///
 /// `mirrored` (`--flip-aug`) flips the cropped picture left to right, as kohya flips it, and
@@ -530,8 +531,22 @@ pub fn training_tensor(
     mirrored: bool,
     device: Device,
 ) -> Result<(Tensor, CropInfo)> {
+    training_tensor_with(img, place, mirrored, ColorShift::None, device)
+}
+
+/// [`training_tensor`] with kohya's colour augmentation `color` applied to the cut picture
+/// before the mirror, in kohya's order.
+pub fn training_tensor_with(
+    img: &RgbImage,
+    place: Placement,
+    mirrored: bool,
+    color: ColorShift,
+    device: Device,
+) -> Result<(Tensor, CropInfo)> {
     let size = place.bucket;
-    let (mut cropped, mut crop) = resize_crop(img, place.resized, (size.0 as u32, size.1 as u32))?;
+    let target = (size.0 as u32, size.1 as u32);
+    let (mut cropped, mut crop) = resize_crop_at(img, place.resized, target, place.at)?;
+    color.apply(&mut cropped);
     if mirrored {
         image::imageops::flip_horizontal_in_place(&mut cropped);
         crop = crop.mirrored();

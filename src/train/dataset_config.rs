@@ -520,16 +520,6 @@ fn subset_spec(l: &Levels, cfg: &Defaults, base: &Path) -> std::result::Result<S
         return Err(l.err("num_repeats", "must be at least 1"));
     }
     l.only_default(
-        "color_aug",
-        Some(&Value::Bool(false)),
-        "colour augmentation is not implemented",
-    )?;
-    l.only_default(
-        "random_crop",
-        Some(&Value::Bool(false)),
-        "kstyle crops at the centre (the crop goes into SDXL's time ids)",
-    )?;
-    l.only_default(
         "face_crop_aug_range",
         None,
         "face crops are not implemented",
@@ -548,6 +538,8 @@ fn subset_spec(l: &Levels, cfg: &Defaults, base: &Path) -> std::result::Result<S
         };
     let rules = SubsetRules {
         flip_aug: l.bool("flip_aug", flags.flip_aug)?,
+        random_crop: l.bool("random_crop", flags.random_crop)?,
+        color_aug: l.bool("color_aug", flags.color_aug)?,
         caption_dropout: probability("caption_dropout_rate", flags.caption_dropout)?,
         caption_dropout_every_epochs: match l.get("caption_dropout_every_n_epochs") {
             None => flags.caption_dropout_every_epochs,
@@ -613,6 +605,8 @@ mod tests {
             kohya_buckets: None,
             rules: SubsetRules {
                 flip_aug: false,
+                random_crop: false,
+                color_aug: false,
                 caption_dropout: Some(0.1),
                 caption_dropout_every_epochs: None,
                 shuffle_caption: false,
@@ -807,8 +801,8 @@ mod tests {
             (subset("colour_aug = true"), "[[datasets.subsets]] 1: `colour_aug` not a dataset config key"),
             (subset("batch_size = 2"), "`batch_size` is one value per dataset"),
             ("[general]\nimage_dir = 'a'\n".into(), "[general]: `image_dir` belongs in a [[datasets.subsets]]"),
-            (subset("color_aug = true"), "`color_aug`: true: colour augmentation is not implemented"),
-            (subset("random_crop = true"), "`random_crop`: true: kstyle crops at the centre"),
+            (subset("color_aug = 'yes'"), "`color_aug`: expected true or false"),
+            (subset("random_crop = 1"), "`random_crop`: expected true or false"),
             (subset("metadata_file = 'm.json'\nis_reg = true"), "`is_reg`: a fine-tuning subset (metadata_file) takes its captions"),
             (subset("num_repeats = 0"), "`num_repeats`: must be at least 1"),
             (subset("num_repeats = -2"), "`num_repeats`: expected a whole number"),
@@ -837,6 +831,16 @@ mod tests {
             "color_aug = false\nrandom_crop = false\ncache_info = true",
         ))
         .unwrap();
+        // random_crop per subset, over [general]'s (the flags' default is off).
+        let p = read(
+            "[general]\nrandom_crop = true\n[[datasets]]\n[[datasets.subsets]]\nimage_dir = 'a'\n\
+             [[datasets.subsets]]\nimage_dir = 'b'\nrandom_crop = false\n",
+        )
+        .unwrap();
+        let crop: Vec<bool> = p.config.rules().iter().map(|r| r.random_crop).collect();
+        assert_eq!(crop, [true, false]);
+        let p = read(&subset("color_aug = true")).unwrap();
+        assert!(p.config.rules()[0].color_aug);
         read(
             "[general]\nbucket_reso_steps = 64\nbucket_no_upscale = false\n[[datasets]]\n\
               [[datasets.subsets]]\nimage_dir = 'a'",

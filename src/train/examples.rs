@@ -4,17 +4,21 @@
 use super::buckets::{Bucketer, Bucketing, Placement};
 use super::data::{
     load_training_picture, load_training_picture_alpha, mask_picture, prior_repeats, scan_pictures,
-    training_mask, training_tensor, Dataset, Role, Sample, TensorCache,
+    training_mask, training_tensor, training_tensor_with, Dataset, Role, Sample, TensorCache,
 };
 use super::dataset_config::DatasetConfig;
 use super::metadata::scan_metadata;
 use super::subsets::SubsetRules;
 use super::text::{caption_ids, sdxl_conditioning, tokenized};
 use super::trainer::TrainConfig;
+use crate::image::color_aug::ColorShift;
+use crate::models::vae::AutoencoderKL;
 use crate::sample::model_files::ModelFiles;
+use crate::tensor::Rng;
 use crate::{DType, Device, Error, Result, Tensor};
+use image::{GrayImage, RgbImage};
 use std::collections::BTreeMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 /// One cached training example.
@@ -40,6 +44,117 @@ pub(super) struct Example {
     /// Its dataset (batches never mix datasets) and that dataset's batch size.
     pub(super) group: usize,
     pub(super) batch_size: usize,
+    /// With its subset's `random_crop` (when the scaled picture is larger than its bucket) or
+    /// `color_aug`: where each visit reads it again, to cut a window at random or shift its
+    /// colours (see [`live_visit`]). `mean`, `logvar` and `time_ids` above are then the plain
+    /// centred picture's, which size batches and the memory plan.
+    pub(super) live: Option<Arc<LivePicture>>,
+}
+
+/// A picture read, cut and encoded again at every visit: its file, its placement (centred) and
+/// what each visit draws.
+#[derive(Debug)]
+pub(super) struct LivePicture {
+    pub(super) path: PathBuf,
+    pub(super) place: Placement,
+    /// Draw the window's place (kohya's `random_crop`); only set when the picture has slack.
+    pub(super) random_crop: bool,
+    /// Draw a colour shift (kohya's `color_aug`, see [`crate::image::color_aug`]).
+    pub(super) color_aug: bool,
+}
+
+/// How a run reads its pictures: the loss mask's source and the device their tensors go to.
+#[derive(Clone, Debug)]
+pub(super) struct Reading {
+    /// `--alpha-mask`: the alpha channel is the mask.
+    pub(super) alpha_mask: bool,
+    /// `--mask-data`: a style picture's mask picture, by file stem.
+    pub(super) mask_data: Option<PathBuf>,
+    pub(super) device: Device,
+}
+
+impl Reading {
+    pub(super) fn of(cfg: &TrainConfig) -> Reading {
+        Reading {
+            alpha_mask: cfg.alpha_mask,
+            mask_data: cfg.mask_data.clone(),
+            device: cfg.device,
+        }
+    }
+
+    /// Whether the diffusion loss is masked (see [`TrainConfig::masked_loss`]).
+    fn masked(&self) -> bool {
+        self.alpha_mask || self.mask_data.is_some()
+    }
+}
+
+/// A training picture and its loss mask's source: the alpha channel with `--alpha-mask`, or a
+/// style picture's mask picture from `--mask-data`.
+fn load_with_mask(
+    read: &Reading,
+    path: &Path,
+    role: Role,
+) -> Result<(RgbImage, Option<GrayImage>)> {
+    match (read.alpha_mask, &read.mask_data) {
+        (true, _) => load_training_picture_alpha(path),
+        (false, Some(dir)) if role == Role::Style => {
+            let picture = load_training_picture(path)?;
+            let mask = mask_picture(dir, path, picture.dimensions())?;
+            Ok((picture, Some(mask)))
+        }
+        _ => Ok((load_training_picture(path)?, None)),
+    }
+}
+
+/// One visit of example `ex` (which is `live`), mirrored or not. Draws, in this order: with
+/// `random_crop` the window's left, then top edge, each uniform over the placement's slack
+/// (kohya's `random.randint(0, trim_size)`, diffusers' `RandomCrop`); with `color_aug` kohya's
+/// colour shift ([`ColorShift::draw`]). The picture is read again, cut there, shifted (before
+/// the mirror, as kohya), and encoded by `vae`. The time ids carry the window's place, as
+/// diffusers' SDXL scripts give them.
+pub(super) fn live_visit(
+    ex: &Example,
+    live: &LivePicture,
+    mirrored: bool,
+    vae: &AutoencoderKL,
+    read: &Reading,
+    rng: &mut Rng,
+) -> Result<Example> {
+    let at = match live.random_crop {
+        true => {
+            let (sx, sy) = live.place.slack();
+            let left = rng.below(sx as u64 + 1) as u32;
+            Some((left, rng.below(sy as u64 + 1) as u32))
+        }
+        false => None,
+    };
+    let color = match live.color_aug {
+        true => ColorShift::draw(rng),
+        false => ColorShift::None,
+    };
+    let place = Placement { at, ..live.place };
+    let (picture, alpha) = load_with_mask(read, &live.path, ex.role)?;
+    let (img, window) = training_tensor_with(&picture, place, mirrored, color, read.device)
+        .map_err(|e| {
+            Error::file(
+                &live.path,
+                format!("{e} (has it changed since the run began?)"),
+            )
+        })?;
+    let (mean, logvar) = crate::autograd::no_grad(|| vae.encode(&img))?; // (1, 4, h, w) each
+    let tid: Vec<f32> = window.time_ids().to_vec();
+    let base = super::batch::visited(ex, mirrored);
+    Ok(Example {
+        mean,
+        logvar,
+        time_ids: Tensor::from_vec(tid, (1, 6), read.device)?,
+        mask: match read.masked() {
+            true => Some(training_mask(alpha.as_ref(), place, mirrored, read.device)?),
+            false => None,
+        },
+        mirror: None,
+        ..base.clone()
+    })
 }
 
 /// A caption as the step reads it.
@@ -407,15 +522,7 @@ pub(super) fn prepare_examples(
     }
     for s in &data.samples {
         // The loss mask's source: the alpha channel, or the mask picture of a --data picture.
-        let (picture, alpha) = match (cfg.alpha_mask, &cfg.mask_data) {
-            (true, _) => load_training_picture_alpha(&s.path)?,
-            (false, Some(dir)) if s.role == Role::Style => {
-                let picture = load_training_picture(&s.path)?;
-                let mask = mask_picture(dir, &s.path, picture.dimensions())?;
-                (picture, Some(mask))
-            }
-            _ => (load_training_picture(&s.path)?, None),
-        };
+        let (picture, alpha) = load_with_mask(&Reading::of(cfg), &s.path, s.role)?;
         let place = bucketers[s.group]
             .place(picture.width(), picture.height())
             .map_err(|m| Error::file(&s.path, m))?;
@@ -444,6 +551,17 @@ pub(super) fn prepare_examples(
                 cfg.weighted_captions,
             )?,
         };
+        // Validation pictures are scored as they are; a picture that covers its bucket exactly
+        // has nowhere to move.
+        let random_crop = subset.random_crop && place.slack() != (0, 0);
+        let live = ((random_crop || subset.color_aug) && s.role != Role::Validation).then(|| {
+            Arc::new(LivePicture {
+                path: s.path.clone(),
+                place,
+                random_crop,
+                color_aug: subset.color_aug,
+            })
+        });
         // The picture as the VAE sees it, plain or mirrored, through the cache.
         let mut example = |mirrored: bool| -> Result<Example> {
             let (img, crop) = training_tensor(&picture, place, mirrored, cfg.device)?;
@@ -490,6 +608,7 @@ pub(super) fn prepare_examples(
                 rules: subset.clone(),
                 group: s.group,
                 batch_size: groups[s.group].batch_size,
+                live: live.clone(),
             })
         };
         let mut plain = example(false)?;
@@ -545,4 +664,199 @@ pub(super) fn prepare_examples(
         samples,
         empty,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::test_fixtures::{tiny, TempDir};
+
+    /// A picture 96x64 at bucket 64x64 (resized = itself, 32 columns of slack), and a 64x64
+    /// example of it standing for the cached centre.
+    fn wide_example(dir: &Path, alpha: bool) -> (RgbImage, Example) {
+        let picture = RgbImage::from_fn(96, 64, |x, y| {
+            image::Rgb([(x * 2) as u8, (y * 3) as u8, ((x * y) % 253) as u8])
+        });
+        let path = dir.join("wide.png");
+        match alpha {
+            true => image::RgbaImage::from_fn(96, 64, |x, y| {
+                let p = picture.get_pixel(x, y).0;
+                image::Rgba([p[0], p[1], p[2], if x < 40 { 0 } else { 255 }])
+            })
+            .save(&path)
+            .unwrap(),
+            false => picture.save(&path).unwrap(),
+        }
+        let place = Placement::cover(96, 64, (64, 64));
+        assert_eq!((place.resized, place.slack()), ((96, 64), (32, 0)));
+        let zeros = |shape: (usize, usize, usize, usize)| {
+            Tensor::zeros(shape, DType::F32, Device::Cpu).unwrap()
+        };
+        let example = Example {
+            mean: zeros((1, 4, 8, 8)),
+            logvar: zeros((1, 4, 8, 8)),
+            text: ExampleText::Caption("a [v] hall".into()),
+            time_ids: zeros((1, 1, 1, 6)).reshape((1, 6)).unwrap(),
+            repeats: 1,
+            role: Role::Style,
+            mirror: None,
+            mask: None,
+            rules: Arc::new(SubsetRules {
+                flip_aug: true,
+                random_crop: true,
+                color_aug: false,
+                caption_dropout: None,
+                caption_dropout_every_epochs: None,
+                shuffle_caption: false,
+                keep_tokens: 0,
+                caption_tag_dropout: None,
+                caption_separator: ",".into(),
+                keep_tokens_separator: None,
+                secondary_separator: None,
+                wildcard: false,
+            }),
+            group: 0,
+            batch_size: 1,
+            live: Some(Arc::new(LivePicture {
+                path,
+                place,
+                random_crop: true,
+                color_aug: false,
+            })),
+        };
+        (picture, example)
+    }
+
+    #[test]
+    fn each_visit_encodes_the_window_it_drew() {
+        let dir = TempDir::new("random-crop");
+        let (picture, ex) = wide_example(dir.path(), false);
+        let crop = ex.live.clone().unwrap();
+        let files = ModelFiles::resolve(&tiny().join("sdxl"), None).unwrap();
+        let vae = files.vae(Device::Cpu).unwrap();
+        let read = Reading {
+            alpha_mask: false,
+            mask_data: None,
+            device: Device::Cpu,
+        };
+        // The draws: the left edge over 0..=32, then the top over 0..=0 (one draw each).
+        let mut rng = Rng::new(11);
+        let mut expect = Rng::new(11);
+        let mut lefts = Vec::new();
+        for visit in 0..6 {
+            let mirrored = visit % 2 == 1;
+            let got = live_visit(&ex, &crop, mirrored, &vae, &read, &mut rng).unwrap();
+            let left = expect.below(33) as u32;
+            assert_eq!(expect.below(1), 0);
+            lefts.push(left);
+            // Time ids: the original size, the window's place in the (mirrored) picture, the
+            // bucket.
+            let shown_left = if mirrored { 32 - left } else { left };
+            assert_eq!(
+                got.time_ids.to_vec_f32().unwrap(),
+                [64.0, 96.0, 0.0, shown_left as f32, 64.0, 64.0],
+                "visit {visit}"
+            );
+            // The latents: the VAE's encoding of exactly that window of the picture.
+            let place = Placement {
+                at: Some((left, 0)),
+                ..crop.place
+            };
+            let (img, _) = training_tensor(&picture, place, mirrored, Device::Cpu).unwrap();
+            let (mean, logvar) = crate::autograd::no_grad(|| vae.encode(&img)).unwrap();
+            assert_eq!(got.mean.dims(), [1, 4, 8, 8]);
+            assert_eq!(got.mean.to_vec_f32().unwrap(), mean.to_vec_f32().unwrap());
+            assert_eq!(
+                got.logvar.to_vec_f32().unwrap(),
+                logvar.to_vec_f32().unwrap()
+            );
+            assert!(got.mask.is_none() && got.live.is_some());
+        }
+        lefts.dedup();
+        assert!(lefts.len() > 1, "the window never moved: {lefts:?}");
+        // The same draws give the same visit.
+        let a = live_visit(&ex, &crop, false, &vae, &read, &mut Rng::new(3)).unwrap();
+        let b = live_visit(&ex, &crop, false, &vae, &read, &mut Rng::new(3)).unwrap();
+        assert_eq!(a.mean.to_vec_f32().unwrap(), b.mean.to_vec_f32().unwrap());
+    }
+
+    #[test]
+    fn a_colour_visit_encodes_the_shifted_picture() {
+        // Crop and colour draws together: the left edge, the top, then kohya's colour draw.
+        let dir = TempDir::new("color-aug");
+        let (picture, mut ex) = wide_example(dir.path(), false);
+        let place = ex.live.as_ref().unwrap().place;
+        let live = Arc::new(LivePicture {
+            path: ex.live.as_ref().unwrap().path.clone(),
+            place,
+            random_crop: true,
+            color_aug: true,
+        });
+        ex.live = Some(live.clone());
+        let vae = ModelFiles::resolve(&tiny().join("sdxl"), None)
+            .unwrap()
+            .vae(Device::Cpu)
+            .unwrap();
+        let read = Reading {
+            alpha_mask: false,
+            mask_data: None,
+            device: Device::Cpu,
+        };
+        let (mut rng, mut expect) = (Rng::new(21), Rng::new(21));
+        let mut kinds = std::collections::BTreeSet::new();
+        for visit in 0..24 {
+            let got = live_visit(&ex, &live, visit % 2 == 0, &vae, &read, &mut rng).unwrap();
+            let left = expect.below(33) as u32;
+            expect.below(1);
+            let color = ColorShift::draw(&mut expect);
+            kinds.insert(format!("{color:?}").split('(').next().unwrap().to_string());
+            let place = Placement {
+                at: Some((left, 0)),
+                ..place
+            };
+            let (img, _) =
+                training_tensor_with(&picture, place, visit % 2 == 0, color, Device::Cpu).unwrap();
+            let (mean, _) = crate::autograd::no_grad(|| vae.encode(&img)).unwrap();
+            assert_eq!(
+                got.mean.to_vec_f32().unwrap(),
+                mean.to_vec_f32().unwrap(),
+                "visit {visit}: {color:?}"
+            );
+        }
+        // 24 visits drew all three kinds (plain, hue and gamma) with this seed.
+        assert_eq!(kinds.len(), 3, "{kinds:?}");
+    }
+
+    #[test]
+    fn a_cropped_visit_cuts_its_mask_with_the_picture() {
+        // Alpha clear on the picture's first 40 columns: a window at left L masks its first
+        // 40 - L columns, i.e. latent columns wholly inside them are 0 and those past them 1.
+        let dir = TempDir::new("random-crop-mask");
+        let (_, ex) = wide_example(dir.path(), true);
+        let crop = ex.live.clone().unwrap();
+        let vae = ModelFiles::resolve(&tiny().join("sdxl"), None)
+            .unwrap()
+            .vae(Device::Cpu)
+            .unwrap();
+        let read = Reading {
+            alpha_mask: true,
+            mask_data: None,
+            device: Device::Cpu,
+        };
+        let mut rng = Rng::new(5);
+        for _ in 0..4 {
+            let got = live_visit(&ex, &crop, false, &vae, &read, &mut rng).unwrap();
+            let left = got.time_ids.to_vec_f32().unwrap()[3] as usize;
+            let clear = 40 - left; // window columns that are transparent
+            let mask = got.mask.unwrap().to_vec_f32().unwrap(); // (1, 1, 8, 8)
+            for (col, &m) in mask[..8].iter().enumerate() {
+                let (lo, hi) = (col * 8, col * 8 + 8);
+                if hi <= clear {
+                    assert_eq!(m, 0.0, "left {left} column {col}");
+                } else if lo >= clear {
+                    assert_eq!(m, 1.0, "left {left} column {col}");
+                }
+            }
+        }
+    }
 }

@@ -160,6 +160,15 @@ impl Trainer {
             let noise = Tensor::randn(x0.dims().to_vec(), &mut rng, DType::F32, device)?;
             let t = vec![schedule.len() / 2; b];
             let noise = (&noise).into();
+            // A visit's window is encoded before its step, so the encode's peak counts too.
+            if let Some(vae) = &self.live_vae {
+                let largest = self.examples.iter().filter_map(|e| e.live.as_ref());
+                if let Some(c) = largest.max_by_key(|c| c.place.bucket.0 * c.place.bucket.1) {
+                    let (w, h) = c.place.bucket;
+                    let img = Tensor::zeros((1, 3, h, w), DType::F32, device)?;
+                    crate::autograd::no_grad(|| vae.encode(&img))?;
+                }
+            }
             let batch = vec![ex; b];
             let texts = vec![&ex.text; b];
             self.micro_batch(

@@ -42,6 +42,8 @@ impl TrainConfig {
                 },
             ),
             ("flip_aug".to_string(), c.flip_aug.to_string()),
+            ("random_crop".to_string(), c.random_crop.to_string()),
+            ("color_aug".to_string(), c.color_aug.to_string()),
             ("alpha_mask".to_string(), c.alpha_mask.to_string()),
             (
                 "weighted_captions".to_string(),

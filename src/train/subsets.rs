@@ -11,6 +11,14 @@ use super::captions::{TagRules, TokenWarmup};
 pub struct SubsetRules {
     /// Mirror the picture with probability 1/2 on each visit (kohya's `flip_aug`).
     pub flip_aug: bool,
+    /// Cut the bucket's window from a random place of the scaled picture on each visit
+    /// (kohya's `random_crop`), instead of its centre: such pictures are encoded by the VAE at
+    /// every visit.
+    pub random_crop: bool,
+    /// Shift each visit's colours as kohya's `color_aug` does (a third of the visits: a hue
+    /// rotation or a gamma; see [`crate::image::color_aug`]): such pictures are encoded by the
+    /// VAE at every visit.
+    pub color_aug: bool,
     /// Train a visit on the empty caption with this probability (`caption_dropout_rate`).
     pub caption_dropout: Option<f64>,
     /// Every caption of every Nth epoch drops out (`caption_dropout_every_n_epochs`).

@@ -10,7 +10,9 @@ use super::config::Algo;
 pub use super::config::TrainConfig;
 use super::cultural::CulturalLoss;
 use super::data::{batches_per_epoch, Dataset, Role};
-use super::examples::{load_dataset, prepare_examples, Example, ExampleText, Prepared};
+use super::examples::{
+    load_dataset, prepare_examples, Example, ExampleText, LivePicture, Prepared,
+};
 use super::lr_groups::{slot_rates, SlotRate};
 use super::max_norm::{regularize, slot_factors, weight_norms, MaxNormReport};
 use super::memory::{human, policy_name, AUTO_POLICIES};
@@ -123,6 +125,8 @@ pub struct Trainer {
     /// train, which encode every step's captions.
     pub(super) captions: Option<CaptionEncoder>,
     pub(super) files: ModelFiles,
+    /// With --random-crop (a picture that can move): the VAE that encodes each visit's window.
+    pub(super) live_vae: Option<crate::models::vae::AutoencoderKL>,
     /// The VAE config whose scaling (and latent statistics) turns a latent into the UNet's x0.
     pub(super) latent_config: crate::models::vae::VaeConfig,
     /// The noise schedule and loss target of the model (its scheduler config).
@@ -448,6 +452,39 @@ impl Trainer {
             cfg.device,
             total_steps
         ));
+        let live: Vec<&LivePicture> = examples.iter().filter_map(|e| e.live.as_deref()).collect();
+        let moving = live.iter().filter(|l| l.random_crop).count();
+        let shifted = live.iter().filter(|l| l.color_aug).count();
+        if cfg.all_rules().iter().any(|r| r.random_crop) {
+            log(&match moving {
+                0 => "random crop: no picture is larger than its bucket, so every window is the \
+                      centred one"
+                    .to_string(),
+                n => format!(
+                    "random crop: {n} of {} pictures are larger than their buckets; their windows \
+                     move",
+                    examples.len()
+                ),
+            });
+        }
+        if shifted > 0 {
+            log(&format!(
+                "colour augmentation: {shifted} of {} pictures (kohya's color_aug)",
+                examples.len()
+            ));
+        }
+        let live_vae = match live.len() {
+            0 => None,
+            n => {
+                let mut vae = files.vae(cfg.device)?;
+                vae.tiling = cfg.vae_tiling;
+                log(&format!(
+                    "{n} pictures are read and encoded by the VAE at every visit (the VAE stays \
+                     loaded)"
+                ));
+                Some(vae)
+            }
+        };
         let outputs = Outputs::for_adapter(&cfg.out);
         let mut trainer = Trainer {
             cfg,
@@ -465,6 +502,7 @@ impl Trainer {
             val_examples,
             val_every,
             files,
+            live_vae,
             latent_config,
             schedule,
             total_steps,
@@ -610,7 +648,11 @@ impl Trainer {
             let examples: Vec<&Example> = batch
                 .iter()
                 .zip(&visits)
-                .map(|(&i, v)| visited(&self.examples[i], v.mirrored))
+                .map(|(&i, v)| {
+                    v.example
+                        .as_ref()
+                        .unwrap_or_else(|| visited(&self.examples[i], v.mirrored))
+                })
                 .collect();
             let owned: Vec<ExampleText> = examples
                 .iter()
