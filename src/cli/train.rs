@@ -958,6 +958,12 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
         ));
     })?;
     bar.finish();
+    if let Some((visits, ahead)) = trainer.live_reads() {
+        eprintln!(
+            "live pictures: {visits} visits read and cut their picture, {ahead} of them read ahead \
+             on a background thread (an epoch's first batches are read when drawn)"
+        );
+    }
     if let Some((first, last)) = stats {
         // Steps after the first: the first also uploads what the run sets up lazily.
         let steps = steps_after_first.max(1) as f64;

@@ -7,6 +7,7 @@ use super::config::TrainConfig;
 use super::data::{epoch_batches, Dataset, Role};
 use super::examples::{live_visit, Example, ExampleText, Reading};
 use super::optim::GradAccumulator;
+use super::prefetch::{self, Loaded};
 use super::step::{training_loss, Conditioning, Losses, StepNoise};
 use super::text::{tokenized, TextEncoders};
 use super::trainer::Trainer;
@@ -189,7 +190,14 @@ impl Trainer {
     }
 
     /// The random draws of one visit of example `i`, timesteps from `[lo, hi)`.
-    pub(super) fn draw_visit(&mut self, i: usize, (lo, hi): (usize, usize)) -> Result<Visit> {
+    /// `loaded`: example `i`'s picture as read ahead, when it is live and was asked for (see
+    /// [`super::prefetch`]); a live picture not read ahead is read here.
+    pub(super) fn draw_visit(
+        &mut self,
+        i: usize,
+        (lo, hi): (usize, usize),
+        loaded: Option<Result<Loaded>>,
+    ) -> Result<Visit> {
         let rng = &mut self.state.rng;
         let device = self.cfg.device;
         // Draw order is part of the resume contract: with --flip-aug whether the picture is
@@ -201,14 +209,15 @@ impl Trainer {
         let rules = self.examples[i].rules.clone();
         let mirrored = rules.flip_aug && rng.uniform() < 0.5;
         let cropped = match (&self.examples[i].live, &self.live_vae) {
-            (Some(crop), Some(vae)) => Some(live_visit(
-                &self.examples[i],
-                crop,
-                mirrored,
-                vae,
-                &Reading::of(&self.cfg),
-                rng,
-            )?),
+            (Some(live), Some(vae)) => {
+                let read = Reading::of(&self.cfg);
+                let loaded = match loaded {
+                    Some(l) => l?,
+                    None => prefetch::load(live, &read, self.examples[i].role)?,
+                };
+                let ex = &self.examples[i];
+                Some(live_visit(ex, live, mirrored, vae, &read, rng, loaded)?)
+            }
             (Some(_), None) => {
                 return Err(Error::msg(
                     "a randomly cropped picture but the run holds no VAE to encode it",

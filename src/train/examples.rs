@@ -8,10 +8,12 @@ use super::data::{
 };
 use super::dataset_config::DatasetConfig;
 use super::metadata::scan_metadata;
+use super::prefetch::Loaded;
 use super::subsets::SubsetRules;
 use super::text::{caption_ids, sdxl_conditioning, tokenized};
 use super::trainer::TrainConfig;
 use crate::image::color_aug::ColorShift;
+use crate::image::io::CropInfo;
 use crate::models::vae::AutoencoderKL;
 use crate::sample::model_files::ModelFiles;
 use crate::tensor::Rng;
@@ -90,7 +92,7 @@ impl Reading {
 
 /// A training picture and its loss mask's source: the alpha channel with `--alpha-mask`, or a
 /// style picture's mask picture from `--mask-data`.
-fn load_with_mask(
+pub(super) fn load_with_mask(
     read: &Reading,
     path: &Path,
     role: Role,
@@ -106,11 +108,12 @@ fn load_with_mask(
     }
 }
 
-/// One visit of example `ex` (which is `live`), mirrored or not. Draws, in this order: with
+/// One visit of example `ex` (which is `live`), mirrored or not, on its picture as read
+/// (`loaded`, read ahead by [`super::prefetch`] or now). Draws, in this order: with
 /// `random_crop` the window's left, then top edge, each uniform over the placement's slack
 /// (kohya's `random.randint(0, trim_size)`, diffusers' `RandomCrop`); with `color_aug` kohya's
-/// colour shift ([`ColorShift::draw`]). The picture is read again, cut there, shifted (before
-/// the mirror, as kohya), and encoded by `vae`. The time ids carry the window's place, as
+/// colour shift ([`ColorShift::draw`]). The picture is cut there, shifted (before the mirror,
+/// as kohya), and encoded by `vae`. The time ids carry the window's place, as
 /// diffusers' SDXL scripts give them.
 pub(super) fn live_visit(
     ex: &Example,
@@ -119,6 +122,7 @@ pub(super) fn live_visit(
     vae: &AutoencoderKL,
     read: &Reading,
     rng: &mut Rng,
+    loaded: Loaded,
 ) -> Result<Example> {
     let at = match live.random_crop {
         true => {
@@ -133,14 +137,18 @@ pub(super) fn live_visit(
         false => ColorShift::None,
     };
     let place = Placement { at, ..live.place };
-    let (picture, alpha) = load_with_mask(read, &live.path, ex.role)?;
-    let (img, window) = training_tensor_with(&picture, place, mirrored, color, read.device)
-        .map_err(|e| {
-            Error::file(
-                &live.path,
-                format!("{e} (has it changed since the run began?)"),
-            )
-        })?;
+    let Loaded {
+        picture,
+        alpha,
+        orig: (orig_w, orig_h),
+    } = loaded;
+    // `picture` is already scaled to `place.resized`, so this only cuts, shifts and mirrors.
+    let (img, window) = training_tensor_with(&picture, place, mirrored, color, read.device)?;
+    let window = CropInfo {
+        orig_h,
+        orig_w,
+        ..window
+    };
     let (mean, logvar) = crate::autograd::no_grad(|| vae.encode(&img))?; // (1, 4, h, w) each
     let tid: Vec<f32> = window.time_ids().to_vec();
     let base = super::batch::visited(ex, mirrored);
@@ -671,6 +679,10 @@ mod tests {
     use super::*;
     use crate::test_fixtures::{tiny, TempDir};
 
+    fn read_it(live: &LivePicture, read: &Reading) -> Loaded {
+        super::super::prefetch::load(live, read, Role::Style).unwrap()
+    }
+
     /// A picture 96x64 at bucket 64x64 (resized = itself, 32 columns of slack), and a 64x64
     /// example of it standing for the cached centre.
     fn wide_example(dir: &Path, alpha: bool) -> (RgbImage, Example) {
@@ -745,7 +757,16 @@ mod tests {
         let mut lefts = Vec::new();
         for visit in 0..6 {
             let mirrored = visit % 2 == 1;
-            let got = live_visit(&ex, &crop, mirrored, &vae, &read, &mut rng).unwrap();
+            let got = live_visit(
+                &ex,
+                &crop,
+                mirrored,
+                &vae,
+                &read,
+                &mut rng,
+                read_it(&crop, &read),
+            )
+            .unwrap();
             let left = expect.below(33) as u32;
             assert_eq!(expect.below(1), 0);
             lefts.push(left);
@@ -775,8 +796,26 @@ mod tests {
         lefts.dedup();
         assert!(lefts.len() > 1, "the window never moved: {lefts:?}");
         // The same draws give the same visit.
-        let a = live_visit(&ex, &crop, false, &vae, &read, &mut Rng::new(3)).unwrap();
-        let b = live_visit(&ex, &crop, false, &vae, &read, &mut Rng::new(3)).unwrap();
+        let a = live_visit(
+            &ex,
+            &crop,
+            false,
+            &vae,
+            &read,
+            &mut Rng::new(3),
+            read_it(&crop, &read),
+        )
+        .unwrap();
+        let b = live_visit(
+            &ex,
+            &crop,
+            false,
+            &vae,
+            &read,
+            &mut Rng::new(3),
+            read_it(&crop, &read),
+        )
+        .unwrap();
         assert_eq!(a.mean.to_vec_f32().unwrap(), b.mean.to_vec_f32().unwrap());
     }
 
@@ -805,7 +844,16 @@ mod tests {
         let (mut rng, mut expect) = (Rng::new(21), Rng::new(21));
         let mut kinds = std::collections::BTreeSet::new();
         for visit in 0..24 {
-            let got = live_visit(&ex, &live, visit % 2 == 0, &vae, &read, &mut rng).unwrap();
+            let got = live_visit(
+                &ex,
+                &live,
+                visit % 2 == 0,
+                &vae,
+                &read,
+                &mut rng,
+                read_it(&live, &read),
+            )
+            .unwrap();
             let left = expect.below(33) as u32;
             expect.below(1);
             let color = ColorShift::draw(&mut expect);
@@ -845,7 +893,16 @@ mod tests {
         };
         let mut rng = Rng::new(5);
         for _ in 0..4 {
-            let got = live_visit(&ex, &crop, false, &vae, &read, &mut rng).unwrap();
+            let got = live_visit(
+                &ex,
+                &crop,
+                false,
+                &vae,
+                &read,
+                &mut rng,
+                read_it(&crop, &read),
+            )
+            .unwrap();
             let left = got.time_ids.to_vec_f32().unwrap()[3] as usize;
             let clear = 40 - left; // window columns that are transparent
             let mask = got.mask.unwrap().to_vec_f32().unwrap(); // (1, 1, 8, 8)

@@ -26,6 +26,7 @@ pub mod optim;
 pub mod optimizer_args;
 pub mod plan;
 pub mod plot;
+mod prefetch;
 pub mod prodigy;
 pub mod sample_prompts;
 pub mod samples;

@@ -11,13 +11,14 @@ pub use super::config::TrainConfig;
 use super::cultural::CulturalLoss;
 use super::data::{batches_per_epoch, Dataset, Role};
 use super::examples::{
-    load_dataset, prepare_examples, Example, ExampleText, LivePicture, Prepared,
+    load_dataset, prepare_examples, Example, ExampleText, LivePicture, Prepared, Reading,
 };
 use super::lr_groups::{slot_rates, SlotRate};
 use super::max_norm::{regularize, slot_factors, weight_norms, MaxNormReport};
 use super::memory::{human, policy_name, AUTO_POLICIES};
 use super::optim::{GradAccumulator, Optimizer, Rule, Slot};
 use super::plan::UnetPlan;
+use super::prefetch::Prefetcher;
 use super::start::{check_planned_blocks, fresh, resume, Start};
 use super::step::StepNoise;
 use super::text::TextEncoders;
@@ -127,6 +128,10 @@ pub struct Trainer {
     pub(super) files: ModelFiles,
     /// With --random-crop (a picture that can move): the VAE that encodes each visit's window.
     pub(super) live_vae: Option<crate::models::vae::AutoencoderKL>,
+    /// Reads those pictures ahead of their visits, on a thread of its own.
+    prefetch: Option<Prefetcher>,
+    /// Visits of live pictures so far, and how many of them found their picture read ahead.
+    live_reads: (u64, u64),
     /// The VAE config whose scaling (and latent statistics) turns a latent into the UNet's x0.
     pub(super) latent_config: crate::models::vae::VaeConfig,
     /// The noise schedule and loss target of the model (its scheduler config).
@@ -485,6 +490,9 @@ impl Trainer {
                 Some(vae)
             }
         };
+        let prefetch = live_vae
+            .as_ref()
+            .map(|_| Prefetcher::new(Reading::of(&cfg)));
         let outputs = Outputs::for_adapter(&cfg.out);
         let mut trainer = Trainer {
             cfg,
@@ -502,6 +510,8 @@ impl Trainer {
             val_examples,
             val_every,
             files,
+            prefetch,
+            live_reads: (0, 0),
             live_vae,
             latent_config,
             schedule,
@@ -616,6 +626,27 @@ impl Trainer {
         })
     }
 
+    /// With live pictures (`--random-crop`, `--color-aug`): their visits in this process, and how
+    /// many found their picture read ahead.
+    pub fn live_reads(&self) -> Option<(u64, u64)> {
+        self.prefetch.as_ref().map(|_| self.live_reads)
+    }
+
+    /// Asks the read-ahead thread for the live pictures of this epoch's next `2 grad_accum`
+    /// batches (see [`super::prefetch`]).
+    fn read_ahead(&self) {
+        let Some(p) = &self.prefetch else { return };
+        let s = &self.state;
+        let end = (s.pos + 2 * self.cfg.grad_accum).min(s.order.len());
+        for pos in s.pos..end {
+            for (j, &i) in s.order[pos].iter().enumerate() {
+                if let Some(live) = &self.examples[i].live {
+                    p.request((s.epoch, pos, j), live.clone(), self.examples[i].role);
+                }
+            }
+        }
+    }
+
     /// One optimizer step: `grad_accum` micro-batches, then AdamW.
     pub fn step(&mut self) -> Result<StepLog> {
         let params = self.params();
@@ -625,11 +656,18 @@ impl Trainer {
         let (lo, hi) = self.timestep_range(&schedule);
         for _ in 0..self.cfg.grad_accum {
             let batch = self.next_batch();
+            self.read_ahead();
+            let (epoch, pos) = (self.state.epoch, self.state.pos - 1);
             // Each visit draws as a batch of one would, in batch order, so a batch of B computes
             // what B accumulated micro-batches of the same visits compute.
             let mut visits = Vec::with_capacity(batch.len());
-            for &i in &batch {
-                visits.push(self.draw_visit(i, (lo, hi))?);
+            for (j, &i) in batch.iter().enumerate() {
+                let loaded = self.prefetch.as_ref().and_then(|p| p.take((epoch, pos, j)));
+                if self.examples[i].live.is_some() {
+                    self.live_reads.0 += 1;
+                    self.live_reads.1 += loaded.is_some() as u64;
+                }
+                visits.push(self.draw_visit(i, (lo, hi), loaded)?);
             }
             let dropout = !self.cfg.lora_dropout.is_off();
             if dropout {
