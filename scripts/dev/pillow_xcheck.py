@@ -6,23 +6,11 @@
 # With --blur every random case is `im.filter(ImageFilter.GaussianBlur(radius))` instead (what
 # diffusers' `VaeImageProcessor.blur` runs): whole, fractional and large radii; ow, oh unused.
 import json, random, sys
+
+from sweep_hash import fnv1a, lcg_bytes
 from PIL import Image, ImageFilter
 
 FILTERS = {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR, "lanczos": Image.LANCZOS}
-M = (1 << 64) - 1
-
-def lcg_bytes(n, seed):
-    x, out = seed & M, bytearray(n)
-    for i in range(n):
-        x = (x * 6364136223846793005 + 1442695040888963407) & M
-        out[i] = (x >> 33) & 0xFF
-    return bytes(out)
-
-def fnv1a(b):
-    h = 0xcbf29ce484222325
-    for v in b:
-        h = ((h ^ v) * 0x100000001b3) & M
-    return h
 
 def case(w, h, c, ow, oh, f, box=None):
     seed = w * 1_000_003 + h * 1009 + ow * 31 + oh + c

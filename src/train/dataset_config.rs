@@ -604,18 +604,8 @@ mod tests {
             },
             kohya_buckets: None,
             rules: SubsetRules {
-                flip_aug: false,
-                random_crop: false,
-                color_aug: false,
                 caption_dropout: Some(0.1),
-                caption_dropout_every_epochs: None,
-                shuffle_caption: false,
-                keep_tokens: 0,
-                caption_tag_dropout: None,
-                caption_separator: ",".into(),
-                keep_tokens_separator: None,
-                secondary_separator: None,
-                wildcard: false,
+                ..SubsetRules::default()
             },
             captions: CaptionSource {
                 template: None,

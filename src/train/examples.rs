@@ -679,8 +679,31 @@ mod tests {
     use super::*;
     use crate::test_fixtures::{tiny, TempDir};
 
-    fn read_it(live: &LivePicture, read: &Reading) -> Loaded {
-        super::super::prefetch::load(live, read, Role::Style).unwrap()
+    /// One visit of `ex`'s `live` picture, read now.
+    fn visit_once(
+        ex: &Example,
+        live: &LivePicture,
+        mirrored: bool,
+        vae: &AutoencoderKL,
+        read: &Reading,
+        rng: &mut Rng,
+    ) -> Example {
+        let loaded = super::super::prefetch::load(live, read, ex.role).unwrap();
+        live_visit(ex, live, mirrored, vae, read, rng, loaded).unwrap()
+    }
+
+    fn tiny_vae() -> AutoencoderKL {
+        let files = ModelFiles::resolve(&tiny().join("sdxl"), None).unwrap();
+        files.vae(Device::Cpu).unwrap()
+    }
+
+    /// Reading on the CPU, the alpha channel as the mask or no mask.
+    fn cpu_reading(alpha_mask: bool) -> Reading {
+        Reading {
+            alpha_mask,
+            mask_data: None,
+            device: Device::Cpu,
+        }
     }
 
     /// A picture 96x64 at bucket 64x64 (resized = itself, 32 columns of slack), and a 64x64
@@ -716,16 +739,7 @@ mod tests {
             rules: Arc::new(SubsetRules {
                 flip_aug: true,
                 random_crop: true,
-                color_aug: false,
-                caption_dropout: None,
-                caption_dropout_every_epochs: None,
-                shuffle_caption: false,
-                keep_tokens: 0,
-                caption_tag_dropout: None,
-                caption_separator: ",".into(),
-                keep_tokens_separator: None,
-                secondary_separator: None,
-                wildcard: false,
+                ..SubsetRules::default()
             }),
             group: 0,
             batch_size: 1,
@@ -744,29 +758,15 @@ mod tests {
         let dir = TempDir::new("random-crop");
         let (picture, ex) = wide_example(dir.path(), false);
         let crop = ex.live.clone().unwrap();
-        let files = ModelFiles::resolve(&tiny().join("sdxl"), None).unwrap();
-        let vae = files.vae(Device::Cpu).unwrap();
-        let read = Reading {
-            alpha_mask: false,
-            mask_data: None,
-            device: Device::Cpu,
-        };
+        let vae = tiny_vae();
+        let read = cpu_reading(false);
         // The draws: the left edge over 0..=32, then the top over 0..=0 (one draw each).
         let mut rng = Rng::new(11);
         let mut expect = Rng::new(11);
         let mut lefts = Vec::new();
         for visit in 0..6 {
             let mirrored = visit % 2 == 1;
-            let got = live_visit(
-                &ex,
-                &crop,
-                mirrored,
-                &vae,
-                &read,
-                &mut rng,
-                read_it(&crop, &read),
-            )
-            .unwrap();
+            let got = visit_once(&ex, &crop, mirrored, &vae, &read, &mut rng);
             let left = expect.below(33) as u32;
             assert_eq!(expect.below(1), 0);
             lefts.push(left);
@@ -796,26 +796,8 @@ mod tests {
         lefts.dedup();
         assert!(lefts.len() > 1, "the window never moved: {lefts:?}");
         // The same draws give the same visit.
-        let a = live_visit(
-            &ex,
-            &crop,
-            false,
-            &vae,
-            &read,
-            &mut Rng::new(3),
-            read_it(&crop, &read),
-        )
-        .unwrap();
-        let b = live_visit(
-            &ex,
-            &crop,
-            false,
-            &vae,
-            &read,
-            &mut Rng::new(3),
-            read_it(&crop, &read),
-        )
-        .unwrap();
+        let a = visit_once(&ex, &crop, false, &vae, &read, &mut Rng::new(3));
+        let b = visit_once(&ex, &crop, false, &vae, &read, &mut Rng::new(3));
         assert_eq!(a.mean.to_vec_f32().unwrap(), b.mean.to_vec_f32().unwrap());
     }
 
@@ -832,28 +814,12 @@ mod tests {
             color_aug: true,
         });
         ex.live = Some(live.clone());
-        let vae = ModelFiles::resolve(&tiny().join("sdxl"), None)
-            .unwrap()
-            .vae(Device::Cpu)
-            .unwrap();
-        let read = Reading {
-            alpha_mask: false,
-            mask_data: None,
-            device: Device::Cpu,
-        };
+        let vae = tiny_vae();
+        let read = cpu_reading(false);
         let (mut rng, mut expect) = (Rng::new(21), Rng::new(21));
         let mut kinds = std::collections::BTreeSet::new();
         for visit in 0..24 {
-            let got = live_visit(
-                &ex,
-                &live,
-                visit % 2 == 0,
-                &vae,
-                &read,
-                &mut rng,
-                read_it(&live, &read),
-            )
-            .unwrap();
+            let got = visit_once(&ex, &live, visit % 2 == 0, &vae, &read, &mut rng);
             let left = expect.below(33) as u32;
             expect.below(1);
             let color = ColorShift::draw(&mut expect);
@@ -882,27 +848,11 @@ mod tests {
         let dir = TempDir::new("random-crop-mask");
         let (_, ex) = wide_example(dir.path(), true);
         let crop = ex.live.clone().unwrap();
-        let vae = ModelFiles::resolve(&tiny().join("sdxl"), None)
-            .unwrap()
-            .vae(Device::Cpu)
-            .unwrap();
-        let read = Reading {
-            alpha_mask: true,
-            mask_data: None,
-            device: Device::Cpu,
-        };
+        let vae = tiny_vae();
+        let read = cpu_reading(true);
         let mut rng = Rng::new(5);
         for _ in 0..4 {
-            let got = live_visit(
-                &ex,
-                &crop,
-                false,
-                &vae,
-                &read,
-                &mut rng,
-                read_it(&crop, &read),
-            )
-            .unwrap();
+            let got = visit_once(&ex, &crop, false, &vae, &read, &mut rng);
             let left = got.time_ids.to_vec_f32().unwrap()[3] as usize;
             let clear = 40 - left; // window columns that are transparent
             let mask = got.mask.unwrap().to_vec_f32().unwrap(); // (1, 1, 8, 8)

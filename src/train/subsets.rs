@@ -55,6 +55,27 @@ impl Names {
     }
 }
 
+impl Default for SubsetRules {
+    /// kohya's subset defaults: nothing flipped, cut, shifted, dropped or rewritten; tags
+    /// separated by commas.
+    fn default() -> SubsetRules {
+        SubsetRules {
+            flip_aug: false,
+            random_crop: false,
+            color_aug: false,
+            caption_dropout: None,
+            caption_dropout_every_epochs: None,
+            shuffle_caption: false,
+            keep_tokens: 0,
+            caption_tag_dropout: None,
+            caption_separator: ",".into(),
+            keep_tokens_separator: None,
+            secondary_separator: None,
+            wildcard: false,
+        }
+    }
+}
+
 impl SubsetRules {
     /// How each visit rewrites a caption (see [`super::captions`]); the token warm-up is the
     /// run's.
