@@ -243,10 +243,10 @@ fn bad_configs_fail_naming_the_file_and_the_key() {
         "[[datasets]] 1 [[datasets.subsets]] 1: `colour_aug` not a dataset config key",
     );
     bad(
-        "color.toml",
-        &format!("{subset}color_aug = true\n"),
+        "face.toml",
+        &format!("{subset}face_crop_aug_range = [2.0, 4.0]\n"),
         &[],
-        "`color_aug`: true: colour augmentation is not implemented",
+        "`face_crop_aug_range`: [2.0,4.0]: face crops are not implemented",
     );
     bad("broken.toml", "[[datasets]\n", &[], "broken.toml");
     bad(
