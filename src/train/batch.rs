@@ -202,10 +202,10 @@ impl Trainer {
         let device = self.cfg.device;
         // Draw order is part of the resume contract: with --flip-aug whether the picture is
         // mirrored, with --random-crop (a picture that can move) the window's left and top
-        // edges, then the latent sample, timestep, noise, with --noise-offset its random
-        // strength (when asked) and the per-channel offsets, with --multires-noise-iterations
-        // each level's size and noise, with --ip-noise-gamma its random strength (when asked)
-        // and the perturbation.
+        // edges, with --color-aug kohya's colour draws (see `live_visit`), then the latent
+        // sample, timestep, noise, with --noise-offset its random strength (when asked) and the
+        // per-channel offsets, with --multires-noise-iterations each level's size and noise,
+        // with --ip-noise-gamma its random strength (when asked) and the perturbation.
         let rules = self.examples[i].rules.clone();
         let mirrored = rules.flip_aug && rng.uniform() < 0.5;
         let cropped = match (&self.examples[i].live, &self.live_vae) {
@@ -220,7 +220,7 @@ impl Trainer {
             }
             (Some(_), None) => {
                 return Err(Error::msg(
-                    "a randomly cropped picture but the run holds no VAE to encode it",
+                    "a picture cut or shifted per visit, but the run holds no VAE to encode it",
                 ))
             }
             (None, _) => None,
@@ -293,8 +293,8 @@ impl Trainer {
 /// What one visit of an example drew: its clean latents x0 (1, 4, h, w), timestep, noise, the
 /// perturbed noise (with --ip-noise-gamma) and whether its caption dropped out.
 pub(super) struct Visit {
-    /// With --random-crop, the example as this visit cut it (its latents, time ids and mask);
-    /// None: the cached example (or its mirror) as it is.
+    /// With --random-crop or --color-aug, the example as this visit cut and shifted it (its
+    /// latents, time ids and mask); None: the cached example (or its mirror) as it is.
     pub(super) example: Option<Example>,
     pub(super) x0: Tensor,
     pub(super) t: usize,

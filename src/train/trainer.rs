@@ -126,7 +126,8 @@ pub struct Trainer {
     /// train, which encode every step's captions.
     pub(super) captions: Option<CaptionEncoder>,
     pub(super) files: ModelFiles,
-    /// With --random-crop (a picture that can move): the VAE that encodes each visit's window.
+    /// With --random-crop (a picture that can move) or --color-aug: the VAE that encodes each
+    /// visit's picture.
     pub(super) live_vae: Option<crate::models::vae::AutoencoderKL>,
     /// Reads those pictures ahead of their visits, on a thread of its own.
     prefetch: Option<Prefetcher>,
