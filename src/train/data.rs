@@ -506,11 +506,7 @@ pub fn training_mask(
     let Some(alpha) = alpha else {
         return Tensor::ones((1, 1, lh, lw), crate::DType::F32, device);
     };
-    let grey = RgbImage::from_fn(alpha.width(), alpha.height(), |x, y| {
-        let a = alpha.get_pixel(x, y).0[0];
-        image::Rgb([a, a, a])
-    });
-    let (mut cropped, _) = resize_crop_at(&grey, place.resized, (w as u32, h as u32), place.at)?;
+    let mut cropped = scale_mask(alpha, place.resized, (w as u32, h as u32), place.at)?;
     if mirrored {
         image::imageops::flip_horizontal_in_place(&mut cropped);
     }
@@ -519,9 +515,27 @@ pub fn training_mask(
     Tensor::from_vec(pooled, (1, 1, lh, lw), device)
 }
 
+/// A loss mask's source (alpha or mask picture) scaled to `resized` and cut to `target` at `at`
+/// (see [`resize_crop_at`]), exactly as the picture is: resampled as a grey RGB picture.
+pub fn scale_mask(
+    alpha: &GrayImage,
+    resized: (u32, u32),
+    target: (u32, u32),
+    at: Option<(u32, u32)>,
+) -> Result<GrayImage> {
+    let grey = RgbImage::from_fn(alpha.width(), alpha.height(), |x, y| {
+        let a = alpha.get_pixel(x, y).0[0];
+        image::Rgb([a, a, a])
+    });
+    let (cut, _) = resize_crop_at(&grey, resized, target, at)?;
+    Ok(GrayImage::from_fn(cut.width(), cut.height(), |x, y| {
+        image::Luma([cut.get_pixel(x, y).0[0]])
+    }))
+}
+
 /// One training picture as the VAE wants it at its placement (its bucket (width, height),
-/// cropped from the picture scaled to `place.resized`, at `place.at`): (1, 3, H, W) in [-1, 1], plus its crop
-/// record (the SDXL time ids).
+/// cropped from the picture scaled to `place.resized`, at `place.at`): (1, 3, H, W) in [-1, 1],
+/// plus its crop record (the SDXL time ids).
 ///
 /// `mirrored` (`--flip-aug`) flips the cropped picture left to right, as kohya flips it, and
 /// gives the mirrored crop's time ids.

@@ -8,7 +8,7 @@
 //! when the epoch begins) reads it itself, the same way.
 
 use super::buckets::Placement;
-use super::data::Role;
+use super::data::{scale_mask, Role};
 use super::examples::{load_with_mask, LivePicture, Reading};
 use crate::image::io::resize_crop_at;
 use crate::{Error, Result};
@@ -44,17 +44,9 @@ pub(super) fn load(live: &LivePicture, read: &Reading, role: Role) -> Result<Loa
         )
     };
     let picture = scaled(&picture).map_err(stale)?;
+    let (resized, at) = (live.place.resized, Some((0, 0)));
     let alpha = match alpha {
-        Some(a) => {
-            let grey = RgbImage::from_fn(a.width(), a.height(), |x, y| {
-                let v = a.get_pixel(x, y).0[0];
-                image::Rgb([v, v, v])
-            });
-            let grey = scaled(&grey).map_err(stale)?;
-            Some(GrayImage::from_fn(grey.width(), grey.height(), |x, y| {
-                image::Luma([grey.get_pixel(x, y).0[0]])
-            }))
-        }
+        Some(a) => Some(scale_mask(&a, resized, resized, at).map_err(stale)?),
         None => None,
     };
     Ok(Loaded {
