@@ -13,7 +13,8 @@
 #   bench   kstyle bench: GEMM, flash attention vs composition, fused LoRA, group norm, rooflines
 #   model   kstyle bench --model: the full SDXL UNet (random weights, bf16) at 1024 px: inference
 #           b2, LoRA / checkpointed LoRA / gated training micro-batches, then inference and LoRA
-#           with float8 weights (--weight-dtype), peak memory (folded into bench.log)
+#           with float8 weights (--weight-dtype), peak memory, and after each case a profiled
+#           run's device time per kernel and cuBLAS call (--profile; folded into bench.log)
 #   torch   scripts/bench_torch.py: PyTorch SDPA / GEMM / group norm on the same shapes, then
 #           scripts/bench_torch_unet.py: diffusers' UNet on the model shapes (folded into
 #           torch.log; needs gpu-carry/diffusers.tar.xz)
@@ -39,11 +40,15 @@ python3 -c 'import sys, tarfile; tarfile.open(sys.argv[1]).extractall(sys.argv[2
     gpu-carry/cache.tar.xz /tmp/kstyle-cache || echo "no gpu-carry/cache.tar.xz: kernels compile on first use"
 # The fixtures travel as one archive (scripts/gpu-prepare.sh; the tracked tree is over what a call
 # carries): unpack it into this copy of the tree.
-if [ ! -d tests/fixtures/tiny/reference ]; then
+# Test for a file, not a folder: the copy of the tree can hold the untracked folders' skeleton
+# (the first GPU session found tests/fixtures/tiny/reference there, but no model in it).
+if [ ! -f tests/fixtures/tiny/sdxl/model_index.json ]; then
     python3 -c 'import sys, tarfile; tarfile.open(sys.argv[1]).extractall(".", filter="data")' \
         gpu-carry/fixtures.tar.xz ||
         { echo "no tests/fixtures and no gpu-carry/fixtures.tar.xz: run scripts/gpu-prepare.sh here first"; exit 1; }
 fi
+[ -f tests/fixtures/tiny/sdxl/model_index.json ] ||
+    { echo "gpu-carry/fixtures.tar.xz unpacked, but tests/fixtures/tiny/sdxl/model_index.json is missing"; exit 1; }
 export PYTHONUNBUFFERED=1
 SUMMARY="$OUT/summary.txt"
 : > "$SUMMARY"
@@ -100,7 +105,7 @@ timeout 40 bash -c 'train_tiny cpu bf16' > /dev/null 2>&1
 step train 60 bash -c 'train_tiny cuda f32 && train_tiny cuda bf16'
 cat "$OUT/train.log" >> "$OUT/verify.log" && rm -f "$OUT/train.log"
 step bench 150 "$BIN" bench --json "$JSONS/1-kstyle.jsonl"
-step model 150 "$BIN" bench --model --json "$JSONS/1b-kstyle-model.jsonl"
+step model 150 "$BIN" bench --model --profile --json "$JSONS/1b-kstyle-model.jsonl"
 # The forward's FLOPs counted at dispatch against the analytic count (every rate divides by it).
 grep -h "FLOP" "$OUT/model.log" | cut -c1-110 | tee -a "$SUMMARY"
 cat "$OUT/model.log" >> "$OUT/bench.log" && rm -f "$OUT/model.log"
