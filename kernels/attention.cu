@@ -325,27 +325,36 @@ extern "C" __global__ void __launch_bounds__(FA_THREADS)
 
 
 // ================================ tensor-core forward (bf16, sm_80+) ==============================
-// FlashAttention-2 forward on mma.sync.m16n8k16 (bf16 in, f32 accumulate). Block = 4 warps,
-// 64 query rows (16 per warp, one m16 tile), key tiles of 64. Each warp keeps its Q fragments,
+// FlashAttention-2 forward on mma.sync.m16n8k16 (bf16 in, f32 accumulate). Block = 8 warps,
+// 128 query rows (16 per warp, one m16 tile), key tiles of 64. Each warp keeps its Q fragments,
 // S tile (16 x 64) and O accumulator (16 x HD) in registers; the S accumulator layout is reused
 // directly as the A operand of P.V (the C fragment of two n8 tiles is the A fragment of one k16).
+// K/V tiles are double-buffered with cp.async: the next tile streams into shared memory while
+// the current one is multiplied (the Q tile borrows the second buffer before the loop). K's B
+// fragments come by ldmatrix.x4 (two n8 tiles at once), V's by ldmatrix.x2.trans. Only tiles
+// that reach past Skv or cross the causal diagonal of the warp's rows pay for the mask.
 // Shared rows are padded by 8 bf16 (16 bytes): with the row stride an odd multiple of 16 bytes
-// the 8 rows touched by one fragment load fall in distinct bank groups, and ldmatrix addresses
-// stay 16-byte aligned. HD is zero-padded to a multiple of 16 for the QK^T k-loop (HD = 40 -> 48).
-// Requirements: HD % 8 == 0 and q/k/v/o base pointers 16-byte aligned (uint4 tile loads).
-#define FM_BQ 64
-#define FM_BKV 64
+// the 8 rows touched by one fragment load fall in distinct bank groups, and ldmatrix / cp.async
+// addresses stay 16-byte aligned. HD is zero-padded to a multiple of 16 for the QK^T k-loop
+// (HD = 40 -> 48). Static shared memory: 4 tiles of 64 x (HDP + 8) bf16 (36 KB at HD 64, 44 KB
+// at HD 80). Requirements: HD % 8 == 0 and q/k/v/o base pointers 16-byte aligned.
+// The arithmetic per row is the same sequence as the 4-warp single-buffered kernel it replaced,
+// so outputs did not move by a bit.
+#define FF_WARPS 8
+#define FF_THREADS (FF_WARPS * 32)
+#define FF_BQ (FF_WARPS * 16)
+#define FF_BKV 64
 
-// Loads rows [row0, row0 + rows) of a (S, HD) bf16 matrix into a (rows, STR) shared tile, zero
-// filling rows past nvalid and columns [HD, HDP).
-template <int HD, int HDP, int STR>
-__device__ __forceinline__ void load_tile_bf16(unsigned short* dst, const bf16* src, i64 row0, int nvalid, int rows) {
+// Starts copying rows [row0, row0 + rows) of a (S, HD) bf16 matrix into a (rows, STR) shared
+// tile with cp.async, zero filling rows past nvalid and columns [HD, HDP). The caller commits,
+// waits and synchronises.
+template <int HD, int HDP, int STR, int THREADS>
+__device__ __forceinline__ void load_tile_async(unsigned short* dst, const bf16* src, i64 row0, int nvalid, int rows) {
     constexpr int CH = HDP / 8; // 16-byte chunks per padded row
-    for (int idx = threadIdx.x; idx < rows * CH; idx += FA_THREADS) {
+    for (int idx = threadIdx.x; idx < rows * CH; idx += THREADS) {
         const int r = idx / CH, c = idx % CH;
-        uint4 val = make_uint4(0u, 0u, 0u, 0u);
-        if (r < nvalid && c * 8 < HD) val = *reinterpret_cast<const uint4*>(src + (row0 + r) * HD + c * 8);
-        *reinterpret_cast<uint4*>(dst + r * STR + c * 8) = val;
+        const bool in = r < nvalid && c * 8 < HD;
+        cp_async_16(dst + r * STR + c * 8, in ? src + (row0 + r) * HD + c * 8 : src, in ? 16 : 0);
     }
 }
 
@@ -363,65 +372,129 @@ __device__ __forceinline__ void load_a_frags(unsigned (&a)[KS][4], const unsigne
     }
 }
 
+// C (16 x 64) += A (16 x HDP, fragments) x X^T where X is a (64, STR) shared tile: the score
+// shape, for S = Q K^T in the forward and dQ, S^T = K Q^T in dK/dV, and dP (X = V or dO). B
+// fragments by ldmatrix.x4: lanes 0-7 address rows 16p + 0..7 at columns 16 ks + 0..7 (matrix
+// 0), lanes 8-15 the same rows at columns + 8, lanes 16-31 rows 16p + 8..15 likewise, which are
+// the B fragments of n8 tiles 2p and 2p + 1. Each score accumulates its k16 steps in ascending ks.
+template <int KS, int STR>
+__device__ __forceinline__ void mma_rows_xt(float (&c)[8][4], const unsigned (&a)[KS][4], const unsigned short* x) {
+    const int lane = threadIdx.x & 31;
+#pragma unroll
+    for (int nt = 0; nt < 8; ++nt) c[nt][0] = c[nt][1] = c[nt][2] = c[nt][3] = 0.0f;
+    const unsigned short* xrow = x + ((lane >> 4) * 8 + (lane & 7)) * STR + ((lane >> 3) & 1) * 8;
+#pragma unroll
+    for (int p = 0; p < 4; ++p) {
+#pragma unroll
+        for (int ks = 0; ks < KS; ++ks) {
+            unsigned b0, b1, b2, b3;
+            ldmatrix_x4(xrow + p * 16 * STR + ks * 16, b0, b1, b2, b3);
+            mma_bf16_16816(c[2 * p], a[ks], b0, b1);
+            mma_bf16_16816(c[2 * p + 1], a[ks], b2, b3);
+        }
+    }
+}
+
+// acc (16 x HD) += L (16 x 64, C fragments rounded to bf16) x X where X is a (64, STR) shared tile
+// of rows k: the C fragment of n-tiles 2kk, 2kk + 1 is the A fragment of k16 step kk.
+template <int DN, int STR>
+__device__ __forceinline__ void mma_frags_x(float (&acc)[DN][4], const float (&l)[8][4], const unsigned short* x) {
+    const int lane = threadIdx.x & 31;
+#pragma unroll
+    for (int kk = 0; kk < 4; ++kk) {
+        unsigned la[4];
+        la[0] = pack_bf16x2(l[2 * kk][0], l[2 * kk][1]);
+        la[1] = pack_bf16x2(l[2 * kk][2], l[2 * kk][3]);
+        la[2] = pack_bf16x2(l[2 * kk + 1][0], l[2 * kk + 1][1]);
+        la[3] = pack_bf16x2(l[2 * kk + 1][2], l[2 * kk + 1][3]);
+        const unsigned short* xrow = x + (kk * 16 + (lane & 15)) * STR;
+#pragma unroll
+        for (int dn = 0; dn < DN; ++dn) {
+            unsigned b0, b1;
+            ldmatrix_x2_trans(xrow + dn * 8, b0, b1);
+            mma_bf16_16816(acc[dn], la, b0, b1);
+        }
+    }
+}
+
+// Scores of one tile into the log2 domain, masked to -inf where MASK says (keys past Skv, keys
+// after the query under a causal mask), and the two row maxima of this thread's columns.
+template <bool MASK, int NT>
+__device__ __forceinline__ void scale_tile(float (&s)[NT][4], float sl2, int kv0, int Skv, int causal, int qi0,
+                                           int qi1, float& mt0, float& mt1) {
+    const int t = threadIdx.x & 3;
+    mt0 = KS_NEG_INF;
+    mt1 = KS_NEG_INF;
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+            float x = s[nt][e] * sl2;
+            if (MASK) {
+                const int j = kv0 + nt * 8 + 2 * t + (e & 1);
+                const int qi = e < 2 ? qi0 : qi1;
+                if (j >= Skv || (causal && j > qi)) x = KS_NEG_INF;
+            }
+            s[nt][e] = x;
+            if (e < 2) mt0 = fmaxf(mt0, x);
+            else mt1 = fmaxf(mt1, x);
+        }
+    }
+}
+
 template <int HD>
 __device__ __forceinline__ void flash_fwd_mma(const bf16* __restrict__ q, const bf16* __restrict__ k,
                                               const bf16* __restrict__ v, bf16* __restrict__ o,
                                               float* __restrict__ lse, int Sq, int Skv, float scale, int causal) {
     static_assert(HD % 8 == 0, "HD must be a multiple of 8");
-    constexpr int HDP = (HD + 15) / 16 * 16, STR = HDP + 8, KS = HDP / 16, DN = HD / 8, NT = FM_BKV / 8;
-    __shared__ __align__(16) unsigned short Qs[FM_BQ * STR];
-    __shared__ __align__(16) unsigned short Ks[FM_BKV * STR];
-    __shared__ __align__(16) unsigned short Vs[FM_BKV * STR];
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
+    constexpr int HDP = (HD + 15) / 16 * 16, STR = HDP + 8, KS = HDP / 16, DN = HD / 8, NT = FF_BKV / 8;
+    constexpr int TILE = FF_BKV * STR;
+    static_assert(FF_BQ == 2 * FF_BKV, "the Q tile borrows the second K/V buffer");
+    // Buffer b: K at sm + 2b TILE, V at sm + (2b + 1) TILE. Q (FF_BQ rows) first fills buffer 1.
+    __shared__ __align__(16) unsigned short sm[4 * TILE];
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2;
     const i64 bh = blockIdx.y;
-    const int q0 = blockIdx.x * FM_BQ, r0 = warp * 16;
+    const int q0 = blockIdx.x * FF_BQ, r0 = warp * 16;
+    const bf16* kb = k + bh * Skv * HD;
+    const bf16* vb = v + bh * Skv * HD;
     // exp2 with log2(e) folded into the scale: one FMUL less per score.
     const float sl2 = scale * 1.4426950408889634f;
 
-    load_tile_bf16<HD, HDP, STR>(Qs, q + bh * Sq * HD, q0, min(FM_BQ, Sq - q0), FM_BQ);
+    load_tile_async<HD, HDP, STR, FF_THREADS>(sm + 2 * TILE, q + bh * Sq * HD, q0, min(FF_BQ, Sq - q0), FF_BQ);
+    load_tile_async<HD, HDP, STR, FF_THREADS>(sm, kb, 0, min(FF_BKV, Skv), FF_BKV);
+    load_tile_async<HD, HDP, STR, FF_THREADS>(sm + TILE, vb, 0, min(FF_BKV, Skv), FF_BKV);
+    cp_async_commit();
+    cp_async_wait_all();
     __syncthreads();
     unsigned qa[KS][4];
-    load_a_frags<KS, STR>(qa, Qs, r0);
+    load_a_frags<KS, STR>(qa, sm + 2 * TILE, r0);
+    __syncthreads(); // every warp holds its Q fragments: buffer 1 is free for the second tile
     float acc[DN][4];
 #pragma unroll
     for (int dn = 0; dn < DN; ++dn) acc[dn][0] = acc[dn][1] = acc[dn][2] = acc[dn][3] = 0.0f;
     float m0 = KS_NEG_INF, m1 = KS_NEG_INF, l0 = 0.0f, l1 = 0.0f; // rows g and g + 8 (log2 domain)
     const int qi0 = q0 + r0 + g, qi1 = qi0 + 8;
 
-    const int kv_end = causal ? min(Skv, q0 + FM_BQ) : Skv;
-    for (int kv0 = 0; kv0 < kv_end; kv0 += FM_BKV) {
-        __syncthreads(); // previous tile fully consumed
-        const int nkv = min(FM_BKV, Skv - kv0);
-        load_tile_bf16<HD, HDP, STR>(Ks, k + bh * Skv * HD, kv0, nkv, FM_BKV);
-        load_tile_bf16<HD, HDP, STR>(Vs, v + bh * Skv * HD, kv0, nkv, FM_BKV);
-        __syncthreads();
+    const int kv_end = causal ? min(Skv, q0 + FF_BQ) : Skv;
+    for (int kv0 = 0, buf = 0; kv0 < kv_end; kv0 += FF_BKV, buf ^= 1) {
+        if (kv0 + FF_BKV < kv_end) { // the next tile streams in behind this one's arithmetic
+            const int nn = min(FF_BKV, Skv - kv0 - FF_BKV);
+            unsigned short* nk = sm + 2 * (buf ^ 1) * TILE;
+            load_tile_async<HD, HDP, STR, FF_THREADS>(nk, kb, kv0 + FF_BKV, nn, FF_BKV);
+            load_tile_async<HD, HDP, STR, FF_THREADS>(nk + TILE, vb, kv0 + FF_BKV, nn, FF_BKV);
+            cp_async_commit();
+        }
+        const unsigned short* Ks = sm + 2 * buf * TILE;
+        const unsigned short* Vs = Ks + TILE;
 
+        static_assert(NT == 8, "mma_rows_xt covers 64 keys");
         float s[NT][4];
-#pragma unroll
-        for (int nt = 0; nt < NT; ++nt) {
-            s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.0f;
-#pragma unroll
-            for (int ks = 0; ks < KS; ++ks) {
-                const unsigned short* kb = Ks + (nt * 8 + g) * STR + ks * 16 + 2 * t;
-                mma_bf16_16816(s[nt], qa[ks], *reinterpret_cast<const unsigned*>(kb),
-                               *reinterpret_cast<const unsigned*>(kb + 8));
-            }
-        }
+        mma_rows_xt<KS, STR>(s, qa, Ks);
         // Scale, mask, row max over this thread's columns, then across the quad that shares a row.
-        float mt0 = KS_NEG_INF, mt1 = KS_NEG_INF;
-#pragma unroll
-        for (int nt = 0; nt < NT; ++nt) {
-#pragma unroll
-            for (int e = 0; e < 4; ++e) {
-                const int j = kv0 + nt * 8 + 2 * t + (e & 1);
-                const int qi = e < 2 ? qi0 : qi1;
-                float x = s[nt][e] * sl2;
-                if (j >= Skv || (causal && j > qi)) x = KS_NEG_INF;
-                s[nt][e] = x;
-                if (e < 2) mt0 = fmaxf(mt0, x);
-                else mt1 = fmaxf(mt1, x);
-            }
-        }
+        float mt0, mt1;
+        const bool edge = kv0 + FF_BKV > Skv || (causal && kv0 + FF_BKV - 1 > q0 + r0);
+        if (edge) scale_tile<true, NT>(s, sl2, kv0, Skv, causal, qi0, qi1, mt0, mt1);
+        else scale_tile<false, NT>(s, sl2, kv0, Skv, causal, qi0, qi1, mt0, mt1);
         mt0 = fmaxf(mt0, __shfl_xor_sync(0xffffffffu, mt0, 1));
         mt0 = fmaxf(mt0, __shfl_xor_sync(0xffffffffu, mt0, 2));
         mt1 = fmaxf(mt1, __shfl_xor_sync(0xffffffffu, mt1, 1));
@@ -453,23 +526,13 @@ __device__ __forceinline__ void flash_fwd_mma(const bf16* __restrict__ q, const 
         }
         // O += P V: P (16 x 64) from registers as four k16 A fragments; V fragments by ldmatrix.trans
         // (V is stored key-major, the B operand wants (k = key) x (n = d) column-major).
-#pragma unroll
-        for (int kk = 0; kk < FM_BKV / 16; ++kk) {
-            unsigned pa[4];
-            pa[0] = pack_bf16x2(s[2 * kk][0], s[2 * kk][1]);
-            pa[1] = pack_bf16x2(s[2 * kk][2], s[2 * kk][3]);
-            pa[2] = pack_bf16x2(s[2 * kk + 1][0], s[2 * kk + 1][1]);
-            pa[3] = pack_bf16x2(s[2 * kk + 1][2], s[2 * kk + 1][3]);
-            // Lanes 0-7 address keys kk*16 + 0..7 (matrix 0), lanes 8-15 keys kk*16 + 8..15.
-            const unsigned short* vrow = Vs + (kk * 16 + (lane & 15)) * STR;
-#pragma unroll
-            for (int dn = 0; dn < DN; ++dn) {
-                unsigned b0, b1;
-                ldmatrix_x2_trans(vrow + dn * 8, b0, b1);
-                mma_bf16_16816(acc[dn], pa, b0, b1);
-            }
-        }
+        mma_frags_x<DN, STR>(acc, s, Vs);
+        // The next tile has landed (this thread's copies) and is visible to all; and every warp
+        // is done with this buffer before the next iteration streams into it.
+        cp_async_wait_all();
+        __syncthreads();
     }
+    const int t = lane & 3;
     l0 += __shfl_xor_sync(0xffffffffu, l0, 1);
     l0 += __shfl_xor_sync(0xffffffffu, l0, 2);
     l1 += __shfl_xor_sync(0xffffffffu, l1, 1);
@@ -491,7 +554,7 @@ __device__ __forceinline__ void flash_fwd_mma(const bf16* __restrict__ q, const 
 }
 
 #define KS_FA_MMA(HD)                                                                                         \
-    extern "C" __global__ void __launch_bounds__(FA_THREADS) attention_flash_fwd_bf16_hd##HD(                 \
+    extern "C" __global__ void __launch_bounds__(FF_THREADS) attention_flash_fwd_bf16_hd##HD(                 \
         const bf16* q, const bf16* k, const bf16* v, bf16* o, float* lse, int Sq, int Skv, float scale,       \
         int causal) {                                                                                        \
         flash_fwd_mma<HD>(q, k, v, o, lse, Sq, Skv, scale, causal);                                          \
@@ -513,52 +576,17 @@ KS_FA_MMA(80)
 // as C fragments with the key as the row, and those registers are directly the A operands of
 // dV += P^T dO and dK += dS^T Q (as the forward reuses S for P V). K and V fragments stay in
 // registers for the whole block; Q and dO tiles are read from shared memory as B operands: rows
-// of Q are the columns of Q^T (plain 32-bit loads, as the forward reads K), and the (query x d)
+// of Q are the columns of Q^T (ldmatrix.x4, as the forward reads K), and the (query x d)
 // operands of the two products by ldmatrix.trans (as the forward reads V).
 // dQ is the forward's shape: each warp owns 16 queries with Q and dO fragments in registers,
 // S = Q K^T and dP = dO V^T from K and V rows, and dQ += dS K with K by ldmatrix.trans.
-// Both kernels reuse the shared tiles that held their register fragments (22.5 KB at HD = 80).
+// Both kernels double-buffer the tiles they loop over with cp.async, the second buffer first
+// holding the tiles that become register fragments (4 tiles: 45 KB of shared memory at HD = 80).
 // P and dS are rounded to bf16 as mma operands (flash-attention does the same); the accumulators
 // are f32, and the scale of dK and dQ is applied once when they are written.
 
-// C (16 x 64) += A (16 x HDP, fragments) x X^T where X is a (64, STR) shared tile: the score
-// shape, for both S (X = K or Q) and dP (X = V or dO).
-template <int KS, int STR>
-__device__ __forceinline__ void mma_rows_xt(float (&c)[8][4], const unsigned (&a)[KS][4], const unsigned short* x) {
-    const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
-#pragma unroll
-    for (int nt = 0; nt < 8; ++nt) {
-        c[nt][0] = c[nt][1] = c[nt][2] = c[nt][3] = 0.0f;
-#pragma unroll
-        for (int ks = 0; ks < KS; ++ks) {
-            const unsigned short* xb = x + (nt * 8 + g) * STR + ks * 16 + 2 * t;
-            mma_bf16_16816(c[nt], a[ks], *reinterpret_cast<const unsigned*>(xb),
-                           *reinterpret_cast<const unsigned*>(xb + 8));
-        }
-    }
-}
-
-// acc (16 x HD) += L (16 x 64, C fragments rounded to bf16) x X where X is a (64, STR) shared tile
-// of rows k: the C fragment of n-tiles 2kk, 2kk + 1 is the A fragment of k16 step kk.
-template <int DN, int STR>
-__device__ __forceinline__ void mma_frags_x(float (&acc)[DN][4], const float (&l)[8][4], const unsigned short* x) {
-    const int lane = threadIdx.x & 31;
-#pragma unroll
-    for (int kk = 0; kk < 4; ++kk) {
-        unsigned la[4];
-        la[0] = pack_bf16x2(l[2 * kk][0], l[2 * kk][1]);
-        la[1] = pack_bf16x2(l[2 * kk][2], l[2 * kk][3]);
-        la[2] = pack_bf16x2(l[2 * kk + 1][0], l[2 * kk + 1][1]);
-        la[3] = pack_bf16x2(l[2 * kk + 1][2], l[2 * kk + 1][3]);
-        const unsigned short* xrow = x + (kk * 16 + (lane & 15)) * STR;
-#pragma unroll
-        for (int dn = 0; dn < DN; ++dn) {
-            unsigned b0, b1;
-            ldmatrix_x2_trans(xrow + dn * 8, b0, b1);
-            mma_bf16_16816(acc[dn], la, b0, b1);
-        }
-    }
-}
+#define FM_BQ 64
+#define FM_BKV 64
 
 // Writes rows i0 and i0 + 8 (the C fragment's two rows) of a (16 x HD) accumulator times mul.
 template <int DN, int HD>
@@ -577,7 +605,9 @@ __device__ __forceinline__ void store_frag_rows(bf16* dst, const float (&acc)[DN
     }
 }
 
-// Grid (ceil(Skv / 64), BH), block 128.
+// Grid (ceil(Skv / 64), BH), block 128. Q/dO tiles double-buffered by cp.async (K and V borrow
+// the second buffer until their fragments are in registers); the next tile's lse and D ride in
+// registers across the arithmetic and are staged at its end.
 template <int HD>
 __device__ __forceinline__ void flash_dkdv_mma(const bf16* __restrict__ q, const bf16* __restrict__ k,
                                                const bf16* __restrict__ v, const bf16* __restrict__ d_o,
@@ -585,21 +615,39 @@ __device__ __forceinline__ void flash_dkdv_mma(const bf16* __restrict__ q, const
                                                bf16* __restrict__ d_k, bf16* __restrict__ d_v, int Sq, int Skv,
                                                float scale, int causal) {
     static_assert(HD % 8 == 0, "HD must be a multiple of 8");
+    static_assert(FM_BQ == 64 && FM_BKV == 64, "mma_rows_xt and mma_frags_x cover 64 rows");
     constexpr int HDP = (HD + 15) / 16 * 16, STR = HDP + 8, KS = HDP / 16, DN = HD / 8, NT = FM_BQ / 8;
-    __shared__ __align__(16) unsigned short As[FM_BKV * STR]; // K, then each Q tile
-    __shared__ __align__(16) unsigned short Bs[FM_BKV * STR]; // V, then each dO tile
-    __shared__ float lse_s[FM_BQ], D_s[FM_BQ];                // lse in the log2 domain
+    constexpr int TILE = FM_BQ * STR;
+    // Buffer b: Q at sm + 2b TILE, dO at sm + (2b + 1) TILE.
+    __shared__ __align__(16) unsigned short sm[4 * TILE];
+    __shared__ float lse_s[2][FM_BQ], D_s[2][FM_BQ]; // lse in the log2 domain
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, t = lane & 3;
     const i64 bh = blockIdx.y;
     const int kv0 = blockIdx.x * FM_BKV, r0 = warp * 16;
     const float sl2 = scale * 1.4426950408889634f;
+    const bf16* qb = q + bh * Sq * HD;
+    const bf16* ob = d_o + bh * Sq * HD;
 
-    load_tile_bf16<HD, HDP, STR>(As, k + bh * Skv * HD, kv0, min(FM_BKV, Skv - kv0), FM_BKV);
-    load_tile_bf16<HD, HDP, STR>(Bs, v + bh * Skv * HD, kv0, min(FM_BKV, Skv - kv0), FM_BKV);
+    // Causal: queries before kv0 see none of these keys (FM_BQ == FM_BKV keeps q0 tile-aligned).
+    const int qstart = causal ? kv0 : 0;
+    load_tile_async<HD, HDP, STR, FA_THREADS>(sm + 2 * TILE, k + bh * Skv * HD, kv0, min(FM_BKV, Skv - kv0), FM_BKV);
+    load_tile_async<HD, HDP, STR, FA_THREADS>(sm + 3 * TILE, v + bh * Skv * HD, kv0, min(FM_BKV, Skv - kv0), FM_BKV);
+    if (qstart < Sq) {
+        load_tile_async<HD, HDP, STR, FA_THREADS>(sm, qb, qstart, min(FM_BQ, Sq - qstart), FM_BQ);
+        load_tile_async<HD, HDP, STR, FA_THREADS>(sm + TILE, ob, qstart, min(FM_BQ, Sq - qstart), FM_BQ);
+        if (threadIdx.x < FM_BQ) {
+            const bool ok = (int)threadIdx.x < Sq - qstart;
+            lse_s[0][threadIdx.x] = ok ? lse[bh * Sq + qstart + threadIdx.x] * 1.4426950408889634f : 0.0f;
+            D_s[0][threadIdx.x] = ok ? Dvec[bh * Sq + qstart + threadIdx.x] : 0.0f;
+        }
+    }
+    cp_async_commit();
+    cp_async_wait_all();
     __syncthreads();
     unsigned ka[KS][4], va[KS][4];
-    load_a_frags<KS, STR>(ka, As, r0);
-    load_a_frags<KS, STR>(va, Bs, r0);
+    load_a_frags<KS, STR>(ka, sm + 2 * TILE, r0);
+    load_a_frags<KS, STR>(va, sm + 3 * TILE, r0);
+    __syncthreads(); // K and V are in registers: buffer 1 is free for the second Q/dO tile
     float dk[DN][4], dv[DN][4];
 #pragma unroll
     for (int dn = 0; dn < DN; ++dn)
@@ -607,60 +655,80 @@ __device__ __forceinline__ void flash_dkdv_mma(const bf16* __restrict__ q, const
         for (int e = 0; e < 4; ++e) dk[dn][e] = dv[dn][e] = 0.0f;
     const int kj0 = kv0 + r0 + (lane >> 2); // this thread's keys: kj0 and kj0 + 8
 
-    // Causal: queries before kv0 see none of these keys (FM_BQ == FM_BKV keeps q0 tile-aligned).
-    for (int q0 = causal ? kv0 : 0; q0 < Sq; q0 += FM_BQ) {
-        __syncthreads(); // the previous tile (or the K/V fragments) fully read
-        const int nq = min(FM_BQ, Sq - q0);
-        load_tile_bf16<HD, HDP, STR>(As, q + bh * Sq * HD, q0, nq, FM_BQ);
-        load_tile_bf16<HD, HDP, STR>(Bs, d_o + bh * Sq * HD, q0, nq, FM_BQ);
-        if (threadIdx.x < FM_BQ) {
-            const bool ok = (int)threadIdx.x < nq;
-            lse_s[threadIdx.x] = ok ? lse[bh * Sq + q0 + threadIdx.x] * 1.4426950408889634f : 0.0f;
-            D_s[threadIdx.x] = ok ? Dvec[bh * Sq + q0 + threadIdx.x] : 0.0f;
+    for (int q0 = qstart, buf = 0; q0 < Sq; q0 += FM_BQ, buf ^= 1) {
+        const int qn = q0 + FM_BQ;
+        float lse_n = 0.0f, D_n = 0.0f;
+        if (qn < Sq) { // the next tile streams in behind this one's arithmetic
+            unsigned short* nb = sm + 2 * (buf ^ 1) * TILE;
+            load_tile_async<HD, HDP, STR, FA_THREADS>(nb, qb, qn, min(FM_BQ, Sq - qn), FM_BQ);
+            load_tile_async<HD, HDP, STR, FA_THREADS>(nb + TILE, ob, qn, min(FM_BQ, Sq - qn), FM_BQ);
+            cp_async_commit();
+            if ((int)threadIdx.x < min(FM_BQ, Sq - qn)) {
+                lse_n = lse[bh * Sq + qn + threadIdx.x] * 1.4426950408889634f;
+                D_n = Dvec[bh * Sq + qn + threadIdx.x];
+            }
         }
-        __syncthreads();
+        const unsigned short* Qs = sm + 2 * buf * TILE;
+        const unsigned short* Os = Qs + TILE;
         float s[NT][4], dp[NT][4]; // S^T, dP^T: (16 keys x 64 queries)
-        mma_rows_xt<KS, STR>(s, ka, As);
-        mma_rows_xt<KS, STR>(dp, va, Bs);
+        mma_rows_xt<KS, STR>(s, ka, Qs);
+        mma_rows_xt<KS, STR>(dp, va, Os);
 #pragma unroll
         for (int nt = 0; nt < NT; ++nt) {
 #pragma unroll
             for (int e = 0; e < 4; ++e) {
                 const int c = nt * 8 + 2 * t + (e & 1), i = q0 + c, j = e < 2 ? kj0 : kj0 + 8;
                 const bool visible = i < Sq && j < Skv && !(causal && j > i);
-                const float p = visible ? exp2f(fmaf(s[nt][e], sl2, -lse_s[c])) : 0.0f;
+                const float p = visible ? exp2f(fmaf(s[nt][e], sl2, -lse_s[buf][c])) : 0.0f;
                 s[nt][e] = p;
-                dp[nt][e] = p * (dp[nt][e] - D_s[c]);
+                dp[nt][e] = p * (dp[nt][e] - D_s[buf][c]);
             }
         }
-        mma_frags_x<DN, STR>(dv, s, Bs);  // dV += P^T dO
-        mma_frags_x<DN, STR>(dk, dp, As); // dK += dS^T Q
+        mma_frags_x<DN, STR>(dv, s, Os);  // dV += P^T dO
+        mma_frags_x<DN, STR>(dk, dp, Qs); // dK += dS^T Q
+        if (qn < Sq && threadIdx.x < FM_BQ) {
+            lse_s[buf ^ 1][threadIdx.x] = lse_n;
+            D_s[buf ^ 1][threadIdx.x] = D_n;
+        }
+        // The next tile has landed and is visible to all; every warp is done with this buffer.
+        cp_async_wait_all();
+        __syncthreads();
     }
     store_frag_rows<DN, HD>(d_k, dk, bh * Skv, kj0, Skv, scale);
     store_frag_rows<DN, HD>(d_v, dv, bh * Skv, kj0, Skv, 1.0f);
 }
 
-// Grid (ceil(Sq / 64), BH), block 128.
+// Grid (ceil(Sq / 64), BH), block 128. K/V tiles double-buffered by cp.async (Q and dO borrow the
+// second buffer until their fragments are in registers), as the forward.
 template <int HD>
 __device__ __forceinline__ void flash_dq_mma(const bf16* __restrict__ q, const bf16* __restrict__ k,
                                              const bf16* __restrict__ v, const bf16* __restrict__ d_o,
                                              const float* __restrict__ lse, const float* __restrict__ Dvec,
                                              bf16* __restrict__ d_q, int Sq, int Skv, float scale, int causal) {
     static_assert(HD % 8 == 0, "HD must be a multiple of 8");
+    static_assert(FM_BQ == 64 && FM_BKV == 64, "mma_rows_xt and mma_frags_x cover 64 rows");
     constexpr int HDP = (HD + 15) / 16 * 16, STR = HDP + 8, KS = HDP / 16, DN = HD / 8, NT = FM_BKV / 8;
-    __shared__ __align__(16) unsigned short As[FM_BQ * STR]; // Q, then each K tile
-    __shared__ __align__(16) unsigned short Bs[FM_BQ * STR]; // dO, then each V tile
+    constexpr int TILE = FM_BKV * STR;
+    // Buffer b: K at sm + 2b TILE, V at sm + (2b + 1) TILE.
+    __shared__ __align__(16) unsigned short sm[4 * TILE];
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, t = lane & 3;
     const i64 bh = blockIdx.y;
     const int q0 = blockIdx.x * FM_BQ, r0 = warp * 16;
     const float sl2 = scale * 1.4426950408889634f;
+    const bf16* kb = k + bh * Skv * HD;
+    const bf16* vb = v + bh * Skv * HD;
 
-    load_tile_bf16<HD, HDP, STR>(As, q + bh * Sq * HD, q0, min(FM_BQ, Sq - q0), FM_BQ);
-    load_tile_bf16<HD, HDP, STR>(Bs, d_o + bh * Sq * HD, q0, min(FM_BQ, Sq - q0), FM_BQ);
+    load_tile_async<HD, HDP, STR, FA_THREADS>(sm + 2 * TILE, q + bh * Sq * HD, q0, min(FM_BQ, Sq - q0), FM_BQ);
+    load_tile_async<HD, HDP, STR, FA_THREADS>(sm + 3 * TILE, d_o + bh * Sq * HD, q0, min(FM_BQ, Sq - q0), FM_BQ);
+    load_tile_async<HD, HDP, STR, FA_THREADS>(sm, kb, 0, min(FM_BKV, Skv), FM_BKV);
+    load_tile_async<HD, HDP, STR, FA_THREADS>(sm + TILE, vb, 0, min(FM_BKV, Skv), FM_BKV);
+    cp_async_commit();
+    cp_async_wait_all();
     __syncthreads();
     unsigned qa[KS][4], oa[KS][4];
-    load_a_frags<KS, STR>(qa, As, r0);
-    load_a_frags<KS, STR>(oa, Bs, r0);
+    load_a_frags<KS, STR>(qa, sm + 2 * TILE, r0);
+    load_a_frags<KS, STR>(oa, sm + 3 * TILE, r0);
+    __syncthreads(); // Q and dO are in registers: buffer 1 is free for the second K/V tile
     const int qi0 = q0 + r0 + (lane >> 2), qi1 = qi0 + 8;
     const float lse0 = qi0 < Sq ? lse[bh * Sq + qi0] * 1.4426950408889634f : 0.0f;
     const float lse1 = qi1 < Sq ? lse[bh * Sq + qi1] * 1.4426950408889634f : 0.0f;
@@ -670,15 +738,19 @@ __device__ __forceinline__ void flash_dq_mma(const bf16* __restrict__ q, const b
     for (int dn = 0; dn < DN; ++dn) dq[dn][0] = dq[dn][1] = dq[dn][2] = dq[dn][3] = 0.0f;
 
     const int kv_end = causal ? min(Skv, q0 + FM_BQ) : Skv;
-    for (int kv0 = 0; kv0 < kv_end; kv0 += FM_BKV) {
-        __syncthreads(); // the previous tile (or the Q/dO fragments) fully read
-        const int nkv = min(FM_BKV, Skv - kv0);
-        load_tile_bf16<HD, HDP, STR>(As, k + bh * Skv * HD, kv0, nkv, FM_BKV);
-        load_tile_bf16<HD, HDP, STR>(Bs, v + bh * Skv * HD, kv0, nkv, FM_BKV);
-        __syncthreads();
+    for (int kv0 = 0, buf = 0; kv0 < kv_end; kv0 += FM_BKV, buf ^= 1) {
+        if (kv0 + FM_BKV < kv_end) { // the next tile streams in behind this one's arithmetic
+            const int nn = min(FM_BKV, Skv - kv0 - FM_BKV);
+            unsigned short* nb = sm + 2 * (buf ^ 1) * TILE;
+            load_tile_async<HD, HDP, STR, FA_THREADS>(nb, kb, kv0 + FM_BKV, nn, FM_BKV);
+            load_tile_async<HD, HDP, STR, FA_THREADS>(nb + TILE, vb, kv0 + FM_BKV, nn, FM_BKV);
+            cp_async_commit();
+        }
+        const unsigned short* Ks = sm + 2 * buf * TILE;
+        const unsigned short* Vs = Ks + TILE;
         float s[NT][4], dp[NT][4]; // S, dP: (16 queries x 64 keys)
-        mma_rows_xt<KS, STR>(s, qa, As);
-        mma_rows_xt<KS, STR>(dp, oa, Bs);
+        mma_rows_xt<KS, STR>(s, qa, Ks);
+        mma_rows_xt<KS, STR>(dp, oa, Vs);
 #pragma unroll
         for (int nt = 0; nt < NT; ++nt) {
 #pragma unroll
@@ -689,7 +761,9 @@ __device__ __forceinline__ void flash_dq_mma(const bf16* __restrict__ q, const b
                 dp[nt][e] = p * (dp[nt][e] - (e < 2 ? D0 : D1));
             }
         }
-        mma_frags_x<DN, STR>(dq, dp, As); // dQ += dS K
+        mma_frags_x<DN, STR>(dq, dp, Ks); // dQ += dS K
+        cp_async_wait_all();
+        __syncthreads();
     }
     store_frag_rows<DN, HD>(d_q, dq, bh * Sq, qi0, Sq, scale);
 }

@@ -62,6 +62,28 @@ __device__ __forceinline__ void ldmatrix_x2_trans(const unsigned short* row, uns
                  : "=r"(r0), "=r"(r1)
                  : "r"((unsigned)a));
 }
+// Four 8x8 b16 matrices from shared memory, not transposed; lanes 8i..8i+7 each pass one 16-byte
+// row of matrix i. Register i of lane (g = lane / 4, t = lane % 4) holds (row g, cols 2t, 2t + 1)
+// of matrix i: the B fragment of mma m16n8k16 when the rows are the n index.
+__device__ __forceinline__ void ldmatrix_x4(const unsigned short* row, unsigned& r0, unsigned& r1, unsigned& r2,
+                                            unsigned& r3) {
+    unsigned long long a;
+    asm("cvta.to.shared.u64 %0, %1;" : "=l"(a) : "l"(row));
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];"
+                 : "=r"(r0), "=r"(r1), "=r"(r2), "=r"(r3)
+                 : "r"((unsigned)a));
+}
+// 16 bytes global -> shared without passing through registers (sm_80+): the first `src_bytes`
+// (0 or 16) are copied, the rest zero-filled; both addresses 16-byte aligned, `src` valid even
+// when nothing is read. Completes at cp_async_wait_all (then __syncthreads for other threads).
+__device__ __forceinline__ void cp_async_16(unsigned short* dst, const void* src, int src_bytes) {
+    unsigned long long a;
+    asm("cvta.to.shared.u64 %0, %1;" : "=l"(a) : "l"(dst));
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"((unsigned)a), "l"(src), "r"(src_bytes)
+                 : "memory");
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
+__device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_group 0;" ::: "memory"); }
 #endif
 
 // ---- scalar conversion -------------------------------------------------------------------------

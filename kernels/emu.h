@@ -244,6 +244,13 @@ inline bool run_warp(unsigned w0, unsigned w1, bool reverse) {
     }
 }
 
+// cp.async copies issued by each thread of the block and not yet waited for (see cp_async_16).
+struct PendingCopy {
+    unsigned short* dst;
+    unsigned char bytes[16];
+};
+inline std::vector<std::vector<PendingCopy>> cp_pending;
+
 // Runs the current block (blockIdx set) to completion. False with M.error set on a failure.
 inline bool run_block() {
     const unsigned n = M.nthreads;
@@ -267,6 +274,7 @@ inline bool run_block() {
         f.state = Ready;
         f.warp_ops = 0;
     }
+    cp_pending.assign(n, {});
     // Warps run one after another up to the next __syncthreads (warp-level operations resolve inside
     // the warp, without touching the rest of the block). Warps, and the lanes inside a warp, run in
     // ascending order in one phase and descending in the next, starting the other way round in odd
@@ -484,6 +492,47 @@ inline void ldmatrix_x2_trans(const unsigned short* row, unsigned& r0, unsigned&
     warp_sync();
     r0 = out[0];
     r1 = out[1];
+}
+
+// ldmatrix.sync.aligned.m8n8.x4.shared.b16: lanes 8i..8i+7 address the rows of matrix i; without
+// .trans, register i of lane (g, t) holds (row g, col 2t) low and (row g, col 2t + 1) high.
+inline void ldmatrix_x4(const unsigned short* row, unsigned& r0, unsigned& r1, unsigned& r2, unsigned& r3) {
+    using namespace ks_emu;
+    require_full_warp("ldmatrix");
+    M.lanes[me()].p = row;
+    warp_sync();
+    const Lane* W = &M.lanes[warp_base()];
+    const unsigned lane = me() & 31u, g = lane >> 2, t = lane & 3u;
+    unsigned out[4];
+    for (unsigned i = 0; i < 4; ++i) {
+        const unsigned short* p = static_cast<const unsigned short*>(W[i * 8 + g].p);
+        if (reinterpret_cast<uintptr_t>(p) % 16 != 0) fail("ldmatrix row address not 16-byte aligned");
+        out[i] = static_cast<unsigned>(p[2 * t]) | (static_cast<unsigned>(p[2 * t + 1]) << 16);
+    }
+    warp_sync();
+    r0 = out[0];
+    r1 = out[1];
+    r2 = out[2];
+    r3 = out[3];
+}
+
+// cp.async.cg 16 bytes: the source is read at issue, and the bytes land in shared memory only at
+// this thread's next cp.async.wait_group 0, the first point where the hardware guarantees them,
+// so a tile read before its wait and barrier reads stale data here too and fails parity.
+inline void cp_async_16(unsigned short* dst, const void* src, int src_bytes) {
+    using namespace ks_emu;
+    if (reinterpret_cast<uintptr_t>(dst) % 16 != 0 || reinterpret_cast<uintptr_t>(src) % 16 != 0)
+        fail("cp.async address not 16-byte aligned");
+    if (src_bytes != 0 && src_bytes != 16) fail("cp.async src_bytes must be 0 or 16 here");
+    PendingCopy c{dst, {}};
+    if (src_bytes) std::memcpy(c.bytes, src, 16);
+    cp_pending[me()].push_back(c);
+}
+inline void cp_async_commit() {}
+inline void cp_async_wait_all() {
+    using namespace ks_emu;
+    for (const PendingCopy& c : cp_pending[me()]) std::memcpy(c.dst, c.bytes, 16);
+    cp_pending[me()].clear();
 }
 
 #define KS_EMU_EXPORT(name)                                                                                    \

@@ -72,9 +72,10 @@ fn flash_fwd(
     (q, k, v, o, lse): (u64, u64, u64, u64, u64),
     g: &AttnGeom,
 ) -> Result<()> {
-    let (bq, t) = match dtype {
-        DType::BF16 => (64, "bf16"),
-        _ => (32, "f32"),
+    // Query rows per block and threads per block, as kernels/attention.cu fixes them.
+    let (bq, threads, t) = match dtype {
+        DType::BF16 => (128, 256, "bf16"),
+        _ => (32, 128, "f32"),
     };
     dev.launch("attention", format!("attention_flash_fwd_{t}_hd{}", g.d))?
         .arg(q)
@@ -86,7 +87,11 @@ fn flash_fwd(
         .arg(i32_arg(g.skv, "Skv", "sdpa")?)
         .arg(g.scale as f32)
         .arg(g.causal as i32)
-        .run((g.sq.div_ceil(bq) as u32, g.bh as u32, 1), (128, 1, 1), 0)
+        .run(
+            (g.sq.div_ceil(bq) as u32, g.bh as u32, 1),
+            (threads, 1, 1),
+            0,
+        )
 }
 
 /// P = softmax(scale Q K^T) into a fresh (BH, Sq, Skv) buffer, causally masked when asked.

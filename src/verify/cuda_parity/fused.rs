@@ -231,7 +231,9 @@ pub(super) fn attention(r: &mut Run, dt: DType) -> Result<()> {
     // (B*NH, Sq, Skv, D, Dv, causal): self, cross (Skv = 77), causal text, HD 40, the VAE's 512;
     // causal with Sq != Skv on the flash kernels (HD 16) and on the composition (HD 24), and the
     // tiny CLIP text encoder's causal HD 8 (composition). HD 32 and 80 across several ragged
-    // 64-row tiles of both sides, causal with Sq > Skv (the bf16 backward's tiles are 64).
+    // 64-row tiles of both sides, causal with Sq > Skv (the bf16 backward's tiles are 64). HD 64
+    // over six key tiles and three 128-row query blocks, plain and causal: the bf16 forward's
+    // double buffer alternates several times.
     let cases = [
         (4, 96, 96, 64, 64, false),
         (3, 100, 77, 64, 64, false),
@@ -240,6 +242,8 @@ pub(super) fn attention(r: &mut Run, dt: DType) -> Result<()> {
         (1, 65, 140, 32, 32, false),
         (2, 130, 129, 80, 80, true),
         (1, 200, 150, 64, 64, true),
+        (2, 300, 333, 64, 64, false),
+        (1, 333, 300, 64, 64, true),
         (1, 64, 64, 512, 512, false),
         (3, 50, 70, 16, 16, true),
         (2, 40, 33, 24, 24, true),
