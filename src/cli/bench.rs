@@ -35,6 +35,10 @@ pub struct Args {
     /// micro-batches, with peak memory, instead of the kernels.
     #[arg(long)]
     pub model: bool,
+    /// With --model: after each case's timed runs, one more run records device time per kernel
+    /// and cuBLAS call (CUDA events around each launch) and prints the largest.
+    #[arg(long, requires = "model")]
+    pub profile: bool,
 }
 
 mod model;
@@ -47,6 +51,8 @@ struct Bench {
     flops: f64,
     rows: Vec<String>,
     json: Vec<String>,
+    /// `--profile`: a recorded run after each whole-model case.
+    profile: bool,
 }
 
 impl Bench {
@@ -158,6 +164,7 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
         flops: 1.0,
         rows: Vec::new(),
         json: Vec::new(),
+        profile: a.profile,
     };
     println!(
         "device: {} ({}, {} SMs)",

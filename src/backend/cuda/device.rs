@@ -113,6 +113,7 @@ pub struct CudaDevice {
     sm_count: u32,
     sync_each: bool,
     pool: Mutex<Pool>,
+    profile: super::profile::Profiler,
 }
 
 static DEVICES: OnceLock<Mutex<HashMap<usize, Arc<CudaDevice>>>> = OnceLock::new();
@@ -156,6 +157,7 @@ impl CudaDevice {
             sm_count: 2,
             sync_each: false,
             pool: Mutex::new(Pool::default()),
+            profile: Default::default(),
         })
     }
 
@@ -201,6 +203,7 @@ impl CudaDevice {
             sm_count,
             sync_each: std::env::var(SYNC_ENV).is_ok_and(|v| v == "1"),
             pool: Mutex::new(Pool::default()),
+            profile: Default::default(),
         })
     }
 
@@ -243,6 +246,38 @@ impl CudaDevice {
     }
     pub(crate) fn blas_handle(&self) -> cudarc::cublas::sys::cublasHandle_t {
         *self.driver().blas.handle()
+    }
+
+    /// Starts recording device time per kernel and cuBLAS call (see `profile.rs`); false on the
+    /// emulator, whose run times say nothing about a GPU.
+    pub fn profile_start(&self) -> bool {
+        if self.is_emulated() {
+            return false;
+        }
+        self.profile.start();
+        true
+    }
+
+    /// Ends the recording: device time per name, the largest first (empty if none was started).
+    pub fn profile_stop(&self) -> Result<Vec<super::profile::KernelTime>> {
+        if self.is_emulated() {
+            return Ok(Vec::new());
+        }
+        self.bind()?;
+        self.profile.stop()
+    }
+
+    /// Runs `work`, which queues device work on this device's stream, as one named span of the
+    /// profile when one is recording.
+    pub(crate) fn span<R>(
+        &self,
+        name: impl FnOnce() -> String,
+        work: impl FnOnce() -> Result<R>,
+    ) -> Result<R> {
+        match &self.engine {
+            Engine::Driver(d) => self.profile.span(&d.ctx, &d.stream, name, work),
+            Engine::Emulated(_) => work(),
+        }
     }
 
     /// Makes this device's context current on the calling thread (the driver API is per thread;
@@ -566,19 +601,17 @@ impl Launch<'_> {
             }
         };
         self.dev.bind()?;
-        // SAFETY: the function handle is live, and every parameter pointer refers to a boxed
-        // value of the exact C type (see `arg`), kept alive in `self.values` during the call.
-        unsafe {
-            dr::launch_kernel(
-                func.0,
-                grid,
-                block,
-                smem,
-                self.dev.cu_stream(),
-                &mut self.ptrs,
-            )
-        }
-        .map_err(|e| Error::cuda(format!("launch {}", self.symbol), e))?;
+        let (dev, symbol, ptrs) = (self.dev, &self.symbol, &mut self.ptrs);
+        dev.span(
+            || symbol.clone(),
+            || {
+                // SAFETY: the function handle is live, and every parameter pointer refers to a
+                // boxed value of the exact C type (see `arg`), kept alive in `self.values`
+                // during the call.
+                unsafe { dr::launch_kernel(func.0, grid, block, smem, dev.cu_stream(), ptrs) }
+                    .map_err(|e| Error::cuda(format!("launch {symbol}"), e))
+            },
+        )?;
         if self.dev.sync_each {
             self.dev
                 .driver()

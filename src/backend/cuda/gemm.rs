@@ -150,36 +150,49 @@ pub fn gemm(
         });
     }
     dev.bind()?;
-    // SAFETY: every pointer addresses live device memory of the sizes the dims and strides
-    // describe (checked by the callers' layouts); alpha/beta are host f32 as COMPUTE_32F expects.
-    unsafe {
-        br::gemm_strided_batched_ex(
-            dev.blas_handle(),
-            flag(tb),
-            flag(ta),
-            int(n, "n")?,
-            int(m, "m")?,
-            int(k.max(1), "k")?,
-            &alpha as *const f32 as *const _,
-            b.ptr as *const _,
-            ab,
-            int(ldb, "ldb")?,
-            b.batch_stride as i64,
-            a.ptr as *const _,
-            ab,
-            int(lda, "lda")?,
-            a.batch_stride as i64,
-            &beta as *const f32 as *const _,
-            c_ptr as *mut _,
-            cd,
-            int(ldc, "ldc")?,
-            c_batch_stride as i64,
-            int(batch, "batch")?,
-            bs::cublasComputeType_t::CUBLAS_COMPUTE_32F,
-            bs::cublasGemmAlgo_t::CUBLAS_GEMM_DFALT,
-        )
-    }
-    .map_err(|e| Error::cuda(format!("{op} (cuBLAS gemm {m}x{n}x{k}, batch {batch})"), e))
+    let (nn, mm, kk) = (int(n, "n")?, int(m, "m")?, int(k.max(1), "k")?);
+    let (ldb, lda, ldc, nb) = (
+        int(ldb, "ldb")?,
+        int(lda, "lda")?,
+        int(ldc, "ldc")?,
+        int(batch, "batch")?,
+    );
+    dev.span(
+        || format!("cublas gemm ({op}, {ab_dtype})"),
+        || {
+            // SAFETY: every pointer addresses live device memory of the sizes the dims and
+            // strides describe (checked by the callers' layouts); alpha/beta are host f32 as
+            // COMPUTE_32F expects.
+            unsafe {
+                br::gemm_strided_batched_ex(
+                    dev.blas_handle(),
+                    flag(tb),
+                    flag(ta),
+                    nn,
+                    mm,
+                    kk,
+                    &alpha as *const f32 as *const _,
+                    b.ptr as *const _,
+                    ab,
+                    ldb,
+                    b.batch_stride as i64,
+                    a.ptr as *const _,
+                    ab,
+                    lda,
+                    a.batch_stride as i64,
+                    &beta as *const f32 as *const _,
+                    c_ptr as *mut _,
+                    cd,
+                    ldc,
+                    c_batch_stride as i64,
+                    nb,
+                    bs::cublasComputeType_t::CUBLAS_COMPUTE_32F,
+                    bs::cublasGemmAlgo_t::CUBLAS_GEMM_DFALT,
+                )
+            }
+            .map_err(|e| Error::cuda(format!("{op} (cuBLAS gemm {m}x{n}x{k}, batch {batch})"), e))
+        },
+    )
 }
 
 /// Batch dims of a layout as (count, stride) when they walk memory with one stride.

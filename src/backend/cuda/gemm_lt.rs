@@ -330,28 +330,34 @@ fn matmul(
         return Ok(false);
     };
     let (alpha, beta) = (1.0f32, 0.0f32);
-    // SAFETY: the pointers address live device memory of the sizes the layouts describe (checked
-    // by `linear_bias`), the workspace is `ws_bytes` long, and the stream is the device's.
-    unsafe {
-        lr::matmul(
-            lt.handle.0,
-            d.desc,
-            &alpha as *const f32 as *const c_void,
-            &beta as *const f32 as *const c_void,
-            wp as *const c_void,
-            la,
-            xp as *const c_void,
-            lb,
-            out as *const c_void,
-            ld,
-            out as *mut c_void,
-            ld,
-            &algo,
-            ws.ptr() as *mut c_void,
-            ws_bytes,
-            dev.cu_stream() as ls::cudaStream_t,
-        )
-    }
-    .map_err(|e| lt_err(&format!("matmul {}x{}x{} {}", p.m, p.n, p.k, p.dtype), e))?;
+    dev.span(
+        || format!("cublasLt linear+bias ({})", p.dtype),
+        || {
+            // SAFETY: the pointers address live device memory of the sizes the layouts describe
+            // (checked by `linear_bias`), the workspace is `ws_bytes` long, and the stream is the
+            // device's.
+            unsafe {
+                lr::matmul(
+                    lt.handle.0,
+                    d.desc,
+                    &alpha as *const f32 as *const c_void,
+                    &beta as *const f32 as *const c_void,
+                    wp as *const c_void,
+                    la,
+                    xp as *const c_void,
+                    lb,
+                    out as *const c_void,
+                    ld,
+                    out as *mut c_void,
+                    ld,
+                    &algo,
+                    ws.ptr() as *mut c_void,
+                    ws_bytes,
+                    dev.cu_stream() as ls::cudaStream_t,
+                )
+            }
+            .map_err(|e| lt_err(&format!("matmul {}x{}x{} {}", p.m, p.n, p.k, p.dtype), e))
+        },
+    )?;
     Ok(true)
 }

@@ -18,6 +18,7 @@ pub mod norm;
 pub mod nvrtc;
 pub mod optim;
 pub mod pool;
+pub mod profile;
 pub mod reduce;
 
 use std::sync::Arc;

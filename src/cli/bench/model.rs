@@ -113,6 +113,35 @@ fn time_runs(
     Ok(samples[samples.len() / 2])
 }
 
+/// `--profile`: one more call of `f` with device time recorded per kernel and cuBLAS call, and
+/// the largest of them printed under the case's name.
+fn profile_run(
+    b: &Bench,
+    case: &str,
+    f: impl FnOnce() -> kstyle::Result<()>,
+) -> anyhow::Result<()> {
+    if !b.profile {
+        return Ok(());
+    }
+    b.dev.synchronize()?;
+    if !b.dev.profile_start() {
+        println!("profile {case}: not recorded (the emulator has no device time)");
+        return Ok(());
+    }
+    let t = Instant::now();
+    let ran = f();
+    b.dev.synchronize()?;
+    let wall_ms = t.elapsed().as_secs_f64() * 1e3;
+    let times = b.dev.profile_stop()?;
+    ran?;
+    println!("profile {case}:");
+    print!(
+        "{}",
+        kstyle::backend::cuda::profile::table(&times, 18, wall_ms)
+    );
+    Ok(())
+}
+
 /// FLOPs one call of `f` issues, and the peak bytes in use while it runs.
 fn count(device: Device, f: impl FnOnce() -> kstyle::Result<()>) -> anyhow::Result<(f64, usize)> {
     reset_peak(device)?;
@@ -219,6 +248,7 @@ pub(super) fn run(b: &mut Bench, size: Size) -> anyhow::Result<()> {
             );
         }
         let s = time_runs(b, size, reps, fwd)?;
+        profile_run(b, &format!("unet fwd {px}px b2 {tag}"), fwd)?;
         b.report_peak(
             &format!("unet fwd {px}px b2 {tag}"),
             s,
@@ -255,6 +285,7 @@ pub(super) fn run(b: &mut Bench, size: Size) -> anyhow::Result<()> {
             };
             let (fl, peak) = count(gpu, step)?;
             let s = time_runs(b, size, reps, step)?;
+            profile_run(b, &format!("unet train {label} {px}px b1 {tag}"), step)?;
             b.report_peak(
                 &format!("unet train {label} {px}px b1 {tag}"),
                 s,
