@@ -4,22 +4,19 @@
 //   z = h A^T            (B*S, r)   h (B, S, Din), A (r, Din)
 //   out = base + (z * g) B^T         (B*S, Dout), B (Dout, r)
 //
-// r <= 64. Forward is one kernel: a block takes 32 rows (tokens), builds their rank-r codes z in
-// shared memory from Din-chunks of h and A, gates them, then streams Dout-chunks of B to write the
-// output rows. The rank-r intermediate never touches global memory (except an optional f32 copy
-// of z saved for backward). `base` may alias `out` (in-place add onto the frozen layer's output).
+// r <= 64. The rank-r projections z = h A^T and du = d_out B are cuBLAS GEMMs with f32 output
+// (src/backend/cuda/lora.rs); the codes stay in f32 from there on. lora_expand_fwd gates them and
+// expands back to full width in one pass, adding onto `base` (which may alias the output):
+// out = base + (z * g) B^T in the forward, d_h = (du * g) A in the backward.
 //
-// Backward: lora_gated_bwd (du = d_out B, d_h = (du * g) A, one pass over d_out), lora_outer_bwd
-// (d_A and d_B as split-row outer products into f32 partials, finished by reduce_colsum_fwd_f32)
-// and lora_gates_bwd (d_w_down, d_w_up, d_a from sum_s du * z).
+// Backward: lora_outer_bwd (d_A and d_B as split-row outer products into f32 partials, finished by
+// reduce_colsum_fwd_f32) and lora_gates_bwd (d_w_down, d_w_up, d_a from sum_s du * z).
 #include "common.cuh"
 
-#define LR_ROWS 32     // rows per block: A/B are re-read from L2 once per 32 rows of h
-#define LR_CH 64       // Din / Dout chunk staged in shared memory
+#define LR_ROWS 32     // rows per tile of the outer products
+#define LR_CH 64       // columns per block of the outer products
 #define LR_THREADS 256 // block size every lora kernel assumes
 #define LR_MAXR 64
-#define LR_PER_THREAD (LR_ROWS * LR_MAXR / LR_THREADS) // 8 rank-space outputs per thread
-#define LR_PAD (LR_CH + 1)                             // +1 word per row: conflict-free columns
 
 template <typename T>
 __device__ __forceinline__ float lora_gate(const T* w_down, const T* w_up, const T* a, float scale, int b, int k, int r) {
@@ -30,133 +27,39 @@ __device__ __forceinline__ float lora_gate(const T* w_down, const T* w_up, const
     return g;
 }
 
-// acc[c] for output o = tid + 256 c (row = o / r, k = o % r) gets sum_j X[row0 + row, j] * M(k, j)
-// with M(k, j) = M[k * mk + j * mj]. X is (rows_total, K) contiguous.
+// Y[row, o] = (base ? base[row, o] : 0) + sum_k L[row, k] g[b, k] N(o, k) for o < D, where
+// N(o, k) = N[o * no + k * nk], L f32 (rows, r), b = row / S. Each thread owns 8 consecutive
+// outputs of one row (grid-stride over rows * ceil(D / 8) such chunks), sums its k in ascending
+// order from 0 with f32 fused multiply-adds, and rounds once after adding base. `base` may alias
+// Y: each element is read and written by the same thread.
+//   forward:  L = z,  N = B (no = r, nk = 1),   D = Dout, base = the frozen layer's output
+//   backward: L = du, N = A (no = 1, nk = Din), D = Din,  no base
 template <typename T>
-__device__ __forceinline__ void rank_project(const T* __restrict__ X, i64 row0, int nrows, int K, const T* __restrict__ M,
-                                             i64 mk, i64 mj, int r, float (*xs)[LR_PAD], float (*ms)[LR_PAD],
-                                             float (&acc)[LR_PER_THREAD]) {
-    const int tid = threadIdx.x;
+__device__ __forceinline__ void lora_expand(const float* __restrict__ L, const T* __restrict__ N, i64 no, i64 nk,
+                                            const T* w_down, const T* w_up, const T* a, const T* base, T* Y, int S,
+                                            int D, int r, float scale, i64 rows) {
+    const i64 nch = (D + 7) / 8;
+    KS_GRID_STRIDE(c, rows * nch) {
+        const i64 row = c / nch;
+        const int o0 = (int)(c - row * nch) * 8;
+        const int b = (int)(row / S);
+        float acc[8];
 #pragma unroll
-    for (int c = 0; c < LR_PER_THREAD; ++c) acc[c] = 0.0f;
-    for (int j0 = 0; j0 < K; j0 += LR_CH) {
-        const int w = min(LR_CH, K - j0);
-        for (int idx = tid; idx < LR_ROWS * LR_CH; idx += LR_THREADS) {
-            const int row = idx / LR_CH, j = idx % LR_CH;
-            xs[row][j] = (row < nrows && j < w) ? ld(X, (row0 + row) * K + j0 + j) : 0.0f;
-        }
-        for (int idx = tid; idx < r * LR_CH; idx += LR_THREADS) {
-            const int k = idx / LR_CH, j = idx % LR_CH;
-            ms[k][j] = j < w ? ld(M, k * mk + (i64)(j0 + j) * mj) : 0.0f;
-        }
-        __syncthreads();
+        for (int j = 0; j < 8; ++j) acc[j] = 0.0f;
+        for (int k = 0; k < r; ++k) {
+            const float lk = L[row * r + k] * lora_gate(w_down, w_up, a, scale, b, k, r);
 #pragma unroll
-        for (int c = 0; c < LR_PER_THREAD; ++c) {
-            const int o = tid + LR_THREADS * c;
-            if (o < LR_ROWS * r) {
-                const int row = o / r, k = o % r;
-                float s = acc[c];
-#pragma unroll 16
-                for (int j = 0; j < LR_CH; ++j) s = fmaf(xs[row][j], ms[k][j], s);
-                acc[c] = s;
-            }
+            for (int j = 0; j < 8; ++j)
+                if (o0 + j < D) acc[j] = fmaf(lk, ld(N, (i64)(o0 + j) * no + k * nk), acc[j]);
         }
-        __syncthreads();
-    }
-}
-
-// Y[row0 + row, o] = (base ? base[...] : 0) + sum_k zs[row][k] * N(o, k), N(o, k) = N[o * no + k * nk],
-// for o < Dout. `base` may alias `Y`; each element is read and written by the same thread.
-template <typename T>
-__device__ __forceinline__ void rank_expand(const float (*zs)[LR_MAXR + 1], i64 row0, int nrows, const T* __restrict__ N,
-                                            i64 no, i64 nk, int r, int Dout, const T* base, T* Y,
-                                            float (*ns)[LR_MAXR + 1]) {
-    const int tid = threadIdx.x;
-    for (int o0 = 0; o0 < Dout; o0 += LR_CH) {
-        const int w = min(LR_CH, Dout - o0);
-        for (int idx = tid; idx < LR_CH * r; idx += LR_THREADS) {
-            const int oo = idx / r, k = idx % r;
-            ns[oo][k] = oo < w ? ld(N, (i64)(o0 + oo) * no + k * nk) : 0.0f;
-        }
-        __syncthreads();
-        for (int idx = tid; idx < LR_ROWS * LR_CH; idx += LR_THREADS) {
-            const int row = idx / LR_CH, oo = idx % LR_CH;
-            if (row < nrows && oo < w) {
-                float s = 0.0f;
-                for (int k = 0; k < r; ++k) s = fmaf(zs[row][k], ns[oo][k], s);
-                const i64 i = (row0 + row) * Dout + o0 + oo;
-                st(Y, i, base ? ld(base, i) + s : s);
-            }
-        }
-        __syncthreads();
-    }
-}
-
-// Grid ceil(B*S / 32), block 256.
-template <typename T>
-__device__ __forceinline__ void lora_fwd(const T* h, const T* A, const T* Bm, const T* w_down, const T* w_up,
-                                         const T* a, const T* base, T* out, float* z_save, int S, int Din,
-                                         int Dout, int r, float scale, i64 rows) {
-    __shared__ float xs[LR_ROWS][LR_PAD];
-    __shared__ float zs[LR_ROWS][LR_MAXR + 1];
-    __shared__ float buf[LR_CH * (LR_MAXR + 1)]; // M chunk in projection, N chunk in expansion
-    float(*ms)[LR_PAD] = reinterpret_cast<float(*)[LR_PAD]>(buf);
-    float(*ns)[LR_MAXR + 1] = reinterpret_cast<float(*)[LR_MAXR + 1]>(buf);
-    const i64 row0 = (i64)blockIdx.x * LR_ROWS;
-    const int nrows = (int)min((i64)LR_ROWS, rows - row0);
-    float acc[LR_PER_THREAD];
-    rank_project(h, row0, nrows, Din, A, Din, 1, r, xs, ms, acc);
 #pragma unroll
-    for (int c = 0; c < LR_PER_THREAD; ++c) {
-        const int o = threadIdx.x + LR_THREADS * c;
-        if (o < LR_ROWS * r) {
-            const int row = o / r, k = o % r;
-            if (row < nrows) {
-                const int b = (int)((row0 + row) / S);
-                if (z_save) z_save[(row0 + row) * r + k] = acc[c];
-                zs[row][k] = acc[c] * lora_gate(w_down, w_up, a, scale, b, k, r);
-            } else {
-                zs[row][k] = 0.0f;
+        for (int j = 0; j < 8; ++j) {
+            if (o0 + j < D) {
+                const i64 i = row * D + o0 + j;
+                st(Y, i, base ? ld(base, i) + acc[j] : acc[j]);
             }
         }
     }
-    __syncthreads();
-    rank_expand(zs, row0, nrows, Bm, r, 1, r, Dout, base, out, ns);
-}
-
-// du = d_out B (saved, f32, ungated) and d_h = (du * g) A, added onto `d_h_base` when given
-// (pass the base layer's d_h, possibly the same buffer as d_h). Grid ceil(B*S / 32), block 256.
-template <typename T>
-__device__ __forceinline__ void lora_bwd(const T* d_out, const T* A, const T* Bm, const T* w_down, const T* w_up,
-                                         const T* a, const T* d_h_base, T* d_h, float* du_save, int S, int Din,
-                                         int Dout, int r, float scale, i64 rows) {
-    __shared__ float xs[LR_ROWS][LR_PAD];
-    __shared__ float zs[LR_ROWS][LR_MAXR + 1];
-    __shared__ float buf[LR_CH * (LR_MAXR + 1)];
-    float(*ms)[LR_PAD] = reinterpret_cast<float(*)[LR_PAD]>(buf);
-    float(*ns)[LR_MAXR + 1] = reinterpret_cast<float(*)[LR_MAXR + 1]>(buf);
-    const i64 row0 = (i64)blockIdx.x * LR_ROWS;
-    const int nrows = (int)min((i64)LR_ROWS, rows - row0);
-    float acc[LR_PER_THREAD];
-    // M(k, j) = B[j, k]: j walks Dout.
-    rank_project(d_out, row0, nrows, Dout, Bm, 1, r, r, xs, ms, acc);
-#pragma unroll
-    for (int c = 0; c < LR_PER_THREAD; ++c) {
-        const int o = threadIdx.x + LR_THREADS * c;
-        if (o < LR_ROWS * r) {
-            const int row = o / r, k = o % r;
-            if (row < nrows) {
-                const int b = (int)((row0 + row) / S);
-                if (du_save) du_save[(row0 + row) * r + k] = acc[c];
-                zs[row][k] = acc[c] * lora_gate(w_down, w_up, a, scale, b, k, r);
-            } else {
-                zs[row][k] = 0.0f;
-            }
-        }
-    }
-    __syncthreads();
-    // N(i, k) = A[k, i]: i walks Din.
-    if (d_h) rank_expand(zs, row0, nrows, A, 1, Din, r, Din, d_h_base, d_h, ns);
 }
 
 // partial[split] = sum over rows in the split of (L[row, k] * g[b, k]) * R[row, i], written as
@@ -237,15 +140,10 @@ __device__ __forceinline__ void lora_gates(const float* __restrict__ du, const f
 }
 
 #define KS_LORA(T, tn)                                                                                     \
-    extern "C" __global__ void __launch_bounds__(LR_THREADS) lora_gated_fwd_##tn(                          \
-        const T* h, const T* A, const T* B, const T* w_down, const T* w_up, const T* a, const T* base,    \
-        T* out, float* z_save, int S, int Din, int Dout, int r, float scale, i64 rows) {                   \
-        lora_fwd<T>(h, A, B, w_down, w_up, a, base, out, z_save, S, Din, Dout, r, scale, rows);            \
-    }                                                                                                     \
-    extern "C" __global__ void __launch_bounds__(LR_THREADS) lora_gated_bwd_##tn(                          \
-        const T* d_out, const T* A, const T* B, const T* w_down, const T* w_up, const T* a,                \
-        const T* d_h_base, T* d_h, float* du_save, int S, int Din, int Dout, int r, float scale, i64 rows) { \
-        lora_bwd<T>(d_out, A, B, w_down, w_up, a, d_h_base, d_h, du_save, S, Din, Dout, r, scale, rows);   \
+    extern "C" __global__ void __launch_bounds__(LR_THREADS) lora_expand_fwd_##tn(                         \
+        const float* L, const T* N, i64 no, i64 nk, const T* w_down, const T* w_up, const T* a,            \
+        const T* base, T* Y, int S, int D, int r, float scale, i64 rows) {                                 \
+        lora_expand<T>(L, N, no, nk, w_down, w_up, a, base, Y, S, D, r, scale, rows);                      \
     }                                                                                                     \
     extern "C" __global__ void __launch_bounds__(LR_THREADS) lora_outer_bwd_##tn(                          \
         const float* L, const T* R, const T* w_down, const T* w_up, const T* a, float* partial, int S,     \

@@ -203,7 +203,8 @@ fn every_bench_case_runs_on_the_emulator() {
         "adamw per-tensor",
         "sdpa fwd+bwd flash",
         "sdpa fwd+bwd composed",
-        "lora fused fwd",
+        "lora gated fwd+bwd",
+        "lora unfused fwd",
         "group_norm bwd",
         "peak device memory",
     ] {

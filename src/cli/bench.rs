@@ -12,10 +12,9 @@ use std::process::ExitCode;
 use std::time::Instant;
 
 use kstyle::backend::cpu::attention::AttnGeom;
-use kstyle::backend::cpu::lora::LoraGeom;
 use kstyle::backend::cuda::attention::{sdpa_bwd_with, sdpa_with, AttnKernel, Saved};
 use kstyle::backend::cuda::{self, CudaStorage};
-use kstyle::backend::ops::{self, GateArgs};
+use kstyle::backend::ops;
 use kstyle::tensor::Rng;
 use kstyle::{DType, Device, Tensor};
 
@@ -41,6 +40,7 @@ pub struct Args {
     pub profile: bool,
 }
 
+mod lora;
 mod model;
 
 struct Bench {
@@ -475,74 +475,8 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
         }
     }
 
-    // ---- fused gated LoRA update vs the unfused composition ----
-    let (bsz, seq, din, dout, r) = size.pick(
-        (2, 4096, 640, 640, 4),
-        (2, 1024, 640, 640, 4),
-        (2, 40, 24, 16, 4),
-    );
-    let geom = LoraGeom {
-        batch: bsz,
-        seq,
-        d_in: din,
-        d_out: dout,
-        rank: r,
-        scale: 0.25,
-    };
-    let h = Tensor::randn((bsz, seq, din), &mut rng, DType::BF16, gpu)?;
-    let am = Tensor::randn((r, din), &mut rng, DType::BF16, gpu)?;
-    let bm = Tensor::randn((dout, r), &mut rng, DType::BF16, gpu)?;
-    let wd = Tensor::rand_uniform((bsz, r), 0.0, 1.0, &mut rng, DType::BF16, gpu)?;
-    let wu = Tensor::rand_uniform((bsz, r), 0.0, 1.0, &mut rng, DType::BF16, gpu)?;
-    let al = Tensor::rand_uniform((bsz, 1, 1), 0.0, 1.0, &mut rng, DType::BF16, gpu)?;
-    let base = Tensor::randn((bsz, seq, dout), &mut rng, DType::BF16, gpu)?;
-    let rows = (bsz * seq) as f64;
-    let lb = 2.0 * rows * (din + 2 * dout) as f64;
-    let lf = 2.0 * rows * (r * (din + dout)) as f64;
-    {
-        let (hs, as_, bs, ws, us, als, bases) = (
-            h.storage(),
-            am.storage(),
-            bm.storage(),
-            wd.storage(),
-            wu.storage(),
-            al.storage(),
-            base.storage(),
-        );
-        let gates = GateArgs {
-            w_down: Some((&ws, wd.layout())),
-            w_up: Some((&us, wu.layout())),
-            a: Some((&als, al.layout())),
-        };
-        let s = b.time(|| {
-            ops::lora_fwd(
-                (&hs, h.layout()),
-                (&as_, am.layout()),
-                (&bs, bm.layout()),
-                gates,
-                Some((&bases, base.layout())),
-                &geom,
-            )
-            .map(|_| ())
-        })?;
-        b.report(
-            &format!("lora fused fwd {bsz}x{seq} {din}->{dout} r{r} bf16"),
-            s,
-            lb,
-            lf,
-        );
-    }
-    let (at, bt, gate) = (am.t()?, bm.t()?, wd.mul(&wu)?.unsqueeze(1)?);
-    let s = b.time(|| {
-        let z = h.matmul(&at)?.mul(&gate)?.mul(&al)?.scale(0.25)?;
-        z.matmul(&bt)?.add(&base).map(|_| ())
-    })?;
-    b.report(
-        &format!("lora unfused fwd {bsz}x{seq} {din}->{dout} r{r} bf16"),
-        s,
-        lb,
-        lf,
-    );
+    // ---- the gated LoRA update vs the unfused composition ----
+    lora::run(&mut b, size, &mut rng)?;
 
     // ---- group norm (+ SiLU fused vs separate) ----
     let (n, c, hw) = size.pick((2, 320, 128), (2, 320, 64), (1, 64, 8));

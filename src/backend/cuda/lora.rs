@@ -1,8 +1,10 @@
-//! The fused gated low-rank update on CUDA (kernels/lora.cu): one kernel for the forward (the
-//! rank-r codes never leave shared memory), and the backward as d_h + saved du, split-row outer
-//! products for d_A / d_B finished by a deterministic column sum, and the gate gradients.
+//! The gated low-rank update on CUDA (kernels/lora.cu). The rank-r projections z = h A^T and
+//! du = d_out B are cuBLAS GEMMs with f32 output; one kernel gates the f32 codes and expands them
+//! back to full width onto the frozen layer's output (forward) or into d_h (backward). d_A / d_B
+//! are split-row outer products finished by a deterministic column sum; then the gate gradients.
 
 use super::elementwise::{contiguous, Contig};
+use super::gemm::{gemm, Mat};
 use super::reduce::colsum_f32;
 use super::{check_dtype, float_tn, i32_arg, same_device, CudaStorage};
 use crate::backend::cpu::lora::{LoraGeom, LoraGrads};
@@ -13,6 +15,7 @@ type Operand<'a> = (&'a CudaStorage, &'a Layout);
 
 /// The kernels hold up to 64 rank channels per row in shared memory.
 pub const MAX_RANK: usize = 64;
+/// Rows per tile of the outer-product kernel.
 const ROWS_PER_BLOCK: usize = 32;
 
 /// Optional gates: w_down (B, r), w_up (B, r), a (B).
@@ -81,36 +84,64 @@ fn prepare(
     })
 }
 
-fn fwd_launch(
+/// `(rows, r)` f32 codes `X M` for a contiguous `(rows, k)` X and `(k, r)` M (or its transpose).
+fn project(h: &CudaStorage, x: u64, m: Mat, rows: usize, k: usize) -> Result<CudaStorage> {
+    let dev = h.dev();
+    let r = m.cols;
+    let out = CudaStorage::alloc(dev, DType::F32, rows * r)?;
+    let x = Mat::contiguous(x, rows, k);
+    gemm(
+        dev,
+        "lora",
+        h.dtype(),
+        x,
+        m,
+        (out.ptr(), DType::F32, r, 0),
+        1,
+        1.0,
+        0.0,
+    )?;
+    Ok(out)
+}
+
+/// `y = (base or 0) + (l * g) N^T` with `N(o, k) = n[o * no + k * nk]`, `(rows, d)` contiguous.
+#[allow(clippy::too_many_arguments)]
+fn expand(
     h: &CudaStorage,
     p: &Ptrs,
+    l: u64,
+    (n, no, nk): (u64, usize, usize),
     base: u64,
-    out: u64,
-    z_save: u64,
+    y: u64,
+    d: usize,
     g: &LoraGeom,
 ) -> Result<()> {
     let dev = h.dev();
-    let grid = g.rows().div_ceil(ROWS_PER_BLOCK) as u32;
     dev.launch(
         "lora",
-        format!("lora_gated_fwd_{}", float_tn(h.dtype(), "lora_fwd")?),
+        format!("lora_expand_fwd_{}", float_tn(h.dtype(), "lora")?),
     )?
-    .arg(p.h)
-    .arg(p.a)
-    .arg(p.b)
+    .arg(l)
+    .arg(n)
+    .arg(no as i64)
+    .arg(nk as i64)
     .arg(p.wd)
     .arg(p.wu)
     .arg(p.al)
     .arg(base)
-    .arg(out)
-    .arg(z_save)
-    .arg(i32_arg(g.seq, "S", "lora_fwd")?)
-    .arg(i32_arg(g.d_in, "Din", "lora_fwd")?)
-    .arg(i32_arg(g.d_out, "Dout", "lora_fwd")?)
+    .arg(y)
+    .arg(i32_arg(g.seq, "S", "lora")?)
+    .arg(i32_arg(d, "D", "lora")?)
     .arg(g.rank as i32)
     .arg(g.scale as f32)
     .arg(g.rows() as i64)
-    .run((grid, 1, 1), (256, 1, 1), 0)
+    .run_gs(g.rows() * d.div_ceil(8))
+}
+
+/// z = h A^T, (rows, r) f32.
+fn codes(h: &CudaStorage, p: &Ptrs, g: &LoraGeom) -> Result<CudaStorage> {
+    let a_t = Mat::contiguous(p.a, g.rank, g.d_in).t();
+    project(h, p.h, a_t, g.rows(), g.d_in)
 }
 
 /// `base + ((h A^T) * g) B^T`, (B*S, Dout) contiguous.
@@ -127,7 +158,9 @@ pub fn lora_fwd(
     let base = inp.add(h.0, base, g.rows() * g.d_out, "base")?;
     let out = CudaStorage::alloc(h.0.dev(), h.0.dtype(), g.rows() * g.d_out)?;
     if g.rows() > 0 {
-        fwd_launch(h.0, &p, base, out.ptr(), 0, g)?;
+        let z = codes(h.0, &p, g)?;
+        let b = (p.b, g.rank, 1);
+        expand(h.0, &p, z.ptr(), b, base, out.ptr(), g.d_out, g)?;
     }
     Ok(out)
 }
@@ -211,31 +244,10 @@ pub fn lora_bwd(
             d_alpha: d_al,
         });
     }
-    // z = h A^T (ungated, f32) from a forward into scratch; du = d_out B saved by the backward.
-    let z = dev.alloc(DType::F32, rows * r)?;
-    let du = dev.alloc(DType::F32, rows * r)?;
-    {
-        let scratch = dev.alloc(hs.dtype(), rows * g.d_out)?;
-        fwd_launch(hs, &p, 0, scratch.ptr(), z.ptr(), g)?;
-    }
-    let grid = rows.div_ceil(ROWS_PER_BLOCK) as u32;
-    dev.launch("lora", format!("lora_gated_bwd_{t}"))?
-        .arg(dop)
-        .arg(p.a)
-        .arg(p.b)
-        .arg(p.wd)
-        .arg(p.wu)
-        .arg(p.al)
-        .arg(0u64)
-        .arg(d_h.ptr())
-        .arg(du.ptr())
-        .arg(g.seq as i32)
-        .arg(g.d_in as i32)
-        .arg(g.d_out as i32)
-        .arg(r as i32)
-        .arg(g.scale as f32)
-        .arg(rows as i64)
-        .run((grid, 1, 1), (256, 1, 1), 0)?;
+    // z = h A^T and du = d_out B, ungated, f32; d_h = (du * g) A.
+    let z = codes(hs, &p, g)?;
+    let du = project(hs, dop, Mat::contiguous(p.b, g.d_out, r), rows, g.d_out)?;
+    expand(hs, &p, du.ptr(), (p.a, 1, g.d_in), 0, d_h.ptr(), g.d_in, g)?;
     outer(hs, &p, du.ptr(), p.h, g.d_in, false, &d_a, g)?;
     outer(hs, &p, z.ptr(), dop, g.d_out, true, &d_b, g)?;
     if d_wd.is_some() || d_wu.is_some() || d_al.is_some() {
