@@ -1,6 +1,8 @@
 //! The fused spatial-attention pooling on CUDA (kernels/pool.cu): one read of h for the forward,
 //! one more for d_h and d_logits.
 
+use std::sync::Arc;
+
 use super::elementwise::contiguous;
 use super::{check_dtype, float_tn, i32_arg, same_device, CudaStorage};
 use crate::tensor::{DType, Layout};
@@ -26,7 +28,9 @@ fn dims(h: Operand, logits: Operand) -> Result<(usize, usize, usize)> {
     }
 }
 
-/// Forward into `h_c`, saving (h_att, argmax, sum_w) when their pointers are non-zero.
+/// Forward into `h_c`, saving (h_att, argmax, sum_w) when their pointers are non-zero. Whole rows
+/// per block when the (batch, 32-channel) blocks fill the device twice over; else the rows are
+/// split across blocks (at least 64 each) and a second kernel combines the partials.
 fn fwd(
     h: u64,
     logits: u64,
@@ -34,22 +38,70 @@ fn fwd(
     saved: (u64, u64, u64),
     dtype: DType,
     (b, s, d): (usize, usize, usize),
-    dev: &super::CudaDevice,
+    dev: &Arc<super::CudaDevice>,
 ) -> Result<()> {
-    dev.launch(
-        "pool",
-        format!("pool_spatial_fwd_{}", float_tn(dtype, "spatial_pool")?),
-    )?
-    .arg(h)
-    .arg(logits)
-    .arg(h_c)
-    .arg(saved.0)
-    .arg(saved.1)
-    .arg(saved.2)
-    .arg(i32_arg(b, "B", "spatial_pool")?)
-    .arg(i32_arg(s, "S", "spatial_pool")?)
-    .arg(i32_arg(d, "D", "spatial_pool")?)
-    .run((d.div_ceil(32) as u32, b as u32, 1), (32, 8, 1), 0)
+    let tn = float_tn(dtype, "spatial_pool")?;
+    let (bi, si, di) = (
+        i32_arg(b, "B", "spatial_pool")?,
+        i32_arg(s, "S", "spatial_pool")?,
+        i32_arg(d, "D", "spatial_pool")?,
+    );
+    let blocks = d.div_ceil(32) * b;
+    let target = 2 * dev.sm_count() as usize;
+    let want = if blocks >= target {
+        1
+    } else {
+        target.div_ceil(blocks).min(s.div_ceil(64)).max(1)
+    };
+    let rows_per_split = s.div_ceil(want).max(1);
+    let splits = s.div_ceil(rows_per_split).max(1);
+    if splits == 1 {
+        return dev
+            .launch("pool", format!("pool_spatial_fwd_{tn}"))?
+            .arg(h)
+            .arg(logits)
+            .arg(h_c)
+            .arg(saved.0)
+            .arg(saved.1)
+            .arg(saved.2)
+            .arg(bi)
+            .arg(si)
+            .arg(di)
+            .run((d.div_ceil(32) as u32, b as u32, 1), (32, 8, 1), 0);
+    }
+    let n = splits * b * d;
+    let (num, max) = (dev.alloc(DType::F32, n)?, dev.alloc(DType::F32, n)?);
+    let arg = dev.alloc(DType::F32, n)?; // i32, 4 bytes each
+    let w = dev.alloc(DType::F32, splits * b)?;
+    dev.launch("pool", format!("pool_spatial_part_fwd_{tn}"))?
+        .arg(h)
+        .arg(logits)
+        .arg(num.ptr())
+        .arg(max.ptr())
+        .arg(arg.ptr())
+        .arg(w.ptr())
+        .arg(bi)
+        .arg(si)
+        .arg(di)
+        .arg(rows_per_split as i32)
+        .run(
+            (d.div_ceil(32) as u32, b as u32, splits as u32),
+            (32, 8, 1),
+            0,
+        )?;
+    dev.launch("pool", format!("pool_spatial_combine_fwd_{tn}"))?
+        .arg(num.ptr())
+        .arg(max.ptr())
+        .arg(arg.ptr())
+        .arg(w.ptr())
+        .arg(h_c)
+        .arg(saved.0)
+        .arg(saved.1)
+        .arg(saved.2)
+        .arg(bi)
+        .arg(di)
+        .arg(splits as i32)
+        .run_gs(b * d)
 }
 
 /// h_c (B, D).
