@@ -87,6 +87,10 @@ pub(crate) struct TensorInner {
     device: Device,
     op: Option<Op>,
     is_variable: bool,
+    /// A stand-in an autograd op keeps for an input whose history it needs but whose values its
+    /// backward never reads (`Op::slim`): same id, shape and history, no storage, so the
+    /// activation it stood for is freed as soon as nothing else holds it.
+    graph_only: bool,
 }
 
 /// A cheap-to-clone handle; views share storage.
@@ -115,7 +119,7 @@ impl Tensor {
     ) -> Tensor {
         let dtype = storage.dtype();
         let device = storage.device();
-        let op = op.filter(records);
+        let op = op.filter(records).map(Op::slim);
         Tensor(Arc::new(TensorInner {
             id: TensorId::fresh(),
             storage: Held::new(storage),
@@ -124,12 +128,13 @@ impl Tensor {
             device,
             op,
             is_variable: false,
+            graph_only: false,
         }))
     }
 
     /// A view of this tensor's storage with another layout.
     pub(crate) fn view(&self, layout: Layout, op: Option<Op>) -> Tensor {
-        let op = op.filter(records);
+        let op = op.filter(records).map(Op::slim);
         Tensor(Arc::new(TensorInner {
             id: TensorId::fresh(),
             storage: self.0.storage.clone(),
@@ -138,6 +143,7 @@ impl Tensor {
             device: self.0.device,
             op,
             is_variable: false,
+            graph_only: false,
         }))
     }
 
@@ -181,8 +187,28 @@ impl Tensor {
         self.0.is_variable || self.0.op.is_some()
     }
 
+    /// This tensor's place in the autograd graph without its values (see `graph_only` on
+    /// `TensorInner`). A softmax output keeps its values: its backward reads them through the
+    /// node itself, and the backward walk reaches nodes through the ops that consumed them.
+    pub(crate) fn graph_only(&self) -> Tensor {
+        if self.0.graph_only || matches!(self.0.op, Some(Op::Softmax(_))) {
+            return self.clone();
+        }
+        Tensor(Arc::new(TensorInner {
+            id: self.0.id,
+            storage: Held::new(Storage::Cpu(cpu_storage_of(Vec::<f32>::new()))),
+            layout: self.0.layout.clone(),
+            dtype: self.0.dtype,
+            device: self.0.device,
+            op: self.0.op.clone(),
+            is_variable: self.0.is_variable,
+            graph_only: true,
+        }))
+    }
+
     /// Read access to the backing storage, for backend-level ops (`backend::ops`) and benchmarks.
     pub fn storage(&self) -> RwLockReadGuard<'_, Storage> {
+        self.assert_held();
         self.0
             .storage
             .lock
@@ -193,11 +219,28 @@ impl Tensor {
     /// Write access to the backing storage, for in-place backend ops on state that no graph sees
     /// (optimizer moments and master weights).
     pub fn storage_mut(&self) -> RwLockWriteGuard<'_, Storage> {
+        self.assert_held();
         self.0
             .storage
             .lock
             .write()
             .unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Whether this is a graph-only stand-in (`Op::slim`) rather than a tensor with values.
+    pub(crate) fn is_graph_only(&self) -> bool {
+        self.0.graph_only
+    }
+
+    /// A graph-only stand-in has no values: reading them is a bug in a backward rule or in
+    /// `Op::slim`, never a consequence of user input, so it stops here with its name.
+    fn assert_held(&self) {
+        assert!(
+            !self.0.graph_only,
+            "internal: the values of a graph-only autograd stand-in {:?} were read (Op::slim \
+             dropped an input its backward rule needs)",
+            self.dims()
+        );
     }
 
     pub fn dim(&self, d: usize) -> Result<usize> {
@@ -330,6 +373,7 @@ impl Tensor {
             device: self.device(),
             op: None,
             is_variable: true,
+            graph_only: false,
         })))
     }
 
@@ -340,7 +384,7 @@ impl Tensor {
 
     /// The same values carrying `op` as their history (checkpoint outputs).
     pub(crate) fn with_op(&self, op: Op) -> Tensor {
-        self.share(Some(op).filter(records), false)
+        self.share(Some(op).filter(records).map(Op::slim), false)
     }
 
     fn share(&self, op: Option<Op>, is_variable: bool) -> Tensor {
@@ -352,6 +396,7 @@ impl Tensor {
             device: self.device(),
             op,
             is_variable,
+            graph_only: false,
         }))
     }
 
