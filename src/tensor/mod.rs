@@ -191,7 +191,7 @@ impl Tensor {
     /// `TensorInner`). A softmax output keeps its values: its backward reads them through the
     /// node itself, and the backward walk reaches nodes through the ops that consumed them.
     pub(crate) fn graph_only(&self) -> Tensor {
-        if self.0.graph_only || matches!(self.0.op, Some(Op::Softmax(_))) {
+        if self.is_graph_only() || matches!(self.0.op, Some(Op::Softmax(_))) {
             return self.clone();
         }
         Tensor(Arc::new(TensorInner {
