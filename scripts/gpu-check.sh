@@ -60,9 +60,19 @@ JSONS=$(mktemp -d)
 # off the summary and bench.jsonl: each step runs under min(its cap, what is left).
 DEADLINE=${KSTYLE_GPU_DEADLINE:-560}
 
+# KSTYLE_GPU_ONLY="parity bench model" runs only the named steps (a short call that measures one
+# change); the others report "skipped: not in KSTYLE_GPU_ONLY".
+ONLY=${KSTYLE_GPU_ONLY:-}
+selected() { [ -z "$ONLY" ] || [[ " $ONLY " == *" $1 "* ]]; }
+
 step() {
     local name=$1 limit=$2
     shift 2
+    if ! selected "$name"; then
+        printf '%-8s skipped: not in KSTYLE_GPU_ONLY\n' "$name" | tee -a "$SUMMARY"
+        : > "$OUT/$name.log"
+        return
+    fi
     local left=$((DEADLINE - 15 - SECONDS))
     if [ "$left" -lt 10 ]; then
         printf '%-8s skipped: out of time (deadline %ss)\n' "$name" "$DEADLINE" | tee -a "$SUMMARY"
@@ -100,8 +110,10 @@ train_tiny() { # DEVICE DTYPE: train, then print the CPU run's loss log beside t
 }
 export -f train_tiny
 export BIN TRAIN_DIR
-timeout 40 bash -c 'train_tiny cpu f32' > /dev/null 2>&1
-timeout 40 bash -c 'train_tiny cpu bf16' > /dev/null 2>&1
+if selected train; then
+    timeout 40 bash -c 'train_tiny cpu f32' > /dev/null 2>&1
+    timeout 40 bash -c 'train_tiny cpu bf16' > /dev/null 2>&1
+fi
 step train 60 bash -c 'train_tiny cuda f32 && train_tiny cuda bf16'
 cat "$OUT/train.log" >> "$OUT/verify.log" && rm -f "$OUT/train.log"
 step bench 150 "$BIN" bench --json "$JSONS/1-kstyle.jsonl"
