@@ -358,6 +358,16 @@ __device__ __forceinline__ void load_tile_async(unsigned short* dst, const bf16*
     }
 }
 
+// Starts streaming rows [row0, row0 + R) of two (S, HD) bf16 matrices (K and V, or Q and dO)
+// into the tile pair at dst (the first at dst, the second R rows after it), zero filling rows
+// past S. The caller commits, waits and synchronises.
+template <int HD, int HDP, int STR, int THREADS, int R>
+__device__ __forceinline__ void load_pair_async(unsigned short* dst, const bf16* a, const bf16* b, int row0, int S) {
+    const int n = min(R, S - row0);
+    load_tile_async<HD, HDP, STR, THREADS>(dst, a, row0, n, R);
+    load_tile_async<HD, HDP, STR, THREADS>(dst + R * STR, b, row0, n, R);
+}
+
 // Fragments of rows [r0, r0 + 16) of a (rows, STR) shared tile as the A operand (k = HD).
 template <int KS, int STR>
 __device__ __forceinline__ void load_a_frags(unsigned (&a)[KS][4], const unsigned short* tile, int r0) {
@@ -461,8 +471,7 @@ __device__ __forceinline__ void flash_fwd_mma(const bf16* __restrict__ q, const 
     const float sl2 = scale * 1.4426950408889634f;
 
     load_tile_async<HD, HDP, STR, FF_THREADS>(sm + 2 * TILE, q + bh * Sq * HD, q0, min(FF_BQ, Sq - q0), FF_BQ);
-    load_tile_async<HD, HDP, STR, FF_THREADS>(sm, kb, 0, min(FF_BKV, Skv), FF_BKV);
-    load_tile_async<HD, HDP, STR, FF_THREADS>(sm + TILE, vb, 0, min(FF_BKV, Skv), FF_BKV);
+    load_pair_async<HD, HDP, STR, FF_THREADS, FF_BKV>(sm, kb, vb, 0, Skv);
     cp_async_commit();
     cp_async_wait_all();
     __syncthreads();
@@ -478,10 +487,7 @@ __device__ __forceinline__ void flash_fwd_mma(const bf16* __restrict__ q, const 
     const int kv_end = causal ? min(Skv, q0 + FF_BQ) : Skv;
     for (int kv0 = 0, buf = 0; kv0 < kv_end; kv0 += FF_BKV, buf ^= 1) {
         if (kv0 + FF_BKV < kv_end) { // the next tile streams in behind this one's arithmetic
-            const int nn = min(FF_BKV, Skv - kv0 - FF_BKV);
-            unsigned short* nk = sm + 2 * (buf ^ 1) * TILE;
-            load_tile_async<HD, HDP, STR, FF_THREADS>(nk, kb, kv0 + FF_BKV, nn, FF_BKV);
-            load_tile_async<HD, HDP, STR, FF_THREADS>(nk + TILE, vb, kv0 + FF_BKV, nn, FF_BKV);
+            load_pair_async<HD, HDP, STR, FF_THREADS, FF_BKV>(sm + 2 * (buf ^ 1) * TILE, kb, vb, kv0 + FF_BKV, Skv);
             cp_async_commit();
         }
         const unsigned short* Ks = sm + 2 * buf * TILE;
@@ -630,11 +636,9 @@ __device__ __forceinline__ void flash_dkdv_mma(const bf16* __restrict__ q, const
 
     // Causal: queries before kv0 see none of these keys (FM_BQ == FM_BKV keeps q0 tile-aligned).
     const int qstart = causal ? kv0 : 0;
-    load_tile_async<HD, HDP, STR, FA_THREADS>(sm + 2 * TILE, k + bh * Skv * HD, kv0, min(FM_BKV, Skv - kv0), FM_BKV);
-    load_tile_async<HD, HDP, STR, FA_THREADS>(sm + 3 * TILE, v + bh * Skv * HD, kv0, min(FM_BKV, Skv - kv0), FM_BKV);
+    load_pair_async<HD, HDP, STR, FA_THREADS, FM_BKV>(sm + 2 * TILE, k + bh * Skv * HD, v + bh * Skv * HD, kv0, Skv);
     if (qstart < Sq) {
-        load_tile_async<HD, HDP, STR, FA_THREADS>(sm, qb, qstart, min(FM_BQ, Sq - qstart), FM_BQ);
-        load_tile_async<HD, HDP, STR, FA_THREADS>(sm + TILE, ob, qstart, min(FM_BQ, Sq - qstart), FM_BQ);
+        load_pair_async<HD, HDP, STR, FA_THREADS, FM_BQ>(sm, qb, ob, qstart, Sq);
         if (threadIdx.x < FM_BQ) {
             const bool ok = (int)threadIdx.x < Sq - qstart;
             lse_s[0][threadIdx.x] = ok ? lse[bh * Sq + qstart + threadIdx.x] * 1.4426950408889634f : 0.0f;
@@ -659,9 +663,7 @@ __device__ __forceinline__ void flash_dkdv_mma(const bf16* __restrict__ q, const
         const int qn = q0 + FM_BQ;
         float lse_n = 0.0f, D_n = 0.0f;
         if (qn < Sq) { // the next tile streams in behind this one's arithmetic
-            unsigned short* nb = sm + 2 * (buf ^ 1) * TILE;
-            load_tile_async<HD, HDP, STR, FA_THREADS>(nb, qb, qn, min(FM_BQ, Sq - qn), FM_BQ);
-            load_tile_async<HD, HDP, STR, FA_THREADS>(nb + TILE, ob, qn, min(FM_BQ, Sq - qn), FM_BQ);
+            load_pair_async<HD, HDP, STR, FA_THREADS, FM_BQ>(sm + 2 * (buf ^ 1) * TILE, qb, ob, qn, Sq);
             cp_async_commit();
             if ((int)threadIdx.x < min(FM_BQ, Sq - qn)) {
                 lse_n = lse[bh * Sq + qn + threadIdx.x] * 1.4426950408889634f;
@@ -718,10 +720,8 @@ __device__ __forceinline__ void flash_dq_mma(const bf16* __restrict__ q, const b
     const bf16* kb = k + bh * Skv * HD;
     const bf16* vb = v + bh * Skv * HD;
 
-    load_tile_async<HD, HDP, STR, FA_THREADS>(sm + 2 * TILE, q + bh * Sq * HD, q0, min(FM_BQ, Sq - q0), FM_BQ);
-    load_tile_async<HD, HDP, STR, FA_THREADS>(sm + 3 * TILE, d_o + bh * Sq * HD, q0, min(FM_BQ, Sq - q0), FM_BQ);
-    load_tile_async<HD, HDP, STR, FA_THREADS>(sm, kb, 0, min(FM_BKV, Skv), FM_BKV);
-    load_tile_async<HD, HDP, STR, FA_THREADS>(sm + TILE, vb, 0, min(FM_BKV, Skv), FM_BKV);
+    load_pair_async<HD, HDP, STR, FA_THREADS, FM_BQ>(sm + 2 * TILE, q + bh * Sq * HD, d_o + bh * Sq * HD, q0, Sq);
+    load_pair_async<HD, HDP, STR, FA_THREADS, FM_BKV>(sm, kb, vb, 0, Skv);
     cp_async_commit();
     cp_async_wait_all();
     __syncthreads();
@@ -740,10 +740,7 @@ __device__ __forceinline__ void flash_dq_mma(const bf16* __restrict__ q, const b
     const int kv_end = causal ? min(Skv, q0 + FM_BQ) : Skv;
     for (int kv0 = 0, buf = 0; kv0 < kv_end; kv0 += FM_BKV, buf ^= 1) {
         if (kv0 + FM_BKV < kv_end) { // the next tile streams in behind this one's arithmetic
-            const int nn = min(FM_BKV, Skv - kv0 - FM_BKV);
-            unsigned short* nb = sm + 2 * (buf ^ 1) * TILE;
-            load_tile_async<HD, HDP, STR, FA_THREADS>(nb, kb, kv0 + FM_BKV, nn, FM_BKV);
-            load_tile_async<HD, HDP, STR, FA_THREADS>(nb + TILE, vb, kv0 + FM_BKV, nn, FM_BKV);
+            load_pair_async<HD, HDP, STR, FA_THREADS, FM_BKV>(sm + 2 * (buf ^ 1) * TILE, kb, vb, kv0 + FM_BKV, Skv);
             cp_async_commit();
         }
         const unsigned short* Ks = sm + 2 * buf * TILE;

@@ -472,21 +472,31 @@ inline void mma_bf16_16816(float (&c)[4], const unsigned (&a)[4], unsigned b0, u
 // ldmatrix.sync.aligned.m8n8.x2.trans.shared.b16: lanes 0-7 address the eight 16-byte rows of
 // matrix 0, lanes 8-15 those of matrix 1. With .trans, register i of lane (g = lane / 4,
 // t = lane % 4) holds elements (row 2t, col g) and (row 2t + 1, col g) of matrix i.
-inline void ldmatrix_x2_trans(const unsigned short* row, unsigned& r0, unsigned& r1) {
-    using namespace ks_emu;
+namespace ks_emu {
+// ldmatrix's first half: every lane of the (whole) warp passes one row address; returns the
+// warp's lanes once all have.
+inline const Lane* ldmatrix_rows(const unsigned short* row) {
     require_full_warp("ldmatrix");
     M.lanes[me()].p = row;
     warp_sync();
-    const Lane* W = &M.lanes[warp_base()];
+    return &M.lanes[warp_base()];
+}
+// The row address lane `i` of the warp passed, which must be 16-byte aligned.
+inline const unsigned short* ldmatrix_row(const Lane* W, unsigned i) {
+    const unsigned short* p = static_cast<const unsigned short*>(W[i].p);
+    if (reinterpret_cast<uintptr_t>(p) % 16 != 0) fail("ldmatrix row address not 16-byte aligned");
+    return p;
+}
+} // namespace ks_emu
+
+inline void ldmatrix_x2_trans(const unsigned short* row, unsigned& r0, unsigned& r1) {
+    using namespace ks_emu;
+    const Lane* W = ldmatrix_rows(row);
     const unsigned lane = me() & 31u, g = lane >> 2, t = lane & 3u;
     unsigned out[2];
     for (unsigned i = 0; i < 2; ++i) {
         unsigned v = 0;
-        for (unsigned j = 0; j < 2; ++j) {
-            const unsigned short* p = static_cast<const unsigned short*>(W[i * 8 + 2 * t + j].p);
-            if (reinterpret_cast<uintptr_t>(p) % 16 != 0) fail("ldmatrix row address not 16-byte aligned");
-            v |= static_cast<unsigned>(p[g]) << (16 * j);
-        }
+        for (unsigned j = 0; j < 2; ++j) v |= static_cast<unsigned>(ldmatrix_row(W, i * 8 + 2 * t + j)[g]) << (16 * j);
         out[i] = v;
     }
     warp_sync();
@@ -498,15 +508,11 @@ inline void ldmatrix_x2_trans(const unsigned short* row, unsigned& r0, unsigned&
 // .trans, register i of lane (g, t) holds (row g, col 2t) low and (row g, col 2t + 1) high.
 inline void ldmatrix_x4(const unsigned short* row, unsigned& r0, unsigned& r1, unsigned& r2, unsigned& r3) {
     using namespace ks_emu;
-    require_full_warp("ldmatrix");
-    M.lanes[me()].p = row;
-    warp_sync();
-    const Lane* W = &M.lanes[warp_base()];
+    const Lane* W = ldmatrix_rows(row);
     const unsigned lane = me() & 31u, g = lane >> 2, t = lane & 3u;
     unsigned out[4];
     for (unsigned i = 0; i < 4; ++i) {
-        const unsigned short* p = static_cast<const unsigned short*>(W[i * 8 + g].p);
-        if (reinterpret_cast<uintptr_t>(p) % 16 != 0) fail("ldmatrix row address not 16-byte aligned");
+        const unsigned short* p = ldmatrix_row(W, i * 8 + g);
         out[i] = static_cast<unsigned>(p[2 * t]) | (static_cast<unsigned>(p[2 * t + 1]) << 16);
     }
     warp_sync();
